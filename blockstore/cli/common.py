@@ -1,0 +1,84 @@
+"""Options shared by several commands, and where their defaults come from."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    """``$BLOCKSTORE_CACHE_DIR``, else ``$XDG_CACHE_HOME/blockstore``, else ``~/.cache/blockstore``."""
+    explicit = os.environ.get("BLOCKSTORE_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "blockstore"
+
+
+def add_cache_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="cache directory (default: $BLOCKSTORE_CACHE_DIR, $XDG_CACHE_HOME/blockstore "
+        "or ~/.cache/blockstore)",
+    )
+    parser.add_argument(
+        "--cache-size",
+        default=None,
+        help="size cap of the cache, e.g. 20G or 500M (default: kept from the cache, else 10G)",
+    )
+
+
+def cache_dir_from(args: argparse.Namespace) -> Path:
+    return args.cache_dir if args.cache_dir is not None else default_cache_dir()
+
+
+def parse_size(text: str) -> int:
+    """Parse ``10G``, ``512M``, ``4096``, ``1.5T`` (powers of 1024) into bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
+    number = t[: len(t) - len(unit)]
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 10G, 512M)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a size cannot be negative: {text!r}")
+    return int(value * units[unit])
+
+
+def add_registry_options(parser: argparse.ArgumentParser) -> None:
+    """Options of every command that talks to a registry."""
+    parser.add_argument(
+        "--platform", default=None, help="os/arch[/variant] (default: this host's platform)"
+    )
+    parser.add_argument(
+        "--insecure", action="store_true", help="use plain HTTP (and skip TLS verification)"
+    )
+    parser.add_argument("--ca-file", default=None, help="CA bundle to verify the registry with")
+    parser.add_argument("--username", default=None, help="registry user name")
+    parser.add_argument(
+        "--password",
+        default=None,
+        help="registry password (prefer $BLOCKSTORE_PASSWORD or a docker config.json)",
+    )
+    parser.add_argument(
+        "--mirror",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="a mirror registry tried before the upstream (repeatable, in order)",
+    )
+
+
+def setup_logging(verbosity: int) -> None:
+    """-q: errors only; default: warnings; -v: info; -vv: debug."""
+    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(
+        max(-1, min(verbosity, 2)), logging.DEBUG
+    )
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")

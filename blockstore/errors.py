@@ -1,0 +1,111 @@
+"""The engine's errors, each with the exit code the CLI gives it.
+
+One place decides what a failure means to a user: the CLI maps these to exit
+codes and one-line messages, the NBD frontend maps ``OSError.errno`` to NBD
+error codes. Messages never contain credentials.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class BlockstoreError(Exception):
+    """Base of every error the engine reports to a user."""
+
+    exit_code = 1
+
+
+class UsageError(BlockstoreError):
+    """The user asked for something malformed (a bad reference, bad options)."""
+
+    exit_code = 2
+
+
+class InvalidReference(UsageError):
+    """An image reference that docker and podman would refuse too."""
+
+
+class RegistryError(BlockstoreError):
+    """The registry answered, and the answer was no (carries its own code)."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class NotFound(RegistryError):
+    """Unknown repository, tag, manifest, blob, platform or layer."""
+
+
+class AuthError(RegistryError):
+    """Wrong or missing credentials, or a token the issuer refused."""
+
+    exit_code = 4
+
+
+class RegistryUnreachable(BlockstoreError):
+    """No connection could be made, or it timed out, after all retries."""
+
+    exit_code = 5
+
+
+class IntegrityError(BlockstoreError):
+    """Bytes that do not match the digest or checksum they must match."""
+
+    exit_code = 6
+
+
+class BlobReadError(BlockstoreError, OSError):
+    """A read of blob bytes that cannot be served; an NBD client sees EIO.
+
+    Raised for a chunk that is not cached while offline, or whose bytes
+    could not be fetched or verified. It is an ``OSError`` so layers that know
+    nothing of registries (the NBD frontend) can map it by errno.
+    """
+
+    exit_code = 7
+
+    def __init__(self, message: str, err: int = errno.EIO):
+        OSError.__init__(self, err, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NotCached(BlobReadError):
+    """Offline, and the bytes asked for are not in the cache."""
+
+
+class CacheError(BlockstoreError):
+    """The cache cannot be opened or written (wrong format, disk full)."""
+
+    exit_code = 8
+
+
+class MountError(BlockstoreError):
+    """Mounting or unmounting failed for a reason the user can act on."""
+
+    exit_code = 10
+
+
+class NotPermitted(MountError):
+    """The operation needs root (or FUSE access) that this process lacks."""
+
+    exit_code = 11
+
+
+class MissingDependency(MountError):
+    """A system tool or kernel feature the operation needs is not there."""
+
+    exit_code = 12
+
+
+class MountpointBusy(MountError):
+    """The mountpoint is already mounted or in use."""
+
+    exit_code = 13

@@ -1,0 +1,39 @@
+"""The interface the NBD frontend reads through.
+
+An ``Export`` is one blob seen as a read-only byte range. The frontend knows
+nothing else of the engine: it asks for ranges and sends the buffers back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+Buffer = bytes | memoryview
+
+
+@runtime_checkable
+class Export(Protocol):
+    """A named, read-only byte range served to NBD clients."""
+
+    @property
+    def name(self) -> str:
+        """The NBD export name (``""`` is the default export)."""
+
+    @property
+    def description(self) -> str:
+        """A human description (image reference, layer, digest)."""
+
+    @property
+    def size(self) -> int:
+        """Length in bytes."""
+
+    def read(self, offset: int, length: int) -> Sequence[Buffer]:
+        """Return buffers whose concatenation is exactly ``length`` bytes.
+
+        The caller has checked ``offset + length <= size``. A failure raises
+        ``OSError`` (``BlobReadError``, errno EIO): never short or wrong data.
+        """
+
+    def cache(self, offset: int, length: int) -> None:
+        """A hint: bring this range into the cache now, if it is not there."""
