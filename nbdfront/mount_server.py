@@ -1,0 +1,99 @@
+"""Start the NBD server a mount reads through, and wait until it serves.
+
+The server speaks a small line protocol on stdout: one ``export NAME URI``
+line per export, then ``ready`` once it listens. Its stdout and stderr both
+go to the mount's log file, which is read back here; a server that dies
+before ``ready`` is reported with the last lines it logged and its exit code,
+which the command passes on so the cause (no such layer, registry
+unreachable) keeps its own exit code.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from blockstore.errors import MountError
+from nbdfront.mount_process import ProcessRef, log_tail, spawn_detached
+
+READY_TIMEOUT = 120.0
+_LAYER_EXPORT = re.compile(r"layer(\d+)")
+
+
+class ServerFailed(MountError):
+    """The server exited before it was ready; carries the server's own exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class ServerStarted:
+    process: ProcessRef
+    exports: dict[str, str]  # export name -> NBD URI, in the order announced
+
+
+def parse_announcements(text: str) -> tuple[dict[str, str], bool]:
+    """The exports announced so far in the server's output, and whether it said ``ready``."""
+    exports: dict[str, str] = {}
+    for line in text.splitlines():
+        words = line.split()
+        if words == ["ready"]:
+            return exports, True
+        if len(words) in (2, 3) and words[0] == "export":
+            # The default export has the empty name; it may be printed as nothing or "".
+            name = words[1].strip('"') if len(words) == 3 else ""
+            exports[name] = words[-1]
+    return exports, False
+
+
+def start_server(
+    argv: list[str],
+    log_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = READY_TIMEOUT,
+) -> ServerStarted:
+    """Spawn ``argv`` detached, logging to ``log_path``, and return once it is ready."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_bytes(b"")
+    proc = spawn_detached(argv, log_path, env=env)
+    process = ProcessRef.of(proc.pid)
+    deadline = time.monotonic() + timeout
+    while True:
+        exports, ready = parse_announcements(log_path.read_text(errors="replace"))
+        if ready:
+            break
+        if proc.poll() is not None or process is None:
+            code = proc.wait()
+            why = log_tail(log_path, 1).removeprefix("blockstore: ")
+            raise ServerFailed(
+                f"{why or 'the server exited before it was ready'} (server log: {log_path})",
+                code or MountError.exit_code,
+            )
+        if time.monotonic() > deadline:
+            _kill(proc)
+            raise MountError(f"the server was not ready within {timeout:.0f}s (log: {log_path})")
+        time.sleep(0.02)
+    if not exports:
+        _kill(proc)
+        raise MountError(f"the server announced no export (log: {log_path})")
+    return ServerStarted(process, exports)
+
+
+def layer_exports(exports: dict[str, str]) -> list[tuple[str, str]]:
+    """The exports to stack, bottom layer first: every ``layer<i>`` by i, else the default."""
+    layers = [(int(m.group(1)), name) for name in exports if (m := _LAYER_EXPORT.fullmatch(name))]
+    if layers:
+        return [(name, exports[name]) for _, name in sorted(layers)]
+    name = "" if "" in exports else next(iter(exports))
+    return [(name, exports[name])]
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait()

@@ -1,0 +1,76 @@
+"""mount(2) and umount2(2), called directly, and what the kernel has mounted.
+
+Why not mount(8): given a regular file, util-linux sets up a loop device in
+front of it. EROFS can mount a file itself (file-backed mounts), and a loop
+device over a FUSE file is the slow, deadlock-prone stack nbdfuse warns
+against. The syscall also gives the errno, which becomes the user's error.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+from blockstore.errors import MissingDependency, MountError, MountpointBusy, NotPermitted
+
+MS_RDONLY = 1
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _fail(what: str, err: int) -> MountError:
+    """The error class a user can act on, for an errno of mount or umount."""
+    message = f"{what}: {os.strerror(err)}"
+    if err == errno.EBUSY:
+        return MountpointBusy(message)
+    if err in (errno.EPERM, errno.EACCES):
+        return NotPermitted(message)
+    if err == errno.ENODEV:
+        return MissingDependency(f"{what}: the kernel has no such filesystem type")
+    return MountError(message)
+
+
+def mount(source: str, target: str, fstype: str, options: str = "") -> None:
+    """Mount ``source`` read-only at ``target`` as ``fstype`` with ``options``."""
+    rc = _libc.mount(
+        os.fsencode(source),
+        os.fsencode(target),
+        fstype.encode(),
+        ctypes.c_ulong(MS_RDONLY),
+        options.encode() if options else None,
+    )
+    if rc != 0:
+        raise _fail(f"mount -t {fstype} {source} {target}", ctypes.get_errno())
+
+
+def umount(target: str, *, lazy: bool = False) -> None:
+    """Unmount ``target``; ``lazy`` detaches it now and frees it when unused."""
+    rc = _libc.umount2(os.fsencode(target), MNT_DETACH if lazy else 0)
+    if rc != 0:
+        err = ctypes.get_errno()
+        if err == errno.EINVAL and not is_mounted(target):
+            return
+        raise _fail(f"umount {target}", err)
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal."""
+    return field.encode().decode("unicode_escape") if "\\" in field else field
+
+
+def mounted() -> dict[str, tuple[str, str]]:
+    """Mount point -> (filesystem type, source), from /proc/self/mountinfo."""
+    table: dict[str, tuple[str, str]] = {}
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            fstype, source = right.split()[:2]
+            table[_unescape(fields[4])] = (fstype, _unescape(source))
+    return table
+
+
+def is_mounted(path: str) -> bool:
+    return os.path.realpath(path) in mounted()

@@ -1,0 +1,177 @@
+"""Mount, unmount and list: the whole stack from an NBD server to a directory.
+
+``mount`` starts the server, attaches each layer's export (kernel NBD or
+nbdfuse), mounts each layer's EROFS, stacks several layers with a read-only
+overlayfs (last layer on top, so its whiteouts hide files of the layers
+below), and records every step so ``unmount`` can undo them from another
+process. A failure at any step undoes the steps before it: a failed mount
+leaves nothing behind but its log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from blockstore.errors import MountError, MountpointBusy, NotPermitted
+from nbdfront import attach, mount_state, mount_syscall
+from nbdfront.mount_server import layer_exports, start_server
+from nbdfront.mount_state import MountRecord
+
+logger = logging.getLogger(__name__)
+
+# Called with the export names (bottom layer first) once the server is ready;
+# returns what the record's ``info`` should hold.
+Describe = Callable[[list[str]], dict]
+
+
+def check_can_mount(mountpoint: str) -> str:
+    """The attach method to use, after the checks a user can act on; raises otherwise."""
+    if os.geteuid() != 0:
+        raise NotPermitted("mounting needs root: run it with sudo")
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    if mount_syscall.is_mounted(mountpoint):
+        raise MountpointBusy(f"{mountpoint} is already a mount point")
+    if mount_state.load(mountpoint) is not None:
+        raise MountpointBusy(
+            f"{mountpoint} has a mount record already; `blockstore umount {mountpoint}` clears it"
+        )
+    return attach.choose_method()
+
+
+def mount(
+    server_argv: list[str],
+    mountpoint: str,
+    *,
+    image: str,
+    env: dict[str, str] | None = None,
+    describe: Describe | None = None,
+) -> MountRecord:
+    """Start ``server_argv`` (it gets ``--unix SOCK --pidfile PID`` appended) and mount its exports.
+
+    Returns the saved record once ``mountpoint`` shows the image's tree.
+    """
+    started_at = time.monotonic()
+    mountpoint = os.path.realpath(mountpoint)
+    method = check_can_mount(mountpoint)
+    state_dir = mount_state.state_dir_for(mountpoint)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log = mount_state.log_path_for(mountpoint)
+    socket = state_dir / "serve.sock"
+    record = MountRecord(
+        mountpoint=mountpoint,
+        image=image,
+        method=method,
+        state_dir=str(state_dir),
+        log=str(log),
+        socket=str(socket),
+    )
+    mount_state.save(record)
+    try:
+        argv = [*server_argv, "--unix", str(socket), "--pidfile", str(state_dir / "serve.pid")]
+        server = start_server(argv, log, env=env)
+        record.server = server.process
+        mount_state.save(record)
+        stack = layer_exports(server.exports)
+        for name, uri in stack:
+            record.attachments.append(attach.attach(uri, name, state_dir, log, method))
+            mount_state.save(record)
+        _mount_layers(record)
+        if describe is not None:
+            record.info = describe([name for name, _ in stack])
+    except BaseException:
+        try:
+            unmount_record(record, lazy=True)
+        except Exception:
+            logger.exception("could not undo the failed mount of %s", mountpoint)
+        raise
+    record.mount_seconds = round(time.monotonic() - started_at, 3)
+    mount_state.save(record)
+    return record
+
+
+def _mount_layers(record: MountRecord) -> None:
+    """EROFS at the mount point for one layer; for several, EROFS per layer under an overlay."""
+    devices = [a.device for a in record.attachments]
+    if len(devices) == 1:
+        _mount_erofs(devices[0], record.mountpoint)
+        record.mounted = True
+        return
+    for attachment in record.attachments:
+        lower = Path(record.state_dir) / f"layer-{attachment.export}"
+        lower.mkdir(exist_ok=True)
+        _mount_erofs(attachment.device, str(lower))
+        record.lowers.append(str(lower))
+        mount_state.save(record)
+    # overlayfs lists lower directories top first; with no upperdir it is read-only.
+    lowerdir = ":".join(reversed(record.lowers))
+    mount_syscall.mount("overlay", record.mountpoint, "overlay", f"lowerdir={lowerdir}")
+    record.mounted = record.overlay = True
+
+
+def _mount_erofs(device: str, target: str) -> None:
+    try:
+        mount_syscall.mount(device, target, "erofs")
+    except MountError as exc:
+        if "Invalid argument" in str(exc):
+            raise MountError(f"{exc} (is the layer an EROFS image?)") from None
+        raise
+
+
+@dataclass
+class MountStatus:
+    record: MountRecord
+    mounted: bool
+    server_alive: bool
+
+    @property
+    def state(self) -> str:
+        if not self.mounted:
+            return "not mounted"
+        if self.record.server is not None and not self.server_alive:
+            return "server dead"
+        return "ok"
+
+
+def status(record: MountRecord) -> MountStatus:
+    alive = record.server is not None and record.server.alive()
+    return MountStatus(record, mount_syscall.is_mounted(record.mountpoint), alive)
+
+
+def list_mounts() -> list[MountStatus]:
+    return [status(r) for r in mount_state.records()]
+
+
+def unmount(mountpoint: str, *, lazy: bool = False) -> MountRecord:
+    """Undo the mount recorded for ``mountpoint``; ``lazy`` detaches a busy one."""
+    if os.geteuid() != 0:
+        raise NotPermitted("unmounting needs root: run it with sudo")
+    record = mount_state.load(os.path.realpath(mountpoint)) or mount_state.load(mountpoint)
+    if record is None:
+        raise MountError(f"{mountpoint} was not mounted by blockstore")
+    unmount_record(record, lazy=lazy)
+    return record
+
+
+def unmount_record(record: MountRecord, *, lazy: bool) -> None:
+    """Undo every step the record lists, top first; raises if the file system is busy.
+
+    Each step tolerates being undone already, so a half-made mount, a dead
+    server or an earlier interrupted ``umount`` all clean up the same way.
+    """
+    if record.mounted:
+        mount_syscall.umount(record.mountpoint, lazy=lazy)
+    for lower in reversed(record.lowers):
+        mount_syscall.umount(lower, lazy=lazy)
+    for attachment in reversed(record.attachments):
+        attach.detach(attachment, lazy=lazy)
+    if record.server is not None:
+        record.server.stop()
+    if record.socket:
+        Path(record.socket).unlink(missing_ok=True)
+    mount_state.forget(record)

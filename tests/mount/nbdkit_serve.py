@@ -1,0 +1,56 @@
+"""A stand-in for ``blockstore serve`` over local image files, for testing the mount stack alone.
+
+Serves every file in DIR as the export of the same name with nbdkit's file
+plugin, and makes the same announcements the real server makes (``export
+NAME URI`` lines, then ``ready``), so mounting can be tested without a
+registry. Usage: nbdkit_serve.py DIR --unix SOCK --pidfile PID
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("dir", type=Path)
+    parser.add_argument("--unix", required=True)
+    parser.add_argument("--pidfile", required=True)
+    args = parser.parse_args()
+    nbdkit_pidfile = args.pidfile + ".nbdkit"
+    # --exit-with-parent: nbdkit goes when this process goes, however it goes.
+    nbdkit = subprocess.Popen(
+        [
+            "nbdkit",
+            "-f",
+            "--exit-with-parent",
+            "-r",
+            "-U",
+            args.unix,
+            "-P",
+            nbdkit_pidfile,
+            "file",
+            f"dir={args.dir}",
+        ],
+        stdin=subprocess.DEVNULL,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: (nbdkit.terminate(), sys.exit(0)))
+    while not os.path.exists(nbdkit_pidfile):
+        if nbdkit.poll() is not None:
+            return 1
+        time.sleep(0.01)
+    Path(args.pidfile).write_text(f"{os.getpid()}\n")
+    for path in sorted(args.dir.iterdir()):
+        print(f"export {path.name} nbd+unix:///{path.name}?socket={args.unix}")
+    print("ready", flush=True)
+    return nbdkit.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
