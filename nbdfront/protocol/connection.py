@@ -1,0 +1,207 @@
+"""One NBD connection as a state machine: bytes in, events and bytes out.
+
+No sockets, threads or clocks: a server feeds what it receives to
+``receive_data``, asks ``next_event`` for work, writes ``data_to_send``,
+and turns its answers into bytes with ``send``. The handshake and every
+refused request are answered inside; only reads, cache hints and the end
+of the conversation come out as events.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections import deque
+from collections.abc import Mapping
+
+from nbdfront.protocol import replies
+from nbdfront.protocol.constants import (
+    IHAVEOPT,
+    MAX_OPTION_LENGTH,
+    REQUEST_MAGIC,
+    ClientFlag,
+)
+from nbdfront.protocol.events import (
+    NEED_DATA,
+    Buffer,
+    ClientEvent,
+    ConnectionClosed,
+    Disconnect,
+    ServerReply,
+    _NeedData,
+)
+from nbdfront.protocol.handshake import Catalog, ExportFacts, Negotiation, OptionOutcome
+from nbdfront.protocol.transmission import REQUEST_HEADER, Transmission
+
+_OPTION_HEADER = struct.Struct(">QII")
+_KNOWN_CLIENT_FLAGS = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
+
+
+class Phase(enum.Enum):
+    CLIENT_FLAGS = "client flags"
+    OPTIONS = "option haggling"
+    TRANSMISSION = "transmission"
+    CLOSED = "closed"
+
+
+class ServerConnection:
+    """The server side of one NBD conversation.
+
+    ``exports`` maps names to anything with ``size`` and ``description``;
+    ``default_export`` names the one an empty name stands for.
+    """
+
+    def __init__(
+        self, exports: Mapping[str, ExportFacts] | Catalog, default_export: str | None = None
+    ):
+        if not isinstance(exports, Catalog):
+            exports = Catalog(exports, default_export)
+        self._catalog = exports
+        self._buffer = bytearray()
+        self._outgoing: list[Buffer] = [replies.greeting()]
+        self._events: deque[ClientEvent] = deque()
+        self._skip = 0
+        self._oversized_option: tuple[int, int] | None = None
+        self._eof = False
+        self._negotiation: Negotiation | None = None
+        self.phase = Phase.CLIENT_FLAGS
+        self.transmission: Transmission | None = None
+
+    def receive_data(self, data: bytes) -> None:
+        """Take bytes from the client; ``b""`` means it closed its side."""
+        if self.phase is Phase.CLOSED:
+            return
+        if not data:
+            self._eof = True
+            return
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            data = data[dropped:]
+        self._buffer += data
+
+    def next_event(self) -> ClientEvent | _NeedData:
+        """The next thing the server must act on, or ``NEED_DATA``."""
+        while not self._events and self._step():
+            pass
+        return self._events.popleft() if self._events else NEED_DATA
+
+    def data_to_send(self) -> list[Buffer]:
+        """Bytes the protocol produced on its own (in order), to be sent before anything else."""
+        out, self._outgoing = self._outgoing, []
+        return out
+
+    def send(self, reply: ServerReply) -> list[Buffer]:
+        """The bytes of the server's answer to a ``ReadRequest`` or ``CacheRequest``.
+
+        Safe to call from any thread: it only formats.
+        """
+        if self.transmission is None:
+            raise RuntimeError("no export selected yet")
+        return self.transmission.encode(reply)
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
+
+    def _step(self) -> bool:
+        """Consume one message if it is complete; False when more bytes are needed."""
+        if self.phase is Phase.CLOSED:
+            return False
+        if self._skip:
+            return self._need_more()
+        if self.phase is Phase.CLIENT_FLAGS:
+            return self._client_flags()
+        if self.phase is Phase.OPTIONS:
+            return self._option()
+        return self._request()
+
+    def _client_flags(self) -> bool:
+        if len(self._buffer) < 4:
+            return self._need_more()
+        (flags,) = struct.unpack_from(">I", self._buffer)
+        del self._buffer[:4]
+        if flags & ~_KNOWN_CLIENT_FLAGS:
+            return self._close(f"unknown client flags {flags:#x}", clean=False)
+        self._negotiation = Negotiation(self._catalog, bool(flags & ClientFlag.NO_ZEROES))
+        self.phase = Phase.OPTIONS
+        return True
+
+    def _option(self) -> bool:
+        assert self._negotiation is not None
+        if self._oversized_option is not None:
+            option, length = self._oversized_option
+            self._oversized_option = None
+            return self._apply(self._negotiation.refuse_oversized(option, length))
+        if len(self._buffer) < _OPTION_HEADER.size:
+            return self._need_more()
+        magic, option, length = _OPTION_HEADER.unpack_from(self._buffer)
+        if magic != IHAVEOPT:
+            return self._close("option without the IHAVEOPT magic", clean=False)
+        if length > MAX_OPTION_LENGTH:
+            del self._buffer[: _OPTION_HEADER.size]
+            self._oversized_option = (option, length)
+            self._start_skip(length)
+            return True
+        end = _OPTION_HEADER.size + length
+        if len(self._buffer) < end:
+            return self._need_more()
+        data = bytes(self._buffer[_OPTION_HEADER.size : end])
+        del self._buffer[:end]
+        return self._apply(self._negotiation.handle(option, data))
+
+    def _apply(self, outcome: OptionOutcome) -> bool:
+        if outcome.reply:
+            self._outgoing.append(outcome.reply)
+        if outcome.selected is not None:
+            found = self._catalog.resolve(outcome.selected.name)
+            assert found is not None
+            self.transmission = Transmission(outcome.selected, found[1].size)
+            self.phase = Phase.TRANSMISSION
+            self._events.append(outcome.selected)
+        if outcome.close_reason is not None:
+            return self._close(outcome.close_reason, outcome.clean)
+        return True
+
+    def _request(self) -> bool:
+        assert self.transmission is not None
+        if len(self._buffer) < REQUEST_HEADER.size:
+            return self._need_more()
+        magic, flags, command, handle, offset, length = REQUEST_HEADER.unpack_from(self._buffer)
+        del self._buffer[: REQUEST_HEADER.size]
+        if magic != REQUEST_MAGIC:
+            return self._close(f"request with bad magic {magic:#x}", clean=False)
+        checked = self.transmission.check(flags, command, handle, offset, length)
+        if checked.reply:
+            self._outgoing.extend(checked.reply)
+        if checked.payload_to_skip:
+            self._start_skip(checked.payload_to_skip)
+        if checked.event is not None:
+            self._events.append(checked.event)
+            if isinstance(checked.event, Disconnect):
+                self.phase = Phase.CLOSED
+                self._buffer.clear()
+        return True
+
+    def _start_skip(self, length: int) -> None:
+        """Discard ``length`` bytes of client data as they come, never holding them."""
+        dropped = min(length, len(self._buffer))
+        del self._buffer[:dropped]
+        self._skip = length - dropped
+
+    def _need_more(self) -> bool:
+        if not self._eof:
+            return False
+        partial = bool(self._buffer) or self._skip > 0 or self._oversized_option is not None
+        if partial:
+            return self._close(
+                f"client hung up in the middle of a message ({self.phase.value})", clean=False
+            )
+        return self._close(f"client hung up during {self.phase.value}", clean=True)
+
+    def _close(self, reason: str, clean: bool) -> bool:
+        self.phase = Phase.CLOSED
+        self._buffer.clear()
+        self._skip = 0
+        self._events.append(ConnectionClosed(reason, clean))
+        return True

@@ -1,0 +1,105 @@
+"""What a client's bytes mean, and what the server answers with.
+
+Client events come out of ``ServerConnection.next_event()``; reply events go
+into ``ServerConnection.send()``. Everything the protocol can answer on its
+own (option haggling, refused commands, flushes, block status) never
+surfaces: only the work that needs an ``Export`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+Buffer = bytes | bytearray | memoryview
+
+
+class _NeedData:
+    """Sentinel: no complete event until more bytes arrive."""
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+
+@dataclass(frozen=True)
+class ExportSelected:
+    """Option haggling is over: transmission on ``name`` (a key of the catalog)."""
+
+    name: str
+    structured_replies: bool
+    block_status: bool
+
+
+@dataclass(frozen=True)
+class ReadRequest:
+    """``NBD_CMD_READ`` already checked against the export's bounds."""
+
+    handle: int
+    offset: int
+    length: int
+    flags: int = 0
+
+
+@dataclass(frozen=True)
+class CacheRequest:
+    """``NBD_CMD_CACHE``: bring a checked range into the cache, then answer."""
+
+    handle: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Disconnect:
+    """``NBD_CMD_DISC``: answer what is in flight, then close."""
+
+
+@dataclass(frozen=True)
+class ConnectionClosed:
+    """The conversation is over; send ``data_to_send()`` and close the socket.
+
+    ``clean`` is False when the client broke the protocol or hung up mid
+    message; ``reason`` says what happened, for the log.
+    """
+
+    reason: str
+    clean: bool
+
+
+@dataclass(frozen=True)
+class ReadReply:
+    """All the bytes of ``request``, as buffers whose lengths sum to its length."""
+
+    request: ReadRequest
+    data: Sequence[Buffer]
+
+
+@dataclass(frozen=True)
+class ReadFailed:
+    """A read that failed ``len(data)`` bytes into the request.
+
+    ``data`` is the good prefix (may be empty); with structured replies it
+    is sent and the error is reported at the offset where it stopped, so a
+    client never takes wrong bytes for good ones.
+    """
+
+    request: ReadRequest
+    error: int
+    message: str = ""
+    data: Sequence[Buffer] = field(default=())
+
+
+@dataclass(frozen=True)
+class CommandDone:
+    """The answer to a ``CacheRequest``: ``error`` 0 for success."""
+
+    request: CacheRequest
+    error: int = 0
+    message: str = ""
+
+
+ClientEvent = ExportSelected | ReadRequest | CacheRequest | Disconnect | ConnectionClosed
+ServerReply = ReadReply | ReadFailed | CommandDone

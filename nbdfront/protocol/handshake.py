@@ -1,0 +1,249 @@
+"""Option haggling: what the server answers to each option, and when it ends.
+
+The catalog is all it needs to know of the exports (names, sizes,
+descriptions), so every option is answered here and only the final choice
+of export leaves the protocol package.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from nbdfront.protocol import replies
+from nbdfront.protocol.constants import (
+    BASE_ALLOCATION,
+    BASE_ALLOCATION_ID,
+    Info,
+    Option,
+    OptionReply,
+    TransmissionFlag,
+)
+from nbdfront.protocol.events import ExportSelected
+
+# Read-only, every connection sees the same bytes (so clients may open
+# several), flush and cache are understood (flush trivially).
+BASE_TRANSMISSION_FLAGS = (
+    TransmissionFlag.HAS_FLAGS
+    | TransmissionFlag.READ_ONLY
+    | TransmissionFlag.SEND_FLUSH
+    | TransmissionFlag.CAN_MULTI_CONN
+    | TransmissionFlag.SEND_CACHE
+)
+
+
+class ExportFacts(Protocol):
+    """What the handshake must know of an export (``Export`` satisfies it)."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def description(self) -> str: ...
+
+
+class Catalog:
+    """The exports a server offers, by name, with ``""`` resolving to a default.
+
+    ``default`` names the export the empty name stands for; a catalog may
+    instead hold a ``""`` entry of its own.
+    """
+
+    def __init__(self, exports: Mapping[str, ExportFacts], default: str | None = None):
+        if default is not None and default not in exports:
+            raise ValueError(f"default export {default!r} is not in the catalog")
+        self._exports = dict(exports)
+        self._default = default
+
+    def items(self) -> list[tuple[str, ExportFacts]]:
+        return list(self._exports.items())
+
+    def resolve(self, name: str) -> tuple[str, ExportFacts] | None:
+        """The canonical name and facts the client's ``name`` stands for."""
+        if name in self._exports:
+            return name, self._exports[name]
+        if name == "" and self._default is not None:
+            return self._default, self._exports[self._default]
+        return None
+
+
+@dataclass(frozen=True)
+class OptionOutcome:
+    """Bytes to send, and whether haggling ended (by choice, or by closing)."""
+
+    reply: bytes
+    selected: ExportSelected | None = None
+    close_reason: str | None = None
+    clean: bool = True
+
+
+class _Malformed(Exception):
+    """Option data that does not parse; answered with ERR_INVALID."""
+
+
+class Negotiation:
+    """The option-haggling state of one connection."""
+
+    def __init__(self, catalog: Catalog, no_zeroes: bool):
+        self._catalog = catalog
+        self._no_zeroes = no_zeroes
+        self.structured_replies = False
+        # The export name given with the last SET_META_CONTEXT that selected
+        # base:allocation; block status works only if GO names the same one.
+        self._meta_export: str | None = None
+
+    def transmission_flags(self) -> int:
+        flags = BASE_TRANSMISSION_FLAGS
+        if self.structured_replies:
+            flags |= TransmissionFlag.SEND_DF
+        return int(flags)
+
+    def refuse_oversized(self, option: int, length: int) -> OptionOutcome:
+        """An option whose data was skipped unread because it was too long."""
+        if option == Option.EXPORT_NAME:
+            # EXPORT_NAME has no way to say no: the only answer is to hang up.
+            return OptionOutcome(b"", close_reason="oversized export name", clean=False)
+        message = f"option data of {length} bytes is too long"
+        return OptionOutcome(replies.option_error(option, OptionReply.ERR_TOO_BIG, message))
+
+    def handle(self, option: int, data: bytes) -> OptionOutcome:
+        try:
+            return self._dispatch(option, data)
+        except _Malformed as exc:
+            if option == Option.EXPORT_NAME:
+                return OptionOutcome(b"", close_reason=str(exc), clean=False)
+            return OptionOutcome(replies.option_error(option, OptionReply.ERR_INVALID, str(exc)))
+
+    def _dispatch(self, option: int, data: bytes) -> OptionOutcome:
+        if option == Option.EXPORT_NAME:
+            return self._export_name(data)
+        if option == Option.ABORT:
+            return OptionOutcome(
+                replies.option_reply(option, OptionReply.ACK), close_reason="client aborted"
+            )
+        if option == Option.LIST:
+            _no_data(data)
+            listing = b"".join(
+                replies.server_entry(option, name, facts.description)
+                for name, facts in self._catalog.items()
+            )
+            return OptionOutcome(listing + replies.option_reply(option, OptionReply.ACK))
+        if option == Option.STARTTLS:
+            message = "TLS is not offered by this server"
+            return OptionOutcome(replies.option_error(option, OptionReply.ERR_POLICY, message))
+        if option in (Option.INFO, Option.GO):
+            return self._info(option, data)
+        if option == Option.STRUCTURED_REPLY:
+            _no_data(data)
+            self.structured_replies = True
+            return OptionOutcome(replies.option_reply(option, OptionReply.ACK))
+        if option in (Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT):
+            return self._meta_context(option, data)
+        message = f"option {option} is not supported"
+        return OptionOutcome(replies.option_error(option, OptionReply.ERR_UNSUP, message))
+
+    def _export_name(self, data: bytes) -> OptionOutcome:
+        name = _decode(data)
+        found = self._catalog.resolve(name)
+        if found is None:
+            return OptionOutcome(b"", close_reason=f"unknown export {name!r}", clean=False)
+        canonical, facts = found
+        reply = replies.export_name_reply(facts.size, self.transmission_flags(), self._no_zeroes)
+        return OptionOutcome(reply, selected=self._selected(name, canonical))
+
+    def _info(self, option: int, data: bytes) -> OptionOutcome:
+        if len(data) < 6:
+            raise _Malformed("INFO/GO data is shorter than 6 bytes")
+        (name_length,) = struct.unpack_from(">I", data)
+        if name_length > len(data) - 6:
+            raise _Malformed("export name runs past the option data")
+        name = _decode(data[4 : 4 + name_length])
+        rest = data[4 + name_length :]
+        (count,) = struct.unpack_from(">H", rest)
+        if len(rest) != 2 + 2 * count:
+            raise _Malformed("information request list does not match its count")
+        requested = set(struct.unpack_from(f">{count}H", rest, 2))
+        found = self._catalog.resolve(name)
+        if found is None:
+            message = f"no export named {name!r}"
+            return OptionOutcome(replies.option_error(option, OptionReply.ERR_UNKNOWN, message))
+        canonical, facts = found
+        parts = [replies.info_export(option, facts.size, self.transmission_flags())]
+        if Info.NAME in requested:
+            parts.append(replies.info_string(option, Info.NAME, canonical))
+        if Info.DESCRIPTION in requested and facts.description:
+            parts.append(replies.info_string(option, Info.DESCRIPTION, facts.description))
+        # Sent even unasked: the 4 MiB maximum is below the spec's default.
+        parts.append(replies.info_block_size(option))
+        parts.append(replies.option_reply(option, OptionReply.ACK))
+        selected = self._selected(name, canonical) if option == Option.GO else None
+        return OptionOutcome(b"".join(parts), selected=selected)
+
+    def _meta_context(self, option: int, data: bytes) -> OptionOutcome:
+        if option == Option.SET_META_CONTEXT:
+            self._meta_export = None  # replaced even when this request fails
+        if not self.structured_replies:
+            message = "metadata contexts need structured replies first"
+            return OptionOutcome(replies.option_error(option, OptionReply.ERR_INVALID, message))
+        name, queries = _parse_meta_request(data)
+        if self._catalog.resolve(name) is None:
+            message = f"no export named {name!r}"
+            return OptionOutcome(replies.option_error(option, OptionReply.ERR_UNKNOWN, message))
+        if option == Option.LIST_META_CONTEXT:
+            wanted = not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries)
+            context_id = 0  # reserved in LIST replies
+        else:
+            wanted = BASE_ALLOCATION in queries
+            context_id = BASE_ALLOCATION_ID
+            if wanted:
+                self._meta_export = name
+        listing = replies.meta_context(option, context_id) if wanted else b""
+        return OptionOutcome(listing + replies.option_reply(option, OptionReply.ACK))
+
+    def _selected(self, name: str, canonical: str) -> ExportSelected:
+        return ExportSelected(
+            name=canonical,
+            structured_replies=self.structured_replies,
+            block_status=self.structured_replies and self._meta_export == name,
+        )
+
+
+def _no_data(data: bytes) -> None:
+    if data:
+        raise _Malformed("this option carries no data")
+
+
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Malformed("a name that is not UTF-8") from None
+
+
+def _parse_meta_request(data: bytes) -> tuple[str, list[str]]:
+    """Export name and queries of LIST/SET_META_CONTEXT; must use all the data."""
+    view = memoryview(data)
+    pos = 0
+
+    def take(n: int) -> bytes:
+        nonlocal pos
+        if n > len(view) - pos:
+            raise _Malformed("metadata context request runs past the option data")
+        piece = bytes(view[pos : pos + n])
+        pos += n
+        return piece
+
+    (name_length,) = struct.unpack(">I", take(4))
+    name = _decode(take(name_length))
+    (count,) = struct.unpack(">I", take(4))
+    if count * 4 > len(view) - pos:
+        raise _Malformed("more queries announced than the option data holds")
+    queries = []
+    for _ in range(count):
+        (length,) = struct.unpack(">I", take(4))
+        queries.append(_decode(take(length)))
+    if pos != len(view):
+        raise _Malformed("trailing bytes after the metadata context queries")
+    return name, queries

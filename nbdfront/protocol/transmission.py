@@ -1,0 +1,142 @@
+"""The transmission phase: which requests are served, refused, or answered here.
+
+Requests are checked against the export's bounds and the negotiated
+features before anything reaches an ``Export``; a refused request gets its
+error reply at once and the connection carries on.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from nbdfront.protocol import replies
+from nbdfront.protocol.constants import (
+    BASE_ALLOCATION_ID,
+    MAX_PAYLOAD,
+    Command,
+    CommandFlag,
+    Errno,
+)
+from nbdfront.protocol.events import (
+    Buffer,
+    CacheRequest,
+    Disconnect,
+    ExportSelected,
+    ReadFailed,
+    ReadReply,
+    ReadRequest,
+    ServerReply,
+)
+
+REQUEST_HEADER = struct.Struct(">IHHQQI")
+
+_WRITES = (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What one request header leads to: an event for the server, or a reply now."""
+
+    event: ReadRequest | CacheRequest | Disconnect | None = None
+    reply: list[Buffer] | None = None
+    payload_to_skip: int = 0
+
+
+class Transmission:
+    """Checks requests and encodes replies for one export on one connection."""
+
+    def __init__(self, selected: ExportSelected, size: int):
+        self.selected = selected
+        self.size = size
+        self.structured = selected.structured_replies
+        # FUA means nothing on a read-only export, and clients are known to
+        # set it on any command: it is accepted everywhere and ignored.
+        read_flags = CommandFlag.FUA | (CommandFlag.DF if self.structured else 0)
+        self._allowed_flags = {
+            Command.READ: read_flags,
+            Command.FLUSH: CommandFlag.FUA,
+            Command.CACHE: CommandFlag.FUA,
+            Command.BLOCK_STATUS: CommandFlag.FUA | CommandFlag.REQ_ONE,
+        }
+
+    def check(self, flags: int, command: int, handle: int, offset: int, length: int) -> Checked:
+        if command == Command.DISC:
+            return Checked(event=Disconnect())
+        if command in _WRITES:
+            skip = length if command == Command.WRITE else 0
+            return Checked(
+                reply=self.error(handle, Errno.EPERM, "the export is read-only"),
+                payload_to_skip=skip,
+            )
+        allowed = self._allowed_flags.get(command)
+        if allowed is None:
+            return Checked(reply=self.error(handle, Errno.EINVAL, f"unknown command {command}"))
+        if flags & ~allowed:
+            message = f"flags {flags:#x} are not valid for command {command}"
+            return Checked(reply=self.error(handle, Errno.EINVAL, message))
+        if command == Command.FLUSH:
+            return Checked(reply=replies.simple_reply(handle))
+        if offset + length > self.size:
+            message = f"range {offset}+{length} is past the end of the export ({self.size})"
+            return Checked(reply=self.error(handle, Errno.EINVAL, message))
+        if command == Command.READ:
+            if length > MAX_PAYLOAD:
+                message = f"read of {length} bytes is over the maximum of {MAX_PAYLOAD}"
+                return Checked(reply=self.error(handle, Errno.EINVAL, message))
+            if length == 0:
+                return Checked(reply=self.encode(ReadReply(ReadRequest(handle, offset, 0), ())))
+            return Checked(event=ReadRequest(handle, offset, length, flags))
+        if command == Command.CACHE:
+            return Checked(event=CacheRequest(handle, offset, length))
+        return Checked(reply=self._block_status(handle, length))
+
+    def _block_status(self, handle: int, length: int) -> list[Buffer]:
+        if not self.selected.block_status:
+            message = "block status needs base:allocation selected for this export"
+            return self.error(handle, Errno.EINVAL, message)
+        if length == 0:
+            return self.error(handle, Errno.EINVAL, "block status of an empty range")
+        return [replies.block_status_chunk(handle, BASE_ALLOCATION_ID, length)]
+
+    def error(self, handle: int, error: int, message: str) -> list[Buffer]:
+        """An error reply to any command, with a message when the client can take one."""
+        if self.structured:
+            return [replies.error_chunk(handle, error, message)]
+        return replies.simple_reply(handle, error)
+
+    def encode(self, reply: ServerReply) -> list[Buffer]:
+        if isinstance(reply, ReadReply):
+            request = reply.request
+            if not self.structured:
+                return replies.simple_reply(request.handle, 0, reply.data)
+            if request.length == 0:
+                return [replies.done_chunk(request.handle)]
+            return replies.offset_data(
+                request.handle, request.offset, reply.data, request.length, done=True
+            )
+        if isinstance(reply, ReadFailed):
+            return self._read_failed(reply)
+        if reply.error:
+            return self.error(reply.request.handle, reply.error, reply.message)
+        return replies.simple_reply(reply.request.handle)
+
+    def _read_failed(self, reply: ReadFailed) -> list[Buffer]:
+        request = reply.request
+        if not self.structured:
+            # A simple reply cannot carry a partial read: error, no data.
+            return replies.simple_reply(request.handle, reply.error)
+        good = sum(memoryview(b).nbytes for b in reply.data)
+        if not 0 <= good < request.length:
+            raise ValueError("the good prefix of a failed read must be shorter than the read")
+        parts: list[Buffer] = []
+        if good:
+            parts += replies.offset_data(
+                request.handle, request.offset, reply.data, good, done=False
+            )
+        parts.append(
+            replies.error_offset_chunk(
+                request.handle, reply.error, reply.message, request.offset + good
+            )
+        )
+        return parts

@@ -1,0 +1,401 @@
+"""The NBD server: sockets and threads around the sans-I/O protocol.
+
+One reader thread per connection feeds the protocol and hands reads to that
+connection's own worker pool, so replies go out in the order they finish (a
+cache hit never waits behind a slow fetch on the same connection, and a
+misbehaving client only ever occupies its own threads). A per-connection
+budget of bytes in flight stops the reader, and with it the client, when
+the workers fall behind: memory stays bounded however many requests a
+client queues.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+import stat
+import threading
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from blockstore.export import Export
+from nbdfront.protocol import (
+    MAX_PAYLOAD,
+    NEED_DATA,
+    CacheRequest,
+    Catalog,
+    CommandDone,
+    ConnectionClosed,
+    Disconnect,
+    ExportSelected,
+    ReadFailed,
+    ReadReply,
+    ReadRequest,
+    ServerConnection,
+    nbd_error,
+)
+from nbdfront.protocol.events import Buffer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 10809
+# Enough workers that a handful of slow registry fetches leave room for hits.
+WORKERS_PER_CONNECTION = 16
+# Bytes of reads admitted but not yet sent, per connection: eight maximum reads.
+INFLIGHT_BYTES = 8 * MAX_PAYLOAD
+INFLIGHT_REQUESTS = 512
+RECV_SIZE = 256 * 1024
+# A client that has not chosen an export by then is dropped.
+HANDSHAKE_TIMEOUT = 30.0
+# How long shutdown waits for in-flight replies before cutting connections.
+DRAIN_TIMEOUT = 30.0
+_IOV_MAX = 1024
+
+
+def send_buffers(sock: socket.socket, buffers: Sequence[Buffer]) -> None:
+    """Send every byte of ``buffers`` with scatter-gather writes, no joining copy."""
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    first = 0
+    while first < len(views):
+        sent = sock.sendmsg(views[first : first + _IOV_MAX])
+        while sent:
+            size = views[first].nbytes
+            if sent >= size:
+                sent -= size
+                first += 1
+            else:
+                views[first] = views[first][sent:]
+                sent = 0
+
+
+class _Budget:
+    """Counts bytes and requests in flight; ``acquire`` blocks while over the limit."""
+
+    def __init__(self, max_bytes: int, max_requests: int):
+        self._max_bytes = max_bytes
+        self._max_requests = max_requests
+        self._bytes = 0
+        self._requests = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, nbytes: int) -> None:
+        with self._cond:
+            while self._requests and (
+                self._bytes + nbytes > self._max_bytes or self._requests >= self._max_requests
+            ):
+                self._cond.wait()
+            self._bytes += nbytes
+            self._requests += 1
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self._bytes -= nbytes
+            self._requests -= 1
+            self._cond.notify_all()
+
+
+class _Session:
+    """One client connection, from greeting to close."""
+
+    def __init__(self, server: NBDServer, sock: socket.socket, peer: str):
+        self._server = server
+        self._sock = sock
+        self.peer = peer
+        self._protocol = ServerConnection(server.catalog)
+        self._send_lock = threading.Lock()
+        self._budget = _Budget(server.inflight_bytes, INFLIGHT_REQUESTS)
+        self._export: Export | None = None
+        self._workers: ThreadPoolExecutor | None = None
+        self._broken = False
+
+    def run(self) -> None:
+        try:
+            self._sock.settimeout(HANDSHAKE_TIMEOUT)
+            self._flush()
+            while not self._broken:
+                data = self._sock.recv(RECV_SIZE)
+                self._protocol.receive_data(data)
+                if not self._dispatch():
+                    break
+        except OSError as exc:
+            log.info("connection from %s ended: %s", self.peer, exc)
+        finally:
+            self._finish()
+
+    def stop_reading(self) -> None:
+        """Shutdown: take no more requests; what is in flight still gets its reply."""
+        _shutdown_quietly(self._sock, socket.SHUT_RD)
+
+    def cut(self) -> None:
+        """Shutdown took too long: break the connection so blocked sends return."""
+        self._broken = True
+        _shutdown_quietly(self._sock, socket.SHUT_RDWR)
+
+    def _dispatch(self) -> bool:
+        """Act on every complete event; False once the conversation is over."""
+        while True:
+            event = self._protocol.next_event()
+            self._flush()
+            if event is NEED_DATA:
+                return True
+            if isinstance(event, ReadRequest):
+                self._budget.acquire(event.length)
+                self._submit(self._read, event)
+            elif isinstance(event, CacheRequest):
+                self._budget.acquire(0)
+                self._submit(self._cache, event)
+            elif isinstance(event, ExportSelected):
+                self._export = self._server.exports[event.name]
+                self._workers = ThreadPoolExecutor(
+                    WORKERS_PER_CONNECTION, thread_name_prefix=f"nbd-{self.peer}"
+                )
+                self._sock.settimeout(None)
+                log.info("%s reads export %r", self.peer, event.name)
+            elif isinstance(event, Disconnect):
+                log.info("%s disconnected", self.peer)
+                return False
+            elif isinstance(event, ConnectionClosed):
+                level = logging.INFO if event.clean else logging.WARNING
+                log.log(level, "closing connection from %s: %s", self.peer, event.reason)
+                return False
+
+    def _submit(self, work, request) -> None:
+        assert self._workers is not None
+        self._workers.submit(work, request)
+
+    def _read(self, request: ReadRequest) -> None:
+        assert self._export is not None
+        try:
+            try:
+                data = self._export.read(request.offset, request.length)
+                got = sum(memoryview(b).nbytes for b in data)
+                if got != request.length:
+                    raise OSError(5, f"export returned {got} bytes for {request.length}")
+                reply: ReadReply | ReadFailed = ReadReply(request, data)
+            except Exception as exc:
+                reply = ReadFailed(request, nbd_error(exc), _describe(exc, request))
+                _log_failure(exc, request)
+            self._send(self._protocol.send(reply))
+        finally:
+            self._budget.release(request.length)
+
+    def _cache(self, request: CacheRequest) -> None:
+        assert self._export is not None
+        try:
+            try:
+                self._export.cache(request.offset, request.length)
+                reply = CommandDone(request)
+            except Exception as exc:
+                reply = CommandDone(request, nbd_error(exc), _describe(exc, request))
+                _log_failure(exc, request)
+            self._send(self._protocol.send(reply))
+        finally:
+            self._budget.release(0)
+
+    def _flush(self) -> None:
+        out = self._protocol.data_to_send()
+        if out:
+            self._send(out)
+
+    def _send(self, buffers: Sequence[Buffer]) -> None:
+        with self._send_lock:
+            if self._broken:
+                return
+            try:
+                send_buffers(self._sock, buffers)
+            except OSError as exc:
+                # The client is gone; stop the reader too, its replies have nowhere to go.
+                self._broken = True
+                log.info("sending to %s failed: %s", self.peer, exc)
+                _shutdown_quietly(self._sock, socket.SHUT_RDWR)
+
+    def _finish(self) -> None:
+        if self._workers is not None:
+            self._workers.shutdown(wait=True)
+        _shutdown_quietly(self._sock, socket.SHUT_RDWR)
+        self._sock.close()
+        self._server._forget(self)
+
+
+def _describe(exc: BaseException, request: ReadRequest | CacheRequest) -> str:
+    return f"{type(exc).__name__} at {request.offset}+{request.length}: {exc}"
+
+
+def _log_failure(exc: BaseException, request: ReadRequest | CacheRequest) -> None:
+    if isinstance(exc, OSError):
+        log.warning("request %s failed: %s", request, exc)
+    else:
+        log.exception("request %s failed unexpectedly", request)
+
+
+class NBDServer:
+    """Serves read-only ``Export``\\ s to NBD clients over TCP and/or a Unix socket.
+
+    ``default_export`` names the export a client gets when it asks for the
+    empty name. ``start()`` returns once the sockets listen;
+    ``serve_forever()`` blocks until ``request_shutdown()`` (signal-safe) or
+    ``shutdown()``, which lets in-flight replies finish before closing.
+    """
+
+    def __init__(
+        self,
+        exports: Mapping[str, Export],
+        *,
+        tcp: tuple[str, int] | None = None,
+        unix: str | os.PathLike[str] | None = None,
+        default_export: str | None = None,
+        inflight_bytes: int = INFLIGHT_BYTES,
+    ):
+        if tcp is None and unix is None:
+            raise ValueError("give a TCP address, a Unix socket path, or both")
+        self.exports = dict(exports)
+        self.catalog = Catalog(self.exports, default_export)
+        self.inflight_bytes = inflight_bytes
+        self._tcp = tcp
+        self._unix = os.fspath(unix) if unix is not None else None
+        self._listeners: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._sessions: set[_Session] = set()
+        self._lock = threading.Lock()
+        self._stop_requested = threading.Event()
+        self._stopped = threading.Event()
+        self._stopping = False
+        self.tcp_address: tuple[str, int] | None = None
+
+    @property
+    def connection_count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def start(self) -> None:
+        if self._tcp is not None:
+            host, port = self._tcp
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((host, port))
+            listener.listen(128)
+            self.tcp_address = listener.getsockname()[:2]
+            self._listeners.append(listener)
+        if self._unix is not None:
+            _remove_stale_socket(self._unix)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(self._unix)
+            listener.listen(128)
+            self._listeners.append(listener)
+        for listener in self._listeners:
+            thread = threading.Thread(
+                target=self._accept_loop, args=(listener,), name="nbd-accept", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def uris(self) -> dict[str, str]:
+        """The NBD URI of each export (TCP when listening on TCP, else the Unix socket)."""
+        if self.tcp_address is not None:
+            host, port = self.tcp_address
+            netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            return {name: f"nbd://{netloc}/{_quote(name)}" for name in self.exports}
+        query = urllib.parse.urlencode({"socket": self._unix})
+        return {name: f"nbd+unix:///{_quote(name)}?{query}" for name in self.exports}
+
+    def serve_forever(self) -> None:
+        while not self._stop_requested.wait(0.5):
+            pass
+        self.shutdown()
+
+    def request_shutdown(self) -> None:
+        """Ask ``serve_forever`` to stop; safe inside a signal handler."""
+        self._stop_requested.set()
+
+    def shutdown(self) -> None:
+        """Stop accepting, let in-flight replies finish, close every socket."""
+        with self._lock:
+            already, self._stopping = self._stopping, True
+            sessions = list(self._sessions)
+        if already:
+            self._stopped.wait()
+            return
+        self._stop_requested.set()
+        for listener in self._listeners:
+            _shutdown_quietly(listener, socket.SHUT_RDWR)
+            listener.close()
+        for thread in self._threads:
+            thread.join()
+        for session in sessions:
+            session.stop_reading()
+        if not self._wait_sessions(DRAIN_TIMEOUT):
+            log.warning("in-flight requests did not finish in %ss; cutting", DRAIN_TIMEOUT)
+            with self._lock:
+                for session in self._sessions:
+                    session.cut()
+            self._wait_sessions(5.0)
+        if self._unix is not None:
+            _remove_stale_socket(self._unix)
+        self._stopped.set()
+
+    def _wait_sessions(self, timeout: float) -> bool:
+        with self._lock:
+            threads = [s.thread for s in self._sessions]
+        for thread in threads:
+            thread.join(timeout)
+        return not any(t.is_alive() for t in threads)
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, address = listener.accept()
+            except OSError:
+                return  # the listener was shut down
+            if listener.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                peer = f"{address[0]}:{address[1]}"
+            else:
+                peer = "unix"
+            session = _Session(self, sock, peer)
+            session.thread = threading.Thread(target=session.run, name=f"nbd-{peer}", daemon=True)
+            with self._lock:
+                if self._stopping:
+                    sock.close()
+                    return
+                self._sessions.add(session)
+            session.thread.start()
+
+    def _forget(self, session: _Session) -> None:
+        with self._lock:
+            self._sessions.discard(session)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable only from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _shutdown_quietly(sock: socket.socket, how: int) -> None:
+    """``shutdown`` that ignores a socket the peer already closed."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(how)
+
+
+def _quote(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket left by an earlier run; refuse to delete anything else."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    os.unlink(path)
