@@ -1,0 +1,264 @@
+"""One blob read through the cache: the ``Export`` the NBD frontend serves.
+
+The hit path is one read transaction per call: each chunk's bytes are
+checked against their xxh3-64 on the LMDB buffer itself and copied out once
+(only the part asked for). No lock is held while fetching, so a hit never
+waits behind another request's miss. Misses go through the ``Fetcher``
+(single-flight, coalesced, parallel); chunks of a sealed blob are checked
+against the sealed checksums before they are stored or served.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable, Mapping
+
+from blockstore.errors import BlobReadError, CacheError, IntegrityError, NotCached
+from blockstore.fetch import Fetcher
+from blockstore.prefetch import BackgroundFill, Readahead
+from blockstore.source import BlobSource
+
+from .layout import (
+    CHUNK_KEY,
+    CHUNK_SIZE,
+    DB_CHUNKS,
+    SUM,
+    SUM_SIZE,
+    chunk_count,
+    chunk_length,
+    xxh3,
+)
+from .store import ChunkStore
+
+log = logging.getLogger(__name__)
+
+Buffer = bytes | memoryview
+PREFETCH_STEP = 32 << 20  # bytes asked of the fetcher at a time by prefetch()
+
+
+class ChunkIntegrityError(IntegrityError, BlobReadError):
+    """The backend sent bytes for a sealed blob that its checksums reject."""
+
+    def __init__(self, message: str):
+        BlobReadError.__init__(self, message, errno.EIO)
+
+
+class CachedBlob:
+    """A blob served from the chunk cache, filled from ``source`` on a miss.
+
+    ``source=None`` is offline: a miss raises ``NotCached`` at once.
+    """
+
+    def __init__(
+        self,
+        store: ChunkStore,
+        digest: str,
+        size: int,
+        source: BlobSource | None,
+        *,
+        name: str = "",
+        description: str = "",
+        readahead: Readahead | None = None,
+    ):
+        self._store = store
+        self._digest = digest
+        self._size = size
+        self._source = source
+        self._name = name
+        self._description = description or digest
+        self._chunks = chunk_count(size)
+        record = store.lookup(digest)
+        if record is not None and record.size != size:
+            raise CacheError(f"{digest} has size {record.size} in the cache, but {size} was given")
+        self._blob_id = record.blob_id if record is not None else None
+        self._sums = store.sealed_sums(digest) if record is not None and record.sealed else None
+        self._fetcher = Fetcher(source, CHUNK_SIZE, self._arrived) if source is not None else None
+        self._readahead = readahead if readahead is not None else Readahead()
+        self._fill = BackgroundFill(self.cache) if source is not None else None
+
+    # --- Export ----------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def description(self) -> str:
+        return self._description
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def digest(self) -> str:
+        return self._digest
+
+    def read(self, offset: int, length: int) -> list[Buffer]:
+        """The bytes at ``offset``; raises ``BlobReadError`` (EIO), never returns wrong bytes."""
+        if length <= 0:
+            return []
+        if offset < 0 or offset + length > self._size:
+            raise BlobReadError(
+                f"read {offset}+{length} beyond the end of {self._digest}", errno.EINVAL
+            )
+        end = offset + length
+        first = offset // CHUNK_SIZE
+        last = (end - 1) // CHUNK_SIZE
+        out: list[Buffer | None] = []
+        missing: list[int] = []
+        bad: list[int] = []
+        blob_id = self._blob_id
+        if blob_id is None:
+            missing = list(range(first, last + 1))
+            out = [None] * len(missing)
+        else:
+            pack = CHUNK_KEY.pack
+            unpack_sum = SUM.unpack_from
+            env = self._store.env
+            txn = env.begin_read(DB_CHUNKS)
+            try:
+                get = txn.get
+                for index in range(first, last + 1):
+                    value = get(pack(blob_id, index))
+                    base = index * CHUNK_SIZE
+                    if value is None:
+                        missing.append(index)
+                        out.append(None)
+                    elif len(value) != SUM_SIZE + min(CHUNK_SIZE, self._size - base) or (
+                        unpack_sum(value)[0] != xxh3(value[SUM_SIZE:])
+                    ):
+                        bad.append(index)
+                        out.append(None)
+                    else:
+                        lo = SUM_SIZE + offset - base if base < offset else SUM_SIZE
+                        hi = SUM_SIZE + end - base if end - base < CHUNK_SIZE else len(value)
+                        out.append(value[lo:hi].tobytes())
+            finally:
+                env.end_read(txn)
+            self._store.recency.touch(blob_id, first, last)
+        if missing or bad:
+            self._fill_misses(out, first, offset, end, missing, bad)
+        self._store.counters.served(last - first + 1 - len(missing), len(missing), length)
+        if self._fill is not None:
+            ahead = self._readahead.advise(offset, length, self._size)
+            if ahead is not None:
+                self._fill.submit(*ahead)
+        return out  # type: ignore[return-value]
+
+    def cache(self, offset: int, length: int) -> None:
+        """Bring a range into the cache if it is not there (unchecked presence)."""
+        if self._fetcher is None or length <= 0:
+            return
+        end = min(self._size, offset + length)
+        indices = range(max(0, offset) // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1)
+        wanted = self._store.missing(self._blob_id, indices)
+        if wanted:
+            self._fetcher.fetch(wanted)
+
+    # --- whole-blob operations ---------------------------------------------------
+
+    def cached_fraction(self) -> float:
+        record = self._store.lookup(self._digest)
+        if record is None:
+            return 0.0
+        return record.present / record.chunks if record.chunks else 1.0
+
+    def prefetch(self, progress: Callable[[int], None] | None = None) -> None:
+        """Fetch every missing chunk, check the whole blob and seal it.
+
+        Resumable: only missing chunks are fetched. ``progress`` is called
+        with byte increments (first with what was already cached), so it
+        fits ``tqdm.update``. Raises ``IntegrityError`` if the blob does not
+        match its digest (it is then dropped), ``CacheError`` if it cannot
+        be kept whole under the size cap.
+        """
+        record = self._store.lookup(self._digest)
+        if not (record is not None and record.pinned) and self._size > self._store.size_cap:
+            raise CacheError(
+                f"{self._digest} ({self._size} bytes) is larger than the cache size cap "
+                f"({self._store.size_cap} bytes); raise --cache-size or pin it"
+            )
+        missing = self._store.missing(self._blob_id, range(self._chunks))
+        if progress is not None:
+            progress(self._size - sum(chunk_length(self._size, i) for i in missing))
+        if missing and self._fetcher is None:
+            raise NotCached(f"{self._digest} is not fully cached and the cache is offline")
+        step = PREFETCH_STEP // CHUNK_SIZE
+        for start in range(0, len(missing), step):
+            batch = missing[start : start + step]
+            self._fetcher.fetch(batch)  # type: ignore[union-attr]
+            if progress is not None:
+                progress(sum(chunk_length(self._size, i) for i in batch))
+        outcome = self._store.seal(self._digest)
+        if outcome is False:
+            raise IntegrityError(f"{self._digest}: the fetched bytes do not match the digest")
+        if outcome is None:
+            raise CacheError(f"{self._digest} could not be kept whole in the cache")
+        self._sums = self._store.sealed_sums(self._digest)
+
+    def close(self) -> None:
+        if self._fill is not None:
+            self._fill.stop()
+        if self._fetcher is not None:
+            self._fetcher.close()
+
+    # --- misses ----------------------------------------------------------------
+
+    def _fill_misses(
+        self,
+        out: list[Buffer | None],
+        first: int,
+        offset: int,
+        end: int,
+        missing: list[int],
+        bad: list[int],
+    ) -> None:
+        if bad:
+            self._store.counters.add(checksum_failures=len(bad))
+            log.warning("%s: %d cached chunk(s) failed their checksum", self._digest, len(bad))
+            self._store.drop_chunks(self._digest, bad)
+        wanted = sorted(missing + bad)
+        if self._fetcher is None:
+            what = "failed its checksum" if bad else "is not cached"
+            raise NotCached(
+                f"{self._digest}: chunk {wanted[0]} (offset {wanted[0] * CHUNK_SIZE}) {what}, "
+                "and the cache is offline"
+            )
+        got = self._fetcher.fetch(wanted)
+        for index in wanted:
+            data = got[index]
+            base = index * CHUNK_SIZE
+            lo = max(offset - base, 0)
+            hi = min(end - base, len(data))
+            out[index - first] = data if lo == 0 and hi == len(data) else data[lo:hi]
+
+    def _arrived(self, first: int, data: bytes) -> Mapping[int, Buffer]:
+        """Check freshly fetched chunks (if sealed), store them, hand them out."""
+        view = memoryview(data)
+        chunks = [view[i : i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)]
+        if self._sums is None:
+            # Another process may have sealed the blob since we opened it.
+            record = self._store.lookup(self._digest)
+            if record is not None and record.sealed:
+                self._sums = self._store.sealed_sums(self._digest)
+        if self._sums is not None:
+            for i, chunk in enumerate(chunks):
+                index = first + i
+                if SUM.unpack_from(self._sums, index * SUM_SIZE)[0] != xxh3(chunk):
+                    self._store.counters.add(checksum_failures=1)
+                    raise ChunkIntegrityError(
+                        f"{self._digest}: the source sent chunk {index} with bytes that do not "
+                        "match the sealed blob"
+                    )
+        self._store.counters.add(bytes_fetched=len(data), requests_fetched=1)
+        try:
+            record = self._store.store_chunks(self._digest, self._size, first, chunks)
+        except CacheError as exc:
+            log.warning("%s: serving uncached bytes: %s", self._digest, exc)
+        else:
+            self._blob_id = record.blob_id
+            if record.present == record.chunks and not record.sealed:
+                self._store.seal_later(self._digest)
+        return {first + i: chunk for i, chunk in enumerate(chunks)}

@@ -1,0 +1,79 @@
+"""Counters a user and a benchmark read: kept in memory, persisted in batches.
+
+Counting in memory keeps the hit path free of write transactions; the store
+adds the pending deltas to the persisted totals in its periodic flush, so
+``blockstore cache stats`` in another process sees them within a second.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import lmdb
+
+from .layout import DB_COUNTERS, U64
+
+COUNTER_NAMES = (
+    "hits",
+    "misses",
+    "bytes_served",
+    "bytes_fetched",
+    "requests_fetched",
+    "checksum_failures",
+    "seals",
+    "seal_failures",
+    "evictions",
+)
+
+
+class Counters:
+    """Pending counter deltas of this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                self._pending[name] += delta
+
+    def served(self, hits: int, misses: int, nbytes: int) -> None:
+        """The hit path's one call per read."""
+        with self._lock:
+            p = self._pending
+            p["hits"] += hits
+            p["misses"] += misses
+            p["bytes_served"] += nbytes
+
+    def pending(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._pending)
+
+    def take(self) -> dict[str, int]:
+        with self._lock:
+            taken = {k: v for k, v in self._pending.items() if v}
+            self._pending = dict.fromkeys(COUNTER_NAMES, 0)
+            return taken
+
+    def give_back(self, taken: dict[str, int]) -> None:
+        """Return deltas whose flush failed, so they are not lost."""
+        self.add(**taken)
+
+
+def persist(txn: lmdb.Transaction, db: lmdb._Database, deltas: dict[str, int]) -> None:
+    for name, delta in deltas.items():
+        key = name.encode()
+        raw = txn.get(key, db=db)
+        total = (U64.unpack(raw)[0] if raw is not None else 0) + delta
+        txn.put(key, U64.pack(max(0, total)), db=db)
+
+
+def load(txn: lmdb.Transaction, db: lmdb._Database) -> dict[str, int]:
+    totals = dict.fromkeys(COUNTER_NAMES, 0)
+    for key, raw in txn.cursor(db=db):
+        totals[bytes(key).decode()] = U64.unpack(raw)[0]
+    return totals
+
+
+__all__ = ["COUNTER_NAMES", "DB_COUNTERS", "Counters", "load", "persist"]

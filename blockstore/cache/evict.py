@@ -1,0 +1,76 @@
+"""Eviction: drop the least recently used chunks of unpinned blobs.
+
+A policy apart from the store: it walks the ``lru`` index from the old end
+inside the caller's write transaction, so storing new chunks and making
+room for them commit together. Sealed blobs keep their per-chunk checksums
+when their chunks go, so a chunk fetched again is still checked.
+"""
+
+from __future__ import annotations
+
+import lmdb
+
+from .layout import (
+    CHUNK_KEY,
+    DB_BLOBS,
+    DB_CHUNKS,
+    DB_IDS,
+    DB_LRU,
+    DB_TICKS,
+    SUM_SIZE,
+    U64,
+    BlobRecord,
+)
+
+# Evicting down to a little below the cap keeps eviction from running on
+# every store once the cache is full.
+LOW_WATER = 0.9
+
+
+def evict(
+    txn: lmdb.Transaction,
+    dbs: dict[bytes, lmdb._Database],
+    stored: int,
+    target: int,
+) -> tuple[int, int]:
+    """Evict oldest unpinned chunks until ``stored`` bytes are at most ``target``.
+
+    Returns (chunks evicted, bytes freed).
+    """
+    records: dict[int, tuple[bytes, BlobRecord] | None] = {}
+    evicted = freed = 0
+    cursor = txn.cursor(db=dbs[DB_LRU])
+    positioned = cursor.first()
+    while positioned and stored - freed > target:
+        key = bytes(cursor.key()[8:])
+        blob_id = CHUNK_KEY.unpack(key)[0]
+        if blob_id not in records:
+            records[blob_id] = _record(txn, dbs, blob_id)
+        entry = records[blob_id]
+        if entry is not None and entry[1].pinned:
+            positioned = cursor.next()
+            continue
+        value = txn.get(key, db=dbs[DB_CHUNKS])
+        if value is not None:
+            freed += len(value) - SUM_SIZE
+            evicted += 1
+            txn.delete(key, db=dbs[DB_CHUNKS])
+            if entry is not None:
+                entry[1].present -= 1
+        txn.delete(key, db=dbs[DB_TICKS])
+        cursor.delete()
+        positioned = bool(cursor.key())
+    for entry in records.values():
+        if entry is not None:
+            txn.put(entry[0], entry[1].pack(), db=dbs[DB_BLOBS])
+    return evicted, freed
+
+
+def _record(
+    txn: lmdb.Transaction, dbs: dict[bytes, lmdb._Database], blob_id: int
+) -> tuple[bytes, BlobRecord] | None:
+    digest = txn.get(U64.pack(blob_id), db=dbs[DB_IDS])
+    if digest is None:
+        return None
+    raw = txn.get(digest, db=dbs[DB_BLOBS])
+    return (bytes(digest), BlobRecord.unpack(raw)) if raw is not None else None

@@ -1,0 +1,112 @@
+"""How the cache is laid out in LMDB: database names, keys and records.
+
+One place knows the byte layout so the store, eviction, sealing and
+verification agree on it. Blobs get a small integer id when they are first
+stored; chunk keys are ``id || index`` (both big-endian, so a blob's chunks
+are adjacent and ordered), which keeps keys short whatever the digest.
+Ids are never reused: a stale id held by a reader can never name another
+blob's chunks.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import xxhash
+
+CHUNK_SIZE = 32768
+FORMAT_VERSION = 1
+
+# Named databases.
+DB_META = b"meta"  # name -> value (format, chunk size, next id, stored bytes, cap)
+DB_BLOBS = b"blobs"  # digest -> BlobRecord
+DB_IDS = b"ids"  # blob id -> digest
+DB_CHUNKS = b"chunks"  # chunk key -> xxh3-64 (8 bytes LE) || chunk bytes
+DB_SUMS = b"sums"  # digest -> every chunk's xxh3-64, packed LE, kept once sealed
+DB_TICKS = b"ticks"  # chunk key -> last-use tick (8 bytes BE)
+DB_LRU = b"lru"  # tick || chunk key -> b"" (oldest first)
+DB_COUNTERS = b"counters"  # counter name -> u64
+DB_REFS = b"refs"  # reference \0 platform -> JSON record
+DB_MANIFESTS = b"manifests"  # digest -> raw manifest bytes
+ALL_DBS = (
+    DB_META,
+    DB_BLOBS,
+    DB_IDS,
+    DB_CHUNKS,
+    DB_SUMS,
+    DB_TICKS,
+    DB_LRU,
+    DB_COUNTERS,
+    DB_REFS,
+    DB_MANIFESTS,
+)
+
+CHUNK_KEY = struct.Struct(">QQ")
+U64 = struct.Struct(">Q")
+SUM = struct.Struct("<Q")
+SUM_SIZE = SUM.size
+xxh3 = xxhash.xxh3_64_intdigest
+
+PINNED = 1
+SEALED = 2
+
+
+def chunk_key(blob_id: int, index: int) -> bytes:
+    return CHUNK_KEY.pack(blob_id, index)
+
+
+def lru_key(tick: int, key: bytes) -> bytes:
+    return U64.pack(tick) + key
+
+
+def chunk_value(data: bytes | memoryview) -> bytes:
+    """The stored form of a chunk: its checksum, then its bytes."""
+    return SUM.pack(xxh3(data)) + data
+
+
+def chunk_count(size: int) -> int:
+    return (size + CHUNK_SIZE - 1) // CHUNK_SIZE
+
+
+def chunk_length(size: int, index: int) -> int:
+    return min(CHUNK_SIZE, size - index * CHUNK_SIZE)
+
+
+def valid_chunk(value: memoryview | bytes, expected_len: int) -> bool:
+    """True when a stored chunk has the right length and matches its checksum."""
+    return len(value) == SUM_SIZE + expected_len and SUM.unpack_from(value)[0] == xxh3(
+        value[SUM_SIZE:]
+    )
+
+
+@dataclass
+class BlobRecord:
+    """What the cache knows of one blob besides its chunks."""
+
+    blob_id: int
+    size: int
+    present: int = 0  # chunks stored
+    flags: int = 0
+    last_use: float = 0.0  # seconds since the epoch
+
+    _FORMAT = struct.Struct("<QQQBd")
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self.flags & PINNED)
+
+    @property
+    def sealed(self) -> bool:
+        return bool(self.flags & SEALED)
+
+    @property
+    def chunks(self) -> int:
+        return chunk_count(self.size)
+
+    def pack(self) -> bytes:
+        return self._FORMAT.pack(self.blob_id, self.size, self.present, self.flags, self.last_use)
+
+    @classmethod
+    def unpack(cls, raw: bytes | memoryview) -> BlobRecord:
+        return cls(*cls._FORMAT.unpack(raw))

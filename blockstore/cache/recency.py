@@ -1,0 +1,90 @@
+"""Least-recently-used bookkeeping without a write transaction per read.
+
+Reads note which chunks they touched in memory (one dict entry per read
+call); the store's periodic flush moves those chunks to the young end of
+the ``lru`` index in one transaction. Eviction walks that index from the
+old end. Recency is advisory: a touch lost in a crash only makes a chunk
+look older than it is.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import lmdb
+
+from .layout import (
+    DB_BLOBS,
+    DB_CHUNKS,
+    DB_IDS,
+    DB_LRU,
+    DB_TICKS,
+    U64,
+    BlobRecord,
+    chunk_key,
+    lru_key,
+)
+
+
+def now_tick() -> int:
+    """Microseconds since the epoch: comparable between processes."""
+    return time.time_ns() // 1000
+
+
+class Recency:
+    """Chunk ranges touched by this process since the last flush."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._touched: dict[tuple[int, int, int], int] = {}
+
+    def touch(self, blob_id: int, first: int, last: int) -> None:
+        tick = now_tick()
+        with self._lock:
+            self._touched[(blob_id, first, last)] = tick
+
+    def take(self) -> dict[tuple[int, int, int], int]:
+        with self._lock:
+            taken, self._touched = self._touched, {}
+            return taken
+
+    def __bool__(self) -> bool:
+        return bool(self._touched)
+
+
+def place(txn: lmdb.Transaction, dbs: dict[bytes, lmdb._Database], key: bytes, tick: int) -> None:
+    """Put a chunk at ``tick`` in the LRU index, moving it if it was there."""
+    old = txn.get(key, db=dbs[DB_TICKS])
+    if old is not None:
+        old_tick = U64.unpack(old)[0]
+        if old_tick >= tick:
+            return
+        txn.delete(lru_key(old_tick, key), db=dbs[DB_LRU])
+    txn.put(lru_key(tick, key), b"", db=dbs[DB_LRU])
+    txn.put(key, U64.pack(tick), db=dbs[DB_TICKS])
+
+
+def apply(
+    txn: lmdb.Transaction,
+    dbs: dict[bytes, lmdb._Database],
+    touched: dict[tuple[int, int, int], int],
+) -> None:
+    """Move touched chunks that are still stored to their new place in the LRU."""
+    latest: dict[int, int] = {}
+    for (blob_id, first, last), tick in touched.items():
+        for index in range(first, last + 1):
+            key = chunk_key(blob_id, index)
+            if txn.get(key, db=dbs[DB_CHUNKS]) is not None:
+                place(txn, dbs, key, tick)
+        latest[blob_id] = max(tick, latest.get(blob_id, 0))
+    for blob_id, tick in latest.items():
+        digest = txn.get(U64.pack(blob_id), db=dbs[DB_IDS])
+        if digest is None:
+            continue
+        raw = txn.get(digest, db=dbs[DB_BLOBS])
+        if raw is None:
+            continue
+        record = BlobRecord.unpack(raw)
+        record.last_use = max(record.last_use, tick / 1e6)
+        txn.put(bytes(digest), record.pack(), db=dbs[DB_BLOBS])

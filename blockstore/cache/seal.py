@@ -1,0 +1,267 @@
+"""Sealing and verification: whole-blob digests, streamed chunk by chunk.
+
+A blob whose chunks are all present is hashed (sha256 or whatever its
+digest names) one chunk at a time, never loaded whole. A match seals it and
+records every chunk's checksum, so a chunk evicted and fetched again later
+is checked against what the digest vouched for. A mismatch drops the blob:
+its bytes were not the blob's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from blockstore.errors import CacheError
+
+from . import counters as counters_mod
+from .layout import (
+    CHUNK_KEY,
+    DB_BLOBS,
+    DB_CHUNKS,
+    DB_COUNTERS,
+    DB_META,
+    DB_SUMS,
+    SEALED,
+    SUM_SIZE,
+    U64,
+    BlobRecord,
+    chunk_key,
+    chunk_length,
+    valid_chunk,
+)
+
+if TYPE_CHECKING:
+    from .store import ChunkStore
+
+log = logging.getLogger(__name__)
+
+SCAN_BATCH = 256  # chunks per read transaction: short transactions let pages be reused
+
+
+def _hasher(digest: str):
+    algorithm, _, hexdigest = digest.partition(":")
+    try:
+        return hashlib.new(algorithm), hexdigest
+    except (ValueError, TypeError):
+        return None, hexdigest
+
+
+def scan(store: ChunkStore, start: bytes = b"", stop: bytes | None = None) -> Iterator:
+    """Yield (key, value) of stored chunks from ``start`` up to ``stop``, in short transactions.
+
+    A value is valid only until the next item is asked for; the consumer
+    must not write to the store while scanning.
+    """
+    last: bytes | None = None
+    while True:
+        with store.env.reader(DB_CHUNKS) as txn:
+            cursor = txn.cursor()
+            positioned = cursor.set_range(last or start)
+            if positioned and last is not None and bytes(cursor.key()) == last:
+                positioned = cursor.next()
+            for _ in range(SCAN_BATCH):
+                if not positioned:
+                    return
+                key = bytes(cursor.key())
+                if stop is not None and key >= stop:
+                    return
+                yield key, cursor.value()
+                last = key
+                positioned = cursor.next()
+
+
+def seal_blob(store: ChunkStore, digest: str, *, recheck: bool = False) -> bool | None:
+    """Hash a complete blob and seal it; see ``ChunkStore.seal``.
+
+    ``recheck`` hashes a sealed blob again (``verify``); it stays sealed
+    meanwhile, so chunks fetched again are still checked.
+    """
+    record = store.lookup(digest)
+    if record is not None and record.sealed and not recheck:
+        return True
+    if record is None or record.present < record.chunks:
+        return None
+    hasher, expected = _hasher(digest)
+    if hasher is None:
+        log.warning("cannot check %s: unknown digest algorithm", digest)
+        return None
+    sums = bytearray(record.chunks * SUM_SIZE)
+    bad: list[int] = []
+    prefix = U64.pack(record.blob_id)
+    index = 0
+    for key, value in scan(store, prefix, U64.pack(record.blob_id + 1)):
+        if CHUNK_KEY.unpack(key)[1] != index:
+            return None  # a chunk went missing (evicted) while hashing
+        if not valid_chunk(value, chunk_length(record.size, index)):
+            bad.append(index)
+            break
+        hasher.update(value[SUM_SIZE:])
+        sums[index * SUM_SIZE : (index + 1) * SUM_SIZE] = value[:SUM_SIZE]
+        index += 1
+    if bad:
+        store.counters.add(checksum_failures=store.drop_chunks(digest, bad))
+        return None
+    if index != record.chunks:
+        return None
+    if hasher.hexdigest() != expected:
+        log.error("%s: the cached bytes do not match the digest; dropping the blob", digest)
+        store.remove(digest)
+        store.counters.add(seal_failures=1)
+        return False
+
+    def work(txn) -> None:
+        raw = txn.get(digest.encode(), db=store.dbs[DB_BLOBS])
+        if raw is None:
+            return
+        current = BlobRecord.unpack(raw)
+        if current.blob_id != record.blob_id or current.sealed:
+            return
+        current.flags |= SEALED
+        txn.put(digest.encode(), current.pack(), db=store.dbs[DB_BLOBS])
+        txn.put(digest.encode(), bytes(sums), db=store.dbs[DB_SUMS])
+        counters_mod.persist(txn, store.dbs[DB_COUNTERS], {"seals": 1})
+
+    store.env.write(work)
+    log.info("sealed %s", digest)
+    return True
+
+
+class Sealer:
+    """Seals blobs in the background, so the read that completed one is not held up."""
+
+    def __init__(self, store: ChunkStore):
+        self._store = store
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._queued: set[str] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, digest: str) -> None:
+        with self._lock:
+            if digest in self._queued:
+                return
+            self._queued.add(digest)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="cache-seal", daemon=True)
+                self._thread.start()
+        self._queue.put(digest)
+
+    def stop(self) -> None:
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
+
+    def _run(self) -> None:
+        while (digest := self._queue.get()) is not None:
+            with self._lock:
+                self._queued.discard(digest)
+            try:
+                seal_blob(self._store, digest)
+            except CacheError as exc:
+                log.warning("sealing %s failed: %s", digest, exc)
+            except Exception:
+                log.exception("sealing %s failed", digest)
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` checked, found bad and dropped."""
+
+    chunks_checked: int = 0
+    bad_chunks: list[tuple[str, int]] = field(default_factory=list)
+    orphan_chunks: int = 0
+    blobs_checked: int = 0
+    bad_blobs: list[str] = field(default_factory=list)
+    newly_sealed: list[str] = field(default_factory=list)
+    repaired_records: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad_chunks and not self.bad_blobs
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def verify_store(store: ChunkStore) -> VerifyReport:
+    """Check every chunk (checksum, length, sealed checksum) and every complete blob."""
+    report = VerifyReport()
+    store.flush()
+    by_id: dict[int, tuple[str, BlobRecord]] = {}
+    with store.env.reader(DB_BLOBS) as txn:
+        for digest, raw in txn.cursor():
+            record = BlobRecord.unpack(raw)
+            by_id[record.blob_id] = (bytes(digest).decode(), record)
+    sums = {d: store.sealed_sums(d) for d, r in by_id.values() if r.sealed}
+    present: dict[int, int] = dict.fromkeys(by_id, 0)
+    bad: dict[int, list[int]] = {}
+    orphans: list[bytes] = []
+    stored = 0
+    for key, value in scan(store):
+        report.chunks_checked += 1
+        blob_id, index = CHUNK_KEY.unpack(key)
+        if blob_id not in by_id:
+            orphans.append(key)
+            continue
+        digest, record = by_id[blob_id]
+        sealed_sums = sums.get(digest)
+        good = (
+            index < record.chunks
+            and valid_chunk(value, chunk_length(record.size, index))
+            and (
+                sealed_sums is None
+                or sealed_sums[index * SUM_SIZE : (index + 1) * SUM_SIZE] == value[:SUM_SIZE]
+            )
+        )
+        if good:
+            present[blob_id] += 1
+            stored += len(value) - SUM_SIZE
+        else:
+            bad.setdefault(blob_id, []).append(index)
+            report.bad_chunks.append((digest, index))
+            log.warning("verify: %s chunk %d is bad; dropping it", digest, index)
+    _repair(store, by_id, present, bad, orphans, stored, report)
+    for digest, record in by_id.values():
+        if present[record.blob_id] != record.chunks:
+            continue
+        report.blobs_checked += 1
+        outcome = seal_blob(store, digest, recheck=True)
+        if outcome is False:
+            report.bad_blobs.append(digest)
+        elif outcome and not record.sealed:
+            report.newly_sealed.append(digest)
+    return report
+
+
+def _repair(store, by_id, present, bad, orphans, stored, report) -> None:
+    """Drop bad and orphan chunks and make counts match what is really stored."""
+
+    def work(txn) -> None:
+        for blob_id, indices in bad.items():
+            for index in indices:
+                store._delete_chunk(txn, chunk_key(blob_id, index), None, 0)
+        for key in orphans:
+            store._delete_chunk(txn, key, None, 0)
+        for blob_id, (digest, record) in by_id.items():
+            if record.present != present[blob_id]:
+                report.repaired_records.append(digest)
+                raw = txn.get(digest.encode(), db=store.dbs[DB_BLOBS])
+                if raw is not None:
+                    current = BlobRecord.unpack(raw)
+                    current.present = present[blob_id]
+                    txn.put(digest.encode(), current.pack(), db=store.dbs[DB_BLOBS])
+        txn.put(b"stored_bytes", U64.pack(stored), db=store.dbs[DB_META])
+        counters_mod.persist(
+            txn, store.dbs[DB_COUNTERS], {"checksum_failures": len(report.bad_chunks)}
+        )
+
+    report.orphan_chunks = len(orphans)
+    store.env.write(work)

@@ -1,0 +1,458 @@
+"""The chunk store: 32 KiB chunks of blobs in LMDB, checked, counted, evicted.
+
+``ChunkStore`` owns one cache directory; several processes may open the
+same one. It stores and drops chunks, keeps blob records, counters,
+references and manifests, and runs two small background jobs: a flush of
+counters and recency every second, and sealing of blobs that became
+complete. Reading through the store is ``CachedBlob``'s job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lmdb
+
+from blockstore.errors import CacheError
+
+from . import counters as counters_mod
+from . import recency as recency_mod
+from .env import CacheEnv, DiskFull
+from .evict import LOW_WATER, evict
+from .layout import (
+    CHUNK_SIZE,
+    DB_BLOBS,
+    DB_CHUNKS,
+    DB_COUNTERS,
+    DB_IDS,
+    DB_LRU,
+    DB_MANIFESTS,
+    DB_META,
+    DB_REFS,
+    DB_SUMS,
+    DB_TICKS,
+    FORMAT_VERSION,
+    PINNED,
+    SUM_SIZE,
+    U64,
+    BlobRecord,
+    chunk_key,
+    chunk_length,
+    chunk_value,
+    valid_chunk,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZE_CAP = 10 << 30
+Buffer = bytes | memoryview
+
+
+@dataclass
+class BlobInfo:
+    """One blob as ``blockstore cache ls`` shows it."""
+
+    digest: str
+    size: int
+    chunks: int
+    present: int
+    cached_bytes: int
+    sealed: bool
+    pinned: bool
+    last_use: float
+
+    @property
+    def cached_fraction(self) -> float:
+        return self.present / self.chunks if self.chunks else 1.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "cached_fraction": self.cached_fraction}
+
+
+def _meta_int(txn: lmdb.Transaction, db: lmdb._Database, name: bytes, default: int = 0) -> int:
+    raw = txn.get(name, db=db)
+    return U64.unpack(raw)[0] if raw is not None else default
+
+
+class ChunkStore:
+    """A persistent, integrity-checked store of blob chunks in one directory."""
+
+    CHUNK_SIZE = CHUNK_SIZE
+
+    def __init__(
+        self, path: str | Path, size_cap: int | None = None, *, flush_interval: float = 1.0
+    ):
+        from .seal import Sealer
+
+        self.path = Path(path)
+        self.env = CacheEnv(self.path)
+        self.dbs = self.env.dbs
+        self.counters = counters_mod.Counters()
+        self.recency = recency_mod.Recency()
+        self._size_cap = self.env.write(lambda txn: self._init_meta(txn, size_cap))
+        self._sealer = Sealer(self)
+        self._closing = threading.Event()
+        self._flusher = threading.Thread(
+            target=self._flush_loop, args=(flush_interval,), name="cache-flush", daemon=True
+        )
+        self._flusher.start()
+
+    # --- lifecycle -------------------------------------------------------
+
+    def _init_meta(self, txn: lmdb.Transaction, size_cap: int | None) -> int:
+        meta = self.dbs[DB_META]
+        version = _meta_int(txn, meta, b"format", FORMAT_VERSION)
+        chunk_size = _meta_int(txn, meta, b"chunk_size", CHUNK_SIZE)
+        if version != FORMAT_VERSION or chunk_size != CHUNK_SIZE:
+            raise CacheError(
+                f"the cache at {self.path} has format {version} with {chunk_size}-byte chunks; "
+                f"this version needs format {FORMAT_VERSION} with {CHUNK_SIZE}-byte chunks"
+            )
+        txn.put(b"format", U64.pack(version), db=meta)
+        txn.put(b"chunk_size", U64.pack(chunk_size), db=meta)
+        if size_cap is not None:
+            txn.put(b"size_cap", U64.pack(size_cap), db=meta)
+            return size_cap
+        return _meta_int(txn, meta, b"size_cap", DEFAULT_SIZE_CAP)
+
+    def close(self) -> None:
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        self._sealer.stop()
+        self._flusher.join()
+        self.flush()
+        self.env.close()
+
+    def __enter__(self) -> ChunkStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def size_cap(self) -> int:
+        return self._size_cap
+
+    # --- background flush -------------------------------------------------
+
+    def _flush_loop(self, interval: float) -> None:
+        while not self._closing.wait(interval):
+            try:
+                self.flush()
+            except Exception:  # a flush must never kill the store
+                log.exception("flushing cache counters failed")
+
+    def flush(self) -> None:
+        """Persist pending counters and recency in one transaction."""
+        deltas = self.counters.take()
+        touched = self.recency.take()
+        if not deltas and not touched:
+            return
+
+        def work(txn: lmdb.Transaction) -> None:
+            counters_mod.persist(txn, self.dbs[DB_COUNTERS], deltas)
+            recency_mod.apply(txn, self.dbs, touched)
+
+        try:
+            self.env.write(work)
+        except CacheError as exc:
+            self.counters.give_back(deltas)
+            log.warning("cache counters not saved: %s", exc)
+
+    # --- blobs and chunks ---------------------------------------------------
+
+    def lookup(self, digest: str) -> BlobRecord | None:
+        with self.env.reader(DB_BLOBS) as txn:
+            raw = txn.get(digest.encode())
+            return BlobRecord.unpack(raw) if raw is not None else None
+
+    def sealed_sums(self, digest: str) -> bytes | None:
+        """Every chunk's xxh3-64 (packed little-endian), once the blob is sealed."""
+        with self.env.reader(DB_SUMS) as txn:
+            raw = txn.get(digest.encode())
+            return bytes(raw) if raw is not None else None
+
+    def missing(self, blob_id: int | None, indices: range) -> list[int]:
+        """Which of ``indices`` have no stored chunk (presence only, unchecked)."""
+        if blob_id is None:
+            return list(indices)
+        with self.env.reader(DB_CHUNKS) as txn:
+            get = txn.get
+            return [i for i in indices if get(chunk_key(blob_id, i)) is None]
+
+    def store_chunks(
+        self, digest: str, size: int, first: int, chunks: Sequence[Buffer]
+    ) -> BlobRecord:
+        """Store consecutive chunks from index ``first``, evicting to stay under the cap.
+
+        On a full disk, evicts harder and tries once more; then raises
+        ``DiskFull``, leaving the cache as it was.
+        """
+        try:
+            return self.env.write(lambda txn: self._store(txn, digest, size, first, chunks))
+        except DiskFull:
+            self._make_room()
+            return self.env.write(lambda txn: self._store(txn, digest, size, first, chunks))
+
+    def _record_for(self, txn: lmdb.Transaction, digest: str, size: int) -> BlobRecord:
+        raw = txn.get(digest.encode(), db=self.dbs[DB_BLOBS])
+        if raw is not None:
+            record = BlobRecord.unpack(raw)
+            if record.size != size:
+                raise CacheError(
+                    f"{digest} has size {record.size} in the cache, but {size} was given"
+                )
+            return record
+        meta = self.dbs[DB_META]
+        blob_id = _meta_int(txn, meta, b"next_id", 1)
+        txn.put(b"next_id", U64.pack(blob_id + 1), db=meta)
+        txn.put(U64.pack(blob_id), digest.encode(), db=self.dbs[DB_IDS])
+        return BlobRecord(blob_id=blob_id, size=size)
+
+    def _store(
+        self,
+        txn: lmdb.Transaction,
+        digest: str,
+        size: int,
+        first: int,
+        chunks: Sequence[Buffer],
+    ) -> BlobRecord:
+        record = self._record_for(txn, digest, size)
+        tick = recency_mod.now_tick()
+        added = 0
+        for offset, data in enumerate(chunks):
+            key = chunk_key(record.blob_id, first + offset)
+            if txn.put(key, chunk_value(data), db=self.dbs[DB_CHUNKS], overwrite=False):
+                record.present += 1
+                added += len(data)
+                recency_mod.place(txn, self.dbs, key, tick)
+        record.last_use = tick / 1e6
+        txn.put(digest.encode(), record.pack(), db=self.dbs[DB_BLOBS])
+        stored = self._add_stored(txn, added)
+        if stored > self._size_cap:
+            self._evict(txn, stored, int(self._size_cap * LOW_WATER))
+            record = BlobRecord.unpack(txn.get(digest.encode(), db=self.dbs[DB_BLOBS]))
+        return record
+
+    def _add_stored(self, txn: lmdb.Transaction, delta: int) -> int:
+        meta = self.dbs[DB_META]
+        stored = max(0, _meta_int(txn, meta, b"stored_bytes") + delta)
+        txn.put(b"stored_bytes", U64.pack(stored), db=meta)
+        return stored
+
+    def _evict(self, txn: lmdb.Transaction, stored: int, target: int) -> tuple[int, int]:
+        evicted, freed = evict(txn, self.dbs, stored, target)
+        if evicted:
+            self._add_stored(txn, -freed)
+            counters_mod.persist(txn, self.dbs[DB_COUNTERS], {"evictions": evicted})
+        return evicted, freed
+
+    def _make_room(self) -> None:
+        """After a full disk: free half of what is stored, and let LMDB reuse it.
+
+        LMDB reuses pages freed by a transaction only after a later one has
+        committed, hence the second, empty-ish commit.
+        """
+
+        def work(txn: lmdb.Transaction) -> None:
+            stored = _meta_int(txn, self.dbs[DB_META], b"stored_bytes")
+            self._evict(txn, stored, stored // 2)
+
+        self.env.write(work)
+        self.env.write(lambda txn: txn.put(b"reclaimed", b"", db=self.dbs[DB_META]))
+        log.warning("the disk holding the cache is full: evicted half of the cache")
+
+    def drop_chunks(self, digest: str, indices: Sequence[int]) -> int:
+        """Delete chunks found bad; a chunk fixed meanwhile by another process stays."""
+
+        def work(txn: lmdb.Transaction) -> int:
+            raw = txn.get(digest.encode(), db=self.dbs[DB_BLOBS])
+            if raw is None:
+                return 0
+            record = BlobRecord.unpack(raw)
+            dropped = 0
+            for index in indices:
+                key = chunk_key(record.blob_id, index)
+                value = txn.get(key, db=self.dbs[DB_CHUNKS])
+                if value is None or valid_chunk(value, chunk_length(record.size, index)):
+                    continue
+                self._delete_chunk(txn, key, record, len(value) - SUM_SIZE)
+                dropped += 1
+            txn.put(digest.encode(), record.pack(), db=self.dbs[DB_BLOBS])
+            return dropped
+
+        return self.env.write(work)
+
+    def _delete_chunk(
+        self, txn: lmdb.Transaction, key: bytes, record: BlobRecord | None, length: int
+    ) -> None:
+        txn.delete(key, db=self.dbs[DB_CHUNKS])
+        tick = txn.get(key, db=self.dbs[DB_TICKS])
+        if tick is not None:
+            txn.delete(bytes(tick) + key, db=self.dbs[DB_LRU])
+            txn.delete(key, db=self.dbs[DB_TICKS])
+        if record is not None:
+            record.present -= 1
+        self._add_stored(txn, -length)
+
+    def remove(self, digest: str) -> bool:
+        """Remove a blob, its chunks and its checksums; False if it was not cached."""
+
+        def work(txn: lmdb.Transaction) -> bool:
+            raw = txn.get(digest.encode(), db=self.dbs[DB_BLOBS])
+            if raw is None:
+                return False
+            record = BlobRecord.unpack(raw)
+            prefix = U64.pack(record.blob_id)
+            cursor = txn.cursor(db=self.dbs[DB_CHUNKS])
+            keys = []
+            if cursor.set_range(prefix):
+                for key, value in cursor:
+                    if key[:8] != prefix:
+                        break
+                    keys.append((bytes(key), len(value) - SUM_SIZE))
+            for key, length in keys:
+                self._delete_chunk(txn, key, None, length)
+            txn.delete(digest.encode(), db=self.dbs[DB_BLOBS])
+            txn.delete(prefix, db=self.dbs[DB_IDS])
+            txn.delete(digest.encode(), db=self.dbs[DB_SUMS])
+            return True
+
+        return self.env.write(work)
+
+    def _set_flag(self, digest: str, flag: int, on: bool, size: int | None) -> None:
+        def work(txn: lmdb.Transaction) -> None:
+            raw = txn.get(digest.encode(), db=self.dbs[DB_BLOBS])
+            if raw is None and size is None:
+                raise CacheError(f"{digest} is not in the cache")
+            record = (
+                BlobRecord.unpack(raw) if raw is not None else self._record_for(txn, digest, size)
+            )
+            record.flags = record.flags | flag if on else record.flags & ~flag
+            txn.put(digest.encode(), record.pack(), db=self.dbs[DB_BLOBS])
+
+        self.env.write(work)
+
+    def pin(self, digest: str, size: int | None = None) -> None:
+        """Keep a blob's chunks from eviction; ``size`` lets a blob not yet cached be pinned."""
+        self._set_flag(digest, PINNED, True, size)
+
+    def unpin(self, digest: str) -> None:
+        self._set_flag(digest, PINNED, False, None)
+
+    def gc(self) -> dict[str, int]:
+        """Evict down to the size cap now (after saving recency)."""
+        self.flush()
+
+        def work(txn: lmdb.Transaction) -> tuple[int, int]:
+            stored = _meta_int(txn, self.dbs[DB_META], b"stored_bytes")
+            if stored <= self._size_cap:
+                return 0, 0
+            return self._evict(txn, stored, int(self._size_cap * LOW_WATER))
+
+        evicted, freed = self.env.write(work)
+        self.flush()
+        return {"evicted_chunks": evicted, "freed_bytes": freed}
+
+    # --- sealing and verification ------------------------------------------
+
+    def seal(self, digest: str) -> bool | None:
+        """Check a complete blob against its digest and seal it now.
+
+        True: sealed (or already was). False: the bytes did not match and
+        the blob was dropped. None: not complete (or not checkable) yet.
+        """
+        from .seal import seal_blob
+
+        return seal_blob(self, digest)
+
+    def seal_later(self, digest: str) -> None:
+        self._sealer.submit(digest)
+
+    def verify(self):  # -> VerifyReport
+        """Re-check every chunk and every complete blob, dropping what is bad."""
+        from .seal import verify_store
+
+        return verify_store(self)
+
+    # --- reporting -----------------------------------------------------------
+
+    def blobs(self) -> list[BlobInfo]:
+        infos = []
+        with self.env.reader(DB_BLOBS) as txn:
+            for digest, raw in txn.cursor():
+                record = BlobRecord.unpack(raw)
+                infos.append(
+                    BlobInfo(
+                        digest=bytes(digest).decode(),
+                        size=record.size,
+                        chunks=record.chunks,
+                        present=record.present,
+                        cached_bytes=min(record.size, record.present * CHUNK_SIZE),
+                        sealed=record.sealed,
+                        pinned=record.pinned,
+                        last_use=record.last_use,
+                    )
+                )
+        return infos
+
+    def stats(self) -> dict:
+        """Counters (persisted plus this process's pending ones) and totals."""
+        with self.env.reader() as txn:
+            totals = counters_mod.load(txn, self.dbs[DB_COUNTERS])
+            meta = self.dbs[DB_META]
+            stored = _meta_int(txn, meta, b"stored_bytes")
+            chunks = txn.stat(self.dbs[DB_CHUNKS])["entries"]
+        for name, delta in self.counters.pending().items():
+            totals[name] += delta
+        infos = self.blobs()
+        totals.update(
+            blobs=len(infos),
+            sealed_blobs=sum(i.sealed for i in infos),
+            pinned_blobs=sum(i.pinned for i in infos),
+            chunks=chunks,
+            stored_bytes=stored,
+            size_cap=self._size_cap,
+            file_bytes=self.env.file_size(),
+            map_bytes=self.env.map_size(),
+            chunk_size=CHUNK_SIZE,
+        )
+        return totals
+
+    # --- offline metadata ------------------------------------------------------
+
+    @staticmethod
+    def _ref_key(reference: str, platform: str | None) -> bytes:
+        return f"{reference}\0{platform or ''}".encode()
+
+    def put_ref(self, reference: str, platform: str | None, record: dict) -> None:
+        raw = json.dumps(record, sort_keys=True).encode()
+        key = self._ref_key(reference, platform)
+        self.env.write(lambda txn: txn.put(key, raw, db=self.dbs[DB_REFS]))
+
+    def get_ref(self, reference: str, platform: str | None) -> dict | None:
+        with self.env.reader(DB_REFS) as txn:
+            raw = txn.get(self._ref_key(reference, platform))
+            return json.loads(bytes(raw)) if raw is not None else None
+
+    def refs(self) -> list[dict]:
+        with self.env.reader(DB_REFS) as txn:
+            return [json.loads(bytes(raw)) for _, raw in txn.cursor()]
+
+    def remove_ref(self, reference: str, platform: str | None) -> bool:
+        key = self._ref_key(reference, platform)
+        return self.env.write(lambda txn: txn.delete(key, db=self.dbs[DB_REFS]))
+
+    def put_manifest(self, digest: str, raw: bytes) -> None:
+        self.env.write(lambda txn: txn.put(digest.encode(), raw, db=self.dbs[DB_MANIFESTS]))
+
+    def get_manifest(self, digest: str) -> bytes | None:
+        with self.env.reader(DB_MANIFESTS) as txn:
+            raw = txn.get(digest.encode())
+            return bytes(raw) if raw is not None else None
