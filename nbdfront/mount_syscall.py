@@ -52,6 +52,10 @@ def umount(target: str, *, lazy: bool = False) -> None:
         err = ctypes.get_errno()
         if err == errno.EINVAL and not is_mounted(target):
             return
+        if err == errno.EBUSY:
+            raise MountpointBusy(
+                f"{target} is busy: a process still uses it (end it, or unmount with --lazy)"
+            )
         raise _fail(f"umount {target}", err)
 
 

@@ -1,0 +1,303 @@
+"""``blockstore mount``, ``umount`` and ``mounts``: an image from a registry as a directory.
+
+``mount`` runs ``blockstore serve`` in the background and lets the mount
+stack (nbdfront.mounts) attach, mount and stack its exports. ``-o`` also takes
+the option spelling of erofs-utils' ``mount.erofs -t erofs.nbd`` (``oci.layer=N``,
+``oci.blob=``, ``oci.platform=``, ``oci.username=``, ``oci.password=``,
+``oci.insecure``, the older ``oci=N``), so its users need not relearn them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from blockstore.cli.common import add_cache_options, add_registry_options, cache_dir_from
+from blockstore.errors import UsageError
+from nbdfront import mounts
+from nbdfront.mount_state import MountRecord
+
+_DIGEST = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
+
+
+@dataclass
+class OciOptions:
+    """What ``-o`` can say; None means not said."""
+
+    layer: int | None = None
+    blob: str | None = None
+    platform: str | None = None
+    username: str | None = None
+    password: str | None = None
+    insecure: bool | None = None
+
+
+def parse_mount_options(texts: list[str]) -> OciOptions:
+    """Parse ``-o`` values (each comma-separated, ``-o`` repeatable) into ``OciOptions``.
+
+    ``ro`` is accepted and changes nothing (every mount is read-only); ``rw``
+    and anything unknown are refused, so a typo never passes silently.
+    """
+    parsed = OciOptions()
+    for text in texts:
+        for item in text.split(","):
+            key, has_value, value = item.lstrip().partition("=")
+            if not key and not has_value:
+                continue
+            if key in ("oci.layer", "oci"):
+                if not value.isdigit():
+                    raise UsageError(f"-o {key}= wants a layer number, not {value!r}")
+                parsed.layer = int(value)
+            elif key == "oci.blob":
+                if not _DIGEST.fullmatch(value):
+                    raise UsageError(f"-o oci.blob= wants a digest like sha256:..., not {value!r}")
+                parsed.blob = value
+            elif key == "oci.platform":
+                if value.count("/") not in (1, 2) or "" in value.split("/"):
+                    raise UsageError(f"-o oci.platform= wants os/arch[/variant], not {value!r}")
+                parsed.platform = value
+            elif key in ("oci.username", "oci.password"):
+                if not value:
+                    raise UsageError(f"-o {key}= needs a value")
+                setattr(parsed, key.removeprefix("oci."), value)
+            elif key == "oci.insecure":
+                parsed.insecure = _flag(key, value if has_value else "1")
+            elif key == "ro" and not has_value:
+                continue
+            elif key == "rw" and not has_value:
+                raise UsageError("blockstore mounts are read-only: -o rw is not possible")
+            else:
+                raise UsageError(f"unknown mount option {key!r}")
+    if parsed.layer is not None and parsed.blob is not None:
+        raise UsageError("-o oci.layer and oci.blob select a layer twice: give one")
+    return parsed
+
+
+def _flag(key: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise UsageError(f"-o {key}= wants true or false, not {value!r}")
+
+
+def merge_options(args: argparse.Namespace, oci: OciOptions) -> None:
+    """Fill ``args`` from ``-o``; a value given both ways must agree."""
+    for f in fields(OciOptions):
+        said = getattr(oci, f.name)
+        if said is None:
+            continue
+        flag = getattr(args, f.name)
+        if flag in (None, False):
+            setattr(args, f.name, said)
+        elif flag != said:
+            raise UsageError(f"--{f.name} and -o oci.{f.name} disagree")
+    if args.layer is not None and args.blob is not None:
+        raise UsageError("--layer and --blob (or their -o forms) select a layer twice: give one")
+
+
+def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The ``blockstore serve`` command line for a mount, and its environment.
+
+    The password travels in the environment, never on a command line that
+    ``ps`` shows to every user.
+    """
+    argv = [sys.executable, "-m", "blockstore", *(["-v"] * args.verbose), "serve", args.image]
+    argv += ["--cache-dir", str(cache_dir_from(args).resolve())]
+    if args.layer is not None:
+        argv += ["--layer", str(args.layer)]
+    if args.blob is not None:
+        argv += ["--blob", args.blob]
+    for option in ("platform", "cache_size", "username", "ca_file"):
+        value = getattr(args, option)
+        if value is not None:
+            argv += [f"--{option.replace('_', '-')}", str(value)]
+    for mirror in args.mirror:
+        argv += ["--mirror", mirror]
+    argv += [flag for flag in ("--insecure", "--offline") if getattr(args, flag[2:])]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.password is not None:
+        env["BLOCKSTORE_PASSWORD"] = args.password
+    return argv, env
+
+
+def _layers_in_cache(
+    cache_dir: Path, image: str, platform: str | None, exports: list[str]
+) -> list[dict]:
+    """The digest and size of each mounted layer, from the reference the server cached.
+
+    Only to show cache state in ``mounts``; a cache that cannot say yields nothing.
+    """
+    try:
+        from blockstore.cache import ChunkStore
+        from blockstore.registry.reference import parse_reference
+
+        canonical = str(parse_reference(image))
+        store = ChunkStore(cache_dir)
+        try:
+            refs = [r for r in store.refs() if r.get("reference") == canonical]
+        finally:
+            store.close()
+    except Exception:
+        return []
+    refs = [r for r in refs if platform is None or r.get("platform") == platform] or refs
+    if not refs:
+        return []
+    layers = {f"layer{layer['index']}": layer for layer in refs[0].get("layers", [])}
+    return [
+        {"export": name, "digest": layers[name]["digest"], "size": layers[name]["size"]}
+        for name in exports
+        if name in layers
+    ]
+
+
+def cached_fractions(record: MountRecord) -> list[float | None]:
+    """How much of each mounted layer is in the cache now (None where unknown)."""
+    layers = record.info.get("layers") or []
+    if not layers:
+        return []
+    try:
+        from blockstore.cache import CachedBlob, ChunkStore
+
+        store = ChunkStore(Path(record.info["cache_dir"]))
+    except Exception:
+        return [None] * len(layers)
+    try:
+        fractions: list[float | None] = []
+        for layer in layers:
+            try:
+                blob = CachedBlob(store, layer["digest"], layer["size"], None)
+                fractions.append(blob.cached_fraction())
+            except Exception:
+                fractions.append(None)
+        return fractions
+    finally:
+        store.close()
+
+
+def run_mount(args: argparse.Namespace) -> int:
+    merge_options(args, parse_mount_options(args.options))
+    argv, env = serve_command(args)
+    cache_dir = cache_dir_from(args).resolve()
+
+    def describe(exports: list[str]) -> dict:
+        return {
+            "cache_dir": str(cache_dir),
+            "offline": args.offline,
+            "layers": _layers_in_cache(cache_dir, args.image, args.platform, exports),
+        }
+
+    record = mounts.mount(argv, args.mountpoint, image=args.image, env=env, describe=describe)
+    if args.quiet <= 0:
+        print(describe_path(record))
+    return 0
+
+
+def describe_path(record: MountRecord) -> str:
+    """One line saying which way the mount was made, for the user and for bug reports."""
+    via = {"nbdfuse": "nbdfuse + file-backed EROFS", "kernel": "kernel NBD + EROFS"}[record.method]
+    n = len(record.attachments)
+    stack = f"{n} layers under a read-only overlayfs" if record.overlay else "1 layer"
+    pid = record.server.pid if record.server else "?"
+    return (
+        f"mounted {record.image} at {record.mountpoint} via {via}, {stack}, "
+        f"in {record.mount_seconds:.2f}s (server pid {pid}, log {record.log})"
+    )
+
+
+def run_umount(args: argparse.Namespace) -> int:
+    record = mounts.unmount(args.mountpoint, lazy=args.lazy)
+    if args.quiet <= 0:
+        print(f"unmounted {record.mountpoint} ({record.image})")
+    return 0
+
+
+def run_mounts(args: argparse.Namespace) -> int:
+    statuses = mounts.list_mounts()
+    rows = []
+    for st in statuses:
+        fractions = cached_fractions(st.record)
+        rows.append(
+            {
+                "mountpoint": st.record.mountpoint,
+                "image": st.record.image,
+                "layers": len(st.record.attachments),
+                "via": st.record.method,
+                "state": st.state,
+                "server_pid": st.record.server.pid if st.record.server else None,
+                "cached": fractions,
+                "log": st.record.log,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        if args.quiet <= 0:
+            print("no blockstore mounts")
+        return 0
+    table = [("MOUNTPOINT", "IMAGE", "LAYERS", "VIA", "STATE", "CACHED")]
+    for row in rows:
+        cached = " ".join("?" if f is None else f"{f:.0%}" for f in row["cached"]) or "?"
+        table.append(
+            (row["mountpoint"], row["image"], str(row["layers"]), row["via"], row["state"], cached)
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    dead = [row["mountpoint"] for row in rows if row["state"] != "ok"]
+    for mountpoint in dead:
+        print(f"{mountpoint}: `blockstore umount {mountpoint}` cleans it up", file=sys.stderr)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    mount = subparsers.add_parser(
+        "mount",
+        help="mount an image read-only at a directory",
+        description="Mount an image read-only. All layers by default, stacked with overlayfs "
+        "(last layer on top); --layer or --blob mounts one layer alone. Returns once the mount "
+        "is ready, leaving its server running in the background.",
+    )
+    mount.add_argument("image", help="image reference, e.g. 127.0.0.1:5000/demo/img:latest")
+    mount.add_argument("mountpoint", help="an existing directory")
+    which = mount.add_mutually_exclusive_group()
+    which.add_argument("--layer", type=int, default=None, metavar="N", help="mount layer N alone")
+    which.add_argument("--blob", default=None, metavar="DIGEST", help="mount this layer alone")
+    add_registry_options(mount)
+    add_cache_options(mount)
+    mount.add_argument(
+        "--offline", action="store_true", help="never use the network: serve from the cache only"
+    )
+    mount.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTIONS",
+        help="comma-separated: oci.layer=N (or oci=N), oci.blob=DIGEST, oci.platform=OS/ARCH, "
+        "oci.username=U, oci.password=P, oci.insecure, ro",
+    )
+    mount.set_defaults(func=run_mount)
+
+    umount = subparsers.add_parser(
+        "umount", help="undo a mount: file system, FUSE or NBD device, server"
+    )
+    umount.add_argument("mountpoint")
+    umount.add_argument(
+        "-l",
+        "--lazy",
+        action="store_true",
+        help="detach even if busy (the file system goes once the last user lets go)",
+    )
+    umount.set_defaults(func=run_umount)
+
+    listing = subparsers.add_parser("mounts", help="list blockstore mounts and their cache state")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=run_mounts)

@@ -1,0 +1,133 @@
+"""Fixtures for tests that mount for real: skip where they cannot, clean up always.
+
+Every mounting test gets a private run directory (so its mount records are
+its own) and, on teardown, whatever it left is undone even when the test
+failed: recorded mounts are unmounted lazily, stray mounts under its
+directories are detached, and processes started for it are killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from mount_trees import build_layer_trees, build_small_tree, make_erofs
+
+from nbdfront import mount_state, mount_syscall, mounts
+
+NBDKIT_SERVE = Path(__file__).parent / "nbdkit_serve.py"
+
+
+def why_mounting_cannot_run() -> str | None:
+    if os.geteuid() != 0:
+        return "mount tests need root"
+    if not os.path.exists("/dev/fuse"):
+        return "mount tests need /dev/fuse"
+    for tool in ("nbdfuse", "mkfs.erofs", "nbdkit"):
+        if shutil.which(tool) is None:
+            return f"mount tests need {tool}"
+    with open("/proc/filesystems") as f:
+        kinds = f.read().split()
+    for kind in ("erofs", "fuse", "overlay"):
+        if kind not in kinds:
+            return f"this kernel has no {kind} file system"
+    return None
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains ``text`` (zombies excluded)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state not in ("Z", "X"):
+            found.append(int(proc.name))
+    return found
+
+
+def undo_everything(*roots: Path) -> None:
+    """Last-resort cleanup: recorded mounts, then any mount and process under ``roots``."""
+    for record in mount_state.records():
+        try:
+            mounts.unmount_record(record, lazy=True)
+        except Exception as exc:
+            print(f"cleanup: {record.mountpoint}: {exc}", file=sys.stderr)
+    for root in roots:
+        prefix = str(root).rstrip("/") + "/"
+        for point in sorted(mount_syscall.mounted(), key=len, reverse=True):
+            if point.startswith(prefix):
+                mount_syscall.umount(point, lazy=True)
+        for pid in processes_mentioning(str(root)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def mount_dirs(tmp_path, monkeypatch):
+    """Root and FUSE, or skip; a short private run dir (Unix socket paths are short)."""
+    reason = why_mounting_cannot_run()
+    if reason:
+        pytest.skip(reason)
+    run = Path(tempfile.mkdtemp(prefix="bs-run-"))
+    monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(run))
+    try:
+        yield tmp_path, run
+    finally:
+        undo_everything(run, tmp_path)
+        shutil.rmtree(run, ignore_errors=True)
+
+
+@pytest.fixture
+def mountpoint(mount_dirs) -> Path:
+    path = mount_dirs[0] / "mnt"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_image(tmp_path_factory):
+    """An EROFS image of a few MiB and its source tree."""
+    base = tmp_path_factory.mktemp("small")
+    tree = build_small_tree(base / "tree")
+    return tree, make_erofs(tree, base / "small.erofs")
+
+
+@pytest.fixture(scope="session")
+def layer_images(tmp_path_factory):
+    """Three EROFS layer images (bottom first), their trees, and the merged tree."""
+    if os.geteuid() != 0:
+        pytest.skip("building whiteouts needs root (mknod, trusted xattrs)")
+    base = tmp_path_factory.mktemp("layers")
+    trees, merged = build_layer_trees(base)
+    images = [make_erofs(tree, base / f"layer{i}.erofs") for i, tree in enumerate(trees)]
+    return trees, images, merged
+
+
+@pytest.fixture
+def local_server(mount_dirs):
+    """Makes the command of a server for local images (export name -> image file).
+
+    It is nbdkit's file plugin behind the same announcements ``blockstore
+    serve`` makes, so the mount stack is tested without a registry.
+    """
+    counter = iter(range(1000))
+
+    def server_argv(images: dict[str, Path]) -> list[str]:
+        directory = mount_dirs[0] / f"exports{next(counter)}"
+        directory.mkdir()
+        for name, image in images.items():
+            shutil.copyfile(image, directory / name)
+        return [sys.executable, str(NBDKIT_SERVE), str(directory)]
+
+    return server_argv

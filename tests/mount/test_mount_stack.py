@@ -1,0 +1,186 @@
+"""The mount stack on its own: nbdfuse, file-backed EROFS, overlayfs, records, umount.
+
+The server here is nbdkit's file plugin over local images behind the same
+announcements ``blockstore serve`` makes, so these tests need no registry;
+the end-to-end tests with the real server live in test_mount_e2e.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import processes_mentioning
+from mount_trees import assert_same_tree
+
+from blockstore.errors import MountError, MountpointBusy
+from nbdfront import mount_state, mount_syscall, mounts
+from nbdfront.mount_server import ServerFailed
+
+BLOCKSTORE = [sys.executable, "-m", "blockstore"]
+
+
+def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run the blockstore command as a separate process, as a user would."""
+    return subprocess.run(
+        [*BLOCKSTORE, *args], capture_output=True, text=True, timeout=60, **kwargs
+    )
+
+
+def assert_nothing_left(record: mount_state.MountRecord, run: Path) -> None:
+    """No mount, no FUSE, no live process, no socket, no record of the mount remain."""
+    table = mount_syscall.mounted()
+    assert record.mountpoint not in table
+    assert not [p for p in table if p.startswith(str(run) + "/")], "a FUSE or layer mount remains"
+    assert not processes_mentioning(str(run)), "a server or nbdfuse process remains"
+    assert record.socket and not os.path.exists(record.socket)
+    assert not os.path.exists(record.state_dir)
+    assert mount_state.records() == []
+
+
+def test_one_layer_mounts_reads_and_unmounts_from_another_process(
+    mount_dirs, mountpoint, small_image, local_server
+):
+    """Mount one EROFS layer, compare every file, list and unmount with the CLI in other
+    processes: the tree matches, ``mounts`` shows it, and umount leaves nothing behind."""
+    tree, image = small_image
+    _, run = mount_dirs
+    record = mounts.mount(local_server({"layer0": image}), str(mountpoint), image="small")
+    assert record.method == "nbdfuse" and not record.overlay
+    assert mount_syscall.mounted()[str(mountpoint)][0] == "erofs"
+    assert_same_tree(tree, mountpoint)
+
+    listed = json.loads(cli("mounts", "--json").stdout)
+    assert [(m["mountpoint"], m["state"], m["layers"]) for m in listed] == [
+        (str(mountpoint), "ok", 1)
+    ]
+
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert_nothing_left(record, run)
+
+
+def test_three_layers_stack_with_overlayfs(mount_dirs, mountpoint, layer_images, local_server):
+    """Three layers mount as overlayfs over per-layer EROFS mounts, last layer on top:
+    changed files show the upper version, added files show, the whiteout hides a file and
+    the opaque directory hides what was below it."""
+    _, images, merged = layer_images
+    _, run = mount_dirs
+    argv = local_server({f"layer{i}": image for i, image in enumerate(images)})
+    record = mounts.mount(argv, str(mountpoint), image="three")
+    assert record.overlay and len(record.lowers) == 3
+    assert mount_syscall.mounted()[str(mountpoint)][0] == "overlay"
+    assert_same_tree(merged, mountpoint)
+    mounts.unmount(str(mountpoint))
+    assert_nothing_left(record, run)
+
+
+def test_one_layer_of_several_mounts_alone(mount_dirs, mountpoint, layer_images, local_server):
+    """A server exporting only the middle layer gives exactly that layer's tree, no overlay."""
+    trees, images, _ = layer_images
+    record = mounts.mount(local_server({"layer1": images[1]}), str(mountpoint), image="one")
+    assert not record.overlay
+    assert_same_tree(trees[1], mountpoint)
+    mounts.unmount(str(mountpoint))
+
+
+def test_dead_server_is_reported_reads_fail_and_umount_cleans_up(
+    mount_dirs, mountpoint, small_image, local_server
+):
+    """Kill the server under a mount: ``mounts`` says so, a read fails with EIO instead of
+    hanging, and ``umount`` still takes everything down."""
+    _tree, image = small_image
+    _, run = mount_dirs
+    record = mounts.mount(local_server({"layer0": image}), str(mountpoint), image="small")
+    assert record.server is not None
+    os.kill(record.server.pid, signal.SIGKILL)
+    assert record.server.wait(5)
+    time.sleep(0.2)  # nbdkit follows its parent
+
+    listed = cli("mounts")
+    assert "server dead" in listed.stdout
+    assert "blockstore umount" in listed.stderr
+
+    started = time.monotonic()
+    with pytest.raises(OSError) as failed:
+        (mountpoint / "big" / "one.bin").read_bytes()
+    assert failed.value.errno == errno.EIO
+    assert time.monotonic() - started < 5
+
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert_nothing_left(record, run)
+
+
+def test_busy_mountpoint_and_busy_umount(mount_dirs, mountpoint, small_image, local_server):
+    """Mounting over a mounted directory is refused (exit 13); unmounting while a process
+    works inside is refused (exit 13) and changes nothing; ``--lazy`` then detaches it."""
+    _, image = small_image
+    _, run = mount_dirs
+    record = mounts.mount(local_server({"layer0": image}), str(mountpoint), image="small")
+    with pytest.raises(MountpointBusy):
+        mounts.mount(local_server({"layer0": image}), str(mountpoint), image="again")
+
+    squatter = subprocess.Popen(["sleep", "30"], cwd=mountpoint)
+    try:
+        busy = cli("umount", str(mountpoint))
+        assert busy.returncode == MountpointBusy.exit_code, busy.stderr
+        assert len(busy.stderr.strip().splitlines()) == 1
+        assert mount_syscall.is_mounted(str(mountpoint))
+        lazy = cli("umount", "--lazy", str(mountpoint))
+        assert lazy.returncode == 0, lazy.stderr
+    finally:
+        squatter.kill()
+        squatter.wait()
+    assert_nothing_left(record, run)
+
+
+def test_server_failing_before_ready_passes_on_its_error(mount_dirs, mountpoint):
+    """A server that exits before ``ready`` fails the mount with its last log line and its own
+    exit code, and leaves no record and no state behind."""
+    failing = [
+        sys.executable,
+        "-c",
+        "import sys; print('blockstore: image has no layer 7', file=sys.stderr); sys.exit(3)",
+    ]
+    with pytest.raises(ServerFailed) as failed:
+        mounts.mount(failing, str(mountpoint), image="none")
+    assert failed.value.exit_code == 3
+    assert "image has no layer 7" in str(failed.value)
+    assert mount_state.records() == []
+    assert not mount_state.state_dir_for(str(mountpoint)).exists()
+
+
+def test_mountpoint_must_be_a_directory(mount_dirs, small_image, local_server):
+    """A missing mount point is a one-line mount error, before any server starts."""
+    with pytest.raises(MountError, match="not a directory"):
+        mounts.mount(local_server({}), str(mount_dirs[0] / "missing"), image="x")
+
+
+def test_not_root_and_no_fuse_have_their_own_exit_codes(mount_dirs, mountpoint):
+    """As an ordinary user, mount exits 11; as root with no /dev/fuse (a private /dev in a
+    mount namespace) and no kernel NBD, it exits 12; each says why in one line."""
+    as_nobody = cli(
+        "mount", "img", str(mountpoint), user=65534, group=65534, extra_groups=[], cwd="/"
+    )
+    assert as_nobody.returncode == 11, as_nobody.stderr
+    assert "root" in as_nobody.stderr and len(as_nobody.stderr.strip().splitlines()) == 1
+
+    script = "mount -t tmpfs none /dev && exec " + " ".join(
+        [*BLOCKSTORE, "mount", "img", str(mountpoint)]
+    )
+    no_fuse = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert no_fuse.returncode == 12, no_fuse.stderr
+    assert "FUSE" in no_fuse.stderr and len(no_fuse.stderr.strip().splitlines()) == 1
