@@ -34,7 +34,7 @@ from nbdfront.protocol.handshake import Catalog, ExportFacts, Negotiation, Optio
 from nbdfront.protocol.transmission import REQUEST_HEADER, Transmission
 
 _OPTION_HEADER = struct.Struct(">QII")
-_KNOWN_CLIENT_FLAGS = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
+_KNOWN_CLIENT_FLAGS = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
 
 
 class Phase(enum.Enum):

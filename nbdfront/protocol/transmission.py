@@ -52,12 +52,13 @@ class Transmission:
         self.structured = selected.structured_replies
         # FUA means nothing on a read-only export, and clients are known to
         # set it on any command: it is accepted everywhere and ignored.
+        # (Plain ints: ``~`` of an IntFlag stays inside the known bits.)
         read_flags = CommandFlag.FUA | (CommandFlag.DF if self.structured else 0)
         self._allowed_flags = {
-            Command.READ: read_flags,
-            Command.FLUSH: CommandFlag.FUA,
-            Command.CACHE: CommandFlag.FUA,
-            Command.BLOCK_STATUS: CommandFlag.FUA | CommandFlag.REQ_ONE,
+            Command.READ: int(read_flags),
+            Command.FLUSH: int(CommandFlag.FUA),
+            Command.CACHE: int(CommandFlag.FUA),
+            Command.BLOCK_STATUS: int(CommandFlag.FUA | CommandFlag.REQ_ONE),
         }
 
     def check(self, flags: int, command: int, handle: int, offset: int, length: int) -> Checked:
