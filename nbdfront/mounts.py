@@ -77,10 +77,12 @@ def mount(
         server = start_server(argv, log, env=env)
         record.server = server.process
         mount_state.save(record)
+        logger.info("server pid %d ready: %s", server.process.pid, server.exports)
         stack = layer_exports(server.exports)
         for name, uri in stack:
             record.attachments.append(attach.attach(uri, name, state_dir, log, method))
             mount_state.save(record)
+            logger.info("attached %s via %s as %s", uri, method, record.attachments[-1].device)
         _mount_layers(record)
         if describe is not None:
             record.info = describe([name for name, _ in stack])
@@ -112,6 +114,7 @@ def _mount_layers(record: MountRecord) -> None:
     lowerdir = ":".join(reversed(record.lowers))
     mount_syscall.mount("overlay", record.mountpoint, "overlay", f"lowerdir={lowerdir}")
     record.mounted = record.overlay = True
+    logger.info("overlayfs at %s over %s", record.mountpoint, lowerdir)
 
 
 def _mount_erofs(device: str, target: str) -> None:

@@ -158,27 +158,18 @@ def _layers_in_cache(
 
 
 def cached_fractions(record: MountRecord) -> list[float | None]:
-    """How much of each mounted layer is in the cache now (None where unknown)."""
+    """How much of each mounted layer is in the cache now (None where the cache cannot say)."""
     layers = record.info.get("layers") or []
     if not layers:
         return []
     try:
-        from blockstore.cache import CachedBlob, ChunkStore
+        from blockstore.cache import ChunkStore
 
-        store = ChunkStore(Path(record.info["cache_dir"]))
+        with ChunkStore(Path(record.info["cache_dir"])) as store:
+            present = {blob.digest: blob.cached_fraction for blob in store.blobs()}
     except Exception:
         return [None] * len(layers)
-    try:
-        fractions: list[float | None] = []
-        for layer in layers:
-            try:
-                blob = CachedBlob(store, layer["digest"], layer["size"], None)
-                fractions.append(blob.cached_fraction())
-            except Exception:
-                fractions.append(None)
-        return fractions
-    finally:
-        store.close()
+    return [present.get(layer["digest"], 0.0) for layer in layers]
 
 
 def run_mount(args: argparse.Namespace) -> int:

@@ -96,7 +96,7 @@ def test_dead_server_is_reported_reads_fail_and_umount_cleans_up(
 ):
     """Kill the server under a mount: ``mounts`` says so, a read fails with EIO instead of
     hanging, and ``umount`` still takes everything down."""
-    _tree, image = small_image
+    _, image = small_image
     _, run = mount_dirs
     record = mounts.mount(local_server({"layer0": image}), str(mountpoint), image="small")
     assert record.server is not None
