@@ -1,0 +1,178 @@
+"""Registry authentication: Basic, and Bearer tokens from the registry's issuer.
+
+A registry says how it wants to be authenticated in a 401's
+``WWW-Authenticate``. For Bearer, the token issuer (``realm``) gives a token
+for a ``service`` and a ``scope`` (``repository:demo/app:pull``). Tokens live
+minutes while a mount lives days, so tokens are cached per scope, renewed a
+little before they expire, and renewed again when the registry answers 401
+to a token we believed still good.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import requests
+
+from blockstore.errors import AuthError
+from blockstore.registry.credentials import Credentials
+
+log = logging.getLogger(__name__)
+
+_PARAM = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*(?:,|$)')
+DEFAULT_TOKEN_LIFETIME = 60.0
+"""The distribution spec's lifetime for a token that does not state ``expires_in``."""
+
+
+@dataclass(frozen=True)
+class Challenge:
+    scheme: str
+    """Lowercase: ``basic`` or ``bearer``."""
+    params: dict[str, str]
+
+
+def parse_challenge(value: str) -> Challenge | None:
+    """Parse one ``WWW-Authenticate`` value: ``Bearer realm="..",service="..",scope=".."``."""
+    scheme, _, rest = value.strip().partition(" ")
+    if not scheme:
+        return None
+    params: dict[str, str] = {}
+    position = 0
+    rest = rest.strip()
+    while position < len(rest):
+        match = _PARAM.match(rest, position)
+        if not match or match.end() == position:
+            break
+        quoted, bare = match[2], match[3]
+        params[match[1].lower()] = (
+            re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else bare or ""
+        )
+        position = match.end()
+    return Challenge(scheme.lower(), params)
+
+
+def basic_header(credentials: Credentials) -> str:
+    pair = f"{credentials.username}:{credentials.password}".encode()
+    return "Basic " + base64.b64encode(pair).decode()
+
+
+@dataclass
+class _Token:
+    value: str
+    renew_at: float
+    """Monotonic time after which the token is renewed before use."""
+
+
+class Authenticator:
+    """The auth state of one registry host: its scheme, and its tokens per scope.
+
+    Thread-safe: several fetch threads share one client.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        credentials: Credentials | None,
+        fetch_token: Callable[[str, dict[str, str], Credentials | None], requests.Response],
+    ):
+        self.host = host
+        self.credentials = credentials
+        self._fetch_token = fetch_token
+        self._lock = threading.Lock()
+        self._scheme: str | None = None
+        self._bearer: dict[str, str] = {}
+        """The realm and service of the last Bearer challenge."""
+        self._tokens: dict[str, _Token] = {}
+        self.tokens_fetched = 0
+
+    def header(self, scope: str) -> str | None:
+        """The ``Authorization`` to send up front, renewing a token close to expiry."""
+        with self._lock:
+            if self._scheme == "basic" and self.credentials:
+                return basic_header(self.credentials)
+            if self._scheme != "bearer":
+                return None
+            token = self._tokens.get(scope)
+            if token is None or time.monotonic() >= token.renew_at:
+                token = self._new_token(scope)
+            return f"Bearer {token.value}"
+
+    def answer_challenge(self, www_authenticate: str | None, scope: str, sent: str | None) -> str:
+        """After a 401: the ``Authorization`` to retry with, or ``AuthError`` if none can help.
+
+        ``sent`` is what the refused request carried. For Bearer a new token
+        is always fetched: the cached one expired early or was revoked. The
+        caller answers at most one challenge per request, so a refused fresh
+        token ends in an error rather than a loop.
+        """
+        challenge = parse_challenge(www_authenticate or "")
+        with self._lock:
+            if challenge is None or challenge.scheme not in ("basic", "bearer"):
+                raise AuthError(
+                    f"registry {self.host} asks for authentication it does not describe "
+                    f"({(challenge.scheme if challenge else 'no challenge')!r})",
+                    status=401,
+                )
+            self._scheme = challenge.scheme
+            if challenge.scheme == "basic":
+                if not self.credentials:
+                    raise AuthError(
+                        f"registry {self.host} requires a user name and password "
+                        "(give --username, or log in with podman or docker)",
+                        status=401,
+                    )
+                header = basic_header(self.credentials)
+                if sent == header:
+                    raise AuthError(
+                        f"wrong user name or password for registry {self.host}", status=401
+                    )
+                return header
+            self._bearer = challenge.params
+            return f"Bearer {self._new_token(scope).value}"
+
+    def _new_token(self, scope: str) -> _Token:
+        realm = self._bearer.get("realm")
+        if not realm:
+            raise AuthError(f"registry {self.host} sent a Bearer challenge without a realm")
+        params = {"service": self._bearer.get("service", "")} if "service" in self._bearer else {}
+        params["scope"] = scope
+        if self.credentials:
+            params["account"] = self.credentials.username
+        started = time.monotonic()
+        reply = self._fetch_token(realm, params, self.credentials)
+        issuer = urlsplit(realm).netloc
+        if reply.status_code in (401, 403):
+            raise AuthError(
+                f"token issuer {issuer} for registry {self.host} refused "
+                + ("the user name or password" if self.credentials else "anonymous access")
+                + f" for {scope}",
+                status=reply.status_code,
+            )
+        if reply.status_code != 200:
+            raise AuthError(
+                f"token issuer {issuer} for registry {self.host} answered HTTP {reply.status_code}",
+                status=reply.status_code,
+            )
+        try:
+            body = reply.json()
+            value = body.get("token") or body.get("access_token")
+            lifetime = float(body.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
+        except (ValueError, AttributeError, TypeError):
+            value = None
+        if not value:
+            raise AuthError(f"token issuer {issuer} for registry {self.host} sent no token")
+        # Renew a quarter of the lifetime early (at most 30 s): a request that
+        # starts with the token must still find it valid at the registry.
+        margin = min(30.0, lifetime / 4)
+        token = _Token(value, started + lifetime - margin)
+        self._tokens[scope] = token
+        self.tokens_fetched += 1
+        log.debug("new token for %s %s, lives %.0fs", self.host, scope, lifetime)
+        return token

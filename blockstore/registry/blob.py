@@ -1,0 +1,60 @@
+"""A layer blob in a registry, read by byte ranges: the cache's source of misses."""
+
+from __future__ import annotations
+
+import logging
+
+from blockstore.errors import BlobReadError, BlockstoreError
+from blockstore.registry.client import RegistryClient
+from blockstore.registry.manifests import Layer
+from blockstore.registry.ranges import clamp_range
+from blockstore.registry.retry import RetryClock, RetryPolicy
+
+log = logging.getLogger(__name__)
+
+
+class RegistryBlob:
+    """``BlobSource`` over HTTP Range requests; thread-safe, one pooled session.
+
+    A body cut short or a Content-Range that does not match is retried with
+    backoff (the request-level retries only cover getting a reply); every
+    failure in the end is a ``BlobReadError`` (EIO) naming its cause.
+    """
+
+    def __init__(self, client: RegistryClient, repository: str, layer: Layer):
+        self.client = client
+        self.repository = repository
+        self.layer = layer
+        options = client.options
+        self._policy = RetryPolicy(max_attempts=options.max_attempts, budget=options.retry_budget)
+
+    def __repr__(self) -> str:
+        return f"RegistryBlob({self.client.registry}/{self.repository}@{self.layer.digest})"
+
+    @property
+    def digest(self) -> str:
+        return self.layer.digest
+
+    @property
+    def size(self) -> int:
+        return self.layer.size
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        span = clamp_range(offset, length, self.layer.size)
+        if span is None:
+            return b""
+        first, last = span
+        clock = RetryClock(self._policy)
+        while True:
+            clock.start_attempt()
+            try:
+                return self.client.read_blob_range(
+                    self.repository, self.layer.digest, first, last, self.layer.size
+                )
+            except BlobReadError as exc:
+                if clock.wait_before_next():
+                    log.info("retrying %s bytes %d-%d: %s", self, first, last, exc)
+                    continue
+                raise
+            except BlockstoreError as exc:
+                raise BlobReadError(str(exc)) from exc

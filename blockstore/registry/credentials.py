@@ -1,0 +1,115 @@
+"""Where a user name and password for a registry come from.
+
+In order: the options (``--username``/``--password``), the environment
+(``BLOCKSTORE_USERNAME``/``BLOCKSTORE_PASSWORD``), then the ``auths`` of the
+files ``podman login`` and ``docker login`` write: ``$REGISTRY_AUTH_FILE``,
+``$XDG_RUNTIME_DIR/containers/auth.json``, ``~/.config/containers/auth.json``,
+``$DOCKER_CONFIG/config.json``, ``~/.docker/config.json``. Credential helpers
+(``credsStore``/``credHelpers``) are not run.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from blockstore.registry.reference import DOCKER_HUB
+
+log = logging.getLogger(__name__)
+
+# docker login writes Docker Hub under its v1 index URL.
+_HUB_KEYS = {"index.docker.io", "docker.io", DOCKER_HUB}
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A user name and password; the password never shows in a repr."""
+
+    username: str
+    password: str
+
+    def __repr__(self) -> str:
+        return f"Credentials(username={self.username!r}, password=***)"
+
+
+def credentials_for(
+    host: str,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    use_environment: bool = True,
+) -> Credentials | None:
+    """The credentials to offer ``host``, or None for anonymous.
+
+    ``username``/``password`` and the environment are meant for the registry
+    a user named; a mirror passes ``use_environment=False`` so that only
+    auth-file entries keyed by its own name are offered to it.
+    """
+    if use_environment:
+        username = username if username is not None else os.environ.get("BLOCKSTORE_USERNAME")
+        password = password if password is not None else os.environ.get("BLOCKSTORE_PASSWORD")
+        if username and password is not None:
+            return Credentials(username, password)
+    for path in auth_files():
+        found = _lookup(path, host)
+        if found:
+            return found
+    return None
+
+
+def auth_files() -> list[Path]:
+    """The auth files to read, in the order podman and docker consult them."""
+    paths: list[Path] = []
+    if os.environ.get("REGISTRY_AUTH_FILE"):
+        paths.append(Path(os.environ["REGISTRY_AUTH_FILE"]))
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        paths.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
+    home = Path.home()
+    paths.append(home / ".config" / "containers" / "auth.json")
+    if os.environ.get("DOCKER_CONFIG"):
+        paths.append(Path(os.environ["DOCKER_CONFIG"]) / "config.json")
+    paths.append(home / ".docker" / "config.json")
+    return paths
+
+
+def _lookup(path: Path, host: str) -> Credentials | None:
+    try:
+        auths = json.loads(path.read_text()).get("auths") or {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("ignoring unreadable auth file %s: %s", path, type(exc).__name__)
+        return None
+    for key, entry in auths.items():
+        if _auth_key_host(key) in _names_of(host) and isinstance(entry, dict):
+            creds = _decode_entry(entry)
+            if creds:
+                return creds
+    return None
+
+
+def _auth_key_host(key: str) -> str:
+    """``https://index.docker.io/v1/`` -> ``index.docker.io``; ``host:5000`` stays."""
+    return key.split("://", 1)[-1].split("/", 1)[0]
+
+
+def _names_of(host: str) -> set[str]:
+    return _HUB_KEYS if host in _HUB_KEYS else {host}
+
+
+def _decode_entry(entry: dict) -> Credentials | None:
+    if entry.get("username") and entry.get("password") is not None:
+        return Credentials(entry["username"], entry["password"])
+    encoded = entry.get("auth")
+    if not encoded:
+        return None
+    try:
+        username, sep, password = base64.b64decode(encoded).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return Credentials(username, password) if sep and username else None

@@ -1,0 +1,206 @@
+"""One registry host as the client talks to it: URL, TLS, auth, retries, redirects.
+
+Every request to a registry goes through ``Endpoint.request``, so the rules
+live in one place: Authorization only ever goes to the endpoint's own
+origin (a 307 to blob storage or a CDN is followed without it), a 401 is
+answered once with new credentials, connection errors, 5xx and 429 are
+retried with backoff, and nothing that carries a secret is logged.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import ssl
+from pathlib import Path
+from urllib.parse import urlencode, urljoin, urlsplit
+
+import requests
+
+from blockstore.errors import AuthError, RegistryError, RegistryUnreachable
+from blockstore.registry.auth import Authenticator, basic_header
+from blockstore.registry.credentials import Credentials
+from blockstore.registry.replies import oci_error
+from blockstore.registry.retry import (
+    RETRIABLE_STATUS,
+    RetryClock,
+    RetryPolicy,
+    parse_retry_after,
+)
+
+log = logging.getLogger(__name__)
+
+REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+Body = bytes | Path | None
+"""A request body; a Path is opened anew for each attempt so retries resend it whole."""
+
+
+class Endpoint:
+    """A registry (or mirror) host with its own credentials and tokens."""
+
+    def __init__(
+        self,
+        host: str,
+        base_url: str,
+        session: requests.Session,
+        *,
+        credentials: Credentials | None,
+        verify: str | bool,
+        timeout: float,
+        policy: RetryPolicy,
+        is_mirror: bool = False,
+    ):
+        self.host = host
+        self.base_url = base_url.rstrip("/")
+        self.is_mirror = is_mirror
+        self._session = session
+        self._verify = verify
+        self._timeout = (min(timeout, 10.0), timeout)
+        self._policy = policy
+        self.auth = Authenticator(host, credentials, self._fetch_token)
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self.base_url!r}, mirror={self.is_mirror})"
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        scope: str,
+        headers: dict[str, str] | None = None,
+        body: Body = None,
+        stream: bool = False,
+    ) -> requests.Response:
+        """Send ``method path`` (path from ``/v2/``, or a full URL the registry gave us).
+
+        Returns the final reply, whatever its status; raises
+        ``RegistryUnreachable`` when no reply came after all retries and
+        ``AuthError`` when credentials were refused.
+        """
+        url = path if "://" in path else self.base_url + path
+        authorization = self.auth.header(scope)
+        answered = False
+        while True:
+            reply = self._follow_redirects(method, url, headers or {}, authorization, body, stream)
+            if reply.status_code != 401:
+                return reply
+            challenge = reply.headers.get("WWW-Authenticate")
+            if answered:
+                _, detail = oci_error(reply)
+                reply.close()
+                raise AuthError(self._refusal(scope, detail), status=401)
+            reply.close()
+            authorization = self.auth.answer_challenge(challenge, scope, authorization)
+            answered = True
+
+    def _refusal(self, scope: str, detail: str) -> str:
+        said = f" ({detail})" if detail else ""
+        if self.auth.credentials is None:
+            return f"registry {self.host} denies anonymous access to {scope}{said}"
+        return f"registry {self.host} refused the user name and password for {scope}{said}"
+
+    def _follow_redirects(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        authorization: str | None,
+        body: Body,
+        stream: bool,
+    ) -> requests.Response:
+        own_origin = _origin(self.base_url)
+        for _ in range(MAX_REDIRECTS + 1):
+            sent = dict(headers)
+            if authorization and _origin(url) == own_origin:
+                sent["Authorization"] = authorization
+            reply = self._send(method, url, sent, body, stream)
+            location = reply.headers.get("Location")
+            if reply.status_code not in REDIRECT_STATUS or not location:
+                return reply
+            reply.close()
+            url = urljoin(url, location)
+            log.debug("%s %s redirected to %s", method, self.host, urlsplit(url).netloc)
+        raise RegistryError(f"registry {self.host}: more than {MAX_REDIRECTS} redirects")
+
+    def _send(
+        self, method: str, url: str, headers: dict[str, str], body: Body, stream: bool
+    ) -> requests.Response:
+        clock = RetryClock(self._policy)
+        while True:
+            clock.start_attempt()
+            try:
+                reply = self._send_once(method, url, headers, body, stream)
+            except requests.exceptions.SSLError as exc:
+                raise RegistryUnreachable(
+                    f"cannot connect securely to {urlsplit(url).netloc}: {describe_failure(exc)}"
+                ) from None
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                if clock.wait_before_next():
+                    log.info("retrying %s %s: %s", method, self.host, describe_failure(exc))
+                    continue
+                raise RegistryUnreachable(
+                    f"cannot reach registry {urlsplit(url).netloc}: {describe_failure(exc)} "
+                    f"(after {clock.attempts} attempt{'s' if clock.attempts > 1 else ''})"
+                ) from None
+            if reply.status_code in RETRIABLE_STATUS:
+                retry_after = parse_retry_after(reply.headers.get("Retry-After"))
+                if clock.wait_before_next(retry_after):
+                    log.info("retrying %s %s after HTTP %d", method, self.host, reply.status_code)
+                    reply.close()
+                    continue
+            return reply
+
+    def _send_once(
+        self, method: str, url: str, headers: dict[str, str], body: Body, stream: bool
+    ) -> requests.Response:
+        kwargs = {
+            "headers": headers,
+            "stream": stream,
+            "timeout": self._timeout,
+            "allow_redirects": False,
+            "verify": self._verify,
+        }
+        if isinstance(body, Path):
+            with body.open("rb") as file:
+                return self._session.request(method, url, data=file, **kwargs)
+        return self._session.request(method, url, data=body, **kwargs)
+
+    def _fetch_token(
+        self, realm: str, params: dict[str, str], credentials: Credentials | None
+    ) -> requests.Response:
+        headers = {"Authorization": basic_header(credentials)} if credentials else {}
+        separator = "&" if urlsplit(realm).query else "?"
+        reply = self._send("GET", realm + separator + urlencode(params), headers, None, False)
+        reply.close()
+        return reply
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, f"{parts.hostname}:{port}"
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A short human cause for a transport failure: ``connection refused``, ``timed out``."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"certificate not trusted ({cause.verify_message}; give --ca-file)"
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, TimeoutError | requests.Timeout):
+            return "timed out"
+        if isinstance(cause, OSError) and cause.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            return "no route to host"
+        if "Name or service not known" in str(cause) or "nodename nor servname" in str(cause):
+            return "unknown host name"
+        if "Connection aborted" in str(cause) or isinstance(cause, ConnectionResetError):
+            return "connection closed by the server"
+        nested = cause.args[0] if cause.args and isinstance(cause.args[0], BaseException) else None
+        cause = cause.__cause__ or cause.__context__ or nested or getattr(cause, "reason", None)
+    return type(exc).__name__

@@ -1,0 +1,194 @@
+"""From an image reference to the layers of one platform, every byte checked.
+
+An OCI index or Docker manifest list names one manifest per platform; a
+manifest names the layers. Each manifest fetched must hash to the digest it
+was asked by, or to the registry's ``Docker-Content-Digest``, so a mirror or
+a proxy cannot substitute another image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from blockstore.errors import IntegrityError, NotFound, RegistryError
+from blockstore.registry.client import RegistryClient
+from blockstore.registry.platforms import Platform, host_platform
+from blockstore.registry.reference import Reference, normalize_digest, parse_reference
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
+EROFS_MEDIA_TYPE = "application/vnd.erofs.layer.v1"
+"""The layer media type containerd's EROFS snapshotter and our push use."""
+
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
+MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+
+
+@dataclass(frozen=True)
+class Layer:
+    index: int
+    digest: str
+    size: int
+    media_type: str
+
+    def to_record(self) -> dict:
+        return {
+            "index": self.index,
+            "digest": self.digest,
+            "size": self.size,
+            "mediaType": self.media_type,
+        }
+
+
+@dataclass
+class ResolvedImage:
+    """One platform's manifest of an image, and its layers, bottom first."""
+
+    reference: str
+    """Canonical reference, e.g. ``127.0.0.1:5000/demo/img:latest``."""
+    manifest_digest: str
+    """Digest of the platform's manifest (the one listing the layers)."""
+    platform: str | None
+    """The platform chosen from an index; None for a plain manifest."""
+    platforms: list[str]
+    """Every platform of the index; [] for a plain manifest."""
+    layers: list[Layer]
+    manifests: dict[str, bytes] = field(default_factory=dict)
+    """Raw bytes of every manifest and index fetched, by digest."""
+    index_digest: str | None = None
+    """Digest of the index the manifest was chosen from, if any."""
+
+    def to_record(self) -> dict:
+        """The JSON-able record the cache keeps for offline re-resolution."""
+        return {
+            "reference": self.reference,
+            "platform": self.platform,
+            "manifest_digest": self.manifest_digest,
+            "platforms": list(self.platforms),
+            "layers": [layer.to_record() for layer in self.layers],
+        }
+
+    @classmethod
+    def from_record(cls, record: dict) -> ResolvedImage:
+        return cls(
+            reference=record["reference"],
+            manifest_digest=record["manifest_digest"],
+            platform=record.get("platform"),
+            platforms=list(record.get("platforms", [])),
+            layers=[
+                Layer(int(d["index"]), d["digest"], int(d["size"]), d.get("mediaType", ""))
+                for d in record["layers"]
+            ],
+        )
+
+    def select_layer(self, *, index: int | None = None, digest: str | None = None) -> Layer:
+        """A layer by index (negative counts from the top) or by digest (bare hex allowed)."""
+        if digest is not None:
+            wanted = normalize_digest(digest)
+            for layer in self.layers:
+                if layer.digest == wanted:
+                    return layer
+            raise NotFound(
+                f"image {self.reference} has no layer {wanted}; its layers are "
+                + ", ".join(layer.digest for layer in self.layers)
+            )
+        if index is None:
+            index = -1
+        if not -len(self.layers) <= index < len(self.layers):
+            raise NotFound(
+                f"image {self.reference} has no layer {index}; it has {len(self.layers)} "
+                f"(0..{len(self.layers) - 1})"
+            )
+        return self.layers[index]
+
+
+def resolve_image(
+    client: RegistryClient, ref: Reference | str, platform: str | None = None
+) -> ResolvedImage:
+    """Fetch and check the manifest (through the index for ``platform``) of ``ref``.
+
+    ``platform`` defaults to this host's. Raises ``NotFound`` listing the
+    index's platforms when none matches, ``IntegrityError`` for a manifest
+    whose bytes do not match its digest.
+    """
+    if isinstance(ref, str):
+        ref = parse_reference(ref)
+    raw, digest = fetch_manifest(client, ref.repository, ref.manifest_ref)
+    manifests = {digest: raw}
+    document, media_type = _decode(raw, ref, digest)
+    if media_type not in INDEX_TYPES:
+        return ResolvedImage(str(ref), digest, None, [], _layers(document, ref), manifests)
+    wanted = Platform.parse(platform) if platform else host_platform()
+    entries = [e for e in document.get("manifests", []) if isinstance(e.get("platform"), dict)]
+    offered = [Platform.from_descriptor(e["platform"]) for e in entries]
+    names = [str(p) for p in offered]
+    chosen = next((i for i, p in enumerate(offered) if wanted.accepts(p)), None)
+    if chosen is None:
+        raise NotFound(
+            f"image {ref} has no platform {wanted}; it has: {', '.join(names) or 'none'}"
+        )
+    child_digest = entries[chosen]["digest"]
+    child_raw, child_digest = fetch_manifest(client, ref.repository, child_digest)
+    manifests[child_digest] = child_raw
+    child, child_type = _decode(child_raw, ref, child_digest)
+    if child_type not in MANIFEST_TYPES:
+        raise RegistryError(
+            f"image {ref}: index entry {child_digest} is a {child_type}, not a manifest"
+        )
+    return ResolvedImage(
+        str(ref), child_digest, names[chosen], names, _layers(child, ref), manifests, digest
+    )
+
+
+def fetch_manifest(client: RegistryClient, repository: str, reference: str) -> tuple[bytes, str]:
+    """A manifest's raw bytes and its digest, checked against the digest asked for
+    (``reference`` is one) or else against ``Docker-Content-Digest``."""
+    reply = client.get_manifest(repository, reference)
+    expected = reference if ":" in reference else reply.digest_header
+    computed = digest_of(reply.raw, expected.partition(":")[0] if expected else "sha256")
+    if expected and computed != expected:
+        raise IntegrityError(
+            f"manifest {reference} of {client.registry}/{repository} hashes to {computed}, "
+            f"not {expected}: refused"
+        )
+    return reply.raw, computed
+
+
+def digest_of(data: bytes, algorithm: str = "sha256") -> str:
+    if algorithm not in ("sha256", "sha512"):
+        raise IntegrityError(f"unsupported digest algorithm {algorithm!r}")
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+def _decode(raw: bytes, ref: Reference, digest: str) -> tuple[dict, str]:
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        raise RegistryError(f"image {ref}: manifest {digest} is not JSON") from None
+    if not isinstance(document, dict):
+        raise RegistryError(f"image {ref}: manifest {digest} is not a JSON object")
+    media_type = document.get("mediaType") or (
+        OCI_INDEX if "manifests" in document else OCI_MANIFEST if "layers" in document else ""
+    )
+    if document.get("schemaVersion") == 1:
+        raise RegistryError(f"image {ref}: Docker schema 1 manifests are not supported")
+    if media_type not in INDEX_TYPES | MANIFEST_TYPES:
+        raise RegistryError(f"image {ref}: unsupported manifest type {media_type!r}")
+    return document, media_type
+
+
+def _layers(manifest: dict, ref: Reference) -> list[Layer]:
+    try:
+        return [
+            Layer(i, normalize_digest(d["digest"]), int(d["size"]), d.get("mediaType", ""))
+            for i, d in enumerate(manifest.get("layers", []))
+        ]
+    except (KeyError, TypeError, ValueError):
+        raise RegistryError(f"image {ref}: a layer descriptor lacks a digest or size") from None

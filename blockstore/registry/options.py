@@ -1,0 +1,40 @@
+"""How to reach registries: the settings a user gives once for every request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RegistryOptions:
+    """Transport, credential and retry settings shared by every registry client.
+
+    ``username``/``password`` are for the registry named in the image
+    reference only; mirrors get credentials from config files keyed by their
+    own host, so a credential never travels to a host it was not meant for.
+    """
+
+    insecure: bool = False
+    """Plain HTTP instead of HTTPS (a registry on a trusted network)."""
+    ca_file: str | None = None
+    """A PEM bundle to verify the registry's certificate with (default: system CAs)."""
+    username: str | None = None
+    password: str | None = None
+    mirrors: list[str] = field(default_factory=list)
+    """``host[:port]`` (or ``http://``/``https://`` URLs) tried in order before the upstream."""
+    timeout: float = 30.0
+    """Seconds to wait for a connection or for the next bytes of a reply."""
+    max_attempts: int = 5
+    """Tries of one request on connection errors, 5xx and 429."""
+    retry_budget: float = 60.0
+    """Seconds one request may spend retrying, waits included."""
+
+    def __repr__(self) -> str:
+        # Dataclass repr would print the password into any log line or traceback.
+        password = "***" if self.password else None
+        return (
+            f"RegistryOptions(insecure={self.insecure}, ca_file={self.ca_file!r}, "
+            f"username={self.username!r}, password={password}, mirrors={self.mirrors!r}, "
+            f"timeout={self.timeout}, max_attempts={self.max_attempts}, "
+            f"retry_budget={self.retry_budget})"
+        )

@@ -1,0 +1,140 @@
+"""Upload files as the layers of an image: blobs, a config, a manifest, maybe an index.
+
+What ``blockstore push`` does for users who build EROFS images, and what the
+tests use to put fixture images in a real registry. The config and
+manifests are serialised deterministically, so pushing the same files gives
+the same digests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from blockstore.errors import NotFound, UsageError
+from blockstore.registry.client import RegistryClient
+from blockstore.registry.manifests import (
+    DOCKER_CONFIG,
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    EROFS_MEDIA_TYPE,
+    INDEX_TYPES,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    digest_of,
+    fetch_manifest,
+)
+from blockstore.registry.platforms import Platform
+
+
+def push_image(
+    client: RegistryClient,
+    repository: str,
+    tag: str,
+    layer_paths: list[Path],
+    *,
+    platform: str = "linux/amd64",
+    media_type: str = EROFS_MEDIA_TYPE,
+    add_to_index: bool = False,
+    docker_schema2: bool = False,
+) -> str:
+    """Push ``layer_paths`` (bottom first) as one image; return its manifest digest.
+
+    With ``add_to_index`` the tag becomes an index holding this platform's
+    manifest next to the other platforms already under the tag (replacing an
+    entry of the same platform). ``docker_schema2`` uses Docker's media types
+    for the manifest, config and index instead of OCI's.
+    """
+    if not layer_paths:
+        raise UsageError("an image needs at least one layer")
+    target = Platform.parse(platform)
+    layers = []
+    for path in map(Path, layer_paths):
+        digest, size = file_digest(path)
+        client.upload_blob(repository, digest, path)
+        layers.append({"mediaType": media_type, "digest": digest, "size": size})
+    config = _canonical(
+        {
+            "architecture": target.architecture,
+            "os": target.os,
+            **({"variant": target.variant} if target.variant else {}),
+            "rootfs": {"type": "layers", "diff_ids": [layer["digest"] for layer in layers]},
+            "config": {},
+            # A fixed date keeps the config, hence every digest, reproducible.
+            "created": "1970-01-01T00:00:00Z",
+        }
+    )
+    config_digest = digest_of(config)
+    client.upload_blob(repository, config_digest, config)
+    manifest_type = DOCKER_MANIFEST if docker_schema2 else OCI_MANIFEST
+    manifest = _canonical(
+        {
+            "schemaVersion": 2,
+            "mediaType": manifest_type,
+            "config": {
+                "mediaType": DOCKER_CONFIG if docker_schema2 else OCI_CONFIG,
+                "digest": config_digest,
+                "size": len(config),
+            },
+            "layers": layers,
+        }
+    )
+    manifest_digest = digest_of(manifest)
+    if not add_to_index:
+        client.put_manifest(repository, tag, manifest, manifest_type)
+        return manifest_digest
+    client.put_manifest(repository, manifest_digest, manifest, manifest_type)
+    entry = {
+        "mediaType": manifest_type,
+        "digest": manifest_digest,
+        "size": len(manifest),
+        "platform": {
+            "architecture": target.architecture,
+            "os": target.os,
+            **({"variant": target.variant} if target.variant else {}),
+        },
+    }
+    others = [e for e in _index_entries(client, repository, tag) if not _same_platform(e, target)]
+    index_type = DOCKER_LIST if docker_schema2 else OCI_INDEX
+    index = _canonical({"schemaVersion": 2, "mediaType": index_type, "manifests": [*others, entry]})
+    client.put_manifest(repository, tag, index, index_type)
+    return manifest_digest
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """``sha256:<hex>`` and size of a file, read in blocks."""
+    with path.open("rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+        return f"sha256:{digest}", file.tell()
+
+
+def _index_entries(client: RegistryClient, repository: str, tag: str) -> list[dict]:
+    """The platform entries already under ``tag``: those of an index, or the plain manifest's."""
+    try:
+        raw, digest = fetch_manifest(client, repository, tag)
+    except NotFound:
+        return []
+    document = json.loads(raw)
+    if document.get("mediaType") in INDEX_TYPES or "manifests" in document:
+        return list(document.get("manifests", []))
+    config = json.loads(client.get_blob(repository, document["config"]["digest"]))
+    platform = {k: config[k] for k in ("architecture", "os", "variant") if config.get(k)}
+    return [
+        {
+            "mediaType": document.get("mediaType", OCI_MANIFEST),
+            "digest": digest,
+            "size": len(raw),
+            "platform": platform,
+        }
+    ]
+
+
+def _same_platform(entry: dict, target: Platform) -> bool:
+    offered = Platform.from_descriptor(entry.get("platform") or {})
+    return offered.normalized() == target.normalized()
+
+
+def _canonical(document: dict) -> bytes:
+    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()

@@ -1,0 +1,141 @@
+"""Image references, parsed the way docker and podman parse them.
+
+``alpine`` means ``registry-1.docker.io/library/alpine:latest``; a first
+component with a dot, a colon or ``localhost`` is a registry host. The
+grammar follows distribution's ``reference`` package, so a name we accept is
+one every other client accepts, and a name we refuse says why.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from blockstore.errors import InvalidReference
+
+DOCKER_HUB = "registry-1.docker.io"
+# Names users write for Docker Hub; all of them are served by DOCKER_HUB.
+_DOCKER_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io"}
+DEFAULT_TAG = "latest"
+
+_PATH_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+_HOST = re.compile(
+    r"(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+    r"(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*"
+    r"|\[[0-9a-fA-F:.]+\])"
+    r"(?::[0-9]+)?"
+)
+_TAG = re.compile(r"[\w][\w.-]{0,127}")
+_DIGEST = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}")
+_SHA256_HEX = re.compile(r"[a-f0-9]{64}")
+_MAX_NAME_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A parsed image reference; ``str()`` gives its canonical form."""
+
+    registry: str
+    repository: str
+    tag: str | None
+    digest: str | None
+
+    def __str__(self) -> str:
+        text = f"{self.registry}/{self.repository}"
+        if self.tag:
+            text += f":{self.tag}"
+        if self.digest:
+            text += f"@{self.digest}"
+        return text
+
+    @property
+    def manifest_ref(self) -> str:
+        """What to ask the registry for: the digest when pinned, else the tag."""
+        return self.digest or self.tag or DEFAULT_TAG
+
+
+def parse_reference(text: str) -> Reference:
+    """Parse ``[host[:port]/]path[:tag][@digest]``; raise ``InvalidReference`` saying why."""
+    original = text
+    if not text or text != text.strip():
+        raise InvalidReference(
+            f"invalid image reference {original!r}: empty or surrounded by spaces"
+        )
+    name, _, digest = text.partition("@")
+    digest_or_none = _check_digest(original, digest) if "@" in text else None
+    tag = None
+    last_slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > last_slash:
+        name, tag = name[:colon], name[colon + 1 :]
+        if not _TAG.fullmatch(tag):
+            raise InvalidReference(
+                f"invalid image reference {original!r}: tag {tag!r} must be 1-128 of "
+                "letters, digits, '_', '.', '-' and not start with '.' or '-'"
+            )
+    registry, repository = _split_registry(original, name)
+    if len(repository) > _MAX_NAME_LENGTH:
+        raise InvalidReference(
+            f"invalid image reference {original!r}: repository name longer than "
+            f"{_MAX_NAME_LENGTH} characters"
+        )
+    if tag is None and digest_or_none is None:
+        tag = DEFAULT_TAG
+    return Reference(registry, repository, tag, digest_or_none)
+
+
+def normalize_digest(text: str) -> str:
+    """``sha256:<hex>`` from a digest or bare 64-hex; raise ``InvalidReference`` otherwise."""
+    text = text.strip()
+    if _SHA256_HEX.fullmatch(text):
+        return f"sha256:{text}"
+    return _check_digest(text, text)
+
+
+def _check_digest(original: str, digest: str) -> str:
+    if not _DIGEST.fullmatch(digest):
+        raise InvalidReference(
+            f"invalid image reference {original!r}: {digest!r} is not a digest "
+            "(expected sha256:<64 hex digits>)"
+        )
+    algorithm, _, hex_part = digest.partition(":")
+    if algorithm == "sha256" and not _SHA256_HEX.fullmatch(hex_part):
+        raise InvalidReference(
+            f"invalid image reference {original!r}: a sha256 digest is 64 lowercase hex digits"
+        )
+    return digest
+
+
+def _split_registry(original: str, name: str) -> tuple[str, str]:
+    first, slash, rest = name.partition("/")
+    # Docker's rule: the first component is a host if it has a dot, a port
+    # or uppercase letters, or is "localhost"; otherwise it is Docker Hub.
+    is_host = slash and (
+        "." in first or ":" in first or first == "localhost" or first != first.lower()
+    )
+    if is_host:
+        if not _HOST.fullmatch(first):
+            raise InvalidReference(
+                f"invalid image reference {original!r}: bad registry host {first!r}"
+            )
+        registry, path = first, rest
+    else:
+        registry, path = DOCKER_HUB, name
+    if registry in _DOCKER_HUB_ALIASES:
+        registry = DOCKER_HUB
+    if not path:
+        raise InvalidReference(f"invalid image reference {original!r}: no repository name")
+    for component in path.split("/"):
+        if _PATH_COMPONENT.fullmatch(component):
+            continue
+        if _PATH_COMPONENT.fullmatch(component.lower()):
+            raise InvalidReference(
+                f"invalid image reference {original!r}: repository name must be lowercase"
+            )
+        raise InvalidReference(
+            f"invalid image reference {original!r}: {component!r} is not a valid name component "
+            "(lowercase letters, digits and single separators '.', '_', '__', '-')"
+        )
+    if registry == DOCKER_HUB and "/" not in path:
+        path = f"library/{path}"
+    return registry, path

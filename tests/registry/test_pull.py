@@ -1,0 +1,95 @@
+"""Resolving and reading the fixture images from a real plain-HTTP registry."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from blockstore.errors import NotFound
+from blockstore.registry import (
+    EROFS_MEDIA_TYPE,
+    RegistryBlob,
+    ResolvedImage,
+    parse_reference,
+    resolve_image,
+)
+from blockstore.source import BlobSource
+
+
+def test_single_platform_image_resolves_to_its_layer(registry, pushed_images, erofs_images):
+    """A one-layer OCI image: the layer's digest, size and media type are the file's."""
+    with registry.client() as client:
+        image = resolve_image(client, pushed_images.small, None)
+    assert image.reference == pushed_images.small
+    assert image.platforms == [] and image.platform is None
+    [layer] = image.layers
+    assert (layer.index, layer.digest, layer.size, layer.media_type) == (
+        0,
+        erofs_images.small.digest,
+        erofs_images.small.size,
+        EROFS_MEDIA_TYPE,
+    )
+    assert image.manifest_digest in image.manifests
+
+
+@pytest.mark.parametrize("which", ["index", "docker_list"])
+def test_index_picks_the_requested_platform(registry, pushed_images, erofs_images, which):
+    """An OCI index and a Docker manifest list: each platform gets its own layer."""
+    ref = getattr(pushed_images, which)
+    with registry.client() as client:
+        amd = resolve_image(client, ref, "linux/amd64")
+        arm = resolve_image(client, ref, "linux/arm64")
+    assert amd.platforms == ["linux/amd64", "linux/arm64/v8"]
+    assert (amd.platform, amd.layers[0].digest) == ("linux/amd64", erofs_images.small.digest)
+    assert (arm.platform, arm.layers[0].digest) == ("linux/arm64/v8", erofs_images.layers[0].digest)
+    assert amd.index_digest in amd.manifests and amd.manifest_digest in amd.manifests
+
+
+def test_unknown_platform_lists_the_platforms_there_are(registry, pushed_images):
+    """Asking an index for a platform it lacks names the platforms it has."""
+    with registry.client() as client, pytest.raises(NotFound) as caught:
+        resolve_image(client, pushed_images.index, "linux/s390x")
+    assert "linux/s390x" in str(caught.value)
+    assert "linux/amd64, linux/arm64/v8" in str(caught.value)
+
+
+def test_docker_schema2_and_multilayer(registry, pushed_images, erofs_images):
+    """Docker schema2 media types resolve like OCI; layers keep their order."""
+    with registry.client() as client:
+        docker = resolve_image(client, pushed_images.docker_schema2, None)
+        stack = resolve_image(client, pushed_images.multilayer, None)
+    assert docker.layers[0].digest == erofs_images.small.digest
+    assert [layer.digest for layer in stack.layers] == [i.digest for i in erofs_images.layers]
+    assert [layer.index for layer in stack.layers] == [0, 1, 2]
+
+
+def test_by_digest_and_record_round_trip(registry, pushed_images):
+    """A reference pinned by digest gives the same image; the record survives JSON."""
+    with registry.client() as client:
+        by_tag = resolve_image(client, pushed_images.multilayer, None)
+        ref = parse_reference(pushed_images.multilayer)
+        pinned = f"{ref.registry}/{ref.repository}@{by_tag.manifest_digest}"
+        by_digest = resolve_image(client, pinned, None)
+    assert by_digest.layers == by_tag.layers
+    again = ResolvedImage.from_record(by_tag.to_record())
+    assert again.layers == by_tag.layers and again.manifest_digest == by_tag.manifest_digest
+    assert by_tag.select_layer(index=1) == by_tag.layers[1]
+    assert by_tag.select_layer(digest=by_tag.layers[2].digest.removeprefix("sha256:")).index == 2
+
+
+def test_ranged_reads_return_the_blob_bytes(registry, pushed_images, erofs_images):
+    """Random ranges of the 64 MiB layer, including past its end, equal the file's bytes."""
+    data = erofs_images.large.path.read_bytes()
+    with registry.client() as client:
+        image = resolve_image(client, pushed_images.large, None)
+        blob = RegistryBlob(client, parse_reference(pushed_images.large).repository, image.layers[0])
+        assert isinstance(blob, BlobSource)
+        assert blob.size == len(data)
+        rng = random.Random(7)
+        for _ in range(20):
+            offset = rng.randrange(len(data) + 100)
+            length = rng.choice([1, 4096, 32768, 1 << 20, 3 << 20])
+            assert blob.read_range(offset, length) == data[offset : offset + length]
+        assert blob.read_range(len(data), 10) == b""
+        assert blob.read_range(len(data) - 5, 100) == data[-5:]

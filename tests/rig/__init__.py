@@ -1,0 +1,1 @@
+"""The shared test rig: real registries in every flavour, fixture images, fault proxy."""
