@@ -1,0 +1,197 @@
+"""``blockstore cache stats|ls|verify|gc|pin|unpin|rm``: look after the chunk cache.
+
+Targets are blob digests (``sha256:...``) or image references; a reference
+names the blobs (layers) of the images resolved under it before, matched on
+the reference's canonical form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+
+from blockstore.cache import ChunkStore
+from blockstore.cli.common import add_cache_options, cache_dir_from, parse_size
+from blockstore.errors import CacheError, IntegrityError
+
+DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-fA-F0-9]{32,}$")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    cache = subparsers.add_parser("cache", help="inspect and look after the chunk cache")
+    commands = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+
+    def command(name: str, func, help: str, targets: bool = False) -> argparse.ArgumentParser:
+        parser = commands.add_parser(name, help=help, description=help)
+        add_cache_options(parser)
+        parser.add_argument("--json", action="store_true", help="print JSON")
+        if targets:
+            parser.add_argument("targets", nargs="+", metavar="IMAGE|DIGEST")
+        parser.set_defaults(func=func)
+        return parser
+
+    command("stats", cmd_stats, "totals and counters")
+    command("ls", cmd_ls, "cached blobs: size, fraction cached, sealed, pinned, last use")
+    command(
+        "verify",
+        cmd_verify,
+        "re-check every chunk and every complete blob, dropping what is bad "
+        f"(exit {IntegrityError.exit_code} if anything was)",
+    )
+    command("gc", cmd_gc, "evict least recently used chunks down to the size cap")
+    command("pin", cmd_pin, "keep images or blobs from eviction", targets=True)
+    command("unpin", cmd_unpin, "let eviction take images or blobs again", targets=True)
+    command("rm", cmd_rm, "remove images or blobs from the cache", targets=True)
+
+
+def open_store(args: argparse.Namespace) -> ChunkStore:
+    cap = parse_size(args.cache_size) if args.cache_size else None
+    return ChunkStore(cache_dir_from(args), size_cap=cap)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def emit(args: argparse.Namespace, data: object, text: str) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        stats = store.stats()
+    served = stats["hits"] + stats["misses"]
+    lines = [
+        f"cache        {cache_dir_from(args)}",
+        f"stored       {human(stats['stored_bytes'])} of {human(stats['size_cap'])} cap "
+        f"({stats['chunks']} chunks, file {human(stats['file_bytes'])})",
+        f"blobs        {stats['blobs']} ({stats['sealed_blobs']} sealed, "
+        f"{stats['pinned_blobs']} pinned)",
+        f"hits         {stats['hits']} chunks"
+        + (f" ({100 * stats['hits'] / served:.1f}%)" if served else ""),
+        f"misses       {stats['misses']} chunks",
+        f"served       {human(stats['bytes_served'])}",
+        f"fetched      {human(stats['bytes_fetched'])} in {stats['requests_fetched']} requests",
+        f"checksum failures {stats['checksum_failures']}, seals {stats['seals']}, "
+        f"seal failures {stats['seal_failures']}, evictions {stats['evictions']}",
+    ]
+    emit(args, stats, "\n".join(lines))
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        infos = sorted(store.blobs(), key=lambda i: i.last_use, reverse=True)
+    lines = [f"{'DIGEST':<71}  {'SIZE':>10}  CACHED  SEALED  PINNED  LAST USE"]
+    for info in infos:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.last_use))
+        lines.append(
+            f"{info.digest:<71}  {human(info.size):>10}  {100 * info.cached_fraction:5.1f}%  "
+            f"{'yes' if info.sealed else 'no':<6}  {'yes' if info.pinned else 'no':<6}  {when}"
+        )
+    emit(args, [i.to_dict() for i in infos], "\n".join(lines))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        report = store.verify()
+    lines = [
+        f"checked {report.chunks_checked} chunks and {report.blobs_checked} complete blobs",
+        *(f"bad chunk {digest} #{index}: dropped" for digest, index in report.bad_chunks),
+        *(f"blob {digest} does not match its digest: dropped" for digest in report.bad_blobs),
+        *(f"sealed {digest}" for digest in report.newly_sealed),
+        *(f"repaired the record of {digest}" for digest in report.repaired_records),
+    ]
+    if report.orphan_chunks:
+        lines.append(f"dropped {report.orphan_chunks} chunks of no known blob")
+    lines.append("ok" if report.ok else "bad data found and dropped")
+    emit(args, report.to_dict(), "\n".join(lines))
+    return 0 if report.ok else IntegrityError.exit_code
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        result = store.gc()
+        result.update(stored_bytes=store.stats()["stored_bytes"], size_cap=store.size_cap)
+    emit(
+        args,
+        result,
+        f"evicted {result['evicted_chunks']} chunks ({human(result['freed_bytes'])}); "
+        f"{human(result['stored_bytes'])} of {human(result['size_cap'])} stored",
+    )
+    return 0
+
+
+def resolve_targets(store: ChunkStore, targets: list[str]) -> tuple[dict[str, int | None], list]:
+    """Blob digests (with sizes when known) and matching ref records of each target."""
+    from blockstore.registry.reference import parse_reference
+
+    blobs: dict[str, int | None] = {}
+    matched_refs: list[dict] = []
+    records = store.refs()
+    for target in targets:
+        if DIGEST.match(target):
+            blobs.setdefault(target, None)
+            continue
+        canonical = str(parse_reference(target))
+        found = [r for r in records if r.get("reference") == canonical]
+        if not found:
+            raise CacheError(f"no image {canonical} in the cache")
+        matched_refs.extend(found)
+        for record in found:
+            for layer in record.get("layers", []):
+                blobs[layer["digest"]] = layer.get("size")
+    return blobs, matched_refs
+
+
+def _set_pin(args: argparse.Namespace, on: bool) -> int:
+    with open_store(args) as store:
+        blobs, _ = resolve_targets(store, args.targets)
+        for digest, size in blobs.items():
+            if on:
+                store.pin(digest, size)
+            else:
+                store.unpin(digest)
+    verb = "pinned" if on else "unpinned"
+    emit(args, {verb: sorted(blobs)}, "\n".join(f"{verb} {d}" for d in sorted(blobs)))
+    return 0
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    return _set_pin(args, True)
+
+
+def cmd_unpin(args: argparse.Namespace) -> int:
+    return _set_pin(args, False)
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    """Remove blobs; a layer another cached image still uses is kept."""
+    with open_store(args) as store:
+        blobs, refs = resolve_targets(store, args.targets)
+        removing = {(r["reference"], r.get("platform")) for r in refs}
+        in_use = {
+            layer["digest"]
+            for r in store.refs()
+            if (r["reference"], r.get("platform")) not in removing
+            for layer in r.get("layers", [])
+        }
+        explicit = {t for t in args.targets if DIGEST.match(t)}
+        removed, kept = [], []
+        for digest in sorted(blobs):
+            if digest in in_use and digest not in explicit:
+                kept.append(digest)
+            elif store.remove(digest):
+                removed.append(digest)
+        for reference, platform in removing:
+            store.remove_ref(reference, platform)
+    lines = [f"removed {d}" for d in removed] + [f"kept {d} (used by another image)" for d in kept]
+    emit(args, {"removed": removed, "kept": kept}, "\n".join(lines) or "nothing to remove")
+    return 0
