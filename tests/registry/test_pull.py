@@ -83,7 +83,8 @@ def test_ranged_reads_return_the_blob_bytes(registry, pushed_images, erofs_image
     data = erofs_images.large.path.read_bytes()
     with registry.client() as client:
         image = resolve_image(client, pushed_images.large, None)
-        blob = RegistryBlob(client, parse_reference(pushed_images.large).repository, image.layers[0])
+        repository = parse_reference(pushed_images.large).repository
+        blob = RegistryBlob(client, repository, image.layers[0])
         assert isinstance(blob, BlobSource)
         assert blob.size == len(data)
         rng = random.Random(7)

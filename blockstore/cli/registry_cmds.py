@@ -1,0 +1,107 @@
+"""``blockstore inspect`` and ``blockstore push``: an image as the registry sees it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from blockstore.cli.common import add_registry_options
+from blockstore.errors import UsageError
+from blockstore.registry import (
+    EROFS_MEDIA_TYPE,
+    RegistryClient,
+    RegistryOptions,
+    ResolvedImage,
+    parse_reference,
+    push_image,
+    resolve_image,
+)
+from blockstore.registry.platforms import host_platform
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    inspect = subparsers.add_parser(
+        "inspect", help="show an image's manifest digest, platforms and layers"
+    )
+    inspect.add_argument("image", metavar="IMAGE", help="image reference, e.g. host:5000/app:v1")
+    add_registry_options(inspect)
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.set_defaults(func=run_inspect)
+
+    push = subparsers.add_parser("push", help="upload a file as a one-layer OCI image")
+    push.add_argument("file", metavar="FILE", type=Path, help="the layer, e.g. an EROFS image")
+    push.add_argument("image", metavar="IMAGE", help="where to push it, e.g. host:5000/app:v1")
+    add_registry_options(push)
+    push.add_argument(
+        "--media-type",
+        default=EROFS_MEDIA_TYPE,
+        help=f"layer media type (default: {EROFS_MEDIA_TYPE})",
+    )
+    push.add_argument(
+        "--add-to-index",
+        action="store_true",
+        help="make the tag an index holding this platform next to the ones already there",
+    )
+    push.set_defaults(func=run_push)
+
+
+def registry_options_from_args(args: argparse.Namespace) -> RegistryOptions:
+    """The ``RegistryOptions`` of the shared registry command-line options."""
+    return RegistryOptions(
+        insecure=args.insecure,
+        ca_file=args.ca_file,
+        username=args.username,
+        password=args.password,
+        mirrors=list(args.mirror),
+    )
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    ref = parse_reference(args.image)
+    with RegistryClient(ref.registry, registry_options_from_args(args)) as client:
+        image = resolve_image(client, ref, args.platform)
+    print(json.dumps(inspect_record(image), indent=2) if args.json else describe(image))
+    return 0
+
+
+def inspect_record(image: ResolvedImage) -> dict:
+    """What ``inspect --json`` prints: digest, platforms and layers, and where they came from."""
+    return {
+        "reference": image.reference,
+        "digest": image.manifest_digest,
+        "indexDigest": image.index_digest,
+        "platform": image.platform,
+        "platforms": image.platforms,
+        "layers": [layer.to_record() for layer in image.layers],
+    }
+
+
+def describe(image: ResolvedImage) -> str:
+    lines = [f"image      {image.reference}", f"digest     {image.manifest_digest}"]
+    if image.index_digest:
+        lines.append(f"index      {image.index_digest}")
+        lines.append(f"platform   {image.platform}")
+        lines.append(f"platforms  {', '.join(image.platforms)}")
+    lines.append(f"layers     {len(image.layers)}")
+    for layer in image.layers:
+        lines.append(f"  {layer.index:>3}  {layer.digest}  {layer.size:>12}  {layer.media_type}")
+    return "\n".join(lines)
+
+
+def run_push(args: argparse.Namespace) -> int:
+    ref = parse_reference(args.image)
+    if ref.digest:
+        raise UsageError(f"cannot push to {args.image!r}: give a tag, not a digest")
+    with RegistryClient(ref.registry, registry_options_from_args(args)) as client:
+        digest = push_image(
+            client,
+            ref.repository,
+            ref.tag or "latest",
+            [args.file],
+            platform=args.platform or str(host_platform()),
+            media_type=args.media_type,
+            add_to_index=args.add_to_index,
+        )
+    print(digest)
+    return 0

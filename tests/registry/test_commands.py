@@ -1,0 +1,82 @@
+"""``blockstore push`` and ``blockstore inspect`` as a user runs them, checked by skopeo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from blockstore.registry import EROFS_MEDIA_TYPE
+
+
+def blockstore(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "blockstore", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_push_then_skopeo_and_inspect_read_it(registry, erofs_images):
+    """What push uploads, skopeo (an independent client) and inspect --json both read back."""
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo is not installed")
+    image = f"{registry.host}/cli/pushed:v1"
+    pushed = blockstore("push", str(erofs_images.small.path), image, "--insecure")
+    assert pushed.returncode == 0, pushed.stderr
+    digest = pushed.stdout.strip()
+    assert digest.startswith("sha256:")
+
+    skopeo = subprocess.run(
+        ["skopeo", "inspect", "--tls-verify=false", f"docker://{image}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert skopeo.returncode == 0, skopeo.stderr
+    seen = json.loads(skopeo.stdout)
+    assert seen["Digest"] == digest
+    assert seen["Layers"] == [erofs_images.small.digest]
+    assert (seen["Os"], seen["Architecture"]) == ("linux", "amd64")
+
+    inspected = blockstore("inspect", image, "--insecure", "--json")
+    assert inspected.returncode == 0, inspected.stderr
+    record = json.loads(inspected.stdout)
+    assert record["digest"] == digest and record["platforms"] == []
+    assert record["layers"] == [
+        {
+            "index": 0,
+            "digest": erofs_images.small.digest,
+            "size": erofs_images.small.size,
+            "mediaType": EROFS_MEDIA_TYPE,
+        }
+    ]
+
+
+def test_push_add_to_index_and_human_inspect(registry, erofs_images):
+    """Two pushes with --add-to-index under one tag make an index inspect lists."""
+    image = f"{registry.host}/cli/multi:v1"
+    for path, platform in [
+        (erofs_images.small.path, "linux/amd64"),
+        (erofs_images.layers[0].path, "linux/arm64/v8"),
+    ]:
+        pushed = blockstore(
+            "push", str(path), image, "--insecure", "--add-to-index", "--platform", platform
+        )
+        assert pushed.returncode == 0, pushed.stderr
+    shown = blockstore("inspect", image, "--insecure", "--platform", "linux/arm64")
+    assert shown.returncode == 0, shown.stderr
+    assert "platforms  linux/amd64, linux/arm64/v8" in shown.stdout
+    assert "platform   linux/arm64/v8" in shown.stdout
+    assert erofs_images.layers[0].digest in shown.stdout
+
+
+def test_inspect_errors_exit_with_their_code(registry):
+    """An invalid reference is a usage error (2); an unknown image is not found (3)."""
+    bad = blockstore("inspect", "Bad/Name", "--insecure")
+    assert bad.returncode == 2 and "lowercase" in bad.stderr
+    missing = blockstore("inspect", f"{registry.host}/no/such:image", "--insecure")
+    assert missing.returncode == 3
+    assert f"image {registry.host}/no/such:image: not found" in missing.stderr
+    assert "NAME_UNKNOWN" in missing.stderr or "MANIFEST_UNKNOWN" in missing.stderr
