@@ -131,19 +131,27 @@ class MountStatus:
     record: MountRecord
     mounted: bool
     server_alive: bool
+    attached: bool
 
     @property
     def state(self) -> str:
+        """``ok``, or what broke: a user reads it to decide to unmount and mount again."""
         if not self.mounted:
             return "not mounted"
         if self.record.server is not None and not self.server_alive:
             return "server dead"
+        if not self.attached:
+            return "nbdfuse dead"
         return "ok"
 
 
 def status(record: MountRecord) -> MountStatus:
-    alive = record.server is not None and record.server.alive()
-    return MountStatus(record, mount_syscall.is_mounted(record.mountpoint), alive)
+    return MountStatus(
+        record,
+        mounted=mount_syscall.is_mounted(record.mountpoint),
+        server_alive=record.server is not None and record.server.alive(),
+        attached=all(a.process is None or a.process.alive() for a in record.attachments),
+    )
 
 
 def list_mounts() -> list[MountStatus]:

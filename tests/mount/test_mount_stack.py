@@ -184,3 +184,21 @@ def test_not_root_and_no_fuse_have_their_own_exit_codes(mount_dirs, mountpoint):
     )
     assert no_fuse.returncode == 12, no_fuse.stderr
     assert "FUSE" in no_fuse.stderr and len(no_fuse.stderr.strip().splitlines()) == 1
+
+
+def test_dead_nbdfuse_is_reported_and_umount_cleans_up(
+    mount_dirs, mountpoint, small_image, local_server
+):
+    """Kill nbdfuse under a mount: ``mounts`` reports it and ``umount`` still takes down the
+    EROFS mount, the dead FUSE mount and the server."""
+    _, image = small_image
+    _, run = mount_dirs
+    record = mounts.mount(local_server({"layer0": image}), str(mountpoint), image="small")
+    fuse = record.attachments[0].process
+    assert fuse is not None
+    os.kill(fuse.pid, signal.SIGKILL)
+    assert fuse.wait(5)
+    assert "nbdfuse dead" in cli("mounts").stdout
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert_nothing_left(record, run)
