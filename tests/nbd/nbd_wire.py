@@ -92,7 +92,8 @@ class ReplyChecker:
     def __init__(self, structured: bool):
         self.structured = structured
         self.reads: dict[int, tuple[int, int]] = {}
-        self.replies: dict[int, Reply] = {}
+        self.replies: dict[int, Reply] = {}  # in progress
+        self.finished: list[Reply] = []
 
     def options(self, data: bytes) -> tuple[list[OptionAnswer], bytes]:
         """Split option replies off the front; returns them and what follows."""
@@ -123,11 +124,11 @@ class ReplyChecker:
                 if len(data) < 16 + size:
                     return data
                 reply = self._start(handle)
-                assert not reply.done, f"second reply for handle {handle}"
+                assert not reply.chunks, f"simple reply inside a structured one for {handle}"
                 reply.error = error
                 if size:
                     reply.data[self.reads[handle][0]] = bytes(data[16 : 16 + size])
-                reply.done = True
+                self._finish(reply)
                 data = data[16 + size :]
             elif magic == STRUCTURED_MAGIC:
                 assert self.structured, "structured reply that was never negotiated"
@@ -145,9 +146,21 @@ class ReplyChecker:
     def _start(self, handle: int) -> Reply:
         return self.replies.setdefault(handle, Reply(handle))
 
+    def _finish(self, reply: Reply) -> None:
+        reply.done = True
+        del self.replies[reply.handle]
+        self.finished.append(reply)
+        self.reads.pop(reply.handle, None)
+
+    def take(self, handle: int) -> Reply | None:
+        """The finished reply for ``handle``, if it has arrived."""
+        for i, reply in enumerate(self.finished):
+            if reply.handle == handle:
+                return self.finished.pop(i)
+        return None
+
     def _chunk(self, flags: int, kind: int, handle: int, payload: bytes) -> None:
         reply = self._start(handle)
-        assert not reply.done, f"chunk after the final chunk for handle {handle}"
         assert flags & ~1 == 0, f"unknown reply flags {flags:#x}"
         reply.chunks.append(kind)
         if kind == TYPE_NONE:
@@ -176,10 +189,10 @@ class ReplyChecker:
         else:
             raise AssertionError(f"unexpected chunk type {kind}")
         if flags & 1:
-            reply.done = True
             if handle in self.reads and not reply.error:
                 covered = sum(len(d) for d in reply.data.values())
                 assert covered == self.reads[handle][1], "successful read did not cover its range"
+            self._finish(reply)
 
     def _within_read(self, handle: int, offset: int, length: int) -> None:
         assert handle in self.reads, f"read data for a handle {handle} that is not a read"
@@ -275,12 +288,12 @@ class RawClient:
     def wait(self, handle: int) -> Reply:
         """Read replies until ``handle``'s is complete."""
         assert self.checker is not None
-        while not (handle in self.checker.replies and self.checker.replies[handle].done):
+        while (reply := self.checker.take(handle)) is None:
             piece = self.sock.recv(1 << 20)
             if not piece:
                 raise ConnectionError("server closed the connection")
             self._tail = self.checker.transmission(self._tail + piece)
-        return self.checker.replies.pop(handle)
+        return reply
 
     def close(self) -> None:
         self.sock.close()

@@ -175,7 +175,7 @@ def test_structured_read_reply_and_partial_failure():
     out = conn.send(ReadReply(first, [b"a" * 4096, memoryview(b"b" * 4096)]))
     out += conn.send(ReadFailed(second, w.EIO, "gone", [b"x" * 40]))
     assert checker.transmission(b"".join(bytes(b) for b in out)) == b""
-    ok, bad = checker.replies[7], checker.replies[8]
+    ok, bad = checker.take(7), checker.take(8)
     assert ok.data == {4096: b"a" * 4096 + b"b" * 4096} and ok.error == 0
     assert bad.chunks == [w.TYPE_OFFSET_DATA, w.TYPE_ERROR_OFFSET] and bad.error == w.EIO
 
@@ -204,7 +204,7 @@ def test_simple_replies_refusals_and_disconnect():
     assert events == [CacheRequest(9, 0, 4096), Disconnect()]
     checker = w.ReplyChecker(False)
     assert checker.transmission(out) == b""
-    errors = {h: r.error for h, r in checker.replies.items()}
+    errors = {r.handle: r.error for r in checker.finished}
     assert errors == {1: 1, 2: 1, 3: 1, 4: 22, 5: 22, 6: 22, 7: 0, 8: 22, 10: 0}
     done = b"".join(bytes(b) for b in conn.send(CommandDone(events[0])))
     assert struct.unpack(">IIQ", done) == (w.SIMPLE_MAGIC, 0, 9)
@@ -221,8 +221,9 @@ def test_block_status_reports_all_data():
     _, out = drain(conn)
     checker = w.ReplyChecker(True)
     assert checker.transmission(out) == b""
-    assert checker.replies[1].extents == [(65536, 0)]
-    assert checker.replies[2].error == w.EINVAL and checker.replies[2].chunks == [w.TYPE_ERROR]
+    status, read = checker.take(1), checker.take(2)
+    assert status.extents == [(65536, 0)]
+    assert read.error == w.EINVAL and read.chunks == [w.TYPE_ERROR]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,192 @@
+"""Hypothesis against the protocol core: random and mutated client bytes.
+
+Whatever a client sends, no exception escapes the core, every byte it
+produces parses as well-formed NBD (checked by an independent decoder),
+and every read it lets through is inside the export and under the maximum.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from dataclasses import dataclass
+
+import nbd_wire as w
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nbdfront.protocol import (
+    MAX_PAYLOAD,
+    NEED_DATA,
+    CacheRequest,
+    CommandDone,
+    ConnectionClosed,
+    Disconnect,
+    ExportSelected,
+    ReadFailed,
+    ReadReply,
+    ReadRequest,
+    ServerConnection,
+)
+
+
+@dataclass
+class Facts:
+    size: int
+    description: str = ""
+
+
+SIZES = {"layer0": 65536 + 7, "layer1": 1 << 20, "": 512}
+CATALOG = {name: Facts(size, f"export {name}") for name, size in SIZES.items()}
+
+names = st.sampled_from(["", "layer0", "layer1", "missing", "\u00e9"])
+infos = st.lists(st.integers(0, 6), max_size=4).map(tuple)
+queries = st.lists(st.sampled_from(["base:allocation", "base:", "x-y:z", "nocolon", ""]))
+option_codes = st.one_of(st.integers(1, 12), st.integers(0, 2**32 - 1))
+option_data = st.one_of(
+    st.builds(w.go_data, names, infos),
+    st.builds(w.meta_data, names, queries),
+    names.map(str.encode),
+    st.binary(max_size=64),
+)
+options = st.builds(w.option, option_codes, option_data)
+final_option = st.one_of(
+    st.builds(lambda n, i: w.option(w.OPT_GO, w.go_data(n, i)), names, infos),
+    names.map(lambda n: w.option(w.OPT_EXPORT_NAME, n.encode())),
+)
+interesting = st.one_of(
+    st.sampled_from([0, 1, 511, 512, 65536, 65543, 1 << 20, MAX_PAYLOAD, MAX_PAYLOAD + 1]),
+    st.integers(0, 2**32 - 1),
+)
+
+
+@st.composite
+def requests(draw):
+    command = draw(st.one_of(st.integers(0, 8), st.integers(0, 2**16 - 1)))
+    flags = draw(st.one_of(st.sampled_from([0, 1, 4, 8]), st.integers(0, 2**16 - 1)))
+    handle = draw(st.integers(0, 8))
+    offset = draw(st.one_of(interesting, st.integers(0, 2**64 - 1)))
+    length = draw(interesting)
+    payload = b""
+    if command == w.CMD_WRITE:
+        length = draw(st.integers(0, 64))
+        payload = bytes(draw(st.integers(0, length)))  # maybe short: then EOF mid-write
+    return w.request(command, handle, offset, length, flags) + payload
+
+
+@st.composite
+def conversations(draw):
+    script = w.client_flags(draw(st.booleans()))
+    if draw(st.booleans()):
+        script += w.option(w.OPT_STRUCTURED_REPLY)
+    script += b"".join(draw(st.lists(options, max_size=6)))
+    script += draw(final_option)
+    script += b"".join(draw(st.lists(requests(), max_size=12)))
+    return script
+
+
+@st.composite
+def mutated(draw):
+    script = bytearray(draw(conversations()))
+    for _ in range(draw(st.integers(0, 4))):
+        if not script:
+            break
+        position = draw(st.integers(0, len(script) - 1))
+        action = draw(st.sampled_from(["flip", "cut", "insert"]))
+        if action == "flip":
+            script[position] ^= draw(st.integers(1, 255))
+        elif action == "cut":
+            del script[position:]
+        else:
+            script[position:position] = draw(st.binary(min_size=1, max_size=8))
+    return bytes(script)
+
+
+def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+def converse(script: bytes, cuts: list[int], fail_reads: bool) -> None:
+    """Feed ``script`` in pieces, answer every event, check every byte sent back."""
+    conn = ServerConnection(CATALOG, default_export="layer1")
+    handshake = b"".join(conn.data_to_send())
+    assert handshake[:16] == struct.pack(">QQ", w.NBDMAGIC, w.IHAVEOPT)
+    handshake = handshake[18:]
+    checker: w.ReplyChecker | None = None
+    tail = b""
+    selected: ExportSelected | None = None
+    ended = False
+
+    def take(buffers) -> None:
+        nonlocal tail
+        assert checker is not None
+        tail = checker.transmission(tail + b"".join(bytes(b) for b in buffers))
+        checker.finished.clear()
+
+    for piece in [*pieces(script, cuts), b""]:
+        conn.receive_data(piece)
+        while True:
+            transmitting = conn.transmission is not None
+            event = conn.next_event()
+            out = conn.data_to_send()
+            if transmitting:
+                take(out)
+            else:
+                handshake += b"".join(bytes(b) for b in out)
+            if event is NEED_DATA:
+                break
+            assert not ended, "an event after the conversation ended"
+            if isinstance(event, ExportSelected):
+                selected = event
+                checker = w.ReplyChecker(event.structured_replies)
+                answers, rest = checker.options(handshake)
+                assert all(a.reply & (1 << 31) or a.reply <= 4 for a in answers)
+                assert len(rest) in (0, 10, 134), "stray bytes in the handshake"
+                if rest:
+                    assert struct.unpack_from(">Q", rest)[0] == SIZES[event.name]
+            elif isinstance(event, ReadRequest):
+                assert selected is not None and checker is not None
+                assert 0 < event.length <= MAX_PAYLOAD
+                assert event.offset + event.length <= SIZES[selected.name]
+                checker.reads[event.handle] = (event.offset, event.length)
+                if fail_reads:
+                    good = [bytes(event.length // 2)]
+                    take(conn.send(ReadFailed(event, w.EIO, "injected", good)))
+                else:
+                    take(conn.send(ReadReply(event, [bytes(event.length)])))
+            elif isinstance(event, CacheRequest):
+                assert event.offset + event.length <= SIZES[selected.name]
+                take(conn.send(CommandDone(event, w.EIO if fail_reads else 0)))
+            else:
+                assert isinstance(event, Disconnect | ConnectionClosed)
+                ended = True
+    if checker is None:
+        checker = w.ReplyChecker(False)
+        answers, rest = checker.options(handshake)
+        assert rest == b"", "handshake bytes that are not option replies"
+    else:
+        assert tail == b"", "a reply was cut short"
+    assert ended, "the conversation never ended although the client hung up"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.lists(st.integers(0, 400), max_size=5), st.booleans())
+def test_random_bytes(data, cuts, fail_reads):
+    """Bytes with no structure at all, after valid client flags or not."""
+    converse(data, cuts, fail_reads)
+    converse(w.client_flags() + data, cuts, fail_reads)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conversations(), st.lists(st.integers(0, 2000), max_size=6), st.booleans())
+def test_well_formed_conversations(script, cuts, fail_reads):
+    """Valid framing with random options, names, commands, flags, offsets and lengths."""
+    converse(script, cuts, fail_reads)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated(), st.lists(st.integers(0, 2000), max_size=6), st.booleans())
+def test_mutated_conversations(script, cuts, fail_reads):
+    """Valid conversations with bytes flipped, cut short or inserted."""
+    converse(script, cuts, fail_reads)
