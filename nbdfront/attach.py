@@ -109,14 +109,19 @@ def _attach_nbdfuse(uri: str, export: str, workdir: Path, log_path: Path) -> Att
     deadline = time.monotonic() + ATTACH_TIMEOUT
     # nbdfuse writes its pidfile once the FUSE file is ready to serve.
     while not (pidfile.exists() and pidfile.read_text().strip()):
+        failure = None
         if proc.poll() is not None:
-            raise MountError(
-                f"nbdfuse could not attach {uri} (exit {proc.returncode}): "
-                + (log_tail(log_path, 1) or f"see {log_path}")
+            failure = f"nbdfuse could not attach {uri} (exit {proc.returncode}): " + (
+                log_tail(log_path, 1) or f"see {log_path}"
             )
-        if time.monotonic() > deadline:
+        elif time.monotonic() > deadline:
+            failure = f"nbdfuse did not attach {uri} within {ATTACH_TIMEOUT:.0f}s"
+        if failure:
             proc.kill()
-            raise MountError(f"nbdfuse did not attach {uri} within {ATTACH_TIMEOUT:.0f}s")
+            proc.wait()
+            mount_syscall.umount(str(fuse_dir), lazy=True)
+            remove_empty_dir(str(fuse_dir))
+            raise MountError(failure)
         time.sleep(0.01)
     pidfile.unlink()
     return Attachment(export, uri, NBDFUSE, str(device), str(fuse_dir), ProcessRef.of(proc.pid))

@@ -84,6 +84,7 @@ def mount(
             mount_state.save(record)
             logger.info("attached %s via %s as %s", uri, method, record.attachments[-1].device)
         _mount_layers(record)
+        mount_state.save(record)
         if describe is not None:
             record.info = describe([name for name, _ in stack])
     except BaseException:

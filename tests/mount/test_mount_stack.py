@@ -202,3 +202,20 @@ def test_dead_nbdfuse_is_reported_and_umount_cleans_up(
     done = cli("umount", str(mountpoint))
     assert done.returncode == 0, done.stderr
     assert_nothing_left(record, run)
+
+
+def test_export_that_cannot_be_attached_rolls_back(mount_dirs, mountpoint):
+    """A server that announces an export nobody can connect to fails the mount with
+    nbdfuse's reason, and the rollback stops the server and leaves no mount or state."""
+    _, run = mount_dirs
+    announcer = [
+        sys.executable,
+        "-c",
+        "import time; print('export layer0 nbd+unix:///layer0?socket=/nonexistent.sock'); "
+        "print('ready', flush=True); time.sleep(60)",
+    ]
+    with pytest.raises(MountError, match="nbdfuse could not attach"):
+        mounts.mount(announcer, str(mountpoint), image="broken")
+    assert not [p for p in mount_syscall.mounted() if p.startswith(f"{run}/")]
+    assert not processes_mentioning(str(run))
+    assert mount_state.records() == []
