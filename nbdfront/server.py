@@ -256,7 +256,7 @@ class NBDServer:
         self.catalog = Catalog(self.exports, default_export)
         self.inflight_bytes = inflight_bytes
         self._tcp = tcp
-        self._unix = os.fspath(unix) if unix is not None else None
+        self.unix_path = os.fspath(unix) if unix is not None else None
         self._listeners: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
         self._sessions: set[_Session] = set()
@@ -281,10 +281,10 @@ class NBDServer:
             listener.listen(128)
             self.tcp_address = listener.getsockname()[:2]
             self._listeners.append(listener)
-        if self._unix is not None:
-            _remove_stale_socket(self._unix)
+        if self.unix_path is not None:
+            _remove_stale_socket(self.unix_path)
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(self._unix)
+            listener.bind(self.unix_path)
             listener.listen(128)
             self._listeners.append(listener)
         for listener in self._listeners:
@@ -300,7 +300,7 @@ class NBDServer:
             host, port = self.tcp_address
             netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             return {name: f"nbd://{netloc}/{_quote(name)}" for name in self.exports}
-        query = urllib.parse.urlencode({"socket": self._unix})
+        query = urllib.parse.urlencode({"socket": self.unix_path})
         return {name: f"nbd+unix:///{_quote(name)}?{query}" for name in self.exports}
 
     def serve_forever(self) -> None:
@@ -334,8 +334,8 @@ class NBDServer:
                 for session in self._sessions:
                     session.cut()
             self._wait_sessions(5.0)
-        if self._unix is not None:
-            _remove_stale_socket(self._unix)
+        if self.unix_path is not None:
+            _remove_stale_socket(self.unix_path)
         self._stopped.set()
 
     def _wait_sessions(self, timeout: float) -> bool:

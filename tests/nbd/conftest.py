@@ -1,0 +1,112 @@
+"""Servers for the NBD tests: real images from the real registry, through the cache."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from rig.images import ErofsImage
+
+from blockstore.cache import CachedBlob, ChunkStore
+from blockstore.export import Export
+from blockstore.registry import (
+    RegistryBlob,
+    RegistryClient,
+    RegistryOptions,
+    parse_reference,
+    resolve_image,
+)
+from blockstore.source import LocalFileSource
+from nbdfront.server import NBDServer
+
+
+@dataclass
+class Served:
+    """A running server, the URIs of its default export, and what it serves."""
+
+    server: NBDServer
+    uri: str
+    unix_uri: str
+    unix_path: str
+    image: ErofsImage | None
+    export: Export
+
+
+def start_server(exports: Mapping[str, Export], tmp: Path, default: str) -> NBDServer:
+    server = NBDServer(
+        exports, tcp=("127.0.0.1", 0), unix=str(tmp / "nbd.sock"), default_export=default
+    )
+    server.start()
+    return server
+
+
+def served(server: NBDServer, name: str, image: ErofsImage | None, export: Export) -> Served:
+    host, port = server.tcp_address
+    path = server.unix_path
+    return Served(
+        server,
+        f"nbd://{host}:{port}/{name}",
+        f"nbd+unix:///{name}?socket={path}",
+        path,
+        image,
+        export,
+    )
+
+
+@pytest.fixture(scope="session")
+def registry_image(registry, pushed_images, erofs_images, tmp_path_factory) -> Iterator[Served]:
+    """The small EROFS image, pushed to the real registry, served through a cold cache."""
+    tmp = tmp_path_factory.mktemp("nbd-registry")
+    client = RegistryClient(registry.host, RegistryOptions(insecure=True))
+    reference = parse_reference(pushed_images.small)
+    resolved = resolve_image(client, reference, "linux/amd64")
+    (layer,) = resolved.layers
+    store = ChunkStore(tmp / "cache")
+    blob = CachedBlob(
+        store,
+        layer.digest,
+        layer.size,
+        RegistryBlob(client, reference.repository, layer),
+        name="layer0",
+        description=f"{resolved.reference} layer 0",
+    )
+    server = start_server({"layer0": blob}, tmp, "layer0")
+    try:
+        yield served(server, "layer0", erofs_images.small, blob)
+    finally:
+        server.shutdown()
+        blob.close()
+        store.close()
+
+
+@pytest.fixture
+def local_blob(tmp_path) -> Iterator[tuple[CachedBlob, bytes]]:
+    """A 3 MiB + 123 byte random blob in a local file, through a cache of its own."""
+    data = os.urandom(3 * 1024 * 1024 + 123)
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    source = LocalFileSource(path, digest)
+    store = ChunkStore(tmp_path / "cache")
+    blob = CachedBlob(store, digest, len(data), source, name="blob", description="random bytes")
+    try:
+        yield blob, data
+    finally:
+        blob.close()
+        store.close()
+        source.close()
+
+
+@pytest.fixture
+def local_server(local_blob, tmp_path) -> Iterator[tuple[Served, bytes]]:
+    """A server of ``local_blob`` on TCP and a Unix socket."""
+    blob, data = local_blob
+    server = start_server({"blob": blob}, tmp_path, "blob")
+    try:
+        yield served(server, "blob", None, blob), data
+    finally:
+        server.shutdown()
