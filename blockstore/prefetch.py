@@ -23,6 +23,7 @@ class Readahead:
     window grows up to ``maximum`` and the range just past the reader is
     asked for. Any other read resets the window. Reads arriving slightly
     out of order (several requests in flight) still count as sequential.
+    ``maximum=0`` turns readahead off.
     """
 
     def __init__(self, initial: int = 128 << 10, maximum: int = 4 << 20):
@@ -35,6 +36,8 @@ class Readahead:
 
     def advise(self, offset: int, length: int, size: int) -> tuple[int, int] | None:
         """Note a read; return a range (offset, length) worth fetching now, if any."""
+        if not self._maximum:
+            return None
         with self._lock:
             sequential = self._next >= 0 and abs(offset - self._next) <= self._window
             end = offset + length

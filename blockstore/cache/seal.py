@@ -82,11 +82,22 @@ def seal_blob(store: ChunkStore, digest: str, *, recheck: bool = False) -> bool 
     ``recheck`` hashes a sealed blob again (``verify``); it stays sealed
     meanwhile, so chunks fetched again are still checked.
     """
-    record = store.lookup(digest)
-    if record is not None and record.sealed and not recheck:
-        return True
-    if record is None or record.present < record.chunks:
-        return None
+    with store.seal_lock:
+        record = store.lookup(digest)
+        if record is None:
+            # Dropped by a seal that just ran here: say what it found.
+            return False if store.seal_failed.get(digest) else None
+        if record.sealed and not recheck:
+            return True
+        if record.present < record.chunks:
+            return None
+        outcome = _seal(store, digest, record)
+        if outcome is False:
+            store.seal_failed[digest] = True
+        return outcome
+
+
+def _seal(store: ChunkStore, digest: str, record: BlobRecord) -> bool | None:
     hasher, expected = _hasher(digest)
     if hasher is None:
         log.warning("cannot check %s: unknown digest algorithm", digest)

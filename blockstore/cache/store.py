@@ -96,6 +96,8 @@ class ChunkStore:
         self.recency = recency_mod.Recency()
         self._size_cap = self.env.write(lambda txn: self._init_meta(txn, size_cap))
         self._sealer = Sealer(self)
+        self.seal_lock = threading.Lock()  # one blob hashed at a time, never twice at once
+        self.seal_failed: dict[str, bool] = {}
         self._closing = threading.Event()
         self._flusher = threading.Thread(
             target=self._flush_loop, args=(flush_interval,), name="cache-flush", daemon=True
