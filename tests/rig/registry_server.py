@@ -60,6 +60,8 @@ class RegistryServer:
             json.dumps(self._config(htpasswd, token, proxy_remote), indent=1)
         )
         self._process: subprocess.Popen | None = None
+        self.issuer = None
+        """The ``TokenIssuer`` of a token-auth registry."""
 
     def __repr__(self) -> str:
         return f"RegistryServer({self.url})"

@@ -1,0 +1,229 @@
+"""Every way to reach a registry: HTTPS with a private CA, basic auth, token auth."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+
+import pytest
+from rig.pushed import push_erofs
+
+from blockstore.errors import AuthError, RegistryUnreachable
+from blockstore.registry import RegistryBlob, RegistryClient, parse_reference, resolve_image
+
+
+def read_whole(client: RegistryClient, ref: str, chunk: int = 1 << 20) -> bytes:
+    image = resolve_image(client, ref, None)
+    blob = RegistryBlob(client, parse_reference(ref).repository, image.layers[0])
+    return b"".join(blob.read_range(o, chunk) for o in range(0, blob.size, chunk))
+
+
+@pytest.fixture(scope="module")
+def tls_image(tls_registry, erofs_images) -> str:
+    return push_erofs(
+        tls_registry.host,
+        "auth/tls",
+        "v1",
+        [erofs_images.small.path],
+        options=tls_registry.options(),
+    )
+
+
+@pytest.fixture(scope="module")
+def basic_image(basic_auth_registry, erofs_images) -> str:
+    return push_erofs(
+        basic_auth_registry.host,
+        "auth/basic",
+        "v1",
+        [erofs_images.small.path],
+        options=basic_auth_registry.options(),
+    )
+
+
+@pytest.fixture(scope="module")
+def token_image(token_registry, erofs_images) -> str:
+    return push_erofs(
+        token_registry.host,
+        "auth/token",
+        "v1",
+        [erofs_images.small.path],
+        options=token_registry.options(),
+    )
+
+
+def test_https_with_the_test_ca(tls_registry, tls_image, erofs_images):
+    """Over HTTPS, verified with the CA file, the layer reads back byte for byte."""
+    with tls_registry.client() as client:
+        assert read_whole(client, tls_image) == erofs_images.small.path.read_bytes()
+
+
+def test_https_without_the_ca_is_refused(tls_registry, tls_image):
+    """Without the CA file the system CAs do not vouch for the registry: a clear refusal."""
+    with tls_registry.client(ca_file=None) as client, pytest.raises(RegistryUnreachable) as caught:
+        resolve_image(client, tls_image, None)
+    assert "certificate not trusted" in str(caught.value)
+    assert "--ca-file" in str(caught.value)
+
+
+def test_basic_auth_with_options(basic_auth_registry, basic_image, erofs_images):
+    """A user name and password from the options open a basic-auth registry."""
+    with basic_auth_registry.client() as client:
+        assert read_whole(client, basic_image) == erofs_images.small.path.read_bytes()
+
+
+def test_basic_auth_from_the_environment(basic_auth_registry, basic_image, monkeypatch):
+    """BLOCKSTORE_USERNAME/BLOCKSTORE_PASSWORD stand in for the options."""
+    monkeypatch.setenv("BLOCKSTORE_USERNAME", basic_auth_registry.username)
+    monkeypatch.setenv("BLOCKSTORE_PASSWORD", basic_auth_registry.password)
+    with basic_auth_registry.client(username=None, password=None) as client:
+        assert resolve_image(client, basic_image, None).layers
+
+
+def _auths(registry, key: str | None = None) -> dict:
+    pair = f"{registry.username}:{registry.password}".encode()
+    return {"auths": {key or registry.host: {"auth": base64.b64encode(pair).decode()}}}
+
+
+def test_basic_auth_from_docker_config(basic_auth_registry, basic_image, monkeypatch, tmp_path):
+    """``$DOCKER_CONFIG/config.json`` auths, as ``docker login`` writes them, are used."""
+    (tmp_path / "docker").mkdir()
+    (tmp_path / "docker" / "config.json").write_text(json.dumps(_auths(basic_auth_registry)))
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    with basic_auth_registry.client(username=None, password=None) as client:
+        assert resolve_image(client, basic_image, None).layers
+
+
+def test_basic_auth_from_home_docker_config(
+    basic_auth_registry, basic_image, no_ambient_credentials
+):
+    """``~/.docker/config.json`` with a URL-style key is used too."""
+    config = no_ambient_credentials / ".docker" / "config.json"
+    config.parent.mkdir()
+    config.write_text(
+        json.dumps(_auths(basic_auth_registry, f"https://{basic_auth_registry.host}"))
+    )
+    with basic_auth_registry.client(username=None, password=None) as client:
+        assert resolve_image(client, basic_image, None).layers
+
+
+def test_basic_auth_from_containers_auth_json(
+    basic_auth_registry, basic_image, monkeypatch, tmp_path
+):
+    """``$REGISTRY_AUTH_FILE`` (podman's auth.json) with username/password fields is used."""
+    auth_file = tmp_path / "auth.json"
+    entry = {"username": basic_auth_registry.username, "password": basic_auth_registry.password}
+    auth_file.write_text(json.dumps({"auths": {basic_auth_registry.host: entry}}))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file))
+    with basic_auth_registry.client(username=None, password=None) as client:
+        assert resolve_image(client, basic_image, None).layers
+
+
+def test_basic_auth_wrong_password(basic_auth_registry, basic_image, caplog):
+    """A wrong password is an AuthError that says so, and the password shows nowhere."""
+    caplog.set_level(logging.DEBUG)
+    secret = "not-the-password-4711"
+    with basic_auth_registry.client(password=secret) as client, pytest.raises(AuthError) as caught:
+        resolve_image(client, basic_image, None)
+    message = str(caught.value)
+    assert "refused the user name and password" in message and basic_auth_registry.host in message
+    assert caught.value.exit_code == 4
+    assert secret not in message and secret not in caplog.text
+
+
+def test_basic_auth_without_credentials(basic_auth_registry, basic_image):
+    """No credentials at all: the error says the registry wants a user name and password."""
+    client = basic_auth_registry.client(username=None, password=None)
+    with client, pytest.raises(AuthError, match="requires a user name and password"):
+        resolve_image(client, basic_image, None)
+
+
+def test_token_auth_pull_and_scope(token_registry, token_image, erofs_images):
+    """Token auth: the issuer is asked for exactly the repository and action needed."""
+    issuer = token_registry.issuer
+    before = issuer.tokens_issued
+    with token_registry.client() as client:
+        assert read_whole(client, token_image) == erofs_images.small.path.read_bytes()
+    granted = [entry["access"] for entry in issuer.issued[before:]]
+    assert granted == [[{"type": "repository", "name": "auth/token", "actions": ["pull"]}]]
+
+
+def test_token_auth_wrong_password(token_registry, token_image, caplog):
+    """The issuer refuses a wrong password: AuthError naming the issuer, no password shown."""
+    caplog.set_level(logging.DEBUG)
+    secret = "wrong-token-password-0815"
+    with token_registry.client(password=secret) as client, pytest.raises(AuthError) as caught:
+        resolve_image(client, token_image, None)
+    message = str(caught.value)
+    assert "refused the user name or password" in message
+    assert secret not in message and secret not in caplog.text
+
+
+def test_token_auth_anonymous_refused(token_registry, token_image):
+    """Anonymous access to a registry whose issuer grants nothing anonymous: refused, said so."""
+    client = token_registry.client(username=None, password=None)
+    with client, pytest.raises(AuthError, match="refused anonymous access"):
+        resolve_image(client, token_image, None)
+
+
+@pytest.fixture
+def token_lifetime(token_registry):
+    """Lets a test change the issuer's token lifetimes, and puts them back."""
+    issuer = token_registry.issuer
+    saved = (issuer.expires_in, issuer.lifetime)
+    yield issuer
+    issuer.expires_in, issuer.lifetime = saved
+
+
+def _read_slowly(client, ref: str, seconds: float) -> bytes:
+    """Read a layer in pieces spread over ``seconds``: a long-lived reader."""
+    image = resolve_image(client, ref, None)
+    blob = RegistryBlob(client, parse_reference(ref).repository, image.layers[0])
+    pieces, chunk = [], blob.size // 8 + 1
+    for offset in range(0, blob.size, chunk):
+        pieces.append(blob.read_range(offset, chunk))
+        time.sleep(seconds / 8)
+    return b"".join(pieces)
+
+
+def test_token_renewed_before_it_expires(token_registry, token_image, token_lifetime, erofs_images):
+    """Tokens that live 2 s are renewed ahead of expiry while a read goes on for 4 s."""
+    token_lifetime.expires_in = 2
+    before = token_lifetime.tokens_issued
+    with token_registry.client() as client:
+        data = _read_slowly(client, token_image, 4.0)
+    assert data == erofs_images.small.path.read_bytes()
+    assert token_lifetime.tokens_issued - before >= 2
+
+
+def test_token_that_dies_early_is_renewed_on_401(
+    token_registry, token_image, token_lifetime, erofs_images
+):
+    """The issuer promises an hour but the registry drops the token after 1.5 s: the
+    401 mid-read is answered with a new token and the reader never notices."""
+    token_lifetime.expires_in = 3600
+    token_lifetime.lifetime = 1.5
+    before = token_lifetime.tokens_issued
+    with token_registry.client() as client:
+        data = _read_slowly(client, token_image, 4.0)
+        renewals = client.upstream.auth.tokens_fetched
+    assert data == erofs_images.small.path.read_bytes()
+    assert renewals >= 2 and token_lifetime.tokens_issued - before == renewals
+
+
+def test_token_auth_push(token_registry, erofs_images):
+    """Push through token auth asks for pull,push and the image reads back."""
+    ref = push_erofs(
+        token_registry.host,
+        "auth/pushed",
+        "v2",
+        [erofs_images.layers[1].path],
+        options=token_registry.options(),
+    )
+    assert any(
+        entry["access"] and entry["access"][0]["actions"] == ["pull", "push"]
+        for entry in token_registry.issuer.issued
+    )
+    with token_registry.client() as client:
+        assert resolve_image(client, ref, None).layers[0].digest == erofs_images.layers[1].digest

@@ -1,0 +1,226 @@
+"""A small HTTP proxy in front of a real registry that misbehaves on request.
+
+Faults are what real networks and registries do: answer slowly, drop the
+connection mid-body, send fewer bytes than asked, flip bytes, refuse with a
+status (429/503 with ``Retry-After``), ignore ``Range`` and send the whole
+blob with 200, or redirect (307) to another host, as registries backed by
+object storage or a CDN do. Every request a client sends is recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+}
+KINDS = {"delay", "status", "drop", "cut", "truncate", "corrupt", "ignore_range", "redirect"}
+
+
+@dataclass
+class Fault:
+    """What to do to matching requests: ``kind`` is one of ``KINDS``."""
+
+    kind: str
+    path_contains: str = ""
+    method: str | None = None
+    times: int | None = None
+    """How many matching requests get the fault; None: all of them."""
+    seconds: float = 0.0
+    """delay: pause before forwarding."""
+    status: int = 503
+    headers: dict[str, str] = field(default_factory=dict)
+    """status: the reply's status and headers (e.g. ``Retry-After``)."""
+    after_bytes: int | None = None
+    """cut/truncate/corrupt: body bytes sent intact (default: half the body)."""
+    redirect_to: str | None = None
+    """redirect: base URL of the other host; the path is kept."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown fault {self.kind!r}; one of {sorted(KINDS)}")
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+
+
+class FaultProxy:
+    """Listens on ``listen`` (127.0.0.1, or another loopback address to be another host)."""
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        listen: str = "127.0.0.1",
+        upstream_headers: dict[str, str] | None = None,
+    ):
+        parts = urlsplit(upstream)
+        self.upstream_host, self.upstream_port = parts.hostname, parts.port or 80
+        self.upstream_headers = upstream_headers or {}
+        """Headers set on every forwarded request (credentials of a storage backend)."""
+        self.fault: Fault | None = None
+        self.faults_applied = 0
+        self.requests: list[RecordedRequest] = []
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer((listen, 0), _handler(self))
+        self._server.daemon_threads = True
+        self.host = f"{listen}:{self._server.server_address[1]}"
+        self.url = f"http://{self.host}"
+
+    def start(self) -> None:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def take_fault(self, method: str, path: str) -> Fault | None:
+        """The fault for this request, if any, counting it against ``times``."""
+        with self._lock:
+            fault = self.fault
+            if fault is None or fault.path_contains not in path:
+                return None
+            if fault.method and fault.method != method:
+                return None
+            if fault.times is not None:
+                if fault.times <= 0:
+                    return None
+                fault.times -= 1
+            self.faults_applied += 1
+            return fault
+
+    def record(self, request: RecordedRequest) -> None:
+        with self._lock:
+            self.requests.append(request)
+
+
+def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self._proxy()
+
+        do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+
+        def _proxy(self) -> None:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+            proxy.record(RecordedRequest(self.command, self.path, dict(headers)))
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            fault = proxy.take_fault(self.command, self.path)
+            kind = fault.kind if fault else None
+            if kind == "drop":
+                self._hang_up()
+                return
+            if kind == "status":
+                self._reply(fault.status, fault.headers, _oci_error(fault.status))
+                return
+            if kind == "redirect":
+                location = fault.redirect_to.rstrip("/") + self.path
+                self._reply(307, {"Location": location}, b"")
+                return
+            if kind == "delay":
+                time.sleep(fault.seconds)
+            if kind == "ignore_range":
+                headers = {k: v for k, v in headers.items() if k.lower() != "range"}
+            headers.update(proxy.upstream_headers)
+            upstream = http.client.HTTPConnection(
+                proxy.upstream_host, proxy.upstream_port, timeout=30
+            )
+            try:
+                upstream.putrequest(
+                    self.command, self.path, skip_host=True, skip_accept_encoding=True
+                )
+                for key, value in headers.items():
+                    upstream.putheader(key, value)
+                if body is not None and "content-length" not in {k.lower() for k in headers}:
+                    upstream.putheader("Content-Length", str(len(body)))
+                upstream.endheaders(body)
+                reply = upstream.getresponse()
+                self._relay(reply, fault)
+            finally:
+                upstream.close()
+
+        def _relay(self, reply: http.client.HTTPResponse, fault: Fault | None) -> None:
+            kind = fault.kind if fault else None
+            out = {k: v for k, v in reply.getheaders() if k.lower() not in _HOP_BY_HOP}
+            declared = reply.getheader("Content-Length")
+            if self.command == "HEAD" or reply.status in (204, 304):
+                self._reply(reply.status, out, b"", keep_length=True)
+                return
+            if declared is None:
+                data = reply.read()
+                out["Content-Length"] = str(len(data))
+                declared = str(len(data))
+            total = int(declared)
+            intact = fault.after_bytes if fault and fault.after_bytes is not None else total // 2
+            if kind == "truncate":
+                out["Content-Length"] = str(min(intact, total))
+            self.send_response(reply.status)
+            for key, value in out.items():
+                self.send_header(key, value)
+            self.end_headers()
+            sent = 0
+            limit = intact if kind in ("cut", "truncate") else total
+            while sent < limit:
+                chunk = reply.read(min(256 << 10, limit - sent))
+                if not chunk:
+                    break
+                if kind == "corrupt" and sent <= intact < sent + len(chunk):
+                    flipped = bytearray(chunk)
+                    flipped[intact - sent] ^= 0xFF
+                    chunk = bytes(flipped)
+                self.wfile.write(chunk)
+                sent += len(chunk)
+            if kind == "cut":
+                self._hang_up()
+
+        def _reply(
+            self, status: int, headers: dict[str, str], body: bytes, keep_length: bool = False
+        ) -> None:
+            self.send_response(status)
+            for key, value in headers.items():
+                if keep_length or key.lower() != "content-length":
+                    self.send_header(key, value)
+            if not keep_length:
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _hang_up(self) -> None:
+            self.wfile.flush()
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+    return Handler
+
+
+def _oci_error(status: int) -> bytes:
+    code = {429: "TOOMANYREQUESTS", 503: "UNAVAILABLE"}.get(status, "UNKNOWN")
+    message = {429: "too many requests", 503: "service unavailable"}.get(status, "injected fault")
+    return json.dumps({"errors": [{"code": code, "message": message}]}).encode()

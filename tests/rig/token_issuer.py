@@ -1,0 +1,158 @@
+"""A small token issuer for the registry's ``auth: token``, as Docker Hub's auth service.
+
+It checks Basic credentials, grants only the requested actions the account
+may have (a user may pull and push, anonymous may do what ``anonymous``
+allows), and signs an RS256 JWT whose ``x5c`` header carries its
+certificate, which the registry trusts through ``rootcertbundle``. Signing
+uses ``openssl dgst``, so the rig needs no JWT library.
+
+``expires_in`` is what the issuer tells clients; ``lifetime`` is how long
+the registry really accepts the token, so tests can make a token die
+before the client expects it to.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+# distribution accepts a token up to 60 s past its "exp" (clock-skew leeway,
+# registry/auth/token/token.go); "exp" is set that much earlier so the token
+# dies at the registry when ``lifetime`` says.
+REGISTRY_LEEWAY = 60
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TokenIssuer:
+    def __init__(
+        self,
+        cert: Path,
+        key: Path,
+        *,
+        users: dict[str, str],
+        service: str = "blockstore-test-registry",
+        name: str = "blockstore-test-issuer",
+        anonymous: frozenset[str] = frozenset(),
+    ):
+        self.cert, self.key = cert, key
+        self.users = users
+        self.service, self.name = service, name
+        self.anonymous = anonymous
+        self.expires_in = 300
+        self.lifetime: float | None = None
+        """Real lifetime at the registry in seconds; None: ``expires_in``."""
+        self.issued: list[dict] = []
+        """One entry per token: ``account``, ``access`` granted, ``time``."""
+        self._lock = threading.Lock()
+        pem = cert.read_text()
+        body = pem.split("-----BEGIN CERTIFICATE-----")[1].split("-----END CERTIFICATE-----")[0]
+        self._x5c = "".join(body.split())
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._server.daemon_threads = True
+        self.realm = f"http://127.0.0.1:{self._server.server_address[1]}/token"
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    @property
+    def tokens_issued(self) -> int:
+        with self._lock:
+            return len(self.issued)
+
+    def answer(self, query: dict[str, list[str]], authorization: str | None) -> tuple[int, dict]:
+        """The status and JSON body for one token request."""
+        account = None
+        if authorization:
+            scheme, _, encoded = authorization.partition(" ")
+            try:
+                user, _, password = base64.b64decode(encoded).decode().partition(":")
+            except ValueError:
+                return 400, {"details": "malformed Authorization"}
+            if scheme.lower() != "basic" or self.users.get(user) != password:
+                return 401, {"details": "wrong user name or password"}
+            account = user
+        if query.get("service", [None])[0] != self.service:
+            return 400, {"details": "unknown service"}
+        allowed = {"pull", "push"} if account else set(self.anonymous)
+        if account is None and not allowed:
+            return 401, {"details": "authentication required"}
+        access = []
+        for scope in query.get("scope", []):
+            kind, _, rest = scope.partition(":")
+            name, _, actions = rest.rpartition(":")
+            granted = [a for a in actions.split(",") if a in allowed]
+            if kind == "repository" and name and granted:
+                access.append({"type": kind, "name": name, "actions": granted})
+        return 200, self._token(account or "", access)
+
+    def _token(self, account: str, access: list[dict]) -> dict:
+        now = int(time.time())
+        lifetime = self.lifetime if self.lifetime is not None else self.expires_in
+        claims = {
+            "iss": self.name,
+            "sub": account,
+            "aud": self.service,
+            "exp": int(now + lifetime - REGISTRY_LEEWAY),
+            "nbf": now - 1,
+            "iat": now,
+            "jti": secrets.token_hex(8),
+            "access": access,
+        }
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [self._x5c]}
+        signing_input = (
+            f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+        )
+        signature = subprocess.run(
+            ["openssl", "dgst", "-sha256", "-sign", str(self.key)],
+            input=signing_input.encode(),
+            capture_output=True,
+            check=True,
+        ).stdout
+        token = f"{signing_input}.{_b64url(signature)}"
+        with self._lock:
+            self.issued.append({"account": account, "access": access, "time": time.time()})
+        return {
+            "token": token,
+            "access_token": token,
+            "expires_in": self.expires_in,
+            "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        }
+
+
+def _handler(issuer: TokenIssuer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            parts = urlsplit(self.path)
+            if parts.path != "/token":
+                status, body = 404, {"details": "not found"}
+            else:
+                status, body = issuer.answer(
+                    parse_qs(parts.query), self.headers.get("Authorization")
+                )
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    return Handler
