@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-from rig.images import ErofsImage
+from nbd_serving import Served, served, start_server
 
 from blockstore.cache import CachedBlob, ChunkStore
-from blockstore.export import Export
 from blockstore.registry import (
     RegistryBlob,
     RegistryClient,
@@ -21,40 +19,6 @@ from blockstore.registry import (
     resolve_image,
 )
 from blockstore.source import LocalFileSource
-from nbdfront.server import NBDServer
-
-
-@dataclass
-class Served:
-    """A running server, the URIs of its default export, and what it serves."""
-
-    server: NBDServer
-    uri: str
-    unix_uri: str
-    unix_path: str
-    image: ErofsImage | None
-    export: Export
-
-
-def start_server(exports: Mapping[str, Export], tmp: Path, default: str) -> NBDServer:
-    server = NBDServer(
-        exports, tcp=("127.0.0.1", 0), unix=str(tmp / "nbd.sock"), default_export=default
-    )
-    server.start()
-    return server
-
-
-def served(server: NBDServer, name: str, image: ErofsImage | None, export: Export) -> Served:
-    host, port = server.tcp_address
-    path = server.unix_path
-    return Served(
-        server,
-        f"nbd://{host}:{port}/{name}",
-        f"nbd+unix:///{name}?socket={path}",
-        path,
-        image,
-        export,
-    )
 
 
 @pytest.fixture(scope="session")
@@ -83,8 +47,15 @@ def registry_image(registry, pushed_images, erofs_images, tmp_path_factory) -> I
         store.close()
 
 
+@dataclass
+class LocalBlob:
+    blob: CachedBlob
+    data: bytes
+    store: ChunkStore
+
+
 @pytest.fixture
-def local_blob(tmp_path) -> Iterator[tuple[CachedBlob, bytes]]:
+def local_blob(tmp_path) -> Iterator[LocalBlob]:
     """A 3 MiB + 123 byte random blob in a local file, through a cache of its own."""
     data = os.urandom(3 * 1024 * 1024 + 123)
     path = tmp_path / "blob.bin"
@@ -94,7 +65,7 @@ def local_blob(tmp_path) -> Iterator[tuple[CachedBlob, bytes]]:
     store = ChunkStore(tmp_path / "cache")
     blob = CachedBlob(store, digest, len(data), source, name="blob", description="random bytes")
     try:
-        yield blob, data
+        yield LocalBlob(blob, data, store)
     finally:
         blob.close()
         store.close()
@@ -104,9 +75,8 @@ def local_blob(tmp_path) -> Iterator[tuple[CachedBlob, bytes]]:
 @pytest.fixture
 def local_server(local_blob, tmp_path) -> Iterator[tuple[Served, bytes]]:
     """A server of ``local_blob`` on TCP and a Unix socket."""
-    blob, data = local_blob
-    server = start_server({"blob": blob}, tmp_path, "blob")
+    server = start_server({"blob": local_blob.blob}, tmp_path, "blob")
     try:
-        yield served(server, "blob", None, blob), data
+        yield served(server, "blob", None, local_blob.blob), local_blob.data
     finally:
         server.shutdown()

@@ -1,0 +1,45 @@
+"""Starting servers for tests and naming their URIs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from rig.images import ErofsImage
+
+from blockstore.export import Export
+from nbdfront.server import NBDServer
+
+
+@dataclass
+class Served:
+    """A running server, the URIs of its default export, and what it serves."""
+
+    server: NBDServer
+    uri: str
+    unix_uri: str
+    unix_path: str
+    image: ErofsImage | None
+    export: Export
+
+
+def start_server(exports: Mapping[str, Export], tmp: Path, default: str) -> NBDServer:
+    server = NBDServer(
+        exports, tcp=("127.0.0.1", 0), unix=str(tmp / "nbd.sock"), default_export=default
+    )
+    server.start()
+    return server
+
+
+def served(server: NBDServer, name: str, image: ErofsImage | None, export: Export) -> Served:
+    host, port = server.tcp_address
+    path = server.unix_path
+    return Served(
+        server,
+        f"nbd://{host}:{port}/{name}",
+        f"nbd+unix:///{name}?socket={path}",
+        path,
+        image,
+        export,
+    )

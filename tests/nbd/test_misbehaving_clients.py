@@ -1,0 +1,153 @@
+"""Requests real tools never send: libnbd with strict mode off, and raw bytes.
+
+Each refused request gets the error the spec asks for, and the connection
+stays usable: the next good read returns the right bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import nbd
+import nbd_wire as w
+import pytest
+from nbd_serving import served, start_server
+
+from blockstore.cache import CachedBlob
+from nbdfront.protocol import MAX_PAYLOAD
+
+
+def connect(uri: str, structured: bool = True) -> nbd.NBD:
+    handle = nbd.NBD()
+    handle.set_strict_mode(0)
+    handle.set_request_structured_replies(structured)
+    handle.add_meta_context("base:allocation")
+    handle.connect_uri(uri)
+    return handle
+
+
+def refused(call, *args, **kwargs) -> int:
+    with pytest.raises(nbd.Error) as info:
+        call(*args, **kwargs)
+    return info.value.errnum
+
+
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
+def test_libnbd_out_of_range_oversized_writes_and_bad_flags(registry_image, structured):
+    """Out of range and oversized reads, unknown flags and a block status past the end get
+    EINVAL; write, trim and write-zeroes get EPERM; flush, cache and block status succeed;
+    after all of it a read still returns the image's bytes."""
+    image = registry_image.image.path.read_bytes()
+    size = len(image)
+    h = connect(registry_image.uri, structured)
+    try:
+        assert h.get_structured_replies_negotiated() == structured
+        assert refused(h.pread, 4096, size - 100) == errno.EINVAL
+        assert refused(h.pread, 1, size) == errno.EINVAL
+        assert refused(h.pread, MAX_PAYLOAD + 1, 0) == errno.EINVAL
+        assert refused(h.pread, 16, 0, flags=1 << 9) == errno.EINVAL
+        assert refused(h.pwrite, b"x" * 512, 0) == errno.EPERM
+        assert refused(h.trim, 512, 0) == errno.EPERM
+        assert refused(h.zero, 512, 0) == errno.EPERM
+        h.flush()
+        h.cache(65536, 0)
+        if structured:
+            extents = []
+            h.block_status(65536, 4096, lambda ctx, off, ents, err: extents.append((ctx, ents)))
+            assert extents == [("base:allocation", [65536, 0])]
+            assert refused(h.block_status, 4096, size, lambda *a: 0) == errno.EINVAL
+            assert h.pread(4096, 8192, flags=nbd.CMD_FLAG_DF) == image[8192:12288]
+        assert h.pread(MAX_PAYLOAD if size >= MAX_PAYLOAD else size, 0) == image[:MAX_PAYLOAD]
+        assert h.pread(100, size - 100) == image[-100:]
+        assert h.pread(0, 0) == b""
+    finally:
+        h.shutdown()
+
+
+def test_unknown_commands_and_write_payloads_over_raw_socket(registry_image):
+    """Unknown command numbers get EINVAL; a write's payload is skipped, not parsed as
+    requests; the stream stays in sync and DISC closes the connection."""
+    image = registry_image.image.path.read_bytes()
+    client = w.RawClient(registry_image.server.tcp_address)
+    try:
+        client.negotiate("layer0")
+        for handle, command in enumerate([8, 9, 42, 0xFFFF], start=1):
+            client.send(command, handle, 0, 512)
+            assert client.wait(handle).error == w.EINVAL
+        fake_request = w.request(w.CMD_READ, 99, 0, 16)  # inside the payload: never a request
+        client.send(w.CMD_WRITE, 10, 0, len(fake_request), payload=fake_request)
+        assert client.wait(10).error == w.EPERM
+        client.send(w.CMD_READ, 11, 4096, 100)
+        assert client.wait(11).data == {4096: image[4096:4196]}
+        assert not client.checker.replies and not client.checker.finished
+        client.send(w.CMD_DISC, 12)
+        assert client.sock.recv(1) == b""
+    finally:
+        client.close()
+
+
+def test_garbage_ends_only_its_own_connection(registry_image):
+    """A request with a bad magic makes the server hang up on that client; a client
+    connected at the same time carries on reading."""
+    image = registry_image.image.path.read_bytes()
+    good = connect(registry_image.uri)
+    bad = w.RawClient(registry_image.server.tcp_address)
+    try:
+        bad.negotiate("layer0")
+        bad.sock.sendall(b"\xde\xad\xbe\xef" * 7)
+        assert bad.sock.recv(1) == b""
+        assert good.pread(65536, 0) == image[:65536]
+    finally:
+        bad.close()
+        good.shutdown()
+
+
+def test_read_failing_part_way_is_an_error_never_data(local_blob, tmp_path):
+    """Offline with half the blob cached, a read crossing into the uncached half fails
+    with EIO (an ERROR_OFFSET chunk inside the request with structured replies, an error
+    without payload with simple ones); reads of the cached half succeed; the connection
+    stays in sync."""
+    blob, data = local_blob.blob, local_blob.data
+    half = len(data) // 2 // 32768 * 32768
+    blob.cache(0, half)
+    offline = CachedBlob(local_blob.store, blob.digest, blob.size, None, name="blob")
+    (tmp_path / "srv").mkdir()
+    server = start_server({"blob": offline}, tmp_path / "srv", "blob")
+    try:
+        uri = served(server, "blob", None, offline).uri
+        for structured in (True, False):
+            h = connect(uri, structured)
+            assert refused(h.pread, 65536, half - 32768) == errno.EIO
+            assert h.pread(65536, half - 65536) == data[half - 65536 : half]
+            h.shutdown()
+        client = w.RawClient(server.tcp_address)
+        client.negotiate("blob")
+        client.send(w.CMD_READ, 1, half - 32768, 65536)
+        reply = client.wait(1)
+        assert reply.error == w.EIO and reply.chunks[-1] == w.TYPE_ERROR_OFFSET
+        assert all(offset + len(b) <= half for offset, b in reply.data.items())
+        client.send(w.CMD_READ, 2, 0, 100)
+        assert client.wait(2).data == {0: data[:100]}
+        client.close()
+    finally:
+        server.shutdown()
+        offline.close()
+
+
+def test_hangup_mid_handshake_and_mid_request(registry_image):
+    """Clients that vanish in the middle of the greeting, an option or a request leave
+    the server serving the next client."""
+    address = registry_image.server.tcp_address
+    for script in (b"", w.client_flags()[:2], w.client_flags() + w.option(7, b"x" * 10)[:20]):
+        sock = socket.create_connection(address)
+        sock.recv(18)
+        sock.sendall(script)
+        sock.close()
+    client = w.RawClient(address)
+    client.negotiate("layer0")
+    client.sock.sendall(w.request(w.CMD_READ, 1, 0, 10)[:13])
+    client.close()
+    h = connect(registry_image.uri)
+    assert len(h.pread(10, 0)) == 10
+    h.shutdown()
