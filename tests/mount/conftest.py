@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from mount_trees import build_layer_trees, build_small_tree, make_erofs
+from mount_trees import build_opaque_stack
+from rig.images import build_erofs
 
 from nbdfront import mount_state, mount_syscall, mounts
 
@@ -96,22 +97,16 @@ def mountpoint(mount_dirs) -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_image(tmp_path_factory):
-    """An EROFS image of a few MiB and its source tree."""
-    base = tmp_path_factory.mktemp("small")
-    tree = build_small_tree(base / "tree")
-    return tree, make_erofs(tree, base / "small.erofs")
-
-
-@pytest.fixture(scope="session")
-def layer_images(tmp_path_factory):
-    """Three EROFS layer images (bottom first), their trees, and the merged tree."""
+def opaque_images(tmp_path_factory):
+    """Two EROFS layer images (bottom first) whose top layer has an opaque directory,
+    and the merged tree they must show."""
     if os.geteuid() != 0:
-        pytest.skip("building whiteouts needs root (mknod, trusted xattrs)")
-    base = tmp_path_factory.mktemp("layers")
-    trees, merged = build_layer_trees(base)
-    images = [make_erofs(tree, base / f"layer{i}.erofs") for i, tree in enumerate(trees)]
-    return trees, images, merged
+        pytest.skip("an opaque directory needs root (trusted.* xattrs)")
+    base = tmp_path_factory.mktemp("opaque")
+    trees, merged = build_opaque_stack(base)
+    return [
+        build_erofs(tree, base / f"layer{i}.erofs").path for i, tree in enumerate(trees)
+    ], merged
 
 
 @pytest.fixture
