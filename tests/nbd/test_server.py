@@ -1,0 +1,203 @@
+"""The server around the protocol: concurrency, backpressure, isolation, shutdown."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import nbd
+import nbd_wire as w
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from nbd_serving import start_server
+
+from nbdfront.protocol import MAX_PAYLOAD
+
+
+class GatedExport:
+    """An export whose reads at ``gated_offset`` wait for ``gate``: a slow registry fetch."""
+
+    def __init__(self, inner, gated_offset: int):
+        self.inner = inner
+        self.gated_offset = gated_offset
+        self.gate = threading.Event()
+        self.waiting = threading.Event()
+        self.name, self.description, self.size = inner.name, inner.description, inner.size
+
+    def read(self, offset, length):
+        if offset == self.gated_offset:
+            self.waiting.set()
+            assert self.gate.wait(30)
+        return self.inner.read(offset, length)
+
+    def cache(self, offset, length):
+        self.inner.cache(offset, length)
+
+
+class ZeroExport:
+    """A 1 TiB export of zeros that counts the reads it was asked for."""
+
+    name, description, size = "zeros", "zeros", 1 << 40
+
+    def __init__(self):
+        self.reads = 0
+        self._zeros = bytes(MAX_PAYLOAD)
+        self._lock = threading.Lock()
+
+    def read(self, offset, length):
+        with self._lock:
+            self.reads += 1
+        return [memoryview(self._zeros)[:length]]
+
+    def cache(self, offset, length):
+        pass
+
+
+def test_replies_go_out_as_they_finish(local_blob, tmp_path):
+    """A read stuck behind a slow fetch does not hold up a later read on the same
+    connection: the later one is answered first, the stuck one when it completes."""
+    gated = GatedExport(local_blob.blob, gated_offset=0)
+    server = start_server({"blob": gated}, tmp_path, "blob")
+    client = w.RawClient(server.tcp_address)
+    try:
+        client.negotiate("blob")
+        client.send(w.CMD_READ, 1, 0, 4096)
+        assert gated.waiting.wait(10)
+        client.send(w.CMD_READ, 2, 65536, 4096)
+        assert client.wait(2).data == {65536: local_blob.data[65536 : 65536 + 4096]}
+        assert 1 not in [r.handle for r in client.checker.finished]
+        gated.gate.set()
+        assert client.wait(1).data == {0: local_blob.data[:4096]}
+    finally:
+        gated.gate.set()
+        client.close()
+        server.shutdown()
+
+
+def test_a_flood_of_maximum_reads_meets_backpressure(tmp_path):
+    """A client that queues a thousand 4 MiB reads and never reads a reply gets only a
+    bounded number served (the rest wait in its own socket); the server keeps serving
+    others and forgets the flooder when it goes."""
+    zeros = ZeroExport()
+    server = start_server({"zeros": zeros}, tmp_path, "zeros")
+    flooder = w.RawClient(server.tcp_address)
+    try:
+        flooder.negotiate("zeros", structured=False)
+        flooder.sock.setblocking(False)
+        burst = b"".join(
+            w.request(w.CMD_READ, i, i * MAX_PAYLOAD, MAX_PAYLOAD) for i in range(1000)
+        )
+        with contextlib.suppress(BlockingIOError):
+            flooder.sock.send(burst)
+        time.sleep(1.0)
+        # Budget of 8 reads, plus what fits in the socket buffers on both sides.
+        assert zeros.reads <= 16, zeros.reads
+        other = nbd.NBD()
+        other.connect_uri(f"nbd://127.0.0.1:{server.tcp_address[1]}/zeros")
+        assert other.pread(4096, 1 << 30) == bytes(4096)
+        other.shutdown()
+    finally:
+        flooder.close()
+        deadline = time.monotonic() + 10
+        while server.connection_count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.connection_count == 0
+        server.shutdown()
+
+
+def test_many_connections_read_at_once(local_server):
+    """Sixteen libnbd connections with many reads in flight each get the right bytes."""
+    served, data = local_server
+    errors: list[BaseException] = []
+
+    def reader(seed: int) -> None:
+        try:
+            h = nbd.NBD()
+            h.connect_uri(served.uri)
+            buffers = []
+            for i in range(32):
+                offset = (seed * 7919 + i * 104729) % (len(data) - 70000)
+                buf = nbd.Buffer(65536)
+                h.aio_pread(buf, offset)
+                buffers.append((offset, buf))
+            while h.aio_in_flight():
+                h.poll(-1)
+            for offset, buf in buffers:
+                assert buf.to_bytearray() == data[offset : offset + 65536]
+            h.shutdown()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+
+
+def test_shutdown_lets_in_flight_replies_finish(local_blob, tmp_path):
+    """shutdown() waits for a read already in flight, which the client receives whole;
+    then the connection is closed, the listeners too, and the Unix socket is gone."""
+    gated = GatedExport(local_blob.blob, gated_offset=32768)
+    server = start_server({"blob": gated}, tmp_path, "blob")
+    client = w.RawClient(server.unix_path)
+    stopper = threading.Thread(target=server.shutdown)
+    try:
+        client.negotiate("blob")
+        client.send(w.CMD_READ, 1, 32768, 65536)
+        assert gated.waiting.wait(10)
+        stopper.start()
+        time.sleep(0.3)
+        assert stopper.is_alive(), "shutdown did not wait for the read in flight"
+        gated.gate.set()
+        assert client.wait(1).data == {32768: local_blob.data[32768 : 32768 + 65536]}
+        stopper.join(10)
+        assert not stopper.is_alive()
+        assert client.sock.recv(1) == b""
+        assert not (tmp_path / "nbd.sock").exists()
+        with socket.socket() as probe:
+            assert probe.connect_ex(server.tcp_address) != 0
+    finally:
+        gated.gate.set()
+        client.close()
+        server.shutdown()
+
+
+_reads = st.tuples(st.integers(0, 3 * 1024 * 1024), st.integers(1, 65536))
+
+
+@pytest.fixture
+def steady_reader(local_server):
+    """One connection kept open across every example of the fuzz test."""
+    handle = nbd.NBD()
+    handle.connect_uri(local_server[0].uri)
+    yield handle
+    handle.shutdown()
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(garbage=st.binary(max_size=200), after_handshake=st.booleans(), read=_reads)
+def test_fuzzed_connection_does_not_disturb_another(
+    local_server, steady_reader, garbage, after_handshake, read
+):
+    """While one connection receives random bytes (at the handshake or mid-transmission),
+    a second, already open connection keeps reading correct bytes."""
+    served, data = local_server
+    fuzz = w.RawClient(served.server.tcp_address)
+    try:
+        if after_handshake:
+            fuzz.negotiate("blob")
+        fuzz.sock.sendall(garbage)
+        offset, length = read
+        offset = min(offset, len(data) - length)
+        assert steady_reader.pread(length, offset) == data[offset : offset + length]
+    finally:
+        fuzz.close()
