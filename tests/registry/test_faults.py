@@ -1,0 +1,168 @@
+"""The client against a misbehaving network: a fault proxy in front of the real registry."""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+
+import pytest
+from rig.fault_proxy import Fault
+from rig.pushed import push_erofs
+
+from blockstore.errors import BlobReadError, IntegrityError, RegistryError
+from blockstore.registry import RegistryBlob, RegistryClient, RegistryOptions, resolve_image
+from blockstore.registry.auth import basic_header
+from blockstore.registry.credentials import Credentials
+
+MiB = 1 << 20
+
+
+def client_via(proxy, **options) -> RegistryClient:
+    settings = {"insecure": True, "timeout": 5.0, **options}
+    return RegistryClient(proxy.host, RegistryOptions(**settings))
+
+
+def open_blob(client: RegistryClient, repository: str) -> RegistryBlob:
+    image = resolve_image(client, f"{client.registry}/{repository}:v1", None)
+    return RegistryBlob(client, repository, image.layers[0])
+
+
+def test_server_ignoring_range_is_streamed_with_flat_memory(
+    registry, pushed_images, erofs_images, fault_proxy
+):
+    """A 200 with the whole 64 MiB blob instead of a 206: the right bytes come back,
+    and the reader never holds more than a few MiB of it."""
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault("ignore_range", path_contains="/blobs/")
+    data = erofs_images.large.path.read_bytes()
+    with client_via(proxy) as client:
+        blob = open_blob(client, "fixtures/large")
+        offset = blob.size - 3 * MiB
+        tracemalloc.start()
+        try:
+            piece = blob.read_range(offset, MiB)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert piece == data[offset : offset + MiB]
+    assert proxy.faults_applied >= 1
+    assert peak < 8 * MiB, f"peak {peak / MiB:.1f} MiB while skipping a 64 MiB body"
+
+
+@pytest.fixture
+def storage_redirect(basic_auth_registry, fault_proxy):
+    """A registry that redirects blob requests (GET and HEAD) with 307 to another host,
+    the way registries backed by object storage or a CDN do."""
+    storage_auth = basic_header(
+        Credentials(basic_auth_registry.username, basic_auth_registry.password)
+    )
+    storage = fault_proxy(
+        basic_auth_registry, listen="127.0.0.2", upstream_headers={"Authorization": storage_auth}
+    )
+    front = fault_proxy(basic_auth_registry)
+    front.fault = Fault("redirect", path_contains="/blobs/sha256:", redirect_to=storage.url)
+    return front, storage
+
+
+def test_redirect_is_followed_without_leaking_authorization(
+    storage_redirect, basic_auth_registry, erofs_images
+):
+    """Push (HEAD on blobs) and ranged reads (GET) follow the 307; the registry's
+    Authorization goes to the registry only, never to the storage host."""
+    front, storage = storage_redirect
+    options = basic_auth_registry.options(insecure=True)
+    ref = push_erofs(
+        front.host, "faults/redirect", "v1", [erofs_images.small.path], options=options
+    )
+    data = erofs_images.small.path.read_bytes()
+    with RegistryClient(front.host, options) as client:
+        blob = open_blob(client, "faults/redirect")
+        assert blob.read_range(4096, 100_000) == data[4096:104_096]
+    assert ref.endswith(":v1")
+    methods = {r.method for r in storage.requests}
+    assert {"GET", "HEAD"} <= methods
+    assert all("Authorization" not in r.headers for r in storage.requests)
+    assert any("Authorization" in r.headers for r in front.requests)
+    ranged = [r for r in storage.requests if r.method == "GET"]
+    assert ranged[-1].headers.get("Range") == "bytes=4096-104095"
+
+
+def test_503_with_retry_after_is_retried_after_the_pause(registry, pushed_images, fault_proxy):
+    """503 with Retry-After: 1 twice, then success: the client waits as told and succeeds."""
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault(
+        "status", status=503, headers={"Retry-After": "1"}, times=2, path_contains="/manifests/"
+    )
+    started = time.monotonic()
+    with client_via(proxy) as client:
+        assert resolve_image(client, f"{proxy.host}/fixtures/small:v1", None).layers
+    assert proxy.faults_applied == 2
+    assert time.monotonic() - started >= 1.9
+
+
+def test_429_on_a_blob_is_retried(registry, pushed_images, erofs_images, fault_proxy):
+    """429 Too Many Requests on a range read is retried; the bytes are right."""
+    proxy = fault_proxy(registry)
+    with client_via(proxy) as client:
+        blob = open_blob(client, "fixtures/small")
+        proxy.fault = Fault(
+            "status", status=429, headers={"Retry-After": "0"}, times=3, path_contains="/blobs/"
+        )
+        assert blob.read_range(0, 5000) == erofs_images.small.path.read_bytes()[:5000]
+    assert proxy.faults_applied == 3
+
+
+def test_retries_are_bounded_and_report_the_registry_error(registry, pushed_images, fault_proxy):
+    """A registry that keeps answering 503: exactly max_attempts tries, then its own error."""
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault("status", status=503, path_contains="/manifests/")
+    with client_via(proxy, max_attempts=3) as client, pytest.raises(RegistryError) as caught:
+        resolve_image(client, f"{proxy.host}/fixtures/small:v1", None)
+    assert proxy.faults_applied == 3
+    assert "HTTP 503" in str(caught.value) and "UNAVAILABLE: service unavailable" in str(
+        caught.value
+    )
+
+
+@pytest.mark.parametrize("kind", ["cut", "truncate", "drop"])
+def test_broken_bodies_are_retried(registry, pushed_images, erofs_images, fault_proxy, kind):
+    """A connection cut mid-body, a body shorter than the range, a connection closed
+    with no reply: each is retried and the reader gets exactly the right bytes."""
+    proxy = fault_proxy(registry)
+    data = erofs_images.large.path.read_bytes()
+    with client_via(proxy) as client:
+        blob = open_blob(client, "fixtures/large")
+        proxy.fault = Fault(kind, path_contains="/blobs/", times=2)
+        assert blob.read_range(MiB, 2 * MiB) == data[MiB : 3 * MiB]
+    assert proxy.faults_applied == 2
+
+
+def test_broken_bodies_end_in_eio_when_retries_run_out(registry, pushed_images, fault_proxy):
+    """A blob that is always cut short ends, after the bounded retries, in EIO."""
+    proxy = fault_proxy(registry)
+    with client_via(proxy, max_attempts=2) as client:
+        blob = open_blob(client, "fixtures/large")
+        proxy.fault = Fault("cut", path_contains="/blobs/")
+        with pytest.raises(BlobReadError) as caught:
+            blob.read_range(0, MiB)
+    assert caught.value.errno == 5
+    assert "fixtures/large" in str(caught.value)
+
+
+def test_slow_reply_times_out_and_is_retried(registry, pushed_images, erofs_images, fault_proxy):
+    """A reply slower than the timeout is abandoned and retried, not waited on forever."""
+    proxy = fault_proxy(registry)
+    with client_via(proxy, timeout=0.5) as client:
+        blob = open_blob(client, "fixtures/small")
+        proxy.fault = Fault("delay", seconds=1.5, path_contains="/blobs/", times=1)
+        started = time.monotonic()
+        assert blob.read_range(0, 1000) == erofs_images.small.path.read_bytes()[:1000]
+    assert time.monotonic() - started < 1.5
+
+
+def test_corrupted_manifest_is_refused(registry, pushed_images, fault_proxy):
+    """A manifest whose bytes no longer match Docker-Content-Digest is refused."""
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault("corrupt", path_contains="/manifests/", after_bytes=10)
+    with client_via(proxy) as client, pytest.raises(IntegrityError, match="refused"):
+        resolve_image(client, f"{proxy.host}/fixtures/small:v1", None)
