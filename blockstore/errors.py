@@ -109,3 +109,9 @@ class MountpointBusy(MountError):
     """The mountpoint is already mounted or in use."""
 
     exit_code = 13
+
+
+class ImageNotCached(BlockstoreError):
+    """Offline (or the registry unreachable), and the image was never resolved here."""
+
+    exit_code = 9

@@ -1,0 +1,137 @@
+"""Open an image: resolve its reference, then serve its layers through the cache.
+
+This is the one place that decides between the network and the cache for
+metadata. Online, a reference is resolved at the registry and the result
+(reference + platform -> manifest digest and layers, and the raw manifests)
+is kept in the cache. Offline, or when the registry cannot be reached at all,
+the kept result is used instead, so a cached image mounts with no network;
+its layers are then served from the cache alone, and a chunk that is not
+cached fails at once with EIO instead of waiting on a registry that is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from blockstore.cache import CachedBlob, ChunkStore
+from blockstore.errors import ImageNotCached, RegistryUnreachable
+from blockstore.metrics import TimedSource
+from blockstore.registry import (
+    Layer,
+    Reference,
+    RegistryBlob,
+    RegistryClient,
+    RegistryOptions,
+    ResolvedImage,
+    parse_reference,
+    resolve_image,
+)
+from blockstore.registry.platforms import Platform, host_platform
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OpenImage:
+    """A resolved image whose layers can be read through one chunk store."""
+
+    resolved: ResolvedImage
+    store: ChunkStore
+    repository: str
+    client: RegistryClient | None
+    """None when serving from the cache alone (offline or registry unreachable)."""
+
+    @property
+    def online(self) -> bool:
+        return self.client is not None
+
+    def select(self, layer: int | None = None, blob: str | None = None) -> list[Layer]:
+        """The layers asked for: one by index or digest, else all, bottom first."""
+        if layer is None and blob is None:
+            return list(self.resolved.layers)
+        return [self.resolved.select_layer(index=layer, digest=blob)]
+
+    def exports(self, layer: int | None = None, blob: str | None = None) -> list[CachedBlob]:
+        """One ``CachedBlob`` per selected layer, named ``layer<index>``."""
+        return [self.blob(chosen) for chosen in self.select(layer, blob)]
+
+    def blob(self, layer: Layer) -> CachedBlob:
+        source = None
+        if self.client is not None:
+            source = TimedSource(RegistryBlob(self.client, self.repository, layer))
+        return CachedBlob(
+            self.store,
+            layer.digest,
+            layer.size,
+            source,
+            name=f"layer{layer.index}",
+            description=f"{self.resolved.reference} layer {layer.index} ({layer.digest})",
+        )
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        self.store.close()
+
+
+def open_image(
+    reference: str,
+    *,
+    cache_dir: Path,
+    cache_size: int | None = None,
+    platform: str | None = None,
+    offline: bool = False,
+    options: RegistryOptions | None = None,
+) -> OpenImage:
+    """Resolve ``reference`` for ``platform`` online, or from the cache when offline.
+
+    ``offline=True`` never opens a network connection. Online, a registry
+    that cannot be reached at all falls back to the cached resolution, with
+    a warning; any other registry answer (unknown image, wrong password) is
+    an error, since the cache must not hide it. The returned image owns the
+    opened cache: ``close()`` closes both.
+    """
+    ref = parse_reference(reference)
+    wanted = str(Platform.parse(platform) if platform else host_platform())
+    store = ChunkStore(cache_dir, size_cap=cache_size)
+    try:
+        return _open(store, ref, wanted, offline, options or RegistryOptions())
+    except BaseException:
+        store.close()
+        raise
+
+
+def _open(
+    store: ChunkStore, ref: Reference, platform: str, offline: bool, options: RegistryOptions
+) -> OpenImage:
+    if offline:
+        return OpenImage(_cached(store, str(ref), platform), store, ref.repository, None)
+    client = RegistryClient(ref.registry, options)
+    try:
+        resolved = resolve_image(client, ref, platform)
+    except RegistryUnreachable as exc:
+        client.close()
+        resolved = _cached(store, str(ref), platform, cause=exc)
+        log.warning("%s; serving %s from the cache alone", exc, resolved.reference)
+        return OpenImage(resolved, store, ref.repository, None)
+    except BaseException:
+        client.close()
+        raise
+    for digest, raw in resolved.manifests.items():
+        store.put_manifest(digest, raw)
+    store.put_ref(resolved.reference, platform, resolved.to_record())
+    return OpenImage(resolved, store, ref.repository, client)
+
+
+def _cached(
+    store: ChunkStore, reference: str, platform: str, cause: Exception | None = None
+) -> ResolvedImage:
+    record = store.get_ref(reference, platform)
+    if record is None:
+        why = f"{cause}, and" if cause else "offline:"
+        raise ImageNotCached(
+            f"{why} {reference} ({platform}) was never resolved with the cache at {store.path}"
+        )
+    return ResolvedImage.from_record(record)
