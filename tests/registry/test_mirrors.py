@@ -1,0 +1,93 @@
+"""Mirrors tried before the upstream, with a real pull-through cache (``proxy: remoteurl:``)."""
+
+from __future__ import annotations
+
+import time
+
+from rig.fault_proxy import Fault
+from rig.processes import free_port
+from rig.pushed import push_erofs
+from rig.registry_server import RegistryServer
+
+from blockstore.registry import RegistryBlob, RegistryClient, RegistryOptions, resolve_image
+
+
+def read_all(client: RegistryClient, ref: str, repository: str) -> bytes:
+    image = resolve_image(client, ref, None)
+    blob = RegistryBlob(client, repository, image.layers[0])
+    step = 1 << 20
+    return b"".join(blob.read_range(offset, step) for offset in range(0, blob.size, step))
+
+
+def test_reads_go_through_the_mirror(registry, mirror_registry, pushed_images, erofs_images):
+    """With a mirror configured, manifests and blobs come from it, bytes intact."""
+    options = RegistryOptions(insecure=True, mirrors=[mirror_registry.host], timeout=10)
+    with RegistryClient(registry.host, options) as client:
+        data = read_all(client, pushed_images.small, "fixtures/small")
+    assert data == erofs_images.small.path.read_bytes()
+    # The pull-through cache now holds the blob in its own storage.
+    digest_hex = erofs_images.small.digest.removeprefix("sha256:")
+    assert list(mirror_registry.data_dir.rglob(f"blobs/sha256/{digest_hex[:2]}/{digest_hex}/data"))
+
+
+def test_upstream_down_after_the_mirror_is_warm(fresh_registry, erofs_images, tmp_path):
+    """Warm the mirror, take the upstream down: the image still resolves and reads in
+    full from the mirror alone."""
+    ref = push_erofs(fresh_registry.host, "mirrored/app", "v1", [erofs_images.small.path])
+    mirror = RegistryServer(tmp_path / "mirror", proxy_remote=fresh_registry.url)
+    mirror.start()
+    try:
+        options = RegistryOptions(
+            insecure=True, mirrors=[mirror.host], timeout=5, max_attempts=2, retry_budget=5
+        )
+        expected = erofs_images.small.path.read_bytes()
+        with RegistryClient(fresh_registry.host, options) as client:
+            assert read_all(client, ref, "mirrored/app") == expected
+        fresh_registry.stop()
+        with RegistryClient(fresh_registry.host, options) as client:
+            assert read_all(client, ref, "mirrored/app") == expected
+    finally:
+        mirror.stop()
+
+
+def test_dead_mirror_falls_back_to_the_upstream_quickly(registry, pushed_images, erofs_images):
+    """A mirror nobody listens on costs one quick failure, then the upstream serves."""
+    dead = f"127.0.0.1:{free_port()}"
+    options = RegistryOptions(insecure=True, mirrors=[dead], timeout=5)
+    started = time.monotonic()
+    with RegistryClient(registry.host, options) as client:
+        data = read_all(client, pushed_images.small, "fixtures/small")
+    assert data == erofs_images.small.path.read_bytes()
+    assert time.monotonic() - started < 3
+
+
+def test_mirrors_never_see_the_upstream_credentials(
+    basic_auth_registry, registry, erofs_images, fault_proxy
+):
+    """The user's password is for the registry named in the reference: a mirror (which
+    lacks the image here) is asked without it, then the upstream with it."""
+    ref = push_erofs(
+        basic_auth_registry.host,
+        "mirrored/private",
+        "v1",
+        [erofs_images.small.path],
+        options=basic_auth_registry.options(),
+    )
+    mirror = fault_proxy(registry)
+    options = basic_auth_registry.options(mirrors=[mirror.host])
+    with RegistryClient(basic_auth_registry.host, options) as client:
+        assert resolve_image(client, ref, None).layers[0].digest == erofs_images.small.digest
+    assert mirror.requests, "the mirror was not tried first"
+    assert all("Authorization" not in r.headers for r in mirror.requests)
+
+
+def test_failing_mirror_is_skipped_then_retried_later(registry, pushed_images, fault_proxy):
+    """A mirror answering 503 is passed over for the upstream (no error reaches the user)."""
+    mirror = fault_proxy(registry)
+    mirror.fault = Fault("status", status=503, headers={"Retry-After": "0"})
+    options = RegistryOptions(insecure=True, mirrors=[mirror.host], timeout=5)
+    with RegistryClient(registry.host, options) as client:
+        assert resolve_image(client, pushed_images.small, None).layers
+        assert resolve_image(client, pushed_images.small, None).layers
+    # Tried (with one retry) for the first manifest, then left out during the cooldown.
+    assert mirror.faults_applied == 2
