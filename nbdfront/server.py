@@ -295,13 +295,17 @@ class NBDServer:
             self._threads.append(thread)
 
     def uris(self) -> dict[str, str]:
-        """The NBD URI of each export (TCP when listening on TCP, else the Unix socket)."""
+        """The NBD URI of each export, in catalog order (see ``uri``)."""
+        return {name: self.uri(name) for name in self.exports}
+
+    def uri(self, name: str) -> str:
+        """The NBD URI of export ``name``: TCP when listening on TCP, else the Unix socket."""
         if self.tcp_address is not None:
             host, port = self.tcp_address
             netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            return {name: f"nbd://{netloc}/{_quote(name)}" for name in self.exports}
+            return f"nbd://{netloc}/{_quote(name)}"
         query = urllib.parse.urlencode({"socket": self.unix_path})
-        return {name: f"nbd+unix:///{_quote(name)}?{query}" for name in self.exports}
+        return f"nbd+unix:///{_quote(name)}?{query}"
 
     def serve_forever(self) -> None:
         while not self._stop_requested.wait(0.5):

@@ -1,0 +1,133 @@
+"""``blockstore serve``: an image's layers as read-only NBD exports, in the foreground.
+
+It prints one ``export NAME URI`` line per export (``""`` is the default
+export, the top layer), then ``ready`` once it listens, so a script or
+``blockstore mount`` can wait for it. SIGTERM and SIGINT stop it cleanly:
+replies in flight are sent, sockets closed, the cache closed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from blockstore.cli.common import (
+    add_cache_options,
+    add_registry_options,
+    cache_dir_from,
+    parse_size,
+)
+from blockstore.cli.registry_cmds import registry_options_from_args
+from blockstore.errors import BlockstoreError, UsageError
+from blockstore.image import open_image
+from nbdfront.server import DEFAULT_PORT, NBDServer, is_loopback
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve an image's layers over NBD (foreground)",
+        description="Serve each layer of IMAGE as a read-only NBD export named layer<i>; "
+        "the default export (empty name) is the only selected layer, else the top one.",
+    )
+    serve.add_argument("image", metavar="IMAGE", help="image reference, e.g. host:5000/app:v1")
+    which = serve.add_mutually_exclusive_group()
+    which.add_argument(
+        "--layer", type=int, metavar="N", help="serve only layer N (0 is the bottom)"
+    )
+    which.add_argument("--blob", metavar="DIGEST", help="serve only the layer with this digest")
+    add_registry_options(serve)
+    add_cache_options(serve)
+    serve.add_argument(
+        "--offline", action="store_true", help="never use the network: serve from the cache only"
+    )
+    serve.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        type=parse_listen,
+        default=None,
+        help=f"TCP address to listen on (default 127.0.0.1:{DEFAULT_PORT}, "
+        "or none when --unix is given; port 0 picks a free one)",
+    )
+    serve.add_argument("--unix", metavar="PATH", help="listen on this Unix socket")
+    serve.add_argument("--pidfile", type=Path, metavar="FILE", help="write the process id here")
+    serve.set_defaults(func=run_serve)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or a bare ``PORT`` (on 127.0.0.1)."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]") if sep else "127.0.0.1"
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r} (try 127.0.0.1:10809)")
+    return host, int(port)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    tcp = args.listen
+    if tcp is None and args.unix is None:
+        tcp = ("127.0.0.1", DEFAULT_PORT)
+    if tcp is not None and not is_loopback(tcp[0]):
+        print(
+            f"blockstore: listening on {tcp[0]}:{tcp[1]}, beyond this machine: NBD has no "
+            "authentication, anyone who can connect can read the image",
+            file=sys.stderr,
+        )
+    try:
+        cache_size = parse_size(args.cache_size) if args.cache_size is not None else None
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(str(exc)) from None
+    image = open_image(
+        args.image,
+        cache_dir=cache_dir_from(args),
+        cache_size=cache_size,
+        platform=args.platform,
+        offline=args.offline,
+        options=registry_options_from_args(args),
+    )
+    blobs = []
+    try:
+        blobs = image.exports(args.layer, args.blob)
+        server = NBDServer(
+            {blob.name: blob for blob in blobs},
+            tcp=tcp,
+            unix=args.unix,
+            default_export=blobs[-1].name,
+        )
+        try:
+            server.start()
+        except OSError as exc:
+            where = f"{tcp[0]}:{tcp[1]}" if tcp else args.unix
+            raise BlockstoreError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: server.request_shutdown())
+        if args.pidfile is not None:
+            _write_pidfile(args.pidfile)
+        for name, uri in server.uris().items():
+            print(f"export {name} {uri}")
+        print(f'export "" {server.uri("")}')
+        print("ready", flush=True)
+        log.info("serving %s (%s)", image.resolved.reference, ", ".join(b.name for b in blobs))
+        server.serve_forever()
+        return 0
+    finally:
+        for blob in blobs:
+            blob.close()
+        image.close()
+        if args.pidfile is not None:
+            with contextlib.suppress(FileNotFoundError):
+                args.pidfile.unlink()
+
+
+def _write_pidfile(path: Path) -> None:
+    """Written whole or not at all, so a reader never sees a partial number."""
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(f"{os.getpid()}\n")
+    partial.replace(path)
