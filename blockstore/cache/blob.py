@@ -19,6 +19,7 @@ from blockstore.fetch import Fetcher
 from blockstore.prefetch import BackgroundFill, Readahead
 from blockstore.source import BlobSource
 
+from .evict import LOW_WATER
 from .layout import (
     CHUNK_KEY,
     CHUNK_SIZE,
@@ -175,28 +176,43 @@ class CachedBlob:
         be kept whole under the size cap.
         """
         record = self._store.lookup(self._digest)
-        if not (record is not None and record.pinned) and self._size > self._store.size_cap:
+        pinned = record is not None and record.pinned
+        if not pinned and self._size > self._store.size_cap * LOW_WATER:
             raise CacheError(
                 f"{self._digest} ({self._size} bytes) is larger than the cache size cap "
                 f"({self._store.size_cap} bytes); raise --cache-size or pin it"
             )
-        missing = self._store.missing(self._blob_id, range(self._chunks))
-        if progress is not None:
-            progress(self._size - sum(chunk_length(self._size, i) for i in missing))
-        if missing and self._fetcher is None:
-            raise NotCached(f"{self._digest} is not fully cached and the cache is offline")
-        step = PREFETCH_STEP // CHUNK_SIZE
-        for start in range(0, len(missing), step):
-            batch = missing[start : start + step]
-            self._fetcher.fetch(batch)  # type: ignore[union-attr]
-            if progress is not None:
-                progress(sum(chunk_length(self._size, i) for i in batch))
-        outcome = self._store.seal(self._digest)
+        reported = 0
+
+        def report(nbytes: int) -> None:
+            nonlocal reported
+            nbytes = min(nbytes, self._size - reported)
+            if nbytes > 0 and progress is not None:
+                progress(nbytes)
+            reported += nbytes
+
+        # Sealing drops chunks that fail their checksum; another round fetches them.
+        for _ in range(3):
+            missing = self._store.missing(self._blob_id, range(self._chunks))
+            report(self._size - sum(chunk_length(self._size, i) for i in missing))
+            if missing and self._fetcher is None:
+                raise NotCached(f"{self._digest} is not fully cached and the cache is offline")
+            self._fetch_all(missing, report)
+            outcome = self._store.seal(self._digest)
+            if outcome is not None:
+                break
         if outcome is False:
             raise IntegrityError(f"{self._digest}: the fetched bytes do not match the digest")
         if outcome is None:
             raise CacheError(f"{self._digest} could not be kept whole in the cache")
         self._sums = self._store.sealed_sums(self._digest)
+
+    def _fetch_all(self, missing: list[int], report: Callable[[int], None]) -> None:
+        step = PREFETCH_STEP // CHUNK_SIZE
+        for start in range(0, len(missing), step):
+            batch = missing[start : start + step]
+            self._fetcher.fetch(batch)  # type: ignore[union-attr]
+            report(sum(chunk_length(self._size, i) for i in batch))
 
     def close(self) -> None:
         if self._fill is not None:

@@ -1,0 +1,114 @@
+"""Single-flight, coalescing and parallel range reads; readahead of sequential readers."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from cache_sources import ScriptedSource, make_blob
+
+from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
+from blockstore.fetch import DEFAULT_MAX_REQUEST, runs
+from blockstore.prefetch import Readahead
+
+NONE = Readahead(maximum=0)
+
+
+def test_runs_are_adjacent_and_bounded():
+    """Indices become runs of adjacent chunks, split at the length limit."""
+    assert runs([5, 1, 2, 3, 9, 10], 2) == [(1, 2), (3, 1), (5, 1), (9, 2)]
+    assert runs([], 4) == []
+
+
+def test_concurrent_misses_of_one_chunk_fetch_it_once(cache_dir):
+    """Eight threads miss the same two chunks at once: the source sees one range read,
+    never two requests for one chunk at a time, and every thread gets the bytes."""
+    data, digest = make_blob(8 * CHUNK_SIZE, seed=20)
+    source = ScriptedSource(data, digest, delay=0.3)
+    results: list[bytes] = []
+    with ChunkStore(cache_dir) as store:
+        blob = CachedBlob(store, digest, len(data), source, readahead=NONE)
+        barrier = threading.Barrier(8)
+
+        def reader() -> None:
+            barrier.wait()
+            results.append(b"".join(blob.read(CHUNK_SIZE + 5, CHUNK_SIZE)))
+
+        threads = [threading.Thread(target=reader) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        blob.close()
+    assert results == [data[CHUNK_SIZE + 5 : 2 * CHUNK_SIZE + 5]] * 8
+    assert source.requests == [(CHUNK_SIZE, 2 * CHUNK_SIZE)]
+    assert source.max_same_chunk_in_flight == 1
+
+
+def test_adjacent_misses_coalesce_into_bounded_parallel_reads(cache_dir):
+    """A 10 MiB cold read becomes ceil(10/4) range reads of at most 4 MiB, run in
+    parallel; a read with a cached hole in the middle asks only for what is missing."""
+    data, digest = make_blob(10 << 20, seed=21)
+    source = ScriptedSource(data, digest, delay=0.2)
+    with ChunkStore(cache_dir) as store:
+        blob = CachedBlob(store, digest, len(data), source, readahead=NONE)
+        assert b"".join(blob.read(0, len(data))) == data
+        assert len(source.requests) == 3
+        assert max(length for _, length in source.requests) <= DEFAULT_MAX_REQUEST
+        assert source.max_in_flight >= 2
+        store.remove(digest)
+        source.requests.clear()
+        blob.read(4 * CHUNK_SIZE, CHUNK_SIZE)  # cache chunk 4
+        source.requests.clear()
+        assert b"".join(blob.read(0, 9 * CHUNK_SIZE)) == data[: 9 * CHUNK_SIZE]
+        assert sorted(source.requests) == [(0, 4 * CHUNK_SIZE), (5 * CHUNK_SIZE, 4 * CHUNK_SIZE)]
+        blob.close()
+
+
+def test_failed_fetch_is_retried_by_the_next_reader(cache_dir):
+    """A source failure reaches the reader as EIO and is not remembered: the next read
+    asks again and succeeds."""
+    data, digest = make_blob(2 * CHUNK_SIZE, seed=22)
+    source = ScriptedSource(data, digest)
+    with ChunkStore(cache_dir) as store:
+        blob = CachedBlob(store, digest, len(data), source, readahead=NONE)
+        for fault in ("fail", "short"):
+            source.fault = fault
+            try:
+                blob.read(0, 10)
+            except OSError as exc:
+                assert exc.errno == 5
+            else:
+                raise AssertionError("a failing source must fail the read")
+        source.fault = None
+        assert b"".join(blob.read(0, 10)) == data[:10]
+        blob.close()
+
+
+def test_readahead_window_grows_on_sequential_reads_and_resets_on_random():
+    """The window doubles while reads follow each other and starts over after a jump."""
+    policy = Readahead(initial=64 << 10, maximum=256 << 10)
+    size = 100 << 20
+    asked = [policy.advise(offset, 16 << 10, size) for offset in range(0, 1 << 20, 16 << 10)]
+    ranges = [r for r in asked if r]
+    assert ranges and max(length for _, length in ranges) <= 256 << 10
+    assert all(start >= 16 << 10 for start, _ in ranges)
+    assert policy.advise(50 << 20, 4096, size) is None  # a jump: no readahead
+    assert Readahead(maximum=0).advise(0, 4096, size) is None
+
+
+def test_sequential_reader_finds_the_next_range_already_cached(cache_dir):
+    """After a few sequential reads, background readahead has fetched ahead of the reader."""
+    data, digest = make_blob(4 << 20, seed=23)
+    source = ScriptedSource(data, digest)
+    with ChunkStore(cache_dir) as store:
+        blob = CachedBlob(store, digest, len(data), source)
+        for offset in range(0, 256 << 10, 64 << 10):
+            assert b"".join(blob.read(offset, 64 << 10)) == data[offset : offset + (64 << 10)]
+        deadline = time.monotonic() + 5
+        blob_id = store.lookup(digest).blob_id
+        ahead = range(256 << 10 >> 15, 512 << 10 >> 15)
+        while store.missing(blob_id, ahead) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert store.missing(blob_id, ahead) == []
+        blob.close()
