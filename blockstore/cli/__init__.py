@@ -21,6 +21,8 @@ COMMAND_MODULES = (
     "blockstore.cli.cache_cmds",
     "blockstore.cli.serve_cmds",
     "blockstore.cli.mount_cmds",
+    "blockstore.cli.image_cmds",
+    "blockstore.cli.demo_cmds",
 )
 
 
