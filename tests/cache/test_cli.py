@@ -1,0 +1,138 @@
+"""The real ``blockstore cache`` command on a cache built by the library."""
+
+from __future__ import annotations
+
+import json
+
+from cache_rig import flip_stored_byte, run_cli
+from cache_sources import ScriptedSource, make_blob
+
+from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
+
+
+def fill(cache_dir, blobs, prefetch: bool = True) -> None:
+    with ChunkStore(cache_dir) as store:
+        for data, digest in blobs:
+            blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
+            if prefetch:
+                blob.prefetch()
+            else:
+                blob.read(0, 3 * CHUNK_SIZE)
+            blob.close()
+
+
+def test_verify_finds_and_drops_corrupted_chunks(cache_dir):
+    """A bit flipped in a chunk of a sealed blob and in one of a partial blob: `cache
+    verify` reports both, drops them and exits 6; a second run is clean (exit 0); the
+    chunks are fetched again, right, on the next read."""
+    sealed = make_blob(6 * CHUNK_SIZE, seed=40)
+    partial = make_blob(9 * CHUNK_SIZE, seed=41)
+    fill(cache_dir, [sealed])
+    fill(cache_dir, [partial], prefetch=False)
+    with ChunkStore(cache_dir) as store:
+        assert flip_stored_byte(store, sealed[1], 4, 1000)
+        assert flip_stored_byte(store, partial[1], 1, 20000)
+    result = run_cli("cache", "verify", "--cache-dir", str(cache_dir))
+    assert result.returncode == 6, result.stdout + result.stderr
+    assert f"bad chunk {sealed[1]} #4: dropped" in result.stdout
+    assert f"bad chunk {partial[1]} #1: dropped" in result.stdout
+    result = run_cli("cache", "verify", "--json", "--cache-dir", str(cache_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["bad_chunks"] == [] and report["blobs_checked"] == 0
+    with ChunkStore(cache_dir) as store:
+        infos = {i.digest: i for i in store.blobs()}
+        assert infos[sealed[1]].present == 5 and infos[sealed[1]].sealed
+        assert infos[partial[1]].present == 2
+        assert store.stats()["checksum_failures"] == 2
+        blob = CachedBlob(store, sealed[1], len(sealed[0]), ScriptedSource(*sealed))
+        assert b"".join(blob.read(0, len(sealed[0]))) == sealed[0]
+        blob.close()
+
+
+def test_stats_ls_pin_rm_gc_by_digest_and_reference(cache_dir):
+    """stats and ls show what the library stored; pin and rm accept an image reference
+    (matched in canonical form) or a digest; rm keeps a layer another image uses; gc
+    evicts unpinned blobs down to the cap."""
+    base = make_blob(4 * CHUNK_SIZE, seed=42)
+    top = make_blob(5 * CHUNK_SIZE, seed=43)
+    other = make_blob(3 * CHUNK_SIZE, seed=44)
+    fill(cache_dir, [base, top, other])
+
+    def record(reference: str, layers) -> dict:
+        return {
+            "reference": reference,
+            "platform": "linux/amd64",
+            "manifest_digest": "sha256:" + "e" * 64,
+            "platforms": [],
+            "layers": [
+                {"index": i, "digest": d, "size": len(b), "mediaType": "x"}
+                for i, (b, d) in enumerate(layers)
+            ],
+        }
+
+    with ChunkStore(cache_dir) as store:
+        store.put_ref(
+            "127.0.0.1:5000/demo/img:latest",
+            "linux/amd64",
+            record("127.0.0.1:5000/demo/img:latest", [base, top]),
+        )
+        store.put_ref(
+            "127.0.0.1:5000/demo/two:latest",
+            "linux/amd64",
+            record("127.0.0.1:5000/demo/two:latest", [base]),
+        )
+    stats = json.loads(run_cli("cache", "stats", "--json", "--cache-dir", str(cache_dir)).stdout)
+    assert stats["blobs"] == 3 and stats["sealed_blobs"] == 3 and stats["bytes_fetched"] > 0
+    listing = json.loads(run_cli("cache", "ls", "--json", "--cache-dir", str(cache_dir)).stdout)
+    assert {b["digest"] for b in listing} == {base[1], top[1], other[1]}
+    assert all(b["cached_fraction"] == 1.0 for b in listing)
+    assert "SEALED" in run_cli("cache", "ls", "--cache-dir", str(cache_dir)).stdout
+
+    result = run_cli("cache", "pin", "127.0.0.1:5000/demo/img", "--cache-dir", str(cache_dir))
+    assert result.returncode == 0, result.stderr
+    result = run_cli(
+        "cache", "gc", "--cache-size", str(9 * CHUNK_SIZE), "--cache-dir", str(cache_dir)
+    )
+    assert result.returncode == 0, result.stderr
+    with ChunkStore(cache_dir) as store:
+        infos = {i.digest: i for i in store.blobs()}
+        assert infos[base[1]].pinned and infos[top[1]].pinned
+        assert infos[base[1]].present == 4 and infos[top[1]].present == 5
+        assert infos[other[1]].present == 0  # evicted: unpinned, over the cap
+
+    result = run_cli("cache", "rm", "127.0.0.1:5000/demo/img:latest", "--cache-dir", str(cache_dir))
+    assert result.returncode == 0, result.stderr
+    assert f"removed {top[1]}" in result.stdout and f"kept {base[1]}" in result.stdout
+    result = run_cli("cache", "rm", other[1], "--cache-dir", str(cache_dir))
+    assert f"removed {other[1]}" in result.stdout
+    with ChunkStore(cache_dir) as store:
+        assert {i.digest for i in store.blobs()} == {base[1]}
+        assert [r["reference"] for r in store.refs()] == ["127.0.0.1:5000/demo/two:latest"]
+
+    result = run_cli("cache", "pin", "127.0.0.1:5000/demo/nothing:1", "--cache-dir", str(cache_dir))
+    assert result.returncode == 8 and "no image" in result.stderr
+    result = run_cli("cache", "pin", "NOT A REFERENCE", "--cache-dir", str(cache_dir))
+    assert result.returncode == 2, result.stderr
+
+
+def test_cache_dir_from_the_environment(tmp_path):
+    """BLOCKSTORE_CACHE_DIR chooses the cache when --cache-dir is not given."""
+    import os
+    import subprocess
+    import sys
+
+    from cache_rig import REPO
+
+    env = {**os.environ, "BLOCKSTORE_CACHE_DIR": str(tmp_path / "envcache")}
+    result = subprocess.run(
+        [sys.executable, "-m", "blockstore", "cache", "stats"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert str(tmp_path / "envcache") in result.stdout
+    assert (tmp_path / "envcache" / "data.mdb").exists()

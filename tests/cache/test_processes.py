@@ -1,0 +1,158 @@
+"""Several processes on one cache directory, and writers killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cache_rig import REPO, WORKER, run_cli
+from cache_sources import make_blob
+
+from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
+from blockstore.errors import NotCached
+
+
+def write_blobs(tmp_path: Path, sizes: list[int]) -> list[tuple[bytes, str, Path]]:
+    blobs = []
+    for i, size in enumerate(sizes):
+        data, digest = make_blob(size, seed=100 + i)
+        path = tmp_path / f"blob{i}"
+        path.write_bytes(data)
+        blobs.append((data, digest, path))
+    return blobs
+
+
+def worker(cache_dir: Path, blobs, *extra: str) -> subprocess.Popen:
+    specs = [f"{path}={digest}" for _, digest, path in blobs]
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(cache_dir), *extra, *specs],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def check_cache(cache_dir: Path, blobs) -> None:
+    """The cache opens, verify finds nothing to repair, every cached byte is right."""
+    with ChunkStore(cache_dir) as store:
+        report = store.verify()
+        assert report.ok, report
+        assert not report.repaired_records and not report.orphan_chunks, report
+        for data, digest, _ in blobs:
+            blob = CachedBlob(store, digest, len(data), None)
+            for offset in range(0, len(data), CHUNK_SIZE):
+                try:
+                    length = min(CHUNK_SIZE, len(data) - offset)
+                    got = b"".join(bytes(b) for b in blob.read(offset, length))
+                except NotCached:
+                    continue
+                assert got == data[offset : offset + CHUNK_SIZE]
+
+
+def test_sigkill_at_any_moment_leaves_a_correct_cache(cache_dir, tmp_path):
+    """A writer (reads, stores, evictions under a small cap, seals, map growth) is
+    SIGKILLed 24 times at random moments; after each kill the cache opens, verify finds
+    nothing bad or inconsistent, and every cached byte is the blob's."""
+    blobs = write_blobs(tmp_path, [3 << 20, 1 << 20])
+    rng = random.Random(7)
+    for kill in range(24):
+        proc = worker(
+            cache_dir, blobs, "--cap", str(2 << 20), "--seed", str(kill), "--initial-map", "1048576"
+        )
+        try:
+            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+            time.sleep(rng.uniform(0.0, 0.25))
+            assert proc.poll() is None, proc.stderr.read()
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+        check_cache(cache_dir, blobs)
+
+
+def test_two_processes_share_one_cache(cache_dir, tmp_path):
+    """Two processes read, store, evict, seal and grow the map of one cache at once for
+    two seconds; both see only right bytes, and the counters of both are persisted for a
+    third process (the CLI) to see."""
+    blobs = write_blobs(tmp_path, [2 << 20, 1 << 20 | 77])
+    procs = [
+        worker(
+            cache_dir,
+            blobs,
+            "--cap",
+            str(3 << 20),
+            "--seed",
+            str(seed),
+            "--seconds",
+            "2",
+            "--initial-map",
+            "1048576",
+        )
+        for seed in (1, 2)
+    ]
+    reads = 0
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out + err
+        lines = out.split()
+        assert lines[-2] == "ok", out
+        reads += int(lines[-1])
+    check_cache(cache_dir, blobs)
+    result = run_cli("cache", "stats", "--json", "--cache-dir", str(cache_dir))
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["hits"] + stats["misses"] >= reads
+    assert stats["bytes_fetched"] > 0 and stats["requests_fetched"] > 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_full_disk_evicts_or_serves_uncached_never_corrupts(tmp_path):
+    """On an 8 MiB tmpfs with the default 10 GiB cap, reading 24 MiB of blobs fills the
+    disk: every read still returns the right bytes, and the cache reopens clean."""
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mountpoint)], check=True)
+    try:
+        cache_dir = mountpoint / "cache"
+        blobs = write_blobs(tmp_path, [16 << 20, 8 << 20])
+        rng = random.Random(3)
+        with ChunkStore(cache_dir) as store:
+            opened = [
+                (data, CachedBlob(store, digest, len(data), _file_source(path, digest)))
+                for data, digest, path in blobs
+            ]
+            for _ in range(3):
+                for data, blob in opened:
+                    for offset in range(0, len(data), 1 << 20):
+                        got = b"".join(bytes(b) for b in blob.read(offset, 1 << 20))
+                        assert got == data[offset : offset + (1 << 20)]
+            for _ in range(200):
+                data, blob = rng.choice(opened)
+                offset = rng.randrange(len(data))
+                length = min(len(data) - offset, rng.randrange(1, 200_000))
+                assert (
+                    b"".join(bytes(b) for b in blob.read(offset, length))
+                    == data[offset : offset + length]
+                )
+            assert store.stats()["evictions"] > 0
+            for _, blob in opened:
+                blob.close()
+        check_cache(cache_dir, blobs)
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def _file_source(path: Path, digest: str):
+    from blockstore.source import LocalFileSource
+
+    return LocalFileSource(path, digest)
