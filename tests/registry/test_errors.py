@@ -1,0 +1,49 @@
+"""What a user reads when something is wrong: one line that says what and where."""
+
+from __future__ import annotations
+
+import pytest
+from rig.processes import free_port
+
+from blockstore.errors import NotFound, RegistryUnreachable
+from blockstore.registry import RegistryClient, RegistryOptions, resolve_image
+
+
+def test_unreachable_host(registry):
+    """Nobody listening: 'cannot reach registry HOST: connection refused (after N attempts)'."""
+    host = f"127.0.0.1:{free_port()}"
+    options = RegistryOptions(insecure=True, max_attempts=2, timeout=2)
+    with RegistryClient(host, options) as client, pytest.raises(RegistryUnreachable) as caught:
+        resolve_image(client, f"{host}/any/image:v1", None)
+    assert str(caught.value) == (
+        f"cannot reach registry {host}: connection refused (after 2 attempts)"
+    )
+    assert caught.value.exit_code == 5
+
+
+def test_unknown_repository_and_unknown_tag(registry, pushed_images):
+    """An unknown repository or tag names the image and quotes the registry's error code."""
+    with registry.client() as client:
+        with pytest.raises(NotFound) as no_repo:
+            resolve_image(client, f"{registry.host}/no/such:v1", None)
+        with pytest.raises(NotFound) as no_tag:
+            resolve_image(client, f"{registry.host}/fixtures/small:nope", None)
+    assert str(no_repo.value).startswith(f"image {registry.host}/no/such:v1: not found (")
+    assert "NAME_UNKNOWN" in str(no_repo.value) or "MANIFEST_UNKNOWN" in str(no_repo.value)
+    assert str(no_tag.value) == (
+        f"image {registry.host}/fixtures/small:nope: not found (MANIFEST_UNKNOWN: manifest unknown)"
+    )
+
+
+def test_unknown_platform_and_layer(registry, pushed_images):
+    """A platform the index lacks lists those it has; a layer out of range says how many."""
+    with registry.client() as client:
+        with pytest.raises(NotFound) as no_platform:
+            resolve_image(client, pushed_images.index, "linux/riscv64")
+        image = resolve_image(client, pushed_images.multilayer, None)
+    assert str(no_platform.value) == (
+        f"image {pushed_images.index} has no platform linux/riscv64; "
+        "it has: linux/amd64, linux/arm64/v8"
+    )
+    with pytest.raises(NotFound, match=r"has no layer 3; it has 3 \(0..2\)"):
+        image.select_layer(index=3)

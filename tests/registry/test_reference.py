@@ -1,0 +1,131 @@
+"""Image references parsed as docker and podman parse them (pure parser tests)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import assume, example, given
+from hypothesis import strategies as st
+
+from blockstore.errors import InvalidReference
+from blockstore.registry import Reference, normalize_digest, parse_reference
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("text", "canonical"),
+    [
+        ("alpine", "registry-1.docker.io/library/alpine:latest"),
+        ("alpine:3.19", "registry-1.docker.io/library/alpine:3.19"),
+        ("docker.io/alpine", "registry-1.docker.io/library/alpine:latest"),
+        ("index.docker.io/library/alpine", "registry-1.docker.io/library/alpine:latest"),
+        ("user/app", "registry-1.docker.io/user/app:latest"),
+        ("localhost/app", "localhost/app:latest"),
+        ("localhost:5000/a/b:tag", "localhost:5000/a/b:tag"),
+        ("127.0.0.1:5000/demo/img", "127.0.0.1:5000/demo/img:latest"),
+        ("quay.io/org/sub/app:v1.2-rc_3", "quay.io/org/sub/app:v1.2-rc_3"),
+        (f"ghcr.io/org/app@{DIGEST}", f"ghcr.io/org/app@{DIGEST}"),
+        (f"ghcr.io/org/app:v1@{DIGEST}", f"ghcr.io/org/app:v1@{DIGEST}"),
+        ("[::1]:5000/app:v1", "[::1]:5000/app:v1"),
+        ("a__b/c.d/e-f--g", "registry-1.docker.io/a__b/c.d/e-f--g:latest"),
+    ],
+)
+def test_known_references(text, canonical):
+    """Docker's own examples: Docker Hub, library/, latest, hosts with ports, digests."""
+    ref = parse_reference(text)
+    assert str(ref) == canonical
+    assert parse_reference(canonical) == ref
+
+
+def test_fields():
+    """The registry actually contacted, repository, tag and digest are separate fields."""
+    ref = parse_reference(f"127.0.0.1:5000/demo/img:v1@{DIGEST}")
+    assert ref == Reference("127.0.0.1:5000", "demo/img", "v1", DIGEST)
+    assert ref.manifest_ref == DIGEST
+    assert parse_reference("alpine").manifest_ref == "latest"
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("", "empty"),
+        (" alpine", "spaces"),
+        ("Alpine", "lowercase"),
+        ("host:5000/Demo", "lowercase"),
+        ("app:", "tag"),
+        ("app:-x", "tag"),
+        ("app:" + "t" * 129, "tag"),
+        ("app@sha256:abc", "not a digest"),
+        ("app@sha256:" + "AB" * 32, "64 lowercase hex"),
+        ("a//b", "not a valid name component"),
+        ("-a", "not a valid name component"),
+        ("a/", "not a valid name component"),
+        ("host:port/x", "bad registry host"),
+        ("host:5000/", "no repository"),
+        ("a/" + "b" * 256, "longer than 255"),
+    ],
+)
+def test_invalid_references_say_why(text, why):
+    """Each refusal names its reason."""
+    with pytest.raises(InvalidReference, match=why):
+        parse_reference(text)
+
+
+def test_normalize_digest():
+    """A layer digest may be given as bare hex; anything else must be a digest."""
+    assert normalize_digest("ab" * 32) == DIGEST
+    assert normalize_digest(DIGEST) == DIGEST
+    with pytest.raises(InvalidReference):
+        normalize_digest("abc")
+
+
+_component = st.from_regex(r"[a-z0-9]{1,5}(?:(?:[._]|__|-{1,2})[a-z0-9]{1,5}){0,2}", fullmatch=True)
+_host = st.one_of(
+    st.just("localhost"),
+    st.from_regex(r"[a-z][a-z0-9-]{0,6}[a-z0-9]\.[a-z]{2,4}", fullmatch=True),
+    st.builds(lambda a, b: f"{a}:{b}", st.just("127.0.0.1"), st.integers(1, 65535)),
+)
+_tag = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}", fullmatch=True)
+_digest = st.from_regex(r"[a-f0-9]{64}", fullmatch=True).map(lambda h: f"sha256:{h}")
+
+
+@given(
+    host=st.one_of(st.none(), _host),
+    path=st.lists(_component, min_size=1, max_size=4),
+    tag=st.one_of(st.none(), _tag),
+    digest=st.one_of(st.none(), _digest),
+)
+def test_generated_references_round_trip(host, path, tag, digest):
+    """Any reference built from the grammar parses into its parts, and its canonical
+    form parses back to the same reference."""
+    # Without a host, a first component with a dot would itself name a host.
+    assume(host is not None or len(path) == 1 or "." not in path[0])
+    text = "/".join(([host] if host else []) + path)
+    text += f":{tag}" if tag else ""
+    text += f"@{digest}" if digest else ""
+    ref = parse_reference(text)
+    repository = "/".join(path)
+    if host is None:
+        assert ref.registry == "registry-1.docker.io"
+        if len(path) == 1:
+            repository = f"library/{repository}"
+    else:
+        assert ref.registry == host
+    assert ref.repository == repository
+    assert ref.digest == digest
+    assert ref.tag == (tag or (None if digest else "latest"))
+    assert parse_reference(str(ref)) == ref
+
+
+@given(st.text(max_size=80))
+@example("a:b:c")
+@example("@")
+@example("a@b@c")
+def test_any_text_parses_or_is_refused_with_invalid_reference(text):
+    """No input makes the parser fail with anything but InvalidReference."""
+    try:
+        ref = parse_reference(text)
+    except InvalidReference as exc:
+        assert str(exc).startswith("invalid image reference")
+    else:
+        assert parse_reference(str(ref)) == ref
