@@ -1,0 +1,180 @@
+"""``blockstore serve`` as a user runs it: a process that announces URIs and stops cleanly."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+
+@contextmanager
+def serving(*args: str, env: dict | None = None) -> Iterator[tuple[subprocess.Popen, dict]]:
+    """Run ``blockstore serve ARGS`` until it says ``ready``; yield it and its exports."""
+    argv = [sys.executable, "-m", "blockstore", "serve", *args]
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, **(env or {})),
+    )
+    exports: dict[str, str] = {}
+    try:
+        for line in proc.stdout:
+            words = line.split()
+            if words == ["ready"]:
+                break
+            assert words[0] == "export" and len(words) == 3, line
+            exports[words[1].strip('"')] = words[2]
+        else:
+            raise AssertionError(f"serve exited before ready: {proc.wait()} {proc.stderr.read()}")
+        yield proc, exports
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def stop(proc: subprocess.Popen, signum: int = signal.SIGTERM) -> int:
+    proc.send_signal(signum)
+    return proc.wait(timeout=20)
+
+
+def nbdinfo(*args: str) -> dict:
+    out = subprocess.run(
+        ["nbdinfo", "--json", *args], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    return json.loads(out)
+
+
+def test_serve_multilayer_image_then_sigterm(registry, pushed_images, erofs_images, tmp_path):
+    """Each layer is announced as layer<i> with its URI and the default export is the top
+    layer; --list shows them all; a pidfile names the process; SIGTERM ends it with exit
+    code 0, removing the socket and the pidfile."""
+    sock, pidfile = tmp_path / "serve.sock", tmp_path / "serve.pid"
+    with serving(
+        pushed_images.multilayer,
+        "--insecure",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--unix",
+        str(sock),
+        "--pidfile",
+        str(pidfile),
+    ) as (proc, exports):
+        assert list(exports) == ["layer0", "layer1", "layer2", ""]
+        assert all(uri.startswith("nbd+unix:///") for uri in exports.values())
+        assert int(pidfile.read_text()) == proc.pid
+        listing = nbdinfo("--list", exports[""])
+        names = {e["export-name"]: e["export-size"] for e in listing["exports"]}
+        assert names == {f"layer{i}": erofs_images.layers[i].size for i in range(3)}
+        assert nbdinfo(exports[""])["exports"][0]["export-size"] == erofs_images.layers[2].size
+        assert stop(proc) == 0
+        assert not sock.exists() and not pidfile.exists()
+
+
+def test_serve_one_layer_over_tcp_warm_then_offline(
+    registry, pushed_images, erofs_images, tmp_path
+):
+    """--layer 1 serves only that layer on a TCP port; once nbdcopy has read it, the same
+    cache serves it --offline, byte for byte, and SIGINT stops the server cleanly."""
+    cache = str(tmp_path / "cache")
+    common = [pushed_images.multilayer, "--insecure", "--cache-dir", cache, "--layer", "1"]
+    expected = erofs_images.layers[1].path
+    for extra in ([], ["--offline"]):
+        with serving(*common, *extra, "--listen", "127.0.0.1:0") as (proc, exports):
+            assert list(exports) == ["layer1", ""]
+            assert exports["layer1"].startswith("nbd://127.0.0.1:")
+            out = tmp_path / f"copy{len(extra)}.img"
+            subprocess.run(["nbdcopy", exports["layer1"], str(out)], check=True, timeout=60)
+            assert filecmp.cmp(out, expected, shallow=False)
+            assert stop(proc, signal.SIGINT) == 0
+
+
+def test_sigterm_waits_for_reads_in_flight(registry, pushed_images, erofs_images, tmp_path):
+    """SIGTERM while nbdcopy is copying the large image from a cold cache: the server
+    finishes the replies in flight, exits 0, and the cache it leaves serves the bytes it
+    had fetched offline without a checksum failure."""
+    cache = str(tmp_path / "cache")
+    args = [pushed_images.large, "--insecure", "--cache-dir", cache, "--listen", "127.0.0.1:0"]
+    with serving(*args) as (proc, exports):
+        copy = subprocess.Popen(
+            ["nbdcopy", exports[""], str(tmp_path / "partial.img")], stderr=subprocess.DEVNULL
+        )
+        time.sleep(0.3)
+        assert stop(proc) == 0
+        copy.wait(timeout=30)
+    with serving(*args, "--offline") as (proc, exports):
+        verify = subprocess.run(
+            [sys.executable, "-m", "blockstore", "cache", "verify", "--cache-dir", cache],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        assert stop(proc) == 0
+
+
+def test_serve_refuses_what_it_cannot_do(registry, pushed_images, tmp_path):
+    """A layer that does not exist, an image never cached while offline, and a busy port
+    each end the command with an error message and a non-zero exit code."""
+    base = [sys.executable, "-m", "blockstore", "serve", "--cache-dir", str(tmp_path / "c")]
+    for cache, extra in (
+        ("other", [pushed_images.small, "--insecure", "--layer", "7"]),
+        ("never-used", [pushed_images.small, "--offline"]),
+    ):
+        argv = [*base, *extra, "--listen", "127.0.0.1:0", "--cache-dir", str(tmp_path / cache)]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert result.returncode != 0 and result.stderr.startswith("blockstore: ")
+    with serving(
+        pushed_images.small,
+        "--insecure",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--listen",
+        "127.0.0.1:0",
+    ) as (proc, exports):
+        port = exports[""].split(":")[2].split("/")[0]
+        busy = subprocess.run(
+            [*base, pushed_images.small, "--insecure", "--listen", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert busy.returncode != 0 and "cannot listen" in busy.stderr
+        assert stop(proc) == 0
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:0"])
+def test_serve_warns_when_listening_beyond_loopback(registry, pushed_images, tmp_path, address):
+    """Binding a non-loopback address works but says, on stderr, that anyone who can
+    connect can read the image."""
+    with serving(
+        pushed_images.small, "--insecure", "--cache-dir", str(tmp_path / "c"), "--listen", address
+    ) as (proc, _exports):
+        assert stop(proc) == 0
+        assert "no authentication" in proc.stderr.read()
+
+
+def test_parse_listen():
+    """HOST:PORT, [v6]:PORT and a bare port are accepted; nonsense is refused."""
+    import argparse
+
+    from blockstore.cli.serve_cmds import parse_listen
+
+    assert parse_listen("10.0.0.1:99") == ("10.0.0.1", 99)
+    assert parse_listen("[::1]:10809") == ("::1", 10809)
+    assert parse_listen("1234") == ("127.0.0.1", 1234)
+    for bad in ("host:", "host:port", ":80", "1:99999"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_listen(bad)
