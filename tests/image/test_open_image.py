@@ -1,0 +1,137 @@
+"""Resolving an image online, from the cache offline, and with the registry gone.
+
+Real registry, real cache; a fault proxy in front of the registry records
+every request, so "never opens a network connection" is checked, not assumed.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from rig.pushed import push_erofs
+
+from blockstore.errors import ImageNotCached, NotCached
+from blockstore.image import open_image
+from blockstore.registry import RegistryOptions
+
+OPTIONS = RegistryOptions(insecure=True, timeout=5.0, max_attempts=2, retry_budget=2.0)
+
+
+def read_all(blob) -> bytes:
+    return b"".join(bytes(b) for b in blob.read(0, blob.size))
+
+
+def test_offline_open_serves_cached_bytes_and_sends_nothing(
+    fresh_registry, fault_proxy, erofs_images, tmp_path: Path
+):
+    """Resolve and read through a recording proxy, then open --offline: the bytes
+    must match the image file, and the proxy must see no request at all."""
+    proxy = fault_proxy(fresh_registry)
+    reference = push_erofs(proxy.host, "offline/img", "v1", [erofs_images.small.path])
+    expected = erofs_images.small.path.read_bytes()
+    image = open_image(reference, cache_dir=tmp_path / "cache", options=OPTIONS)
+    try:
+        (blob,) = image.exports()
+        assert read_all(blob) == expected
+        blob.close()
+    finally:
+        image.close()
+    seen = len(proxy.requests)
+
+    offline = open_image(reference, cache_dir=tmp_path / "cache", offline=True)
+    try:
+        assert not offline.online
+        (blob,) = offline.exports()
+        assert blob.name == "layer0"
+        assert read_all(blob) == expected
+    finally:
+        offline.close()
+    assert len(proxy.requests) == seen, "an offline open sent requests"
+
+
+def test_offline_uncached_read_fails_fast_with_eio(
+    fresh_registry, fault_proxy, erofs_images, tmp_path: Path
+):
+    """Only the first chunk is cached; offline, a read elsewhere must raise NotCached
+    (errno EIO) within a second and name the blob and offset."""
+    proxy = fault_proxy(fresh_registry)
+    reference = push_erofs(proxy.host, "partial/img", "v1", [erofs_images.large.path])
+    image = open_image(reference, cache_dir=tmp_path / "cache", options=OPTIONS)
+    (blob,) = image.exports()
+    blob.read(0, 4096)
+    blob.close()
+    image.close()
+    fresh_registry.stop()
+
+    offline = open_image(reference, cache_dir=tmp_path / "cache", offline=True)
+    try:
+        (blob,) = offline.exports()
+        started = time.monotonic()
+        with pytest.raises(NotCached) as caught:
+            blob.read(blob.size - 100_000, 4096)
+        assert time.monotonic() - started < 1.0
+        assert caught.value.errno == 5
+        assert blob.digest in str(caught.value)
+        assert "offset" in str(caught.value)
+    finally:
+        offline.close()
+
+
+def test_registry_down_falls_back_to_cached_resolution(
+    fresh_registry, erofs_images, tmp_path: Path, caplog
+):
+    """Online open with the registry process stopped: the cached resolution is used,
+    with a warning, cached bytes are served and uncached ones fail at once."""
+    reference = push_erofs(fresh_registry.host, "down/img", "v1", [erofs_images.large.path])
+    image = open_image(reference, cache_dir=tmp_path / "cache", options=OPTIONS)
+    (blob,) = image.exports()
+    head = b"".join(bytes(b) for b in blob.read(0, 65536))
+    blob.close()
+    image.close()
+    fresh_registry.stop()
+
+    image = open_image(reference, cache_dir=tmp_path / "cache", options=OPTIONS)
+    try:
+        assert not image.online
+        assert "from the cache alone" in caplog.text
+        (blob,) = image.exports()
+        assert b"".join(bytes(b) for b in blob.read(0, 65536)) == head
+        started = time.monotonic()
+        with pytest.raises(NotCached):
+            blob.read(blob.size - 4096, 4096)
+        assert time.monotonic() - started < 1.0
+    finally:
+        image.close()
+
+
+def test_nothing_cached_and_registry_down_says_so(fresh_registry, tmp_path: Path):
+    """No registry and no cached resolution: one clear error naming the reference
+    and the cache, with its own exit code."""
+    reference = f"{fresh_registry.host}/never/seen:v1"
+    fresh_registry.stop()
+    with pytest.raises(ImageNotCached) as caught:
+        open_image(reference, cache_dir=tmp_path / "cache", options=OPTIONS)
+    message = str(caught.value)
+    assert "never/seen:v1" in message and "never resolved" in message
+    assert caught.value.exit_code == ImageNotCached.exit_code
+
+    with pytest.raises(ImageNotCached, match="offline"):
+        open_image(reference, cache_dir=tmp_path / "cache", offline=True)
+
+
+def test_layer_selection_by_index_and_digest(pushed_images, erofs_images, tmp_path: Path):
+    """A multi-layer image exports every layer by default; --layer and --blob pick one,
+    and an unknown layer is refused with the image's layer count."""
+    image = open_image(pushed_images.multilayer, cache_dir=tmp_path / "cache", options=OPTIONS)
+    try:
+        assert [b.name for b in image.exports()] == ["layer0", "layer1", "layer2"]
+        top = erofs_images.layers[2]
+        (by_index,) = image.exports(layer=2)
+        (by_digest,) = image.exports(blob=top.digest.removeprefix("sha256:"))
+        assert by_index.digest == by_digest.digest == top.digest
+        with pytest.raises(Exception, match="has no layer 7; it has 3"):
+            image.exports(layer=7)
+    finally:
+        image.close()

@@ -1,0 +1,73 @@
+"""``blockstore prefetch``: whole layers into the cache, interrupted and resumed."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rig.fault_proxy import Fault
+from rig.pushed import push_erofs
+
+
+def blockstore(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "blockstore", *args], capture_output=True, text=True, **kw
+    )
+
+
+def cached_fraction(cache: Path) -> float:
+    listing = blockstore("cache", "ls", "--json", "--cache-dir", str(cache), check=True)
+    blobs = json.loads(listing.stdout)
+    return blobs[0]["cached_fraction"] if blobs else 0.0
+
+
+def requested_bytes(requests) -> int:
+    total = 0
+    for request in requests:
+        spec = request.headers.get("Range", "")
+        if spec.startswith("bytes="):
+            first, _, last = spec[6:].partition("-")
+            total += int(last) - int(first) + 1
+    return total
+
+
+def test_prefetch_interrupted_then_resumed(fresh_registry, fault_proxy, erofs_images, tmp_path):
+    """Prefetch a 64 MiB layer over a slowed link, SIGINT it part way, run it again:
+    the second run fetches only what is missing, and the layer ends verified, sealed
+    and pinned."""
+    proxy = fault_proxy(fresh_registry)
+    image = erofs_images.large
+    reference = push_erofs(proxy.host, "prefetch/large", "v1", [image.path])
+    cache = tmp_path / "cache"
+    proxy.fault = Fault("delay", path_contains="/blobs/", method="GET", seconds=0.15)
+    argv = [sys.executable, "-m", "blockstore", "prefetch", reference, "--insecure", "--pin"]
+    argv += ["--cache-dir", str(cache)]
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and cached_fraction(cache) < 0.1:
+            time.sleep(0.1)
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=30)
+    finally:
+        first.kill()
+    assert first.returncode == 130, err
+    part = cached_fraction(cache)
+    assert 0.0 < part < 1.0, "the interrupted run should have left part of the layer"
+
+    proxy.fault = None
+    before = len(proxy.requests)
+    second = blockstore(*argv[3:], timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert f"{image.digest}" in second.stdout and "verified and sealed, pinned" in second.stdout
+    fetched_again = requested_bytes(proxy.requests[before:])
+    missing = (1 - part) * image.size
+    assert fetched_again <= missing + 8 * 32768, (fetched_again, missing)
+
+    listing = json.loads(blockstore("cache", "ls", "--json", "--cache-dir", str(cache)).stdout)
+    (blob,) = listing
+    assert blob["sealed"] and blob["pinned"] and blob["cached_fraction"] == 1.0
