@@ -52,7 +52,7 @@ def test_prefetch_interrupted_then_resumed(fresh_registry, fault_proxy, erofs_im
         while time.monotonic() < deadline and cached_fraction(cache) < 0.1:
             time.sleep(0.1)
         first.send_signal(signal.SIGINT)
-        out, err = first.communicate(timeout=30)
+        _, err = first.communicate(timeout=30)
     finally:
         first.kill()
     assert first.returncode == 130, err
