@@ -213,3 +213,4 @@ class CacheEnv:
     def _adopt_map_size(self) -> None:
         with self._gate.exclusive():
             self.env.set_mapsize(0)
+            log.debug("another process grew the cache map; now %d MiB", self.map_size() >> 20)

@@ -26,6 +26,11 @@ from .layout import (
     lru_key,
 )
 
+# A chunk used again within this many microseconds keeps its place: a
+# streaming reader would otherwise rewrite the LRU index for every chunk it
+# reads, every second. Eviction order is only as fine as this.
+RESOLUTION_US = 10_000_000
+
 
 def now_tick() -> int:
     """Microseconds since the epoch: comparable between processes."""
@@ -58,7 +63,7 @@ def place(txn: lmdb.Transaction, dbs: dict[bytes, lmdb._Database], key: bytes, t
     old = txn.get(key, db=dbs[DB_TICKS])
     if old is not None:
         old_tick = U64.unpack(old)[0]
-        if old_tick >= tick:
+        if old_tick >= tick - RESOLUTION_US:
             return
         txn.delete(lru_key(old_tick, key), db=dbs[DB_LRU])
     txn.put(lru_key(tick, key), b"", db=dbs[DB_LRU])

@@ -115,12 +115,15 @@ class ChunkStore:
                 f"the cache at {self.path} has format {version} with {chunk_size}-byte chunks; "
                 f"this version needs format {FORMAT_VERSION} with {CHUNK_SIZE}-byte chunks"
             )
-        txn.put(b"format", U64.pack(version), db=meta)
-        txn.put(b"chunk_size", U64.pack(chunk_size), db=meta)
-        if size_cap is not None:
-            txn.put(b"size_cap", U64.pack(size_cap), db=meta)
-            return size_cap
-        return _meta_int(txn, meta, b"size_cap", DEFAULT_SIZE_CAP)
+        # Write only what changes: an unchanged cache opens even on a full disk.
+        wanted = {b"format": version, b"chunk_size": chunk_size}
+        stored_cap = _meta_int(txn, meta, b"size_cap", DEFAULT_SIZE_CAP)
+        if size_cap is not None and size_cap != stored_cap:
+            wanted[b"size_cap"] = size_cap
+        for name, value in wanted.items():
+            if txn.get(name, db=meta) != U64.pack(value):
+                txn.put(name, U64.pack(value), db=meta)
+        return size_cap if size_cap is not None else stored_cap
 
     def close(self) -> None:
         if self._closing.is_set():

@@ -11,6 +11,7 @@ from cache_rig import flip_stored_byte
 from cache_sources import ScriptedSource, make_blob
 
 import blockstore.cache.env as cache_env
+import blockstore.cache.recency as recency
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
 from blockstore.cache.layout import DB_META, U64
 from blockstore.errors import BlobReadError, CacheError, IntegrityError, NotCached
@@ -152,8 +153,9 @@ def test_eviction_keeps_the_cap_and_spares_pinned_blobs(cache_dir):
         assert store.stats()["stored_bytes"] <= 8 * CHUNK_SIZE
 
 
-def test_recency_decides_what_is_evicted(cache_dir):
+def test_recency_decides_what_is_evicted(cache_dir, monkeypatch):
     """A chunk read again recently outlives chunks stored after it but not read since."""
+    monkeypatch.setattr(recency, "RESOLUTION_US", 0)
     data, digest = make_blob(10 * CHUNK_SIZE, seed=9)
     with ChunkStore(cache_dir, size_cap=6 * CHUNK_SIZE) as store:
         blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest), readahead=NONE)
