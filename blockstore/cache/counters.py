@@ -11,7 +11,7 @@ import threading
 
 import lmdb
 
-from .layout import DB_COUNTERS, U64
+from .layout import U64
 
 COUNTER_NAMES = (
     "hits",
@@ -74,6 +74,3 @@ def load(txn: lmdb.Transaction, db: lmdb._Database) -> dict[str, int]:
     for key, raw in txn.cursor(db=db):
         totals[bytes(key).decode()] = U64.unpack(raw)[0]
     return totals
-
-
-__all__ = ["COUNTER_NAMES", "DB_COUNTERS", "Counters", "load", "persist"]

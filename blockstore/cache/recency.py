@@ -54,9 +54,6 @@ class Recency:
             taken, self._touched = self._touched, {}
             return taken
 
-    def __bool__(self) -> bool:
-        return bool(self._touched)
-
 
 def place(txn: lmdb.Transaction, dbs: dict[bytes, lmdb._Database], key: bytes, tick: int) -> None:
     """Put a chunk at ``tick`` in the LRU index, moving it if it was there."""

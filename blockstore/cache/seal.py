@@ -258,9 +258,9 @@ def _repair(store, by_id, present, bad, orphans, stored, report) -> None:
     def work(txn) -> None:
         for blob_id, indices in bad.items():
             for index in indices:
-                store._delete_chunk(txn, chunk_key(blob_id, index), None, 0)
+                store.delete_chunk(txn, chunk_key(blob_id, index), None, 0)
         for key in orphans:
-            store._delete_chunk(txn, key, None, 0)
+            store.delete_chunk(txn, key, None, 0)
         for blob_id, (digest, record) in by_id.items():
             if record.present != present[blob_id]:
                 report.repaired_records.append(digest)

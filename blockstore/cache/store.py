@@ -46,6 +46,7 @@ from .layout import (
     chunk_value,
     valid_chunk,
 )
+from .seal import Sealer, VerifyReport, seal_blob, verify_store
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,6 @@ class ChunkStore:
     def __init__(
         self, path: str | Path, size_cap: int | None = None, *, flush_interval: float = 1.0
     ):
-        from .seal import Sealer
-
         self.path = Path(path)
         self.env = CacheEnv(self.path)
         self.dbs = self.env.dbs
@@ -287,14 +286,14 @@ class ChunkStore:
                 value = txn.get(key, db=self.dbs[DB_CHUNKS])
                 if value is None or valid_chunk(value, chunk_length(record.size, index)):
                     continue
-                self._delete_chunk(txn, key, record, len(value) - SUM_SIZE)
+                self.delete_chunk(txn, key, record, len(value) - SUM_SIZE)
                 dropped += 1
             txn.put(digest.encode(), record.pack(), db=self.dbs[DB_BLOBS])
             return dropped
 
         return self.env.write(work)
 
-    def _delete_chunk(
+    def delete_chunk(
         self, txn: lmdb.Transaction, key: bytes, record: BlobRecord | None, length: int
     ) -> None:
         txn.delete(key, db=self.dbs[DB_CHUNKS])
@@ -323,7 +322,7 @@ class ChunkStore:
                         break
                     keys.append((bytes(key), len(value) - SUM_SIZE))
             for key, length in keys:
-                self._delete_chunk(txn, key, None, length)
+                self.delete_chunk(txn, key, None, length)
             txn.delete(digest.encode(), db=self.dbs[DB_BLOBS])
             txn.delete(prefix, db=self.dbs[DB_IDS])
             txn.delete(digest.encode(), db=self.dbs[DB_SUMS])
@@ -373,17 +372,13 @@ class ChunkStore:
         True: sealed (or already was). False: the bytes did not match and
         the blob was dropped. None: not complete (or not checkable) yet.
         """
-        from .seal import seal_blob
-
         return seal_blob(self, digest)
 
     def seal_later(self, digest: str) -> None:
         self._sealer.submit(digest)
 
-    def verify(self):  # -> VerifyReport
+    def verify(self) -> VerifyReport:
         """Re-check every chunk and every complete blob, dropping what is bad."""
-        from .seal import verify_store
-
         return verify_store(self)
 
     # --- reporting -----------------------------------------------------------
