@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import lmdb
 
@@ -83,12 +83,37 @@ class _Gate:
 
 
 class CacheEnv:
-    """An LMDB environment with its named databases, shared by threads and processes."""
+    """An LMDB environment with its named databases, shared by threads and processes.
+
+    Get one with ``CacheEnv.open``: LMDB must not be opened twice on one
+    directory in one process (closing either would drop the other's file
+    locks), so stores opened on the same directory share one environment.
+    """
+
+    _open: ClassVar[dict[tuple[int, int], CacheEnv]] = {}
+    _open_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    @classmethod
+    def open(cls, path: Path) -> CacheEnv:
+        with cls._open_lock:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                st = path.stat()
+            except OSError as exc:
+                raise CacheError(f"cannot open the cache at {path}: {exc}") from exc
+            key = (st.st_dev, st.st_ino)
+            env = cls._open.get(key)
+            if env is None:
+                env = cls._open[key] = cls(path)
+                env._key = key
+            env._users += 1
+            return env
 
     def __init__(self, path: Path):
         self.path = path
+        self._users = 0
+        self._key: tuple[int, int] | None = None
         try:
-            path.mkdir(parents=True, exist_ok=True)
             data = path / "data.mdb"
             used = data.stat().st_size if data.exists() else 0
             map_size = INITIAL_MAP_SIZE
@@ -117,6 +142,11 @@ class CacheEnv:
         self.write(open_dbs)
 
     def close(self) -> None:
+        with self._open_lock:
+            self._users -= 1
+            if self._users > 0:
+                return
+            self._open.pop(self._key, None)
         with self._gate.exclusive():
             self.env.close()
 

@@ -89,11 +89,15 @@ class ChunkStore:
         self, path: str | Path, size_cap: int | None = None, *, flush_interval: float = 1.0
     ):
         self.path = Path(path)
-        self.env = CacheEnv(self.path)
+        self.env = CacheEnv.open(self.path)
         self.dbs = self.env.dbs
         self.counters = counters_mod.Counters()
         self.recency = recency_mod.Recency()
-        self._size_cap = self.env.write(lambda txn: self._init_meta(txn, size_cap))
+        try:
+            self._size_cap = self.env.write(lambda txn: self._init_meta(txn, size_cap))
+        except BaseException:
+            self.env.close()
+            raise
         self._sealer = Sealer(self)
         self.seal_lock = threading.Lock()  # one blob hashed at a time, never twice at once
         self.seal_failed: dict[str, bool] = {}
@@ -296,6 +300,7 @@ class ChunkStore:
     def delete_chunk(
         self, txn: lmdb.Transaction, key: bytes, record: BlobRecord | None, length: int
     ) -> None:
+        """In a write transaction: drop a chunk and its LRU entries, keeping counts right."""
         txn.delete(key, db=self.dbs[DB_CHUNKS])
         tick = txn.get(key, db=self.dbs[DB_TICKS])
         if tick is not None:

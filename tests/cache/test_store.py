@@ -234,3 +234,18 @@ def test_size_mismatch_is_refused(cache_dir):
         CachedBlob(store, digest, len(data), ScriptedSource(data, digest)).read(0, 1)
         with pytest.raises(CacheError):
             CachedBlob(store, digest, len(data) + 1, None)
+
+
+def test_two_stores_on_one_directory_in_one_process(cache_dir):
+    """Opening a cache twice in one process shares one LMDB environment: closing one
+    store leaves the other working."""
+    data, digest = make_blob(3 * CHUNK_SIZE, seed=13)
+    first = ChunkStore(cache_dir)
+    second = ChunkStore(cache_dir)
+    assert first.env is second.env
+    CachedBlob(first, digest, len(data), ScriptedSource(data, digest)).read(0, len(data))
+    first.close()
+    assert joined(CachedBlob(second, digest, len(data), None).read(0, len(data))) == data
+    second.close()
+    with ChunkStore(cache_dir) as third:
+        assert third.lookup(digest).present == 3
