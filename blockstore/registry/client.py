@@ -120,7 +120,7 @@ class RegistryClient:
             headers={"Accept": MANIFEST_ACCEPT},
             stream=True,
         ) as reply:
-            raw = _read_limited(reply, MAX_MANIFEST_BYTES, subject)
+            raw = _read_small(reply, MAX_MANIFEST_BYTES, subject)
             return ManifestReply(
                 raw,
                 reply.headers.get("Content-Type", ""),
@@ -133,7 +133,7 @@ class RegistryClient:
         with self._pull(
             "GET", repository, f"/v2/{repository}/blobs/{digest}", subject, stream=True
         ) as reply:
-            return _read_limited(reply, limit, subject)
+            return _read_small(reply, limit, subject)
 
     def read_blob_range(
         self, repository: str, digest: str, first: int, last: int, size: int
@@ -152,7 +152,7 @@ class RegistryClient:
                 if reply.status_code == 206:
                     check_partial_reply(reply.headers.get("Content-Range"), first, last, size)
                     want = last - first + 1
-                    data = reply.raw.read(want + 1, decode_content=False)
+                    data = read_body(reply, want)
                     if len(data) != want:
                         raise BlobReadError(
                             f"{subject}: asked for {want} bytes at {first}, got {len(data)}"
@@ -278,8 +278,24 @@ class RegistryClient:
         log.warning("mirror %s failed, trying the next: %s", mirror.host, why)
 
 
-def _read_limited(reply: requests.Response, limit: int, subject: str) -> bytes:
-    data = reply.raw.read(limit + 1, decode_content=True)
+def read_body(reply: requests.Response, limit: int) -> bytes:
+    """The body, or its first ``limit + 1`` bytes when it is longer than ``limit``.
+
+    Read through requests so that a body read to its end hands the
+    connection back to the pool (keep-alive); one left unread is closed.
+    """
+    parts: list[bytes] = []
+    got = 0
+    for chunk in reply.iter_content(STREAM_CHUNK):
+        parts.append(chunk)
+        got += len(chunk)
+        if got > limit:
+            break
+    return b"".join(parts)[: limit + 1]
+
+
+def _read_small(reply: requests.Response, limit: int, subject: str) -> bytes:
+    data = read_body(reply, limit)
     if len(data) > limit:
         raise RegistryError(f"{subject}: larger than {limit} bytes, refused")
     return data

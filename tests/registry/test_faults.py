@@ -166,3 +166,15 @@ def test_corrupted_manifest_is_refused(registry, pushed_images, fault_proxy):
     proxy.fault = Fault("corrupt", path_contains="/manifests/", after_bytes=10)
     with client_via(proxy) as client, pytest.raises(IntegrityError, match="refused"):
         resolve_image(client, f"{proxy.host}/fixtures/small:v1", None)
+
+
+def test_connections_are_kept_alive(registry, pushed_images, erofs_images, fault_proxy):
+    """Many range reads in a row travel over one pooled connection, not one each."""
+    proxy = fault_proxy(registry)
+    data = erofs_images.large.path.read_bytes()
+    with client_via(proxy) as client:
+        blob = open_blob(client, "fixtures/large")
+        for i in range(30):
+            assert blob.read_range(i * 100_000, 50_000) == data[i * 100_000 : i * 100_000 + 50_000]
+    assert len(proxy.requests) == 31  # one manifest, thirty ranges
+    assert proxy.connections <= 2

@@ -16,8 +16,10 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import urlsplit
+
+from rig.processes import QuietHTTPServer
 
 _HOP_BY_HOP = {
     "connection",
@@ -80,9 +82,10 @@ class FaultProxy:
         self.fault: Fault | None = None
         self.faults_applied = 0
         self.requests: list[RecordedRequest] = []
+        self.connections = 0
+        """TCP connections clients opened: keep-alive shows as few."""
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer((listen, 0), _handler(self))
-        self._server.daemon_threads = True
+        self._server = QuietHTTPServer((listen, 0), _handler(self))
         self.host = f"{listen}:{self._server.server_address[1]}"
         self.url = f"http://{self.host}"
 
@@ -110,6 +113,10 @@ class FaultProxy:
             self.faults_applied += 1
             return fault
 
+    def count_connection(self) -> None:
+        with self._lock:
+            self.connections += 1
+
     def record(self, request: RecordedRequest) -> None:
         with self._lock:
             self.requests.append(request)
@@ -121,6 +128,10 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
 
         def log_message(self, *args: object) -> None:
             pass
+
+        def setup(self) -> None:
+            super().setup()
+            proxy.count_connection()
 
         def do_GET(self) -> None:
             self._proxy()
@@ -163,6 +174,9 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 upstream.endheaders(body)
                 reply = upstream.getresponse()
                 self._relay(reply, fault)
+            except (BrokenPipeError, ConnectionResetError):
+                # The client hung up early (it had the bytes it wanted).
+                self.close_connection = True
             finally:
                 upstream.close()
 

@@ -1,10 +1,12 @@
-"""Free ports and readiness waits for the daemons the rig starts."""
+"""Free ports, readiness waits and servers for the daemons and small servers of the rig."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import time
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 
@@ -47,3 +49,13 @@ def tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+class QuietHTTPServer(ThreadingHTTPServer):
+    """A threaded HTTP server that does not print a traceback when a client hangs up."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)

@@ -19,9 +19,11 @@ import secrets
 import subprocess
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
+
+from rig.processes import QuietHTTPServer
 
 # distribution accepts a token up to 60 s past its "exp" (clock-skew leeway,
 # registry/auth/token/token.go); "exp" is set that much earlier so the token
@@ -57,16 +59,13 @@ class TokenIssuer:
         pem = cert.read_text()
         body = pem.split("-----BEGIN CERTIFICATE-----")[1].split("-----END CERTIFICATE-----")[0]
         self._x5c = "".join(body.split())
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._server.daemon_threads = True
+        self._server = QuietHTTPServer(("127.0.0.1", 0), _handler(self))
         self.realm = f"http://127.0.0.1:{self._server.server_address[1]}/token"
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(
+        threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
+        ).start()
 
     def stop(self) -> None:
         self._server.shutdown()
