@@ -80,7 +80,7 @@ class Authenticator:
         self,
         host: str,
         credentials: Credentials | None,
-        fetch_token: Callable[[str, dict[str, str], Credentials | None], requests.Response],
+        fetch_token: Callable[[str, list[tuple[str, str]], Credentials | None], requests.Response],
     ):
         self.host = host
         self.credentials = credentials
@@ -135,16 +135,18 @@ class Authenticator:
                     )
                 return header
             self._bearer = challenge.params
-            return f"Bearer {self._new_token(scope).value}"
+            token = self._new_token(scope, challenge.params.get("scope"))
+            return f"Bearer {token.value}"
 
-    def _new_token(self, scope: str) -> _Token:
+    def _new_token(self, scope: str, asked: str | None = None) -> _Token:
+        """A token for ``scope``, and for the scope the registry ``asked`` for if it differs."""
         realm = self._bearer.get("realm")
         if not realm:
             raise AuthError(f"registry {self.host} sent a Bearer challenge without a realm")
-        params = {"service": self._bearer.get("service", "")} if "service" in self._bearer else {}
-        params["scope"] = scope
+        params = [("service", self._bearer["service"])] if "service" in self._bearer else []
+        params += [("scope", s) for s in dict.fromkeys(filter(None, (scope, asked)))]
         if self.credentials:
-            params["account"] = self.credentials.username
+            params.append(("account", self.credentials.username))
         started = time.monotonic()
         reply = self._fetch_token(realm, params, self.credentials)
         issuer = urlsplit(realm).netloc

@@ -168,7 +168,7 @@ class Endpoint:
         return self._session.request(method, url, data=body, **kwargs)
 
     def _fetch_token(
-        self, realm: str, params: dict[str, str], credentials: Credentials | None
+        self, realm: str, params: list[tuple[str, str]], credentials: Credentials | None
     ) -> requests.Response:
         headers = {"Authorization": basic_header(credentials)} if credentials else {}
         separator = "&" if urlsplit(realm).query else "?"
