@@ -46,29 +46,32 @@ class _Gate:
     """Many holders at once, or one exclusive holder (writer-preferring).
 
     Shared holders must not nest: an exclusive waiter blocks new holders.
+    The shared path is one plain lock round trip each way: it is on every
+    read.
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._holders = 0
         self._exclusive_waiting = 0
         self._exclusive = False
 
     def acquire_shared(self) -> None:
-        with self._cond:
+        with self._lock:
             while self._exclusive or self._exclusive_waiting:
                 self._cond.wait()
             self._holders += 1
 
     def release_shared(self) -> None:
-        with self._cond:
+        with self._lock:
             self._holders -= 1
-            if not self._holders:
+            if not self._holders and self._exclusive_waiting:
                 self._cond.notify_all()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        with self._cond:
+        with self._lock:
             self._exclusive_waiting += 1
             while self._exclusive or self._holders:
                 self._cond.wait()
@@ -77,7 +80,7 @@ class _Gate:
         try:
             yield
         finally:
-            with self._cond:
+            with self._lock:
                 self._exclusive = False
                 self._cond.notify_all()
 

@@ -9,7 +9,6 @@ look older than it is.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import lmdb
@@ -38,21 +37,22 @@ def now_tick() -> int:
 
 
 class Recency:
-    """Chunk ranges touched by this process since the last flush."""
+    """Chunk ranges touched by this process since the last flush.
+
+    Touching is a bare list append (atomic in CPython, no lock, no clock):
+    the flush stamps everything it takes with its own time. A touch racing
+    with a flush may be lost, which only makes a chunk look older.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._touched: dict[tuple[int, int, int], int] = {}
+        self._touched: list[tuple[int, int, int]] = []
 
     def touch(self, blob_id: int, first: int, last: int) -> None:
-        tick = now_tick()
-        with self._lock:
-            self._touched[(blob_id, first, last)] = tick
+        self._touched.append((blob_id, first, last))
 
-    def take(self) -> dict[tuple[int, int, int], int]:
-        with self._lock:
-            taken, self._touched = self._touched, {}
-            return taken
+    def take(self) -> set[tuple[int, int, int]]:
+        taken, self._touched = self._touched, []
+        return set(taken)
 
 
 def place(txn: lmdb.Transaction, dbs: dict[bytes, lmdb._Database], key: bytes, tick: int) -> None:
@@ -70,17 +70,16 @@ def place(txn: lmdb.Transaction, dbs: dict[bytes, lmdb._Database], key: bytes, t
 def apply(
     txn: lmdb.Transaction,
     dbs: dict[bytes, lmdb._Database],
-    touched: dict[tuple[int, int, int], int],
+    touched: set[tuple[int, int, int]],
 ) -> None:
-    """Move touched chunks that are still stored to their new place in the LRU."""
-    latest: dict[int, int] = {}
-    for (blob_id, first, last), tick in touched.items():
+    """Move touched chunks that are still stored to the young end of the LRU."""
+    tick = now_tick()
+    for blob_id, first, last in touched:
         for index in range(first, last + 1):
             key = chunk_key(blob_id, index)
             if txn.get(key, db=dbs[DB_CHUNKS]) is not None:
                 place(txn, dbs, key, tick)
-        latest[blob_id] = max(tick, latest.get(blob_id, 0))
-    for blob_id, tick in latest.items():
+    for blob_id in {blob_id for blob_id, _, _ in touched}:
         digest = txn.get(U64.pack(blob_id), db=dbs[DB_IDS])
         if digest is None:
             continue

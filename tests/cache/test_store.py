@@ -160,6 +160,7 @@ def test_recency_decides_what_is_evicted(cache_dir, monkeypatch):
     with ChunkStore(cache_dir, size_cap=6 * CHUNK_SIZE) as store:
         blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest), readahead=NONE)
         blob.read(0, 5 * CHUNK_SIZE)
+        store.flush()
         time.sleep(0.01)
         blob.read(0, 10)  # touch chunk 0
         store.flush()
