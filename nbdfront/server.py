@@ -20,7 +20,6 @@ import stat
 import threading
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 from blockstore.export import Export
 from nbdfront.protocol import (
@@ -29,7 +28,6 @@ from nbdfront.protocol import (
     CacheRequest,
     Catalog,
     CommandDone,
-    ConnectionClosed,
     Disconnect,
     ExportSelected,
     ReadFailed,
@@ -43,7 +41,8 @@ from nbdfront.protocol.events import Buffer
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 10809
-# Enough workers that a handful of slow registry fetches leave room for hits.
+# Threads per connection: enough that a handful of slow registry fetches
+# leave room for hits.
 WORKERS_PER_CONNECTION = 16
 # Bytes of reads admitted but not yet sent, per connection: eight maximum reads.
 INFLIGHT_BYTES = 8 * MAX_PAYLOAD
@@ -99,7 +98,14 @@ class _Budget:
 
 
 class _Session:
-    """One client connection, from greeting to close."""
+    """One client connection, from greeting to close.
+
+    Its threads take turns as the leader: the leader alone receives and
+    parses; once it has a read, it hands leadership to an idle thread (or
+    starts one) and serves the read itself. A cache hit is thus answered by
+    the thread that parsed it, with no hand-off on its path, while a slow
+    fetch only keeps its own thread, never the reading of the next request.
+    """
 
     def __init__(self, server: NBDServer, sock: socket.socket, peer: str):
         self._server = server
@@ -107,23 +113,23 @@ class _Session:
         self.peer = peer
         self._protocol = ServerConnection(server.catalog)
         self._send_lock = threading.Lock()
+        self._leadership = threading.Lock()
         self._budget = _Budget(server.inflight_bytes, INFLIGHT_REQUESTS)
         self._export: Export | None = None
-        self._workers: ThreadPoolExecutor | None = None
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # threads waiting to lead
+        self._idle_lock = threading.Lock()
+        self._over = False
         self._broken = False
 
     def run(self) -> None:
         try:
             self._sock.settimeout(HANDSHAKE_TIMEOUT)
             self._flush()
-            while not self._broken:
-                data = self._sock.recv(RECV_SIZE)
-                self._protocol.receive_data(data)
-                if not self._dispatch():
-                    break
-        except OSError as exc:
-            log.info("connection from %s ended: %s", self.peer, exc)
+            self._serve()
         finally:
+            for thread in self._threads:
+                thread.join()
             self._finish()
 
     def stop_reading(self) -> None:
@@ -135,37 +141,56 @@ class _Session:
         self._broken = True
         _shutdown_quietly(self._sock, socket.SHUT_RDWR)
 
-    def _dispatch(self) -> bool:
-        """Act on every complete event; False once the conversation is over."""
+    def _serve(self) -> None:
+        """Lead until there is work, do it, repeat until the conversation is over."""
+        while True:
+            with self._idle_lock:
+                self._idle += 1
+            with self._leadership:
+                with self._idle_lock:
+                    self._idle -= 1
+                work = None if self._over else self._next_work()
+                if work is None:
+                    self._over = True
+                    return
+                if self._idle == 0 and len(self._threads) < WORKERS_PER_CONNECTION - 1:
+                    thread = threading.Thread(target=self._serve, name=f"nbd-{self.peer}")
+                    self._threads.append(thread)
+                    thread.start()
+            if isinstance(work, ReadRequest):
+                self._read(work)
+            else:
+                self._cache(work)
+
+    def _next_work(self) -> ReadRequest | CacheRequest | None:
+        """Receive and parse until a request needs an export; None once it is all over."""
         while True:
             event = self._protocol.next_event()
             self._flush()
             if event is NEED_DATA:
-                return True
-            if isinstance(event, ReadRequest):
+                try:
+                    data = self._sock.recv(RECV_SIZE) if not self._broken else b""
+                except OSError as exc:
+                    log.info("connection from %s ended: %s", self.peer, exc)
+                    return None
+                self._protocol.receive_data(data)
+            elif isinstance(event, ReadRequest):
                 self._budget.acquire(event.length)
-                self._submit(self._read, event)
+                return event
             elif isinstance(event, CacheRequest):
                 self._budget.acquire(0)
-                self._submit(self._cache, event)
+                return event
             elif isinstance(event, ExportSelected):
                 self._export = self._server.exports[event.name]
-                self._workers = ThreadPoolExecutor(
-                    WORKERS_PER_CONNECTION, thread_name_prefix=f"nbd-{self.peer}"
-                )
                 self._sock.settimeout(None)
                 log.info("%s reads export %r", self.peer, event.name)
             elif isinstance(event, Disconnect):
                 log.info("%s disconnected", self.peer)
-                return False
-            elif isinstance(event, ConnectionClosed):
+                return None
+            else:
                 level = logging.INFO if event.clean else logging.WARNING
                 log.log(level, "closing connection from %s: %s", self.peer, event.reason)
-                return False
-
-    def _submit(self, work, request) -> None:
-        assert self._workers is not None
-        self._workers.submit(work, request)
+                return None
 
     def _read(self, request: ReadRequest) -> None:
         assert self._export is not None
@@ -214,8 +239,6 @@ class _Session:
                 _shutdown_quietly(self._sock, socket.SHUT_RDWR)
 
     def _finish(self) -> None:
-        if self._workers is not None:
-            self._workers.shutdown(wait=True)
         _shutdown_quietly(self._sock, socket.SHUT_RDWR)
         self._sock.close()
         self._server._forget(self)
