@@ -93,11 +93,14 @@ def token_registry(
     tmp_path_factory: pytest.TempPathFactory, test_ca: CertificateAuthority
 ) -> Iterator[RegistryServer]:
     """A registry with token auth; ``.issuer`` is its ``TokenIssuer`` (tests may change
-    ``expires_in``/``lifetime`` but must restore them); ``.username``/``.password``."""
+    ``expires_in``/``lifetime`` but must restore them); ``.username``/``.password`` may
+    pull and push, user ``reader`` (password ``reader-pw``) may only pull."""
     workdir = tmp_path_factory.mktemp("token-registry")
     username, password = "bob", "s3cret-token-pw"
     cert, key = test_ca.issue("token-issuer", server=False)
-    issuer = TokenIssuer(cert, key, users={username: password})
+    issuer = TokenIssuer(
+        cert, key, users={username: password, "reader": "reader-pw"}, readers=frozenset({"reader"})
+    )
     issuer.start()
     server = RegistryServer(
         workdir,

@@ -104,13 +104,12 @@ class Authenticator:
                 token = self._new_token(scope)
             return f"Bearer {token.value}"
 
-    def answer_challenge(self, www_authenticate: str | None, scope: str, sent: str | None) -> str:
+    def answer_challenge(self, www_authenticate: str | None, scope: str) -> str:
         """After a 401: the ``Authorization`` to retry with, or ``AuthError`` if none can help.
 
-        ``sent`` is what the refused request carried. For Bearer a new token
-        is always fetched: the cached one expired early or was revoked. The
-        caller answers at most one challenge per request, so a refused fresh
-        token ends in an error rather than a loop.
+        For Bearer a new token is always fetched: the cached one expired early
+        or was revoked. The caller answers at most one challenge per request,
+        so refused credentials end in an error rather than a loop.
         """
         challenge = parse_challenge(www_authenticate or "")
         with self._lock:
@@ -128,12 +127,7 @@ class Authenticator:
                         "(give --username, or log in with podman or docker)",
                         status=401,
                     )
-                header = basic_header(self.credentials)
-                if sent == header:
-                    raise AuthError(
-                        f"wrong user name or password for registry {self.host}", status=401
-                    )
-                return header
+                return basic_header(self.credentials)
             self._bearer = challenge.params
             token = self._new_token(scope, challenge.params.get("scope"))
             return f"Bearer {token.value}"

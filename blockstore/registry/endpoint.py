@@ -90,13 +90,15 @@ class Endpoint:
             if answered:
                 _, detail = oci_error(reply)
                 reply.close()
-                raise AuthError(self._refusal(scope, detail), status=401)
+                raise AuthError(self._refusal(scope, authorization, detail), status=401)
             reply.close()
-            authorization = self.auth.answer_challenge(challenge, scope, authorization)
+            authorization = self.auth.answer_challenge(challenge, scope)
             answered = True
 
-    def _refusal(self, scope: str, detail: str) -> str:
+    def _refusal(self, scope: str, authorization: str | None, detail: str) -> str:
         said = f" ({detail})" if detail else ""
+        if authorization and authorization.startswith("Bearer "):
+            return f"registry {self.host} refused a new token for {scope}{said}"
         if self.auth.credentials is None:
             return f"registry {self.host} denies anonymous access to {scope}{said}"
         return f"registry {self.host} refused the user name and password for {scope}{said}"

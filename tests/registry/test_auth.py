@@ -124,8 +124,13 @@ def test_basic_auth_wrong_password(basic_auth_registry, basic_image, caplog):
     """A wrong password is an AuthError that says so, and the password shows nowhere."""
     caplog.set_level(logging.DEBUG)
     secret = "not-the-password-4711"
-    with basic_auth_registry.client(password=secret) as client, pytest.raises(AuthError) as caught:
-        resolve_image(client, basic_image, None)
+    with basic_auth_registry.client(password=secret) as client:
+        with pytest.raises(AuthError) as caught:
+            resolve_image(client, basic_image, None)
+        # Asked again, now with the credentials sent up front: the same answer.
+        with pytest.raises(AuthError) as again:
+            resolve_image(client, basic_image, None)
+    assert str(again.value) == str(caught.value)
     message = str(caught.value)
     assert "refused the user name and password" in message and basic_auth_registry.host in message
     assert caught.value.exit_code == 4
@@ -227,3 +232,15 @@ def test_token_auth_push(token_registry, erofs_images):
     )
     with token_registry.client() as client:
         assert resolve_image(client, ref, None).layers[0].digest == erofs_images.layers[1].digest
+
+
+def test_token_scope_is_enforced(token_registry, token_image, erofs_images):
+    """A pull-only account reads, but its push is refused: the issuer grants only pull,
+    and the registry refuses the token for pull,push."""
+    options = token_registry.options(username="reader", password="reader-pw")
+    with RegistryClient(token_registry.host, options) as client:
+        assert resolve_image(client, token_image, None).layers
+    with pytest.raises(AuthError, match="refused a new token for repository:auth/denied:pull,push"):
+        push_erofs(
+            token_registry.host, "auth/denied", "v1", [erofs_images.small.path], options=options
+        )

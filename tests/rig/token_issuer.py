@@ -42,12 +42,15 @@ class TokenIssuer:
         key: Path,
         *,
         users: dict[str, str],
+        readers: frozenset[str] = frozenset(),
         service: str = "blockstore-test-registry",
         name: str = "blockstore-test-issuer",
         anonymous: frozenset[str] = frozenset(),
     ):
         self.cert, self.key = cert, key
         self.users = users
+        self.readers = readers
+        """Users who may pull but not push."""
         self.service, self.name = service, name
         self.anonymous = anonymous
         self.expires_in = 300
@@ -90,7 +93,10 @@ class TokenIssuer:
             account = user
         if query.get("service", [None])[0] != self.service:
             return 400, {"details": "unknown service"}
-        allowed = {"pull", "push"} if account else set(self.anonymous)
+        if account is None:
+            allowed = set(self.anonymous)
+        else:
+            allowed = {"pull"} if account in self.readers else {"pull", "push"}
         if account is None and not allowed:
             return 401, {"details": "authentication required"}
         access = []
