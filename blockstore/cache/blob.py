@@ -110,7 +110,7 @@ class CachedBlob:
         out: list[Buffer | None] = []
         missing: list[int] = []
         bad: list[int] = []
-        blob_id = self._blob_id
+        blob_id = self._blob_id if self._blob_id is not None else self._refresh_id()
         if blob_id is None:
             missing = list(range(first, last + 1))
             out = [None] * len(missing)
@@ -154,7 +154,8 @@ class CachedBlob:
             return
         end = min(self._size, offset + length)
         indices = range(max(0, offset) // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1)
-        wanted = self._store.missing(self._blob_id, indices)
+        blob_id = self._blob_id if self._blob_id is not None else self._refresh_id()
+        wanted = self._store.missing(blob_id, indices)
         if wanted:
             self._fetcher.fetch(wanted)
 
@@ -221,6 +222,12 @@ class CachedBlob:
             self._fetcher.close()
 
     # --- misses ----------------------------------------------------------------
+
+    def _refresh_id(self) -> int | None:
+        """The blob's id, if another reader (or process) has stored it since we looked."""
+        record = self._store.lookup(self._digest)
+        self._blob_id = record.blob_id if record is not None else None
+        return self._blob_id
 
     def _fill_misses(
         self,

@@ -90,7 +90,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
         infos = sorted(store.blobs(), key=lambda i: i.last_use, reverse=True)
     lines = [f"{'DIGEST':<71}  {'SIZE':>10}  CACHED  SEALED  PINNED  LAST USE"]
     for info in infos:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.last_use))
+        when = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.last_use))
+            if info.last_use
+            else "never"
+        )
         lines.append(
             f"{info.digest:<71}  {human(info.size):>10}  {100 * info.cached_fraction:5.1f}%  "
             f"{'yes' if info.sealed else 'no':<6}  {'yes' if info.pinned else 'no':<6}  {when}"

@@ -250,3 +250,15 @@ def test_two_stores_on_one_directory_in_one_process(cache_dir):
     second.close()
     with ChunkStore(cache_dir) as third:
         assert third.lookup(digest).present == 3
+
+
+def test_offline_blob_sees_chunks_stored_after_it_was_opened(cache_dir):
+    """An offline export opened before its blob was ever cached serves the chunks another
+    reader stores later."""
+    data, digest = make_blob(2 * CHUNK_SIZE, seed=14)
+    with ChunkStore(cache_dir) as store:
+        offline = CachedBlob(store, digest, len(data), None)
+        with pytest.raises(NotCached):
+            offline.read(0, 10)
+        CachedBlob(store, digest, len(data), ScriptedSource(data, digest)).read(0, len(data))
+        assert joined(offline.read(0, len(data))) == data
