@@ -2,7 +2,8 @@
 
 from blockstore.registry.blob import RegistryBlob
 from blockstore.registry.client import RegistryClient
-from blockstore.registry.manifests import EROFS_MEDIA_TYPE, Layer, ResolvedImage, resolve_image
+from blockstore.registry.manifests import Layer, ResolvedImage, resolve_image
+from blockstore.registry.mediatypes import EROFS_MEDIA_TYPE
 from blockstore.registry.options import RegistryOptions
 from blockstore.registry.push import push_image
 from blockstore.registry.reference import Reference, normalize_digest, parse_reference

@@ -25,6 +25,7 @@ from requests.adapters import HTTPAdapter
 from blockstore.errors import AuthError, BlobReadError, RegistryError, RegistryUnreachable
 from blockstore.registry.credentials import credentials_for
 from blockstore.registry.endpoint import Body, Endpoint, describe_failure
+from blockstore.registry.mediatypes import MANIFEST_ACCEPT
 from blockstore.registry.options import RegistryOptions
 from blockstore.registry.ranges import check_partial_reply, range_header, slice_stream
 from blockstore.registry.replies import registry_error
@@ -32,14 +33,6 @@ from blockstore.registry.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
-MANIFEST_ACCEPT = ", ".join(
-    (
-        "application/vnd.oci.image.index.v1+json",
-        "application/vnd.oci.image.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-        "application/vnd.docker.distribution.manifest.v2+json",
-    )
-)
 MAX_MANIFEST_BYTES = 4 << 20
 STREAM_CHUNK = 256 << 10
 MIRROR_COOLDOWN = 30.0

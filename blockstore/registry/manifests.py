@@ -14,21 +14,14 @@ from dataclasses import dataclass, field
 
 from blockstore.errors import IntegrityError, NotFound, RegistryError
 from blockstore.registry.client import RegistryClient
+from blockstore.registry.mediatypes import (
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+)
 from blockstore.registry.platforms import Platform, host_platform
 from blockstore.registry.reference import Reference, normalize_digest, parse_reference
-
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
-EROFS_MEDIA_TYPE = "application/vnd.erofs.layer.v1"
-"""The layer media type containerd's EROFS snapshotter and our push use."""
-
-INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
-MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 
 
 @dataclass(frozen=True)

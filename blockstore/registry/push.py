@@ -14,7 +14,8 @@ from pathlib import Path
 
 from blockstore.errors import NotFound, UsageError
 from blockstore.registry.client import RegistryClient
-from blockstore.registry.manifests import (
+from blockstore.registry.manifests import digest_of, fetch_manifest
+from blockstore.registry.mediatypes import (
     DOCKER_CONFIG,
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -23,8 +24,6 @@ from blockstore.registry.manifests import (
     OCI_CONFIG,
     OCI_INDEX,
     OCI_MANIFEST,
-    digest_of,
-    fetch_manifest,
 )
 from blockstore.registry.platforms import Platform
 

@@ -20,37 +20,24 @@ def read_whole(client: RegistryClient, ref: str, chunk: int = 1 << 20) -> bytes:
     return b"".join(blob.read_range(o, chunk) for o in range(0, blob.size, chunk))
 
 
+def push_small(server, repository: str, erofs_images) -> str:
+    options = server.options()
+    return push_erofs(server.host, repository, "v1", [erofs_images.small.path], options=options)
+
+
 @pytest.fixture(scope="module")
 def tls_image(tls_registry, erofs_images) -> str:
-    return push_erofs(
-        tls_registry.host,
-        "auth/tls",
-        "v1",
-        [erofs_images.small.path],
-        options=tls_registry.options(),
-    )
+    return push_small(tls_registry, "auth/tls", erofs_images)
 
 
 @pytest.fixture(scope="module")
 def basic_image(basic_auth_registry, erofs_images) -> str:
-    return push_erofs(
-        basic_auth_registry.host,
-        "auth/basic",
-        "v1",
-        [erofs_images.small.path],
-        options=basic_auth_registry.options(),
-    )
+    return push_small(basic_auth_registry, "auth/basic", erofs_images)
 
 
 @pytest.fixture(scope="module")
 def token_image(token_registry, erofs_images) -> str:
-    return push_erofs(
-        token_registry.host,
-        "auth/token",
-        "v1",
-        [erofs_images.small.path],
-        options=token_registry.options(),
-    )
+    return push_small(token_registry, "auth/token", erofs_images)
 
 
 def test_https_with_the_test_ca(tls_registry, tls_image, erofs_images):

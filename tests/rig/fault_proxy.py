@@ -90,13 +90,10 @@ class FaultProxy:
         self.url = f"http://{self.host}"
 
     def start(self) -> None:
-        threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
+        self._server.start_in_background()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop()
 
     def take_fault(self, method: str, path: str) -> Fault | None:
         """The fault for this request, if any, counting it against ``times``."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockstore.registry import RegistryClient, RegistryOptions, push_image
-from blockstore.registry.manifests import DOCKER_LAYER
+from blockstore.registry.mediatypes import DOCKER_LAYER
 from rig.images import ErofsImages
 
 

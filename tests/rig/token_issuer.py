@@ -66,13 +66,10 @@ class TokenIssuer:
         self.realm = f"http://127.0.0.1:{self._server.server_address[1]}/token"
 
     def start(self) -> None:
-        threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
+        self._server.start_in_background()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop()
 
     @property
     def tokens_issued(self) -> int:
