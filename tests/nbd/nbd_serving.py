@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from rig.images import ErofsImage
 
 from blockstore.export import Export
+from nbdfront.protocol import MAX_PAYLOAD
 from nbdfront.server import NBDServer
 
 
@@ -43,3 +45,22 @@ def served(server: NBDServer, name: str, image: ErofsImage | None, export: Expor
         image,
         export,
     )
+
+
+class ZeroExport:
+    """A 1 TiB export of zeros that counts the reads it was asked for."""
+
+    name, description, size = "zeros", "zeros", 1 << 40
+
+    def __init__(self):
+        self.reads = 0
+        self._zeros = bytes(MAX_PAYLOAD)
+        self._lock = threading.Lock()
+
+    def read(self, offset, length):
+        with self._lock:
+            self.reads += 1
+        return [memoryview(self._zeros)[:length]]
+
+    def cache(self, offset, length):
+        pass

@@ -12,7 +12,7 @@ import socket
 import nbd
 import nbd_wire as w
 import pytest
-from nbd_serving import served, start_server
+from nbd_serving import ZeroExport, served, start_server
 
 from blockstore.cache import CachedBlob
 from nbdfront.protocol import MAX_PAYLOAD
@@ -63,6 +63,20 @@ def test_libnbd_out_of_range_oversized_writes_and_bad_flags(registry_image, stru
         assert h.pread(0, 0) == b""
     finally:
         h.shutdown()
+
+
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
+def test_reads_over_the_maximum_payload_get_einval(tmp_path, structured):
+    """On an export far larger than 4 MiB, a read of the maximum payload succeeds and one
+    byte more gets EINVAL, on a connection that stays usable."""
+    server = start_server({"zeros": ZeroExport()}, tmp_path, "zeros")
+    try:
+        h = connect(server.uri("zeros"), structured)
+        assert refused(h.pread, MAX_PAYLOAD + 1, 0) == errno.EINVAL
+        assert h.pread(MAX_PAYLOAD, 1 << 30) == bytes(MAX_PAYLOAD)
+        h.shutdown()
+    finally:
+        server.shutdown()
 
 
 def test_unknown_commands_and_write_payloads_over_raw_socket(registry_image):

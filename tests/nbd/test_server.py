@@ -12,7 +12,7 @@ import nbd_wire as w
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from nbd_serving import start_server
+from nbd_serving import ZeroExport, start_server
 
 from nbdfront.protocol import MAX_PAYLOAD
 
@@ -35,25 +35,6 @@ class GatedExport:
 
     def cache(self, offset, length):
         self.inner.cache(offset, length)
-
-
-class ZeroExport:
-    """A 1 TiB export of zeros that counts the reads it was asked for."""
-
-    name, description, size = "zeros", "zeros", 1 << 40
-
-    def __init__(self):
-        self.reads = 0
-        self._zeros = bytes(MAX_PAYLOAD)
-        self._lock = threading.Lock()
-
-    def read(self, offset, length):
-        with self._lock:
-            self.reads += 1
-        return [memoryview(self._zeros)[:length]]
-
-    def cache(self, offset, length):
-        pass
 
 
 def test_replies_go_out_as_they_finish(local_blob, tmp_path):
