@@ -10,6 +10,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+NEW_KEY = ["-newkey", "rsa:2048", "-nodes", "-days", "2"]
+
 
 @dataclass(frozen=True)
 class CertificateAuthority:
@@ -21,46 +23,18 @@ class CertificateAuthority:
         """A certificate and key signed by this CA; ``server`` adds the loopback names."""
         cert, key, csr = (self.directory / f"{name}.{ext}" for ext in ("crt", "key", "csr"))
         extensions = self.directory / f"{name}.ext"
-        lines = ["basicConstraints=CA:FALSE"]
-        if server:
-            lines += [
-                "subjectAltName=IP:127.0.0.1,DNS:localhost",
-                "extendedKeyUsage=serverAuth",
-                "keyUsage=digitalSignature,keyEncipherment",
-            ]
-        else:
-            lines.append("keyUsage=digitalSignature")
-        extensions.write_text("\n".join(lines) + "\n")
-        _openssl(
-            "req",
-            "-new",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            key,
-            "-out",
-            csr,
-            "-subj",
-            f"/CN={name}",
+        usage = (
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
+            "keyUsage=digitalSignature,keyEncipherment"
+            if server
+            else "keyUsage=digitalSignature"
         )
+        extensions.write_text(f"basicConstraints=CA:FALSE\n{usage}\n")
+        _openssl("req", "-new", *NEW_KEY, "-subj", f"/CN={name}", "-keyout", key, "-out", csr)
         _openssl(
-            "x509",
-            "-req",
-            "-in",
-            csr,
-            "-CA",
-            self.cert,
-            "-CAkey",
-            self.key,
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-sha256",
-            "-extfile",
-            extensions,
-            "-out",
-            cert,
+            *["x509", "-req", "-days", "2", "-sha256", "-CAcreateserial"],
+            *("-CA", self.cert, "-CAkey", self.key),
+            *("-in", csr, "-extfile", extensions, "-out", cert),
         )
         return cert, key
 
@@ -69,24 +43,10 @@ def make_ca(directory: Path) -> CertificateAuthority:
     directory.mkdir(parents=True, exist_ok=True)
     cert, key = directory / "ca.crt", directory / "ca.key"
     _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        key,
-        "-out",
-        cert,
-        "-days",
-        "2",
-        "-subj",
-        "/CN=blockstore test CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    )
+        "req", "-x509", *NEW_KEY, "-subj", "/CN=blockstore test CA", "-keyout", key, "-out", cert,
+        *("-addext", "basicConstraints=critical,CA:TRUE"),
+        *("-addext", "keyUsage=critical,keyCertSign,cRLSign"),
+    )  # fmt: skip
     return CertificateAuthority(directory, cert, key)
 
 
