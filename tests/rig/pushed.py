@@ -52,49 +52,22 @@ class PushedImages:
 def push_fixture_images(host: str, images: ErofsImages, **kw) -> PushedImages:
     """Push every fixture image into the registry at ``host``."""
     small, base = images.small.path, images.layers[0].path
-    index = push_erofs(
-        host, "fixtures/index", "v1", [small], platform="linux/amd64", add_to_index=True, **kw
-    )
-    push_erofs(
-        host, "fixtures/index", "v1", [base], platform="linux/arm64/v8", add_to_index=True, **kw
-    )
-    docker_list = push_erofs(
-        host,
-        "fixtures/docker-list",
-        "v1",
-        [small],
-        platform="linux/amd64",
-        add_to_index=True,
-        docker_schema2=True,
-        media_type=DOCKER_LAYER,
-        **kw,
-    )
-    push_erofs(
-        host,
-        "fixtures/docker-list",
-        "v1",
-        [base],
-        platform="linux/arm64/v8",
-        add_to_index=True,
-        docker_schema2=True,
-        media_type=DOCKER_LAYER,
-        **kw,
-    )
+    docker = {"docker_schema2": True, "media_type": DOCKER_LAYER, **kw}
+
+    def index_of_two(repo: str, **options) -> str:
+        """``small`` for linux/amd64 and the base layer for linux/arm64/v8, under one tag."""
+        for path, platform in ((small, "linux/amd64"), (base, "linux/arm64/v8")):
+            ref = push_erofs(host, repo, "v1", [path], platform=platform, add_to_index=True,
+                             **options)  # fmt: skip
+        return ref
+
     return PushedImages(
         small=push_erofs(host, "fixtures/small", "v1", [small], **kw),
         large=push_erofs(host, "fixtures/large", "v1", [images.large.path], **kw),
         multilayer=push_erofs(
             host, "fixtures/multilayer", "v1", [layer.path for layer in images.layers], **kw
         ),
-        index=index,
-        docker_schema2=push_erofs(
-            host,
-            "fixtures/docker",
-            "v1",
-            [small],
-            docker_schema2=True,
-            media_type=DOCKER_LAYER,
-            **kw,
-        ),
-        docker_list=docker_list,
+        index=index_of_two("fixtures/index", **kw),
+        docker_schema2=push_erofs(host, "fixtures/docker", "v1", [small], **docker),
+        docker_list=index_of_two("fixtures/docker-list", **docker),
     )
