@@ -4,8 +4,10 @@ The backend is never asked for a chunk that is already on its way: a caller
 that misses a chunk another caller is fetching waits for that fetch.
 Adjacent misses go out as one range read, split so no read exceeds
 ``max_request`` bytes, and the pieces run on a small thread pool. What
-arrives is handed to ``on_arrival`` (check and store) before anyone waiting
-is woken, so a waiter never sees bytes that were not checked.
+arrives is handed to ``on_arrival`` (check) before anyone waiting is woken,
+so a waiter never sees bytes that were not checked; then to ``keep``
+(store), while the chunks still count as in flight, so nobody asks the
+backend for them again before they are stored.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from blockstore.errors import BlobReadError
 from blockstore.source import BlobSource
 
 Buffer = bytes | memoryview
-# on_arrival(first_index, data) -> {index: chunk bytes} for the chunks in data.
+# on_arrival(first_index, data) -> {index: chunk bytes} for the chunks in data;
+# raises to refuse them.
 Arrival = Callable[[int, bytes], Mapping[int, Buffer]]
+# keep(first_index, chunks): store what arrived; must not raise.
+Keep = Callable[[int, Mapping[int, Buffer]], None]
 
 DEFAULT_MAX_REQUEST = 4 << 20
 DEFAULT_WORKERS = 4
@@ -44,6 +49,7 @@ class Fetcher:
         source: BlobSource,
         chunk_size: int,
         on_arrival: Arrival,
+        keep: Keep,
         *,
         max_request: int = DEFAULT_MAX_REQUEST,
         workers: int = DEFAULT_WORKERS,
@@ -51,6 +57,7 @@ class Fetcher:
         self._source = source
         self._chunk_size = chunk_size
         self._on_arrival = on_arrival
+        self._keep = keep
         self._run_limit = max(1, max_request // chunk_size)
         self._lock = threading.Lock()
         self._inflight: dict[int, Future] = {}
@@ -73,11 +80,15 @@ class Fetcher:
                 waits[index] = future
         pieces = runs(mine, self._run_limit)
         # The last piece runs in this thread: no hand-off for the common single miss.
-        for first, count in pieces[:-1]:
-            self._pool.submit(self._fetch_run, first, count)
+        started = [self._pool.submit(self._fetch_run, first, count) for first, count in pieces[:-1]]
         if pieces:
             self._fetch_run(*pieces[-1])
-        return {index: future.result() for index, future in waits.items()}
+        chunks = {index: future.result() for index, future in waits.items()}
+        # What this caller fetched is stored before it returns; callers who only
+        # joined a fetch got the bytes as soon as they were checked.
+        for piece in started:
+            piece.result()
+        return chunks
 
     def _fetch_run(self, first: int, count: int) -> None:
         with self._lock:
@@ -93,6 +104,7 @@ class Fetcher:
             chunks = self._on_arrival(first, data)
             for i, future in enumerate(futures):
                 future.set_result(chunks[first + i])
+            self._keep(first, chunks)
         except BaseException as exc:
             for future in futures:
                 if not future.done():

@@ -74,7 +74,9 @@ class CachedBlob:
             raise CacheError(f"{digest} has size {record.size} in the cache, but {size} was given")
         self._blob_id = record.blob_id if record is not None else None
         self._sums = store.sealed_sums(digest) if record is not None and record.sealed else None
-        self._fetcher = Fetcher(source, CHUNK_SIZE, self._arrived) if source is not None else None
+        self._fetcher = (
+            Fetcher(source, CHUNK_SIZE, self._arrived, self._keep) if source is not None else None
+        )
         self._readahead = readahead if readahead is not None else Readahead()
         self._fill = BackgroundFill(self.cache) if source is not None else None
 
@@ -258,7 +260,8 @@ class CachedBlob:
             out[index - first] = data if lo == 0 and hi == len(data) else data[lo:hi]
 
     def _arrived(self, first: int, data: bytes) -> Mapping[int, Buffer]:
-        """Check freshly fetched chunks (if sealed), store them, hand them out."""
+        """Check freshly fetched chunks against the sealed checksums, if there are any."""
+        self._store.counters.add(bytes_fetched=len(data), requests_fetched=1)
         view = memoryview(data)
         chunks = [view[i : i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)]
         if self._sums is None:
@@ -275,13 +278,17 @@ class CachedBlob:
                         f"{self._digest}: the source sent chunk {index} with bytes that do not "
                         "match the sealed blob"
                     )
-        self._store.counters.add(bytes_fetched=len(data), requests_fetched=1)
+        return {first + i: chunk for i, chunk in enumerate(chunks)}
+
+    def _keep(self, first: int, chunks: Mapping[int, Buffer]) -> None:
+        """Store checked chunks; a cache that cannot take them costs only the caching."""
         try:
-            record = self._store.store_chunks(self._digest, self._size, first, chunks)
+            record = self._store.store_chunks(
+                self._digest, self._size, first, [chunks[i] for i in sorted(chunks)]
+            )
         except CacheError as exc:
             log.warning("%s: serving uncached bytes: %s", self._digest, exc)
-        else:
-            self._blob_id = record.blob_id
-            if record.present == record.chunks and not record.sealed:
-                self._store.seal_later(self._digest)
-        return {first + i: chunk for i, chunk in enumerate(chunks)}
+            return
+        self._blob_id = record.blob_id
+        if record.present == record.chunks and not record.sealed:
+            self._store.seal_later(self._digest)

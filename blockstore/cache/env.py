@@ -9,7 +9,9 @@ a shared gate and resizing takes it exclusively; a hit never waits on a
 fetch, only (rarely) on a resize.
 
 No ``writemap`` and no ``sync=False``: a SIGKILL or power loss at any moment
-leaves the last committed state.
+leaves a consistent cache. ``metasync=False`` (one fsync per commit instead
+of two) keeps that: a power loss may undo the last commit, never half of it,
+and a cache may forget a chunk.
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ class CacheEnv:
                 max_dbs=len(ALL_DBS),
                 max_readers=1024,
                 readahead=False,
+                metasync=False,
                 subdir=True,
             )
         except (OSError, lmdb.Error) as exc:

@@ -9,6 +9,7 @@ its bytes were not the blob's.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import queue
@@ -106,15 +107,17 @@ def _seal(store: ChunkStore, digest: str, record: BlobRecord) -> bool | None:
     bad: list[int] = []
     prefix = U64.pack(record.blob_id)
     index = 0
-    for key, value in scan(store, prefix, U64.pack(record.blob_id + 1)):
-        if CHUNK_KEY.unpack(key)[1] != index:
-            return None  # a chunk went missing (evicted) while hashing
-        if not valid_chunk(value, chunk_length(record.size, index)):
-            bad.append(index)
-            break
-        hasher.update(value[SUM_SIZE:])
-        sums[index * SUM_SIZE : (index + 1) * SUM_SIZE] = value[:SUM_SIZE]
-        index += 1
+    # Closed explicitly: the scan holds a read transaction until it is.
+    with contextlib.closing(scan(store, prefix, U64.pack(record.blob_id + 1))) as chunks:
+        for key, value in chunks:
+            if CHUNK_KEY.unpack(key)[1] != index:
+                return None  # a chunk went missing (evicted) while hashing
+            if not valid_chunk(value, chunk_length(record.size, index)):
+                bad.append(index)
+                break
+            hasher.update(value[SUM_SIZE:])
+            sums[index * SUM_SIZE : (index + 1) * SUM_SIZE] = value[:SUM_SIZE]
+            index += 1
     if bad:
         store.counters.add(checksum_failures=store.drop_chunks(digest, bad))
         return None
