@@ -1,12 +1,11 @@
 """The NBD server: sockets and threads around the sans-I/O protocol.
 
-One reader thread per connection feeds the protocol and hands reads to that
-connection's own worker pool, so replies go out in the order they finish (a
-cache hit never waits behind a slow fetch on the same connection, and a
-misbehaving client only ever occupies its own threads). A per-connection
-budget of bytes in flight stops the reader, and with it the client, when
-the workers fall behind: memory stays bounded however many requests a
-client queues.
+Each connection has its own few threads, taking turns to read requests, so
+replies go out in the order they finish (a cache hit never waits behind a
+slow fetch on the same connection) and a misbehaving client only ever
+occupies its own threads. A per-connection budget of bytes in flight stops
+the reading, and with it the client, when replies fall behind: memory stays
+bounded however many requests a client queues.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import os
 import socket
 import stat
 import threading
+import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
 
@@ -51,7 +51,7 @@ RECV_SIZE = 256 * 1024
 # A client that has not chosen an export by then is dropped.
 HANDSHAKE_TIMEOUT = 30.0
 # How long shutdown waits for in-flight replies before cutting connections.
-DRAIN_TIMEOUT = 30.0
+DRAIN_TIMEOUT = 15.0
 _IOV_MAX = 1024
 
 
@@ -121,6 +121,7 @@ class _Session:
         self._idle_lock = threading.Lock()
         self._over = False
         self._broken = False
+        self.thread = threading.Thread(target=self.run, name=f"nbd-{peer}", daemon=True)
 
     def run(self) -> None:
         try:
@@ -376,15 +377,19 @@ class NBDServer:
         while True:
             try:
                 sock, address = listener.accept()
-            except OSError:
-                return  # the listener was shut down
+            except OSError as exc:
+                if self._stopping:
+                    return  # the listener was shut down
+                # Out of file descriptors, or a client gone before accept: go on.
+                log.warning("accepting a connection failed: %s", exc)
+                time.sleep(0.1)
+                continue
             if listener.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 peer = f"{address[0]}:{address[1]}"
             else:
                 peer = "unix"
             session = _Session(self, sock, peer)
-            session.thread = threading.Thread(target=session.run, name=f"nbd-{peer}", daemon=True)
             with self._lock:
                 if self._stopping:
                     sock.close()
