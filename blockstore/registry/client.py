@@ -23,7 +23,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 from blockstore.errors import AuthError, BlobReadError, RegistryError, RegistryUnreachable
-from blockstore.registry.credentials import credentials_for
+from blockstore.registry.credentials import Credentials, credentials_for
 from blockstore.registry.endpoint import Body, Endpoint, describe_failure
 from blockstore.registry.mediatypes import MANIFEST_ACCEPT
 from blockstore.registry.options import RegistryOptions
@@ -42,7 +42,6 @@ MIRROR_COOLDOWN = 30.0
 @dataclass(frozen=True)
 class ManifestReply:
     raw: bytes
-    content_type: str
     digest_header: str | None
     """``Docker-Content-Digest`` as the registry sent it, to be checked by the caller."""
 
@@ -59,30 +58,19 @@ class RegistryClient:
         self._session.trust_env = False
         self._session.mount("http://", HTTPAdapter(pool_connections=4, pool_maxsize=16))
         self._session.mount("https://", HTTPAdapter(pool_connections=4, pool_maxsize=16))
-        verify = options.ca_file or system_ca_bundle()
-        policy = RetryPolicy(max_attempts=options.max_attempts, budget=options.retry_budget)
-        self.upstream = Endpoint(
+        self._verify = options.ca_file or system_ca_bundle()
+        self.upstream = self._endpoint(
             registry,
-            base_url(registry, options.insecure),
-            self._session,
-            credentials=credentials_for(
-                registry, username=options.username, password=options.password
-            ),
-            verify=verify,
-            timeout=options.timeout,
-            policy=policy,
+            credentials_for(registry, username=options.username, password=options.password),
+            RetryPolicy(max_attempts=options.max_attempts, budget=options.retry_budget),
         )
         # A mirror gets one quick retry: when it fails the upstream is next.
         mirror_policy = RetryPolicy(max_attempts=min(2, options.max_attempts), budget=5.0)
         self.mirrors = [
-            Endpoint(
-                host_of(mirror),
-                base_url(mirror, options.insecure),
-                self._session,
-                credentials=credentials_for(host_of(mirror), use_environment=False),
-                verify=verify,
-                timeout=options.timeout,
-                policy=mirror_policy,
+            self._endpoint(
+                mirror,
+                credentials_for(host_of(mirror), use_environment=False),
+                mirror_policy,
                 is_mirror=True,
             )
             for mirror in options.mirrors
@@ -92,6 +80,25 @@ class RegistryClient:
 
     def close(self) -> None:
         self._session.close()
+
+    def _endpoint(
+        self,
+        name: str,
+        credentials: Credentials | None,
+        policy: RetryPolicy,
+        *,
+        is_mirror: bool = False,
+    ) -> Endpoint:
+        return Endpoint(
+            host_of(name),
+            base_url(name, self.options.insecure),
+            self._session,
+            credentials=credentials,
+            verify=self._verify,
+            timeout=self.options.timeout,
+            policy=policy,
+            is_mirror=is_mirror,
+        )
 
     def __enter__(self) -> RegistryClient:
         return self
@@ -114,11 +121,7 @@ class RegistryClient:
             stream=True,
         ) as reply:
             raw = _read_small(reply, MAX_MANIFEST_BYTES, subject)
-            return ManifestReply(
-                raw,
-                reply.headers.get("Content-Type", ""),
-                reply.headers.get("Docker-Content-Digest"),
-            )
+            return ManifestReply(raw, reply.headers.get("Docker-Content-Digest"))
 
     def get_blob(self, repository: str, digest: str, limit: int = MAX_MANIFEST_BYTES) -> bytes:
         """A whole small blob (an image config); the caller checks its digest."""
@@ -253,7 +256,7 @@ class RegistryClient:
                 continue
             with reply:
                 raise registry_error(reply, subject)
-        raise RegistryError(f"no registry to ask for {subject}")  # unreachable: upstream is last
+        raise AssertionError("the upstream, always last, returns or raises")
 
     def _read_endpoints(self) -> Iterator[Endpoint]:
         now = time.monotonic()
