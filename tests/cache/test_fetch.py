@@ -24,7 +24,7 @@ def test_concurrent_misses_of_one_chunk_fetch_it_once(cache_dir):
     """Eight threads miss the same two chunks at once: the source sees one range read,
     never two requests for one chunk at a time, and every thread gets the bytes."""
     data, digest = make_blob(8 * CHUNK_SIZE, seed=20)
-    source = ScriptedSource(data, digest, delay=0.3)
+    source = ScriptedSource(data, digest, delay=1.0)
     results: list[bytes] = []
     with ChunkStore(cache_dir) as store:
         blob = CachedBlob(store, digest, len(data), source, readahead=NONE)
