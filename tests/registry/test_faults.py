@@ -160,12 +160,18 @@ def test_slow_reply_times_out_and_is_retried(registry, pushed_images, erofs_imag
     assert time.monotonic() - started < 1.5
 
 
-def test_corrupted_manifest_is_refused(registry, pushed_images, fault_proxy):
-    """A manifest whose bytes no longer match Docker-Content-Digest is refused."""
+@pytest.mark.parametrize("pinned", [False, True])
+def test_corrupted_manifest_is_refused(registry, pushed_images, fault_proxy, pinned):
+    """A manifest whose bytes no longer hash to the digest asked for, or (by tag) to
+    Docker-Content-Digest, is refused."""
     proxy = fault_proxy(registry)
-    proxy.fault = Fault("corrupt", path_contains="/manifests/", after_bytes=10)
-    with client_via(proxy) as client, pytest.raises(IntegrityError, match="refused"):
-        resolve_image(client, f"{proxy.host}/fixtures/small:v1", None)
+    with client_via(proxy) as client:
+        ref = f"{proxy.host}/fixtures/small:v1"
+        if pinned:
+            ref = f"{proxy.host}/fixtures/small@{resolve_image(client, ref, None).manifest_digest}"
+        proxy.fault = Fault("corrupt", path_contains="/manifests/", after_bytes=10)
+        with pytest.raises(IntegrityError, match=r"hashes to sha256:.*refused"):
+            resolve_image(client, ref, None)
 
 
 def test_connections_are_kept_alive(registry, pushed_images, erofs_images, fault_proxy):
