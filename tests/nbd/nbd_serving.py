@@ -15,6 +15,14 @@ from nbdfront.server import NBDServer
 
 
 @dataclass
+class Facts:
+    """Size and description of an export with no bytes behind it: all the handshake needs."""
+
+    size: int
+    description: str = ""
+
+
+@dataclass
 class Served:
     """A running server, the URIs of its default export, and what it serves."""
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 import nbd_wire as w
 import pytest
+from nbd_serving import Facts
 
 from nbdfront.protocol import (
     MAX_PAYLOAD,
@@ -22,13 +22,6 @@ from nbdfront.protocol import (
     ServerConnection,
 )
 from nbdfront.protocol.constants import MAX_OPTION_LENGTH
-
-
-@dataclass
-class Facts:
-    size: int
-    description: str = ""
-
 
 CATALOG = {"layer0": Facts(1 << 20, "base layer"), "layer1": Facts(3 << 20, "top layer")}
 

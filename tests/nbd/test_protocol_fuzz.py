@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import itertools
 import struct
-from dataclasses import dataclass
 
 import nbd_wire as w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nbd_serving import Facts
 
 from nbdfront.protocol import (
     MAX_PAYLOAD,
@@ -28,13 +28,6 @@ from nbdfront.protocol import (
     ReadRequest,
     ServerConnection,
 )
-
-
-@dataclass
-class Facts:
-    size: int
-    description: str = ""
-
 
 SIZES = {"layer0": 65536 + 7, "layer1": 1 << 20, "": 512}
 CATALOG = {name: Facts(size, f"export {name}") for name, size in SIZES.items()}
