@@ -65,7 +65,6 @@ class CachedBlob:
         self._store = store
         self._digest = digest
         self._size = size
-        self._source = source
         self._name = name
         self._description = description or digest
         self._chunks = chunk_count(size)
@@ -141,9 +140,10 @@ class CachedBlob:
             finally:
                 env.end_read(txn)
             self._store.recency.touch(blob_id, first, last)
-        if missing or bad:
+        misses = len(missing) + len(bad)
+        if misses:
             self._fill_misses(out, first, offset, end, missing, bad)
-        self._store.counters.served(last - first + 1 - len(missing), len(missing), length)
+        self._store.counters.served(last - first + 1 - misses, misses, length)
         if self._fill is not None:
             ahead = self._readahead.advise(offset, length, self._size)
             if ahead is not None:
