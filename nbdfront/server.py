@@ -328,8 +328,8 @@ class NBDServer:
             host, port = self.tcp_address
             netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             return f"nbd://{netloc}/{_quote(name)}"
-        query = urllib.parse.urlencode({"socket": self.unix_path})
-        return f"nbd+unix:///{_quote(name)}?{query}"
+        path = urllib.parse.quote(self.unix_path, safe="/")
+        return f"nbd+unix:///{_quote(name)}?socket={path}"
 
     def serve_forever(self) -> None:
         while not self._stop_requested.wait(0.5):

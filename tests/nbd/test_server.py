@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
 import threading
 import time
 
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from nbd_serving import ZeroExport, start_server
 
 from nbdfront.protocol import MAX_PAYLOAD
+from nbdfront.server import NBDServer
 
 
 class GatedExport:
@@ -182,3 +184,24 @@ def test_fuzzed_connection_does_not_disturb_another(
         assert steady_reader.pread(length, offset) == data[offset : offset + length]
     finally:
         fuzz.close()
+
+
+def test_uris_reach_every_export_by_name(tmp_path):
+    """The URI printed for each export, over IPv6 TCP or a Unix socket path with a space,
+    and for names that need escaping, is one nbdinfo can open."""
+    exports = {"layer 0": ZeroExport(), "a/b": ZeroExport()}
+    for tcp in (("::1", 0), None):
+        server = NBDServer(exports, tcp=tcp, unix=str(tmp_path / "s p.sock"), default_export="a/b")
+        server.start()
+        try:
+            for name, uri in {**server.uris(), "": server.uri("")}.items():
+                size = subprocess.run(
+                    ["nbdinfo", "--size", uri],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    timeout=30,
+                ).stdout
+                assert int(size) == ZeroExport.size, name
+        finally:
+            server.shutdown()
