@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import ssl
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlencode, urljoin, urlsplit
 
@@ -187,22 +188,37 @@ def _origin(url: str) -> tuple[str, str]:
 
 def describe_failure(exc: BaseException) -> str:
     """A short human cause for a transport failure: ``connection refused``, ``timed out``."""
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
+    causes = list(_causes(exc))
+    texts = " ".join(str(cause) for cause in causes)
+    for cause in causes:
         if isinstance(cause, ssl.SSLCertVerificationError):
             return f"certificate not trusted ({cause.verify_message}; give --ca-file)"
+    if "WRONG_VERSION_NUMBER" in texts or "wrong version number" in texts:
+        return "it does not speak TLS (a plain-HTTP registry needs --insecure)"
+    for cause in causes:
         if isinstance(cause, ConnectionRefusedError):
             return "connection refused"
         if isinstance(cause, TimeoutError | requests.Timeout):
             return "timed out"
         if isinstance(cause, OSError) and cause.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
             return "no route to host"
-        if "Name or service not known" in str(cause) or "nodename nor servname" in str(cause):
-            return "unknown host name"
-        if "Connection aborted" in str(cause) or isinstance(cause, ConnectionResetError):
+        if isinstance(cause, ConnectionResetError):
             return "connection closed by the server"
-        nested = cause.args[0] if cause.args and isinstance(cause.args[0], BaseException) else None
-        cause = cause.__cause__ or cause.__context__ or nested or getattr(cause, "reason", None)
+    if "Name or service not known" in texts or "nodename nor servname" in texts:
+        return "unknown host name"
+    if "Connection aborted" in texts or "Connection broken" in texts:
+        return "connection closed by the server"
     return type(exc).__name__
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception nested in it (causes, contexts, urllib3 reasons, args)."""
+    seen: set[int] = set()
+    pending: list[object] = [exc]
+    while pending:
+        cause = pending.pop(0)
+        if not isinstance(cause, BaseException) or id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        yield cause
+        pending += [cause.__cause__, cause.__context__, getattr(cause, "reason", None), *cause.args]

@@ -47,3 +47,17 @@ def test_unknown_platform_and_layer(registry, pushed_images):
     )
     with pytest.raises(NotFound, match=r"has no layer 3; it has 3 \(0..2\)"):
         image.select_layer(index=3)
+
+
+def test_https_to_a_plain_http_registry(registry):
+    """HTTPS is the default: a plain-HTTP registry is refused with a hint to --insecure."""
+    options = RegistryOptions(insecure=False, max_attempts=1, timeout=2)
+    with (
+        RegistryClient(registry.host, options) as client,
+        pytest.raises(RegistryUnreachable) as caught,
+    ):
+        resolve_image(client, f"{registry.host}/any/image:v1", None)
+    assert str(caught.value) == (
+        f"cannot connect securely to {registry.host}: it does not speak TLS "
+        "(a plain-HTTP registry needs --insecure)"
+    )
