@@ -50,6 +50,8 @@ INFLIGHT_REQUESTS = 512
 RECV_SIZE = 256 * 1024
 # A client that has not chosen an export by then is dropped.
 HANDSHAKE_TIMEOUT = 30.0
+# Connections beyond this many are closed at once: threads are per connection.
+MAX_CONNECTIONS = 256
 # How long shutdown waits for in-flight replies before cutting connections.
 DRAIN_TIMEOUT = 15.0
 _IOV_MAX = 1024
@@ -273,12 +275,14 @@ class NBDServer:
         unix: str | os.PathLike[str] | None = None,
         default_export: str | None = None,
         inflight_bytes: int = INFLIGHT_BYTES,
+        max_connections: int = MAX_CONNECTIONS,
     ):
         if tcp is None and unix is None:
             raise ValueError("give a TCP address, a Unix socket path, or both")
         self.exports = dict(exports)
         self.catalog = Catalog(self.exports, default_export)
         self.inflight_bytes = inflight_bytes
+        self.max_connections = max_connections
         self._tcp = tcp
         self.unix_path = os.fspath(unix) if unix is not None else None
         self._listeners: list[socket.socket] = []
@@ -394,7 +398,13 @@ class NBDServer:
                 if self._stopping:
                     sock.close()
                     return
-                self._sessions.add(session)
+                full = len(self._sessions) >= self.max_connections
+                if not full:
+                    self._sessions.add(session)
+            if full:
+                log.warning("refusing %s: already %d connections", peer, self.max_connections)
+                sock.close()
+                continue
             session.thread.start()
 
     def _forget(self, session: _Session) -> None:

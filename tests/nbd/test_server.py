@@ -205,3 +205,23 @@ def test_uris_reach_every_export_by_name(tmp_path):
                 assert int(size) == ZeroExport.size, name
         finally:
             server.shutdown()
+
+
+def test_connections_over_the_limit_are_closed(tmp_path):
+    """Past max_connections a new client is hung up on before the greeting; once one of
+    the first clients leaves, a newcomer is served again."""
+    server = NBDServer({"z": ZeroExport()}, tcp=("127.0.0.1", 0), max_connections=2)
+    server.start()
+    first, second = w.RawClient(server.tcp_address), w.RawClient(server.tcp_address)
+    try:
+        with socket.create_connection(server.tcp_address, timeout=10) as third:
+            assert third.recv(18) == b""
+        first.close()
+        deadline = time.monotonic() + 10
+        while server.connection_count > 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        w.RawClient(server.tcp_address).close()
+    finally:
+        first.close()
+        second.close()
+        server.shutdown()
