@@ -163,9 +163,9 @@ def test_token_auth_anonymous_refused(token_registry, token_image):
 def token_lifetime(token_registry):
     """Lets a test change the issuer's token lifetimes, and puts them back."""
     issuer = token_registry.issuer
-    saved = (issuer.expires_in, issuer.lifetime)
+    saved = (issuer.expires_in, issuer.lifetime, issuer.legacy_reply)
     yield issuer
-    issuer.expires_in, issuer.lifetime = saved
+    issuer.expires_in, issuer.lifetime, issuer.legacy_reply = saved
 
 
 def _read_slowly(client, ref: str, seconds: float) -> bytes:
@@ -202,6 +202,13 @@ def test_token_that_dies_early_is_renewed_on_401(
         renewals = client.upstream.auth.tokens_fetched
     assert data == erofs_images.small.path.read_bytes()
     assert renewals >= 2 and token_lifetime.tokens_issued - before == renewals
+
+
+def test_oauth2_style_token_reply(token_registry, token_image, token_lifetime, erofs_images):
+    """An issuer answering only ``access_token`` and no ``expires_in`` works too."""
+    token_lifetime.legacy_reply = True
+    with token_registry.client() as client:
+        assert read_whole(client, token_image) == erofs_images.small.path.read_bytes()
 
 
 def test_token_auth_push(token_registry, erofs_images):

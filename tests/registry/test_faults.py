@@ -124,6 +124,17 @@ def test_retries_are_bounded_and_report_the_registry_error(registry, pushed_imag
     )
 
 
+def test_retries_stop_when_the_time_budget_is_spent(registry, pushed_images, fault_proxy):
+    """A Retry-After longer than the retry budget ends the retries at once, not after it."""
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault("status", status=503, headers={"Retry-After": "30"}, path_contains="/v2/")
+    started = time.monotonic()
+    with client_via(proxy, retry_budget=2.0) as client, pytest.raises(RegistryError):
+        resolve_image(client, f"{proxy.host}/fixtures/small:v1", None)
+    assert time.monotonic() - started < 1.0
+    assert proxy.faults_applied == 1
+
+
 @pytest.mark.parametrize("kind", ["cut", "truncate", "drop"])
 def test_broken_bodies_are_retried(registry, pushed_images, erofs_images, fault_proxy, kind):
     """A connection cut mid-body, a body shorter than the range, a connection closed

@@ -56,6 +56,8 @@ class TokenIssuer:
         self.expires_in = 300
         self.lifetime: float | None = None
         """Real lifetime at the registry in seconds; None: ``expires_in``."""
+        self.legacy_reply = False
+        """Answer OAuth2-style: only ``access_token``, no ``expires_in`` (60 s to clients)."""
         self.issued: list[dict] = []
         """One entry per token: ``account``, ``access`` granted, ``time``."""
         self._lock = threading.Lock()
@@ -131,6 +133,8 @@ class TokenIssuer:
         token = f"{signing_input}.{_b64url(signature)}"
         with self._lock:
             self.issued.append({"account": account, "access": access, "time": time.time()})
+        if self.legacy_reply:
+            return {"access_token": token}
         return {
             "token": token,
             "access_token": token,
