@@ -1,0 +1,253 @@
+"""End to end: a real registry, ``blockstore mount`` as a user runs it, a real kernel mount.
+
+Each test runs the CLI in its own processes (mount, mounts, umount), reads the
+mounted tree through the kernel, and compares every file with the tree the
+image was built from.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import processes_mentioning
+from mount_trees import assert_same_tree, snapshot
+from rig.pushed import push_erofs
+
+from blockstore.errors import ImageNotCached, MountpointBusy, RegistryError
+from nbdfront import mount_state, mount_syscall
+
+pytestmark = pytest.mark.slow
+
+BLOCKSTORE = [sys.executable, "-m", "blockstore"]
+
+
+def cli(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run([*BLOCKSTORE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def mount(ref: str, mountpoint: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``blockstore mount`` that must succeed; its output names the path taken."""
+    done = cli("mount", "--insecure", "--cache-dir", str(cache), *extra, ref, str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert f"mounted {ref} at {mountpoint} via nbdfuse" in done.stdout
+    return done
+
+
+def umount(mountpoint: Path) -> None:
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+
+
+def assert_nothing_left(mountpoint: Path, run: Path) -> None:
+    """No mount, no FUSE, no server or nbdfuse process, no socket, no record."""
+    table = mount_syscall.mounted()
+    assert str(mountpoint) not in table
+    assert not [p for p in table if p.startswith(f"{run}/")]
+    assert not processes_mentioning(str(run))
+    assert not list(run.glob("**/*.sock"))
+    assert mount_state.records() == []
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.fixture
+def dirs(mount_dirs):
+    """Two mount points and a cache directory of the test's own."""
+    base, run = mount_dirs
+    for name in ("mnt", "mnt2", "cache"):
+        (base / name).mkdir()
+    return base / "mnt", base / "mnt2", base / "cache", run
+
+
+def test_mount_compare_every_file_umount_leaves_nothing(dirs, pushed_images, erofs_images):
+    """Mount a one-layer image from the registry, compare every file with its source tree,
+    list it, unmount it: afterwards no mount, FUSE, process or socket is left."""
+    mnt, _, cache, run = dirs
+    started = time.monotonic()
+    mount(pushed_images.small, mnt, cache)
+    print(f"mount of the small image took {time.monotonic() - started:.2f}s")
+    assert_same_tree(erofs_images.small.tree, mnt)
+
+    listed = json.loads(cli("mounts", "--json").stdout)
+    assert [(m["mountpoint"], m["image"], m["state"]) for m in listed] == [
+        (str(mnt), pushed_images.small, "ok")
+    ]
+    assert listed[0]["cached"] and listed[0]["cached"][0] > 0
+
+    umount(mnt)
+    assert_nothing_left(mnt, run)
+
+
+def test_three_layer_image_whole_and_one_layer_alone(dirs, pushed_images, erofs_images):
+    """The three-layer image shows the merged tree (changes, additions, a whiteout);
+    ``--layer 1`` and ``-o oci.layer=0`` each show exactly that layer's own tree."""
+    mnt, _, cache, run = dirs
+    layers = erofs_images.layers
+    done = mount(pushed_images.multilayer, mnt, cache)
+    assert "3 layers under a read-only overlayfs" in done.stdout
+    assert_same_tree(layers[-1].merged_tree, mnt)
+    umount(mnt)
+
+    mount(pushed_images.multilayer, mnt, cache, "--layer", "1")
+    assert_same_tree(layers[1].tree, mnt)
+    umount(mnt)
+
+    mount(pushed_images.multilayer, mnt, cache, "-o", "oci.layer=0")
+    assert_same_tree(layers[0].tree, mnt)
+    umount(mnt)
+    assert_nothing_left(mnt, run)
+
+
+def cache_then_stop_registry(registry, image, mnt: Path, cache: Path) -> str:
+    """Push ``image``, mount it and read every file (so all of it is cached), unmount, and
+    stop the registry process; return the reference."""
+    ref = push_erofs(registry.host, "offline/small", "v1", [image.path])
+    mount(ref, mnt, cache)
+    assert_same_tree(image.tree, mnt)
+    umount(mnt)
+    registry.stop()
+    return ref
+
+
+def test_remount_with_the_registry_process_stopped(dirs, fresh_registry, erofs_images):
+    """Mount and read everything, unmount, stop the registry: a second mount (same reference,
+    no --offline) resolves from the cache and shows every file again."""
+    mnt, _, cache, run = dirs
+    ref = cache_then_stop_registry(fresh_registry, erofs_images.small, mnt, cache)
+    started = time.monotonic()
+    mount(ref, mnt, cache)
+    print(f"offline re-mount took {time.monotonic() - started:.2f}s")
+    assert_same_tree(erofs_images.small.tree, mnt)
+    umount(mnt)
+    assert_nothing_left(mnt, run)
+
+
+def test_offline_flag_never_connects(dirs, fresh_registry, erofs_images):
+    """With the image cached and the registry gone, ``--offline`` mounts and reads everything
+    while a listener on the registry's port sees no connection at all; with nothing cached,
+    ``--offline`` fails in one line."""
+    mnt, _, cache, run = dirs
+    ref = cache_then_stop_registry(fresh_registry, erofs_images.small, mnt, cache)
+    host, port = fresh_registry.host.rsplit(":", 1)
+    with socket.create_server((host, int(port))) as listener:
+        listener.setblocking(False)
+        mount(ref, mnt, cache, "--offline")
+        assert_same_tree(erofs_images.small.tree, mnt)
+        umount(mnt)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+
+        other_cache = cache.parent / "empty-cache"
+        failed = cli("mount", "--offline", "--cache-dir", str(other_cache), ref, str(mnt))
+        assert failed.returncode == ImageNotCached.exit_code, failed.stderr
+        one_line(failed.stderr)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    assert_nothing_left(mnt, run)
+
+
+def test_partly_cached_image_offline(dirs, pushed_images, erofs_images):
+    """Read a few files online, unmount, mount ``--offline``: those files read back right,
+    files never read fail with EIO within a second each, the log names the layer and the
+    offset, and the mount stays up."""
+    mnt, _, cache, run = dirs
+    tree = erofs_images.large.tree
+    files = sorted(p for p, entry in snapshot(tree).items() if entry[0] == "file")
+    read_online = files[:3]
+    mount(pushed_images.large, mnt, cache)
+    for rel in read_online:
+        assert (mnt / rel).read_bytes() == (tree / rel).read_bytes()
+    umount(mnt)
+
+    mount(pushed_images.large, mnt, cache, "--offline")
+    for rel in read_online:
+        assert (mnt / rel).read_bytes() == (tree / rel).read_bytes()
+    failures = 0
+    for rel in reversed(files[3:]):
+        started = time.monotonic()
+        try:
+            (mnt / rel).read_bytes()
+        except OSError as exc:
+            assert exc.errno == errno.EIO
+            assert time.monotonic() - started < 1.0, f"{rel} took too long to fail"
+            failures += 1
+            if failures == 3:
+                break
+    assert failures, "every file was cached: nothing was tried offline"
+    assert (mnt / read_online[0]).read_bytes() == (tree / read_online[0]).read_bytes()
+    assert [m["state"] for m in json.loads(cli("mounts", "--json").stdout)] == ["ok"]
+    log = Path(mount_state.load(str(mnt)).log).read_text()
+    assert any(
+        erofs_images.large.digest in line and "offset" in line and "not cached" in line
+        for line in log.splitlines()
+    ), log
+    umount(mnt)
+    assert_nothing_left(mnt, run)
+
+
+def test_two_images_at_once_share_one_cache(dirs, pushed_images, erofs_images):
+    """Two images mounted at once from one cache directory both show their trees, both are
+    listed, and each unmounts on its own."""
+    mnt, mnt2, cache, run = dirs
+    mount(pushed_images.small, mnt, cache)
+    mount(pushed_images.multilayer, mnt2, cache)
+    assert_same_tree(erofs_images.small.tree, mnt)
+    assert_same_tree(erofs_images.layers[-1].merged_tree, mnt2)
+    listed = json.loads(cli("mounts", "--json").stdout)
+    assert sorted(m["mountpoint"] for m in listed) == sorted([str(mnt), str(mnt2)])
+    assert {m["state"] for m in listed} == {"ok"}
+
+    busy = cli("mount", "--insecure", "--cache-dir", str(cache), pushed_images.small, str(mnt))
+    assert busy.returncode == MountpointBusy.exit_code
+    one_line(busy.stderr)
+
+    umount(mnt)
+    assert_same_tree(erofs_images.layers[-1].merged_tree, mnt2)
+    umount(mnt2)
+    assert_nothing_left(mnt, run)
+
+
+def test_errors_a_user_can_act_on(dirs, pushed_images):
+    """No such layer and an unreachable registry with nothing cached each fail in one line
+    with their own exit code, leaving nothing mounted or running."""
+    mnt, _, cache, run = dirs
+    no_layer = cli(
+        "mount",
+        "--insecure",
+        "--cache-dir",
+        str(cache),
+        "--layer",
+        "7",
+        pushed_images.small,
+        str(mnt),
+    )
+    assert no_layer.returncode == RegistryError.exit_code, no_layer.stderr
+    assert "7" in one_line(no_layer.stderr)
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    unreachable = cli(
+        "mount",
+        "--insecure",
+        "--cache-dir",
+        str(cache),
+        f"127.0.0.1:{dead_port}/nothing/here:latest",
+        str(mnt),
+    )
+    assert unreachable.returncode == ImageNotCached.exit_code, unreachable.stderr
+    one_line(unreachable.stderr)
+    assert_nothing_left(mnt, run)
+    assert not os.listdir(mnt)
