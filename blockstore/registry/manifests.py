@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from blockstore.errors import IntegrityError, NotFound, RegistryError
+from blockstore.errors import IntegrityError, InvalidReference, NotFound, RegistryError
 from blockstore.registry.client import RegistryClient
 from blockstore.registry.mediatypes import (
     INDEX_TYPES,
@@ -119,7 +119,13 @@ def resolve_image(
     if media_type not in INDEX_TYPES:
         return ResolvedImage(str(ref), digest, None, [], _layers(document, ref), manifests)
     wanted = Platform.parse(platform) if platform else host_platform()
-    entries = [e for e in document.get("manifests", []) if isinstance(e.get("platform"), dict)]
+    # Entries without a platform, and buildx's attestations ("unknown/unknown"),
+    # are not images to run.
+    entries = [
+        e
+        for e in document.get("manifests", [])
+        if isinstance(e.get("platform"), dict) and e["platform"].get("os") not in (None, "unknown")
+    ]
     offered = [Platform.from_descriptor(e["platform"]) for e in entries]
     names = [str(p) for p in offered]
     chosen = next((i for i, p in enumerate(offered) if wanted.accepts(p)), None)
@@ -183,5 +189,7 @@ def _layers(manifest: dict, ref: Reference) -> list[Layer]:
             Layer(i, normalize_digest(d["digest"]), int(d["size"]), d.get("mediaType", ""))
             for i, d in enumerate(manifest.get("layers", []))
         ]
-    except (KeyError, TypeError, ValueError):
-        raise RegistryError(f"image {ref}: a layer descriptor lacks a digest or size") from None
+    except (KeyError, TypeError, ValueError, InvalidReference):
+        raise RegistryError(
+            f"image {ref}: a layer descriptor has no valid digest or size"
+        ) from None

@@ -12,7 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from blockstore.errors import NotFound, UsageError
+from blockstore.errors import IntegrityError, NotFound, UsageError
 from blockstore.registry.client import RegistryClient
 from blockstore.registry.manifests import digest_of, fetch_manifest
 from blockstore.registry.mediatypes import (
@@ -56,9 +56,7 @@ def push_image(
         layers.append({"mediaType": media_type, "digest": digest, "size": size})
     config = _canonical(
         {
-            "architecture": target.architecture,
-            "os": target.os,
-            **({"variant": target.variant} if target.variant else {}),
+            **_platform_fields(target),
             "rootfs": {"type": "layers", "diff_ids": [layer["digest"] for layer in layers]},
             "config": {},
             # A fixed date keeps the config, hence every digest, reproducible.
@@ -89,11 +87,7 @@ def push_image(
         "mediaType": manifest_type,
         "digest": manifest_digest,
         "size": len(manifest),
-        "platform": {
-            "architecture": target.architecture,
-            "os": target.os,
-            **({"variant": target.variant} if target.variant else {}),
-        },
+        "platform": _platform_fields(target),
     }
     others = [e for e in _index_entries(client, repository, tag) if not _same_platform(e, target)]
     index_type = DOCKER_LIST if docker_schema2 else OCI_INDEX
@@ -118,8 +112,11 @@ def _index_entries(client: RegistryClient, repository: str, tag: str) -> list[di
     document = json.loads(raw)
     if document.get("mediaType") in INDEX_TYPES or "manifests" in document:
         return list(document.get("manifests", []))
-    config = json.loads(client.get_blob(repository, document["config"]["digest"]))
-    platform = {k: config[k] for k in ("architecture", "os", "variant") if config.get(k)}
+    config_digest = document["config"]["digest"]
+    config = client.get_blob(repository, config_digest)
+    if digest_of(config) != config_digest:
+        raise IntegrityError(f"config {config_digest} of {repository}:{tag} has other bytes")
+    platform = _platform_fields(Platform.from_descriptor(json.loads(config)))
     return [
         {
             "mediaType": document.get("mediaType", OCI_MANIFEST),
@@ -128,6 +125,14 @@ def _index_entries(client: RegistryClient, repository: str, tag: str) -> list[di
             "platform": platform,
         }
     ]
+
+
+def _platform_fields(platform: Platform) -> dict[str, str]:
+    """The ``os``/``architecture``/``variant`` fields of a config or an index entry."""
+    fields = {"architecture": platform.architecture, "os": platform.os}
+    if platform.variant:
+        fields["variant"] = platform.variant
+    return fields
 
 
 def _same_platform(entry: dict, target: Platform) -> bool:

@@ -1,0 +1,49 @@
+"""push_image against the real registry: indexes built up platform by platform, reproducibly."""
+
+from __future__ import annotations
+
+from blockstore.registry import push_image, resolve_image
+
+
+def test_plain_image_becomes_an_index_when_a_platform_is_added(fresh_registry, erofs_images):
+    """A tag holding one amd64 manifest, then an arm64 push with add_to_index: the tag
+    becomes an index of both, each resolving to its own layer."""
+    small, base = erofs_images.small, erofs_images.layers[0]
+    with fresh_registry.client() as client:
+        amd = push_image(client, "push/grow", "v1", [small.path], platform="linux/amd64")
+        arm = push_image(
+            client, "push/grow", "v1", [base.path], platform="linux/arm64/v8", add_to_index=True
+        )
+        ref = f"{fresh_registry.host}/push/grow:v1"
+        as_amd = resolve_image(client, ref, "linux/amd64")
+        as_arm = resolve_image(client, ref, "linux/arm64/v8")
+    assert as_amd.platforms == ["linux/amd64", "linux/arm64/v8"]
+    assert (as_amd.manifest_digest, as_amd.layers[0].digest) == (amd, small.digest)
+    assert (as_arm.manifest_digest, as_arm.layers[0].digest) == (arm, base.digest)
+
+
+def test_pushing_a_platform_again_replaces_its_entry(fresh_registry, erofs_images):
+    """Re-pushing linux/amd64 into an index replaces that entry, the others stay."""
+    small, base, changes = (erofs_images.small, *erofs_images.layers[:2])
+    ref = f"{fresh_registry.host}/push/replace:v1"
+    with fresh_registry.client() as client:
+        for path, platform in [
+            (small.path, "linux/amd64"),
+            (base.path, "linux/arm64/v8"),
+            (changes.path, "linux/amd64"),
+        ]:
+            push_image(client, "push/replace", "v1", [path], platform=platform, add_to_index=True)
+        image = resolve_image(client, ref, "linux/amd64")
+    assert image.platforms == ["linux/arm64/v8", "linux/amd64"]
+    assert image.layers[0].digest == changes.digest
+
+
+def test_same_files_give_the_same_digests(fresh_registry, erofs_images):
+    """Config and manifest are serialised deterministically: pushing twice, or to another
+    repository, gives the same manifest digest."""
+    paths = [layer.path for layer in erofs_images.layers]
+    with fresh_registry.client() as client:
+        first = push_image(client, "push/a", "v1", paths)
+        again = push_image(client, "push/a", "v2", paths)
+        elsewhere = push_image(client, "push/b", "v1", paths)
+    assert first == again == elsewhere
