@@ -17,8 +17,10 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from blockstore.cache import ChunkStore
 from blockstore.cli.common import add_cache_options, add_registry_options, cache_dir_from
 from blockstore.errors import UsageError
+from blockstore.registry.reference import parse_reference
 from nbdfront import mounts
 from nbdfront.mount_state import MountRecord
 
@@ -135,15 +137,9 @@ def _layers_in_cache(
     Only to show cache state in ``mounts``; a cache that cannot say yields nothing.
     """
     try:
-        from blockstore.cache import ChunkStore
-        from blockstore.registry.reference import parse_reference
-
         canonical = str(parse_reference(image))
-        store = ChunkStore(cache_dir)
-        try:
+        with ChunkStore(cache_dir) as store:
             refs = [r for r in store.refs() if r.get("reference") == canonical]
-        finally:
-            store.close()
     except Exception:
         return []
     refs = [r for r in refs if platform is None or r.get("platform") == platform] or refs
@@ -163,8 +159,6 @@ def cached_fractions(record: MountRecord) -> list[float | None]:
     if not layers:
         return []
     try:
-        from blockstore.cache import ChunkStore
-
         with ChunkStore(Path(record.info["cache_dir"])) as store:
             present = {blob.digest: blob.cached_fraction for blob in store.blobs()}
     except Exception:
@@ -223,6 +217,8 @@ def run_mounts(args: argparse.Namespace) -> int:
                 "state": st.state,
                 "server_pid": st.record.server.pid if st.record.server else None,
                 "cached": fractions,
+                "cache_dir": st.record.info.get("cache_dir"),
+                "mount_seconds": st.record.mount_seconds,
                 "log": st.record.log,
             }
         )
