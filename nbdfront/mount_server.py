@@ -10,6 +10,7 @@ unreachable) keeps its own exit code.
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import time
@@ -18,6 +19,8 @@ from pathlib import Path
 
 from blockstore.errors import MountError
 from nbdfront.mount_process import ProcessRef, log_tail, spawn_detached
+
+logger = logging.getLogger(__name__)
 
 READY_TIMEOUT = 120.0
 _LAYER_EXPORT = re.compile(r"layer(\d+)")
@@ -70,6 +73,9 @@ def start_server(
             break
         if proc.poll() is not None or process is None:
             code = proc.wait()
+            logger.info(
+                "the server exited with %s; its last lines:\n%s", code, log_tail(log_path, 10)
+            )
             why = log_tail(log_path, 1).removeprefix("blockstore: ")
             raise ServerFailed(
                 f"{why or 'the server exited before it was ready'} (server log: {log_path})",
