@@ -152,7 +152,7 @@ class _Session:
             with self._leadership:
                 with self._idle_lock:
                     self._idle -= 1
-                work = None if self._over else self._next_work()
+                work = None if self._over else self._next_work_or_hang_up()
                 if work is None:
                     self._over = True
                     return
@@ -164,6 +164,15 @@ class _Session:
                 self._read(work)
             else:
                 self._cache(work)
+
+    def _next_work_or_hang_up(self) -> ReadRequest | CacheRequest | None:
+        """``_next_work``, except that a bug ends this connection instead of the thread."""
+        try:
+            return self._next_work()
+        except Exception:
+            log.exception("internal error on the connection from %s; closing it", self.peer)
+            self.cut()
+            return None
 
     def _next_work(self) -> ReadRequest | CacheRequest | None:
         """Receive and parse until a request needs an export; None once it is all over."""
