@@ -103,8 +103,8 @@ def test_serve_one_layer_over_tcp_warm_then_offline(
 
 def test_sigterm_waits_for_reads_in_flight(registry, pushed_images, erofs_images, tmp_path):
     """SIGTERM while nbdcopy is copying the large image from a cold cache: the server
-    finishes the replies in flight, exits 0, and the cache it leaves serves the bytes it
-    had fetched offline without a checksum failure."""
+    finishes the replies in flight and exits 0, and the cache it leaves passes
+    ``blockstore cache verify`` and serves again offline."""
     cache = str(tmp_path / "cache")
     args = [pushed_images.large, "--insecure", "--cache-dir", cache, "--listen", "127.0.0.1:0"]
     with serving(*args) as (proc, exports):
