@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def default_cache_dir() -> Path:
-    """``$BLOCKSTORE_CACHE_DIR``, else ``$XDG_CACHE_HOME/blockstore``, else ``~/.cache/blockstore``."""
+    """``$BLOCKSTORE_CACHE_DIR``, else ``$XDG_CACHE_HOME/blockstore``, else ~/.cache/blockstore."""
     explicit = os.environ.get("BLOCKSTORE_CACHE_DIR")
     if explicit:
         return Path(explicit)
@@ -41,7 +41,7 @@ def parse_size(text: str) -> int:
     """Parse ``10G``, ``512M``, ``4096``, ``1.5T`` (powers of 1024) into bytes."""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
+    unit = t[-1] if t and t[-1] in units else ""
     number = t[: len(t) - len(unit)]
     try:
         value = float(number)
