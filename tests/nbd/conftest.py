@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from nbd_serving import Served, served, start_server
@@ -21,12 +23,11 @@ from blockstore.registry import (
 from blockstore.source import LocalFileSource
 
 
-@pytest.fixture(scope="session")
-def registry_image(registry, pushed_images, erofs_images, tmp_path_factory) -> Iterator[Served]:
-    """The small EROFS image, pushed to the real registry, served through a cold cache."""
-    tmp = tmp_path_factory.mktemp("nbd-registry")
+@contextmanager
+def serve_from_registry(registry, reference_text: str, image, tmp: Path) -> Iterator[Served]:
+    """Serve the one layer of ``reference_text`` from ``registry`` through a new, cold cache."""
     client = RegistryClient(registry.host, RegistryOptions(insecure=True))
-    reference = parse_reference(pushed_images.small)
+    reference = parse_reference(reference_text)
     resolved = resolve_image(client, reference, "linux/amd64")
     (layer,) = resolved.layers
     store = ChunkStore(tmp / "cache")
@@ -40,11 +41,27 @@ def registry_image(registry, pushed_images, erofs_images, tmp_path_factory) -> I
     )
     server = start_server({"layer0": blob}, tmp, "layer0")
     try:
-        yield served(server, "layer0", erofs_images.small, blob)
+        yield served(server, "layer0", image, blob)
     finally:
         server.shutdown()
         blob.close()
         store.close()
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def registry_image(registry, pushed_images, erofs_images, tmp_path_factory) -> Iterator[Served]:
+    """The small EROFS image, pushed to the real registry, served through a cold cache."""
+    tmp = tmp_path_factory.mktemp("nbd-registry")
+    with serve_from_registry(registry, pushed_images.small, erofs_images.small, tmp) as served_:
+        yield served_
+
+
+@pytest.fixture
+def large_registry_image(registry, pushed_images, erofs_images, tmp_path) -> Iterator[Served]:
+    """The large (64 MiB and more) image from the real registry through a cold cache."""
+    with serve_from_registry(registry, pushed_images.large, erofs_images.large, tmp_path) as s:
+        yield s
 
 
 @dataclass

@@ -58,6 +58,14 @@ def test_nbdcopy_is_byte_identical(registry_image, tmp_path, options):
     assert filecmp.cmp(out, registry_image.image.path, shallow=False)
 
 
+def test_nbdcopy_of_a_large_image_from_a_cold_cache(large_registry_image, tmp_path):
+    """Four nbdcopy connections reading a 64 MiB image whose every byte is still in the
+    registry (concurrent misses on overlapping chunks) copy it byte for byte."""
+    out = tmp_path / "large.img"
+    run("nbdcopy", large_registry_image.uri, str(out), timeout=120)
+    assert filecmp.cmp(out, large_registry_image.image.path, shallow=False)
+
+
 def test_qemu_img_convert_and_compare(registry_image, tmp_path):
     """qemu-img converts the export to a raw file identical to the image, and
     qemu-img compare finds the export and the image identical."""
