@@ -241,9 +241,10 @@ class CachedBlob:
         bad: list[int],
     ) -> None:
         if bad:
-            self._store.counters.add(checksum_failures=len(bad))
+            # Counted where dropped, so a chunk found bad twice at once counts once.
+            dropped = self._store.drop_chunks(self._digest, bad)
+            self._store.counters.add(checksum_failures=dropped)
             log.warning("%s: %d cached chunk(s) failed their checksum", self._digest, len(bad))
-            self._store.drop_chunks(self._digest, bad)
         wanted = sorted(missing + bad)
         if self._fetcher is None:
             what = "failed its checksum" if bad else "is not cached"

@@ -32,7 +32,6 @@ from .layout import (
     SUM_SIZE,
     U64,
     BlobRecord,
-    chunk_key,
     chunk_length,
     valid_chunk,
 )
@@ -206,17 +205,23 @@ class VerifyReport:
 
 
 def verify_store(store: ChunkStore) -> VerifyReport:
-    """Check every chunk (checksum, length, sealed checksum) and every complete blob."""
+    """Check every chunk (checksum, length, sealed checksum) and every complete blob.
+
+    Safe while other processes use the cache: counts are only repaired if
+    nothing was stored or evicted during the scan.
+    """
     report = VerifyReport()
     store.flush()
     by_id: dict[int, tuple[str, BlobRecord]] = {}
-    with store.env.reader(DB_BLOBS) as txn:
-        for digest, raw in txn.cursor():
+    with store.env.reader() as txn:
+        for digest, raw in txn.cursor(db=store.dbs[DB_BLOBS]):
             record = BlobRecord.unpack(raw)
             by_id[record.blob_id] = (bytes(digest).decode(), record)
+        raw = txn.get(b"stored_bytes", db=store.dbs[DB_META])
+        stored_before = U64.unpack(raw)[0] if raw is not None else 0
     sums = {d: store.sealed_sums(d) for d, r in by_id.values() if r.sealed}
     present: dict[int, int] = dict.fromkeys(by_id, 0)
-    bad: dict[int, list[int]] = {}
+    bad: list[bytes] = []
     orphans: list[bytes] = []
     stored = 0
     for key, value in scan(store):
@@ -239,10 +244,15 @@ def verify_store(store: ChunkStore) -> VerifyReport:
             present[blob_id] += 1
             stored += len(value) - SUM_SIZE
         else:
-            bad.setdefault(blob_id, []).append(index)
+            bad.append(key)
             report.bad_chunks.append((digest, index))
             log.warning("verify: %s chunk %d is bad; dropping it", digest, index)
-    _repair(store, by_id, present, bad, orphans, stored, report)
+    report.orphan_chunks = len(orphans)
+    store.env.write(
+        lambda txn: _repair(
+            txn, store, by_id, present, bad, set(orphans), stored, stored_before, report
+        )
+    )
     for digest, record in by_id.values():
         if present[record.blob_id] != record.chunks:
             continue
@@ -255,27 +265,46 @@ def verify_store(store: ChunkStore) -> VerifyReport:
     return report
 
 
-def _repair(store, by_id, present, bad, orphans, stored, report) -> None:
-    """Drop bad and orphan chunks and make counts match what is really stored."""
-
-    def work(txn) -> None:
-        for blob_id, indices in bad.items():
-            for index in indices:
-                store.delete_chunk(txn, chunk_key(blob_id, index), None, 0)
-        for key in orphans:
-            store.delete_chunk(txn, key, None, 0)
-        for blob_id, (digest, record) in by_id.items():
+def _repair(
+    txn,
+    store: ChunkStore,
+    by_id: dict[int, tuple[str, BlobRecord]],
+    present: dict[int, int],
+    bad: list[bytes],
+    orphans: set[bytes],
+    stored: int,
+    stored_before: int,
+    report: VerifyReport,
+) -> None:
+    """Drop bad and orphan chunks; if the cache was quiet meanwhile, fix drifted counts."""
+    report.repaired_records.clear()  # this may run again if the map has to grow
+    blobs, meta = store.dbs[DB_BLOBS], store.dbs[DB_META]
+    raw = txn.get(b"stored_bytes", db=meta)
+    quiet = (U64.unpack(raw)[0] if raw is not None else 0) == stored_before
+    current: dict[int, BlobRecord] = {}
+    dropped_bad = 0
+    for key in [*bad, *orphans]:
+        value = txn.get(key, db=store.dbs[DB_CHUNKS])
+        if value is None:
+            continue
+        dropped_bad += key not in orphans
+        blob_id = CHUNK_KEY.unpack(key)[0]
+        if blob_id in by_id and blob_id not in current:
+            raw = txn.get(by_id[blob_id][0].encode(), db=blobs)
+            if raw is not None:
+                current[blob_id] = BlobRecord.unpack(raw)
+        store.delete_chunk(txn, key, current.get(blob_id), len(value) - SUM_SIZE)
+    for blob_id, record in current.items():
+        txn.put(by_id[blob_id][0].encode(), record.pack(), db=blobs)
+    if quiet:
+        for blob_id, (digest, _) in by_id.items():
+            raw = txn.get(digest.encode(), db=blobs)
+            if raw is None:
+                continue
+            record = BlobRecord.unpack(raw)
             if record.present != present[blob_id]:
                 report.repaired_records.append(digest)
-                raw = txn.get(digest.encode(), db=store.dbs[DB_BLOBS])
-                if raw is not None:
-                    current = BlobRecord.unpack(raw)
-                    current.present = present[blob_id]
-                    txn.put(digest.encode(), current.pack(), db=store.dbs[DB_BLOBS])
-        txn.put(b"stored_bytes", U64.pack(stored), db=store.dbs[DB_META])
-        counters_mod.persist(
-            txn, store.dbs[DB_COUNTERS], {"checksum_failures": len(report.bad_chunks)}
-        )
-
-    report.orphan_chunks = len(orphans)
-    store.env.write(work)
+                record.present = present[blob_id]
+                txn.put(digest.encode(), record.pack(), db=blobs)
+        txn.put(b"stored_bytes", U64.pack(stored), db=meta)
+    counters_mod.persist(txn, store.dbs[DB_COUNTERS], {"checksum_failures": dropped_bad})
