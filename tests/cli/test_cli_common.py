@@ -1,0 +1,60 @@
+"""Shared CLI pieces: sizes, the cache directory's defaults, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from blockstore.cli.common import default_cache_dir, parse_size
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("4096", 4096), ("1k", 1024), ("512M", 512 << 20), ("10G", 10 << 30), ("20GiB", 20 << 30)],
+)
+def test_sizes(text: str, expected: int):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "G", "ten", "-5G", "5X"])
+def test_bad_sizes_are_refused_with_the_text(text: str):
+    with pytest.raises(argparse.ArgumentTypeError, match="size"):
+        parse_size(text)
+
+
+@given(st.integers(min_value=0, max_value=1 << 50), st.sampled_from(["", "K", "M", "G", "T"]))
+def test_sizes_round_trip(number: int, unit: str):
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
+    assert parse_size(f"{number}{unit}") == number * scale
+
+
+def test_cache_dir_precedence(monkeypatch, tmp_path: Path):
+    """$BLOCKSTORE_CACHE_DIR wins over $XDG_CACHE_HOME, which wins over ~/.cache."""
+    monkeypatch.delenv("BLOCKSTORE_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "blockstore"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "blockstore"
+    monkeypatch.setenv("BLOCKSTORE_CACHE_DIR", str(tmp_path / "explicit"))
+    assert default_cache_dir() == tmp_path / "explicit"
+
+
+def test_error_is_one_line_with_its_exit_code(tmp_path: Path):
+    """An invalid reference: one line on stderr starting with the program name, exit 2,
+    and no traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "blockstore", "inspect", "UPPER/Case:tag"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("blockstore: ")
+    assert "Traceback" not in result.stderr
