@@ -225,3 +225,14 @@ def test_connections_over_the_limit_are_closed(tmp_path):
         first.close()
         second.close()
         server.shutdown()
+
+
+def test_tcp_connections_have_nodelay(local_server):
+    """Accepted TCP sockets have TCP_NODELAY, so small replies are not held back by Nagle."""
+    served, _ = local_server
+    client = w.RawClient(served.server.tcp_address)
+    try:
+        (session,) = served.server._sessions
+        assert session._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        client.close()
