@@ -14,7 +14,7 @@ import hashlib
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -224,15 +224,12 @@ def verify_store(store: ChunkStore) -> VerifyReport:
     bad: list[bytes] = []
     orphans: list[bytes] = []
     stored = 0
-    for key, value in scan(store):
-        report.chunks_checked += 1
+
+    def good(key: bytes, value: memoryview) -> bool:
         blob_id, index = CHUNK_KEY.unpack(key)
-        if blob_id not in by_id:
-            orphans.append(key)
-            continue
         digest, record = by_id[blob_id]
         sealed_sums = sums.get(digest)
-        good = (
+        return (
             index < record.chunks
             and valid_chunk(value, chunk_length(record.size, index))
             and (
@@ -240,7 +237,15 @@ def verify_store(store: ChunkStore) -> VerifyReport:
                 or sealed_sums[index * SUM_SIZE : (index + 1) * SUM_SIZE] == value[:SUM_SIZE]
             )
         )
-        if good:
+
+    for key, value in scan(store):
+        report.chunks_checked += 1
+        blob_id, index = CHUNK_KEY.unpack(key)
+        if blob_id not in by_id:
+            orphans.append(key)
+            continue
+        digest = by_id[blob_id][0]
+        if good(key, value):
             present[blob_id] += 1
             stored += len(value) - SUM_SIZE
         else:
@@ -250,7 +255,7 @@ def verify_store(store: ChunkStore) -> VerifyReport:
     report.orphan_chunks = len(orphans)
     store.env.write(
         lambda txn: _repair(
-            txn, store, by_id, present, bad, set(orphans), stored, stored_before, report
+            txn, store, by_id, present, bad, set(orphans), good, stored, stored_before, report
         )
     )
     for digest, record in by_id.values():
@@ -272,6 +277,7 @@ def _repair(
     present: dict[int, int],
     bad: list[bytes],
     orphans: set[bytes],
+    good: Callable[[bytes, memoryview], bool],
     stored: int,
     stored_before: int,
     report: VerifyReport,
@@ -285,8 +291,8 @@ def _repair(
     dropped_bad = 0
     for key in [*bad, *orphans]:
         value = txn.get(key, db=store.dbs[DB_CHUNKS])
-        if value is None:
-            continue
+        if value is None or (key not in orphans and good(key, value)):
+            continue  # dropped, or dropped and fetched again, by another reader meanwhile
         dropped_bad += key not in orphans
         blob_id = CHUNK_KEY.unpack(key)[0]
         if blob_id in by_id and blob_id not in current:
