@@ -281,7 +281,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "-l",
         "--lazy",
         action="store_true",
-        help="detach even if busy (the file system goes once the last user lets go)",
+        help="detach even if busy, and stop its server: what still uses it gets I/O errors",
     )
     umount.set_defaults(func=run_umount)
 
