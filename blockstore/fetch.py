@@ -80,7 +80,12 @@ class Fetcher:
                 waits[index] = future
         pieces = runs(mine, self._run_limit)
         # The last piece runs in this thread: no hand-off for the common single miss.
-        started = [self._pool.submit(self._fetch_run, first, count) for first, count in pieces[:-1]]
+        started = []
+        for first, count in pieces[:-1]:
+            try:
+                started.append(self._pool.submit(self._fetch_run, first, count))
+            except RuntimeError:  # closed: no pool, but waiters must still be answered
+                self._fetch_run(first, count)
         if pieces:
             self._fetch_run(*pieces[-1])
         chunks = {index: future.result() for index, future in waits.items()}
@@ -117,4 +122,5 @@ class Fetcher:
                     self._inflight.pop(i, None)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # Queued pieces still run: readers may be waiting on them.
+        self._pool.shutdown(wait=False)
