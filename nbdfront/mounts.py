@@ -60,7 +60,14 @@ def mount(
     mountpoint = os.path.realpath(mountpoint)
     method = check_can_mount(mountpoint)
     state_dir = mount_state.state_dir_for(mountpoint)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        state_dir.mkdir()  # exclusive: of two mounts racing for one mount point, one goes on
+    except FileExistsError:
+        raise MountpointBusy(
+            f"{mountpoint} is being mounted by another blockstore process "
+            f"(if none runs, a crashed one left {state_dir}: remove it)"
+        ) from None
     log = mount_state.log_path_for(mountpoint)
     socket = state_dir / "serve.sock"
     record = MountRecord(

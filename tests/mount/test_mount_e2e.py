@@ -284,3 +284,27 @@ def test_erofs_utils_options_with_basic_auth_keep_the_password_hidden(
         assert secret not in text
     umount(mnt)
     assert_nothing_left(mnt, run)
+
+
+def test_two_mounts_racing_for_one_mountpoint(dirs, pushed_images, erofs_images):
+    """Two ``blockstore mount`` processes started together at one mount point: one mounts,
+    the other says the mount point is busy (exit 13), and the winner's mount is whole."""
+    mnt, _, cache, run = dirs
+    argv = [*BLOCKSTORE, "mount", "--insecure", "--cache-dir", str(cache)]
+    racers = [
+        subprocess.Popen(
+            [*argv, pushed_images.small, str(mnt)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outcomes = sorted(
+        (racer.communicate(timeout=60)[1], racer.returncode)[::-1] for racer in racers
+    )
+    assert [code for code, _ in outcomes] == [0, MountpointBusy.exit_code], outcomes
+    one_line(outcomes[1][1])
+    assert_same_tree(erofs_images.small.tree, mnt)
+    umount(mnt)
+    assert_nothing_left(mnt, run)
