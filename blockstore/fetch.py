@@ -12,12 +12,15 @@ backend for them again before they are stored.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from blockstore.errors import BlobReadError
 from blockstore.source import BlobSource
+
+log = logging.getLogger(__name__)
 
 Buffer = bytes | memoryview
 # on_arrival(first_index, data) -> {index: chunk bytes} for the chunks in data;
@@ -111,11 +114,13 @@ class Fetcher:
                 future.set_result(chunks[first + i])
             self._keep(first, chunks)
         except BaseException as exc:
-            for future in futures:
-                if not future.done():
-                    future.set_exception(exc)
+            waiting = [future for future in futures if not future.done()]
+            for future in waiting:
+                future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
+            if not waiting:
+                log.exception("%s: storing fetched chunks failed", self._source.digest)
         finally:
             with self._lock:
                 for i in range(first, first + count):

@@ -252,7 +252,12 @@ class CachedBlob:
                 f"{self._digest}: chunk {wanted[0]} (offset {wanted[0] * CHUNK_SIZE}) {what}, "
                 "and the cache is offline"
             )
-        got = self._fetcher.fetch(wanted)
+        try:
+            got = self._fetcher.fetch(wanted)
+        except OSError:
+            raise
+        except Exception as exc:  # an export fails with EIO, whatever the backend raised
+            raise BlobReadError(f"{self._digest}: fetching failed: {exc}") from exc
         for index in wanted:
             data = got[index]
             base = index * CHUNK_SIZE

@@ -11,7 +11,7 @@ import random
 import threading
 import time
 
-from blockstore.errors import BlobReadError
+from blockstore.errors import BlobReadError, RegistryUnreachable
 
 
 def make_blob(size: int, seed: int = 0) -> tuple[bytes, str]:
@@ -23,7 +23,8 @@ def make_blob(size: int, seed: int = 0) -> tuple[bytes, str]:
 class ScriptedSource:
     """A ``BlobSource`` over bytes in memory, with switchable faults.
 
-    ``fault``: None (healthy), "fail" (raise), "short" (one byte too few),
+    ``fault``: None (healthy), "fail" (raise an EIO error), "unreachable"
+    (raise an error that is no OSError), "short" (one byte too few),
     "corrupt" (one byte flipped). Records every request and the most
     requests that were ever in flight at once for any one chunk.
     """
@@ -66,6 +67,8 @@ class ScriptedSource:
             fault = self.fault
             if fault == "fail":
                 raise BlobReadError(f"source refused {offset}+{length}")
+            if fault == "unreachable":
+                raise RegistryUnreachable("no route to the source")
             data = self.data[offset : offset + length]
             if fault == "short":
                 return data[:-1]

@@ -66,13 +66,13 @@ def test_adjacent_misses_coalesce_into_bounded_parallel_reads(cache_dir):
 
 
 def test_failed_fetch_is_retried_by_the_next_reader(cache_dir):
-    """A source failure reaches the reader as EIO and is not remembered: the next read
-    asks again and succeeds."""
+    """A source failure of any kind reaches the reader as EIO and is not remembered: the
+    next read asks again and succeeds."""
     data, digest = make_blob(2 * CHUNK_SIZE, seed=22)
     source = ScriptedSource(data, digest)
     with ChunkStore(cache_dir) as store:
         blob = CachedBlob(store, digest, len(data), source, readahead=NONE)
-        for fault in ("fail", "short"):
+        for fault in ("fail", "short", "unreachable"):
             source.fault = fault
             try:
                 blob.read(0, 10)
