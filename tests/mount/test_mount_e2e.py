@@ -300,9 +300,11 @@ def test_two_mounts_racing_for_one_mountpoint(dirs, pushed_images, erofs_images)
         )
         for _ in range(2)
     ]
-    outcomes = sorted(
-        (racer.communicate(timeout=60)[1], racer.returncode)[::-1] for racer in racers
-    )
+    outcomes = []
+    for racer in racers:
+        _, stderr = racer.communicate(timeout=60)
+        outcomes.append((racer.returncode, stderr))
+    outcomes.sort()
     assert [code for code, _ in outcomes] == [0, MountpointBusy.exit_code], outcomes
     one_line(outcomes[1][1])
     assert_same_tree(erofs_images.small.tree, mnt)
