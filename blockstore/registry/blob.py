@@ -8,7 +8,7 @@ from blockstore.errors import BlobReadError, BlockstoreError
 from blockstore.registry.client import RegistryClient
 from blockstore.registry.manifests import Layer
 from blockstore.registry.ranges import clamp_range
-from blockstore.registry.retry import RetryClock, RetryPolicy
+from blockstore.registry.retry import RetryClock
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,6 @@ class RegistryBlob:
         self.client = client
         self.repository = repository
         self.layer = layer
-        options = client.options
-        self._policy = RetryPolicy(max_attempts=options.max_attempts, budget=options.retry_budget)
 
     def __repr__(self) -> str:
         return f"RegistryBlob({self.client.registry}/{self.repository}@{self.layer.digest})"
@@ -44,7 +42,7 @@ class RegistryBlob:
         if span is None:
             return b""
         first, last = span
-        clock = RetryClock(self._policy)
+        clock = RetryClock(self.client.retry_policy)
         while True:
             clock.start_attempt()
             try:

@@ -21,6 +21,7 @@ from urllib.parse import urlencode
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
 
 from blockstore.errors import AuthError, BlobReadError, RegistryError, RegistryUnreachable
 from blockstore.registry.credentials import Credentials, credentials_for
@@ -29,12 +30,15 @@ from blockstore.registry.mediatypes import MANIFEST_ACCEPT
 from blockstore.registry.options import RegistryOptions
 from blockstore.registry.ranges import check_partial_reply, range_header, slice_stream
 from blockstore.registry.replies import registry_error
-from blockstore.registry.retry import RetryPolicy
+from blockstore.registry.retry import RetryClock, RetryPolicy
 
 log = logging.getLogger(__name__)
 
-MAX_MANIFEST_BYTES = 4 << 20
+MAX_SMALL_BODY = 4 << 20
+"""Manifests and configs are a few KiB; a larger reply is refused, not buffered."""
 STREAM_CHUNK = 256 << 10
+TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+"""What reading a reply's body raises when the connection breaks."""
 MIRROR_COOLDOWN = 30.0
 """Seconds a mirror that failed is left out before it is tried again."""
 
@@ -59,10 +63,13 @@ class RegistryClient:
         self._session.mount("http://", HTTPAdapter(pool_connections=4, pool_maxsize=16))
         self._session.mount("https://", HTTPAdapter(pool_connections=4, pool_maxsize=16))
         self._verify = options.ca_file or system_ca_bundle()
+        self.retry_policy = RetryPolicy(
+            max_attempts=options.max_attempts, budget=options.retry_budget
+        )
         self.upstream = self._endpoint(
             registry,
             credentials_for(registry, username=options.username, password=options.password),
-            RetryPolicy(max_attempts=options.max_attempts, budget=options.retry_budget),
+            self.retry_policy,
         )
         # A mirror gets one quick retry: when it fails the upstream is next.
         mirror_policy = RetryPolicy(max_attempts=min(2, options.max_attempts), budget=5.0)
@@ -112,24 +119,14 @@ class RegistryClient:
         """The raw manifest or index for a tag or digest (its digest not yet checked)."""
         separator = "@" if ":" in reference else ":"
         subject = f"image {self.registry}/{repository}{separator}{reference}"
-        with self._pull(
-            "GET",
-            repository,
-            f"/v2/{repository}/manifests/{reference}",
-            subject,
-            headers={"Accept": MANIFEST_ACCEPT},
-            stream=True,
-        ) as reply:
-            raw = _read_small(reply, MAX_MANIFEST_BYTES, subject)
-            return ManifestReply(raw, reply.headers.get("Docker-Content-Digest"))
+        path = f"/v2/{repository}/manifests/{reference}"
+        raw, headers = self._pull_whole(repository, path, subject, {"Accept": MANIFEST_ACCEPT})
+        return ManifestReply(raw, headers.get("Docker-Content-Digest"))
 
-    def get_blob(self, repository: str, digest: str, limit: int = MAX_MANIFEST_BYTES) -> bytes:
+    def get_blob(self, repository: str, digest: str) -> bytes:
         """A whole small blob (an image config); the caller checks its digest."""
         subject = f"blob {digest} of {self.registry}/{repository}"
-        with self._pull(
-            "GET", repository, f"/v2/{repository}/blobs/{digest}", subject, stream=True
-        ) as reply:
-            return _read_small(reply, limit, subject)
+        return self._pull_whole(repository, f"/v2/{repository}/blobs/{digest}", subject)[0]
 
     def read_blob_range(
         self, repository: str, digest: str, first: int, last: int, size: int
@@ -160,7 +157,7 @@ class RegistryClient:
                 return slice_stream(reply.iter_content(STREAM_CHUNK), first, last)
             except BlobReadError:
                 raise
-            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            except TRANSPORT_ERRORS as exc:
                 raise BlobReadError(
                     f"{subject}: reading bytes {first}-{last} failed: {describe_failure(exc)}"
                 ) from None
@@ -258,6 +255,29 @@ class RegistryClient:
                 raise registry_error(reply, subject)
         raise AssertionError("the upstream, always last, returns or raises")
 
+    def _pull_whole(
+        self, repository: str, path: str, subject: str, headers: dict[str, str] | None = None
+    ) -> tuple[bytes, CaseInsensitiveDict]:
+        """A small body (manifest, config) read whole, tried again if it breaks off."""
+        clock = RetryClock(self.retry_policy)
+        while True:
+            clock.start_attempt()
+            with self._pull(
+                "GET", repository, path, subject, headers=headers, stream=True
+            ) as reply:
+                try:
+                    data = read_body(reply, MAX_SMALL_BODY)
+                except TRANSPORT_ERRORS as exc:
+                    if clock.wait_before_next():
+                        continue
+                    raise RegistryUnreachable(
+                        f"{subject}: the connection broke while reading it "
+                        f"({describe_failure(exc)})"
+                    ) from None
+                if len(data) > MAX_SMALL_BODY:
+                    raise RegistryError(f"{subject}: larger than {MAX_SMALL_BODY} bytes, refused")
+                return data, reply.headers
+
     def _read_endpoints(self) -> Iterator[Endpoint]:
         now = time.monotonic()
         with self._lock:
@@ -288,13 +308,6 @@ def read_body(reply: requests.Response, limit: int) -> bytes:
         if got > limit:
             break
     return b"".join(parts)[: limit + 1]
-
-
-def _read_small(reply: requests.Response, limit: int, subject: str) -> bytes:
-    data = read_body(reply, limit)
-    if len(data) > limit:
-        raise RegistryError(f"{subject}: larger than {limit} bytes, refused")
-    return data
 
 
 def host_of(registry: str) -> str:

@@ -148,6 +148,15 @@ def test_broken_bodies_are_retried(registry, pushed_images, erofs_images, fault_
     assert proxy.faults_applied == 2
 
 
+def test_manifest_cut_mid_body_is_fetched_again(registry, pushed_images, fault_proxy):
+    """A manifest whose connection breaks half-way is asked for again, not refused."""
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault("cut", path_contains="/manifests/", times=1)
+    with client_via(proxy) as client:
+        assert resolve_image(client, f"{proxy.host}/fixtures/small:v1", None).layers
+    assert proxy.faults_applied == 1
+
+
 def test_broken_bodies_end_in_eio_when_retries_run_out(registry, pushed_images, fault_proxy):
     """A blob that is always cut short ends, after the bounded retries, in EIO."""
     proxy = fault_proxy(registry)
