@@ -180,11 +180,11 @@ def _read_slowly(client, ref: str, seconds: float) -> bytes:
 
 
 def test_token_renewed_before_it_expires(token_registry, token_image, token_lifetime, erofs_images):
-    """Tokens that live 2 s are renewed ahead of expiry while a read goes on for 4 s."""
+    """Tokens that live 2 s are renewed ahead of expiry while a read goes on for 3 s."""
     token_lifetime.expires_in = 2
     before = token_lifetime.tokens_issued
     with token_registry.client() as client:
-        data = _read_slowly(client, token_image, 4.0)
+        data = _read_slowly(client, token_image, 3.0)
     assert data == erofs_images.small.path.read_bytes()
     assert token_lifetime.tokens_issued - before >= 2
 
@@ -198,7 +198,7 @@ def test_token_that_dies_early_is_renewed_on_401(
     token_lifetime.lifetime = 1.5
     before = token_lifetime.tokens_issued
     with token_registry.client() as client:
-        data = _read_slowly(client, token_image, 4.0)
+        data = _read_slowly(client, token_image, 3.0)
         renewals = client.upstream.auth.tokens_fetched
     assert data == erofs_images.small.path.read_bytes()
     assert renewals >= 2 and token_lifetime.tokens_issued - before == renewals
