@@ -23,7 +23,13 @@ import urllib3
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
-from blockstore.errors import AuthError, BlobReadError, RegistryError, RegistryUnreachable
+from blockstore.errors import (
+    AuthError,
+    BlobReadError,
+    RegistryError,
+    RegistryUnreachable,
+    UsageError,
+)
 from blockstore.registry.credentials import Credentials, credentials_for
 from blockstore.registry.endpoint import Body, Endpoint, describe_failure
 from blockstore.registry.mediatypes import MANIFEST_ACCEPT
@@ -62,6 +68,8 @@ class RegistryClient:
         self._session.trust_env = False
         self._session.mount("http://", HTTPAdapter(pool_connections=4, pool_maxsize=16))
         self._session.mount("https://", HTTPAdapter(pool_connections=4, pool_maxsize=16))
+        if options.ca_file and not os.path.isfile(options.ca_file):
+            raise UsageError(f"CA file {options.ca_file} does not exist")
         self._verify = options.ca_file or system_ca_bundle()
         self.retry_policy = RetryPolicy(
             max_attempts=options.max_attempts, budget=options.retry_budget

@@ -10,7 +10,7 @@ import time
 import pytest
 from rig.pushed import push_erofs
 
-from blockstore.errors import AuthError, RegistryUnreachable
+from blockstore.errors import AuthError, RegistryUnreachable, UsageError
 from blockstore.registry import RegistryBlob, RegistryClient, parse_reference, resolve_image
 
 
@@ -52,6 +52,12 @@ def test_https_without_the_ca_is_refused(tls_registry, tls_image):
         resolve_image(client, tls_image, None)
     assert "certificate not trusted" in str(caught.value)
     assert "--ca-file" in str(caught.value)
+
+
+def test_missing_ca_file_is_a_usage_error(tls_registry, tmp_path):
+    """A CA file that is not there is the user's mistake, said before any connection."""
+    with pytest.raises(UsageError, match="does not exist"):
+        tls_registry.client(ca_file=str(tmp_path / "nope.pem"))
 
 
 def test_basic_auth_with_options(basic_auth_registry, basic_image, erofs_images):
