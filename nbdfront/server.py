@@ -137,6 +137,7 @@ class _Session:
 
     def stop_reading(self) -> None:
         """Shutdown: take no more requests; what is in flight still gets its reply."""
+        self._protocol.begin_shutdown()
         _shutdown_quietly(self._sock, socket.SHUT_RD)
 
     def cut(self) -> None:

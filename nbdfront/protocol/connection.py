@@ -20,6 +20,8 @@ from nbdfront.protocol.constants import (
     MAX_OPTION_LENGTH,
     REQUEST_MAGIC,
     ClientFlag,
+    Command,
+    Option,
 )
 from nbdfront.protocol.events import (
     NEED_DATA,
@@ -66,6 +68,7 @@ class ServerConnection:
         self._negotiation: Negotiation | None = None
         self.phase = Phase.CLIENT_FLAGS
         self.transmission: Transmission | None = None
+        self._shutting_down = False
 
     def receive_data(self, data: bytes) -> None:
         """Take bytes from the client; ``b""`` means it closed its side."""
@@ -99,6 +102,15 @@ class ServerConnection:
         if self.transmission is None:
             raise RuntimeError("no export selected yet")
         return self.transmission.encode(reply)
+
+    def begin_shutdown(self) -> None:
+        """The server is stopping: refuse what comes next, as the spec asks.
+
+        Options other than ABORT get ERR_SHUTDOWN and requests other than
+        DISC get ESHUTDOWN, which tells a client to disconnect; what was
+        already handed out as events is still answered normally.
+        """
+        self._shutting_down = True
 
     @property
     def closed(self) -> bool:
@@ -148,6 +160,8 @@ class ServerConnection:
             return self._need_more()
         data = bytes(self._buffer[_OPTION_HEADER.size : end])
         del self._buffer[:end]
+        if self._shutting_down and option != Option.ABORT:
+            return self._apply(self._negotiation.refuse_shutting_down(option))
         return self._apply(self._negotiation.handle(option, data))
 
     def _apply(self, outcome: OptionOutcome) -> bool:
@@ -171,7 +185,10 @@ class ServerConnection:
         del self._buffer[: REQUEST_HEADER.size]
         if magic != REQUEST_MAGIC:
             return self._close(f"request with bad magic {magic:#x}", clean=False)
-        checked = self.transmission.check(flags, command, handle, offset, length)
+        if self._shutting_down and command != Command.DISC:
+            checked = self.transmission.refuse_shutting_down(command, handle, length)
+        else:
+            checked = self.transmission.check(flags, command, handle, offset, length)
         if checked.reply:
             self._outgoing.extend(checked.reply)
         if checked.payload_to_skip:

@@ -108,6 +108,12 @@ class Negotiation:
         message = f"option data of {length} bytes is too long"
         return OptionOutcome(replies.option_error(option, OptionReply.ERR_TOO_BIG, message))
 
+    def refuse_shutting_down(self, option: int) -> OptionOutcome:
+        if option == Option.EXPORT_NAME:
+            return OptionOutcome(b"", close_reason="server shutting down", clean=False)
+        message = "the server is shutting down"
+        return OptionOutcome(replies.option_error(option, OptionReply.ERR_SHUTDOWN, message))
+
     def handle(self, option: int, data: bytes) -> OptionOutcome:
         try:
             return self._dispatch(option, data)

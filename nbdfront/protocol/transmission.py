@@ -92,6 +92,11 @@ class Transmission:
             return Checked(event=CacheRequest(handle, offset, length))
         return Checked(reply=self._block_status(handle, length))
 
+    def refuse_shutting_down(self, command: int, handle: int, length: int) -> Checked:
+        skip = length if command == Command.WRITE else 0
+        reply = self.error(handle, Errno.ESHUTDOWN, "the server is shutting down")
+        return Checked(reply=reply, payload_to_skip=skip)
+
     def _block_status(self, handle: int, length: int) -> list[Buffer]:
         if not self.selected.block_status:
             message = "block status needs base:allocation selected for this export"

@@ -247,3 +247,30 @@ def test_bad_request_magic_and_hangup_mid_message():
     conn.receive_data(b"")
     (event,) = drain(conn)[0]
     assert isinstance(event, ConnectionClosed) and not event.clean
+
+
+def test_shutting_down_refuses_new_options_and_requests():
+    """Once the server is stopping, options get ERR_SHUTDOWN (ABORT is still honoured)
+    and requests ESHUTDOWN, with a write's payload still skipped; DISC still ends it."""
+    conn = ServerConnection(CATALOG)
+    conn.data_to_send()
+    conn.begin_shutdown()
+    conn.receive_data(w.client_flags() + w.option(w.OPT_LIST) + w.option(w.OPT_ABORT))
+    events, out = drain(conn)
+    answers, _ = w.ReplyChecker(False).options(out)
+    assert [a.reply for a in answers] == [2**31 + 7, w.REP_ACK]
+    assert isinstance(events[0], ConnectionClosed)
+    conn = negotiated()
+    conn.begin_shutdown()
+    conn.receive_data(
+        w.request(w.CMD_READ, 1, 0, 512)
+        + w.request(w.CMD_WRITE, 2, 0, 4)
+        + b"data"
+        + w.request(w.CMD_DISC, 3)
+    )
+    events, out = drain(conn)
+    assert events == [Disconnect()]
+    checker = w.ReplyChecker(True)
+    checker.reads[1] = (0, 512)
+    assert checker.transmission(out) == b""
+    assert [(r.handle, r.error) for r in checker.finished] == [(1, w.ESHUTDOWN), (2, w.ESHUTDOWN)]

@@ -100,8 +100,11 @@ def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(points)]
 
 
-def converse(script: bytes, cuts: list[int], fail_reads: bool) -> None:
-    """Feed ``script`` in pieces, answer every event, check every byte sent back."""
+def converse(script: bytes, cuts: list[int], fail_reads: bool, stop_at: int | None = None) -> None:
+    """Feed ``script`` in pieces, answer every event, check every byte sent back.
+
+    ``stop_at``: before that piece, the server begins shutting down.
+    """
     conn = ServerConnection(CATALOG, default_export="layer1")
     handshake = b"".join(conn.data_to_send())
     assert handshake[:16] == struct.pack(">QQ", w.NBDMAGIC, w.IHAVEOPT)
@@ -117,7 +120,9 @@ def converse(script: bytes, cuts: list[int], fail_reads: bool) -> None:
         tail = checker.transmission(tail + b"".join(bytes(b) for b in buffers))
         checker.finished.clear()
 
-    for piece in [*pieces(script, cuts), b""]:
+    for number, piece in enumerate([*pieces(script, cuts), b""]):
+        if number == stop_at:
+            conn.begin_shutdown()
         conn.receive_data(piece)
         while True:
             transmitting = conn.transmission is not None
@@ -172,10 +177,16 @@ def test_random_bytes(data, cuts, fail_reads):
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(conversations(), st.lists(st.integers(0, 2000), max_size=6), st.booleans())
-def test_well_formed_conversations(script, cuts, fail_reads):
-    """Valid framing with random options, names, commands, flags, offsets and lengths."""
-    converse(script, cuts, fail_reads)
+@given(
+    conversations(),
+    st.lists(st.integers(0, 2000), max_size=6),
+    st.booleans(),
+    st.none() | st.integers(0, 6),
+)
+def test_well_formed_conversations(script, cuts, fail_reads, stop_at):
+    """Valid framing with random options, names, commands, flags, offsets and lengths,
+    sometimes with the server starting to shut down part way."""
+    converse(script, cuts, fail_reads, stop_at)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
