@@ -18,6 +18,8 @@ sockets. What a client is offered:
   BLOCK_STATUS (everything is data), DISC. WRITE, TRIM and WRITE_ZEROES get
   EPERM; unknown commands and flags EINVAL; a request that does not parse
   ends that connection only.
+- On shutdown, replies in flight are sent; options and requests that
+  arrive after it began get ERR_SHUTDOWN / ESHUTDOWN.
 - Backend errors reach the client by ``OSError.errno`` (EIO when there is
   none), mapped in ``nbdfront.protocol.errors``.
 """
