@@ -22,6 +22,7 @@ from blockstore.cli.common import add_cache_options, add_registry_options, cache
 from blockstore.errors import UsageError
 from blockstore.registry.reference import parse_reference
 from nbdfront import mounts
+from nbdfront.attach import KERNEL, NBDFUSE
 from nbdfront.mount_state import MountRecord
 
 _DIGEST = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
@@ -186,7 +187,7 @@ def run_mount(args: argparse.Namespace) -> int:
 
 def describe_path(record: MountRecord) -> str:
     """One line saying which way the mount was made, for the user and for bug reports."""
-    via = {"nbdfuse": "nbdfuse + file-backed EROFS", "kernel": "kernel NBD + EROFS"}[record.method]
+    via = {NBDFUSE: "nbdfuse + file-backed EROFS", KERNEL: "kernel NBD + EROFS"}[record.method]
     n = len(record.attachments)
     stack = f"{n} layers under a read-only overlayfs" if record.overlay else "1 layer"
     pid = record.server.pid if record.server else "?"
