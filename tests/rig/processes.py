@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +34,13 @@ def wait_listening(
         except OSError:
             time.sleep(0.02)
     raise RuntimeError(f"nothing listening on {host}:{port} after {timeout}s:\n{tail(log)}")
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for daemons: SIGTERM when the test process dies, even by SIGKILL,
+    so an interrupted run leaves no registry behind."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def stop_process(process: subprocess.Popen | None) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockstore.registry import RegistryClient, RegistryOptions
-from rig.processes import free_port, stop_process, wait_listening
+from rig.processes import die_with_parent, free_port, stop_process, wait_listening
 
 _RUNNING: set[RegistryServer] = set()
 
@@ -105,6 +105,7 @@ class RegistryServer:
             stdout=log,
             stderr=log,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         log.close()
         _RUNNING.add(self)
