@@ -99,6 +99,12 @@ class CachedBlob:
 
     def read(self, offset: int, length: int) -> list[Buffer]:
         """The bytes at ``offset``; raises ``BlobReadError`` (EIO), never returns wrong bytes."""
+        try:
+            return self._read(offset, length)
+        except CacheError as exc:  # e.g. the store was closed under a late reader
+            raise BlobReadError(f"{self._digest}: {exc}") from exc
+
+    def _read(self, offset: int, length: int) -> list[Buffer]:
         if length <= 0:
             return []
         if offset < 0 or offset + length > self._size:

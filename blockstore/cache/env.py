@@ -175,6 +175,9 @@ class CacheEnv:
             except lmdb.MapResizedError:
                 self._gate.release_shared()
                 self._adopt_map_size()
+            except lmdb.Error as exc:
+                self._gate.release_shared()
+                raise CacheError(f"cache read failed: {exc}") from exc
             except BaseException:
                 self._gate.release_shared()
                 raise

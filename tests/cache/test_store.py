@@ -262,3 +262,14 @@ def test_offline_blob_sees_chunks_stored_after_it_was_opened(cache_dir):
             offline.read(0, 10)
         CachedBlob(store, digest, len(data), ScriptedSource(data, digest)).read(0, len(data))
         assert joined(offline.read(0, len(data))) == data
+
+
+def test_read_after_the_store_closed_is_eio(cache_dir):
+    """A late reader of a closed store gets EIO, not an LMDB error."""
+    data, digest = make_blob(CHUNK_SIZE, seed=15)
+    store = ChunkStore(cache_dir)
+    blob = CachedBlob(store, digest, len(data), None)
+    store.close()
+    with pytest.raises(BlobReadError) as caught:
+        blob.read(0, 10)
+    assert caught.value.errno == errno.EIO
