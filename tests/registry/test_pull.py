@@ -58,10 +58,14 @@ def test_docker_schema2_and_multilayer(registry, pushed_images, erofs_images):
     """Docker schema2 media types resolve like OCI; layers keep their order."""
     with registry.client() as client:
         docker = resolve_image(client, pushed_images.docker_schema2, None)
-        stack = resolve_image(client, pushed_images.multilayer, None)
+        stacks = [
+            resolve_image(client, pushed_images.multilayer, None),
+            resolve_image(client, pushed_images.docker_multilayer, None),
+        ]
     assert docker.layers[0].digest == erofs_images.small.digest
-    assert [layer.digest for layer in stack.layers] == [i.digest for i in erofs_images.layers]
-    assert [layer.index for layer in stack.layers] == [0, 1, 2]
+    for stack in stacks:
+        assert [layer.digest for layer in stack.layers] == [i.digest for i in erofs_images.layers]
+        assert [layer.index for layer in stack.layers] == [0, 1, 2]
 
 
 def test_by_digest_and_record_round_trip(registry, pushed_images):

@@ -43,6 +43,8 @@ class PushedImages:
     """Docker schema2 media types (manifest, config, layer), one layer: ``small``."""
     docker_list: str
     """Docker manifest list: linux/amd64 is ``small``, linux/arm64/v8 is ``layers[0]``."""
+    docker_multilayer: str
+    """The three ``erofs_images.layers`` with Docker schema2 media types."""
 
     @staticmethod
     def push_erofs(registry_host: str, repo: str, tag: str, paths: list[Path], **kw) -> str:
@@ -52,6 +54,7 @@ class PushedImages:
 def push_fixture_images(host: str, images: ErofsImages, **kw) -> PushedImages:
     """Push every fixture image into the registry at ``host``."""
     small, base = images.small.path, images.layers[0].path
+    stack = [layer.path for layer in images.layers]
     docker = {"docker_schema2": True, "media_type": DOCKER_LAYER, **kw}
 
     def index_of_two(repo: str, **options) -> str:
@@ -64,10 +67,9 @@ def push_fixture_images(host: str, images: ErofsImages, **kw) -> PushedImages:
     return PushedImages(
         small=push_erofs(host, "fixtures/small", "v1", [small], **kw),
         large=push_erofs(host, "fixtures/large", "v1", [images.large.path], **kw),
-        multilayer=push_erofs(
-            host, "fixtures/multilayer", "v1", [layer.path for layer in images.layers], **kw
-        ),
+        multilayer=push_erofs(host, "fixtures/multilayer", "v1", stack, **kw),
         index=index_of_two("fixtures/index", **kw),
         docker_schema2=push_erofs(host, "fixtures/docker", "v1", [small], **docker),
         docker_list=index_of_two("fixtures/docker-list", **docker),
+        docker_multilayer=push_erofs(host, "fixtures/docker-multilayer", "v1", stack, **docker),
     )
