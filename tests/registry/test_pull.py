@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from blockstore.errors import NotFound
 from blockstore.registry import (
@@ -98,3 +100,21 @@ def test_ranged_reads_return_the_blob_bytes(registry, pushed_images, erofs_image
             assert blob.read_range(offset, length) == data[offset : offset + length]
         assert blob.read_range(len(data), 10) == b""
         assert blob.read_range(len(data) - 5, 100) == data[-5:]
+
+
+@pytest.fixture(scope="module")
+def small_blob(registry, pushed_images):
+    client = registry.client()
+    image = resolve_image(client, pushed_images.small, None)
+    yield RegistryBlob(client, "fixtures/small", image.layers[0])
+    client.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(offset=st.integers(0, 4 << 20), length=st.integers(0, 1 << 20))
+def test_any_range_reads_the_files_bytes(small_blob, erofs_images, offset, length):
+    """Any offset and length, inside, across or past the end: exactly the file's bytes."""
+    with erofs_images.small.path.open("rb") as file:
+        file.seek(offset)
+        expected = file.read(length)
+    assert small_blob.read_range(offset, length) == expected
