@@ -20,7 +20,7 @@ import pytest
 from mount_trees import build_opaque_stack
 from rig.images import build_erofs
 
-from nbdfront import mount_state, mount_syscall, mounts
+from nbdfront import attach, mount_state, mount_syscall, mounts
 
 NBDKIT_SERVE = Path(__file__).parent / "nbdkit_serve.py"
 
@@ -87,6 +87,13 @@ def mount_dirs(tmp_path, monkeypatch):
     finally:
         undo_everything(run, tmp_path)
         shutil.rmtree(run, ignore_errors=True)
+
+
+@pytest.fixture
+def nbdfuse_only(mount_dirs) -> None:
+    """For tests of the nbdfuse path itself: skip where the kernel NBD client is used."""
+    if attach.choose_method() != attach.NBDFUSE:
+        pytest.skip("this machine attaches with the kernel NBD client, not nbdfuse")
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from mount_trees import assert_same_tree
 from rig.pushed import push_erofs
 
 from blockstore.errors import ImageNotCached, MountpointBusy, RegistryError
-from nbdfront import mount_state, mount_syscall
+from nbdfront import attach, mount_state, mount_syscall
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,8 @@ def mount(ref: str, mountpoint: Path, cache: Path, *extra: str) -> subprocess.Co
     """``blockstore mount`` that must succeed; its output names the path taken."""
     done = cli("mount", "--insecure", "--cache-dir", str(cache), *extra, ref, str(mountpoint))
     assert done.returncode == 0, done.stderr
-    assert f"mounted {ref} at {mountpoint} via nbdfuse" in done.stdout
+    via = "nbdfuse" if attach.choose_method() == attach.NBDFUSE else "kernel NBD"
+    assert f"mounted {ref} at {mountpoint} via {via}" in done.stdout
     return done
 
 

@@ -21,7 +21,7 @@ from conftest import processes_mentioning
 from mount_trees import assert_same_tree
 
 from blockstore.errors import MountError, MountpointBusy
-from nbdfront import mount_state, mount_syscall, mounts
+from nbdfront import attach, mount_state, mount_syscall, mounts
 from nbdfront.mount_server import ServerFailed
 
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
@@ -53,7 +53,7 @@ def test_one_layer_mounts_reads_and_unmounts_from_another_process(
     small = erofs_images.small
     _, run = mount_dirs
     record = mounts.mount(local_server({"layer0": small.path}), str(mountpoint), image="small")
-    assert record.method == "nbdfuse" and not record.overlay
+    assert record.method == attach.choose_method() and not record.overlay
     assert mount_syscall.mounted()[str(mountpoint)][0] == "erofs"
     assert_same_tree(small.tree, mountpoint)
 
@@ -199,7 +199,7 @@ def test_not_root_and_no_fuse_have_their_own_exit_codes(mount_dirs, mountpoint):
 
 
 def test_dead_nbdfuse_is_reported_and_umount_cleans_up(
-    mount_dirs, mountpoint, erofs_images, local_server
+    mount_dirs, nbdfuse_only, mountpoint, erofs_images, local_server
 ):
     """Kill nbdfuse under a mount: ``mounts`` reports it and ``umount`` still takes down the
     EROFS mount, the dead FUSE mount and the server."""
@@ -216,7 +216,7 @@ def test_dead_nbdfuse_is_reported_and_umount_cleans_up(
     assert_nothing_left(record, run)
 
 
-def test_export_that_cannot_be_attached_rolls_back(mount_dirs, mountpoint):
+def test_export_that_cannot_be_attached_rolls_back(mount_dirs, nbdfuse_only, mountpoint):
     """A server that announces an export nobody can connect to fails the mount with
     nbdfuse's reason, and the rollback stops the server and leaves no mount or state."""
     _, run = mount_dirs
@@ -231,3 +231,20 @@ def test_export_that_cannot_be_attached_rolls_back(mount_dirs, mountpoint):
     assert not [p for p in mount_syscall.mounted() if p.startswith(f"{run}/")]
     assert not processes_mentioning(str(run))
     assert mount_state.records() == []
+
+
+def test_kernel_nbd_path_where_the_driver_is_present(
+    mount_dirs, mountpoint, erofs_images, local_server
+):
+    """Where /dev/nbd* and nbd-client exist, the layer is attached as a kernel block device,
+    mounted from it, and the device is free again after umount."""
+    if attach.choose_method() != attach.KERNEL:
+        pytest.skip("no kernel NBD driver (/dev/nbd*) or no nbd-client here: nbdfuse is used")
+    small = erofs_images.small
+    record = mounts.mount(local_server({"layer0": small.path}), str(mountpoint), image="small")
+    device = record.attachments[0].device
+    assert device.startswith("/dev/nbd")
+    assert mount_syscall.mounted()[str(mountpoint)] == ("erofs", device)
+    assert_same_tree(small.tree, mountpoint)
+    mounts.unmount(str(mountpoint))
+    assert not Path(f"/sys/block/{Path(device).name}/pid").exists()
