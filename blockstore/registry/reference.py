@@ -56,13 +56,10 @@ class Reference:
 
 def parse_reference(text: str) -> Reference:
     """Parse ``[host[:port]/]path[:tag][@digest]``; raise ``InvalidReference`` saying why."""
-    original = text
     if not text or text != text.strip():
-        raise InvalidReference(
-            f"invalid image reference {original!r}: empty or surrounded by spaces"
-        )
+        raise InvalidReference(f"invalid image reference {text!r}: empty or surrounded by spaces")
     name, _, digest = text.partition("@")
-    digest_or_none = _check_digest(original, digest) if "@" in text else None
+    digest_or_none = _check_digest(text, digest) if "@" in text else None
     tag = None
     last_slash = name.rfind("/")
     colon = name.rfind(":")
@@ -70,13 +67,13 @@ def parse_reference(text: str) -> Reference:
         name, tag = name[:colon], name[colon + 1 :]
         if not _TAG.fullmatch(tag):
             raise InvalidReference(
-                f"invalid image reference {original!r}: tag {tag!r} must be 1-128 of "
+                f"invalid image reference {text!r}: tag {tag!r} must be 1-128 of "
                 "letters, digits, '_', '.', '-' and not start with '.' or '-'"
             )
-    registry, repository = _split_registry(original, name)
+    registry, repository = _split_registry(text, name)
     if len(repository) > _MAX_NAME_LENGTH:
         raise InvalidReference(
-            f"invalid image reference {original!r}: repository name longer than "
+            f"invalid image reference {text!r}: repository name longer than "
             f"{_MAX_NAME_LENGTH} characters"
         )
     if tag is None and digest_or_none is None:
