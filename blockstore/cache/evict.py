@@ -48,7 +48,7 @@ def evict(
             records[blob_id] = _record(txn, dbs, blob_id)
         entry = records[blob_id]
         if entry is not None and entry[1].pinned:
-            positioned = cursor.next()
+            positioned = cursor.next()  # not expected: pinned chunks leave the index
             continue
         value = txn.get(key, db=dbs[DB_CHUNKS])
         if value is not None:

@@ -55,16 +55,47 @@ class Recency:
         return set(taken)
 
 
-def place(txn: lmdb.Transaction, dbs: dict[bytes, lmdb._Database], key: bytes, tick: int) -> None:
-    """Put a chunk at ``tick`` in the LRU index, moving it if it was there."""
+def place(
+    txn: lmdb.Transaction,
+    dbs: dict[bytes, lmdb._Database],
+    key: bytes,
+    tick: int,
+    *,
+    pinned: bool = False,
+) -> None:
+    """Note a chunk's use at ``tick``, moving it in the LRU index.
+
+    A pinned blob's chunks keep their tick but stay out of the index, so
+    eviction never has to walk past them.
+    """
     old = txn.get(key, db=dbs[DB_TICKS])
     if old is not None:
         old_tick = U64.unpack(old)[0]
         if old_tick >= tick - RESOLUTION_US:
             return
         txn.delete(lru_key(old_tick, key), db=dbs[DB_LRU])
-    txn.put(lru_key(tick, key), b"", db=dbs[DB_LRU])
+    if not pinned:
+        txn.put(lru_key(tick, key), b"", db=dbs[DB_LRU])
     txn.put(key, U64.pack(tick), db=dbs[DB_TICKS])
+
+
+def set_pinned(
+    txn: lmdb.Transaction, dbs: dict[bytes, lmdb._Database], blob_id: int, pinned: bool
+) -> None:
+    """Take a blob's chunks out of the LRU index (pinned) or put them back at their ticks."""
+    prefix = U64.pack(blob_id)
+    cursor = txn.cursor(db=dbs[DB_TICKS])
+    entries = []
+    if cursor.set_range(prefix):
+        for key, tick in cursor:
+            if key[:8] != prefix:
+                break
+            entries.append(bytes(tick) + bytes(key))
+    for entry in entries:
+        if pinned:
+            txn.delete(entry, db=dbs[DB_LRU])
+        else:
+            txn.put(entry, b"", db=dbs[DB_LRU])
 
 
 def apply(
@@ -74,18 +105,20 @@ def apply(
 ) -> None:
     """Move touched chunks that are still stored to the young end of the LRU."""
     tick = now_tick()
+    records: dict[int, tuple[bytes, BlobRecord]] = {}
+    for blob_id in {blob_id for blob_id, _, _ in touched}:
+        digest = txn.get(U64.pack(blob_id), db=dbs[DB_IDS])
+        raw = txn.get(digest, db=dbs[DB_BLOBS]) if digest is not None else None
+        if raw is not None:
+            records[blob_id] = (bytes(digest), BlobRecord.unpack(raw))
     for blob_id, first, last in touched:
+        if blob_id not in records:
+            continue  # removed meanwhile
+        pinned = records[blob_id][1].pinned
         for index in range(first, last + 1):
             key = chunk_key(blob_id, index)
             if txn.get(key, db=dbs[DB_CHUNKS]) is not None:
-                place(txn, dbs, key, tick)
-    for blob_id in {blob_id for blob_id, _, _ in touched}:
-        digest = txn.get(U64.pack(blob_id), db=dbs[DB_IDS])
-        if digest is None:
-            continue
-        raw = txn.get(digest, db=dbs[DB_BLOBS])
-        if raw is None:
-            continue
-        record = BlobRecord.unpack(raw)
+                place(txn, dbs, key, tick, pinned=pinned)
+    for digest, record in records.values():
         record.last_use = max(record.last_use, tick / 1e6)
-        txn.put(bytes(digest), record.pack(), db=dbs[DB_BLOBS])
+        txn.put(digest, record.pack(), db=dbs[DB_BLOBS])

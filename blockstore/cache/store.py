@@ -239,7 +239,7 @@ class ChunkStore:
             if txn.put(key, chunk_value(data), db=self.dbs[DB_CHUNKS], overwrite=False):
                 record.present += 1
                 added += len(data)
-                recency_mod.place(txn, self.dbs, key, tick)
+                recency_mod.place(txn, self.dbs, key, tick, pinned=record.pinned)
         record.last_use = tick / 1e6
         txn.put(digest.encode(), record.pack(), db=self.dbs[DB_BLOBS])
         stored = self._add_stored(txn, added)
@@ -343,8 +343,11 @@ class ChunkStore:
             record = (
                 BlobRecord.unpack(raw) if raw is not None else self._record_for(txn, digest, size)
             )
+            was_pinned = record.pinned
             record.flags = record.flags | flag if on else record.flags & ~flag
             txn.put(digest.encode(), record.pack(), db=self.dbs[DB_BLOBS])
+            if record.pinned != was_pinned:
+                recency_mod.set_pinned(txn, self.dbs, record.blob_id, record.pinned)
 
         self.env.write(work)
 
