@@ -13,7 +13,7 @@ from cache_sources import ScriptedSource, make_blob
 import blockstore.cache.env as cache_env
 import blockstore.cache.recency as recency
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
-from blockstore.cache.layout import DB_META, U64
+from blockstore.cache.layout import DB_LRU, DB_META, U64
 from blockstore.errors import BlobReadError, CacheError, IntegrityError, NotCached
 from blockstore.export import Export
 from blockstore.prefetch import Readahead
@@ -141,6 +141,8 @@ def test_eviction_keeps_the_cap_and_spares_pinned_blobs(cache_dir):
         infos = {i.digest: i for i in store.blobs()}
         assert infos[pinned].present == 32 and infos[pinned].pinned and infos[pinned].sealed
         assert infos[other].present < 8
+        with store.env.reader() as txn:  # eviction never walks past pinned chunks
+            assert txn.stat(store.dbs[DB_LRU])["entries"] == infos[other].present
         assert store.stats()["evictions"] > 0
         # The newest chunks survived, the oldest went.
         assert store.missing(store.lookup(other).blob_id, range(31, 32)) == []
