@@ -61,34 +61,48 @@ def start_server(
     env: dict[str, str] | None = None,
     timeout: float = READY_TIMEOUT,
 ) -> ServerStarted:
-    """Spawn ``argv`` detached, logging to ``log_path``, and return once it is ready."""
+    """Spawn ``argv`` detached, logging to ``log_path``, and return once it is ready.
+
+    Until it is ready the server is ours to stop: any failure here, an
+    interrupt included, kills it before the error goes on.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_bytes(b"")
     proc = spawn_detached(argv, log_path, env=env)
-    process = ProcessRef.of(proc.pid)
+    try:
+        exports = _wait_until_ready(proc, log_path, timeout)
+        process = ProcessRef.of(proc.pid)
+        if process is None:
+            raise MountError(f"the server exited right after it was ready (log: {log_path})")
+        return ServerStarted(process, exports)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def _wait_until_ready(proc: subprocess.Popen, log_path: Path, timeout: float) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     while True:
         exports, ready = parse_announcements(log_path.read_text(errors="replace"))
         if ready:
-            break
-        if proc.poll() is not None or process is None:
-            code = proc.wait()
+            if not exports:
+                raise MountError(f"the server announced no export (log: {log_path})")
+            return exports
+        if proc.poll() is not None:
             logger.info(
-                "the server exited with %s; its last lines:\n%s", code, log_tail(log_path, 10)
+                "the server exited with %s; its last lines:\n%s",
+                proc.returncode,
+                log_tail(log_path, 10),
             )
             why = log_tail(log_path, 1).removeprefix("blockstore: ")
             raise ServerFailed(
                 f"{why or 'the server exited before it was ready'} (server log: {log_path})",
-                code or MountError.exit_code,
+                proc.returncode or MountError.exit_code,
             )
         if time.monotonic() > deadline:
-            _kill(proc)
             raise MountError(f"the server was not ready within {timeout:.0f}s (log: {log_path})")
         time.sleep(0.02)
-    if not exports:
-        _kill(proc)
-        raise MountError(f"the server announced no export (log: {log_path})")
-    return ServerStarted(process, exports)
 
 
 def layer_exports(exports: dict[str, str]) -> list[tuple[str, str]]:
@@ -98,8 +112,3 @@ def layer_exports(exports: dict[str, str]) -> list[tuple[str, str]]:
         return [(name, exports[name]) for _, name in sorted(layers)]
     name = "" if "" in exports else next(iter(exports))
     return [(name, exports[name])]
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    proc.kill()
-    proc.wait()

@@ -248,3 +248,23 @@ def test_kernel_nbd_path_where_the_driver_is_present(
     assert_same_tree(small.tree, mountpoint)
     mounts.unmount(str(mountpoint))
     assert not Path(f"/sys/block/{Path(device).name}/pid").exists()
+
+
+def test_interrupted_mount_leaves_nothing(mount_dirs, mountpoint):
+    """Ctrl-C while ``mount`` waits for its server: the server it started is stopped and no
+    record or state directory is left."""
+    _, run = mount_dirs
+    never_ready = [sys.executable, "-c", "import time; time.sleep(60)"]
+    code = (
+        f"from nbdfront import mounts; mounts.mount({never_ready!r}, {str(mountpoint)!r}, image='')"
+    )
+    mounting = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not processes_mentioning(f"{run}/mounts/"):
+        assert time.monotonic() < deadline, "the server never started"
+        time.sleep(0.02)
+    mounting.send_signal(signal.SIGINT)
+    assert mounting.wait(10) != 0
+    assert not processes_mentioning(str(run))
+    assert mount_state.records() == []
+    assert not mount_state.state_dir_for(str(mountpoint)).exists()
