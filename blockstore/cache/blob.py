@@ -163,9 +163,7 @@ class CachedBlob:
         end = min(self._size, offset + length)
         indices = range(max(0, offset) // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1)
         blob_id = self._blob_id if self._blob_id is not None else self._refresh_id()
-        wanted = self._store.missing(blob_id, indices)
-        if wanted:
-            self._fetcher.fetch(wanted)
+        self._fetch_all(self._store.missing(blob_id, indices), lambda _: None)
 
     # --- whole-blob operations ---------------------------------------------------
 
@@ -217,6 +215,7 @@ class CachedBlob:
         self._sums = self._store.sealed_sums(self._digest)
 
     def _fetch_all(self, missing: list[int], report: Callable[[int], None]) -> None:
+        """Fetch in steps, so memory stays flat however much is asked for."""
         step = PREFETCH_STEP // CHUNK_SIZE
         for start in range(0, len(missing), step):
             batch = missing[start : start + step]
