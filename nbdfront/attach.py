@@ -107,25 +107,34 @@ def _attach_nbdfuse(uri: str, export: str, workdir: Path, log_path: Path) -> Att
     proc = spawn_detached(
         [NBDFUSE, "--readonly", "--pidfile", str(pidfile), str(device), uri], log_path
     )
-    deadline = time.monotonic() + ATTACH_TIMEOUT
-    # nbdfuse writes its pidfile once the FUSE file is ready to serve.
-    while not (pidfile.exists() and pidfile.read_text().strip()):
-        failure = None
-        if proc.poll() is not None:
-            failure = f"nbdfuse could not attach {uri} (exit {proc.returncode}): " + (
-                log_tail(log_path, 1) or f"see {log_path}"
-            )
-        elif time.monotonic() > deadline:
-            failure = f"nbdfuse did not attach {uri} within {ATTACH_TIMEOUT:.0f}s"
-        if failure:
-            proc.kill()
-            proc.wait()
-            mount_syscall.umount(str(fuse_dir), lazy=True)
-            remove_empty_dir(str(fuse_dir))
-            raise MountError(failure)
-        time.sleep(0.01)
+    try:
+        _wait_for_pidfile(proc, pidfile, uri, log_path)
+        process = ProcessRef.of(proc.pid)
+        if process is None:
+            raise MountError(f"nbdfuse exited right after attaching {uri}; see {log_path}")
+    except BaseException:
+        # Until it is recorded, nbdfuse and its FUSE mount are ours to take down.
+        proc.kill()
+        proc.wait()
+        mount_syscall.umount(str(fuse_dir), lazy=True)
+        remove_empty_dir(str(fuse_dir))
+        raise
     pidfile.unlink()
-    return Attachment(export, uri, NBDFUSE, str(device), str(fuse_dir), ProcessRef.of(proc.pid))
+    return Attachment(export, uri, NBDFUSE, str(device), str(fuse_dir), process)
+
+
+def _wait_for_pidfile(proc: subprocess.Popen, pidfile: Path, uri: str, log_path: Path) -> None:
+    """nbdfuse writes its pidfile once the FUSE file is ready to serve."""
+    deadline = time.monotonic() + ATTACH_TIMEOUT
+    while not (pidfile.exists() and pidfile.read_text().strip()):
+        if proc.poll() is not None:
+            raise MountError(
+                f"nbdfuse could not attach {uri} (exit {proc.returncode}): "
+                + (log_tail(log_path, 1) or f"see {log_path}")
+            )
+        if time.monotonic() > deadline:
+            raise MountError(f"nbdfuse did not attach {uri} within {ATTACH_TIMEOUT:.0f}s")
+        time.sleep(0.01)
 
 
 def _attach_kernel(uri: str, export: str, log_path: Path) -> Attachment:
