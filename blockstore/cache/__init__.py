@@ -1,4 +1,13 @@
-"""The persistent, integrity-checked chunk cache between exports and blob sources."""
+"""The persistent, integrity-checked chunk cache between exports and blob sources.
+
+``ChunkStore(path, size_cap)`` owns a cache directory (LMDB; several
+processes may share it). ``CachedBlob(store, digest, size, source)`` is one
+blob read through it: the ``Export`` the NBD frontend serves. Every chunk
+served has passed its xxh3-64; complete blobs are sealed against their
+digest. Modules: ``layout`` (keys, records), ``env`` (opening LMDB, map
+growth, full disk), ``store``, ``blob``, ``evict`` and ``recency`` (LRU),
+``seal`` (digests, verify), ``counters``.
+"""
 
 from .blob import CachedBlob
 from .env import DiskFull
