@@ -44,6 +44,18 @@ def runs(indices: Iterable[int], limit: int) -> list[tuple[int, int]]:
     return out
 
 
+class Flights:
+    """The chunks of one blob on their way, shared by every fetcher of that blob.
+
+    Two exports of one blob (an image that lists a layer twice) share this
+    table, so the backend still sees each chunk asked for once at a time.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pending: dict[int, Future] = {}
+
+
 class Fetcher:
     """Fetches chunks of one blob from its source, each at most once at a time."""
 
@@ -54,6 +66,7 @@ class Fetcher:
         on_arrival: Arrival,
         keep: Keep,
         *,
+        flights: Flights | None = None,
         max_request: int = DEFAULT_MAX_REQUEST,
         workers: int = DEFAULT_WORKERS,
     ):
@@ -62,8 +75,9 @@ class Fetcher:
         self._on_arrival = on_arrival
         self._keep = keep
         self._run_limit = max(1, max_request // chunk_size)
-        self._lock = threading.Lock()
-        self._inflight: dict[int, Future] = {}
+        self._flights = flights if flights is not None else Flights()
+        self._lock = self._flights.lock
+        self._inflight = self._flights.pending
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
 
     def fetch(self, indices: Iterable[int]) -> dict[int, Buffer]:

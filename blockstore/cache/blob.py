@@ -74,7 +74,9 @@ class CachedBlob:
         self._blob_id = record.blob_id if record is not None else None
         self._sums = store.sealed_sums(digest) if record is not None and record.sealed else None
         self._fetcher = (
-            Fetcher(source, CHUNK_SIZE, self._arrived, self._keep) if source is not None else None
+            Fetcher(source, CHUNK_SIZE, self._arrived, self._keep, flights=store.flights(digest))
+            if source is not None
+            else None
         )
         self._readahead = readahead if readahead is not None else Readahead()
         self._fill = BackgroundFill(self.cache) if source is not None else None

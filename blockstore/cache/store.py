@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import lmdb
 
 from blockstore.errors import CacheError
+from blockstore.fetch import Flights
 
 from . import counters as counters_mod
 from . import recency as recency_mod
@@ -101,6 +103,8 @@ class ChunkStore:
         self._sealer = Sealer(self)
         self.seal_lock = threading.Lock()  # one blob hashed at a time, never twice at once
         self.seal_failed: dict[str, bool] = {}
+        self._flights: weakref.WeakValueDictionary[str, Flights] = weakref.WeakValueDictionary()
+        self._flights_lock = threading.Lock()
         self._closing = threading.Event()
         self._flusher = threading.Thread(
             target=self._flush_loop, args=(flush_interval,), name="cache-flush", daemon=True
@@ -174,6 +178,14 @@ class ChunkStore:
             log.warning("cache counters not saved: %s", exc)
 
     # --- blobs and chunks ---------------------------------------------------
+
+    def flights(self, digest: str) -> Flights:
+        """The in-flight table every export of ``digest`` in this process shares."""
+        with self._flights_lock:
+            flights = self._flights.get(digest)
+            if flights is None:
+                flights = self._flights[digest] = Flights()
+            return flights
 
     def lookup(self, digest: str) -> BlobRecord | None:
         with self.env.reader(DB_BLOBS) as txn:

@@ -112,3 +112,25 @@ def test_sequential_reader_finds_the_next_range_already_cached(cache_dir):
             time.sleep(0.02)
         assert store.missing(blob_id, ahead) == []
         blob.close()
+
+
+def test_two_exports_of_one_blob_share_their_fetches(cache_dir):
+    """Two exports of one blob (a layer listed twice) missing the same chunk at once
+    cause one range read."""
+    data, digest = make_blob(4 * CHUNK_SIZE, seed=24)
+    source = ScriptedSource(data, digest, delay=1.0)
+    results: list[bytes] = []
+    with ChunkStore(cache_dir) as store:
+        blobs = [CachedBlob(store, digest, len(data), source, readahead=NONE) for _ in range(2)]
+        threads = [
+            threading.Thread(target=lambda b=b: results.append(b"".join(b.read(0, 100))))
+            for b in blobs
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for b in blobs:
+            b.close()
+    assert results == [data[:100]] * 2
+    assert source.requests == [(0, CHUNK_SIZE)]
