@@ -9,13 +9,11 @@ a registry down and bring the same one back.
 from __future__ import annotations
 
 import atexit
-import json
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from blockstore.localregistry import LocalRegistry
 from blockstore.registry import RegistryClient, RegistryOptions
-from rig.processes import die_with_parent, free_port, stop_process, wait_listening
 
 _RUNNING: set[RegistryServer] = set()
 
@@ -43,47 +41,42 @@ class RegistryServer:
         username: str | None = None,
         password: str | None = None,
     ):
-        self.workdir = workdir
-        self.data_dir = workdir / "data"
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.host = f"127.0.0.1:{self.port}"
         self.tls = tls
         self.ca_file = ca_file
-        self.url = f"{'https' if tls else 'http'}://{self.host}"
         self.username = username
         self.password = password
-        self.log_path = workdir / "registry.log"
-        self.config_path = workdir / "config.yml"
-        # JSON is YAML, and needs no YAML library.
-        self.config_path.write_text(
-            json.dumps(self._config(htpasswd, token, proxy_remote), indent=1)
+        self._daemon = LocalRegistry(
+            workdir,
+            settings=self._settings(htpasswd, token, proxy_remote),
+            scheme="https" if tls else "http",
         )
-        self._process: subprocess.Popen | None = None
+        self.workdir = workdir
+        self.data_dir = self._daemon.data_dir
+        self.port = self._daemon.port
+        self.host = self._daemon.host
+        self.url = self._daemon.url
+        self.log_path = self._daemon.log_path
         self.issuer = None
         """The ``TokenIssuer`` of a token-auth registry."""
 
     def __repr__(self) -> str:
         return f"RegistryServer({self.url})"
 
-    def _config(self, htpasswd: Path | None, token: TokenAuth | None, remote: str | None) -> dict:
-        http: dict = {"addr": self.host, "secret": "blockstore-test-secret"}
+    def _settings(self, htpasswd: Path | None, token: TokenAuth | None, remote: str | None) -> dict:
+        http: dict = {"secret": "blockstore-test-secret"}
         if self.tls:
             http["tls"] = {"certificate": str(self.tls[0]), "key": str(self.tls[1])}
-        config: dict = {
-            "version": 0.1,
-            "log": {"level": "warn", "accesslog": {"disabled": True}},
+        settings: dict = {
+            "http": http,
             "storage": {
-                "filesystem": {"rootdirectory": str(self.data_dir)},
                 "delete": {"enabled": True},
                 "maintenance": {"uploadpurging": {"enabled": False}},
             },
-            "http": http,
         }
         if htpasswd:
-            config["auth"] = {"htpasswd": {"realm": "blockstore-test", "path": str(htpasswd)}}
+            settings["auth"] = {"htpasswd": {"realm": "blockstore-test", "path": str(htpasswd)}}
         if token:
-            config["auth"] = {
+            settings["auth"] = {
                 "token": {
                     "realm": token.realm,
                     "service": token.service,
@@ -92,33 +85,20 @@ class RegistryServer:
                 }
             }
         if remote:
-            config["proxy"] = {"remoteurl": remote}
-        return config
+            settings["proxy"] = {"remoteurl": remote}
+        return settings
 
     def start(self) -> None:
-        if self.running:
-            return
-        log = self.log_path.open("ab")
-        self._process = subprocess.Popen(
-            ["docker-registry", "serve", str(self.config_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
-        log.close()
+        self._daemon.start()
         _RUNNING.add(self)
-        wait_listening("127.0.0.1", self.port, self._process, self.log_path)
 
     def stop(self) -> None:
-        stop_process(self._process)
-        self._process = None
+        self._daemon.stop()
         _RUNNING.discard(self)
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self._daemon.running
 
     def options(self, **overrides) -> RegistryOptions:
         """Client options that reach this registry (plain HTTP or the test CA, its user)."""
