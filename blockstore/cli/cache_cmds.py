@@ -13,7 +13,7 @@ import re
 import time
 
 from blockstore.cache import ChunkStore
-from blockstore.cli.common import add_cache_options, cache_dir_from, parse_size
+from blockstore.cli.common import add_cache_options, cache_dir_from
 from blockstore.errors import CacheError, IntegrityError
 
 DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-fA-F0-9]{32,}$")
@@ -47,8 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def open_store(args: argparse.Namespace) -> ChunkStore:
-    cap = parse_size(args.cache_size) if args.cache_size else None
-    return ChunkStore(cache_dir_from(args), size_cap=cap)
+    return ChunkStore(cache_dir_from(args), size_cap=args.cache_size)
 
 
 def human(n: float) -> str:

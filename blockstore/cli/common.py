@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+from blockstore.registry.options import RegistryOptions
+
 
 def default_cache_dir() -> Path:
     """``$BLOCKSTORE_CACHE_DIR``, else ``$XDG_CACHE_HOME/blockstore``, else ~/.cache/blockstore."""
@@ -28,6 +30,7 @@ def add_cache_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cache-size",
+        type=parse_size,
         default=None,
         help="size cap of the cache, e.g. 20G or 500M (default: kept from the cache, else 10G)",
     )
@@ -73,6 +76,17 @@ def add_registry_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="HOST[:PORT]",
         help="a mirror registry tried before the upstream (repeatable, in order)",
+    )
+
+
+def registry_options_from_args(args: argparse.Namespace) -> RegistryOptions:
+    """The ``RegistryOptions`` of the shared registry command-line options."""
+    return RegistryOptions(
+        insecure=args.insecure,
+        ca_file=args.ca_file,
+        username=args.username,
+        password=args.password,
+        mirrors=list(args.mirror),
     )
 
 

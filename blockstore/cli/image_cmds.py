@@ -17,9 +17,8 @@ from blockstore.cli.common import (
     add_cache_options,
     add_registry_options,
     cache_dir_from,
-    parse_size,
+    registry_options_from_args,
 )
-from blockstore.cli.registry_cmds import registry_options_from_args
 from blockstore.image import open_image
 
 
@@ -45,7 +44,7 @@ def run_prefetch(args: argparse.Namespace) -> int:
     image = open_image(
         args.image,
         cache_dir=cache_dir_from(args),
-        cache_size=parse_size(args.cache_size) if args.cache_size else None,
+        cache_size=args.cache_size,
         platform=args.platform,
         options=registry_options_from_args(args),
     )

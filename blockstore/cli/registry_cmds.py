@@ -6,12 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
-from blockstore.cli.common import add_registry_options
+from blockstore.cli.common import add_registry_options, registry_options_from_args
 from blockstore.errors import UsageError
 from blockstore.registry import (
     EROFS_MEDIA_TYPE,
     RegistryClient,
-    RegistryOptions,
     ResolvedImage,
     parse_reference,
     push_image,
@@ -44,17 +43,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="make the tag an index holding this platform next to the ones already there",
     )
     push.set_defaults(func=run_push)
-
-
-def registry_options_from_args(args: argparse.Namespace) -> RegistryOptions:
-    """The ``RegistryOptions`` of the shared registry command-line options."""
-    return RegistryOptions(
-        insecure=args.insecure,
-        ca_file=args.ca_file,
-        username=args.username,
-        password=args.password,
-        mirrors=list(args.mirror),
-    )
 
 
 def run_inspect(args: argparse.Namespace) -> int:

@@ -16,15 +16,16 @@ import signal
 import sys
 from pathlib import Path
 
+from blockstore.cache import ChunkStore
 from blockstore.cli.common import (
     add_cache_options,
     add_registry_options,
     cache_dir_from,
-    parse_size,
+    registry_options_from_args,
 )
-from blockstore.cli.registry_cmds import registry_options_from_args
-from blockstore.errors import BlockstoreError, UsageError
+from blockstore.errors import BlockstoreError
 from blockstore.image import open_image
+from blockstore.metrics import MetricsServer, render
 from nbdfront.server import DEFAULT_PORT, NBDServer, is_loopback
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--unix", metavar="PATH", help="listen on this Unix socket")
     serve.add_argument("--pidfile", type=Path, metavar="FILE", help="write the process id here")
+    serve.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        type=parse_listen,
+        default=None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
     serve.set_defaults(func=run_serve)
 
 
@@ -80,19 +88,16 @@ def run_serve(args: argparse.Namespace) -> int:
             "authentication, anyone who can connect can read the image",
             file=sys.stderr,
         )
-    try:
-        cache_size = parse_size(args.cache_size) if args.cache_size is not None else None
-    except argparse.ArgumentTypeError as exc:
-        raise UsageError(str(exc)) from None
     image = open_image(
         args.image,
         cache_dir=cache_dir_from(args),
-        cache_size=cache_size,
+        cache_size=args.cache_size,
         platform=args.platform,
         offline=args.offline,
         options=registry_options_from_args(args),
     )
     blobs = []
+    metrics = None
     try:
         blobs = image.exports(args.layer, args.blob)
         server = NBDServer(
@@ -106,6 +111,8 @@ def run_serve(args: argparse.Namespace) -> int:
         except OSError as exc:
             where = f"{tcp[0]}:{tcp[1]}" if tcp else args.unix
             raise BlockstoreError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
+        if args.metrics is not None:
+            metrics = start_metrics(args.metrics, image.store, server)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: server.request_shutdown())
         if args.pidfile is not None:
@@ -118,12 +125,27 @@ def run_serve(args: argparse.Namespace) -> int:
         server.serve_forever()
         return 0
     finally:
+        if metrics is not None:
+            metrics.stop()
         for blob in blobs:
             blob.close()
         image.close()
         if args.pidfile is not None:
             with contextlib.suppress(FileNotFoundError):
                 args.pidfile.unlink()
+
+
+def start_metrics(address: tuple[str, int], store: ChunkStore, server: NBDServer) -> MetricsServer:
+    """Prometheus metrics of the cache and this server, announced before ``ready``."""
+    try:
+        metrics = MetricsServer(*address, lambda: render(store.stats(), server.connection_count))
+    except OSError as exc:
+        where = f"{address[0]}:{address[1]}"
+        raise BlockstoreError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from exc
+    metrics.start()
+    host, port = metrics.address
+    print(f"metrics http://{host}:{port}/metrics")
+    return metrics
 
 
 def _write_pidfile(path: Path) -> None:
