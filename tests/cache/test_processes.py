@@ -101,12 +101,17 @@ def test_two_processes_share_one_cache(cache_dir, tmp_path):
         for seed in (1, 2)
     ]
     reads = 0
-    for proc in procs:
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, out + err
-        lines = out.split()
-        assert lines[-2] == "ok", out
-        reads += int(lines[-1])
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, out + err
+            lines = out.split()
+            assert lines[-2] == "ok", out
+            reads += int(lines[-1])
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
     check_cache(cache_dir, blobs)
     result = run_cli("cache", "stats", "--json", "--cache-dir", str(cache_dir))
     assert result.returncode == 0, result.stderr
