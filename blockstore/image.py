@@ -12,7 +12,7 @@ cached fails at once with EIO instead of waiting on a registry that is gone.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from blockstore.cache import CachedBlob, ChunkStore
@@ -42,6 +42,7 @@ class OpenImage:
     repository: str
     client: RegistryClient | None
     """None when serving from the cache alone (offline or registry unreachable)."""
+    _blobs: list[CachedBlob] = field(default_factory=list)
 
     @property
     def online(self) -> bool:
@@ -61,7 +62,7 @@ class OpenImage:
         source = None
         if self.client is not None:
             source = TimedSource(RegistryBlob(self.client, self.repository, layer))
-        return CachedBlob(
+        blob = CachedBlob(
             self.store,
             layer.digest,
             layer.size,
@@ -69,8 +70,13 @@ class OpenImage:
             name=f"layer{layer.index}",
             description=f"{self.resolved.reference} layer {layer.index} ({layer.digest})",
         )
+        self._blobs.append(blob)
+        return blob
 
     def close(self) -> None:
+        """Stop every layer's fetch and readahead threads, then close the cache."""
+        for blob in self._blobs:
+            blob.close()
         if self.client is not None:
             self.client.close()
         self.store.close()

@@ -53,20 +53,16 @@ def run_prefetch(args: argparse.Namespace) -> int:
             if args.pin:
                 # Pinned first, so eviction cannot take chunks while the rest arrive.
                 image.store.pin(layer.digest, layer.size)
-            blob = image.blob(layer)
-            try:
-                with tqdm(
-                    total=layer.size,
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1024,
-                    desc=f"layer {layer.index}",
-                    file=sys.stderr,
-                    disable=True if args.quiet else None,
-                ) as bar:
-                    blob.prefetch(progress=bar.update)
-            finally:
-                blob.close()
+            with tqdm(
+                total=layer.size,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=f"layer {layer.index}",
+                file=sys.stderr,
+                disable=True if args.quiet else None,
+            ) as bar:
+                image.blob(layer).prefetch(progress=bar.update)
             pinned = ", pinned" if args.pin else ""
             print(
                 f"layer {layer.index} {layer.digest} ({human(layer.size)}): "

@@ -96,7 +96,6 @@ def run_serve(args: argparse.Namespace) -> int:
         offline=args.offline,
         options=registry_options_from_args(args),
     )
-    blobs = []
     metrics = None
     try:
         blobs = image.exports(args.layer, args.blob)
@@ -127,8 +126,6 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         if metrics is not None:
             metrics.stop()
-        for blob in blobs:
-            blob.close()
         image.close()
         if args.pidfile is not None:
             with contextlib.suppress(FileNotFoundError):
