@@ -19,6 +19,7 @@ from pathlib import Path
 
 from blockstore.cache import ChunkStore
 from blockstore.cli.common import add_cache_options, add_registry_options, cache_dir_from
+from blockstore.cli.serve_cmds import parse_listen
 from blockstore.errors import UsageError
 from blockstore.registry.reference import parse_reference
 from nbdfront import mounts
@@ -123,6 +124,8 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
             argv += [f"--{option.replace('_', '-')}", str(value)]
     for mirror in args.mirror:
         argv += ["--mirror", mirror]
+    if args.metrics is not None:
+        argv += ["--metrics", args.metrics]
     argv += [flag for flag in ("--insecure", "--offline") if getattr(args, flag[2:])]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.password is not None:
@@ -245,6 +248,12 @@ def run_mounts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _listen_address(text: str) -> str:
+    """Checked here, so a typo fails before any server starts; the server gets the text."""
+    parse_listen(text)
+    return text
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     mount = subparsers.add_parser(
         "mount",
@@ -262,6 +271,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_cache_options(mount)
     mount.add_argument(
         "--offline", action="store_true", help="never use the network: serve from the cache only"
+    )
+    mount.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        type=_listen_address,
+        default=None,
+        help="have the server give Prometheus metrics at http://HOST:PORT/metrics",
     )
     mount.add_argument(
         "-o",

@@ -14,11 +14,13 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from conftest import processes_mentioning
 from mount_trees import assert_same_tree
+from rig.processes import free_port
 from rig.pushed import push_erofs
 
 from blockstore.errors import ImageNotCached, MountpointBusy, RegistryError
@@ -74,12 +76,17 @@ def dirs(mount_dirs):
 
 def test_mount_compare_every_file_umount_leaves_nothing(dirs, pushed_images, erofs_images):
     """Mount a one-layer image from the registry, compare every file with its source tree,
-    list it, unmount it: afterwards no mount, FUSE, process or socket is left."""
+    list it, read the server's metrics, unmount it: afterwards no mount, FUSE, process or
+    socket is left."""
     mnt, _, cache, run = dirs
+    metrics_port = free_port()
     started = time.monotonic()
-    mount(pushed_images.small, mnt, cache)
+    mount(pushed_images.small, mnt, cache, "--metrics", f"127.0.0.1:{metrics_port}")
     print(f"mount of the small image took {time.monotonic() - started:.2f}s")
     assert_same_tree(erofs_images.small.tree, mnt)
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+        metrics = reply.read().decode()
+    assert "blockstore_nbd_open_connections" in metrics
 
     listed = json.loads(cli("mounts", "--json").stdout)
     assert [(m["mountpoint"], m["image"], m["state"]) for m in listed] == [
@@ -235,9 +242,7 @@ def test_errors_a_user_can_act_on(dirs, pushed_images):
     assert no_layer.returncode == RegistryError.exit_code, no_layer.stderr
     assert "7" in one_line(no_layer.stderr)
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead_port = probe.getsockname()[1]
+    dead_port = free_port()
     unreachable = cli(
         "mount",
         "--insecure",
