@@ -100,7 +100,8 @@ def test_mount_compare_every_file_umount_leaves_nothing(dirs, pushed_images, ero
 
 def test_three_layer_image_whole_and_one_layer_alone(dirs, pushed_images, erofs_images):
     """The three-layer image shows the merged tree (changes, additions, a whiteout);
-    ``--layer 1`` and ``-o oci.layer=0`` each show exactly that layer's own tree."""
+    ``--layer 1``, ``-o oci.layer=0`` and ``-o oci.blob=DIGEST`` each show exactly that
+    layer's own tree."""
     mnt, _, cache, run = dirs
     layers = erofs_images.layers
     done = mount(pushed_images.multilayer, mnt, cache)
@@ -114,6 +115,11 @@ def test_three_layer_image_whole_and_one_layer_alone(dirs, pushed_images, erofs_
 
     mount(pushed_images.multilayer, mnt, cache, "-o", "oci.layer=0")
     assert_same_tree(layers[0].tree, mnt)
+    umount(mnt)
+
+    # Alone, the top layer shows its whiteout as what it is on disk: a 0/0 character device.
+    mount(pushed_images.multilayer, mnt, cache, "-o", f"oci.blob={layers[2].digest}")
+    assert_same_tree(layers[2].tree, mnt)
     umount(mnt)
     assert_nothing_left(mnt, run)
 
