@@ -55,6 +55,28 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
+def add_image_options(parser: argparse.ArgumentParser, verb: str, *, offline: bool = True) -> None:
+    """The image argument, which layer(s), and --offline, for commands that open an image."""
+    parser.add_argument("image", metavar="IMAGE", help="image reference, e.g. host:5000/app:v1")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"{verb} only layer N (0 is the bottom, -1 the top)",
+    )
+    which.add_argument(
+        "--blob", default=None, metavar="DIGEST", help=f"{verb} only the layer with this digest"
+    )
+    if offline:
+        parser.add_argument(
+            "--offline",
+            action="store_true",
+            help="never use the network: resolve and read from the cache only",
+        )
+
+
 def add_registry_options(parser: argparse.ArgumentParser) -> None:
     """Options of every command that talks to a registry."""
     parser.add_argument(

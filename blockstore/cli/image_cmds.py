@@ -15,6 +15,7 @@ from tqdm import tqdm
 from blockstore.cli.cache_cmds import human
 from blockstore.cli.common import (
     add_cache_options,
+    add_image_options,
     add_registry_options,
     cache_dir_from,
     registry_options_from_args,
@@ -30,10 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "against its digest and seal it. Resumable: an interrupted run keeps what it "
         "fetched.",
     )
-    prefetch.add_argument("image", metavar="IMAGE", help="image reference")
-    which = prefetch.add_mutually_exclusive_group()
-    which.add_argument("--layer", type=int, default=None, help="only layer N (0 is the bottom)")
-    which.add_argument("--blob", default=None, metavar="DIGEST", help="only the layer DIGEST")
+    add_image_options(prefetch, "fetch", offline=False)
     prefetch.add_argument("--pin", action="store_true", help="pin the layers against eviction")
     add_registry_options(prefetch)
     add_cache_options(prefetch)

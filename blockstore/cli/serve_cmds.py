@@ -19,6 +19,7 @@ from pathlib import Path
 from blockstore.cache import ChunkStore
 from blockstore.cli.common import (
     add_cache_options,
+    add_image_options,
     add_registry_options,
     cache_dir_from,
     registry_options_from_args,
@@ -38,17 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Serve each layer of IMAGE as a read-only NBD export named layer<i>; "
         "the default export (empty name) is the only selected layer, else the top one.",
     )
-    serve.add_argument("image", metavar="IMAGE", help="image reference, e.g. host:5000/app:v1")
-    which = serve.add_mutually_exclusive_group()
-    which.add_argument(
-        "--layer", type=int, metavar="N", help="serve only layer N (0 is the bottom)"
-    )
-    which.add_argument("--blob", metavar="DIGEST", help="serve only the layer with this digest")
+    add_image_options(serve, "serve")
     add_registry_options(serve)
     add_cache_options(serve)
-    serve.add_argument(
-        "--offline", action="store_true", help="never use the network: serve from the cache only"
-    )
     serve.add_argument(
         "--listen",
         metavar="HOST:PORT",
