@@ -35,5 +35,14 @@ class Export(Protocol):
         ``OSError`` (``BlobReadError``, errno EIO): never short or wrong data.
         """
 
+    def read_cached(self, offset: int, length: int) -> Sequence[Buffer] | None:
+        """The bytes of ``read`` if they can be had at once, else None.
+
+        Never touches the network and never waits on a fetch, so a server
+        may answer hits on the thread that parsed the request and hand only
+        the rest to ``read`` on a thread that may wait. None says nothing
+        about errors: ``read`` reports them.
+        """
+
     def cache(self, offset: int, length: int) -> None:
         """A hint: bring this range into the cache now, if it is not there."""

@@ -106,6 +106,28 @@ class CachedBlob:
         except CacheError as exc:  # e.g. the store was closed under a late reader
             raise BlobReadError(f"{self._digest}: {exc}") from exc
 
+    def read_cached(self, offset: int, length: int) -> list[Buffer] | None:
+        """The bytes at ``offset`` if every chunk is cached and checks out, else None.
+
+        Never fetches, never writes, never waits on another request: a
+        server may call it on the thread that parsed the request and hand
+        only the None cases to ``read``, which then counts, drops and
+        fetches as usual. A served hit is counted and advised like a read.
+        """
+        if length <= 0 or offset < 0 or offset + length > self._size:
+            return None
+        blob_id = self._blob_id if self._blob_id is not None else self._refresh_id()
+        if blob_id is None:
+            return None
+        try:
+            out, missing, bad = self._look_up(blob_id, offset, offset + length, stop_at_miss=True)
+        except CacheError:
+            return None
+        if missing or bad:
+            return None
+        self._served(offset, length, len(out), 0)
+        return out  # type: ignore[return-value]
+
     def _read(self, offset: int, length: int) -> list[Buffer]:
         if length <= 0:
             return []
@@ -116,47 +138,72 @@ class CachedBlob:
         end = offset + length
         first = offset // CHUNK_SIZE
         last = (end - 1) // CHUNK_SIZE
-        out: list[Buffer | None] = []
-        missing: list[int] = []
-        bad: list[int] = []
         blob_id = self._blob_id if self._blob_id is not None else self._refresh_id()
         if blob_id is None:
             missing = list(range(first, last + 1))
-            out = [None] * len(missing)
+            out: list[Buffer | None] = [None] * len(missing)
+            bad: list[int] = []
         else:
-            pack = CHUNK_KEY.pack
-            unpack_sum = SUM.unpack_from
-            env = self._store.env
-            txn = env.begin_read(DB_CHUNKS)
-            try:
-                get = txn.get
-                for index in range(first, last + 1):
-                    value = get(pack(blob_id, index))
-                    base = index * CHUNK_SIZE
-                    if value is None:
-                        missing.append(index)
-                        out.append(None)
-                    elif len(value) != SUM_SIZE + min(CHUNK_SIZE, self._size - base) or (
-                        unpack_sum(value)[0] != xxh3(value[SUM_SIZE:])
-                    ):
-                        bad.append(index)
-                        out.append(None)
-                    else:
-                        lo = SUM_SIZE + offset - base if base < offset else SUM_SIZE
-                        hi = SUM_SIZE + end - base if end - base < CHUNK_SIZE else len(value)
-                        out.append(value[lo:hi].tobytes())
-            finally:
-                env.end_read(txn)
-            self._store.recency.touch(blob_id, first, last)
+            out, missing, bad = self._look_up(blob_id, offset, end, stop_at_miss=False)
         misses = len(missing) + len(bad)
         if misses:
             self._fill_misses(out, first, offset, end, missing, bad)
-        self._store.counters.served(last - first + 1 - misses, misses, length)
+        self._served(offset, length, last - first + 1 - misses, misses)
+        return out  # type: ignore[return-value]
+
+    def _look_up(
+        self, blob_id: int, offset: int, end: int, *, stop_at_miss: bool
+    ) -> tuple[list[Buffer | None], list[int], list[int]]:
+        """The hit loop: one read transaction over the chunks of ``offset..end``.
+
+        Each stored chunk is checked against its xxh3-64 on the LMDB buffer
+        and its wanted part copied out; the others are None in the output
+        and listed as missing or bad. ``stop_at_miss`` gives up at the
+        first chunk that is not a hit (the caller then wants none of it).
+        Hit chunks are touched for recency.
+        """
+        first = offset // CHUNK_SIZE
+        last = (end - 1) // CHUNK_SIZE
+        out: list[Buffer | None] = []
+        missing: list[int] = []
+        bad: list[int] = []
+        pack = CHUNK_KEY.pack
+        unpack_sum = SUM.unpack_from
+        env = self._store.env
+        txn = env.begin_read(DB_CHUNKS)
+        try:
+            get = txn.get
+            for index in range(first, last + 1):
+                value = get(pack(blob_id, index))
+                base = index * CHUNK_SIZE
+                if value is None:
+                    missing.append(index)
+                    out.append(None)
+                elif len(value) != SUM_SIZE + min(CHUNK_SIZE, self._size - base) or (
+                    unpack_sum(value)[0] != xxh3(value[SUM_SIZE:])
+                ):
+                    bad.append(index)
+                    out.append(None)
+                else:
+                    lo = SUM_SIZE + offset - base if base < offset else SUM_SIZE
+                    hi = SUM_SIZE + end - base if end - base < CHUNK_SIZE else len(value)
+                    out.append(value[lo:hi].tobytes())
+                    continue
+                if stop_at_miss:
+                    break
+        finally:
+            env.end_read(txn)
+        if not stop_at_miss or not (missing or bad):
+            self._store.recency.touch(blob_id, first, last)
+        return out, missing, bad
+
+    def _served(self, offset: int, length: int, hits: int, misses: int) -> None:
+        """Count a read and tell readahead of it, whether it hit or fetched."""
+        self._store.counters.served(hits, misses, length)
         if self._fill is not None:
             ahead = self._readahead.advise(offset, length, self._size)
             if ahead is not None:
                 self._fill.submit(*ahead)
-        return out  # type: ignore[return-value]
 
     def cache(self, offset: int, length: int) -> None:
         """Bring a range into the cache if it is not there (unchecked presence)."""

@@ -275,3 +275,56 @@ def test_read_after_the_store_closed_is_eio(cache_dir):
     with pytest.raises(BlobReadError) as caught:
         blob.read(0, 10)
     assert caught.value.errno == errno.EIO
+
+
+def test_read_cached_serves_checked_hits_and_never_calls_the_source(cache_dir):
+    """read_cached returns the bytes of fully cached, intact ranges (counted as hits) and
+    None for anything else (cold, partly cached, corrupt, out of range), without ever
+    asking the source, counting or dropping anything; read then does the work."""
+    data, digest = make_blob(4 * CHUNK_SIZE + 100, seed=31)
+    source = ScriptedSource(data, digest)
+    with ChunkStore(cache_dir) as store:
+        blob = CachedBlob(store, digest, len(data), source, readahead=NONE)
+        assert blob.read_cached(0, 10) is None  # the blob is not even known
+        blob.read(0, 2 * CHUNK_SIZE)
+        blob.read(4 * CHUNK_SIZE, 100)
+        asked = len(source.requests)
+        before = store.stats()
+        assert blob.read_cached(CHUNK_SIZE, 2 * CHUNK_SIZE) is None  # chunk 2 missing
+        assert blob.read_cached(len(data) - 1, 2) is None
+        for offset, length in [(5, 10), (CHUNK_SIZE - 3, 6), (0, 2 * CHUNK_SIZE)]:
+            assert joined(blob.read_cached(offset, length)) == data[offset : offset + length]
+        assert joined(blob.read_cached(4 * CHUNK_SIZE, 100)) == data[4 * CHUNK_SIZE :]
+        assert flip_stored_byte(store, digest, 1, 4000)
+        assert blob.read_cached(CHUNK_SIZE, 10) is None
+        after = store.stats()
+        assert after["hits"] - before["hits"] == 6  # chunks served
+        assert after["misses"] == before["misses"]
+        assert after["checksum_failures"] == before["checksum_failures"]
+        assert len(source.requests) == asked
+        assert joined(blob.read(CHUNK_SIZE, 10)) == data[CHUNK_SIZE : CHUNK_SIZE + 10]
+        assert store.stats()["checksum_failures"] == before["checksum_failures"] + 1
+        assert len(source.requests) == asked + 1
+        blob.close()
+
+
+def test_sequential_hits_from_read_cached_still_drive_readahead(cache_dir):
+    """A reader served only by read_cached, sequentially, gets the range past it fetched in
+    the background, as a reader through read does."""
+    data, digest = make_blob(4 << 20, seed=32)
+    source = ScriptedSource(data, digest)
+    with ChunkStore(cache_dir) as store:
+        warm = CachedBlob(store, digest, len(data), source, readahead=NONE)
+        warm.read(0, 256 << 10)
+        warm.close()
+        blob = CachedBlob(store, digest, len(data), source)
+        for offset in range(0, 256 << 10, 64 << 10):
+            got = blob.read_cached(offset, 64 << 10)
+            assert joined(got) == data[offset : offset + (64 << 10)]
+        blob_id = store.lookup(digest).blob_id
+        ahead = range(256 << 10 >> 15, 384 << 10 >> 15)
+        deadline = time.monotonic() + 5
+        while store.missing(blob_id, ahead) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert store.missing(blob_id, ahead) == []
+        blob.close()
