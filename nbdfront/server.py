@@ -1,10 +1,13 @@
 """The NBD server: sockets and threads around the sans-I/O protocol.
 
-Each connection has its own few threads, taking turns to read requests, so
-replies go out in the order they finish (a cache hit never waits behind a
-slow fetch on the same connection) and a misbehaving client only ever
-occupies its own threads. A per-connection budget of bytes in flight stops
-the reading, and with it the client, when replies fall behind: memory stays
+Each connection has one thread that receives and parses requests and
+answers cache hits itself, with no hand-off; only reads that must wait (a
+fetch) and cache hints go to the connection's few worker threads. Replies
+go out in the order they finish: hits gathered while parsing are sent
+before the thread waits for anything, so a hit never waits behind a slow
+fetch on the same connection, and a misbehaving client only ever occupies
+its own threads. A per-connection budget of bytes in flight stops the
+reading, and with it the client, when replies fall behind: memory stays
 bounded however many requests a client queues.
 """
 
@@ -14,12 +17,13 @@ import contextlib
 import ipaddress
 import logging
 import os
+import queue
 import socket
 import stat
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from blockstore.export import Export
 from nbdfront.protocol import (
@@ -28,7 +32,7 @@ from nbdfront.protocol import (
     CacheRequest,
     Catalog,
     CommandDone,
-    Disconnect,
+    ConnectionClosed,
     ExportSelected,
     ReadFailed,
     ReadReply,
@@ -41,12 +45,14 @@ from nbdfront.protocol.events import Buffer
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 10809
-# Threads per connection: enough that a handful of slow registry fetches
-# leave room for hits.
+# Worker threads per connection: enough that a handful of slow registry
+# fetches leave room for more.
 WORKERS_PER_CONNECTION = 16
-# Bytes of reads admitted but not yet sent, per connection: eight maximum reads.
+# Bytes of reads handed to workers but not yet sent, per connection: eight maximum reads.
 INFLIGHT_BYTES = 8 * MAX_PAYLOAD
 INFLIGHT_REQUESTS = 512
+# Reply bytes of hits gathered before one send: fewer system calls, bounded memory.
+BATCH_BYTES = 256 * 1024
 RECV_SIZE = 256 * 1024
 # A client that has not chosen an export by then is dropped.
 HANDSHAKE_TIMEOUT = 30.0
@@ -74,7 +80,7 @@ def send_buffers(sock: socket.socket, buffers: Sequence[Buffer]) -> None:
 
 
 class _Budget:
-    """Counts bytes and requests in flight; ``acquire`` blocks while over the limit."""
+    """Counts bytes and requests in flight; ``acquire`` waits while over the limit."""
 
     def __init__(self, max_bytes: int, max_requests: int):
         self._max_bytes = max_bytes
@@ -83,14 +89,18 @@ class _Budget:
         self._requests = 0
         self._cond = threading.Condition()
 
-    def acquire(self, nbytes: int) -> None:
+    def acquire(self, nbytes: int, *, wait: bool = True) -> bool:
+        """Take ``nbytes`` and one request; False (nothing taken) if over and not ``wait``."""
         with self._cond:
             while self._requests and (
                 self._bytes + nbytes > self._max_bytes or self._requests >= self._max_requests
             ):
+                if not wait:
+                    return False
                 self._cond.wait()
             self._bytes += nbytes
             self._requests += 1
+            return True
 
     def release(self, nbytes: int) -> None:
         with self._cond:
@@ -99,14 +109,56 @@ class _Budget:
             self._cond.notify_all()
 
 
+class _Workers:
+    """The threads of one connection that serve what may wait: misses and cache hints.
+
+    Threads start as jobs need them, up to ``limit``; a job waits in the
+    queue only while every thread is busy. ``stop`` lets queued jobs finish.
+    """
+
+    def __init__(self, name: str, limit: int):
+        self._name = name
+        self._limit = limit
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # threads waiting for a job that no submit has claimed yet
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+            elif len(self._threads) < self._limit:
+                thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._threads.append(thread)
+                thread.start()
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        """Finish the queued jobs, then end every thread."""
+        with self._lock:
+            threads = list(self._threads)
+        for _ in threads:
+            self._jobs.put(None)
+        for thread in threads:
+            thread.join()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except Exception:  # a bug costs its own request, not the thread
+                log.exception("internal error in %s", self._name)
+            with self._lock:
+                self._idle += 1
+
+
 class _Session:
     """One client connection, from greeting to close.
 
-    Its threads take turns as the leader: the leader alone receives and
-    parses; once it has a read, it hands leadership to an idle thread (or
-    starts one) and serves the read itself. A cache hit is thus answered by
-    the thread that parsed it, with no hand-off on its path, while a slow
-    fetch only keeps its own thread, never the reading of the next request.
+    Its own thread receives, parses and answers hits (``Export.read_cached``)
+    in batches sent before it waits for anything; reads that must wait and
+    cache hints go to the workers, within the budget.
     """
 
     def __init__(self, server: NBDServer, sock: socket.socket, peer: str):
@@ -115,24 +167,23 @@ class _Session:
         self.peer = peer
         self._protocol = ServerConnection(server.catalog)
         self._send_lock = threading.Lock()
-        self._leadership = threading.Lock()
         self._budget = _Budget(server.inflight_bytes, INFLIGHT_REQUESTS)
+        self._workers = _Workers(f"nbd-{peer}", WORKERS_PER_CONNECTION)
         self._export: Export | None = None
-        self._threads: list[threading.Thread] = []
-        self._idle = 0  # threads waiting to lead
-        self._idle_lock = threading.Lock()
-        self._over = False
+        self._batch: list[Buffer] = []
+        self._batch_bytes = 0
         self._broken = False
         self.thread = threading.Thread(target=self.run, name=f"nbd-{peer}", daemon=True)
 
     def run(self) -> None:
         try:
             self._sock.settimeout(HANDSHAKE_TIMEOUT)
-            self._flush()
             self._serve()
+        except Exception:
+            log.exception("internal error on the connection from %s; closing it", self.peer)
+            self.cut()
         finally:
-            for thread in self._threads:
-                thread.join()
+            self._workers.stop()
             self._finish()
 
     def stop_reading(self) -> None:
@@ -146,71 +197,72 @@ class _Session:
         _shutdown_quietly(self._sock, socket.SHUT_RDWR)
 
     def _serve(self) -> None:
-        """Lead until there is work, do it, repeat until the conversation is over."""
+        """Receive and parse until the conversation is over, answering or handing off work."""
+        protocol = self._protocol
         while True:
-            with self._idle_lock:
-                self._idle += 1
-            with self._leadership:
-                with self._idle_lock:
-                    self._idle -= 1
-                work = None if self._over else self._next_work_or_hang_up()
-                if work is None:
-                    self._over = True
-                    return
-                if self._idle == 0 and len(self._threads) < WORKERS_PER_CONNECTION - 1:
-                    thread = threading.Thread(target=self._serve, name=f"nbd-{self.peer}")
-                    self._threads.append(thread)
-                    thread.start()
-            if isinstance(work, ReadRequest):
-                self._read(work)
-            else:
-                self._cache(work)
-
-    def _next_work_or_hang_up(self) -> ReadRequest | CacheRequest | None:
-        """``_next_work``, except that a bug ends this connection instead of the thread."""
-        try:
-            return self._next_work()
-        except Exception:
-            log.exception("internal error on the connection from %s; closing it", self.peer)
-            self.cut()
-            return None
-
-    def _next_work(self) -> ReadRequest | CacheRequest | None:
-        """Receive and parse until a request needs an export; None once it is all over."""
-        while True:
-            event = self._protocol.next_event()
-            self._flush()
+            event = protocol.next_event()
+            out = protocol.data_to_send()
+            if out:
+                self._batch += out
             if event is NEED_DATA:
+                self._send_batch()
                 try:
                     data = self._sock.recv(RECV_SIZE) if not self._broken else b""
                 except OSError as exc:
                     log.info("connection from %s ended: %s", self.peer, exc)
-                    return None
-                self._protocol.receive_data(data)
-            elif isinstance(event, ReadRequest):
-                self._budget.acquire(event.length)
-                return event
+                    return
+                protocol.receive_data(data)
+            elif type(event) is ReadRequest:
+                self._answer(event)
             elif isinstance(event, CacheRequest):
-                self._budget.acquire(0)
-                return event
+                self._hand_off(event, 0, self._cache)
             elif isinstance(event, ExportSelected):
                 self._export = self._server.exports[event.name]
                 self._sock.settimeout(None)
                 log.info("%s reads export %r", self.peer, event.name)
-            elif isinstance(event, Disconnect):
-                log.info("%s disconnected", self.peer)
-                return None
             else:
-                level = logging.INFO if event.clean else logging.WARNING
-                log.log(level, "closing connection from %s: %s", self.peer, event.reason)
-                return None
+                self._send_batch()
+                if isinstance(event, ConnectionClosed):
+                    level = logging.INFO if event.clean else logging.WARNING
+                    log.log(level, "closing connection from %s: %s", self.peer, event.reason)
+                else:
+                    log.info("%s disconnected", self.peer)
+                return
+
+    def _answer(self, request: ReadRequest) -> None:
+        """A hit goes into the batch at once; anything else to a worker."""
+        assert self._export is not None
+        data = self._export.read_cached(request.offset, request.length)
+        if data is None or _length(data) != request.length:
+            self._hand_off(request, request.length, self._read)
+            return
+        self._batch += self._protocol.send(ReadReply(request, data))
+        self._batch_bytes += request.length
+        if self._batch_bytes >= BATCH_BYTES:
+            self._send_batch()
+
+    def _hand_off(
+        self,
+        request: ReadRequest | CacheRequest,
+        nbytes: int,
+        serve: Callable[[ReadRequest | CacheRequest], None],
+    ) -> None:
+        if not self._budget.acquire(nbytes, wait=False):
+            self._send_batch()  # hits already answered never wait for the budget
+            self._budget.acquire(nbytes)
+        self._workers.submit(lambda: serve(request))
+
+    def _send_batch(self) -> None:
+        if self._batch:
+            batch, self._batch, self._batch_bytes = self._batch, [], 0
+            self._send(batch)
 
     def _read(self, request: ReadRequest) -> None:
         assert self._export is not None
         try:
             try:
                 data = self._export.read(request.offset, request.length)
-                got = sum(memoryview(b).nbytes for b in data)
+                got = _length(data)
                 if got != request.length:
                     raise OSError(5, f"export returned {got} bytes for {request.length}")
                 reply: ReadReply | ReadFailed = ReadReply(request, data)
@@ -234,11 +286,6 @@ class _Session:
         finally:
             self._budget.release(0)
 
-    def _flush(self) -> None:
-        out = self._protocol.data_to_send()
-        if out:
-            self._send(out)
-
     def _send(self, buffers: Sequence[Buffer]) -> None:
         with self._send_lock:
             if self._broken:
@@ -255,6 +302,11 @@ class _Session:
         _shutdown_quietly(self._sock, socket.SHUT_RDWR)
         self._sock.close()
         self._server._forget(self)
+
+
+def _length(buffers: Sequence[Buffer]) -> int:
+    """Bytes in ``buffers``, whatever their item size."""
+    return sum(memoryview(b).nbytes for b in buffers)
 
 
 def _describe(exc: BaseException, request: ReadRequest | CacheRequest) -> str:

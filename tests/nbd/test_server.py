@@ -20,7 +20,10 @@ from nbdfront.server import NBDServer
 
 
 class GatedExport:
-    """An export whose reads at ``gated_offset`` wait for ``gate``: a slow registry fetch."""
+    """An export whose reads at ``gated_offset`` wait for ``gate``: a slow registry fetch.
+
+    Reads there are never hits; ``served`` notes which method served each offset.
+    """
 
     def __init__(self, inner, gated_offset: int):
         self.inner = inner
@@ -28,12 +31,22 @@ class GatedExport:
         self.gate = threading.Event()
         self.waiting = threading.Event()
         self.name, self.description, self.size = inner.name, inner.description, inner.size
+        self.served: dict[int, str] = {}
 
     def read(self, offset, length):
         if offset == self.gated_offset:
             self.waiting.set()
             assert self.gate.wait(30)
+        self.served[offset] = "read"
         return self.inner.read(offset, length)
+
+    def read_cached(self, offset, length):
+        if offset == self.gated_offset:
+            return None
+        data = self.inner.read_cached(offset, length)
+        if data is not None:
+            self.served[offset] = "read_cached"
+        return data
 
     def cache(self, offset, length):
         self.inner.cache(offset, length)
@@ -54,6 +67,32 @@ def test_replies_go_out_as_they_finish(local_blob, tmp_path):
         assert 1 not in [r.handle for r in client.checker.finished]
         gated.gate.set()
         assert client.wait(1).data == {0: local_blob.data[:4096]}
+    finally:
+        gated.gate.set()
+        client.close()
+        server.shutdown()
+
+
+def test_hit_is_answered_inline_while_a_miss_waits(local_blob, tmp_path):
+    """On one connection, while a read that missed the cache is stalled in its fetch,
+    a read of a cached range is answered at once, from the cache without any fetch
+    (read_cached), and the stalled read is answered when its fetch completes."""
+    local_blob.blob.read(0, len(local_blob.data))
+    gated = GatedExport(local_blob.blob, gated_offset=4096)
+    server = start_server({"blob": gated}, tmp_path, "blob")
+    client = w.RawClient(server.tcp_address)
+    try:
+        client.negotiate("blob")
+        client.send(w.CMD_READ, 1, 4096, 4096)
+        assert gated.waiting.wait(10)
+        for handle, offset in [(2, 0), (3, 1 << 20)]:
+            client.send(w.CMD_READ, handle, offset, 8192)
+            assert client.wait(handle).data == {offset: local_blob.data[offset : offset + 8192]}
+            assert gated.served[offset] == "read_cached"
+        assert 1 not in [r.handle for r in client.checker.finished]
+        gated.gate.set()
+        assert client.wait(1).data == {4096: local_blob.data[4096:8192]}
+        assert gated.served[4096] == "read"
     finally:
         gated.gate.set()
         client.close()
