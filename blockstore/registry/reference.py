@@ -23,12 +23,15 @@ _HOST = re.compile(
     r"(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
     r"(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*"
     r"|\[[0-9a-fA-F:.]+\])"
-    r"(?::[0-9]+)?"
+    r"(?::(?P<port>[0-9]+))?"
 )
 _TAG = re.compile(r"[\w][\w.-]{0,127}")
 _DIGEST = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}")
 _SHA256_HEX = re.compile(r"[a-f0-9]{64}")
 _MAX_NAME_LENGTH = 255
+# How much of a refused text an error message repeats: enough to recognise it,
+# not a screenful when a script passes something huge.
+_MAX_ECHO = 100
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,9 @@ class Reference:
 def parse_reference(text: str) -> Reference:
     """Parse ``[host[:port]/]path[:tag][@digest]``; raise ``InvalidReference`` saying why."""
     if not text or text != text.strip():
-        raise InvalidReference(f"invalid image reference {text!r}: empty or surrounded by spaces")
+        raise InvalidReference(
+            f"invalid image reference {_echo(text)}: empty or surrounded by spaces"
+        )
     name, _, digest = text.partition("@")
     digest_or_none = _check_digest(text, digest) if "@" in text else None
     tag = None
@@ -67,13 +72,13 @@ def parse_reference(text: str) -> Reference:
         name, tag = name[:colon], name[colon + 1 :]
         if not _TAG.fullmatch(tag):
             raise InvalidReference(
-                f"invalid image reference {text!r}: tag {tag!r} must be 1-128 of "
+                f"invalid image reference {_echo(text)}: tag {_echo(tag)} must be 1-128 of "
                 "letters, digits, '_', '.', '-' and not start with '.' or '-'"
             )
     registry, repository = _split_registry(text, name)
     if len(repository) > _MAX_NAME_LENGTH:
         raise InvalidReference(
-            f"invalid image reference {text!r}: repository name longer than "
+            f"invalid image reference {_echo(text)}: repository name longer than "
             f"{_MAX_NAME_LENGTH} characters"
         )
     if tag is None and digest_or_none is None:
@@ -86,21 +91,36 @@ def normalize_digest(text: str) -> str:
     text = text.strip()
     if _SHA256_HEX.fullmatch(text):
         return f"sha256:{text}"
-    return _check_digest(text, text)
+    why = _digest_problem(text)
+    if why:
+        raise InvalidReference(f"invalid digest {_echo(text)}: {why}")
+    return text
 
 
 def _check_digest(original: str, digest: str) -> str:
-    if not _DIGEST.fullmatch(digest):
+    why = _digest_problem(digest)
+    if why:
         raise InvalidReference(
-            f"invalid image reference {original!r}: {digest!r} is not a digest "
-            "(expected sha256:<64 hex digits>)"
-        )
-    algorithm, _, hex_part = digest.partition(":")
-    if algorithm == "sha256" and not _SHA256_HEX.fullmatch(hex_part):
-        raise InvalidReference(
-            f"invalid image reference {original!r}: a sha256 digest is 64 lowercase hex digits"
+            f"invalid image reference {_echo(original)}: {_echo(digest)} is not a digest ({why})"
         )
     return digest
+
+
+def _digest_problem(digest: str) -> str | None:
+    """Why ``digest`` is not ``algorithm:hex``, or None when it is one."""
+    if not _DIGEST.fullmatch(digest):
+        return "expected algorithm:hex, for sha256 64 lowercase hex digits"
+    algorithm, _, hex_part = digest.partition(":")
+    if algorithm == "sha256" and not _SHA256_HEX.fullmatch(hex_part):
+        return "a sha256 digest is 64 lowercase hex digits"
+    return None
+
+
+def _echo(text: str) -> str:
+    """``text`` quoted for an error message, cut to its first ``_MAX_ECHO`` characters."""
+    if len(text) <= _MAX_ECHO:
+        return repr(text)
+    return f"{text[:_MAX_ECHO]!r}... ({len(text)} characters)"
 
 
 def _split_registry(original: str, name: str) -> tuple[str, str]:
@@ -111,9 +131,17 @@ def _split_registry(original: str, name: str) -> tuple[str, str]:
         "." in first or ":" in first or first == "localhost" or first != first.lower()
     )
     if is_host:
-        if not _HOST.fullmatch(first):
+        host = _HOST.fullmatch(first)
+        if not host:
             raise InvalidReference(
-                f"invalid image reference {original!r}: bad registry host {first!r}"
+                f"invalid image reference {_echo(original)}: bad registry host {_echo(first)}"
+            )
+        port = host["port"]
+        # Checked here: requests would refuse it later with a bare ValueError.
+        if port is not None and not (len(port) <= 5 and 1 <= int(port) <= 65535):
+            raise InvalidReference(
+                f"invalid image reference {_echo(original)}: port {_echo(port)} of registry "
+                "host is not in 1..65535"
             )
         registry, path = first, rest
     else:
@@ -121,17 +149,17 @@ def _split_registry(original: str, name: str) -> tuple[str, str]:
     if registry in _DOCKER_HUB_ALIASES:
         registry = DOCKER_HUB
     if not path:
-        raise InvalidReference(f"invalid image reference {original!r}: no repository name")
+        raise InvalidReference(f"invalid image reference {_echo(original)}: no repository name")
     for component in path.split("/"):
         if _PATH_COMPONENT.fullmatch(component):
             continue
         if _PATH_COMPONENT.fullmatch(component.lower()):
             raise InvalidReference(
-                f"invalid image reference {original!r}: repository name must be lowercase"
+                f"invalid image reference {_echo(original)}: repository name must be lowercase"
             )
         raise InvalidReference(
-            f"invalid image reference {original!r}: {component!r} is not a valid name component "
-            "(lowercase letters, digits and single separators '.', '_', '__', '-')"
+            f"invalid image reference {_echo(original)}: {_echo(component)} is not a valid name "
+            "component (lowercase letters, digits and single separators '.', '_', '__', '-')"
         )
     if registry == DOCKER_HUB and "/" not in path:
         path = f"library/{path}"

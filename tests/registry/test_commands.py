@@ -80,3 +80,12 @@ def test_inspect_errors_exit_with_their_code(registry):
     assert missing.returncode == 3
     assert f"image {registry.host}/no/such:image: not found" in missing.stderr
     assert "NAME_UNKNOWN" in missing.stderr or "MANIFEST_UNKNOWN" in missing.stderr
+
+
+def test_inspect_of_a_port_out_of_range_is_one_usage_line():
+    """inspect 127.0.0.1:99999/x:y exits 2 with one line naming the port range,
+    not a traceback from the HTTP layer."""
+    shown = blockstore("inspect", "127.0.0.1:99999/x:y", "--insecure")
+    assert shown.returncode == 2, shown.stderr
+    assert shown.stderr.count("\n") == 1 and "Traceback" not in shown.stderr
+    assert "not in 1..65535" in shown.stderr

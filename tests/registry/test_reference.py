@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
@@ -79,6 +81,62 @@ def test_normalize_digest():
         normalize_digest("abc")
 
 
+@pytest.mark.parametrize("text", ["sha256:0000", "abc", "sha256:" + "AB" * 32, "sha256"])
+def test_a_bad_digest_is_called_a_bad_digest(text):
+    """A short or malformed digest (as given to --blob) is refused as an invalid digest
+    saying the expected form, not as an invalid image reference."""
+    with pytest.raises(InvalidReference) as refused:
+        normalize_digest(text)
+    message = str(refused.value)
+    assert message.startswith(f"invalid digest {text!r}:")
+    assert "64 lowercase hex digits" in message
+    assert "image reference" not in message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "127.0.0.1:99999/x:y",
+        "host.example:0/x",
+        "localhost:65536/x",
+        "[::1]:70000/x",
+        "host.example:" + "9" * 5000 + "/x",
+    ],
+)
+def test_port_outside_range_is_refused(text):
+    """A registry port outside 1..65535 (even one too long for int()) is refused as an
+    InvalidReference naming the port range, not a ValueError from deeper down."""
+    with pytest.raises(InvalidReference, match=r"not in 1\.\.65535"):
+        parse_reference(text)
+
+
+@pytest.mark.parametrize("text", ["localhost:1/x", "localhost:65535/x", "[::1]:5000/x"])
+def test_ports_at_the_edges_are_accepted(text):
+    """Ports 1 and 65535 are valid and keep their host:port form."""
+    assert parse_reference(text).registry == text.removesuffix("/x")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "A" * 5000,
+        "app:" + "t" * 5000,
+        "a/" + "-" * 5000,
+        "host.example:5000/app@sha256:" + "0" * 5000,
+        "-" * 5000 + ".example/app",
+    ],
+)
+def test_a_long_invalid_reference_is_shortened_in_the_message(text):
+    """A 5000-character invalid reference is refused with a message that repeats only
+    its first 100 characters (and says how long it was), whichever part is wrong."""
+    with pytest.raises(InvalidReference) as refused:
+        parse_reference(text)
+    message = str(refused.value)
+    assert len(message) < 400, message
+    assert repr(text[:100]) in message
+    assert f"({len(text)} characters)" in message
+
+
 _component = st.from_regex(r"[a-z0-9]{1,5}(?:(?:[._]|__|-{1,2})[a-z0-9]{1,5}){0,2}", fullmatch=True)
 _host = st.one_of(
     st.just("localhost"),
@@ -121,11 +179,15 @@ def test_generated_references_round_trip(host, path, tag, digest):
 @example("a:b:c")
 @example("@")
 @example("a@b@c")
+@example("127.0.0.1:99999/x:y")
+@example("h.io:0/x")
 def test_any_text_parses_or_is_refused_with_invalid_reference(text):
-    """No input makes the parser fail with anything but InvalidReference."""
+    """No input makes the parser fail with anything but InvalidReference, and a
+    registry it accepts is a host:port that URL parsing (hence requests) accepts too."""
     try:
         ref = parse_reference(text)
     except InvalidReference as exc:
         assert str(exc).startswith("invalid image reference")
     else:
         assert parse_reference(str(ref)) == ref
+        assert urlsplit(f"http://{ref.registry}/").port != 0
