@@ -136,8 +136,8 @@ def _cached(
 ) -> ResolvedImage:
     record = store.get_ref(reference, platform)
     if record is None:
-        why = f"{cause}, and" if cause else "offline:"
-        raise ImageNotCached(
-            f"{why} {reference} ({platform}) was never resolved with the cache at {store.path}"
-        )
+        never = f"{reference} ({platform}) was never resolved with the cache at {store.path}"
+        if cause is not None:
+            raise RegistryUnreachable(f"{cause}, and {never}") from cause
+        raise ImageNotCached(f"offline: {never}")
     return ResolvedImage.from_record(record)

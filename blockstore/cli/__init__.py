@@ -2,7 +2,9 @@
 
 Each command module exposes ``register(subparsers)``, which adds its
 subcommands and sets ``func`` on them; ``func(args) -> int`` is the exit
-code. Every ``BlockstoreError`` becomes one line on stderr and its own
+code. Only the module of the command being run is imported (``--help``
+imports them all), so a command starts without loading every library the
+others use. Every ``BlockstoreError`` becomes one line on stderr and its own
 exit code, so scripts can tell causes apart.
 """
 
@@ -16,17 +18,21 @@ import sys
 from blockstore.cli.common import setup_logging
 from blockstore.errors import BlockstoreError
 
-COMMAND_MODULES = (
-    "blockstore.cli.registry_cmds",
-    "blockstore.cli.cache_cmds",
-    "blockstore.cli.serve_cmds",
-    "blockstore.cli.mount_cmds",
-    "blockstore.cli.image_cmds",
-    "blockstore.cli.demo_cmds",
-)
+COMMANDS = {
+    "inspect": "registry_cmds",
+    "push": "registry_cmds",
+    "cache": "cache_cmds",
+    "prefetch": "image_cmds",
+    "serve": "serve_cmds",
+    "mount": "mount_cmds",
+    "umount": "mount_cmds",
+    "mounts": "mount_cmds",
+    "demo": "demo_cmds",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser, with only the module of the command named in ``argv`` loaded."""
     parser = argparse.ArgumentParser(
         prog="blockstore",
         description="Mount filesystem images stored in OCI registries, lazily, "
@@ -35,16 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="say more")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="say less")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module_name in COMMAND_MODULES:
-        importlib.import_module(module_name).register(subparsers)
+    named = [word for word in argv or () if not word.startswith("-")][:1]
+    modules = {COMMANDS[word] for word in named if word in COMMANDS} or set(COMMANDS.values())
+    for module_name in sorted(modules, key=list(COMMANDS.values()).index):
+        importlib.import_module(f"blockstore.cli.{module_name}").register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose - args.quiet)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        args = build_parser(argv).parse_args(argv)
+        setup_logging(args.verbose - args.quiet)
         return int(args.func(args) or 0)
     except BlockstoreError as exc:
         print(f"blockstore: {exc}", file=sys.stderr)
@@ -54,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 141
+    except OSError as exc:
+        # A file the user named that cannot be read or written, a port in use:
+        # the system's own words say it best, in one line.
+        print(f"blockstore: {exc}", file=sys.stderr)
+        return 1
     finally:
         logging.shutdown()
 

@@ -14,7 +14,7 @@ import time
 
 from blockstore.cache import ChunkStore
 from blockstore.cli.common import add_cache_options, cache_dir_from
-from blockstore.errors import CacheError, IntegrityError
+from blockstore.errors import IntegrityError, NotFound
 
 DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-fA-F0-9]{32,}$")
 
@@ -146,7 +146,7 @@ def resolve_targets(store: ChunkStore, targets: list[str]) -> tuple[dict[str, in
         canonical = str(parse_reference(target))
         found = [r for r in records if r.get("reference") == canonical]
         if not found:
-            raise CacheError(f"no image {canonical} in the cache")
+            raise NotFound(f"no image {canonical} in the cache")
         matched_refs.extend(found)
         for record in found:
             for layer in record.get("layers", []):

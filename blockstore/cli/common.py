@@ -6,8 +6,12 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from blockstore.registry.options import RegistryOptions
+from blockstore.cache.layout import CHUNK_SIZE
+
+if TYPE_CHECKING:
+    from blockstore.registry.options import RegistryOptions
 
 
 def default_cache_dir() -> Path:
@@ -30,7 +34,7 @@ def add_cache_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--cache-size",
-        type=parse_size,
+        type=parse_cache_size,
         default=None,
         help="size cap of the cache, e.g. 20G or 500M (default: kept from the cache, else 10G)",
     )
@@ -38,6 +42,10 @@ def add_cache_options(parser: argparse.ArgumentParser) -> None:
 
 def cache_dir_from(args: argparse.Namespace) -> Path:
     return args.cache_dir if args.cache_dir is not None else default_cache_dir()
+
+
+MAX_SIZE = 1 << 60
+"""An exabyte: more than any disk, and still fits the cache's 64-bit fields."""
 
 
 def parse_size(text: str) -> int:
@@ -52,7 +60,30 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 10G, 512M)") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"a size cannot be negative: {text!r}")
-    return int(value * units[unit])
+    size = int(value * units[unit])
+    if size > MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"size {text!r} is too large (at most 1E)")
+    return size
+
+
+def parse_cache_size(text: str) -> int:
+    """A cache cap: a size that holds at least one chunk, or nothing could be cached."""
+    size = parse_size(text)
+    if size < CHUNK_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"a cache of {text} cannot hold one {CHUNK_SIZE // 1024} KiB chunk; "
+            "give at least 32K (and a few G to keep whole images)"
+        )
+    return size
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or a bare ``PORT`` (on 127.0.0.1)."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]") if sep else "127.0.0.1"
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r} (try 127.0.0.1:10809)")
+    return host, int(port)
 
 
 def add_image_options(parser: argparse.ArgumentParser, verb: str, *, offline: bool = True) -> None:
@@ -103,6 +134,10 @@ def add_registry_options(parser: argparse.ArgumentParser) -> None:
 
 def registry_options_from_args(args: argparse.Namespace) -> RegistryOptions:
     """The ``RegistryOptions`` of the shared registry command-line options."""
+    # Imported here: the registry package loads requests, which commands that
+    # never talk to a registry (mounts, umount, cache) should not pay for.
+    from blockstore.registry.options import RegistryOptions
+
     return RegistryOptions(
         insecure=args.insecure,
         ca_file=args.ca_file,

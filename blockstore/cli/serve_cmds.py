@@ -22,6 +22,7 @@ from blockstore.cli.common import (
     add_image_options,
     add_registry_options,
     cache_dir_from,
+    parse_listen,
     registry_options_from_args,
 )
 from blockstore.errors import BlockstoreError
@@ -60,15 +61,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
     )
     serve.set_defaults(func=run_serve)
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``[V6]:PORT`` or a bare ``PORT`` (on 127.0.0.1)."""
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]") if sep else "127.0.0.1"
-    if not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r} (try 127.0.0.1:10809)")
-    return host, int(port)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -111,7 +111,7 @@ def test_stats_ls_pin_rm_gc_by_digest_and_reference(cache_dir):
         assert [r["reference"] for r in store.refs()] == ["127.0.0.1:5000/demo/two:latest"]
 
     result = run_cli("cache", "pin", "127.0.0.1:5000/demo/nothing:1", "--cache-dir", str(cache_dir))
-    assert result.returncode == 8 and "no image" in result.stderr
+    assert result.returncode == 3 and "no image" in result.stderr
     result = run_cli("cache", "pin", "NOT A REFERENCE", "--cache-dir", str(cache_dir))
     assert result.returncode == 2, result.stderr
 

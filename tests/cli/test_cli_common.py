@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blockstore.cli.common import default_cache_dir, parse_size
+from blockstore.cli.common import MAX_SIZE, default_cache_dir, parse_cache_size, parse_size
 
 
 @pytest.mark.parametrize(
@@ -29,9 +29,21 @@ def test_bad_sizes_are_refused_with_the_text(text: str):
 
 
 @given(st.integers(min_value=0, max_value=1 << 50), st.sampled_from(["", "K", "M", "G", "T"]))
-def test_sizes_round_trip(number: int, unit: str):
+def test_sizes_round_trip_or_refuse_beyond_the_maximum(number: int, unit: str):
     scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[unit]
-    assert parse_size(f"{number}{unit}") == number * scale
+    if number * scale <= MAX_SIZE:
+        assert parse_size(f"{number}{unit}") == number * scale
+    else:
+        with pytest.raises(argparse.ArgumentTypeError, match="too large"):
+            parse_size(f"{number}{unit}")
+
+
+@pytest.mark.parametrize("text", ["0", "1K", "32767"])
+def test_a_cache_cap_must_hold_a_chunk(text: str):
+    """A cap under one 32 KiB chunk would silently cache nothing: refused, saying why."""
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot hold one 32 KiB chunk"):
+        parse_cache_size(text)
+    assert parse_cache_size("32K") == 32768
 
 
 def test_cache_dir_precedence(monkeypatch, tmp_path: Path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from rig.pushed import push_erofs
 
-from blockstore.errors import ImageNotCached, NotCached
+from blockstore.errors import ImageNotCached, NotCached, RegistryUnreachable
 from blockstore.image import open_image
 from blockstore.registry import RegistryOptions
 
@@ -108,14 +108,14 @@ def test_registry_down_falls_back_to_cached_resolution(
 
 def test_nothing_cached_and_registry_down_says_so(fresh_registry, tmp_path: Path):
     """No registry and no cached resolution: one clear error naming the reference
-    and the cache, with its own exit code."""
+    and the cache; unreachable (exit 5) online, not cached (exit 9) offline."""
     reference = f"{fresh_registry.host}/never/seen:v1"
     fresh_registry.stop()
-    with pytest.raises(ImageNotCached) as caught:
+    with pytest.raises(RegistryUnreachable) as caught:
         open_image(reference, cache_dir=tmp_path / "cache", options=OPTIONS)
     message = str(caught.value)
     assert "never/seen:v1" in message and "never resolved" in message
-    assert caught.value.exit_code == ImageNotCached.exit_code
+    assert caught.value.exit_code == 5
 
     with pytest.raises(ImageNotCached, match="offline"):
         open_image(reference, cache_dir=tmp_path / "cache", offline=True)

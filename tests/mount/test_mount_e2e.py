@@ -23,7 +23,7 @@ from mount_trees import assert_same_tree
 from rig.processes import free_port
 from rig.pushed import push_erofs
 
-from blockstore.errors import ImageNotCached, MountpointBusy, RegistryError
+from blockstore.errors import ImageNotCached, MountpointBusy, RegistryError, RegistryUnreachable
 from nbdfront import attach, mount_state, mount_syscall
 
 pytestmark = pytest.mark.slow
@@ -257,7 +257,7 @@ def test_errors_a_user_can_act_on(dirs, pushed_images):
         f"127.0.0.1:{dead_port}/nothing/here:latest",
         str(mnt),
     )
-    assert unreachable.returncode == ImageNotCached.exit_code, unreachable.stderr
+    assert unreachable.returncode == RegistryUnreachable.exit_code, unreachable.stderr
     one_line(unreachable.stderr)
     assert_nothing_left(mnt, run)
     assert not os.listdir(mnt)
