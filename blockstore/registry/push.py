@@ -27,6 +27,11 @@ from blockstore.registry.mediatypes import (
 )
 from blockstore.registry.platforms import Platform
 
+# An EROFS image starts with 1024 bytes of boot area, then the superblock,
+# whose first field is this magic (little-endian u32), as the kernel checks it.
+EROFS_MAGIC = 0xE0F5E1E2
+EROFS_SUPERBLOCK_OFFSET = 1024
+
 
 def push_image(
     client: RegistryClient,
@@ -49,8 +54,11 @@ def push_image(
     if not layer_paths:
         raise UsageError("an image needs at least one layer")
     target = Platform.parse(platform)
+    paths = [Path(p) for p in layer_paths]
+    for path in paths:
+        check_layer_file(path, media_type)
     layers = []
-    for path in map(Path, layer_paths):
+    for path in paths:
         digest, size = file_digest(path)
         client.upload_blob(repository, digest, path)
         layers.append({"mediaType": media_type, "digest": digest, "size": size})
@@ -94,6 +102,25 @@ def push_image(
     index = _canonical({"schemaVersion": 2, "mediaType": index_type, "manifests": [*others, entry]})
     client.put_manifest(repository, tag, index, index_type)
     return manifest_digest
+
+
+def check_layer_file(path: Path, media_type: str) -> None:
+    """Refuse, before anything is uploaded, a layer that cannot be read or that claims
+    the EROFS media type without being an EROFS image (it would only fail at mount)."""
+    try:
+        with path.open("rb") as file:
+            file.seek(EROFS_SUPERBLOCK_OFFSET)
+            magic = file.read(4)
+    except OSError as exc:
+        raise UsageError(f"cannot push {path}: {exc.strerror or exc}") from None
+    if media_type != EROFS_MEDIA_TYPE:
+        return
+    if len(magic) < 4 or int.from_bytes(magic, "little") != EROFS_MAGIC:
+        raise UsageError(
+            f"cannot push {path}: it is not an EROFS image (no EROFS superblock at byte "
+            f"{EROFS_SUPERBLOCK_OFFSET}); to push other content, give its layer media type "
+            "with --media-type"
+        )
 
 
 def file_digest(path: Path) -> tuple[str, int]:

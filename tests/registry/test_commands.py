@@ -89,3 +89,44 @@ def test_inspect_of_a_port_out_of_range_is_one_usage_line():
     assert shown.returncode == 2, shown.stderr
     assert shown.stderr.count("\n") == 1 and "Traceback" not in shown.stderr
     assert "not in 1..65535" in shown.stderr
+
+
+@pytest.mark.parametrize("what", ["missing", "directory"])
+def test_push_of_a_missing_file_or_a_directory_is_one_usage_line(tmp_path, what):
+    """push of a path that does not exist, or of a directory, exits 2 with one line
+    naming the path, not a FileNotFoundError/IsADirectoryError traceback. No registry
+    listens at the target: the refusal comes before any connection."""
+    path = tmp_path / "no-such-file" if what == "missing" else tmp_path
+    pushed = blockstore("push", str(path), "127.0.0.1:9/cli/refused:v1", "--insecure")
+    assert pushed.returncode == 2, pushed.stderr
+    assert pushed.stderr.count("\n") == 1 and "Traceback" not in pushed.stderr
+    assert f"cannot push {path}:" in pushed.stderr
+
+
+@pytest.mark.parametrize("content", [b"", b"\0" * 1024 + b"\xe2\xe1\xf5", bytes(range(256)) * 16])
+def test_push_refuses_a_file_that_is_not_erofs(tmp_path, content):
+    """push of an empty file, a file cut inside the magic, or random bytes as the
+    (default) EROFS layer type exits 2, saying it is not an EROFS image and that
+    --media-type pushes other content."""
+    path = tmp_path / "layer.bin"
+    path.write_bytes(content)
+    pushed = blockstore("push", str(path), "127.0.0.1:9/cli/refused:v1", "--insecure")
+    assert pushed.returncode == 2, pushed.stderr
+    assert "Traceback" not in pushed.stderr
+    assert f"cannot push {path}: it is not an EROFS image" in pushed.stderr
+    assert "--media-type" in pushed.stderr
+
+
+def test_push_with_another_media_type_takes_any_bytes(registry, tmp_path):
+    """With --media-type other than EROFS's, a non-EROFS file is pushed as given, and
+    inspect shows the layer with that media type."""
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(range(256)) * 16)
+    image = f"{registry.host}/cli/octets:v1"
+    media_type = "application/octet-stream"
+    pushed = blockstore("push", str(path), image, "--insecure", "--media-type", media_type)
+    assert pushed.returncode == 0, pushed.stderr
+    inspected = blockstore("inspect", image, "--insecure", "--json")
+    assert inspected.returncode == 0, inspected.stderr
+    (layer,) = json.loads(inspected.stdout)["layers"]
+    assert (layer["size"], layer["mediaType"]) == (4096, media_type)

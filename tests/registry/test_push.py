@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
+from blockstore.errors import UsageError
 from blockstore.registry import push_image, resolve_image
 
 
@@ -47,3 +52,17 @@ def test_same_files_give_the_same_digests(fresh_registry, erofs_images):
         again = push_image(client, "push/a", "v2", paths)
         elsewhere = push_image(client, "push/b", "v1", paths)
     assert first == again == elsewhere
+
+
+def test_a_non_erofs_layer_is_refused_before_any_upload(fresh_registry, erofs_images, tmp_path):
+    """push_image of an EROFS image and a file of random bytes, both as the EROFS media
+    type: UsageError naming the bad file, and not even the good layer is uploaded."""
+    bad = tmp_path / "random.bin"
+    bad.write_bytes(os.urandom(4096))
+    small = erofs_images.small
+    with fresh_registry.client() as client:
+        with pytest.raises(UsageError, match=f"{bad}: it is not an EROFS image"):
+            push_image(client, "push/refused", "v1", [small.path, bad])
+        assert not client.blob_exists("push/refused", small.digest)
+        with pytest.raises(UsageError, match=f"cannot push {tmp_path}: "):
+            push_image(client, "push/refused", "v1", [tmp_path])
