@@ -12,21 +12,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from blockstore.cache import ChunkStore
-from blockstore.cli.common import add_cache_options, add_registry_options, cache_dir_from
+from blockstore.cli.common import (
+    add_cache_options,
+    add_image_options,
+    add_registry_options,
+    cache_dir_from,
+)
 from blockstore.cli.serve_cmds import parse_listen
 from blockstore.errors import UsageError
-from blockstore.registry.reference import parse_reference
 from nbdfront import mounts
 from nbdfront.attach import KERNEL, NBDFUSE
 from nbdfront.mount_state import MountRecord
-
-_DIGEST = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 
 
 @dataclass
@@ -47,6 +48,9 @@ def parse_mount_options(texts: list[str]) -> OciOptions:
     ``ro`` is accepted and changes nothing (every mount is read-only); ``rw``
     and anything unknown are refused, so a typo never passes silently.
     """
+    from blockstore.registry import normalize_digest
+    from blockstore.registry.platforms import Platform
+
     parsed = OciOptions()
     for text in texts:
         for item in text.split(","):
@@ -58,13 +62,9 @@ def parse_mount_options(texts: list[str]) -> OciOptions:
                     raise UsageError(f"-o {key}= wants a layer number, not {value!r}")
                 parsed.layer = int(value)
             elif key == "oci.blob":
-                if not _DIGEST.fullmatch(value):
-                    raise UsageError(f"-o oci.blob= wants a digest like sha256:..., not {value!r}")
-                parsed.blob = value
+                parsed.blob = normalize_digest(value)
             elif key == "oci.platform":
-                if value.count("/") not in (1, 2) or "" in value.split("/"):
-                    raise UsageError(f"-o oci.platform= wants os/arch[/variant], not {value!r}")
-                parsed.platform = value
+                parsed.platform = str(Platform.parse(value))
             elif key in ("oci.username", "oci.password"):
                 if not value:
                     raise UsageError(f"-o {key}= needs a value")
@@ -98,7 +98,9 @@ def merge_options(args: argparse.Namespace, oci: OciOptions) -> None:
         if said is None:
             continue
         flag = getattr(args, f.name)
-        if flag in (None, False):
+        # Not given is None, or False for --insecure; `in (None, False)` would take --layer 0
+        # (0 == False) for not given, and let -o replace it.
+        if flag is None or flag is False:
             setattr(args, f.name, said)
         elif flag != said:
             raise UsageError(f"--{f.name} and -o oci.{f.name} disagree")
@@ -140,6 +142,8 @@ def _layers_in_cache(
 
     Only to show cache state in ``mounts``; a cache that cannot say yields nothing.
     """
+    from blockstore.registry import parse_reference
+
     try:
         canonical = str(parse_reference(image))
         with ChunkStore(cache_dir) as store:
@@ -170,7 +174,25 @@ def cached_fractions(record: MountRecord) -> list[float | None]:
     return [present.get(layer["digest"], 0.0) for layer in layers]
 
 
+def check_image_arguments(args: argparse.Namespace) -> None:
+    """Check the reference, platform and digest as the server would, and normalise them.
+
+    Here, a mistake is the parser's own one-line usage error (exit 2) before
+    anything is spawned, instead of a server that fails in the background.
+    """
+    # The registry package loads requests; imported here, so `mounts` and `umount` need not.
+    from blockstore.registry import normalize_digest, parse_reference
+    from blockstore.registry.platforms import Platform
+
+    parse_reference(args.image)
+    if args.platform is not None:
+        args.platform = str(Platform.parse(args.platform))
+    if args.blob is not None:
+        args.blob = normalize_digest(args.blob)
+
+
 def run_mount(args: argparse.Namespace) -> int:
+    check_image_arguments(args)
     merge_options(args, parse_mount_options(args.options))
     argv, env = serve_command(args)
     cache_dir = cache_dir_from(args).resolve()
@@ -262,16 +284,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(last layer on top); --layer or --blob mounts one layer alone. Returns once the mount "
         "is ready, leaving its server running in the background.",
     )
-    mount.add_argument("image", help="image reference, e.g. 127.0.0.1:5000/demo/img:latest")
+    add_image_options(mount, "mount")
     mount.add_argument("mountpoint", help="an existing directory")
-    which = mount.add_mutually_exclusive_group()
-    which.add_argument("--layer", type=int, default=None, metavar="N", help="mount layer N alone")
-    which.add_argument("--blob", default=None, metavar="DIGEST", help="mount this layer alone")
     add_registry_options(mount)
     add_cache_options(mount)
-    mount.add_argument(
-        "--offline", action="store_true", help="never use the network: serve from the cache only"
-    )
     mount.add_argument(
         "--metrics",
         metavar="HOST:PORT",

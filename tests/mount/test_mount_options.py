@@ -9,7 +9,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blockstore.cli import build_parser
-from blockstore.cli.mount_cmds import OciOptions, merge_options, parse_mount_options
+from blockstore.cli.mount_cmds import (
+    OciOptions,
+    check_image_arguments,
+    merge_options,
+    parse_mount_options,
+)
 from blockstore.errors import UsageError
 
 
@@ -103,3 +108,65 @@ def test_any_layer_number_and_user_name_round_trip(layer, user):
     """Whatever layer number and user name (without ``,`` or ``=``) are given come back as given."""
     parsed = parse_mount_options([f"oci.layer={layer},oci.username={user}"])
     assert (parsed.layer, parsed.username) == (layer, user)
+
+
+def test_layer_zero_flag_is_not_replaced_by_another_layer_in_options():
+    """``--layer 0 -o oci.layer=1`` names two different layers: refused, never layer 1
+    silently (0 is a value given, not a flag left unset)."""
+    args = _mount_args("--layer", "0", "-o", "oci.layer=1")
+    with pytest.raises(UsageError, match="disagree"):
+        merge_options(args, parse_mount_options(args.options))
+
+    agree = _mount_args("--layer", "0", "-o", "oci=0")
+    merge_options(agree, parse_mount_options(agree.options))
+    assert agree.layer == 0
+
+
+def test_mount_declares_the_image_options_serve_and_prefetch_declare():
+    """IMAGE, --layer/--blob and --offline of ``mount`` are the shared ones (same help as
+    ``serve``'s, verb aside), and the mount point still follows IMAGE."""
+
+    def actions(command: str) -> dict[str, str]:
+        parser = build_parser([command])
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return {
+            a.dest: (a.help or "").replace(command, "VERB")
+            for a in sub.choices[command]._actions
+            if a.dest in ("image", "layer", "blob", "offline")
+        }
+
+    assert actions("mount") == actions("serve")
+    args = build_parser(["mount"]).parse_args(["mount", "reg:5000/a:v1", "/mnt", "--layer", "-1"])
+    assert (args.image, args.mountpoint, args.layer) == ("reg:5000/a:v1", "/mnt", -1)
+
+
+def test_digests_are_compared_normalised():
+    """A bare 64-hex digest is sha256:<hex>, so ``--blob HEX -o oci.blob=sha256:HEX`` agree."""
+    hex_digest = "ab" * 32
+    assert parse_mount_options([f"oci.blob={hex_digest}"]).blob == f"sha256:{hex_digest}"
+    args = _mount_args("--blob", hex_digest, "-o", f"oci.blob=sha256:{hex_digest}")
+    check_image_arguments(args)
+    merge_options(args, parse_mount_options(args.options))
+    assert args.blob == f"sha256:{hex_digest}"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--platform", "amd64"],
+        ["--platform", "linux/"],
+        ["--blob", "sha256:short"],
+        ["--blob", "notadigest"],
+    ],
+)
+def test_bad_platform_and_digest_flags_are_usage_errors(argv):
+    """Platform and digest flags are checked by the parsers the server uses: UsageError."""
+    with pytest.raises(UsageError):
+        check_image_arguments(_mount_args(*argv))
+
+
+def test_bad_reference_is_a_usage_error():
+    """An image reference docker would refuse is a UsageError before anything starts."""
+    args = build_parser(["mount"]).parse_args(["mount", "Bad Ref:x", "/mnt"])
+    with pytest.raises(UsageError, match="invalid image reference"):
+        check_image_arguments(args)
