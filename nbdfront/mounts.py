@@ -33,6 +33,8 @@ def check_can_mount(mountpoint: str) -> str:
     """The attach method to use, after the checks a user can act on; raises otherwise."""
     if os.geteuid() != 0:
         raise NotPermitted("mounting needs root: run it with sudo")
+    if not os.path.exists(mountpoint):
+        raise MountError(f"mountpoint {mountpoint} does not exist")
     if not os.path.isdir(mountpoint):
         raise MountError(f"mountpoint {mountpoint} is not a directory")
     if mount_syscall.is_mounted(mountpoint):

@@ -170,10 +170,14 @@ def test_server_failing_before_ready_passes_on_its_error(mount_dirs, mountpoint)
     assert not mount_state.state_dir_for(str(mountpoint)).exists()
 
 
-def test_mountpoint_must_be_a_directory(mount_dirs, local_server):
-    """A missing mount point is a one-line mount error, before any server starts."""
-    with pytest.raises(MountError, match="not a directory"):
+def test_mountpoint_must_be_an_existing_directory(mount_dirs, local_server):
+    """A missing mount point is reported as missing, a file as not a directory: each a
+    one-line mount error before any server starts."""
+    with pytest.raises(MountError, match="missing does not exist"):
         mounts.mount(local_server({}), str(mount_dirs[0] / "missing"), image="x")
+    (mount_dirs[0] / "file").write_text("")
+    with pytest.raises(MountError, match="file is not a directory"):
+        mounts.mount(local_server({}), str(mount_dirs[0] / "file"), image="x")
 
 
 def test_not_root_and_no_fuse_have_their_own_exit_codes(mount_dirs, mountpoint):
