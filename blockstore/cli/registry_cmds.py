@@ -48,7 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     ref = parse_reference(args.image)
     with RegistryClient(ref.registry, registry_options_from_args(args)) as client:
-        image = resolve_image(client, ref, args.platform)
+        # A platform the user names holds for a single-platform image too.
+        image = resolve_image(
+            client, ref, args.platform, require_platform=args.platform is not None
+        )
     print(json.dumps(inspect_record(image), indent=2) if args.json else describe(image))
     return 0
 
@@ -69,7 +72,9 @@ def describe(image: ResolvedImage) -> str:
     lines = [f"image      {image.reference}", f"digest     {image.manifest_digest}"]
     if image.index_digest:
         lines.append(f"index      {image.index_digest}")
+    if image.platform:
         lines.append(f"platform   {image.platform}")
+    if image.index_digest:
         lines.append(f"platforms  {', '.join(image.platforms)}")
     lines.append(f"layers     {len(image.layers)}")
     for layer in image.layers:

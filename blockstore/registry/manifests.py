@@ -49,7 +49,8 @@ class ResolvedImage:
     manifest_digest: str
     """Digest of the platform's manifest (the one listing the layers)."""
     platform: str | None
-    """The platform chosen from an index; None for a plain manifest."""
+    """The platform chosen from an index, or named by a plain manifest's config
+    when it was fetched (a platform was required); else None."""
     platforms: list[str]
     """Every platform of the index; [] for a plain manifest."""
     layers: list[Layer]
@@ -103,22 +104,37 @@ class ResolvedImage:
 
 
 def resolve_image(
-    client: RegistryClient, ref: Reference | str, platform: str | None = None
+    client: RegistryClient,
+    ref: Reference | str,
+    platform: str | None = None,
+    *,
+    require_platform: bool = False,
 ) -> ResolvedImage:
     """Fetch and check the manifest (through the index for ``platform``) of ``ref``.
 
-    ``platform`` defaults to this host's. Raises ``NotFound`` listing the
-    index's platforms when none matches, ``IntegrityError`` for a manifest
-    whose bytes do not match its digest.
+    ``platform`` defaults to this host's and is checked before any request.
+    An index is always matched against it. A plain manifest names no
+    platform, so it is taken as it is unless ``require_platform`` (the user
+    asked for a platform): then its config is fetched, and an image of
+    another platform is refused. Raises ``NotFound`` naming the platforms
+    the image has when none matches, ``IntegrityError`` for a manifest or
+    config whose bytes do not match its digest.
     """
     if isinstance(ref, str):
         ref = parse_reference(ref)
+    wanted = Platform.parse(platform) if platform else host_platform()
     raw, digest = fetch_manifest(client, ref.repository, ref.manifest_ref)
     manifests = {digest: raw}
     document, media_type = _decode(raw, ref, digest)
     if media_type not in INDEX_TYPES:
-        return ResolvedImage(str(ref), digest, None, [], _layers(document, ref), manifests)
-    wanted = Platform.parse(platform) if platform else host_platform()
+        layers = _layers(document, ref)
+        if not require_platform:
+            # Fetching the config would cost a round trip on every default open.
+            return ResolvedImage(str(ref), digest, None, [], layers, manifests)
+        offered = config_platform(client, ref.repository, document, f"image {ref}")
+        if not wanted.accepts(offered):
+            raise NotFound(f"image {ref} is {offered} only; asked for {wanted}")
+        return ResolvedImage(str(ref), digest, str(offered), [], layers, manifests)
     # Entries without a platform, and buildx's attestations ("unknown/unknown"),
     # are not images to run.
     entries = [
@@ -158,6 +174,27 @@ def fetch_manifest(client: RegistryClient, repository: str, reference: str) -> t
             f"not {expected}: refused"
         )
     return reply.raw, computed
+
+
+def config_platform(
+    client: RegistryClient, repository: str, manifest: dict, subject: str
+) -> Platform:
+    """The platform a plain manifest's config names, the config's bytes checked first."""
+    try:
+        config_digest = normalize_digest(manifest["config"]["digest"])
+    except (KeyError, TypeError, AttributeError, InvalidReference):
+        raise RegistryError(f"{subject}: the manifest has no valid config digest") from None
+    config = client.get_blob(repository, config_digest)
+    if digest_of(config, config_digest.partition(":")[0]) != config_digest:
+        raise IntegrityError(f"{subject}: config {config_digest} has other bytes, refused")
+    try:
+        document = json.loads(config)
+    except ValueError:
+        raise RegistryError(f"{subject}: config {config_digest} is not JSON") from None
+    offered = Platform.from_descriptor(document if isinstance(document, dict) else {})
+    if not (offered.os and offered.architecture):
+        raise RegistryError(f"{subject}: config {config_digest} names no os and architecture")
+    return offered
 
 
 def digest_of(data: bytes, algorithm: str = "sha256") -> str:

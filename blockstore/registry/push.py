@@ -12,9 +12,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from blockstore.errors import IntegrityError, NotFound, UsageError
+from blockstore.errors import NotFound, UsageError
 from blockstore.registry.client import RegistryClient
-from blockstore.registry.manifests import digest_of, fetch_manifest
+from blockstore.registry.manifests import config_platform, digest_of, fetch_manifest
 from blockstore.registry.mediatypes import (
     DOCKER_CONFIG,
     DOCKER_LIST,
@@ -139,11 +139,8 @@ def _index_entries(client: RegistryClient, repository: str, tag: str) -> list[di
     document = json.loads(raw)
     if document.get("mediaType") in INDEX_TYPES or "manifests" in document:
         return list(document.get("manifests", []))
-    config_digest = document["config"]["digest"]
-    config = client.get_blob(repository, config_digest)
-    if digest_of(config) != config_digest:
-        raise IntegrityError(f"config {config_digest} of {repository}:{tag} has other bytes")
-    platform = _platform_fields(Platform.from_descriptor(json.loads(config)))
+    offered = config_platform(client, repository, document, f"image {repository}:{tag}")
+    platform = _platform_fields(offered)
     return [
         {
             "mediaType": document.get("mediaType", OCI_MANIFEST),

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
+from blockstore.errors import UsageError
 from blockstore.registry import EROFS_MEDIA_TYPE
+from blockstore.registry.platforms import Platform
 
 
 def blockstore(*args: str) -> subprocess.CompletedProcess:
@@ -130,3 +132,22 @@ def test_push_with_another_media_type_takes_any_bytes(registry, tmp_path):
     assert inspected.returncode == 0, inspected.stderr
     (layer,) = json.loads(inspected.stdout)["layers"]
     assert (layer["size"], layer["mediaType"]) == (4096, media_type)
+
+
+def test_inspect_platform_holds_for_a_single_platform_image(registry, pushed_images):
+    """inspect --platform of a plain linux/amd64 image: linux/arm64 exits 3 naming the
+    image's platform; linux/amd64 exits 0 and shows it; a malformed platform exits 2
+    with the one line every command gives for it."""
+    other = blockstore("inspect", pushed_images.small, "--insecure", "--platform", "linux/arm64")
+    assert other.returncode == 3, other.stderr
+    assert f"image {pushed_images.small} is linux/amd64 only; asked for linux/arm64" in (
+        other.stderr
+    )
+    same = blockstore("inspect", pushed_images.small, "--insecure", "--platform", "linux/amd64")
+    assert same.returncode == 0, same.stderr
+    assert "platform   linux/amd64" in same.stdout
+    bogus = blockstore("inspect", pushed_images.small, "--insecure", "--platform", "bogus")
+    assert bogus.returncode == 2, bogus.stderr
+    with pytest.raises(UsageError) as expected:
+        Platform.parse("bogus")
+    assert bogus.stderr == f"blockstore: {expected.value}\n"

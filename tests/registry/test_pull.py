@@ -7,11 +7,14 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rig.fault_proxy import Fault
 
-from blockstore.errors import NotFound
+from blockstore.errors import IntegrityError, NotFound, UsageError
 from blockstore.registry import (
     EROFS_MEDIA_TYPE,
     RegistryBlob,
+    RegistryClient,
+    RegistryOptions,
     ResolvedImage,
     parse_reference,
     resolve_image,
@@ -118,3 +121,57 @@ def test_any_range_reads_the_files_bytes(small_blob, erofs_images, offset, lengt
         file.seek(offset)
         expected = file.read(length)
     assert small_blob.read_range(offset, length) == expected
+
+
+def test_a_required_platform_holds_for_a_plain_manifest(registry, pushed_images, fault_proxy):
+    """A plain linux/amd64 manifest asked for with require_platform: linux/arm64 is
+    refused with NotFound naming the image's platform; linux/amd64 (and its alias
+    x86_64) resolves, and the result carries the platform its config names."""
+    proxy = fault_proxy(registry)
+    ref = pushed_images.small.replace(registry.host, proxy.host)
+    with RegistryClient(proxy.host, RegistryOptions(insecure=True)) as client:
+        with pytest.raises(NotFound, match=r"is linux/amd64 only; asked for linux/arm64$"):
+            resolve_image(client, ref, "linux/arm64", require_platform=True)
+        for asked in ("linux/amd64", "linux/x86_64"):
+            image = resolve_image(client, ref, asked, require_platform=True)
+            assert (image.platform, image.platforms) == ("linux/amd64", [])
+    assert any("/blobs/" in request.path for request in proxy.requests)
+
+
+def test_an_unrequired_platform_costs_no_config_request(registry, pushed_images, fault_proxy):
+    """Without require_platform (what opening an image with the host's default does), a
+    plain manifest of another platform resolves as before, with no request for its
+    config: the default path stays one manifest request."""
+    proxy = fault_proxy(registry)
+    ref = pushed_images.small.replace(registry.host, proxy.host)
+    with RegistryClient(proxy.host, RegistryOptions(insecure=True)) as client:
+        image = resolve_image(client, ref, "linux/arm64")
+    assert image.platform is None and image.layers
+    assert [r.path for r in proxy.requests if r.method == "GET"] == [
+        f"/v2/{parse_reference(ref).repository}/manifests/v1"
+    ]
+
+
+def test_a_config_with_other_bytes_is_refused(registry, pushed_images, fault_proxy):
+    """A required platform read from a config whose bytes were flipped on the way is an
+    IntegrityError, never a platform taken from unchecked bytes."""
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault("corrupt", path_contains="/blobs/", after_bytes=2)
+    ref = pushed_images.small.replace(registry.host, proxy.host)
+    with (
+        RegistryClient(proxy.host, RegistryOptions(insecure=True)) as client,
+        pytest.raises(IntegrityError, match="config sha256:"),
+    ):
+        resolve_image(client, ref, "linux/amd64", require_platform=True)
+
+
+def test_a_malformed_platform_is_refused_before_any_request(registry, pushed_images, fault_proxy):
+    """platform='bogus' fails with the same UsageError as everywhere a platform is parsed,
+    for a single-platform image too, and before anything is sent."""
+    proxy = fault_proxy(registry)
+    ref = pushed_images.small.replace(registry.host, proxy.host)
+    with RegistryClient(proxy.host, RegistryOptions(insecure=True)) as client:
+        for require in (False, True):
+            with pytest.raises(UsageError, match=r"invalid platform 'bogus': expected os/arch"):
+                resolve_image(client, ref, "bogus", require_platform=require)
+    assert proxy.requests == []
