@@ -172,6 +172,7 @@ class _Session:
         self._export: Export | None = None
         self._batch: list[Buffer] = []
         self._batch_bytes = 0
+        self._reads_since_recv = 0
         self._broken = False
         self.thread = threading.Thread(target=self.run, name=f"nbd-{peer}", daemon=True)
 
@@ -205,14 +206,14 @@ class _Session:
             if out:
                 self._batch += out
             if event is NEED_DATA:
-                self._send_batch()
                 try:
-                    data = self._sock.recv(RECV_SIZE) if not self._broken else b""
+                    data = self._receive()
                 except OSError as exc:
                     log.info("connection from %s ended: %s", self.peer, exc)
                     return
                 protocol.receive_data(data)
             elif type(event) is ReadRequest:
+                self._reads_since_recv += 1
                 self._answer(event)
             elif isinstance(event, CacheRequest):
                 self._hand_off(event, 0, self._cache)
@@ -228,6 +229,24 @@ class _Session:
                 else:
                     log.info("%s disconnected", self.peer)
                 return
+
+    def _receive(self) -> bytes:
+        """The client's next bytes; the batch goes out before this thread waits for them.
+
+        When the client sends requests in bursts, those already waiting in
+        the socket are taken first, so the replies to a burst leave in one
+        send; a client waiting on each reply costs no extra system call.
+        """
+        if self._broken:
+            return b""
+        pipelined, self._reads_since_recv = self._reads_since_recv > 1, 0
+        if pipelined and self._batch:
+            try:
+                return self._sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+        self._send_batch()
+        return self._sock.recv(RECV_SIZE)
 
     def _answer(self, request: ReadRequest) -> None:
         """A hit goes into the batch at once; anything else to a worker."""
