@@ -46,6 +46,10 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
+# The phase of (almost) every step, in a module name: enum lookups are slow on 3.11.
+_TRANSMISSION = Phase.TRANSMISSION
+
+
 class ServerConnection:
     """The server side of one NBD conversation.
 
@@ -118,13 +122,16 @@ class ServerConnection:
 
     def _step(self) -> bool:
         """Consume one message if it is complete; False when more bytes are needed."""
-        if self.phase is Phase.CLOSED:
+        phase = self.phase
+        if phase is _TRANSMISSION and not self._skip:
+            return self._request()
+        if phase is Phase.CLOSED:
             return False
         if self._skip:
             return self._need_more()
-        if self.phase is Phase.CLIENT_FLAGS:
+        if phase is Phase.CLIENT_FLAGS:
             return self._client_flags()
-        if self.phase is Phase.OPTIONS:
+        if phase is Phase.OPTIONS:
             return self._option()
         return self._request()
 

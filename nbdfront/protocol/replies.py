@@ -33,6 +33,9 @@ _OPTION_REPLY = struct.Struct(">QIII")
 _SIMPLE = struct.Struct(">IIQ")
 _CHUNK = struct.Struct(">IHHQI")
 _OFFSET_DATA = struct.Struct(">IHHQIQ")
+# Plain ints for the per-read header: enum lookups cost more than the packing.
+_DONE = int(ReplyFlag.DONE)
+_OFFSET_DATA_TYPE = int(ReplyType.OFFSET_DATA)
 
 
 def greeting() -> bytes:
@@ -104,9 +107,9 @@ def offset_data(
     handle: int, offset: int, data: Sequence[Buffer], length: int, *, done: bool
 ) -> list[Buffer]:
     """One ``OFFSET_DATA`` chunk carrying ``length`` bytes (the sum of ``data``)."""
-    flags = ReplyFlag.DONE if done else 0
+    flags = _DONE if done else 0
     header = _OFFSET_DATA.pack(
-        STRUCTURED_REPLY_MAGIC, flags, ReplyType.OFFSET_DATA, handle, 8 + length, offset
+        STRUCTURED_REPLY_MAGIC, flags, _OFFSET_DATA_TYPE, handle, 8 + length, offset
     )
     return [header, *data]
 
