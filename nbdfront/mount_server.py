@@ -5,7 +5,9 @@ line per export, then ``ready`` once it listens. Its stdout and stderr both
 go to the mount's log file, which is read back here; a server that dies
 before ``ready`` is reported with the last lines it logged and its exit code,
 which the command passes on so the cause (no such layer, registry
-unreachable) keeps its own exit code.
+unreachable) keeps its own exit code. The warnings it logs before ``ready``
+(serving from the cache alone, say) are handed back too: the user who
+mounts must see them, not only the log.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 READY_TIMEOUT = 120.0
 _LAYER_EXPORT = re.compile(r"layer(\d+)")
+# A warning as the server logs it: "DATE TIME LOGGER WARNING message".
+_WARNING = re.compile(r"\S+ \S+ \S+ WARNING (.*)")
 
 
 class ServerFailed(MountError):
@@ -38,6 +42,7 @@ class ServerFailed(MountError):
 class ServerStarted:
     process: ProcessRef
     exports: dict[str, str]  # export name -> NBD URI, in the order announced
+    warnings: list[str]  # what it warned of before it was ready, without the log prefix
 
 
 def parse_announcements(text: str) -> tuple[dict[str, str], bool]:
@@ -52,6 +57,17 @@ def parse_announcements(text: str) -> tuple[dict[str, str], bool]:
             name = words[1].strip('"') if len(words) == 3 else ""
             exports[name] = words[-1]
     return exports, False
+
+
+def warnings_before_ready(text: str) -> list[str]:
+    """The messages of the WARNING lines the server logged before ``ready``."""
+    found = []
+    for line in text.splitlines():
+        if line.strip() == "ready":
+            break
+        if match := _WARNING.fullmatch(line):
+            found.append(match.group(1))
+    return found
 
 
 def start_server(
@@ -74,7 +90,9 @@ def start_server(
         process = ProcessRef.of(proc.pid)
         if process is None:
             raise MountError(f"the server exited right after it was ready (log: {log_path})")
-        return ServerStarted(process, exports)
+        return ServerStarted(
+            process, exports, warnings_before_ready(log_path.read_text(errors="replace"))
+        )
     except BaseException:
         proc.kill()
         proc.wait()

@@ -53,9 +53,11 @@ def mount(
     image: str,
     env: dict[str, str] | None = None,
     describe: Describe | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> MountRecord:
     """Start ``server_argv`` (it gets ``--unix SOCK --pidfile PID`` appended) and mount its exports.
 
+    ``warn`` is given each warning the server logged before it was ready.
     Returns the saved record once ``mountpoint`` shows the image's tree.
     """
     started_at = time.monotonic()
@@ -87,6 +89,9 @@ def mount(
         record.server = server.process
         mount_state.save(record)
         logger.info("server pid %d ready: %s", server.process.pid, server.exports)
+        if warn is not None:
+            for warning in server.warnings:
+                warn(warning)
         stack = layer_exports(server.exports)
         for name, uri in stack:
             record.attachments.append(attach.attach(uri, name, state_dir, log, method))

@@ -204,7 +204,17 @@ def run_mount(args: argparse.Namespace) -> int:
             "layers": _layers_in_cache(cache_dir, args.image, args.platform, exports),
         }
 
-    record = mounts.mount(argv, args.mountpoint, image=args.image, env=env, describe=describe)
+    def warn(message: str) -> None:
+        print(f"blockstore: warning: {message}", file=sys.stderr, flush=True)
+
+    record = mounts.mount(
+        argv,
+        args.mountpoint,
+        image=args.image,
+        env=env,
+        describe=describe,
+        warn=warn if args.quiet <= 0 else None,
+    )
     if args.quiet <= 0:
         print(describe_path(record))
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nbdfront.mount_server import layer_exports, parse_announcements
+from nbdfront.mount_server import layer_exports, parse_announcements, warnings_before_ready
 
 SOCK = "nbd+unix:///{}?socket=%2Frun%2Fs.sock"
 
@@ -45,3 +45,24 @@ def test_layers_stack_by_number_and_the_default_export_is_left_out():
     assert [name for name, _ in layer_exports(exports)] == ["layer2", "layer9", "layer10"]
     assert layer_exports({"": "uri"}) == [("", "uri")]
     assert layer_exports({"disk": "uri"}) == [("disk", "uri")]
+
+
+def test_warnings_before_ready_lose_their_log_prefix():
+    """WARNING lines logged before ``ready`` come back as their bare messages, in order;
+    other levels, export lines and anything after ``ready`` do not."""
+    text = "\n".join(
+        [
+            "2026-01-01 00:00:00,001 blockstore.image INFO resolving",
+            "2026-01-01 00:00:00,002 blockstore.image WARNING registry down; serving x from "
+            "the cache alone",
+            f"export layer0 {SOCK.format('layer0')}",
+            "2026-01-01 00:00:00,003 blockstore.cache WARNING cache nearly full",
+            "2026-01-01 00:00:00,004 blockstore.cache ERROR not a warning",
+            "ready",
+            "2026-01-01 00:00:05,000 blockstore.fetch WARNING later, in the log only",
+        ]
+    )
+    assert warnings_before_ready(text) == [
+        "registry down; serving x from the cache alone",
+        "cache nearly full",
+    ]

@@ -1,0 +1,37 @@
+"""What ``blockstore mount``, ``mounts`` and ``umount`` tell the user, with a real registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_mount_e2e import cache_then_stop_registry, cli, mount, one_line, umount
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def dirs(mount_dirs) -> tuple[Path, Path, Path]:
+    """A mount point, a cache directory, and the run directory."""
+    base, run = mount_dirs
+    for name in ("mnt", "cache"):
+        (base / name).mkdir()
+    return base / "mnt", base / "cache", run
+
+
+def test_serving_from_the_cache_alone_is_said_on_the_terminal(dirs, fresh_registry, erofs_images):
+    """Image cached, registry stopped: the mount succeeds and its stderr carries the server's
+    warning, one line without the log's timestamp and logger; with -q, stderr stays empty."""
+    mnt, cache, _ = dirs
+    ref = cache_then_stop_registry(fresh_registry, erofs_images.small, mnt, cache)
+    done = mount(ref, mnt, cache)
+    line = one_line(done.stderr)
+    assert line.startswith("blockstore: warning: "), line
+    assert line.endswith(f"; serving {ref} from the cache alone"), line
+    assert " WARNING " not in line
+    umount(mnt)
+
+    quiet = cli("-q", "mount", "--insecure", "--cache-dir", str(cache), ref, str(mnt))
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == ""
+    umount(mnt)
