@@ -135,12 +135,11 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     return argv, env
 
 
-def _layers_in_cache(
-    cache_dir: Path, image: str, platform: str | None, exports: list[str]
-) -> list[dict]:
-    """The digest and size of each mounted layer, from the reference the server cached.
+def _image_layers(cache_dir: Path, image: str, platform: str | None) -> list[dict]:
+    """Every layer (index, digest, size) of the image as the server resolved and cached it.
 
-    Only to show cache state in ``mounts``; a cache that cannot say yields nothing.
+    Only to show what is mounted and cached in ``mounts``; a cache that cannot say yields
+    nothing.
     """
     from blockstore.registry import parse_reference
 
@@ -151,14 +150,46 @@ def _layers_in_cache(
     except Exception:
         return []
     refs = [r for r in refs if platform is None or r.get("platform") == platform] or refs
-    if not refs:
-        return []
-    layers = {f"layer{layer['index']}": layer for layer in refs[0].get("layers", [])}
-    return [
-        {"export": name, "digest": layers[name]["digest"], "size": layers[name]["size"]}
-        for name in exports
-        if name in layers
-    ]
+    return refs[0].get("layers", []) if refs else []
+
+
+def describe_layers(image_layers: list[dict], exports: list[str]) -> dict:
+    """The record's account of the layers: those mounted, and how many the image has."""
+    by_export = {f"layer{layer['index']}": layer for layer in image_layers}
+    return {
+        "layers": [
+            {"export": name, **{k: by_export[name][k] for k in ("index", "digest", "size")}}
+            for name in exports
+            if name in by_export
+        ],
+        "image_layers": len(image_layers),
+    }
+
+
+def served_layers(record: MountRecord) -> str:
+    """``3`` for a whole three-layer image; ``layer 1 of 3`` for one layer mounted alone."""
+    mounted = record.info.get("layers") or []
+    total = record.info.get("image_layers")
+    indexes = [layer["index"] for layer in mounted if "index" in layer]
+    if not total or not indexes or len(indexes) == total:
+        return str(len(record.attachments))
+    noun = "layer" if len(indexes) == 1 else "layers"
+    return f"{noun} {', '.join(map(str, indexes))} of {total}"
+
+
+def percent(fraction: float) -> str:
+    """A cached fraction for people: one decimal under 10%, and a layer partly cached
+    never shown as 0% or 100%, which would say nothing or everything is there."""
+    if fraction <= 0:
+        return "0%"
+    if fraction >= 1:
+        return "100%"
+    shown = fraction * 100
+    if shown < 0.1:
+        return "<0.1%"
+    if shown < 9.95:
+        return f"{shown:.1f}%"
+    return f"{min(round(shown), 99)}%"
 
 
 def cached_fractions(record: MountRecord) -> list[float | None]:
@@ -201,7 +232,7 @@ def run_mount(args: argparse.Namespace) -> int:
         return {
             "cache_dir": str(cache_dir),
             "offline": args.offline,
-            "layers": _layers_in_cache(cache_dir, args.image, args.platform, exports),
+            **describe_layers(_image_layers(cache_dir, args.image, args.platform), exports),
         }
 
     def warn(message: str) -> None:
@@ -249,6 +280,9 @@ def run_mounts(args: argparse.Namespace) -> int:
                 "mountpoint": st.record.mountpoint,
                 "image": st.record.image,
                 "layers": len(st.record.attachments),
+                "layer_indexes": [layer.get("index") for layer in st.record.info.get("layers", [])],
+                "image_layers": st.record.info.get("image_layers"),
+                "served": served_layers(st.record),
                 "via": st.record.method,
                 "state": st.state,
                 "server_pid": st.record.server.pid if st.record.server else None,
@@ -267,9 +301,9 @@ def run_mounts(args: argparse.Namespace) -> int:
         return 0
     table = [("MOUNTPOINT", "IMAGE", "LAYERS", "VIA", "STATE", "CACHED")]
     for row in rows:
-        cached = " ".join("?" if f is None else f"{f:.0%}" for f in row["cached"]) or "?"
+        cached = " ".join("?" if f is None else percent(f) for f in row["cached"]) or "?"
         table.append(
-            (row["mountpoint"], row["image"], str(row["layers"]), row["via"], row["state"], cached)
+            (row["mountpoint"], row["image"], row["served"], row["via"], row["state"], cached)
         )
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:

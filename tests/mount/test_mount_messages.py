@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -34,4 +35,19 @@ def test_serving_from_the_cache_alone_is_said_on_the_terminal(dirs, fresh_regist
     quiet = cli("-q", "mount", "--insecure", "--cache-dir", str(cache), ref, str(mnt))
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stderr == ""
+    umount(mnt)
+
+
+def test_mounts_says_which_layer_of_the_image_is_served(dirs, pushed_images, erofs_images):
+    """``--layer 1`` of the three-layer image is listed as ``layer 1 of 3`` (and in JSON as
+    index 1 of 3 layers); the cached share is shown as a percentage."""
+    mnt, cache, _ = dirs
+    mount(pushed_images.multilayer, mnt, cache, "--layer", "1")
+    table = cli("mounts")
+    assert table.returncode == 0, table.stderr
+    row = next(line for line in table.stdout.splitlines() if line.startswith(str(mnt)))
+    assert "  layer 1 of 3  " in row, table.stdout
+    assert row.rstrip().endswith("%"), row
+    listed = json.loads(cli("mounts", "--json").stdout)
+    assert [(m["layer_indexes"], m["image_layers"]) for m in listed] == [([1], 3)]
     umount(mnt)
