@@ -103,20 +103,28 @@ def open_image(
     wanted = str(Platform.parse(platform) if platform else host_platform())
     store = ChunkStore(cache_dir, size_cap=cache_size)
     try:
-        return _open(store, ref, wanted, offline, options or RegistryOptions())
+        explicit = platform is not None
+        return _open(store, ref, wanted, offline, options or RegistryOptions(), explicit)
     except BaseException:
         store.close()
         raise
 
 
 def _open(
-    store: ChunkStore, ref: Reference, platform: str, offline: bool, options: RegistryOptions
+    store: ChunkStore,
+    ref: Reference,
+    platform: str,
+    offline: bool,
+    options: RegistryOptions,
+    explicit: bool,
 ) -> OpenImage:
+    """``explicit``: the user named the platform, so even a single-platform image must
+    match it (its config is fetched to check); the host's default is not enforced."""
     if offline:
         return OpenImage(_cached(store, str(ref), platform), store, ref.repository, None)
     client = RegistryClient(ref.registry, options)
     try:
-        resolved = resolve_image(client, ref, platform)
+        resolved = resolve_image(client, ref, platform, require_platform=explicit)
     except RegistryUnreachable as exc:
         client.close()
         resolved = _cached(store, str(ref), platform, cause=exc)

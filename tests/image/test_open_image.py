@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from rig.pushed import push_erofs
 
-from blockstore.errors import ImageNotCached, NotCached, RegistryUnreachable
+from blockstore.errors import ImageNotCached, NotCached, NotFound, RegistryUnreachable
 from blockstore.image import open_image
 from blockstore.registry import RegistryOptions
 
@@ -133,5 +133,24 @@ def test_layer_selection_by_index_and_digest(pushed_images, erofs_images, tmp_pa
         assert by_index.digest == by_digest.digest == top.digest
         with pytest.raises(Exception, match="has no layer 7; it has 3"):
             image.exports(layer=7)
+    finally:
+        image.close()
+
+
+def test_explicit_platform_must_match_a_single_platform_image(pushed_images, tmp_path: Path):
+    """A one-platform (linux/amd64) image opened for linux/arm64 is refused with the
+    platform it has; opened for its own platform, it resolves and says which."""
+    with pytest.raises(NotFound, match="linux/amd64 only"):
+        open_image(
+            pushed_images.small,
+            cache_dir=tmp_path / "cache",
+            platform="linux/arm64",
+            options=OPTIONS,
+        )
+    image = open_image(
+        pushed_images.small, cache_dir=tmp_path / "cache", platform="linux/amd64", options=OPTIONS
+    )
+    try:
+        assert image.resolved.platform == "linux/amd64"
     finally:
         image.close()
