@@ -12,9 +12,13 @@ mounts must see them, not only the log.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,18 +77,22 @@ def warnings_before_ready(text: str) -> list[str]:
 def start_server(
     argv: list[str],
     log_path: Path,
+    status_path: Path,
     *,
     env: dict[str, str] | None = None,
     timeout: float = READY_TIMEOUT,
 ) -> ServerStarted:
     """Spawn ``argv`` detached, logging to ``log_path``, and return once it is ready.
 
-    Until it is ready the server is ours to stop: any failure here, an
-    interrupt included, kills it before the error goes on.
+    It runs under ``mount_supervisor``, which writes its exit status to
+    ``status_path`` and is the process returned. Until it is ready the
+    server is ours to stop: any failure here, an interrupt included, kills
+    it before the error goes on.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_bytes(b"")
-    proc = spawn_detached(argv, log_path, env=env)
+    supervised = [sys.executable, "-m", "nbdfront.mount_supervisor", str(status_path), *argv]
+    proc = spawn_detached(supervised, log_path, env=env)
     try:
         exports = _wait_until_ready(proc, log_path, timeout)
         process = ProcessRef.of(proc.pid)
@@ -94,9 +102,22 @@ def start_server(
             process, exports, warnings_before_ready(log_path.read_text(errors="replace"))
         )
     except BaseException:
-        proc.kill()
-        proc.wait()
+        _kill_group(proc)
         raise
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill the supervisor and all it started (its own process group), and see them gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.01)
 
 
 def _wait_until_ready(proc: subprocess.Popen, log_path: Path, timeout: float) -> dict[str, str]:

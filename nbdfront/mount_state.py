@@ -3,9 +3,10 @@
 Each mount owns one directory under the run directory (``/run/blockstore``,
 or ``$BLOCKSTORE_RUN_DIR``): the server's socket, the FUSE mount points, the
 per-layer EROFS mount points, and ``record.json``, which says what to undo and
-in which order. Logs go beside it, under ``log/``, and outlive the mount so a
-failure can still be read after cleaning up. /run is a tmpfs: a reboot, which
-also drops every mount, drops the records with them.
+in which order. Logs go beside it, under ``log/``: a clean ``umount`` (server
+stopped with status 0) removes its log, any trouble keeps it to be read after
+cleaning up. /run is a tmpfs: a reboot, which also drops every mount, drops
+the records with them.
 """
 
 from __future__ import annotations

@@ -21,8 +21,12 @@ from blockstore.errors import MountError, MountpointBusy, NotPermitted
 from nbdfront import attach, mount_state, mount_syscall
 from nbdfront.mount_server import layer_exports, start_server
 from nbdfront.mount_state import MountRecord
+from nbdfront.mount_supervisor import read_status
 
 logger = logging.getLogger(__name__)
+
+# Where the server's exit status is written, in the mount's state directory.
+SERVER_STATUS = "serve.status"
 
 # Called with the export names (bottom layer first) once the server is ready;
 # returns what the record's ``info`` should hold.
@@ -85,7 +89,7 @@ def mount(
     mount_state.save(record)
     try:
         argv = [*server_argv, "--unix", str(socket), "--pidfile", str(state_dir / "serve.pid")]
-        server = start_server(argv, log, env=env)
+        server = start_server(argv, log, state_dir / SERVER_STATUS, env=env)
         record.server = server.process
         mount_state.save(record)
         logger.info("server pid %d ready: %s", server.process.pid, server.exports)
@@ -173,22 +177,45 @@ def list_mounts() -> list[MountStatus]:
     return [status(r) for r in mount_state.records()]
 
 
-def unmount(mountpoint: str, *, lazy: bool = False) -> MountRecord:
-    """Undo the mount recorded for ``mountpoint``; ``lazy`` detaches a busy one."""
+@dataclass
+class Unmounted:
+    """What ``unmount`` undid, and why its log was kept (None: all went well, log removed)."""
+
+    record: MountRecord
+    trouble: str | None
+
+
+def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
+    """Undo the mount recorded for ``mountpoint``; ``lazy`` detaches a busy one.
+
+    The log is removed when the mount was whole until now and its server
+    exited with status 0; otherwise it is kept, to read what went wrong.
+    """
     if os.geteuid() != 0:
         raise NotPermitted("unmounting needs root: run it with sudo")
     record = mount_state.load(os.path.realpath(mountpoint)) or mount_state.load(mountpoint)
     if record is None:
         raise MountError(f"{mountpoint} was not mounted by blockstore")
-    unmount_record(record, lazy=lazy)
-    return record
+    state = status(record).state
+    server_status = unmount_record(record, lazy=lazy)
+    if state != "ok":
+        trouble = f"the mount was not whole ({state})"
+    elif server_status is None:
+        trouble = "the server's exit status is unknown"
+    elif server_status != 0:
+        trouble = f"the server exited with status {server_status}"
+    else:
+        Path(record.log).unlink(missing_ok=True)
+        return Unmounted(record, None)
+    return Unmounted(record, trouble)
 
 
-def unmount_record(record: MountRecord, *, lazy: bool) -> None:
+def unmount_record(record: MountRecord, *, lazy: bool) -> int | None:
     """Undo every step the record lists, top first; raises if the file system is busy.
 
     Each step tolerates being undone already, so a half-made mount, a dead
     server or an earlier interrupted ``umount`` all clean up the same way.
+    Returns the server's exit status, None where it is not known.
     """
     if record.mounted:
         mount_syscall.umount(record.mountpoint, lazy=lazy)
@@ -198,6 +225,8 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> None:
         attach.detach(attachment, lazy=lazy)
     if record.server is not None:
         record.server.stop()
+    server_status = read_status(Path(record.state_dir) / SERVER_STATUS)
     if record.socket:
         Path(record.socket).unlink(missing_ok=True)
     mount_state.forget(record)
+    return server_status

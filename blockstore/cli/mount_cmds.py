@@ -264,9 +264,14 @@ def describe_path(record: MountRecord) -> str:
 
 
 def run_umount(args: argparse.Namespace) -> int:
-    record = mounts.unmount(args.mountpoint, lazy=args.lazy)
+    done = mounts.unmount(args.mountpoint, lazy=args.lazy)
     if args.quiet <= 0:
-        print(f"unmounted {record.mountpoint} ({record.image})")
+        print(f"unmounted {done.record.mountpoint} ({done.record.image})")
+        if done.trouble is not None:
+            print(
+                f"blockstore: {done.trouble}; its log is kept at {done.record.log}",
+                file=sys.stderr,
+            )
     return 0
 
 

@@ -121,15 +121,22 @@ def local_server(mount_dirs):
     """Makes the command of a server for local images (export name -> image file).
 
     It is nbdkit's file plugin behind the same announcements ``blockstore
-    serve`` makes, so the mount stack is tested without a registry.
+    serve`` makes, so the mount stack is tested without a registry. Stopped,
+    it exits with ``stop_status``.
     """
     counter = iter(range(1000))
 
-    def server_argv(images: dict[str, Path]) -> list[str]:
+    def server_argv(images: dict[str, Path], stop_status: int = 0) -> list[str]:
         directory = mount_dirs[0] / f"exports{next(counter)}"
         directory.mkdir()
         for name, image in images.items():
             shutil.copyfile(image, directory / name)
-        return [sys.executable, str(NBDKIT_SERVE), str(directory)]
+        return [
+            sys.executable,
+            str(NBDKIT_SERVE),
+            str(directory),
+            "--stop-status",
+            str(stop_status),
+        ]
 
     return server_argv

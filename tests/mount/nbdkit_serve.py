@@ -3,7 +3,8 @@
 Serves every file in DIR as the export of the same name with nbdkit's file
 plugin, and makes the same announcements the real server makes (``export
 NAME URI`` lines, then ``ready``), so mounting can be tested without a
-registry. Usage: nbdkit_serve.py DIR --unix SOCK --pidfile PID
+registry. SIGTERM stops it with status 0, or the one ``--stop-status`` gives.
+Usage: nbdkit_serve.py DIR [--stop-status N] --unix SOCK --pidfile PID
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def main() -> int:
     parser.add_argument("dir", type=Path)
     parser.add_argument("--unix", required=True)
     parser.add_argument("--pidfile", required=True)
+    parser.add_argument("--stop-status", type=int, default=0)
     args = parser.parse_args()
     nbdkit_pidfile = args.pidfile + ".nbdkit"
     # --exit-with-parent: nbdkit goes when this process goes, however it goes.
@@ -40,7 +42,7 @@ def main() -> int:
         ],
         stdin=subprocess.DEVNULL,
     )
-    signal.signal(signal.SIGTERM, lambda *_: (nbdkit.terminate(), sys.exit(0)))
+    signal.signal(signal.SIGTERM, lambda *_: (nbdkit.terminate(), sys.exit(args.stop_status)))
     while not os.path.exists(nbdkit_pidfile):
         if nbdkit.poll() is not None:
             return 1

@@ -51,3 +51,16 @@ def test_mounts_says_which_layer_of_the_image_is_served(dirs, pushed_images, ero
     listed = json.loads(cli("mounts", "--json").stdout)
     assert [(m["layer_indexes"], m["image_layers"]) for m in listed] == [([1], 3)]
     umount(mnt)
+
+
+def test_clean_umount_of_the_real_server_removes_its_log(dirs, pushed_images):
+    """``blockstore serve`` stops with status 0 at ``umount``: the mount's log is removed, the
+    run directory stays usable, and a second mount and umount work the same."""
+    mnt, cache, run = dirs
+    for _ in range(2):
+        mount(pushed_images.small, mnt, cache)
+        log = Path(json.loads(cli("mounts", "--json").stdout)[0]["log"])
+        assert log.is_relative_to(run) and log.exists()
+        done = cli("umount", str(mnt))
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        assert not log.exists()

@@ -128,6 +128,34 @@ def test_dead_server_is_reported_reads_fail_and_umount_cleans_up(
 
     done = cli("umount", str(mountpoint))
     assert done.returncode == 0, done.stderr
+    assert f"server dead); its log is kept at {record.log}" in done.stderr
+    assert os.path.exists(record.log)
+    assert_nothing_left(record, run)
+
+
+def test_clean_umount_removes_the_log_a_failed_stop_keeps_it(
+    mount_dirs, mountpoint, erofs_images, local_server
+):
+    """A server that stops with status 0 at ``umount`` leaves no log behind and umount says
+    nothing on stderr; one that stops with status 3 keeps its log, and umount says so and
+    where it is (still exit 0: the mount is gone either way)."""
+    image = erofs_images.small.path
+    _, run = mount_dirs
+    record = mounts.mount(local_server({"layer0": image}), str(mountpoint), image="small")
+    assert os.path.exists(record.log)
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert not os.path.exists(record.log)
+    assert_nothing_left(record, run)
+
+    argv = local_server({"layer0": image}, stop_status=3)
+    record = mounts.mount(argv, str(mountpoint), image="small")
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == (
+        f"blockstore: the server exited with status 3; its log is kept at {record.log}"
+    )
+    assert os.path.exists(record.log)
     assert_nothing_left(record, run)
 
 
