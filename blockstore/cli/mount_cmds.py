@@ -48,6 +48,7 @@ def parse_mount_options(texts: list[str]) -> OciOptions:
     ``ro`` is accepted and changes nothing (every mount is read-only); ``rw``
     and anything unknown are refused, so a typo never passes silently.
     """
+    # Here and below imported where needed: the registry loads requests, which `mounts` need not.
     from blockstore.registry import normalize_digest
     from blockstore.registry.platforms import Platform
 
@@ -98,8 +99,7 @@ def merge_options(args: argparse.Namespace, oci: OciOptions) -> None:
         if said is None:
             continue
         flag = getattr(args, f.name)
-        # Not given is None, or False for --insecure; `in (None, False)` would take --layer 0
-        # (0 == False) for not given, and let -o replace it.
+        # Unset is None (False for --insecure); `in (None, False)` also took --layer 0 as unset.
         if flag is None or flag is False:
             setattr(args, f.name, said)
         elif flag != said:
@@ -211,7 +211,6 @@ def check_image_arguments(args: argparse.Namespace) -> None:
     Here, a mistake is the parser's own one-line usage error (exit 2) before
     anything is spawned, instead of a server that fails in the background.
     """
-    # The registry package loads requests; imported here, so `mounts` and `umount` need not.
     from blockstore.registry import normalize_digest, parse_reference
     from blockstore.registry.platforms import Platform
 
@@ -334,7 +333,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "is ready, leaving its server running in the background.",
     )
     add_image_options(mount, "mount")
-    mount.add_argument("mountpoint", help="an existing directory")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     add_registry_options(mount)
     add_cache_options(mount)
     mount.add_argument(
