@@ -22,8 +22,8 @@ from blockstore.cli.common import (
     add_image_options,
     add_registry_options,
     cache_dir_from,
+    parse_listen,
 )
-from blockstore.cli.serve_cmds import parse_listen
 from blockstore.errors import UsageError
 from nbdfront import mounts
 from nbdfront.attach import KERNEL, NBDFUSE
