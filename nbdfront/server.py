@@ -65,10 +65,15 @@ _IOV_MAX = 1024
 
 def send_buffers(sock: socket.socket, buffers: Sequence[Buffer]) -> None:
     """Send every byte of ``buffers`` with scatter-gather writes, no joining copy."""
+    if len(buffers) <= _IOV_MAX:
+        sent = sock.sendmsg(buffers)
+        if sent == _length(buffers):
+            return  # the usual case: one call, no views made
+    else:
+        sent = 0
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
     first = 0
-    while first < len(views):
-        sent = sock.sendmsg(views[first : first + _IOV_MAX])
+    while True:
         while sent:
             size = views[first].nbytes
             if sent >= size:
@@ -77,6 +82,9 @@ def send_buffers(sock: socket.socket, buffers: Sequence[Buffer]) -> None:
             else:
                 views[first] = views[first][sent:]
                 sent = 0
+        if first == len(views):
+            return
+        sent = sock.sendmsg(views[first : first + _IOV_MAX])
 
 
 class _Budget:
@@ -325,7 +333,10 @@ class _Session:
 
 def _length(buffers: Sequence[Buffer]) -> int:
     """Bytes in ``buffers``, whatever their item size."""
-    return sum(memoryview(b).nbytes for b in buffers)
+    total = 0
+    for b in buffers:
+        total += len(b) if type(b) is bytes else memoryview(b).nbytes
+    return total
 
 
 def _describe(exc: BaseException, request: ReadRequest | CacheRequest) -> str:
