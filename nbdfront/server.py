@@ -259,7 +259,10 @@ class _Session:
     def _answer(self, request: ReadRequest) -> None:
         """A hit goes into the batch at once; anything else to a worker."""
         assert self._export is not None
-        data = self._export.read_cached(request.offset, request.length)
+        try:
+            data = self._export.read_cached(request.offset, request.length)
+        except Exception:  # read meets the same fault and reports it as the reply
+            data = None
         if data is None or _length(data) != request.length:
             self._hand_off(request, request.length, self._read)
             return
