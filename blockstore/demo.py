@@ -175,18 +175,11 @@ class Demo:
         sys.stdout.flush()
 
     def clean_up(self) -> None:
-        if self.mounted:
+        # Whether or not a mount finished: an interrupted one may have left a record.
+        if self.mountpoint.exists():
+            umount = ["-q", "umount", "--lazy", str(self.mountpoint)]
             subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "blockstore",
-                    "-q",
-                    "umount",
-                    "--lazy",
-                    str(self.mountpoint),
-                ],
-                check=False,
+                [sys.executable, "-m", "blockstore", *umount], capture_output=True, check=False
             )
         self.registry.stop()
         if self.keep:
@@ -264,16 +257,40 @@ def show(line: str) -> None:
 
 
 def run(argv: list[str], echo: bool = False) -> str:
-    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    """Run a step; interrupted, the step gets SIGINT and is waited for, so it can undo
+    what it started (a half-made mount) instead of being killed part way.
+
+    Interrupts are held while the child starts, so there is no moment when it
+    runs and the demo could be interrupted without knowing it."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    process = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_release
+    )
+    with process:
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a held interrupt lands here
+            stdout, stderr = process.communicate()
+        except KeyboardInterrupt:
+            process.send_signal(signal.SIGINT)
+            process.wait(60)
+            raise
     if echo:
-        for line in result.stdout.splitlines():
+        for line in stdout.splitlines():
             show(f"  {line}")
-    if result.returncode != 0:
+    if process.returncode != 0:
         raise DemoFailed(
-            f"{Path(argv[0]).name} {' '.join(argv[1:3])}... failed ({result.returncode}): "
-            f"{result.stderr.strip()}"
+            f"{Path(argv[0]).name} {' '.join(argv[1:3])}... failed ({process.returncode}): "
+            f"{stderr.strip()}"
         )
-    return result.stdout
+    return stdout
+
+
+INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _release() -> None:
+    """In the child: take interrupts again (the mask is inherited across exec)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)
 
 
 def _interrupt(signum: int, frame: object) -> None:

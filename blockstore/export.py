@@ -7,12 +7,11 @@ nothing else of the engine: it asks for ranges and sends the buffers back.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 Buffer = bytes | memoryview
 
 
-@runtime_checkable
 class Export(Protocol):
     """A named, read-only byte range served to NBD clients."""
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blockstore.cache import CachedBlob, ChunkStore
-from blockstore.errors import ImageNotCached, RegistryUnreachable
+from blockstore.errors import CacheError, ImageNotCached, RegistryUnreachable
 from blockstore.metrics import TimedSource
 from blockstore.registry import (
     Layer,
@@ -133,9 +133,13 @@ def _open(
     except BaseException:
         client.close()
         raise
-    for digest, raw in resolved.manifests.items():
-        store.put_manifest(digest, raw)
-    store.put_ref(resolved.reference, platform, resolved.to_record())
+    try:
+        for digest, raw in resolved.manifests.items():
+            store.put_manifest(digest, raw)
+        store.put_ref(resolved.reference, platform, resolved.to_record())
+    except CacheError as exc:
+        # Reads still work uncached; only a later offline open will miss this.
+        log.warning("%s: not remembered for offline use: %s", resolved.reference, exc)
     return OpenImage(resolved, store, ref.repository, client)
 
 

@@ -8,12 +8,11 @@ URL, a mirror) slots in by answering the same three members.
 from __future__ import annotations
 
 import os
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from blockstore.errors import BlobReadError
 
 
-@runtime_checkable
 class BlobSource(Protocol):
     """Random access to the bytes of one content-addressed blob."""
 

@@ -60,9 +60,16 @@ def test_demo_runs_end_to_end_and_leaves_nothing():
     assert leftovers(before) == []
 
 
-def test_demo_interrupted_cleans_up(tmp_path: Path):
-    """SIGINT while the image is mounted: the demo must exit 130 and unmount, stop its
-    registry and server, and remove its working directory."""
+@pytest.mark.parametrize(
+    ("signum", "step"),
+    [
+        (signal.SIGINT, "==> Read a few files"),  # Ctrl-C with the image mounted
+        (signal.SIGTERM, "==> Mount it lazily"),  # a kill while the mount is being made
+    ],
+)
+def test_demo_interrupted_cleans_up(tmp_path: Path, signum: int, step: str):
+    """Interrupted with the image mounted, or while mounting: the demo must exit 130
+    and unmount, stop its registry and server, and remove its working directory."""
     tree = tmp_path / "tree"
     (tree / "sub").mkdir(parents=True)
     for i in range(200):
@@ -76,11 +83,11 @@ def test_demo_interrupted_cleans_up(tmp_path: Path):
     )
     try:
         for line in demo.stdout:
-            if line.startswith("==> Read a few files"):
+            if line.startswith(step):
                 break
-        demo.send_signal(signal.SIGINT)
-        demo.communicate(timeout=60)
+        demo.send_signal(signum)
+        _, err = demo.communicate(timeout=60)
     finally:
         demo.kill()
-    assert demo.returncode == 130
+    assert demo.returncode == 130, err
     assert leftovers(before) == []

@@ -27,7 +27,8 @@ def test_serve_exports_metrics(pushed_images, erofs_images, tmp_path):
     argv = [sys.executable, "-m", "blockstore", "serve", pushed_images.small, "--insecure"]
     argv += ["--cache-dir", str(tmp_path / "cache"), "--listen", "127.0.0.1:0"]
     argv += ["--metrics", "127.0.0.1:0"]
-    server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         lines = []
         for line in server.stdout:
@@ -59,4 +60,5 @@ def test_serve_exports_metrics(pushed_images, erofs_images, tmp_path):
     finally:
         server.terminate()
         server.wait(15)
+        log.close()
     assert server.returncode == 0
