@@ -5,7 +5,8 @@ checked against their xxh3-64 on the LMDB buffer itself and copied out once
 (only the part asked for). No lock is held while fetching, so a hit never
 waits behind another request's miss. Misses go through the ``Fetcher``
 (single-flight, coalesced, parallel); chunks of a sealed blob are checked
-against the sealed checksums before they are stored or served.
+against the sealed checksums before they are served (here, as they
+arrive) and again by the store in the transaction that stores them.
 """
 
 from __future__ import annotations
@@ -30,19 +31,12 @@ from .layout import (
     chunk_length,
     xxh3,
 )
-from .store import ChunkStore
+from .store import ChunkIntegrityError, ChunkStore
 
 log = logging.getLogger(__name__)
 
 Buffer = bytes | memoryview
 PREFETCH_STEP = 32 << 20  # bytes asked of the fetcher at a time by prefetch()
-
-
-class ChunkIntegrityError(IntegrityError, BlobReadError):
-    """The backend sent bytes for a sealed blob that its checksums reject."""
-
-    def __init__(self, message: str):
-        BlobReadError.__init__(self, message, errno.EIO)
 
 
 class CachedBlob:
@@ -73,6 +67,9 @@ class CachedBlob:
             raise CacheError(f"{digest} has size {record.size} in the cache, but {size} was given")
         self._blob_id = record.blob_id if record is not None else None
         self._sums = store.sealed_sums(digest) if record is not None and record.sealed else None
+        # Whole in the cache as far as this export knows: readahead has nothing to do.
+        # A miss clears it (chunks may be evicted).
+        self._whole = record is not None and record.present == record.chunks
         self._fetcher = (
             Fetcher(source, CHUNK_SIZE, self._arrived, self._keep, flights=store.flights(digest))
             if source is not None
@@ -113,10 +110,11 @@ class CachedBlob:
         server may call it on the thread that parsed the request and hand
         only the None cases to ``read``, which then counts, drops and
         fetches as usual. A served hit is counted and advised like a read.
+        A blob not known to be stored yet is left to ``read`` to look up.
         """
         if length <= 0 or offset < 0 or offset + length > self._size:
             return None
-        blob_id = self._blob_id if self._blob_id is not None else self._refresh_id()
+        blob_id = self._blob_id
         if blob_id is None:
             return None
         try:
@@ -138,7 +136,7 @@ class CachedBlob:
         end = offset + length
         first = offset // CHUNK_SIZE
         last = (end - 1) // CHUNK_SIZE
-        blob_id = self._blob_id if self._blob_id is not None else self._refresh_id()
+        blob_id = self._known_id()
         if blob_id is None:
             missing = list(range(first, last + 1))
             out: list[Buffer | None] = [None] * len(missing)
@@ -147,6 +145,7 @@ class CachedBlob:
             out, missing, bad = self._look_up(blob_id, offset, end, stop_at_miss=False)
         misses = len(missing) + len(bad)
         if misses:
+            self._whole = False
             self._fill_misses(out, first, offset, end, missing, bad)
         self._served(offset, length, last - first + 1 - misses, misses)
         return out  # type: ignore[return-value]
@@ -159,8 +158,9 @@ class CachedBlob:
         Each stored chunk is checked against its xxh3-64 on the LMDB buffer
         and its wanted part copied out; the others are None in the output
         and listed as missing or bad. ``stop_at_miss`` gives up at the
-        first chunk that is not a hit (the caller then wants none of it).
-        Hit chunks are touched for recency.
+        first chunk that is not a hit (the caller then wants none of it);
+        presence of all chunks is checked before any is hashed, so a
+        partial miss hashes nothing. Hit chunks are touched for recency.
         """
         first = offset // CHUNK_SIZE
         last = (end - 1) // CHUNK_SIZE
@@ -173,8 +173,10 @@ class CachedBlob:
         txn = env.begin_read(DB_CHUNKS)
         try:
             get = txn.get
-            for index in range(first, last + 1):
-                value = get(pack(blob_id, index))
+            values = [get(pack(blob_id, index)) for index in range(first, last + 1)]
+            if stop_at_miss and None in values:
+                return [], [first + values.index(None)], []
+            for index, value in enumerate(values, first):
                 base = index * CHUNK_SIZE
                 if value is None:
                     missing.append(index)
@@ -200,7 +202,7 @@ class CachedBlob:
     def _served(self, offset: int, length: int, hits: int, misses: int) -> None:
         """Count a read and tell readahead of it, whether it hit or fetched."""
         self._store.counters.served(hits, misses, length)
-        if self._fill is not None:
+        if self._fill is not None and not self._whole:
             ahead = self._readahead.advise(offset, length, self._size)
             if ahead is not None:
                 self._fill.submit(*ahead)
@@ -211,16 +213,9 @@ class CachedBlob:
             return
         end = min(self._size, offset + length)
         indices = range(max(0, offset) // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1)
-        blob_id = self._blob_id if self._blob_id is not None else self._refresh_id()
-        self._fetch_all(self._store.missing(blob_id, indices), lambda _: None)
+        self._fetch_all(self._store.missing(self._known_id(), indices), lambda _: None)
 
     # --- whole-blob operations ---------------------------------------------------
-
-    def cached_fraction(self) -> float:
-        record = self._store.lookup(self._digest)
-        if record is None:
-            return 0.0
-        return record.present / record.chunks if record.chunks else 1.0
 
     def prefetch(self, progress: Callable[[int], None] | None = None) -> None:
         """Fetch every missing chunk, check the whole blob and seal it.
@@ -262,6 +257,7 @@ class CachedBlob:
         if outcome is None:
             raise CacheError(f"{self._digest} could not be kept whole in the cache")
         self._sums = self._store.sealed_sums(self._digest)
+        self._whole = True
 
     def _fetch_all(self, missing: list[int], report: Callable[[int], None]) -> None:
         """Fetch in steps, so memory stays flat however much is asked for."""
@@ -279,10 +275,12 @@ class CachedBlob:
 
     # --- misses ----------------------------------------------------------------
 
-    def _refresh_id(self) -> int | None:
-        """The blob's id, if another reader (or process) has stored it since we looked."""
-        record = self._store.lookup(self._digest)
-        self._blob_id = record.blob_id if record is not None else None
+    def _known_id(self) -> int | None:
+        """The blob's id; looked up again while unknown, as another reader (or process)
+        may have stored the blob since."""
+        if self._blob_id is None:
+            record = self._store.lookup(self._digest)
+            self._blob_id = record.blob_id if record is not None else None
         return self._blob_id
 
     def _fill_misses(
@@ -320,7 +318,12 @@ class CachedBlob:
             out[index - first] = data if lo == 0 and hi == len(data) else data[lo:hi]
 
     def _arrived(self, first: int, data: bytes) -> Mapping[int, Buffer]:
-        """Check freshly fetched chunks against the sealed checksums, if there are any."""
+        """Check freshly fetched chunks against the sealed checksums, if there are any.
+
+        This check is for the readers: it runs before they are woken, so
+        they get EIO rather than wrong bytes. What is stored is checked by
+        the store itself (a seal may commit between here and there).
+        """
         self._store.counters.add(bytes_fetched=len(data), requests_fetched=1)
         view = memoryview(data)
         chunks = [view[i : i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)]
@@ -341,14 +344,20 @@ class CachedBlob:
         return {first + i: chunk for i, chunk in enumerate(chunks)}
 
     def _keep(self, first: int, chunks: Mapping[int, Buffer]) -> None:
-        """Store checked chunks; a cache that cannot take them costs only the caching."""
+        """Store checked chunks; a cache that cannot take them costs only the caching.
+
+        Chunks the store refuses (the blob was sealed meanwhile, and they do
+        not match) were counted by the store and are not kept.
+        """
         try:
             record = self._store.store_chunks(
                 self._digest, self._size, first, [chunks[i] for i in sorted(chunks)]
             )
-        except CacheError as exc:
+        except (CacheError, ChunkIntegrityError) as exc:
             log.warning("%s: serving uncached bytes: %s", self._digest, exc)
             return
         self._blob_id = record.blob_id
-        if record.present == record.chunks and not record.sealed:
-            self._store.seal_later(self._digest)
+        if record.present == record.chunks:
+            self._whole = True
+            if not record.sealed:
+                self._store.seal_later(self._digest)

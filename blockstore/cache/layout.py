@@ -11,8 +11,10 @@ blob's chunks.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import lmdb
 import xxhash
 
 CHUNK_SIZE = 32768
@@ -52,6 +54,12 @@ PINNED = 1
 SEALED = 2
 
 
+def meta_int(txn: lmdb.Transaction, db: lmdb._Database, name: bytes, default: int = 0) -> int:
+    """A u64 kept in the meta database (``default`` if unset)."""
+    raw = txn.get(name, db=db)
+    return U64.unpack(raw)[0] if raw is not None else default
+
+
 def chunk_key(blob_id: int, index: int) -> bytes:
     return CHUNK_KEY.pack(blob_id, index)
 
@@ -60,9 +68,14 @@ def lru_key(tick: int, key: bytes) -> bytes:
     return U64.pack(tick) + key
 
 
-def chunk_value(data: bytes | memoryview) -> bytes:
-    """The stored form of a chunk: its checksum, then its bytes."""
-    return SUM.pack(xxh3(data)) + data
+def blob_keys(cursor: lmdb.Cursor, blob_id: int) -> Iterator[tuple[bytes, bytes | memoryview]]:
+    """(key, value) of one blob's entries, in order, in a database keyed by chunk key."""
+    prefix = U64.pack(blob_id)
+    if cursor.set_range(prefix):
+        for key, value in cursor:
+            if key[:8] != prefix:
+                return
+            yield bytes(key), value
 
 
 def chunk_count(size: int) -> int:

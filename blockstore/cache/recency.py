@@ -21,6 +21,7 @@ from .layout import (
     DB_TICKS,
     U64,
     BlobRecord,
+    blob_keys,
     chunk_key,
     lru_key,
 )
@@ -83,14 +84,7 @@ def set_pinned(
     txn: lmdb.Transaction, dbs: dict[bytes, lmdb._Database], blob_id: int, pinned: bool
 ) -> None:
     """Take a blob's chunks out of the LRU index (pinned) or put them back at their ticks."""
-    prefix = U64.pack(blob_id)
-    cursor = txn.cursor(db=dbs[DB_TICKS])
-    entries = []
-    if cursor.set_range(prefix):
-        for key, tick in cursor:
-            if key[:8] != prefix:
-                break
-            entries.append(bytes(tick) + bytes(key))
+    entries = [bytes(tick) + key for key, tick in blob_keys(txn.cursor(db=dbs[DB_TICKS]), blob_id)]
     for entry in entries:
         if pinned:
             txn.delete(entry, db=dbs[DB_LRU])

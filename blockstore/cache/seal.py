@@ -32,7 +32,9 @@ from .layout import (
     SUM_SIZE,
     U64,
     BlobRecord,
+    chunk_key,
     chunk_length,
+    meta_int,
     valid_chunk,
 )
 
@@ -86,18 +88,24 @@ def seal_blob(store: ChunkStore, digest: str, *, recheck: bool = False) -> bool 
         record = store.lookup(digest)
         if record is None:
             # Dropped by a seal that just ran here: say what it found.
-            return False if store.seal_failed.get(digest) else None
+            return False if digest in store.seal_failed else None
         if record.sealed and not recheck:
             return True
         if record.present < record.chunks:
             return None
         outcome = _seal(store, digest, record)
         if outcome is False:
-            store.seal_failed[digest] = True
+            store.seal_failed.add(digest)
         return outcome
 
 
 def _seal(store: ChunkStore, digest: str, record: BlobRecord) -> bool | None:
+    """Hash the blob over short read transactions, then seal it if nothing changed.
+
+    A chunk may be evicted and stored again while the blob is hashed; the
+    sealing transaction therefore checks every stored chunk against the
+    checksum that was hashed, so what is sealed is what matched the digest.
+    """
     hasher, expected = _hasher(digest)
     if hasher is None:
         log.warning("cannot check %s: unknown digest algorithm", digest)
@@ -109,6 +117,8 @@ def _seal(store: ChunkStore, digest: str, record: BlobRecord) -> bool | None:
     # Closed explicitly: the scan holds a read transaction until it is.
     with contextlib.closing(scan(store, prefix, U64.pack(record.blob_id + 1))) as chunks:
         for key, value in chunks:
+            if store.closing:
+                return None  # shutting down: the next run seals it
             if CHUNK_KEY.unpack(key)[1] != index:
                 return None  # a chunk went missing (evicted) while hashing
             if not valid_chunk(value, chunk_length(record.size, index)):
@@ -128,21 +138,43 @@ def _seal(store: ChunkStore, digest: str, record: BlobRecord) -> bool | None:
         store.counters.add(seal_failures=1)
         return False
 
-    def work(txn) -> None:
+    def work(txn) -> bool | None:
         raw = txn.get(digest.encode(), db=store.dbs[DB_BLOBS])
         if raw is None:
-            return
+            return None
         current = BlobRecord.unpack(raw)
-        if current.blob_id != record.blob_id or current.sealed:
-            return
+        if current.blob_id != record.blob_id:
+            return None
+        if current.sealed:
+            return True
+        chunks_db = store.dbs[DB_CHUNKS]
+        changed: list[tuple[bytes, int]] = []
+        for i in range(record.chunks):
+            key = chunk_key(record.blob_id, i)
+            value = txn.get(key, db=chunks_db)
+            if value is None:
+                return None  # evicted after it was hashed: not whole any more
+            if value[:SUM_SIZE] != sums[i * SUM_SIZE : (i + 1) * SUM_SIZE]:
+                changed.append((key, len(value) - SUM_SIZE))
+        if changed:
+            # Stored again, with other bytes, after it was hashed: not the blob's.
+            for key, length in changed:
+                store.delete_chunk(txn, key, current, length)
+            txn.put(digest.encode(), current.pack(), db=store.dbs[DB_BLOBS])
+            counters_mod.persist(txn, store.dbs[DB_COUNTERS], {"checksum_failures": len(changed)})
+            return None
         current.flags |= SEALED
         txn.put(digest.encode(), current.pack(), db=store.dbs[DB_BLOBS])
         txn.put(digest.encode(), bytes(sums), db=store.dbs[DB_SUMS])
         counters_mod.persist(txn, store.dbs[DB_COUNTERS], {"seals": 1})
+        return True
 
-    store.env.write(work)
-    log.info("sealed %s", digest)
-    return True
+    sealed = store.env.write(work)
+    if sealed:
+        log.info("sealed %s", digest)
+    else:
+        log.warning("%s changed while it was hashed; not sealed", digest)
+    return sealed
 
 
 class Sealer:
@@ -217,8 +249,7 @@ def verify_store(store: ChunkStore) -> VerifyReport:
         for digest, raw in txn.cursor(db=store.dbs[DB_BLOBS]):
             record = BlobRecord.unpack(raw)
             by_id[record.blob_id] = (bytes(digest).decode(), record)
-        raw = txn.get(b"stored_bytes", db=store.dbs[DB_META])
-        stored_before = U64.unpack(raw)[0] if raw is not None else 0
+        stored_before = meta_int(txn, store.dbs[DB_META], b"stored_bytes")
     sums = {d: store.sealed_sums(d) for d, r in by_id.values() if r.sealed}
     present: dict[int, int] = dict.fromkeys(by_id, 0)
     bad: list[bytes] = []
@@ -285,8 +316,7 @@ def _repair(
     """Drop bad and orphan chunks; if the cache was quiet meanwhile, fix drifted counts."""
     report.repaired_records.clear()  # this may run again if the map has to grow
     blobs, meta = store.dbs[DB_BLOBS], store.dbs[DB_META]
-    raw = txn.get(b"stored_bytes", db=meta)
-    quiet = (U64.unpack(raw)[0] if raw is not None else 0) == stored_before
+    quiet = meta_int(txn, meta, b"stored_bytes") == stored_before
     current: dict[int, BlobRecord] = {}
     dropped_bad = 0
     for key in [*bad, *orphans]:

@@ -9,6 +9,7 @@ complete. Reading through the store is ``CachedBlob``'s job.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import threading
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import lmdb
 
-from blockstore.errors import CacheError
+from blockstore.errors import BlobReadError, CacheError, IntegrityError
 from blockstore.fetch import Flights
 
 from . import counters as counters_mod
@@ -40,13 +41,16 @@ from .layout import (
     DB_TICKS,
     FORMAT_VERSION,
     PINNED,
+    SUM,
     SUM_SIZE,
     U64,
     BlobRecord,
+    blob_keys,
     chunk_key,
     chunk_length,
-    chunk_value,
+    meta_int,
     valid_chunk,
+    xxh3,
 )
 from .seal import Sealer, VerifyReport, seal_blob, verify_store
 
@@ -54,6 +58,13 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SIZE_CAP = 10 << 30
 Buffer = bytes | memoryview
+
+
+class ChunkIntegrityError(IntegrityError, BlobReadError):
+    """Bytes for a chunk of a sealed blob that its sealed checksum rejects."""
+
+    def __init__(self, message: str):
+        BlobReadError.__init__(self, message, errno.EIO)
 
 
 @dataclass
@@ -77,15 +88,8 @@ class BlobInfo:
         return {**asdict(self), "cached_fraction": self.cached_fraction}
 
 
-def _meta_int(txn: lmdb.Transaction, db: lmdb._Database, name: bytes, default: int = 0) -> int:
-    raw = txn.get(name, db=db)
-    return U64.unpack(raw)[0] if raw is not None else default
-
-
 class ChunkStore:
     """A persistent, integrity-checked store of blob chunks in one directory."""
-
-    CHUNK_SIZE = CHUNK_SIZE
 
     def __init__(
         self, path: str | Path, size_cap: int | None = None, *, flush_interval: float = 1.0
@@ -102,7 +106,10 @@ class ChunkStore:
             raise
         self._sealer = Sealer(self)
         self.seal_lock = threading.Lock()  # one blob hashed at a time, never twice at once
-        self.seal_failed: dict[str, bool] = {}
+        # Digests whose last seal found bytes not matching the digest (and dropped the
+        # blob): a seal() that finds the blob gone reports that. Cleared when the
+        # digest is stored again.
+        self.seal_failed: set[str] = set()
         self._flights: weakref.WeakValueDictionary[str, Flights] = weakref.WeakValueDictionary()
         self._flights_lock = threading.Lock()
         self._closing = threading.Event()
@@ -115,8 +122,8 @@ class ChunkStore:
 
     def _init_meta(self, txn: lmdb.Transaction, size_cap: int | None) -> int:
         meta = self.dbs[DB_META]
-        version = _meta_int(txn, meta, b"format", FORMAT_VERSION)
-        chunk_size = _meta_int(txn, meta, b"chunk_size", CHUNK_SIZE)
+        version = meta_int(txn, meta, b"format", FORMAT_VERSION)
+        chunk_size = meta_int(txn, meta, b"chunk_size", CHUNK_SIZE)
         if version != FORMAT_VERSION or chunk_size != CHUNK_SIZE:
             raise CacheError(
                 f"the cache at {self.path} has format {version} with {chunk_size}-byte chunks; "
@@ -124,7 +131,7 @@ class ChunkStore:
             )
         # Write only what changes: an unchanged cache opens even on a full disk.
         wanted = {b"format": version, b"chunk_size": chunk_size}
-        stored_cap = _meta_int(txn, meta, b"size_cap", DEFAULT_SIZE_CAP)
+        stored_cap = meta_int(txn, meta, b"size_cap", DEFAULT_SIZE_CAP)
         if size_cap is not None and size_cap != stored_cap:
             wanted[b"size_cap"] = size_cap
         for name, value in wanted.items():
@@ -146,6 +153,11 @@ class ChunkStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def closing(self) -> bool:
+        """True once close() has begun: long background work should give up."""
+        return self._closing.is_set()
 
     @property
     def size_cap(self) -> int:
@@ -212,13 +224,19 @@ class ChunkStore:
         """Store consecutive chunks from index ``first``, evicting to stay under the cap.
 
         On a full disk, evicts harder and tries once more; then raises
-        ``DiskFull``, leaving the cache as it was.
+        ``DiskFull``, leaving the cache as it was. Chunks of a sealed blob
+        that do not match its sealed checksums are refused with
+        ``ChunkIntegrityError``, nothing stored.
         """
         try:
-            return self.env.write(lambda txn: self._store(txn, digest, size, first, chunks))
-        except DiskFull:
-            self._make_room()
-            return self.env.write(lambda txn: self._store(txn, digest, size, first, chunks))
+            try:
+                return self.env.write(lambda txn: self._store(txn, digest, size, first, chunks))
+            except DiskFull:
+                self._make_room()
+                return self.env.write(lambda txn: self._store(txn, digest, size, first, chunks))
+        except ChunkIntegrityError:
+            self.counters.add(checksum_failures=1)
+            raise
 
     def _record_for(self, txn: lmdb.Transaction, digest: str, size: int) -> BlobRecord:
         raw = txn.get(digest.encode(), db=self.dbs[DB_BLOBS])
@@ -229,8 +247,9 @@ class ChunkStore:
                     f"{digest} has size {record.size} in the cache, but {size} was given"
                 )
             return record
+        self.seal_failed.discard(digest)  # a new record: an old seal's verdict is void
         meta = self.dbs[DB_META]
-        blob_id = _meta_int(txn, meta, b"next_id", 1)
+        blob_id = meta_int(txn, meta, b"next_id", 1)
         txn.put(b"next_id", U64.pack(blob_id + 1), db=meta)
         txn.put(U64.pack(blob_id), digest.encode(), db=self.dbs[DB_IDS])
         return BlobRecord(blob_id=blob_id, size=size)
@@ -243,12 +262,26 @@ class ChunkStore:
         first: int,
         chunks: Sequence[Buffer],
     ) -> BlobRecord:
+        """Store chunks in one write transaction.
+
+        The sealed check is made here, in the transaction that stores: a
+        check made earlier could miss a seal committed in between (by
+        another thread or process), and a wrong chunk of a sealed blob
+        would then be served forever.
+        """
         record = self._record_for(txn, digest, size)
+        sums = txn.get(digest.encode(), db=self.dbs[DB_SUMS]) if record.sealed else None
         tick = recency_mod.now_tick()
         added = 0
         for offset, data in enumerate(chunks):
-            key = chunk_key(record.blob_id, first + offset)
-            if txn.put(key, chunk_value(data), db=self.dbs[DB_CHUNKS], overwrite=False):
+            index = first + offset
+            checksum = SUM.pack(xxh3(data))
+            if sums is not None and sums[index * SUM_SIZE : (index + 1) * SUM_SIZE] != checksum:
+                raise ChunkIntegrityError(
+                    f"{digest}: chunk {index} does not match the sealed blob; not stored"
+                )
+            key = chunk_key(record.blob_id, index)
+            if txn.put(key, checksum + data, db=self.dbs[DB_CHUNKS], overwrite=False):
                 record.present += 1
                 added += len(data)
                 recency_mod.place(txn, self.dbs, key, tick, pinned=record.pinned)
@@ -262,7 +295,7 @@ class ChunkStore:
 
     def _add_stored(self, txn: lmdb.Transaction, delta: int) -> int:
         meta = self.dbs[DB_META]
-        stored = max(0, _meta_int(txn, meta, b"stored_bytes") + delta)
+        stored = max(0, meta_int(txn, meta, b"stored_bytes") + delta)
         txn.put(b"stored_bytes", U64.pack(stored), db=meta)
         return stored
 
@@ -281,7 +314,7 @@ class ChunkStore:
         """
 
         def work(txn: lmdb.Transaction) -> None:
-            stored = _meta_int(txn, self.dbs[DB_META], b"stored_bytes")
+            stored = meta_int(txn, self.dbs[DB_META], b"stored_bytes")
             self._evict(txn, stored, stored // 2)
 
         self.env.write(work)
@@ -330,21 +363,18 @@ class ChunkStore:
             if raw is None:
                 return False
             record = BlobRecord.unpack(raw)
-            prefix = U64.pack(record.blob_id)
-            cursor = txn.cursor(db=self.dbs[DB_CHUNKS])
-            keys = []
-            if cursor.set_range(prefix):
-                for key, value in cursor:
-                    if key[:8] != prefix:
-                        break
-                    keys.append((bytes(key), len(value) - SUM_SIZE))
+            keys = [
+                (key, len(value) - SUM_SIZE)
+                for key, value in blob_keys(txn.cursor(db=self.dbs[DB_CHUNKS]), record.blob_id)
+            ]
             for key, length in keys:
                 self.delete_chunk(txn, key, None, length)
             txn.delete(digest.encode(), db=self.dbs[DB_BLOBS])
-            txn.delete(prefix, db=self.dbs[DB_IDS])
+            txn.delete(U64.pack(record.blob_id), db=self.dbs[DB_IDS])
             txn.delete(digest.encode(), db=self.dbs[DB_SUMS])
             return True
 
+        self.seal_failed.discard(digest)
         return self.env.write(work)
 
     def _set_flag(self, digest: str, flag: int, on: bool, size: int | None) -> None:
@@ -375,7 +405,7 @@ class ChunkStore:
         self.flush()
 
         def work(txn: lmdb.Transaction) -> tuple[int, int]:
-            stored = _meta_int(txn, self.dbs[DB_META], b"stored_bytes")
+            stored = meta_int(txn, self.dbs[DB_META], b"stored_bytes")
             if stored <= self._size_cap:
                 return 0, 0
             return self._evict(txn, stored, int(self._size_cap * LOW_WATER))
@@ -427,7 +457,7 @@ class ChunkStore:
         with self.env.reader() as txn:
             totals = counters_mod.load(txn, self.dbs[DB_COUNTERS])
             meta = self.dbs[DB_META]
-            stored = _meta_int(txn, meta, b"stored_bytes")
+            stored = meta_int(txn, meta, b"stored_bytes")
             chunks = txn.stat(self.dbs[DB_CHUNKS])["entries"]
         for name, delta in self.counters.pending().items():
             totals[name] += delta

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from blockstore.cache import ChunkStore
-from blockstore.cache.layout import DB_CHUNKS, chunk_key
+from blockstore.cache.layout import DB_BLOBS, DB_CHUNKS, SUM_SIZE, BlobRecord, chunk_key
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("cache_worker.py")
@@ -27,6 +27,22 @@ def flip_stored_byte(store: ChunkStore, digest: str, index: int, position: int) 
         raw = bytearray(value)
         raw[position % len(raw)] ^= 0x01
         txn.put(key, bytes(raw), db=store.dbs[DB_CHUNKS])
+        return True
+
+    return store.env.write(work)
+
+
+def evict_chunk(store: ChunkStore, digest: str, index: int) -> bool:
+    """Drop one stored chunk as eviction does (counts kept right); False if absent."""
+
+    def work(txn) -> bool:
+        record = BlobRecord.unpack(txn.get(digest.encode(), db=store.dbs[DB_BLOBS]))
+        key = chunk_key(record.blob_id, index)
+        value = txn.get(key, db=store.dbs[DB_CHUNKS])
+        if value is None:
+            return False
+        store.delete_chunk(txn, key, record, len(value) - SUM_SIZE)
+        txn.put(digest.encode(), record.pack(), db=store.dbs[DB_BLOBS])
         return True
 
     return store.env.write(work)

@@ -7,12 +7,15 @@ import threading
 import time
 
 import pytest
-from cache_rig import flip_stored_byte
+from cache_rig import evict_chunk, flip_stored_byte
 from cache_sources import ScriptedSource, make_blob
 
+import blockstore.cache.blob as blob_mod
 import blockstore.cache.env as cache_env
 import blockstore.cache.recency as recency
+import blockstore.cache.seal as seal_mod
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
+from blockstore.cache.blob import ChunkIntegrityError
 from blockstore.cache.layout import DB_LRU, DB_META, U64
 from blockstore.errors import BlobReadError, CacheError, IntegrityError, NotCached
 from blockstore.export import Export
@@ -27,11 +30,12 @@ def joined(buffers) -> bytes:
 
 def test_reads_of_any_offset_and_length_are_the_blob(cache_dir):
     """Reads across chunk edges, of the short last chunk, and the whole blob, cold then warm,
-    return exactly the blob's bytes; CachedBlob is an Export."""
+    return exactly the blob's bytes; CachedBlob has what an Export has."""
     data, digest = make_blob(5 * CHUNK_SIZE + 1234, seed=1)
     with ChunkStore(cache_dir) as store:
-        blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest), name="x")
-        assert isinstance(blob, Export)
+        blob: Export = CachedBlob(store, digest, len(data), ScriptedSource(data, digest), name="x")
+        assert blob.name == "x" and blob.size == len(data)
+        assert all(callable(getattr(blob, m)) for m in ("read", "read_cached", "cache"))
         cases = [(0, 1), (CHUNK_SIZE - 1, 2), (100, 3 * CHUNK_SIZE), (len(data) - 5, 5)]
         cases += [(0, len(data)), (5 * CHUNK_SIZE, 1234), (0, 0)]
         for _ in range(2):
@@ -59,35 +63,140 @@ def test_offline_miss_fails_fast_and_hits_still_serve(cache_dir):
 
 
 def test_complete_blob_is_sealed_and_refetched_chunks_are_checked(cache_dir):
-    """prefetch() fetches everything and seals; after eviction, a source that now sends
-    other bytes is caught against the sealed checksums: EIO, nothing wrong stored."""
+    """prefetch() fetches everything and seals; chunks then really evicted (a smaller cap,
+    gc) and fetched again from a source that now sends other bytes are refused against the
+    sealed checksums: EIO, checksum_failures counted, nothing stored; once the source is
+    healthy again the right bytes are served."""
     data, digest = make_blob(8 * CHUNK_SIZE + 7, seed=3)
     source = ScriptedSource(data, digest)
     with ChunkStore(cache_dir) as store:
-        blob = CachedBlob(store, digest, len(data), source)
+        blob = CachedBlob(store, digest, len(data), source, readahead=NONE)
         progress: list[int] = []
         blob.prefetch(progress.append)
         assert sum(progress) == len(data)
         info = store.blobs()[0]
         assert info.sealed and info.cached_fraction == 1.0
         assert store.stats()["seals"] == 1
-        store.remove(digest)  # sealed sums go with an rm; re-seal, then evict one chunk
-        blob = CachedBlob(store, digest, len(data), source)
-        blob.prefetch()
+        blob.close()
+    with ChunkStore(cache_dir, size_cap=4 * CHUNK_SIZE) as store:
+        assert store.gc()["evicted_chunks"] > 0
         record = store.lookup(digest)
         assert record.sealed
-        store.drop_chunks(digest, [])  # no-op
-        assert flip_stored_byte(store, digest, 2, 100)
-        assert store.drop_chunks(digest, [2]) == 1
+        evicted = store.missing(record.blob_id, range(record.chunks))
+        assert evicted
+        index = evicted[0]
+        blob = CachedBlob(store, digest, len(data), source, readahead=NONE)
+        failures = store.stats()["checksum_failures"]
         source.fault = "corrupt"
         with pytest.raises(IntegrityError) as caught:
-            blob.read(2 * CHUNK_SIZE, 10)
+            blob.read(index * CHUNK_SIZE, 10)
         assert isinstance(caught.value, BlobReadError) and caught.value.errno == errno.EIO
-        assert store.lookup(digest).present == record.chunks - 1
+        assert store.stats()["checksum_failures"] == failures + 1
+        assert store.missing(record.blob_id, [index]) == [index]
         source.fault = None
-        third = slice(2 * CHUNK_SIZE, 3 * CHUNK_SIZE)
-        assert joined(blob.read(2 * CHUNK_SIZE, CHUNK_SIZE)) == data[third]
+        wanted = slice(index * CHUNK_SIZE, (index + 1) * CHUNK_SIZE)
+        assert joined(blob.read(index * CHUNK_SIZE, CHUNK_SIZE)) == data[wanted]
         blob.close()
+
+
+def test_store_refuses_a_wrong_chunk_for_a_sealed_blob(cache_dir):
+    """A writer that did not see the seal (an export opened before it, another process)
+    stores a chunk of a sealed blob after it was evicted: the storing transaction checks it
+    against the sealed checksums. Other bytes are refused (ChunkIntegrityError, EIO),
+    counted and not stored; the right bytes are stored."""
+    data, digest = make_blob(4 * CHUNK_SIZE, seed=33)
+    with ChunkStore(cache_dir) as store:
+        blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest), readahead=NONE)
+        blob.prefetch()
+        blob.close()
+        assert evict_chunk(store, digest, 1)
+        blob_id = store.lookup(digest).blob_id
+        wrong = bytes(CHUNK_SIZE)
+        with pytest.raises(ChunkIntegrityError) as caught:
+            store.store_chunks(digest, len(data), 0, [data[:CHUNK_SIZE], wrong])
+        assert caught.value.errno == errno.EIO
+        assert store.stats()["checksum_failures"] == 1
+        assert store.missing(blob_id, range(4)) == [1]
+        store.store_chunks(digest, len(data), 1, [data[CHUNK_SIZE : 2 * CHUNK_SIZE]])
+        assert joined(CachedBlob(store, digest, len(data), None).read(0, len(data))) == data
+
+
+def test_chunk_replaced_while_the_blob_is_hashed_is_not_sealed(cache_dir, monkeypatch):
+    """Right after the last chunk is hashed, before the sealing transaction, chunk 1 is
+    evicted and stored again with other bytes (the blob is not sealed yet, so nothing
+    stops that): the seal does not happen, the changed chunk is dropped and counted. After
+    the right bytes are stored, the blob seals and serves exactly its bytes."""
+    data, digest = make_blob(4 * CHUNK_SIZE, seed=34)
+    chunks = [data[i : i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)]
+    real_scan = seal_mod.scan
+
+    def scan_then_replace(store, *args):
+        yield from real_scan(store, *args)
+        assert evict_chunk(store, digest, 1)
+        store.store_chunks(digest, len(data), 1, [bytes(CHUNK_SIZE)])
+
+    with ChunkStore(cache_dir) as store:
+        store.store_chunks(digest, len(data), 0, chunks)
+        monkeypatch.setattr(seal_mod, "scan", scan_then_replace)
+        assert store.seal(digest) is None
+        monkeypatch.undo()
+        record = store.lookup(digest)
+        assert not record.sealed and store.sealed_sums(digest) is None
+        assert store.missing(record.blob_id, range(4)) == [1]
+        assert store.stats()["checksum_failures"] == 1
+        store.store_chunks(digest, len(data), 1, [chunks[1]])
+        assert store.seal(digest) is True
+        assert joined(CachedBlob(store, digest, len(data), None).read(0, len(data))) == data
+
+
+def test_closing_does_not_wait_for_a_seal(cache_dir, monkeypatch):
+    """A background seal of a complete blob whose hashing would take about 5 s: close()
+    returns within a second, the blob unsealed; reopened, it seals."""
+    data, digest = make_blob(64 * CHUNK_SIZE, seed=35)
+    chunks = [data[i : i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)]
+    real_scan = seal_mod.scan
+    hashing = threading.Event()
+
+    def slow_scan(store, *args):
+        for item in real_scan(store, *args):
+            hashing.set()
+            time.sleep(0.08)
+            yield item
+
+    store = ChunkStore(cache_dir)
+    store.store_chunks(digest, len(data), 0, chunks)
+    monkeypatch.setattr(seal_mod, "scan", slow_scan)
+    store.seal_later(digest)
+    assert hashing.wait(5)
+    started = time.monotonic()
+    store.close()
+    assert time.monotonic() - started < 1.0
+    monkeypatch.undo()
+    with ChunkStore(cache_dir) as store:
+        assert not store.lookup(digest).sealed
+        assert store.seal(digest) is True
+
+
+def test_a_failed_seal_is_forgotten_once_the_blob_is_stored_again(cache_dir):
+    """A seal that finds the bytes wrong drops the blob and says so (False) to a seal()
+    right after; once the digest is stored again, or removed, seal() of the missing blob
+    says "not complete" (None), not the old failure."""
+    data, _ = make_blob(2 * CHUNK_SIZE, seed=36)
+    _, digest = make_blob(2 * CHUNK_SIZE, seed=37)
+    chunks = [data[:CHUNK_SIZE], data[CHUNK_SIZE:]]
+    with ChunkStore(cache_dir) as store:
+        store.store_chunks(digest, len(data), 0, chunks)
+        assert store.seal(digest) is False
+        assert store.seal(digest) is False  # the blob is gone: this is why
+        store.store_chunks(digest, len(data), 0, chunks[:1])
+        assert store.seal(digest) is None
+        store.remove(digest)
+        assert store.seal(digest) is None
+        store.store_chunks(digest, len(data), 0, chunks)
+        assert store.seal(digest) is False
+        store.remove(digest)
+        assert store.seal(digest) is None
+        assert not store.seal_failed
 
 
 def test_blob_not_matching_its_digest_is_dropped(cache_dir):
@@ -327,4 +436,59 @@ def test_sequential_hits_from_read_cached_still_drive_readahead(cache_dir):
         while store.missing(blob_id, ahead) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert store.missing(blob_id, ahead) == []
+        blob.close()
+
+
+def test_read_cached_hashes_nothing_on_a_partial_miss(cache_dir, monkeypatch):
+    """read_cached of a range whose last chunk is missing returns None without hashing any
+    chunk (read will check them); a full hit hashes each chunk once."""
+    data, digest = make_blob(4 * CHUNK_SIZE, seed=38)
+    with ChunkStore(cache_dir) as store:
+        blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest), readahead=NONE)
+        blob.read(0, 3 * CHUNK_SIZE)
+        hashed: list[int] = []
+        real_xxh3 = blob_mod.xxh3
+
+        def counting_xxh3(data):
+            hashed.append(len(data))
+            return real_xxh3(data)
+
+        monkeypatch.setattr(blob_mod, "xxh3", counting_xxh3)
+        assert blob.read_cached(0, 4 * CHUNK_SIZE) is None
+        assert hashed == []
+        assert joined(blob.read_cached(0, 3 * CHUNK_SIZE)) == data[: 3 * CHUNK_SIZE]
+        assert hashed == [CHUNK_SIZE] * 3
+        blob.close()
+
+
+class CountingReadahead(Readahead):
+    """Readahead that counts the reads it is told of."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.advised = 0
+
+    def advise(self, offset: int, length: int, size: int):
+        self.advised += 1
+        return super().advise(offset, length, size)
+
+
+def test_readahead_rests_while_the_blob_is_whole(cache_dir):
+    """Sequential hits on a blob that is wholly cached (sealed) are not advised to readahead,
+    through read or read_cached; once chunks are evicted and one is missed, readahead is
+    told of reads again."""
+    data, digest = make_blob(16 * CHUNK_SIZE, seed=39)
+    source = ScriptedSource(data, digest)
+    with ChunkStore(cache_dir) as store:
+        CachedBlob(store, digest, len(data), source, readahead=NONE).prefetch()
+        policy = CountingReadahead()
+        blob = CachedBlob(store, digest, len(data), source, readahead=policy)
+        for offset in range(0, len(data), 4 * CHUNK_SIZE):
+            wanted = data[offset : offset + 2 * CHUNK_SIZE]
+            assert joined(blob.read_cached(offset, 2 * CHUNK_SIZE)) == wanted
+            assert joined(blob.read(offset + 2 * CHUNK_SIZE, 10))
+        assert policy.advised == 0
+        assert evict_chunk(store, digest, 0) and evict_chunk(store, digest, 15)
+        assert joined(blob.read(0, 100)) == data[:100]
+        assert policy.advised == 1
         blob.close()
