@@ -93,9 +93,8 @@ def test_ranged_reads_return_the_blob_bytes(registry, pushed_images, erofs_image
     with registry.client() as client:
         image = resolve_image(client, pushed_images.large, None)
         repository = parse_reference(pushed_images.large).repository
-        blob = RegistryBlob(client, repository, image.layers[0])
-        assert isinstance(blob, BlobSource)
-        assert blob.size == len(data)
+        blob: BlobSource = RegistryBlob(client, repository, image.layers[0])
+        assert (blob.digest, blob.size) == (erofs_images.large.digest, len(data))
         rng = random.Random(7)
         for _ in range(20):
             offset = rng.randrange(len(data) + 100)
