@@ -23,6 +23,7 @@ from blockstore.cli.common import (
     add_registry_options,
     cache_dir_from,
     parse_listen,
+    registry_options_from_args,
 )
 from blockstore.errors import UsageError
 from nbdfront import mounts
@@ -221,9 +222,22 @@ def check_image_arguments(args: argparse.Namespace) -> None:
         args.blob = normalize_digest(args.blob)
 
 
+def check_registry_arguments(args: argparse.Namespace) -> None:
+    """Check the mirrors and the login as the server would, before it is spawned.
+
+    A mirror's address with a password in it would otherwise reach the
+    server's command line, which ``ps`` shows to every user.
+    """
+    from blockstore.registry.credentials import given_login
+
+    registry_options_from_args(args)
+    given_login(args.username, args.password)
+
+
 def run_mount(args: argparse.Namespace) -> int:
     check_image_arguments(args)
     merge_options(args, parse_mount_options(args.options))
+    check_registry_arguments(args)
     argv, env = serve_command(args)
     cache_dir = cache_dir_from(args).resolve()
 

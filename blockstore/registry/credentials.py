@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from blockstore.errors import UsageError
 from blockstore.registry.reference import DOCKER_HUB
 
 log = logging.getLogger(__name__)
@@ -51,15 +52,30 @@ def credentials_for(
     auth-file entries keyed by its own name are offered to it.
     """
     if use_environment:
-        username = username if username is not None else os.environ.get("BLOCKSTORE_USERNAME")
-        password = password if password is not None else os.environ.get("BLOCKSTORE_PASSWORD")
-        if username and password is not None:
-            return Credentials(username, password)
+        given = given_login(username, password)
+        if given:
+            return given
     for path in auth_files():
         found = _lookup(path, host)
         if found:
             return found
     return None
+
+
+def given_login(username: str | None = None, password: str | None = None) -> Credentials | None:
+    """The user name and password a user gave: the options, else the environment.
+
+    A password without a user name is refused, not dropped: dropped, the
+    registry's 401 would leave the user guessing why the password was not used.
+    """
+    username = username if username is not None else os.environ.get("BLOCKSTORE_USERNAME")
+    password = password if password is not None else os.environ.get("BLOCKSTORE_PASSWORD")
+    if password is not None and not username:
+        raise UsageError(
+            "a registry password needs a user name: give --username "
+            "(or -o oci.username=, or $BLOCKSTORE_USERNAME)"
+        )
+    return Credentials(username, password) if username and password is not None else None
 
 
 def auth_files() -> list[Path]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from blockstore.errors import UsageError
+
 
 @dataclass
 class RegistryOptions:
@@ -21,13 +23,18 @@ class RegistryOptions:
     username: str | None = None
     password: str | None = None
     mirrors: list[str] = field(default_factory=list)
-    """``host[:port]`` (or ``http://``/``https://`` URLs) tried in order before the upstream."""
+    """``host[:port]`` (or ``http://``/``https://`` URLs) tried in order before the upstream;
+    never with ``user:password@`` (see ``check_mirror``)."""
     timeout: float = 30.0
     """Seconds to wait for a connection or for the next bytes of a reply."""
     max_attempts: int = 5
     """Tries of one request on connection errors, 5xx and 429."""
     retry_budget: float = 60.0
     """Seconds one request may spend retrying, waits included."""
+
+    def __post_init__(self) -> None:
+        for mirror in self.mirrors:
+            check_mirror(mirror)
 
     def __repr__(self) -> str:
         # Dataclass repr would print the password into any log line or traceback.
@@ -37,4 +44,21 @@ class RegistryOptions:
             f"username={self.username!r}, password={password}, mirrors={self.mirrors!r}, "
             f"timeout={self.timeout}, max_attempts={self.max_attempts}, "
             f"retry_budget={self.retry_budget})"
+        )
+
+
+def check_mirror(mirror: str) -> None:
+    """Refuse a mirror written with ``user:password@``.
+
+    A mirror's name is shown in warnings and reprs, and ``mount`` puts it on
+    the command line of the server it starts, which ``ps`` shows to every
+    user: a password in it would leak. The message names the host only.
+    """
+    authority = mirror.split("://", 1)[-1].split("/", 1)[0]
+    _, at, host = authority.rpartition("@")
+    if at:
+        raise UsageError(
+            f"mirror {host}: a mirror's address cannot carry a user name or password; "
+            f"credentials for a mirror come from the auth files (podman login, docker login) "
+            f"keyed by its host, {host}"
         )

@@ -12,6 +12,7 @@ from blockstore.cli import build_parser
 from blockstore.cli.mount_cmds import (
     OciOptions,
     check_image_arguments,
+    check_registry_arguments,
     merge_options,
     parse_mount_options,
 )
@@ -163,6 +164,23 @@ def test_bad_platform_and_digest_flags_are_usage_errors(argv):
     """Platform and digest flags are checked by the parsers the server uses: UsageError."""
     with pytest.raises(UsageError):
         check_image_arguments(_mount_args(*argv))
+
+
+def test_a_password_without_a_user_name_is_refused_with_the_fix(monkeypatch):
+    """``-o oci.password=P`` alone would be dropped by the server: it is a UsageError that
+    names the options giving a user name; with ``oci.username`` (or ``--username``) it passes."""
+    monkeypatch.delenv("BLOCKSTORE_USERNAME", raising=False)
+    alone = _mount_args("-o", "oci.password=pw")
+    merge_options(alone, parse_mount_options(alone.options))
+    with pytest.raises(UsageError, match=r"--username.*oci\.username"):
+        check_registry_arguments(alone)
+    for argv in (
+        ["-o", "oci.password=pw,oci.username=u"],
+        ["--username", "u", "-o", "oci.password=pw"],
+    ):
+        args = _mount_args(*argv)
+        merge_options(args, parse_mount_options(args.options))
+        check_registry_arguments(args)
 
 
 def test_bad_reference_is_a_usage_error():

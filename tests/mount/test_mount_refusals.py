@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ from conftest import processes_mentioning
 from blockstore.errors import UsageError
 
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
+LOGIN_VARIABLES = ("BLOCKSTORE_USERNAME", "BLOCKSTORE_PASSWORD")
 
 
 @pytest.mark.parametrize(
@@ -35,3 +37,32 @@ def test_bad_arguments_fail_in_one_line_with_nothing_spawned(mount_dirs, mountpo
     assert len(lines) == 1 and "server log" not in lines[0], done.stderr
     assert not list(run.iterdir()), "a log or state directory was made"
     assert not processes_mentioning(str(run))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--mirror", "https://mirroruser:s3cretpw@127.0.0.1:5000"],
+        ["-o", "oci.password=s3cretpw"],
+        ["--password", "s3cretpw"],
+    ],
+)
+def test_credentials_given_wrong_fail_before_the_server_starts(mount_dirs, mountpoint, argv):
+    """A mirror with ``user:password@`` in its address (which would land on the server's
+    command line, shown by ``ps``), and a password with no user name (which would be
+    dropped without a word), each fail with exit 2 and one line from mount itself: the line
+    says what to do instead and does not repeat the password; nothing is spawned."""
+    _, run = mount_dirs
+    done = subprocess.run(
+        [*BLOCKSTORE, "mount", "127.0.0.1:5000/a/b:v1", str(mountpoint), *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k not in LOGIN_VARIABLES},
+    )
+    assert done.returncode == UsageError.exit_code, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "s3cretpw" not in lines[0], done.stderr
+    assert "auth files" in lines[0] or "--username" in lines[0], done.stderr
+    assert not list(run.iterdir()), "a log or state directory was made"
+    assert not processes_mentioning("s3cretpw")

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
+import pytest
 from rig.fault_proxy import Fault
 from rig.processes import free_port
 from rig.pushed import push_erofs
 from rig.registry_server import RegistryServer
 
+from blockstore.errors import UsageError
 from blockstore.registry import RegistryBlob, RegistryClient, RegistryOptions, resolve_image
+
+BLOCKSTORE = [sys.executable, "-m", "blockstore"]
 
 
 def read_all(client: RegistryClient, ref: str, repository: str) -> bytes:
@@ -91,3 +97,51 @@ def test_failing_mirror_is_skipped_then_retried_later(registry, pushed_images, f
         assert resolve_image(client, pushed_images.small, None).layers
     # Tried (with one retry) for the first manifest, then left out during the cooldown.
     assert mirror.faults_applied == 2
+
+
+@pytest.mark.parametrize(
+    "mirror",
+    [
+        "https://mirroruser:s3cretpw@127.0.0.1:5000",
+        "http://mirroruser:s3cretpw@127.0.0.1:5000/",
+        "mirroruser:s3cretpw@127.0.0.1:5000",
+        "mirroruser@127.0.0.1:5000",
+    ],
+)
+def test_mirror_with_credentials_in_its_address_is_refused(mirror):
+    """A mirror written with ``user[:password]@`` is refused when the options are made (a
+    UsageError naming the host and the auth files), so it never reaches a log line, a repr
+    or a server's command line; the message holds neither the user name nor the password."""
+    with pytest.raises(UsageError) as refused:
+        RegistryOptions(insecure=True, mirrors=["127.0.0.1:6000", mirror])
+    message = str(refused.value)
+    assert "mirroruser" not in message and "s3cretpw" not in message
+    assert "127.0.0.1:5000" in message and "auth files" in message
+
+
+def test_mirror_addresses_without_credentials_are_taken():
+    """Host, host:port and scheme URLs with a trailing slash are all plain mirrors."""
+    mirrors = ["mirror.example", "127.0.0.1:5000", "https://mirror.example:443/"]
+    assert RegistryOptions(mirrors=mirrors).mirrors == mirrors
+
+
+def test_every_command_refuses_a_mirror_with_credentials():
+    """``inspect`` (any command taking --mirror) exits 2 with one line that does not
+    repeat the password. Nothing listens at the addresses: had it tried to connect, the
+    exit would be 5 (unreachable)."""
+    done = subprocess.run(
+        [
+            *BLOCKSTORE,
+            "inspect",
+            "127.0.0.1:1/a/b:v1",
+            "--insecure",
+            "--mirror",
+            "http://u:s3cretpw@127.0.0.1:1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == UsageError.exit_code, done.stderr
+    assert "s3cretpw" not in done.stderr and "auth files" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -147,3 +147,16 @@ def test_secrets_stay_out_of_reprs():
     """Options and credentials print without their password."""
     assert "pw123" not in repr(RegistryOptions(username="u", password="pw123"))
     assert "pw123" not in repr(Credentials("u", "pw123"))
+
+
+def test_a_password_without_a_user_name_is_refused(no_ambient_credentials, monkeypatch):
+    """A password given with no user name (by option or by environment) is a UsageError
+    naming --username, never dropped for anonymous access; a user name from the
+    environment completes a password from the options."""
+    with pytest.raises(UsageError, match="--username"):
+        credentials_for("reg.example", password="pw")
+    monkeypatch.setenv("BLOCKSTORE_PASSWORD", "envpw")
+    with pytest.raises(UsageError, match="--username"):
+        credentials_for("reg.example")
+    monkeypatch.setenv("BLOCKSTORE_USERNAME", "env")
+    assert credentials_for("reg.example", password="pw") == Credentials("env", "pw")
