@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 
 from blockstore.errors import MissingDependency, MountError, MountpointBusy, NotPermitted
 
@@ -59,9 +60,13 @@ def umount(target: str, *, lazy: bool = False) -> None:
         raise _fail(f"umount {target}", err)
 
 
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
 def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    return field.encode().decode("unicode_escape") if "\\" in field else field
+    """mountinfo escapes space, tab, newline and backslash as ``\\NNN`` octal; only those
+    are undone, so other characters (UTF-8 names included) come through as they are."""
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m[1], 8)), field)
 
 
 def mounted() -> dict[str, tuple[str, str]]:
