@@ -9,7 +9,6 @@ even by SIGKILL, so nothing is left listening behind an interrupted run.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import shutil
 import signal
@@ -19,8 +18,7 @@ import time
 from pathlib import Path
 
 from blockstore.errors import MissingDependency, RegistryUnreachable
-
-PR_SET_PDEATHSIG = 1
+from blockstore.parentdeath import dies_with_parent
 
 
 class LocalRegistry:
@@ -69,7 +67,7 @@ class LocalRegistry:
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=dies_with_parent(signal.SIGTERM),
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -103,7 +101,3 @@ class LocalRegistry:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -12,16 +12,12 @@ Usage: python -m nbdfront.mount_supervisor STATUS_FILE COMMAND...
 
 from __future__ import annotations
 
-import ctypes
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-PR_SET_PDEATHSIG = 1
-
-_libc = ctypes.CDLL(None, use_errno=True)
+from blockstore.parentdeath import dies_with_parent
 
 
 def read_status(path: Path) -> int | None:
@@ -33,14 +29,7 @@ def read_status(path: Path) -> int | None:
 
 
 def supervise(status_path: Path, command: list[str]) -> int:
-    parent = os.getpid()
-
-    def die_with_parent() -> None:
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent was gone before the signal was set up
-            os._exit(1)
-
-    server = subprocess.Popen(command, preexec_fn=die_with_parent)
+    server = subprocess.Popen(command, preexec_fn=dies_with_parent(signal.SIGKILL))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda received, _frame: server.send_signal(received))
     returncode = server.wait()
