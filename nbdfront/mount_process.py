@@ -15,6 +15,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+SERVER_STOP_TIMEOUT = 25.0
+"""Seconds a mount's server gets to exit after SIGTERM before SIGKILL.
+
+More than the server's own stop takes at worst (``nbdfront.server``:
+DRAIN_TIMEOUT, 15 s, for in-flight replies, then 5 s to cut what is left),
+so ``umount`` never kills a server that is still stopping and loses its
+exit status. Not imported from there: ``umount`` should not load the server.
+"""
+
 
 def _start_time(pid: int) -> int | None:
     """Clock ticks after boot at which ``pid`` started; None if it is gone or a zombie."""

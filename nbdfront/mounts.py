@@ -19,6 +19,7 @@ from pathlib import Path
 
 from blockstore.errors import MountError, MountpointBusy, NotPermitted
 from nbdfront import attach, mount_state, mount_syscall
+from nbdfront.mount_process import SERVER_STOP_TIMEOUT
 from nbdfront.mount_server import layer_exports, start_server
 from nbdfront.mount_state import MountRecord
 from nbdfront.mount_supervisor import read_status
@@ -224,7 +225,7 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> int | None:
     for attachment in reversed(record.attachments):
         attach.detach(attachment, lazy=lazy)
     if record.server is not None:
-        record.server.stop()
+        record.server.stop(SERVER_STOP_TIMEOUT)
     server_status = read_status(Path(record.state_dir) / SERVER_STATUS)
     if record.socket:
         Path(record.socket).unlink(missing_ok=True)

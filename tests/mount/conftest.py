@@ -122,11 +122,13 @@ def local_server(mount_dirs):
 
     It is nbdkit's file plugin behind the same announcements ``blockstore
     serve`` makes, so the mount stack is tested without a registry. Stopped,
-    it exits with ``stop_status``.
+    it exits with ``stop_status`` after ``stop_delay`` seconds.
     """
     counter = iter(range(1000))
 
-    def server_argv(images: dict[str, Path], stop_status: int = 0) -> list[str]:
+    def server_argv(
+        images: dict[str, Path], stop_status: int = 0, stop_delay: float = 0.0
+    ) -> list[str]:
         directory = mount_dirs[0] / f"exports{next(counter)}"
         directory.mkdir()
         for name, image in images.items():
@@ -137,6 +139,8 @@ def local_server(mount_dirs):
             str(directory),
             "--stop-status",
             str(stop_status),
+            "--stop-delay",
+            str(stop_delay),
         ]
 
     return server_argv

@@ -3,8 +3,9 @@
 Serves every file in DIR as the export of the same name with nbdkit's file
 plugin, and makes the same announcements the real server makes (``export
 NAME URI`` lines, then ``ready``), so mounting can be tested without a
-registry. SIGTERM stops it with status 0, or the one ``--stop-status`` gives.
-Usage: nbdkit_serve.py DIR [--stop-status N] --unix SOCK --pidfile PID
+registry. SIGTERM stops it with status 0, or the one ``--stop-status`` gives,
+after ``--stop-delay`` seconds (a server still draining its requests).
+Usage: nbdkit_serve.py DIR [--stop-status N] [--stop-delay S] --unix SOCK --pidfile PID
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def main() -> int:
     parser.add_argument("--unix", required=True)
     parser.add_argument("--pidfile", required=True)
     parser.add_argument("--stop-status", type=int, default=0)
+    parser.add_argument("--stop-delay", type=float, default=0.0)
     args = parser.parse_args()
     nbdkit_pidfile = args.pidfile + ".nbdkit"
     # --exit-with-parent: nbdkit goes when this process goes, however it goes.
@@ -42,7 +44,13 @@ def main() -> int:
         ],
         stdin=subprocess.DEVNULL,
     )
-    signal.signal(signal.SIGTERM, lambda *_: (nbdkit.terminate(), sys.exit(args.stop_status)))
+
+    def stop(*_: object) -> None:
+        nbdkit.terminate()
+        time.sleep(args.stop_delay)
+        sys.exit(args.stop_status)
+
+    signal.signal(signal.SIGTERM, stop)
     while not os.path.exists(nbdkit_pidfile):
         if nbdkit.poll() is not None:
             return 1

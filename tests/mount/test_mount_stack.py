@@ -22,7 +22,9 @@ from mount_trees import assert_same_tree
 
 from blockstore.errors import MountError, MountpointBusy
 from nbdfront import attach, mount_state, mount_syscall, mounts
+from nbdfront.mount_process import SERVER_STOP_TIMEOUT
 from nbdfront.mount_server import ServerFailed
+from nbdfront.server import DRAIN_TIMEOUT
 
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
 
@@ -156,6 +158,23 @@ def test_clean_umount_removes_the_log_a_failed_stop_keeps_it(
         f"blockstore: the server exited with status 3; its log is kept at {record.log}"
     )
     assert os.path.exists(record.log)
+    assert_nothing_left(record, run)
+
+
+def test_umount_waits_out_a_server_that_drains_slowly(
+    mount_dirs, mountpoint, erofs_images, local_server
+):
+    """A server that takes 6 s to stop after SIGTERM (longer than a quick kill would wait,
+    shorter than its own drain may take) is waited for, not killed: its status 0 is read,
+    so umount reports nothing and removes the log. And umount's wait outlasts the real
+    server's worst stop: its drain, then 5 s to cut what is left."""
+    assert SERVER_STOP_TIMEOUT > DRAIN_TIMEOUT + 5
+    _, run = mount_dirs
+    argv = local_server({"layer0": erofs_images.small.path}, stop_delay=6)
+    record = mounts.mount(argv, str(mountpoint), image="small")
+    done = mounts.unmount(str(mountpoint))
+    assert done.trouble is None
+    assert not os.path.exists(record.log)
     assert_nothing_left(record, run)
 
 
