@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -60,7 +61,8 @@ def parse_mount_options(texts: list[str]) -> OciOptions:
             if not key and not has_value:
                 continue
             if key in ("oci.layer", "oci"):
-                if not value.isdigit():
+                # Negative counts from the top, as --layer does.
+                if not re.fullmatch(r"-?[0-9]+", value):
                     raise UsageError(f"-o {key}= wants a layer number, not {value!r}")
                 parsed.layer = int(value)
             elif key == "oci.blob":

@@ -36,6 +36,16 @@ def test_erofs_utils_spellings():
     )
 
 
+def test_negative_layer_counts_from_the_top_in_both_spellings():
+    """``-o oci.layer=-1`` and ``-o oci=-2`` are taken as ``--layer -1``/``-2`` are (a
+    negative index counts from the top), and ``--layer -1 -o oci.layer=-1`` agree."""
+    assert parse_mount_options(["oci.layer=-1"]).layer == -1
+    assert parse_mount_options(["oci=-2"]).layer == -2
+    args = _mount_args("--layer", "-1", "-o", "oci.layer=-1")
+    merge_options(args, parse_mount_options(args.options))
+    assert args.layer == -1
+
+
 def test_old_oci_spelling_and_blob():
     """``oci=N`` is the older spelling of oci.layer; oci.blob takes a digest."""
     assert parse_mount_options(["oci=0"]).layer == 0
@@ -48,7 +58,9 @@ def test_old_oci_spelling_and_blob():
     [
         "oci.layer=x",
         "oci.layer=",
-        "oci=-1",
+        "oci.layer=+1",
+        "oci.layer=--1",
+        "oci=1.5",
         "oci.blob=notadigest",
         "oci.platform=amd64",
         "oci.platform=linux/",
@@ -100,7 +112,7 @@ def test_options_fill_flags_and_must_agree_with_them():
 
 
 @given(
-    layer=st.integers(min_value=0, max_value=10_000),
+    layer=st.integers(min_value=-10_000, max_value=10_000),
     user=st.text(
         st.characters(blacklist_characters=",=", blacklist_categories=("Cs",)), min_size=1
     ),
