@@ -18,11 +18,11 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from blockstore.errors import BlobReadError
+from blockstore.export import Buffer
 from blockstore.source import BlobSource
 
 log = logging.getLogger(__name__)
 
-Buffer = bytes | memoryview
 # on_arrival(first_index, data) -> {index: chunk bytes} for the chunks in data;
 # raises to refuse them.
 Arrival = Callable[[int, bytes], Mapping[int, Buffer]]

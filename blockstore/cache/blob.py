@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable, Mapping
 
 from blockstore.errors import BlobReadError, CacheError, IntegrityError, NotCached
+from blockstore.export import Buffer
 from blockstore.fetch import Fetcher
 from blockstore.prefetch import BackgroundFill, Readahead
 from blockstore.source import BlobSource
@@ -35,7 +36,6 @@ from .store import ChunkIntegrityError, ChunkStore
 
 log = logging.getLogger(__name__)
 
-Buffer = bytes | memoryview
 PREFETCH_STEP = 32 << 20  # bytes asked of the fetcher at a time by prefetch()
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import lmdb
 
 from blockstore.errors import BlobReadError, CacheError, IntegrityError
+from blockstore.export import Buffer
 from blockstore.fetch import Flights
 
 from . import counters as counters_mod
@@ -57,7 +58,6 @@ from .seal import Sealer, VerifyReport, seal_blob, verify_store
 log = logging.getLogger(__name__)
 
 DEFAULT_SIZE_CAP = 10 << 30
-Buffer = bytes | memoryview
 
 
 class ChunkIntegrityError(IntegrityError, BlobReadError):
