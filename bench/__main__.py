@@ -103,7 +103,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     return Plan(
         mode=args.mode,
         repeats=args.repeats or (3 if full else 1),
-        image_size=args.image_size or ((256 if full else 64) * MiB),
+        image_size=args.image_size or ((256 if full else 48) * MiB),
         compressions=compressions,
         networks=[LOOPBACK, wan(20, 1000), wan(20, 100)] if full else [wan(20, 1000)],
         sweep=[wan(rtt, 1000) for rtt in (0, 5, 20, 50)] if full else [],
