@@ -1,10 +1,12 @@
-"""One registry host as the client talks to it: URL, TLS, auth, retries, redirects.
+"""One registry host as the client talks to it: URL, TLS, auth, quiet, redirects.
 
 Every request to a registry goes through ``Endpoint.request``, so the rules
 live in one place: Authorization only ever goes to the endpoint's own
 origin (a 307 to blob storage or a CDN is followed without it), a 401 is
-answered once with new credentials, connection errors, 5xx and 429 are
-retried with backoff, and nothing that carries a secret is logged.
+answered once with new credentials, a host's request for quiet (429/503
+with ``Retry-After``) is kept for every later request to it, and nothing
+that carries a secret is logged. Retrying is the caller's: one request here
+is one attempt, bounded by the caller's deadline.
 """
 
 from __future__ import annotations
@@ -24,21 +26,24 @@ from blockstore.registry.credentials import Credentials
 from blockstore.registry.replies import oci_error
 from blockstore.registry.retry import (
     RETRIABLE_STATUS,
-    RetryClock,
-    RetryPolicy,
+    Deadline,
+    Quiet,
+    TryAgain,
     parse_retry_after,
 )
 
 log = logging.getLogger(__name__)
 
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+QUIET_STATUS = frozenset({429, 503})
+"""Statuses whose ``Retry-After`` asks the whole host for quiet."""
 MAX_REDIRECTS = 5
 Body = bytes | Path | None
 """A request body; a Path is opened anew for each attempt so retries resend it whole."""
 
 
 class Endpoint:
-    """A registry (or mirror) host with its own credentials and tokens."""
+    """A registry (or mirror) host with its own credentials, tokens and quiet period."""
 
     def __init__(
         self,
@@ -48,8 +53,6 @@ class Endpoint:
         *,
         credentials: Credentials | None,
         verify: str | bool,
-        timeout: float,
-        policy: RetryPolicy,
         is_mirror: bool = False,
     ):
         self.host = host
@@ -57,8 +60,7 @@ class Endpoint:
         self.is_mirror = is_mirror
         self._session = session
         self._verify = verify
-        self._timeout = (min(timeout, 10.0), timeout)
-        self._policy = policy
+        self.quiet = Quiet()
         self.auth = Authenticator(host, credentials, self._fetch_token)
 
     def __repr__(self) -> str:
@@ -70,21 +72,36 @@ class Endpoint:
         path: str,
         *,
         scope: str,
+        deadline: Deadline,
         headers: dict[str, str] | None = None,
         body: Body = None,
         stream: bool = False,
     ) -> requests.Response:
-        """Send ``method path`` (path from ``/v2/``, or a full URL the registry gave us).
+        """One attempt at ``method path`` (path from ``/v2/``, or a full URL the registry
+        gave us), 401 challenges and redirects answered within it.
 
-        Returns the final reply, whatever its status; raises
-        ``RegistryUnreachable`` when no reply came after all retries and
-        ``AuthError`` when credentials were refused.
+        Returns the final reply, whatever its status. Raises ``TryAgain`` when
+        no reply came (the caller's retry policy decides), ``RegistryError``
+        at once when the host asked for quiet for longer than ``deadline``
+        leaves, and ``AuthError`` when credentials were refused.
         """
+        if not self.quiet.wait(deadline):
+            raise RegistryError(
+                f"registry {self.host} asked for a pause of {self.quiet.left():.0f}s more, "
+                "longer than this request may wait",
+                status=429,
+            )
         url = path if "://" in path else self.base_url + path
-        authorization = self.auth.header(scope)
+        authorization = self.auth.header(scope, deadline)
         answered = False
         while True:
-            reply = self._follow_redirects(method, url, headers or {}, authorization, body, stream)
+            reply = self._follow_redirects(
+                method, url, headers or {}, authorization, body, stream, deadline
+            )
+            if reply.status_code in QUIET_STATUS:
+                pause = parse_retry_after(reply.headers.get("Retry-After"))
+                if pause:
+                    self.quiet.asked(pause)
             if reply.status_code != 401:
                 return reply
             challenge = reply.headers.get("WWW-Authenticate")
@@ -93,7 +110,7 @@ class Endpoint:
                 reply.close()
                 raise AuthError(self._refusal(scope, authorization, detail), status=401)
             reply.close()
-            authorization = self.auth.answer_challenge(challenge, scope)
+            authorization = self.auth.answer_challenge(challenge, scope, deadline)
             answered = True
 
     def _refusal(self, scope: str, authorization: str | None, detail: str) -> str:
@@ -112,13 +129,14 @@ class Endpoint:
         authorization: str | None,
         body: Body,
         stream: bool,
+        deadline: Deadline,
     ) -> requests.Response:
         own_origin = _origin(self.base_url)
         for _ in range(MAX_REDIRECTS + 1):
             sent = dict(headers)
             if authorization and _origin(url) == own_origin:
                 sent["Authorization"] = authorization
-            reply = self._send(method, url, sent, body, stream)
+            reply = self._send(method, url, sent, body, stream, deadline)
             location = reply.headers.get("Location")
             if reply.status_code not in REDIRECT_STATUS or not location:
                 return reply
@@ -128,55 +146,60 @@ class Endpoint:
         raise RegistryError(f"registry {self.host}: more than {MAX_REDIRECTS} redirects")
 
     def _send(
-        self, method: str, url: str, headers: dict[str, str], body: Body, stream: bool
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: Body,
+        stream: bool,
+        deadline: Deadline,
     ) -> requests.Response:
-        clock = RetryClock(self._policy)
-        while True:
-            clock.start_attempt()
-            try:
-                reply = self._send_once(method, url, headers, body, stream)
-            except requests.exceptions.SSLError as exc:
-                raise RegistryUnreachable(
-                    f"cannot connect securely to {urlsplit(url).netloc}: {describe_failure(exc)}"
-                ) from None
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                if clock.wait_before_next():
-                    log.info("retrying %s %s: %s", method, self.host, describe_failure(exc))
-                    continue
-                raise RegistryUnreachable(
-                    f"cannot reach registry {urlsplit(url).netloc}: {describe_failure(exc)} "
-                    f"(after {clock.attempts} attempt{'s' if clock.attempts > 1 else ''})"
-                ) from None
-            if reply.status_code in RETRIABLE_STATUS:
-                retry_after = parse_retry_after(reply.headers.get("Retry-After"))
-                if clock.wait_before_next(retry_after):
-                    log.info("retrying %s %s after HTTP %d", method, self.host, reply.status_code)
-                    reply.close()
-                    continue
-            return reply
-
-    def _send_once(
-        self, method: str, url: str, headers: dict[str, str], body: Body, stream: bool
-    ) -> requests.Response:
+        """One request; the socket waits at most the deadline's stall or the time left."""
+        where = urlsplit(url).netloc
+        if deadline.expired:
+            raise TryAgain(RegistryUnreachable(f"cannot reach registry {where}: timed out"))
         kwargs = {
             "headers": headers,
             "stream": stream,
-            "timeout": self._timeout,
+            "timeout": (deadline.cap(min(deadline.stall, 10.0)), deadline.receive_timeout()),
             "allow_redirects": False,
             "verify": self._verify,
         }
-        if isinstance(body, Path):
-            with body.open("rb") as file:
-                return self._session.request(method, url, data=file, **kwargs)
-        return self._session.request(method, url, data=body, **kwargs)
+        try:
+            if isinstance(body, Path):
+                with body.open("rb") as file:
+                    return self._session.request(method, url, data=file, **kwargs)
+            return self._session.request(method, url, data=body, **kwargs)
+        except requests.exceptions.SSLError as exc:
+            raise RegistryUnreachable(
+                f"cannot connect securely to {where}: {describe_failure(exc)}"
+            ) from None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise TryAgain(
+                RegistryUnreachable(f"cannot reach registry {where}: {describe_failure(exc)}")
+            ) from None
 
     def _fetch_token(
-        self, realm: str, params: list[tuple[str, str]], credentials: Credentials | None
+        self,
+        realm: str,
+        params: list[tuple[str, str]],
+        credentials: Credentials | None,
+        deadline: Deadline,
     ) -> requests.Response:
         headers = {"Authorization": basic_header(credentials)} if credentials else {}
         separator = "&" if urlsplit(realm).query else "?"
-        reply = self._send("GET", realm + separator + urlencode(params), headers, None, False)
+        url = realm + separator + urlencode(params)
+        reply = self._send("GET", url, headers, None, False, deadline)
         reply.close()
+        if reply.status_code in RETRIABLE_STATUS:
+            raise TryAgain(
+                AuthError(
+                    f"token issuer {urlsplit(realm).netloc} for registry {self.host} "
+                    f"answered HTTP {reply.status_code}",
+                    status=reply.status_code,
+                ),
+                parse_retry_after(reply.headers.get("Retry-After")),
+            )
         return reply
 
 
