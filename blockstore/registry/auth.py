@@ -99,7 +99,6 @@ class Authenticator:
         self._bearer: dict[str, str] = {}
         """The realm and service of the last Bearer challenge."""
         self._tokens: dict[str, _Token] = {}
-        self.tokens_fetched = 0
 
     def header(self, scope: str, deadline: Deadline) -> str | None:
         """The ``Authorization`` to send up front, renewing a token close to expiry."""
@@ -178,6 +177,5 @@ class Authenticator:
         margin = min(30.0, lifetime / 4)
         token = _Token(value, started + lifetime - margin)
         self._tokens[scope] = token
-        self.tokens_fetched += 1
         log.debug("new token for %s %s, lives %.0fs", self.host, scope, lifetime)
         return token

@@ -12,13 +12,16 @@ is one attempt, bounded by the caller's deadline.
 from __future__ import annotations
 
 import errno
+import http.client
 import logging
+import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
+import urllib3
 
 from blockstore.errors import AuthError, RegistryError, RegistryUnreachable
 from blockstore.registry.auth import Authenticator, basic_header
@@ -209,28 +212,36 @@ def _origin(url: str) -> tuple[str, str]:
     return parts.scheme, f"{parts.hostname}:{port}"
 
 
+_CAUSES: list[tuple[type | tuple[type, ...], str]] = [
+    (socket.gaierror, "unknown host name"),
+    (ConnectionRefusedError, "connection refused"),
+    (ConnectionResetError, "connection closed by the server"),
+    # urllib3's NewConnectionError is a ConnectTimeoutError: the more precise causes
+    # nested in it (refused, unknown host) are looked for first.
+    ((TimeoutError, requests.Timeout, urllib3.exceptions.TimeoutError), "timed out"),
+    (
+        (http.client.HTTPException, urllib3.exceptions.ProtocolError),
+        "connection closed by the server",
+    ),
+]
+"""Transport failures by exception type, most precise first, with what a user reads."""
+
+
 def describe_failure(exc: BaseException) -> str:
-    """A short human cause for a transport failure: ``connection refused``, ``timed out``."""
+    """A short human cause for a transport failure, from the types of the exceptions
+    nested in it: ``connection refused``, ``timed out``, ``unknown host name``."""
     causes = list(_causes(exc))
-    texts = " ".join(str(cause) for cause in causes)
     for cause in causes:
         if isinstance(cause, ssl.SSLCertVerificationError):
             return f"certificate not trusted ({cause.verify_message}; give --ca-file)"
-    if "WRONG_VERSION_NUMBER" in texts or "wrong version number" in texts:
-        return "it does not speak TLS (a plain-HTTP registry needs --insecure)"
+        if isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER":
+            return "it does not speak TLS (a plain-HTTP registry needs --insecure)"
     for cause in causes:
-        if isinstance(cause, ConnectionRefusedError):
-            return "connection refused"
-        if isinstance(cause, TimeoutError | requests.Timeout):
-            return "timed out"
         if isinstance(cause, OSError) and cause.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
             return "no route to host"
-        if isinstance(cause, ConnectionResetError):
-            return "connection closed by the server"
-    if "Name or service not known" in texts or "nodename nor servname" in texts:
-        return "unknown host name"
-    if "Connection aborted" in texts or "Connection broken" in texts:
-        return "connection closed by the server"
+    for types, cause_text in _CAUSES:
+        if any(isinstance(cause, types) for cause in causes):
+            return cause_text
     return type(exc).__name__
 
 
