@@ -123,7 +123,7 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         argv += ["--layer", str(args.layer)]
     if args.blob is not None:
         argv += ["--blob", args.blob]
-    for option in ("platform", "cache_size", "username", "ca_file"):
+    for option in ("platform", "cache_size", "username", "ca_file", "timeout"):
         value = getattr(args, option)
         if value is not None:
             argv += [f"--{option.replace('_', '-')}", str(value)]

@@ -29,6 +29,14 @@ class RegistryBlob:
         self.layer = layer
         self.upstream_only = upstream_only
 
+    def from_upstream(self) -> RegistryBlob:
+        """The same blob read from the upstream registry alone, past every mirror.
+
+        For bytes that failed their digest: a mirror may have served them, and
+        the upstream is the source of truth to fetch them again from.
+        """
+        return RegistryBlob(self.client, self.repository, self.layer, upstream_only=True)
+
     def __repr__(self) -> str:
         return f"RegistryBlob({self.client.registry}/{self.repository}@{self.layer.digest})"
 

@@ -134,6 +134,20 @@ class RegistryClient:
         raw, headers = self._pull_whole(repository, path, subject, {"Accept": MANIFEST_ACCEPT})
         return ManifestReply(raw, headers.get("Docker-Content-Digest"))
 
+    def blob_size(self, repository: str, digest: str) -> int | None:
+        """The blob's size as the registry stores it (a HEAD's Content-Length), or None
+        when the registry does not say."""
+        subject = f"blob {digest} of {self.registry}/{repository}"
+        path = f"/v2/{repository}/blobs/{digest}"
+        deadline = self.deadline()
+
+        def attempt(endpoint: Endpoint) -> int | None:
+            with self._get(endpoint, repository, path, subject, None, deadline, "HEAD") as reply:
+                length = reply.headers.get("Content-Length", "")
+                return int(length) if length.isdigit() else None
+
+        return self._read(subject, deadline, attempt)
+
     def get_blob(self, repository: str, digest: str) -> bytes:
         """A whole small blob (an image config); the caller checks its digest."""
         subject = f"blob {digest} of {self.registry}/{repository}"
@@ -279,12 +293,13 @@ class RegistryClient:
         subject: str,
         headers: dict[str, str] | None,
         deadline: Deadline,
+        method: str = "GET",
     ) -> requests.Response:
-        """A streamed GET's reply if it is a success; else its error (``TryAgain`` for
+        """A streamed read's reply if it is a success; else its error (``TryAgain`` for
         the statuses another attempt may cure)."""
         scope = f"repository:{repository}:pull"
         reply = endpoint.request(
-            "GET", path, scope=scope, deadline=deadline, headers=headers, stream=True
+            method, path, scope=scope, deadline=deadline, headers=headers, stream=True
         )
         if 200 <= reply.status_code < 300:
             return reply
