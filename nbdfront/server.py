@@ -25,7 +25,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 
-from blockstore.export import Export
+from blockstore.export import Buffer, Export
 from nbdfront.protocol import (
     MAX_PAYLOAD,
     NEED_DATA,
@@ -40,7 +40,6 @@ from nbdfront.protocol import (
     ServerConnection,
     nbd_error,
 )
-from nbdfront.protocol.events import Buffer
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +223,7 @@ class _Session:
                 self._reads_since_recv += 1
                 self._answer(event)
             elif isinstance(event, CacheRequest):
-                self._hand_off(event, 0, self._cache)
+                self._hand_off(event, 0, self._serve_cache_hint)
             elif isinstance(event, ExportSelected):
                 self._export = self._server.exports[event.name]
                 self._sock.settimeout(None)
@@ -264,7 +263,7 @@ class _Session:
         except Exception:  # read meets the same fault and reports it as the reply
             data = None
         if data is None or _length(data) != request.length:
-            self._hand_off(request, request.length, self._read)
+            self._hand_off(request, request.length, self._serve_miss)
             return
         self._batch += self._protocol.send(ReadReply(request, data))
         self._batch_bytes += request.length
@@ -287,7 +286,8 @@ class _Session:
             batch, self._batch, self._batch_bytes = self._batch, [], 0
             self._send(batch)
 
-    def _read(self, request: ReadRequest) -> None:
+    def _serve_miss(self, request: ReadRequest) -> None:
+        """On a worker: read through the export, which may fetch, and send the reply."""
         assert self._export is not None
         try:
             try:
@@ -303,7 +303,8 @@ class _Session:
         finally:
             self._budget.release(request.length)
 
-    def _cache(self, request: CacheRequest) -> None:
+    def _serve_cache_hint(self, request: CacheRequest) -> None:
+        """On a worker: have the export bring the range into its cache, then answer."""
         assert self._export is not None
         try:
             try:
