@@ -27,7 +27,7 @@ from blockstore.cli.common import (
 )
 from blockstore.errors import BlockstoreError
 from blockstore.image import open_image
-from blockstore.metrics import MetricsServer, render
+from blockstore.metrics import MetricsServer
 from nbdfront.server import DEFAULT_PORT, NBDServer, is_loopback
 
 log = logging.getLogger(__name__)
@@ -120,11 +120,10 @@ def run_serve(args: argparse.Namespace) -> int:
 def start_metrics(address: tuple[str, int], store: ChunkStore, server: NBDServer) -> MetricsServer:
     """Prometheus metrics of the cache and this server, announced before ``ready``."""
     try:
-        metrics = MetricsServer(*address, lambda: render(store.stats(), server.connection_count))
+        metrics = MetricsServer(*address, store.stats, lambda: server.connection_count)
     except OSError as exc:
         where = f"{address[0]}:{address[1]}"
         raise BlockstoreError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from exc
-    metrics.start()
     host, port = metrics.address
     print(f"metrics http://{host}:{port}/metrics")
     return metrics
