@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nbdfront.mount_server import layer_exports, parse_announcements, warnings_before_ready
+from nbdfront.mount.server import layer_exports, parse_announcements, warnings_before_ready
 
 SOCK = "nbd+unix:///{}?socket=%2Frun%2Fs.sock"
 

@@ -7,7 +7,7 @@ SIGTERM and SIGINT on to it, writes its exit status to a file, and exits
 with that status. Killed itself, it takes the server with it (the kernel's
 parent-death signal), so to other processes it stands for the server.
 
-Usage: python -m nbdfront.mount_supervisor STATUS_FILE COMMAND...
+Usage: python -m nbdfront.mount.supervisor STATUS_FILE COMMAND...
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockstore.errors import MountError
-from nbdfront.mount_process import ProcessRef, log_tail, spawn_detached
+from nbdfront.mount.process import ProcessRef, log_tail, spawn_detached
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def start_server(
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_bytes(b"")
-    supervised = [sys.executable, "-m", "nbdfront.mount_supervisor", str(status_path), *argv]
+    supervised = [sys.executable, "-m", "nbdfront.mount.supervisor", str(status_path), *argv]
     proc = spawn_detached(supervised, log_path, env=env)
     try:
         exports = _wait_until_ready(proc, log_path, timeout)
