@@ -1,13 +1,14 @@
 """Start the NBD server a mount reads through, and wait until it serves.
 
-The server speaks a small line protocol on stdout: one ``export NAME URI``
-line per export, then ``ready`` once it listens. Its stdout and stderr both
-go to the mount's log file, which is read back here; a server that dies
-before ``ready`` is reported with the last lines it logged and its exit code,
-which the command passes on so the cause (no such layer, registry
-unreachable) keeps its own exit code. The warnings it logs before ``ready``
-(serving from the cache alone, say) are handed back too: the user who
-mounts must see them, not only the log.
+The server is told ``--ready-fd N``: the write end of a pipe on which it
+says, in one line, that it is ready and what its exports are, or why it
+gave up (``readiness``). Its stdout and stderr go to the mount's log file
+for people to read; nothing is learned from it here. A server that fails
+before it is ready is reported with its own words and its exit status,
+which the command passes on, so the cause (no such layer, registry
+unreachable) keeps its own exit code. The warnings it logged before it was
+ready (serving from the cache alone, say) come on the same line: the user
+who mounts must see them, not only the log.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockstore.errors import MountError
+from nbdfront.mount import readiness
 from nbdfront.mount.process import ProcessRef, log_tail, spawn_detached
 
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT = 120.0
+EXIT_AFTER_FAILURE = 5.0
+"""Seconds a server that said it failed gets to exit, so its exit status can be passed on."""
 _LAYER_EXPORT = re.compile(r"layer(\d+)")
-# A warning as the server logs it: "DATE TIME LOGGER WARNING message".
-_WARNING = re.compile(r"\S+ \S+ \S+ WARNING (.*)")
 
 
 class ServerFailed(MountError):
@@ -46,32 +48,7 @@ class ServerFailed(MountError):
 class ServerStarted:
     process: ProcessRef
     exports: dict[str, str]  # export name -> NBD URI, in the order announced
-    warnings: list[str]  # what it warned of before it was ready, without the log prefix
-
-
-def parse_announcements(text: str) -> tuple[dict[str, str], bool]:
-    """The exports announced so far in the server's output, and whether it said ``ready``."""
-    exports: dict[str, str] = {}
-    for line in text.splitlines():
-        words = line.split()
-        if words == ["ready"]:
-            return exports, True
-        if len(words) in (2, 3) and words[0] == "export":
-            # The default export has the empty name; it may be printed as nothing or "".
-            name = words[1].strip('"') if len(words) == 3 else ""
-            exports[name] = words[-1]
-    return exports, False
-
-
-def warnings_before_ready(text: str) -> list[str]:
-    """The messages of the WARNING lines the server logged before ``ready``."""
-    found = []
-    for line in text.splitlines():
-        if line.strip() == "ready":
-            break
-        if match := _WARNING.fullmatch(line):
-            found.append(match.group(1))
-    return found
+    warnings: list[str]  # what it warned of before it was ready
 
 
 def start_server(
@@ -82,28 +59,67 @@ def start_server(
     env: dict[str, str] | None = None,
     timeout: float = READY_TIMEOUT,
 ) -> ServerStarted:
-    """Spawn ``argv`` detached, logging to ``log_path``, and return once it is ready.
+    """Spawn ``argv`` (given ``--ready-fd N``) detached, logging to ``log_path``; return once
+    it is ready.
 
-    It runs under ``mount_supervisor``, which writes its exit status to
-    ``status_path`` and is the process returned. Until it is ready the
-    server is ours to stop: any failure here, an interrupt included, kills
-    it before the error goes on.
+    It runs under ``supervisor``, which writes how it ended to ``status_path``
+    and is the process returned. Until it is ready the server is ours to stop:
+    any failure here, an interrupt included, kills it before the error goes on.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_bytes(b"")
-    supervised = [sys.executable, "-m", "nbdfront.mount.supervisor", str(status_path), *argv]
-    proc = spawn_detached(supervised, log_path, env=env)
+    read_end, write_end = os.pipe()
     try:
-        exports = _wait_until_ready(proc, log_path, timeout)
+        supervised = [
+            sys.executable,
+            "-m",
+            "nbdfront.mount.supervisor",
+            str(status_path),
+            str(write_end),
+            *argv,
+            "--ready-fd",
+            str(write_end),
+        ]
+        proc = spawn_detached(supervised, log_path, env=env, pass_fds=(write_end,))
+        os.close(write_end)  # from here, only the server holds it: its exit is end-of-file
+        write_end = -1
+        try:
+            status = readiness.read_status(read_end, timeout)
+            return _started(proc, status, log_path, timeout)
+        except BaseException:
+            _kill_group(proc)
+            raise
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+
+
+def _started(
+    proc: subprocess.Popen, status: readiness.Status, log_path: Path, timeout: float
+) -> ServerStarted:
+    """What the status line means for the mount: the server to record, or the error."""
+    if isinstance(status, readiness.Ready):
+        if not status.exports:
+            raise MountError(f"the server announced no export (log: {log_path})")
         process = ProcessRef.of(proc.pid)
         if process is None:
             raise MountError(f"the server exited right after it was ready (log: {log_path})")
-        return ServerStarted(
-            process, exports, warnings_before_ready(log_path.read_text(errors="replace"))
-        )
-    except BaseException:
-        _kill_group(proc)
-        raise
+        return ServerStarted(process, status.exports, status.warnings)
+    if isinstance(status, readiness.TimedOut):
+        raise MountError(f"the server was not ready within {timeout:.0f}s (log: {log_path})")
+    try:
+        exit_status = proc.wait(EXIT_AFTER_FAILURE)
+    except subprocess.TimeoutExpired:
+        exit_status = None
+    logger.info("the server exited with %s; its last lines:\n%s", exit_status, log_tail(log_path))
+    if isinstance(status, readiness.Failed):
+        why = status.error
+    elif exit_status is None:
+        why = "the server closed its readiness pipe without a word"
+    else:
+        why = f"the server exited with status {exit_status} before it was ready"
+    raise ServerFailed(f"{why} (server log: {log_path})", exit_status or MountError.exit_code)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -118,30 +134,6 @@ def _kill_group(proc: subprocess.Popen) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.01)
-
-
-def _wait_until_ready(proc: subprocess.Popen, log_path: Path, timeout: float) -> dict[str, str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        exports, ready = parse_announcements(log_path.read_text(errors="replace"))
-        if ready:
-            if not exports:
-                raise MountError(f"the server announced no export (log: {log_path})")
-            return exports
-        if proc.poll() is not None:
-            logger.info(
-                "the server exited with %s; its last lines:\n%s",
-                proc.returncode,
-                log_tail(log_path, 10),
-            )
-            why = log_tail(log_path, 1).removeprefix("blockstore: ")
-            raise ServerFailed(
-                f"{why or 'the server exited before it was ready'} (server log: {log_path})",
-                proc.returncode or MountError.exit_code,
-            )
-        if time.monotonic() > deadline:
-            raise MountError(f"the server was not ready within {timeout:.0f}s (log: {log_path})")
-        time.sleep(0.02)
 
 
 def layer_exports(exports: dict[str, str]) -> list[tuple[str, str]]:

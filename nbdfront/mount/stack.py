@@ -19,15 +19,19 @@ from pathlib import Path
 
 from blockstore.errors import MountError, MountpointBusy, NotPermitted
 from nbdfront.mount import attach, records, syscall
-from nbdfront.mount.process import SERVER_STOP_TIMEOUT
 from nbdfront.mount.records import MountRecord
 from nbdfront.mount.server import layer_exports, start_server
-from nbdfront.mount.supervisor import read_status
+from nbdfront.mount.supervisor import STOP_GRACE, ServerExit, read_status
 
 logger = logging.getLogger(__name__)
 
 # Where the server's exit status is written, in the mount's state directory.
 SERVER_STATUS = "serve.status"
+
+SERVER_STOP_TIMEOUT = STOP_GRACE + 3.0
+"""Seconds ``umount`` waits for the supervisor: the server's grace, then time for the
+supervisor to kill it and write how it ended. Past that the supervisor is killed too
+(and the server with it), and the exit status is unknown."""
 
 # Called with the export names (bottom layer first) once the server is ready;
 # returns what the record's ``info`` should hold.
@@ -60,7 +64,8 @@ def mount(
     describe: Describe | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> MountRecord:
-    """Start ``server_argv`` (it gets ``--unix SOCK --pidfile PID`` appended) and mount its exports.
+    """Start ``server_argv`` (it gets ``--unix SOCK --pidfile PID --ready-fd N`` appended)
+    and mount its exports.
 
     ``warn`` is given each warning the server logged before it was ready.
     Returns the saved record once ``mountpoint`` shows the image's tree.
@@ -198,25 +203,28 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
     if record is None:
         raise MountError(f"{mountpoint} was not mounted by blockstore")
     state = status(record).state
-    server_status = unmount_record(record, lazy=lazy)
+    ended = unmount_record(record, lazy=lazy)
     if state != "ok":
         trouble = f"the mount was not whole ({state})"
-    elif server_status is None:
+    elif ended is None:
         trouble = "the server's exit status is unknown"
-    elif server_status != 0:
-        trouble = f"the server exited with status {server_status}"
+    elif ended.killed_after_grace:
+        trouble = f"the server did not stop within {STOP_GRACE:.0f}s and was killed"
+    elif ended.status != 0:
+        trouble = f"the server exited with status {ended.status}"
     else:
         Path(record.log).unlink(missing_ok=True)
         return Unmounted(record, None)
     return Unmounted(record, trouble)
 
 
-def unmount_record(record: MountRecord, *, lazy: bool) -> int | None:
+def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
     """Undo every step the record lists, top first; raises if the file system is busy.
 
     Each step tolerates being undone already, so a half-made mount, a dead
     server or an earlier interrupted ``umount`` all clean up the same way.
-    Returns the server's exit status, None where it is not known.
+    Returns how the server ended, None where it is not known. Bounded: a
+    server that does not stop is killed after ``STOP_GRACE`` seconds.
     """
     if record.mounted:
         syscall.umount(record.mountpoint, lazy=lazy)
@@ -226,8 +234,8 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> int | None:
         attach.detach(attachment, lazy=lazy)
     if record.server is not None:
         record.server.stop(SERVER_STOP_TIMEOUT)
-    server_status = read_status(Path(record.state_dir) / SERVER_STATUS)
+    ended = read_status(Path(record.state_dir) / SERVER_STATUS)
     if record.socket:
         Path(record.socket).unlink(missing_ok=True)
     records.forget(record)
-    return server_status
+    return ended

@@ -1,7 +1,8 @@
 """The mount stack on its own: nbdfuse, file-backed EROFS, overlayfs, records, umount.
 
-The server here is nbdkit's file plugin over local images behind the same
-announcements ``blockstore serve`` makes, so these tests need no registry;
+The server here is nbdkit's file plugin over local images, saying it is
+ready on the same readiness pipe ``blockstore serve`` uses, so these tests
+need no registry;
 the end-to-end tests with the real server live in test_mount_e2e.py.
 """
 
@@ -22,9 +23,8 @@ from mount_trees import assert_same_tree
 
 from blockstore.errors import MountError, MountpointBusy
 from nbdfront.mount import attach, records, stack, syscall
-from nbdfront.mount.process import SERVER_STOP_TIMEOUT
-from nbdfront.mount.server import ServerFailed
-from nbdfront.server import DRAIN_TIMEOUT
+from nbdfront.mount.server import ServerFailed, start_server
+from nbdfront.mount.supervisor import STOP_GRACE
 
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
 
@@ -161,20 +161,32 @@ def test_clean_umount_removes_the_log_a_failed_stop_keeps_it(
     assert_nothing_left(record, run)
 
 
-def test_umount_waits_out_a_server_that_drains_slowly(
+def test_umount_waits_for_a_slow_stop_and_kills_a_stuck_one(
     mount_dirs, mountpoint, erofs_images, local_server
 ):
-    """A server that takes 6 s to stop after SIGTERM (longer than a quick kill would wait,
-    shorter than its own drain may take) is waited for, not killed: its status 0 is read,
-    so umount reports nothing and removes the log. And umount's wait outlasts the real
-    server's worst stop: its drain, then 5 s to cut what is left."""
-    assert SERVER_STOP_TIMEOUT > DRAIN_TIMEOUT + 5
+    """A server that takes 2 s to stop after SIGTERM is waited for, not killed: its status 0
+    is read, so umount reports nothing and removes the log. One that would take 60 s is
+    killed once its grace is over: umount returns within a few seconds of that, says so,
+    and keeps the log."""
     _, run = mount_dirs
-    argv = local_server({"layer0": erofs_images.small.path}, stop_delay=6)
+    argv = local_server({"layer0": erofs_images.small.path}, stop_delay=2)
     record = stack.mount(argv, str(mountpoint), image="small")
     done = stack.unmount(str(mountpoint))
     assert done.trouble is None
     assert not os.path.exists(record.log)
+    assert_nothing_left(record, run)
+
+    argv = local_server({"layer0": erofs_images.small.path}, stop_delay=60)
+    record = stack.mount(argv, str(mountpoint), image="small")
+    started = time.monotonic()
+    done = cli("umount", str(mountpoint))
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    assert STOP_GRACE <= took < STOP_GRACE + 4, took
+    assert done.stderr.strip() == (
+        f"blockstore: the server did not stop within {STOP_GRACE:.0f}s and was killed; "
+        f"its log is kept at {record.log}"
+    )
     assert_nothing_left(record, run)
 
 
@@ -201,20 +213,49 @@ def test_busy_mountpoint_and_busy_umount(mount_dirs, mountpoint, erofs_images, l
     assert_nothing_left(record, run)
 
 
-def test_server_failing_before_ready_passes_on_its_error(mount_dirs, mountpoint):
-    """A server that exits before ``ready`` fails the mount with its last log line and its own
-    exit code, and leaves no record and no state behind."""
-    failing = [
-        sys.executable,
-        "-c",
-        "import sys; print('blockstore: image has no layer 7', file=sys.stderr); sys.exit(3)",
-    ]
+def test_server_failing_before_ready_passes_on_its_error(mount_dirs, mountpoint, tmp_path):
+    """The real server, asked for an image its cache never saw while offline, fails before
+    it is ready: the mount fails at once with the server's own error (from the readiness
+    pipe, not its log) and its exit code, and leaves no record and no state behind."""
+    failing = [*BLOCKSTORE, "serve", "reg.invalid/none:v1", "--offline"]
+    failing += ["--cache-dir", str(tmp_path / "cache")]
+    started = time.monotonic()
     with pytest.raises(ServerFailed) as failed:
         stack.mount(failing, str(mountpoint), image="none")
-    assert failed.value.exit_code == 3
-    assert "image has no layer 7" in str(failed.value)
+    assert time.monotonic() - started < 15
+    assert failed.value.exit_code == 9
+    assert "never resolved" in str(failed.value), str(failed.value)
     assert records.saved() == []
     assert not records.state_dir_for(str(mountpoint)).exists()
+
+
+def test_server_dying_silently_is_reported_at_once(mount_dirs, mountpoint):
+    """A server killed before it says anything closes the readiness pipe by dying: the mount
+    fails within seconds (not at its two-minute timeout) with the exit status, 137."""
+    dying = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    started = time.monotonic()
+    with pytest.raises(ServerFailed) as failed:
+        stack.mount(dying, str(mountpoint), image="none")
+    assert time.monotonic() - started < 10
+    assert failed.value.exit_code == 128 + signal.SIGKILL
+    assert "exited with status 137 before it was ready" in str(failed.value)
+    assert records.saved() == []
+
+
+def test_ready_printed_to_the_log_is_not_ready(mount_dirs):
+    """A server that prints the old announcements (``export``, ``ready``) to its log but
+    says nothing on the readiness pipe is not taken as ready: the wait times out."""
+    _, run = mount_dirs
+    talker = [
+        sys.executable,
+        "-c",
+        "import time; print('export  nbd://127.0.0.1:1'); print('ready', flush=True); "
+        "time.sleep(60)",
+    ]
+    with pytest.raises(MountError, match="not ready within 2s"):
+        start_server(talker, run / "talker.log", run / "talker.status", timeout=2)
+    assert "ready" in (run / "talker.log").read_text()
+    assert not processes_mentioning("time.sleep(60)")
 
 
 def test_mountpoint_must_be_an_existing_directory(mount_dirs, local_server):
@@ -274,8 +315,10 @@ def test_export_that_cannot_be_attached_rolls_back(mount_dirs, nbdfuse_only, mou
     announcer = [
         sys.executable,
         "-c",
-        "import time; print('export layer0 nbd+unix:///layer0?socket=/nonexistent.sock'); "
-        "print('ready', flush=True); time.sleep(60)",
+        "import os, sys, time; from nbdfront.mount import readiness; "
+        "uri = 'nbd+unix:///layer0?socket=/nonexistent.sock'; "
+        "os.write(int(sys.argv[-1]), readiness.encode_ready({'layer0': uri}, [])); "
+        "time.sleep(60)",
     ]
     with pytest.raises(MountError, match="nbdfuse could not attach"):
         stack.mount(announcer, str(mountpoint), image="broken")
