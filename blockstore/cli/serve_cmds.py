@@ -28,6 +28,7 @@ from blockstore.cli.common import (
 from blockstore.errors import BlockstoreError
 from blockstore.image import open_image
 from blockstore.metrics import MetricsServer
+from nbdfront.mount.readiness import ReadinessPipe
 from nbdfront.server import DEFAULT_PORT, NBDServer, is_loopback
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
     )
+    # The write end of a pipe from `blockstore mount`, told "ready" or the error on it.
+    serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     serve.set_defaults(func=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if args.ready_fd is None:
+        return _run_serve(args, None)
+    with ReadinessPipe(args.ready_fd) as readiness:
+        return _run_serve(args, readiness)
+
+
+def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int:
     tcp = args.listen
     if tcp is None and args.unix is None:
         tcp = ("127.0.0.1", DEFAULT_PORT)
@@ -105,6 +115,8 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"export {name} {uri}")
         print(f'export "" {server.uri("")}')
         print("ready", flush=True)
+        if readiness is not None:
+            readiness.ready({**server.uris(), "": server.uri("")})
         log.info("serving %s (%s)", image.resolved.reference, ", ".join(b.name for b in blobs))
         server.serve_forever()
         return 0
