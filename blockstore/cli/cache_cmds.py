@@ -138,7 +138,7 @@ def resolve_targets(store: ChunkStore, targets: list[str]) -> tuple[dict[str, in
 
     blobs: dict[str, int | None] = {}
     matched_refs: list[dict] = []
-    records = store.refs()
+    records = store.images.all()
     for target in targets:
         if DIGEST.match(target):
             blobs.setdefault(target, None)
@@ -182,7 +182,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
         removing = {(r["reference"], r.get("platform")) for r in refs}
         in_use = {
             layer["digest"]
-            for r in store.refs()
+            for r in store.images.all()
             if (r["reference"], r.get("platform")) not in removing
             for layer in r.get("layers", [])
         }
@@ -194,7 +194,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
             elif store.remove(digest):
                 removed.append(digest)
         for reference, platform in removing:
-            store.remove_ref(reference, platform)
+            store.images.remove(reference, platform)
     lines = [f"removed {d}" for d in removed] + [f"kept {d} (used by another image)" for d in kept]
     emit(args, {"removed": removed, "kept": kept}, "\n".join(lines) or "nothing to remove")
     return 0
