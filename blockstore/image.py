@@ -101,7 +101,7 @@ def open_image(
     """
     ref = parse_reference(reference)
     wanted = str(Platform.parse(platform) if platform else host_platform())
-    store = ChunkStore(cache_dir, size_cap=cache_size)
+    store = ChunkStore(cache_dir, size_cap=cache_size, offline=offline)
     try:
         explicit = platform is not None
         return _open(store, ref, wanted, offline, options or RegistryOptions(), explicit)

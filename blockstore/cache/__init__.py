@@ -12,7 +12,7 @@ for offline use), ``blob``, ``evict`` and ``recency`` (LRU), ``seal``
 """
 
 from .blob import CachedBlob
-from .env import DiskFull
+from .env import CacheDamaged, DiskFull
 from .layout import CHUNK_SIZE
 from .seal import VerifyReport
 from .store import DEFAULT_SIZE_CAP, BlobInfo, ChunkStore
@@ -21,6 +21,7 @@ __all__ = [
     "CHUNK_SIZE",
     "DEFAULT_SIZE_CAP",
     "BlobInfo",
+    "CacheDamaged",
     "CachedBlob",
     "ChunkStore",
     "DiskFull",

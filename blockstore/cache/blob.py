@@ -22,6 +22,7 @@ from blockstore.prefetch import BackgroundFill, Readahead
 from blockstore.source import BlobSource
 
 from . import integrity
+from .env import CacheDamaged
 from .evict import LOW_WATER
 from .layout import CHUNK_SIZE, chunk_count, chunk_length
 from .store import ChunkIntegrityError, ChunkStore
@@ -135,7 +136,14 @@ class CachedBlob:
             out: list[Buffer | None] = [None] * len(missing)
             bad: list[int] = []
         else:
-            out, missing, bad = self._look_up(blob_id, offset, end, stop_at_miss=False)
+            try:
+                out, missing, bad = self._look_up(blob_id, offset, end, stop_at_miss=False)
+            except CacheDamaged:
+                if self._fetcher is None:
+                    raise
+                # Moved aside; the store goes on with an empty cache: all of it is a miss.
+                missing = list(range(first, last + 1))
+                out, bad = [None] * len(missing), []
         misses = len(missing) + len(bad)
         if misses:
             self._whole = False
@@ -236,7 +244,7 @@ class CachedBlob:
             if missing and self._fetcher is None:
                 raise NotCached(f"{self._digest} is not fully cached and the cache is offline")
             self._fetch_all(missing, report)
-            outcome = self._store.seal(self._digest)
+            outcome = self._store.seal(self._digest, self._size)
             if outcome is not None:
                 break
         if outcome is False:

@@ -56,6 +56,21 @@ class ImageRecords:
         key = _ref_key(reference, platform)
         return self._env.write(lambda txn: txn.delete(key, db=self._env.dbs[DB_REFS]))
 
+    def drop_damaged(self) -> list[str]:
+        """Remove the records that no longer parse; the references they were for."""
+        with self._env.reader(DB_REFS) as txn:
+            raws = [(bytes(key), bytes(raw)) for key, raw in txn.cursor()]
+        damaged = []
+        for key, raw in raws:
+            try:
+                _decode(raw, "")
+            except CacheError:
+                damaged.append(key)
+        if damaged:
+            refs = self._env.dbs[DB_REFS]
+            self._env.write(lambda txn: [txn.delete(key, db=refs) for key in damaged])
+        return [key.split(b"\0")[0].decode(errors="replace") for key in damaged]
+
     def put_manifest(self, digest: str, raw: bytes) -> None:
         self._env.write(lambda txn: txn.put(digest.encode(), raw, db=self._env.dbs[DB_MANIFESTS]))
 

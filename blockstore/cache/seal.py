@@ -119,11 +119,17 @@ class VerifyReport:
     bad_blobs: list[str] = field(default_factory=list)
     newly_sealed: list[str] = field(default_factory=list)
     repaired_records: list[str] = field(default_factory=list)
+    damaged_records: list[str] = field(default_factory=list)  # offline records, dropped
     damage: str | None = None  # the cache file itself was damaged (and moved aside)
 
     @property
     def ok(self) -> bool:
-        return not self.bad_chunks and not self.bad_blobs and self.damage is None
+        return (
+            not self.bad_chunks
+            and not self.bad_blobs
+            and not self.damaged_records
+            and self.damage is None
+        )
 
     def to_dict(self) -> dict:
         return {**asdict(self), "ok": self.ok}

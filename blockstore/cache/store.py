@@ -27,7 +27,7 @@ from blockstore.fetch import Flights
 
 from . import counters as counters_mod
 from . import recency as recency_mod
-from .env import CacheEnv, DiskFull
+from .env import CacheDamaged, CacheEnv, DiskFull
 from .evict import LOW_WATER, evict
 from .integrity import blob_seed, chunk_sum, intact, matches_sealed, stored_length
 from .layout import (
@@ -105,6 +105,9 @@ class ChunkValues:
         blob_id = self._blob_id
         try:
             return [get(pack(blob_id, index)) for index in range(self._first, self._last + 1)]
+        except lmdb.Error as exc:
+            env.end_read(txn)
+            raise env.damaged(exc) from exc
         except BaseException:
             env.end_read(txn)
             raise
@@ -117,10 +120,17 @@ class ChunkStore:
     """A persistent, integrity-checked store of blob chunks in one directory."""
 
     def __init__(
-        self, path: str | Path, size_cap: int | None = None, *, flush_interval: float = 1.0
+        self,
+        path: str | Path,
+        size_cap: int | None = None,
+        *,
+        offline: bool = False,
+        flush_interval: float = 1.0,
     ):
+        """``offline``: a damaged cache is an error (``CacheDamaged``), as there is no
+        registry to refill an empty one from; online it is moved aside and replaced."""
         self.path = Path(path)
-        self.env = CacheEnv.open(self.path)
+        self.env = CacheEnv.open(self.path, offline=offline)
         self.dbs = self.env.dbs
         self.counters = counters_mod.Counters()
         self.recency = recency_mod.Recency()
@@ -143,15 +153,9 @@ class ChunkStore:
 
     def _init_meta(self, txn: lmdb.Transaction, size_cap: int | None) -> int:
         meta = self.dbs[DB_META]
-        version = meta_int(txn, meta, b"format", FORMAT_VERSION)
-        chunk_size = meta_int(txn, meta, b"chunk_size", CHUNK_SIZE)
-        if version != FORMAT_VERSION or chunk_size != CHUNK_SIZE:
-            raise CacheError(
-                f"the cache at {self.path} has format {version} with {chunk_size}-byte chunks; "
-                f"this version needs format {FORMAT_VERSION} with {CHUNK_SIZE}-byte chunks"
-            )
         # Write only what changes: an unchanged cache opens even on a full disk.
-        wanted = {b"format": version, b"chunk_size": chunk_size}
+        # (The environment has refused another format already.)
+        wanted = {b"format": FORMAT_VERSION, b"chunk_size": CHUNK_SIZE}
         stored_cap = meta_int(txn, meta, b"size_cap", DEFAULT_SIZE_CAP)
         if size_cap is not None and size_cap != stored_cap:
             wanted[b"size_cap"] = size_cap
@@ -449,20 +453,35 @@ class ChunkStore:
 
     # --- sealing and verification ------------------------------------------
 
-    def seal(self, digest: str) -> bool | None:
+    def seal(self, digest: str, size: int | None = None) -> bool | None:
         """Check a complete blob against its digest and seal it now.
 
         True: sealed (or already was). False: the bytes did not match and
         the blob was dropped. None: not complete (or not checkable) yet.
+        ``size`` lets an empty blob, which no chunk ever records, be sealed.
         """
+        if size == 0:
+            self.store_chunks(digest, 0, 0, [])
         return self._sealer.seal(digest)
 
     def seal_later(self, digest: str) -> None:
         self._sealer.submit(digest)
 
     def verify(self) -> VerifyReport:
-        """Re-check every chunk and every complete blob, dropping what is bad."""
-        return self._sealer.verify()
+        """Re-check every chunk and every complete blob, dropping what is bad.
+
+        Damage to the file itself (found now, or when this store opened it)
+        is reported too; the damaged file was moved aside.
+        """
+        try:
+            report = self._sealer.verify()
+        except CacheDamaged as exc:
+            report = VerifyReport()
+            self.env.moved_aside.append(str(exc))
+        report.damaged_records = self.images.drop_damaged()
+        if self.env.moved_aside:
+            report.damage = "; ".join(self.env.moved_aside)
+        return report
 
     # --- reporting -----------------------------------------------------------
 

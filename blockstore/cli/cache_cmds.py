@@ -111,7 +111,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         *(f"blob {digest} does not match its digest: dropped" for digest in report.bad_blobs),
         *(f"sealed {digest}" for digest in report.newly_sealed),
         *(f"repaired the record of {digest}" for digest in report.repaired_records),
+        *(f"the cached record of {ref} is damaged: dropped" for ref in report.damaged_records),
     ]
+    if report.damage:
+        lines.append(f"the cache file was damaged and moved aside: {report.damage}")
     if report.orphan_chunks:
         lines.append(f"dropped {report.orphan_chunks} chunks of no known blob")
     lines.append("ok" if report.ok else "bad data found and dropped")

@@ -16,7 +16,7 @@ import blockstore.cache.recency as recency
 import blockstore.cache.seal as seal_mod
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
 from blockstore.cache.blob import ChunkIntegrityError
-from blockstore.cache.layout import DB_LRU, DB_META, U64
+from blockstore.cache.layout import DB_LRU
 from blockstore.errors import BlobReadError, CacheError, IntegrityError, NotCached
 from blockstore.export import Export
 from blockstore.prefetch import Readahead
@@ -290,14 +290,6 @@ def test_map_grows_without_settings(cache_dir, monkeypatch):
         assert store.stats()["map_bytes"] > 8 << 20
         offline = CachedBlob(store, digest, len(data), None)
         assert joined(offline.read(0, len(data))) == data
-
-
-def test_chunk_size_is_checked_when_opening(cache_dir):
-    """A cache recorded with another chunk size refuses to open with a clear CacheError."""
-    with ChunkStore(cache_dir) as store:
-        store.env.write(lambda txn: txn.put(b"chunk_size", U64.pack(65536), db=store.dbs[DB_META]))
-    with pytest.raises(CacheError, match="65536"):
-        ChunkStore(cache_dir)
 
 
 def test_hit_does_not_wait_behind_a_slow_miss(cache_dir):
