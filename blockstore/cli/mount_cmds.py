@@ -149,7 +149,7 @@ def _image_layers(cache_dir: Path, image: str, platform: str | None) -> list[dic
     try:
         canonical = str(parse_reference(image))
         with ChunkStore(cache_dir) as store:
-            refs = [r for r in store.refs() if r.get("reference") == canonical]
+            refs = [r for r in store.images.all() if r.get("reference") == canonical]
     except Exception:
         return []
     refs = [r for r in refs if platform is None or r.get("platform") == platform] or refs
