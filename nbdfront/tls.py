@@ -53,14 +53,16 @@ def server_context(directory: Path, verify_peer: bool = False) -> ssl.SSLContext
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        raise TLSSetupError(f"cannot load {cert} with {key}: {_reason(exc)}") from None
+        expected = "a PEM certificate and its private key"
+        raise TLSSetupError(f"cannot load {cert} with {key}: {_reason(exc, expected)}") from None
     if verify_peer:
         for authority in (ca, directory / CA_CRL):
             if authority.exists():
                 try:
                     context.load_verify_locations(cafile=authority)
                 except (OSError, ssl.SSLError) as exc:
-                    raise TLSSetupError(f"cannot load {authority}: {_reason(exc)}") from None
+                    reason = _reason(exc, "PEM certificates or revocation lists")
+                    raise TLSSetupError(f"cannot load {authority}: {reason}") from None
         if (directory / CA_CRL).exists():
             context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
         context.verify_mode = ssl.CERT_REQUIRED
@@ -73,8 +75,11 @@ def _require_files(directory: Path, paths: list[Path]) -> None:
         raise TLSSetupError(f"{directory} lacks {', '.join(missing)}")
 
 
-def _reason(exc: BaseException) -> str:
-    return getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+def _reason(exc: OSError, expected: str) -> str:
+    if isinstance(exc, ssl.SSLError):
+        detail = f" ({exc.reason.lower().replace('_', ' ')})" if exc.reason else ""
+        return f"not {expected}{detail}"
+    return exc.strerror or str(exc)
 
 
 class TLSStream:
