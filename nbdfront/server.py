@@ -38,8 +38,11 @@ from nbdfront.protocol import (
     ReadReply,
     ReadRequest,
     ServerConnection,
+    StartTLS,
+    TLSPolicy,
     nbd_error,
 )
+from nbdfront.tls import ServerTLS, TLSStream
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +176,10 @@ class _Session:
 
     def __init__(self, server: NBDServer, sock: socket.socket, peer: str):
         self._server = server
-        self._sock = sock
+        self._sock: socket.socket | TLSStream = sock
         self.peer = peer
-        self._protocol = ServerConnection(server.catalog)
+        policy = server.tls.policy if server.tls is not None else TLSPolicy.OFF
+        self._protocol = ServerConnection(server.catalog, tls=policy)
         self._send_lock = threading.Lock()
         self._budget = _Budget(server.inflight_bytes, INFLIGHT_REQUESTS)
         self._workers = _Workers(f"nbd-{peer}", WORKERS_PER_CONNECTION)
@@ -227,6 +231,9 @@ class _Session:
                 self._answer(event)
             elif isinstance(event, CacheRequest):
                 self._hand_off(event, 0, self._serve_cache_hint)
+            elif isinstance(event, StartTLS):
+                if not self._start_tls():
+                    return
             elif isinstance(event, ExportSelected):
                 self._export = self._server.exports[event.name]
                 self._sock.settimeout(None)
@@ -239,6 +246,19 @@ class _Session:
                 else:
                     log.info("%s disconnected", self.peer)
                 return
+
+    def _start_tls(self) -> bool:
+        """Send the STARTTLS ACK, then make the handshake; False if it failed."""
+        assert self._server.tls is not None and isinstance(self._sock, socket.socket)
+        self._send_batch()
+        try:
+            self._sock = TLSStream.accept(self._sock, self._server.tls.context)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.warning("TLS handshake with %s failed: %s", self.peer, exc)
+            return False
+        self._protocol.tls_started()
+        log.info("%s now speaks TLS", self.peer)
+        return True
 
     def _receive(self) -> bytes:
         """The client's next bytes; the batch goes out before this thread waits for them.
@@ -376,6 +396,7 @@ class NBDServer:
         inflight_bytes: int = INFLIGHT_BYTES,
         max_connections: int = MAX_CONNECTIONS,
         drain_timeout: float = DRAIN_TIMEOUT,
+        tls: ServerTLS | None = None,
     ):
         if tcp is None and unix is None:
             raise ValueError("give a TCP address, a Unix socket path, or both")
@@ -384,6 +405,7 @@ class NBDServer:
         self.inflight_bytes = inflight_bytes
         self.max_connections = max_connections
         self.drain_timeout = drain_timeout
+        self.tls = tls
         self._tcp = tcp
         self.unix_path = os.fspath(unix) if unix is not None else None
         self._listeners: list[socket.socket] = []
@@ -428,13 +450,17 @@ class NBDServer:
         return {name: self.uri(name) for name in self.exports}
 
     def uri(self, name: str) -> str:
-        """The NBD URI of export ``name``: TCP when listening on TCP, else the Unix socket."""
+        """The NBD URI of export ``name``: TCP when listening on TCP, else the Unix socket.
+
+        ``nbds`` when TLS is offered, so a client that follows it uses TLS.
+        """
+        scheme = "nbd" if self.tls is None or self.tls.policy is TLSPolicy.OFF else "nbds"
         if self.tcp_address is not None:
             host, port = self.tcp_address
             netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            return f"nbd://{netloc}/{_quote(name)}"
+            return f"{scheme}://{netloc}/{_quote(name)}"
         path = urllib.parse.quote(self.unix_path, safe="/")
-        return f"nbd+unix:///{_quote(name)}?socket={path}"
+        return f"{scheme}+unix:///{_quote(name)}?socket={path}"
 
     def serve_forever(self) -> None:
         while not self._stop_requested.wait(0.5):
