@@ -42,6 +42,7 @@ class _Placed:
     offset: int = 0  # byte offset of the inode in the image
     data_blocks: int = 0  # blocks in the data area (directories, long symlinks)
     data_block: int = 0  # first of them
+    size: int = 0  # i_size: a directory's is known only once its blocks are laid out
     parent: Inode | None = None
 
     @property
@@ -171,9 +172,12 @@ def _plan(p: _Placed, epoch: int) -> None:
     node = p.inode
     where = f"inode {p.ino}"
     p.xattrs = _encode_xattrs(node, where)
+    p.size = node.size
+    if node.children is not None:
+        p.data_blocks, p.size = _dir_size(sorted([b".", b"..", *node.children]))
     delta = node.mtime - epoch
     p.extended = (
-        node.size > 0xFFFFFFFF
+        p.size > 0xFFFFFFFF
         or node.uid > 0xFFFF
         or node.gid > 0xFFFF
         or p.nlink > 0xFFFF
@@ -190,9 +194,6 @@ def _plan(p: _Placed, epoch: int) -> None:
             p.layout = f.LAYOUT_FLAT_INLINE
         else:
             p.data_blocks = f.align(len(node.target), f.BLOCK_SIZE) // f.BLOCK_SIZE
-    elif node.children is not None:
-        names = sorted([b".", b"..", *node.children])
-        p.data_blocks, node.size = _dir_size(names)
 
 
 def _chunking(size: int) -> tuple[int, int]:
@@ -260,7 +261,7 @@ def _write_inode(image: bytearray, p: _Placed, epoch: int, by_inode: dict[int, _
             icount,
             mode,
             0,
-            node.size,
+            p.size,
             i_u,
             p.ino,
             node.uid,
@@ -277,7 +278,7 @@ def _write_inode(image: bytearray, p: _Placed, epoch: int, by_inode: dict[int, _
             icount,
             mode,
             p.nlink,
-            node.size,
+            p.size,
             node.mtime - epoch,
             i_u,
             p.ino,
