@@ -39,7 +39,7 @@ def _xattrs(path: str) -> dict[str, bytes]:
 def snapshot(root: Path, *, with_mtime: bool = True) -> tuple[dict, list]:
     """(path -> attributes, sorted groups of hard-linked paths) of a tree."""
     entries: dict[str, tuple] = {}
-    by_inode: dict[int, list[str]] = {}
+    by_inode: dict[tuple[int, int], list[str]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         names = [*dirnames, *filenames]
         for name in [".", *names] if dirpath == str(root) else names:
@@ -49,7 +49,7 @@ def snapshot(root: Path, *, with_mtime: bool = True) -> tuple[dict, list]:
             kind = stat.S_IFMT(st.st_mode)
             if kind == stat.S_IFREG:
                 content: object = _file_digest(full)
-                by_inode.setdefault(st.st_ino, []).append(rel)
+                by_inode.setdefault((st.st_dev, st.st_ino), []).append(rel)
             elif kind == stat.S_IFLNK:
                 content = os.readlink(full)
             elif kind in (stat.S_IFCHR, stat.S_IFBLK):
