@@ -30,6 +30,7 @@ from blockstore.tarlayer.layerindex import INDEX_FORMAT, ReadRange, SpanIndex, T
 
 log = logging.getLogger(__name__)
 
+_DIGEST = 80  # room for "sha256:" and 64 hex digits in a cached index record
 SPANS_KEPT = 4  # decompressed spans kept in memory: a span's chunks are asked for one by one
 
 
@@ -200,8 +201,10 @@ class IndexCache:
     def save(self, blob_digest: str, span: int, index: TarIndex) -> None:
         if index.spans is not None:
             self._put(self._key(blob_digest, span, "spans"), index.spans.to_bytes())
-        size = index.tar_size.to_bytes(8, "little")
-        self._put(self._key(blob_digest, span, "meta"), size + index.metadata)
+        head = index.tar_size.to_bytes(8, "little") + index.tar_digest.encode().ljust(
+            _DIGEST, b"\0"
+        )
+        self._put(self._key(blob_digest, span, "meta"), head + index.metadata)
 
     def load(self, blob_digest: str, span: int, compressed: bool) -> TarIndex | None:
         """The cached index, or None if absent or damaged (then it is built again)."""
@@ -217,7 +220,8 @@ class IndexCache:
                 spans = SpanIndex.from_bytes(raw)
             except IntegrityError:
                 return None
-        return TarIndex(meta[8:], int.from_bytes(meta[:8], "little"), spans)
+        tar_digest = meta[8 : 8 + _DIGEST].rstrip(b"\0").decode()
+        return TarIndex(meta[8 + _DIGEST :], int.from_bytes(meta[:8], "little"), spans, tar_digest)
 
 
 def cached_or_built(

@@ -49,7 +49,7 @@ class SpanIndex:
     compressed_size: int
     uncompressed_size: int
     points: tuple[tuple[int, int], ...]  # (compressed, uncompressed) offsets
-    digests: tuple[bytes, ...]
+    digests: tuple[bytes, ...] | None  # None: a zinfo from elsewhere, spans unchecked
     zinfo: Zinfo | None = None  # gzip: the windows to resume from
 
     @cached_property
@@ -76,7 +76,9 @@ class SpanIndex:
                 self.points[index + 1][0] if index + 1 < len(self.points) else self.compressed_size
             )
             data = decode_frames(read_compressed(comp, comp_end - comp))
-        if len(data) != end - start or hashlib.sha256(data).digest() != self.digests[index]:
+        if len(data) != end - start or (
+            self.digests is not None and hashlib.sha256(data).digest() != self.digests[index]
+        ):
             raise IntegrityError(
                 f"{self.kind} span {index} (bytes {start}-{end} of the tar) does not match"
                 " the digest recorded when the layer was indexed"
@@ -84,6 +86,7 @@ class SpanIndex:
         return data
 
     def to_bytes(self) -> bytes:
+        assert self.digests is not None, "only an index built here is stored"
         parts = [
             _HEAD.pack(
                 _MAGIC,
@@ -135,12 +138,13 @@ class TarIndex:
     metadata: bytes
     tar_size: int
     spans: SpanIndex | None
+    tar_digest: str  # sha256 of the uncompressed tar (the diff_id): its cache key
 
 
-def index_plain_tar(read_range: ReadRange, size: int) -> TarIndex:
+def index_plain_tar(read_range: ReadRange, size: int, blob_digest: str) -> TarIndex:
     """Index an uncompressed tar blob by reading its headers only."""
     tree = build_tree(walk_tar(RangeFile(read_range, size)))
-    return TarIndex(write_metadata(tree, size), size, None)
+    return TarIndex(write_metadata(tree, size), size, None, blob_digest)
 
 
 def _check(what: str, expected: str | None, actual: str) -> None:
@@ -173,7 +177,8 @@ def index_compressed_tar(
         zinfo, size = None, indexer.finish()
         points = tuple(indexer.points)
     _check("the blob's digest", blob_digest, "sha256:" + indexer.blob_sha256.hexdigest())
-    _check("the tar's diff_id", diff_id, "sha256:" + indexer.tar_sha256.hexdigest())
+    tar_digest = "sha256:" + indexer.tar_sha256.hexdigest()
+    _check("the tar's diff_id", diff_id, tar_digest)
     spans = SpanIndex(
         kind,
         span,
@@ -183,4 +188,4 @@ def index_compressed_tar(
         tuple(indexer.span_digests),
         zinfo,
     )
-    return TarIndex(write_metadata(tree, size), size, spans)
+    return TarIndex(write_metadata(tree, size), size, spans, tar_digest)

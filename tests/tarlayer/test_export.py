@@ -166,7 +166,7 @@ def test_plain_tar_index_reads_headers_only_through_the_cache(layer_files, store
     tar_path = tmp / "layer.tar"
     tar = tar_path.read_bytes()
     blob = CachedBlob(store, sha(tar), len(tar), LocalFileSource(tar_path, sha(tar)))
-    index = index_plain_tar(lambda o, n: read_all(blob, o, n), len(tar))
+    index = index_plain_tar(lambda o, n: read_all(blob, o, n), len(tar), sha(tar))
     cached = sum(1 for i in range(0, len(tar), CHUNK_SIZE) if blob.read_cached(i, 1) is not None)
     assert cached * CHUNK_SIZE < len(tar) / 2
     export = TarLayerExport(index.metadata, blob, len(tar))
