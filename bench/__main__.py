@@ -49,7 +49,7 @@ def arguments(argv: list[str]) -> argparse.Namespace:
     mode.add_argument("--full", dest="mode", action="store_const", const="full")
     parser.set_defaults(mode="quick")
     parser.add_argument("--repeats", type=int, default=None, help="runs of each scenario")
-    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output dir")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="output dir")
     parser.add_argument("--image-size", type=parse_size, default=None, help="e.g. 64M, 1G")
     parser.add_argument("--compression", default=None, help="lz4hc, none, or both: lz4hc,none")
     parser.add_argument(
