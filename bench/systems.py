@@ -279,8 +279,24 @@ def download(rig: Rig, directory: Path) -> tuple[float, Path]:
     return seconds, target
 
 
+PEERS: list[type[System]] = [
+    NbdkitCurl,
+    NbdkitCurlCached,
+    NbdkitCurlCachedWarm,
+    NbdkitFile,
+    NbdServer,
+    Naive,
+]
+ENGINE_MODES = ("cold", "warm", "offline")
+
+
 def all_systems(rig: Rig, variants: list[EngineVariant]) -> list[System]:
     """Every system of one run, engine variants first."""
-    engines = [Engine(rig, mode, v) for v in variants for mode in ("cold", "warm", "offline")]
-    peers = [NbdkitCurl, NbdkitCurlCached, NbdkitCurlCachedWarm, NbdkitFile, NbdServer, Naive]
-    return engines + [kind(rig) for kind in peers]
+    engines = [Engine(rig, mode, v) for v in variants for mode in ENGINE_MODES]
+    return engines + [kind(rig) for kind in PEERS]
+
+
+def system_names(variants: list[EngineVariant]) -> set[str]:
+    return {f"{v.label}-{mode}" for v in variants for mode in ENGINE_MODES} | {
+        kind.name for kind in PEERS
+    }
