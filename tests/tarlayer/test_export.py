@@ -152,9 +152,9 @@ def test_a_damaged_cached_index_is_built_again(layer_files, store):
     tmp, src = layer_files
     first = Layer(tmp, store, src)
     key = f"tarlayer/v1/span{SPAN}/{first.digest}/meta"
-    raw = bytearray(store.get_manifest(key))
+    raw = bytearray(store.images.manifest(key))
     raw[5000] ^= 0xFF
-    store.put_manifest(key, bytes(raw))
+    store.images.put_manifest(key, bytes(raw))
     assert IndexCache(store).load(first.digest, SPAN, True) is None
     again = Layer(tmp, store, src)
     assert again.index == first.index
