@@ -1,0 +1,103 @@
+"""Readahead: sequential streams found by where reads fall, each with its own window.
+
+Two ``cat``s of different files through one mount arrive interleaved on
+the same connections; each is a stream of its own, found because its reads
+land just after its previous ones, not by the connection they came on.
+Each stream's window doubles while it stays sequential, up to a ceiling
+that follows the link (the fetch window), like the kernel's readahead; a
+read that belongs to no stream starts a new small one, so one stream's
+random reads never reset another's window. The least recently used stream
+is forgotten when there are too many.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+DEFAULT_STREAMS = 8
+
+
+@dataclass
+class Stream:
+    next: int  # where the next sequential read is expected
+    window: int
+    ahead: int  # end of what was already asked for
+    hits: int = 0
+
+
+class Readahead:
+    """Per-stream sequential detection; ``maximum=0`` turns readahead off.
+
+    ``ceiling``, when given, caps every window at what the link can use
+    now (it shrinks under errors); ``maximum`` is the hard cap.
+    """
+
+    def __init__(
+        self,
+        initial: int = 128 << 10,
+        maximum: int = 32 << 20,
+        *,
+        streams: int = DEFAULT_STREAMS,
+        ceiling: Callable[[], int] | None = None,
+    ):
+        self._initial = initial
+        self._maximum = maximum
+        self._max_streams = streams
+        self._ceiling = ceiling
+        self._streams: OrderedDict[int, Stream] = OrderedDict()
+        self._ids = 0
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self._maximum > 0
+
+    def limit_to(self, ceiling: Callable[[], int]) -> None:
+        """Cap the windows by the link's current window from now on."""
+        self._ceiling = ceiling
+
+    def windows(self) -> list[int]:
+        """Each stream's window, most recently used last (for tests and stats)."""
+        with self._lock:
+            return [s.window for s in self._streams.values()]
+
+    def _cap(self) -> int:
+        cap = self._maximum
+        if self._ceiling is not None:
+            cap = min(cap, max(self._initial, self._ceiling()))
+        return cap
+
+    def _find(self, offset: int) -> tuple[int, Stream] | None:
+        for key, stream in self._streams.items():
+            # Reads a little out of order (several requests in flight) still count.
+            if stream.next - stream.window <= offset <= stream.next + stream.window:
+                return key, stream
+        return None
+
+    def advise(self, offset: int, length: int, size: int) -> tuple[int, int] | None:
+        """Note a read; return a range (offset, length) worth fetching now, if any."""
+        if not self._maximum:
+            return None
+        end = offset + length
+        with self._lock:
+            found = self._find(offset)
+            if found is None:
+                self._ids += 1
+                self._streams[self._ids] = Stream(next=end, window=self._initial, ahead=end)
+                while len(self._streams) > self._max_streams:
+                    self._streams.popitem(last=False)
+                return None
+            key, stream = found
+            self._streams.move_to_end(key)
+            stream.next = max(stream.next, end)
+            stream.hits += 1
+            if stream.ahead - stream.next > stream.window // 2:
+                return None  # still well ahead of the reader
+            stream.window = min(stream.window * 2, self._cap())
+            start = max(stream.ahead, stream.next)
+            stop = min(size, stream.next + stream.window)
+            stream.ahead = max(stream.ahead, stop)
+            return (start, stop - start) if stop > start else None
