@@ -212,7 +212,7 @@ class CachedBlob:
         """Count a read and tell readahead of it, whether it hit or fetched."""
         self._store.counters.served(hits, misses, length)
         if self._hints is not None and not self._whole:
-            self._advise(offset, length)
+            self._advise(offset, length, misses)
 
     def cache(self, offset: int, length: int) -> None:
         """A client's CACHE: queue the range as prefetch and return at once."""
@@ -314,7 +314,7 @@ class CachedBlob:
                 "and the cache is offline"
             )
         try:
-            got = self._fetcher.fetch(wanted)
+            got = self._fetcher.fetch(wanted, self._ahead_of_miss(offset, end - offset))
         except OSError:
             raise
         except Exception as exc:  # an export fails with EIO, whatever the backend raised
@@ -334,11 +334,6 @@ class CachedBlob:
         the store itself (a seal may commit between here and there).
         """
         self._store.counters.add(bytes_fetched=len(chunk))
-        if self._sums is None:
-            # Another process may have sealed the blob since we opened it.
-            record = self._store.lookup(self._digest)
-            if record is not None and record.sealed:
-                self._sums = self._store.sealed_sums(self._digest)
         if self._sums is not None and SUM.unpack_from(self._sums, index * SUM_SIZE)[0] != xxh3(
             chunk
         ):
@@ -348,6 +343,15 @@ class CachedBlob:
                 "match the sealed blob"
             )
         return chunk
+
+    def _requesting(self, nbytes: int) -> None:
+        """A range request is about to go out: count it, and pick up a seal made since."""
+        self._store.counters.add(requests_fetched=1)
+        if self._sums is None:
+            # Another process may have sealed the blob since we opened it.
+            record = self._store.lookup(self._digest)
+            if record is not None and record.sealed:
+                self._sums = self._store.sealed_sums(self._digest)
 
     def _keep(self, first: int, chunks: Sequence[Buffer]) -> None:
         """Store checked chunks; a cache that cannot take them costs only the caching.
@@ -401,7 +405,7 @@ class CachedBlob:
             self._load,
             flights=flights,
             leases=leases,
-            on_request=lambda nbytes: self._store.counters.add(requests_fetched=1),
+            on_request=self._requesting,
         )
         self._fetcher = fetcher
         self._readahead.limit_to(lambda: fetcher.window.bytes)
@@ -430,13 +434,31 @@ class CachedBlob:
         except CacheError as exc:
             log.warning("%s: access trace not kept: %s", self._digest, exc)
 
-    def _advise(self, offset: int, length: int) -> None:
-        """After a read: note it in the trace, and queue the readahead it calls for."""
+    def _advise(self, offset: int, length: int, misses: int) -> None:
+        """After a read: note it in the trace, and queue the readahead it calls for
+        (a read that missed was advised before its fetch, see ``_ahead_of_miss``)."""
         if self._recorder is not None:
             self._recorder.note(offset, length)
+        if misses:
+            return
         ahead = self._readahead.advise(offset, length, self._size)
         if ahead is not None:
             self._hints.submit(*ahead, PREFETCH)  # type: ignore[union-attr]
+
+    def _ahead_of_miss(self, offset: int, length: int) -> list[int]:
+        """Readahead for a read that missed: chunks to fetch with it, in its requests.
+
+        A sequential reader that outruns the prefetch (or many reads of one
+        stream at once, as nbdcopy sends them) then asks for few large
+        ranges instead of many small ones, as the kernel's synchronous
+        readahead does.
+        """
+        ahead = self._readahead.advise(offset, length, self._size)
+        if ahead is None:
+            return []
+        start, count = ahead
+        indices = range(start // CHUNK_SIZE, (start + count - 1) // CHUNK_SIZE + 1)
+        return self._store.missing(self._known_id(), indices)
 
     def _plan(self, offset: int, length: int, priority: int) -> None:
         """A hint, off the read path: queue the range's missing chunks."""

@@ -126,7 +126,7 @@ class Fetcher:
 
     # --- asking -----------------------------------------------------------------
 
-    def fetch(self, indices: Iterable[int]) -> dict[int, Buffer]:
+    def fetch(self, indices: Iterable[int], ahead: Iterable[int] = ()) -> dict[int, Buffer]:
         """The bytes of the given chunks, fetching those nobody is fetching yet (demand).
 
         A caller that only joined chunks on their way gets them the moment
@@ -135,6 +135,9 @@ class Fetcher:
         millisecond or two), so what it read is in the cache when it
         returns. Raises the ``BlobReadError`` of a failed fetch; a chunk
         whose fetch failed is asked for again by the next caller.
+
+        ``ahead`` are chunks the reader will want next (readahead on a
+        miss): fetched in the same requests, not waited for.
         """
         flights = self._flights
         waits: dict[int, Future] = {}
@@ -150,7 +153,8 @@ class Fetcher:
                 owner = flights.owner.get(index)
                 if owner is not None:
                     joined.add(owner)
-            jobs = self._claim(DEMAND, runs(mine, self._request_chunks()))
+            extra = [i for i in ahead if i not in flights.pending and i not in waits]
+            jobs = self._claim(DEMAND, runs(set(mine).union(extra), self._request_chunks()))
             for index in mine:
                 waits[index] = flights.pending[index]
         for job in joined:

@@ -9,33 +9,37 @@ does not grow past twice their product, the bandwidth-delay product, so a
 20 ms link stays full without piling requests onto a fast local one.
 
 From the window follow the two numbers the fetcher uses: the size of one
-range request, and how many ranges may be in flight at once.
+range request, and how many ranges may be in flight at once. As BBR does,
+the estimate is optimistic: the round trip is the least time to first byte
+seen lately and the rate the best delivery rate seen lately, so queueing
+and a pause of the reader do not talk the window down.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 
 MIN_REQUEST = 256 << 10
 MAX_REQUEST = 8 << 20
 MIN_WINDOW = 1 << 20
 MAX_WINDOW = 64 << 20
-EWMA = 0.25  # weight of the newest sample
+FILTER = 8  # samples the max-rate and min-RTT filters remember
 
 
 class Window:
     """The link's congestion window, shared by all fetches of one blob."""
 
     def __init__(
-        self, *, initial: int = 4 << 20, minimum: int = MIN_WINDOW, maximum: int = MAX_WINDOW
+        self, *, initial: int = 8 << 20, minimum: int = MIN_WINDOW, maximum: int = MAX_WINDOW
     ):
         self._lock = threading.Lock()
         self._minimum = minimum
         self._maximum = maximum
         self._bytes = max(minimum, min(initial, maximum))
-        self._rtt = 0.0  # seconds, smoothed time to first byte
-        self._rate = 0.0  # bytes per second, smoothed delivery rate over all ranges
+        self._rtts: deque[float] = deque(maxlen=FILTER)  # seconds to first byte
+        self._rates: deque[float] = deque(maxlen=FILTER)  # bytes per second, all ranges
         self._since = time.monotonic()
         self._delivered = 0
         self.errors = 0
@@ -55,14 +59,22 @@ class Window:
         """How many ranges may be in flight at once."""
         return max(1, self._bytes // self.request)
 
+    @property
+    def rtt(self) -> float:
+        return min(self._rtts, default=0.0)
+
+    @property
+    def rate(self) -> float:
+        return max(self._rates, default=0.0)
+
     def bdp(self) -> int:
         """The measured bandwidth-delay product (0 until measured)."""
-        return int(self._rate * self._rtt)
+        return int(self.rate * self.rtt)
 
     def first_byte(self, seconds: float) -> None:
         """A range's first bytes arrived ``seconds`` after it was asked for."""
         with self._lock:
-            self._rtt = seconds if not self._rtt else (1 - EWMA) * self._rtt + EWMA * seconds
+            self._rtts.append(seconds)
 
     def delivered(self, nbytes: int) -> None:
         """``nbytes`` arrived; the rate is sampled over windows of at least one round trip."""
@@ -70,15 +82,14 @@ class Window:
             self._delivered += nbytes
             now = time.monotonic()
             span = now - self._since
-            if span >= max(0.05, self._rtt):
-                sample = self._delivered / span
-                self._rate = sample if not self._rate else (1 - EWMA) * self._rate + EWMA * sample
+            if span >= max(0.05, self.rtt):
+                self._rates.append(self._delivered / span)
                 self._since, self._delivered = now, 0
 
     def completed(self, nbytes: int) -> None:
         """A range completed cleanly: open the window, up to twice the BDP."""
         with self._lock:
-            bdp = int(self._rate * self._rtt)
+            bdp = self.bdp()
             ceiling = self._maximum if not bdp else max(self._minimum, min(self._maximum, 2 * bdp))
             if self._bytes < ceiling:
                 self._bytes = min(ceiling, self._bytes + nbytes)

@@ -18,6 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 DEFAULT_STREAMS = 8
+REORDER = 2 << 20
+"""How far before or after its expected place a read may land and still extend a
+stream: a client with many reads in flight (nbdcopy has 64) sends them out of order."""
 
 
 @dataclass
@@ -42,11 +45,13 @@ class Readahead:
         *,
         streams: int = DEFAULT_STREAMS,
         ceiling: Callable[[], int] | None = None,
+        reorder: int = REORDER,
     ):
         self._initial = initial
         self._maximum = maximum
         self._max_streams = streams
         self._ceiling = ceiling
+        self._reorder = reorder
         self._streams: OrderedDict[int, Stream] = OrderedDict()
         self._ids = 0
         self._lock = threading.Lock()
@@ -73,7 +78,8 @@ class Readahead:
     def _find(self, offset: int) -> tuple[int, Stream] | None:
         for key, stream in self._streams.items():
             # Reads a little out of order (several requests in flight) still count.
-            if stream.next - stream.window <= offset <= stream.next + stream.window:
+            slack = max(stream.window, self._reorder)
+            if stream.next - slack <= offset <= stream.next + slack:
                 return key, stream
         return None
 

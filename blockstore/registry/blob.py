@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 from blockstore.errors import BlobReadError, BlockstoreError
 from blockstore.registry.client import RegistryClient
@@ -52,6 +53,32 @@ class RegistryBlob:
             except BlobReadError as exc:
                 if clock.wait_before_next():
                     log.info("retrying %s bytes %d-%d: %s", self, first, last, exc)
+                    continue
+                raise
+            except BlockstoreError as exc:
+                raise BlobReadError(str(exc)) from exc
+
+    def stream_range(self, offset: int, length: int) -> Iterator[bytes]:
+        """``read_range`` as pieces yielded as they arrive; a break resumes where it stopped."""
+        span = clamp_range(offset, length, self.layer.size)
+        if span is None:
+            return
+        first, last = span
+        clock = RetryClock(self.client.retry_policy)
+        while True:
+            clock.start_attempt()
+            try:
+                for piece in self.client.stream_blob_range(
+                    self.repository, self.layer.digest, first, last, self.layer.size
+                ):
+                    first += len(piece)
+                    yield piece
+                if first <= last:
+                    raise BlobReadError(f"{self}: the body ended {last - first + 1} bytes short")
+                return
+            except BlobReadError as exc:
+                if first <= last and clock.wait_before_next():
+                    log.info("resuming %s at byte %d: %s", self, first, exc)
                     continue
                 raise
             except BlockstoreError as exc:

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 MAX_SMALL_BODY = 4 << 20
 """Manifests and configs are a few KiB; a larger reply is refused, not buffered."""
 STREAM_CHUNK = 256 << 10
+STREAM_PIECE = 32 << 10
+"""Pieces of a streamed range: one cache chunk, so each can be served as it lands."""
 TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
 """What reading a reply's body raises when the connection breaks."""
 MIRROR_COOLDOWN = 30.0
@@ -165,6 +167,30 @@ class RegistryClient:
                 return slice_stream(reply.iter_content(STREAM_CHUNK), first, last)
             except BlobReadError:
                 raise
+            except TRANSPORT_ERRORS as exc:
+                raise BlobReadError(
+                    f"{subject}: reading bytes {first}-{last} failed: {describe_failure(exc)}"
+                ) from None
+
+    def stream_blob_range(
+        self, repository: str, digest: str, first: int, last: int, size: int
+    ) -> Iterator[bytes]:
+        """Bytes ``first..last`` (inclusive) as they arrive, in pieces of at most 32 KiB.
+
+        Checked as ``read_blob_range`` checks them; the caller counts what
+        it got, so a body cut short shows as too few bytes (or a
+        ``BlobReadError``) and the caller may ask again for the rest.
+        """
+        subject = f"blob {digest} of {self.registry}/{repository}"
+        headers = {"Range": range_header(first, last), "Accept-Encoding": "identity"}
+        path = f"/v2/{repository}/blobs/{digest}"
+        with self._pull("GET", repository, path, subject, headers=headers, stream=True) as reply:
+            try:
+                if reply.status_code != 206:  # Range ignored: one slice, bounded by the range
+                    yield slice_stream(reply.iter_content(STREAM_CHUNK), first, last)
+                    return
+                check_partial_reply(reply.headers.get("Content-Range"), first, last, size)
+                yield from reply.iter_content(STREAM_PIECE)
             except TRANSPORT_ERRORS as exc:
                 raise BlobReadError(
                     f"{subject}: reading bytes {first}-{last} failed: {describe_failure(exc)}"
