@@ -13,6 +13,8 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
+from . import forks
+
 
 class Flights:
     """The in-flight table of one blob, shared by every fetcher of that blob.
@@ -22,14 +24,19 @@ class Flights:
     """
 
     def __init__(self) -> None:
+        self.leases: Any = None
+        """The blob's cross-process leases, opened once per process by its first fetcher."""
+        self.forget_threads()
+        forks.register(self)
+
+    def forget_threads(self) -> None:
+        """Nothing in flight (also in a forked child: the parent's fetches never end there)."""
         self.lock = threading.Lock()
         self.settled = threading.Condition(self.lock)
         """Notified whenever chunks leave the table (stored, or failed)."""
         self.pending: dict[int, Future] = {}
         self.owner: dict[int, Any] = {}
         """Chunk index -> the job fetching it (a ``scheduler.Job``)."""
-        self.leases: Any = None
-        """The blob's cross-process leases, opened once per process by its first fetcher."""
 
     def claim(self, indices: list[int], job: Any) -> None:
         """Under ``lock``: register new futures for chunks nobody is fetching yet."""

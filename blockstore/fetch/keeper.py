@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 from blockstore.export import Buffer
 
+from . import forks
+
 IDLE_EXIT = 30.0  # seconds without work after which the thread ends (it restarts on demand)
 
 
@@ -34,6 +36,10 @@ class Keeper:
 
     def __init__(self, store: Callable[[int, list[Buffer]], None]):
         self._store = store
+        self.forget_threads()
+        forks.register(self)
+
+    def forget_threads(self) -> None:
         self._cond = threading.Condition()
         self._queued: list[tuple[int, Buffer]] = []
         self._busy = False

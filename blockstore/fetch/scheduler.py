@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from . import forks
 from .window import Window
 
 DEMAND = 0
@@ -64,14 +65,19 @@ class Scheduler:
         self.window = window
         self._max_workers = workers
         self.prefetch_budget = prefetch_budget
+        self._seq = itertools.count()
+        self.cancelled = False
+        self.forget_threads()
+        forks.register(self)
+
+    def forget_threads(self) -> None:
+        """Empty and idle (also in a forked child, where the parent's workers are not)."""
         self._cond = threading.Condition()
         self._queue: list[Job] = []
-        self._seq = itertools.count()
         self._workers = 0
         self._idle = 0
         self._running = {DEMAND: 0, PREFETCH: 0, FILL: 0}
         self._prefetch_bytes = 0  # queued or running, PREFETCH and FILL
-        self.cancelled = False
 
     def job(self, priority: int, first: int, count: int, nbytes: int) -> Job:
         return Job(priority, next(self._seq), first, count, nbytes)

@@ -21,6 +21,8 @@ import threading
 import time
 from collections import deque
 
+from . import forks
+
 MIN_REQUEST = 256 << 10
 MAX_REQUEST = 8 << 20
 MIN_WINDOW = 1 << 20
@@ -34,7 +36,8 @@ class Window:
     def __init__(
         self, *, initial: int = 8 << 20, minimum: int = MIN_WINDOW, maximum: int = MAX_WINDOW
     ):
-        self._lock = threading.Lock()
+        self.forget_threads()
+        forks.register(self)
         self._minimum = minimum
         self._maximum = maximum
         self._bytes = max(minimum, min(initial, maximum))
@@ -43,6 +46,9 @@ class Window:
         self._since = time.monotonic()
         self._delivered = 0
         self.errors = 0
+
+    def forget_threads(self) -> None:
+        self._lock = threading.Lock()
 
     @property
     def bytes(self) -> int:

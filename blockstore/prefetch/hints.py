@@ -14,6 +14,8 @@ import queue
 import threading
 from collections.abc import Callable
 
+from blockstore.fetch import forks
+
 log = logging.getLogger(__name__)
 
 STOP_WAIT = 2.0  # seconds stop() waits for the thread; it is a daemon either way
@@ -24,10 +26,15 @@ class HintQueue:
 
     def __init__(self, handle: Callable[[int, int, int], None], *, backlog: int = 64):
         self._handle = handle
-        self._queue: queue.Queue[tuple[int, int, int] | None] = queue.Queue(maxsize=backlog)
+        self._backlog = backlog
+        self._stopped = False
+        self.forget_threads()
+        forks.register(self)
+
+    def forget_threads(self) -> None:
+        self._queue: queue.Queue[tuple[int, int, int] | None] = queue.Queue(self._backlog)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._stopped = False
 
     def submit(self, offset: int, length: int, priority: int) -> None:
         with self._lock:
