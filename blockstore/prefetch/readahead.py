@@ -6,8 +6,9 @@ land just after its previous ones, not by the connection they came on.
 Each stream's window doubles while it stays sequential, up to a ceiling
 that follows the link (the fetch window), like the kernel's readahead; a
 read that belongs to no stream starts a new small one, so one stream's
-random reads never reset another's window. The least recently used stream
-is forgotten when there are too many.
+random reads never reset another's window. When there are too many, a
+lone read that never became a stream is forgotten first, so random reads do
+not push real streams out.
 """
 
 from __future__ import annotations
@@ -83,6 +84,15 @@ class Readahead:
                 return key, stream
         return None
 
+    def _forget_one(self) -> None:
+        """Drop the least recently used read that never became a stream, else the least
+        recently used stream: random reads must not push real streams out."""
+        for key, stream in self._streams.items():
+            if not stream.hits:
+                del self._streams[key]
+                return
+        self._streams.popitem(last=False)
+
     def advise(self, offset: int, length: int, size: int) -> tuple[int, int] | None:
         """Note a read; return a range (offset, length) worth fetching now, if any."""
         if not self._maximum:
@@ -94,12 +104,13 @@ class Readahead:
                 self._ids += 1
                 self._streams[self._ids] = Stream(next=end, window=self._initial, ahead=end)
                 while len(self._streams) > self._max_streams:
-                    self._streams.popitem(last=False)
+                    self._forget_one()
                 return None
             key, stream = found
             self._streams.move_to_end(key)
             stream.next = max(stream.next, end)
             stream.hits += 1
+            stream.window = min(stream.window, self._cap())  # the link may have shrunk
             if stream.ahead - stream.next > stream.window // 2:
                 return None  # still well ahead of the reader
             stream.window = min(stream.window * 2, self._cap())
