@@ -225,6 +225,8 @@ class Fetcher:
                     self._stream(futures, first, count)
             finally:
                 if span is not None and self._leases is not None:
+                    # Held until stored: a process that takes it next finds the chunks.
+                    self._wait_stored(futures)
                     self._leases.give_back(*span)
             self.window.completed(job.nbytes)
         except Exception as exc:
@@ -263,6 +265,15 @@ class Fetcher:
                 wanted = self._answer_from_cache(futures, wanted)
                 return span, runs(wanted, span[1])
             time.sleep(LEASE_POLL)
+
+    def _wait_stored(self, futures: dict[int, Future]) -> None:
+        """Wait (bounded) until none of these chunks is in flight as this job's."""
+        flights = self._flights
+        with flights.lock:
+            flights.settled.wait_for(
+                lambda: all(flights.pending.get(i) is not f for i, f in futures.items()),
+                STOP_WAIT,
+            )
 
     def _answer_from_cache(self, futures: dict[int, Future], wanted: list[int]) -> list[int]:
         """Answer the wanted chunks the cache holds now; the ones still missing."""

@@ -39,9 +39,7 @@ def open_layer(reference: str, cache_dir: Path, settings: PrefetchSettings):
     return image, image.exports()[-1]
 
 
-def test_a_trace_is_recorded_exported_imported_and_replayed(
-    pushed_images, erofs_images, tmp_path
-):
+def test_a_trace_is_recorded_exported_imported_and_replayed(pushed_images, erofs_images, tmp_path):
     """A cold open records the chunks it reads, first touches only, in order; the trace
     goes to a file with ``trace export`` and into an empty cache with ``trace import``
     (``ls`` and ``show`` list it there); a cold open of the same image in that cache then
