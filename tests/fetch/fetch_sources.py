@@ -51,6 +51,8 @@ class PieceSource:
         self.fault: str | None = None
         self.fail_next = 0
         self.fail_after = 0
+        self.failed = 0
+        """Injected failures raised so far."""
         self.requests: list[tuple[int, int]] = []
         self.max_in_flight = 0
         self.max_same_chunk_in_flight = 0
@@ -68,6 +70,10 @@ class PieceSource:
 
     def read_range(self, offset: int, length: int) -> bytes:
         return b"".join(self.stream_range(offset, length))
+
+    def _count_failure(self) -> None:
+        with self._lock:
+            self.failed += 1
 
     def stream_range(self, offset: int, length: int) -> Iterator[bytes]:
         length = max(0, min(length, len(self.data) - offset))
@@ -91,6 +97,7 @@ class PieceSource:
             sent = 0
             for at in range(offset, end, self.piece):
                 if failing and sent >= self.fail_after:
+                    self._count_failure()
                     raise BlobReadError(f"injected failure at {at}")
                 piece = self.data[at : min(end, at + self.piece)]
                 yield piece
@@ -98,6 +105,7 @@ class PieceSource:
                 if self.piece_delay:
                     time.sleep(self.piece_delay)
             if failing:
+                self._count_failure()
                 raise BlobReadError(f"injected failure after {sent} bytes")
         finally:
             with self._lock:
