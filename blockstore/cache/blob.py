@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 PREFETCH_STEP = 32 << 20  # bytes asked of the fetcher at a time by prefetch()
 FILL_ROUNDS = 3  # passes of the background fill over what is still missing
+PACE_STEP = 0.25  # seconds of a capped fill's bandwidth asked for in one range
 
 
 class CachedBlob:
@@ -514,8 +515,12 @@ class CachedBlob:
         (stopped, evicted, a failed range) continues where it stopped.
         """
         fetcher = self._fetcher
-        pacer = Pacer(self._settings.fill_rate)
-        limit = max(1, fetcher.window.request // CHUNK_SIZE)  # type: ignore[union-attr]
+        rate = self._settings.fill_rate
+        pacer = Pacer(rate)
+        step = fetcher.window.request  # type: ignore[union-attr]
+        if rate:
+            step = min(step, int(rate * PACE_STEP))  # small steps, so the cap is smooth
+        limit = max(1, step // CHUNK_SIZE)
         for _ in range(FILL_ROUNDS):
             missing = self._store.missing(self._known_id(), range(self._chunks))
             if not missing:
