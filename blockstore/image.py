@@ -116,7 +116,7 @@ def open_image(
     """
     ref = parse_reference(reference)
     wanted = str(Platform.parse(platform) if platform else host_platform())
-    store = ChunkStore(cache_dir, size_cap=cache_size)
+    store = ChunkStore(cache_dir, size_cap=cache_size, offline=offline)
     try:
         explicit = platform is not None
         return _open(store, ref, wanted, offline, options or RegistryOptions(), explicit)
@@ -150,8 +150,8 @@ def _open(
         raise
     try:
         for digest, raw in resolved.manifests.items():
-            store.put_manifest(digest, raw)
-        store.put_ref(resolved.reference, platform, resolved.to_record())
+            store.images.put_manifest(digest, raw)
+        store.images.put(resolved.reference, platform, resolved.to_record())
     except CacheError as exc:
         # Reads still work uncached; only a later offline open will miss this.
         log.warning("%s: not remembered for offline use: %s", resolved.reference, exc)
@@ -161,10 +161,13 @@ def _open(
 def _cached(
     store: ChunkStore, reference: str, platform: str, cause: Exception | None = None
 ) -> ResolvedImage:
-    record = store.get_ref(reference, platform)
+    record = store.images.get(reference, platform)
     if record is None:
         never = f"{reference} ({platform}) was never resolved with the cache at {store.path}"
         if cause is not None:
             raise RegistryUnreachable(f"{cause}, and {never}") from cause
         raise ImageNotCached(f"offline: {never}")
-    return ResolvedImage.from_record(record)
+    try:
+        return ResolvedImage.from_record(record)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CacheError(f"the cached record of {reference} is damaged: {exc!r}") from exc

@@ -37,7 +37,7 @@ from blockstore.errors import (
 )
 from blockstore.registry.credentials import Credentials, credentials_for
 from blockstore.registry.endpoint import Body, Endpoint, describe_failure
-from blockstore.registry.mediatypes import MANIFEST_ACCEPT
+from blockstore.registry.mediatypes import MANIFEST_ACCEPT, OCI_INDEX
 from blockstore.registry.options import RegistryOptions
 from blockstore.registry.ranges import check_partial_reply, range_header, slice_stream
 from blockstore.registry.replies import registry_error
@@ -209,6 +209,20 @@ class RegistryClient:
                     ) from None
 
         return self._read(subject, deadline, attempt, upstream_only=upstream_only)
+
+    def get_referrers(
+        self, repository: str, digest: str, artifact_type: str | None = None
+    ) -> bytes | None:
+        """The OCI 1.1 referrers index of a manifest, or None where the registry has no
+        referrers API (it answers 404 for the path; with the API it answers 200 always)."""
+        path = f"/v2/{repository}/referrers/{digest}"
+        if artifact_type:
+            path += "?" + urlencode({"artifactType": artifact_type})
+        subject = f"referrers of {digest} in {self.registry}/{repository}"
+        try:
+            return self._pull_whole(repository, path, subject, {"Accept": OCI_INDEX})[0]
+        except NotFound:
+            return None
 
     # Writes: the upstream only.
 
