@@ -31,9 +31,14 @@ def test_reads_go_through_the_mirror(registry, mirror_registry, pushed_images, e
     with RegistryClient(registry.host, options) as client:
         data = read_all(client, pushed_images.small, "fixtures/small")
     assert data == erofs_images.small.path.read_bytes()
-    # The pull-through cache now holds the blob in its own storage.
+    # The pull-through cache now holds the blob in its own storage (it stores what it
+    # relays in the background, so give it a moment).
     digest_hex = erofs_images.small.digest.removeprefix("sha256:")
-    assert list(mirror_registry.data_dir.rglob(f"blobs/sha256/{digest_hex[:2]}/{digest_hex}/data"))
+    pattern = f"blobs/sha256/{digest_hex[:2]}/{digest_hex}/data"
+    deadline = time.monotonic() + 10
+    while not list(mirror_registry.data_dir.rglob(pattern)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(mirror_registry.data_dir.rglob(pattern))
 
 
 def test_upstream_down_after_the_mirror_is_warm(fresh_registry, erofs_images, tmp_path):
