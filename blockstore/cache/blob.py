@@ -48,8 +48,12 @@ class CachedBlob:
         name: str = "",
         description: str = "",
         readahead: Readahead | None = None,
+        upstream: BlobSource | None = None,
     ):
+        """``upstream``: the same blob from its source of truth alone (past any mirror),
+        fetched from once more when what ``source`` sent fails the digest."""
         self._store = store
+        self._upstream = upstream
         self._digest = digest
         self._size = size
         self._name = name
@@ -64,13 +68,14 @@ class CachedBlob:
         # Whole in the cache as far as this export knows: readahead has nothing to do.
         # A miss clears it (chunks may be evicted).
         self._whole = record is not None and record.present == record.chunks
-        self._fetcher = (
-            Fetcher(source, CHUNK_SIZE, self._arrived, self._keep, flights=store.flights(digest))
-            if source is not None
-            else None
-        )
+        self._fetcher = self._new_fetcher(source) if source is not None else None
         self._readahead = readahead if readahead is not None else Readahead()
         self._fill = BackgroundFill(self.cache) if source is not None else None
+
+    def _new_fetcher(self, source: BlobSource) -> Fetcher:
+        return Fetcher(
+            source, CHUNK_SIZE, self._arrived, self._keep, flights=self._store.flights(self._digest)
+        )
 
     # --- Export ----------------------------------------------------------------
 
@@ -245,6 +250,12 @@ class CachedBlob:
                 raise NotCached(f"{self._digest} is not fully cached and the cache is offline")
             self._fetch_all(missing, report)
             outcome = self._store.seal(self._digest, self._size)
+            if outcome is False and self._upstream is not None and self._fetcher is not None:
+                log.warning("%s failed its digest; fetching it from the upstream", self._digest)
+                self._fetcher.close()
+                self._fetcher = self._new_fetcher(self._upstream)
+                self._upstream = None
+                continue
             if outcome is not None:
                 break
         if outcome is False:

@@ -13,6 +13,7 @@ from rig.pushed import push_erofs
 from rig.registry_server import RegistryServer
 
 from blockstore.errors import UsageError
+from blockstore.image import open_image
 from blockstore.registry import RegistryBlob, RegistryClient, RegistryOptions, resolve_image
 
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
@@ -187,3 +188,24 @@ def test_from_upstream_reads_past_a_mirror_that_alters_bytes(
         assert upstream.digest == blob.digest and upstream.size == blob.size
         assert upstream.read_range(0, len(expected)) == expected
     assert len(mirror.requests) == asked
+
+
+def test_prefetch_fetches_again_from_the_upstream_when_a_mirror_fails_the_digest(
+    registry, pushed_images, erofs_images, fault_proxy, tmp_path
+):
+    """A mirror that alters blob bytes (each range looks fine; only the whole layer's
+    digest can tell): prefetch finds the digest wrong, fetches the layer again from the
+    upstream, and seals it with every byte right."""
+    mirror = fault_proxy(registry)
+    mirror.fault = Fault("corrupt", method="GET", path_contains="/blobs/", after_bytes=100)
+    options = RegistryOptions(insecure=True, mirrors=[mirror.host], timeout=5)
+    image = open_image(pushed_images.small, cache_dir=tmp_path / "cache", options=options)
+    try:
+        (blob,) = image.exports()
+        blob.prefetch()
+        assert image.store.lookup(blob.digest).sealed
+        expected = erofs_images.small.path.read_bytes()
+        assert b"".join(bytes(b) for b in blob.read(0, len(expected))) == expected
+    finally:
+        image.close()
+    assert mirror.faults_applied >= 1, "the mirror did not serve the first fetch"
