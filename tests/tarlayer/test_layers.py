@@ -8,11 +8,11 @@ import io
 import subprocess
 
 import pytest
+from rig.local_source import LocalFileSource
 from trees import make_tar, populate
 
 from blockstore.cache import CachedBlob, ChunkStore
 from blockstore.errors import NotCached
-from blockstore.source import LocalFileSource
 from blockstore.tarlayer.gzindex import GzipIndexer
 from blockstore.tarlayer.layers import GZIP, TAR, ZSTD, layer_kind, open_tar_layer
 
