@@ -183,3 +183,17 @@ def test_a_timeout_that_is_not_a_time_is_a_usage_error(command, value, tmp_path:
     )
     assert done.returncode == 2, done.stderr
     assert "--timeout" in done.stderr
+
+
+def test_mount_hands_its_timeout_to_the_server_it_starts(tmp_path: Path):
+    """``mount --timeout 7`` starts its server with ``--timeout 7.0``: the reads the
+    kernel sends through the mount have the deadline the user gave."""
+    from blockstore.cli import build_parser
+    from blockstore.cli.mount_cmds import serve_command
+
+    args = build_parser().parse_args(
+        ["mount", "127.0.0.1:5000/a/b:v1", str(tmp_path), "--timeout", "7"]
+    )
+    argv, _ = serve_command(args)
+    assert argv[argv.index("--timeout") + 1] == "7.0"
+    assert build_parser().parse_args(["serve", "127.0.0.1:5000/a/b:v1"]).timeout == 30.0
