@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from rig.fault_proxy import Fault
 
+from blockstore.cli import build_parser
 from blockstore.errors import BlobReadError, RegistryError
 from blockstore.registry import RegistryBlob, RegistryClient, RegistryOptions, resolve_image
 
@@ -170,25 +171,20 @@ def test_prefetch_timeout_option_bounds_a_stalled_registry(
 
 
 @pytest.mark.parametrize("command", ["serve", "mount", "prefetch"])
-@pytest.mark.parametrize("value", ["0", "-3", "soon", "nan"])
-def test_a_timeout_that_is_not_a_time_is_a_usage_error(command, value, tmp_path: Path):
+@pytest.mark.parametrize("value", ["0", "-3", "soon", "nan", "1e9"])
+def test_a_timeout_that_is_not_a_time_is_a_usage_error(command, value, tmp_path: Path, capsys):
     """``--timeout`` is taken by serve, mount and prefetch, and refuses 0, negatives,
-    words and NaN with a usage error (2)."""
+    words, NaN and more than a day with a usage error (2) that names the option."""
     extra = [str(tmp_path)] if command == "mount" else []
-    done = subprocess.run(
-        [*BLOCKSTORE, command, "127.0.0.1:1/a/b:v1", *extra, "--timeout", value],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 2, done.stderr
-    assert "--timeout" in done.stderr
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args([command, "127.0.0.1:1/a/b:v1", *extra, "--timeout", value])
+    assert exited.value.code == 2
+    assert "--timeout" in capsys.readouterr().err
 
 
 def test_mount_hands_its_timeout_to_the_server_it_starts(tmp_path: Path):
     """``mount --timeout 7`` starts its server with ``--timeout 7.0``: the reads the
     kernel sends through the mount have the deadline the user gave."""
-    from blockstore.cli import build_parser
     from blockstore.cli.mount_cmds import serve_command
 
     args = build_parser().parse_args(
