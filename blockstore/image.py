@@ -61,15 +61,20 @@ class OpenImage:
         return [self.blob(chosen) for chosen in self.select(layer, blob)]
 
     def blob(self, layer: Layer) -> CachedBlob:
-        source = None
+        source = upstream = None
         if self.client is not None:
             self._check_size(layer)
-            source = TimedSource(RegistryBlob(self.client, self.repository, layer))
+            remote = RegistryBlob(self.client, self.repository, layer)
+            source = TimedSource(remote)
+            if self.client.mirrors:
+                # A mirror may have sent bytes that fail the digest: the upstream decides.
+                upstream = TimedSource(remote.from_upstream())
         blob = CachedBlob(
             self.store,
             layer.digest,
             layer.size,
             source,
+            upstream=upstream,
             name=f"layer{layer.index}",
             description=f"{self.resolved.reference} layer {layer.index} ({layer.digest})",
             settings=self.prefetch,
