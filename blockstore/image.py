@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blockstore.cache import CachedBlob, ChunkStore
-from blockstore.errors import CacheError, ImageNotCached, RegistryUnreachable
+from blockstore.errors import CacheError, ImageNotCached, IntegrityError, RegistryUnreachable
 from blockstore.metrics import TimedSource
 from blockstore.registry import (
     Layer,
@@ -61,6 +61,7 @@ class OpenImage:
     def blob(self, layer: Layer) -> CachedBlob:
         source = None
         if self.client is not None:
+            self._check_size(layer)
             source = TimedSource(RegistryBlob(self.client, self.repository, layer))
         blob = CachedBlob(
             self.store,
@@ -72,6 +73,20 @@ class OpenImage:
         )
         self._blobs.append(blob)
         return blob
+
+    def _check_size(self, layer: Layer) -> None:
+        """Refuse a layer whose size in the manifest is not the blob's, before serving it.
+
+        Otherwise every read near the end would fail (the registry's ranges
+        disagree with the manifest), and a filesystem would find out mid-mount.
+        """
+        assert self.client is not None
+        actual = self.client.blob_size(self.repository, layer.digest)
+        if actual is not None and actual != layer.size:
+            raise IntegrityError(
+                f"{self.resolved.reference} layer {layer.index} ({layer.digest}): the manifest "
+                f"says {layer.size} bytes, the registry holds {actual}: refused"
+            )
 
     def close(self) -> None:
         """Stop every layer's fetch and readahead threads, then close the cache."""
