@@ -168,7 +168,7 @@ class DecompressedTar:
 
 
 class KeyValueStore(Protocol):
-    """Somewhere durable for named byte strings (the cache's manifest table answers it)."""
+    """Somewhere durable for named byte strings (the cache's ``ChunkStore.images`` answers it)."""
 
     def put_manifest(self, digest: str, raw: bytes) -> None: ...
 
