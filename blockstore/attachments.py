@@ -111,7 +111,7 @@ def keep_indexes(store: ChunkStore, indexes: dict[str, ChunkIndex]) -> None:
 
 def cached_index(store: ChunkStore, layer: Layer) -> ChunkIndex | None:
     """A layer's table as kept in the cache, if any and if it still parses."""
-    raw = store.images.get_manifest(_cache_key(layer.digest))
+    raw = store.images.manifest(_cache_key(layer.digest))
     if not raw:  # never kept, or dropped as lying
         return None
     try:

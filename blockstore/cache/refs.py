@@ -74,7 +74,7 @@ class ImageRecords:
     def put_manifest(self, digest: str, raw: bytes) -> None:
         self._env.write(lambda txn: txn.put(digest.encode(), raw, db=self._env.dbs[DB_MANIFESTS]))
 
-    def get_manifest(self, digest: str) -> bytes | None:
+    def manifest(self, digest: str) -> bytes | None:
         with self._env.reader(DB_MANIFESTS) as txn:
             raw = txn.get(digest.encode())
             return bytes(raw) if raw is not None else None

@@ -326,8 +326,8 @@ def test_refs_and_manifests_survive_reopening(cache_dir):
         assert store.images.get(record["reference"], "linux/amd64") == record
         assert store.images.get(record["reference"], "linux/arm64") is None
         assert store.images.all() == [record]
-        assert store.images.get_manifest("sha256:" + "a" * 64) == b'{"schemaVersion":2}'
-        assert store.images.get_manifest("sha256:" + "c" * 64) is None
+        assert store.images.manifest("sha256:" + "a" * 64) == b'{"schemaVersion":2}'
+        assert store.images.manifest("sha256:" + "c" * 64) is None
 
 
 def test_size_mismatch_is_refused(cache_dir):

@@ -59,7 +59,7 @@ class Layer:
                 span=SPAN,
             )
 
-        self.index = cached_or_built(IndexCache(store.images), self.digest, SPAN, True, build)
+        self.index = cached_or_built(IndexCache(store), self.digest, SPAN, True, build)
         self.decompressed = DecompressedTar(self.index.spans, read_compressed, self.diff_id)
         self.tar_blob = CachedBlob(
             store, self.diff_id, len(self.tar), None if offline else self.decompressed
@@ -152,10 +152,10 @@ def test_a_damaged_cached_index_is_built_again(layer_files, store):
     tmp, src = layer_files
     first = Layer(tmp, store, src)
     key = f"tarlayer/v1/span{SPAN}/{first.digest}/meta"
-    raw = bytearray(store.images.get_manifest(key))
+    raw = bytearray(store.images.manifest(key))
     raw[5000] ^= 0xFF
     store.images.put_manifest(key, bytes(raw))
-    assert IndexCache(store.images).load(first.digest, SPAN, True) is None
+    assert IndexCache(store).load(first.digest, SPAN, True) is None
     again = Layer(tmp, store, src)
     assert again.index == first.index
 

@@ -111,9 +111,7 @@ def test_local_tarindex_and_zinfo_are_used_instead_of_a_pass(blobs, tmp_path):
         )
         assert whole(local) == expected
         assert (
-            store.images.get_manifest(
-                f"tarlayer/v1/span{SPAN}/{sha(paths[GZIP].read_bytes())}/meta"
-            )
+            store.images.manifest(f"tarlayer/v1/span{SPAN}/{sha(paths[GZIP].read_bytes())}/meta")
             is None
         )
         local.close()
