@@ -170,8 +170,9 @@ class CachedBlob:
     ) -> tuple[list[Buffer | None], list[int], list[int]]:
         """The hit loop: one read transaction over the chunks of ``offset..end``.
 
-        Each stored chunk is checked against its checksum on the LMDB buffer
-        and its wanted part copied out; the others are None in the output
+        The 4 KiB blocks of each stored chunk that the read covers are
+        checked against their checksums on the LMDB buffer and the wanted
+        part copied out; the others are None in the output
         and listed as missing or bad. ``stop_at_miss`` gives up at the
         first chunk that is not a hit (the caller then wants none of it);
         presence of all chunks is checked before any is hashed, so a
@@ -182,7 +183,8 @@ class CachedBlob:
         out: list[Buffer | None] = []
         missing: list[int] = []
         bad: list[int] = []
-        intact = integrity.intact
+        intact_part = integrity.intact_part
+        skip = integrity.SUM_SIZE
         seed = self._seed
         size = self._size
         with self._store.read_chunks(blob_id, first, last) as values:
@@ -190,17 +192,17 @@ class CachedBlob:
                 return [], [first + values.index(None)], []
             for index, value in enumerate(values, first):
                 base = index * CHUNK_SIZE
+                length = min(CHUNK_SIZE, size - base)
+                lo = offset - base if base < offset else 0
+                hi = end - base if end - base < length else length
                 if value is None:
                     missing.append(index)
                     out.append(None)
-                elif not intact(value, seed, index, min(CHUNK_SIZE, size - base)):
+                elif not intact_part(value, seed, index, length, lo, hi):
                     bad.append(index)
                     out.append(None)
                 else:
-                    data = integrity.stored_bytes(value)
-                    lo = offset - base if base < offset else 0
-                    hi = end - base if end - base < CHUNK_SIZE else len(data)
-                    out.append(data[lo:hi].tobytes())
+                    out.append(value[skip + lo : skip + hi].tobytes())
                     continue
                 if stop_at_miss:
                     break

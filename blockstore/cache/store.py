@@ -284,7 +284,10 @@ class ChunkStore:
             return record
         self._sealer.forget(digest)  # a new record: an old seal's verdict is void
         meta = self.dbs[DB_META]
-        blob_id = meta_int(txn, meta, b"next_id", 1)
+        # A new cache (also one that replaced a damaged cache under running readers)
+        # numbers its blobs from the clock, so an id a reader still holds from the old
+        # cache names nothing here; and a chunk's checksum would refuse it anyway.
+        blob_id = meta_int(txn, meta, b"next_id", recency_mod.now_tick())
         txn.put(b"next_id", U64.pack(blob_id + 1), db=meta)
         txn.put(U64.pack(blob_id), digest.encode(), db=self.dbs[DB_IDS])
         return BlobRecord(blob_id=blob_id, size=size)
