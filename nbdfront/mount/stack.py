@@ -10,6 +10,7 @@ leaves nothing behind but its log.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -74,9 +75,11 @@ def mount(
     mountpoint = os.path.realpath(mountpoint)
     method = check_can_mount(mountpoint)
     state_dir = records.state_dir_for(mountpoint)
-    state_dir.parent.mkdir(parents=True, exist_ok=True)
+    records.make_run_dirs()
     try:
-        state_dir.mkdir()  # exclusive: of two mounts racing for one mount point, one goes on
+        # Exclusive: of two mounts racing for one mount point, one goes on. Owner-only:
+        # it holds the server's socket.
+        records.make_private_dir(state_dir, 0o700)
     except FileExistsError:
         raise MountpointBusy(
             f"{mountpoint} is being mounted by another blockstore process "
@@ -96,6 +99,8 @@ def mount(
     try:
         argv = [*server_argv, "--unix", str(socket), "--pidfile", str(state_dir / "serve.pid")]
         server = start_server(argv, log, state_dir / SERVER_STATUS, env=env)
+        with contextlib.suppress(FileNotFoundError):  # its directory keeps others out meanwhile
+            os.chmod(socket, 0o600)
         record.server = server.process
         records.save(record)
         logger.info("server pid %d ready: %s", server.process.pid, server.exports)
