@@ -123,7 +123,7 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         argv += ["--layer", str(args.layer)]
     if args.blob is not None:
         argv += ["--blob", args.blob]
-    for option in ("platform", "cache_size", "ca_file"):
+    for option in ("platform", "cache_size", "ca_file", "timeout"):
         value = getattr(args, option)
         if value is not None:
             argv += [f"--{option.replace('_', '-')}", str(value)]
@@ -151,7 +151,7 @@ def _image_layers(cache_dir: Path, image: str, platform: str | None) -> list[dic
     try:
         canonical = str(parse_reference(image))
         with ChunkStore(cache_dir) as store:
-            refs = [r for r in store.refs() if r.get("reference") == canonical]
+            refs = [r for r in store.images.all() if r.get("reference") == canonical]
     except Exception:
         return []
     refs = [r for r in refs if platform is None or r.get("platform") == platform] or refs
