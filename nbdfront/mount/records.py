@@ -74,8 +74,11 @@ def is_private(path: Path) -> bool:
 
 
 def mount_key(mountpoint: str) -> str:
-    """A file name for a mount point: readable, and unique thanks to a short hash."""
-    readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", mountpoint).strip("-")[-40:] or "root"
+    """A file name for a mount point: readable, and unique thanks to a short hash.
+
+    Short (at most 31 characters), because the server's socket path goes through it and
+    a Unix socket's path has 107 bytes at most."""
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", mountpoint).strip("-")[-20:] or "root"
     return f"{readable}-{hashlib.sha256(mountpoint.encode()).hexdigest()[:10]}"
 
 
@@ -137,12 +140,10 @@ def save(record: MountRecord) -> None:
 def load(mountpoint: str) -> MountRecord | None:
     """The record of ``mountpoint``; None if there is none, or none to be believed."""
     state_dir = state_dir_for(mountpoint)
-    if not is_private(state_dir):
-        return None
-    try:
+    if is_private(state_dir) and (state_dir / RECORD_NAME).exists():
         return MountRecord.from_json((state_dir / RECORD_NAME).read_text())
-    except FileNotFoundError:
-        return None
+    # Made by a version that named the directory otherwise.
+    return next((record for record in saved() if record.mountpoint == mountpoint), None)
 
 
 def saved() -> list[MountRecord]:
