@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -233,12 +234,18 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
     """
     if record.mounted:
         syscall.umount(record.mountpoint, lazy=lazy)
+    # The tree is out of reach now, but reads may be in flight (a lazy unmount's users,
+    # the kernel's readahead) that a server stuck on its registry never answers: its stop
+    # grace starts now and runs while the layers come down, rather than after them.
+    told = record.server is not None and record.server.alive()
+    if told:
+        record.server.signal(signal.SIGTERM)
     for lower in reversed(record.lowers):
         syscall.umount(lower, lazy=lazy)
     for attachment in reversed(record.attachments):
         attach.detach(attachment, lazy=lazy)
     if record.server is not None:
-        record.server.stop(SERVER_STOP_TIMEOUT)
+        record.server.stop(SERVER_STOP_TIMEOUT, told=told)
     ended = read_status(Path(record.state_dir) / SERVER_STATUS)
     if record.socket:
         Path(record.socket).unlink(missing_ok=True)
