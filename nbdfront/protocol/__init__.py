@@ -13,8 +13,9 @@ from nbdfront.protocol.events import (
     ReadFailed,
     ReadReply,
     ReadRequest,
+    StartTLS,
 )
-from nbdfront.protocol.handshake import Catalog
+from nbdfront.protocol.handshake import Catalog, TLSPolicy
 
 __all__ = [
     "MAX_PAYLOAD",
@@ -32,5 +33,7 @@ __all__ = [
     "ReadReply",
     "ReadRequest",
     "ServerConnection",
+    "StartTLS",
+    "TLSPolicy",
     "nbd_error",
 ]
