@@ -168,11 +168,11 @@ class DecompressedTar:
 
 
 class KeyValueStore(Protocol):
-    """Somewhere durable for named byte strings (the cache's manifest table answers it)."""
+    """Somewhere durable for named byte strings (the cache's image records answer it)."""
 
     def put_manifest(self, digest: str, raw: bytes) -> None: ...
 
-    def get_manifest(self, digest: str) -> bytes | None: ...
+    def manifest(self, digest: str) -> bytes | None: ...
 
 
 class IndexCache:
@@ -189,7 +189,7 @@ class IndexCache:
         self._store.put_manifest(key, hashlib.sha256(data).digest() + data)
 
     def _get(self, key: str) -> bytes | None:
-        raw = self._store.get_manifest(key)
+        raw = self._store.manifest(key)
         if raw is None:
             return None
         data = raw[32:]
