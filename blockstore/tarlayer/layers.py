@@ -89,7 +89,12 @@ class TarLayer(TarLayerExport):
 
     @property
     def digest(self) -> str:
+        """The tar part's cache key: the blob digest (plain tar) or the diff_id."""
         return self._tar_blob.digest
+
+    @property
+    def tar_size(self) -> int:
+        return self.index.tar_size
 
     def prefetch(self, progress: Callable[[int], None] | None = None) -> None:
         """Fill the tar part whole, check it against its digest (the diff_id) and seal it."""
