@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from oci_layout import make_layout, skopeo_copy
+from oci_layout import MEDIA_TYPES, compress, make_layout, skopeo_copy
 from test_overlay_layers import extract_in_order, layer_sources, without_dir_counts
 from trees import make_tar, snapshot
 
 from blockstore.image import open_image
+from blockstore.registry.push import push_image
 from blockstore.tarlayer.layers import TarLayer
 from nbdfront.mount import attach
 from nbdfront.mount import syscall as mount_syscall
@@ -99,3 +100,30 @@ def test_skopeo_copied_image_mounts_like_extraction_and_again_offline(tmp_path, 
             image.close()
     finally:
         registry.start()
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_pushed_compressed_layer_has_the_diff_id_its_index_checks(tmp_path, registry, kind):
+    """``push_image`` of a tar.gz / tar.zst file with its tar media type writes the
+    uncompressed tar's digest as diff_id, so opening the image indexes the layer
+    (which checks the diff_id) and serves ``metadata || tar``."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello").write_text("hello\n")
+    tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    layer = tmp_path / f"layer.{kind}"
+    layer.write_bytes(compress(kind, tar))
+    client = registry.client()
+    try:
+        push_image(client, "o/pushed", kind, [layer], media_type=MEDIA_TYPES[kind])
+    finally:
+        client.close()
+    image = open_image(
+        f"{registry.host}/o/pushed:{kind}", cache_dir=tmp_path / "c", options=registry.options()
+    )
+    try:
+        (export,) = image.exports()
+        data = b"".join(bytes(b) for b in export.read(0, export.size))
+        assert data[len(export.index.metadata) :][: len(tar)] == tar
+    finally:
+        image.close()
