@@ -90,22 +90,25 @@ def read_all(export, offset, length) -> bytes:
     return b"".join(bytes(b) for b in export.read(offset, length))
 
 
-@settings(max_examples=12, deadline=None)
-@given(st.data())
-def test_gzip_layer_export_serves_metadata_then_the_tar(layer_files, tmp_path_factory, data):
-    """Reads at any offset and length, across the metadata/tar seam and into the padding,
-    give exactly ``metadata || uncompressed tar || zeros to 512``."""
+@pytest.fixture(scope="module")
+def shared_layer(layer_files, tmp_path_factory):
+    """One gzip layer opened through one cache, for tests that only read it."""
     tmp, src = layer_files
     with ChunkStore(tmp_path_factory.mktemp("cache")) as store:
-        layer = Layer(tmp, store, src)
-        size = layer.export.size
-        assert size == len(layer.expected) and size % 512 == 0
-        for _ in range(5):
-            offset = data.draw(st.integers(0, size - 1))
-            length = data.draw(st.integers(1, min(size - offset, 3 * CHUNK_SIZE)))
-            assert (
-                read_all(layer.export, offset, length) == layer.expected[offset : offset + length]
-            )
+        yield Layer(tmp, store, src)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_gzip_layer_export_serves_metadata_then_the_tar(shared_layer, data):
+    """Reads at any offset and length, across the metadata/tar seam and into the padding,
+    give exactly ``metadata || uncompressed tar || zeros to 512``."""
+    layer = shared_layer
+    size = layer.export.size
+    assert size == len(layer.expected) and size % 512 == 0
+    offset = data.draw(st.integers(0, size - 1))
+    length = data.draw(st.integers(1, min(size - offset, 3 * CHUNK_SIZE)))
+    assert read_all(layer.export, offset, length) == layer.expected[offset : offset + length]
 
 
 def test_a_miss_decompresses_its_span_once_for_all_its_chunks(layer_files, store):
