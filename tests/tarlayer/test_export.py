@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cache.cache_rig import flip_stored_byte
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rig.local_source import LocalFileSource
@@ -213,3 +214,24 @@ def test_kernel_mounts_the_gzip_layer_lazily_over_nbd(layer_files, store, nbd_mo
     assert sum(layer.decompressed.decompressions.values()) <= 2
     assert snapshot(mnt) == snapshot(src)
     assert os.path.getsize(mnt / "usr" / "lib" / "big.bin") == 3 * 1024 * 1024 + 123
+
+
+def test_a_damaged_cached_tar_chunk_is_never_served(layer_files, tmp_path):
+    """A bit flipped in a stored chunk of the decompressed tar (as a failing disk would)
+    is caught by its checksum: online the chunk is decompressed again from its span and
+    the right bytes come back; offline the read fails with EIO, never wrong bytes."""
+    tmp, src = layer_files
+    with ChunkStore(tmp_path / "cache") as store:
+        layer = Layer(tmp, store, src)
+        meta = len(layer.index.metadata)
+        chunk = 40
+        offset = chunk * CHUNK_SIZE
+        want = layer.tar[offset : offset + CHUNK_SIZE]
+        assert read_all(layer.export, meta + offset, CHUNK_SIZE) == want
+        assert flip_stored_byte(store, layer.diff_id, chunk, 5000)
+        assert read_all(layer.export, meta + offset, CHUNK_SIZE) == want
+        assert flip_stored_byte(store, layer.diff_id, chunk, 7000)
+    with ChunkStore(tmp_path / "cache") as store:
+        offline = Layer(tmp, store, src, offline=True)
+        with pytest.raises(BlobReadError):
+            read_all(offline.export, meta + offset, CHUNK_SIZE)
