@@ -22,7 +22,13 @@ from blockstore.registry import RegistryClient
 from blockstore.registry.manifests import digest_of
 from blockstore.source import BlobSource
 from blockstore.tarlayer.erofs_reader import read_info
-from blockstore.tarlayer.export import DecompressedTar, IndexCache, TarLayerExport, cached_or_built
+from blockstore.tarlayer.export import (
+    DecompressedTar,
+    IndexCache,
+    TarLayerExport,
+    cached_or_built,
+    span_filler,
+)
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN, Zinfo
 from blockstore.tarlayer.layerindex import (
     GZIP,
@@ -189,7 +195,8 @@ def open_tar_layer(
             blob.digest,
             kind,
         )
-    source: BlobSource | None = DecompressedTar(index.spans, read, index.tar_digest)
+    fill = span_filler(store, index.tar_digest, index.tar_size)
+    source: BlobSource | None = DecompressedTar(index.spans, read, index.tar_digest, fill)
     tar_blob = CachedBlob(
         store,
         index.tar_digest,
