@@ -20,10 +20,12 @@ from blockstore.cache import ChunkStore
 from blockstore.cli.common import (
     add_cache_options,
     add_image_options,
+    add_prefetch_options,
     add_registry_options,
     add_tar_index_options,
     cache_dir_from,
     parse_listen,
+    prefetch_settings_from,
     registry_options_from_args,
     tar_indexes_from,
 )
@@ -48,6 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_tar_index_options(serve)
     add_registry_options(serve)
     add_cache_options(serve)
+    add_prefetch_options(serve)
     serve.add_argument(
         "--listen",
         metavar="HOST:PORT",
@@ -90,6 +93,7 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
         platform=args.platform,
         offline=args.offline,
         options=registry_options_from_args(args),
+        prefetch=prefetch_settings_from(args),
     )
     metrics = None
     try:

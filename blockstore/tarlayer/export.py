@@ -21,13 +21,16 @@ import logging
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from blockstore.cache import CHUNK_SIZE, ChunkStore
 from blockstore.errors import BlobReadError, CacheError, IntegrityError
 from blockstore.export import Buffer
 from blockstore.tarlayer import erofs_format
 from blockstore.tarlayer.layerindex import INDEX_FORMAT, ReadRange, SpanIndex, TarIndex
+
+if TYPE_CHECKING:
+    from blockstore.cache import ChunkStore
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +216,8 @@ class KeyValueStore(Protocol):
 class IndexCache:
     """Metadata images and span indexes kept in the cache, checked on every load."""
 
-    def __init__(self, store: KeyValueStore):
-        self._store = store
+    def __init__(self, store: ChunkStore):
+        self._store: KeyValueStore = store.images
 
     @staticmethod
     def _key(blob_digest: str, span: int, part: str) -> str:

@@ -185,7 +185,7 @@ def open_tar_layer(
                 span=span,
             )
 
-        index = cached_or_built(IndexCache(store.images), blob.digest, span, kind != TAR, build)
+        index = cached_or_built(IndexCache(store), blob.digest, span, kind != TAR, build)
     if index.spans is None:
         return TarLayer(index, blob, [blob], name=name, description=description)
     if len(index.spans.points) == 1:

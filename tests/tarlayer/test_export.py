@@ -60,7 +60,7 @@ class Layer:
                 span=SPAN,
             )
 
-        self.index = cached_or_built(IndexCache(store.images), self.digest, SPAN, True, build)
+        self.index = cached_or_built(IndexCache(store), self.digest, SPAN, True, build)
         fill = span_filler(store, self.diff_id, len(self.tar))
         self.decompressed = DecompressedTar(self.index.spans, read_compressed, self.diff_id, fill)
         self.tar_blob = CachedBlob(
@@ -161,7 +161,7 @@ def test_a_damaged_cached_index_is_built_again(layer_files, store):
     raw = bytearray(store.images.manifest(key))
     raw[5000] ^= 0xFF
     store.images.put_manifest(key, bytes(raw))
-    assert IndexCache(store.images).load(first.digest, SPAN, True) is None
+    assert IndexCache(store).load(first.digest, SPAN, True) is None
     again = Layer(tmp, store, src)
     assert again.index == first.index
 
