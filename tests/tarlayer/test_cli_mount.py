@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import shutil
 import subprocess
@@ -10,10 +11,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from oci_layout import make_layout, skopeo_copy
+from oci_layout import MEDIA_TYPES, make_layout, skopeo_copy
 from test_overlay_layers import extract_in_order, layer_sources, without_dir_counts
 from trees import make_tar, populate, snapshot
 
+from blockstore.registry.push import push_image
 from blockstore.tarlayer.gzindex import GzipIndexer
 from blockstore.tarlayer.layerindex import GZIP, index_compressed_tar
 from nbdfront.mount import records, stack, syscall
@@ -92,3 +94,38 @@ def test_mount_with_local_tarindex_and_zinfo(tmp_path, registry, run_dir):
     cli("mount", "--insecure", "--cache-dir", str(cache), "-o", options, ref, str(mnt))
     assert snapshot(mnt) == snapshot(src)
     cli("umount", str(mnt))
+
+
+def test_unmountable_layers_are_refused_in_one_line(tmp_path, registry, run_dir):
+    """A gzip layer that is not a tar, and one holding a GNU sparse file, make ``mount``
+    fail with one line naming the reason (the entry, for the sparse file), no
+    traceback, and nothing mounted."""
+    (tmp_path / "junk.gz").write_bytes(gzip.compress(b"not a tar at all" * 1000))
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "holes", "wb") as fh:
+        fh.seek(10 << 20)
+        fh.write(b"x")
+    sparse = tmp_path / "sparse.tar.gz"
+    subprocess.run(["tar", "--sparse", "-czf", str(sparse), "-C", str(src), "."], check=True)
+    client = registry.client()
+    try:
+        for name in ("junk", "sparse"):
+            path = tmp_path / ("junk.gz" if name == "junk" else "sparse.tar.gz")
+            push_image(client, "o/bad", name, [path], media_type=MEDIA_TYPES["gzip"])
+    finally:
+        client.close()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for name, reason in (("junk", "not a readable tar"), ("sparse", "'./holes': GNU sparse")):
+        ref = f"{registry.host}/o/bad:{name}"
+        done = subprocess.run(
+            [*BLOCKSTORE, "mount", "--insecure", "--cache-dir", str(tmp_path / "c"), ref, str(mnt)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode != 0
+        assert reason in done.stderr and "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+        assert not syscall.is_mounted(str(mnt))
