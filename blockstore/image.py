@@ -30,6 +30,7 @@ from blockstore.registry import (
     resolve_image,
 )
 from blockstore.registry.platforms import Platform, host_platform
+from blockstore.tarlayer.layers import TarLayer, image_diff_ids, layer_kind, open_tar_layer
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ class OpenImage:
     """None when serving from the cache alone (offline or registry unreachable)."""
     prefetch: PrefetchSettings = field(default_factory=PrefetchSettings)
     _blobs: list[CachedBlob] = field(default_factory=list)
+    _tar_layers: list[TarLayer] = field(default_factory=list)
+    tar_indexes: dict[int, tuple[Path, Path | None]] = field(default_factory=dict)
+    """Local indexes to use instead of building one: layer index -> (tarindex, zinfo)."""
+    _diff_ids: list[str] | None = None
 
     @property
     def online(self) -> bool:
@@ -56,9 +61,44 @@ class OpenImage:
             return list(self.resolved.layers)
         return [self.resolved.select_layer(index=layer, digest=blob)]
 
-    def exports(self, layer: int | None = None, blob: str | None = None) -> list[CachedBlob]:
-        """One ``CachedBlob`` per selected layer, named ``layer<index>``."""
-        return [self.blob(chosen) for chosen in self.select(layer, blob)]
+    def exports(
+        self, layer: int | None = None, blob: str | None = None
+    ) -> list[CachedBlob | TarLayer]:
+        """One export per selected layer, named ``layer<index>``: the blob itself (EROFS),
+        or ``metadata || tar`` for a tar layer of any compression."""
+        return [self.layer_export(chosen) for chosen in self.select(layer, blob)]
+
+    def layer_export(self, layer: Layer) -> CachedBlob | TarLayer:
+        """What a layer is served as, chosen by its media type."""
+        kind = layer_kind(layer.media_type)
+        if kind is None:
+            return self.blob(layer)
+        tarindex, zinfo = self.tar_indexes.get(layer.index, (None, None))
+        exported = open_tar_layer(
+            self.store,
+            self.blob(layer),
+            kind,
+            online=self.online,
+            diff_id=lambda: self.diff_id(layer),
+            tarindex=tarindex,
+            zinfo=zinfo,
+            name=f"layer{layer.index}",
+            description=f"{self.resolved.reference} layer {layer.index} ({layer.digest}, {kind})",
+        )
+        self._tar_layers.append(exported)
+        return exported
+
+    def diff_id(self, layer: Layer) -> str | None:
+        """The layer's diff_id from the image config (fetched, digest checked), if online."""
+        if self.client is None:
+            return None
+        raw = self.resolved.manifests.get(self.resolved.manifest_digest)
+        if raw is None:
+            return None
+        if self._diff_ids is None:
+            self._diff_ids = image_diff_ids(self.client, self.repository, raw)
+        ids = self._diff_ids
+        return ids[layer.index] if layer.index < len(ids) else None
 
     def blob(self, layer: Layer) -> CachedBlob:
         source = upstream = None
@@ -98,6 +138,8 @@ class OpenImage:
 
     def close(self) -> None:
         """Stop every layer's fetch and readahead threads, then close the cache."""
+        for exported in self._tar_layers:
+            exported.close()
         for blob in self._blobs:
             blob.close()
         if self.client is not None:

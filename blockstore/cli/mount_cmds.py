@@ -4,7 +4,8 @@
 stack (nbdfront.mount) attach, mount and stack its exports. ``-o`` also takes
 the option spelling of erofs-utils' ``mount.erofs -t erofs.nbd`` (``oci.layer=N``,
 ``oci.blob=``, ``oci.platform=``, ``oci.username=``, ``oci.password=``,
-``oci.insecure``, the older ``oci=N``), so its users need not relearn them.
+``oci.insecure``, ``oci.tarindex=``, ``oci.zinfo=``, the older ``oci=N``), so its
+users need not relearn them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from blockstore.cli.common import (
     add_image_options,
     add_prefetch_options,
     add_registry_options,
+    add_tar_index_options,
     cache_dir_from,
     parse_listen,
     registry_options_from_args,
@@ -44,6 +46,8 @@ class OciOptions:
     username: str | None = None
     password: str | None = None
     insecure: bool | None = None
+    tarindex: Path | None = None
+    zinfo: Path | None = None
 
 
 def parse_mount_options(texts: list[str]) -> OciOptions:
@@ -75,6 +79,10 @@ def parse_mount_options(texts: list[str]) -> OciOptions:
                 if not value:
                     raise UsageError(f"-o {key}= needs a value")
                 setattr(parsed, key.removeprefix("oci."), value)
+            elif key in ("oci.tarindex", "oci.zinfo"):
+                if not value:
+                    raise UsageError(f"-o {key}= needs a path")
+                setattr(parsed, key.removeprefix("oci."), Path(value))
             elif key == "oci.insecure":
                 parsed.insecure = _flag(key, value if has_value else "1")
             elif key == "ro" and not has_value:
@@ -131,6 +139,10 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
             argv += [f"--{option.replace('_', '-')}", str(value)]
     for mirror in args.mirror:
         argv += ["--mirror", mirror]
+    for option in ("tarindex", "zinfo"):
+        path = getattr(args, option)
+        if path is not None:
+            argv += [f"--{option}", str(Path(path).resolve())]
     if args.metrics is not None:
         argv += ["--metrics", args.metrics]
     argv += [flag for flag in ("--insecure", "--offline") if getattr(args, flag[2:])]
@@ -368,6 +380,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "is ready, leaving its server running in the background.",
     )
     add_image_options(mount, "mount")
+    add_tar_index_options(mount)
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     add_registry_options(mount)
     add_cache_options(mount)
@@ -386,7 +399,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="OPTIONS",
         help="comma-separated: oci.layer=N (or oci=N), oci.blob=DIGEST, oci.platform=OS/ARCH, "
-        "oci.username=U, oci.password=P, oci.insecure, ro",
+        "oci.username=U, oci.password=P, oci.insecure, oci.tarindex=PATH, oci.zinfo=PATH, ro",
     )
     mount.set_defaults(func=run_mount)
 

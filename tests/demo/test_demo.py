@@ -79,6 +79,8 @@ def test_demo_runs_end_to_end_and_leaves_nothing(demo_run):
         "first mount, whole command",
         "fetched for the first reads",
         "offline mount, whole command",
+        "tar.gz: first mount, indexing included",
+        "tar.gz: offline mount and full check",
     ):
         assert label in out
     assert "via nbdfuse" in out or "via kernel NBD" in out
