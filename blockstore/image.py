@@ -15,8 +15,22 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blockstore.attachments import (
+    forget_index,
+    indexes_for_image,
+    subject_of,
+    traces_for_image,
+)
 from blockstore.cache import CachedBlob, ChunkStore
-from blockstore.errors import CacheError, ImageNotCached, IntegrityError, RegistryUnreachable
+from blockstore.chunkindex import ChunkIndex
+from blockstore.errors import (
+    BlockstoreError,
+    CacheError,
+    ImageNotCached,
+    IntegrityError,
+    RegistryUnreachable,
+)
+from blockstore.indexed_source import IndexedSource
 from blockstore.metrics import TimedSource
 from blockstore.prefetch import PrefetchSettings
 from blockstore.registry import (
@@ -30,6 +44,7 @@ from blockstore.registry import (
     resolve_image,
 )
 from blockstore.registry.platforms import Platform, host_platform
+from blockstore.registry.referrers import Referrer, list_referrers
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +59,8 @@ class OpenImage:
     client: RegistryClient | None
     """None when serving from the cache alone (offline or registry unreachable)."""
     prefetch: PrefetchSettings = field(default_factory=PrefetchSettings)
+    chunk_indexes: dict[str, ChunkIndex] = field(default_factory=dict)
+    """Per-chunk digests of layers, by layer digest, from the image's artifact."""
     _blobs: list[CachedBlob] = field(default_factory=list)
 
     @property
@@ -64,7 +81,16 @@ class OpenImage:
         source = None
         if self.client is not None:
             self._check_size(layer)
-            source = TimedSource(RegistryBlob(self.client, self.repository, layer))
+            registry = RegistryBlob(self.client, self.repository, layer)
+            source = TimedSource(registry)
+            index = self.chunk_indexes.get(layer.digest)
+            if index is not None:
+                source = IndexedSource(
+                    source,
+                    index,
+                    upstream=TimedSource(registry.from_upstream()),
+                    on_lying_index=lambda digest: forget_index(self.store, digest),
+                )
         blob = CachedBlob(
             self.store,
             layer.digest,
@@ -129,7 +155,34 @@ def open_image(
         raise
     if prefetch is not None:
         image.prefetch = prefetch
+    try:
+        _attachments(image)
+    except BaseException:
+        image.close()
+        raise
     return image
+
+
+def _attachments(image: OpenImage) -> None:
+    """The image's chunk indexes (online or kept), and its attached traces on a cold open.
+
+    Online, the image's referrers are listed once for both; a registry that
+    cannot list them costs a warning, never the open.
+    """
+    referrers: list[Referrer] = []
+    if image.client is not None:
+        try:
+            referrers = list_referrers(image.client, subject_of(image.resolved, image.repository))
+        except BlockstoreError as exc:
+            log.warning("%s: artifacts not looked up: %s", image.resolved.reference, exc)
+    client = image.client if referrers else None
+    image.chunk_indexes = indexes_for_image(
+        image.store, client, image.resolved, image.repository, referrers
+    )
+    if client is not None and image.prefetch.trace_replay:
+        taken = traces_for_image(image.store, client, image.resolved, image.repository, referrers)
+        if taken:
+            log.info("%s: replaying %d attached trace(s)", image.resolved.reference, taken)
 
 
 def _open(
