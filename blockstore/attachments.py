@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 from blockstore.cache import CHUNK_SIZE, ChunkStore
+from blockstore.cache.indexes import IndexShelf
 from blockstore.cache.traces import TraceShelf
 from blockstore.chunkindex import (
     ARTIFACT_TYPE,
@@ -26,7 +27,7 @@ from blockstore.chunkindex import (
     ChunkIndex,
     build_index,
 )
-from blockstore.errors import BlockstoreError, CacheError
+from blockstore.errors import BlockstoreError
 from blockstore.prefetch.trace import Trace, merge_traces, traces_document, traces_from_document
 from blockstore.registry import Layer, RegistryClient, ResolvedImage
 from blockstore.registry.mediatypes import OCI_MANIFEST
@@ -122,38 +123,20 @@ def fetch_indexes(
 
 
 def keep_indexes(store: ChunkStore, indexes: dict[str, ChunkIndex]) -> None:
-    """Keep tables in the cache for offline opens; a cache that cannot take them only warns."""
-    for digest, index in indexes.items():
-        try:
-            store.images.put_manifest(_cache_key(digest), index.to_bytes())
-        except CacheError as exc:
-            log.warning("chunk index of %s not kept in the cache: %s", digest, exc)
+    """Keep tables in the cache for offline opens."""
+    shelf = IndexShelf(store)
+    for index in indexes.values():
+        shelf.put(index)
 
 
 def cached_index(store: ChunkStore, layer: Layer) -> ChunkIndex | None:
     """A layer's table as kept in the cache, if any and if it still parses."""
-    raw = store.images.manifest(_cache_key(layer.digest))
-    if not raw:  # never kept, or dropped as lying
-        return None
-    try:
-        return ChunkIndex.from_bytes(
-            raw, layer_digest=layer.digest, size=layer.size, chunk_size=CHUNK_SIZE
-        )
-    except BlockstoreError as exc:
-        log.warning("cached chunk index of %s is damaged, ignored: %s", layer.digest, exc)
-        return None
+    return IndexShelf(store).get(layer.digest, layer.size)
 
 
 def forget_index(store: ChunkStore, layer_digest: str) -> None:
     """Drop a table found to disagree with its layer."""
-    try:
-        store.images.put_manifest(_cache_key(layer_digest), b"")
-    except CacheError as exc:
-        log.warning("could not drop the chunk index of %s: %s", layer_digest, exc)
-
-
-def _cache_key(layer_digest: str) -> str:
-    return f"chunk-index/{layer_digest}"
+    IndexShelf(store).drop(layer_digest)
 
 
 def indexes_for_image(
