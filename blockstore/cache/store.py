@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Sequence
@@ -144,10 +145,29 @@ class ChunkStore:
         self._flights: weakref.WeakValueDictionary[str, Flights] = weakref.WeakValueDictionary()
         self._flights_lock = threading.Lock()
         self._closing = threading.Event()
+        self._flush_interval = flush_interval
+        self._start_flusher()
+        _open_stores.add(self)
+
+    def _start_flusher(self) -> None:
         self._flusher = threading.Thread(
-            target=self._flush_loop, args=(flush_interval,), name="cache-flush", daemon=True
+            target=self._flush_loop, args=(self._flush_interval,), name="cache-flush", daemon=True
         )
         self._flusher.start()
+
+    def _forked(self) -> None:
+        """In a fork's child: only the forking thread lives on, and locks other threads
+        held at the fork stay held; start this store's own locks and threads anew."""
+        self.counters = counters_mod.Counters()
+        self.recency = recency_mod.Recency()
+        self._sealer = Sealer(self)
+        self._flights = weakref.WeakValueDictionary()
+        self._flights_lock = threading.Lock()
+        closing, self._closing = self._closing.is_set(), threading.Event()
+        if closing:
+            self._closing.set()
+        else:
+            self._start_flusher()
 
     # --- lifecycle -------------------------------------------------------
 
@@ -529,3 +549,14 @@ class ChunkStore:
             chunk_size=CHUNK_SIZE,
         )
         return totals
+
+
+_open_stores: weakref.WeakSet[ChunkStore] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_open_stores):
+        store._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
