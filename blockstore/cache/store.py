@@ -16,9 +16,10 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import lmdb
 
@@ -55,6 +56,8 @@ from .refs import ImageRecords
 from .seal import Sealer, VerifyReport
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DEFAULT_SIZE_CAP = 10 << 30
 
@@ -244,24 +247,43 @@ class ChunkStore:
                 flights = self._flights[digest] = Flights()
             return flights
 
+    def _ask(self, question: Callable[[], T]) -> T:
+        """Answer from the cache; if that finds it damaged, from the empty cache that
+        replaces it (the damaged one is moved aside on the way)."""
+        try:
+            return question()
+        except CacheDamaged:
+            return question()
+
     def lookup(self, digest: str) -> BlobRecord | None:
-        with self.env.reader(DB_BLOBS) as txn:
-            raw = txn.get(digest.encode())
-            return BlobRecord.unpack(raw) if raw is not None else None
+        def question() -> BlobRecord | None:
+            with self.env.reader(DB_BLOBS) as txn:
+                raw = txn.get(digest.encode())
+                return BlobRecord.unpack(raw) if raw is not None else None
+
+        return self._ask(question)
 
     def sealed_sums(self, digest: str) -> bytes | None:
-        """Every chunk's checksum (packed, see ``integrity``), once the blob is sealed."""
-        with self.env.reader(DB_SUMS) as txn:
-            raw = txn.get(digest.encode())
-            return bytes(raw) if raw is not None else None
+        """Every chunk's sealed entry (packed, see ``integrity``), once the blob is sealed."""
+
+        def question() -> bytes | None:
+            with self.env.reader(DB_SUMS) as txn:
+                raw = txn.get(digest.encode())
+                return bytes(raw) if raw is not None else None
+
+        return self._ask(question)
 
     def missing(self, blob_id: int | None, indices: range) -> list[int]:
         """Which of ``indices`` have no stored chunk (presence only, unchecked)."""
         if blob_id is None:
             return list(indices)
-        with self.env.reader(DB_CHUNKS) as txn:
-            get = txn.get
-            return [i for i in indices if get(chunk_key(blob_id, i)) is None]
+
+        def question() -> list[int]:
+            with self.env.reader(DB_CHUNKS) as txn:
+                get = txn.get
+                return [i for i in indices if get(chunk_key(blob_id, i)) is None]
+
+        return self._ask(question)
 
     def read_chunks(self, blob_id: int, first: int, last: int) -> ChunkValues:
         """``with store.read_chunks(...) as values``: the stored values (checksum and

@@ -101,7 +101,8 @@ def zero_tree_pages(cache_dir: Path) -> int:
 def test_damage_found_while_serving_costs_the_cache_not_the_read(cache_dir):
     """The B-tree pages of an open cache zeroed under it (LMDB then reports corrupted
     pages): offline, a read is EIO, not a crash; online, reads are served right, from the
-    source, the damaged cache moved aside for an empty one that fills again."""
+    source, the damaged cache moved aside for an empty one that fills again. The same when
+    the damage is found by an export opened after it."""
     data, digest = make_blob(6 * CHUNK_SIZE, seed=61)
     fill(cache_dir, [(data, digest)])
     with ChunkStore(cache_dir) as store:
@@ -118,6 +119,14 @@ def test_damage_found_while_serving_costs_the_cache_not_the_read(cache_dir):
         assert b"".join(online.read(0, len(data))) == data
         assert len(source.requests) == requests  # served from the new cache
         online.close()
+    fill(cache_dir, [(data, digest)])
+    with ChunkStore(cache_dir) as store:
+        assert zero_tree_pages(cache_dir) > 0  # found this time by the blob's first look
+        source = ScriptedSource(data, digest)
+        late = CachedBlob(store, digest, len(data), source)
+        assert b"".join(late.read(0, len(data))) == data
+        assert source.requests and len(aside(cache_dir, "damaged")) == 2
+        late.close()
 
 
 def test_a_damaged_offline_record_is_a_cache_error_and_verify_drops_it(cache_dir):
