@@ -69,6 +69,9 @@ DAMAGE_ERRORS = (
     lmdb.BadTxnError,
 )
 
+# What decoding a stored record raises when its bytes are not what was stored.
+RECORD_ERRORS = (struct.error, UnicodeDecodeError)
+
 # LMDB's meta pages (mdb.c, 64-bit builds): pages 0 and 1 each hold a page header
 # (16 bytes), then MDB_meta: magic and version (u32 each), the map address and
 # size, two MDB_db records of 48 bytes (the first one's leading u32 is the page
@@ -377,9 +380,9 @@ class CacheEnv:
             self.env.close()
             self.env = None
 
-    def damaged(self, exc: lmdb.Error) -> CacheError:
+    def damaged(self, exc: Exception) -> CacheError:
         """The error to raise for ``exc``; damage also marks the environment for renewal."""
-        if isinstance(exc, DAMAGE_ERRORS):
+        if isinstance(exc, DAMAGE_ERRORS + RECORD_ERRORS):
             if self._stale is None:
                 self._stale = f"{type(exc).__name__}: {exc}"
             return CacheDamaged(f"the cache at {self.path} is damaged: {exc}")
@@ -414,7 +417,7 @@ class CacheEnv:
         txn = self.begin_read(db)
         try:
             yield txn
-        except lmdb.Error as exc:
+        except (lmdb.Error, *RECORD_ERRORS) as exc:
             raise self.damaged(exc) from exc
         finally:
             self.end_read(txn)
@@ -495,6 +498,9 @@ class CacheEnv:
                 except lmdb.Error as exc:
                     txn.abort()
                     raise self._write_error(exc) from exc
+                except RECORD_ERRORS as exc:
+                    txn.abort()
+                    raise self.damaged(exc) from exc
                 except BaseException:
                     txn.abort()
                     raise

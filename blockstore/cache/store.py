@@ -531,6 +531,9 @@ class ChunkStore:
     # --- reporting -----------------------------------------------------------
 
     def blobs(self) -> list[BlobInfo]:
+        return self._ask(self._blobs)
+
+    def _blobs(self) -> list[BlobInfo]:
         infos = []
         with self.env.reader(DB_BLOBS) as txn:
             for digest, raw in txn.cursor():
@@ -551,6 +554,9 @@ class ChunkStore:
 
     def stats(self) -> dict:
         """Counters (persisted plus this process's pending ones) and totals."""
+        return self._ask(self._stats)
+
+    def _stats(self) -> dict:
         with self.env.reader() as txn:
             totals = counters_mod.load(txn, self.dbs[DB_COUNTERS])
             meta = self.dbs[DB_META]
