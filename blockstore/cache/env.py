@@ -352,6 +352,11 @@ class CacheEnv:
             return None
         return move_aside(self.path, why, label)
 
+    def renew(self) -> None:
+        """Replace a handle marked stale now, rather than at the next transaction."""
+        if self._stale is not None:
+            self._renew()
+
     def _renew(self) -> None:
         """Replace a handle marked stale: after damage, with an empty cache; in a fork's
         child, with the child's own handle on the same file."""

@@ -520,10 +520,10 @@ class ChunkStore:
         """
         try:
             report = self._sealer.verify()
-        except CacheDamaged as exc:
+            report.damaged_records = self.images.drop_damaged()
+        except CacheDamaged:
             report = VerifyReport()
-            self.env.moved_aside.append(str(exc))
-        report.damaged_records = self.images.drop_damaged()
+            self.env.renew()  # moves the damaged file aside now, so the report is true
         if self.env.moved_aside:
             report.damage = "; ".join(self.env.moved_aside)
         return report
