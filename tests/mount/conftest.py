@@ -120,8 +120,8 @@ def opaque_images(tmp_path_factory):
 def local_server(mount_dirs):
     """Makes the command of a server for local images (export name -> image file).
 
-    It is nbdkit's file plugin behind the same announcements ``blockstore
-    serve`` makes, so the mount stack is tested without a registry. Stopped,
+    It is nbdkit's file plugin, saying it is ready on the same readiness pipe
+    ``blockstore serve`` uses, so the mount stack is tested without a registry. Stopped,
     it exits with ``stop_status`` after ``stop_delay`` seconds.
     """
     counter = iter(range(1000))
