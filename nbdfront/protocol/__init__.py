@@ -11,6 +11,7 @@ from nbdfront.protocol.events import (
     Disconnect,
     ExportSelected,
     ReadFailed,
+    ReadPiece,
     ReadReply,
     ReadRequest,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "ExportSelected",
     "Phase",
     "ReadFailed",
+    "ReadPiece",
     "ReadReply",
     "ReadRequest",
     "ServerConnection",

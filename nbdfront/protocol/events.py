@@ -78,12 +78,30 @@ class ReadReply:
 
 
 @dataclass(frozen=True)
+class ReadPiece:
+    """Some of a read's bytes, sent before the rest is ready: ``data`` at ``offset``.
+
+    Only with structured replies, and never for a read with the DF flag. The
+    piece with ``done`` ends the reply; pieces of one read must not overlap.
+    """
+
+    request: ReadRequest
+    offset: int
+    data: Sequence[Buffer]
+    done: bool = False
+
+
+@dataclass(frozen=True)
 class ReadFailed:
-    """A read that failed: an error and no data, so a client never takes wrong bytes."""
+    """A read that failed at ``offset`` (its start, unless pieces before it were sent).
+
+    No data goes with it, so a client never takes wrong bytes for good ones.
+    """
 
     request: ReadRequest
     error: int
     message: str = ""
+    offset: int | None = None
 
 
 @dataclass(frozen=True)
@@ -96,4 +114,4 @@ class CommandDone:
 
 
 ClientEvent = ExportSelected | ReadRequest | CacheRequest | Disconnect | ConnectionClosed
-ServerReply = ReadReply | ReadFailed | CommandDone
+ServerReply = ReadReply | ReadPiece | ReadFailed | CommandDone

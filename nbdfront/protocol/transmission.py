@@ -24,6 +24,7 @@ from nbdfront.protocol.events import (
     Disconnect,
     ExportSelected,
     ReadFailed,
+    ReadPiece,
     ReadReply,
     ReadRequest,
     ServerReply,
@@ -36,6 +37,7 @@ REQUEST_HEADER = struct.Struct(">IHHQQI")
 _READ, _WRITE, _DISC, _FLUSH, _CACHE = map(
     int, (Command.READ, Command.WRITE, Command.DISC, Command.FLUSH, Command.CACHE)
 )
+_DF = int(CommandFlag.DF)
 _WRITES = frozenset(map(int, (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)))
 
 
@@ -125,16 +127,31 @@ class Transmission:
             return replies.offset_data(
                 request.handle, request.offset, reply.data, request.length, done=True
             )
+        if isinstance(reply, ReadPiece):
+            return self._piece(reply)
         if isinstance(reply, ReadFailed):
             return self._read_failed(reply)
         if reply.error:
             return self.error(reply.request.handle, reply.error, reply.message)
         return replies.simple_reply(reply.request.handle)
 
+    def _piece(self, piece: ReadPiece) -> list[Buffer]:
+        request = piece.request
+        if not self.structured or request.flags & _DF:
+            raise ValueError("a read is sent in pieces only as structured replies, without DF")
+        length = sum(memoryview(b).nbytes for b in piece.data)
+        end = request.offset + request.length
+        if not request.offset <= piece.offset < piece.offset + length <= end:
+            raise ValueError(f"piece {piece.offset}+{length} is outside the read")
+        return replies.offset_data(
+            request.handle, piece.offset, piece.data, length, done=piece.done
+        )
+
     def _read_failed(self, reply: ReadFailed) -> list[Buffer]:
         request = reply.request
         if not self.structured:
             return replies.simple_reply(request.handle, reply.error)
-        return [
-            replies.error_offset_chunk(request.handle, reply.error, reply.message, request.offset)
-        ]
+        offset = request.offset if reply.offset is None else reply.offset
+        if not request.offset <= offset < request.offset + request.length:
+            raise ValueError(f"failure offset {offset} is outside the read")
+        return [replies.error_offset_chunk(request.handle, reply.error, reply.message, offset)]
