@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blockstore.cache import CachedBlob, ChunkStore
-from blockstore.errors import CacheError, ImageNotCached, RegistryUnreachable
+from blockstore.errors import CacheError, ImageNotCached, IntegrityError, RegistryUnreachable
 from blockstore.metrics import TimedSource
 from blockstore.registry import (
     Layer,
@@ -61,6 +61,7 @@ class OpenImage:
     def blob(self, layer: Layer) -> CachedBlob:
         source = None
         if self.client is not None:
+            self._check_size(layer)
             source = TimedSource(RegistryBlob(self.client, self.repository, layer))
         blob = CachedBlob(
             self.store,
@@ -72,6 +73,20 @@ class OpenImage:
         )
         self._blobs.append(blob)
         return blob
+
+    def _check_size(self, layer: Layer) -> None:
+        """Refuse a layer whose size in the manifest is not the blob's, before serving it.
+
+        Otherwise every read near the end would fail (the registry's ranges
+        disagree with the manifest), and a filesystem would find out mid-mount.
+        """
+        assert self.client is not None
+        actual = self.client.blob_size(self.repository, layer.digest)
+        if actual is not None and actual != layer.size:
+            raise IntegrityError(
+                f"{self.resolved.reference} layer {layer.index} ({layer.digest}): the manifest "
+                f"says {layer.size} bytes, the registry holds {actual}: refused"
+            )
 
     def close(self) -> None:
         """Stop every layer's fetch and readahead threads, then close the cache."""
@@ -101,7 +116,7 @@ def open_image(
     """
     ref = parse_reference(reference)
     wanted = str(Platform.parse(platform) if platform else host_platform())
-    store = ChunkStore(cache_dir, size_cap=cache_size)
+    store = ChunkStore(cache_dir, size_cap=cache_size, offline=offline)
     try:
         explicit = platform is not None
         return _open(store, ref, wanted, offline, options or RegistryOptions(), explicit)
@@ -135,8 +150,8 @@ def _open(
         raise
     try:
         for digest, raw in resolved.manifests.items():
-            store.put_manifest(digest, raw)
-        store.put_ref(resolved.reference, platform, resolved.to_record())
+            store.images.put_manifest(digest, raw)
+        store.images.put(resolved.reference, platform, resolved.to_record())
     except CacheError as exc:
         # Reads still work uncached; only a later offline open will miss this.
         log.warning("%s: not remembered for offline use: %s", resolved.reference, exc)
@@ -146,10 +161,13 @@ def _open(
 def _cached(
     store: ChunkStore, reference: str, platform: str, cause: Exception | None = None
 ) -> ResolvedImage:
-    record = store.get_ref(reference, platform)
+    record = store.images.get(reference, platform)
     if record is None:
         never = f"{reference} ({platform}) was never resolved with the cache at {store.path}"
         if cause is not None:
             raise RegistryUnreachable(f"{cause}, and {never}") from cause
         raise ImageNotCached(f"offline: {never}")
-    return ResolvedImage.from_record(record)
+    try:
+        return ResolvedImage.from_record(record)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CacheError(f"the cached record of {reference} is damaged: {exc!r}") from exc

@@ -1,16 +1,13 @@
 """Where blob bytes come from: the interface every backend answers.
 
 The chunk cache reads misses through a ``BlobSource``; the registry client
-is one, a local file another (tests, benchmarks), and a new backend (an S3
-URL, a mirror) slots in by answering the same three members.
+is one, and a new backend (an S3 URL, a mirror, a local file) slots in by
+answering the same three members.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Protocol
-
-from blockstore.errors import BlobReadError
 
 
 class BlobSource(Protocol):
@@ -30,31 +27,3 @@ class BlobSource(Protocol):
         Callers keep ``length`` bounded (a few MiB), so an implementation may
         return one ``bytes``. Failures raise ``BlockstoreError`` subclasses.
         """
-
-
-class LocalFileSource:
-    """A blob that is a local file: for tests, benchmarks and local images."""
-
-    def __init__(self, path: str | os.PathLike[str], digest: str):
-        self._path = os.fspath(path)
-        self._digest = digest
-        self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
-        self._size = os.fstat(self._fd).st_size
-
-    @property
-    def digest(self) -> str:
-        return self._digest
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def read_range(self, offset: int, length: int) -> bytes:
-        length = max(0, min(length, self._size - offset))
-        try:
-            return os.pread(self._fd, length, offset) if length else b""
-        except OSError as exc:
-            raise BlobReadError(f"reading {self._path} at {offset}: {exc.strerror}") from exc
-
-    def close(self) -> None:
-        os.close(self._fd)

@@ -48,9 +48,12 @@ from nbdfront.protocol import (
     ReadReply,
     ReadRequest,
     ServerConnection,
+    StartTLS,
+    TLSPolicy,
     nbd_error,
 )
 from nbdfront.protocol.constants import CommandFlag
+from nbdfront.tls import ServerTLS, TLSStream
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +185,8 @@ class _Outbox:
     """
 
     def __init__(self, sock: socket.socket, budget: _Budget, name: str):
-        self.sock = sock
+        self.sock: socket.socket | TLSStream = sock
+        self._direct = True  # a plain socket takes a send that must not wait
         self._budget = budget
         self._name = name
         self._lock = threading.Lock()
@@ -203,12 +207,12 @@ class _Outbox:
         with self._lock:
             if self.broken:
                 return False
-            if self._queue or self._writing:
+            if self._queue or self._writing or not self._direct:
                 rest, left = list(buffers), _length(buffers)
             else:
                 total = _length(buffers)
                 try:
-                    sent = self.sock.sendmsg(buffers[:_IOV_MAX], (), socket.MSG_DONTWAIT)
+                    sent = self.sock.sendmsg(buffers[:_IOV_MAX], (), socket.MSG_DONTWAIT)  # type: ignore[call-arg]
                 except BlockingIOError:
                     sent = 0
                 except OSError as exc:
@@ -227,6 +231,24 @@ class _Outbox:
                 self._writer.start()
             self._changed.notify_all()
             return True
+
+    def use(self, stream: TLSStream) -> None:
+        """Send through ``stream`` from now on (TLS), always from the writer thread:
+        a TLS stream's send cannot be asked not to wait."""
+        with self._lock:
+            self.sock = stream
+            self._direct = False
+
+    def drained(self, timeout: float) -> bool:
+        """Wait, ``timeout`` at most, until everything put has been sent."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self.busy and not self.broken:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+            return not self.broken
 
     def close(self, timeout: float) -> None:
         """Let queued bytes go out, for ``timeout`` at most, then end the writer."""
@@ -343,9 +365,10 @@ class _Session:
 
     def __init__(self, server: NBDServer, sock: socket.socket, peer: str):
         self._server = server
-        self._sock = sock
+        self._sock: socket.socket | TLSStream = sock
         self.peer = peer
-        self._protocol = ServerConnection(server.catalog)
+        policy = server.tls.policy if server.tls is not None else TLSPolicy.OFF
+        self._protocol = ServerConnection(server.catalog, tls=policy)
         self._budget = _Budget(server.inflight_bytes, INFLIGHT_REQUESTS)
         self._outbox = _Outbox(sock, self._budget, f"nbd-{peer}")
         self._workers = _Workers(f"nbd-{peer}", WORKERS_PER_CONNECTION)
@@ -401,6 +424,9 @@ class _Session:
             elif isinstance(event, CacheRequest):
                 step = min(event.length, READ_PIECE)
                 self._hand_off(step, functools.partial(self._serve_cache_hint, event, step))
+            elif isinstance(event, StartTLS):
+                if not self._start_tls():
+                    return
             elif isinstance(event, ExportSelected):
                 self._export = self._server.exports[event.name]
                 self.selected = True
@@ -413,6 +439,22 @@ class _Session:
                 else:
                     log.info("%s disconnected", self.peer)
                 return
+
+    def _start_tls(self) -> bool:
+        """Send the STARTTLS ACK, then make the handshake; False if it failed."""
+        assert self._server.tls is not None and isinstance(self._sock, socket.socket)
+        self._flush()
+        if not self._outbox.drained(self._server.handshake_timeout):
+            return False
+        try:
+            self._sock = TLSStream.accept(self._sock, self._server.tls.context)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.warning("TLS handshake with %s failed: %s", self.peer, exc)
+            return False
+        self._outbox.use(self._sock)
+        self._protocol.tls_started()
+        log.info("%s now speaks TLS", self.peer)
+        return True
 
     def _receive(self) -> bytes | None:
         """The client's next bytes (``b""`` at its end), None if the socket failed.
@@ -599,6 +641,7 @@ class NBDServer:
         drain_timeout: float = DRAIN_TIMEOUT,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         idle_timeout: float | None = None,
+        tls: ServerTLS | None = None,
     ):
         if tcp is None and unix is None:
             raise ValueError("give a TCP address, a Unix socket path, or both")
@@ -609,6 +652,7 @@ class NBDServer:
         self.drain_timeout = drain_timeout
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
+        self.tls = tls
         self._tcp = tcp
         self.unix_path = os.fspath(unix) if unix is not None else None
         self._listeners: list[socket.socket] = []
@@ -658,13 +702,17 @@ class NBDServer:
         return {name: self.uri(name) for name in self.exports}
 
     def uri(self, name: str) -> str:
-        """The NBD URI of export ``name``: TCP when listening on TCP, else the Unix socket."""
+        """The NBD URI of export ``name``: TCP when listening on TCP, else the Unix socket.
+
+        ``nbds`` when TLS is offered, so a client that follows it uses TLS.
+        """
+        scheme = "nbd" if self.tls is None or self.tls.policy is TLSPolicy.OFF else "nbds"
         if self.tcp_address is not None:
             host, port = self.tcp_address
             netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            return f"nbd://{netloc}/{_quote(name)}"
+            return f"{scheme}://{netloc}/{_quote(name)}"
         path = urllib.parse.quote(self.unix_path, safe="/")
-        return f"nbd+unix:///{_quote(name)}?socket={path}"
+        return f"{scheme}+unix:///{_quote(name)}?socket={path}"
 
     def serve_forever(self) -> None:
         while not self._shutdown_requested:

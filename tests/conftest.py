@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from rig.fault_proxy import FaultProxy
 from rig.images import ErofsImages, build_images
+from rig.nbd_certificates import NBDCertificates, make_nbd_certificates
 from rig.pushed import PushedImages, push_fixture_images
 from rig.registry_server import RegistryServer, TokenAuth
 from rig.tls import CertificateAuthority, make_ca
@@ -57,6 +58,12 @@ def pushed_images(registry: RegistryServer, erofs_images: ErofsImages) -> Pushed
 def test_ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
     """A CA made for this run: it signs the HTTPS registry and the token issuer."""
     return make_ca(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture(scope="session")
+def nbd_certificates(tmp_path_factory: pytest.TempPathFactory) -> NBDCertificates:
+    """Certificate directories for NBD over TLS: server, clients, wrong CA, expired."""
+    return make_nbd_certificates(tmp_path_factory.mktemp("nbd-tls"))
 
 
 @pytest.fixture(scope="session")

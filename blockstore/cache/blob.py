@@ -1,8 +1,8 @@
 """One blob read through the cache: the ``Export`` the NBD frontend serves.
 
 The hit path is one read transaction per call: each chunk's bytes are
-checked against their xxh3-64 on the LMDB buffer itself and copied out once
-(only the part asked for). No lock is held while fetching, so a hit never
+checked against their checksum (``integrity``) on the LMDB buffer itself and
+copied out once (only the part asked for). No lock is held while fetching, so a hit never
 waits behind another request's miss. Misses go through the ``Fetcher``
 (single-flight, coalesced, parallel); chunks of a sealed blob are checked
 against the sealed checksums before they are served (here, as they
@@ -21,17 +21,10 @@ from blockstore.fetch import Fetcher
 from blockstore.prefetch import BackgroundFill, Readahead
 from blockstore.source import BlobSource
 
+from . import integrity
+from .env import CacheDamaged
 from .evict import LOW_WATER
-from .layout import (
-    CHUNK_KEY,
-    CHUNK_SIZE,
-    DB_CHUNKS,
-    SUM,
-    SUM_SIZE,
-    chunk_count,
-    chunk_length,
-    xxh3,
-)
+from .layout import CHUNK_SIZE, chunk_count, chunk_length
 from .store import ChunkIntegrityError, ChunkStore
 
 log = logging.getLogger(__name__)
@@ -62,6 +55,7 @@ class CachedBlob:
         self._name = name
         self._description = description or digest
         self._chunks = chunk_count(size)
+        self._seed = integrity.blob_seed(digest)
         record = store.lookup(digest)
         if record is not None and record.size != size:
             raise CacheError(f"{digest} has size {record.size} in the cache, but {size} was given")
@@ -142,7 +136,14 @@ class CachedBlob:
             out: list[Buffer | None] = [None] * len(missing)
             bad: list[int] = []
         else:
-            out, missing, bad = self._look_up(blob_id, offset, end, stop_at_miss=False)
+            try:
+                out, missing, bad = self._look_up(blob_id, offset, end, stop_at_miss=False)
+            except CacheDamaged:
+                if self._fetcher is None:
+                    raise
+                # Moved aside; the store goes on with an empty cache: all of it is a miss.
+                missing = list(range(first, last + 1))
+                out, bad = [None] * len(missing), []
         misses = len(missing) + len(bad)
         if misses:
             self._whole = False
@@ -155,7 +156,7 @@ class CachedBlob:
     ) -> tuple[list[Buffer | None], list[int], list[int]]:
         """The hit loop: one read transaction over the chunks of ``offset..end``.
 
-        Each stored chunk is checked against its xxh3-64 on the LMDB buffer
+        Each stored chunk is checked against its checksum on the LMDB buffer
         and its wanted part copied out; the others are None in the output
         and listed as missing or bad. ``stop_at_miss`` gives up at the
         first chunk that is not a hit (the caller then wants none of it);
@@ -167,13 +168,10 @@ class CachedBlob:
         out: list[Buffer | None] = []
         missing: list[int] = []
         bad: list[int] = []
-        pack = CHUNK_KEY.pack
-        unpack_sum = SUM.unpack_from
-        env = self._store.env
-        txn = env.begin_read(DB_CHUNKS)
-        try:
-            get = txn.get
-            values = [get(pack(blob_id, index)) for index in range(first, last + 1)]
+        intact = integrity.intact
+        seed = self._seed
+        size = self._size
+        with self._store.read_chunks(blob_id, first, last) as values:
             if stop_at_miss and None in values:
                 return [], [first + values.index(None)], []
             for index, value in enumerate(values, first):
@@ -181,22 +179,19 @@ class CachedBlob:
                 if value is None:
                     missing.append(index)
                     out.append(None)
-                elif len(value) != SUM_SIZE + min(CHUNK_SIZE, self._size - base) or (
-                    unpack_sum(value)[0] != xxh3(value[SUM_SIZE:])
-                ):
+                elif not intact(value, seed, index, min(CHUNK_SIZE, size - base)):
                     bad.append(index)
                     out.append(None)
                 else:
-                    lo = SUM_SIZE + offset - base if base < offset else SUM_SIZE
-                    hi = SUM_SIZE + end - base if end - base < CHUNK_SIZE else len(value)
-                    out.append(value[lo:hi].tobytes())
+                    data = integrity.stored_bytes(value)
+                    lo = offset - base if base < offset else 0
+                    hi = end - base if end - base < CHUNK_SIZE else len(data)
+                    out.append(data[lo:hi].tobytes())
                     continue
                 if stop_at_miss:
                     break
-        finally:
-            env.end_read(txn)
         if not stop_at_miss or not (missing or bad):
-            self._store.recency.touch(blob_id, first, last)
+            self._store.touch(blob_id, first, last)
         return out, missing, bad
 
     def _served(self, offset: int, length: int, hits: int, misses: int) -> None:
@@ -249,7 +244,7 @@ class CachedBlob:
             if missing and self._fetcher is None:
                 raise NotCached(f"{self._digest} is not fully cached and the cache is offline")
             self._fetch_all(missing, report)
-            outcome = self._store.seal(self._digest)
+            outcome = self._store.seal(self._digest, self._size)
             if outcome is not None:
                 break
         if outcome is False:
@@ -335,7 +330,7 @@ class CachedBlob:
         if self._sums is not None:
             for i, chunk in enumerate(chunks):
                 index = first + i
-                if SUM.unpack_from(self._sums, index * SUM_SIZE)[0] != xxh3(chunk):
+                if not integrity.fits_sealed(self._sums, self._seed, index, chunk):
                     self._store.counters.add(checksum_failures=1)
                     raise ChunkIntegrityError(
                         f"{self._digest}: the source sent chunk {index} with bytes that do not "

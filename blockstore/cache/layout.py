@@ -15,17 +15,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import lmdb
-import xxhash
 
 CHUNK_SIZE = 32768
-FORMAT_VERSION = 1
+# 2: chunk checksums seeded with the chunk's identity (blob digest and index).
+FORMAT_VERSION = 2
 
 # Named databases.
 DB_META = b"meta"  # name -> value (format, chunk size, next id, stored bytes, cap)
 DB_BLOBS = b"blobs"  # digest -> BlobRecord
 DB_IDS = b"ids"  # blob id -> digest
-DB_CHUNKS = b"chunks"  # chunk key -> xxh3-64 (8 bytes LE) || chunk bytes
-DB_SUMS = b"sums"  # digest -> every chunk's xxh3-64, packed LE, kept once sealed
+DB_CHUNKS = b"chunks"  # chunk key -> checksum (see integrity) || chunk bytes
+DB_SUMS = b"sums"  # digest -> every chunk's checksum, packed, kept once sealed
 DB_TICKS = b"ticks"  # chunk key -> last-use tick (8 bytes BE)
 DB_LRU = b"lru"  # tick || chunk key -> b"" (oldest first)
 DB_COUNTERS = b"counters"  # counter name -> u64
@@ -46,9 +46,6 @@ ALL_DBS = (
 
 CHUNK_KEY = struct.Struct(">QQ")
 U64 = struct.Struct(">Q")
-SUM = struct.Struct("<Q")
-SUM_SIZE = SUM.size
-xxh3 = xxhash.xxh3_64_intdigest
 
 PINNED = 1
 SEALED = 2
@@ -84,13 +81,6 @@ def chunk_count(size: int) -> int:
 
 def chunk_length(size: int, index: int) -> int:
     return min(CHUNK_SIZE, size - index * CHUNK_SIZE)
-
-
-def valid_chunk(value: memoryview | bytes, expected_len: int) -> bool:
-    """True when a stored chunk has the right length and matches its checksum."""
-    return len(value) == SUM_SIZE + expected_len and SUM.unpack_from(value)[0] == xxh3(
-        value[SUM_SIZE:]
-    )
 
 
 @dataclass

@@ -28,6 +28,7 @@ COMMANDS = {
     "umount": "mount_cmds",
     "mounts": "mount_cmds",
     "demo": "demo_cmds",
+    "index": "index_cmds",
 }
 
 

@@ -111,7 +111,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         *(f"blob {digest} does not match its digest: dropped" for digest in report.bad_blobs),
         *(f"sealed {digest}" for digest in report.newly_sealed),
         *(f"repaired the record of {digest}" for digest in report.repaired_records),
+        *(f"the cached record of {ref} is damaged: dropped" for ref in report.damaged_records),
     ]
+    if report.damage:
+        lines.append(f"the cache file was damaged and moved aside: {report.damage}")
     if report.orphan_chunks:
         lines.append(f"dropped {report.orphan_chunks} chunks of no known blob")
     lines.append("ok" if report.ok else "bad data found and dropped")
@@ -138,7 +141,7 @@ def resolve_targets(store: ChunkStore, targets: list[str]) -> tuple[dict[str, in
 
     blobs: dict[str, int | None] = {}
     matched_refs: list[dict] = []
-    records = store.refs()
+    records = store.images.all()
     for target in targets:
         if DIGEST.match(target):
             blobs.setdefault(target, None)
@@ -182,7 +185,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
         removing = {(r["reference"], r.get("platform")) for r in refs}
         in_use = {
             layer["digest"]
-            for r in store.refs()
+            for r in store.images.all()
             if (r["reference"], r.get("platform")) not in removing
             for layer in r.get("layers", [])
         }
@@ -194,7 +197,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
             elif store.remove(digest):
                 removed.append(digest)
         for reference, platform in removing:
-            store.remove_ref(reference, platform)
+            store.images.remove(reference, platform)
     lines = [f"removed {d}" for d in removed] + [f"kept {d} (used by another image)" for d in kept]
     emit(args, {"removed": removed, "kept": kept}, "\n".join(lines) or "nothing to remove")
     return 0

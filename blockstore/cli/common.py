@@ -117,6 +117,25 @@ def _is_ip(text: str, version: int) -> bool:
         return False
 
 
+DEFAULT_READ_TIMEOUT = 30.0
+"""Seconds a read may wait on the registry: long enough for a slow link to deliver a
+few MiB and retry once, short enough that a reader (a kernel, a VM) is not left hanging."""
+MAX_READ_TIMEOUT = 24 * 3600.0
+
+
+def parse_timeout(text: str) -> float:
+    """A positive number of seconds, up to a day."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < seconds <= MAX_READ_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            f"a timeout is more than 0 and at most {MAX_READ_TIMEOUT:g} seconds, not {text!r}"
+        )
+    return seconds
+
+
 def add_image_options(parser: argparse.ArgumentParser, verb: str, *, offline: bool = True) -> None:
     """The image argument, which layer(s), and --offline, for commands that open an image."""
     parser.add_argument("image", metavar="IMAGE", help="image reference, e.g. host:5000/app:v1")
@@ -130,6 +149,14 @@ def add_image_options(parser: argparse.ArgumentParser, verb: str, *, offline: bo
     )
     which.add_argument(
         "--blob", default=None, metavar="DIGEST", help=f"{verb} only the layer with this digest"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=parse_timeout,
+        default=DEFAULT_READ_TIMEOUT,
+        metavar="SECONDS",
+        help="how long one read from the registry may take, retries included, before it "
+        f"fails with EIO (default: {DEFAULT_READ_TIMEOUT:g})",
     )
     if offline:
         parser.add_argument(
@@ -175,6 +202,7 @@ def registry_options_from_args(args: argparse.Namespace) -> RegistryOptions:
         username=args.username,
         password=args.password,
         mirrors=list(args.mirror),
+        timeout=getattr(args, "timeout", DEFAULT_READ_TIMEOUT),
     )
 
 

@@ -1,7 +1,7 @@
 """``blockstore mount``, ``umount`` and ``mounts``: an image from a registry as a directory.
 
 ``mount`` runs ``blockstore serve`` in the background and lets the mount
-stack (nbdfront.mounts) attach, mount and stack its exports. ``-o`` also takes
+stack (nbdfront.mount) attach, mount and stack its exports. ``-o`` also takes
 the option spelling of erofs-utils' ``mount.erofs -t erofs.nbd`` (``oci.layer=N``,
 ``oci.blob=``, ``oci.platform=``, ``oci.username=``, ``oci.password=``,
 ``oci.insecure``, the older ``oci=N``), so its users need not relearn them.
@@ -27,9 +27,9 @@ from blockstore.cli.common import (
     registry_options_from_args,
 )
 from blockstore.errors import UsageError
-from nbdfront import mounts
-from nbdfront.attach import KERNEL, NBDFUSE
-from nbdfront.mount_state import MountRecord
+from nbdfront.mount import stack
+from nbdfront.mount.attach import KERNEL, NBDFUSE
+from nbdfront.mount.records import MountRecord
 
 
 @dataclass
@@ -123,7 +123,7 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         argv += ["--layer", str(args.layer)]
     if args.blob is not None:
         argv += ["--blob", args.blob]
-    for option in ("platform", "cache_size", "username", "ca_file"):
+    for option in ("platform", "cache_size", "username", "ca_file", "timeout"):
         value = getattr(args, option)
         if value is not None:
             argv += [f"--{option.replace('_', '-')}", str(value)]
@@ -149,7 +149,7 @@ def _image_layers(cache_dir: Path, image: str, platform: str | None) -> list[dic
     try:
         canonical = str(parse_reference(image))
         with ChunkStore(cache_dir) as store:
-            refs = [r for r in store.refs() if r.get("reference") == canonical]
+            refs = [r for r in store.images.all() if r.get("reference") == canonical]
     except Exception:
         return []
     refs = [r for r in refs if platform is None or r.get("platform") == platform] or refs
@@ -253,7 +253,7 @@ def run_mount(args: argparse.Namespace) -> int:
     def warn(message: str) -> None:
         print(f"blockstore: warning: {message}", file=sys.stderr, flush=True)
 
-    record = mounts.mount(
+    record = stack.mount(
         argv,
         args.mountpoint,
         image=args.image,
@@ -270,16 +270,16 @@ def describe_path(record: MountRecord) -> str:
     """One line saying which way the mount was made, for the user and for bug reports."""
     via = {NBDFUSE: "nbdfuse + file-backed EROFS", KERNEL: "kernel NBD + EROFS"}[record.method]
     n = len(record.attachments)
-    stack = f"{n} layers under a read-only overlayfs" if record.overlay else "1 layer"
+    shape = f"{n} layers under a read-only overlayfs" if record.overlay else "1 layer"
     pid = record.server.pid if record.server else "?"
     return (
-        f"mounted {record.image} at {record.mountpoint} via {via}, {stack}, "
+        f"mounted {record.image} at {record.mountpoint} via {via}, {shape}, "
         f"in {record.mount_seconds:.2f}s (server pid {pid}, log {record.log})"
     )
 
 
 def run_umount(args: argparse.Namespace) -> int:
-    done = mounts.unmount(args.mountpoint, lazy=args.lazy)
+    done = stack.unmount(args.mountpoint, lazy=args.lazy)
     if args.quiet <= 0:
         print(f"unmounted {done.record.mountpoint} ({done.record.image})")
         if done.trouble is not None:
@@ -291,7 +291,7 @@ def run_umount(args: argparse.Namespace) -> int:
 
 
 def run_mounts(args: argparse.Namespace) -> int:
-    statuses = mounts.list_mounts()
+    statuses = stack.list_mounts()
     rows = []
     for st in statuses:
         fractions = cached_fractions(st.record)

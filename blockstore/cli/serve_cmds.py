@@ -25,10 +25,12 @@ from blockstore.cli.common import (
     parse_listen,
     registry_options_from_args,
 )
+from blockstore.cli.tls_options import add_tls_options, exposure_warnings, server_tls_from
 from blockstore.errors import BlockstoreError
 from blockstore.image import open_image
 from blockstore.metrics import MetricsServer
-from nbdfront.server import DEFAULT_PORT, NBDServer, is_loopback
+from nbdfront.mount.readiness import ReadinessPipe
+from nbdfront.server import DEFAULT_PORT, NBDServer
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +62,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
     )
+    add_tls_options(serve)
+    # The write end of a pipe from `blockstore mount`, told "ready" or the error on it.
+    serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     serve.set_defaults(func=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if args.ready_fd is None:
+        return _run_serve(args, None)
+    with ReadinessPipe(args.ready_fd) as readiness:
+        return _run_serve(args, readiness)
+
+
+def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int:
     tcp = args.listen
     if tcp is None and args.unix is None:
         tcp = ("127.0.0.1", DEFAULT_PORT)
-    if tcp is not None and not is_loopback(tcp[0]):
-        print(
-            f"blockstore: listening on {tcp[0]}:{tcp[1]}, beyond this machine: NBD has no "
-            "authentication, anyone who can connect can read the image",
-            file=sys.stderr,
-        )
+    tls = server_tls_from(args)
     image = open_image(
         args.image,
         cache_dir=cache_dir_from(args),
@@ -89,12 +96,18 @@ def run_serve(args: argparse.Namespace) -> int:
             tcp=tcp,
             unix=args.unix,
             default_export=blobs[-1].name,
+            tls=tls,
         )
         try:
             server.start()
         except OSError as exc:
             where = f"{tcp[0]}:{tcp[1]}" if tcp else args.unix
             raise BlockstoreError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
+        names = [blob.name for blob in blobs]
+        reference = image.resolved.reference
+        address = server.tcp_address
+        for warning in exposure_warnings(address, tls, args.tls_verify_peer, reference, names):
+            print(f"blockstore: {warning}", file=sys.stderr)
         if args.metrics is not None:
             metrics = start_metrics(args.metrics, image.store, server)
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -105,6 +118,8 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"export {name} {uri}")
         print(f'export "" {server.uri("")}')
         print("ready", flush=True)
+        if readiness is not None:
+            readiness.ready({**server.uris(), "": server.uri("")})
         log.info("serving %s (%s)", image.resolved.reference, ", ".join(b.name for b in blobs))
         server.serve_forever()
         return 0

@@ -14,8 +14,9 @@ from nbdfront.protocol.events import (
     ReadPiece,
     ReadReply,
     ReadRequest,
+    StartTLS,
 )
-from nbdfront.protocol.handshake import Catalog
+from nbdfront.protocol.handshake import Catalog, TLSPolicy
 
 __all__ = [
     "MAX_PAYLOAD",
@@ -34,5 +35,7 @@ __all__ = [
     "ReadReply",
     "ReadRequest",
     "ServerConnection",
+    "StartTLS",
+    "TLSPolicy",
     "nbd_error",
 ]

@@ -30,9 +30,16 @@ from nbdfront.protocol.events import (
     ConnectionClosed,
     Disconnect,
     ServerReply,
+    StartTLS,
     _NeedData,
 )
-from nbdfront.protocol.handshake import Catalog, ExportFacts, Negotiation, OptionOutcome
+from nbdfront.protocol.handshake import (
+    Catalog,
+    ExportFacts,
+    Negotiation,
+    OptionOutcome,
+    TLSPolicy,
+)
 from nbdfront.protocol.transmission import REQUEST_HEADER, Transmission
 
 _OPTION_HEADER = struct.Struct(">QII")
@@ -54,11 +61,15 @@ class ServerConnection:
     """The server side of one NBD conversation.
 
     ``exports`` maps names to anything with ``size`` and ``description``;
-    ``default_export`` names the one an empty name stands for.
+    ``default_export`` names the one an empty name stands for; ``tls`` says
+    whether STARTTLS is offered or required.
     """
 
     def __init__(
-        self, exports: Mapping[str, ExportFacts] | Catalog, default_export: str | None = None
+        self,
+        exports: Mapping[str, ExportFacts] | Catalog,
+        default_export: str | None = None,
+        tls: TLSPolicy = TLSPolicy.OFF,
     ):
         if not isinstance(exports, Catalog):
             exports = Catalog(exports, default_export)
@@ -73,11 +84,15 @@ class ServerConnection:
         self.phase = Phase.CLIENT_FLAGS
         self.transmission: Transmission | None = None
         self._shutting_down = False
+        self._tls = tls
+        self._awaiting_tls = False
 
     def receive_data(self, data: bytes) -> None:
         """Take bytes from the client; ``b""`` means it closed its side."""
         if self.phase is Phase.CLOSED:
             return
+        if self._awaiting_tls:
+            raise RuntimeError("bytes received before the TLS handshake was reported done")
         if not data:
             self._eof = True
             return
@@ -107,6 +122,13 @@ class ServerConnection:
             raise RuntimeError("no export selected yet")
         return self.transmission.encode(reply)
 
+    def tls_started(self) -> None:
+        """The server finished the TLS handshake that ``StartTLS`` asked for."""
+        if not self._awaiting_tls or self._negotiation is None:
+            raise RuntimeError("no STARTTLS is waiting for a handshake")
+        self._awaiting_tls = False
+        self._negotiation.tls_started()
+
     def begin_shutdown(self) -> None:
         """The server is stopping: refuse what comes next, as the spec asks.
 
@@ -121,7 +143,7 @@ class ServerConnection:
         phase = self.phase
         if phase is _TRANSMISSION and not self._skip:
             return self._request()
-        if phase is Phase.CLOSED:
+        if phase is Phase.CLOSED or self._awaiting_tls:
             return False
         if self._skip:
             return self._need_more()
@@ -138,7 +160,11 @@ class ServerConnection:
         del self._buffer[:4]
         if flags & ~_KNOWN_CLIENT_FLAGS:
             return self._close(f"unknown client flags {flags:#x}", clean=False)
-        self._negotiation = Negotiation(self._catalog, bool(flags & ClientFlag.NO_ZEROES))
+        if self._tls is TLSPolicy.REQUIRE and not flags & ClientFlag.FIXED_NEWSTYLE:
+            # TLS needs fixed newstyle; such a client could only be served in plain text.
+            return self._close("client without fixed newstyle cannot start TLS", clean=False)
+        no_zeroes = bool(flags & ClientFlag.NO_ZEROES)
+        self._negotiation = Negotiation(self._catalog, no_zeroes, self._tls)
         self.phase = Phase.OPTIONS
         return True
 
@@ -168,6 +194,13 @@ class ServerConnection:
         return self._apply(self._negotiation.handle(option, data))
 
     def _apply(self, outcome: OptionOutcome) -> bool:
+        if outcome.start_tls:
+            if self._buffer or self._skip:
+                # Plain-text bytes sent behind STARTTLS would be taken as if they
+                # came over TLS (the STARTTLS command injection of other protocols).
+                return self._close("data sent after STARTTLS before its reply", clean=False)
+            self._awaiting_tls = True
+            self._events.append(StartTLS())
         if outcome.reply:
             self._outgoing.append(outcome.reply)
         if outcome.selected is not None:

@@ -34,6 +34,15 @@ class ExportSelected:
 
 
 @dataclass(frozen=True)
+class StartTLS:
+    """The client asked for TLS and its ACK is queued: send ``data_to_send()``,
+    make the TLS handshake on the socket, then call ``tls_started()``.
+
+    Nothing more is parsed until then: every later byte must arrive over TLS.
+    """
+
+
+@dataclass(frozen=True)
 class ReadRequest:
     """``NBD_CMD_READ`` already checked against the export's bounds."""
 
@@ -113,5 +122,5 @@ class CommandDone:
     message: str = ""
 
 
-ClientEvent = ExportSelected | ReadRequest | CacheRequest | Disconnect | ConnectionClosed
+ClientEvent = StartTLS | ExportSelected | ReadRequest | CacheRequest | Disconnect | ConnectionClosed
 ServerReply = ReadReply | ReadPiece | ReadFailed | CommandDone

@@ -7,6 +7,7 @@ of export leaves the protocol package.
 
 from __future__ import annotations
 
+import enum
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +33,19 @@ BASE_TRANSMISSION_FLAGS = (
     | TransmissionFlag.CAN_MULTI_CONN
     | TransmissionFlag.SEND_CACHE
 )
+
+
+class TLSPolicy(enum.Enum):
+    """Whether a server offers TLS (nbdkit's ``--tls`` spellings).
+
+    ``ON`` lets each client choose; ``REQUIRE`` answers nothing but
+    STARTTLS and ABORT before TLS (the spec's FORCEDTLS mode), so a client
+    that skips it learns no export name, size or byte.
+    """
+
+    OFF = "off"
+    ON = "on"
+    REQUIRE = "require"
 
 
 class ExportFacts(Protocol):
@@ -77,6 +91,7 @@ class OptionOutcome:
     selected: ExportSelected | None = None
     close_reason: str | None = None
     clean: bool = True
+    start_tls: bool = False
 
 
 class _Malformed(Exception):
@@ -86,13 +101,26 @@ class _Malformed(Exception):
 class Negotiation:
     """The option-haggling state of one connection."""
 
-    def __init__(self, catalog: Catalog, no_zeroes: bool):
+    def __init__(self, catalog: Catalog, no_zeroes: bool, tls: TLSPolicy = TLSPolicy.OFF):
         self._catalog = catalog
         self._no_zeroes = no_zeroes
+        self._tls = tls
+        self.tls_active = False
         self.structured_replies = False
         # The export name given with the last SET_META_CONTEXT that selected
         # base:allocation; block status works only if GO names the same one.
         self._meta_export: str | None = None
+
+    def tls_started(self) -> None:
+        """The TLS handshake succeeded: from now on options are answered.
+
+        What was agreed in plain text is forgotten, so a man in the middle
+        cannot leave state behind for the secure session (nbdkit's
+        CVE-2021-3716 was structured replies surviving STARTTLS).
+        """
+        self.tls_active = True
+        self.structured_replies = False
+        self._meta_export = None
 
     def transmission_flags(self) -> int:
         flags = BASE_TRANSMISSION_FLAGS
@@ -102,6 +130,8 @@ class Negotiation:
 
     def refuse_oversized(self, option: int, length: int) -> OptionOutcome:
         """An option whose data was skipped unread because it was too long."""
+        if self._tls is TLSPolicy.REQUIRE and not self.tls_active and option != Option.ABORT:
+            return _tls_required(option)
         if option == Option.EXPORT_NAME:
             # EXPORT_NAME has no way to say no: the only answer is to hang up.
             return OptionOutcome(b"", close_reason="oversized export name", clean=False)
@@ -123,12 +153,16 @@ class Negotiation:
             return OptionOutcome(replies.option_error(option, OptionReply.ERR_INVALID, str(exc)))
 
     def _dispatch(self, option: int, data: bytes) -> OptionOutcome:
-        if option == Option.EXPORT_NAME:
-            return self._export_name(data)
         if option == Option.ABORT:
             return OptionOutcome(
                 replies.option_reply(option, OptionReply.ACK), close_reason="client aborted"
             )
+        if option == Option.STARTTLS:
+            return self._starttls(data)
+        if self._tls is TLSPolicy.REQUIRE and not self.tls_active:
+            return _tls_required(option)
+        if option == Option.EXPORT_NAME:
+            return self._export_name(data)
         if option == Option.LIST:
             _no_data(data)
             listing = b"".join(
@@ -136,9 +170,6 @@ class Negotiation:
                 for name, facts in self._catalog.items()
             )
             return OptionOutcome(listing + replies.option_reply(option, OptionReply.ACK))
-        if option == Option.STARTTLS:
-            message = "TLS is not offered by this server"
-            return OptionOutcome(replies.option_error(option, OptionReply.ERR_POLICY, message))
         if option in (Option.INFO, Option.GO):
             return self._info(option, data)
         if option == Option.STRUCTURED_REPLY:
@@ -149,6 +180,16 @@ class Negotiation:
             return self._meta_context(option, data)
         message = f"option {option} is not supported"
         return OptionOutcome(replies.option_error(option, OptionReply.ERR_UNSUP, message))
+
+    def _starttls(self, data: bytes) -> OptionOutcome:
+        option = Option.STARTTLS
+        if self._tls is TLSPolicy.OFF:
+            message = "TLS is not offered by this server"
+            return OptionOutcome(replies.option_error(option, OptionReply.ERR_POLICY, message))
+        _no_data(data)
+        if self.tls_active:
+            raise _Malformed("TLS is already running")
+        return OptionOutcome(replies.option_reply(option, OptionReply.ACK), start_tls=True)
 
     def _export_name(self, data: bytes) -> OptionOutcome:
         name = _decode(data)
@@ -214,6 +255,15 @@ class Negotiation:
             structured_replies=self.structured_replies,
             block_status=self.structured_replies and self._meta_export == name,
         )
+
+
+def _tls_required(option: int) -> OptionOutcome:
+    """FORCEDTLS before the upgrade: refuse, revealing nothing of the exports."""
+    if option == Option.EXPORT_NAME:
+        # EXPORT_NAME cannot be refused; the spec says to end the session.
+        return OptionOutcome(b"", close_reason="EXPORT_NAME before TLS", clean=False)
+    message = "this server requires TLS: send NBD_OPT_STARTTLS first"
+    return OptionOutcome(replies.option_error(option, OptionReply.ERR_TLS_REQD, message))
 
 
 def _no_data(data: bytes) -> None:

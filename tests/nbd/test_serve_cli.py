@@ -164,7 +164,7 @@ def test_serve_warns_when_listening_beyond_loopback(registry, pushed_images, tmp
         pushed_images.small, "--insecure", "--cache-dir", str(tmp_path / "c"), "--listen", address
     ) as (proc, _exports):
         assert stop(proc) == 0
-        assert "no authentication" in proc.stderr.read()
+        assert "unencrypted and unauthenticated" in proc.stderr.read()
 
 
 def test_parse_listen():

@@ -1,10 +1,12 @@
 """A small HTTP proxy in front of a real registry that misbehaves on request.
 
-Faults are what real networks and registries do: answer slowly, drop the
-connection mid-body, send fewer bytes than asked, flip bytes, refuse with a
-status (429/503 with ``Retry-After``), ignore ``Range`` and send the whole
-blob with 200, or redirect (307) to another host, as registries backed by
-object storage or a CDN do. Every request a client sends is recorded.
+Faults are what real networks and registries do: answer slowly, trickle the
+body a byte at a time, drop the connection mid-body (with a FIN, or a reset),
+send fewer bytes than asked, flip bytes, send a ``Content-Range`` that is
+not the span asked for, refuse with a status (429/503 with ``Retry-After``),
+ignore ``Range`` and send the whole blob with 200, or redirect (307) to
+another host, as registries backed by object storage or a CDN do. Every
+request a client sends is recorded.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import http.client
 import json
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,7 +34,19 @@ _HOP_BY_HOP = {
     "transfer-encoding",
     "upgrade",
 }
-KINDS = {"delay", "status", "drop", "cut", "truncate", "corrupt", "ignore_range", "redirect"}
+KINDS = {
+    "delay",
+    "trickle",
+    "status",
+    "drop",
+    "cut",
+    "reset",
+    "truncate",
+    "corrupt",
+    "bad_range",
+    "ignore_range",
+    "redirect",
+}
 
 
 @dataclass
@@ -44,12 +59,14 @@ class Fault:
     times: int | None = None
     """How many matching requests get the fault; None: all of them."""
     seconds: float = 0.0
-    """delay: pause before forwarding."""
+    """delay: pause before forwarding; trickle: pause before each body byte."""
     status: int = 503
     headers: dict[str, str] = field(default_factory=dict)
     """status: the reply's status and headers (e.g. ``Retry-After``)."""
+    body: bytes | None = None
+    """status: the reply's body (default: an OCI error), e.g. a hand-made manifest."""
     after_bytes: int | None = None
-    """cut/truncate/corrupt: body bytes sent intact (default: half the body)."""
+    """cut/reset/truncate/corrupt: body bytes sent intact (default: half the body)."""
     redirect_to: str | None = None
     """redirect: base URL of the other host; the path is kept."""
 
@@ -146,7 +163,8 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 self._hang_up()
                 return
             if kind == "status":
-                self._reply(fault.status, fault.headers, _oci_error(fault.status))
+                body = fault.body if fault.body is not None else _oci_error(fault.status)
+                self._reply(fault.status, fault.headers, body)
                 return
             if kind == "redirect":
                 location = fault.redirect_to.rstrip("/") + self.path
@@ -192,14 +210,19 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             intact = fault.after_bytes if fault and fault.after_bytes is not None else total // 2
             if kind == "truncate":
                 out["Content-Length"] = str(min(intact, total))
+            if kind == "bad_range" and "Content-Range" in out:
+                out["Content-Range"] = _shifted(out["Content-Range"])
             self.send_response(reply.status)
             for key, value in out.items():
                 self.send_header(key, value)
             self.end_headers()
             sent = 0
-            limit = intact if kind in ("cut", "truncate") else total
+            limit = intact if kind in ("cut", "reset", "truncate") else total
             while sent < limit:
-                chunk = reply.read(min(256 << 10, limit - sent))
+                if kind == "trickle":
+                    time.sleep(fault.seconds)
+                    self.wfile.flush()
+                chunk = reply.read(1 if kind == "trickle" else min(256 << 10, limit - sent))
                 if not chunk:
                     break
                 if kind == "corrupt" and sent <= intact < sent + len(chunk):
@@ -210,6 +233,8 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 sent += len(chunk)
             if kind == "cut":
                 self._hang_up()
+            if kind == "reset":
+                self._reset()
 
         def _reply(
             self, status: int, headers: dict[str, str], body: bytes, keep_length: bool = False
@@ -224,6 +249,13 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             if self.command != "HEAD":
                 self.wfile.write(body)
 
+        def _reset(self) -> None:
+            """Close with an RST, as a crashed peer or a middlebox does, not a FIN."""
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+
         def _hang_up(self) -> None:
             self.wfile.flush()
             self.close_connection = True
@@ -231,6 +263,13 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 self.connection.shutdown(socket.SHUT_RDWR)
 
     return Handler
+
+
+def _shifted(content_range: str) -> str:
+    """``bytes a-b/total`` moved one byte on: a plausible range, but not the one asked."""
+    span, _, total = content_range.removeprefix("bytes ").partition("/")
+    first, _, last = span.partition("-")
+    return f"bytes {int(first) + 1}-{int(last) + 1}/{total}"
 
 
 def _oci_error(status: int) -> bytes:

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from blockstore.errors import MissingDependency, MountError
-from nbdfront import mount_syscall
-from nbdfront.mount_process import ProcessRef, log_tail, spawn_detached
+from nbdfront.mount import syscall
+from nbdfront.mount.process import ProcessRef, log_tail, spawn_detached
 
 NBDFUSE = "nbdfuse"
 KERNEL = "kernel"
@@ -92,7 +92,7 @@ def detach(attachment: Attachment, *, lazy: bool = False) -> None:
     assert attachment.fuse_dir is not None
     # Unmounting the FUSE file system is what makes nbdfuse exit cleanly. After a lazy
     # unmount of a busy stack it would wait for the last user; it is stopped instead.
-    mount_syscall.umount(attachment.fuse_dir, lazy=lazy)
+    syscall.umount(attachment.fuse_dir, lazy=lazy)
     if attachment.process is not None and not attachment.process.wait(0.5 if lazy else 5.0):
         attachment.process.stop()
     remove_empty_dir(attachment.fuse_dir)
@@ -116,7 +116,7 @@ def _attach_nbdfuse(uri: str, export: str, workdir: Path, log_path: Path) -> Att
         # Until it is recorded, nbdfuse and its FUSE mount are ours to take down.
         proc.kill()
         proc.wait()
-        mount_syscall.umount(str(fuse_dir), lazy=True)
+        syscall.umount(str(fuse_dir), lazy=True)
         remove_empty_dir(str(fuse_dir))
         raise
     pidfile.unlink()

@@ -19,9 +19,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nbdfront import mount_syscall
-from nbdfront.attach import Attachment
-from nbdfront.mount_process import ProcessRef
+from nbdfront.mount import syscall
+from nbdfront.mount.attach import Attachment
+from nbdfront.mount.process import ProcessRef
 
 RECORD_NAME = "record.json"
 
@@ -98,7 +98,7 @@ def load(mountpoint: str) -> MountRecord | None:
         return None
 
 
-def records() -> list[MountRecord]:
+def saved() -> list[MountRecord]:
     """Every mount recorded on this machine, sorted by mount point."""
     found = []
     for path in sorted((run_dir() / "mounts").glob(f"*/{RECORD_NAME}")):
@@ -112,6 +112,6 @@ def records() -> list[MountRecord]:
 def forget(record: MountRecord) -> None:
     """Drop the record and its state directory, unless something is still mounted in it."""
     inside = record.state_dir.rstrip("/") + "/"
-    if any(point.startswith(inside) for point in mount_syscall.mounted()):
+    if any(point.startswith(inside) for point in syscall.mounted()):
         return
     shutil.rmtree(record.state_dir, ignore_errors=True)

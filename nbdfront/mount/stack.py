@@ -18,16 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockstore.errors import MountError, MountpointBusy, NotPermitted
-from nbdfront import attach, mount_state, mount_syscall
-from nbdfront.mount_process import SERVER_STOP_TIMEOUT
-from nbdfront.mount_server import layer_exports, start_server
-from nbdfront.mount_state import MountRecord
-from nbdfront.mount_supervisor import read_status
+from nbdfront.mount import attach, records, syscall
+from nbdfront.mount.records import MountRecord
+from nbdfront.mount.server import layer_exports, start_server
+from nbdfront.mount.supervisor import STOP_GRACE, ServerExit, read_status
 
 logger = logging.getLogger(__name__)
 
 # Where the server's exit status is written, in the mount's state directory.
 SERVER_STATUS = "serve.status"
+
+SERVER_STOP_TIMEOUT = STOP_GRACE + 3.0
+"""Seconds ``umount`` waits for the supervisor: the server's grace, then time for the
+supervisor to kill it and write how it ended. Past that the supervisor is killed too
+(and the server with it), and the exit status is unknown."""
 
 # Called with the export names (bottom layer first) once the server is ready;
 # returns what the record's ``info`` should hold.
@@ -42,9 +46,9 @@ def check_can_mount(mountpoint: str) -> str:
         raise MountError(f"mountpoint {mountpoint} does not exist")
     if not os.path.isdir(mountpoint):
         raise MountError(f"mountpoint {mountpoint} is not a directory")
-    if mount_syscall.is_mounted(mountpoint):
+    if syscall.is_mounted(mountpoint):
         raise MountpointBusy(f"{mountpoint} is already a mount point")
-    if mount_state.load(mountpoint) is not None:
+    if records.load(mountpoint) is not None:
         raise MountpointBusy(
             f"{mountpoint} has a mount record already; `blockstore umount {mountpoint}` clears it"
         )
@@ -60,7 +64,8 @@ def mount(
     describe: Describe | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> MountRecord:
-    """Start ``server_argv`` (it gets ``--unix SOCK --pidfile PID`` appended) and mount its exports.
+    """Start ``server_argv`` (it gets ``--unix SOCK --pidfile PID --ready-fd N`` appended)
+    and mount its exports.
 
     ``warn`` is given each warning the server logged before it was ready.
     Returns the saved record once ``mountpoint`` shows the image's tree.
@@ -68,7 +73,7 @@ def mount(
     started_at = time.monotonic()
     mountpoint = os.path.realpath(mountpoint)
     method = check_can_mount(mountpoint)
-    state_dir = mount_state.state_dir_for(mountpoint)
+    state_dir = records.state_dir_for(mountpoint)
     state_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
         state_dir.mkdir()  # exclusive: of two mounts racing for one mount point, one goes on
@@ -77,7 +82,7 @@ def mount(
             f"{mountpoint} is being mounted by another blockstore process "
             f"(if none runs, a crashed one left {state_dir}: remove it)"
         ) from None
-    log = mount_state.log_path_for(mountpoint)
+    log = records.log_path_for(mountpoint)
     socket = state_dir / "serve.sock"
     record = MountRecord(
         mountpoint=mountpoint,
@@ -87,25 +92,25 @@ def mount(
         log=str(log),
         socket=str(socket),
     )
-    mount_state.save(record)
+    records.save(record)
     try:
         argv = [*server_argv, "--unix", str(socket), "--pidfile", str(state_dir / "serve.pid")]
         server = start_server(argv, log, state_dir / SERVER_STATUS, env=env)
         record.server = server.process
-        mount_state.save(record)
+        records.save(record)
         logger.info("server pid %d ready: %s", server.process.pid, server.exports)
         if warn is not None:
             for warning in server.warnings:
                 warn(warning)
-        stack = layer_exports(server.exports)
-        for name, uri in stack:
+        layers = layer_exports(server.exports)
+        for name, uri in layers:
             record.attachments.append(attach.attach(uri, name, state_dir, log, method))
-            mount_state.save(record)
+            records.save(record)
             logger.info("attached %s via %s as %s", uri, method, record.attachments[-1].device)
         _mount_layers(record)
-        mount_state.save(record)
+        records.save(record)
         if describe is not None:
-            record.info = describe([name for name, _ in stack])
+            record.info = describe([name for name, _ in layers])
     except BaseException:
         try:
             unmount_record(record, lazy=True)
@@ -113,7 +118,7 @@ def mount(
             logger.exception("could not undo the failed mount of %s", mountpoint)
         raise
     record.mount_seconds = round(time.monotonic() - started_at, 3)
-    mount_state.save(record)
+    records.save(record)
     return record
 
 
@@ -129,17 +134,17 @@ def _mount_layers(record: MountRecord) -> None:
         lower.mkdir(exist_ok=True)
         _mount_erofs(attachment.device, str(lower))
         record.lowers.append(str(lower))
-        mount_state.save(record)
+        records.save(record)
     # overlayfs lists lower directories top first; with no upperdir it is read-only.
     lowerdir = ":".join(reversed(record.lowers))
-    mount_syscall.mount("overlay", record.mountpoint, "overlay", f"lowerdir={lowerdir}")
+    syscall.mount("overlay", record.mountpoint, "overlay", f"lowerdir={lowerdir}")
     record.mounted = record.overlay = True
     logger.info("overlayfs at %s over %s", record.mountpoint, lowerdir)
 
 
 def _mount_erofs(device: str, target: str) -> None:
     try:
-        mount_syscall.mount(device, target, "erofs")
+        syscall.mount(device, target, "erofs")
     except MountError as exc:
         if "Invalid argument" in str(exc):
             raise MountError(f"{exc} (is the layer an EROFS image?)") from None
@@ -168,14 +173,14 @@ class MountStatus:
 def status(record: MountRecord) -> MountStatus:
     return MountStatus(
         record,
-        mounted=mount_syscall.is_mounted(record.mountpoint),
+        mounted=syscall.is_mounted(record.mountpoint),
         server_alive=record.server is not None and record.server.alive(),
         attached=all(a.process is None or a.process.alive() for a in record.attachments),
     )
 
 
 def list_mounts() -> list[MountStatus]:
-    return [status(r) for r in mount_state.records()]
+    return [status(r) for r in records.saved()]
 
 
 @dataclass
@@ -194,40 +199,43 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
     """
     if os.geteuid() != 0:
         raise NotPermitted("unmounting needs root: run it with sudo")
-    record = mount_state.load(os.path.realpath(mountpoint)) or mount_state.load(mountpoint)
+    record = records.load(os.path.realpath(mountpoint)) or records.load(mountpoint)
     if record is None:
         raise MountError(f"{mountpoint} was not mounted by blockstore")
     state = status(record).state
-    server_status = unmount_record(record, lazy=lazy)
+    ended = unmount_record(record, lazy=lazy)
     if state != "ok":
         trouble = f"the mount was not whole ({state})"
-    elif server_status is None:
+    elif ended is None:
         trouble = "the server's exit status is unknown"
-    elif server_status != 0:
-        trouble = f"the server exited with status {server_status}"
+    elif ended.killed_after_grace:
+        trouble = f"the server did not stop within {STOP_GRACE:.0f}s and was killed"
+    elif ended.status != 0:
+        trouble = f"the server exited with status {ended.status}"
     else:
         Path(record.log).unlink(missing_ok=True)
         return Unmounted(record, None)
     return Unmounted(record, trouble)
 
 
-def unmount_record(record: MountRecord, *, lazy: bool) -> int | None:
+def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
     """Undo every step the record lists, top first; raises if the file system is busy.
 
     Each step tolerates being undone already, so a half-made mount, a dead
     server or an earlier interrupted ``umount`` all clean up the same way.
-    Returns the server's exit status, None where it is not known.
+    Returns how the server ended, None where it is not known. Bounded: a
+    server that does not stop is killed after ``STOP_GRACE`` seconds.
     """
     if record.mounted:
-        mount_syscall.umount(record.mountpoint, lazy=lazy)
+        syscall.umount(record.mountpoint, lazy=lazy)
     for lower in reversed(record.lowers):
-        mount_syscall.umount(lower, lazy=lazy)
+        syscall.umount(lower, lazy=lazy)
     for attachment in reversed(record.attachments):
         attach.detach(attachment, lazy=lazy)
     if record.server is not None:
         record.server.stop(SERVER_STOP_TIMEOUT)
-    server_status = read_status(Path(record.state_dir) / SERVER_STATUS)
+    ended = read_status(Path(record.state_dir) / SERVER_STATUS)
     if record.socket:
         Path(record.socket).unlink(missing_ok=True)
-    mount_state.forget(record)
-    return server_status
+    records.forget(record)
+    return ended

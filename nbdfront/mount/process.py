@@ -15,15 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SERVER_STOP_TIMEOUT = 25.0
-"""Seconds a mount's server gets to exit after SIGTERM before SIGKILL.
-
-More than the server's own stop takes at worst (``nbdfront.server``:
-DRAIN_TIMEOUT, 15 s, for in-flight replies, then 5 s to cut what is left),
-so ``umount`` never kills a server that is still stopping and loses its
-exit status. Not imported from there: ``umount`` should not load the server.
-"""
-
 
 def _start_time(pid: int) -> int | None:
     """Clock ticks after boot at which ``pid`` started; None if it is gone or a zombie."""
@@ -78,11 +69,17 @@ class ProcessRef:
         return cls(int(record["pid"]), int(record["start_time"]))
 
 
-def spawn_detached(argv: list[str], log_path: Path, env: dict[str, str] | None = None):
+def spawn_detached(
+    argv: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    pass_fds: tuple[int, ...] = (),
+):
     """Start ``argv`` in a session of its own with stdout and stderr appended to ``log_path``.
 
-    Its own session, no terminal and no pipe to us: it must outlive the command
-    that started it and never be stopped by job control or a closed pipe.
+    Its own session, no terminal and no pipe to us on its stdio: it must outlive
+    the command that started it and never be stopped by job control or a closed
+    pipe. ``pass_fds`` are the only other descriptors it inherits.
     """
     with open(log_path, "ab") as log:
         return subprocess.Popen(
@@ -92,6 +89,7 @@ def spawn_detached(argv: list[str], log_path: Path, env: dict[str, str] | None =
             stderr=log,
             start_new_session=True,
             env=env,
+            pass_fds=pass_fds,
         )
 
 

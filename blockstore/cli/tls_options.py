@@ -1,0 +1,90 @@
+"""The TLS options of the commands that run an NBD server, and what a listener exposes.
+
+The spellings are nbdkit's (``--tls``, ``--tls-certificates``,
+``--tls-verify-peer``), so habits and certificate directories carry over.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from blockstore.errors import BlockstoreError, UsageError
+from nbdfront.protocol import TLSPolicy
+from nbdfront.server import is_loopback
+from nbdfront.tls import ServerTLS, TLSSetupError, server_context
+
+
+def add_tls_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tls",
+        choices=[policy.value for policy in TLSPolicy],
+        default=TLSPolicy.OFF.value,
+        help="off: plain NBD; on: clients may upgrade with STARTTLS; require: only TLS "
+        "clients get anything (default off)",
+    )
+    parser.add_argument(
+        "--tls-certificates",
+        metavar="DIR",
+        type=Path,
+        help="directory with server-cert.pem, server-key.pem and, to check clients, "
+        "ca-cert.pem (nbdkit's layout)",
+    )
+    parser.add_argument(
+        "--tls-verify-peer",
+        action="store_true",
+        help="require a client certificate signed by DIR/ca-cert.pem",
+    )
+
+
+def server_tls_from(args: argparse.Namespace) -> ServerTLS | None:
+    """The server's TLS set-up from the options, or None for plain NBD; checked before serving."""
+    policy = TLSPolicy(args.tls)
+    if policy is TLSPolicy.OFF:
+        if args.tls_certificates is not None or args.tls_verify_peer:
+            raise UsageError("--tls-certificates and --tls-verify-peer need --tls on or require")
+        return None
+    if args.tls_certificates is None:
+        raise UsageError(f"--tls {policy.value} needs --tls-certificates DIR")
+    try:
+        context = server_context(args.tls_certificates, args.tls_verify_peer)
+    except TLSSetupError as exc:
+        raise BlockstoreError(f"TLS: {exc}") from None
+    return ServerTLS(policy, context)
+
+
+def exposure_warnings(
+    address: tuple[str, int] | None,
+    tls: ServerTLS | None,
+    verify_peer: bool,
+    image: str,
+    exports: Sequence[str],
+) -> list[str]:
+    """What a TCP listener beyond loopback hands to the network, said plainly.
+
+    Nothing on loopback or a Unix socket: only this machine can connect.
+    """
+    if address is None or is_loopback(address[0]):
+        return []
+    where = f"{address[0]}:{address[1]}"
+    names = f"{', '.join(exports)} of {image}"
+    if tls is None:
+        return [
+            f"warning: listening on {where} without TLS: exports {names} can be read by "
+            f"anyone who can reach {where}, unencrypted and unauthenticated "
+            "(--tls require --tls-certificates DIR protects them)"
+        ]
+    if tls.policy is TLSPolicy.ON:
+        return [
+            f"warning: --tls on still serves plain clients: exports {names} can be read by "
+            f"anyone who can reach {where} without TLS, unencrypted and unauthenticated "
+            "(--tls require refuses them)"
+        ]
+    if not verify_peer:
+        return [
+            f"note: exports {names} are encrypted on {where}, but any TLS client that can "
+            "reach it may read them (--tls-verify-peer admits only clients with a certificate "
+            "from ca-cert.pem)"
+        ]
+    return []

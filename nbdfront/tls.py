@@ -1,0 +1,188 @@
+"""TLS for the NBD server: certificates from a directory, and the upgraded stream.
+
+The certificate directory follows nbdkit's layout, so one made for nbdkit,
+qemu-nbd or libnbd works here: ``server-cert.pem`` and ``server-key.pem``
+identify the server; ``ca-cert.pem`` is the CA that client certificates must
+chain to when peers are verified (``--tls-verify-peer``), and
+``ca-crl.pem``, if present, revokes some of them.
+
+The stream runs TLS over memory buffers rather than wrapping the socket:
+a connection's reader thread receives while its worker threads send, and
+an OpenSSL connection must not be used by two threads at once. One lock
+guards the TLS state, and socket I/O happens outside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from nbdfront.protocol import TLSPolicy
+from nbdfront.protocol.events import Buffer
+
+SERVER_CERT = "server-cert.pem"
+SERVER_KEY = "server-key.pem"
+CA_CERT = "ca-cert.pem"
+CA_CRL = "ca-crl.pem"
+_RECV_SIZE = 256 * 1024
+
+
+class TLSSetupError(Exception):
+    """The certificate directory cannot make a working TLS server."""
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """What the server offers (``policy``) and with which credentials (``context``)."""
+
+    policy: TLSPolicy
+    context: ssl.SSLContext
+
+
+def server_context(directory: Path, verify_peer: bool = False) -> ssl.SSLContext:
+    """A TLS 1.2+ server context from ``directory``; client certificates only if ``verify_peer``."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    cert, key, ca = directory / SERVER_CERT, directory / SERVER_KEY, directory / CA_CERT
+    _require_files(directory, [cert, key, ca] if verify_peer else [cert, key])
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        expected = "a PEM certificate and its private key"
+        raise TLSSetupError(f"cannot load {cert} with {key}: {_reason(exc, expected)}") from None
+    if verify_peer:
+        for authority in (ca, directory / CA_CRL):
+            if authority.exists():
+                try:
+                    context.load_verify_locations(cafile=authority)
+                except (OSError, ssl.SSLError) as exc:
+                    reason = _reason(exc, "PEM certificates or revocation lists")
+                    raise TLSSetupError(f"cannot load {authority}: {reason}") from None
+        if (directory / CA_CRL).exists():
+            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _require_files(directory: Path, paths: list[Path]) -> None:
+    missing = [path.name for path in paths if not path.is_file()]
+    if missing:
+        raise TLSSetupError(f"{directory} lacks {', '.join(missing)}")
+
+
+def _reason(exc: OSError, expected: str) -> str:
+    if isinstance(exc, ssl.SSLError):
+        detail = f" ({exc.reason.lower().replace('_', ' ')})" if exc.reason else ""
+        return f"not {expected}{detail}"
+    return exc.strerror or str(exc)
+
+
+class TLSStream:
+    """The socket-like end of a TLS session: what the NBD server calls on a socket.
+
+    ``recv`` and ``sendmsg`` may be called from different threads at once.
+    ``sendmsg`` sends everything it is given before it returns.
+    """
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext):
+        self._sock = sock
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._state_lock = threading.Lock()  # the TLS object, never held across I/O
+        self._send_lock = threading.Lock()  # keeps records on the wire in the order made
+        self._closed_notify = False
+
+    @classmethod
+    def accept(cls, sock: socket.socket, context: ssl.SSLContext) -> TLSStream:
+        """Make the server side of the handshake on ``sock`` (within its timeout)."""
+        stream = cls(sock, context)
+        while True:
+            try:
+                with stream._state_lock:
+                    stream._tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                stream._flush()
+                stream._feed(0)
+            except ssl.SSLError:
+                # Send the alert that says why (no certificate, unknown CA), then give up.
+                with contextlib.suppress(OSError):
+                    stream._flush()
+                raise
+        stream._flush()
+        return stream
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        """Up to ``size`` bytes of plain text; ``b""`` once the client is gone.
+
+        With ``MSG_DONTWAIT`` it raises ``BlockingIOError`` when no whole
+        record is waiting, as a socket would.
+        """
+        while True:
+            try:
+                with self._state_lock:
+                    data = self._tls.read(size)
+            except ssl.SSLWantReadError:
+                data = None
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+            if self._outgoing.pending:  # a key update or alert to answer
+                self._flush()
+            if data is not None:
+                return data
+            if not self._feed(flags):
+                return b""
+
+    def sendmsg(self, buffers: Sequence[Buffer]) -> int:
+        """Encrypt and send all of ``buffers``; returns how many plain bytes that was."""
+        plain = b"".join(buffers)
+        with self._send_lock:
+            with self._state_lock:
+                self._tls.write(plain)
+                record = self._outgoing.read()
+            self._sock.sendall(record)
+        return len(plain)
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._sock.settimeout(timeout)
+
+    def shutdown(self, how: int) -> None:
+        """Say goodbye in TLS (close_notify) if no send is stuck, then shut the socket."""
+        if how != socket.SHUT_RD and not self._closed_notify and self._send_lock.acquire(False):
+            try:
+                self._closed_notify = True
+                with self._state_lock, contextlib.suppress(ssl.SSLError):
+                    self._tls.unwrap()
+                with self._state_lock:
+                    record = self._outgoing.read()
+                with contextlib.suppress(OSError):
+                    self._sock.send(record, socket.MSG_DONTWAIT)
+            finally:
+                self._send_lock.release()
+        self._sock.shutdown(how)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _feed(self, flags: int) -> bool:
+        """Move the client's next bytes into TLS; False at the end of the stream."""
+        data = self._sock.recv(_RECV_SIZE, flags)
+        with self._state_lock:
+            if data:
+                self._incoming.write(data)
+            else:
+                self._incoming.write_eof()
+        return bool(data)
+
+    def _flush(self) -> None:
+        with self._send_lock:
+            with self._state_lock:
+                record = self._outgoing.read()
+            if record:
+                self._sock.sendall(record)

@@ -1,0 +1,315 @@
+"""NBD over TLS with real clients: libnbd (nbdinfo, nbdcopy) and qemu-img over nbds://.
+
+Certificates are made for the run with openssl (``nbd_certificates``). The
+clients check the server's certificate and name; with ``--tls-verify-peer``
+the server checks theirs. A raw client plays the downgrade attacker.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import nbd_wire as w
+import pytest
+from test_serve_cli import serving, stop
+
+from nbdfront.protocol import TLSPolicy
+from nbdfront.server import NBDServer
+from nbdfront.tls import ServerTLS, TLSSetupError, server_context
+
+REP_ERR_TLS_REQD = 2**31 + 5
+
+
+@pytest.fixture
+def tls_server(local_blob, nbd_certificates) -> Iterator[Callable[..., str]]:
+    """Factory: serve ``local_blob`` on loopback with a TLS policy; returns HOST:PORT."""
+    servers: list[NBDServer] = []
+
+    def start(policy: TLSPolicy, verify_peer: bool = False, certificates=None) -> str:
+        context = server_context(certificates or nbd_certificates.server, verify_peer)
+        server = NBDServer(
+            {"blob": local_blob.blob},
+            tcp=("127.0.0.1", 0),
+            default_export="blob",
+            tls=ServerTLS(policy, context),
+        )
+        server.start()
+        servers.append(server)
+        host, port = server.tcp_address
+        return f"{host}:{port}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def nbds(address: str, certificates, export: str = "blob") -> str:
+    return f"nbds://{address}/{export}?tls-certificates={certificates}"
+
+
+def run(*argv: object) -> subprocess.CompletedProcess:
+    return subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=60)
+
+
+def test_nbdcopy_and_nbdinfo_over_tls_with_client_certificates(
+    tls_server, local_blob, nbd_certificates, tmp_path
+):
+    """--tls require --tls-verify-peer: nbdinfo sees TLS and the right size, and nbdcopy
+    over nbds:// with a client certificate copies every byte right."""
+    address = tls_server(TLSPolicy.REQUIRE, verify_peer=True)
+    uri = nbds(address, nbd_certificates.client)
+    info = run("nbdinfo", "--json", uri)
+    assert info.returncode == 0, info.stderr
+    facts = json.loads(info.stdout)
+    assert facts["TLS"] is True
+    assert facts["exports"][0]["export-size"] == len(local_blob.data)
+    copied = run("nbdcopy", uri, tmp_path / "copy")
+    assert copied.returncode == 0, copied.stderr
+    assert (tmp_path / "copy").read_bytes() == local_blob.data
+
+
+def test_qemu_img_over_tls(tls_server, local_blob, nbd_certificates, tmp_path):
+    """qemu-img with tls-creds-x509 (endpoint=client) converts the export over TLS, client
+    certificate checked by the server, and every byte matches (qemu pads the odd-sized
+    export to whole sectors with zeros)."""
+    address = tls_server(TLSPolicy.REQUIRE, verify_peer=True)
+    host, port = address.split(":")
+    out = tmp_path / "copy.raw"
+    converted = run(
+        *["qemu-img", "convert", "-O", "raw", "--object"],
+        f"tls-creds-x509,id=tls0,dir={nbd_certificates.client},endpoint=client",
+        "--image-opts",
+        f"driver=nbd,server.type=inet,server.host={host},server.port={port},"
+        "export=blob,tls-creds=tls0",
+        out,
+    )
+    assert converted.returncode == 0, converted.stderr
+    copy = out.read_bytes()
+    assert copy[: len(local_blob.data)] == local_blob.data
+    assert copy[len(local_blob.data) :] == bytes(len(copy) - len(local_blob.data))
+    assert len(copy) - len(local_blob.data) < 512
+
+
+def test_client_refuses_a_server_from_another_ca(tls_server, nbd_certificates):
+    """A client that trusts only another CA refuses the server's certificate: libnbd and
+    qemu both fail the connection and read nothing."""
+    address = tls_server(TLSPolicy.REQUIRE)
+    info = run("nbdinfo", nbds(address, nbd_certificates.stranger_client))
+    assert info.returncode != 0 and "export-size" not in info.stdout
+    assert "certificate" in info.stderr.lower()
+    host, port = address.split(":")
+    qemu = run(
+        *["qemu-img", "info", "--object"],
+        f"tls-creds-x509,id=tls0,dir={nbd_certificates.stranger_client},endpoint=client",
+        "--image-opts",
+        f"driver=nbd,server.type=inet,server.host={host},server.port={port},"
+        "export=blob,tls-creds=tls0",
+    )
+    assert qemu.returncode != 0 and "virtual size" not in qemu.stdout
+    assert "certificate" in qemu.stderr.lower()
+
+
+def test_client_refuses_an_expired_server_certificate(tls_server, nbd_certificates):
+    """A server certificate from the right CA, for the right name, that expired in 2020
+    is refused by libnbd and by qemu (openssl confirms expiry is its only defect)."""
+    ca, cert = (nbd_certificates.expired_server / n for n in ("ca-cert.pem", "server-cert.pem"))
+    assert run("openssl", "verify", "-no_check_time", "-CAfile", ca, cert).returncode == 0
+    assert "has expired" in run("openssl", "verify", "-CAfile", ca, cert).stderr
+    address = tls_server(TLSPolicy.REQUIRE, certificates=nbd_certificates.expired_server)
+    info = run("nbdinfo", nbds(address, nbd_certificates.client))
+    assert info.returncode != 0 and "export-size" not in info.stdout
+    assert "certificate verification" in info.stderr.lower()
+    host, port = address.split(":")
+    qemu = run(
+        *["qemu-img", "info", "--object"],
+        f"tls-creds-x509,id=tls0,dir={nbd_certificates.client},endpoint=client",
+        "--image-opts",
+        f"driver=nbd,server.type=inet,server.host={host},server.port={port},"
+        "export=blob,tls-creds=tls0",
+    )
+    assert qemu.returncode != 0 and "virtual size" not in qemu.stdout
+    assert "certificate" in qemu.stderr.lower(), qemu.stderr
+
+
+@pytest.mark.parametrize("client", ["anonymous_client", "impostor_client"])
+def test_server_refuses_clients_without_a_certificate_it_trusts(
+    tls_server, nbd_certificates, client
+):
+    """With --tls-verify-peer a client with no certificate, or one from another CA, is
+    dropped during the handshake: nbdinfo fails and learns nothing of the export."""
+    address = tls_server(TLSPolicy.REQUIRE, verify_peer=True)
+    info = run("nbdinfo", "--list", nbds(address, getattr(nbd_certificates, client)))
+    assert info.returncode != 0
+    assert "blob" not in info.stdout and "export-size" not in info.stdout
+
+
+def test_plain_clients_are_served_with_tls_on_and_refused_with_require(
+    tls_server, local_blob, nbd_certificates
+):
+    """--tls on serves both a plain nbd:// client and an nbds:// one; --tls require refuses
+    the plain one."""
+    on = tls_server(TLSPolicy.ON)
+    for uri in (f"nbd://{on}/blob", nbds(on, nbd_certificates.client)):
+        info = run("nbdinfo", "--size", uri)
+        assert info.returncode == 0 and int(info.stdout) == len(local_blob.data), info.stderr
+    required = tls_server(TLSPolicy.REQUIRE)
+    info = run("nbdinfo", "--size", f"nbd://{required}/blob")
+    assert info.returncode != 0 and info.stdout == ""
+
+
+def _option_reply(sock: socket.socket) -> tuple[int, int, bytes]:
+    header = _read_exactly(sock, 20)
+    magic, option, reply, length = struct.unpack(">QIII", header)
+    assert magic == w.OPT_REPLY_MAGIC
+    return option, reply, _read_exactly(sock, length)
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        piece = sock.recv(size - len(data))
+        if not piece:
+            raise ConnectionError(f"closed after {len(data)} of {size} bytes")
+        data += piece
+    return data
+
+
+def test_downgrade_attempt_gets_nothing(tls_server, local_blob):
+    """A client that skips STARTTLS against --tls require and asks for LIST, INFO, GO,
+    structured replies and then EXPORT_NAME gets ERR_TLS_REQD to each, is hung up on
+    after EXPORT_NAME, and never receives a size, a name or a byte of the export."""
+    host, port = tls_server(TLSPolicy.REQUIRE).split(":")
+    received = b""
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        greeting = _read_exactly(sock, 18)
+        assert struct.unpack(">QQ", greeting[:16]) == (w.NBDMAGIC, w.IHAVEOPT)
+        sock.sendall(w.client_flags())
+        attempts = [
+            (w.OPT_LIST, b""),
+            (w.OPT_INFO, w.go_data("blob", (w.INFO_NAME, w.INFO_DESCRIPTION))),
+            (w.OPT_GO, w.go_data("")),
+            (w.OPT_STRUCTURED_REPLY, b""),
+        ]
+        for option, data in attempts:
+            sock.sendall(w.option(option, data))
+            answer = _option_reply(sock)
+            assert answer[:2] == (option, REP_ERR_TLS_REQD)
+            received += answer[2]
+        sock.sendall(w.option(w.OPT_EXPORT_NAME, b"blob"))
+        sock.sendall(w.request(w.CMD_READ, 1, 0, 4096))
+        while piece := sock.recv(65536):
+            received += piece
+    assert b"blob" not in received and b"random bytes" not in received
+    assert struct.pack(">Q", len(local_blob.data)) not in received
+    assert local_blob.data[:4096] not in received and local_blob.data[:16] not in received
+
+
+def test_server_context_names_what_is_missing(nbd_certificates, tmp_path):
+    """A certificate directory without the server's key, or without ca-cert.pem when
+    peers are verified, is refused up front with the file named."""
+    with pytest.raises(TLSSetupError, match=r"server-key\.pem"):
+        server_context(nbd_certificates.client)
+    (tmp_path / "server-cert.pem").write_bytes(
+        (nbd_certificates.server / "server-cert.pem").read_bytes()
+    )
+    (tmp_path / "server-key.pem").write_bytes(
+        (nbd_certificates.server / "server-key.pem").read_bytes()
+    )
+    server_context(tmp_path)
+    with pytest.raises(TLSSetupError, match=r"ca-cert\.pem"):
+        server_context(tmp_path, verify_peer=True)
+
+
+def serve_args(pushed_images, tmp_path, *extra: str) -> list[str]:
+    cache = str(tmp_path / "cache")
+    return [pushed_images.small, "--insecure", "--cache-dir", cache, *extra]
+
+
+def test_serve_command_over_tls_end_to_end(
+    registry, pushed_images, erofs_images, nbd_certificates, tmp_path
+):
+    """``blockstore serve --tls require --tls-certificates DIR --tls-verify-peer`` announces
+    nbds:// URIs, warns of nothing on loopback, and nbdcopy with a client certificate reads
+    the image byte for byte; SIGTERM still ends it with 0."""
+    tls = ["--tls", "require", "--tls-certificates", str(nbd_certificates.server)]
+    args = serve_args(pushed_images, tmp_path, "--listen", "127.0.0.1:0", *tls)
+    with serving(*args, "--tls-verify-peer") as (proc, exports):
+        assert all(uri.startswith("nbds://127.0.0.1:") for uri in exports.values())
+        uri = f"{exports['']}?tls-certificates={nbd_certificates.client}"
+        copied = run("nbdcopy", uri, tmp_path / "copy")
+        assert copied.returncode == 0, copied.stderr
+        assert (tmp_path / "copy").read_bytes() == erofs_images.small.path.read_bytes()
+        assert stop(proc) == 0
+        assert proc.stderr.read() == ""
+
+
+WARNINGS = {
+    "off": "warning: listening on 0.0.0.0:{port} without TLS: exports layer0 of {image} can be "
+    "read by anyone who can reach 0.0.0.0:{port}, unencrypted and unauthenticated",
+    "on": "warning: --tls on still serves plain clients: exports layer0 of {image} can be "
+    "read by anyone who can reach 0.0.0.0:{port} without TLS, unencrypted and unauthenticated",
+    "require": "note: exports layer0 of {image} are encrypted on 0.0.0.0:{port}, but any "
+    "TLS client that can reach it may read them",
+    "require-verified": None,
+}
+
+
+@pytest.mark.parametrize("mode", list(WARNINGS))
+def test_listening_beyond_loopback_says_what_is_exposed(
+    registry, pushed_images, nbd_certificates, tmp_path, mode
+):
+    """Bound to 0.0.0.0 the real command says on stderr which exports of which image anyone
+    who can reach the address may read, and how: plain (--tls off), plain still allowed
+    (--tls on), encrypted to any TLS client (--tls require); nothing when clients must
+    show a certificate."""
+    tls = []
+    if mode != "off":
+        tls = ["--tls", mode.split("-")[0], "--tls-certificates", str(nbd_certificates.server)]
+    if mode == "require-verified":
+        tls.append("--tls-verify-peer")
+    args = serve_args(pushed_images, tmp_path, "--listen", "0.0.0.0:0", *tls)
+    with serving(*args) as (proc, exports):
+        port = exports[""].split(":")[2].split("/")[0]
+        assert stop(proc) == 0
+        stderr = proc.stderr.read()
+    expected = WARNINGS[mode]
+    if expected is None:
+        assert stderr == ""
+    else:
+        (line,) = stderr.splitlines()
+        assert line.startswith("blockstore: ")
+        assert expected.format(port=port, image=pushed_images.small) in line
+
+
+@pytest.mark.parametrize(
+    ("options", "code", "message"),
+    [
+        (["--tls", "on"], 2, "--tls on needs --tls-certificates DIR"),
+        (["--tls-verify-peer"], 2, "need --tls on or require"),
+        (["--tls", "require", "--tls-certificates", "{nowhere}"], 1, "lacks server-cert.pem"),
+        (["--tls", "require", "--tls-certificates", "{keyless}"], 1, "lacks server-key.pem"),
+        (["--tls", "on", "--tls-certificates", "{garbled}"], 1, "cannot load"),
+    ],
+)
+def test_bad_tls_options_are_one_line_errors(
+    pushed_images, nbd_certificates, tmp_path, options, code, message
+):
+    """TLS options that cannot work are refused before anything is served, with one line
+    and the usage (2) or generic (1) exit code."""
+    cert = (nbd_certificates.server / "server-cert.pem").read_bytes()
+    for name in ("keyless", "garbled"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "server-cert.pem").write_bytes(cert)
+    (tmp_path / "garbled" / "server-key.pem").write_text("not a key\n")
+    paths = {name: str(tmp_path / name) for name in ("nowhere", "keyless", "garbled")}
+    argv = [sys.executable, "-m", "blockstore", "serve", pushed_images.small, "--insecure"]
+    argv += [option.format(**paths) for option in options]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode == code and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert message in line
