@@ -23,6 +23,7 @@ from blockstore.cli.common import (
     add_registry_options,
     cache_dir_from,
     parse_listen,
+    parse_timeout,
     registry_options_from_args,
 )
 from blockstore.cli.tls_options import add_tls_options, exposure_warnings, server_tls_from
@@ -62,6 +63,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
     )
+    serve.add_argument(
+        "--idle-timeout",
+        type=parse_timeout,
+        default=None,
+        metavar="SECONDS",
+        help="close a connection that has chosen its export, then sent nothing and waited "
+        "for nothing this long (default: never, as a mounted disk may idle for hours)",
+    )
     add_tls_options(serve)
     # The write end of a pipe from `blockstore mount`, told "ready" or the error on it.
     serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -97,6 +106,7 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
             unix=args.unix,
             default_export=blobs[-1].name,
             tls=tls,
+            idle_timeout=args.idle_timeout,
         )
         try:
             server.start()

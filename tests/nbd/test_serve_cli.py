@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import nbd_wire as w
 import pytest
 
 
@@ -228,3 +229,27 @@ def test_a_storm_of_signals_while_stopping_ends_the_server(registry, pushed_imag
         finally:
             client.kill()
             client.wait()
+
+
+def test_idle_timeout_closes_a_quiet_connection(registry, pushed_images, tmp_path):
+    """--idle-timeout 1: a client that chose its export and then sends nothing is closed
+    after about a second, and the server goes on serving."""
+    with serving(
+        pushed_images.small,
+        "--insecure",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--unix",
+        str(tmp_path / "s.sock"),
+        "--idle-timeout",
+        "1",
+    ) as (proc, exports):
+        quiet = w.RawClient(str(tmp_path / "s.sock"))
+        quiet.negotiate("layer0")
+        started = time.monotonic()
+        quiet.sock.settimeout(10)
+        assert quiet.sock.recv(1) == b""
+        assert 0.9 < time.monotonic() - started < 5
+        quiet.close()
+        assert nbdinfo(exports[""])["exports"][0]["export-size"] > 0
+        assert stop(proc) == 0
