@@ -410,6 +410,12 @@ class _Session:
         protocol = self._protocol
         while True:
             event = protocol.next_event()
+            if type(event) is ReadRequest:
+                # What the protocol answered itself before this read waits for
+                # the next event (at the latest, the flush before a receive).
+                self._reads_since_recv += 1
+                self._answer(event)
+                continue
             out = protocol.data_to_send()
             if out:
                 self._batch += out
@@ -418,9 +424,6 @@ class _Session:
                 if data is None:
                     return
                 protocol.receive_data(data)
-            elif type(event) is ReadRequest:
-                self._reads_since_recv += 1
-                self._answer(event)
             elif isinstance(event, CacheRequest):
                 step = min(event.length, READ_PIECE)
                 self._hand_off(step, functools.partial(self._serve_cache_hint, event, step))

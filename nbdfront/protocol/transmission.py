@@ -60,6 +60,7 @@ class Transmission:
         # set it on any command: it is accepted everywhere and ignored.
         # (Plain ints: ``~`` of an IntFlag stays inside the known bits.)
         read_flags = CommandFlag.FUA | (CommandFlag.DF if self.structured else 0)
+        self._read_flags = int(read_flags)
         self._allowed_flags = {
             _READ: int(read_flags),
             _FLUSH: int(CommandFlag.FUA),
@@ -97,6 +98,15 @@ class Transmission:
         if command == _CACHE:
             return Checked(event=CacheRequest(handle, offset, length))
         return Checked(reply=self._block_status(handle, length))
+
+    def plain_read(self, flags: int, offset: int, length: int) -> bool:
+        """Whether a read passes every check with nothing to answer here (``check``'s
+        verdict for it is a ``ReadRequest``), tested in the fewest steps."""
+        return (
+            not flags & ~self._read_flags
+            and 0 < length <= MAX_PAYLOAD
+            and offset + length <= self.size
+        )
 
     def refuse_shutting_down(self, command: int, handle: int, length: int) -> Checked:
         skip = length if command == _WRITE else 0
