@@ -292,14 +292,19 @@ class RawClient:
         """Read replies until ``handle``'s is complete."""
         assert self.checker is not None
         while (reply := self.checker.take(handle)) is None:
-            piece = self.sock.recv(1 << 20)
-            if not piece:
+            if not self.receive_some(1 << 20):
                 raise ConnectionError("server closed the connection")
-            self._tail += piece
-            if len(self._tail) >= self._wanted:
-                self._tail = bytearray(self.checker.transmission(self._tail))
-                self._wanted = _next_message_size(self._tail, self.checker)
         return reply
+
+    def receive_some(self, size: int) -> int:
+        """Receive up to ``size`` bytes and decode the replies they complete; 0 at EOF."""
+        assert self.checker is not None
+        piece = self.sock.recv(size)
+        self._tail += piece
+        if len(self._tail) >= self._wanted:
+            self._tail = bytearray(self.checker.transmission(self._tail))
+            self._wanted = _next_message_size(self._tail, self.checker)
+        return len(piece)
 
     def close(self) -> None:
         self.sock.close()
