@@ -83,7 +83,7 @@ def test_a_flood_of_half_open_handshakes(port):
         flood.append(sock)
     try:
         time.sleep(EVICTABLE_IDLE + 0.2)
-        assert port.server.connection_count == MAX_CONNECTIONS
+        assert port.server.connection_count <= MAX_CONNECTIONS
         newcomer = nbd.NBD()
         newcomer.connect_uri(port.server.uri("layer0"))
         assert newcomer.pread(65536, 4096) == port.data[4096 : 4096 + 65536]
