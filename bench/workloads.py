@@ -169,7 +169,7 @@ class MountAndUse(Workload):
     def missing(self) -> str | None:
         if os.geteuid() != 0:
             return "mounting needs root"
-        from nbdfront import attach
+        from nbdfront.mount import attach
 
         try:
             attach.choose_method()
@@ -178,7 +178,8 @@ class MountAndUse(Workload):
         return super().missing()
 
     def run(self, uris: list[str], rig: Rig, system: System) -> Outcome:
-        from nbdfront import attach, mount_syscall
+        from nbdfront.mount import attach
+        from nbdfront.mount import syscall as mount_syscall
 
         where = rig.scratch("mount-")
         mountpoint = where / "mnt"

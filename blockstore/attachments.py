@@ -104,14 +104,14 @@ def keep_indexes(store: ChunkStore, indexes: dict[str, ChunkIndex]) -> None:
     """Keep tables in the cache for offline opens; a cache that cannot take them only warns."""
     for digest, index in indexes.items():
         try:
-            store.put_manifest(_cache_key(digest), index.to_bytes())
+            store.images.put_manifest(_cache_key(digest), index.to_bytes())
         except CacheError as exc:
             log.warning("chunk index of %s not kept in the cache: %s", digest, exc)
 
 
 def cached_index(store: ChunkStore, layer: Layer) -> ChunkIndex | None:
     """A layer's table as kept in the cache, if any and if it still parses."""
-    raw = store.get_manifest(_cache_key(layer.digest))
+    raw = store.images.manifest(_cache_key(layer.digest))
     if not raw:  # never kept, or dropped as lying
         return None
     try:
@@ -126,7 +126,7 @@ def cached_index(store: ChunkStore, layer: Layer) -> ChunkIndex | None:
 def forget_index(store: ChunkStore, layer_digest: str) -> None:
     """Drop a table found to disagree with its layer."""
     try:
-        store.put_manifest(_cache_key(layer_digest), b"")
+        store.images.put_manifest(_cache_key(layer_digest), b"")
     except CacheError as exc:
         log.warning("could not drop the chunk index of %s: %s", layer_digest, exc)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from blockstore.cache import CachedBlob, ChunkStore
 from blockstore.errors import CacheError, ImageNotCached, IntegrityError, RegistryUnreachable
 from blockstore.metrics import TimedSource
+from blockstore.prefetch import PrefetchSettings
 from blockstore.registry import (
     Layer,
     Reference,
@@ -42,6 +43,7 @@ class OpenImage:
     repository: str
     client: RegistryClient | None
     """None when serving from the cache alone (offline or registry unreachable)."""
+    prefetch: PrefetchSettings = field(default_factory=PrefetchSettings)
     _blobs: list[CachedBlob] = field(default_factory=list)
 
     @property
@@ -70,6 +72,7 @@ class OpenImage:
             source,
             name=f"layer{layer.index}",
             description=f"{self.resolved.reference} layer {layer.index} ({layer.digest})",
+            settings=self.prefetch,
         )
         self._blobs.append(blob)
         return blob
@@ -105,6 +108,7 @@ def open_image(
     platform: str | None = None,
     offline: bool = False,
     options: RegistryOptions | None = None,
+    prefetch: PrefetchSettings | None = None,
 ) -> OpenImage:
     """Resolve ``reference`` for ``platform`` online, or from the cache when offline.
 
@@ -119,10 +123,13 @@ def open_image(
     store = ChunkStore(cache_dir, size_cap=cache_size, offline=offline)
     try:
         explicit = platform is not None
-        return _open(store, ref, wanted, offline, options or RegistryOptions(), explicit)
+        image = _open(store, ref, wanted, offline, options or RegistryOptions(), explicit)
     except BaseException:
         store.close()
         raise
+    if prefetch is not None:
+        image.prefetch = prefetch
+    return image
 
 
 def _open(

@@ -31,6 +31,7 @@ DB_LRU = b"lru"  # tick || chunk key -> b"" (oldest first)
 DB_COUNTERS = b"counters"  # counter name -> u64
 DB_REFS = b"refs"  # reference \0 platform -> JSON record
 DB_MANIFESTS = b"manifests"  # digest -> raw manifest bytes
+DB_TRACES = b"traces"  # layer digest -> JSON access trace (see cache/traces.py)
 ALL_DBS = (
     DB_META,
     DB_BLOBS,
@@ -42,6 +43,7 @@ ALL_DBS = (
     DB_COUNTERS,
     DB_REFS,
     DB_MANIFESTS,
+    DB_TRACES,
 )
 
 CHUNK_KEY = struct.Struct(">QQ")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from blockstore.cache.layout import CHUNK_SIZE
 
 if TYPE_CHECKING:
+    from blockstore.prefetch.settings import PrefetchSettings
     from blockstore.registry.options import RegistryOptions
 
 
@@ -187,6 +188,49 @@ def add_registry_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="HOST[:PORT]",
         help="a mirror registry tried before the upstream (repeatable, in order)",
+    )
+
+
+PREFETCH_FLAGS = ("--fill", "--no-readahead", "--no-erofs-start", "--no-trace")
+"""The prefetch switches, passed on as given from ``mount`` to its server."""
+
+
+def add_prefetch_options(parser: argparse.ArgumentParser) -> None:
+    """Prefetch heuristics of ``serve`` and ``mount``: each on by default but the fill."""
+    group = parser.add_argument_group("prefetch")
+    group.add_argument(
+        "--fill",
+        action="store_true",
+        help="after the mount is ready, fetch the rest of each layer at low priority and seal it",
+    )
+    group.add_argument(
+        "--fill-rate",
+        type=parse_size,
+        default=0,
+        metavar="SIZE",
+        help="bandwidth cap of --fill per layer, bytes per second, e.g. 20M (default: none)",
+    )
+    group.add_argument("--no-readahead", action="store_true", help="no sequential readahead")
+    group.add_argument(
+        "--no-erofs-start",
+        action="store_true",
+        help="do not fetch the EROFS superblock and root directory at open",
+    )
+    group.add_argument(
+        "--no-trace", action="store_true", help="neither record nor replay access traces"
+    )
+
+
+def prefetch_settings_from(args: argparse.Namespace) -> PrefetchSettings:
+    from blockstore.prefetch.settings import MOUNT, PrefetchSettings
+
+    return PrefetchSettings(
+        readahead=not args.no_readahead,
+        erofs_start=not args.no_erofs_start,
+        trace_period=0.0 if args.no_trace else MOUNT.trace_period,
+        trace_replay=not args.no_trace,
+        fill=args.fill,
+        fill_rate=args.fill_rate,
     )
 
 

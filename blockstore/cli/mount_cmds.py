@@ -19,8 +19,10 @@ from pathlib import Path
 
 from blockstore.cache import ChunkStore
 from blockstore.cli.common import (
+    PREFETCH_FLAGS,
     add_cache_options,
     add_image_options,
+    add_prefetch_options,
     add_registry_options,
     cache_dir_from,
     parse_listen,
@@ -132,6 +134,9 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     if args.metrics is not None:
         argv += ["--metrics", args.metrics]
     argv += [flag for flag in ("--insecure", "--offline") if getattr(args, flag[2:])]
+    argv += [flag for flag in PREFETCH_FLAGS if getattr(args, flag[2:].replace("-", "_"))]
+    if args.fill_rate:
+        argv += ["--fill-rate", str(args.fill_rate)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.password is not None:
         env["BLOCKSTORE_PASSWORD"] = args.password
@@ -352,6 +357,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     add_registry_options(mount)
     add_cache_options(mount)
+    add_prefetch_options(mount)
     mount.add_argument(
         "--metrics",
         metavar="HOST:PORT",

@@ -20,10 +20,12 @@ from blockstore.cache import ChunkStore
 from blockstore.cli.common import (
     add_cache_options,
     add_image_options,
+    add_prefetch_options,
     add_registry_options,
     cache_dir_from,
     parse_listen,
     parse_timeout,
+    prefetch_settings_from,
     registry_options_from_args,
 )
 from blockstore.cli.tls_options import add_tls_options, exposure_warnings, server_tls_from
@@ -46,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_image_options(serve, "serve")
     add_registry_options(serve)
     add_cache_options(serve)
+    add_prefetch_options(serve)
     serve.add_argument(
         "--listen",
         metavar="HOST:PORT",
@@ -96,6 +99,7 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
         platform=args.platform,
         offline=args.offline,
         options=registry_options_from_args(args),
+        prefetch=prefetch_settings_from(args),
     )
     metrics = None
     try:

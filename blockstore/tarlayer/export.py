@@ -21,12 +21,15 @@ import logging
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from blockstore.errors import BlobReadError, IntegrityError
 from blockstore.export import Buffer
 from blockstore.tarlayer import erofs_format
 from blockstore.tarlayer.layerindex import INDEX_FORMAT, ReadRange, SpanIndex, TarIndex
+
+if TYPE_CHECKING:
+    from blockstore.cache import ChunkStore
 
 log = logging.getLogger(__name__)
 
@@ -168,18 +171,18 @@ class DecompressedTar:
 
 
 class KeyValueStore(Protocol):
-    """Somewhere durable for named byte strings (the cache's manifest table answers it)."""
+    """Somewhere durable for named byte strings (the cache's image records answer it)."""
 
     def put_manifest(self, digest: str, raw: bytes) -> None: ...
 
-    def get_manifest(self, digest: str) -> bytes | None: ...
+    def manifest(self, digest: str) -> bytes | None: ...
 
 
 class IndexCache:
     """Metadata images and span indexes kept in the cache, checked on every load."""
 
-    def __init__(self, store: KeyValueStore):
-        self._store = store
+    def __init__(self, store: ChunkStore):
+        self._store: KeyValueStore = store.images
 
     @staticmethod
     def _key(blob_digest: str, span: int, part: str) -> str:
@@ -189,7 +192,7 @@ class IndexCache:
         self._store.put_manifest(key, hashlib.sha256(data).digest() + data)
 
     def _get(self, key: str) -> bytes | None:
-        raw = self._store.get_manifest(key)
+        raw = self._store.manifest(key)
         if raw is None:
             return None
         data = raw[32:]

@@ -37,6 +37,7 @@ _HOP_BY_HOP = {
 KINDS = {
     "delay",
     "trickle",
+    "pace",
     "status",
     "drop",
     "cut",
@@ -59,7 +60,8 @@ class Fault:
     times: int | None = None
     """How many matching requests get the fault; None: all of them."""
     seconds: float = 0.0
-    """delay: pause before forwarding; trickle: pause before each body byte."""
+    """delay: pause before forwarding; trickle: pause before each body byte;
+    pace: pause before each 32 KiB of the body (a slow link that streams)."""
     status: int = 503
     headers: dict[str, str] = field(default_factory=dict)
     """status: the reply's status and headers (e.g. ``Retry-After``)."""
@@ -219,10 +221,11 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             sent = 0
             limit = intact if kind in ("cut", "reset", "truncate") else total
             while sent < limit:
-                if kind == "trickle":
+                if kind in ("trickle", "pace"):
                     time.sleep(fault.seconds)
                     self.wfile.flush()
-                chunk = reply.read(1 if kind == "trickle" else min(256 << 10, limit - sent))
+                piece = {"trickle": 1, "pace": 32 << 10}.get(kind, 256 << 10)
+                chunk = reply.read(min(piece, limit - sent))
                 if not chunk:
                     break
                 if kind == "corrupt" and sent <= intact < sent + len(chunk):

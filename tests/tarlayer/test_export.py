@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rig.local_source import LocalFileSource
 from trees import make_tar, populate, snapshot
 
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
 from blockstore.errors import BlobReadError
-from blockstore.source import LocalFileSource
 from blockstore.tarlayer.export import (
     DecompressedTar,
     IndexCache,
@@ -25,7 +25,8 @@ from blockstore.tarlayer.export import (
 )
 from blockstore.tarlayer.layerindex import GZIP, index_compressed_tar, index_plain_tar
 from blockstore.tarlayer.tarwalk import RangeFile
-from nbdfront import attach, mount_syscall
+from nbdfront.mount import attach
+from nbdfront.mount import syscall as mount_syscall
 from nbdfront.server import NBDServer
 
 SPAN = 1 << 20
@@ -151,9 +152,9 @@ def test_a_damaged_cached_index_is_built_again(layer_files, store):
     tmp, src = layer_files
     first = Layer(tmp, store, src)
     key = f"tarlayer/v1/span{SPAN}/{first.digest}/meta"
-    raw = bytearray(store.get_manifest(key))
+    raw = bytearray(store.images.manifest(key))
     raw[5000] ^= 0xFF
-    store.put_manifest(key, bytes(raw))
+    store.images.put_manifest(key, bytes(raw))
     assert IndexCache(store).load(first.digest, SPAN, True) is None
     again = Layer(tmp, store, src)
     assert again.index == first.index
