@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import nbd_wire as w
 import pytest
+from rig.fault_proxy import Fault
 
 
 @contextmanager
@@ -253,3 +254,30 @@ def test_idle_timeout_closes_a_quiet_connection(registry, pushed_images, tmp_pat
         quiet.close()
         assert nbdinfo(exports[""])["exports"][0]["export-size"] > 0
         assert stop(proc) == 0
+
+
+def test_stopping_with_a_fetch_stuck_in_flight_ends_within_seconds(
+    registry, pushed_images, fault_proxy, tmp_path
+):
+    """A read waits on a registry that holds every blob request for a minute; SIGTERM
+    still ends the server within seconds (the drain timeout, then the cut), with exit
+    code 0, instead of waiting out the fetch."""
+    proxy = fault_proxy(registry)
+    reference = pushed_images.small.replace(registry.host, proxy.host)
+    sock = tmp_path / "s.sock"
+    args = [reference, "--insecure", "--cache-dir", str(tmp_path / "c"), "--unix", str(sock)]
+    with serving(*args) as (proc, _exports):
+        proxy.fault = Fault("delay", path_contains="/blobs/", method="GET", seconds=60)
+        client = w.RawClient(str(sock))
+        try:
+            client.negotiate("layer0")
+            client.send(w.CMD_READ, 1, 0, 4096)
+            deadline = time.monotonic() + 10
+            while not proxy.faults_applied and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert proxy.faults_applied, "the read never reached the registry"
+            started = time.monotonic()
+            assert stop(proc) == 0
+            assert time.monotonic() - started < 10
+        finally:
+            client.close()
