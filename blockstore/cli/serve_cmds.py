@@ -136,6 +136,11 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
             readiness.ready({**server.uris(), "": server.uri("")})
         log.info("serving %s (%s)", image.resolved.reference, ", ".join(b.name for b in blobs))
         server.serve_forever()
+        # Stopping is done and was bounded: later signals change nothing, and one that
+        # lands while the interpreter tears down (which restores default handlers, not
+        # ignored ones) would end the process with the signal's status instead of 0.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
         return 0
     finally:
         if metrics is not None:
