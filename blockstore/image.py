@@ -15,8 +15,22 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blockstore.attachments import (
+    forget_index,
+    indexes_for_image,
+    subject_of,
+    traces_for_image,
+)
 from blockstore.cache import CachedBlob, ChunkStore
-from blockstore.errors import CacheError, ImageNotCached, IntegrityError, RegistryUnreachable
+from blockstore.chunkindex import ChunkIndex
+from blockstore.errors import (
+    BlockstoreError,
+    CacheError,
+    ImageNotCached,
+    IntegrityError,
+    RegistryUnreachable,
+)
+from blockstore.indexed_source import IndexedSource
 from blockstore.metrics import TimedSource
 from blockstore.prefetch import PrefetchSettings
 from blockstore.registry import (
@@ -30,6 +44,7 @@ from blockstore.registry import (
     resolve_image,
 )
 from blockstore.registry.platforms import Platform, host_platform
+from blockstore.registry.referrers import Referrer, list_referrers
 from blockstore.tarlayer.layers import TarLayer, image_diff_ids, layer_kind, open_tar_layer
 
 log = logging.getLogger(__name__)
@@ -45,6 +60,8 @@ class OpenImage:
     client: RegistryClient | None
     """None when serving from the cache alone (offline or registry unreachable)."""
     prefetch: PrefetchSettings = field(default_factory=PrefetchSettings)
+    chunk_indexes: dict[str, ChunkIndex] = field(default_factory=dict)
+    """Per-chunk digests of layers, by layer digest, from the image's artifact."""
     _blobs: list[CachedBlob] = field(default_factory=list)
     _tar_layers: list[TarLayer] = field(default_factory=list)
     tar_indexes: dict[int, tuple[Path, Path | None]] = field(default_factory=dict)
@@ -101,15 +118,28 @@ class OpenImage:
         return ids[layer.index] if layer.index < len(ids) else None
 
     def blob(self, layer: Layer) -> CachedBlob:
-        source = None
+        source = upstream = None
         if self.client is not None:
             self._check_size(layer)
-            source = TimedSource(RegistryBlob(self.client, self.repository, layer))
+            remote = RegistryBlob(self.client, self.repository, layer)
+            source = TimedSource(remote)
+            if self.client.mirrors:
+                # A mirror may have sent bytes that fail the digest: the upstream decides.
+                upstream = TimedSource(remote.from_upstream())
+            index = self.chunk_indexes.get(layer.digest)
+            if index is not None:
+                source = IndexedSource(
+                    source,
+                    index,
+                    upstream=upstream or source,
+                    on_lying_index=lambda digest: forget_index(self.store, digest),
+                )
         blob = CachedBlob(
             self.store,
             layer.digest,
             layer.size,
             source,
+            upstream=upstream,
             name=f"layer{layer.index}",
             description=f"{self.resolved.reference} layer {layer.index} ({layer.digest})",
             settings=self.prefetch,
@@ -171,7 +201,34 @@ def open_image(
         raise
     if prefetch is not None:
         image.prefetch = prefetch
+    try:
+        _attachments(image)
+    except BaseException:
+        image.close()
+        raise
     return image
+
+
+def _attachments(image: OpenImage) -> None:
+    """The image's chunk indexes (online or kept), and its attached traces on a cold open.
+
+    Online, the image's referrers are listed once for both; a registry that
+    cannot list them costs a warning, never the open.
+    """
+    referrers: list[Referrer] = []
+    if image.client is not None:
+        try:
+            referrers = list_referrers(image.client, subject_of(image.resolved, image.repository))
+        except BlockstoreError as exc:
+            log.warning("%s: artifacts not looked up: %s", image.resolved.reference, exc)
+    client = image.client if referrers else None
+    image.chunk_indexes = indexes_for_image(
+        image.store, client, image.resolved, image.repository, referrers
+    )
+    if client is not None and image.prefetch.trace_replay:
+        taken = traces_for_image(image.store, client, image.resolved, image.repository, referrers)
+        if taken:
+            log.info("%s: replaying %d attached trace(s)", image.resolved.reference, taken)
 
 
 def _open(

@@ -124,8 +124,8 @@ def merge_options(args: argparse.Namespace, oci: OciOptions) -> None:
 def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """The ``blockstore serve`` command line for a mount, and its environment.
 
-    The password travels in the environment, never on a command line that
-    ``ps`` shows to every user.
+    The user name and password travel in the environment (readable by the
+    owner alone), never on a command line that ``ps`` shows to every user.
     """
     argv = [sys.executable, "-m", "blockstore", *(["-v"] * args.verbose), "serve", args.image]
     argv += ["--cache-dir", str(cache_dir_from(args).resolve())]
@@ -133,7 +133,7 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         argv += ["--layer", str(args.layer)]
     if args.blob is not None:
         argv += ["--blob", args.blob]
-    for option in ("platform", "cache_size", "username", "ca_file", "timeout"):
+    for option in ("platform", "cache_size", "ca_file", "timeout"):
         value = getattr(args, option)
         if value is not None:
             argv += [f"--{option.replace('_', '-')}", str(value)]
@@ -150,6 +150,8 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     if args.fill_rate:
         argv += ["--fill-rate", str(args.fill_rate)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.username is not None:
+        env["BLOCKSTORE_USERNAME"] = args.username
     if args.password is not None:
         env["BLOCKSTORE_PASSWORD"] = args.password
     return argv, env
@@ -253,9 +255,21 @@ def check_registry_arguments(args: argparse.Namespace) -> None:
     given_login(args.username, args.password)
 
 
+def without_credentials(texts: list[str]) -> list[str]:
+    """The ``-o`` values with ``oci.username`` and ``oci.password`` taken out."""
+    secret = ("oci.username", "oci.password")
+    return [
+        ",".join(item for item in text.split(",") if item.lstrip().partition("=")[0] not in secret)
+        for text in texts
+    ]
+
+
 def run_mount(args: argparse.Namespace) -> int:
     check_image_arguments(args)
     merge_options(args, parse_mount_options(args.options))
+    # From here the login lives in args.username/password alone, which go to the server
+    # by its environment: nothing that keeps or shows the options can repeat it.
+    args.options = without_credentials(args.options)
     check_registry_arguments(args)
     argv, env = serve_command(args)
     cache_dir = cache_dir_from(args).resolve()
