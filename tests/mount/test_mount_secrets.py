@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import processes_mentioning
 from mount_trees import assert_same_tree
+from rig.processes import processes_mentioning
 from rig.pushed import push_erofs
 
 from blockstore.errors import AuthError, MountError

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import processes_mentioning
 from mount_trees import assert_same_tree
+from rig.processes import processes_mentioning
 
 from blockstore.errors import MountError, MountpointBusy
 from nbdfront.mount import attach, records, stack, syscall
