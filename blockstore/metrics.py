@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from blockstore.fetch.stream import pieces
 from blockstore.source import BlobSource
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -49,6 +50,14 @@ class TimedSource:
         started = time.monotonic()
         try:
             return self._inner.read_range(offset, length)
+        finally:
+            self._histogram.observe(time.monotonic() - started)
+
+    def stream_range(self, offset: int, length: int) -> Iterator[bytes]:
+        """The range as it arrives (streamed when the source can), timed to its last byte."""
+        started = time.monotonic()
+        try:
+            yield from pieces(self._inner, offset, length)
         finally:
             self._histogram.observe(time.monotonic() - started)
 

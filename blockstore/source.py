@@ -7,6 +7,7 @@ answering the same three members.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
 
@@ -26,4 +27,20 @@ class BlobSource(Protocol):
 
         Callers keep ``length`` bounded (a few MiB), so an implementation may
         return one ``bytes``. Failures raise ``BlockstoreError`` subclasses.
+        """
+
+
+class StreamingSource(BlobSource, Protocol):
+    """A source that can also hand a range over as it arrives (optional).
+
+    The fetcher uses ``stream_range`` when a source has it, so the first
+    chunk of a long range is served before the last byte is in; other
+    sources are read with ``read_range``.
+    """
+
+    def stream_range(self, offset: int, length: int) -> Iterator[bytes]:
+        """The bytes ``read_range`` would return, yielded in pieces as they arrive.
+
+        The pieces add up to exactly ``min(length, size - offset)`` bytes,
+        or a ``BlobReadError`` is raised.
         """

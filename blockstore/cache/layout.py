@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import lmdb
 
 CHUNK_SIZE = 32768
-# 2: chunk checksums seeded with the chunk's identity (blob digest and index).
-FORMAT_VERSION = 2
+# 3: a checksum for each 4 KiB block of a chunk, seeded with the block's identity
+# (blob digest, chunk index, block); sealed blobs keep one hash of each chunk's.
+FORMAT_VERSION = 3
 
 # Named databases.
 DB_META = b"meta"  # name -> value (format, chunk size, next id, stored bytes, cap)
@@ -31,6 +32,7 @@ DB_LRU = b"lru"  # tick || chunk key -> b"" (oldest first)
 DB_COUNTERS = b"counters"  # counter name -> u64
 DB_REFS = b"refs"  # reference \0 platform -> JSON record
 DB_MANIFESTS = b"manifests"  # digest -> raw manifest bytes
+DB_TRACES = b"traces"  # layer digest -> JSON access trace (see cache/traces.py)
 ALL_DBS = (
     DB_META,
     DB_BLOBS,
@@ -42,6 +44,7 @@ ALL_DBS = (
     DB_COUNTERS,
     DB_REFS,
     DB_MANIFESTS,
+    DB_TRACES,
 )
 
 CHUNK_KEY = struct.Struct(">QQ")

@@ -22,6 +22,7 @@ COMMANDS = {
     "inspect": "registry_cmds",
     "push": "registry_cmds",
     "cache": "cache_cmds",
+    "trace": "trace_cmds",
     "prefetch": "image_cmds",
     "serve": "serve_cmds",
     "mount": "mount_cmds",

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from blockstore.cache.layout import CHUNK_SIZE
+from blockstore.errors import UsageError
 
 if TYPE_CHECKING:
+    from blockstore.prefetch.settings import PrefetchSettings
     from blockstore.registry.options import RegistryOptions
 
 
@@ -78,12 +82,41 @@ def parse_cache_size(text: str) -> int:
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``[V6]:PORT`` or a bare ``PORT`` (on 127.0.0.1)."""
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]") if sep else "127.0.0.1"
-    if not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r} (try 127.0.0.1:10809)")
+    """``HOST:PORT``, ``[V6]:PORT`` or a bare ``PORT`` (on 127.0.0.1).
+
+    Anything else is a usage error here, before a warning about the address
+    or a resolver error could be printed about it.
+    """
+    usage = f"not HOST:PORT: {text!r} (try 127.0.0.1:10809, [::1]:10809 or 10809)"
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep or not _is_ip(host, 6):
+            raise argparse.ArgumentTypeError(usage)
+    elif ":" in text:
+        host, _, port = text.partition(":")
+        if ":" in port:
+            raise argparse.ArgumentTypeError(f"{usage}; put an IPv6 address in brackets")
+        numeric = host.replace(".", "").isdigit()  # then it must be an IPv4 address
+        if not (_is_ip(host, 4) or (not numeric and _HOSTNAME.fullmatch(host))):
+            raise argparse.ArgumentTypeError(usage)
+    else:
+        host, port = "127.0.0.1", text
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise argparse.ArgumentTypeError(usage)
     return host, int(port)
+
+
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
+
+
+def _is_ip(text: str, version: int) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == version
+    except ValueError:
+        return False
 
 
 DEFAULT_READ_TIMEOUT = 30.0
@@ -135,6 +168,41 @@ def add_image_options(parser: argparse.ArgumentParser, verb: str, *, offline: bo
         )
 
 
+def add_tar_index_options(parser: argparse.ArgumentParser) -> None:
+    """erofs-utils' local indexes for a tar layer, instead of building one."""
+    parser.add_argument(
+        "--tarindex",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="a tar layer's EROFS metadata image (mkfs.erofs --tar=i) to use, "
+        "not one built here (also -o oci.tarindex=PATH)",
+    )
+    parser.add_argument(
+        "--zinfo",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="gzip checkpoints (SOCI zinfo) for that layer (also -o oci.zinfo=PATH)",
+    )
+
+
+def tar_indexes_from(args: argparse.Namespace, layers: list) -> dict[int, tuple[Path, Path | None]]:
+    """``--tarindex``/``--zinfo`` for the one layer selected: layer index -> paths."""
+    if args.tarindex is None:
+        if args.zinfo is not None:
+            raise UsageError("--zinfo (oci.zinfo) needs --tarindex (oci.tarindex) too")
+        return {}
+    if len(layers) != 1:
+        raise UsageError("--tarindex (oci.tarindex) is for one layer: select it with --layer")
+    for path in (args.tarindex, args.zinfo):
+        if path is not None and not path.is_file():
+            raise UsageError(f"{path}: no such file")
+    return {
+        layers[0].index: (args.tarindex.resolve(), args.zinfo.resolve() if args.zinfo else None)
+    }
+
+
 def add_registry_options(parser: argparse.ArgumentParser) -> None:
     """Options of every command that talks to a registry."""
     parser.add_argument(
@@ -156,6 +224,49 @@ def add_registry_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="HOST[:PORT]",
         help="a mirror registry tried before the upstream (repeatable, in order)",
+    )
+
+
+PREFETCH_FLAGS = ("--fill", "--no-readahead", "--no-erofs-start", "--no-trace")
+"""The prefetch switches, passed on as given from ``mount`` to its server."""
+
+
+def add_prefetch_options(parser: argparse.ArgumentParser) -> None:
+    """Prefetch heuristics of ``serve`` and ``mount``: each on by default but the fill."""
+    group = parser.add_argument_group("prefetch")
+    group.add_argument(
+        "--fill",
+        action="store_true",
+        help="after the mount is ready, fetch the rest of each layer at low priority and seal it",
+    )
+    group.add_argument(
+        "--fill-rate",
+        type=parse_size,
+        default=0,
+        metavar="SIZE",
+        help="bandwidth cap of --fill per layer, bytes per second, e.g. 20M (default: none)",
+    )
+    group.add_argument("--no-readahead", action="store_true", help="no sequential readahead")
+    group.add_argument(
+        "--no-erofs-start",
+        action="store_true",
+        help="do not fetch the EROFS superblock and root directory at open",
+    )
+    group.add_argument(
+        "--no-trace", action="store_true", help="neither record nor replay access traces"
+    )
+
+
+def prefetch_settings_from(args: argparse.Namespace) -> PrefetchSettings:
+    from blockstore.prefetch.settings import MOUNT, PrefetchSettings
+
+    return PrefetchSettings(
+        readahead=not args.no_readahead,
+        erofs_start=not args.no_erofs_start,
+        trace_period=0.0 if args.no_trace else MOUNT.trace_period,
+        trace_replay=not args.no_trace,
+        fill=args.fill,
+        fill_rate=args.fill_rate,
     )
 
 

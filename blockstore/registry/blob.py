@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+
 from blockstore.errors import BlobReadError, BlockstoreError
 from blockstore.registry.client import RegistryClient
 from blockstore.registry.manifests import Layer
 from blockstore.registry.ranges import clamp_range
+from blockstore.registry.retry import Deadline
+
+log = logging.getLogger(__name__)
 
 
 class RegistryBlob:
@@ -52,7 +58,9 @@ class RegistryBlob:
         span = clamp_range(offset, length, self.layer.size)
         if span is None:
             return b""
-        first, last = span
+        return self._read(*span, self.client.deadline())
+
+    def _read(self, first: int, last: int, deadline: Deadline) -> bytes:
         try:
             return self.client.read_blob_range(
                 self.repository,
@@ -60,9 +68,38 @@ class RegistryBlob:
                 first,
                 last,
                 self.layer.size,
+                deadline=deadline,
                 upstream_only=self.upstream_only,
             )
         except BlobReadError:
             raise
         except BlockstoreError as exc:
             raise BlobReadError(str(exc)) from exc
+
+    def stream_range(self, offset: int, length: int) -> Iterator[bytes]:
+        """``read_range``'s bytes in pieces as they arrive, under the same one deadline.
+
+        One streamed attempt; if it fails or breaks off, what is still
+        missing is read with ``read_range``'s retries, from where it stopped.
+        """
+        span = clamp_range(offset, length, self.layer.size)
+        if span is None:
+            return
+        first, last = span
+        deadline = self.client.deadline()
+        try:
+            for piece in self.client.stream_blob_range(
+                self.repository,
+                self.layer.digest,
+                first,
+                last,
+                self.layer.size,
+                deadline=deadline,
+                upstream_only=self.upstream_only,
+            ):
+                first += len(piece)
+                yield piece
+        except Exception as exc:  # the retrying read takes over, and reports what persists
+            log.info("%s: resuming bytes %d-%d: %s", self, first, last, exc)
+        if first <= last:
+            yield self._read(first, last, deadline)

@@ -111,6 +111,7 @@ class RegistryClient:
             self._session,
             credentials=credentials,
             verify=self._verify,
+            insecure=self.options.insecure,
             is_mirror=is_mirror,
         )
 
@@ -222,6 +223,39 @@ class RegistryClient:
             return self._pull_whole(repository, path, subject, {"Accept": OCI_INDEX})[0]
         except NotFound:
             return None
+
+    def stream_blob_range(
+        self,
+        repository: str,
+        digest: str,
+        first: int,
+        last: int,
+        size: int,
+        *,
+        deadline: Deadline,
+        upstream_only: bool = False,
+    ) -> Iterator[bytes]:
+        """Bytes ``first..last`` (inclusive) as they arrive, from the first source, once.
+
+        Checked as ``read_blob_range`` checks them, but not retried: the
+        caller counts what it got and reads the rest with
+        ``read_blob_range``, which retries, under the same ``deadline``.
+        """
+        subject = f"blob {digest} of {self.registry}/{repository}"
+        headers = {"Range": range_header(first, last), "Accept-Encoding": "identity"}
+        path = f"/v2/{repository}/blobs/{digest}"
+        endpoint = next(self._read_endpoints(upstream_only))
+        with self._get(endpoint, repository, path, subject, headers, deadline) as reply:
+            try:
+                if reply.status_code != 206:  # Range ignored: one slice, bounded by the range
+                    yield slice_stream(receive(reply, deadline, subject), first, last)
+                    return
+                check_partial_reply(reply.headers.get("Content-Range"), first, last, size)
+                yield from receive(reply, deadline, subject, last - first + 1)
+            except TRANSPORT_ERRORS as exc:
+                raise BlobReadError(
+                    f"{subject}: reading bytes {first}-{last} failed: {describe_failure(exc)}"
+                ) from None
 
     # Writes: the upstream only.
 

@@ -18,9 +18,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import processes_mentioning
 from mount_trees import assert_same_tree
-from rig.processes import free_port
+from rig.processes import free_port, processes_mentioning
 from rig.pushed import push_erofs
 
 from blockstore.errors import ImageNotCached, MountpointBusy, RegistryError, RegistryUnreachable
@@ -261,39 +260,6 @@ def test_errors_a_user_can_act_on(dirs, pushed_images):
     one_line(unreachable.stderr)
     assert_nothing_left(mnt, run)
     assert not os.listdir(mnt)
-
-
-def test_erofs_utils_options_with_basic_auth_keep_the_password_hidden(
-    dirs, basic_auth_registry, erofs_images
-):
-    """Mount from a basic-auth registry with erofs-utils' spellings (``oci.username``,
-    ``oci.password``, ``oci.insecure``, ``oci=0``): the tree shows, and the password is
-    on no command line, in no output, mount record or log."""
-    mnt, _, cache, run = dirs
-    server = basic_auth_registry
-    ref = push_erofs(
-        server.host, "auth/mount", "v1", [erofs_images.small.path], options=server.options()
-    )
-    secret = server.password
-    options = f"oci.username={server.username},oci.password={secret},oci.insecure,oci=0"
-    done = cli("mount", "--cache-dir", str(cache), "-o", options, ref, str(mnt))
-    assert done.returncode == 0, done.stderr
-    assert_same_tree(erofs_images.small.tree, mnt)
-
-    record = records.load(str(mnt))
-    cmdline = Path(f"/proc/{record.server.pid}/cmdline").read_bytes().decode()
-    listed = cli("mounts", "--json").stdout
-    for text in (
-        done.stdout,
-        done.stderr,
-        cmdline,
-        record.to_json(),
-        Path(record.log).read_text(),
-        listed,
-    ):
-        assert secret not in text
-    umount(mnt)
-    assert_nothing_left(mnt, run)
 
 
 def test_two_mounts_racing_for_one_mountpoint(dirs, pushed_images, erofs_images):

@@ -37,6 +37,7 @@ _HOP_BY_HOP = {
 KINDS = {
     "delay",
     "trickle",
+    "pace",
     "status",
     "drop",
     "cut",
@@ -59,7 +60,8 @@ class Fault:
     times: int | None = None
     """How many matching requests get the fault; None: all of them."""
     seconds: float = 0.0
-    """delay: pause before forwarding; trickle: pause before each body byte."""
+    """delay: pause before forwarding; trickle: pause before each body byte;
+    pace: pause before each 32 KiB of the body (a slow link that streams)."""
     status: int = 503
     headers: dict[str, str] = field(default_factory=dict)
     """status: the reply's status and headers (e.g. ``Retry-After``)."""
@@ -153,8 +155,10 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
         do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
 
         def _proxy(self) -> None:
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-            proxy.record(RecordedRequest(self.command, self.path, dict(headers)))
+            # A list, not a dict: a pull-through registry sends one Accept line per type.
+            pairs = [(k, v) for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP]
+            headers = dict(pairs)
+            proxy.record(RecordedRequest(self.command, self.path, headers))
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
             fault = proxy.take_fault(self.command, self.path)
@@ -173,8 +177,10 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             if kind == "delay":
                 time.sleep(fault.seconds)
             if kind == "ignore_range":
-                headers = {k: v for k, v in headers.items() if k.lower() != "range"}
-            headers.update(proxy.upstream_headers)
+                pairs = [(k, v) for k, v in pairs if k.lower() != "range"]
+            replaced = {k.lower() for k in proxy.upstream_headers}
+            pairs = [(k, v) for k, v in pairs if k.lower() not in replaced]
+            pairs += proxy.upstream_headers.items()
             upstream = http.client.HTTPConnection(
                 proxy.upstream_host, proxy.upstream_port, timeout=30
             )
@@ -182,9 +188,9 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 upstream.putrequest(
                     self.command, self.path, skip_host=True, skip_accept_encoding=True
                 )
-                for key, value in headers.items():
+                for key, value in pairs:
                     upstream.putheader(key, value)
-                if body is not None and "content-length" not in {k.lower() for k in headers}:
+                if body is not None and "content-length" not in {k.lower() for k, _ in pairs}:
                     upstream.putheader("Content-Length", str(len(body)))
                 upstream.endheaders(body)
                 reply = upstream.getresponse()
@@ -219,10 +225,11 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             sent = 0
             limit = intact if kind in ("cut", "reset", "truncate") else total
             while sent < limit:
-                if kind == "trickle":
+                if kind in ("trickle", "pace"):
                     time.sleep(fault.seconds)
                     self.wfile.flush()
-                chunk = reply.read(1 if kind == "trickle" else min(256 << 10, limit - sent))
+                piece = {"trickle": 1, "pace": 32 << 10}.get(kind, 256 << 10)
+                chunk = reply.read(min(piece, limit - sent))
                 if not chunk:
                     break
                 if kind == "corrupt" and sent <= intact < sent + len(chunk):

@@ -8,11 +8,11 @@ import io
 import subprocess
 
 import pytest
+from rig.local_source import LocalFileSource
 from trees import make_tar, populate
 
 from blockstore.cache import CachedBlob, ChunkStore
 from blockstore.errors import NotCached
-from blockstore.source import LocalFileSource
 from blockstore.tarlayer.gzindex import GzipIndexer
 from blockstore.tarlayer.layers import GZIP, TAR, ZSTD, layer_kind, open_tar_layer
 
@@ -41,13 +41,26 @@ def blobs(tmp_path_factory):
     return tar, paths
 
 
+opened: list[CachedBlob] = []
+
+
+@pytest.fixture(autouse=True)
+def close_blobs():
+    """The blobs the tests open are theirs to close, as an image closes its own."""
+    yield
+    while opened:
+        opened.pop().close()
+
+
 def open_layer(store, path, kind, tar, *, online=True, **kw):
     data = path.read_bytes()
     source = LocalFileSource(path, sha(data)) if online else None
     blob = CachedBlob(store, sha(data), len(data), source)
-    return open_tar_layer(
+    layer = open_tar_layer(
         store, blob, kind, online=online, diff_id=lambda: sha(tar), span=SPAN, **kw
     )
+    opened.append(blob)
+    return layer
 
 
 def whole(export) -> bytes:
@@ -111,7 +124,7 @@ def test_local_tarindex_and_zinfo_are_used_instead_of_a_pass(blobs, tmp_path):
         )
         assert whole(local) == expected
         assert (
-            store.get_manifest(f"tarlayer/v1/span{SPAN}/{sha(paths[GZIP].read_bytes())}/meta")
+            store.images.manifest(f"tarlayer/v1/span{SPAN}/{sha(paths[GZIP].read_bytes())}/meta")
             is None
         )
         local.close()

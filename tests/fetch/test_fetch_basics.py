@@ -1,14 +1,15 @@
-"""Single-flight, coalescing and parallel range reads; readahead of sequential readers."""
+"""Single-flight, coalescing and parallel range reads through the cache, from local sources."""
 
 from __future__ import annotations
 
 import threading
 import time
 
-from cache_sources import ScriptedSource, make_blob
+from fetch_sources import PieceSource, WholeSource, make_blob
 
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
-from blockstore.fetch import DEFAULT_MAX_REQUEST, runs
+from blockstore.errors import RegistryUnreachable
+from blockstore.fetch import runs
 from blockstore.prefetch import Readahead
 
 NONE = Readahead(maximum=0)
@@ -24,7 +25,7 @@ def test_concurrent_misses_of_one_chunk_fetch_it_once(cache_dir):
     """Eight threads miss the same two chunks at once: the source sees one range read,
     never two requests for one chunk at a time, and every thread gets the bytes."""
     data, digest = make_blob(8 * CHUNK_SIZE, seed=20)
-    source = ScriptedSource(data, digest, delay=1.0)
+    source = PieceSource(data, digest, first_byte=1.0)
     results: list[bytes] = []
     with ChunkStore(cache_dir) as store:
         blob = CachedBlob(store, digest, len(data), source, readahead=NONE)
@@ -46,15 +47,16 @@ def test_concurrent_misses_of_one_chunk_fetch_it_once(cache_dir):
 
 
 def test_adjacent_misses_coalesce_into_bounded_parallel_reads(cache_dir):
-    """A 10 MiB cold read becomes ceil(10/4) range reads of at most 4 MiB, run in
+    """A 10 MiB cold read becomes range reads of the window's request size, run in
     parallel; a read with a cached hole in the middle asks only for what is missing."""
     data, digest = make_blob(10 << 20, seed=21)
-    source = ScriptedSource(data, digest, delay=0.2)
+    source = PieceSource(data, digest, first_byte=0.2)
     with ChunkStore(cache_dir) as store:
         blob = CachedBlob(store, digest, len(data), source, readahead=NONE)
+        request = blob._fetcher.window.request
         assert b"".join(blob.read(0, len(data))) == data
-        assert len(source.requests) == 3
-        assert max(length for _, length in source.requests) <= DEFAULT_MAX_REQUEST
+        assert len(source.requests) == -(-len(data) // request)
+        assert max(length for _, length in source.requests) == request
         assert source.max_in_flight >= 2
         store.remove(digest)
         source.requests.clear()
@@ -69,11 +71,15 @@ def test_failed_fetch_is_retried_by_the_next_reader(cache_dir):
     """A source failure of any kind reaches the reader as EIO and is not remembered: the
     next read asks again and succeeds."""
     data, digest = make_blob(2 * CHUNK_SIZE, seed=22)
-    source = ScriptedSource(data, digest)
+    source = WholeSource(data, digest)
     with ChunkStore(cache_dir) as store:
         blob = CachedBlob(store, digest, len(data), source, readahead=NONE)
         for fault in ("fail", "short", "unreachable"):
-            source.fault = fault
+            source.fault = "short" if fault == "short" else None
+            source.fail_next = 1 if fault == "fail" else 0
+            source.read_range = (  # type: ignore[method-assign]
+                _unreachable if fault == "unreachable" else WholeSource.read_range.__get__(source)
+            )
             try:
                 blob.read(0, 10)
             except OSError as exc:
@@ -81,8 +87,13 @@ def test_failed_fetch_is_retried_by_the_next_reader(cache_dir):
             else:
                 raise AssertionError("a failing source must fail the read")
         source.fault = None
+        source.read_range = WholeSource.read_range.__get__(source)  # type: ignore[method-assign]
         assert b"".join(blob.read(0, 10)) == data[:10]
         blob.close()
+
+
+def _unreachable(offset: int, length: int) -> bytes:
+    raise RegistryUnreachable("no route to the source")
 
 
 def test_readahead_window_grows_on_sequential_reads_and_resets_on_random():
@@ -113,17 +124,21 @@ def test_readahead_window_grows_on_sequential_reads_and_resets_on_random():
 def test_sequential_reader_finds_the_next_range_already_cached(cache_dir):
     """After a few sequential reads, background readahead has fetched ahead of the reader."""
     data, digest = make_blob(4 << 20, seed=23)
-    source = ScriptedSource(data, digest)
+    source = PieceSource(data, digest)
     with ChunkStore(cache_dir) as store:
         blob = CachedBlob(store, digest, len(data), source)
         for offset in range(0, 256 << 10, 64 << 10):
             assert b"".join(blob.read(offset, 64 << 10)) == data[offset : offset + (64 << 10)]
         deadline = time.monotonic() + 5
-        blob_id = store.lookup(digest).blob_id
         ahead = range(256 << 10 >> 15, 512 << 10 >> 15)
-        while store.missing(blob_id, ahead) and time.monotonic() < deadline:
+
+        def missing() -> list[int]:
+            record = store.lookup(digest)
+            return store.missing(record.blob_id if record else None, ahead)
+
+        while missing() and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert store.missing(blob_id, ahead) == []
+        assert missing() == []
         blob.close()
 
 
@@ -131,7 +146,7 @@ def test_two_exports_of_one_blob_share_their_fetches(cache_dir):
     """Two exports of one blob (a layer listed twice) missing the same chunk at once
     cause one range read."""
     data, digest = make_blob(4 * CHUNK_SIZE, seed=24)
-    source = ScriptedSource(data, digest, delay=1.0)
+    source = PieceSource(data, digest, first_byte=1.0)
     results: list[bytes] = []
     with ChunkStore(cache_dir) as store:
         blobs = [CachedBlob(store, digest, len(data), source, readahead=NONE) for _ in range(2)]
