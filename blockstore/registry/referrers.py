@@ -129,10 +129,19 @@ def newest(referrers: list[Referrer], artifact_type: str) -> Referrer | None:
 
 
 def _fallback_listing(client: RegistryClient, subject: Subject) -> bytes | None:
+    """The fallback tag's index; None when there is none, or when the tag holds something
+    else (a tag of that name pushed by hand is not ours to complain about)."""
+    tag = fallback_tag(subject.digest)
     try:
-        return fetch_manifest(client, subject.repository, fallback_tag(subject.digest))[0]
+        raw = fetch_manifest(client, subject.repository, tag)[0]
     except NotFound:
         return None
+    try:
+        _index_entries(raw, f"referrers tag {tag}")
+    except RegistryError:
+        log.debug("%s: the tag %s is not a referrers index; ignored", subject.digest, tag)
+        return None
+    return raw
 
 
 def read_artifact(
