@@ -31,16 +31,18 @@ from blockstore.tarlayer.tree import build_tree
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
 
 
-def gzip_image(tmp: Path, registry_host: str, client, name: str, files: dict[str, bytes]):
-    """Push a one-layer tar.gz image of ``files``; (reference, tar bytes, blob bytes)."""
+def gzip_image(
+    tmp: Path, registry_host: str, client, name: str, files: dict[str, bytes], kind: str = "gzip"
+):
+    """Push a one-layer tar.gz (or ``kind``) image of ``files``; (reference, tar, blob)."""
     src = tmp / f"{name}-src"
     src.mkdir()
     for path, data in files.items():
         (src / path).write_bytes(data)
     tar = make_tar(src, tmp / f"{name}.tar").read_bytes()
-    blob = tmp / f"{name}.tar.gz"
-    blob.write_bytes(compress("gzip", tar))
-    push_image(client, "shared/img", name, [blob], media_type=MEDIA_TYPES["gzip"])
+    blob = tmp / f"{name}.{kind}"
+    blob.write_bytes(compress(kind, tar))
+    push_image(client, "shared/img", name, [blob], media_type=MEDIA_TYPES[kind])
     return f"{registry_host}/shared/img:{name}", tar, blob.read_bytes()
 
 
@@ -67,20 +69,21 @@ def read_file(export, name: str) -> bytes:
     return b"".join(bytes(b) for b in export.read(offset, node.size))
 
 
+@pytest.mark.parametrize("kind", ["gzip", "tar"])
 def test_new_machine_mounts_from_the_shared_index_then_again_offline(
-    tmp_path, registry, fault_proxy, caplog
+    tmp_path, registry, fault_proxy, caplog, kind
 ):
-    """``index --push`` on one machine attaches the tar.gz layer's index. A second
-    machine (an empty cache) opening the image through a recording proxy takes that
-    index instead of reading the blob: reading one small file fetches far less than the
-    blob (at most two spans, when its chunk crosses a span's end; the blob holds five),
-    the bytes are the source file's,
-    and no warning is logged. Reopened offline, the same cache serves the same file."""
+    """``index --push`` on one machine attaches the layer's index (tar.gz, or plain
+    tar). A second machine (an empty cache) opening the image through a recording proxy
+    takes that index instead of reading the blob (gzip) or walking its headers (tar):
+    reading one small file fetches far less than the blob (gzip: at most two spans, when
+    its chunk crosses a span's end, of five), the bytes are the source file's, and no
+    warning is logged. Reopened offline, the same cache serves the same file."""
     files = {f"big{i}.bin": os.urandom(4 << 20) for i in range(5)}
     files |= {f"note{i}.txt": f"note {i}\n".encode() * 50 for i in range(20)}
     client = registry.client()
     try:
-        ref, _, blob = gzip_image(tmp_path, registry.host, client, "v1", files)
+        ref, _, blob = gzip_image(tmp_path, registry.host, client, kind, files, kind)
     finally:
         client.close()
     done = subprocess.run(
