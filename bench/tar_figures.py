@@ -92,9 +92,9 @@ def pull_and_extract(work: Path, blob_url: str) -> dict:
     return use(root, started)
 
 
-def engine(work: Path, reference: str) -> dict:
+def engine(work: Path, reference: str, extra: list[str]) -> dict:
     started = time.perf_counter()
-    serve = ["serve", reference, "--insecure", "--listen", "127.0.0.1:0"]
+    serve = ["serve", reference, "--insecure", "--listen", "127.0.0.1:0", *extra]
     daemon = Daemon([*BLOCKSTORE, *serve, "--cache-dir", str(work / "cache")], work / "serve.log")
     try:
         uri = daemon.wait_for_line('export "" ', timeout=600).split()[-1]
@@ -135,6 +135,12 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rtt", type=float, default=20.0, help="round-trip time, ms")
     parser.add_argument("--mbit", type=float, default=1000.0, help="bandwidth cap, Mbit/s")
+    parser.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        help="an option for blockstore serve (repeatable), e.g. --serve-arg=--fill",
+    )
     parser.add_argument("--json", type=Path, default=Path("tar-figures.json"))
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="tarfig-"))
@@ -149,9 +155,10 @@ def main() -> int:
         print(f"tar {tar_size / MiB:.1f} MiB, tar.gz {blob_size / MiB:.1f} MiB", file=sys.stderr)
         digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
         url = f"http://{link.host}/v2/{REPOSITORY}/blobs/{digest}"
+        cold = lambda w: engine(w, reference, args.serve_arg)  # noqa: E731
         rows = [
             measure("pull+extract", args.runs, link, lambda w: pull_and_extract(w, url)),
-            measure("engine", args.runs, link, lambda w: engine(w, reference)),
+            measure("engine", args.runs, link, cold),
         ]
         pushed = subprocess.run(
             [*BLOCKSTORE, "index", "--push", "--insecure", "--cache-dir", str(workdir / "x"), ref],
@@ -160,7 +167,7 @@ def main() -> int:
         )
         if pushed.returncode != 0:
             raise BenchError(f"blockstore index --push failed: {pushed.stderr.strip()}")
-        rows.append(measure("engine+shared-index", args.runs, link, lambda w: engine(w, reference)))
+        rows.append(measure("engine+shared-index", args.runs, link, cold))
     finally:
         link.stop()
         registry.stop()

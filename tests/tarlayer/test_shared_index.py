@@ -23,7 +23,7 @@ from blockstore.registry.push import push_image
 from blockstore.registry.referrers import push_artifact
 from blockstore.tarlayer.erofs_reader import read_metadata
 from blockstore.tarlayer.erofs_writer import write_metadata
-from blockstore.tarlayer.layerindex import GZIP, index_compressed_tar
+from blockstore.tarlayer.layerindex import GZIP, index_compressed_tar, index_plain_tar
 from blockstore.tarlayer.shared import ARTIFACT_TYPE, index_blobs
 from blockstore.tarlayer.tarwalk import walk_tar
 from blockstore.tarlayer.tree import build_tree
@@ -102,8 +102,15 @@ def test_new_machine_mounts_from_the_shared_index_then_again_offline(
     try:
         (export,) = image.exports()
         assert read_file(export, "note7.txt") == files["note7.txt"]
+        shared_metadata = export.index.metadata
     finally:
         image.close()
+    local = (
+        index_compressed_tar(io.BytesIO(blob), GZIP, blob_digest=None, diff_id=None)
+        if kind == "gzip"
+        else index_plain_tar(lambda o, n: blob[o : o + n], len(blob), layer_digest)
+    )
+    assert shared_metadata == local.metadata  # the very image a local build gives
     fetched = fetched_from(proxy, layer_digest, len(blob))
     assert 0 < fetched < len(blob) // 2, (fetched, len(blob))
     assert "using the index attached to the image" in caplog.text
@@ -249,3 +256,44 @@ def test_index_that_lies_about_the_tree_is_caught_when_the_tar_is_sealed(
         assert read_file(export, "f3.txt") == files["f3.txt"]
     finally:
         image.close()
+
+
+def test_indexing_one_layer_keeps_the_other_layers_shared_index(tmp_path, registry, caplog):
+    """``index --push --layer N`` on a two-layer tar.gz image, one layer at a time: the
+    artifact then holds both layers' indexes, so a new machine (an empty cache) takes
+    both from the registry and reads neither blob through to index it."""
+    client = registry.client()
+    try:
+        layers = []
+        for i in range(2):
+            src = tmp_path / f"src{i}"
+            src.mkdir()
+            (src / f"layer{i}.txt").write_text(f"layer {i}\n")
+            path = tmp_path / f"layer{i}.tar.gz"
+            path.write_bytes(compress("gzip", make_tar(src, tmp_path / f"l{i}.tar").read_bytes()))
+            layers.append(path)
+        push_image(client, "shared/two", "v1", layers, media_type=MEDIA_TYPES["gzip"])
+    finally:
+        client.close()
+    ref = f"{registry.host}/shared/two:v1"
+
+    def cache(layer: str) -> list[str]:
+        return ["--cache-dir", str(tmp_path / f"a{layer}")]
+
+    for layer in ("0", "1"):
+        done = subprocess.run(
+            [*BLOCKSTORE, "index", "--push", "--insecure", "--layer", layer, *cache(layer), ref],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+    caplog.set_level(logging.INFO)
+    image = open_image(ref, cache_dir=tmp_path / "new", options=registry.options())
+    try:
+        bottom, top = image.exports()
+        assert read_file(bottom, "layer0.txt") == b"layer 0\n"
+        assert read_file(top, "layer1.txt") == b"layer 1\n"
+    finally:
+        image.close()
+    assert caplog.text.count("using the index attached to the image") == 2
+    assert "reading the gzip layer once" not in caplog.text
