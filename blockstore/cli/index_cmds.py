@@ -11,6 +11,7 @@ need not read the whole blob before its first mount.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from blockstore.cli.common import (
     add_cache_options,
@@ -51,10 +52,10 @@ def run_index(args: argparse.Namespace) -> int:
         push_tar_indexes,
         subject_of,
     )
-    from blockstore.errors import RegistryUnreachable
+    from blockstore.errors import CacheError, RegistryUnreachable
     from blockstore.image import open_image
     from blockstore.registry import RegistryBlob
-    from blockstore.tarlayer.layers import TarLayer, layer_kind
+    from blockstore.tarlayer.layers import TAR, TarLayer, layer_kind
 
     image = open_image(
         args.image,
@@ -71,7 +72,8 @@ def run_index(args: argparse.Namespace) -> int:
         # What is published is built here from verified bytes (or kept from such a build).
         image.shared_tar_indexes = False
         for layer in image.select(args.layer, args.blob):
-            if layer_kind(layer.media_type) is not None:
+            kind = layer_kind(layer.media_type)
+            if kind is not None:
                 exported = image.layer_export(layer)
                 assert isinstance(exported, TarLayer)
                 tar_built[layer.digest] = exported.index
@@ -79,6 +81,11 @@ def run_index(args: argparse.Namespace) -> int:
                     f"layer {layer.index} {layer.digest}: tar index of "
                     f"{len(exported.index.metadata)} bytes of metadata"
                 )
+                if kind != TAR and cached_index(image.store, layer) is None:
+                    # Indexing read the compressed blob through the cache: sealing it
+                    # fetches nothing more, and the chunk table below is read from it.
+                    with contextlib.suppress(CacheError):  # too large to keep: streamed
+                        image.blob(layer).prefetch()
             record = image.store.lookup(layer.digest)
             if record is not None and record.sealed:
                 index = build_layer_index(layer, image.blob(layer).read)
