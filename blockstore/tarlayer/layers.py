@@ -191,10 +191,8 @@ def open_tar_layer(
         index = local_index(tarindex, zinfo, blob, kind, diff_id() if zinfo else None)
     else:
         cache = IndexCache(store)
-        taken_shared = False
 
         def build() -> TarIndex:
-            nonlocal taken_shared
             if not online:
                 raise NotCached(
                     f"{blob.digest}: this tar layer was never indexed; needs the registry"
@@ -202,7 +200,8 @@ def open_tar_layer(
             refused = cache.origin(blob.digest, span) == IndexCache.REFUSED
             if shared is not None and not refused and (found := shared()) is not None:
                 log.info("%s: using the index attached to the image", blob.digest)
-                taken_shared = True
+                # Marked before it is kept, so no crash can keep it unmarked (unproven).
+                cache.set_origin(blob.digest, span, IndexCache.SHARED)
                 return found
             if kind == TAR:
                 return index_plain_tar(read, blob.size, blob.digest)
@@ -216,8 +215,6 @@ def open_tar_layer(
             )
 
         index = cached_or_built(cache, blob.digest, span, kind != TAR, build)
-        if taken_shared:
-            cache.set_origin(blob.digest, span, IndexCache.SHARED)
         if cache.origin(blob.digest, span) == IndexCache.SHARED:
             prove = _prover(cache, blob.digest, span, index)
     if index.spans is None:
