@@ -55,8 +55,12 @@ class CachedBlob:
         description: str = "",
         readahead: Readahead | None = None,
         settings: PrefetchSettings | None = None,
+        upstream: BlobSource | None = None,
     ):
+        """``upstream``: the same blob from its source of truth alone (past any mirror),
+        fetched from once more when what ``source`` sent fails the digest."""
         self._store = store
+        self._upstream = upstream
         self._digest = digest
         self._size = size
         self._name = name
@@ -250,6 +254,12 @@ class CachedBlob:
                 raise NotCached(f"{self._digest} is not fully cached and the cache is offline")
             self._fetch_all(missing, report)
             outcome = self._store.seal(self._digest, self._size)
+            if outcome is False and self._upstream is not None and self._fetcher is not None:
+                log.warning("%s failed its digest; fetching it from the upstream", self._digest)
+                self._fetcher.close()
+                self._fetcher = self._new_fetcher(self._upstream)
+                self._upstream = None
+                continue
             if outcome is not None:
                 break
         if outcome is False:
@@ -385,24 +395,7 @@ class CachedBlob:
     def _start_fetching(self, source: BlobSource) -> None:
         """The fetcher, and the heuristics a cold open starts with (on a daemon thread)."""
         settings = self._settings
-        flights = self._store.flights(self._digest)
-        leases = None
-        if settings.leases:
-            with flights.lock:
-                if flights.leases is None:
-                    flights.leases = RangeLeases(self._store.path, self._digest)
-                leases = flights.leases
-        fetcher = Fetcher(
-            source,
-            CHUNK_SIZE,
-            self._arrived,
-            self._keep,
-            self._load,
-            flights=flights,
-            leases=leases,
-            on_request=self._requesting,
-        )
-        self._fetcher = fetcher
+        fetcher = self._fetcher = self._new_fetcher(source)
         self._readahead.limit_to(lambda: fetcher.window.bytes)
         self._hints = HintQueue(self._plan)
         if self._whole:
@@ -422,6 +415,26 @@ class CachedBlob:
             threading.Thread(
                 target=self._warm_up, args=(trace,), name="prefetch-start", daemon=True
             ).start()
+
+    def _new_fetcher(self, source: BlobSource) -> Fetcher:
+        """A fetcher of ``source`` sharing this blob's flights (and leases, if set)."""
+        flights = self._store.flights(self._digest)
+        leases = None
+        if self._settings.leases:
+            with flights.lock:
+                if flights.leases is None:
+                    flights.leases = RangeLeases(self._store.path, self._digest)
+                leases = flights.leases
+        return Fetcher(
+            source,
+            CHUNK_SIZE,
+            self._arrived,
+            self._keep,
+            self._load,
+            flights=flights,
+            leases=leases,
+            on_request=self._requesting,
+        )
 
     def _save_trace(self, trace: Trace) -> None:
         try:

@@ -402,8 +402,12 @@ class ChunkStore:
         self.env.write(lambda txn: txn.put(b"reclaimed", b"", db=self.dbs[DB_META]))
         log.warning("the disk holding the cache is full: evicted half of the cache")
 
-    def drop_chunks(self, digest: str, indices: Sequence[int]) -> int:
-        """Delete chunks found bad; a chunk fixed meanwhile by another process stays."""
+    def drop_chunks(self, digest: str, indices: Sequence[int], *, recheck: bool = True) -> int:
+        """Delete chunks found bad; a chunk fixed meanwhile by another process stays.
+
+        ``recheck=False`` drops them whatever their own checksum says: the
+        caller found them bad by another measure (a chunk index).
+        """
 
         def work(txn: lmdb.Transaction) -> int:
             raw = txn.get(digest.encode(), db=self.dbs[DB_BLOBS])
@@ -415,7 +419,9 @@ class ChunkStore:
             for index in indices:
                 key = chunk_key(record.blob_id, index)
                 value = txn.get(key, db=self.dbs[DB_CHUNKS])
-                if value is None or intact(value, seed, index, chunk_length(record.size, index)):
+                if value is None or (
+                    recheck and intact(value, seed, index, chunk_length(record.size, index))
+                ):
                     continue
                 self.delete_chunk(txn, key, record, stored_length(value))
                 dropped += 1
