@@ -23,7 +23,8 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from blockstore.errors import BlobReadError, IntegrityError
+from blockstore.cache import CHUNK_SIZE, ChunkStore
+from blockstore.errors import BlobReadError, CacheError, IntegrityError
 from blockstore.export import Buffer
 from blockstore.tarlayer import erofs_format
 from blockstore.tarlayer.layerindex import INDEX_FORMAT, ReadRange, SpanIndex, TarIndex
@@ -117,8 +118,16 @@ class TarLayerExport:
 class DecompressedTar:
     """The uncompressed tar of a gzip/zstd blob as a ``BlobSource``, span by span."""
 
-    def __init__(self, spans: SpanIndex, read_compressed: ReadRange, digest: str):
+    def __init__(
+        self,
+        spans: SpanIndex,
+        read_compressed: ReadRange,
+        digest: str,
+        keep: Callable[[int, bytes], None] | None = None,
+    ):
+        """``keep(offset, data)`` is given each span decompressed, to cache all of it."""
         self._spans = spans
+        self._keep = keep
         self._read_compressed = read_compressed
         self._digest = digest
         self._kept: OrderedDict[int, bytes] = OrderedDict()
@@ -150,6 +159,8 @@ class DecompressedTar:
                 except IntegrityError as exc:
                     raise BlobReadError(f"{self._digest}: {exc}") from exc
                 self.decompressions[index] += 1
+                if self._keep is not None:
+                    self._keep(self._spans.bounds(index)[0], data)
             with self._lock:
                 self._kept[index] = data
                 self._kept.move_to_end(index)
@@ -168,6 +179,30 @@ class DecompressedTar:
             parts.append(data[pos - start : min(stop, end) - start])
             pos = min(stop, end)
         return b"".join(parts)
+
+
+def span_filler(store: ChunkStore, digest: str, size: int) -> Callable[[int, bytes], None]:
+    """Store every whole chunk of a decompressed span, so a later miss in the same span
+    is a cache hit instead of another decompression. The two chunks a span shares with
+    its neighbours are left to the reads that need them."""
+
+    def keep(offset: int, data: bytes) -> None:
+        end = offset + len(data)
+        first = -(-offset // CHUNK_SIZE)
+        stop = size if end == size else end // CHUNK_SIZE * CHUNK_SIZE
+        if stop <= first * CHUNK_SIZE:
+            return
+        view = memoryview(data)
+        chunks = [
+            view[pos - offset : min(pos + CHUNK_SIZE, stop) - offset]
+            for pos in range(first * CHUNK_SIZE, stop, CHUNK_SIZE)
+        ]
+        try:
+            store.store_chunks(digest, size, first, chunks)
+        except (CacheError, IntegrityError) as exc:  # costs only the caching
+            log.warning("%s: span at %d not cached: %s", digest, offset, exc)
+
+    return keep
 
 
 class KeyValueStore(Protocol):
