@@ -1,8 +1,10 @@
 """``blockstore serve``: an image's layers as read-only NBD exports, in the foreground.
 
 It prints one ``export NAME URI`` line per export (``""`` is the default
-export, the top layer), then ``ready`` once it listens, so a script or
-``blockstore mount`` can wait for it. SIGTERM and SIGINT stop it cleanly:
+export, the top layer), then ``ready`` once it listens, so a script can wait
+for it; ``blockstore mount`` is told the same on a pipe (``--ready-fd``,
+see ``nbdfront.mount.readiness``), never from this output. SIGTERM and
+SIGINT stop it cleanly:
 replies in flight are sent, sockets closed, the cache closed.
 """
 
