@@ -550,6 +550,8 @@ class _Session:
                 done = offset + size == end
                 self._outbox.put(self._protocol.send(ReadPiece(request, offset, piece, done)))
                 offset += size
+                if self._outbox.broken:
+                    return  # the client is gone: read no more for it
                 if not done:
                     self._budget.release(granted)
                     granted = 0

@@ -152,8 +152,9 @@ def test_a_stored_record_that_does_not_parse_is_damage_not_a_traceback(cache_dir
 
 def test_a_damaged_offline_record_is_a_cache_error_and_verify_drops_it(cache_dir):
     """A stored reference record that is no longer JSON: resolving it offline is a
-    CacheError (exit 8, no traceback); `cache verify` reports it as damage (exit 6) and
-    drops it; the next verify is clean."""
+    CacheError (exit 8, no traceback); `cache rm` of another image is not stopped by it
+    (it warns and says that image is not cached); `cache verify` reports it as damage
+    (exit 6) and drops it; the next verify is clean."""
     with ChunkStore(cache_dir) as store:
         key = b"127.0.0.1:5000/demo/app:v1\0linux/amd64"
         store.env.write(lambda txn: txn.put(key, b'{"reference": "127.0', db=store.dbs[DB_REFS]))
@@ -161,6 +162,9 @@ def test_a_damaged_offline_record_is_a_cache_error_and_verify_drops_it(cache_dir
         open_image(
             "127.0.0.1:5000/demo/app:v1", cache_dir=cache_dir, platform="linux/amd64", offline=True
         ).close()
+    result = run_cli("cache", "rm", "127.0.0.1:5000/demo/other:v1", "--cache-dir", str(cache_dir))
+    assert result.returncode == 3 and "no image" in result.stderr, result.stdout + result.stderr
+    assert "damaged" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("cache", "verify", "--cache-dir", str(cache_dir))
     assert result.returncode == 6, result.stdout + result.stderr
     assert "the cached record of 127.0.0.1:5000/demo/app:v1 is damaged: dropped" in result.stdout

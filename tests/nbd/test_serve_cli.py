@@ -263,7 +263,7 @@ def test_stopping_with_a_fetch_stuck_in_flight_ends_within_seconds(
     still ends the server within seconds (the drain timeout, then the cut), with exit
     code 0, instead of waiting out the fetch."""
     proxy = fault_proxy(registry)
-    reference = pushed_images.small.replace(registry.host, proxy.host)
+    reference = pushed_images.large.replace(registry.host, proxy.host)
     sock = tmp_path / "s.sock"
     args = [reference, "--insecure", "--cache-dir", str(tmp_path / "c"), "--unix", str(sock)]
     # No prefetch at open: the read below must be the one that reaches the registry.
@@ -273,7 +273,7 @@ def test_stopping_with_a_fetch_stuck_in_flight_ends_within_seconds(
         client = w.RawClient(str(sock))
         try:
             client.negotiate("layer0")
-            client.send(w.CMD_READ, 1, 0, 4096)
+            client.send(w.CMD_READ, 1, client.size - (1 << 20), 4096)  # far from the start
             deadline = time.monotonic() + 10
             while not proxy.faults_applied and time.monotonic() < deadline:
                 time.sleep(0.05)
