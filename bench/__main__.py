@@ -49,7 +49,7 @@ def arguments(argv: list[str]) -> argparse.Namespace:
     mode.add_argument("--full", dest="mode", action="store_const", const="full")
     parser.set_defaults(mode="quick")
     parser.add_argument("--repeats", type=int, default=None, help="runs of each scenario")
-    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output dir")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="output dir")
     parser.add_argument("--image-size", type=parse_size, default=None, help="e.g. 64M, 1G")
     parser.add_argument("--compression", default=None, help="lz4hc, none, or both: lz4hc,none")
     parser.add_argument(
@@ -103,7 +103,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     return Plan(
         mode=args.mode,
         repeats=args.repeats or (3 if full else 1),
-        image_size=args.image_size or ((256 if full else 64) * MiB),
+        image_size=args.image_size or ((256 if full else 48) * MiB),
         compressions=compressions,
         networks=[LOOPBACK, wan(20, 1000), wan(20, 100)] if full else [wan(20, 1000)],
         sweep=[wan(rtt, 1000) for rtt in (0, 5, 20, 50)] if full else [],

@@ -124,9 +124,18 @@ class ForkingDaemon:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGTERM)
             deadline = time.monotonic() + 5
-            while Path(f"/proc/{self.pid}").exists() and time.monotonic() < deadline:
+            while alive(self.pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
             os.kill(self.pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie that nobody reaps (a daemon's parent is init)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def tool_version(argv: list[str]) -> str:

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict
 
 from bench.link import LOOPBACK
-from bench.runner import Plan, Result
+from bench.runner import IN_PROCESS, Plan, Result
 
 MiB = 1 << 20
 LIMIT_WORKLOAD = "one-get"
@@ -137,9 +137,13 @@ def markdown(doc: dict, figures: list[str]) -> str:
             rows = [
                 r
                 for r in doc["results"]
-                if r["image"] == image["name"] and r["workload"] == workload
+                if r["image"] == image["name"]
+                and r["workload"] == workload
+                and r["system"] != IN_PROCESS
             ]
-            out += table(image, workload, rows, index)
+            if rows:
+                out += table(image, workload, rows, index)
+        out += in_process_table(image, doc["results"])
     if doc["skipped"]:
         out += ["## Skipped", ""] + [f"- {line}" for line in doc["skipped"]] + [""]
     errors = [e for r in doc["results"] for e in r["errors"]]
@@ -226,6 +230,22 @@ def table(image: dict, workload: str, rows: list[dict], index: Index) -> list[st
         if not row["runs"]:
             cells[2] = "failed"
         lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def in_process_table(image: dict, results: list[dict]) -> list[str]:
+    """The cache read in this process: one row per read method and size."""
+    rows = [r for r in results if r["image"] == image["name"] and r["system"] == IN_PROCESS]
+    if not rows:
+        return []
+    lines = [
+        f"## `{image['name']}` image, the cache in process ({IN_PROCESS}, no NBD, no network)",
+        "",
+        "| what | MiB/s | reads/s |",
+        "|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['workload']} | {figure(row, 'MiB/s')} | {figure(row, 'reads/s')} |")
     return [*lines, ""]
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from bench import images, inprocess
 from bench.link import LOOPBACK, LinkProxy, Profile
 from bench.processes import BenchError
-from bench.systems import EngineVariant, Rig, System, all_systems
+from bench.systems import EngineVariant, Rig, System, all_systems, system_names
 from bench.workloads import Copy, OneGet, Workload
 from blockstore.errors import BlockstoreError
 from blockstore.localregistry import LocalRegistry
@@ -116,8 +116,20 @@ def say(line: str) -> None:
     print(f"bench: {line}", file=sys.stderr, flush=True)
 
 
+def selection_of(plan: Plan) -> Selection:
+    """``--only`` against every name the plan has, checked before anything is built."""
+    names = {
+        "system": system_names(plan.variants) | {IN_PROCESS},
+        "workload": {w.name for w in plan.workloads} | {"in-process"},
+        "network": {p.name for p in plan.networks + plan.sweep} | {LOOPBACK.name},
+        "image": set(plan.compressions),
+    }
+    return Selection(plan.only, names)
+
+
 def run(plan: Plan) -> tuple[list[Result], list[dict], list[str]]:
     """Run the plan: every result, the images, and a line for everything skipped."""
+    selection = selection_of(plan)
     workdir = Path(tempfile.mkdtemp(prefix="bench-", dir=plan.workdir))
     registry = LocalRegistry(workdir / "registry")
     skipped: list[str] = []
@@ -134,7 +146,7 @@ def run(plan: Plan) -> tuple[list[Result], list[dict], list[str]]:
                 say(f"image {image.name}: {image.size / 2**20:.1f} MiB, {image.digest[:19]}")
                 described.append(image.describe())
                 rig = Rig(workdir, image, link)
-                results += run_image(plan, rig, skipped)
+                results += run_image(plan, rig, selection, skipped)
         finally:
             link.stop()
     finally:
@@ -143,15 +155,8 @@ def run(plan: Plan) -> tuple[list[Result], list[dict], list[str]]:
     return results, described, skipped
 
 
-def run_image(plan: Plan, rig: Rig, skipped: list[str]) -> list[Result]:
+def run_image(plan: Plan, rig: Rig, selection: Selection, skipped: list[str]) -> list[Result]:
     systems = all_systems(rig, plan.variants)
-    names = {
-        "system": {s.name for s in systems} | {IN_PROCESS},
-        "workload": {w.name for w in plan.workloads} | {"in-process"},
-        "network": {p.name for p in plan.networks + plan.sweep} | {LOOPBACK.name},
-        "image": {rig.image.name},
-    }
-    selection = Selection(plan.only, names)
     scenarios = plan_scenarios(plan, rig, systems, selection, skipped)
     in_process = selection.wants(
         system=IN_PROCESS, workload="in-process", network=LOOPBACK.name, image=rig.image.name

@@ -9,7 +9,6 @@ a name and extra ``blockstore serve`` arguments (``EngineVariant``).
 
 from __future__ import annotations
 
-import http.client
 import os
 import shutil
 import subprocess
@@ -253,6 +252,7 @@ class Naive(NbdkitFile):
 
     name = "naive"
     remote = True
+    tools = ("nbdkit", "curl")
 
     def start(self, servers: int = 1) -> list[str]:
         self.fetch_seconds, self.download = download(self.rig, self.scratch_dir("download-"))
@@ -263,23 +263,40 @@ class Naive(NbdkitFile):
 
 
 def download(rig: Rig, directory: Path) -> tuple[float, Path]:
-    """One whole-blob GET through the link to a file; its seconds and the file."""
+    """One whole-blob GET through the link to a file, by curl; its seconds and the file."""
     target = directory / "blob"
+    url = rig.image.blob_url(rig.link.host)
     started = time.perf_counter()
-    connection = http.client.HTTPConnection("127.0.0.1", rig.link.port, timeout=60)
-    connection.request("GET", rig.image.blob_url(rig.link.host).split(rig.link.host, 1)[1])
-    reply = connection.getresponse()
-    if reply.status != 200:
-        raise BenchError(f"downloading the blob: HTTP {reply.status}")
-    with target.open("wb") as out:
-        while piece := reply.read(1 << 20):
-            out.write(piece)
-    connection.close()
-    return time.perf_counter() - started, target
+    done = subprocess.run(
+        ["curl", "--silent", "--show-error", "--fail", "--output", str(target), url],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise BenchError(f"downloading the blob: {done.stderr.strip()}")
+    return seconds, target
+
+
+PEERS: list[type[System]] = [
+    NbdkitCurl,
+    NbdkitCurlCached,
+    NbdkitCurlCachedWarm,
+    NbdkitFile,
+    NbdServer,
+    Naive,
+]
+ENGINE_MODES = ("cold", "warm", "offline")
 
 
 def all_systems(rig: Rig, variants: list[EngineVariant]) -> list[System]:
     """Every system of one run, engine variants first."""
-    engines = [Engine(rig, mode, v) for v in variants for mode in ("cold", "warm", "offline")]
-    peers = [NbdkitCurl, NbdkitCurlCached, NbdkitCurlCachedWarm, NbdkitFile, NbdServer, Naive]
-    return engines + [kind(rig) for kind in peers]
+    engines = [Engine(rig, mode, v) for v in variants for mode in ENGINE_MODES]
+    return engines + [kind(rig) for kind in PEERS]
+
+
+def system_names(variants: list[EngineVariant]) -> set[str]:
+    return {f"{v.label}-{mode}" for v in variants for mode in ENGINE_MODES} | {
+        kind.name for kind in PEERS
+    }

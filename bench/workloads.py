@@ -19,6 +19,9 @@ from typing import ClassVar
 
 from bench.processes import BenchError
 from bench.systems import Engine, Naive, Rig, System
+from blockstore.errors import BlockstoreError
+from blockstore.localregistry import LocalRegistry
+from nbdfront.mount import attach, syscall
 
 MiB = 1 << 20
 SEED = 20260101
@@ -169,30 +172,26 @@ class MountAndUse(Workload):
     def missing(self) -> str | None:
         if os.geteuid() != 0:
             return "mounting needs root"
-        from nbdfront import attach
-
         try:
             attach.choose_method()
-        except Exception as exc:
+        except BlockstoreError as exc:
             return str(exc)
         return super().missing()
 
     def run(self, uris: list[str], rig: Rig, system: System) -> Outcome:
-        from nbdfront import attach, mount_syscall
-
         where = rig.scratch("mount-")
         mountpoint = where / "mnt"
         mountpoint.mkdir()
         started = time.perf_counter()
         attached = attach.attach(uris[0], "", where, where / "attach.log", attach.choose_method())
         try:
-            mount_syscall.mount(attached.device, str(mountpoint), "erofs")
+            syscall.mount(attached.device, str(mountpoint), "erofs")
             try:
                 first, files = listing(mountpoint)
                 read = read_files(random.Random(SEED).sample(files, len(files) // 5))
                 done = time.perf_counter() - started
             finally:
-                mount_syscall.umount(str(mountpoint))
+                syscall.umount(str(mountpoint))
         finally:
             attach.detach(attached)
             shutil.rmtree(where, ignore_errors=True)
@@ -269,8 +268,6 @@ class Fleet(Workload):
         return "only a cold engine node pulls through a mirror here"
 
     def run(self, uris: list[str], rig: Rig, system: System) -> Outcome:
-        from blockstore.localregistry import LocalRegistry
-
         assert isinstance(system, Engine)
         mirror = LocalRegistry(
             rig.scratch("mirror-"), settings={"proxy": {"remoteurl": f"http://{rig.link.host}"}}

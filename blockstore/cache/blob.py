@@ -55,8 +55,12 @@ class CachedBlob:
         description: str = "",
         readahead: Readahead | None = None,
         settings: PrefetchSettings | None = None,
+        upstream: BlobSource | None = None,
     ):
+        """``upstream``: the same blob from its source of truth alone (past any mirror),
+        fetched from once more when what ``source`` sent fails the digest."""
         self._store = store
+        self._upstream = upstream
         self._digest = digest
         self._size = size
         self._name = name
@@ -166,8 +170,9 @@ class CachedBlob:
     ) -> tuple[list[Buffer | None], list[int], list[int]]:
         """The hit loop: one read transaction over the chunks of ``offset..end``.
 
-        Each stored chunk is checked against its checksum on the LMDB buffer
-        and its wanted part copied out; the others are None in the output
+        The 4 KiB blocks of each stored chunk that the read covers are
+        checked against their checksums on the LMDB buffer and the wanted
+        part copied out; the others are None in the output
         and listed as missing or bad. ``stop_at_miss`` gives up at the
         first chunk that is not a hit (the caller then wants none of it);
         presence of all chunks is checked before any is hashed, so a
@@ -178,7 +183,8 @@ class CachedBlob:
         out: list[Buffer | None] = []
         missing: list[int] = []
         bad: list[int] = []
-        intact = integrity.intact
+        intact_part = integrity.intact_part
+        skip = integrity.SUM_SIZE
         seed = self._seed
         size = self._size
         with self._store.read_chunks(blob_id, first, last) as values:
@@ -186,17 +192,17 @@ class CachedBlob:
                 return [], [first + values.index(None)], []
             for index, value in enumerate(values, first):
                 base = index * CHUNK_SIZE
+                length = min(CHUNK_SIZE, size - base)
+                lo = offset - base if base < offset else 0
+                hi = end - base if end - base < length else length
                 if value is None:
                     missing.append(index)
                     out.append(None)
-                elif not intact(value, seed, index, min(CHUNK_SIZE, size - base)):
+                elif not intact_part(value, seed, index, length, lo, hi):
                     bad.append(index)
                     out.append(None)
                 else:
-                    data = integrity.stored_bytes(value)
-                    lo = offset - base if base < offset else 0
-                    hi = end - base if end - base < CHUNK_SIZE else len(data)
-                    out.append(data[lo:hi].tobytes())
+                    out.append(value[skip + lo : skip + hi].tobytes())
                     continue
                 if stop_at_miss:
                     break
@@ -251,6 +257,12 @@ class CachedBlob:
                 raise NotCached(f"{self._digest} is not fully cached and the cache is offline")
             self._fetch_all(missing, report)
             outcome = self._store.seal(self._digest, self._size)
+            if outcome is False and self._upstream is not None and self._fetcher is not None:
+                log.warning("%s failed its digest; fetching it from the upstream", self._digest)
+                self._fetcher.close()
+                self._fetcher = self._new_fetcher(self._upstream)
+                self._upstream = None
+                continue
             if outcome is not None:
                 break
         if outcome is False:
@@ -386,24 +398,7 @@ class CachedBlob:
     def _start_fetching(self, source: BlobSource) -> None:
         """The fetcher, and the heuristics a cold open starts with (on a daemon thread)."""
         settings = self._settings
-        flights = self._store.flights(self._digest)
-        leases = None
-        if settings.leases:
-            with flights.lock:
-                if flights.leases is None:
-                    flights.leases = RangeLeases(self._store.path, self._digest)
-                leases = flights.leases
-        fetcher = Fetcher(
-            source,
-            CHUNK_SIZE,
-            self._arrived,
-            self._keep,
-            self._load,
-            flights=flights,
-            leases=leases,
-            on_request=self._requesting,
-        )
-        self._fetcher = fetcher
+        fetcher = self._fetcher = self._new_fetcher(source)
         self._readahead.limit_to(lambda: fetcher.window.bytes)
         self._hints = HintQueue(self._plan)
         if self._whole:
@@ -423,6 +418,26 @@ class CachedBlob:
             threading.Thread(
                 target=self._warm_up, args=(trace,), name="prefetch-start", daemon=True
             ).start()
+
+    def _new_fetcher(self, source: BlobSource) -> Fetcher:
+        """A fetcher of ``source`` sharing this blob's flights (and leases, if set)."""
+        flights = self._store.flights(self._digest)
+        leases = None
+        if self._settings.leases:
+            with flights.lock:
+                if flights.leases is None:
+                    flights.leases = RangeLeases(self._store.path, self._digest)
+                leases = flights.leases
+        return Fetcher(
+            source,
+            CHUNK_SIZE,
+            self._arrived,
+            self._keep,
+            self._load,
+            flights=flights,
+            leases=leases,
+            on_request=self._requesting,
+        )
 
     def _save_trace(self, trace: Trace) -> None:
         try:

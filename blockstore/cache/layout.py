@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import lmdb
 
 CHUNK_SIZE = 32768
-# 2: chunk checksums seeded with the chunk's identity (blob digest and index).
-FORMAT_VERSION = 2
+# 3: a checksum for each 4 KiB block of a chunk, seeded with the block's identity
+# (blob digest, chunk index, block); sealed blobs keep one hash of each chunk's.
+FORMAT_VERSION = 3
 
 # Named databases.
 DB_META = b"meta"  # name -> value (format, chunk size, next id, stored bytes, cap)

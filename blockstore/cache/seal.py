@@ -33,6 +33,7 @@ from .integrity import (
     blob_seed,
     intact,
     matches_sealed,
+    sealed_entry,
     stored_bytes,
     stored_length,
     stored_sum,
@@ -228,7 +229,7 @@ class Sealer:
                     bad.append(index)
                     break
                 hasher.update(stored_bytes(value))
-                sums += stored_sum(value)
+                sums += sealed_entry(stored_sum(value))
                 index += 1
         if bad:
             store.counters.add(checksum_failures=store.drop_chunks(digest, bad))

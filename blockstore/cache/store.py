@@ -284,7 +284,10 @@ class ChunkStore:
             return record
         self._sealer.forget(digest)  # a new record: an old seal's verdict is void
         meta = self.dbs[DB_META]
-        blob_id = meta_int(txn, meta, b"next_id", 1)
+        # A new cache (also one that replaced a damaged cache under running readers)
+        # numbers its blobs from the clock, so an id a reader still holds from the old
+        # cache names nothing here; and a chunk's checksum would refuse it anyway.
+        blob_id = meta_int(txn, meta, b"next_id", recency_mod.now_tick())
         txn.put(b"next_id", U64.pack(blob_id + 1), db=meta)
         txn.put(U64.pack(blob_id), digest.encode(), db=self.dbs[DB_IDS])
         return BlobRecord(blob_id=blob_id, size=size)
@@ -357,8 +360,12 @@ class ChunkStore:
         self.env.write(lambda txn: txn.put(b"reclaimed", b"", db=self.dbs[DB_META]))
         log.warning("the disk holding the cache is full: evicted half of the cache")
 
-    def drop_chunks(self, digest: str, indices: Sequence[int]) -> int:
-        """Delete chunks found bad; a chunk fixed meanwhile by another process stays."""
+    def drop_chunks(self, digest: str, indices: Sequence[int], *, recheck: bool = True) -> int:
+        """Delete chunks found bad; a chunk fixed meanwhile by another process stays.
+
+        ``recheck=False`` drops them whatever their own checksum says: the
+        caller found them bad by another measure (a chunk index).
+        """
 
         def work(txn: lmdb.Transaction) -> int:
             raw = txn.get(digest.encode(), db=self.dbs[DB_BLOBS])
@@ -370,7 +377,9 @@ class ChunkStore:
             for index in indices:
                 key = chunk_key(record.blob_id, index)
                 value = txn.get(key, db=self.dbs[DB_CHUNKS])
-                if value is None or intact(value, seed, index, chunk_length(record.size, index)):
+                if value is None or (
+                    recheck and intact(value, seed, index, chunk_length(record.size, index))
+                ):
                     continue
                 self.delete_chunk(txn, key, record, stored_length(value))
                 dropped += 1

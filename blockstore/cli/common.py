@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from blockstore.cache.layout import CHUNK_SIZE
+from blockstore.errors import UsageError
 
 if TYPE_CHECKING:
     from blockstore.prefetch.settings import PrefetchSettings
@@ -134,6 +135,41 @@ def add_image_options(parser: argparse.ArgumentParser, verb: str, *, offline: bo
             action="store_true",
             help="never use the network: resolve and read from the cache only",
         )
+
+
+def add_tar_index_options(parser: argparse.ArgumentParser) -> None:
+    """erofs-utils' local indexes for a tar layer, instead of building one."""
+    parser.add_argument(
+        "--tarindex",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="a tar layer's EROFS metadata image (mkfs.erofs --tar=i) to use, "
+        "not one built here (also -o oci.tarindex=PATH)",
+    )
+    parser.add_argument(
+        "--zinfo",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="gzip checkpoints (SOCI zinfo) for that layer (also -o oci.zinfo=PATH)",
+    )
+
+
+def tar_indexes_from(args: argparse.Namespace, layers: list) -> dict[int, tuple[Path, Path | None]]:
+    """``--tarindex``/``--zinfo`` for the one layer selected: layer index -> paths."""
+    if args.tarindex is None:
+        if args.zinfo is not None:
+            raise UsageError("--zinfo (oci.zinfo) needs --tarindex (oci.tarindex) too")
+        return {}
+    if len(layers) != 1:
+        raise UsageError("--tarindex (oci.tarindex) is for one layer: select it with --layer")
+    for path in (args.tarindex, args.zinfo):
+        if path is not None and not path.is_file():
+            raise UsageError(f"{path}: no such file")
+    return {
+        layers[0].index: (args.tarindex.resolve(), args.zinfo.resolve() if args.zinfo else None)
+    }
 
 
 def add_registry_options(parser: argparse.ArgumentParser) -> None:

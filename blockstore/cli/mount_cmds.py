@@ -4,7 +4,8 @@
 stack (nbdfront.mount) attach, mount and stack its exports. ``-o`` also takes
 the option spelling of erofs-utils' ``mount.erofs -t erofs.nbd`` (``oci.layer=N``,
 ``oci.blob=``, ``oci.platform=``, ``oci.username=``, ``oci.password=``,
-``oci.insecure``, the older ``oci=N``), so its users need not relearn them.
+``oci.insecure``, ``oci.tarindex=``, ``oci.zinfo=``, the older ``oci=N``), so its
+users need not relearn them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from blockstore.cli.common import (
     add_image_options,
     add_prefetch_options,
     add_registry_options,
+    add_tar_index_options,
     cache_dir_from,
     parse_listen,
     registry_options_from_args,
@@ -44,6 +46,8 @@ class OciOptions:
     username: str | None = None
     password: str | None = None
     insecure: bool | None = None
+    tarindex: Path | None = None
+    zinfo: Path | None = None
 
 
 def parse_mount_options(texts: list[str]) -> OciOptions:
@@ -75,6 +79,10 @@ def parse_mount_options(texts: list[str]) -> OciOptions:
                 if not value:
                     raise UsageError(f"-o {key}= needs a value")
                 setattr(parsed, key.removeprefix("oci."), value)
+            elif key in ("oci.tarindex", "oci.zinfo"):
+                if not value:
+                    raise UsageError(f"-o {key}= needs a path")
+                setattr(parsed, key.removeprefix("oci."), Path(value))
             elif key == "oci.insecure":
                 parsed.insecure = _flag(key, value if has_value else "1")
             elif key == "ro" and not has_value:
@@ -116,8 +124,8 @@ def merge_options(args: argparse.Namespace, oci: OciOptions) -> None:
 def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """The ``blockstore serve`` command line for a mount, and its environment.
 
-    The password travels in the environment, never on a command line that
-    ``ps`` shows to every user.
+    The user name and password travel in the environment (readable by the
+    owner alone), never on a command line that ``ps`` shows to every user.
     """
     argv = [sys.executable, "-m", "blockstore", *(["-v"] * args.verbose), "serve", args.image]
     argv += ["--cache-dir", str(cache_dir_from(args).resolve())]
@@ -125,12 +133,16 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         argv += ["--layer", str(args.layer)]
     if args.blob is not None:
         argv += ["--blob", args.blob]
-    for option in ("platform", "cache_size", "username", "ca_file", "timeout"):
+    for option in ("platform", "cache_size", "ca_file", "timeout"):
         value = getattr(args, option)
         if value is not None:
             argv += [f"--{option.replace('_', '-')}", str(value)]
     for mirror in args.mirror:
         argv += ["--mirror", mirror]
+    for option in ("tarindex", "zinfo"):
+        path = getattr(args, option)
+        if path is not None:
+            argv += [f"--{option}", str(Path(path).resolve())]
     if args.metrics is not None:
         argv += ["--metrics", args.metrics]
     argv += [flag for flag in ("--insecure", "--offline") if getattr(args, flag[2:])]
@@ -138,6 +150,8 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     if args.fill_rate:
         argv += ["--fill-rate", str(args.fill_rate)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.username is not None:
+        env["BLOCKSTORE_USERNAME"] = args.username
     if args.password is not None:
         env["BLOCKSTORE_PASSWORD"] = args.password
     return argv, env
@@ -241,9 +255,21 @@ def check_registry_arguments(args: argparse.Namespace) -> None:
     given_login(args.username, args.password)
 
 
+def without_credentials(texts: list[str]) -> list[str]:
+    """The ``-o`` values with ``oci.username`` and ``oci.password`` taken out."""
+    secret = ("oci.username", "oci.password")
+    return [
+        ",".join(item for item in text.split(",") if item.lstrip().partition("=")[0] not in secret)
+        for text in texts
+    ]
+
+
 def run_mount(args: argparse.Namespace) -> int:
     check_image_arguments(args)
     merge_options(args, parse_mount_options(args.options))
+    # From here the login lives in args.username/password alone, which go to the server
+    # by its environment: nothing that keeps or shows the options can repeat it.
+    args.options = without_credentials(args.options)
     check_registry_arguments(args)
     argv, env = serve_command(args)
     cache_dir = cache_dir_from(args).resolve()
@@ -354,6 +380,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "is ready, leaving its server running in the background.",
     )
     add_image_options(mount, "mount")
+    add_tar_index_options(mount)
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     add_registry_options(mount)
     add_cache_options(mount)
@@ -372,7 +399,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="OPTIONS",
         help="comma-separated: oci.layer=N (or oci=N), oci.blob=DIGEST, oci.platform=OS/ARCH, "
-        "oci.username=U, oci.password=P, oci.insecure, ro",
+        "oci.username=U, oci.password=P, oci.insecure, oci.tarindex=PATH, oci.zinfo=PATH, ro",
     )
     mount.set_defaults(func=run_mount)
 

@@ -22,10 +22,12 @@ from blockstore.cli.common import (
     add_image_options,
     add_prefetch_options,
     add_registry_options,
+    add_tar_index_options,
     cache_dir_from,
     parse_listen,
     prefetch_settings_from,
     registry_options_from_args,
+    tar_indexes_from,
 )
 from blockstore.cli.tls_options import add_tls_options, exposure_warnings, server_tls_from
 from blockstore.errors import BlockstoreError
@@ -45,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the default export (empty name) is the only selected layer, else the top one.",
     )
     add_image_options(serve, "serve")
+    add_tar_index_options(serve)
     add_registry_options(serve)
     add_cache_options(serve)
     add_prefetch_options(serve)
@@ -94,6 +97,7 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
     )
     metrics = None
     try:
+        image.tar_indexes = tar_indexes_from(args, image.select(args.layer, args.blob))
         blobs = image.exports(args.layer, args.blob)
         server = NBDServer(
             {blob.name: blob for blob in blobs},

@@ -1,9 +1,10 @@
-"""``blockstore trace export|import|ls|show|rm``: the access traces kept per layer.
+"""``blockstore trace export|import|push|ls|show|rm``: the access traces kept per layer.
 
 A cold mount records which chunks it reads first; the next cold mount of
 the same layer replays them as prefetch. ``export`` writes an image's
 traces to one file and ``import`` loads such a file into another cache,
-so a mount on another machine starts warm.
+so a mount on another machine starts warm; ``push`` attaches them to the
+image in the registry, where a cold mount anywhere finds and replays them.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from pathlib import Path
 
 from blockstore.cache.traces import TraceShelf
 from blockstore.cli.cache_cmds import human, open_store, resolve_targets
-from blockstore.cli.common import add_cache_options
+from blockstore.cli.common import (
+    add_cache_options,
+    add_registry_options,
+    cache_dir_from,
+    registry_options_from_args,
+)
 from blockstore.errors import NotFound, UsageError
-from blockstore.prefetch.trace import Trace
-
-FILE_KIND = "blockstore-traces"
+from blockstore.prefetch.trace import Trace, traces_document, traces_from_document
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export = command("export", cmd_export, "write the traces of an image's layers to a file")
     export.add_argument("image", metavar="IMAGE|DIGEST")
     export.add_argument("file", type=Path, metavar="FILE")
+    push = command("push", cmd_push, "attach the image's traces to it in the registry")
+    push.add_argument("image", metavar="IMAGE")
+    add_registry_options(push)
     load = command("import", cmd_import, "load traces from a file written by export")
     load.add_argument("file", type=Path, metavar="FILE")
     listing = command("ls", cmd_ls, "the kept traces: layer, chunks, span, when recorded")
@@ -56,9 +63,8 @@ def _traces_of(shelf: TraceShelf, store, targets: list[str]) -> list[Trace]:
 def cmd_export(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         traces = _traces_of(TraceShelf(store), store, [args.image])
-    document = {"kind": FILE_KIND, "traces": [t.to_record() for t in traces]}
     partial = args.file.with_name(args.file.name + ".partial")
-    partial.write_text(json.dumps(document, separators=(",", ":")) + "\n")
+    partial.write_bytes(traces_document(traces))
     partial.replace(args.file)
     print(f"exported {len(traces)} trace(s) to {args.file}")
     return 0
@@ -66,17 +72,42 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     try:
-        document = json.loads(args.file.read_text())
-        if not isinstance(document, dict) or document.get("kind") != FILE_KIND:
-            raise ValueError("not a file written by 'blockstore trace export'")
-        traces = [Trace.from_record(record) for record in document["traces"]]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        traces = traces_from_document(args.file.read_bytes())
+    except ValueError as exc:
         raise UsageError(f"{args.file}: {exc}") from None
     with open_store(args) as store:
         shelf = TraceShelf(store)
         for trace in traces:
             shelf.put(trace)
     print(f"imported {len(traces)} trace(s)")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    # Imported here: the registry client is loaded only by the commands that use it.
+    from blockstore.attachments import push_traces, subject_of
+    from blockstore.errors import RegistryUnreachable
+    from blockstore.image import open_image
+
+    image = open_image(
+        args.image,
+        cache_dir=cache_dir_from(args),
+        cache_size=args.cache_size,
+        platform=args.platform,
+        options=registry_options_from_args(args),
+    )
+    try:
+        if image.client is None:
+            raise RegistryUnreachable(f"{image.resolved.reference}: the registry cannot be reached")
+        shelf = TraceShelf(image.store)
+        local = [t for t in (shelf.get(lay.digest) for lay in image.resolved.layers) if t]
+        if not local:
+            raise NotFound(f"no trace kept for {image.resolved.reference}: mount it first")
+        subject = subject_of(image.resolved, image.repository)
+        digest, merged = push_traces(image.client, subject, image.resolved.layers, local)
+    finally:
+        image.close()
+    print(f"{merged} trace(s) attached to {subject.digest} as {digest}")
     return 0
 
 

@@ -9,6 +9,7 @@ recorded order, so the chunks are there before the reader asks.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -95,3 +96,39 @@ class TraceRecorder:
             self._done = True
         if self._trace.events:
             self._save(self._trace)
+
+
+TRACES_KIND = "blockstore-traces"
+"""The ``kind`` of a traces document: what ``trace export`` writes and artifacts carry."""
+
+
+def traces_document(traces: list[Trace]) -> bytes:
+    """Several layers' traces as one JSON document."""
+    document = {"kind": TRACES_KIND, "traces": [t.to_record() for t in traces]}
+    return json.dumps(document, separators=(",", ":")).encode() + b"\n"
+
+
+def traces_from_document(raw: bytes) -> list[Trace]:
+    """The traces of a document; raises ``ValueError`` on anything else."""
+    try:
+        document = json.loads(raw)
+        if not isinstance(document, dict) or document.get("kind") != TRACES_KIND:
+            raise ValueError("not a traces document written by 'blockstore trace export'")
+        return [Trace.from_record(record) for record in document["traces"]]
+    except (KeyError, TypeError, RecursionError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not a traces document: {exc!r}") from None
+
+
+def merge_traces(traces: list[Trace]) -> Trace:
+    """Traces of one layer recorded on several machines, as one: the union of their
+    chunks, each at its earliest time of use, in that order."""
+    first = traces[0]
+    earliest: dict[int, int] = {}
+    for trace in traces:
+        if trace.digest != first.digest or trace.chunk_size != first.chunk_size:
+            raise ValueError("only traces of one layer, in one chunk size, merge")
+        for ms, index in trace.events:
+            if ms < earliest.get(index, ms + 1):
+                earliest[index] = ms
+    events = sorted(((ms, index) for index, ms in earliest.items()), key=lambda e: e)
+    return Trace(first.digest, first.chunk_size, max(t.recorded for t in traces), events)

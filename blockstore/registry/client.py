@@ -111,6 +111,7 @@ class RegistryClient:
             self._session,
             credentials=credentials,
             verify=self._verify,
+            insecure=self.options.insecure,
             is_mirror=is_mirror,
         )
 

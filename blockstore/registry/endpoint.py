@@ -56,6 +56,7 @@ class Endpoint:
         *,
         credentials: Credentials | None,
         verify: str | bool,
+        insecure: bool = False,
         is_mirror: bool = False,
     ):
         self.host = host
@@ -63,8 +64,13 @@ class Endpoint:
         self.is_mirror = is_mirror
         self._session = session
         self._verify = verify
+        self._insecure = insecure
+        """Plain HTTP was asked for: credentials may travel in the clear."""
         self.quiet = Quiet()
-        self.auth = Authenticator(host, credentials, self._fetch_token)
+        # A host reached over plain HTTP without --insecure (a mirror written
+        # ``http://...``) is not given credentials that would travel in the clear.
+        self._withheld = credentials is not None and not self._may_send(self.base_url)
+        self.auth = Authenticator(host, None if self._withheld else credentials, self._fetch_token)
 
     def __repr__(self) -> str:
         return f"Endpoint({self.base_url!r}, mirror={self.is_mirror})"
@@ -108,6 +114,13 @@ class Endpoint:
             if reply.status_code != 401:
                 return reply
             challenge = reply.headers.get("WWW-Authenticate")
+            if self._withheld:
+                reply.close()
+                raise AuthError(
+                    f"registry {self.host} asks for credentials over plain HTTP; they are "
+                    "sent in the clear only with --insecure",
+                    status=401,
+                )
             if answered:
                 _, detail = oci_error(reply)
                 reply.close()
@@ -115,6 +128,10 @@ class Endpoint:
             reply.close()
             authorization = self.auth.answer_challenge(challenge, scope, deadline)
             answered = True
+
+    def _may_send(self, url: str) -> bool:
+        """Whether credentials may go to ``url``: over TLS, or plain HTTP when asked for."""
+        return urlsplit(url).scheme == "https" or self._insecure
 
     def _refusal(self, scope: str, authorization: str | None, detail: str) -> str:
         said = f" ({detail})" if detail else ""
@@ -189,6 +206,11 @@ class Endpoint:
         credentials: Credentials | None,
         deadline: Deadline,
     ) -> requests.Response:
+        if credentials and not self._may_send(realm):
+            raise AuthError(
+                f"token issuer {urlsplit(realm).netloc} for registry {self.host} is plain "
+                "HTTP; credentials are sent to it in the clear only with --insecure"
+            )
         headers = {"Authorization": basic_header(credentials)} if credentials else {}
         separator = "&" if urlsplit(realm).query else "?"
         url = realm + separator + urlencode(params)

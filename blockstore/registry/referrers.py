@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from blockstore.errors import IntegrityError, NotFound, RegistryError
@@ -101,23 +102,45 @@ def push_artifact(
     return digest
 
 
-def find_artifact(client: RegistryClient, subject: Subject, artifact_type: str) -> Referrer | None:
-    """The newest artifact of ``artifact_type`` on ``subject``, from the API or the fallback."""
-    listing = client.get_referrers(subject.repository, subject.digest, artifact_type)
+def list_referrers(client: RegistryClient, subject: Subject) -> list[Referrer]:
+    """Every artifact attached to ``subject``: from the referrers API where the registry
+    has it, else from the fallback tag. Both are asked at once, so a registry without
+    either costs one round trip."""
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="referrers") as pool:
+        api = pool.submit(client.get_referrers, subject.repository, subject.digest)
+        tagged = pool.submit(_fallback_listing, client, subject)
+        listing = api.result()
+        if listing is None:
+            listing = tagged.result()
     if listing is None:
-        try:
-            listing, _ = fetch_manifest(client, subject.repository, fallback_tag(subject.digest))
-        except NotFound:
-            return None
-    entries = _index_entries(listing, f"referrers of {subject.digest}")
-    found = [
+        return []
+    return [
         Referrer(e["digest"], e.get("artifactType", ""), e.get("annotations") or {})
-        for e in entries
-        if e.get("artifactType") == artifact_type and isinstance(e.get("digest"), str)
+        for e in _index_entries(listing, f"referrers of {subject.digest}")
+        if isinstance(e.get("digest"), str)
     ]
-    if not found:
+
+
+def newest(referrers: list[Referrer], artifact_type: str) -> Referrer | None:
+    """The most recently created artifact of a type among ``referrers``."""
+    found = [r for r in referrers if r.artifact_type == artifact_type]
+    return max(found, key=lambda r: r.annotations.get(CREATED, ""), default=None)
+
+
+def _fallback_listing(client: RegistryClient, subject: Subject) -> bytes | None:
+    """The fallback tag's index; None when there is none, or when the tag holds something
+    else (a tag of that name pushed by hand is not ours to complain about)."""
+    tag = fallback_tag(subject.digest)
+    try:
+        raw = fetch_manifest(client, subject.repository, tag)[0]
+    except NotFound:
         return None
-    return max(found, key=lambda r: r.annotations.get(CREATED, ""))
+    try:
+        _index_entries(raw, f"referrers tag {tag}")
+    except RegistryError:
+        log.debug("%s: the tag %s is not a referrers index; ignored", subject.digest, tag)
+        return None
+    return raw
 
 
 def read_artifact(

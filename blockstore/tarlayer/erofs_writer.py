@@ -44,6 +44,7 @@ class _Placed:
     data_block: int = 0  # first of them
     size: int = 0  # i_size: a directory's is known only once its blocks are laid out
     parent: Inode | None = None
+    path: bytes = b"/"  # the first path naming it, for messages
 
     @property
     def isize(self) -> int:
@@ -151,27 +152,29 @@ def _collect(tree: LayerTree) -> list[_Placed]:
     """Every inode once, depth-first in name order, root first; nlink counted."""
     order: list[_Placed] = []
     seen: dict[int, _Placed] = {}
-    stack: list[tuple[Inode, Inode]] = [(tree.root, tree.root)]
+    stack: list[tuple[Inode, Inode, bytes]] = [(tree.root, tree.root, b"/")]
     while stack:
-        node, parent = stack.pop()
+        node, parent, path = stack.pop()
         known = seen.get(id(node))
         if known is not None:  # a hard link: one more name for an inode placed already
             known.nlink += 1
             continue
-        p = _Placed(node, ino=len(order) + 1, nlink=1, parent=parent)
+        p = _Placed(node, ino=len(order) + 1, nlink=1, parent=parent, path=path)
         seen[id(node)] = p
         order.append(p)
         if node.children is not None:
             p.nlink = 2 + sum(1 for c in node.children.values() if c.is_dir)
             for name in sorted(node.children, reverse=True):
-                stack.append((node.children[name], node))
+                stack.append((node.children[name], node, path.rstrip(b"/") + b"/" + name))
     return order
 
 
 def _plan(p: _Placed, epoch: int) -> None:
     node = p.inode
-    where = f"inode {p.ino}"
+    where = f"tar entry {p.path.decode('utf-8', 'backslashreplace')!r}"
     p.xattrs = _encode_xattrs(node, where)
+    if len(p.xattrs) > f.XATTR_IBODY_HEADER.size + 4 * 0xFFFE:
+        raise TarLayerError(f"{where}: more xattrs than an EROFS inode can hold")
     p.size = node.size
     if node.children is not None:
         p.data_blocks, p.size = _dir_size(sorted([b".", b"..", *node.children]))
@@ -244,8 +247,8 @@ def _write_inode(image: bytearray, p: _Placed, epoch: int, by_inode: dict[int, _
     node = p.inode
     icount = 0 if not p.xattrs else (len(p.xattrs) - f.XATTR_IBODY_HEADER.size) // 4 + 1
     i_u = 0
+    bits, count = _chunking(node.size) if p.layout == f.LAYOUT_CHUNK_BASED else (0, 0)
     if p.layout == f.LAYOUT_CHUNK_BASED:
-        bits, count = _chunking(node.size)
         i_u = f.CHUNK_FORMAT_INDEXES | bits
     elif stat.S_ISCHR(node.mode) or stat.S_ISBLK(node.mode):
         i_u = f.encode_dev(node.rdev_major, node.rdev_minor)
@@ -290,7 +293,6 @@ def _write_inode(image: bytearray, p: _Placed, epoch: int, by_inode: dict[int, _
     pos += len(p.xattrs)
     if p.layout == f.LAYOUT_CHUNK_BASED:
         pos = f.align(pos, f.CHUNK_INDEX.size)
-        bits, count = _chunking(node.size)
         first = node.data_offset // f.BLOCK_SIZE
         per_chunk = 1 << bits
         for i in range(count):

@@ -21,12 +21,16 @@ import logging
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from blockstore.errors import BlobReadError, IntegrityError
+from blockstore.cache import CHUNK_SIZE, ChunkStore
+from blockstore.errors import BlobReadError, CacheError, IntegrityError
 from blockstore.export import Buffer
 from blockstore.tarlayer import erofs_format
 from blockstore.tarlayer.layerindex import INDEX_FORMAT, ReadRange, SpanIndex, TarIndex
+
+if TYPE_CHECKING:
+    from blockstore.cache import ChunkStore
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +118,16 @@ class TarLayerExport:
 class DecompressedTar:
     """The uncompressed tar of a gzip/zstd blob as a ``BlobSource``, span by span."""
 
-    def __init__(self, spans: SpanIndex, read_compressed: ReadRange, digest: str):
+    def __init__(
+        self,
+        spans: SpanIndex,
+        read_compressed: ReadRange,
+        digest: str,
+        keep: Callable[[int, bytes], None] | None = None,
+    ):
+        """``keep(offset, data)`` is given each span decompressed, to cache all of it."""
         self._spans = spans
+        self._keep = keep
         self._read_compressed = read_compressed
         self._digest = digest
         self._kept: OrderedDict[int, bytes] = OrderedDict()
@@ -147,6 +159,8 @@ class DecompressedTar:
                 except IntegrityError as exc:
                     raise BlobReadError(f"{self._digest}: {exc}") from exc
                 self.decompressions[index] += 1
+                if self._keep is not None:
+                    self._keep(self._spans.bounds(index)[0], data)
             with self._lock:
                 self._kept[index] = data
                 self._kept.move_to_end(index)
@@ -167,19 +181,43 @@ class DecompressedTar:
         return b"".join(parts)
 
 
+def span_filler(store: ChunkStore, digest: str, size: int) -> Callable[[int, bytes], None]:
+    """Store every whole chunk of a decompressed span, so a later miss in the same span
+    is a cache hit instead of another decompression. The two chunks a span shares with
+    its neighbours are left to the reads that need them."""
+
+    def keep(offset: int, data: bytes) -> None:
+        end = offset + len(data)
+        first = -(-offset // CHUNK_SIZE)
+        stop = size if end == size else end // CHUNK_SIZE * CHUNK_SIZE
+        if stop <= first * CHUNK_SIZE:
+            return
+        view = memoryview(data)
+        chunks = [
+            view[pos - offset : min(pos + CHUNK_SIZE, stop) - offset]
+            for pos in range(first * CHUNK_SIZE, stop, CHUNK_SIZE)
+        ]
+        try:
+            store.store_chunks(digest, size, first, chunks)
+        except (CacheError, IntegrityError) as exc:  # costs only the caching
+            log.warning("%s: span at %d not cached: %s", digest, offset, exc)
+
+    return keep
+
+
 class KeyValueStore(Protocol):
-    """Somewhere durable for named byte strings (the cache's manifest table answers it)."""
+    """Somewhere durable for named byte strings (the cache's image records answer it)."""
 
     def put_manifest(self, digest: str, raw: bytes) -> None: ...
 
-    def get_manifest(self, digest: str) -> bytes | None: ...
+    def manifest(self, digest: str) -> bytes | None: ...
 
 
 class IndexCache:
     """Metadata images and span indexes kept in the cache, checked on every load."""
 
-    def __init__(self, store: KeyValueStore):
-        self._store = store
+    def __init__(self, store: ChunkStore):
+        self._store: KeyValueStore = store.images
 
     @staticmethod
     def _key(blob_digest: str, span: int, part: str) -> str:
@@ -189,7 +227,7 @@ class IndexCache:
         self._store.put_manifest(key, hashlib.sha256(data).digest() + data)
 
     def _get(self, key: str) -> bytes | None:
-        raw = self._store.get_manifest(key)
+        raw = self._store.manifest(key)
         if raw is None:
             return None
         data = raw[32:]

@@ -18,9 +18,17 @@ from typing import Protocol
 from blockstore.cache import CachedBlob, ChunkStore
 from blockstore.errors import IntegrityError, NotCached, UsageError
 from blockstore.export import Buffer
+from blockstore.registry import RegistryClient
+from blockstore.registry.manifests import digest_of
 from blockstore.source import BlobSource
 from blockstore.tarlayer.erofs_reader import read_info
-from blockstore.tarlayer.export import DecompressedTar, IndexCache, TarLayerExport, cached_or_built
+from blockstore.tarlayer.export import (
+    DecompressedTar,
+    IndexCache,
+    TarLayerExport,
+    cached_or_built,
+    span_filler,
+)
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN, Zinfo
 from blockstore.tarlayer.layerindex import (
     GZIP,
@@ -87,7 +95,12 @@ class TarLayer(TarLayerExport):
 
     @property
     def digest(self) -> str:
+        """The tar part's cache key: the blob digest (plain tar) or the diff_id."""
         return self._tar_blob.digest
+
+    @property
+    def tar_size(self) -> int:
+        return self.index.tar_size
 
     def prefetch(self, progress: Callable[[int], None] | None = None) -> None:
         """Fill the tar part whole, check it against its digest (the diff_id) and seal it."""
@@ -182,7 +195,8 @@ def open_tar_layer(
             blob.digest,
             kind,
         )
-    source: BlobSource | None = DecompressedTar(index.spans, read, index.tar_digest)
+    fill = span_filler(store, index.tar_digest, index.tar_size)
+    source: BlobSource | None = DecompressedTar(index.spans, read, index.tar_digest, fill)
     tar_blob = CachedBlob(
         store,
         index.tar_digest,
@@ -194,10 +208,22 @@ def open_tar_layer(
     return TarLayer(index, tar_blob, [tar_blob, blob], name=name, description=description)
 
 
-def diff_ids_from_config(config: bytes) -> list[str]:
-    """The ``rootfs.diff_ids`` of an image config (already checked against its digest)."""
+def image_diff_ids(client: RegistryClient, repository: str, manifest: bytes) -> list[str]:
+    """The ``rootfs.diff_ids`` of the config a manifest names, its bytes checked first.
+
+    They name each layer's uncompressed tar; an index is built only from a
+    layer whose tar hashes to its diff_id. A config without them gives [].
+    """
+    try:
+        config_digest = json.loads(manifest)["config"]["digest"]
+        algorithm = config_digest.partition(":")[0]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return []
+    config = client.get_blob(repository, config_digest)
+    if digest_of(config, algorithm) != config_digest:
+        raise IntegrityError(f"config {config_digest} of {repository} has other bytes, refused")
     try:
         ids = json.loads(config)["rootfs"]["diff_ids"]
     except (ValueError, KeyError, TypeError):
         return []
-    return [i for i in ids if isinstance(i, str)]
+    return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []

@@ -91,10 +91,11 @@ def detach(attachment: Attachment, *, lazy: bool = False) -> None:
         return
     assert attachment.fuse_dir is not None
     # Unmounting the FUSE file system is what makes nbdfuse exit cleanly. After a lazy
-    # unmount of a busy stack it would wait for the last user; it is stopped instead.
+    # unmount of a busy stack it would wait for the last user, or for a read the server
+    # may never answer: it is stopped instead, and killed soon (it keeps no state).
     syscall.umount(attachment.fuse_dir, lazy=lazy)
     if attachment.process is not None and not attachment.process.wait(0.5 if lazy else 5.0):
-        attachment.process.stop()
+        attachment.process.stop(1.0 if lazy else 5.0)
     remove_empty_dir(attachment.fuse_dir)
 
 

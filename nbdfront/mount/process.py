@@ -54,9 +54,11 @@ class ProcessRef:
             time.sleep(0.01)
         return True
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
-        self.signal(signal.SIGTERM)
+    def stop(self, timeout: float = 5.0, *, told: bool = False) -> None:
+        """SIGTERM (unless it was ``told`` already), then SIGKILL if it has not exited
+        within ``timeout``."""
+        if not told:
+            self.signal(signal.SIGTERM)
         if not self.wait(timeout):
             self.signal(signal.SIGKILL)
             self.wait(timeout)

@@ -7,6 +7,12 @@ in which order. Logs go beside it, under ``log/``: a clean ``umount`` (server
 stopped with status 0) removes its log, any trouble keeps it to be read after
 cleaning up. /run is a tmpfs: a reboot, which also drops every mount, drops
 the records with them.
+
+A record tells ``umount`` which processes to signal and what to unmount, so
+only its owner may write where it lives: the run directory and ``mounts/``
+are 0755, each mount's directory (its socket, its record) and ``log/`` are
+0700. A directory that another user can write, or that is not ours, is
+refused when mounting, and a record in one is not believed.
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ import json
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blockstore.errors import MountError
 from nbdfront.mount import syscall
 from nbdfront.mount.attach import Attachment
 from nbdfront.mount.process import ProcessRef
@@ -30,9 +38,47 @@ def run_dir() -> Path:
     return Path(os.environ.get("BLOCKSTORE_RUN_DIR") or "/run/blockstore")
 
 
+def make_run_dirs() -> None:
+    """Make (or check) the run directory, ``mounts/`` and ``log/`` before a mount uses them."""
+    run = run_dir()
+    run.parent.mkdir(parents=True, exist_ok=True)
+    for path, mode in ((run, 0o755), (run / "mounts", 0o755), (run / "log", 0o700)):
+        make_private_dir(path, mode, exist_ok=True)
+
+
+def make_private_dir(path: Path, mode: int, *, exist_ok: bool = False) -> None:
+    """Make ``path`` with exactly ``mode`` (the umask aside), or check the one there is ours
+    and writable by nobody else; raises FileExistsError for an existing one unless
+    ``exist_ok``."""
+    try:
+        path.mkdir(mode=mode)
+        os.chmod(path, mode)
+        return
+    except FileExistsError:
+        if not exist_ok:
+            raise
+    if not is_private(path):
+        raise MountError(
+            f"{path} is not a directory of this user's that only it can write: "
+            "give a run directory that is (BLOCKSTORE_RUN_DIR)"
+        )
+
+
+def is_private(path: Path) -> bool:
+    """A directory of ours (not a link to one) that no other user can write."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
 def mount_key(mountpoint: str) -> str:
-    """A file name for a mount point: readable, and unique thanks to a short hash."""
-    readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", mountpoint).strip("-")[-40:] or "root"
+    """A file name for a mount point: readable, and unique thanks to a short hash.
+
+    Short (at most 31 characters), because the server's socket path goes through it and
+    a Unix socket's path has 107 bytes at most."""
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", mountpoint).strip("-")[-20:] or "root"
     return f"{readable}-{hashlib.sha256(mountpoint.encode()).hexdigest()[:10]}"
 
 
@@ -92,16 +138,20 @@ def save(record: MountRecord) -> None:
 
 
 def load(mountpoint: str) -> MountRecord | None:
-    try:
-        return MountRecord.from_json((state_dir_for(mountpoint) / RECORD_NAME).read_text())
-    except FileNotFoundError:
-        return None
+    """The record of ``mountpoint``; None if there is none, or none to be believed."""
+    state_dir = state_dir_for(mountpoint)
+    if is_private(state_dir) and (state_dir / RECORD_NAME).exists():
+        return MountRecord.from_json((state_dir / RECORD_NAME).read_text())
+    # Made by a version that named the directory otherwise.
+    return next((record for record in saved() if record.mountpoint == mountpoint), None)
 
 
 def saved() -> list[MountRecord]:
     """Every mount recorded on this machine, sorted by mount point."""
     found = []
     for path in sorted((run_dir() / "mounts").glob(f"*/{RECORD_NAME}")):
+        if not is_private(path.parent):
+            continue
         try:
             found.append(MountRecord.from_json(path.read_text()))
         except (OSError, ValueError, TypeError, KeyError):

@@ -66,8 +66,9 @@ def start_server(
     and is the process returned. Until it is ready the server is ours to stop:
     any failure here, an interrupt included, kills it before the error goes on.
     """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.write_bytes(b"")
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(log, 0o600)  # owner-only, also when an older log was there
+    os.close(log)
     read_end, write_end = os.pipe()
     try:
         supervised = [

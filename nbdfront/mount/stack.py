@@ -10,8 +10,10 @@ leaves nothing behind but its log.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,9 +76,11 @@ def mount(
     mountpoint = os.path.realpath(mountpoint)
     method = check_can_mount(mountpoint)
     state_dir = records.state_dir_for(mountpoint)
-    state_dir.parent.mkdir(parents=True, exist_ok=True)
+    records.make_run_dirs()
     try:
-        state_dir.mkdir()  # exclusive: of two mounts racing for one mount point, one goes on
+        # Exclusive: of two mounts racing for one mount point, one goes on. Owner-only:
+        # it holds the server's socket.
+        records.make_private_dir(state_dir, 0o700)
     except FileExistsError:
         raise MountpointBusy(
             f"{mountpoint} is being mounted by another blockstore process "
@@ -96,6 +100,8 @@ def mount(
     try:
         argv = [*server_argv, "--unix", str(socket), "--pidfile", str(state_dir / "serve.pid")]
         server = start_server(argv, log, state_dir / SERVER_STATUS, env=env)
+        with contextlib.suppress(FileNotFoundError):  # its directory keeps others out meanwhile
+            os.chmod(socket, 0o600)
         record.server = server.process
         records.save(record)
         logger.info("server pid %d ready: %s", server.process.pid, server.exports)
@@ -228,12 +234,18 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
     """
     if record.mounted:
         syscall.umount(record.mountpoint, lazy=lazy)
+    # The tree is out of reach now, but reads may be in flight (a lazy unmount's users,
+    # the kernel's readahead) that a server stuck on its registry never answers: its stop
+    # grace starts now and runs while the layers come down, rather than after them.
+    told = record.server is not None and record.server.alive()
+    if told:
+        record.server.signal(signal.SIGTERM)
     for lower in reversed(record.lowers):
         syscall.umount(lower, lazy=lazy)
     for attachment in reversed(record.attachments):
         attach.detach(attachment, lazy=lazy)
     if record.server is not None:
-        record.server.stop(SERVER_STOP_TIMEOUT)
+        record.server.stop(SERVER_STOP_TIMEOUT, told=told)
     ended = read_status(Path(record.state_dir) / SERVER_STATUS)
     if record.socket:
         Path(record.socket).unlink(missing_ok=True)

@@ -109,3 +109,28 @@ def test_index_push_is_read_back_by_us_and_by_skopeo(registry, erofs_images, tmp
     assert seen.returncode == 0, seen.stderr
     listing = json.loads(seen.stdout)
     assert [e["artifactType"] for e in listing["manifests"]] == [ARTIFACT_TYPE]
+
+
+def test_cache_verify_checks_incomplete_blobs_against_their_kept_index(tmp_path):
+    """Chunks of a blob not complete yet, stored with bytes a bad source sent (their own
+    checksum is fine, and no digest can judge a partial blob): with a kept chunk index,
+    `cache verify` finds the wrong chunk, drops it, keeps the right ones, and exits 6."""
+    from blockstore.cache import ChunkStore
+    from blockstore.cache.indexes import IndexShelf
+
+    data = bytes(range(256)) * (CHUNK_SIZE // 256) * 6  # 6 chunks
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    cache = tmp_path / "cache"
+    with ChunkStore(cache) as store:
+        IndexShelf(store).put(build_index(digest, len(data), CHUNK_SIZE, [data]))
+        chunks = [data[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE] for i in range(4)]
+        chunks[2] = b"\xff" + chunks[2][1:]
+        store.store_chunks(digest, len(data), 0, chunks)
+    done = blockstore("cache", "verify", "--cache-dir", str(cache))
+    assert done.returncode == IntegrityError.exit_code, done.stdout + done.stderr
+    assert f"bad chunk {digest} #2: dropped" in done.stdout
+    with ChunkStore(cache) as store:
+        record = store.lookup(digest)
+        assert store.missing(record.blob_id, range(6)) == [2, 4, 5]
+    again = blockstore("cache", "verify", "--cache-dir", str(cache))
+    assert again.returncode == 0, again.stdout + again.stderr

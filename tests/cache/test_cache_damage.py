@@ -18,7 +18,7 @@ from cache_sources import ScriptedSource, make_blob
 
 import blockstore.cache.env as cache_env
 from blockstore.cache import CHUNK_SIZE, CacheDamaged, CachedBlob, ChunkStore
-from blockstore.cache.layout import DB_META, DB_REFS, U64
+from blockstore.cache.layout import DB_META, DB_REFS, FORMAT_VERSION, U64
 from blockstore.errors import CacheError
 from blockstore.image import open_image
 
@@ -160,7 +160,7 @@ def test_another_format_is_refused_offline_and_moved_aside_online(cache_dir, nam
     fill(cache_dir, [(data, digest)])
     with ChunkStore(cache_dir) as store:
         store.env.write(lambda txn: txn.put(name, U64.pack(value), db=store.dbs[DB_META]))
-    with pytest.raises(CacheError, match=f"{value}.*this version needs format 2"):
+    with pytest.raises(CacheError, match=f"{value}.*this version needs format {FORMAT_VERSION}"):
         ChunkStore(cache_dir, offline=True)
     assert not aside(cache_dir, "old")
     result = run_cli("cache", "ls", "--json", "--cache-dir", str(cache_dir))

@@ -225,7 +225,7 @@ def test_corrupt_stored_chunk_is_dropped_and_fetched_again(cache_dir):
             assert joined(blob.read(0, len(data))) == data
             assert len(source.requests) == before + 1
         assert store.stats()["checksum_failures"] == 2
-        assert flip_stored_byte(store, digest, 0, 9)
+        assert flip_stored_byte(store, digest, 0, 11)  # the first block's checksum
         offline = CachedBlob(store, digest, len(data), None)
         with pytest.raises(BlobReadError):
             offline.read(0, 10)
@@ -430,25 +430,32 @@ def test_sequential_hits_from_read_cached_still_drive_readahead(cache_dir):
         blob.close()
 
 
-def test_read_cached_hashes_nothing_on_a_partial_miss(cache_dir, monkeypatch):
+def test_read_cached_hashes_nothing_on_a_partial_miss_and_only_what_it_serves(
+    cache_dir, monkeypatch
+):
     """read_cached of a range whose last chunk is missing returns None without hashing any
-    chunk (read will check them); a full hit hashes each chunk once."""
+    block (read will check them); a hit hashes what it serves once: a 4 KiB read one 4 KiB
+    block, a read of three whole chunks each chunk's whole-chunk sum."""
     data, digest = make_blob(4 * CHUNK_SIZE, seed=38)
     with ChunkStore(cache_dir) as store:
         blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest), readahead=NONE)
         blob.read(0, 3 * CHUNK_SIZE)
         hashed: list[int] = []
-        real_sum = integrity._chunk_sum
+        real_sum = integrity._sum
 
-        def counting_sum(seed, index, data):
+        def counting_sum(data, seed):
             hashed.append(len(data))
-            return real_sum(seed, index, data)
+            return real_sum(data, seed)
 
-        monkeypatch.setattr(integrity, "_chunk_sum", counting_sum)
+        monkeypatch.setattr(integrity, "_sum", counting_sum)
         assert blob.read_cached(0, 4 * CHUNK_SIZE) is None
         assert hashed == []
+        offset = CHUNK_SIZE + 3 * integrity.BLOCK
+        assert joined(blob.read_cached(offset, 4096)) == data[offset : offset + 4096]
+        assert hashed == [integrity.BLOCK]
+        hashed.clear()
         assert joined(blob.read_cached(0, 3 * CHUNK_SIZE)) == data[: 3 * CHUNK_SIZE]
-        assert hashed == [CHUNK_SIZE] * 3
+        assert hashed == [CHUNK_SIZE] * 3  # one sum per whole chunk
         blob.close()
 
 

@@ -263,39 +263,6 @@ def test_errors_a_user_can_act_on(dirs, pushed_images):
     assert not os.listdir(mnt)
 
 
-def test_erofs_utils_options_with_basic_auth_keep_the_password_hidden(
-    dirs, basic_auth_registry, erofs_images
-):
-    """Mount from a basic-auth registry with erofs-utils' spellings (``oci.username``,
-    ``oci.password``, ``oci.insecure``, ``oci=0``): the tree shows, and the password is
-    on no command line, in no output, mount record or log."""
-    mnt, _, cache, run = dirs
-    server = basic_auth_registry
-    ref = push_erofs(
-        server.host, "auth/mount", "v1", [erofs_images.small.path], options=server.options()
-    )
-    secret = server.password
-    options = f"oci.username={server.username},oci.password={secret},oci.insecure,oci=0"
-    done = cli("mount", "--cache-dir", str(cache), "-o", options, ref, str(mnt))
-    assert done.returncode == 0, done.stderr
-    assert_same_tree(erofs_images.small.tree, mnt)
-
-    record = records.load(str(mnt))
-    cmdline = Path(f"/proc/{record.server.pid}/cmdline").read_bytes().decode()
-    listed = cli("mounts", "--json").stdout
-    for text in (
-        done.stdout,
-        done.stderr,
-        cmdline,
-        record.to_json(),
-        Path(record.log).read_text(),
-        listed,
-    ):
-        assert secret not in text
-    umount(mnt)
-    assert_nothing_left(mnt, run)
-
-
 def test_two_mounts_racing_for_one_mountpoint(dirs, pushed_images, erofs_images):
     """Two ``blockstore mount`` processes started together at one mount point: one mounts,
     the other says the mount point is busy (exit 13), and the winner's mount is whole."""

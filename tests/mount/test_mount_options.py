@@ -18,6 +18,8 @@ from blockstore.cli.mount_cmds import (
     check_registry_arguments,
     merge_options,
     parse_mount_options,
+    serve_command,
+    without_credentials,
 )
 from blockstore.errors import UsageError
 
@@ -70,7 +72,8 @@ def test_old_oci_spelling_and_blob():
         "oci.username=",
         "oci.insecure=maybe",
         "rw",
-        "oci.tarindex=foo",
+        "oci.tarindex=",
+        "oci.zinfo=",
         "noatime",
         "oci.layer=1,oci.blob=sha256:" + "00" * 32,
     ],
@@ -256,3 +259,18 @@ def test_bad_reference_is_a_usage_error():
     args = build_parser(["mount"]).parse_args(["mount", "Bad Ref:x", "/mnt"])
     with pytest.raises(UsageError, match="invalid image reference"):
         check_image_arguments(args)
+
+
+def test_the_login_leaves_the_options_and_reaches_the_server_by_its_environment():
+    """``-o oci.username=,oci.password=`` are taken off the options once parsed, and the
+    server's command line carries neither (``ps`` shows it to every user): both travel in
+    its environment, which only its owner can read."""
+    assert without_credentials([" oci.username=u,ro,oci.password=p=q", "oci.password=x"]) == [
+        "ro",
+        "",
+    ]
+    args = _mount_args("-o", "oci.username=alice,oci.password=pw-123,oci.insecure")
+    merge_options(args, parse_mount_options(args.options))
+    argv, env = serve_command(args)
+    assert not [word for word in argv if "alice" in word or "pw-123" in word], argv
+    assert (env["BLOCKSTORE_USERNAME"], env["BLOCKSTORE_PASSWORD"]) == ("alice", "pw-123")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from rig.fault_proxy import Fault
 
+from blockstore.cli import build_parser
 from blockstore.errors import BlobReadError, RegistryError
 from blockstore.registry import RegistryBlob, RegistryClient, RegistryOptions, resolve_image
 
@@ -170,16 +171,73 @@ def test_prefetch_timeout_option_bounds_a_stalled_registry(
 
 
 @pytest.mark.parametrize("command", ["serve", "mount", "prefetch"])
-@pytest.mark.parametrize("value", ["0", "-3", "soon", "nan"])
-def test_a_timeout_that_is_not_a_time_is_a_usage_error(command, value, tmp_path: Path):
+@pytest.mark.parametrize("value", ["0", "-3", "soon", "nan", "1e9"])
+def test_a_timeout_that_is_not_a_time_is_a_usage_error(command, value, tmp_path: Path, capsys):
     """``--timeout`` is taken by serve, mount and prefetch, and refuses 0, negatives,
-    words and NaN with a usage error (2)."""
+    words, NaN and more than a day with a usage error (2) that names the option."""
     extra = [str(tmp_path)] if command == "mount" else []
-    done = subprocess.run(
-        [*BLOCKSTORE, command, "127.0.0.1:1/a/b:v1", *extra, "--timeout", value],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args([command, "127.0.0.1:1/a/b:v1", *extra, "--timeout", value])
+    assert exited.value.code == 2
+    assert "--timeout" in capsys.readouterr().err
+
+
+def test_mount_hands_its_timeout_to_the_server_it_starts(tmp_path: Path):
+    """``mount --timeout 7`` starts its server with ``--timeout 7.0``: the reads the
+    kernel sends through the mount have the deadline the user gave."""
+    from blockstore.cli.mount_cmds import serve_command
+
+    args = build_parser().parse_args(
+        ["mount", "127.0.0.1:5000/a/b:v1", str(tmp_path), "--timeout", "7"]
     )
-    assert done.returncode == 2, done.stderr
-    assert "--timeout" in done.stderr
+    argv, _ = serve_command(args)
+    assert argv[argv.index("--timeout") + 1] == "7.0"
+    assert build_parser().parse_args(["serve", "127.0.0.1:5000/a/b:v1"]).timeout == 30.0
+
+
+def test_an_nbd_read_from_a_trickling_registry_fails_within_the_timeout_then_recovers(
+    registry, pushed_images, erofs_images, fault_proxy, tmp_path: Path
+):
+    """``serve --timeout 2`` in front of a registry that trickles: an NBD client's read
+    gets EIO within a few seconds instead of sitting for ever; once the registry is
+    sound, the same connection reads the right bytes, and SIGTERM stops the server."""
+    nbd = pytest.importorskip("nbd", reason="libnbd's Python bindings (python3-libnbd)")
+    proxy = fault_proxy(registry)
+    socket_path = tmp_path / "nbd.sock"
+    server = subprocess.Popen(
+        [
+            *BLOCKSTORE,
+            "serve",
+            f"{proxy.host}/fixtures/small:v1",
+            "--insecure",
+            "--timeout",
+            "2",
+            "--unix",
+            str(socket_path),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert any(line.strip() == "ready" for line in server.stdout), "serve never got ready"
+        proxy.fault = Fault("trickle", seconds=0.5, method="GET", path_contains="/blobs/")
+        client = nbd.NBD()
+        client.connect_unix(str(socket_path))
+        started = time.monotonic()
+        with pytest.raises(nbd.Error) as failed:
+            client.pread(4096, 0)
+        assert time.monotonic() - started < 5
+        assert failed.value.errnum == 5
+        proxy.fault = None
+        assert client.pread(4096, 0) == erofs_images.small.path.read_bytes()[:4096]
+        client.shutdown()
+        server.terminate()
+        assert server.wait(timeout=10) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+        server.stdout.close()

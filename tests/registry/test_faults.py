@@ -135,10 +135,10 @@ def test_retries_stop_when_the_deadline_cannot_be_met(registry, pushed_images, f
     assert proxy.faults_applied == 1
 
 
-@pytest.mark.parametrize("kind", ["cut", "truncate", "drop"])
+@pytest.mark.parametrize("kind", ["cut", "reset", "truncate", "drop"])
 def test_broken_bodies_are_retried(registry, pushed_images, erofs_images, fault_proxy, kind):
-    """A connection cut mid-body, a body shorter than the range, a connection closed
-    with no reply: each is retried and the reader gets exactly the right bytes."""
+    """A connection cut mid-body (FIN) or reset (RST), a body shorter than the range, a
+    connection closed with no reply: each is retried and the reader gets exactly the right bytes."""
     proxy = fault_proxy(registry)
     data = erofs_images.large.path.read_bytes()
     with client_via(proxy) as client:

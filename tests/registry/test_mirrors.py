@@ -13,6 +13,7 @@ from rig.pushed import push_erofs
 from rig.registry_server import RegistryServer
 
 from blockstore.errors import UsageError
+from blockstore.image import open_image
 from blockstore.registry import RegistryBlob, RegistryClient, RegistryOptions, resolve_image
 
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
@@ -31,9 +32,14 @@ def test_reads_go_through_the_mirror(registry, mirror_registry, pushed_images, e
     with RegistryClient(registry.host, options) as client:
         data = read_all(client, pushed_images.small, "fixtures/small")
     assert data == erofs_images.small.path.read_bytes()
-    # The pull-through cache now holds the blob in its own storage.
+    # The pull-through cache now holds the blob in its own storage (it stores what it
+    # relays in the background, so give it a moment).
     digest_hex = erofs_images.small.digest.removeprefix("sha256:")
-    assert list(mirror_registry.data_dir.rglob(f"blobs/sha256/{digest_hex[:2]}/{digest_hex}/data"))
+    pattern = f"blobs/sha256/{digest_hex[:2]}/{digest_hex}/data"
+    deadline = time.monotonic() + 10
+    while not list(mirror_registry.data_dir.rglob(pattern)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(mirror_registry.data_dir.rglob(pattern))
 
 
 def test_upstream_down_after_the_mirror_is_warm(fresh_registry, erofs_images, tmp_path):
@@ -182,3 +188,24 @@ def test_from_upstream_reads_past_a_mirror_that_alters_bytes(
         assert upstream.digest == blob.digest and upstream.size == blob.size
         assert upstream.read_range(0, len(expected)) == expected
     assert len(mirror.requests) == asked
+
+
+def test_prefetch_fetches_again_from_the_upstream_when_a_mirror_fails_the_digest(
+    registry, pushed_images, erofs_images, fault_proxy, tmp_path
+):
+    """A mirror that alters blob bytes (each range looks fine; only the whole layer's
+    digest can tell): prefetch finds the digest wrong, fetches the layer again from the
+    upstream, and seals it with every byte right."""
+    mirror = fault_proxy(registry)
+    mirror.fault = Fault("corrupt", method="GET", path_contains="/blobs/", after_bytes=100)
+    options = RegistryOptions(insecure=True, mirrors=[mirror.host], timeout=5)
+    image = open_image(pushed_images.small, cache_dir=tmp_path / "cache", options=options)
+    try:
+        (blob,) = image.exports()
+        blob.prefetch()
+        assert image.store.lookup(blob.digest).sealed
+        expected = erofs_images.small.path.read_bytes()
+        assert b"".join(bytes(b) for b in blob.read(0, len(expected))) == expected
+    finally:
+        image.close()
+    assert mirror.faults_applied >= 1, "the mirror did not serve the first fetch"

@@ -155,8 +155,10 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
         do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
 
         def _proxy(self) -> None:
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-            proxy.record(RecordedRequest(self.command, self.path, dict(headers)))
+            # A list, not a dict: a pull-through registry sends one Accept line per type.
+            pairs = [(k, v) for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP]
+            headers = dict(pairs)
+            proxy.record(RecordedRequest(self.command, self.path, headers))
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
             fault = proxy.take_fault(self.command, self.path)
@@ -175,8 +177,10 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             if kind == "delay":
                 time.sleep(fault.seconds)
             if kind == "ignore_range":
-                headers = {k: v for k, v in headers.items() if k.lower() != "range"}
-            headers.update(proxy.upstream_headers)
+                pairs = [(k, v) for k, v in pairs if k.lower() != "range"]
+            replaced = {k.lower() for k in proxy.upstream_headers}
+            pairs = [(k, v) for k, v in pairs if k.lower() not in replaced]
+            pairs += proxy.upstream_headers.items()
             upstream = http.client.HTTPConnection(
                 proxy.upstream_host, proxy.upstream_port, timeout=30
             )
@@ -184,9 +188,9 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 upstream.putrequest(
                     self.command, self.path, skip_host=True, skip_accept_encoding=True
                 )
-                for key, value in headers.items():
+                for key, value in pairs:
                     upstream.putheader(key, value)
-                if body is not None and "content-length" not in {k.lower() for k in headers}:
+                if body is not None and "content-length" not in {k.lower() for k, _ in pairs}:
                     upstream.putheader("Content-Length", str(len(body)))
                 upstream.endheaders(body)
                 reply = upstream.getresponse()

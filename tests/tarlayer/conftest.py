@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdfront import mount_syscall
+from nbdfront.mount import syscall as mount_syscall
 
 
 def why_kernel_cannot_mount() -> str | None:

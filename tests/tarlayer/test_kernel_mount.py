@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 
 from trees import make_tar, populate, snapshot
@@ -44,3 +45,39 @@ def test_tar_without_root_entry_or_parents(tmp_path, kernel_mount):
     mnt = kernel_mount(image_of(tar, tmp_path / "layer.img"))
     assert (mnt / "a" / "b" / "c").read_bytes() == b"deep\n"
     assert (mnt / "a" / "b").is_dir()
+
+
+def test_file_beyond_4_gib_reads_back_at_both_ends(tmp_path, kernel_mount):
+    """A 5 GiB member (a header written by tarfile, its data a hole in a sparse file,
+    a marker at its last bytes) needs an extended inode and a chunk larger than 4 GiB:
+    the kernel reports its size and reads the marker at the end and zeros before it."""
+    size = 5 << 30
+    marker = b"the last bytes of a 5 GiB file"
+    info = tarfile.TarInfo("huge.bin")
+    info.size = size
+    header = info.tobuf(format=tarfile.PAX_FORMAT)
+    tar = tmp_path / "layer.tar"
+    with open(tar, "wb") as fh:
+        fh.write(header)
+        fh.seek(len(header) + size - len(marker))
+        fh.write(marker)
+        fh.write(bytes(-size % 512 + 1024))  # padding, then the end-of-archive blocks
+    tar_size = tar.stat().st_size
+    with open(tar, "rb") as fh:
+        meta = build_metadata(fh, tar_size)
+    image = tmp_path / "layer.img"
+    with open(image, "wb") as out:
+        out.write(meta)
+        with open(tar, "rb") as fh:
+            out.write(fh.read(len(header)))
+        out.seek(len(meta) + tar_size - len(marker) - (-size % 512) - 1024)
+        out.write(marker)
+        out.truncate(len(meta) + tar_size)
+    mnt = kernel_mount(image)
+    huge = mnt / "huge.bin"
+    assert huge.stat().st_size == size
+    with open(huge, "rb") as fh:
+        fh.seek(size - len(marker))
+        assert fh.read() == marker
+        fh.seek(size // 2)
+        assert fh.read(4096) == bytes(4096)

@@ -8,11 +8,11 @@ import io
 import subprocess
 
 import pytest
+from rig.local_source import LocalFileSource
 from trees import make_tar, populate
 
 from blockstore.cache import CachedBlob, ChunkStore
 from blockstore.errors import NotCached
-from blockstore.source import LocalFileSource
 from blockstore.tarlayer.gzindex import GzipIndexer
 from blockstore.tarlayer.layers import GZIP, TAR, ZSTD, layer_kind, open_tar_layer
 
@@ -111,7 +111,7 @@ def test_local_tarindex_and_zinfo_are_used_instead_of_a_pass(blobs, tmp_path):
         )
         assert whole(local) == expected
         assert (
-            store.get_manifest(f"tarlayer/v1/span{SPAN}/{sha(paths[GZIP].read_bytes())}/meta")
+            store.images.manifest(f"tarlayer/v1/span{SPAN}/{sha(paths[GZIP].read_bytes())}/meta")
             is None
         )
         local.close()

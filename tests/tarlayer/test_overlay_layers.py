@@ -12,7 +12,7 @@ import pytest
 from test_kernel_mount import image_of
 from trees import make_tar, snapshot
 
-from nbdfront import mount_syscall
+from nbdfront.mount import syscall as mount_syscall
 
 
 def layer_sources(root: Path) -> list[Path]:
