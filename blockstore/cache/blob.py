@@ -213,6 +213,8 @@ class CachedBlob:
     def _served(self, offset: int, length: int, hits: int, misses: int) -> None:
         """Count a read and tell readahead of it, whether it hit or fetched."""
         self._store.counters.served(hits, misses, length)
+        if self._recorder is not None:
+            self._note(offset, length)
         if self._hints is not None and not self._whole:
             self._advise(offset, length, misses)
 
@@ -283,8 +285,9 @@ class CachedBlob:
     def close(self) -> None:
         """Stop prefetching and cancel fetches in flight; keep the trace recorded so far."""
         self._stop.set()
-        if self._recorder is not None:
-            self._recorder.finish()
+        recorder = self._recorder
+        if recorder is not None:
+            recorder.finish()
         if self._hints is not None:
             self._hints.stop()
         if self._fetcher is not None:
@@ -445,11 +448,15 @@ class CachedBlob:
         except CacheError as exc:
             log.warning("%s: access trace not kept: %s", self._digest, exc)
 
+    def _note(self, offset: int, length: int) -> None:
+        """Record a read in the trace, hit or miss; once the period is over, stop looking."""
+        recorder = self._recorder
+        if recorder is not None and not recorder.note(offset, length):
+            self._recorder = None
+
     def _advise(self, offset: int, length: int, misses: int) -> None:
-        """After a read: note it in the trace, and queue the readahead it calls for
-        (a read that missed was advised before its fetch, see ``_ahead_of_miss``)."""
-        if self._recorder is not None:
-            self._recorder.note(offset, length)
+        """After a read: queue the readahead it calls for (a read that missed was
+        advised before its fetch, see ``_ahead_of_miss``)."""
         if misses:
             return
         ahead = self._readahead.advise(offset, length, self._size)
