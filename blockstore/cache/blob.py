@@ -20,7 +20,7 @@ from blockstore.errors import BlobReadError, CacheError, IntegrityError, NotCach
 from blockstore.export import Buffer
 from blockstore.fetch import FILL, PREFETCH, Fetcher
 from blockstore.prefetch import HintQueue, PrefetchSettings, Readahead, Trace, TraceRecorder, erofs
-from blockstore.prefetch.feed import Pacer, feed
+from blockstore.prefetch.feed import Pacer, coalesce, feed
 from blockstore.source import BlobSource
 
 from . import integrity
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 PREFETCH_STEP = 32 << 20  # bytes asked of the fetcher at a time by prefetch()
 FILL_ROUNDS = 3  # passes of the background fill over what is still missing
+REPLAY_SPAN = 8 << 20  # trace entries (in bytes of chunks) sorted and merged at a time
+REPLAY_GAP = 256 << 10  # holes up to this size between traced chunks are fetched too
 PACE_STEP = 0.25  # seconds of a capped fill's bandwidth asked for in one range
 
 
@@ -519,14 +521,16 @@ class CachedBlob:
     def _replay(self, trace: Trace) -> None:
         """Prefetch the trace's chunks, in its order, paced by the prefetch budget."""
         missing = set(self._store.missing(self._known_id(), range(self._chunks)))
-        order = [i for i in trace.order() if i in missing]
         fetcher = self._fetcher
+        limit = max(1, fetcher.window.request // CHUNK_SIZE)  # type: ignore[union-attr]
+        order = coalesce(trace.order(), REPLAY_SPAN // CHUNK_SIZE, REPLAY_GAP // CHUNK_SIZE)
+        order = [i for i in order if i in missing]
         feed(
             order,
             fetcher.prefetch,  # type: ignore[union-attr]
             PREFETCH,
             self._stop,
-            limit=max(1, fetcher.window.request // CHUNK_SIZE),  # type: ignore[union-attr]
+            limit=limit,
             chunk_size=CHUNK_SIZE,
         )
 
