@@ -149,6 +149,8 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     argv += [flag for flag in PREFETCH_FLAGS if getattr(args, flag[2:].replace("-", "_"))]
     if args.fill_rate:
         argv += ["--fill-rate", str(args.fill_rate)]
+    if args.trace_file is not None:
+        argv += ["--trace-file", str(args.trace_file.resolve())]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.username is not None:
         env["BLOCKSTORE_USERNAME"] = args.username

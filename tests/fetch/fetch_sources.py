@@ -53,6 +53,10 @@ class PieceSource:
         self.fail_after = 0
         self.failed = 0
         """Injected failures raised so far."""
+        self.armed = 0
+        """Requests started that will fail (each is counted in ``failed`` when it does)."""
+        self.last_failure = float("-inf")
+        """When the last injected failure was raised (``time.monotonic()``)."""
         self.requests: list[tuple[int, int]] = []
         self.max_in_flight = 0
         self.max_same_chunk_in_flight = 0
@@ -74,6 +78,7 @@ class PieceSource:
     def _count_failure(self) -> None:
         with self._lock:
             self.failed += 1
+            self.last_failure = time.monotonic()
 
     def stream_range(self, offset: int, length: int) -> Iterator[bytes]:
         length = max(0, min(length, len(self.data) - offset))
@@ -90,6 +95,7 @@ class PieceSource:
             failing = self.fail_next > 0
             if failing:
                 self.fail_next -= 1
+                self.armed += 1
         try:
             if self.first_byte:
                 time.sleep(self.first_byte)
