@@ -13,7 +13,7 @@ from pathlib import Path
 from bench import machine, plots, report
 from bench.link import LOOPBACK, wan
 from bench.processes import BenchError
-from bench.runner import Plan, run
+from bench.runner import Findings, Plan, run
 from bench.systems import EngineVariant
 from bench.workloads import Clients, Copy, Fleet, MountAndUse, OneGet, RandomReads
 
@@ -122,22 +122,45 @@ def main(argv: list[str]) -> int:
     args = arguments(argv)
     try:
         plan = make_plan(args)
-        started = time.time()
-        described = machine.describe()
-        results, images, skipped = run(plan)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    started = time.time()
+    described = machine.describe()
+    found = Findings()
+
+    def document(complete: bool) -> dict:
+        return report.document(plan, described, found, started, complete)
+
+    def checkpoint() -> None:
+        """The JSON so far, so a run cut short keeps what it measured."""
+        write_json(args.out, document(complete=False))
+
+    try:
+        run(plan, found, checkpoint)
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
+        print("bench: interrupted; writing what was measured", file=sys.stderr)
+        write_all(args.out, document(complete=False))
         return 130
-    document = report.document(plan, described, results, images, skipped, started)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(document, indent=1) + "\n")
-    figures = plots.draw(document, args.out)
-    (args.out / "results.md").write_text(report.markdown(document, figures))
-    print(f"bench: wrote {args.out}/results.json, results.md, {', '.join(figures)}")
+    write_all(args.out, document(complete=True))
     return 0
+
+
+def write_json(out: Path, doc: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "results.json.tmp"
+    partial.write_text(json.dumps(doc, indent=1) + "\n")
+    partial.replace(out / "results.json")
+
+
+def write_all(out: Path, doc: dict) -> None:
+    write_json(out, doc)
+    figures = plots.draw(doc, out)
+    (out / "results.md").write_text(report.markdown(doc, figures))
+    print(f"bench: wrote {out}/results.json, results.md, {', '.join(figures)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict
 
 from bench.link import LOOPBACK
-from bench.runner import IN_PROCESS, Plan, Result
+from bench.runner import IN_PROCESS, Findings, Plan
 
 MiB = 1 << 20
 LIMIT_WORKLOAD = "one-get"
@@ -21,16 +21,10 @@ NO_LIMIT = {"fio-qd1", "fio-qd16", LIMIT_WORKLOAD}
 """Workloads for which one whole-blob GET is no limit (random reads stop at a time)."""
 
 
-def document(
-    plan: Plan,
-    machine: dict,
-    results: list[Result],
-    images: list[dict],
-    skipped: list[str],
-    started: float,
-) -> dict:
+def document(plan: Plan, machine: dict, found: Findings, started: float, complete: bool) -> dict:
     return {
         "mode": plan.mode,
+        "complete": complete,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 1),
         "machine": machine,
@@ -43,9 +37,9 @@ def document(
             "engine_variants": [asdict(v) for v in plan.variants],
             "only": plan.only,
         },
-        "images": images,
-        "skipped": skipped,
-        "results": [asdict(r) for r in results],
+        "images": found.images,
+        "skipped": found.skipped,
+        "results": [asdict(r) for r in found.results],
     }
 
 
@@ -129,6 +123,8 @@ def ratio(x: float | None) -> str:
 def markdown(doc: dict, figures: list[str]) -> str:
     index = Index(doc)
     out = [f"# Benchmark results ({doc['mode']} mode, {doc['started']})", ""]
+    if not doc["complete"]:
+        out += ["**This run was cut short: the tables hold what it measured.**", ""]
     out += machine_lines(doc)
     out += headline(doc, index)
     for image in doc["images"]:

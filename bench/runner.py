@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,14 +128,20 @@ def selection_of(plan: Plan) -> Selection:
     return Selection(plan.only, names)
 
 
-def run(plan: Plan) -> tuple[list[Result], list[dict], list[str]]:
-    """Run the plan: every result, the images, and a line for everything skipped."""
+@dataclass
+class Findings:
+    """What a run has found so far: kept whole even if the run is cut short."""
+
+    results: list[Result] = field(default_factory=list)
+    images: list[dict] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def run(plan: Plan, found: Findings, checkpoint: Callable[[], None] = lambda: None) -> None:
+    """Run the plan into ``found``; ``checkpoint`` is called after every scenario."""
     selection = selection_of(plan)
     workdir = Path(tempfile.mkdtemp(prefix="bench-", dir=plan.workdir))
     registry = LocalRegistry(workdir / "registry")
-    skipped: list[str] = []
-    results: list[Result] = []
-    described: list[dict] = []
     try:
         registry.start()
         link = LinkProxy(registry.port)
@@ -144,25 +151,25 @@ def run(plan: Plan) -> tuple[list[Result], list[dict], list[str]]:
                 say(f"building a {plan.image_size >> 20} MiB {compression} image of a real tree")
                 image = images.prepare(workdir, plan.image_size, compression, registry.host)
                 say(f"image {image.name}: {image.size / 2**20:.1f} MiB, {image.digest[:19]}")
-                described.append(image.describe())
-                rig = Rig(workdir, image, link)
-                results += run_image(plan, rig, selection, skipped)
+                found.images.append(image.describe())
+                run_image(plan, Rig(workdir, image, link), selection, found, checkpoint)
         finally:
             link.stop()
     finally:
         registry.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    return results, described, skipped
 
 
-def run_image(plan: Plan, rig: Rig, selection: Selection, skipped: list[str]) -> list[Result]:
+def run_image(
+    plan: Plan, rig: Rig, selection: Selection, found: Findings, checkpoint: Callable[[], None]
+) -> None:
     systems = all_systems(rig, plan.variants)
-    scenarios = plan_scenarios(plan, rig, systems, selection, skipped)
+    scenarios = plan_scenarios(plan, rig, systems, selection, found.skipped)
     in_process = selection.wants(
         system=IN_PROCESS, workload="in-process", network=LOOPBACK.name, image=rig.image.name
     )
     progress = Progress(len(scenarios) * plan.repeats + (plan.repeats if in_process else 0))
-    results: list[Result] = [s.result for s in scenarios]
+    found.results += [s.result for s in scenarios]
     by_name: dict[str, Result] = {}
     for _ in range(plan.repeats):
         for scenario in scenarios:
@@ -170,10 +177,11 @@ def run_image(plan: Plan, rig: Rig, selection: Selection, skipped: list[str]) ->
                 rig.image.name, scenario.profile.name, scenario.system.name, scenario.workload.name
             )
             measure(rig, scenario)
+            checkpoint()
         if in_process:
             progress.step(rig.image.name, LOOPBACK.name, IN_PROCESS, "in-process")
-            results += measure_in_process(plan, rig, by_name)
-    return results
+            found.results += measure_in_process(plan, rig, by_name)
+            checkpoint()
 
 
 def measure_in_process(plan: Plan, rig: Rig, by_name: dict[str, Result]) -> list[Result]:
