@@ -4,6 +4,8 @@ It starts a registry on loopback, builds an EROFS image of a real tree,
 pushes it, mounts it lazily and reads a little (showing how little was
 fetched), fills the rest of the cache, unmounts, stops the registry, mounts
 again offline, checks every file against the source, and prints a summary.
+An ordinary tar.gz image of the same tree goes the same way: mounted with no
+conversion (its one indexing pass timed), prefetched, and mounted offline.
 Every step runs the same ``blockstore`` commands a user would type, and the
 commands are shown. Whatever happens, including Ctrl-C or SIGTERM, it
 unmounts, stops the registry and removes its working directory; its mount
@@ -35,6 +37,8 @@ DEFAULT_SOURCES = (Path(sysconfig.get_paths()["stdlib"]), Path("/usr/share/doc")
 LAZY_READ_BYTES = 2 << 20
 """How much of the tree the lazy phase reads before showing what was fetched."""
 REPOSITORY = "demo/tree"
+TAR_GZ_REPOSITORY = "demo/tree-targz"
+TAR_GZ_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
 class DemoFailed(BlockstoreError):
@@ -54,6 +58,9 @@ class Demo:
         self.mountpoint = self.workdir / "mnt"
         self.registry = LocalRegistry(self.workdir)
         self.reference = f"{self.registry.host}/{REPOSITORY}:latest"
+        self.tar_gz_path = self.workdir / "image.tar.gz"
+        self.tar_gz_reference = f"{self.registry.host}/{TAR_GZ_REPOSITORY}:latest"
+        self.tar_gz_mountpoint = self.workdir / "mnt-targz"
         self.mounted = False
         self.summary: list[tuple[str, str]] = []
 
@@ -70,10 +77,12 @@ class Demo:
             self.read_some(files)
             self.fill_cache()
             self.umount()
+            self.mount_tar_gz()
             self.go_offline()
             self.mount_offline()
             self.check_everything()
             self.umount()
+            self.mount_tar_gz_offline()
             self.print_summary()
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -96,6 +105,8 @@ class Demo:
         show(f"mkfs.erofs --quiet -T0 --all-root image.erofs tree/   ({len(files)} files)")
         run(["mkfs.erofs", "--quiet", "-T0", "--all-root", str(self.image_path), str(self.tree)])
         self.image_size = self.image_path.stat().st_size
+        show("tar -C tree -czf image.tar.gz .   (an ordinary image layer, for comparison)")
+        run(["tar", "-C", str(self.tree), "-czf", str(self.tar_gz_path), "."])
         self.summary += [
             ("files in the tree", f"{len(files)} ({human(tree_bytes)})"),
             ("image size", human(self.image_size)),
@@ -106,6 +117,14 @@ class Demo:
         step(f"Start a registry on {self.registry.host} and push the image")
         self.registry.start()
         self.blockstore("push", str(self.image_path), self.reference, "--insecure")
+        self.blockstore(
+            "push",
+            str(self.tar_gz_path),
+            self.tar_gz_reference,
+            "--insecure",
+            "--media-type",
+            TAR_GZ_MEDIA_TYPE,
+        )
 
     def mount_lazily(self) -> None:
         step("Mount it lazily: nothing is downloaded up front")
@@ -142,6 +161,37 @@ class Demo:
         )
         self.summary.append(("prefetch of the rest", f"{time.monotonic() - started:.2f} s"))
 
+    def mount_tar_gz(self) -> None:
+        step("Mount the tar.gz image as it is: one pass indexes it, then reads are lazy")
+        self.tar_gz_mountpoint.mkdir()
+        started = time.monotonic()
+        self.blockstore(*self.mount_args("--insecure", tar_gz=True))
+        self.mounted = True
+        seconds = time.monotonic() - started
+        self.summary.append(("tar.gz: first mount, indexing included", f"{seconds:.2f} s"))
+        checked = compare_trees(self.tree, self.tar_gz_mountpoint)
+        show(f"{checked} entries identical to the source")
+        self.blockstore("umount", str(self.tar_gz_mountpoint))
+        self.blockstore(
+            "prefetch", self.tar_gz_reference, "--insecure", "--cache-dir", str(self.cache_dir)
+        )
+
+    def mount_tar_gz_offline(self) -> None:
+        step("Mount the tar.gz image again, offline, and check every file")
+        started = time.monotonic()
+        self.blockstore(*self.mount_args("--offline", tar_gz=True))
+        self.mounted = True
+        checked = compare_trees(self.tree, self.tar_gz_mountpoint)
+        seconds = time.monotonic() - started
+        self.summary.append(
+            (
+                "tar.gz: offline mount and full check",
+                f"{checked} entries identical, {seconds:.2f} s",
+            )
+        )
+        self.blockstore("umount", str(self.tar_gz_mountpoint))
+        self.mounted = False
+
     def go_offline(self) -> None:
         step("Stop the registry: from here on there is no network source at all")
         self.registry.stop()
@@ -176,11 +226,12 @@ class Demo:
 
     def clean_up(self) -> None:
         # Whether or not a mount finished: an interrupted one may have left a record.
-        if self.mountpoint.exists():
-            umount = ["-q", "umount", "--lazy", str(self.mountpoint)]
-            subprocess.run(
-                [sys.executable, "-m", "blockstore", *umount], capture_output=True, check=False
-            )
+        for mountpoint in (self.mountpoint, self.tar_gz_mountpoint):
+            if mountpoint.exists():
+                umount = ["-q", "umount", "--lazy", str(mountpoint)]
+                subprocess.run(
+                    [sys.executable, "-m", "blockstore", *umount], capture_output=True, check=False
+                )
         self.registry.stop()
         if self.keep:
             print(f"kept {self.workdir}")
@@ -189,11 +240,11 @@ class Demo:
 
     # --- helpers --------------------------------------------------------------
 
-    def mount_args(self, *extra: str) -> list[str]:
+    def mount_args(self, *extra: str, tar_gz: bool = False) -> list[str]:
         return [
             "mount",
-            self.reference,
-            str(self.mountpoint),
+            self.tar_gz_reference if tar_gz else self.reference,
+            str(self.tar_gz_mountpoint if tar_gz else self.mountpoint),
             "--cache-dir",
             str(self.cache_dir),
             *extra,

@@ -15,9 +15,24 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from blockstore.attachments import (
+    forget_index,
+    indexes_for_image,
+    subject_of,
+    traces_for_image,
+)
 from blockstore.cache import CachedBlob, ChunkStore
-from blockstore.errors import CacheError, ImageNotCached, RegistryUnreachable
+from blockstore.chunkindex import ChunkIndex
+from blockstore.errors import (
+    BlockstoreError,
+    CacheError,
+    ImageNotCached,
+    IntegrityError,
+    RegistryUnreachable,
+)
+from blockstore.indexed_source import IndexedSource
 from blockstore.metrics import TimedSource
+from blockstore.prefetch import PrefetchSettings
 from blockstore.registry import (
     Layer,
     Reference,
@@ -29,6 +44,8 @@ from blockstore.registry import (
     resolve_image,
 )
 from blockstore.registry.platforms import Platform, host_platform
+from blockstore.registry.referrers import Referrer, list_referrers
+from blockstore.tarlayer.layers import TarLayer, image_diff_ids, layer_kind, open_tar_layer
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +59,14 @@ class OpenImage:
     repository: str
     client: RegistryClient | None
     """None when serving from the cache alone (offline or registry unreachable)."""
+    prefetch: PrefetchSettings = field(default_factory=PrefetchSettings)
+    chunk_indexes: dict[str, ChunkIndex] = field(default_factory=dict)
+    """Per-chunk digests of layers, by layer digest, from the image's artifact."""
     _blobs: list[CachedBlob] = field(default_factory=list)
+    _tar_layers: list[TarLayer] = field(default_factory=list)
+    tar_indexes: dict[int, tuple[Path, Path | None]] = field(default_factory=dict)
+    """Local indexes to use instead of building one: layer index -> (tarindex, zinfo)."""
+    _diff_ids: list[str] | None = None
 
     @property
     def online(self) -> bool:
@@ -54,27 +78,93 @@ class OpenImage:
             return list(self.resolved.layers)
         return [self.resolved.select_layer(index=layer, digest=blob)]
 
-    def exports(self, layer: int | None = None, blob: str | None = None) -> list[CachedBlob]:
-        """One ``CachedBlob`` per selected layer, named ``layer<index>``."""
-        return [self.blob(chosen) for chosen in self.select(layer, blob)]
+    def exports(
+        self, layer: int | None = None, blob: str | None = None
+    ) -> list[CachedBlob | TarLayer]:
+        """One export per selected layer, named ``layer<index>``: the blob itself (EROFS),
+        or ``metadata || tar`` for a tar layer of any compression."""
+        return [self.layer_export(chosen) for chosen in self.select(layer, blob)]
+
+    def layer_export(self, layer: Layer) -> CachedBlob | TarLayer:
+        """What a layer is served as, chosen by its media type."""
+        kind = layer_kind(layer.media_type)
+        if kind is None:
+            return self.blob(layer)
+        tarindex, zinfo = self.tar_indexes.get(layer.index, (None, None))
+        exported = open_tar_layer(
+            self.store,
+            self.blob(layer),
+            kind,
+            online=self.online,
+            diff_id=lambda: self.diff_id(layer),
+            tarindex=tarindex,
+            zinfo=zinfo,
+            name=f"layer{layer.index}",
+            description=f"{self.resolved.reference} layer {layer.index} ({layer.digest}, {kind})",
+        )
+        self._tar_layers.append(exported)
+        return exported
+
+    def diff_id(self, layer: Layer) -> str | None:
+        """The layer's diff_id from the image config (fetched, digest checked), if online."""
+        if self.client is None:
+            return None
+        raw = self.resolved.manifests.get(self.resolved.manifest_digest)
+        if raw is None:
+            return None
+        if self._diff_ids is None:
+            self._diff_ids = image_diff_ids(self.client, self.repository, raw)
+        ids = self._diff_ids
+        return ids[layer.index] if layer.index < len(ids) else None
 
     def blob(self, layer: Layer) -> CachedBlob:
-        source = None
+        source = upstream = None
         if self.client is not None:
-            source = TimedSource(RegistryBlob(self.client, self.repository, layer))
+            self._check_size(layer)
+            remote = RegistryBlob(self.client, self.repository, layer)
+            source = TimedSource(remote)
+            if self.client.mirrors:
+                # A mirror may have sent bytes that fail the digest: the upstream decides.
+                upstream = TimedSource(remote.from_upstream())
+            index = self.chunk_indexes.get(layer.digest)
+            if index is not None:
+                source = IndexedSource(
+                    source,
+                    index,
+                    upstream=upstream or source,
+                    on_lying_index=lambda digest: forget_index(self.store, digest),
+                )
         blob = CachedBlob(
             self.store,
             layer.digest,
             layer.size,
             source,
+            upstream=upstream,
             name=f"layer{layer.index}",
             description=f"{self.resolved.reference} layer {layer.index} ({layer.digest})",
+            settings=self.prefetch,
         )
         self._blobs.append(blob)
         return blob
 
+    def _check_size(self, layer: Layer) -> None:
+        """Refuse a layer whose size in the manifest is not the blob's, before serving it.
+
+        Otherwise every read near the end would fail (the registry's ranges
+        disagree with the manifest), and a filesystem would find out mid-mount.
+        """
+        assert self.client is not None
+        actual = self.client.blob_size(self.repository, layer.digest)
+        if actual is not None and actual != layer.size:
+            raise IntegrityError(
+                f"{self.resolved.reference} layer {layer.index} ({layer.digest}): the manifest "
+                f"says {layer.size} bytes, the registry holds {actual}: refused"
+            )
+
     def close(self) -> None:
         """Stop every layer's fetch and readahead threads, then close the cache."""
+        for exported in self._tar_layers:
+            exported.close()
         for blob in self._blobs:
             blob.close()
         if self.client is not None:
@@ -90,6 +180,7 @@ def open_image(
     platform: str | None = None,
     offline: bool = False,
     options: RegistryOptions | None = None,
+    prefetch: PrefetchSettings | None = None,
 ) -> OpenImage:
     """Resolve ``reference`` for ``platform`` online, or from the cache when offline.
 
@@ -101,13 +192,43 @@ def open_image(
     """
     ref = parse_reference(reference)
     wanted = str(Platform.parse(platform) if platform else host_platform())
-    store = ChunkStore(cache_dir, size_cap=cache_size)
+    store = ChunkStore(cache_dir, size_cap=cache_size, offline=offline)
     try:
         explicit = platform is not None
-        return _open(store, ref, wanted, offline, options or RegistryOptions(), explicit)
+        image = _open(store, ref, wanted, offline, options or RegistryOptions(), explicit)
     except BaseException:
         store.close()
         raise
+    if prefetch is not None:
+        image.prefetch = prefetch
+    try:
+        _attachments(image)
+    except BaseException:
+        image.close()
+        raise
+    return image
+
+
+def _attachments(image: OpenImage) -> None:
+    """The image's chunk indexes (online or kept), and its attached traces on a cold open.
+
+    Online, the image's referrers are listed once for both; a registry that
+    cannot list them costs a warning, never the open.
+    """
+    referrers: list[Referrer] = []
+    if image.client is not None:
+        try:
+            referrers = list_referrers(image.client, subject_of(image.resolved, image.repository))
+        except BlockstoreError as exc:
+            log.warning("%s: artifacts not looked up: %s", image.resolved.reference, exc)
+    client = image.client if referrers else None
+    image.chunk_indexes = indexes_for_image(
+        image.store, client, image.resolved, image.repository, referrers
+    )
+    if client is not None and image.prefetch.trace_replay:
+        taken = traces_for_image(image.store, client, image.resolved, image.repository, referrers)
+        if taken:
+            log.info("%s: replaying %d attached trace(s)", image.resolved.reference, taken)
 
 
 def _open(
@@ -135,8 +256,8 @@ def _open(
         raise
     try:
         for digest, raw in resolved.manifests.items():
-            store.put_manifest(digest, raw)
-        store.put_ref(resolved.reference, platform, resolved.to_record())
+            store.images.put_manifest(digest, raw)
+        store.images.put(resolved.reference, platform, resolved.to_record())
     except CacheError as exc:
         # Reads still work uncached; only a later offline open will miss this.
         log.warning("%s: not remembered for offline use: %s", resolved.reference, exc)
@@ -146,10 +267,13 @@ def _open(
 def _cached(
     store: ChunkStore, reference: str, platform: str, cause: Exception | None = None
 ) -> ResolvedImage:
-    record = store.get_ref(reference, platform)
+    record = store.images.get(reference, platform)
     if record is None:
         never = f"{reference} ({platform}) was never resolved with the cache at {store.path}"
         if cause is not None:
             raise RegistryUnreachable(f"{cause}, and {never}") from cause
         raise ImageNotCached(f"offline: {never}")
-    return ResolvedImage.from_record(record)
+    try:
+        return ResolvedImage.from_record(record)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CacheError(f"the cached record of {reference} is damaged: {exc!r}") from exc

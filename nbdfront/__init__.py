@@ -2,7 +2,10 @@
 
 ``nbdfront.protocol`` is the protocol without I/O (bytes in, events and
 bytes out); ``nbdfront.server.NBDServer`` runs it over TCP and Unix
-sockets. What a client is offered:
+sockets; ``nbdfront.mount`` is the mount stack, the NBD client side that
+attaches a server's exports (kernel NBD or nbdfuse), mounts them with EROFS
+and overlayfs, and keeps the records that ``umount`` undoes. What a client
+is offered:
 
 - Fixed newstyle handshake with NO_ZEROES; options EXPORT_NAME, GO, INFO,
   LIST, ABORT, STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT

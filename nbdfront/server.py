@@ -25,7 +25,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 
-from blockstore.export import Export
+from blockstore.export import Buffer, Export
 from nbdfront.protocol import (
     MAX_PAYLOAD,
     NEED_DATA,
@@ -42,7 +42,6 @@ from nbdfront.protocol import (
     TLSPolicy,
     nbd_error,
 )
-from nbdfront.protocol.events import Buffer
 from nbdfront.tls import ServerTLS, TLSStream
 
 log = logging.getLogger(__name__)
@@ -63,6 +62,9 @@ HANDSHAKE_TIMEOUT = 30.0
 MAX_CONNECTIONS = 256
 # How long shutdown waits for in-flight replies before cutting connections.
 DRAIN_TIMEOUT = 15.0
+# After the cut, how long shutdown waits for connection threads to notice. A thread
+# stuck in an export's read past this is a daemon and never holds up the exit.
+CUT_GRACE = 1.0
 _IOV_MAX = 1024
 
 
@@ -228,7 +230,7 @@ class _Session:
                 self._reads_since_recv += 1
                 self._answer(event)
             elif isinstance(event, CacheRequest):
-                self._hand_off(event, 0, self._cache)
+                self._hand_off(event, 0, self._serve_cache_hint)
             elif isinstance(event, StartTLS):
                 if not self._start_tls():
                     return
@@ -284,7 +286,7 @@ class _Session:
         except Exception:  # read meets the same fault and reports it as the reply
             data = None
         if data is None or _length(data) != request.length:
-            self._hand_off(request, request.length, self._read)
+            self._hand_off(request, request.length, self._serve_miss)
             return
         self._batch += self._protocol.send(ReadReply(request, data))
         self._batch_bytes += request.length
@@ -307,7 +309,8 @@ class _Session:
             batch, self._batch, self._batch_bytes = self._batch, [], 0
             self._send(batch)
 
-    def _read(self, request: ReadRequest) -> None:
+    def _serve_miss(self, request: ReadRequest) -> None:
+        """On a worker: read through the export, which may fetch, and send the reply."""
         assert self._export is not None
         try:
             try:
@@ -323,7 +326,8 @@ class _Session:
         finally:
             self._budget.release(request.length)
 
-    def _cache(self, request: CacheRequest) -> None:
+    def _serve_cache_hint(self, request: CacheRequest) -> None:
+        """On a worker: have the export bring the range into its cache, then answer."""
         assert self._export is not None
         try:
             try:
@@ -391,6 +395,7 @@ class NBDServer:
         default_export: str | None = None,
         inflight_bytes: int = INFLIGHT_BYTES,
         max_connections: int = MAX_CONNECTIONS,
+        drain_timeout: float = DRAIN_TIMEOUT,
         tls: ServerTLS | None = None,
     ):
         if tcp is None and unix is None:
@@ -399,6 +404,7 @@ class NBDServer:
         self.catalog = Catalog(self.exports, default_export)
         self.inflight_bytes = inflight_bytes
         self.max_connections = max_connections
+        self.drain_timeout = drain_timeout
         self.tls = tls
         self._tcp = tcp
         self.unix_path = os.fspath(unix) if unix is not None else None
@@ -481,21 +487,23 @@ class NBDServer:
             thread.join()
         for session in sessions:
             session.stop_reading()
-        if not self._wait_sessions(DRAIN_TIMEOUT):
-            log.warning("in-flight requests did not finish in %ss; cutting", DRAIN_TIMEOUT)
+        if not self._wait_sessions(self.drain_timeout):
+            log.warning("in-flight requests did not finish in %ss; cutting", self.drain_timeout)
             with self._lock:
                 for session in self._sessions:
                     session.cut()
-            self._wait_sessions(5.0)
+            self._wait_sessions(CUT_GRACE)
         if self.unix_path is not None:
             _remove_stale_socket(self.unix_path)
         self._stopped.set()
 
     def _wait_sessions(self, timeout: float) -> bool:
+        """Wait, ``timeout`` in all, for every connection thread to end."""
         with self._lock:
             threads = [s.thread for s in self._sessions]
+        deadline = time.monotonic() + timeout
         for thread in threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
         return not any(t.is_alive() for t in threads)
 
     def _accept_loop(self, listener: socket.socket) -> None:

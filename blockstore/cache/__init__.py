@@ -3,14 +3,16 @@
 ``ChunkStore(path, size_cap)`` owns a cache directory (LMDB; several
 processes may share it). ``CachedBlob(store, digest, size, source)`` is one
 blob read through it: the ``Export`` the NBD frontend serves. Every chunk
-served has passed its xxh3-64; complete blobs are sealed against their
-digest. Modules: ``layout`` (keys, records), ``env`` (opening LMDB, map
-growth, full disk), ``store``, ``blob``, ``evict`` and ``recency`` (LRU),
-``seal`` (digests, verify), ``counters``.
+served has passed its checksum, which binds its bytes to its blob and
+index; complete blobs are sealed against their digest. Modules: ``layout``
+(keys, records), ``integrity`` (every check, once), ``env`` (opening LMDB,
+map growth, full disk), ``store``, ``refs`` (references and manifests kept
+for offline use), ``blob``, ``evict`` and ``recency`` (LRU), ``seal``
+(digests, verify), ``counters``.
 """
 
 from .blob import CachedBlob
-from .env import DiskFull
+from .env import CacheDamaged, DiskFull
 from .layout import CHUNK_SIZE
 from .seal import VerifyReport
 from .store import DEFAULT_SIZE_CAP, BlobInfo, ChunkStore
@@ -19,6 +21,7 @@ __all__ = [
     "CHUNK_SIZE",
     "DEFAULT_SIZE_CAP",
     "BlobInfo",
+    "CacheDamaged",
     "CachedBlob",
     "ChunkStore",
     "DiskFull",

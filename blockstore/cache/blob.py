@@ -1,8 +1,8 @@
 """One blob read through the cache: the ``Export`` the NBD frontend serves.
 
 The hit path is one read transaction per call: each chunk's bytes are
-checked against their xxh3-64 on the LMDB buffer itself and copied out once
-(only the part asked for). No lock is held while fetching, so a hit never
+checked against their checksum (``integrity``) on the LMDB buffer itself and
+copied out once (only the part asked for). No lock is held while fetching, so a hit never
 waits behind another request's miss. Misses go through the ``Fetcher``
 (single-flight, coalesced, parallel); chunks of a sealed blob are checked
 against the sealed checksums before they are served (here, as they
@@ -13,30 +13,29 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Sequence
 
 from blockstore.errors import BlobReadError, CacheError, IntegrityError, NotCached
 from blockstore.export import Buffer
-from blockstore.fetch import Fetcher
-from blockstore.prefetch import BackgroundFill, Readahead
+from blockstore.fetch import FILL, PREFETCH, Fetcher
+from blockstore.prefetch import HintQueue, PrefetchSettings, Readahead, Trace, TraceRecorder, erofs
+from blockstore.prefetch.feed import Pacer, feed
 from blockstore.source import BlobSource
 
+from . import integrity
+from .env import CacheDamaged
 from .evict import LOW_WATER
-from .layout import (
-    CHUNK_KEY,
-    CHUNK_SIZE,
-    DB_CHUNKS,
-    SUM,
-    SUM_SIZE,
-    chunk_count,
-    chunk_length,
-    xxh3,
-)
+from .layout import CHUNK_SIZE, chunk_count, chunk_length
+from .leases import RangeLeases
 from .store import ChunkIntegrityError, ChunkStore
+from .traces import TraceShelf
 
 log = logging.getLogger(__name__)
 
 PREFETCH_STEP = 32 << 20  # bytes asked of the fetcher at a time by prefetch()
+FILL_ROUNDS = 3  # passes of the background fill over what is still missing
+PACE_STEP = 0.25  # seconds of a capped fill's bandwidth asked for in one range
 
 
 class CachedBlob:
@@ -55,13 +54,19 @@ class CachedBlob:
         name: str = "",
         description: str = "",
         readahead: Readahead | None = None,
+        settings: PrefetchSettings | None = None,
+        upstream: BlobSource | None = None,
     ):
+        """``upstream``: the same blob from its source of truth alone (past any mirror),
+        fetched from once more when what ``source`` sent fails the digest."""
         self._store = store
+        self._upstream = upstream
         self._digest = digest
         self._size = size
         self._name = name
         self._description = description or digest
         self._chunks = chunk_count(size)
+        self._seed = integrity.blob_seed(digest)
         record = store.lookup(digest)
         if record is not None and record.size != size:
             raise CacheError(f"{digest} has size {record.size} in the cache, but {size} was given")
@@ -70,13 +75,16 @@ class CachedBlob:
         # Whole in the cache as far as this export knows: readahead has nothing to do.
         # A miss clears it (chunks may be evicted).
         self._whole = record is not None and record.present == record.chunks
-        self._fetcher = (
-            Fetcher(source, CHUNK_SIZE, self._arrived, self._keep, flights=store.flights(digest))
-            if source is not None
-            else None
-        )
+        self._settings = settings if settings is not None else PrefetchSettings()
         self._readahead = readahead if readahead is not None else Readahead()
-        self._fill = BackgroundFill(self.cache) if source is not None else None
+        if not self._settings.readahead:
+            self._readahead = Readahead(maximum=0)
+        self._fetcher: Fetcher | None = None
+        self._hints: HintQueue | None = None
+        self._recorder: TraceRecorder | None = None
+        self._stop = threading.Event()
+        if source is not None:
+            self._start_fetching(source)
 
     # --- Export ----------------------------------------------------------------
 
@@ -142,7 +150,14 @@ class CachedBlob:
             out: list[Buffer | None] = [None] * len(missing)
             bad: list[int] = []
         else:
-            out, missing, bad = self._look_up(blob_id, offset, end, stop_at_miss=False)
+            try:
+                out, missing, bad = self._look_up(blob_id, offset, end, stop_at_miss=False)
+            except CacheDamaged:
+                if self._fetcher is None:
+                    raise
+                # Moved aside; the store goes on with an empty cache: all of it is a miss.
+                missing = list(range(first, last + 1))
+                out, bad = [None] * len(missing), []
         misses = len(missing) + len(bad)
         if misses:
             self._whole = False
@@ -155,8 +170,9 @@ class CachedBlob:
     ) -> tuple[list[Buffer | None], list[int], list[int]]:
         """The hit loop: one read transaction over the chunks of ``offset..end``.
 
-        Each stored chunk is checked against its xxh3-64 on the LMDB buffer
-        and its wanted part copied out; the others are None in the output
+        The 4 KiB blocks of each stored chunk that the read covers are
+        checked against their checksums on the LMDB buffer and the wanted
+        part copied out; the others are None in the output
         and listed as missing or bad. ``stop_at_miss`` gives up at the
         first chunk that is not a hit (the caller then wants none of it);
         presence of all chunks is checked before any is hashed, so a
@@ -167,53 +183,44 @@ class CachedBlob:
         out: list[Buffer | None] = []
         missing: list[int] = []
         bad: list[int] = []
-        pack = CHUNK_KEY.pack
-        unpack_sum = SUM.unpack_from
-        env = self._store.env
-        txn = env.begin_read(DB_CHUNKS)
-        try:
-            get = txn.get
-            values = [get(pack(blob_id, index)) for index in range(first, last + 1)]
+        intact_part = integrity.intact_part
+        skip = integrity.SUM_SIZE
+        seed = self._seed
+        size = self._size
+        with self._store.read_chunks(blob_id, first, last) as values:
             if stop_at_miss and None in values:
                 return [], [first + values.index(None)], []
             for index, value in enumerate(values, first):
                 base = index * CHUNK_SIZE
+                length = min(CHUNK_SIZE, size - base)
+                lo = offset - base if base < offset else 0
+                hi = end - base if end - base < length else length
                 if value is None:
                     missing.append(index)
                     out.append(None)
-                elif len(value) != SUM_SIZE + min(CHUNK_SIZE, self._size - base) or (
-                    unpack_sum(value)[0] != xxh3(value[SUM_SIZE:])
-                ):
+                elif not intact_part(value, seed, index, length, lo, hi):
                     bad.append(index)
                     out.append(None)
                 else:
-                    lo = SUM_SIZE + offset - base if base < offset else SUM_SIZE
-                    hi = SUM_SIZE + end - base if end - base < CHUNK_SIZE else len(value)
-                    out.append(value[lo:hi].tobytes())
+                    out.append(value[skip + lo : skip + hi].tobytes())
                     continue
                 if stop_at_miss:
                     break
-        finally:
-            env.end_read(txn)
         if not stop_at_miss or not (missing or bad):
-            self._store.recency.touch(blob_id, first, last)
+            self._store.touch(blob_id, first, last)
         return out, missing, bad
 
     def _served(self, offset: int, length: int, hits: int, misses: int) -> None:
         """Count a read and tell readahead of it, whether it hit or fetched."""
         self._store.counters.served(hits, misses, length)
-        if self._fill is not None and not self._whole:
-            ahead = self._readahead.advise(offset, length, self._size)
-            if ahead is not None:
-                self._fill.submit(*ahead)
+        if self._hints is not None and not self._whole:
+            self._advise(offset, length, misses)
 
     def cache(self, offset: int, length: int) -> None:
-        """Bring a range into the cache if it is not there (unchecked presence)."""
-        if self._fetcher is None or length <= 0:
+        """A client's CACHE: queue the range as prefetch and return at once."""
+        if self._hints is None or length <= 0 or self._whole:
             return
-        end = min(self._size, offset + length)
-        indices = range(max(0, offset) // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1)
-        self._fetch_all(self._store.missing(self._known_id(), indices), lambda _: None)
+        self._hints.submit(max(0, offset), min(self._size, offset + length) - offset, PREFETCH)
 
     # --- whole-blob operations ---------------------------------------------------
 
@@ -249,7 +256,13 @@ class CachedBlob:
             if missing and self._fetcher is None:
                 raise NotCached(f"{self._digest} is not fully cached and the cache is offline")
             self._fetch_all(missing, report)
-            outcome = self._store.seal(self._digest)
+            outcome = self._store.seal(self._digest, self._size)
+            if outcome is False and self._upstream is not None and self._fetcher is not None:
+                log.warning("%s failed its digest; fetching it from the upstream", self._digest)
+                self._fetcher.close()
+                self._fetcher = self._new_fetcher(self._upstream)
+                self._upstream = None
+                continue
             if outcome is not None:
                 break
         if outcome is False:
@@ -268,8 +281,12 @@ class CachedBlob:
             report(sum(chunk_length(self._size, i) for i in batch))
 
     def close(self) -> None:
-        if self._fill is not None:
-            self._fill.stop()
+        """Stop prefetching and cancel fetches in flight; keep the trace recorded so far."""
+        self._stop.set()
+        if self._recorder is not None:
+            self._recorder.finish()
+        if self._hints is not None:
+            self._hints.stop()
         if self._fetcher is not None:
             self._fetcher.close()
 
@@ -305,7 +322,7 @@ class CachedBlob:
                 "and the cache is offline"
             )
         try:
-            got = self._fetcher.fetch(wanted)
+            got = self._fetcher.fetch(wanted, self._ahead_of_miss(offset, end - offset))
         except OSError:
             raise
         except Exception as exc:  # an export fails with EIO, whatever the backend raised
@@ -317,42 +334,41 @@ class CachedBlob:
             hi = min(end - base, len(data))
             out[index - first] = data if lo == 0 and hi == len(data) else data[lo:hi]
 
-    def _arrived(self, first: int, data: bytes) -> Mapping[int, Buffer]:
-        """Check freshly fetched chunks against the sealed checksums, if there are any.
+    def _arrived(self, index: int, chunk: memoryview) -> Buffer:
+        """Check a freshly fetched chunk against the sealed checksums, if there are any.
 
         This check is for the readers: it runs before they are woken, so
         they get EIO rather than wrong bytes. What is stored is checked by
         the store itself (a seal may commit between here and there).
         """
-        self._store.counters.add(bytes_fetched=len(data), requests_fetched=1)
-        view = memoryview(data)
-        chunks = [view[i : i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)]
+        self._store.counters.add(bytes_fetched=len(chunk))
+        if self._sums is not None and not integrity.fits_sealed(
+            self._sums, self._seed, index, chunk
+        ):
+            self._store.counters.add(checksum_failures=1)
+            raise ChunkIntegrityError(
+                f"{self._digest}: the source sent chunk {index} with bytes that do not "
+                "match the sealed blob"
+            )
+        return chunk
+
+    def _requesting(self, nbytes: int) -> None:
+        """A range request is about to go out: count it, and pick up a seal made since."""
+        self._store.counters.add(requests_fetched=1)
         if self._sums is None:
             # Another process may have sealed the blob since we opened it.
             record = self._store.lookup(self._digest)
             if record is not None and record.sealed:
                 self._sums = self._store.sealed_sums(self._digest)
-        if self._sums is not None:
-            for i, chunk in enumerate(chunks):
-                index = first + i
-                if SUM.unpack_from(self._sums, index * SUM_SIZE)[0] != xxh3(chunk):
-                    self._store.counters.add(checksum_failures=1)
-                    raise ChunkIntegrityError(
-                        f"{self._digest}: the source sent chunk {index} with bytes that do not "
-                        "match the sealed blob"
-                    )
-        return {first + i: chunk for i, chunk in enumerate(chunks)}
 
-    def _keep(self, first: int, chunks: Mapping[int, Buffer]) -> None:
+    def _keep(self, first: int, chunks: Sequence[Buffer]) -> None:
         """Store checked chunks; a cache that cannot take them costs only the caching.
 
         Chunks the store refuses (the blob was sealed meanwhile, and they do
         not match) were counted by the store and are not kept.
         """
         try:
-            record = self._store.store_chunks(
-                self._digest, self._size, first, [chunks[i] for i in sorted(chunks)]
-            )
+            record = self._store.store_chunks(self._digest, self._size, first, chunks)
         except (CacheError, ChunkIntegrityError) as exc:
             log.warning("%s: serving uncached bytes: %s", self._digest, exc)
             return
@@ -361,3 +377,184 @@ class CachedBlob:
             self._whole = True
             if not record.sealed:
                 self._store.seal_later(self._digest)
+
+    def _load(self, indices: Sequence[int]) -> dict[int, Buffer]:
+        """Those of ``indices`` the cache holds now (stored by another process meanwhile)."""
+        blob_id = self._known_id()
+        if blob_id is None or not indices:
+            return {}
+        first, last = min(indices), max(indices)
+        end = min(self._size, (last + 1) * CHUNK_SIZE)
+        out, _, _ = self._look_up(blob_id, first * CHUNK_SIZE, end, stop_at_miss=False)
+        wanted = set(indices)
+        return {
+            first + i: data
+            for i, data in enumerate(out)
+            if data is not None and first + i in wanted
+        }
+
+    # --- prefetch --------------------------------------------------------------
+
+    def _start_fetching(self, source: BlobSource) -> None:
+        """The fetcher, and the heuristics a cold open starts with (on a daemon thread)."""
+        settings = self._settings
+        fetcher = self._fetcher = self._new_fetcher(source)
+        self._readahead.limit_to(lambda: fetcher.window.bytes)
+        self._hints = HintQueue(self._plan)
+        if self._whole:
+            return
+        shelf = TraceShelf(self._store)
+        trace = None
+        if settings.trace_replay:
+            try:
+                trace = shelf.get(self._digest)
+            except CacheError as exc:
+                log.warning("%s", exc)
+        if trace is None and settings.trace_period > 0:
+            self._recorder = TraceRecorder(
+                self._digest, CHUNK_SIZE, settings.trace_period, self._save_trace
+            )
+        if settings.erofs_start or trace is not None or settings.fill:
+            threading.Thread(
+                target=self._warm_up, args=(trace,), name="prefetch-start", daemon=True
+            ).start()
+
+    def _new_fetcher(self, source: BlobSource) -> Fetcher:
+        """A fetcher of ``source`` sharing this blob's flights (and leases, if set)."""
+        flights = self._store.flights(self._digest)
+        leases = None
+        if self._settings.leases:
+            with flights.lock:
+                if flights.leases is None:
+                    flights.leases = RangeLeases(self._store.path, self._digest)
+                leases = flights.leases
+        return Fetcher(
+            source,
+            CHUNK_SIZE,
+            self._arrived,
+            self._keep,
+            self._load,
+            flights=flights,
+            leases=leases,
+            on_request=self._requesting,
+        )
+
+    def _save_trace(self, trace: Trace) -> None:
+        try:
+            TraceShelf(self._store).put(trace)
+        except CacheError as exc:
+            log.warning("%s: access trace not kept: %s", self._digest, exc)
+
+    def _advise(self, offset: int, length: int, misses: int) -> None:
+        """After a read: note it in the trace, and queue the readahead it calls for
+        (a read that missed was advised before its fetch, see ``_ahead_of_miss``)."""
+        if self._recorder is not None:
+            self._recorder.note(offset, length)
+        if misses:
+            return
+        ahead = self._readahead.advise(offset, length, self._size)
+        if ahead is not None:
+            self._hints.submit(*ahead, PREFETCH)  # type: ignore[union-attr]
+
+    def _ahead_of_miss(self, offset: int, length: int) -> list[int]:
+        """Readahead for a read that missed: chunks to fetch with it, in its requests.
+
+        A sequential reader that outruns the prefetch (or many reads of one
+        stream at once, as nbdcopy sends them) then asks for few large
+        ranges instead of many small ones, as the kernel's synchronous
+        readahead does.
+        """
+        ahead = self._readahead.advise(offset, length, self._size)
+        if ahead is None:
+            return []
+        start, count = ahead
+        indices = range(start // CHUNK_SIZE, (start + count - 1) // CHUNK_SIZE + 1)
+        return self._store.missing(self._known_id(), indices)
+
+    def _plan(self, offset: int, length: int, priority: int) -> None:
+        """A hint, off the read path: queue the range's missing chunks."""
+        end = min(self._size, offset + length)
+        if end <= offset or self._fetcher is None:
+            return
+        indices = range(offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1)
+        missing = self._store.missing(self._known_id(), indices)
+        if missing:
+            self._fetcher.prefetch(missing, priority)
+
+    def _warm_up(self, trace: Trace | None) -> None:
+        """The EROFS start, then trace replay, then background fill, as set."""
+        try:
+            if self._settings.erofs_start:
+                self._erofs_start()
+            if trace is not None and not self._stop.is_set():
+                self._replay(trace)
+            if self._settings.fill and not self._stop.is_set():
+                self._fill_layer()
+        except Exception as exc:  # prefetch is best effort; readers fetch for themselves
+            if not self._stop.is_set():
+                log.warning("%s: prefetch stopped: %s", self._digest, exc)
+
+    def _erofs_start(self) -> None:
+        """Fetch the superblock, then the root inode and directory, in one request."""
+        fetcher = self._fetcher
+        head = bytes(fetcher.fetch([0])[0])  # type: ignore[union-attr]
+        where = erofs.root_inode_offset(head)
+        if where is None:
+            return
+        inode_at = where[0]
+        if inode_at + 64 <= len(head):
+            inode = head[inode_at : inode_at + 64]
+        else:
+            inode = b"".join(self.read(inode_at, min(64, self._size - inode_at)))
+        _, end = erofs.start_span(head, inode, self._size)
+        self._plan(0, end, PREFETCH)
+
+    def _replay(self, trace: Trace) -> None:
+        """Prefetch the trace's chunks, in its order, paced by the prefetch budget."""
+        missing = set(self._store.missing(self._known_id(), range(self._chunks)))
+        order = [i for i in trace.order() if i in missing]
+        fetcher = self._fetcher
+        feed(
+            order,
+            fetcher.prefetch,  # type: ignore[union-attr]
+            PREFETCH,
+            self._stop,
+            limit=max(1, fetcher.window.request // CHUNK_SIZE),  # type: ignore[union-attr]
+            chunk_size=CHUNK_SIZE,
+        )
+
+    def _fill_layer(self) -> None:
+        """Fetch the rest of the layer at fill priority, under the rate cap, then seal it.
+
+        Resumable: each pass takes only what is missing, so a fill cut short
+        (stopped, evicted, a failed range) continues where it stopped.
+        """
+        fetcher = self._fetcher
+        rate = self._settings.fill_rate
+        pacer = Pacer(rate)
+        step = fetcher.window.request  # type: ignore[union-attr]
+        if rate:
+            step = min(step, int(rate * PACE_STEP))  # small steps, so the cap is smooth
+        limit = max(1, step // CHUNK_SIZE)
+        for _ in range(FILL_ROUNDS):
+            missing = self._store.missing(self._known_id(), range(self._chunks))
+            if not missing:
+                break
+            if not feed(
+                missing,
+                fetcher.prefetch,  # type: ignore[union-attr]
+                FILL,
+                self._stop,
+                limit=limit,
+                chunk_size=CHUNK_SIZE,
+                pacer=pacer,
+            ):
+                return
+            while fetcher.in_flight() and not self._stop.wait(0.05):  # type: ignore[union-attr]
+                pass
+        if self._stop.is_set():
+            return
+        if self._store.seal(self._digest, self._size):
+            self._sums = self._store.sealed_sums(self._digest)
+            self._whole = True
+            log.info("%s: filled and sealed", self._digest)

@@ -27,11 +27,16 @@ COUNTER_NAMES = (
 
 
 class Counters:
-    """Pending counter deltas of this process."""
+    """Pending counter deltas of this process.
+
+    The hit path's ``served`` is a bare list append (atomic in CPython, no
+    lock); the other counters, counted rarely, take a lock.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pending: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+        self._served: list[tuple[int, int, int]] = []
 
     def add(self, **deltas: int) -> None:
         with self._lock:
@@ -40,18 +45,24 @@ class Counters:
 
     def served(self, hits: int, misses: int, nbytes: int) -> None:
         """The hit path's one call per read."""
-        with self._lock:
-            p = self._pending
-            p["hits"] += hits
-            p["misses"] += misses
-            p["bytes_served"] += nbytes
+        self._served.append((hits, misses, nbytes))
+
+    def _fold(self, pending: dict[str, int]) -> None:
+        """Move the served reads noted so far into ``pending`` (under the lock)."""
+        served, self._served = self._served, []
+        for hits, misses, nbytes in served:
+            pending["hits"] += hits
+            pending["misses"] += misses
+            pending["bytes_served"] += nbytes
 
     def pending(self) -> dict[str, int]:
         with self._lock:
+            self._fold(self._pending)
             return dict(self._pending)
 
     def take(self) -> dict[str, int]:
         with self._lock:
+            self._fold(self._pending)
             taken = {k: v for k, v in self._pending.items() if v}
             self._pending = dict.fromkeys(COUNTER_NAMES, 0)
             return taken

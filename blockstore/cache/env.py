@@ -1,4 +1,4 @@
-"""The one place that opens LMDB: map growth, other processes' growth, disk full.
+"""The one place that opens LMDB: map growth, damage, forks, reader slots, disk full.
 
 LMDB's map is a fixed window onto the file; we start small and double it
 when a write fills it (``MapFullError``), so a 100 GiB cache needs no
@@ -12,15 +12,27 @@ No ``writemap`` and no ``sync=False``: a SIGKILL or power loss at any moment
 leaves a consistent cache. ``metasync=False`` (one fsync per commit instead
 of two) keeps that: a power loss may undo the last commit, never half of it,
 and a cache may forget a chunk.
+
+A cache is only a cache: a damaged file must cost its contents, never the
+process. A file shorter than the pages its newest meta page claims would
+end in SIGBUS once mapped, so it is measured before LMDB opens it; LMDB's
+own corruption errors are caught wherever a transaction runs. Either way the
+directory is moved aside (renamed with a timestamp) with one log line, and
+an empty cache takes its place. A forked child never touches its parent's
+environment (LMDB forbids it): it closes the copy it inherited, which no
+transaction was using (forks wait for those to end), and opens its own on
+first use.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
@@ -28,7 +40,7 @@ import lmdb
 
 from blockstore.errors import CacheError
 
-from .layout import ALL_DBS
+from .layout import ALL_DBS, CHUNK_SIZE, DB_META, FORMAT_VERSION, meta_int
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +50,101 @@ INITIAL_MAP_SIZE = 256 << 20
 # Below this much free space a failed commit is taken to be a full disk:
 # LMDB reports a short write as EIO, not ENOSPC.
 DISK_FULL_SLACK = 1 << 20
+# Read transactions open at once across the processes of one cache. The
+# server holds one per request being served from the cache, briefly; when
+# they run out anyway, a reader waits up to READER_WAIT for a slot.
+MAX_READERS = 8192
+READER_WAIT = 5.0
+
+# What LMDB says of a file it cannot trust.
+DAMAGE_ERRORS = (
+    lmdb.CorruptedError,
+    lmdb.PageNotFoundError,
+    lmdb.BadValsizeError,
+    lmdb.InvalidError,
+    lmdb.PanicError,
+    lmdb.VersionMismatchError,
+    lmdb.IncompatibleError,
+    lmdb.BadTxnError,
+)
+
+# LMDB's meta pages (mdb.c, 64-bit builds): pages 0 and 1 each hold a page header
+# (16 bytes), then MDB_meta: magic and version (u32 each), the map address and
+# size, two MDB_db records of 48 bytes (the first one's leading u32 is the page
+# size), then the last page used and the transaction id. The newer one counts.
+_META_MAGIC = 0xBEEFC0DE
+_META_HEAD = struct.Struct("<II")  # at 16: magic, version
+_META_PSIZE = struct.Struct("<I")  # at 40
+_META_TAIL = struct.Struct("<QQ")  # at 136: last page, txnid
+_META_END = 152
 
 
 class DiskFull(CacheError):
     """A commit failed because the file system holding the cache is full."""
+
+
+class CacheDamaged(CacheError):
+    """The cache's file could not be trusted: it was moved aside."""
+
+
+class OtherFormat(CacheError):
+    """The cache was written by a version of this program with another layout."""
+
+
+def file_damage(path: Path) -> str | None:
+    """Why ``data.mdb`` in ``path`` must not be mapped, or None if it may.
+
+    The meta pages are read before the file's size is taken: LMDB writes
+    data pages before the meta page that names them, so a commit by another
+    process in between can only make the file longer than the meta says.
+    """
+    data = path / "data.mdb"
+    try:
+        with open(data, "rb") as f:
+            head = f.read(_META_END)
+            if not head:
+                return None  # new: LMDB writes its first meta pages
+            if len(head) < _META_END:
+                return f"data.mdb is {len(head)} bytes, shorter than its first page"
+            magic, _ = _META_HEAD.unpack_from(head, 16)
+            psize = _META_PSIZE.unpack_from(head, 40)[0]
+            if magic != _META_MAGIC or psize < 512 or psize > 65536 or psize & (psize - 1):
+                return "data.mdb does not start with an LMDB meta page"
+            f.seek(psize)
+            second = f.read(_META_END)
+            metas = [head] + [second] * (len(second) == _META_END)
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"data.mdb cannot be read: {exc.strerror}"
+    newest = max(
+        (
+            _META_TAIL.unpack_from(m, 136)
+            for m in metas
+            if _META_HEAD.unpack_from(m, 16)[0] == _META_MAGIC
+        ),
+        key=lambda tail: tail[1],
+    )
+    wanted = (newest[0] + 1) * psize
+    if size < wanted:
+        return f"data.mdb is {size} bytes, but its last page ends at {wanted}"
+    return None
+
+
+def move_aside(path: Path, why: str, label: str = "damaged") -> Path:
+    """Rename a cache directory out of the way (``NAME.LABEL-TIME``), keeping it for a
+    post-mortem or for the version that wrote it."""
+    aside = path.with_name(f"{path.name}.{label}-{time.strftime('%Y%m%dT%H%M%S')}")
+    n = 1
+    while aside.exists():
+        aside = aside.with_name(f"{aside.name.split('~')[0]}~{n}")
+        n += 1
+    try:
+        path.rename(aside)
+    except OSError as exc:
+        raise CacheError(f"{why}; the cache at {path} cannot be moved aside: {exc}") from exc
+    return aside
 
 
 class _Gate:
@@ -71,20 +174,26 @@ class _Gate:
             if not self._holders and self._exclusive_waiting:
                 self._cond.notify_all()
 
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
+    def acquire_exclusive(self) -> None:
         with self._lock:
             self._exclusive_waiting += 1
             while self._exclusive or self._holders:
                 self._cond.wait()
             self._exclusive_waiting -= 1
             self._exclusive = True
+
+    def release_exclusive(self) -> None:
+        with self._lock:
+            self._exclusive = False
+            self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        self.acquire_exclusive()
         try:
             yield
         finally:
-            with self._lock:
-                self._exclusive = False
-                self._cond.notify_all()
+            self.release_exclusive()
 
 
 class CacheEnv:
@@ -99,53 +208,168 @@ class CacheEnv:
     _open_lock: ClassVar[threading.Lock] = threading.Lock()
 
     @classmethod
-    def open(cls, path: Path) -> CacheEnv:
+    def open(cls, path: Path, *, offline: bool = False) -> CacheEnv:
+        """The environment of ``path``, opened once per process.
+
+        A damaged cache is moved aside; online an empty one replaces it,
+        offline (nothing else to read from) ``CacheDamaged`` is raised. A
+        cache of another format is moved aside online and refused offline.
+        """
         with cls._open_lock:
-            try:
-                path.mkdir(parents=True, exist_ok=True)
-                st = path.stat()
-            except OSError as exc:
-                raise CacheError(f"cannot open the cache at {path}: {exc}") from exc
-            key = (st.st_dev, st.st_ino)
+            key = cls._directory(path)
             env = cls._open.get(key)
             if env is None:
-                env = cls._open[key] = cls(path)
+                env = cls(path, offline=offline)
+                key = cls._directory(path)  # a new directory if the old was moved aside
+                cls._open[key] = env
                 env._key = key
             env._users += 1
             return env
 
-    def __init__(self, path: Path):
+    @staticmethod
+    def _directory(path: Path) -> tuple[int, int]:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            st = path.stat()
+        except OSError as exc:
+            raise CacheError(f"cannot open the cache at {path}: {exc}") from exc
+        return st.st_dev, st.st_ino
+
+    def __init__(self, path: Path, *, offline: bool = False):
         self.path = path
         self._users = 0
         self._key: tuple[int, int] | None = None
+        self._gate = _Gate()
+        self._write_lock = threading.Lock()
+        self.dbs: dict[bytes, lmdb._Database] = {}
+        self.env: lmdb.Environment | None = None
+        # Set when this handle must not be used again: the file was found damaged,
+        # or this process is a fork's child. The next transaction reopens first.
+        self._stale: str | None = None
+        self.moved_aside: list[str] = []  # what damage this process found and moved away
         try:
-            data = path / "data.mdb"
-            used = data.stat().st_size if data.exists() else 0
-            map_size = INITIAL_MAP_SIZE
-            while map_size < 2 * used:
-                map_size *= 2
-            self.env = lmdb.open(
+            self._open_env()
+        except (CacheDamaged, OtherFormat) as exc:
+            if offline and isinstance(exc, OtherFormat):
+                raise
+            aside = self._discard(str(exc), "damaged" if isinstance(exc, CacheDamaged) else "old")
+            if offline:
+                raise CacheDamaged(
+                    f"the cache at {self.path} is damaged ({exc}): moved it to {aside}; "
+                    "offline, there is nothing else to read"
+                ) from exc
+            log.warning("%s: moved it to %s and started an empty cache", exc, aside)
+            self._open_env()
+
+    def _open_env(self) -> None:
+        """Open LMDB on the directory, refusing a file that would fault once mapped."""
+        path = self.path
+        path.mkdir(parents=True, exist_ok=True)
+        why = file_damage(path)
+        if why is not None:
+            raise CacheDamaged(f"the cache at {path} is damaged: {why}")
+        used = (path / "data.mdb").stat().st_size if (path / "data.mdb").exists() else 0
+        map_size = INITIAL_MAP_SIZE
+        while map_size < 2 * used:
+            map_size *= 2
+        try:
+            env = lmdb.open(
                 str(path),
                 map_size=map_size,
                 max_dbs=len(ALL_DBS),
-                max_readers=1024,
+                max_readers=MAX_READERS,
                 readahead=False,
                 metasync=False,
                 subdir=True,
             )
+        except DAMAGE_ERRORS as exc:
+            raise CacheDamaged(f"the cache at {path} is damaged: {exc}") from exc
         except (OSError, lmdb.Error) as exc:
             raise CacheError(f"cannot open the cache at {path}: {exc}") from exc
-        # Reader slots of killed processes would pin old pages forever.
-        self.env.reader_check()
+        try:
+            # Reader slots of killed processes would pin old pages forever.
+            env.reader_check()
+            with env.begin(write=True) as txn:
+                dbs = {name: env.open_db(name, txn=txn) for name in ALL_DBS}
+                version = meta_int(txn, dbs[DB_META], b"format", FORMAT_VERSION)
+                chunk_size = meta_int(txn, dbs[DB_META], b"chunk_size", CHUNK_SIZE)
+        except DAMAGE_ERRORS as exc:
+            env.close()
+            raise CacheDamaged(f"the cache at {path} is damaged: {exc}") from exc
+        except lmdb.Error as exc:
+            env.close()
+            raise CacheError(f"cannot open the cache at {path}: {exc}") from exc
+        if version != FORMAT_VERSION or chunk_size != CHUNK_SIZE:
+            env.close()
+            raise OtherFormat(
+                f"the cache at {path} has format {version} with {chunk_size}-byte chunks; "
+                f"this version needs format {FORMAT_VERSION} with {CHUNK_SIZE}-byte chunks"
+            )
+        self.env = env
+        self.dbs.clear()
+        self.dbs.update(dbs)
+
+    def _discard(self, why: str, label: str = "damaged") -> Path | None:
+        """Move the directory aside, if it is still the one this environment opened
+        (another process may have moved it already); where it went, if it was moved."""
+        self.moved_aside.append(why)
+        try:
+            current = self.path.stat()
+        except FileNotFoundError:
+            return None
+        if self._key is not None and (current.st_dev, current.st_ino) != self._key:
+            return None
+        return move_aside(self.path, why, label)
+
+    def _renew(self) -> None:
+        """Replace a handle marked stale: after damage, with an empty cache; in a fork's
+        child, with the child's own handle on the same file."""
+        with self._gate.exclusive():
+            why = self._stale
+            if why is None:
+                return  # another thread renewed it
+            if why != "fork":
+                self._close_env()
+                aside = self._discard(why)
+                log.warning(
+                    "the cache at %s is damaged (%s): moved it to %s, going on with an empty cache",
+                    self.path,
+                    why,
+                    aside or "(moved already)",
+                )
+            self._open_env()
+            with self._open_lock:
+                self._open.pop(self._key, None)
+                self._key = self._directory(self.path)
+                self._open[self._key] = self
+            self._stale = None
+
+    def _close_env(self) -> None:
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+    def damaged(self, exc: lmdb.Error) -> CacheError:
+        """The error to raise for ``exc``; damage also marks the environment for renewal."""
+        if isinstance(exc, DAMAGE_ERRORS):
+            if self._stale is None:
+                self._stale = f"{type(exc).__name__}: {exc}"
+            return CacheDamaged(f"the cache at {self.path} is damaged: {exc}")
+        return CacheError(f"cache read failed: {exc}")
+
+    def forked(self) -> None:
+        """In a fork's child: let go of the parent's handle, open our own on next use.
+
+        No transaction was open at the fork (``_before_fork`` waited them
+        out), so closing the handle here frees only this process's memory
+        and descriptors; the parent's reader slots and locks are untouched.
+        """
+        if self.env is not None:
+            self.env.close()
+        self.env = None
         self._gate = _Gate()
         self._write_lock = threading.Lock()
-        self.dbs: dict[bytes, lmdb._Database] = {}
-
-        def open_dbs(txn: lmdb.Transaction) -> None:
-            for name in ALL_DBS:
-                self.dbs[name] = self.env.open_db(name, txn=txn)
-
-        self.write(open_dbs)
+        self._stale = "fork"
 
     def close(self) -> None:
         with self._open_lock:
@@ -154,7 +378,7 @@ class CacheEnv:
                 return
             self._open.pop(self._key, None)
         with self._gate.exclusive():
-            self.env.close()
+            self._close_env()
 
     @contextmanager
     def reader(self, db: bytes | None = None) -> Iterator[lmdb.Transaction]:
@@ -162,25 +386,43 @@ class CacheEnv:
         txn = self.begin_read(db)
         try:
             yield txn
+        except lmdb.Error as exc:
+            raise self.damaged(exc) from exc
         finally:
             self.end_read(txn)
 
     def begin_read(self, db: bytes | None = None) -> lmdb.Transaction:
         """Start a read transaction; pair it with ``end_read`` (the hit path's form)."""
-        handle = self.dbs[db] if db is not None else None
+        deadline = None
         while True:
+            if self._stale is not None:
+                self._renew()
             self._gate.acquire_shared()
             try:
-                return self.env.begin(db=handle, buffers=True)
+                if self.env is None:
+                    raise CacheError(f"the cache at {self.path} is closed")
+                return self.env.begin(db=self.dbs[db] if db is not None else None, buffers=True)
             except lmdb.MapResizedError:
                 self._gate.release_shared()
                 self._adopt_map_size()
+            except lmdb.ReadersFullError as exc:
+                self._gate.release_shared()
+                deadline = deadline or time.monotonic() + READER_WAIT
+                if time.monotonic() > deadline:
+                    raise CacheError(f"cache read failed: {exc}") from exc
+                self._wait_for_reader()
             except lmdb.Error as exc:
                 self._gate.release_shared()
-                raise CacheError(f"cache read failed: {exc}") from exc
+                raise self.damaged(exc) from exc
             except BaseException:
                 self._gate.release_shared()
                 raise
+
+    def _wait_for_reader(self) -> None:
+        """Reader slots are all taken: free those of dead processes, then give others a moment."""
+        with suppress(lmdb.Error):
+            self.env.reader_check()
+        time.sleep(0.002)
 
     def end_read(self, txn: lmdb.Transaction) -> None:
         try:
@@ -192,13 +434,18 @@ class CacheEnv:
         """Run ``work`` in a write transaction and commit it.
 
         ``work`` is run again from the start if the map had to grow, so it
-        must keep its effects inside the transaction. Raises ``DiskFull``
-        or ``CacheError``; the cache is left as of the last commit.
+        must keep its effects inside the transaction. Raises ``DiskFull``,
+        ``CacheDamaged`` or ``CacheError``; the cache is left as of the last
+        commit.
         """
+        if self._stale is not None:
+            self._renew()
         with self._write_lock:
             while True:
                 self._gate.acquire_shared()
                 try:
+                    if self.env is None:
+                        raise CacheError(f"the cache at {self.path} is closed")
                     txn = self.env.begin(write=True, buffers=True)
                 except lmdb.MapResizedError:
                     self._gate.release_shared()
@@ -206,7 +453,10 @@ class CacheEnv:
                     continue
                 except lmdb.Error as exc:
                     self._gate.release_shared()
-                    raise CacheError(f"cache write failed: {exc}") from exc
+                    raise self.damaged(exc) from exc
+                except BaseException:
+                    self._gate.release_shared()
+                    raise
                 try:
                     result = work(txn)
                     txn.commit()
@@ -239,6 +489,8 @@ class CacheEnv:
         return st.f_bavail * st.f_frsize
 
     def _write_error(self, exc: lmdb.Error) -> CacheError:
+        if isinstance(exc, DAMAGE_ERRORS):
+            return self.damaged(exc)
         if self.free_disk() < DISK_FULL_SLACK:
             return DiskFull(f"the disk holding the cache at {self.path} is full")
         return CacheError(f"cache write failed: {exc}")
@@ -253,3 +505,32 @@ class CacheEnv:
         with self._gate.exclusive():
             self.env.set_mapsize(0)
             log.debug("another process grew the cache map; now %d MiB", self.map_size() >> 20)
+
+
+# A fork must not copy an open transaction into the child: closing the child's copy
+# of the environment would then end it, and free the parent's reader slot with it.
+_forking: list[CacheEnv] = []
+
+
+def _before_fork() -> None:
+    _forking[:] = list(CacheEnv._open.values())
+    for env in _forking:
+        env._gate.acquire_exclusive()
+
+
+def _after_fork_in_parent() -> None:
+    for env in _forking:
+        env._gate.release_exclusive()
+    _forking.clear()
+
+
+def _after_fork_in_child() -> None:
+    CacheEnv._open_lock = threading.Lock()
+    _forking.clear()
+    for env in CacheEnv._open.values():
+        env.forked()
+
+
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+)

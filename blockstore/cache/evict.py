@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import lmdb
 
+from .integrity import stored_length
 from .layout import (
     CHUNK_KEY,
     DB_BLOBS,
@@ -17,7 +18,6 @@ from .layout import (
     DB_IDS,
     DB_LRU,
     DB_TICKS,
-    SUM_SIZE,
     U64,
     BlobRecord,
 )
@@ -52,7 +52,7 @@ def evict(
             continue
         value = txn.get(key, db=dbs[DB_CHUNKS])
         if value is not None:
-            freed += len(value) - SUM_SIZE
+            freed += stored_length(value)
             evicted += 1
             txn.delete(key, db=dbs[DB_CHUNKS])
             if entry is not None:

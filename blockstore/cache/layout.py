@@ -15,22 +15,24 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import lmdb
-import xxhash
 
 CHUNK_SIZE = 32768
-FORMAT_VERSION = 1
+# 3: a checksum for each 4 KiB block of a chunk, seeded with the block's identity
+# (blob digest, chunk index, block); sealed blobs keep one hash of each chunk's.
+FORMAT_VERSION = 3
 
 # Named databases.
 DB_META = b"meta"  # name -> value (format, chunk size, next id, stored bytes, cap)
 DB_BLOBS = b"blobs"  # digest -> BlobRecord
 DB_IDS = b"ids"  # blob id -> digest
-DB_CHUNKS = b"chunks"  # chunk key -> xxh3-64 (8 bytes LE) || chunk bytes
-DB_SUMS = b"sums"  # digest -> every chunk's xxh3-64, packed LE, kept once sealed
+DB_CHUNKS = b"chunks"  # chunk key -> checksum (see integrity) || chunk bytes
+DB_SUMS = b"sums"  # digest -> every chunk's checksum, packed, kept once sealed
 DB_TICKS = b"ticks"  # chunk key -> last-use tick (8 bytes BE)
 DB_LRU = b"lru"  # tick || chunk key -> b"" (oldest first)
 DB_COUNTERS = b"counters"  # counter name -> u64
 DB_REFS = b"refs"  # reference \0 platform -> JSON record
 DB_MANIFESTS = b"manifests"  # digest -> raw manifest bytes
+DB_TRACES = b"traces"  # layer digest -> JSON access trace (see cache/traces.py)
 ALL_DBS = (
     DB_META,
     DB_BLOBS,
@@ -42,13 +44,11 @@ ALL_DBS = (
     DB_COUNTERS,
     DB_REFS,
     DB_MANIFESTS,
+    DB_TRACES,
 )
 
 CHUNK_KEY = struct.Struct(">QQ")
 U64 = struct.Struct(">Q")
-SUM = struct.Struct("<Q")
-SUM_SIZE = SUM.size
-xxh3 = xxhash.xxh3_64_intdigest
 
 PINNED = 1
 SEALED = 2
@@ -84,13 +84,6 @@ def chunk_count(size: int) -> int:
 
 def chunk_length(size: int, index: int) -> int:
     return min(CHUNK_SIZE, size - index * CHUNK_SIZE)
-
-
-def valid_chunk(value: memoryview | bytes, expected_len: int) -> bool:
-    """True when a stored chunk has the right length and matches its checksum."""
-    return len(value) == SUM_SIZE + expected_len and SUM.unpack_from(value)[0] == xxh3(
-        value[SUM_SIZE:]
-    )
 
 
 @dataclass

@@ -5,6 +5,10 @@ digest names) one chunk at a time, never loaded whole. A match seals it and
 records every chunk's checksum, so a chunk evicted and fetched again later
 is checked against what the digest vouched for. A mismatch drops the blob:
 its bytes were not the blob's.
+
+``Sealer`` owns what sealing needs (one blob hashed at a time, the verdicts
+of failed seals, the background queue); the store is its one collaborator,
+handed in, and calls it, never the other way round at import time.
 """
 
 from __future__ import annotations
@@ -14,13 +18,26 @@ import hashlib
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
+
+import lmdb
 
 from blockstore.errors import CacheError
 
 from . import counters as counters_mod
+from .counters import Counters
+from .env import CacheEnv
+from .integrity import (
+    blob_seed,
+    intact,
+    matches_sealed,
+    sealed_entry,
+    stored_bytes,
+    stored_length,
+    stored_sum,
+)
 from .layout import (
     CHUNK_KEY,
     DB_BLOBS,
@@ -29,21 +46,35 @@ from .layout import (
     DB_META,
     DB_SUMS,
     SEALED,
-    SUM_SIZE,
     U64,
     BlobRecord,
     chunk_key,
     chunk_length,
     meta_int,
-    valid_chunk,
 )
-
-if TYPE_CHECKING:
-    from .store import ChunkStore
 
 log = logging.getLogger(__name__)
 
 SCAN_BATCH = 256  # chunks per read transaction: short transactions let pages be reused
+
+
+class Store(Protocol):
+    """What sealing asks of the chunk store."""
+
+    env: CacheEnv
+    dbs: dict[bytes, lmdb._Database]
+    counters: Counters
+
+    @property
+    def closing(self) -> bool: ...
+    def lookup(self, digest: str) -> BlobRecord | None: ...
+    def sealed_sums(self, digest: str) -> bytes | None: ...
+    def drop_chunks(self, digest: str, indices: Sequence[int]) -> int: ...
+    def remove(self, digest: str) -> bool: ...
+    def flush(self) -> None: ...
+    def delete_chunk(
+        self, txn: lmdb.Transaction, key: bytes, record: BlobRecord | None, length: int
+    ) -> None: ...
 
 
 def _hasher(digest: str):
@@ -54,7 +85,7 @@ def _hasher(digest: str):
         return None, hexdigest
 
 
-def scan(store: ChunkStore, start: bytes = b"", stop: bytes | None = None) -> Iterator:
+def scan(env: CacheEnv, start: bytes = b"", stop: bytes | None = None) -> Iterator:
     """Yield (key, value) of stored chunks from ``start`` up to ``stop``, in short transactions.
 
     A value is valid only until the next item is asked for; the consumer
@@ -62,7 +93,7 @@ def scan(store: ChunkStore, start: bytes = b"", stop: bytes | None = None) -> It
     """
     last: bytes | None = None
     while True:
-        with store.env.reader(DB_CHUNKS) as txn:
+        with env.reader(DB_CHUNKS) as txn:
             cursor = txn.cursor()
             positioned = cursor.set_range(last or start)
             if positioned and last is not None and bytes(cursor.key()) == last:
@@ -78,67 +109,150 @@ def scan(store: ChunkStore, start: bytes = b"", stop: bytes | None = None) -> It
                 positioned = cursor.next()
 
 
-def seal_blob(store: ChunkStore, digest: str, *, recheck: bool = False) -> bool | None:
-    """Hash a complete blob and seal it; see ``ChunkStore.seal``.
+@dataclass
+class VerifyReport:
+    """What ``verify`` checked, found bad and dropped."""
 
-    ``recheck`` hashes a sealed blob again (``verify``); it stays sealed
-    meanwhile, so chunks fetched again are still checked.
-    """
-    with store.seal_lock:
-        record = store.lookup(digest)
-        if record is None:
-            # Dropped by a seal that just ran here: say what it found.
-            return False if digest in store.seal_failed else None
-        if record.sealed and not recheck:
-            return True
-        if record.present < record.chunks:
+    chunks_checked: int = 0
+    bad_chunks: list[tuple[str, int]] = field(default_factory=list)
+    orphan_chunks: int = 0
+    blobs_checked: int = 0
+    bad_blobs: list[str] = field(default_factory=list)
+    newly_sealed: list[str] = field(default_factory=list)
+    repaired_records: list[str] = field(default_factory=list)
+    damaged_records: list[str] = field(default_factory=list)  # offline records, dropped
+    damage: str | None = None  # the cache file itself was damaged (and moved aside)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            not self.bad_chunks
+            and not self.bad_blobs
+            and not self.damaged_records
+            and self.damage is None
+        )
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+@dataclass
+class _Scan:
+    """What one pass over every stored chunk found, for the repair that follows it."""
+
+    by_id: dict[int, tuple[str, BlobRecord]]
+    sums: dict[str, bytes | None]
+    stored_before: int
+    present: dict[int, int]
+    bad: list[bytes] = field(default_factory=list)
+    orphans: set[bytes] = field(default_factory=set)
+    stored: int = 0
+
+    def good(self, key: bytes, value: memoryview | bytes) -> bool:
+        """The chunk check and, for a sealed blob, the sealed check."""
+        blob_id, index = CHUNK_KEY.unpack(key)
+        digest, record = self.by_id[blob_id]
+        sums = self.sums.get(digest)
+        return (
+            index < record.chunks
+            and intact(value, blob_seed(digest), index, chunk_length(record.size, index))
+            and (sums is None or matches_sealed(sums, index, stored_sum(value)))
+        )
+
+
+class Sealer:
+    """Seals and verifies the blobs of one store, now or in the background."""
+
+    def __init__(self, store: Store):
+        self._store = store
+        self._lock = threading.Lock()  # one blob hashed at a time, never twice at once
+        # Digests whose last seal found bytes not matching the digest (and dropped the
+        # blob): a seal that finds the blob gone reports that. Forgotten when the digest
+        # is stored again.
+        self._failed: set[str] = set()
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._queued: set[str] = set()
+        self._queue_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    # --- now ---------------------------------------------------------------------
+
+    def seal(self, digest: str, *, recheck: bool = False) -> bool | None:
+        """Hash a complete blob and seal it; see ``ChunkStore.seal``.
+
+        ``recheck`` hashes a sealed blob again (``verify``); it stays sealed
+        meanwhile, so chunks fetched again are still checked.
+        """
+        with self._lock:
+            record = self._store.lookup(digest)
+            if record is None:
+                # Dropped by a seal that just ran here: say what it found.
+                return False if digest in self._failed else None
+            if record.sealed and not recheck:
+                return True
+            if record.present < record.chunks:
+                return None
+            outcome = self._seal(digest, record)
+            if outcome is False:
+                self._failed.add(digest)
+            return outcome
+
+    def forget(self, digest: str) -> None:
+        """The blob is stored anew: an old seal's verdict no longer applies."""
+        self._failed.discard(digest)
+
+    def _seal(self, digest: str, record: BlobRecord) -> bool | None:
+        """Hash the blob over short read transactions, then seal it if nothing changed.
+
+        A chunk may be evicted and stored again while the blob is hashed; the
+        sealing transaction therefore checks every stored chunk against the
+        checksum that was hashed, so what is sealed is what matched the digest.
+        """
+        store = self._store
+        hasher, expected = _hasher(digest)
+        if hasher is None:
+            log.warning("cannot check %s: unknown digest algorithm", digest)
             return None
-        outcome = _seal(store, digest, record)
-        if outcome is False:
-            store.seal_failed.add(digest)
-        return outcome
+        seed = blob_seed(digest)
+        sums = bytearray()
+        bad: list[int] = []
+        prefix = U64.pack(record.blob_id)
+        index = 0
+        # Closed explicitly: the scan holds a read transaction until it is.
+        with contextlib.closing(scan(store.env, prefix, U64.pack(record.blob_id + 1))) as chunks:
+            for key, value in chunks:
+                if store.closing:
+                    return None  # shutting down: the next run seals it
+                if CHUNK_KEY.unpack(key)[1] != index:
+                    return None  # a chunk went missing (evicted) while hashing
+                if not intact(value, seed, index, chunk_length(record.size, index)):
+                    bad.append(index)
+                    break
+                hasher.update(stored_bytes(value))
+                sums += sealed_entry(stored_sum(value))
+                index += 1
+        if bad:
+            store.counters.add(checksum_failures=store.drop_chunks(digest, bad))
+            return None
+        if index != record.chunks:
+            return None
+        if hasher.hexdigest() != expected:
+            log.error("%s: the cached bytes do not match the digest; dropping the blob", digest)
+            store.remove(digest)
+            store.counters.add(seal_failures=1)
+            return False
+        sealed = store.env.write(lambda txn: self._commit_seal(txn, digest, record, bytes(sums)))
+        if sealed:
+            log.info("sealed %s", digest)
+        else:
+            log.warning("%s changed while it was hashed; not sealed", digest)
+        return sealed
 
-
-def _seal(store: ChunkStore, digest: str, record: BlobRecord) -> bool | None:
-    """Hash the blob over short read transactions, then seal it if nothing changed.
-
-    A chunk may be evicted and stored again while the blob is hashed; the
-    sealing transaction therefore checks every stored chunk against the
-    checksum that was hashed, so what is sealed is what matched the digest.
-    """
-    hasher, expected = _hasher(digest)
-    if hasher is None:
-        log.warning("cannot check %s: unknown digest algorithm", digest)
-        return None
-    sums = bytearray(record.chunks * SUM_SIZE)
-    bad: list[int] = []
-    prefix = U64.pack(record.blob_id)
-    index = 0
-    # Closed explicitly: the scan holds a read transaction until it is.
-    with contextlib.closing(scan(store, prefix, U64.pack(record.blob_id + 1))) as chunks:
-        for key, value in chunks:
-            if store.closing:
-                return None  # shutting down: the next run seals it
-            if CHUNK_KEY.unpack(key)[1] != index:
-                return None  # a chunk went missing (evicted) while hashing
-            if not valid_chunk(value, chunk_length(record.size, index)):
-                bad.append(index)
-                break
-            hasher.update(value[SUM_SIZE:])
-            sums[index * SUM_SIZE : (index + 1) * SUM_SIZE] = value[:SUM_SIZE]
-            index += 1
-    if bad:
-        store.counters.add(checksum_failures=store.drop_chunks(digest, bad))
-        return None
-    if index != record.chunks:
-        return None
-    if hasher.hexdigest() != expected:
-        log.error("%s: the cached bytes do not match the digest; dropping the blob", digest)
-        store.remove(digest)
-        store.counters.add(seal_failures=1)
-        return False
-
-    def work(txn) -> bool | None:
+    def _commit_seal(
+        self, txn: lmdb.Transaction, digest: str, record: BlobRecord, sums: bytes
+    ) -> bool | None:
+        """Seal, if every chunk stored now is the one that was hashed."""
+        store = self._store
         raw = txn.get(digest.encode(), db=store.dbs[DB_BLOBS])
         if raw is None:
             return None
@@ -154,8 +268,8 @@ def _seal(store: ChunkStore, digest: str, record: BlobRecord) -> bool | None:
             value = txn.get(key, db=chunks_db)
             if value is None:
                 return None  # evicted after it was hashed: not whole any more
-            if value[:SUM_SIZE] != sums[i * SUM_SIZE : (i + 1) * SUM_SIZE]:
-                changed.append((key, len(value) - SUM_SIZE))
+            if not matches_sealed(sums, i, stored_sum(value)):
+                changed.append((key, stored_length(value)))
         if changed:
             # Stored again, with other bytes, after it was hashed: not the blob's.
             for key, length in changed:
@@ -165,30 +279,15 @@ def _seal(store: ChunkStore, digest: str, record: BlobRecord) -> bool | None:
             return None
         current.flags |= SEALED
         txn.put(digest.encode(), current.pack(), db=store.dbs[DB_BLOBS])
-        txn.put(digest.encode(), bytes(sums), db=store.dbs[DB_SUMS])
+        txn.put(digest.encode(), sums, db=store.dbs[DB_SUMS])
         counters_mod.persist(txn, store.dbs[DB_COUNTERS], {"seals": 1})
         return True
 
-    sealed = store.env.write(work)
-    if sealed:
-        log.info("sealed %s", digest)
-    else:
-        log.warning("%s changed while it was hashed; not sealed", digest)
-    return sealed
-
-
-class Sealer:
-    """Seals blobs in the background, so the read that completed one is not held up."""
-
-    def __init__(self, store: ChunkStore):
-        self._store = store
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._queued: set[str] = set()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+    # --- in the background ---------------------------------------------------------
 
     def submit(self, digest: str) -> None:
-        with self._lock:
+        """Seal ``digest`` soon, off the caller's thread (once, however often asked)."""
+        with self._queue_lock:
             if digest in self._queued:
                 return
             self._queued.add(digest)
@@ -198,7 +297,7 @@ class Sealer:
         self._queue.put(digest)
 
     def stop(self) -> None:
-        with self._lock:
+        with self._queue_lock:
             thread = self._thread
         if thread is not None:
             self._queue.put(None)
@@ -206,141 +305,102 @@ class Sealer:
 
     def _run(self) -> None:
         while (digest := self._queue.get()) is not None:
-            with self._lock:
+            with self._queue_lock:
                 self._queued.discard(digest)
             try:
-                seal_blob(self._store, digest)
+                self.seal(digest)
             except CacheError as exc:
                 log.warning("sealing %s failed: %s", digest, exc)
             except Exception:
                 log.exception("sealing %s failed", digest)
 
+    # --- verification --------------------------------------------------------------
 
-@dataclass
-class VerifyReport:
-    """What ``verify`` checked, found bad and dropped."""
+    def verify(self) -> VerifyReport:
+        """Check every chunk (checksum, length, sealed checksum) and every complete blob.
 
-    chunks_checked: int = 0
-    bad_chunks: list[tuple[str, int]] = field(default_factory=list)
-    orphan_chunks: int = 0
-    blobs_checked: int = 0
-    bad_blobs: list[str] = field(default_factory=list)
-    newly_sealed: list[str] = field(default_factory=list)
-    repaired_records: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.bad_chunks and not self.bad_blobs
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "ok": self.ok}
-
-
-def verify_store(store: ChunkStore) -> VerifyReport:
-    """Check every chunk (checksum, length, sealed checksum) and every complete blob.
-
-    Safe while other processes use the cache: counts are only repaired if
-    nothing was stored or evicted during the scan.
-    """
-    report = VerifyReport()
-    store.flush()
-    by_id: dict[int, tuple[str, BlobRecord]] = {}
-    with store.env.reader() as txn:
-        for digest, raw in txn.cursor(db=store.dbs[DB_BLOBS]):
-            record = BlobRecord.unpack(raw)
-            by_id[record.blob_id] = (bytes(digest).decode(), record)
-        stored_before = meta_int(txn, store.dbs[DB_META], b"stored_bytes")
-    sums = {d: store.sealed_sums(d) for d, r in by_id.values() if r.sealed}
-    present: dict[int, int] = dict.fromkeys(by_id, 0)
-    bad: list[bytes] = []
-    orphans: list[bytes] = []
-    stored = 0
-
-    def good(key: bytes, value: memoryview) -> bool:
-        blob_id, index = CHUNK_KEY.unpack(key)
-        digest, record = by_id[blob_id]
-        sealed_sums = sums.get(digest)
-        return (
-            index < record.chunks
-            and valid_chunk(value, chunk_length(record.size, index))
-            and (
-                sealed_sums is None
-                or sealed_sums[index * SUM_SIZE : (index + 1) * SUM_SIZE] == value[:SUM_SIZE]
-            )
-        )
-
-    for key, value in scan(store):
-        report.chunks_checked += 1
-        blob_id, index = CHUNK_KEY.unpack(key)
-        if blob_id not in by_id:
-            orphans.append(key)
-            continue
-        digest = by_id[blob_id][0]
-        if good(key, value):
-            present[blob_id] += 1
-            stored += len(value) - SUM_SIZE
-        else:
-            bad.append(key)
-            report.bad_chunks.append((digest, index))
-            log.warning("verify: %s chunk %d is bad; dropping it", digest, index)
-    report.orphan_chunks = len(orphans)
-    store.env.write(
-        lambda txn: _repair(
-            txn, store, by_id, present, bad, set(orphans), good, stored, stored_before, report
-        )
-    )
-    for digest, record in by_id.values():
-        if present[record.blob_id] != record.chunks:
-            continue
-        report.blobs_checked += 1
-        outcome = seal_blob(store, digest, recheck=True)
-        if outcome is False:
-            report.bad_blobs.append(digest)
-        elif outcome and not record.sealed:
-            report.newly_sealed.append(digest)
-    return report
-
-
-def _repair(
-    txn,
-    store: ChunkStore,
-    by_id: dict[int, tuple[str, BlobRecord]],
-    present: dict[int, int],
-    bad: list[bytes],
-    orphans: set[bytes],
-    good: Callable[[bytes, memoryview], bool],
-    stored: int,
-    stored_before: int,
-    report: VerifyReport,
-) -> None:
-    """Drop bad and orphan chunks; if the cache was quiet meanwhile, fix drifted counts."""
-    report.repaired_records.clear()  # this may run again if the map has to grow
-    blobs, meta = store.dbs[DB_BLOBS], store.dbs[DB_META]
-    quiet = meta_int(txn, meta, b"stored_bytes") == stored_before
-    current: dict[int, BlobRecord] = {}
-    dropped_bad = 0
-    for key in [*bad, *orphans]:
-        value = txn.get(key, db=store.dbs[DB_CHUNKS])
-        if value is None or (key not in orphans and good(key, value)):
-            continue  # dropped, or dropped and fetched again, by another reader meanwhile
-        dropped_bad += key not in orphans
-        blob_id = CHUNK_KEY.unpack(key)[0]
-        if blob_id in by_id and blob_id not in current:
-            raw = txn.get(by_id[blob_id][0].encode(), db=blobs)
-            if raw is not None:
-                current[blob_id] = BlobRecord.unpack(raw)
-        store.delete_chunk(txn, key, current.get(blob_id), len(value) - SUM_SIZE)
-    for blob_id, record in current.items():
-        txn.put(by_id[blob_id][0].encode(), record.pack(), db=blobs)
-    if quiet:
-        for blob_id, (digest, _) in by_id.items():
-            raw = txn.get(digest.encode(), db=blobs)
-            if raw is None:
+        Safe while other processes use the cache: counts are only repaired if
+        nothing was stored or evicted during the scan.
+        """
+        store = self._store
+        report = VerifyReport()
+        store.flush()
+        found = self._scan(report)
+        store.env.write(lambda txn: self._repair(txn, found, report))
+        for digest, record in found.by_id.values():
+            if found.present[record.blob_id] != record.chunks:
                 continue
-            record = BlobRecord.unpack(raw)
-            if record.present != present[blob_id]:
-                report.repaired_records.append(digest)
-                record.present = present[blob_id]
-                txn.put(digest.encode(), record.pack(), db=blobs)
-        txn.put(b"stored_bytes", U64.pack(stored), db=meta)
-    counters_mod.persist(txn, store.dbs[DB_COUNTERS], {"checksum_failures": dropped_bad})
+            report.blobs_checked += 1
+            outcome = self.seal(digest, recheck=True)
+            if outcome is False:
+                report.bad_blobs.append(digest)
+            elif outcome and not record.sealed:
+                report.newly_sealed.append(digest)
+        return report
+
+    def _scan(self, report: VerifyReport) -> _Scan:
+        store = self._store
+        by_id: dict[int, tuple[str, BlobRecord]] = {}
+        with store.env.reader() as txn:
+            for digest, raw in txn.cursor(db=store.dbs[DB_BLOBS]):
+                record = BlobRecord.unpack(raw)
+                by_id[record.blob_id] = (bytes(digest).decode(), record)
+            stored_before = meta_int(txn, store.dbs[DB_META], b"stored_bytes")
+        found = _Scan(
+            by_id=by_id,
+            sums={d: store.sealed_sums(d) for d, r in by_id.values() if r.sealed},
+            stored_before=stored_before,
+            present=dict.fromkeys(by_id, 0),
+        )
+        for key, value in scan(store.env):
+            report.chunks_checked += 1
+            blob_id, index = CHUNK_KEY.unpack(key)
+            if blob_id not in by_id:
+                found.orphans.add(key)
+                continue
+            digest = by_id[blob_id][0]
+            if found.good(key, value):
+                found.present[blob_id] += 1
+                found.stored += stored_length(value)
+            else:
+                found.bad.append(key)
+                report.bad_chunks.append((digest, index))
+                log.warning("verify: %s chunk %d is bad; dropping it", digest, index)
+        report.orphan_chunks = len(found.orphans)
+        return found
+
+    def _repair(self, txn: lmdb.Transaction, found: _Scan, report: VerifyReport) -> None:
+        """Drop bad and orphan chunks; if the cache was quiet meanwhile, fix drifted counts."""
+        store = self._store
+        report.repaired_records.clear()  # this may run again if the map has to grow
+        blobs, meta = store.dbs[DB_BLOBS], store.dbs[DB_META]
+        by_id = found.by_id
+        quiet = meta_int(txn, meta, b"stored_bytes") == found.stored_before
+        current: dict[int, BlobRecord] = {}
+        dropped_bad = 0
+        for key in [*found.bad, *found.orphans]:
+            orphan = key in found.orphans
+            value = txn.get(key, db=store.dbs[DB_CHUNKS])
+            if value is None or (not orphan and found.good(key, value)):
+                continue  # dropped, or dropped and fetched again, by another reader meanwhile
+            dropped_bad += not orphan
+            blob_id = CHUNK_KEY.unpack(key)[0]
+            if blob_id in by_id and blob_id not in current:
+                raw = txn.get(by_id[blob_id][0].encode(), db=blobs)
+                if raw is not None:
+                    current[blob_id] = BlobRecord.unpack(raw)
+            store.delete_chunk(txn, key, current.get(blob_id), stored_length(value))
+        for blob_id, record in current.items():
+            txn.put(by_id[blob_id][0].encode(), record.pack(), db=blobs)
+        if quiet:
+            for blob_id, (digest, _) in by_id.items():
+                raw = txn.get(digest.encode(), db=blobs)
+                if raw is None:
+                    continue
+                record = BlobRecord.unpack(raw)
+                if record.present != found.present[blob_id]:
+                    report.repaired_records.append(digest)
+                    record.present = found.present[blob_id]
+                    txn.put(digest.encode(), record.pack(), db=blobs)
+            txn.put(b"stored_bytes", U64.pack(found.stored), db=meta)
+        counters_mod.persist(txn, store.dbs[DB_COUNTERS], {"checksum_failures": dropped_bad})

@@ -1,16 +1,17 @@
 """The chunk store: 32 KiB chunks of blobs in LMDB, checked, counted, evicted.
 
 ``ChunkStore`` owns one cache directory; several processes may open the
-same one. It stores and drops chunks, keeps blob records, counters,
-references and manifests, and runs two small background jobs: a flush of
-counters and recency every second, and sealing of blobs that became
-complete. Reading through the store is ``CachedBlob``'s job.
+same one. It stores and drops chunks, keeps blob records and counters,
+hands readers the stored values of a run of chunks (``read_chunks``), and
+runs two small background jobs: a flush of counters and recency every
+second, and sealing of blobs that became complete (``Sealer``). References
+and manifests for offline use are ``images`` (``ImageRecords``). Checking
+and serving bytes is ``CachedBlob``'s job.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import threading
 import weakref
@@ -26,34 +27,31 @@ from blockstore.fetch import Flights
 
 from . import counters as counters_mod
 from . import recency as recency_mod
-from .env import CacheEnv, DiskFull
+from .env import CacheDamaged, CacheEnv, DiskFull
 from .evict import LOW_WATER, evict
+from .integrity import blob_seed, chunk_sum, intact, matches_sealed, stored_length
 from .layout import (
+    CHUNK_KEY,
     CHUNK_SIZE,
     DB_BLOBS,
     DB_CHUNKS,
     DB_COUNTERS,
     DB_IDS,
     DB_LRU,
-    DB_MANIFESTS,
     DB_META,
-    DB_REFS,
     DB_SUMS,
     DB_TICKS,
     FORMAT_VERSION,
     PINNED,
-    SUM,
-    SUM_SIZE,
     U64,
     BlobRecord,
     blob_keys,
     chunk_key,
     chunk_length,
     meta_int,
-    valid_chunk,
-    xxh3,
 )
-from .seal import Sealer, VerifyReport, seal_blob, verify_store
+from .refs import ImageRecords
+from .seal import Sealer, VerifyReport
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +86,51 @@ class BlobInfo:
         return {**asdict(self), "cached_fraction": self.cached_fraction}
 
 
+class ChunkValues:
+    """The context ``ChunkStore.read_chunks`` returns: one read transaction, no more."""
+
+    __slots__ = ("_blob_id", "_env", "_first", "_last", "_txn")
+
+    def __init__(self, env: CacheEnv, blob_id: int, first: int, last: int):
+        self._env = env
+        self._blob_id = blob_id
+        self._first = first
+        self._last = last
+
+    def __enter__(self) -> list[memoryview | None]:
+        env = self._env
+        txn = self._txn = env.begin_read(DB_CHUNKS)
+        get = txn.get
+        pack = CHUNK_KEY.pack
+        blob_id = self._blob_id
+        try:
+            return [get(pack(blob_id, index)) for index in range(self._first, self._last + 1)]
+        except lmdb.Error as exc:
+            env.end_read(txn)
+            raise env.damaged(exc) from exc
+        except BaseException:
+            env.end_read(txn)
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self._env.end_read(self._txn)
+
+
 class ChunkStore:
     """A persistent, integrity-checked store of blob chunks in one directory."""
 
     def __init__(
-        self, path: str | Path, size_cap: int | None = None, *, flush_interval: float = 1.0
+        self,
+        path: str | Path,
+        size_cap: int | None = None,
+        *,
+        offline: bool = False,
+        flush_interval: float = 1.0,
     ):
+        """``offline``: a damaged cache is an error (``CacheDamaged``), as there is no
+        registry to refill an empty one from; online it is moved aside and replaced."""
         self.path = Path(path)
-        self.env = CacheEnv.open(self.path)
+        self.env = CacheEnv.open(self.path, offline=offline)
         self.dbs = self.env.dbs
         self.counters = counters_mod.Counters()
         self.recency = recency_mod.Recency()
@@ -104,12 +139,8 @@ class ChunkStore:
         except BaseException:
             self.env.close()
             raise
+        self.images = ImageRecords(self.env)
         self._sealer = Sealer(self)
-        self.seal_lock = threading.Lock()  # one blob hashed at a time, never twice at once
-        # Digests whose last seal found bytes not matching the digest (and dropped the
-        # blob): a seal() that finds the blob gone reports that. Cleared when the
-        # digest is stored again.
-        self.seal_failed: set[str] = set()
         self._flights: weakref.WeakValueDictionary[str, Flights] = weakref.WeakValueDictionary()
         self._flights_lock = threading.Lock()
         self._closing = threading.Event()
@@ -122,15 +153,9 @@ class ChunkStore:
 
     def _init_meta(self, txn: lmdb.Transaction, size_cap: int | None) -> int:
         meta = self.dbs[DB_META]
-        version = meta_int(txn, meta, b"format", FORMAT_VERSION)
-        chunk_size = meta_int(txn, meta, b"chunk_size", CHUNK_SIZE)
-        if version != FORMAT_VERSION or chunk_size != CHUNK_SIZE:
-            raise CacheError(
-                f"the cache at {self.path} has format {version} with {chunk_size}-byte chunks; "
-                f"this version needs format {FORMAT_VERSION} with {CHUNK_SIZE}-byte chunks"
-            )
         # Write only what changes: an unchanged cache opens even on a full disk.
-        wanted = {b"format": version, b"chunk_size": chunk_size}
+        # (The environment has refused another format already.)
+        wanted = {b"format": FORMAT_VERSION, b"chunk_size": CHUNK_SIZE}
         stored_cap = meta_int(txn, meta, b"size_cap", DEFAULT_SIZE_CAP)
         if size_cap is not None and size_cap != stored_cap:
             wanted[b"size_cap"] = size_cap
@@ -205,7 +230,7 @@ class ChunkStore:
             return BlobRecord.unpack(raw) if raw is not None else None
 
     def sealed_sums(self, digest: str) -> bytes | None:
-        """Every chunk's xxh3-64 (packed little-endian), once the blob is sealed."""
+        """Every chunk's checksum (packed, see ``integrity``), once the blob is sealed."""
         with self.env.reader(DB_SUMS) as txn:
             raw = txn.get(digest.encode())
             return bytes(raw) if raw is not None else None
@@ -217,6 +242,16 @@ class ChunkStore:
         with self.env.reader(DB_CHUNKS) as txn:
             get = txn.get
             return [i for i in indices if get(chunk_key(blob_id, i)) is None]
+
+    def read_chunks(self, blob_id: int, first: int, last: int) -> ChunkValues:
+        """``with store.read_chunks(...) as values``: the stored values (checksum and
+        bytes, unchecked) of chunks ``first..last``, None where absent. The values are
+        LMDB's own buffers, valid only inside the block: check and copy them there."""
+        return ChunkValues(self.env, blob_id, first, last)
+
+    def touch(self, blob_id: int, first: int, last: int) -> None:
+        """Note a use of chunks ``first..last`` for eviction order (flushed later)."""
+        self.recency.touch(blob_id, first, last)
 
     def store_chunks(
         self, digest: str, size: int, first: int, chunks: Sequence[Buffer]
@@ -247,9 +282,12 @@ class ChunkStore:
                     f"{digest} has size {record.size} in the cache, but {size} was given"
                 )
             return record
-        self.seal_failed.discard(digest)  # a new record: an old seal's verdict is void
+        self._sealer.forget(digest)  # a new record: an old seal's verdict is void
         meta = self.dbs[DB_META]
-        blob_id = meta_int(txn, meta, b"next_id", 1)
+        # A new cache (also one that replaced a damaged cache under running readers)
+        # numbers its blobs from the clock, so an id a reader still holds from the old
+        # cache names nothing here; and a chunk's checksum would refuse it anyway.
+        blob_id = meta_int(txn, meta, b"next_id", recency_mod.now_tick())
         txn.put(b"next_id", U64.pack(blob_id + 1), db=meta)
         txn.put(U64.pack(blob_id), digest.encode(), db=self.dbs[DB_IDS])
         return BlobRecord(blob_id=blob_id, size=size)
@@ -271,12 +309,13 @@ class ChunkStore:
         """
         record = self._record_for(txn, digest, size)
         sums = txn.get(digest.encode(), db=self.dbs[DB_SUMS]) if record.sealed else None
+        seed = blob_seed(digest)
         tick = recency_mod.now_tick()
         added = 0
         for offset, data in enumerate(chunks):
             index = first + offset
-            checksum = SUM.pack(xxh3(data))
-            if sums is not None and sums[index * SUM_SIZE : (index + 1) * SUM_SIZE] != checksum:
+            checksum = chunk_sum(seed, index, data)
+            if sums is not None and not matches_sealed(sums, index, checksum):
                 raise ChunkIntegrityError(
                     f"{digest}: chunk {index} does not match the sealed blob; not stored"
                 )
@@ -321,21 +360,28 @@ class ChunkStore:
         self.env.write(lambda txn: txn.put(b"reclaimed", b"", db=self.dbs[DB_META]))
         log.warning("the disk holding the cache is full: evicted half of the cache")
 
-    def drop_chunks(self, digest: str, indices: Sequence[int]) -> int:
-        """Delete chunks found bad; a chunk fixed meanwhile by another process stays."""
+    def drop_chunks(self, digest: str, indices: Sequence[int], *, recheck: bool = True) -> int:
+        """Delete chunks found bad; a chunk fixed meanwhile by another process stays.
+
+        ``recheck=False`` drops them whatever their own checksum says: the
+        caller found them bad by another measure (a chunk index).
+        """
 
         def work(txn: lmdb.Transaction) -> int:
             raw = txn.get(digest.encode(), db=self.dbs[DB_BLOBS])
             if raw is None:
                 return 0
             record = BlobRecord.unpack(raw)
+            seed = blob_seed(digest)
             dropped = 0
             for index in indices:
                 key = chunk_key(record.blob_id, index)
                 value = txn.get(key, db=self.dbs[DB_CHUNKS])
-                if value is None or valid_chunk(value, chunk_length(record.size, index)):
+                if value is None or (
+                    recheck and intact(value, seed, index, chunk_length(record.size, index))
+                ):
                     continue
-                self.delete_chunk(txn, key, record, len(value) - SUM_SIZE)
+                self.delete_chunk(txn, key, record, stored_length(value))
                 dropped += 1
             txn.put(digest.encode(), record.pack(), db=self.dbs[DB_BLOBS])
             return dropped
@@ -364,7 +410,7 @@ class ChunkStore:
                 return False
             record = BlobRecord.unpack(raw)
             keys = [
-                (key, len(value) - SUM_SIZE)
+                (key, stored_length(value))
                 for key, value in blob_keys(txn.cursor(db=self.dbs[DB_CHUNKS]), record.blob_id)
             ]
             for key, length in keys:
@@ -374,7 +420,7 @@ class ChunkStore:
             txn.delete(digest.encode(), db=self.dbs[DB_SUMS])
             return True
 
-        self.seal_failed.discard(digest)
+        self._sealer.forget(digest)
         return self.env.write(work)
 
     def _set_flag(self, digest: str, flag: int, on: bool, size: int | None) -> None:
@@ -416,20 +462,35 @@ class ChunkStore:
 
     # --- sealing and verification ------------------------------------------
 
-    def seal(self, digest: str) -> bool | None:
+    def seal(self, digest: str, size: int | None = None) -> bool | None:
         """Check a complete blob against its digest and seal it now.
 
         True: sealed (or already was). False: the bytes did not match and
         the blob was dropped. None: not complete (or not checkable) yet.
+        ``size`` lets an empty blob, which no chunk ever records, be sealed.
         """
-        return seal_blob(self, digest)
+        if size == 0:
+            self.store_chunks(digest, 0, 0, [])
+        return self._sealer.seal(digest)
 
     def seal_later(self, digest: str) -> None:
         self._sealer.submit(digest)
 
     def verify(self) -> VerifyReport:
-        """Re-check every chunk and every complete blob, dropping what is bad."""
-        return verify_store(self)
+        """Re-check every chunk and every complete blob, dropping what is bad.
+
+        Damage to the file itself (found now, or when this store opened it)
+        is reported too; the damaged file was moved aside.
+        """
+        try:
+            report = self._sealer.verify()
+        except CacheDamaged as exc:
+            report = VerifyReport()
+            self.env.moved_aside.append(str(exc))
+        report.damaged_records = self.images.drop_damaged()
+        if self.env.moved_aside:
+            report.damage = "; ".join(self.env.moved_aside)
+        return report
 
     # --- reporting -----------------------------------------------------------
 
@@ -474,35 +535,3 @@ class ChunkStore:
             chunk_size=CHUNK_SIZE,
         )
         return totals
-
-    # --- offline metadata ------------------------------------------------------
-
-    @staticmethod
-    def _ref_key(reference: str, platform: str | None) -> bytes:
-        return f"{reference}\0{platform or ''}".encode()
-
-    def put_ref(self, reference: str, platform: str | None, record: dict) -> None:
-        raw = json.dumps(record, sort_keys=True).encode()
-        key = self._ref_key(reference, platform)
-        self.env.write(lambda txn: txn.put(key, raw, db=self.dbs[DB_REFS]))
-
-    def get_ref(self, reference: str, platform: str | None) -> dict | None:
-        with self.env.reader(DB_REFS) as txn:
-            raw = txn.get(self._ref_key(reference, platform))
-            return json.loads(bytes(raw)) if raw is not None else None
-
-    def refs(self) -> list[dict]:
-        with self.env.reader(DB_REFS) as txn:
-            return [json.loads(bytes(raw)) for _, raw in txn.cursor()]
-
-    def remove_ref(self, reference: str, platform: str | None) -> bool:
-        key = self._ref_key(reference, platform)
-        return self.env.write(lambda txn: txn.delete(key, db=self.dbs[DB_REFS]))
-
-    def put_manifest(self, digest: str, raw: bytes) -> None:
-        self.env.write(lambda txn: txn.put(digest.encode(), raw, db=self.dbs[DB_MANIFESTS]))
-
-    def get_manifest(self, digest: str) -> bytes | None:
-        with self.env.reader(DB_MANIFESTS) as txn:
-            raw = txn.get(digest.encode())
-            return bytes(raw) if raw is not None else None

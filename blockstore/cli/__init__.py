@@ -22,12 +22,14 @@ COMMANDS = {
     "inspect": "registry_cmds",
     "push": "registry_cmds",
     "cache": "cache_cmds",
+    "trace": "trace_cmds",
     "prefetch": "image_cmds",
     "serve": "serve_cmds",
     "mount": "mount_cmds",
     "umount": "mount_cmds",
     "mounts": "mount_cmds",
     "demo": "demo_cmds",
+    "index": "index_cmds",
 }
 
 

@@ -13,6 +13,7 @@ import re
 import time
 
 from blockstore.cache import ChunkStore
+from blockstore.cache.indexes import IndexShelf
 from blockstore.cli.common import add_cache_options, cache_dir_from
 from blockstore.errors import IntegrityError, NotFound
 
@@ -37,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     command(
         "verify",
         cmd_verify,
-        "re-check every chunk and every complete blob, dropping what is bad "
+        "re-check every chunk, every complete blob, and the chunks of incomplete blobs "
+        "against their chunk index where one is kept, dropping what is bad "
         f"(exit {IntegrityError.exit_code} if anything was)",
     )
     command("gc", cmd_gc, "evict least recently used chunks down to the size cap")
@@ -105,13 +107,18 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         report = store.verify()
+        # Blobs not complete yet cannot be judged by their digest; a kept chunk index can.
+        report.bad_chunks += IndexShelf(store).check_incomplete()
     lines = [
         f"checked {report.chunks_checked} chunks and {report.blobs_checked} complete blobs",
         *(f"bad chunk {digest} #{index}: dropped" for digest, index in report.bad_chunks),
         *(f"blob {digest} does not match its digest: dropped" for digest in report.bad_blobs),
         *(f"sealed {digest}" for digest in report.newly_sealed),
         *(f"repaired the record of {digest}" for digest in report.repaired_records),
+        *(f"the cached record of {ref} is damaged: dropped" for ref in report.damaged_records),
     ]
+    if report.damage:
+        lines.append(f"the cache file was damaged and moved aside: {report.damage}")
     if report.orphan_chunks:
         lines.append(f"dropped {report.orphan_chunks} chunks of no known blob")
     lines.append("ok" if report.ok else "bad data found and dropped")
@@ -138,7 +145,7 @@ def resolve_targets(store: ChunkStore, targets: list[str]) -> tuple[dict[str, in
 
     blobs: dict[str, int | None] = {}
     matched_refs: list[dict] = []
-    records = store.refs()
+    records = store.images.all()
     for target in targets:
         if DIGEST.match(target):
             blobs.setdefault(target, None)
@@ -182,7 +189,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
         removing = {(r["reference"], r.get("platform")) for r in refs}
         in_use = {
             layer["digest"]
-            for r in store.refs()
+            for r in store.images.all()
             if (r["reference"], r.get("platform")) not in removing
             for layer in r.get("layers", [])
         }
@@ -194,7 +201,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
             elif store.remove(digest):
                 removed.append(digest)
         for reference, platform in removing:
-            store.remove_ref(reference, platform)
+            store.images.remove(reference, platform)
     lines = [f"removed {d}" for d in removed] + [f"kept {d} (used by another image)" for d in kept]
     emit(args, {"removed": removed, "kept": kept}, "\n".join(lines) or "nothing to remove")
     return 0

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from blockstore.cache.layout import CHUNK_SIZE
+from blockstore.errors import UsageError
 
 if TYPE_CHECKING:
+    from blockstore.prefetch.settings import PrefetchSettings
     from blockstore.registry.options import RegistryOptions
 
 
@@ -86,6 +88,25 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+DEFAULT_READ_TIMEOUT = 30.0
+"""Seconds a read may wait on the registry: long enough for a slow link to deliver a
+few MiB and retry once, short enough that a reader (a kernel, a VM) is not left hanging."""
+MAX_READ_TIMEOUT = 24 * 3600.0
+
+
+def parse_timeout(text: str) -> float:
+    """A positive number of seconds, up to a day."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < seconds <= MAX_READ_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            f"a timeout is more than 0 and at most {MAX_READ_TIMEOUT:g} seconds, not {text!r}"
+        )
+    return seconds
+
+
 def add_image_options(parser: argparse.ArgumentParser, verb: str, *, offline: bool = True) -> None:
     """The image argument, which layer(s), and --offline, for commands that open an image."""
     parser.add_argument("image", metavar="IMAGE", help="image reference, e.g. host:5000/app:v1")
@@ -100,12 +121,55 @@ def add_image_options(parser: argparse.ArgumentParser, verb: str, *, offline: bo
     which.add_argument(
         "--blob", default=None, metavar="DIGEST", help=f"{verb} only the layer with this digest"
     )
+    parser.add_argument(
+        "--timeout",
+        type=parse_timeout,
+        default=DEFAULT_READ_TIMEOUT,
+        metavar="SECONDS",
+        help="how long one read from the registry may take, retries included, before it "
+        f"fails with EIO (default: {DEFAULT_READ_TIMEOUT:g})",
+    )
     if offline:
         parser.add_argument(
             "--offline",
             action="store_true",
             help="never use the network: resolve and read from the cache only",
         )
+
+
+def add_tar_index_options(parser: argparse.ArgumentParser) -> None:
+    """erofs-utils' local indexes for a tar layer, instead of building one."""
+    parser.add_argument(
+        "--tarindex",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="a tar layer's EROFS metadata image (mkfs.erofs --tar=i) to use, "
+        "not one built here (also -o oci.tarindex=PATH)",
+    )
+    parser.add_argument(
+        "--zinfo",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="gzip checkpoints (SOCI zinfo) for that layer (also -o oci.zinfo=PATH)",
+    )
+
+
+def tar_indexes_from(args: argparse.Namespace, layers: list) -> dict[int, tuple[Path, Path | None]]:
+    """``--tarindex``/``--zinfo`` for the one layer selected: layer index -> paths."""
+    if args.tarindex is None:
+        if args.zinfo is not None:
+            raise UsageError("--zinfo (oci.zinfo) needs --tarindex (oci.tarindex) too")
+        return {}
+    if len(layers) != 1:
+        raise UsageError("--tarindex (oci.tarindex) is for one layer: select it with --layer")
+    for path in (args.tarindex, args.zinfo):
+        if path is not None and not path.is_file():
+            raise UsageError(f"{path}: no such file")
+    return {
+        layers[0].index: (args.tarindex.resolve(), args.zinfo.resolve() if args.zinfo else None)
+    }
 
 
 def add_registry_options(parser: argparse.ArgumentParser) -> None:
@@ -132,6 +196,49 @@ def add_registry_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+PREFETCH_FLAGS = ("--fill", "--no-readahead", "--no-erofs-start", "--no-trace")
+"""The prefetch switches, passed on as given from ``mount`` to its server."""
+
+
+def add_prefetch_options(parser: argparse.ArgumentParser) -> None:
+    """Prefetch heuristics of ``serve`` and ``mount``: each on by default but the fill."""
+    group = parser.add_argument_group("prefetch")
+    group.add_argument(
+        "--fill",
+        action="store_true",
+        help="after the mount is ready, fetch the rest of each layer at low priority and seal it",
+    )
+    group.add_argument(
+        "--fill-rate",
+        type=parse_size,
+        default=0,
+        metavar="SIZE",
+        help="bandwidth cap of --fill per layer, bytes per second, e.g. 20M (default: none)",
+    )
+    group.add_argument("--no-readahead", action="store_true", help="no sequential readahead")
+    group.add_argument(
+        "--no-erofs-start",
+        action="store_true",
+        help="do not fetch the EROFS superblock and root directory at open",
+    )
+    group.add_argument(
+        "--no-trace", action="store_true", help="neither record nor replay access traces"
+    )
+
+
+def prefetch_settings_from(args: argparse.Namespace) -> PrefetchSettings:
+    from blockstore.prefetch.settings import MOUNT, PrefetchSettings
+
+    return PrefetchSettings(
+        readahead=not args.no_readahead,
+        erofs_start=not args.no_erofs_start,
+        trace_period=0.0 if args.no_trace else MOUNT.trace_period,
+        trace_replay=not args.no_trace,
+        fill=args.fill,
+        fill_rate=args.fill_rate,
+    )
+
+
 def registry_options_from_args(args: argparse.Namespace) -> RegistryOptions:
     """The ``RegistryOptions`` of the shared registry command-line options."""
     # Imported here: the registry package loads requests, which commands that
@@ -144,6 +251,7 @@ def registry_options_from_args(args: argparse.Namespace) -> RegistryOptions:
         username=args.username,
         password=args.password,
         mirrors=list(args.mirror),
+        timeout=getattr(args, "timeout", DEFAULT_READ_TIMEOUT),
     )
 
 

@@ -21,6 +21,7 @@ from blockstore.cli.common import (
     registry_options_from_args,
 )
 from blockstore.image import open_image
+from blockstore.tarlayer.layers import TarLayer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,11 +49,17 @@ def run_prefetch(args: argparse.Namespace) -> int:
     )
     try:
         for layer in image.select(args.layer, args.blob):
+            # A tar layer is filled as the tar it serves (uncompressed, sealed against
+            # its diff_id); its blob was read whole when it was indexed.
+            exported = image.layer_export(layer)
+            size = exported.tar_size if isinstance(exported, TarLayer) else layer.size
             if args.pin:
                 # Pinned first, so eviction cannot take chunks while the rest arrive.
                 image.store.pin(layer.digest, layer.size)
+                if isinstance(exported, TarLayer):
+                    image.store.pin(exported.digest, size)
             with tqdm(
-                total=layer.size,
+                total=size,
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1024,
@@ -60,7 +67,7 @@ def run_prefetch(args: argparse.Namespace) -> int:
                 file=sys.stderr,
                 disable=True if args.quiet else None,
             ) as bar:
-                image.blob(layer).prefetch(progress=bar.update)
+                exported.prefetch(progress=bar.update)
             pinned = ", pinned" if args.pin else ""
             print(
                 f"layer {layer.index} {layer.digest} ({human(layer.size)}): "

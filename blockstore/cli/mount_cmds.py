@@ -1,10 +1,11 @@
 """``blockstore mount``, ``umount`` and ``mounts``: an image from a registry as a directory.
 
 ``mount`` runs ``blockstore serve`` in the background and lets the mount
-stack (nbdfront.mounts) attach, mount and stack its exports. ``-o`` also takes
+stack (nbdfront.mount) attach, mount and stack its exports. ``-o`` also takes
 the option spelling of erofs-utils' ``mount.erofs -t erofs.nbd`` (``oci.layer=N``,
 ``oci.blob=``, ``oci.platform=``, ``oci.username=``, ``oci.password=``,
-``oci.insecure``, the older ``oci=N``), so its users need not relearn them.
+``oci.insecure``, ``oci.tarindex=``, ``oci.zinfo=``, the older ``oci=N``), so its
+users need not relearn them.
 """
 
 from __future__ import annotations
@@ -19,17 +20,20 @@ from pathlib import Path
 
 from blockstore.cache import ChunkStore
 from blockstore.cli.common import (
+    PREFETCH_FLAGS,
     add_cache_options,
     add_image_options,
+    add_prefetch_options,
     add_registry_options,
+    add_tar_index_options,
     cache_dir_from,
     parse_listen,
     registry_options_from_args,
 )
 from blockstore.errors import UsageError
-from nbdfront import mounts
-from nbdfront.attach import KERNEL, NBDFUSE
-from nbdfront.mount_state import MountRecord
+from nbdfront.mount import stack
+from nbdfront.mount.attach import KERNEL, NBDFUSE
+from nbdfront.mount.records import MountRecord
 
 
 @dataclass
@@ -42,6 +46,8 @@ class OciOptions:
     username: str | None = None
     password: str | None = None
     insecure: bool | None = None
+    tarindex: Path | None = None
+    zinfo: Path | None = None
 
 
 def parse_mount_options(texts: list[str]) -> OciOptions:
@@ -73,6 +79,10 @@ def parse_mount_options(texts: list[str]) -> OciOptions:
                 if not value:
                     raise UsageError(f"-o {key}= needs a value")
                 setattr(parsed, key.removeprefix("oci."), value)
+            elif key in ("oci.tarindex", "oci.zinfo"):
+                if not value:
+                    raise UsageError(f"-o {key}= needs a path")
+                setattr(parsed, key.removeprefix("oci."), Path(value))
             elif key == "oci.insecure":
                 parsed.insecure = _flag(key, value if has_value else "1")
             elif key == "ro" and not has_value:
@@ -114,8 +124,8 @@ def merge_options(args: argparse.Namespace, oci: OciOptions) -> None:
 def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """The ``blockstore serve`` command line for a mount, and its environment.
 
-    The password travels in the environment, never on a command line that
-    ``ps`` shows to every user.
+    The user name and password travel in the environment (readable by the
+    owner alone), never on a command line that ``ps`` shows to every user.
     """
     argv = [sys.executable, "-m", "blockstore", *(["-v"] * args.verbose), "serve", args.image]
     argv += ["--cache-dir", str(cache_dir_from(args).resolve())]
@@ -123,16 +133,25 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         argv += ["--layer", str(args.layer)]
     if args.blob is not None:
         argv += ["--blob", args.blob]
-    for option in ("platform", "cache_size", "username", "ca_file"):
+    for option in ("platform", "cache_size", "ca_file", "timeout"):
         value = getattr(args, option)
         if value is not None:
             argv += [f"--{option.replace('_', '-')}", str(value)]
     for mirror in args.mirror:
         argv += ["--mirror", mirror]
+    for option in ("tarindex", "zinfo"):
+        path = getattr(args, option)
+        if path is not None:
+            argv += [f"--{option}", str(Path(path).resolve())]
     if args.metrics is not None:
         argv += ["--metrics", args.metrics]
     argv += [flag for flag in ("--insecure", "--offline") if getattr(args, flag[2:])]
+    argv += [flag for flag in PREFETCH_FLAGS if getattr(args, flag[2:].replace("-", "_"))]
+    if args.fill_rate:
+        argv += ["--fill-rate", str(args.fill_rate)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.username is not None:
+        env["BLOCKSTORE_USERNAME"] = args.username
     if args.password is not None:
         env["BLOCKSTORE_PASSWORD"] = args.password
     return argv, env
@@ -149,7 +168,7 @@ def _image_layers(cache_dir: Path, image: str, platform: str | None) -> list[dic
     try:
         canonical = str(parse_reference(image))
         with ChunkStore(cache_dir) as store:
-            refs = [r for r in store.refs() if r.get("reference") == canonical]
+            refs = [r for r in store.images.all() if r.get("reference") == canonical]
     except Exception:
         return []
     refs = [r for r in refs if platform is None or r.get("platform") == platform] or refs
@@ -236,9 +255,21 @@ def check_registry_arguments(args: argparse.Namespace) -> None:
     given_login(args.username, args.password)
 
 
+def without_credentials(texts: list[str]) -> list[str]:
+    """The ``-o`` values with ``oci.username`` and ``oci.password`` taken out."""
+    secret = ("oci.username", "oci.password")
+    return [
+        ",".join(item for item in text.split(",") if item.lstrip().partition("=")[0] not in secret)
+        for text in texts
+    ]
+
+
 def run_mount(args: argparse.Namespace) -> int:
     check_image_arguments(args)
     merge_options(args, parse_mount_options(args.options))
+    # From here the login lives in args.username/password alone, which go to the server
+    # by its environment: nothing that keeps or shows the options can repeat it.
+    args.options = without_credentials(args.options)
     check_registry_arguments(args)
     argv, env = serve_command(args)
     cache_dir = cache_dir_from(args).resolve()
@@ -253,7 +284,7 @@ def run_mount(args: argparse.Namespace) -> int:
     def warn(message: str) -> None:
         print(f"blockstore: warning: {message}", file=sys.stderr, flush=True)
 
-    record = mounts.mount(
+    record = stack.mount(
         argv,
         args.mountpoint,
         image=args.image,
@@ -270,16 +301,16 @@ def describe_path(record: MountRecord) -> str:
     """One line saying which way the mount was made, for the user and for bug reports."""
     via = {NBDFUSE: "nbdfuse + file-backed EROFS", KERNEL: "kernel NBD + EROFS"}[record.method]
     n = len(record.attachments)
-    stack = f"{n} layers under a read-only overlayfs" if record.overlay else "1 layer"
+    shape = f"{n} layers under a read-only overlayfs" if record.overlay else "1 layer"
     pid = record.server.pid if record.server else "?"
     return (
-        f"mounted {record.image} at {record.mountpoint} via {via}, {stack}, "
+        f"mounted {record.image} at {record.mountpoint} via {via}, {shape}, "
         f"in {record.mount_seconds:.2f}s (server pid {pid}, log {record.log})"
     )
 
 
 def run_umount(args: argparse.Namespace) -> int:
-    done = mounts.unmount(args.mountpoint, lazy=args.lazy)
+    done = stack.unmount(args.mountpoint, lazy=args.lazy)
     if args.quiet <= 0:
         print(f"unmounted {done.record.mountpoint} ({done.record.image})")
         if done.trouble is not None:
@@ -291,7 +322,7 @@ def run_umount(args: argparse.Namespace) -> int:
 
 
 def run_mounts(args: argparse.Namespace) -> int:
-    statuses = mounts.list_mounts()
+    statuses = stack.list_mounts()
     rows = []
     for st in statuses:
         fractions = cached_fractions(st.record)
@@ -349,9 +380,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "is ready, leaving its server running in the background.",
     )
     add_image_options(mount, "mount")
+    add_tar_index_options(mount)
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     add_registry_options(mount)
     add_cache_options(mount)
+    add_prefetch_options(mount)
     mount.add_argument(
         "--metrics",
         metavar="HOST:PORT",
@@ -366,7 +399,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="OPTIONS",
         help="comma-separated: oci.layer=N (or oci=N), oci.blob=DIGEST, oci.platform=OS/ARCH, "
-        "oci.username=U, oci.password=P, oci.insecure, ro",
+        "oci.username=U, oci.password=P, oci.insecure, oci.tarindex=PATH, oci.zinfo=PATH, ro",
     )
     mount.set_defaults(func=run_mount)
 

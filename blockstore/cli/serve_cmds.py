@@ -20,15 +20,20 @@ from blockstore.cache import ChunkStore
 from blockstore.cli.common import (
     add_cache_options,
     add_image_options,
+    add_prefetch_options,
     add_registry_options,
+    add_tar_index_options,
     cache_dir_from,
     parse_listen,
+    prefetch_settings_from,
     registry_options_from_args,
+    tar_indexes_from,
 )
 from blockstore.cli.tls_options import add_tls_options, exposure_warnings, server_tls_from
 from blockstore.errors import BlockstoreError
 from blockstore.image import open_image
-from blockstore.metrics import MetricsServer, render
+from blockstore.metrics import MetricsServer
+from nbdfront.mount.readiness import ReadinessPipe
 from nbdfront.server import DEFAULT_PORT, NBDServer
 
 log = logging.getLogger(__name__)
@@ -42,8 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the default export (empty name) is the only selected layer, else the top one.",
     )
     add_image_options(serve, "serve")
+    add_tar_index_options(serve)
     add_registry_options(serve)
     add_cache_options(serve)
+    add_prefetch_options(serve)
     serve.add_argument(
         "--listen",
         metavar="HOST:PORT",
@@ -62,10 +69,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
     )
     add_tls_options(serve)
+    # The write end of a pipe from `blockstore mount`, told "ready" or the error on it.
+    serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     serve.set_defaults(func=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if args.ready_fd is None:
+        return _run_serve(args, None)
+    with ReadinessPipe(args.ready_fd) as readiness:
+        return _run_serve(args, readiness)
+
+
+def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int:
     tcp = args.listen
     if tcp is None and args.unix is None:
         tcp = ("127.0.0.1", DEFAULT_PORT)
@@ -77,9 +93,11 @@ def run_serve(args: argparse.Namespace) -> int:
         platform=args.platform,
         offline=args.offline,
         options=registry_options_from_args(args),
+        prefetch=prefetch_settings_from(args),
     )
     metrics = None
     try:
+        image.tar_indexes = tar_indexes_from(args, image.select(args.layer, args.blob))
         blobs = image.exports(args.layer, args.blob)
         server = NBDServer(
             {blob.name: blob for blob in blobs},
@@ -108,6 +126,8 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"export {name} {uri}")
         print(f'export "" {server.uri("")}')
         print("ready", flush=True)
+        if readiness is not None:
+            readiness.ready({**server.uris(), "": server.uri("")})
         log.info("serving %s (%s)", image.resolved.reference, ", ".join(b.name for b in blobs))
         server.serve_forever()
         return 0
@@ -123,11 +143,10 @@ def run_serve(args: argparse.Namespace) -> int:
 def start_metrics(address: tuple[str, int], store: ChunkStore, server: NBDServer) -> MetricsServer:
     """Prometheus metrics of the cache and this server, announced before ``ready``."""
     try:
-        metrics = MetricsServer(*address, lambda: render(store.stats(), server.connection_count))
+        metrics = MetricsServer(*address, store.stats, lambda: server.connection_count)
     except OSError as exc:
         where = f"{address[0]}:{address[1]}"
         raise BlockstoreError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from exc
-    metrics.start()
     host, port = metrics.address
     print(f"metrics http://{host}:{port}/metrics")
     return metrics

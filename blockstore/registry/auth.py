@@ -17,12 +17,21 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import requests
 
 from blockstore.errors import AuthError
 from blockstore.registry.credentials import Credentials
+
+if TYPE_CHECKING:
+    from blockstore.registry.retry import Deadline
+
+TokenFetch = Callable[
+    [str, list[tuple[str, str]], Credentials | None, "Deadline"], requests.Response
+]
+"""Asks the issuer (realm, query parameters, credentials, deadline) for a token."""
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +89,7 @@ class Authenticator:
         self,
         host: str,
         credentials: Credentials | None,
-        fetch_token: Callable[[str, list[tuple[str, str]], Credentials | None], requests.Response],
+        fetch_token: TokenFetch,
     ):
         self.host = host
         self.credentials = credentials
@@ -90,9 +99,8 @@ class Authenticator:
         self._bearer: dict[str, str] = {}
         """The realm and service of the last Bearer challenge."""
         self._tokens: dict[str, _Token] = {}
-        self.tokens_fetched = 0
 
-    def header(self, scope: str) -> str | None:
+    def header(self, scope: str, deadline: Deadline) -> str | None:
         """The ``Authorization`` to send up front, renewing a token close to expiry."""
         with self._lock:
             if self._scheme == "basic" and self.credentials:
@@ -101,10 +109,10 @@ class Authenticator:
                 return None
             token = self._tokens.get(scope)
             if token is None or time.monotonic() >= token.renew_at:
-                token = self._new_token(scope)
+                token = self._new_token(scope, deadline)
             return f"Bearer {token.value}"
 
-    def answer_challenge(self, www_authenticate: str | None, scope: str) -> str:
+    def answer_challenge(self, www_authenticate: str | None, scope: str, deadline: Deadline) -> str:
         """After a 401: the ``Authorization`` to retry with, or ``AuthError`` if none can help.
 
         For Bearer a new token is always fetched: the cached one expired early
@@ -129,10 +137,10 @@ class Authenticator:
                     )
                 return basic_header(self.credentials)
             self._bearer = challenge.params
-            token = self._new_token(scope, challenge.params.get("scope"))
+            token = self._new_token(scope, deadline, challenge.params.get("scope"))
             return f"Bearer {token.value}"
 
-    def _new_token(self, scope: str, asked: str | None = None) -> _Token:
+    def _new_token(self, scope: str, deadline: Deadline, asked: str | None = None) -> _Token:
         """A token for ``scope``, and for the scope the registry ``asked`` for if it differs."""
         realm = self._bearer.get("realm")
         if not realm:
@@ -142,7 +150,7 @@ class Authenticator:
         if self.credentials:
             params.append(("account", self.credentials.username))
         started = time.monotonic()
-        reply = self._fetch_token(realm, params, self.credentials)
+        reply = self._fetch_token(realm, params, self.credentials, deadline)
         issuer = urlsplit(realm).netloc
         if reply.status_code in (401, 403):
             raise AuthError(
@@ -169,6 +177,5 @@ class Authenticator:
         margin = min(30.0, lifetime / 4)
         token = _Token(value, started + lifetime - margin)
         self._tokens[scope] = token
-        self.tokens_fetched += 1
         log.debug("new token for %s %s, lives %.0fs", self.host, scope, lifetime)
         return token

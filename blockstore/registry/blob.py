@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 from blockstore.errors import BlobReadError, BlockstoreError
 from blockstore.registry.client import RegistryClient
 from blockstore.registry.manifests import Layer
 from blockstore.registry.ranges import clamp_range
-from blockstore.registry.retry import RetryClock
+from blockstore.registry.retry import Deadline
 
 log = logging.getLogger(__name__)
 
@@ -16,15 +17,31 @@ log = logging.getLogger(__name__)
 class RegistryBlob:
     """``BlobSource`` over HTTP Range requests; thread-safe, one pooled session.
 
-    A body cut short or a Content-Range that does not match is retried with
-    backoff (the request-level retries only cover getting a reply); every
-    failure in the end is a ``BlobReadError`` (EIO) naming its cause.
+    Each read has one deadline (the client's timeout) that all its attempts
+    share; every failure in the end is a ``BlobReadError`` (EIO) naming its
+    cause.
     """
 
-    def __init__(self, client: RegistryClient, repository: str, layer: Layer):
+    def __init__(
+        self,
+        client: RegistryClient,
+        repository: str,
+        layer: Layer,
+        *,
+        upstream_only: bool = False,
+    ):
         self.client = client
         self.repository = repository
         self.layer = layer
+        self.upstream_only = upstream_only
+
+    def from_upstream(self) -> RegistryBlob:
+        """The same blob read from the upstream registry alone, past every mirror.
+
+        For bytes that failed their digest: a mirror may have served them, and
+        the upstream is the source of truth to fetch them again from.
+        """
+        return RegistryBlob(self.client, self.repository, self.layer, upstream_only=True)
 
     def __repr__(self) -> str:
         return f"RegistryBlob({self.client.registry}/{self.repository}@{self.layer.digest})"
@@ -41,18 +58,48 @@ class RegistryBlob:
         span = clamp_range(offset, length, self.layer.size)
         if span is None:
             return b""
+        return self._read(*span, self.client.deadline())
+
+    def _read(self, first: int, last: int, deadline: Deadline) -> bytes:
+        try:
+            return self.client.read_blob_range(
+                self.repository,
+                self.layer.digest,
+                first,
+                last,
+                self.layer.size,
+                deadline=deadline,
+                upstream_only=self.upstream_only,
+            )
+        except BlobReadError:
+            raise
+        except BlockstoreError as exc:
+            raise BlobReadError(str(exc)) from exc
+
+    def stream_range(self, offset: int, length: int) -> Iterator[bytes]:
+        """``read_range``'s bytes in pieces as they arrive, under the same one deadline.
+
+        One streamed attempt; if it fails or breaks off, what is still
+        missing is read with ``read_range``'s retries, from where it stopped.
+        """
+        span = clamp_range(offset, length, self.layer.size)
+        if span is None:
+            return
         first, last = span
-        clock = RetryClock(self.client.retry_policy)
-        while True:
-            clock.start_attempt()
-            try:
-                return self.client.read_blob_range(
-                    self.repository, self.layer.digest, first, last, self.layer.size
-                )
-            except BlobReadError as exc:
-                if clock.wait_before_next():
-                    log.info("retrying %s bytes %d-%d: %s", self, first, last, exc)
-                    continue
-                raise
-            except BlockstoreError as exc:
-                raise BlobReadError(str(exc)) from exc
+        deadline = self.client.deadline()
+        try:
+            for piece in self.client.stream_blob_range(
+                self.repository,
+                self.layer.digest,
+                first,
+                last,
+                self.layer.size,
+                deadline=deadline,
+                upstream_only=self.upstream_only,
+            ):
+                first += len(piece)
+                yield piece
+        except Exception as exc:  # the retrying read takes over, and reports what persists
+            log.info("%s: resuming bytes %d-%d: %s", self, first, last, exc)
+        if first <= last:
+            yield self._read(first, last, deadline)

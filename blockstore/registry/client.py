@@ -2,8 +2,11 @@
 
 Reads (manifests, blob ranges) go to each mirror in order, then to the
 upstream, as containerd's ``hosts.toml`` and ``registries.conf`` mirrors do;
-a mirror that fails is skipped for a while so a dead mirror costs one
-timeout, not one per chunk. Writes (push) go to the upstream only.
+a mirror that fails in any way (no reply, an error status, a body cut short
+or of the wrong range) is left out for a while and the next source is used
+at once, so a dead or broken mirror costs one attempt, not one per chunk.
+Writes (push) go to the upstream only. Each operation has one retry policy
+and one deadline (``retry.py``) that all of its attempts share.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlencode
 
 import requests
@@ -24,29 +28,39 @@ from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
 from blockstore.errors import (
-    AuthError,
     BlobReadError,
+    BlockstoreError,
+    NotFound,
     RegistryError,
     RegistryUnreachable,
     UsageError,
 )
 from blockstore.registry.credentials import Credentials, credentials_for
 from blockstore.registry.endpoint import Body, Endpoint, describe_failure
-from blockstore.registry.mediatypes import MANIFEST_ACCEPT
+from blockstore.registry.mediatypes import MANIFEST_ACCEPT, OCI_INDEX
 from blockstore.registry.options import RegistryOptions
 from blockstore.registry.ranges import check_partial_reply, range_header, slice_stream
 from blockstore.registry.replies import registry_error
-from blockstore.registry.retry import RetryClock, RetryPolicy
+from blockstore.registry.retry import (
+    RETRIABLE_STATUS,
+    Deadline,
+    RetryPolicy,
+    TryAgain,
+    parse_retry_after,
+    with_retries,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_SMALL_BODY = 4 << 20
-"""Manifests and configs are a few KiB; a larger reply is refused, not buffered."""
+"""Manifests and configs are a few KiB; a larger reply is refused, not buffered (the
+distribution spec suggests registries accept manifests of at least 4 MiB)."""
 STREAM_CHUNK = 256 << 10
 TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
 """What reading a reply's body raises when the connection breaks."""
 MIRROR_COOLDOWN = 30.0
 """Seconds a mirror that failed is left out before it is tried again."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -71,22 +85,14 @@ class RegistryClient:
         if options.ca_file and not os.path.isfile(options.ca_file):
             raise UsageError(f"CA file {options.ca_file} does not exist")
         self._verify = options.ca_file or system_ca_bundle()
-        self.retry_policy = RetryPolicy(
-            max_attempts=options.max_attempts, budget=options.retry_budget
-        )
+        self.policy = RetryPolicy(max_attempts=options.max_attempts)
         self.upstream = self._endpoint(
             registry,
             credentials_for(registry, username=options.username, password=options.password),
-            self.retry_policy,
         )
-        # A mirror gets one quick retry: when it fails the upstream is next.
-        mirror_policy = RetryPolicy(max_attempts=min(2, options.max_attempts), budget=5.0)
         self.mirrors = [
             self._endpoint(
-                mirror,
-                credentials_for(host_of(mirror), use_environment=False),
-                mirror_policy,
-                is_mirror=True,
+                mirror, credentials_for(host_of(mirror), use_environment=False), is_mirror=True
             )
             for mirror in options.mirrors
         ]
@@ -97,12 +103,7 @@ class RegistryClient:
         self._session.close()
 
     def _endpoint(
-        self,
-        name: str,
-        credentials: Credentials | None,
-        policy: RetryPolicy,
-        *,
-        is_mirror: bool = False,
+        self, name: str, credentials: Credentials | None, *, is_mirror: bool = False
     ) -> Endpoint:
         return Endpoint(
             host_of(name),
@@ -110,8 +111,7 @@ class RegistryClient:
             self._session,
             credentials=credentials,
             verify=self._verify,
-            timeout=self.options.timeout,
-            policy=policy,
+            insecure=self.options.insecure,
             is_mirror=is_mirror,
         )
 
@@ -120,6 +120,10 @@ class RegistryClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def deadline(self) -> Deadline:
+        """A new deadline for one read: ``options.timeout`` from now."""
+        return Deadline(self.options.timeout)
 
     # Reads: mirrors first, then the upstream.
 
@@ -131,40 +135,123 @@ class RegistryClient:
         raw, headers = self._pull_whole(repository, path, subject, {"Accept": MANIFEST_ACCEPT})
         return ManifestReply(raw, headers.get("Docker-Content-Digest"))
 
+    def blob_size(self, repository: str, digest: str) -> int | None:
+        """The blob's size as the registry stores it (a HEAD's Content-Length), or None
+        when the registry does not say."""
+        subject = f"blob {digest} of {self.registry}/{repository}"
+        path = f"/v2/{repository}/blobs/{digest}"
+        deadline = self.deadline()
+
+        def attempt(endpoint: Endpoint) -> int | None:
+            with self._get(endpoint, repository, path, subject, None, deadline, "HEAD") as reply:
+                length = reply.headers.get("Content-Length", "")
+                return int(length) if length.isdigit() else None
+
+        return self._read(subject, deadline, attempt)
+
     def get_blob(self, repository: str, digest: str) -> bytes:
         """A whole small blob (an image config); the caller checks its digest."""
         subject = f"blob {digest} of {self.registry}/{repository}"
         return self._pull_whole(repository, f"/v2/{repository}/blobs/{digest}", subject)[0]
 
     def read_blob_range(
-        self, repository: str, digest: str, first: int, last: int, size: int
+        self,
+        repository: str,
+        digest: str,
+        first: int,
+        last: int,
+        size: int,
+        *,
+        deadline: Deadline | None = None,
+        upstream_only: bool = False,
     ) -> bytes:
-        """Bytes ``first..last`` (inclusive) of a blob of ``size`` bytes.
+        """Bytes ``first..last`` (inclusive) of a blob of ``size`` bytes, within ``deadline``
+        (default: the options' timeout from now), every attempt included.
 
         A 206 must carry exactly the span asked for; a 200 (Range ignored) is
-        streamed and sliced without holding the blob. Transport failures in
-        the body raise ``BlobReadError``; the caller decides to retry.
+        streamed and sliced without holding the blob. A body cut short, of
+        the wrong range, or slower than the deadline is tried again (from the
+        next source, if a mirror sent it); every failure in the end is a
+        ``BlockstoreError`` naming its cause.
+        """
+        deadline = deadline or self.deadline()
+        subject = f"blob {digest} of {self.registry}/{repository}"
+        headers = {"Range": range_header(first, last), "Accept-Encoding": "identity"}
+        path = f"/v2/{repository}/blobs/{digest}"
+
+        def attempt(endpoint: Endpoint) -> bytes:
+            with self._get(endpoint, repository, path, subject, headers, deadline) as reply:
+                try:
+                    if reply.status_code == 206:
+                        check_partial_reply(reply.headers.get("Content-Range"), first, last, size)
+                        want = last - first + 1
+                        data = b"".join(receive(reply, deadline, subject, want))
+                        if len(data) != want:
+                            raise BlobReadError(
+                                f"{subject}: asked for {want} bytes at {first}, got {len(data)}"
+                            )
+                        return data
+                    log.debug(
+                        "%s ignored Range: streaming %d bytes to reach %d",
+                        endpoint.host,
+                        size,
+                        first,
+                    )
+                    return slice_stream(receive(reply, deadline, subject), first, last)
+                except BlobReadError as exc:
+                    raise TryAgain(exc) from None
+                except TRANSPORT_ERRORS as exc:
+                    raise TryAgain(
+                        BlobReadError(
+                            f"{subject}: reading bytes {first}-{last} failed: "
+                            f"{describe_failure(exc)}"
+                        )
+                    ) from None
+
+        return self._read(subject, deadline, attempt, upstream_only=upstream_only)
+
+    def get_referrers(
+        self, repository: str, digest: str, artifact_type: str | None = None
+    ) -> bytes | None:
+        """The OCI 1.1 referrers index of a manifest, or None where the registry has no
+        referrers API (it answers 404 for the path; with the API it answers 200 always)."""
+        path = f"/v2/{repository}/referrers/{digest}"
+        if artifact_type:
+            path += "?" + urlencode({"artifactType": artifact_type})
+        subject = f"referrers of {digest} in {self.registry}/{repository}"
+        try:
+            return self._pull_whole(repository, path, subject, {"Accept": OCI_INDEX})[0]
+        except NotFound:
+            return None
+
+    def stream_blob_range(
+        self,
+        repository: str,
+        digest: str,
+        first: int,
+        last: int,
+        size: int,
+        *,
+        deadline: Deadline,
+        upstream_only: bool = False,
+    ) -> Iterator[bytes]:
+        """Bytes ``first..last`` (inclusive) as they arrive, from the first source, once.
+
+        Checked as ``read_blob_range`` checks them, but not retried: the
+        caller counts what it got and reads the rest with
+        ``read_blob_range``, which retries, under the same ``deadline``.
         """
         subject = f"blob {digest} of {self.registry}/{repository}"
         headers = {"Range": range_header(first, last), "Accept-Encoding": "identity"}
         path = f"/v2/{repository}/blobs/{digest}"
-        with self._pull("GET", repository, path, subject, headers=headers, stream=True) as reply:
+        endpoint = next(self._read_endpoints(upstream_only))
+        with self._get(endpoint, repository, path, subject, headers, deadline) as reply:
             try:
-                if reply.status_code == 206:
-                    check_partial_reply(reply.headers.get("Content-Range"), first, last, size)
-                    want = last - first + 1
-                    data = read_body(reply, want)
-                    if len(data) != want:
-                        raise BlobReadError(
-                            f"{subject}: asked for {want} bytes at {first}, got {len(data)}"
-                        )
-                    return data
-                log.debug(
-                    "%s ignored Range: streaming %d bytes to reach %d", self.registry, size, first
-                )
-                return slice_stream(reply.iter_content(STREAM_CHUNK), first, last)
-            except BlobReadError:
-                raise
+                if reply.status_code != 206:  # Range ignored: one slice, bounded by the range
+                    yield slice_stream(receive(reply, deadline, subject), first, last)
+                    return
+                check_partial_reply(reply.headers.get("Content-Range"), first, last, size)
+                yield from receive(reply, deadline, subject, last - first + 1)
             except TRANSPORT_ERRORS as exc:
                 raise BlobReadError(
                     f"{subject}: reading bytes {first}-{last} failed: {describe_failure(exc)}"
@@ -224,98 +311,152 @@ class RegistryClient:
         headers: dict[str, str] | None = None,
         body: Body = None,
     ) -> requests.Response:
-        scope = f"repository:{repository}:pull,push"
-        return self.upstream.request(method, path, scope=scope, headers=headers, body=body)
+        """One write to the upstream, retried on no reply, 5xx and 429.
 
-    def _pull(
+        An upload lasts as long as its blob needs, so it has no overall
+        deadline: each receive has the timeout, and attempts are bounded.
+        """
+        scope = f"repository:{repository}:pull,push"
+        deadline = Deadline(None, stall=self.options.timeout)
+
+        def attempt() -> requests.Response:
+            reply = self.upstream.request(
+                method, path, scope=scope, deadline=deadline, headers=headers, body=body
+            )
+            if reply.status_code in RETRIABLE_STATUS:
+                with reply:
+                    raise TryAgain(
+                        registry_error(reply, f"{method} {self.registry}/{repository}"),
+                        parse_retry_after(reply.headers.get("Retry-After")),
+                    )
+            return reply
+
+        return with_retries(self.policy, deadline, attempt, f"{method} {self.upstream.host}")
+
+    def _get(
         self,
-        method: str,
+        endpoint: Endpoint,
         repository: str,
         path: str,
         subject: str,
-        *,
-        headers: dict[str, str] | None = None,
-        stream: bool = False,
+        headers: dict[str, str] | None,
+        deadline: Deadline,
+        method: str = "GET",
     ) -> requests.Response:
-        """The first successful reply among the mirrors, in order, then the upstream.
-
-        A mirror's failure (unreachable, refused, not found, 5xx) is logged
-        and the next one is tried; the upstream's failure is raised.
-        """
+        """A streamed read's reply if it is a success; else its error (``TryAgain`` for
+        the statuses another attempt may cure)."""
         scope = f"repository:{repository}:pull"
-        for endpoint in self._read_endpoints():
-            try:
-                reply = endpoint.request(method, path, scope=scope, headers=headers, stream=stream)
-            except (RegistryUnreachable, AuthError) as exc:
+        reply = endpoint.request(
+            method, path, scope=scope, deadline=deadline, headers=headers, stream=True
+        )
+        if 200 <= reply.status_code < 300:
+            return reply
+        with reply:
+            error = registry_error(reply, subject)
+            if reply.status_code in RETRIABLE_STATUS:
+                raise TryAgain(error, parse_retry_after(reply.headers.get("Retry-After")))
+            raise error
+
+    def _read(
+        self,
+        subject: str,
+        deadline: Deadline,
+        attempt: Callable[[Endpoint], T],
+        *,
+        upstream_only: bool = False,
+    ) -> T:
+        """``attempt`` on the first source that serves it, under the one retry policy.
+
+        A mirror that fails (no reply, refused, 5xx, a broken body) is left
+        out for ``MIRROR_COOLDOWN`` and the next source is tried at once; a
+        mirror that lacks the object (404) is passed over but stays in use.
+        The upstream's failures are retried, then raised.
+        """
+
+        def from_first_source() -> T:
+            for endpoint in self._read_endpoints(upstream_only):
                 if not endpoint.is_mirror:
-                    raise
-                self._mirror_failed(endpoint, str(exc), down=True)
-                continue
-            if 200 <= reply.status_code < 300:
-                return reply
-            if endpoint.is_mirror:
-                # Not-found is the mirror lacking one object, not the mirror being down.
-                down = reply.status_code != 404
-                self._mirror_failed(endpoint, f"HTTP {reply.status_code} for {subject}", down=down)
-                reply.close()
-                continue
-            with reply:
-                raise registry_error(reply, subject)
-        raise AssertionError("the upstream, always last, returns or raises")
+                    return attempt(endpoint)
+                try:
+                    return attempt(endpoint)
+                except NotFound as exc:
+                    log.info("mirror %s lacks it, trying the next: %s", endpoint.host, exc)
+                except TryAgain as exc:
+                    self._mirror_failed(endpoint, str(exc.error))
+                except BlockstoreError as exc:
+                    self._mirror_failed(endpoint, str(exc))
+            raise AssertionError("the upstream, always last, returns or raises")
+
+        return with_retries(self.policy, deadline, from_first_source, subject)
 
     def _pull_whole(
         self, repository: str, path: str, subject: str, headers: dict[str, str] | None = None
     ) -> tuple[bytes, CaseInsensitiveDict]:
         """A small body (manifest, config) read whole, tried again if it breaks off."""
-        clock = RetryClock(self.retry_policy)
-        while True:
-            clock.start_attempt()
-            with self._pull(
-                "GET", repository, path, subject, headers=headers, stream=True
-            ) as reply:
+        deadline = self.deadline()
+
+        def attempt(endpoint: Endpoint) -> tuple[bytes, CaseInsensitiveDict]:
+            with self._get(endpoint, repository, path, subject, headers, deadline) as reply:
                 try:
-                    data = read_body(reply, MAX_SMALL_BODY)
+                    data = b"".join(receive(reply, deadline, subject, MAX_SMALL_BODY + 1))
                 except TRANSPORT_ERRORS as exc:
-                    if clock.wait_before_next():
-                        continue
-                    raise RegistryUnreachable(
-                        f"{subject}: the connection broke while reading it "
-                        f"({describe_failure(exc)})"
+                    raise TryAgain(
+                        RegistryUnreachable(
+                            f"{subject}: the connection broke while reading it "
+                            f"({describe_failure(exc)})"
+                        )
                     ) from None
+                except BlobReadError as exc:
+                    raise TryAgain(RegistryUnreachable(str(exc))) from None
                 if len(data) > MAX_SMALL_BODY:
                     raise RegistryError(f"{subject}: larger than {MAX_SMALL_BODY} bytes, refused")
                 return data, reply.headers
 
-    def _read_endpoints(self) -> Iterator[Endpoint]:
+        return self._read(subject, deadline, attempt)
+
+    def _read_endpoints(self, upstream_only: bool = False) -> Iterator[Endpoint]:
         now = time.monotonic()
         with self._lock:
             down = dict(self._mirror_down_until)
-        for mirror in self.mirrors:
+        for mirror in [] if upstream_only else self.mirrors:
             if down.get(mirror.host, 0.0) <= now:
                 yield mirror
         yield self.upstream
 
-    def _mirror_failed(self, mirror: Endpoint, why: str, *, down: bool) -> None:
-        if down:
-            with self._lock:
-                self._mirror_down_until[mirror.host] = time.monotonic() + MIRROR_COOLDOWN
-        log.warning("mirror %s failed, trying the next: %s", mirror.host, why)
+    def _mirror_failed(self, mirror: Endpoint, why: str) -> None:
+        with self._lock:
+            self._mirror_down_until[mirror.host] = time.monotonic() + MIRROR_COOLDOWN
+        log.warning("mirror %s failed, left out for %.0fs: %s", mirror.host, MIRROR_COOLDOWN, why)
 
 
-def read_body(reply: requests.Response, limit: int) -> bytes:
-    """The body, or its first ``limit + 1`` bytes when it is longer than ``limit``.
+def receive(
+    reply: requests.Response, deadline: Deadline, subject: str, limit: int | None = None
+) -> Iterator[bytes]:
+    """The body as it arrives, up to ``limit`` bytes, all of it within ``deadline``.
 
-    Read through requests so that a body read to its end hands the
-    connection back to the pool (keep-alive); one left unread is closed.
+    One receive at a time, with the socket's timeout set to the time left
+    before each: a server that trickles a byte every few seconds never
+    resets the clock, as a per-receive timeout would let it. Raises
+    ``BlobReadError`` when the deadline passes. A body read to its end hands
+    the connection back to the pool (keep-alive); one left unread is closed.
     """
-    parts: list[bytes] = []
+    raw = reply.raw
     got = 0
-    for chunk in reply.iter_content(STREAM_CHUNK):
-        parts.append(chunk)
-        got += len(chunk)
-        if got > limit:
-            break
-    return b"".join(parts)[: limit + 1]
+    while limit is None or got < limit:
+        if deadline.expired:
+            raise BlobReadError(
+                f"{subject}: the reply did not arrive within {deadline.seconds:g}s "
+                f"({got} bytes came)"
+            )
+        sock = getattr(raw.connection, "sock", None)
+        if sock is not None:
+            sock.settimeout(deadline.receive_timeout())
+        want = STREAM_CHUNK if limit is None else min(STREAM_CHUNK, limit - got)
+        piece = raw.read1(want, decode_content=True)
+        if not piece:
+            return
+        got += len(piece)
+        yield piece
 
 
 def host_of(registry: str) -> str:

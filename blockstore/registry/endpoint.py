@@ -1,22 +1,27 @@
-"""One registry host as the client talks to it: URL, TLS, auth, retries, redirects.
+"""One registry host as the client talks to it: URL, TLS, auth, quiet, redirects.
 
 Every request to a registry goes through ``Endpoint.request``, so the rules
 live in one place: Authorization only ever goes to the endpoint's own
 origin (a 307 to blob storage or a CDN is followed without it), a 401 is
-answered once with new credentials, connection errors, 5xx and 429 are
-retried with backoff, and nothing that carries a secret is logged.
+answered once with new credentials, a host's request for quiet (429/503
+with ``Retry-After``) is kept for every later request to it, and nothing
+that carries a secret is logged. Retrying is the caller's: one request here
+is one attempt, bounded by the caller's deadline.
 """
 
 from __future__ import annotations
 
 import errno
+import http.client
 import logging
+import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
+import urllib3
 
 from blockstore.errors import AuthError, RegistryError, RegistryUnreachable
 from blockstore.registry.auth import Authenticator, basic_header
@@ -24,21 +29,24 @@ from blockstore.registry.credentials import Credentials
 from blockstore.registry.replies import oci_error
 from blockstore.registry.retry import (
     RETRIABLE_STATUS,
-    RetryClock,
-    RetryPolicy,
+    Deadline,
+    Quiet,
+    TryAgain,
     parse_retry_after,
 )
 
 log = logging.getLogger(__name__)
 
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+QUIET_STATUS = frozenset({429, 503})
+"""Statuses whose ``Retry-After`` asks the whole host for quiet."""
 MAX_REDIRECTS = 5
 Body = bytes | Path | None
 """A request body; a Path is opened anew for each attempt so retries resend it whole."""
 
 
 class Endpoint:
-    """A registry (or mirror) host with its own credentials and tokens."""
+    """A registry (or mirror) host with its own credentials, tokens and quiet period."""
 
     def __init__(
         self,
@@ -48,8 +56,7 @@ class Endpoint:
         *,
         credentials: Credentials | None,
         verify: str | bool,
-        timeout: float,
-        policy: RetryPolicy,
+        insecure: bool = False,
         is_mirror: bool = False,
     ):
         self.host = host
@@ -57,9 +64,13 @@ class Endpoint:
         self.is_mirror = is_mirror
         self._session = session
         self._verify = verify
-        self._timeout = (min(timeout, 10.0), timeout)
-        self._policy = policy
-        self.auth = Authenticator(host, credentials, self._fetch_token)
+        self._insecure = insecure
+        """Plain HTTP was asked for: credentials may travel in the clear."""
+        self.quiet = Quiet()
+        # A host reached over plain HTTP without --insecure (a mirror written
+        # ``http://...``) is not given credentials that would travel in the clear.
+        self._withheld = credentials is not None and not self._may_send(self.base_url)
+        self.auth = Authenticator(host, None if self._withheld else credentials, self._fetch_token)
 
     def __repr__(self) -> str:
         return f"Endpoint({self.base_url!r}, mirror={self.is_mirror})"
@@ -70,31 +81,57 @@ class Endpoint:
         path: str,
         *,
         scope: str,
+        deadline: Deadline,
         headers: dict[str, str] | None = None,
         body: Body = None,
         stream: bool = False,
     ) -> requests.Response:
-        """Send ``method path`` (path from ``/v2/``, or a full URL the registry gave us).
+        """One attempt at ``method path`` (path from ``/v2/``, or a full URL the registry
+        gave us), 401 challenges and redirects answered within it.
 
-        Returns the final reply, whatever its status; raises
-        ``RegistryUnreachable`` when no reply came after all retries and
-        ``AuthError`` when credentials were refused.
+        Returns the final reply, whatever its status. Raises ``TryAgain`` when
+        no reply came (the caller's retry policy decides), ``RegistryError``
+        at once when the host asked for quiet for longer than ``deadline``
+        leaves, and ``AuthError`` when credentials were refused.
         """
+        if not self.quiet.wait(deadline):
+            raise RegistryError(
+                f"registry {self.host} asked for a pause of {self.quiet.left():.0f}s more, "
+                "longer than this request may wait",
+                status=429,
+            )
         url = path if "://" in path else self.base_url + path
-        authorization = self.auth.header(scope)
+        authorization = self.auth.header(scope, deadline)
         answered = False
         while True:
-            reply = self._follow_redirects(method, url, headers or {}, authorization, body, stream)
+            reply = self._follow_redirects(
+                method, url, headers or {}, authorization, body, stream, deadline
+            )
+            if reply.status_code in QUIET_STATUS:
+                pause = parse_retry_after(reply.headers.get("Retry-After"))
+                if pause:
+                    self.quiet.asked(pause)
             if reply.status_code != 401:
                 return reply
             challenge = reply.headers.get("WWW-Authenticate")
+            if self._withheld:
+                reply.close()
+                raise AuthError(
+                    f"registry {self.host} asks for credentials over plain HTTP; they are "
+                    "sent in the clear only with --insecure",
+                    status=401,
+                )
             if answered:
                 _, detail = oci_error(reply)
                 reply.close()
                 raise AuthError(self._refusal(scope, authorization, detail), status=401)
             reply.close()
-            authorization = self.auth.answer_challenge(challenge, scope)
+            authorization = self.auth.answer_challenge(challenge, scope, deadline)
             answered = True
+
+    def _may_send(self, url: str) -> bool:
+        """Whether credentials may go to ``url``: over TLS, or plain HTTP when asked for."""
+        return urlsplit(url).scheme == "https" or self._insecure
 
     def _refusal(self, scope: str, authorization: str | None, detail: str) -> str:
         said = f" ({detail})" if detail else ""
@@ -112,13 +149,14 @@ class Endpoint:
         authorization: str | None,
         body: Body,
         stream: bool,
+        deadline: Deadline,
     ) -> requests.Response:
         own_origin = _origin(self.base_url)
         for _ in range(MAX_REDIRECTS + 1):
             sent = dict(headers)
             if authorization and _origin(url) == own_origin:
                 sent["Authorization"] = authorization
-            reply = self._send(method, url, sent, body, stream)
+            reply = self._send(method, url, sent, body, stream, deadline)
             location = reply.headers.get("Location")
             if reply.status_code not in REDIRECT_STATUS or not location:
                 return reply
@@ -128,55 +166,65 @@ class Endpoint:
         raise RegistryError(f"registry {self.host}: more than {MAX_REDIRECTS} redirects")
 
     def _send(
-        self, method: str, url: str, headers: dict[str, str], body: Body, stream: bool
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: Body,
+        stream: bool,
+        deadline: Deadline,
     ) -> requests.Response:
-        clock = RetryClock(self._policy)
-        while True:
-            clock.start_attempt()
-            try:
-                reply = self._send_once(method, url, headers, body, stream)
-            except requests.exceptions.SSLError as exc:
-                raise RegistryUnreachable(
-                    f"cannot connect securely to {urlsplit(url).netloc}: {describe_failure(exc)}"
-                ) from None
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                if clock.wait_before_next():
-                    log.info("retrying %s %s: %s", method, self.host, describe_failure(exc))
-                    continue
-                raise RegistryUnreachable(
-                    f"cannot reach registry {urlsplit(url).netloc}: {describe_failure(exc)} "
-                    f"(after {clock.attempts} attempt{'s' if clock.attempts > 1 else ''})"
-                ) from None
-            if reply.status_code in RETRIABLE_STATUS:
-                retry_after = parse_retry_after(reply.headers.get("Retry-After"))
-                if clock.wait_before_next(retry_after):
-                    log.info("retrying %s %s after HTTP %d", method, self.host, reply.status_code)
-                    reply.close()
-                    continue
-            return reply
-
-    def _send_once(
-        self, method: str, url: str, headers: dict[str, str], body: Body, stream: bool
-    ) -> requests.Response:
+        """One request; the socket waits at most the deadline's stall or the time left."""
+        where = urlsplit(url).netloc
+        if deadline.expired:
+            raise TryAgain(RegistryUnreachable(f"cannot reach registry {where}: timed out"))
         kwargs = {
             "headers": headers,
             "stream": stream,
-            "timeout": self._timeout,
+            "timeout": (deadline.cap(min(deadline.stall, 10.0)), deadline.receive_timeout()),
             "allow_redirects": False,
             "verify": self._verify,
         }
-        if isinstance(body, Path):
-            with body.open("rb") as file:
-                return self._session.request(method, url, data=file, **kwargs)
-        return self._session.request(method, url, data=body, **kwargs)
+        try:
+            if isinstance(body, Path):
+                with body.open("rb") as file:
+                    return self._session.request(method, url, data=file, **kwargs)
+            return self._session.request(method, url, data=body, **kwargs)
+        except requests.exceptions.SSLError as exc:
+            raise RegistryUnreachable(
+                f"cannot connect securely to {where}: {describe_failure(exc)}"
+            ) from None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise TryAgain(
+                RegistryUnreachable(f"cannot reach registry {where}: {describe_failure(exc)}")
+            ) from None
 
     def _fetch_token(
-        self, realm: str, params: list[tuple[str, str]], credentials: Credentials | None
+        self,
+        realm: str,
+        params: list[tuple[str, str]],
+        credentials: Credentials | None,
+        deadline: Deadline,
     ) -> requests.Response:
+        if credentials and not self._may_send(realm):
+            raise AuthError(
+                f"token issuer {urlsplit(realm).netloc} for registry {self.host} is plain "
+                "HTTP; credentials are sent to it in the clear only with --insecure"
+            )
         headers = {"Authorization": basic_header(credentials)} if credentials else {}
         separator = "&" if urlsplit(realm).query else "?"
-        reply = self._send("GET", realm + separator + urlencode(params), headers, None, False)
+        url = realm + separator + urlencode(params)
+        reply = self._send("GET", url, headers, None, False, deadline)
         reply.close()
+        if reply.status_code in RETRIABLE_STATUS:
+            raise TryAgain(
+                AuthError(
+                    f"token issuer {urlsplit(realm).netloc} for registry {self.host} "
+                    f"answered HTTP {reply.status_code}",
+                    status=reply.status_code,
+                ),
+                parse_retry_after(reply.headers.get("Retry-After")),
+            )
         return reply
 
 
@@ -186,28 +234,36 @@ def _origin(url: str) -> tuple[str, str]:
     return parts.scheme, f"{parts.hostname}:{port}"
 
 
+_CAUSES: list[tuple[type | tuple[type, ...], str]] = [
+    (socket.gaierror, "unknown host name"),
+    (ConnectionRefusedError, "connection refused"),
+    (ConnectionResetError, "connection closed by the server"),
+    # urllib3's NewConnectionError is a ConnectTimeoutError: the more precise causes
+    # nested in it (refused, unknown host) are looked for first.
+    ((TimeoutError, requests.Timeout, urllib3.exceptions.TimeoutError), "timed out"),
+    (
+        (http.client.HTTPException, urllib3.exceptions.ProtocolError),
+        "connection closed by the server",
+    ),
+]
+"""Transport failures by exception type, most precise first, with what a user reads."""
+
+
 def describe_failure(exc: BaseException) -> str:
-    """A short human cause for a transport failure: ``connection refused``, ``timed out``."""
+    """A short human cause for a transport failure, from the types of the exceptions
+    nested in it: ``connection refused``, ``timed out``, ``unknown host name``."""
     causes = list(_causes(exc))
-    texts = " ".join(str(cause) for cause in causes)
     for cause in causes:
         if isinstance(cause, ssl.SSLCertVerificationError):
             return f"certificate not trusted ({cause.verify_message}; give --ca-file)"
-    if "WRONG_VERSION_NUMBER" in texts or "wrong version number" in texts:
-        return "it does not speak TLS (a plain-HTTP registry needs --insecure)"
+        if isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER":
+            return "it does not speak TLS (a plain-HTTP registry needs --insecure)"
     for cause in causes:
-        if isinstance(cause, ConnectionRefusedError):
-            return "connection refused"
-        if isinstance(cause, TimeoutError | requests.Timeout):
-            return "timed out"
         if isinstance(cause, OSError) and cause.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
             return "no route to host"
-        if isinstance(cause, ConnectionResetError):
-            return "connection closed by the server"
-    if "Name or service not known" in texts or "nodename nor servname" in texts:
-        return "unknown host name"
-    if "Connection aborted" in texts or "Connection broken" in texts:
-        return "connection closed by the server"
+    for types, cause_text in _CAUSES:
+        if any(isinstance(cause, types) for cause in causes):
+            return cause_text
     return type(exc).__name__
 
 

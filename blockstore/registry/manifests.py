@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from blockstore.errors import IntegrityError, InvalidReference, NotFound, RegistryError
 from blockstore.registry.client import RegistryClient
+from blockstore.registry.descriptors import ManifestProblem, check_index, check_manifest
 from blockstore.registry.mediatypes import (
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -127,7 +128,7 @@ def resolve_image(
     manifests = {digest: raw}
     document, media_type = _decode(raw, ref, digest)
     if media_type not in INDEX_TYPES:
-        layers = _layers(document, ref)
+        layers = _layers(document)
         if not require_platform:
             # Fetching the config would cost a round trip on every default open.
             return ResolvedImage(str(ref), digest, None, [], layers, manifests)
@@ -158,7 +159,7 @@ def resolve_image(
             f"image {ref}: index entry {child_digest} is a {child_type}, not a manifest"
         )
     return ResolvedImage(
-        str(ref), child_digest, names[chosen], names, _layers(child, ref), manifests, digest
+        str(ref), child_digest, names[chosen], names, _layers(child), manifests, digest
     )
 
 
@@ -208,6 +209,8 @@ def _decode(raw: bytes, ref: Reference, digest: str) -> tuple[dict, str]:
         document = json.loads(raw)
     except ValueError:
         raise RegistryError(f"image {ref}: manifest {digest} is not JSON") from None
+    except RecursionError:
+        raise RegistryError(f"image {ref}: manifest {digest} is nested too deeply") from None
     if not isinstance(document, dict):
         raise RegistryError(f"image {ref}: manifest {digest} is not a JSON object")
     media_type = document.get("mediaType") or (
@@ -217,16 +220,16 @@ def _decode(raw: bytes, ref: Reference, digest: str) -> tuple[dict, str]:
         raise RegistryError(f"image {ref}: Docker schema 1 manifests are not supported")
     if media_type not in INDEX_TYPES | MANIFEST_TYPES:
         raise RegistryError(f"image {ref}: unsupported manifest type {media_type!r}")
+    try:
+        (check_index if media_type in INDEX_TYPES else check_manifest)(document)
+    except ManifestProblem as problem:
+        raise RegistryError(f"image {ref}: manifest {digest} is refused: {problem}") from None
     return document, media_type
 
 
-def _layers(manifest: dict, ref: Reference) -> list[Layer]:
-    try:
-        return [
-            Layer(i, normalize_digest(d["digest"]), int(d["size"]), d.get("mediaType", ""))
-            for i, d in enumerate(manifest.get("layers", []))
-        ]
-    except (KeyError, TypeError, ValueError, InvalidReference):
-        raise RegistryError(
-            f"image {ref}: a layer descriptor has no valid digest or size"
-        ) from None
+def _layers(manifest: dict) -> list[Layer]:
+    """The layers of a manifest ``_decode`` has checked."""
+    return [
+        Layer(i, layer.digest, layer.size, layer.media_type)
+        for i, layer in enumerate(check_manifest(manifest))
+    ]

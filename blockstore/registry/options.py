@@ -26,11 +26,12 @@ class RegistryOptions:
     """``host[:port]`` (or ``http://``/``https://`` URLs) tried in order before the upstream;
     never with ``user:password@`` (see ``check_mirror``)."""
     timeout: float = 30.0
-    """Seconds to wait for a connection or for the next bytes of a reply."""
+    """Seconds one read (a byte range, a manifest) may take in all: every attempt, wait
+    and receive of it included. A read still unanswered then fails (EIO). One connect
+    or receive waits at most a third of it, leaving time for another attempt; an
+    upload has no overall limit, and this is its per-receive timeout."""
     max_attempts: int = 5
-    """Tries of one request on connection errors, 5xx and 429."""
-    retry_budget: float = 60.0
-    """Seconds one request may spend retrying, waits included."""
+    """Tries of one read on no reply, 5xx, 429 and bodies cut short, within ``timeout``."""
 
     def __post_init__(self) -> None:
         for mirror in self.mirrors:
@@ -42,8 +43,7 @@ class RegistryOptions:
         return (
             f"RegistryOptions(insecure={self.insecure}, ca_file={self.ca_file!r}, "
             f"username={self.username!r}, password={password}, mirrors={self.mirrors!r}, "
-            f"timeout={self.timeout}, max_attempts={self.max_attempts}, "
-            f"retry_budget={self.retry_budget})"
+            f"timeout={self.timeout}, max_attempts={self.max_attempts})"
         )
 
 

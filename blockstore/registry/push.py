@@ -8,9 +8,12 @@ the same digests.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 from pathlib import Path
+
+import zstandard
 
 from blockstore.errors import NotFound, UsageError
 from blockstore.registry.client import RegistryClient
@@ -58,14 +61,16 @@ def push_image(
     for path in paths:
         check_layer_file(path, media_type)
     layers = []
+    diff_ids = []
     for path in paths:
         digest, size = file_digest(path)
         client.upload_blob(repository, digest, path)
         layers.append({"mediaType": media_type, "digest": digest, "size": size})
+        diff_ids.append(diff_id(path, media_type, digest))
     config = _canonical(
         {
             **_platform_fields(target),
-            "rootfs": {"type": "layers", "diff_ids": [layer["digest"] for layer in layers]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
             "config": {},
             # A fixed date keeps the config, hence every digest, reproducible.
             "created": "1970-01-01T00:00:00Z",
@@ -121,6 +126,22 @@ def check_layer_file(path: Path, media_type: str) -> None:
             f"{EROFS_SUPERBLOCK_OFFSET}); to push other content, give its layer media type "
             "with --media-type"
         )
+
+
+def diff_id(path: Path, media_type: str, digest: str) -> str:
+    """A layer's diff_id: the digest of its content uncompressed (gzip, zstd), as the
+    image spec says and as a tar layer's index is checked against."""
+    if not media_type.endswith(("gzip", "zstd")):
+        return digest
+    try:
+        with path.open("rb") as raw:
+            if media_type.endswith("gzip"):
+                stream = gzip.GzipFile(fileobj=raw)
+            else:  # every frame, as a zstd:chunked layer has many
+                stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+            return "sha256:" + hashlib.file_digest(stream, "sha256").hexdigest()
+    except (OSError, EOFError, zstandard.ZstdError) as exc:
+        raise UsageError(f"cannot push {path} as {media_type}: {exc}") from None
 
 
 def file_digest(path: Path) -> tuple[str, int]:

@@ -28,6 +28,8 @@ _HOST = re.compile(
 _TAG = re.compile(r"[\w][\w.-]{0,127}")
 _DIGEST = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}")
 _SHA256_HEX = re.compile(r"[a-f0-9]{64}")
+# algorithm:encoded as a digest may be written, but not host:port.
+_ALGORITHM_AND_VALUE = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:(?![0-9]+$)[a-zA-Z0-9=_-]+")
 _MAX_NAME_LENGTH = 255
 # How much of a refused text an error message repeats: enough to recognise it,
 # not a screenful when a script passes something huge.
@@ -58,7 +60,17 @@ class Reference:
 
 
 def parse_reference(text: str) -> Reference:
-    """Parse ``[host[:port]/]path[:tag][@digest]``; raise ``InvalidReference`` saying why."""
+    """Parse ``[host[:port]/]path[:tag][@digest]``; raise ``InvalidReference`` saying why.
+
+    A reference written with ``user:password@`` before its host is refused,
+    and no message repeats what came before the ``@``.
+    """
+    if redact(text) != text:
+        raise InvalidReference(
+            f"invalid image reference {_echo(text)}: a reference cannot carry a user name or "
+            "password (give --username with $BLOCKSTORE_PASSWORD, or log in with podman or "
+            "docker)"
+        )
     if not text or text != text.strip():
         raise InvalidReference(
             f"invalid image reference {_echo(text)}: empty or surrounded by spaces"
@@ -116,8 +128,26 @@ def _digest_problem(digest: str) -> str | None:
     return None
 
 
+def redact(text: str) -> str:
+    """``text`` with anything before an ``@`` in its host part replaced by ``***``.
+
+    ``alice:pw@host:5000/app`` -> ``***@host:5000/app``. With no ``/``, what
+    follows a lone ``@`` may be a digest (``alpine@sha256:...``, even a bad
+    one): it is left as it is unless it reads as a host (no ``:``, or a port).
+    """
+    head, slash, rest = text.partition("/")
+    if "@" not in head:
+        return text
+    host = head.rpartition("@")[2]
+    if not slash and head.count("@") == 1 and _ALGORITHM_AND_VALUE.fullmatch(host):
+        return text
+    return f"***@{host}{slash}{rest}"
+
+
 def _echo(text: str) -> str:
-    """``text`` quoted for an error message, cut to its first ``_MAX_ECHO`` characters."""
+    """``text`` quoted for an error message (credentials redacted), cut to its first
+    ``_MAX_ECHO`` characters."""
+    text = redact(text)
     if len(text) <= _MAX_ECHO:
         return repr(text)
     return f"{text[:_MAX_ECHO]!r}... ({len(text)} characters)"

@@ -1,55 +1,132 @@
-"""When to try a request again, and how long to wait first.
+"""When to try a registry request again, how long to wait first, and when to stop.
 
-Exponential backoff with full jitter (so many clients that failed together
-do not retry together), bounded both in attempts and in total time, and a
-server's ``Retry-After`` honoured when it asks for a pause (429, 503).
+One policy and one deadline for each operation (a range read, a manifest
+fetch): every attempt of it, whatever failed (no connection, a 5xx or 429,
+a body cut short), draws on the same clock, so no loop nests inside another
+and a read ends within its timeout. Waits are exponential backoff with full
+jitter (so clients that failed together do not retry together), or what the
+server asked for in ``Retry-After``. A host that asked for quiet is left
+alone by every reader of it until the time it named (``Quiet``).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import random
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from typing import TypeVar
+
+from blockstore.errors import BlockstoreError
+
+log = logging.getLogger(__name__)
 
 RETRIABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+T = TypeVar("T")
+
+
+class Deadline:
+    """The moment an operation must be over; ``seconds=None`` has none (an upload).
+
+    ``stall`` is the longest a single connect or receive may wait: by default
+    a third of the whole, so a connection that went silent is given up while
+    there is still time for another attempt.
+    """
+
+    def __init__(self, seconds: float | None, *, stall: float | None = None):
+        self.seconds = seconds
+        self._expires = math.inf if seconds is None else time.monotonic() + seconds
+        if stall is None:
+            if seconds is None:
+                raise ValueError("a deadline without an end needs a stall timeout")
+            stall = seconds / 3
+        self.stall = stall
+
+    def left(self) -> float:
+        return max(0.0, self._expires - time.monotonic())
+
+    @property
+    def expired(self) -> bool:
+        return self.left() <= 0.0
+
+    def cap(self, seconds: float) -> float:
+        """``seconds``, or the time left when that is shorter (never 0: sockets take 0 as
+        non-blocking)."""
+        return max(0.001, min(seconds, self.left()))
+
+    def receive_timeout(self) -> float:
+        """What a socket may wait for the next bytes now: the stall, or the time left."""
+        return self.cap(self.stall)
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
     max_attempts: int = 5
-    budget: float = 60.0
-    """Seconds from the first attempt after which no new attempt starts."""
     base_delay: float = 0.2
     max_delay: float = 10.0
+    """The longest backoff; a server's ``Retry-After`` is bounded by the deadline instead."""
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to wait before attempt ``attempt + 1`` (``attempt`` counts from 1)."""
         if retry_after is not None:
-            return min(max(retry_after, 0.0), self.max_delay)
+            return max(retry_after, 0.0)
         ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
         return random.uniform(0, ceiling)
 
 
-class RetryClock:
-    """One request's retry state: how many attempts so far, how much time is left."""
+class TryAgain(Exception):
+    """A failure another attempt may cure; ``error`` is what the user gets if none does."""
 
-    def __init__(self, policy: RetryPolicy):
-        self.policy = policy
-        self.attempts = 0
-        self._deadline = time.monotonic() + policy.budget
+    def __init__(self, error: BlockstoreError, retry_after: float | None = None):
+        super().__init__(str(error))
+        self.error = error
+        self.retry_after = retry_after
 
-    def start_attempt(self) -> None:
-        self.attempts += 1
 
-    def wait_before_next(self, retry_after: float | None = None) -> bool:
-        """Sleep before the next attempt; False when attempts or time are used up."""
-        if self.attempts >= self.policy.max_attempts:
+def with_retries(policy: RetryPolicy, deadline: Deadline, attempt: Callable[[], T], what: str) -> T:
+    """``attempt()`` until it returns, raises anything but ``TryAgain``, or attempts or
+    time run out; then the last failure's ``error`` is raised."""
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            return attempt()
+        except TryAgain as failure:
+            pause = policy.delay(attempts, failure.retry_after)
+            if attempts >= policy.max_attempts or pause >= deadline.left():
+                raise failure.error from None
+            log.info("retrying %s in %.1fs: %s", what, pause, failure.error)
+            time.sleep(pause)
+
+
+class Quiet:
+    """A host's request for quiet (a 429 or 503 with ``Retry-After``), shared by every
+    reader of that host, so a thousand reads do not each knock on a door that said
+    "come back in two minutes"."""
+
+    def __init__(self) -> None:
+        self._until = 0.0
+        self._lock = threading.Lock()
+
+    def asked(self, seconds: float) -> None:
+        with self._lock:
+            self._until = max(self._until, time.monotonic() + seconds)
+
+    def left(self) -> float:
+        return max(0.0, self._until - time.monotonic())
+
+    def wait(self, deadline: Deadline) -> bool:
+        """Wait out the quiet if it ends before ``deadline``; False (at once) if not."""
+        left = self.left()
+        if left <= 0.0:
+            return True
+        if left >= deadline.left():
             return False
-        pause = self.policy.delay(self.attempts, retry_after)
-        if time.monotonic() + pause >= self._deadline:
-            return False
-        time.sleep(pause)
+        time.sleep(left)
         return True
 
 

@@ -14,6 +14,7 @@ import struct
 from collections import deque
 from collections.abc import Mapping
 
+from blockstore.export import Buffer
 from nbdfront.protocol import replies
 from nbdfront.protocol.constants import (
     IHAVEOPT,
@@ -25,7 +26,6 @@ from nbdfront.protocol.constants import (
 )
 from nbdfront.protocol.events import (
     NEED_DATA,
-    Buffer,
     ClientEvent,
     ConnectionClosed,
     Disconnect,
@@ -137,10 +137,6 @@ class ServerConnection:
         already handed out as events is still answered normally.
         """
         self._shutting_down = True
-
-    @property
-    def closed(self) -> bool:
-        return self.phase is Phase.CLOSED
 
     def _step(self) -> bool:
         """Consume one message if it is complete; False when more bytes are needed."""

@@ -9,9 +9,9 @@ surfaces: only the work that needs an ``Export`` does.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-Buffer = bytes | bytearray | memoryview
+from blockstore.export import Buffer
 
 
 class _NeedData:
@@ -88,17 +88,11 @@ class ReadReply:
 
 @dataclass(frozen=True)
 class ReadFailed:
-    """A read that failed ``len(data)`` bytes into the request.
-
-    ``data`` is the good prefix (may be empty); with structured replies it
-    is sent and the error is reported at the offset where it stopped, so a
-    client never takes wrong bytes for good ones.
-    """
+    """A read that failed: an error and no data, so a client never takes wrong bytes."""
 
     request: ReadRequest
     error: int
     message: str = ""
-    data: Sequence[Buffer] = field(default=())
 
 
 @dataclass(frozen=True)

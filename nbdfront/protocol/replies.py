@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
+from blockstore.export import Buffer
 from nbdfront.protocol.constants import (
     BASE_ALLOCATION,
     EXPORT_NAME_PADDING,
@@ -27,7 +28,6 @@ from nbdfront.protocol.constants import (
     ReplyFlag,
     ReplyType,
 )
-from nbdfront.protocol.events import Buffer
 
 _OPTION_REPLY = struct.Struct(">QIII")
 _SIMPLE = struct.Struct(">IIQ")

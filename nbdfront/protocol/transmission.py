@@ -134,19 +134,7 @@ class Transmission:
     def _read_failed(self, reply: ReadFailed) -> list[Buffer]:
         request = reply.request
         if not self.structured:
-            # A simple reply cannot carry a partial read: error, no data.
             return replies.simple_reply(request.handle, reply.error)
-        good = sum(memoryview(b).nbytes for b in reply.data)
-        if not 0 <= good < request.length:
-            raise ValueError("the good prefix of a failed read must be shorter than the read")
-        parts: list[Buffer] = []
-        if good:
-            parts += replies.offset_data(
-                request.handle, request.offset, reply.data, good, done=False
-            )
-        parts.append(
-            replies.error_offset_chunk(
-                request.handle, reply.error, reply.message, request.offset + good
-            )
-        )
-        return parts
+        return [
+            replies.error_offset_chunk(request.handle, reply.error, reply.message, request.offset)
+        ]

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from blockstore.cache import ChunkStore
-from blockstore.cache.layout import DB_BLOBS, DB_CHUNKS, SUM_SIZE, BlobRecord, chunk_key
+from blockstore.cache.integrity import stored_length
+from blockstore.cache.layout import DB_BLOBS, DB_CHUNKS, BlobRecord, chunk_key
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("cache_worker.py")
@@ -41,7 +42,7 @@ def evict_chunk(store: ChunkStore, digest: str, index: int) -> bool:
         value = txn.get(key, db=store.dbs[DB_CHUNKS])
         if value is None:
             return False
-        store.delete_chunk(txn, key, record, len(value) - SUM_SIZE)
+        store.delete_chunk(txn, key, record, stored_length(value))
         txn.put(digest.encode(), record.pack(), db=store.dbs[DB_BLOBS])
         return True
 
@@ -57,3 +58,18 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+def misfile_chunk(store: ChunkStore, source: tuple[str, int], target: tuple[str, int]) -> None:
+    """Put the stored value of chunk ``source`` (digest, index) under the key of ``target``,
+    as a flipped bit in a B-tree key would: the value is whole, its key is another's."""
+
+    def key_of(txn, digest: str, index: int) -> bytes:
+        record = BlobRecord.unpack(txn.get(digest.encode(), db=store.dbs[DB_BLOBS]))
+        return chunk_key(record.blob_id, index)
+
+    def work(txn) -> None:
+        value = bytes(txn.get(key_of(txn, *source), db=store.dbs[DB_CHUNKS]))
+        txn.put(key_of(txn, *target), value, db=store.dbs[DB_CHUNKS])
+
+    store.env.write(work)

@@ -20,10 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' rig
+
+from rig.local_source import LocalFileSource
+
 import blockstore.cache.env as cache_env
 from blockstore.cache import CachedBlob, ChunkStore
 from blockstore.errors import CacheError
-from blockstore.source import LocalFileSource
 
 
 def main() -> int:

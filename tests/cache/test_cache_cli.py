@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
-from cache_rig import flip_stored_byte, run_cli
+import pytest
+from cache_rig import flip_stored_byte, misfile_chunk, run_cli
 from cache_sources import ScriptedSource, make_blob
 
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
+from blockstore.errors import NotCached
 
 
 def fill(cache_dir, blobs, prefetch: bool = True) -> None:
@@ -50,6 +52,36 @@ def test_verify_finds_and_drops_corrupted_chunks(cache_dir):
         blob.close()
 
 
+def test_a_chunk_under_another_chunks_key_is_never_served_as_it(cache_dir):
+    """Chunk 1's whole value stored under chunk 5's key, and another blob's chunk 0 under
+    chunk 3's key (what a flipped bit in a key does): offline, reads of chunks 5 and 3 fail
+    with EIO rather than return those bytes; `cache verify` names both as bad (exit 6) and
+    drops them; online, the right bytes come back."""
+    data, digest = make_blob(8 * CHUNK_SIZE, seed=45)
+    other = make_blob(2 * CHUNK_SIZE, seed=46)
+    fill(cache_dir, [(data, digest), other])
+    with ChunkStore(cache_dir) as store:
+        misfile_chunk(store, (digest, 1), (digest, 5))
+        misfile_chunk(store, (other[1], 0), (digest, 3))
+        offline = CachedBlob(store, digest, len(data), None)
+        for index in (5, 3):
+            with pytest.raises(NotCached):
+                offline.read(index * CHUNK_SIZE, 10)
+        assert b"".join(offline.read(CHUNK_SIZE, 10)) == data[CHUNK_SIZE : CHUNK_SIZE + 10]
+    fill(cache_dir, [])
+    with ChunkStore(cache_dir) as store:
+        misfile_chunk(store, (digest, 1), (digest, 5))
+        misfile_chunk(store, (other[1], 0), (digest, 3))
+    result = run_cli("cache", "verify", "--cache-dir", str(cache_dir))
+    assert result.returncode == 6, result.stdout + result.stderr
+    assert f"bad chunk {digest} #3: dropped" in result.stdout
+    assert f"bad chunk {digest} #5: dropped" in result.stdout
+    with ChunkStore(cache_dir) as store:
+        blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
+        assert b"".join(blob.read(0, len(data))) == data
+        blob.close()
+
+
 def test_stats_ls_pin_rm_gc_by_digest_and_reference(cache_dir):
     """stats and ls show what the library stored; pin and rm accept an image reference
     (matched in canonical form) or a digest; rm keeps a layer another image uses; gc
@@ -72,12 +104,12 @@ def test_stats_ls_pin_rm_gc_by_digest_and_reference(cache_dir):
         }
 
     with ChunkStore(cache_dir) as store:
-        store.put_ref(
+        store.images.put(
             "127.0.0.1:5000/demo/img:latest",
             "linux/amd64",
             record("127.0.0.1:5000/demo/img:latest", [base, top]),
         )
-        store.put_ref(
+        store.images.put(
             "127.0.0.1:5000/demo/two:latest",
             "linux/amd64",
             record("127.0.0.1:5000/demo/two:latest", [base]),
@@ -108,7 +140,7 @@ def test_stats_ls_pin_rm_gc_by_digest_and_reference(cache_dir):
     assert f"removed {other[1]}" in result.stdout
     with ChunkStore(cache_dir) as store:
         assert {i.digest for i in store.blobs()} == {base[1]}
-        assert [r["reference"] for r in store.refs()] == ["127.0.0.1:5000/demo/two:latest"]
+        assert [r["reference"] for r in store.images.all()] == ["127.0.0.1:5000/demo/two:latest"]
 
     result = run_cli("cache", "pin", "127.0.0.1:5000/demo/nothing:1", "--cache-dir", str(cache_dir))
     assert result.returncode == 3 and "no image" in result.stderr

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from cache_rig import REPO, WORKER, run_cli
 from cache_sources import make_blob
+from rig.local_source import LocalFileSource
 
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
 from blockstore.errors import NotCached
@@ -157,7 +158,5 @@ def test_full_disk_evicts_or_serves_uncached_never_corrupts(tmp_path):
         subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
-def _file_source(path: Path, digest: str):
-    from blockstore.source import LocalFileSource
-
+def _file_source(path: Path, digest: str) -> LocalFileSource:
     return LocalFileSource(path, digest)

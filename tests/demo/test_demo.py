@@ -18,34 +18,59 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def demo_dirs() -> set[Path]:
-    """Demo work directories, and anything named after one in the system's run directory."""
-    found = set(Path(tempfile.gettempdir()).glob("blockstore-demo-*"))
-    return found | {p for p in Path("/run/blockstore").rglob("*") if "blockstore-demo-" in p.name}
+SYSTEM_RUN_DIR = Path("/run/blockstore")
 
 
-def leftovers(before: set[Path]) -> list[str]:
-    """Anything a demo run left behind: work dirs, mounts, registry or server processes,
-    mount records or logs in the system's run directory."""
-    found = [str(p) for p in demo_dirs() - before]
-    with open("/proc/mounts") as mounts:
-        found += [line for line in mounts if "blockstore-demo-" in line]
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "blockstore-demo-" in cmdline:
-            found.append(cmdline)
-    return found
+def system_run_entries() -> set[Path]:
+    """What of a demo is in the system's run directory (mount keys carry the mount point)."""
+    if not SYSTEM_RUN_DIR.exists():
+        return set()
+    return {p for p in SYSTEM_RUN_DIR.rglob("*") if "blockstore-demo-" in p.name}
 
 
-def test_demo_runs_end_to_end_and_leaves_nothing():
+class DemoRun:
+    """A demo whose temporary directory is this test's own (short: it holds Unix sockets),
+    so what it leaves is told apart from what other runs on this machine do meanwhile."""
+
+    def __init__(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="bsdt-"))
+        self.env = dict(os.environ, TMPDIR=str(self.tmp))
+        self.system_before = system_run_entries()
+
+    def leftovers(self) -> list[str]:
+        """Anything the run left behind: work dirs (with their mount records and logs),
+        mounts, registry or server processes, anything new in the system's run directory."""
+        tmp = str(self.tmp)
+        found = [str(p) for p in self.tmp.iterdir()]
+        found += sorted(str(p) for p in system_run_entries() - self.system_before)
+        with open("/proc/mounts") as mounts:
+            found += [line for line in mounts if tmp in line]
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if tmp in cmdline:
+                found.append(cmdline)
+        return found
+
+
+@pytest.fixture
+def demo_run():
+    run = DemoRun()
+    yield run
+    shutil.rmtree(run.tmp, ignore_errors=True)
+
+
+def test_demo_runs_end_to_end_and_leaves_nothing(demo_run):
     """The demo with its default real tree: it must exit 0 after checking every file
     offline, print its summary, and leave no directory, mount or process behind."""
-    before = demo_dirs()
     result = subprocess.run(
-        [sys.executable, "-m", "blockstore", "demo"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "blockstore", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=demo_run.env,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
@@ -54,10 +79,12 @@ def test_demo_runs_end_to_end_and_leaves_nothing():
         "first mount, whole command",
         "fetched for the first reads",
         "offline mount, whole command",
+        "tar.gz: first mount, indexing included",
+        "tar.gz: offline mount and full check",
     ):
         assert label in out
     assert "via nbdfuse" in out or "via kernel NBD" in out
-    assert leftovers(before) == []
+    assert demo_run.leftovers() == []
 
 
 @pytest.mark.parametrize(
@@ -67,19 +94,19 @@ def test_demo_runs_end_to_end_and_leaves_nothing():
         (signal.SIGTERM, "==> Mount it lazily"),  # a kill while the mount is being made
     ],
 )
-def test_demo_interrupted_cleans_up(tmp_path: Path, signum: int, step: str):
+def test_demo_interrupted_cleans_up(tmp_path: Path, demo_run, signum: int, step: str):
     """Interrupted with the image mounted, or while mounting: the demo must exit 130
     and unmount, stop its registry and server, and remove its working directory."""
     tree = tmp_path / "tree"
     (tree / "sub").mkdir(parents=True)
     for i in range(200):
         (tree / "sub" / f"f{i}").write_bytes(os.urandom(20_000))
-    before = demo_dirs()
     demo = subprocess.Popen(
         [sys.executable, "-m", "blockstore", "demo", "--source", str(tree)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=demo_run.env,
     )
     try:
         for line in demo.stdout:
@@ -90,4 +117,4 @@ def test_demo_interrupted_cleans_up(tmp_path: Path, signum: int, step: str):
     finally:
         demo.kill()
     assert demo.returncode == 130, err
-    assert leftovers(before) == []
+    assert demo_run.leftovers() == []

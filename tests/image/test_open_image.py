@@ -16,7 +16,7 @@ from blockstore.errors import ImageNotCached, NotCached, NotFound, RegistryUnrea
 from blockstore.image import open_image
 from blockstore.registry import RegistryOptions
 
-OPTIONS = RegistryOptions(insecure=True, timeout=5.0, max_attempts=2, retry_budget=2.0)
+OPTIONS = RegistryOptions(insecure=True, timeout=2.0, max_attempts=2)
 
 
 def read_all(blob) -> bytes:

@@ -20,7 +20,7 @@ import pytest
 from mount_trees import build_opaque_stack
 from rig.images import build_erofs
 
-from nbdfront import attach, mount_state, mount_syscall, mounts
+from nbdfront.mount import attach, records, stack, syscall
 
 NBDKIT_SERVE = Path(__file__).parent / "nbdkit_serve.py"
 
@@ -59,16 +59,16 @@ def processes_mentioning(text: str) -> list[int]:
 
 def undo_everything(*roots: Path) -> None:
     """Last-resort cleanup: recorded mounts, then any mount and process under ``roots``."""
-    for record in mount_state.records():
+    for record in records.saved():
         try:
-            mounts.unmount_record(record, lazy=True)
+            stack.unmount_record(record, lazy=True)
         except Exception as exc:
             print(f"cleanup: {record.mountpoint}: {exc}", file=sys.stderr)
     for root in roots:
         prefix = str(root).rstrip("/") + "/"
-        for point in sorted(mount_syscall.mounted(), key=len, reverse=True):
+        for point in sorted(syscall.mounted(), key=len, reverse=True):
             if point.startswith(prefix):
-                mount_syscall.umount(point, lazy=True)
+                syscall.umount(point, lazy=True)
         for pid in processes_mentioning(str(root)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -1,11 +1,12 @@
 """A stand-in for ``blockstore serve`` over local image files, for testing the mount stack alone.
 
 Serves every file in DIR as the export of the same name with nbdkit's file
-plugin, and makes the same announcements the real server makes (``export
-NAME URI`` lines, then ``ready``), so mounting can be tested without a
-registry. SIGTERM stops it with status 0, or the one ``--stop-status`` gives,
-after ``--stop-delay`` seconds (a server still draining its requests).
+plugin, and says it is ready on the readiness pipe as the real server does
+(``--ready-fd``), so mounting can be tested without a registry. SIGTERM
+stops it with status 0, or the one ``--stop-status`` gives, after
+``--stop-delay`` seconds (a server still draining its requests).
 Usage: nbdkit_serve.py DIR [--stop-status N] [--stop-delay S] --unix SOCK --pidfile PID
+       --ready-fd FD
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from nbdfront.mount import readiness
+
 
 def main() -> int:
     parser = argparse.ArgumentParser()
@@ -26,6 +29,7 @@ def main() -> int:
     parser.add_argument("--pidfile", required=True)
     parser.add_argument("--stop-status", type=int, default=0)
     parser.add_argument("--stop-delay", type=float, default=0.0)
+    parser.add_argument("--ready-fd", type=int, required=True)
     args = parser.parse_args()
     nbdkit_pidfile = args.pidfile + ".nbdkit"
     # --exit-with-parent: nbdkit goes when this process goes, however it goes.
@@ -56,9 +60,11 @@ def main() -> int:
             return 1
         time.sleep(0.01)
     Path(args.pidfile).write_text(f"{os.getpid()}\n")
-    for path in sorted(args.dir.iterdir()):
-        print(f"export {path.name} nbd+unix:///{path.name}?socket={args.unix}")
-    print("ready", flush=True)
+    exports = {
+        p.name: f"nbd+unix:///{p.name}?socket={args.unix}" for p in sorted(args.dir.iterdir())
+    }
+    os.write(args.ready_fd, readiness.encode_ready(exports, []))
+    os.close(args.ready_fd)
     return nbdkit.wait()
 
 

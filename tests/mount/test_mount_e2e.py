@@ -24,7 +24,7 @@ from rig.processes import free_port
 from rig.pushed import push_erofs
 
 from blockstore.errors import ImageNotCached, MountpointBusy, RegistryError, RegistryUnreachable
-from nbdfront import attach, mount_state, mount_syscall
+from nbdfront.mount import attach, records, syscall
 
 pytestmark = pytest.mark.slow
 
@@ -51,12 +51,12 @@ def umount(mountpoint: Path) -> None:
 
 def assert_nothing_left(mountpoint: Path, run: Path) -> None:
     """No mount, no FUSE, no server or nbdfuse process, no socket, no record."""
-    table = mount_syscall.mounted()
+    table = syscall.mounted()
     assert str(mountpoint) not in table
     assert not [p for p in table if p.startswith(f"{run}/")]
     assert not processes_mentioning(str(run))
     assert not list(run.glob("**/*.sock"))
-    assert mount_state.records() == []
+    assert records.saved() == []
 
 
 def one_line(stderr: str) -> str:
@@ -200,7 +200,7 @@ def test_partly_cached_image_offline(dirs, pushed_images, erofs_images):
     assert failures >= 2, "files never read were cached: readahead went too far"
     assert (mnt / read_online[0]).read_bytes() == (tree / read_online[0]).read_bytes()
     assert [m["state"] for m in json.loads(cli("mounts", "--json").stdout)] == ["ok"]
-    log = Path(mount_state.load(str(mnt)).log).read_text()
+    log = Path(records.load(str(mnt)).log).read_text()
     assert any(
         erofs_images.large.digest in line and "offset" in line and "not cached" in line
         for line in log.splitlines()
@@ -261,39 +261,6 @@ def test_errors_a_user_can_act_on(dirs, pushed_images):
     one_line(unreachable.stderr)
     assert_nothing_left(mnt, run)
     assert not os.listdir(mnt)
-
-
-def test_erofs_utils_options_with_basic_auth_keep_the_password_hidden(
-    dirs, basic_auth_registry, erofs_images
-):
-    """Mount from a basic-auth registry with erofs-utils' spellings (``oci.username``,
-    ``oci.password``, ``oci.insecure``, ``oci=0``): the tree shows, and the password is
-    on no command line, in no output, mount record or log."""
-    mnt, _, cache, run = dirs
-    server = basic_auth_registry
-    ref = push_erofs(
-        server.host, "auth/mount", "v1", [erofs_images.small.path], options=server.options()
-    )
-    secret = server.password
-    options = f"oci.username={server.username},oci.password={secret},oci.insecure,oci=0"
-    done = cli("mount", "--cache-dir", str(cache), "-o", options, ref, str(mnt))
-    assert done.returncode == 0, done.stderr
-    assert_same_tree(erofs_images.small.tree, mnt)
-
-    record = mount_state.load(str(mnt))
-    cmdline = Path(f"/proc/{record.server.pid}/cmdline").read_bytes().decode()
-    listed = cli("mounts", "--json").stdout
-    for text in (
-        done.stdout,
-        done.stderr,
-        cmdline,
-        record.to_json(),
-        Path(record.log).read_text(),
-        listed,
-    ):
-        assert secret not in text
-    umount(mnt)
-    assert_nothing_left(mnt, run)
 
 
 def test_two_mounts_racing_for_one_mountpoint(dirs, pushed_images, erofs_images):

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blockstore.cli.mount_cmds import describe_layers, percent, served_layers
-from nbdfront.mount_state import MountRecord
+from nbdfront.mount.records import MountRecord
 
 KIB, MIB = 1 << 10, 1 << 20
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -15,6 +18,8 @@ from blockstore.cli.mount_cmds import (
     check_registry_arguments,
     merge_options,
     parse_mount_options,
+    serve_command,
+    without_credentials,
 )
 from blockstore.errors import UsageError
 
@@ -67,7 +72,8 @@ def test_old_oci_spelling_and_blob():
         "oci.username=",
         "oci.insecure=maybe",
         "rw",
-        "oci.tarindex=foo",
+        "oci.tarindex=",
+        "oci.zinfo=",
         "noatime",
         "oci.layer=1,oci.blob=sha256:" + "00" * 32,
     ],
@@ -135,22 +141,75 @@ def test_layer_zero_flag_is_not_replaced_by_another_layer_in_options():
     assert agree.layer == 0
 
 
-def test_mount_declares_the_image_options_serve_and_prefetch_declare():
-    """IMAGE, --layer/--blob and --offline of ``mount`` are the shared ones (same help as
-    ``serve``'s, verb aside), and the mount point still follows IMAGE."""
+# The options of every command that opens an image, as a user types them, and what each
+# must parse to. IMAGE and the layer choice first, then registry and cache options.
+IMAGE_ARGV = ["reg:5000/a:v1", "--layer", "-1", "--platform", "linux/arm64"]
+REGISTRY_ARGV = ["--insecure", "--ca-file", "/ca.pem", "--username", "u", "--password", "p"]
+REGISTRY_ARGV += ["--mirror", "m1:5000", "--mirror", "m2", "--cache-dir", "/c"]
+REGISTRY_ARGV += ["--cache-size", "1G"]
+PARSED = {
+    "image": "reg:5000/a:v1",
+    "layer": -1,
+    "blob": None,
+    "platform": "linux/arm64",
+    "insecure": True,
+    "ca_file": "/ca.pem",
+    "username": "u",
+    "password": "p",
+    "mirror": ["m1:5000", "m2"],
+    "cache_dir": Path("/c"),
+    "cache_size": 1 << 30,
+}
+# What each command takes beside them; prefetch fetches, so it has no --offline.
+COMMANDS = {"mount": ["/mnt", "--offline"], "serve": ["--offline"], "prefetch": []}
+DIGEST = "sha256:" + "ab" * 32
 
-    def actions(command: str) -> dict[str, str]:
-        parser = build_parser([command])
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        return {
-            a.dest: (a.help or "").replace(command, "VERB")
-            for a in sub.choices[command]._actions
-            if a.dest in ("image", "layer", "blob", "offline")
-        }
 
-    assert actions("mount") == actions("serve")
-    args = build_parser(["mount"]).parse_args(["mount", "reg:5000/a:v1", "/mnt", "--layer", "-1"])
-    assert (args.image, args.mountpoint, args.layer) == ("reg:5000/a:v1", "/mnt", -1)
+def _parse(argv: list[str]) -> argparse.Namespace:
+    return build_parser(argv).parse_args(argv)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_mount_serve_and_prefetch_take_the_same_image_options(command):
+    """A real command line with every image, registry and cache option parses to the same
+    values for ``mount``, ``serve`` and ``prefetch``; ``--blob`` does too, and ``--layer``
+    with ``--blob`` is refused by each. A command that loses one of them fails here."""
+    argv = [command, *IMAGE_ARGV[:1], *COMMANDS[command], *IMAGE_ARGV[1:], *REGISTRY_ARGV]
+    args = _parse(argv)
+    assert {key: getattr(args, key) for key in PARSED} == PARSED
+    if command != "prefetch":
+        assert args.offline is True
+    if command == "mount":
+        assert args.mountpoint == "/mnt"
+
+    by_digest = _parse([command, "reg:5000/a:v1", *COMMANDS[command][:1], "--blob", DIGEST])
+    assert (by_digest.blob, by_digest.layer) == (DIGEST, None)
+    with pytest.raises(SystemExit) as refused:
+        _parse([command, "reg:5000/a:v1", *COMMANDS[command][:1], "--layer", "0", "--blob", "x"])
+    assert refused.value.code == 2
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_of_mount_serve_and_prefetch_shows_the_image_options(command):
+    """``blockstore COMMAND --help``, run as a user runs it, lists IMAGE and every image,
+    registry and cache option (and ``--offline`` for the two that can serve from the cache
+    alone), and says which layer ``--layer`` picks in the command's own verb."""
+    shown = subprocess.run(
+        [sys.executable, "-m", "blockstore", command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    usage = shown.partition("\n\n")[0]
+    for option in ["IMAGE", "--layer N", "--blob DIGEST", "--platform", "--insecure"]:
+        assert option in usage, (option, usage)
+    for option in ["--ca-file", "--username", "--password", "--mirror", "--cache-dir"]:
+        assert option in usage, (option, usage)
+    assert "--cache-size" in usage
+    assert ("--offline" in usage) == (command != "prefetch")
+    verb = {"prefetch": "fetch"}.get(command, command)
+    assert f"{verb} only layer N (0 is the bottom, -1 the top)" in " ".join(shown.split())
 
 
 def test_digests_are_compared_normalised():
@@ -200,3 +259,18 @@ def test_bad_reference_is_a_usage_error():
     args = build_parser(["mount"]).parse_args(["mount", "Bad Ref:x", "/mnt"])
     with pytest.raises(UsageError, match="invalid image reference"):
         check_image_arguments(args)
+
+
+def test_the_login_leaves_the_options_and_reaches_the_server_by_its_environment():
+    """``-o oci.username=,oci.password=`` are taken off the options once parsed, and the
+    server's command line carries neither (``ps`` shows it to every user): both travel in
+    its environment, which only its owner can read."""
+    assert without_credentials([" oci.username=u,ro,oci.password=p=q", "oci.password=x"]) == [
+        "ro",
+        "",
+    ]
+    args = _mount_args("-o", "oci.username=alice,oci.password=pw-123,oci.insecure")
+    merge_options(args, parse_mount_options(args.options))
+    argv, env = serve_command(args)
+    assert not [word for word in argv if "alice" in word or "pw-123" in word], argv
+    assert (env["BLOCKSTORE_USERNAME"], env["BLOCKSTORE_PASSWORD"]) == ("alice", "pw-123")

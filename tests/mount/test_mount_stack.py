@@ -1,7 +1,8 @@
 """The mount stack on its own: nbdfuse, file-backed EROFS, overlayfs, records, umount.
 
-The server here is nbdkit's file plugin over local images behind the same
-announcements ``blockstore serve`` makes, so these tests need no registry;
+The server here is nbdkit's file plugin over local images, saying it is
+ready on the same readiness pipe ``blockstore serve`` uses, so these tests
+need no registry;
 the end-to-end tests with the real server live in test_mount_e2e.py.
 """
 
@@ -21,10 +22,9 @@ from conftest import processes_mentioning
 from mount_trees import assert_same_tree
 
 from blockstore.errors import MountError, MountpointBusy
-from nbdfront import attach, mount_state, mount_syscall, mounts
-from nbdfront.mount_process import SERVER_STOP_TIMEOUT
-from nbdfront.mount_server import ServerFailed
-from nbdfront.server import DRAIN_TIMEOUT
+from nbdfront.mount import attach, records, stack, syscall
+from nbdfront.mount.server import ServerFailed, start_server
+from nbdfront.mount.supervisor import STOP_GRACE
 
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
 
@@ -36,15 +36,15 @@ def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
-def assert_nothing_left(record: mount_state.MountRecord, run: Path) -> None:
+def assert_nothing_left(record: records.MountRecord, run: Path) -> None:
     """No mount, no FUSE, no live process, no socket, no record of the mount remain."""
-    table = mount_syscall.mounted()
+    table = syscall.mounted()
     assert record.mountpoint not in table
     assert not [p for p in table if p.startswith(str(run) + "/")], "a FUSE or layer mount remains"
     assert not processes_mentioning(str(run)), "a server or nbdfuse process remains"
     assert record.socket and not os.path.exists(record.socket)
     assert not os.path.exists(record.state_dir)
-    assert mount_state.records() == []
+    assert records.saved() == []
 
 
 def test_one_layer_mounts_reads_and_unmounts_from_another_process(
@@ -54,9 +54,9 @@ def test_one_layer_mounts_reads_and_unmounts_from_another_process(
     processes: the tree matches, ``mounts`` shows it, and umount leaves nothing behind."""
     small = erofs_images.small
     _, run = mount_dirs
-    record = mounts.mount(local_server({"layer0": small.path}), str(mountpoint), image="small")
+    record = stack.mount(local_server({"layer0": small.path}), str(mountpoint), image="small")
     assert record.method == attach.choose_method() and not record.overlay
-    assert mount_syscall.mounted()[str(mountpoint)][0] == "erofs"
+    assert syscall.mounted()[str(mountpoint)][0] == "erofs"
     assert_same_tree(small.tree, mountpoint)
 
     listed = json.loads(cli("mounts", "--json").stdout)
@@ -75,11 +75,11 @@ def test_three_layers_stack_with_overlayfs(mount_dirs, mountpoint, erofs_images,
     layers = erofs_images.layers
     _, run = mount_dirs
     argv = local_server({f"layer{i}": layer.path for i, layer in enumerate(layers)})
-    record = mounts.mount(argv, str(mountpoint), image="three")
+    record = stack.mount(argv, str(mountpoint), image="three")
     assert record.overlay and len(record.lowers) == 3
-    assert mount_syscall.mounted()[str(mountpoint)][0] == "overlay"
+    assert syscall.mounted()[str(mountpoint)][0] == "overlay"
     assert_same_tree(layers[-1].merged_tree, mountpoint)
-    mounts.unmount(str(mountpoint))
+    stack.unmount(str(mountpoint))
     assert_nothing_left(record, run)
 
 
@@ -89,18 +89,18 @@ def test_opaque_directory_hides_the_layers_below(
     """A directory marked opaque in the upper layer shows only its own entries."""
     images, merged = opaque_images
     argv = local_server({f"layer{i}": image for i, image in enumerate(images)})
-    mounts.mount(argv, str(mountpoint), image="opaque")
+    stack.mount(argv, str(mountpoint), image="opaque")
     assert_same_tree(merged, mountpoint)
-    mounts.unmount(str(mountpoint))
+    stack.unmount(str(mountpoint))
 
 
 def test_one_layer_of_several_mounts_alone(mount_dirs, mountpoint, erofs_images, local_server):
     """A server exporting only the middle layer gives exactly that layer's tree, no overlay."""
     middle = erofs_images.layers[1]
-    record = mounts.mount(local_server({"layer1": middle.path}), str(mountpoint), image="one")
+    record = stack.mount(local_server({"layer1": middle.path}), str(mountpoint), image="one")
     assert not record.overlay
     assert_same_tree(middle.tree, mountpoint)
-    mounts.unmount(str(mountpoint))
+    stack.unmount(str(mountpoint))
 
 
 def test_dead_server_is_reported_reads_fail_and_umount_cleans_up(
@@ -110,7 +110,7 @@ def test_dead_server_is_reported_reads_fail_and_umount_cleans_up(
     hanging, and ``umount`` still takes everything down."""
     image = erofs_images.small.path
     _, run = mount_dirs
-    record = mounts.mount(local_server({"layer0": image}), str(mountpoint), image="small")
+    record = stack.mount(local_server({"layer0": image}), str(mountpoint), image="small")
     assert record.server is not None
     os.kill(record.server.pid, signal.SIGKILL)
     assert record.server.wait(5)
@@ -143,7 +143,7 @@ def test_clean_umount_removes_the_log_a_failed_stop_keeps_it(
     where it is (still exit 0: the mount is gone either way)."""
     image = erofs_images.small.path
     _, run = mount_dirs
-    record = mounts.mount(local_server({"layer0": image}), str(mountpoint), image="small")
+    record = stack.mount(local_server({"layer0": image}), str(mountpoint), image="small")
     assert os.path.exists(record.log)
     done = cli("umount", str(mountpoint))
     assert done.returncode == 0 and done.stderr == "", done.stderr
@@ -151,7 +151,7 @@ def test_clean_umount_removes_the_log_a_failed_stop_keeps_it(
     assert_nothing_left(record, run)
 
     argv = local_server({"layer0": image}, stop_status=3)
-    record = mounts.mount(argv, str(mountpoint), image="small")
+    record = stack.mount(argv, str(mountpoint), image="small")
     done = cli("umount", str(mountpoint))
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == (
@@ -161,20 +161,32 @@ def test_clean_umount_removes_the_log_a_failed_stop_keeps_it(
     assert_nothing_left(record, run)
 
 
-def test_umount_waits_out_a_server_that_drains_slowly(
+def test_umount_waits_for_a_slow_stop_and_kills_a_stuck_one(
     mount_dirs, mountpoint, erofs_images, local_server
 ):
-    """A server that takes 6 s to stop after SIGTERM (longer than a quick kill would wait,
-    shorter than its own drain may take) is waited for, not killed: its status 0 is read,
-    so umount reports nothing and removes the log. And umount's wait outlasts the real
-    server's worst stop: its drain, then 5 s to cut what is left."""
-    assert SERVER_STOP_TIMEOUT > DRAIN_TIMEOUT + 5
+    """A server that takes 2 s to stop after SIGTERM is waited for, not killed: its status 0
+    is read, so umount reports nothing and removes the log. One that would take 60 s is
+    killed once its grace is over: umount returns within a few seconds of that, says so,
+    and keeps the log."""
     _, run = mount_dirs
-    argv = local_server({"layer0": erofs_images.small.path}, stop_delay=6)
-    record = mounts.mount(argv, str(mountpoint), image="small")
-    done = mounts.unmount(str(mountpoint))
+    argv = local_server({"layer0": erofs_images.small.path}, stop_delay=2)
+    record = stack.mount(argv, str(mountpoint), image="small")
+    done = stack.unmount(str(mountpoint))
     assert done.trouble is None
     assert not os.path.exists(record.log)
+    assert_nothing_left(record, run)
+
+    argv = local_server({"layer0": erofs_images.small.path}, stop_delay=60)
+    record = stack.mount(argv, str(mountpoint), image="small")
+    started = time.monotonic()
+    done = cli("umount", str(mountpoint))
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    assert STOP_GRACE <= took < STOP_GRACE + 4, took
+    assert done.stderr.strip() == (
+        f"blockstore: the server did not stop within {STOP_GRACE:.0f}s and was killed; "
+        f"its log is kept at {record.log}"
+    )
     assert_nothing_left(record, run)
 
 
@@ -183,16 +195,16 @@ def test_busy_mountpoint_and_busy_umount(mount_dirs, mountpoint, erofs_images, l
     works inside is refused (exit 13) and changes nothing; ``--lazy`` then detaches it."""
     image = erofs_images.small.path
     _, run = mount_dirs
-    record = mounts.mount(local_server({"layer0": image}), str(mountpoint), image="small")
+    record = stack.mount(local_server({"layer0": image}), str(mountpoint), image="small")
     with pytest.raises(MountpointBusy):
-        mounts.mount(local_server({"layer0": image}), str(mountpoint), image="again")
+        stack.mount(local_server({"layer0": image}), str(mountpoint), image="again")
 
     squatter = subprocess.Popen(["sleep", "30"], cwd=mountpoint)
     try:
         busy = cli("umount", str(mountpoint))
         assert busy.returncode == MountpointBusy.exit_code, busy.stderr
         assert len(busy.stderr.strip().splitlines()) == 1
-        assert mount_syscall.is_mounted(str(mountpoint))
+        assert syscall.is_mounted(str(mountpoint))
         lazy = cli("umount", "--lazy", str(mountpoint))
         assert lazy.returncode == 0, lazy.stderr
     finally:
@@ -201,30 +213,59 @@ def test_busy_mountpoint_and_busy_umount(mount_dirs, mountpoint, erofs_images, l
     assert_nothing_left(record, run)
 
 
-def test_server_failing_before_ready_passes_on_its_error(mount_dirs, mountpoint):
-    """A server that exits before ``ready`` fails the mount with its last log line and its own
-    exit code, and leaves no record and no state behind."""
-    failing = [
+def test_server_failing_before_ready_passes_on_its_error(mount_dirs, mountpoint, tmp_path):
+    """The real server, asked for an image its cache never saw while offline, fails before
+    it is ready: the mount fails at once with the server's own error (from the readiness
+    pipe, not its log) and its exit code, and leaves no record and no state behind."""
+    failing = [*BLOCKSTORE, "serve", "reg.invalid/none:v1", "--offline"]
+    failing += ["--cache-dir", str(tmp_path / "cache")]
+    started = time.monotonic()
+    with pytest.raises(ServerFailed) as failed:
+        stack.mount(failing, str(mountpoint), image="none")
+    assert time.monotonic() - started < 15
+    assert failed.value.exit_code == 9
+    assert "never resolved" in str(failed.value), str(failed.value)
+    assert records.saved() == []
+    assert not records.state_dir_for(str(mountpoint)).exists()
+
+
+def test_server_dying_silently_is_reported_at_once(mount_dirs, mountpoint):
+    """A server killed before it says anything closes the readiness pipe by dying: the mount
+    fails within seconds (not at its two-minute timeout) with the exit status, 137."""
+    dying = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    started = time.monotonic()
+    with pytest.raises(ServerFailed) as failed:
+        stack.mount(dying, str(mountpoint), image="none")
+    assert time.monotonic() - started < 10
+    assert failed.value.exit_code == 128 + signal.SIGKILL
+    assert "exited with status 137 before it was ready" in str(failed.value)
+    assert records.saved() == []
+
+
+def test_ready_printed_to_the_log_is_not_ready(mount_dirs):
+    """A server that prints the old announcements (``export``, ``ready``) to its log but
+    says nothing on the readiness pipe is not taken as ready: the wait times out."""
+    _, run = mount_dirs
+    talker = [
         sys.executable,
         "-c",
-        "import sys; print('blockstore: image has no layer 7', file=sys.stderr); sys.exit(3)",
+        "import time; print('export  nbd://127.0.0.1:1'); print('ready', flush=True); "
+        "time.sleep(60)",
     ]
-    with pytest.raises(ServerFailed) as failed:
-        mounts.mount(failing, str(mountpoint), image="none")
-    assert failed.value.exit_code == 3
-    assert "image has no layer 7" in str(failed.value)
-    assert mount_state.records() == []
-    assert not mount_state.state_dir_for(str(mountpoint)).exists()
+    with pytest.raises(MountError, match="not ready within 2s"):
+        start_server(talker, run / "talker.log", run / "talker.status", timeout=2)
+    assert "ready" in (run / "talker.log").read_text()
+    assert not processes_mentioning("time.sleep(60)")
 
 
 def test_mountpoint_must_be_an_existing_directory(mount_dirs, local_server):
     """A missing mount point is reported as missing, a file as not a directory: each a
     one-line mount error before any server starts."""
     with pytest.raises(MountError, match="missing does not exist"):
-        mounts.mount(local_server({}), str(mount_dirs[0] / "missing"), image="x")
+        stack.mount(local_server({}), str(mount_dirs[0] / "missing"), image="x")
     (mount_dirs[0] / "file").write_text("")
     with pytest.raises(MountError, match="file is not a directory"):
-        mounts.mount(local_server({}), str(mount_dirs[0] / "file"), image="x")
+        stack.mount(local_server({}), str(mount_dirs[0] / "file"), image="x")
 
 
 def test_not_root_and_no_fuse_have_their_own_exit_codes(mount_dirs, mountpoint):
@@ -256,7 +297,7 @@ def test_dead_nbdfuse_is_reported_and_umount_cleans_up(
     EROFS mount, the dead FUSE mount and the server."""
     image = erofs_images.small.path
     _, run = mount_dirs
-    record = mounts.mount(local_server({"layer0": image}), str(mountpoint), image="small")
+    record = stack.mount(local_server({"layer0": image}), str(mountpoint), image="small")
     fuse = record.attachments[0].process
     assert fuse is not None
     os.kill(fuse.pid, signal.SIGKILL)
@@ -274,14 +315,16 @@ def test_export_that_cannot_be_attached_rolls_back(mount_dirs, nbdfuse_only, mou
     announcer = [
         sys.executable,
         "-c",
-        "import time; print('export layer0 nbd+unix:///layer0?socket=/nonexistent.sock'); "
-        "print('ready', flush=True); time.sleep(60)",
+        "import os, sys, time; from nbdfront.mount import readiness; "
+        "uri = 'nbd+unix:///layer0?socket=/nonexistent.sock'; "
+        "os.write(int(sys.argv[-1]), readiness.encode_ready({'layer0': uri}, [])); "
+        "time.sleep(60)",
     ]
     with pytest.raises(MountError, match="nbdfuse could not attach"):
-        mounts.mount(announcer, str(mountpoint), image="broken")
-    assert not [p for p in mount_syscall.mounted() if p.startswith(f"{run}/")]
+        stack.mount(announcer, str(mountpoint), image="broken")
+    assert not [p for p in syscall.mounted() if p.startswith(f"{run}/")]
     assert not processes_mentioning(str(run))
-    assert mount_state.records() == []
+    assert records.saved() == []
 
 
 def test_kernel_nbd_path_where_the_driver_is_present(
@@ -292,12 +335,12 @@ def test_kernel_nbd_path_where_the_driver_is_present(
     if attach.choose_method() != attach.KERNEL:
         pytest.skip("no kernel NBD driver (/dev/nbd*) or no nbd-client here: nbdfuse is used")
     small = erofs_images.small
-    record = mounts.mount(local_server({"layer0": small.path}), str(mountpoint), image="small")
+    record = stack.mount(local_server({"layer0": small.path}), str(mountpoint), image="small")
     device = record.attachments[0].device
     assert device.startswith("/dev/nbd")
-    assert mount_syscall.mounted()[str(mountpoint)] == ("erofs", device)
+    assert syscall.mounted()[str(mountpoint)] == ("erofs", device)
     assert_same_tree(small.tree, mountpoint)
-    mounts.unmount(str(mountpoint))
+    stack.unmount(str(mountpoint))
     assert not Path(f"/sys/block/{Path(device).name}/pid").exists()
 
 
@@ -307,7 +350,8 @@ def test_interrupted_mount_leaves_nothing(mount_dirs, mountpoint):
     _, run = mount_dirs
     never_ready = [sys.executable, "-c", "import time; time.sleep(60)"]
     code = (
-        f"from nbdfront import mounts; mounts.mount({never_ready!r}, {str(mountpoint)!r}, image='')"
+        "from nbdfront.mount import stack; "
+        f"stack.mount({never_ready!r}, {str(mountpoint)!r}, image='')"
     )
     mounting = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
@@ -317,5 +361,5 @@ def test_interrupted_mount_leaves_nothing(mount_dirs, mountpoint):
     mounting.send_signal(signal.SIGINT)
     assert mounting.wait(10) != 0
     assert not processes_mentioning(str(run))
-    assert mount_state.records() == []
-    assert not mount_state.state_dir_for(str(mountpoint)).exists()
+    assert records.saved() == []
+    assert not records.state_dir_for(str(mountpoint)).exists()

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nbdfront import mount_syscall
-from nbdfront.mount_syscall import _unescape
+from nbdfront.mount import syscall
+from nbdfront.mount.syscall import _unescape
 
 # What the kernel's mangle() escapes in mountinfo fields: each as \NNN octal.
 KERNEL_ESCAPED = " \t\n\\"
@@ -33,10 +33,10 @@ def test_a_real_mount_at_a_non_ascii_path_with_a_space_is_seen(mount_dirs):
     says so, until it is unmounted."""
     target = mount_dirs[0] / "café dir"
     target.mkdir()
-    mount_syscall.mount("none", str(target), "tmpfs")
+    syscall.mount("none", str(target), "tmpfs")
     try:
-        assert mount_syscall.mounted()[str(target)][0] == "tmpfs"
-        assert mount_syscall.is_mounted(str(target))
+        assert syscall.mounted()[str(target)][0] == "tmpfs"
+        assert syscall.is_mounted(str(target))
     finally:
-        mount_syscall.umount(str(target))
-    assert not mount_syscall.is_mounted(str(target))
+        syscall.umount(str(target))
+    assert not syscall.is_mounted(str(target))

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from nbdfront.mount_process import ProcessRef
+from nbdfront.mount.process import ProcessRef
 
 PARENT = textwrap.dedent(
     """

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from nbd_serving import Served, served, start_server
+from rig.local_source import LocalFileSource
 
 from blockstore.cache import CachedBlob, ChunkStore
 from blockstore.registry import (
@@ -20,7 +21,6 @@ from blockstore.registry import (
     parse_reference,
     resolve_image,
 )
-from blockstore.source import LocalFileSource
 
 
 @contextmanager

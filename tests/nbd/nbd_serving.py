@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,3 +76,31 @@ class ZeroExport:
 
     def cache(self, offset, length):
         pass
+
+
+class SlowMissExport(ZeroExport):
+    """Zeros that are never cached: every read is a miss taking ``delay`` seconds.
+
+    Counts the reads running at once (``most_in_flight``), which only the
+    server's byte budget keeps below its number of workers.
+    """
+
+    def __init__(self, delay: float = 0.05):
+        super().__init__()
+        self.delay = delay
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    def read(self, offset, length):
+        with self._lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            time.sleep(self.delay)
+            return super().read(offset, length)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def read_cached(self, offset, length):
+        return None

@@ -16,6 +16,7 @@ from nbdfront.protocol import (
     ConnectionClosed,
     Disconnect,
     ExportSelected,
+    Phase,
     ReadFailed,
     ReadReply,
     ReadRequest,
@@ -157,8 +158,8 @@ def test_meta_context_needs_structured_replies_and_matching_export():
 
 
 def test_structured_read_reply_and_partial_failure():
-    """A read becomes one OFFSET_DATA chunk; a read failing part way sends the good
-    prefix and an ERROR_OFFSET at the point of failure, never data for the rest."""
+    """A read becomes one OFFSET_DATA chunk; a failed read is one ERROR_OFFSET chunk at
+    its start, with no data."""
     conn = negotiated()
     checker = w.ReplyChecker(True)
     conn.receive_data(w.request(w.CMD_READ, 7, 4096, 8192) + w.request(w.CMD_READ, 8, 0, 100))
@@ -166,11 +167,11 @@ def test_structured_read_reply_and_partial_failure():
     assert first == ReadRequest(7, 4096, 8192) and second == ReadRequest(8, 0, 100)
     checker.reads = {7: (4096, 8192), 8: (0, 100)}
     out = conn.send(ReadReply(first, [b"a" * 4096, memoryview(b"b" * 4096)]))
-    out += conn.send(ReadFailed(second, w.EIO, "gone", [b"x" * 40]))
+    out += conn.send(ReadFailed(second, w.EIO, "gone"))
     assert checker.transmission(b"".join(bytes(b) for b in out)) == b""
     ok, bad = checker.take(7), checker.take(8)
     assert ok.data == {4096: b"a" * 4096 + b"b" * 4096} and ok.error == 0
-    assert bad.chunks == [w.TYPE_OFFSET_DATA, w.TYPE_ERROR_OFFSET] and bad.error == w.EIO
+    assert bad.chunks == [w.TYPE_ERROR_OFFSET] and bad.error == w.EIO and bad.data == {}
 
 
 def test_simple_replies_refusals_and_disconnect():
@@ -233,7 +234,7 @@ def test_handshake_endings(script):
     conn.receive_data(script)
     events, _ = drain(conn)
     assert len(events) == 1 and isinstance(events[0], ConnectionClosed)
-    assert conn.closed
+    assert conn.phase is Phase.CLOSED
 
 
 def test_bad_request_magic_and_hangup_mid_message():

@@ -149,8 +149,7 @@ def converse(script: bytes, cuts: list[int], fail_reads: bool, stop_at: int | No
                 assert event.offset + event.length <= SIZES[selected.name]
                 checker.reads[event.handle] = (event.offset, event.length)
                 if fail_reads:
-                    good = [bytes(event.length // 2)]
-                    take(conn.send(ReadFailed(event, w.EIO, "injected", good)))
+                    take(conn.send(ReadFailed(event, w.EIO, "injected")))
                 else:
                     take(conn.send(ReadReply(event, [bytes(event.length)])))
             elif isinstance(event, CacheRequest):

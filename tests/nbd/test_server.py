@@ -13,10 +13,9 @@ import nbd_wire as w
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from nbd_serving import ZeroExport, start_server
+from nbd_serving import SlowMissExport, ZeroExport, start_server
 
-from nbdfront.protocol import MAX_PAYLOAD
-from nbdfront.server import NBDServer
+from nbdfront.server import INFLIGHT_BYTES, NBDServer
 
 
 class GatedExport:
@@ -81,23 +80,25 @@ def test_replies_go_out_as_they_finish(local_blob, tmp_path, warm):
 
 
 def test_a_flood_of_maximum_reads_meets_backpressure(tmp_path):
-    """A client that queues a thousand 4 MiB reads and never reads a reply gets only a
-    bounded number served (the rest wait in its own socket); the server keeps serving
+    """A client that queues a thousand 4 MiB reads of slow misses and never reads a reply
+    gets no more of them read at once than the byte budget holds (8, of 16 workers), and
+    hardly more read in all: the rest wait in its own socket. The server keeps serving
     others and forgets the flooder when it goes."""
-    zeros = ZeroExport()
-    server = start_server({"zeros": zeros}, tmp_path, "zeros")
+    slow = SlowMissExport(delay=0.05)
+    size = INFLIGHT_BYTES // 8
+    server = start_server({"zeros": slow}, tmp_path, "zeros")
     flooder = w.RawClient(server.tcp_address)
     try:
         flooder.negotiate("zeros", structured=False)
         flooder.sock.setblocking(False)
-        burst = b"".join(
-            w.request(w.CMD_READ, i, i * MAX_PAYLOAD, MAX_PAYLOAD) for i in range(1000)
-        )
+        burst = b"".join(w.request(w.CMD_READ, i, i * size, size) for i in range(1000))
         with contextlib.suppress(BlockingIOError):
             flooder.sock.send(burst)
-        time.sleep(1.0)
-        # Budget of 8 reads, plus what fits in the socket buffers on both sides.
-        assert zeros.reads <= 16, zeros.reads
+        time.sleep(1.5)
+        # Unbounded, 16 workers would have read hundreds by now.
+        assert slow.most_in_flight <= 8, slow.most_in_flight
+        # The budget, plus what fits in the socket buffers on both sides.
+        assert slow.reads <= 16, slow.reads
         other = nbd.NBD()
         other.connect_uri(f"nbd://127.0.0.1:{server.tcp_address[1]}/zeros")
         assert other.pread(4096, 1 << 30) == bytes(4096)
@@ -108,6 +109,29 @@ def test_a_flood_of_maximum_reads_meets_backpressure(tmp_path):
         while server.connection_count and time.monotonic() < deadline:
             time.sleep(0.05)
         assert server.connection_count == 0
+        server.shutdown()
+
+
+def test_reading_stops_at_the_budget_and_resumes_as_replies_drain(tmp_path):
+    """The read gate: with a 4 MiB budget, a client that sends 64 reads of 1 MiB slow
+    misses and reads no reply has at most the budget's worth read (plus one reply in the
+    Unix socket); once it reads its replies the server takes the rest, and all 64 arrive
+    whole and right."""
+    slow = SlowMissExport(delay=0.02)
+    server = NBDServer({"zeros": slow}, unix=str(tmp_path / "nbd.sock"), inflight_bytes=4 << 20)
+    server.start()
+    client = w.RawClient(server.unix_path)
+    try:
+        client.negotiate("zeros", structured=False)
+        for handle in range(64):
+            client.send(w.CMD_READ, handle, handle << 20, 1 << 20)
+        time.sleep(1.0)
+        assert slow.reads <= 6, slow.reads
+        for handle in range(64):
+            assert client.wait(handle).data == {handle << 20: bytes(1 << 20)}
+        assert slow.reads == 64
+    finally:
+        client.close()
         server.shutdown()
 
 
@@ -168,6 +192,28 @@ def test_shutdown_lets_in_flight_replies_finish(local_blob, tmp_path):
         gated.gate.set()
         client.close()
         server.shutdown()
+
+
+def test_shutdown_cuts_what_does_not_drain_in_time(local_blob, tmp_path):
+    """A read stuck in a fetch that never ends does not hold shutdown: it waits out its
+    drain timeout, then cuts the connection (the client sees it close, with no reply
+    for the stuck read) and returns within a second or two of the timeout."""
+    gated = GatedExport(local_blob.blob, gated_offset=32768)
+    server = NBDServer({"blob": gated}, unix=str(tmp_path / "nbd.sock"), drain_timeout=0.5)
+    server.start()
+    client = w.RawClient(server.unix_path)
+    try:
+        client.negotiate("blob")
+        client.send(w.CMD_READ, 1, 32768, 65536)
+        assert gated.waiting.wait(10)
+        started = time.monotonic()
+        server.shutdown()
+        took = time.monotonic() - started
+        assert 0.5 <= took < 2.5, took
+        assert client.sock.recv(1) == b""
+    finally:
+        gated.gate.set()
+        client.close()
 
 
 _reads = st.tuples(st.integers(0, 3 * 1024 * 1024), st.integers(1, 65536))

@@ -205,9 +205,8 @@ def test_token_that_dies_early_is_renewed_on_401(
     before = token_lifetime.tokens_issued
     with token_registry.client() as client:
         data = _read_slowly(client, token_image, 3.0)
-        renewals = client.upstream.auth.tokens_fetched
     assert data == erofs_images.small.path.read_bytes()
-    assert renewals >= 2 and token_lifetime.tokens_issued - before == renewals
+    assert token_lifetime.tokens_issued - before >= 2
 
 
 def test_oauth2_style_token_reply(token_registry, token_image, token_lifetime, erofs_images):

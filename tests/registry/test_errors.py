@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import errno
+import socket
+
 import pytest
+import requests
+import urllib3
 from rig.processes import free_port
 
 from blockstore.errors import NotFound, RegistryUnreachable
 from blockstore.registry import RegistryClient, RegistryOptions, resolve_image
+from blockstore.registry.endpoint import describe_failure
 
 
 def test_unreachable_host(registry):
-    """Nobody listening: 'cannot reach registry HOST: connection refused (after N attempts)'."""
+    """Nobody listening: 'cannot reach registry HOST: connection refused', after the
+    bounded attempts."""
     host = f"127.0.0.1:{free_port()}"
     options = RegistryOptions(insecure=True, max_attempts=2, timeout=2)
     with RegistryClient(host, options) as client, pytest.raises(RegistryUnreachable) as caught:
         resolve_image(client, f"{host}/any/image:v1", None)
-    assert str(caught.value) == (
-        f"cannot reach registry {host}: connection refused (after 2 attempts)"
-    )
+    assert str(caught.value) == f"cannot reach registry {host}: connection refused"
     assert caught.value.exit_code == 5
 
 
@@ -61,3 +66,51 @@ def test_https_to_a_plain_http_registry(registry):
         f"cannot connect securely to {registry.host}: it does not speak TLS "
         "(a plain-HTTP registry needs --insecure)"
     )
+
+
+def _caused(error: BaseException, cause: BaseException) -> BaseException:
+    """``error`` raised ``from cause``, as urllib3 raises its connection errors."""
+    error.__cause__ = cause
+    return error
+
+
+@pytest.mark.parametrize(
+    ("failure", "cause"),
+    [
+        (
+            requests.ConnectionError(
+                _caused(
+                    urllib3.exceptions.NameResolutionError("registry.invalid", None, None),
+                    socket.gaierror(socket.EAI_NONAME, "unknown"),
+                )
+            ),
+            "unknown host name",
+        ),
+        # urllib3's NewConnectionError is a ConnectTimeoutError; the refusal inside wins.
+        (
+            requests.ConnectionError(
+                _caused(
+                    urllib3.exceptions.NewConnectionError(None, "Failed to connect"),
+                    ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"),
+                )
+            ),
+            "connection refused",
+        ),
+        (
+            requests.exceptions.ChunkedEncodingError(
+                urllib3.exceptions.ProtocolError(
+                    "Connection broken", ConnectionResetError(errno.ECONNRESET, "reset")
+                )
+            ),
+            "connection closed by the server",
+        ),
+        (requests.ReadTimeout("read timed out"), "timed out"),
+        (OSError(errno.EHOSTUNREACH, "No route to host"), "no route to host"),
+        # The words alone are not a cause: only the exception's type is.
+        (ValueError("Name or service not known; Connection broken"), "ValueError"),
+    ],
+)
+def test_failure_causes_come_from_exception_types(failure, cause):
+    """The cause a user reads is found from the types of the exceptions nested in the
+    failure (as requests and urllib3 nest them), never from their text."""
+    assert describe_failure(failure) == cause

@@ -1,10 +1,12 @@
 """A small HTTP proxy in front of a real registry that misbehaves on request.
 
-Faults are what real networks and registries do: answer slowly, drop the
-connection mid-body, send fewer bytes than asked, flip bytes, refuse with a
-status (429/503 with ``Retry-After``), ignore ``Range`` and send the whole
-blob with 200, or redirect (307) to another host, as registries backed by
-object storage or a CDN do. Every request a client sends is recorded.
+Faults are what real networks and registries do: answer slowly, trickle the
+body a byte at a time, drop the connection mid-body (with a FIN, or a reset),
+send fewer bytes than asked, flip bytes, send a ``Content-Range`` that is
+not the span asked for, refuse with a status (429/503 with ``Retry-After``),
+ignore ``Range`` and send the whole blob with 200, or redirect (307) to
+another host, as registries backed by object storage or a CDN do. Every
+request a client sends is recorded.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import http.client
 import json
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,7 +34,20 @@ _HOP_BY_HOP = {
     "transfer-encoding",
     "upgrade",
 }
-KINDS = {"delay", "status", "drop", "cut", "truncate", "corrupt", "ignore_range", "redirect"}
+KINDS = {
+    "delay",
+    "trickle",
+    "pace",
+    "status",
+    "drop",
+    "cut",
+    "reset",
+    "truncate",
+    "corrupt",
+    "bad_range",
+    "ignore_range",
+    "redirect",
+}
 
 
 @dataclass
@@ -44,12 +60,15 @@ class Fault:
     times: int | None = None
     """How many matching requests get the fault; None: all of them."""
     seconds: float = 0.0
-    """delay: pause before forwarding."""
+    """delay: pause before forwarding; trickle: pause before each body byte;
+    pace: pause before each 32 KiB of the body (a slow link that streams)."""
     status: int = 503
     headers: dict[str, str] = field(default_factory=dict)
     """status: the reply's status and headers (e.g. ``Retry-After``)."""
+    body: bytes | None = None
+    """status: the reply's body (default: an OCI error), e.g. a hand-made manifest."""
     after_bytes: int | None = None
-    """cut/truncate/corrupt: body bytes sent intact (default: half the body)."""
+    """cut/reset/truncate/corrupt: body bytes sent intact (default: half the body)."""
     redirect_to: str | None = None
     """redirect: base URL of the other host; the path is kept."""
 
@@ -136,8 +155,10 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
         do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
 
         def _proxy(self) -> None:
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-            proxy.record(RecordedRequest(self.command, self.path, dict(headers)))
+            # A list, not a dict: a pull-through registry sends one Accept line per type.
+            pairs = [(k, v) for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP]
+            headers = dict(pairs)
+            proxy.record(RecordedRequest(self.command, self.path, headers))
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
             fault = proxy.take_fault(self.command, self.path)
@@ -146,7 +167,8 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 self._hang_up()
                 return
             if kind == "status":
-                self._reply(fault.status, fault.headers, _oci_error(fault.status))
+                body = fault.body if fault.body is not None else _oci_error(fault.status)
+                self._reply(fault.status, fault.headers, body)
                 return
             if kind == "redirect":
                 location = fault.redirect_to.rstrip("/") + self.path
@@ -155,8 +177,10 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             if kind == "delay":
                 time.sleep(fault.seconds)
             if kind == "ignore_range":
-                headers = {k: v for k, v in headers.items() if k.lower() != "range"}
-            headers.update(proxy.upstream_headers)
+                pairs = [(k, v) for k, v in pairs if k.lower() != "range"]
+            replaced = {k.lower() for k in proxy.upstream_headers}
+            pairs = [(k, v) for k, v in pairs if k.lower() not in replaced]
+            pairs += proxy.upstream_headers.items()
             upstream = http.client.HTTPConnection(
                 proxy.upstream_host, proxy.upstream_port, timeout=30
             )
@@ -164,9 +188,9 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 upstream.putrequest(
                     self.command, self.path, skip_host=True, skip_accept_encoding=True
                 )
-                for key, value in headers.items():
+                for key, value in pairs:
                     upstream.putheader(key, value)
-                if body is not None and "content-length" not in {k.lower() for k in headers}:
+                if body is not None and "content-length" not in {k.lower() for k, _ in pairs}:
                     upstream.putheader("Content-Length", str(len(body)))
                 upstream.endheaders(body)
                 reply = upstream.getresponse()
@@ -192,14 +216,20 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             intact = fault.after_bytes if fault and fault.after_bytes is not None else total // 2
             if kind == "truncate":
                 out["Content-Length"] = str(min(intact, total))
+            if kind == "bad_range" and "Content-Range" in out:
+                out["Content-Range"] = _shifted(out["Content-Range"])
             self.send_response(reply.status)
             for key, value in out.items():
                 self.send_header(key, value)
             self.end_headers()
             sent = 0
-            limit = intact if kind in ("cut", "truncate") else total
+            limit = intact if kind in ("cut", "reset", "truncate") else total
             while sent < limit:
-                chunk = reply.read(min(256 << 10, limit - sent))
+                if kind in ("trickle", "pace"):
+                    time.sleep(fault.seconds)
+                    self.wfile.flush()
+                piece = {"trickle": 1, "pace": 32 << 10}.get(kind, 256 << 10)
+                chunk = reply.read(min(piece, limit - sent))
                 if not chunk:
                     break
                 if kind == "corrupt" and sent <= intact < sent + len(chunk):
@@ -210,6 +240,8 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 sent += len(chunk)
             if kind == "cut":
                 self._hang_up()
+            if kind == "reset":
+                self._reset()
 
         def _reply(
             self, status: int, headers: dict[str, str], body: bytes, keep_length: bool = False
@@ -224,6 +256,13 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             if self.command != "HEAD":
                 self.wfile.write(body)
 
+        def _reset(self) -> None:
+            """Close with an RST, as a crashed peer or a middlebox does, not a FIN."""
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+
         def _hang_up(self) -> None:
             self.wfile.flush()
             self.close_connection = True
@@ -231,6 +270,13 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 self.connection.shutdown(socket.SHUT_RDWR)
 
     return Handler
+
+
+def _shifted(content_range: str) -> str:
+    """``bytes a-b/total`` moved one byte on: a plausible range, but not the one asked."""
+    span, _, total = content_range.removeprefix("bytes ").partition("/")
+    first, _, last = span.partition("-")
+    return f"bytes {int(first) + 1}-{int(last) + 1}/{total}"
 
 
 def _oci_error(status: int) -> bytes:

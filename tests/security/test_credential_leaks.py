@@ -254,10 +254,6 @@ def test_errors_on_purpose_never_repeat_a_password(run):
     assert run.evidence.places_holding(run.password) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an invalid reference is echoed whole, credentials included, in its error",
-)
 def test_a_reference_carrying_credentials_is_refused_without_echoing_them(run):
     """``user:password@host/repo:tag`` is not a reference: inspect, mount and prefetch
     refuse it (usage error, exit 2) and their messages, with -v, do not repeat the

@@ -1,0 +1,230 @@
+"""Artifacts that travel with an image: chunk indexes and access traces of its layers.
+
+``blockstore index`` builds the table of each layer (``chunkindex``) from
+verified bytes and attaches them to the image manifest as one OCI artifact
+(``registry.referrers``). ``serve``, ``mount`` and ``prefetch`` look that
+artifact up when they open the image and keep its tables in the cache next
+to the manifests, so the check holds offline too. ``blockstore trace push``
+attaches the access traces recorded by mounts, merged with those already
+there; a cold open on a new machine takes them into its cache and replays
+them as prefetch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+from blockstore.cache import CHUNK_SIZE, ChunkStore
+from blockstore.cache.indexes import IndexShelf
+from blockstore.cache.traces import TraceShelf
+from blockstore.chunkindex import (
+    ARTIFACT_TYPE,
+    BLOB_MEDIA_TYPE,
+    LAYER_ANNOTATION,
+    ChunkIndex,
+    build_index,
+)
+from blockstore.errors import BlockstoreError
+from blockstore.prefetch.trace import Trace, merge_traces, traces_document, traces_from_document
+from blockstore.registry import Layer, RegistryClient, ResolvedImage
+from blockstore.registry.mediatypes import OCI_MANIFEST
+from blockstore.registry.referrers import (
+    Referrer,
+    Subject,
+    list_referrers,
+    newest,
+    push_artifact,
+    read_artifact,
+)
+
+log = logging.getLogger(__name__)
+
+TRACE_ARTIFACT_TYPE = "application/vnd.blockstore.access-traces.v1"
+TRACE_MEDIA_TYPE = "application/vnd.blockstore.access-traces.v1+json"
+"""A traces document, as ``blockstore trace export`` writes it."""
+
+STREAM_STEP = 4 << 20
+"""Bytes read from the source at a time while building an index, so memory stays flat."""
+
+
+def subject_of(resolved: ResolvedImage, repository: str) -> Subject:
+    """The image manifest artifacts are attached to."""
+    raw = resolved.manifests.get(resolved.manifest_digest, b"")
+    try:
+        media_type = json.loads(raw).get("mediaType") or OCI_MANIFEST
+    except (ValueError, AttributeError, RecursionError):
+        media_type = OCI_MANIFEST
+    return Subject(repository, resolved.manifest_digest, len(raw), media_type)
+
+
+def build_layer_index(
+    layer: Layer,
+    read: Callable[[int, int], bytes | Sequence[bytes | memoryview]],
+    progress: Callable[[int], None] | None = None,
+) -> ChunkIndex:
+    """Build a layer's index by reading it once, in steps, through ``read(offset, length)``
+    (a source's ``read_range`` or a cached blob's ``read``); checked against the digest."""
+
+    def pieces() -> Iterator[bytes | memoryview]:
+        for offset in range(0, layer.size, STREAM_STEP):
+            got = read(offset, min(STREAM_STEP, layer.size - offset))
+            for piece in [got] if isinstance(got, bytes | memoryview) else got:
+                if progress is not None:
+                    progress(len(piece))
+                yield piece
+
+    return build_index(layer.digest, layer.size, CHUNK_SIZE, pieces())
+
+
+def push_indexes(
+    client: RegistryClient, subject: Subject, indexes: list[ChunkIndex], *, created: str = ""
+) -> str:
+    """Attach the tables of several layers to the image as one artifact; its digest."""
+    blobs = [
+        (index.to_bytes(), BLOB_MEDIA_TYPE, {LAYER_ANNOTATION: index.layer_digest})
+        for index in indexes
+    ]
+    stamp = created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return push_artifact(client, subject, ARTIFACT_TYPE, blobs, created=stamp)
+
+
+def fetch_indexes(
+    client: RegistryClient,
+    subject: Subject,
+    layers: list[Layer],
+    referrers: list[Referrer] | None = None,
+) -> dict[str, ChunkIndex]:
+    """The image's chunk indexes from its artifact, by layer digest; {} when it has none.
+
+    A table that is malformed or names another layer is left out with a
+    warning: the layer is then served as without an index, never wrongly.
+    """
+    if referrers is None:
+        referrers = list_referrers(client, subject)
+    referrer = newest(referrers, ARTIFACT_TYPE)
+    if referrer is None:
+        return {}
+    by_digest = {layer.digest: layer for layer in layers}
+    found: dict[str, ChunkIndex] = {}
+    for data, media_type, notes in read_artifact(client, subject, referrer):
+        layer = by_digest.get(notes.get(LAYER_ANNOTATION, ""))
+        if media_type != BLOB_MEDIA_TYPE or layer is None:
+            continue
+        try:
+            found[layer.digest] = ChunkIndex.from_bytes(
+                data, layer_digest=layer.digest, size=layer.size, chunk_size=CHUNK_SIZE
+            )
+        except BlockstoreError as exc:
+            log.warning("chunk index of %s dropped: %s", layer.digest, exc)
+    return found
+
+
+def keep_indexes(store: ChunkStore, indexes: dict[str, ChunkIndex]) -> None:
+    """Keep tables in the cache for offline opens."""
+    shelf = IndexShelf(store)
+    for index in indexes.values():
+        shelf.put(index)
+
+
+def cached_index(store: ChunkStore, layer: Layer) -> ChunkIndex | None:
+    """A layer's table as kept in the cache, if any and if it still parses."""
+    return IndexShelf(store).get(layer.digest, layer.size)
+
+
+def forget_index(store: ChunkStore, layer_digest: str) -> None:
+    """Drop a table found to disagree with its layer."""
+    IndexShelf(store).drop(layer_digest)
+
+
+def indexes_for_image(
+    store: ChunkStore,
+    client: RegistryClient | None,
+    resolved: ResolvedImage,
+    repository: str,
+    referrers: list[Referrer] | None = None,
+) -> dict[str, ChunkIndex]:
+    """The chunk indexes to check an opened image's layers with, by layer digest.
+
+    Online, the image's artifact is looked up and its tables kept in the
+    cache; a lookup that fails only warns (the layers are then checked as
+    without an index: per chunk once sealed, by digest at the seal).
+    Offline, the tables kept from an earlier online open are used.
+    """
+    found: dict[str, ChunkIndex] = {}
+    if client is not None:
+        try:
+            subject = subject_of(resolved, repository)
+            found = fetch_indexes(client, subject, resolved.layers, referrers)
+        except BlockstoreError as exc:
+            log.warning("%s: chunk index not looked up: %s", resolved.reference, exc)
+        keep_indexes(store, found)
+    for layer in resolved.layers:
+        if layer.digest not in found and (kept := cached_index(store, layer)) is not None:
+            found[layer.digest] = kept
+    return found
+
+
+def push_traces(
+    client: RegistryClient, subject: Subject, layers: list[Layer], local: list[Trace]
+) -> tuple[str, int]:
+    """Attach ``local`` traces, merged with those already attached, replacing that artifact.
+
+    Returns the new artifact's digest and how many layers' traces it holds.
+    """
+    by_layer: dict[str, list[Trace]] = {}
+    for trace in [*fetch_traces(client, subject, layers), *local]:
+        by_layer.setdefault(trace.digest, []).append(trace)
+    merged = [merge_traces(group) for group in by_layer.values()]
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    blob = (traces_document(merged), TRACE_MEDIA_TYPE, {})
+    return push_artifact(client, subject, TRACE_ARTIFACT_TYPE, [blob], created=stamp), len(merged)
+
+
+def fetch_traces(
+    client: RegistryClient,
+    subject: Subject,
+    layers: list[Layer],
+    referrers: list[Referrer] | None = None,
+) -> list[Trace]:
+    """The traces attached to the image for its own layers; [] when it has none."""
+    if referrers is None:
+        referrers = list_referrers(client, subject)
+    referrer = newest(referrers, TRACE_ARTIFACT_TYPE)
+    if referrer is None:
+        return []
+    digests = {layer.digest for layer in layers}
+    found = []
+    for data, media_type, _ in read_artifact(client, subject, referrer):
+        if media_type != TRACE_MEDIA_TYPE:
+            continue
+        try:
+            found += [t for t in traces_from_document(data) if t.digest in digests]
+        except ValueError as exc:
+            log.warning("traces attached to %s ignored: %s", subject.digest, exc)
+    return found
+
+
+def traces_for_image(
+    store: ChunkStore,
+    client: RegistryClient,
+    resolved: ResolvedImage,
+    repository: str,
+    referrers: list[Referrer] | None = None,
+) -> int:
+    """Bring the image's attached traces into the cache for layers that have none kept,
+    so a first cold open replays what other machines recorded; how many were taken."""
+    shelf = TraceShelf(store)
+    wanted = [layer for layer in resolved.layers if shelf.get(layer.digest) is None]
+    if not wanted:
+        return 0
+    try:
+        traces = fetch_traces(client, subject_of(resolved, repository), wanted, referrers)
+        for trace in traces:
+            shelf.put(trace)
+    except BlockstoreError as exc:
+        log.warning("%s: attached traces not used: %s", resolved.reference, exc)
+        return 0
+    return len(traces)

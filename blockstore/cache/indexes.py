@@ -1,0 +1,95 @@
+"""Chunk indexes kept in the cache, next to the manifests, so they hold offline too.
+
+A table is kept by layer digest and parsed (checked against the layer it
+names) on every load; a damaged or dropped one reads as absent. ``verify``
+uses them to check the chunks of blobs that are not complete yet, which the
+seal cannot judge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from blockstore.chunkindex import ChunkIndex
+from blockstore.errors import BlockstoreError, CacheError
+
+from .blob import CachedBlob
+from .layout import CHUNK_SIZE
+from .store import ChunkStore
+
+log = logging.getLogger(__name__)
+
+
+class IndexShelf:
+    """The chunk indexes of one cache directory: put, get, drop, and check by them."""
+
+    def __init__(self, store: ChunkStore):
+        self._store = store
+
+    def put(self, index: ChunkIndex) -> None:
+        """Keep a table; a cache that cannot take it only warns (reads work without it)."""
+        try:
+            self._store.images.put_manifest(_key(index.layer_digest), index.to_bytes())
+        except CacheError as exc:
+            log.warning("chunk index of %s not kept in the cache: %s", index.layer_digest, exc)
+
+    def get(self, layer_digest: str, size: int) -> ChunkIndex | None:
+        raw = self._store.images.manifest(_key(layer_digest))
+        if not raw:  # never kept, or dropped as lying
+            return None
+        try:
+            return ChunkIndex.from_bytes(
+                raw, layer_digest=layer_digest, size=size, chunk_size=CHUNK_SIZE
+            )
+        except BlockstoreError as exc:
+            log.warning("kept chunk index of %s is damaged, ignored: %s", layer_digest, exc)
+            return None
+
+    def drop(self, layer_digest: str) -> None:
+        """Forget a table found to disagree with its layer."""
+        try:
+            self._store.images.put_manifest(_key(layer_digest), b"")
+        except CacheError as exc:
+            log.warning("could not drop the chunk index of %s: %s", layer_digest, exc)
+
+    def check_incomplete(self) -> list[tuple[str, int]]:
+        """Check each cached chunk of each blob not complete yet against its kept index;
+        drop the chunks that do not match. Returns those (digest, chunk index)."""
+        bad: list[tuple[str, int]] = []
+        for info in self._store.blobs():
+            if info.sealed or info.present == info.chunks:
+                continue  # the seal, or the coming one, judges the whole
+            index = self.get(info.digest, info.size)
+            record = self._store.lookup(info.digest)
+            if index is None or record is None:
+                continue
+            blob = CachedBlob(self._store, info.digest, info.size, None)
+            try:
+                present = sorted(
+                    set(range(index.chunk_count))
+                    - set(self._store.missing(record.blob_id, range(index.chunk_count)))
+                )
+                wrong = [i for i in present if not _matches(blob, index, i)]
+            finally:
+                blob.close()
+            if wrong:
+                self._store.drop_chunks(info.digest, wrong, recheck=False)
+                bad += [(info.digest, i) for i in wrong]
+        return bad
+
+
+def _matches(blob: CachedBlob, index: ChunkIndex, number: int) -> bool:
+    start = number * index.chunk_size
+    length = min(index.chunk_size, index.size - start)
+    buffers = blob.read_cached(start, length)
+    if buffers is None:  # failed its own checksum: verify's chunk pass drops it
+        return True
+    digest = hashlib.sha256()
+    for piece in buffers:
+        digest.update(piece)
+    return digest.digest() == index.expected(number)
+
+
+def _key(layer_digest: str) -> str:
+    return f"chunk-index/{layer_digest}"

@@ -1,0 +1,109 @@
+"""The cache's integrity checks, each written once.
+
+A stored chunk is ``checksums || bytes``: an xxh3-64 of the whole chunk and
+one of each 4 KiB block, each seeded with what it covers (the blob's digest,
+the chunk's index, the block's place). A value that lands under another key
+(a flipped bit in a B-tree key or page) therefore fails its check instead
+of being served as another chunk; a 4 KiB read checks the 4 KiB it serves,
+a large one the whole chunk in one call. A sealed blob keeps, for every chunk, one
+xxh3-64 of that chunk's checksums; a chunk stored or fetched again later is
+compared against it. Changing the algorithm means changing ``_xxh3`` and
+bumping the cache format, nothing else.
+"""
+
+from __future__ import annotations
+
+import struct
+from functools import lru_cache
+
+import xxhash
+
+from blockstore.export import Buffer
+
+from .layout import CHUNK_SIZE
+
+BLOCK = 4096
+BLOCKS = CHUNK_SIZE // BLOCK
+# Reads covering more than this much of a chunk check the chunk's one sum, not its blocks'.
+WHOLE_FROM = 2 * BLOCK
+_SUM = struct.Struct("<Q")
+_SUMS = struct.Struct(f"<{1 + BLOCKS}Q")  # the whole chunk's, then each block's
+SUM_SIZE = _SUMS.size  # the checksums in front of a stored chunk
+SEALED_SIZE = _SUM.size  # what a sealed blob keeps for each chunk
+_STRIDE = 1 + BLOCKS  # seeds used by one chunk
+_MASK = (1 << 64) - 1
+_xxh3 = xxhash.xxh3_64_intdigest
+
+
+@lru_cache(maxsize=1024)
+def blob_seed(digest: str) -> int:
+    """A blob's part of every checksum: chunks of two blobs never check as each other."""
+    return _xxh3(digest.encode())
+
+
+def _sum(data: Buffer, seed: int) -> int:
+    """The one checksum algorithm."""
+    return _xxh3(data, seed & _MASK)
+
+
+def chunk_sum(seed: int, index: int, data: Buffer) -> bytes:
+    """The checksums stored with chunk ``index`` of the blob whose seed is ``seed``."""
+    view = memoryview(data)
+    base = seed + index * _STRIDE
+    return _SUMS.pack(
+        _sum(view, base),
+        *(_sum(view[b * BLOCK : (b + 1) * BLOCK], base + 1 + b) for b in range(BLOCKS)),
+    )
+
+
+def stored_sum(value: Buffer) -> Buffer:
+    """The checksum part of a stored value."""
+    return value[:SUM_SIZE]
+
+
+def stored_bytes(value: Buffer) -> Buffer:
+    """The chunk bytes of a stored value."""
+    return value[SUM_SIZE:]
+
+
+def stored_length(value: Buffer) -> int:
+    """How many chunk bytes a stored value holds."""
+    return len(value) - SUM_SIZE
+
+
+def intact(value: Buffer, seed: int, index: int, length: int) -> bool:
+    """The chunk check: ``value`` is chunk ``index`` of this blob, ``length`` bytes, unchanged."""
+    return len(value) == SUM_SIZE + length and value[:SUM_SIZE] == chunk_sum(
+        seed, index, value[SUM_SIZE:]
+    )
+
+
+def intact_part(value: Buffer, seed: int, index: int, length: int, lo: int, hi: int) -> bool:
+    """The chunk check for what a read of bytes ``lo..hi`` of a chunk serves: the 4 KiB
+    blocks they fall in, or for a large part of the chunk its one whole-chunk sum."""
+    if len(value) != SUM_SIZE + length:
+        return False
+    base = seed + index * _STRIDE
+    if hi - lo > WHOLE_FROM:
+        return _SUM.unpack_from(value)[0] == _sum(value[SUM_SIZE:], base)
+    for b in range(lo // BLOCK, (hi - 1) // BLOCK + 1):
+        start = SUM_SIZE + b * BLOCK
+        block = value[start : min(start + BLOCK, SUM_SIZE + length)]
+        if _SUM.unpack_from(value, (1 + b) * _SUM.size)[0] != _sum(block, base + 1 + b):
+            return False
+    return True
+
+
+def sealed_entry(checksum: Buffer) -> bytes:
+    """What a sealed blob keeps of one chunk's checksums."""
+    return _SUM.pack(_xxh3(checksum))
+
+
+def matches_sealed(sums: Buffer, index: int, checksum: Buffer) -> bool:
+    """The sealed check: ``checksum`` is what chunk ``index`` had when its blob was sealed."""
+    return sums[index * SEALED_SIZE : (index + 1) * SEALED_SIZE] == sealed_entry(checksum)
+
+
+def fits_sealed(sums: Buffer, seed: int, index: int, data: Buffer) -> bool:
+    """An arriving chunk's bytes are those its sealed blob vouched for."""
+    return matches_sealed(sums, index, chunk_sum(seed, index, data))

@@ -1,0 +1,48 @@
+"""Leases on chunk ranges across the processes that share one cache directory.
+
+Two servers on one cache must not fetch the same chunk at the same time.
+Each blob has a lease file under ``leases/`` in the cache directory; a
+process fetching chunks ``first .. first+count-1`` holds an exclusive
+``fcntl`` lock on bytes ``first .. first+count-1`` of that file while the
+range is fetched and stored. The kernel drops the locks of a process that
+dies, so a crashed fetcher never leaves a lease behind: the next process
+simply gets it. Within one process the in-flight table keeps threads
+apart (POSIX locks do not conflict inside a process).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import weakref
+from pathlib import Path
+
+LEASE_DIR = "leases"
+
+
+class RangeLeases:
+    """Exclusive, non-blocking leases on chunk ranges of one blob."""
+
+    def __init__(self, cache_dir: Path, digest: str):
+        directory = Path(cache_dir) / LEASE_DIR
+        directory.mkdir(exist_ok=True)
+        name = digest.replace(":", "-")
+        self._fd = os.open(directory / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._lock = threading.Lock()
+        # Closing any descriptor of the file drops all of this process's locks on it,
+        # so there is one per blob per process, closed only when nobody holds it.
+        weakref.finalize(self, os.close, self._fd)
+
+    def try_take(self, first: int, count: int) -> bool:
+        """Lease chunks ``first..first+count-1`` if no other process holds any of them."""
+        try:
+            with self._lock:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, count, first)
+            return True
+        except OSError:
+            return False
+
+    def give_back(self, first: int, count: int) -> None:
+        with self._lock:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, count, first)

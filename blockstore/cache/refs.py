@@ -1,0 +1,80 @@
+"""What an offline mount needs besides chunks: resolved references and raw manifests.
+
+A reference resolved online (for one platform) is remembered as a JSON
+record naming its manifest and layers, with the manifests' raw bytes, so
+the same reference resolves with no network later. A record that no longer
+parses is reported as a cache error, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+
+from blockstore.errors import CacheError
+
+from .env import CacheEnv
+from .layout import DB_MANIFESTS, DB_REFS
+
+
+def _ref_key(reference: str, platform: str | None) -> bytes:
+    return f"{reference}\0{platform or ''}".encode()
+
+
+def _decode(raw: bytes, what: str) -> dict:
+    try:
+        record = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CacheError(f"the cached record of {what} is damaged: {exc}") from exc
+    if not isinstance(record, dict):
+        raise CacheError(f"the cached record of {what} is damaged: not a JSON object")
+    return record
+
+
+class ImageRecords:
+    """References and manifests kept in the cache for offline use."""
+
+    def __init__(self, env: CacheEnv):
+        self._env = env
+
+    def put(self, reference: str, platform: str | None, record: dict) -> None:
+        raw = json.dumps(record, sort_keys=True).encode()
+        key = _ref_key(reference, platform)
+        self._env.write(lambda txn: txn.put(key, raw, db=self._env.dbs[DB_REFS]))
+
+    def get(self, reference: str, platform: str | None) -> dict | None:
+        with self._env.reader(DB_REFS) as txn:
+            raw = txn.get(_ref_key(reference, platform))
+            raw = bytes(raw) if raw is not None else None
+        return _decode(raw, reference) if raw is not None else None
+
+    def all(self) -> list[dict]:
+        with self._env.reader(DB_REFS) as txn:
+            raws = [(bytes(key), bytes(raw)) for key, raw in txn.cursor()]
+        return [_decode(raw, key.split(b"\0")[0].decode(errors="replace")) for key, raw in raws]
+
+    def remove(self, reference: str, platform: str | None) -> bool:
+        key = _ref_key(reference, platform)
+        return self._env.write(lambda txn: txn.delete(key, db=self._env.dbs[DB_REFS]))
+
+    def drop_damaged(self) -> list[str]:
+        """Remove the records that no longer parse; the references they were for."""
+        with self._env.reader(DB_REFS) as txn:
+            raws = [(bytes(key), bytes(raw)) for key, raw in txn.cursor()]
+        damaged = []
+        for key, raw in raws:
+            try:
+                _decode(raw, "")
+            except CacheError:
+                damaged.append(key)
+        if damaged:
+            refs = self._env.dbs[DB_REFS]
+            self._env.write(lambda txn: [txn.delete(key, db=refs) for key in damaged])
+        return [key.split(b"\0")[0].decode(errors="replace") for key in damaged]
+
+    def put_manifest(self, digest: str, raw: bytes) -> None:
+        self._env.write(lambda txn: txn.put(digest.encode(), raw, db=self._env.dbs[DB_MANIFESTS]))
+
+    def manifest(self, digest: str) -> bytes | None:
+        with self._env.reader(DB_MANIFESTS) as txn:
+            raw = txn.get(digest.encode())
+            return bytes(raw) if raw is not None else None

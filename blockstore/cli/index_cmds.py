@@ -1,0 +1,91 @@
+"""``blockstore index``: per-chunk digests of an image's layers, attached to the image.
+
+With a chunk index, a chunk fetched cold is checked on arrival instead of
+only when the whole layer has arrived. The table is built from bytes
+checked against the layer digest: from the cache when the layer is sealed
+there, else by streaming the layer once.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from blockstore.cli.common import (
+    add_cache_options,
+    add_image_options,
+    add_registry_options,
+    cache_dir_from,
+    registry_options_from_args,
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    index = subparsers.add_parser(
+        "index",
+        help="build the chunk index of an image's layers, and attach it with --push",
+        description="Compute the sha256 of every 32 KiB chunk of each layer of IMAGE (or "
+        "one layer), keep the tables in the cache and, with --push, attach them to the "
+        "image as an OCI artifact (referrers API, or the referrers tag schema where the "
+        "registry has no such API).",
+    )
+    add_image_options(index, "index", offline=False)
+    index.add_argument(
+        "--push", action="store_true", help="attach the tables to the image in the registry"
+    )
+    add_registry_options(index)
+    add_cache_options(index)
+    index.set_defaults(func=run_index)
+
+
+def run_index(args: argparse.Namespace) -> int:
+    # Imported here: loading the registry client costs start-up time (see cli/__init__).
+    from blockstore.attachments import (
+        build_layer_index,
+        cached_index,
+        fetch_indexes,
+        keep_indexes,
+        push_indexes,
+        subject_of,
+    )
+    from blockstore.errors import RegistryUnreachable
+    from blockstore.image import open_image
+    from blockstore.registry import RegistryBlob
+
+    image = open_image(
+        args.image,
+        cache_dir=cache_dir_from(args),
+        cache_size=args.cache_size,
+        platform=args.platform,
+        options=registry_options_from_args(args),
+    )
+    try:
+        if image.client is None:
+            raise RegistryUnreachable(f"{image.resolved.reference}: the registry cannot be reached")
+        built = {}
+        for layer in image.select(args.layer, args.blob):
+            record = image.store.lookup(layer.digest)
+            if record is not None and record.sealed:
+                index = build_layer_index(layer, image.blob(layer).read)
+                origin = "cache"
+            elif (known := cached_index(image.store, layer)) is not None:
+                index, origin = known, "cache"
+            else:
+                source = RegistryBlob(image.client, image.repository, layer)
+                index, origin = build_layer_index(layer, source.read_range), "registry"
+            built[layer.digest] = index
+            print(
+                f"layer {layer.index} {layer.digest}: {index.chunk_count} chunks indexed "
+                f"(from the {origin})"
+            )
+        keep_indexes(image.store, built)
+        if args.push:
+            subject = subject_of(image.resolved, image.repository)
+            # The artifact holds every layer's table: keep the others' when one is redone.
+            tables = fetch_indexes(image.client, subject, image.resolved.layers)
+            tables.update(built)
+            ordered = [tables[lay.digest] for lay in image.resolved.layers if lay.digest in tables]
+            digest = push_indexes(image.client, subject, ordered)
+            print(f"chunk index attached to {image.resolved.manifest_digest} as {digest}")
+    finally:
+        image.close()
+    return 0

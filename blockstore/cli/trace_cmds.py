@@ -1,0 +1,157 @@
+"""``blockstore trace export|import|push|ls|show|rm``: the access traces kept per layer.
+
+A cold mount records which chunks it reads first; the next cold mount of
+the same layer replays them as prefetch. ``export`` writes an image's
+traces to one file and ``import`` loads such a file into another cache,
+so a mount on another machine starts warm; ``push`` attaches them to the
+image in the registry, where a cold mount anywhere finds and replays them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from blockstore.cache.traces import TraceShelf
+from blockstore.cli.cache_cmds import human, open_store, resolve_targets
+from blockstore.cli.common import (
+    add_cache_options,
+    add_registry_options,
+    cache_dir_from,
+    registry_options_from_args,
+)
+from blockstore.errors import NotFound, UsageError
+from blockstore.prefetch.trace import Trace, traces_document, traces_from_document
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    trace = subparsers.add_parser("trace", help="manage the access traces replayed on cold mounts")
+    commands = trace.add_subparsers(dest="trace_command", metavar="ACTION", required=True)
+
+    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+        parser = commands.add_parser(name, help=help, description=help)
+        add_cache_options(parser)
+        parser.set_defaults(func=func)
+        return parser
+
+    export = command("export", cmd_export, "write the traces of an image's layers to a file")
+    export.add_argument("image", metavar="IMAGE|DIGEST")
+    export.add_argument("file", type=Path, metavar="FILE")
+    push = command("push", cmd_push, "attach the image's traces to it in the registry")
+    push.add_argument("image", metavar="IMAGE")
+    add_registry_options(push)
+    load = command("import", cmd_import, "load traces from a file written by export")
+    load.add_argument("file", type=Path, metavar="FILE")
+    listing = command("ls", cmd_ls, "the kept traces: layer, chunks, span, when recorded")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    show = command("show", cmd_show, "the accesses of the traces of an image or layer")
+    show.add_argument("targets", nargs="+", metavar="IMAGE|DIGEST")
+    remove = command("rm", cmd_rm, "forget the traces of images or layers")
+    remove.add_argument("targets", nargs="+", metavar="IMAGE|DIGEST")
+
+
+def _traces_of(shelf: TraceShelf, store, targets: list[str]) -> list[Trace]:
+    blobs, _ = resolve_targets(store, targets)
+    traces = [t for t in (shelf.get(digest) for digest in blobs) if t is not None]
+    if not traces:
+        raise NotFound(f"no trace kept for {' '.join(targets)}")
+    return traces
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        traces = _traces_of(TraceShelf(store), store, [args.image])
+    partial = args.file.with_name(args.file.name + ".partial")
+    partial.write_bytes(traces_document(traces))
+    partial.replace(args.file)
+    print(f"exported {len(traces)} trace(s) to {args.file}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    try:
+        traces = traces_from_document(args.file.read_bytes())
+    except ValueError as exc:
+        raise UsageError(f"{args.file}: {exc}") from None
+    with open_store(args) as store:
+        shelf = TraceShelf(store)
+        for trace in traces:
+            shelf.put(trace)
+    print(f"imported {len(traces)} trace(s)")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    # Imported here: the registry client is loaded only by the commands that use it.
+    from blockstore.attachments import push_traces, subject_of
+    from blockstore.errors import RegistryUnreachable
+    from blockstore.image import open_image
+
+    image = open_image(
+        args.image,
+        cache_dir=cache_dir_from(args),
+        cache_size=args.cache_size,
+        platform=args.platform,
+        options=registry_options_from_args(args),
+    )
+    try:
+        if image.client is None:
+            raise RegistryUnreachable(f"{image.resolved.reference}: the registry cannot be reached")
+        shelf = TraceShelf(image.store)
+        local = [t for t in (shelf.get(lay.digest) for lay in image.resolved.layers) if t]
+        if not local:
+            raise NotFound(f"no trace kept for {image.resolved.reference}: mount it first")
+        subject = subject_of(image.resolved, image.repository)
+        digest, merged = push_traces(image.client, subject, image.resolved.layers, local)
+    finally:
+        image.close()
+    print(f"{merged} trace(s) attached to {subject.digest} as {digest}")
+    return 0
+
+
+def _row(trace: Trace) -> dict:
+    return {
+        "digest": trace.digest,
+        "chunks": len(trace.order()),
+        "bytes": len(trace.order()) * trace.chunk_size,
+        "span_ms": trace.events[-1][0] if trace.events else 0,
+        "recorded": trace.recorded,
+    }
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        rows = [_row(t) for t in TraceShelf(store).all()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["recorded"]))
+        print(
+            f"{row['digest']}  {row['chunks']} chunks ({human(row['bytes'])}) "
+            f"over {row['span_ms'] / 1000:.1f}s, recorded {when}"
+        )
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        traces = _traces_of(TraceShelf(store), store, args.targets)
+    for trace in traces:
+        print(f"{trace.digest}: {len(trace.events)} accesses")
+        for ms, index in trace.events:
+            print(f"  {ms:>8} ms  chunk {index}  (offset {index * trace.chunk_size})")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    with open_store(args) as store:
+        shelf = TraceShelf(store)
+        blobs, _ = resolve_targets(store, args.targets)
+        removed = sum(shelf.remove(digest) for digest in blobs)
+    if not removed:
+        raise NotFound(f"no trace kept for {' '.join(args.targets)}")
+    print(f"removed {removed} trace(s)")
+    return 0

@@ -1,0 +1,341 @@
+"""Turning chunk misses into streamed range reads: single-flight, prioritised.
+
+The backend is never asked for a chunk that is already on its way: a
+caller that misses a chunk another caller (or a prefetch) is fetching waits
+for that chunk, and a queued prefetch it waits on is promoted to demand.
+Adjacent misses go out as one range read, cut to the window's request
+size so several run at once. Each chunk of a range is checked
+(``on_arrival``) and handed to its waiters as soon as its bytes are in;
+chunks are stored (``keep``) in batches while they still count as in
+flight, so nobody asks for them again before they are stored.
+
+Across processes, a range is fetched under a lease (``leases``); a process
+that finds part of a range leased elsewhere waits for those chunks to
+appear in the cache (``load``), and fetches them itself if the other
+process gives up or dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, InvalidStateError
+from typing import Protocol
+
+from blockstore.errors import BlobReadError
+from blockstore.export import Buffer
+from blockstore.source import BlobSource
+
+from .flights import Flights
+from .keeper import Keeper
+from .scheduler import DEMAND, PREFETCH, Job, Scheduler
+from .stream import chunks_of
+from .window import Window
+
+log = logging.getLogger(__name__)
+
+# on_arrival(index, chunk) -> the chunk's bytes as they may be served; raises to refuse.
+Arrival = Callable[[int, memoryview], Buffer]
+# keep(first, chunks): store checked consecutive chunks; must not raise.
+Keep = Callable[[int, Sequence[Buffer]], None]
+# load(indices) -> {index: bytes} of those chunks the cache holds now.
+Load = Callable[[Sequence[int]], dict[int, Buffer]]
+
+STORE_WAIT = 60.0
+"""Bound on how long a reader waits for its chunks to be stored after they arrived."""
+STOP_WAIT = 3.0
+"""Seconds close() waits for running ranges to store what arrived (one chunk each)."""
+LEASE_POLL = 0.02
+"""Seconds between looks at the cache while another process holds a range's lease."""
+
+
+class Leases(Protocol):
+    def try_take(self, first: int, count: int) -> bool: ...
+
+    def give_back(self, first: int, count: int) -> None: ...
+
+
+def runs(indices: Iterable[int], limit: int) -> list[tuple[int, int]]:
+    """Sorted chunk indices as (first, count) runs of adjacent chunks, at most ``limit`` long."""
+    out: list[tuple[int, int]] = []
+    for index in sorted(indices):
+        if out and out[-1][0] + out[-1][1] == index and out[-1][1] < limit:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((index, 1))
+    return out
+
+
+def _resolve(future: Future, value: Buffer | None = None, error: BaseException | None = None):
+    """Answer a waiter once; a future already answered (cancelled by close) stays so."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+    except InvalidStateError:
+        pass
+
+
+class Fetcher:
+    """Fetches chunks of one blob from its source, each at most once at a time."""
+
+    def __init__(
+        self,
+        source: BlobSource,
+        chunk_size: int,
+        on_arrival: Arrival,
+        keep: Keep,
+        load: Load,
+        *,
+        flights: Flights | None = None,
+        leases: Leases | None = None,
+        window: Window | None = None,
+        on_request: Callable[[int], None] | None = None,
+        workers: int | None = None,
+        prefetch_budget: int | None = None,
+    ):
+        self._source = source
+        self._chunk_size = chunk_size
+        self._on_arrival = on_arrival
+        self._keep = keep
+        self._load = load
+        self._leases = leases
+        self._on_request = on_request or (lambda nbytes: None)
+        self._flights = flights if flights is not None else Flights()
+        self.window = window if window is not None else Window()
+        options = {}
+        if workers is not None:
+            options["workers"] = workers
+        if prefetch_budget is not None:
+            options["prefetch_budget"] = prefetch_budget
+        self.scheduler = Scheduler(self._run, self._fail, self.window, **options)
+        self._keeper = Keeper(self._store)
+        self._live: set[Job] = set()
+
+    @property
+    def digest(self) -> str:
+        return self._source.digest
+
+    def _request_chunks(self) -> int:
+        return max(1, self.window.request // self._chunk_size)
+
+    def _nbytes(self, first: int, count: int) -> int:
+        return max(0, min(count * self._chunk_size, self._source.size - first * self._chunk_size))
+
+    # --- asking -----------------------------------------------------------------
+
+    def fetch(self, indices: Iterable[int], ahead: Iterable[int] = ()) -> dict[int, Buffer]:
+        """The bytes of the given chunks, fetching those nobody is fetching yet (demand).
+
+        A caller that only joined chunks on their way gets them the moment
+        they are checked; the caller whose misses started the fetch returns
+        once its chunks are also stored (group commits keep that to a
+        millisecond or two), so what it read is in the cache when it
+        returns. Raises the ``BlobReadError`` of a failed fetch; a chunk
+        whose fetch failed is asked for again by the next caller.
+
+        ``ahead`` are chunks the reader will want next (readahead on a
+        miss): fetched in the same requests, not waited for.
+        """
+        flights = self._flights
+        waits: dict[int, Future] = {}
+        mine: list[int] = []
+        joined: set[Job] = set()
+        with flights.lock:
+            for index in indices:
+                future = flights.pending.get(index)
+                if future is None:
+                    mine.append(index)
+                    continue
+                waits[index] = future
+                owner = flights.owner.get(index)
+                if owner is not None:
+                    joined.add(owner)
+            extra = [i for i in ahead if i not in flights.pending and i not in waits]
+            jobs = self._claim(DEMAND, runs(set(mine).union(extra), self._request_chunks()))
+            for index in mine:
+                waits[index] = flights.pending[index]
+        for job in joined:
+            self.scheduler.promote(job)
+        for job in jobs:
+            self.scheduler.submit(job)
+        chunks = {index: future.result() for index, future in waits.items()}
+        if mine:
+            with flights.lock:
+                flights.settled.wait_for(
+                    lambda: all(flights.pending.get(i) is not waits[i] for i in mine),
+                    STOP_WAIT if self.scheduler.cancelled else STORE_WAIT,
+                )
+        return chunks
+
+    def prefetch(
+        self, indices: Iterable[int], priority: int = PREFETCH, *, wait: float = 0.0
+    ) -> bool:
+        """Queue chunks for fetching at ``priority`` and return at once.
+
+        True when every chunk was handed over (queued now, or already on its
+        way). Within the prefetch budget: with ``wait=0`` what does not fit
+        is dropped (a hint, not a promise); otherwise each range waits up to
+        ``wait`` seconds for room (trace replay and fill pace themselves so).
+        """
+        for first, count in runs(indices, self._request_chunks()):
+            nbytes = self._nbytes(first, count)
+            if wait:
+                if not self.scheduler.wait_room(nbytes, wait):
+                    return False
+            elif self.scheduler.room() < nbytes:
+                return False
+            with self._flights.lock:
+                free = [i for i in range(first, first + count) if i not in self._flights.pending]
+                jobs = self._claim(priority, runs(free, count))
+            for job in jobs:
+                self.scheduler.submit(job)
+        return True
+
+    def in_flight(self) -> int:
+        """Chunks of this blob on their way now."""
+        with self._flights.lock:
+            return len(self._flights.pending)
+
+    def _claim(self, priority: int, pieces: list[tuple[int, int]]) -> list[Job]:
+        """Under the flights lock: new jobs for these runs, their chunks registered."""
+        jobs = []
+        for first, count in pieces:
+            job = self.scheduler.job(priority, first, count, self._nbytes(first, count))
+            self._flights.claim(list(range(first, first + count)), job)
+            self._live.add(job)
+            jobs.append(job)
+        return jobs
+
+    # --- running (on a scheduler worker) -------------------------------------
+
+    def _run(self, job: Job) -> None:
+        with self._flights.lock:
+            futures = {
+                i: self._flights.pending[i]
+                for i in range(job.first, job.first + job.count)
+                if self._flights.owner.get(i) is job
+            }
+        try:
+            span, pieces = self._lease(job, futures)
+            try:
+                for first, count in pieces:
+                    self._stream(futures, first, count)
+            finally:
+                if span is not None and self._leases is not None:
+                    # Held until stored: a process that takes it next finds the chunks.
+                    self._wait_stored(futures)
+                    self._leases.give_back(*span)
+            self.window.completed(job.nbytes)
+        except Exception as exc:
+            if not self.scheduler.cancelled:
+                self.window.failed()
+                log.debug("%s: chunks %d+%d failed: %s", self.digest, job.first, job.count, exc)
+            self._fail(job, exc)
+        except BaseException as exc:
+            self._fail(job, exc)
+            raise
+        finally:
+            self._live.discard(job)
+
+    def _lease(
+        self, job: Job, futures: dict[int, Future]
+    ) -> tuple[tuple[int, int] | None, list[tuple[int, int]]]:
+        """The leased span and the runs of the job's chunks still to fetch under it.
+
+        Chunks another process stored meanwhile are answered from the cache;
+        while another process holds part of the span, its chunks are picked
+        up as they appear, and the rest is fetched once its lease is free
+        (at the latest when that process dies).
+        """
+        wanted = sorted(futures)
+        while True:
+            if self.scheduler.cancelled:
+                raise BlobReadError(f"{self.digest}: the fetch was cancelled")
+            wanted = self._answer_from_cache(futures, wanted)
+            if not wanted:
+                return None, []
+            span = (wanted[0], wanted[-1] - wanted[0] + 1)
+            if self._leases is None:
+                return None, runs(wanted, span[1])
+            if self._leases.try_take(*span):
+                # Whoever held it may have stored these chunks just before letting go.
+                wanted = self._answer_from_cache(futures, wanted)
+                return span, runs(wanted, span[1])
+            time.sleep(LEASE_POLL)
+
+    def _wait_stored(self, futures: dict[int, Future]) -> None:
+        """Wait (bounded) until none of these chunks is in flight as this job's."""
+        flights = self._flights
+        with flights.lock:
+            flights.settled.wait_for(
+                lambda: all(flights.pending.get(i) is not f for i, f in futures.items()),
+                STOP_WAIT,
+            )
+
+    def _answer_from_cache(self, futures: dict[int, Future], wanted: list[int]) -> list[int]:
+        """Answer the wanted chunks the cache holds now; the ones still missing."""
+        found = self._load(wanted)
+        if found:
+            with self._flights.lock:
+                self._flights.release(list(found))
+            for index, data in found.items():
+                _resolve(futures[index], data)
+        return [i for i in wanted if i not in found and not futures[i].done()]
+
+    def _stream(self, futures: dict[int, Future], first: int, count: int) -> None:
+        """Fetch one run, answering each chunk's waiters the moment it is checked."""
+        nbytes = self._nbytes(first, count)
+        self._on_request(nbytes)
+        asked = time.monotonic()
+        got_first = False
+        for index, chunk in chunks_of(self._source, first, count, self._chunk_size):
+            if self.scheduler.cancelled:
+                raise BlobReadError(f"{self.digest}: the fetch was cancelled")
+            if not got_first:
+                self.window.first_byte(time.monotonic() - asked)
+                got_first = True
+            checked = self._on_arrival(index, chunk)
+            future = futures.get(index)
+            if future is not None:
+                _resolve(future, checked)
+            self.window.delivered(len(chunk))
+            self._keeper.put(index, checked)
+
+    def _store(self, first: int, chunks: list[Buffer]) -> None:
+        try:
+            self._keep(first, chunks)
+        except Exception:
+            log.exception("%s: storing fetched chunks failed", self.digest)
+        with self._flights.lock:
+            self._flights.release(range(first, first + len(chunks)))
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        """Answer the job's unanswered waiters with ``exc`` and forget its chunks."""
+        with self._flights.lock:
+            mine = [
+                i
+                for i in range(job.first, job.first + job.count)
+                if self._flights.owner.get(i) is job
+            ]
+            futures = [self._flights.pending[i] for i in mine]
+            waiting = [f for f in futures if not f.done()]
+            self._flights.release([i for i, f in zip(mine, futures, strict=True) if not f.done()])
+        for future in waiting:
+            _resolve(future, error=exc)
+        self._live.discard(job)
+
+    def close(self) -> None:
+        """Cancel: queued jobs fail now, running ones stop at their next chunk, and every
+        reader still waiting on this fetcher is answered at once.
+
+        Then waits, a bounded while, for running jobs to store what they
+        already have, so the cache is not closed under them.
+        """
+        self.scheduler.close()
+        for job in list(self._live):
+            self._fail(job, BlobReadError(f"{self.digest}: the fetch was cancelled"))
+        self.scheduler.wait_idle(STOP_WAIT)
+        self._keeper.drain(STOP_WAIT)

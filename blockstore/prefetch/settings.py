@@ -1,0 +1,31 @@
+"""Which prefetch heuristics run, each one a setting that can be turned off.
+
+The library's defaults are the quiet ones (readahead alone, as a reader of
+a blob expects); ``MOUNT`` is what ``mount`` and ``serve`` start with, and
+their ``--no-*`` options take pieces away.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PrefetchSettings:
+    readahead: bool = True
+    """Per-stream sequential readahead."""
+    erofs_start: bool = False
+    """At open, fetch the superblock, root inode and root directory in one request."""
+    trace_period: float = 0.0
+    """Seconds of a cold open's first reads recorded as its layer's trace; 0: none."""
+    trace_replay: bool = False
+    """On a cold open, replay the layer's kept trace as prefetch."""
+    fill: bool = False
+    """After open, fetch the rest of the layer at low priority and seal it."""
+    fill_rate: int = 0
+    """Bytes per second the fill may take; 0: no cap."""
+    leases: bool = True
+    """Lease ranges across processes sharing the cache, so none fetch a chunk twice."""
+
+
+MOUNT = PrefetchSettings(erofs_start=True, trace_period=30.0, trace_replay=True)

@@ -1,0 +1,224 @@
+"""Artifacts attached to an image: pushed and found through OCI 1.1 referrers.
+
+An artifact is a small manifest whose ``subject`` is the image manifest and
+whose ``artifactType`` says what it carries (a chunk index, access traces).
+A registry with the referrers API (``GET /v2/<name>/referrers/<digest>``)
+lists it by itself; for one without it (the CNCF registry 2.x) the
+distribution spec's fallback is used: an image index under the tag
+``sha256-<hex of the subject>`` that lists the referrers. Both are read
+back, so an artifact pushed by one client is found by any other (``oras``,
+``skopeo inspect``).
+
+One artifact of a type per image: pushing again replaces the previous one
+in the fallback index, and readers take the newest of a type.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from blockstore.errors import IntegrityError, NotFound, RegistryError
+from blockstore.registry.client import RegistryClient
+from blockstore.registry.manifests import digest_of, fetch_manifest
+from blockstore.registry.mediatypes import OCI_INDEX, OCI_MANIFEST
+
+log = logging.getLogger(__name__)
+
+EMPTY_CONFIG_TYPE = "application/vnd.oci.empty.v1+json"
+EMPTY_CONFIG = b"{}"
+CREATED = "org.opencontainers.image.created"
+MAX_ARTIFACT_BLOB = 64 << 20
+"""Artifacts are tables and traces, a few MiB at most; a larger one is refused, not read."""
+
+
+@dataclass(frozen=True)
+class Subject:
+    """The image manifest an artifact is attached to."""
+
+    repository: str
+    digest: str
+    size: int
+    media_type: str = OCI_MANIFEST
+
+
+@dataclass(frozen=True)
+class Referrer:
+    """One artifact found for a subject."""
+
+    digest: str
+    artifact_type: str
+    annotations: dict[str, str]
+
+
+def push_artifact(
+    client: RegistryClient,
+    subject: Subject,
+    artifact_type: str,
+    blobs: list[tuple[bytes, str, dict[str, str]]],
+    *,
+    created: str,
+) -> str:
+    """Push ``blobs`` (data, media type, annotations) as one artifact on ``subject``.
+
+    Returns the artifact manifest's digest. The manifest is deterministic
+    for the same blobs and ``created`` time.
+    """
+    repository = subject.repository
+    client.upload_blob(repository, digest_of(EMPTY_CONFIG), EMPTY_CONFIG)
+    layers = []
+    for data, media_type, notes in blobs:
+        digest = digest_of(data)
+        client.upload_blob(repository, digest, data)
+        layer = {"mediaType": media_type, "digest": digest, "size": len(data)}
+        if notes:
+            layer["annotations"] = dict(sorted(notes.items()))
+        layers.append(layer)
+    manifest = _canonical(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": artifact_type,
+            "config": {
+                "mediaType": EMPTY_CONFIG_TYPE,
+                "digest": digest_of(EMPTY_CONFIG),
+                "size": len(EMPTY_CONFIG),
+            },
+            "layers": layers,
+            "subject": {
+                "mediaType": subject.media_type,
+                "digest": subject.digest,
+                "size": subject.size,
+            },
+            "annotations": {CREATED: created},
+        }
+    )
+    digest = digest_of(manifest)
+    client.put_manifest(repository, digest, manifest, OCI_MANIFEST)
+    if client.get_referrers(repository, subject.digest) is None:
+        _add_to_fallback_index(client, subject, artifact_type, digest, len(manifest), created)
+    return digest
+
+
+def list_referrers(client: RegistryClient, subject: Subject) -> list[Referrer]:
+    """Every artifact attached to ``subject``: from the referrers API where the registry
+    has it, else from the fallback tag. Both are asked at once, so a registry without
+    either costs one round trip."""
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="referrers") as pool:
+        api = pool.submit(client.get_referrers, subject.repository, subject.digest)
+        tagged = pool.submit(_fallback_listing, client, subject)
+        listing = api.result()
+        if listing is None:
+            listing = tagged.result()
+    if listing is None:
+        return []
+    return [
+        Referrer(e["digest"], e.get("artifactType", ""), e.get("annotations") or {})
+        for e in _index_entries(listing, f"referrers of {subject.digest}")
+        if isinstance(e.get("digest"), str)
+    ]
+
+
+def newest(referrers: list[Referrer], artifact_type: str) -> Referrer | None:
+    """The most recently created artifact of a type among ``referrers``."""
+    found = [r for r in referrers if r.artifact_type == artifact_type]
+    return max(found, key=lambda r: r.annotations.get(CREATED, ""), default=None)
+
+
+def _fallback_listing(client: RegistryClient, subject: Subject) -> bytes | None:
+    """The fallback tag's index; None when there is none, or when the tag holds something
+    else (a tag of that name pushed by hand is not ours to complain about)."""
+    tag = fallback_tag(subject.digest)
+    try:
+        raw = fetch_manifest(client, subject.repository, tag)[0]
+    except NotFound:
+        return None
+    try:
+        _index_entries(raw, f"referrers tag {tag}")
+    except RegistryError:
+        log.debug("%s: the tag %s is not a referrers index; ignored", subject.digest, tag)
+        return None
+    return raw
+
+
+def read_artifact(
+    client: RegistryClient, subject: Subject, referrer: Referrer
+) -> list[tuple[bytes, str, dict[str, str]]]:
+    """The blobs of an artifact, each checked against its digest, with its annotations."""
+    raw, _ = fetch_manifest(client, subject.repository, referrer.digest)
+    what = f"artifact {referrer.digest} of {subject.digest}"
+    try:
+        manifest = json.loads(raw)
+        layers = manifest["layers"]
+        if manifest.get("subject", {}).get("digest") != subject.digest:
+            raise RegistryError(f"{what}: it is attached to another image")
+        if manifest.get("artifactType") != referrer.artifact_type:
+            raise RegistryError(f"{what}: it is not a {referrer.artifact_type}")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        raise RegistryError(f"{what}: not a valid artifact manifest") from None
+    blobs = []
+    for layer in layers:
+        try:
+            digest, size, media_type = layer["digest"], int(layer["size"]), layer["mediaType"]
+        except (KeyError, TypeError, ValueError):
+            raise RegistryError(f"{what}: a layer descriptor is malformed") from None
+        if not 0 <= size <= MAX_ARTIFACT_BLOB:
+            raise RegistryError(f"{what}: a blob of {size} bytes is refused")
+        data = client.get_blob(subject.repository, digest)
+        if digest_of(data, digest.partition(":")[0]) != digest:
+            raise IntegrityError(f"{what}: blob {digest} has other bytes, refused")
+        blobs.append((data, media_type, dict(layer.get("annotations") or {})))
+    return blobs
+
+
+def fallback_tag(digest: str) -> str:
+    """The referrers tag schema's tag for a subject: ``<algorithm>-<hex>``."""
+    algorithm, _, encoded = digest.partition(":")
+    return f"{algorithm}-{encoded}"[:128]
+
+
+def _add_to_fallback_index(
+    client: RegistryClient,
+    subject: Subject,
+    artifact_type: str,
+    digest: str,
+    size: int,
+    created: str,
+) -> None:
+    """Put the new artifact in the subject's fallback index, in place of one of its type."""
+    tag = fallback_tag(subject.digest)
+    try:
+        raw, _ = fetch_manifest(client, subject.repository, tag)
+        entries = _index_entries(raw, f"referrers tag {tag}")
+    except NotFound:
+        entries = []
+    kept = [e for e in entries if e.get("artifactType") != artifact_type]
+    kept.append(
+        {
+            "mediaType": OCI_MANIFEST,
+            "digest": digest,
+            "size": size,
+            "artifactType": artifact_type,
+            "annotations": {CREATED: created},
+        }
+    )
+    index = _canonical({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": kept})
+    client.put_manifest(subject.repository, tag, index, OCI_INDEX)
+    log.debug("%s: referrers kept under the tag %s", subject.digest, tag)
+
+
+def _index_entries(raw: bytes, what: str) -> list[dict]:
+    try:
+        document = json.loads(raw)
+        entries = document["manifests"]
+        if not isinstance(entries, list):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise RegistryError(f"{what}: not an image index") from None
+    return [e for e in entries if isinstance(e, dict)]
+
+
+def _canonical(document: dict) -> bytes:
+    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()

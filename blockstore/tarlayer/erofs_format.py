@@ -1,0 +1,103 @@
+"""Constants and record layouts of the EROFS on-disk format this package uses.
+
+Only the uncompressed subset: a superblock with a device table, compact
+(32-byte) and extended (64-byte) inodes, flat and chunk-based data layouts,
+inline xattrs and directory blocks. All integers are little-endian. The writer
+and the reader share these so that they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import stat
+import struct
+
+BLOCK_SIZE = 512
+BLOCK_BITS = 9
+SUPER_OFFSET = 1024
+SUPER_MAGIC = 0xE0F5E1E2
+
+COMPAT_MTIME = 0x00000002  # compact inodes carry mtime relative to the epoch
+INCOMPAT_CHUNKED_FILE = 0x00000004
+INCOMPAT_DEVICE_TABLE = 0x00000008
+
+LAYOUT_FLAT_PLAIN = 0
+LAYOUT_FLAT_INLINE = 2
+LAYOUT_CHUNK_BASED = 4
+
+CHUNK_FORMAT_BLKBITS_MASK = 0x001F
+CHUNK_FORMAT_INDEXES = 0x0020
+MAX_CHUNK_BITS = 31  # the blkbits field has five bits
+NULL_ADDR = 0xFFFFFFFF
+
+# magic, checksum, feature_compat, blkszbits, sb_extslots, root_nid, inos,
+# epoch, fixed_nsec, blocks, meta_blkaddr, xattr_blkaddr, uuid, volume_name,
+# feature_incompat, compr/lz4 union, extra_devices, devt_slotoff, dirblkbits,
+# xattr_prefix_count, xattr_prefix_start, packed_nid, then reserved to 128.
+SUPER = struct.Struct("<IIIBBHQQIIII16s16sIHHHBBIQ24x")
+DEVICE_SLOT = struct.Struct("<64sIIHH52x")
+DEVICE_SLOT_SIZE = 128
+# i_format, i_xattr_icount, i_mode, i_nlink, i_size, i_mtime, i_u, i_ino, i_uid, i_gid
+INODE_COMPACT = struct.Struct("<HHHHIIIIHH4x")
+# i_format, i_xattr_icount, i_mode, i_nb, i_size, i_u, i_ino, i_uid, i_gid,
+# i_mtime, i_mtime_nsec, i_nlink
+INODE_EXTENDED = struct.Struct("<HHHHQIIIIQII16x")
+XATTR_IBODY_HEADER = struct.Struct("<IB7x")  # h_name_filter, h_shared_count
+XATTR_ENTRY = struct.Struct("<BBH")  # e_name_len, e_name_index, e_value_size
+CHUNK_INDEX = struct.Struct("<HHI")  # startblk_hi, device_id, startblk_lo
+DIRENT = struct.Struct("<QHBx")  # nid, nameoff, file_type
+
+# Xattr name prefixes the format stores as a one-byte index.
+XATTR_PREFIXES: tuple[tuple[int, bytes], ...] = (
+    (1, b"user."),
+    (2, b"system.posix_acl_access"),
+    (3, b"system.posix_acl_default"),
+    (4, b"trusted."),
+    (6, b"security."),
+)
+
+
+def split_xattr_name(name: bytes) -> tuple[int, bytes] | None:
+    """(prefix index, rest of the name), or None for a namespace EROFS lacks."""
+    for index, prefix in XATTR_PREFIXES:
+        if name.startswith(prefix):
+            return index, name[len(prefix) :]
+    return None
+
+
+def join_xattr_name(index: int, suffix: bytes) -> bytes:
+    return dict(XATTR_PREFIXES)[index] + suffix
+
+
+FT_REG_FILE, FT_DIR, FT_CHRDEV, FT_BLKDEV, FT_FIFO, FT_SOCK, FT_SYMLINK = 1, 2, 3, 4, 5, 6, 7
+_FILE_TYPES = {
+    stat.S_IFREG: FT_REG_FILE,
+    stat.S_IFDIR: FT_DIR,
+    stat.S_IFCHR: FT_CHRDEV,
+    stat.S_IFBLK: FT_BLKDEV,
+    stat.S_IFIFO: FT_FIFO,
+    stat.S_IFSOCK: FT_SOCK,
+    stat.S_IFLNK: FT_SYMLINK,
+}
+
+
+def file_type(mode: int) -> int:
+    """The dirent file type code of an ``st_mode``."""
+    return _FILE_TYPES[stat.S_IFMT(mode)]
+
+
+def encode_dev(major: int, minor: int) -> int:
+    """The kernel's new_encode_dev: what i_u holds for a device inode."""
+    return (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
+
+
+def decode_dev(rdev: int) -> tuple[int, int]:
+    return (rdev & 0xFFF00) >> 8, (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00)
+
+
+def xattr_ibody_size(icount: int) -> int:
+    """Bytes of inline xattrs that ``i_xattr_icount`` announces."""
+    return 0 if icount == 0 else XATTR_IBODY_HEADER.size + 4 * (icount - 1)
+
+
+def align(value: int, unit: int) -> int:
+    return -(-value // unit) * unit

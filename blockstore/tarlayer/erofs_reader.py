@@ -1,0 +1,245 @@
+"""Read back and check a metadata image of the kind ``erofs_writer`` makes.
+
+The kernel parses these images, and the fsck.erofs of older erofs-utils
+predates 512-byte blocks, so this is the independent check: it walks the
+image from the superblock, checks every structure the kernel relies on
+(sorted directory blocks, ``.`` and ``..``, link counts, inline data within
+one block, chunk addresses inside the tar device) and returns the tree it
+describes, so a test can compare it with the tree it was built from. It
+also judges an index that came from elsewhere before it is mounted.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass
+
+from blockstore.tarlayer import erofs_format as f
+from blockstore.tarlayer.tree import Inode, LayerTree, TarLayerError
+
+
+class ImageCheckError(TarLayerError):
+    """The metadata image is malformed or outside what this engine writes."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the superblock and device table say."""
+
+    root_nid: int
+    inodes: int
+    meta_blocks: int  # where the tar device starts, in blocks
+    tar_blocks: int
+
+
+def _need(cond: bool, what: str) -> None:
+    if not cond:
+        raise ImageCheckError(f"metadata image: {what}")
+
+
+def read_info(image: bytes) -> ImageInfo:
+    _need(len(image) >= f.SUPER_OFFSET + f.SUPER.size, "shorter than a superblock")
+    sb = f.SUPER.unpack_from(image, f.SUPER_OFFSET)
+    (magic, _crc, _compat, blkbits, extslots, root_nid, inos, _epoch, _nsec, _blocks) = sb[:10]
+    meta_blkaddr, xattr_blkaddr = sb[10], sb[11]
+    incompat, _u1, extra_devices, devt_slotoff = sb[14], sb[15], sb[16], sb[17]
+    _need(magic == f.SUPER_MAGIC, "bad magic")
+    _need(blkbits == f.BLOCK_BITS, f"block size 2^{blkbits}, not 512")
+    _need(extslots == 0 and meta_blkaddr == 0 and xattr_blkaddr == 0, "unexpected layout")
+    known = f.INCOMPAT_CHUNKED_FILE | f.INCOMPAT_DEVICE_TABLE
+    _need(incompat & ~known == 0, f"unsupported incompatible features {incompat:#x}")
+    _need(extra_devices == 1, f"{extra_devices} extra devices, not 1")
+    slot = devt_slotoff * f.DEVICE_SLOT_SIZE
+    _need(slot >= f.SUPER_OFFSET + f.SUPER.size, "device table overlaps the superblock")
+    _need(slot + f.DEVICE_SLOT_SIZE <= len(image), "device table outside the image")
+    _tag, blocks_lo, uniaddr_lo, blocks_hi, uniaddr_hi = f.DEVICE_SLOT.unpack_from(image, slot)
+    tar_blocks = blocks_lo | blocks_hi << 32
+    meta_blocks = uniaddr_lo | uniaddr_hi << 32
+    _need(meta_blocks * f.BLOCK_SIZE == len(image), "the tar device does not start at its end")
+    return ImageInfo(root_nid, inos, meta_blocks, tar_blocks)
+
+
+class _Walker:
+    def __init__(self, image: bytes, info: ImageInfo):
+        self.image = image
+        self.info = info
+        self.epoch, self.fixed_nsec = f.SUPER.unpack_from(image, f.SUPER_OFFSET)[7:9]
+        self.inodes: dict[int, Inode] = {}
+        self.nlinks: dict[int, int] = {}
+        self.refs: dict[int, int] = {}
+        self.dirents: dict[int, list[tuple[bytes, int, int]]] = {}
+
+    def inode(self, nid: int) -> Inode:
+        """Decode the inode at ``nid`` (once), with its data."""
+        if nid in self.inodes:
+            return self.inodes[nid]
+        img = self.image
+        pos = nid * 32
+        _need(pos + f.INODE_COMPACT.size <= len(img), f"nid {nid} outside the image")
+        i_format = int.from_bytes(img[pos : pos + 2], "little")
+        extended, layout = i_format & 1, (i_format >> 1) & 7
+        _need(i_format >> 4 == 0, f"nid {nid}: unknown i_format bits {i_format:#x}")
+        if extended:
+            _need(pos + f.INODE_EXTENDED.size <= len(img), f"nid {nid} outside the image")
+            (_, icount, mode, _nb, size, i_u, _ino, uid, gid, mtime, nsec, nlink) = (
+                f.INODE_EXTENDED.unpack_from(img, pos)
+            )
+            if mtime >= 1 << 63:
+                mtime -= 1 << 64
+            isize = f.INODE_EXTENDED.size
+        else:
+            (_, icount, mode, nlink, size, dmtime, i_u, _ino, uid, gid) = (
+                f.INODE_COMPACT.unpack_from(img, pos)
+            )
+            mtime, nsec, isize = self.epoch + dmtime, self.fixed_nsec, f.INODE_COMPACT.size
+        node = Inode(mode=mode, uid=uid, gid=gid, mtime=mtime, mtime_ns=nsec, size=size)
+        self.inodes[nid] = node
+        self.nlinks[nid] = nlink
+        xpos = pos + isize
+        xsize = f.xattr_ibody_size(icount)
+        _need(xpos + xsize <= len(img), f"nid {nid}: xattrs outside the image")
+        node.xattrs = self._xattrs(img[xpos : xpos + xsize], nid)
+        tail = xpos + xsize
+        kind = stat.S_IFMT(mode)
+        if layout == f.LAYOUT_CHUNK_BASED:
+            _need(kind == stat.S_IFREG, f"nid {nid}: chunks on a non-regular file")
+            node.data_offset = self._chunks(nid, i_u, size, f.align(tail, f.CHUNK_INDEX.size))
+        elif layout in (f.LAYOUT_FLAT_PLAIN, f.LAYOUT_FLAT_INLINE):
+            data = self._flat(nid, layout, i_u, size, tail)
+            if kind == stat.S_IFDIR:
+                node.children = {}
+                self._dirents(nid, data)
+            elif kind == stat.S_IFLNK:
+                _need(0 < len(data) <= 4095, f"nid {nid}: symlink length {len(data)}")
+                node.target = data
+            elif kind in (stat.S_IFCHR, stat.S_IFBLK):
+                node.rdev_major, node.rdev_minor = f.decode_dev(i_u)
+            else:
+                _need(size == 0, f"nid {nid}: a {kind:o} inode with flat data")
+        else:
+            raise ImageCheckError(f"metadata image: nid {nid}: unsupported layout {layout}")
+        return node
+
+    def _xattrs(self, body: bytes, nid: int) -> dict[bytes, bytes]:
+        if not body:
+            return {}
+        _filter, shared = f.XATTR_IBODY_HEADER.unpack_from(body, 0)
+        _need(shared == 0, f"nid {nid}: shared xattrs")
+        out: dict[bytes, bytes] = {}
+        pos = f.XATTR_IBODY_HEADER.size
+        while pos < len(body):
+            _need(pos + f.XATTR_ENTRY.size <= len(body), f"nid {nid}: truncated xattr")
+            name_len, index, value_size = f.XATTR_ENTRY.unpack_from(body, pos)
+            end = pos + f.XATTR_ENTRY.size + name_len + value_size
+            _need(end <= len(body), f"nid {nid}: xattr runs past its inode's xattr area")
+            _need(index in dict(f.XATTR_PREFIXES), f"nid {nid}: xattr name index {index}")
+            start = pos + f.XATTR_ENTRY.size
+            name = f.join_xattr_name(index, body[start : start + name_len])
+            _need(name not in out, f"nid {nid}: xattr {name!r} twice")
+            out[name] = body[start + name_len : end]
+            pos = f.align(end, 4)
+        return out
+
+    def _chunks(self, nid: int, i_u: int, size: int, pos: int) -> int:
+        """Check the chunk indexes of a file; return its offset in the tar."""
+        fmt = i_u & 0xFFFF
+        _need(fmt & ~(f.CHUNK_FORMAT_INDEXES | f.CHUNK_FORMAT_BLKBITS_MASK) == 0, "chunk format")
+        _need(bool(fmt & f.CHUNK_FORMAT_INDEXES), f"nid {nid}: block map instead of indexes")
+        bits = fmt & f.CHUNK_FORMAT_BLKBITS_MASK
+        per_chunk = 1 << bits
+        count = -(-size // (per_chunk * f.BLOCK_SIZE))
+        _need(count > 0, f"nid {nid}: chunk-based file of size 0")
+        _need(pos + 8 * count <= len(self.image), f"nid {nid}: chunk indexes outside the image")
+        first = None
+        for i in range(count):
+            hi, device, lo = f.CHUNK_INDEX.unpack_from(self.image, pos + 8 * i)
+            blk = lo | hi << 32
+            _need(device == 1, f"nid {nid}: chunk {i} on device {device}, not the tar")
+            if first is None:
+                first = blk
+            _need(blk == first + i * per_chunk, f"nid {nid}: chunks not contiguous")
+        assert first is not None
+        end = first * f.BLOCK_SIZE + size
+        _need(end <= self.info.tar_blocks * f.BLOCK_SIZE, f"nid {nid}: data beyond the tar")
+        return first * f.BLOCK_SIZE
+
+    def _flat(self, nid: int, layout: int, i_u: int, size: int, tail: int) -> bytes:
+        img = self.image
+        if size == 0:
+            return b""
+        full = size // f.BLOCK_SIZE if layout == f.LAYOUT_FLAT_INLINE else -(-size // 512)
+        inline = size - full * f.BLOCK_SIZE if layout == f.LAYOUT_FLAT_INLINE else 0
+        start = i_u * f.BLOCK_SIZE
+        _need(full == 0 or start + full * 512 <= len(img), f"nid {nid}: data outside the image")
+        _need(
+            tail % f.BLOCK_SIZE + inline <= f.BLOCK_SIZE, f"nid {nid}: inline data crosses a block"
+        )
+        data = img[start : start + min(size, full * f.BLOCK_SIZE)] if full else b""
+        return data + img[tail : tail + inline]
+
+    def _dirents(self, nid: int, data: bytes) -> None:
+        """Decode one directory's blocks; children are filled in by ``walk``."""
+        names: list[tuple[bytes, int, int]] = []
+        for bstart in range(0, len(data), f.BLOCK_SIZE):
+            block = data[bstart : bstart + f.BLOCK_SIZE]
+            _need(len(block) >= f.DIRENT.size, f"nid {nid}: short directory block")
+            first_off = f.DIRENT.unpack_from(block, 0)[1]
+            _need(first_off % f.DIRENT.size == 0 and 0 < first_off < len(block), "nameoff")
+            count = first_off // f.DIRENT.size
+            heads = [f.DIRENT.unpack_from(block, i * f.DIRENT.size) for i in range(count)]
+            for i, (child, off, ftype) in enumerate(heads):
+                end = heads[i + 1][1] if i + 1 < count else len(block)
+                _need(off < end <= len(block), f"nid {nid}: bad name offsets")
+                name = block[off:end]
+                if i + 1 == count:
+                    name = name.split(b"\0", 1)[0]
+                _need(bool(name) and b"/" not in name, f"nid {nid}: bad name {name!r}")
+                names.append((name, child, ftype))
+        order = [n for n, _, _ in names]
+        _need(order == sorted(set(order)), f"nid {nid}: directory entries not sorted or repeated")
+        self.dirents[nid] = names
+
+    def walk(self) -> LayerTree:
+        root_nid = self.info.root_nid
+        root = self.inode(root_nid)
+        _need(root.children is not None, "the root is not a directory")
+        tree = LayerTree()
+        tree.root = root
+        todo = [(root_nid, root_nid)]
+        seen_dirs = set()
+        while todo:
+            nid, parent = todo.pop()
+            _need(nid not in seen_dirs, f"nid {nid}: directory reached twice")
+            seen_dirs.add(nid)
+            node = self.inodes[nid]
+            assert node.children is not None
+            subdirs = 0
+            for name, child_nid, ftype in self.dirents[nid]:
+                if name == b".":
+                    _need(child_nid == nid, f"nid {nid}: '.' points elsewhere")
+                    continue
+                if name == b"..":
+                    _need(child_nid == parent, f"nid {nid}: '..' points elsewhere")
+                    continue
+                child = self.inode(child_nid)
+                _need(ftype == f.file_type(child.mode), f"nid {nid}: {name!r} has a wrong type")
+                node.children[name] = child
+                if child.children is not None:
+                    subdirs += 1
+                    todo.append((child_nid, nid))
+                else:
+                    self.refs[child_nid] = self.refs.get(child_nid, 0) + 1
+            _need(self.nlinks[nid] == 2 + subdirs, f"nid {nid}: directory link count")
+        for child_nid, count in self.refs.items():
+            _need(self.nlinks[child_nid] == count, f"nid {child_nid}: link count")
+        _need(len(self.inodes) == self.info.inodes, "inode count in the superblock")
+        return tree
+
+
+def read_metadata(image: bytes) -> LayerTree:
+    """The tree a metadata image describes, after checking its structure."""
+    try:
+        walker = _Walker(image, read_info(image))
+        return walker.walk()
+    except (IndexError, KeyError, ValueError) as exc:  # struct errors on short data
+        raise ImageCheckError(f"metadata image: malformed ({exc})") from exc

@@ -1,0 +1,273 @@
+"""A tar layer served as one device: ``EROFS metadata || uncompressed tar``.
+
+The kernel mounts that range as EROFS in flat-device mode: the metadata at
+the start, and every file's chunk index pointing into the tar after it.
+
+- Plain tar: the tar part is the blob's own cached chunks.
+- gzip/zstd: the tar part is a blob of its own in the cache, keyed by the
+  diff_id (the sha256 of the uncompressed tar, so sealing it checks exactly
+  that), whose chunks come from ``DecompressedTar``: a miss decompresses the
+  whole span around it once, keeps it, and serves every chunk of that span
+  from it; each span is checked against the digest the indexing pass saw.
+- The metadata image and the span index live in the cache too
+  (``IndexCache``), keyed by blob digest, index format and span, each stored
+  with its sha256 and checked on every load: a damaged one is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from blockstore.cache import CHUNK_SIZE, ChunkStore
+from blockstore.errors import BlobReadError, CacheError, IntegrityError
+from blockstore.export import Buffer
+from blockstore.tarlayer import erofs_format
+from blockstore.tarlayer.layerindex import INDEX_FORMAT, ReadRange, SpanIndex, TarIndex
+
+if TYPE_CHECKING:
+    from blockstore.cache import ChunkStore
+
+log = logging.getLogger(__name__)
+
+_DIGEST = 80  # room for "sha256:" and 64 hex digits in a cached index record
+SPANS_KEPT = 4  # decompressed spans kept in memory: a span's chunks are asked for one by one
+
+
+class RangeReader(Protocol):
+    """What the tar part is read through: an ``Export`` (a cached blob) answers it."""
+
+    @property
+    def size(self) -> int: ...
+
+    def read(self, offset: int, length: int) -> Sequence[Buffer]: ...
+
+    def read_cached(self, offset: int, length: int) -> Sequence[Buffer] | None: ...
+
+    def cache(self, offset: int, length: int) -> None: ...
+
+
+class TarLayerExport:
+    """``metadata || tar`` (padded to 512 bytes) as one read-only byte range."""
+
+    def __init__(
+        self,
+        metadata: bytes,
+        tar: RangeReader,
+        tar_size: int,
+        *,
+        name: str = "",
+        description: str = "",
+    ):
+        self._meta = memoryview(metadata)
+        self._tar = tar
+        self._tar_size = tar_size
+        self._name = name
+        self._description = description
+        self._size = len(metadata) + erofs_format.align(tar_size, erofs_format.BLOCK_SIZE)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def description(self) -> str:
+        return self._description
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def _split(self, offset: int, length: int) -> tuple[list[Buffer], tuple[int, int], int]:
+        """(metadata buffers, tar range, zero padding bytes) of one request."""
+        meta_len = len(self._meta)
+        end = offset + length
+        head = [self._meta[offset : min(end, meta_len)]] if offset < meta_len else []
+        t0 = max(offset, meta_len) - meta_len
+        t1 = min(end - meta_len, self._tar_size) if end > meta_len else 0
+        pad = end - meta_len - max(t1, t0) if end > meta_len + self._tar_size else 0
+        return head, (t0, max(0, t1 - t0)), pad
+
+    def read(self, offset: int, length: int) -> list[Buffer]:
+        head, (t0, tn), pad = self._split(offset, length)
+        out = head + (list(self._tar.read(t0, tn)) if tn else [])
+        if pad:
+            out.append(bytes(pad))
+        return out
+
+    def read_cached(self, offset: int, length: int) -> list[Buffer] | None:
+        head, (t0, tn), pad = self._split(offset, length)
+        tail: Sequence[Buffer] = []
+        if tn:
+            got = self._tar.read_cached(t0, tn)
+            if got is None:
+                return None
+            tail = got
+        return head + list(tail) + ([bytes(pad)] if pad else [])
+
+    def cache(self, offset: int, length: int) -> None:
+        _, (t0, tn), _ = self._split(offset, length)
+        if tn:
+            self._tar.cache(t0, tn)
+
+
+class DecompressedTar:
+    """The uncompressed tar of a gzip/zstd blob as a ``BlobSource``, span by span."""
+
+    def __init__(
+        self,
+        spans: SpanIndex,
+        read_compressed: ReadRange,
+        digest: str,
+        keep: Callable[[int, bytes], None] | None = None,
+    ):
+        """``keep(offset, data)`` is given each span decompressed, to cache all of it."""
+        self._spans = spans
+        self._keep = keep
+        self._read_compressed = read_compressed
+        self._digest = digest
+        self._kept: OrderedDict[int, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+        self._span_locks: dict[int, threading.Lock] = {}
+        self.decompressions: Counter[int] = Counter()  # span index -> times decompressed
+
+    @property
+    def digest(self) -> str:
+        return self._digest
+
+    @property
+    def size(self) -> int:
+        return self._spans.uncompressed_size
+
+    def _span(self, index: int) -> bytes:
+        with self._lock:
+            data = self._kept.get(index)
+            if data is not None:
+                self._kept.move_to_end(index)
+                return data
+            span_lock = self._span_locks.setdefault(index, threading.Lock())
+        with span_lock:  # one decompression per span, however many readers wait on it
+            with self._lock:
+                data = self._kept.get(index)
+            if data is None:
+                try:
+                    data = self._spans.decompress(index, self._read_compressed)
+                except IntegrityError as exc:
+                    raise BlobReadError(f"{self._digest}: {exc}") from exc
+                self.decompressions[index] += 1
+                if self._keep is not None:
+                    self._keep(self._spans.bounds(index)[0], data)
+            with self._lock:
+                self._kept[index] = data
+                self._kept.move_to_end(index)
+                while len(self._kept) > SPANS_KEPT:
+                    self._kept.popitem(last=False)
+        return data
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
+        parts = []
+        pos = offset
+        while pos < end:
+            index = self._spans.span_of(pos)
+            start, stop = self._spans.bounds(index)
+            data = self._span(index)
+            parts.append(data[pos - start : min(stop, end) - start])
+            pos = min(stop, end)
+        return b"".join(parts)
+
+
+def span_filler(store: ChunkStore, digest: str, size: int) -> Callable[[int, bytes], None]:
+    """Store every whole chunk of a decompressed span, so a later miss in the same span
+    is a cache hit instead of another decompression. The two chunks a span shares with
+    its neighbours are left to the reads that need them."""
+
+    def keep(offset: int, data: bytes) -> None:
+        end = offset + len(data)
+        first = -(-offset // CHUNK_SIZE)
+        stop = size if end == size else end // CHUNK_SIZE * CHUNK_SIZE
+        if stop <= first * CHUNK_SIZE:
+            return
+        view = memoryview(data)
+        chunks = [
+            view[pos - offset : min(pos + CHUNK_SIZE, stop) - offset]
+            for pos in range(first * CHUNK_SIZE, stop, CHUNK_SIZE)
+        ]
+        try:
+            store.store_chunks(digest, size, first, chunks)
+        except (CacheError, IntegrityError) as exc:  # costs only the caching
+            log.warning("%s: span at %d not cached: %s", digest, offset, exc)
+
+    return keep
+
+
+class KeyValueStore(Protocol):
+    """Somewhere durable for named byte strings (the cache's image records answer it)."""
+
+    def put_manifest(self, digest: str, raw: bytes) -> None: ...
+
+    def manifest(self, digest: str) -> bytes | None: ...
+
+
+class IndexCache:
+    """Metadata images and span indexes kept in the cache, checked on every load."""
+
+    def __init__(self, store: ChunkStore):
+        self._store: KeyValueStore = store.images
+
+    @staticmethod
+    def _key(blob_digest: str, span: int, part: str) -> str:
+        return f"tarlayer/v{INDEX_FORMAT}/span{span}/{blob_digest}/{part}"
+
+    def _put(self, key: str, data: bytes) -> None:
+        self._store.put_manifest(key, hashlib.sha256(data).digest() + data)
+
+    def _get(self, key: str) -> bytes | None:
+        raw = self._store.manifest(key)
+        if raw is None:
+            return None
+        data = raw[32:]
+        if hashlib.sha256(data).digest() != raw[:32]:
+            log.warning("cached %s does not match its checksum: building it again", key)
+            return None
+        return data
+
+    def save(self, blob_digest: str, span: int, index: TarIndex) -> None:
+        if index.spans is not None:
+            self._put(self._key(blob_digest, span, "spans"), index.spans.to_bytes())
+        head = index.tar_size.to_bytes(8, "little") + index.tar_digest.encode().ljust(
+            _DIGEST, b"\0"
+        )
+        self._put(self._key(blob_digest, span, "meta"), head + index.metadata)
+
+    def load(self, blob_digest: str, span: int, compressed: bool) -> TarIndex | None:
+        """The cached index, or None if absent or damaged (then it is built again)."""
+        meta = self._get(self._key(blob_digest, span, "meta"))
+        if meta is None:
+            return None
+        spans = None
+        if compressed:
+            raw = self._get(self._key(blob_digest, span, "spans"))
+            if raw is None:
+                return None
+            try:
+                spans = SpanIndex.from_bytes(raw)
+            except IntegrityError:
+                return None
+        tar_digest = meta[8 : 8 + _DIGEST].rstrip(b"\0").decode()
+        return TarIndex(meta[8 + _DIGEST :], int.from_bytes(meta[:8], "little"), spans, tar_digest)
+
+
+def cached_or_built(
+    cache: IndexCache, blob_digest: str, span: int, compressed: bool, build: Callable[[], TarIndex]
+) -> TarIndex:
+    """The layer's index from the cache, or built now and stored for next time."""
+    index = cache.load(blob_digest, span, compressed)
+    if index is None:
+        index = build()
+        cache.save(blob_digest, span, index)
+    return index

@@ -1,0 +1,236 @@
+"""Checkpoints into a gzip stream ("zinfo"), built in one pass, used for random access.
+
+A gzip stream can only be decompressed from its start, unless the decoder's
+state at some point is saved: the compressed offset, the number of unused
+bits in the byte before it, and the last 32 KiB of output. Saving that at a
+deflate block boundary every ``span`` bytes of output lets any byte be had by
+decompressing at most one span.
+
+The file format is SOCI's zinfo version 2, which erofs-utils also reads and
+writes: a 12-byte header (u32 checkpoint count, u64 span) and per checkpoint
+u64 compressed offset, u64 uncompressed offset, u8 bits, 32768-byte window,
+all little-endian, with no padding.
+
+``GzipIndexer`` is the one pass: a readable stream of the uncompressed bytes
+(the tar walker reads it), which records checkpoints as it goes and hashes
+both sides, so the blob digest and the diff_id are checked on the same bytes
+the index was built from. It also keeps the sha256 of each span's output:
+raw deflate has no checksum of its own, so a span decompressed later from
+bytes fetched again is checked against what the verified pass saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO
+
+from blockstore.errors import IntegrityError
+from blockstore.tarlayer.zlib_inflate import GZIP, RAW, Z_BLOCK, Z_STREAM_END, Inflater
+
+WINDOW = 32768
+DEFAULT_SPAN = 4 << 20
+HEADER = struct.Struct("<IQ")
+POINT = struct.Struct("<QQB")
+POINT_SIZE = POINT.size + WINDOW
+_READ_SIZE = 1 << 20
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    compressed: int  # offset of the first byte not yet consumed
+    uncompressed: int
+    bits: int  # unused bits of the byte before ``compressed`` (0-7)
+    window: bytes  # the 32 KiB of output before ``uncompressed``
+
+
+@dataclass(frozen=True)
+class Zinfo:
+    """The checkpoints of one gzip blob, ``span`` bytes of output apart (at least)."""
+
+    span: int
+    checkpoints: tuple[Checkpoint, ...]
+
+    def to_bytes(self) -> bytes:
+        parts = [HEADER.pack(len(self.checkpoints), self.span)]
+        for c in self.checkpoints:
+            parts.append(POINT.pack(c.compressed, c.uncompressed, c.bits))
+            parts.append(c.window)
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Zinfo:
+        """Parse and check a zinfo file; a malformed one is an IntegrityError."""
+        if len(data) < HEADER.size:
+            raise IntegrityError("zinfo: shorter than its header")
+        count, span = HEADER.unpack_from(data, 0)
+        if len(data) != HEADER.size + count * POINT_SIZE or count == 0:
+            raise IntegrityError(f"zinfo: {len(data)} bytes do not hold {count} checkpoints")
+        points = []
+        pos = HEADER.size
+        for _ in range(count):
+            comp, uncomp, bits = POINT.unpack_from(data, pos)
+            window = data[pos + POINT.size : pos + POINT_SIZE]
+            if bits > 7 or (
+                points and (comp, uncomp) <= (points[-1].compressed, points[-1].uncompressed)
+            ):
+                raise IntegrityError("zinfo: checkpoints out of order or malformed")
+            points.append(Checkpoint(comp, uncomp, bits, window))
+            pos += POINT_SIZE
+        return cls(span, tuple(points))
+
+    def span_of(self, offset: int) -> int:
+        """Index of the last checkpoint at or before uncompressed ``offset``."""
+        lo, hi = 0, len(self.checkpoints) - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.checkpoints[mid].uncompressed <= offset:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+
+class GzipIndexer(io.RawIOBase):
+    """The uncompressed bytes of a gzip blob read once, recording checkpoints."""
+
+    def __init__(self, source: IO[bytes], span: int = DEFAULT_SPAN):
+        self._source = source
+        self._span = span
+        self._inflater = Inflater(GZIP)
+        self._pending = memoryview(b"")
+        self._recent = bytearray()
+        self._consumed_before_input = 0  # compressed bytes handed in before the current input
+        self._input_len = 0
+        self._out = 0
+        self._at_member_start = True
+        self._eof = False
+        self._points: list[Checkpoint] = []
+        self.blob_sha256 = hashlib.sha256()
+        self.tar_sha256 = hashlib.sha256()
+        self._span_sha256 = hashlib.sha256()
+        self.span_digests: list[bytes] = []  # sha256 of each span's output, in order
+        self.compressed_size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        while not self._pending and not self._eof:
+            self._step()
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def _refill(self) -> bool:
+        data = self._source.read(_READ_SIZE)
+        if not data:
+            return False
+        self.blob_sha256.update(data)
+        self.compressed_size += len(data)
+        self._consumed_before_input += self._input_len
+        self._input_len = len(data)
+        self._inflater.feed(data)
+        return True
+
+    def _step(self) -> None:
+        inf = self._inflater
+        if inf.avail_in == 0 and not self._refill():
+            if not self._at_member_start or self._out == 0:
+                raise IntegrityError("gzip stream ends early")
+            self._eof = True
+            return
+        out, rc = inf.inflate(1 << 16, Z_BLOCK)
+        if out:
+            self._out += len(out)
+            self.tar_sha256.update(out)
+            self._span_sha256.update(out)
+            self._recent += out
+            if len(self._recent) > 2 * WINDOW:
+                del self._recent[: len(self._recent) - WINDOW]
+            self._pending = memoryview(out)
+        if rc == Z_STREAM_END:
+            # Another gzip member may follow (concatenated streams, as pigz and
+            # stargz write); trailing zeros after the last one are tolerated, as gzip does.
+            self._at_member_start = True
+            rest = self._rest_of_input()
+            while not rest.strip(b"\0"):
+                if not self._refill():
+                    self._eof = True
+                    return
+                rest = self._rest_of_input()
+            inf.reset(GZIP)
+            inf.feed(rest)
+            self._consumed_before_input += self._input_len - len(rest)
+            self._input_len = len(rest)
+            return
+        dt = inf.data_type
+        if dt & 128 and not dt & 64:
+            last = self._points[-1].uncompressed if self._points else 0
+            if self._at_member_start or self._out - last > self._span:
+                self._checkpoint(dt & 7)
+            self._at_member_start = False
+
+    def _rest_of_input(self) -> bytes:
+        return self._inflater.unconsumed()
+
+    def _checkpoint(self, bits: int) -> None:
+        window = bytes(self._recent[-WINDOW:])
+        window = b"\0" * (WINDOW - len(window)) + window
+        consumed = self._consumed_before_input + self._input_len - self._inflater.avail_in
+        if self._points:
+            self.span_digests.append(self._span_sha256.digest())
+        self._span_sha256 = hashlib.sha256()
+        self._points.append(Checkpoint(consumed, self._out, bits, window))
+
+    def finish(self) -> tuple[Zinfo, int]:
+        """Read to the end; return the checkpoints and the uncompressed size."""
+        while not self._eof:
+            self._step()
+        self._pending = memoryview(b"")
+        if not self._points:
+            raise IntegrityError("gzip stream has no deflate blocks")
+        if len(self.span_digests) < len(self._points):
+            self.span_digests.append(self._span_sha256.digest())
+        return Zinfo(self._span, tuple(self._points)), self._out
+
+
+def read_span(
+    read_compressed: Callable[[int, int], bytes],
+    compressed_size: int,
+    zinfo: Zinfo,
+    index: int,
+    length: int,
+) -> bytes:
+    """``length`` uncompressed bytes from checkpoint ``index``, decompressing once.
+
+    Reads the compressed bytes from the checkpoint to the next one (or to the
+    end). A span never crosses a gzip member's end: each member starts with a
+    checkpoint of its own.
+    """
+    point = zinfo.checkpoints[index]
+    start = point.compressed - (1 if point.bits else 0)
+    if index + 1 < len(zinfo.checkpoints):
+        end = zinfo.checkpoints[index + 1].compressed + 1
+    else:
+        end = compressed_size
+    data = read_compressed(start, min(end, compressed_size) - start)
+    inf = Inflater(RAW)
+    if point.bits:
+        inf.prime(point.bits, data[0] >> (8 - point.bits))
+        data = data[1:]
+    inf.set_dictionary(point.window)
+    inf.feed(data)
+    parts: list[bytes] = []
+    got = 0
+    while got < length:
+        out, rc = inf.inflate(length - got)
+        parts.append(out)
+        got += len(out)
+        if got < length and (rc == Z_STREAM_END or (not out and inf.avail_in == 0)):
+            raise IntegrityError("gzip span ends before its checkpointed length")
+    return b"".join(parts)

@@ -1,0 +1,191 @@
+"""Index a tar layer: its EROFS metadata, and for compressed layers its restart points.
+
+A plain tar is indexed by walking its headers with range reads: no file data
+is fetched. A gzip or zstd layer is read once, start to end: the tar walker
+reads the decompressed stream while the checkpoints (or frame starts) are
+recorded and both digests are computed; the index is kept only if the blob's
+digest and the tar's diff_id match, so it is built from verified bytes only.
+
+``SpanIndex`` then turns any uncompressed offset into a span that can be
+decompressed on its own, and checks each decompressed span against the
+sha256 the verified pass recorded for it, so no later fetch can make it
+serve a wrong byte.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import struct
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import IO
+
+from blockstore.errors import IntegrityError
+from blockstore.tarlayer.erofs_writer import write_metadata
+from blockstore.tarlayer.gzindex import DEFAULT_SPAN, GzipIndexer, Zinfo, read_span
+from blockstore.tarlayer.tarwalk import RangeFile, entry_of, walk_tar
+from blockstore.tarlayer.tree import TarLayerError, build_tree
+from blockstore.tarlayer.zstdframes import ZstdIndexer, decode_frames
+
+INDEX_FORMAT = 1  # bump when the metadata image or the span index changes shape
+GZIP, ZSTD = "gzip", "zstd"
+_KIND_CODES = {GZIP: 1, ZSTD: 2}
+_MAGIC = b"BSSPANS\x01"
+_HEAD = struct.Struct("<8sBQQQI")  # magic, kind, span, compressed, uncompressed, count
+_POINT = struct.Struct("<QQ32s")  # compressed offset, uncompressed offset, sha256 of the span
+
+ReadRange = Callable[[int, int], bytes]
+
+
+@dataclass(frozen=True)
+class SpanIndex:
+    """Restart points into a compressed tar, with each span's verified sha256."""
+
+    kind: str
+    span: int
+    compressed_size: int
+    uncompressed_size: int
+    points: tuple[tuple[int, int], ...]  # (compressed, uncompressed) offsets
+    digests: tuple[bytes, ...] | None  # None: a zinfo from elsewhere, spans unchecked
+    zinfo: Zinfo | None = None  # gzip: the windows to resume from
+
+    @cached_property
+    def starts(self) -> list[int]:
+        return [u for _, u in self.points]
+
+    def span_of(self, offset: int) -> int:
+        return bisect.bisect_right(self.starts, offset) - 1
+
+    def bounds(self, index: int) -> tuple[int, int]:
+        start = self.points[index][1]
+        end = self.points[index + 1][1] if index + 1 < len(self.points) else self.uncompressed_size
+        return start, end
+
+    def decompress(self, index: int, read_compressed: ReadRange) -> bytes:
+        """The uncompressed bytes of span ``index``, checked against the verified pass."""
+        start, end = self.bounds(index)
+        if self.kind == GZIP:
+            assert self.zinfo is not None
+            data = read_span(read_compressed, self.compressed_size, self.zinfo, index, end - start)
+        else:
+            comp = self.points[index][0]
+            comp_end = (
+                self.points[index + 1][0] if index + 1 < len(self.points) else self.compressed_size
+            )
+            data = decode_frames(read_compressed(comp, comp_end - comp))
+        if len(data) != end - start or (
+            self.digests is not None and hashlib.sha256(data).digest() != self.digests[index]
+        ):
+            raise IntegrityError(
+                f"{self.kind} span {index} (bytes {start}-{end} of the tar) does not match"
+                " the digest recorded when the layer was indexed"
+            )
+        return data
+
+    def to_bytes(self) -> bytes:
+        assert self.digests is not None, "only an index built here is stored"
+        parts = [
+            _HEAD.pack(
+                _MAGIC,
+                _KIND_CODES[self.kind],
+                self.span,
+                self.compressed_size,
+                self.uncompressed_size,
+                len(self.points),
+            )
+        ]
+        parts += [_POINT.pack(c, u, d) for (c, u), d in zip(self.points, self.digests, strict=True)]
+        if self.zinfo is not None:
+            parts.append(self.zinfo.to_bytes())
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SpanIndex:
+        if len(data) < _HEAD.size:
+            raise IntegrityError("span index: truncated")
+        magic, code, span, csize, usize, count = _HEAD.unpack_from(data, 0)
+        kinds = {v: k for k, v in _KIND_CODES.items()}
+        if magic != _MAGIC or code not in kinds:
+            raise IntegrityError("span index: not this format or version")
+        pos = _HEAD.size
+        if len(data) < pos + count * _POINT.size or count == 0:
+            raise IntegrityError("span index: truncated")
+        points, digests = [], []
+        for _ in range(count):
+            c, u, d = _POINT.unpack_from(data, pos)
+            points.append((c, u))
+            digests.append(d)
+            pos += _POINT.size
+        zinfo = Zinfo.from_bytes(data[pos:]) if kinds[code] == GZIP else None
+        if zinfo is None and pos != len(data):
+            raise IntegrityError("span index: trailing bytes")
+        if zinfo is not None and [(p.compressed, p.uncompressed) for p in zinfo.checkpoints] != (
+            points
+        ):
+            raise IntegrityError("span index: checkpoints disagree")
+        if points != sorted(points) or points[-1][1] > usize:
+            raise IntegrityError("span index: points out of order")
+        return cls(kinds[code], span, csize, usize, tuple(points), tuple(digests), zinfo)
+
+
+@dataclass(frozen=True)
+class TarIndex:
+    """What serving a tar layer needs: the metadata image and, if compressed, the spans."""
+
+    metadata: bytes
+    tar_size: int
+    spans: SpanIndex | None
+    tar_digest: str  # sha256 of the uncompressed tar (the diff_id): its cache key
+
+
+def index_plain_tar(read_range: ReadRange, size: int, blob_digest: str) -> TarIndex:
+    """Index an uncompressed tar blob by reading its headers only."""
+    tree = build_tree(walk_tar(RangeFile(read_range, size)))
+    return TarIndex(write_metadata(tree, size), size, None, blob_digest)
+
+
+def _check(what: str, expected: str | None, actual: str) -> None:
+    if expected is not None and expected != actual:
+        raise IntegrityError(f"{what} is {actual}, expected {expected}: not indexed")
+
+
+def index_compressed_tar(
+    source: IO[bytes],
+    kind: str,
+    *,
+    blob_digest: str | None,
+    diff_id: str | None,
+    span: int = DEFAULT_SPAN,
+) -> TarIndex:
+    """Read a gzip or zstd layer once; index it if both digests match."""
+    indexer: GzipIndexer | ZstdIndexer
+    indexer = GzipIndexer(source, span) if kind == GZIP else ZstdIndexer(source, span)
+    try:
+        with tarfile.open(
+            fileobj=indexer, mode="r|", encoding="utf-8", errors="surrogateescape"
+        ) as archive:
+            tree = build_tree(entry_of(member) for member in archive)
+    except tarfile.TarError as exc:
+        raise TarLayerError(f"not a readable tar stream: {exc}") from exc
+    if isinstance(indexer, GzipIndexer):
+        zinfo, size = indexer.finish()
+        points = tuple((c.compressed, c.uncompressed) for c in zinfo.checkpoints)
+    else:
+        zinfo, size = None, indexer.finish()
+        points = tuple(indexer.points)
+    _check("the blob's digest", blob_digest, "sha256:" + indexer.blob_sha256.hexdigest())
+    tar_digest = "sha256:" + indexer.tar_sha256.hexdigest()
+    _check("the tar's diff_id", diff_id, tar_digest)
+    spans = SpanIndex(
+        kind,
+        span,
+        indexer.compressed_size,
+        size,
+        points,
+        tuple(indexer.span_digests),
+        zinfo,
+    )
+    return TarIndex(write_metadata(tree, size), size, spans, tar_digest)

@@ -1,0 +1,229 @@
+"""Open one image layer of a tar kind as a mountable export.
+
+The layer kind comes from its media type. For a tar layer, the index comes
+from the cache, from local files the user named (erofs-utils' ``oci.tarindex``
+and ``oci.zinfo``), or is built now; then ``metadata || tar`` is served, the
+tar part from the blob's own chunks (plain tar) or from span decompression
+cached under the diff_id (gzip, zstd).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from blockstore.cache import CachedBlob, ChunkStore
+from blockstore.errors import IntegrityError, NotCached, UsageError
+from blockstore.export import Buffer
+from blockstore.registry import RegistryClient
+from blockstore.registry.manifests import digest_of
+from blockstore.source import BlobSource
+from blockstore.tarlayer.erofs_reader import read_info
+from blockstore.tarlayer.export import (
+    DecompressedTar,
+    IndexCache,
+    TarLayerExport,
+    cached_or_built,
+    span_filler,
+)
+from blockstore.tarlayer.gzindex import DEFAULT_SPAN, Zinfo
+from blockstore.tarlayer.layerindex import (
+    GZIP,
+    ZSTD,
+    SpanIndex,
+    TarIndex,
+    index_compressed_tar,
+    index_plain_tar,
+)
+from blockstore.tarlayer.tarwalk import RangeFile
+
+log = logging.getLogger(__name__)
+
+TAR = "tar"
+_OCI = "application/vnd.oci.image.layer."
+_DOCKER = "application/vnd.docker.image.rootfs."
+LAYER_KINDS = {
+    _OCI + "v1.tar": TAR,
+    _OCI + "v1.tar+gzip": GZIP,
+    _OCI + "v1.tar+zstd": ZSTD,
+    _OCI + "nondistributable.v1.tar": TAR,
+    _OCI + "nondistributable.v1.tar+gzip": GZIP,
+    _OCI + "nondistributable.v1.tar+zstd": ZSTD,
+    _DOCKER + "diff.tar": TAR,
+    _DOCKER + "diff.tar.gzip": GZIP,
+    _DOCKER + "foreign.diff.tar": TAR,
+    _DOCKER + "foreign.diff.tar.gzip": GZIP,
+}
+
+
+def layer_kind(media_type: str) -> str | None:
+    """``tar``, ``gzip`` or ``zstd`` for a tar layer; None for anything served as is."""
+    return LAYER_KINDS.get(media_type)
+
+
+class LayerBlob(Protocol):
+    """The layer's blob read through the cache (a ``CachedBlob``)."""
+
+    @property
+    def digest(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    def read(self, offset: int, length: int) -> list[Buffer]: ...
+
+    def read_cached(self, offset: int, length: int) -> list[Buffer] | None: ...
+
+    def cache(self, offset: int, length: int) -> None: ...
+
+    def prefetch(self, progress: Callable[[int], None] | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TarLayer(TarLayerExport):
+    """A tar layer's export, with the blob-like verbs ``prefetch`` and ``close``."""
+
+    def __init__(self, index: TarIndex, tar: LayerBlob, owned: list[LayerBlob], **names: str):
+        super().__init__(index.metadata, tar, index.tar_size, **names)
+        self.index = index
+        self._tar_blob = tar
+        self._owned = owned
+
+    @property
+    def digest(self) -> str:
+        """The tar part's cache key: the blob digest (plain tar) or the diff_id."""
+        return self._tar_blob.digest
+
+    @property
+    def tar_size(self) -> int:
+        return self.index.tar_size
+
+    def prefetch(self, progress: Callable[[int], None] | None = None) -> None:
+        """Fill the tar part whole, check it against its digest (the diff_id) and seal it."""
+        self._tar_blob.prefetch(progress)
+
+    def close(self) -> None:
+        for blob in self._owned:
+            blob.close()
+
+
+def _read_all(blob: LayerBlob) -> Callable[[int, int], bytes]:
+    def read(offset: int, length: int) -> bytes:
+        return b"".join(bytes(b) for b in blob.read(offset, length))
+
+    return read
+
+
+def local_index(
+    tarindex: Path, zinfo: Path | None, blob: LayerBlob, kind: str, diff_id: str | None
+) -> TarIndex:
+    """An index from files the user named: an erofs-utils tar index, and its zinfo.
+
+    The metadata image's superblock and device slot are checked; the rest is
+    the user's to vouch for (the kernel parses it). A zinfo carries no span
+    digests, so spans read through it are not checked against anything
+    until the whole tar is sealed against the diff_id.
+    """
+    metadata = tarindex.read_bytes()
+    try:
+        info = read_info(metadata)
+    except IntegrityError as exc:
+        raise UsageError(f"oci.tarindex={tarindex}: {exc}") from exc
+    tar_size = info.tar_blocks * 512
+    if kind == TAR:
+        return TarIndex(metadata, tar_size, None, blob.digest)
+    if kind != GZIP or zinfo is None:
+        raise UsageError(f"oci.tarindex for a {kind} layer needs oci.zinfo (gzip layers only)")
+    if diff_id is None:
+        raise UsageError("oci.zinfo needs the layer's diff_id from the image config")
+    parsed = Zinfo.from_bytes(zinfo.read_bytes())
+    points = tuple((c.compressed, c.uncompressed) for c in parsed.checkpoints)
+    spans = SpanIndex(GZIP, parsed.span, blob.size, tar_size, points, None, parsed)
+    return TarIndex(metadata, tar_size, spans, diff_id)
+
+
+def open_tar_layer(
+    store: ChunkStore,
+    blob: CachedBlob,
+    kind: str,
+    *,
+    online: bool,
+    diff_id: Callable[[], str | None],
+    span: int = DEFAULT_SPAN,
+    tarindex: Path | None = None,
+    zinfo: Path | None = None,
+    name: str = "",
+    description: str = "",
+) -> TarLayer:
+    """The export of one tar layer, its index taken from the cache or built now.
+
+    ``diff_id`` is asked only when an index must be built (it may fetch the
+    image config). Offline, a layer never indexed fails with ``NotCached``.
+    """
+    read = _read_all(blob)
+    if tarindex is not None:
+        index = local_index(tarindex, zinfo, blob, kind, diff_id() if zinfo else None)
+    else:
+
+        def build() -> TarIndex:
+            if not online:
+                raise NotCached(
+                    f"{blob.digest}: this tar layer was never indexed; needs the registry"
+                )
+            if kind == TAR:
+                return index_plain_tar(read, blob.size, blob.digest)
+            log.info("%s: reading the %s layer once to index it", blob.digest, kind)
+            return index_compressed_tar(
+                RangeFile(read, blob.size),
+                kind,
+                blob_digest=blob.digest,
+                diff_id=diff_id(),
+                span=span,
+            )
+
+        index = cached_or_built(IndexCache(store), blob.digest, span, kind != TAR, build)
+    if index.spans is None:
+        return TarLayer(index, blob, [blob], name=name, description=description)
+    if len(index.spans.points) == 1:
+        log.info(
+            "%s: one %s frame, no restart point inside it: the first read decompresses the "
+            "whole layer once into the cache",
+            blob.digest,
+            kind,
+        )
+    fill = span_filler(store, index.tar_digest, index.tar_size)
+    source: BlobSource | None = DecompressedTar(index.spans, read, index.tar_digest, fill)
+    tar_blob = CachedBlob(
+        store,
+        index.tar_digest,
+        index.tar_size,
+        source,
+        name=name,
+        description=f"{description} (uncompressed)",
+    )
+    return TarLayer(index, tar_blob, [tar_blob, blob], name=name, description=description)
+
+
+def image_diff_ids(client: RegistryClient, repository: str, manifest: bytes) -> list[str]:
+    """The ``rootfs.diff_ids`` of the config a manifest names, its bytes checked first.
+
+    They name each layer's uncompressed tar; an index is built only from a
+    layer whose tar hashes to its diff_id. A config without them gives [].
+    """
+    try:
+        config_digest = json.loads(manifest)["config"]["digest"]
+        algorithm = config_digest.partition(":")[0]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return []
+    config = client.get_blob(repository, config_digest)
+    if digest_of(config, algorithm) != config_digest:
+        raise IntegrityError(f"config {config_digest} of {repository} has other bytes, refused")
+    try:
+        ids = json.loads(config)["rootfs"]["diff_ids"]
+    except (ValueError, KeyError, TypeError):
+        return []
+    return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []

@@ -1,0 +1,140 @@
+"""Read the member list of an uncompressed tar: names, metadata, data offsets.
+
+``tarfile`` does the header parsing (ustar, GNU long names, PAX); this module
+turns its members into ``TarEntry`` records, maps PAX xattr records to xattrs
+and refuses what an image cannot hold (GNU sparse files, volume headers),
+naming the entry. Over a seekable file, ``tarfile`` seeks past member data, so
+``RangeFile`` over a blob reads the 512-byte headers and nothing else.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import stat
+import tarfile
+import urllib.parse
+from collections.abc import Callable, Iterator
+from typing import IO
+
+from blockstore.tarlayer.tree import TarEntry, TarLayerError
+
+_KINDS = {
+    tarfile.REGTYPE: stat.S_IFREG,
+    tarfile.AREGTYPE: stat.S_IFREG,
+    tarfile.CONTTYPE: stat.S_IFREG,
+    tarfile.DIRTYPE: stat.S_IFDIR,
+    tarfile.SYMTYPE: stat.S_IFLNK,
+    tarfile.CHRTYPE: stat.S_IFCHR,
+    tarfile.BLKTYPE: stat.S_IFBLK,
+    tarfile.FIFOTYPE: stat.S_IFIFO,
+    tarfile.LNKTYPE: stat.S_IFREG,
+}
+
+
+class RangeFile(io.RawIOBase):
+    """A seekable read-only file over ``read_range(offset, length)``."""
+
+    def __init__(self, read_range: Callable[[int, int], bytes], size: int):
+        self._read_range = read_range
+        self._size = size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        want = min(len(buffer), self._size - self._pos)
+        if want <= 0:
+            return 0
+        data = self._read_range(self._pos, want)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def _show(name: str) -> str:
+    return repr(os.fsencode(name).decode("utf-8", "backslashreplace"))
+
+
+def _xattrs(member: tarfile.TarInfo) -> tuple[tuple[bytes, bytes], ...]:
+    """Xattrs from PAX records: GNU tar/star's SCHILY.xattr.* and libarchive's."""
+    found: dict[bytes, bytes] = {}
+    for key, value in member.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            name = key[len("SCHILY.xattr.") :].encode("utf-8", "surrogateescape")
+            found[name] = value.encode("utf-8", "surrogateescape")
+        elif key.startswith("LIBARCHIVE.xattr."):
+            name = urllib.parse.unquote_to_bytes(key[len("LIBARCHIVE.xattr.") :])
+            try:
+                found[name] = base64.b64decode(value, validate=False)
+            except ValueError as exc:
+                raise TarLayerError(f"tar entry {_show(member.name)}: bad xattr {key}") from exc
+        elif key.startswith("SCHILY.acl.") or key.startswith("GNU.sparse."):
+            raise TarLayerError(
+                f"tar entry {_show(member.name)}: PAX record {key} cannot be represented"
+            )
+    return tuple(sorted(found.items()))
+
+
+def _mtime(member: tarfile.TarInfo) -> tuple[int, int]:
+    raw = member.pax_headers.get("mtime")
+    if raw is None:
+        return int(member.mtime), 0
+    whole, _, frac = raw.partition(".")
+    seconds = int(whole)
+    nanos = int((frac + "000000000")[:9]) if frac else 0
+    if raw.startswith("-") and nanos:
+        seconds, nanos = seconds - 1, 1_000_000_000 - nanos
+    return seconds, nanos
+
+
+def entry_of(member: tarfile.TarInfo) -> TarEntry:
+    """The ``TarEntry`` of one tarfile member, or an error naming it."""
+    if member.sparse is not None or member.type == tarfile.GNUTYPE_SPARSE:
+        raise TarLayerError(f"tar entry {_show(member.name)}: GNU sparse files are not supported")
+    kind = _KINDS.get(member.type)
+    if kind is None:
+        raise TarLayerError(
+            f"tar entry {_show(member.name)}: entry type {member.type!r} cannot be represented"
+        )
+    seconds, nanos = _mtime(member)
+    return TarEntry(
+        path=os.fsencode(member.name),
+        mode=kind | stat.S_IMODE(member.mode),
+        uid=member.uid,
+        gid=member.gid,
+        mtime=seconds,
+        mtime_ns=nanos,
+        size=member.size if kind == stat.S_IFREG and not member.islnk() else 0,
+        data_offset=member.offset_data,
+        link=os.fsencode(member.linkname),
+        hardlink=member.islnk(),
+        rdev_major=member.devmajor,
+        rdev_minor=member.devminor,
+        xattrs=_xattrs(member),
+    )
+
+
+def walk_tar(fileobj: IO[bytes]) -> Iterator[TarEntry]:
+    """Every member of an uncompressed tar stream, in order."""
+    try:
+        with tarfile.open(
+            fileobj=fileobj, mode="r:", encoding="utf-8", errors="surrogateescape"
+        ) as archive:
+            for member in archive:
+                yield entry_of(member)
+    except tarfile.TarError as exc:
+        raise TarLayerError(f"not a readable tar stream: {exc}") from exc

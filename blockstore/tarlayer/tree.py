@@ -1,0 +1,219 @@
+"""The filesystem tree a tar layer describes, as tar extraction would leave it.
+
+A tar stream is a log, not a tree: a path may appear several times (the last
+entry wins, as when extracting), a hard link names a file written earlier,
+parent directories may be missing, and OCI whiteouts (``.wh.NAME``,
+``.wh..wh..opq``) are instructions for the layers below. ``build_tree`` replays
+that log into inodes and directories once, so the image writer only has to lay
+out a finished tree, and a test can compare two trees.
+
+Whiteouts become what overlayfs understands: a 0/0 character device in place
+of ``.wh.NAME``, and ``trusted.overlay.opaque=y`` on a directory that held
+``.wh..wh..opq``. A directory holding a whiteout also gets an empty
+``trusted.overlay.origin``, so overlayfs filters its listing even when no lower
+layer has that directory (otherwise it lists such a directory directly and the
+whiteouts would show).
+"""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from blockstore.errors import BlockstoreError
+
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+OPAQUE_XATTR = b"trusted.overlay.opaque"
+ORIGIN_XATTR = b"trusted.overlay.origin"
+
+
+class TarLayerError(BlockstoreError):
+    """A tar layer holds something a filesystem image cannot represent."""
+
+    exit_code = 6
+
+
+@dataclass(frozen=True)
+class TarEntry:
+    """One member of a tar stream, with the byte offset of its data."""
+
+    path: bytes
+    mode: int  # full st_mode: file type and permission bits
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
+    mtime_ns: int = 0  # nanoseconds part, from a PAX mtime
+    size: int = 0
+    data_offset: int = 0  # where the file's bytes start in the uncompressed tar
+    link: bytes = b""  # symlink target, or the hard-link target's path
+    hardlink: bool = False
+    rdev_major: int = 0
+    rdev_minor: int = 0
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()
+
+
+@dataclass(eq=False)
+class Inode:
+    """A file, directory, symlink or device node: what a dirent points at."""
+
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
+    mtime_ns: int = 0
+    size: int = 0
+    data_offset: int = 0
+    target: bytes = b""  # symlink target
+    rdev_major: int = 0
+    rdev_minor: int = 0
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    children: dict[bytes, Inode] | None = None  # directories only
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+def new_directory(mode: int = 0o755) -> Inode:
+    return Inode(mode=stat.S_IFDIR | (mode & 0o7777), children={})
+
+
+def split_path(raw: bytes) -> list[bytes]:
+    """Path components of a tar member name, or an error for unsafe names.
+
+    ``./a//b/`` is ``a/b``; ``/a`` is ``a`` (tar strips leading slashes too);
+    ``..`` could point outside the layer, so it is refused.
+    """
+    parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
+    if b".." in parts:
+        raise TarLayerError(f"tar entry {_show(raw)}: '..' in a path is not allowed")
+    for p in parts:
+        if len(p) > 255:
+            raise TarLayerError(f"tar entry {_show(raw)}: a name is longer than 255 bytes")
+    return parts
+
+
+def _show(raw: bytes) -> str:
+    return repr(raw.decode("utf-8", "backslashreplace"))
+
+
+class LayerTree:
+    """The root directory of one layer, built by replaying its tar entries."""
+
+    def __init__(self) -> None:
+        self.root = new_directory()
+
+    def lookup(self, parts: list[bytes]) -> Inode | None:
+        node = self.root
+        for p in parts:
+            if node.children is None:
+                return None
+            child = node.children.get(p)
+            if child is None:
+                return None
+            node = child
+        return node
+
+    def _parent(self, parts: list[bytes], raw: bytes) -> Inode:
+        """The directory that holds ``parts[-1]``, creating missing ones as tar does."""
+        node = self.root
+        for p in parts[:-1]:
+            assert node.children is not None
+            child = node.children.get(p)
+            if child is None:
+                child = new_directory()
+                node.children[p] = child
+            elif not child.is_dir:
+                raise TarLayerError(f"tar entry {_show(raw)}: {_show(p)} is not a directory")
+            node = child
+        return node
+
+    def add(self, entry: TarEntry) -> None:
+        """Apply one tar entry: later entries for a path replace earlier ones."""
+        parts = split_path(entry.path)
+        if not parts:
+            if not stat.S_ISDIR(entry.mode) or entry.hardlink:
+                raise TarLayerError(f"tar entry {_show(entry.path)}: the root must be a directory")
+            _update_dir(self.root, entry)
+            return
+        parent = self._parent(parts, entry.path)
+        assert parent.children is not None
+        name = parts[-1]
+        if name == OPAQUE_MARKER:
+            parent.xattrs[OPAQUE_XATTR] = b"y"
+            return
+        if name.startswith(WHITEOUT_PREFIX):
+            hidden = name[len(WHITEOUT_PREFIX) :]
+            if not hidden:
+                raise TarLayerError(f"tar entry {_show(entry.path)}: a whiteout with no name")
+            parent.children[hidden] = Inode(
+                mode=stat.S_IFCHR, uid=entry.uid, gid=entry.gid, mtime=entry.mtime
+            )
+            parent.xattrs[ORIGIN_XATTR] = b""
+            return
+        if entry.hardlink:
+            target = self.lookup(split_path(entry.link))
+            if target is None or target.is_dir:
+                raise TarLayerError(
+                    f"tar entry {_show(entry.path)}: hard link to {_show(entry.link)},"
+                    " which is not a file written earlier"
+                )
+            parent.children[name] = target
+            return
+        existing = parent.children.get(name)
+        if existing is not None and existing.is_dir and stat.S_ISDIR(entry.mode):
+            _update_dir(existing, entry)  # tar keeps a directory's contents
+            return
+        parent.children[name] = _inode_of(entry)
+
+
+def _update_dir(node: Inode, entry: TarEntry) -> None:
+    node.mode = stat.S_IFDIR | stat.S_IMODE(entry.mode)
+    node.uid, node.gid = entry.uid, entry.gid
+    node.mtime, node.mtime_ns = entry.mtime, entry.mtime_ns
+    # Markers set by whiteouts inside the directory stay; the entry's own replace the rest.
+    kept = {k: v for k, v in node.xattrs.items() if k in (OPAQUE_XATTR, ORIGIN_XATTR)}
+    node.xattrs = dict(entry.xattrs) | kept
+
+
+def _inode_of(entry: TarEntry) -> Inode:
+    kind = stat.S_IFMT(entry.mode)
+    if kind not in (
+        stat.S_IFREG,
+        stat.S_IFDIR,
+        stat.S_IFLNK,
+        stat.S_IFCHR,
+        stat.S_IFBLK,
+        stat.S_IFIFO,
+    ):
+        raise TarLayerError(f"tar entry {_show(entry.path)}: unsupported file type {kind:o}")
+    node = Inode(
+        mode=entry.mode,
+        uid=entry.uid,
+        gid=entry.gid,
+        mtime=entry.mtime,
+        mtime_ns=entry.mtime_ns,
+        xattrs=dict(entry.xattrs),
+    )
+    if kind == stat.S_IFREG:
+        node.size, node.data_offset = entry.size, entry.data_offset
+    elif kind == stat.S_IFLNK:
+        if not entry.link:
+            raise TarLayerError(f"tar entry {_show(entry.path)}: a symlink with no target")
+        node.target = entry.link
+        node.size = len(entry.link)
+    elif kind == stat.S_IFDIR:
+        node.children = {}
+    elif kind in (stat.S_IFCHR, stat.S_IFBLK):
+        node.rdev_major, node.rdev_minor = entry.rdev_major, entry.rdev_minor
+    return node
+
+
+def build_tree(entries: Iterable[TarEntry]) -> LayerTree:
+    """Replay tar entries in order into the tree that extraction would give."""
+    tree = LayerTree()
+    for entry in entries:
+        tree.add(entry)
+    return tree

@@ -1,0 +1,11 @@
+"""The mount stack: an image's NBD exports made into a directory, and undone again.
+
+Its one job is to turn a server's exports into a mounted tree and to take
+that tree down from any process later. ``stack`` is the entry point
+(mount, unmount, list); beneath it, ``server`` starts the NBD server under
+``supervisor`` and hears on a ``readiness`` pipe that it serves, ``attach`` makes
+each export a mountable file or device (kernel NBD or nbdfuse), ``syscall``
+mounts EROFS and overlayfs, and ``records`` keeps what was done, so
+``umount`` knows what to undo. It lives beside the NBD server because it is
+an NBD client of it; the engine below knows nothing of NBD or mounts.
+"""

@@ -1,0 +1,170 @@
+"""Turn an NBD export into something the kernel can mount.
+
+Two paths, chosen by what the machine has: the kernel NBD client
+(``nbd-client`` onto a free ``/dev/nbdN``) gives a real block device; without
+it, ``nbdfuse`` presents the export as one read-only file on a FUSE mount, and
+EROFS mounts that file directly. Each attachment is described by a small
+JSON-able record so another process can detach it later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+import urllib.parse
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from blockstore.errors import MissingDependency, MountError
+from nbdfront.mount import syscall
+from nbdfront.mount.process import ProcessRef, log_tail, spawn_detached
+
+NBDFUSE = "nbdfuse"
+KERNEL = "kernel"
+
+ATTACH_TIMEOUT = 15.0
+
+
+@dataclass
+class Attachment:
+    """One export made mountable: ``device`` is the file or block device to mount."""
+
+    export: str
+    uri: str
+    method: str
+    device: str
+    fuse_dir: str | None = None
+    process: ProcessRef | None = None
+
+    def to_record(self) -> dict:
+        record = asdict(self)
+        record["process"] = self.process.to_record() if self.process else None
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict) -> Attachment:
+        process = record.get("process")
+        return cls(**{**record, "process": ProcessRef.from_record(process) if process else None})
+
+
+def kernel_nbd_devices() -> list[str]:
+    """The kernel NBD devices this machine has (none when the driver is absent)."""
+    return sorted(
+        (str(p) for p in Path("/dev").glob("nbd*") if p.name[3:].isdigit()),
+        key=lambda d: int(d[len("/dev/nbd") :]),
+    )
+
+
+def choose_method() -> str:
+    """Kernel NBD where the driver and ``nbd-client`` exist, else nbdfuse."""
+    if kernel_nbd_devices() and shutil.which("nbd-client"):
+        return KERNEL
+    if not os.path.exists("/dev/fuse"):
+        raise MissingDependency(
+            "no FUSE: /dev/fuse is missing and there is no kernel NBD driver "
+            "(load the fuse or nbd module)"
+        )
+    if not shutil.which("nbdfuse"):
+        raise MissingDependency("nbdfuse is not installed (Debian package libnbd-bin)")
+    return NBDFUSE
+
+
+def attach(uri: str, export: str, workdir: Path, log_path: Path, method: str) -> Attachment:
+    """Attach ``uri`` (an NBD URI) by ``method``; ``workdir`` holds what it needs."""
+    if method == KERNEL:
+        return _attach_kernel(uri, export, log_path)
+    return _attach_nbdfuse(uri, export, workdir, log_path)
+
+
+def detach(attachment: Attachment, *, lazy: bool = False) -> None:
+    """Undo ``attach``; safe to call again, and when the process is already gone."""
+    if attachment.method == KERNEL:
+        subprocess.run(
+            ["nbd-client", "-d", attachment.device],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=False,
+        )
+        return
+    assert attachment.fuse_dir is not None
+    # Unmounting the FUSE file system is what makes nbdfuse exit cleanly. After a lazy
+    # unmount of a busy stack it would wait for the last user, or for a read the server
+    # may never answer: it is stopped instead, and killed soon (it keeps no state).
+    syscall.umount(attachment.fuse_dir, lazy=lazy)
+    if attachment.process is not None and not attachment.process.wait(0.5 if lazy else 5.0):
+        attachment.process.stop(1.0 if lazy else 5.0)
+    remove_empty_dir(attachment.fuse_dir)
+
+
+def _attach_nbdfuse(uri: str, export: str, workdir: Path, log_path: Path) -> Attachment:
+    fuse_dir = workdir / f"fuse-{export or 'default'}"
+    fuse_dir.mkdir(parents=True, exist_ok=True)
+    pidfile = workdir / f"nbdfuse-{export or 'default'}.pid"
+    pidfile.unlink(missing_ok=True)
+    device = fuse_dir / (export or "default")
+    proc = spawn_detached(
+        [NBDFUSE, "--readonly", "--pidfile", str(pidfile), str(device), uri], log_path
+    )
+    try:
+        _wait_for_pidfile(proc, pidfile, uri, log_path)
+        process = ProcessRef.of(proc.pid)
+        if process is None:
+            raise MountError(f"nbdfuse exited right after attaching {uri}; see {log_path}")
+    except BaseException:
+        # Until it is recorded, nbdfuse and its FUSE mount are ours to take down.
+        proc.kill()
+        proc.wait()
+        syscall.umount(str(fuse_dir), lazy=True)
+        remove_empty_dir(str(fuse_dir))
+        raise
+    pidfile.unlink()
+    return Attachment(export, uri, NBDFUSE, str(device), str(fuse_dir), process)
+
+
+def _wait_for_pidfile(proc: subprocess.Popen, pidfile: Path, uri: str, log_path: Path) -> None:
+    """nbdfuse writes its pidfile once the FUSE file is ready to serve."""
+    deadline = time.monotonic() + ATTACH_TIMEOUT
+    while not (pidfile.exists() and pidfile.read_text().strip()):
+        if proc.poll() is not None:
+            raise MountError(
+                f"nbdfuse could not attach {uri} (exit {proc.returncode}): "
+                + (log_tail(log_path, 1) or f"see {log_path}")
+            )
+        if time.monotonic() > deadline:
+            raise MountError(f"nbdfuse did not attach {uri} within {ATTACH_TIMEOUT:.0f}s")
+        time.sleep(0.01)
+
+
+def _attach_kernel(uri: str, export: str, log_path: Path) -> Attachment:
+    parsed = urllib.parse.urlsplit(uri)
+    name = urllib.parse.unquote(parsed.path.lstrip("/"))
+    if parsed.scheme == "nbd+unix":
+        socket = urllib.parse.parse_qs(parsed.query).get("socket", [""])[0]
+        where = ["-unix", socket]
+    elif parsed.scheme == "nbd":
+        where = [parsed.hostname or "localhost", str(parsed.port or 10809)]
+    else:
+        raise MountError(f"the kernel NBD client cannot connect to {uri}")
+    for device in kernel_nbd_devices():
+        if Path(f"/sys/block/{Path(device).name}/pid").exists():
+            continue  # in use
+        with open(log_path, "ab") as log:
+            done = subprocess.run(
+                ["nbd-client", *where, device, "-name", name, "-readonly", "-block-size", "4096"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                check=False,
+            )
+        if done.returncode == 0:
+            return Attachment(export, uri, KERNEL, device)
+    raise MountError(f"no free kernel NBD device could attach {uri}; see {log_path}")
+
+
+def remove_empty_dir(path: str) -> None:
+    """Remove a directory we made, if it is still there and empty."""
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(path)

@@ -1,0 +1,104 @@
+"""The background processes a mount leaves running, found again by another process.
+
+A pid alone is not an identity: once a process dies its pid can be reused,
+and ``umount`` must never signal a stranger. ``ProcessRef`` pairs the pid with
+the process's start time (from /proc) and only acts when both match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _start_time(pid: int) -> int | None:
+    """Clock ticks after boot at which ``pid`` started; None if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # fields[0] is the state (field 3 of stat), fields[19] the start time (field 22).
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+@dataclass(frozen=True)
+class ProcessRef:
+    pid: int
+    start_time: int
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessRef | None:
+        started = _start_time(pid)
+        return None if started is None else cls(pid, started)
+
+    def alive(self) -> bool:
+        return _start_time(self.pid) == self.start_time
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+
+    def wait(self, timeout: float) -> bool:
+        """True once the process has exited; False if it is still there at ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def stop(self, timeout: float = 5.0, *, told: bool = False) -> None:
+        """SIGTERM (unless it was ``told`` already), then SIGKILL if it has not exited
+        within ``timeout``."""
+        if not told:
+            self.signal(signal.SIGTERM)
+        if not self.wait(timeout):
+            self.signal(signal.SIGKILL)
+            self.wait(timeout)
+
+    def to_record(self) -> dict:
+        return {"pid": self.pid, "start_time": self.start_time}
+
+    @classmethod
+    def from_record(cls, record: dict) -> ProcessRef:
+        return cls(int(record["pid"]), int(record["start_time"]))
+
+
+def spawn_detached(
+    argv: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    pass_fds: tuple[int, ...] = (),
+):
+    """Start ``argv`` in a session of its own with stdout and stderr appended to ``log_path``.
+
+    Its own session, no terminal and no pipe to us on its stdio: it must outlive
+    the command that started it and never be stopped by job control or a closed
+    pipe. ``pass_fds`` are the only other descriptors it inherits.
+    """
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            env=env,
+            pass_fds=pass_fds,
+        )
+
+
+def log_tail(log_path: Path, lines: int = 5) -> str:
+    """The last ``lines`` non-empty lines of a log, to explain why something died."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])

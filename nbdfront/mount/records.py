@@ -1,0 +1,167 @@
+"""Where a mount's state lives, so ``umount`` and ``mounts`` work from any process.
+
+Each mount owns one directory under the run directory (``/run/blockstore``,
+or ``$BLOCKSTORE_RUN_DIR``): the server's socket, the FUSE mount points, the
+per-layer EROFS mount points, and ``record.json``, which says what to undo and
+in which order. Logs go beside it, under ``log/``: a clean ``umount`` (server
+stopped with status 0) removes its log, any trouble keeps it to be read after
+cleaning up. /run is a tmpfs: a reboot, which also drops every mount, drops
+the records with them.
+
+A record tells ``umount`` which processes to signal and what to unmount, so
+only its owner may write where it lives: the run directory and ``mounts/``
+are 0755, each mount's directory (its socket, its record) and ``log/`` are
+0700. A directory that another user can write, or that is not ours, is
+refused when mounting, and a record in one is not believed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from blockstore.errors import MountError
+from nbdfront.mount import syscall
+from nbdfront.mount.attach import Attachment
+from nbdfront.mount.process import ProcessRef
+
+RECORD_NAME = "record.json"
+
+
+def run_dir() -> Path:
+    return Path(os.environ.get("BLOCKSTORE_RUN_DIR") or "/run/blockstore")
+
+
+def make_run_dirs() -> None:
+    """Make (or check) the run directory, ``mounts/`` and ``log/`` before a mount uses them."""
+    run = run_dir()
+    run.parent.mkdir(parents=True, exist_ok=True)
+    for path, mode in ((run, 0o755), (run / "mounts", 0o755), (run / "log", 0o700)):
+        make_private_dir(path, mode, exist_ok=True)
+
+
+def make_private_dir(path: Path, mode: int, *, exist_ok: bool = False) -> None:
+    """Make ``path`` with exactly ``mode`` (the umask aside), or check the one there is ours
+    and writable by nobody else; raises FileExistsError for an existing one unless
+    ``exist_ok``."""
+    try:
+        path.mkdir(mode=mode)
+        os.chmod(path, mode)
+        return
+    except FileExistsError:
+        if not exist_ok:
+            raise
+    if not is_private(path):
+        raise MountError(
+            f"{path} is not a directory of this user's that only it can write: "
+            "give a run directory that is (BLOCKSTORE_RUN_DIR)"
+        )
+
+
+def is_private(path: Path) -> bool:
+    """A directory of ours (not a link to one) that no other user can write."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def mount_key(mountpoint: str) -> str:
+    """A file name for a mount point: readable, and unique thanks to a short hash.
+
+    Short (at most 31 characters), because the server's socket path goes through it and
+    a Unix socket's path has 107 bytes at most."""
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", mountpoint).strip("-")[-20:] or "root"
+    return f"{readable}-{hashlib.sha256(mountpoint.encode()).hexdigest()[:10]}"
+
+
+def state_dir_for(mountpoint: str) -> Path:
+    return run_dir() / "mounts" / mount_key(mountpoint)
+
+
+def log_path_for(mountpoint: str) -> Path:
+    return run_dir() / "log" / f"{mount_key(mountpoint)}.log"
+
+
+@dataclass
+class MountRecord:
+    """Everything a mount left behind, in the order ``umount`` must undo it.
+
+    ``lowers`` are the per-layer EROFS mount points under an overlay (bottom
+    first); empty when the only layer is mounted at ``mountpoint`` itself.
+    ``mounted`` says the top mount at ``mountpoint`` was made (and so is ours).
+    ``info`` belongs to the command that made the mount (image, layers,
+    cache directory) and is shown back by ``mounts``.
+    """
+
+    mountpoint: str
+    image: str
+    method: str
+    state_dir: str
+    log: str
+    server: ProcessRef | None = None
+    socket: str | None = None
+    attachments: list[Attachment] = field(default_factory=list)
+    lowers: list[str] = field(default_factory=list)
+    overlay: bool = False
+    mounted: bool = False
+    mount_seconds: float | None = None
+    info: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        data = dict(self.__dict__)
+        data["server"] = self.server.to_record() if self.server else None
+        data["attachments"] = [a.to_record() for a in self.attachments]
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> MountRecord:
+        data = json.loads(text)
+        data["server"] = ProcessRef.from_record(data["server"]) if data.get("server") else None
+        data["attachments"] = [Attachment.from_record(a) for a in data.get("attachments", [])]
+        return cls(**data)
+
+
+def save(record: MountRecord) -> None:
+    """Write the record atomically: a reader sees the old one or the new one."""
+    path = Path(record.state_dir) / RECORD_NAME
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(record.to_json())
+    os.replace(tmp, path)
+
+
+def load(mountpoint: str) -> MountRecord | None:
+    """The record of ``mountpoint``; None if there is none, or none to be believed."""
+    state_dir = state_dir_for(mountpoint)
+    if is_private(state_dir) and (state_dir / RECORD_NAME).exists():
+        return MountRecord.from_json((state_dir / RECORD_NAME).read_text())
+    # Made by a version that named the directory otherwise.
+    return next((record for record in saved() if record.mountpoint == mountpoint), None)
+
+
+def saved() -> list[MountRecord]:
+    """Every mount recorded on this machine, sorted by mount point."""
+    found = []
+    for path in sorted((run_dir() / "mounts").glob(f"*/{RECORD_NAME}")):
+        if not is_private(path.parent):
+            continue
+        try:
+            found.append(MountRecord.from_json(path.read_text()))
+        except (OSError, ValueError, TypeError, KeyError):
+            continue  # being written or torn down right now
+    return sorted(found, key=lambda r: r.mountpoint)
+
+
+def forget(record: MountRecord) -> None:
+    """Drop the record and its state directory, unless something is still mounted in it."""
+    inside = record.state_dir.rstrip("/") + "/"
+    if any(point.startswith(inside) for point in syscall.mounted()):
+        return
+    shutil.rmtree(record.state_dir, ignore_errors=True)

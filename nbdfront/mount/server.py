@@ -1,0 +1,146 @@
+"""Start the NBD server a mount reads through, and wait until it serves.
+
+The server is told ``--ready-fd N``: the write end of a pipe on which it
+says, in one line, that it is ready and what its exports are, or why it
+gave up (``readiness``). Its stdout and stderr go to the mount's log file
+for people to read; nothing is learned from it here. A server that fails
+before it is ready is reported with its own words and its exit status,
+which the command passes on, so the cause (no such layer, registry
+unreachable) keeps its own exit code. The warnings it logged before it was
+ready (serving from the cache alone, say) come on the same line: the user
+who mounts must see them, not only the log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from blockstore.errors import MountError
+from nbdfront.mount import readiness
+from nbdfront.mount.process import ProcessRef, log_tail, spawn_detached
+
+logger = logging.getLogger(__name__)
+
+READY_TIMEOUT = 120.0
+EXIT_AFTER_FAILURE = 5.0
+"""Seconds a server that said it failed gets to exit, so its exit status can be passed on."""
+_LAYER_EXPORT = re.compile(r"layer(\d+)")
+
+
+class ServerFailed(MountError):
+    """The server exited before it was ready; carries the server's own exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class ServerStarted:
+    process: ProcessRef
+    exports: dict[str, str]  # export name -> NBD URI, in the order announced
+    warnings: list[str]  # what it warned of before it was ready
+
+
+def start_server(
+    argv: list[str],
+    log_path: Path,
+    status_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = READY_TIMEOUT,
+) -> ServerStarted:
+    """Spawn ``argv`` (given ``--ready-fd N``) detached, logging to ``log_path``; return once
+    it is ready.
+
+    It runs under ``supervisor``, which writes how it ended to ``status_path``
+    and is the process returned. Until it is ready the server is ours to stop:
+    any failure here, an interrupt included, kills it before the error goes on.
+    """
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(log, 0o600)  # owner-only, also when an older log was there
+    os.close(log)
+    read_end, write_end = os.pipe()
+    try:
+        supervised = [
+            sys.executable,
+            "-m",
+            "nbdfront.mount.supervisor",
+            str(status_path),
+            str(write_end),
+            *argv,
+            "--ready-fd",
+            str(write_end),
+        ]
+        proc = spawn_detached(supervised, log_path, env=env, pass_fds=(write_end,))
+        os.close(write_end)  # from here, only the server holds it: its exit is end-of-file
+        write_end = -1
+        try:
+            status = readiness.read_status(read_end, timeout)
+            return _started(proc, status, log_path, timeout)
+        except BaseException:
+            _kill_group(proc)
+            raise
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+
+
+def _started(
+    proc: subprocess.Popen, status: readiness.Status, log_path: Path, timeout: float
+) -> ServerStarted:
+    """What the status line means for the mount: the server to record, or the error."""
+    if isinstance(status, readiness.Ready):
+        if not status.exports:
+            raise MountError(f"the server announced no export (log: {log_path})")
+        process = ProcessRef.of(proc.pid)
+        if process is None:
+            raise MountError(f"the server exited right after it was ready (log: {log_path})")
+        return ServerStarted(process, status.exports, status.warnings)
+    if isinstance(status, readiness.TimedOut):
+        raise MountError(f"the server was not ready within {timeout:.0f}s (log: {log_path})")
+    try:
+        exit_status = proc.wait(EXIT_AFTER_FAILURE)
+    except subprocess.TimeoutExpired:
+        exit_status = None
+    logger.info("the server exited with %s; its last lines:\n%s", exit_status, log_tail(log_path))
+    if isinstance(status, readiness.Failed):
+        why = status.error
+    elif exit_status is None:
+        why = "the server closed its readiness pipe without a word"
+    else:
+        why = f"the server exited with status {exit_status} before it was ready"
+    raise ServerFailed(f"{why} (server log: {log_path})", exit_status or MountError.exit_code)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill the supervisor and all it started (its own process group), and see them gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.01)
+
+
+def layer_exports(exports: dict[str, str]) -> list[tuple[str, str]]:
+    """The exports to stack, bottom layer first: every ``layer<i>`` by i, else the default."""
+    layers = [(int(m.group(1)), name) for name in exports if (m := _LAYER_EXPORT.fullmatch(name))]
+    if layers:
+        return [(name, exports[name]) for _, name in sorted(layers)]
+    name = "" if "" in exports else next(iter(exports))
+    return [(name, exports[name])]

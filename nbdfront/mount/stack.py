@@ -1,0 +1,253 @@
+"""Mount, unmount and list: the whole stack from an NBD server to a directory.
+
+``mount`` starts the server, attaches each layer's export (kernel NBD or
+nbdfuse), mounts each layer's EROFS, stacks several layers with a read-only
+overlayfs (last layer on top, so its whiteouts hide files of the layers
+below), and records every step so ``unmount`` can undo them from another
+process. A failure at any step undoes the steps before it: a failed mount
+leaves nothing behind but its log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from blockstore.errors import MountError, MountpointBusy, NotPermitted
+from nbdfront.mount import attach, records, syscall
+from nbdfront.mount.records import MountRecord
+from nbdfront.mount.server import layer_exports, start_server
+from nbdfront.mount.supervisor import STOP_GRACE, ServerExit, read_status
+
+logger = logging.getLogger(__name__)
+
+# Where the server's exit status is written, in the mount's state directory.
+SERVER_STATUS = "serve.status"
+
+SERVER_STOP_TIMEOUT = STOP_GRACE + 3.0
+"""Seconds ``umount`` waits for the supervisor: the server's grace, then time for the
+supervisor to kill it and write how it ended. Past that the supervisor is killed too
+(and the server with it), and the exit status is unknown."""
+
+# Called with the export names (bottom layer first) once the server is ready;
+# returns what the record's ``info`` should hold.
+Describe = Callable[[list[str]], dict]
+
+
+def check_can_mount(mountpoint: str) -> str:
+    """The attach method to use, after the checks a user can act on; raises otherwise."""
+    if os.geteuid() != 0:
+        raise NotPermitted("mounting needs root: run it with sudo")
+    if not os.path.exists(mountpoint):
+        raise MountError(f"mountpoint {mountpoint} does not exist")
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    if syscall.is_mounted(mountpoint):
+        raise MountpointBusy(f"{mountpoint} is already a mount point")
+    if records.load(mountpoint) is not None:
+        raise MountpointBusy(
+            f"{mountpoint} has a mount record already; `blockstore umount {mountpoint}` clears it"
+        )
+    return attach.choose_method()
+
+
+def mount(
+    server_argv: list[str],
+    mountpoint: str,
+    *,
+    image: str,
+    env: dict[str, str] | None = None,
+    describe: Describe | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> MountRecord:
+    """Start ``server_argv`` (it gets ``--unix SOCK --pidfile PID --ready-fd N`` appended)
+    and mount its exports.
+
+    ``warn`` is given each warning the server logged before it was ready.
+    Returns the saved record once ``mountpoint`` shows the image's tree.
+    """
+    started_at = time.monotonic()
+    mountpoint = os.path.realpath(mountpoint)
+    method = check_can_mount(mountpoint)
+    state_dir = records.state_dir_for(mountpoint)
+    records.make_run_dirs()
+    try:
+        # Exclusive: of two mounts racing for one mount point, one goes on. Owner-only:
+        # it holds the server's socket.
+        records.make_private_dir(state_dir, 0o700)
+    except FileExistsError:
+        raise MountpointBusy(
+            f"{mountpoint} is being mounted by another blockstore process "
+            f"(if none runs, a crashed one left {state_dir}: remove it)"
+        ) from None
+    log = records.log_path_for(mountpoint)
+    socket = state_dir / "serve.sock"
+    record = MountRecord(
+        mountpoint=mountpoint,
+        image=image,
+        method=method,
+        state_dir=str(state_dir),
+        log=str(log),
+        socket=str(socket),
+    )
+    records.save(record)
+    try:
+        argv = [*server_argv, "--unix", str(socket), "--pidfile", str(state_dir / "serve.pid")]
+        server = start_server(argv, log, state_dir / SERVER_STATUS, env=env)
+        with contextlib.suppress(FileNotFoundError):  # its directory keeps others out meanwhile
+            os.chmod(socket, 0o600)
+        record.server = server.process
+        records.save(record)
+        logger.info("server pid %d ready: %s", server.process.pid, server.exports)
+        if warn is not None:
+            for warning in server.warnings:
+                warn(warning)
+        layers = layer_exports(server.exports)
+        for name, uri in layers:
+            record.attachments.append(attach.attach(uri, name, state_dir, log, method))
+            records.save(record)
+            logger.info("attached %s via %s as %s", uri, method, record.attachments[-1].device)
+        _mount_layers(record)
+        records.save(record)
+        if describe is not None:
+            record.info = describe([name for name, _ in layers])
+    except BaseException:
+        try:
+            unmount_record(record, lazy=True)
+        except Exception:
+            logger.exception("could not undo the failed mount of %s", mountpoint)
+        raise
+    record.mount_seconds = round(time.monotonic() - started_at, 3)
+    records.save(record)
+    return record
+
+
+def _mount_layers(record: MountRecord) -> None:
+    """EROFS at the mount point for one layer; for several, EROFS per layer under an overlay."""
+    devices = [a.device for a in record.attachments]
+    if len(devices) == 1:
+        _mount_erofs(devices[0], record.mountpoint)
+        record.mounted = True
+        return
+    for attachment in record.attachments:
+        lower = Path(record.state_dir) / f"layer-{attachment.export}"
+        lower.mkdir(exist_ok=True)
+        _mount_erofs(attachment.device, str(lower))
+        record.lowers.append(str(lower))
+        records.save(record)
+    # overlayfs lists lower directories top first; with no upperdir it is read-only.
+    lowerdir = ":".join(reversed(record.lowers))
+    syscall.mount("overlay", record.mountpoint, "overlay", f"lowerdir={lowerdir}")
+    record.mounted = record.overlay = True
+    logger.info("overlayfs at %s over %s", record.mountpoint, lowerdir)
+
+
+def _mount_erofs(device: str, target: str) -> None:
+    try:
+        syscall.mount(device, target, "erofs")
+    except MountError as exc:
+        if "Invalid argument" in str(exc):
+            raise MountError(f"{exc} (is the layer an EROFS image?)") from None
+        raise
+
+
+@dataclass
+class MountStatus:
+    record: MountRecord
+    mounted: bool
+    server_alive: bool
+    attached: bool
+
+    @property
+    def state(self) -> str:
+        """``ok``, or what broke: a user reads it to decide to unmount and mount again."""
+        if not self.mounted:
+            return "not mounted"
+        if self.record.server is not None and not self.server_alive:
+            return "server dead"
+        if not self.attached:
+            return "nbdfuse dead"
+        return "ok"
+
+
+def status(record: MountRecord) -> MountStatus:
+    return MountStatus(
+        record,
+        mounted=syscall.is_mounted(record.mountpoint),
+        server_alive=record.server is not None and record.server.alive(),
+        attached=all(a.process is None or a.process.alive() for a in record.attachments),
+    )
+
+
+def list_mounts() -> list[MountStatus]:
+    return [status(r) for r in records.saved()]
+
+
+@dataclass
+class Unmounted:
+    """What ``unmount`` undid, and why its log was kept (None: all went well, log removed)."""
+
+    record: MountRecord
+    trouble: str | None
+
+
+def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
+    """Undo the mount recorded for ``mountpoint``; ``lazy`` detaches a busy one.
+
+    The log is removed when the mount was whole until now and its server
+    exited with status 0; otherwise it is kept, to read what went wrong.
+    """
+    if os.geteuid() != 0:
+        raise NotPermitted("unmounting needs root: run it with sudo")
+    record = records.load(os.path.realpath(mountpoint)) or records.load(mountpoint)
+    if record is None:
+        raise MountError(f"{mountpoint} was not mounted by blockstore")
+    state = status(record).state
+    ended = unmount_record(record, lazy=lazy)
+    if state != "ok":
+        trouble = f"the mount was not whole ({state})"
+    elif ended is None:
+        trouble = "the server's exit status is unknown"
+    elif ended.killed_after_grace:
+        trouble = f"the server did not stop within {STOP_GRACE:.0f}s and was killed"
+    elif ended.status != 0:
+        trouble = f"the server exited with status {ended.status}"
+    else:
+        Path(record.log).unlink(missing_ok=True)
+        return Unmounted(record, None)
+    return Unmounted(record, trouble)
+
+
+def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
+    """Undo every step the record lists, top first; raises if the file system is busy.
+
+    Each step tolerates being undone already, so a half-made mount, a dead
+    server or an earlier interrupted ``umount`` all clean up the same way.
+    Returns how the server ended, None where it is not known. Bounded: a
+    server that does not stop is killed after ``STOP_GRACE`` seconds.
+    """
+    if record.mounted:
+        syscall.umount(record.mountpoint, lazy=lazy)
+    # The tree is out of reach now, but reads may be in flight (a lazy unmount's users,
+    # the kernel's readahead) that a server stuck on its registry never answers: its stop
+    # grace starts now and runs while the layers come down, rather than after them.
+    told = record.server is not None and record.server.alive()
+    if told:
+        record.server.signal(signal.SIGTERM)
+    for lower in reversed(record.lowers):
+        syscall.umount(lower, lazy=lazy)
+    for attachment in reversed(record.attachments):
+        attach.detach(attachment, lazy=lazy)
+    if record.server is not None:
+        record.server.stop(SERVER_STOP_TIMEOUT, told=told)
+    ended = read_status(Path(record.state_dir) / SERVER_STATUS)
+    if record.socket:
+        Path(record.socket).unlink(missing_ok=True)
+    records.forget(record)
+    return ended

@@ -1,0 +1,136 @@
+"""Chunk indexes: built from verified bytes, attached to the image, read back by anyone."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rig.pushed import push_erofs
+
+from blockstore.attachments import fetch_indexes, subject_of
+from blockstore.cache import CHUNK_SIZE
+from blockstore.chunkindex import ARTIFACT_TYPE, ChunkIndex, build_index
+from blockstore.errors import IntegrityError, RegistryError
+from blockstore.registry import RegistryClient, RegistryOptions, parse_reference, resolve_image
+from blockstore.registry.referrers import fallback_tag
+
+
+def blockstore(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "blockstore", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
+
+
+def chunk_digests(data: bytes) -> list[bytes]:
+    return [
+        hashlib.sha256(data[i : i + CHUNK_SIZE]).digest() for i in range(0, len(data), CHUNK_SIZE)
+    ]
+
+
+def test_build_index_recuts_pieces_and_refuses_bytes_that_are_not_the_layer():
+    """Pieces cut anywhere give the same table; bytes that do not hash to the digest give none."""
+    data = bytes(range(256)) * 1000 + b"tail"  # not a whole number of chunks
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    pieces = [data[i : i + 7777] for i in range(0, len(data), 7777)]
+    index = build_index(digest, len(data), CHUNK_SIZE, pieces)
+    assert [index.expected(i) for i in range(index.chunk_count)] == chunk_digests(data)
+    assert index.matches(index.chunk_count - 1, data[-(len(data) % CHUNK_SIZE) :])
+    assert not index.matches(0, data[1 : CHUNK_SIZE + 1])
+    with pytest.raises(IntegrityError):
+        build_index(digest, len(data), CHUNK_SIZE, [data[:-1] + b"X"])
+
+
+def test_a_table_for_another_layer_or_malformed_is_refused():
+    """A table is trusted only for the layer, size and chunk size it names."""
+    data = b"a" * (3 * CHUNK_SIZE + 5)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    raw = build_index(digest, len(data), CHUNK_SIZE, [data]).to_bytes()
+    again = ChunkIndex.from_bytes(raw, layer_digest=digest, size=len(data), chunk_size=CHUNK_SIZE)
+    assert again.to_bytes() == raw
+    other = "sha256:" + "0" * 64
+    for bad, kwargs in [
+        (raw, {"layer_digest": other, "size": len(data)}),
+        (raw, {"layer_digest": digest, "size": len(data) + 1}),
+        (raw[:-1], {"layer_digest": digest, "size": len(data)}),
+        (raw + b"\0" * 32, {"layer_digest": digest, "size": len(data)}),
+        (b"garbage" * 20, {"layer_digest": digest, "size": len(data)}),
+    ]:
+        with pytest.raises(RegistryError):
+            ChunkIndex.from_bytes(bad, chunk_size=CHUNK_SIZE, **kwargs)
+
+
+def test_index_push_is_read_back_by_us_and_by_skopeo(registry, erofs_images, tmp_path):
+    """`blockstore index --push` on a registry without the referrers API uses the tag schema:
+    skopeo sees an index under sha256-<hex> listing our artifact, and the tables read back
+    are the sha256 of each 32 KiB chunk of each layer. Pushing again replaces the artifact."""
+    paths = [layer.path for layer in erofs_images.layers]
+    image = push_erofs(registry.host, "artifacts/indexed", "v1", paths)
+    cache = tmp_path / "cache"
+    first = blockstore("index", image, "--push", "--insecure", "--cache-dir", str(cache))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("chunks indexed (from the registry)") == len(paths)
+
+    with RegistryClient(registry.host, RegistryOptions(insecure=True)) as client:
+        ref = parse_reference(image)
+        resolved = resolve_image(client, ref)
+        subject = subject_of(resolved, ref.repository)
+        tables = fetch_indexes(client, subject, resolved.layers)
+        assert set(tables) == {layer.digest for layer in resolved.layers}
+        for layer, path in zip(resolved.layers, paths, strict=True):
+            table = tables[layer.digest]
+            assert [table.expected(i) for i in range(table.chunk_count)] == chunk_digests(
+                path.read_bytes()
+            )
+        # Again, for one layer only: the artifact still holds every layer's table, once.
+        again = blockstore(
+            "index", image, "--layer", "0", "--push", "--insecure", "--cache-dir", str(cache)
+        )
+        assert again.returncode == 0, again.stderr
+        assert "from the cache" in again.stdout
+        assert set(fetch_indexes(client, subject, resolved.layers)) == set(tables)
+
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo is not installed")
+    tag = fallback_tag(subject.digest)
+    seen = subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{registry.host}/"
+         f"artifacts/indexed:{tag}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert seen.returncode == 0, seen.stderr
+    listing = json.loads(seen.stdout)
+    assert [e["artifactType"] for e in listing["manifests"]] == [ARTIFACT_TYPE]
+
+
+def test_cache_verify_checks_incomplete_blobs_against_their_kept_index(tmp_path):
+    """Chunks of a blob not complete yet, stored with bytes a bad source sent (their own
+    checksum is fine, and no digest can judge a partial blob): with a kept chunk index,
+    `cache verify` finds the wrong chunk, drops it, keeps the right ones, and exits 6."""
+    from blockstore.cache import ChunkStore
+    from blockstore.cache.indexes import IndexShelf
+
+    data = bytes(range(256)) * (CHUNK_SIZE // 256) * 6  # 6 chunks
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    cache = tmp_path / "cache"
+    with ChunkStore(cache) as store:
+        IndexShelf(store).put(build_index(digest, len(data), CHUNK_SIZE, [data]))
+        chunks = [data[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE] for i in range(4)]
+        chunks[2] = b"\xff" + chunks[2][1:]
+        store.store_chunks(digest, len(data), 0, chunks)
+    done = blockstore("cache", "verify", "--cache-dir", str(cache))
+    assert done.returncode == IntegrityError.exit_code, done.stdout + done.stderr
+    assert f"bad chunk {digest} #2: dropped" in done.stdout
+    with ChunkStore(cache) as store:
+        record = store.lookup(digest)
+        assert store.missing(record.blob_id, range(6)) == [2, 4, 5]
+    again = blockstore("cache", "verify", "--cache-dir", str(cache))
+    assert again.returncode == 0, again.stdout + again.stderr

@@ -1,0 +1,214 @@
+"""A chunk index at work: cold chunks checked on arrival, a lying index found out,
+and traces that travel through the registry to an empty cache."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+import sys
+import time
+
+import pytest
+from rig.fault_proxy import Fault
+from rig.pushed import push_erofs
+from rig.registry_server import RegistryServer
+
+from blockstore.attachments import cached_index, push_indexes, subject_of
+from blockstore.cache import CHUNK_SIZE
+from blockstore.cache.traces import TraceShelf
+from blockstore.chunkindex import ChunkIndex, build_index
+from blockstore.errors import BlobReadError
+from blockstore.image import open_image
+from blockstore.prefetch.settings import MOUNT, PrefetchSettings
+from blockstore.registry import RegistryClient, RegistryOptions, parse_reference, resolve_image
+
+QUIET = PrefetchSettings(readahead=False)
+BAD_CHUNK = 3
+
+
+def blockstore(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "blockstore", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def read_whole(blob, size: int) -> bytes:
+    return b"".join(bytes(b) for b in blob.read(0, size))
+
+
+@pytest.fixture
+def indexed_image(registry, erofs_images, request, tmp_path) -> tuple[str, bytes]:
+    """A one-layer image (27 chunks) with its chunk index attached; its reference and bytes."""
+    path = erofs_images.layers[0].path
+    image = push_erofs(registry.host, f"artifacts/{request.node.name[:40].lower()}", "v1", [path])
+    cache = str(tmp_path / "index-cache")
+    done = blockstore("index", image, "--push", "--insecure", "--cache-dir", cache)
+    assert done.returncode == 0, done.stderr
+    return image, path.read_bytes()
+
+
+def test_a_corrupting_pull_through_mirror_never_gets_a_wrong_byte_served(
+    registry, indexed_image, fault_proxy, tmp_path, caplog
+):
+    """A real pull-through cache whose upstream link flips a byte of chunk 3: with the
+    chunk index, the altered chunk is caught on arrival, fetched again from the upstream,
+    and every byte served is right; the log names the offset and both digests."""
+    image, expected = indexed_image
+    link = fault_proxy(registry)
+    link.fault = Fault("corrupt", method="GET", path_contains="/blobs/",
+                       after_bytes=BAD_CHUNK * CHUNK_SIZE + 100)  # fmt: skip
+    mirror = RegistryServer(tmp_path / "mirror", proxy_remote=link.url)
+    mirror.start()
+    try:
+        options = RegistryOptions(insecure=True, mirrors=[mirror.host], timeout=10)
+        caplog.set_level(logging.WARNING)
+        opened = open_image(image, cache_dir=tmp_path / "cache", options=options, prefetch=QUIET)
+        try:
+            assert opened.chunk_indexes, "the attached index was not found"
+            (blob,) = opened.exports()
+            assert read_whole(blob, len(expected)) == expected
+        finally:
+            opened.close()
+    finally:
+        mirror.stop()
+    assert link.faults_applied >= 1, "the mirror never fetched through the corrupting link"
+    wanted = hashlib.sha256(expected[BAD_CHUNK * CHUNK_SIZE : (BAD_CHUNK + 1) * CHUNK_SIZE])
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"offset {BAD_CHUNK * CHUNK_SIZE}" in said and wanted.hexdigest() in said
+
+
+def test_without_an_index_the_same_mirror_is_caught_only_at_the_seal(
+    registry, erofs_images, fault_proxy, tmp_path
+):
+    """The same corrupting mirror, no index: the first read of chunk 3 gets the mirror's
+    bytes (nothing can tell yet); the seal catches the layer, fetches it again from the
+    upstream, and the sealed layer is right."""
+    path = erofs_images.layers[0].path
+    expected = path.read_bytes()
+    image = push_erofs(registry.host, "artifacts/unindexed", "v1", [path])
+    link = fault_proxy(registry)
+    link.fault = Fault("corrupt", method="GET", path_contains="/blobs/",
+                       after_bytes=BAD_CHUNK * CHUNK_SIZE + 100)  # fmt: skip
+    mirror = RegistryServer(tmp_path / "mirror", proxy_remote=link.url)
+    mirror.start()
+    try:
+        options = RegistryOptions(insecure=True, mirrors=[mirror.host], timeout=10)
+        opened = open_image(image, cache_dir=tmp_path / "cache", options=options, prefetch=QUIET)
+        try:
+            (blob,) = opened.exports()
+            first = read_whole(blob, len(expected))
+            assert first != expected, "the mirror's link did not alter the bytes"
+            blob.prefetch()
+            assert opened.store.lookup(blob.digest).sealed
+            assert read_whole(blob, len(expected)) == expected
+        finally:
+            opened.close()
+    finally:
+        mirror.stop()
+
+
+def test_an_index_that_lies_about_one_chunk_gives_eio_then_is_dropped(
+    registry, erofs_images, tmp_path, caplog
+):
+    """An index whose table is wrong for chunk 3: reading chunk 3 fails with EIO (never
+    other bytes); the layer, streamed whole in the background, matches its digest, so the
+    index is dropped, reported, forgotten by the cache, and chunk 3 then reads right."""
+    path = erofs_images.layers[0].path
+    expected = path.read_bytes()
+    ref = push_erofs(registry.host, "artifacts/lying", "v1", [path])
+    digest = "sha256:" + hashlib.sha256(expected).hexdigest()
+    honest = build_index(digest, len(expected), CHUNK_SIZE, [expected])
+    table = bytearray(honest.table)
+    table[BAD_CHUNK * 32] ^= 0x01
+    lying = ChunkIndex(digest, len(expected), CHUNK_SIZE, bytes(table))
+    with RegistryClient(registry.host, RegistryOptions(insecure=True)) as client:
+        parsed = parse_reference(ref)
+        push_indexes(client, subject_of(resolve_image(client, parsed), parsed.repository), [lying])
+    caplog.set_level(logging.WARNING)
+    opened = open_image(ref, cache_dir=tmp_path / "cache", options=RegistryOptions(insecure=True),
+                        prefetch=QUIET)  # fmt: skip
+    try:
+        (blob,) = opened.exports()
+        layer = opened.resolved.layers[0]
+        assert blob.read(0, CHUNK_SIZE)  # chunk 0 matches even a lying table
+        with pytest.raises(BlobReadError):
+            blob.read(BAD_CHUNK * CHUNK_SIZE, CHUNK_SIZE)
+        deadline = time.monotonic() + 20
+        while cached_index(opened.store, layer) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cached_index(opened.store, layer) is None, "the lying index was not dropped"
+        assert "index is dropped" in "\n".join(r.getMessage() for r in caplog.records)
+        got = b"".join(bytes(b) for b in blob.read(BAD_CHUNK * CHUNK_SIZE, CHUNK_SIZE))
+        assert got == expected[BAD_CHUNK * CHUNK_SIZE : (BAD_CHUNK + 1) * CHUNK_SIZE]
+    finally:
+        opened.close()
+
+
+def test_a_trace_pushed_from_one_cache_is_replayed_in_an_empty_one(
+    registry, erofs_images, tmp_path
+):
+    """Reads recorded by a mount in one cache directory, attached with `trace push`, are
+    found by a cold open with an empty cache and prefetched there before any read."""
+    path = erofs_images.layers[0].path
+    expected = path.read_bytes()
+    ref = push_erofs(registry.host, "artifacts/traced", "v1", [path])
+    options = RegistryOptions(insecure=True)
+    wanted = [5, 9, 17]
+    first = open_image(ref, cache_dir=tmp_path / "a", options=options, prefetch=MOUNT)
+    try:
+        (blob,) = first.exports()
+        for index in wanted:
+            blob.read(index * CHUNK_SIZE, 4096)
+    finally:
+        first.close()  # keeps the trace recorded so far
+    pushed = blockstore("trace", "push", ref, "--insecure", "--cache-dir", str(tmp_path / "a"))
+    assert pushed.returncode == 0, pushed.stderr
+
+    second = open_image(ref, cache_dir=tmp_path / "b", options=options, prefetch=MOUNT)
+    try:
+        digest = second.resolved.layers[0].digest
+        trace = TraceShelf(second.store).get(digest)
+        assert trace is not None and set(wanted) <= set(trace.order())
+        (blob,) = second.exports()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            record = second.store.lookup(digest)
+            if record is not None and not second.store.missing(record.blob_id, wanted):
+                break
+            time.sleep(0.05)
+        record = second.store.lookup(digest)
+        assert record is not None and not second.store.missing(record.blob_id, wanted)
+        got = blob.read_cached(wanted[1] * CHUNK_SIZE, CHUNK_SIZE)
+        assert got is not None
+        assert b"".join(bytes(b) for b in got) == expected[9 * CHUNK_SIZE : 10 * CHUNK_SIZE]
+    finally:
+        second.close()
+
+
+def test_traces_from_two_machines_merge_into_one_artifact(registry, erofs_images, tmp_path):
+    """Two caches push traces of one image in turn: the artifact then holds the union of
+    their chunks, each at its earliest time of use, and only one artifact of that type."""
+    path = erofs_images.layers[0].path
+    ref = push_erofs(registry.host, "artifacts/merged", "v1", [path])
+    options = RegistryOptions(insecure=True)
+    # Each machine records its own trace (no replay, so none takes the other's).
+    record_only = PrefetchSettings(readahead=False, trace_period=30.0)
+    for cache, chunks in (("m1", [1, 2]), ("m2", [2, 7])):
+        opened = open_image(ref, cache_dir=tmp_path / cache, options=options, prefetch=record_only)
+        try:
+            (blob,) = opened.exports()
+            for index in chunks:
+                blob.read(index * CHUNK_SIZE, 512)
+        finally:
+            opened.close()
+        done = blockstore("trace", "push", ref, "--insecure", "--cache-dir", str(tmp_path / cache))
+        assert done.returncode == 0, done.stderr
+    fresh = open_image(ref, cache_dir=tmp_path / "m3", options=options, prefetch=MOUNT)
+    try:
+        trace = TraceShelf(fresh.store).get(fresh.resolved.layers[0].digest)
+    finally:
+        fresh.close()
+    assert trace is not None and set(trace.order()) >= {1, 2, 7}
+    times = [ms for ms, _ in trace.events]
+    assert times == sorted(times)

@@ -1,0 +1,75 @@
+"""The benchmark harness end to end, as small as it goes: it runs and writes its outputs.
+
+Nothing here is timed: the figures are whatever this machine gives. What is
+checked is that one command builds and pushes an image, serves it cold
+through the emulated link and from a local file, runs real clients, and
+writes well-formed JSON, Markdown and PNG that agree with each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_mode_writes_json_markdown_and_png(tmp_path):
+    """Quick mode on a 4 MiB image, the cold engine against nbdkit file, nbdcopy and fio:
+    the JSON describes the machine and holds one run per scenario; the cold copy fetched
+    the whole image through the counting link and the local file fetched nothing; the
+    Markdown tabulates both; every plot it names is a real PNG."""
+    for tool in ("nbdkit", "nbdcopy", "fio", "mkfs.erofs", "docker-registry"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"the harness needs {tool}")
+    out = tmp_path / "out"
+    command = ["--quick", "--image-size", "4M", "--fio-seconds", "1", "--out", str(out)]
+    command += ["--only", "engine-cold,nbdkit-file,nbdcopy,fio-qd1", "--workdir", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "[bench " in done.stderr  # the progress line names each scenario
+
+    document = json.loads((out / "results.json").read_text())
+    machine = document["machine"]
+    assert machine["cpus"] == os.cpu_count()
+    assert machine["kernel"] == platform.release()
+    assert "nbdkit" in machine["tools"]["nbdkit"]
+    image = document["images"][0]
+    runs = {(r["system"], r["workload"], r["network"]): r["runs"] for r in document["results"]}
+    assert set(runs) == {  # "nbdcopy" names nbdcopy-sync too, as a prefix
+        (system, workload, "wan-20ms-1g" if system == "engine-cold" else "loopback")
+        for system in ("engine-cold", "nbdkit-file")
+        for workload in ("nbdcopy", "nbdcopy-sync", "fio-qd1")
+    }
+    cold_copy = runs[("engine-cold", "nbdcopy", "wan-20ms-1g")][0]
+    assert cold_copy["metrics"]["MiB/s"] > 0
+    assert cold_copy["bytes_read"] == image["size"]
+    assert cold_copy["registry"]["bytes"] >= image["size"]
+    assert cold_copy["registry"]["blob_requests"] >= 1
+    assert runs[("nbdkit-file", "nbdcopy", "loopback")][0]["registry"]["bytes"] == 0
+    assert runs[("nbdkit-file", "fio-qd1", "loopback")][0]["metrics"]["IOPS"] > 0
+
+    markdown = (out / "results.md").read_text()
+    assert "| wan-20ms-1g | **engine-cold** |" in markdown
+    assert "| loopback | **nbdkit-file** |" in markdown
+    plots = [line[line.index("(") + 1 : -1] for line in markdown.splitlines() if line[:2] == "!["]
+    assert {"throughput.png", "latency.png", "bytes.png"} <= set(plots)
+    for name in plots:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE), name
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        assert width > 200 and height > 200, name

@@ -1,0 +1,250 @@
+"""A cache whose file is damaged, of another format, forked, or short of reader slots.
+
+A cache is only a cache: losing one is fine, dying of a signal or showing a
+traceback is not, and no damage may ever serve a wrong byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+from cache_rig import run_cli
+from cache_sources import ScriptedSource, make_blob
+
+import blockstore.cache.env as cache_env
+from blockstore.cache import CHUNK_SIZE, CacheDamaged, CachedBlob, ChunkStore
+from blockstore.cache.layout import DB_META, DB_REFS, FORMAT_VERSION, U64
+from blockstore.errors import CacheError
+from blockstore.image import open_image
+
+
+def fill(cache_dir: Path, blobs, *, whole: bool = True) -> None:
+    with ChunkStore(cache_dir) as store:
+        for data, digest in blobs:
+            blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
+            if whole:
+                blob.prefetch()
+            else:
+                blob.read(0, len(data) // 2)
+            blob.close()
+
+
+def aside(cache_dir: Path, label: str) -> list[Path]:
+    return sorted(cache_dir.parent.glob(f"{cache_dir.name}.{label}-*"))
+
+
+def test_a_truncated_file_is_moved_aside_never_mapped(cache_dir):
+    """data.mdb cut to half its length (it used to end every command in SIGBUS): `cache
+    stats` exits 0 with one line saying the cache was moved aside and shows an empty cache;
+    cut again, `cache verify` reports the damage (exit 6); offline, opening it is a
+    CacheDamaged (exit 8) and `serve --offline` exits 8 with a one-line error; online, a
+    blob reads right through the empty cache that replaced it."""
+    data, digest = make_blob(40 * CHUNK_SIZE, seed=60)
+
+    def cut() -> None:
+        fill(cache_dir, [(data, digest)])
+        path = cache_dir / "data.mdb"
+        os.truncate(path, path.stat().st_size // 2)
+
+    cut()
+    result = run_cli("cache", "stats", "--json", "--cache-dir", str(cache_dir))
+    assert result.returncode == 0, result.stderr
+    assert "damaged" in result.stderr and "Traceback" not in result.stderr
+    assert '"blobs": 0' in result.stdout
+    assert len(aside(cache_dir, "damaged")) == 1
+
+    cut()
+    result = run_cli("cache", "verify", "--cache-dir", str(cache_dir))
+    assert result.returncode == 6, result.stdout + result.stderr
+    assert "damaged and moved aside" in result.stdout
+
+    cut()
+    with pytest.raises(CacheDamaged) as caught:
+        ChunkStore(cache_dir, offline=True)
+    assert caught.value.exit_code == 8 and "offline" in str(caught.value)
+
+    cut()
+    result = run_cli(
+        "serve", "127.0.0.1:1/any/image:v1", "--offline", "--cache-dir", str(cache_dir)
+    )
+    assert result.returncode == 8, result.stdout + result.stderr
+    assert "damaged" in result.stderr and "Traceback" not in result.stderr
+    assert len(aside(cache_dir, "damaged")) == 4
+
+    with ChunkStore(cache_dir) as store:
+        blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
+        assert b"".join(blob.read(0, len(data))) == data
+        blob.close()
+
+
+def zero_tree_pages(cache_dir: Path) -> int:
+    """Zero every B-tree page (branch or leaf) of data.mdb in place, as a failing disk
+    might; the meta pages and the chunks' overflow pages stay. Returns how many."""
+    path = cache_dir / "data.mdb"
+    page = 4096
+    zeroed = 0
+    with open(path, "r+b") as f:
+        for pgno in range(2, path.stat().st_size // page):
+            f.seek(pgno * page + 10)
+            if int.from_bytes(f.read(2), "little") & 0x3:  # P_BRANCH | P_LEAF
+                f.seek(pgno * page)
+                f.write(bytes(page))
+                zeroed += 1
+    return zeroed
+
+
+def test_damage_found_while_serving_costs_the_cache_not_the_read(cache_dir):
+    """The B-tree pages of an open cache zeroed under it (LMDB then reports corrupted
+    pages): offline, a read is EIO, not a crash; online, reads are served right, from the
+    source, the damaged cache moved aside for an empty one that fills again."""
+    data, digest = make_blob(6 * CHUNK_SIZE, seed=61)
+    fill(cache_dir, [(data, digest)])
+    with ChunkStore(cache_dir) as store:
+        source = ScriptedSource(data, digest)
+        online = CachedBlob(store, digest, len(data), source)
+        offline = CachedBlob(store, digest, len(data), None)
+        assert zero_tree_pages(cache_dir) > 0
+        with pytest.raises(OSError):
+            offline.read(0, 100)
+        assert b"".join(online.read(0, len(data))) == data
+        assert source.requests  # fetched again: the cache that was there is gone
+        assert len(aside(cache_dir, "damaged")) == 1
+        requests = len(source.requests)
+        assert b"".join(online.read(0, len(data))) == data
+        assert len(source.requests) == requests  # served from the new cache
+        online.close()
+
+
+def test_a_damaged_offline_record_is_a_cache_error_and_verify_drops_it(cache_dir):
+    """A stored reference record that is no longer JSON: resolving it offline is a
+    CacheError (exit 8, no traceback); `cache verify` reports it as damage (exit 6) and
+    drops it; the next verify is clean."""
+    with ChunkStore(cache_dir) as store:
+        key = b"127.0.0.1:5000/demo/app:v1\0linux/amd64"
+        store.env.write(lambda txn: txn.put(key, b'{"reference": "127.0', db=store.dbs[DB_REFS]))
+    with pytest.raises(CacheError, match="damaged"):
+        open_image(
+            "127.0.0.1:5000/demo/app:v1", cache_dir=cache_dir, platform="linux/amd64", offline=True
+        ).close()
+    result = run_cli("cache", "verify", "--cache-dir", str(cache_dir))
+    assert result.returncode == 6, result.stdout + result.stderr
+    assert "the cached record of 127.0.0.1:5000/demo/app:v1 is damaged: dropped" in result.stdout
+    result = run_cli("cache", "verify", "--cache-dir", str(cache_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_an_empty_layer_is_prefetched_and_sealed(cache_dir):
+    """A 0-byte blob (digest: sha256 of nothing) is prefetched, sealed, listed, and reads
+    of nothing succeed; it used to fail with "could not be kept whole"."""
+    digest = "sha256:" + hashlib.sha256(b"").hexdigest()
+    with ChunkStore(cache_dir) as store:
+        blob = CachedBlob(store, digest, 0, ScriptedSource(b"", digest))
+        blob.prefetch()
+        assert blob.read(0, 0) == []
+        [info] = store.blobs()
+        assert info.digest == digest and info.sealed and info.size == 0
+        blob.close()
+
+
+@pytest.mark.parametrize(("name", "value"), [(b"format", 1), (b"chunk_size", 65536)])
+def test_another_format_is_refused_offline_and_moved_aside_online(cache_dir, name, value):
+    """A cache written with another format (or chunk size): offline it is refused with a
+    message naming both formats and left where it is; online it is moved aside (kept, for
+    the version that wrote it) and an empty cache of this format takes its place."""
+    data, digest = make_blob(3 * CHUNK_SIZE, seed=62)
+    fill(cache_dir, [(data, digest)])
+    with ChunkStore(cache_dir) as store:
+        store.env.write(lambda txn: txn.put(name, U64.pack(value), db=store.dbs[DB_META]))
+    with pytest.raises(CacheError, match=f"{value}.*this version needs format {FORMAT_VERSION}"):
+        ChunkStore(cache_dir, offline=True)
+    assert not aside(cache_dir, "old")
+    result = run_cli("cache", "ls", "--json", "--cache-dir", str(cache_dir))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]" and "moved it to" in result.stderr
+    [old] = aside(cache_dir, "old")
+    assert (old / "data.mdb").stat().st_size > len(data)
+
+
+def test_a_forked_child_uses_the_cache_through_its_own_handle(cache_dir):
+    """A process forks five times while one of its threads stores chunks without pause
+    (so a fork can land in the middle of a write). Each child, within 10 s, reads every
+    byte through the store it inherited and through a new one on the same directory,
+    and stores chunks of its own: it must not hang on a lock or transaction copied from
+    the parent. The parent then reads the children's chunks, right."""
+    data, digest = make_blob(8 * CHUNK_SIZE, seed=63)
+    busy, busy_digest = make_blob(4 * CHUNK_SIZE, seed=65)
+    with ChunkStore(cache_dir) as store:
+        blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
+        blob.read(0, 4 * CHUNK_SIZE)
+        stop = threading.Event()
+
+        def writer() -> None:
+            while not stop.is_set():
+                store.store_chunks(busy_digest, len(busy), 0, [busy[:CHUNK_SIZE]])
+                store.remove(busy_digest)
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            for child in range(5):
+                pid = os.fork()
+                if pid == 0:
+                    status = 1
+                    try:
+                        signal.alarm(10)
+                        ok = b"".join(blob.read(0, len(data))) == data
+                        with ChunkStore(cache_dir) as again:
+                            offline = CachedBlob(again, digest, len(data), None)
+                            ok = ok and b"".join(offline.read(0, len(data))) == data
+                        status = 0 if ok else 2
+                    finally:
+                        os._exit(status)
+                _, status = os.waitpid(pid, 0)
+                assert os.waitstatus_to_exitcode(status) == 0, f"child {child}: {status}"
+        finally:
+            stop.set()
+            thread.join()
+        offline = CachedBlob(store, digest, len(data), None)
+        assert b"".join(offline.read(0, len(data))) == data
+        blob.close()
+
+
+def test_many_more_readers_than_slots_wait_for_one_never_fail(cache_dir, monkeypatch):
+    """A cache opened with 8 reader slots and 48 threads reading hits at once, each holding
+    its read transaction a while: every read returns the right bytes, none fails (running
+    out of slots used to be an EIO)."""
+    monkeypatch.setattr(cache_env, "MAX_READERS", 8)
+    data, digest = make_blob(4 * CHUNK_SIZE, seed=64)
+    failures: list[BaseException] = []
+    with ChunkStore(cache_dir) as store:
+        assert store.env.env.info()["max_readers"] == 8
+        blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
+        blob.read(0, len(data))
+        start = threading.Barrier(48)
+
+        def reader(n: int) -> None:
+            try:
+                start.wait()
+                for i in range(20):
+                    offset = (n * 997 + i * 4099) % (len(data) - 5000)
+                    with store.read_chunks(blob_id, 0, 3) as values:
+                        assert all(v is not None for v in values)
+                        threading.Event().wait(0.001)
+                    got = b"".join(blob.read(offset, 5000))
+                    assert got == data[offset : offset + 5000]
+            except BaseException as exc:
+                failures.append(exc)
+
+        blob_id = store.lookup(digest).blob_id
+        threads = [threading.Thread(target=reader, args=(n,)) for n in range(48)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        blob.close()
+    assert not failures, failures[:3]

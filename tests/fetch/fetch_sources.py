@@ -1,0 +1,123 @@
+"""Blob sources for the fetch tests: real bytes that arrive piece by piece, with faults.
+
+The fetch engine's backend interface is what is under test here, so a
+source that is slow to answer, streams slowly, fails or comes up short is a
+backend like any other. Every request is recorded, and so is the most
+requests ever in flight at once, overall and for any one chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+import time
+from collections.abc import Iterator
+
+from blockstore.errors import BlobReadError
+
+CHUNK = 32768
+
+
+def make_blob(size: int, seed: int = 0) -> tuple[bytes, str]:
+    """Reproducible random bytes and their sha256 digest."""
+    data = random.Random(seed).randbytes(size)
+    return data, "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class PieceSource:
+    """A ``BlobSource`` with ``stream_range``: ``first_byte`` seconds before the first
+    piece of each request, then ``piece`` bytes every ``piece_delay`` seconds.
+
+    ``fail_next``: that many next requests raise ``BlobReadError`` (after
+    ``fail_after`` bytes of their body); ``fault="short"`` sends one byte
+    too few.
+    """
+
+    def __init__(
+        self,
+        data: bytes,
+        digest: str,
+        *,
+        first_byte: float = 0.0,
+        piece: int = CHUNK,
+        piece_delay: float = 0.0,
+    ):
+        self.data = data
+        self._digest = digest
+        self.first_byte = first_byte
+        self.piece = piece
+        self.piece_delay = piece_delay
+        self.fault: str | None = None
+        self.fail_next = 0
+        self.fail_after = 0
+        self.failed = 0
+        """Injected failures raised so far."""
+        self.requests: list[tuple[int, int]] = []
+        self.max_in_flight = 0
+        self.max_same_chunk_in_flight = 0
+        self._active = 0
+        self._chunks_active: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def digest(self) -> str:
+        return self._digest
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        return b"".join(self.stream_range(offset, length))
+
+    def _count_failure(self) -> None:
+        with self._lock:
+            self.failed += 1
+
+    def stream_range(self, offset: int, length: int) -> Iterator[bytes]:
+        length = max(0, min(length, len(self.data) - offset))
+        chunks = range(offset // CHUNK, (offset + length - 1) // CHUNK + 1)
+        with self._lock:
+            self.requests.append((offset, length))
+            self._active += 1
+            self.max_in_flight = max(self.max_in_flight, self._active)
+            for c in chunks:
+                self._chunks_active[c] = self._chunks_active.get(c, 0) + 1
+                self.max_same_chunk_in_flight = max(
+                    self.max_same_chunk_in_flight, self._chunks_active[c]
+                )
+            failing = self.fail_next > 0
+            if failing:
+                self.fail_next -= 1
+        try:
+            if self.first_byte:
+                time.sleep(self.first_byte)
+            end = offset + length - (1 if self.fault == "short" else 0)
+            sent = 0
+            for at in range(offset, end, self.piece):
+                if failing and sent >= self.fail_after:
+                    self._count_failure()
+                    raise BlobReadError(f"injected failure at {at}")
+                piece = self.data[at : min(end, at + self.piece)]
+                yield piece
+                sent += len(piece)
+                if self.piece_delay:
+                    time.sleep(self.piece_delay)
+            if failing:
+                self._count_failure()
+                raise BlobReadError(f"injected failure after {sent} bytes")
+        finally:
+            with self._lock:
+                self._active -= 1
+                for c in chunks:
+                    self._chunks_active[c] -= 1
+
+
+class WholeSource(PieceSource):
+    """The same, seen through ``read_range`` alone (a backend that cannot stream)."""
+
+    stream_range = property(lambda self: None)  # type: ignore[assignment]
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        return b"".join(PieceSource.stream_range(self, offset, length))

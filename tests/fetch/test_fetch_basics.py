@@ -1,0 +1,164 @@
+"""Single-flight, coalescing and parallel range reads through the cache, from local sources."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from fetch_sources import PieceSource, WholeSource, make_blob
+
+from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
+from blockstore.errors import RegistryUnreachable
+from blockstore.fetch import runs
+from blockstore.prefetch import Readahead
+
+NONE = Readahead(maximum=0)
+
+
+def test_runs_are_adjacent_and_bounded():
+    """Indices become runs of adjacent chunks, split at the length limit."""
+    assert runs([5, 1, 2, 3, 9, 10], 2) == [(1, 2), (3, 1), (5, 1), (9, 2)]
+    assert runs([], 4) == []
+
+
+def test_concurrent_misses_of_one_chunk_fetch_it_once(cache_dir):
+    """Eight threads miss the same two chunks at once: the source sees one range read,
+    never two requests for one chunk at a time, and every thread gets the bytes."""
+    data, digest = make_blob(8 * CHUNK_SIZE, seed=20)
+    source = PieceSource(data, digest, first_byte=1.0)
+    results: list[bytes] = []
+    with ChunkStore(cache_dir) as store:
+        blob = CachedBlob(store, digest, len(data), source, readahead=NONE)
+        barrier = threading.Barrier(8)
+
+        def reader() -> None:
+            barrier.wait()
+            results.append(b"".join(blob.read(CHUNK_SIZE + 5, CHUNK_SIZE)))
+
+        threads = [threading.Thread(target=reader) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        blob.close()
+    assert results == [data[CHUNK_SIZE + 5 : 2 * CHUNK_SIZE + 5]] * 8
+    assert source.requests == [(CHUNK_SIZE, 2 * CHUNK_SIZE)]
+    assert source.max_same_chunk_in_flight == 1
+
+
+def test_adjacent_misses_coalesce_into_bounded_parallel_reads(cache_dir):
+    """A 10 MiB cold read becomes range reads of the window's request size, run in
+    parallel; a read with a cached hole in the middle asks only for what is missing."""
+    data, digest = make_blob(10 << 20, seed=21)
+    source = PieceSource(data, digest, first_byte=0.2)
+    with ChunkStore(cache_dir) as store:
+        blob = CachedBlob(store, digest, len(data), source, readahead=NONE)
+        request = blob._fetcher.window.request
+        assert b"".join(blob.read(0, len(data))) == data
+        assert len(source.requests) == -(-len(data) // request)
+        assert max(length for _, length in source.requests) == request
+        assert source.max_in_flight >= 2
+        store.remove(digest)
+        source.requests.clear()
+        blob.read(4 * CHUNK_SIZE, CHUNK_SIZE)  # cache chunk 4
+        source.requests.clear()
+        assert b"".join(blob.read(0, 9 * CHUNK_SIZE)) == data[: 9 * CHUNK_SIZE]
+        assert sorted(source.requests) == [(0, 4 * CHUNK_SIZE), (5 * CHUNK_SIZE, 4 * CHUNK_SIZE)]
+        blob.close()
+
+
+def test_failed_fetch_is_retried_by_the_next_reader(cache_dir):
+    """A source failure of any kind reaches the reader as EIO and is not remembered: the
+    next read asks again and succeeds."""
+    data, digest = make_blob(2 * CHUNK_SIZE, seed=22)
+    source = WholeSource(data, digest)
+    with ChunkStore(cache_dir) as store:
+        blob = CachedBlob(store, digest, len(data), source, readahead=NONE)
+        for fault in ("fail", "short", "unreachable"):
+            source.fault = "short" if fault == "short" else None
+            source.fail_next = 1 if fault == "fail" else 0
+            source.read_range = (  # type: ignore[method-assign]
+                _unreachable if fault == "unreachable" else WholeSource.read_range.__get__(source)
+            )
+            try:
+                blob.read(0, 10)
+            except OSError as exc:
+                assert exc.errno == 5
+            else:
+                raise AssertionError("a failing source must fail the read")
+        source.fault = None
+        source.read_range = WholeSource.read_range.__get__(source)  # type: ignore[method-assign]
+        assert b"".join(blob.read(0, 10)) == data[:10]
+        blob.close()
+
+
+def _unreachable(offset: int, length: int) -> bytes:
+    raise RegistryUnreachable("no route to the source")
+
+
+def test_readahead_window_grows_on_sequential_reads_and_resets_on_random():
+    """16 KiB sequential reads: how far past the reader each asked range reaches doubles
+    from twice the initial window up to the maximum and stays there; asked ranges never
+    overlap; a jump asks nothing and the next sequential run starts small again."""
+    policy = Readahead(initial=32 << 10, maximum=512 << 10)
+    size = 100 << 20
+    read = 16 << 10
+
+    def reaches(start: int, stop: int) -> list[int]:
+        out, asked_end = [], 0
+        for offset in range(start, stop, read):
+            ahead = policy.advise(offset, read, size)
+            if ahead is not None:
+                assert ahead[0] >= max(asked_end, offset + read)
+                asked_end = ahead[0] + ahead[1]
+                out.append((asked_end - offset - read) >> 10)
+        return out
+
+    expected = [64, 128, 256, 512, 512]
+    assert reaches(0, 2 << 20)[:5] == expected
+    assert policy.advise(50 << 20, 4096, size) is None  # a jump: no readahead
+    assert reaches((50 << 20) + read, 52 << 20)[:5] == expected
+    assert Readahead(maximum=0).advise(0, 4096, size) is None
+
+
+def test_sequential_reader_finds_the_next_range_already_cached(cache_dir):
+    """After a few sequential reads, background readahead has fetched ahead of the reader."""
+    data, digest = make_blob(4 << 20, seed=23)
+    source = PieceSource(data, digest)
+    with ChunkStore(cache_dir) as store:
+        blob = CachedBlob(store, digest, len(data), source)
+        for offset in range(0, 256 << 10, 64 << 10):
+            assert b"".join(blob.read(offset, 64 << 10)) == data[offset : offset + (64 << 10)]
+        deadline = time.monotonic() + 5
+        ahead = range(256 << 10 >> 15, 512 << 10 >> 15)
+
+        def missing() -> list[int]:
+            record = store.lookup(digest)
+            return store.missing(record.blob_id if record else None, ahead)
+
+        while missing() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert missing() == []
+        blob.close()
+
+
+def test_two_exports_of_one_blob_share_their_fetches(cache_dir):
+    """Two exports of one blob (a layer listed twice) missing the same chunk at once
+    cause one range read."""
+    data, digest = make_blob(4 * CHUNK_SIZE, seed=24)
+    source = PieceSource(data, digest, first_byte=1.0)
+    results: list[bytes] = []
+    with ChunkStore(cache_dir) as store:
+        blobs = [CachedBlob(store, digest, len(data), source, readahead=NONE) for _ in range(2)]
+        threads = [
+            threading.Thread(target=lambda b=b: results.append(b"".join(b.read(0, 100))))
+            for b in blobs
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for b in blobs:
+            b.close()
+    assert results == [data[:100]] * 2
+    assert source.requests == [(0, CHUNK_SIZE)]

@@ -1,0 +1,91 @@
+"""Every byte right under all of it: demand reads, prefetch, CACHE, eviction, failures.
+
+A hypothesis state machine drives one blob through the cache from a source
+that streams in small pieces and fails when told to, mid-body or at once.
+Every byte a read returns is compared with the source; a read may fail
+(EIO) only when an injected failure struck while it ran.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import tempfile
+from pathlib import Path
+
+from fetch_sources import PieceSource, make_blob
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
+from blockstore.fetch import FILL, PREFETCH
+
+CHUNKS = 48
+DATA, DIGEST = make_blob(CHUNKS * CHUNK_SIZE - 1000, seed=77)  # a short last chunk
+SIZE = len(DATA)
+
+
+class FetchModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp(prefix="fetch-model-"))
+        self.store = ChunkStore(self.tmp / "cache", flush_interval=0.05)
+        self.source = PieceSource(DATA, DIGEST, piece=7777)
+        self.blob = CachedBlob(self.store, DIGEST, SIZE, self.source)
+        self.reads = 0
+
+    @rule(
+        offset=st.integers(0, SIZE - 1),
+        length=st.integers(1, 6 * CHUNK_SIZE),
+    )
+    def read(self, offset: int, length: int) -> None:
+        length = min(length, SIZE - offset)
+        failed_before = self.source.failed
+        try:
+            got = b"".join(bytes(b) for b in self.blob.read(offset, length))
+        except OSError as exc:
+            assert exc.errno == errno.EIO
+            assert self.source.failed > failed_before, f"EIO with no failure injected: {exc}"
+            return
+        assert got == DATA[offset : offset + length]
+        self.reads += 1
+
+    @rule(offset=st.integers(0, SIZE - 1), length=st.integers(1, 16 * CHUNK_SIZE))
+    def cache_hint(self, offset: int, length: int) -> None:
+        """A client's CACHE: returns at once, whatever the source does."""
+        self.blob.cache(offset, min(length, SIZE - offset))
+
+    @rule(first=st.integers(0, CHUNKS - 1), count=st.integers(1, CHUNKS), fill=st.booleans())
+    def prefetch(self, first: int, count: int, fill: bool) -> None:
+        fetcher = self.blob._fetcher
+        fetcher.prefetch(range(first, min(CHUNKS, first + count)), FILL if fill else PREFETCH)
+
+    @rule()
+    def evict(self) -> None:
+        self.store.remove(DIGEST)
+
+    @rule(after=st.sampled_from([0, 1, 5000, 40000]))
+    def inject_failure(self, after: int) -> None:
+        self.source.fail_after = after
+        self.source.fail_next += 1
+
+    @precondition(lambda self: self.source.fail_next == 0)
+    @rule()
+    def read_everything(self) -> None:
+        """With no failure pending, a whole read succeeds and is right."""
+        got = b"".join(bytes(b) for b in self.blob.read(0, SIZE))
+        assert got == DATA
+
+    @invariant()
+    def nothing_in_flight_twice(self) -> None:
+        assert self.source.max_same_chunk_in_flight <= 1
+
+    def teardown(self) -> None:
+        self.blob.close()
+        self.store.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+FetchModel.TestCase.settings = settings(max_examples=25, stateful_step_count=25, deadline=None)
+test_fetch_model = FetchModel.TestCase

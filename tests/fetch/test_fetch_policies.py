@@ -1,0 +1,116 @@
+"""Readahead per stream and the link window, on access patterns drawn by hypothesis."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blockstore.fetch import Window
+from blockstore.fetch.window import MAX_WINDOW, MIN_WINDOW
+from blockstore.prefetch import Readahead
+
+MiB = 1 << 20
+SIZE = 1 << 40
+READ = 64 << 10
+
+
+def sequential_steps(policy: Readahead, start: int, reads: int) -> list[tuple[int, int] | None]:
+    return [policy.advise(start + i * READ, READ, SIZE) for i in range(reads)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    streams=st.integers(2, 6),
+    rounds=st.integers(40, 60),
+    order=st.randoms(use_true_random=False),
+    random_reads=st.lists(st.integers(0, 1 << 12), max_size=20, unique=True),
+)
+def test_each_interleaved_stream_grows_its_own_window(streams, rounds, order, random_reads):
+    """Several sequential readers far apart read in an interleaved, shuffled order, with
+    random reads of other places mixed in (fewer streams than the policy keeps): every
+    stream's window doubles up to the maximum and stays there; each range asked for
+    starts at or past its reader and never overlaps the stream's earlier ones; random
+    reads ask for nothing and do not hold any stream back."""
+    maximum = 4 * MiB
+    policy = Readahead(initial=128 << 10, maximum=maximum, streams=streams + 4, reorder=READ)
+    bases = [(i + 2) * (1 << 32) for i in range(streams)]
+    position = dict.fromkeys(range(streams), 0)
+    asked_end = dict.fromkeys(range(streams), 0)
+    events = [("s", s) for s in range(streams) for _ in range(rounds)]
+    events += [("r", r) for r in random_reads]
+    order.shuffle(events)
+    for kind, value in events:
+        if kind == "r":
+            assert policy.advise(value * MiB + (1 << 31), READ, SIZE) is None
+            continue
+        offset = bases[value] + position[value] * READ
+        position[value] += 1
+        ahead = policy.advise(offset, READ, SIZE)
+        if ahead is not None:
+            start, length = ahead
+            assert start >= max(asked_end[value], offset + READ)
+            assert 0 < length <= maximum
+            asked_end[value] = start + length
+    for stream in range(streams):
+        # Past the doubling rounds, each stream asked far enough ahead of its reader.
+        reader = bases[stream] + position[stream] * READ
+        assert asked_end[stream] - reader >= maximum // 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 200))
+def test_a_jump_starts_a_new_small_stream(jump):
+    """A read far from every stream asks for nothing and starts small: the next
+    sequential read after it asks for twice the initial window, no more."""
+    policy = Readahead(initial=128 << 10, maximum=8 * MiB, reorder=READ)
+    sequential_steps(policy, 0, 40)
+    far = (1 << 34) + jump * READ
+    assert policy.advise(far, READ, SIZE) is None
+    ahead = policy.advise(far + READ, READ, SIZE)
+    assert ahead is not None and ahead[0] + ahead[1] - (far + 2 * READ) <= 256 << 10
+
+
+def test_readahead_follows_the_link_window():
+    """Windows are capped by the link's window, and shrink with it after errors."""
+    window = Window(initial=8 * MiB)
+    policy = Readahead(initial=128 << 10, maximum=64 * MiB, ceiling=lambda: window.bytes)
+    sequential_steps(policy, 0, 200)
+    assert max(policy.windows()) == 8 * MiB
+    window.failed()
+    window.failed()
+    sequential_steps(policy, 200 * READ, 5)
+    assert max(policy.windows()) == 2 * MiB
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("done"), st.integers(1, 16 * MiB)),
+            st.tuples(st.just("fail"), st.just(0)),
+            st.tuples(st.just("sample"), st.integers(1, 1000)),
+        ),
+        max_size=60,
+    )
+)
+def test_window_grows_on_success_and_halves_on_errors(events):
+    """Whatever the sequence of completed ranges, errors and link samples: the window
+    stays within its bounds, a clean completion never shrinks it nor takes it past twice
+    the measured bandwidth-delay product, and an error halves it (down to the minimum)."""
+    window = Window(initial=4 * MiB)
+    for kind, value in events:
+        before = window.bytes
+        if kind == "done":
+            window.completed(value)
+            bdp = window.bdp()
+            assert window.bytes >= before
+            if bdp:
+                assert window.bytes <= max(before, MIN_WINDOW, 2 * bdp)
+        elif kind == "fail":
+            window.failed()
+            assert window.bytes == max(MIN_WINDOW, before // 2)
+        else:
+            window.first_byte(value / 1000 / 50)  # 0.02 ms .. 20 ms
+            window.delivered(value * 1000)
+        assert MIN_WINDOW <= window.bytes <= MAX_WINDOW
+        assert window.request * window.ranges <= max(window.bytes, window.request)

@@ -1,0 +1,93 @@
+"""Two servers on one cache directory never fetch the same chunk at once, nor twice."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rig.fault_proxy import Fault
+
+from blockstore.cache.leases import RangeLeases
+
+WORKER = Path(__file__).with_name("fetch_worker.py")
+RANGE = re.compile(r"bytes=(\d+)-(\d+)")
+
+
+def test_two_processes_on_one_cache_fetch_each_chunk_once(
+    pushed_blob, registry, fault_proxy, cache_dir, tmp_path
+):
+    """Two processes read the same blob, start to end, through one cache at once over a
+    slow link: the registry is asked for every byte exactly once in all (no two ranges
+    overlap, and together they cover the blob), and both read every byte right."""
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault("pace", path_contains="/blobs/", seconds=0.005)
+    expected = tmp_path / "expected"
+    expected.write_bytes(pushed_blob.data)
+    start = tmp_path / "start"
+    argv = [
+        str(cache_dir),
+        proxy.host,
+        pushed_blob.repository,
+        pushed_blob.digest,
+        str(expected),
+        str(start),
+    ]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    time.sleep(1.0)  # both have opened the cache
+    start.touch()
+    outputs = [worker.communicate(timeout=60) for worker in workers]
+    for worker, (out, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0 and out.strip() == "ok", err
+    spans = sorted(
+        (int(m[1]), int(m[2]))
+        for r in proxy.requests
+        if r.method == "GET" and r.path.endswith(pushed_blob.digest)
+        for m in [RANGE.fullmatch(r.headers.get("Range", ""))]
+        if m
+    )
+    covered = 0
+    for first, last in spans:
+        assert first == covered, f"overlap or gap at {first}: {spans}"
+        covered = last + 1
+    assert covered == len(pushed_blob.data)
+
+
+def test_a_lease_held_by_a_dead_process_is_free(cache_dir, tmp_path):
+    """A process that holds a lease and dies leaves nothing behind: the range can be
+    leased at once by another process; while it lived, it could not."""
+    cache_dir.mkdir()
+    digest = "sha256:" + "c" * 64
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path\n"
+            "from blockstore.cache.leases import RangeLeases\n"
+            f"leases = RangeLeases(Path({str(cache_dir)!r}), {digest!r})\n"
+            "assert leases.try_take(10, 20)\n"
+            "print('held', flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    leases = RangeLeases(cache_dir, digest)
+    assert not leases.try_take(25, 1)
+    assert leases.try_take(0, 10)  # next to it: free
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert leases.try_take(25, 1)

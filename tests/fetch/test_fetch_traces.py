@@ -1,0 +1,121 @@
+"""Access traces: recorded on a cold open, moved between caches, replayed as prefetch.
+
+The image is the fixture EROFS image in the real registry; the commands are
+the real ``blockstore trace`` commands.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from blockstore.cache import CHUNK_SIZE
+from blockstore.cache.traces import TraceShelf
+from blockstore.image import open_image
+from blockstore.prefetch import PrefetchSettings
+from blockstore.registry import RegistryOptions
+
+RECORD = PrefetchSettings(readahead=False, trace_period=30.0)
+REPLAY = PrefetchSettings(readahead=False, trace_replay=True)
+READS = [(5, 2), (0, 1), (9, 3), (2, 1)]  # (first chunk, chunks), in this order
+
+
+def blockstore(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "blockstore", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def open_layer(reference: str, cache_dir: Path, settings: PrefetchSettings):
+    image = open_image(
+        reference,
+        cache_dir=cache_dir,
+        options=RegistryOptions(insecure=True),
+        prefetch=settings,
+    )
+    return image, image.exports()[-1]
+
+
+def test_a_trace_is_recorded_exported_imported_and_replayed(pushed_images, erofs_images, tmp_path):
+    """A cold open records the chunks it reads, first touches only, in order; the trace
+    goes to a file with ``trace export`` and into an empty cache with ``trace import``
+    (``ls`` and ``show`` list it there); a cold open of the same image in that cache then
+    fetches exactly the traced chunks before anything is read, and every byte read
+    afterwards is the image's. ``trace rm`` forgets it."""
+    expected = erofs_images.small.path.read_bytes()
+    first_cache, second_cache = tmp_path / "first", tmp_path / "second"
+    image, layer = open_layer(pushed_images.small, first_cache, RECORD)
+    for first, count in READS:
+        layer.read(first * CHUNK_SIZE, count * CHUNK_SIZE)
+    layer.read(5 * CHUNK_SIZE + 100, 10)  # already read: not a first touch
+    image.close()
+    order = [5, 6, 0, 9, 10, 11, 2]
+
+    exported = tmp_path / "traces.json"
+    done = blockstore(
+        "trace", "export", pushed_images.small, str(exported), "--cache-dir", str(first_cache)
+    )
+    assert done.returncode == 0, done.stderr
+    [record] = json.loads(exported.read_text())["traces"]
+    assert [index for _, index in record["events"]] == order
+    assert record["digest"] == layer.digest
+
+    done = blockstore("trace", "import", str(exported), "--cache-dir", str(second_cache))
+    assert done.returncode == 0, done.stderr
+    listed = blockstore("trace", "ls", "--json", "--cache-dir", str(second_cache))
+    assert [(r["digest"], r["chunks"]) for r in json.loads(listed.stdout)] == [
+        (layer.digest, len(order))
+    ]
+    shown = blockstore("trace", "show", layer.digest, "--cache-dir", str(second_cache))
+    assert shown.returncode == 0 and f"chunk {order[0]} " in shown.stdout
+
+    image, layer = open_layer(pushed_images.small, second_cache, REPLAY)
+    store = image.store
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        record = store.lookup(layer.digest)
+        if record is not None and record.present >= len(order):
+            break
+        time.sleep(0.02)
+    assert store.missing(record.blob_id, order) == []
+    assert record.present == len(order)
+    got = b"".join(bytes(b) for b in layer.read(0, layer.size))
+    image.close()
+    assert got == expected
+
+    done = blockstore("trace", "rm", layer.digest, "--cache-dir", str(second_cache))
+    assert done.returncode == 0, done.stderr
+    listed = blockstore("trace", "ls", "--json", "--cache-dir", str(second_cache))
+    assert json.loads(listed.stdout) == []
+
+
+def test_a_bad_trace_file_is_refused_in_one_line(tmp_path):
+    """Importing a file that is not a trace export fails with one clear line, exit 2,
+    and leaves the cache without traces."""
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"kind": "blockstore-traces", "traces": [{"version": 1}]}))
+    done = blockstore("trace", "import", str(bad), "--cache-dir", str(tmp_path / "c"))
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "not a trace record" in done.stderr
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\xff\x00 not json")
+    done = blockstore("trace", "import", str(garbage), "--cache-dir", str(tmp_path / "c"))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    listed = blockstore("trace", "ls", "--json", "--cache-dir", str(tmp_path / "c"))
+    assert json.loads(listed.stdout) == []
+
+
+def test_traces_are_kept_per_layer(tmp_path, cache_dir):
+    """The shelf keeps one trace per layer digest; putting one again replaces it."""
+    from blockstore.cache import ChunkStore
+    from blockstore.prefetch import Trace
+
+    with ChunkStore(cache_dir) as store:
+        shelf = TraceShelf(store)
+        shelf.put(Trace("sha256:" + "a" * 64, CHUNK_SIZE, 1.0, [(0, 1), (5, 2)]))
+        shelf.put(Trace("sha256:" + "b" * 64, CHUNK_SIZE, 1.0, [(0, 7)]))
+        shelf.put(Trace("sha256:" + "a" * 64, CHUNK_SIZE, 2.0, [(0, 3)]))
+        assert {t.digest[-1]: t.order() for t in shelf.all()} == {"a": [3], "b": [7]}

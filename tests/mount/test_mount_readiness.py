@@ -1,0 +1,111 @@
+"""The readiness pipe between a mount and its server, over real pipes, and the stacking order."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import pytest
+
+from nbdfront.mount import readiness
+from nbdfront.mount.readiness import Failed, ReadinessPipe, Ready, Silent, TimedOut
+from nbdfront.mount.server import layer_exports
+
+SOCK = "nbd+unix:///{}?socket=%2Frun%2Fs.sock"
+
+
+@pytest.fixture
+def pipe():
+    """A real pipe; the test owns the write end (hands it on, or closes it)."""
+    read_end, write_end = os.pipe()
+    yield read_end, write_end
+    os.close(read_end)
+
+
+def test_ready_with_exports_and_warnings_arrives_whole(pipe):
+    """The server's ready line, written in two pieces, comes back as the exports in their
+    order and the warnings it logged before ready; a warning logged after is not in it."""
+    read_end, write_end = pipe
+    exports = {"layer0": SOCK.format("layer0"), "": SOCK.format("")}
+    with ReadinessPipe(write_end) as server_end:
+        logging.getLogger("blockstore.image").warning("registry down; serving %s", "x")
+        logging.getLogger("blockstore.image").info("not a warning")
+        server_end.ready(exports)
+        logging.getLogger("blockstore.fetch").warning("later, in the log only")
+    assert readiness.read_status(read_end, 5) == Ready(exports, ["registry down; serving x"])
+    assert readiness.read_status(read_end, 5) == Silent()  # said once, then closed
+
+
+def test_an_error_before_ready_is_said_on_the_pipe(pipe):
+    """An exception that escapes the server before ready reaches the mount as the error, in
+    the server's own words, and still goes on to end the server."""
+    read_end, write_end = pipe
+    with pytest.raises(LookupError), ReadinessPipe(write_end):
+        raise LookupError("the image has no layer 7")
+    assert readiness.read_status(read_end, 5) == Failed("the image has no layer 7")
+
+
+def test_a_pipe_closed_without_a_word_is_silent_at_once(pipe):
+    """A server gone without a status line is seen at the end-of-file, not at the timeout."""
+    read_end, write_end = pipe
+    os.close(write_end)
+    started = time.monotonic()
+    assert readiness.read_status(read_end, 30) == Silent()
+    assert time.monotonic() - started < 1
+
+
+def test_nothing_said_times_out(pipe):
+    """A server that neither speaks nor exits is given up on at the deadline, not later."""
+    read_end, write_end = pipe
+    started = time.monotonic()
+    assert readiness.read_status(read_end, 0.3) == TimedOut()
+    assert 0.3 <= time.monotonic() - started < 2
+    os.close(write_end)
+
+
+def test_a_line_in_pieces_waits_for_its_end(pipe):
+    """A line written slowly is read whole: the first bytes alone are not a status."""
+    read_end, write_end = pipe
+    line = readiness.encode_ready({"": SOCK.format("")}, [])
+
+    def trickle() -> None:
+        for i in range(0, len(line), 7):
+            os.write(write_end, line[i : i + 7])
+            time.sleep(0.01)
+
+    writer = threading.Thread(target=trickle)
+    writer.start()
+    assert readiness.read_status(read_end, 5) == Ready({"": SOCK.format("")}, [])
+    writer.join()
+    os.close(write_end)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"ready",
+        b"{}",
+        b'{"ready": true}',
+        b'{"ready": true, "exports": ["a"]}',
+        b'{"ready": true, "exports": {"a": 1}}',
+        b'{"ready": false}',
+        b"[1, 2]",
+        b"\xff\xfe",
+    ],
+)
+def test_a_line_that_does_not_parse_is_a_failure_never_ready(line):
+    """What is not a well-formed status is the server failing to say it: never taken as
+    ready, and the message quotes what came."""
+    status = readiness.decode(line)
+    assert isinstance(status, Failed) and "does not parse" in status.error
+
+
+def test_layers_stack_by_number_and_the_default_export_is_left_out():
+    """Layer exports stack by their number (layer10 above layer9), whatever order they were
+    announced in; the default export ``""`` is only used when there is no layer export."""
+    exports = {name: f"uri-{name}" for name in ["", "layer10", "layer2", "layer9"]}
+    assert [name for name, _ in layer_exports(exports)] == ["layer2", "layer9", "layer10"]
+    assert layer_exports({"": "uri"}) == [("", "uri")]
+    assert layer_exports({"disk": "uri"}) == [("disk", "uri")]

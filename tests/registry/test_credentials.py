@@ -1,0 +1,145 @@
+"""Credentials never leak: not echoed, not in the clear, not to a stranger, not in logs.
+
+Real registries (basic auth, token auth, HTTPS with the test CA) behind
+recording proxies; each test tries one way a secret could escape and checks
+every request, message and log line that could carry it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rig.pushed import push_erofs
+
+from blockstore.errors import InvalidReference
+from blockstore.registry import RegistryBlob, RegistryClient, resolve_image
+from blockstore.registry.reference import parse_reference
+
+BLOCKSTORE = [sys.executable, "-m", "blockstore"]
+SECRET_REFERENCE = "alice:S3cr3t-pw@127.0.0.1:1/repo:tag"
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*BLOCKSTORE, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def read_whole(client: RegistryClient, ref: str) -> bytes:
+    image = resolve_image(client, ref, None)
+    blob = RegistryBlob(client, parse_reference(ref).repository, image.layers[0])
+    return blob.read_range(0, blob.size)
+
+
+@pytest.mark.parametrize(
+    "text", [SECRET_REFERENCE, "alice:S3cr3t-pw@127.0.0.1", "alice@127.0.0.1:1/repo"]
+)
+def test_a_reference_with_credentials_is_refused_without_echoing_them(text):
+    """``user:password@host/...``: refused, and the message shows ``***@host`` only."""
+    with pytest.raises(InvalidReference) as refused:
+        parse_reference(text)
+    message = str(refused.value)
+    assert "alice" not in message and "S3cr3t" not in message
+    assert "'***@127.0.0.1" in message and "user name or password" in message
+
+
+@pytest.mark.parametrize("command", ["inspect", "serve", "prefetch", "mount"])
+def test_every_command_refuses_a_reference_with_credentials_in_one_clean_line(
+    command, tmp_path: Path
+):
+    """Each command that takes an image exits 2 with one line that holds neither the
+    user name nor the password (nothing listens at the address: no request was tried)."""
+    extra = {
+        "inspect": [],
+        "mount": [str(tmp_path), "--cache-dir", str(tmp_path / "cache")],
+    }.get(command, ["--cache-dir", str(tmp_path / "cache")])
+    done = run(command, SECRET_REFERENCE, *extra)
+    assert done.returncode == 2, done.stderr
+    output = done.stdout + done.stderr
+    assert "S3cr3t" not in output and "alice" not in output
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_credentials_are_not_sent_in_the_clear_to_a_plain_http_mirror(
+    tls_registry, basic_auth_registry, erofs_images, fault_proxy, tmp_path: Path, monkeypatch
+):
+    """Without --insecure, a mirror written ``http://...`` that asks for a password (its
+    auth file has one) is not given it: the mirror is left out and the HTTPS upstream
+    serves every byte. No request to the mirror carries an Authorization header."""
+    ref = push_erofs(
+        tls_registry.host,
+        "clear/app",
+        "v1",
+        [erofs_images.small.path],
+        options=tls_registry.options(),
+    )
+    mirror = fault_proxy(basic_auth_registry)
+    pair = f"{basic_auth_registry.username}:{basic_auth_registry.password}".encode()
+    auth_file = tmp_path / "auth.json"
+    auth_file.write_text(
+        json.dumps({"auths": {mirror.host: {"auth": base64.b64encode(pair).decode()}}})
+    )
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file))
+    options = tls_registry.options(mirrors=[f"http://{mirror.host}"])
+    with RegistryClient(tls_registry.host, options) as client:
+        assert read_whole(client, ref) == erofs_images.small.path.read_bytes()
+    assert mirror.requests, "the mirror was not tried"
+    assert all("Authorization" not in r.headers for r in mirror.requests)
+
+
+def test_bearer_tokens_stay_with_their_registry(
+    token_registry, registry, erofs_images, fault_proxy
+):
+    """A token-auth upstream behind a mirror that lacks the image: the mirror is asked
+    first, with no Authorization; the upstream gets its token; the issuer is asked for
+    the upstream's service only."""
+    ref = push_erofs(
+        token_registry.host,
+        "tokens/app",
+        "v1",
+        [erofs_images.small.path],
+        options=token_registry.options(),
+    )
+    mirror = fault_proxy(registry)
+    options = token_registry.options(mirrors=[mirror.host])
+    with RegistryClient(token_registry.host, options) as client:
+        assert read_whole(client, ref) == erofs_images.small.path.read_bytes()
+    assert mirror.requests, "the mirror was not tried"
+    assert all("Authorization" not in r.headers for r in mirror.requests)
+
+
+@pytest.mark.parametrize("password_ok", [True, False])
+def test_no_credential_in_verbose_output(token_registry, erofs_images, tmp_path, password_ok):
+    """``-vv`` (debug) inspect and prefetch through token auth, with the right password
+    and a wrong one: neither the password, nor the Basic pair, nor a token (a JWT starts
+    ``eyJ``) appears in anything printed."""
+    ref = push_erofs(
+        token_registry.host,
+        "verbose/app",
+        "v1",
+        [erofs_images.small.path],
+        options=token_registry.options(),
+    )
+    password = token_registry.password if password_ok else "Wr0ng-S3cret-pw"
+    env = {"BLOCKSTORE_PASSWORD": password}
+    login = ["--insecure", "--username", token_registry.username]
+    outputs = [
+        run("-vv", "inspect", ref, *login, env=env),
+        run("-vv", "prefetch", ref, *login, "--cache-dir", str(tmp_path / "c"), env=env),
+    ]
+    pair = base64.b64encode(f"{token_registry.username}:{password}".encode()).decode()
+    for done in outputs:
+        assert (done.returncode == 0) == password_ok, done.stderr
+        text = done.stdout + done.stderr
+        assert password not in text and pair not in text and "eyJ" not in text
+    assert "DEBUG" in outputs[0].stderr, "debug logging was not on"

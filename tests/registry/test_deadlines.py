@@ -1,0 +1,243 @@
+"""Every read ends within its timeout, and a registry's request for quiet is kept by all.
+
+A fault proxy in front of the real registry stalls, trickles and refuses;
+each read must end with the right bytes or with EIO within its timeout,
+never later, and never by knocking on a registry that asked for quiet.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from rig.fault_proxy import Fault
+
+from blockstore.cli import build_parser
+from blockstore.errors import BlobReadError, RegistryError
+from blockstore.registry import RegistryBlob, RegistryClient, RegistryOptions, resolve_image
+
+BLOCKSTORE = [sys.executable, "-m", "blockstore"]
+
+
+def client_via(proxy, **options) -> RegistryClient:
+    return RegistryClient(proxy.host, RegistryOptions(**{"insecure": True, **options}))
+
+
+def open_blob(client: RegistryClient, repository: str = "fixtures/small") -> RegistryBlob:
+    image = resolve_image(client, f"{client.registry}/{repository}:v1", None)
+    return RegistryBlob(client, repository, image.layers[0])
+
+
+def failing_read(blob: RegistryBlob, offset: int, length: int) -> tuple[BlobReadError, float]:
+    started = time.monotonic()
+    with pytest.raises(BlobReadError) as caught:
+        blob.read_range(offset, length)
+    return caught.value, time.monotonic() - started
+
+
+def test_a_trickling_registry_cannot_hold_a_read_past_its_deadline(
+    registry, pushed_images, fault_proxy
+):
+    """One byte every 0.3 s never trips a per-receive timeout: the read's one deadline
+    (2 s) ends it with EIO, not the 6 s the 20 bytes would take to trickle in."""
+    proxy = fault_proxy(registry)
+    with client_via(proxy, timeout=2.0) as client:
+        blob = open_blob(client)
+        proxy.fault = Fault("trickle", seconds=0.3, path_contains="/blobs/")
+        error, took = failing_read(blob, 0, 20)
+    assert error.errno == 5
+    assert 1.9 <= took < 3.0, took
+
+
+def test_a_registry_that_stops_answering_fails_the_read_within_the_timeout(
+    registry, pushed_images, fault_proxy
+):
+    """Requests reach the registry and no reply ever comes: EIO within the 2 s timeout,
+    after more than one attempt (a stalled connection is given up while time is left)."""
+    proxy = fault_proxy(registry)
+    with client_via(proxy, timeout=2.0) as client:
+        blob = open_blob(client)
+        proxy.fault = Fault("delay", seconds=30, path_contains="/blobs/")
+        error, took = failing_read(blob, 0, 4096)
+    assert "timed out" in str(error)
+    assert took < 2.5, took
+    assert proxy.faults_applied >= 2
+
+
+def test_a_retry_after_longer_than_the_timeout_is_kept_by_every_reader(
+    registry, pushed_images, fault_proxy
+):
+    """429 with Retry-After: 120. The first read fails at once; so do eight more reads
+    from eight threads, without one more request to the registry while it asked for quiet."""
+    proxy = fault_proxy(registry)
+    with client_via(proxy, timeout=5.0) as client:
+        blob = open_blob(client)
+        proxy.fault = Fault(
+            "status", status=429, headers={"Retry-After": "120"}, path_contains="/blobs/"
+        )
+        _, took = failing_read(blob, 0, 4096)
+        errors: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                blob.read_range(8192, 4096)
+            except BlobReadError as exc:
+                errors.append(exc)
+
+        started = time.monotonic()
+        readers = [threading.Thread(target=read) for _ in range(8)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(10)
+        others_took = time.monotonic() - started
+    assert took < 1.0 and others_took < 1.0, (took, others_took)
+    assert len(errors) == 8 and all("asked for a pause" in str(e) for e in errors)
+    assert proxy.faults_applied == 1
+
+
+def test_a_short_quiet_is_waited_out_within_the_deadline(
+    registry, pushed_images, erofs_images, fault_proxy
+):
+    """503 with Retry-After: 1, once: a read waits it out and gets the right bytes; a
+    read started meanwhile waits for the same quiet instead of asking at once."""
+    proxy = fault_proxy(registry)
+    expected = erofs_images.small.path.read_bytes()
+    with client_via(proxy, timeout=5.0) as client:
+        blob = open_blob(client)
+        proxy.fault = Fault(
+            "status", status=503, headers={"Retry-After": "1"}, times=1, path_contains="/blobs/"
+        )
+        got: dict[str, bytes] = {}
+        first = threading.Thread(target=lambda: got.update(a=blob.read_range(0, 5000)))
+        first.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        got["b"] = blob.read_range(10_000, 5000)
+        second_took = time.monotonic() - started
+        first.join(10)
+    assert got == {"a": expected[:5000], "b": expected[10_000:15_000]}
+    assert proxy.faults_applied == 1
+    # Started 0.3 s into the 1 s quiet, the second read sent nothing until it was over.
+    assert 0.5 <= second_took < 2.0, second_took
+
+
+def test_manifest_requests_keep_the_quiet_too(registry, pushed_images, fault_proxy):
+    """A 503 with Retry-After: 60 on the manifest: resolving fails at once with the
+    registry's own error, and a second resolve does not ask again."""
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault(
+        "status", status=503, headers={"Retry-After": "60"}, path_contains="/manifests/"
+    )
+    with client_via(proxy, timeout=5.0) as client:
+        with pytest.raises(RegistryError, match="HTTP 503"):
+            resolve_image(client, f"{proxy.host}/fixtures/small:v1", None)
+        with pytest.raises(RegistryError, match="asked for a pause"):
+            resolve_image(client, f"{proxy.host}/fixtures/small:v1", None)
+    assert proxy.faults_applied == 1
+
+
+def test_prefetch_timeout_option_bounds_a_stalled_registry(
+    registry, pushed_images, fault_proxy, tmp_path: Path
+):
+    """``prefetch --timeout 2`` against a registry whose blobs never come: it fails with
+    the unserved-read code (7) in one line, in a few seconds, not a minute."""
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault("delay", seconds=30, method="GET", path_contains="/blobs/sha256:")
+    started = time.monotonic()
+    done = subprocess.run(
+        [
+            *BLOCKSTORE,
+            "prefetch",
+            f"{proxy.host}/fixtures/small:v1",
+            "--insecure",
+            "--timeout",
+            "2",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    took = time.monotonic() - started
+    assert done.returncode == BlobReadError.exit_code, done.stderr
+    assert "timed out" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert took < 12, took
+
+
+@pytest.mark.parametrize("command", ["serve", "mount", "prefetch"])
+@pytest.mark.parametrize("value", ["0", "-3", "soon", "nan", "1e9"])
+def test_a_timeout_that_is_not_a_time_is_a_usage_error(command, value, tmp_path: Path, capsys):
+    """``--timeout`` is taken by serve, mount and prefetch, and refuses 0, negatives,
+    words, NaN and more than a day with a usage error (2) that names the option."""
+    extra = [str(tmp_path)] if command == "mount" else []
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args([command, "127.0.0.1:1/a/b:v1", *extra, "--timeout", value])
+    assert exited.value.code == 2
+    assert "--timeout" in capsys.readouterr().err
+
+
+def test_mount_hands_its_timeout_to_the_server_it_starts(tmp_path: Path):
+    """``mount --timeout 7`` starts its server with ``--timeout 7.0``: the reads the
+    kernel sends through the mount have the deadline the user gave."""
+    from blockstore.cli.mount_cmds import serve_command
+
+    args = build_parser().parse_args(
+        ["mount", "127.0.0.1:5000/a/b:v1", str(tmp_path), "--timeout", "7"]
+    )
+    argv, _ = serve_command(args)
+    assert argv[argv.index("--timeout") + 1] == "7.0"
+    assert build_parser().parse_args(["serve", "127.0.0.1:5000/a/b:v1"]).timeout == 30.0
+
+
+def test_an_nbd_read_from_a_trickling_registry_fails_within_the_timeout_then_recovers(
+    registry, pushed_images, erofs_images, fault_proxy, tmp_path: Path
+):
+    """``serve --timeout 2`` in front of a registry that trickles: an NBD client's read
+    gets EIO within a few seconds instead of sitting for ever; once the registry is
+    sound, the same connection reads the right bytes, and SIGTERM stops the server."""
+    nbd = pytest.importorskip("nbd", reason="libnbd's Python bindings (python3-libnbd)")
+    proxy = fault_proxy(registry)
+    socket_path = tmp_path / "nbd.sock"
+    server = subprocess.Popen(
+        [
+            *BLOCKSTORE,
+            "serve",
+            f"{proxy.host}/fixtures/small:v1",
+            "--insecure",
+            "--timeout",
+            "2",
+            "--unix",
+            str(socket_path),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert any(line.strip() == "ready" for line in server.stdout), "serve never got ready"
+        proxy.fault = Fault("trickle", seconds=0.5, method="GET", path_contains="/blobs/")
+        client = nbd.NBD()
+        client.connect_unix(str(socket_path))
+        started = time.monotonic()
+        with pytest.raises(nbd.Error) as failed:
+            client.pread(4096, 0)
+        assert time.monotonic() - started < 5
+        assert failed.value.errnum == 5
+        proxy.fault = None
+        assert client.pread(4096, 0) == erofs_images.small.path.read_bytes()[:4096]
+        client.shutdown()
+        server.terminate()
+        assert server.wait(timeout=10) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+        server.stdout.close()

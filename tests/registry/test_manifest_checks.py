@@ -1,0 +1,209 @@
+"""Malformed manifests and indexes, served by a proxy in front of the real registry.
+
+Each must be refused before anything is fetched or served, with one line
+that says what is wrong and the exit code for a refused image (3), or for
+bytes that do not match their descriptor (6); never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rig.fault_proxy import Fault
+
+from blockstore.errors import IntegrityError, RegistryError
+from blockstore.image import open_image
+from blockstore.registry import RegistryClient, RegistryOptions, resolve_image
+from blockstore.registry.descriptors import MAX_LAYERS, ManifestProblem, check_descriptor
+from blockstore.registry.mediatypes import OCI_MANIFEST
+
+BLOCKSTORE = [sys.executable, "-m", "blockstore"]
+OPTIONS = RegistryOptions(insecure=True, timeout=5.0, max_attempts=2)
+SHA = "sha256:" + "ab" * 32
+
+
+def real_manifest(registry, repository: str = "fixtures/small") -> dict:
+    with registry.client() as client:
+        return json.loads(client.get_manifest(repository, "v1").raw)
+
+
+def serving(fault_proxy, registry, manifest: dict | bytes):
+    """A proxy that answers every manifest request with ``manifest`` (no digest header,
+    as a registry may), and forwards the rest to the real registry."""
+    proxy = fault_proxy(registry)
+    raw = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
+    proxy.fault = Fault(
+        "status",
+        status=200,
+        headers={"Content-Type": OCI_MANIFEST},
+        body=raw,
+        path_contains="/manifests/",
+    )
+    return proxy
+
+
+def refusal(fault_proxy, registry, manifest: dict | bytes) -> str:
+    proxy = serving(fault_proxy, registry, manifest)
+    with (
+        RegistryClient(proxy.host, OPTIONS) as client,
+        pytest.raises(RegistryError) as refused,
+    ):
+        resolve_image(client, f"{proxy.host}/fixtures/small:v1", None)
+    assert type(refused.value) is RegistryError
+    return str(refused.value)
+
+
+def with_layers(manifest: dict, layers: list) -> dict:
+    return {**manifest, "layers": layers}
+
+
+def test_deeply_nested_json_is_refused_in_one_line(registry, pushed_images, fault_proxy):
+    """A manifest of 100000 nested arrays: refused as nested too deeply, no RecursionError."""
+    raw = b"[" * 100_000 + b"]" * 100_000
+    assert "nested too deeply" in refusal(fault_proxy, registry, raw)
+
+
+def test_a_manifest_without_layers_is_refused(registry, pushed_images, fault_proxy):
+    """``"layers": []`` is refused when resolved, not an IndexError when a layer is picked."""
+    manifest = with_layers(real_manifest(registry), [])
+    assert refusal(fault_proxy, registry, manifest).endswith("is refused: it lists no layers")
+
+
+@pytest.mark.parametrize("size", [-1, 1e300, 10**30, "4096", True, None])
+def test_a_layer_size_that_is_not_a_size_is_refused(registry, pushed_images, fault_proxy, size):
+    """-1, 1e300, a number past any disk, a string, a boolean, nothing: each refused,
+    naming the layer, before the server could fail on it."""
+    manifest = real_manifest(registry)
+    manifest["layers"][0]["size"] = size
+    assert "layer 0 has size" in refusal(fault_proxy, registry, manifest)
+
+
+@pytest.mark.parametrize(
+    ("digest", "why"),
+    [
+        ("sha512:" + "ab" * 64, "sha512 digest; this engine checks sha256 digests only"),
+        ("md5:" + "ab" * 16, "md5 digest; this engine checks sha256 digests only"),
+        ("sha256:" + "AB" * 32, "not 64 lowercase hex digits"),
+        ("sha256", "no valid digest"),
+    ],
+)
+def test_a_digest_this_engine_cannot_check_is_refused(
+    registry, pushed_images, fault_proxy, digest, why
+):
+    """OCI's grammar allows sha512 and other algorithms; this engine checks sha256 only,
+    and says so when the image is resolved, not as an I/O error in a mounted filesystem."""
+    manifest = real_manifest(registry)
+    manifest["layers"][0]["digest"] = digest
+    assert why in refusal(fault_proxy, registry, manifest)
+
+
+def test_more_layers_than_the_limit_are_refused_before_anything_starts(
+    registry, pushed_images, fault_proxy
+):
+    """1000 layers: refused at once, stating the limit (no export, no NBD connection)."""
+    manifest = real_manifest(registry)
+    layer = {"mediaType": "application/vnd.erofs.layer.v1", "digest": SHA, "size": 4096}
+    message = refusal(fault_proxy, registry, with_layers(manifest, [layer] * 1000))
+    assert message.endswith(f"it has 1000 layers; at most {MAX_LAYERS} are served")
+
+
+def test_an_index_entry_without_a_valid_descriptor_is_refused(registry, pushed_images, fault_proxy):
+    """An index whose entry has a negative size is refused as a whole."""
+    index = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": SHA,
+                "size": -5,
+                "platform": {"os": "linux", "architecture": "amd64"},
+            }
+        ],
+    }
+    assert "entry 0 has size -5" in refusal(fault_proxy, registry, index)
+
+
+def test_a_manifest_larger_than_4_mib_is_refused(registry, pushed_images, fault_proxy):
+    """The manifest's own size is capped (4 MiB, the distribution spec's figure)."""
+    manifest = real_manifest(registry)
+    manifest["annotations"] = {"padding": "x" * (5 << 20)}
+    assert "larger than 4194304 bytes, refused" in refusal(fault_proxy, registry, manifest)
+
+
+def test_a_layer_size_off_by_some_kib_is_refused_before_serving(
+    registry, pushed_images, erofs_images, fault_proxy, tmp_path: Path
+):
+    """The manifest says 4 KiB more than the blob holds: opening the layer asks the
+    registry for the blob's size and refuses it (integrity), before any read is served."""
+    manifest = real_manifest(registry)
+    manifest["layers"][0]["size"] += 4096
+    proxy = serving(fault_proxy, registry, manifest)
+    image = open_image(
+        f"{proxy.host}/fixtures/small:v1", cache_dir=tmp_path / "cache", options=OPTIONS
+    )
+    try:
+        with pytest.raises(IntegrityError, match=r"the manifest says .* the registry holds"):
+            image.exports()
+    finally:
+        image.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [("nested", RegistryError.exit_code), ("size", IntegrityError.exit_code)],
+)
+def test_the_commands_refuse_a_bad_manifest_with_one_line_and_its_code(
+    registry, pushed_images, fault_proxy, tmp_path: Path, change, code
+):
+    """``prefetch`` of a too-deeply nested manifest exits 3, of a layer whose size is
+    off exits 6: one line each, no traceback."""
+    manifest = real_manifest(registry)
+    if change == "nested":
+        manifest = b"{" + b'"a":{' * 50_000 + b"}" * 50_001
+    else:
+        manifest["layers"][0]["size"] -= 4096
+    proxy = serving(fault_proxy, registry, manifest)
+    done = subprocess.run(
+        [
+            *BLOCKSTORE,
+            "prefetch",
+            f"{proxy.host}/fixtures/small:v1",
+            "--insecure",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == code, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "descriptor",
+    [
+        {"mediaType": "x", "digest": SHA, "size": 1},
+        {"mediaType": "a/b", "digest": SHA, "size": 1.0},
+        {"mediaType": "a/b", "digest": SHA, "size": (1 << 44) + 1},
+        {"mediaType": "a/b", "digest": "sha256:" + "ab" * 31, "size": 1},
+        {"digest": SHA, "size": 1},
+        [SHA],
+    ],
+)
+def test_descriptor_rules(descriptor):
+    """Media type ``type/subtype``, a 64-hex sha256, an integer size within the bound."""
+    with pytest.raises(ManifestProblem):
+        check_descriptor(descriptor, "layer 0")
+
+
+def test_a_valid_descriptor_is_taken():
+    """The boundary sizes 0 and 16 TiB are sizes."""
+    for size in (0, 1 << 44):
+        assert check_descriptor({"mediaType": "a/b", "digest": SHA, "size": size}, "x").size == size

@@ -1,0 +1,131 @@
+"""``blockstore mount`` / ``prefetch`` of ordinary tar images, as a user runs them."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from oci_layout import MEDIA_TYPES, make_layout, skopeo_copy
+from test_overlay_layers import extract_in_order, layer_sources, without_dir_counts
+from trees import make_tar, populate, snapshot
+
+from blockstore.registry.push import push_image
+from blockstore.tarlayer.gzindex import GzipIndexer
+from blockstore.tarlayer.layerindex import GZIP, index_compressed_tar
+from nbdfront.mount import records, stack, syscall
+
+pytestmark = pytest.mark.slow
+BLOCKSTORE = [sys.executable, "-m", "blockstore"]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([*BLOCKSTORE, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch, kernel_mount):
+    """A private run directory for mount records; whatever is left is unmounted."""
+    run = Path(tempfile.mkdtemp(prefix="bs-tar-run-"))
+    monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(run))
+    yield run
+    for record in records.saved():
+        stack.unmount_record(record, lazy=True)
+    for point in sorted(syscall.mounted(), key=len, reverse=True):
+        if point.startswith(f"{tmp_path}/") or point.startswith(f"{run}/"):
+            syscall.umount(point, lazy=True)
+    shutil.rmtree(run, ignore_errors=True)
+
+
+def test_mount_prefetch_and_offline_mount_of_a_three_layer_tar_image(tmp_path, registry, run_dir):
+    """``mount`` of a skopeo-copied image of gzip, tar and zstd layers shows the tree
+    extraction gives; ``prefetch`` then fills and seals every layer; with the registry
+    stopped, ``mount --offline`` shows the same tree."""
+    tars = [make_tar(src, tmp_path / f"{src.name}.tar") for src in layer_sources(tmp_path / "src")]
+    layers = [(k, t.read_bytes()) for k, t in zip(["gzip", "tar", "zstd"], tars, strict=True)]
+    ref = skopeo_copy(make_layout(tmp_path / "layout", "v1", layers), "v1", registry.host, "o/cli")
+    reference = tmp_path / "extracted"
+    extract_in_order(tars, reference)
+    want = without_dir_counts(snapshot(reference, with_mtime=False))
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    mnt.mkdir()
+
+    cli("mount", "--insecure", "--cache-dir", str(cache), ref, str(mnt))
+    assert without_dir_counts(snapshot(mnt, with_mtime=False)) == want
+    cli("umount", str(mnt))
+    done = cli("-q", "prefetch", "--insecure", "--cache-dir", str(cache), ref)
+    assert done.stdout.count("verified and sealed") == 3
+    registry.stop()
+    try:
+        cli("mount", "--offline", "--cache-dir", str(cache), ref, str(mnt))
+        assert without_dir_counts(snapshot(mnt, with_mtime=False)) == want
+        cli("umount", str(mnt))
+    finally:
+        registry.start()
+
+
+def test_mount_with_local_tarindex_and_zinfo(tmp_path, registry, run_dir):
+    """``-o oci.layer=0,oci.tarindex=PATH,oci.zinfo=PATH`` mounts a gzip layer from a
+    metadata image and SOCI zinfo given as files, with no index built: the tree is
+    the source's, and the cache holds no index record of its own."""
+    src = populate(tmp_path / "src")
+    tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    ref = skopeo_copy(
+        make_layout(tmp_path / "layout", "v1", [("gzip", tar)]), "v1", registry.host, "o/local"
+    )
+    blobs = {p.read_bytes()[:2]: p for p in (tmp_path / "layout/blobs/sha256").glob("*")}
+    blob = blobs[b"\x1f\x8b"].read_bytes()  # the one gzip blob: the layer
+    index = index_compressed_tar(io.BytesIO(blob), GZIP, blob_digest=None, diff_id=None)
+    (tmp_path / "layer.meta").write_bytes(index.metadata)
+    zinfo, _ = GzipIndexer(io.BytesIO(blob)).finish()
+    (tmp_path / "layer.zinfo").write_bytes(zinfo.to_bytes())
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    mnt.mkdir()
+    options = (
+        f"oci.layer=0,oci.tarindex={tmp_path / 'layer.meta'},oci.zinfo={tmp_path / 'layer.zinfo'}"
+    )
+    cli("mount", "--insecure", "--cache-dir", str(cache), "-o", options, ref, str(mnt))
+    assert snapshot(mnt) == snapshot(src)
+    cli("umount", str(mnt))
+
+
+def test_unmountable_layers_are_refused_in_one_line(tmp_path, registry, run_dir):
+    """A gzip layer that is not a tar, and one holding a GNU sparse file, make ``mount``
+    fail with one line naming the reason (the entry, for the sparse file), no
+    traceback, and nothing mounted."""
+    (tmp_path / "junk.gz").write_bytes(gzip.compress(b"not a tar at all" * 1000))
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "holes", "wb") as fh:
+        fh.seek(10 << 20)
+        fh.write(b"x")
+    sparse = tmp_path / "sparse.tar.gz"
+    subprocess.run(["tar", "--sparse", "-czf", str(sparse), "-C", str(src), "."], check=True)
+    client = registry.client()
+    try:
+        for name in ("junk", "sparse"):
+            path = tmp_path / ("junk.gz" if name == "junk" else "sparse.tar.gz")
+            push_image(client, "o/bad", name, [path], media_type=MEDIA_TYPES["gzip"])
+    finally:
+        client.close()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for name, reason in (("junk", "not a readable tar"), ("sparse", "'./holes': GNU sparse")):
+        ref = f"{registry.host}/o/bad:{name}"
+        done = subprocess.run(
+            [*BLOCKSTORE, "mount", "--insecure", "--cache-dir", str(tmp_path / "c"), ref, str(mnt)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode != 0
+        assert reason in done.stderr and "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+        assert not syscall.is_mounted(str(mnt))

@@ -1,0 +1,196 @@
+"""Gzip checkpoints (SOCI zinfo v2) and zstd frame starts: one verified pass, random access."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+from trees import make_tar
+
+from blockstore.errors import IntegrityError
+from blockstore.tarlayer.erofs_reader import read_metadata
+from blockstore.tarlayer.gzindex import POINT_SIZE, WINDOW, GzipIndexer, Zinfo
+from blockstore.tarlayer.layerindex import GZIP, ZSTD, SpanIndex, index_compressed_tar
+from blockstore.tarlayer.tree import TarLayerError
+from blockstore.tarlayer.zstdframes import decode_frames
+
+SPAN = 256 << 10
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def layer_tar(tmp_path_factory) -> bytes:
+    """A ~6 MiB tar of a real tree: compressible text and incompressible data mixed."""
+    root = tmp_path_factory.mktemp("tree")
+    src = root / "src"
+    src.mkdir()
+    (src / "random.bin").write_bytes(os.urandom(2 << 20))
+    text = Path(os.__file__).read_bytes()
+    for i in range(40):
+        (src / f"text{i}.py").write_bytes(text[i * 1000 :] * 3)
+    (src / "empty").write_bytes(b"")
+    return make_tar(src, root / "layer.tar").read_bytes()
+
+
+def compress(cmd: list[str], data: bytes) -> bytes:
+    return subprocess.run(cmd, input=data, capture_output=True, check=True).stdout
+
+
+def all_spans(spans: SpanIndex, blob: bytes) -> bytes:
+    return b"".join(
+        spans.decompress(i, lambda o, n: blob[o : o + n]) for i in range(len(spans.points))
+    )
+
+
+def test_gzip_one_pass_checks_both_digests_and_every_span_reads_back(layer_tar):
+    """``gzip`` output indexed in one pass: checkpoints at least a span apart, each span
+    decompressed from its checkpoint alone equals those bytes of the tar, and the tar
+    walked in the same pass gives a metadata image the checker accepts."""
+    blob = compress(["gzip", "-6", "-c"], layer_tar)
+    index = index_compressed_tar(
+        io.BytesIO(blob), GZIP, blob_digest=sha(blob), diff_id=sha(layer_tar), span=SPAN
+    )
+    spans = index.spans
+    starts = spans.starts
+    assert len(starts) > 10 and starts[0] == 0
+    assert all(b - a > SPAN for a, b in itertools.pairwise(starts))
+    assert index.tar_size == len(layer_tar) == spans.uncompressed_size
+    for i in (0, len(starts) // 2, len(starts) - 1):
+        lo, hi = spans.bounds(i)
+        assert spans.decompress(i, lambda o, n: blob[o : o + n]) == layer_tar[lo:hi]
+    assert all_spans(spans, blob) == layer_tar
+    tree = read_metadata(index.metadata)
+    f = tree.lookup([b"random.bin"])
+    with tarfile.open(fileobj=io.BytesIO(layer_tar)) as archive:
+        want = archive.extractfile("./random.bin").read()
+    assert layer_tar[f.data_offset : f.data_offset + f.size] == want
+
+
+def test_zinfo_bytes_are_soci_v2(layer_tar):
+    """The zinfo file is a 12-byte header (u32 count, u64 span, little-endian) and per
+    checkpoint u64 compressed offset, u64 uncompressed offset, u8 bits and a 32 KiB
+    window, packed; the first checkpoint is just past the 10-byte gzip header; each
+    window holds the 32 KiB of tar before its checkpoint."""
+    blob = compress(["gzip", "-n", "-c"], layer_tar)
+    indexer = GzipIndexer(io.BytesIO(blob), span=SPAN)
+    zinfo, _ = indexer.finish()
+    raw = zinfo.to_bytes()
+    count = int.from_bytes(raw[0:4], "little")
+    assert int.from_bytes(raw[4:12], "little") == SPAN
+    assert len(raw) == 12 + count * (8 + 8 + 1 + 32768) and POINT_SIZE == 32785
+    assert (int.from_bytes(raw[12:20], "little"), int.from_bytes(raw[20:28], "little")) == (10, 0)
+    second = 12 + POINT_SIZE
+    out = int.from_bytes(raw[second + 8 : second + 16], "little")
+    assert raw[second + 16] < 8
+    assert raw[second + 17 : second + 17 + WINDOW] == layer_tar[out - WINDOW : out]
+    assert Zinfo.from_bytes(raw) == zinfo
+
+
+def test_concatenated_gzip_members_and_trailing_zeros(layer_tar):
+    """Two gzip members back to back (as pigz and stargz write) and zero padding after
+    them: every span reads back, and a checkpoint starts the second member."""
+    half = len(layer_tar) // 2
+    blob = (
+        compress(["gzip", "-c"], layer_tar[:half])
+        + compress(["gzip", "-1", "-c"], layer_tar[half:])
+        + b"\0" * 1000
+    )
+    index = index_compressed_tar(
+        io.BytesIO(blob), GZIP, blob_digest=sha(blob), diff_id=sha(layer_tar), span=SPAN
+    )
+    assert half in index.spans.starts
+    assert all_spans(index.spans, blob) == layer_tar
+
+
+def test_zstd_many_frames_give_restart_points_one_frame_gives_one(layer_tar):
+    """A stream of 1 MiB zstd frames with a skippable frame among them gets a restart
+    point per span's worth of frames; a single-frame stream gets one restart point (the
+    whole tar is one span). Both read back exactly."""
+    pieces = [layer_tar[i : i + (1 << 20)] for i in range(0, len(layer_tar), 1 << 20)]
+    frames = [compress(["zstd", "-q", "-c"], p) for p in pieces]
+    skippable = b"\x5e\x2a\x4d\x18" + (5).to_bytes(4, "little") + b"toc!!"
+    many = frames[0] + skippable + b"".join(frames[1:])
+    index = index_compressed_tar(
+        io.BytesIO(many), ZSTD, blob_digest=sha(many), diff_id=sha(layer_tar), span=SPAN
+    )
+    assert index.spans.starts == [i << 20 for i in range(len(pieces))]
+    assert all_spans(index.spans, many) == layer_tar
+    one = compress(["zstd", "-q", "-c"], layer_tar)
+    single = index_compressed_tar(io.BytesIO(one), ZSTD, blob_digest=sha(one), diff_id=None)
+    assert single.spans.starts == [0] and all_spans(single.spans, one) == layer_tar
+    assert SpanIndex.from_bytes(index.spans.to_bytes()) == index.spans
+
+
+@pytest.mark.parametrize("kind", [GZIP, ZSTD])
+def test_wrong_digest_or_diff_id_builds_no_index(layer_tar, kind):
+    """A blob whose digest, or whose tar's diff_id, is not the expected one gives an
+    IntegrityError naming which, and no index."""
+    blob = compress(["gzip" if kind == GZIP else "zstd", "-q", "-c"], layer_tar)
+    with pytest.raises(IntegrityError, match="blob's digest"):
+        index_compressed_tar(io.BytesIO(blob), kind, blob_digest=sha(b"x"), diff_id=None)
+    with pytest.raises(IntegrityError, match="diff_id"):
+        index_compressed_tar(
+            io.BytesIO(blob), kind, blob_digest=sha(blob), diff_id=sha(layer_tar + b"x")
+        )
+
+
+@pytest.mark.parametrize("kind", [GZIP, ZSTD])
+def test_corrupt_compressed_stream_is_caught_in_the_pass(layer_tar, kind):
+    """A byte flipped in the middle of the compressed stream, or the stream cut short,
+    fails the indexing pass with IntegrityError (the format's own check or a decode
+    error) or, where the damage reads as a broken tar header, TarLayerError: never an
+    index."""
+    blob = compress(["gzip" if kind == GZIP else "zstd", "-q", "-c"], layer_tar)
+    bad = bytearray(blob)
+    bad[len(bad) // 2] ^= 0x55
+    for broken in (bytes(bad), blob[: len(blob) * 2 // 3]):
+        with pytest.raises((IntegrityError, TarLayerError)):
+            index_compressed_tar(io.BytesIO(broken), kind, blob_digest=None, diff_id=None)
+
+
+@pytest.mark.parametrize("kind", [GZIP, ZSTD])
+def test_span_from_bytes_fetched_wrong_later_is_refused(layer_tar, kind):
+    """After a verified pass, a span decompressed from compressed bytes that differ (a
+    registry or mirror serving other bytes) fails with IntegrityError: the span digest
+    recorded in the pass is checked, so no wrong byte is served."""
+    if kind == GZIP:
+        blob = compress(["gzip", "-c"], layer_tar)
+    else:
+        blob = b"".join(
+            compress(["zstd", "-q", "-c"], layer_tar[i : i + SPAN])
+            for i in range(0, len(layer_tar), SPAN)
+        )
+    index = index_compressed_tar(
+        io.BytesIO(blob), kind, blob_digest=sha(blob), diff_id=None, span=SPAN
+    )
+    target = len(index.spans.points) // 2
+    comp = index.spans.points[target][0]
+    bad = bytearray(blob)
+    for k in range(200, 4000, 97):  # many flips: some decode, wrongly, without an error
+        bad[comp + k] ^= 0x01
+    with pytest.raises(IntegrityError):
+        index.spans.decompress(target, lambda o, n: bytes(bad[o : o + n]))
+
+
+def test_malformed_index_files_are_refused():
+    """Truncated or reordered zinfo and span indexes give IntegrityError."""
+    with pytest.raises(IntegrityError):
+        Zinfo.from_bytes(b"\x01\x00\x00\x00" + bytes(8) + bytes(100))
+    with pytest.raises(IntegrityError):
+        SpanIndex.from_bytes(b"BSSPANS\x01" + bytes(10))
+
+
+def test_decode_frames_refuses_a_cut_frame():
+    frame = subprocess.run(["zstd", "-q", "-c"], input=b"abc" * 1000, capture_output=True).stdout
+    assert decode_frames(frame + frame) == b"abc" * 2000
+    with pytest.raises(IntegrityError):
+        decode_frames(frame[:-3])

@@ -1,0 +1,117 @@
+"""Opening image layers of each tar kind through the cache: kinds, reuse, offline, local indexes."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import subprocess
+
+import pytest
+from rig.local_source import LocalFileSource
+from trees import make_tar, populate
+
+from blockstore.cache import CachedBlob, ChunkStore
+from blockstore.errors import NotCached
+from blockstore.tarlayer.gzindex import GzipIndexer
+from blockstore.tarlayer.layers import GZIP, TAR, ZSTD, layer_kind, open_tar_layer
+
+SPAN = 1 << 20
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory):
+    """The same real tree as a plain, a gzip and a (multi-frame) zstd layer blob."""
+    tmp = tmp_path_factory.mktemp("layers")
+    tar = make_tar(populate(tmp / "src"), tmp / "layer.tar").read_bytes()
+    pieces = [tar[i : i + SPAN] for i in range(0, len(tar), SPAN)]
+    zst = b"".join(
+        subprocess.run(["zstd", "-q", "-c"], input=p, capture_output=True, check=True).stdout
+        for p in pieces
+    )
+    out = {TAR: tar, GZIP: gzip.compress(tar, mtime=0), ZSTD: zst}
+    paths = {}
+    for kind, data in out.items():
+        paths[kind] = tmp / f"layer.{kind}"
+        paths[kind].write_bytes(data)
+    return tar, paths
+
+
+def open_layer(store, path, kind, tar, *, online=True, **kw):
+    data = path.read_bytes()
+    source = LocalFileSource(path, sha(data)) if online else None
+    blob = CachedBlob(store, sha(data), len(data), source)
+    return open_tar_layer(
+        store, blob, kind, online=online, diff_id=lambda: sha(tar), span=SPAN, **kw
+    )
+
+
+def whole(export) -> bytes:
+    return b"".join(bytes(b) for b in export.read(0, export.size))
+
+
+def test_layer_kinds_from_media_types():
+    """OCI and Docker tar media types map to their kind; EROFS and others are served as is."""
+    assert layer_kind("application/vnd.oci.image.layer.v1.tar+gzip") == GZIP
+    assert layer_kind("application/vnd.docker.image.rootfs.diff.tar.gzip") == GZIP
+    assert layer_kind("application/vnd.oci.image.layer.v1.tar+zstd") == ZSTD
+    assert layer_kind("application/vnd.oci.image.layer.v1.tar") == TAR
+    assert layer_kind("application/vnd.erofs.layer.v1") is None
+
+
+@pytest.mark.parametrize("kind", [TAR, GZIP, ZSTD])
+def test_each_kind_serves_metadata_and_tar_then_reopens_offline(blobs, tmp_path, kind):
+    """A layer of each kind serves ``metadata || tar``; after prefetch (which seals the
+    tar part against its digest), the layer reopens with no source at all, its index
+    from the cache, and serves the same bytes."""
+    tar, paths = blobs
+    with ChunkStore(tmp_path / "cache") as store:
+        layer = open_layer(store, paths[kind], kind, tar)
+        first = whole(layer)
+        assert first[len(layer.index.metadata) :][: len(tar)] == tar
+        layer.prefetch()
+        sealed = {b.digest: b.sealed for b in store.blobs()}
+        assert sealed[sha(tar)] is True
+        layer.close()
+    with ChunkStore(tmp_path / "cache") as store:
+        again = open_layer(store, paths[kind], kind, tar, online=False)
+        assert whole(again) == first
+        again.close()
+
+
+def test_offline_layer_never_indexed_fails_clearly(blobs, tmp_path):
+    tar, paths = blobs
+    with ChunkStore(tmp_path / "cache") as store, pytest.raises(NotCached, match="never indexed"):
+        open_layer(store, paths[GZIP], GZIP, tar, online=False)
+
+
+def test_local_tarindex_and_zinfo_are_used_instead_of_a_pass(blobs, tmp_path):
+    """``oci.tarindex`` and ``oci.zinfo`` files (a metadata image and a SOCI zinfo) are
+    served as given: same bytes as the index built here, and no indexing pass."""
+    tar, paths = blobs
+    with ChunkStore(tmp_path / "built") as store:
+        built = open_layer(store, paths[GZIP], GZIP, tar)
+        expected = whole(built)
+        (tmp_path / "meta.erofs").write_bytes(built.index.metadata)
+        built.close()
+    zinfo, _ = GzipIndexer(io.BytesIO(paths[GZIP].read_bytes()), span=SPAN).finish()
+    (tmp_path / "layer.zinfo").write_bytes(zinfo.to_bytes())
+    with ChunkStore(tmp_path / "local") as store:
+        local = open_layer(
+            store,
+            paths[GZIP],
+            GZIP,
+            tar,
+            tarindex=tmp_path / "meta.erofs",
+            zinfo=tmp_path / "layer.zinfo",
+        )
+        assert whole(local) == expected
+        assert (
+            store.images.manifest(f"tarlayer/v1/span{SPAN}/{sha(paths[GZIP].read_bytes())}/meta")
+            is None
+        )
+        local.close()

@@ -1,0 +1,129 @@
+"""An ordinary OCI image (gzip, plain and zstd tar layers) from a registry, mounted lazily."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from oci_layout import MEDIA_TYPES, compress, make_layout, skopeo_copy
+from test_overlay_layers import extract_in_order, layer_sources, without_dir_counts
+from trees import make_tar, snapshot
+
+from blockstore.image import open_image
+from blockstore.registry.push import push_image
+from blockstore.tarlayer.layers import TarLayer
+from nbdfront.mount import attach
+from nbdfront.mount import syscall as mount_syscall
+from nbdfront.server import NBDServer
+
+
+class Stack:
+    """Serve an image's exports over NBD, attach them with nbdfuse, mount and stack them."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.undo: list = []
+
+    def mount(self, exports: list, tag: str) -> Path:
+        sock = self.tmp / f"{tag}.sock"
+        server = NBDServer({e.name: e for e in exports}, unix=str(sock))
+        server.start()
+        self.undo.append(server.shutdown)
+        lowers = []
+        for e in exports:
+            uri = f"nbd+unix:///{e.name}?socket={sock}"
+            att = attach.attach(
+                uri, e.name, self.tmp / f"{tag}-att", self.tmp / "fuse.log", "nbdfuse"
+            )
+            self.undo.append(lambda att=att: attach.detach(att, lazy=True))
+            target = self.tmp / f"{tag}-{e.name}"
+            target.mkdir()
+            mount_syscall.mount(att.device, str(target), "erofs")
+            self.undo.append(lambda t=target: mount_syscall.umount(str(t), lazy=True))
+            lowers.append(target)
+        merged = self.tmp / f"{tag}-merged"
+        merged.mkdir()
+        lowerdir = ":".join(str(p) for p in reversed(lowers))
+        mount_syscall.mount("overlay", str(merged), "overlay", f"lowerdir={lowerdir}")
+        self.undo.append(lambda: mount_syscall.umount(str(merged), lazy=True))
+        return merged
+
+    def close(self) -> None:
+        for step in reversed(self.undo):
+            step()
+        self.undo.clear()
+
+
+@pytest.fixture
+def stack(tmp_path, kernel_mount):
+    s = Stack(tmp_path)
+    yield s
+    s.close()
+
+
+def test_skopeo_copied_image_mounts_like_extraction_and_again_offline(tmp_path, registry, stack):
+    """A three-layer OCI image (gzip, plain tar and zstd layers; whiteouts, an opaque
+    directory) written as an OCI layout and copied into the registry with skopeo: opened
+    by reference, each layer served as ``metadata || tar``, stacked with overlayfs, it
+    shows the tree that extracting the tars in order gives. Reopened offline from the
+    same cache, with the registry stopped, it shows the same tree."""
+    tars = [make_tar(src, tmp_path / f"{src.name}.tar") for src in layer_sources(tmp_path / "src")]
+    layout = make_layout(
+        tmp_path / "layout",
+        "v1",
+        [(kind, tar.read_bytes()) for kind, tar in zip(["gzip", "tar", "zstd"], tars, strict=True)],
+    )
+    ref = skopeo_copy(layout, "v1", registry.host, "ordinary/stack")
+    reference = tmp_path / "extracted"
+    extract_in_order(tars, reference)
+    want = without_dir_counts(snapshot(reference, with_mtime=False))
+    cache = tmp_path / "cache"
+
+    image = open_image(ref, cache_dir=cache, options=registry.options())
+    try:
+        exports = image.exports()
+        assert all(isinstance(e, TarLayer) for e in exports)
+        merged = stack.mount(exports, "online")
+        assert without_dir_counts(snapshot(merged, with_mtime=False)) == want
+    finally:
+        stack.close()
+        image.close()
+
+    registry.stop()
+    try:
+        image = open_image(ref, cache_dir=cache, offline=True)
+        try:
+            merged = stack.mount(image.exports(), "offline")
+            assert without_dir_counts(snapshot(merged, with_mtime=False)) == want
+        finally:
+            stack.close()
+            image.close()
+    finally:
+        registry.start()
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_pushed_compressed_layer_has_the_diff_id_its_index_checks(tmp_path, registry, kind):
+    """``push_image`` of a tar.gz / tar.zst file with its tar media type writes the
+    uncompressed tar's digest as diff_id, so opening the image indexes the layer
+    (which checks the diff_id) and serves ``metadata || tar``."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello").write_text("hello\n")
+    tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    layer = tmp_path / f"layer.{kind}"
+    layer.write_bytes(compress(kind, tar))
+    client = registry.client()
+    try:
+        push_image(client, "o/pushed", kind, [layer], media_type=MEDIA_TYPES[kind])
+    finally:
+        client.close()
+    image = open_image(
+        f"{registry.host}/o/pushed:{kind}", cache_dir=tmp_path / "c", options=registry.options()
+    )
+    try:
+        (export,) = image.exports()
+        data = b"".join(bytes(b) for b in export.read(0, export.size))
+        assert data[len(export.index.metadata) :][: len(tar)] == tar
+    finally:
+        image.close()

@@ -1,0 +1,108 @@
+"""Reading a tar's member list: offsets, PAX xattrs, refusals, and no file data read."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import stat
+import subprocess
+import tarfile
+
+import pytest
+
+from blockstore.tarlayer.tarwalk import RangeFile, walk_tar
+from blockstore.tarlayer.tree import TarLayerError
+
+
+def test_header_walk_over_range_reads_skips_file_data(tmp_path):
+    """Walking a GNU tar of two multi-MiB files and small ones through range reads asks
+    for the 512-byte headers only: under 16 KiB in all, and of each file's data at most
+    the one byte tarfile reads to check the archive is not cut short."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big1").write_bytes(os.urandom(5 << 20))
+    (src / "big2").write_bytes(os.urandom(3 << 20))
+    for i in range(10):
+        (src / f"small{i}").write_text("x" * i)
+    tar = tmp_path / "l.tar"
+    subprocess.run(["tar", "-cf", str(tar), "-C", str(src), "."], check=True)
+    blob = tar.read_bytes()
+    reads: list[tuple[int, int]] = []
+
+    def read_range(offset: int, length: int) -> bytes:
+        reads.append((offset, length))
+        return blob[offset : offset + length]
+
+    entries = list(walk_tar(RangeFile(read_range, len(blob))))
+    by_name = {e.path: e for e in entries}
+    big1 = by_name[b"./big1"]
+    assert blob[big1.data_offset : big1.data_offset + big1.size] == (src / "big1").read_bytes()
+    assert sum(length for _, length in reads) < 16 << 10
+    for e in entries:
+        if e.size:
+            inside = [
+                (o, n) for o, n in reads if o < e.data_offset + e.size - 1 and o + n > e.data_offset
+            ]
+            assert inside == [], f"{e.path!r}: data read at {inside}"
+
+
+def test_pax_xattrs_of_libarchive_and_gnu_tar(tmp_path):
+    """``SCHILY.xattr.NAME`` (GNU tar, star) carries raw bytes; ``LIBARCHIVE.xattr.NAME``
+    (bsdtar) a URL-encoded name and a base64 value: both become the same xattrs."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as out:
+        for name, pax in [
+            ("gnu", {"SCHILY.xattr.user.k": "v\udcff"}),
+            ("bsd", {"LIBARCHIVE.xattr.user.k%20x": base64.b64encode(b"v\xff\x00").decode()}),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.pax_headers = pax
+            out.addfile(info, io.BytesIO())
+    buf.seek(0)
+    got = {e.path: e.xattrs for e in walk_tar(buf)}
+    assert got == {b"gnu": ((b"user.k", b"v\xff"),), b"bsd": ((b"user.k x", b"v\xff\x00"),)}
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_sparse_files_are_refused_by_name(tmp_path, fmt):
+    """A GNU sparse member (old GNU 'S' type, or PAX GNU.sparse records) is refused
+    with a message naming it: its data is not one contiguous run of the tar."""
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "holes", "wb") as fh:
+        fh.seek(10 << 20)
+        fh.write(b"end")
+    tar = tmp_path / "l.tar"
+    subprocess.run(
+        ["tar", f"--format={fmt}", "--sparse", "-cf", str(tar), "-C", str(src), "holes"],
+        check=True,
+    )
+    with open(tar, "rb") as fh, pytest.raises(TarLayerError, match=r"'holes'.*sparse"):
+        list(walk_tar(fh))
+
+
+def test_not_a_tar_is_one_clear_error():
+    with pytest.raises(TarLayerError, match="not a readable tar"):
+        list(walk_tar(io.BytesIO(b"\x1f\x8b" + b"junk" * 300)))
+
+
+def test_modes_links_and_devices(tmp_path):
+    """Type bits come from the entry type; hard links carry their target and no size."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as out:
+        f = tarfile.TarInfo("f")
+        f.size = 3
+        f.mode = 0o4755
+        out.addfile(f, io.BytesIO(b"abc"))
+        h = tarfile.TarInfo("h")
+        h.type, h.linkname = tarfile.LNKTYPE, "f"
+        out.addfile(h)
+        c = tarfile.TarInfo("c")
+        c.type, c.devmajor, c.devminor = tarfile.CHRTYPE, 1, 5
+        out.addfile(c)
+    buf.seek(0)
+    got = {e.path: e for e in walk_tar(buf)}
+    assert got[b"f"].mode == stat.S_IFREG | 0o4755 and got[b"f"].size == 3
+    assert got[b"h"].hardlink and got[b"h"].link == b"f" and got[b"h"].size == 0
+    assert stat.S_ISCHR(got[b"c"].mode) and (got[b"c"].rdev_major, got[b"c"].rdev_minor) == (1, 5)

@@ -1,0 +1,111 @@
+"""Replaying tar entries into a tree: what extraction would leave, whiteouts as overlayfs wants."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+
+from blockstore.tarlayer.tree import (
+    OPAQUE_XATTR,
+    ORIGIN_XATTR,
+    TarEntry,
+    TarLayerError,
+    build_tree,
+)
+
+REG, DIR, LNK = stat.S_IFREG | 0o644, stat.S_IFDIR | 0o755, stat.S_IFLNK | 0o777
+
+
+def reg(path: bytes, offset: int, size: int = 10, **kw) -> TarEntry:
+    return TarEntry(path=path, mode=REG, size=size, data_offset=offset, **kw)
+
+
+def test_later_entry_for_a_path_wins():
+    """Two entries for ``a``: the second one's data offset and owner are what the tree
+    holds, as ``tar x`` overwrites; a directory entry seen twice keeps its contents and
+    takes the later metadata."""
+    tree = build_tree(
+        [
+            TarEntry(path=b"d", mode=DIR, uid=1),
+            reg(b"d/x", 512),
+            reg(b"a", 1024, uid=5),
+            reg(b"a", 2048, uid=6),
+            TarEntry(path=b"d/", mode=stat.S_IFDIR | 0o700, uid=2),
+        ]
+    )
+    a = tree.lookup([b"a"])
+    assert (a.data_offset, a.uid) == (2048, 6)
+    d = tree.lookup([b"d"])
+    assert d.uid == 2 and stat.S_IMODE(d.mode) == 0o700 and list(d.children) == [b"x"]
+
+
+def test_a_file_replaces_a_directory_and_back():
+    """A later non-directory entry replaces a directory with everything under it."""
+    tree = build_tree([reg(b"p/q", 512), reg(b"p", 1024), TarEntry(path=b"p", mode=DIR)])
+    assert tree.lookup([b"p"]).children == {}
+
+
+def test_hard_link_names_the_inode_written_earlier():
+    """A hard link shares the inode of its target as it was then; replacing the target
+    path later leaves the link pointing at the old inode (as link(2) at extraction does)."""
+    tree = build_tree(
+        [
+            reg(b"f", 512),
+            TarEntry(path=b"g", mode=REG, link=b"./f", hardlink=True),
+            reg(b"f", 4096),
+        ]
+    )
+    assert tree.lookup([b"g"]).data_offset == 512
+    assert tree.lookup([b"f"]).data_offset == 4096
+
+
+def test_missing_parents_are_created():
+    tree = build_tree([reg(b"./a/b/c", 512)])
+    assert tree.lookup([b"a", b"b"]).is_dir
+    assert tree.lookup([b"a", b"b", b"c"]).data_offset == 512
+
+
+def test_whiteouts_become_overlayfs_whiteouts():
+    """``.wh.gone`` becomes a 0/0 character device named ``gone`` and marks its directory
+    with an empty origin xattr; ``.wh..wh..opq`` makes its directory opaque and does not
+    appear itself; other entries of that directory stay."""
+    tree = build_tree(
+        [
+            TarEntry(path=b"etc/.wh.gone", mode=REG),
+            TarEntry(path=b"var/.wh..wh..opq", mode=REG),
+            reg(b"var/kept", 512),
+        ]
+    )
+    gone = tree.lookup([b"etc", b"gone"])
+    assert stat.S_ISCHR(gone.mode) and (gone.rdev_major, gone.rdev_minor) == (0, 0)
+    assert tree.lookup([b"etc"]).xattrs == {ORIGIN_XATTR: b""}
+    var = tree.lookup([b"var"])
+    assert var.xattrs == {OPAQUE_XATTR: b"y"} and list(var.children) == [b"kept"]
+
+
+def test_directory_entry_after_its_opaque_marker_keeps_the_marker():
+    """Layers often list ``dir/.wh..wh..opq`` before ``dir/`` itself: the marker stays."""
+    tree = build_tree(
+        [
+            TarEntry(path=b"d/.wh..wh..opq", mode=REG),
+            TarEntry(path=b"d", mode=DIR, xattrs=((b"user.a", b"1"),)),
+        ]
+    )
+    assert tree.lookup([b"d"]).xattrs == {OPAQUE_XATTR: b"y", b"user.a": b"1"}
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ([reg(b"../escape", 512)], "'..' in a path"),
+        ([TarEntry(path=b"g", mode=REG, link=b"nope", hardlink=True)], "hard link to 'nope'"),
+        ([reg(b"f", 512), reg(b"f/under", 1024)], "'f' is not a directory"),
+        ([TarEntry(path=b"s", mode=LNK)], "symlink with no target"),
+        ([TarEntry(path=b"sock", mode=stat.S_IFSOCK | 0o644)], "unsupported file type"),
+    ],
+)
+def test_entries_that_cannot_be_represented_are_refused_by_name(entries, message):
+    """Each refusal is one TarLayerError whose message names the entry and the reason."""
+    with pytest.raises(TarLayerError, match=message):
+        build_tree(entries)
