@@ -355,3 +355,25 @@ def test_bad_tls_options_are_one_line_errors(
     assert result.returncode == code and result.stdout == ""
     (line,) = result.stderr.splitlines()
     assert message in line
+
+
+def test_serve_listens_on_loopback_by_default(registry, pushed_images, tmp_path):
+    """Without --listen or --unix the server binds 127.0.0.1:10809 and warns of nothing;
+    should another server hold that port, the error names the same loopback address."""
+    argv = [sys.executable, "-m", "blockstore", "serve", *serve_args(pushed_images, tmp_path)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        if first:
+            assert first.split()[2] == "nbd://127.0.0.1:10809/layer0", first
+            assert stop(proc) == 0
+            assert proc.stderr.read() == ""
+        else:
+            assert proc.wait(timeout=30) == 1
+            assert "cannot listen on 127.0.0.1:10809" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
