@@ -14,6 +14,7 @@ machine while mounted are searched for the password.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -58,13 +59,14 @@ class Evidence:
     def files_under(self, root: Path, skip: Path) -> None:
         """Every regular file under ``root`` as it is now (raw bytes, the cache's too),
         except the mounted tree at ``skip``: the image's own files."""
-        for path in sorted(root.rglob("*")):
-            if path.is_relative_to(skip):
-                continue
-            with contextlib.suppress(OSError):
-                if path.is_file() and not path.is_symlink():
-                    self.add(str(path), path.read_bytes())
-            self.add(f"names under {root}", f"{path}\n")
+        for directory, subdirectories, names in os.walk(root):
+            subdirectories[:] = [d for d in subdirectories if Path(directory, d) != skip]
+            for name in sorted(names + subdirectories):
+                path = Path(directory, name)
+                self.add(f"names under {root}", f"{path}\n")
+                with contextlib.suppress(OSError):
+                    if path.is_file() and not path.is_symlink():
+                        self.add(str(path), path.read_bytes())
 
     def processes(self) -> None:
         """The command line and name of every process on the machine."""
@@ -265,4 +267,35 @@ def test_a_reference_carrying_credentials_is_refused_without_echoing_them(run):
     run.blockstore("-v", "mount", "--insecure", bad, str(mnt), expect=2)
     run.blockstore("-v", "prefetch", "--insecure", bad, expect=2)
     run.everything_on_disk()
+    assert run.evidence.places_holding(run.password) == []
+
+
+def test_an_offline_miss_names_no_password(run):
+    """Mounted once with the password (no readahead, no start-up fetch: only what the
+    mount itself reads is cached), then mounted --offline with -v and read whole: the
+    reads of chunks never fetched fail with EIO, and neither the failing reads' log
+    lines nor anything else holds the password."""
+    mnt = run.base / "mnt"
+    mnt.mkdir()
+    cache = ["--cache-dir", str(run.base / "cache")]
+    lean = ["--no-readahead", "--no-erofs-start", "--no-trace"]
+    env = {"BLOCKSTORE_USERNAME": USER, "BLOCKSTORE_PASSWORD": run.password}
+    run.blockstore("-v", "mount", "--insecure", *cache, *lean, run.reference, str(mnt), **env)
+    run.blockstore("umount", str(mnt))
+    run.blockstore("-v", "mount", "--offline", *cache, *lean, run.reference, str(mnt), **env)
+    failures: list[OSError] = []
+    for directory, _, names in os.walk(mnt, onerror=failures.append):
+        for name in names:
+            try:
+                (Path(directory) / name).read_bytes()
+            except OSError as exc:
+                failures.append(exc)
+    assert failures, "every file was cached: no offline miss was tried"
+    assert {exc.errno for exc in failures} == {errno.EIO}, failures[:3]
+    run.evidence.processes()
+    run.everything_on_disk()  # the server's log names the missing chunks
+    run.blockstore("-v", "umount", str(mnt))
+    run.everything_on_disk()
+    logs_of_misses = [w for w in run.evidence.places_holding("not cached") if w.endswith(".log")]
+    assert logs_of_misses, "the server's log of the misses was not searched"
     assert run.evidence.places_holding(run.password) == []
