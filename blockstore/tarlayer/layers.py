@@ -107,6 +107,7 @@ class TarLayer(TarLayerExport):
         self._tar_blob.prefetch(progress)
 
     def close(self) -> None:
+        """Close what this layer made (the decompressed tar); the blob is its opener's."""
         for blob in self._owned:
             blob.close()
 
@@ -163,6 +164,7 @@ def open_tar_layer(
 
     ``diff_id`` is asked only when an index must be built (it may fetch the
     image config). Offline, a layer never indexed fails with ``NotCached``.
+    ``blob`` stays the caller's to close.
     """
     read = _read_all(blob)
     if tarindex is not None:
@@ -187,7 +189,7 @@ def open_tar_layer(
 
         index = cached_or_built(IndexCache(store), blob.digest, span, kind != TAR, build)
     if index.spans is None:
-        return TarLayer(index, blob, [blob], name=name, description=description)
+        return TarLayer(index, blob, [], name=name, description=description)
     if len(index.spans.points) == 1:
         log.info(
             "%s: one %s frame, no restart point inside it: the first read decompresses the "
@@ -205,7 +207,7 @@ def open_tar_layer(
         name=name,
         description=f"{description} (uncompressed)",
     )
-    return TarLayer(index, tar_blob, [tar_blob, blob], name=name, description=description)
+    return TarLayer(index, tar_blob, [tar_blob], name=name, description=description)
 
 
 def image_diff_ids(client: RegistryClient, repository: str, manifest: bytes) -> list[str]:

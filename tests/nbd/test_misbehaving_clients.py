@@ -124,7 +124,7 @@ def test_read_failing_part_way_is_an_error_never_data(local_blob, tmp_path):
     stays in sync."""
     blob, data = local_blob.blob, local_blob.data
     half = len(data) // 2 // 32768 * 32768
-    blob.read(0, half)  # a cache hint only starts a fetch; a read waits for it
+    blob.read(0, half)  # fetched and stored: cache() only queues a prefetch
     offline = CachedBlob(local_blob.store, blob.digest, blob.size, None, name="blob")
     (tmp_path / "srv").mkdir()
     server = start_server({"blob": offline}, tmp_path / "srv", "blob")
