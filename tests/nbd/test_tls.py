@@ -366,6 +366,8 @@ def test_serve_listens_on_loopback_by_default(registry, pushed_images, tmp_path)
         first = proc.stdout.readline()
         if first:
             assert first.split()[2] == "nbd://127.0.0.1:10809/layer0", first
+            while proc.stdout.readline().strip() != "ready":
+                pass
             assert stop(proc) == 0
             assert proc.stderr.read() == ""
         else:
