@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -28,9 +29,11 @@ from pathlib import Path
 
 import pytest
 from rig.pushed import push_erofs
-from rig.registry_server import RegistryServer
+from rig.registry_server import RegistryServer, TokenAuth
+from rig.token_issuer import TokenIssuer
 
 USER = "carol"
+JWT = re.compile(rb"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.")
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
 
 pytestmark = pytest.mark.slow
@@ -83,6 +86,10 @@ class Evidence:
         needle = secret.encode()
         return sorted(where for where, data in self.seen.items() if needle in data)
 
+    def places_with_a_bearer_token(self) -> list[str]:
+        """Where a JSON web token (the issuer's bearer tokens) shows: header.payload."""
+        return sorted(where for where, data in self.seen.items() if JWT.search(data))
+
 
 @dataclass
 class Run:
@@ -133,16 +140,26 @@ class Run:
 
 
 @pytest.fixture
-def password_registry(tmp_path) -> Iterator[tuple[RegistryServer, str]]:
-    """A basic-auth registry whose only user has a password no one else has."""
+def password_registry(request, tmp_path) -> Iterator[tuple[RegistryServer, str]]:
+    """A registry whose only user has a password no one else has: htpasswd basic auth,
+    or (parameter ``"token"``) token auth with the test issuer."""
     password = f"pw-{secrets.token_hex(12)}"
-    htpasswd = tmp_path / "htpasswd"
-    htpasswd.write_bytes(
-        subprocess.run(["htpasswd", "-Bbn", USER, password], check=True, capture_output=True).stdout
-    )
-    server = RegistryServer(
-        tmp_path / "registry", htpasswd=htpasswd, username=USER, password=password
-    )
+    if getattr(request, "param", "basic") == "token":
+        ca = request.getfixturevalue("test_ca")
+        cert, key = ca.issue(f"issuer-{secrets.token_hex(4)}", server=False)
+        issuer = TokenIssuer(cert, key, users={USER: password})
+        issuer.start()
+        request.addfinalizer(issuer.stop)
+        auth = {"token": TokenAuth(issuer.realm, issuer.service, issuer.name, ca.cert)}
+    else:
+        htpasswd = tmp_path / "htpasswd"
+        htpasswd.write_bytes(
+            subprocess.run(
+                ["htpasswd", "-Bbn", USER, password], check=True, capture_output=True
+            ).stdout
+        )
+        auth = {"htpasswd": htpasswd}
+    server = RegistryServer(tmp_path / "registry", username=USER, password=password, **auth)
     server.start()
     try:
         yield server, password
@@ -209,12 +226,14 @@ def _ways(password: str) -> dict[str, tuple[list[str], list[str], dict[str, str]
     }
 
 
+@pytest.mark.parametrize("password_registry", ["basic", "token"], indirect=True)
 @pytest.mark.parametrize("way", list(_ways("")))
 def test_mount_read_prefetch_umount_never_write_the_password(run, way):
-    """Mount with the password given one way, with -v; read every file; list the mounts;
-    prefetch; unmount. While mounted and after, no file in the run directory (records,
-    sockets, logs), no cache byte, no output, no mount table entry and no process's
-    command line holds the password."""
+    """Against a basic-auth and a token-auth registry: mount with the password given one
+    way, with -v; read every file; list the mounts; prefetch; unmount. While mounted and
+    after, no file in the run directory (records, sockets, logs), no cache byte, no
+    output, no mount table entry and no process's command line holds the password, or
+    a bearer token from the issuer."""
     args, prefetch_args, env = _ways(run.password)[way]
     mnt = run.base / "mnt"
     mnt.mkdir()
@@ -235,6 +254,7 @@ def test_mount_read_prefetch_umount_never_write_the_password(run, way):
     assert any(where.endswith(".log") for where in holding_reference), holding_reference
     assert any(where.endswith("data.mdb") for where in holding_reference), holding_reference
     assert run.evidence.places_holding(run.password) == []
+    assert run.evidence.places_with_a_bearer_token() == []
 
 
 def test_errors_on_purpose_never_repeat_a_password(run):
