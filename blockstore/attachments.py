@@ -1,10 +1,12 @@
-"""Artifacts that travel with an image: chunk indexes and access traces of its layers.
+"""Artifacts that travel with an image: chunk indexes, tar indexes and access traces.
 
 ``blockstore index`` builds the table of each layer (``chunkindex``) from
 verified bytes and attaches them to the image manifest as one OCI artifact
 (``registry.referrers``). ``serve``, ``mount`` and ``prefetch`` look that
 artifact up when they open the image and keep its tables in the cache next
-to the manifests, so the check holds offline too. ``blockstore trace push``
+to the manifests, so the check holds offline too. The same command attaches
+the index of each tar layer (``tarlayer.shared``), which a cold open takes
+instead of reading the whole blob to build one. ``blockstore trace push``
 attaches the access traces recorded by mounts, merged with those already
 there; a cold open on a new machine takes them into its cache and replays
 them as prefetch.
@@ -39,6 +41,9 @@ from blockstore.registry.referrers import (
     push_artifact,
     read_artifact,
 )
+from blockstore.tarlayer.layerindex import TarIndex
+from blockstore.tarlayer.shared import ARTIFACT_TYPE as TAR_INDEX_ARTIFACT_TYPE
+from blockstore.tarlayer.shared import index_blobs as tar_index_blobs
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +170,39 @@ def indexes_for_image(
         if layer.digest not in found and (kept := cached_index(store, layer)) is not None:
             found[layer.digest] = kept
     return found
+
+
+def push_tar_indexes(
+    client: RegistryClient, subject: Subject, layers: list[Layer], built: dict[str, TarIndex]
+) -> str:
+    """Attach the tar indexes of the image's tar layers as one artifact; its digest.
+
+    Layers not in ``built`` keep what the artifact already held for them, so
+    indexing one layer does not drop the others'.
+    """
+    referrer = newest(list_referrers(client, subject), TAR_INDEX_ARTIFACT_TYPE)
+    kept: list[tuple[bytes, str, dict[str, str]]] = []
+    if referrer is not None:
+        digests = {layer.digest for layer in layers} - set(built)
+        kept = read_artifact(
+            client, subject, referrer, lambda notes: notes.get(LAYER_ANNOTATION) in digests
+        )
+    blobs = [blob for digest, index in built.items() for blob in tar_index_blobs(index, digest)]
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return push_artifact(client, subject, TAR_INDEX_ARTIFACT_TYPE, kept + blobs, created=stamp)
+
+
+def fetch_tar_index(
+    client: RegistryClient, subject: Subject, layer: Layer, referrers: list[Referrer]
+) -> list[tuple[bytes, str, dict[str, str]]]:
+    """The blobs the image's tar-index artifact holds for one layer (unchecked beyond
+    their digests: ``tarlayer.shared`` judges them); [] when there is none."""
+    referrer = newest(referrers, TAR_INDEX_ARTIFACT_TYPE)
+    if referrer is None:
+        return []
+    return read_artifact(
+        client, subject, referrer, lambda notes: notes.get(LAYER_ANNOTATION) == layer.digest
+    )
 
 
 def push_traces(

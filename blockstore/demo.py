@@ -169,8 +169,11 @@ class Demo:
         self.mounted = True
         seconds = time.monotonic() - started
         self.summary.append(("tar.gz: first mount, indexing included", f"{seconds:.2f} s"))
-        checked = compare_trees(self.tree, self.tar_gz_mountpoint)
-        show(f"{checked} entries identical to the source")
+        started = time.monotonic()
+        entries = sum(1 for _ in walk(self.tar_gz_mountpoint))
+        seconds = time.monotonic() - started
+        show(f"listed {entries} entries in {seconds:.2f} s")
+        self.summary.append(("tar.gz: first full listing", f"{entries} entries, {seconds:.2f} s"))
         self.blockstore("umount", str(self.tar_gz_mountpoint))
         self.blockstore(
             "prefetch", self.tar_gz_reference, "--insecure", "--cache-dir", str(self.cache_dir)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blockstore.attachments import (
+    fetch_tar_index,
     forget_index,
     indexes_for_image,
     subject_of,
@@ -45,7 +46,15 @@ from blockstore.registry import (
 )
 from blockstore.registry.platforms import Platform, host_platform
 from blockstore.registry.referrers import Referrer, list_referrers
-from blockstore.tarlayer.layers import TarLayer, image_diff_ids, layer_kind, open_tar_layer
+from blockstore.tarlayer.layerindex import TarIndex
+from blockstore.tarlayer.layers import (
+    TAR,
+    TarLayer,
+    image_diff_ids,
+    layer_kind,
+    open_tar_layer,
+)
+from blockstore.tarlayer.shared import index_from_blobs as tar_index_from_blobs
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +76,10 @@ class OpenImage:
     tar_indexes: dict[int, tuple[Path, Path | None]] = field(default_factory=dict)
     """Local indexes to use instead of building one: layer index -> (tarindex, zinfo)."""
     _diff_ids: list[str] | None = None
+    referrers: list[Referrer] = field(default_factory=list)
+    """The artifacts attached to the image, listed once at open (online)."""
+    shared_tar_indexes: bool = True
+    """Take a tar layer's index from its attached artifact, after checks, before building."""
 
     @property
     def online(self) -> bool:
@@ -99,11 +112,38 @@ class OpenImage:
             diff_id=lambda: self.diff_id(layer),
             tarindex=tarindex,
             zinfo=zinfo,
+            shared=lambda: self._shared_tar_index(layer, kind),
             name=f"layer{layer.index}",
             description=f"{self.resolved.reference} layer {layer.index} ({layer.digest}, {kind})",
         )
         self._tar_layers.append(exported)
         return exported
+
+    def _shared_tar_index(self, layer: Layer, kind: str) -> TarIndex | None:
+        """The layer's index from the image's tar-index artifact, if it passes every check
+        of ``tarlayer.shared``; None (with a warning when one was refused) otherwise."""
+        if self.client is None or not self.shared_tar_indexes:
+            return None
+        try:
+            subject = subject_of(self.resolved, self.repository)
+            blobs = fetch_tar_index(self.client, subject, layer, self.referrers)
+            if not blobs:
+                return None
+            return tar_index_from_blobs(
+                blobs,
+                layer_digest=layer.digest,
+                layer_size=layer.size,
+                kind=kind,
+                diff_id=self.diff_id(layer) if kind != TAR else None,
+            )
+        except BlockstoreError as exc:
+            log.warning(
+                "%s layer %d: %s; building the index from the layer itself",
+                self.resolved.reference,
+                layer.index,
+                exc,
+            )
+            return None
 
     def diff_id(self, layer: Layer) -> str | None:
         """The layer's diff_id from the image config (fetched, digest checked), if online."""
@@ -221,6 +261,7 @@ def _attachments(image: OpenImage) -> None:
             referrers = list_referrers(image.client, subject_of(image.resolved, image.repository))
         except BlockstoreError as exc:
             log.warning("%s: artifacts not looked up: %s", image.resolved.reference, exc)
+    image.referrers = referrers
     client = image.client if referrers else None
     image.chunk_indexes = indexes_for_image(
         image.store, client, image.resolved, image.repository, referrers

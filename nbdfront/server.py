@@ -1,23 +1,33 @@
 """The NBD server: sockets and threads around the sans-I/O protocol.
 
-Each connection has one thread that receives and parses requests and
-answers cache hits itself, with no hand-off; only reads that must wait (a
-fetch) and cache hints go to the connection's few worker threads. Replies
-go out in the order they finish: hits gathered while parsing are sent
-before the thread waits for anything, so a hit never waits behind a slow
-fetch on the same connection, and a misbehaving client only ever occupies
-its own threads. A per-connection budget of bytes in flight stops the
-reading, and with it the client, when replies fall behind: memory stays
-bounded however many requests a client queues.
+Each connection has one reader thread that receives and parses requests and
+answers cache hits itself, with no hand-off; reads that must wait (a miss,
+or a read larger than one piece) and cache hints go to the connection's
+worker threads. Replies go out in the order they finish, through an outbox
+that sends at once what the socket takes and queues the rest for a writer
+thread: no thread that reads requests or serves a read ever blocks on a
+slow client, so a client that writes a burst of requests before it reads
+any reply cannot deadlock with the server. A per-connection budget counts
+the bytes of reads in flight and of replies queued; over it, the reader
+stops taking requests, so memory stays bounded however many requests a
+client queues, and a misbehaving client only ever occupies its own threads.
+
+Connections get a deadline for the whole handshake, an optional idle limit
+once transmission has begun, and a count limit at which the connection idle
+longest makes room for a newcomer. Stopping is bounded: replies in flight
+get a drain timeout, then connections are cut; every thread is a daemon,
+so a read stuck in a fetch never holds up the exit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
 import queue
+import select
 import socket
 import stat
 import threading
@@ -27,7 +37,6 @@ from collections.abc import Callable, Mapping, Sequence
 
 from blockstore.export import Buffer, Export
 from nbdfront.protocol import (
-    MAX_PAYLOAD,
     NEED_DATA,
     CacheRequest,
     Catalog,
@@ -35,6 +44,7 @@ from nbdfront.protocol import (
     ConnectionClosed,
     ExportSelected,
     ReadFailed,
+    ReadPiece,
     ReadReply,
     ReadRequest,
     ServerConnection,
@@ -42,6 +52,7 @@ from nbdfront.protocol import (
     TLSPolicy,
     nbd_error,
 )
+from nbdfront.protocol.constants import CommandFlag
 from nbdfront.tls import ServerTLS, TLSStream
 
 log = logging.getLogger(__name__)
@@ -50,22 +61,30 @@ DEFAULT_PORT = 10809
 # Worker threads per connection: enough that a handful of slow registry
 # fetches leave room for more.
 WORKERS_PER_CONNECTION = 16
-# Bytes of reads handed to workers but not yet sent, per connection: eight maximum reads.
-INFLIGHT_BYTES = 8 * MAX_PAYLOAD
+# A longer read is read from the export, and with structured replies sent,
+# in pieces of this size; so is a cache hint asked of the export.
+READ_PIECE = 4 * 1024 * 1024
+# Bytes of reads in flight and replies queued, per connection: eight pieces.
+INFLIGHT_BYTES = 8 * READ_PIECE
 INFLIGHT_REQUESTS = 512
-# Reply bytes of hits gathered before one send: fewer system calls, bounded memory.
+# Reply bytes of hits gathered before they are handed to the outbox.
 BATCH_BYTES = 256 * 1024
 RECV_SIZE = 256 * 1024
-# A client that has not chosen an export by then is dropped.
-HANDSHAKE_TIMEOUT = 30.0
-# Connections beyond this many are closed at once: threads are per connection.
+# A client that has not chosen an export this long after connecting is dropped.
+HANDSHAKE_TIMEOUT = 10.0
+# Connections beyond this many make room by closing the one idle longest.
 MAX_CONNECTIONS = 256
+# ... if it has been idle this long; else the newcomer is refused.
+EVICTABLE_IDLE = 2.0
 # How long shutdown waits for in-flight replies before cutting connections.
-DRAIN_TIMEOUT = 15.0
+DRAIN_TIMEOUT = 5.0
 # After the cut, how long shutdown waits for connection threads to notice. A thread
 # stuck in an export's read past this is a daemon and never holds up the exit.
 CUT_GRACE = 1.0
+# How often deadlines (handshake, idle) are checked.
+WATCH_INTERVAL = 0.1
 _IOV_MAX = 1024
+_DF = int(CommandFlag.DF)
 
 
 def send_buffers(sock: socket.socket, buffers: Sequence[Buffer]) -> None:
@@ -74,59 +93,223 @@ def send_buffers(sock: socket.socket, buffers: Sequence[Buffer]) -> None:
         sent = sock.sendmsg(buffers)
         if sent == _length(buffers):
             return  # the usual case: one call, no views made
+        rest = _advance(buffers, sent)
     else:
+        rest = _advance(buffers, 0)
+    while rest:
+        sent = sock.sendmsg(rest[:_IOV_MAX])
+        rest = _advance(rest, sent)
+
+
+def _advance(buffers: Sequence[Buffer], sent: int) -> list[memoryview]:
+    """What is left of ``buffers`` once ``sent`` bytes went out, as byte views."""
+    rest: list[memoryview] = []
+    for buffer in buffers:
+        view = memoryview(buffer).cast("B")
+        size = view.nbytes
+        if sent >= size:
+            sent -= size
+            continue
+        rest.append(view[sent:] if sent else view)
         sent = 0
-    views = [memoryview(b).cast("B") for b in buffers if len(b)]
-    first = 0
-    while True:
-        while sent:
-            size = views[first].nbytes
-            if sent >= size:
-                sent -= size
-                first += 1
-            else:
-                views[first] = views[first][sent:]
-                sent = 0
-        if first == len(views):
-            return
-        sent = sock.sendmsg(views[first : first + _IOV_MAX])
+    return rest
 
 
 class _Budget:
-    """Counts bytes and requests in flight; ``acquire`` waits while over the limit."""
+    """Bytes and requests in flight on one connection; ``acquire`` waits while over.
+
+    Reads handed to workers hold what they were granted until their reply is
+    in the outbox; reply bytes the socket has not taken are ``charge``\\ d by
+    the outbox until sent. ``close`` wakes every waiter for good.
+    """
 
     def __init__(self, max_bytes: int, max_requests: int):
         self._max_bytes = max_bytes
         self._max_requests = max_requests
-        self._bytes = 0
-        self._requests = 0
-        self._cond = threading.Condition()
+        self.bytes = 0
+        self.requests = 0
+        self._closed = False
+        self._cond = threading.Condition(threading.Lock())
 
     def acquire(self, nbytes: int, *, wait: bool = True) -> bool:
-        """Take ``nbytes`` and one request; False (nothing taken) if over and not ``wait``."""
+        """Take ``nbytes`` and one request; False (nothing taken) if over and not
+        ``wait``, or if closed. Something is always granted when nothing is held."""
         with self._cond:
-            while self._requests and (
-                self._bytes + nbytes > self._max_bytes or self._requests >= self._max_requests
+            while (self.requests or self.bytes > 0) and (
+                self.bytes + nbytes > self._max_bytes or self.requests >= self._max_requests
             ):
-                if not wait:
+                if not wait or self._closed:
                     return False
                 self._cond.wait()
-            self._bytes += nbytes
-            self._requests += 1
+            if self._closed:
+                return False
+            self.bytes += nbytes
+            self.requests += 1
             return True
 
     def release(self, nbytes: int) -> None:
         with self._cond:
-            self._bytes -= nbytes
-            self._requests -= 1
+            self.bytes -= nbytes
+            self.requests -= 1
+            self._cond.notify_all()
+
+    def charge(self, nbytes: int) -> None:
+        """Count queued reply bytes: never waits, may go over."""
+        with self._cond:
+            self.bytes += nbytes
+
+    def refund(self, nbytes: int) -> None:
+        with self._cond:
+            self.bytes -= nbytes
+            self._cond.notify_all()
+
+    def wait_for_room(self) -> None:
+        """Return once the bytes are within the limit (or the connection is gone)."""
+        with self._cond:
+            while self.bytes > self._max_bytes and not self._closed:
+                self._cond.wait()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
             self._cond.notify_all()
 
 
+class _Outbox:
+    """Reply bytes on their way to one client, in the order they were put.
+
+    ``put`` sends at once what the socket takes without waiting; the rest
+    is queued for a writer thread (started at the first need) and charged
+    to the budget until sent. A failed send marks the connection broken:
+    later replies are dropped, and the socket is shut so the reader stops.
+    """
+
+    def __init__(self, sock: socket.socket, budget: _Budget, name: str):
+        self.sock: socket.socket | TLSStream = sock
+        self._direct = True  # a plain socket takes a send that must not wait
+        self._budget = budget
+        self._name = name
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._queue: list[Buffer] = []
+        self._queued = 0
+        self._writing = False  # the writer is sending bytes taken off the queue
+        self._closing = False
+        self._writer: threading.Thread | None = None
+        self.broken = False
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._queue) or self._writing
+
+    def put(self, buffers: Sequence[Buffer]) -> bool:
+        """Send or queue ``buffers``; True if some are left queued behind a slow client."""
+        with self._lock:
+            if self.broken:
+                return False
+            if self._queue or self._writing or not self._direct:
+                rest, left = list(buffers), _length(buffers)
+            else:
+                total = _length(buffers)
+                try:
+                    sent = self.sock.sendmsg(buffers[:_IOV_MAX], (), socket.MSG_DONTWAIT)  # type: ignore[call-arg]
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    self._break(exc)
+                    return False
+                if sent == total:
+                    return False
+                rest, left = _advance(buffers, sent), total - sent
+            self._queue += rest
+            self._queued += left
+            self._budget.charge(left)
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._write, name=f"{self._name}-send", daemon=True
+                )
+                self._writer.start()
+            self._changed.notify_all()
+            return True
+
+    def use(self, stream: TLSStream) -> None:
+        """Send through ``stream`` from now on (TLS), always from the writer thread:
+        a TLS stream's send cannot be asked not to wait."""
+        with self._lock:
+            self.sock = stream
+            self._direct = False
+
+    def drained(self, timeout: float) -> bool:
+        """Wait, ``timeout`` at most, until everything put has been sent."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self.busy and not self.broken:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+            return not self.broken
+
+    def close(self, timeout: float) -> None:
+        """Let queued bytes go out, for ``timeout`` at most, then end the writer."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self.busy and not self.broken:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._break(TimeoutError("queued replies were not taken in time"))
+                    break
+                self._changed.wait(left)
+            self._closing = True
+            self._changed.notify_all()
+
+    def cut(self) -> None:
+        with self._lock:
+            self._break(ConnectionAbortedError("connection cut"))
+
+    def _write(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closing and not self.broken:
+                    self._changed.wait()
+                if self.broken or not self._queue:
+                    return
+                batch, self._queue = self._queue, []
+                nbytes, self._queued = self._queued, 0
+                self._writing = True
+            try:
+                send_buffers(self.sock, batch)
+            except OSError as exc:
+                with self._lock:
+                    self._break(exc)
+            finally:
+                with self._lock:
+                    self._writing = False
+                    self._changed.notify_all()
+                self._budget.refund(nbytes)
+
+    def _break(self, exc: BaseException) -> None:
+        """With the lock held: drop what is queued, stop the reader and every waiter."""
+        if self.broken:
+            return
+        self.broken = True
+        log.info("%s: sending failed: %s", self._name, exc)
+        self._queue = []
+        self._budget.refund(self._queued)
+        self._queued = 0
+        self._budget.close()
+        _shutdown_quietly(self.sock, socket.SHUT_RDWR)
+        self._changed.notify_all()
+
+
 class _Workers:
-    """The threads of one connection that serve what may wait: misses and cache hints.
+    """The daemon threads of one connection that serve what may wait.
 
     Threads start as jobs need them, up to ``limit``; a job waits in the
-    queue only while every thread is busy. ``stop`` lets queued jobs finish.
+    queue only while every thread is busy. Not a ``ThreadPoolExecutor``:
+    its threads are joined, without a bound, when the interpreter exits,
+    so one read stuck in a fetch would hold a stopping server past any
+    deadline; these are daemons, and stopping waits for them within a bound.
     """
 
     def __init__(self, name: str, limit: int):
@@ -135,10 +318,13 @@ class _Workers:
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._idle = 0  # threads waiting for a job that no submit has claimed yet
+        self._pending = 0  # jobs submitted and not finished
         self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
 
     def submit(self, job: Callable[[], None]) -> None:
         with self._lock:
+            self._pending += 1
             if self._idle:
                 self._idle -= 1
             elif len(self._threads) < self._limit:
@@ -148,13 +334,13 @@ class _Workers:
         self._jobs.put(job)
 
     def stop(self) -> None:
-        """Finish the queued jobs, then end every thread."""
+        """Wait for every job, including those jobs submit meanwhile; end the threads."""
         with self._lock:
-            threads = list(self._threads)
-        for _ in threads:
+            while self._pending:
+                self._done.wait()
+            threads = len(self._threads)
+        for _ in range(threads):
             self._jobs.put(None)
-        for thread in threads:
-            thread.join()
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
@@ -164,14 +350,17 @@ class _Workers:
                 log.exception("internal error in %s", self._name)
             with self._lock:
                 self._idle += 1
+                self._pending -= 1
+                if not self._pending:
+                    self._done.notify_all()
 
 
 class _Session:
     """One client connection, from greeting to close.
 
-    Its own thread receives, parses and answers hits (``Export.read_cached``)
-    in batches sent before it waits for anything; reads that must wait and
-    cache hints go to the workers, within the budget.
+    Its reader thread receives, parses and answers hits
+    (``Export.read_cached``); reads that must wait and cache hints go to the
+    workers, within the budget. Every reply leaves through the outbox.
     """
 
     def __init__(self, server: NBDServer, sock: socket.socket, peer: str):
@@ -180,25 +369,31 @@ class _Session:
         self.peer = peer
         policy = server.tls.policy if server.tls is not None else TLSPolicy.OFF
         self._protocol = ServerConnection(server.catalog, tls=policy)
-        self._send_lock = threading.Lock()
         self._budget = _Budget(server.inflight_bytes, INFLIGHT_REQUESTS)
+        self._outbox = _Outbox(sock, self._budget, f"nbd-{peer}")
         self._workers = _Workers(f"nbd-{peer}", WORKERS_PER_CONNECTION)
         self._export: Export | None = None
         self._batch: list[Buffer] = []
         self._batch_bytes = 0
         self._reads_since_recv = 0
-        self._broken = False
+        self.started = self.last_heard = time.monotonic()
+        self.selected = False
         self.thread = threading.Thread(target=self.run, name=f"nbd-{peer}", daemon=True)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight and nothing waiting to be sent (a racy glance, for deadlines)."""
+        return not self._budget.requests and not self._outbox.busy
 
     def run(self) -> None:
         try:
-            self._sock.settimeout(HANDSHAKE_TIMEOUT)
             self._serve()
         except Exception:
             log.exception("internal error on the connection from %s; closing it", self.peer)
             self.cut()
         finally:
             self._workers.stop()
+            self._outbox.close(self._server.drain_timeout)
             self._finish()
 
     def stop_reading(self) -> None:
@@ -207,39 +402,40 @@ class _Session:
         _shutdown_quietly(self._sock, socket.SHUT_RD)
 
     def cut(self) -> None:
-        """Shutdown took too long: break the connection so blocked sends return."""
-        self._broken = True
-        _shutdown_quietly(self._sock, socket.SHUT_RDWR)
+        """Break the connection: blocked receives and sends return, replies are dropped."""
+        self._outbox.cut()
 
     def _serve(self) -> None:
         """Receive and parse until the conversation is over, answering or handing off work."""
         protocol = self._protocol
         while True:
             event = protocol.next_event()
+            if type(event) is ReadRequest:
+                # What the protocol answered itself before this read waits for
+                # the next event (at the latest, the flush before a receive).
+                self._reads_since_recv += 1
+                self._answer(event)
+                continue
             out = protocol.data_to_send()
             if out:
                 self._batch += out
             if event is NEED_DATA:
-                try:
-                    data = self._receive()
-                except OSError as exc:
-                    log.info("connection from %s ended: %s", self.peer, exc)
+                data = self._receive()
+                if data is None:
                     return
                 protocol.receive_data(data)
-            elif type(event) is ReadRequest:
-                self._reads_since_recv += 1
-                self._answer(event)
             elif isinstance(event, CacheRequest):
-                self._hand_off(event, 0, self._serve_cache_hint)
+                step = min(event.length, READ_PIECE)
+                self._hand_off(step, functools.partial(self._serve_cache_hint, event, step))
             elif isinstance(event, StartTLS):
                 if not self._start_tls():
                     return
             elif isinstance(event, ExportSelected):
                 self._export = self._server.exports[event.name]
-                self._sock.settimeout(None)
+                self.selected = True
                 log.info("%s reads export %r", self.peer, event.name)
             else:
-                self._send_batch()
+                self._flush()
                 if isinstance(event, ConnectionClosed):
                     level = logging.INFO if event.clean else logging.WARNING
                     log.log(level, "closing connection from %s: %s", self.peer, event.reason)
@@ -250,107 +446,152 @@ class _Session:
     def _start_tls(self) -> bool:
         """Send the STARTTLS ACK, then make the handshake; False if it failed."""
         assert self._server.tls is not None and isinstance(self._sock, socket.socket)
-        self._send_batch()
+        self._flush()
+        if not self._outbox.drained(self._server.handshake_timeout):
+            return False
         try:
             self._sock = TLSStream.accept(self._sock, self._server.tls.context)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             log.warning("TLS handshake with %s failed: %s", self.peer, exc)
             return False
+        self._outbox.use(self._sock)
         self._protocol.tls_started()
         log.info("%s now speaks TLS", self.peer)
         return True
 
-    def _receive(self) -> bytes:
-        """The client's next bytes; the batch goes out before this thread waits for them.
+    def _receive(self) -> bytes | None:
+        """The client's next bytes (``b""`` at its end), None if the socket failed.
 
-        When the client sends requests in bursts, those already waiting in
-        the socket are taken first, so the replies to a burst leave in one
-        send; a client waiting on each reply costs no extra system call.
+        The batch goes to the outbox before this thread waits. When the
+        client sends requests in bursts, those already waiting in the socket
+        are taken first, so the replies to a burst leave in one send; a
+        client waiting on each reply costs no extra system call.
         """
-        if self._broken:
-            return b""
         pipelined, self._reads_since_recv = self._reads_since_recv > 1, 0
-        if pipelined and self._batch:
-            try:
-                return self._sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                pass
-        self._send_batch()
-        return self._sock.recv(RECV_SIZE)
+        try:
+            if pipelined and self._batch:
+                try:
+                    data = self._sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    pass
+                else:
+                    self.last_heard = time.monotonic()
+                    return data
+            self._flush()
+            data = self._sock.recv(RECV_SIZE)
+        except OSError as exc:
+            log.info("connection from %s ended: %s", self.peer, exc)
+            return None
+        self.last_heard = time.monotonic()
+        return data
 
     def _answer(self, request: ReadRequest) -> None:
         """A hit goes into the batch at once; anything else to a worker."""
-        assert self._export is not None
-        try:
-            data = self._export.read_cached(request.offset, request.length)
-        except Exception:  # read meets the same fault and reports it as the reply
-            data = None
-        if data is None or _length(data) != request.length:
-            self._hand_off(request, request.length, self._serve_miss)
-            return
-        self._batch += self._protocol.send(ReadReply(request, data))
-        self._batch_bytes += request.length
-        if self._batch_bytes >= BATCH_BYTES:
-            self._send_batch()
+        if request.length <= READ_PIECE:
+            assert self._export is not None
+            try:
+                data = self._export.read_cached(request.offset, request.length)
+            except Exception:  # the worker's read meets the same fault and reports it
+                data = None
+            if data is not None and _length(data) == request.length:
+                self._batch += self._protocol.send(ReadReply(request, data))
+                self._batch_bytes += request.length
+                if self._batch_bytes >= BATCH_BYTES:
+                    self._flush()
+                return
+        grant = READ_PIECE if self._streams(request) else request.length
+        self._hand_off(grant, functools.partial(self._serve_miss, request, grant))
 
-    def _hand_off(
-        self,
-        request: ReadRequest | CacheRequest,
-        nbytes: int,
-        serve: Callable[[ReadRequest | CacheRequest], None],
-    ) -> None:
+    def _streams(self, request: ReadRequest) -> bool:
+        """Whether a read goes out piece by piece, each piece as it is read."""
+        return (
+            request.length > READ_PIECE
+            and self._protocol.transmission is not None
+            and self._protocol.transmission.structured
+            and not request.flags & _DF
+        )
+
+    def _hand_off(self, nbytes: int, job: Callable[[], None]) -> None:
         if not self._budget.acquire(nbytes, wait=False):
-            self._send_batch()  # hits already answered never wait for the budget
-            self._budget.acquire(nbytes)
-        self._workers.submit(lambda: serve(request))
+            self._flush()  # hits already answered never wait for the budget
+            if not self._budget.acquire(nbytes):
+                return  # the connection broke; the reader is about to see it
+        self._workers.submit(job)
 
-    def _send_batch(self) -> None:
+    def _flush(self) -> None:
+        """Hand the batch to the outbox; wait for room if the client is slow to take it."""
         if self._batch:
             batch, self._batch, self._batch_bytes = self._batch, [], 0
-            self._send(batch)
+            if self._outbox.put(batch):
+                self._budget.wait_for_room()
 
-    def _serve_miss(self, request: ReadRequest) -> None:
-        """On a worker: read through the export, which may fetch, and send the reply."""
+    def _serve_miss(self, request: ReadRequest, granted: int) -> None:
+        """On a worker: a read that may wait (a miss, or longer than a piece).
+
+        Read through the export in pieces; streamed reads send each piece
+        as it comes, taking budget for the next, others send all at once.
+        A failure is reported at the first byte not sent, never as data.
+        """
         assert self._export is not None
+        offset, end = request.offset, request.offset + request.length
+        streamed = self._streams(request)
+        data: list[Buffer] = []
         try:
-            try:
-                data = self._export.read(request.offset, request.length)
-                got = _length(data)
-                if got != request.length:
-                    raise OSError(5, f"export returned {got} bytes for {request.length}")
-                reply: ReadReply | ReadFailed = ReadReply(request, data)
-            except Exception as exc:
-                reply = ReadFailed(request, nbd_error(exc), _describe(exc, request))
-                _log_failure(exc, request)
-            self._send(self._protocol.send(reply))
+            while offset < end:
+                size = min(READ_PIECE, end - offset)
+                piece = self._export.read(offset, size)
+                got = _length(piece)
+                if got != size:
+                    raise OSError(5, f"export returned {got} bytes for {size}")
+                if not streamed:
+                    data += piece
+                    offset += size
+                    continue
+                done = offset + size == end
+                self._outbox.put(self._protocol.send(ReadPiece(request, offset, piece, done)))
+                offset += size
+                if self._outbox.broken:
+                    return  # the client is gone: read no more for it
+                if not done:
+                    self._budget.release(granted)
+                    granted = 0
+                    if not self._budget.acquire(READ_PIECE):
+                        return
+                    granted = READ_PIECE
+            if not streamed:
+                self._outbox.put(self._protocol.send(ReadReply(request, data)))
+        except Exception as exc:
+            at = offset if streamed else None  # nothing of an unstreamed read was sent
+            failed = ReadFailed(request, nbd_error(exc), _describe(exc, request), at)
+            self._outbox.put(self._protocol.send(failed))
+            _log_failure(exc, request)
         finally:
-            self._budget.release(request.length)
+            if granted:
+                self._budget.release(granted)
 
-    def _serve_cache_hint(self, request: CacheRequest) -> None:
-        """On a worker: have the export bring the range into its cache, then answer."""
+    def _serve_cache_hint(self, request: CacheRequest, granted: int, done: int = 0) -> None:
+        """On a worker: one step (a piece) of a cache hint, then the next step queues up.
+
+        A hint over a huge range never holds a worker for long, reads queued
+        behind it get their turn between steps, and the budget counts the
+        piece each step may make the export hold.
+        """
         assert self._export is not None
+        size = min(READ_PIECE, request.length - done)
         try:
-            try:
-                self._export.cache(request.offset, request.length)
-                reply = CommandDone(request)
-            except Exception as exc:
-                reply = CommandDone(request, nbd_error(exc), _describe(exc, request))
-                _log_failure(exc, request)
-            self._send(self._protocol.send(reply))
-        finally:
-            self._budget.release(0)
-
-    def _send(self, buffers: Sequence[Buffer]) -> None:
-        with self._send_lock:
-            if self._broken:
+            if size > 0 and not self._outbox.broken:
+                self._export.cache(request.offset + done, size)
+        except Exception as exc:
+            reply = CommandDone(request, nbd_error(exc), _describe(exc, request))
+            _log_failure(exc, request)
+        else:
+            if done + size < request.length and not self._outbox.broken:
+                step = functools.partial(self._serve_cache_hint, request, granted, done + size)
+                self._workers.submit(step)
                 return
-            try:
-                send_buffers(self._sock, buffers)
-            except OSError as exc:
-                # The client is gone; stop the reader too, its replies have nowhere to go.
-                self._broken = True
-                log.info("sending to %s failed: %s", self.peer, exc)
-                _shutdown_quietly(self._sock, socket.SHUT_RDWR)
+            reply = CommandDone(request)
+        self._outbox.put(self._protocol.send(reply))
+        self._budget.release(granted)
 
     def _finish(self) -> None:
         _shutdown_quietly(self._sock, socket.SHUT_RDWR)
@@ -382,8 +623,15 @@ class NBDServer:
 
     ``default_export`` names the export a client gets when it asks for the
     empty name. ``start()`` returns once the sockets listen;
-    ``serve_forever()`` blocks until ``request_shutdown()`` (signal-safe) or
-    ``shutdown()``, which lets in-flight replies finish before closing.
+    ``serve_forever()`` blocks until ``request_shutdown()`` (safe in a
+    signal handler) or ``shutdown()``, which lets in-flight replies finish,
+    for ``drain_timeout`` at most, before closing.
+
+    ``handshake_timeout`` bounds the whole handshake; ``idle_timeout``
+    (None: no limit) closes a connection that has had nothing in flight
+    and sent nothing for that long. At ``max_connections``, a newcomer
+    closes the connection idle longest (if idle ``EVICTABLE_IDLE`` seconds
+    at least), or is refused when every connection is busy.
     """
 
     def __init__(
@@ -396,6 +644,8 @@ class NBDServer:
         inflight_bytes: int = INFLIGHT_BYTES,
         max_connections: int = MAX_CONNECTIONS,
         drain_timeout: float = DRAIN_TIMEOUT,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        idle_timeout: float | None = None,
         tls: ServerTLS | None = None,
     ):
         if tcp is None and unix is None:
@@ -405,6 +655,8 @@ class NBDServer:
         self.inflight_bytes = inflight_bytes
         self.max_connections = max_connections
         self.drain_timeout = drain_timeout
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
         self.tls = tls
         self._tcp = tcp
         self.unix_path = os.fspath(unix) if unix is not None else None
@@ -412,7 +664,10 @@ class NBDServer:
         self._threads: list[threading.Thread] = []
         self._sessions: set[_Session] = set()
         self._lock = threading.Lock()
-        self._stop_requested = threading.Event()
+        # Shutdown requests: a plain flag and a byte down a pipe, no lock, so a
+        # signal handler can ask at any moment, even while this thread holds a lock.
+        self._shutdown_requested = False
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopped = threading.Event()
         self._stopping = False
         self.tcp_address: tuple[str, int] | None = None
@@ -439,11 +694,13 @@ class NBDServer:
             listener.listen(128)
             self._listeners.append(listener)
         for listener in self._listeners:
-            thread = threading.Thread(
-                target=self._accept_loop, args=(listener,), name="nbd-accept", daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
+            self._start_thread("nbd-accept", self._accept_loop, listener)
+        self._start_thread("nbd-deadlines", self._watch_deadlines)
+
+    def _start_thread(self, name: str, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def uris(self) -> dict[str, str]:
         """The NBD URI of each export, in catalog order (see ``uri``)."""
@@ -463,23 +720,31 @@ class NBDServer:
         return f"{scheme}+unix:///{_quote(name)}?socket={path}"
 
     def serve_forever(self) -> None:
-        while not self._stop_requested.wait(0.5):
-            pass
+        while not self._shutdown_requested:
+            try:
+                select.select([self._wake_read], [], [])
+                os.read(self._wake_read, 4096)
+            except BlockingIOError:
+                pass
+            except (OSError, ValueError):
+                break  # the pipe was closed: shutdown() ran on another thread
         self.shutdown()
 
     def request_shutdown(self) -> None:
-        """Ask ``serve_forever`` to stop; safe inside a signal handler."""
-        self._stop_requested.set()
+        """Ask ``serve_forever`` to stop. Takes no lock: safe inside a signal handler."""
+        self._shutdown_requested = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_write, b"\0")
 
     def shutdown(self) -> None:
-        """Stop accepting, let in-flight replies finish, close every socket."""
+        """Stop accepting, let in-flight replies finish (within the drain timeout), close."""
         with self._lock:
             already, self._stopping = self._stopping, True
             sessions = list(self._sessions)
         if already:
             self._stopped.wait()
             return
-        self._stop_requested.set()
+        self.request_shutdown()
         for listener in self._listeners:
             _shutdown_quietly(listener, socket.SHUT_RDWR)
             listener.close()
@@ -495,6 +760,11 @@ class NBDServer:
             self._wait_sessions(CUT_GRACE)
         if self.unix_path is not None:
             _remove_stale_socket(self.unix_path)
+        # A late signal finds -1 and writes nowhere, never to a reused descriptor.
+        wake_read, wake_write = self._wake_read, self._wake_write
+        self._wake_read = self._wake_write = -1
+        os.close(wake_write)
+        os.close(wake_read)
         self._stopped.set()
 
     def _wait_sessions(self, timeout: float) -> bool:
@@ -522,19 +792,68 @@ class NBDServer:
                 peer = f"{address[0]}:{address[1]}"
             else:
                 peer = "unix"
-            session = _Session(self, sock, peer)
-            with self._lock:
-                if self._stopping:
-                    sock.close()
-                    return
-                full = len(self._sessions) >= self.max_connections
-                if not full:
-                    self._sessions.add(session)
-            if full:
-                log.warning("refusing %s: already %d connections", peer, self.max_connections)
+            if not self._admit(_Session(self, sock, peer)):
                 sock.close()
-                continue
-            session.thread.start()
+                if self._stopping:
+                    return
+
+    def _admit(self, session: _Session) -> bool:
+        """Count ``session`` in and start it, making room at the limit if one is idle."""
+        with self._lock:
+            if self._stopping:
+                return False
+            evicted = None
+            if len(self._sessions) >= self.max_connections:
+                evicted = self._idlest(session.started)
+                if evicted is None:
+                    log.warning(
+                        "connection limit of %d reached and none is idle: refusing %s",
+                        self.max_connections,
+                        session.peer,
+                    )
+                    return False
+                self._sessions.discard(evicted)
+            self._sessions.add(session)
+        if evicted is not None:
+            log.warning(
+                "connection limit of %d reached: closing %s, idle for %.0fs, to admit %s",
+                self.max_connections,
+                evicted.peer,
+                session.started - evicted.last_heard,
+                session.peer,
+            )
+            evicted.cut()
+        session.thread.start()
+        return True
+
+    def _idlest(self, now: float) -> _Session | None:
+        """The connection idle longest, if for ``EVICTABLE_IDLE`` at least (lock held)."""
+        candidates = [s for s in self._sessions if s.idle and now - s.last_heard >= EVICTABLE_IDLE]
+        return min(candidates, key=lambda s: s.last_heard, default=None)
+
+    def _watch_deadlines(self) -> None:
+        """Close connections past the handshake deadline or the idle limit."""
+        while not self._stopping:
+            time.sleep(WATCH_INTERVAL)
+            now = time.monotonic()
+            with self._lock:
+                sessions = list(self._sessions)
+            for session in sessions:
+                if not session.selected:
+                    if now - session.started > self.handshake_timeout:
+                        log.info(
+                            "closing %s: no export chosen within %ss",
+                            session.peer,
+                            self.handshake_timeout,
+                        )
+                        session.cut()
+                elif (
+                    self.idle_timeout is not None
+                    and now - session.last_heard > self.idle_timeout
+                    and session.idle
+                ):
+                    log.info("closing %s: idle for %ss", session.peer, self.idle_timeout)
+                    session.cut()
 
     def _forget(self, session: _Session) -> None:
         with self._lock:

@@ -146,20 +146,17 @@ class CachedBlob:
         end = offset + length
         first = offset // CHUNK_SIZE
         last = (end - 1) // CHUNK_SIZE
-        blob_id = self._known_id()
-        if blob_id is None:
-            missing = list(range(first, last + 1))
-            out: list[Buffer | None] = [None] * len(missing)
-            bad: list[int] = []
-        else:
-            try:
+        missing = list(range(first, last + 1))
+        out: list[Buffer | None] = [None] * len(missing)
+        bad: list[int] = []
+        try:
+            blob_id = self._known_id()
+            if blob_id is not None:
                 out, missing, bad = self._look_up(blob_id, offset, end, stop_at_miss=False)
-            except CacheDamaged:
-                if self._fetcher is None:
-                    raise
-                # Moved aside; the store goes on with an empty cache: all of it is a miss.
-                missing = list(range(first, last + 1))
-                out, bad = [None] * len(missing), []
+        except CacheDamaged:
+            if self._fetcher is None:
+                raise
+            # Moved aside; the store goes on with an empty cache: all of it is a miss.
         misses = len(missing) + len(bad)
         if misses:
             self._whole = False

@@ -26,6 +26,7 @@ first use.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -67,6 +68,9 @@ DAMAGE_ERRORS = (
     lmdb.IncompatibleError,
     lmdb.BadTxnError,
 )
+
+# What decoding a stored record raises when its bytes are not what was stored.
+RECORD_ERRORS = (struct.error, UnicodeDecodeError)
 
 # LMDB's meta pages (mdb.c, 64-bit builds): pages 0 and 1 each hold a page header
 # (16 bytes), then MDB_meta: magic and version (u32 each), the map address and
@@ -130,6 +134,29 @@ def file_damage(path: Path) -> str | None:
     if size < wanted:
         return f"data.mdb is {size} bytes, but its last page ends at {wanted}"
     return None
+
+
+def _reserve_lock_file(path: Path) -> None:
+    """Allocate every page of LMDB's lock file before LMDB maps it.
+
+    LMDB keeps its reader table in a mapped file and writes slots through
+    the map; a page the file system cannot supply at that moment (a full
+    disk, a full tmpfs) is a SIGBUS. Allocated here, a full disk is an
+    error instead. The size is LMDB's for ``MAX_READERS`` slots (a header
+    of two cache lines, then 64 bytes a slot).
+    """
+    lock = path / "lock.mdb"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            size = max(128 + MAX_READERS * 64, os.fstat(fd).st_size)
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise DiskFull(f"the disk holding the cache at {path} is full") from exc
+        raise CacheError(f"cannot open the cache at {path}: {exc}") from exc
 
 
 def move_aside(path: Path, why: str, label: str = "damaged") -> Path:
@@ -258,8 +285,11 @@ class CacheEnv:
                     f"the cache at {self.path} is damaged ({exc}): moved it to {aside}; "
                     "offline, there is nothing else to read"
                 ) from exc
+            try:
+                self._open_env()
+            except CacheError as again:
+                raise type(again)(f"{exc}: moved it to {aside}, and {again}") from again
             log.warning("%s: moved it to %s and started an empty cache", exc, aside)
-            self._open_env()
 
     def _open_env(self) -> None:
         """Open LMDB on the directory, refusing a file that would fault once mapped."""
@@ -268,6 +298,7 @@ class CacheEnv:
         why = file_damage(path)
         if why is not None:
             raise CacheDamaged(f"the cache at {path} is damaged: {why}")
+        _reserve_lock_file(path)
         used = (path / "data.mdb").stat().st_size if (path / "data.mdb").exists() else 0
         map_size = INITIAL_MAP_SIZE
         while map_size < 2 * used:
@@ -321,6 +352,11 @@ class CacheEnv:
             return None
         return move_aside(self.path, why, label)
 
+    def renew(self) -> None:
+        """Replace a handle marked stale now, rather than at the next transaction."""
+        if self._stale is not None:
+            self._renew()
+
     def _renew(self) -> None:
         """Replace a handle marked stale: after damage, with an empty cache; in a fork's
         child, with the child's own handle on the same file."""
@@ -349,9 +385,9 @@ class CacheEnv:
             self.env.close()
             self.env = None
 
-    def damaged(self, exc: lmdb.Error) -> CacheError:
+    def damaged(self, exc: Exception) -> CacheError:
         """The error to raise for ``exc``; damage also marks the environment for renewal."""
-        if isinstance(exc, DAMAGE_ERRORS):
+        if isinstance(exc, DAMAGE_ERRORS + RECORD_ERRORS):
             if self._stale is None:
                 self._stale = f"{type(exc).__name__}: {exc}"
             return CacheDamaged(f"the cache at {self.path} is damaged: {exc}")
@@ -386,7 +422,7 @@ class CacheEnv:
         txn = self.begin_read(db)
         try:
             yield txn
-        except lmdb.Error as exc:
+        except (lmdb.Error, *RECORD_ERRORS) as exc:
             raise self.damaged(exc) from exc
         finally:
             self.end_read(txn)
@@ -467,6 +503,9 @@ class CacheEnv:
                 except lmdb.Error as exc:
                     txn.abort()
                     raise self._write_error(exc) from exc
+                except RECORD_ERRORS as exc:
+                    txn.abort()
+                    raise self.damaged(exc) from exc
                 except BaseException:
                     txn.abort()
                     raise

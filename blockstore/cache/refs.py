@@ -9,11 +9,14 @@ parses is reported as a cache error, never as a traceback.
 from __future__ import annotations
 
 import json
+import logging
 
 from blockstore.errors import CacheError
 
 from .env import CacheEnv
 from .layout import DB_MANIFESTS, DB_REFS
+
+log = logging.getLogger(__name__)
 
 
 def _ref_key(reference: str, platform: str | None) -> bytes:
@@ -48,9 +51,17 @@ class ImageRecords:
         return _decode(raw, reference) if raw is not None else None
 
     def all(self) -> list[dict]:
+        """Every record that parses; a damaged one is skipped with a warning, so one bad
+        record does not stop ``cache ls``, ``rm`` or ``mounts`` (``verify`` drops it)."""
         with self._env.reader(DB_REFS) as txn:
             raws = [(bytes(key), bytes(raw)) for key, raw in txn.cursor()]
-        return [_decode(raw, key.split(b"\0")[0].decode(errors="replace")) for key, raw in raws]
+        records = []
+        for key, raw in raws:
+            try:
+                records.append(_decode(raw, key.split(b"\0")[0].decode(errors="replace")))
+            except CacheError as exc:
+                log.warning("%s; skipped (`blockstore cache verify` drops it)", exc)
+        return records
 
     def remove(self, reference: str, platform: str | None) -> bool:
         key = _ref_key(reference, platform)

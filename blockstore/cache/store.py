@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import lmdb
 
@@ -54,6 +56,8 @@ from .refs import ImageRecords
 from .seal import Sealer, VerifyReport
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DEFAULT_SIZE_CAP = 10 << 30
 
@@ -144,10 +148,29 @@ class ChunkStore:
         self._flights: weakref.WeakValueDictionary[str, Flights] = weakref.WeakValueDictionary()
         self._flights_lock = threading.Lock()
         self._closing = threading.Event()
+        self._flush_interval = flush_interval
+        self._start_flusher()
+        _open_stores.add(self)
+
+    def _start_flusher(self) -> None:
         self._flusher = threading.Thread(
-            target=self._flush_loop, args=(flush_interval,), name="cache-flush", daemon=True
+            target=self._flush_loop, args=(self._flush_interval,), name="cache-flush", daemon=True
         )
         self._flusher.start()
+
+    def _forked(self) -> None:
+        """In a fork's child: only the forking thread lives on, and locks other threads
+        held at the fork stay held; start this store's own locks and threads anew."""
+        self.counters = counters_mod.Counters()
+        self.recency = recency_mod.Recency()
+        self._sealer = Sealer(self)
+        self._flights = weakref.WeakValueDictionary()
+        self._flights_lock = threading.Lock()
+        closing, self._closing = self._closing.is_set(), threading.Event()
+        if closing:
+            self._closing.set()
+        else:
+            self._start_flusher()
 
     # --- lifecycle -------------------------------------------------------
 
@@ -224,24 +247,43 @@ class ChunkStore:
                 flights = self._flights[digest] = Flights()
             return flights
 
+    def _ask(self, question: Callable[[], T]) -> T:
+        """Answer from the cache; if that finds it damaged, from the empty cache that
+        replaces it (the damaged one is moved aside on the way)."""
+        try:
+            return question()
+        except CacheDamaged:
+            return question()
+
     def lookup(self, digest: str) -> BlobRecord | None:
-        with self.env.reader(DB_BLOBS) as txn:
-            raw = txn.get(digest.encode())
-            return BlobRecord.unpack(raw) if raw is not None else None
+        def question() -> BlobRecord | None:
+            with self.env.reader(DB_BLOBS) as txn:
+                raw = txn.get(digest.encode())
+                return BlobRecord.unpack(raw) if raw is not None else None
+
+        return self._ask(question)
 
     def sealed_sums(self, digest: str) -> bytes | None:
-        """Every chunk's checksum (packed, see ``integrity``), once the blob is sealed."""
-        with self.env.reader(DB_SUMS) as txn:
-            raw = txn.get(digest.encode())
-            return bytes(raw) if raw is not None else None
+        """Every chunk's sealed entry (packed, see ``integrity``), once the blob is sealed."""
+
+        def question() -> bytes | None:
+            with self.env.reader(DB_SUMS) as txn:
+                raw = txn.get(digest.encode())
+                return bytes(raw) if raw is not None else None
+
+        return self._ask(question)
 
     def missing(self, blob_id: int | None, indices: range) -> list[int]:
         """Which of ``indices`` have no stored chunk (presence only, unchecked)."""
         if blob_id is None:
             return list(indices)
-        with self.env.reader(DB_CHUNKS) as txn:
-            get = txn.get
-            return [i for i in indices if get(chunk_key(blob_id, i)) is None]
+
+        def question() -> list[int]:
+            with self.env.reader(DB_CHUNKS) as txn:
+                get = txn.get
+                return [i for i in indices if get(chunk_key(blob_id, i)) is None]
+
+        return self._ask(question)
 
     def read_chunks(self, blob_id: int, first: int, last: int) -> ChunkValues:
         """``with store.read_chunks(...) as values``: the stored values (checksum and
@@ -484,10 +526,10 @@ class ChunkStore:
         """
         try:
             report = self._sealer.verify()
-        except CacheDamaged as exc:
+            report.damaged_records = self.images.drop_damaged()
+        except CacheDamaged:
             report = VerifyReport()
-            self.env.moved_aside.append(str(exc))
-        report.damaged_records = self.images.drop_damaged()
+            self.env.renew()  # moves the damaged file aside now, so the report is true
         if self.env.moved_aside:
             report.damage = "; ".join(self.env.moved_aside)
         return report
@@ -495,6 +537,9 @@ class ChunkStore:
     # --- reporting -----------------------------------------------------------
 
     def blobs(self) -> list[BlobInfo]:
+        return self._ask(self._blobs)
+
+    def _blobs(self) -> list[BlobInfo]:
         infos = []
         with self.env.reader(DB_BLOBS) as txn:
             for digest, raw in txn.cursor():
@@ -515,6 +560,9 @@ class ChunkStore:
 
     def stats(self) -> dict:
         """Counters (persisted plus this process's pending ones) and totals."""
+        return self._ask(self._stats)
+
+    def _stats(self) -> dict:
         with self.env.reader() as txn:
             totals = counters_mod.load(txn, self.dbs[DB_COUNTERS])
             meta = self.dbs[DB_META]
@@ -535,3 +583,14 @@ class ChunkStore:
             chunk_size=CHUNK_SIZE,
         )
         return totals
+
+
+_open_stores: weakref.WeakSet[ChunkStore] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_open_stores):
+        store._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,12 +82,41 @@ def parse_cache_size(text: str) -> int:
 
 
 def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``[V6]:PORT`` or a bare ``PORT`` (on 127.0.0.1)."""
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]") if sep else "127.0.0.1"
-    if not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r} (try 127.0.0.1:10809)")
+    """``HOST:PORT``, ``[V6]:PORT`` or a bare ``PORT`` (on 127.0.0.1).
+
+    Anything else is a usage error here, before a warning about the address
+    or a resolver error could be printed about it.
+    """
+    usage = f"not HOST:PORT: {text!r} (try 127.0.0.1:10809, [::1]:10809 or 10809)"
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep or not _is_ip(host, 6):
+            raise argparse.ArgumentTypeError(usage)
+    elif ":" in text:
+        host, _, port = text.partition(":")
+        if ":" in port:
+            raise argparse.ArgumentTypeError(f"{usage}; put an IPv6 address in brackets")
+        numeric = host.replace(".", "").isdigit()  # then it must be an IPv4 address
+        if not (_is_ip(host, 4) or (not numeric and _HOSTNAME.fullmatch(host))):
+            raise argparse.ArgumentTypeError(usage)
+    else:
+        host, port = "127.0.0.1", text
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise argparse.ArgumentTypeError(usage)
     return host, int(port)
+
+
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
+
+
+def _is_ip(text: str, version: int) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == version
+    except ValueError:
+        return False
 
 
 DEFAULT_READ_TIMEOUT = 30.0

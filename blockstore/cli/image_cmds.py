@@ -50,7 +50,7 @@ def run_prefetch(args: argparse.Namespace) -> int:
     try:
         for layer in image.select(args.layer, args.blob):
             # A tar layer is filled as the tar it serves (uncompressed, sealed against
-            # its diff_id); its blob was read whole when it was indexed.
+            # its diff_id), which also proves an index that came attached to the image.
             exported = image.layer_export(layer)
             size = exported.tar_size if isinstance(exported, TarLayer) else layer.size
             if args.pin:

@@ -1,8 +1,10 @@
 """``blockstore serve``: an image's layers as read-only NBD exports, in the foreground.
 
 It prints one ``export NAME URI`` line per export (``""`` is the default
-export, the top layer), then ``ready`` once it listens, so a script or
-``blockstore mount`` can wait for it. SIGTERM and SIGINT stop it cleanly:
+export, the top layer), then ``ready`` once it listens, so a script can wait
+for it; ``blockstore mount`` is told the same on a pipe (``--ready-fd``,
+see ``nbdfront.mount.readiness``), never from this output. SIGTERM and
+SIGINT stop it cleanly:
 replies in flight are sent, sockets closed, the cache closed.
 """
 
@@ -26,6 +28,7 @@ from blockstore.cli.common import (
     cache_dir_from,
     import_traces,
     parse_listen,
+    parse_timeout,
     prefetch_settings_from,
     registry_options_from_args,
     tar_indexes_from,
@@ -69,6 +72,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
     )
+    serve.add_argument(
+        "--idle-timeout",
+        type=parse_timeout,
+        default=None,
+        metavar="SECONDS",
+        help="close a connection that has chosen its export, then sent nothing and waited "
+        "for nothing this long (default: never, as a mounted disk may idle for hours)",
+    )
     add_tls_options(serve)
     # The write end of a pipe from `blockstore mount`, told "ready" or the error on it.
     serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -108,6 +119,7 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
             unix=args.unix,
             default_export=blobs[-1].name,
             tls=tls,
+            idle_timeout=args.idle_timeout,
         )
         try:
             server.start()
@@ -133,6 +145,11 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
             readiness.ready({**server.uris(), "": server.uri("")})
         log.info("serving %s (%s)", image.resolved.reference, ", ".join(b.name for b in blobs))
         server.serve_forever()
+        # Stopping is done and was bounded: later signals change nothing, and one that
+        # lands while the interpreter tears down (which restores default handlers, not
+        # ignored ones) would end the process with the signal's status instead of 0.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
         return 0
     finally:
         if metrics is not None:

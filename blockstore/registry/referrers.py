@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -144,9 +145,13 @@ def _fallback_listing(client: RegistryClient, subject: Subject) -> bytes | None:
 
 
 def read_artifact(
-    client: RegistryClient, subject: Subject, referrer: Referrer
+    client: RegistryClient,
+    subject: Subject,
+    referrer: Referrer,
+    wanted: Callable[[dict[str, str]], bool] | None = None,
 ) -> list[tuple[bytes, str, dict[str, str]]]:
-    """The blobs of an artifact, each checked against its digest, with its annotations."""
+    """The blobs of an artifact, each checked against its digest, with its annotations;
+    only those whose annotations ``wanted`` accepts, when given (one layer's of many)."""
     raw, _ = fetch_manifest(client, subject.repository, referrer.digest)
     what = f"artifact {referrer.digest} of {subject.digest}"
     try:
@@ -164,12 +169,15 @@ def read_artifact(
             digest, size, media_type = layer["digest"], int(layer["size"]), layer["mediaType"]
         except (KeyError, TypeError, ValueError):
             raise RegistryError(f"{what}: a layer descriptor is malformed") from None
+        notes = dict(layer.get("annotations") or {})
+        if wanted is not None and not wanted(notes):
+            continue
         if not 0 <= size <= MAX_ARTIFACT_BLOB:
             raise RegistryError(f"{what}: a blob of {size} bytes is refused")
         data = client.get_blob(subject.repository, digest)
         if digest_of(data, digest.partition(":")[0]) != digest:
             raise IntegrityError(f"{what}: blob {digest} has other bytes, refused")
-        blobs.append((data, media_type, dict(layer.get("annotations") or {})))
+        blobs.append((data, media_type, notes))
     return blobs
 
 

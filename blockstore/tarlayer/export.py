@@ -244,10 +244,25 @@ class IndexCache:
         )
         self._put(self._key(blob_digest, span, "meta"), head + index.metadata)
 
+    SHARED, PROVEN, REFUSED = b"shared", b"proven", b"refused"
+
+    def set_origin(self, blob_digest: str, span: int, origin: bytes) -> None:
+        """Remember where the kept index came from: the registry, not yet proven
+        (``SHARED``), proven against the sealed tar (``PROVEN``), or an attached index
+        found lying, never to be taken again for this layer (``REFUSED``)."""
+        self._put(self._key(blob_digest, span, "origin"), origin)
+
+    def origin(self, blob_digest: str, span: int) -> bytes | None:
+        return self._get(self._key(blob_digest, span, "origin"))
+
+    def drop(self, blob_digest: str, span: int) -> None:
+        """Forget the kept index (an empty record reads as absent), so it is built again."""
+        self._put(self._key(blob_digest, span, "meta"), b"")
+
     def load(self, blob_digest: str, span: int, compressed: bool) -> TarIndex | None:
         """The cached index, or None if absent or damaged (then it is built again)."""
         meta = self._get(self._key(blob_digest, span, "meta"))
-        if meta is None:
+        if meta is None or len(meta) < 8 + _DIGEST:
             return None
         spans = None
         if compressed:

@@ -9,6 +9,7 @@ cached under the diff_id (gzip, zstd).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from blockstore.tarlayer.gzindex import DEFAULT_SPAN, Zinfo
 from blockstore.tarlayer.layerindex import (
     GZIP,
     ZSTD,
+    ReadRange,
     SpanIndex,
     TarIndex,
     index_compressed_tar,
@@ -43,6 +45,7 @@ from blockstore.tarlayer.tarwalk import RangeFile
 log = logging.getLogger(__name__)
 
 TAR = "tar"
+_PROOF_STEP = 4 << 20
 _OCI = "application/vnd.oci.image.layer."
 _DOCKER = "application/vnd.docker.image.rootfs."
 LAYER_KINDS = {
@@ -87,11 +90,21 @@ class LayerBlob(Protocol):
 class TarLayer(TarLayerExport):
     """A tar layer's export, with the blob-like verbs ``prefetch`` and ``close``."""
 
-    def __init__(self, index: TarIndex, tar: LayerBlob, owned: list[LayerBlob], **names: str):
+    def __init__(
+        self,
+        index: TarIndex,
+        tar: LayerBlob,
+        owned: list[LayerBlob],
+        prove: Callable[[ReadRange], None] | None = None,
+        **names: str,
+    ):
+        """``prove``: for an index taken from the registry, checks it against the tar once
+        the tar is sealed (raises ``IntegrityError`` if it lies)."""
         super().__init__(index.metadata, tar, index.tar_size, **names)
         self.index = index
         self._tar_blob = tar
         self._owned = owned
+        self._prove = prove
 
     @property
     def digest(self) -> str:
@@ -103,10 +116,15 @@ class TarLayer(TarLayerExport):
         return self.index.tar_size
 
     def prefetch(self, progress: Callable[[int], None] | None = None) -> None:
-        """Fill the tar part whole, check it against its digest (the diff_id) and seal it."""
+        """Fill the tar part whole, check it against its digest (the diff_id) and seal it;
+        then prove an index that came from the registry against it."""
         self._tar_blob.prefetch(progress)
+        if self._prove is not None:
+            self._prove(_read_all(self._tar_blob))
+            self._prove = None
 
     def close(self) -> None:
+        """Close what this layer made (the decompressed tar); the blob is its opener's."""
         for blob in self._owned:
             blob.close()
 
@@ -156,24 +174,35 @@ def open_tar_layer(
     span: int = DEFAULT_SPAN,
     tarindex: Path | None = None,
     zinfo: Path | None = None,
+    shared: Callable[[], TarIndex | None] | None = None,
     name: str = "",
     description: str = "",
 ) -> TarLayer:
-    """The export of one tar layer, its index taken from the cache or built now.
+    """The export of one tar layer, its index taken from the cache, else from the
+    registry (``shared``: the image's attached index, checked, or None), else built now.
 
     ``diff_id`` is asked only when an index must be built (it may fetch the
     image config). Offline, a layer never indexed fails with ``NotCached``.
+    ``blob`` stays the caller's to close.
     """
     read = _read_all(blob)
+    prove = None
     if tarindex is not None:
         index = local_index(tarindex, zinfo, blob, kind, diff_id() if zinfo else None)
     else:
+        cache = IndexCache(store)
 
         def build() -> TarIndex:
             if not online:
                 raise NotCached(
                     f"{blob.digest}: this tar layer was never indexed; needs the registry"
                 )
+            refused = cache.origin(blob.digest, span) == IndexCache.REFUSED
+            if shared is not None and not refused and (found := shared()) is not None:
+                log.info("%s: using the index attached to the image", blob.digest)
+                # Marked before it is kept, so no crash can keep it unmarked (unproven).
+                cache.set_origin(blob.digest, span, IndexCache.SHARED)
+                return found
             if kind == TAR:
                 return index_plain_tar(read, blob.size, blob.digest)
             log.info("%s: reading the %s layer once to index it", blob.digest, kind)
@@ -185,9 +214,11 @@ def open_tar_layer(
                 span=span,
             )
 
-        index = cached_or_built(IndexCache(store), blob.digest, span, kind != TAR, build)
+        index = cached_or_built(cache, blob.digest, span, kind != TAR, build)
+        if cache.origin(blob.digest, span) == IndexCache.SHARED:
+            prove = _prover(cache, blob.digest, span, index)
     if index.spans is None:
-        return TarLayer(index, blob, [blob], name=name, description=description)
+        return TarLayer(index, blob, [], prove, name=name, description=description)
     if len(index.spans.points) == 1:
         log.info(
             "%s: one %s frame, no restart point inside it: the first read decompresses the "
@@ -205,7 +236,53 @@ def open_tar_layer(
         name=name,
         description=f"{description} (uncompressed)",
     )
-    return TarLayer(index, tar_blob, [tar_blob, blob], name=name, description=description)
+    return TarLayer(index, tar_blob, [tar_blob], prove, name=name, description=description)
+
+
+def _prover(
+    cache: IndexCache, blob_digest: str, span: int, index: TarIndex
+) -> Callable[[ReadRange], None]:
+    """Check an index taken from the registry against its tar, once the tar is sealed.
+
+    The writer is deterministic, so the metadata image rebuilt from the
+    verified tar's headers must be the same bytes; each span's recorded
+    sha256 must be that of the verified tar's bytes. Then the index is known
+    to be the one this engine would build (its gzip windows need no check of
+    their own: whatever they decompress to is held to the proven digests).
+    A lie drops the index, so the next open builds one from the layer.
+    """
+
+    def prove(read: ReadRange) -> None:
+        rebuilt = index_plain_tar(read, index.tar_size, index.tar_digest)
+        spans = index.spans
+        honest = rebuilt.metadata == index.metadata and (
+            spans is None
+            or spans.digests is None
+            or all(
+                _sha256(read, *spans.bounds(i)) == spans.digests[i]
+                for i in range(len(spans.points))
+            )
+        )
+        if not honest:
+            cache.drop(blob_digest, span)
+            cache.set_origin(blob_digest, span, IndexCache.REFUSED)
+            raise IntegrityError(
+                f"{blob_digest}: the index attached to the image does not describe this "
+                "layer's tar: dropped; the next open builds one from the layer itself"
+            )
+        cache.set_origin(blob_digest, span, IndexCache.PROVEN)
+        log.info("%s: the index attached to the image is proven against the tar", blob_digest)
+
+    return prove
+
+
+def _sha256(read: ReadRange, start: int, end: int) -> bytes:
+    """The sha256 of bytes ``start``-``end`` of the tar, read in steps (a single-frame
+    zstd layer's one span is its whole tar)."""
+    digest = hashlib.sha256()
+    for offset in range(start, end, _PROOF_STEP):
+        digest.update(read(offset, min(_PROOF_STEP, end - offset)))
+    return digest.digest()
 
 
 def image_diff_ids(client: RegistryClient, repository: str, manifest: bytes) -> list[str]:

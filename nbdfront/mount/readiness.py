@@ -79,7 +79,7 @@ def decode(line: bytes) -> Ready | Failed:
     return Failed(f"the server sent a status line that does not parse: {line[:200]!r}")
 
 
-def read_status(fd: int, timeout: float) -> Status:
+def receive(fd: int, timeout: float) -> Status:
     """Wait up to ``timeout`` seconds for the one line on ``fd`` (the pipe's read end)."""
     deadline = time.monotonic() + timeout
     received = bytearray()

@@ -44,6 +44,7 @@ def make_run_dirs() -> None:
     run.parent.mkdir(parents=True, exist_ok=True)
     for path, mode in ((run, 0o755), (run / "mounts", 0o755), (run / "log", 0o700)):
         make_private_dir(path, mode, exist_ok=True)
+    os.chmod(run / "log", 0o700)  # ours: an older version made it readable by all
 
 
 def make_private_dir(path: Path, mode: int, *, exist_ok: bool = False) -> None:

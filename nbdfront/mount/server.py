@@ -85,7 +85,7 @@ def start_server(
         os.close(write_end)  # from here, only the server holds it: its exit is end-of-file
         write_end = -1
         try:
-            status = readiness.read_status(read_end, timeout)
+            status = readiness.receive(read_end, timeout)
             return _started(proc, status, log_path, timeout)
         except BaseException:
             _kill_group(proc)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from blockstore.export import Buffer
 from nbdfront.protocol import replies
@@ -29,6 +29,7 @@ from nbdfront.protocol.events import (
     ClientEvent,
     ConnectionClosed,
     Disconnect,
+    ReadRequest,
     ServerReply,
     StartTLS,
     _NeedData,
@@ -55,6 +56,9 @@ class Phase(enum.Enum):
 
 # The phase of (almost) every step, in a module name: enum lookups are slow on 3.11.
 _TRANSMISSION = Phase.TRANSMISSION
+_READ = int(Command.READ)
+_HEADER_SIZE = REQUEST_HEADER.size
+_unpack_request = REQUEST_HEADER.unpack_from
 
 
 class ServerConnection:
@@ -104,12 +108,31 @@ class ServerConnection:
 
     def next_event(self) -> ClientEvent | _NeedData:
         """The next thing the server must act on, or ``NEED_DATA``."""
-        while not self._events and self._step():
+        events = self._events
+        if not events and self.phase is _TRANSMISSION and not self._skip:
+            # The path of nearly every call: a read that needs no answer from
+            # here, or a partial request header.
+            buffer = self._buffer
+            if len(buffer) < _HEADER_SIZE:
+                if not self._eof:
+                    return NEED_DATA
+            elif not self._shutting_down:
+                magic, flags, command, handle, offset, length = _unpack_request(buffer)
+                if (
+                    command == _READ
+                    and magic == REQUEST_MAGIC
+                    and self.transmission.plain_read(flags, offset, length)  # type: ignore[union-attr]
+                ):
+                    del buffer[:_HEADER_SIZE]
+                    return ReadRequest(handle, offset, length, flags)
+        while not events and self._step():
             pass
-        return self._events.popleft() if self._events else NEED_DATA
+        return events.popleft() if events else NEED_DATA
 
-    def data_to_send(self) -> list[Buffer]:
+    def data_to_send(self) -> Sequence[Buffer]:
         """Bytes the protocol produced on its own (in order), to be sent before anything else."""
+        if not self._outgoing:
+            return ()
         out, self._outgoing = self._outgoing, []
         return out
 

@@ -134,11 +134,12 @@ BASE_ALLOCATION_ID = 1
 
 # Size constraints announced with NBD_INFO_BLOCK_SIZE. Any byte is addressable
 # (minimum 1); 32 KiB is the cache's chunk, so aligned reads never split a
-# chunk (preferred); 4 MiB bounds what one request can make the server hold
-# (maximum payload). Reads longer than the maximum get EINVAL.
+# chunk (preferred); 32 MiB is what the spec says a server SHOULD take from a
+# client that negotiated nothing, and some clients (nbdcopy --request-size)
+# send it whatever is announced (maximum payload). Longer reads get EINVAL.
 MIN_BLOCK_SIZE = 1
 PREFERRED_BLOCK_SIZE = 32 * 1024
-MAX_PAYLOAD = 4 * 1024 * 1024
+MAX_PAYLOAD = 32 * 1024 * 1024
 
 # The spec caps strings at 4096 bytes; an option carries at most a name and a
 # few queries. Longer options are skipped unread and refused.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from blockstore.export import Buffer
 
@@ -42,8 +43,12 @@ class StartTLS:
     """
 
 
-@dataclass(frozen=True)
-class ReadRequest:
+# The events of every read (the request and its reply) are named tuples, not
+# frozen dataclasses: just as immutable, and made several times faster, which
+# shows on a request's path through the server.
+
+
+class ReadRequest(NamedTuple):
     """``NBD_CMD_READ`` already checked against the export's bounds."""
 
     handle: int
@@ -78,21 +83,37 @@ class ConnectionClosed:
     clean: bool
 
 
-@dataclass(frozen=True)
-class ReadReply:
+class ReadReply(NamedTuple):
     """All the bytes of ``request``, as buffers whose lengths sum to its length."""
 
     request: ReadRequest
     data: Sequence[Buffer]
 
 
+class ReadPiece(NamedTuple):
+    """Some of a read's bytes, sent before the rest is ready: ``data`` at ``offset``.
+
+    Only with structured replies, and never for a read with the DF flag. The
+    piece with ``done`` ends the reply; pieces of one read must not overlap.
+    """
+
+    request: ReadRequest
+    offset: int
+    data: Sequence[Buffer]
+    done: bool = False
+
+
 @dataclass(frozen=True)
 class ReadFailed:
-    """A read that failed: an error and no data, so a client never takes wrong bytes."""
+    """A read that failed at ``offset`` (its start, unless pieces before it were sent).
+
+    No data goes with it, so a client never takes wrong bytes for good ones.
+    """
 
     request: ReadRequest
     error: int
     message: str = ""
+    offset: int | None = None
 
 
 @dataclass(frozen=True)
@@ -105,4 +126,4 @@ class CommandDone:
 
 
 ClientEvent = StartTLS | ExportSelected | ReadRequest | CacheRequest | Disconnect | ConnectionClosed
-ServerReply = ReadReply | ReadFailed | CommandDone
+ServerReply = ReadReply | ReadPiece | ReadFailed | CommandDone

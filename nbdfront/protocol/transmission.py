@@ -24,6 +24,7 @@ from nbdfront.protocol.events import (
     Disconnect,
     ExportSelected,
     ReadFailed,
+    ReadPiece,
     ReadReply,
     ReadRequest,
     ServerReply,
@@ -36,6 +37,7 @@ REQUEST_HEADER = struct.Struct(">IHHQQI")
 _READ, _WRITE, _DISC, _FLUSH, _CACHE = map(
     int, (Command.READ, Command.WRITE, Command.DISC, Command.FLUSH, Command.CACHE)
 )
+_DF = int(CommandFlag.DF)
 _WRITES = frozenset(map(int, (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)))
 
 
@@ -58,6 +60,7 @@ class Transmission:
         # set it on any command: it is accepted everywhere and ignored.
         # (Plain ints: ``~`` of an IntFlag stays inside the known bits.)
         read_flags = CommandFlag.FUA | (CommandFlag.DF if self.structured else 0)
+        self._read_flags = int(read_flags)
         self._allowed_flags = {
             _READ: int(read_flags),
             _FLUSH: int(CommandFlag.FUA),
@@ -96,6 +99,15 @@ class Transmission:
             return Checked(event=CacheRequest(handle, offset, length))
         return Checked(reply=self._block_status(handle, length))
 
+    def plain_read(self, flags: int, offset: int, length: int) -> bool:
+        """Whether a read passes every check with nothing to answer here (``check``'s
+        verdict for it is a ``ReadRequest``), tested in the fewest steps."""
+        return (
+            not flags & ~self._read_flags
+            and 0 < length <= MAX_PAYLOAD
+            and offset + length <= self.size
+        )
+
     def refuse_shutting_down(self, command: int, handle: int, length: int) -> Checked:
         skip = length if command == _WRITE else 0
         reply = self.error(handle, Errno.ESHUTDOWN, "the server is shutting down")
@@ -125,16 +137,31 @@ class Transmission:
             return replies.offset_data(
                 request.handle, request.offset, reply.data, request.length, done=True
             )
+        if isinstance(reply, ReadPiece):
+            return self._piece(reply)
         if isinstance(reply, ReadFailed):
             return self._read_failed(reply)
         if reply.error:
             return self.error(reply.request.handle, reply.error, reply.message)
         return replies.simple_reply(reply.request.handle)
 
+    def _piece(self, piece: ReadPiece) -> list[Buffer]:
+        request = piece.request
+        if not self.structured or request.flags & _DF:
+            raise ValueError("a read is sent in pieces only as structured replies, without DF")
+        length = sum(memoryview(b).nbytes for b in piece.data)
+        end = request.offset + request.length
+        if not request.offset <= piece.offset < piece.offset + length <= end:
+            raise ValueError(f"piece {piece.offset}+{length} is outside the read")
+        return replies.offset_data(
+            request.handle, piece.offset, piece.data, length, done=piece.done
+        )
+
     def _read_failed(self, reply: ReadFailed) -> list[Buffer]:
         request = reply.request
         if not self.structured:
             return replies.simple_reply(request.handle, reply.error)
-        return [
-            replies.error_offset_chunk(request.handle, reply.error, reply.message, request.offset)
-        ]
+        offset = request.offset if reply.offset is None else reply.offset
+        if not request.offset <= offset < request.offset + request.length:
+            raise ValueError(f"failure offset {offset} is outside the read")
+        return [replies.error_offset_chunk(request.handle, reply.error, reply.message, offset)]

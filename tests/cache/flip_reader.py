@@ -1,6 +1,6 @@
 """Flip bits in a copy of a cache's LMDB file, one at a time, and read everything back.
 
-    python flip_reader.py PRISTINE_DIR WORK_DIR --kind tree|keys|values --seed N
+    python flip_reader.py PRISTINE_DIR WORK_DIR --kind tree|keys|values|records --seed N
         --flips N PATH=DIGEST...
 
 For each flip: copy the pristine cache to a fresh directory, flip one bit at

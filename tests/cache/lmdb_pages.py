@@ -19,9 +19,10 @@ CHUNK_KEY_SIZE = 16
 
 def regions(data_mdb: Path) -> dict[str, list[tuple[int, int]]]:
     """Byte ranges of the file by kind: ``tree`` (branch and leaf pages), ``keys`` (the
-    keys of chunk records in leaf pages), ``values`` (overflow pages: chunk values)."""
+    keys of chunk records in leaf pages), ``values`` (overflow pages: chunk values),
+    ``records`` (small values kept in leaf pages: blob records, counters, meta)."""
     raw = data_mdb.read_bytes()
-    out: dict[str, list[tuple[int, int]]] = {"tree": [], "keys": [], "values": []}
+    out: dict[str, list[tuple[int, int]]] = {"tree": [], "keys": [], "values": [], "records": []}
     pgno = 2
     pages = len(raw) // PAGE
     while pgno < pages:
@@ -39,10 +40,14 @@ def regions(data_mdb: Path) -> dict[str, list[tuple[int, int]]]:
                 lower = struct.unpack_from("<H", raw, base + 12)[0]
                 for i in range(max(0, (lower - 16) // 2)):
                     node = struct.unpack_from("<H", raw, base + 16 + 2 * i)[0]
-                    if 16 <= node <= PAGE - 8 - CHUNK_KEY_SIZE:
-                        ksize = struct.unpack_from("<H", raw, base + node + 6)[0]
-                        if ksize == CHUNK_KEY_SIZE:
-                            start = base + node + 8
-                            out["keys"].append((start, start + CHUNK_KEY_SIZE))
+                    if not 16 <= node <= PAGE - 8:
+                        continue
+                    lo, hi, nflags, ksize = struct.unpack_from("<HHHH", raw, base + node)
+                    start = base + node + 8
+                    if ksize == CHUNK_KEY_SIZE:
+                        out["keys"].append((start, start + CHUNK_KEY_SIZE))
+                    size = lo | hi << 16
+                    if nflags == 0 and size > 0 and node + 8 + ksize + size <= PAGE:
+                        out["records"].append((start + ksize, start + ksize + size))
         pgno += 1
     return out

@@ -18,7 +18,7 @@ from cache_sources import ScriptedSource, make_blob
 
 import blockstore.cache.env as cache_env
 from blockstore.cache import CHUNK_SIZE, CacheDamaged, CachedBlob, ChunkStore
-from blockstore.cache.layout import DB_META, DB_REFS, FORMAT_VERSION, U64
+from blockstore.cache.layout import DB_BLOBS, DB_META, DB_REFS, FORMAT_VERSION, U64
 from blockstore.errors import CacheError
 from blockstore.image import open_image
 
@@ -101,7 +101,8 @@ def zero_tree_pages(cache_dir: Path) -> int:
 def test_damage_found_while_serving_costs_the_cache_not_the_read(cache_dir):
     """The B-tree pages of an open cache zeroed under it (LMDB then reports corrupted
     pages): offline, a read is EIO, not a crash; online, reads are served right, from the
-    source, the damaged cache moved aside for an empty one that fills again."""
+    source, the damaged cache moved aside for an empty one that fills again. The same when
+    the damage is found by an export opened after it."""
     data, digest = make_blob(6 * CHUNK_SIZE, seed=61)
     fill(cache_dir, [(data, digest)])
     with ChunkStore(cache_dir) as store:
@@ -118,12 +119,42 @@ def test_damage_found_while_serving_costs_the_cache_not_the_read(cache_dir):
         assert b"".join(online.read(0, len(data))) == data
         assert len(source.requests) == requests  # served from the new cache
         online.close()
+    fill(cache_dir, [(data, digest)])
+    with ChunkStore(cache_dir) as store:
+        assert zero_tree_pages(cache_dir) > 0  # found this time by the blob's first look
+        source = ScriptedSource(data, digest)
+        late = CachedBlob(store, digest, len(data), source)
+        assert b"".join(late.read(0, len(data))) == data
+        assert source.requests and len(aside(cache_dir, "damaged")) == 2
+        late.close()
+
+
+def test_a_stored_record_that_does_not_parse_is_damage_not_a_traceback(cache_dir):
+    """A blob's record cut to 3 bytes (it used to end `cache ls` in a struct.error
+    traceback): `cache ls` exits 0, says the cache was damaged and moved aside, and lists
+    the empty cache; an online read through a store that finds it is right."""
+    data, digest = make_blob(3 * CHUNK_SIZE, seed=66)
+    fill(cache_dir, [(data, digest)])
+    with ChunkStore(cache_dir) as store:
+        store.env.write(lambda txn: txn.put(digest.encode(), b"abc", db=store.dbs[DB_BLOBS]))
+    result = run_cli("cache", "ls", "--json", "--cache-dir", str(cache_dir))
+    assert result.returncode == 0, result.stderr
+    assert "damaged" in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout.strip() == "[]"
+    fill(cache_dir, [(data, digest)])
+    with ChunkStore(cache_dir) as store:
+        store.env.write(lambda txn: txn.put(digest.encode(), b"abc", db=store.dbs[DB_BLOBS]))
+        blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
+        assert b"".join(blob.read(0, len(data))) == data
+        blob.close()
+    assert len(aside(cache_dir, "damaged")) == 2
 
 
 def test_a_damaged_offline_record_is_a_cache_error_and_verify_drops_it(cache_dir):
     """A stored reference record that is no longer JSON: resolving it offline is a
-    CacheError (exit 8, no traceback); `cache verify` reports it as damage (exit 6) and
-    drops it; the next verify is clean."""
+    CacheError (exit 8, no traceback); `cache rm` of another image is not stopped by it
+    (it warns and says that image is not cached); `cache verify` reports it as damage
+    (exit 6) and drops it; the next verify is clean."""
     with ChunkStore(cache_dir) as store:
         key = b"127.0.0.1:5000/demo/app:v1\0linux/amd64"
         store.env.write(lambda txn: txn.put(key, b'{"reference": "127.0', db=store.dbs[DB_REFS]))
@@ -131,6 +162,9 @@ def test_a_damaged_offline_record_is_a_cache_error_and_verify_drops_it(cache_dir
         open_image(
             "127.0.0.1:5000/demo/app:v1", cache_dir=cache_dir, platform="linux/amd64", offline=True
         ).close()
+    result = run_cli("cache", "rm", "127.0.0.1:5000/demo/other:v1", "--cache-dir", str(cache_dir))
+    assert result.returncode == 3 and "no image" in result.stderr, result.stdout + result.stderr
+    assert "damaged" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("cache", "verify", "--cache-dir", str(cache_dir))
     assert result.returncode == 6, result.stdout + result.stderr
     assert "the cached record of 127.0.0.1:5000/demo/app:v1 is damaged: dropped" in result.stdout

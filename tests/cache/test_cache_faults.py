@@ -6,12 +6,14 @@ seen as such (a negative exit status), not as a crashed test run.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from cache_rig import REPO
+from cache_rig import REPO, run_cli
 from cache_sources import ScriptedSource, make_blob
 from lmdb_pages import regions
 
@@ -42,10 +44,11 @@ def pristine(tmp_path_factory) -> tuple[Path, list[str]]:
     return root / "pristine", specs
 
 
-@pytest.mark.parametrize("kind", ["tree", "keys", "values"])
+@pytest.mark.parametrize("kind", ["tree", "keys", "values", "records"])
 def test_flipped_bits_in_the_lmdb_file_never_serve_a_wrong_byte_nor_kill(pristine, kind, tmp_path):
     """25 single-bit flips (seeded) in the file's B-tree pages, in the keys of chunk
-    records, or in chunk values, each in a fresh copy of one cache: a child process opens
+    records, in chunk values, or in small records (blob records, counters, meta), each in a
+    fresh copy of one cache: a child process opens
     it offline, reads every blob in 32 KiB and 4 KiB reads and verifies it. Every read is
     the right bytes or an error, never a wrong byte; the child ends by itself (exit 0),
     never by a signal; and flips in keys and values are noticed (reads fail beyond the
@@ -75,7 +78,7 @@ def test_flipped_bits_in_the_lmdb_file_never_serve_a_wrong_byte_nor_kill(pristin
     ok, right, failed, refused = result.stdout.splitlines()[-1].split()
     assert ok == "ok" and int(right) > 0
     uncached_reads = 8 + 8 * 8  # the half blob's uncached chunks, in 32 and 4 KiB reads
-    if kind != "tree":
+    if kind in ("keys", "values"):
         assert int(failed) > FLIPS * uncached_reads or int(refused) > 0, result.stdout
 
 
@@ -101,3 +104,36 @@ def test_sigkill_in_heavy_writes_ten_times_in_a_row_leaves_a_right_cache(tmp_pat
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert result.stdout.split()[-2:] == ["ok", "10"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_damaged_cache_on_a_full_disk_is_one_clear_error_or_an_empty_cache(tmp_path):
+    """A cache on a 2 MiB tmpfs, its data.mdb cut short, the rest of the disk then filled:
+    `cache stats` either moves it aside and starts an empty cache (exit 0) or, with no room
+    for one, fails with the cache error's exit code (8); one message either way, never a
+    traceback or a signal. A blob then reads right through the store, cached or not."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
+    try:
+        cache = disk / "cache"
+        data, digest = make_blob(24 * CHUNK_SIZE, seed=72)
+        with ChunkStore(cache) as store:
+            blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
+            blob.prefetch()
+            blob.close()
+        os.truncate(cache / "data.mdb", (cache / "data.mdb").stat().st_size // 2)
+        with open(disk / "filler", "wb") as filler, contextlib.suppress(OSError):
+            while True:
+                filler.write(bytes(1 << 16))
+                filler.flush()
+        result = run_cli("cache", "stats", "--cache-dir", str(cache))
+        assert result.returncode in (0, 8), result.stdout + result.stderr
+        assert "damaged" in result.stderr and "Traceback" not in result.stderr
+        (disk / "filler").unlink()
+        with ChunkStore(cache) as store:
+            blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
+            assert b"".join(blob.read(0, len(data))) == data
+            blob.close()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

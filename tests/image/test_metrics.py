@@ -51,7 +51,10 @@ def test_serve_exports_metrics(pushed_images, erofs_images, tmp_path):
 
         assert after["blockstore_cache_bytes_served_total"] >= 1 << 20
         assert after["blockstore_cache_bytes_fetched_total"] >= 1 << 20
-        assert after["blockstore_cache_misses_total"] >= 32
+        # 1 MiB is 32 chunks, each counted once as a hit or a miss; the EROFS start may
+        # have fetched the first ones before the read, so only their sum is fixed.
+        counted = after["blockstore_cache_misses_total"] + after["blockstore_cache_hits_total"]
+        assert counted >= 32 and after["blockstore_cache_misses_total"] >= 1
         assert after["blockstore_fetch_seconds_count"] >= 1
         assert (
             after['blockstore_fetch_seconds_bucket{le="+Inf"}']

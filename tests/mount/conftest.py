@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from mount_trees import build_opaque_stack
 from rig.images import build_erofs
+from rig.processes import processes_mentioning
 
 from nbdfront.mount import attach, records, stack, syscall
 
@@ -39,22 +40,6 @@ def why_mounting_cannot_run() -> str | None:
         if kind not in kinds:
             return f"this kernel has no {kind} file system"
     return None
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """Live processes whose command line contains ``text`` (zombies excluded)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
-        except OSError:
-            continue
-        if text in cmdline and state not in ("Z", "X"):
-            found.append(int(proc.name))
-    return found
 
 
 def undo_everything(*roots: Path) -> None:
@@ -120,8 +105,8 @@ def opaque_images(tmp_path_factory):
 def local_server(mount_dirs):
     """Makes the command of a server for local images (export name -> image file).
 
-    It is nbdkit's file plugin behind the same announcements ``blockstore
-    serve`` makes, so the mount stack is tested without a registry. Stopped,
+    It is nbdkit's file plugin, saying it is ready on the same readiness pipe
+    ``blockstore serve`` uses, so the mount stack is tested without a registry. Stopped,
     it exits with ``stop_status`` after ``stop_delay`` seconds.
     """
     counter = iter(range(1000))

@@ -18,9 +18,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import processes_mentioning
 from mount_trees import assert_same_tree
-from rig.processes import free_port
+from rig.processes import free_port, processes_mentioning
 from rig.pushed import push_erofs
 
 from blockstore.errors import ImageNotCached, MountpointBusy, RegistryError, RegistryUnreachable

@@ -34,8 +34,8 @@ def test_ready_with_exports_and_warnings_arrives_whole(pipe):
         logging.getLogger("blockstore.image").info("not a warning")
         server_end.ready(exports)
         logging.getLogger("blockstore.fetch").warning("later, in the log only")
-    assert readiness.read_status(read_end, 5) == Ready(exports, ["registry down; serving x"])
-    assert readiness.read_status(read_end, 5) == Silent()  # said once, then closed
+    assert readiness.receive(read_end, 5) == Ready(exports, ["registry down; serving x"])
+    assert readiness.receive(read_end, 5) == Silent()  # said once, then closed
 
 
 def test_an_error_before_ready_is_said_on_the_pipe(pipe):
@@ -44,7 +44,7 @@ def test_an_error_before_ready_is_said_on_the_pipe(pipe):
     read_end, write_end = pipe
     with pytest.raises(LookupError), ReadinessPipe(write_end):
         raise LookupError("the image has no layer 7")
-    assert readiness.read_status(read_end, 5) == Failed("the image has no layer 7")
+    assert readiness.receive(read_end, 5) == Failed("the image has no layer 7")
 
 
 def test_a_pipe_closed_without_a_word_is_silent_at_once(pipe):
@@ -52,7 +52,7 @@ def test_a_pipe_closed_without_a_word_is_silent_at_once(pipe):
     read_end, write_end = pipe
     os.close(write_end)
     started = time.monotonic()
-    assert readiness.read_status(read_end, 30) == Silent()
+    assert readiness.receive(read_end, 30) == Silent()
     assert time.monotonic() - started < 1
 
 
@@ -60,7 +60,7 @@ def test_nothing_said_times_out(pipe):
     """A server that neither speaks nor exits is given up on at the deadline, not later."""
     read_end, write_end = pipe
     started = time.monotonic()
-    assert readiness.read_status(read_end, 0.3) == TimedOut()
+    assert readiness.receive(read_end, 0.3) == TimedOut()
     assert 0.3 <= time.monotonic() - started < 2
     os.close(write_end)
 
@@ -77,7 +77,7 @@ def test_a_line_in_pieces_waits_for_its_end(pipe):
 
     writer = threading.Thread(target=trickle)
     writer.start()
-    assert readiness.read_status(read_end, 5) == Ready({"": SOCK.format("")}, [])
+    assert readiness.receive(read_end, 5) == Ready({"": SOCK.format("")}, [])
     writer.join()
     os.close(write_end)
 

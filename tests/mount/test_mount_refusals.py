@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import processes_mentioning
+from rig.processes import processes_mentioning
 
 from blockstore.errors import UsageError
 

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import processes_mentioning
 from mount_trees import assert_same_tree
+from rig.processes import processes_mentioning
 from rig.pushed import push_erofs
 
 from blockstore.errors import AuthError, MountError
@@ -32,12 +32,15 @@ def test_sockets_records_and_logs_are_owner_only(
     mount_dirs, mountpoint, erofs_images, local_server, monkeypatch
 ):
     """While mounted: the server's Unix socket is 0600 in a 0700 mount directory, the log
-    0600 in a 0700 log directory; the run directory and ``mounts/`` are 0755, all ours.
-    Nothing of it is writable by another user."""
+    0600 in a 0700 log directory (also one an older version left open to all); the run
+    directory and ``mounts/`` are 0755, all ours. Nothing of it is writable by another
+    user."""
     _, run = mount_dirs
     run.chmod(0o700)
     run_dir = run / "blockstore"
     monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(run_dir))  # made by the mount, not the test
+    (run_dir / "log").mkdir(parents=True)  # as an older version left it: readable by all
+    (run_dir / "log").chmod(0o755)
     record = stack.mount(
         local_server({"layer0": erofs_images.small.path}), str(mountpoint), image="small"
     )

@@ -107,41 +107,40 @@ class ReplyChecker:
             data = data[20 + length :]
         return out, data
 
-    def transmission(self, data: bytes) -> bytes:
+    def transmission(self, data: bytes | bytearray) -> bytes:
         """Decode every complete reply; returns an incomplete tail, if any."""
-        while data:
-            (magic,) = struct.unpack_from(">I", data) if len(data) >= 4 else (None,)
-            if magic is None:
-                return data
+        pos, end = 0, len(data)
+        while end - pos >= 4:
+            (magic,) = struct.unpack_from(">I", data, pos)
             if magic == SIMPLE_MAGIC:
-                if len(data) < 16:
-                    return data
-                _, error, handle = struct.unpack_from(">IIQ", data)
+                if end - pos < 16:
+                    break
+                _, error, handle = struct.unpack_from(">IIQ", data, pos)
                 assert error == 0 or error in NBD_ERRORS, f"error {error} is not an NBD error"
                 size = 0
                 if handle in self.reads and error == 0:
                     size = self.reads[handle][1]
-                if len(data) < 16 + size:
-                    return data
+                if end - pos < 16 + size:
+                    break
                 reply = self._start(handle)
                 assert not reply.chunks, f"simple reply inside a structured one for {handle}"
                 reply.error = error
                 if size:
-                    reply.data[self.reads[handle][0]] = bytes(data[16 : 16 + size])
+                    reply.data[self.reads[handle][0]] = bytes(data[pos + 16 : pos + 16 + size])
                 self._finish(reply)
-                data = data[16 + size :]
+                pos += 16 + size
             elif magic == STRUCTURED_MAGIC:
                 assert self.structured, "structured reply that was never negotiated"
-                if len(data) < 20:
-                    return data
-                _, flags, kind, handle, length = struct.unpack_from(">IHHQI", data)
-                if len(data) < 20 + length:
-                    return data
-                self._chunk(flags, kind, handle, bytes(data[20 : 20 + length]))
-                data = data[20 + length :]
+                if end - pos < 20:
+                    break
+                _, flags, kind, handle, length = struct.unpack_from(">IHHQI", data, pos)
+                if end - pos < 20 + length:
+                    break
+                self._chunk(flags, kind, handle, bytes(data[pos + 20 : pos + 20 + length]))
+                pos += 20 + length
             else:
                 raise AssertionError(f"reply with unknown magic {magic:#x}")
-        return b""
+        return bytes(data[pos:])
 
     def _start(self, handle: int) -> Reply:
         return self.replies.setdefault(handle, Reply(handle))
@@ -231,12 +230,13 @@ class RawClient:
         assert (magic, opt_magic) == (NBDMAGIC, IHAVEOPT)
         self.checker: ReplyChecker | None = None
         self.size = 0
-        self._tail = b""
+        self._tail = bytearray()
+        self._wanted = 0  # bytes the next reply needs before decoding is worth trying
 
     def recv_exactly(self, n: int) -> bytes:
         buf = bytearray()
         while len(buf) < n:
-            piece = self.sock.recv(n - len(buf))
+            piece = self.sock.recv(min(n - len(buf), 1 << 20))
             if not piece:
                 raise ConnectionError(f"server closed after {len(buf)} of {n} bytes")
             buf += piece
@@ -254,7 +254,9 @@ class RawClient:
             if reply == REP_ACK or reply & (1 << 31):
                 return answers
 
-    def negotiate(self, name: str = "", structured: bool = True, meta: bool = True) -> None:
+    def negotiate(
+        self, name: str = "", structured: bool = True, meta: bool = True, block_sizes: bool = True
+    ) -> None:
         self.sock.sendall(client_flags())
         if structured:
             self.sock.sendall(option(OPT_STRUCTURED_REPLY))
@@ -263,7 +265,8 @@ class RawClient:
                 query = meta_data(name, ["base:allocation"])
                 self.sock.sendall(option(OPT_SET_META_CONTEXT, query))
                 assert self.option_answers()[-1].reply == REP_ACK
-        self.sock.sendall(option(OPT_GO, go_data(name, (INFO_BLOCK_SIZE,))))
+        infos = (INFO_BLOCK_SIZE,) if block_sizes else ()
+        self.sock.sendall(option(OPT_GO, go_data(name, infos)))
         answers = self.option_answers()
         assert answers[-1].reply == REP_ACK, answers
         for a in answers:
@@ -289,11 +292,31 @@ class RawClient:
         """Read replies until ``handle``'s is complete."""
         assert self.checker is not None
         while (reply := self.checker.take(handle)) is None:
-            piece = self.sock.recv(1 << 20)
-            if not piece:
+            if not self.receive_some(1 << 20):
                 raise ConnectionError("server closed the connection")
-            self._tail = self.checker.transmission(self._tail + piece)
         return reply
+
+    def receive_some(self, size: int) -> int:
+        """Receive up to ``size`` bytes and decode the replies they complete; 0 at EOF."""
+        assert self.checker is not None
+        piece = self.sock.recv(size)
+        self._tail += piece
+        if len(self._tail) >= self._wanted:
+            self._tail = bytearray(self.checker.transmission(self._tail))
+            self._wanted = _next_message_size(self._tail, self.checker)
+        return len(piece)
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _next_message_size(tail: bytearray, checker: ReplyChecker) -> int:
+    """How long ``tail`` must grow before it holds the reply it begins (0 if unknown)."""
+    if len(tail) < 20:
+        return 0
+    magic, error, handle = struct.unpack_from(">IIQ", tail)
+    if magic == SIMPLE_MAGIC:
+        return 16 + (0 if error else checker.reads.get(handle, (0, 0))[1])
+    if magic == STRUCTURED_MAGIC:
+        return 20 + struct.unpack_from(">I", tail, 16)[0]
+    return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import json
 import os
@@ -12,7 +13,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import nbd_wire as w
 import pytest
+from rig.fault_proxy import Fault
 
 
 @contextmanager
@@ -175,6 +178,108 @@ def test_parse_listen():
     assert parse_listen("10.0.0.1:99") == ("10.0.0.1", 99)
     assert parse_listen("[::1]:10809") == ("::1", 10809)
     assert parse_listen("1234") == ("127.0.0.1", 1234)
-    for bad in ("host:", "host:port", ":80", "1:99999"):
+    assert parse_listen("localhost:0") == ("localhost", 0)
+    bad_ones = ("host:", "host:port", ":80", "1:99999", "[::1", "[::1]80", "::1:80", "[zz]:1")
+    for bad in (*bad_ones, "[127.0.0.1]:1", "a b:1", "1.2.3:4", "[::1]:", "h:\u0663"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_listen(bad)
+
+
+@pytest.mark.parametrize("option", ["--listen", "--metrics"])
+@pytest.mark.parametrize("address", ["[::1", "::1:10809", "[::1]:99999", "no such:1"])
+def test_a_malformed_address_is_a_usage_error_before_any_warning(tmp_path, option, address):
+    """A malformed listening address stops ``serve`` with exit code 2 and a usage message,
+    before it warns about listening beyond this machine or asks a resolver anything."""
+    argv = [sys.executable, "-m", "blockstore", "serve", "127.0.0.1:9/none/such:v1"]
+    argv += ["--cache-dir", str(tmp_path / "c"), option, address]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "not HOST:PORT" in result.stderr and "usage:" in result.stderr
+    assert "beyond this machine" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_storm_of_signals_while_stopping_ends_the_server(registry, pushed_images, tmp_path):
+    """Hundreds of SIGTERMs and SIGINTs, back to back, while the server is stopping and
+    one client is connected: no signal handler deadlocks the server, which exits 0
+    within a few seconds."""
+    with serving(
+        pushed_images.small,
+        "--insecure",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--unix",
+        str(tmp_path / "s.sock"),
+    ) as (proc, exports):
+        client = subprocess.Popen(
+            ["nbdsh", "-u", exports[""], "-c", "import time; time.sleep(30)"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(0.3)
+            started = time.monotonic()
+            sent = 0
+            while proc.poll() is None and sent < 2000:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, (signal.SIGTERM, signal.SIGINT)[sent % 2])
+                sent += 1
+                if sent % 50 == 0:
+                    time.sleep(0.001)
+            assert proc.wait(timeout=15) == 0
+            assert time.monotonic() - started < 12
+        finally:
+            client.kill()
+            client.wait()
+
+
+def test_idle_timeout_closes_a_quiet_connection(registry, pushed_images, tmp_path):
+    """--idle-timeout 1: a client that chose its export and then sends nothing is closed
+    after about a second, and the server goes on serving."""
+    with serving(
+        pushed_images.small,
+        "--insecure",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--unix",
+        str(tmp_path / "s.sock"),
+        "--idle-timeout",
+        "1",
+    ) as (proc, exports):
+        quiet = w.RawClient(str(tmp_path / "s.sock"))
+        quiet.negotiate("layer0")
+        started = time.monotonic()
+        quiet.sock.settimeout(10)
+        assert quiet.sock.recv(1) == b""
+        assert 0.9 < time.monotonic() - started < 5
+        quiet.close()
+        assert nbdinfo(exports[""])["exports"][0]["export-size"] > 0
+        assert stop(proc) == 0
+
+
+def test_stopping_with_a_fetch_stuck_in_flight_ends_within_seconds(
+    registry, pushed_images, fault_proxy, tmp_path
+):
+    """A read waits on a registry that holds every blob request for a minute; SIGTERM
+    still ends the server within seconds (the drain timeout, then the cut), with exit
+    code 0, instead of waiting out the fetch."""
+    proxy = fault_proxy(registry)
+    reference = pushed_images.large.replace(registry.host, proxy.host)
+    sock = tmp_path / "s.sock"
+    args = [reference, "--insecure", "--cache-dir", str(tmp_path / "c"), "--unix", str(sock)]
+    # No prefetch at open: the read below must be the one that reaches the registry.
+    args += ["--no-erofs-start", "--no-readahead", "--no-trace"]
+    with serving(*args) as (proc, _exports):
+        proxy.fault = Fault("delay", path_contains="/blobs/", method="GET", seconds=60)
+        client = w.RawClient(str(sock))
+        try:
+            client.negotiate("layer0")
+            client.send(w.CMD_READ, 1, client.size - (1 << 20), 4096)  # far from the start
+            deadline = time.monotonic() + 10
+            while not proxy.faults_applied and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert proxy.faults_applied, "the read never reached the registry"
+            started = time.monotonic()
+            assert stop(proc) == 0
+            assert time.monotonic() - started < 10
+        finally:
+            client.close()

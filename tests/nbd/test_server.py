@@ -274,8 +274,9 @@ def test_uris_reach_every_export_by_name(tmp_path):
 
 
 def test_connections_over_the_limit_are_closed(tmp_path):
-    """Past max_connections a new client is hung up on before the greeting; once one of
-    the first clients leaves, a newcomer is served again."""
+    """Past max_connections, while no connection has been idle long enough to make room,
+    a new client is hung up on before the greeting; once one of the first clients
+    leaves, a newcomer is served again."""
     server = NBDServer({"z": ZeroExport()}, tcp=("127.0.0.1", 0), max_connections=2)
     server.start()
     first, second = w.RawClient(server.tcp_address), w.RawClient(server.tcp_address)

@@ -1,11 +1,13 @@
-"""Free ports and the small HTTP servers of the rig."""
+"""Free ports, the small HTTP servers of the rig, and finding processes left behind."""
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import threading
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -32,3 +34,19 @@ class QuietHTTPServer(ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains ``text`` (zombies excluded)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state not in ("Z", "X"):
+            found.append(int(proc.name))
+    return found

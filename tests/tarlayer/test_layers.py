@@ -41,13 +41,26 @@ def blobs(tmp_path_factory):
     return tar, paths
 
 
+opened: list[CachedBlob] = []
+
+
+@pytest.fixture(autouse=True)
+def close_blobs():
+    """The blobs the tests open are theirs to close, as an image closes its own."""
+    yield
+    while opened:
+        opened.pop().close()
+
+
 def open_layer(store, path, kind, tar, *, online=True, **kw):
     data = path.read_bytes()
     source = LocalFileSource(path, sha(data)) if online else None
     blob = CachedBlob(store, sha(data), len(data), source)
-    return open_tar_layer(
+    layer = open_tar_layer(
         store, blob, kind, online=online, diff_id=lambda: sha(tar), span=SPAN, **kw
     )
+    opened.append(blob)
+    return layer
 
 
 def whole(export) -> bytes:

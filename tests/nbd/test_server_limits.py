@@ -1,0 +1,293 @@
+"""Limits a client meets: deadlines, the connection limit, cache hints, bursts, big reads.
+
+Each one bounds what a client can take from the server (threads, memory, a
+slot) without refusing what a well-behaved client does.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import logging
+import select
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import nbd
+import nbd_wire as w
+import pytest
+from nbd_serving import ZeroExport
+
+from nbdfront.protocol import MAX_PAYLOAD
+from nbdfront.server import EVICTABLE_IDLE, MAX_CONNECTIONS, READ_PIECE, NBDServer
+
+
+class RecordingExport(ZeroExport):
+    """Zeros; notes the longest range asked of ``read`` and of ``cache``, and how many
+    ``cache`` calls run at once (each takes ``cache_delay`` seconds)."""
+
+    def __init__(self, cache_delay: float = 0.0):
+        super().__init__()
+        self.cache_delay = cache_delay
+        self.longest_read = 0
+        self.cache_calls: list[int] = []
+        self.caching = 0
+        self.most_caching = 0
+
+    def read(self, offset, length):
+        self.longest_read = max(self.longest_read, length)
+        return super().read(offset, length)
+
+    def read_cached(self, offset, length):
+        self.longest_read = max(self.longest_read, length)
+        return super().read(offset, length)
+
+    def cache(self, offset, length):
+        with self._lock:
+            self.cache_calls.append(length)
+            self.caching += 1
+            self.most_caching = max(self.most_caching, self.caching)
+        time.sleep(self.cache_delay)
+        with self._lock:
+            self.caching -= 1
+
+
+def serve(tmp_path, export, **options) -> NBDServer:
+    server = NBDServer(
+        {"zeros": export},
+        tcp=("127.0.0.1", 0),
+        unix=str(tmp_path / "nbd.sock"),
+        default_export="zeros",
+        **options,
+    )
+    server.start()
+    return server
+
+
+def closed_within(sock: socket.socket, seconds: float) -> float:
+    """Seconds until the server closes ``sock`` (reading and dropping what it sends)."""
+    started = time.monotonic()
+    sock.settimeout(seconds)
+    while sock.recv(65536):
+        pass
+    return time.monotonic() - started
+
+
+def test_the_handshake_has_one_deadline_however_slowly_bytes_trickle(tmp_path):
+    """A client that sends its handshake one byte every 0.1 s (each receive is quick) is
+    cut when the whole handshake passes the 1 s deadline, not kept for ever; a client
+    that finishes in time is served."""
+    server = serve(tmp_path, ZeroExport(), handshake_timeout=1.0)
+    try:
+        slow = socket.create_connection(server.tcp_address)
+        started = time.monotonic()
+        slow.recv(18)
+        script = w.client_flags() + w.option(w.OPT_GO, w.go_data("zeros"))
+        with pytest.raises(OSError):
+            for byte in script * 10:
+                slow.sendall(bytes([byte]))
+                time.sleep(0.1)
+        assert 1.0 <= time.monotonic() - started < 3.0
+        assert closed_within(slow, 5) < 5
+        slow.close()
+        fast = w.RawClient(server.tcp_address)
+        fast.negotiate("zeros")
+        fast.send(w.CMD_READ, 1, 0, 512)
+        assert fast.wait(1).data == {0: bytes(512)}
+        time.sleep(1.5)  # past the handshake deadline: a chosen export is not cut
+        fast.send(w.CMD_READ, 2, 0, 512)
+        assert fast.wait(2).data == {0: bytes(512)}
+        fast.close()
+    finally:
+        server.shutdown()
+
+
+def test_the_idle_limit_closes_quiet_connections_not_busy_ones(tmp_path):
+    """With an idle limit of 0.5 s, a connection that has read and then gone quiet is
+    closed soon after; one whose read is still being served is not."""
+    gate = threading.Event()
+
+    class Held(ZeroExport):
+        def read(self, offset, length):
+            assert gate.wait(10)
+            return super().read(offset, length)
+
+        def read_cached(self, offset, length):
+            return None if offset else super().read(offset, length)
+
+    server = serve(tmp_path, Held(), idle_timeout=0.5)
+    quiet, busy = w.RawClient(server.tcp_address), w.RawClient(server.unix_path)
+    try:
+        for client in (quiet, busy):
+            client.negotiate("zeros")
+        quiet.send(w.CMD_READ, 1, 0, 512)
+        assert quiet.wait(1).data == {0: bytes(512)}
+        busy.send(w.CMD_READ, 1, 4096, 512)
+        assert 0.4 < closed_within(quiet.sock, 5) < 3
+        gate.set()
+        assert busy.wait(1).data == {4096: bytes(512)}
+    finally:
+        gate.set()
+        quiet.close()
+        busy.close()
+        server.shutdown()
+
+
+def test_idle_clients_at_the_limit_do_not_lock_out_a_newcomer(tmp_path, caplog):
+    """256 clients that finish the handshake and idle fill the server; a newcomer (as
+    the kernel's reconnect would be) is still served: the connection idle longest is
+    closed to make room, with a log line that says so."""
+    server = serve(tmp_path, ZeroExport())
+    idle = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            client = w.RawClient(server.unix_path)
+            client.negotiate("zeros", structured=False)
+            idle.append(client)
+        assert server.connection_count == MAX_CONNECTIONS
+        time.sleep(EVICTABLE_IDLE + 0.2)
+        with caplog.at_level(logging.WARNING, logger="nbdfront.server"):
+            newcomer = nbd.NBD()
+            newcomer.connect_uri(server.uri("zeros"))
+            assert newcomer.pread(4096, 1 << 20) == bytes(4096)
+            newcomer.shutdown()
+        assert closed_within(idle[0].sock, 5) < 5
+        assert "connection limit of 256 reached: closing" in caplog.text
+        assert server.connection_count <= MAX_CONNECTIONS
+    finally:
+        for client in idle:
+            client.close()
+        server.shutdown()
+
+
+def test_cache_hints_are_asked_in_pieces_within_the_budget(tmp_path):
+    """CACHE over 128 MiB reaches the export in steps of at most one piece, a read sent
+    after it is answered before it finishes, and 16 such hints at once run no more steps
+    at a time than the byte budget holds (8), however many workers there are."""
+    export = RecordingExport(cache_delay=0.02)
+    server = serve(tmp_path, export)
+    client = w.RawClient(server.unix_path)
+    try:
+        client.negotiate("zeros")
+        client.send(w.CMD_CACHE, 1, 0, 128 << 20)
+        client.send(w.CMD_READ, 2, 0, 512)
+        assert client.wait(2).data == {0: bytes(512)}
+        assert client.checker.take(1) is None, "the read waited for the whole hint"
+        assert client.wait(1).error == 0
+        assert max(export.cache_calls) <= READ_PIECE
+        assert sum(export.cache_calls) == 128 << 20
+        for handle in range(16):
+            client.send(w.CMD_CACHE, 100 + handle, handle << 26, 1 << 26)
+        for handle in range(16):
+            assert client.wait(100 + handle).error == 0
+        assert export.most_caching <= 8, export.most_caching
+    finally:
+        client.close()
+        server.shutdown()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_a_client_that_writes_a_burst_before_reading_does_not_deadlock(tmp_path, transport):
+    """A raw client on a non-blocking socket writes a burst of requests larger than the
+    socket buffers (it must wait for room at least once) and reads no reply until it has
+    written all of them. The server keeps taking requests while its replies wait, so the
+    burst goes out and every reply arrives, right, within a few seconds."""
+    server = serve(tmp_path, ZeroExport())
+    address = server.tcp_address if transport == "tcp" else server.unix_path
+    client = w.RawClient(address)
+    try:
+        client.negotiate("zeros", structured=False)
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        count, size = (32768, 160) if transport == "tcp" else (16384, 512)
+        burst = memoryview(b"".join(w.request(w.CMD_READ, h, h * size, size) for h in range(count)))
+        client.sock.setblocking(False)
+        waits, deadline = 0, time.monotonic() + 10
+        while burst:
+            try:
+                burst = burst[client.sock.send(burst) :]
+            except BlockingIOError:
+                waits += 1
+                left = deadline - time.monotonic()
+                writable = select.select([], [client.sock], [], max(0.0, left))[1]
+                assert writable, "the server stopped taking requests while replies waited"
+        assert waits, "the burst fitted in the socket buffers: nothing was tried"
+        client.sock.settimeout(max(0.1, deadline - time.monotonic()))
+        replies = client.recv_exactly(count * (16 + size))
+        handles = set()
+        for at in range(0, len(replies), 16 + size):
+            magic, error, handle = struct.unpack_from(">IIQ", replies, at)
+            assert (magic, error) == (w.SIMPLE_MAGIC, 0)
+            assert replies[at + 16 : at + 16 + size] == bytes(size)
+            handles.add(handle)
+        assert handles == set(range(count))
+    finally:
+        client.close()
+        server.shutdown()
+
+
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
+def test_reads_of_32_mib_without_negotiated_block_sizes(tmp_path, structured):
+    """A client that asked for no block sizes reads 32 MiB in one request (as the spec
+    says a server SHOULD allow): the bytes arrive whole, the export is asked for one piece
+    at a time, and one byte more is refused with EINVAL on a connection that goes on."""
+    export = RecordingExport()
+    server = serve(tmp_path, export)
+    client = w.RawClient(server.unix_path)
+    try:
+        client.negotiate("zeros", structured=structured, block_sizes=False)
+        client.send(w.CMD_READ, 1, 1 << 30, MAX_PAYLOAD)
+        reply = client.wait(1)
+        assert reply.error == 0
+        assert b"".join(reply.data[k] for k in sorted(reply.data)) == bytes(MAX_PAYLOAD)
+        assert min(reply.data) == 1 << 30
+        if structured:
+            assert len(reply.chunks) == MAX_PAYLOAD // READ_PIECE  # sent as they were read
+        assert export.longest_read <= READ_PIECE
+        client.send(w.CMD_READ, 2, 0, MAX_PAYLOAD + 1)
+        assert client.wait(2).error == w.EINVAL
+        client.send(w.CMD_READ, 3, 0, 100)
+        assert client.wait(3).data == {0: bytes(100)}
+    finally:
+        client.close()
+        server.shutdown()
+
+
+def test_a_streamed_read_that_fails_part_way_sends_no_wrong_byte(tmp_path):
+    """A 32 MiB structured read whose third piece fails: the pieces before it arrive as
+    data, the error is reported at the first byte not sent, and nothing else comes."""
+
+    class FailingThird(ZeroExport):
+        def read(self, offset, length):
+            if offset >= 2 * READ_PIECE:
+                raise OSError(5, "the registry went away")
+            return super().read(offset, length)
+
+        def read_cached(self, offset, length):
+            return None
+
+    server = serve(tmp_path, FailingThird())
+    client = w.RawClient(server.unix_path)
+    try:
+        client.negotiate("zeros", block_sizes=False)
+        client.send(w.CMD_READ, 1, 0, MAX_PAYLOAD)
+        reply = client.wait(1)
+        assert reply.error == w.EIO and reply.chunks[-1] == w.TYPE_ERROR_OFFSET
+        assert sorted(reply.data) == [0, READ_PIECE]
+        assert all(len(b) == READ_PIECE for b in reply.data.values())
+    finally:
+        client.close()
+        server.shutdown()
+
+
+def test_nbdcopy_with_32_mib_requests(large_registry_image, tmp_path):
+    """nbdcopy --request-size=33554432 (the largest it allows) copies the 64 MiB image
+    from a cold cache byte for byte."""
+    out = tmp_path / "copy.img"
+    subprocess.run(
+        ["nbdcopy", "--request-size=33554432", large_registry_image.uri, str(out)],
+        check=True,
+        timeout=120,
+    )
+    assert filecmp.cmp(out, large_registry_image.image.path, shallow=False)

@@ -1,0 +1,301 @@
+"""A tar layer's index shared through the registry: pushed, taken by a new machine, judged."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from oci_layout import MEDIA_TYPES, compress
+from trees import make_tar
+
+from blockstore.attachments import subject_of
+from blockstore.errors import IntegrityError
+from blockstore.image import open_image
+from blockstore.registry.push import push_image
+from blockstore.registry.referrers import push_artifact
+from blockstore.tarlayer.erofs_reader import read_metadata
+from blockstore.tarlayer.erofs_writer import write_metadata
+from blockstore.tarlayer.layerindex import GZIP, index_compressed_tar, index_plain_tar
+from blockstore.tarlayer.shared import ARTIFACT_TYPE, index_blobs
+from blockstore.tarlayer.tarwalk import walk_tar
+from blockstore.tarlayer.tree import build_tree
+
+BLOCKSTORE = [sys.executable, "-m", "blockstore"]
+
+
+def gzip_image(
+    tmp: Path, registry_host: str, client, name: str, files: dict[str, bytes], kind: str = "gzip"
+):
+    """Push a one-layer tar.gz (or ``kind``) image of ``files``; (reference, tar, blob)."""
+    src = tmp / f"{name}-src"
+    src.mkdir()
+    for path, data in files.items():
+        (src / path).write_bytes(data)
+    tar = make_tar(src, tmp / f"{name}.tar").read_bytes()
+    blob = tmp / f"{name}.{kind}"
+    blob.write_bytes(compress(kind, tar))
+    push_image(client, "shared/img", name, [blob], media_type=MEDIA_TYPES[kind])
+    return f"{registry_host}/shared/img:{name}", tar, blob.read_bytes()
+
+
+def fetched_from(proxy, digest: str, size: int) -> int:
+    """Bytes of the blob ``digest`` that clients asked the proxy for (ranges, or whole)."""
+    total = 0
+    for request in proxy.requests:
+        if request.method != "GET" or not request.path.endswith(digest):
+            continue
+        ranged = {k.lower(): v for k, v in request.headers.items()}.get("range")
+        if ranged is None:
+            total += size
+            continue
+        first, _, last = ranged.removeprefix("bytes=").partition("-")
+        total += min(int(last or size - 1), size - 1) - int(first) + 1
+    return total
+
+
+def read_file(export, name: str) -> bytes:
+    """A file's bytes read through the export, as the kernel would find them."""
+    meta = export.index.metadata
+    node = read_metadata(meta).lookup([name.encode()])
+    offset = len(meta) + node.data_offset
+    return b"".join(bytes(b) for b in export.read(offset, node.size))
+
+
+@pytest.mark.parametrize("kind", ["gzip", "tar"])
+def test_new_machine_mounts_from_the_shared_index_then_again_offline(
+    tmp_path, registry, fault_proxy, caplog, kind
+):
+    """``index --push`` on one machine attaches the layer's index (tar.gz, or plain
+    tar). A second machine (an empty cache) opening the image through a recording proxy
+    takes that index instead of reading the blob (gzip) or walking its headers (tar):
+    reading one small file fetches far less than the blob (gzip: at most two spans, when
+    its chunk crosses a span's end, of five), the bytes are the source file's, and no
+    warning is logged. Reopened offline, the same cache serves the same file."""
+    files = {f"big{i}.bin": os.urandom(4 << 20) for i in range(5)}
+    files |= {f"note{i}.txt": f"note {i}\n".encode() * 50 for i in range(20)}
+    client = registry.client()
+    try:
+        ref, _, blob = gzip_image(tmp_path, registry.host, client, kind, files, kind)
+    finally:
+        client.close()
+    done = subprocess.run(
+        [*BLOCKSTORE, "index", "--push", "--insecure", "--cache-dir", str(tmp_path / "a"), ref],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "tar index attached to" in done.stdout
+    if kind == "gzip":  # indexing read the blob whole: the chunk table reuses it
+        assert "(from the registry)" not in done.stdout, "the blob was fetched twice"
+
+    proxy = fault_proxy(registry)
+    via_proxy = ref.replace(registry.host, proxy.host)
+    layer_digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    caplog.set_level(logging.INFO)
+    image = open_image(via_proxy, cache_dir=tmp_path / "b", options=registry.options())
+    try:
+        (export,) = image.exports()
+        assert read_file(export, "note7.txt") == files["note7.txt"]
+        shared_metadata = export.index.metadata
+    finally:
+        image.close()
+    local = (
+        index_compressed_tar(io.BytesIO(blob), GZIP, blob_digest=None, diff_id=None)
+        if kind == "gzip"
+        else index_plain_tar(lambda o, n: blob[o : o + n], len(blob), layer_digest)
+    )
+    assert shared_metadata == local.metadata  # the very image a local build gives
+    fetched = fetched_from(proxy, layer_digest, len(blob))
+    assert 0 < fetched < len(blob) // 2, (fetched, len(blob))
+    assert "using the index attached to the image" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+    seen = len(proxy.requests)
+    offline = open_image(via_proxy, cache_dir=tmp_path / "b", offline=True)
+    try:
+        (export,) = offline.exports()
+        assert read_file(export, "note7.txt") == files["note7.txt"]
+    finally:
+        offline.close()
+    assert len(proxy.requests) == seen, "an offline open sent requests"
+
+
+def _hostile(case: str, tar: bytes, blob: bytes, other_tar: bytes, other_blob: bytes, digest):
+    """The artifact blobs of a shared index damaged in one way, for the layer ``digest``."""
+    own = index_compressed_tar(io.BytesIO(blob), GZIP, blob_digest=None, diff_id=None)
+    other = index_compressed_tar(io.BytesIO(other_blob), GZIP, blob_digest=None, diff_id=None)
+    blobs = index_blobs(own, digest)
+    if case == "flipped superblock":
+        meta, media, notes = blobs[0]
+        damaged = bytearray(meta)
+        damaged[1024] ^= 0xFF
+        blobs[0] = (bytes(damaged), media, notes)
+    elif case == "another tar's index":
+        blobs = index_blobs(other, digest)
+    elif case == "files beyond the tar":
+        # The other (larger) tar's tree, claiming this tar's size: it binds to this
+        # layer in every way but its chunk addresses.
+        tree = build_tree(walk_tar(io.BytesIO(other_tar)))
+        meta, media, notes = blobs[0]
+        blobs[0] = (write_metadata(tree, len(tar)), media, notes)
+    elif case == "another blob's spans":
+        blobs[1:] = index_blobs(other, digest)[1:]
+    return blobs
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["flipped superblock", "another tar's index", "files beyond the tar", "another blob's spans"],
+)
+def test_damaged_or_hostile_shared_index_is_refused_and_built_instead(
+    tmp_path, registry, caplog, case
+):
+    """A tar-index artifact whose blobs are damaged or describe something else than the
+    layer (a flipped superblock byte, the index of another tar, a tree whose files point
+    past this tar, span tables of another blob) is refused with a warning that says so;
+    the layer is indexed from its own bytes instead, and serves the right file."""
+    files = {f"f{i}.txt": f"file {i} ".encode() * 300 for i in range(30)}
+    more = {**files, "extra.bin": os.urandom(256 << 10)}
+    client = registry.client()
+    try:
+        tag = case.replace(" ", "-").replace("'", "")
+        ref, tar, blob = gzip_image(tmp_path, registry.host, client, tag, files)
+        _, other_tar, other_blob = gzip_image(tmp_path, registry.host, client, tag + "o", more)
+    finally:
+        client.close()
+    image = open_image(ref, cache_dir=tmp_path / "push", options=registry.options())
+    try:
+        (layer,) = image.resolved.layers
+        blobs = _hostile(case, tar, blob, other_tar, other_blob, layer.digest)
+        subject = subject_of(image.resolved, image.repository)
+        push_artifact(image.client, subject, ARTIFACT_TYPE, blobs, created=_now())
+    finally:
+        image.close()
+    caplog.set_level(logging.WARNING)
+    image = open_image(ref, cache_dir=tmp_path / "new", options=registry.options())
+    try:
+        (export,) = image.exports()
+        assert read_file(export, "f3.txt") == files["f3.txt"]
+        with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+            names = {m.name.removeprefix("./") for m in archive if m.isfile()}
+        assert set(read_metadata(export.index.metadata).root.children) == {
+            n.encode() for n in names
+        }
+    finally:
+        image.close()
+    assert "shared tar index refused" in caplog.text
+    assert "building the index from the layer itself" in caplog.text
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def test_index_that_lies_about_the_tree_is_caught_when_the_tar_is_sealed(
+    tmp_path, registry, caplog
+):
+    """An attached index that passes every structural check but describes the tree
+    otherwise (one file given the setuid bit) is used at first; when ``prefetch`` seals
+    the tar against the diff_id, the metadata rebuilt from the verified tar differs, so
+    prefetch fails naming the index and the index is dropped: the next open of the same
+    cache builds the true one from the layer, even though the registry still offers the
+    lying one. An honest attached index is proven by the same prefetch and kept."""
+    files = {f"f{i}.txt": f"file {i} ".encode() * 300 for i in range(30)}
+    client = registry.client()
+    try:
+        ref, tar, blob = gzip_image(tmp_path, registry.host, client, "liar", files)
+        other = {**files, "honest.txt": b"honest\n"}
+        honest_ref, _, honest_blob = gzip_image(tmp_path, registry.host, client, "honest", other)
+    finally:
+        client.close()
+    own = index_compressed_tar(io.BytesIO(blob), GZIP, blob_digest=None, diff_id=None)
+    honest = index_compressed_tar(io.BytesIO(honest_blob), GZIP, blob_digest=None, diff_id=None)
+    tree = build_tree(walk_tar(io.BytesIO(tar)))
+    tree.root.children[b"f3.txt"].mode |= 0o4000
+    lie = write_metadata(tree, len(tar))
+    for reference, index, metadata in ((ref, own, lie), (honest_ref, honest, None)):
+        image = open_image(reference, cache_dir=tmp_path / "push", options=registry.options())
+        try:
+            (layer,) = image.resolved.layers
+            blobs = index_blobs(index, layer.digest)
+            if metadata is not None:
+                blobs[0] = (metadata, blobs[0][1], blobs[0][2])
+            subject = subject_of(image.resolved, image.repository)
+            push_artifact(image.client, subject, ARTIFACT_TYPE, blobs, created=_now())
+        finally:
+            image.close()
+
+    caplog.set_level(logging.INFO)
+    cache = tmp_path / "new"
+    image = open_image(honest_ref, cache_dir=cache, options=registry.options())
+    try:
+        (export,) = image.exports()
+        export.prefetch()
+    finally:
+        image.close()
+    assert "proven against the tar" in caplog.text
+
+    image = open_image(ref, cache_dir=cache, options=registry.options())
+    try:
+        (export,) = image.exports()
+        assert export.index.metadata != own.metadata  # the lie is served until the seal
+        with pytest.raises(IntegrityError, match="does not describe this layer's tar"):
+            export.prefetch()
+    finally:
+        image.close()
+    image = open_image(ref, cache_dir=cache, options=registry.options())
+    try:
+        (export,) = image.exports()
+        assert export.index.metadata == own.metadata
+        assert read_file(export, "f3.txt") == files["f3.txt"]
+    finally:
+        image.close()
+
+
+def test_indexing_one_layer_keeps_the_other_layers_shared_index(tmp_path, registry, caplog):
+    """``index --push --layer N`` on a two-layer tar.gz image, one layer at a time: the
+    artifact then holds both layers' indexes, so a new machine (an empty cache) takes
+    both from the registry and reads neither blob through to index it."""
+    client = registry.client()
+    try:
+        layers = []
+        for i in range(2):
+            src = tmp_path / f"src{i}"
+            src.mkdir()
+            (src / f"layer{i}.txt").write_text(f"layer {i}\n")
+            path = tmp_path / f"layer{i}.tar.gz"
+            path.write_bytes(compress("gzip", make_tar(src, tmp_path / f"l{i}.tar").read_bytes()))
+            layers.append(path)
+        push_image(client, "shared/two", "v1", layers, media_type=MEDIA_TYPES["gzip"])
+    finally:
+        client.close()
+    ref = f"{registry.host}/shared/two:v1"
+
+    def cache(layer: str) -> list[str]:
+        return ["--cache-dir", str(tmp_path / f"a{layer}")]
+
+    for layer in ("0", "1"):
+        done = subprocess.run(
+            [*BLOCKSTORE, "index", "--push", "--insecure", "--layer", layer, *cache(layer), ref],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+    caplog.set_level(logging.INFO)
+    image = open_image(ref, cache_dir=tmp_path / "new", options=registry.options())
+    try:
+        bottom, top = image.exports()
+        assert read_file(bottom, "layer0.txt") == b"layer 0\n"
+        assert read_file(top, "layer1.txt") == b"layer 1\n"
+    finally:
+        image.close()
+    assert caplog.text.count("using the index attached to the image") == 2
+    assert "reading the gzip layer once" not in caplog.text
