@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 
 PREFETCH_STEP = 32 << 20  # bytes asked of the fetcher at a time by prefetch()
 FILL_ROUNDS = 3  # passes of the background fill over what is still missing
-REPLAY_SPAN = 8 << 20  # trace entries (in bytes of chunks) sorted and merged at a time
-REPLAY_GAP = 256 << 10  # holes up to this size between traced chunks are fetched too
+REPLAY_SPAN = 32 << 20  # trace entries (in bytes of chunks) sorted and merged at a time
+REPLAY_GAP = 1 << 20  # holes up to this size between traced chunks are fetched too
 PACE_STEP = 0.25  # seconds of a capped fill's bandwidth asked for in one range
 
 

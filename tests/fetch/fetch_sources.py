@@ -55,8 +55,6 @@ class PieceSource:
         """Injected failures raised so far."""
         self.armed = 0
         """Requests started that will fail (each is counted in ``failed`` when it does)."""
-        self.last_failure = float("-inf")
-        """When the last injected failure was raised (``time.monotonic()``)."""
         self.requests: list[tuple[int, int]] = []
         self.max_in_flight = 0
         self.max_same_chunk_in_flight = 0
@@ -75,10 +73,18 @@ class PieceSource:
     def read_range(self, offset: int, length: int) -> bytes:
         return b"".join(self.stream_range(offset, length))
 
+    def disarm(self) -> None:
+        """No more injected failures; those already armed still happen."""
+        with self._lock:
+            self.fail_next = 0
+
+    def failing_in_flight(self) -> bool:
+        with self._lock:
+            return self.armed > self.failed
+
     def _count_failure(self) -> None:
         with self._lock:
             self.failed += 1
-            self.last_failure = time.monotonic()
 
     def stream_range(self, offset: int, length: int) -> Iterator[bytes]:
         length = max(0, min(length, len(self.data) - offset))

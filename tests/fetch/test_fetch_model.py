@@ -25,7 +25,6 @@ from blockstore.fetch import FILL, PREFETCH
 CHUNKS = 48
 DATA, DIGEST = make_blob(CHUNKS * CHUNK_SIZE - 1000, seed=77)  # a short last chunk
 SIZE = len(DATA)
-GRACE = 0.5  # seconds between a failure at the source and its waiters being told
 
 
 class FetchModel(RuleBasedStateMachine):
@@ -44,17 +43,17 @@ class FetchModel(RuleBasedStateMachine):
     def read(self, offset: int, length: int) -> None:
         length = min(length, SIZE - offset)
         failed_before = self.source.failed
-        started = time.monotonic()
+        busy = self.blob._fetcher.in_flight() > 0
         try:
             got = b"".join(bytes(b) for b in self.blob.read(offset, length))
         except OSError as exc:
             assert exc.errno == errno.EIO
             # A failing request overlapped this read: it started before the read ended
-            # and had not failed yet when the read began, or failed just before (the
-            # fetcher had yet to hand its failure to the chunks' waiters).
+            # and had not failed yet when the read began, or it had failed but the
+            # fetcher had yet to tell its chunks' waiters (chunks were in flight).
             overlapped = self.source.armed > failed_before
-            just_before = started - self.source.last_failure < GRACE
-            assert overlapped or just_before, f"EIO with no failure injected: {exc}"
+            being_told = busy and failed_before > 0
+            assert overlapped or being_told, f"EIO with no failure injected: {exc}"
             return
         assert got == DATA[offset : offset + length]
         self.reads += 1
@@ -81,11 +80,10 @@ class FetchModel(RuleBasedStateMachine):
     @rule()
     def read_everything(self) -> None:
         """Once no failure is pending nor in flight, a whole read succeeds and is right."""
-        self.source.fail_next = 0
+        self.source.disarm()
         deadline = time.monotonic() + 10
         while (  # a failing request still runs, or its waiters are being told
-            self.source.armed > self.source.failed
-            or time.monotonic() - self.source.last_failure < GRACE
+            self.source.failing_in_flight() or self.blob._fetcher.in_flight()
         ):
             assert time.monotonic() < deadline
             time.sleep(0.005)
