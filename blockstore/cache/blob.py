@@ -20,7 +20,7 @@ from blockstore.errors import BlobReadError, CacheError, IntegrityError, NotCach
 from blockstore.export import Buffer
 from blockstore.fetch import FILL, PREFETCH, Fetcher
 from blockstore.prefetch import HintQueue, PrefetchSettings, Readahead, Trace, TraceRecorder, erofs
-from blockstore.prefetch.feed import Pacer, feed
+from blockstore.prefetch.feed import Pacer, coalesce, feed
 from blockstore.source import BlobSource
 
 from . import integrity
@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 PREFETCH_STEP = 32 << 20  # bytes asked of the fetcher at a time by prefetch()
 FILL_ROUNDS = 3  # passes of the background fill over what is still missing
+REPLAY_SPAN = 32 << 20  # trace entries (in bytes of chunks) sorted and merged at a time
+REPLAY_GAP = 1 << 20  # holes up to this size between traced chunks are fetched too
 PACE_STEP = 0.25  # seconds of a capped fill's bandwidth asked for in one range
 
 
@@ -210,6 +212,8 @@ class CachedBlob:
     def _served(self, offset: int, length: int, hits: int, misses: int) -> None:
         """Count a read and tell readahead of it, whether it hit or fetched."""
         self._store.counters.served(hits, misses, length)
+        if self._recorder is not None:
+            self._note(offset, length)
         if self._hints is not None and not self._whole:
             self._advise(offset, length, misses)
 
@@ -280,8 +284,9 @@ class CachedBlob:
     def close(self) -> None:
         """Stop prefetching and cancel fetches in flight; keep the trace recorded so far."""
         self._stop.set()
-        if self._recorder is not None:
-            self._recorder.finish()
+        recorder = self._recorder
+        if recorder is not None:
+            recorder.finish()
         if self._hints is not None:
             self._hints.stop()
         if self._fetcher is not None:
@@ -442,11 +447,15 @@ class CachedBlob:
         except CacheError as exc:
             log.warning("%s: access trace not kept: %s", self._digest, exc)
 
+    def _note(self, offset: int, length: int) -> None:
+        """Record a read in the trace, hit or miss; once the period is over, stop looking."""
+        recorder = self._recorder
+        if recorder is not None and not recorder.note(offset, length):
+            self._recorder = None
+
     def _advise(self, offset: int, length: int, misses: int) -> None:
-        """After a read: note it in the trace, and queue the readahead it calls for
-        (a read that missed was advised before its fetch, see ``_ahead_of_miss``)."""
-        if self._recorder is not None:
-            self._recorder.note(offset, length)
+        """After a read: queue the readahead it calls for (a read that missed was
+        advised before its fetch, see ``_ahead_of_miss``)."""
         if misses:
             return
         ahead = self._readahead.advise(offset, length, self._size)
@@ -509,14 +518,16 @@ class CachedBlob:
     def _replay(self, trace: Trace) -> None:
         """Prefetch the trace's chunks, in its order, paced by the prefetch budget."""
         missing = set(self._store.missing(self._known_id(), range(self._chunks)))
-        order = [i for i in trace.order() if i in missing]
         fetcher = self._fetcher
+        limit = max(1, fetcher.window.request // CHUNK_SIZE)  # type: ignore[union-attr]
+        order = coalesce(trace.order(), REPLAY_SPAN // CHUNK_SIZE, REPLAY_GAP // CHUNK_SIZE)
+        order = [i for i in order if i in missing]
         feed(
             order,
             fetcher.prefetch,  # type: ignore[union-attr]
             PREFETCH,
             self._stop,
-            limit=max(1, fetcher.window.request // CHUNK_SIZE),  # type: ignore[union-attr]
+            limit=limit,
             chunk_size=CHUNK_SIZE,
         )
 

@@ -255,6 +255,29 @@ def add_prefetch_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--no-trace", action="store_true", help="neither record nor replay access traces"
     )
+    group.add_argument(
+        "--trace-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="first load the traces of FILE (from 'blockstore trace export') into the cache",
+    )
+
+
+def import_traces(store, path: Path) -> int:
+    """Load the traces a ``trace export`` file holds into ``store``; how many."""
+    from blockstore.cache.traces import TraceShelf
+    from blockstore.errors import UsageError
+    from blockstore.prefetch.trace import traces_from_document
+
+    try:
+        traces = traces_from_document(path.read_bytes())
+    except ValueError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    shelf = TraceShelf(store)
+    for trace in traces:
+        shelf.put(trace)
+    return len(traces)
 
 
 def prefetch_settings_from(args: argparse.Namespace) -> PrefetchSettings:

@@ -30,6 +30,7 @@ from blockstore.cli.common import (
     parse_listen,
     registry_options_from_args,
 )
+from blockstore.cli.tls_options import add_tls_options, mount_tls_arguments
 from blockstore.errors import UsageError
 from nbdfront.mount import stack
 from nbdfront.mount.attach import KERNEL, NBDFUSE
@@ -149,6 +150,8 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     argv += [flag for flag in PREFETCH_FLAGS if getattr(args, flag[2:].replace("-", "_"))]
     if args.fill_rate:
         argv += ["--fill-rate", str(args.fill_rate)]
+    if args.trace_file is not None:
+        argv += ["--trace-file", str(args.trace_file.resolve())]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.username is not None:
         env["BLOCKSTORE_USERNAME"] = args.username
@@ -272,6 +275,7 @@ def run_mount(args: argparse.Namespace) -> int:
     args.options = without_credentials(args.options)
     check_registry_arguments(args)
     argv, env = serve_command(args)
+    argv += mount_tls_arguments(args)
     cache_dir = cache_dir_from(args).resolve()
 
     def describe(exports: list[str]) -> dict:
@@ -401,6 +405,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated: oci.layer=N (or oci=N), oci.blob=DIGEST, oci.platform=OS/ARCH, "
         "oci.username=U, oci.password=P, oci.insecure, oci.tarindex=PATH, oci.zinfo=PATH, ro",
     )
+    add_tls_options(mount)
     mount.set_defaults(func=run_mount)
 
     umount = subparsers.add_parser(

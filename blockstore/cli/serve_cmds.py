@@ -26,6 +26,7 @@ from blockstore.cli.common import (
     add_registry_options,
     add_tar_index_options,
     cache_dir_from,
+    import_traces,
     parse_listen,
     parse_timeout,
     prefetch_settings_from,
@@ -109,6 +110,8 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
     metrics = None
     try:
         image.tar_indexes = tar_indexes_from(args, image.select(args.layer, args.blob))
+        if args.trace_file is not None:
+            import_traces(image.store, args.trace_file)
         blobs = image.exports(args.layer, args.blob)
         server = NBDServer(
             {blob.name: blob for blob in blobs},

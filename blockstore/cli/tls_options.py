@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from blockstore.errors import BlockstoreError, UsageError
 from nbdfront.protocol import TLSPolicy
-from nbdfront.server import is_loopback
-from nbdfront.tls import ServerTLS, TLSSetupError, server_context
+
+if TYPE_CHECKING:
+    from nbdfront.tls import ServerTLS
 
 
 def add_tls_options(parser: argparse.ArgumentParser) -> None:
@@ -47,11 +49,32 @@ def server_tls_from(args: argparse.Namespace) -> ServerTLS | None:
         return None
     if args.tls_certificates is None:
         raise UsageError(f"--tls {policy.value} needs --tls-certificates DIR")
+    # Here, not at the top: mount and umount import this module and stay light.
+    from nbdfront.tls import ServerTLS, TLSSetupError, server_context
+
     try:
         context = server_context(args.tls_certificates, args.tls_verify_peer)
     except TLSSetupError as exc:
         raise BlockstoreError(f"TLS: {exc}") from None
     return ServerTLS(policy, context)
+
+
+def mount_tls_arguments(args: argparse.Namespace) -> list[str]:
+    """For ``mount``: the TLS options of its server, checked before anything starts.
+
+    The mount's own client is nbdfuse, which (run as root, as mounting is)
+    takes certificates only from the system-wide ``/etc/pki/libnbd``: it can
+    show no client certificate of its own, so ``--tls-verify-peer`` would
+    lock it out and is refused here.
+    """
+    if args.tls_verify_peer:
+        raise UsageError(
+            "mount cannot use --tls-verify-peer: its own client (nbdfuse) has no way to "
+            "present a client certificate"
+        )
+    if server_tls_from(args) is None:
+        return []
+    return ["--tls", args.tls, "--tls-certificates", str(args.tls_certificates.resolve())]
 
 
 def exposure_warnings(
@@ -65,6 +88,8 @@ def exposure_warnings(
 
     Nothing on loopback or a Unix socket: only this machine can connect.
     """
+    from nbdfront.server import is_loopback
+
     if address is None or is_loopback(address[0]):
         return []
     where = f"{address[0]}:{address[1]}"

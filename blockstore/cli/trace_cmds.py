@@ -20,10 +20,11 @@ from blockstore.cli.common import (
     add_cache_options,
     add_registry_options,
     cache_dir_from,
+    import_traces,
     registry_options_from_args,
 )
-from blockstore.errors import NotFound, UsageError
-from blockstore.prefetch.trace import Trace, traces_document, traces_from_document
+from blockstore.errors import NotFound
+from blockstore.prefetch.trace import Trace, traces_document
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -71,15 +72,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    try:
-        traces = traces_from_document(args.file.read_bytes())
-    except ValueError as exc:
-        raise UsageError(f"{args.file}: {exc}") from None
     with open_store(args) as store:
-        shelf = TraceShelf(store)
-        for trace in traces:
-            shelf.put(trace)
-    print(f"imported {len(traces)} trace(s)")
+        count = import_traces(store, args.file)
+    print(f"imported {count} trace(s)")
     return 0
 
 

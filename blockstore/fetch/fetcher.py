@@ -223,10 +223,12 @@ class Fetcher:
             try:
                 for first, count in pieces:
                     self._stream(futures, first, count)
+                if span is not None:
+                    # Held until stored: a process that takes it next finds the chunks.
+                    # (Not after a failure: nothing is coming, and readers wait for _fail.)
+                    self._wait_stored(futures)
             finally:
                 if span is not None and self._leases is not None:
-                    # Held until stored: a process that takes it next finds the chunks.
-                    self._wait_stored(futures)
                     self._leases.give_back(*span)
             self.window.completed(job.nbytes)
         except Exception as exc:

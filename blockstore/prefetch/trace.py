@@ -74,19 +74,21 @@ class TraceRecorder:
         self._lock = threading.Lock()
         self._done = False
 
-    def note(self, offset: int, length: int) -> None:
+    def note(self, offset: int, length: int) -> bool:
+        """Record a read; False once the period is over (the trace is then saved)."""
         if self._done:
-            return
+            return False
         ms = int((time.monotonic() - self._start) * 1000)
         if ms > self._period * 1000:
             self.finish()
-            return
+            return False
         first, last = offset // self._chunk_size, (offset + length - 1) // self._chunk_size
         with self._lock:
             for index in range(first, last + 1):
                 if index not in self._seen:
                     self._seen.add(index)
                     self._trace.events.append((ms, index))
+        return True
 
     def finish(self) -> None:
         """Hand the trace to ``save`` (once); an empty trace is not kept."""

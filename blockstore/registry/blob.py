@@ -100,6 +100,8 @@ class RegistryBlob:
                 first += len(piece)
                 yield piece
         except Exception as exc:  # the retrying read takes over, and reports what persists
+            if deadline.expired:
+                raise  # no time left to resume in: the read's one deadline holds
             log.info("%s: resuming bytes %d-%d: %s", self, first, last, exc)
         if first <= last:
             yield self._read(first, last, deadline)

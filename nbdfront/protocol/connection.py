@@ -187,7 +187,9 @@ class ServerConnection:
             # TLS needs fixed newstyle; such a client could only be served in plain text.
             return self._close("client without fixed newstyle cannot start TLS", clean=False)
         no_zeroes = bool(flags & ClientFlag.NO_ZEROES)
-        self._negotiation = Negotiation(self._catalog, no_zeroes, self._tls)
+        # The spec's NOTLS mode for a client without fixed newstyle (require closed above).
+        tls = self._tls if flags & ClientFlag.FIXED_NEWSTYLE else TLSPolicy.OFF
+        self._negotiation = Negotiation(self._catalog, no_zeroes, tls)
         self.phase = Phase.OPTIONS
         return True
 

@@ -53,6 +53,8 @@ class PieceSource:
         self.fail_after = 0
         self.failed = 0
         """Injected failures raised so far."""
+        self.armed = 0
+        """Requests started that will fail (each is counted in ``failed`` when it does)."""
         self.requests: list[tuple[int, int]] = []
         self.max_in_flight = 0
         self.max_same_chunk_in_flight = 0
@@ -70,6 +72,15 @@ class PieceSource:
 
     def read_range(self, offset: int, length: int) -> bytes:
         return b"".join(self.stream_range(offset, length))
+
+    def disarm(self) -> None:
+        """No more injected failures; those already armed still happen."""
+        with self._lock:
+            self.fail_next = 0
+
+    def failing_in_flight(self) -> bool:
+        with self._lock:
+            return self.armed > self.failed
 
     def _count_failure(self) -> None:
         with self._lock:
@@ -90,6 +101,7 @@ class PieceSource:
             failing = self.fail_next > 0
             if failing:
                 self.fail_next -= 1
+                self.armed += 1
         try:
             if self.first_byte:
                 time.sleep(self.first_byte)

@@ -114,3 +114,20 @@ def test_window_grows_on_success_and_halves_on_errors(events):
             window.delivered(value * 1000)
         assert MIN_WINDOW <= window.bytes <= MAX_WINDOW
         assert window.request * window.ranges <= max(window.bytes, window.request)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 500), max_size=200), st.integers(1, 64), st.integers(0, 8))
+def test_coalesced_replay_keeps_every_traced_chunk_once(order, span, gap):
+    """A trace order made into few requests keeps every traced chunk, never twice, adds
+    and adds only holes of at most ``gap`` chunks between traced ones."""
+    from blockstore.prefetch.feed import coalesce
+
+    out = coalesce(order, span, gap)
+    assert len(out) == len(set(out))
+    assert set(order) <= set(out)
+    traced = sorted(set(order))
+    for extra in set(out) - set(order):
+        below = max(i for i in traced if i < extra)
+        above = min(i for i in traced if i > extra)
+        assert above - below - 1 <= gap

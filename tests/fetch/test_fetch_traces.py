@@ -43,8 +43,9 @@ def test_a_trace_is_recorded_exported_imported_and_replayed(pushed_images, erofs
     """A cold open records the chunks it reads, first touches only, in order; the trace
     goes to a file with ``trace export`` and into an empty cache with ``trace import``
     (``ls`` and ``show`` list it there); a cold open of the same image in that cache then
-    fetches exactly the traced chunks before anything is read, and every byte read
-    afterwards is the image's. ``trace rm`` forgets it."""
+    fetches the traced chunks (and the small holes between them, so as to ask in few
+    requests) before anything is read, and every byte read afterwards is the image's.
+    ``trace rm`` forgets it."""
     expected = erofs_images.small.path.read_bytes()
     first_cache, second_cache = tmp_path / "first", tmp_path / "second"
     image, layer = open_layer(pushed_images.small, first_cache, RECORD)
@@ -77,11 +78,11 @@ def test_a_trace_is_recorded_exported_imported_and_replayed(pushed_images, erofs
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         record = store.lookup(layer.digest)
-        if record is not None and record.present >= len(order):
+        if record is not None and not store.missing(record.blob_id, order):
             break
         time.sleep(0.02)
     assert store.missing(record.blob_id, order) == []
-    assert record.present == len(order)
+    assert record.present <= max(order) + 1  # the traced chunks, and small holes between
     got = b"".join(bytes(b) for b in layer.read(0, layer.size))
     image.close()
     assert got == expected

@@ -107,6 +107,16 @@ def test_require_refuses_clients_without_fixed_newstyle():
     assert answers == [] and isinstance(events[0], ConnectionClosed)
 
 
+def test_tls_on_offers_no_tls_to_clients_without_fixed_newstyle():
+    """TLS needs fixed newstyle: under --tls on such a client's STARTTLS is refused by
+    policy (no handshake asked for) and it is still served in plain text."""
+    conn = connect(TLSPolicy.ON, flags=struct.pack(">I", 0))
+    events, answers, _ = exchange(conn, w.option(w.OPT_STARTTLS))
+    assert events == [] and [a.reply for a in answers] == [w.REP_ERR_POLICY]
+    events, _, _ = exchange(conn, w.option(w.OPT_EXPORT_NAME, b"layer0"))
+    assert events == [ExportSelected("layer0", False, False)]
+
+
 def test_nothing_is_parsed_until_the_handshake_is_done():
     """After StartTLS the core waits: receiving before ``tls_started`` is a server bug and
     says so; after it, options are answered."""

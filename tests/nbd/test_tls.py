@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import nbd_wire as w
@@ -56,6 +58,21 @@ def run(*argv: object) -> subprocess.CompletedProcess:
     return subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=60)
 
 
+def qemu_img(
+    command: str, address: str, certificates, *rest: object
+) -> subprocess.CompletedProcess:
+    """``qemu-img COMMAND`` on the export over TLS, with qemu's x509 credentials from a DIR."""
+    host, port = address.split(":")
+    return run(
+        *["qemu-img", command, "--object"],
+        f"tls-creds-x509,id=tls0,dir={certificates},endpoint=client",
+        "--image-opts",
+        f"driver=nbd,server.type=inet,server.host={host},server.port={port},"
+        "export=blob,tls-creds=tls0",
+        *rest,
+    )
+
+
 def test_nbdcopy_and_nbdinfo_over_tls_with_client_certificates(
     tls_server, local_blob, nbd_certificates, tmp_path
 ):
@@ -78,16 +95,8 @@ def test_qemu_img_over_tls(tls_server, local_blob, nbd_certificates, tmp_path):
     certificate checked by the server, and every byte matches (qemu pads the odd-sized
     export to whole sectors with zeros)."""
     address = tls_server(TLSPolicy.REQUIRE, verify_peer=True)
-    host, port = address.split(":")
     out = tmp_path / "copy.raw"
-    converted = run(
-        *["qemu-img", "convert", "-O", "raw", "--object"],
-        f"tls-creds-x509,id=tls0,dir={nbd_certificates.client},endpoint=client",
-        "--image-opts",
-        f"driver=nbd,server.type=inet,server.host={host},server.port={port},"
-        "export=blob,tls-creds=tls0",
-        out,
-    )
+    converted = qemu_img("convert", address, nbd_certificates.client, "-O", "raw", out)
     assert converted.returncode == 0, converted.stderr
     copy = out.read_bytes()
     assert copy[: len(local_blob.data)] == local_blob.data
@@ -102,14 +111,7 @@ def test_client_refuses_a_server_from_another_ca(tls_server, nbd_certificates):
     info = run("nbdinfo", nbds(address, nbd_certificates.stranger_client))
     assert info.returncode != 0 and "export-size" not in info.stdout
     assert "certificate" in info.stderr.lower()
-    host, port = address.split(":")
-    qemu = run(
-        *["qemu-img", "info", "--object"],
-        f"tls-creds-x509,id=tls0,dir={nbd_certificates.stranger_client},endpoint=client",
-        "--image-opts",
-        f"driver=nbd,server.type=inet,server.host={host},server.port={port},"
-        "export=blob,tls-creds=tls0",
-    )
+    qemu = qemu_img("info", address, nbd_certificates.stranger_client)
     assert qemu.returncode != 0 and "virtual size" not in qemu.stdout
     assert "certificate" in qemu.stderr.lower()
 
@@ -124,14 +126,7 @@ def test_client_refuses_an_expired_server_certificate(tls_server, nbd_certificat
     info = run("nbdinfo", nbds(address, nbd_certificates.client))
     assert info.returncode != 0 and "export-size" not in info.stdout
     assert "certificate verification" in info.stderr.lower()
-    host, port = address.split(":")
-    qemu = run(
-        *["qemu-img", "info", "--object"],
-        f"tls-creds-x509,id=tls0,dir={nbd_certificates.client},endpoint=client",
-        "--image-opts",
-        f"driver=nbd,server.type=inet,server.host={host},server.port={port},"
-        "export=blob,tls-creds=tls0",
-    )
+    qemu = qemu_img("info", address, nbd_certificates.client)
     assert qemu.returncode != 0 and "virtual size" not in qemu.stdout
     assert "certificate" in qemu.stderr.lower(), qemu.stderr
 
@@ -207,6 +202,53 @@ def test_downgrade_attempt_gets_nothing(tls_server, local_blob):
     assert b"blob" not in received and b"random bytes" not in received
     assert struct.pack(">Q", len(local_blob.data)) not in received
     assert local_blob.data[:4096] not in received and local_blob.data[:16] not in received
+
+
+def test_plain_text_after_the_starttls_ack_gets_nothing(tls_server, local_blob):
+    """A client that gets STARTTLS acknowledged and then carries on in plain text (GO)
+    fails the handshake: the server hangs up, sending at most a TLS alert, never an
+    option reply or a byte of the export."""
+    host, port = tls_server(TLSPolicy.REQUIRE).split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        _read_exactly(sock, 18)
+        sock.sendall(w.client_flags() + w.option(w.OPT_STARTTLS))
+        assert _option_reply(sock)[:2] == (w.OPT_STARTTLS, w.REP_ACK)
+        sock.sendall(w.option(w.OPT_GO, w.go_data("")))
+        received = b""
+        while piece := sock.recv(65536):
+            received += piece
+    assert received == b"" or received[0] == 0x15, received[:16]  # 0x15: a TLS alert record
+    assert struct.pack(">Q", w.OPT_REPLY_MAGIC) not in received
+    assert struct.pack(">Q", len(local_blob.data)) not in received
+
+
+def test_close_notify_ends_the_session_at_once(local_blob, nbd_certificates):
+    """A TLS client that says goodbye (close_notify) in the middle of option haggling
+    is let go at once: the server answers with its own close_notify and closes, and no
+    connection is left behind."""
+    context = server_context(nbd_certificates.server)
+    server = NBDServer(
+        {"blob": local_blob.blob},
+        tcp=("127.0.0.1", 0),
+        default_export="blob",
+        tls=ServerTLS(TLSPolicy.REQUIRE, context),
+    )
+    server.start()
+    client_context = ssl.create_default_context(cafile=nbd_certificates.client / "ca-cert.pem")
+    try:
+        with socket.create_connection(server.tcp_address, timeout=10) as sock:
+            _read_exactly(sock, 18)
+            sock.sendall(w.client_flags() + w.option(w.OPT_STARTTLS))
+            assert _option_reply(sock)[:2] == (w.OPT_STARTTLS, w.REP_ACK)
+            tls = client_context.wrap_socket(sock, server_hostname="127.0.0.1")
+            assert server.connection_count == 1
+            tls.unwrap()  # sends close_notify, waits for the server's
+        deadline = time.monotonic() + 5
+        while server.connection_count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.connection_count == 0
+    finally:
+        server.shutdown()
 
 
 def test_server_context_names_what_is_missing(nbd_certificates, tmp_path):
@@ -313,3 +355,27 @@ def test_bad_tls_options_are_one_line_errors(
     assert result.returncode == code and result.stdout == ""
     (line,) = result.stderr.splitlines()
     assert message in line
+
+
+def test_serve_listens_on_loopback_by_default(registry, pushed_images, tmp_path):
+    """Without --listen or --unix the server binds 127.0.0.1:10809 and warns of nothing;
+    should another server hold that port, the error names the same loopback address."""
+    argv = [sys.executable, "-m", "blockstore", "serve", *serve_args(pushed_images, tmp_path)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        if first:
+            assert first.split()[2] == "nbd://127.0.0.1:10809/layer0", first
+            while proc.stdout.readline().strip() != "ready":
+                pass
+            assert stop(proc) == 0
+            assert proc.stderr.read() == ""
+        else:
+            assert proc.wait(timeout=30) == 1
+            assert "cannot listen on 127.0.0.1:10809" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()

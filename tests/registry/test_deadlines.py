@@ -216,6 +216,10 @@ def test_an_nbd_read_from_a_trickling_registry_fails_within_the_timeout_then_rec
             str(socket_path),
             "--cache-dir",
             str(tmp_path / "cache"),
+            # No prefetch at open: the read below must be the one that meets the trickle.
+            "--no-erofs-start",
+            "--no-readahead",
+            "--no-trace",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

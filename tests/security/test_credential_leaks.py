@@ -14,7 +14,9 @@ machine while mounted are searched for the password.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -27,9 +29,11 @@ from pathlib import Path
 
 import pytest
 from rig.pushed import push_erofs
-from rig.registry_server import RegistryServer
+from rig.registry_server import RegistryServer, TokenAuth
+from rig.token_issuer import TokenIssuer
 
 USER = "carol"
+JWT = re.compile(rb"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.")
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
 
 pytestmark = pytest.mark.slow
@@ -58,13 +62,14 @@ class Evidence:
     def files_under(self, root: Path, skip: Path) -> None:
         """Every regular file under ``root`` as it is now (raw bytes, the cache's too),
         except the mounted tree at ``skip``: the image's own files."""
-        for path in sorted(root.rglob("*")):
-            if path.is_relative_to(skip):
-                continue
-            with contextlib.suppress(OSError):
-                if path.is_file() and not path.is_symlink():
-                    self.add(str(path), path.read_bytes())
-            self.add(f"names under {root}", f"{path}\n")
+        for directory, subdirectories, names in os.walk(root):
+            subdirectories[:] = [d for d in subdirectories if Path(directory, d) != skip]
+            for name in sorted(names + subdirectories):
+                path = Path(directory, name)
+                self.add(f"names under {root}", f"{path}\n")
+                with contextlib.suppress(OSError):
+                    if path.is_file() and not path.is_symlink():
+                        self.add(str(path), path.read_bytes())
 
     def processes(self) -> None:
         """The command line and name of every process on the machine."""
@@ -80,6 +85,10 @@ class Evidence:
     def places_holding(self, secret: str) -> list[str]:
         needle = secret.encode()
         return sorted(where for where, data in self.seen.items() if needle in data)
+
+    def places_with_a_bearer_token(self) -> list[str]:
+        """Where a JSON web token (the issuer's bearer tokens) shows: header.payload."""
+        return sorted(where for where, data in self.seen.items() if JWT.search(data))
 
 
 @dataclass
@@ -131,16 +140,26 @@ class Run:
 
 
 @pytest.fixture
-def password_registry(tmp_path) -> Iterator[tuple[RegistryServer, str]]:
-    """A basic-auth registry whose only user has a password no one else has."""
+def password_registry(request, tmp_path) -> Iterator[tuple[RegistryServer, str]]:
+    """A registry whose only user has a password no one else has: htpasswd basic auth,
+    or (parameter ``"token"``) token auth with the test issuer."""
     password = f"pw-{secrets.token_hex(12)}"
-    htpasswd = tmp_path / "htpasswd"
-    htpasswd.write_bytes(
-        subprocess.run(["htpasswd", "-Bbn", USER, password], check=True, capture_output=True).stdout
-    )
-    server = RegistryServer(
-        tmp_path / "registry", htpasswd=htpasswd, username=USER, password=password
-    )
+    if getattr(request, "param", "basic") == "token":
+        ca = request.getfixturevalue("test_ca")
+        cert, key = ca.issue(f"issuer-{secrets.token_hex(4)}", server=False)
+        issuer = TokenIssuer(cert, key, users={USER: password})
+        issuer.start()
+        request.addfinalizer(issuer.stop)
+        auth = {"token": TokenAuth(issuer.realm, issuer.service, issuer.name, ca.cert)}
+    else:
+        htpasswd = tmp_path / "htpasswd"
+        htpasswd.write_bytes(
+            subprocess.run(
+                ["htpasswd", "-Bbn", USER, password], check=True, capture_output=True
+            ).stdout
+        )
+        auth = {"htpasswd": htpasswd}
+    server = RegistryServer(tmp_path / "registry", username=USER, password=password, **auth)
     server.start()
     try:
         yield server, password
@@ -207,12 +226,14 @@ def _ways(password: str) -> dict[str, tuple[list[str], list[str], dict[str, str]
     }
 
 
+@pytest.mark.parametrize("password_registry", ["basic", "token"], indirect=True)
 @pytest.mark.parametrize("way", list(_ways("")))
 def test_mount_read_prefetch_umount_never_write_the_password(run, way):
-    """Mount with the password given one way, with -v; read every file; list the mounts;
-    prefetch; unmount. While mounted and after, no file in the run directory (records,
-    sockets, logs), no cache byte, no output, no mount table entry and no process's
-    command line holds the password."""
+    """Against a basic-auth and a token-auth registry: mount with the password given one
+    way, with -v; read every file; list the mounts; prefetch; unmount. While mounted and
+    after, no file in the run directory (records, sockets, logs), no cache byte, no
+    output, no mount table entry and no process's command line holds the password, or
+    a bearer token from the issuer."""
     args, prefetch_args, env = _ways(run.password)[way]
     mnt = run.base / "mnt"
     mnt.mkdir()
@@ -233,6 +254,7 @@ def test_mount_read_prefetch_umount_never_write_the_password(run, way):
     assert any(where.endswith(".log") for where in holding_reference), holding_reference
     assert any(where.endswith("data.mdb") for where in holding_reference), holding_reference
     assert run.evidence.places_holding(run.password) == []
+    assert run.evidence.places_with_a_bearer_token() == []
 
 
 def test_errors_on_purpose_never_repeat_a_password(run):
@@ -265,4 +287,35 @@ def test_a_reference_carrying_credentials_is_refused_without_echoing_them(run):
     run.blockstore("-v", "mount", "--insecure", bad, str(mnt), expect=2)
     run.blockstore("-v", "prefetch", "--insecure", bad, expect=2)
     run.everything_on_disk()
+    assert run.evidence.places_holding(run.password) == []
+
+
+def test_an_offline_miss_names_no_password(run):
+    """Mounted once with the password (no readahead, no start-up fetch: only what the
+    mount itself reads is cached), then mounted --offline with -v and read whole: the
+    reads of chunks never fetched fail with EIO, and neither the failing reads' log
+    lines nor anything else holds the password."""
+    mnt = run.base / "mnt"
+    mnt.mkdir()
+    cache = ["--cache-dir", str(run.base / "cache")]
+    lean = ["--no-readahead", "--no-erofs-start", "--no-trace"]
+    env = {"BLOCKSTORE_USERNAME": USER, "BLOCKSTORE_PASSWORD": run.password}
+    run.blockstore("-v", "mount", "--insecure", *cache, *lean, run.reference, str(mnt), **env)
+    run.blockstore("umount", str(mnt))
+    run.blockstore("-v", "mount", "--offline", *cache, *lean, run.reference, str(mnt), **env)
+    failures: list[OSError] = []
+    for directory, _, names in os.walk(mnt, onerror=failures.append):
+        for name in names:
+            try:
+                (Path(directory) / name).read_bytes()
+            except OSError as exc:
+                failures.append(exc)
+    assert failures, "every file was cached: no offline miss was tried"
+    assert {exc.errno for exc in failures} == {errno.EIO}, failures[:3]
+    run.evidence.processes()
+    run.everything_on_disk()  # the server's log names the missing chunks
+    run.blockstore("-v", "umount", str(mnt))
+    run.everything_on_disk()
+    logs_of_misses = [w for w in run.evidence.places_holding("not cached") if w.endswith(".log")]
+    assert logs_of_misses, "the server's log of the misses was not searched"
     assert run.evidence.places_holding(run.password) == []
