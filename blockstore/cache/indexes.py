@@ -60,23 +60,50 @@ class IndexShelf:
         for info in self._store.blobs():
             if info.sealed or info.present == info.chunks:
                 continue  # the seal, or the coming one, judges the whole
-            index = self.get(info.digest, info.size)
-            record = self._store.lookup(info.digest)
-            if index is None or record is None:
-                continue
-            blob = CachedBlob(self._store, info.digest, info.size, None)
-            try:
-                present = sorted(
-                    set(range(index.chunk_count))
-                    - set(self._store.missing(record.blob_id, range(index.chunk_count)))
-                )
-                wrong = [i for i in present if not _matches(blob, index, i)]
-            finally:
-                blob.close()
+            wrong = self._disagreeing(info.digest, info.size)
             if wrong:
                 self._store.drop_chunks(info.digest, wrong, recheck=False)
                 bad += [(info.digest, i) for i in wrong]
         return bad
+
+    def check_sealed(self, digest: str, size: int) -> list[int]:
+        """For a sealed blob, whose bytes its digest has proven: the chunks its kept index
+        disagrees with. Such an index lies (or was made for other bytes), so it is
+        dropped; the chunks stay. Chunks fetched before the index was known were never
+        checked by it, so this is the check that its table hashes to the layer."""
+        record = self._store.lookup(digest)
+        if record is None or not record.sealed:
+            return []
+        wrong = self._disagreeing(digest, size)
+        if wrong:
+            self.drop(digest)
+            log.warning(
+                "%s: the chunk index disagrees with the sealed layer at chunk(s) %s: dropped",
+                digest, ", ".join(map(str, wrong[:8])),
+            )  # fmt: skip
+        return wrong
+
+    def check_all_sealed(self) -> dict[str, list[int]]:
+        """``check_sealed`` for every sealed blob that has a kept index."""
+        found = {}
+        for info in self._store.blobs():
+            if info.sealed and (wrong := self.check_sealed(info.digest, info.size)):
+                found[info.digest] = wrong
+        return found
+
+    def _disagreeing(self, digest: str, size: int) -> list[int]:
+        """The cached chunks of a blob that its kept index does not match ([] if no index)."""
+        index = self.get(digest, size)
+        record = self._store.lookup(digest)
+        if index is None or record is None:
+            return []
+        everything = range(index.chunk_count)
+        present = sorted(set(everything) - set(self._store.missing(record.blob_id, everything)))
+        blob = CachedBlob(self._store, digest, size, None)
+        try:
+            return [i for i in present if not _matches(blob, index, i)]
+        finally:
+            blob.close()
 
 
 def _matches(blob: CachedBlob, index: ChunkIndex, number: int) -> bool:

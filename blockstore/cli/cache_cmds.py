@@ -108,7 +108,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         report = store.verify()
         # Blobs not complete yet cannot be judged by their digest; a kept chunk index can.
-        report.bad_chunks += IndexShelf(store).check_incomplete()
+        # Sealed ones judge their index instead.
+        shelf = IndexShelf(store)
+        report.bad_chunks += shelf.check_incomplete()
+        lying = shelf.check_all_sealed()
     lines = [
         f"checked {report.chunks_checked} chunks and {report.blobs_checked} complete blobs",
         *(f"bad chunk {digest} #{index}: dropped" for digest, index in report.bad_chunks),
@@ -116,14 +119,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
         *(f"sealed {digest}" for digest in report.newly_sealed),
         *(f"repaired the record of {digest}" for digest in report.repaired_records),
         *(f"the cached record of {ref} is damaged: dropped" for ref in report.damaged_records),
+        *(
+            f"the chunk index of {digest} disagrees with the sealed layer at chunk(s) "
+            f"{', '.join(map(str, wrong[:8]))}: dropped"
+            for digest, wrong in lying.items()
+        ),
     ]
     if report.damage:
         lines.append(f"the cache file was damaged and moved aside: {report.damage}")
     if report.orphan_chunks:
         lines.append(f"dropped {report.orphan_chunks} chunks of no known blob")
-    lines.append("ok" if report.ok else "bad data found and dropped")
-    emit(args, report.to_dict(), "\n".join(lines))
-    return 0 if report.ok else IntegrityError.exit_code
+    ok = report.ok and not lying
+    lines.append("ok" if ok else "bad data found and dropped")
+    emit(args, {**report.to_dict(), "ok": ok, "lying_indexes": lying}, "\n".join(lines))
+    return 0 if ok else IntegrityError.exit_code
 
 
 def cmd_gc(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import sys
 
 from tqdm import tqdm
 
+from blockstore.cache.indexes import IndexShelf
 from blockstore.cli.cache_cmds import human
 from blockstore.cli.common import (
     add_cache_options,
@@ -68,6 +69,15 @@ def run_prefetch(args: argparse.Namespace) -> int:
                 disable=True if args.quiet else None,
             ) as bar:
                 exported.prefetch(progress=bar.update)
+            if layer.digest in image.chunk_indexes:
+                # The layer is proven now: its attached chunk index must agree with it.
+                wrong = IndexShelf(image.store).check_sealed(layer.digest, layer.size)
+                if wrong:
+                    print(
+                        f"blockstore: the chunk index attached to {image.resolved.reference} "
+                        f"disagrees with layer {layer.index} at {len(wrong)} chunk(s): dropped",
+                        file=sys.stderr,
+                    )
             pinned = ", pinned" if args.pin else ""
             print(
                 f"layer {layer.index} {layer.digest} ({human(layer.size)}): "

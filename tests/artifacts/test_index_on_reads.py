@@ -212,3 +212,41 @@ def test_traces_from_two_machines_merge_into_one_artifact(registry, erofs_images
     assert trace is not None and set(trace.order()) >= {1, 2, 7}
     times = [ms for ms, _ in trace.events]
     assert times == sorted(times)
+
+
+def test_a_lying_index_is_judged_by_a_layer_cached_before_it(registry, erofs_images, tmp_path):
+    """A layer prefetched and sealed before any index existed, then an index that lies
+    about chunk 3 is attached: the chunks were never checked by it, so `prefetch` checks
+    the table against the sealed layer, drops the index and says so; `cache verify` does
+    the same for a lying index kept in the cache (exit 6)."""
+    path = erofs_images.layers[0].path
+    expected = path.read_bytes()
+    ref = push_erofs(registry.host, "artifacts/sealed-first", "v1", [path])
+    cache = str(tmp_path / "cache")
+    first = blockstore("prefetch", ref, "--insecure", "--cache-dir", cache)
+    assert first.returncode == 0, first.stderr
+    digest = "sha256:" + hashlib.sha256(expected).hexdigest()
+    honest = build_index(digest, len(expected), CHUNK_SIZE, [expected])
+    table = bytearray(honest.table)
+    table[BAD_CHUNK * 32] ^= 0x01
+    lying = ChunkIndex(digest, len(expected), CHUNK_SIZE, bytes(table))
+    with RegistryClient(registry.host, RegistryOptions(insecure=True)) as client:
+        parsed = parse_reference(ref)
+        push_indexes(client, subject_of(resolve_image(client, parsed), parsed.repository), [lying])
+    again = blockstore("prefetch", ref, "--insecure", "--cache-dir", cache)
+    assert again.returncode == 0, again.stderr
+    assert "disagrees with layer 0 at 1 chunk(s): dropped" in again.stderr
+
+    from blockstore.cache import ChunkStore
+    from blockstore.cache.indexes import IndexShelf
+
+    with ChunkStore(tmp_path / "cache") as store:
+        shelf = IndexShelf(store)
+        assert shelf.get(digest, len(expected)) is None
+        shelf.put(lying)
+    verify = blockstore("cache", "verify", "--cache-dir", cache)
+    assert verify.returncode == 6, verify.stdout + verify.stderr
+    assert f"the chunk index of {digest} disagrees with the sealed layer at chunk(s) 3" in (
+        verify.stdout
+    )
+    assert blockstore("cache", "verify", "--cache-dir", cache).returncode == 0
