@@ -309,6 +309,31 @@ def registry_options_from_args(args: argparse.Namespace) -> RegistryOptions:
     )
 
 
+def open_image_from_args(args: argparse.Namespace, *, needs_registry: bool = False, **kw):
+    """The image the shared options name, through the cache they name.
+
+    ``needs_registry``: the command writes to the registry or reads what only
+    it has, so the cached fallback of an unreachable registry is refused.
+    ``kw`` go to ``open_image`` (``offline``, ``prefetch``).
+    """
+    # Imported here, as registry_options_from_args explains.
+    from blockstore.errors import RegistryUnreachable
+    from blockstore.image import open_image
+
+    image = open_image(
+        args.image,
+        cache_dir=cache_dir_from(args),
+        cache_size=args.cache_size,
+        platform=args.platform,
+        options=registry_options_from_args(args),
+        **kw,
+    )
+    if needs_registry and image.client is None:
+        image.close()
+        raise RegistryUnreachable(f"{image.resolved.reference}: the registry cannot be reached")
+    return image
+
+
 def setup_logging(verbosity: int) -> None:
     """-q: errors only; default: warnings; -v: info; -vv: debug."""
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(

@@ -18,10 +18,8 @@ from blockstore.cli.common import (
     add_cache_options,
     add_image_options,
     add_registry_options,
-    cache_dir_from,
-    registry_options_from_args,
+    open_image_from_args,
 )
-from blockstore.image import open_image
 from blockstore.tarlayer.layers import TarLayer
 
 
@@ -41,13 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_prefetch(args: argparse.Namespace) -> int:
-    image = open_image(
-        args.image,
-        cache_dir=cache_dir_from(args),
-        cache_size=args.cache_size,
-        platform=args.platform,
-        options=registry_options_from_args(args),
-    )
+    image = open_image_from_args(args)
     try:
         for layer in image.select(args.layer, args.blob):
             # A tar layer is filled as the tar it serves (uncompressed, sealed against

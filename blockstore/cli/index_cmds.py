@@ -17,8 +17,7 @@ from blockstore.cli.common import (
     add_cache_options,
     add_image_options,
     add_registry_options,
-    cache_dir_from,
-    registry_options_from_args,
+    open_image_from_args,
 )
 
 
@@ -52,21 +51,12 @@ def run_index(args: argparse.Namespace) -> int:
         push_tar_indexes,
         subject_of,
     )
-    from blockstore.errors import CacheError, RegistryUnreachable
-    from blockstore.image import open_image
+    from blockstore.errors import CacheError
     from blockstore.registry import RegistryBlob
     from blockstore.tarlayer.layers import TAR, TarLayer, layer_kind
 
-    image = open_image(
-        args.image,
-        cache_dir=cache_dir_from(args),
-        cache_size=args.cache_size,
-        platform=args.platform,
-        options=registry_options_from_args(args),
-    )
+    image = open_image_from_args(args, needs_registry=True)
     try:
-        if image.client is None:
-            raise RegistryUnreachable(f"{image.resolved.reference}: the registry cannot be reached")
         built = {}
         tar_built = {}
         # What is published is built here from verified bytes (or kept from such a build).

@@ -25,17 +25,15 @@ from blockstore.cli.common import (
     add_prefetch_options,
     add_registry_options,
     add_tar_index_options,
-    cache_dir_from,
     import_traces,
+    open_image_from_args,
     parse_listen,
     parse_timeout,
     prefetch_settings_from,
-    registry_options_from_args,
     tar_indexes_from,
 )
 from blockstore.cli.tls_options import add_tls_options, exposure_warnings, server_tls_from
 from blockstore.errors import BlockstoreError
-from blockstore.image import open_image
 from blockstore.metrics import MetricsServer
 from nbdfront.mount.readiness import ReadinessPipe
 from nbdfront.server import DEFAULT_PORT, NBDServer
@@ -98,15 +96,7 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
     if tcp is None and args.unix is None:
         tcp = ("127.0.0.1", DEFAULT_PORT)
     tls = server_tls_from(args)
-    image = open_image(
-        args.image,
-        cache_dir=cache_dir_from(args),
-        cache_size=args.cache_size,
-        platform=args.platform,
-        offline=args.offline,
-        options=registry_options_from_args(args),
-        prefetch=prefetch_settings_from(args),
-    )
+    image = open_image_from_args(args, offline=args.offline, prefetch=prefetch_settings_from(args))
     metrics = None
     try:
         image.tar_indexes = tar_indexes_from(args, image.select(args.layer, args.blob))

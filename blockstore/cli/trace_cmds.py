@@ -19,9 +19,8 @@ from blockstore.cli.cache_cmds import human, open_store, resolve_targets
 from blockstore.cli.common import (
     add_cache_options,
     add_registry_options,
-    cache_dir_from,
     import_traces,
-    registry_options_from_args,
+    open_image_from_args,
 )
 from blockstore.errors import NotFound
 from blockstore.prefetch.trace import Trace, traces_document
@@ -81,19 +80,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     # Imported here: the registry client is loaded only by the commands that use it.
     from blockstore.attachments import push_traces, subject_of
-    from blockstore.errors import RegistryUnreachable
-    from blockstore.image import open_image
 
-    image = open_image(
-        args.image,
-        cache_dir=cache_dir_from(args),
-        cache_size=args.cache_size,
-        platform=args.platform,
-        options=registry_options_from_args(args),
-    )
+    image = open_image_from_args(args, needs_registry=True)
     try:
-        if image.client is None:
-            raise RegistryUnreachable(f"{image.resolved.reference}: the registry cannot be reached")
         shelf = TraceShelf(image.store)
         local = [t for t in (shelf.get(lay.digest) for lay in image.resolved.layers) if t]
         if not local:
