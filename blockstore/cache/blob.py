@@ -36,7 +36,10 @@ log = logging.getLogger(__name__)
 PREFETCH_STEP = 32 << 20  # bytes asked of the fetcher at a time by prefetch()
 FILL_ROUNDS = 3  # passes of the background fill over what is still missing
 REPLAY_SPAN = 32 << 20  # trace entries (in bytes of chunks) sorted and merged at a time
-REPLAY_GAP = 1 << 20  # holes up to this size between traced chunks are fetched too
+REPLAY_GAP = 128 << 10  # holes up to this size between traced chunks are fetched too
+TRACED_READAHEAD = 512 << 10
+"""The readahead ceiling of a layer whose trace is replayed: the trace already says what
+the reads want, so readahead only covers what it missed instead of the whole layer."""
 PACE_STEP = 0.25  # seconds of a capped fill's bandwidth asked for in one range
 
 
@@ -401,17 +404,18 @@ class CachedBlob:
         """The fetcher, and the heuristics a cold open starts with (on a daemon thread)."""
         settings = self._settings
         fetcher = self._fetcher = self._new_fetcher(source)
-        self._readahead.limit_to(lambda: fetcher.window.bytes)
         self._hints = HintQueue(self._plan)
-        if self._whole:
-            return
-        shelf = TraceShelf(self._store)
         trace = None
-        if settings.trace_replay:
+        if settings.trace_replay and not self._whole:
             try:
-                trace = shelf.get(self._digest)
+                trace = TraceShelf(self._store).get(self._digest)
             except CacheError as exc:
                 log.warning("%s", exc)
+        if trace is not None and settings.readahead:
+            self._readahead = Readahead(maximum=TRACED_READAHEAD)
+        self._readahead.limit_to(lambda: fetcher.window.bytes)
+        if self._whole:
+            return
         if trace is None and settings.trace_period > 0:
             self._recorder = TraceRecorder(
                 self._digest, CHUNK_SIZE, settings.trace_period, self._save_trace
