@@ -127,23 +127,6 @@ def fetch_indexes(
     return found
 
 
-def keep_indexes(store: ChunkStore, indexes: dict[str, ChunkIndex]) -> None:
-    """Keep tables in the cache for offline opens."""
-    shelf = IndexShelf(store)
-    for index in indexes.values():
-        shelf.put(index)
-
-
-def cached_index(store: ChunkStore, layer: Layer) -> ChunkIndex | None:
-    """A layer's table as kept in the cache, if any and if it still parses."""
-    return IndexShelf(store).get(layer.digest, layer.size)
-
-
-def forget_index(store: ChunkStore, layer_digest: str) -> None:
-    """Drop a table found to disagree with its layer."""
-    IndexShelf(store).drop(layer_digest)
-
-
 def indexes_for_image(
     store: ChunkStore,
     client: RegistryClient | None,
@@ -158,6 +141,7 @@ def indexes_for_image(
     without an index: per chunk once sealed, by digest at the seal).
     Offline, the tables kept from an earlier online open are used.
     """
+    shelf = IndexShelf(store)
     found: dict[str, ChunkIndex] = {}
     if client is not None:
         try:
@@ -165,9 +149,10 @@ def indexes_for_image(
             found = fetch_indexes(client, subject, resolved.layers, referrers)
         except BlockstoreError as exc:
             log.warning("%s: chunk index not looked up: %s", resolved.reference, exc)
-        keep_indexes(store, found)
+        for index in found.values():
+            shelf.put(index)
     for layer in resolved.layers:
-        if layer.digest not in found and (kept := cached_index(store, layer)) is not None:
+        if layer.digest not in found and (kept := shelf.get(layer.digest, layer.size)) is not None:
             found[layer.digest] = kept
     return found
 

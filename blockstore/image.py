@@ -17,12 +17,12 @@ from pathlib import Path
 
 from blockstore.attachments import (
     fetch_tar_index,
-    forget_index,
     indexes_for_image,
     subject_of,
     traces_for_image,
 )
 from blockstore.cache import CachedBlob, ChunkStore
+from blockstore.cache.indexes import IndexShelf
 from blockstore.chunkindex import ChunkIndex
 from blockstore.errors import (
     BlockstoreError,
@@ -172,7 +172,7 @@ class OpenImage:
                     source,
                     index,
                     upstream=upstream or source,
-                    on_lying_index=lambda digest: forget_index(self.store, digest),
+                    on_lying_index=IndexShelf(self.store).drop,
                 )
         blob = CachedBlob(
             self.store,

@@ -44,18 +44,18 @@ def run_index(args: argparse.Namespace) -> int:
     # Imported here: loading the registry client costs start-up time (see cli/__init__).
     from blockstore.attachments import (
         build_layer_index,
-        cached_index,
         fetch_indexes,
-        keep_indexes,
         push_indexes,
         push_tar_indexes,
         subject_of,
     )
+    from blockstore.cache.indexes import IndexShelf
     from blockstore.errors import CacheError
     from blockstore.registry import RegistryBlob
     from blockstore.tarlayer.layers import TAR, TarLayer, layer_kind
 
     image = open_image_from_args(args, needs_registry=True)
+    shelf = IndexShelf(image.store)
     try:
         built = {}
         tar_built = {}
@@ -71,7 +71,7 @@ def run_index(args: argparse.Namespace) -> int:
                     f"layer {layer.index} {layer.digest}: tar index of "
                     f"{len(exported.index.metadata)} bytes of metadata"
                 )
-                if kind != TAR and cached_index(image.store, layer) is None:
+                if kind != TAR and shelf.get(layer.digest, layer.size) is None:
                     # Indexing read the compressed blob through the cache: sealing it
                     # fetches nothing more, and the chunk table below is read from it.
                     with contextlib.suppress(CacheError):  # too large to keep: streamed
@@ -80,7 +80,7 @@ def run_index(args: argparse.Namespace) -> int:
             if record is not None and record.sealed:
                 index = build_layer_index(layer, image.blob(layer).read)
                 origin = "cache"
-            elif (known := cached_index(image.store, layer)) is not None:
+            elif (known := shelf.get(layer.digest, layer.size)) is not None:
                 index, origin = known, "cache"
             else:
                 source = RegistryBlob(image.client, image.repository, layer)
@@ -90,7 +90,8 @@ def run_index(args: argparse.Namespace) -> int:
                 f"layer {layer.index} {layer.digest}: {index.chunk_count} chunks indexed "
                 f"(from the {origin})"
             )
-        keep_indexes(image.store, built)
+        for index in built.values():
+            shelf.put(index)
         if args.push:
             subject = subject_of(image.resolved, image.repository)
             # The artifact holds every layer's table: keep the others' when one is redone.

@@ -14,8 +14,9 @@ from rig.fault_proxy import Fault
 from rig.pushed import push_erofs
 from rig.registry_server import RegistryServer
 
-from blockstore.attachments import cached_index, push_indexes, subject_of
+from blockstore.attachments import push_indexes, subject_of
 from blockstore.cache import CHUNK_SIZE
+from blockstore.cache.indexes import IndexShelf
 from blockstore.cache.traces import TraceShelf
 from blockstore.chunkindex import ChunkIndex, build_index
 from blockstore.errors import BlobReadError
@@ -135,9 +136,10 @@ def test_an_index_that_lies_about_one_chunk_gives_eio_then_is_dropped(
         with pytest.raises(BlobReadError):
             blob.read(BAD_CHUNK * CHUNK_SIZE, CHUNK_SIZE)
         deadline = time.monotonic() + 20
-        while cached_index(opened.store, layer) is not None and time.monotonic() < deadline:
+        shelf = IndexShelf(opened.store)
+        while shelf.get(layer.digest, layer.size) is not None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert cached_index(opened.store, layer) is None, "the lying index was not dropped"
+        assert shelf.get(layer.digest, layer.size) is None, "the lying index was not dropped"
         assert "index is dropped" in "\n".join(r.getMessage() for r in caplog.records)
         got = b"".join(bytes(b) for b in blob.read(BAD_CHUNK * CHUNK_SIZE, CHUNK_SIZE))
         assert got == expected[BAD_CHUNK * CHUNK_SIZE : (BAD_CHUNK + 1) * CHUNK_SIZE]
@@ -238,7 +240,6 @@ def test_a_lying_index_is_judged_by_a_layer_cached_before_it(registry, erofs_ima
     assert "disagrees with layer 0 at 1 chunk(s): dropped" in again.stderr
 
     from blockstore.cache import ChunkStore
-    from blockstore.cache.indexes import IndexShelf
 
     with ChunkStore(tmp_path / "cache") as store:
         shelf = IndexShelf(store)
