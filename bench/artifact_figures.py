@@ -23,18 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from bench.images import build, push
 from bench.link import LinkProxy, wan
 from bench.processes import BenchError, Daemon
 from bench.tar_figures import engine as mount_and_use
+from bench.tar_figures import measure
 from blockstore.localregistry import LocalRegistry
 
 MiB = 1 << 20
@@ -58,27 +57,6 @@ def copy_cold(work: Path, reference: str) -> dict:
         return {"s": time.perf_counter() - started}
     finally:
         daemon.stop()
-
-
-def measure(name: str, runs: int, link: LinkProxy, run: Callable[[Path], dict]) -> dict:
-    """``runs`` runs, each in a fresh directory; medians, with the link's bytes and requests."""
-    samples = []
-    for i in range(runs):
-        work = Path(tempfile.mkdtemp(prefix="artfig-"))
-        try:
-            before = link.traffic()
-            got = run(work)
-            moved = link.traffic() - before
-            got.update({"bytes fetched": moved.down, "requests": moved.requests})
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        print(f"  {name} run {i + 1}: {json.dumps(got)}", file=sys.stderr)
-        samples.append(got)
-    return {
-        "system": name,
-        "runs": samples,
-        **{key: statistics.median(s[key] for s in samples) for key in samples[0]},
-    }
 
 
 def main() -> int:

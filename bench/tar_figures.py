@@ -114,19 +114,22 @@ def engine(work: Path, reference: str, extra: list[str]) -> dict:
 
 
 def measure(name: str, runs: int, link: LinkProxy, run: Callable[[Path], dict]) -> dict:
+    """``runs`` runs, each in a fresh directory: the medians of every figure they report,
+    with the bytes and requests that crossed the link, and the runs themselves."""
     samples = []
     for i in range(runs):
-        work = Path(tempfile.mkdtemp(prefix=f"tarfig-{name}-"))
+        work = Path(tempfile.mkdtemp(prefix="sidefig-"))
         try:
             before = link.traffic()
             got = run(work)
-            got["bytes fetched"] = (link.traffic() - before).down
+            moved = link.traffic() - before
+            got.update({"bytes fetched": moved.down, "requests": moved.requests})
         finally:
             shutil.rmtree(work, ignore_errors=True)
         print(f"  {name} run {i + 1}: {json.dumps(got)}", file=sys.stderr)
         samples.append(got)
-    keys = ["first listing s", "done s", "bytes fetched"]
-    return {"system": name, **{k: statistics.median(s[k] for s in samples) for k in keys}}
+    medians = {key: statistics.median(s[key] for s in samples) for key in samples[0]}
+    return {"system": name, "runs": samples, **medians}
 
 
 def main() -> int:
