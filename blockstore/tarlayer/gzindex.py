@@ -22,13 +22,13 @@ bytes fetched again is checked against what the verified pass saw.
 from __future__ import annotations
 
 import hashlib
-import io
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
 from blockstore.errors import IntegrityError
+from blockstore.tarlayer.stepped import SteppedReader
 from blockstore.tarlayer.zlib_inflate import GZIP, RAW, Z_BLOCK, Z_STREAM_END, Inflater
 
 WINDOW = 32768
@@ -94,37 +94,25 @@ class Zinfo:
         return lo
 
 
-class GzipIndexer(io.RawIOBase):
+class GzipIndexer(SteppedReader):
     """The uncompressed bytes of a gzip blob read once, recording checkpoints."""
 
     def __init__(self, source: IO[bytes], span: int = DEFAULT_SPAN):
+        super().__init__()
         self._source = source
         self._span = span
         self._inflater = Inflater(GZIP)
-        self._pending = memoryview(b"")
         self._recent = bytearray()
         self._consumed_before_input = 0  # compressed bytes handed in before the current input
         self._input_len = 0
         self._out = 0
         self._at_member_start = True
-        self._eof = False
         self._points: list[Checkpoint] = []
         self.blob_sha256 = hashlib.sha256()
         self.tar_sha256 = hashlib.sha256()
         self._span_sha256 = hashlib.sha256()
         self.span_digests: list[bytes] = []  # sha256 of each span's output, in order
         self.compressed_size = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
-        while not self._pending and not self._eof:
-            self._step()
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
 
     def _refill(self) -> bool:
         data = self._source.read(_READ_SIZE)
@@ -189,9 +177,7 @@ class GzipIndexer(io.RawIOBase):
 
     def finish(self) -> tuple[Zinfo, int]:
         """Read to the end; return the checkpoints and the uncompressed size."""
-        while not self._eof:
-            self._step()
-        self._pending = memoryview(b"")
+        self._read_to_end()
         if not self._points:
             raise IntegrityError("gzip stream has no deflate blocks")
         if len(self.span_digests) < len(self._points):

@@ -11,12 +11,12 @@ no tar bytes and are stepped over.
 from __future__ import annotations
 
 import hashlib
-import io
 from typing import IO
 
 import zstandard
 
 from blockstore.errors import IntegrityError
+from blockstore.tarlayer.stepped import SteppedReader
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _READ_SIZE = 1 << 20
@@ -27,19 +27,18 @@ def _skippable(head: bytes) -> bool:
     return len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50
 
 
-class ZstdIndexer(io.RawIOBase):
+class ZstdIndexer(SteppedReader):
     """The uncompressed bytes of a zstd blob read once, recording frame starts."""
 
     def __init__(self, source: IO[bytes], span: int):
+        super().__init__()
         self._source = source
         self._span = span
         self._data = b""
         self._pos = 0  # into _data
         self._base = 0  # compressed offset of _data[0]
         self._frame: zstandard.ZstdDecompressionObj | None = None
-        self._pending = memoryview(b"")
         self._out = 0
-        self._eof = False
         self.points: list[tuple[int, int]] = []  # (compressed, uncompressed) restart points
         self.span_digests: list[bytes] = []
         self._span_sha256 = hashlib.sha256()
@@ -47,17 +46,6 @@ class ZstdIndexer(io.RawIOBase):
         self.tar_sha256 = hashlib.sha256()
         self.frames = 0
         self.compressed_size = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
-        while not self._pending and not self._eof:
-            self._step()
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
 
     def _have(self, n: int) -> bool:
         """Make at least ``n`` unconsumed bytes available, if the blob has them."""
@@ -116,9 +104,7 @@ class ZstdIndexer(io.RawIOBase):
 
     def finish(self) -> int:
         """Read to the end; return the uncompressed size."""
-        while not self._eof:
-            self._step()
-        self._pending = memoryview(b"")
+        self._read_to_end()
         if not self.points:
             raise IntegrityError("zstd stream has no frames")
         self.span_digests.append(self._span_sha256.digest())
