@@ -38,6 +38,18 @@ def read_whole(blob, size: int) -> bytes:
     return b"".join(bytes(b) for b in blob.read(0, size))
 
 
+def attach_lying_index(registry_host: str, ref: str, data: bytes) -> ChunkIndex:
+    """Attach to ``ref`` a chunk index of ``data`` that is wrong about chunk BAD_CHUNK."""
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    table = bytearray(build_index(digest, len(data), CHUNK_SIZE, [data]).table)
+    table[BAD_CHUNK * 32] ^= 0x01
+    lying = ChunkIndex(digest, len(data), CHUNK_SIZE, bytes(table))
+    with RegistryClient(registry_host, RegistryOptions(insecure=True)) as client:
+        parsed = parse_reference(ref)
+        push_indexes(client, subject_of(resolve_image(client, parsed), parsed.repository), [lying])
+    return lying
+
+
 @pytest.fixture
 def indexed_image(registry, erofs_images, request, tmp_path) -> tuple[str, bytes]:
     """A one-layer image (27 chunks) with its chunk index attached; its reference and bytes."""
@@ -118,14 +130,7 @@ def test_an_index_that_lies_about_one_chunk_gives_eio_then_is_dropped(
     path = erofs_images.layers[0].path
     expected = path.read_bytes()
     ref = push_erofs(registry.host, "artifacts/lying", "v1", [path])
-    digest = "sha256:" + hashlib.sha256(expected).hexdigest()
-    honest = build_index(digest, len(expected), CHUNK_SIZE, [expected])
-    table = bytearray(honest.table)
-    table[BAD_CHUNK * 32] ^= 0x01
-    lying = ChunkIndex(digest, len(expected), CHUNK_SIZE, bytes(table))
-    with RegistryClient(registry.host, RegistryOptions(insecure=True)) as client:
-        parsed = parse_reference(ref)
-        push_indexes(client, subject_of(resolve_image(client, parsed), parsed.repository), [lying])
+    attach_lying_index(registry.host, ref, expected)
     caplog.set_level(logging.WARNING)
     opened = open_image(ref, cache_dir=tmp_path / "cache", options=RegistryOptions(insecure=True),
                         prefetch=QUIET)  # fmt: skip
@@ -228,13 +233,7 @@ def test_a_lying_index_is_judged_by_a_layer_cached_before_it(registry, erofs_ima
     first = blockstore("prefetch", ref, "--insecure", "--cache-dir", cache)
     assert first.returncode == 0, first.stderr
     digest = "sha256:" + hashlib.sha256(expected).hexdigest()
-    honest = build_index(digest, len(expected), CHUNK_SIZE, [expected])
-    table = bytearray(honest.table)
-    table[BAD_CHUNK * 32] ^= 0x01
-    lying = ChunkIndex(digest, len(expected), CHUNK_SIZE, bytes(table))
-    with RegistryClient(registry.host, RegistryOptions(insecure=True)) as client:
-        parsed = parse_reference(ref)
-        push_indexes(client, subject_of(resolve_image(client, parsed), parsed.repository), [lying])
+    lying = attach_lying_index(registry.host, ref, expected)
     again = blockstore("prefetch", ref, "--insecure", "--cache-dir", cache)
     assert again.returncode == 0, again.stderr
     assert "disagrees with layer 0 at 1 chunk(s): dropped" in again.stderr
