@@ -97,27 +97,29 @@ def _unreachable(offset: int, length: int) -> bytes:
 
 
 def test_readahead_window_grows_on_sequential_reads_and_resets_on_random():
-    """16 KiB sequential reads: how far past the reader each asked range reaches doubles
-    from twice the initial window up to the maximum and stays there; asked ranges never
-    overlap; a jump asks nothing and the next sequential run starts small again."""
+    """16 KiB sequential reads: the ranges asked double from twice the initial window up
+    to the maximum and stay there, each asked when the reader reaches the previous one and
+    reaching at least its own size past the reader; asked ranges never overlap; a jump
+    asks nothing and the next sequential run starts small again."""
     policy = Readahead(initial=32 << 10, maximum=512 << 10)
     size = 100 << 20
     read = 16 << 10
 
-    def reaches(start: int, stop: int) -> list[int]:
+    def windows(start: int, stop: int) -> list[int]:
         out, asked_end = [], 0
         for offset in range(start, stop, read):
             ahead = policy.advise(offset, read, size)
             if ahead is not None:
                 assert ahead[0] >= max(asked_end, offset + read)
                 asked_end = ahead[0] + ahead[1]
-                out.append((asked_end - offset - read) >> 10)
+                assert asked_end - offset - read >= ahead[1]
+                out.append(ahead[1] >> 10)
         return out
 
     expected = [64, 128, 256, 512, 512]
-    assert reaches(0, 2 << 20)[:5] == expected
+    assert windows(0, 2 << 20)[:5] == expected
     assert policy.advise(50 << 20, 4096, size) is None  # a jump: no readahead
-    assert reaches((50 << 20) + read, 52 << 20)[:5] == expected
+    assert windows((50 << 20) + read, 52 << 20)[:5] == expected
     assert Readahead(maximum=0).advise(0, 4096, size) is None
 
 

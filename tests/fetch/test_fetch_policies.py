@@ -32,7 +32,7 @@ def test_each_interleaved_stream_grows_its_own_window(streams, rounds, order, ra
     starts at or past its reader and never overlaps the stream's earlier ones; random
     reads ask for nothing and do not hold any stream back."""
     maximum = 4 * MiB
-    policy = Readahead(initial=128 << 10, maximum=maximum, streams=streams + 4, reorder=READ)
+    policy = Readahead(initial=128 << 10, maximum=maximum, streams=streams + 4)
     bases = [(i + 2) * (1 << 32) for i in range(streams)]
     position = dict.fromkeys(range(streams), 0)
     asked_end = dict.fromkeys(range(streams), 0)
@@ -57,12 +57,39 @@ def test_each_interleaved_stream_grows_its_own_window(streams, rounds, order, ra
         assert asked_end[stream] - reader >= maximum // 2
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 4095), st.integers(1, 8)), min_size=1, max_size=300),
+    st.integers(0, 40),
+)
+def test_scattered_reads_ask_for_nothing_however_close(reads, stream_blocks):
+    """A mount reading scattered small files: reads land anywhere in a 16 MiB region,
+    near each other, inside and around what a sequential reader had asked for, but none
+    continues an earlier one (starts at or before its end and goes past it). They ask
+    for nothing: only a stream asks, and only its own next window."""
+    block = 4096
+    policy = Readahead(initial=32 << 10, maximum=4 * MiB)
+    ends: list[int] = []
+    asked: list[tuple[int, int]] = []
+    for i in range(stream_blocks):  # a sequential reader first, at the region's start
+        if (ahead := policy.advise(i * block, block, SIZE)) is not None:
+            asked.append(ahead)
+    marker = asked[-1][0] if asked else -1  # reaching it is the stream's reader going on
+    ends.append(stream_blocks * block)
+    for first, blocks in reads:
+        offset, end = first * block, (first + blocks) * block
+        if any(offset <= e < end for e in ends) or offset <= marker < end:
+            continue
+        ends.append(end)
+        assert policy.advise(offset, end - offset, SIZE) is None
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 200))
 def test_a_jump_starts_a_new_small_stream(jump):
     """A read far from every stream asks for nothing and starts small: the next
     sequential read after it asks for twice the initial window, no more."""
-    policy = Readahead(initial=128 << 10, maximum=8 * MiB, reorder=READ)
+    policy = Readahead(initial=128 << 10, maximum=8 * MiB)
     sequential_steps(policy, 0, 40)
     far = (1 << 34) + jump * READ
     assert policy.advise(far, READ, SIZE) is None
