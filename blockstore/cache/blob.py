@@ -36,10 +36,6 @@ log = logging.getLogger(__name__)
 PREFETCH_STEP = 32 << 20  # bytes asked of the fetcher at a time by prefetch()
 FILL_ROUNDS = 3  # passes of the background fill over what is still missing
 REPLAY_SPAN = 32 << 20  # trace entries (in bytes of chunks) sorted and merged at a time
-REPLAY_GAP = 128 << 10  # holes up to this size between traced chunks are fetched too
-TRACED_READAHEAD = 512 << 10
-"""The readahead ceiling of a layer whose trace is replayed: the trace already says what
-the reads want, so readahead only covers what it missed instead of the whole layer."""
 PACE_STEP = 0.25  # seconds of a capped fill's bandwidth asked for in one range
 
 
@@ -411,8 +407,6 @@ class CachedBlob:
                 trace = TraceShelf(self._store).get(self._digest)
             except CacheError as exc:
                 log.warning("%s", exc)
-        if trace is not None and settings.readahead:
-            self._readahead = Readahead(maximum=TRACED_READAHEAD)
         self._readahead.limit_to(lambda: fetcher.window.bytes)
         if self._whole:
             return
@@ -524,7 +518,7 @@ class CachedBlob:
         missing = set(self._store.missing(self._known_id(), range(self._chunks)))
         fetcher = self._fetcher
         limit = max(1, fetcher.window.request // CHUNK_SIZE)  # type: ignore[union-attr]
-        order = coalesce(trace.order(), REPLAY_SPAN // CHUNK_SIZE, REPLAY_GAP // CHUNK_SIZE)
+        order = coalesce(trace.order(), REPLAY_SPAN // CHUNK_SIZE)
         order = [i for i in order if i in missing]
         feed(
             order,
