@@ -362,14 +362,14 @@ class CachedBlob:
             if record is not None and record.sealed:
                 self._sums = self._store.sealed_sums(self._digest)
 
-    def _keep(self, first: int, chunks: Sequence[Buffer]) -> None:
-        """Store checked chunks; a cache that cannot take them costs only the caching.
+    def _keep(self, runs: list[tuple[int, list[Buffer]]]) -> None:
+        """Store runs of checked chunks; a cache that cannot take them costs only the caching.
 
         Chunks the store refuses (the blob was sealed meanwhile, and they do
         not match) were counted by the store and are not kept.
         """
         try:
-            record = self._store.store_chunks(self._digest, self._size, first, chunks)
+            record = self._store.store_runs(self._digest, self._size, runs)
         except (CacheError, ChunkIntegrityError) as exc:
             log.warning("%s: serving uncached bytes: %s", self._digest, exc)
             return

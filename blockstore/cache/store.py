@@ -305,15 +305,40 @@ class ChunkStore:
         that do not match its sealed checksums are refused with
         ``ChunkIntegrityError``, nothing stored.
         """
+        return self.store_runs(digest, size, [(first, chunks)])
+
+    def store_runs(
+        self, digest: str, size: int, runs: Sequence[tuple[int, Sequence[Buffer]]]
+    ) -> BlobRecord:
+        """Store several runs of consecutive chunks in one commit (one fsync), as
+        ``store_chunks`` does one; a run refused as not matching the sealed blob is
+        left out and the others stored, then ``ChunkIntegrityError`` is raised."""
+
+        def work(txn: lmdb.Transaction) -> BlobRecord:
+            record = None
+            for first, chunks in runs:
+                record = self._store(txn, digest, size, first, chunks)
+            assert record is not None
+            return record
+
         try:
             try:
-                return self.env.write(lambda txn: self._store(txn, digest, size, first, chunks))
+                return self.env.write(work)
             except DiskFull:
                 self._make_room()
-                return self.env.write(lambda txn: self._store(txn, digest, size, first, chunks))
+                return self.env.write(work)
         except ChunkIntegrityError:
-            self.counters.add(checksum_failures=1)
-            raise
+            if len(runs) == 1:
+                self.counters.add(checksum_failures=1)
+                raise
+        refused: ChunkIntegrityError | None = None
+        for first, chunks in runs:
+            try:
+                self.store_runs(digest, size, [(first, chunks)])
+            except ChunkIntegrityError as exc:
+                refused = exc
+        assert refused is not None
+        raise refused
 
     def _record_for(self, txn: lmdb.Transaction, digest: str, size: int) -> BlobRecord:
         raw = txn.get(digest.encode(), db=self.dbs[DB_BLOBS])

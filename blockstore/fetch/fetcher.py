@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 # on_arrival(index, chunk) -> the chunk's bytes as they may be served; raises to refuse.
 Arrival = Callable[[int, memoryview], Buffer]
-# keep(first, chunks): store checked consecutive chunks; must not raise.
-Keep = Callable[[int, Sequence[Buffer]], None]
+# keep(runs): store runs (first, consecutive chunks) of checked chunks, in one commit if it
+# can; must not raise.
+Keep = Callable[[list[tuple[int, list[Buffer]]]], None]
 # load(indices) -> {index: bytes} of those chunks the cache holds now.
 Load = Callable[[Sequence[int]], dict[int, Buffer]]
 
@@ -306,13 +307,14 @@ class Fetcher:
             self.window.delivered(len(chunk))
             self._keeper.put(index, checked)
 
-    def _store(self, first: int, chunks: list[Buffer]) -> None:
+    def _store(self, runs: list[tuple[int, list[Buffer]]]) -> None:
         try:
-            self._keep(first, chunks)
+            self._keep(runs)
         except Exception:
             log.exception("%s: storing fetched chunks failed", self.digest)
         with self._flights.lock:
-            self._flights.release(range(first, first + len(chunks)))
+            for first, chunks in runs:
+                self._flights.release(range(first, first + len(chunks)))
 
     def _fail(self, job: Job, exc: BaseException) -> None:
         """Answer the job's unanswered waiters with ``exc`` and forget its chunks."""

@@ -1,9 +1,11 @@
 """Storing what arrives with group commits, off the threads that receive it.
 
 Every write transaction costs an fsync. Chunks that arrive while one
-commit runs are stored together by the next, so a lone chunk is stored at
-once (its reader waits one commit) and a fast stream is stored in large
-batches (the link, not the disk, sets the pace).
+commit runs are stored together by the next, in one transaction however
+scattered they are, so a lone chunk is stored at once (its reader waits
+one commit) and a fast stream, or many small ranges at once (a trace
+replayed), is stored in large batches: the link, not the disk, sets the
+pace.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ def adjacent_runs(items: list[tuple[int, Buffer]]) -> list[tuple[int, list[Buffe
 
 
 class Keeper:
-    """Calls ``store(first, chunks)`` for each run of what was put, on a daemon thread."""
+    """Calls ``store(runs)`` with the runs of what was put meanwhile, on a daemon thread."""
 
-    def __init__(self, store: Callable[[int, list[Buffer]], None]):
+    def __init__(self, store: Callable[[list[tuple[int, list[Buffer]]]], None]):
         self._store = store
         self.forget_threads()
         forks.register(self)
@@ -62,8 +64,7 @@ class Keeper:
                 items, self._queued = self._queued, []
                 self._busy = True
             try:
-                for first, chunks in adjacent_runs(items):
-                    self._store(first, chunks)
+                self._store(adjacent_runs(items))
             finally:
                 with self._cond:
                     self._busy = False

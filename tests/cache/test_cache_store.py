@@ -121,6 +121,36 @@ def test_store_refuses_a_wrong_chunk_for_a_sealed_blob(cache_dir):
         assert joined(CachedBlob(store, digest, len(data), None).read(0, len(data))) == data
 
 
+def test_scattered_runs_are_stored_in_one_commit_and_a_refused_run_alone_is_left_out(
+    cache_dir, monkeypatch
+):
+    """Chunks that arrive together but far apart (a trace replayed) are stored in one
+    write transaction, one fsync. For a sealed blob, a run whose bytes do not match is
+    refused (ChunkIntegrityError, counted) while the other runs of the batch are stored."""
+    data, digest = make_blob(8 * CHUNK_SIZE, seed=36)
+    chunks = [data[i : i + CHUNK_SIZE] for i in range(0, len(data), CHUNK_SIZE)]
+    with ChunkStore(cache_dir) as store:
+        commits = []
+        real_write = store.env.write
+        monkeypatch.setattr(store.env, "write", lambda work: commits.append(1) or real_write(work))
+        record = store.store_runs(digest, len(data), [(0, chunks[:2]), (5, [chunks[5]])])
+        assert len(commits) == 1 and record.present == 3
+        assert store.missing(record.blob_id, range(8)) == [2, 3, 4, 6, 7]
+        store.store_runs(digest, len(data), [(2, chunks[2:5]), (6, chunks[6:])])
+        assert store.seal(digest) is True
+        for index in (1, 4, 6):
+            assert evict_chunk(store, digest, index)
+        with pytest.raises(ChunkIntegrityError):
+            store.store_runs(
+                digest, len(data), [(1, [chunks[1]]), (4, [bytes(CHUNK_SIZE)]), (6, [chunks[6]])]
+            )
+        assert store.missing(record.blob_id, range(8)) == [4]
+        assert store.stats()["checksum_failures"] == 1
+        monkeypatch.undo()
+        store.store_chunks(digest, len(data), 4, [chunks[4]])
+        assert joined(CachedBlob(store, digest, len(data), None).read(0, len(data))) == data
+
+
 def test_chunk_replaced_while_the_blob_is_hashed_is_not_sealed(cache_dir, monkeypatch):
     """Right after the last chunk is hashed, before the sealing transaction, chunk 1 is
     evicted and stored again with other bytes (the blob is not sealed yet, so nothing

@@ -164,3 +164,28 @@ def test_two_exports_of_one_blob_share_their_fetches(cache_dir):
             b.close()
     assert results == [data[:100]] * 2
     assert source.requests == [(0, CHUNK_SIZE)]
+
+
+def test_chunks_arriving_during_a_commit_are_stored_by_the_next_one_together():
+    """While one commit runs, scattered chunks arrive (a trace replayed: many small
+    ranges at once): the keeper hands them to the next store call all together, as
+    runs of adjacent chunks in index order, so they cost one commit, not one each."""
+    from blockstore.fetch.keeper import Keeper
+
+    calls: list[list[tuple[int, int]]] = []
+    first_commit = threading.Event()
+    release = threading.Event()
+
+    def store(runs) -> None:
+        calls.append([(first, len(chunks)) for first, chunks in runs])
+        first_commit.set()
+        release.wait(5)
+
+    keeper = Keeper(store)
+    keeper.put(0, b"a")
+    assert first_commit.wait(5)
+    for index in (9, 3, 4, 20, 5, 10):
+        keeper.put(index, b"x")
+    release.set()
+    assert keeper.drain(5)
+    assert calls == [[(0, 1)], [(3, 3), (9, 2), (20, 1)]]

@@ -33,9 +33,10 @@ def dict_fetcher(source, window: Window) -> tuple[Fetcher, dict[int, Buffer]]:
     """A fetcher that keeps chunks in a dict: the engine alone, without the cache."""
     kept: dict[int, Buffer] = {}
 
-    def keep(first: int, chunks) -> None:
-        for i, chunk in enumerate(chunks):
-            kept[first + i] = chunk
+    def keep(runs) -> None:
+        for first, chunks in runs:
+            for i, chunk in enumerate(chunks):
+                kept[first + i] = chunk
 
     def load(indices) -> dict[int, Buffer]:
         return {i: kept[i] for i in indices if i in kept}
