@@ -195,7 +195,9 @@ def table(image: dict, workload: str, rows: list[dict], index: Index) -> list[st
     better = "higher is better" if rows[0]["higher_is_better"] else "lower is better"
     metrics = ordered(m for r in rows for run in r["runs"] for m in run["metrics"])
     systems = ordered(r["system"] for r in rows)
+    served = any(run.get("bytes_served") for r in rows for run in r["runs"])
     head = ["network", "system", *metrics, "registry MiB", "requests", "fetched ÷ read"]
+    head += ["fetched ÷ served"] if served else []
     head += ["÷ one-get"] + [f"vs {s}" for s in systems]
     lines = [
         f"## `{image['name']}` image, {workload} ({primary}, {better})",
@@ -213,8 +215,15 @@ def table(image: dict, workload: str, rows: list[dict], index: Index) -> list[st
             "—" if fetched is None else number(fetched / MiB),
             "—" if requests is None else f"{requests:.0f}",
             "—" if fetched is None or not read else f"{fetched / read:.2f}",
-            ratio(limit_ratio(index, row)),
         ]
+        if served:
+            by_server = [run["bytes_served"] for run in row["runs"] if run.get("bytes_served")]
+            cells.append(
+                f"{fetched / statistics.median(by_server):.2f}"
+                if fetched is not None and by_server
+                else "—"
+            )
+        cells.append(ratio(limit_ratio(index, row)))
         own = median(row, primary)
         for system in systems:
             peer = index.peer(row, system) if system != row["system"] else None
@@ -271,6 +280,7 @@ def headline(doc: dict, index: Index) -> list[str]:
                         f"{compare(index, row, 'curl-cache-warm')} curl-cache-warm, "
                         f"{compare(index, row, 'nbdkit-file')} nbdkit-file."
                     )
+            lines += mount_headline(doc, index, image["name"], label, wan)
         for network in wan:
             parts = []
             for row in doc["results"]:
@@ -289,6 +299,41 @@ def headline(doc: dict, index: Index) -> list[str]:
                     + "."
                 )
     return [*lines, ""]
+
+
+def mount_headline(
+    doc: dict, index: Index, image: str, label: str, networks: list[str]
+) -> list[str]:
+    """Cold mount-and-use as the fetch engine's goals read it: the first listing over the
+    warm one in round trips, bytes fetched for bytes read, and what a trace buys."""
+    rtts = {p["name"]: p["rtt_ms"] / 1000 for p in doc["plan"]["networks"]}
+    warm = index.by_key.get((image, LOOPBACK.name, f"{label}-warm", "mount"))
+    lines = []
+    for network in networks:
+        cold = index.by_key.get((image, network, f"{label}-cold", "mount"))
+        if not cold or not cold["runs"]:
+            continue
+        line = f"- `{image}`, cold mount-and-use on {network}: first listing "
+        if warm and warm["runs"]:
+            over = median(cold, "first listing s") - median(warm, "first listing s")
+            line += f"{over:+.3f} s over warm ({over / rtts[network]:.1f} RTT)"
+        else:
+            line += f"{figure(cold, 'first listing s')} s"
+        line += f", done {figure(cold, 'done s')} s, fetched ÷ read {fetched_per_read(cold):.2f}"
+        traced = index.by_key.get((image, network, f"{label}-traced", "mount"))
+        if traced and traced["runs"]:
+            line += (
+                f"; with a replayed trace: done {figure(traced, 'done s')} s "
+                f"({median(traced, 'done s') / median(cold, 'done s'):.2f}x the time), "
+                f"fetched ÷ read {fetched_per_read(traced):.2f}"
+            )
+        lines.append(line + ".")
+    return lines
+
+
+def fetched_per_read(row: dict) -> float:
+    read = statistics.median(run["bytes_read"] for run in row["runs"])
+    return (registry_median(row, "bytes") or 0) / read if read else 0.0
 
 
 def compare(index: Index, row: dict, system: str) -> str:

@@ -279,6 +279,7 @@ def measure(rig: Rig, scenario: Scenario) -> None:
     # A remote system's start is part of its cost (the naive path's download, a
     # manifest fetched): counted. A local one's (a cache warmed) is not.
     rig.link.profile = scenario.profile
+    rig.workload = workload.name
     try:
         try:
             before = rig.link.traffic()
@@ -288,7 +289,10 @@ def measure(rig: Rig, scenario: Scenario) -> None:
                 check_size(uri, rig.image.size)
             checked = rig.link.traffic()
             # The size check's own requests (nbdkit curl asks on connecting) are not counted.
-            before = before + (checked - checking) if system.remote else checked
+            if not system.remote:
+                before = checked
+            elif not system.prefetches_at_start:
+                before = before + (checked - checking)
             outcome = workload.run(uris, rig, system)
             traffic = rig.link.traffic() - before
         finally:
@@ -310,5 +314,6 @@ def measure(rig: Rig, scenario: Scenario) -> None:
                 "blob_requests": traffic.blob_requests,
             },
             "detail": outcome.detail,
+            "bytes_served": system.bytes_served,
         }
     )

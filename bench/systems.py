@@ -9,6 +9,7 @@ a name and extra ``blockstore serve`` arguments (``EngineVariant``).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -32,6 +33,11 @@ class Rig:
     image: Image
     link: LinkProxy
     warm_caches: dict[str, Path] = field(default_factory=dict)
+    traces: dict[tuple[str, str], Path] = field(default_factory=dict)
+    """The access traces a cold engine recorded, by (variant, workload): what its traced
+    mode replays on the next run of that workload."""
+    workload: str = ""
+    """The workload now running."""
 
     @property
     def reference(self) -> str:
@@ -63,6 +69,11 @@ class System:
     tools: ClassVar[tuple[str, ...]] = ()
     fetch_seconds: float = 0.0
     """Time spent fetching before the first read could be served (the naive path)."""
+    prefetches_at_start: ClassVar[bool] = False
+    """Fetches on its own from its start (the EROFS start, a trace replayed): what crosses
+    the link while its size is checked is its work and is counted."""
+    bytes_served: int | None = None
+    """What the clients read from the export during the last run, where the system counts it."""
 
     def __init__(self, rig: Rig):
         self.rig = rig
@@ -104,24 +115,56 @@ class System:
 class Engine(System):
     """``blockstore serve`` of the image's reference, through the link.
 
-    cold: an empty cache directory per start; warm: a cache filled once by
-    ``blockstore prefetch``; offline: that cache with ``--offline``. Several
-    servers started together share one cache directory.
+    cold: an empty cache directory per start; traced: an empty cache holding
+    only the access trace that this variant's last cold run of the same
+    workload recorded; warm: a cache filled once by ``blockstore prefetch``;
+    offline: that cache with ``--offline``. Several servers started together
+    share one cache directory.
     """
 
     remote = True
+    prefetches_at_start = True
 
     def __init__(self, rig: Rig, mode: str, variant: EngineVariant):
         super().__init__(rig)
         self.mode = mode
         self.variant = variant
         self.name = f"{variant.label}-{mode}"
-        self.remote = mode == "cold"
+        self.remote = mode in FROM_REGISTRY
 
     def start(self, servers: int = 1) -> list[str]:
-        cache = self.scratch_dir("cache-") if self.mode == "cold" else self.warm_cache()
+        self.bytes_served = None
+        cache = self.scratch_dir("cache-") if self.mode in FROM_REGISTRY else self.warm_cache()
+        if self.mode == "traced":
+            recorded = self.rig.traces.get((self.variant.label, self.rig.workload))
+            if recorded is None:
+                raise BenchError(
+                    f"no trace to replay: {self.variant.label}-cold has not run "
+                    f"{self.rig.workload} before"
+                )
+            blockstore(["trace", "import", str(recorded), "--cache-dir", str(cache)])
+        self.cache = cache
         extra = ["--offline"] if self.mode == "offline" else []
         return [self.serve(self.rig.reference, cache, extra) for _ in range(servers)]
+
+    def stop(self) -> None:
+        """Stop the servers, then read what they served from the cold cache's counters
+        (kept at close): the clients' own reads, before any chunk rounding or prefetch."""
+        for daemon in self.daemons:
+            daemon.stop()
+        if self.mode in FROM_REGISTRY and self.daemons:
+            self.bytes_served = cache_stats(self.cache)["bytes_served"]
+            if self.mode == "cold":
+                self.keep_trace()
+        super().stop()
+
+    def keep_trace(self) -> None:
+        """Export what this cold run recorded, for the traced mode's next run."""
+        kept = self.rig.workdir / f"trace-{self.variant.label}-{self.rig.workload}.json"
+        blockstore(
+            ["trace", "export", self.rig.image.digest, str(kept), "--cache-dir", str(self.cache)]
+        )
+        self.rig.traces[(self.variant.label, self.rig.workload)] = kept
 
     def serve(self, reference: str, cache: Path, extra: list[str] | None = None) -> str:
         daemon = Daemon(
@@ -144,7 +187,12 @@ class Engine(System):
         return cache
 
 
-def blockstore(args: list[str]) -> None:
+def cache_stats(cache: Path) -> dict:
+    """``blockstore cache stats`` of a cache directory, as a dict."""
+    return json.loads(blockstore(["cache", "stats", "--json", "--cache-dir", str(cache)]))
+
+
+def blockstore(args: list[str]) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "blockstore", "-q", *args],
         capture_output=True,
@@ -153,6 +201,7 @@ def blockstore(args: list[str]) -> None:
     )
     if done.returncode != 0:
         raise BenchError(f"blockstore {args[0]} failed: {done.stderr.strip()}")
+    return done.stdout
 
 
 class Nbdkit(System):
@@ -287,7 +336,8 @@ PEERS: list[type[System]] = [
     NbdServer,
     Naive,
 ]
-ENGINE_MODES = ("cold", "warm", "offline")
+ENGINE_MODES = ("cold", "traced", "warm", "offline")
+FROM_REGISTRY = ("cold", "traced")
 
 
 def all_systems(rig: Rig, variants: list[EngineVariant]) -> list[System]:

@@ -53,6 +53,8 @@ class Workload:
 
     def applies_to(self, system: System) -> str | None:
         """Why this workload says nothing about ``system``, or None."""
+        if isinstance(system, Engine) and system.mode == "traced":
+            return "a replayed trace is measured on mount-and-use alone"
         return None
 
     def run(self, uris: list[str], rig: Rig, system: System) -> Outcome:
@@ -125,7 +127,7 @@ class RandomReads(Workload):
     def applies_to(self, system: System) -> str | None:
         if isinstance(system, Naive):
             return "no read is served before its download ends; see one-get"
-        return None
+        return super().applies_to(system)
 
     def run(self, uris: list[str], rig: Rig, system: System) -> Outcome:
         out = run_tool(
@@ -168,6 +170,9 @@ class MountAndUse(Workload):
     primary = "done s"
     higher_is_better = False
     tools = ("find",)
+
+    def applies_to(self, system: System) -> str | None:
+        return None
 
     def missing(self) -> str | None:
         if os.geteuid() != 0:

@@ -73,3 +73,33 @@ def test_quick_mode_writes_json_markdown_and_png(tmp_path):
         assert data.startswith(PNG_SIGNATURE), name
         width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
         assert width > 200 and height > 200, name
+
+
+def test_mount_runs_cold_then_with_the_trace_the_cold_run_recorded(tmp_path):
+    """Mount-and-use on a 4 MiB image, cold and then traced: the traced run starts from an
+    empty cache holding only the trace the cold run recorded, so it fetches no more than
+    the cold run did. Both report what their clients read from the export (the server's
+    own count), and the headline sets one against the other."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    out = tmp_path / "out"
+    command = ["--quick", "--image-size", "4M", "--out", str(out), "--workdir", str(tmp_path)]
+    command += ["--only", "engine-cold,engine-traced,mount,wan-20ms-1g"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    document = json.loads((out / "results.json").read_text())
+    runs = {r["system"]: r["runs"] for r in document["results"] if r["workload"] == "mount"}
+    assert set(runs) == {"engine-cold", "engine-traced"}, done.stderr
+    cold, traced = runs["engine-cold"][0], runs["engine-traced"][0]
+    for run in (cold, traced):
+        assert 0 < run["bytes_served"] <= run["registry"]["bytes"]
+    assert traced["registry"]["bytes"] <= cold["registry"]["bytes"]
+    markdown = (out / "results.md").read_text()
+    assert "fetched ÷ served" in markdown
+    assert "with a replayed trace: done" in markdown
