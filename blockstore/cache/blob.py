@@ -19,7 +19,15 @@ from collections.abc import Callable, Sequence
 from blockstore.errors import BlobReadError, CacheError, IntegrityError, NotCached
 from blockstore.export import Buffer
 from blockstore.fetch import FILL, PREFETCH, Fetcher
-from blockstore.prefetch import HintQueue, PrefetchSettings, Readahead, Trace, TraceRecorder, erofs
+from blockstore.prefetch import (
+    HintQueue,
+    PrefetchSettings,
+    Readahead,
+    Trace,
+    TraceRecorder,
+    erofs,
+    erofs_tree,
+)
 from blockstore.prefetch.feed import Pacer, coalesce, feed
 from blockstore.source import BlobSource
 
@@ -414,7 +422,7 @@ class CachedBlob:
             self._recorder = TraceRecorder(
                 self._digest, CHUNK_SIZE, settings.trace_period, self._save_trace
             )
-        if settings.erofs_start or trace is not None or settings.fill:
+        if settings.erofs_start or settings.erofs_walk or trace is not None or settings.fill:
             threading.Thread(
                 target=self._warm_up, args=(trace,), name="prefetch-start", daemon=True
             ).start()
@@ -486,12 +494,15 @@ class CachedBlob:
             self._fetcher.prefetch(missing, priority)
 
     def _warm_up(self, trace: Trace | None) -> None:
-        """The EROFS start, then trace replay, then background fill, as set."""
+        """The EROFS start, then trace replay (else the directory walk), then background
+        fill, as set."""
         try:
             if self._settings.erofs_start:
                 self._erofs_start()
             if trace is not None and not self._stop.is_set():
                 self._replay(trace)
+            elif self._settings.erofs_walk and not self._stop.is_set():
+                self._walk_directories()
             if self._settings.fill and not self._stop.is_set():
                 self._fill_layer()
         except Exception as exc:  # prefetch is best effort; readers fetch for themselves
@@ -512,6 +523,30 @@ class CachedBlob:
             inode = b"".join(self.read(inode_at, min(64, self._size - inode_at)))
         _, end = erofs.start_span(head, inode, self._size)
         self._plan(0, end, PREFETCH)
+
+    def _walk_directories(self) -> None:
+        """Fetch every directory's inode and entries, in ``find``'s order, at prefetch
+        priority (see ``erofs_tree``); a blob that is not EROFS is left alone."""
+        geometry = erofs.geometry(self._peek(0, min(self._size, erofs.HEAD)))
+        if geometry is not None:
+            count = erofs_tree.walk(geometry, self._peek, self._stop)
+            log.debug("%s: walked %d directories", self._digest, count)
+
+    def _peek(self, offset: int, length: int) -> bytes:
+        """Bytes for the directory walk: from the cache, else fetched as a demand read, for
+        they are the listing's own reads a moment early (and a listing waits for each in
+        turn). Not a client's read: not counted as served, not traced, no readahead."""
+        end = min(self._size, offset + length)
+        if end <= offset:
+            return b""
+        indices = range(offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1)
+        have = self._load(indices)
+        missing = [i for i in indices if i not in have]
+        if missing:
+            have.update(self._fetcher.fetch(missing))  # type: ignore[union-attr]
+        data = b"".join(bytes(have[i]) for i in indices)
+        base = indices[0] * CHUNK_SIZE
+        return data[offset - base : end - base]
 
     def _replay(self, trace: Trace) -> None:
         """Prefetch the trace's chunks, in its order, paced by the prefetch budget."""

@@ -227,7 +227,13 @@ def add_registry_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-PREFETCH_FLAGS = ("--fill", "--no-readahead", "--no-erofs-start", "--no-trace")
+PREFETCH_FLAGS = (
+    "--fill",
+    "--no-readahead",
+    "--no-erofs-start",
+    "--no-erofs-walk",
+    "--no-trace",
+)
 """The prefetch switches, passed on as given from ``mount`` to its server."""
 
 
@@ -251,6 +257,11 @@ def add_prefetch_options(parser: argparse.ArgumentParser) -> None:
         "--no-erofs-start",
         action="store_true",
         help="do not fetch the EROFS superblock and root directory at open",
+    )
+    group.add_argument(
+        "--no-erofs-walk",
+        action="store_true",
+        help="do not fetch the EROFS directory tree ahead of the first listing",
     )
     group.add_argument(
         "--no-trace", action="store_true", help="neither record nor replay access traces"
@@ -286,6 +297,7 @@ def prefetch_settings_from(args: argparse.Namespace) -> PrefetchSettings:
     return PrefetchSettings(
         readahead=not args.no_readahead,
         erofs_start=not args.no_erofs_start,
+        erofs_walk=not args.no_erofs_walk,
         trace_period=0.0 if args.no_trace else MOUNT.trace_period,
         trace_replay=not args.no_trace,
         fill=args.fill,

@@ -2,9 +2,9 @@
 
 Each is a piece the cache consults, not a branch inside it, and each can
 be turned off (``PrefetchSettings``): per-stream ``Readahead``, the EROFS
-start (``erofs``), access traces recorded and replayed (``trace``), and
-the background fill (``feed``). Hints leave the read path through a
-``HintQueue``.
+start (``erofs``) and directory walk (``erofs_tree``), access traces
+recorded and replayed (``trace``), and the background fill (``feed``).
+Hints leave the read path through a ``HintQueue``.
 """
 
 from .hints import HintQueue

@@ -9,6 +9,7 @@ one round trip at a time. Pure functions over bytes: no I/O here.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 SUPERBLOCK_OFFSET = 1024
 MAGIC = 0xE0F5E1E2
@@ -22,8 +23,20 @@ _COMPACT = struct.Struct("<HHHHIIIIHHI")  # 32-byte inode
 FLAT_PLAIN, FLAT_INLINE = 0, 2
 
 
-def root_inode_offset(head: bytes) -> tuple[int, int] | None:
-    """(offset of the root inode, block size) if ``head`` starts an EROFS image."""
+@dataclass(frozen=True)
+class Geometry:
+    """Where inodes are, from the superblock."""
+
+    block: int
+    meta: int  # byte offset of nid 0
+    root_nid: int
+
+    def inode_offset(self, nid: int) -> int:
+        return self.meta + nid * 32
+
+
+def geometry(head: bytes) -> Geometry | None:
+    """The image's geometry if ``head`` (its first block at least) starts an EROFS image."""
     if len(head) < SUPERBLOCK_OFFSET + _SB.size:
         return None
     fields = _SB.unpack_from(head, SUPERBLOCK_OFFSET)
@@ -31,7 +44,13 @@ def root_inode_offset(head: bytes) -> tuple[int, int] | None:
     if magic != MAGIC or not 9 <= blkszbits <= 16:
         return None
     block = 1 << blkszbits
-    return meta_blkaddr * block + root_nid * 32, block
+    return Geometry(block, meta_blkaddr * block, root_nid)
+
+
+def root_inode_offset(head: bytes) -> tuple[int, int] | None:
+    """(offset of the root inode, block size) if ``head`` starts an EROFS image."""
+    found = geometry(head)
+    return None if found is None else (found.inode_offset(found.root_nid), found.block)
 
 
 def start_span(head: bytes, inode: bytes, size: int) -> tuple[int, int]:

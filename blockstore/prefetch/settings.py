@@ -16,6 +16,9 @@ class PrefetchSettings:
     """Per-stream sequential readahead."""
     erofs_start: bool = False
     """At open, fetch the superblock, root inode and root directory in one request."""
+    erofs_walk: bool = False
+    """Then (with no trace to replay) fetch every directory's inode and entries, in
+    ``find``'s order, several at once."""
     trace_period: float = 0.0
     """Seconds of a cold open's first reads recorded as its layer's trace; 0: none."""
     trace_replay: bool = False
@@ -28,4 +31,4 @@ class PrefetchSettings:
     """Lease ranges across processes sharing the cache, so none fetch a chunk twice."""
 
 
-MOUNT = PrefetchSettings(erofs_start=True, trace_period=30.0, trace_replay=True)
+MOUNT = PrefetchSettings(erofs_start=True, erofs_walk=True, trace_period=30.0, trace_replay=True)
