@@ -494,15 +494,17 @@ class CachedBlob:
             self._fetcher.prefetch(missing, priority)
 
     def _warm_up(self, trace: Trace | None) -> None:
-        """The EROFS start, then trace replay (else the directory walk), then background
-        fill, as set."""
+        """The EROFS start, then trace replay (else the directory walk, on a thread of its
+        own, beside the background fill), then background fill, as set."""
         try:
             if self._settings.erofs_start:
                 self._erofs_start()
             if trace is not None and not self._stop.is_set():
                 self._replay(trace)
             elif self._settings.erofs_walk and not self._stop.is_set():
-                self._walk_directories()
+                threading.Thread(
+                    target=self._walk_directories, name="erofs-walk", daemon=True
+                ).start()
             if self._settings.fill and not self._stop.is_set():
                 self._fill_layer()
         except Exception as exc:  # prefetch is best effort; readers fetch for themselves
@@ -527,10 +529,14 @@ class CachedBlob:
     def _walk_directories(self) -> None:
         """Fetch every directory's inode and entries, in ``find``'s order, at prefetch
         priority (see ``erofs_tree``); a blob that is not EROFS is left alone."""
-        geometry = erofs.geometry(self._peek(0, min(self._size, erofs.HEAD)))
-        if geometry is not None:
-            count = erofs_tree.walk(geometry, self._peek, self._stop)
-            log.debug("%s: walked %d directories", self._digest, count)
+        try:
+            geometry = erofs.geometry(self._peek(0, min(self._size, erofs.HEAD)))
+            if geometry is not None:
+                count = erofs_tree.walk(geometry, self._peek, self._stop)
+                log.debug("%s: walked %d directories", self._digest, count)
+        except Exception as exc:  # best effort, as all prefetch
+            if not self._stop.is_set():
+                log.warning("%s: directory walk stopped: %s", self._digest, exc)
 
     def _peek(self, offset: int, length: int) -> bytes:
         """Bytes for the directory walk: from the cache, else fetched as a demand read, for
