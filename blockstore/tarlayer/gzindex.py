@@ -191,7 +191,7 @@ def read_span(
     zinfo: Zinfo,
     index: int,
     length: int,
-) -> bytes:
+) -> bytearray:
     """``length`` uncompressed bytes from checkpoint ``index``, decompressing once.
 
     Reads the compressed bytes from the checkpoint to the next one (or to the
@@ -211,12 +211,11 @@ def read_span(
         data = data[1:]
     inf.set_dictionary(point.window)
     inf.feed(data)
-    parts: list[bytes] = []
+    out = bytearray(length)  # inflated in place: a span is megabytes, copied once at most
     got = 0
     while got < length:
-        out, rc = inf.inflate(length - got)
-        parts.append(out)
-        got += len(out)
-        if got < length and (rc == Z_STREAM_END or (not out and inf.avail_in == 0)):
+        made, rc = inf.inflate_into(out, got)
+        got += made
+        if got < length and (rc == Z_STREAM_END or (not made and inf.avail_in == 0)):
             raise IntegrityError("gzip span ends before its checkpointed length")
-    return b"".join(parts)
+    return out

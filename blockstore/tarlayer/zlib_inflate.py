@@ -103,6 +103,22 @@ class Inflater:
         produced = capacity - self._strm.avail_out
         return ctypes.string_at(self._out, produced), rc
 
+    def inflate_into(self, out: bytearray, start: int) -> tuple[int, int]:
+        """Inflate into ``out`` from ``start`` to its end, with no copy of its own:
+        the bytes made and zlib's return code."""
+        room = len(out) - start
+        if room <= 0:
+            return 0, Z_OK
+        target = (ctypes.c_char * room).from_buffer(out, start)
+        self._strm.next_out = ctypes.addressof(target)
+        self._strm.avail_out = room
+        rc = _lib.inflate(ctypes.byref(self._strm), Z_NO_FLUSH)
+        del target  # lets ``out`` be resized again
+        if rc not in (Z_OK, Z_STREAM_END, Z_BUF_ERROR):
+            reason = self._strm.msg.decode(errors="replace") if self._strm.msg else f"code {rc}"
+            raise IntegrityError(f"corrupt deflate stream: {reason}")
+        return room - self._strm.avail_out, rc
+
     def reset(self, wbits: int) -> None:
         _lib.inflateReset2(ctypes.byref(self._strm), wbits)
 
