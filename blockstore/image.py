@@ -12,7 +12,7 @@ cached fails at once with EIO instead of waiting on a registry that is gone.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from blockstore.attachments import (
@@ -104,15 +104,19 @@ class OpenImage:
         if kind is None:
             return self.blob(layer)
         tarindex, zinfo = self.tar_indexes.get(layer.index, (None, None))
+        # A compressed layer fills as a whole (decompressed, sealed, its index proven):
+        # its blob needs no fill of its own.
+        blob = self.blob(layer, replace(self.prefetch, fill=False) if kind != TAR else None)
         exported = open_tar_layer(
             self.store,
-            self.blob(layer),
+            blob,
             kind,
             online=self.online,
             diff_id=lambda: self.diff_id(layer),
             tarindex=tarindex,
             zinfo=zinfo,
             shared=lambda: self._shared_tar_index(layer, kind),
+            settings=self.prefetch,
             name=f"layer{layer.index}",
             description=f"{self.resolved.reference} layer {layer.index} ({layer.digest}, {kind})",
         )
@@ -157,7 +161,9 @@ class OpenImage:
         ids = self._diff_ids
         return ids[layer.index] if layer.index < len(ids) else None
 
-    def blob(self, layer: Layer) -> CachedBlob:
+    def blob(self, layer: Layer, settings: PrefetchSettings | None = None) -> CachedBlob:
+        """The layer's blob through the cache, with the image's prefetch ``settings``
+        unless others are given."""
         source = upstream = None
         if self.client is not None:
             self._check_size(layer)
@@ -182,7 +188,7 @@ class OpenImage:
             upstream=upstream,
             name=f"layer{layer.index}",
             description=f"{self.resolved.reference} layer {layer.index} ({layer.digest})",
-            settings=self.prefetch,
+            settings=settings or self.prefetch,
         )
         self._blobs.append(blob)
         return blob

@@ -23,7 +23,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from blockstore.cache import CHUNK_SIZE, ChunkStore
+from blockstore.cache import CHUNK_SIZE
 from blockstore.errors import BlobReadError, CacheError, IntegrityError
 from blockstore.export import Buffer
 from blockstore.tarlayer import erofs_format
@@ -123,14 +123,14 @@ class DecompressedTar:
         spans: SpanIndex,
         read_compressed: ReadRange,
         digest: str,
-        keep: Callable[[int, bytes], None] | None = None,
+        keep: Callable[[int, Buffer], None] | None = None,
     ):
         """``keep(offset, data)`` is given each span decompressed, to cache all of it."""
-        self._spans = spans
+        self.spans = spans
         self._keep = keep
         self._read_compressed = read_compressed
         self._digest = digest
-        self._kept: OrderedDict[int, bytes] = OrderedDict()
+        self._kept: OrderedDict[int, Buffer] = OrderedDict()
         self._lock = threading.Lock()
         self._span_locks: dict[int, threading.Lock] = {}
         self.decompressions: Counter[int] = Counter()  # span index -> times decompressed
@@ -141,9 +141,11 @@ class DecompressedTar:
 
     @property
     def size(self) -> int:
-        return self._spans.uncompressed_size
+        return self.spans.uncompressed_size
 
-    def _span(self, index: int) -> bytes:
+    def span(self, index: int) -> Buffer:
+        """Span ``index`` decompressed (once, however many threads ask for it at once),
+        checked, and handed to ``keep``."""
         with self._lock:
             data = self._kept.get(index)
             if data is not None:
@@ -155,12 +157,12 @@ class DecompressedTar:
                 data = self._kept.get(index)
             if data is None:
                 try:
-                    data = self._spans.decompress(index, self._read_compressed)
+                    data = self.spans.decompress(index, self._read_compressed)
                 except IntegrityError as exc:
                     raise BlobReadError(f"{self._digest}: {exc}") from exc
                 self.decompressions[index] += 1
                 if self._keep is not None:
-                    self._keep(self._spans.bounds(index)[0], data)
+                    self._keep(self.spans.bounds(index)[0], data)
             with self._lock:
                 self._kept[index] = data
                 self._kept.move_to_end(index)
@@ -173,36 +175,70 @@ class DecompressedTar:
         parts = []
         pos = offset
         while pos < end:
-            index = self._spans.span_of(pos)
-            start, stop = self._spans.bounds(index)
-            data = self._span(index)
+            index = self.spans.span_of(pos)
+            start, stop = self.spans.bounds(index)
+            data = memoryview(self.span(index))
             parts.append(data[pos - start : min(stop, end) - start])
             pos = min(stop, end)
         return b"".join(parts)
 
 
-def span_filler(store: ChunkStore, digest: str, size: int) -> Callable[[int, bytes], None]:
-    """Store every whole chunk of a decompressed span, so a later miss in the same span
-    is a cache hit instead of another decompression. The two chunks a span shares with
-    its neighbours are left to the reads that need them."""
+class SpanFiller:
+    """Stores every chunk of each decompressed span in the cache, the edges included.
 
-    def keep(offset: int, data: bytes) -> None:
+    Spans start and end where the compressor's blocks do, rarely on a chunk
+    boundary: the chunk a span shares with its neighbour waits here, in
+    pieces (at most two per span, each under a chunk), until the neighbour is
+    decompressed too, and is then stored whole. So a layer whose every span
+    went through here is whole in the cache, ready to be sealed; and a later
+    miss anywhere in a decompressed span is a cache hit, not another
+    decompression.
+    """
+
+    def __init__(self, store: ChunkStore, digest: str, size: int):
+        self._store = store
+        self._digest = digest
+        self._size = size
+        self._pieces: dict[int, dict[int, bytes]] = {}  # chunk -> {offset in it: bytes}
+        self._lock = threading.Lock()
+
+    def __call__(self, offset: int, data: Buffer) -> None:
+        size = self._size
         end = offset + len(data)
-        first = -(-offset // CHUNK_SIZE)
-        stop = size if end == size else end // CHUNK_SIZE * CHUNK_SIZE
-        if stop <= first * CHUNK_SIZE:
-            return
+        whole_from = min(-(-offset // CHUNK_SIZE) * CHUNK_SIZE, end)
+        whole_to = end if end == size else max(whole_from, end // CHUNK_SIZE * CHUNK_SIZE)
         view = memoryview(data)
-        chunks = [
-            view[pos - offset : min(pos + CHUNK_SIZE, stop) - offset]
-            for pos in range(first * CHUNK_SIZE, stop, CHUNK_SIZE)
-        ]
-        try:
-            store.store_chunks(digest, size, first, chunks)
-        except (CacheError, IntegrityError) as exc:  # costs only the caching
-            log.warning("%s: span at %d not cached: %s", digest, offset, exc)
+        if whole_to > whole_from:
+            chunks = [
+                view[pos - offset : min(pos + CHUNK_SIZE, whole_to) - offset]
+                for pos in range(whole_from, whole_to, CHUNK_SIZE)
+            ]
+            self._put(whole_from // CHUNK_SIZE, chunks)
+        if offset < whole_from:
+            self._piece(offset, bytes(view[: whole_from - offset]))
+        if whole_to < end:
+            self._piece(whole_to, bytes(view[whole_to - offset :]))
 
-    return keep
+    def _piece(self, offset: int, data: bytes) -> None:
+        """Keep a piece of a chunk; store the chunk once its pieces cover it."""
+        index = offset // CHUNK_SIZE
+        base = index * CHUNK_SIZE
+        length = min(CHUNK_SIZE, self._size - base)
+        with self._lock:
+            pieces = self._pieces.setdefault(index, {})
+            pieces[offset - base] = data
+            if sum(len(p) for p in pieces.values()) < length:
+                return
+            del self._pieces[index]
+        chunk = b"".join(pieces[at] for at in sorted(pieces))
+        if len(chunk) == length:  # a span's bytes are checked: its pieces tile the chunk
+            self._put(index, [chunk])
+
+    def _put(self, first: int, chunks: Sequence[Buffer]) -> None:
+        try:
+            self._store.store_chunks(self._digest, self._size, first, chunks)
+        except (CacheError, IntegrityError) as exc:  # costs only the caching
+            log.warning("%s: chunks from %d not cached: %s", self._digest, first, exc)
 
 
 class KeyValueStore(Protocol):

@@ -64,9 +64,18 @@ class SpanIndex:
         end = self.points[index + 1][1] if index + 1 < len(self.points) else self.uncompressed_size
         return start, end
 
-    def decompress(self, index: int, read_compressed: ReadRange) -> bytes:
+    def compressed_bounds(self, index: int) -> tuple[int, int]:
+        """The compressed bytes span ``index`` is made from (gzip: with the byte either
+        side that holds its first and last bits)."""
+        start = max(0, self.points[index][0] - (self.kind == GZIP))
+        if index + 1 == len(self.points):
+            return start, self.compressed_size
+        return start, min(self.compressed_size, self.points[index + 1][0] + (self.kind == GZIP))
+
+    def decompress(self, index: int, read_compressed: ReadRange) -> bytes | bytearray:
         """The uncompressed bytes of span ``index``, checked against the verified pass."""
         start, end = self.bounds(index)
+        data: bytes | bytearray
         if self.kind == GZIP:
             assert self.zinfo is not None
             data = read_span(read_compressed, self.compressed_size, self.zinfo, index, end - start)

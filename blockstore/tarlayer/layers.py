@@ -12,23 +12,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from blockstore.cache import CachedBlob, ChunkStore
-from blockstore.errors import IntegrityError, NotCached, UsageError
+from blockstore.errors import BlobReadError, BlockstoreError, IntegrityError, NotCached, UsageError
 from blockstore.export import Buffer
+from blockstore.prefetch import PrefetchSettings
 from blockstore.registry import RegistryClient
 from blockstore.registry.manifests import digest_of
-from blockstore.source import BlobSource
 from blockstore.tarlayer.erofs_reader import read_info
 from blockstore.tarlayer.export import (
     DecompressedTar,
     IndexCache,
+    SpanFiller,
     TarLayerExport,
     cached_or_built,
-    span_filler,
 )
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN, Zinfo
 from blockstore.tarlayer.layerindex import (
@@ -40,9 +42,18 @@ from blockstore.tarlayer.layerindex import (
     index_compressed_tar,
     index_plain_tar,
 )
+from blockstore.tarlayer.pump import SpanPump
 from blockstore.tarlayer.tarwalk import RangeFile
 
 log = logging.getLogger(__name__)
+
+IDLE = 0.5
+"""Seconds without reads after which a layer counts as idle."""
+IDLE_WAIT = 30.0
+"""Most seconds a filled layer's seal waits for the layer to be idle."""
+_DEFAULT_SETTINGS = PrefetchSettings()
+_NO_CHUNK_READAHEAD = PrefetchSettings(readahead=False)
+"""The decompressed tar's own settings: the span pump is its readahead."""
 
 TAR = "tar"
 _PROOF_STEP = 4 << 20
@@ -88,23 +99,35 @@ class LayerBlob(Protocol):
 
 
 class TarLayer(TarLayerExport):
-    """A tar layer's export, with the blob-like verbs ``prefetch`` and ``close``."""
+    """A tar layer's export, with the blob-like verbs ``prefetch`` and ``close``.
+
+    A compressed layer has a ``SpanPump``: started by the first read of the
+    tar part (span readahead) or at open (``fill``), it decompresses every
+    span in the background, then seals the tar against the diff_id and
+    proves an index taken from the registry, as ``prefetch`` does.
+    """
 
     def __init__(
         self,
         index: TarIndex,
         tar: LayerBlob,
         owned: list[LayerBlob],
-        prove: Callable[[ReadRange], None] | None = None,
+        check: SharedIndexCheck | None = None,
+        pump: SpanPump | None = None,
         **names: str,
     ):
-        """``prove``: for an index taken from the registry, checks it against the tar once
-        the tar is sealed (raises ``IntegrityError`` if it lies)."""
+        """``check``: for an index taken from the registry, proves it against the tar
+        once the tar is sealed (raises ``IntegrityError`` if it lies)."""
         super().__init__(index.metadata, tar, index.tar_size, **names)
         self.index = index
         self._tar_blob = tar
         self._owned = owned
-        self._prove = prove
+        self._check = check
+        self._pump = pump
+        self._sealing = threading.Lock()
+        self._started = threading.Event()
+        self._stop = threading.Event()
+        self._last_read = 0.0
 
     @property
     def digest(self) -> str:
@@ -115,23 +138,89 @@ class TarLayer(TarLayerExport):
     def tar_size(self) -> int:
         return self.index.tar_size
 
+    def read(self, offset: int, length: int) -> list[Buffer]:
+        self._reading()
+        return super().read(offset, length)
+
+    def read_cached(self, offset: int, length: int) -> list[Buffer] | None:
+        self._reading()
+        return super().read_cached(offset, length)
+
+    def _reading(self) -> None:
+        """Note the read; on the first one (a mount reads the superblock at once), start
+        decompressing the whole layer in the background: span readahead."""
+        self._last_read = time.monotonic()
+        if self._pump is not None and not self._started.is_set():
+            self.fill()
+
+    def fill(self) -> None:
+        """Start filling the tar part in the background, once, then sealing and proving
+        it as ``prefetch`` does; a failure is logged (an index that lied, as an error)."""
+        with self._sealing:
+            if self._started.is_set():
+                return
+            self._started.set()
+        threading.Thread(target=self._fill, name="tar-fill", daemon=True).start()
+
+    def _fill(self) -> None:
+        try:
+            if self._pump is None or self._pump.run():
+                self._wait_until_idle()
+                self._seal(None)
+                log.info("%s: filled and sealed", self.digest)
+        except BlockstoreError as exc:
+            if not self._stop.is_set():
+                log.error("%s: %s", self.description, exc)
+
+    def _wait_until_idle(self) -> None:
+        """Hold back work nobody waits for (sealing hashes the whole tar, proving an index
+        parses every header) while the layer is being read, for ``IDLE_WAIT`` at most:
+        on two cores it would slow the very reads the fill was for."""
+        deadline = time.monotonic() + IDLE_WAIT
+        while not self._stop.is_set():
+            now = time.monotonic()
+            quiet = now - self._last_read
+            if quiet >= IDLE or now >= deadline:
+                return
+            self._stop.wait(min(IDLE - quiet, deadline - now))
+
     def prefetch(self, progress: Callable[[int], None] | None = None) -> None:
         """Fill the tar part whole, check it against its digest (the diff_id) and seal it;
         then prove an index that came from the registry against it."""
-        self._tar_blob.prefetch(progress)
-        if self._prove is not None:
-            self._prove(_read_all(self._tar_blob))
-            self._prove = None
+        if self._pump is not None:
+            self._checked(self._pump.run)
+        self._seal(progress)
+
+    def _seal(self, progress: Callable[[int], None] | None) -> None:
+        with self._sealing:
+            self._checked(lambda: self._tar_blob.prefetch(progress))
+            if self._check is not None:
+                self._check.prove(_read_all(self._tar_blob))
+                self._check = None
+
+    def _checked(self, fill: Callable[[], object]) -> None:
+        """Run ``fill``; if the tar it makes fails its span digests or the diff_id while
+        the index is one from the registry, find out whether the index lied."""
+        try:
+            fill()
+        except (IntegrityError, BlobReadError) as exc:
+            if self._check is None or self._pump is None or self._stop.is_set():
+                raise
+            self._check.judge(exc)
+            raise
 
     def close(self) -> None:
         """Close what this layer made (the decompressed tar); the blob is its opener's."""
+        self._stop.set()
+        if self._pump is not None:
+            self._pump.stop()
         for blob in self._owned:
             blob.close()
 
 
 def _read_all(blob: LayerBlob) -> Callable[[int, int], bytes]:
     def read(offset: int, length: int) -> bytes:
-        return b"".join(bytes(b) for b in blob.read(offset, length))
+        return b"".join(blob.read(offset, length))
 
     return read
 
@@ -175,6 +264,7 @@ def open_tar_layer(
     tarindex: Path | None = None,
     zinfo: Path | None = None,
     shared: Callable[[], TarIndex | None] | None = None,
+    settings: PrefetchSettings = _DEFAULT_SETTINGS,
     name: str = "",
     description: str = "",
 ) -> TarLayer:
@@ -183,10 +273,11 @@ def open_tar_layer(
 
     ``diff_id`` is asked only when an index must be built (it may fetch the
     image config). Offline, a layer never indexed fails with ``NotCached``.
-    ``blob`` stays the caller's to close.
+    ``blob`` stays the caller's to close. ``settings``: span readahead follows
+    ``readahead``, and ``fill`` starts it at open.
     """
     read = _read_all(blob)
-    prove = None
+    check = None
     if tarindex is not None:
         index = local_index(tarindex, zinfo, blob, kind, diff_id() if zinfo else None)
     else:
@@ -216,9 +307,9 @@ def open_tar_layer(
 
         index = cached_or_built(cache, blob.digest, span, kind != TAR, build)
         if cache.origin(blob.digest, span) == IndexCache.SHARED:
-            prove = _prover(cache, blob.digest, span, index)
+            check = SharedIndexCheck(cache, blob, span, index)
     if index.spans is None:
-        return TarLayer(index, blob, [], prove, name=name, description=description)
+        return TarLayer(index, blob, [], check, name=name, description=description)
     if len(index.spans.points) == 1:
         log.info(
             "%s: one %s frame, no restart point inside it: the first read decompresses the "
@@ -226,23 +317,34 @@ def open_tar_layer(
             blob.digest,
             kind,
         )
-    fill = span_filler(store, index.tar_digest, index.tar_size)
-    source: BlobSource | None = DecompressedTar(index.spans, read, index.tar_digest, fill)
+    digest, size = index.tar_digest, index.tar_size
+    source = DecompressedTar(index.spans, read, digest, SpanFiller(store, digest, size))
     tar_blob = CachedBlob(
         store,
-        index.tar_digest,
-        index.tar_size,
-        source,
+        digest,
+        size,
+        source if online else None,
         name=name,
         description=f"{description} (uncompressed)",
+        settings=_NO_CHUNK_READAHEAD,
     )
-    return TarLayer(index, tar_blob, [tar_blob], prove, name=name, description=description)
+    pump = None
+    if online and (settings.readahead or settings.fill):
+
+        def missing(chunks: range) -> list[int]:
+            record = store.lookup(digest)
+            return list(chunks) if record is None else store.missing(record.blob_id, chunks)
+
+        rate = settings.fill_rate if settings.fill else 0
+        pump = SpanPump(source, missing, blob.cache, rate=rate)
+    layer = TarLayer(index, tar_blob, [tar_blob], check, pump, name=name, description=description)
+    if settings.fill and online:
+        layer.fill()
+    return layer
 
 
-def _prover(
-    cache: IndexCache, blob_digest: str, span: int, index: TarIndex
-) -> Callable[[ReadRange], None]:
-    """Check an index taken from the registry against its tar, once the tar is sealed.
+class SharedIndexCheck:
+    """Holds an index taken from the registry to the layer it claims to describe.
 
     The writer is deterministic, so the metadata image rebuilt from the
     verified tar's headers must be the same bytes; each span's recorded
@@ -252,7 +354,15 @@ def _prover(
     A lie drops the index, so the next open builds one from the layer.
     """
 
-    def prove(read: ReadRange) -> None:
+    def __init__(self, cache: IndexCache, blob: LayerBlob, span: int, index: TarIndex):
+        self._cache = cache
+        self._blob = blob
+        self._span = span
+        self._index = index
+
+    def prove(self, read: ReadRange) -> None:
+        """Check the index against the sealed tar ``read`` reads."""
+        index = self._index
         rebuilt = index_plain_tar(read, index.tar_size, index.tar_digest)
         spans = index.spans
         honest = rebuilt.metadata == index.metadata and (
@@ -264,16 +374,25 @@ def _prover(
             )
         )
         if not honest:
-            cache.drop(blob_digest, span)
-            cache.set_origin(blob_digest, span, IndexCache.REFUSED)
-            raise IntegrityError(
-                f"{blob_digest}: the index attached to the image does not describe this "
-                "layer's tar: dropped; the next open builds one from the layer itself"
-            )
-        cache.set_origin(blob_digest, span, IndexCache.PROVEN)
-        log.info("%s: the index attached to the image is proven against the tar", blob_digest)
+            raise self._refuse("its metadata or span digests are not those of the tar")
+        self._cache.set_origin(self._blob.digest, self._span, IndexCache.PROVEN)
+        log.info("%s: the index attached to the image is proven against the tar", self._blob.digest)
 
-    return prove
+    def judge(self, failure: Exception) -> None:
+        """The tar made through the index failed a span digest or the diff_id: if the
+        layer's own blob passes its digest, the index lied (refused, raised); else the
+        blob's bytes were wrong, and that is raised instead."""
+        self._blob.prefetch()  # raises IntegrityError if the blob's bytes are not its own
+        raise self._refuse(str(failure)) from failure
+
+    def _refuse(self, why: str) -> IntegrityError:
+        digest = self._blob.digest
+        self._cache.drop(digest, self._span)
+        self._cache.set_origin(digest, self._span, IndexCache.REFUSED)
+        return IntegrityError(
+            f"{digest}: the index attached to the image does not describe this layer's tar "
+            f"({why}): dropped; the next open builds one from the layer itself"
+        )
 
 
 def _sha256(read: ReadRange, start: int, end: int) -> bytes:

@@ -8,20 +8,12 @@ import time
 
 from fetch_sources import PieceSource, make_blob
 from rig.local_source import LocalFileSource
+from rig.waiting import wait_for
 
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
 from blockstore.prefetch import PrefetchSettings, erofs
 
 QUIET = PrefetchSettings(readahead=False)
-
-
-def wait_for(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_erofs_start_fetches_the_root_directory_in_one_request(erofs_images, cache_dir):

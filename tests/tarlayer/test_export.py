@@ -20,9 +20,9 @@ from blockstore.errors import BlobReadError
 from blockstore.tarlayer.export import (
     DecompressedTar,
     IndexCache,
+    SpanFiller,
     TarLayerExport,
     cached_or_built,
-    span_filler,
 )
 from blockstore.tarlayer.layerindex import GZIP, index_compressed_tar, index_plain_tar
 from blockstore.tarlayer.tarwalk import RangeFile
@@ -61,7 +61,7 @@ class Layer:
             )
 
         self.index = cached_or_built(IndexCache(store), self.digest, SPAN, True, build)
-        fill = span_filler(store, self.diff_id, len(self.tar))
+        fill = SpanFiller(store, self.diff_id, len(self.tar))
         self.decompressed = DecompressedTar(self.index.spans, read_compressed, self.diff_id, fill)
         self.tar_blob = CachedBlob(
             store, self.diff_id, len(self.tar), None if offline else self.decompressed

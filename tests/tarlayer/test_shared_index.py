@@ -19,6 +19,7 @@ from trees import make_tar
 from blockstore.attachments import subject_of
 from blockstore.errors import IntegrityError
 from blockstore.image import open_image
+from blockstore.prefetch import PrefetchSettings
 from blockstore.registry.push import push_image
 from blockstore.registry.referrers import push_artifact
 from blockstore.tarlayer.erofs_reader import read_metadata
@@ -100,7 +101,10 @@ def test_new_machine_mounts_from_the_shared_index_then_again_offline(
     via_proxy = ref.replace(registry.host, proxy.host)
     layer_digest = "sha256:" + hashlib.sha256(blob).hexdigest()
     caplog.set_level(logging.INFO)
-    image = open_image(via_proxy, cache_dir=tmp_path / "b", options=registry.options())
+    lazy = PrefetchSettings(readahead=False)  # no span readahead: one read is measured
+    image = open_image(
+        via_proxy, cache_dir=tmp_path / "b", options=registry.options(), prefetch=lazy
+    )
     try:
         (export,) = image.exports()
         assert read_file(export, "note7.txt") == files["note7.txt"]

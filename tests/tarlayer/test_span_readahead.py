@@ -1,0 +1,132 @@
+"""Span readahead: a compressed layer decompressed whole in the background, and sealed."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import itertools
+import os
+import random
+
+import pytest
+from rig.local_source import LocalFileSource
+from rig.waiting import wait_for
+from trees import make_tar, populate
+
+from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
+from blockstore.prefetch import PrefetchSettings
+from blockstore.tarlayer.export import SpanFiller
+from blockstore.tarlayer.layerindex import GZIP
+from blockstore.tarlayer.layers import open_tar_layer
+
+SPAN = 256 << 10
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class CountingSource(LocalFileSource):
+    """The blob file, counting the bytes asked of it."""
+
+    def __init__(self, path, digest):
+        super().__init__(path, digest)
+        self.asked = 0
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        self.asked += length
+        return super().read_range(offset, length)
+
+
+@pytest.fixture(scope="module")
+def layer(tmp_path_factory):
+    """A ~5 MiB tar.gz of a real tree, about twenty 256 KiB spans: (blob file, tar, blob)."""
+    tmp = tmp_path_factory.mktemp("layer")
+    src = populate(tmp / "src")
+    for i in range(24):
+        (src / f"part{i}.bin").write_bytes(os.urandom(40_000) + bytes(60_000 + i))
+    tar = make_tar(src, tmp / "layer.tar").read_bytes()
+    blob = gzip.compress(tar, 6, mtime=0)
+    path = tmp / "layer.tar.gz"
+    path.write_bytes(blob)
+    return path, tar, blob
+
+
+def open_layer(store: ChunkStore, layer, settings: PrefetchSettings):
+    path, tar, blob = layer
+    source = CountingSource(path, sha(blob))
+    compressed = CachedBlob(store, sha(blob), len(blob), source)
+    opened = open_tar_layer(
+        store,
+        compressed,
+        GZIP,
+        online=True,
+        diff_id=lambda: sha(tar),
+        span=SPAN,
+        settings=settings,
+    )
+    return opened, compressed, source
+
+
+def sealed(store: ChunkStore, digest: str) -> bool:
+    record = store.lookup(digest)
+    return record is not None and record.sealed
+
+
+def test_the_first_read_decompresses_the_whole_layer_and_seals_it(layer, tmp_path):
+    """The first read of the export (a mount reads the superblock at once) starts
+    decompressing every span in the background: the tar part ends whole in the cache,
+    the chunks two spans share included, and sealed against the diff_id, so with no
+    source at all it reads back byte for byte; the blob was asked for once (to index
+    it: the spans are decompressed from what that kept)."""
+    _, tar, blob = layer
+    with ChunkStore(tmp_path / "cache") as store:
+        opened, compressed, source = open_layer(store, layer, PrefetchSettings())
+        try:
+            assert opened.index.spans is not None and len(opened.index.spans.points) > 10
+            assert not sealed(store, sha(tar))
+            opened.read(0, 1024)
+            assert wait_for(lambda: sealed(store, sha(tar)))
+        finally:
+            opened.close()
+            compressed.close()
+        offline = CachedBlob(store, sha(tar), len(tar), None)
+        assert b"".join(offline.read(0, len(tar))) == tar
+    assert source.asked <= len(blob) + CHUNK_SIZE
+
+
+def test_without_readahead_a_read_decompresses_only_its_span(layer, tmp_path):
+    """With readahead off, reading one small file decompresses the span around it and
+    nothing more: a small part of the blob is fetched and the tar is not sealed."""
+    _, tar, blob = layer
+    with ChunkStore(tmp_path / "cache") as store:
+        opened, compressed, source = open_layer(store, layer, PrefetchSettings(readahead=False))
+        store.drop_chunks(sha(blob), range(-(-len(blob) // CHUNK_SIZE)), recheck=False)
+        source.asked = 0  # what indexing read, and kept, is forgotten
+        try:
+            meta = len(opened.index.metadata)
+            middle = meta + len(tar) // 2
+            assert b"".join(opened.read(middle, 4096)) == tar[len(tar) // 2 :][:4096]
+            wait_for(lambda: sealed(store, sha(tar)), timeout=0.5)
+            assert not sealed(store, sha(tar))
+        finally:
+            opened.close()
+            compressed.close()
+    assert 0 < source.asked < len(blob) // 4
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_span_filler_stores_every_chunk_whatever_the_span_order(tmp_path, seed):
+    """Spans cut at random places (some inside one chunk) handed over in a random order:
+    every chunk is stored once both sides of it are in, with exactly its bytes."""
+    rng = random.Random(seed)
+    data = rng.randbytes(20 * CHUNK_SIZE + 1234)
+    cuts = sorted({0, len(data), *(rng.randrange(len(data)) for _ in range(12))})
+    spans = list(itertools.pairwise(cuts))
+    rng.shuffle(spans)
+    with ChunkStore(tmp_path / "cache") as store:
+        fill = SpanFiller(store, sha(data), len(data))
+        for start, end in spans:
+            fill(start, data[start:end])
+        cached = CachedBlob(store, sha(data), len(data), None)
+        assert b"".join(cached.read(0, len(data))) == data
