@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from blockstore.cache import CachedBlob, ChunkStore
 from blockstore.errors import BlobReadError, BlockstoreError, IntegrityError, NotCached, UsageError
@@ -46,6 +46,7 @@ from blockstore.tarlayer.pump import SpanPump
 from blockstore.tarlayer.tarwalk import RangeFile
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 IDLE = 0.5
 """Seconds without reads after which a layer counts as idle."""
@@ -164,7 +165,7 @@ class TarLayer(TarLayerExport):
 
     def _fill(self) -> None:
         try:
-            if self._pump is None or self._pump.run():
+            if self._pump is None or self._checked(self._pump.run):
                 self._wait_until_idle()
                 self._seal(None)
                 log.info("%s: filled and sealed", self.digest)
@@ -198,11 +199,11 @@ class TarLayer(TarLayerExport):
                 self._check.prove(_read_all(self._tar_blob))
                 self._check = None
 
-    def _checked(self, fill: Callable[[], object]) -> None:
+    def _checked(self, fill: Callable[[], T]) -> T:
         """Run ``fill``; if the tar it makes fails its span digests or the diff_id while
         the index is one from the registry, find out whether the index lied."""
         try:
-            fill()
+            return fill()
         except (IntegrityError, BlobReadError) as exc:
             if self._check is None or self._pump is None or self._stop.is_set():
                 raise

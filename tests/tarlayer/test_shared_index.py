@@ -10,20 +10,24 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from oci_layout import MEDIA_TYPES, compress
+from rig.waiting import wait_for
 from trees import make_tar
 
 from blockstore.attachments import subject_of
-from blockstore.errors import IntegrityError
+from blockstore.errors import BlobReadError, IntegrityError
 from blockstore.image import open_image
 from blockstore.prefetch import PrefetchSettings
 from blockstore.registry.push import push_image
 from blockstore.registry.referrers import push_artifact
 from blockstore.tarlayer.erofs_reader import read_metadata
 from blockstore.tarlayer.erofs_writer import write_metadata
+from blockstore.tarlayer.export import IndexCache
+from blockstore.tarlayer.gzindex import DEFAULT_SPAN
 from blockstore.tarlayer.layerindex import GZIP, index_compressed_tar, index_plain_tar
 from blockstore.tarlayer.shared import ARTIFACT_TYPE, index_blobs
 from blockstore.tarlayer.tarwalk import walk_tar
@@ -42,9 +46,24 @@ def gzip_image(
         (src / path).write_bytes(data)
     tar = make_tar(src, tmp / f"{name}.tar").read_bytes()
     blob = tmp / f"{name}.{kind}"
-    blob.write_bytes(compress(kind, tar))
+    blob.write_bytes(zstd_frames(tar) if kind == "zstd" else compress(kind, tar))
     push_image(client, "shared/img", name, [blob], media_type=MEDIA_TYPES[kind])
     return f"{registry_host}/shared/img:{name}", tar, blob.read_bytes()
+
+
+def zstd_frames(tar: bytes, frame: int = 1 << 20) -> bytes:
+    """The tar as many zstd frames (as pzstd and zstd:chunked write), so it has spans."""
+    return b"".join(compress("zstd", tar[i : i + frame]) for i in range(0, len(tar), frame))
+
+
+def attach_index(registry, reference: str, blobs, cache_dir: Path) -> None:
+    """Attach tar-index artifact ``blobs`` to the image, as ``index --push`` would."""
+    image = open_image(reference, cache_dir=cache_dir, options=registry.options())
+    try:
+        subject = subject_of(image.resolved, image.repository)
+        push_artifact(image.client, subject, ARTIFACT_TYPE, blobs, created=_now())
+    finally:
+        image.close()
 
 
 def fetched_from(proxy, digest: str, size: int) -> int:
@@ -70,16 +89,17 @@ def read_file(export, name: str) -> bytes:
     return b"".join(bytes(b) for b in export.read(offset, node.size))
 
 
-@pytest.mark.parametrize("kind", ["gzip", "tar"])
+@pytest.mark.parametrize("kind", ["gzip", "zstd", "tar"])
 def test_new_machine_mounts_from_the_shared_index_then_again_offline(
     tmp_path, registry, fault_proxy, caplog, kind
 ):
-    """``index --push`` on one machine attaches the layer's index (tar.gz, or plain
-    tar). A second machine (an empty cache) opening the image through a recording proxy
-    takes that index instead of reading the blob (gzip) or walking its headers (tar):
-    reading one small file fetches far less than the blob (gzip: at most two spans, when
-    its chunk crosses a span's end, of five), the bytes are the source file's, and no
-    warning is logged. Reopened offline, the same cache serves the same file."""
+    """``index --push`` on one machine attaches the layer's index (tar.gz, tar+zstd of
+    many frames, or plain tar). A second machine (an empty cache) opening the image
+    through a recording proxy takes that index, checked, instead of reading the blob
+    (gzip, zstd) or walking its headers (tar): reading one small file fetches far less
+    than the blob (at most two spans, when its chunk crosses a span's end, of five), the
+    bytes are the source file's, and no warning is logged. Reopened offline, the same
+    cache serves the same file."""
     files = {f"big{i}.bin": os.urandom(4 << 20) for i in range(5)}
     files |= {f"note{i}.txt": f"note {i}\n".encode() * 50 for i in range(20)}
     client = registry.client()
@@ -94,7 +114,7 @@ def test_new_machine_mounts_from_the_shared_index_then_again_offline(
     )
     assert done.returncode == 0, done.stderr
     assert "tar index attached to" in done.stdout
-    if kind == "gzip":  # indexing read the blob whole: the chunk table reuses it
+    if kind != "tar":  # indexing read the blob whole: the chunk table reuses it
         assert "(from the registry)" not in done.stdout, "the blob was fetched twice"
 
     proxy = fault_proxy(registry)
@@ -112,9 +132,9 @@ def test_new_machine_mounts_from_the_shared_index_then_again_offline(
     finally:
         image.close()
     local = (
-        index_compressed_tar(io.BytesIO(blob), GZIP, blob_digest=None, diff_id=None)
-        if kind == "gzip"
-        else index_plain_tar(lambda o, n: blob[o : o + n], len(blob), layer_digest)
+        index_plain_tar(lambda o, n: blob[o : o + n], len(blob), layer_digest)
+        if kind == "tar"
+        else index_compressed_tar(io.BytesIO(blob), kind, blob_digest=None, diff_id=None)
     )
     assert shared_metadata == local.metadata  # the very image a local build gives
     fetched = fetched_from(proxy, layer_digest, len(blob))
@@ -175,14 +195,9 @@ def test_damaged_or_hostile_shared_index_is_refused_and_built_instead(
         _, other_tar, other_blob = gzip_image(tmp_path, registry.host, client, tag + "o", more)
     finally:
         client.close()
-    image = open_image(ref, cache_dir=tmp_path / "push", options=registry.options())
-    try:
-        (layer,) = image.resolved.layers
-        blobs = _hostile(case, tar, blob, other_tar, other_blob, layer.digest)
-        subject = subject_of(image.resolved, image.repository)
-        push_artifact(image.client, subject, ARTIFACT_TYPE, blobs, created=_now())
-    finally:
-        image.close()
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    blobs = _hostile(case, tar, blob, other_tar, other_blob, digest)
+    attach_index(registry, ref, blobs, tmp_path / "push")
     caplog.set_level(logging.WARNING)
     image = open_image(ref, cache_dir=tmp_path / "new", options=registry.options())
     try:
@@ -225,17 +240,14 @@ def test_index_that_lies_about_the_tree_is_caught_when_the_tar_is_sealed(
     tree = build_tree(walk_tar(io.BytesIO(tar)))
     tree.root.children[b"f3.txt"].mode |= 0o4000
     lie = write_metadata(tree, len(tar))
-    for reference, index, metadata in ((ref, own, lie), (honest_ref, honest, None)):
-        image = open_image(reference, cache_dir=tmp_path / "push", options=registry.options())
-        try:
-            (layer,) = image.resolved.layers
-            blobs = index_blobs(index, layer.digest)
-            if metadata is not None:
-                blobs[0] = (metadata, blobs[0][1], blobs[0][2])
-            subject = subject_of(image.resolved, image.repository)
-            push_artifact(image.client, subject, ARTIFACT_TYPE, blobs, created=_now())
-        finally:
-            image.close()
+    for reference, index, data, metadata in (
+        (ref, own, blob, lie),
+        (honest_ref, honest, honest_blob, None),
+    ):
+        blobs = index_blobs(index, "sha256:" + hashlib.sha256(data).hexdigest())
+        if metadata is not None:
+            blobs[0] = (metadata, blobs[0][1], blobs[0][2])
+        attach_index(registry, reference, blobs, tmp_path / "push")
 
     caplog.set_level(logging.INFO)
     cache = tmp_path / "new"
@@ -303,3 +315,71 @@ def test_indexing_one_layer_keeps_the_other_layers_shared_index(tmp_path, regist
         image.close()
     assert caplog.text.count("using the index attached to the image") == 2
     assert "reading the gzip layer once" not in caplog.text
+
+
+@pytest.mark.parametrize("lie", ["a span's digest", "the tree"])
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_fill_catches_a_lying_shared_index_when_it_seals_the_layer(
+    tmp_path, registry, caplog, kind, lie
+):
+    """An attached index that passes every check at open but lies (one span's recorded
+    sha256 is not that of its bytes, or the tree gives a file the setuid bit) is caught
+    by ``--fill`` alone, with nothing else read: the fill decompresses the layer, seals
+    it and logs an error naming the index, which is dropped and refused, so the next
+    open of that cache builds the true index from the layer although the registry still
+    offers the lie. No wrong byte is served meanwhile: the lying span reads as EIO."""
+    files = {f"big{i}.bin": os.urandom(3 << 20) for i in range(3)}
+    files |= {f"f{i}.txt": f"file {i} ".encode() * 300 for i in range(10)}
+    client = registry.client()
+    try:
+        ref, tar, blob = gzip_image(tmp_path, registry.host, client, "lies", files, kind)
+    finally:
+        client.close()
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    own = index_compressed_tar(io.BytesIO(blob), kind, blob_digest=None, diff_id=None)
+    spans = own.spans
+    assert spans is not None and spans.digests is not None and len(spans.points) >= 2
+    index = own
+    if lie == "the tree":
+        tree = build_tree(walk_tar(io.BytesIO(tar)))
+        tree.root.children[b"f3.txt"].mode |= 0o4000
+        index = replace(own, metadata=write_metadata(tree, len(tar)))
+    else:
+        digests = list(spans.digests)
+        digests[1] = hashlib.sha256(b"not this span").digest()
+        index = replace(own, spans=replace(spans, digests=tuple(digests)))
+    attach_index(registry, ref, index_blobs(index, digest), tmp_path / "push")
+    in_span_1 = next(
+        name
+        for name in files
+        if spans.span_of(read_metadata(own.metadata).lookup([name.encode()]).data_offset) == 1
+    )
+
+    caplog.set_level(logging.INFO)
+    cache = tmp_path / "new"
+    fill = PrefetchSettings(fill=True)
+    image = open_image(ref, cache_dir=cache, options=registry.options(), prefetch=fill)
+    try:
+        (export,) = image.exports()
+        origin = IndexCache(image.store)
+        assert wait_for(
+            lambda: origin.origin(digest, DEFAULT_SPAN) == IndexCache.REFUSED, timeout=30
+        )
+        if lie == "a span's digest":
+            with pytest.raises(BlobReadError):
+                read_file(export, in_span_1)
+    finally:
+        image.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("does not describe this layer's tar" in e for e in errors), errors
+
+    caplog.clear()
+    image = open_image(ref, cache_dir=cache, options=registry.options())
+    try:
+        (export,) = image.exports()
+        assert export.index.metadata == own.metadata
+        assert read_file(export, in_span_1) == files[in_span_1]
+        assert read_file(export, "f3.txt") == files["f3.txt"]
+    finally:
+        image.close()
+    assert "using the index attached to the image" not in caplog.text
