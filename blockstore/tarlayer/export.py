@@ -19,8 +19,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
 from blockstore.cache import CHUNK_SIZE
@@ -239,6 +240,69 @@ class SpanFiller:
             self._store.store_chunks(self._digest, self._size, first, chunks)
         except (CacheError, IntegrityError) as exc:  # costs only the caching
             log.warning("%s: chunks from %d not cached: %s", self._digest, first, exc)
+
+
+class PassFill:
+    """The tar an indexing pass makes, stored as the pass goes: the pass doubles as the fill.
+
+    Its pieces are gathered into batches of whole chunks and stored on a
+    thread of their own, so LMDB commits while the pass inflates on. It needs
+    the tar's digest and size before the pass; what it stored counts only if
+    the pass then checks both digests and ends at that size (``finish``), and
+    is removed otherwise, so nothing unverified stays.
+    """
+
+    BATCH = 4 << 20
+    AHEAD = 2  # batches waiting for the writer before the pass waits for it
+
+    def __init__(self, store: ChunkStore, digest: str, size: int):
+        self._store = store
+        self._digest = digest
+        self._size = size
+        self._fill = SpanFiller(store, digest, size)
+        self._pieces: list[bytes] = []
+        self._gathered = 0
+        self._offset = 0  # of the first gathered byte in the tar
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="tar-keep")
+        self._pending: deque[Future[None]] = deque()
+        self._overflow = False
+
+    def __call__(self, piece: bytes) -> None:
+        if self._overflow:
+            return
+        if self._offset + self._gathered + len(piece) > self._size:
+            self._overflow = True  # the size guessed was wrong: finish() removes it all
+            return
+        self._pieces.append(piece)
+        self._gathered += len(piece)
+        if self._gathered >= self.BATCH:
+            self._flush(whole_chunks=True)
+
+    def _flush(self, *, whole_chunks: bool) -> None:
+        data = b"".join(self._pieces)
+        length = len(data) // CHUNK_SIZE * CHUNK_SIZE if whole_chunks else len(data)
+        rest = data[length:]
+        self._pieces = [rest] if rest else []
+        self._gathered = len(rest)
+        while len(self._pending) >= self.AHEAD:
+            self._pending.popleft().result()
+        batch = memoryview(data)[:length]
+        self._pending.append(self._writer.submit(self._fill, self._offset, batch))
+        self._offset += length
+
+    def finish(self, verified_size: int | None) -> bool:
+        """Store the rest if the pass checked both digests and made ``verified_size``
+        bytes (None: it failed); else remove what was stored. True if the tar is kept."""
+        whole = not self._overflow and verified_size == self._size
+        if whole and self._gathered:
+            self._flush(whole_chunks=False)
+        for pending in self._pending:
+            pending.result()
+        self._writer.shutdown()
+        whole = whole and self._offset == self._size
+        if not whole:
+            self._store.remove(self._digest)
+        return whole
 
 
 class KeyValueStore(Protocol):

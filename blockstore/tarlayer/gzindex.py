@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
@@ -102,7 +103,8 @@ class GzipIndexer(SteppedReader):
         self._source = source
         self._span = span
         self._inflater = Inflater(GZIP)
-        self._recent = bytearray()
+        self._recent: deque[bytes] = deque()  # the last outputs, at least a window's worth
+        self._recent_len = 0
         self._consumed_before_input = 0  # compressed bytes handed in before the current input
         self._input_len = 0
         self._out = 0
@@ -137,10 +139,12 @@ class GzipIndexer(SteppedReader):
             self._out += len(out)
             self.tar_sha256.update(out)
             self._span_sha256.update(out)
-            self._recent += out
-            if len(self._recent) > 2 * WINDOW:
-                del self._recent[: len(self._recent) - WINDOW]
-            self._pending = memoryview(out)
+            recent = self._recent
+            recent.append(out)
+            self._recent_len += len(out)
+            while self._recent_len - len(recent[0]) >= WINDOW:
+                self._recent_len -= len(recent.popleft())
+            self._made(out)
         if rc == Z_STREAM_END:
             # Another gzip member may follow (concatenated streams, as pigz and
             # stargz write); trailing zeros after the last one are tolerated, as gzip does.
@@ -167,7 +171,7 @@ class GzipIndexer(SteppedReader):
         return self._inflater.unconsumed()
 
     def _checkpoint(self, bits: int) -> None:
-        window = bytes(self._recent[-WINDOW:])
+        window = b"".join(self._recent)[-WINDOW:]
         window = b"\0" * (WINDOW - len(window)) + window
         consumed = self._consumed_before_input + self._input_len - self._inflater.avail_in
         if self._points:
@@ -183,6 +187,14 @@ class GzipIndexer(SteppedReader):
         if len(self.span_digests) < len(self._points):
             self.span_digests.append(self._span_sha256.digest())
         return Zinfo(self._span, tuple(self._points)), self._out
+
+
+def size_hint(read_compressed: Callable[[int, int], bytes], compressed_size: int) -> int:
+    """The uncompressed size a gzip blob's trailer gives (ISIZE: modulo 4 GiB, and of
+    its last member only): a guess, to be checked against what inflating it makes."""
+    if compressed_size < 18:
+        return 0
+    return int.from_bytes(read_compressed(compressed_size - 4, 4), "little")
 
 
 def read_span(

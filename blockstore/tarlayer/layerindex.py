@@ -168,10 +168,13 @@ def index_compressed_tar(
     blob_digest: str | None,
     diff_id: str | None,
     span: int = DEFAULT_SPAN,
+    sink: Callable[[bytes], None] | None = None,
 ) -> TarIndex:
-    """Read a gzip or zstd layer once; index it if both digests match."""
+    """Read a gzip or zstd layer once; index it if both digests match. ``sink`` is
+    given the uncompressed tar, in order, as the pass makes it."""
     indexer: GzipIndexer | ZstdIndexer
     indexer = GzipIndexer(source, span) if kind == GZIP else ZstdIndexer(source, span)
+    indexer.sink = sink
     try:
         with tarfile.open(
             fileobj=indexer, mode="r|", encoding="utf-8", errors="surrogateescape"

@@ -28,11 +28,12 @@ from blockstore.tarlayer.erofs_reader import read_info
 from blockstore.tarlayer.export import (
     DecompressedTar,
     IndexCache,
+    PassFill,
     SpanFiller,
     TarLayerExport,
     cached_or_built,
 )
-from blockstore.tarlayer.gzindex import DEFAULT_SPAN, Zinfo
+from blockstore.tarlayer.gzindex import DEFAULT_SPAN, Zinfo, size_hint
 from blockstore.tarlayer.layerindex import (
     GZIP,
     ZSTD,
@@ -298,13 +299,22 @@ def open_tar_layer(
             if kind == TAR:
                 return index_plain_tar(read, blob.size, blob.digest)
             log.info("%s: reading the %s layer once to index it", blob.digest, kind)
-            return index_compressed_tar(
-                RangeFile(read, blob.size),
-                kind,
-                blob_digest=blob.digest,
-                diff_id=diff_id(),
-                span=span,
-            )
+            tar_digest = diff_id()
+            keeper = _pass_fill(store, kind, tar_digest, read, blob.size)
+            built = None
+            try:
+                built = index_compressed_tar(
+                    RangeFile(read, blob.size),
+                    kind,
+                    blob_digest=blob.digest,
+                    diff_id=tar_digest,
+                    span=span,
+                    sink=keeper,
+                )
+            finally:
+                if keeper is not None:
+                    keeper.finish(built.tar_size if built is not None else None)
+            return built
 
         index = cached_or_built(cache, blob.digest, span, kind != TAR, build)
         if cache.origin(blob.digest, span) == IndexCache.SHARED:
@@ -344,6 +354,26 @@ def open_tar_layer(
     return layer
 
 
+def _pass_fill(
+    store: ChunkStore, kind: str, tar_digest: str | None, read: ReadRange, blob_size: int
+) -> PassFill | None:
+    """What stores the tar as the indexing pass of a gzip layer makes it, when its tar is
+    not sealed yet: the tar's size is guessed from the gzip trailer (zstd has no such
+    thing). Chunks of an earlier pass that never finished are dropped first: nothing
+    vouched for them."""
+    if kind != GZIP or tar_digest is None:
+        return None
+    record = store.lookup(tar_digest)
+    if record is not None and record.sealed:
+        return None
+    size = size_hint(read, blob_size)
+    if size == 0:
+        return None
+    if record is not None:
+        store.remove(tar_digest)
+    return PassFill(store, tar_digest, size)
+
+
 class SharedIndexCheck:
     """Holds an index taken from the registry to the layer it claims to describe.
 
@@ -381,9 +411,12 @@ class SharedIndexCheck:
 
     def judge(self, failure: Exception) -> None:
         """The tar made through the index failed a span digest or the diff_id: if the
-        layer's own blob passes its digest, the index lied (refused, raised); else the
+        layer's own blob hashes to its digest, the index lied (refused, raised); else the
         blob's bytes were wrong, and that is raised instead."""
-        self._blob.prefetch()  # raises IntegrityError if the blob's bytes are not its own
+        blob = self._blob
+        actual = "sha256:" + _sha256(_read_all(blob), 0, blob.size).hex()
+        if actual != blob.digest:
+            raise IntegrityError(f"{blob.digest}: the layer's bytes hash to {actual}")
         raise self._refuse(str(failure)) from failure
 
     def _refuse(self, why: str) -> IntegrityError:
@@ -397,8 +430,8 @@ class SharedIndexCheck:
 
 
 def _sha256(read: ReadRange, start: int, end: int) -> bytes:
-    """The sha256 of bytes ``start``-``end`` of the tar, read in steps (a single-frame
-    zstd layer's one span is its whole tar)."""
+    """The sha256 of bytes ``start``-``end`` read in steps (a single-frame zstd layer's
+    one span is its whole tar; a blob is hashed whole)."""
     digest = hashlib.sha256()
     for offset in range(start, end, _PROOF_STEP):
         digest.update(read(offset, min(_PROOF_STEP, end - offset)))

@@ -8,6 +8,7 @@ finishing it (reading to the end) are the same for all of them.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 
 class SteppedReader(io.RawIOBase):
@@ -17,6 +18,14 @@ class SteppedReader(io.RawIOBase):
         super().__init__()
         self._pending = memoryview(b"")
         self._eof = False
+        self.sink: Callable[[bytes], None] | None = None
+        """Given every piece of the output in order, whether anyone reads it or not."""
+
+    def _made(self, out: bytes) -> None:
+        """A step's output: to be read, and to the sink."""
+        self._pending = memoryview(out)
+        if self.sink is not None:
+            self.sink(out)
 
     def _step(self) -> None:
         raise NotImplementedError

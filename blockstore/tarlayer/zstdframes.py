@@ -100,7 +100,7 @@ class ZstdIndexer(SteppedReader):
             self._out += len(out)
             self.tar_sha256.update(out)
             self._span_sha256.update(out)
-            self._pending = memoryview(out)
+            self._made(out)
 
     def finish(self) -> int:
         """Read to the end; return the uncompressed size."""

@@ -14,6 +14,7 @@ from rig.waiting import wait_for
 from trees import make_tar, populate
 
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
+from blockstore.errors import IntegrityError
 from blockstore.prefetch import PrefetchSettings
 from blockstore.tarlayer.export import SpanFiller
 from blockstore.tarlayer.layerindex import GZIP
@@ -68,6 +69,15 @@ def open_layer(store: ChunkStore, layer, settings: PrefetchSettings):
     return opened, compressed, source
 
 
+def forget_what_indexing_kept(store: ChunkStore, layer, source: CountingSource) -> None:
+    """Drop the tar the indexing pass stored and the blob's chunks it read, so reads
+    have to decompress spans from the source again."""
+    _, tar, blob = layer
+    store.remove(sha(tar))
+    store.drop_chunks(sha(blob), range(-(-len(blob) // CHUNK_SIZE)), recheck=False)
+    source.asked = 0
+
+
 def sealed(store: ChunkStore, digest: str) -> bool:
     record = store.lookup(digest)
     return record is not None and record.sealed
@@ -77,11 +87,11 @@ def test_the_first_read_decompresses_the_whole_layer_and_seals_it(layer, tmp_pat
     """The first read of the export (a mount reads the superblock at once) starts
     decompressing every span in the background: the tar part ends whole in the cache,
     the chunks two spans share included, and sealed against the diff_id, so with no
-    source at all it reads back byte for byte; the blob was asked for once (to index
-    it: the spans are decompressed from what that kept)."""
+    source at all it reads back byte for byte; the blob is asked for once."""
     _, tar, blob = layer
     with ChunkStore(tmp_path / "cache") as store:
         opened, compressed, source = open_layer(store, layer, PrefetchSettings())
+        forget_what_indexing_kept(store, layer, source)
         try:
             assert opened.index.spans is not None and len(opened.index.spans.points) > 10
             assert not sealed(store, sha(tar))
@@ -101,8 +111,7 @@ def test_without_readahead_a_read_decompresses_only_its_span(layer, tmp_path):
     _, tar, blob = layer
     with ChunkStore(tmp_path / "cache") as store:
         opened, compressed, source = open_layer(store, layer, PrefetchSettings(readahead=False))
-        store.drop_chunks(sha(blob), range(-(-len(blob) // CHUNK_SIZE)), recheck=False)
-        source.asked = 0  # what indexing read, and kept, is forgotten
+        forget_what_indexing_kept(store, layer, source)
         try:
             meta = len(opened.index.metadata)
             middle = meta + len(tar) // 2
@@ -130,3 +139,52 @@ def test_span_filler_stores_every_chunk_whatever_the_span_order(tmp_path, seed):
             fill(start, data[start:end])
         cached = CachedBlob(store, sha(data), len(data), None)
         assert b"".join(cached.read(0, len(data))) == data
+
+
+def test_indexing_a_gzip_layer_here_stores_its_tar_as_it_goes(layer, tmp_path):
+    """The pass that indexes a gzip layer (both digests checked) also stores the tar it
+    inflates: right after open every chunk of it is cached, no span is decompressed
+    again, and the tar seals against the diff_id."""
+    _, tar, _ = layer
+    with ChunkStore(tmp_path / "cache") as store:
+        opened, compressed, _ = open_layer(store, layer, PrefetchSettings(readahead=False))
+        try:
+            record = store.lookup(sha(tar))
+            assert record is not None and record.present == record.chunks
+            assert store.seal(sha(tar), len(tar))
+        finally:
+            opened.close()
+            compressed.close()
+
+
+def test_a_pass_that_fails_or_guesses_the_size_wrong_keeps_no_tar(layer, tmp_path):
+    """What the pass stored is removed when the diff_id does not match (the pass then
+    fails), and when the trailer's size was not the tar's (two gzip members: the last
+    one's size): then the layer is served from its spans as before."""
+    path, tar, blob = layer
+    with ChunkStore(tmp_path / "cache") as store:
+        compressed = CachedBlob(store, sha(blob), len(blob), LocalFileSource(path, sha(blob)))
+        with pytest.raises(IntegrityError):
+            open_tar_layer(
+                store, compressed, GZIP, online=True, diff_id=lambda: sha(tar + b"x"), span=SPAN
+            )
+        compressed.close()
+        assert store.lookup(sha(tar + b"x")) is None
+
+        half = len(tar) // 2
+        two = gzip.compress(tar[:half], 6, mtime=0) + gzip.compress(tar[half:], 6, mtime=0)
+        (tmp_path / "two.gz").write_bytes(two)
+        source = LocalFileSource(tmp_path / "two.gz", sha(two))
+        compressed = CachedBlob(store, sha(two), len(two), source)
+        quiet = PrefetchSettings(readahead=False)
+        opened = open_tar_layer(
+            store, compressed, GZIP, online=True, diff_id=lambda: sha(tar), span=SPAN,
+            settings=quiet,
+        )  # fmt: skip
+        try:
+            assert store.lookup(sha(tar)) is None
+            meta = len(opened.index.metadata)
+            assert b"".join(opened.read(meta, len(tar))) == tar
+        finally:
+            opened.close()
+            compressed.close()
