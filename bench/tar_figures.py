@@ -12,12 +12,20 @@ nothing on this side of the link:
 - ``engine``: ``blockstore serve`` on an empty cache, the export mounted as
   ``blockstore mount`` does, then the same ``find`` and reads; the layer's
   index is built on this side, so the whole blob is read first;
-- ``engine+shared-index``: the same after ``blockstore index --push`` has
-  attached the layer's index to the image (done once, not timed).
+- ``engine+shared-index``: the same layer pushed as a second image, to which
+  ``blockstore index --push`` has attached the layer's index (done once, not
+  timed).
+
+The systems take turns, one run each per round, so a change in the machine's
+load weighs on all of them alike.
 
 Reported per system: the median of the runs for the first ``find`` line
 (first listing), the time to done, and the bytes that crossed the link.
-The results are printed as a Markdown table and written as JSON.
+For the engine, also when ``serve`` said ``ready``: it prints that once every
+layer's index is available (taken from the registry and checked, or built
+here) and its socket listens, so "listing after ready" is the mount, the
+kernel's first metadata reads and ``find``'s first line, measured from a
+real event. The results are printed as a Markdown table and written as JSON.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from nbdfront.mount import attach, syscall
 
 MiB = 1 << 20
 REPOSITORY = "bench/targz"
+INDEXED_REPOSITORY = "bench/targz-indexed"
 GZIP_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 BLOCKSTORE = [sys.executable, "-m", "blockstore", "-q"]
 TAR_FLAGS = ["--format=posix", "--numeric-owner", "--sort=name", "--mtime=@0"]
@@ -70,16 +79,40 @@ def build_image(workdir: Path, size: int, registry_host: str) -> tuple[str, Path
     return f"{registry_host}/{REPOSITORY}:v1", blob, tar.stat().st_size
 
 
-def use(root: Path, started: float) -> dict:
-    """``find`` the tree, read a seeded fifth of its files: seconds since ``started``."""
+def push_indexed(blob: Path, registry_host: str) -> str:
+    """The same layer as a second image, with its tar index attached by ``blockstore
+    index --push`` (done once, not timed); the first image keeps none."""
+    client = RegistryClient(registry_host, RegistryOptions(insecure=True))
+    try:
+        push_image(client, INDEXED_REPOSITORY, "v1", [blob], media_type=GZIP_MEDIA_TYPE)
+    finally:
+        client.close()
+    ref = f"{registry_host}/{INDEXED_REPOSITORY}:v1"
+    with tempfile.TemporaryDirectory(prefix="tarfig-index-") as cache:
+        pushed = subprocess.run(
+            [*BLOCKSTORE, "index", "--push", "--insecure", "--cache-dir", cache, ref],
+            capture_output=True,
+            text=True,
+        )
+    if pushed.returncode != 0:
+        raise BenchError(f"blockstore index --push failed: {pushed.stderr.strip()}")
+    return ref
+
+
+def use(root: Path, started: float, ready: float | None = None) -> dict:
+    """``find`` the tree, read a seeded fifth of its files: seconds since ``started``
+    (and the first listing since ``ready``, when the server said so)."""
     first, files = listing(root)
     read = read_files(random.Random(SEED).sample(files, len(files) // 5))
-    return {
+    got = {
         "first listing s": first - started,
         "done s": time.perf_counter() - started,
         "files": len(files),
         "bytes read": read,
     }
+    if ready is not None:
+        got |= {"ready s": ready - started, "listing after ready s": first - ready}
+    return got
 
 
 def pull_and_extract(work: Path, blob_url: str) -> dict:
@@ -98,13 +131,14 @@ def engine(work: Path, reference: str, extra: list[str]) -> dict:
     daemon = Daemon([*BLOCKSTORE, *serve, "--cache-dir", str(work / "cache")], work / "serve.log")
     try:
         uri = daemon.wait_for_line('export "" ', timeout=600).split()[-1]
+        ready = time.perf_counter()  # the "ready" line: every index available, listening
         mnt = work / "mnt"
         mnt.mkdir()
         attached = attach.attach(uri, "", work, work / "attach.log", attach.choose_method())
         try:
             syscall.mount(attached.device, str(mnt), "erofs")
             try:
-                return use(mnt, started)
+                return use(mnt, started, ready)
             finally:
                 syscall.umount(str(mnt))
         finally:
@@ -113,23 +147,30 @@ def engine(work: Path, reference: str, extra: list[str]) -> dict:
         daemon.stop()
 
 
-def measure(name: str, runs: int, link: LinkProxy, run: Callable[[Path], dict]) -> dict:
-    """``runs`` runs, each in a fresh directory: the medians of every figure they report,
-    with the bytes and requests that crossed the link, and the runs themselves."""
-    samples = []
-    for i in range(runs):
-        work = Path(tempfile.mkdtemp(prefix="sidefig-"))
-        try:
-            before = link.traffic()
-            got = run(work)
-            moved = link.traffic() - before
-            got.update({"bytes fetched": moved.down, "requests": moved.requests})
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        print(f"  {name} run {i + 1}: {json.dumps(got)}", file=sys.stderr)
-        samples.append(got)
+def sample(name: str, link: LinkProxy, run: Callable[[Path], dict]) -> dict:
+    """One run in a fresh directory: what it reports, and the bytes and requests that
+    crossed the link."""
+    work = Path(tempfile.mkdtemp(prefix="sidefig-"))
+    try:
+        before = link.traffic()
+        got = run(work)
+        moved = link.traffic() - before
+        got.update({"bytes fetched": moved.down, "requests": moved.requests})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"  {name}: {json.dumps(got)}", file=sys.stderr)
+    return got
+
+
+def summarize(name: str, samples: list[dict]) -> dict:
+    """The medians of every figure the runs report, with the runs themselves."""
     medians = {key: statistics.median(s[key] for s in samples) for key in samples[0]}
     return {"system": name, "runs": samples, **medians}
+
+
+def measure(name: str, runs: int, link: LinkProxy, run: Callable[[Path], dict]) -> dict:
+    """``runs`` runs of one system, each in a fresh directory, summarized."""
+    return summarize(name, [sample(name, link, run) for _ in range(runs)])
 
 
 def main() -> int:
@@ -154,23 +195,22 @@ def main() -> int:
     try:
         ref, blob, tar_size = build_image(workdir, args.size * MiB, registry.host)
         blob_size = blob.stat().st_size
-        reference = ref.replace(registry.host, link.host)
+        indexed = push_indexed(blob, registry.host)
         print(f"tar {tar_size / MiB:.1f} MiB, tar.gz {blob_size / MiB:.1f} MiB", file=sys.stderr)
         digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
         url = f"http://{link.host}/v2/{REPOSITORY}/blobs/{digest}"
-        cold = lambda w: engine(w, reference, args.serve_arg)  # noqa: E731
-        rows = [
-            measure("pull+extract", args.runs, link, lambda w: pull_and_extract(w, url)),
-            measure("engine", args.runs, link, cold),
+        through_link = {r: r.replace(registry.host, link.host) for r in (ref, indexed)}
+        systems: list[tuple[str, Callable[[Path], dict]]] = [
+            ("pull+extract", lambda w: pull_and_extract(w, url)),
+            ("engine", lambda w: engine(w, through_link[ref], args.serve_arg)),
+            ("engine+shared-index", lambda w: engine(w, through_link[indexed], args.serve_arg)),
         ]
-        pushed = subprocess.run(
-            [*BLOCKSTORE, "index", "--push", "--insecure", "--cache-dir", str(workdir / "x"), ref],
-            capture_output=True,
-            text=True,
-        )
-        if pushed.returncode != 0:
-            raise BenchError(f"blockstore index --push failed: {pushed.stderr.strip()}")
-        rows.append(measure("engine+shared-index", args.runs, link, cold))
+        # Round by round, so a machine whose load changes meanwhile weighs on all alike.
+        samples: dict[str, list[dict]] = {name: [] for name, _ in systems}
+        for i in range(args.runs):
+            for name, run in systems:
+                samples[name].append(sample(f"{name} run {i + 1}", link, run))
+        rows = [summarize(name, got) for name, got in samples.items()]
     finally:
         link.stop()
         registry.stop()
@@ -180,12 +220,18 @@ def main() -> int:
         f"\ntar.gz image: tar {tar_size / MiB:.1f} MiB, blob {blob_size / MiB:.1f} MiB; "
         f"{args.rtt:g} ms RTT, {args.mbit:g} Mbit/s; median of {args.runs}\n"
     )
-    print("| system | first listing s | done s | done / pull | MiB fetched |")
-    print("|---|---|---|---|---|")
+    print(
+        "| system | ready s | first listing s | listing after ready s | done s | done / pull "
+        "| MiB fetched |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
+        ready = f"{row['ready s']:.2f}" if "ready s" in row else "-"
+        after = f"{row['listing after ready s']:.2f}" if "ready s" in row else "-"
         print(
-            f"| {row['system']} | {row['first listing s']:.2f} | {row['done s']:.2f} "
-            f"| {row['done s'] / base:.2f} | {row['bytes fetched'] / MiB:.1f} |"
+            f"| {row['system']} | {ready} | {row['first listing s']:.2f} | {after} "
+            f"| {row['done s']:.2f} | {row['done s'] / base:.2f} "
+            f"| {row['bytes fetched'] / MiB:.1f} |"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
