@@ -56,7 +56,8 @@ def layer(tmp_path_factory):
 def open_layer(store: ChunkStore, layer, settings: PrefetchSettings):
     path, tar, blob = layer
     source = CountingSource(path, sha(blob))
-    compressed = CachedBlob(store, sha(blob), len(blob), source)
+    # As an image opens it: the blob with the same settings as its layer.
+    compressed = CachedBlob(store, sha(blob), len(blob), source, settings=settings)
     opened = open_tar_layer(
         store,
         compressed,
