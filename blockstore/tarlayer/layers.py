@@ -104,9 +104,10 @@ class TarLayer(TarLayerExport):
     """A tar layer's export, with the blob-like verbs ``prefetch`` and ``close``.
 
     A compressed layer has a ``SpanPump``: started by the first read of the
-    tar part (span readahead) or at open (``fill``), it decompresses every
-    span in the background, then seals the tar against the diff_id and
-    proves an index taken from the registry, as ``prefetch`` does.
+    export (span readahead) or at open (``fill``), it decompresses every span
+    in the background; then, once the layer is idle, the tar is sealed
+    against the diff_id and an index taken from the registry proven, as
+    ``prefetch`` does.
     """
 
     def __init__(
