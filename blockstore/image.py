@@ -104,9 +104,10 @@ class OpenImage:
         if kind is None:
             return self.blob(layer)
         tarindex, zinfo = self.tar_indexes.get(layer.index, (None, None))
-        # A compressed layer fills as a whole (decompressed, sealed, its index proven):
-        # its blob needs no fill of its own.
-        blob = self.blob(layer, replace(self.prefetch, fill=False) if kind != TAR else None)
+        # A compressed layer fills as a whole (decompressed, sealed, its index proven)
+        # and asks for its blob's bytes ahead itself: the blob needs neither of its own.
+        own = replace(self.prefetch, fill=False, readahead=False) if kind != TAR else None
+        blob = self.blob(layer, own)
         exported = open_tar_layer(
             self.store,
             blob,

@@ -228,6 +228,28 @@ def _read_all(blob: LayerBlob) -> Callable[[int, int], bytes]:
     return read
 
 
+STREAM_AHEAD = 32 << 20
+"""Bytes of a compressed blob asked for ahead of the indexing pass that reads it."""
+
+
+def _streamed(blob: LayerBlob) -> Callable[[int, int], bytes]:
+    """Reads of a blob read start to end, each asking for the next ``STREAM_AHEAD``
+    bytes as prefetch first: the pass inflates while they come, whatever the blob's
+    own readahead makes of its reads."""
+    asked = 0
+
+    def read(offset: int, length: int) -> bytes:
+        nonlocal asked
+        ahead = min(blob.size, offset + length + STREAM_AHEAD)
+        if ahead > asked:
+            start = max(asked, offset + length)
+            blob.cache(start, ahead - start)
+            asked = ahead
+        return b"".join(blob.read(offset, length))
+
+    return read
+
+
 def local_index(
     tarindex: Path, zinfo: Path | None, blob: LayerBlob, kind: str, diff_id: str | None
 ) -> TarIndex:
@@ -305,7 +327,7 @@ def open_tar_layer(
             built = None
             try:
                 built = index_compressed_tar(
-                    RangeFile(read, blob.size),
+                    RangeFile(_streamed(blob), blob.size),
                     kind,
                     blob_digest=blob.digest,
                     diff_id=tar_digest,

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 WORKERS = 2
 """Spans decompressed at once by the pump (readers' own misses come on top)."""
+AHEAD = 4
+"""Spans whose compressed bytes are asked for ahead of the one being decompressed."""
 ROUNDS = 3
 """Passes over what is still missing: a chunk shared by two spans needs both."""
 
@@ -104,7 +106,7 @@ class SpanPump:
                 if not self._pacer.take(end - start, self._stop):
                     return
                 # The next spans' compressed bytes come while this one inflates.
-                ahead = min(index + self._workers, len(spans.points) - 1)
+                ahead = min(index + AHEAD, len(spans.points) - 1)
                 if ahead > index:
                     after = spans.compressed_bounds(ahead)[1]
                     self._hint(end, max(0, after - end))
