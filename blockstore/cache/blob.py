@@ -494,17 +494,18 @@ class CachedBlob:
             self._fetcher.prefetch(missing, priority)
 
     def _warm_up(self, trace: Trace | None) -> None:
-        """The EROFS start, then trace replay (else the directory walk, on a thread of its
-        own, beside the background fill), then background fill, as set."""
+        """The EROFS start; then the directory walk on a thread of its own (it reads as
+        demand, in the listing's order, beside what follows); trace replay; background
+        fill; as set."""
         try:
             if self._settings.erofs_start:
                 self._erofs_start()
-            if trace is not None and not self._stop.is_set():
-                self._replay(trace)
-            elif self._settings.erofs_walk and not self._stop.is_set():
+            if self._settings.erofs_walk and not self._stop.is_set():
                 threading.Thread(
                     target=self._walk_directories, name="erofs-walk", daemon=True
                 ).start()
+            if trace is not None and not self._stop.is_set():
+                self._replay(trace)
             if self._settings.fill and not self._stop.is_set():
                 self._fill_layer()
         except Exception as exc:  # prefetch is best effort; readers fetch for themselves

@@ -17,8 +17,8 @@ class PrefetchSettings:
     erofs_start: bool = False
     """At open, fetch the superblock, root inode and root directory in one request."""
     erofs_walk: bool = False
-    """Then (with no trace to replay) fetch every directory's inode and entries, in
-    ``find``'s order, several at once."""
+    """Then fetch every directory's inode and entries, in ``find``'s order, several at
+    once (beside a trace replay: a listing gets its directories in its own order)."""
     trace_period: float = 0.0
     """Seconds of a cold open's first reads recorded as its layer's trace; 0: none."""
     trace_replay: bool = False
