@@ -22,6 +22,19 @@ ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+def run_bench(arguments: list[str]) -> subprocess.CompletedProcess:
+    """``python -m bench`` with these arguments, which must succeed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", *arguments],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def test_quick_mode_writes_json_markdown_and_png(tmp_path):
     """Quick mode on a 4 MiB image, the cold engine against nbdkit file, nbdcopy and fio:
     the JSON describes the machine and holds one run per scenario; the cold copy fetched
@@ -33,14 +46,7 @@ def test_quick_mode_writes_json_markdown_and_png(tmp_path):
     out = tmp_path / "out"
     command = ["--quick", "--image-size", "4M", "--fio-seconds", "1", "--out", str(out)]
     command += ["--only", "engine-cold,nbdkit-file,nbdcopy,fio-qd1", "--workdir", str(tmp_path)]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", *command],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_bench(command)
     assert "[bench " in done.stderr  # the progress line names each scenario
 
     document = json.loads((out / "results.json").read_text())
@@ -85,14 +91,7 @@ def test_mount_runs_cold_then_with_the_trace_the_cold_run_recorded(tmp_path):
     out = tmp_path / "out"
     command = ["--quick", "--image-size", "4M", "--out", str(out), "--workdir", str(tmp_path)]
     command += ["--only", "engine-cold,engine-traced,mount,wan-20ms-1g"]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", *command],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_bench(command)
     document = json.loads((out / "results.json").read_text())
     runs = {r["system"]: r["runs"] for r in document["results"] if r["workload"] == "mount"}
     assert set(runs) == {"engine-cold", "engine-traced"}, done.stderr
