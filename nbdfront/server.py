@@ -376,6 +376,7 @@ class _Session:
         self._batch: list[Buffer] = []
         self._batch_bytes = 0
         self._reads_since_recv = 0
+        self._recv_view = memoryview(bytearray(RECV_SIZE))
         self.started = self.last_heard = time.monotonic()
         self.selected = False
         self.thread = threading.Thread(target=self.run, name=f"nbd-{peer}", daemon=True)
@@ -459,7 +460,16 @@ class _Session:
         log.info("%s now speaks TLS", self.peer)
         return True
 
-    def _receive(self) -> bytes | None:
+    def _recv(self, flags: int) -> Buffer:
+        """One receive; on a plain socket into the connection's own buffer, as a view
+        valid until the next receive. ``recv`` would allocate its whole size anew each
+        time, which for a large size is an mmap and a munmap per request."""
+        sock = self._sock
+        if type(sock) is TLSStream:
+            return sock.recv(RECV_SIZE, flags)
+        return self._recv_view[: sock.recv_into(self._recv_view, RECV_SIZE, flags)]
+
+    def _receive(self) -> Buffer | None:
         """The client's next bytes (``b""`` at its end), None if the socket failed.
 
         The batch goes to the outbox before this thread waits. When the
@@ -471,14 +481,14 @@ class _Session:
         try:
             if pipelined and self._batch:
                 try:
-                    data = self._sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+                    data = self._recv(socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     pass
                 else:
                     self.last_heard = time.monotonic()
                     return data
             self._flush()
-            data = self._sock.recv(RECV_SIZE)
+            data = self._recv(0)
         except OSError as exc:
             log.info("connection from %s ended: %s", self.peer, exc)
             return None

@@ -91,8 +91,9 @@ class ServerConnection:
         self._tls = tls
         self._awaiting_tls = False
 
-    def receive_data(self, data: bytes) -> None:
-        """Take bytes from the client; ``b""`` means it closed its side."""
+    def receive_data(self, data: Buffer) -> None:
+        """Take bytes from the client (copied: ``data`` may be reused after the call);
+        empty means it closed its side."""
         if self.phase is Phase.CLOSED:
             return
         if self._awaiting_tls:
