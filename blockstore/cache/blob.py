@@ -34,6 +34,7 @@ from blockstore.source import BlobSource
 from . import integrity
 from .env import CacheDamaged
 from .evict import LOW_WATER
+from .integrity import checked_part
 from .layout import CHUNK_SIZE, chunk_count, chunk_length
 from .leases import RangeLeases
 from .store import ChunkIntegrityError, ChunkStore
@@ -129,19 +130,34 @@ class CachedBlob:
         fetches as usual. A served hit is counted and advised like a read.
         A blob not known to be stored yet is left to ``read`` to look up.
         """
-        if length <= 0 or offset < 0 or offset + length > self._size:
-            return None
+        end = offset + length
         blob_id = self._blob_id
-        if blob_id is None:
+        if blob_id is None or length <= 0 or offset < 0 or end > self._size:
             return None
+        first = offset // CHUNK_SIZE
+        last = (end - 1) // CHUNK_SIZE
+        size = self._size
+        seed = self._seed
+        out: list[Buffer] = []
         try:
-            out, missing, bad = self._look_up(blob_id, offset, offset + length, stop_at_miss=True)
+            with self._store.read_chunks(blob_id, first, last) as values:
+                if None in values:
+                    return None  # a partial miss hashes nothing: read will do it again
+                base = first * CHUNK_SIZE
+                for index, value in enumerate(values, first):
+                    span = size - base if size - base < CHUNK_SIZE else CHUNK_SIZE
+                    lo = offset - base if base < offset else 0
+                    hi = end - base if end - base < span else span
+                    part = checked_part(value, seed, index, span, lo, hi)
+                    if part is None:
+                        return None
+                    out.append(part.tobytes())
+                    base += CHUNK_SIZE
         except CacheError:
             return None
-        if missing or bad:
-            return None
-        self._served(offset, length, len(out), 0)
-        return out  # type: ignore[return-value]
+        self._store.touch(blob_id, first, last)
+        self._served(offset, length, last - first + 1, 0)
+        return out
 
     def _read(self, offset: int, length: int) -> list[Buffer]:
         if length <= 0:
@@ -159,7 +175,7 @@ class CachedBlob:
         try:
             blob_id = self._known_id()
             if blob_id is not None:
-                out, missing, bad = self._look_up(blob_id, offset, end, stop_at_miss=False)
+                out, missing, bad = self._look_up(blob_id, offset, end)
         except CacheDamaged:
             if self._fetcher is None:
                 raise
@@ -172,30 +188,23 @@ class CachedBlob:
         return out  # type: ignore[return-value]
 
     def _look_up(
-        self, blob_id: int, offset: int, end: int, *, stop_at_miss: bool
+        self, blob_id: int, offset: int, end: int
     ) -> tuple[list[Buffer | None], list[int], list[int]]:
         """The hit loop: one read transaction over the chunks of ``offset..end``.
 
         The 4 KiB blocks of each stored chunk that the read covers are
         checked against their checksums on the LMDB buffer and the wanted
-        part copied out; the others are None in the output
-        and listed as missing or bad. ``stop_at_miss`` gives up at the
-        first chunk that is not a hit (the caller then wants none of it);
-        presence of all chunks is checked before any is hashed, so a
-        partial miss hashes nothing. Hit chunks are touched for recency.
+        part copied out; the others are None in the output and listed as
+        missing or bad. The chunks are touched for recency.
         """
         first = offset // CHUNK_SIZE
         last = (end - 1) // CHUNK_SIZE
         out: list[Buffer | None] = []
         missing: list[int] = []
         bad: list[int] = []
-        intact_part = integrity.intact_part
-        skip = integrity.SUM_SIZE
         seed = self._seed
         size = self._size
         with self._store.read_chunks(blob_id, first, last) as values:
-            if stop_at_miss and None in values:
-                return [], [first + values.index(None)], []
             for index, value in enumerate(values, first):
                 base = index * CHUNK_SIZE
                 length = min(CHUNK_SIZE, size - base)
@@ -204,16 +213,12 @@ class CachedBlob:
                 if value is None:
                     missing.append(index)
                     out.append(None)
-                elif not intact_part(value, seed, index, length, lo, hi):
+                elif (part := checked_part(value, seed, index, length, lo, hi)) is None:
                     bad.append(index)
                     out.append(None)
                 else:
-                    out.append(value[skip + lo : skip + hi].tobytes())
-                    continue
-                if stop_at_miss:
-                    break
-        if not stop_at_miss or not (missing or bad):
-            self._store.touch(blob_id, first, last)
+                    out.append(part.tobytes())
+        self._store.touch(blob_id, first, last)
         return out, missing, bad
 
     def _served(self, offset: int, length: int, hits: int, misses: int) -> None:
@@ -394,7 +399,7 @@ class CachedBlob:
             return {}
         first, last = min(indices), max(indices)
         end = min(self._size, (last + 1) * CHUNK_SIZE)
-        out, _, _ = self._look_up(blob_id, first * CHUNK_SIZE, end, stop_at_miss=False)
+        out, _, _ = self._look_up(blob_id, first * CHUNK_SIZE, end)
         wanted = set(indices)
         return {
             first + i: data

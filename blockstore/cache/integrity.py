@@ -33,6 +33,8 @@ SEALED_SIZE = _SUM.size  # what a sealed blob keeps for each chunk
 _STRIDE = 1 + BLOCKS  # seeds used by one chunk
 _MASK = (1 << 64) - 1
 _xxh3 = xxhash.xxh3_64_intdigest
+_unpack_sum = _SUM.unpack_from
+_BLOCK_SHIFT = BLOCK.bit_length() - 1
 
 
 @lru_cache(maxsize=1024)
@@ -78,20 +80,28 @@ def intact(value: Buffer, seed: int, index: int, length: int) -> bool:
     )
 
 
-def intact_part(value: Buffer, seed: int, index: int, length: int, lo: int, hi: int) -> bool:
-    """The chunk check for what a read of bytes ``lo..hi`` of a chunk serves: the 4 KiB
-    blocks they fall in, or for a large part of the chunk its one whole-chunk sum."""
-    if len(value) != SUM_SIZE + length:
-        return False
+def checked_part(
+    value: Buffer, seed: int, index: int, length: int, lo: int, hi: int
+) -> memoryview | None:
+    """Bytes ``lo..hi`` of stored chunk ``index`` (a view into ``value``), or None if the
+    check of what they serve fails: the 4 KiB blocks they fall in, or for a large part of
+    the chunk its one whole-chunk sum. The hit path's one call per chunk."""
+    view = memoryview(value)
+    if len(view) != SUM_SIZE + length:
+        return None
     base = seed + index * _STRIDE
     if hi - lo > WHOLE_FROM:
-        return _SUM.unpack_from(value)[0] == _sum(value[SUM_SIZE:], base)
-    for b in range(lo // BLOCK, (hi - 1) // BLOCK + 1):
-        start = SUM_SIZE + b * BLOCK
-        block = value[start : min(start + BLOCK, SUM_SIZE + length)]
-        if _SUM.unpack_from(value, (1 + b) * _SUM.size)[0] != _sum(block, base + 1 + b):
-            return False
-    return True
+        if _unpack_sum(view)[0] != _sum(view[SUM_SIZE:], base):
+            return None
+        return view[SUM_SIZE + lo : SUM_SIZE + hi]
+    end = SUM_SIZE + length
+    for b in range(lo >> _BLOCK_SHIFT, ((hi - 1) >> _BLOCK_SHIFT) + 1):
+        start = SUM_SIZE + (b << _BLOCK_SHIFT)
+        stop = start + BLOCK
+        block = view[start : stop if stop < end else end]
+        if _unpack_sum(view, (1 + b) * SEALED_SIZE)[0] != _sum(block, base + 1 + b):
+            return None
+    return view[SUM_SIZE + lo : SUM_SIZE + hi]
 
 
 def sealed_entry(checksum: Buffer) -> bytes:
