@@ -138,25 +138,32 @@ class CachedBlob:
         last = (end - 1) // CHUNK_SIZE
         size = self._size
         seed = self._seed
-        out: list[Buffer] = []
+        store = self._store
         try:
-            with self._store.read_chunks(blob_id, first, last) as values:
-                if None in values:
-                    return None  # a partial miss hashes nothing: read will do it again
-                base = first * CHUNK_SIZE
-                for index, value in enumerate(values, first):
-                    span = size - base if size - base < CHUNK_SIZE else CHUNK_SIZE
-                    lo = offset - base if base < offset else 0
-                    hi = end - base if end - base < span else span
-                    part = checked_part(value, seed, index, span, lo, hi)
-                    if part is None:
-                        return None
-                    out.append(part.tobytes())
-                    base += CHUNK_SIZE
+            values, txn = store.read_chunks(blob_id, first, last)
         except CacheError:
             return None
-        self._store.touch(blob_id, first, last)
-        self._served(offset, length, last - first + 1, 0)
+        out: list[Buffer] = []
+        try:
+            for value in values:  # not ``None in``: comparing a view with None costs an error
+                if value is None:
+                    return None  # a partial miss hashes nothing: read will do it again
+            base = first * CHUNK_SIZE
+            for index, value in enumerate(values, first):
+                span = size - base if size - base < CHUNK_SIZE else CHUNK_SIZE
+                lo = offset - base if base < offset else 0
+                hi = end - base if end - base < span else span
+                part = checked_part(value, seed, index, span, lo, hi)
+                if part is None:
+                    return None
+                out.append(part.tobytes())
+                base += CHUNK_SIZE
+        finally:
+            store.end_read(txn)
+        store.touch((blob_id, first, last))
+        store.served((last - first + 1, 0, length))
+        if self._recorder is not None or (self._hints is not None and not self._whole):
+            self._heed(offset, length, 0)
         return out
 
     def _read(self, offset: int, length: int) -> list[Buffer]:
@@ -204,7 +211,8 @@ class CachedBlob:
         bad: list[int] = []
         seed = self._seed
         size = self._size
-        with self._store.read_chunks(blob_id, first, last) as values:
+        values, txn = self._store.read_chunks(blob_id, first, last)
+        try:
             for index, value in enumerate(values, first):
                 base = index * CHUNK_SIZE
                 length = min(CHUNK_SIZE, size - base)
@@ -218,12 +226,19 @@ class CachedBlob:
                     out.append(None)
                 else:
                     out.append(part.tobytes())
-        self._store.touch(blob_id, first, last)
+        finally:
+            self._store.end_read(txn)
+        self._store.touch((blob_id, first, last))
         return out, missing, bad
 
     def _served(self, offset: int, length: int, hits: int, misses: int) -> None:
         """Count a read and tell readahead of it, whether it hit or fetched."""
-        self._store.counters.served(hits, misses, length)
+        self._store.served((hits, misses, length))
+        if self._recorder is not None or (self._hints is not None and not self._whole):
+            self._heed(offset, length, misses)
+
+    def _heed(self, offset: int, length: int, misses: int) -> None:
+        """Tell the trace recorder and readahead of a read, hit or fetched."""
         if self._recorder is not None:
             self._note(offset, length)
         if self._hints is not None and not self._whole:

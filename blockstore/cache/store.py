@@ -90,36 +90,6 @@ class BlobInfo:
         return {**asdict(self), "cached_fraction": self.cached_fraction}
 
 
-class ChunkValues:
-    """The context ``ChunkStore.read_chunks`` returns: one read transaction, no more."""
-
-    __slots__ = ("_blob_id", "_env", "_first", "_last", "_txn")
-
-    def __init__(self, env: CacheEnv, blob_id: int, first: int, last: int):
-        self._env = env
-        self._blob_id = blob_id
-        self._first = first
-        self._last = last
-
-    def __enter__(self) -> list[memoryview | None]:
-        env = self._env
-        txn = self._txn = env.begin_read(DB_CHUNKS)
-        get = txn.get
-        pack = CHUNK_KEY.pack
-        blob_id = self._blob_id
-        try:
-            return [get(pack(blob_id, index)) for index in range(self._first, self._last + 1)]
-        except lmdb.Error as exc:
-            env.end_read(txn)
-            raise env.damaged(exc) from exc
-        except BaseException:
-            env.end_read(txn)
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self._env.end_read(self._txn)
-
-
 class ChunkStore:
     """A persistent, integrity-checked store of blob chunks in one directory."""
 
@@ -138,6 +108,8 @@ class ChunkStore:
         self.dbs = self.env.dbs
         self.counters = counters_mod.Counters()
         self.recency = recency_mod.Recency()
+        self._hit_path()
+        self.end_read = self.env.end_read
         try:
             self._size_cap = self.env.write(lambda txn: self._init_meta(txn, size_cap))
         except BaseException:
@@ -152,6 +124,13 @@ class ChunkStore:
         self._start_flusher()
         _open_stores.add(self)
 
+    def _hit_path(self) -> None:
+        """What a hit calls, bound once: ``touch((blob_id, first, last))`` notes a use of
+        chunks for eviction order, ``served((hits, misses, nbytes))`` counts a read; both
+        are list appends, flushed later."""
+        self.touch = self.recency.touch
+        self.served = self.counters.served
+
     def _start_flusher(self) -> None:
         self._flusher = threading.Thread(
             target=self._flush_loop, args=(self._flush_interval,), name="cache-flush", daemon=True
@@ -163,6 +142,7 @@ class ChunkStore:
         held at the fork stay held; start this store's own locks and threads anew."""
         self.counters = counters_mod.Counters()
         self.recency = recency_mod.Recency()
+        self._hit_path()
         self._sealer = Sealer(self)
         self._flights = weakref.WeakValueDictionary()
         self._flights_lock = threading.Lock()
@@ -285,15 +265,29 @@ class ChunkStore:
 
         return self._ask(question)
 
-    def read_chunks(self, blob_id: int, first: int, last: int) -> ChunkValues:
-        """``with store.read_chunks(...) as values``: the stored values (checksum and
-        bytes, unchecked) of chunks ``first..last``, None where absent. The values are
-        LMDB's own buffers, valid only inside the block: check and copy them there."""
-        return ChunkValues(self.env, blob_id, first, last)
-
-    def touch(self, blob_id: int, first: int, last: int) -> None:
-        """Note a use of chunks ``first..last`` for eviction order (flushed later)."""
-        self.recency.touch(blob_id, first, last)
+    def read_chunks(
+        self, blob_id: int, first: int, last: int
+    ) -> tuple[list[memoryview | None], lmdb.Transaction]:
+        """The stored values (checksum and bytes, unchecked) of chunks ``first..last``,
+        None where absent, and the read transaction they belong to. The values are
+        LMDB's own buffers, valid until ``end_read(txn)``, which the caller must call
+        (in a ``finally``): check and copy them before. The transaction keeps its reader
+        slot until it is freed: drop it before waiting on anything. A pair, not a context manager:
+        this is the hit path, where a ``with`` costs as much as the lookup."""
+        env = self.env
+        txn = env.begin_read(DB_CHUNKS)
+        try:
+            get = txn.get
+            if first == last:
+                return [get(CHUNK_KEY.pack(blob_id, first))], txn
+            pack = CHUNK_KEY.pack
+            return [get(pack(blob_id, index)) for index in range(first, last + 1)], txn
+        except lmdb.Error as exc:
+            env.end_read(txn)
+            raise env.damaged(exc) from exc
+        except BaseException:
+            env.end_read(txn)
+            raise
 
     def store_chunks(
         self, digest: str, size: int, first: int, chunks: Sequence[Buffer]

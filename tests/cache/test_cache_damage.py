@@ -266,9 +266,13 @@ def test_many_more_readers_than_slots_wait_for_one_never_fail(cache_dir, monkeyp
                 start.wait()
                 for i in range(20):
                     offset = (n * 997 + i * 4099) % (len(data) - 5000)
-                    with store.read_chunks(blob_id, 0, 3) as values:
+                    values, txn = store.read_chunks(blob_id, 0, 3)
+                    try:
                         assert all(v is not None for v in values)
                         threading.Event().wait(0.001)
+                    finally:
+                        store.end_read(txn)
+                    del values, txn  # an ended read transaction keeps its slot until freed
                     got = b"".join(blob.read(offset, 5000))
                     assert got == data[offset : offset + 5000]
             except BaseException as exc:
