@@ -178,40 +178,50 @@ class _Gate:
     """Many holders at once, or one exclusive holder (writer-preferring).
 
     Shared holders must not nest: an exclusive waiter blocks new holders.
-    The shared path is one plain lock round trip each way: it is on every
-    read.
+    The shared path takes no lock, as it is on every read: a holder adds
+    itself to ``holders`` (a list append, atomic under the GIL) and only
+    then looks at ``blocked``; an exclusive taker sets ``blocked`` and only
+    then waits for ``holders`` to empty. Each sees the other's step, so a
+    holder never overlaps an exclusive one.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._holders = 0
-        self._exclusive_waiting = 0
+        self.holders: list[None] = []
+        self.blocked = 0  # exclusive takers waiting or holding
         self._exclusive = False
 
     def acquire_shared(self) -> None:
-        with self._lock:
-            while self._exclusive or self._exclusive_waiting:
+        self.holders.append(None)
+        if self.blocked:
+            self.release_shared()
+            self.wait_shared()
+
+    def wait_shared(self) -> None:
+        """The shared path found the gate blocked: wait for it to open, then take it."""
+        with self._lock:  # exclusive takers change ``blocked`` only under it
+            while self.blocked:
                 self._cond.wait()
-            self._holders += 1
+            self.holders.append(None)
 
     def release_shared(self) -> None:
-        with self._lock:
-            self._holders -= 1
-            if not self._holders and self._exclusive_waiting:
+        self.holders.pop()
+        if self.blocked:
+            with self._lock:
                 self._cond.notify_all()
 
     def acquire_exclusive(self) -> None:
         with self._lock:
-            self._exclusive_waiting += 1
-            while self._exclusive or self._holders:
+            self.blocked += 1
+            while self._exclusive or self.holders:
                 self._cond.wait()
-            self._exclusive_waiting -= 1
             self._exclusive = True
 
     def release_exclusive(self) -> None:
         with self._lock:
             self._exclusive = False
+            self.blocked -= 1
             self._cond.notify_all()
 
     @contextmanager
