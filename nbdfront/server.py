@@ -496,17 +496,25 @@ class _Session:
         return data
 
     def _answer(self, request: ReadRequest) -> None:
-        """A hit goes into the batch at once; anything else to a worker."""
-        if request.length <= READ_PIECE:
+        """A hit goes into the batch at once; anything else to a worker.
+
+        A hit that is the only request the client has sent is sent before
+        anything else is done: at depth 1 the client waits for nothing
+        else, and this thread's bookkeeping then overlaps its next step.
+        """
+        length = request.length
+        if length <= READ_PIECE:
             assert self._export is not None
             try:
-                data = self._export.read_cached(request.offset, request.length)
+                data = self._export.read_cached(request.offset, length)
             except Exception:  # the worker's read meets the same fault and reports it
                 data = None
-            if data is not None and _length(data) == request.length:
+            if data is not None and _length(data) == length:
                 self._batch += self._protocol.send(ReadReply(request, data))
-                self._batch_bytes += request.length
-                if self._batch_bytes >= BATCH_BYTES:
+                self._batch_bytes += length
+                if self._batch_bytes >= BATCH_BYTES or (
+                    self._reads_since_recv == 1 and not self._protocol.buffered
+                ):
                     self._flush()
                 return
         grant = READ_PIECE if self._streams(request) else request.length

@@ -130,6 +130,12 @@ class ServerConnection:
             pass
         return events.popleft() if events else NEED_DATA
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet taken as a message: 0 when the client has sent
+        nothing more, so a server need not hold a reply back for more requests."""
+        return len(self._buffer)
+
     def data_to_send(self) -> Sequence[Buffer]:
         """Bytes the protocol produced on its own (in order), to be sent before anything else."""
         if not self._outgoing:
