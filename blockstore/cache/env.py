@@ -208,8 +208,12 @@ class _Gate:
     def release_shared(self) -> None:
         self.holders.pop()
         if self.blocked:
-            with self._lock:
-                self._cond.notify_all()
+            self.wake()
+
+    def wake(self) -> None:
+        """A holder left while an exclusive taker waits: let it look again."""
+        with self._lock:
+            self._cond.notify_all()
 
     def acquire_exclusive(self) -> None:
         with self._lock:
@@ -443,7 +447,11 @@ class CacheEnv:
         while True:
             if self._stale is not None:
                 self._renew()
-            self._gate.acquire_shared()
+            gate = self._gate
+            gate.holders.append(None)  # acquire_shared, inline: this is every hit
+            if gate.blocked:
+                gate.release_shared()
+                gate.wait_shared()
             try:
                 if self.env is None:
                     raise CacheError(f"the cache at {self.path} is closed")
@@ -474,7 +482,10 @@ class CacheEnv:
         try:
             txn.abort()
         finally:
-            self._gate.release_shared()
+            gate = self._gate
+            gate.holders.pop()  # release_shared, inline: this is every hit
+            if gate.blocked:
+                gate.wake()
 
     def write(self, work: Callable[[lmdb.Transaction], T]) -> T:
         """Run ``work`` in a write transaction and commit it.

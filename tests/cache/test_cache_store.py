@@ -471,13 +471,13 @@ def test_read_cached_hashes_nothing_on_a_partial_miss_and_only_what_it_serves(
         blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest), readahead=NONE)
         blob.read(0, 3 * CHUNK_SIZE)
         hashed: list[int] = []
-        real_sum = integrity._sum
+        real_xxh3 = integrity._xxh3
 
-        def counting_sum(data, seed):
+        def counting_xxh3(data, seed):
             hashed.append(len(data))
-            return real_sum(data, seed)
+            return real_xxh3(data, seed)
 
-        monkeypatch.setattr(integrity, "_sum", counting_sum)
+        monkeypatch.setattr(integrity, "_xxh3", counting_xxh3)
         assert blob.read_cached(0, 4 * CHUNK_SIZE) is None
         assert hashed == []
         offset = CHUNK_SIZE + 3 * integrity.BLOCK
