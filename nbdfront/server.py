@@ -510,11 +510,14 @@ class _Session:
             except Exception:  # the worker's read meets the same fault and reports it
                 data = None
             if data is not None and _length(data) == length:
-                self._batch += self._protocol.send(ReadReply(request, data))
+                reply = self._protocol.send_read(request, data)
+                if self._reads_since_recv == 1 and not self._batch and not self._protocol.buffered:
+                    if self._outbox.put(reply):
+                        self._budget.wait_for_room()
+                    return
+                self._batch += reply
                 self._batch_bytes += length
-                if self._batch_bytes >= BATCH_BYTES or (
-                    self._reads_since_recv == 1 and not self._protocol.buffered
-                ):
+                if self._batch_bytes >= BATCH_BYTES:
                     self._flush()
                 return
         grant = READ_PIECE if self._streams(request) else request.length
@@ -619,6 +622,8 @@ class _Session:
 
 def _length(buffers: Sequence[Buffer]) -> int:
     """Bytes in ``buffers``, whatever their item size."""
+    if len(buffers) == 1 and type(buffers[0]) is bytes:
+        return len(buffers[0])  # a hit in one chunk
     total = 0
     for b in buffers:
         total += len(b) if type(b) is bytes else memoryview(b).nbytes

@@ -87,6 +87,7 @@ class ServerConnection:
         self._negotiation: Negotiation | None = None
         self.phase = Phase.CLIENT_FLAGS
         self.transmission: Transmission | None = None
+        self._structured: bool | None = None  # the transmission's, read on every hit
         self._shutting_down = False
         self._tls = tls
         self._awaiting_tls = False
@@ -151,6 +152,17 @@ class ServerConnection:
         if self.transmission is None:
             raise RuntimeError("no export selected yet")
         return self.transmission.encode(reply)
+
+    def send_read(self, request: ReadRequest, data: Sequence[Buffer]) -> list[Buffer]:
+        """``send(ReadReply(request, data))`` for a read of one or more bytes, in fewer
+        steps: the reply to every hit. ``data`` must hold exactly ``request.length`` bytes."""
+        if self._structured:
+            return replies.offset_data(
+                request.handle, request.offset, data, request.length, done=True
+            )
+        if self._structured is None:
+            raise RuntimeError("no export selected yet")
+        return replies.simple_reply(request.handle, 0, data)
 
     def tls_started(self) -> None:
         """The server finished the TLS handshake that ``StartTLS`` asked for."""
@@ -239,6 +251,7 @@ class ServerConnection:
             found = self._catalog.resolve(outcome.selected.name)
             assert found is not None
             self.transmission = Transmission(outcome.selected, found[1].size)
+            self._structured = self.transmission.structured
             self.phase = Phase.TRANSMISSION
             self._events.append(outcome.selected)
         if outcome.close_reason is not None:

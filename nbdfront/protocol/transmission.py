@@ -128,7 +128,7 @@ class Transmission:
         return replies.simple_reply(handle, error)
 
     def encode(self, reply: ServerReply) -> list[Buffer]:
-        if isinstance(reply, ReadReply):
+        if type(reply) is ReadReply:
             request = reply.request
             if not self.structured:
                 return replies.simple_reply(request.handle, 0, reply.data)
