@@ -14,25 +14,6 @@ REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("cache_worker.py")
 
 
-def flip_stored_byte(store: ChunkStore, digest: str, index: int, position: int) -> bool:
-    """Flip one bit in the stored LMDB value of a chunk (checksum or data); False if absent."""
-    record = store.lookup(digest)
-    if record is None:
-        return False
-    key = chunk_key(record.blob_id, index)
-
-    def work(txn) -> bool:
-        value = txn.get(key, db=store.dbs[DB_CHUNKS])
-        if value is None:
-            return False
-        raw = bytearray(value)
-        raw[position % len(raw)] ^= 0x01
-        txn.put(key, bytes(raw), db=store.dbs[DB_CHUNKS])
-        return True
-
-    return store.env.write(work)
-
-
 def evict_chunk(store: ChunkStore, digest: str, index: int) -> bool:
     """Drop one stored chunk as eviction does (counts kept right); False if absent."""
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from cache_rig import flip_stored_byte, misfile_chunk, run_cli
+from cache_rig import misfile_chunk, run_cli
 from cache_sources import ScriptedSource, make_blob
+from rig.stored_chunks import flip_stored_byte
 
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
 from blockstore.errors import NotCached

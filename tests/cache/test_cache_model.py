@@ -11,11 +11,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from cache_rig import flip_stored_byte
 from cache_sources import ScriptedSource, make_blob
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from rig.stored_chunks import flip_stored_byte
 
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
 from blockstore.errors import BlockstoreError

@@ -7,8 +7,9 @@ import threading
 import time
 
 import pytest
-from cache_rig import evict_chunk, flip_stored_byte
+from cache_rig import evict_chunk
 from cache_sources import ScriptedSource, make_blob
+from rig.stored_chunks import flip_stored_byte
 
 import blockstore.cache.env as cache_env
 import blockstore.cache.integrity as integrity

@@ -13,8 +13,11 @@ import nbd
 import nbd_wire as w
 import pytest
 from nbd_serving import ZeroExport, served, start_server
+from rig.stored_chunks import flip_stored_byte
 
 from blockstore.cache import CachedBlob
+from blockstore.cache.integrity import SUM_SIZE
+from blockstore.cache.layout import CHUNK_SIZE
 from nbdfront.protocol import MAX_PAYLOAD
 
 
@@ -165,3 +168,44 @@ def test_hangup_mid_handshake_and_mid_request(registry_image):
     h = connect(registry_image.uri)
     assert len(h.pread(10, 0)) == 10
     h.shutdown()
+
+
+def test_a_hit_answered_on_the_reader_thread_still_checks_every_block(local_blob, tmp_path):
+    """Hits are answered inline, sent before their bookkeeping; yet a flipped bit in a cached
+    4 KiB block is caught on that path: offline, the read of that block fails with EIO and
+    carries no data, whether asked alone or in a burst with good reads, which are served;
+    each failure is counted."""
+    blob, data, store = local_blob.blob, local_blob.data, local_blob.store
+    blob.read(0, len(data))
+    offline = CachedBlob(store, blob.digest, blob.size, None, name="blob")
+    (tmp_path / "srv").mkdir()
+    server = start_server({"blob": offline}, tmp_path / "srv", "blob")
+    client = w.RawClient(server.tcp_address)
+    try:
+        client.negotiate("blob")
+        failures = store.stats()["checksum_failures"]
+        for chunk in (3, 5):
+            assert flip_stored_byte(store, blob.digest, chunk, SUM_SIZE + 2 * 4096 + 7)
+        # Alone (depth 1): an intact block of the damaged chunk, then the damaged block.
+        client.send(w.CMD_READ, 1, 3 * CHUNK_SIZE + 4096, 4096)
+        assert client.wait(1).data == {3 * CHUNK_SIZE + 4096: data[3 * CHUNK_SIZE + 4096 :][:4096]}
+        client.send(w.CMD_READ, 2, 3 * CHUNK_SIZE + 2 * 4096, 4096)
+        reply = client.wait(2)
+        assert reply.error == w.EIO and reply.data == {}
+        # In a burst: good reads around the damaged block, all in one send.
+        bad = 5 * CHUNK_SIZE + 2 * 4096
+        burst = [(10, 0), (11, bad), (12, 8 * CHUNK_SIZE), (13, bad - 4096)]
+        for handle, offset in burst:
+            client.checker.reads[handle] = (offset, 4096)
+        client.sock.sendall(b"".join(w.request(w.CMD_READ, h, o, 4096, 0) for h, o in burst))
+        for handle, offset in burst:
+            reply = client.wait(handle)
+            if offset == bad:
+                assert reply.error == w.EIO and reply.data == {}
+            else:
+                assert reply.data == {offset: data[offset : offset + 4096]}
+        assert store.stats()["checksum_failures"] == failures + 2
+    finally:
+        client.close()
+        server.shutdown()
+        offline.close()

@@ -9,10 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cache.cache_rig import flip_stored_byte
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rig.local_source import LocalFileSource
+from rig.stored_chunks import flip_stored_byte
 from trees import make_tar, populate, snapshot
 
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
