@@ -2,14 +2,21 @@
 
 An ``Export`` is one blob seen as a read-only byte range. The frontend knows
 nothing else of the engine: it asks for ranges and sends the buffers back.
+
+An export may also have ``hold_cached(offset, length) -> Held | None``: the
+hit of ``read_cached`` as views into its cache, with no copy, valid until the
+``release`` that comes with them is called (once, soon, before the caller
+waits on anything). A server that sends a reply at once sends it from them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 Buffer = bytes | memoryview
+Held = tuple[list[memoryview], Callable[[], None]]
+"""Views of a hit, and the call that ends their validity (see ``hold_cached``)."""
 
 
 class Export(Protocol):

@@ -35,7 +35,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 
-from blockstore.export import Buffer, Export
+from blockstore.export import Buffer, Export, Held
 from nbdfront.protocol import (
     NEED_DATA,
     CacheRequest,
@@ -202,8 +202,12 @@ class _Outbox:
     def busy(self) -> bool:
         return bool(self._queue) or self._writing
 
-    def put(self, buffers: Sequence[Buffer]) -> bool:
-        """Send or queue ``buffers``; True if some are left queued behind a slow client."""
+    def put(self, buffers: Sequence[Buffer], *, borrowed: bool = False) -> bool:
+        """Send or queue ``buffers``; True if some are left queued behind a slow client.
+
+        ``borrowed`` buffers are valid only until this returns (views into
+        the cache): what must wait for the writer is copied first.
+        """
         with self._lock:
             if self.broken:
                 return False
@@ -221,6 +225,8 @@ class _Outbox:
                 if sent == total:
                     return False
                 rest, left = _advance(buffers, sent), total - sent
+            if borrowed:
+                rest = [b"".join(rest)]
             self._queue += rest
             self._queued += left
             self._budget.charge(left)
@@ -373,6 +379,8 @@ class _Session:
         self._outbox = _Outbox(sock, self._budget, f"nbd-{peer}")
         self._workers = _Workers(f"nbd-{peer}", WORKERS_PER_CONNECTION)
         self._export: Export | None = None
+        # The export's zero-copy hit (``CachedBlob.hold_cached``), when it has one.
+        self._hold: Callable[[int, int], Held | None] | None = None  # the export's hold_cached
         self._batch: list[Buffer] = []
         self._batch_bytes = 0
         self._reads_since_recv = 0
@@ -433,6 +441,7 @@ class _Session:
                     return
             elif isinstance(event, ExportSelected):
                 self._export = self._server.exports[event.name]
+                self._hold = getattr(self._export, "hold_cached", None)
                 self.selected = True
                 log.info("%s reads export %r", self.peer, event.name)
             else:
@@ -498,30 +507,59 @@ class _Session:
     def _answer(self, request: ReadRequest) -> None:
         """A hit goes into the batch at once; anything else to a worker.
 
-        A hit that is the only request the client has sent is sent before
-        anything else is done: at depth 1 the client waits for nothing
-        else, and this thread's bookkeeping then overlaps its next step.
+        A hit whose reply is sent at once (the only request the client has
+        sent, or one that fills the batch) is sent from the cache's own
+        buffers, before anything else is done: at depth 1 the client waits
+        for nothing else, and this thread's bookkeeping then overlaps its
+        next step. Hits batched behind others are copied, so that no read
+        transaction is held while another is taken.
         """
         length = request.length
         if length <= READ_PIECE:
             assert self._export is not None
-            try:
-                data = self._export.read_cached(request.offset, length)
-            except Exception:  # the worker's read meets the same fault and reports it
-                data = None
-            if data is not None and _length(data) == length:
-                reply = self._protocol.send_read(request, data)
-                if self._reads_since_recv == 1 and not self._batch and not self._protocol.buffered:
-                    if self._outbox.put(reply):
-                        self._budget.wait_for_room()
+            protocol = self._protocol
+            at_once = (
+                self._reads_since_recv == 1 and not self._batch and not protocol.buffered
+            ) or self._batch_bytes + length >= BATCH_BYTES
+            if at_once and self._hold is not None:
+                if self._send_held(request):
                     return
-                self._batch += reply
-                self._batch_bytes += length
-                if self._batch_bytes >= BATCH_BYTES:
-                    self._flush()
-                return
+            else:
+                try:
+                    data = self._export.read_cached(request.offset, length)
+                except Exception:  # the worker's read meets the same fault and reports it
+                    data = None
+                if data is not None and _length(data) == length:
+                    self._batch += protocol.send_read(request, data)
+                    self._batch_bytes += length
+                    if at_once:
+                        self._flush()
+                    return
         grant = READ_PIECE if self._streams(request) else request.length
         self._hand_off(grant, functools.partial(self._serve_miss, request, grant))
+
+    def _send_held(self, request: ReadRequest) -> bool:
+        """Send the batch and this hit's reply from the cache's buffers; False (nothing
+        sent) if it is not a hit. The views are let go once the socket took them, or
+        what it did not take was copied to the queue."""
+        try:
+            held = self._hold(request.offset, request.length)  # type: ignore[misc]
+        except Exception:  # the worker's read meets the same fault and reports it
+            return False
+        if held is None:
+            return False
+        views, release = held
+        try:
+            if _length(views) != request.length:
+                return False
+            batch, self._batch, self._batch_bytes = self._batch, [], 0
+            reply = batch + self._protocol.send_read(request, views)
+            queued = self._outbox.put(reply, borrowed=True)
+        finally:
+            release()
+        if queued:
+            self._budget.wait_for_room()
+        return True
 
     def _streams(self, request: ReadRequest) -> bool:
         """Whether a read goes out piece by piece, each piece as it is read."""

@@ -12,6 +12,7 @@ arrive) and again by the store in the transaction that stores them.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -130,6 +131,22 @@ class CachedBlob:
         fetches as usual. A served hit is counted and advised like a read.
         A blob not known to be stored yet is left to ``read`` to look up.
         """
+        held = self.hold_cached(offset, length)
+        if held is None:
+            return None
+        views, release = held
+        try:
+            return [view.tobytes() for view in views]
+        finally:
+            release()
+
+    def hold_cached(
+        self, offset: int, length: int
+    ) -> tuple[list[memoryview], Callable[[], None]] | None:
+        """``read_cached`` without the copy: views into the cache, checked, valid until
+        ``release()``, which the caller must call once, soon, and before it waits on
+        anything (it ends a read transaction, which holds a reader slot and defers
+        renewals). A server sends the views straight from the cache with it."""
         end = offset + length
         blob_id = self._blob_id
         if blob_id is None or length <= 0 or offset < 0 or end > self._size:
@@ -143,10 +160,11 @@ class CachedBlob:
             values, txn = store.read_chunks(blob_id, first, last)
         except CacheError:
             return None
-        out: list[Buffer] = []
+        out: list[memoryview] = []
         try:
             for value in values:  # not ``None in``: comparing a view with None costs an error
                 if value is None:
+                    store.end_read(txn)
                     return None  # a partial miss hashes nothing: read will do it again
             base = first * CHUNK_SIZE
             for index, value in enumerate(values, first):
@@ -155,16 +173,18 @@ class CachedBlob:
                 hi = end - base if end - base < span else span
                 part = checked_part(value, seed, index, span, lo, hi)
                 if part is None:
+                    store.end_read(txn)
                     return None
-                out.append(part.tobytes())
+                out.append(part)
                 base += CHUNK_SIZE
-        finally:
+            store.touch((blob_id, first, last))
+            store.served((last - first + 1, 0, length))
+            if self._recorder is not None or (self._hints is not None and not self._whole):
+                self._heed(offset, length, 0)
+        except BaseException:
             store.end_read(txn)
-        store.touch((blob_id, first, last))
-        store.served((last - first + 1, 0, length))
-        if self._recorder is not None or (self._hints is not None and not self._whole):
-            self._heed(offset, length, 0)
-        return out
+            raise
+        return out, functools.partial(store.end_read, txn)
 
     def _read(self, offset: int, length: int) -> list[Buffer]:
         if length <= 0:
