@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import time
 
 import nbd
 import nbd_wire as w
@@ -209,3 +210,31 @@ def test_a_hit_answered_on_the_reader_thread_still_checks_every_block(local_blob
         client.close()
         server.shutdown()
         offline.close()
+
+
+def test_replies_sent_from_the_cache_and_queued_are_copies(local_blob, tmp_path):
+    """Large hits are sent from the cache's own buffers; what a slow client's socket does
+    not take is copied to the queue before the cache lets those buffers go. Rewriting
+    every cached chunk while the replies wait (each chunk twice, so its bytes end as they
+    were, in pages other chunks' old pages are reused for) changes none of the bytes the
+    client then reads."""
+    blob, data, store = local_blob.blob, local_blob.data, local_blob.store
+    blob.read(0, len(data))
+    server = start_server({"blob": blob}, tmp_path, "blob")
+    client = w.RawClient(server.tcp_address)
+    try:
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        client.negotiate("blob")
+        reads = [(handle, handle % 3 << 20) for handle in range(1, 25)]  # 24 MiB of replies
+        for handle, offset in reads:
+            client.checker.reads[handle] = (offset, 1 << 20)
+        client.sock.sendall(b"".join(w.request(w.CMD_READ, h, o, 1 << 20, 0) for h, o in reads))
+        time.sleep(0.5)  # the socket is full; the rest of the replies wait in the queue
+        for _ in range(2):
+            for chunk in range(len(data) // CHUNK_SIZE + 1):
+                assert flip_stored_byte(store, blob.digest, chunk, SUM_SIZE + 100)
+        for handle, offset in reads:
+            assert client.wait(handle).data == {offset: data[offset : offset + (1 << 20)]}
+    finally:
+        client.close()
+        server.shutdown()
