@@ -65,7 +65,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rtt", type=float, default=20.0, help="round-trip time, ms")
     parser.add_argument("--mbit", type=float, default=1000.0, help="bandwidth cap, Mbit/s")
-    parser.add_argument("--json", type=Path, default=Path("artifact-figures.json"))
+    parser.add_argument("--json", type=Path, default=Path("bench/results/artifact-figures.json"))
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="artfig-"))
     registry = LocalRegistry(workdir / "registry")

@@ -185,7 +185,7 @@ def main() -> int:
         default=[],
         help="an option for blockstore serve (repeatable), e.g. --serve-arg=--fill",
     )
-    parser.add_argument("--json", type=Path, default=Path("tar-figures.json"))
+    parser.add_argument("--json", type=Path, default=Path("bench/results/tar-figures.json"))
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="tarfig-"))
     registry = LocalRegistry(workdir / "registry")
