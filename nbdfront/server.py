@@ -28,6 +28,7 @@ import logging
 import os
 import queue
 import select
+import signal
 import socket
 import stat
 import threading
@@ -781,14 +782,27 @@ class NBDServer:
         return f"{scheme}+unix:///{_quote(name)}?socket={path}"
 
     def serve_forever(self) -> None:
-        while not self._shutdown_requested:
-            try:
-                select.select([self._wake_read], [], [])
-                os.read(self._wake_read, 4096)
-            except BlockingIOError:
-                pass
-            except (OSError, ValueError):
-                break  # the pipe was closed: shutdown() ran on another thread
+        """Wait for ``request_shutdown`` (or ``shutdown`` from another thread), then stop.
+
+        On the main thread, signals also write to the wake pipe: a signal that
+        the kernel hands to another of the many threads only flags its Python
+        handler, which runs when this thread next runs Python code, and it
+        would sit in ``select`` for ever instead.
+        """
+        on_main = threading.current_thread() is threading.main_thread()
+        previous = signal.set_wakeup_fd(self._wake_write) if on_main else -1
+        try:
+            while not self._shutdown_requested:
+                try:
+                    select.select([self._wake_read], [], [])
+                    os.read(self._wake_read, 4096)
+                except BlockingIOError:
+                    pass
+                except (OSError, ValueError):
+                    break  # the pipe was closed: shutdown() ran on another thread
+        finally:
+            if on_main:
+                signal.set_wakeup_fd(previous)
         self.shutdown()
 
     def request_shutdown(self) -> None:
