@@ -267,7 +267,7 @@ def test_stopping_with_a_fetch_stuck_in_flight_ends_within_seconds(
     sock = tmp_path / "s.sock"
     args = [reference, "--insecure", "--cache-dir", str(tmp_path / "c"), "--unix", str(sock)]
     # No prefetch at open: the read below must be the one that reaches the registry.
-    args += ["--no-erofs-start", "--no-readahead", "--no-trace"]
+    args += ["--no-erofs-start", "--no-erofs-walk", "--no-readahead", "--no-trace"]
     with serving(*args) as (proc, _exports):
         proxy.fault = Fault("delay", path_contains="/blobs/", method="GET", seconds=60)
         client = w.RawClient(str(sock))

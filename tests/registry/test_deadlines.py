@@ -218,6 +218,7 @@ def test_an_nbd_read_from_a_trickling_registry_fails_within_the_timeout_then_rec
             str(tmp_path / "cache"),
             # No prefetch at open: the read below must be the one that meets the trickle.
             "--no-erofs-start",
+            "--no-erofs-walk",
             "--no-readahead",
             "--no-trace",
         ],

@@ -298,7 +298,7 @@ def test_an_offline_miss_names_no_password(run):
     mnt = run.base / "mnt"
     mnt.mkdir()
     cache = ["--cache-dir", str(run.base / "cache")]
-    lean = ["--no-readahead", "--no-erofs-start", "--no-trace"]
+    lean = ["--no-readahead", "--no-erofs-start", "--no-erofs-walk", "--no-trace"]
     env = {"BLOCKSTORE_USERNAME": USER, "BLOCKSTORE_PASSWORD": run.password}
     run.blockstore("-v", "mount", "--insecure", *cache, *lean, run.reference, str(mnt), **env)
     run.blockstore("umount", str(mnt))
