@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import shutil
 import statistics
@@ -125,10 +126,13 @@ def pull_and_extract(work: Path, blob_url: str) -> dict:
     return use(root, started)
 
 
-def engine(work: Path, reference: str, extra: list[str]) -> dict:
+def engine(work: Path, reference: str, extra: list[str], checkout: Path | None = None) -> dict:
+    """``checkout``: run the engine of that source tree instead of this one."""
     started = time.perf_counter()
     serve = ["serve", reference, "--insecure", "--listen", "127.0.0.1:0", *extra]
-    daemon = Daemon([*BLOCKSTORE, *serve, "--cache-dir", str(work / "cache")], work / "serve.log")
+    env = None if checkout is None else {**os.environ, "PYTHONPATH": str(checkout)}
+    argv = [*BLOCKSTORE, *serve, "--cache-dir", str(work / "cache")]
+    daemon = Daemon(argv, work / "serve.log", env)
     try:
         uri = daemon.wait_for_line('export "" ', timeout=600).split()[-1]
         ready = time.perf_counter()  # the "ready" line: every index available, listening
@@ -185,6 +189,11 @@ def main() -> int:
         default=[],
         help="an option for blockstore serve (repeatable), e.g. --serve-arg=--fill",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout of the engine, run with the shared index beside this one",
+    )
     parser.add_argument("--json", type=Path, default=Path("bench/results/tar-figures.json"))
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="tarfig-"))
@@ -205,6 +214,13 @@ def main() -> int:
             ("engine", lambda w: engine(w, through_link[ref], args.serve_arg)),
             ("engine+shared-index", lambda w: engine(w, through_link[indexed], args.serve_arg)),
         ]
+        if args.baseline is not None:
+            systems.append(
+                (
+                    f"engine+shared-index, {args.baseline.name}",
+                    lambda w: engine(w, through_link[indexed], args.serve_arg, args.baseline),
+                )
+            )
         # Round by round, so a machine whose load changes meanwhile weighs on all alike.
         samples: dict[str, list[dict]] = {name: [] for name, _ in systems}
         for i in range(args.runs):

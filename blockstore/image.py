@@ -46,6 +46,7 @@ from blockstore.registry import (
 )
 from blockstore.registry.platforms import Platform, host_platform
 from blockstore.registry.referrers import Referrer, list_referrers
+from blockstore.source import BlobSource
 from blockstore.tarlayer.layerindex import TarIndex
 from blockstore.tarlayer.layers import (
     TAR,
@@ -107,7 +108,8 @@ class OpenImage:
         # A compressed layer fills as a whole (decompressed, sealed, its index proven)
         # and asks for its blob's bytes ahead itself: the blob needs neither of its own.
         own = replace(self.prefetch, fill=False, readahead=False) if kind != TAR else None
-        blob = self.blob(layer, own)
+        source, upstream = self._sources(layer)
+        blob = self._cached_blob(layer, source, upstream, own)
         exported = open_tar_layer(
             self.store,
             blob,
@@ -118,6 +120,7 @@ class OpenImage:
             zinfo=zinfo,
             shared=lambda: self._shared_tar_index(layer, kind),
             settings=self.prefetch,
+            source=source,
             name=f"layer{layer.index}",
             description=f"{self.resolved.reference} layer {layer.index} ({layer.digest}, {kind})",
         )
@@ -165,6 +168,11 @@ class OpenImage:
     def blob(self, layer: Layer, settings: PrefetchSettings | None = None) -> CachedBlob:
         """The layer's blob through the cache, with the image's prefetch ``settings``
         unless others are given."""
+        return self._cached_blob(layer, *self._sources(layer), settings)
+
+    def _sources(self, layer: Layer) -> tuple[BlobSource | None, BlobSource | None]:
+        """Where the layer's bytes come from (None offline), and its upstream past any
+        mirror (None without mirrors)."""
         source = upstream = None
         if self.client is not None:
             self._check_size(layer)
@@ -181,6 +189,15 @@ class OpenImage:
                     upstream=upstream or source,
                     on_lying_index=IndexShelf(self.store).drop,
                 )
+        return source, upstream
+
+    def _cached_blob(
+        self,
+        layer: Layer,
+        source: BlobSource | None,
+        upstream: BlobSource | None,
+        settings: PrefetchSettings | None,
+    ) -> CachedBlob:
         blob = CachedBlob(
             self.store,
             layer.digest,

@@ -65,7 +65,9 @@ class IndexedSource:
         return self._index is not None
 
     def read_range(self, offset: int, length: int) -> bytes:
-        return b"".join(self.stream_range(offset, length))
+        """Exactly the bytes asked for (the chunks they are checked in may be longer)."""
+        data = b"".join(self.stream_range(offset, length))
+        return data[: max(0, min(length, self.size - offset))]
 
     def stream_range(self, offset: int, length: int) -> Iterator[bytes]:
         """The range in checked pieces, each a whole chunk (the fetcher asks aligned ranges)."""

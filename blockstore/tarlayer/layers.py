@@ -24,6 +24,7 @@ from blockstore.export import Buffer
 from blockstore.prefetch import PrefetchSettings
 from blockstore.registry import RegistryClient
 from blockstore.registry.manifests import digest_of
+from blockstore.source import BlobSource
 from blockstore.tarlayer.erofs_reader import read_info
 from blockstore.tarlayer.export import (
     DecompressedTar,
@@ -43,7 +44,7 @@ from blockstore.tarlayer.layerindex import (
     index_compressed_tar,
     index_plain_tar,
 )
-from blockstore.tarlayer.pump import SpanPump
+from blockstore.tarlayer.pump import SpanBytes, SpanPump
 from blockstore.tarlayer.tarwalk import RangeFile
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,12 @@ class LayerBlob(Protocol):
     def close(self) -> None: ...
 
 
+class Closing(Protocol):
+    """Something a layer made and closes with it."""
+
+    def close(self) -> None: ...
+
+
 class TarLayer(TarLayerExport):
     """A tar layer's export, with the blob-like verbs ``prefetch`` and ``close``.
 
@@ -114,7 +121,7 @@ class TarLayer(TarLayerExport):
         self,
         index: TarIndex,
         tar: LayerBlob,
-        owned: list[LayerBlob],
+        owned: list[Closing],
         check: SharedIndexCheck | None = None,
         pump: SpanPump | None = None,
         **names: str,
@@ -290,6 +297,7 @@ def open_tar_layer(
     zinfo: Path | None = None,
     shared: Callable[[], TarIndex | None] | None = None,
     settings: PrefetchSettings = _DEFAULT_SETTINGS,
+    source: BlobSource | None = None,
     name: str = "",
     description: str = "",
 ) -> TarLayer:
@@ -352,12 +360,24 @@ def open_tar_layer(
             kind,
         )
     digest, size = index.tar_digest, index.tar_size
-    source = DecompressedTar(index.spans, read, digest, SpanFiller(store, digest, size))
+    owned: list[Closing] = []
+    compressed: ReadRange = read
+    hint = blob.cache
+    if source is not None and online:
+        counters = store.counters
+        span_bytes = SpanBytes(
+            source,
+            blob.read_cached,
+            lambda nbytes: counters.add(requests_fetched=1, bytes_fetched=nbytes),
+        )
+        compressed, hint = span_bytes.read, span_bytes.ahead
+        owned.append(span_bytes)
+    inflated = DecompressedTar(index.spans, compressed, digest, SpanFiller(store, digest, size))
     tar_blob = CachedBlob(
         store,
         digest,
         size,
-        source if online else None,
+        inflated if online else None,
         name=name,
         description=f"{description} (uncompressed)",
         settings=_NO_CHUNK_READAHEAD,
@@ -370,8 +390,9 @@ def open_tar_layer(
             return list(chunks) if record is None else store.missing(record.blob_id, chunks)
 
         rate = settings.fill_rate if settings.fill else 0
-        pump = SpanPump(source, missing, blob.cache, rate=rate)
-    layer = TarLayer(index, tar_blob, [tar_blob], check, pump, name=name, description=description)
+        pump = SpanPump(inflated, missing, hint, rate=rate)
+    owned.insert(0, tar_blob)
+    layer = TarLayer(index, tar_blob, owned, check, pump, name=name, description=description)
     if settings.fill and online:
         layer.fill()
     return layer

@@ -11,19 +11,30 @@ that misses a span the pump has not reached decompresses it at once itself
 (demand first); one the pump is working on waits for that one
 decompression. Every span goes through ``DecompressedTar``, so it is
 checked against its recorded digest and all its chunks are stored.
+
+``SpanBytes`` is where the compressed bytes come from: straight from the
+blob's source, held in memory only until their span is inflated. Only the
+tar's chunks are stored: each compressed byte is checked through the span
+it inflates to (its recorded sha256) and the tar sealed against the
+diff_id, so storing the blob's own chunks as well would only double the
+cache's writes.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from blockstore.cache import CHUNK_SIZE
 from blockstore.cache.layout import chunk_count
-from blockstore.errors import BlockstoreError
+from blockstore.errors import BlobReadError, BlockstoreError
+from blockstore.export import Buffer
 from blockstore.prefetch.feed import Pacer
+from blockstore.source import BlobSource
 from blockstore.tarlayer.export import DecompressedTar
+from blockstore.tarlayer.layerindex import SpanIndex
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +42,86 @@ WORKERS = 2
 """Spans decompressed at once by the pump (readers' own misses come on top)."""
 AHEAD = 4
 """Spans whose compressed bytes are asked for ahead of the one being decompressed."""
+KEPT_AHEAD = 4 * AHEAD
+"""Most ranges fetched ahead and not yet taken (a reader may have taken their spans)."""
 ROUNDS = 3
 """Passes over what is still missing: a chunk shared by two spans needs both."""
+
+
+class SpanBytes:
+    """A compressed blob's ranges for span inflation, fetched ahead, never stored.
+
+    ``ahead(offset, length)`` starts fetching a range on a thread of its own
+    (once: asked again, it is left to ``read``);
+    ``read`` of bytes inside such a range waits for it and takes it (once:
+    a span is inflated once, then served from the cache), else reads them
+    from the cache if they are there (an earlier indexing pass), else from
+    the source.
+    """
+
+    def __init__(
+        self,
+        source: BlobSource,
+        cached: Callable[[int, int], Sequence[Buffer] | None],
+        fetched: Callable[[int], None],
+        *,
+        workers: int = AHEAD,
+    ):
+        """``cached(offset, length)``: those bytes if the cache holds them, else None;
+        ``fetched(nbytes)``: counts a request to the source."""
+        self._source = source
+        self._cached = cached
+        self._fetched = fetched
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="span-fetch")
+        self._ahead: dict[tuple[int, int], Future[bytes]] = {}
+        # Ranges ever fetched ahead: a span is inflated once, even if a chunk it shares
+        # with the next span is not in the cache yet.
+        self._asked: set[tuple[int, int]] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._source.size
+
+    def ahead(self, offset: int, length: int) -> None:
+        """Start fetching ``offset..offset+length`` unless it is already coming."""
+        with self._lock:
+            key = (offset, length)
+            if self._closed or length <= 0 or key in self._asked or len(self._ahead) >= KEPT_AHEAD:
+                return
+            self._asked.add(key)
+            self._ahead[key] = self._pool.submit(self._fetch, offset, length)
+
+    def read(self, offset: int, length: int) -> bytes:
+        end = offset + length
+        with self._lock:
+            key = next((k for k in self._ahead if k[0] <= offset and end <= sum(k)), None)
+            coming = self._ahead.pop(key) if key is not None else None
+        if coming is not None:
+            data = coming.result()
+            return data[offset - key[0] : end - key[0]]  # type: ignore[index]
+        got = self._cached(offset, length)
+        if got is not None:
+            return b"".join(got)
+        return self._fetch(offset, length)
+
+    def _fetch(self, offset: int, length: int) -> bytes:
+        self._fetched(length)
+        try:
+            return self._source.read_range(offset, length)
+        except BlockstoreError:
+            raise
+        except Exception as exc:  # a span fails with EIO, whatever the backend raised
+            raise BlobReadError(f"{self._source.digest}: fetching failed: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pending, self._ahead = list(self._ahead.values()), {}
+        for future in pending:
+            future.cancel()
+        self._pool.shutdown(wait=False)
 
 
 class SpanPump:
@@ -48,7 +137,8 @@ class SpanPump:
         rate: int = 0,
     ):
         """``missing(chunks)``: those of ``chunks`` not in the cache;
-        ``hint(offset, length)``: prefetch compressed bytes soon needed; ``rate``:
+        ``hint(offset, length)``: fetch ahead the compressed bytes of a span soon
+        inflated (``SpanBytes.ahead``); ``rate``:
         compressed bytes per second the pump may take (0: no cap)."""
         self._tar = tar
         self._missing = missing
@@ -106,10 +196,9 @@ class SpanPump:
                 if not self._pacer.take(end - start, self._stop):
                     return
                 # The next spans' compressed bytes come while this one inflates.
-                ahead = min(index + AHEAD, len(spans.points) - 1)
-                if ahead > index:
-                    after = spans.compressed_bounds(ahead)[1]
-                    self._hint(end, max(0, after - end))
+                for later in range(index, min(index + AHEAD + 1, len(spans.points))):
+                    if later == index or not self._cached(later):
+                        self._hint(*_span_range(spans, later))
                 try:
                     self._tar.span(index)
                 except BlockstoreError as exc:
@@ -126,3 +215,9 @@ class SpanPump:
         if failures:
             raise failures[0]
         return not self._stop.is_set()
+
+
+def _span_range(spans: SpanIndex, index: int) -> tuple[int, int]:
+    """(offset, length) of the compressed bytes span ``index`` is inflated from."""
+    start, end = spans.compressed_bounds(index)
+    return start, end - start

@@ -14,10 +14,10 @@ from rig.waiting import wait_for
 from trees import make_tar, populate
 
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
-from blockstore.errors import IntegrityError
+from blockstore.errors import BlobReadError, IntegrityError
 from blockstore.prefetch import PrefetchSettings
 from blockstore.tarlayer.export import SpanFiller
-from blockstore.tarlayer.layerindex import GZIP
+from blockstore.tarlayer.layerindex import GZIP, SpanIndex
 from blockstore.tarlayer.layers import open_tar_layer
 
 SPAN = 256 << 10
@@ -53,9 +53,26 @@ def layer(tmp_path_factory):
     return path, tar, blob
 
 
-def open_layer(store: ChunkStore, layer, settings: PrefetchSettings):
+class FlippingSource(CountingSource):
+    """The blob file with one byte flipped, as a faulty link or registry would send it."""
+
+    def __init__(self, path, digest, at: int):
+        super().__init__(path, digest)
+        self.at = at
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        data = super().read_range(offset, length)
+        if offset <= self.at < offset + len(data):
+            data = bytearray(data)
+            data[self.at - offset] ^= 0x40
+            data = bytes(data)
+        return data
+
+
+def open_layer(store: ChunkStore, layer, settings: PrefetchSettings, *, direct=False, source=None):
+    """``direct``: spans inflate from the blob's source itself, as an image opens them."""
     path, tar, blob = layer
-    source = CountingSource(path, sha(blob))
+    source = source or CountingSource(path, sha(blob))
     # As an image opens it: the blob with the same settings as its layer.
     compressed = CachedBlob(store, sha(blob), len(blob), source, settings=settings)
     opened = open_tar_layer(
@@ -66,6 +83,7 @@ def open_layer(store: ChunkStore, layer, settings: PrefetchSettings):
         diff_id=lambda: sha(tar),
         span=SPAN,
         settings=settings,
+        source=source if direct else None,
     )
     return opened, compressed, source
 
@@ -77,6 +95,16 @@ def forget_what_indexing_kept(store: ChunkStore, layer, source: CountingSource) 
     store.remove(sha(tar))
     store.drop_chunks(sha(blob), range(-(-len(blob) // CHUNK_SIZE)), recheck=False)
     source.asked = 0
+
+
+def index_only(store: ChunkStore, layer) -> SpanIndex:
+    """Index the layer, then keep only its index: the spans, for the next open to use."""
+    opened, compressed, source = open_layer(store, layer, PrefetchSettings(readahead=False))
+    opened.close()
+    compressed.close()  # its prefetch stopped, so nothing stores the blob's chunks again
+    forget_what_indexing_kept(store, layer, source)
+    assert opened.index.spans is not None
+    return opened.index.spans
 
 
 def sealed(store: ChunkStore, digest: str) -> bool:
@@ -123,6 +151,56 @@ def test_without_readahead_a_read_decompresses_only_its_span(layer, tmp_path):
             opened.close()
             compressed.close()
     assert 0 < source.asked < len(blob) // 4
+
+
+def test_spans_inflated_from_the_source_store_the_tar_only(layer, tmp_path):
+    """Spans inflated from the blob's source itself: the tar ends whole in the cache and
+    sealed, reading back byte for byte with no source, while none of the blob's own
+    chunks were stored; the blob is asked for about once."""
+    _, tar, blob = layer
+    with ChunkStore(tmp_path / "cache") as store:
+        index_only(store, layer)
+        opened, compressed, source = open_layer(store, layer, PrefetchSettings(), direct=True)
+        try:
+            opened.read(0, 1024)
+            assert wait_for(lambda: sealed(store, sha(tar)))
+            record = store.lookup(sha(blob))
+            assert record is None or record.present == 0
+        finally:
+            opened.close()
+            compressed.close()
+        offline = CachedBlob(store, sha(tar), len(tar), None)
+        assert b"".join(offline.read(0, len(tar))) == tar
+    assert len(blob) <= source.asked <= len(blob) + CHUNK_SIZE
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["from-source", "through-cache"])
+def test_a_flipped_compressed_byte_fails_its_span_never_serves_wrong_bytes(layer, tmp_path, direct):
+    """A byte flipped in the compressed bytes a span is inflated from: reading that span
+    fails (EIO) and none of its chunks is stored, however its bytes were fetched; the
+    other spans still read right."""
+    path, tar, blob = layer
+    with ChunkStore(tmp_path / "cache") as store:
+        spans = index_only(store, layer)
+        bad = len(spans.points) // 2
+        start, end = spans.compressed_bounds(bad)
+        flipping = FlippingSource(path, sha(blob), (start + end) // 2)
+        opened, compressed, _ = open_layer(
+            store, layer, PrefetchSettings(readahead=False), direct=direct, source=flipping
+        )
+        try:
+            meta = len(opened.index.metadata)
+            lo, hi = spans.bounds(bad)
+            with pytest.raises(BlobReadError):
+                opened.read(meta + lo, min(4096, hi - lo))
+            record = store.lookup(sha(tar))
+            inside = range(-(-lo // CHUNK_SIZE), hi // CHUNK_SIZE)
+            assert record is None or store.missing(record.blob_id, inside) == list(inside)
+            good = spans.bounds(bad - 2)[0]
+            assert b"".join(opened.read(meta + good, 4096)) == tar[good : good + 4096]
+        finally:
+            opened.close()
+            compressed.close()
 
 
 @pytest.mark.parametrize("seed", range(5))
