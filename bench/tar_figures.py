@@ -130,7 +130,12 @@ def engine(work: Path, reference: str, extra: list[str], checkout: Path | None =
     """``checkout``: run the engine of that source tree instead of this one."""
     started = time.perf_counter()
     serve = ["serve", reference, "--insecure", "--listen", "127.0.0.1:0", *extra]
-    env = None if checkout is None else {**os.environ, "PYTHONPATH": str(checkout)}
+    # Safe path: the module comes from ``checkout``, not from the working directory.
+    env = (
+        None
+        if checkout is None
+        else {**os.environ, "PYTHONPATH": str(checkout), "PYTHONSAFEPATH": "1"}
+    )
     argv = [*BLOCKSTORE, *serve, "--cache-dir", str(work / "cache")]
     daemon = Daemon(argv, work / "serve.log", env)
     try:

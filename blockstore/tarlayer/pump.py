@@ -171,16 +171,23 @@ class SpanPump:
         """Decompress what is missing, in order, ``workers`` spans at a time; True once
         every chunk is in the cache, False if stopped first. A span that fails (its
         bytes do not match its digest, a fetch failed) raises ``BlockstoreError``."""
-        for _ in range(ROUNDS):
+        for number in range(ROUNDS):
             todo = self.wanted()
             if not todo:
                 return True
-            if not self._round(todo):
+            if not self._round(todo, first=number == 0):
                 return False
         return not self.wanted()
 
-    def _round(self, todo: list[int]) -> bool:
+    def _round(self, todo: list[int], *, first: bool) -> bool:
+        """One pass over ``todo``; the first skips the spans already inflated (by a
+        reader), whose chunks shared with a neighbour not inflated yet still miss."""
         queue = iter(todo)
+        spans = self._tar.spans
+
+        def done(index: int) -> bool:
+            return (first and self._tar.decompressions[index] > 0) or self._cached(index)
+
         failures: list[BlockstoreError] = []
 
         def work() -> None:
@@ -189,15 +196,14 @@ class SpanPump:
                     index = next(queue, None)
                 if index is None:
                     return
-                if self._cached(index):
+                if done(index):
                     continue
-                spans = self._tar.spans
                 start, end = spans.compressed_bounds(index)
                 if not self._pacer.take(end - start, self._stop):
                     return
                 # The next spans' compressed bytes come while this one inflates.
                 for later in range(index, min(index + AHEAD + 1, len(spans.points))):
-                    if later == index or not self._cached(later):
+                    if later == index or not done(later):
                         self._hint(*_span_range(spans, later))
                 try:
                     self._tar.span(index)
