@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from blockstore.errors import IntegrityError
+from blockstore.tarlayer.fast_inflate import inflate_span, span_stream
 from blockstore.tarlayer.stepped import SteppedReader
 from blockstore.tarlayer.zlib_inflate import GZIP, RAW, Z_BLOCK, Z_STREAM_END, Inflater
 
@@ -203,8 +204,9 @@ def read_span(
     zinfo: Zinfo,
     index: int,
     length: int,
-) -> bytearray:
-    """``length`` uncompressed bytes from checkpoint ``index``, decompressing once.
+) -> bytearray | memoryview:
+    """``length`` uncompressed bytes from checkpoint ``index``, decompressing once
+    (by libdeflate when the system has it, else by zlib).
 
     Reads the compressed bytes from the checkpoint to the next one (or to the
     end). A span never crosses a gzip member's end: each member starts with a
@@ -217,6 +219,16 @@ def read_span(
     else:
         end = compressed_size
     data = read_compressed(start, min(end, compressed_size) - start)
+    if inflate_span is not None:
+        start_bit = 8 - point.bits if point.bits else 0
+        end_bit = None
+        if index + 1 < len(zinfo.checkpoints):
+            after = zinfo.checkpoints[index + 1]
+            end_bit = after.compressed * 8 - after.bits - start * 8
+        stream = span_stream(data, start_bit, end_bit, point.window)
+        made = inflate_span(*stream, length) if stream is not None else None
+        if made is not None:
+            return made
     inf = Inflater(RAW)
     if point.bits:
         inf.prime(point.bits, data[0] >> (8 - point.bits))

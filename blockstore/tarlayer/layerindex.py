@@ -72,10 +72,10 @@ class SpanIndex:
             return start, self.compressed_size
         return start, min(self.compressed_size, self.points[index + 1][0] + (self.kind == GZIP))
 
-    def decompress(self, index: int, read_compressed: ReadRange) -> bytes | bytearray:
+    def decompress(self, index: int, read_compressed: ReadRange) -> bytes | bytearray | memoryview:
         """The uncompressed bytes of span ``index``, checked against the verified pass."""
         start, end = self.bounds(index)
-        data: bytes | bytearray
+        data: bytes | bytearray | memoryview
         if self.kind == GZIP:
             assert self.zinfo is not None
             data = read_span(read_compressed, self.compressed_size, self.zinfo, index, end - start)

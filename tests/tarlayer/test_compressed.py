@@ -14,6 +14,7 @@ import pytest
 from trees import make_tar
 
 from blockstore.errors import IntegrityError
+from blockstore.tarlayer import gzindex
 from blockstore.tarlayer.erofs_reader import read_metadata
 from blockstore.tarlayer.gzindex import POINT_SIZE, WINDOW, GzipIndexer, Zinfo
 from blockstore.tarlayer.layerindex import GZIP, ZSTD, SpanIndex, index_compressed_tar
@@ -194,3 +195,35 @@ def test_decode_frames_refuses_a_cut_frame():
     assert decode_frames(frame + frame) == b"abc" * 2000
     with pytest.raises(IntegrityError):
         decode_frames(frame[:-3])
+
+
+@pytest.mark.skipif(gzindex.inflate_span is None, reason="no libdeflate on this system")
+@pytest.mark.parametrize("level", ["-1", "-6", "-9", "two-members"])
+def test_libdeflate_inflates_every_span_as_zlib_does(layer_tar, level, monkeypatch):
+    """Each span handed to libdeflate as a stream of its own (the window as a stored
+    block, its blocks shifted to a byte, an empty final block where the next span
+    starts) inflates to exactly the bytes zlib resumes to from the checkpoint: at every
+    compression level, for the last span, and across two gzip members."""
+    if level == "two-members":
+        half = len(layer_tar) // 3
+        blob = compress(["gzip", "-c"], layer_tar[:half]) + compress(
+            ["gzip", "-9", "-c"], layer_tar[half:]
+        )
+    else:
+        blob = compress(["gzip", level, "-c"], layer_tar)
+    zinfo, size = GzipIndexer(io.BytesIO(blob), span=SPAN).finish()
+    points = zinfo.checkpoints
+    assert {p.bits for p in points} - {0}, "some span must start inside a byte"
+
+    def read(o: int, n: int) -> bytes:
+        return blob[o : o + n]
+
+    for i, point in enumerate(points):
+        end = points[i + 1].uncompressed if i + 1 < len(points) else size
+        length = end - point.uncompressed
+        fast = gzindex.read_span(read, len(blob), zinfo, i, length)
+        assert isinstance(fast, memoryview), f"span {i} fell back to zlib"
+        with monkeypatch.context() as m:
+            m.setattr(gzindex, "inflate_span", None)
+            slow = gzindex.read_span(read, len(blob), zinfo, i, length)
+        assert fast == slow == layer_tar[point.uncompressed : end]
