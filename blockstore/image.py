@@ -109,7 +109,7 @@ class OpenImage:
         # and asks for its blob's bytes ahead itself: the blob needs neither of its own.
         own = replace(self.prefetch, fill=False, readahead=False) if kind != TAR else None
         source, upstream = self._sources(layer)
-        blob = self._cached_blob(layer, source, upstream, own)
+        blob = self._cached_blob(layer, self._checked(layer, source, upstream), upstream, own)
         exported = open_tar_layer(
             self.store,
             blob,
@@ -168,7 +168,8 @@ class OpenImage:
     def blob(self, layer: Layer, settings: PrefetchSettings | None = None) -> CachedBlob:
         """The layer's blob through the cache, with the image's prefetch ``settings``
         unless others are given."""
-        return self._cached_blob(layer, *self._sources(layer), settings)
+        source, upstream = self._sources(layer)
+        return self._cached_blob(layer, self._checked(layer, source, upstream), upstream, settings)
 
     def _sources(self, layer: Layer) -> tuple[BlobSource | None, BlobSource | None]:
         """Where the layer's bytes come from (None offline), and its upstream past any
@@ -181,15 +182,19 @@ class OpenImage:
             if self.client.mirrors:
                 # A mirror may have sent bytes that fail the digest: the upstream decides.
                 upstream = TimedSource(remote.from_upstream())
-            index = self.chunk_indexes.get(layer.digest)
-            if index is not None:
-                source = IndexedSource(
-                    source,
-                    index,
-                    upstream=upstream or source,
-                    on_lying_index=IndexShelf(self.store).drop,
-                )
         return source, upstream
+
+    def _checked(
+        self, layer: Layer, source: BlobSource | None, upstream: BlobSource | None
+    ) -> BlobSource | None:
+        """``source`` checked chunk by chunk against the layer's chunk index, if it has
+        one."""
+        index = self.chunk_indexes.get(layer.digest)
+        if source is None or index is None:
+            return source
+        return IndexedSource(
+            source, index, upstream=upstream or source, on_lying_index=IndexShelf(self.store).drop
+        )
 
     def _cached_blob(
         self,

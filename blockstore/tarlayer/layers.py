@@ -307,7 +307,9 @@ def open_tar_layer(
     ``diff_id`` is asked only when an index must be built (it may fetch the
     image config). Offline, a layer never indexed fails with ``NotCached``.
     ``blob`` stays the caller's to close. ``settings``: span readahead follows
-    ``readahead``, and ``fill`` starts it at open.
+    ``readahead``, and ``fill`` starts it at open. ``source``: the blob's own source,
+    which spans checked by their own sha256 are then inflated from without storing the
+    blob's bytes (``SpanBytes``); others (a local zinfo's) are read through ``blob``.
     """
     read = _read_all(blob)
     check = None
@@ -363,7 +365,7 @@ def open_tar_layer(
     owned: list[Closing] = []
     compressed: ReadRange = read
     hint = blob.cache
-    if source is not None and online:
+    if source is not None and online and index.spans.digests is not None:
         counters = store.counters
         span_bytes = SpanBytes(
             source,

@@ -52,7 +52,8 @@ class SpanBytes:
     """A compressed blob's ranges for span inflation, fetched ahead, never stored.
 
     ``ahead(offset, length)`` starts fetching a range on a thread of its own
-    (once: asked again, it is left to ``read``);
+    (once, and not one a reader fetched itself: asked again, it is left to
+    ``read``);
     ``read`` of bytes inside such a range waits for it and takes it (once:
     a span is inflated once, then served from the cache), else reads them
     from the cache if they are there (an earlier indexing pass), else from
@@ -77,6 +78,7 @@ class SpanBytes:
         # Ranges ever fetched ahead: a span is inflated once, even if a chunk it shares
         # with the next span is not in the cache yet.
         self._asked: set[tuple[int, int]] = set()
+        self._read: list[int] = []  # the middles of ranges a reader fetched itself
         self._lock = threading.Lock()
         self._closed = False
 
@@ -88,7 +90,13 @@ class SpanBytes:
         """Start fetching ``offset..offset+length`` unless it is already coming."""
         with self._lock:
             key = (offset, length)
-            if self._closed or length <= 0 or key in self._asked or len(self._ahead) >= KEPT_AHEAD:
+            if (
+                self._closed
+                or length <= 0
+                or key in self._asked
+                or len(self._ahead) >= KEPT_AHEAD
+                or any(offset <= middle < offset + length for middle in self._read)
+            ):
                 return
             self._asked.add(key)
             self._ahead[key] = self._pool.submit(self._fetch, offset, length)
@@ -104,6 +112,8 @@ class SpanBytes:
         got = self._cached(offset, length)
         if got is not None:
             return b"".join(got)
+        with self._lock:
+            self._read.append(offset + length // 2)
         return self._fetch(offset, length)
 
     def _fetch(self, offset: int, length: int) -> bytes:
