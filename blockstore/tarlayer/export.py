@@ -36,7 +36,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _DIGEST = 80  # room for "sha256:" and 64 hex digits in a cached index record
-SPANS_KEPT = 4  # decompressed spans kept in memory: a span's chunks are asked for one by one
+SPANS_KEPT = 10
+"""Decompressed spans kept in memory: a span's chunks are asked for one by one, and the
+spans waiting for ``SpanWriter`` are served from here."""
 
 
 class RangeReader(Protocol):
@@ -204,6 +206,12 @@ class SpanFiller:
         self._lock = threading.Lock()
 
     def __call__(self, offset: int, data: Buffer) -> None:
+        self.put(self.runs(offset, data))
+
+    def runs(self, offset: int, data: Buffer) -> list[tuple[int, Sequence[Buffer]]]:
+        """The runs of whole chunks ``data`` at ``offset`` completes, to be ``put``: its
+        own, and any chunk its edges finish with pieces kept from a neighbour."""
+        out: list[tuple[int, Sequence[Buffer]]] = []
         size = self._size
         end = offset + len(data)
         whole_from = min(-(-offset // CHUNK_SIZE) * CHUNK_SIZE, end)
@@ -214,14 +222,15 @@ class SpanFiller:
                 view[pos - offset : min(pos + CHUNK_SIZE, whole_to) - offset]
                 for pos in range(whole_from, whole_to, CHUNK_SIZE)
             ]
-            self._put(whole_from // CHUNK_SIZE, chunks)
+            out.append((whole_from // CHUNK_SIZE, chunks))
         if offset < whole_from:
-            self._piece(offset, bytes(view[: whole_from - offset]))
+            out += self._piece(offset, bytes(view[: whole_from - offset]))
         if whole_to < end:
-            self._piece(whole_to, bytes(view[whole_to - offset :]))
+            out += self._piece(whole_to, bytes(view[whole_to - offset :]))
+        return out
 
-    def _piece(self, offset: int, data: bytes) -> None:
-        """Keep a piece of a chunk; store the chunk once its pieces cover it."""
+    def _piece(self, offset: int, data: bytes) -> list[tuple[int, Sequence[Buffer]]]:
+        """Keep a piece of a chunk; the chunk as a run once its pieces cover it."""
         index = offset // CHUNK_SIZE
         base = index * CHUNK_SIZE
         length = min(CHUNK_SIZE, self._size - base)
@@ -229,17 +238,81 @@ class SpanFiller:
             pieces = self._pieces.setdefault(index, {})
             pieces[offset - base] = data
             if sum(len(p) for p in pieces.values()) < length:
-                return
+                return []
             del self._pieces[index]
         chunk = b"".join(pieces[at] for at in sorted(pieces))
-        if len(chunk) == length:  # a span's bytes are checked: its pieces tile the chunk
-            self._put(index, [chunk])
+        # A span's bytes are checked: its pieces tile the chunk.
+        return [(index, [chunk])] if len(chunk) == length else []
 
-    def _put(self, first: int, chunks: Sequence[Buffer]) -> None:
+    def put(self, runs: Sequence[tuple[int, Sequence[Buffer]]]) -> None:
+        """Store ``runs`` in one commit."""
+        if not runs:
+            return
         try:
-            self._store.store_chunks(self._digest, self._size, first, chunks)
+            self._store.store_runs(self._digest, self._size, runs)
         except (CacheError, IntegrityError) as exc:  # costs only the caching
-            log.warning("%s: chunks from %d not cached: %s", self._digest, first, exc)
+            log.warning("%s: chunks from %d not cached: %s", self._digest, runs[0][0], exc)
+
+
+class SpanWriter:
+    """Stores the spans handed to it on a thread of its own, all that wait in one commit.
+
+    The threads that inflate spans then never wait for the cache's one
+    writer, and a commit (an fsync) covers several spans. At most
+    ``WAITING`` spans wait; more makes the inflating thread wait. A span
+    handed here is kept by ``DecompressedTar`` until stored (it holds
+    ``SPANS_KEPT`` of them), so readers are served from it meanwhile.
+    """
+
+    WAITING = 4
+
+    def __init__(self, fill: SpanFiller):
+        self._fill = fill
+        self._waiting: deque[tuple[int, Buffer]] = deque()
+        self._busy = False
+        self._closed = False
+        self._changed = threading.Condition()
+        threading.Thread(target=self._run, name="span-store", daemon=True).start()
+
+    def __call__(self, offset: int, data: Buffer) -> None:
+        with self._changed:
+            while len(self._waiting) >= self.WAITING and not self._closed:
+                self._changed.wait()
+            if not self._closed:
+                self._waiting.append((offset, data))
+                self._changed.notify_all()
+
+    def flush(self) -> None:
+        """Wait until every span handed over is stored."""
+        with self._changed:
+            while (self._waiting or self._busy) and not self._closed:
+                self._changed.wait()
+
+    def close(self) -> None:
+        """Stop; spans still waiting are not stored (they cost only the caching)."""
+        with self._changed:
+            self._closed = True
+            self._waiting.clear()
+            self._changed.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._waiting and not self._closed:
+                    self._changed.wait()
+                if self._closed:
+                    return
+                taken = list(self._waiting)
+                self._waiting.clear()
+                self._busy = True
+                self._changed.notify_all()
+            try:
+                runs = [run for offset, data in taken for run in self._fill.runs(offset, data)]
+                self._fill.put(runs)
+            finally:
+                with self._changed:
+                    self._busy = False
+                    self._changed.notify_all()
 
 
 class PassFill:

@@ -31,6 +31,7 @@ from blockstore.tarlayer.export import (
     IndexCache,
     PassFill,
     SpanFiller,
+    SpanWriter,
     TarLayerExport,
     cached_or_built,
 )
@@ -374,7 +375,12 @@ def open_tar_layer(
         )
         compressed, hint = span_bytes.read, span_bytes.ahead
         owned.append(span_bytes)
-    inflated = DecompressedTar(index.spans, compressed, digest, SpanFiller(store, digest, size))
+    pumping = online and (settings.readahead or settings.fill)
+    keep: Callable[[int, Buffer], None] = SpanFiller(store, digest, size)
+    if pumping:
+        keep = writer = SpanWriter(keep)
+        owned.append(writer)
+    inflated = DecompressedTar(index.spans, compressed, digest, keep)
     tar_blob = CachedBlob(
         store,
         digest,
@@ -385,14 +391,14 @@ def open_tar_layer(
         settings=_NO_CHUNK_READAHEAD,
     )
     pump = None
-    if online and (settings.readahead or settings.fill):
+    if pumping:
 
         def missing(chunks: range) -> list[int]:
             record = store.lookup(digest)
             return list(chunks) if record is None else store.missing(record.blob_id, chunks)
 
         rate = settings.fill_rate if settings.fill else 0
-        pump = SpanPump(inflated, missing, hint, rate=rate)
+        pump = SpanPump(inflated, missing, hint, writer.flush, rate=rate)
     owned.insert(0, tar_blob)
     layer = TarLayer(index, tar_blob, owned, check, pump, name=name, description=description)
     if settings.fill and online:

@@ -142,17 +142,20 @@ class SpanPump:
         tar: DecompressedTar,
         missing: Callable[[range], list[int]],
         hint: Callable[[int, int], None],
+        flush: Callable[[], None],
         *,
         workers: int = WORKERS,
         rate: int = 0,
     ):
         """``missing(chunks)``: those of ``chunks`` not in the cache;
         ``hint(offset, length)``: fetch ahead the compressed bytes of a span soon
-        inflated (``SpanBytes.ahead``); ``rate``:
+        inflated (``SpanBytes.ahead``); ``flush()``: waits until the spans inflated
+        are stored (``SpanWriter.flush``); ``rate``:
         compressed bytes per second the pump may take (0: no cap)."""
         self._tar = tar
         self._missing = missing
         self._hint = hint
+        self._flush = flush
         self._workers = workers
         self._pacer = Pacer(rate)
         self._stop = threading.Event()
@@ -185,7 +188,9 @@ class SpanPump:
             todo = self.wanted()
             if not todo:
                 return True
-            if not self._round(todo, first=number == 0):
+            finished = self._round(todo, first=number == 0)
+            self._flush()
+            if not finished:
                 return False
         return not self.wanted()
 

@@ -7,6 +7,7 @@ import hashlib
 import itertools
 import os
 import random
+import threading
 
 import pytest
 from rig.local_source import LocalFileSource
@@ -16,7 +17,7 @@ from trees import make_tar, populate
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
 from blockstore.errors import BlobReadError, IntegrityError
 from blockstore.prefetch import PrefetchSettings
-from blockstore.tarlayer.export import SpanFiller
+from blockstore.tarlayer.export import SpanFiller, SpanWriter
 from blockstore.tarlayer.layerindex import GZIP, SpanIndex
 from blockstore.tarlayer.layers import open_tar_layer
 
@@ -218,6 +219,35 @@ def test_span_filler_stores_every_chunk_whatever_the_span_order(tmp_path, seed):
             fill(start, data[start:end])
         cached = CachedBlob(store, sha(data), len(data), None)
         assert b"".join(cached.read(0, len(data))) == data
+
+
+def test_span_writer_stores_every_span_handed_over_by_the_flush(tmp_path):
+    """Spans handed to the writer from two threads, in random order, more than it lets
+    wait: once ``flush`` returns every chunk is stored with exactly its bytes; after
+    ``close`` nothing more is taken."""
+    rng = random.Random(7)
+    data = rng.randbytes(40 * CHUNK_SIZE + 999)
+    cuts = sorted({0, len(data), *(rng.randrange(len(data)) for _ in range(20))})
+    spans = list(itertools.pairwise(cuts))
+    rng.shuffle(spans)
+    with ChunkStore(tmp_path / "cache") as store:
+        writer = SpanWriter(SpanFiller(store, sha(data), len(data)))
+
+        def hand(part: list[tuple[int, int]]) -> None:
+            for start, end in part:
+                writer(start, memoryview(data)[start:end])
+
+        threads = [threading.Thread(target=hand, args=(spans[i::2],)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        writer.flush()
+        cached = CachedBlob(store, sha(data), len(data), None)
+        assert b"".join(cached.read(0, len(data))) == data
+        writer.close()
+        writer(0, data)  # refused once closed, without waiting
+        writer.flush()
 
 
 def test_indexing_a_gzip_layer_here_stores_its_tar_as_it_goes(layer, tmp_path):
