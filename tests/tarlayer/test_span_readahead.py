@@ -17,7 +17,7 @@ from trees import make_tar, populate
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
 from blockstore.errors import BlobReadError, IntegrityError
 from blockstore.prefetch import PrefetchSettings
-from blockstore.tarlayer.export import SpanFiller, SpanWriter
+from blockstore.tarlayer.export import IndexCache, SpanFiller, SpanWriter
 from blockstore.tarlayer.layerindex import GZIP, SpanIndex
 from blockstore.tarlayer.layers import open_tar_layer
 
@@ -98,12 +98,15 @@ def forget_what_indexing_kept(store: ChunkStore, layer, source: CountingSource) 
     source.asked = 0
 
 
-def index_only(store: ChunkStore, layer) -> SpanIndex:
-    """Index the layer, then keep only its index: the spans, for the next open to use."""
-    opened, compressed, source = open_layer(store, layer, PrefetchSettings(readahead=False))
-    opened.close()
-    compressed.close()  # its prefetch stopped, so nothing stores the blob's chunks again
-    forget_what_indexing_kept(store, layer, source)
+def index_only(store: ChunkStore, layer, tmp_path) -> SpanIndex:
+    """The layer's index, built in a cache of its own and then kept in ``store`` alone:
+    no chunk of the blob or the tar the indexing read or stored is in ``store``."""
+    _, _, blob = layer
+    with ChunkStore(tmp_path / "indexing") as elsewhere:
+        opened, compressed, _ = open_layer(elsewhere, layer, PrefetchSettings(readahead=False))
+        opened.close()
+        compressed.close()
+    IndexCache(store).save(sha(blob), SPAN, opened.index)
     assert opened.index.spans is not None
     return opened.index.spans
 
@@ -160,7 +163,7 @@ def test_spans_inflated_from_the_source_store_the_tar_only(layer, tmp_path):
     chunks were stored; the blob is asked for about once."""
     _, tar, blob = layer
     with ChunkStore(tmp_path / "cache") as store:
-        index_only(store, layer)
+        index_only(store, layer, tmp_path)
         opened, compressed, source = open_layer(store, layer, PrefetchSettings(), direct=True)
         try:
             opened.read(0, 1024)
@@ -182,7 +185,7 @@ def test_a_flipped_compressed_byte_fails_its_span_never_serves_wrong_bytes(layer
     other spans still read right."""
     path, tar, blob = layer
     with ChunkStore(tmp_path / "cache") as store:
-        spans = index_only(store, layer)
+        spans = index_only(store, layer, tmp_path)
         bad = len(spans.points) // 2
         start, end = spans.compressed_bounds(bad)
         flipping = FlippingSource(path, sha(blob), (start + end) // 2)
