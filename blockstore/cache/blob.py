@@ -11,6 +11,7 @@ arrive) and again by the store in the transaction that stores them.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -47,6 +48,8 @@ PREFETCH_STEP = 32 << 20  # bytes asked of the fetcher at a time by prefetch()
 FILL_ROUNDS = 3  # passes of the background fill over what is still missing
 REPLAY_SPAN = 32 << 20  # trace entries (in bytes of chunks) sorted and merged at a time
 PACE_STEP = 0.25  # seconds of a capped fill's bandwidth asked for in one range
+WALK_YIELDS_TO = 512 << 10
+"""The directory walk ends once a client reads a stream with a readahead window this large."""
 
 
 class CachedBlob:
@@ -568,32 +571,26 @@ class CachedBlob:
         self._plan(0, end, PREFETCH)
 
     def _walk_directories(self) -> None:
-        """Fetch every directory's inode and entries, in ``find``'s order, at prefetch
-        priority (see ``erofs_tree``); a blob that is not EROFS is left alone."""
+        """Fetch every directory's inode and entries, in ``find``'s order (see
+        ``erofs_tree``); a blob that is not EROFS is left alone."""
+        done = threading.Event()
+
+        def bulk_reader() -> bool:
+            """A client copying the image (nbdcopy) reads every directory anyway: the
+            walk's small requests would only cut into its stream."""
+            if self._stop.is_set() or self._readahead.longest() >= WALK_YIELDS_TO:
+                done.set()
+            return done.is_set()
+
+        read = _WalkReader(self._load, self._fetcher.fetch, self._size, bulk_reader)  # type: ignore[union-attr]
         try:
-            geometry = erofs.geometry(self._peek(0, min(self._size, erofs.HEAD)))
+            geometry = erofs.geometry(read(0, min(self._size, erofs.HEAD)))
             if geometry is not None:
-                count = erofs_tree.walk(geometry, self._peek, self._stop)
+                count = erofs_tree.walk(geometry, read, done)
                 log.debug("%s: walked %d directories", self._digest, count)
         except Exception as exc:  # best effort, as all prefetch
             if not self._stop.is_set():
                 log.warning("%s: directory walk stopped: %s", self._digest, exc)
-
-    def _peek(self, offset: int, length: int) -> bytes:
-        """Bytes for the directory walk: from the cache, else fetched as a demand read, for
-        they are the listing's own reads a moment early (and a listing waits for each in
-        turn). Not a client's read: not counted as served, not traced, no readahead."""
-        end = min(self._size, offset + length)
-        if end <= offset:
-            return b""
-        indices = range(offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1)
-        have = self._load(indices)
-        missing = [i for i in indices if i not in have]
-        if missing:
-            have.update(self._fetcher.fetch(missing))  # type: ignore[union-attr]
-        data = b"".join(bytes(have[i]) for i in indices)
-        base = indices[0] * CHUNK_SIZE
-        return data[offset - base : end - base]
 
     def _replay(self, trace: Trace) -> None:
         """Prefetch the trace's chunks, in its order, paced by the prefetch budget."""
@@ -646,3 +643,52 @@ class CachedBlob:
             self._sums = self._store.sealed_sums(self._digest)
             self._whole = True
             log.info("%s: filled and sealed", self._digest)
+
+
+class _WalkReader:
+    """Bytes for the directory walk, each chunk looked up or fetched once per walk.
+
+    A chunk holds many inodes and directory blocks; checking it in the cache
+    again for each of them cost more CPU than the walk saved a cold copy.
+    Missing chunks are fetched as demand reads, for they are the listing's own
+    reads a moment early (and a listing waits for each in turn). Not a
+    client's read: not counted as served, not traced, no readahead.
+    """
+
+    KEPT = 256  # chunks held (8 MiB): the walk goes through the image roughly in order
+
+    def __init__(
+        self,
+        load: Callable[[Sequence[int]], dict[int, Buffer]],
+        fetch: Callable[[list[int]], dict[int, Buffer]],
+        size: int,
+        done: Callable[[], bool],
+    ):
+        self._load = load
+        self._fetch = fetch
+        self._size = size
+        self._done = done
+        self._chunks: dict[int, bytes] = {}
+
+    def __call__(self, offset: int, length: int) -> bytes:
+        end = min(self._size, offset + length)
+        if end <= offset:
+            return b""
+        indices = range(offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1)
+        parts = {i: self._chunks.get(i) for i in indices}
+        wanted = [i for i, part in parts.items() if part is None]
+        if wanted:
+            found = self._load(wanted)
+            missing = [i for i in wanted if i not in found]
+            if missing:
+                if self._done():
+                    raise BlobReadError("the directory walk has ended")
+                found.update(self._fetch(missing))
+            for index in wanted:
+                parts[index] = self._chunks[index] = bytes(found[index])
+            with contextlib.suppress(KeyError, RuntimeError):  # another walker evicted
+                while len(self._chunks) > self.KEPT:
+                    del self._chunks[next(iter(self._chunks))]
+        base = indices[0] * CHUNK_SIZE
+        data = b"".join(parts.values()) if len(parts) > 1 else parts[indices[0]]
+        return data[offset - base : end - base]  # type: ignore[index]

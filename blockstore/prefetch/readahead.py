@@ -78,6 +78,11 @@ class Readahead:
         """Cap the windows by the link's current window from now on."""
         self._ceiling = ceiling
 
+    def longest(self) -> int:
+        """The largest window of any stream: how much of a bulk reader this client is."""
+        with self._lock:
+            return max((s.window for s in self._streams.values()), default=0)
+
     def windows(self) -> list[int]:
         """Each stream's latest window, most recently used last (for tests and stats)."""
         with self._lock:
