@@ -19,8 +19,11 @@ MAX_SPAN = 8 << 20
 """The start request never exceeds this, however the metadata is spread."""
 
 _SB = struct.Struct("<IIIBBHQQIIII")  # magic .. meta_blkaddr, xattr_blkaddr
-_COMPACT = struct.Struct("<HHHHIIIIHHI")  # 32-byte inode
+_FORMAT = struct.Struct("<HHH")  # i_format, i_xattr_icount, i_mode
+_COMPACT_SIZE_U = struct.Struct("<I4xI")  # i_size, (i_mtime), i_u at offset 8
+_EXTENDED_SIZE_U = struct.Struct("<QI")  # i_size, i_u at offset 8
 FLAT_PLAIN, FLAT_INLINE = 0, 2
+S_IFMT, S_IFDIR = 0o170000, 0o040000
 
 
 @dataclass(frozen=True)
@@ -61,28 +64,46 @@ def start_span(head: bytes, inode: bytes, size: int) -> tuple[int, int]:
     block when the root directory lies too far away or is not flat.
     """
     where = root_inode_offset(head)
-    if where is None or len(inode) < _COMPACT.size:
+    if where is None or len(inode) < 32:
         return 0, min(size, HEAD)
     offset, block = where
-    i_format = struct.unpack_from("<H", inode)[0]
-    extended = i_format & 1
-    layout = (i_format >> 1) & 7
-    if extended:
-        if len(inode) < 64:
-            return 0, min(size, max(HEAD, offset + 64))
-        i_size, raw_blkaddr = struct.unpack_from("<QI", inode, 8)
-        inode_len = 64
-    else:
-        i_size, raw_blkaddr = struct.unpack_from("<I4xI", inode, 8)
-        inode_len = 32
-    end = offset + inode_len
-    if layout in (FLAT_PLAIN, FLAT_INLINE):
-        full_blocks = i_size // block if layout == FLAT_INLINE else -(-i_size // block)
-        if full_blocks:
-            end = max(end, raw_blkaddr * block + full_blocks * block)
-        if layout == FLAT_INLINE:
-            end = max(end, offset + inode_len + i_size % block)
+    inode_end = offset + (64 if _FORMAT.unpack_from(inode)[0] & 1 else 32)
+    ranges = directory_ranges(inode, offset, block) or []
+    end = max([inode_end] + [start + length for start, length in ranges])
     end = min(size, max(end, HEAD))
     if end > MAX_SPAN:
-        end = min(size, max(HEAD, offset + inode_len))
+        end = min(size, max(HEAD, inode_end))
     return 0, end
+
+
+def directory_ranges(inode: bytes, offset: int, block: int) -> list[tuple[int, int]] | None:
+    """The byte ranges holding a directory's entries, from its inode's first bytes.
+
+    ``inode`` is read at ``offset``. None when the inode is not a directory
+    or its layout is not a flat one (``mkfs.erofs`` writes directories flat).
+    """
+    if len(inode) < 32:
+        return None
+    i_format, xattr_count, mode = _FORMAT.unpack_from(inode)
+    if mode & S_IFMT != S_IFDIR:
+        return None
+    extended = i_format & 1
+    layout = (i_format >> 1) & 7
+    if layout not in (FLAT_PLAIN, FLAT_INLINE):
+        return None
+    if extended:
+        if len(inode) < 64:
+            return None
+        size, raw_blkaddr = _EXTENDED_SIZE_U.unpack_from(inode, 8)
+        inode_size = 64
+    else:
+        size, raw_blkaddr = _COMPACT_SIZE_U.unpack_from(inode, 8)
+        inode_size = 32
+    xattrs = 12 + (xattr_count - 1) * 4 if xattr_count else 0
+    if layout == FLAT_PLAIN:
+        return [(raw_blkaddr * block, size)] if size else []
+    full, tail = divmod(size, block)
+    ranges = [(raw_blkaddr * block, full * block)] if full else []
+    if tail:
+        ranges.append((offset + inode_size + xattrs, tail))
+    return ranges

@@ -10,7 +10,7 @@ entries in their on-disk order, which EROFS keeps sorted by name). It
 starts when the export opens, before the mount does, so the listing finds
 its directories already fetched instead of waiting for each in turn.
 
-The parsing here is pure (bytes in, ranges and entries out); ``walk`` does
+The parsing here (and in ``erofs``) is pure: bytes in, ranges and entries out; ``walk`` does
 the reading through a callable, on a few threads.
 """
 
@@ -22,56 +22,18 @@ import struct
 import threading
 from collections.abc import Callable
 
-from .erofs import Geometry
+from .erofs import Geometry, directory_ranges
 
 log = logging.getLogger(__name__)
 
-_FORMAT = struct.Struct("<HHH")  # i_format, i_xattr_icount, i_mode
-_COMPACT_SIZE_U = struct.Struct("<I4xI")  # i_size, (i_mtime), i_u at offset 8
-_EXTENDED_SIZE_U = struct.Struct("<QI")  # i_size, i_u at offset 8
 _DIRENT = struct.Struct("<QHBx")  # nid, nameoff, file_type
-FLAT_PLAIN, FLAT_INLINE = 0, 2
 FT_DIR = 2
-S_IFMT, S_IFDIR = 0o170000, 0o040000
 INODE_READ = 64
 """Bytes read at an inode's place: an extended inode, or a compact one and the start of
 what follows it (inline xattrs or data)."""
 MAX_DIRECTORIES = 20_000
 """The walk stops after this many directories, however large the tree."""
 WORKERS = 8
-
-
-def directory_ranges(inode: bytes, offset: int, block: int) -> list[tuple[int, int]] | None:
-    """The byte ranges holding a directory's entries, from its inode's first bytes.
-
-    ``inode`` is read at ``offset``. None when the inode is not a directory
-    or its layout is not a flat one (``mkfs.erofs`` writes directories flat).
-    """
-    if len(inode) < 32:
-        return None
-    i_format, xattr_count, mode = _FORMAT.unpack_from(inode)
-    if mode & S_IFMT != S_IFDIR:
-        return None
-    extended = i_format & 1
-    layout = (i_format >> 1) & 7
-    if layout not in (FLAT_PLAIN, FLAT_INLINE):
-        return None
-    if extended:
-        if len(inode) < 64:
-            return None
-        size, raw_blkaddr = _EXTENDED_SIZE_U.unpack_from(inode, 8)
-        inode_size = 64
-    else:
-        size, raw_blkaddr = _COMPACT_SIZE_U.unpack_from(inode, 8)
-        inode_size = 32
-    xattrs = 12 + (xattr_count - 1) * 4 if xattr_count else 0
-    if layout == FLAT_PLAIN:
-        return [(raw_blkaddr * block, size)] if size else []
-    full, tail = divmod(size, block)
-    ranges = [(raw_blkaddr * block, full * block)] if full else []
-    if tail:
-        ranges.append((offset + inode_size + xattrs, tail))
-    return ranges
 
 
 def subdirectories(data: bytes, block: int) -> list[int]:
