@@ -98,10 +98,15 @@ class System:
     def stop(self) -> None:
         for daemon in self.daemons:
             daemon.stop()
+        if self.daemons:
+            self.stopped()
         self.daemons.clear()
         for directory in self.scratch:
             shutil.rmtree(directory, ignore_errors=True)
         self.scratch.clear()
+
+    def stopped(self) -> None:
+        """After the servers stopped, before their scratch directories go: what to keep."""
 
     def scratch_dir(self, prefix: str) -> Path:
         directory = self.rig.scratch(prefix)
@@ -147,16 +152,13 @@ class Engine(System):
         extra = ["--offline"] if self.mode == "offline" else []
         return [self.serve(self.rig.reference, cache, extra) for _ in range(servers)]
 
-    def stop(self) -> None:
-        """Stop the servers, then read what they served from the cold cache's counters
-        (kept at close): the clients' own reads, before any chunk rounding or prefetch."""
-        for daemon in self.daemons:
-            daemon.stop()
-        if self.mode in FROM_REGISTRY and self.daemons:
+    def stopped(self) -> None:
+        """Read what the servers served from the cold cache's counters (kept at close):
+        the clients' own reads, before any chunk rounding or prefetch."""
+        if self.mode in FROM_REGISTRY:
             self.bytes_served = cache_stats(self.cache)["bytes_served"]
             if self.mode == "cold":
                 self.keep_trace()
-        super().stop()
 
     def keep_trace(self) -> None:
         """Export what this cold run recorded, for the traced mode's next run."""
