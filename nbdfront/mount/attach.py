@@ -26,6 +26,13 @@ NBDFUSE = "nbdfuse"
 KERNEL = "kernel"
 
 ATTACH_TIMEOUT = 15.0
+FUSE_CONNECTIONS = 1
+"""NBD connections nbdfuse opens for one export. Its default is four when the
+server offers multi-conn; the kernel's reads through FUSE come at low depth,
+and spread over four connections each one wakes a different server thread.
+One connection, on which nbdfuse still keeps several reads in flight, ran
+the mount stack (``find`` and every file read) about a fifth faster, against
+this server and against ``nbdkit file`` alike."""
 
 
 @dataclass
@@ -106,7 +113,11 @@ def _attach_nbdfuse(uri: str, export: str, workdir: Path, log_path: Path) -> Att
     pidfile.unlink(missing_ok=True)
     device = fuse_dir / (export or "default")
     proc = spawn_detached(
-        [NBDFUSE, "--readonly", "--pidfile", str(pidfile), str(device), uri], log_path
+        [
+            *(NBDFUSE, "--readonly", "--connections", str(FUSE_CONNECTIONS)),
+            *("--pidfile", str(pidfile), str(device), uri),
+        ],
+        log_path,
     )
     try:
         _wait_for_pidfile(proc, pidfile, uri, log_path)
