@@ -15,7 +15,15 @@ from bench.link import LOOPBACK, wan
 from bench.processes import BenchError
 from bench.runner import Findings, Plan, run
 from bench.systems import EngineVariant
-from bench.workloads import Clients, Copy, Fleet, MountAndUse, OneGet, RandomReads
+from bench.workloads import (
+    Clients,
+    Copy,
+    Fleet,
+    MountAndUse,
+    MountReadAll,
+    OneGet,
+    RandomReads,
+)
 
 MiB = 1 << 20
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -92,6 +100,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         RandomReads(1, fio_seconds),
         RandomReads(16, fio_seconds),
         MountAndUse(),
+        MountReadAll(),
     ]
     if full:
         workloads += [Clients("clients-4", 4, 1), Clients("two-servers", 2, 2), Fleet(3)]

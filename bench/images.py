@@ -13,6 +13,7 @@ import glob
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -44,12 +45,19 @@ class Image:
 
     def describe(self) -> dict:
         files = sum(len(names) for _, _, names in os.walk(self.tree))
+        regular = [
+            info.st_size
+            for path in self.tree.rglob("*")
+            if stat.S_ISREG((info := path.lstat()).st_mode)
+        ]
         return {
             "name": self.name,
             "compression": self.name,
             "size": self.size,
             "digest": self.digest,
             "files": files,
+            "regular files": len(regular),
+            "file bytes": sum(regular),
         }
 
     def blob_url(self, registry_host: str) -> str:

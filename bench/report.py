@@ -280,6 +280,13 @@ def headline(doc: dict, index: Index) -> list[str]:
                         f"{compare(index, row, 'curl-cache-warm')} curl-cache-warm, "
                         f"{compare(index, row, 'nbdkit-file')} nbdkit-file."
                     )
+            row = index.by_key.get((image["name"], LOOPBACK.name, f"{label}-warm", "mount-all"))
+            if row and row["runs"]:
+                lines.append(
+                    f"- `{image['name']}`, the warm mount stack (mount-all: every file read): "
+                    f"{label}-warm {figure(row, 'done s')} s = "
+                    f"{compare(index, row, 'nbdkit-file')} nbdkit-file."
+                )
             lines += mount_headline(doc, index, image["name"], label, wan)
         for network in wan:
             parts = []

@@ -102,3 +102,27 @@ def test_mount_runs_cold_then_with_the_trace_the_cold_run_recorded(tmp_path):
     markdown = (out / "results.md").read_text()
     assert "fetched ÷ served" in markdown
     assert "with a replayed trace: done" in markdown
+
+
+def test_mount_all_reads_every_file_of_a_warm_cache_and_a_local_file(tmp_path):
+    """The mount stack's hit path (mount-all) on a 4 MiB image: the warm engine and
+    nbdkit file each read every file of the tree the image was built from, no system
+    that reads the registry runs it, and the headline sets the engine against nbdkit file."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    out = tmp_path / "out"
+    command = ["--quick", "--image-size", "4M", "--out", str(out), "--workdir", str(tmp_path)]
+    command += ["--only", "engine-warm,engine-cold,nbdkit-file,mount-all"]
+    done = run_bench(command)
+    document = json.loads((out / "results.json").read_text())
+    runs = {r["system"]: r["runs"] for r in document["results"] if r["workload"] == "mount-all"}
+    assert set(runs) == {"engine-warm", "nbdkit-file"}, done.stderr
+    image = document["images"][0]
+    assert image["file bytes"] > 0
+    for system, (run,) in runs.items():
+        assert run["bytes_read"] == image["file bytes"], system
+        assert run["detail"]["files"] == image["regular files"], system
+    assert (
+        "the warm mount stack (mount-all: every file read): engine-warm"
+        in (out / "results.md").read_text()
+    )
