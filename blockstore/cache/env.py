@@ -13,6 +13,11 @@ leaves a consistent cache. ``metasync=False`` (one fsync per commit instead
 of two) keeps that: a power loss may undo the last commit, never half of it,
 and a cache may forget a chunk.
 
+The kernel's readahead stays on for the map. A chunk is nine contiguous pages,
+and a blob's chunks were mostly stored side by side, so the read-around of a
+page fault (after a reboot, every first touch is one) brings in the rest of
+the chunk and its neighbours instead of one 4 KiB page per fault.
+
 A cache is only a cache: a damaged file must cost its contents, never the
 process. A file shorter than the pages its newest meta page claims would
 end in SIGBUS once mapped, so it is measured before LMDB opens it; LMDB's
@@ -323,7 +328,7 @@ class CacheEnv:
                 map_size=map_size,
                 max_dbs=len(ALL_DBS),
                 max_readers=MAX_READERS,
-                readahead=False,
+                readahead=True,
                 metasync=False,
                 subdir=True,
             )

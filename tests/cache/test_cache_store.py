@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from cache_rig import evict_chunk
@@ -521,3 +522,22 @@ def test_readahead_rests_while_the_blob_is_whole(cache_dir):
         assert joined(blob.read(0, 100)) == data[:100]
         assert policy.advised == 1
         blob.close()
+
+
+def test_the_cache_map_lets_the_kernel_read_ahead(cache_dir):
+    """After a reboot the cache's pages come from disk on first touch. Tried: a store
+    opened and read. Must hold: its data.mdb mapping carries no random-access hint
+    (``rr`` in /proc/self/smaps, LMDB's ``readahead=False``), which would make each fault
+    read one 4 KiB page: a warm mount then read a dropped page cache at 0.43x nbdkit
+    file, against 0.87x with the kernel's readahead."""
+    data, digest = make_blob(3 * CHUNK_SIZE, seed=7)
+    with ChunkStore(cache_dir) as store:
+        blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest), readahead=NONE)
+        assert joined(blob.read(0, len(data))) == data
+        mapping = str(cache_dir / "data.mdb")
+        smaps = Path("/proc/self/smaps").read_text().split("\n")
+        headers = [i for i, line in enumerate(smaps) if line.endswith(mapping)]
+        assert headers, "data.mdb is not mapped"
+        for at in headers:
+            flags = next(line for line in smaps[at:] if line.startswith("VmFlags:"))
+            assert " rr" not in flags, flags
