@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import stat
 from dataclasses import dataclass
+from typing import NoReturn
 
 from blockstore.tarlayer import erofs_format as f
 from blockstore.tarlayer.tree import Inode, LayerTree, TarLayerError
@@ -34,7 +35,13 @@ class ImageInfo:
 
 def _need(cond: bool, what: str) -> None:
     if not cond:
-        raise ImageCheckError(f"metadata image: {what}")
+        _fail(what)
+
+
+def _fail(what: str) -> NoReturn:
+    """Refuse the image. The per-inode checks call this behind their own ``if``, so that
+    the message, which names the inode, is only formatted for an image that fails."""
+    raise ImageCheckError(f"metadata image: {what}")
 
 
 def read_info(image: bytes) -> ImageInfo:
@@ -75,12 +82,15 @@ class _Walker:
             return self.inodes[nid]
         img = self.image
         pos = nid * 32
-        _need(pos + f.INODE_COMPACT.size <= len(img), f"nid {nid} outside the image")
+        if pos + f.INODE_COMPACT.size > len(img):
+            _fail(f"nid {nid} outside the image")
         i_format = int.from_bytes(img[pos : pos + 2], "little")
         extended, layout = i_format & 1, (i_format >> 1) & 7
-        _need(i_format >> 4 == 0, f"nid {nid}: unknown i_format bits {i_format:#x}")
+        if i_format >> 4 != 0:
+            _fail(f"nid {nid}: unknown i_format bits {i_format:#x}")
         if extended:
-            _need(pos + f.INODE_EXTENDED.size <= len(img), f"nid {nid} outside the image")
+            if pos + f.INODE_EXTENDED.size > len(img):
+                _fail(f"nid {nid} outside the image")
             (_, icount, mode, _nb, size, i_u, _ino, uid, gid, mtime, nsec, nlink) = (
                 f.INODE_EXTENDED.unpack_from(img, pos)
             )
@@ -97,12 +107,14 @@ class _Walker:
         self.nlinks[nid] = nlink
         xpos = pos + isize
         xsize = f.xattr_ibody_size(icount)
-        _need(xpos + xsize <= len(img), f"nid {nid}: xattrs outside the image")
+        if xpos + xsize > len(img):
+            _fail(f"nid {nid}: xattrs outside the image")
         node.xattrs = self._xattrs(img[xpos : xpos + xsize], nid)
         tail = xpos + xsize
         kind = stat.S_IFMT(mode)
         if layout == f.LAYOUT_CHUNK_BASED:
-            _need(kind == stat.S_IFREG, f"nid {nid}: chunks on a non-regular file")
+            if kind != stat.S_IFREG:
+                _fail(f"nid {nid}: chunks on a non-regular file")
             node.data_offset = self._chunks(nid, i_u, size, f.align(tail, f.CHUNK_INDEX.size))
         elif layout in (f.LAYOUT_FLAT_PLAIN, f.LAYOUT_FLAT_INLINE):
             data = self._flat(nid, layout, i_u, size, tail)
@@ -110,12 +122,14 @@ class _Walker:
                 node.children = {}
                 self._dirents(nid, data)
             elif kind == stat.S_IFLNK:
-                _need(0 < len(data) <= 4095, f"nid {nid}: symlink length {len(data)}")
+                if not (0 < len(data) <= 4095):
+                    _fail(f"nid {nid}: symlink length {len(data)}")
                 node.target = data
             elif kind in (stat.S_IFCHR, stat.S_IFBLK):
                 node.rdev_major, node.rdev_minor = f.decode_dev(i_u)
             else:
-                _need(size == 0, f"nid {nid}: a {kind:o} inode with flat data")
+                if size != 0:
+                    _fail(f"nid {nid}: a {kind:o} inode with flat data")
         else:
             raise ImageCheckError(f"metadata image: nid {nid}: unsupported layout {layout}")
         return node
@@ -143,24 +157,31 @@ class _Walker:
     def _chunks(self, nid: int, i_u: int, size: int, pos: int) -> int:
         """Check the chunk indexes of a file; return its offset in the tar."""
         fmt = i_u & 0xFFFF
-        _need(fmt & ~(f.CHUNK_FORMAT_INDEXES | f.CHUNK_FORMAT_BLKBITS_MASK) == 0, "chunk format")
-        _need(bool(fmt & f.CHUNK_FORMAT_INDEXES), f"nid {nid}: block map instead of indexes")
+        if fmt & ~(f.CHUNK_FORMAT_INDEXES | f.CHUNK_FORMAT_BLKBITS_MASK) != 0:
+            _fail("chunk format")
+        if not fmt & f.CHUNK_FORMAT_INDEXES:
+            _fail(f"nid {nid}: block map instead of indexes")
         bits = fmt & f.CHUNK_FORMAT_BLKBITS_MASK
         per_chunk = 1 << bits
         count = -(-size // (per_chunk * f.BLOCK_SIZE))
-        _need(count > 0, f"nid {nid}: chunk-based file of size 0")
-        _need(pos + 8 * count <= len(self.image), f"nid {nid}: chunk indexes outside the image")
+        if count <= 0:
+            _fail(f"nid {nid}: chunk-based file of size 0")
+        if pos + 8 * count > len(self.image):
+            _fail(f"nid {nid}: chunk indexes outside the image")
         first = None
         for i in range(count):
             hi, device, lo = f.CHUNK_INDEX.unpack_from(self.image, pos + 8 * i)
             blk = lo | hi << 32
-            _need(device == 1, f"nid {nid}: chunk {i} on device {device}, not the tar")
+            if device != 1:
+                _fail(f"nid {nid}: chunk {i} on device {device}, not the tar")
             if first is None:
                 first = blk
-            _need(blk == first + i * per_chunk, f"nid {nid}: chunks not contiguous")
+            if blk != first + i * per_chunk:
+                _fail(f"nid {nid}: chunks not contiguous")
         assert first is not None
         end = first * f.BLOCK_SIZE + size
-        _need(end <= self.info.tar_blocks * f.BLOCK_SIZE, f"nid {nid}: data beyond the tar")
+        if end > self.info.tar_blocks * f.BLOCK_SIZE:
+            _fail(f"nid {nid}: data beyond the tar")
         return first * f.BLOCK_SIZE
 
     def _flat(self, nid: int, layout: int, i_u: int, size: int, tail: int) -> bytes:
@@ -170,10 +191,10 @@ class _Walker:
         full = size // f.BLOCK_SIZE if layout == f.LAYOUT_FLAT_INLINE else -(-size // 512)
         inline = size - full * f.BLOCK_SIZE if layout == f.LAYOUT_FLAT_INLINE else 0
         start = i_u * f.BLOCK_SIZE
-        _need(full == 0 or start + full * 512 <= len(img), f"nid {nid}: data outside the image")
-        _need(
-            tail % f.BLOCK_SIZE + inline <= f.BLOCK_SIZE, f"nid {nid}: inline data crosses a block"
-        )
+        if not (full == 0 or start + full * 512 <= len(img)):
+            _fail(f"nid {nid}: data outside the image")
+        if not (tail % f.BLOCK_SIZE + inline <= f.BLOCK_SIZE):
+            _fail(f"nid {nid}: inline data crosses a block")
         data = img[start : start + min(size, full * f.BLOCK_SIZE)] if full else b""
         return data + img[tail : tail + inline]
 
@@ -182,57 +203,70 @@ class _Walker:
         names: list[tuple[bytes, int, int]] = []
         for bstart in range(0, len(data), f.BLOCK_SIZE):
             block = data[bstart : bstart + f.BLOCK_SIZE]
-            _need(len(block) >= f.DIRENT.size, f"nid {nid}: short directory block")
+            if len(block) < f.DIRENT.size:
+                _fail(f"nid {nid}: short directory block")
             first_off = f.DIRENT.unpack_from(block, 0)[1]
-            _need(first_off % f.DIRENT.size == 0 and 0 < first_off < len(block), "nameoff")
+            if not (first_off % f.DIRENT.size == 0 and 0 < first_off < len(block)):
+                _fail("nameoff")
             count = first_off // f.DIRENT.size
             heads = [f.DIRENT.unpack_from(block, i * f.DIRENT.size) for i in range(count)]
             for i, (child, off, ftype) in enumerate(heads):
                 end = heads[i + 1][1] if i + 1 < count else len(block)
-                _need(off < end <= len(block), f"nid {nid}: bad name offsets")
+                if not (off < end <= len(block)):
+                    _fail(f"nid {nid}: bad name offsets")
                 name = block[off:end]
                 if i + 1 == count:
                     name = name.split(b"\0", 1)[0]
-                _need(bool(name) and b"/" not in name, f"nid {nid}: bad name {name!r}")
+                if not name or b"/" in name:
+                    _fail(f"nid {nid}: bad name {name!r}")
                 names.append((name, child, ftype))
         order = [n for n, _, _ in names]
-        _need(order == sorted(set(order)), f"nid {nid}: directory entries not sorted or repeated")
+        if order != sorted(set(order)):
+            _fail(f"nid {nid}: directory entries not sorted or repeated")
         self.dirents[nid] = names
 
     def walk(self) -> LayerTree:
         root_nid = self.info.root_nid
         root = self.inode(root_nid)
-        _need(root.children is not None, "the root is not a directory")
+        if root.children is None:
+            _fail("the root is not a directory")
         tree = LayerTree()
         tree.root = root
         todo = [(root_nid, root_nid)]
         seen_dirs = set()
         while todo:
             nid, parent = todo.pop()
-            _need(nid not in seen_dirs, f"nid {nid}: directory reached twice")
+            if nid in seen_dirs:
+                _fail(f"nid {nid}: directory reached twice")
             seen_dirs.add(nid)
             node = self.inodes[nid]
             assert node.children is not None
             subdirs = 0
             for name, child_nid, ftype in self.dirents[nid]:
                 if name == b".":
-                    _need(child_nid == nid, f"nid {nid}: '.' points elsewhere")
+                    if child_nid != nid:
+                        _fail(f"nid {nid}: '.' points elsewhere")
                     continue
                 if name == b"..":
-                    _need(child_nid == parent, f"nid {nid}: '..' points elsewhere")
+                    if child_nid != parent:
+                        _fail(f"nid {nid}: '..' points elsewhere")
                     continue
                 child = self.inode(child_nid)
-                _need(ftype == f.file_type(child.mode), f"nid {nid}: {name!r} has a wrong type")
+                if ftype != f.file_type(child.mode):
+                    _fail(f"nid {nid}: {name!r} has a wrong type")
                 node.children[name] = child
                 if child.children is not None:
                     subdirs += 1
                     todo.append((child_nid, nid))
                 else:
                     self.refs[child_nid] = self.refs.get(child_nid, 0) + 1
-            _need(self.nlinks[nid] == 2 + subdirs, f"nid {nid}: directory link count")
+            if self.nlinks[nid] != 2 + subdirs:
+                _fail(f"nid {nid}: directory link count")
         for child_nid, count in self.refs.items():
-            _need(self.nlinks[child_nid] == count, f"nid {child_nid}: link count")
-        _need(len(self.inodes) == self.info.inodes, "inode count in the superblock")
+            if self.nlinks[child_nid] != count:
+                _fail(f"nid {child_nid}: link count")
+        if len(self.inodes) != self.info.inodes:
+            _fail("inode count in the superblock")
         return tree
 
 
