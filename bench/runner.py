@@ -4,7 +4,8 @@ A scenario is an image, a network, a system and a workload. Systems that
 read the registry while a workload runs are run on every network of the
 plan; the others (a warm cache, a local file) never touch the link and run
 once, on loopback. Repeats go round the whole plan, so each system sees the
-same load from the rest of the machine as its peers.
+same load from the rest of the machine as its peers; a workload that drops
+the page cache runs after all the others.
 """
 
 from __future__ import annotations
@@ -171,17 +172,27 @@ def run_image(
     progress = Progress(len(scenarios) * plan.repeats + (plan.repeats if in_process else 0))
     found.results += [s.result for s in scenarios]
     by_name: dict[str, Result] = {}
-    for _ in range(plan.repeats):
-        for scenario in scenarios:
-            progress.step(
-                rig.image.name, scenario.profile.name, scenario.system.name, scenario.workload.name
-            )
-            measure(rig, scenario)
-            checkpoint()
-        if in_process:
-            progress.step(rig.image.name, LOOPBACK.name, IN_PROCESS, "in-process")
-            found.results += measure_in_process(plan, rig, by_name)
-            checkpoint()
+    # A workload that drops the page cache goes last, all its repeats together, so that
+    # no other scenario finds the machine's caches in a state it left.
+    rounds = [
+        [s for s in scenarios if not s.workload.drops_page_cache],
+        [s for s in scenarios if s.workload.drops_page_cache],
+    ]
+    for group, scheduled in enumerate(rounds):
+        for _ in range(plan.repeats):
+            for scenario in scheduled:
+                progress.step(
+                    rig.image.name,
+                    scenario.profile.name,
+                    scenario.system.name,
+                    scenario.workload.name,
+                )
+                measure(rig, scenario)
+                checkpoint()
+            if in_process and group == 0:
+                progress.step(rig.image.name, LOOPBACK.name, IN_PROCESS, "in-process")
+                found.results += measure_in_process(plan, rig, by_name)
+                checkpoint()
 
 
 def measure_in_process(plan: Plan, rig: Rig, by_name: dict[str, Result]) -> list[Result]:

@@ -44,6 +44,8 @@ class Workload:
     higher_is_better: ClassVar[bool] = True
     servers: ClassVar[int] = 1
     tools: ClassVar[tuple[str, ...]] = ("nbdcopy",)
+    drops_page_cache: ClassVar[bool] = False
+    """Whether a run empties the machine's page cache (the runner then runs it last)."""
 
     def missing(self) -> str | None:
         for tool in self.tools:
@@ -219,6 +221,7 @@ class MountReadAll(MountAndUse):
     copy, which ``nbdcopy`` measures."""
 
     name = "mount-all"
+    drops_page_cache = True
 
     def applies_to(self, system: System) -> str | None:
         if system.remote:
