@@ -86,6 +86,9 @@ _META_HEAD = struct.Struct("<II")  # at 16: magic, version
 _META_PSIZE = struct.Struct("<I")  # at 40
 _META_TAIL = struct.Struct("<QQ")  # at 136: last page, txnid
 _META_END = 152
+FREE_TAIL = 256 << 10
+"""How far short of its meta's last page a healthy data.mdb may end (see ``file_damage``):
+LMDB itself was seen to leave up to nine pages (one chunk's value) unwritten."""
 
 
 class DiskFull(CacheError):
@@ -106,6 +109,16 @@ def file_damage(path: Path) -> str | None:
     The meta pages are read before the file's size is taken: LMDB writes
     data pages before the meta page that names them, so a commit by another
     process in between can only make the file longer than the meta says.
+
+    A healthy file may still end a few pages short of the meta's last page:
+    pages a transaction allocated and freed again ("loose" pages) count in
+    it but are never written. Up to ``FREE_TAIL`` short, the tail is
+    allocated as zeros (``posix_fallocate``, which never shrinks a file
+    another process is growing), so that nothing can fault past the end of
+    the file: free pages are never read, and a page that was not free after
+    all reads as zeros, which LMDB and the chunk checksums refuse (on a full
+    disk the tail is left as it is). Shorter than that, the file was cut, and
+    is damaged.
     """
     data = path / "data.mdb"
     try:
@@ -136,8 +149,18 @@ def file_damage(path: Path) -> str | None:
         key=lambda tail: tail[1],
     )
     wanted = (newest[0] + 1) * psize
-    if size < wanted:
+    if size >= wanted:
+        return None
+    if wanted - size > FREE_TAIL:
         return f"data.mdb is {size} bytes, but its last page ends at {wanted}"
+    try:
+        fd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.posix_fallocate(fd, size, wanted - size)
+        finally:
+            os.close(fd)
+    except OSError as exc:  # a full disk, a read-only one: the tail is most likely free
+        log.warning("data.mdb ends %d bytes short of its last page: %s", wanted - size, exc)
     return None
 
 
