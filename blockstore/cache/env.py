@@ -20,7 +20,9 @@ the chunk and its neighbours instead of one 4 KiB page per fault.
 
 A cache is only a cache: a damaged file must cost its contents, never the
 process. A file shorter than the pages its newest meta page claims would
-end in SIGBUS once mapped, so it is measured before LMDB opens it; LMDB's
+end in SIGBUS once mapped, so it is measured before LMDB opens it (pages
+LMDB freed without writing them may lie past the end, and are looked up in
+its own free list); LMDB's
 own corruption errors are caught wherever a transaction runs. Either way the
 directory is moved aside (renamed with a timestamp) with one log line, and
 an empty cache takes its place. A forked child never touches its parent's
@@ -86,9 +88,14 @@ _META_HEAD = struct.Struct("<II")  # at 16: magic, version
 _META_PSIZE = struct.Struct("<I")  # at 40
 _META_TAIL = struct.Struct("<QQ")  # at 136: last page, txnid
 _META_END = 152
-FREE_TAIL = 256 << 10
-"""How far short of its meta's last page a healthy data.mdb may end (see ``file_damage``):
-LMDB itself was seen to leave up to nine pages (one chunk's value) unwritten."""
+_FREE_ROOT = struct.Struct("<Q")  # at 80: the first MDB_db record's root: the free-page database
+_PAGE_HEAD = struct.Struct("<QHHHH")  # page number, pad, flags, lower, upper
+_NODE_HEAD = struct.Struct("<HHHH")  # lo, hi, flags, key size
+_P_BRANCH, _P_LEAF, _P_OVERFLOW = 0x01, 0x02, 0x04
+_F_BIGDATA = 0x01
+_P_INVALID = (1 << 64) - 1
+FREE_WALK_PAGES = 100_000
+"""Most pages of LMDB's free-page database read to prove a short file's tail free."""
 
 
 class DiskFull(CacheError):
@@ -110,15 +117,13 @@ def file_damage(path: Path) -> str | None:
     data pages before the meta page that names them, so a commit by another
     process in between can only make the file longer than the meta says.
 
-    A healthy file may still end a few pages short of the meta's last page:
-    pages a transaction allocated and freed again ("loose" pages) count in
-    it but are never written. Up to ``FREE_TAIL`` short, the tail is
-    allocated as zeros (``posix_fallocate``, which never shrinks a file
-    another process is growing), so that nothing can fault past the end of
-    the file: free pages are never read, and a page that was not free after
-    all reads as zeros, which LMDB and the chunk checksums refuse (on a full
-    disk the tail is left as it is). Shorter than that, the file was cut, and
-    is damaged.
+    A healthy file may still end short of the meta's last page: pages a
+    transaction allocated and freed again count in it but are never
+    written (megabytes of them, when it stored and dropped large values).
+    Such pages are in LMDB's free-page database, which LMDB never reads a
+    page of before writing it. So a short file is healthy exactly when every
+    page past its end is listed there (``_free_pages``); any other shortfall,
+    or a free list that cannot be read whole from the file, is a cut file.
     """
     data = path / "data.mdb"
     try:
@@ -141,27 +146,76 @@ def file_damage(path: Path) -> str | None:
     except OSError as exc:
         return f"data.mdb cannot be read: {exc.strerror}"
     newest = max(
-        (
-            _META_TAIL.unpack_from(m, 136)
-            for m in metas
-            if _META_HEAD.unpack_from(m, 16)[0] == _META_MAGIC
-        ),
-        key=lambda tail: tail[1],
+        (m for m in metas if _META_HEAD.unpack_from(m, 16)[0] == _META_MAGIC),
+        key=lambda m: _META_TAIL.unpack_from(m, 136)[1],
     )
-    wanted = (newest[0] + 1) * psize
+    last = _META_TAIL.unpack_from(newest, 136)[0]
+    wanted = (last + 1) * psize
     if size >= wanted:
         return None
-    if wanted - size > FREE_TAIL:
-        return f"data.mdb is {size} bytes, but its last page ends at {wanted}"
+    if size % psize == 0:
+        free = _free_pages(data, psize, size, _FREE_ROOT.unpack_from(newest, 80)[0])
+        if free is not None and free.issuperset(range(size // psize, last + 1)):
+            return None
+    return f"data.mdb is {size} bytes, but its last page ends at {wanted}"
+
+
+def _free_pages(data: Path, psize: int, size: int, root: int) -> set[int] | None:
+    """Every page number LMDB's free-page database lists, read from the file (never
+    mapped), or None if it cannot be read whole within the file's ``size`` bytes.
+
+    Its records are page-number lists (a count, then the numbers, 64 bits
+    each), keyed by transaction, in a B-tree of branch and leaf pages; a long
+    list lives on overflow pages.
+    """
+    if root == _P_INVALID:
+        return set()
+    free: set[int] = set()
+    todo = [root]
+    seen = 0
     try:
-        fd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            os.posix_fallocate(fd, size, wanted - size)
-        finally:
-            os.close(fd)
-    except OSError as exc:  # a full disk, a read-only one: the tail is most likely free
-        log.warning("data.mdb ends %d bytes short of its last page: %s", wanted - size, exc)
-    return None
+        with open(data, "rb") as f:
+
+            def pages(number: int, count: int = 1) -> bytes | None:
+                if number < 2 or (number + count) * psize > size:
+                    return None
+                return os.pread(f.fileno(), count * psize, number * psize)
+
+            while todo:
+                seen += 1
+                if seen > FREE_WALK_PAGES:
+                    return None
+                page = pages(todo.pop())
+                if page is None:
+                    return None
+                _, _, flags, lower, _ = _PAGE_HEAD.unpack_from(page)
+                for at in range(_PAGE_HEAD.size, lower, 2):
+                    node = int.from_bytes(page[at : at + 2], "little")
+                    lo, hi, node_flags, key_size = _NODE_HEAD.unpack_from(page, node)
+                    if flags & _P_BRANCH:
+                        todo.append(lo | hi << 16 | node_flags << 32)
+                        continue
+                    if not flags & _P_LEAF:
+                        return None
+                    start = node + _NODE_HEAD.size + key_size
+                    value = page[start : start + (lo | hi << 16)]
+                    if node_flags & _F_BIGDATA:
+                        first = int.from_bytes(page[start : start + 8], "little")
+                        head = pages(first)
+                        if head is None:
+                            return None
+                        span = int.from_bytes(head[12:16], "little")
+                        whole = pages(first, span)
+                        if whole is None:
+                            return None
+                        value = whole[_PAGE_HEAD.size : _PAGE_HEAD.size + (lo | hi << 16)]
+                    count = int.from_bytes(value[:8], "little")
+                    if 8 * (count + 1) > len(value):
+                        return None
+                    free.update(struct.unpack_from(f"<{count}Q", value, 8))
+    except (OSError, struct.error, ValueError):
+        return None
+    return free
 
 
 def _reserve_lock_file(path: Path) -> None:
