@@ -110,7 +110,7 @@ class OtherFormat(CacheError):
     """The cache was written by a version of this program with another layout."""
 
 
-def file_damage(path: Path) -> str | None:
+def file_damage(path: Path, *, again: bool = True) -> str | None:
     """Why ``data.mdb`` in ``path`` must not be mapped, or None if it may.
 
     The meta pages are read before the file's size is taken: LMDB writes
@@ -124,6 +124,9 @@ def file_damage(path: Path) -> str | None:
     page of before writing it. So a short file is healthy exactly when every
     page past its end is listed there (``_free_pages``); any other shortfall,
     or a free list that cannot be read whole from the file, is a cut file.
+    That list is read without a reader slot, so another process's commits
+    may reuse its pages meanwhile: a short file found damaged is looked at
+    once more (``again``) before it is called so.
     """
     data = path / "data.mdb"
     try:
@@ -157,6 +160,8 @@ def file_damage(path: Path) -> str | None:
         free = _free_pages(data, psize, size, _FREE_ROOT.unpack_from(newest, 80)[0])
         if free is not None and free.issuperset(range(size // psize, last + 1)):
             return None
+    if again:
+        return file_damage(path, again=False)
     return f"data.mdb is {size} bytes, but its last page ends at {wanted}"
 
 
