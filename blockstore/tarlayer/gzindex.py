@@ -198,6 +198,16 @@ def size_hint(read_compressed: Callable[[int, int], bytes], compressed_size: int
     return int.from_bytes(read_compressed(compressed_size - 4, 4), "little")
 
 
+def span_range(zinfo: Zinfo, index: int, compressed_size: int) -> tuple[int, int]:
+    """The compressed bytes span ``index`` is inflated from: from the byte that holds its
+    first bit to the byte that holds the next checkpoint's first bit (or the end)."""
+    point = zinfo.checkpoints[index]
+    start = point.compressed - (1 if point.bits else 0)
+    if index + 1 == len(zinfo.checkpoints):
+        return start, compressed_size
+    return start, min(zinfo.checkpoints[index + 1].compressed + 1, compressed_size)
+
+
 def read_span(
     read_compressed: Callable[[int, int], bytes],
     compressed_size: int,
@@ -213,12 +223,8 @@ def read_span(
     checkpoint of its own.
     """
     point = zinfo.checkpoints[index]
-    start = point.compressed - (1 if point.bits else 0)
-    if index + 1 < len(zinfo.checkpoints):
-        end = zinfo.checkpoints[index + 1].compressed + 1
-    else:
-        end = compressed_size
-    data = read_compressed(start, min(end, compressed_size) - start)
+    start, end = span_range(zinfo, index, compressed_size)
+    data = read_compressed(start, end - start)
     if inflate_span is not None:
         start_bit = 8 - point.bits if point.bits else 0
         end_bit = None

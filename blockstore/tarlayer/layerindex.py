@@ -25,7 +25,7 @@ from typing import IO
 
 from blockstore.errors import IntegrityError
 from blockstore.tarlayer.erofs_writer import write_metadata
-from blockstore.tarlayer.gzindex import DEFAULT_SPAN, GzipIndexer, Zinfo, read_span
+from blockstore.tarlayer.gzindex import DEFAULT_SPAN, GzipIndexer, Zinfo, read_span, span_range
 from blockstore.tarlayer.tarwalk import RangeFile, entry_of, walk_tar
 from blockstore.tarlayer.tree import TarLayerError, build_tree
 from blockstore.tarlayer.zstdframes import ZstdIndexer, decode_frames
@@ -65,12 +65,14 @@ class SpanIndex:
         return start, end
 
     def compressed_bounds(self, index: int) -> tuple[int, int]:
-        """The compressed bytes span ``index`` is made from (gzip: with the byte either
-        side that holds its first and last bits)."""
-        start = max(0, self.points[index][0] - (self.kind == GZIP))
+        """The compressed bytes span ``index`` is made from (gzip: with the bytes that
+        hold its first and last bits), exactly those ``decompress`` reads."""
+        if self.kind == GZIP:
+            assert self.zinfo is not None
+            return span_range(self.zinfo, index, self.compressed_size)
         if index + 1 == len(self.points):
-            return start, self.compressed_size
-        return start, min(self.compressed_size, self.points[index + 1][0] + (self.kind == GZIP))
+            return self.points[index][0], self.compressed_size
+        return self.points[index][0], self.points[index + 1][0]
 
     def decompress(self, index: int, read_compressed: ReadRange) -> bytes | bytearray | memoryview:
         """The uncompressed bytes of span ``index``, checked against the verified pass."""
@@ -80,10 +82,7 @@ class SpanIndex:
             assert self.zinfo is not None
             data = read_span(read_compressed, self.compressed_size, self.zinfo, index, end - start)
         else:
-            comp = self.points[index][0]
-            comp_end = (
-                self.points[index + 1][0] if index + 1 < len(self.points) else self.compressed_size
-            )
+            comp, comp_end = self.compressed_bounds(index)
             data = decode_frames(read_compressed(comp, comp_end - comp))
         if len(data) != end - start or (
             self.digests is not None and hashlib.sha256(data).digest() != self.digests[index]

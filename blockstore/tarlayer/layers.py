@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import NoReturn, Protocol, TypeVar
 
 from blockstore.cache import CachedBlob, ChunkStore
 from blockstore.errors import BlobReadError, BlockstoreError, IntegrityError, NotCached, UsageError
@@ -218,7 +218,6 @@ class TarLayer(TarLayerExport):
             if self._check is None or self._pump is None or self._stop.is_set():
                 raise
             self._check.judge(exc)
-            raise
 
     def close(self) -> None:
         """Close what this layer made (the decompressed tar); the blob is its opener's."""
@@ -461,7 +460,7 @@ class SharedIndexCheck:
         self._cache.set_origin(self._blob.digest, self._span, IndexCache.PROVEN)
         log.info("%s: the index attached to the image is proven against the tar", self._blob.digest)
 
-    def judge(self, failure: Exception) -> None:
+    def judge(self, failure: Exception) -> NoReturn:
         """The tar made through the index failed a span digest or the diff_id: if the
         layer's own blob hashes to its digest, the index lied (refused, raised); else the
         blob's bytes were wrong, and that is raised instead."""

@@ -94,12 +94,7 @@ class Inflater:
         """Up to ``capacity`` bytes of output and zlib's return code."""
         if len(self._out) < capacity:
             self._out = ctypes.create_string_buffer(capacity)
-        self._strm.next_out = ctypes.addressof(self._out)
-        self._strm.avail_out = capacity
-        rc = _lib.inflate(ctypes.byref(self._strm), flush)
-        if rc not in (Z_OK, Z_STREAM_END, Z_BUF_ERROR):
-            reason = self._strm.msg.decode(errors="replace") if self._strm.msg else f"code {rc}"
-            raise IntegrityError(f"corrupt deflate stream: {reason}")
+        rc = self._inflate(ctypes.addressof(self._out), capacity, flush)
         produced = capacity - self._strm.avail_out
         return ctypes.string_at(self._out, produced), rc
 
@@ -110,14 +105,22 @@ class Inflater:
         if room <= 0:
             return 0, Z_OK
         target = (ctypes.c_char * room).from_buffer(out, start)
-        self._strm.next_out = ctypes.addressof(target)
+        try:
+            rc = self._inflate(ctypes.addressof(target), room, Z_NO_FLUSH)
+        finally:
+            del target  # lets ``out`` be resized again
+        return room - self._strm.avail_out, rc
+
+    def _inflate(self, address: int, room: int, flush: int) -> int:
+        """One inflate call into ``room`` bytes at ``address``: zlib's return code,
+        or ``IntegrityError`` for a stream zlib cannot inflate."""
+        self._strm.next_out = address
         self._strm.avail_out = room
-        rc = _lib.inflate(ctypes.byref(self._strm), Z_NO_FLUSH)
-        del target  # lets ``out`` be resized again
+        rc = _lib.inflate(ctypes.byref(self._strm), flush)
         if rc not in (Z_OK, Z_STREAM_END, Z_BUF_ERROR):
             reason = self._strm.msg.decode(errors="replace") if self._strm.msg else f"code {rc}"
             raise IntegrityError(f"corrupt deflate stream: {reason}")
-        return room - self._strm.avail_out, rc
+        return rc
 
     def reset(self, wbits: int) -> None:
         _lib.inflateReset2(ctypes.byref(self._strm), wbits)

@@ -156,13 +156,10 @@ class ServerConnection:
     def send_read(self, request: ReadRequest, data: Sequence[Buffer]) -> list[Buffer]:
         """``send(ReadReply(request, data))`` for a read of one or more bytes, in fewer
         steps: the reply to every hit. ``data`` must hold exactly ``request.length`` bytes."""
-        if self._structured:
-            return replies.offset_data(
-                request.handle, request.offset, data, request.length, done=True
-            )
-        if self._structured is None:
+        structured = self._structured
+        if structured is None:
             raise RuntimeError("no export selected yet")
-        return replies.simple_reply(request.handle, 0, data)
+        return replies.read_reply(request.handle, request.offset, data, request.length, structured)
 
     def tls_started(self) -> None:
         """The server finished the TLS handshake that ``StartTLS`` asked for."""

@@ -114,6 +114,16 @@ def offset_data(
     return [header, *data]
 
 
+def read_reply(
+    handle: int, offset: int, data: Sequence[Buffer], length: int, structured: bool
+) -> list[Buffer]:
+    """The whole reply to a read of one byte or more: its ``length`` bytes of ``data``
+    in one final ``OFFSET_DATA`` chunk, or after a simple reply's header."""
+    if structured:
+        return offset_data(handle, offset, data, length, done=True)
+    return simple_reply(handle, 0, data)
+
+
 def error_chunk(handle: int, error: int, message: str) -> bytes:
     raw = encode_message(message)
     return chunk(handle, ReplyType.ERROR, struct.pack(">IH", error, len(raw)) + raw)

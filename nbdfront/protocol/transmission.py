@@ -130,12 +130,10 @@ class Transmission:
     def encode(self, reply: ServerReply) -> list[Buffer]:
         if type(reply) is ReadReply:
             request = reply.request
-            if not self.structured:
-                return replies.simple_reply(request.handle, 0, reply.data)
-            if request.length == 0:
+            if self.structured and request.length == 0:
                 return [replies.done_chunk(request.handle)]
-            return replies.offset_data(
-                request.handle, request.offset, reply.data, request.length, done=True
+            return replies.read_reply(
+                request.handle, request.offset, reply.data, request.length, self.structured
             )
         if isinstance(reply, ReadPiece):
             return self._piece(reply)
