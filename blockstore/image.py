@@ -12,6 +12,9 @@ cached fails at once with EIO instead of waiting on a registry that is gone.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -59,6 +62,9 @@ from blockstore.tarlayer.shared import index_from_blobs as tar_index_from_blobs
 
 log = logging.getLogger(__name__)
 
+SIZE_QUERIES = 8
+"""Layer sizes asked of the registry at once when an image is opened."""
+
 
 @dataclass
 class OpenImage:
@@ -81,6 +87,8 @@ class OpenImage:
     """The artifacts attached to the image, listed once at open (online)."""
     shared_tar_indexes: bool = True
     """Take a tar layer's index from its attached artifact, after checks, before building."""
+    _blob_sizes: dict[str, Future[int | None]] = field(default_factory=dict)
+    """The registry's answer to each layer's HEAD, asked for at open (``ask_blob_sizes``)."""
 
     @property
     def online(self) -> bool:
@@ -223,15 +231,46 @@ class OpenImage:
         disagree with the manifest), and a filesystem would find out mid-mount.
         """
         assert self.client is not None
-        actual = self.client.blob_size(self.repository, layer.digest)
+        asked = self._blob_sizes.get(layer.digest)
+        actual = asked.result() if asked else self.client.blob_size(self.repository, layer.digest)
         if actual is not None and actual != layer.size:
             raise IntegrityError(
                 f"{self.resolved.reference} layer {layer.index} ({layer.digest}): the manifest "
                 f"says {layer.size} bytes, the registry holds {actual}: refused"
             )
 
+    def ask_blob_sizes(self) -> None:
+        """Send every layer's HEAD at once, for ``_check_size`` to take: beside the
+        artifacts' lookup, they then cost the open one round trip in all, not one
+        more, and none per layer in turn. The threads are daemons: a HEAD still
+        waiting on a registry that stopped answering never holds the process."""
+        if self.client is None:
+            return
+        client, repository = self.client, self.repository
+        waiting = queue.SimpleQueue[tuple[str, Future[int | None]]]()
+        for digest in sorted({layer.digest for layer in self.resolved.layers}):
+            self._blob_sizes[digest] = asked = Future()
+            waiting.put((digest, asked))
+
+        def ask() -> None:
+            while True:
+                try:
+                    digest, asked = waiting.get_nowait()
+                except queue.Empty:
+                    return
+                if asked.set_running_or_notify_cancel():
+                    try:
+                        asked.set_result(client.blob_size(repository, digest))
+                    except BaseException as exc:  # raised where the size is taken
+                        asked.set_exception(exc)
+
+        for _ in range(min(len(self._blob_sizes), SIZE_QUERIES)):
+            threading.Thread(target=ask, name="blob-size", daemon=True).start()
+
     def close(self) -> None:
         """Stop every layer's fetch and readahead threads, then close the cache."""
+        for asked in self._blob_sizes.values():
+            asked.cancel()
         for exported in self._tar_layers:
             exported.close()
         for blob in self._blobs:
@@ -271,6 +310,7 @@ def open_image(
     if prefetch is not None:
         image.prefetch = prefetch
     try:
+        image.ask_blob_sizes()
         _attachments(image)
     except BaseException:
         image.close()

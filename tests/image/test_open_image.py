@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from rig.fault_proxy import Fault
 from rig.pushed import push_erofs
 
 from blockstore.errors import ImageNotCached, NotCached, NotFound, RegistryUnreachable
@@ -154,3 +155,29 @@ def test_explicit_platform_must_match_a_single_platform_image(pushed_images, tmp
         assert image.resolved.platform == "linux/amd64"
     finally:
         image.close()
+
+
+def test_layer_sizes_are_asked_beside_the_artifact_lookup(
+    fresh_registry, fault_proxy, erofs_images, tmp_path: Path
+):
+    """Every request takes 0.5 s more (a far registry). Opening an image asks for its
+    manifest, then its attached artifacts and each layer's size (HEAD, checked before
+    serving): those go out together, so the open and its exports take two round trips
+    (1.0 s), not three (1.5 s), and the sizes are still checked."""
+    proxy = fault_proxy(fresh_registry)
+    reference = push_erofs(
+        proxy.host, "far/img", "v1", [erofs_images.small.path, erofs_images.large.path]
+    )
+    proxy.fault = Fault("delay", seconds=0.5)
+    pushed = len(proxy.requests)
+    started = time.monotonic()
+    image = open_image(reference, cache_dir=tmp_path / "cache", options=OPTIONS)
+    try:
+        exports = image.exports()
+        took = time.monotonic() - started
+    finally:
+        image.close()
+    assert [e.name for e in exports] == ["layer0", "layer1"]
+    heads = [r for r in proxy.requests[pushed:] if r.method == "HEAD"]
+    assert len(heads) == 2, proxy.requests
+    assert 1.0 <= took < 1.35, f"open and exports took {took:.2f} s"
