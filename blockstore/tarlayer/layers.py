@@ -138,7 +138,9 @@ class TarLayer(TarLayerExport):
         self._sealing = threading.Lock()
         self._started = threading.Event()
         self._stop = threading.Event()
-        self._last_read = 0.0
+        self._reads_lock = threading.Lock()
+        self._reads_running = 0
+        self._last_read = 0.0  # when the last read ended
 
     @property
     def digest(self) -> str:
@@ -151,18 +153,30 @@ class TarLayer(TarLayerExport):
 
     def read(self, offset: int, length: int) -> list[Buffer]:
         self._reading()
-        return super().read(offset, length)
+        try:
+            return super().read(offset, length)
+        finally:
+            self._read_done()
 
     def read_cached(self, offset: int, length: int) -> list[Buffer] | None:
         self._reading()
-        return super().read_cached(offset, length)
+        try:
+            return super().read_cached(offset, length)
+        finally:
+            self._read_done()
 
     def _reading(self) -> None:
         """Note the read; on the first one (a mount reads the superblock at once), start
         decompressing the whole layer in the background: span readahead."""
-        self._last_read = time.monotonic()
+        with self._reads_lock:
+            self._reads_running += 1
         if self._pump is not None and not self._started.is_set():
             self.fill()
+
+    def _read_done(self) -> None:
+        with self._reads_lock:
+            self._reads_running -= 1
+            self._last_read = time.monotonic()
 
     def fill(self) -> None:
         """Start filling the tar part in the background, once, then sealing and proving
@@ -190,7 +204,9 @@ class TarLayer(TarLayerExport):
         deadline = time.monotonic() + IDLE_WAIT
         while not self._stop.is_set():
             now = time.monotonic()
-            quiet = now - self._last_read
+            with self._reads_lock:
+                # A read waiting on a span is the layer in use, however long it waits.
+                quiet = 0.0 if self._reads_running else now - self._last_read
             if quiet >= IDLE or now >= deadline:
                 return
             self._stop.wait(min(IDLE - quiet, deadline - now))

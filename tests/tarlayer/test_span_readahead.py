@@ -8,6 +8,7 @@ import itertools
 import os
 import random
 import threading
+import time
 
 import pytest
 from rig.local_source import LocalFileSource
@@ -19,7 +20,7 @@ from blockstore.errors import BlobReadError, IntegrityError
 from blockstore.prefetch import PrefetchSettings
 from blockstore.tarlayer.export import IndexCache, SpanFiller, SpanWriter
 from blockstore.tarlayer.layerindex import GZIP, SpanIndex
-from blockstore.tarlayer.layers import open_tar_layer
+from blockstore.tarlayer.layers import IDLE, open_tar_layer
 
 SPAN = 256 << 10
 
@@ -136,6 +137,49 @@ def test_the_first_read_decompresses_the_whole_layer_and_seals_it(layer, tmp_pat
         offline = CachedBlob(store, sha(tar), len(tar), None)
         assert b"".join(offline.read(0, len(tar))) == tar
     assert source.asked <= len(blob) + CHUNK_SIZE
+
+
+class SlowFrom(CountingSource):
+    """The blob file, each range reaching past ``slow_from`` taking ``delay`` s more."""
+
+    def __init__(self, path, digest, delay: float):
+        super().__init__(path, digest)
+        self.slow_from = os.path.getsize(path)
+        self.delay = delay
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        if offset + length > self.slow_from:
+            time.sleep(self.delay)
+        return super().read_range(offset, length)
+
+
+def test_a_read_waiting_on_its_span_keeps_the_layer_from_sealing(layer, tmp_path):
+    """Sealing (hashing the whole tar) waits until the layer is idle, so that it does
+    not slow the reads the fill was for. A read still waiting on its span, however
+    long, is the layer in use: with the last span's bytes slow to come, a read of it
+    outlasts ``IDLE`` and the pump then ends; the seal must still start only ``IDLE``
+    after that read ended, when the reads that follow it would have come."""
+    path, tar, blob = layer
+    source = SlowFrom(path, sha(blob), delay=IDLE + 0.3)
+    with ChunkStore(tmp_path / "cache") as store:
+        opened, compressed, _ = open_layer(
+            store, layer, PrefetchSettings(), direct=True, source=source
+        )
+        forget_what_indexing_kept(store, layer, source)
+        spans = opened.index.spans
+        assert spans is not None
+        source.slow_from = spans.compressed_bounds(len(spans.points) - 1)[0] + 1
+        meta = len(opened.index.metadata)
+        try:
+            opened.read(0, 1024)  # starts the pump
+            last = len(tar) - 4096
+            assert b"".join(opened.read(meta + last, 4096)) == tar[last:]
+            ended = time.monotonic()
+            assert wait_for(lambda: sealed(store, sha(tar)))
+            assert time.monotonic() - ended >= IDLE - 0.05
+        finally:
+            opened.close()
+            compressed.close()
 
 
 def test_without_readahead_a_read_decompresses_only_its_span(layer, tmp_path):
