@@ -70,10 +70,14 @@ class CachedBlob:
         readahead: Readahead | None = None,
         settings: PrefetchSettings | None = None,
         upstream: BlobSource | None = None,
+        seal_when_whole: bool = True,
     ):
         """``upstream``: the same blob from its source of truth alone (past any mirror),
-        fetched from once more when what ``source`` sent fails the digest."""
+        fetched from once more when what ``source`` sent fails the digest.
+        ``seal_when_whole``: seal in the background as soon as a fetch completes the
+        blob; off for a blob whose owner seals it at a better time (``TarLayer``)."""
         self._store = store
+        self._seal_when_whole = seal_when_whole
         self._upstream = upstream
         self._digest = digest
         self._size = size
@@ -427,7 +431,7 @@ class CachedBlob:
         self._blob_id = record.blob_id
         if record.present == record.chunks:
             self._whole = True
-            if not record.sealed:
+            if not record.sealed and self._seal_when_whole:
                 self._store.seal_later(self._digest)
 
     def _load(self, indices: Sequence[int]) -> dict[int, Buffer]:

@@ -404,6 +404,9 @@ def open_tar_layer(
         name=name,
         description=f"{description} (uncompressed)",
         settings=_NO_CHUNK_READAHEAD,
+        # The pump's fill seals it once the layer is idle, not amid the reads that
+        # completed it.
+        seal_when_whole=not pumping,
     )
     pump = None
     if pumping:

@@ -11,6 +11,7 @@ import pytest
 from cache_rig import evict_chunk
 from cache_sources import ScriptedSource, make_blob
 from rig.stored_chunks import flip_stored_byte
+from rig.waiting import wait_for
 
 import blockstore.cache.env as cache_env
 import blockstore.cache.integrity as integrity
@@ -99,6 +100,31 @@ def test_complete_blob_is_sealed_and_refetched_chunks_are_checked(cache_dir):
         wanted = slice(index * CHUNK_SIZE, (index + 1) * CHUNK_SIZE)
         assert joined(blob.read(index * CHUNK_SIZE, CHUNK_SIZE)) == data[wanted]
         blob.close()
+
+
+@pytest.mark.parametrize("seal_when_whole", [True, False])
+def test_reads_that_complete_a_blob_seal_it_unless_its_owner_seals_it(cache_dir, seal_when_whole):
+    """Reads that fetch every chunk complete the blob. By default that seals it in the
+    background; a blob opened with ``seal_when_whole=False`` (a tar layer, whose fill
+    seals it once the layer is idle) stays unsealed until sealed explicitly."""
+    data, digest = make_blob(6 * CHUNK_SIZE + 11, seed=9)
+    with ChunkStore(cache_dir) as store:
+        blob = CachedBlob(
+            store,
+            digest,
+            len(data),
+            ScriptedSource(data, digest),
+            readahead=NONE,
+            seal_when_whole=seal_when_whole,
+        )
+        try:
+            assert joined(blob.read(0, len(data))) == data
+            assert store.lookup(digest).present == store.lookup(digest).chunks
+            became_sealed = wait_for(lambda: store.lookup(digest).sealed, timeout=1.0)
+            assert became_sealed is seal_when_whole
+            assert store.seal(digest) is True
+        finally:
+            blob.close()
 
 
 def test_store_refuses_a_wrong_chunk_for_a_sealed_blob(cache_dir):
