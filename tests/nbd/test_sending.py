@@ -6,8 +6,9 @@ import array
 import random
 import socket
 import threading
+import time
 
-from nbdfront.server import send_buffers
+from nbdfront.server import _Budget, _Outbox, send_buffers
 
 
 def test_short_sends_and_more_buffers_than_one_sendmsg_takes():
@@ -45,5 +46,64 @@ def test_short_sends_and_more_buffers_than_one_sendmsg_takes():
         assert not reader.is_alive()
         assert bytes(received) == expected
     finally:
+        sender.close()
+        receiver.close()
+
+
+def outbox_pair() -> tuple[_Outbox, socket.socket, socket.socket]:
+    """An outbox on one end of a socket pair whose send buffer takes a few KiB."""
+    sender, receiver = socket.socketpair()
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return _Outbox(sender, _Budget(1 << 30, 1 << 20), "test"), sender, receiver
+
+
+def receive_exactly(sock: socket.socket, size: int) -> bytes:
+    got = bytearray()
+    while len(got) < size:
+        piece = sock.recv(size - len(got))
+        assert piece, "the sender hung up early"
+        got.extend(piece)
+    return bytes(got)
+
+
+def test_a_borrowed_reply_to_a_client_taking_it_is_sent_whole_from_its_buffers():
+    """A reply sent from the cache's buffers (borrowed: valid until ``put`` returns),
+    2 MiB into a socket that takes a few KiB at a time, to a client reading steadily:
+    ``put`` sends all of it before returning, nothing is queued (so nothing was copied
+    for the writer thread), and the client receives it exact."""
+    outbox, sender, receiver = outbox_pair()
+    reply = [random.Random(3).randbytes(16), bytearray(random.Random(4).randbytes(2 << 20))]
+    expected = b"".join(reply)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(receive_exactly(receiver, len(expected))))
+    reader.start()
+    try:
+        assert outbox.put(reply, borrowed=True) is False
+        assert not outbox.busy
+        reader.join(30)
+        assert got == [expected]
+    finally:
+        outbox.close(1.0)
+        sender.close()
+        receiver.close()
+
+
+def test_a_borrowed_reply_to_a_client_not_taking_it_is_copied_before_put_returns():
+    """The same reply to a client that reads nothing for now: ``put`` gives up waiting
+    for room after a moment and queues the rest, copied, so the cache's buffer may be
+    reused at once (here overwritten); the client, reading later, still receives the
+    reply as it was, every byte."""
+    outbox, sender, receiver = outbox_pair()
+    payload = bytearray(random.Random(5).randbytes(1 << 20))
+    expected = b"\x01" * 16 + bytes(payload)
+    started = time.monotonic()
+    assert outbox.put([b"\x01" * 16, payload], borrowed=True) is True
+    assert time.monotonic() - started < 2.0
+    payload[:] = bytes(len(payload))  # the cache's page reused once put returned
+    try:
+        assert receive_exactly(receiver, len(expected)) == expected
+        assert outbox.drained(10)
+    finally:
+        outbox.close(1.0)
         sender.close()
         receiver.close()
