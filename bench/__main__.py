@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench import machine, plots, report
 from bench.link import LOOPBACK, wan
-from bench.processes import BenchError
+from bench.processes import BenchError, compile_engine
 from bench.runner import Findings, Plan, run
 from bench.systems import EngineVariant
 from bench.workloads import (
@@ -134,6 +134,7 @@ def main(argv: list[str]) -> int:
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
+    compile_engine()
     started = time.time()
     described = machine.describe()
     found = Findings()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from bench.images import build, push
 from bench.link import LinkProxy, wan
-from bench.processes import BenchError, Daemon
+from bench.processes import BenchError, Daemon, compile_engine
 from bench.tar_figures import engine as mount_and_use
 from bench.tar_figures import measure
 from blockstore.localregistry import LocalRegistry
@@ -67,6 +67,7 @@ def main() -> int:
     parser.add_argument("--mbit", type=float, default=1000.0, help="bandwidth cap, Mbit/s")
     parser.add_argument("--json", type=Path, default=Path("bench/results/artifact-figures.json"))
     args = parser.parse_args()
+    compile_engine()
     workdir = Path(tempfile.mkdtemp(prefix="artfig-"))
     registry = LocalRegistry(workdir / "registry")
     registry.start()

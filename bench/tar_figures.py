@@ -46,7 +46,7 @@ from pathlib import Path
 
 from bench.images import copy_tree
 from bench.link import LinkProxy, wan
-from bench.processes import BenchError, Daemon
+from bench.processes import BenchError, Daemon, compile_engine
 from bench.workloads import SEED, listing, read_files
 from blockstore.localregistry import LocalRegistry
 from blockstore.registry import RegistryClient, RegistryOptions
@@ -158,7 +158,10 @@ def engine(work: Path, reference: str, extra: list[str], checkout: Path | None =
 
 def sample(name: str, link: LinkProxy, run: Callable[[Path], dict]) -> dict:
     """One run in a fresh directory: what it reports, and the bytes and requests that
-    crossed the link."""
+    crossed the link. The disk first writes back what earlier runs left (``sync``,
+    not timed): otherwise each run pays for the files the run before extracted or
+    cached, and a series of pulls slows down round after round."""
+    os.sync()
     work = Path(tempfile.mkdtemp(prefix="sidefig-"))
     try:
         before = link.traffic()
@@ -201,6 +204,9 @@ def main() -> int:
     )
     parser.add_argument("--json", type=Path, default=Path("bench/results/tar-figures.json"))
     args = parser.parse_args()
+    compile_engine()
+    if args.baseline is not None:
+        compile_engine(args.baseline)
     workdir = Path(tempfile.mkdtemp(prefix="tarfig-"))
     registry = LocalRegistry(workdir / "registry")
     registry.start()
