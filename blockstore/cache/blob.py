@@ -151,9 +151,11 @@ class CachedBlob:
         self, offset: int, length: int
     ) -> tuple[list[memoryview], Callable[[], None]] | None:
         """``read_cached`` without the copy: views into the cache, checked, valid until
-        ``release()``, which the caller must call once, soon, and before it waits on
-        anything (it ends a read transaction, which holds a reader slot and defers
-        renewals). A server sends the views straight from the cache with it."""
+        ``release()``, which the caller must call once, soon: before it waits on
+        anything but the client taking those views, and that for a few tens of
+        milliseconds at most (it ends a read transaction, which holds a reader slot
+        and defers renewals and map growth, and so every reader queued behind them).
+        A server sends the views straight from the cache with it."""
         end = offset + length
         blob_id = self._blob_id
         if blob_id is None or length <= 0 or offset < 0 or end > self._size:
@@ -407,6 +409,14 @@ class CachedBlob:
                 "match the sealed blob"
             )
         return chunk
+
+    def seal_when_complete(self) -> None:
+        """From now on seal the blob as soon as it is whole (at once if it is), as
+        ``seal_when_whole`` does: for an owner that meant to seal it and cannot."""
+        self._seal_when_whole = True
+        record = self._store.lookup(self._digest)
+        if record is not None and record.present == record.chunks and not record.sealed:
+            self._store.seal_later(self._digest)
 
     def _requesting(self, nbytes: int) -> None:
         """A range request is about to go out: count it, and pick up a seal made since."""

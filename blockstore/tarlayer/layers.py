@@ -99,6 +99,8 @@ class LayerBlob(Protocol):
 
     def prefetch(self, progress: Callable[[int], None] | None = None) -> None: ...
 
+    def seal_when_complete(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -188,14 +190,23 @@ class TarLayer(TarLayerExport):
         threading.Thread(target=self._fill, name="tar-fill", daemon=True).start()
 
     def _fill(self) -> None:
+        filled = False
         try:
-            if self._pump is None or self._checked(self._pump.run):
+            filled = self._pump is None or self._checked(self._pump.run)
+            if filled:
                 self._wait_until_idle()
+                if self._stop.is_set():
+                    return
                 self._seal(None)
                 log.info("%s: filled and sealed", self.digest)
         except BlockstoreError as exc:
             if not self._stop.is_set():
                 log.error("%s: %s", self.description, exc)
+        finally:
+            if not filled:
+                # The reads that fetch what the pump could not will complete the tar:
+                # it is then sealed as any blob is, the moment it is whole.
+                self._tar_blob.seal_when_complete()
 
     def _wait_until_idle(self) -> None:
         """Hold back work nobody waits for (sealing hashes the whole tar, proving an index

@@ -107,8 +107,12 @@ class SpanBytes:
             key = next((k for k in self._ahead if k[0] <= offset and end <= sum(k)), None)
             coming = self._ahead.pop(key) if key is not None else None
         if coming is not None:
-            data = coming.result()
-            return data[offset - key[0] : end - key[0]]  # type: ignore[index]
+            try:
+                data = coming.result()
+            except BlockstoreError:
+                pass  # fetched ahead while the source failed: this read asks again
+            else:
+                return data[offset - key[0] : end - key[0]]  # type: ignore[index]
         got = self._cached(offset, length)
         if got is not None:
             return b"".join(got)

@@ -71,6 +71,17 @@ class FlippingSource(CountingSource):
         return data
 
 
+class FailingSource(CountingSource):
+    """The blob file, failing every read while ``failing`` is set."""
+
+    failing = False
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        if self.failing:
+            raise BlobReadError(f"reading at {offset}: the registry went away")
+        return super().read_range(offset, length)
+
+
 def open_layer(store: ChunkStore, layer, settings: PrefetchSettings, *, direct=False, source=None):
     """``direct``: spans inflate from the blob's source itself, as an image opens them."""
     path, tar, blob = layer
@@ -177,6 +188,31 @@ def test_a_read_waiting_on_its_span_keeps_the_layer_from_sealing(layer, tmp_path
             ended = time.monotonic()
             assert wait_for(lambda: sealed(store, sha(tar)))
             assert time.monotonic() - ended >= IDLE - 0.05
+        finally:
+            opened.close()
+            compressed.close()
+
+
+def test_a_tar_the_pump_could_not_fill_is_sealed_once_reads_complete_it(layer, tmp_path):
+    """The pump's fill seals the tar once the layer is idle, so reads alone do not. If
+    the pump fails (here every fetch fails while it runs), the reads that later fetch
+    the whole tar must seal it as they would any blob: checked against the diff_id."""
+    path, tar, blob = layer
+    source = FailingSource(path, sha(blob))
+    with ChunkStore(tmp_path / "cache") as store:
+        opened, compressed, _ = open_layer(
+            store, layer, PrefetchSettings(), direct=True, source=source
+        )
+        forget_what_indexing_kept(store, layer, source)
+        meta = len(opened.index.metadata)
+        source.failing = True
+        try:
+            with pytest.raises(BlobReadError):
+                opened.read(meta, 4096)  # starts the pump, which fails as this read does
+            assert wait_for(lambda: not any(t.name == "tar-fill" for t in threading.enumerate()))
+            source.failing = False
+            assert b"".join(opened.read(meta, len(tar))) == tar
+            assert wait_for(lambda: sealed(store, sha(tar)))
         finally:
             opened.close()
             compressed.close()
