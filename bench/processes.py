@@ -35,7 +35,8 @@ def compile_engine(root: Path | None = None) -> None:
     ``root``: another checkout of the engine (default: this one)."""
     root = root or Path(__file__).resolve().parent.parent
     for package in ENGINE_PACKAGES:
-        compileall.compile_dir(root / package, quiet=1)
+        if not compileall.compile_dir(root / package, quiet=1):
+            raise BenchError(f"could not compile {root / package} to bytecode")
 
 
 def free_port() -> int:

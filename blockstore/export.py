@@ -5,8 +5,9 @@ nothing else of the engine: it asks for ranges and sends the buffers back.
 
 An export may also have ``hold_cached(offset, length) -> Held | None``: the
 hit of ``read_cached`` as views into its cache, with no copy, valid until the
-``release`` that comes with them is called (once, soon, before the caller
-waits on anything). A server that sends a reply at once sends it from them.
+``release`` that comes with them is called (once, soon: the caller waits on
+nothing meanwhile but, briefly, the client taking them). A server that sends a
+reply at once sends it from them.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ cached fails at once with EIO instead of waiting on a registry that is gone.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from concurrent.futures import Future
@@ -89,6 +90,8 @@ class OpenImage:
     """Take a tar layer's index from its attached artifact, after checks, before building."""
     _blob_sizes: dict[str, Future[int | None]] = field(default_factory=dict)
     """The registry's answer to each layer's HEAD, asked for at open (``ask_blob_sizes``)."""
+    _sizes_asked_by: int = 0
+    """The process whose threads ask them (a forked child gets no answer)."""
 
     @property
     def online(self) -> bool:
@@ -232,7 +235,10 @@ class OpenImage:
         """
         assert self.client is not None
         asked = self._blob_sizes.get(layer.digest)
-        actual = asked.result() if asked else self.client.blob_size(self.repository, layer.digest)
+        if asked is not None and (asked.done() or self._sizes_asked_by == os.getpid()):
+            actual = asked.result()
+        else:  # never asked, or asked by the parent of this forked child: no answer comes
+            actual = self.client.blob_size(self.repository, layer.digest)
         if actual is not None and actual != layer.size:
             raise IntegrityError(
                 f"{self.resolved.reference} layer {layer.index} ({layer.digest}): the manifest "
@@ -247,6 +253,7 @@ class OpenImage:
         if self.client is None:
             return
         client, repository = self.client, self.repository
+        self._sizes_asked_by = os.getpid()
         waiting = queue.SimpleQueue[tuple[str, Future[int | None]]]()
         for digest in sorted({layer.digest for layer in self.resolved.layers}):
             self._blob_sizes[digest] = asked = Future()

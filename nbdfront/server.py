@@ -220,11 +220,12 @@ class _Outbox:
             else:
                 total = _length(buffers)
                 try:
-                    sent = self.sock.sendmsg(buffers[:_IOV_MAX], (), socket.MSG_DONTWAIT)  # type: ignore[call-arg]
+                    try:
+                        sent = self.sock.sendmsg(buffers[:_IOV_MAX], (), socket.MSG_DONTWAIT)  # type: ignore[call-arg]
+                    except BlockingIOError:
+                        sent = 0
                     if sent < total and borrowed:
                         sent += self._send_while_taken(_advance(buffers, sent))
-                except BlockingIOError:
-                    sent = 0
                 except OSError as exc:
                     self._break(exc)
                     return False

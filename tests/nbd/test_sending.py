@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 
+from nbdfront import server
 from nbdfront.server import _Budget, _Outbox, send_buffers
 
 
@@ -66,11 +67,14 @@ def receive_exactly(sock: socket.socket, size: int) -> bytes:
     return bytes(got)
 
 
-def test_a_borrowed_reply_to_a_client_taking_it_is_sent_whole_from_its_buffers():
+def test_a_borrowed_reply_to_a_client_taking_it_is_sent_whole_from_its_buffers(monkeypatch):
     """A reply sent from the cache's buffers (borrowed: valid until ``put`` returns),
     2 MiB into a socket that takes a few KiB at a time, to a client reading steadily:
     ``put`` sends all of it before returning, nothing is queued (so nothing was copied
     for the writer thread), and the client receives it exact."""
+    # The client here always takes bytes at once; a loaded machine must not make the
+    # whole 2 MiB outlast the server's patience.
+    monkeypatch.setattr(server, "HELD_SEND_WAIT", 10.0)
     outbox, sender, receiver = outbox_pair()
     reply = [random.Random(3).randbytes(16), bytearray(random.Random(4).randbytes(2 << 20))]
     expected = b"".join(reply)
