@@ -156,12 +156,29 @@ def engine(work: Path, reference: str, extra: list[str], checkout: Path | None =
         daemon.stop()
 
 
-def sample(name: str, link: LinkProxy, run: Callable[[Path], dict]) -> dict:
-    """One run in a fresh directory: what it reports, and the bytes and requests that
-    crossed the link. The disk first writes back what earlier runs left (``sync``,
-    not timed): otherwise each run pays for the files the run before extracted or
-    cached, and a series of pulls slows down round after round."""
+def settle() -> None:
+    """Give every run the same machine: what earlier runs wrote is on disk and out of
+    the page cache, and the programs each system starts are read in again.
+
+    On this kind of machine the kernel's cost of writing new files grows with
+    the page cache that earlier runs left: ``tar -xzf`` of this layer took
+    1.3 s, 2.2 s, 2.8 s, 3.2 s in four runs back to back (its system time
+    0.5 s to 2.7 s) and 1.3 s each time with the page cache dropped between
+    them. Without this, the pull slows round after round, and the engine
+    (which also writes the whole tar, to its cache) with it.
+    """
     os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    warm = "import blockstore.cli.serve_cmds, blockstore.image, nbdfront.mount.attach"
+    subprocess.run([sys.executable, "-c", warm], check=True)
+    for tool in (["curl", "--version"], ["tar", "--version"], ["find", "--version"]):
+        subprocess.run(tool, check=True, stdout=subprocess.DEVNULL)
+
+
+def sample(name: str, link: LinkProxy, run: Callable[[Path], dict]) -> dict:
+    """One run in a fresh directory, on a settled machine (``settle``, not timed):
+    what it reports, and the bytes and requests that crossed the link."""
+    settle()
     work = Path(tempfile.mkdtemp(prefix="sidefig-"))
     try:
         before = link.traffic()
