@@ -33,6 +33,7 @@ from blockstore.errors import (
     CacheError,
     ImageNotCached,
     IntegrityError,
+    NotFound,
     RegistryUnreachable,
 )
 from blockstore.indexed_source import IndexedSource
@@ -245,17 +246,22 @@ class OpenImage:
                 f"says {layer.size} bytes, the registry holds {actual}: refused"
             )
 
-    def ask_blob_sizes(self) -> None:
-        """Send every layer's HEAD at once, for ``_check_size`` to take: beside the
+    def ask_blob_sizes(self, layer: int | None = None, blob: str | None = None) -> None:
+        """Send the HEAD of each layer ``select(layer, blob)`` names (all, by default)
+        at once, for ``_check_size`` to take: beside the
         artifacts' lookup, they then cost the open one round trip in all, not one
         more, and none per layer in turn. The threads are daemons: a HEAD still
         waiting on a registry that stopped answering never holds the process."""
         if self.client is None:
             return
+        try:
+            layers = self.select(layer, blob)
+        except NotFound:
+            return  # ``exports`` says so, with the same message
         client, repository = self.client, self.repository
         self._sizes_asked_by = os.getpid()
         waiting = queue.SimpleQueue[tuple[str, Future[int | None]]]()
-        for digest in sorted({layer.digest for layer in self.resolved.layers}):
+        for digest in sorted({chosen.digest for chosen in layers}):
             self._blob_sizes[digest] = asked = Future()
             waiting.put((digest, asked))
 
@@ -296,6 +302,7 @@ def open_image(
     offline: bool = False,
     options: RegistryOptions | None = None,
     prefetch: PrefetchSettings | None = None,
+    reading: tuple[int | None, str | None] = (None, None),
 ) -> OpenImage:
     """Resolve ``reference`` for ``platform`` online, or from the cache when offline.
 
@@ -303,7 +310,9 @@ def open_image(
     that cannot be reached at all falls back to the cached resolution, with
     a warning; any other registry answer (unknown image, wrong password) is
     an error, since the cache must not hide it. The returned image owns the
-    opened cache: ``close()`` closes both.
+    opened cache: ``close()`` closes both. ``reading``: the layers the caller
+    will serve (``OpenImage.select``'s arguments; all by default), whose sizes
+    are asked for at once.
     """
     ref = parse_reference(reference)
     wanted = str(Platform.parse(platform) if platform else host_platform())
@@ -317,7 +326,7 @@ def open_image(
     if prefetch is not None:
         image.prefetch = prefetch
     try:
-        image.ask_blob_sizes()
+        image.ask_blob_sizes(*reading)
         _attachments(image)
     except BaseException:
         image.close()

@@ -338,6 +338,7 @@ def open_image_from_args(args: argparse.Namespace, *, needs_registry: bool = Fal
         cache_size=args.cache_size,
         platform=args.platform,
         options=registry_options_from_args(args),
+        reading=(getattr(args, "layer", None), getattr(args, "blob", None)),
         **kw,
     )
     if needs_registry and image.client is None:
