@@ -57,9 +57,10 @@ def layer(tmp_path_factory):
 
 class FlippingSource(CountingSource):
     """The blob file with ``width`` bytes from ``at`` inverted, as a faulty link or
-    registry would send them. More than one: with one bit flipped, the span was seen
-    to inflate to the very same bytes (in about one run in ten, this fixture's layer
-    being random), which proves nothing about the check."""
+    registry would send them. More than one: the first byte of a stored deflate
+    block has five bits that inflating ignores, and a span of random data is equal
+    stored blocks, so its middle byte is often such a byte; one bit flipped there
+    inflates to the very same span and proves nothing about the check."""
 
     def __init__(self, path, digest, at: int, width: int = 64):
         super().__init__(path, digest)
