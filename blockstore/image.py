@@ -12,7 +12,6 @@ cached fails at once with EIO instead of waiting on a registry that is gone.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from concurrent.futures import Future
@@ -36,6 +35,7 @@ from blockstore.errors import (
     NotFound,
     RegistryUnreachable,
 )
+from blockstore.fetch import forks
 from blockstore.indexed_source import IndexedSource
 from blockstore.metrics import TimedSource
 from blockstore.prefetch import PrefetchSettings
@@ -68,7 +68,7 @@ SIZE_QUERIES = 8
 """Layer sizes asked of the registry at once when an image is opened."""
 
 
-@dataclass
+@dataclass(eq=False)  # an open resource: equal only to itself, and kept in weak sets
 class OpenImage:
     """A resolved image whose layers can be read through one chunk store."""
 
@@ -91,8 +91,6 @@ class OpenImage:
     """Take a tar layer's index from its attached artifact, after checks, before building."""
     _blob_sizes: dict[str, Future[int | None]] = field(default_factory=dict)
     """The registry's answer to each layer's HEAD, asked for at open (``ask_blob_sizes``)."""
-    _sizes_asked_by: int = 0
-    """The process whose threads ask them (a forked child gets no answer)."""
 
     @property
     def online(self) -> bool:
@@ -236,9 +234,9 @@ class OpenImage:
         """
         assert self.client is not None
         asked = self._blob_sizes.get(layer.digest)
-        if asked is not None and (asked.done() or self._sizes_asked_by == os.getpid()):
+        if asked is not None:
             actual = asked.result()
-        else:  # never asked, or asked by the parent of this forked child: no answer comes
+        else:
             actual = self.client.blob_size(self.repository, layer.digest)
         if actual is not None and actual != layer.size:
             raise IntegrityError(
@@ -259,7 +257,7 @@ class OpenImage:
         except NotFound:
             return  # ``exports`` says so, with the same message
         client, repository = self.client, self.repository
-        self._sizes_asked_by = os.getpid()
+        forks.register(self)
         waiting = queue.SimpleQueue[tuple[str, Future[int | None]]]()
         for digest in sorted({chosen.digest for chosen in layers}):
             self._blob_sizes[digest] = asked = Future()
@@ -279,6 +277,11 @@ class OpenImage:
 
         for _ in range(min(len(self._blob_sizes), SIZE_QUERIES)):
             threading.Thread(target=ask, name="blob-size", daemon=True).start()
+
+    def forget_threads(self) -> None:
+        """In a forked child: the HEADs still in flight were the parent's threads', and
+        their answers never come here; ``_check_size`` asks again."""
+        self._blob_sizes = {d: asked for d, asked in self._blob_sizes.items() if asked.done()}
 
     def close(self) -> None:
         """Stop every layer's fetch and readahead threads, then close the cache."""

@@ -37,7 +37,7 @@ from . import integrity
 from .env import CacheDamaged
 from .evict import LOW_WATER
 from .integrity import checked_part
-from .layout import CHUNK_SIZE, chunk_count, chunk_length
+from .layout import CHUNK_SIZE, BlobRecord, chunk_count, chunk_length
 from .leases import RangeLeases
 from .store import ChunkIntegrityError, ChunkStore
 from .traces import TraceShelf
@@ -415,8 +415,8 @@ class CachedBlob:
         ``seal_when_whole`` does: for an owner that meant to seal it and cannot."""
         self._seal_when_whole = True
         record = self._store.lookup(self._digest)
-        if record is not None and record.present == record.chunks and not record.sealed:
-            self._store.seal_later(self._digest)
+        if record is not None and record.present == record.chunks:
+            self._now_whole(record)
 
     def _requesting(self, nbytes: int) -> None:
         """A range request is about to go out: count it, and pick up a seal made since."""
@@ -440,9 +440,14 @@ class CachedBlob:
             return
         self._blob_id = record.blob_id
         if record.present == record.chunks:
-            self._whole = True
-            if not record.sealed and self._seal_when_whole:
-                self._store.seal_later(self._digest)
+            self._now_whole(record)
+
+    def _now_whole(self, record: BlobRecord) -> None:
+        """Every chunk is in: readahead has nothing left to do, and the blob is sealed in
+        the background unless its owner seals it (``seal_when_whole``)."""
+        self._whole = True
+        if not record.sealed and self._seal_when_whole:
+            self._store.seal_later(self._digest)
 
     def _load(self, indices: Sequence[int]) -> dict[int, Buffer]:
         """Those of ``indices`` the cache holds now (stored by another process meanwhile)."""
