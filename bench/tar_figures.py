@@ -34,7 +34,6 @@ import argparse
 import hashlib
 import json
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -47,7 +46,7 @@ from pathlib import Path
 from bench.images import copy_tree
 from bench.link import LinkProxy, wan
 from bench.processes import BenchError, Daemon, compile_engine
-from bench.workloads import SEED, listing, read_files
+from bench.workloads import listing, read_files, seeded_fifth
 from blockstore.localregistry import LocalRegistry
 from blockstore.registry import RegistryClient, RegistryOptions
 from blockstore.registry.push import push_image
@@ -104,7 +103,7 @@ def use(root: Path, started: float, ready: float | None = None) -> dict:
     """``find`` the tree, read a seeded fifth of its files: seconds since ``started``
     (and the first listing since ``ready``, when the server said so)."""
     first, files = listing(root)
-    read = read_files(random.Random(SEED).sample(files, len(files) // 5))
+    read = read_files(seeded_fifth(files))
     got = {
         "first listing s": first - started,
         "done s": time.perf_counter() - started,

@@ -211,7 +211,7 @@ class MountAndUse(Workload):
 
     def chosen(self, files: list[str]) -> list[str]:
         """The files the workload reads: a seeded fifth."""
-        return random.Random(SEED).sample(files, len(files) // 5)
+        return seeded_fifth(files)
 
 
 class MountReadAll(MountAndUse):
@@ -234,6 +234,11 @@ class MountReadAll(MountAndUse):
 
     def chosen(self, files: list[str]) -> list[str]:
         return files
+
+
+def seeded_fifth(files: list[str]) -> list[str]:
+    """A fifth of ``files``, the same ones for every system: what mount-and-use reads."""
+    return random.Random(SEED).sample(files, len(files) // 5)
 
 
 def listing(root: Path) -> tuple[float, list[str]]:
