@@ -13,10 +13,13 @@ stops taking requests, so memory stays bounded however many requests a
 client queues, and a misbehaving client only ever occupies its own threads.
 
 Connections get a deadline for the whole handshake, an optional idle limit
-once transmission has begun, and a count limit at which the connection idle
-longest makes room for a newcomer. Stopping is bounded: replies in flight
-get a drain timeout, then connections are cut; every thread is a daemon,
-so a read stuck in a fetch never holds up the exit.
+once transmission has begun, and a count limit at which a connection still
+in its handshake makes room for a newcomer; one that has chosen its export
+is never cut for another (the spec allows a disconnect only for a broken
+rule, and it may be a mounted disk). Stopping is bounded: new options and
+requests are refused (ERR_SHUTDOWN, ESHUTDOWN) while replies in flight get
+a drain timeout, then connections are cut; every thread is a daemon, so a
+read stuck in a fetch never holds up the exit.
 """
 
 from __future__ import annotations
@@ -73,10 +76,12 @@ BATCH_BYTES = 256 * 1024
 RECV_SIZE = 256 * 1024
 # A client that has not chosen an export this long after connecting is dropped.
 HANDSHAKE_TIMEOUT = 10.0
-# Connections beyond this many make room by closing the one idle longest.
+# Connections beyond this many make room by closing one stalled in its handshake.
 MAX_CONNECTIONS = 256
-# ... if it has been idle this long; else the newcomer is refused.
+# ... if it has sent nothing for this long; else the newcomer is refused.
 EVICTABLE_IDLE = 2.0
+# How often shutdown looks whether the replies in flight are all sent.
+DRAIN_POLL = 0.01
 # How long shutdown waits for in-flight replies before cutting connections.
 DRAIN_TIMEOUT = 5.0
 # After the cut, how long shutdown waits for connection threads to notice. A thread
@@ -423,6 +428,7 @@ class _Session:
         self._recv_view = memoryview(bytearray(RECV_SIZE))
         self.started = self.last_heard = time.monotonic()
         self.selected = False
+        self.stopping = False
         self.thread = threading.Thread(target=self.run, name=f"nbd-{peer}", daemon=True)
 
     @property
@@ -441,9 +447,14 @@ class _Session:
             self._outbox.close(self._server.drain_timeout)
             self._finish()
 
-    def stop_reading(self) -> None:
-        """Shutdown: take no more requests; what is in flight still gets its reply."""
+    def refuse_new_work(self) -> None:
+        """Shutdown has begun: options and requests from now on are refused
+        (ERR_SHUTDOWN, ESHUTDOWN), which tells the client to disconnect."""
+        self.stopping = True
         self._protocol.begin_shutdown()
+
+    def stop_reading(self) -> None:
+        """Shutdown, once nothing is in flight: take nothing more; what is queued is sent."""
         _shutdown_quietly(self._sock, socket.SHUT_RD)
 
     def cut(self) -> None:
@@ -483,8 +494,9 @@ class _Session:
             else:
                 self._flush()
                 if isinstance(event, ConnectionClosed):
-                    level = logging.INFO if event.clean else logging.WARNING
-                    log.log(level, "closing connection from %s: %s", self.peer, event.reason)
+                    reason = "the server is stopping" if self.stopping else event.reason
+                    level = logging.INFO if event.clean or self.stopping else logging.WARNING
+                    log.log(level, "closing connection from %s: %s", self.peer, reason)
                 else:
                     log.info("%s disconnected", self.peer)
                 return
@@ -727,8 +739,8 @@ class NBDServer:
     ``handshake_timeout`` bounds the whole handshake; ``idle_timeout``
     (None: no limit) closes a connection that has had nothing in flight
     and sent nothing for that long. At ``max_connections``, a newcomer
-    closes the connection idle longest (if idle ``EVICTABLE_IDLE`` seconds
-    at least), or is refused when every connection is busy.
+    closes the connection that has been silent longest in its handshake (for
+    ``EVICTABLE_IDLE`` seconds at least), or is refused.
     """
 
     def __init__(
@@ -860,9 +872,14 @@ class NBDServer:
             listener.close()
         for thread in self._threads:
             thread.join()
+        deadline = time.monotonic() + self.drain_timeout
+        for session in sessions:
+            session.refuse_new_work()
+        while any(not s.idle for s in sessions) and time.monotonic() < deadline:
+            time.sleep(DRAIN_POLL)
         for session in sessions:
             session.stop_reading()
-        if not self._wait_sessions(self.drain_timeout):
+        if not self._wait_sessions(max(0.0, deadline - time.monotonic())):
             log.warning("in-flight requests did not finish in %ss; cutting", self.drain_timeout)
             with self._lock:
                 for session in self._sessions:
@@ -914,10 +931,11 @@ class NBDServer:
                 return False
             evicted = None
             if len(self._sessions) >= self.max_connections:
-                evicted = self._idlest(session.started)
+                evicted = self._stalled_longest(session.started)
                 if evicted is None:
                     log.warning(
-                        "connection limit of %d reached and none is idle: refusing %s",
+                        "connection limit of %d reached, none stalled in its handshake: "
+                        "refusing %s",
                         self.max_connections,
                         session.peer,
                     )
@@ -926,7 +944,8 @@ class NBDServer:
             self._sessions.add(session)
         if evicted is not None:
             log.warning(
-                "connection limit of %d reached: closing %s, idle for %.0fs, to admit %s",
+                "connection limit of %d reached: closing %s, silent in its handshake "
+                "for %.0fs, to admit %s",
                 self.max_connections,
                 evicted.peer,
                 session.started - evicted.last_heard,
@@ -936,9 +955,16 @@ class NBDServer:
         session.thread.start()
         return True
 
-    def _idlest(self, now: float) -> _Session | None:
-        """The connection idle longest, if for ``EVICTABLE_IDLE`` at least (lock held)."""
-        candidates = [s for s in self._sessions if s.idle and now - s.last_heard >= EVICTABLE_IDLE]
+    def _stalled_longest(self, now: float) -> _Session | None:
+        """The connection silent longest before choosing an export, if for
+        ``EVICTABLE_IDLE`` at least (lock held). One that chose an export is never
+        taken: it may be a mounted disk, idle for hours, and the spec lets a server
+        disconnect only a client that broke a rule."""
+        candidates = [
+            s
+            for s in self._sessions
+            if not s.selected and s.idle and now - s.last_heard >= EVICTABLE_IDLE
+        ]
         return min(candidates, key=lambda s: s.last_heard, default=None)
 
     def _watch_deadlines(self) -> None:

@@ -214,6 +214,8 @@ class ServerConnection:
         if self._oversized_option is not None:
             option, length = self._oversized_option
             self._oversized_option = None
+            if self._shutting_down and option != Option.ABORT:
+                return self._apply(self._negotiation.refuse_shutting_down(option))
             return self._apply(self._negotiation.refuse_oversized(option, length))
         if len(self._buffer) < _OPTION_HEADER.size:
             return self._need_more()

@@ -30,6 +30,9 @@ BASE_TRANSMISSION_FLAGS = (
     TransmissionFlag.HAS_FLAGS
     | TransmissionFlag.READ_ONLY
     | TransmissionFlag.SEND_FLUSH
+    # FUA on a read-only export is kept by doing nothing; offered so that a client
+    # that sets it on every command (some do) is within the spec.
+    | TransmissionFlag.SEND_FUA
     | TransmissionFlag.CAN_MULTI_CONN
     | TransmissionFlag.SEND_CACHE
 )
@@ -130,7 +133,16 @@ class Negotiation:
 
     def refuse_oversized(self, option: int, length: int) -> OptionOutcome:
         """An option whose data was skipped unread because it was too long."""
-        if self._tls is TLSPolicy.REQUIRE and not self.tls_active and option != Option.ABORT:
+        if option == Option.ABORT:
+            # ABORT is ACKed whatever data it carries (the spec: ignore it).
+            return self._dispatch(option, b"")
+        if option == Option.STARTTLS:
+            if self._tls is TLSPolicy.OFF:
+                return self._starttls(b"")
+            # STARTTLS takes no data: INVALID is its own answer, before or after TLS.
+            message = f"STARTTLS takes no data, {length} bytes were sent"
+            return OptionOutcome(replies.option_error(option, OptionReply.ERR_INVALID, message))
+        if self._tls is TLSPolicy.REQUIRE and not self.tls_active:
             return _tls_required(option)
         if option == Option.EXPORT_NAME:
             # EXPORT_NAME has no way to say no: the only answer is to hang up.

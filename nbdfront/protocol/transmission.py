@@ -56,8 +56,8 @@ class Transmission:
         self.selected = selected
         self.size = size
         self.structured = selected.structured_replies
-        # FUA means nothing on a read-only export, and clients are known to
-        # set it on any command: it is accepted everywhere and ignored.
+        # FUA (offered, see BASE_TRANSMISSION_FLAGS) means nothing on a read-only
+        # export: it is accepted on every command and ignored.
         # (Plain ints: ``~`` of an IntFlag stays inside the known bits.)
         read_flags = CommandFlag.FUA | (CommandFlag.DF if self.structured else 0)
         self._read_flags = int(read_flags)

@@ -25,12 +25,14 @@ def run(*argv: str, timeout: float = 60, check: bool = True) -> subprocess.Compl
 def test_nbdinfo_plain_list_map_and_can(registry_image):
     """nbdinfo sees a read-only export of the image's size with its description;
     --list names it; --map shows one data extent over the whole image; --can
-    multi-conn is true and --can write is false."""
+    multi-conn and fua are true (FUA is offered, and kept by doing nothing, so a client
+    that sets it on every command stays within the spec) and --can write is false."""
     size = registry_image.image.size
     info = json.loads(run("nbdinfo", "--json", registry_image.uri).stdout)
     (export,) = info["exports"]
     assert export["export-size"] == size
     assert export["is_read_only"] is True and export["can_multi_conn"] is True
+    assert export["can_fua"] is True
     assert "layer 0" in export["description"]
     assert export["block_size_preferred"] == 32768
     assert info["protocol"] == "newstyle-fixed"

@@ -72,8 +72,8 @@ def test_fuzzed_conversations_leave_the_server_whole(port):
 def test_a_flood_of_half_open_handshakes(port):
     """300 connections that send part of a handshake (or nothing) and then wait: the
     server holds at most its limit of them, a newcomer is still served during the flood
-    (the idlest makes room), the handshake deadline (3 s) closes the rest, and nbdcopy
-    is exact."""
+    (one stalled in its handshake makes room), the handshake deadline (3 s) closes the
+    rest, and nbdcopy is exact."""
     partial = [b"", w.client_flags()[:2], w.client_flags(), w.client_flags() + w.option(7)[:9]]
     flood = []
     for i in range(300):

@@ -99,6 +99,39 @@ def test_require_acknowledges_abort():
     assert isinstance(events[0], ConnectionClosed) and events[0].clean
 
 
+@pytest.mark.parametrize("policy", [TLSPolicy.OFF, TLSPolicy.ON, TLSPolicy.REQUIRE])
+def test_abort_with_oversized_data_is_still_acknowledged(policy):
+    """ABORT's data is to be ignored, however long: 20,000 bytes of it (past the option
+    limit, so skipped unread) still get ACK and a clean close, never ERR_TOO_BIG."""
+    conn = connect(policy)
+    events, answers, _ = exchange(conn, w.option(w.OPT_ABORT, bytes(20_000)))
+    assert [(a.option, a.reply) for a in answers] == [(w.OPT_ABORT, w.REP_ACK)]
+    assert len(events) == 1 and isinstance(events[0], ConnectionClosed) and events[0].clean
+
+
+@pytest.mark.parametrize("upgraded", [False, True])
+@pytest.mark.parametrize("policy", [TLSPolicy.ON, TLSPolicy.REQUIRE])
+def test_oversized_starttls_is_invalid_not_tls_required(policy, upgraded):
+    """STARTTLS with 20,000 bytes of data (it takes none) is answered ERR_INVALID, before
+    TLS as after it: never ERR_TLS_REQD, which would tell the client to send the very
+    option it sent. The connection goes on, and a proper STARTTLS then works."""
+    conn = connect(policy)
+    if upgraded:
+        upgrade(conn)
+    events, answers, _ = exchange(conn, w.option(w.OPT_STARTTLS, bytes(20_000)))
+    assert events == []
+    assert [(a.option, a.reply) for a in answers] == [(w.OPT_STARTTLS, w.REP_ERR_INVALID)]
+    if not upgraded:
+        upgrade(conn)
+
+
+def test_oversized_starttls_without_tls_is_refused_by_policy():
+    """With TLS off, STARTTLS is refused by policy whatever its length."""
+    conn = connect(TLSPolicy.OFF)
+    events, answers, _ = exchange(conn, w.option(w.OPT_STARTTLS, bytes(20_000)))
+    assert events == [] and [a.reply for a in answers] == [w.REP_ERR_POLICY]
+
+
 def test_require_refuses_clients_without_fixed_newstyle():
     """TLS needs fixed newstyle; a client without it could only get plain text, so it is
     dropped at once."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import subprocess
 import threading
@@ -191,6 +192,46 @@ def test_shutdown_lets_in_flight_replies_finish(local_blob, tmp_path):
     finally:
         gated.gate.set()
         client.close()
+        server.shutdown()
+
+
+REP_ERR_SHUTDOWN = 2**31 + 7
+
+
+def test_shutdown_refuses_what_arrives_while_replies_drain(local_blob, tmp_path, caplog):
+    """While a read in flight holds shutdown, a new read on that connection gets
+    ESHUTDOWN and an option on a connection still in its handshake gets ERR_SHUTDOWN
+    (the spec's way to tell a client to go), not a silent hang-up; the read in flight
+    still arrives whole, and the log does not blame the clients for the close."""
+    gated = GatedExport(local_blob.blob, gated_offset=32768)
+    server = start_server({"blob": gated}, tmp_path, "blob")
+    reading = w.RawClient(server.unix_path)
+    haggling = w.RawClient(server.unix_path)
+    stopper = threading.Thread(target=server.shutdown)
+    try:
+        reading.negotiate("blob")
+        haggling.sock.sendall(w.client_flags())
+        reading.send(w.CMD_READ, 1, 32768, 65536)
+        assert gated.waiting.wait(10)
+        with caplog.at_level(logging.INFO, logger="nbdfront.server"):
+            stopper.start()
+            time.sleep(0.3)
+            reading.send(w.CMD_READ, 2, 0, 4096)
+            assert reading.wait(2).error == w.ESHUTDOWN
+            haggling.sock.sendall(w.option(w.OPT_LIST))
+            assert [a.reply for a in haggling.option_answers()] == [REP_ERR_SHUTDOWN]
+            assert stopper.is_alive()
+            gated.gate.set()
+            assert reading.wait(1).data == {32768: local_blob.data[32768 : 32768 + 65536]}
+            stopper.join(10)
+        assert not stopper.is_alive()
+        assert reading.sock.recv(1) == b"" and haggling.sock.recv(1) == b""
+        assert caplog.text.count("the server is stopping") == 2
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    finally:
+        gated.gate.set()
+        reading.close()
+        haggling.close()
         server.shutdown()
 
 
