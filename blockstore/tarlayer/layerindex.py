@@ -26,11 +26,11 @@ from typing import IO
 from blockstore.errors import IntegrityError
 from blockstore.tarlayer.erofs_writer import write_metadata
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN, GzipIndexer, Zinfo, read_span, span_range
-from blockstore.tarlayer.tarwalk import RangeFile, entry_of, walk_tar
+from blockstore.tarlayer.tarwalk import RangeFile, check_end, entry_of, walk_tar
 from blockstore.tarlayer.tree import TarLayerError, build_tree
 from blockstore.tarlayer.zstdframes import ZstdIndexer, decode_frames
 
-INDEX_FORMAT = 1  # bump when the metadata image or the span index changes shape
+INDEX_FORMAT = 2  # bump when the metadata image or the span index changes shape or meaning
 GZIP, ZSTD = "gzip", "zstd"
 _KIND_CODES = {GZIP: 1, ZSTD: 2}
 _MAGIC = b"BSSPANS\x01"
@@ -179,8 +179,10 @@ def index_compressed_tar(
             fileobj=indexer, mode="r|", encoding="utf-8", errors="surrogateescape"
         ) as archive:
             tree = build_tree(entry_of(member) for member in archive)
+            end = archive.offset
     except tarfile.TarError as exc:
         raise TarLayerError(f"not a readable tar stream: {exc}") from exc
+    check_end(end, indexer.made_at(end, tarfile.BLOCKSIZE))
     if isinstance(indexer, GzipIndexer):
         zinfo, size = indexer.finish()
         points = tuple((c.compressed, c.uncompressed) for c in zinfo.checkpoints)

@@ -8,7 +8,12 @@ finishing it (reading to the end) are the same for all of them.
 from __future__ import annotations
 
 import io
+from collections import deque
 from collections.abc import Callable
+
+KEPT_OUTPUT = 1 << 16
+"""Output kept after it is read, at least: tarfile's stream reads 10 KiB ahead, so the
+header where it stopped is still here to be looked at (``made_at``)."""
 
 
 class SteppedReader(io.RawIOBase):
@@ -20,10 +25,19 @@ class SteppedReader(io.RawIOBase):
         self._eof = False
         self.sink: Callable[[bytes], None] | None = None
         """Given every piece of the output in order, whether anyone reads it or not."""
+        self._kept: deque[tuple[int, bytes]] = deque()  # (offset, piece): the last output
+        self._kept_len = 0
+        self._made_len = 0
 
     def _made(self, out: bytes) -> None:
         """A step's output: to be read, and to the sink."""
         self._pending = memoryview(out)
+        kept = self._kept
+        kept.append((self._made_len, out))
+        self._made_len += len(out)
+        self._kept_len += len(out)
+        while self._kept_len - len(kept[0][1]) >= KEPT_OUTPUT:
+            self._kept_len -= len(kept.popleft()[1])
         if self.sink is not None:
             self.sink(out)
 
@@ -40,6 +54,14 @@ class SteppedReader(io.RawIOBase):
         buffer[:n] = self._pending[:n]
         self._pending = self._pending[n:]
         return n
+
+    def made_at(self, offset: int, length: int) -> bytes | None:
+        """Up to ``length`` bytes of output from ``offset``, if still kept (the last
+        ``KEPT_OUTPUT`` bytes made are)."""
+        if not self._kept or offset < self._kept[0][0]:
+            return None
+        start = offset - self._kept[0][0]
+        return b"".join(piece for _, piece in self._kept)[start : start + length]
 
     def _read_to_end(self) -> None:
         """Step to the end of the stream, dropping what nobody read."""

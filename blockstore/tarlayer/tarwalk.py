@@ -128,13 +128,31 @@ def entry_of(member: tarfile.TarInfo) -> TarEntry:
     )
 
 
+def check_end(offset: int, block: bytes | None) -> None:
+    """Refuse a tar whose member list ``tarfile`` ended at ``offset`` on damage.
+
+    ``tarfile`` takes the first header it cannot parse for the end of the archive;
+    tar reports it and skips on. A layer ends only at a zero block (the end marker)
+    or at the end of the stream: anything else there would be served as a tree
+    silently missing every entry after it. ``block``: the 512 bytes at ``offset``
+    (fewer at the end; None if they could not be looked at).
+    """
+    if block is None or block.strip(b"\0"):
+        raise TarLayerError(
+            f"the tar header at byte {offset} is damaged (bad checksum or format);"
+            " the entries after it would be lost"
+        )
+
+
 def walk_tar(fileobj: IO[bytes]) -> Iterator[TarEntry]:
-    """Every member of an uncompressed tar stream, in order."""
+    """Every member of an uncompressed tar stream, in order (``fileobj`` seekable)."""
     try:
         with tarfile.open(
             fileobj=fileobj, mode="r:", encoding="utf-8", errors="surrogateescape"
         ) as archive:
             for member in archive:
                 yield entry_of(member)
+            fileobj.seek(archive.offset)
+            check_end(archive.offset, fileobj.read(tarfile.BLOCKSIZE))
     except tarfile.TarError as exc:
         raise TarLayerError(f"not a readable tar stream: {exc}") from exc

@@ -13,6 +13,12 @@ of ``.wh.NAME``, and ``trusted.overlay.opaque=y`` on a directory that held
 ``trusted.overlay.origin``, so overlayfs filters its listing even when no lower
 layer has that directory (otherwise it lists such a directory directly and the
 whiteouts would show).
+
+A whiteout acts on the layers below only (the OCI image spec): a path this
+layer wrote before its ``.wh.`` entry stays. Where the lower path is gone but
+this layer puts a directory there (after a whiteout, or in place of a file of
+its own), that directory is opaque, so nothing of a lower directory of that
+name shows through, as extracting the layers in order would leave it.
 """
 
 from __future__ import annotations
@@ -75,6 +81,11 @@ class Inode:
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
 
+    @property
+    def is_whiteout(self) -> bool:
+        """What overlayfs takes for a whiteout: a 0/0 character device."""
+        return stat.S_ISCHR(self.mode) and self.rdev_major == self.rdev_minor == 0
+
 
 def new_directory(mode: int = 0o755) -> Inode:
     return Inode(mode=stat.S_IFDIR | (mode & 0o7777), children={})
@@ -125,6 +136,10 @@ class LayerTree:
             if child is None:
                 child = new_directory()
                 node.children[p] = child
+            elif child.is_whiteout:  # removed below, made again here: nothing shows through
+                child = new_directory()
+                child.xattrs[OPAQUE_XATTR] = b"y"
+                node.children[p] = child
             elif not child.is_dir:
                 raise TarLayerError(f"tar entry {_show(raw)}: {_show(p)} is not a directory")
             node = child
@@ -148,6 +163,12 @@ class LayerTree:
             hidden = name[len(WHITEOUT_PREFIX) :]
             if not hidden:
                 raise TarLayerError(f"tar entry {_show(entry.path)}: a whiteout with no name")
+            written = parent.children.get(hidden)
+            if written is not None and not written.is_whiteout:
+                # This layer's own path stays; the lower one it already hides is gone.
+                if written.is_dir:
+                    written.xattrs[OPAQUE_XATTR] = b"y"
+                return
             parent.children[hidden] = Inode(
                 mode=stat.S_IFCHR, uid=entry.uid, gid=entry.gid, mtime=entry.mtime
             )
@@ -155,7 +176,7 @@ class LayerTree:
             return
         if entry.hardlink:
             target = self.lookup(split_path(entry.link))
-            if target is None or target.is_dir:
+            if target is None or target.is_dir or target.is_whiteout:
                 raise TarLayerError(
                     f"tar entry {_show(entry.path)}: hard link to {_show(entry.link)},"
                     " which is not a file written earlier"
@@ -166,7 +187,11 @@ class LayerTree:
         if existing is not None and existing.is_dir and stat.S_ISDIR(entry.mode):
             _update_dir(existing, entry)  # tar keeps a directory's contents
             return
-        parent.children[name] = _inode_of(entry)
+        node = _inode_of(entry)
+        if existing is not None and node.is_dir:
+            # In place of a whiteout or of a file of this layer: the lower path is gone.
+            node.xattrs[OPAQUE_XATTR] = b"y"
+        parent.children[name] = node
 
 
 def _update_dir(node: Inode, entry: TarEntry) -> None:

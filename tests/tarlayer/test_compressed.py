@@ -159,6 +159,21 @@ def test_corrupt_compressed_stream_is_caught_in_the_pass(layer_tar, kind):
 
 
 @pytest.mark.parametrize("kind", [GZIP, ZSTD])
+def test_a_damaged_tar_header_inside_a_compressed_layer_is_refused(layer_tar, kind):
+    """A member header in the middle of a 6 MiB tar with its checksum overwritten, then
+    compressed whole (so every digest matches): the streaming pass does not take the
+    header for the end of the archive; it refuses the layer, naming the byte."""
+    archive = tarfile.open(fileobj=io.BytesIO(layer_tar))
+    members = archive.getmembers()
+    header = members[len(members) // 2].offset
+    raw = bytearray(layer_tar)
+    raw[header + 148 : header + 156] = b"0000000\0"
+    blob = compress(["gzip" if kind == GZIP else "zstd", "-q", "-c"], bytes(raw))
+    with pytest.raises(TarLayerError, match=f"tar header at byte {header} is damaged"):
+        index_compressed_tar(io.BytesIO(blob), kind, blob_digest=sha(blob), diff_id=None)
+
+
+@pytest.mark.parametrize("kind", [GZIP, ZSTD])
 def test_span_from_bytes_fetched_wrong_later_is_refused(layer_tar, kind):
     """After a verified pass, a span decompressed from compressed bytes that differ (a
     registry or mirror serving other bytes) fails with IntegrityError: the span digest

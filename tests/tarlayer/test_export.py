@@ -24,7 +24,7 @@ from blockstore.tarlayer.export import (
     TarLayerExport,
     cached_or_built,
 )
-from blockstore.tarlayer.layerindex import GZIP, index_compressed_tar, index_plain_tar
+from blockstore.tarlayer.layerindex import GZIP, INDEX_FORMAT, index_compressed_tar, index_plain_tar
 from blockstore.tarlayer.tarwalk import RangeFile
 from nbdfront.mount import attach
 from nbdfront.mount import syscall as mount_syscall
@@ -157,7 +157,7 @@ def test_a_damaged_cached_index_is_built_again(layer_files, store):
     rebuilt from the blob, identical to the first build."""
     tmp, src = layer_files
     first = Layer(tmp, store, src)
-    key = f"tarlayer/v1/span{SPAN}/{first.digest}/meta"
+    key = f"tarlayer/v{INDEX_FORMAT}/span{SPAN}/{first.digest}/meta"
     raw = bytearray(store.images.manifest(key))
     raw[5000] ^= 0xFF
     store.images.put_manifest(key, bytes(raw))

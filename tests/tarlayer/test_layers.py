@@ -14,6 +14,7 @@ from trees import make_tar, populate
 from blockstore.cache import CachedBlob, ChunkStore
 from blockstore.errors import NotCached
 from blockstore.tarlayer.gzindex import GzipIndexer
+from blockstore.tarlayer.layerindex import INDEX_FORMAT
 from blockstore.tarlayer.layers import GZIP, TAR, ZSTD, layer_kind, open_tar_layer
 
 SPAN = 1 << 20
@@ -124,7 +125,9 @@ def test_local_tarindex_and_zinfo_are_used_instead_of_a_pass(blobs, tmp_path):
         )
         assert whole(local) == expected
         assert (
-            store.images.manifest(f"tarlayer/v1/span{SPAN}/{sha(paths[GZIP].read_bytes())}/meta")
+            store.images.manifest(
+                f"tarlayer/v{INDEX_FORMAT}/span{SPAN}/{sha(paths[GZIP].read_bytes())}/meta"
+            )
             is None
         )
         local.close()

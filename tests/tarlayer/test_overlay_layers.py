@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -83,6 +84,33 @@ def extract_in_order(tars: list[Path], dest: Path) -> None:
         )
 
 
+def same_layer_whiteouts(path: Path) -> Path:
+    """A fourth layer, in an order no directory walk gives: a whiteout then the same
+    directory made again (explicitly, and implied by a file under it), and paths this
+    layer writes before whiting them out, which a whiteout must leave alone (it acts
+    on the layers below only)."""
+    entries = [
+        ("usr/.wh.bin", tarfile.REGTYPE, b""),
+        ("usr/bin", tarfile.DIRTYPE, None),
+        ("usr/bin/new", tarfile.REGTYPE, b"the only file left in usr/bin\n"),
+        ("var/.wh.cache", tarfile.REGTYPE, b""),
+        ("var/cache/again", tarfile.REGTYPE, b"var/cache made again, implied\n"),
+        ("etc/motd", tarfile.REGTYPE, b"written before its whiteout\n"),
+        ("etc/.wh.motd", tarfile.REGTYPE, b""),
+        ("opt/keep", tarfile.DIRTYPE, None),
+        ("opt/keep/k", tarfile.REGTYPE, b"k\n"),
+        ("opt/.wh.keep", tarfile.REGTYPE, b""),
+    ]
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
+        for name, kind, data in entries:
+            info = tarfile.TarInfo(name)
+            info.type, info.mtime = kind, 1_700_000_000
+            info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+            info.size = len(data) if data is not None else 0
+            archive.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
 def without_dir_counts(snap: tuple[dict, list]) -> tuple[dict, list]:
     """Directory link counts and mtimes differ between overlayfs and a real directory."""
     entries, links = snap
@@ -98,12 +126,14 @@ def without_dir_counts(snap: tuple[dict, list]) -> tuple[dict, list]:
 @pytest.mark.parametrize("base_as", ["tar", "mkfs.erofs"])
 def test_three_layers_with_whiteouts_and_an_opaque_dir(tmp_path, kernel_mount, base_as):
     """Base, a layer with a whiteout, an opaque directory, a file turned symlink and an
-    xattr, and a layer deleting a directory and restoring a deleted file: each mounted
+    xattr, a layer deleting a directory and restoring a deleted file, and a layer with
+    whiteouts of its own paths and of directories it makes again: each mounted
     from ``metadata || tar`` (or the base from a mkfs.erofs image: mixed stacks) and
-    stacked read-only with overlayfs shows exactly the tree that extracting the three
+    stacked read-only with overlayfs shows exactly the tree that extracting the four
     tars in order (whiteouts applied) leaves: paths, types, modes, owners, contents,
     symlinks, xattrs and hard links."""
     tars = [make_tar(src, tmp_path / f"{src.name}.tar") for src in layer_sources(tmp_path / "src")]
+    tars.append(same_layer_whiteouts(tmp_path / "last.tar"))
     lowers = []
     for i, tar in enumerate(tars):
         if i == 0 and base_as == "mkfs.erofs":
@@ -128,7 +158,9 @@ def test_three_layers_with_whiteouts_and_an_opaque_dir(tmp_path, kernel_mount, b
         want = without_dir_counts(snapshot(reference, with_mtime=False))
         assert sorted(got[0]) == sorted(want[0])
         assert got == want
-        assert (merged / "var/cache").exists() and os.listdir(merged / "var/cache") == ["fresh"]
-        assert not (merged / "opt/old").exists()
+        assert os.listdir(merged / "var/cache") == ["again"]
+        assert os.listdir(merged / "usr/bin") == ["new"]
+        assert (merged / "etc/motd").read_bytes() == b"written before its whiteout\n"
+        assert os.listdir(merged / "opt") == ["keep"]
     finally:
         mount_syscall.umount(str(merged), lazy=True)

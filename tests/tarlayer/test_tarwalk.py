@@ -87,6 +87,42 @@ def test_not_a_tar_is_one_clear_error():
         list(walk_tar(io.BytesIO(b"\x1f\x8b" + b"junk" * 300)))
 
 
+def two_members(end: bytes = bytes(1024)) -> bytes:
+    """A tar of ``x`` (700 bytes) and ``y``; ``y``'s header starts at byte 1536."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, data in ((b"x", b"x" * 700), (b"y", b"yy")):
+            info = tarfile.TarInfo(name.decode())
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    raw = out.getvalue()
+    members_end = raw.rstrip(b"\0")
+    members_end += bytes(-len(members_end) % 512)
+    return members_end + end
+
+
+def test_a_damaged_header_mid_stream_is_refused_not_taken_for_the_end():
+    """``y``'s header with its checksum overwritten: tarfile alone would stop there as if
+    the archive ended, and the layer would lose ``y`` (and everything after it) with no
+    word. It is refused, naming the byte; GNU tar reports the same header."""
+    raw = bytearray(two_members())
+    raw[1536 + 148 : 1536 + 156] = b"0000000\0"
+    with pytest.raises(TarLayerError, match="tar header at byte 1536 is damaged"):
+        list(walk_tar(io.BytesIO(bytes(raw))))
+
+
+@pytest.mark.parametrize(
+    "end",
+    [bytes(1024), bytes(512), b"", bytes(1024) + b"junk after the end marker"],
+    ids=["end-marker", "one-zero-block", "no-marker", "junk-after-marker"],
+)
+def test_every_way_a_tar_may_end_is_taken(end):
+    """An end marker, a lone zero block, no marker at all, or junk after the marker
+    (which tar ignores too): both members are there."""
+    entries = list(walk_tar(io.BytesIO(two_members(end))))
+    assert [e.path for e in entries] == [b"x", b"y"]
+
+
 def test_modes_links_and_devices(tmp_path):
     """Type bits come from the entry type; hard links carry their target and no size."""
     buf = io.BytesIO()

@@ -95,12 +95,59 @@ def test_directory_entry_after_its_opaque_marker_keeps_the_marker():
     assert tree.lookup([b"d"]).xattrs == {OPAQUE_XATTR: b"y", b"user.a": b"1"}
 
 
+def test_a_directory_made_again_after_its_whiteout_is_opaque():
+    """``.wh.gone`` then ``gone/`` (or a file under an implied ``gone``) in one layer:
+    the lower ``gone`` is deleted, so the new directory is opaque and none of the lower
+    one's files show through. A directory in place of this layer's own file is too."""
+    tree = build_tree(
+        [
+            TarEntry(path=b".wh.gone", mode=REG),
+            TarEntry(path=b"gone", mode=DIR),
+            reg(b"gone/new", 512),
+            TarEntry(path=b"a/.wh.implied", mode=REG),
+            reg(b"a/implied/x", 1024),
+            reg(b"was-a-file", 2048),
+            TarEntry(path=b"was-a-file", mode=DIR),
+        ]
+    )
+    for parts in ([b"gone"], [b"a", b"implied"], [b"was-a-file"]):
+        node = tree.lookup(parts)
+        assert node.is_dir and node.xattrs.get(OPAQUE_XATTR) == b"y", parts
+    assert list(tree.lookup([b"gone"]).children) == [b"new"]
+    assert list(tree.lookup([b"a", b"implied"]).children) == [b"x"]
+
+
+def test_a_whiteout_leaves_the_path_its_own_layer_wrote():
+    """Whiteouts act on lower layers only (OCI image spec): ``f`` then ``.wh.f`` keeps
+    ``f``; ``d/``, ``d/k`` then ``.wh.d`` keeps ``d`` with ``k``, made opaque, since the
+    lower ``d`` is gone."""
+    tree = build_tree(
+        [
+            reg(b"f", 512),
+            TarEntry(path=b".wh.f", mode=REG),
+            TarEntry(path=b"d", mode=DIR),
+            reg(b"d/k", 1024),
+            TarEntry(path=b".wh.d", mode=REG),
+        ]
+    )
+    assert tree.lookup([b"f"]).data_offset == 512
+    d = tree.lookup([b"d"])
+    assert list(d.children) == [b"k"] and d.xattrs.get(OPAQUE_XATTR) == b"y"
+
+
 @pytest.mark.parametrize(
     ("entries", "message"),
     [
         ([reg(b"../escape", 512)], "'..' in a path"),
         ([TarEntry(path=b"g", mode=REG, link=b"nope", hardlink=True)], "hard link to 'nope'"),
         ([reg(b"f", 512), reg(b"f/under", 1024)], "'f' is not a directory"),
+        (
+            [
+                TarEntry(path=b".wh.w", mode=REG),
+                TarEntry(path=b"g", mode=REG, link=b"w", hardlink=True),
+            ],
+            "hard link to 'w'",
+        ),
         ([TarEntry(path=b"s", mode=LNK)], "symlink with no target"),
         ([TarEntry(path=b"sock", mode=stat.S_IFSOCK | 0o644)], "unsupported file type"),
     ],
