@@ -42,6 +42,7 @@ from blockstore.tarlayer.layerindex import (
     ReadRange,
     SpanIndex,
     TarIndex,
+    check_plain_tar,
     index_compressed_tar,
     index_plain_tar,
 )
@@ -350,6 +351,8 @@ def open_tar_layer(
                 raise NotCached(
                     f"{blob.digest}: this tar layer was never indexed; needs the registry"
                 )
+            if kind == TAR:
+                check_plain_tar(blob.digest, diff_id())
             refused = cache.origin(blob.digest, span) == IndexCache.REFUSED
             if shared is not None and not refused and (found := shared()) is not None:
                 log.info("%s: using the index attached to the image", blob.digest)

@@ -94,11 +94,44 @@ def _mtime(member: tarfile.TarInfo) -> tuple[int, int]:
     if raw is None:
         return int(member.mtime), 0
     whole, _, frac = raw.partition(".")
+    if not (whole.lstrip("-").isdigit() and (not frac or frac.isdigit())):
+        raise TarLayerError(f"tar entry {_show(member.name)}: PAX mtime {raw!r} is not a number")
     seconds = int(whole)
     nanos = int((frac + "000000000")[:9]) if frac else 0
     if raw.startswith("-") and nanos:
         seconds, nanos = seconds - 1, 1_000_000_000 - nanos
     return seconds, nanos
+
+
+# What the metadata image's fields hold: EROFS ids are 32-bit, times signed 64-bit,
+# and a device number is Linux's 32-bit encoding (12-bit major, 20-bit minor).
+_LIMITS = {
+    "uid": (0, (1 << 32) - 1),
+    "gid": (0, (1 << 32) - 1),
+    "mtime": (-(1 << 63), (1 << 63) - 1),
+    "device major": (0, (1 << 12) - 1),
+    "device minor": (0, (1 << 20) - 1),
+}
+SYMLINK_MAX = 4095
+"""The longest symlink target Linux makes (PATH_MAX less its NUL): extraction fails beyond."""
+
+
+def _refuse_what_cannot_be_held(entry: TarEntry, name: str) -> None:
+    """A value the image cannot hold is refused, naming the entry, never wrapped around."""
+    values = {"uid": entry.uid, "gid": entry.gid, "mtime": entry.mtime}
+    if stat.S_ISCHR(entry.mode) or stat.S_ISBLK(entry.mode):
+        values |= {"device major": entry.rdev_major, "device minor": entry.rdev_minor}
+    for what, value in values.items():
+        low, high = _LIMITS[what]
+        if not low <= value <= high:
+            raise TarLayerError(
+                f"tar entry {_show(name)}: {what} {value} is out of range ({low} to {high})"
+            )
+    if stat.S_ISLNK(entry.mode) and len(entry.link) > SYMLINK_MAX:
+        raise TarLayerError(
+            f"tar entry {_show(name)}: a symlink target of {len(entry.link)} bytes"
+            f" (at most {SYMLINK_MAX})"
+        )
 
 
 def entry_of(member: tarfile.TarInfo) -> TarEntry:
@@ -111,7 +144,7 @@ def entry_of(member: tarfile.TarInfo) -> TarEntry:
             f"tar entry {_show(member.name)}: entry type {member.type!r} cannot be represented"
         )
     seconds, nanos = _mtime(member)
-    return TarEntry(
+    entry = TarEntry(
         path=os.fsencode(member.name),
         mode=kind | stat.S_IMODE(member.mode),
         uid=member.uid,
@@ -126,6 +159,8 @@ def entry_of(member: tarfile.TarInfo) -> TarEntry:
         rdev_minor=member.devminor,
         xattrs=_xattrs(member),
     )
+    _refuse_what_cannot_be_held(entry, member.name)
+    return entry
 
 
 def check_end(offset: int, block: bytes | None) -> None:

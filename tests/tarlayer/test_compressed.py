@@ -163,8 +163,8 @@ def test_a_damaged_tar_header_inside_a_compressed_layer_is_refused(layer_tar, ki
     """A member header in the middle of a 6 MiB tar with its checksum overwritten, then
     compressed whole (so every digest matches): the streaming pass does not take the
     header for the end of the archive; it refuses the layer, naming the byte."""
-    archive = tarfile.open(fileobj=io.BytesIO(layer_tar))
-    members = archive.getmembers()
+    with tarfile.open(fileobj=io.BytesIO(layer_tar)) as archive:
+        members = archive.getmembers()
     header = members[len(members) // 2].offset
     raw = bytearray(layer_tar)
     raw[header + 148 : header + 156] = b"0000000\0"

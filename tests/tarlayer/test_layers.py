@@ -12,7 +12,7 @@ from rig.local_source import LocalFileSource
 from trees import make_tar, populate
 
 from blockstore.cache import CachedBlob, ChunkStore
-from blockstore.errors import NotCached
+from blockstore.errors import IntegrityError, NotCached
 from blockstore.tarlayer.gzindex import GzipIndexer
 from blockstore.tarlayer.layerindex import INDEX_FORMAT
 from blockstore.tarlayer.layers import GZIP, TAR, ZSTD, layer_kind, open_tar_layer
@@ -95,6 +95,22 @@ def test_each_kind_serves_metadata_and_tar_then_reopens_offline(blobs, tmp_path,
         again = open_layer(store, paths[kind], kind, tar, online=False)
         assert whole(again) == first
         again.close()
+
+
+@pytest.mark.parametrize("kind", [TAR, GZIP])
+def test_a_config_diff_id_that_is_not_the_tar_s_builds_no_index(blobs, tmp_path, kind):
+    """The image config names the diff_id of another tar: opening the layer fails with
+    an IntegrityError naming the diff_id, for a plain tar (whose diff_id must be its own
+    digest) as for a compressed one, and nothing is served."""
+    tar, paths = blobs
+    data = paths[kind].read_bytes()
+    with ChunkStore(tmp_path / "cache") as store:
+        blob = CachedBlob(store, sha(data), len(data), LocalFileSource(paths[kind], sha(data)))
+        opened.append(blob)
+        with pytest.raises(IntegrityError, match=r"the tar's diff_id is sha256:\w+, expected "):
+            open_tar_layer(
+                store, blob, kind, online=True, diff_id=lambda: sha(tar + b"x"), span=SPAN
+            )
 
 
 def test_offline_layer_never_indexed_fails_clearly(blobs, tmp_path):

@@ -123,6 +123,56 @@ def test_every_way_a_tar_may_end_is_taken(end):
     assert [e.path for e in entries] == [b"x", b"y"]
 
 
+def one_member(fmt: int = tarfile.PAX_FORMAT, **fields) -> bytes:
+    """A tar of one member ``odd`` with the given TarInfo fields."""
+    info = tarfile.TarInfo("odd")
+    for key, value in fields.items():
+        setattr(info, key, value)
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as archive:
+        archive.addfile(info, io.BytesIO(b"") if info.isreg() else None)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("tar", "message"),
+    [
+        (one_member(uid=2**32 + 5), "uid 4294967301 is out of range"),
+        (one_member(tarfile.GNU_FORMAT, uid=-1), "uid -1 is out of range"),
+        (one_member(gid=2**40), "gid 1099511627776 is out of range"),
+        (one_member(pax_headers={"mtime": "1e3"}), "PAX mtime '1e3' is not a number"),
+        (one_member(pax_headers={"mtime": str(2**63 + 10)}), "mtime 9223372036854775818 is out"),
+        (one_member(type=tarfile.CHRTYPE, devmajor=5000, devminor=2), "device major 5000 is"),
+        (one_member(type=tarfile.BLKTYPE, devmajor=1, devminor=1 << 20), "device minor 1048576"),
+        (one_member(type=tarfile.SYMTYPE, linkname="t" * 4096), "a symlink target of 4096 bytes"),
+    ],
+    ids=[
+        "pax-uid",
+        "gnu-negative-uid",
+        "pax-gid",
+        "mtime-1e3",
+        "mtime-2^63",
+        "major",
+        "minor",
+        "link",
+    ],
+)
+def test_values_the_image_cannot_hold_are_refused_by_name(tar, message):
+    """A uid, gid, mtime or device number past what the image's fields hold, an mtime
+    that is no number, or a symlink target longer than Linux makes: one TarLayerError
+    naming the entry and the value, never a value wrapped around or a traceback (tar
+    refuses each of these at extraction too). The largest values that fit pass."""
+    with pytest.raises(TarLayerError, match=f"tar entry 'odd': {message}"):
+        list(walk_tar(io.BytesIO(tar)))
+    largest = [
+        one_member(uid=2**32 - 1, gid=2**32 - 1),
+        one_member(type=tarfile.CHRTYPE, devmajor=4095, devminor=(1 << 20) - 1),
+        one_member(type=tarfile.SYMTYPE, linkname="t" * 4095),
+    ]
+    for fits in largest:
+        assert len(list(walk_tar(io.BytesIO(fits)))) == 1
+
+
 def test_modes_links_and_devices(tmp_path):
     """Type bits come from the entry type; hard links carry their target and no size."""
     buf = io.BytesIO()
