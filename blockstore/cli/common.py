@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from blockstore.cache.layout import CHUNK_SIZE
 from blockstore.errors import UsageError
+from blockstore.logformat import LOG_FORMAT
 
 if TYPE_CHECKING:
     from blockstore.prefetch.settings import PrefetchSettings
@@ -352,4 +353,4 @@ def setup_logging(verbosity: int) -> None:
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(
         max(-1, min(verbosity, 2)), logging.DEBUG
     )
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=level, format=LOG_FORMAT)

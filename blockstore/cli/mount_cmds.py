@@ -363,7 +363,7 @@ def run_mounts(args: argparse.Namespace) -> int:
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
-    dead = [row["mountpoint"] for row in rows if row["state"] != "ok"]
+    dead = [row["mountpoint"] for row in rows if row["state"] not in ("ok", "mounting")]
     for mountpoint in dead:
         print(f"{mountpoint}: `blockstore umount {mountpoint}` cleans it up", file=sys.stderr)
     return 0

@@ -99,7 +99,9 @@ class MountRecord:
     first); empty when the only layer is mounted at ``mountpoint`` itself.
     ``mounted`` says the top mount at ``mountpoint`` was made (and so is ours).
     ``info`` belongs to the command that made the mount (image, layers,
-    cache directory) and is shown back by ``mounts``.
+    cache directory) and is shown back by ``mounts``. ``mounter`` is the
+    ``mount`` command while it is still at work (None once the mount is made):
+    a record whose mounter lives is a mount in progress, not a dead one.
     """
 
     mountpoint: str
@@ -108,6 +110,7 @@ class MountRecord:
     state_dir: str
     log: str
     server: ProcessRef | None = None
+    mounter: ProcessRef | None = None
     socket: str | None = None
     attachments: list[Attachment] = field(default_factory=list)
     lowers: list[str] = field(default_factory=list)
@@ -119,6 +122,7 @@ class MountRecord:
     def to_json(self) -> str:
         data = dict(self.__dict__)
         data["server"] = self.server.to_record() if self.server else None
+        data["mounter"] = self.mounter.to_record() if self.mounter else None
         data["attachments"] = [a.to_record() for a in self.attachments]
         return json.dumps(data, indent=2, sort_keys=True)
 
@@ -126,6 +130,7 @@ class MountRecord:
     def from_json(cls, text: str) -> MountRecord:
         data = json.loads(text)
         data["server"] = ProcessRef.from_record(data["server"]) if data.get("server") else None
+        data["mounter"] = ProcessRef.from_record(data["mounter"]) if data.get("mounter") else None
         data["attachments"] = [Attachment.from_record(a) for a in data.get("attachments", [])]
         return cls(**data)
 

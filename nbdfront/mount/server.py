@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def start_server(
     *,
     env: dict[str, str] | None = None,
     timeout: float = READY_TIMEOUT,
+    spawned: Callable[[ProcessRef], None] | None = None,
 ) -> ServerStarted:
     """Spawn ``argv`` (given ``--ready-fd N``) detached, logging to ``log_path``; return once
     it is ready.
@@ -65,6 +67,8 @@ def start_server(
     It runs under ``supervisor``, which writes how it ended to ``status_path``
     and is the process returned. Until it is ready the server is ours to stop:
     any failure here, an interrupt included, kills it before the error goes on.
+    ``spawned`` is told the supervisor at once, so that a caller killed before
+    the server is ready (SIGKILL cannot be caught) has left a way to stop it.
     """
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     os.fchmod(log, 0o600)  # owner-only, also when an older log was there
@@ -85,6 +89,8 @@ def start_server(
         os.close(write_end)  # from here, only the server holds it: its exit is end-of-file
         write_end = -1
         try:
+            if spawned is not None and (process := ProcessRef.of(proc.pid)) is not None:
+                spawned(process)
             status = readiness.receive(read_end, timeout)
             return _started(proc, status, log_path, timeout)
         except BaseException:

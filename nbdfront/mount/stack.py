@@ -14,13 +14,16 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from blockstore.errors import MountError, MountpointBusy, NotPermitted
+from blockstore.logformat import count_trouble
 from nbdfront.mount import attach, records, syscall
+from nbdfront.mount.process import ProcessRef
 from nbdfront.mount.records import MountRecord
 from nbdfront.mount.server import layer_exports, start_server
 from nbdfront.mount.supervisor import STOP_GRACE, ServerExit, read_status
@@ -50,7 +53,11 @@ def check_can_mount(mountpoint: str) -> str:
         raise MountError(f"mountpoint {mountpoint} is not a directory")
     if syscall.is_mounted(mountpoint):
         raise MountpointBusy(f"{mountpoint} is already a mount point")
-    if records.load(mountpoint) is not None:
+    if (record := records.load(mountpoint)) is not None:
+        if record.mounter is not None and record.mounter.alive():
+            raise MountpointBusy(
+                f"{mountpoint} is being mounted by blockstore (pid {record.mounter.pid})"
+            )
         raise MountpointBusy(
             f"{mountpoint} has a mount record already; `blockstore umount {mountpoint}` clears it"
         )
@@ -95,28 +102,12 @@ def mount(
         state_dir=str(state_dir),
         log=str(log),
         socket=str(socket),
+        mounter=ProcessRef.of(os.getpid()),
     )
     records.save(record)
     try:
-        argv = [*server_argv, "--unix", str(socket), "--pidfile", str(state_dir / "serve.pid")]
-        server = start_server(argv, log, state_dir / SERVER_STATUS, env=env)
-        with contextlib.suppress(FileNotFoundError):  # its directory keeps others out meanwhile
-            os.chmod(socket, 0o600)
-        record.server = server.process
-        records.save(record)
-        logger.info("server pid %d ready: %s", server.process.pid, server.exports)
-        if warn is not None:
-            for warning in server.warnings:
-                warn(warning)
-        layers = layer_exports(server.exports)
-        for name, uri in layers:
-            record.attachments.append(attach.attach(uri, name, state_dir, log, method))
-            records.save(record)
-            logger.info("attached %s via %s as %s", uri, method, record.attachments[-1].device)
-        _mount_layers(record)
-        records.save(record)
-        if describe is not None:
-            record.info = describe([name for name, _ in layers])
+        with _stops_as_interrupts(signal.SIGTERM, signal.SIGHUP):
+            _make(record, server_argv, env, describe, warn)
     except BaseException:
         try:
             unmount_record(record, lazy=True)
@@ -124,8 +115,68 @@ def mount(
             logger.exception("could not undo the failed mount of %s", mountpoint)
         raise
     record.mount_seconds = round(time.monotonic() - started_at, 3)
+    record.mounter = None
     records.save(record)
     return record
+
+
+def _make(
+    record: MountRecord,
+    server_argv: list[str],
+    env: dict[str, str] | None,
+    describe: Describe | None,
+    warn: Callable[[str], None] | None,
+) -> None:
+    """Every step of ``mount`` once its record exists, each saved in it as it is made."""
+    state_dir = Path(record.state_dir)
+    socket = state_dir / "serve.sock"
+
+    def spawned(server: ProcessRef) -> None:
+        record.server = server
+        records.save(record)
+
+    argv = [*server_argv, "--unix", str(socket), "--pidfile", str(state_dir / "serve.pid")]
+    server = start_server(
+        argv, Path(record.log), state_dir / SERVER_STATUS, env=env, spawned=spawned
+    )
+    with contextlib.suppress(FileNotFoundError):  # its directory keeps others out meanwhile
+        os.chmod(socket, 0o600)
+    record.server = server.process
+    records.save(record)
+    logger.info("server pid %d ready: %s", server.process.pid, server.exports)
+    if warn is not None:
+        for warning in server.warnings:
+            warn(warning)
+    layers = layer_exports(server.exports)
+    for name, uri in layers:
+        attached = attach.attach(uri, name, state_dir, Path(record.log), record.method)
+        record.attachments.append(attached)
+        records.save(record)
+        logger.info("attached %s via %s as %s", uri, record.method, attached.device)
+    _mount_layers(record)
+    records.save(record)
+    if describe is not None:
+        record.info = describe([name for name, _ in layers])
+
+
+@contextlib.contextmanager
+def _stops_as_interrupts(*signums: int) -> Iterator[None]:
+    """While a mount is being made, SIGTERM and SIGHUP (a closed terminal) undo it as
+    Ctrl-C does. Their default, ending the process at once, would leave the server
+    running and the record half made. (Handlers can be set on the main thread only.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _mount_layers(record: MountRecord) -> None:
@@ -165,8 +216,16 @@ class MountStatus:
     attached: bool
 
     @property
+    def mounting(self) -> bool:
+        """The ``mount`` command that made the record is still at work."""
+        return self.record.mounter is not None and self.record.mounter.alive()
+
+    @property
     def state(self) -> str:
-        """``ok``, or what broke: a user reads it to decide to unmount and mount again."""
+        """``ok``, ``mounting``, or what broke: a user reads it to decide to unmount and
+        mount again."""
+        if self.mounting:
+            return "mounting"
         if not self.mounted:
             return "not mounted"
         if self.record.server is not None and not self.server_alive:
@@ -200,8 +259,9 @@ class Unmounted:
 def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
     """Undo the mount recorded for ``mountpoint``; ``lazy`` detaches a busy one.
 
-    The log is removed when the mount was whole until now and its server
-    exited with status 0; otherwise it is kept, to read what went wrong.
+    The log is removed when the mount was whole until now, its server
+    exited with status 0 and logged no warning or error; otherwise it is
+    kept, to read what went wrong.
     """
     if os.geteuid() != 0:
         raise NotPermitted("unmounting needs root: run it with sudo")
@@ -209,6 +269,12 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
     if record is None:
         raise MountError(f"{mountpoint} was not mounted by blockstore")
     state = status(record).state
+    if state == "mounting":
+        assert record.mounter is not None
+        raise MountpointBusy(
+            f"{record.mountpoint} is still being mounted (pid {record.mounter.pid}): "
+            "let it finish, or interrupt that command, which undoes it"
+        )
     ended = unmount_record(record, lazy=lazy)
     if state != "ok":
         trouble = f"the mount was not whole ({state})"
@@ -218,6 +284,8 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
         trouble = f"the server did not stop within {STOP_GRACE:.0f}s and was killed"
     elif ended.status != 0:
         trouble = f"the server exited with status {ended.status}"
+    elif logged := count_trouble(Path(record.log)):
+        trouble = f"the server logged {logged} warning or error line{'s' if logged > 1 else ''}"
     else:
         Path(record.log).unlink(missing_ok=True)
         return Unmounted(record, None)

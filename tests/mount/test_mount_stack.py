@@ -139,8 +139,8 @@ def test_clean_umount_removes_the_log_a_failed_stop_keeps_it(
     mount_dirs, mountpoint, erofs_images, local_server
 ):
     """A server that stops with status 0 at ``umount`` leaves no log behind and umount says
-    nothing on stderr; one that stops with status 3 keeps its log, and umount says so and
-    where it is (still exit 0: the mount is gone either way)."""
+    nothing on stderr; one that logged an error, or stops with status 3, keeps its log,
+    and umount says so and where it is (still exit 0: the mount is gone either way)."""
     image = erofs_images.small.path
     _, run = mount_dirs
     record = stack.mount(local_server({"layer0": image}), str(mountpoint), image="small")
@@ -148,6 +148,20 @@ def test_clean_umount_removes_the_log_a_failed_stop_keeps_it(
     done = cli("umount", str(mountpoint))
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert not os.path.exists(record.log)
+    assert_nothing_left(record, run)
+
+    # A clean stop after a warning (an EIO served, a full disk, a layer dropped at its
+    # seal: things only the log tells) keeps the log too.
+    record = stack.mount(local_server({"layer0": image}), str(mountpoint), image="small")
+    with open(record.log, "a") as log:
+        log.write("2026-01-01 00:00:00,000 blockstore.cache.seal ERROR sha256:ab: dropped\n")
+        log.write("2026-01-01 00:00:00,001 blockstore.export INFO a line that is no trouble\n")
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == (
+        f"blockstore: the server logged 1 warning or error line; its log is kept at {record.log}"
+    )
+    assert os.path.exists(record.log)
     assert_nothing_left(record, run)
 
     argv = local_server({"layer0": image}, stop_status=3)
@@ -344,10 +358,8 @@ def test_kernel_nbd_path_where_the_driver_is_present(
     assert not Path(f"/sys/block/{Path(device).name}/pid").exists()
 
 
-def test_interrupted_mount_leaves_nothing(mount_dirs, mountpoint):
-    """Ctrl-C while ``mount`` waits for its server: the server it started is stopped and no
-    record or state directory is left."""
-    _, run = mount_dirs
+def start_mount_that_never_gets_ready(mountpoint: Path, run: Path) -> subprocess.Popen:
+    """``stack.mount`` in a process of its own, its server spawned and never ready."""
     never_ready = [sys.executable, "-c", "import time; time.sleep(60)"]
     code = (
         "from nbdfront.mount import stack; "
@@ -358,13 +370,58 @@ def test_interrupted_mount_leaves_nothing(mount_dirs, mountpoint):
     while not processes_mentioning(f"{run}/mounts/"):
         assert time.monotonic() < deadline, "the server never started"
         time.sleep(0.02)
-    mounting.send_signal(signal.SIGINT)
-    assert mounting.wait(10) != 0
-    # The supervisor is told to stop before mount exits; on a loaded machine it may
-    # take a moment to be gone.
+    return mounting
+
+
+def wait_for_no_process_mentioning(run: Path) -> None:
+    """The supervisor is told to stop before mount exits; on a loaded machine it may
+    take a moment to be gone."""
     deadline = time.monotonic() + 5
     while processes_mentioning(str(run)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not processes_mentioning(str(run))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_interrupted_mount_leaves_nothing(mount_dirs, mountpoint, signum):
+    """Ctrl-C, SIGTERM or SIGHUP (a closed terminal) while ``mount`` waits for its server:
+    the server it started is stopped and no record or state directory is left."""
+    _, run = mount_dirs
+    mounting = start_mount_that_never_gets_ready(mountpoint, run)
+    mounting.send_signal(signum)
+    assert mounting.wait(10) != 0
+    wait_for_no_process_mentioning(run)
     assert records.saved() == []
     assert not records.state_dir_for(str(mountpoint)).exists()
+
+
+def test_a_mount_in_progress_is_shown_as_such_and_a_killed_one_is_cleaned_up(
+    mount_dirs, mountpoint
+):
+    """While ``mount`` waits for its server, ``mounts`` shows it as mounting (not as dead),
+    and neither ``umount`` nor a second ``mount`` tear it down. Killed with SIGKILL (no
+    cleanup can run), it has recorded its server at once: ``umount`` stops that server
+    and leaves nothing."""
+    _, run = mount_dirs
+    mounting = start_mount_that_never_gets_ready(mountpoint, run)
+    try:
+        (shown,) = stack.list_mounts()
+        assert shown.state == "mounting" and shown.record.server is not None
+        with pytest.raises(MountpointBusy, match="still being mounted"):
+            stack.unmount(str(mountpoint))
+        with pytest.raises(
+            MountpointBusy, match=f"being mounted by blockstore .pid {mounting.pid}"
+        ):
+            stack.check_can_mount(str(mountpoint))
+        listing = cli("mounts")
+        assert "mounting" in listing.stdout and "cleans it up" not in listing.stderr
+        assert processes_mentioning(f"{run}/mounts/"), "the server was stopped"
+        mounting.kill()
+        mounting.wait(10)
+        (shown,) = stack.list_mounts()
+        assert shown.state == "not mounted" and shown.server_alive
+        stack.unmount(str(mountpoint))
+        wait_for_no_process_mentioning(run)
+        assert records.saved() == []
+    finally:
+        mounting.kill()
