@@ -356,6 +356,8 @@ class CacheEnv:
 
     @staticmethod
     def _directory(path: Path) -> tuple[int, int]:
+        if path.exists() and not path.is_dir():
+            raise CacheError(f"cannot open the cache at {path}: it is not a directory")
         try:
             path.mkdir(parents=True, exist_ok=True)
             st = path.stat()
@@ -383,8 +385,7 @@ class CacheEnv:
             aside = self._discard(str(exc), "damaged" if isinstance(exc, CacheDamaged) else "old")
             if offline:
                 raise CacheDamaged(
-                    f"the cache at {self.path} is damaged ({exc}): moved it to {aside}; "
-                    "offline, there is nothing else to read"
+                    f"{exc}: moved it to {aside}; offline, there is nothing else to read"
                 ) from exc
             try:
                 self._open_env()

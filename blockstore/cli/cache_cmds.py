@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     def command(name: str, func, help: str, targets: bool = False) -> argparse.ArgumentParser:
         parser = commands.add_parser(name, help=help, description=help)
-        add_cache_options(parser)
+        add_cache_options(parser, size=name == "gc")
         parser.add_argument("--json", action="store_true", help="print JSON")
         if targets:
             parser.add_argument("targets", nargs="+", metavar="IMAGE|DIGEST")

@@ -29,20 +29,32 @@ def default_cache_dir() -> Path:
     return base / "blockstore"
 
 
-def add_cache_options(parser: argparse.ArgumentParser) -> None:
+def add_cache_options(parser: argparse.ArgumentParser, *, size: bool = True) -> None:
+    """``--cache-dir``, and ``--cache-size`` where ``size``: a cap given is kept by the
+    cache, so only commands that fill or evict take it, never one that only looks."""
     parser.add_argument(
         "--cache-dir",
-        type=Path,
+        type=_cache_dir,
         default=None,
         help="cache directory (default: $BLOCKSTORE_CACHE_DIR, $XDG_CACHE_HOME/blockstore "
         "or ~/.cache/blockstore)",
     )
+    if not size:
+        parser.set_defaults(cache_size=None)
+        return
     parser.add_argument(
         "--cache-size",
         type=parse_cache_size,
         default=None,
         help="size cap of the cache, e.g. 20G or 500M (default: kept from the cache, else 10G)",
     )
+
+
+def _cache_dir(text: str) -> Path:
+    """A directory named: an empty name would be the current directory, silently."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty name is no cache directory")
+    return Path(text)
 
 
 def cache_dir_from(args: argparse.Namespace) -> Path:

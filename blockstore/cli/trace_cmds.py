@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     def command(name: str, func, help: str) -> argparse.ArgumentParser:
         parser = commands.add_parser(name, help=help, description=help)
-        add_cache_options(parser)
+        add_cache_options(parser, size=False)
         parser.set_defaults(func=func)
         return parser
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from cache_rig import misfile_chunk, run_cli
+from cache_rig import REPO, misfile_chunk, run_cli
 from cache_sources import ScriptedSource, make_blob
 from rig.stored_chunks import flip_stored_byte
 
@@ -121,6 +121,13 @@ def test_stats_ls_pin_rm_gc_by_digest_and_reference(cache_dir):
     assert {b["digest"] for b in listing} == {base[1], top[1], other[1]}
     assert all(b["cached_fraction"] == 1.0 for b in listing)
     assert "SEALED" in run_cli("cache", "ls", "--cache-dir", str(cache_dir)).stdout
+    # A command that only looks takes no cap: one given would be kept by the cache, and
+    # the next gc would evict down to it.
+    for look in ("ls", "stats", "verify"):
+        result = run_cli("cache", look, "--cache-size", "64K", "--cache-dir", str(cache_dir))
+        assert result.returncode == 2 and "--cache-size" in result.stderr, look
+    with ChunkStore(cache_dir) as store:
+        assert store.size_cap != 64 << 10
 
     result = run_cli("cache", "pin", "127.0.0.1:5000/demo/img", "--cache-dir", str(cache_dir))
     assert result.returncode == 0, result.stderr
@@ -169,3 +176,20 @@ def test_cache_dir_from_the_environment(tmp_path):
     assert result.returncode == 0, result.stderr
     assert str(tmp_path / "envcache") in result.stdout
     assert (tmp_path / "envcache" / "data.mdb").exists()
+
+
+def test_a_cache_dir_that_cannot_be_one_is_refused_in_one_line(tmp_path):
+    """``--cache-dir ''`` would be the current directory: a usage error (exit 2). A file
+    named as the directory: exit 8, saying it is not a directory. Neither leaves a
+    cache file behind."""
+    empty = run_cli("cache", "ls", "--cache-dir", "")
+    assert empty.returncode == 2 and "an empty name is no cache directory" in empty.stderr
+    assert not (REPO / "data.mdb").exists()  # run_cli's working directory
+    a_file = tmp_path / "image.erofs"
+    a_file.write_bytes(b"not a directory")
+    refused = run_cli("cache", "ls", "--cache-dir", str(a_file))
+    assert refused.returncode == 8, refused.stderr
+    assert refused.stderr.strip() == (
+        f"blockstore: cannot open the cache at {a_file}: it is not a directory"
+    )
+    assert a_file.read_bytes() == b"not a directory"
