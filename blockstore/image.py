@@ -91,6 +91,9 @@ class OpenImage:
     """Take a tar layer's index from its attached artifact, after checks, before building."""
     _blob_sizes: dict[str, Future[int | None]] = field(default_factory=dict)
     """The registry's answer to each layer's HEAD, asked for at open (``ask_blob_sizes``)."""
+    unreachable: RegistryUnreachable | None = None
+    """Why the registry is not in use though it was asked for (None: online, or offline
+    by choice): what a command that needs more than the cache holds should say."""
 
     @property
     def online(self) -> bool:
@@ -379,7 +382,7 @@ def _open(
         client.close()
         resolved = _cached(store, str(ref), platform, cause=exc)
         log.warning("%s; serving %s from the cache alone", exc, resolved.reference)
-        return OpenImage(resolved, store, ref.repository, None)
+        return OpenImage(resolved, store, ref.repository, None, unreachable=exc)
     except BaseException:
         client.close()
         raise

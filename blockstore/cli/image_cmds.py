@@ -20,6 +20,7 @@ from blockstore.cli.common import (
     add_registry_options,
     open_image_from_args,
 )
+from blockstore.errors import NotCached, RegistryUnreachable
 from blockstore.tarlayer.layers import TarLayer
 
 
@@ -60,7 +61,15 @@ def run_prefetch(args: argparse.Namespace) -> int:
                 file=sys.stderr,
                 disable=True if args.quiet else None,
             ) as bar:
-                exported.prefetch(progress=bar.update)
+                try:
+                    exported.prefetch(progress=bar.update)
+                except NotCached as exc:
+                    if image.unreachable is None:
+                        raise
+                    # Not the cache's fault: the registry it needs is out of reach.
+                    raise RegistryUnreachable(
+                        f"{image.unreachable}; layer {layer.index} is not whole in the cache"
+                    ) from exc
             if layer.digest in image.chunk_indexes:
                 # The layer is proven now: its attached chunk index must agree with it.
                 wrong = IndexShelf(image.store).check_sealed(layer.digest, layer.size)

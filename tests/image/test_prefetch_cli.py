@@ -71,3 +71,24 @@ def test_prefetch_interrupted_then_resumed(fresh_registry, fault_proxy, erofs_im
     listing = json.loads(blockstore("cache", "ls", "--json", "--cache-dir", str(cache)).stdout)
     (blob,) = listing
     assert blob["sealed"] and blob["pinned"] and blob["cached_fraction"] == 1.0
+
+
+def test_prefetch_with_the_registry_gone_says_so(
+    fresh_registry, fault_proxy, erofs_images, tmp_path
+):
+    """A prefetch that could not fetch a layer (blob GETs answered 404) leaves the image
+    known to the cache; with the registry then gone, the next prefetch falls back to the
+    cache, which cannot make the layer whole: it fails as the registry being out of reach
+    (exit 5, saying so), not as an offline cache (exit 7), since --offline was never
+    given."""
+    proxy = fault_proxy(fresh_registry)
+    reference = push_erofs(proxy.host, "prefetch/gone", "v1", [erofs_images.small.path])
+    argv = ["prefetch", reference, "--insecure", "--cache-dir", str(tmp_path / "cache")]
+    proxy.fault = Fault("status", path_contains="/blobs/", method="GET", status=404)
+    assert blockstore(*argv, timeout=60).returncode != 0
+    proxy.stop()
+    gone = blockstore(*argv, timeout=60)
+    assert gone.returncode == 5, gone.stderr
+    last = gone.stderr.strip().splitlines()[-1]
+    assert last.startswith("blockstore: ") and "layer 0 is not whole in the cache" in last
+    assert "offline" not in last
