@@ -131,8 +131,9 @@ class Authenticator:
             if challenge.scheme == "basic":
                 if not self.credentials:
                     raise AuthError(
-                        f"registry {self.host} requires a user name and password "
-                        "(give --username, or log in with podman or docker)",
+                        f"registry {self.host} requires a user name and password (give "
+                        "--username with --password or $BLOCKSTORE_PASSWORD, or log in "
+                        "with podman or docker)",
                         status=401,
                     )
                 return basic_header(self.credentials)

@@ -106,6 +106,12 @@ def _lookup(path: Path, host: str) -> Credentials | None:
             creds = _decode_entry(entry)
             if creds:
                 return creds
+            if entry.get("auth"):
+                log.warning(
+                    "ignoring the entry for %s in %s: its auth is not user:password in base64",
+                    key,
+                    path,
+                )
     return None
 
 

@@ -130,11 +130,22 @@ def test_basic_auth_wrong_password(basic_auth_registry, basic_image, caplog):
     assert secret not in message and secret not in caplog.text
 
 
-def test_basic_auth_without_credentials(basic_auth_registry, basic_image):
-    """No credentials at all: the error says the registry wants a user name and password."""
-    client = basic_auth_registry.client(username=None, password=None)
-    with client, pytest.raises(AuthError, match="requires a user name and password"):
+def test_basic_auth_without_credentials(
+    basic_auth_registry, basic_image, monkeypatch, tmp_path, caplog
+):
+    """No usable credentials: a user name with no password, and an auth file whose entry
+    for the registry is not base64 of user:password. The error says the registry wants a
+    user name and password and how to give the password (not only --username, which was
+    given); the broken entry is named in a warning, not skipped without a word."""
+    auth_file = tmp_path / "auth.json"
+    auths = {basic_auth_registry.host: {"auth": "not base64 at all!"}}
+    auth_file.write_text(json.dumps({"auths": auths}))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file))
+    client = basic_auth_registry.client(username=basic_auth_registry.username, password=None)
+    with client, pytest.raises(AuthError, match="requires a user name and password") as caught:
         resolve_image(client, basic_image, None)
+    assert "--password or $BLOCKSTORE_PASSWORD" in str(caught.value)
+    assert f"ignoring the entry for {basic_auth_registry.host} in {auth_file}" in caplog.text
 
 
 def test_token_auth_pull_and_scope(token_registry, token_image, erofs_images):
