@@ -409,7 +409,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mount.set_defaults(func=run_mount)
 
     umount = subparsers.add_parser(
-        "umount", help="undo a mount: file system, FUSE or NBD device, server"
+        "umount",
+        help="undo a mount: file system, FUSE or NBD device, server",
+        description="Undo a mount made by blockstore mount, top first: the file system, "
+        "each layer's FUSE or NBD device, then its server (5 seconds to stop, then "
+        "killed). Its log is removed, or kept and named when something went wrong.",
     )
     umount.add_argument("mountpoint")
     umount.add_argument(
@@ -420,6 +424,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     umount.set_defaults(func=run_umount)
 
-    listing = subparsers.add_parser("mounts", help="list blockstore mounts and their cache state")
+    listing = subparsers.add_parser(
+        "mounts",
+        help="list blockstore mounts and their cache state",
+        description="List the mounts blockstore made on this machine: image, layers, how "
+        "each is attached, its state (ok, mounting, or what broke) and how much of each "
+        "layer is cached.",
+    )
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(func=run_mounts)

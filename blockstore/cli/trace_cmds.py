@@ -44,8 +44,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_registry_options(push)
     load = command("import", cmd_import, "load traces from a file written by export")
     load.add_argument("file", type=Path, metavar="FILE")
-    listing = command("ls", cmd_ls, "the kept traces: layer, chunks, span, when recorded")
+    listing = command(
+        "ls",
+        cmd_ls,
+        "the kept traces (of the images or layers named, else all): layer, "
+        "chunks, span, when recorded",
+    )
     listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.add_argument("targets", nargs="*", metavar="IMAGE|DIGEST")
     show = command("show", cmd_show, "the accesses of the traces of an image or layer")
     show.add_argument("targets", nargs="+", metavar="IMAGE|DIGEST")
     remove = command("rm", cmd_rm, "forget the traces of images or layers")
@@ -107,7 +113,9 @@ def _row(trace: Trace) -> dict:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     with open_store(args) as store:
-        rows = [_row(t) for t in TraceShelf(store).all()]
+        shelf = TraceShelf(store)
+        traces = _traces_of(shelf, store, args.targets) if args.targets else shelf.all()
+        rows = [_row(t) for t in traces]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -70,6 +70,10 @@ def test_a_trace_is_recorded_exported_imported_and_replayed(pushed_images, erofs
     assert [(r["digest"], r["chunks"]) for r in json.loads(listed.stdout)] == [
         (layer.digest, len(order))
     ]
+    named = blockstore("trace", "ls", layer.digest, "--cache-dir", str(second_cache))
+    assert named.returncode == 0 and named.stdout.startswith(layer.digest), named.stderr
+    other = blockstore("trace", "ls", "sha256:" + "0" * 64, "--cache-dir", str(second_cache))
+    assert other.returncode == 3 and "no trace kept for" in other.stderr
     shown = blockstore("trace", "show", layer.digest, "--cache-dir", str(second_cache))
     assert shown.returncode == 0 and f"chunk {order[0]} " in shown.stdout
 

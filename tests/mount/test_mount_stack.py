@@ -283,13 +283,14 @@ def test_mountpoint_must_be_an_existing_directory(mount_dirs, local_server):
 
 
 def test_not_root_and_no_fuse_have_their_own_exit_codes(mount_dirs, mountpoint):
-    """As an ordinary user, mount exits 11; as root with no /dev/fuse (a private /dev in a
-    mount namespace) and no kernel NBD, it exits 12; each says why in one line."""
-    as_nobody = cli(
-        "mount", "img", str(mountpoint), user=65534, group=65534, extra_groups=[], cwd="/"
-    )
-    assert as_nobody.returncode == 11, as_nobody.stderr
-    assert "root" in as_nobody.stderr and len(as_nobody.stderr.strip().splitlines()) == 1
+    """As an ordinary user, mount, umount and mounts exit 11 (mounts would otherwise find
+    no record it may read, and say there are no mounts); as root with no /dev/fuse (a
+    private /dev in a mount namespace) and no kernel NBD, mount exits 12; each says why in
+    one line."""
+    for argv in (["mount", "img", str(mountpoint)], ["umount", str(mountpoint)], ["mounts"]):
+        as_nobody = cli(*argv, user=65534, group=65534, extra_groups=[], cwd="/")
+        assert as_nobody.returncode == 11, (argv, as_nobody.stderr)
+        assert "root" in as_nobody.stderr and len(as_nobody.stderr.strip().splitlines()) == 1
 
     script = "mount -t tmpfs none /dev && exec " + " ".join(
         [*BLOCKSTORE, "mount", "img", str(mountpoint)]
