@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = build_parser(argv).parse_args(argv)
-        setup_logging(args.verbose - args.quiet)
+        setup_logging(args.verbose - args.quiet, daemon=args.command == "serve")
         return int(args.func(args) or 0)
     except BlockstoreError as exc:
         print(f"blockstore: {exc}", file=sys.stderr)

@@ -356,13 +356,32 @@ def open_image_from_args(args: argparse.Namespace, *, needs_registry: bool = Fal
     )
     if needs_registry and image.client is None:
         image.close()
-        raise RegistryUnreachable(f"{image.resolved.reference}: the registry cannot be reached")
+        why = image.unreachable or "the registry cannot be reached"
+        raise RegistryUnreachable(f"{image.resolved.reference}: {why}")
     return image
 
 
-def setup_logging(verbosity: int) -> None:
-    """-q: errors only; default: warnings; -v: info; -vv: debug."""
+class _ToAPerson(logging.Formatter):
+    """``blockstore: warning: ...``, as the commands' own messages read."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"blockstore: {record.levelname.lower()}: {record.getMessage()}"
+        return f"{line}\n{self.formatException(record.exc_info)}" if record.exc_info else line
+
+
+def setup_logging(verbosity: int, *, daemon: bool) -> None:
+    """-q: errors only; default: warnings; -v: info; -vv: debug.
+
+    A ``daemon`` (``serve``, whose log a mount keeps in a file) logs timestamps and
+    logger names; a command a person waits on says its warnings as its other
+    messages, unless -v asks for the detail.
+    """
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(
         max(-1, min(verbosity, 2)), logging.DEBUG
     )
-    logging.basicConfig(level=level, format=LOG_FORMAT)
+    if daemon or level < logging.WARNING:
+        logging.basicConfig(level=level, format=LOG_FORMAT)
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(_ToAPerson())
+    logging.basicConfig(level=level, handlers=[handler])

@@ -80,7 +80,7 @@ def test_prefetch_with_the_registry_gone_says_so(
     known to the cache; with the registry then gone, the next prefetch falls back to the
     cache, which cannot make the layer whole: it fails as the registry being out of reach
     (exit 5, saying so), not as an offline cache (exit 7), since --offline was never
-    given."""
+    given. Its warnings read as its other messages."""
     proxy = fault_proxy(fresh_registry)
     reference = push_erofs(proxy.host, "prefetch/gone", "v1", [erofs_images.small.path])
     argv = ["prefetch", reference, "--insecure", "--cache-dir", str(tmp_path / "cache")]
@@ -89,6 +89,8 @@ def test_prefetch_with_the_registry_gone_says_so(
     proxy.stop()
     gone = blockstore(*argv, timeout=60)
     assert gone.returncode == 5, gone.stderr
-    last = gone.stderr.strip().splitlines()[-1]
-    assert last.startswith("blockstore: ") and "layer 0 is not whole in the cache" in last
-    assert "offline" not in last
+    lines = gone.stderr.strip().splitlines()
+    assert "layer 0 is not whole in the cache" in lines[-1] and "offline" not in lines[-1]
+    # The fallback's warning reads as the command's own messages: no timestamp, no logger.
+    assert lines[0].startswith("blockstore: warning: ") and "from the cache alone" in lines[0]
+    assert all(line.startswith("blockstore: ") for line in lines), lines
