@@ -208,6 +208,13 @@ def tar_indexes_from(args: argparse.Namespace, layers: list) -> dict[int, tuple[
         return {}
     if len(layers) != 1:
         raise UsageError("--tarindex (oci.tarindex) is for one layer: select it with --layer")
+    from blockstore.tarlayer.layers import layer_kind  # only here: start-up time
+
+    if layer_kind(layers[0].media_type) is None:
+        raise UsageError(
+            f"--tarindex (oci.tarindex) is for tar layers; layer {layers[0].index} is "
+            f"{layers[0].media_type}"
+        )
     for path in (args.tarindex, args.zinfo):
         if path is not None and not path.is_file():
             raise UsageError(f"{path}: no such file")

@@ -49,6 +49,8 @@ def server_tls_from(args: argparse.Namespace) -> ServerTLS | None:
         return None
     if args.tls_certificates is None:
         raise UsageError(f"--tls {policy.value} needs --tls-certificates DIR")
+    if not args.tls_certificates.is_dir():
+        raise UsageError(f"--tls-certificates {args.tls_certificates}: no such directory")
     # Here, not at the top: mount and umount import this module and stay light.
     from nbdfront.tls import ServerTLS, TLSSetupError, server_context
 

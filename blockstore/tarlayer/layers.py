@@ -48,6 +48,7 @@ from blockstore.tarlayer.layerindex import (
 )
 from blockstore.tarlayer.pump import SpanBytes, SpanPump
 from blockstore.tarlayer.tarwalk import RangeFile
+from blockstore.tarlayer.tree import TarLayerError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -298,7 +299,7 @@ def local_index(
     metadata = tarindex.read_bytes()
     try:
         info = read_info(metadata)
-    except IntegrityError as exc:
+    except (IntegrityError, TarLayerError) as exc:  # not an image, or not one of ours
         raise UsageError(f"oci.tarindex={tarindex}: {exc}") from exc
     tar_size = info.tar_blocks * 512
     if kind == TAR:

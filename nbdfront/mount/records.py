@@ -26,7 +26,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blockstore.errors import MountError
+from blockstore.errors import MountError, UsageError
 from nbdfront.mount import syscall
 from nbdfront.mount.attach import Attachment
 from nbdfront.mount.process import ProcessRef
@@ -35,7 +35,12 @@ RECORD_NAME = "record.json"
 
 
 def run_dir() -> Path:
-    return Path(os.environ.get("BLOCKSTORE_RUN_DIR") or "/run/blockstore")
+    """Where mounts are recorded: absolute, or a record made in one directory would not
+    be found from another."""
+    path = Path(os.environ.get("BLOCKSTORE_RUN_DIR") or "/run/blockstore")
+    if not path.is_absolute():
+        raise UsageError(f"BLOCKSTORE_RUN_DIR must be an absolute path, not {str(path)!r}")
+    return path
 
 
 def make_run_dirs() -> None:

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blockstore.cli import build_parser
+from blockstore.cli.common import tar_indexes_from
 from blockstore.cli.mount_cmds import (
     OciOptions,
     check_image_arguments,
@@ -22,6 +23,7 @@ from blockstore.cli.mount_cmds import (
     without_credentials,
 )
 from blockstore.errors import UsageError
+from blockstore.registry.manifests import Layer
 
 
 def test_erofs_utils_spellings():
@@ -274,3 +276,17 @@ def test_the_login_leaves_the_options_and_reaches_the_server_by_its_environment(
     argv, env = serve_command(args)
     assert not [word for word in argv if "alice" in word or "pw-123" in word], argv
     assert (env["BLOCKSTORE_USERNAME"], env["BLOCKSTORE_PASSWORD"]) == ("alice", "pw-123")
+
+
+def test_a_local_tar_index_is_refused_for_a_layer_that_is_no_tar(tmp_path):
+    """``--tarindex`` names a tar layer's metadata image: given for an EROFS layer it
+    would be ignored without a word, so it is a usage error naming the layer's type;
+    for a tar layer it is taken."""
+    index = tmp_path / "layer.meta"
+    index.write_bytes(b"an index")
+    args = argparse.Namespace(tarindex=index, zinfo=None)
+    erofs = Layer(0, "sha256:" + "a" * 64, 4096, "application/vnd.erofs.layer.v1")
+    with pytest.raises(UsageError, match=r"is for tar layers; layer 0 is application/vnd\.erofs"):
+        tar_indexes_from(args, [erofs])
+    tar = Layer(0, "sha256:" + "b" * 64, 4096, "application/vnd.oci.image.layer.v1.tar")
+    assert tar_indexes_from(args, [tar]) == {0: (index.resolve(), None)}

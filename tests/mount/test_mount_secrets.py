@@ -14,7 +14,7 @@ from mount_trees import assert_same_tree
 from rig.processes import processes_mentioning
 from rig.pushed import push_erofs
 
-from blockstore.errors import AuthError, MountError
+from blockstore.errors import AuthError, MountError, UsageError
 from nbdfront.mount import records, stack
 
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
@@ -83,6 +83,18 @@ def test_a_run_directory_others_can_write_is_refused(mount_dirs, mountpoint, loc
     assert records.saved() == []
     planted.chmod(0o700)
     assert records.load(str(mountpoint)) == fake  # the same record, where only we can write
+
+
+def test_a_relative_run_directory_is_refused(monkeypatch, mountpoint):
+    """A relative BLOCKSTORE_RUN_DIR would put a mount's record where only a command run
+    from the same directory finds it (umount elsewhere: 'not mounted by blockstore'):
+    refused as a usage error."""
+    with monkeypatch.context() as patched:  # the fixtures clean up in the real run dir
+        patched.setenv("BLOCKSTORE_RUN_DIR", "run")
+        with pytest.raises(UsageError, match="must be an absolute path, not 'run'"):
+            stack.check_can_mount(str(mountpoint))
+        with pytest.raises(UsageError, match="must be an absolute path"):
+            stack.list_mounts()
 
 
 def everything_readable(pids: list[int], *roots: Path) -> dict[str, bytes]:

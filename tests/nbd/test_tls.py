@@ -333,7 +333,8 @@ def test_listening_beyond_loopback_says_what_is_exposed(
     [
         (["--tls", "on"], 2, "--tls on needs --tls-certificates DIR"),
         (["--tls-verify-peer"], 2, "need --tls on or require"),
-        (["--tls", "require", "--tls-certificates", "{nowhere}"], 1, "lacks server-cert.pem"),
+        (["--tls", "require", "--tls-certificates", "{nowhere}"], 2, "no such directory"),
+        (["--tls", "require", "--tls-certificates", "{empty}"], 1, "lacks server-cert.pem"),
         (["--tls", "require", "--tls-certificates", "{keyless}"], 1, "lacks server-key.pem"),
         (["--tls", "on", "--tls-certificates", "{garbled}"], 1, "cannot load"),
     ],
@@ -344,11 +345,12 @@ def test_bad_tls_options_are_one_line_errors(
     """TLS options that cannot work are refused before anything is served, with one line
     and the usage (2) or generic (1) exit code."""
     cert = (nbd_certificates.server / "server-cert.pem").read_bytes()
-    for name in ("keyless", "garbled"):
+    for name in ("keyless", "garbled", "empty"):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "server-cert.pem").write_bytes(cert)
+        if name != "empty":
+            (tmp_path / name / "server-cert.pem").write_bytes(cert)
     (tmp_path / "garbled" / "server-key.pem").write_text("not a key\n")
-    paths = {name: str(tmp_path / name) for name in ("nowhere", "keyless", "garbled")}
+    paths = {name: str(tmp_path / name) for name in ("nowhere", "empty", "keyless", "garbled")}
     argv = [sys.executable, "-m", "blockstore", "serve", pushed_images.small, "--insecure"]
     argv += [option.format(**paths) for option in options]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60)

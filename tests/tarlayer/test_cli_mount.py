@@ -74,7 +74,8 @@ def test_mount_prefetch_and_offline_mount_of_a_three_layer_tar_image(tmp_path, r
 def test_mount_with_local_tarindex_and_zinfo(tmp_path, registry, run_dir):
     """``-o oci.layer=0,oci.tarindex=PATH,oci.zinfo=PATH`` mounts a gzip layer from a
     metadata image and SOCI zinfo given as files, with no index built: the tree is
-    the source's, and the cache holds no index record of its own."""
+    the source's, and the cache holds no index record of its own. A file that is not a
+    metadata image is refused as a usage error that names it."""
     src = populate(tmp_path / "src")
     tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
     ref = skopeo_copy(
@@ -91,6 +92,18 @@ def test_mount_with_local_tarindex_and_zinfo(tmp_path, registry, run_dir):
     options = (
         f"oci.layer=0,oci.tarindex={tmp_path / 'layer.meta'},oci.zinfo={tmp_path / 'layer.zinfo'}"
     )
+    # A file that is no metadata image is a usage error naming it, before any mount.
+    (tmp_path / "not.meta").write_text("root:x:0:0::/root:/bin/sh\n")
+    wrong = options.replace("layer.meta", "not.meta")
+    done = subprocess.run(
+        [*BLOCKSTORE, "mount", "--insecure", "--cache-dir", str(cache), "-o", wrong, ref, str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"oci.tarindex={tmp_path / 'not.meta'}: metadata image: " in done.stderr
+    assert not syscall.is_mounted(str(mnt))
     cli("mount", "--insecure", "--cache-dir", str(cache), "-o", options, ref, str(mnt))
     assert snapshot(mnt) == snapshot(src)
     cli("umount", str(mnt))
