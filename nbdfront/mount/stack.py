@@ -193,10 +193,26 @@ def _mount_layers(record: MountRecord) -> None:
         record.lowers.append(str(lower))
         records.save(record)
     # overlayfs lists lower directories top first; with no upperdir it is read-only.
-    lowerdir = ":".join(reversed(record.lowers))
+    lowerdir = ":".join(reversed(_visible(record.lowers)))
     syscall.mount("overlay", record.mountpoint, "overlay", f"lowerdir={lowerdir}")
     record.mounted = record.overlay = True
     logger.info("overlayfs at %s over %s", record.mountpoint, lowerdir)
+
+
+OPAQUE_XATTR = "trusted.overlay.opaque"
+
+
+def _visible(lowers: list[str]) -> list[str]:
+    """The layers (bottom first) the merged tree can show: from the top one whose root
+    is opaque (``.wh..wh..opq`` at a layer's root) up. overlayfs ignores an opaque root,
+    so the layers under it are left out of the stack instead; they stay mounted, as
+    the record says, and come down with the rest."""
+    start = 0
+    for i, lower in enumerate(lowers):
+        with contextlib.suppress(OSError):  # no such xattr, or none at all
+            if os.getxattr(lower, OPAQUE_XATTR) == b"y":
+                start = i
+    return lowers[start:]
 
 
 def _mount_erofs(device: str, target: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,40 @@ def test_mount_prefetch_and_offline_mount_of_a_three_layer_tar_image(tmp_path, r
         cli("umount", str(mnt))
     finally:
         registry.start()
+
+
+def test_an_opaque_root_hides_every_layer_below(tmp_path, registry, run_dir):
+    """A layer with ``.wh..wh..opq`` at its root over two others: the mount shows that
+    layer and the one above it only, as extraction in order gives (overlayfs ignores an
+    opaque root, so the layers below are left out of the stack), and umount leaves
+    nothing mounted."""
+    trees = {}
+    for name, files in (
+        ("base", {"etc/hidden": b"from the base\n", "keep-not": b"x\n"}),
+        ("mid", {".wh..wh..opq": b"", "etc/fresh": b"only this etc\n"}),
+        ("top", {"top-file": b"from the top\n"}),
+    ):
+        src = tmp_path / "src" / name
+        for path, data in files.items():
+            (src / path).parent.mkdir(parents=True, exist_ok=True)
+            (src / path).write_bytes(data)
+        trees[name] = make_tar(src, tmp_path / f"{name}.tar")
+    kinds = ["tar", "gzip", "tar"]
+    layers = [(k, trees[n].read_bytes()) for k, n in zip(kinds, trees, strict=True)]
+    ref = skopeo_copy(make_layout(tmp_path / "layout", "v1", layers), "v1", registry.host, "o/opq")
+    reference = tmp_path / "extracted"
+    extract_in_order(list(trees.values()), reference)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli("mount", "--insecure", "--cache-dir", str(tmp_path / "cache"), ref, str(mnt))
+    try:
+        assert sorted(os.listdir(mnt)) == ["etc", "top-file"]
+        assert os.listdir(mnt / "etc") == ["fresh"]
+        want = without_dir_counts(snapshot(reference, with_mtime=False))
+        assert without_dir_counts(snapshot(mnt, with_mtime=False)) == want
+    finally:
+        cli("umount", str(mnt))
+    assert not [p for p in syscall.mounted() if p.startswith(str(run_dir))]
 
 
 def test_mount_with_local_tarindex_and_zinfo(tmp_path, registry, run_dir):
