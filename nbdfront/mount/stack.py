@@ -192,8 +192,13 @@ def _mount_layers(record: MountRecord) -> None:
         _mount_erofs(attachment.device, str(lower))
         record.lowers.append(str(lower))
         records.save(record)
+    visible = _visible(record.lowers)
+    if len(visible) == 1:  # overlayfs wants two lower layers at least: an empty one
+        empty = Path(record.state_dir) / "empty-lower"
+        empty.mkdir(exist_ok=True)
+        visible.insert(0, str(empty))
     # overlayfs lists lower directories top first; with no upperdir it is read-only.
-    lowerdir = ":".join(reversed(_visible(record.lowers)))
+    lowerdir = ":".join(reversed(visible))
     syscall.mount("overlay", record.mountpoint, "overlay", f"lowerdir={lowerdir}")
     record.mounted = record.overlay = True
     logger.info("overlayfs at %s over %s", record.mountpoint, lowerdir)

@@ -72,17 +72,21 @@ def test_mount_prefetch_and_offline_mount_of_a_three_layer_tar_image(tmp_path, r
         registry.start()
 
 
-def test_an_opaque_root_hides_every_layer_below(tmp_path, registry, run_dir):
-    """A layer with ``.wh..wh..opq`` at its root over two others: the mount shows that
-    layer and the one above it only, as extraction in order gives (overlayfs ignores an
-    opaque root, so the layers below are left out of the stack), and umount leaves
-    nothing mounted."""
+@pytest.mark.parametrize("opaque", ["mid", "top"])
+def test_an_opaque_root_hides_every_layer_below(tmp_path, registry, run_dir, opaque):
+    """A layer with ``.wh..wh..opq`` at its root, in the middle of three or on top: the
+    mount shows that layer and those above it only, as extraction in order gives
+    (overlayfs ignores an opaque root, so the layers below are left out of the stack;
+    one layer left alone is stacked over an empty one), and umount leaves nothing
+    mounted."""
     trees = {}
     for name, files in (
         ("base", {"etc/hidden": b"from the base\n", "keep-not": b"x\n"}),
-        ("mid", {".wh..wh..opq": b"", "etc/fresh": b"only this etc\n"}),
+        ("mid", {"etc/fresh": b"only this etc\n"}),
         ("top", {"top-file": b"from the top\n"}),
     ):
+        if name == opaque:
+            files = {**files, ".wh..wh..opq": b""}
         src = tmp_path / "src" / name
         for path, data in files.items():
             (src / path).parent.mkdir(parents=True, exist_ok=True)
@@ -97,8 +101,7 @@ def test_an_opaque_root_hides_every_layer_below(tmp_path, registry, run_dir):
     mnt.mkdir()
     cli("mount", "--insecure", "--cache-dir", str(tmp_path / "cache"), ref, str(mnt))
     try:
-        assert sorted(os.listdir(mnt)) == ["etc", "top-file"]
-        assert os.listdir(mnt / "etc") == ["fresh"]
+        assert sorted(os.listdir(mnt)) == (["etc", "top-file"] if opaque == "mid" else ["top-file"])
         want = without_dir_counts(snapshot(reference, with_mtime=False))
         assert without_dir_counts(snapshot(mnt, with_mtime=False)) == want
     finally:
