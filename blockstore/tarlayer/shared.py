@@ -25,7 +25,7 @@ from blockstore.errors import IntegrityError
 from blockstore.tarlayer import erofs_format
 from blockstore.tarlayer.erofs_reader import read_info, read_metadata
 from blockstore.tarlayer.gzindex import Zinfo
-from blockstore.tarlayer.layerindex import GZIP, SpanIndex, TarIndex
+from blockstore.tarlayer.layerindex import GZIP, INDEX_FORMAT, SpanIndex, TarIndex
 from blockstore.tarlayer.tree import TarLayerError
 
 ARTIFACT_TYPE = "application/vnd.blockstore.tar-index.v1"
@@ -38,6 +38,9 @@ ZINFO_MEDIA_TYPE = "application/vnd.blockstore.tar-index.v1.zinfo"
 """Gzip checkpoints in SOCI's zinfo v2 bytes (erofs-utils' ``oci.zinfo``)."""
 TAR_DIGEST_ANNOTATION = "dev.blockstore.tar.digest"
 TAR_SIZE_ANNOTATION = "dev.blockstore.tar.size"
+FORMAT_ANNOTATION = "dev.blockstore.tar.index-format"
+"""The ``INDEX_FORMAT`` the metadata image was written by: one made by other rules (an
+older engine's) is not taken, as one kept in the cache is not."""
 
 Blob = tuple[bytes, str, dict[str, str]]
 """An artifact blob: data, media type, annotations."""
@@ -50,6 +53,7 @@ def index_blobs(index: TarIndex, layer_digest: str) -> list[Blob]:
         **notes,
         TAR_DIGEST_ANNOTATION: index.tar_digest,
         TAR_SIZE_ANNOTATION: str(index.tar_size),
+        FORMAT_ANNOTATION: str(INDEX_FORMAT),
     }
     blobs = [(index.metadata, METADATA_MEDIA_TYPE, meta_notes)]
     if index.spans is not None:
@@ -90,6 +94,9 @@ def index_from_blobs(
     if METADATA_MEDIA_TYPE not in by_type:
         raise _refuse("no metadata image for this layer")
     metadata, _, notes = by_type[METADATA_MEDIA_TYPE]
+    if notes.get(FORMAT_ANNOTATION) != str(INDEX_FORMAT):
+        made = notes.get(FORMAT_ANNOTATION, "an older one")
+        raise _refuse(f"it was written by index format {made}, this engine's is {INDEX_FORMAT}")
     tar_digest = notes.get(TAR_DIGEST_ANNOTATION, "")
     try:
         tar_size = int(notes.get(TAR_SIZE_ANNOTATION, ""))

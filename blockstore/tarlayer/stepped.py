@@ -12,8 +12,9 @@ from collections import deque
 from collections.abc import Callable
 
 KEPT_OUTPUT = 1 << 16
-"""Output kept after it is read, at least: tarfile's stream reads 10 KiB ahead, so the
-header where it stopped is still here to be looked at (``made_at``)."""
+"""Output kept before the newest piece, at least: tarfile's stream reads 10 KiB ahead,
+so the header where it stopped is still here to be looked at (``made_at``), however
+large the piece that the read ahead reached into."""
 
 
 class SteppedReader(io.RawIOBase):
@@ -36,7 +37,9 @@ class SteppedReader(io.RawIOBase):
         kept.append((self._made_len, out))
         self._made_len += len(out)
         self._kept_len += len(out)
-        while self._kept_len - len(kept[0][1]) >= KEPT_OUTPUT:
+        # What comes before the newest piece must stay KEPT_OUTPUT long: counted with
+        # it, one large piece would push out the one where tarfile stopped.
+        while len(kept) > 1 and self._kept_len - len(kept[0][1]) - len(out) >= KEPT_OUTPUT:
             self._kept_len -= len(kept.popleft()[1])
         if self.sink is not None:
             self.sink(out)

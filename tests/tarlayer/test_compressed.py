@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import itertools
 import os
+import random
 import subprocess
 import tarfile
 from pathlib import Path
@@ -156,6 +158,24 @@ def test_corrupt_compressed_stream_is_caught_in_the_pass(layer_tar, kind):
     for broken in (bytes(bad), blob[: len(blob) * 2 // 3]):
         with pytest.raises((IntegrityError, TarLayerError)):
             index_compressed_tar(io.BytesIO(broken), kind, blob_digest=None, diff_id=None)
+
+
+def test_a_tar_padded_with_zeros_is_never_taken_for_damaged():
+    """A tar whose end marker lies just before a long run of zeros (a padded archive):
+    the piece of output that tarfile's read-ahead reaches into is a whole inflate step,
+    and the piece holding the end marker must still be kept to be looked at. Each
+    padding in steps of 512 bytes around where that once went wrong indexes."""
+    rng = random.Random(1)
+    noise = rng.randbytes(40000)
+    for zeros in range(120992, 125088, 512):
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as archive:
+            info = tarfile.TarInfo("f")
+            info.size = len(noise) + zeros
+            archive.addfile(info, io.BytesIO(noise + bytes(zeros)))
+        blob = gzip.compress(out.getvalue() + bytes(1 << 20), compresslevel=6, mtime=0)
+        index = index_compressed_tar(io.BytesIO(blob), GZIP, blob_digest=None, diff_id=None)
+        assert index.tar_size == len(out.getvalue()) + (1 << 20), zeros
 
 
 @pytest.mark.parametrize("kind", [GZIP, ZSTD])

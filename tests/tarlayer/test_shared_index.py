@@ -30,7 +30,7 @@ from blockstore.tarlayer.erofs_writer import write_metadata
 from blockstore.tarlayer.export import IndexCache
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN
 from blockstore.tarlayer.layerindex import GZIP, index_compressed_tar, index_plain_tar
-from blockstore.tarlayer.shared import ARTIFACT_TYPE, index_blobs
+from blockstore.tarlayer.shared import ARTIFACT_TYPE, FORMAT_ANNOTATION, index_blobs
 from blockstore.tarlayer.tarwalk import walk_tar
 from blockstore.tarlayer.tree import build_tree
 
@@ -208,19 +208,31 @@ def _hostile(case: str, tar: bytes, blob: bytes, other_tar: bytes, other_blob: b
         blobs[0] = (write_metadata(tree, len(tar)), media, notes)
     elif case == "another blob's spans":
         blobs[1:] = index_blobs(other, digest)[1:]
+    elif case == "an older index format":
+        # Written by rules since changed (an engine before INDEX_FORMAT 2 left out the
+        # annotation): rebuilt, as one kept in the cache under the old format would be.
+        meta, media, notes = blobs[0]
+        blobs[0] = (meta, media, {k: v for k, v in notes.items() if k != FORMAT_ANNOTATION})
     return blobs
 
 
 @pytest.mark.parametrize(
     "case",
-    ["flipped superblock", "another tar's index", "files beyond the tar", "another blob's spans"],
+    [
+        "flipped superblock",
+        "another tar's index",
+        "files beyond the tar",
+        "another blob's spans",
+        "an older index format",
+    ],
 )
 def test_damaged_or_hostile_shared_index_is_refused_and_built_instead(
     tmp_path, registry, caplog, case
 ):
     """A tar-index artifact whose blobs are damaged or describe something else than the
     layer (a flipped superblock byte, the index of another tar, a tree whose files point
-    past this tar, span tables of another blob) is refused with a warning that says so;
+    past this tar, span tables of another blob) or written by an older index format
+    is refused with a warning that says so;
     the layer is indexed from its own bytes instead, and serves the right file."""
     files = {f"f{i}.txt": f"file {i} ".encode() * 300 for i in range(30)}
     more = {**files, "extra.bin": os.urandom(256 << 10)}
