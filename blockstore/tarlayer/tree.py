@@ -18,7 +18,9 @@ A whiteout acts on the layers below only (the OCI image spec): a path this
 layer wrote before its ``.wh.`` entry stays. Where the lower path is gone but
 this layer puts a directory there (after a whiteout, or in place of a file of
 its own), that directory is opaque, so nothing of a lower directory of that
-name shows through, as extracting the layers in order would leave it.
+name shows through, as extracting the layers in order would leave it. A
+directory the layer only implies, to hold whiteouts of what lay under a path
+it also whites out, is no directory of the layer's: it stays a whiteout.
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ class Inode:
     rdev_minor: int = 0
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     children: dict[bytes, Inode] | None = None  # directories only
+    implied: bool = False  # a directory made for a path under it, with no entry of its own
+    hides_lower: bool = False  # a directory whose lower namesake this layer whites out
 
     @property
     def is_dir(self) -> bool:
@@ -135,10 +139,12 @@ class LayerTree:
             child = node.children.get(p)
             if child is None:
                 child = new_directory()
+                child.implied = True
                 node.children[p] = child
             elif child.is_whiteout:  # removed below, made again here: nothing shows through
                 child = new_directory()
                 child.xattrs[OPAQUE_XATTR] = b"y"
+                child.implied = child.hides_lower = True
                 node.children[p] = child
             elif not child.is_dir:
                 raise TarLayerError(f"tar entry {_show(raw)}: {_show(p)} is not a directory")
@@ -168,6 +174,7 @@ class LayerTree:
                 # This layer's own path stays; the lower one it already hides is gone.
                 if written.is_dir:
                     written.xattrs[OPAQUE_XATTR] = b"y"
+                    written.hides_lower = True
                 return
             parent.children[hidden] = Inode(
                 mode=stat.S_IFCHR, uid=entry.uid, gid=entry.gid, mtime=entry.mtime
@@ -195,6 +202,7 @@ class LayerTree:
 
 
 def _update_dir(node: Inode, entry: TarEntry) -> None:
+    node.implied = False
     node.mode = stat.S_IFDIR | stat.S_IMODE(entry.mode)
     node.uid, node.gid = entry.uid, entry.gid
     node.mtime, node.mtime_ns = entry.mtime, entry.mtime_ns
@@ -236,9 +244,35 @@ def _inode_of(entry: TarEntry) -> Inode:
     return node
 
 
+def _holds_nothing_written(node: Inode) -> bool:
+    """An implied directory with nothing of the layer's own under it: whiteouts (and
+    opaque markers) at most, in directories as implied."""
+    assert node.children is not None
+    return node.implied and all(
+        child.is_whiteout or (child.is_dir and _holds_nothing_written(child))
+        for child in node.children.values()
+    )
+
+
+def _whiteouts_for_gone_directories(directory: Inode) -> None:
+    """A directory the layer only implied, to hold whiteouts under a path it whites out
+    as well, is no directory of the layer's: extraction deletes the lower one and writes
+    nothing there. It goes back to being a whiteout."""
+    assert directory.children is not None
+    for name, child in directory.children.items():
+        if not child.is_dir:
+            continue
+        if child.hides_lower and _holds_nothing_written(child):
+            directory.children[name] = Inode(mode=stat.S_IFCHR)
+            directory.xattrs[ORIGIN_XATTR] = b""
+        else:
+            _whiteouts_for_gone_directories(child)
+
+
 def build_tree(entries: Iterable[TarEntry]) -> LayerTree:
     """Replay tar entries in order into the tree that extraction would give."""
     tree = LayerTree()
     for entry in entries:
         tree.add(entry)
+    _whiteouts_for_gone_directories(tree.root)
     return tree

@@ -136,6 +136,34 @@ def test_a_whiteout_leaves_the_path_its_own_layer_wrote():
 
 
 @pytest.mark.parametrize(
+    "names",
+    [
+        [b"a/.wh.x", b".wh.a"],
+        [b"a/.wh..wh..opq", b".wh.a"],
+        [b".wh.a", b"a/.wh.x"],
+        [b".wh.a", b"a/.wh..wh..opq"],
+        [b".wh.a", b"a/b/.wh.x"],
+    ],
+)
+def test_a_directory_implied_only_for_whiteouts_under_its_own_whiteout_stays_gone(names):
+    """The layer whites ``a`` out and writes nothing under it but whiteouts: extracting
+    it deletes the lower ``a`` and makes nothing there, so ``a`` is a whiteout, not an
+    empty directory, in whichever order the entries come."""
+    tree = build_tree([TarEntry(path=name, mode=REG) for name in names])
+    assert tree.lookup([b"a"]).is_whiteout
+    assert tree.root.xattrs == {ORIGIN_XATTR: b""}
+
+
+def test_a_directory_with_a_file_of_the_layer_under_its_whiteout_is_kept():
+    """The same, but with a file of the layer's own under ``a``: ``a`` is a directory,
+    opaque, holding that file (and the whiteout, which hides nothing more)."""
+    tree = build_tree([TarEntry(path=b".wh.a", mode=REG), reg(b"a/b/keep", 512)])
+    a = tree.lookup([b"a"])
+    assert a.is_dir and a.xattrs.get(OPAQUE_XATTR) == b"y"
+    assert tree.lookup([b"a", b"b", b"keep"]).data_offset == 512
+
+
+@pytest.mark.parametrize(
     ("entries", "message"),
     [
         ([reg(b"../escape", 512)], "'..' in a path"),
