@@ -494,8 +494,10 @@ class _Session:
             else:
                 self._flush()
                 if isinstance(event, ConnectionClosed):
-                    reason = "the server is stopping" if self.stopping else event.reason
-                    level = logging.INFO if event.clean or self.stopping else logging.WARNING
+                    reason = event.reason
+                    if self.stopping and event.clean and reason.startswith("client hung up"):
+                        reason = "the server is stopping"  # its own shutdown of the read side
+                    level = logging.INFO if event.clean else logging.WARNING
                     log.log(level, "closing connection from %s: %s", self.peer, reason)
                 else:
                     log.info("%s disconnected", self.peer)

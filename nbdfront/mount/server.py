@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def start_server(
     env: dict[str, str] | None = None,
     timeout: float = READY_TIMEOUT,
     spawned: Callable[[ProcessRef], None] | None = None,
+    waiting: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
 ) -> ServerStarted:
     """Spawn ``argv`` (given ``--ready-fd N``) detached, logging to ``log_path``; return once
     it is ready.
@@ -68,7 +70,9 @@ def start_server(
     and is the process returned. Until it is ready the server is ours to stop:
     any failure here, an interrupt included, kills it before the error goes on.
     ``spawned`` is told the supervisor at once, so that a caller killed before
-    the server is ready (SIGKILL cannot be caught) has left a way to stop it.
+    the server is ready (SIGKILL cannot be caught) has left a way to stop it;
+    ``waiting`` is entered around the wait for the server alone (where the
+    caller may let an interrupt through).
     """
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     os.fchmod(log, 0o600)  # owner-only, also when an older log was there
@@ -91,7 +95,8 @@ def start_server(
         try:
             if spawned is not None and (process := ProcessRef.of(proc.pid)) is not None:
                 spawned(process)
-            status = readiness.receive(read_end, timeout)
+            with waiting():
+                status = readiness.receive(read_end, timeout)
             return _started(proc, status, log_path, timeout)
         except BaseException:
             _kill_group(proc)

@@ -105,14 +105,17 @@ def mount(
         mounter=ProcessRef.of(os.getpid()),
     )
     records.save(record)
+    interrupts = _Interrupts()
     try:
-        with _stops_as_interrupts(signal.SIGTERM, signal.SIGHUP):
-            _make(record, server_argv, env, describe, warn)
+        with interrupts.installed():
+            _make(record, server_argv, env, describe, warn, interrupts)
     except BaseException:
         try:
             unmount_record(record, lazy=True)
         except Exception:
             logger.exception("could not undo the failed mount of %s", mountpoint)
+            record.mounter = None  # not "mounting" for as long as this process lives
+            records.save(record)
         raise
     record.mount_seconds = round(time.monotonic() - started_at, 3)
     record.mounter = None
@@ -126,8 +129,10 @@ def _make(
     env: dict[str, str] | None,
     describe: Describe | None,
     warn: Callable[[str], None] | None,
+    interrupts: _Interrupts,
 ) -> None:
-    """Every step of ``mount`` once its record exists, each saved in it as it is made."""
+    """Every step of ``mount`` once its record exists, each saved in it as it is made;
+    a signal held during a step is raised once the step is recorded."""
     state_dir = Path(record.state_dir)
     socket = state_dir / "serve.sock"
 
@@ -137,12 +142,18 @@ def _make(
 
     argv = [*server_argv, "--unix", str(socket), "--pidfile", str(state_dir / "serve.pid")]
     server = start_server(
-        argv, Path(record.log), state_dir / SERVER_STATUS, env=env, spawned=spawned
+        argv,
+        Path(record.log),
+        state_dir / SERVER_STATUS,
+        env=env,
+        spawned=spawned,
+        waiting=interrupts.waiting,
     )
     with contextlib.suppress(FileNotFoundError):  # its directory keeps others out meanwhile
         os.chmod(socket, 0o600)
     record.server = server.process
     records.save(record)
+    interrupts.check()
     logger.info("server pid %d ready: %s", server.process.pid, server.exports)
     if warn is not None:
         for warning in server.warnings:
@@ -153,34 +164,71 @@ def _make(
         record.attachments.append(attached)
         records.save(record)
         logger.info("attached %s via %s as %s", uri, record.method, attached.device)
-    _mount_layers(record)
+        interrupts.check()
+    _mount_layers(record, interrupts.check)
     records.save(record)
     if describe is not None:
         record.info = describe([name for name, _ in layers])
 
 
-@contextlib.contextmanager
-def _stops_as_interrupts(*signums: int) -> Iterator[None]:
-    """While a mount is being made, SIGTERM and SIGHUP (a closed terminal) undo it as
-    Ctrl-C does. Their default, ending the process at once, would leave the server
-    running and the record half made. (Handlers can be set on the main thread only.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class _Interrupts:
+    """Ctrl-C, SIGTERM and SIGHUP (a closed terminal) while a mount is made: each undoes it.
 
-    def interrupt(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
+    Raised (as KeyboardInterrupt) at once only while the mount waits for its
+    server, when all made so far is recorded. During a step (a spawn, an attach,
+    a mount(2) that may wait on the registry) a signal is held and raised once
+    the step is done and recorded: raised inside it, it would leave what the step
+    made where the undo cannot find it. The default of SIGTERM and SIGHUP, ending
+    the process at once, would leave the server running and the record half made.
+    """
 
-    previous = {signum: signal.signal(signum, interrupt) for signum in signums}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self._held = False
+        self._waiting = False
+
+    def _arrived(self, _signum: int, _frame: object) -> None:
+        if self._waiting:
+            self._waiting = False
+            raise KeyboardInterrupt
+        self._held = True
+
+    def check(self) -> None:
+        """Raise a signal that came during the step just recorded."""
+        if self._held:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """A wait that a signal may break at once."""
+        self.check()
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The handlers, for the making of one mount (on the main thread: others cannot
+        set them). One that came as they were put back is raised after."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {signum: signal.signal(signum, self._arrived) for signum in self.SIGNALS}
+        try:
+            yield
+        finally:
+            self._waiting = False  # from here a signal is only held, never raised
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        self.check()
 
 
-def _mount_layers(record: MountRecord) -> None:
-    """EROFS at the mount point for one layer; for several, EROFS per layer under an overlay."""
+def _mount_layers(record: MountRecord, check: Callable[[], None]) -> None:
+    """EROFS at the mount point for one layer; for several, EROFS per layer under an
+    overlay. ``check`` after each mount is recorded."""
     devices = [a.device for a in record.attachments]
     if len(devices) == 1:
         _mount_erofs(devices[0], record.mountpoint)
@@ -192,6 +240,7 @@ def _mount_layers(record: MountRecord) -> None:
         _mount_erofs(attachment.device, str(lower))
         record.lowers.append(str(lower))
         records.save(record)
+        check()
     visible = _visible(record.lowers)
     if len(visible) == 1:  # overlayfs wants two lower layers at least: an empty one
         empty = Path(record.state_dir) / "empty-lower"

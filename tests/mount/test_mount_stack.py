@@ -383,6 +383,41 @@ def wait_for_no_process_mentioning(run: Path) -> None:
     assert not processes_mentioning(str(run))
 
 
+def test_a_signal_during_a_step_is_held_until_the_step_is_recorded(
+    mount_dirs, mountpoint, erofs_images, local_server
+):
+    """SIGTERM as the layer's EROFS mount(2) returns (here held there for a second) does
+    not break in before its result is recorded, where the undo would not know of the
+    mount: the step ends, is recorded, and only then is the mount undone, leaving
+    nothing behind."""
+    _, run = mount_dirs
+    argv = local_server({"layer0": erofs_images.small.path})
+    inside = mount_dirs[0] / "inside"
+    code = f"""
+import pathlib, time
+from nbdfront.mount import stack
+real = stack._mount_erofs
+def slow(device, target):
+    real(device, target)
+    pathlib.Path({str(inside)!r}).touch()
+    time.sleep(1)  # a mount(2) that has mounted and is about to return
+stack._mount_erofs = slow
+stack.mount({argv!r}, {str(mountpoint)!r}, image="small")
+"""
+    mounting = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not inside.exists():
+        assert time.monotonic() < deadline and mounting.poll() is None, "never reached the mount"
+        time.sleep(0.02)
+    mounting.send_signal(signal.SIGTERM)
+    _, err = mounting.communicate(timeout=30)
+    assert mounting.returncode != 0 and "KeyboardInterrupt" in err
+    wait_for_no_process_mentioning(run)
+    assert not syscall.is_mounted(str(mountpoint))
+    assert records.saved() == []
+    assert not records.state_dir_for(str(mountpoint)).exists()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_interrupted_mount_leaves_nothing(mount_dirs, mountpoint, signum):
     """Ctrl-C, SIGTERM or SIGHUP (a closed terminal) while ``mount`` waits for its server:
@@ -406,8 +441,11 @@ def test_a_mount_in_progress_is_shown_as_such_and_a_killed_one_is_cleaned_up(
     _, run = mount_dirs
     mounting = start_mount_that_never_gets_ready(mountpoint, run)
     try:
-        (shown,) = stack.list_mounts()
-        assert shown.state == "mounting" and shown.record.server is not None
+        deadline = time.monotonic() + 10
+        while (shown := stack.list_mounts()[0]).record.server is None:
+            assert time.monotonic() < deadline, "the server was never recorded"
+            time.sleep(0.02)
+        assert shown.state == "mounting"
         with pytest.raises(MountpointBusy, match="still being mounted"):
             stack.unmount(str(mountpoint))
         with pytest.raises(

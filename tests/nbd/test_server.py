@@ -215,7 +215,10 @@ def test_shutdown_refuses_what_arrives_while_replies_drain(local_blob, tmp_path,
         assert gated.waiting.wait(10)
         with caplog.at_level(logging.INFO, logger="nbdfront.server"):
             stopper.start()
-            time.sleep(0.3)
+            deadline = time.monotonic() + 10
+            while not all(s.stopping for s in list(server._sessions)):  # refusing by now
+                assert time.monotonic() < deadline, "shutdown never began refusing"
+                time.sleep(0.01)
             reading.send(w.CMD_READ, 2, 0, 4096)
             assert reading.wait(2).error == w.ESHUTDOWN
             haggling.sock.sendall(w.option(w.OPT_LIST))
