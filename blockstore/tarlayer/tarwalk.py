@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import stat
 import tarfile
 import urllib.parse
@@ -89,13 +90,17 @@ def _xattrs(member: tarfile.TarInfo) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(sorted(found.items()))
 
 
+_PAX_TIME = re.compile(r"-?[0-9]+(?:\.[0-9]*)?")
+"""A PAX time: decimal seconds, a fraction optional (ASCII digits: ``int`` takes more)."""
+
+
 def _mtime(member: tarfile.TarInfo) -> tuple[int, int]:
     raw = member.pax_headers.get("mtime")
     if raw is None:
         return int(member.mtime), 0
-    whole, _, frac = raw.partition(".")
-    if not (whole.lstrip("-").isdigit() and (not frac or frac.isdigit())):
+    if not _PAX_TIME.fullmatch(raw):
         raise TarLayerError(f"tar entry {_show(member.name)}: PAX mtime {raw!r} is not a number")
+    whole, _, frac = raw.partition(".")
     seconds = int(whole)
     nanos = int((frac + "000000000")[:9]) if frac else 0
     if raw.startswith("-") and nanos:
