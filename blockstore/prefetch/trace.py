@@ -113,7 +113,10 @@ def traces_document(traces: list[Trace]) -> bytes:
 def traces_from_document(raw: bytes) -> list[Trace]:
     """The traces of a document; raises ``ValueError`` on anything else."""
     try:
-        document = json.loads(raw)
+        try:
+            document = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):  # their words name no file kind
+            raise ValueError("not a traces document (not JSON text)") from None
         if not isinstance(document, dict) or document.get("kind") != TRACES_KIND:
             raise ValueError("not a traces document written by 'blockstore trace export'")
         return [Trace.from_record(record) for record in document["traces"]]

@@ -109,6 +109,12 @@ def test_a_bad_trace_file_is_refused_in_one_line(tmp_path):
     garbage.write_bytes(b"\xff\x00 not json")
     done = blockstore("trace", "import", str(garbage), "--cache-dir", str(tmp_path / "c"))
     assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert done.stderr == f"blockstore: {garbage}: not a traces document (not JSON text)\n"
+    (tmp_path / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    done = blockstore(
+        "trace", "import", str(tmp_path / "passwd"), "--cache-dir", str(tmp_path / "c")
+    )
+    assert done.returncode == 2 and "passwd: not a traces document (not JSON text)" in done.stderr
     listed = blockstore("trace", "ls", "--json", "--cache-dir", str(tmp_path / "c"))
     assert json.loads(listed.stdout) == []
 
