@@ -156,21 +156,19 @@ def test_clean_umount_removes_the_log_a_failed_stop_keeps_it(
     with open(record.log, "a") as log:
         log.write("2026-01-01 00:00:00,000 blockstore.cache.seal ERROR sha256:ab: dropped\n")
         log.write("2026-01-01 00:00:00,001 blockstore.export INFO a line that is no trouble\n")
-    done = cli("umount", str(mountpoint))
-    assert done.returncode == 0, done.stderr
-    assert done.stderr.strip() == (
-        f"blockstore: the server logged 1 warning or error line; its log is kept at {record.log}"
-    )
-    assert os.path.exists(record.log)
-    assert_nothing_left(record, run)
+    umount_keeps_the_log(record, run, "the server logged 1 warning or error line")
 
     argv = local_server({"layer0": image}, stop_status=3)
     record = stack.mount(argv, str(mountpoint), image="small")
-    done = cli("umount", str(mountpoint))
+    umount_keeps_the_log(record, run, "the server exited with status 3")
+
+
+def umount_keeps_the_log(record: records.MountRecord, run: Path, why: str) -> None:
+    """``umount`` (exit 0: the mount is gone either way) says ``why`` and where the log
+    is kept, and leaves nothing else."""
+    done = cli("umount", record.mountpoint)
     assert done.returncode == 0, done.stderr
-    assert done.stderr.strip() == (
-        f"blockstore: the server exited with status 3; its log is kept at {record.log}"
-    )
+    assert done.stderr.strip() == f"blockstore: {why}; its log is kept at {record.log}"
     assert os.path.exists(record.log)
     assert_nothing_left(record, run)
 
