@@ -145,7 +145,7 @@ class RegistryClient:
         def attempt(endpoint: Endpoint) -> int | None:
             with self._get(endpoint, repository, path, subject, None, deadline, "HEAD") as reply:
                 length = reply.headers.get("Content-Length", "")
-                return int(length) if length.isdigit() else None
+                return int(length) if length.isascii() and length.isdigit() else None
 
         return self._read(subject, deadline, attempt)
 

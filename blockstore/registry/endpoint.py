@@ -154,14 +154,25 @@ class Endpoint:
         own_origin = _origin(self.base_url)
         for _ in range(MAX_REDIRECTS + 1):
             sent = dict(headers)
-            if authorization and _origin(url) == own_origin:
+            try:
+                own = _origin(url) == own_origin
+            except ValueError:  # a redirect's Location that is no URL (a bad port, "[::1")
+                raise RegistryError(
+                    f"registry {self.host} redirected to an address that is not a URL"
+                ) from None
+            if authorization and own:
                 sent["Authorization"] = authorization
             reply = self._send(method, url, sent, body, stream, deadline)
             location = reply.headers.get("Location")
             if reply.status_code not in REDIRECT_STATUS or not location:
                 return reply
             reply.close()
-            url = urljoin(url, location)
+            try:
+                url = urljoin(url, location)
+            except ValueError:
+                raise RegistryError(
+                    f"registry {self.host} redirected to an address that is not a URL"
+                ) from None
             log.debug("%s %s redirected to %s", method, self.host, urlsplit(url).netloc)
         raise RegistryError(f"registry {self.host}: more than {MAX_REDIRECTS} redirects")
 
@@ -198,6 +209,13 @@ class Endpoint:
             raise TryAgain(
                 RegistryUnreachable(f"cannot reach registry {where}: {describe_failure(exc)}")
             ) from None
+        except ValueError as exc:
+            # requests' InvalidURL, InvalidSchema, InvalidHeader..., or a redirect it
+            # parses ahead: the request cannot be made. Only the type is said: the URL or
+            # the header may carry a token.
+            raise RegistryError(
+                f"registry {self.host}: a request cannot be made ({type(exc).__name__})"
+            ) from None
 
     def _fetch_token(
         self,
@@ -206,6 +224,12 @@ class Endpoint:
         credentials: Credentials | None,
         deadline: Deadline,
     ) -> requests.Response:
+        try:
+            _origin(realm)
+        except ValueError:
+            raise AuthError(
+                f"registry {self.host} names a token issuer that is not a URL", status=401
+            ) from None
         if credentials and not self._may_send(realm):
             raise AuthError(
                 f"token issuer {urlsplit(realm).netloc} for registry {self.host} is plain "

@@ -118,10 +118,22 @@ def list_referrers(client: RegistryClient, subject: Subject) -> list[Referrer]:
     if listing is None:
         return []
     return [
-        Referrer(e["digest"], e.get("artifactType", ""), e.get("annotations") or {})
+        Referrer(e["digest"], _text(e.get("artifactType")), _annotations(e.get("annotations")))
         for e in _index_entries(listing, f"referrers of {subject.digest}")
         if isinstance(e.get("digest"), str)
     ]
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _annotations(value: object) -> dict[str, str]:
+    """A descriptor's annotations as the spec has them (strings to strings); anything
+    else a registry sends there is left out, never taken for a map."""
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def newest(referrers: list[Referrer], artifact_type: str) -> Referrer | None:
@@ -159,6 +171,8 @@ def read_artifact(
     try:
         manifest = json.loads(raw)
         layers = manifest["layers"]
+        if not isinstance(layers, list):
+            raise TypeError("layers is no list")
         if manifest.get("subject", {}).get("digest") != subject.digest:
             raise RegistryError(f"{what}: it is attached to another image")
         if manifest.get("artifactType") != referrer.artifact_type:
@@ -169,9 +183,11 @@ def read_artifact(
     for layer in layers:
         try:
             digest, size, media_type = layer["digest"], int(layer["size"]), layer["mediaType"]
+            if not (isinstance(digest, str) and isinstance(media_type, str)):
+                raise TypeError("digest or media type is no string")
         except (KeyError, TypeError, ValueError):
             raise RegistryError(f"{what}: a layer descriptor is malformed") from None
-        notes = dict(layer.get("annotations") or {})
+        notes = _annotations(layer.get("annotations"))
         if wanted is not None and not wanted(notes):
             continue
         if not 0 <= size <= MAX_ARTIFACT_BLOB:

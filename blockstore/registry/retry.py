@@ -103,6 +103,10 @@ def with_retries(policy: RetryPolicy, deadline: Deadline, attempt: Callable[[], 
             time.sleep(pause)
 
 
+MAX_QUIET = 300.0
+"""The longest quiet a host's Retry-After is kept for, in seconds."""
+
+
 class Quiet:
     """A host's request for quiet (a 429 or 503 with ``Retry-After``), shared by every
     reader of that host, so a thousand reads do not each knock on a door that said
@@ -113,8 +117,10 @@ class Quiet:
         self._lock = threading.Lock()
 
     def asked(self, seconds: float) -> None:
+        """Keep quiet ``seconds`` (``MAX_QUIET`` at most: a bogus year-long Retry-After
+        must not fail every read until a restart; still asked, it is kept again)."""
         with self._lock:
-            self._until = max(self._until, time.monotonic() + seconds)
+            self._until = max(self._until, time.monotonic() + min(seconds, MAX_QUIET))
 
     def left(self) -> float:
         return max(0.0, self._until - time.monotonic())
@@ -135,7 +141,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = parsedate_to_datetime(value)

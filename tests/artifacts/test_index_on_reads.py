@@ -4,6 +4,7 @@ and traces that travel through the registry to an empty cache."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from blockstore.prefetch.settings import MOUNT, PrefetchSettings
 from blockstore.registry import RegistryClient, RegistryOptions, parse_reference, resolve_image
 
 QUIET = PrefetchSettings(readahead=False)
+CHUNK_INDEX = "application/vnd.blockstore.chunk-index.v1"
 BAD_CHUNK = 3
 
 
@@ -250,3 +252,51 @@ def test_a_lying_index_is_judged_by_a_layer_cached_before_it(registry, erofs_ima
         verify.stdout
     )
     assert blockstore("cache", "verify", "--cache-dir", cache).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [{"digest": "sha256:" + "1" * 64, "artifactType": CHUNK_INDEX, "annotations": "x"}],
+        [
+            {
+                "digest": "sha256:" + d * 64,
+                "artifactType": CHUNK_INDEX,
+                "annotations": {"org.opencontainers.image.created": created},
+            }
+            for d, created in (("2", 1), ("3", "x"))
+        ],
+        [{"digest": "sha256:" + "4" * 64, "artifactType": 7, "annotations": ["a", "b"]}],
+    ],
+    ids=["annotations-a-string", "created-a-number", "types-of-every-kind"],
+)
+def test_a_malformed_referrers_listing_costs_a_warning_never_the_open(
+    registry, erofs_images, fault_proxy, tmp_path, entries
+):
+    """A registry answering the referrers API with descriptors whose annotations are no
+    map of strings, whose creation times are numbers beside strings, or whose artifact
+    type is a number: the image opens and reads right, as with no artifacts (it used to
+    end in a TypeError or an AttributeError with a traceback)."""
+    path = erofs_images.layers[0].path
+    link = fault_proxy(registry)
+    image = push_erofs(link.host, "artifacts/malformed", "v1", [path])
+    listing = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": entries,
+    }
+    link.fault = Fault(
+        "status",
+        path_contains="/referrers/",
+        status=200,
+        body=json.dumps(listing).encode(),
+        headers={"Content-Type": "application/vnd.oci.image.index.v1+json"},
+    )
+    options = RegistryOptions(insecure=True, timeout=10)
+    opened = open_image(image, cache_dir=tmp_path / "cache", options=options, prefetch=QUIET)
+    try:
+        (blob,) = opened.exports()
+        assert read_whole(blob, blob.size) == path.read_bytes()
+    finally:
+        opened.close()
+    assert link.faults_applied >= 1

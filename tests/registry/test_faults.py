@@ -205,3 +205,34 @@ def test_connections_are_kept_alive(registry, pushed_images, erofs_images, fault
             assert blob.read_range(i * 100_000, 50_000) == data[i * 100_000 : i * 100_000 + 50_000]
     assert len(proxy.requests) == 31  # one manifest, thirty ranges
     assert proxy.connections <= 2
+
+
+def test_a_retry_after_in_other_digits_is_ignored_not_a_crash(registry, pushed_images, fault_proxy):
+    """A Retry-After of '²' (a digit to str.isdigit, none to int or float): the 503s are
+    retried as with no Retry-After, and the image resolves, where a ValueError ended
+    the command with a traceback."""
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault(
+        "status",
+        status=503,
+        headers={"Retry-After": "\u00b2"},
+        times=2,
+        path_contains="/manifests/",
+    )
+    with client_via(proxy) as client:
+        assert resolve_image(client, f"{proxy.host}/fixtures/small:v1", None).layers
+    assert proxy.faults_applied == 2
+
+
+@pytest.mark.parametrize("target", ["http://[::1", "http://127.0.0.1:99999", "ftp://127.0.0.1"])
+def test_a_redirect_to_no_usable_url_is_a_registry_error(
+    registry, pushed_images, fault_proxy, target
+):
+    """A manifest redirected to an address that is no URL (a broken IPv6 literal, a port
+    past 65535) or to another scheme: one RegistryError naming the registry, never a
+    ValueError and its traceback, nor the target's words (a URL may carry a token)."""
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault("redirect", path_contains="/manifests/", redirect_to=target)
+    with client_via(proxy, max_attempts=1) as client, pytest.raises(RegistryError) as caught:
+        resolve_image(client, f"{proxy.host}/fixtures/small:v1", None)
+    assert proxy.host in str(caught.value) and target not in str(caught.value)
