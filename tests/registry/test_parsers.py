@@ -15,7 +15,7 @@ from blockstore.registry.auth import parse_challenge
 from blockstore.registry.credentials import Credentials, credentials_for
 from blockstore.registry.options import RegistryOptions
 from blockstore.registry.platforms import Platform, host_platform
-from blockstore.registry.retry import RetryPolicy, parse_retry_after
+from blockstore.registry.retry import MAX_QUIET, Quiet, RetryPolicy, parse_retry_after
 
 
 def test_bearer_challenge_with_a_comma_inside_the_scope():
@@ -53,6 +53,18 @@ def test_retry_after_seconds_and_dates():
     assert parse_retry_after(formatdate(1000.0 + 7, usegmt=True), now=1000.0) == 7.0
     assert parse_retry_after(formatdate(900.0, usegmt=True), now=1000.0) == 0.0
     assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+    assert parse_retry_after("\u00b2") is None and parse_retry_after("--5") is None
+
+
+def test_a_host_s_quiet_is_kept_five_minutes_at_most():
+    """A Retry-After of a day (or a year) holds the host quiet for MAX_QUIET, not for as
+    long as the server lives; a shorter one is kept as asked."""
+    quiet = Quiet()
+    quiet.asked(86_400)
+    assert MAX_QUIET - 1 < quiet.left() <= MAX_QUIET == 300.0
+    short = Quiet()
+    short.asked(2.0)
+    assert 1.0 < short.left() <= 2.0
 
 
 @given(attempt=st.integers(1, 30), retry_after=st.one_of(st.none(), st.floats(0, 1e6)))
