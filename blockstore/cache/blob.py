@@ -87,7 +87,8 @@ class CachedBlob:
         self._seed = integrity.blob_seed(digest)
         record = store.lookup(digest)
         if record is not None and record.size != size:
-            raise CacheError(f"{digest} has size {record.size} in the cache, but {size} was given")
+            self._drop_other_size(record, size)  # or refuse ``size``, if it is proven wrong
+            record = None
         self._blob_id = record.blob_id if record is not None else None
         self._sums = store.sealed_sums(digest) if record is not None and record.sealed else None
         # Whole in the cache as far as this export knows: readahead has nothing to do.
@@ -103,6 +104,25 @@ class CachedBlob:
         self._stop = threading.Event()
         if source is not None:
             self._start_fetching(source)
+
+    def _drop_other_size(self, record: BlobRecord, size: int) -> None:
+        """The blob is cached under another size than ``size``. Sealed, its size was
+        proven with its digest: ``size`` is wrong, refused. Not sealed, the cached part
+        was stored under a size some registry gave and nothing has proven: it is
+        dropped, so that one wrong answer does not shut this layer out for good."""
+        if record.sealed:
+            raise IntegrityError(
+                f"{self._digest} is {record.size} bytes (checked against its digest in the "
+                f"cache), but {size} are given: refused"
+            )
+        log.warning(
+            "%s was cached as %d bytes, never proven, and %d are given now: "
+            "dropping what was cached",
+            self._digest,
+            record.size,
+            size,
+        )
+        self._store.remove(self._digest)
 
     # --- Export ----------------------------------------------------------------
 
