@@ -240,7 +240,7 @@ class OpenImage:
         if asked is not None:
             actual = asked.result()
         else:
-            actual = self.client.blob_size(self.repository, layer.digest)
+            actual = self.client.blob_size(self.repository, layer.digest, layer.size)
         if actual is not None and actual != layer.size:
             raise IntegrityError(
                 f"{self.resolved.reference} layer {layer.index} ({layer.digest}): the manifest "
@@ -261,20 +261,20 @@ class OpenImage:
             return  # ``exports`` says so, with the same message
         client, repository = self.client, self.repository
         forks.register(self)
-        waiting = queue.SimpleQueue[tuple[str, Future[int | None]]]()
-        for digest in sorted({chosen.digest for chosen in layers}):
+        waiting = queue.SimpleQueue[tuple[str, int, Future[int | None]]]()
+        for digest, size in sorted({(chosen.digest, chosen.size) for chosen in layers}):
             self._blob_sizes[digest] = asked = Future()
-            waiting.put((digest, asked))
+            waiting.put((digest, size, asked))
 
         def ask() -> None:
             while True:
                 try:
-                    digest, asked = waiting.get_nowait()
+                    digest, size, asked = waiting.get_nowait()
                 except queue.Empty:
                     return
                 if asked.set_running_or_notify_cancel():
                     try:
-                        asked.set_result(client.blob_size(repository, digest))
+                        asked.set_result(client.blob_size(repository, digest, size))
                     except BaseException as exc:  # raised where the size is taken
                         asked.set_exception(exc)
 

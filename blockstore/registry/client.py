@@ -30,12 +30,14 @@ from requests.structures import CaseInsensitiveDict
 from blockstore.errors import (
     BlobReadError,
     BlockstoreError,
+    IntegrityError,
     NotFound,
     RegistryError,
     RegistryUnreachable,
     UsageError,
 )
 from blockstore.registry.credentials import Credentials, credentials_for
+from blockstore.registry.digests import check_digest
 from blockstore.registry.endpoint import Body, Endpoint, describe_failure
 from blockstore.registry.mediatypes import MANIFEST_ACCEPT, OCI_INDEX
 from blockstore.registry.options import RegistryOptions
@@ -132,12 +134,23 @@ class RegistryClient:
         separator = "@" if ":" in reference else ":"
         subject = f"image {self.registry}/{repository}{separator}{reference}"
         path = f"/v2/{repository}/manifests/{reference}"
-        raw, headers = self._pull_whole(repository, path, subject, {"Accept": MANIFEST_ACCEPT})
+
+        def hashes_as_said(raw: bytes, headers: CaseInsensitiveDict) -> None:
+            # Here, per source: a mirror whose bytes are not what it (or the reference)
+            # names is left out for the next source, not taken for the image's fault.
+            said = reference if ":" in reference else headers.get("Docker-Content-Digest")
+            if said:
+                check_digest(raw, said, f"{subject} from {self.registry}")
+
+        raw, headers = self._pull_whole(
+            repository, path, subject, {"Accept": MANIFEST_ACCEPT}, check=hashes_as_said
+        )
         return ManifestReply(raw, headers.get("Docker-Content-Digest"))
 
-    def blob_size(self, repository: str, digest: str) -> int | None:
+    def blob_size(self, repository: str, digest: str, expected: int | None = None) -> int | None:
         """The blob's size as the registry stores it (a HEAD's Content-Length), or None
-        when the registry does not say."""
+        when the registry does not say. A mirror that says other than ``expected`` (the
+        manifest's) is left out for the next source; the upstream's word is returned."""
         subject = f"blob {digest} of {self.registry}/{repository}"
         path = f"/v2/{repository}/blobs/{digest}"
         deadline = self.deadline()
@@ -145,14 +158,22 @@ class RegistryClient:
         def attempt(endpoint: Endpoint) -> int | None:
             with self._get(endpoint, repository, path, subject, None, deadline, "HEAD") as reply:
                 length = reply.headers.get("Content-Length", "")
-                return int(length) if length.isascii() and length.isdigit() else None
+                size = int(length) if length.isascii() and length.isdigit() else None
+            if endpoint.is_mirror and None not in (size, expected) and size != expected:
+                raise IntegrityError(f"{subject}: {size} bytes, the manifest says {expected}")
+            return size
 
         return self._read(subject, deadline, attempt)
 
-    def get_blob(self, repository: str, digest: str) -> bytes:
-        """A whole small blob (an image config); the caller checks its digest."""
-        subject = f"blob {digest} of {self.registry}/{repository}"
-        return self._pull_whole(repository, f"/v2/{repository}/blobs/{digest}", subject)[0]
+    def get_blob(self, repository: str, digest: str, what: str = "blob") -> bytes:
+        """A whole small blob (``what``: an image config, an artifact's), checked against
+        ``digest`` from each source (a mirror whose bytes differ is left out for the
+        next)."""
+        subject = f"{what} {digest} of {self.registry}/{repository}"
+        path = f"/v2/{repository}/blobs/{digest}"
+        return self._pull_whole(
+            repository, path, subject, check=lambda raw, _: check_digest(raw, digest, subject)
+        )[0]
 
     def read_blob_range(
         self,
@@ -390,9 +411,16 @@ class RegistryClient:
         return with_retries(self.policy, deadline, from_first_source, subject)
 
     def _pull_whole(
-        self, repository: str, path: str, subject: str, headers: dict[str, str] | None = None
+        self,
+        repository: str,
+        path: str,
+        subject: str,
+        headers: dict[str, str] | None = None,
+        *,
+        check: Callable[[bytes, CaseInsensitiveDict], None] | None = None,
     ) -> tuple[bytes, CaseInsensitiveDict]:
-        """A small body (manifest, config) read whole, tried again if it breaks off."""
+        """A small body (manifest, config) read whole, tried again if it breaks off;
+        ``check`` judges each source's answer (raising fails that source)."""
         deadline = self.deadline()
 
         def attempt(endpoint: Endpoint) -> tuple[bytes, CaseInsensitiveDict]:
@@ -410,6 +438,8 @@ class RegistryClient:
                     raise TryAgain(RegistryUnreachable(str(exc))) from None
                 if len(data) > MAX_SMALL_BODY:
                     raise RegistryError(f"{subject}: larger than {MAX_SMALL_BODY} bytes, refused")
+                if check is not None:
+                    check(data, reply.headers)
                 return data, reply.headers
 
         return self._read(subject, deadline, attempt)

@@ -65,9 +65,7 @@ def test_offline_miss_fails_fast_and_hits_still_serve(cache_dir):
         assert time.monotonic() - started < 0.5
 
 
-def test_a_size_some_registry_gave_wrong_costs_the_unproven_part_not_the_layer(
-    cache_dir, caplog
-):
+def test_a_size_some_registry_gave_wrong_costs_the_unproven_part_not_the_layer(cache_dir, caplog):
     """A chunk stored while the blob was believed to be 1,000,000 bytes (a lying
     manifest and HEAD): opened again with its true size, the unproven part is dropped
     with a warning and the blob reads right; it used to be refused (exit 8) until removed

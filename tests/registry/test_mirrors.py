@@ -209,3 +209,36 @@ def test_prefetch_fetches_again_from_the_upstream_when_a_mirror_fails_the_digest
     finally:
         image.close()
     assert mirror.faults_applied >= 1, "the mirror did not serve the first fetch"
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault("corrupt", method="GET", path_contains="/manifests/", after_bytes=10),
+        Fault(
+            "status",
+            status=200,
+            method="HEAD",
+            path_contains="/blobs/",
+            headers={"Content-Length": "12345"},
+        ),
+    ],
+    ids=["manifest-bytes", "blob-size"],
+)
+def test_a_mirror_whose_answers_fail_their_checks_is_left_for_the_upstream(
+    registry, pushed_images, fault_proxy, tmp_path, fault
+):
+    """A mirror whose manifest bytes do not hash to the digest it names, or whose HEAD
+    gives a layer another size than the manifest: the mirror is left out and the
+    upstream answers, as for a mirror that does not answer at all; the image opens and
+    reads right, where the whole command used to fail with exit 6."""
+    mirror = fault_proxy(registry)
+    mirror.fault = fault
+    options = RegistryOptions(insecure=True, mirrors=[mirror.host], timeout=5)
+    image = open_image(pushed_images.small, cache_dir=tmp_path / "cache", options=options)
+    try:
+        (blob,) = image.exports()
+        assert blob.size > 0 and b"".join(bytes(b) for b in blob.read(0, 4096))
+    finally:
+        image.close()
+    assert mirror.faults_applied >= 1

@@ -1,0 +1,21 @@
+"""Content digests as the OCI specs write them (``algorithm:hex``), in one place for
+the client, which checks each source's bytes, and the manifest code above it."""
+
+from __future__ import annotations
+
+import hashlib
+
+from blockstore.errors import IntegrityError
+
+
+def digest_of(data: bytes, algorithm: str = "sha256") -> str:
+    if algorithm not in ("sha256", "sha512"):
+        raise IntegrityError(f"unsupported digest algorithm {algorithm!r}")
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+def check_digest(data: bytes, digest: str, subject: str) -> None:
+    """Raise ``IntegrityError`` unless ``data`` hashes to ``digest``."""
+    computed = digest_of(data, digest.partition(":")[0])
+    if computed != digest:
+        raise IntegrityError(f"{subject} hashes to {computed}, not {digest}: refused")
