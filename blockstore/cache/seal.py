@@ -43,6 +43,7 @@ from .layout import (
     DB_BLOBS,
     DB_CHUNKS,
     DB_COUNTERS,
+    DB_IDS,
     DB_META,
     DB_SUMS,
     SEALED,
@@ -383,8 +384,10 @@ class Sealer:
             value = txn.get(key, db=store.dbs[DB_CHUNKS])
             if value is None or (not orphan and found.good(key, value)):
                 continue  # dropped, or dropped and fetched again, by another reader meanwhile
-            dropped_bad += not orphan
             blob_id = CHUNK_KEY.unpack(key)[0]
+            if orphan and txn.get(U64.pack(blob_id), db=store.dbs[DB_IDS]) is not None:
+                continue  # its blob was stored after the scan listed the blobs: no orphan
+            dropped_bad += not orphan
             if blob_id in by_id and blob_id not in current:
                 raw = txn.get(by_id[blob_id][0].encode(), db=blobs)
                 if raw is not None:

@@ -581,3 +581,41 @@ def test_the_cache_map_lets_the_kernel_read_ahead(cache_dir):
         for at in headers:
             flags = next(line for line in smaps[at:] if line.startswith("VmFlags:"))
             assert " rr" not in flags, flags
+
+
+def test_verify_keeps_a_blob_stored_while_it_scans(cache_dir, monkeypatch):
+    """A blob stored (and pinned) while ``verify`` walks the chunks was not in the list of
+    blobs verify took first: its chunks are no orphans, and stay. Verify used to drop them
+    all, and the pinned layer then read EIO offline (another process's seal made it look
+    whole and sealed meanwhile)."""
+    old, old_digest = make_blob(3 * CHUNK_SIZE, seed=31)
+    new, new_digest = make_blob(5 * CHUNK_SIZE, seed=32)
+    listed, stored = threading.Event(), threading.Event()
+    walk = seal_mod.scan
+
+    def slow_scan(env, *args, **kwargs):
+        # Verify's walk (the first after the patch): the blobs are listed, the chunks not
+        # walked yet, and no transaction is held.
+        if not listed.is_set():
+            listed.set()
+            assert stored.wait(10)
+        yield from walk(env, *args, **kwargs)
+
+    with ChunkStore(cache_dir) as store:
+        CachedBlob(store, old_digest, len(old), ScriptedSource(old, old_digest)).prefetch()
+        monkeypatch.setattr(seal_mod, "scan", slow_scan)
+        report: list = []
+        verifier = threading.Thread(target=lambda: report.append(store.verify()))
+        verifier.start()
+        assert listed.wait(10)
+        # Read whole (its seal waits for verify's, in this process: one at a time).
+        blob = CachedBlob(store, new_digest, len(new), ScriptedSource(new, new_digest))
+        store.pin(new_digest, len(new))
+        assert joined(blob.read(0, len(new))) == new
+        stored.set()
+        verifier.join(30)
+        assert report and report[0].ok and report[0].orphan_chunks == 5  # seen, not dropped
+        blob.close()
+        offline = CachedBlob(store, new_digest, len(new), None)
+        assert joined(offline.read(0, len(new))) == new
+        assert store.lookup(new_digest).pinned
