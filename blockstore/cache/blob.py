@@ -232,6 +232,8 @@ class CachedBlob:
             blob_id = self._known_id()
             if blob_id is not None:
                 out, missing, bad = self._look_up(blob_id, offset, end)
+                if missing and (renewed := self._renewed_id(blob_id)) is not None:
+                    out, missing, bad = self._look_up(renewed, offset, end)
         except CacheDamaged:
             if self._fetcher is None:
                 raise
@@ -377,6 +379,17 @@ class CachedBlob:
             record = self._store.lookup(self._digest)
             self._blob_id = record.blob_id if record is not None else None
         return self._blob_id
+
+    def _renewed_id(self, blob_id: int) -> int | None:
+        """On a miss: the blob's new id if its record was made anew since this export
+        took ``blob_id`` (``cache rm``, then a prefetch, in another process), else None.
+        The old id names nothing any more: every read of it would miss."""
+        record = self._store.lookup(self._digest)
+        if record is None or record.blob_id == blob_id or record.size != self._size:
+            return None
+        self._blob_id = record.blob_id
+        self._sums = self._store.sealed_sums(self._digest) if record.sealed else None
+        return record.blob_id
 
     def _fill_misses(
         self,

@@ -619,3 +619,23 @@ def test_verify_keeps_a_blob_stored_while_it_scans(cache_dir, monkeypatch):
         offline = CachedBlob(store, new_digest, len(new), None)
         assert joined(offline.read(0, len(new))) == new
         assert store.lookup(new_digest).pinned
+
+
+def test_an_export_follows_its_blob_removed_and_stored_again(cache_dir):
+    """An offline export of a sealed blob keeps reading after ``cache rm`` and a new
+    prefetch (another process, here the same store): the blob's record is new, under a
+    new id, and the export's first miss takes it up instead of failing with EIO for as
+    long as it lives."""
+    data, digest = make_blob(4 * CHUNK_SIZE, seed=41)
+    with ChunkStore(cache_dir) as store:
+        CachedBlob(store, digest, len(data), ScriptedSource(data, digest)).prefetch()
+        offline = CachedBlob(store, digest, len(data), None)
+        assert joined(offline.read(0, CHUNK_SIZE)) == data[:CHUNK_SIZE]
+        old_id = store.lookup(digest).blob_id
+        assert store.remove(digest)
+        again = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
+        again.prefetch()
+        again.close()
+        assert store.lookup(digest).blob_id != old_id and store.lookup(digest).sealed
+        assert joined(offline.read(0, len(data))) == data
+        offline.close()
