@@ -224,10 +224,14 @@ class OpenImage:
             upstream=upstream,
             name=f"layer{layer.index}",
             description=f"{self.resolved.reference} layer {layer.index} ({layer.digest})",
-            settings=settings or self.prefetch,
+            settings=replace(settings or self.prefetch, lease_wait=self._lease_wait()),
         )
         self._blobs.append(blob)
         return blob
+
+    def _lease_wait(self) -> float | None:
+        """A read waits no longer for another process's fetch than for its own."""
+        return self.client.options.timeout if self.client is not None else None
 
     def _check_size(self, layer: Layer) -> None:
         """Refuse a layer whose size in the manifest is not the blob's, before serving it.

@@ -539,6 +539,7 @@ class CachedBlob:
             self._load,
             flights=flights,
             leases=leases,
+            lease_wait=self._settings.lease_wait,
             on_request=self._requesting,
         )
 

@@ -92,6 +92,7 @@ class Fetcher:
         *,
         flights: Flights | None = None,
         leases: Leases | None = None,
+        lease_wait: float | None = None,
         window: Window | None = None,
         on_request: Callable[[int], None] | None = None,
         workers: int | None = None,
@@ -103,6 +104,7 @@ class Fetcher:
         self._keep = keep
         self._load = load
         self._leases = leases
+        self._lease_wait = lease_wait
         self._on_request = on_request or (lambda nbytes: None)
         self._flights = flights if flights is not None else Flights()
         self.window = window if window is not None else Window()
@@ -251,9 +253,12 @@ class Fetcher:
         Chunks another process stored meanwhile are answered from the cache;
         while another process holds part of the span, its chunks are picked
         up as they appear, and the rest is fetched once its lease is free
-        (at the latest when that process dies).
+        (at the latest when that process dies), or without the lease once
+        ``lease_wait`` has passed: a reader is not held to another process's
+        slower registry, or to one stopped mid-fetch.
         """
         wanted = sorted(futures)
+        started = time.monotonic()
         while True:
             if self.scheduler.cancelled:
                 raise BlobReadError(f"{self.digest}: the fetch was cancelled")
@@ -267,6 +272,12 @@ class Fetcher:
                 # Whoever held it may have stored these chunks just before letting go.
                 wanted = self._answer_from_cache(futures, wanted)
                 return span, runs(wanted, span[1])
+            if self._lease_wait is not None and time.monotonic() - started >= self._lease_wait:
+                log.info(
+                    "%s: chunks %d+%d leased by another process for %.0fs: fetching them here",
+                    self.digest, span[0], span[1], self._lease_wait,
+                )  # fmt: skip
+                return None, runs(wanted, span[1])
             time.sleep(LEASE_POLL)
 
     def _wait_stored(self, futures: dict[int, Future]) -> None:

@@ -29,6 +29,10 @@ class PrefetchSettings:
     """Bytes per second the fill may take; 0: no cap."""
     leases: bool = True
     """Lease ranges across processes sharing the cache, so none fetch a chunk twice."""
+    lease_wait: float | None = None
+    """Seconds a fetch waits for another process's lease on its range before fetching
+    the range itself (that process may be stuck on a slower registry, or stopped);
+    None: as long as that process lives. The image sets its registry timeout."""
 
 
 MOUNT = PrefetchSettings(erofs_start=True, erofs_walk=True, trace_period=30.0, trace_replay=True)

@@ -10,9 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+from fetch_sources import PieceSource, make_blob
 from rig.fault_proxy import Fault
 
+from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
 from blockstore.cache.leases import RangeLeases
+from blockstore.prefetch import PrefetchSettings
 
 WORKER = Path(__file__).with_name("fetch_worker.py")
 RANGE = re.compile(r"bytes=(\d+)-(\d+)")
@@ -91,3 +94,44 @@ def test_a_lease_held_by_a_dead_process_is_free(cache_dir, tmp_path):
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
     assert leases.try_take(25, 1)
+
+
+def test_a_read_waits_for_another_process_s_lease_no_longer_than_its_lease_wait(
+    cache_dir, tmp_path
+):
+    """Another process holds the lease on every chunk of a blob and never lets go (a
+    server stuck on a slower registry, or stopped): a read with a lease wait of 0.5 s
+    fetches the range itself once that has passed, and gets the right bytes, instead of
+    waiting for as long as that process lives."""
+
+    data, digest = make_blob(4 * CHUNK_SIZE, seed=51)
+    cache_dir.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from pathlib import Path\n"
+            "from blockstore.cache.leases import RangeLeases\n"
+            f"leases = RangeLeases(Path({str(cache_dir)!r}), {digest!r})\n"
+            "assert leases.try_take(0, 1000)\n"
+            "print('held', flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        settings = PrefetchSettings(readahead=False, lease_wait=0.5)
+        with ChunkStore(cache_dir) as store:
+            source = PieceSource(data, digest)
+            blob = CachedBlob(store, digest, len(data), source, settings=settings)
+            started = time.monotonic()
+            got = b"".join(bytes(b) for b in blob.read(CHUNK_SIZE, 100))
+            took = time.monotonic() - started
+            blob.close()
+        assert got == data[CHUNK_SIZE : CHUNK_SIZE + 100]
+        assert 0.45 < took < 5, took
+    finally:
+        holder.kill()
+        holder.wait()
