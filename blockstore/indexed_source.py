@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 from blockstore.chunkindex import ChunkIndex
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 
 JUDGE_STEP = 4 << 20
 """Bytes read at a time when the layer is streamed whole to judge its index."""
+JUDGE_AGAIN_AFTER = 300.0
+"""Seconds a verdict against the registry holds: the chunks that fail meanwhile are not
+worth streaming the whole layer again for (a client retrying would have it streamed
+once per retry)."""
 
 
 class IndexedSource:
@@ -50,6 +55,7 @@ class IndexedSource:
         self._upstream = upstream if upstream is not None else inner
         self._on_lying_index = on_lying_index
         self._judging = threading.Lock()
+        self._registry_at_fault_until = 0.0
 
     @property
     def digest(self) -> str:
@@ -110,6 +116,8 @@ class IndexedSource:
 
     def _judge_later(self, index: ChunkIndex, number: int) -> None:
         """Let the layer's digest say whether the index or the registry is lying."""
+        if time.monotonic() < self._registry_at_fault_until:
+            return  # judged lately: the registry's bytes failed the layer digest
         if not self._judging.acquire(blocking=False):
             return  # a judgement is already under way
         threading.Thread(
@@ -130,6 +138,7 @@ class IndexedSource:
                     ):
                         disagree.append(first + i // index.chunk_size)
             if f"sha256:{whole.hexdigest()}" != self.digest:
+                self._registry_at_fault_until = time.monotonic() + JUDGE_AGAIN_AFTER
                 log.warning(
                     "%s: the registry's bytes do not match the layer digest; the chunk index "
                     "is kept and chunk %d stays unreadable",

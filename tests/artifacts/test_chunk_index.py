@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from rig.pushed import push_erofs
 from blockstore.attachments import fetch_indexes, subject_of
 from blockstore.cache import CHUNK_SIZE
 from blockstore.chunkindex import ARTIFACT_TYPE, ChunkIndex, build_index
-from blockstore.errors import IntegrityError, RegistryError
+from blockstore.errors import BlobReadError, IntegrityError, RegistryError
+from blockstore.indexed_source import IndexedSource
 from blockstore.registry import RegistryClient, RegistryOptions, parse_reference, resolve_image
 from blockstore.registry.referrers import fallback_tag
 
@@ -134,3 +136,41 @@ def test_cache_verify_checks_incomplete_blobs_against_their_kept_index(tmp_path)
         assert store.missing(record.blob_id, range(6)) == [2, 4, 5]
     again = blockstore("cache", "verify", "--cache-dir", str(cache))
     assert again.returncode == 0, again.stdout + again.stderr
+
+
+class _FlippingSource:
+    """The layer's bytes with one byte flipped, counting the bytes asked for."""
+
+    def __init__(self, data: bytes, digest: str, flipped: int):
+        wrong = bytearray(data)
+        wrong[flipped] ^= 0xFF
+        self.data, self.digest, self.size = bytes(wrong), digest, len(data)
+        self.asked = 0
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        self.asked += length
+        return self.data[offset : offset + length]
+
+
+def test_a_registry_found_at_fault_is_not_judged_again_for_each_failed_read():
+    """A registry that keeps corrupting chunk 3, under a true chunk index: each read of it
+    fails (EIO, never the wrong bytes), and the first failure streams the layer once to
+    judge who lies (the registry: the index stays). Later failures do not stream the whole
+    layer again, as a client retrying would otherwise have it done once per retry."""
+    data = bytes(range(256)) * (40 * CHUNK_SIZE // 256)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    index = build_index(digest, len(data), CHUNK_SIZE, [data])
+    source = _FlippingSource(data, digest, 3 * CHUNK_SIZE + 100)
+    checked = IndexedSource(source, index)
+    for attempt in range(3):
+        with pytest.raises(BlobReadError):
+            checked.read_range(3 * CHUNK_SIZE, CHUNK_SIZE)
+        if attempt == 0:
+            deadline = time.monotonic() + 10
+            while checked._judging.locked() or source.asked < len(data):
+                assert time.monotonic() < deadline, "the layer was never judged"
+                time.sleep(0.01)
+            judged = source.asked
+    time.sleep(0.2)  # a second judgement, if one were started, would be under way now
+    assert not checked._judging.locked() and checked.checking
+    assert source.asked - judged == 2 * 2 * CHUNK_SIZE  # two reads, each chunk and refetch
