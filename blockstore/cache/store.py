@@ -388,10 +388,17 @@ class ChunkStore:
         record.last_use = tick / 1e6
         txn.put(digest.encode(), record.pack(), db=self.dbs[DB_BLOBS])
         stored = self._add_stored(txn, added)
-        if stored > self._size_cap:
-            self._evict(txn, stored, int(self._size_cap * LOW_WATER))
+        cap = self._current_cap(txn)
+        if stored > cap:
+            self._evict(txn, stored, int(cap * LOW_WATER))
             record = BlobRecord.unpack(txn.get(digest.encode(), db=self.dbs[DB_BLOBS]))
         return record
+
+    def _current_cap(self, txn: lmdb.Transaction) -> int:
+        """The cap the cache keeps now: another process (``cache gc --cache-size``) may
+        have set a new one since this store opened."""
+        self._size_cap = meta_int(txn, self.dbs[DB_META], b"size_cap", self._size_cap)
+        return self._size_cap
 
     def _add_stored(self, txn: lmdb.Transaction, delta: int) -> int:
         meta = self.dbs[DB_META]
@@ -513,9 +520,10 @@ class ChunkStore:
 
         def work(txn: lmdb.Transaction) -> tuple[int, int]:
             stored = meta_int(txn, self.dbs[DB_META], b"stored_bytes")
-            if stored <= self._size_cap:
+            cap = self._current_cap(txn)
+            if stored <= cap:
                 return 0, 0
-            return self._evict(txn, stored, int(self._size_cap * LOW_WATER))
+            return self._evict(txn, stored, int(cap * LOW_WATER))
 
         evicted, freed = self.env.write(work)
         self.flush()

@@ -639,3 +639,21 @@ def test_an_export_follows_its_blob_removed_and_stored_again(cache_dir):
         assert store.lookup(digest).blob_id != old_id and store.lookup(digest).sealed
         assert joined(offline.read(0, len(data))) == data
         offline.close()
+
+
+def test_a_cap_set_by_another_opener_holds_for_a_store_already_open(cache_dir):
+    """A store opened with the default cap; then ``cache gc --cache-size`` (here another
+    opener with a cap of 6 chunks) keeps a smaller one. The store already open evicts
+    down to that cap on its next write, instead of growing to its own cap of 10 GiB."""
+    first, first_digest = make_blob(8 * CHUNK_SIZE, seed=61)
+    second, second_digest = make_blob(8 * CHUNK_SIZE, seed=62)
+    with ChunkStore(cache_dir) as store:
+        CachedBlob(store, first_digest, len(first), ScriptedSource(first, first_digest)).prefetch()
+        with ChunkStore(cache_dir, size_cap=6 * CHUNK_SIZE) as capper:
+            capper.gc()
+        blob = CachedBlob(store, second_digest, len(second), ScriptedSource(second, second_digest))
+        assert joined(blob.read(0, len(second))) == second
+        blob.close()
+        store.flush()
+        assert store.size_cap == 6 * CHUNK_SIZE
+        assert store.stats()["stored_bytes"] <= 6 * CHUNK_SIZE + CHUNK_SIZE + 4096
