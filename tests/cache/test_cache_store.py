@@ -88,6 +88,28 @@ def test_a_size_some_registry_gave_wrong_costs_the_unproven_part_not_the_layer(c
         assert store.lookup(digest).sealed
 
 
+def test_a_sealed_chunk_a_mirror_alters_is_fetched_again_from_the_upstream(cache_dir):
+    """A sealed blob's evicted chunk, fetched again through a mirror that now alters it:
+    the sealed checksums refuse the mirror's bytes, and the upstream's (right) bytes are
+    served and stored, where the read used to fail with EIO for as long as the mirror
+    lied, the upstream never asked."""
+    data, digest = make_blob(8 * CHUNK_SIZE, seed=71)
+    with ChunkStore(cache_dir) as store:
+        CachedBlob(store, digest, len(data), ScriptedSource(data, digest)).prefetch()
+    with ChunkStore(cache_dir, size_cap=4 * CHUNK_SIZE) as store:
+        assert store.gc()["evicted_chunks"] > 0
+        record = store.lookup(digest)
+        index = store.missing(record.blob_id, range(record.chunks))[0]
+        mirror, upstream = ScriptedSource(data, digest), ScriptedSource(data, digest)
+        mirror.fault = "corrupt"
+        blob = CachedBlob(store, digest, len(data), mirror, upstream=upstream, readahead=NONE)
+        wanted = slice(index * CHUNK_SIZE, (index + 1) * CHUNK_SIZE)
+        assert joined(blob.read(index * CHUNK_SIZE, CHUNK_SIZE)) == data[wanted]
+        assert store.missing(record.blob_id, [index]) == []
+        assert upstream.requests, "the upstream was not asked"
+        blob.close()
+
+
 def test_complete_blob_is_sealed_and_refetched_chunks_are_checked(cache_dir):
     """prefetch() fetches everything and seals; chunks then really evicted (a smaller cap,
     gc) and fetched again from a source that now sends other bytes are refused against the
