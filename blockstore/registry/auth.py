@@ -171,6 +171,9 @@ class Authenticator:
             lifetime = float(body.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
         except (ValueError, AttributeError, TypeError):
             value = None
+        else:
+            if not 0 < lifetime < float("inf"):  # a past, or no, lifetime: as if unstated
+                lifetime = DEFAULT_TOKEN_LIFETIME
         if not value:
             raise AuthError(f"token issuer {issuer} for registry {self.host} sent no token")
         # Renew a quarter of the lifetime early (at most 30 s): a request that

@@ -206,6 +206,21 @@ def test_token_renewed_before_it_expires(token_registry, token_image, token_life
     assert token_lifetime.tokens_issued - before >= 2
 
 
+def test_a_token_said_to_have_expired_already_is_not_fetched_for_every_request(
+    token_registry, token_image, token_lifetime, erofs_images
+):
+    """An issuer whose expires_in is negative (the token expired before it was sent):
+    taken as unstated (60 s), so a read goes on with one token, not one token per
+    request, as it did."""
+    token_lifetime.expires_in = -1000
+    token_lifetime.lifetime = 300
+    before = token_lifetime.tokens_issued
+    with token_registry.client() as client:
+        data = _read_slowly(client, token_image, 1.0)
+    assert data == erofs_images.small.path.read_bytes()
+    assert token_lifetime.tokens_issued - before == 1
+
+
 def test_token_that_dies_early_is_renewed_on_401(
     token_registry, token_image, token_lifetime, erofs_images
 ):
