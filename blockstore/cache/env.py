@@ -34,6 +34,7 @@ first use.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import struct
@@ -246,6 +247,17 @@ def _reserve_lock_file(path: Path) -> None:
         raise CacheError(f"cannot open the cache at {path}: {exc}") from exc
 
 
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``directory`` itself (no file left behind)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # drops the lock
+
+
 def move_aside(path: Path, why: str, label: str = "damaged") -> Path:
     """Rename a cache directory out of the way (``NAME.LABEL-TIME``), keeping it for a
     post-mortem or for the version that wrote it."""
@@ -377,15 +389,24 @@ class CacheEnv:
         # or this process is a fork's child. The next transaction reopens first.
         self._stale: str | None = None
         self.moved_aside: list[str] = []  # what damage this process found and moved away
+        checked = self._directory(path)  # the directory about to be judged
         try:
             self._open_env()
         except (CacheDamaged, OtherFormat) as exc:
             if offline and isinstance(exc, OtherFormat):
                 raise
-            aside = self._discard(str(exc), "damaged" if isinstance(exc, CacheDamaged) else "old")
+            label = "damaged" if isinstance(exc, CacheDamaged) else "old"
+            aside = self._discard(str(exc), label, checked)
+            if aside is None and not offline:
+                # Another process opening it at the same time moved it aside first, and
+                # may have started the new cache already: that is the one to open.
+                self._open_env()
+                log.info("%s: another process moved it aside; using the new cache", exc)
+                return
             if offline:
                 raise CacheDamaged(
-                    f"{exc}: moved it to {aside}; offline, there is nothing else to read"
+                    f"{exc}: moved it to {aside or 'a name of its own, by another process'}; "
+                    "offline, there is nothing else to read"
                 ) from exc
             try:
                 self._open_env()
@@ -442,17 +463,26 @@ class CacheEnv:
         self.dbs.clear()
         self.dbs.update(dbs)
 
-    def _discard(self, why: str, label: str = "damaged") -> Path | None:
-        """Move the directory aside, if it is still the one this environment opened
-        (another process may have moved it already); where it went, if it was moved."""
+    def _discard(
+        self, why: str, label: str = "damaged", judged: tuple[int, int] | None = None
+    ) -> Path | None:
+        """Move the directory aside, if it is still the one found damaged (``judged``,
+        else the one this environment opened): another process may have moved it, and
+        started a new cache in its place, already. Where it went, if it was moved.
+
+        Processes that find one damaged cache at once take turns (a lock on the
+        parent directory), so the second sees the first's new cache and leaves it.
+        """
         self.moved_aside.append(why)
-        try:
-            current = self.path.stat()
-        except FileNotFoundError:
-            return None
-        if self._key is not None and (current.st_dev, current.st_ino) != self._key:
-            return None
-        return move_aside(self.path, why, label)
+        judged = judged or self._key
+        with _locked(self.path.parent):
+            try:
+                current = self.path.stat()
+            except FileNotFoundError:
+                return None
+            if judged is not None and (current.st_dev, current.st_ino) != judged:
+                return None
+            return move_aside(self.path, why, label)
 
     def renew(self) -> None:
         """Replace a handle marked stale now, rather than at the next transaction."""

@@ -389,3 +389,36 @@ def test_many_more_readers_than_slots_wait_for_one_never_fail(cache_dir, monkeyp
             t.join()
         blob.close()
     assert not failures, failures[:3]
+
+
+def test_a_damaged_cache_another_opener_replaced_first_is_left_to_it(tmp_path, monkeypatch):
+    """Two processes open one damaged cache at once. This one finds the damage; before
+    it moves the directory aside, the other has moved it and started a new cache in its
+    place (simulated in the damage check). This one must open that new cache, not move
+    it aside too: its data stays, and there is one directory aside, the other's."""
+    import shutil
+
+    data, digest = make_blob(3 * CHUNK_SIZE, seed=81)
+    healthy, cache = tmp_path / "healthy", tmp_path / "cache"
+    with ChunkStore(healthy) as store:
+        CachedBlob(store, digest, len(data), ScriptedSource(data, digest)).prefetch()
+    shutil.copytree(healthy, cache)
+    real = cache_env.file_damage
+    raced: list[Path] = []
+
+    def damaged_then_replaced(path: Path):
+        if not raced and Path(path) == cache:
+            raced.append(cache.rename(tmp_path / "cache.damaged-by-the-other"))
+            shutil.copytree(healthy, cache)  # the other's new cache, already in use
+            return "cut short (the other process saw it too)"
+        return real(path)
+
+    monkeypatch.setattr(cache_env, "file_damage", damaged_then_replaced)
+    with ChunkStore(cache) as store:
+        assert raced, "the damage check never ran"
+        assert store.lookup(digest) is not None and store.lookup(digest).sealed
+        offline = CachedBlob(store, digest, len(data), None)
+        assert b"".join(bytes(b) for b in offline.read(0, len(data))) == data
+        offline.close()
+    aside = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("cache."))
+    assert aside == ["cache.damaged-by-the-other"]
