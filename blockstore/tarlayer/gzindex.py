@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
@@ -104,8 +103,6 @@ class GzipIndexer(SteppedReader):
         self._source = source
         self._span = span
         self._inflater = Inflater(GZIP)
-        self._recent: deque[bytes] = deque()  # the last outputs, at least a window's worth
-        self._recent_len = 0
         self._consumed_before_input = 0  # compressed bytes handed in before the current input
         self._input_len = 0
         self._out = 0
@@ -140,11 +137,6 @@ class GzipIndexer(SteppedReader):
             self._out += len(out)
             self.tar_sha256.update(out)
             self._span_sha256.update(out)
-            recent = self._recent
-            recent.append(out)
-            self._recent_len += len(out)
-            while self._recent_len - len(recent[0]) >= WINDOW:
-                self._recent_len -= len(recent.popleft())
             self._made(out)
         if rc == Z_STREAM_END:
             # Another gzip member may follow (concatenated streams, as pigz and
@@ -172,7 +164,8 @@ class GzipIndexer(SteppedReader):
         return self._inflater.unconsumed()
 
     def _checkpoint(self, bits: int) -> None:
-        window = b"".join(self._recent)[-WINDOW:]
+        # The output the reader keeps holds more than a window (KEPT_OUTPUT).
+        window = self.made_at(max(0, self._out - WINDOW), WINDOW) or b""
         window = b"\0" * (WINDOW - len(window)) + window
         consumed = self._consumed_before_input + self._input_len - self._inflater.avail_in
         if self._points:

@@ -14,7 +14,8 @@ from collections.abc import Callable
 KEPT_OUTPUT = 1 << 16
 """Output kept before the newest piece, at least: tarfile's stream reads 10 KiB ahead,
 so the header where it stopped is still here to be looked at (``made_at``), however
-large the piece that the read ahead reached into."""
+large the piece that the read ahead reached into; and a gzip checkpoint's 32 KiB
+window is always here."""
 
 
 class SteppedReader(io.RawIOBase):
