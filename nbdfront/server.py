@@ -428,7 +428,6 @@ class _Session:
         self._recv_view = memoryview(bytearray(RECV_SIZE))
         self.started = self.last_heard = time.monotonic()
         self.selected = False
-        self.stopping = False
         self.thread = threading.Thread(target=self.run, name=f"nbd-{peer}", daemon=True)
 
     @property
@@ -447,10 +446,13 @@ class _Session:
             self._outbox.close(self._server.drain_timeout)
             self._finish()
 
+    @property
+    def stopping(self) -> bool:
+        return self._protocol.shutting_down
+
     def refuse_new_work(self) -> None:
         """Shutdown has begun: options and requests from now on are refused
         (ERR_SHUTDOWN, ESHUTDOWN), which tells the client to disconnect."""
-        self.stopping = True
         self._protocol.begin_shutdown()
 
     def stop_reading(self) -> None:

@@ -168,6 +168,11 @@ class ServerConnection:
         self._awaiting_tls = False
         self._negotiation.tls_started()
 
+    @property
+    def shutting_down(self) -> bool:
+        """``begin_shutdown`` was called: what comes next is refused."""
+        return self._shutting_down
+
     def begin_shutdown(self) -> None:
         """The server is stopping: refuse what comes next, as the spec asks.
 
