@@ -124,6 +124,11 @@ class MountRecord:
     mount_seconds: float | None = None
     info: dict = field(default_factory=dict)
 
+    @property
+    def mounting(self) -> bool:
+        """The ``mount`` command that made the record is still at work."""
+        return self.mounter is not None and self.mounter.alive()
+
     def to_json(self) -> str:
         data = dict(self.__dict__)
         data["server"] = self.server.to_record() if self.server else None

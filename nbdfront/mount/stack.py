@@ -54,7 +54,8 @@ def check_can_mount(mountpoint: str) -> str:
     if syscall.is_mounted(mountpoint):
         raise MountpointBusy(f"{mountpoint} is already a mount point")
     if (record := records.load(mountpoint)) is not None:
-        if record.mounter is not None and record.mounter.alive():
+        if record.mounting:
+            assert record.mounter is not None
             raise MountpointBusy(
                 f"{mountpoint} is being mounted by blockstore (pid {record.mounter.pid})"
             )
@@ -254,6 +255,8 @@ def _mount_layers(record: MountRecord, check: Callable[[], None]) -> None:
 
 
 OPAQUE_XATTR = "trusted.overlay.opaque"
+"""overlayfs's own name (written into tar layers' images by ``blockstore.tarlayer``, whose
+import this module spares the mount and umount commands)."""
 
 
 def _visible(lowers: list[str]) -> list[str]:
@@ -286,15 +289,10 @@ class MountStatus:
     attached: bool
 
     @property
-    def mounting(self) -> bool:
-        """The ``mount`` command that made the record is still at work."""
-        return self.record.mounter is not None and self.record.mounter.alive()
-
-    @property
     def state(self) -> str:
         """``ok``, ``mounting``, or what broke: a user reads it to decide to unmount and
         mount again."""
-        if self.mounting:
+        if self.record.mounting:
             return "mounting"
         if not self.mounted:
             return "not mounted"
