@@ -154,13 +154,7 @@ class Endpoint:
         own_origin = _origin(self.base_url)
         for _ in range(MAX_REDIRECTS + 1):
             sent = dict(headers)
-            try:
-                own = _origin(url) == own_origin
-            except ValueError:  # a redirect's Location that is no URL (a bad port, "[::1")
-                raise RegistryError(
-                    f"registry {self.host} redirected to an address that is not a URL"
-                ) from None
-            if authorization and own:
+            if authorization and _origin(url) == own_origin:
                 sent["Authorization"] = authorization
             reply = self._send(method, url, sent, body, stream, deadline)
             location = reply.headers.get("Location")
@@ -169,6 +163,7 @@ class Endpoint:
             reply.close()
             try:
                 url = urljoin(url, location)
+                _origin(url)  # a Location that is no URL: a port past 65535, "[::1"
             except ValueError:
                 raise RegistryError(
                     f"registry {self.host} redirected to an address that is not a URL"
