@@ -3,7 +3,8 @@
 A policy apart from the store: it walks the ``lru`` index from the old end
 inside the caller's write transaction, so storing new chunks and making
 room for them commit together. Sealed blobs keep their per-chunk checksums
-when their chunks go, so a chunk fetched again is still checked.
+when their chunks go, so a chunk fetched again is still checked. Parts of
+chunks (``parts``) age in the same index and go the same way.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from .layout import (
     DB_CHUNKS,
     DB_IDS,
     DB_LRU,
+    DB_PARTS,
     DB_TICKS,
     U64,
     BlobRecord,
 )
+from .parts import is_part_key
 
 # Evicting down to a little below the cap keeps eviction from running on
 # every store once the cache is full.
@@ -43,19 +46,21 @@ def evict(
     positioned = cursor.first()
     while positioned and stored - freed > target:
         key = bytes(cursor.key()[8:])
-        blob_id = CHUNK_KEY.unpack(key)[0]
+        part = is_part_key(key)
+        blob_id = CHUNK_KEY.unpack_from(key)[0]
         if blob_id not in records:
             records[blob_id] = _record(txn, dbs, blob_id)
         entry = records[blob_id]
         if entry is not None and entry[1].pinned:
             positioned = cursor.next()  # not expected: pinned chunks leave the index
             continue
-        value = txn.get(key, db=dbs[DB_CHUNKS])
+        stored_key, db = (key[: CHUNK_KEY.size], dbs[DB_PARTS]) if part else (key, dbs[DB_CHUNKS])
+        value = txn.get(stored_key, db=db)
         if value is not None:
             freed += stored_length(value)
             evicted += 1
-            txn.delete(key, db=dbs[DB_CHUNKS])
-            if entry is not None:
+            txn.delete(stored_key, db=db)
+            if entry is not None and not part:
                 entry[1].present -= 1
         txn.delete(key, db=dbs[DB_TICKS])
         cursor.delete()

@@ -48,6 +48,12 @@ def _sum(data: Buffer, seed: int) -> int:
     return _xxh3(data, seed & _MASK)
 
 
+def block_sum(seed: int, index: int, block: int, data: Buffer) -> int:
+    """The checksum of 4 KiB block ``block`` of chunk ``index``: the one a chunk stores for
+    it, and the one a part of the chunk (``parts``) stores."""
+    return _sum(data, seed + index * _STRIDE + 1 + block)
+
+
 def chunk_sum(seed: int, index: int, data: Buffer) -> bytes:
     """The checksums stored with chunk ``index`` of the blob whose seed is ``seed``."""
     view = memoryview(data)

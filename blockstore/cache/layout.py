@@ -19,7 +19,8 @@ import lmdb
 CHUNK_SIZE = 32768
 # 3: a checksum for each 4 KiB block of a chunk, seeded with the block's identity
 # (blob digest, chunk index, block); sealed blobs keep one hash of each chunk's.
-FORMAT_VERSION = 3
+# 4: parts of chunks (the blocks of a chunk a replayed trace read), see cache/parts.py.
+FORMAT_VERSION = 4
 
 # Named databases.
 DB_META = b"meta"  # name -> value (format, chunk size, next id, stored bytes, cap)
@@ -33,6 +34,7 @@ DB_COUNTERS = b"counters"  # counter name -> u64
 DB_REFS = b"refs"  # reference \0 platform -> JSON record
 DB_MANIFESTS = b"manifests"  # digest -> raw manifest bytes
 DB_TRACES = b"traces"  # layer digest -> JSON access trace (see cache/traces.py)
+DB_PARTS = b"parts"  # chunk key -> the blocks of a chunk stored without the rest (parts.py)
 ALL_DBS = (
     DB_META,
     DB_BLOBS,
@@ -45,6 +47,7 @@ ALL_DBS = (
     DB_REFS,
     DB_MANIFESTS,
     DB_TRACES,
+    DB_PARTS,
 )
 
 CHUNK_KEY = struct.Struct(">QQ")

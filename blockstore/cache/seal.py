@@ -27,6 +27,7 @@ import lmdb
 from blockstore.errors import CacheError
 
 from . import counters as counters_mod
+from . import parts
 from .counters import Counters
 from .env import CacheEnv
 from .integrity import (
@@ -45,6 +46,7 @@ from .layout import (
     DB_COUNTERS,
     DB_IDS,
     DB_META,
+    DB_PARTS,
     DB_SUMS,
     SEALED,
     U64,
@@ -76,6 +78,7 @@ class Store(Protocol):
     def delete_chunk(
         self, txn: lmdb.Transaction, key: bytes, record: BlobRecord | None, length: int
     ) -> None: ...
+    def drop_part(self, txn: lmdb.Transaction, key: bytes) -> int: ...
 
 
 def _hasher(digest: str):
@@ -147,6 +150,7 @@ class _Scan:
     present: dict[int, int]
     bad: list[bytes] = field(default_factory=list)
     orphans: set[bytes] = field(default_factory=set)
+    bad_parts: list[bytes] = field(default_factory=list)
     stored: int = 0
 
     def good(self, key: bytes, value: memoryview | bytes) -> bool:
@@ -368,7 +372,44 @@ class Sealer:
                 report.bad_chunks.append((digest, index))
                 log.warning("verify: %s chunk %d is bad; dropping it", digest, index)
         report.orphan_chunks = len(found.orphans)
+        self._scan_parts(found, report)
         return found
+
+    def _scan_parts(self, found: _Scan, report: VerifyReport) -> None:
+        """Check the parts of chunks too: a bad or orphan part is dropped like a chunk."""
+        with self._store.env.reader(DB_PARTS) as txn:
+            for raw_key, value in txn.cursor():
+                key = bytes(raw_key)
+                blob_id, index = CHUNK_KEY.unpack(key)
+                entry = found.by_id.get(blob_id)
+                if (
+                    entry is not None
+                    and index < entry[1].chunks
+                    and parts.intact(
+                        value, blob_seed(entry[0]), index, chunk_length(entry[1].size, index)
+                    )
+                ):
+                    found.stored += stored_length(value)
+                    continue
+                found.bad_parts.append(key)
+                if entry is not None:
+                    report.bad_chunks.append((entry[0], index))
+                    log.warning("verify: %s part of chunk %d is bad; dropping it", entry[0], index)
+
+    def _still_bad(self, txn: lmdb.Transaction, key: bytes) -> bool:
+        """A part the scan found bad is so still (not merged or replaced meanwhile)."""
+        value = txn.get(key, db=self._store.dbs[DB_PARTS])
+        if value is None:
+            return False
+        blob_id, index = CHUNK_KEY.unpack(key)
+        digest = txn.get(U64.pack(blob_id), db=self._store.dbs[DB_IDS])
+        raw = txn.get(digest, db=self._store.dbs[DB_BLOBS]) if digest is not None else None
+        if raw is None:
+            return True
+        record = BlobRecord.unpack(raw)
+        seed = blob_seed(bytes(digest).decode())
+        length = chunk_length(record.size, index) if index < record.chunks else 0
+        return not length or not parts.intact(value, seed, index, length)
 
     def _repair(self, txn: lmdb.Transaction, found: _Scan, report: VerifyReport) -> None:
         """Drop bad and orphan chunks; if the cache was quiet meanwhile, fix drifted counts."""
@@ -395,6 +436,11 @@ class Sealer:
             store.delete_chunk(txn, key, current.get(blob_id), stored_length(value))
         for blob_id, record in current.items():
             txn.put(by_id[blob_id][0].encode(), record.pack(), db=blobs)
+        bad_parts = [key for key in found.bad_parts if self._still_bad(txn, key)]
+        freed = sum(store.drop_part(txn, key) for key in bad_parts)
+        if freed:
+            stored = max(0, meta_int(txn, meta, b"stored_bytes") - freed)
+            txn.put(b"stored_bytes", U64.pack(stored), db=meta)
         if quiet:
             for blob_id, (digest, _) in by_id.items():
                 raw = txn.get(digest.encode(), db=blobs)

@@ -28,6 +28,7 @@ from blockstore.export import Buffer
 from blockstore.fetch import Flights
 
 from . import counters as counters_mod
+from . import parts as parts_mod
 from . import recency as recency_mod
 from .env import CacheDamaged, CacheEnv, DiskFull
 from .evict import LOW_WATER, evict
@@ -41,6 +42,7 @@ from .layout import (
     DB_IDS,
     DB_LRU,
     DB_META,
+    DB_PARTS,
     DB_SUMS,
     DB_TICKS,
     FORMAT_VERSION,
@@ -253,17 +255,88 @@ class ChunkStore:
 
         return self._ask(question)
 
-    def missing(self, blob_id: int | None, indices: range) -> list[int]:
-        """Which of ``indices`` have no stored chunk (presence only, unchecked)."""
+    def missing(
+        self, blob_id: int | None, indices: range | list[int], *, parts: bool = False
+    ) -> list[int]:
+        """Which of ``indices`` have no stored chunk (presence only, unchecked); with
+        ``parts``, nor a stored part: what readahead may fetch, where a part says which
+        blocks of its chunk a replayed trace expects to be read."""
         if blob_id is None:
             return list(indices)
 
         def question() -> list[int]:
             with self.env.reader(DB_CHUNKS) as txn:
                 get = txn.get
-                return [i for i in indices if get(chunk_key(blob_id, i)) is None]
+                out = [i for i in indices if get(chunk_key(blob_id, i)) is None]
+                if parts and out:
+                    db = self.dbs[DB_PARTS]
+                    out = [i for i in out if get(chunk_key(blob_id, i), db=db) is None]
+                return out
 
         return self._ask(question)
+
+    def read_parts(self, blob_id: int, indices: Sequence[int]) -> dict[int, bytes]:
+        """The stored parts (unchecked, see ``parts``) of those of ``indices`` that have one."""
+
+        def question() -> dict[int, bytes]:
+            with self.env.reader(DB_PARTS) as txn:
+                found = ((i, txn.get(chunk_key(blob_id, i))) for i in indices)
+                return {i: bytes(value) for i, value in found if value is not None}
+
+        return self._ask(question)
+
+    def store_parts(
+        self, digest: str, size: int, blocks: dict[int, dict[int, Buffer]]
+    ) -> BlobRecord | None:
+        """Keep blocks of chunks (chunk index -> block number -> bytes) as parts, merged
+        with the parts already stored; a chunk whose blocks are now all there is stored
+        whole. Chunks stored whole already are left alone, and so is a sealed blob (its
+        chunks are checked whole): None then."""
+        seed = blob_seed(digest)
+
+        def work(txn: lmdb.Transaction) -> BlobRecord | None:
+            record = self._record_for(txn, digest, size)
+            if record.sealed:
+                return None
+            added = 0
+            tick = recency_mod.now_tick()
+            for index, new in sorted(blocks.items()):
+                key = chunk_key(record.blob_id, index)
+                if txn.get(key, db=self.dbs[DB_CHUNKS]) is not None:
+                    continue
+                length = chunk_length(size, index)
+                old = txn.get(key, db=self.dbs[DB_PARTS])
+                part, whole = parts_mod.merged(seed, index, length, old, new)
+                added -= self.drop_part(txn, key)
+                if whole is not None:
+                    txn.put(key, chunk_sum(seed, index, whole) + whole, db=self.dbs[DB_CHUNKS])
+                    record.present += 1
+                    added += len(whole)
+                    recency_mod.place(txn, self.dbs, key, tick, pinned=record.pinned)
+                else:
+                    txn.put(key, part, db=self.dbs[DB_PARTS])
+                    added += stored_length(part)
+                    part_key = parts_mod.part_lru_key(key)
+                    recency_mod.place(txn, self.dbs, part_key, tick, pinned=record.pinned)
+            return self._settle(txn, digest, record, added, tick)
+
+        try:
+            return self.env.write(work)
+        except DiskFull:
+            self._make_room()
+            return self.env.write(work)
+
+    def drop_part(self, txn: lmdb.Transaction, key: bytes) -> int:
+        """In a write transaction: drop chunk ``key``'s part, if any, and its recency entry;
+        the bytes it held (the caller counts them off the stored total)."""
+        old = txn.pop(key, db=self.dbs[DB_PARTS])
+        if old is None:
+            return 0
+        part_key = parts_mod.part_lru_key(key)
+        tick = txn.pop(part_key, db=self.dbs[DB_TICKS])
+        if tick is not None:
+            txn.delete(bytes(tick) + part_key, db=self.dbs[DB_LRU])
+        return stored_length(old)
 
     def read_chunks(
         self, blob_id: int, first: int, last: int
@@ -383,8 +456,15 @@ class ChunkStore:
             key = chunk_key(record.blob_id, index)
             if txn.put(key, checksum + data, db=self.dbs[DB_CHUNKS], overwrite=False):
                 record.present += 1
-                added += len(data)
+                added += len(data) - self.drop_part(txn, key)
                 recency_mod.place(txn, self.dbs, key, tick, pinned=record.pinned)
+        return self._settle(txn, digest, record, added, tick)
+
+    def _settle(
+        self, txn: lmdb.Transaction, digest: str, record: BlobRecord, added: int, tick: int
+    ) -> BlobRecord:
+        """After storing: the blob's record and the stored total written, and room made
+        under the cap; the record as it is after eviction."""
         record.last_use = tick / 1e6
         txn.put(digest.encode(), record.pack(), db=self.dbs[DB_BLOBS])
         stored = self._add_stored(txn, added)
@@ -483,6 +563,9 @@ class ChunkStore:
             ]
             for key, length in keys:
                 self.delete_chunk(txn, key, None, length)
+            parts = blob_keys(txn.cursor(db=self.dbs[DB_PARTS]), record.blob_id)
+            for key in [key for key, _ in parts]:
+                self._add_stored(txn, -self.drop_part(txn, key))
             txn.delete(digest.encode(), db=self.dbs[DB_BLOBS])
             txn.delete(U64.pack(record.blob_id), db=self.dbs[DB_IDS])
             txn.delete(digest.encode(), db=self.dbs[DB_SUMS])
