@@ -42,6 +42,9 @@ once per retry)."""
 class IndexedSource:
     """``inner`` with every chunk checked against ``index``; ``upstream`` refetches."""
 
+    checks_whole_chunks = True
+    """Ranges read through it must be whole chunks: a part of one cannot be checked."""
+
     def __init__(
         self,
         inner: BlobSource,

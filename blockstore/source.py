@@ -12,7 +12,11 @@ from typing import Protocol
 
 
 class BlobSource(Protocol):
-    """Random access to the bytes of one content-addressed blob."""
+    """Random access to the bytes of one content-addressed blob.
+
+    A source that checks what it reads chunk by chunk, and so can read only
+    whole chunks, says so with a class attribute ``checks_whole_chunks = True``.
+    """
 
     @property
     def digest(self) -> str:

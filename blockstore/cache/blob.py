@@ -16,11 +16,12 @@ import errno
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from blockstore.errors import BlobReadError, CacheError, IntegrityError, NotCached
 from blockstore.export import Buffer
-from blockstore.fetch import FILL, PREFETCH, Fetcher
+from blockstore.fetch import FILL, PREFETCH, Fetcher, Flights
 from blockstore.prefetch import (
     HintQueue,
     PrefetchSettings,
@@ -30,15 +31,15 @@ from blockstore.prefetch import (
     erofs,
     erofs_tree,
 )
-from blockstore.prefetch.feed import Pacer, coalesce, feed
+from blockstore.prefetch.feed import Pacer, bridge, coalesce, feed
 from blockstore.source import BlobSource
 
-from . import integrity
+from . import integrity, parts
 from .env import CacheDamaged
 from .evict import LOW_WATER
-from .integrity import checked_part
+from .integrity import BLOCK, BLOCKS, checked_part
 from .layout import CHUNK_SIZE, BlobRecord, chunk_count, chunk_length
-from .leases import RangeLeases
+from .leases import RangeLeases, UnitLeases
 from .store import ChunkIntegrityError, ChunkStore
 from .traces import TraceShelf
 
@@ -50,6 +51,9 @@ REPLAY_SPAN = 32 << 20  # trace entries (in bytes of chunks) sorted and merged a
 PACE_STEP = 0.25  # seconds of a capped fill's bandwidth asked for in one range
 WALK_YIELDS_TO = 512 << 10
 """The directory walk ends once a client reads a stream with a readahead window this large."""
+BRIDGED_GAP = 4
+"""Blocks between two a replayed trace wants that are fetched with them, in one request,
+rather than cut it in two: a round trip costs more than 8 KiB."""
 
 
 class CachedBlob:
@@ -99,6 +103,10 @@ class CachedBlob:
         if not self._settings.readahead:
             self._readahead = Readahead(maximum=0)
         self._fetcher: Fetcher | None = None
+        self._block_fetcher: Fetcher | None = None
+        """Fetches a replayed trace's blocks alone, kept as parts of chunks (``parts``)."""
+        self._quiet_until = 0.0
+        """Readahead waits until then (monotonic): a replayed trace is doing its work."""
         self._hints: HintQueue | None = None
         self._recorder: TraceRecorder | None = None
         self._stop = threading.Event()
@@ -215,7 +223,9 @@ class CachedBlob:
             raise
         return out, functools.partial(store.end_read, txn)
 
-    def _read(self, offset: int, length: int) -> list[Buffer]:
+    def _read(self, offset: int, length: int, *, walking: bool = False) -> list[Buffer]:
+        """``read``; ``walking``: for the directory walk, not a client's read (not counted,
+        traced or advised)."""
         if length <= 0:
             return []
         if offset < 0 or offset + length > self._size:
@@ -238,11 +248,16 @@ class CachedBlob:
             if self._fetcher is None:
                 raise
             # Moved aside; the store goes on with an empty cache: all of it is a miss.
+        if missing:
+            missing = self._from_parts(out, first, offset, end, missing)
+        if missing and self._block_fetcher is not None:
+            missing = self._join_block_fetches(out, first, offset, end, missing)
         misses = len(missing) + len(bad)
         if misses:
             self._whole = False
             self._fill_misses(out, first, offset, end, missing, bad)
-        self._served(offset, length, last - first + 1 - misses, misses)
+        if not walking:
+            self._served(offset, length, last - first + 1 - misses, misses)
         return out  # type: ignore[return-value]
 
     def _look_up(
@@ -281,6 +296,59 @@ class CachedBlob:
             self._store.end_read(txn)
         self._store.touch((blob_id, first, last))
         return out, missing, bad
+
+    def _from_parts(
+        self, out: list[Buffer | None], first: int, offset: int, end: int, missing: list[int]
+    ) -> list[int]:
+        """Fill what the stored parts of missing chunks hold, checked; the chunks still
+        missing. A part that lacks a block asked for, or fails its check, leaves its
+        chunk to be fetched whole (which replaces the part)."""
+        blob_id = self._blob_id
+        found = self._store.read_parts(blob_id, missing) if blob_id is not None else {}
+        if not found:
+            return missing
+        still = []
+        for index in missing:
+            value = found.get(index)
+            base = index * CHUNK_SIZE
+            length = chunk_length(self._size, index)
+            lo, hi = max(offset - base, 0), min(end - base, length)
+            part = None
+            if value is not None:
+                part = parts.checked_slice(value, self._seed, index, length, lo, hi)
+            if part is None:
+                still.append(index)
+            else:
+                out[index - first] = part
+        return still
+
+    def _join_block_fetches(
+        self, out: list[Buffer | None], first: int, offset: int, end: int, missing: list[int]
+    ) -> list[int]:
+        """Before a missing chunk is fetched whole, wait for the replay's fetches of its
+        blocks, so no byte is on its way twice; a read whose blocks all came so is
+        answered from them. The chunks still missing."""
+        fetcher = self._block_fetcher
+        assert fetcher is not None
+        wanted = {i: parts.blocks_of(max(offset, i * CHUNK_SIZE), min(end, (i + 1) * CHUNK_SIZE))
+                  for i in missing}  # fmt: skip
+        pending = fetcher.on_their_way(
+            b for i in missing for b in range(i * BLOCKS, (i + 1) * BLOCKS)
+        )
+        if not pending:
+            return missing
+        got = fetcher.join(pending)  # what failed, the read fetches for itself
+        still = []
+        for index in missing:
+            blocks = wanted[index]
+            if not all(b in got for b in blocks):
+                still.append(index)
+                continue
+            data = b"".join(got[b] for b in blocks)
+            skip = max(offset, index * CHUNK_SIZE) - blocks[0] * BLOCK
+            take = min(end, (index + 1) * CHUNK_SIZE) - max(offset, index * CHUNK_SIZE)
+            out[index - first] = data[skip : skip + take]
+        return self._from_parts(out, first, offset, end, still) if still else still
 
     def _served(self, offset: int, length: int, hits: int, misses: int) -> None:
         """Count a read and tell readahead of it, whether it hit or fetched."""
@@ -367,6 +435,8 @@ class CachedBlob:
             recorder.finish()
         if self._hints is not None:
             self._hints.stop()
+        if self._block_fetcher is not None:
+            self._block_fetcher.close()
         if self._fetcher is not None:
             self._fetcher.close()
 
@@ -523,34 +593,133 @@ class CachedBlob:
         if self._whole:
             return
         if trace is None and settings.trace_period > 0:
-            self._recorder = TraceRecorder(
-                self._digest, CHUNK_SIZE, settings.trace_period, self._save_trace
-            )
+            self._recorder = TraceRecorder(self._digest, settings.trace_period, self._save_trace)
+        if trace is not None:
+            # The trace knows what will be read for as long as it was recorded; readahead
+            # would fetch past what it read, and whole chunks where it read parts.
+            self._quiet_until = time.monotonic() + trace.span_ms / 1000
+            if self._keeps_parts(source, trace):
+                self._block_fetcher = self._new_block_fetcher(source)
         if settings.erofs_start or settings.erofs_walk or trace is not None or settings.fill:
             threading.Thread(
                 target=self._warm_up, args=(trace,), name="prefetch-start", daemon=True
             ).start()
 
+    def _keeps_parts(self, source: BlobSource, trace: Trace) -> bool:
+        """Whether a replay may fetch the trace's blocks alone: not where the bytes are
+        checked whole (a sealed blob's chunks, a chunk index's), nor for a trace that
+        knows only whole chunks."""
+        return (
+            self._settings.trace_blocks
+            and trace.unit < CHUNK_SIZE
+            and self._sums is None
+            and not getattr(source, "checks_whole_chunks", False)
+        )
+
+    def _new_block_fetcher(self, source: BlobSource) -> Fetcher:
+        """A fetcher of single 4 KiB blocks, for a trace replay: what it fetches is kept as
+        parts of chunks. Its in-flight table is its own (its indices count blocks) but
+        shares the chunks' lock, so neither fetches bytes the other is fetching: it
+        claims no block of a chunk on its way, a chunk fetch waits for the blocks on
+        theirs (``_load_chunks``), and so does a read (``_join_block_fetches``)."""
+        chunks = self._store.flights(self._digest)
+        return Fetcher(
+            source,
+            BLOCK,
+            self._block_arrived,
+            self._keep_blocks,
+            self._load_blocks,
+            flights=Flights(locked_with=chunks),
+            brought_by_others=lambda block: block // BLOCKS in chunks.pending,
+            leases=self._leases(1),
+            lease_wait=self._settings.lease_wait,
+            on_request=self._requesting,
+        )
+
+    def _block_arrived(self, index: int, block: memoryview) -> Buffer:
+        """Blocks can be checked only against a chunk's sums: none once the blob is sealed
+        (by another process, meanwhile), so they are refused then."""
+        if self._sums is not None:
+            raise ChunkIntegrityError(f"{self._digest} was sealed: its chunks are fetched whole")
+        self._store.counters.add(bytes_fetched=len(block))
+        return block
+
+    def _keep_blocks(self, runs: list[tuple[int, list[Buffer]]]) -> None:
+        """Store fetched blocks as parts of their chunks (whole chunks once complete)."""
+        by_chunk: dict[int, dict[int, Buffer]] = {}
+        for first, blocks in runs:
+            for block, data in enumerate(blocks, first):
+                by_chunk.setdefault(block // BLOCKS, {})[block % BLOCKS] = data
+        try:
+            record = self._store.store_parts(self._digest, self._size, by_chunk)
+        except CacheError as exc:
+            log.warning("%s: serving uncached bytes: %s", self._digest, exc)
+            return
+        if record is not None:
+            self._blob_id = record.blob_id
+            if record.present == record.chunks:
+                self._now_whole(record)
+
+    def _load_chunks(self, indices: Sequence[int]) -> dict[int, Buffer]:
+        """``_load``, for the chunk fetcher: once the blocks of those chunks that a replay
+        is fetching have come, so that no byte is asked for twice at once. (The replay in
+        turn claims no block of a chunk on its way: ``brought_by_others``.)"""
+        fetcher = self._block_fetcher
+        if fetcher is not None:
+            pending = fetcher.on_their_way(
+                b for i in indices for b in range(i * BLOCKS, (i + 1) * BLOCKS)
+            )
+            if pending:
+                fetcher.join(pending)  # hurried along, as demand
+                fetcher.wait_settled(pending)
+        return self._load(indices)
+
+    def _load_blocks(self, indices: Sequence[int]) -> dict[int, Buffer]:
+        """Those of the blocks ``indices`` the cache holds now, whole chunks or parts."""
+        blob_id = self._known_id()
+        if blob_id is None or not indices:
+            return {}
+        chunks = sorted({block // BLOCKS for block in indices})
+        whole = self._load(chunks)
+        held = self._store.read_parts(blob_id, [i for i in chunks if i not in whole])
+        out: dict[int, Buffer] = {}
+        for block in indices:
+            index, at = divmod(block, BLOCKS)
+            lo = at * BLOCK
+            hi = min(lo + BLOCK, chunk_length(self._size, index))
+            if index in whole:
+                out[block] = memoryview(whole[index])[lo:hi]
+            elif index in held:
+                length = chunk_length(self._size, index)
+                piece = parts.checked_slice(held[index], self._seed, index, length, lo, hi)
+                if piece is not None:
+                    out[block] = piece
+        return out
+
     def _new_fetcher(self, source: BlobSource) -> Fetcher:
         """A fetcher of ``source`` sharing this blob's flights (and leases, if set)."""
         flights = self._store.flights(self._digest)
-        leases = None
-        if self._settings.leases:
-            with flights.lock:
-                if flights.leases is None:
-                    flights.leases = RangeLeases(self._store.path, self._digest)
-                leases = flights.leases
         return Fetcher(
             source,
             CHUNK_SIZE,
             self._arrived,
             self._keep,
-            self._load,
+            self._load_chunks,
             flights=flights,
-            leases=leases,
+            leases=self._leases(BLOCKS),
             lease_wait=self._settings.lease_wait,
             on_request=self._requesting,
         )
+
+    def _leases(self, blocks: int) -> UnitLeases | None:
+        """The blob's cross-process leases, in units of ``blocks`` 4 KiB blocks."""
+        if not self._settings.leases:
+            return None
+        flights = self._store.flights(self._digest)
+        with flights.lock:
+            if flights.leases is None:
+                flights.leases = RangeLeases(self._store.path, self._digest)
+            return flights.leases.in_units_of(blocks)
 
     def _save_trace(self, trace: Trace) -> None:
         try:
@@ -567,7 +736,7 @@ class CachedBlob:
     def _advise(self, offset: int, length: int, misses: int) -> None:
         """After a read: queue the readahead it calls for (a read that missed was
         advised before its fetch, see ``_ahead_of_miss``)."""
-        if misses:
+        if misses or time.monotonic() < self._quiet_until:
             return
         ahead = self._readahead.advise(offset, length, self._size)
         if ahead is not None:
@@ -581,6 +750,8 @@ class CachedBlob:
         ranges instead of many small ones, as the kernel's synchronous
         readahead does.
         """
+        if time.monotonic() < self._quiet_until:
+            return []
         ahead = self._readahead.advise(offset, length, self._size)
         if ahead is None:
             return []
@@ -601,15 +772,24 @@ class CachedBlob:
     def _warm_up(self, trace: Trace | None) -> None:
         """The EROFS start; then the directory walk on a thread of its own (it reads as
         demand, in the listing's order, beside what follows); trace replay; background
-        fill; as set."""
+        fill; as set.
+
+        A trace replayed block by block goes first: it holds the mount's first reads
+        (the EROFS start's among them), and the walk, started once the replay's fetches
+        are all asked for, then finds each block it needs on its way and hurries it
+        along in the listing's order, rather than fetch its chunk whole.
+        """
+        exact = trace is not None and self._block_fetcher is not None
         try:
-            if self._settings.erofs_start:
+            if exact:
+                self._replay(trace)  # type: ignore[arg-type]
+            elif self._settings.erofs_start:
                 self._erofs_start()
             if self._settings.erofs_walk and not self._stop.is_set():
                 threading.Thread(
-                    target=self._walk_directories, name="erofs-walk", daemon=True
+                    target=self._walk_directories, args=(exact,), name="erofs-walk", daemon=True
                 ).start()
-            if trace is not None and not self._stop.is_set():
+            if trace is not None and not exact and not self._stop.is_set():
                 self._replay(trace)
             if self._settings.fill and not self._stop.is_set():
                 self._fill_layer()
@@ -632,9 +812,10 @@ class CachedBlob:
         _, end = erofs.start_span(head, inode, self._size)
         self._plan(0, end, PREFETCH)
 
-    def _walk_directories(self) -> None:
+    def _walk_directories(self, exact: bool) -> None:
         """Fetch every directory's inode and entries, in ``find``'s order (see
-        ``erofs_tree``); a blob that is not EROFS is left alone."""
+        ``erofs_tree``); a blob that is not EROFS is left alone. ``exact``: beside a trace
+        replayed block by block."""
         done = threading.Event()
 
         def bulk_reader() -> bool:
@@ -644,7 +825,17 @@ class CachedBlob:
                 done.set()
             return done.is_set()
 
-        read = _WalkReader(self._load, self._fetcher.fetch, self._size, bulk_reader)  # type: ignore[union-attr]
+        read: Callable[[int, int], bytes]
+        if exact:
+            # Beside a block replay the walk reads as a listing does: blocks from parts, or
+            # from the replay's fetches (which it hurries along, in the listing's order).
+            def read(offset: int, length: int) -> bytes:
+                if bulk_reader():
+                    raise BlobReadError("the directory walk has ended")
+                length = min(length, self._size - offset)
+                return b"".join(self._read(offset, length, walking=True))
+        else:
+            read = _WalkReader(self._load, self._fetcher.fetch, self._size, bulk_reader)  # type: ignore[union-attr]
         try:
             geometry = erofs.geometry(read(0, min(self._size, erofs.HEAD)))
             if geometry is not None:
@@ -655,11 +846,15 @@ class CachedBlob:
                 log.warning("%s: directory walk stopped: %s", self._digest, exc)
 
     def _replay(self, trace: Trace) -> None:
-        """Prefetch the trace's chunks, in its order, paced by the prefetch budget."""
+        """Prefetch what the trace read, in its order, paced by the prefetch budget: its
+        blocks alone where they can be kept as parts of chunks, else their chunks."""
+        if self._block_fetcher is not None:
+            self._replay_blocks(trace, self._block_fetcher)
+            return
         missing = set(self._store.missing(self._known_id(), range(self._chunks)))
         fetcher = self._fetcher
         limit = max(1, fetcher.window.request // CHUNK_SIZE)  # type: ignore[union-attr]
-        order = coalesce(trace.order(), REPLAY_SPAN // CHUNK_SIZE)
+        order = coalesce(trace.in_units_of(CHUNK_SIZE), REPLAY_SPAN // CHUNK_SIZE)
         order = [i for i in order if i in missing]
         feed(
             order,
@@ -668,6 +863,34 @@ class CachedBlob:
             self._stop,
             limit=limit,
             chunk_size=CHUNK_SIZE,
+        )
+
+    def _replay_blocks(self, trace: Trace, fetcher: Fetcher) -> None:
+        """The trace's blocks the cache lacks (neither its chunk nor a part holds them),
+        in runs bridged over small gaps."""
+        blocks = [b for b in trace.in_units_of(BLOCK) if b * BLOCK < self._size]
+        blob_id = self._known_id()
+        chunks = sorted({b // BLOCKS for b in blocks})
+        missing = set(self._store.missing(blob_id, chunks))
+        held = {
+            index: parts.present(value)
+            for index, value in (
+                self._store.read_parts(blob_id, sorted(missing)) if blob_id is not None else {}
+            ).items()
+        }
+        order = [
+            b
+            for b in blocks
+            if b // BLOCKS in missing and not held.get(b // BLOCKS, 0) >> (b % BLOCKS) & 1
+        ]
+        order = bridge(coalesce(order, REPLAY_SPAN // BLOCK), BRIDGED_GAP)
+        feed(
+            order,
+            fetcher.prefetch,
+            PREFETCH,
+            self._stop,
+            limit=max(1, fetcher.window.request // BLOCK),
+            chunk_size=BLOCK,
         )
 
     def _fill_layer(self) -> None:

@@ -1,10 +1,11 @@
-"""Leases on chunk ranges across the processes that share one cache directory.
+"""Leases on ranges of a blob across the processes that share one cache directory.
 
-Two servers on one cache must not fetch the same chunk at the same time.
+Two servers on one cache must not fetch the same bytes at the same time.
 Each blob has a lease file under ``leases/`` in the cache directory; a
-process fetching chunks ``first .. first+count-1`` holds an exclusive
-``fcntl`` lock on bytes ``first .. first+count-1`` of that file while the
-range is fetched and stored. The kernel drops the locks of a process that
+process fetching a range holds an exclusive ``fcntl`` lock on the bytes of
+that file that number its 4 KiB blocks while the range is fetched and
+stored, so a fetch of whole chunks and one of a trace's blocks (``parts``)
+exclude each other too. The kernel drops the locks of a process that
 dies, so a crashed fetcher never leaves a lease behind: the next process
 simply gets it. Within one process the in-flight table keeps threads
 apart (POSIX locks do not conflict inside a process).
@@ -22,7 +23,7 @@ LEASE_DIR = "leases"
 
 
 class RangeLeases:
-    """Exclusive, non-blocking leases on chunk ranges of one blob."""
+    """Exclusive, non-blocking leases on block ranges of one blob."""
 
     def __init__(self, cache_dir: Path, digest: str):
         directory = Path(cache_dir) / LEASE_DIR
@@ -34,8 +35,12 @@ class RangeLeases:
         # so there is one per blob per process, closed only when nobody holds it.
         weakref.finalize(self, os.close, self._fd)
 
+    def in_units_of(self, blocks: int) -> UnitLeases:
+        """These leases, taken in units of ``blocks`` blocks (a chunk's, or one)."""
+        return UnitLeases(self, blocks)
+
     def try_take(self, first: int, count: int) -> bool:
-        """Lease chunks ``first..first+count-1`` if no other process holds any of them."""
+        """Lease blocks ``first..first+count-1`` if no other process holds any of them."""
         try:
             with self._lock:
                 fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, count, first)
@@ -46,3 +51,17 @@ class RangeLeases:
     def give_back(self, first: int, count: int) -> None:
         with self._lock:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, count, first)
+
+
+class UnitLeases:
+    """A blob's leases in units of several blocks: what one fetcher takes."""
+
+    def __init__(self, leases: RangeLeases, blocks: int):
+        self._leases = leases
+        self._blocks = blocks
+
+    def try_take(self, first: int, count: int) -> bool:
+        return self._leases.try_take(first * self._blocks, count * self._blocks)
+
+    def give_back(self, first: int, count: int) -> None:
+        self._leases.give_back(first * self._blocks, count * self._blocks)

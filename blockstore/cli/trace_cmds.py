@@ -104,9 +104,10 @@ def cmd_push(args: argparse.Namespace) -> int:
 def _row(trace: Trace) -> dict:
     return {
         "digest": trace.digest,
-        "chunks": len(trace.order()),
-        "bytes": len(trace.order()) * trace.chunk_size,
-        "span_ms": trace.events[-1][0] if trace.events else 0,
+        "blocks": len(trace.order()),
+        "unit": trace.unit,
+        "bytes": len(trace.order()) * trace.unit,
+        "span_ms": trace.span_ms,
         "recorded": trace.recorded,
     }
 
@@ -122,7 +123,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for row in rows:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["recorded"]))
         print(
-            f"{row['digest']}  {row['chunks']} chunks ({human(row['bytes'])}) "
+            f"{row['digest']}  {row['blocks']} blocks ({human(row['bytes'])}) "
             f"over {row['span_ms'] / 1000:.1f}s, recorded {when}"
         )
     return 0
@@ -133,8 +134,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         traces = _traces_of(TraceShelf(store), store, args.targets)
     for trace in traces:
         print(f"{trace.digest}: {len(trace.events)} accesses")
-        for ms, index in trace.events:
-            print(f"  {ms:>8} ms  chunk {index}  (offset {index * trace.chunk_size})")
+        for ms, first, count in trace.events:
+            start, nbytes = first * trace.unit, count * trace.unit
+            print(f"  {ms:>8} ms  offset {start}, {human(nbytes)}")
     return 0
 
 

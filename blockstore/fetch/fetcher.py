@@ -17,6 +17,7 @@ process gives up or dies.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -97,7 +98,10 @@ class Fetcher:
         on_request: Callable[[int], None] | None = None,
         workers: int | None = None,
         prefetch_budget: int | None = None,
+        brought_by_others: Callable[[int], bool] | None = None,
     ):
+        """``brought_by_others(index)``: asked under the flights lock when prefetch
+        claims an index; True leaves it out (another fetch brings those bytes)."""
         self._source = source
         self._chunk_size = chunk_size
         self._on_arrival = on_arrival
@@ -106,6 +110,7 @@ class Fetcher:
         self._leases = leases
         self._lease_wait = lease_wait
         self._on_request = on_request or (lambda nbytes: None)
+        self._brought_by_others = brought_by_others or (lambda index: False)
         self._flights = flights if flights is not None else Flights()
         self.window = window if window is not None else Window()
         options = {}
@@ -191,11 +196,44 @@ class Fetcher:
             elif self.scheduler.room() < nbytes:
                 return False
             with self._flights.lock:
-                free = [i for i in range(first, first + count) if i not in self._flights.pending]
+                pending, others = self._flights.pending, self._brought_by_others
+                free = [
+                    i for i in range(first, first + count) if i not in pending and not others(i)
+                ]
                 jobs = self._claim(priority, runs(free, count))
             for job in jobs:
                 self.scheduler.submit(job)
         return True
+
+    def join(self, indices: Iterable[int]) -> dict[int, Buffer]:
+        """The bytes of those of ``indices`` on their way now, waited for (their queued
+        jobs run as demand); never asks for anything. A failed one is left out."""
+        flights = self._flights
+        with flights.lock:
+            waits = {i: flights.pending[i] for i in indices if i in flights.pending}
+            jobs = {flights.owner[i] for i in waits if flights.owner.get(i) is not None}
+        for job in jobs:
+            self.scheduler.promote(job)
+        got: dict[int, Buffer] = {}
+        for index, future in waits.items():
+            with contextlib.suppress(Exception):
+                got[index] = future.result()
+        return got
+
+    def wait_settled(self, indices: Iterable[int], timeout: float = STORE_WAIT) -> bool:
+        """Wait (bounded) until none of ``indices`` is on its way: stored, or failed."""
+        wanted = list(indices)
+        flights = self._flights
+        with flights.lock:
+            return flights.settled.wait_for(
+                lambda: not any(i in flights.pending for i in wanted), timeout
+            )
+
+    def on_their_way(self, indices: Iterable[int]) -> set[int]:
+        """Those of ``indices`` being fetched now (queued or running)."""
+        with self._flights.lock:
+            pending = self._flights.pending
+            return {i for i in indices if i in pending}
 
     def in_flight(self) -> int:
         """Chunks of this blob on their way now."""

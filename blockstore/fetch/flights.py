@@ -23,17 +23,29 @@ class Flights:
     table, so the backend still sees each chunk asked for once at a time.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, locked_with: Flights | None = None) -> None:
+        """``locked_with``: a table whose lock this one shares, so that a claim in one can
+        look at the other and be sure it does not change meanwhile (a blob's chunks, and
+        the blocks a trace replay fetches of it)."""
         self.leases: Any = None
         """The blob's cross-process leases, opened once per process by its first fetcher."""
+        self._locked_with = locked_with
         self.forget_threads()
         forks.register(self)
 
+    @property
+    def lock(self) -> threading.Lock:
+        return self._locked_with.lock if self._locked_with is not None else self._lock
+
+    @property
+    def settled(self) -> threading.Condition:
+        """Notified whenever entries leave the table (stored, or failed)."""
+        return self._locked_with.settled if self._locked_with is not None else self._settled
+
     def forget_threads(self) -> None:
         """Nothing in flight (also in a forked child: the parent's fetches never end there)."""
-        self.lock = threading.Lock()
-        self.settled = threading.Condition(self.lock)
-        """Notified whenever chunks leave the table (stored, or failed)."""
+        self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)
         self.pending: dict[int, Future] = {}
         self.owner: dict[int, Any] = {}
         """Chunk index -> the job fetching it (a ``scheduler.Job``)."""

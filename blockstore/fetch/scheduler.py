@@ -77,6 +77,7 @@ class Scheduler:
         self._workers = 0
         self._idle = 0
         self._running = {DEMAND: 0, PREFETCH: 0, FILL: 0}
+        self._running_bytes = {DEMAND: 0, PREFETCH: 0, FILL: 0}
         self._prefetch_bytes = 0  # queued or running, PREFETCH and FILL
 
     def job(self, priority: int, first: int, count: int, nbytes: int) -> Job:
@@ -129,7 +130,12 @@ class Scheduler:
             if job.priority == DEMAND:
                 allowed = True
             elif job.priority == PREFETCH:
-                allowed = self._running[PREFETCH] < window
+                # Within the window's count of ranges, or of its bytes: small ranges (a
+                # trace's blocks) then run many at once, as a round trip each needs.
+                allowed = (
+                    self._running[PREFETCH] < window
+                    or self._running_bytes[PREFETCH] + job.nbytes <= self.window.bytes
+                )
             else:
                 allowed = self._running[PREFETCH] + self._running[FILL] < max(1, window // 2)
             if allowed:
@@ -157,11 +163,13 @@ class Scheduler:
                 job.started = True
                 kind = job.priority
                 self._running[kind] += 1
+                self._running_bytes[kind] += job.nbytes
             try:
                 self._run(job)
             finally:
                 with self._cond:
                     self._running[kind] -= 1
+                    self._running_bytes[kind] -= job.nbytes
                     self._prefetch_bytes -= job.budget
                     job.budget = 0
                     self._cond.notify_all()

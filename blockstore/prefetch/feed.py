@@ -57,6 +57,17 @@ def coalesce(order: Sequence[int], span: int) -> list[int]:
     return out
 
 
+def bridge(order: Sequence[int], gap: int) -> list[int]:
+    """``order`` with the indices between two neighbours added where at most ``gap`` of
+    them lie between: one request for both costs less than a round trip more."""
+    out: list[int] = []
+    for index in order:
+        if out and 0 < index - out[-1] - 1 <= gap:
+            out.extend(range(out[-1] + 1, index))
+        out.append(index)
+    return out
+
+
 def in_order_runs(indices: Sequence[int], limit: int) -> list[list[int]]:
     """Indices cut into runs of adjacent chunks, keeping their given order."""
     out: list[list[int]] = []

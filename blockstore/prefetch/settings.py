@@ -18,11 +18,15 @@ class PrefetchSettings:
     """At open, fetch the superblock, root inode and root directory in one request."""
     erofs_walk: bool = False
     """Then fetch every directory's inode and entries, in ``find``'s order, several at
-    once (beside a trace replay: a listing gets its directories in its own order)."""
+    once (beside a trace replayed chunk by chunk: a listing gets its directories in its
+    own order; a trace replayed block by block holds those reads already)."""
     trace_period: float = 0.0
     """Seconds of a cold open's first reads recorded as its layer's trace; 0: none."""
     trace_replay: bool = False
     """On a cold open, replay the layer's kept trace as prefetch."""
+    trace_blocks: bool = True
+    """Replay a trace's 4 KiB blocks alone, kept as parts of chunks, not their whole
+    chunks (where nothing checks whole chunks only: a sealed blob, a chunk index)."""
     fill: bool = False
     """After open, fetch the rest of the layer at low priority and seal it."""
     fill_rate: int = 0

@@ -1,10 +1,14 @@
-"""Access traces: which chunks a mount touched first, in order, to replay later.
+"""Access traces: which blocks a mount read first, in order, to replay later.
 
-A cold open with no trace records one: each chunk the first time it is
-read, with the milliseconds since open, over the first ``period``
+A cold open with no trace records one: each 4 KiB block the first time it
+is read, with the milliseconds since open, over the first ``period``
 seconds. A later cold open of the same layer (evicted since, or on another
 machine after ``blockstore trace import``) replays it as prefetch, in the
-recorded order, so the chunks are there before the reader asks.
+recorded order, so the blocks are there before the reader asks; where the
+cache can keep parts of chunks, only those blocks are fetched.
+
+Events are runs: ``(milliseconds, first unit, count)``. Format 1 had one
+32 KiB chunk per event (``(milliseconds, chunk)``) and is still read.
 """
 
 from __future__ import annotations
@@ -15,62 +19,91 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-TRACE_VERSION = 1
+TRACE_VERSION = 2
+READ_VERSIONS = (1, 2)
+UNIT = 4096
+"""What a trace records: the 4 KiB blocks a reader reads (a page, an EROFS block)."""
 
 
 @dataclass
 class Trace:
-    """One layer's recorded accesses: ``events`` are (milliseconds, chunk index)."""
+    """One layer's recorded accesses: ``events`` are (milliseconds, first, count) runs of
+    ``unit``-byte blocks, each block in the trace once."""
 
     digest: str
-    chunk_size: int
+    unit: int
     recorded: float  # seconds since the epoch
-    events: list[tuple[int, int]] = field(default_factory=list)
+    events: list[tuple[int, int, int]] = field(default_factory=list)
 
     def to_record(self) -> dict:
         return {
             "version": TRACE_VERSION,
             "digest": self.digest,
-            "chunk_size": self.chunk_size,
+            "unit": self.unit,
             "recorded": self.recorded,
             "events": [list(event) for event in self.events],
         }
 
     @classmethod
     def from_record(cls, record: dict) -> Trace:
-        """Raises ``ValueError`` on anything that is not a trace of this format."""
+        """Raises ``ValueError`` on anything that is not a trace of a format read here."""
         try:
-            if record["version"] != TRACE_VERSION:
-                raise ValueError(f"trace format {record['version']} is not {TRACE_VERSION}")
+            version = record["version"]
+            if version not in READ_VERSIONS:
+                raise ValueError(f"trace format {version} is not one of {READ_VERSIONS}")
             digest = record["digest"]
             if not isinstance(digest, str) or not digest.startswith("sha256:"):
                 raise ValueError(f"not a layer digest: {digest!r}")
-            events = [(int(ms), int(index)) for ms, index in record["events"]]
-            if any(ms < 0 or index < 0 for ms, index in events):
-                raise ValueError("negative time or chunk index")
-            return cls(digest, int(record["chunk_size"]), float(record["recorded"]), events)
+            if version == 1:
+                unit = int(record["chunk_size"])
+                events = [(int(ms), int(index), 1) for ms, index in record["events"]]
+            else:
+                unit = int(record["unit"])
+                events = [(int(ms), int(first), int(n)) for ms, first, n in record["events"]]
+            if unit <= 0 or unit % UNIT:
+                raise ValueError(f"a trace unit of {unit} bytes")
+            if any(ms < 0 or first < 0 or count <= 0 for ms, first, count in events):
+                raise ValueError("negative time or block, or an empty run")
+            return cls(digest, unit, float(record["recorded"]), events)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a trace record: {exc}") from None
 
     def order(self) -> list[int]:
-        """Chunk indices in first-touch order, each once."""
-        return list(dict.fromkeys(index for _, index in self.events))
+        """Units in first-touch order, each once."""
+        return list(
+            dict.fromkeys(i for _, first, n in self.events for i in range(first, first + n))
+        )
+
+    def in_units_of(self, size: int) -> list[int]:
+        """The ``size``-byte units (chunks, blocks) the trace touches, in first-touch order."""
+        unit = self.unit
+        return list(
+            dict.fromkeys(
+                i
+                for _, first, n in self.events
+                for i in range(first * unit // size, ((first + n) * unit - 1) // size + 1)
+            )
+        )
+
+    @property
+    def span_ms(self) -> int:
+        """Milliseconds from open to the last recorded read."""
+        return max((ms for ms, _, _ in self.events), default=0)
 
 
 class TraceRecorder:
-    """Notes first touches of chunks for ``period`` seconds after open, then stops.
+    """Notes first touches of blocks for ``period`` seconds after open, then stops.
 
     ``save`` is called once with the trace when the period ends (noticed
     at the next read) or at close, whichever comes first.
     """
 
-    def __init__(self, digest: str, chunk_size: int, period: float, save: Callable[[Trace], None]):
-        self._trace = Trace(digest, chunk_size, time.time())
-        self._chunk_size = chunk_size
+    def __init__(self, digest: str, period: float, save: Callable[[Trace], None]):
+        self._trace = Trace(digest, UNIT, time.time())
         self._start = time.monotonic()
         self._period = period
         self._save = save
-        self._seen: set[int] = set()
+        self._seen = bytearray()
         self._lock = threading.Lock()
         self._done = False
 
@@ -82,12 +115,25 @@ class TraceRecorder:
         if ms > self._period * 1000:
             self.finish()
             return False
-        first, last = offset // self._chunk_size, (offset + length - 1) // self._chunk_size
+        first, end = offset // UNIT, (offset + length - 1) // UNIT + 1
         with self._lock:
-            for index in range(first, last + 1):
-                if index not in self._seen:
-                    self._seen.add(index)
-                    self._trace.events.append((ms, index))
+            seen = self._seen
+            if len(seen) < end:
+                seen.extend(bytes(end - len(seen)))
+            elif seen.find(0, first, end) < 0:
+                return True  # all seen: the usual case once a reader rereads
+            events = self._trace.events
+            run = -1
+            for block in range(first, end):
+                if seen[block]:
+                    run = -1
+                    continue
+                seen[block] = 1
+                if run >= 0:
+                    events[run] = (ms, events[run][1], events[run][2] + 1)
+                else:
+                    events.append((ms, block, 1))
+                    run = len(events) - 1
         return True
 
     def finish(self) -> None:
@@ -126,14 +172,22 @@ def traces_from_document(raw: bytes) -> list[Trace]:
 
 def merge_traces(traces: list[Trace]) -> Trace:
     """Traces of one layer recorded on several machines, as one: the union of their
-    chunks, each at its earliest time of use, in that order."""
+    blocks, each at its earliest time of use, in that order."""
     first = traces[0]
+    if any(trace.digest != first.digest for trace in traces):
+        raise ValueError("only traces of one layer merge")
     earliest: dict[int, int] = {}
     for trace in traces:
-        if trace.digest != first.digest or trace.chunk_size != first.chunk_size:
-            raise ValueError("only traces of one layer, in one chunk size, merge")
-        for ms, index in trace.events:
-            if ms < earliest.get(index, ms + 1):
-                earliest[index] = ms
-    events = sorted(((ms, index) for index, ms in earliest.items()), key=lambda e: e)
-    return Trace(first.digest, first.chunk_size, max(t.recorded for t in traces), events)
+        scale = trace.unit // UNIT  # a whole number: every unit read is a multiple of UNIT
+        for ms, start, count in trace.events:
+            for index in range(start * scale, (start + count) * scale):
+                if ms < earliest.get(index, ms + 1):
+                    earliest[index] = ms
+    events: list[tuple[int, int, int]] = []
+    for index, ms in sorted(earliest.items(), key=lambda item: (item[1], item[0])):
+        last = events[-1] if events else None
+        if last is not None and last[0] == ms and last[1] + last[2] == index:
+            events[-1] = (ms, last[1], last[2] + 1)
+        else:
+            events.append((ms, index, 1))
+    return Trace(first.digest, UNIT, max(t.recorded for t in traces), events)

@@ -58,8 +58,11 @@ class PieceSource:
         self.requests: list[tuple[int, int]] = []
         self.max_in_flight = 0
         self.max_same_chunk_in_flight = 0
+        self.max_same_block_in_flight = 0
+        """The same, for 4 KiB blocks: a replay fetches blocks of one chunk apart."""
         self._active = 0
         self._chunks_active: dict[int, int] = {}
+        self._blocks_active: dict[int, int] = {}
         self._lock = threading.Lock()
 
     @property
@@ -89,6 +92,7 @@ class PieceSource:
     def stream_range(self, offset: int, length: int) -> Iterator[bytes]:
         length = max(0, min(length, len(self.data) - offset))
         chunks = range(offset // CHUNK, (offset + length - 1) // CHUNK + 1)
+        blocks = range(offset // 4096, (offset + length - 1) // 4096 + 1)
         with self._lock:
             self.requests.append((offset, length))
             self._active += 1
@@ -98,10 +102,29 @@ class PieceSource:
                 self.max_same_chunk_in_flight = max(
                     self.max_same_chunk_in_flight, self._chunks_active[c]
                 )
+            for b in blocks:
+                self._blocks_active[b] = self._blocks_active.get(b, 0) + 1
+                self.max_same_block_in_flight = max(
+                    self.max_same_block_in_flight, self._blocks_active[b]
+                )
             failing = self.fail_next > 0
             if failing:
                 self.fail_next -= 1
                 self.armed += 1
+        over = False
+
+        def done() -> None:
+            nonlocal over
+            with self._lock:
+                if over:
+                    return
+                over = True
+                self._active -= 1
+                for c in chunks:
+                    self._chunks_active[c] -= 1
+                for b in blocks:
+                    self._blocks_active[b] -= 1
+
         try:
             if self.first_byte:
                 time.sleep(self.first_byte)
@@ -112,6 +135,8 @@ class PieceSource:
                     self._count_failure()
                     raise BlobReadError(f"injected failure at {at}")
                 piece = self.data[at : min(end, at + self.piece)]
+                if at + self.piece >= end and not failing:
+                    done()  # the last byte is sent: the request is over for the server
                 yield piece
                 sent += len(piece)
                 if self.piece_delay:
@@ -120,10 +145,7 @@ class PieceSource:
                 self._count_failure()
                 raise BlobReadError(f"injected failure after {sent} bytes")
         finally:
-            with self._lock:
-                self._active -= 1
-                for c in chunks:
-                    self._chunks_active[c] -= 1
+            done()
 
 
 class WholeSource(PieceSource):

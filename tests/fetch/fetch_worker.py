@@ -1,10 +1,12 @@
 """One of several processes reading a registry blob through one shared cache.
 
-    python fetch_worker.py CACHE_DIR HOST REPOSITORY DIGEST EXPECTED_FILE START
+    python fetch_worker.py CACHE_DIR HOST REPOSITORY DIGEST EXPECTED_FILE START [replay]
 
 Waits until the file START exists (so the processes begin together), reads
 the whole blob in 256 KiB reads through the cache, checks every byte against
-EXPECTED_FILE, and exits 0; wrong bytes exit 1.
+EXPECTED_FILE, and exits 0; wrong bytes exit 1. With ``replay``, it opens
+the blob replaying the trace kept in the cache instead, waits until the
+replay is done and reads the traced blocks alone.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import time
 from pathlib import Path
 
 from blockstore.cache import CachedBlob, ChunkStore
+from blockstore.cache.traces import TraceShelf
+from blockstore.prefetch import PrefetchSettings
 from blockstore.registry import RegistryClient, RegistryOptions
 from blockstore.registry.blob import RegistryBlob
 from blockstore.registry.manifests import Layer
 
 READ = 256 << 10
+REPLAY = PrefetchSettings(readahead=False, trace_replay=True)
 
 
 def main() -> int:
@@ -26,13 +31,22 @@ def main() -> int:
     expected = Path(expected_file).read_bytes()
     client = RegistryClient(host, RegistryOptions(insecure=True))
     source = RegistryBlob(client, repository, Layer(0, digest, len(expected), "x"))
+    replay = sys.argv[7:] == ["replay"]
     with ChunkStore(cache_dir) as store:
-        blob = CachedBlob(store, digest, len(expected), source)
         while not Path(start).exists():
             time.sleep(0.005)
-        for offset in range(0, len(expected), READ):
-            got = b"".join(bytes(b) for b in blob.read(offset, min(READ, len(expected) - offset)))
-            if got != expected[offset : offset + READ]:
+        if replay:
+            trace = TraceShelf(store).get(digest)
+            blob = CachedBlob(store, digest, len(expected), source, settings=REPLAY)
+            while blob._block_fetcher.in_flight() or not store.lookup(digest):
+                time.sleep(0.01)
+            reads = [(first * trace.unit, n * trace.unit) for _, first, n in trace.events]
+        else:
+            blob = CachedBlob(store, digest, len(expected), source)
+            reads = [(o, min(READ, len(expected) - o)) for o in range(0, len(expected), READ)]
+        for offset, length in reads:
+            got = b"".join(bytes(b) for b in blob.read(offset, length))
+            if got != expected[offset : offset + length]:
                 print(f"WRONG BYTES at {offset}", flush=True)
                 return 1
         blob.close()

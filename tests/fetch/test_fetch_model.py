@@ -1,4 +1,5 @@
-"""Every byte right under all of it: demand reads, prefetch, CACHE, eviction, failures.
+"""Every byte right under all of it: demand reads, prefetch, CACHE, a trace's blocks
+replayed as parts of chunks, eviction, failures.
 
 A hypothesis state machine drives one blob through the cache from a source
 that streams in small pieces and fails when told to, mid-body or at once.
@@ -20,7 +21,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
+from blockstore.cache.traces import TraceShelf
 from blockstore.fetch import FILL, PREFETCH
+from blockstore.prefetch import PrefetchSettings, Trace
 
 CHUNKS = 48
 DATA, DIGEST = make_blob(CHUNKS * CHUNK_SIZE - 1000, seed=77)  # a short last chunk
@@ -32,8 +35,11 @@ class FetchModel(RuleBasedStateMachine):
         super().__init__()
         self.tmp = Path(tempfile.mkdtemp(prefix="fetch-model-"))
         self.store = ChunkStore(self.tmp / "cache", flush_interval=0.05)
+        # A trace in the cache gives the blob a block fetcher; the rule below feeds it.
+        TraceShelf(self.store).put(Trace(DIGEST, 4096, time.time(), [(0, 3, 2)]))
         self.source = PieceSource(DATA, DIGEST, piece=7777)
-        self.blob = CachedBlob(self.store, DIGEST, SIZE, self.source)
+        settings = PrefetchSettings(trace_replay=True)
+        self.blob = CachedBlob(self.store, DIGEST, SIZE, self.source, settings=settings)
         self.reads = 0
 
     @rule(
@@ -43,7 +49,7 @@ class FetchModel(RuleBasedStateMachine):
     def read(self, offset: int, length: int) -> None:
         length = min(length, SIZE - offset)
         failed_before = self.source.failed
-        busy = self.blob._fetcher.in_flight() > 0
+        busy = self.blob._fetcher.in_flight() + self.blob._block_fetcher.in_flight() > 0
         try:
             got = b"".join(bytes(b) for b in self.blob.read(offset, length))
         except OSError as exc:
@@ -68,6 +74,11 @@ class FetchModel(RuleBasedStateMachine):
         fetcher = self.blob._fetcher
         fetcher.prefetch(range(first, min(CHUNKS, first + count)), FILL if fill else PREFETCH)
 
+    @rule(blocks=st.lists(st.integers(0, SIZE // 4096), min_size=1, max_size=12))
+    def replay_blocks(self, blocks: list[int]) -> None:
+        """A trace's blocks asked for, as a replay does: kept as parts of their chunks."""
+        self.blob._block_fetcher.prefetch(sorted(set(blocks)), PREFETCH)
+
     @rule()
     def evict(self) -> None:
         self.store.remove(DIGEST)
@@ -83,7 +94,9 @@ class FetchModel(RuleBasedStateMachine):
         self.source.disarm()
         deadline = time.monotonic() + 10
         while (  # a failing request still runs, or its waiters are being told
-            self.source.failing_in_flight() or self.blob._fetcher.in_flight()
+            self.source.failing_in_flight()
+            or self.blob._fetcher.in_flight()
+            or self.blob._block_fetcher.in_flight()
         ):
             assert time.monotonic() < deadline
             time.sleep(0.005)
@@ -92,7 +105,7 @@ class FetchModel(RuleBasedStateMachine):
 
     @invariant()
     def nothing_in_flight_twice(self) -> None:
-        assert self.source.max_same_chunk_in_flight <= 1
+        assert self.source.max_same_block_in_flight <= 1
 
     def teardown(self) -> None:
         self.blob.close()

@@ -163,3 +163,57 @@ def test_coalesced_replay_keeps_every_traced_chunk_once(order, span):
     assert spans == sorted(spans)
     for a, b in itertools.pairwise(out):
         assert first_span[a] < first_span[b] or a < b
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 500), max_size=200, unique=True).map(sorted), st.integers(0, 8))
+def test_bridging_adds_only_small_gaps(order, gap):
+    """Bridged, a sorted replay order keeps every block and adds exactly the blocks of
+    the gaps of at most ``gap`` between neighbours, so it goes out in fewer requests."""
+    from blockstore.prefetch.feed import bridge
+
+    out = bridge(order, gap)
+    expected = set(order)
+    for a, b in itertools.pairwise(order):
+        if b - a - 1 <= gap:
+            expected.update(range(a + 1, b))
+    assert out == sorted(expected)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 300 << 10)), max_size=40))
+def test_a_trace_records_each_block_once_in_first_touch_order(reads):
+    """Tried: reads of any offset and length (overlapping, repeated). Must hold: the
+    trace names every 4 KiB block read, once, in the order of first touch, as runs; it
+    survives its record form; and seen in 32 KiB chunks it names the chunks read."""
+    from blockstore.prefetch.trace import Trace, TraceRecorder
+
+    kept: list[Trace] = []
+    recorder = TraceRecorder("sha256:" + "e" * 64, 60.0, kept.append)
+    expected: list[int] = []
+    for offset, length in reads:
+        assert recorder.note(offset, length)
+        for block in range(offset // 4096, (offset + length - 1) // 4096 + 1):
+            if block not in expected:
+                expected.append(block)
+    recorder.finish()
+    if not reads:
+        assert kept == []
+        return
+    [trace] = kept
+    again = Trace.from_record(trace.to_record())
+    assert again.order() == trace.order() == expected
+    chunks = list(dict.fromkeys(b // 8 for b in expected))
+    assert again.in_units_of(32768) == chunks
+
+
+def test_a_trace_of_the_first_format_is_read_as_whole_chunks():
+    """A trace written by a version that recorded 32 KiB chunks is still imported: its
+    chunks stand for all their blocks."""
+    from blockstore.prefetch.trace import Trace
+
+    old = {"version": 1, "digest": "sha256:" + "f" * 64, "chunk_size": 32768,
+           "recorded": 1.0, "events": [[0, 3], [5, 1]]}  # fmt: skip
+    trace = Trace.from_record(old)
+    assert trace.in_units_of(32768) == [3, 1]
+    assert trace.in_units_of(4096) == [*range(24, 32), *range(8, 16)]

@@ -40,7 +40,7 @@ def open_layer(reference: str, cache_dir: Path, settings: PrefetchSettings):
 
 
 def test_a_trace_is_recorded_exported_imported_and_replayed(pushed_images, erofs_images, tmp_path):
-    """A cold open records the chunks it reads, first touches only, in order; the trace
+    """A cold open records the blocks it reads, first touches only, in order; the trace
     goes to a file with ``trace export`` and into an empty cache with ``trace import``
     (``ls`` and ``show`` list it there); a cold open of the same image in that cache then
     fetches the traced chunks (and the small holes between them, so as to ask in few
@@ -54,6 +54,8 @@ def test_a_trace_is_recorded_exported_imported_and_replayed(pushed_images, erofs
     layer.read(5 * CHUNK_SIZE + 100, 10)  # already read: not a first touch
     image.close()
     order = [5, 6, 0, 9, 10, 11, 2]
+    per_chunk = CHUNK_SIZE // 4096
+    runs = [[first * per_chunk, count * per_chunk] for first, count in READS]
 
     exported = tmp_path / "traces.json"
     done = blockstore(
@@ -61,21 +63,21 @@ def test_a_trace_is_recorded_exported_imported_and_replayed(pushed_images, erofs
     )
     assert done.returncode == 0, done.stderr
     [record] = json.loads(exported.read_text())["traces"]
-    assert [index for _, index in record["events"]] == order
-    assert record["digest"] == layer.digest
+    assert [event[1:] for event in record["events"]] == runs  # 4 KiB blocks, in runs
+    assert record["digest"] == layer.digest and record["unit"] == 4096
 
     done = blockstore("trace", "import", str(exported), "--cache-dir", str(second_cache))
     assert done.returncode == 0, done.stderr
     listed = blockstore("trace", "ls", "--json", "--cache-dir", str(second_cache))
-    assert [(r["digest"], r["chunks"]) for r in json.loads(listed.stdout)] == [
-        (layer.digest, len(order))
+    assert [(r["digest"], r["blocks"]) for r in json.loads(listed.stdout)] == [
+        (layer.digest, len(order) * per_chunk)
     ]
     named = blockstore("trace", "ls", layer.digest, "--cache-dir", str(second_cache))
     assert named.returncode == 0 and named.stdout.startswith(layer.digest), named.stderr
     other = blockstore("trace", "ls", "sha256:" + "0" * 64, "--cache-dir", str(second_cache))
     assert other.returncode == 3 and "no trace kept for" in other.stderr
     shown = blockstore("trace", "show", layer.digest, "--cache-dir", str(second_cache))
-    assert shown.returncode == 0 and f"chunk {order[0]} " in shown.stdout
+    assert shown.returncode == 0 and f"offset {order[0] * CHUNK_SIZE}, 64.0 KiB" in shown.stdout
 
     image, layer = open_layer(pushed_images.small, second_cache, REPLAY)
     store = image.store
@@ -126,7 +128,7 @@ def test_traces_are_kept_per_layer(tmp_path, cache_dir):
 
     with ChunkStore(cache_dir) as store:
         shelf = TraceShelf(store)
-        shelf.put(Trace("sha256:" + "a" * 64, CHUNK_SIZE, 1.0, [(0, 1), (5, 2)]))
-        shelf.put(Trace("sha256:" + "b" * 64, CHUNK_SIZE, 1.0, [(0, 7)]))
-        shelf.put(Trace("sha256:" + "a" * 64, CHUNK_SIZE, 2.0, [(0, 3)]))
+        shelf.put(Trace("sha256:" + "a" * 64, CHUNK_SIZE, 1.0, [(0, 1, 1), (5, 2, 1)]))
+        shelf.put(Trace("sha256:" + "b" * 64, CHUNK_SIZE, 1.0, [(0, 7, 1)]))
+        shelf.put(Trace("sha256:" + "a" * 64, CHUNK_SIZE, 2.0, [(0, 3, 1)]))
         assert {t.digest[-1]: t.order() for t in shelf.all()} == {"a": [3], "b": [7]}
