@@ -854,7 +854,7 @@ class CachedBlob:
         missing = set(self._store.missing(self._known_id(), range(self._chunks)))
         fetcher = self._fetcher
         limit = max(1, fetcher.window.request // CHUNK_SIZE)  # type: ignore[union-attr]
-        order = coalesce(trace.in_units_of(CHUNK_SIZE), REPLAY_SPAN // CHUNK_SIZE)
+        order = coalesce(trace.in_units_of(CHUNK_SIZE, self._size), REPLAY_SPAN // CHUNK_SIZE)
         order = [i for i in order if i in missing]
         feed(
             order,
@@ -868,7 +868,7 @@ class CachedBlob:
     def _replay_blocks(self, trace: Trace, fetcher: Fetcher) -> None:
         """The trace's blocks the cache lacks (neither its chunk nor a part holds them),
         in runs bridged over small gaps."""
-        blocks = [b for b in trace.in_units_of(BLOCK) if b * BLOCK < self._size]
+        blocks = trace.in_units_of(BLOCK, self._size)
         blob_id = self._known_id()
         chunks = sorted({b // BLOCKS for b in blocks})
         missing = set(self._store.missing(blob_id, chunks))

@@ -23,6 +23,9 @@ TRACE_VERSION = 2
 READ_VERSIONS = (1, 2)
 UNIT = 4096
 """What a trace records: the 4 KiB blocks a reader reads (a page, an EROFS block)."""
+MAX_TRACE_BYTES = 4 << 30
+"""The most one trace may name. Traces come from files and registries, and a replay
+lists their blocks one by one: a run of a trillion blocks would take the memory."""
 
 
 @dataclass
@@ -64,6 +67,8 @@ class Trace:
                 raise ValueError(f"a trace unit of {unit} bytes")
             if any(ms < 0 or first < 0 or count <= 0 for ms, first, count in events):
                 raise ValueError("negative time or block, or an empty run")
+            if sum(count for _, _, count in events) * unit > MAX_TRACE_BYTES:
+                raise ValueError(f"it names more than {MAX_TRACE_BYTES >> 30} GiB of reads")
             return cls(digest, unit, float(record["recorded"]), events)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a trace record: {exc}") from None
@@ -74,16 +79,17 @@ class Trace:
             dict.fromkeys(i for _, first, n in self.events for i in range(first, first + n))
         )
 
-    def in_units_of(self, size: int) -> list[int]:
-        """The ``size``-byte units (chunks, blocks) the trace touches, in first-touch order."""
+    def in_units_of(self, size: int, end: int | None = None) -> list[int]:
+        """The ``size``-byte units (chunks, blocks) the trace touches, in first-touch order;
+        with ``end``, only those before that byte (the layer's size)."""
         unit = self.unit
-        return list(
-            dict.fromkeys(
-                i
-                for _, first, n in self.events
-                for i in range(first * unit // size, ((first + n) * unit - 1) // size + 1)
-            )
-        )
+        seen: dict[int, None] = {}
+        for _, first, count in self.events:
+            stop = ((first + count) * unit - 1) // size + 1
+            if end is not None:
+                stop = min(stop, -(-end // size))
+            seen.update(dict.fromkeys(range(first * unit // size, stop)))
+        return list(seen)
 
     @property
     def span_ms(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -217,3 +218,19 @@ def test_a_trace_of_the_first_format_is_read_as_whole_chunks():
     trace = Trace.from_record(old)
     assert trace.in_units_of(32768) == [3, 1]
     assert trace.in_units_of(4096) == [*range(24, 32), *range(8, 16)]
+
+
+def test_a_trace_naming_more_than_a_bound_is_refused_and_a_replay_stops_at_the_layer():
+    """Tried: a trace record whose one run names 2**40 blocks (a hostile file or
+    artifact), and a trace of a run past a small layer's end. Must hold: the first is
+    refused as not a trace, at once, without listing its blocks; the second lists only
+    the layer's own blocks."""
+    from blockstore.prefetch.trace import Trace
+
+    huge = {"version": 2, "digest": "sha256:" + "f" * 64, "unit": 4096,
+            "recorded": 1.0, "events": [[0, 0, 1 << 40]]}  # fmt: skip
+    with pytest.raises(ValueError, match="GiB of reads"):
+        Trace.from_record(huge)
+    trace = Trace("sha256:" + "f" * 64, 4096, 1.0, [(0, 3, 1 << 20)])
+    assert trace.in_units_of(4096, 10 * 4096 + 1) == list(range(3, 11))
+    assert trace.in_units_of(32768, 10 * 4096 + 1) == [0, 1]
