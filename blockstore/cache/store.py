@@ -678,6 +678,7 @@ class ChunkStore:
             meta = self.dbs[DB_META]
             stored = meta_int(txn, meta, b"stored_bytes")
             chunks = txn.stat(self.dbs[DB_CHUNKS])["entries"]
+            parts = txn.stat(self.dbs[DB_PARTS])["entries"]
         for name, delta in self.counters.pending().items():
             totals[name] += delta
         infos = self.blobs()
@@ -686,6 +687,7 @@ class ChunkStore:
             sealed_blobs=sum(i.sealed for i in infos),
             pinned_blobs=sum(i.pinned for i in infos),
             chunks=chunks,
+            parts=parts,
             stored_bytes=stored,
             size_cap=self._size_cap,
             file_bytes=self.env.file_size(),

@@ -71,7 +71,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     lines = [
         f"cache        {cache_dir_from(args)}",
         f"stored       {human(stats['stored_bytes'])} of {human(stats['size_cap'])} cap "
-        f"({stats['chunks']} chunks, file {human(stats['file_bytes'])})",
+        f"({stats['chunks']} chunks, {stats['parts']} parts of chunks, "
+        f"file {human(stats['file_bytes'])})",
         f"blobs        {stats['blobs']} ({stats['sealed_blobs']} sealed, "
         f"{stats['pinned_blobs']} pinned)",
         f"hits         {stats['hits']} chunks"

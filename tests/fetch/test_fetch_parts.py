@@ -186,6 +186,7 @@ def test_parts_age_out_under_the_cap_and_go_with_their_blob(pushed_blob, cache_d
         blob_id = store.lookup(digest).blob_id
         kept = store.read_parts(blob_id, range(128))
         assert 20 < len(kept) <= 64 and 127 in kept and 0 not in kept  # the newest kept
+        assert store.stats()["parts"] == len(kept)
         assert store.remove(digest)
         assert store.read_parts(blob_id, range(128)) == {}
         assert store.stats()["stored_bytes"] == 0
