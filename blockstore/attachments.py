@@ -200,10 +200,21 @@ def push_traces(
     by_layer: dict[str, list[Trace]] = {}
     for trace in [*fetch_traces(client, subject, layers), *local]:
         by_layer.setdefault(trace.digest, []).append(trace)
-    merged = [merge_traces(group) for group in by_layer.values()]
+    merged = [m for group in by_layer.values() if (m := _merged(group, local)) is not None]
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     blob = (traces_document(merged), TRACE_MEDIA_TYPE, {})
     return push_artifact(client, subject, TRACE_ARTIFACT_TYPE, [blob], created=stamp), len(merged)
+
+
+def _merged(group: list[Trace], local: list[Trace]) -> Trace | None:
+    """One layer's traces merged; if those attached already make that too large, this
+    cache's own trace of the layer replaces them (None if it has none)."""
+    try:
+        return merge_traces(group)
+    except ValueError as exc:
+        log.warning("%s: the traces attached are left out: %s", group[0].digest, exc)
+        own = [trace for trace in group if any(trace is mine for mine in local)]
+        return merge_traces(own) if own else None
 
 
 def fetch_traces(

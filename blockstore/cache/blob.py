@@ -21,7 +21,8 @@ from collections.abc import Callable, Sequence
 
 from blockstore.errors import BlobReadError, CacheError, IntegrityError, NotCached
 from blockstore.export import Buffer
-from blockstore.fetch import FILL, PREFETCH, Fetcher, Flights
+from blockstore.fetch import FILL, PREFETCH, Fetcher
+from blockstore.fetch.fetcher import STORE_WAIT
 from blockstore.prefetch import (
     HintQueue,
     PrefetchSettings,
@@ -53,7 +54,10 @@ WALK_YIELDS_TO = 512 << 10
 """The directory walk ends once a client reads a stream with a readahead window this large."""
 BRIDGED_GAP = 4
 """Blocks between two a replayed trace wants that are fetched with them, in one request,
-rather than cut it in two: a round trip costs more than 8 KiB."""
+rather than cut it in two: a request costs more than 16 KiB (measured: bench/README.md)."""
+REPLAY_QUIET_AT_MOST = 120.0
+"""Seconds readahead waits at most for a replayed trace, however long the trace says it
+lasted (it may come from elsewhere)."""
 
 
 class CachedBlob:
@@ -250,7 +254,7 @@ class CachedBlob:
             # Moved aside; the store goes on with an empty cache: all of it is a miss.
         if missing:
             missing = self._from_parts(out, first, offset, end, missing)
-        if missing and self._block_fetcher is not None:
+        if missing and self._store.flights(self._digest).blocks_if_any is not None:
             missing = self._join_block_fetches(out, first, offset, end, missing)
         misses = len(missing) + len(bad)
         if misses:
@@ -320,6 +324,7 @@ class CachedBlob:
                 still.append(index)
             else:
                 out[index - first] = part
+                self._store.touch((blob_id, index, index))  # type: ignore[arg-type]
         return still
 
     def _join_block_fetches(
@@ -328,16 +333,16 @@ class CachedBlob:
         """Before a missing chunk is fetched whole, wait for the replay's fetches of its
         blocks, so no byte is on its way twice; a read whose blocks all came so is
         answered from them. The chunks still missing."""
-        fetcher = self._block_fetcher
-        assert fetcher is not None
+        table = self._store.flights(self._digest).blocks()
         wanted = {i: parts.blocks_of(max(offset, i * CHUNK_SIZE), min(end, (i + 1) * CHUNK_SIZE))
                   for i in missing}  # fmt: skip
-        pending = fetcher.on_their_way(
+        pending = table.on_their_way(
             b for i in missing for b in range(i * BLOCKS, (i + 1) * BLOCKS)
         )
         if not pending:
             return missing
-        got = fetcher.join(pending)  # what failed, the read fetches for itself
+        got: dict[int, Buffer] = table.join(pending)  # what failed, the read fetches itself
+        self._add_held_blocks(got, [i for i in missing if not all(b in got for b in wanted[i])])
         still = []
         for index in missing:
             blocks = wanted[index]
@@ -348,7 +353,23 @@ class CachedBlob:
             skip = max(offset, index * CHUNK_SIZE) - blocks[0] * BLOCK
             take = min(end, (index + 1) * CHUNK_SIZE) - max(offset, index * CHUNK_SIZE)
             out[index - first] = data[skip : skip + take]
-        return self._from_parts(out, first, offset, end, still) if still else still
+        return still
+
+    def _add_held_blocks(self, got: dict[int, Buffer], indices: list[int]) -> None:
+        """Add to ``got`` the blocks of chunks ``indices`` their stored parts hold, checked
+        (a read may want blocks a part holds beside blocks on their way)."""
+        blob_id = self._blob_id
+        held = self._store.read_parts(blob_id, indices) if blob_id and indices else {}
+        for index, value in held.items():
+            length = chunk_length(self._size, index)
+            for block in range(parts.block_count(length)):
+                if index * BLOCKS + block not in got:
+                    lo = block * BLOCK
+                    piece = parts.checked_slice(
+                        value, self._seed, index, length, lo, min(lo + BLOCK, length)
+                    )
+                    if piece is not None:
+                        got[index * BLOCKS + block] = piece
 
     def _served(self, offset: int, length: int, hits: int, misses: int) -> None:
         """Count a read and tell readahead of it, whether it hit or fetched."""
@@ -435,10 +456,11 @@ class CachedBlob:
             recorder.finish()
         if self._hints is not None:
             self._hints.stop()
-        if self._block_fetcher is not None:
-            self._block_fetcher.close()
-        if self._fetcher is not None:
-            self._fetcher.close()
+        fetchers = [f for f in (self._fetcher, self._block_fetcher) if f is not None]
+        for fetcher in fetchers:  # all cancelled first: no waiting reader turns to another
+            fetcher.cancel()
+        for fetcher in fetchers:
+            fetcher.wait_stopped()
 
     # --- misses ----------------------------------------------------------------
 
@@ -597,7 +619,8 @@ class CachedBlob:
         if trace is not None:
             # The trace knows what will be read for as long as it was recorded; readahead
             # would fetch past what it read, and whole chunks where it read parts.
-            self._quiet_until = time.monotonic() + trace.span_ms / 1000
+            quiet = min(trace.span_ms / 1000, REPLAY_QUIET_AT_MOST)
+            self._quiet_until = time.monotonic() + quiet
             if self._keeps_parts(source, trace):
                 self._block_fetcher = self._new_block_fetcher(source)
         if settings.erofs_start or settings.erofs_walk or trace is not None or settings.fill:
@@ -629,7 +652,7 @@ class CachedBlob:
             self._block_arrived,
             self._keep_blocks,
             self._load_blocks,
-            flights=Flights(locked_with=chunks),
+            flights=chunks.blocks(),
             brought_by_others=lambda block: block // BLOCKS in chunks.pending,
             leases=self._leases(1),
             lease_wait=self._settings.lease_wait,
@@ -664,14 +687,14 @@ class CachedBlob:
         """``_load``, for the chunk fetcher: once the blocks of those chunks that a replay
         is fetching have come, so that no byte is asked for twice at once. (The replay in
         turn claims no block of a chunk on its way: ``brought_by_others``.)"""
-        fetcher = self._block_fetcher
-        if fetcher is not None:
-            pending = fetcher.on_their_way(
+        table = self._store.flights(self._digest).blocks_if_any
+        if table is not None:  # some export of this blob has replayed blocks
+            pending = table.on_their_way(
                 b for i in indices for b in range(i * BLOCKS, (i + 1) * BLOCKS)
             )
             if pending:
-                fetcher.join(pending)  # hurried along, as demand
-                fetcher.wait_settled(pending)
+                table.join(pending)  # hurried along, as demand
+                table.wait_settled(pending, STORE_WAIT)
         return self._load(indices)
 
     def _load_blocks(self, indices: Sequence[int]) -> dict[int, Buffer]:

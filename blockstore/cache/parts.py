@@ -51,13 +51,6 @@ def blocks_of(lo: int, hi: int) -> range:
     return range(lo // BLOCK, (hi - 1) // BLOCK + 1)
 
 
-def mask_of(blocks: range | list[int]) -> int:
-    mask = 0
-    for block in blocks:
-        mask |= 1 << block
-    return mask
-
-
 def present(value: Buffer) -> int:
     """The mask of the blocks a stored part holds."""
     return _SLOT.unpack_from(value)[0]

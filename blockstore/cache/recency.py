@@ -19,6 +19,7 @@ from .layout import (
     DB_CHUNKS,
     DB_IDS,
     DB_LRU,
+    DB_PARTS,
     DB_TICKS,
     U64,
     BlobRecord,
@@ -26,6 +27,7 @@ from .layout import (
     chunk_key,
     lru_key,
 )
+from .parts import part_lru_key
 
 # A chunk used again within this many microseconds keeps its place: a
 # streaming reader would otherwise rewrite the LRU index for every chunk it
@@ -99,7 +101,8 @@ def apply(
     dbs: dict[bytes, lmdb._Database],
     touched: set[tuple[int, int, int]],
 ) -> None:
-    """Move touched chunks that are still stored to the young end of the LRU."""
+    """Move touched chunks that are still stored to the young end of the LRU, and the
+    touched parts of chunks (``parts``) that are stored instead."""
     tick = now_tick()
     records: dict[int, tuple[bytes, BlobRecord]] = {}
     for blob_id in {blob_id for blob_id, _, _ in touched}:
@@ -115,6 +118,8 @@ def apply(
             key = chunk_key(blob_id, index)
             if txn.get(key, db=dbs[DB_CHUNKS]) is not None:
                 place(txn, dbs, key, tick, pinned=pinned)
+            elif txn.get(key, db=dbs[DB_PARTS]) is not None:
+                place(txn, dbs, part_lru_key(key), tick, pinned=pinned)
     for digest, record in records.values():
         record.last_use = max(record.last_use, tick / 1e6)
         txn.put(digest, record.pack(), db=dbs[DB_BLOBS])

@@ -255,23 +255,16 @@ class ChunkStore:
 
         return self._ask(question)
 
-    def missing(
-        self, blob_id: int | None, indices: range | list[int], *, parts: bool = False
-    ) -> list[int]:
-        """Which of ``indices`` have no stored chunk (presence only, unchecked); with
-        ``parts``, nor a stored part: what readahead may fetch, where a part says which
-        blocks of its chunk a replayed trace expects to be read."""
+    def missing(self, blob_id: int | None, indices: range | list[int]) -> list[int]:
+        """Which of ``indices`` have no stored chunk (presence only, unchecked; a part of a
+        chunk is not the chunk)."""
         if blob_id is None:
             return list(indices)
 
         def question() -> list[int]:
             with self.env.reader(DB_CHUNKS) as txn:
                 get = txn.get
-                out = [i for i in indices if get(chunk_key(blob_id, i)) is None]
-                if parts and out:
-                    db = self.dbs[DB_PARTS]
-                    out = [i for i in out if get(chunk_key(blob_id, i), db=db) is None]
-                return out
+                return [i for i in indices if get(chunk_key(blob_id, i)) is None]
 
         return self._ask(question)
 

@@ -143,7 +143,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     emit(
         args,
         result,
-        f"evicted {result['evicted_chunks']} chunks ({human(result['freed_bytes'])}); "
+        f"evicted {result['evicted_chunks']} chunks or parts ({human(result['freed_bytes'])}); "
         f"{human(result['stored_bytes'])} of {human(result['size_cap'])} stored",
     )
     return 0

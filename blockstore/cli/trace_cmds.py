@@ -1,7 +1,7 @@
 """``blockstore trace export|import|push|ls|show|rm``: the access traces kept per layer.
 
-A cold mount records which chunks it reads first; the next cold mount of
-the same layer replays them as prefetch. ``export`` writes an image's
+A cold mount records which 4 KiB blocks it reads first; the next cold mount
+of the same layer replays them as prefetch. ``export`` writes an image's
 traces to one file and ``import`` loads such a file into another cache,
 so a mount on another machine starts warm; ``push`` attaches them to the
 image in the registry, where a cold mount anywhere finds and replays them.
@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "ls",
         cmd_ls,
         "the kept traces (of the images or layers named, else all): layer, "
-        "chunks, span, when recorded",
+        "blocks, span, when recorded",
     )
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.add_argument("targets", nargs="*", metavar="IMAGE|DIGEST")

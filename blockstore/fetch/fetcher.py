@@ -17,7 +17,6 @@ process gives up or dies.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -166,7 +165,7 @@ class Fetcher:
             for index in mine:
                 waits[index] = flights.pending[index]
         for job in joined:
-            self.scheduler.promote(job)
+            job.scheduler.promote(job)
         for job in jobs:
             self.scheduler.submit(job)
         chunks = {index: future.result() for index, future in waits.items()}
@@ -204,36 +203,6 @@ class Fetcher:
             for job in jobs:
                 self.scheduler.submit(job)
         return True
-
-    def join(self, indices: Iterable[int]) -> dict[int, Buffer]:
-        """The bytes of those of ``indices`` on their way now, waited for (their queued
-        jobs run as demand); never asks for anything. A failed one is left out."""
-        flights = self._flights
-        with flights.lock:
-            waits = {i: flights.pending[i] for i in indices if i in flights.pending}
-            jobs = {flights.owner[i] for i in waits if flights.owner.get(i) is not None}
-        for job in jobs:
-            self.scheduler.promote(job)
-        got: dict[int, Buffer] = {}
-        for index, future in waits.items():
-            with contextlib.suppress(Exception):
-                got[index] = future.result()
-        return got
-
-    def wait_settled(self, indices: Iterable[int], timeout: float = STORE_WAIT) -> bool:
-        """Wait (bounded) until none of ``indices`` is on its way: stored, or failed."""
-        wanted = list(indices)
-        flights = self._flights
-        with flights.lock:
-            return flights.settled.wait_for(
-                lambda: not any(i in flights.pending for i in wanted), timeout
-            )
-
-    def on_their_way(self, indices: Iterable[int]) -> set[int]:
-        """Those of ``indices`` being fetched now (queued or running)."""
-        with self._flights.lock:
-            pending = self._flights.pending
-            return {i for i in indices if i in pending}
 
     def in_flight(self) -> int:
         """Chunks of this blob on their way now."""
@@ -387,8 +356,17 @@ class Fetcher:
         Then waits, a bounded while, for running jobs to store what they
         already have, so the cache is not closed under them.
         """
+        self.cancel()
+        self.wait_stopped()
+
+    def cancel(self) -> None:
+        """``close``'s first half: what it does at once (several fetchers of one blob are
+        all cancelled before any is waited for, so no reader turns to another meanwhile)."""
         self.scheduler.close()
         for job in list(self._live):
             self._fail(job, BlobReadError(f"{self.digest}: the fetch was cancelled"))
+
+    def wait_stopped(self) -> None:
+        """``close``'s second half: running jobs end and store what they have (bounded)."""
         self.scheduler.wait_idle(STOP_WAIT)
         self._keeper.drain(STOP_WAIT)

@@ -9,7 +9,9 @@ raise that job's priority instead of sending a second request.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterable
 from concurrent.futures import Future
 from typing import Any
 
@@ -30,8 +32,48 @@ class Flights:
         self.leases: Any = None
         """The blob's cross-process leases, opened once per process by its first fetcher."""
         self._locked_with = locked_with
+        self._blocks: Flights | None = None
         self.forget_threads()
         forks.register(self)
+
+    def blocks(self) -> Flights:
+        """The table of this blob's 4 KiB blocks on their way (a trace replay's), shared by
+        every block fetcher of the blob in this process, under this table's lock."""
+        with self.lock:
+            if self._blocks is None:
+                self._blocks = Flights(locked_with=self)
+            return self._blocks
+
+    @property
+    def blocks_if_any(self) -> Flights | None:
+        return self._blocks
+
+    def on_their_way(self, indices: Iterable[int]) -> set[int]:
+        """Those of ``indices`` being fetched now (queued or running)."""
+        with self.lock:
+            return {i for i in indices if i in self.pending}
+
+    def join(self, indices: Iterable[int]) -> dict[int, Any]:
+        """The bytes of those of ``indices`` on their way now, waited for (their queued
+        jobs run as demand); never asks for anything. A failed one is left out."""
+        with self.lock:
+            waits = {i: self.pending[i] for i in indices if i in self.pending}
+            jobs = {self.owner[i] for i in waits if self.owner.get(i) is not None}
+        for job in jobs:
+            job.scheduler.promote(job)
+        got: dict[int, Any] = {}
+        for index, future in waits.items():
+            with contextlib.suppress(Exception):
+                got[index] = future.result()
+        return got
+
+    def wait_settled(self, indices: Iterable[int], timeout: float) -> bool:
+        """Wait (bounded) until none of ``indices`` is on its way: stored, or failed."""
+        wanted = list(indices)
+        with self.lock:
+            return self.settled.wait_for(
+                lambda: not any(i in self.pending for i in wanted), timeout
+            )
 
     @property
     def lock(self) -> threading.Lock:

@@ -43,6 +43,9 @@ class Job:
     started: bool = field(default=False, compare=False)
     budget: int = field(default=0, compare=False)
     """Prefetch bytes this job holds of the scheduler's budget until it ends."""
+    scheduler: Scheduler | None = field(default=None, compare=False, repr=False)
+    """The scheduler that runs it: a reader of another fetcher of the blob promotes it
+    there."""
 
     def __hash__(self) -> int:  # identity: the priority changes while queued
         return id(self)
@@ -81,7 +84,7 @@ class Scheduler:
         self._prefetch_bytes = 0  # queued or running, PREFETCH and FILL
 
     def job(self, priority: int, first: int, count: int, nbytes: int) -> Job:
-        return Job(priority, next(self._seq), first, count, nbytes)
+        return Job(priority, next(self._seq), first, count, nbytes, scheduler=self)
 
     def room(self) -> int:
         """Prefetch bytes that may still be queued."""

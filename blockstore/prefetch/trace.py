@@ -26,6 +26,8 @@ UNIT = 4096
 MAX_TRACE_BYTES = 4 << 30
 """The most one trace may name. Traces come from files and registries, and a replay
 lists their blocks one by one: a run of a trillion blocks would take the memory."""
+MAX_TRACE_MS = 24 * 3600 * 1000
+"""The latest time of use a trace may give (a day after open)."""
 
 
 @dataclass
@@ -67,10 +69,12 @@ class Trace:
                 raise ValueError(f"a trace unit of {unit} bytes")
             if any(ms < 0 or first < 0 or count <= 0 for ms, first, count in events):
                 raise ValueError("negative time or block, or an empty run")
+            if any(ms > MAX_TRACE_MS for ms, _, _ in events):
+                raise ValueError("a time of use more than a day after open")
             if sum(count for _, _, count in events) * unit > MAX_TRACE_BYTES:
                 raise ValueError(f"it names more than {MAX_TRACE_BYTES >> 30} GiB of reads")
             return cls(digest, unit, float(record["recorded"]), events)
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, OverflowError) as exc:  # OverflowError: int(1e400)
             raise ValueError(f"not a trace record: {exc}") from None
 
     def order(self) -> list[int]:
@@ -178,10 +182,14 @@ def traces_from_document(raw: bytes) -> list[Trace]:
 
 def merge_traces(traces: list[Trace]) -> Trace:
     """Traces of one layer recorded on several machines, as one: the union of their
-    blocks, each at its earliest time of use, in that order."""
+    blocks, each at its earliest time of use, in that order. Raises ``ValueError`` if
+    together they name more than one trace may (``MAX_TRACE_BYTES``)."""
     first = traces[0]
     if any(trace.digest != first.digest for trace in traces):
         raise ValueError("only traces of one layer merge")
+    named = sum(count * trace.unit for trace in traces for _, _, count in trace.events)
+    if named > MAX_TRACE_BYTES:
+        raise ValueError(f"together they name more than {MAX_TRACE_BYTES >> 30} GiB of reads")
     earliest: dict[int, int] = {}
     for trace in traces:
         scale = trace.unit // UNIT  # a whole number: every unit read is a multiple of UNIT

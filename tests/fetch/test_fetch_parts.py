@@ -270,3 +270,104 @@ def test_a_chunk_index_has_the_trace_replayed_in_whole_chunks(
     for header in blob_requests(proxy, digest):
         start, end = map(int, header.removeprefix("bytes=").split("-"))
         assert start % CHUNK_SIZE == 0 and (end + 1) % CHUNK_SIZE == 0
+
+
+def piece_blob(seed: int, first_byte: float = 0.0):
+    """Ten chunks of random bytes behind a ``PieceSource`` (answers after ``first_byte``)."""
+    from fetch_sources import PieceSource, make_blob
+
+    data, digest = make_blob(10 * CHUNK_SIZE + 1000, seed)
+    return data, digest, PieceSource(data, digest, first_byte=first_byte)
+
+
+def test_close_answers_a_read_waiting_on_the_replay_at_once(cache_dir):
+    """Tried: close while a read waits on a replayed block the source is slow to send.
+    Must hold: the read fails at once (EIO), not after another fetcher's wait, and
+    nothing more is asked of the source once close began."""
+    data, digest, source = piece_blob(5, first_byte=3.0)
+    with ChunkStore(cache_dir) as store:
+        TraceShelf(store).put(Trace(digest, BLOCK, time.time(), [(0, 17, 2)]))
+        blob = CachedBlob(store, digest, len(data), source, settings=REPLAY)
+        wait_until(lambda: blob._block_fetcher.in_flight() > 0)
+        outcome: list[object] = []
+
+        def reader() -> None:
+            try:
+                read(blob, 2 * CHUNK_SIZE, CHUNK_SIZE)
+            except OSError as exc:
+                outcome.append((exc, time.monotonic()))
+
+        waiting = threading.Thread(target=reader)
+        waiting.start()
+        time.sleep(0.3)
+        asked = len(source.requests)
+        closing = time.monotonic()
+        blob.close()
+        waiting.join(10)
+        assert outcome and outcome[0][1] - closing < 0.5
+        assert len(source.requests) == asked
+
+
+def test_two_exports_of_one_blob_replay_each_block_once(cache_dir):
+    """Tried: one blob opened twice in one process (a layer two images share), both
+    replaying its trace. Must hold: no 4 KiB block is on its way twice, and both read
+    right."""
+    data, digest, source = piece_blob(7, first_byte=0.3)
+    with ChunkStore(cache_dir) as store:
+        events = [(0, 17, 2), (1, 43, 1), (2, 64, 3)]
+        TraceShelf(store).put(Trace(digest, BLOCK, time.time(), events))
+        one = CachedBlob(store, digest, len(data), source, settings=REPLAY)
+        two = CachedBlob(store, digest, len(data), source, settings=REPLAY)
+        wait_until(lambda: one._block_fetcher.in_flight() == 0 and len(source.requests) >= 3)
+        for blob in (one, two):
+            assert read(blob, 17 * BLOCK, 2 * BLOCK) == data[17 * BLOCK : 19 * BLOCK]
+            blob.close()
+    assert source.max_same_block_in_flight == 1
+    assert sorted(source.requests) == [
+        (17 * BLOCK, 2 * BLOCK),
+        (43 * BLOCK, BLOCK),
+        (64 * BLOCK, 3 * BLOCK),
+    ]
+
+
+def test_a_read_of_a_held_block_and_one_on_its_way_asks_nothing_more(cache_dir):
+    """Tried: a read of two blocks of one chunk, one held in the chunk's part, the other
+    on its way in the replay. Must hold: the read is answered from both, right, and the
+    source sees the replay's request alone."""
+    data, digest, source = piece_blob(9, first_byte=0.5)
+    with ChunkStore(cache_dir) as store:
+        store.store_parts(digest, len(data), {2: {1: data[17 * BLOCK : 18 * BLOCK]}})
+        TraceShelf(store).put(Trace(digest, BLOCK, time.time(), [(0, 17, 2)]))
+        blob = CachedBlob(store, digest, len(data), source, settings=REPLAY)
+        wait_until(lambda: blob._block_fetcher.in_flight() > 0)
+        assert read(blob, 17 * BLOCK, 2 * BLOCK) == data[17 * BLOCK : 19 * BLOCK]
+        blob.close()
+    assert source.requests == [(18 * BLOCK, BLOCK)]
+
+
+def test_a_part_read_again_stays_young(cache_dir, monkeypatch):
+    """Tried: a part read again and again, then the cache filled past its cap. Must
+    hold: the part outlives a chunk stored after it and never read since (reads make a
+    part young, as they do a chunk)."""
+    from blockstore.cache import recency
+
+    clock = [1_000_000_000_000_000]
+    monkeypatch.setattr(recency, "now_tick", lambda: clock[0])
+    data, digest, _ = piece_blob(1)
+    other, other_digest, _ = piece_blob(2)
+    third, third_digest, _ = piece_blob(3)
+    with ChunkStore(cache_dir, size_cap=90_000) as store:  # the third chunk evicts one
+        store.store_parts(
+            digest, len(data), {0: {b: data[b * BLOCK : (b + 1) * BLOCK] for b in range(7)}}
+        )
+        clock[0] += 100_000_000
+        store.store_chunks(other_digest, len(other), 0, [other[:CHUNK_SIZE]])
+        blob = CachedBlob(store, digest, len(data), None)
+        for _ in range(3):
+            clock[0] += 100_000_000
+            assert read(blob, 0, BLOCK) == data[:BLOCK]
+            store.flush()
+        clock[0] += 100_000_000
+        store.store_chunks(third_digest, len(third), 0, [third[:CHUNK_SIZE]])
+        assert store.read_parts(store.lookup(digest).blob_id, [0])
+        assert store.missing(store.lookup(other_digest).blob_id, [0]) == [0]

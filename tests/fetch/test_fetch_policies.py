@@ -234,3 +234,27 @@ def test_a_trace_naming_more_than_a_bound_is_refused_and_a_replay_stops_at_the_l
     trace = Trace("sha256:" + "f" * 64, 4096, 1.0, [(0, 3, 1 << 20)])
     assert trace.in_units_of(4096, 10 * 4096 + 1) == list(range(3, 11))
     assert trace.in_units_of(32768, 10 * 4096 + 1) == [0, 1]
+
+
+@pytest.mark.parametrize("ms", [10**400, 1e400, 25 * 3600 * 1000])
+def test_a_trace_with_a_time_no_mount_gives_is_refused_as_not_a_trace(ms):
+    """Tried: a trace record whose time of use is astronomically large, infinite (JSON
+    1e400), or more than a day. Must hold: a ValueError saying it is not a trace (what
+    import and the artifact readers report and skip), never an OverflowError later."""
+    from blockstore.prefetch.trace import Trace
+
+    record = {"version": 2, "digest": "sha256:" + "f" * 64, "unit": 4096,
+              "recorded": 1.0, "events": [[ms, 0, 1]]}  # fmt: skip
+    with pytest.raises(ValueError):
+        Trace.from_record(record)
+
+
+def test_traces_that_together_name_too_much_do_not_merge():
+    """Tried: traces of one layer, each within the bound, that together name more than
+    one trace may. Must hold: merging refuses at once, without listing their blocks."""
+    from blockstore.prefetch.trace import MAX_TRACE_BYTES, Trace, merge_traces
+
+    run = MAX_TRACE_BYTES // 4096
+    traces = [Trace("sha256:" + "f" * 64, 4096, 1.0, [(0, n * run, run)]) for n in range(3)]
+    with pytest.raises(ValueError, match="together"):
+        merge_traces(traces)
