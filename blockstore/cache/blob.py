@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 from blockstore.errors import BlobReadError, CacheError, IntegrityError, NotCached
 from blockstore.export import Buffer
-from blockstore.fetch import FILL, PREFETCH, Fetcher
+from blockstore.fetch import FILL, PREFETCH, Fetcher, Flights
 from blockstore.fetch.fetcher import STORE_WAIT
 from blockstore.prefetch import (
     HintQueue,
@@ -254,8 +254,9 @@ class CachedBlob:
             # Moved aside; the store goes on with an empty cache: all of it is a miss.
         if missing:
             missing = self._from_parts(out, first, offset, end, missing)
-        if missing and self._store.flights(self._digest).blocks_if_any is not None:
-            missing = self._join_block_fetches(out, first, offset, end, missing)
+        table = self._store.flights(self._digest).blocks_if_any if missing else None
+        if table is not None:  # some export of this blob replays blocks
+            missing = self._join_block_fetches(table, out, first, offset, end, missing)
         misses = len(missing) + len(bad)
         if misses:
             self._whole = False
@@ -328,12 +329,17 @@ class CachedBlob:
         return still
 
     def _join_block_fetches(
-        self, out: list[Buffer | None], first: int, offset: int, end: int, missing: list[int]
+        self,
+        table: Flights,
+        out: list[Buffer | None],
+        first: int,
+        offset: int,
+        end: int,
+        missing: list[int],
     ) -> list[int]:
         """Before a missing chunk is fetched whole, wait for the replay's fetches of its
         blocks, so no byte is on its way twice; a read whose blocks all came so is
-        answered from them. The chunks still missing."""
-        table = self._store.flights(self._digest).blocks()
+        answered from them, and from what the parts hold. The chunks still missing."""
         wanted = {i: parts.blocks_of(max(offset, i * CHUNK_SIZE), min(end, (i + 1) * CHUNK_SIZE))
                   for i in missing}  # fmt: skip
         pending = table.on_their_way(
@@ -342,7 +348,7 @@ class CachedBlob:
         if not pending:
             return missing
         got: dict[int, Buffer] = table.join(pending)  # what failed, the read fetches itself
-        self._add_held_blocks(got, [i for i in missing if not all(b in got for b in wanted[i])])
+        got.update(self._load_blocks([b for i in missing for b in wanted[i] if b not in got]))
         still = []
         for index in missing:
             blocks = wanted[index]
@@ -354,22 +360,6 @@ class CachedBlob:
             take = min(end, (index + 1) * CHUNK_SIZE) - max(offset, index * CHUNK_SIZE)
             out[index - first] = data[skip : skip + take]
         return still
-
-    def _add_held_blocks(self, got: dict[int, Buffer], indices: list[int]) -> None:
-        """Add to ``got`` the blocks of chunks ``indices`` their stored parts hold, checked
-        (a read may want blocks a part holds beside blocks on their way)."""
-        blob_id = self._blob_id
-        held = self._store.read_parts(blob_id, indices) if blob_id and indices else {}
-        for index, value in held.items():
-            length = chunk_length(self._size, index)
-            for block in range(parts.block_count(length)):
-                if index * BLOCKS + block not in got:
-                    lo = block * BLOCK
-                    piece = parts.checked_slice(
-                        value, self._seed, index, length, lo, min(lo + BLOCK, length)
-                    )
-                    if piece is not None:
-                        got[index * BLOCKS + block] = piece
 
     def _served(self, offset: int, length: int, hits: int, misses: int) -> None:
         """Count a read and tell readahead of it, whether it hit or fetched."""
@@ -708,12 +698,12 @@ class CachedBlob:
         out: dict[int, Buffer] = {}
         for block in indices:
             index, at = divmod(block, BLOCKS)
+            length = chunk_length(self._size, index)
             lo = at * BLOCK
-            hi = min(lo + BLOCK, chunk_length(self._size, index))
+            hi = min(lo + BLOCK, length)
             if index in whole:
                 out[block] = memoryview(whole[index])[lo:hi]
             elif index in held:
-                length = chunk_length(self._size, index)
                 piece = parts.checked_slice(held[index], self._seed, index, length, lo, hi)
                 if piece is not None:
                     out[block] = piece
@@ -759,7 +749,7 @@ class CachedBlob:
     def _advise(self, offset: int, length: int, misses: int) -> None:
         """After a read: queue the readahead it calls for (a read that missed was
         advised before its fetch, see ``_ahead_of_miss``)."""
-        if misses or time.monotonic() < self._quiet_until:
+        if misses or (self._quiet_until and time.monotonic() < self._quiet_until):
             return
         ahead = self._readahead.advise(offset, length, self._size)
         if ahead is not None:

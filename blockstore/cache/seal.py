@@ -89,6 +89,13 @@ def _hasher(digest: str):
         return None, hexdigest
 
 
+def _part_good(value: bytes | memoryview, digest: str, record: BlobRecord, index: int) -> bool:
+    """The part check, for a part stored under chunk ``index`` of this blob."""
+    if index >= record.chunks:
+        return False
+    return parts.intact(value, blob_seed(digest), index, chunk_length(record.size, index))
+
+
 def scan(env: CacheEnv, start: bytes = b"", stop: bytes | None = None) -> Iterator:
     """Yield (key, value) of stored chunks from ``start`` up to ``stop``, in short transactions.
 
@@ -382,13 +389,7 @@ class Sealer:
                 key = bytes(raw_key)
                 blob_id, index = CHUNK_KEY.unpack(key)
                 entry = found.by_id.get(blob_id)
-                if (
-                    entry is not None
-                    and index < entry[1].chunks
-                    and parts.intact(
-                        value, blob_seed(entry[0]), index, chunk_length(entry[1].size, index)
-                    )
-                ):
+                if entry is not None and _part_good(value, entry[0], entry[1], index):
                     found.stored += stored_length(value)
                     continue
                 found.bad_parts.append(key)
@@ -406,10 +407,7 @@ class Sealer:
         raw = txn.get(digest, db=self._store.dbs[DB_BLOBS]) if digest is not None else None
         if raw is None:
             return True
-        record = BlobRecord.unpack(raw)
-        seed = blob_seed(bytes(digest).decode())
-        length = chunk_length(record.size, index) if index < record.chunks else 0
-        return not length or not parts.intact(value, seed, index, length)
+        return not _part_good(value, bytes(digest).decode(), BlobRecord.unpack(raw), index)
 
     def _repair(self, txn: lmdb.Transaction, found: _Scan, report: VerifyReport) -> None:
         """Drop bad and orphan chunks; if the cache was quiet meanwhile, fix drifted counts."""

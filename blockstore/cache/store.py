@@ -302,10 +302,8 @@ class ChunkStore:
                 part, whole = parts_mod.merged(seed, index, length, old, new)
                 added -= self.drop_part(txn, key)
                 if whole is not None:
-                    txn.put(key, chunk_sum(seed, index, whole) + whole, db=self.dbs[DB_CHUNKS])
-                    record.present += 1
-                    added += len(whole)
-                    recency_mod.place(txn, self.dbs, key, tick, pinned=record.pinned)
+                    checksum = chunk_sum(seed, index, whole)
+                    added += self._put_chunk(txn, record, key, checksum, whole, tick)
                 else:
                     txn.put(key, part, db=self.dbs[DB_PARTS])
                     added += stored_length(part)
@@ -447,11 +445,25 @@ class ChunkStore:
                     f"{digest}: chunk {index} does not match the sealed blob; not stored"
                 )
             key = chunk_key(record.blob_id, index)
-            if txn.put(key, checksum + data, db=self.dbs[DB_CHUNKS], overwrite=False):
-                record.present += 1
-                added += len(data) - self.drop_part(txn, key)
-                recency_mod.place(txn, self.dbs, key, tick, pinned=record.pinned)
+            added += self._put_chunk(txn, record, key, checksum, data, tick)
         return self._settle(txn, digest, record, added, tick)
+
+    def _put_chunk(
+        self,
+        txn: lmdb.Transaction,
+        record: BlobRecord,
+        key: bytes,
+        checksum: bytes,
+        data: Buffer,
+        tick: int,
+    ) -> int:
+        """Store a chunk the blob lacks (one it has is left as it is): counted present,
+        young in the LRU, any part of it dropped. The stored total's change."""
+        if not txn.put(key, checksum + data, db=self.dbs[DB_CHUNKS], overwrite=False):
+            return 0
+        record.present += 1
+        recency_mod.place(txn, self.dbs, key, tick, pinned=record.pinned)
+        return len(data) - self.drop_part(txn, key)
 
     def _settle(
         self, txn: lmdb.Transaction, digest: str, record: BlobRecord, added: int, tick: int

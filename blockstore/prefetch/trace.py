@@ -79,9 +79,7 @@ class Trace:
 
     def order(self) -> list[int]:
         """Units in first-touch order, each once."""
-        return list(
-            dict.fromkeys(i for _, first, n in self.events for i in range(first, first + n))
-        )
+        return self.in_units_of(self.unit)
 
     def in_units_of(self, size: int, end: int | None = None) -> list[int]:
         """The ``size``-byte units (chunks, blocks) the trace touches, in first-touch order;
