@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from blockstore.cache import ChunkStore
 from blockstore.cli.common import (
@@ -34,9 +35,11 @@ from blockstore.cli.common import (
 )
 from blockstore.cli.tls_options import add_tls_options, exposure_warnings, server_tls_from
 from blockstore.errors import BlockstoreError
-from blockstore.metrics import MetricsServer
 from nbdfront.mount.readiness import ReadinessPipe
 from nbdfront.server import DEFAULT_PORT, NBDServer
+
+if TYPE_CHECKING:
+    from blockstore.metrics import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,12 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
     if tcp is None and args.unix is None:
         tcp = ("127.0.0.1", DEFAULT_PORT)
     tls = server_tls_from(args)
-    image = open_image_from_args(args, offline=args.offline, prefetch=prefetch_settings_from(args))
+    image = open_image_from_args(
+        args,
+        offline=args.offline,
+        prefetch=prefetch_settings_from(args),
+        time_fetches=args.metrics is not None,
+    )
     metrics = None
     try:
         image.tar_indexes = tar_indexes_from(args, image.select(args.layer, args.blob))
@@ -152,6 +160,8 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
 
 def start_metrics(address: tuple[str, int], store: ChunkStore, server: NBDServer) -> MetricsServer:
     """Prometheus metrics of the cache and this server, announced before ``ready``."""
+    from blockstore.metrics import MetricsServer  # prometheus_client: see OpenImage.time_fetches
+
     try:
         metrics = MetricsServer(*address, store.stats, lambda: server.connection_count)
     except OSError as exc:
