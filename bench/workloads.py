@@ -229,6 +229,9 @@ class MountReadAll(MountAndUse):
         return None
 
     def run(self, uris: list[str], rig: Rig, system: System) -> Outcome:
+        # What earlier runs wrote (a peer's cache file, this cache's recency) goes to
+        # disk now: dirty pages survive drop_caches and would be written back meanwhile.
+        os.sync()
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
         return super().run(uris, rig, system)
 
