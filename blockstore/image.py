@@ -123,7 +123,13 @@ class OpenImage:
         tarindex, zinfo = self.tar_indexes.get(layer.index, (None, None))
         # A compressed layer fills as a whole (decompressed, sealed, its index proven)
         # and asks for its blob's bytes ahead itself: the blob needs neither of its own.
-        own = replace(self.prefetch, fill=False, readahead=False) if kind != TAR else None
+        # Nor a trace: its blob is read by the layer's passes and span pump, in their
+        # order, never by the mount itself.
+        own = (
+            replace(self.prefetch, fill=False, readahead=False, trace_period=0, trace_replay=False)
+            if kind != TAR
+            else None
+        )
         source, upstream = self._sources(layer)
         blob = self._cached_blob(layer, self._checked(layer, source, upstream), upstream, own)
         exported = open_tar_layer(

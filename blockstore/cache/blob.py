@@ -161,6 +161,16 @@ class CachedBlob:
         except CacheError as exc:  # e.g. the store was closed under a late reader
             raise BlobReadError(f"{self._digest}: {exc}") from exc
 
+    def read_for_pass(self, offset: int, length: int) -> list[Buffer]:
+        """``read`` for a pass of the engine's own over the blob (indexing a tar layer,
+        proving its index, inflating its spans): not a client's read, so neither counted
+        as served, nor kept in the trace (a replay elsewhere would fetch the whole pass),
+        nor taken by readahead as a hint."""
+        try:
+            return self._read(offset, length, client=False)
+        except CacheError as exc:
+            raise BlobReadError(f"{self._digest}: {exc}") from exc
+
     def read_cached(self, offset: int, length: int) -> list[Buffer] | None:
         """The bytes at ``offset`` if every chunk is cached and checks out, else None.
 
@@ -227,9 +237,9 @@ class CachedBlob:
             raise
         return out, functools.partial(store.end_read, txn)
 
-    def _read(self, offset: int, length: int, *, walking: bool = False) -> list[Buffer]:
-        """``read``; ``walking``: for the directory walk, not a client's read (not counted,
-        traced or advised)."""
+    def _read(self, offset: int, length: int, *, client: bool = True) -> list[Buffer]:
+        """``read``; ``client=False``: the engine's own read (the directory walk, a pass),
+        not counted, traced or advised."""
         if length <= 0:
             return []
         if offset < 0 or offset + length > self._size:
@@ -261,7 +271,7 @@ class CachedBlob:
         if misses:
             self._whole = False
             self._fill_misses(out, first, offset, end, missing, bad)
-        if not walking:
+        if client:
             self._served(offset, length, last - first + 1 - misses, misses)
         return out  # type: ignore[return-value]
 
@@ -846,7 +856,7 @@ class CachedBlob:
                 if bulk_reader():
                     raise BlobReadError("the directory walk has ended")
                 length = min(length, self._size - offset)
-                return b"".join(self._read(offset, length, walking=True))
+                return b"".join(self._read(offset, length, client=False))
         else:
             read = _WalkReader(self._load, self._fetcher.fetch, self._size, bulk_reader)  # type: ignore[union-attr]
         try:

@@ -94,6 +94,8 @@ class LayerBlob(Protocol):
 
     def read(self, offset: int, length: int) -> list[Buffer]: ...
 
+    def read_for_pass(self, offset: int, length: int) -> list[Buffer]: ...
+
     def read_cached(self, offset: int, length: int) -> list[Buffer] | None: ...
 
     def cache(self, offset: int, length: int) -> None: ...
@@ -257,8 +259,11 @@ class TarLayer(TarLayerExport):
 
 
 def _read_all(blob: LayerBlob) -> Callable[[int, int], bytes]:
+    """Reads of ``blob`` for the layer's own passes (index, proof, spans): what the
+    mount reads is the export's reads, not these."""
+
     def read(offset: int, length: int) -> bytes:
-        return b"".join(blob.read(offset, length))
+        return b"".join(blob.read_for_pass(offset, length))
 
     return read
 
@@ -280,7 +285,7 @@ def _streamed(blob: LayerBlob) -> Callable[[int, int], bytes]:
             start = max(asked, offset + length)
             blob.cache(start, ahead - start)
             asked = ahead
-        return b"".join(blob.read(offset, length))
+        return b"".join(blob.read_for_pass(offset, length))
 
     return read
 

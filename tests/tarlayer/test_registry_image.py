@@ -9,7 +9,10 @@ from oci_layout import MEDIA_TYPES, compress, make_layout, skopeo_copy
 from test_overlay_layers import extract_in_order, layer_sources, without_dir_counts
 from trees import make_tar, snapshot
 
+from blockstore.cache import ChunkStore
+from blockstore.cache.traces import TraceShelf
 from blockstore.image import open_image
+from blockstore.prefetch.settings import MOUNT
 from blockstore.registry.push import push_image
 from blockstore.tarlayer.layers import TarLayer
 from nbdfront.mount import attach
@@ -127,3 +130,52 @@ def test_pushed_compressed_layer_has_the_diff_id_its_index_checks(tmp_path, regi
         assert data[len(export.index.metadata) :][: len(tar)] == tar
     finally:
         image.close()
+
+
+@pytest.mark.parametrize("kind", ["tar", "gzip"])
+def test_a_tar_layers_trace_holds_the_mounts_reads_not_the_indexing_pass(tmp_path, registry, kind):
+    """Open a tar layer with a mount's settings (its index built here: a walk over every
+    header, or a whole pass over the gzip blob), read one file, close. The trace kept
+    for the blob must name only that file's blocks (plain tar), or nothing at all
+    (gzip: its blob is read by the layer's own passes, never by the mount). A trace
+    of the indexing pass, pushed and replayed elsewhere, fetched the whole layer."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"filler-{i:02}").write_bytes(bytes([i]) * 20_000)
+    wanted = b"the one file read " * 1000
+    (src / "wanted").write_bytes(wanted)
+    tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    layer = tmp_path / f"layer.{kind}"
+    layer.write_bytes(compress(kind, tar))
+    client = registry.client()
+    try:
+        push_image(client, "o/traced", kind, [layer], media_type=MEDIA_TYPES[kind])
+    finally:
+        client.close()
+    image = open_image(
+        f"{registry.host}/o/traced:{kind}",
+        cache_dir=tmp_path / "c",
+        options=registry.options(),
+        prefetch=MOUNT,
+    )
+    try:
+        (export,) = image.exports()
+        (layer_digest,) = [layer.digest for layer in image.resolved.layers]
+        at = tar.index(wanted)
+        start = len(export.index.metadata) + at
+        assert b"".join(bytes(b) for b in export.read(start, len(wanted))) == wanted
+    finally:
+        image.close()
+    store = ChunkStore(tmp_path / "c")
+    try:
+        trace = TraceShelf(store).get(layer_digest)
+    finally:
+        store.close()
+    if kind == "gzip":
+        assert trace is None
+        return
+    assert trace is not None and trace.events
+    for _, first, count in trace.events:
+        # Every block the trace names overlaps the file read.
+        assert first * trace.unit < at + len(wanted) and (first + count) * trace.unit > at
