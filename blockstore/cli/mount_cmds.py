@@ -183,7 +183,11 @@ def describe_layers(image_layers: list[dict], exports: list[str]) -> dict:
     by_export = {f"layer{layer['index']}": layer for layer in image_layers}
     return {
         "layers": [
-            {"export": name, **{k: by_export[name][k] for k in ("index", "digest", "size")}}
+            {
+                "export": name,
+                **{k: by_export[name][k] for k in ("index", "digest", "size")},
+                "mediaType": by_export[name].get("mediaType"),
+            }
             for name in exports
             if name in by_export
         ],
@@ -218,16 +222,30 @@ def percent(fraction: float) -> str:
 
 
 def cached_fractions(record: MountRecord) -> list[float | None]:
-    """How much of each mounted layer is in the cache now (None where the cache cannot say)."""
+    """How much of each mounted layer is in the cache now (None where the cache cannot say).
+
+    A compressed tar layer is read from its decompressed tar, which the cache keeps
+    under the tar's own digest: that is the fraction shown for it.
+    """
+    from blockstore.tarlayer.export import IndexCache
+    from blockstore.tarlayer.layers import TAR, layer_kind
+
     layers = record.info.get("layers") or []
     if not layers:
         return []
     try:
         with ChunkStore(Path(record.info["cache_dir"])) as store:
             present = {blob.digest: blob.cached_fraction for blob in store.blobs()}
+            indexes = IndexCache(store)
+            read_from = [
+                indexes.tar_digest(layer["digest"])
+                if layer_kind(layer.get("mediaType") or "") not in (None, TAR)
+                else layer["digest"]
+                for layer in layers
+            ]
     except Exception:
         return [None] * len(layers)
-    return [present.get(layer["digest"], 0.0) for layer in layers]
+    return [present.get(digest, 0.0) if digest else 0.0 for digest in read_from]
 
 
 def check_image_arguments(args: argparse.Namespace) -> None:

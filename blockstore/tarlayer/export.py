@@ -28,6 +28,7 @@ from blockstore.cache import CHUNK_SIZE
 from blockstore.errors import BlobReadError, CacheError, IntegrityError
 from blockstore.export import Buffer
 from blockstore.tarlayer import erofs_format
+from blockstore.tarlayer.gzindex import DEFAULT_SPAN
 from blockstore.tarlayer.layerindex import INDEX_FORMAT, ReadRange, SpanIndex, TarIndex
 
 if TYPE_CHECKING:
@@ -432,10 +433,15 @@ class IndexCache:
         """Forget the kept index (an empty record reads as absent), so it is built again."""
         self._put(self._key(blob_digest, span, "meta"), b"")
 
+    def tar_digest(self, blob_digest: str, span: int = DEFAULT_SPAN) -> str | None:
+        """The digest of the tar the kept index serves (the layer's diff_id), if one is kept."""
+        meta = self._meta(blob_digest, span)
+        return meta[1] if meta is not None else None
+
     def load(self, blob_digest: str, span: int, compressed: bool) -> TarIndex | None:
         """The cached index, or None if absent or damaged (then it is built again)."""
-        meta = self._get(self._key(blob_digest, span, "meta"))
-        if meta is None or len(meta) < 8 + _DIGEST:
+        meta = self._meta(blob_digest, span)
+        if meta is None:
             return None
         spans = None
         if compressed:
@@ -446,8 +452,16 @@ class IndexCache:
                 spans = SpanIndex.from_bytes(raw)
             except IntegrityError:
                 return None
+        tar_size, tar_digest, metadata = meta
+        return TarIndex(metadata, tar_size, spans, tar_digest)
+
+    def _meta(self, blob_digest: str, span: int) -> tuple[int, str, bytes] | None:
+        """The kept index's tar size, tar digest and metadata image."""
+        meta = self._get(self._key(blob_digest, span, "meta"))
+        if meta is None or len(meta) < 8 + _DIGEST:
+            return None
         tar_digest = meta[8 : 8 + _DIGEST].rstrip(b"\0").decode()
-        return TarIndex(meta[8 + _DIGEST :], int.from_bytes(meta[:8], "little"), spans, tar_digest)
+        return int.from_bytes(meta[:8], "little"), tar_digest, meta[8 + _DIGEST :]
 
 
 def cached_or_built(

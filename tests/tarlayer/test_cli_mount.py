@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -67,6 +68,10 @@ def test_mount_prefetch_and_offline_mount_of_a_three_layer_tar_image(tmp_path, r
     try:
         cli("mount", "--offline", "--cache-dir", str(cache), ref, str(mnt))
         assert without_dir_counts(snapshot(mnt, with_mtime=False)) == want
+        # Every layer is whole: a compressed one's share is its decompressed tar's,
+        # which is what it is read from (its blob's own bytes are not kept).
+        (listed,) = json.loads(cli("mounts", "--json").stdout)
+        assert listed["cached"] == [1.0, 1.0, 1.0]
         cli("umount", str(mnt))
     finally:
         registry.start()
@@ -144,6 +149,32 @@ def test_mount_with_local_tarindex_and_zinfo(tmp_path, registry, run_dir):
     assert not syscall.is_mounted(str(mnt))
     cli("mount", "--insecure", "--cache-dir", str(cache), "-o", options, ref, str(mnt))
     assert snapshot(mnt) == snapshot(src)
+    cli("umount", str(mnt))
+
+
+def test_mounts_counts_a_compressed_layer_by_the_tar_it_is_read_from(tmp_path, registry, run_dir):
+    """Mount a one-span tar.gz image whose index is attached, with no readahead, and read
+    one file: that inflates and keeps the whole tar, while the blob's own bytes are
+    inflated as they arrive and never kept. ``mounts`` must show the layer whole, as
+    the cache holds what it is read from; it showed the blob's share (next to none)."""
+    src = populate(tmp_path / "src")
+    tar = make_tar(src, tmp_path / "layer.tar")
+    layer = tmp_path / "layer.tar.gz"
+    layer.write_bytes(gzip.compress(tar.read_bytes(), 6, mtime=0))
+    client = registry.client()
+    try:
+        push_image(client, "o/counted", "v1", [layer], media_type=MEDIA_TYPES["gzip"])
+    finally:
+        client.close()
+    ref = f"{registry.host}/o/counted:v1"
+    cli("index", "--push", "--insecure", "--cache-dir", str(tmp_path / "indexer"), ref)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cache = str(tmp_path / "cache")
+    cli("mount", "--insecure", "--no-readahead", "--cache-dir", cache, ref, str(mnt))
+    assert (mnt / "etc" / "hostname").read_text() == "box\n"
+    (listed,) = json.loads(cli("mounts", "--json").stdout)
+    assert listed["cached"] == [1.0]
     cli("umount", str(mnt))
 
 
