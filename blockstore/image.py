@@ -121,15 +121,14 @@ class OpenImage:
         if kind is None:
             return self.blob(layer)
         tarindex, zinfo = self.tar_indexes.get(layer.index, (None, None))
-        # A compressed layer fills as a whole (decompressed, sealed, its index proven)
-        # and asks for its blob's bytes ahead itself: the blob needs neither of its own.
-        # Nor a trace: its blob is read by the layer's passes and span pump, in their
-        # order, never by the mount itself.
-        own = (
-            replace(self.prefetch, fill=False, readahead=False, trace_period=0, trace_replay=False)
-            if kind != TAR
-            else None
-        )
+        # The blob is a tar, not an EROFS image: the EROFS start and walk have nothing
+        # to find in it (the metadata image they would read is the index's). A
+        # compressed layer also fills as a whole (decompressed, sealed, its index
+        # proven) and asks for its blob's bytes ahead itself, so its blob needs neither
+        # of its own; nor a trace, since only the layer's passes and span pump read it.
+        own = replace(self.prefetch, erofs_start=False, erofs_walk=False)
+        if kind != TAR:
+            own = replace(own, fill=False, readahead=False, trace_period=0, trace_replay=False)
         source, upstream = self._sources(layer)
         blob = self._cached_blob(layer, self._checked(layer, source, upstream), upstream, own)
         exported = open_tar_layer(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -179,3 +183,37 @@ def test_a_tar_layers_trace_holds_the_mounts_reads_not_the_indexing_pass(tmp_pat
     for _, first, count in trace.events:
         # Every block the trace names overlaps the file read.
         assert first * trace.unit < at + len(wanted) and (first + count) * trace.unit > at
+
+
+@pytest.mark.parametrize("kind", ["tar", "gzip"])
+def test_opening_a_tar_layer_with_its_index_fetches_nothing_of_it(tmp_path, registry, kind):
+    """Open a tar layer whose index is attached, with a mount's settings but no
+    readahead (which would start inflating a gzip layer at its first read), and read
+    the head of its metadata image, what a mount reads first: nothing of the layer's
+    blob may be fetched. The EROFS start used to fetch the blob's head at open,
+    looking for an EROFS superblock in a tar or a gzip stream."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello").write_bytes(b"hello\n" * 10_000)
+    tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    layer = tmp_path / f"layer.{kind}"
+    layer.write_bytes(compress(kind, tar))
+    client = registry.client()
+    try:
+        push_image(client, "o/head", kind, [layer], media_type=MEDIA_TYPES[kind])
+    finally:
+        client.close()
+    ref = f"{registry.host}/o/head:{kind}"
+    indexer = [sys.executable, "-m", "blockstore", "index", "--push", "--insecure", ref]
+    subprocess.run([*indexer, "--cache-dir", str(tmp_path / "i")], check=True, timeout=60)
+    settings = replace(MOUNT, readahead=False)
+    image = open_image(ref, cache_dir=tmp_path / "c", options=registry.options(), prefetch=settings)
+    try:
+        (export,) = image.exports()
+        head = export.index.metadata[:4096]
+        assert b"".join(bytes(b) for b in export.read(0, len(head))) == head
+        time.sleep(0.5)  # the EROFS start ran on a thread of its own
+        stats = image.store.stats()
+    finally:
+        image.close()
+    assert (stats["requests_fetched"], stats["bytes_fetched"]) == (0, 0)
