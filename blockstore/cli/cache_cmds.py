@@ -15,7 +15,7 @@ import time
 from blockstore.cache import ChunkStore
 from blockstore.cache.indexes import IndexShelf
 from blockstore.cli.common import add_cache_options, cache_dir_from
-from blockstore.errors import IntegrityError, NotFound
+from blockstore.errors import CacheError, IntegrityError, NotFound
 
 DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-fA-F0-9]{32,}$")
 
@@ -49,7 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def open_store(args: argparse.Namespace) -> ChunkStore:
-    return ChunkStore(cache_dir_from(args), size_cap=args.cache_size)
+    """The cache these commands look after: one that does not exist is not made."""
+    path = cache_dir_from(args)
+    if not path.exists():
+        raise CacheError(f"no cache at {path}: nothing was ever kept there")
+    return ChunkStore(path, size_cap=args.cache_size)
 
 
 def human(n: float) -> str:

@@ -157,25 +157,34 @@ def test_stats_ls_pin_rm_gc_by_digest_and_reference(cache_dir):
 
 
 def test_cache_dir_from_the_environment(tmp_path):
-    """BLOCKSTORE_CACHE_DIR chooses the cache when --cache-dir is not given."""
+    """BLOCKSTORE_CACHE_DIR chooses the cache when --cache-dir is not given. A cache
+    command only looks after a cache: where there is none it says so (exit 8) and
+    makes nothing."""
     import os
     import subprocess
     import sys
 
     from cache_rig import REPO
 
-    env = {**os.environ, "BLOCKSTORE_CACHE_DIR": str(tmp_path / "envcache")}
-    result = subprocess.run(
-        [sys.executable, "-m", "blockstore", "cache", "stats"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    from blockstore.cache import ChunkStore
+
+    chosen = tmp_path / "envcache"
+    env = {**os.environ, "BLOCKSTORE_CACHE_DIR": str(chosen)}
+
+    def stats() -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "blockstore", "cache", "stats"]
+        return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+    missing = stats()
+    assert missing.returncode == 8
+    assert missing.stderr.strip() == (
+        f"blockstore: no cache at {chosen}: nothing was ever kept there"
     )
+    assert not chosen.exists()
+    ChunkStore(chosen).close()
+    result = stats()
     assert result.returncode == 0, result.stderr
-    assert str(tmp_path / "envcache") in result.stdout
-    assert (tmp_path / "envcache" / "data.mdb").exists()
+    assert str(chosen) in result.stdout
 
 
 def test_a_cache_dir_that_cannot_be_one_is_refused_in_one_line(tmp_path):
