@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import zstandard
@@ -28,7 +29,7 @@ from blockstore.registry.mediatypes import (
     OCI_INDEX,
     OCI_MANIFEST,
 )
-from blockstore.registry.platforms import Platform
+from blockstore.registry.platforms import Platform, host_platform
 
 # An EROFS image starts with 1024 bytes of boot area, then the superblock,
 # whose first field is this magic (little-endian u32), as the kernel checks it.
@@ -42,31 +43,36 @@ def push_image(
     tag: str,
     layer_paths: list[Path],
     *,
-    platform: str = "linux/amd64",
-    media_type: str = EROFS_MEDIA_TYPE,
+    platform: str | None = None,
+    media_type: str | Sequence[str] = EROFS_MEDIA_TYPE,
     add_to_index: bool = False,
     docker_schema2: bool = False,
 ) -> str:
     """Push ``layer_paths`` (bottom first) as one image; return its manifest digest.
 
-    With ``add_to_index`` the tag becomes an index holding this platform's
-    manifest next to the other platforms already under the tag (replacing an
-    entry of the same platform). ``docker_schema2`` uses Docker's media types
-    for the manifest, config and index instead of OCI's.
+    ``platform``: this host's by default, as ``blockstore push`` has it.
+    ``media_type``: one for every layer, or one per layer (an image of EROFS and
+    tar layers). With ``add_to_index`` the tag becomes an index holding this
+    platform's manifest next to the other platforms already under the tag
+    (replacing an entry of the same platform). ``docker_schema2`` uses Docker's
+    media types for the manifest, config and index instead of OCI's.
     """
     if not layer_paths:
         raise UsageError("an image needs at least one layer")
-    target = Platform.parse(platform)
+    target = Platform.parse(platform) if platform else host_platform()
     paths = [Path(p) for p in layer_paths]
-    for path in paths:
-        check_layer_file(path, media_type)
+    types = [media_type] * len(paths) if isinstance(media_type, str) else list(media_type)
+    if len(types) != len(paths):
+        raise UsageError(f"{len(types)} media types for {len(paths)} layers")
+    for path, layer_type in zip(paths, types, strict=True):
+        check_layer_file(path, layer_type)
     layers = []
     diff_ids = []
-    for path in paths:
+    for path, layer_type in zip(paths, types, strict=True):
         digest, size = file_digest(path)
         client.upload_blob(repository, digest, path)
-        layers.append({"mediaType": media_type, "digest": digest, "size": size})
-        diff_ids.append(diff_id(path, media_type, digest))
+        layers.append({"mediaType": layer_type, "digest": digest, "size": size})
+        diff_ids.append(diff_id(path, layer_type, digest))
     config = _canonical(
         {
             **_platform_fields(target),

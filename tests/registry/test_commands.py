@@ -151,3 +151,66 @@ def test_inspect_platform_holds_for_a_single_platform_image(registry, pushed_ima
     with pytest.raises(UsageError) as expected:
         Platform.parse("bogus")
     assert bogus.stderr == f"blockstore: {expected.value}\n"
+
+
+def test_push_image_of_mixed_layers_from_python(registry, erofs_images, tmp_path):
+    """``push_image`` with one media type per layer makes an image of an EROFS layer
+    under a tar.gz one, for this host's platform; its config's diff_ids are the EROFS
+    blob's digest and the tar's. A count of media types that does not match the
+    layers is a usage error, and pushes nothing."""
+    import gzip
+    import hashlib
+    import io
+    import tarfile
+
+    from blockstore.registry import RegistryClient, RegistryOptions
+    from blockstore.registry.platforms import host_platform
+    from blockstore.registry.push import push_image
+
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        member = tarfile.TarInfo("top-file")
+        member.size = 5
+        archive.addfile(member, io.BytesIO(b"hello"))
+    top = tmp_path / "top.tar.gz"
+    top.write_bytes(gzip.compress(tar.getvalue(), mtime=0))
+    gzip_type = "application/vnd.oci.image.layer.v1.tar+gzip"
+    client = RegistryClient(registry.host, RegistryOptions(insecure=True))
+    try:
+        with pytest.raises(UsageError, match="1 media types for 2 layers"):
+            push_image(
+                client, "cli/mixed", "v1", [erofs_images.small.path, top], media_type=[gzip_type]
+            )
+        push_image(
+            client,
+            "cli/mixed",
+            "v1",
+            [erofs_images.small.path, top],
+            media_type=[EROFS_MEDIA_TYPE, gzip_type],
+        )
+    finally:
+        client.close()
+    inspected = blockstore("inspect", f"{registry.host}/cli/mixed:v1", "--insecure", "--json")
+    assert inspected.returncode == 0, inspected.stderr
+    layers = json.loads(inspected.stdout)["layers"]
+    assert [layer["mediaType"] for layer in layers] == [EROFS_MEDIA_TYPE, gzip_type]
+    config = subprocess.run(
+        [
+            "skopeo",
+            "inspect",
+            "--config",
+            "--tls-verify=false",
+            f"docker://{registry.host}/cli/mixed:v1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert config.returncode == 0, config.stderr
+    seen = json.loads(config.stdout)
+    assert seen["rootfs"]["diff_ids"] == [
+        erofs_images.small.digest,
+        "sha256:" + hashlib.sha256(tar.getvalue()).hexdigest(),
+    ]
+    host = host_platform()
+    assert (seen["os"], seen["architecture"]) == (host.os, host.architecture)
