@@ -155,14 +155,15 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def resolve_targets(store: ChunkStore, targets: list[str]) -> tuple[dict[str, int | None], list]:
     """Blob digests (with sizes when known) and matching ref records of each target."""
-    from blockstore.registry.reference import parse_reference
+    from blockstore.registry.reference import normalize_digest, parse_reference
 
     blobs: dict[str, int | None] = {}
     matched_refs: list[dict] = []
     records = store.images.all()
     for target in targets:
-        if DIGEST.match(target):
-            blobs.setdefault(target, None)
+        if DIGEST.match(target) or target.startswith("sha256:"):
+            # A mistyped digest is one, not an image named "sha256" on Docker Hub.
+            blobs.setdefault(normalize_digest(target), None)
             continue
         canonical = str(parse_reference(target))
         found = [r for r in records if r.get("reference") == canonical]

@@ -202,3 +202,13 @@ def test_a_cache_dir_that_cannot_be_one_is_refused_in_one_line(tmp_path):
         f"blockstore: cannot open the cache at {a_file}: it is not a directory"
     )
     assert a_file.read_bytes() == b"not a directory"
+
+
+@pytest.mark.parametrize("command", ["rm", "pin", "unpin"])
+def test_a_mistyped_digest_is_a_usage_error_not_an_image_name(cache_dir, command):
+    """``cache rm sha256:0000``: a digest cut short is refused as an invalid digest
+    (exit 2), not looked up as an image named "sha256" on Docker Hub (exit 3)."""
+    ChunkStore(cache_dir).close()
+    result = run_cli("cache", command, "sha256:0000", "--cache-dir", str(cache_dir))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().startswith("blockstore: invalid digest 'sha256:0000'")
