@@ -127,11 +127,24 @@ def _started(
     logger.info("the server exited with %s; its last lines:\n%s", exit_status, log_tail(log_path))
     if isinstance(status, readiness.Failed):
         why = status.error
+        if _only_repeats(log_path, why):
+            log_path.unlink(missing_ok=True)
+            raise ServerFailed(why, exit_status or MountError.exit_code)
     elif exit_status is None:
         why = "the server closed its readiness pipe without a word"
     else:
         why = f"the server exited with status {exit_status} before it was ready"
     raise ServerFailed(f"{why} (server log: {log_path})", exit_status or MountError.exit_code)
+
+
+def _only_repeats(log_path: Path, error: str) -> bool:
+    """Whether the server's log says nothing but ``error``: then pointing at it (and
+    keeping it) only repeats the message."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return False
+    return all(line.removeprefix("blockstore: ").strip() in error for line in lines)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

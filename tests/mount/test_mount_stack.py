@@ -228,7 +228,8 @@ def test_busy_mountpoint_and_busy_umount(mount_dirs, mountpoint, erofs_images, l
 def test_server_failing_before_ready_passes_on_its_error(mount_dirs, mountpoint, tmp_path):
     """The real server, asked for an image its cache never saw while offline, fails before
     it is ready: the mount fails at once with the server's own error (from the readiness
-    pipe, not its log) and its exit code, and leaves no record and no state behind."""
+    pipe, not its log) and its exit code, and leaves no record and no state behind, nor
+    a log that would only repeat the error (nor a pointer to one)."""
     failing = [*BLOCKSTORE, "serve", "reg.invalid/none:v1", "--offline"]
     failing += ["--cache-dir", str(tmp_path / "cache")]
     started = time.monotonic()
@@ -237,6 +238,8 @@ def test_server_failing_before_ready_passes_on_its_error(mount_dirs, mountpoint,
     assert time.monotonic() - started < 15
     assert failed.value.exit_code == 9
     assert "never resolved" in str(failed.value), str(failed.value)
+    assert "log" not in str(failed.value)
+    assert not records.log_path_for(str(mountpoint)).exists()
     assert records.saved() == []
     assert not records.state_dir_for(str(mountpoint)).exists()
 
