@@ -120,18 +120,34 @@ def check_layer_file(path: Path, media_type: str) -> None:
     the EROFS media type without being an EROFS image (it would only fail at mount)."""
     try:
         with path.open("rb") as file:
-            file.seek(EROFS_SUPERBLOCK_OFFSET)
-            magic = file.read(4)
+            head = file.read(EROFS_SUPERBLOCK_OFFSET + 4)
     except OSError as exc:
         raise UsageError(f"cannot push {path}: {exc.strerror or exc}") from None
     if media_type != EROFS_MEDIA_TYPE:
         return
+    magic = head[EROFS_SUPERBLOCK_OFFSET:]
     if len(magic) < 4 or int.from_bytes(magic, "little") != EROFS_MAGIC:
+        seen = _tar_layer_type(head)
+        hint = (
+            f"it looks like a {seen[0]}: push it with --media-type {seen[1]}"
+            if seen
+            else "to push other content, give its layer media type with --media-type"
+        )
         raise UsageError(
             f"cannot push {path}: it is not an EROFS image (no EROFS superblock at byte "
-            f"{EROFS_SUPERBLOCK_OFFSET}); to push other content, give its layer media type "
-            "with --media-type"
+            f"{EROFS_SUPERBLOCK_OFFSET}); {hint}"
         )
+
+
+def _tar_layer_type(head: bytes) -> tuple[str, str] | None:
+    """What kind of tar layer a file's first bytes say it is, and its OCI media type."""
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip stream", "application/vnd.oci.image.layer.v1.tar+gzip"
+    if head.startswith(b"\x28\xb5\x2f\xfd"):
+        return "zstd stream", "application/vnd.oci.image.layer.v1.tar+zstd"
+    if head[257:262] == b"ustar":
+        return "tar archive", "application/vnd.oci.image.layer.v1.tar"
+    return None
 
 
 def diff_id(path: Path, media_type: str, digest: str) -> str:

@@ -119,6 +119,35 @@ def test_push_refuses_a_file_that_is_not_erofs(tmp_path, content):
     assert "--media-type" in pushed.stderr
 
 
+def test_push_of_a_tar_layer_without_its_media_type_names_the_one_to_give(tmp_path):
+    """push of a tar.gz, a tar.zst and a plain tar without --media-type exits 2, naming
+    what the file looks like and the exact --media-type that pushes it."""
+    import gzip
+    import io
+    import tarfile
+
+    import zstandard
+
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        archive.addfile(tarfile.TarInfo("empty"))
+    raw = tar.getvalue()
+    kinds = {
+        "layer.tar.gz": (gzip.compress(raw), "gzip stream", "tar+gzip"),
+        "layer.tar.zst": (zstandard.ZstdCompressor().compress(raw), "zstd stream", "tar+zstd"),
+        "layer.tar": (raw, "tar archive", "tar"),
+    }
+    for name, (content, looks, suffix) in kinds.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        pushed = blockstore("push", str(path), "127.0.0.1:9/cli/refused:v1", "--insecure")
+        assert pushed.returncode == 2, pushed.stderr
+        assert pushed.stderr.strip().endswith(
+            f"it looks like a {looks}: push it with --media-type "
+            f"application/vnd.oci.image.layer.v1.{suffix}"
+        ), pushed.stderr
+
+
 def test_push_with_another_media_type_takes_any_bytes(registry, tmp_path):
     """With --media-type other than EROFS's, a non-EROFS file is pushed as given, and
     inspect shows the layer with that media type."""
