@@ -37,6 +37,7 @@ from blockstore.errors import (
 )
 from blockstore.fetch import forks
 from blockstore.indexed_source import IndexedSource
+from blockstore.metrics import TimedSource
 from blockstore.prefetch import PrefetchSettings
 from blockstore.registry import (
     Layer,
@@ -90,10 +91,6 @@ class OpenImage:
     """Take a tar layer's index from its attached artifact, after checks, before building."""
     _blob_sizes: dict[str, Future[int | None]] = field(default_factory=dict)
     """The registry's answer to each layer's HEAD, asked for at open (``ask_blob_sizes``)."""
-    time_fetches: bool = False
-    """Time every registry read into the fetch-latency histogram (``metrics``). Only
-    ``serve --metrics`` publishes it, and importing prometheus_client would cost every
-    other command a tenth of its start-up."""
     unreachable: RegistryUnreachable | None = None
     """Why the registry is not in use though it was asked for (None: online, or offline
     by choice): what a command that needs more than the cache holds should say."""
@@ -199,18 +196,11 @@ class OpenImage:
         if self.client is not None:
             self._check_size(layer)
             remote = RegistryBlob(self.client, self.repository, layer)
-            source = self._timed(remote)
+            source = TimedSource(remote)
             if self.client.mirrors:
                 # A mirror may have sent bytes that fail the digest: the upstream decides.
-                upstream = self._timed(remote.from_upstream())
+                upstream = TimedSource(remote.from_upstream())
         return source, upstream
-
-    def _timed(self, source: BlobSource) -> BlobSource:
-        if not self.time_fetches:
-            return source
-        from blockstore.metrics import TimedSource  # see ``time_fetches``
-
-        return TimedSource(source)
 
     def _checked(
         self, layer: Layer, source: BlobSource | None, upstream: BlobSource | None
@@ -328,7 +318,6 @@ def open_image(
     options: RegistryOptions | None = None,
     prefetch: PrefetchSettings | None = None,
     reading: tuple[int | None, str | None] = (None, None),
-    time_fetches: bool = False,
 ) -> OpenImage:
     """Resolve ``reference`` for ``platform`` online, or from the cache when offline.
 
@@ -338,7 +327,7 @@ def open_image(
     an error, since the cache must not hide it. The returned image owns the
     opened cache: ``close()`` closes both. ``reading``: the layers the caller
     will serve (``OpenImage.select``'s arguments; all by default), whose sizes
-    are asked for at once. ``time_fetches``: see ``OpenImage.time_fetches``.
+    are asked for at once.
     """
     ref = parse_reference(reference)
     wanted = str(Platform.parse(platform) if platform else host_platform())
@@ -351,7 +340,6 @@ def open_image(
         raise
     if prefetch is not None:
         image.prefetch = prefetch
-    image.time_fetches = time_fetches
     try:
         image.ask_blob_sizes(*reading)
         _attachments(image)

@@ -17,7 +17,6 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from blockstore.cache import ChunkStore
 from blockstore.cli.common import (
@@ -35,11 +34,9 @@ from blockstore.cli.common import (
 )
 from blockstore.cli.tls_options import add_tls_options, exposure_warnings, server_tls_from
 from blockstore.errors import BlockstoreError
+from blockstore.metrics import MetricsServer
 from nbdfront.mount.readiness import ReadinessPipe
 from nbdfront.server import DEFAULT_PORT, NBDServer
-
-if TYPE_CHECKING:
-    from blockstore.metrics import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +96,7 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
     if tcp is None and args.unix is None:
         tcp = ("127.0.0.1", DEFAULT_PORT)
     tls = server_tls_from(args)
-    image = open_image_from_args(
-        args,
-        offline=args.offline,
-        prefetch=prefetch_settings_from(args),
-        time_fetches=args.metrics is not None,
-    )
+    image = open_image_from_args(args, offline=args.offline, prefetch=prefetch_settings_from(args))
     metrics = None
     try:
         image.tar_indexes = tar_indexes_from(args, image.select(args.layer, args.blob))
@@ -160,8 +152,6 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
 
 def start_metrics(address: tuple[str, int], store: ChunkStore, server: NBDServer) -> MetricsServer:
     """Prometheus metrics of the cache and this server, announced before ``ready``."""
-    from blockstore.metrics import MetricsServer  # prometheus_client: see OpenImage.time_fetches
-
     try:
         metrics = MetricsServer(*address, store.stats, lambda: server.connection_count)
     except OSError as exc:

@@ -65,35 +65,3 @@ def test_serve_exports_metrics(pushed_images, erofs_images, tmp_path):
         server.wait(15)
         log.close()
     assert server.returncode == 0
-
-
-def test_without_metrics_serve_never_loads_prometheus(pushed_images, tmp_path):
-    """Open an image and read from the registry without metrics: prometheus_client (a
-    tenth of start-up) must not be imported. With them, the same read must be timed."""
-    program = f"""
-import sys
-from blockstore.cli.serve_cmds import run_serve
-from blockstore.image import open_image
-from blockstore.registry import RegistryOptions
-
-def read_cold(time_fetches, cache):
-    image = open_image({pushed_images.small!r}, cache_dir=cache, time_fetches=time_fetches,
-                       options=RegistryOptions(insecure=True))
-    (blob,) = image.exports()
-    assert len(blob.read(0, 4096)[0]) > 0
-    image.close()
-
-read_cold(False, {str(tmp_path / "untimed")!r})
-print("prometheus_client" in sys.modules)
-read_cold(True, {str(tmp_path / "timed")!r})
-from blockstore.metrics import FETCH_LATENCY
-(family,) = FETCH_LATENCY.collect()
-print(sum(s.value for s in family.samples if s.name.endswith("_count")))
-"""
-    done = subprocess.run(
-        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    untimed, timed_count = done.stdout.splitlines()[:2]
-    assert untimed == "False"
-    assert float(timed_count) >= 1
