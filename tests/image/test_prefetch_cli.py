@@ -20,6 +20,8 @@ def blockstore(*args: str, **kw) -> subprocess.CompletedProcess:
 
 
 def cached_fraction(cache: Path) -> float:
+    if not cache.exists():
+        return 0.0  # the prefetch has not made it yet; cache ls would refuse it
     listing = blockstore("cache", "ls", "--json", "--cache-dir", str(cache), check=True)
     blobs = json.loads(listing.stdout)
     return blobs[0]["cached_fraction"] if blobs else 0.0
