@@ -48,10 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     command("rm", cmd_rm, "remove images or blobs from the cache", targets=True)
 
 
-def open_store(args: argparse.Namespace) -> ChunkStore:
-    """The cache these commands look after: one that does not exist is not made."""
+def open_store(args: argparse.Namespace, *, create: bool = False) -> ChunkStore:
+    """The cache these commands look after: one that does not exist is made only for a
+    command that puts something in it (``create``)."""
     path = cache_dir_from(args)
-    if not path.exists():
+    if not create and not path.exists():
         raise CacheError(f"no cache at {path}: nothing was ever kept there")
     return ChunkStore(path, size_cap=args.cache_size)
 

@@ -77,7 +77,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
+    with open_store(args, create=True) as store:
         count = import_traces(store, args.file)
     print(f"imported {count} trace(s)")
     return 0
