@@ -86,15 +86,22 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     # Imported here: the registry client is loaded only by the commands that use it.
     from blockstore.attachments import push_traces, subject_of
+    from blockstore.tarlayer.layers import TAR, layer_kind
 
     image = open_image_from_args(args, needs_registry=True)
     try:
+        # A compressed tar layer is replayed by no trace (its span pump reads it whole,
+        # in order): one kept for it (an earlier version recorded its indexing pass)
+        # is not published, and one attached already is dropped from the artifact.
+        layers = [
+            layer for layer in image.resolved.layers if layer_kind(layer.media_type) in (None, TAR)
+        ]
         shelf = TraceShelf(image.store)
-        local = [t for t in (shelf.get(lay.digest) for lay in image.resolved.layers) if t]
+        local = [t for t in (shelf.get(layer.digest) for layer in layers) if t]
         if not local:
             raise NotFound(f"no trace kept for {image.resolved.reference}: mount it first")
         subject = subject_of(image.resolved, image.repository)
-        digest, merged = push_traces(image.client, subject, image.resolved.layers, local)
+        digest, merged = push_traces(image.client, subject, layers, local)
     finally:
         image.close()
     print(f"{merged} trace(s) attached to {subject.digest} as {digest}")

@@ -16,6 +16,7 @@ from trees import make_tar, snapshot
 from blockstore.cache import ChunkStore
 from blockstore.cache.traces import TraceShelf
 from blockstore.image import open_image
+from blockstore.prefetch import Trace
 from blockstore.prefetch.settings import MOUNT
 from blockstore.registry.push import push_image
 from blockstore.tarlayer.layers import TarLayer
@@ -217,3 +218,32 @@ def test_opening_a_tar_layer_with_its_index_fetches_nothing_of_it(tmp_path, regi
     finally:
         image.close()
     assert (stats["requests_fetched"], stats["bytes_fetched"]) == (0, 0)
+
+
+def test_trace_push_publishes_no_trace_of_a_compressed_layer(tmp_path, registry):
+    """A cache that holds a trace of a gzip layer (an earlier version recorded its
+    indexing pass there, the whole blob) must not publish it: ``trace push`` says
+    there is no trace to push (exit 3) and attaches nothing, so no machine replays
+    the whole layer before its mount."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello").write_bytes(b"hello\n" * 10_000)
+    layer = tmp_path / "layer.gzip"
+    layer.write_bytes(compress("gzip", make_tar(src, tmp_path / "layer.tar").read_bytes()))
+    client = registry.client()
+    try:
+        push_image(client, "o/stale", "v1", [layer], media_type=MEDIA_TYPES["gzip"])
+    finally:
+        client.close()
+    ref = f"{registry.host}/o/stale:v1"
+    cache = tmp_path / "c"
+    image = open_image(ref, cache_dir=cache, options=registry.options())
+    try:
+        (digest,) = [layer.digest for layer in image.resolved.layers]
+        TraceShelf(image.store).put(Trace(digest, 4096, time.time(), [(0, 0, 4)]))
+    finally:
+        image.close()
+    argv = [sys.executable, "-m", "blockstore", "trace", "push", ref, "--insecure"]
+    pushed = subprocess.run([*argv, "--cache-dir", str(cache)], capture_output=True, text=True)
+    assert pushed.returncode == 3, pushed.stderr
+    assert f"no trace kept for {ref}" in pushed.stderr
