@@ -180,7 +180,14 @@ class CachedBlob:
         fetches as usual. A served hit is counted and advised like a read.
         A blob not known to be stored yet is left to ``read`` to look up.
         """
-        held = self.hold_cached(offset, length)
+        return self._copy_cached(offset, length, client=True)
+
+    def read_cached_for_pass(self, offset: int, length: int) -> list[Buffer] | None:
+        """``read_cached`` for a pass of the engine's own (see ``read_for_pass``)."""
+        return self._copy_cached(offset, length, client=False)
+
+    def _copy_cached(self, offset: int, length: int, *, client: bool) -> list[Buffer] | None:
+        held = self.hold_cached(offset, length, client=client)
         if held is None:
             return None
         views, release = held
@@ -190,14 +197,15 @@ class CachedBlob:
             release()
 
     def hold_cached(
-        self, offset: int, length: int
+        self, offset: int, length: int, client: bool = True
     ) -> tuple[list[memoryview], Callable[[], None]] | None:
         """``read_cached`` without the copy: views into the cache, checked, valid until
         ``release()``, which the caller must call once, soon: before it waits on
         anything but the client taking those views, and that for a few tens of
         milliseconds at most (it ends a read transaction, which holds a reader slot
         and defers renewals and map growth, and so every reader queued behind them).
-        A server sends the views straight from the cache with it."""
+        A server sends the views straight from the cache with it. ``client=False``:
+        the engine's own read, not counted, traced or advised (``read_for_pass``)."""
         end = offset + length
         blob_id = self._blob_id
         if blob_id is None or length <= 0 or offset < 0 or end > self._size:
@@ -229,9 +237,10 @@ class CachedBlob:
                 out.append(part)
                 base += CHUNK_SIZE
             store.touch((blob_id, first, last))
-            store.served((last - first + 1, 0, length))
-            if self._recorder is not None or (self._hints is not None and not self._whole):
-                self._heed(offset, length, 0)
+            if client:
+                store.served((last - first + 1, 0, length))
+                if self._recorder is not None or (self._hints is not None and not self._whole):
+                    self._heed(offset, length, 0)
         except BaseException:
             store.end_read(txn)
             raise

@@ -98,6 +98,8 @@ class LayerBlob(Protocol):
 
     def read_cached(self, offset: int, length: int) -> list[Buffer] | None: ...
 
+    def read_cached_for_pass(self, offset: int, length: int) -> list[Buffer] | None: ...
+
     def cache(self, offset: int, length: int) -> None: ...
 
     def prefetch(self, progress: Callable[[int], None] | None = None) -> None: ...
@@ -404,7 +406,7 @@ def open_tar_layer(
         counters = store.counters
         span_bytes = SpanBytes(
             source,
-            blob.read_cached,
+            blob.read_cached_for_pass,
             lambda nbytes: counters.add(requests_fetched=1, bytes_fetched=nbytes),
         )
         compressed, hint = span_bytes.read, span_bytes.ahead

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -247,3 +248,50 @@ def test_trace_push_publishes_no_trace_of_a_compressed_layer(tmp_path, registry)
     pushed = subprocess.run([*argv, "--cache-dir", str(cache)], capture_output=True, text=True)
     assert pushed.returncode == 3, pushed.stderr
     assert f"no trace kept for {ref}" in pushed.stderr
+
+
+def test_inflating_spans_from_cached_blob_bytes_is_not_counted_as_served(tmp_path, registry):
+    """Mount a gzip layer, its index built here (which keeps the blob's bytes), drop
+    its decompressed tar from the cache, open it again and read one file: the spans
+    inflate from the blob's cached bytes. Only the file's bytes may count as served;
+    the blob's bytes, read by the layer itself, counted as a client's reads."""
+    src = tmp_path / "src"
+    src.mkdir()
+    wanted = b"read me " * 1000
+    (src / "wanted").write_bytes(wanted)
+    (src / "noise").write_bytes(os.urandom(300_000))
+    tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    layer = tmp_path / "layer.gzip"
+    layer.write_bytes(compress("gzip", tar))
+    client = registry.client()
+    try:
+        push_image(client, "o/served", "v1", [layer], media_type=MEDIA_TYPES["gzip"])
+    finally:
+        client.close()
+    settings = replace(MOUNT, readahead=False)
+
+    def open_and_read() -> tuple[str, int]:
+        image = open_image(
+            f"{registry.host}/o/served:v1",
+            cache_dir=tmp_path / "c",
+            options=registry.options(),
+            prefetch=settings,
+        )
+        try:
+            (export,) = image.exports()
+            before = image.store.stats()["bytes_served"]
+            start = len(export.index.metadata) + tar.index(wanted)
+            assert b"".join(bytes(b) for b in export.read(start, len(wanted))) == wanted
+            image.store.flush()
+            return export.index.tar_digest, image.store.stats()["bytes_served"] - before
+        finally:
+            image.close()
+
+    tar_digest, _ = open_and_read()
+    store = ChunkStore(tmp_path / "c")
+    try:
+        assert store.remove(tar_digest)
+    finally:
+        store.close()
+    _, served = open_and_read()
+    assert served == len(wanted)
