@@ -100,7 +100,9 @@ class Trace:
 
 
 class TraceRecorder:
-    """Notes first touches of blocks for ``period`` seconds after open, then stops.
+    """Notes first touches of blocks for ``period`` seconds from the first read, then
+    stops. From the first read, not from open: a tar layer's index may be built in
+    between, by reads that are not the mount's.
 
     ``save`` is called once with the trace when the period ends (noticed
     at the next read) or at close, whichever comes first.
@@ -108,7 +110,7 @@ class TraceRecorder:
 
     def __init__(self, digest: str, period: float, save: Callable[[Trace], None]):
         self._trace = Trace(digest, UNIT, time.time())
-        self._start = time.monotonic()
+        self._start: float | None = None
         self._period = period
         self._save = save
         self._seen = bytearray()
@@ -119,7 +121,10 @@ class TraceRecorder:
         """Record a read; False once the period is over (the trace is then saved)."""
         if self._done:
             return False
-        ms = int((time.monotonic() - self._start) * 1000)
+        now = time.monotonic()
+        if self._start is None:
+            self._start = now
+        ms = int((now - self._start) * 1000)
         if ms > self._period * 1000:
             self.finish()
             return False

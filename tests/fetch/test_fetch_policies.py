@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -206,6 +207,26 @@ def test_a_trace_records_each_block_once_in_first_touch_order(reads):
     assert again.order() == trace.order() == expected
     chunks = list(dict.fromkeys(b // 8 for b in expected))
     assert again.in_units_of(32768) == chunks
+
+
+def test_a_trace_period_runs_from_the_first_read_not_from_open():
+    """Tried: a recorder opened, then its first read past its whole period (as when a
+    tar layer's index is built in between). Must hold: that read is recorded at 0 ms,
+    the next one at its own delay, and the period ends a period after the first read."""
+    from blockstore.prefetch.trace import Trace, TraceRecorder
+
+    kept: list[Trace] = []
+    recorder = TraceRecorder("sha256:" + "f" * 64, 0.2, kept.append)
+    time.sleep(0.3)
+    assert recorder.note(0, 4096)
+    time.sleep(0.05)
+    assert recorder.note(8192, 4096)
+    time.sleep(0.25)
+    assert not recorder.note(16384, 4096)
+    [trace] = kept
+    (first_ms, _, _), (second_ms, _, _) = trace.events
+    assert first_ms == 0 and 40 <= second_ms < 200
+    assert trace.order() == [0, 2]
 
 
 def test_a_trace_of_the_first_format_is_read_as_whole_chunks():
