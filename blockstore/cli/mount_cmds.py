@@ -225,7 +225,8 @@ def cached_fractions(record: MountRecord) -> list[float | None]:
     """How much of each mounted layer is in the cache now (None where the cache cannot say).
 
     A compressed tar layer is read from its decompressed tar, which the cache keeps
-    under the tar's own digest: that is the fraction shown for it.
+    under the tar's own digest: that is the fraction shown for it, or None where the
+    cache keeps no index to name that tar (a mount with a local ``--tarindex``).
     """
     from blockstore.tarlayer.export import IndexCache
     from blockstore.tarlayer.layers import TAR, layer_kind
@@ -245,7 +246,7 @@ def cached_fractions(record: MountRecord) -> list[float | None]:
             ]
     except Exception:
         return [None] * len(layers)
-    return [present.get(digest, 0.0) if digest else 0.0 for digest in read_from]
+    return [present.get(digest, 0.0) if digest else None for digest in read_from]
 
 
 def check_image_arguments(args: argparse.Namespace) -> None:

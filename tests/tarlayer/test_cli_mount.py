@@ -211,3 +211,36 @@ def test_unmountable_layers_are_refused_in_one_line(tmp_path, registry, run_dir)
         assert reason in done.stderr and "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
         assert not syscall.is_mounted(str(mnt))
+
+
+def test_mounts_cannot_say_how_much_of_a_compressed_layer_with_no_kept_index_is_cached(
+    tmp_path,
+):
+    """A gzip layer mounted with a local index (``--tarindex``) has no index in the
+    cache to name the tar it is read from: ``mounts`` must say it cannot tell (None,
+    shown "?"), not that nothing of it is cached, while an EROFS layer beside it shows
+    its share."""
+    from blockstore.cache import ChunkStore
+    from blockstore.cli.mount_cmds import cached_fractions
+    from nbdfront.mount.records import MountRecord
+
+    cache = tmp_path / "cache"
+    ChunkStore(cache).close()
+    layers = [
+        {"index": 0, "digest": "sha256:" + "1" * 64, "size": 10, "mediaType": MEDIA_TYPES["gzip"]},
+        {
+            "index": 1,
+            "digest": "sha256:" + "2" * 64,
+            "size": 10,
+            "mediaType": "application/vnd.erofs.layer.v1",
+        },
+    ]
+    record = MountRecord(
+        "/mnt/x",
+        "img",
+        "nbdfuse",
+        "/state",
+        "/log",
+        info={"cache_dir": str(cache), "layers": layers},
+    )
+    assert cached_fractions(record) == [None, 0.0]
