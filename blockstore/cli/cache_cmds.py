@@ -11,6 +11,7 @@ import argparse
 import json
 import re
 import time
+from pathlib import Path
 
 from blockstore.cache import ChunkStore
 from blockstore.cache.indexes import IndexShelf
@@ -51,10 +52,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def open_store(args: argparse.Namespace, *, create: bool = False) -> ChunkStore:
     """The cache these commands look after: one that does not exist is made only for a
     command that puts something in it (``create``)."""
-    path = cache_dir_from(args)
-    if not create and not path.exists():
-        raise CacheError(f"no cache at {path}: nothing was ever kept there")
+    path = cache_dir_from(args) if create else existing_cache_dir(args)
     return ChunkStore(path, size_cap=args.cache_size)
+
+
+def existing_cache_dir(args: argparse.Namespace) -> Path:
+    """The cache directory the arguments name, refused if there is no cache there."""
+    path = cache_dir_from(args)
+    if not path.exists():
+        raise CacheError(f"no cache at {path}: nothing was ever kept there")
+    return path
 
 
 def human(n: float) -> str:

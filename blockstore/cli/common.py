@@ -295,16 +295,24 @@ def add_prefetch_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def import_traces(store, path: Path) -> int:
-    """Load the traces a ``trace export`` file holds into ``store``; how many."""
-    from blockstore.cache.traces import TraceShelf
+def read_trace_file(path: Path) -> list:
+    """The traces a ``trace export`` file holds (read before any cache is opened, so a
+    file that cannot be used changes nothing): a usage error if it is not one."""
     from blockstore.errors import UsageError
     from blockstore.prefetch.trace import traces_from_document
 
     try:
-        traces = traces_from_document(path.read_bytes())
+        return traces_from_document(path.read_bytes())
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise UsageError(f"{path}: {exc}") from None
+
+
+def keep_traces(store, traces: list) -> int:
+    """Put ``traces`` (from ``read_trace_file``) in ``store``; how many."""
+    from blockstore.cache.traces import TraceShelf
+
     shelf = TraceShelf(store)
     for trace in traces:
         shelf.put(trace)

@@ -25,11 +25,12 @@ from blockstore.cli.common import (
     add_prefetch_options,
     add_registry_options,
     add_tar_index_options,
-    import_traces,
+    keep_traces,
     open_image_from_args,
     parse_listen,
     parse_timeout,
     prefetch_settings_from,
+    read_trace_file,
     tar_indexes_from,
 )
 from blockstore.cli.tls_options import add_tls_options, exposure_warnings, server_tls_from
@@ -96,12 +97,12 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
     if tcp is None and args.unix is None:
         tcp = ("127.0.0.1", DEFAULT_PORT)
     tls = server_tls_from(args)
+    traces = read_trace_file(args.trace_file) if args.trace_file is not None else []
     image = open_image_from_args(args, offline=args.offline, prefetch=prefetch_settings_from(args))
     metrics = None
     try:
         image.tar_indexes = tar_indexes_from(args, image.select(args.layer, args.blob))
-        if args.trace_file is not None:
-            import_traces(image.store, args.trace_file)
+        keep_traces(image.store, traces)
         blobs = image.exports(args.layer, args.blob)
         server = NBDServer(
             {blob.name: blob for blob in blobs},

@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 
 from blockstore.cache.traces import TraceShelf
-from blockstore.cli.cache_cmds import human, open_store, resolve_targets
+from blockstore.cli.cache_cmds import existing_cache_dir, human, open_store, resolve_targets
 from blockstore.cli.common import (
     add_cache_options,
     add_registry_options,
-    import_traces,
+    keep_traces,
     open_image_from_args,
+    read_trace_file,
 )
 from blockstore.errors import NotFound
 from blockstore.prefetch.trace import Trace, traces_document
@@ -77,8 +78,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    traces = read_trace_file(args.file)
     with open_store(args, create=True) as store:
-        count = import_traces(store, args.file)
+        count = keep_traces(store, traces)
     print(f"imported {count} trace(s)")
     return 0
 
@@ -88,6 +90,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     from blockstore.attachments import push_traces, subject_of
     from blockstore.tarlayer.layers import TAR, layer_kind
 
+    existing_cache_dir(args)  # the traces to push are in it: a missing one holds none
     image = open_image_from_args(args, needs_registry=True)
     try:
         # A compressed tar layer is replayed by no trace (its span pump reads it whole,

@@ -100,8 +100,9 @@ def test_a_trace_is_recorded_exported_imported_and_replayed(pushed_images, erofs
 
 
 def test_a_bad_trace_file_is_refused_in_one_line(tmp_path):
-    """Importing a file that is not a trace export fails with one clear line, exit 2,
-    and leaves the cache without traces."""
+    """Importing a file that is not a trace export, or cannot be read, fails with one
+    clear line, exit 2, and makes no cache; pushing the traces of a cache that does not
+    exist fails at once (exit 8) and makes none either."""
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"kind": "blockstore-traces", "traces": [{"version": 1}]}))
     done = blockstore("trace", "import", str(bad), "--cache-dir", str(tmp_path / "c"))
@@ -117,8 +118,14 @@ def test_a_bad_trace_file_is_refused_in_one_line(tmp_path):
         "trace", "import", str(tmp_path / "passwd"), "--cache-dir", str(tmp_path / "c")
     )
     assert done.returncode == 2 and "passwd: not a traces document (not JSON text)" in done.stderr
-    listed = blockstore("trace", "ls", "--json", "--cache-dir", str(tmp_path / "c"))
-    assert json.loads(listed.stdout) == []
+    missing = tmp_path / "nosuch.json"
+    done = blockstore("trace", "import", str(missing), "--cache-dir", str(tmp_path / "c"))
+    assert done.returncode == 2
+    assert done.stderr == f"blockstore: cannot read {missing}: No such file or directory\n"
+    assert not (tmp_path / "c").exists()
+    done = blockstore("trace", "push", "127.0.0.1:9/x/y:1", "--cache-dir", str(tmp_path / "c"))
+    assert done.returncode == 8 and "no cache at" in done.stderr
+    assert not (tmp_path / "c").exists()
 
 
 def test_traces_are_kept_per_layer(tmp_path, cache_dir):
