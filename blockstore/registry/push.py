@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -127,9 +128,9 @@ def check_layer_file(path: Path, media_type: str) -> None:
         return
     magic = head[EROFS_SUPERBLOCK_OFFSET:]
     if len(magic) < 4 or int.from_bytes(magic, "little") != EROFS_MAGIC:
-        seen = _tar_layer_type(head)
+        seen = _tar_layer_type(path, head)
         hint = (
-            f"it looks like a {seen[0]}: push it with --media-type {seen[1]}"
+            f"it is a {seen[0]}: push it with --media-type {seen[1]}"
             if seen
             else "to push other content, give its layer media type with --media-type"
         )
@@ -139,15 +140,25 @@ def check_layer_file(path: Path, media_type: str) -> None:
         )
 
 
-def _tar_layer_type(head: bytes) -> tuple[str, str] | None:
-    """What kind of tar layer a file's first bytes say it is, and its OCI media type."""
+_LAYER = "application/vnd.oci.image.layer.v1."
+
+
+def _tar_layer_type(path: Path, head: bytes) -> tuple[str, str] | None:
+    """What kind of tar layer the file is, and its OCI media type, if its first tar
+    header reads as one (inside the gzip or zstd stream it starts with)."""
     if head.startswith(b"\x1f\x8b"):
-        return "gzip stream", "application/vnd.oci.image.layer.v1.tar+gzip"
-    if head.startswith(b"\x28\xb5\x2f\xfd"):
-        return "zstd stream", "application/vnd.oci.image.layer.v1.tar+zstd"
-    if head[257:262] == b"ustar":
-        return "tar archive", "application/vnd.oci.image.layer.v1.tar"
-    return None
+        kind, suffix, opener = "tar archive in a gzip stream", "tar+gzip", gzip.open
+    elif head.startswith(b"\x28\xb5\x2f\xfd"):
+        kind, suffix = "tar archive in a zstd stream", "tar+zstd"
+        opener = zstandard.open
+    else:
+        kind, suffix, opener = "tar archive", "tar", open
+    try:
+        with opener(path, "rb") as stream:
+            tarfile.TarInfo.frombuf(stream.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
+    except (OSError, EOFError, tarfile.HeaderError, zstandard.ZstdError):
+        return None
+    return kind, _LAYER + suffix
 
 
 def diff_id(path: Path, media_type: str, digest: str) -> str:

@@ -120,32 +120,51 @@ def test_push_refuses_a_file_that_is_not_erofs(tmp_path, content):
 
 
 def test_push_of_a_tar_layer_without_its_media_type_names_the_one_to_give(tmp_path):
-    """push of a tar.gz, a tar.zst and a plain tar without --media-type exits 2, naming
-    what the file looks like and the exact --media-type that pushes it."""
+    """push of a tar.gz, a tar.zst, a POSIX tar and a v7 tar (no ustar magic) without
+    --media-type exits 2, naming what the file is and the exact --media-type that
+    pushes it; a gzip stream of something else gets no such advice, only the general
+    one, as pushing it as a tar layer would make an image that cannot be mounted."""
     import gzip
     import io
+    import os
     import tarfile
 
     import zstandard
 
-    tar = io.BytesIO()
-    with tarfile.open(fileobj=tar, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        archive.addfile(tarfile.TarInfo("empty"))
-    raw = tar.getvalue()
+    def tar_of(fmt: int) -> bytes:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=fmt) as archive:
+            archive.addfile(tarfile.TarInfo("empty"))
+        return out.getvalue()
+
+    raw = tar_of(tarfile.PAX_FORMAT)
+    v7 = bytearray(tar_of(tarfile.USTAR_FORMAT))
+    v7[257:265] = bytes(8)  # no "ustar" magic or version: a pre-POSIX archive
+    v7[148:156] = b"%06o\0 " % (sum(v7[:148]) + 8 * 32 + sum(v7[156:512]))
+    layer = "application/vnd.oci.image.layer.v1."
     kinds = {
-        "layer.tar.gz": (gzip.compress(raw), "gzip stream", "tar+gzip"),
-        "layer.tar.zst": (zstandard.ZstdCompressor().compress(raw), "zstd stream", "tar+zstd"),
+        "layer.tar.gz": (gzip.compress(raw), "tar archive in a gzip stream", "tar+gzip"),
+        "layer.tar.zst": (
+            zstandard.ZstdCompressor().compress(raw),
+            "tar archive in a zstd stream",
+            "tar+zstd",
+        ),
         "layer.tar": (raw, "tar archive", "tar"),
+        "old.tar": (bytes(v7), "tar archive", "tar"),
     }
-    for name, (content, looks, suffix) in kinds.items():
+    for name, (content, what, suffix) in kinds.items():
         path = tmp_path / name
         path.write_bytes(content)
         pushed = blockstore("push", str(path), "127.0.0.1:9/cli/refused:v1", "--insecure")
         assert pushed.returncode == 2, pushed.stderr
         assert pushed.stderr.strip().endswith(
-            f"it looks like a {looks}: push it with --media-type "
-            f"application/vnd.oci.image.layer.v1.{suffix}"
-        ), pushed.stderr
+            f"it is a {what}: push it with --media-type {layer}{suffix}"
+        ), (name, pushed.stderr)
+    noise = tmp_path / "noise.gz"
+    noise.write_bytes(gzip.compress(os.urandom(5000)))
+    pushed = blockstore("push", str(noise), "127.0.0.1:9/cli/refused:v1", "--insecure")
+    assert pushed.returncode == 2
+    assert pushed.stderr.strip().endswith("give its layer media type with --media-type")
 
 
 def test_push_with_another_media_type_takes_any_bytes(registry, tmp_path):
