@@ -169,8 +169,9 @@ def resolve_targets(store: ChunkStore, targets: list[str]) -> tuple[dict[str, in
     matched_refs: list[dict] = []
     records = store.images.all()
     for target in targets:
-        if DIGEST.match(target) or target.startswith("sha256:"):
-            # A mistyped digest is one, not an image named "sha256" on Docker Hub.
+        if DIGEST.match(target) or (target.startswith("sha256:") and "/" not in target):
+            # A mistyped digest is one, not an image named "sha256" on Docker Hub (which
+            # is still reachable as docker.io/library/sha256:TAG).
             blobs.setdefault(normalize_digest(target), None)
             continue
         canonical = str(parse_reference(target))

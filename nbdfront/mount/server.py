@@ -127,7 +127,7 @@ def _started(
     logger.info("the server exited with %s; its last lines:\n%s", exit_status, log_tail(log_path))
     if isinstance(status, readiness.Failed):
         why = status.error
-        if _only_repeats(log_path, why):
+        if exit_status is not None and _only_repeats(log_path, why):
             log_path.unlink(missing_ok=True)
             raise ServerFailed(why, exit_status or MountError.exit_code)
     elif exit_status is None:
@@ -138,13 +138,13 @@ def _started(
 
 
 def _only_repeats(log_path: Path, error: str) -> bool:
-    """Whether the server's log says nothing but ``error``: then pointing at it (and
-    keeping it) only repeats the message."""
+    """Whether the server's log (of a server that has exited) says nothing but ``error``:
+    then pointing at it, and keeping it, only repeats the message."""
     try:
-        lines = log_path.read_text(errors="replace").splitlines()
+        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line]
     except OSError:
         return False
-    return all(line.removeprefix("blockstore: ").strip() in error for line in lines)
+    return all(line.removeprefix("blockstore: ") == error for line in lines)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -212,3 +212,12 @@ def test_a_mistyped_digest_is_a_usage_error_not_an_image_name(cache_dir, command
     result = run_cli("cache", command, "sha256:0000", "--cache-dir", str(cache_dir))
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().startswith("blockstore: invalid digest 'sha256:0000'")
+
+
+def test_a_registry_host_named_sha256_is_still_an_image(cache_dir):
+    """``sha256:5000/app:v1`` holds a slash, so it cannot be a digest: it is looked up as
+    the image on the registry host ``sha256`` (not cached here: exit 3, naming it)."""
+    ChunkStore(cache_dir).close()
+    result = run_cli("cache", "rm", "sha256:5000/app:v1", "--cache-dir", str(cache_dir))
+    assert result.returncode == 3, result.stderr
+    assert "no image sha256:5000/app:v1 in the cache" in result.stderr

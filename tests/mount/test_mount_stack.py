@@ -465,3 +465,25 @@ def test_a_mount_in_progress_is_shown_as_such_and_a_killed_one_is_cleaned_up(
         assert records.saved() == []
     finally:
         mounting.kill()
+
+
+def test_a_failed_servers_log_is_dropped_only_when_it_repeats_the_error(tmp_path):
+    """Tried: logs of a server that failed before ready, against its error. Must hold:
+    one that holds the error alone (as the server prints it, with blank lines) is a
+    repeat; one with any other line, even a piece of the error, is not, and is kept."""
+    from nbdfront.mount.server import _only_repeats
+
+    error = "registry r.example refused the user name and password"
+    log = tmp_path / "serve.log"
+    cases = {
+        f"blockstore: {error}\n": True,
+        f"\nblockstore: {error}\n\n": True,
+        "": True,
+        f"blockstore: {error}\nblockstore: warning: the cache was moved aside\n": False,
+        f"blockstore: {error}\nrefused\n": False,
+        "Traceback (most recent call last):\n": False,
+    }
+    for text, repeats in cases.items():
+        log.write_text(text)
+        assert _only_repeats(log, error) is repeats, text
+    assert _only_repeats(tmp_path / "absent.log", error) is False
