@@ -237,6 +237,8 @@ def _inode_of(entry: TarEntry) -> Inode:
             raise TarLayerError(f"tar entry {_show(entry.path)}: a symlink with no target")
         node.target = entry.link
         node.size = len(entry.link)
+        # Linux makes every symlink 0777 whatever the header says, as extraction shows.
+        node.mode = stat.S_IFLNK | 0o777
     elif kind == stat.S_IFDIR:
         node.children = {}
     elif kind in (stat.S_IFCHR, stat.S_IFBLK):

@@ -46,6 +46,14 @@ def test_a_file_replaces_a_directory_and_back():
     assert tree.lookup([b"p"]).children == {}
 
 
+def test_a_symlink_is_0777_whatever_its_header_says():
+    """A symlink whose tar header gives mode 0644 (Python's tarfile writes that) is
+    0777 in the tree, as extraction leaves every symlink on Linux; its owner stays."""
+    tree = build_tree([TarEntry(path=b"s", mode=stat.S_IFLNK | 0o644, link=b"target", uid=7)])
+    s = tree.lookup([b"s"])
+    assert (s.mode, s.uid, s.target) == (stat.S_IFLNK | 0o777, 7, b"target")
+
+
 def test_hard_link_names_the_inode_written_earlier():
     """A hard link shares the inode of its target as it was then; replacing the target
     path later leaves the link pointing at the old inode (as link(2) at extraction does)."""
