@@ -55,7 +55,8 @@ def umount(target: str, *, lazy: bool = False) -> None:
             return
         if err == errno.EBUSY:
             raise MountpointBusy(
-                f"{target} is busy: a process still uses it (end it, or unmount with --lazy)"
+                f"{target} is busy: a process still uses it (end it, or unmount with --lazy, "
+                "after which what still uses it gets I/O errors)"
             )
         raise _fail(f"umount {target}", err)
 

@@ -216,6 +216,8 @@ def test_busy_mountpoint_and_busy_umount(mount_dirs, mountpoint, erofs_images, l
         busy = cli("umount", str(mountpoint))
         assert busy.returncode == MountpointBusy.exit_code, busy.stderr
         assert len(busy.stderr.strip().splitlines()) == 1
+        # The way out it offers says what it costs.
+        assert "--lazy, after which what still uses it gets I/O errors" in busy.stderr
         assert syscall.is_mounted(str(mountpoint))
         lazy = cli("umount", "--lazy", str(mountpoint))
         assert lazy.returncode == 0, lazy.stderr
