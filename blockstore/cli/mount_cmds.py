@@ -15,7 +15,7 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from blockstore.cache import ChunkStore
@@ -221,6 +221,17 @@ def percent(fraction: float) -> str:
     return f"{min(round(shown), 99)}%"
 
 
+def with_layers(record: MountRecord) -> MountRecord:
+    """``record``, its layers looked up again if the mount could not name them: its
+    cache could not be read then (damaged, and moved aside by the server since)."""
+    info = record.info
+    if info.get("layers") or not info.get("cache_dir"):
+        return record
+    found = _image_layers(Path(info["cache_dir"]), record.image, None)
+    exports = [attachment.export for attachment in record.attachments]
+    return replace(record, info={**info, **describe_layers(found, exports)})
+
+
 def cached_fractions(record: MountRecord) -> list[float | None]:
     """How much of each mounted layer is in the cache now (None where the cache cannot say).
 
@@ -348,22 +359,22 @@ def run_mounts(args: argparse.Namespace) -> int:
     statuses = stack.list_mounts()
     rows = []
     for st in statuses:
-        fractions = cached_fractions(st.record)
+        record = with_layers(st.record)
         rows.append(
             {
-                "mountpoint": st.record.mountpoint,
-                "image": st.record.image,
-                "layers": len(st.record.attachments),
-                "layer_indexes": [layer.get("index") for layer in st.record.info.get("layers", [])],
-                "image_layers": st.record.info.get("image_layers"),
-                "served": served_layers(st.record),
-                "via": st.record.method,
+                "mountpoint": record.mountpoint,
+                "image": record.image,
+                "layers": len(record.attachments),
+                "layer_indexes": [layer.get("index") for layer in record.info.get("layers", [])],
+                "image_layers": record.info.get("image_layers"),
+                "served": served_layers(record),
+                "via": record.method,
                 "state": st.state,
-                "server_pid": st.record.server.pid if st.record.server else None,
-                "cached": fractions,
-                "cache_dir": st.record.info.get("cache_dir"),
-                "mount_seconds": st.record.mount_seconds,
-                "log": st.record.log,
+                "server_pid": record.server.pid if record.server else None,
+                "cached": cached_fractions(record),
+                "cache_dir": record.info.get("cache_dir"),
+                "mount_seconds": record.mount_seconds,
+                "log": record.log,
             }
         )
     if args.json:

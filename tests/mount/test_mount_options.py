@@ -290,3 +290,38 @@ def test_a_local_tar_index_is_refused_for_a_layer_that_is_no_tar(tmp_path):
         tar_indexes_from(args, [erofs])
     tar = Layer(0, "sha256:" + "b" * 64, 4096, "application/vnd.oci.image.layer.v1.tar")
     assert tar_indexes_from(args, [tar]) == {0: (index.resolve(), None)}
+
+
+def test_mounts_looks_up_the_layers_a_mount_could_not_name(pushed_images, tmp_path):
+    """A mount whose cache could not be read when it was made (damaged, then moved
+    aside and refilled by its server) recorded no layers. ``mounts`` must look them up
+    again in the cache as it is now, and show how much of each is cached, not "?"
+    for as long as the mount lives."""
+    from blockstore.cli.mount_cmds import cached_fractions, with_layers
+    from blockstore.image import open_image
+    from blockstore.registry import RegistryOptions
+    from nbdfront.mount.attach import Attachment
+    from nbdfront.mount.records import MountRecord
+
+    cache = tmp_path / "cache"
+    image = open_image(pushed_images.small, cache_dir=cache, options=RegistryOptions(insecure=True))
+    try:
+        (blob,) = image.exports()
+        blob.prefetch()
+    finally:
+        image.close()
+    attachment = Attachment("layer0", "nbd+unix:///layer0", "nbdfuse", "/dev/null")
+    record = MountRecord(
+        "/mnt/x",
+        pushed_images.small,
+        "nbdfuse",
+        "/state",
+        "/log",
+        attachments=[attachment],
+        info={"cache_dir": str(cache), "layers": [], "image_layers": 0},
+    )
+    assert cached_fractions(record) == []
+    found = with_layers(record)
+    assert [layer["export"] for layer in found.info["layers"]] == ["layer0"]
+    assert found.info["image_layers"] == 1
+    assert cached_fractions(found) == [1.0]
