@@ -32,6 +32,7 @@ from blockstore.cli.common import (
 )
 from blockstore.cli.tls_options import add_tls_options, mount_tls_arguments
 from blockstore.errors import UsageError
+from blockstore.logformat import count_trouble
 from nbdfront.mount import stack
 from nbdfront.mount.attach import KERNEL, NBDFUSE
 from nbdfront.mount.records import MountRecord
@@ -221,6 +222,15 @@ def percent(fraction: float) -> str:
     return f"{min(round(shown), 99)}%"
 
 
+def with_warnings(state: str, warnings: int) -> str:
+    """A mount's state for people, with the warnings and errors its server logged so
+    far (a read answered EIO, the cache found damaged and moved aside): they do not
+    stop the mount, and would otherwise show only at ``umount``."""
+    if not warnings:
+        return state
+    return f"{state}, {warnings} warning{'s' if warnings > 1 else ''} in its log"
+
+
 def with_layers(record: MountRecord) -> MountRecord:
     """``record``, its layers looked up again if the mount could not name them: its
     cache could not be read then (damaged, and moved aside by the server since)."""
@@ -375,6 +385,7 @@ def run_mounts(args: argparse.Namespace) -> int:
                 "cache_dir": record.info.get("cache_dir"),
                 "mount_seconds": record.mount_seconds,
                 "log": record.log,
+                "warnings": count_trouble(Path(record.log)),
             }
         )
     if args.json:
@@ -387,9 +398,8 @@ def run_mounts(args: argparse.Namespace) -> int:
     table = [("MOUNTPOINT", "IMAGE", "LAYERS", "VIA", "STATE", "CACHED")]
     for row in rows:
         cached = " ".join("?" if f is None else percent(f) for f in row["cached"]) or "?"
-        table.append(
-            (row["mountpoint"], row["image"], row["served"], row["via"], row["state"], cached)
-        )
+        state = with_warnings(row["state"], row["warnings"])
+        table.append((row["mountpoint"], row["image"], row["served"], row["via"], state, cached))
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())

@@ -156,6 +156,10 @@ def test_clean_umount_removes_the_log_a_failed_stop_keeps_it(
     with open(record.log, "a") as log:
         log.write("2026-01-01 00:00:00,000 blockstore.cache.seal ERROR sha256:ab: dropped\n")
         log.write("2026-01-01 00:00:00,001 blockstore.export INFO a line that is no trouble\n")
+    # mounts says so while the mount lives: the warning need not wait for umount.
+    listed = cli("mounts", "--json")
+    assert [row["warnings"] for row in json.loads(listed.stdout)] == [1]
+    assert "ok, 1 warning in its log" in cli("mounts").stdout
     umount_keeps_the_log(record, run, "the server logged 1 warning or error line")
 
     argv = local_server({"layer0": image}, stop_status=3)
