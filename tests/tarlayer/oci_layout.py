@@ -32,6 +32,21 @@ def _put(layout: Path, data: bytes) -> dict:
     return {"digest": digest, "size": len(data)}
 
 
+def push_tar_layer(registry, repository: str, tag: str, kind: str, tar: bytes, where: Path) -> str:
+    """``tar``, compressed as ``kind``, pushed as a one-layer image with that kind's media
+    type (its config's diff_id is the tar's digest); the image's reference."""
+    from blockstore.registry.push import push_image
+
+    layer = where / f"layer.{kind}"
+    layer.write_bytes(compress(kind, tar))
+    client = registry.client()
+    try:
+        push_image(client, repository, tag, [layer], media_type=MEDIA_TYPES[kind])
+    finally:
+        client.close()
+    return f"{registry.host}/{repository}:{tag}"
+
+
 def compress(kind: str, tar: bytes) -> bytes:
     if kind == "gzip":
         return gzip.compress(tar, 6, mtime=0)

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from oci_layout import MEDIA_TYPES, make_layout, skopeo_copy
+from oci_layout import MEDIA_TYPES, make_layout, push_tar_layer, skopeo_copy
 from test_overlay_layers import extract_in_order, layer_sources, without_dir_counts
 from trees import make_tar, populate, snapshot
 
@@ -158,15 +158,8 @@ def test_mounts_counts_a_compressed_layer_by_the_tar_it_is_read_from(tmp_path, r
     inflated as they arrive and never kept. ``mounts`` must show the layer whole, as
     the cache holds what it is read from; it showed the blob's share (next to none)."""
     src = populate(tmp_path / "src")
-    tar = make_tar(src, tmp_path / "layer.tar")
-    layer = tmp_path / "layer.tar.gz"
-    layer.write_bytes(gzip.compress(tar.read_bytes(), 6, mtime=0))
-    client = registry.client()
-    try:
-        push_image(client, "o/counted", "v1", [layer], media_type=MEDIA_TYPES["gzip"])
-    finally:
-        client.close()
-    ref = f"{registry.host}/o/counted:v1"
+    tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    ref = push_tar_layer(registry, "o/counted", "v1", "gzip", tar, tmp_path)
     cli("index", "--push", "--insecure", "--cache-dir", str(tmp_path / "indexer"), ref)
     mnt = tmp_path / "mnt"
     mnt.mkdir()

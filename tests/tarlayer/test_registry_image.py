@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from oci_layout import MEDIA_TYPES, compress, make_layout, skopeo_copy
+from oci_layout import make_layout, push_tar_layer, skopeo_copy
 from test_overlay_layers import extract_in_order, layer_sources, without_dir_counts
 from trees import make_tar, snapshot
 
@@ -19,7 +19,6 @@ from blockstore.cache.traces import TraceShelf
 from blockstore.image import open_image
 from blockstore.prefetch import Trace
 from blockstore.prefetch.settings import MOUNT
-from blockstore.registry.push import push_image
 from blockstore.tarlayer.layers import TarLayer
 from nbdfront.mount import attach
 from nbdfront.mount import syscall as mount_syscall
@@ -120,16 +119,8 @@ def test_pushed_compressed_layer_has_the_diff_id_its_index_checks(tmp_path, regi
     src.mkdir()
     (src / "hello").write_text("hello\n")
     tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
-    layer = tmp_path / f"layer.{kind}"
-    layer.write_bytes(compress(kind, tar))
-    client = registry.client()
-    try:
-        push_image(client, "o/pushed", kind, [layer], media_type=MEDIA_TYPES[kind])
-    finally:
-        client.close()
-    image = open_image(
-        f"{registry.host}/o/pushed:{kind}", cache_dir=tmp_path / "c", options=registry.options()
-    )
+    ref = push_tar_layer(registry, "o/pushed", kind, kind, tar, tmp_path)
+    image = open_image(ref, cache_dir=tmp_path / "c", options=registry.options())
     try:
         (export,) = image.exports()
         data = b"".join(bytes(b) for b in export.read(0, export.size))
@@ -152,19 +143,8 @@ def test_a_tar_layers_trace_holds_the_mounts_reads_not_the_indexing_pass(tmp_pat
     wanted = b"the one file read " * 1000
     (src / "wanted").write_bytes(wanted)
     tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
-    layer = tmp_path / f"layer.{kind}"
-    layer.write_bytes(compress(kind, tar))
-    client = registry.client()
-    try:
-        push_image(client, "o/traced", kind, [layer], media_type=MEDIA_TYPES[kind])
-    finally:
-        client.close()
-    image = open_image(
-        f"{registry.host}/o/traced:{kind}",
-        cache_dir=tmp_path / "c",
-        options=registry.options(),
-        prefetch=MOUNT,
-    )
+    ref = push_tar_layer(registry, "o/traced", kind, kind, tar, tmp_path)
+    image = open_image(ref, cache_dir=tmp_path / "c", options=registry.options(), prefetch=MOUNT)
     try:
         (export,) = image.exports()
         (layer_digest,) = [layer.digest for layer in image.resolved.layers]
@@ -198,14 +178,7 @@ def test_opening_a_tar_layer_with_its_index_fetches_nothing_of_it(tmp_path, regi
     src.mkdir()
     (src / "hello").write_bytes(b"hello\n" * 10_000)
     tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
-    layer = tmp_path / f"layer.{kind}"
-    layer.write_bytes(compress(kind, tar))
-    client = registry.client()
-    try:
-        push_image(client, "o/head", kind, [layer], media_type=MEDIA_TYPES[kind])
-    finally:
-        client.close()
-    ref = f"{registry.host}/o/head:{kind}"
+    ref = push_tar_layer(registry, "o/head", kind, kind, tar, tmp_path)
     indexer = [sys.executable, "-m", "blockstore", "index", "--push", "--insecure", ref]
     subprocess.run([*indexer, "--cache-dir", str(tmp_path / "i")], check=True, timeout=60)
     settings = replace(MOUNT, readahead=False)
@@ -229,14 +202,8 @@ def test_trace_push_publishes_no_trace_of_a_compressed_layer(tmp_path, registry)
     src = tmp_path / "src"
     src.mkdir()
     (src / "hello").write_bytes(b"hello\n" * 10_000)
-    layer = tmp_path / "layer.gzip"
-    layer.write_bytes(compress("gzip", make_tar(src, tmp_path / "layer.tar").read_bytes()))
-    client = registry.client()
-    try:
-        push_image(client, "o/stale", "v1", [layer], media_type=MEDIA_TYPES["gzip"])
-    finally:
-        client.close()
-    ref = f"{registry.host}/o/stale:v1"
+    tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    ref = push_tar_layer(registry, "o/stale", "v1", "gzip", tar, tmp_path)
     cache = tmp_path / "c"
     image = open_image(ref, cache_dir=cache, options=registry.options())
     try:
@@ -261,18 +228,12 @@ def test_inflating_spans_from_cached_blob_bytes_is_not_counted_as_served(tmp_pat
     (src / "wanted").write_bytes(wanted)
     (src / "noise").write_bytes(os.urandom(300_000))
     tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
-    layer = tmp_path / "layer.gzip"
-    layer.write_bytes(compress("gzip", tar))
-    client = registry.client()
-    try:
-        push_image(client, "o/served", "v1", [layer], media_type=MEDIA_TYPES["gzip"])
-    finally:
-        client.close()
+    ref = push_tar_layer(registry, "o/served", "v1", "gzip", tar, tmp_path)
     settings = replace(MOUNT, readahead=False)
 
     def open_and_read() -> tuple[str, int]:
         image = open_image(
-            f"{registry.host}/o/served:v1",
+            ref,
             cache_dir=tmp_path / "c",
             options=registry.options(),
             prefetch=settings,
