@@ -250,7 +250,7 @@ def cached_fractions(record: MountRecord) -> list[float | None]:
     cache keeps no index to name that tar (a mount with a local ``--tarindex``).
     """
     from blockstore.tarlayer.export import IndexCache
-    from blockstore.tarlayer.layers import TAR, layer_kind
+    from blockstore.tarlayer.layers import compressed_tar
 
     layers = record.info.get("layers") or []
     if not layers:
@@ -261,7 +261,7 @@ def cached_fractions(record: MountRecord) -> list[float | None]:
             indexes = IndexCache(store)
             read_from = [
                 indexes.tar_digest(layer["digest"])
-                if layer_kind(layer.get("mediaType") or "") not in (None, TAR)
+                if compressed_tar(layer.get("mediaType") or "")
                 else layer["digest"]
                 for layer in layers
             ]

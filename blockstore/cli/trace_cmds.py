@@ -88,7 +88,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     # Imported here: the registry client is loaded only by the commands that use it.
     from blockstore.attachments import push_traces, subject_of
-    from blockstore.tarlayer.layers import TAR, layer_kind
+    from blockstore.tarlayer.layers import compressed_tar
 
     existing_cache_dir(args)  # the traces to push are in it: a missing one holds none
     image = open_image_from_args(args, needs_registry=True)
@@ -96,9 +96,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         # A compressed tar layer is replayed by no trace (its span pump reads it whole,
         # in order): one kept for it (an earlier version recorded its indexing pass)
         # is not published, and one attached already is dropped from the artifact.
-        layers = [
-            layer for layer in image.resolved.layers if layer_kind(layer.media_type) in (None, TAR)
-        ]
+        layers = [layer for layer in image.resolved.layers if not compressed_tar(layer.media_type)]
         shelf = TraceShelf(image.store)
         local = [t for t in (shelf.get(layer.digest) for layer in layers) if t]
         if not local:

@@ -83,6 +83,12 @@ def layer_kind(media_type: str) -> str | None:
     return LAYER_KINDS.get(media_type)
 
 
+def compressed_tar(media_type: str) -> bool:
+    """A gzip or zstd tar layer: read from its decompressed tar, kept under the tar's own
+    digest; its blob is read only by the layer's passes and span pump."""
+    return layer_kind(media_type) not in (None, TAR)
+
+
 class LayerBlob(Protocol):
     """The layer's blob read through the cache (a ``CachedBlob``)."""
 
