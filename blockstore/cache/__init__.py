@@ -8,7 +8,7 @@ index; complete blobs are sealed against their digest. Modules: ``layout``
 (keys, records), ``integrity`` (every check, once), ``env`` (opening LMDB,
 map growth, full disk), ``store``, ``refs`` (references and manifests kept
 for offline use), ``blob``, ``evict`` and ``recency`` (LRU), ``seal``
-(digests, verify), ``counters``.
+(digests, verify), ``counters``, ``compact`` (giving freed pages back to the disk).
 """
 
 from .blob import CachedBlob

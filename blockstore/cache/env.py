@@ -247,6 +247,39 @@ def _reserve_lock_file(path: Path) -> None:
         raise CacheError(f"cannot open the cache at {path}: {exc}") from exc
 
 
+def hold_in_use(path: Path) -> int:
+    """A shared ``flock`` on ``data.mdb``, held by every process with the cache open:
+    compaction (``compact.py``) replaces the file only under the exclusive lock, so
+    it waits for none of them and none of them maps a file being replaced.
+
+    A process that opened the file as it was being replaced gets the lock on the
+    old file: it then opens the new one. The descriptor, whose closing drops the
+    lock, is the caller's to keep.
+    """
+    data = path / "data.mdb"
+    while True:
+        try:
+            fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise DiskFull(f"the disk holding the cache at {path} is full") from exc
+            raise CacheError(f"cannot open the cache at {path}: {exc}") from exc
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("the cache at %s is being compacted: waiting for it", path)
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            if os.fstat(fd).st_ino == os.stat(data).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass  # replaced, or moved aside, in between: look again
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
 @contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """An exclusive ``flock`` on ``directory`` itself (no file left behind)."""
@@ -385,6 +418,7 @@ class CacheEnv:
         self._write_lock = threading.Lock()
         self.dbs: dict[bytes, lmdb._Database] = {}
         self.env: lmdb.Environment | None = None
+        self._in_use: int | None = None  # the descriptor holding ``hold_in_use``'s lock
         # Set when this handle must not be used again: the file was found damaged,
         # or this process is a fork's child. The next transaction reopens first.
         self._stale: str | None = None
@@ -418,6 +452,15 @@ class CacheEnv:
         """Open LMDB on the directory, refusing a file that would fault once mapped."""
         path = self.path
         path.mkdir(parents=True, exist_ok=True)
+        in_use = hold_in_use(path)
+        try:
+            self._open_lmdb(path)
+        except BaseException:
+            os.close(in_use)
+            raise
+        self._in_use = in_use
+
+    def _open_lmdb(self, path: Path) -> None:
         why = file_damage(path)
         if why is not None:
             raise CacheDamaged(f"the cache at {path} is damaged: {why}")
@@ -516,6 +559,13 @@ class CacheEnv:
         if self.env is not None:
             self.env.close()
             self.env = None
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Drop this handle's claim on the file (``hold_in_use``)."""
+        if self._in_use is not None:
+            os.close(self._in_use)
+            self._in_use = None
 
     def damaged(self, exc: Exception) -> CacheError:
         """The error to raise for ``exc``; damage also marks the environment for renewal."""
@@ -535,6 +585,7 @@ class CacheEnv:
         if self.env is not None:
             self.env.close()
         self.env = None
+        self._let_go()  # the parent's claim: the child's descriptor of it, not the lock
         self._gate = _Gate()
         self._write_lock = threading.Lock()
         self._stale = "fork"

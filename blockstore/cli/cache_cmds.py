@@ -1,4 +1,4 @@
-"""``blockstore cache stats|ls|verify|gc|pin|unpin|rm``: look after the chunk cache.
+"""``blockstore cache stats|ls|verify|gc|compact|pin|unpin|rm``: look after the chunk cache.
 
 Targets are blob digests (``sha256:...``) or image references; a reference
 names the blobs (layers) of the images resolved under it before, matched on
@@ -44,6 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"(exit {IntegrityError.exit_code} if anything was)",
     )
     command("gc", cmd_gc, "evict least recently used chunks down to the size cap")
+    command(
+        "compact",
+        cmd_compact,
+        "give the space of evicted and removed chunks back to the disk "
+        "(only while no server or mount uses the cache)",
+    )
     command("pin", cmd_pin, "keep images or blobs from eviction", targets=True)
     command("unpin", cmd_unpin, "let eviction take images or blobs again", targets=True)
     command("rm", cmd_rm, "remove images or blobs from the cache", targets=True)
@@ -157,6 +163,19 @@ def cmd_gc(args: argparse.Namespace) -> int:
         result,
         f"evicted {result['evicted_chunks']} chunks or parts ({human(result['freed_bytes'])}); "
         f"{human(result['stored_bytes'])} of {human(result['size_cap'])} stored",
+    )
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from blockstore.cache.compact import compact
+
+    result = compact(existing_cache_dir(args))
+    emit(
+        args,
+        {"before_bytes": result.before, "after_bytes": result.after},
+        f"data.mdb: {human(result.before)} -> {human(result.after)} "
+        f"({human(result.before - result.after)} given back)",
     )
     return 0
 

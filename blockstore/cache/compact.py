@@ -1,0 +1,140 @@
+"""Give a cache's free pages back to the disk: ``blockstore cache compact``.
+
+LMDB reuses the pages that eviction and ``cache rm`` free, but never
+shortens its file, so ``data.mdb`` keeps the largest size it ever had.
+Compaction writes a copy holding only the pages in use (LMDB's own compacting
+copy, from one read transaction), makes it durable, and renames it over the
+original: a crash at any step leaves either the old file or the new one,
+never a mix, and at worst a stray copy that the next compaction removes.
+
+Every process with the cache open holds a shared lock on ``data.mdb``
+(``env.hold_in_use``); compaction takes it exclusively and without waiting,
+so it runs only on a cache nobody is using, and says who is when it cannot.
+A process that opens the cache meanwhile waits for the new file.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+
+from blockstore.errors import CacheError
+
+from .env import DiskFull, file_damage
+from .layout import ALL_DBS
+
+COPY_NAME = "data.mdb.compacting"
+
+
+class CacheBusy(CacheError):
+    """The cache is open in other processes, so its file cannot be replaced."""
+
+
+@dataclass(frozen=True)
+class Compacted:
+    before: int  # bytes of data.mdb before
+    after: int  # and after
+
+
+def compact(path: Path) -> Compacted:
+    """Rewrite the cache at ``path`` without its free pages; refuse one in use."""
+    data = path / "data.mdb"
+    try:
+        fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CacheError(f"no cache at {path}: nothing was ever kept there") from None
+    except OSError as exc:
+        raise CacheError(f"cannot open the cache at {path}: {exc}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CacheBusy(
+                f"the cache at {path} is in use by {_users(fd)}: stop its servers and "
+                "unmount its mounts, then compact it"
+            ) from None
+        if os.fstat(fd).st_ino != os.stat(data).st_ino:
+            raise CacheBusy(f"the cache at {path} was replaced meanwhile: try again")
+        why = file_damage(path)
+        if why is not None:
+            raise CacheError(
+                f"the cache at {path} is damaged ({why}): any other cache command moves it aside"
+            )
+        before = os.fstat(fd).st_size
+        _write_copy(path, before)
+        os.replace(path / COPY_NAME, data)
+        # The reader table of the old file means nothing to the new one; the next
+        # process to open the cache makes a fresh one.
+        (path / "lock.mdb").unlink(missing_ok=True)
+        _sync_directory(path)
+        return Compacted(before, data.stat().st_size)
+    finally:
+        os.close(fd)  # drops the lock: waiting openers see the new file
+
+
+def _write_copy(path: Path, size: int) -> None:
+    """LMDB's compacting copy of the cache, durable, as ``COPY_NAME`` beside it."""
+    copy = path / COPY_NAME
+    copy.unlink(missing_ok=True)  # a crashed compaction's
+    try:
+        env = lmdb.open(str(path), map_size=max(size, 1 << 20), max_dbs=len(ALL_DBS), readonly=True)
+    except lmdb.Error as exc:
+        raise CacheError(f"cannot open the cache at {path}: {exc}") from exc
+    try:
+        out = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            env.copyfd(out, compact=True)
+            os.fsync(out)
+        finally:
+            os.close(out)
+    except (OSError, lmdb.Error) as exc:
+        copy.unlink(missing_ok=True)
+        if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc):
+            raise DiskFull(
+                f"no room beside the cache at {path} for its compacted copy "
+                "(it needs as much free space as the cache holds); the cache is unchanged"
+            ) from exc
+        raise CacheError(f"compacting the cache at {path} failed: {exc}") from exc
+    finally:
+        env.close()
+
+
+def _sync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _users(fd: int) -> str:
+    """The processes holding a lock on the file of ``fd``, as ``/proc/locks`` names them."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids: set[int] = set()
+    try:
+        with open("/proc/locks") as locks:
+            for line in locks:
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode:
+                    pids.add(int(fields[4]))
+    except (OSError, ValueError):
+        pass
+    pids.discard(os.getpid())
+    if not pids:
+        return "another process"
+    return ", ".join(f"pid {pid} ({_command(pid)})" for pid in sorted(pids))
+
+
+def _command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = f.read().split(b"\0")
+    except OSError:
+        return "?"
+    return " ".join(w.decode(errors="replace") for w in words if w)[:80] or "?"

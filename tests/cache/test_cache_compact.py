@@ -1,0 +1,161 @@
+"""`blockstore cache compact`: the space of removed chunks goes back to the disk, and
+nothing else changes."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+from cache_rig import run_cli
+from cache_sources import ScriptedSource, make_blob
+from test_cache_processes import worker, write_blobs
+
+from blockstore.cache import CachedBlob, ChunkStore
+from blockstore.cache.compact import COPY_NAME
+
+
+def fill(cache_dir, sizes: list[int], seed: int) -> list[tuple[bytes, str]]:
+    blobs = [make_blob(size, seed=seed + i) for i, size in enumerate(sizes)]
+    with ChunkStore(cache_dir) as store:
+        for data, digest in blobs:
+            blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
+            blob.prefetch()
+            blob.close()
+    return blobs
+
+
+def read_offline(cache_dir, data: bytes, digest: str) -> bytes:
+    """The blob read with no source at all: every byte must come from the cache."""
+    with ChunkStore(cache_dir) as store:
+        blob = CachedBlob(store, digest, len(data), None)
+        try:
+            return b"".join(bytes(b) for b in blob.read(0, len(data)))
+        finally:
+            blob.close()
+
+
+def test_compact_gives_back_what_rm_freed_and_keeps_every_other_byte(cache_dir):
+    """Two sealed 6 MiB blobs; `cache rm` of one leaves data.mdb as large as before.
+    `cache compact` shrinks it by at least 5 MiB (exit 0, sizes in --json), and the
+    other blob still reads right with no source, still sealed, and verifies clean."""
+    (kept, kept_digest), (_, gone_digest) = fill(cache_dir, [6 << 20, 6 << 20], seed=500)
+    assert run_cli("cache", "rm", gone_digest, "--cache-dir", str(cache_dir)).returncode == 0
+    before = (cache_dir / "data.mdb").stat().st_size
+
+    result = run_cli("cache", "compact", "--json", "--cache-dir", str(cache_dir))
+
+    assert result.returncode == 0, result.stderr
+    sizes = json.loads(result.stdout)
+    after = (cache_dir / "data.mdb").stat().st_size
+    assert sizes == {"before_bytes": before, "after_bytes": after}
+    assert after <= before - (5 << 20)
+    assert not (cache_dir / COPY_NAME).exists()
+    assert read_offline(cache_dir, kept, kept_digest) == kept
+    with ChunkStore(cache_dir) as store:
+        assert store.verify().ok
+        assert {b.digest: b.sealed for b in store.blobs()} == {kept_digest: True}
+    again = run_cli("cache", "compact", "--cache-dir", str(cache_dir))
+    assert again.returncode == 0 and "given back" in again.stdout
+
+
+def test_compact_refuses_a_cache_in_use_and_names_who_uses_it(cache_dir, tmp_path):
+    """A process reading through the cache: compaction is refused (exit 8), naming its
+    pid, and the file is left as it was; once it has exited, compaction runs."""
+    blobs = write_blobs(tmp_path, [1 << 20])
+    user = worker(cache_dir, blobs, "--cap", str(64 << 20), "--seconds", "60")
+    try:
+        assert user.stdout.readline().strip() == "ready"
+        inode = (cache_dir / "data.mdb").stat().st_ino
+
+        result = run_cli("cache", "compact", "--cache-dir", str(cache_dir))
+
+        assert result.returncode == 8, result.stderr
+        assert f"in use by pid {user.pid} " in result.stderr
+        assert (cache_dir / "data.mdb").stat().st_ino == inode
+    finally:
+        user.kill()
+        user.wait()
+    assert run_cli("cache", "compact", "--cache-dir", str(cache_dir)).returncode == 0
+    assert (cache_dir / "data.mdb").stat().st_ino != inode
+
+
+def test_a_process_opening_the_cache_during_compaction_waits_then_uses_the_new_file(
+    cache_dir, tmp_path
+):
+    """While a compaction holds the cache (its exclusive lock taken here, as compaction
+    takes it), a process that opens the cache waits. The file is then replaced by a
+    copy, as compaction replaces it: the process goes on with the new file, so a
+    compaction tried now is refused in its name, and it reads every byte right."""
+    blobs = write_blobs(tmp_path, [1 << 20])
+    data, digest, _ = blobs[0]
+    fill_store = ChunkStore(cache_dir)
+    CachedBlob(fill_store, digest, len(data), ScriptedSource(data, digest)).prefetch()
+    fill_store.close()
+    fd = os.open(cache_dir / "data.mdb", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    user = None
+    try:
+        user = worker(cache_dir, blobs, "--cap", str(64 << 20), "--seconds", "60")
+        time.sleep(1.5)
+        assert user.poll() is None
+        assert not _readable(user), "the process opened a cache being compacted"
+        shutil.copyfile(cache_dir / "data.mdb", tmp_path / "copy")
+        os.replace(tmp_path / "copy", cache_dir / "data.mdb")
+        os.close(fd)
+        fd = -1
+        assert user.stdout.readline().strip() == "ready"
+
+        result = run_cli("cache", "compact", "--cache-dir", str(cache_dir))
+
+        assert result.returncode == 8 and f"pid {user.pid} " in result.stderr, result.stderr
+        user.send_signal(15)
+        user.wait(timeout=30)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if user is not None and user.poll() is None:
+            user.kill()
+            user.wait()
+    assert read_offline(cache_dir, data, digest) == data
+
+
+def _readable(process: subprocess.Popen) -> bool:
+    import select
+
+    return bool(select.select([process.stdout], [], [], 0)[0])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_compact_with_no_room_for_the_copy_leaves_the_cache_as_it_was(tmp_path):
+    """A 6 MiB cache on a 16 MiB tmpfs, the rest of the disk filled: compaction fails
+    with one line saying there is no room (exit 8), leaves no partial copy, and the
+    cache's file is byte for byte what it was, and serves every byte."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
+    try:
+        cache_dir = disk / "cache"
+        [(data, digest)] = fill(cache_dir, [6 << 20], seed=520)
+        before = hashlib.sha256((cache_dir / "data.mdb").read_bytes()).hexdigest()
+        with open(disk / "filler", "wb") as filler, contextlib.suppress(OSError):
+            while True:
+                filler.write(bytes(1 << 16))
+                filler.flush()
+
+        result = run_cli("cache", "compact", "--cache-dir", str(cache_dir))
+
+        assert result.returncode == 8, result.stdout + result.stderr
+        assert "no room" in result.stderr and "Traceback" not in result.stderr
+        assert not (cache_dir / COPY_NAME).exists()
+        assert hashlib.sha256((cache_dir / "data.mdb").read_bytes()).hexdigest() == before
+        (disk / "filler").unlink()
+        assert read_offline(cache_dir, data, digest) == data
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
