@@ -105,7 +105,10 @@ class TraceRecorder:
     between, by reads that are not the mount's.
 
     ``save`` is called once with the trace when the period ends (noticed
-    at the next read) or at close, whichever comes first.
+    at the next read) or at close, whichever comes first. A period ended at
+    a read is saved on a thread of its own: the read may be a cache hit
+    still holding its read transaction, on which a write (a commit, an
+    fsync) must never wait, and may deadlock behind a map resize.
     """
 
     def __init__(self, digest: str, period: float, save: Callable[[Trace], None]):
@@ -126,7 +129,8 @@ class TraceRecorder:
             self._start = now
         ms = int((now - self._start) * 1000)
         if ms > self._period * 1000:
-            self.finish()
+            # Not a daemon: a server exiting now still keeps the trace.
+            threading.Thread(target=self.finish, name="trace-save").start()
             return False
         first, end = offset // UNIT, (offset + length - 1) // UNIT + 1
         with self._lock:

@@ -1,12 +1,18 @@
 """The gate in front of the LMDB handle: readers take it without a lock, and an exclusive
-taker (a renewal after damage, a fork) must still never overlap one of them."""
+taker (a renewal after damage, a fork) must still never overlap one of them, nor wait
+forever on a reader that writes."""
 
 from __future__ import annotations
 
 import threading
 import time
 
-from blockstore.cache.env import _Gate
+from cache_sources import ScriptedSource, make_blob
+
+from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
+from blockstore.cache.env import CacheEnv, _Gate
+from blockstore.cache.traces import TraceShelf
+from blockstore.prefetch import PrefetchSettings
 
 
 def test_an_exclusive_holder_never_overlaps_a_shared_one():
@@ -56,3 +62,38 @@ def test_an_exclusive_holder_never_overlaps_a_shared_one():
     assert exclusive_turns > 10
     assert not overlaps, overlaps[:3]
     assert gate.holders == [] and gate.blocked == 0
+
+
+def test_a_hit_that_ends_the_trace_period_never_writes_under_its_read(cache_dir, monkeypatch):
+    """A cache hit whose read ends the access trace's period, while another thread is
+    about to take the gate exclusively (as after another process grew the map): the
+    trace is saved, and the hit returns. Saving it on the hit's own thread, inside its
+    read transaction, would wait on that exclusive taker, which waits on the hit."""
+    data, digest = make_blob(4 * CHUNK_SIZE, seed=530)
+    store = ChunkStore(cache_dir)
+    settings = PrefetchSettings(readahead=False, trace_period=0.2)
+    blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest), settings=settings)
+    blob.read(0, 4096)  # fetched and stored; the period starts here
+    time.sleep(0.3)
+    write = CacheEnv.write
+    adopters: list[threading.Thread] = []
+
+    def write_while_the_map_is_resized(env: CacheEnv, work):
+        if env._gate.holders and not adopters:
+            adopters.append(threading.Thread(target=env._adopt_map_size, daemon=True))
+            adopters[0].start()
+            time.sleep(0.2)  # the taker is waiting now
+        return write(env, work)
+
+    monkeypatch.setattr(CacheEnv, "write", write_while_the_map_is_resized)
+    hit = threading.Thread(target=blob.read_cached, args=(0, 4096), daemon=True)
+    hit.start()
+    hit.join(5)
+
+    assert not hit.is_alive(), "the hit never returned"
+    for thread in threading.enumerate():
+        if thread.name == "trace-save":
+            thread.join(5)
+    assert TraceShelf(store).get(digest) is not None
+    blob.close()
+    store.close()
