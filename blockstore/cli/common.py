@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -74,13 +75,14 @@ def parse_size(text: str) -> int:
     try:
         value = float(number)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 10G, 512M)") from None
+        value = math.nan
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 10G, 512M)")
     if value < 0:
         raise argparse.ArgumentTypeError(f"a size cannot be negative: {text!r}")
-    size = int(value * units[unit])
-    if size > MAX_SIZE:
+    if not math.isfinite(value) or value * units[unit] > MAX_SIZE:
         raise argparse.ArgumentTypeError(f"size {text!r} is too large (at most 1E)")
-    return size
+    return int(value * units[unit])
 
 
 def parse_cache_size(text: str) -> int:

@@ -22,8 +22,10 @@ def test_sizes(text: str, expected: int):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "G", "ten", "-5G", "5X"])
+@pytest.mark.parametrize("text", ["", "G", "ten", "-5G", "5X", "inf", "1e400", "nan", "-inf"])
 def test_bad_sizes_are_refused_with_the_text(text: str):
+    """Floats Python parses but no size is (infinity, NaN) too: a usage error, never an
+    OverflowError out of argparse."""
     with pytest.raises(argparse.ArgumentTypeError, match="size"):
         parse_size(text)
 
