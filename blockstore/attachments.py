@@ -29,7 +29,7 @@ from blockstore.chunkindex import (
     ChunkIndex,
     build_index,
 )
-from blockstore.errors import BlockstoreError
+from blockstore.errors import BlockstoreError, CacheError
 from blockstore.prefetch.trace import Trace, merge_traces, traces_document, traces_from_document
 from blockstore.registry import Layer, RegistryClient, ResolvedImage
 from blockstore.registry.mediatypes import OCI_MANIFEST
@@ -251,7 +251,7 @@ def traces_for_image(
     """Bring the image's attached traces into the cache for layers that have none kept,
     so a first cold open replays what other machines recorded; how many were taken."""
     shelf = TraceShelf(store)
-    wanted = [layer for layer in resolved.layers if shelf.get(layer.digest) is None]
+    wanted = [layer for layer in resolved.layers if not _trace_kept(shelf, layer.digest)]
     if not wanted:
         return 0
     try:
@@ -262,3 +262,13 @@ def traces_for_image(
         log.warning("%s: attached traces not used: %s", resolved.reference, exc)
         return 0
     return len(traces)
+
+
+def _trace_kept(shelf: TraceShelf, digest: str) -> bool:
+    """Whether a readable trace of the layer is kept; one that is not (damaged, or of
+    another version's format) costs the open nothing: an attached trace replaces it."""
+    try:
+        return shelf.get(digest) is not None
+    except CacheError as exc:
+        log.warning("%s; an attached trace, if any, replaces it", exc)
+        return False

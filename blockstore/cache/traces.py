@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from blockstore.errors import CacheError
 from blockstore.prefetch.trace import Trace
 
 from .layout import DB_TRACES
 from .store import ChunkStore
+
+log = logging.getLogger(__name__)
 
 
 class TraceShelf:
@@ -29,9 +32,17 @@ class TraceShelf:
         return self._parse(digest, raw) if raw is not None else None
 
     def all(self) -> list[Trace]:
+        """Every readable trace; each unreadable one is named in a warning and skipped, so
+        one bad record does not hide the others."""
         with self._env.reader(DB_TRACES) as txn:
             items = [(bytes(key).decode(), bytes(raw)) for key, raw in txn.cursor()]
-        return [self._parse(digest, raw) for digest, raw in items]
+        traces = []
+        for digest, raw in items:
+            try:
+                traces.append(self._parse(digest, raw))
+            except CacheError as exc:
+                log.warning("%s", exc)
+        return traces
 
     def remove(self, digest: str) -> bool:
         return self._env.write(lambda txn: txn.delete(digest.encode(), db=self._env.dbs[DB_TRACES]))

@@ -12,10 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+from rig.pushed import push_erofs
+
 from blockstore.cache import CHUNK_SIZE
 from blockstore.cache.traces import TraceShelf
 from blockstore.image import open_image
-from blockstore.prefetch import PrefetchSettings
+from blockstore.prefetch import PrefetchSettings, Trace
 from blockstore.registry import RegistryOptions
 
 RECORD = PrefetchSettings(readahead=False, trace_period=30.0)
@@ -139,3 +141,44 @@ def test_traces_are_kept_per_layer(tmp_path, cache_dir):
         shelf.put(Trace("sha256:" + "b" * 64, CHUNK_SIZE, 1.0, [(0, 7, 1)]))
         shelf.put(Trace("sha256:" + "a" * 64, CHUNK_SIZE, 2.0, [(0, 3, 1)]))
         assert {t.digest[-1]: t.order() for t in shelf.all()} == {"a": [3], "b": [7]}
+
+
+def test_an_unreadable_kept_trace_is_replaced_by_the_attached_one(
+    registry, erofs_images, tmp_path, caplog
+):
+    """A cache keeps a trace of the layer that it cannot read (another version's format):
+    a cold open still opens, says so in a warning, and takes the trace attached to the
+    image in its place. `trace ls` of a cache with such a record lists the readable
+    traces and names the bad one, rather than failing on it."""
+    from blockstore.cache import ChunkStore
+    from blockstore.cache.layout import DB_TRACES
+    from blockstore.registry import RegistryOptions
+
+    path = erofs_images.layers[0].path
+    ref = push_erofs(registry.host, "traces/unreadable", "v1", [path])
+    image, layer = open_layer(ref, tmp_path / "a", RECORD)
+    layer.read(3 * CHUNK_SIZE, 4096)
+    image.close()
+    pushed = blockstore("trace", "push", ref, "--insecure", "--cache-dir", str(tmp_path / "a"))
+    assert pushed.returncode == 0, pushed.stderr
+    digest = image.resolved.layers[0].digest
+    bad = json.dumps({"version": 99, "digest": digest}).encode()
+    with ChunkStore(tmp_path / "b") as store:
+        TraceShelf(store).put(Trace("sha256:" + "c" * 64, CHUNK_SIZE, 1.0, [(0, 1, 1)]))
+        store.env.write(lambda txn: txn.put(digest.encode(), bad, db=store.env.dbs[DB_TRACES]))
+    listed = blockstore("trace", "ls", "--cache-dir", str(tmp_path / "b"))
+    assert listed.returncode == 0, listed.stderr
+    assert "sha256:" + "c" * 64 in listed.stdout and digest in listed.stderr
+
+    opened = open_image(
+        ref,
+        cache_dir=tmp_path / "b",
+        options=RegistryOptions(insecure=True),
+        prefetch=REPLAY,
+    )
+    try:
+        trace = TraceShelf(opened.store).get(digest)
+        assert trace is not None and 3 in trace.in_units_of(CHUNK_SIZE)
+    finally:
+        opened.close()
+    assert "unreadable" in caplog.text
