@@ -14,10 +14,13 @@ apart (POSIX locks do not conflict inside a process).
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import threading
 import weakref
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 LEASE_DIR = "leases"
 
@@ -31,6 +34,8 @@ class RangeLeases:
         name = digest.replace(":", "-")
         self._fd = os.open(directory / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self._lock = threading.Lock()
+        self._name = digest
+        self._unlockable = False  # set once locking fails for want of support
         # Closing any descriptor of the file drops all of this process's locks on it,
         # so there is one per blob per process, closed only when nobody holds it.
         weakref.finalize(self, os.close, self._fd)
@@ -40,15 +45,33 @@ class RangeLeases:
         return UnitLeases(self, blocks)
 
     def try_take(self, first: int, count: int) -> bool:
-        """Lease blocks ``first..first+count-1`` if no other process holds any of them."""
+        """Lease blocks ``first..first+count-1`` if no other process holds any of them.
+
+        A file system that cannot lock (ENOLCK, as some network ones) grants every
+        lease, with one warning: processes sharing the cache may then fetch the same
+        bytes twice, which costs bandwidth, where refusing would stall every fetch.
+        """
+        if self._unlockable:
+            return True
         try:
             with self._lock:
                 fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, count, first)
             return True
-        except OSError:
+        except (BlockingIOError, PermissionError):  # EAGAIN, EACCES: another holds it
             return False
+        except OSError as exc:
+            self._unlockable = True
+            log.warning(
+                "%s: no leases between processes (%s): processes sharing this cache may "
+                "fetch the same bytes twice",
+                self._name,
+                exc.strerror or exc,
+            )
+            return True
 
     def give_back(self, first: int, count: int) -> None:
+        if self._unlockable:
+            return
         with self._lock:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, count, first)
 

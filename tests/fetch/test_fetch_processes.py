@@ -171,3 +171,33 @@ def test_a_read_waits_for_another_process_s_lease_no_longer_than_its_lease_wait(
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_cache_on_a_file_system_without_locks_still_fetches(tmp_path, monkeypatch, caplog):
+    """The lease files live where locking fails for want of support (ENOLCK, as on some
+    network file systems): a read is fetched and served right at once, with one warning
+    that processes may fetch the same bytes twice, rather than waiting forever for a
+    lease no process holds."""
+    import errno
+    import fcntl
+    import threading
+
+    def unsupported(*_args) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "lockf", unsupported)
+    data, digest = make_blob(8 * CHUNK_SIZE, seed=540)
+    got: list[bytes] = []
+    with ChunkStore(tmp_path / "cache") as store:
+        blob = CachedBlob(store, digest, len(data), PieceSource(data, digest))
+        reader = threading.Thread(
+            target=lambda: got.append(b"".join(bytes(b) for b in blob.read(0, len(data)))),
+            daemon=True,
+        )
+        reader.start()
+        reader.join(10)
+        assert not reader.is_alive(), "the read waited for a lease"
+        blob.read(0, 4096)
+        blob.close()
+    assert got == [data]
+    assert caplog.text.count("no leases between processes") == 1
