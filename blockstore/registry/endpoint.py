@@ -161,15 +161,29 @@ class Endpoint:
             if reply.status_code not in REDIRECT_STATUS or not location:
                 return reply
             reply.close()
-            try:
-                url = urljoin(url, location)
-                _origin(url)  # a Location that is no URL: a port past 65535, "[::1"
-            except ValueError:
-                raise RegistryError(
-                    f"registry {self.host} redirected to an address that is not a URL"
-                ) from None
+            url = self._redirect_target(url, location)
             log.debug("%s %s redirected to %s", method, self.host, urlsplit(url).netloc)
         raise RegistryError(f"registry {self.host}: more than {MAX_REDIRECTS} redirects")
+
+    def _redirect_target(self, url: str, location: str) -> str:
+        """Where a redirect from ``url`` leads; refused when it is no URL, or when it
+        leaves TLS for plain HTTP without --insecure (bytes a man in the middle could
+        change, of a blob whose digest is judged only once it is whole)."""
+        try:
+            target = urljoin(url, location)
+            _origin(target)  # a Location that is no URL: a port past 65535, "[::1"
+        except ValueError:
+            raise RegistryError(
+                f"registry {self.host} redirected to an address that is not a URL"
+            ) from None
+        leaves_tls = urlsplit(url).scheme == "https" and urlsplit(target).scheme == "http"
+        if leaves_tls and not self._insecure:
+            raise RegistryError(
+                f"registry {self.host} redirected from HTTPS to plain HTTP "
+                f"({urlsplit(target).netloc}): refused, as the reply could be altered "
+                "on the way; --insecure allows it"
+            )
+        return target
 
     def _send(
         self,
