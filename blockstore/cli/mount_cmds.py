@@ -315,7 +315,8 @@ def run_mount(args: argparse.Namespace) -> int:
     args.options = without_credentials(args.options)
     check_registry_arguments(args)
     argv, env = serve_command(args)
-    argv += mount_tls_arguments(args)
+    tls = mount_tls_arguments(args)
+    argv += tls
     cache_dir = cache_dir_from(args).resolve()
 
     def describe(exports: list[str]) -> dict:
@@ -335,6 +336,7 @@ def run_mount(args: argparse.Namespace) -> int:
         env=env,
         describe=describe,
         warn=warn if args.quiet <= 0 else None,
+        tls=bool(tls),
     )
     if args.quiet <= 0:
         print(describe_path(record))

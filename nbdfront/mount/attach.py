@@ -65,9 +65,10 @@ def kernel_nbd_devices() -> list[str]:
     )
 
 
-def choose_method() -> str:
-    """Kernel NBD where the driver and ``nbd-client`` exist, else nbdfuse."""
-    if kernel_nbd_devices() and shutil.which("nbd-client"):
+def choose_method(*, tls: bool = False) -> str:
+    """Kernel NBD where the driver and ``nbd-client`` exist, else nbdfuse; nbdfuse for a
+    server speaking TLS (``tls``), which the kernel's client is not attached to here."""
+    if not tls and kernel_nbd_devices() and shutil.which("nbd-client"):
         return KERNEL
     if not os.path.exists("/dev/fuse"):
         raise MissingDependency(

@@ -43,8 +43,9 @@ supervisor to kill it and write how it ended. Past that the supervisor is killed
 Describe = Callable[[list[str]], dict]
 
 
-def check_can_mount(mountpoint: str) -> str:
-    """The attach method to use, after the checks a user can act on; raises otherwise."""
+def check_can_mount(mountpoint: str, *, tls: bool = False) -> str:
+    """The attach method to use, after the checks a user can act on; raises otherwise.
+    ``tls``: the server will speak TLS (see ``attach.choose_method``)."""
     if os.geteuid() != 0:
         raise NotPermitted("mounting needs root: run it with sudo")
     if not os.path.exists(mountpoint):
@@ -62,7 +63,7 @@ def check_can_mount(mountpoint: str) -> str:
         raise MountpointBusy(
             f"{mountpoint} has a mount record already; `blockstore umount {mountpoint}` clears it"
         )
-    return attach.choose_method()
+    return attach.choose_method(tls=tls)
 
 
 def mount(
@@ -73,16 +74,17 @@ def mount(
     env: dict[str, str] | None = None,
     describe: Describe | None = None,
     warn: Callable[[str], None] | None = None,
+    tls: bool = False,
 ) -> MountRecord:
     """Start ``server_argv`` (it gets ``--unix SOCK --pidfile PID --ready-fd N`` appended)
-    and mount its exports.
+    and mount its exports. ``tls``: ``server_argv`` makes it speak TLS.
 
     ``warn`` is given each warning the server logged before it was ready.
     Returns the saved record once ``mountpoint`` shows the image's tree.
     """
     started_at = time.monotonic()
     mountpoint = os.path.realpath(mountpoint)
-    method = check_can_mount(mountpoint)
+    method = check_can_mount(mountpoint, tls=tls)
     state_dir = records.state_dir_for(mountpoint)
     records.make_run_dirs()
     try:

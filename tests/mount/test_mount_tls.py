@@ -18,10 +18,19 @@ from nbdfront.mount import attach
 pytestmark = pytest.mark.slow
 
 
+def test_a_tls_mount_is_attached_with_nbdfuse_where_kernel_nbd_is_the_default(monkeypatch):
+    """On a machine with the kernel NBD driver and nbd-client (made so here: this one has
+    no driver), a plain mount attaches with the kernel's client, and a TLS mount with
+    nbdfuse, which speaks TLS; the kernel path would refuse its nbds+unix URI after
+    the server had started."""
+    monkeypatch.setattr(attach, "kernel_nbd_devices", lambda: ["/dev/nbd0"])
+    monkeypatch.setattr(attach.shutil, "which", lambda name: f"/usr/sbin/{name}")
+    assert attach.choose_method() == attach.KERNEL
+    assert attach.choose_method(tls=True) == attach.NBDFUSE
+
+
 @pytest.fixture
 def nbdfuse_dirs(mount_dirs):
-    if attach.choose_method() != attach.NBDFUSE:
-        pytest.skip("TLS mounts are attached with nbdfuse; this machine uses kernel NBD")
     base, run = mount_dirs
     for name in ("mnt", "cache"):
         (base / name).mkdir()
