@@ -840,7 +840,7 @@ class CachedBlob:
         if inode_at + 64 <= len(head):
             inode = head[inode_at : inode_at + 64]
         else:
-            inode = b"".join(self.read(inode_at, min(64, self._size - inode_at)))
+            inode = b"".join(self.read_for_pass(inode_at, min(64, self._size - inode_at)))
         _, end = erofs.start_span(head, inode, self._size)
         self._plan(0, end, PREFETCH)
 

@@ -78,7 +78,7 @@ def run_index(args: argparse.Namespace) -> int:
                         image.blob(layer).prefetch()
             record = image.store.lookup(layer.digest)
             if record is not None and record.sealed:
-                index = build_layer_index(layer, image.blob(layer).read)
+                index = build_layer_index(layer, image.blob(layer).read_for_pass)
                 origin = "cache"
             elif (known := shelf.get(layer.digest, layer.size)) is not None:
                 index, origin = known, "cache"
