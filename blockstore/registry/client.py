@@ -165,14 +165,20 @@ class RegistryClient:
 
         return self._read(subject, deadline, attempt)
 
-    def get_blob(self, repository: str, digest: str, what: str = "blob") -> bytes:
-        """A whole small blob (``what``: an image config, an artifact's), checked against
-        ``digest`` from each source (a mirror whose bytes differ is left out for the
-        next)."""
+    def get_blob(
+        self, repository: str, digest: str, what: str = "blob", *, limit: int = MAX_SMALL_BODY
+    ) -> bytes:
+        """A whole blob of at most ``limit`` bytes (``what``: an image config, an
+        artifact's), held in memory and checked against ``digest`` from each source (a
+        mirror whose bytes differ is left out for the next)."""
         subject = f"{what} {digest} of {self.registry}/{repository}"
         path = f"/v2/{repository}/blobs/{digest}"
         return self._pull_whole(
-            repository, path, subject, check=lambda raw, _: check_digest(raw, digest, subject)
+            repository,
+            path,
+            subject,
+            check=lambda raw, _: check_digest(raw, digest, subject),
+            limit=limit,
         )[0]
 
     def read_blob_range(
@@ -418,15 +424,16 @@ class RegistryClient:
         headers: dict[str, str] | None = None,
         *,
         check: Callable[[bytes, CaseInsensitiveDict], None] | None = None,
+        limit: int = MAX_SMALL_BODY,
     ) -> tuple[bytes, CaseInsensitiveDict]:
-        """A small body (manifest, config) read whole, tried again if it breaks off;
-        ``check`` judges each source's answer (raising fails that source)."""
+        """A body of at most ``limit`` bytes (manifest, config) read whole, tried again if
+        it breaks off; ``check`` judges each source's answer (raising fails that source)."""
         deadline = self.deadline()
 
         def attempt(endpoint: Endpoint) -> tuple[bytes, CaseInsensitiveDict]:
             with self._get(endpoint, repository, path, subject, headers, deadline) as reply:
                 try:
-                    data = b"".join(receive(reply, deadline, subject, MAX_SMALL_BODY + 1))
+                    data = b"".join(receive(reply, deadline, subject, limit + 1))
                 except TRANSPORT_ERRORS as exc:
                     raise TryAgain(
                         RegistryUnreachable(
@@ -436,8 +443,8 @@ class RegistryClient:
                     ) from None
                 except BlobReadError as exc:
                     raise TryAgain(RegistryUnreachable(str(exc))) from None
-                if len(data) > MAX_SMALL_BODY:
-                    raise RegistryError(f"{subject}: larger than {MAX_SMALL_BODY} bytes, refused")
+                if len(data) > limit:
+                    raise RegistryError(f"{subject}: larger than {limit} bytes, refused")
                 if check is not None:
                     check(data, reply.headers)
                 return data, reply.headers

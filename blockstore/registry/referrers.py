@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from blockstore.errors import NotFound, RegistryError
+from blockstore.errors import NotFound, RegistryError, UsageError
 from blockstore.registry.client import RegistryClient
 from blockstore.registry.manifests import digest_of, fetch_manifest
 from blockstore.registry.mediatypes import OCI_INDEX, OCI_MANIFEST
@@ -69,6 +69,7 @@ def push_artifact(
     Returns the artifact manifest's digest. The manifest is deterministic
     for the same blobs and ``created`` time.
     """
+    _check_blob_sizes(artifact_type, blobs)
     repository = subject.repository
     client.upload_blob(repository, digest_of(EMPTY_CONFIG), EMPTY_CONFIG)
     layers = []
@@ -103,6 +104,17 @@ def push_artifact(
     if client.get_referrers(repository, subject.digest) is None:
         _add_to_fallback_index(client, subject, artifact_type, digest, len(manifest), created)
     return digest
+
+
+def _check_blob_sizes(artifact_type: str, blobs: list[tuple[bytes, str, dict[str, str]]]) -> None:
+    """Refuse, before anything is uploaded, a blob no reader would take (``read_artifact``
+    refuses those over ``MAX_ARTIFACT_BLOB``)."""
+    for data, media_type, _ in blobs:
+        if len(data) > MAX_ARTIFACT_BLOB:
+            raise UsageError(
+                f"cannot push a {artifact_type} artifact: its {media_type} blob of "
+                f"{len(data)} bytes is over the {MAX_ARTIFACT_BLOB} an artifact blob may have"
+            )
 
 
 def list_referrers(client: RegistryClient, subject: Subject) -> list[Referrer]:
@@ -195,7 +207,7 @@ def read_artifact(
         chosen.append((digest, media_type, notes))
 
     def checked(digest: str) -> bytes:
-        return client.get_blob(subject.repository, digest, f"{what}: blob")
+        return client.get_blob(subject.repository, digest, f"{what}: blob", limit=MAX_ARTIFACT_BLOB)
 
     # All at once: a tar index is three blobs, asked for before a mount is ready.
     with ThreadPoolExecutor(ARTIFACT_FETCHES, thread_name_prefix="artifact") as pool:
