@@ -36,8 +36,6 @@ LAYER_ANNOTATION = "dev.blockstore.layer.digest"
 _MAGIC = b"BSCHIDX1"
 _HEADER = struct.Struct("<8sIQ32s")
 _DIGEST_SIZE = 32
-MAX_LAYER_SIZE = 1 << 40
-"""A bound on the layer size an index may claim, so a hostile table cannot ask for terabytes."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +90,8 @@ class ChunkIndex:
             raise RegistryError(
                 f"chunk index for {layer_digest} describes sha256:{got_digest.hex()} instead"
             )
-        if got_chunk != chunk_size or got_size != size or not 0 <= size <= MAX_LAYER_SIZE:
+        # ``size`` is the manifest's, bounded where the manifest is checked.
+        if got_chunk != chunk_size or got_size != size:
             raise RegistryError(
                 f"chunk index for {layer_digest}: chunks of {got_chunk} bytes over "
                 f"{got_size} bytes, expected {chunk_size} over {size}"

@@ -9,13 +9,16 @@ is offered:
 
 - Fixed newstyle handshake with NO_ZEROES; options EXPORT_NAME, GO, INFO,
   LIST, ABORT, STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT
-  (``base:allocation`` only). Other options get ERR_UNSUP, STARTTLS gets
-  ERR_POLICY, options over 16 KiB are skipped unread and get ERR_TOO_BIG.
+  (``base:allocation`` only). Other options get ERR_UNSUP; STARTTLS
+  upgrades the connection where the server has TLS on (``nbdfront.tls``)
+  and gets ERR_POLICY where it has not; options over 16 KiB are skipped
+  unread and get ERR_TOO_BIG.
 - INFO/GO answer EXPORT, NAME and DESCRIPTION, and always BLOCK_SIZE:
   minimum 1 byte, preferred 32 KiB (the cache's chunk), maximum payload
-  4 MiB. A read longer than 4 MiB, or past the end, gets EINVAL.
-- Transmission flags HAS_FLAGS, READ_ONLY, SEND_FLUSH, CAN_MULTI_CONN,
-  SEND_CACHE, and SEND_DF once structured replies are on.
+  32 MiB. A read longer than 32 MiB, or past the end, gets EINVAL.
+- Transmission flags HAS_FLAGS, READ_ONLY, SEND_FLUSH, SEND_FUA (kept by
+  doing nothing), CAN_MULTI_CONN, SEND_CACHE, and SEND_DF once structured
+  replies are on.
 - READ (simple or structured replies; a failed read is an error chunk,
   never data), CACHE (fetches the range now), FLUSH (nothing to flush),
   BLOCK_STATUS (everything is data), DISC. WRITE, TRIM and WRITE_ZEROES get

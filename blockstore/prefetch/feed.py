@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 
 # prefetch(indices, priority, wait=seconds) -> True once all were handed over
-Prefetch = Callable[..., int]
+Prefetch = Callable[..., bool]
 
 BUDGET_WAIT = 0.25  # seconds per wait for room, between looks at the stop flag
 

@@ -1,4 +1,4 @@
-"""Prefetch hints handed off the read path: readahead, CACHE, the EROFS start.
+"""Prefetch hints handed off the read path: readahead and CACHE.
 
 A hint costs the thread that gives it one non-blocking queue put; a daemon
 thread turns it into fetches (it looks up which chunks are missing, which

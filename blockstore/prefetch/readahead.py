@@ -70,10 +70,6 @@ class Readahead:
         self._ids = 0
         self._lock = threading.Lock()
 
-    @property
-    def enabled(self) -> bool:
-        return self._maximum > 0
-
     def limit_to(self, ceiling: Callable[[], int]) -> None:
         """Cap the windows by the link's current window from now on."""
         self._ceiling = ceiling
@@ -82,11 +78,6 @@ class Readahead:
         """The largest window of any stream: how much of a bulk reader this client is."""
         with self._lock:
             return max((s.window for s in self._streams.values()), default=0)
-
-    def windows(self) -> list[int]:
-        """Each stream's latest window, most recently used last (for tests and stats)."""
-        with self._lock:
-            return [s.window for s in self._streams.values()]
 
     def _cap(self) -> int:
         cap = self._maximum

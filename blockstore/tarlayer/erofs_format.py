@@ -27,7 +27,6 @@ LAYOUT_CHUNK_BASED = 4
 CHUNK_FORMAT_BLKBITS_MASK = 0x001F
 CHUNK_FORMAT_INDEXES = 0x0020
 MAX_CHUNK_BITS = 31  # the blkbits field has five bits
-NULL_ADDR = 0xFFFFFFFF
 
 # magic, checksum, feature_compat, blkszbits, sb_extslots, root_nid, inos,
 # epoch, fixed_nsec, blocks, meta_blkaddr, xattr_blkaddr, uuid, volume_name,

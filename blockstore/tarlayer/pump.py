@@ -78,7 +78,7 @@ class SpanBytes:
         # Ranges ever fetched ahead: a span is inflated once, even if a chunk it shares
         # with the next span is not in the cache yet.
         self._asked: set[tuple[int, int]] = set()
-        self._read: list[int] = []  # the middles of ranges a reader fetched itself
+        self._read_by_readers: list[int] = []  # the middles of ranges readers fetched themselves
         self._lock = threading.Lock()
         self._closed = False
 
@@ -95,7 +95,7 @@ class SpanBytes:
                 or length <= 0
                 or key in self._asked
                 or len(self._ahead) >= KEPT_AHEAD
-                or any(offset <= middle < offset + length for middle in self._read)
+                or any(offset <= middle < offset + length for middle in self._read_by_readers)
             ):
                 return
             self._asked.add(key)
@@ -117,7 +117,7 @@ class SpanBytes:
         if got is not None:
             return b"".join(got)
         with self._lock:
-            self._read.append(offset + length // 2)
+            self._read_by_readers.append(offset + length // 2)
         return self._fetch(offset, length)
 
     def _fetch(self, offset: int, length: int) -> bytes:

@@ -234,7 +234,8 @@ class Negotiation:
             parts.append(replies.info_string(option, Info.NAME, canonical))
         if Info.DESCRIPTION in requested and facts.description:
             parts.append(replies.info_string(option, Info.DESCRIPTION, facts.description))
-        # Sent even unasked: the 4 MiB maximum is below the spec's default.
+        # Sent even unasked, as the spec allows: the preferred size (a cache chunk)
+        # guides any client that looks at it.
         parts.append(replies.info_block_size(option))
         parts.append(replies.option_reply(option, OptionReply.ACK))
         selected = self._selected(name, canonical) if option == Option.GO else None

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import tarfile
 from pathlib import Path
+from typing import IO
 
 from trees import make_tar, populate, snapshot
 
-from blockstore.tarlayer import build_metadata
 from blockstore.tarlayer.erofs_reader import read_metadata
+from blockstore.tarlayer.erofs_writer import write_metadata
+from blockstore.tarlayer.tarwalk import walk_tar
+from blockstore.tarlayer.tree import build_tree
+
+
+def build_metadata(tar: IO[bytes], tar_size: int) -> bytes:
+    """The EROFS metadata image for the uncompressed tar in ``tar``."""
+    return write_metadata(build_tree(walk_tar(tar)), tar_size)
 
 
 def image_of(tar: Path, out: Path) -> Path:
