@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urljoin
 
 import requests
 import urllib3
@@ -60,6 +60,8 @@ distribution spec suggests registries accept manifests of at least 4 MiB)."""
 STREAM_CHUNK = 256 << 10
 TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
 """What reading a reply's body raises when the connection breaks."""
+MAX_REFERRER_PAGES = 16
+"""Pages of a referrers listing followed; a registry linking on and on is refused."""
 MIRROR_COOLDOWN = 30.0
 """Seconds a mirror that failed is left out before it is tried again."""
 T = TypeVar("T")
@@ -70,6 +72,15 @@ class ManifestReply:
     raw: bytes
     digest_header: str | None
     """``Docker-Content-Digest`` as the registry sent it, to be checked by the caller."""
+
+
+@dataclass(frozen=True)
+class ManifestPut:
+    digest: str | None
+    """``Docker-Content-Digest``: the registry's digest of the manifest stored."""
+    subject: str | None
+    """``OCI-Subject``: the subject a registry with the referrers API lists it under;
+    None where the registry does not, and the client keeps the referrers tag."""
 
 
 class RegistryClient:
@@ -239,17 +250,28 @@ class RegistryClient:
 
     def get_referrers(
         self, repository: str, digest: str, artifact_type: str | None = None
-    ) -> bytes | None:
-        """The OCI 1.1 referrers index of a manifest, or None where the registry has no
-        referrers API (it answers 404 for the path; with the API it answers 200 always)."""
-        path = f"/v2/{repository}/referrers/{digest}"
+    ) -> list[bytes] | None:
+        """The pages of the OCI 1.1 referrers index of a manifest, each a raw index, or
+        None where the registry has no referrers API (it answers 404 for the path; with
+        the API it answers 200 always). Pages are followed by their ``Link: <...>;
+        rel="next"``, at most ``MAX_REFERRER_PAGES`` of them."""
+        path: str | None = f"/v2/{repository}/referrers/{digest}"
         if artifact_type:
             path += "?" + urlencode({"artifactType": artifact_type})
         subject = f"referrers of {digest} in {self.registry}/{repository}"
-        try:
-            return self._pull_whole(repository, path, subject, {"Accept": OCI_INDEX})[0]
-        except NotFound:
-            return None
+        pages: list[bytes] = []
+        while path is not None:
+            if len(pages) == MAX_REFERRER_PAGES:
+                raise RegistryError(f"{subject}: more than {MAX_REFERRER_PAGES} pages, refused")
+            try:
+                raw, headers = self._pull_whole(repository, path, subject, {"Accept": OCI_INDEX})
+            except NotFound:
+                if pages:  # the API answered, then lost a page it linked to
+                    raise
+                return None
+            pages.append(raw)
+            path = next_page(path, headers.get("Link"))
+        return pages
 
     def stream_blob_range(
         self,
@@ -316,8 +338,8 @@ class RegistryClient:
 
     def put_manifest(
         self, repository: str, reference: str, raw: bytes, media_type: str
-    ) -> str | None:
-        """Store a manifest under a tag or digest; returns the registry's digest for it."""
+    ) -> ManifestPut:
+        """Store a manifest under a tag or digest; what the registry said of it."""
         headers = {"Content-Type": media_type}
         path = f"/v2/{repository}/manifests/{reference}"
         with self._push("PUT", repository, path, headers=headers, body=raw) as reply:
@@ -325,7 +347,9 @@ class RegistryClient:
                 raise registry_error(
                     reply, f"pushing manifest {reference} to {self.registry}/{repository}"
                 )
-            return reply.headers.get("Docker-Content-Digest")
+            return ManifestPut(
+                reply.headers.get("Docker-Content-Digest"), reply.headers.get("OCI-Subject")
+            )
 
     # Plumbing.
 
@@ -494,6 +518,14 @@ def receive(
             return
         got += len(piece)
         yield piece
+
+
+def next_page(path: str, link: str | None) -> str | None:
+    """The ``rel="next"`` target of a ``Link`` header, resolved against ``path``."""
+    for target in requests.utils.parse_header_links(link or ""):
+        if target.get("rel") == "next" and target.get("url"):
+            return urljoin(path, target["url"])
+    return None
 
 
 def host_of(registry: str) -> str:

@@ -3,11 +3,12 @@
 An artifact is a small manifest whose ``subject`` is the image manifest and
 whose ``artifactType`` says what it carries (a chunk index, access traces).
 A registry with the referrers API (``GET /v2/<name>/referrers/<digest>``)
-lists it by itself; for one without it (the CNCF registry 2.x) the
-distribution spec's fallback is used: an image index under the tag
-``sha256-<hex of the subject>`` that lists the referrers. Both are read
-back, so an artifact pushed by one client is found by any other (``oras``,
-``skopeo inspect``).
+lists it by itself, and says so with ``OCI-Subject`` when the artifact is
+pushed; for one that does not (the CNCF registry 2.x) the distribution
+spec's fallback is used: an image index under the tag ``sha256-<hex of the
+subject>`` that lists the referrers. Both are read back (the tag where the
+API is missing or refuses the call), so an artifact pushed by one client is
+found by any other (``oras``, ``skopeo inspect``).
 
 One artifact of a type per image: pushing again replaces the previous one
 in the fallback index, and readers take the newest of a type.
@@ -100,8 +101,10 @@ def push_artifact(
         }
     )
     digest = digest_of(manifest)
-    client.put_manifest(repository, digest, manifest, OCI_MANIFEST)
-    if client.get_referrers(repository, subject.digest) is None:
+    put = client.put_manifest(repository, digest, manifest, OCI_MANIFEST)
+    # The distribution spec: a registry that lists the artifact by its subject says so
+    # with OCI-Subject; without it, the client keeps the referrers tag itself.
+    if put.subject != subject.digest:
         _add_to_fallback_index(client, subject, artifact_type, digest, len(manifest), created)
     return digest
 
@@ -122,18 +125,28 @@ def list_referrers(client: RegistryClient, subject: Subject) -> list[Referrer]:
     has it, else from the fallback tag. Both are asked at once, so a registry without
     either costs one round trip."""
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="referrers") as pool:
-        api = pool.submit(client.get_referrers, subject.repository, subject.digest)
+        api = pool.submit(_api_listing, client, subject)
         tagged = pool.submit(_fallback_listing, client, subject)
-        listing = api.result()
-        if listing is None:
-            listing = tagged.result()
-    if listing is None:
-        return []
+        entries = api.result()
+        if entries is None:
+            entries = tagged.result()
     return [
         Referrer(e["digest"], _text(e.get("artifactType")), _annotations(e.get("annotations")))
-        for e in _index_entries(listing, f"referrers of {subject.digest}")
+        for e in entries or []
         if isinstance(e.get("digest"), str)
     ]
+
+
+def _api_listing(client: RegistryClient, subject: Subject) -> list[dict] | None:
+    """The referrers API's entries, of every page; None where the registry has no API
+    (404) or refuses the call (400, 403, 405, 501...): the referrers tag stands in."""
+    what = f"referrers of {subject.digest}"
+    try:
+        pages = client.get_referrers(subject.repository, subject.digest)
+        return None if pages is None else [e for p in pages for e in _index_entries(p, what)]
+    except RegistryError as exc:
+        log.debug("%s: the referrers API failed, the referrers tag is read: %s", what, exc)
+        return None
 
 
 def _text(value: object) -> str:
@@ -154,20 +167,19 @@ def newest(referrers: list[Referrer], artifact_type: str) -> Referrer | None:
     return max(found, key=lambda r: r.annotations.get(CREATED, ""), default=None)
 
 
-def _fallback_listing(client: RegistryClient, subject: Subject) -> bytes | None:
-    """The fallback tag's index; None when there is none, or when the tag holds something
-    else (a tag of that name pushed by hand is not ours to complain about)."""
+def _fallback_listing(client: RegistryClient, subject: Subject) -> list[dict] | None:
+    """The fallback tag's entries; None when there is none, or when the tag holds
+    something else (a tag of that name pushed by hand is not ours to complain about)."""
     tag = fallback_tag(subject.digest)
     try:
         raw = fetch_manifest(client, subject.repository, tag)[0]
     except NotFound:
         return None
     try:
-        _index_entries(raw, f"referrers tag {tag}")
+        return _index_entries(raw, f"referrers tag {tag}")
     except RegistryError:
         log.debug("%s: the tag %s is not a referrers index; ignored", subject.digest, tag)
         return None
-    return raw
 
 
 def read_artifact(

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from urllib.parse import parse_qs, urlsplit
+
 import pytest
+from rig.fault_proxy import Fault
+from rig.processes import QuietHTTPServer
 from rig.pushed import push_erofs
 
-from blockstore.errors import UsageError
-from blockstore.registry import RegistryClient, resolve_image
+from blockstore.errors import NotFound, RegistryError, UsageError
+from blockstore.registry import RegistryClient, RegistryOptions, resolve_image
+from blockstore.registry.client import MAX_REFERRER_PAGES
 from blockstore.registry.digests import digest_of
+from blockstore.registry.manifests import fetch_manifest
+from blockstore.registry.mediatypes import OCI_INDEX, OCI_MANIFEST
 from blockstore.registry.referrers import (
     MAX_ARTIFACT_BLOB,
     Subject,
+    fallback_tag,
     list_referrers,
     newest,
     push_artifact,
@@ -31,7 +42,7 @@ def subject_of(client: RegistryClient, ref: str) -> Subject:
 @pytest.fixture
 def subject_ref(registry, erofs_images, request) -> str:
     """An image of this test's own repository, so its artifacts meet no other test's."""
-    repository = "referrers/" + request.node.name.replace("_", "-")[:60].strip("-")
+    repository = "attached/" + request.node.name.replace("_", "-")[:60].strip("-")
     return push_erofs(registry.host, repository, "v1", [erofs_images.small.path])
 
 
@@ -59,3 +70,161 @@ def test_an_artifact_blob_over_the_limit_is_refused_before_any_upload(registry, 
             )
         assert not client.blob_exists(subject.repository, digest_of(small))
         assert list_referrers(client, subject) == []
+
+
+def via(proxy) -> RegistryClient:
+    return RegistryClient(proxy.host, RegistryOptions(insecure=True, timeout=5.0))
+
+
+def test_without_oci_subject_the_referrers_tag_is_kept_even_where_the_api_answers(
+    registry, subject_ref, fault_proxy
+):
+    """A registry that answers the referrers API but does not say OCI-Subject when the
+    artifact is pushed: the client must keep the referrers tag, and does."""
+    proxy = fault_proxy(registry)
+    empty = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
+    proxy.fault = Fault(
+        "status",
+        status=200,
+        body=empty,
+        path_contains="/referrers/",
+        headers={"Content-Type": OCI_INDEX},
+    )
+    with via(proxy) as client:
+        subject = subject_of(client, subject_ref.replace(registry.host, proxy.host))
+        pushed = push_artifact(client, subject, ARTIFACT, [(b"x", BLOB, {})], created=CREATED)
+    with registry.client() as client:
+        raw, _ = fetch_manifest(client, subject.repository, fallback_tag(subject.digest))
+    assert [e["digest"] for e in json.loads(raw)["manifests"]] == [pushed]
+
+
+def test_with_oci_subject_no_referrers_tag_is_written(registry, subject_ref, fault_proxy):
+    """A registry that answers the artifact's PUT with OCI-Subject lists it by itself:
+    no referrers tag is read or written."""
+    proxy = fault_proxy(registry)
+    with via(proxy) as client:
+        subject = subject_of(client, subject_ref.replace(registry.host, proxy.host))
+        proxy.fault = Fault(
+            "status",
+            status=201,
+            body=b"",
+            method="PUT",
+            path_contains="/manifests/",
+            headers={"OCI-Subject": subject.digest},
+        )
+        push_artifact(client, subject, ARTIFACT, [(b"y", BLOB, {})], created=CREATED)
+    tag = fallback_tag(subject.digest)
+    assert proxy.faults_applied == 1
+    assert not [r for r in proxy.requests if tag in r.path]
+
+
+@pytest.mark.parametrize("status", [400, 403, 405, 501])
+def test_a_referrers_api_that_refuses_the_call_falls_back_to_the_tag(
+    registry, subject_ref, fault_proxy, status
+):
+    """The referrers API answers 400, 403, 405 or 501 (not 404): the artifacts under the
+    referrers tag are listed, not lost with an error."""
+    proxy = fault_proxy(registry)
+    with via(proxy) as client:
+        subject = subject_of(client, subject_ref.replace(registry.host, proxy.host))
+        pushed = push_artifact(client, subject, ARTIFACT, [(b"z", BLOB, {})], created=CREATED)
+        proxy.fault = Fault("status", status=status, path_contains="/referrers/")
+        assert [r.digest for r in list_referrers(client, subject)] == [pushed]
+    assert proxy.faults_applied >= 1
+
+
+class ReferrersAPI:
+    """A registry that has only the referrers API, served in pages of one entry each,
+    linked by ``Link: <...>; rel="next"`` (``endless``: every page links to another)."""
+
+    def __init__(self, count: int, *, endless: bool = False):
+        self.count, self.endless = count, endless
+        self.asked = 0
+        self._server = QuietHTTPServer(("127.0.0.1", 0), self._handler())
+        self.host = f"127.0.0.1:{self._server.server_address[1]}"
+
+    def page(self, number: int) -> tuple[bytes, str | None]:
+        """Page ``number``'s index and its next link."""
+        entry = {
+            "mediaType": OCI_MANIFEST,
+            "digest": entry_digest(number),
+            "size": 10,
+            "artifactType": ARTIFACT,
+        }
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}
+        more = self.endless or number + 1 < self.count
+        return json.dumps(index).encode(), f"?page={number + 1}" if more else None
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                parts = urlsplit(self.path)
+                if "/referrers/" not in parts.path:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                api.asked += 1
+                number = int(parse_qs(parts.query).get("page", ["0"])[0])
+                body, link = api.page(number)
+                self.send_response(200)
+                self.send_header("Content-Type", OCI_INDEX)
+                if link:
+                    self.send_header("Link", f'<{parts.path}{link}>; rel="next"')
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        return Handler
+
+    def __enter__(self) -> ReferrersAPI:
+        self._server.start_in_background()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.stop()
+
+
+def entry_digest(number: int) -> str:
+    return digest_of(f"artifact {number}".encode())
+
+
+SUBJECT = Subject("any/image", entry_digest(-1), 100)
+
+
+@pytest.fixture
+def referrers_api() -> Iterator:
+    def start(count: int, **kw) -> ReferrersAPI:
+        api = ReferrersAPI(count, **kw)
+        started.append(api.__enter__())
+        return api
+
+    started: list[ReferrersAPI] = []
+    yield start
+    for api in started:
+        api.__exit__()
+
+
+def test_every_page_of_the_referrers_api_is_listed(referrers_api):
+    """Three pages linked by rel="next": the artifacts of all three are listed, in order."""
+    api = referrers_api(3)
+    with via(api) as client:
+        listed = [r.digest for r in list_referrers(client, SUBJECT)]
+    assert listed == [entry_digest(n) for n in range(3)]
+
+
+def test_pages_linked_without_end_are_bounded(referrers_api):
+    """A registry whose every page links to another: at most MAX_REFERRER_PAGES are asked
+    for, then the listing is refused as a registry error, not followed forever."""
+    api = referrers_api(0, endless=True)
+    with via(api) as client, pytest.raises(RegistryError, match="more than") as caught:
+        client.get_referrers(SUBJECT.repository, SUBJECT.digest)
+    assert not isinstance(caught.value, NotFound)
+    assert api.asked == MAX_REFERRER_PAGES
