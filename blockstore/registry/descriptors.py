@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from blockstore.registry.platforms import Platform
+
 MAX_LAYERS = 128
 """Layers of one image; each becomes an export and, when mounted, an overlayfs lower
 layer, so an image of more is refused before anything starts."""
@@ -89,7 +91,24 @@ def check_index(document: dict) -> list[Descriptor]:
         raise ManifestProblem(
             f"it lists {len(entries)} manifests; at most {MAX_INDEX_ENTRIES} are read"
         )
-    return [check_descriptor(entry, f"entry {i}") for i, entry in enumerate(entries)]
+    descriptors = []
+    for i, entry in enumerate(entries):
+        descriptors.append(check_descriptor(entry, f"entry {i}"))
+        _check_platform(entry, f"entry {i}")
+    return descriptors
+
+
+def _check_platform(entry: dict, where: str) -> None:
+    """An index entry's ``platform``, where it has one: an object of string fields."""
+    platform = entry.get("platform")
+    if platform is None:
+        return
+    if not isinstance(platform, dict):
+        raise ManifestProblem(f"{where} has a platform that is not an object")
+    try:
+        Platform.from_descriptor(platform)
+    except ValueError as exc:
+        raise ManifestProblem(f"{where}: {exc}") from None
 
 
 def _check_schema_version(document: dict) -> None:

@@ -184,7 +184,10 @@ def config_platform(
         document = json.loads(config)
     except ValueError:
         raise RegistryError(f"{subject}: config {config_digest} is not JSON") from None
-    offered = Platform.from_descriptor(document if isinstance(document, dict) else {})
+    try:
+        offered = Platform.from_descriptor(document if isinstance(document, dict) else {})
+    except ValueError as exc:
+        raise RegistryError(f"{subject}: config {config_digest} is refused: {exc}") from None
     if not (offered.os and offered.architecture):
         raise RegistryError(f"{subject}: config {config_digest} names no os and architecture")
     return offered

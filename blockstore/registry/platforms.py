@@ -47,12 +47,14 @@ class Platform:
 
     @classmethod
     def from_descriptor(cls, platform: dict) -> Platform:
-        """The ``platform`` object of an index entry."""
-        return cls(
-            str(platform.get("os", "")),
-            str(platform.get("architecture", "")),
-            platform.get("variant"),
-        )
+        """The ``platform`` object of an index entry, or an image config's fields. The
+        spec has them strings; one that is not raises ``ValueError`` saying which."""
+        fields = {name: platform.get(name) for name in ("os", "architecture", "variant")}
+        for name, value in fields.items():
+            if value is not None and not isinstance(value, str):
+                shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+                raise ValueError(f"platform {name} {shown} is not a string")
+        return cls(fields["os"] or "", fields["architecture"] or "", fields["variant"] or None)
 
     def normalized(self) -> Platform:
         arch = _ARCH_ALIASES.get(self.architecture, self.architecture)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import zstandard
 
-from blockstore.errors import NotFound, UsageError
+from blockstore.errors import NotFound, RegistryError, UsageError
 from blockstore.registry.client import RegistryClient
+from blockstore.registry.descriptors import ManifestProblem, check_index
 from blockstore.registry.manifests import config_platform, digest_of, fetch_manifest
 from blockstore.registry.mediatypes import (
     DOCKER_CONFIG,
@@ -192,7 +193,13 @@ def _index_entries(client: RegistryClient, repository: str, tag: str) -> list[di
         return []
     document = json.loads(raw)
     if document.get("mediaType") in INDEX_TYPES or "manifests" in document:
-        return list(document.get("manifests", []))
+        try:
+            check_index(document)
+        except ManifestProblem as problem:
+            raise RegistryError(
+                f"image {repository}:{tag}: the index under the tag is refused: {problem}"
+            ) from None
+        return list(document["manifests"])
     offered = config_platform(client, repository, document, f"image {repository}:{tag}")
     platform = _platform_fields(offered)
     return [

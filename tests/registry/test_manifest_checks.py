@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 from rig.fault_proxy import Fault
+from rig.pushed import push_erofs
 
 from blockstore.errors import IntegrityError, RegistryError
 from blockstore.image import open_image
 from blockstore.registry import RegistryClient, RegistryOptions, resolve_image
 from blockstore.registry.descriptors import MAX_LAYERS, ManifestProblem, check_descriptor
-from blockstore.registry.mediatypes import OCI_MANIFEST
+from blockstore.registry.digests import digest_of
+from blockstore.registry.mediatypes import OCI_INDEX, OCI_MANIFEST
 
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
 OPTIONS = RegistryOptions(insecure=True, timeout=5.0, max_attempts=2)
@@ -207,3 +209,49 @@ def test_a_valid_descriptor_is_taken():
     """The boundary sizes 0 and 16 TiB are sizes."""
     for size in (0, 1 << 44):
         assert check_descriptor({"mediaType": "a/b", "digest": SHA, "size": size}, "x").size == size
+
+
+def index_of(platform: object) -> dict:
+    entry = {"mediaType": OCI_MANIFEST, "digest": SHA, "size": 500, "platform": platform}
+    return {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}
+
+
+@pytest.mark.parametrize(
+    ("platform", "why"),
+    [
+        ({"os": "linux", "architecture": "amd64", "variant": 3}, "platform variant 3 is not"),
+        ({"os": "linux", "architecture": ["amd64"]}, "platform architecture ['amd64'] is not"),
+        ({"os": {"name": "linux"}, "architecture": "amd64"}, "platform os {'name'"),
+        ("linux/amd64", "has a platform that is not an object"),
+    ],
+)
+def test_an_index_entry_whose_platform_fields_are_not_strings_is_refused(
+    registry, pushed_images, fault_proxy, platform, why
+):
+    """An index entry whose variant, architecture or os is a number, a list or an object,
+    or whose platform is no object: refused in one line naming the entry, as any other
+    malformed index, never a TypeError."""
+    message = refusal(fault_proxy, registry, index_of(platform))
+    assert "is refused: entry 0" in message and why in message
+
+
+def test_an_image_config_whose_variant_is_not_a_string_is_refused(registry, erofs_images):
+    """A plain manifest whose config says ``"variant": 7``, resolved for a platform (which
+    reads the config): refused as a registry error naming the config, never a TypeError."""
+    repository = "checks/config-variant"
+    push_erofs(registry.host, repository, "v1", [erofs_images.small.path])
+    config = json.dumps({"os": "linux", "architecture": "amd64", "variant": 7}).encode()
+    manifest = real_manifest(registry, repository)
+    manifest["config"] = {**manifest["config"], "digest": digest_of(config), "size": len(config)}
+    with registry.client() as client:
+        client.upload_blob(repository, digest_of(config), config)
+        client.put_manifest(repository, "v1", json.dumps(manifest).encode(), OCI_MANIFEST)
+        with pytest.raises(RegistryError) as refused:
+            resolve_image(
+                client,
+                f"{registry.host}/checks/config-variant:v1",
+                "linux/amd64",
+                require_platform=True,
+            )
+    assert type(refused.value) is RegistryError
+    assert str(refused.value).endswith("is refused: platform variant 7 is not a string")

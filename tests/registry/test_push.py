@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
+from rig.fault_proxy import Fault
 
-from blockstore.errors import UsageError
-from blockstore.registry import push_image, resolve_image
+from blockstore.errors import RegistryError, UsageError
+from blockstore.registry import RegistryClient, push_image, resolve_image
+from blockstore.registry.mediatypes import OCI_INDEX, OCI_MANIFEST
 
 
 def test_plain_image_becomes_an_index_when_a_platform_is_added(fresh_registry, erofs_images):
@@ -66,3 +69,32 @@ def test_a_non_erofs_layer_is_refused_before_any_upload(fresh_registry, erofs_im
         assert not client.blob_exists("push/refused", small.digest)
         with pytest.raises(UsageError, match=f"cannot push {tmp_path}: "):
             push_image(client, "push/refused", "v1", [tmp_path])
+
+
+def test_adding_to_an_index_whose_platform_is_malformed_is_refused(
+    fresh_registry, erofs_images, fault_proxy
+):
+    """A registry (here a proxy) serving under the tag an index whose entry says
+    ``"variant": 8``: adding a platform to it is refused as a registry error naming the
+    tag, never a traceback."""
+    small = erofs_images.small
+    platform = {"os": "linux", "architecture": "arm64", "variant": 8}
+    entry = {"mediaType": OCI_MANIFEST, "digest": small.digest, "size": 500, "platform": platform}
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}
+    proxy = fault_proxy(fresh_registry)
+    proxy.fault = Fault(
+        "status",
+        status=200,
+        body=json.dumps(index).encode(),
+        method="GET",
+        path_contains="/manifests/v1",
+        headers={"Content-Type": OCI_INDEX},
+    )
+    refused = "push/odd:v1: the index under the tag is refused"
+    with (
+        RegistryClient(proxy.host, fresh_registry.options()) as client,
+        pytest.raises(RegistryError, match=refused),
+    ):
+        push_image(
+            client, "push/odd", "v1", [small.path], platform="linux/amd64", add_to_index=True
+        )
