@@ -25,7 +25,8 @@ _HOST = re.compile(
     r"|\[[0-9a-fA-F:.]+\])"
     r"(?::(?P<port>[0-9]+))?"
 )
-_TAG = re.compile(r"[\w][\w.-]{0,127}")
+# ASCII word characters, as Go's \w in distribution's grammar (Python's takes "é", "٣").
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _DIGEST = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}")
 _SHA256_HEX = re.compile(r"[a-f0-9]{64}")
 # algorithm:encoded as a digest may be written, but not host:port.
@@ -85,7 +86,7 @@ def parse_reference(text: str) -> Reference:
         if not _TAG.fullmatch(tag):
             raise InvalidReference(
                 f"invalid image reference {_echo(text)}: tag {_echo(tag)} must be 1-128 of "
-                "letters, digits, '_', '.', '-' and not start with '.' or '-'"
+                "ASCII letters, digits, '_', '.', '-' and not start with '.' or '-'"
             )
     registry, repository = _split_registry(text, name)
     if len(repository) > _MAX_NAME_LENGTH:

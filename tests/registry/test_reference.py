@@ -73,6 +73,16 @@ def test_invalid_references_say_why(text, why):
         parse_reference(text)
 
 
+@pytest.mark.parametrize("tag", ["caf\u00e9", "v\u0661", "\uff561", "\u30bf\u30b0", "x\u00b2"])
+def test_a_tag_with_letters_or_digits_outside_ascii_is_refused(tag):
+    """distribution's tag grammar is ASCII (Go's \\w): a tag with an accented letter,
+    an Arabic-Indic or fullwidth digit, kana or a superscript is a usage error saying
+    what a tag may hold, not a request a registry would refuse."""
+    with pytest.raises(InvalidReference, match=r"tag .* must be 1-128 of ASCII letters") as refused:
+        parse_reference(f"registry.example/app:{tag}")
+    assert refused.value.exit_code == 2
+
+
 def test_normalize_digest():
     """A layer digest may be given as bare hex; anything else must be a digest."""
     assert normalize_digest("ab" * 32) == DIGEST
