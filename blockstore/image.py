@@ -49,6 +49,7 @@ from blockstore.registry import (
     parse_reference,
     resolve_image,
 )
+from blockstore.registry.digests import check_digest
 from blockstore.registry.platforms import Platform, host_platform
 from blockstore.registry.referrers import Referrer, list_referrers
 from blockstore.source import BlobSource
@@ -172,16 +173,37 @@ class OpenImage:
             return None
 
     def diff_id(self, layer: Layer) -> str | None:
-        """The layer's diff_id from the image config (fetched, digest checked), if online."""
-        if self.client is None:
-            return None
+        """The layer's diff_id from the image config, if the config is kept or online."""
         raw = self.resolved.manifests.get(self.resolved.manifest_digest)
         if raw is None:
             return None
         if self._diff_ids is None:
-            self._diff_ids = image_diff_ids(self.client, self.repository, raw)
+            self._diff_ids = image_diff_ids(raw, self._config)
         ids = self._diff_ids
         return ids[layer.index] if layer.index < len(ids) else None
+
+    def _config(self, digest: str) -> bytes | None:
+        """The image config named ``digest``, checked against it: kept in the cache after
+        its first fetch (a digest names it for good), so a warm or offline open checks
+        its layers' diff_ids with no round trip. None offline when it was never kept."""
+        try:
+            kept = self.store.images.manifest(digest)
+        except CacheError:
+            kept = None
+        if kept is not None:
+            try:
+                check_digest(kept, digest, f"the kept config {digest}")
+                return kept
+            except IntegrityError as exc:
+                log.warning("%s; fetching it again", exc)
+        if self.client is None:
+            return None
+        raw = self.client.get_blob(self.repository, digest, "config")  # checked against it
+        try:
+            self.store.images.put_manifest(digest, raw)
+        except CacheError as exc:
+            log.warning("%s: config not kept: %s", self.resolved.reference, exc)
+        return raw
 
     def blob(self, layer: Layer, settings: PrefetchSettings | None = None) -> CachedBlob:
         """The layer's blob through the cache, with the image's prefetch ``settings``

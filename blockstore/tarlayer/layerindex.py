@@ -149,11 +149,11 @@ class TarIndex:
     tar_digest: str  # sha256 of the uncompressed tar (the diff_id): its cache key
 
 
-def check_plain_tar(blob_digest: str, diff_id: str | None) -> None:
-    """An uncompressed layer is its own tar, so its diff_id must be its digest: a
-    config that says otherwise describes another layer (checked as for compressed
-    layers, whose pass compares the tar it makes)."""
-    _check("the tar's diff_id", diff_id, blob_digest)
+def check_diff_id(tar_digest: str, diff_id: str | None) -> None:
+    """The tar a layer is read from (an uncompressed layer's is the blob itself) must
+    be the one the image config names (``diff_id``; None: the config names none):
+    a config that says otherwise describes another layer."""
+    _check("the tar's diff_id", diff_id, tar_digest)
 
 
 def index_plain_tar(read_range: ReadRange, size: int, blob_digest: str) -> TarIndex:

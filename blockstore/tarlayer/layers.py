@@ -22,7 +22,6 @@ from blockstore.cache import CachedBlob, ChunkStore
 from blockstore.errors import BlobReadError, BlockstoreError, IntegrityError, NotCached, UsageError
 from blockstore.export import Buffer
 from blockstore.prefetch import PrefetchSettings
-from blockstore.registry import RegistryClient
 from blockstore.source import BlobSource
 from blockstore.tarlayer.erofs_reader import read_info
 from blockstore.tarlayer.export import (
@@ -41,7 +40,7 @@ from blockstore.tarlayer.layerindex import (
     ReadRange,
     SpanIndex,
     TarIndex,
-    check_plain_tar,
+    check_diff_id,
     index_compressed_tar,
     index_plain_tar,
 )
@@ -266,6 +265,11 @@ class TarLayer(TarLayerExport):
             blob.close()
 
 
+def _kept(into: list[TarIndex], index: TarIndex) -> TarIndex:
+    into.append(index)
+    return index
+
+
 def _read_all(blob: LayerBlob) -> Callable[[int, int], bytes]:
     """Reads of ``blob`` for the layer's own passes (index, proof, spans): what the
     mount reads is the export's reads, not these."""
@@ -365,7 +369,7 @@ def open_tar_layer(
                     f"{blob.digest}: this tar layer was never indexed; needs the registry"
                 )
             if kind == TAR:
-                check_plain_tar(blob.digest, diff_id())
+                check_diff_id(blob.digest, diff_id())
             refused = cache.origin(blob.digest, span) == IndexCache.REFUSED
             if shared is not None and not refused and (found := shared()) is not None:
                 log.info("%s: using the index attached to the image", blob.digest)
@@ -392,7 +396,14 @@ def open_tar_layer(
                     keeper.finish(built.tar_size if built is not None else None)
             return built
 
-        index = cached_or_built(cache, blob.digest, span, kind != TAR, build)
+        built_here: list[TarIndex] = []
+        index = cached_or_built(
+            cache, blob.digest, span, kind != TAR, lambda: _kept(built_here, build())
+        )
+        if not built_here:
+            # Kept from an open of another image with this blob: this image's config
+            # must name the same tar, as it must for an index built now.
+            check_diff_id(index.tar_digest, diff_id())
         if cache.origin(blob.digest, span) == IndexCache.SHARED:
             check = SharedIndexCheck(cache, blob, span, index)
     if index.spans is None:
@@ -535,8 +546,9 @@ def _sha256(read: ReadRange, start: int, end: int) -> bytes:
     return digest.digest()
 
 
-def image_diff_ids(client: RegistryClient, repository: str, manifest: bytes) -> list[str]:
-    """The ``rootfs.diff_ids`` of the config a manifest names, its bytes checked first.
+def image_diff_ids(manifest: bytes, config_of: Callable[[str], bytes | None]) -> list[str]:
+    """The ``rootfs.diff_ids`` of the config a manifest names, got with ``config_of``
+    (given the config's digest: its bytes, checked against it, or None if unavailable).
 
     They name each layer's uncompressed tar; an index is built only from a
     layer whose tar hashes to its diff_id. A config without them gives [].
@@ -547,7 +559,9 @@ def image_diff_ids(client: RegistryClient, repository: str, manifest: bytes) -> 
             raise TypeError(config_digest)
     except (ValueError, KeyError, TypeError, AttributeError):
         return []
-    config = client.get_blob(repository, config_digest, "config")  # checked against it
+    config = config_of(config_digest)
+    if config is None:
+        return []
     try:
         ids = json.loads(config)["rootfs"]["diff_ids"]
     except (ValueError, KeyError, TypeError):

@@ -256,3 +256,52 @@ def test_inflating_spans_from_cached_blob_bytes_is_not_counted_as_served(tmp_pat
         store.close()
     _, served = open_and_read()
     assert served == len(wanted)
+
+
+def test_a_config_naming_another_tar_is_refused_with_the_index_kept_too(tmp_path, registry):
+    """One gzip blob in two images: the first's config names the blob's tar, the
+    second's another tar. The first image, opened first, indexes the layer and keeps
+    the index and its config. The second, opened in the same cache, is refused all the
+    same (an IntegrityError naming the diff_id), as it is in an empty cache, rather than
+    served by the index the first image left."""
+    import json
+
+    from blockstore.errors import IntegrityError
+    from blockstore.registry.digests import digest_of
+    from blockstore.registry.mediatypes import OCI_CONFIG, OCI_MANIFEST
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello").write_text("hello\n")
+    tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    good = push_tar_layer(registry, "o/diffid", "good", "gzip", tar, tmp_path)
+    client = registry.client()
+    try:
+        manifest = json.loads(client.get_manifest("o/diffid", "good").raw)
+        kept_config = manifest["config"]["digest"]
+        config = json.dumps(
+            {"architecture": "amd64", "os": "linux", "config": {},
+             "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "1" * 64]}}
+        ).encode()  # fmt: skip
+        client.upload_blob("o/diffid", digest_of(config), config)
+        manifest["config"] = {
+            "mediaType": OCI_CONFIG, "digest": digest_of(config), "size": len(config)
+        }  # fmt: skip
+        client.put_manifest("o/diffid", "bad", json.dumps(manifest).encode(), OCI_MANIFEST)
+    finally:
+        client.close()
+    cache = tmp_path / "cache"
+    image = open_image(good, cache_dir=cache, options=registry.options())
+    try:
+        (export,) = image.exports()
+        assert export.index.tar_digest == digest_of(tar)
+        assert image.store.images.manifest(kept_config) is not None
+    finally:
+        image.close()
+
+    image = open_image(good[: -len("good")] + "bad", cache_dir=cache, options=registry.options())
+    try:
+        with pytest.raises(IntegrityError, match=r"diff_id is sha256:.*, expected sha256:1111"):
+            image.exports()
+    finally:
+        image.close()
