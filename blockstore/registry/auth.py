@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import requests
 
-from blockstore.errors import AuthError
+from blockstore.errors import AuthError, RegistryUnreachable
 from blockstore.registry.credentials import Credentials
+from blockstore.registry.retry import TryAgain
 
 if TYPE_CHECKING:
     from blockstore.registry.retry import Deadline
@@ -79,10 +81,23 @@ class _Token:
     """Monotonic time after which the token is renewed before use."""
 
 
+@dataclass
+class _Flight:
+    """One token request under way for a scope; the threads that need it wait on it."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    token: _Token | None = None
+    error: BaseException | None = None
+
+
 class Authenticator:
     """The auth state of one registry host: its scheme, and its tokens per scope.
 
-    Thread-safe: several fetch threads share one client.
+    Thread-safe: several fetch threads share one client. The lock guards the
+    state only, never a request to the token issuer: a slow issuer holds up
+    the threads that need its token for that scope (one request for all of
+    them, each waiting no longer than its deadline), not every request to
+    the host.
     """
 
     def __init__(
@@ -99,6 +114,7 @@ class Authenticator:
         self._bearer: dict[str, str] = {}
         """The realm and service of the last Bearer challenge."""
         self._tokens: dict[str, _Token] = {}
+        self._flights: dict[str, _Flight] = {}
 
     def header(self, scope: str, deadline: Deadline) -> str | None:
         """The ``Authorization`` to send up front, renewing a token close to expiry."""
@@ -107,10 +123,7 @@ class Authenticator:
                 return basic_header(self.credentials)
             if self._scheme != "bearer":
                 return None
-            token = self._tokens.get(scope)
-            if token is None or time.monotonic() >= token.renew_at:
-                token = self._new_token(scope, deadline)
-            return f"Bearer {token.value}"
+        return f"Bearer {self._token(scope, deadline).value}"
 
     def answer_challenge(self, www_authenticate: str | None, scope: str, deadline: Deadline) -> str:
         """After a 401: the ``Authorization`` to retry with, or ``AuthError`` if none can help.
@@ -138,15 +151,71 @@ class Authenticator:
                     )
                 return basic_header(self.credentials)
             self._bearer = challenge.params
-            token = self._new_token(scope, deadline, challenge.params.get("scope"))
-            return f"Bearer {token.value}"
+        token = self._token(scope, deadline, renew=True, asked=challenge.params.get("scope"))
+        return f"Bearer {token.value}"
 
-    def _new_token(self, scope: str, deadline: Deadline, asked: str | None = None) -> _Token:
+    def _token(
+        self, scope: str, deadline: Deadline, *, renew: bool = False, asked: str | None = None
+    ) -> _Token:
+        """The token for ``scope``: the one kept while it is fresh (unless ``renew``), else
+        the one a request under way brings, else one this thread asks the issuer for."""
+        with self._lock:
+            kept = self._tokens.get(scope)
+            if kept is not None and not renew and time.monotonic() < kept.renew_at:
+                return kept
+            flight = self._flights.get(scope)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[scope] = _Flight()
+            bearer = dict(self._bearer)
+        if leader:
+            return self._lead(flight, scope, bearer, deadline, asked)
+        return self._await(flight, deadline)
+
+    def _lead(
+        self,
+        flight: _Flight,
+        scope: str,
+        bearer: dict[str, str],
+        deadline: Deadline,
+        asked: str | None,
+    ) -> _Token:
+        """Ask the issuer, outside the lock, and hand the outcome to every waiter."""
+        try:
+            flight.token = self._new_token(scope, bearer, deadline, asked)
+            return flight.token
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            with self._lock:
+                if flight.token is not None:
+                    self._tokens[scope] = flight.token
+                del self._flights[scope]
+            flight.done.set()
+
+    def _await(self, flight: _Flight, deadline: Deadline) -> _Token:
+        """The token another thread is fetching, or its error; no longer than ``deadline``."""
+        left = deadline.left()
+        if not flight.done.wait(None if math.isinf(left) else left):
+            raise TryAgain(
+                RegistryUnreachable(
+                    f"registry {self.host}: no token from its issuer in the time left"
+                )
+            )
+        if flight.error is not None:
+            raise flight.error
+        assert flight.token is not None
+        return flight.token
+
+    def _new_token(
+        self, scope: str, bearer: dict[str, str], deadline: Deadline, asked: str | None
+    ) -> _Token:
         """A token for ``scope``, and for the scope the registry ``asked`` for if it differs."""
-        realm = self._bearer.get("realm")
+        realm = bearer.get("realm")
         if not realm:
             raise AuthError(f"registry {self.host} sent a Bearer challenge without a realm")
-        params = [("service", self._bearer["service"])] if "service" in self._bearer else []
+        params = [("service", bearer["service"])] if "service" in bearer else []
         params += [("scope", s) for s in dict.fromkeys(filter(None, (scope, asked)))]
         if self.credentials:
             params.append(("account", self.credentials.username))
@@ -179,7 +248,5 @@ class Authenticator:
         # Renew a quarter of the lifetime early (at most 30 s): a request that
         # starts with the token must still find it valid at the registry.
         margin = min(30.0, lifetime / 4)
-        token = _Token(value, started + lifetime - margin)
-        self._tokens[scope] = token
         log.debug("new token for %s %s, lives %.0fs", self.host, scope, lifetime)
-        return token
+        return _Token(value, started + lifetime - margin)

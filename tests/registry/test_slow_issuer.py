@@ -1,0 +1,89 @@
+"""A token issuer that is slow for one repository: only the requests that need that
+token wait for it, one request fetches it for all of them, and none waits past its own
+deadline."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from rig.fault_proxy import Fault
+from rig.pushed import push_erofs
+from rig.registry_server import RegistryServer, TokenAuth
+from rig.token_issuer import TokenIssuer
+
+from blockstore.errors import RegistryUnreachable
+from blockstore.registry import resolve_image
+from blockstore.registry.retry import Deadline
+
+STALL = 3.0
+"""Seconds the issuer takes for a token of the ``slow/`` repository."""
+
+
+@pytest.fixture
+def slow_issuer_registry(tmp_path, test_ca, fault_proxy, erofs_images) -> Iterator:
+    """A token-auth registry whose issuer is reached through a proxy (``.proxy``), with
+    ``slow/image:v1`` and ``fast/image:v1`` pushed."""
+    cert, key = test_ca.issue("slow-issuer", server=False)
+    issuer = TokenIssuer(cert, key, users={"carol": "carol-pw"})
+    issuer.start()
+    proxy = fault_proxy(issuer.realm.removesuffix("/token"))
+    token = TokenAuth(f"{proxy.url}/token", issuer.service, issuer.name, test_ca.cert)
+    server = RegistryServer(
+        tmp_path / "registry", token=token, username="carol", password="carol-pw"
+    )
+    server.issuer, server.proxy = issuer, proxy
+    server.start()
+    try:
+        for repository in ("slow/image", "fast/image"):
+            push_erofs(
+                server.host, repository, "v1", [erofs_images.small.path], options=server.options()
+            )
+        yield server
+    finally:
+        server.stop()
+        issuer.stop()
+
+
+def slow_tokens(issuer: TokenIssuer) -> int:
+    return sum(1 for e in issuer.issued for a in e["access"] if a["name"] == "slow/image")
+
+
+def test_a_slow_issuer_holds_up_only_the_requests_that_need_its_token(
+    slow_issuer_registry, erofs_images
+):
+    """The issuer takes 3 s for slow/image's token. While one reader waits for it: a
+    reader of fast/image is served at once; a second reader of slow/image takes the
+    same token (one request to the issuer for both); a read of slow/image whose deadline
+    is 1 s gives up after about 1 s, not when the token comes."""
+    server = slow_issuer_registry
+    server.proxy.fault = Fault("delay", seconds=STALL, path_contains="slow%2Fimage")
+    before = slow_tokens(server.issuer)
+    small = erofs_images.small
+    with server.client(timeout=STALL * 4) as client:
+        resolved: list[str] = []
+
+        def resolve_slow() -> None:
+            resolved.append(resolve_image(client, f"{server.host}/slow/image:v1").manifest_digest)
+
+        slow = [threading.Thread(target=resolve_slow) for _ in range(2)]
+        slow[0].start()
+        time.sleep(0.5)  # its token request is under way
+        slow[1].start()
+        started = time.monotonic()
+        assert resolve_image(client, f"{server.host}/fast/image:v1").layers
+        fast_took = time.monotonic() - started
+        started = time.monotonic()
+        with pytest.raises(RegistryUnreachable, match="no token from its issuer"):
+            client.read_blob_range(
+                "slow/image", small.digest, 0, 99, small.size, deadline=Deadline(1.0)
+            )
+        bounded_took = time.monotonic() - started
+        for thread in slow:
+            thread.join()
+    assert fast_took < 1.5, f"fast/image waited {fast_took:.1f}s for slow/image's token"
+    assert bounded_took < 1.8, f"a read with 1 s left waited {bounded_took:.1f}s"
+    assert len(resolved) == 2
+    assert slow_tokens(server.issuer) - before == 1
