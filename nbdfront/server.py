@@ -71,8 +71,14 @@ READ_PIECE = 4 * 1024 * 1024
 # Bytes of reads in flight and replies queued, per connection: eight pieces.
 INFLIGHT_BYTES = 8 * READ_PIECE
 INFLIGHT_REQUESTS = 512
-# Reply bytes of hits gathered before they are handed to the outbox.
+# Reply bytes of hits gathered before they are handed to the outbox, and buffers of
+# any replies (tiny reads and flushes make many buffers of few bytes).
 BATCH_BYTES = 256 * 1024
+BATCH_BUFFERS = 512
+# Queued replies in more buffers than this, averaging fewer bytes than SMALL_BUFFER,
+# are joined into one: each buffer costs a view and an iovec, more than its bytes.
+JOIN_BUFFERS = 16
+SMALL_BUFFER = 4096
 RECV_SIZE = 256 * 1024
 # A client that has not chosen an export this long after connecting is dropped.
 HANDSHAKE_TIMEOUT = 10.0
@@ -96,8 +102,13 @@ HELD_SEND_WAIT = 0.05
 _DF = int(CommandFlag.DF)
 
 
-def send_buffers(sock: socket.socket, buffers: Sequence[Buffer]) -> None:
-    """Send every byte of ``buffers`` with scatter-gather writes, no joining copy."""
+def send_buffers(
+    sock: socket.socket | TLSStream,
+    buffers: Sequence[Buffer],
+    progress: Callable[[], None] | None = None,
+) -> None:
+    """Send every byte of ``buffers`` with scatter-gather writes, no joining copy;
+    ``progress`` is called each time the socket took some."""
     if len(buffers) <= _IOV_MAX:
         sent = sock.sendmsg(buffers)
         if sent == _length(buffers):
@@ -105,9 +116,11 @@ def send_buffers(sock: socket.socket, buffers: Sequence[Buffer]) -> None:
         rest = _advance(buffers, sent)
     else:
         rest = _advance(buffers, 0)
-    while rest:
-        sent = sock.sendmsg(rest[:_IOV_MAX])
-        rest = _advance(rest, sent)
+    first = 0
+    while first < len(rest):
+        if progress is not None:
+            progress()
+        first = _skip_sent(rest, first, sock.sendmsg(rest[first : first + _IOV_MAX]))
 
 
 def _advance(buffers: Sequence[Buffer], sent: int) -> list[memoryview]:
@@ -122,6 +135,22 @@ def _advance(buffers: Sequence[Buffer], sent: int) -> list[memoryview]:
         rest.append(view[sent:] if sent else view)
         sent = 0
     return rest
+
+
+def _skip_sent(views: list[memoryview], first: int, sent: int) -> int:
+    """The index of the first view not wholly sent once ``sent`` more bytes from
+    ``views[first]`` on went out; a view sent in part is cut down in place. Walking
+    an index, not rebuilding the list, keeps a long batch linear in its length."""
+    while sent and first < len(views):
+        size = views[first].nbytes
+        if sent < size:
+            views[first] = views[first][sent:]
+            return first
+        sent -= size
+        first += 1
+    while first < len(views) and not views[first].nbytes:
+        first += 1
+    return first
 
 
 class _Budget:
@@ -203,6 +232,7 @@ class _Outbox:
         self._queue: list[Buffer] = []
         self._queued = 0
         self._writing = False  # the writer is sending bytes taken off the queue
+        self._last_taken = time.monotonic()  # when the client last took reply bytes
         self._closing = False
         self._writer: threading.Thread | None = None
         self.broken = False
@@ -210,6 +240,14 @@ class _Outbox:
     @property
     def busy(self) -> bool:
         return bool(self._queue) or self._writing
+
+    def stalled_for(self, now: float) -> float:
+        """How long replies have waited with the client taking none of them (0 when
+        nothing waits): a racy glance, for deadlines."""
+        return now - self._last_taken if self.busy else 0.0
+
+    def _taken(self) -> None:
+        self._last_taken = time.monotonic()
 
     def put(self, buffers: Sequence[Buffer], *, borrowed: bool = False) -> bool:
         """Send or queue ``buffers``; True if some are left queued behind a slow client.
@@ -237,8 +275,10 @@ class _Outbox:
                 if sent == total:
                     return False
                 rest, left = _advance(buffers, sent), total - sent
-            if borrowed:
+            if borrowed or (len(rest) > JOIN_BUFFERS and left < SMALL_BUFFER * len(rest)):
                 rest = [b"".join(rest)]
+            if not self.busy:
+                self._last_taken = time.monotonic()  # the wait starts now
             self._queue += rest
             self._queued += left
             self._budget.charge(left)
@@ -263,20 +303,20 @@ class _Outbox:
         """
         sock = self.sock
         assert isinstance(sock, socket.socket)
-        sent = 0
+        sent = first = 0
         poller = select.poll()
         poller.register(sock, select.POLLOUT)
         deadline = time.monotonic() + HELD_SEND_WAIT
-        while rest:
+        while first < len(rest):
             left = deadline - time.monotonic()
             if left <= 0 or not poller.poll(left * 1000):
                 break
             try:
-                took = sock.sendmsg(rest[:_IOV_MAX], (), socket.MSG_DONTWAIT)
+                took = sock.sendmsg(rest[first : first + _IOV_MAX], (), socket.MSG_DONTWAIT)
             except BlockingIOError:
                 continue
             sent += took
-            rest = _advance(rest, took)
+            first = _skip_sent(rest, first, took)
         return sent
 
     def use(self, stream: TLSStream) -> None:
@@ -325,13 +365,14 @@ class _Outbox:
                 nbytes, self._queued = self._queued, 0
                 self._writing = True
             try:
-                send_buffers(self.sock, batch)
+                send_buffers(self.sock, batch, self._taken)
             except OSError as exc:
                 with self._lock:
                     self._break(exc)
             finally:
                 with self._lock:
                     self._writing = False
+                    self._last_taken = time.monotonic()
                     self._changed.notify_all()
                 self._budget.refund(nbytes)
 
@@ -435,6 +476,10 @@ class _Session:
         """Nothing in flight and nothing waiting to be sent (a racy glance, for deadlines)."""
         return not self._budget.requests and not self._outbox.busy
 
+    def stalled_for(self, now: float) -> float:
+        """How long its replies have waited for the client to take any (see ``_Outbox``)."""
+        return self._outbox.stalled_for(now)
+
     def run(self) -> None:
         try:
             self._serve()
@@ -477,6 +522,9 @@ class _Session:
             out = protocol.data_to_send()
             if out:
                 self._batch += out
+                self._batch_bytes += _length(out)
+                if len(self._batch) >= BATCH_BUFFERS:
+                    self._flush()
             if event is NEED_DATA:
                 data = self._receive()
                 if data is None:
@@ -571,8 +619,10 @@ class _Session:
             assert self._export is not None
             protocol = self._protocol
             at_once = (
-                self._reads_since_recv == 1 and not self._batch and not protocol.buffered
-            ) or self._batch_bytes + length >= BATCH_BYTES
+                (self._reads_since_recv == 1 and not self._batch and not protocol.buffered)
+                or self._batch_bytes + length >= BATCH_BYTES
+                or len(self._batch) >= BATCH_BUFFERS
+            )
             if at_once and self._hold is not None:
                 if self._send_held(request):
                     return
@@ -742,7 +792,8 @@ class NBDServer:
 
     ``handshake_timeout`` bounds the whole handshake; ``idle_timeout``
     (None: no limit) closes a connection that has had nothing in flight
-    and sent nothing for that long. At ``max_connections``, a newcomer
+    and sent nothing for that long, or whose replies have waited that long
+    with the client taking none of them. At ``max_connections``, a newcomer
     closes the connection that has been silent longest in its handshake (for
     ``EVICTABLE_IDLE`` seconds at least), or is refused.
     """
@@ -987,12 +1038,17 @@ class NBDServer:
                             self.handshake_timeout,
                         )
                         session.cut()
-                elif (
-                    self.idle_timeout is not None
-                    and now - session.last_heard > self.idle_timeout
-                    and session.idle
-                ):
+                elif self.idle_timeout is None:
+                    continue
+                elif now - session.last_heard > self.idle_timeout and session.idle:
                     log.info("closing %s: idle for %ss", session.peer, self.idle_timeout)
+                    session.cut()
+                elif session.stalled_for(now) > self.idle_timeout:
+                    # Not idle, but as good as gone: it holds its replies' memory and
+                    # its slot while it reads nothing.
+                    log.info(
+                        "closing %s: took no reply byte for %ss", session.peer, self.idle_timeout
+                    )
                     session.cut()
 
     def _forget(self, session: _Session) -> None:

@@ -77,7 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="SECONDS",
         help="close a connection that has chosen its export, then sent nothing and waited "
-        "for nothing this long (default: never, as a mounted disk may idle for hours)",
+        "for nothing this long, or taken none of its replies this long (default: never, "
+        "as a mounted disk may idle for hours)",
     )
     add_tls_options(serve)
     # The write end of a pipe from `blockstore mount`, told "ready" or the error on it.

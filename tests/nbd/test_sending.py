@@ -51,6 +51,36 @@ def test_short_sends_and_more_buffers_than_one_sendmsg_takes():
         receiver.close()
 
 
+def test_sending_many_small_buffers_takes_time_linear_in_their_number():
+    """200,000 buffers of 16 bytes (the replies to as many 1-byte reads) take about eight
+    times as long to send as 25,000, not sixty-four: a batch walks its buffers once,
+    however many sendmsg calls it takes (rebuilding the rest after each call made a
+    long batch quadratic, and held the server's lock-step for seconds)."""
+
+    def seconds_to_send(count: int) -> float:
+        sender, receiver = socket.socketpair()
+
+        def drain() -> None:
+            left = 16 * count
+            while left > 0:
+                left -= len(receiver.recv(1 << 16))
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        try:
+            started = time.perf_counter()
+            send_buffers(sender, [bytes(16)] * count)
+            reader.join(60)
+            return time.perf_counter() - started
+        finally:
+            sender.close()
+            receiver.close()
+
+    small = min(seconds_to_send(25_000) for _ in range(3))
+    large = min(seconds_to_send(200_000) for _ in range(2))
+    assert large < 25 * small, (small, large)
+
+
 def outbox_pair() -> tuple[_Outbox, socket.socket, socket.socket]:
     """An outbox on one end of a socket pair whose send buffer takes a few KiB."""
     sender, receiver = socket.socketpair()

@@ -6,6 +6,7 @@ slot) without refusing what a well-behaved client does.
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import logging
 import select
@@ -132,6 +133,73 @@ def test_the_idle_limit_closes_quiet_connections_not_busy_ones(tmp_path):
         gate.set()
         quiet.close()
         busy.close()
+        server.shutdown()
+
+
+def test_the_idle_limit_closes_a_connection_that_takes_no_reply(tmp_path, caplog):
+    """With an idle limit of 1 s, a client that asks for 64 MiB and reads none of it
+    (its replies stuck behind full socket buffers, so it is never idle) is closed soon
+    after, with a log line saying why, rather than holding its replies' memory and its
+    slot for ever."""
+    caplog.set_level(logging.INFO, logger="nbdfront.server")
+    server = serve(tmp_path, ZeroExport(), idle_timeout=1.0)
+    client = w.RawClient(server.tcp_address)
+    try:
+        client.negotiate("zeros", structured=False)
+        for handle in range(64):
+            client.send(w.CMD_READ, handle, 0, 1 << 20)
+        deadline = time.monotonic() + 10
+        while server.connection_count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.connection_count == 0
+        assert "took no reply byte for 1.0s" in caplog.text
+    finally:
+        client.close()
+        server.shutdown()
+
+
+def test_replies_flow_to_a_client_that_never_stops_sending(tmp_path):
+    """A client pipelines, in one go, 100 blocks of two 1-byte reads (hits) and 500
+    flushes, then one last read, reading replies on another thread: the first replies
+    reach it before the server has even parsed that last read, so a flood of tiny
+    requests neither starves the client of its answers nor piles them up in the server
+    (which used to hold every reply until the flood paused)."""
+    last = 1 << 30
+    parsed_last: list[float] = []
+
+    class Stamped(ZeroExport):
+        def read_cached(self, offset, length):
+            if offset == last:
+                parsed_last.append(time.monotonic())
+            return super().read_cached(offset, length)
+
+    server = serve(tmp_path, Stamped())
+    client = w.RawClient(server.tcp_address)
+    try:
+        client.negotiate("zeros", structured=False)
+        block = w.request(w.CMD_READ, 1, 0, 1) * 2 + w.request(w.CMD_FLUSH, 2) * 500
+        flood = block * 100 + w.request(w.CMD_READ, 3, last, 1)
+        expected = 100 * (2 * 17 + 500 * 16) + 17
+        received = [0]
+        first_reply: list[float] = []
+
+        def read_replies() -> None:
+            with contextlib.suppress(OSError):
+                while piece := client.sock.recv(1 << 16):
+                    if not first_reply:
+                        first_reply.append(time.monotonic())
+                    received[0] += len(piece)
+
+        reader = threading.Thread(target=read_replies, daemon=True)
+        reader.start()
+        client.sock.sendall(flood)
+        deadline = time.monotonic() + 20
+        while received[0] < expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert received[0] == expected
+        assert first_reply[0] < parsed_last[0]
+    finally:
+        client.close()
         server.shutdown()
 
 
