@@ -40,6 +40,7 @@ from blockstore.indexed_source import IndexedSource
 from blockstore.metrics import TimedSource
 from blockstore.prefetch import PrefetchSettings
 from blockstore.registry import (
+    EROFS_MEDIA_TYPE,
     Layer,
     Reference,
     RegistryBlob,
@@ -117,6 +118,15 @@ class OpenImage:
         """What a layer is served as, chosen by its media type."""
         kind = layer_kind(layer.media_type)
         if kind is None:
+            if layer.media_type != EROFS_MEDIA_TYPE:
+                log.warning(
+                    "%s layer %d (%s) has media type %s, neither EROFS nor a tar: served "
+                    "as its bytes are, which mounting reads as an EROFS image",
+                    self.resolved.reference,
+                    layer.index,
+                    layer.digest,
+                    layer.media_type or "(none)",
+                )
             return self.blob(layer)
         tarindex, zinfo = self.tar_indexes.get(layer.index, (None, None))
         # The blob is a tar, not an EROFS image: the EROFS start and walk have nothing

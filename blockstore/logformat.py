@@ -24,3 +24,16 @@ def count_trouble(log: Path) -> int:
         return len(_TROUBLE.findall(log.read_bytes()))
     except FileNotFoundError:
         return 0
+
+
+def last_trouble(log: Path) -> str | None:
+    """The message of the last warning or error in ``log`` (None if none, or no log)."""
+    try:
+        text = log.read_bytes()
+    except FileNotFoundError:
+        return None
+    ends = [match.end() for match in _TROUBLE.finditer(text)]
+    if not ends:
+        return None
+    line = text[ends[-1] :].split(b"\n", 1)[0]
+    return line.decode(errors="replace").strip() or None

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockstore.errors import MountError, MountpointBusy, NotPermitted
-from blockstore.logformat import count_trouble
+from blockstore.logformat import count_trouble, last_trouble
 from nbdfront.mount import attach, records, syscall
 from nbdfront.mount.process import ProcessRef
 from nbdfront.mount.records import MountRecord
@@ -168,7 +168,7 @@ def _make(
         records.save(record)
         logger.info("attached %s via %s as %s", uri, record.method, attached.device)
         interrupts.check()
-    _mount_layers(record, interrupts.check)
+    _mount_layers(record, interrupts.check, set(server.warnings))
     records.save(record)
     if describe is not None:
         record.info = describe([name for name, _ in layers])
@@ -229,18 +229,20 @@ class _Interrupts:
         self.check()
 
 
-def _mount_layers(record: MountRecord, check: Callable[[], None]) -> None:
+def _mount_layers(record: MountRecord, check: Callable[[], None], shown: set[str]) -> None:
     """EROFS at the mount point for one layer; for several, EROFS per layer under an
-    overlay. ``check`` after each mount is recorded."""
+    overlay. ``check`` after each mount is recorded. ``shown``: the server's warnings
+    the user has seen already."""
     devices = [a.device for a in record.attachments]
+    log = Path(record.log)
     if len(devices) == 1:
-        _mount_erofs(devices[0], record.mountpoint)
+        _mount_erofs(devices[0], record.mountpoint, log, shown)
         record.mounted = True
         return
     for attachment in record.attachments:
         lower = Path(record.state_dir) / f"layer-{attachment.export}"
         lower.mkdir(exist_ok=True)
-        _mount_erofs(attachment.device, str(lower))
+        _mount_erofs(attachment.device, str(lower), log, shown)
         record.lowers.append(str(lower))
         records.save(record)
         check()
@@ -274,13 +276,19 @@ def _visible(lowers: list[str]) -> list[str]:
     return lowers[start:]
 
 
-def _mount_erofs(device: str, target: str) -> None:
+def _mount_erofs(device: str, target: str, log: Path, shown: set[str]) -> None:
+    """``mount -t erofs``; its error says what the server's log holds of the cause (the
+    kernel says only EINVAL or EIO: a read the registry failed, bytes that are no EROFS
+    image), unless the user was shown it already (``shown``)."""
     try:
         syscall.mount(device, target, "erofs")
     except MountError as exc:
-        if "Invalid argument" in str(exc):
-            raise MountError(f"{exc} (is the layer an EROFS image?)") from None
-        raise
+        message = str(exc)
+        if "Invalid argument" in message:
+            message += " (is the layer an EROFS image?)"
+        if (trouble := last_trouble(log)) is not None and trouble not in shown:
+            message += f"; the server's last warning: {trouble} (its log: {log})"
+        raise MountError(message) from None
 
 
 @dataclass

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from mount_trees import assert_same_tree
+from rig.fault_proxy import Fault
 from rig.processes import free_port, processes_mentioning
 from rig.pushed import push_erofs
 
@@ -285,4 +286,41 @@ def test_two_mounts_racing_for_one_mountpoint(dirs, pushed_images, erofs_images)
     one_line(outcomes[1][1])
     assert_same_tree(erofs_images.small.tree, mnt)
     umount(mnt)
+    assert_nothing_left(mnt, run)
+
+
+def test_a_layer_that_is_no_erofs_image_is_named_with_its_media_type(dirs, registry, tmp_path):
+    """A layer of random bytes pushed as application/octet-stream (`serve` exports any
+    blob as it is: a raw disk image, say): `mount` warns that its media type is neither
+    EROFS nor a tar, then fails at `mount -t erofs` saying the layer may not be EROFS,
+    and leaves nothing mounted or running."""
+    mnt, _, cache, run = dirs
+    blob = tmp_path / "random.bin"
+    blob.write_bytes(os.urandom(256 << 10))
+    ref = push_erofs(
+        registry.host, "mount/octets", "v1", [blob], media_type="application/octet-stream"
+    )
+    done = cli("mount", "--insecure", "--cache-dir", str(cache), ref, str(mnt))
+    assert done.returncode != 0
+    assert "has media type application/octet-stream, neither EROFS nor a tar" in done.stderr
+    assert "is the layer an EROFS image?" in done.stderr, done.stderr
+    assert done.stderr.count("neither EROFS nor a tar") == 1, done.stderr
+    assert_nothing_left(mnt, run)
+
+
+def test_a_mount_failing_on_a_registry_read_says_why(
+    dirs, registry, erofs_images, fault_proxy, tmp_path
+):
+    """The registry cuts every ranged read of the layer short: the kernel's mount gets
+    only EIO, and `mount` fails saying so together with the server's own last warning
+    (the short body) and where its log is, and leaves nothing behind."""
+    mnt, _, cache, run = dirs
+    proxy = fault_proxy(registry)
+    ref = push_erofs(proxy.host, "mount/cut", "v1", [erofs_images.small.path])
+    proxy.fault = Fault("truncate", path_contains="/blobs/", method="GET", after_bytes=100)
+    done = cli("mount", "--insecure", "--timeout", "3", "--cache-dir", str(cache), ref, str(mnt))
+    assert done.returncode != 0
+    error = done.stderr.strip().splitlines()[-1]
+    assert "Input/output error" in error and "the server's last warning:" in error, error
+    assert "(its log: " in error
     assert_nothing_left(mnt, run)

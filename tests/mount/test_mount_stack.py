@@ -404,8 +404,8 @@ def test_a_signal_during_a_step_is_held_until_the_step_is_recorded(
 import pathlib, time
 from nbdfront.mount import stack
 real = stack._mount_erofs
-def slow(device, target):
-    real(device, target)
+def slow(device, target, *context):
+    real(device, target, *context)
     pathlib.Path({str(inside)!r}).touch()
     time.sleep(1)  # a mount(2) that has mounted and is about to return
 stack._mount_erofs = slow
