@@ -63,6 +63,7 @@ from blockstore.tarlayer.layers import (
     open_tar_layer,
 )
 from blockstore.tarlayer.shared import index_from_blobs as tar_index_from_blobs
+from blockstore.tarlayer.tree import TarLayerError
 
 log = logging.getLogger(__name__)
 
@@ -139,20 +140,25 @@ class OpenImage:
             own = replace(own, fill=False, readahead=False, trace_period=0, trace_replay=False)
         source, upstream = self._sources(layer)
         blob = self._cached_blob(layer, self._checked(layer, source, upstream), upstream, own)
-        exported = open_tar_layer(
-            self.store,
-            blob,
-            kind,
-            online=self.online,
-            diff_id=lambda: self.diff_id(layer),
-            tarindex=tarindex,
-            zinfo=zinfo,
-            shared=lambda: self._shared_tar_index(layer, kind),
-            settings=self.prefetch,
-            source=source,
-            name=f"layer{layer.index}",
-            description=f"{self.resolved.reference} layer {layer.index} ({layer.digest}, {kind})",
-        )
+        described = f"{self.resolved.reference} layer {layer.index} ({layer.digest}, {kind})"
+        try:
+            exported = open_tar_layer(
+                self.store,
+                blob,
+                kind,
+                online=self.online,
+                diff_id=lambda: self.diff_id(layer),
+                tarindex=tarindex,
+                zinfo=zinfo,
+                shared=lambda: self._shared_tar_index(layer, kind),
+                settings=self.prefetch,
+                source=source,
+                name=f"layer{layer.index}",
+                description=described,
+            )
+        except (TarLayerError, IntegrityError) as exc:
+            # Said of the stream ("corrupt deflate stream..."): name the layer it is in.
+            raise type(exc)(f"{described}: {exc}") from exc
         self._tar_layers.append(exported)
         return exported
 

@@ -305,3 +305,24 @@ def test_a_config_naming_another_tar_is_refused_with_the_index_kept_too(tmp_path
             image.exports()
     finally:
         image.close()
+
+
+def test_a_layer_that_is_no_tar_is_refused_naming_the_layer(tmp_path, registry):
+    """A tar+gzip layer whose gzip stream holds no tar: opening it fails with the tar
+    reader's complaint, prefixed with the image, the layer's index, digest and kind, so
+    that a user of a many-layer image knows which layer is broken."""
+    import json
+
+    from blockstore.errors import BlockstoreError
+
+    ref = push_tar_layer(registry, "o/notar", "v1", "gzip", b"no tar here\n" * 100, tmp_path)
+    image = open_image(ref, cache_dir=tmp_path / "cache", options=registry.options())
+    try:
+        digest = json.loads(image.resolved.manifests[image.resolved.manifest_digest])["layers"][0][
+            "digest"
+        ]
+        with pytest.raises(BlockstoreError) as info:
+            image.exports()
+        assert str(info.value).startswith(f"{ref} layer 0 ({digest}, gzip): "), info.value
+    finally:
+        image.close()
