@@ -69,6 +69,18 @@ def parse_challenge(value: str) -> Challenge | None:
     return Challenge(scheme.lower(), params)
 
 
+def token_lifetime(expires_in: object) -> float:
+    """``expires_in`` in seconds; one that is absent, no number, past or endless counts
+    as unstated (``DEFAULT_TOKEN_LIFETIME``): the token is still good."""
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float | str):
+        return DEFAULT_TOKEN_LIFETIME
+    try:
+        lifetime = float(expires_in)
+    except ValueError:
+        return DEFAULT_TOKEN_LIFETIME
+    return lifetime if 0 < lifetime < float("inf") else DEFAULT_TOKEN_LIFETIME
+
+
 def basic_header(credentials: Credentials) -> str:
     pair = f"{credentials.username}:{credentials.password}".encode()
     return "Basic " + base64.b64encode(pair).decode()
@@ -237,14 +249,11 @@ class Authenticator:
         try:
             body = reply.json()
             value = body.get("token") or body.get("access_token")
-            lifetime = float(body.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
-        except (ValueError, AttributeError, TypeError):
-            value = None
-        else:
-            if not 0 < lifetime < float("inf"):  # a past, or no, lifetime: as if unstated
-                lifetime = DEFAULT_TOKEN_LIFETIME
-        if not value:
+        except (ValueError, AttributeError):
+            body, value = {}, None
+        if not value or not isinstance(value, str):
             raise AuthError(f"token issuer {issuer} for registry {self.host} sent no token")
+        lifetime = token_lifetime(body.get("expires_in"))
         # Renew a quarter of the lifetime early (at most 30 s): a request that
         # starts with the token must still find it valid at the registry.
         margin = min(30.0, lifetime / 4)

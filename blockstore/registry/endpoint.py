@@ -233,12 +233,12 @@ class Endpoint:
         credentials: Credentials | None,
         deadline: Deadline,
     ) -> requests.Response:
-        try:
-            _origin(realm)
-        except ValueError:
+        if not _is_http_url(realm):
             raise AuthError(
-                f"registry {self.host} names a token issuer that is not a URL", status=401
-            ) from None
+                f"registry {self.host} names a token issuer (realm) that is not an http:// or "
+                "https:// URL",
+                status=401,
+            )
         if credentials and not self._may_send(realm):
             raise AuthError(
                 f"token issuer {urlsplit(realm).netloc} for registry {self.host} is plain "
@@ -259,6 +259,16 @@ class Endpoint:
                 parse_retry_after(reply.headers.get("Retry-After")),
             )
         return reply
+
+
+def _is_http_url(url: str) -> bool:
+    """Whether ``url`` is an http:// or https:// URL with a host and a valid port."""
+    try:
+        _origin(url)  # a port past 65535, "[::1"
+    except ValueError:
+        return False
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def _origin(url: str) -> tuple[str, str]:

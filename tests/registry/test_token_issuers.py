@@ -1,0 +1,114 @@
+"""Token issuers that answer oddly: odd lifetimes, realms that are no URL."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from rig.fault_proxy import Fault
+from rig.processes import QuietHTTPServer
+from rig.pushed import push_erofs
+from rig.registry_server import RegistryServer, TokenAuth
+from rig.token_issuer import TokenIssuer
+
+from blockstore.errors import AuthError
+from blockstore.registry import RegistryClient, RegistryOptions, resolve_image
+
+USER, PASSWORD = "dave", "dave-token-pw"
+
+
+class IssuerFront:
+    """An HTTP front of a ``TokenIssuer``: ``/token`` answers as the issuer does, its
+    reply passed through ``rewrite``. Records the Authorization each request carried."""
+
+    def __init__(self, issuer: TokenIssuer, *, listen: str = "127.0.0.1"):
+        self.issuer = issuer
+        self.rewrite: Callable[[dict], dict] = lambda body: body
+        self.seen: list[tuple[str, str | None]] = []
+        """(path, Authorization) of every request."""
+        self._server = QuietHTTPServer((listen, 0), self._handler())
+        self.url = f"http://{listen}:{self._server.server_address[1]}"
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        front = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                parts = urlsplit(self.path)
+                authorization = self.headers.get("Authorization")
+                front.seen.append((parts.path, authorization))
+                status, body = front.issuer.answer(parse_qs(parts.query), authorization)
+                data = json.dumps(front.rewrite(body) if status == 200 else body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        return Handler
+
+    def start(self) -> None:
+        self._server.start_in_background()
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+@pytest.fixture
+def fronted(tmp_path, test_ca, erofs_images) -> Iterator[tuple[RegistryServer, IssuerFront]]:
+    """A token-auth registry whose realm is an ``IssuerFront``; ``odd/image:v1`` pushed."""
+    cert, key = test_ca.issue("fronted-issuer", server=False)
+    issuer = TokenIssuer(cert, key, users={USER: PASSWORD})
+    issuer.start()  # unused, but its server is made with it and stopped with it
+    front = IssuerFront(issuer)
+    front.start()
+    token = TokenAuth(f"{front.url}/token", issuer.service, issuer.name, test_ca.cert)
+    server = RegistryServer(tmp_path / "registry", token=token, username=USER, password=PASSWORD)
+    server.start()
+    try:
+        push_erofs(
+            server.host, "odd/image", "v1", [erofs_images.small.path], options=server.options()
+        )
+        yield server, front
+    finally:
+        server.stop()
+        front.stop()
+        issuer.stop()
+
+
+@pytest.mark.parametrize("expires_in", ["soon", None, [300], {"s": 1}, True])
+def test_an_expires_in_that_is_no_number_counts_as_unstated(fronted, expires_in):
+    """An issuer whose expires_in is a word, null, a list, an object or true: the token
+    is used for the default lifetime (one token serves the manifest and the config), not
+    taken for a reply without a token."""
+    server, front = fronted
+    front.rewrite = lambda body: {**body, "expires_in": expires_in}
+    before = front.issuer.tokens_issued
+    with server.client() as client:
+        image = resolve_image(
+            client, f"{server.host}/odd/image:v1", "linux/amd64", require_platform=True
+        )
+    assert image.layers
+    assert front.issuer.tokens_issued - before == 1
+
+
+@pytest.mark.parametrize("realm", ["not a url", "ftp://issuer.example/token", "/token", "http://"])
+def test_a_realm_that_is_no_http_url_is_an_auth_error(registry, pushed_images, fault_proxy, realm):
+    """A registry whose Bearer challenge names a realm that is no http(s) URL: an
+    AuthError (exit 4) saying so, not a request error of the HTTP layer (exit 3)."""
+    proxy = fault_proxy(registry)
+    challenge = f'Bearer realm="{realm}",service="odd"'
+    proxy.fault = Fault("status", status=401, headers={"WWW-Authenticate": challenge})
+    options = RegistryOptions(insecure=True, timeout=5.0)
+    with RegistryClient(proxy.host, options) as client, pytest.raises(AuthError) as caught:
+        resolve_image(client, f"{proxy.host}/fixtures/small:v1", None)
+    assert caught.value.exit_code == 4
+    assert "names a token issuer (realm) that is not an http:// or https:// URL" in str(
+        caught.value
+    )
