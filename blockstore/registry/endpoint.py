@@ -150,22 +150,28 @@ class Endpoint:
         body: Body,
         stream: bool,
         deadline: Deadline,
+        *,
+        origin: tuple[str, str] | None = None,
+        who: str | None = None,
     ) -> requests.Response:
-        own_origin = _origin(self.base_url)
+        """``_send`` and the redirects it meets; ``authorization`` goes only to ``origin``
+        (default: the registry's own), ``who`` (default: the registry) is named in errors."""
+        origin = origin or _origin(self.base_url)
+        who = who or f"registry {self.host}"
         for _ in range(MAX_REDIRECTS + 1):
             sent = dict(headers)
-            if authorization and _origin(url) == own_origin:
+            if authorization and _origin(url) == origin:
                 sent["Authorization"] = authorization
             reply = self._send(method, url, sent, body, stream, deadline)
             location = reply.headers.get("Location")
             if reply.status_code not in REDIRECT_STATUS or not location:
                 return reply
             reply.close()
-            url = self._redirect_target(url, location)
-            log.debug("%s %s redirected to %s", method, self.host, urlsplit(url).netloc)
-        raise RegistryError(f"registry {self.host}: more than {MAX_REDIRECTS} redirects")
+            url = self._redirect_target(url, location, who)
+            log.debug("%s %s redirected to %s", method, who, urlsplit(url).netloc)
+        raise RegistryError(f"{who}: more than {MAX_REDIRECTS} redirects")
 
-    def _redirect_target(self, url: str, location: str) -> str:
+    def _redirect_target(self, url: str, location: str, who: str) -> str:
         """Where a redirect from ``url`` leads; refused when it is no URL, or when it
         leaves TLS for plain HTTP without --insecure (bytes a man in the middle could
         change, of a blob whose digest is judged only once it is whole)."""
@@ -173,13 +179,11 @@ class Endpoint:
             target = urljoin(url, location)
             _origin(target)  # a Location that is no URL: a port past 65535, "[::1"
         except ValueError:
-            raise RegistryError(
-                f"registry {self.host} redirected to an address that is not a URL"
-            ) from None
+            raise RegistryError(f"{who} redirected to an address that is not a URL") from None
         leaves_tls = urlsplit(url).scheme == "https" and urlsplit(target).scheme == "http"
         if leaves_tls and not self._insecure:
             raise RegistryError(
-                f"registry {self.host} redirected from HTTPS to plain HTTP "
+                f"{who} redirected from HTTPS to plain HTTP "
                 f"({urlsplit(target).netloc}): refused, as the reply could be altered "
                 "on the way; --insecure allows it"
             )
@@ -244,16 +248,19 @@ class Endpoint:
                 f"token issuer {urlsplit(realm).netloc} for registry {self.host} is plain "
                 "HTTP; credentials are sent to it in the clear only with --insecure"
             )
-        headers = {"Authorization": basic_header(credentials)} if credentials else {}
+        authorization = basic_header(credentials) if credentials else None
         separator = "&" if urlsplit(realm).query else "?"
         url = realm + separator + urlencode(params)
-        reply = self._send("GET", url, headers, None, False, deadline)
+        who = f"token issuer {urlsplit(realm).netloc} for registry {self.host}"
+        # Credentials go to the realm's own origin only, as the registry's go to its own.
+        reply = self._follow_redirects(
+            "GET", url, {}, authorization, None, False, deadline, origin=_origin(realm), who=who
+        )
         reply.close()
         if reply.status_code in RETRIABLE_STATUS:
             raise TryAgain(
                 AuthError(
-                    f"token issuer {urlsplit(realm).netloc} for registry {self.host} "
-                    f"answered HTTP {reply.status_code}",
+                    f"{who} answered HTTP {reply.status_code}",
                     status=reply.status_code,
                 ),
                 parse_retry_after(reply.headers.get("Retry-After")),

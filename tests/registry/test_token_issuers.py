@@ -1,4 +1,4 @@
-"""Token issuers that answer oddly: odd lifetimes, realms that are no URL."""
+"""Token issuers that answer oddly: odd lifetimes, realms that are no URL, redirects."""
 
 from __future__ import annotations
 
@@ -21,12 +21,14 @@ USER, PASSWORD = "dave", "dave-token-pw"
 
 
 class IssuerFront:
-    """An HTTP front of a ``TokenIssuer``: ``/token`` answers as the issuer does, its
-    reply passed through ``rewrite``. Records the Authorization each request carried."""
+    """An HTTP front of a ``TokenIssuer``: it answers as the issuer does, its reply
+    passed through ``rewrite``, or with a 307 to ``moved_to`` + ``/token`` (the query
+    kept) once that is set. Records the Authorization each request carried."""
 
     def __init__(self, issuer: TokenIssuer, *, listen: str = "127.0.0.1"):
         self.issuer = issuer
         self.rewrite: Callable[[dict], dict] = lambda body: body
+        self.moved_to: str | None = None
         self.seen: list[tuple[str, str | None]] = []
         """(path, Authorization) of every request."""
         self._server = QuietHTTPServer((listen, 0), self._handler())
@@ -40,6 +42,12 @@ class IssuerFront:
                 parts = urlsplit(self.path)
                 authorization = self.headers.get("Authorization")
                 front.seen.append((parts.path, authorization))
+                if front.moved_to and parts.path == "/moved":
+                    self.send_response(307)
+                    self.send_header("Location", f"{front.moved_to}/token?{parts.query}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 status, body = front.issuer.answer(parse_qs(parts.query), authorization)
                 data = json.dumps(front.rewrite(body) if status == 200 else body).encode()
                 self.send_response(status)
@@ -62,13 +70,14 @@ class IssuerFront:
 
 @pytest.fixture
 def fronted(tmp_path, test_ca, erofs_images) -> Iterator[tuple[RegistryServer, IssuerFront]]:
-    """A token-auth registry whose realm is an ``IssuerFront``; ``odd/image:v1`` pushed."""
+    """A token-auth registry whose realm is an ``IssuerFront``'s ``/moved``; ``odd/image:v1``
+    pushed."""
     cert, key = test_ca.issue("fronted-issuer", server=False)
     issuer = TokenIssuer(cert, key, users={USER: PASSWORD})
     issuer.start()  # unused, but its server is made with it and stopped with it
     front = IssuerFront(issuer)
     front.start()
-    token = TokenAuth(f"{front.url}/token", issuer.service, issuer.name, test_ca.cert)
+    token = TokenAuth(f"{front.url}/moved", issuer.service, issuer.name, test_ca.cert)
     server = RegistryServer(tmp_path / "registry", token=token, username=USER, password=PASSWORD)
     server.start()
     try:
@@ -112,3 +121,32 @@ def test_a_realm_that_is_no_http_url_is_an_auth_error(registry, pushed_images, f
     assert "names a token issuer (realm) that is not an http:// or https:// URL" in str(
         caught.value
     )
+
+
+def test_a_redirect_within_the_issuers_origin_keeps_the_credentials(fronted):
+    """The realm answers 307 to another path of its own origin: the redirect is followed
+    and the user name and password go along, so the token is the user's."""
+    server, front = fronted
+    front.moved_to = front.url
+    with server.client() as client:
+        assert resolve_image(client, f"{server.host}/odd/image:v1", None).layers
+    assert [path for path, _ in front.seen[-2:]] == ["/moved", "/token"]
+    assert all(authorization for _, authorization in front.seen[-2:])
+    assert front.issuer.issued[-1]["account"] == USER
+
+
+def test_a_redirect_to_another_origin_gets_no_credentials(fronted):
+    """The realm answers 307 to an issuer of another origin (which grants anonymous
+    pulls): the redirect is followed, and the user name and password do not go along."""
+    server, front = fronted
+    other = IssuerFront(front.issuer, listen="127.0.0.2")
+    other.start()
+    try:
+        front.moved_to = other.url
+        front.issuer.anonymous = frozenset({"pull"})
+        with server.client() as client:
+            assert resolve_image(client, f"{server.host}/odd/image:v1", None).layers
+    finally:
+        other.stop()
+    assert other.seen and all(authorization is None for _, authorization in other.seen)
+    assert all(authorization for _, authorization in front.seen)
