@@ -215,9 +215,8 @@ class Endpoint:
                     return self._session.request(method, url, data=file, **kwargs)
             return self._session.request(method, url, data=body, **kwargs)
         except requests.exceptions.SSLError as exc:
-            raise RegistryUnreachable(
-                f"cannot connect securely to {where}: {describe_failure(exc)}"
-            ) from None
+            cause = describe_failure(exc, not_tls=self._plain_http_hint(url))
+            raise RegistryUnreachable(f"cannot connect securely to {where}: {cause}") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise TryAgain(
                 RegistryUnreachable(f"cannot reach registry {where}: {describe_failure(exc)}")
@@ -229,6 +228,16 @@ class Endpoint:
             raise RegistryError(
                 f"registry {self.host}: a request cannot be made ({type(exc).__name__})"
             ) from None
+
+    def _plain_http_hint(self, url: str) -> str:
+        """What to do about an https:// ``url`` whose server speaks plain HTTP: --insecure
+        turns only the registry's own address, named without a scheme, into http://; a
+        URL the registry sent (a token realm, a redirect) it does not change."""
+        if _origin(url) != _origin(self.base_url):
+            return "the registry sent this https:// URL; --insecure does not change it"
+        if self._insecure:
+            return "the registry is named with https://; --insecure needs it named without"
+        return "a plain-HTTP registry needs --insecure"
 
     def _fetch_token(
         self,
@@ -299,15 +308,18 @@ _CAUSES: list[tuple[type | tuple[type, ...], str]] = [
 """Transport failures by exception type, most precise first, with what a user reads."""
 
 
-def describe_failure(exc: BaseException) -> str:
+def describe_failure(
+    exc: BaseException, *, not_tls: str = "a plain-HTTP registry needs --insecure"
+) -> str:
     """A short human cause for a transport failure, from the types of the exceptions
-    nested in it: ``connection refused``, ``timed out``, ``unknown host name``."""
+    nested in it: ``connection refused``, ``timed out``, ``unknown host name``;
+    ``not_tls`` says what to do about a server that does not speak TLS."""
     causes = list(_causes(exc))
     for cause in causes:
         if isinstance(cause, ssl.SSLCertVerificationError):
             return f"certificate not trusted ({cause.verify_message}; give --ca-file)"
         if isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER":
-            return "it does not speak TLS (a plain-HTTP registry needs --insecure)"
+            return f"it does not speak TLS ({not_tls})"
     for cause in causes:
         if isinstance(cause, OSError) and cause.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
             return "no route to host"

@@ -1,4 +1,5 @@
-"""Token issuers that answer oddly: odd lifetimes, realms that are no URL, redirects."""
+"""Token issuers that answer oddly: odd lifetimes, realms that are no URL or do not
+speak TLS, redirects."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from rig.pushed import push_erofs
 from rig.registry_server import RegistryServer, TokenAuth
 from rig.token_issuer import TokenIssuer
 
-from blockstore.errors import AuthError
+from blockstore.errors import AuthError, RegistryUnreachable
 from blockstore.registry import RegistryClient, RegistryOptions, resolve_image
 
 USER, PASSWORD = "dave", "dave-token-pw"
@@ -150,3 +151,37 @@ def test_a_redirect_to_another_origin_gets_no_credentials(fronted):
         other.stop()
     assert other.seen and all(authorization is None for _, authorization in other.seen)
     assert all(authorization for _, authorization in front.seen)
+
+
+def test_an_https_realm_that_speaks_plain_http_does_not_ask_for_insecure_when_given(
+    registry, pushed_images, fault_proxy
+):
+    """With --insecure, a registry whose realm is an https:// URL served over plain HTTP:
+    the error says the server does not speak TLS and that the URL came from the registry,
+    not that --insecure is needed, which was given and cannot change the realm's URL."""
+    proxy = fault_proxy(registry)
+    challenge = f'Bearer realm="https://{registry.host}/token",service="odd"'
+    proxy.fault = Fault("status", status=401, headers={"WWW-Authenticate": challenge})
+    options = RegistryOptions(insecure=True, timeout=5.0, max_attempts=1)
+    with (
+        RegistryClient(proxy.host, options) as client,
+        pytest.raises(RegistryUnreachable) as caught,
+    ):
+        resolve_image(client, f"{proxy.host}/fixtures/small:v1", None)
+    assert str(caught.value) == (
+        f"cannot connect securely to {registry.host}: it does not speak TLS (the registry "
+        "sent this https:// URL; --insecure does not change it)"
+    )
+
+
+def test_a_registry_named_with_https_and_insecure_is_told_to_drop_the_scheme(registry):
+    """A plain-HTTP registry named ``https://host`` with --insecure: --insecure was
+    given, so the error says the https:// in the name is what keeps it on TLS."""
+    options = RegistryOptions(insecure=True, timeout=5.0, max_attempts=1)
+    client = RegistryClient(f"https://{registry.host}", options)
+    with client, pytest.raises(RegistryUnreachable) as caught:
+        resolve_image(client, f"{registry.host}/fixtures/small:v1", None)
+    assert str(caught.value) == (
+        f"cannot connect securely to {registry.host}: it does not speak TLS (the registry is "
+        "named with https://; --insecure needs it named without)"
+    )
