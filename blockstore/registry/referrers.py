@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ MAX_ARTIFACT_BLOB = 64 << 20
 """Artifacts are tables and traces, a few MiB at most; a larger one is refused, not read."""
 ARTIFACT_FETCHES = 4
 """An artifact's blobs fetched at once."""
+_NOT_IN_TAG = re.compile(r"[^a-zA-Z0-9._-]")
 
 
 @dataclass(frozen=True)
@@ -231,9 +233,11 @@ def read_artifact(
 
 
 def fallback_tag(digest: str) -> str:
-    """The referrers tag schema's tag for a subject: ``<algorithm>-<hex>``."""
+    """The referrers tag schema's tag for a subject: ``<algorithm>-<encoded>``, the
+    algorithm cut to 32 characters and the encoded part to 64 (a sha512 subject's tag
+    is not its whole digest), characters a tag cannot hold made ``-``."""
     algorithm, _, encoded = digest.partition(":")
-    return f"{algorithm}-{encoded}"[:128]
+    return _NOT_IN_TAG.sub("-", f"{algorithm[:32]}-{encoded[:64]}")
 
 
 def _add_to_fallback_index(

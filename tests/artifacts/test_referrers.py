@@ -228,3 +228,24 @@ def test_pages_linked_without_end_are_bounded(referrers_api):
         client.get_referrers(SUBJECT.repository, SUBJECT.digest)
     assert not isinstance(caught.value, NotFound)
     assert api.asked == MAX_REFERRER_PAGES
+
+
+@pytest.mark.parametrize(
+    ("digest", "tag"),
+    [
+        ("sha256:" + "a" * 64, "sha256-" + "a" * 64),
+        ("sha512:" + "b" * 128, "sha512-" + "b" * 64),
+        (
+            "test+algorithm+using+algorithm+separators+and+lots+of+characters+to+excercise"
+            "+overall+truncation:alsoSome=InTheEncodedSectionToShowHyphenReplacementAndLots"
+            "AndLotsOfCharactersToExcerciseEncodedTruncation",
+            "test-algorithm-using-algorithm-s-alsoSome-InTheEncodedSectionToShowHyphen"
+            "ReplacementAndLotsAndLot",
+        ),
+    ],
+)
+def test_the_referrers_tag_is_the_specs(digest, tag):
+    """The distribution spec's own examples: the algorithm cut to 32 characters, the
+    encoded part to 64 (a sha512 subject's tag holds half its hex), and characters a
+    tag cannot hold replaced with '-'."""
+    assert fallback_tag(digest) == tag
