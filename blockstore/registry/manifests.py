@@ -145,7 +145,7 @@ def resolve_image(
     ]
     offered = [Platform.from_descriptor(e["platform"]) for e in entries]
     names = [str(p) for p in offered]
-    chosen = next((i for i, p in enumerate(offered) if wanted.accepts(p)), None)
+    chosen = wanted.choose(offered)
     if chosen is None:
         raise NotFound(
             f"image {ref} has no platform {wanted}; it has: {', '.join(names) or 'none'}"

@@ -67,6 +67,14 @@ class Platform:
             return False
         return want.variant is None or want.variant == got.variant
 
+    def choose(self, offered: list[Platform]) -> int | None:
+        """Which of ``offered`` to take: the first exact match (the same variant, or none
+        on either side) before the first merely accepted one (linux/amd64 asked, so
+        linux/amd64 before linux/amd64/v3, whatever the index's order); None if none is."""
+        accepted = [i for i, platform in enumerate(offered) if self.accepts(platform)]
+        exact = [i for i in accepted if offered[i].normalized() == self.normalized()]
+        return (exact or accepted or [None])[0]
+
 
 def host_platform() -> Platform:
     """This machine's platform, the default when a user names none."""

@@ -46,6 +46,21 @@ def test_pushing_a_platform_again_replaces_its_entry(fresh_registry, erofs_image
     assert image.layers[0].digest == changes.digest
 
 
+def test_an_exact_platform_is_chosen_before_a_compatible_one(fresh_registry, erofs_images):
+    """An index listing linux/amd64/v3 before linux/amd64: asked for linux/amd64 (a plain
+    amd64 host), the plain entry is taken; asked for linux/amd64/v3, the v3 entry."""
+    small, base = erofs_images.small, erofs_images.layers[0]
+    ref = f"{fresh_registry.host}/push/variants:v1"
+    with fresh_registry.client() as client:
+        for path, platform in [(small.path, "linux/amd64/v3"), (base.path, "linux/amd64")]:
+            push_image(client, "push/variants", "v1", [path], platform=platform, add_to_index=True)
+        plain = resolve_image(client, ref, "linux/amd64")
+        v3 = resolve_image(client, ref, "linux/amd64/v3")
+    assert plain.platforms == ["linux/amd64/v3", "linux/amd64"]
+    assert (plain.platform, plain.layers[0].digest) == ("linux/amd64", base.digest)
+    assert (v3.platform, v3.layers[0].digest) == ("linux/amd64/v3", small.digest)
+
+
 def test_same_files_give_the_same_digests(fresh_registry, erofs_images):
     """Config and manifest are serialised deterministically: pushing twice, or to another
     repository, gives the same manifest digest."""
