@@ -131,10 +131,8 @@ class Authenticator:
     def header(self, scope: str, deadline: Deadline) -> str | None:
         """The ``Authorization`` to send up front, renewing a token close to expiry."""
         with self._lock:
-            if self._scheme == "basic" and self.credentials:
-                return basic_header(self.credentials)
             if self._scheme != "bearer":
-                return None
+                return self._basic() if self._scheme == "basic" else None
         return f"Bearer {self._token(scope, deadline).value}"
 
     def answer_challenge(self, www_authenticate: str | None, scope: str, deadline: Deadline) -> str:
@@ -154,17 +152,34 @@ class Authenticator:
                 )
             self._scheme = challenge.scheme
             if challenge.scheme == "basic":
-                if not self.credentials:
-                    raise AuthError(
-                        f"registry {self.host} requires a user name and password (give "
-                        "--username with --password or $BLOCKSTORE_PASSWORD, or log in "
-                        "with podman or docker)",
-                        status=401,
-                    )
-                return basic_header(self.credentials)
+                return self._basic_answer()
             self._bearer = challenge.params
         token = self._token(scope, deadline, renew=True, asked=challenge.params.get("scope"))
         return f"Bearer {token.value}"
+
+    def _basic(self) -> str | None:
+        """Basic's ``Authorization``, where there is a user name and password."""
+        if self.credentials is None or self.credentials.identity_token:
+            return None
+        return basic_header(self.credentials)
+
+    def _basic_answer(self) -> str:
+        """Basic's ``Authorization`` after a Basic challenge, or why there is none."""
+        if self.credentials and self.credentials.identity_token:
+            raise AuthError(
+                f"registry {self.host} asks for a user name and password; the auth file has "
+                "an identity token for it, which only a token issuer takes (log in with a "
+                "password instead)",
+                status=401,
+            )
+        if not self.credentials:
+            raise AuthError(
+                f"registry {self.host} requires a user name and password (give "
+                "--username with --password or $BLOCKSTORE_PASSWORD, or log in "
+                "with podman or docker)",
+                status=401,
+            )
+        return basic_header(self.credentials)
 
     def _token(
         self, scope: str, deadline: Deadline, *, renew: bool = False, asked: str | None = None
@@ -220,6 +235,14 @@ class Authenticator:
         assert flight.token is not None
         return flight.token
 
+    def _offered(self) -> str:
+        """What was offered to the token issuer, as its refusal names it."""
+        if self.credentials is None:
+            return "anonymous access"
+        if self.credentials.identity_token:
+            return "the identity token from the auth file"
+        return "the user name or password"
+
     def _new_token(
         self, scope: str, bearer: dict[str, str], deadline: Deadline, asked: str | None
     ) -> _Token:
@@ -229,7 +252,7 @@ class Authenticator:
             raise AuthError(f"registry {self.host} sent a Bearer challenge without a realm")
         params = [("service", bearer["service"])] if "service" in bearer else []
         params += [("scope", s) for s in dict.fromkeys(filter(None, (scope, asked)))]
-        if self.credentials:
+        if self.credentials and not self.credentials.identity_token:
             params.append(("account", self.credentials.username))
         started = time.monotonic()
         reply = self._fetch_token(realm, params, self.credentials, deadline)
@@ -237,7 +260,7 @@ class Authenticator:
         if reply.status_code in (401, 403):
             raise AuthError(
                 f"token issuer {issuer} for registry {self.host} refused "
-                + ("the user name or password" if self.credentials else "anonymous access")
+                + self._offered()
                 + f" for {scope}",
                 status=reply.status_code,
             )

@@ -5,7 +5,9 @@ In order: the options (``--username``/``--password``), the environment
 files ``podman login`` and ``docker login`` write: ``$REGISTRY_AUTH_FILE``,
 ``$XDG_RUNTIME_DIR/containers/auth.json``, ``~/.config/containers/auth.json``,
 ``$DOCKER_CONFIG/config.json``, ``~/.docker/config.json``. Credential helpers
-(``credsStore``/``credHelpers``) are not run.
+(``credsStore``/``credHelpers``) are not run. An entry ``docker login`` wrote
+with an ``identitytoken`` (an OAuth2 refresh token) gives that token, which
+is exchanged at the token issuer, never sent as a password.
 """
 
 from __future__ import annotations
@@ -29,13 +31,17 @@ _HUB_KEYS = {"index.docker.io", "docker.io", DOCKER_HUB}
 
 @dataclass(frozen=True)
 class Credentials:
-    """A user name and password; the password never shows in a repr."""
+    """A user name and password, or an identity token; no secret shows in a repr."""
 
     username: str
     password: str
+    identity_token: str | None = None
+    """An OAuth2 refresh token (``docker login``'s ``identitytoken``): it stands for the
+    password, and only a Bearer token issuer takes it."""
 
     def __repr__(self) -> str:
-        return f"Credentials(username={self.username!r}, password=***)"
+        token = ", identity_token=***" if self.identity_token else ""
+        return f"Credentials(username={self.username!r}, password=***{token})"
 
 
 def credentials_for(
@@ -125,6 +131,10 @@ def _names_of(host: str) -> set[str]:
 
 
 def _decode_entry(entry: dict) -> Credentials | None:
+    token = entry.get("identitytoken")
+    if token and isinstance(token, str):
+        # docker login pairs it with a placeholder user (all zeros) and no password.
+        return Credentials("", "", identity_token=token)
     if entry.get("username") and entry.get("password") is not None:
         return Credentials(entry["username"], entry["password"])
     encoded = entry.get("auth")

@@ -41,6 +41,8 @@ REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 QUIET_STATUS = frozenset({429, 503})
 """Statuses whose ``Retry-After`` asks the whole host for quiet."""
 MAX_REDIRECTS = 5
+OAUTH_CLIENT_ID = "blockstore"
+"""Who asks, in an OAuth2 token request (the spec requires a client_id)."""
 Body = bytes | Path | None
 """A request body; a Path is opened anew for each attempt so retries resend it whole."""
 
@@ -229,6 +231,23 @@ class Endpoint:
                 f"registry {self.host}: a request cannot be made ({type(exc).__name__})"
             ) from None
 
+    def _refresh_grant(
+        self, realm: str, params: list[tuple[str, str]], refresh_token: str, deadline: Deadline
+    ) -> requests.Response:
+        """The distribution token spec's OAuth2 refresh-token grant: an identity token from
+        ``docker login`` is exchanged for an access token by a POST to the realm. Not
+        redirected: the token is in the body, which a redirect would carry along."""
+        scopes = " ".join(value for name, value in params if name == "scope")
+        form = [
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token),
+            ("client_id", OAUTH_CLIENT_ID),
+            *((name, value) for name, value in params if name == "service"),
+            *([("scope", scopes)] if scopes else []),
+        ]
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        return self._send("POST", realm, headers, urlencode(form).encode(), False, deadline)
+
     def _plain_http_hint(self, url: str) -> str:
         """What to do about an https:// ``url`` whose server speaks plain HTTP: --insecure
         turns only the registry's own address, named without a scheme, into http://; a
@@ -257,14 +276,17 @@ class Endpoint:
                 f"token issuer {urlsplit(realm).netloc} for registry {self.host} is plain "
                 "HTTP; credentials are sent to it in the clear only with --insecure"
             )
-        authorization = basic_header(credentials) if credentials else None
-        separator = "&" if urlsplit(realm).query else "?"
-        url = realm + separator + urlencode(params)
         who = f"token issuer {urlsplit(realm).netloc} for registry {self.host}"
-        # Credentials go to the realm's own origin only, as the registry's go to its own.
-        reply = self._follow_redirects(
-            "GET", url, {}, authorization, None, False, deadline, origin=_origin(realm), who=who
-        )
+        if credentials and credentials.identity_token:
+            reply = self._refresh_grant(realm, params, credentials.identity_token, deadline)
+        else:
+            authorization = basic_header(credentials) if credentials else None
+            separator = "&" if urlsplit(realm).query else "?"
+            url = realm + separator + urlencode(params)
+            # Credentials go to the realm's own origin only, as the registry's to its own.
+            reply = self._follow_redirects(
+                "GET", url, {}, authorization, None, False, deadline, origin=_origin(realm), who=who
+            )
         reply.close()
         if reply.status_code in RETRIABLE_STATUS:
             raise TryAgain(

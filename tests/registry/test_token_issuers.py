@@ -3,6 +3,7 @@ speak TLS, redirects."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
@@ -24,7 +25,9 @@ USER, PASSWORD = "dave", "dave-token-pw"
 class IssuerFront:
     """An HTTP front of a ``TokenIssuer``: it answers as the issuer does, its reply
     passed through ``rewrite``, or with a 307 to ``moved_to`` + ``/token`` (the query
-    kept) once that is set. Records the Authorization each request carried."""
+    kept) once that is set. Records the Authorization each request carried. A POST is
+    the OAuth2 refresh-token grant, for the refresh tokens in ``refresh_tokens`` (each
+    standing for a user of the issuer); its forms are kept in ``posted``."""
 
     def __init__(self, issuer: TokenIssuer, *, listen: str = "127.0.0.1"):
         self.issuer = issuer
@@ -32,6 +35,8 @@ class IssuerFront:
         self.moved_to: str | None = None
         self.seen: list[tuple[str, str | None]] = []
         """(path, Authorization) of every request."""
+        self.refresh_tokens: dict[str, str] = {}
+        self.posted: list[dict[str, list[str]]] = []
         self._server = QuietHTTPServer((listen, 0), self._handler())
         self.url = f"http://{listen}:{self._server.server_address[1]}"
 
@@ -50,7 +55,25 @@ class IssuerFront:
                     self.end_headers()
                     return
                 status, body = front.issuer.answer(parse_qs(parts.query), authorization)
-                data = json.dumps(front.rewrite(body) if status == 200 else body).encode()
+                self._reply(status, front.rewrite(body) if status == 200 else body)
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                form = parse_qs(self.rfile.read(length).decode())
+                front.seen.append((urlsplit(self.path).path, self.headers.get("Authorization")))
+                front.posted.append(form)
+                user = front.refresh_tokens.get(form.get("refresh_token", [""])[0])
+                if form.get("grant_type") != ["refresh_token"] or not form.get("client_id"):
+                    self._reply(400, {"error": "invalid_request"})
+                elif user is None:
+                    self._reply(401, {"error": "invalid_grant"})
+                else:
+                    query = {"service": form["service"], "scope": form["scope"][0].split(" ")}
+                    login = base64.b64encode(f"{user}:{front.issuer.users[user]}".encode())
+                    self._reply(*front.issuer.answer(query, f"Basic {login.decode()}"))
+
+            def _reply(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -185,3 +208,55 @@ def test_a_registry_named_with_https_and_insecure_is_told_to_drop_the_scheme(reg
         f"cannot connect securely to {registry.host}: it does not speak TLS (the registry is "
         "named with https://; --insecure needs it named without)"
     )
+
+
+def docker_config(tmp_path, monkeypatch, host: str, token: str) -> None:
+    """A docker config.json whose entry for ``host`` is an identity token, as docker
+    login writes one: a placeholder user of zeros, no password."""
+    placeholder = base64.b64encode(b"00000000-0000-0000-0000-000000000000:").decode()
+    entry = {"auth": placeholder, "identitytoken": token}
+    (tmp_path / "docker").mkdir()
+    (tmp_path / "docker" / "config.json").write_text(json.dumps({"auths": {host: entry}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+
+
+def test_an_identity_token_is_exchanged_by_the_refresh_token_grant(fronted, tmp_path, monkeypatch):
+    """A docker config.json entry with an identitytoken: the token is POSTed to the realm
+    as the OAuth2 refresh-token grant (grant_type, refresh_token, service, scope,
+    client_id), the access token it brings opens the image, and no Basic credentials
+    made of the placeholder user go anywhere."""
+    server, front = fronted
+    front.refresh_tokens["refresh-4711"] = USER
+    docker_config(tmp_path, monkeypatch, server.host, "refresh-4711")
+    before = len(front.seen)
+    with server.client(username=None, password=None) as client:
+        assert resolve_image(client, f"{server.host}/odd/image:v1", None).layers
+    [form] = front.posted
+    assert form["grant_type"] == ["refresh_token"] and form["refresh_token"] == ["refresh-4711"]
+    assert form["service"] == [front.issuer.service] and form["client_id"]
+    assert form["scope"] == ["repository:odd/image:pull"]
+    assert front.seen[before:] == [("/moved", None)]
+    assert front.issuer.issued[-1]["account"] == USER
+
+
+def test_an_identity_token_the_issuer_refuses_is_named(fronted, tmp_path, monkeypatch):
+    """An identity token the issuer does not know: an AuthError saying the identity
+    token was refused, not a user name or password."""
+    server, front = fronted
+    docker_config(tmp_path, monkeypatch, server.host, "stale-token")
+    with server.client(username=None, password=None) as client, pytest.raises(AuthError) as caught:
+        resolve_image(client, f"{server.host}/odd/image:v1", None)
+    assert "refused the identity token from the auth file" in str(caught.value)
+    assert "stale-token" not in str(caught.value)
+    assert [form["refresh_token"] for form in front.posted] == [["stale-token"]]
+
+
+def test_an_identity_token_is_not_sent_as_basic_credentials(
+    basic_auth_registry, tmp_path, monkeypatch
+):
+    """A Basic-auth registry and an auth file with only an identity token for it: an
+    AuthError saying so, and no Basic header of the placeholder user is tried."""
+    docker_config(tmp_path, monkeypatch, basic_auth_registry.host, "refresh-0815")
+    client = basic_auth_registry.client(username=None, password=None)
+    with client, pytest.raises(AuthError, match="has an identity token for it"):
+        resolve_image(client, f"{basic_auth_registry.host}/no/matter:v1", None)
