@@ -24,6 +24,10 @@ from blockstore.registry.mediatypes import (
 from blockstore.registry.platforms import Platform, host_platform
 from blockstore.registry.reference import Reference, normalize_digest, parse_reference
 
+MAX_INDEX_DEPTH = 4
+"""Indexes followed from the image's own down to a manifest (an index of indexes is
+allowed; a chain longer than this is refused, not followed)."""
+
 
 @dataclass(frozen=True)
 class Layer:
@@ -136,31 +140,60 @@ def resolve_image(
         if not wanted.accepts(offered):
             raise NotFound(f"image {ref} is {offered} only; asked for {wanted}")
         return ResolvedImage(str(ref), digest, str(offered), [], layers, manifests)
-    # Entries without a platform, and buildx's attestations ("unknown/unknown"),
-    # are not images to run.
-    entries = [
+    names: list[str] = []
+    found = _from_index(client, ref, document, wanted, manifests, names)
+    platforms = list(dict.fromkeys(names))
+    if found is None:
+        raise NotFound(
+            f"image {ref} has no platform {wanted}; it has: {', '.join(platforms) or 'none'}"
+        )
+    child_digest, child, chosen = found
+    layers = _layers(child)
+    return ResolvedImage(str(ref), child_digest, chosen, platforms, layers, manifests, digest)
+
+
+def _from_index(
+    client: RegistryClient,
+    ref: Reference,
+    index: dict,
+    wanted: Platform,
+    manifests: dict[str, bytes],
+    names: list[str],
+    depth: int = 1,
+) -> tuple[str, dict, str | None] | None:
+    """The manifest for ``wanted`` under ``index``: its digest, document and platform.
+
+    The entry whose platform ``wanted`` chooses comes first; an index in its place
+    (the image spec allows indexes of indexes) is searched in turn, as is every entry
+    that is an index without a platform, down to ``MAX_INDEX_DEPTH``. Entries without
+    a platform, and buildx's attestations ("unknown/unknown"), are not images to run.
+    ``names`` gathers the platforms seen, for the error when none is chosen.
+    """
+    entries = index.get("manifests", [])
+    runnable = [
         e
-        for e in document.get("manifests", [])
+        for e in entries
         if isinstance(e.get("platform"), dict) and e["platform"].get("os") not in (None, "unknown")
     ]
-    offered = [Platform.from_descriptor(e["platform"]) for e in entries]
-    names = [str(p) for p in offered]
+    offered = [Platform.from_descriptor(e["platform"]) for e in runnable]
+    names += [str(p) for p in offered]
     chosen = wanted.choose(offered)
-    if chosen is None:
-        raise NotFound(
-            f"image {ref} has no platform {wanted}; it has: {', '.join(names) or 'none'}"
-        )
-    child_digest = entries[chosen]["digest"]
-    child_raw, child_digest = fetch_manifest(client, ref.repository, child_digest)
-    manifests[child_digest] = child_raw
-    child, child_type = _decode(child_raw, ref, child_digest)
-    if child_type not in MANIFEST_TYPES:
-        raise RegistryError(
-            f"image {ref}: index entry {child_digest} is a {child_type}, not a manifest"
-        )
-    return ResolvedImage(
-        str(ref), child_digest, names[chosen], names, _layers(child), manifests, digest
-    )
+    candidates = [(runnable[chosen], str(offered[chosen]))] if chosen is not None else []
+    candidates += [
+        (e, None) for e in entries if "platform" not in e and e["mediaType"] in INDEX_TYPES
+    ]
+    for entry, platform in candidates:
+        raw, digest = fetch_manifest(client, ref.repository, entry["digest"])
+        manifests[digest] = raw
+        child, child_type = _decode(raw, ref, digest)
+        if child_type in MANIFEST_TYPES:
+            return digest, child, platform
+        if depth >= MAX_INDEX_DEPTH:
+            raise RegistryError(f"image {ref}: indexes nested more than {MAX_INDEX_DEPTH} deep")
+        found = _from_index(client, ref, child, wanted, manifests, names, depth + 1)
+        if found is not None:
+            return found[0], found[1], found[2] or platform
+    return None
 
 
 def fetch_manifest(client: RegistryClient, repository: str, reference: str) -> tuple[bytes, str]:

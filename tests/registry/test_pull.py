@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rig.fault_proxy import Fault
 
-from blockstore.errors import IntegrityError, NotFound, UsageError
+from blockstore.errors import IntegrityError, NotFound, RegistryError, UsageError
 from blockstore.registry import (
     EROFS_MEDIA_TYPE,
     RegistryBlob,
@@ -17,8 +18,12 @@ from blockstore.registry import (
     RegistryOptions,
     ResolvedImage,
     parse_reference,
+    push_image,
     resolve_image,
 )
+from blockstore.registry.digests import digest_of
+from blockstore.registry.manifests import MAX_INDEX_DEPTH
+from blockstore.registry.mediatypes import OCI_INDEX
 from blockstore.source import BlobSource
 
 
@@ -174,3 +179,54 @@ def test_a_malformed_platform_is_refused_before_any_request(registry, pushed_ima
             with pytest.raises(UsageError, match=r"invalid platform 'bogus': expected os/arch"):
                 resolve_image(client, ref, "bogus", require_platform=require)
     assert proxy.requests == []
+
+
+def put_index(client: RegistryClient, repository: str, tag: str, entries: list[dict]) -> dict:
+    """Store an OCI index of ``entries`` under ``tag``; its descriptor (no platform)."""
+    raw = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
+    client.put_manifest(repository, tag, raw, OCI_INDEX)
+    return {"mediaType": OCI_INDEX, "digest": digest_of(raw), "size": len(raw)}
+
+
+def index_of_one(client: RegistryClient, repository: str, tag: str, path, platform: str) -> dict:
+    """An index under ``tag`` listing one image of ``platform``; its descriptor."""
+    push_image(client, repository, tag, [path], platform=platform, add_to_index=True)
+    raw = client.get_manifest(repository, tag).raw
+    return {"mediaType": OCI_INDEX, "digest": digest_of(raw), "size": len(raw)}
+
+
+def test_nested_indexes_are_followed(fresh_registry, erofs_images):
+    """The image spec allows an index entry that is an index: one without a platform is
+    searched (the arm64 one first, then the amd64 one), as is one whose platform is the
+    one asked for; the layer is the platform's, the platforms those of every index seen."""
+    small, base = erofs_images.small, erofs_images.layers[0]
+    repository = "nested/image"
+    with fresh_registry.client() as client:
+        arm = index_of_one(client, repository, "arm", base.path, "linux/arm64/v8")
+        amd = index_of_one(client, repository, "amd", small.path, "linux/amd64")
+        put_index(client, repository, "bare", [arm, amd])
+        amd_platform = {"os": "linux", "architecture": "amd64"}
+        put_index(client, repository, "named", [{**amd, "platform": amd_platform}])
+        for tag in ("bare", "named"):
+            image = resolve_image(
+                client, f"{fresh_registry.host}/{repository}:{tag}", "linux/amd64"
+            )
+            assert (image.platform, image.layers[0].digest) == ("linux/amd64", small.digest)
+            assert amd["digest"] in image.manifests
+        bare = resolve_image(client, f"{fresh_registry.host}/{repository}:bare", "linux/amd64")
+    assert bare.platforms == ["linux/arm64/v8", "linux/amd64"]
+
+
+def test_indexes_nested_past_the_bound_are_refused(fresh_registry, erofs_images):
+    """A chain of MAX_INDEX_DEPTH indexes reaches its image; one more is refused as a
+    registry error naming the bound, not followed on."""
+    repository = "nested/chain"
+    with fresh_registry.client() as client:
+        entry = index_of_one(client, repository, "0", erofs_images.small.path, "linux/amd64")
+        for depth in range(1, MAX_INDEX_DEPTH + 1):
+            entry = put_index(client, repository, str(depth), [entry])
+        deepest = f"{fresh_registry.host}/{repository}:{MAX_INDEX_DEPTH - 1}"
+        assert resolve_image(client, deepest, "linux/amd64").layers
+        too_deep = f"{fresh_registry.host}/{repository}:{MAX_INDEX_DEPTH}"
+        with pytest.raises(RegistryError, match=f"nested more than {MAX_INDEX_DEPTH} deep"):
+            resolve_image(client, too_deep, "linux/amd64")
