@@ -4,6 +4,7 @@ the client, which checks each source's bytes, and the manifest code above it."""
 from __future__ import annotations
 
 import hashlib
+import json
 
 from blockstore.errors import IntegrityError
 
@@ -19,3 +20,9 @@ def check_digest(data: bytes, digest: str, subject: str) -> None:
     computed = digest_of(data, digest.partition(":")[0])
     if computed != digest:
         raise IntegrityError(f"{subject} hashes to {computed}, not {digest}: refused")
+
+
+def canonical_json(document: dict) -> bytes:
+    """The bytes a manifest, index or config is pushed as: sorted keys, no spaces, so
+    the same document always has the same digest."""
+    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()

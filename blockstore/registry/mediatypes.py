@@ -8,7 +8,6 @@ OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
 EROFS_MEDIA_TYPE = "application/vnd.erofs.layer.v1"
 """The layer media type containerd's EROFS snapshotter and our push use."""
 

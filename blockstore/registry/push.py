@@ -20,7 +20,8 @@ import zstandard
 from blockstore.errors import NotFound, RegistryError, UsageError
 from blockstore.registry.client import RegistryClient
 from blockstore.registry.descriptors import ManifestProblem, check_index
-from blockstore.registry.manifests import config_platform, digest_of, fetch_manifest
+from blockstore.registry.digests import canonical_json, digest_of
+from blockstore.registry.manifests import config_platform, fetch_manifest
 from blockstore.registry.mediatypes import (
     DOCKER_CONFIG,
     DOCKER_LIST,
@@ -75,7 +76,7 @@ def push_image(
         client.upload_blob(repository, digest, path)
         layers.append({"mediaType": layer_type, "digest": digest, "size": size})
         diff_ids.append(diff_id(path, layer_type, digest))
-    config = _canonical(
+    config = canonical_json(
         {
             **_platform_fields(target),
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
@@ -87,7 +88,7 @@ def push_image(
     config_digest = digest_of(config)
     client.upload_blob(repository, config_digest, config)
     manifest_type = DOCKER_MANIFEST if docker_schema2 else OCI_MANIFEST
-    manifest = _canonical(
+    manifest = canonical_json(
         {
             "schemaVersion": 2,
             "mediaType": manifest_type,
@@ -112,7 +113,9 @@ def push_image(
     }
     others = [e for e in _index_entries(client, repository, tag) if not _same_platform(e, target)]
     index_type = DOCKER_LIST if docker_schema2 else OCI_INDEX
-    index = _canonical({"schemaVersion": 2, "mediaType": index_type, "manifests": [*others, entry]})
+    index = canonical_json(
+        {"schemaVersion": 2, "mediaType": index_type, "manifests": [*others, entry]}
+    )
     client.put_manifest(repository, tag, index, index_type)
     return manifest_digest
 
@@ -223,7 +226,3 @@ def _platform_fields(platform: Platform) -> dict[str, str]:
 def _same_platform(entry: dict, target: Platform) -> bool:
     offered = Platform.from_descriptor(entry.get("platform") or {})
     return offered.normalized() == target.normalized()
-
-
-def _canonical(document: dict) -> bytes:
-    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()

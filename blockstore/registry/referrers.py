@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 from blockstore.errors import NotFound, RegistryError, UsageError
 from blockstore.registry.client import RegistryClient
-from blockstore.registry.manifests import digest_of, fetch_manifest
+from blockstore.registry.digests import canonical_json, digest_of
+from blockstore.registry.manifests import fetch_manifest
 from blockstore.registry.mediatypes import OCI_INDEX, OCI_MANIFEST
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def push_artifact(
         if notes:
             layer["annotations"] = dict(sorted(notes.items()))
         layers.append(layer)
-    manifest = _canonical(
+    manifest = canonical_json(
         {
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
@@ -265,7 +266,7 @@ def _add_to_fallback_index(
             "annotations": {CREATED: created},
         }
     )
-    index = _canonical({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": kept})
+    index = canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": kept})
     client.put_manifest(subject.repository, tag, index, OCI_INDEX)
     log.debug("%s: referrers kept under the tag %s", subject.digest, tag)
 
@@ -279,7 +280,3 @@ def _index_entries(raw: bytes, what: str) -> list[dict]:
     except (ValueError, KeyError, TypeError, RecursionError):
         raise RegistryError(f"{what}: not an image index") from None
     return [e for e in entries if isinstance(e, dict)]
-
-
-def _canonical(document: dict) -> bytes:
-    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockstore.registry import RegistryClient, RegistryOptions, push_image
-from blockstore.registry.mediatypes import DOCKER_LAYER
 from rig.images import ErofsImages
+
+DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
+"""Docker's layer media type, for the fixture images pushed with Docker's types."""
 
 
 def push_erofs(
