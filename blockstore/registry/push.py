@@ -166,13 +166,19 @@ def _tar_layer_type(path: Path, head: bytes) -> tuple[str, str] | None:
 
 
 def diff_id(path: Path, media_type: str, digest: str) -> str:
-    """A layer's diff_id: the digest of its content uncompressed (gzip, zstd), as the
-    image spec says and as a tar layer's index is checked against."""
-    if not media_type.endswith(("gzip", "zstd")):
+    """A layer's diff_id: the digest of its tar uncompressed (gzip, zstd), as the image
+    spec says and as a tar layer's index is checked against; the blob's own digest for
+    anything the tar layers do not take for a compressed tar."""
+    # Here, not at the top: the tar layer module brings the cache and prefetch with it,
+    # which pushing an EROFS image does not need.
+    from blockstore.tarlayer.layerindex import GZIP
+    from blockstore.tarlayer.layers import compressed_tar, layer_kind
+
+    if not compressed_tar(media_type):
         return digest
     try:
         with path.open("rb") as raw:
-            if media_type.endswith("gzip"):
+            if layer_kind(media_type) == GZIP:
                 stream = gzip.GzipFile(fileobj=raw)
             else:  # every frame, as a zstd:chunked layer has many
                 stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)

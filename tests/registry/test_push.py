@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import os
 
@@ -11,6 +13,7 @@ from rig.fault_proxy import Fault
 from blockstore.errors import RegistryError, UsageError
 from blockstore.registry import RegistryClient, push_image, resolve_image
 from blockstore.registry.mediatypes import OCI_INDEX, OCI_MANIFEST
+from blockstore.registry.push import diff_id
 
 
 def test_plain_image_becomes_an_index_when_a_platform_is_added(fresh_registry, erofs_images):
@@ -113,3 +116,27 @@ def test_adding_to_an_index_whose_platform_is_malformed_is_refused(
         push_image(
             client, "push/odd", "v1", [small.path], platform="linux/amd64", add_to_index=True
         )
+
+
+@pytest.mark.parametrize(
+    ("media_type", "uncompressed"),
+    [
+        ("application/vnd.oci.image.layer.v1.tar+gzip", True),
+        ("application/vnd.docker.image.rootfs.diff.tar.gzip", True),
+        ("application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", True),
+        ("application/vnd.oci.image.layer.v1.tar", False),
+        ("application/vnd.example.table+gzip", False),
+    ],
+)
+def test_diff_id_is_the_uncompressed_digest_of_compressed_tar_layers_only(
+    tmp_path, media_type, uncompressed
+):
+    """A layer the tar layers read as a compressed tar (OCI, Docker, non-distributable)
+    gets the digest of its tar as diff_id, the digest the mount checks; any other type,
+    even one ending in +gzip, keeps its blob's digest."""
+    tar = b"tar bytes " * 100
+    layer = tmp_path / "layer"
+    layer.write_bytes(gzip.compress(tar))
+    blob = "sha256:" + hashlib.sha256(layer.read_bytes()).hexdigest()
+    expected = "sha256:" + hashlib.sha256(tar).hexdigest() if uncompressed else blob
+    assert diff_id(layer, media_type, blob) == expected
