@@ -22,6 +22,13 @@ def check_digest(data: bytes, digest: str, subject: str) -> None:
         raise IntegrityError(f"{subject} hashes to {computed}, not {digest}: refused")
 
 
+def check_size(data: bytes, size: int, subject: str) -> None:
+    """Raise ``IntegrityError`` unless ``data`` is ``size`` bytes, as its descriptor says:
+    the image spec has content of another size not trusted, whatever its digest."""
+    if len(data) != size:
+        raise IntegrityError(f"{subject} is {len(data)} bytes, its descriptor says {size}: refused")
+
+
 def canonical_json(document: dict) -> bytes:
     """The bytes a manifest, index or config is pushed as: sorted keys, no spaces, so
     the same document always has the same digest."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from blockstore.errors import InvalidReference, NotFound, RegistryError
 from blockstore.registry.client import RegistryClient
 from blockstore.registry.descriptors import ManifestProblem, check_index, check_manifest
-from blockstore.registry.digests import digest_of
+from blockstore.registry.digests import check_size, digest_of
 from blockstore.registry.mediatypes import (
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -184,6 +184,7 @@ def _from_index(
     ]
     for entry, platform in candidates:
         raw, digest = fetch_manifest(client, ref.repository, entry["digest"])
+        check_size(raw, entry["size"], f"image {ref}: manifest {digest}")
         manifests[digest] = raw
         child, child_type = _decode(raw, ref, digest)
         if child_type in MANIFEST_TYPES:
@@ -210,9 +211,13 @@ def config_platform(
     """The platform a plain manifest's config names, the config's bytes checked first."""
     try:
         config_digest = normalize_digest(manifest["config"]["digest"])
+        size = manifest["config"]["size"]
+        if type(size) is not int:
+            raise TypeError("the size is no integer")
     except (KeyError, TypeError, AttributeError, InvalidReference):
-        raise RegistryError(f"{subject}: the manifest has no valid config digest") from None
+        raise RegistryError(f"{subject}: the manifest has no valid config descriptor") from None
     config = client.get_blob(repository, config_digest, "config")  # checked against it
+    check_size(config, size, f"{subject}: config {config_digest}")
     try:
         document = json.loads(config)
     except ValueError:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from blockstore.errors import NotFound, RegistryError, UsageError
 from blockstore.registry.client import RegistryClient
-from blockstore.registry.digests import canonical_json, digest_of
+from blockstore.registry.digests import canonical_json, check_size, digest_of
 from blockstore.registry.manifests import fetch_manifest
 from blockstore.registry.mediatypes import OCI_INDEX, OCI_MANIFEST
 
@@ -58,6 +58,8 @@ class Referrer:
     digest: str
     artifact_type: str
     annotations: dict[str, str]
+    size: int | None = None
+    """The artifact manifest's size as the listing says it; None where it says none."""
 
 
 def push_artifact(
@@ -134,7 +136,12 @@ def list_referrers(client: RegistryClient, subject: Subject) -> list[Referrer]:
         if entries is None:
             entries = tagged.result()
     return [
-        Referrer(e["digest"], _text(e.get("artifactType")), _annotations(e.get("annotations")))
+        Referrer(
+            e["digest"],
+            _text(e.get("artifactType")),
+            _annotations(e.get("annotations")),
+            e["size"] if type(e.get("size")) is int else None,
+        )
         for e in entries or []
         if isinstance(e.get("digest"), str)
     ]
@@ -195,6 +202,8 @@ def read_artifact(
     only those whose annotations ``wanted`` accepts, when given (one layer's of many)."""
     raw, _ = fetch_manifest(client, subject.repository, referrer.digest)
     what = f"artifact {referrer.digest} of {subject.digest}"
+    if referrer.size is not None:
+        check_size(raw, referrer.size, what)
     try:
         manifest = json.loads(raw)
         layers = manifest["layers"]
@@ -206,7 +215,7 @@ def read_artifact(
             raise RegistryError(f"{what}: it is not a {referrer.artifact_type}")
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise RegistryError(f"{what}: not a valid artifact manifest") from None
-    chosen: list[tuple[str, str, dict[str, str]]] = []
+    chosen: list[tuple[str, int, str, dict[str, str]]] = []
     for layer in layers:
         try:
             digest, size, media_type = layer["digest"], int(layer["size"]), layer["mediaType"]
@@ -219,17 +228,19 @@ def read_artifact(
             continue
         if not 0 <= size <= MAX_ARTIFACT_BLOB:
             raise RegistryError(f"{what}: a blob of {size} bytes is refused")
-        chosen.append((digest, media_type, notes))
+        chosen.append((digest, size, media_type, notes))
 
-    def checked(digest: str) -> bytes:
-        return client.get_blob(subject.repository, digest, f"{what}: blob", limit=MAX_ARTIFACT_BLOB)
+    def checked(digest: str, size: int) -> bytes:
+        data = client.get_blob(subject.repository, digest, f"{what}: blob", limit=MAX_ARTIFACT_BLOB)
+        check_size(data, size, f"{what}: blob {digest}")
+        return data
 
     # All at once: a tar index is three blobs, asked for before a mount is ready.
     with ThreadPoolExecutor(ARTIFACT_FETCHES, thread_name_prefix="artifact") as pool:
-        fetched = [pool.submit(checked, digest) for digest, _, _ in chosen]
+        fetched = [pool.submit(checked, digest, size) for digest, size, _, _ in chosen]
         return [
             (done.result(), media_type, notes)
-            for done, (_, media_type, notes) in zip(fetched, chosen, strict=True)
+            for done, (_, _, media_type, notes) in zip(fetched, chosen, strict=True)
         ]
 
 

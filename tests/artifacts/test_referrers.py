@@ -12,7 +12,7 @@ from rig.fault_proxy import Fault
 from rig.processes import QuietHTTPServer
 from rig.pushed import push_erofs
 
-from blockstore.errors import NotFound, RegistryError, UsageError
+from blockstore.errors import IntegrityError, NotFound, RegistryError, UsageError
 from blockstore.registry import RegistryClient, RegistryOptions, resolve_image
 from blockstore.registry.client import MAX_REFERRER_PAGES
 from blockstore.registry.digests import digest_of
@@ -20,6 +20,7 @@ from blockstore.registry.manifests import fetch_manifest
 from blockstore.registry.mediatypes import OCI_INDEX, OCI_MANIFEST
 from blockstore.registry.referrers import (
     MAX_ARTIFACT_BLOB,
+    Referrer,
     Subject,
     fallback_tag,
     list_referrers,
@@ -249,3 +250,42 @@ def test_the_referrers_tag_is_the_specs(digest, tag):
     encoded part to 64 (a sha512 subject's tag holds half its hex), and characters a
     tag cannot hold replaced with '-'."""
     assert fallback_tag(digest) == tag
+
+
+def test_an_artifact_whose_listed_size_is_off_is_refused(registry, subject_ref, fault_proxy):
+    """The referrers tag lists the artifact with a size one byte larger than its
+    manifest: reading it is refused as an integrity error, though the digest matches."""
+    with registry.client() as client:
+        subject = subject_of(client, subject_ref)
+        push_artifact(client, subject, ARTIFACT, [(b"listed", BLOB, {})], created=CREATED)
+        tag = fallback_tag(subject.digest)
+        index = json.loads(fetch_manifest(client, subject.repository, tag)[0])
+    index["manifests"][0]["size"] += 1
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault(
+        "status",
+        status=200,
+        body=json.dumps(index).encode(),
+        headers={"Content-Type": OCI_INDEX},
+        path_contains=tag,
+    )
+    with via(proxy) as client:
+        [referrer] = list_referrers(client, subject)
+        with pytest.raises(IntegrityError, match="its descriptor says"):
+            read_artifact(client, subject, referrer)
+
+
+def test_an_artifact_blob_whose_size_is_off_is_refused(registry, subject_ref):
+    """An artifact manifest whose layer descriptor says one byte more than the blob
+    holds: the blob is refused as an integrity error, though its digest matches."""
+    data = b"sized blob"
+    with registry.client() as client:
+        subject = subject_of(client, subject_ref)
+        pushed = push_artifact(client, subject, ARTIFACT, [(data, BLOB, {})], created=CREATED)
+        manifest = json.loads(fetch_manifest(client, subject.repository, pushed)[0])
+        manifest["layers"][0]["size"] += 1
+        raw = json.dumps(manifest).encode()
+        client.put_manifest(subject.repository, digest_of(raw), raw, OCI_MANIFEST)
+        referrer = Referrer(digest_of(raw), ARTIFACT, {}, len(raw))
+        with pytest.raises(IntegrityError, match=f"blob {digest_of(data)} is 10 bytes"):
+            read_artifact(client, subject, referrer)

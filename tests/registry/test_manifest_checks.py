@@ -255,3 +255,50 @@ def test_an_image_config_whose_variant_is_not_a_string_is_refused(registry, erof
             )
     assert type(refused.value) is RegistryError
     assert str(refused.value).endswith("is refused: platform variant 7 is not a string")
+
+
+def test_an_index_entry_whose_size_is_not_its_manifests_is_refused(
+    registry, pushed_images, fault_proxy
+):
+    """An index (served for the tag) whose entry names the real manifest's digest but a
+    size one byte larger: refused as an integrity error, as the image spec has content
+    of another size than its descriptor's not trusted, though its digest matches."""
+    with registry.client() as client:
+        reply = client.get_manifest("fixtures/small", "v1")
+    entry = {
+        "mediaType": OCI_MANIFEST,
+        "digest": digest_of(reply.raw),
+        "size": len(reply.raw) + 1,
+        "platform": {"os": "linux", "architecture": "amd64"},
+    }
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault(
+        "status",
+        status=200,
+        body=json.dumps(index).encode(),
+        headers={"Content-Type": OCI_INDEX},
+        path_contains="/manifests/v1",
+    )
+    with (
+        RegistryClient(proxy.host, OPTIONS) as client,
+        pytest.raises(IntegrityError, match="its descriptor says"),
+    ):
+        resolve_image(client, f"{proxy.host}/fixtures/small:v1", "linux/amd64")
+
+
+def test_a_config_whose_size_is_not_its_descriptors_is_refused(
+    registry, pushed_images, fault_proxy
+):
+    """A manifest whose config descriptor is one byte off, resolved for a platform (which
+    reads the config): refused as an integrity error naming the config."""
+    manifest = real_manifest(registry)
+    manifest["config"]["size"] -= 1
+    proxy = serving(fault_proxy, registry, manifest)
+    with (
+        RegistryClient(proxy.host, OPTIONS) as client,
+        pytest.raises(IntegrityError, match=r"config sha256:\w+ is \d+ bytes, its descriptor says"),
+    ):
+        resolve_image(
+            client, f"{proxy.host}/fixtures/small:v1", "linux/amd64", require_platform=True
+        )
