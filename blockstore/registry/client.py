@@ -16,7 +16,7 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -62,6 +62,8 @@ TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSE
 """What reading a reply's body raises when the connection breaks."""
 MAX_REFERRER_PAGES = 16
 """Pages of a referrers listing followed; a registry linking on and on is refused."""
+MAX_URLS_SHOWN = 3
+"""A foreign layer's URLs an error names."""
 MIRROR_COOLDOWN = 30.0
 """Seconds a mirror that failed is left out before it is tried again."""
 T = TypeVar("T")
@@ -110,10 +112,32 @@ class RegistryClient:
             for mirror in options.mirrors
         ]
         self._mirror_down_until: dict[str, float] = {}
+        self._foreign: dict[str, tuple[str, ...]] = {}
+        """Foreign layers' URLs by digest, as manifests resolved with this client name them."""
         self._lock = threading.Lock()
 
     def close(self) -> None:
         self._session.close()
+
+    def note_foreign(self, digest: str, urls: Sequence[str]) -> None:
+        """Keep that ``digest`` is a foreign layer a manifest says is had from ``urls``:
+        a registry need not hold it, and its 404 for the blob then says so."""
+        with self._lock:
+            self._foreign[digest] = tuple(urls)
+
+    def _foreign_not_found(self, digest: str, exc: NotFound) -> NotFound:
+        """``exc`` naming the URLs of a foreign layer, for a 404 of its blob."""
+        with self._lock:
+            urls = self._foreign.get(digest)
+        if not urls:
+            return exc
+        shown = ", ".join(urls[:MAX_URLS_SHOWN]) + (", ..." if len(urls) > MAX_URLS_SHOWN else "")
+        return NotFound(
+            f"{exc}; it is a foreign layer, which a registry need not hold, and its manifest "
+            f"names where it is had: {shown} (this engine reads layers from the registry only)",
+            status=exc.status,
+            code=exc.code,
+        )
 
     def _endpoint(
         self, name: str, credentials: Credentials | None, *, is_mirror: bool = False
@@ -174,7 +198,10 @@ class RegistryClient:
                 raise IntegrityError(f"{subject}: {size} bytes, the manifest says {expected}")
             return size
 
-        return self._read(subject, deadline, attempt)
+        try:
+            return self._read(subject, deadline, attempt)
+        except NotFound as exc:
+            raise self._foreign_not_found(digest, exc) from None
 
     def get_blob(
         self, repository: str, digest: str, what: str = "blob", *, limit: int = MAX_SMALL_BODY
@@ -246,7 +273,10 @@ class RegistryClient:
                         )
                     ) from None
 
-        return self._read(subject, deadline, attempt, upstream_only=upstream_only)
+        try:
+            return self._read(subject, deadline, attempt, upstream_only=upstream_only)
+        except NotFound as exc:
+            raise self._foreign_not_found(digest, exc) from None
 
     def get_referrers(
         self, repository: str, digest: str, artifact_type: str | None = None

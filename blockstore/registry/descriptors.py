@@ -39,6 +39,8 @@ class Descriptor:
     media_type: str
     digest: str
     size: int
+    urls: tuple[str, ...] = ()
+    """Where a foreign (non-distributable) layer may be had, the registry need not hold it."""
 
 
 def check_descriptor(value: object, where: str) -> Descriptor:
@@ -64,7 +66,10 @@ def check_descriptor(value: object, where: str) -> Descriptor:
         raise ManifestProblem(
             f"{where} has size {_shown(size)}; a size is an integer from 0 to {MAX_BLOB_SIZE}"
         )
-    return Descriptor(media_type, digest, size)
+    urls = value.get("urls", [])
+    if not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
+        raise ManifestProblem(f"{where} has urls that are not a list of strings")
+    return Descriptor(media_type, digest, size, tuple(urls))
 
 
 def check_manifest(document: dict) -> list[Descriptor]:

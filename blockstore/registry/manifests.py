@@ -35,14 +35,17 @@ class Layer:
     digest: str
     size: int
     media_type: str
+    urls: tuple[str, ...] = ()
+    """A foreign layer's URLs, as its descriptor names them."""
 
     def to_record(self) -> dict:
-        return {
+        record = {
             "index": self.index,
             "digest": self.digest,
             "size": self.size,
             "mediaType": self.media_type,
         }
+        return {**record, "urls": list(self.urls)} if self.urls else record
 
 
 @dataclass
@@ -82,7 +85,13 @@ class ResolvedImage:
             platform=record.get("platform"),
             platforms=list(record.get("platforms", [])),
             layers=[
-                Layer(int(d["index"]), d["digest"], int(d["size"]), d.get("mediaType", ""))
+                Layer(
+                    int(d["index"]),
+                    d["digest"],
+                    int(d["size"]),
+                    d.get("mediaType", ""),
+                    tuple(d.get("urls", ())),
+                )
                 for d in record["layers"]
             ],
         )
@@ -132,7 +141,7 @@ def resolve_image(
     manifests = {digest: raw}
     document, media_type = _decode(raw, ref, digest)
     if media_type not in INDEX_TYPES:
-        layers = _layers(document)
+        layers = _layers(client, document)
         if not require_platform:
             # Fetching the config would cost a round trip on every default open.
             return ResolvedImage(str(ref), digest, None, [], layers, manifests)
@@ -148,7 +157,7 @@ def resolve_image(
             f"image {ref} has no platform {wanted}; it has: {', '.join(platforms) or 'none'}"
         )
     child_digest, child, chosen = found
-    layers = _layers(child)
+    layers = _layers(client, child)
     return ResolvedImage(str(ref), child_digest, chosen, platforms, layers, manifests, digest)
 
 
@@ -254,9 +263,14 @@ def _decode(raw: bytes, ref: Reference, digest: str) -> tuple[dict, str]:
     return document, media_type
 
 
-def _layers(manifest: dict) -> list[Layer]:
-    """The layers of a manifest ``_decode`` has checked."""
-    return [
-        Layer(i, layer.digest, layer.size, layer.media_type)
+def _layers(client: RegistryClient, manifest: dict) -> list[Layer]:
+    """The layers of a manifest ``_decode`` has checked; the client is told of the
+    foreign ones, so that a registry's 404 for one names its URLs."""
+    layers = [
+        Layer(i, layer.digest, layer.size, layer.media_type, layer.urls)
         for i, layer in enumerate(check_manifest(manifest))
     ]
+    for layer in layers:
+        if layer.urls:
+            client.note_foreign(layer.digest, layer.urls)
+    return layers

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rig.fault_proxy import Fault
 
-from blockstore.errors import IntegrityError, NotFound, RegistryError, UsageError
+from blockstore.errors import BlobReadError, IntegrityError, NotFound, RegistryError, UsageError
 from blockstore.registry import (
     EROFS_MEDIA_TYPE,
     RegistryBlob,
@@ -23,7 +23,7 @@ from blockstore.registry import (
 )
 from blockstore.registry.digests import digest_of
 from blockstore.registry.manifests import MAX_INDEX_DEPTH
-from blockstore.registry.mediatypes import OCI_INDEX
+from blockstore.registry.mediatypes import OCI_INDEX, OCI_MANIFEST
 from blockstore.source import BlobSource
 
 
@@ -230,3 +230,40 @@ def test_indexes_nested_past_the_bound_are_refused(fresh_registry, erofs_images)
         too_deep = f"{fresh_registry.host}/{repository}:{MAX_INDEX_DEPTH}"
         with pytest.raises(RegistryError, match=f"nested more than {MAX_INDEX_DEPTH} deep"):
             resolve_image(client, too_deep, "linux/amd64")
+
+
+def test_a_foreign_layer_the_registry_lacks_names_its_urls(registry, pushed_images, fault_proxy):
+    """A manifest (served by a proxy) with a non-distributable layer with urls, which
+    the registry does not hold: its URLs are kept with the layer, and both the size
+    query and a read, answered 404, say the layer is foreign and name its URLs."""
+    url = "https://foreign.example/layers/base.tar.gz"
+    with registry.client() as client:
+        manifest = json.loads(client.get_manifest("fixtures/small", "v1").raw)
+    missing = b"never uploaded"
+    manifest["layers"].append(
+        {
+            "mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+            "digest": digest_of(missing),
+            "size": len(missing),
+            "urls": [url],
+        }
+    )
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault(
+        "status",
+        status=200,
+        body=json.dumps(manifest).encode(),
+        headers={"Content-Type": OCI_MANIFEST},
+        path_contains="/manifests/",
+    )
+    with RegistryClient(proxy.host, RegistryOptions(insecure=True, timeout=5.0)) as client:
+        image = resolve_image(client, f"{proxy.host}/fixtures/small:v1", None)
+        foreign = image.layers[1]
+        assert foreign.urls == (url,)
+        with pytest.raises(NotFound) as sized:
+            client.blob_size("fixtures/small", foreign.digest, foreign.size)
+        with pytest.raises(BlobReadError) as read:
+            RegistryBlob(client, "fixtures/small", foreign).read_range(0, 4)
+    for message in (str(sized.value), str(read.value)):
+        assert "not found" in message and "it is a foreign layer" in message and url in message
+    assert ResolvedImage.from_record(image.to_record()).layers[1].urls == (url,)
