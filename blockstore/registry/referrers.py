@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from blockstore.errors import NotFound, RegistryError, UsageError
 from blockstore.registry.client import RegistryClient
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 EMPTY_CONFIG_TYPE = "application/vnd.oci.empty.v1+json"
 EMPTY_CONFIG = b"{}"
 CREATED = "org.opencontainers.image.created"
+_NEVER = datetime.min.replace(tzinfo=UTC)
+"""The created time of an artifact that states none."""
 MAX_ARTIFACT_BLOB = 64 << 20
 """Artifacts are tables and traces, a few MiB at most; a larger one is refused, not read."""
 ARTIFACT_FETCHES = 4
@@ -172,9 +175,21 @@ def _annotations(value: object) -> dict[str, str]:
 
 
 def newest(referrers: list[Referrer], artifact_type: str) -> Referrer | None:
-    """The most recently created artifact of a type among ``referrers``."""
+    """The most recently created artifact of a type among ``referrers``: by its created
+    annotation read as a time (one without it, or with no RFC 3339 time, is oldest);
+    of artifacts created in the same second, the greatest digest, so that every reader
+    takes the same one whatever order a registry lists them in."""
     found = [r for r in referrers if r.artifact_type == artifact_type]
-    return max(found, key=lambda r: r.annotations.get(CREATED, ""), default=None)
+    return max(found, key=lambda r: (_created(r), r.digest), default=None)
+
+
+def _created(referrer: Referrer) -> datetime:
+    """The created annotation as an aware time (a time without a zone taken as UTC)."""
+    try:
+        when = datetime.fromisoformat(referrer.annotations.get(CREATED, ""))
+    except ValueError:
+        return _NEVER
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def _fallback_listing(client: RegistryClient, subject: Subject) -> list[dict] | None:

@@ -289,3 +289,22 @@ def test_an_artifact_blob_whose_size_is_off_is_refused(registry, subject_ref):
         referrer = Referrer(digest_of(raw), ARTIFACT, {}, len(raw))
         with pytest.raises(IntegrityError, match=f"blob {digest_of(data)} is 10 bytes"):
             read_artifact(client, subject, referrer)
+
+
+def referrer(digit: str, created: str | None) -> Referrer:
+    notes = {} if created is None else {"org.opencontainers.image.created": created}
+    return Referrer("sha256:" + digit * 64, ARTIFACT, notes)
+
+
+def test_newest_reads_created_as_a_time_and_breaks_ties_by_digest():
+    """Created in the same second, the artifact with the greater digest is taken,
+    whatever order they are listed in; times with zones and fractions are compared as
+    times (01:00+01:00 is before 00:30Z); one with no created time, or a word, is oldest."""
+    same = [referrer("a", "2024-05-01T12:00:00Z"), referrer("b", "2024-05-01T12:00:00Z")]
+    assert newest(same, ARTIFACT) == newest(same[::-1], ARTIFACT) == same[1]
+    zoned = [referrer("c", "2024-05-01T00:30:00Z"), referrer("d", "2024-05-01T01:00:00+01:00")]
+    assert newest(zoned, ARTIFACT) == zoned[0]
+    fraction = [referrer("f", "2024-05-01T00:00:00Z"), referrer("e", "2024-05-01T00:00:00.5Z")]
+    assert newest(fraction, ARTIFACT) == fraction[1]
+    undated = [referrer("f", None), referrer("f", "soon"), referrer("1", "1999-01-01T00:00:00Z")]
+    assert newest(undated, ARTIFACT) == undated[2]
