@@ -108,19 +108,19 @@ def send_buffers(
     progress: Callable[[], None] | None = None,
 ) -> None:
     """Send every byte of ``buffers`` with scatter-gather writes, no joining copy;
-    ``progress`` is called each time the socket took some."""
-    if len(buffers) <= _IOV_MAX:
-        sent = sock.sendmsg(buffers)
-        if sent == _length(buffers):
-            return  # the usual case: one call, no views made
-        rest = _advance(buffers, sent)
-    else:
-        rest = _advance(buffers, 0)
-    first = 0
-    while first < len(rest):
-        if progress is not None:
-            progress()
-        first = _skip_sent(rest, first, sock.sendmsg(rest[first : first + _IOV_MAX]))
+    ``progress`` is called each time the socket took some. More buffers than one
+    ``sendmsg`` takes go in windows of that many, each walked once."""
+    for start in range(0, len(buffers), _IOV_MAX):
+        window = buffers[start : start + _IOV_MAX]
+        sent = sock.sendmsg(window)
+        if sent == _length(window):
+            continue  # the usual case: one call, no views made
+        rest = _advance(window, sent)
+        first = 0
+        while first < len(rest):
+            if progress is not None:
+                progress()
+            first = _skip_sent(rest, first, sock.sendmsg(rest[first:]))
 
 
 def _advance(buffers: Sequence[Buffer], sent: int) -> list[memoryview]:
