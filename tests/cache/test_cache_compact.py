@@ -144,10 +144,9 @@ def test_compact_with_no_room_for_the_copy_leaves_the_cache_as_it_was(tmp_path):
         cache_dir = disk / "cache"
         [(data, digest)] = fill(cache_dir, [6 << 20], seed=520)
         before = hashlib.sha256((cache_dir / "data.mdb").read_bytes()).hexdigest()
-        with open(disk / "filler", "wb") as filler, contextlib.suppress(OSError):
+        with open(disk / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
             while True:
                 filler.write(bytes(1 << 16))
-                filler.flush()
 
         result = run_cli("cache", "compact", "--cache-dir", str(cache_dir))
 

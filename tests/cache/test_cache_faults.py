@@ -123,10 +123,9 @@ def test_a_damaged_cache_on_a_full_disk_is_one_clear_error_or_an_empty_cache(tmp
             blob.prefetch()
             blob.close()
         os.truncate(cache / "data.mdb", (cache / "data.mdb").stat().st_size // 2)
-        with open(disk / "filler", "wb") as filler, contextlib.suppress(OSError):
+        with open(disk / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
             while True:
                 filler.write(bytes(1 << 16))
-                filler.flush()
         result = run_cli("cache", "stats", "--cache-dir", str(cache))
         assert result.returncode in (0, 8), result.stdout + result.stderr
         assert "damaged" in result.stderr and "Traceback" not in result.stderr
