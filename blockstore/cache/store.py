@@ -554,6 +554,32 @@ class ChunkStore:
             record.present -= 1
         self._add_stored(txn, -length)
 
+    def drop_unproven(self, digest: str) -> bool:
+        """Drop every chunk and part of a blob not sealed, keeping its record (and pin):
+        bytes no digest has judged, which a pass over them found wrong somewhere. False
+        for a sealed blob, whose chunks are proven and stay."""
+
+        def work(txn: lmdb.Transaction) -> bool:
+            raw = txn.get(digest.encode(), db=self.dbs[DB_BLOBS])
+            if raw is None:
+                return True  # nothing kept (the seal may have just dropped it)
+            record = BlobRecord.unpack(raw)
+            if record.sealed:
+                return False
+            chunks = [
+                (key, stored_length(value))
+                for key, value in blob_keys(txn.cursor(db=self.dbs[DB_CHUNKS]), record.blob_id)
+            ]
+            for key, length in chunks:
+                self.delete_chunk(txn, key, record, length)
+            parts = [key for key, _ in blob_keys(txn.cursor(db=self.dbs[DB_PARTS]), record.blob_id)]
+            for key in parts:
+                self._add_stored(txn, -self.drop_part(txn, key))
+            txn.put(digest.encode(), record.pack(), db=self.dbs[DB_BLOBS])
+            return True
+
+        return self.env.write(work)
+
     def remove(self, digest: str) -> bool:
         """Remove a blob, its chunks and its checksums; False if it was not cached."""
 

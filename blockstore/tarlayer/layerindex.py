@@ -149,11 +149,17 @@ class TarIndex:
     tar_digest: str  # sha256 of the uncompressed tar (the diff_id): its cache key
 
 
+class DiffIdMismatch(IntegrityError):
+    """The image config names another tar than the layer's: the config is wrong, not the
+    layer's bytes (which may have checked out against the blob digest)."""
+
+
 def check_diff_id(tar_digest: str, diff_id: str | None) -> None:
     """The tar a layer is read from (an uncompressed layer's is the blob itself) must
     be the one the image config names (``diff_id``; None: the config names none):
     a config that says otherwise describes another layer."""
-    _check("the tar's diff_id", diff_id, tar_digest)
+    if diff_id is not None and diff_id != tar_digest:
+        raise DiffIdMismatch(f"the tar's diff_id is {tar_digest}, expected {diff_id}: not indexed")
 
 
 def index_plain_tar(read_range: ReadRange, size: int, blob_digest: str) -> TarIndex:
@@ -198,7 +204,7 @@ def index_compressed_tar(
         points = tuple(indexer.points)
     _check("the blob's digest", blob_digest, "sha256:" + indexer.blob_sha256.hexdigest())
     tar_digest = "sha256:" + indexer.tar_sha256.hexdigest()
-    _check("the tar's diff_id", diff_id, tar_digest)
+    check_diff_id(tar_digest, diff_id)
     spans = SpanIndex(
         kind,
         span,

@@ -37,6 +37,7 @@ from blockstore.tarlayer.gzindex import DEFAULT_SPAN, Zinfo, size_hint
 from blockstore.tarlayer.layerindex import (
     GZIP,
     ZSTD,
+    DiffIdMismatch,
     ReadRange,
     SpanIndex,
     TarIndex,
@@ -396,9 +397,31 @@ def open_tar_layer(
                     keeper.finish(built.tar_size if built is not None else None)
             return built
 
+        def build_once_more_if_unproven() -> TarIndex:
+            try:
+                return build()
+            except DiffIdMismatch:
+                raise  # the config is wrong, not the bytes: reading them again cannot help
+            except (IntegrityError, TarLayerError) as exc:
+                # A pass stopped short by bad bytes leaves them cached, never judged by the
+                # blob's digest: every later pass would read them again and fail the same.
+                if not online or not store.drop_unproven(blob.digest):
+                    raise
+                log.warning(
+                    "%s: %s; its cached bytes, never proven, are dropped and it is read "
+                    "once more from the registry",
+                    blob.digest,
+                    exc,
+                )
+                return build()
+
         built_here: list[TarIndex] = []
         index = cached_or_built(
-            cache, blob.digest, span, kind != TAR, lambda: _kept(built_here, build())
+            cache,
+            blob.digest,
+            span,
+            kind != TAR,
+            lambda: _kept(built_here, build_once_more_if_unproven()),
         )
         if not built_here:
             # Kept from an open of another image with this blob: this image's config

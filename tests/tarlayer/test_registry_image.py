@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from oci_layout import make_layout, push_tar_layer, skopeo_copy
+from rig.fault_proxy import Fault
 from test_overlay_layers import extract_in_order, layer_sources, without_dir_counts
 from trees import make_tar, snapshot
 
@@ -324,5 +325,41 @@ def test_a_layer_that_is_no_tar_is_refused_naming_the_layer(tmp_path, registry):
         with pytest.raises(BlockstoreError) as info:
             image.exports()
         assert str(info.value).startswith(f"{ref} layer 0 ({digest}, gzip): "), info.value
+    finally:
+        image.close()
+
+
+@pytest.mark.parametrize("kind", ["gzip", "tar"])
+def test_a_pass_over_bytes_spoilt_on_the_way_is_read_again_not_kept(
+    tmp_path, registry, fault_proxy, kind
+):
+    """The first read of the layer's blob comes through a link that spoils a byte (in the
+    gzip stream's middle; in a plain tar's first header), so the indexing pass (the
+    whole gzip stream, or the tar's headers) fails on it. The bytes it cached were
+    never judged by the blob's digest: they are dropped and the layer read once more,
+    so the open succeeds and serves the tar. Kept, they made every later open of the
+    image fail the same way."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(200):
+        (src / f"file{i:03}.txt").write_text(f"line {i} of a text file\n" * (40 + i))
+    tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    good = push_tar_layer(registry, f"o/spoilt-{kind}", "v1", kind, tar, tmp_path)
+    proxy = fault_proxy(registry)
+    ref = good.replace(registry.host, proxy.host, 1)
+    image = open_image(ref, cache_dir=tmp_path / "cache", options=registry.options())
+    try:
+        layer_digest = image.resolved.layers[0].digest
+        proxy.fault = Fault(
+            "corrupt",
+            path_contains=f"/blobs/{layer_digest}",
+            method="GET",
+            times=1,
+            after_bytes=148 if kind == "tar" else None,  # the first header's checksum
+        )
+        (export,) = image.exports()
+        data = b"".join(bytes(b) for b in export.read(0, export.size))
+        assert data[len(export.index.metadata) :][: len(tar)] == tar
+        assert proxy.faults_applied == 1
     finally:
         image.close()
