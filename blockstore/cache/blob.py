@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from blockstore.errors import BlobReadError, CacheError, IntegrityError, NotCached
 from blockstore.export import Buffer
 from blockstore.fetch import FILL, PREFETCH, Fetcher, Flights
-from blockstore.fetch.fetcher import STORE_WAIT
+from blockstore.fetch.fetcher import READER_STORE_WAIT, STORE_WAIT
 from blockstore.prefetch import (
     HintQueue,
     PrefetchSettings,
@@ -514,7 +514,9 @@ class CachedBlob:
                 "and the cache is offline"
             )
         try:
-            got = self._fetcher.fetch(wanted, self._ahead_of_miss(offset, end - offset))
+            got = self._fetcher.fetch(
+                wanted, self._ahead_of_miss(offset, end - offset), READER_STORE_WAIT
+            )
         except OSError:
             raise
         except Exception as exc:  # an export fails with EIO, whatever the backend raised

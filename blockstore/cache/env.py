@@ -306,6 +306,74 @@ def move_aside(path: Path, why: str, label: str = "damaged") -> Path:
     return aside
 
 
+WRITE_LOCK_WARN = 5.0
+"""Seconds a transaction may wait for the cache's write lock before that is logged."""
+
+
+class _WriteLockWatch:
+    """Says so in the log when a write has waited long for the cache's write lock.
+
+    LMDB's lock is a mutex that another process holds for as long as its write
+    transaction runs, and a stopped process (Ctrl-Z on a prefetch) holds it until
+    it goes on: its wait has no end and no error. A daemon thread (started on first
+    use, again after a fork) looks at the waits once a second and names the cache.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waits: dict[int, tuple[float, Path]] = {}
+        self._warned: set[int] = set()
+        self._ids = 0
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def waiting(self, path: Path) -> Iterator[None]:
+        with self._lock:
+            self._ids += 1
+            wait = self._ids
+            self._waits[wait] = (time.monotonic(), path)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._watch, name="write-lock-watch", daemon=True
+                )
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                since, _ = self._waits.pop(wait)
+                warned = wait in self._warned
+                self._warned.discard(wait)
+            if warned:
+                log.warning(
+                    "got the write lock of the cache at %s after %.0fs",
+                    path,
+                    time.monotonic() - since,
+                )
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(1.0)
+            now = time.monotonic()
+            with self._lock:
+                late = [
+                    (wait, path, now - since)
+                    for wait, (since, path) in self._waits.items()
+                    if now - since >= WRITE_LOCK_WARN and wait not in self._warned
+                ]
+                self._warned.update(wait for wait, _, _ in late)
+            for _, path, waited in late:
+                log.warning(
+                    "waiting %.0fs so far for the write lock of the cache at %s: another "
+                    "process holds it (one stopped, as by Ctrl-Z, holds it until it goes on)",
+                    waited,
+                    path,
+                )
+
+
+_write_lock_watch = _WriteLockWatch()
+
+
 class _Gate:
     """Many holders at once, or one exclusive holder (writer-preferring).
 
@@ -486,7 +554,7 @@ class CacheEnv:
         try:
             # Reader slots of killed processes would pin old pages forever.
             env.reader_check()
-            with env.begin(write=True) as txn:
+            with _write_lock_watch.waiting(path), env.begin(write=True) as txn:
                 dbs = {name: env.open_db(name, txn=txn) for name in ALL_DBS}
                 version = meta_int(txn, dbs[DB_META], b"format", FORMAT_VERSION)
                 chunk_size = meta_int(txn, dbs[DB_META], b"chunk_size", CHUNK_SIZE)
@@ -672,7 +740,8 @@ class CacheEnv:
                 try:
                     if self.env is None:
                         raise CacheError(f"the cache at {self.path} is closed")
-                    txn = self.env.begin(write=True, buffers=True)
+                    with _write_lock_watch.waiting(self.path):
+                        txn = self.env.begin(write=True, buffers=True)
                 except lmdb.MapResizedError:
                     self._gate.release_shared()
                     self._adopt_map_size()

@@ -45,6 +45,9 @@ Load = Callable[[Sequence[int]], dict[int, Buffer]]
 
 STORE_WAIT = 60.0
 """Bound on how long a reader waits for its chunks to be stored after they arrived."""
+READER_STORE_WAIT = 1.0
+"""The same for a client's read: a cache that takes no writes (its write lock held by
+a stopped process) must not cost every miss a long wait; its bytes are right anyway."""
 STOP_WAIT = 3.0
 """Seconds close() waits for running ranges to store what arrived (one chunk each)."""
 LEASE_POLL = 0.02
@@ -118,7 +121,7 @@ class Fetcher:
         if prefetch_budget is not None:
             options["prefetch_budget"] = prefetch_budget
         self.scheduler = Scheduler(self._run, self._fail, self.window, **options)
-        self._keeper = Keeper(self._store)
+        self._keeper = Keeper(self._store, self._not_kept, self.digest)
         self._live: set[Job] = set()
 
     @property
@@ -133,7 +136,9 @@ class Fetcher:
 
     # --- asking -----------------------------------------------------------------
 
-    def fetch(self, indices: Iterable[int], ahead: Iterable[int] = ()) -> dict[int, Buffer]:
+    def fetch(
+        self, indices: Iterable[int], ahead: Iterable[int] = (), store_wait: float = STORE_WAIT
+    ) -> dict[int, Buffer]:
         """The bytes of the given chunks, fetching those nobody is fetching yet (demand).
 
         A caller that only joined chunks on their way gets them the moment
@@ -144,7 +149,8 @@ class Fetcher:
         whose fetch failed is asked for again by the next caller.
 
         ``ahead`` are chunks the reader will want next (readahead on a
-        miss): fetched in the same requests, not waited for.
+        miss): fetched in the same requests, not waited for. ``store_wait``
+        bounds the wait for the store.
         """
         flights = self._flights
         waits: dict[int, Future] = {}
@@ -173,7 +179,7 @@ class Fetcher:
             with flights.lock:
                 flights.settled.wait_for(
                     lambda: all(flights.pending.get(i) is not waits[i] for i in mine),
-                    STOP_WAIT if self.scheduler.cancelled else STORE_WAIT,
+                    STOP_WAIT if self.scheduler.cancelled else store_wait,
                 )
         return chunks
 
@@ -324,6 +330,12 @@ class Fetcher:
                 _resolve(future, checked)
             self.window.delivered(len(chunk))
             self._keeper.put(index, checked)
+
+    def _not_kept(self, index: int) -> None:
+        """A chunk the keeper would not queue (the cache is stuck): it is no longer on
+        its way to the cache, so a later read fetches it again."""
+        with self._flights.lock:
+            self._flights.release([index])
 
     def _store(self, runs: list[tuple[int, list[Buffer]]]) -> None:
         try:

@@ -10,14 +10,22 @@ pace.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable
 
 from blockstore.export import Buffer
 
 from . import forks
 
+log = logging.getLogger(__name__)
+
 IDLE_EXIT = 30.0  # seconds without work after which the thread ends (it restarts on demand)
+STUCK_AFTER = 2.0
+"""Seconds one store may run before the cache is taken to be stuck (its write lock held
+by another process, stopped say): chunks then queue only up to ``STUCK_QUEUE``."""
+STUCK_QUEUE = 64 << 20
 
 
 def adjacent_runs(items: list[tuple[int, Buffer]]) -> list[tuple[int, list[Buffer]]]:
@@ -34,22 +42,45 @@ def adjacent_runs(items: list[tuple[int, Buffer]]) -> list[tuple[int, list[Buffe
 
 
 class Keeper:
-    """Calls ``store(runs)`` with the runs of what was put meanwhile, on a daemon thread."""
+    """Calls ``store(runs)`` with the runs of what was put meanwhile, on a daemon thread.
 
-    def __init__(self, store: Callable[[list[tuple[int, list[Buffer]]]], None]):
+    While a store is stuck, what arrives queues up to ``STUCK_QUEUE`` bytes; beyond
+    that it is handed to ``dropped`` instead, unkept (its readers have it already), so
+    a cache that takes no writes costs caching, not memory without bound.
+    """
+
+    def __init__(
+        self,
+        store: Callable[[list[tuple[int, list[Buffer]]]], None],
+        dropped: Callable[[int], None] = lambda index: None,
+        name: str = "",
+    ):
         self._store = store
+        self._dropped = dropped
+        self._name = name
         self.forget_threads()
         forks.register(self)
 
     def forget_threads(self) -> None:
         self._cond = threading.Condition()
         self._queued: list[tuple[int, Buffer]] = []
+        self._queued_bytes = 0
         self._busy = False
+        self._busy_since = 0.0
+        self._dropping = False
         self._thread: threading.Thread | None = None
 
     def put(self, index: int, chunk: Buffer) -> None:
         with self._cond:
+            if self._stuck():
+                self._cond.release()
+                try:
+                    self._dropped(index)
+                finally:
+                    self._cond.acquire()
+                return
             self._queued.append((index, chunk))
+            self._queued_bytes += len(chunk)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="store", daemon=True)
                 self._thread.start()
@@ -62,13 +93,35 @@ class Keeper:
                     self._thread = None
                     return
                 items, self._queued = self._queued, []
+                self._queued_bytes = 0
                 self._busy = True
+                self._busy_since = time.monotonic()
             try:
                 self._store(adjacent_runs(items))
             finally:
                 with self._cond:
                     self._busy = False
+                    if self._dropping:
+                        self._dropping = False
+                        log.warning("%s: the cache takes writes again", self._name)
                     self._cond.notify_all()
+
+    def _stuck(self) -> bool:
+        """With the lock held: whether to drop what arrives now (see the class)."""
+        if not self._busy or self._queued_bytes < STUCK_QUEUE:
+            return False
+        waited = time.monotonic() - self._busy_since
+        if waited < STUCK_AFTER:
+            return False
+        if not self._dropping:
+            self._dropping = True
+            log.warning(
+                "%s: the cache has taken no write for %.0fs: what arrives is served "
+                "without being kept until it does",
+                self._name,
+                waited,
+            )
+        return True
 
     def drain(self, timeout: float) -> bool:
         """Wait up to ``timeout`` until everything put is stored."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
@@ -160,3 +161,57 @@ def test_full_disk_evicts_or_serves_uncached_never_corrupts(tmp_path):
 
 def _file_source(path: Path, digest: str) -> LocalFileSource:
     return LocalFileSource(path, digest)
+
+
+HOLD_WRITE_LOCK = """
+import os, signal, sys
+from pathlib import Path
+from blockstore.cache import ChunkStore
+store = ChunkStore(Path(sys.argv[1]))
+txn = store.env.env.begin(write=True)
+print("holding", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def test_a_stopped_process_holding_the_write_lock_costs_caching_not_reads(
+    cache_dir, tmp_path, monkeypatch, caplog
+):
+    """Another process takes the cache's write lock and is stopped (as Ctrl-Z stops a
+    prefetch). Reads that miss here are answered within seconds each, with the right
+    bytes, not after a minute's wait for their store; past a small queue what arrives
+    is served unkept; the log says the cache takes no writes and names the lock's
+    wait. Once the process goes on and ends, the cache takes writes again."""
+    from blockstore.fetch import keeper
+
+    monkeypatch.setattr(keeper, "STUCK_QUEUE", 1 << 20)
+    monkeypatch.setattr(keeper, "STUCK_AFTER", 0.5)
+    caplog.set_level(logging.INFO)
+    blobs = write_blobs(tmp_path, [16 << 20])
+    data, digest, path = blobs[0]
+    store = ChunkStore(cache_dir)
+    blob = CachedBlob(store, digest, len(data), _file_source(path, digest))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_WRITE_LOCK, str(cache_dir)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        started = time.monotonic()
+        for offset in range(0, 8 << 20, 1 << 20):
+            got = b"".join(bytes(b) for b in blob.read(offset, 1 << 20))
+            assert got == data[offset : offset + (1 << 20)]
+        assert time.monotonic() - started < 20
+        time.sleep(6)  # past the lock's warning
+        assert "the cache has taken no write" in caplog.text
+        assert "so far for the write lock of the cache" in caplog.text
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.kill()
+        holder.wait()
+    assert b"".join(bytes(b) for b in blob.read(12 << 20, 1 << 20)) == data[12 << 20 : 13 << 20]
+    blob.close()
+    store.close()
+    check_cache(cache_dir, blobs)
