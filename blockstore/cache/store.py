@@ -314,7 +314,7 @@ class ChunkStore:
         try:
             return self.env.write(work)
         except DiskFull:
-            self._make_room()
+            self.make_room()
             return self.env.write(work)
 
     def drop_part(self, txn: lmdb.Transaction, key: bytes) -> int:
@@ -383,7 +383,7 @@ class ChunkStore:
             try:
                 return self.env.write(work)
             except DiskFull:
-                self._make_room()
+                self.make_room()
                 return self.env.write(work)
         except ChunkIntegrityError:
             if len(runs) == 1:
@@ -498,7 +498,7 @@ class ChunkStore:
             counters_mod.persist(txn, self.dbs[DB_COUNTERS], {"evictions": evicted})
         return evicted, freed
 
-    def _make_room(self) -> None:
+    def make_room(self) -> None:
         """After a full disk: free half of what is stored, and let LMDB reuse it.
 
         LMDB reuses pages freed by a transaction only after a later one has

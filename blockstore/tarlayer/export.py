@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
-from blockstore.cache import CHUNK_SIZE
+from blockstore.cache import CHUNK_SIZE, DiskFull
 from blockstore.errors import BlobReadError, CacheError, IntegrityError
 from blockstore.export import Buffer
 from blockstore.tarlayer import erofs_format
@@ -392,6 +392,7 @@ class IndexCache:
 
     def __init__(self, store: ChunkStore):
         self._store: KeyValueStore = store.images
+        self._make_room = store.make_room
 
     @staticmethod
     def _key(blob_digest: str, span: int, part: str) -> str:
@@ -411,6 +412,15 @@ class IndexCache:
         return data
 
     def save(self, blob_digest: str, span: int, index: TarIndex) -> None:
+        """Keep ``index``; on a full disk, after making room once. Raises ``CacheError``
+        when it cannot be kept."""
+        try:
+            self._save(blob_digest, span, index)
+        except DiskFull:
+            self._make_room()
+            self._save(blob_digest, span, index)
+
+    def _save(self, blob_digest: str, span: int, index: TarIndex) -> None:
         if index.spans is not None:
             self._put(self._key(blob_digest, span, "spans"), index.spans.to_bytes())
         head = index.tar_size.to_bytes(8, "little") + index.tar_digest.encode().ljust(
@@ -467,9 +477,13 @@ class IndexCache:
 def cached_or_built(
     cache: IndexCache, blob_digest: str, span: int, compressed: bool, build: Callable[[], TarIndex]
 ) -> TarIndex:
-    """The layer's index from the cache, or built now and stored for next time."""
+    """The layer's index from the cache, or built now and stored for next time (one that
+    cannot be kept, as on a full disk, is served all the same and built again next time)."""
     index = cache.load(blob_digest, span, compressed)
     if index is None:
         index = build()
-        cache.save(blob_digest, span, index)
+        try:
+            cache.save(blob_digest, span, index)
+        except CacheError as exc:
+            log.warning("%s: its index is served but not kept: %s", blob_digest, exc)
     return index

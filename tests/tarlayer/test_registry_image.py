@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -363,3 +364,43 @@ def test_a_pass_over_bytes_spoilt_on_the_way_is_read_again_not_kept(
         assert proxy.faults_applied == 1
     finally:
         image.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_gzip_layer_whose_index_finds_the_disk_full_still_opens(tmp_path, registry, monkeypatch):
+    """The disk under the cache (a 24 MiB tmpfs) is filled up the moment the layer's new
+    index is to be kept, as a pass that inflated a large tar onto a small disk leaves
+    it: the layer still opens and serves every byte of its tar (the index kept after
+    making room, or served unkept), as an EROFS layer on that disk would be."""
+    from blockstore.cache.refs import ImageRecords
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(50):
+        (src / f"file{i:02}.txt").write_text(f"{i} some text\n" * 2000)
+    tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    ref = push_tar_layer(registry, "o/fulldisk", "v1", "gzip", tar, tmp_path)
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], check=True)
+    put = ImageRecords.put_manifest
+
+    def put_on_a_full_disk(records, key: str, raw: bytes) -> None:
+        if key.startswith("tarlayer/") and not (disk / "filler").exists():
+            with open(disk / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+                while True:
+                    filler.write(bytes(1 << 16))
+        put(records, key, raw)
+
+    monkeypatch.setattr(ImageRecords, "put_manifest", put_on_a_full_disk)
+    try:
+        image = open_image(ref, cache_dir=disk / "cache", options=registry.options())
+        try:
+            (export,) = image.exports()
+            start = len(export.index.metadata)
+            assert b"".join(bytes(b) for b in export.read(start, len(tar))) == tar
+            assert (disk / "filler").exists()
+        finally:
+            image.close()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
