@@ -445,7 +445,11 @@ class CachedBlob:
         if outcome is False:
             raise IntegrityError(f"{self._digest}: the fetched bytes do not match the digest")
         if outcome is None:
-            raise CacheError(f"{self._digest} could not be kept whole in the cache")
+            raise CacheError(
+                f"{self._digest} could not be kept whole in the cache: its cap "
+                "(--cache-size) evicted parts of it as it was filled; a larger cap, or fewer "
+                "pinned layers, leave it room"
+            )
         self._sums = self._store.sealed_sums(self._digest)
         self._whole = True
 

@@ -28,6 +28,8 @@ from .parts import is_part_key
 # Evicting down to a little below the cap keeps eviction from running on
 # every store once the cache is full.
 LOW_WATER = 0.9
+# The share of the cap unpinned layers keep, beyond the pins, when pins crowd the cap.
+WORKING_SET = 0.25
 
 
 def evict(

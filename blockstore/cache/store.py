@@ -31,7 +31,7 @@ from . import counters as counters_mod
 from . import parts as parts_mod
 from . import recency as recency_mod
 from .env import CacheDamaged, CacheEnv, DiskFull
-from .evict import LOW_WATER, evict
+from .evict import LOW_WATER, WORKING_SET, evict
 from .integrity import blob_seed, chunk_sum, intact, matches_sealed, stored_length
 from .layout import (
     CHUNK_KEY,
@@ -106,6 +106,7 @@ class ChunkStore:
         """``offline``: a damaged cache is an error (``CacheDamaged``), as there is no
         registry to refill an empty one from; online it is moved aside and replaced."""
         self.path = Path(path)
+        self._told_pins_crowd = False
         self.env = CacheEnv.open(self.path, offline=offline)
         self.dbs = self.env.dbs
         self.counters = counters_mod.Counters()
@@ -475,9 +476,35 @@ class ChunkStore:
         stored = self._add_stored(txn, added)
         cap = self._current_cap(txn)
         if stored > cap:
-            self._evict(txn, stored, int(cap * LOW_WATER))
+            self._evict(txn, stored, self._evict_target(txn, stored, cap))
             record = BlobRecord.unpack(txn.get(digest.encode(), db=self.dbs[DB_BLOBS]))
         return record
+
+    def _evict_target(self, txn: lmdb.Transaction, stored: int, cap: int) -> int:
+        """What to evict down to: a little under the cap, unless pinned layers crowd it.
+
+        Pinned chunks are not in the LRU index, so their bytes are about what is
+        stored beyond its entries. Where they leave the unpinned layers less than
+        ``WORKING_SET`` of the cap, the target keeps that much of them beyond the
+        pins, over the cap (said once): evicting every unpinned chunk in the commit
+        that stored it would make each read of them a fetch again.
+        """
+        unpinned = txn.stat(self.dbs[DB_LRU])["entries"] * CHUNK_SIZE
+        pinned = max(0, stored - unpinned)
+        floor = pinned + int(cap * WORKING_SET)
+        target = int(cap * LOW_WATER)
+        if floor <= target:
+            return target
+        if not self._told_pins_crowd:
+            self._told_pins_crowd = True
+            log.warning(
+                "pinned layers hold about %d MiB of the cache's %d MiB cap: the others keep "
+                "%d MiB beyond them, over the cap (unpin some, or raise --cache-size)",
+                pinned >> 20,
+                cap >> 20,
+                int(cap * WORKING_SET) >> 20,
+            )
+        return floor
 
     def _current_cap(self, txn: lmdb.Transaction) -> int:
         """The cap the cache keeps now: another process (``cache gc --cache-size``) may
@@ -637,7 +664,7 @@ class ChunkStore:
             cap = self._current_cap(txn)
             if stored <= cap:
                 return 0, 0
-            return self._evict(txn, stored, int(cap * LOW_WATER))
+            return self._evict(txn, stored, self._evict_target(txn, stored, cap))
 
         evicted, freed = self.env.write(work)
         self.flush()

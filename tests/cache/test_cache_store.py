@@ -679,3 +679,29 @@ def test_a_cap_set_by_another_opener_holds_for_a_store_already_open(cache_dir):
         store.flush()
         assert store.size_cap == 6 * CHUNK_SIZE
         assert store.stats()["stored_bytes"] <= 6 * CHUNK_SIZE + CHUNK_SIZE + 4096
+
+
+def test_pins_over_the_cap_leave_unpinned_layers_a_working_set(cache_dir, caplog):
+    """A 12 MiB layer pinned in a cache capped at 8 MiB, then a 1 MiB unpinned layer read
+    twice: the second read is served from the cache (no request to the registry), as
+    the others keep a quarter of the cap beyond the pins; the log says the pins
+    crowd the cap, once. Evicting every unpinned chunk in the commit that stored it
+    made each read of such a layer a fetch again."""
+    pinned_data, pinned_digest = make_blob(12 << 20, seed=560)
+    data, digest = make_blob(1 << 20, seed=561)
+    with ChunkStore(cache_dir, size_cap=8 << 20) as store:
+        store.pin(pinned_digest, len(pinned_data))
+        pinned = CachedBlob(
+            store, pinned_digest, len(pinned_data), ScriptedSource(pinned_data, pinned_digest)
+        )
+        pinned.prefetch()
+        source = ScriptedSource(data, digest)
+        blob = CachedBlob(store, digest, len(data), source)
+        assert b"".join(bytes(b) for b in blob.read(0, len(data))) == data
+        asked = len(source.requests)
+        assert b"".join(bytes(b) for b in blob.read(0, len(data))) == data
+        assert len(source.requests) == asked
+        assert store.lookup(pinned_digest).sealed
+        blob.close()
+        pinned.close()
+    assert caplog.text.count("pinned layers hold about 12 MiB") == 1
