@@ -337,7 +337,8 @@ def test_corrupt_stored_chunk_is_dropped_and_fetched_again(cache_dir):
 
 def test_eviction_keeps_the_cap_and_spares_pinned_blobs(cache_dir):
     """Under a 40-chunk cap, a pinned 32-chunk blob stays whole while reading another
-    32-chunk blob evicts that one's least recently used chunks."""
+    32-chunk blob evicts that one's least recently used chunks, down to the quarter of
+    the cap (10 chunks) the pins leave it; `gc` then keeps a cap strictly."""
     pinned_data, pinned = make_blob(32 * CHUNK_SIZE, seed=7)
     other_data, other = make_blob(32 * CHUNK_SIZE, seed=8)
     with ChunkStore(cache_dir, size_cap=40 * CHUNK_SIZE) as store:
@@ -351,7 +352,7 @@ def test_eviction_keeps_the_cap_and_spares_pinned_blobs(cache_dir):
             assert joined(b.read(offset, CHUNK_SIZE)) == other_data[offset : offset + CHUNK_SIZE]
         infos = {i.digest: i for i in store.blobs()}
         assert infos[pinned].present == 32 and infos[pinned].pinned and infos[pinned].sealed
-        assert infos[other].present < 8
+        assert infos[other].present <= 10
         with store.env.reader() as txn:  # eviction never walks past pinned chunks
             assert txn.stat(store.dbs[DB_LRU])["entries"] == infos[other].present
         assert store.stats()["evictions"] > 0
@@ -704,4 +705,4 @@ def test_pins_over_the_cap_leave_unpinned_layers_a_working_set(cache_dir, caplog
         assert store.lookup(pinned_digest).sealed
         blob.close()
         pinned.close()
-    assert caplog.text.count("pinned layers hold about 12 MiB") == 1
+    assert caplog.text.count("pinned layers hold about") == 1
