@@ -331,6 +331,8 @@ class RegistryClient:
                     return
                 check_partial_reply(reply.headers.get("Content-Range"), first, last, size)
                 yield from receive(reply, deadline, subject, last - first + 1)
+            except BlobReadError:
+                raise  # receive's own account (the deadline, a short body): an OSError too
             except TRANSPORT_ERRORS as exc:
                 raise BlobReadError(
                     f"{subject}: reading bytes {first}-{last} failed: {describe_failure(exc)}"
@@ -488,6 +490,8 @@ class RegistryClient:
             with self._get(endpoint, repository, path, subject, headers, deadline) as reply:
                 try:
                     data = b"".join(receive(reply, deadline, subject, limit + 1))
+                except BlobReadError as exc:  # before TRANSPORT_ERRORS: it is an OSError
+                    raise TryAgain(RegistryUnreachable(str(exc))) from None
                 except TRANSPORT_ERRORS as exc:
                     raise TryAgain(
                         RegistryUnreachable(
@@ -495,8 +499,6 @@ class RegistryClient:
                             f"({describe_failure(exc)})"
                         )
                     ) from None
-                except BlobReadError as exc:
-                    raise TryAgain(RegistryUnreachable(str(exc))) from None
                 if len(data) > limit:
                     raise RegistryError(f"{subject}: larger than {limit} bytes, refused")
                 if check is not None:

@@ -246,3 +246,22 @@ def test_an_nbd_read_from_a_trickling_registry_fails_within_the_timeout_then_rec
             server.kill()
         server.wait()
         server.stdout.close()
+
+
+def test_a_streamed_read_past_its_deadline_says_so(registry, pushed_images, fault_proxy):
+    """A streamed range whose reader stalls past the 1 s timeout between two pieces (as a
+    process stopped and continued does): the EIO says the reply did not arrive in time
+    and how much came, rather than naming only the class of its own error (an OSError,
+    as a broken connection's are)."""
+    proxy = fault_proxy(registry)
+    with client_via(proxy, timeout=1.0) as client:
+        blob = open_blob(client)
+        pieces = client.stream_blob_range(
+            "fixtures/small", blob.digest, 0, blob.size - 1, blob.size, deadline=client.deadline()
+        )
+        next(pieces)
+        time.sleep(1.2)
+        with pytest.raises(BlobReadError) as caught:
+            for _ in pieces:
+                pass
+    assert "did not arrive within 1s" in str(caught.value), caught.value
