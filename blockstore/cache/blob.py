@@ -962,10 +962,21 @@ class CachedBlob:
                 pass
         if self._stop.is_set():
             return
-        if self._store.seal(self._digest, self._size):
+        outcome = self._store.seal(self._digest, self._size)
+        if outcome:
             self._sums = self._store.sealed_sums(self._digest)
             self._whole = True
             log.info("%s: filled and sealed", self._digest)
+        elif outcome is None:
+            missing = len(self._store.missing(self._known_id(), range(self._chunks)))
+            log.warning(
+                "%s: the fill gave up after %d rounds with %d of %d chunks still missing "
+                "(evicted as they came: a full disk, or a cap too small for the layer)",
+                self._digest,
+                FILL_ROUNDS,
+                missing,
+                self._chunks,
+            )
 
 
 class _WalkReader:

@@ -25,10 +25,9 @@ import lmdb
 
 from blockstore.errors import CacheError
 
+from .env import COMPACT_COPY as COPY_NAME
 from .env import DiskFull, file_damage
 from .layout import ALL_DBS
-
-COPY_NAME = "data.mdb.compacting"
 
 
 class CacheBusy(CacheError):

@@ -306,6 +306,11 @@ def move_aside(path: Path, why: str, label: str = "damaged") -> Path:
     return aside
 
 
+COMPACT_COPY = "data.mdb.compacting"
+"""The copy ``compact.py`` writes beside ``data.mdb``; one left by a compaction that was
+killed is removed by the next process to open the cache (none runs meanwhile: a
+compaction holds the file's lock exclusively)."""
+
 WRITE_LOCK_WARN = 5.0
 """Seconds a transaction may wait for the cache's write lock before that is logged."""
 
@@ -522,6 +527,7 @@ class CacheEnv:
         path.mkdir(parents=True, exist_ok=True)
         in_use = hold_in_use(path)
         try:
+            (path / COMPACT_COPY).unlink(missing_ok=True)
             self._open_lmdb(path)
         except BaseException:
             os.close(in_use)

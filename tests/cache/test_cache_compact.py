@@ -158,3 +158,14 @@ def test_compact_with_no_room_for_the_copy_leaves_the_cache_as_it_was(tmp_path):
         assert read_offline(cache_dir, data, digest) == data
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_copy_left_by_a_killed_compaction_goes_with_the_next_open(cache_dir):
+    """A compaction killed mid-copy leaves its copy beside data.mdb: the next process to
+    open the cache (none compacts meanwhile) removes it, so it does not hold the disk
+    until some later compaction."""
+    fill(cache_dir, [1 << 20], seed=570)
+    (cache_dir / COPY_NAME).write_bytes(bytes(1 << 20))
+    with ChunkStore(cache_dir):
+        pass
+    assert not (cache_dir / COPY_NAME).exists()

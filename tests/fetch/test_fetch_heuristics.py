@@ -88,6 +88,19 @@ def test_fill_keeps_to_its_cap_and_ends_sealed(cache_dir):
     assert took >= 0.8 * (len(data) - rate / 4) / rate
 
 
+def test_a_fill_that_cannot_keep_the_layer_says_it_gave_up(cache_dir, caplog):
+    """--fill of a 32-chunk layer into a cache capped at 8 chunks: eviction takes what
+    the fill brings, and after its rounds the fill says it gave up, how much is still
+    missing and why that may be, rather than stopping without a word."""
+    data, digest = make_blob(32 * CHUNK_SIZE, seed=9)
+    settings = PrefetchSettings(readahead=False, fill=True)
+    with ChunkStore(cache_dir, size_cap=8 * CHUNK_SIZE) as store:
+        blob = CachedBlob(store, digest, len(data), PieceSource(data, digest), settings=settings)
+        assert wait_for(lambda: "the fill gave up" in caplog.text, timeout=20)
+        blob.close()
+    assert "of 32 chunks still missing" in caplog.text
+
+
 def test_a_stopped_fill_resumes_where_it_stopped(cache_dir):
     """A fill stopped half-way (the export closed) and started again asks the source for
     exactly the chunks that were missing when it stopped, and the blob ends sealed."""
