@@ -54,6 +54,11 @@ def umount(target: str, *, lazy: bool = False) -> None:
         if err == errno.EINVAL and not is_mounted(target):
             return
         if err == errno.EBUSY:
+            inside = submounts(target)
+            if inside:
+                raise MountpointBusy(
+                    f"{target} is busy: {', '.join(inside)} mounted inside it; unmount that first"
+                )
             raise MountpointBusy(
                 f"{target} is busy: a process still uses it (end it, or unmount with --lazy, "
                 "after which what still uses it gets I/O errors)"
@@ -84,3 +89,9 @@ def mounted() -> dict[str, tuple[str, str]]:
 
 def is_mounted(path: str) -> bool:
     return os.path.realpath(path) in mounted()
+
+
+def submounts(path: str) -> list[str]:
+    """The mount points inside ``path`` (not ``path`` itself), deepest first."""
+    root = os.path.realpath(path).rstrip("/") + "/"
+    return sorted((p for p in mounted() if p.startswith(root)), key=len, reverse=True)

@@ -231,6 +231,29 @@ def test_busy_mountpoint_and_busy_umount(mount_dirs, mountpoint, erofs_images, l
     assert_nothing_left(record, run)
 
 
+def test_umount_of_a_mount_with_another_inside_names_it(
+    mount_dirs, mountpoint, erofs_images, local_server
+):
+    """A tmpfs mounted on a directory inside the image: `umount` is refused (exit 13)
+    naming that mount to unmount first, not a process that does not exist; once it is
+    gone, `umount` succeeds and leaves nothing."""
+    _, run = mount_dirs
+    record = stack.mount(
+        local_server({"layer0": erofs_images.small.path}), str(mountpoint), image="small"
+    )
+    inner = next(p for p in sorted(mountpoint.iterdir()) if p.is_dir() and not p.is_symlink())
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(inner)], check=True)
+    try:
+        busy = cli("umount", str(mountpoint))
+        assert busy.returncode == MountpointBusy.exit_code, busy.stderr
+        assert f"{inner} mounted inside it; unmount that first" in busy.stderr, busy.stderr
+    finally:
+        subprocess.run(["umount", str(inner)], check=False)
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert_nothing_left(record, run)
+
+
 def test_server_failing_before_ready_passes_on_its_error(mount_dirs, mountpoint, tmp_path):
     """The real server, asked for an image its cache never saw while offline, fails before
     it is ready: the mount fails at once with the server's own error (from the readiness
