@@ -66,14 +66,21 @@ def compact(path: Path) -> Compacted:
             )
         before = os.fstat(fd).st_size
         _write_copy(path, before)
-        os.replace(path / COPY_NAME, data)
-        # The reader table of the old file means nothing to the new one; the next
-        # process to open the cache makes a fresh one.
-        (path / "lock.mdb").unlink(missing_ok=True)
-        _sync_directory(path)
+        # The copy is locked before it is data.mdb, so no process maps it until the
+        # lock file is gone too: the old reader table means nothing to the new file,
+        # and a process holding it while the next made a fresh one would share no
+        # write lock with that one.
+        copy = os.open(path / COPY_NAME, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(copy, fcntl.LOCK_EX)
+            (path / "lock.mdb").unlink(missing_ok=True)
+            os.replace(path / COPY_NAME, data)
+            _sync_directory(path)
+        finally:
+            os.close(copy)
         return Compacted(before, data.stat().st_size)
     finally:
-        os.close(fd)  # drops the lock: waiting openers see the new file
+        os.close(fd)  # drops the lock: openers waiting on the old file look again
 
 
 def _write_copy(path: Path, size: int) -> None:
