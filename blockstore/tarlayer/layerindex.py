@@ -27,7 +27,7 @@ from blockstore.errors import IntegrityError
 from blockstore.tarlayer.erofs_writer import write_metadata
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN, GzipIndexer, Zinfo, read_span, span_range
 from blockstore.tarlayer.tarwalk import RangeFile, check_end, entry_of, walk_tar
-from blockstore.tarlayer.tree import TarLayerError, build_tree
+from blockstore.tarlayer.tree import DamagedTar, build_tree
 from blockstore.tarlayer.zstdframes import ZstdIndexer, decode_frames
 
 INDEX_FORMAT = 2  # bump when the metadata image or the span index changes shape or meaning
@@ -194,7 +194,7 @@ def index_compressed_tar(
             tree = build_tree(entry_of(member) for member in archive)
             end = archive.offset
     except tarfile.TarError as exc:
-        raise TarLayerError(f"not a readable tar stream: {exc}") from exc
+        raise DamagedTar(f"not a readable tar stream: {exc}") from exc
     check_end(end, indexer.made_at(end, tarfile.BLOCKSIZE))
     if isinstance(indexer, GzipIndexer):
         zinfo, size = indexer.finish()

@@ -47,7 +47,7 @@ from blockstore.tarlayer.layerindex import (
 )
 from blockstore.tarlayer.pump import SpanBytes, SpanPump
 from blockstore.tarlayer.tarwalk import RangeFile
-from blockstore.tarlayer.tree import TarLayerError
+from blockstore.tarlayer.tree import DamagedTar, TarLayerError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -402,7 +402,9 @@ def open_tar_layer(
                 return build()
             except DiffIdMismatch:
                 raise  # the config is wrong, not the bytes: reading them again cannot help
-            except (IntegrityError, TarLayerError) as exc:
+            except (IntegrityError, DamagedTar) as exc:
+                # Not an entry refused for what it holds (its header's checksum held):
+                # the same bytes would be refused again.
                 # A pass stopped short by bad bytes leaves them cached, never judged by the
                 # blob's digest: every later pass would read them again and fail the same.
                 if not online or not store.drop_unproven(blob.digest):

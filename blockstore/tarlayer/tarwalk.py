@@ -19,7 +19,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import IO
 
-from blockstore.tarlayer.tree import TarEntry, TarLayerError
+from blockstore.tarlayer.tree import DamagedTar, TarEntry, TarLayerError
 
 _KINDS = {
     tarfile.REGTYPE: stat.S_IFREG,
@@ -178,7 +178,7 @@ def check_end(offset: int, block: bytes | None) -> None:
     (fewer at the end; None if they could not be looked at).
     """
     if block is None or block.strip(b"\0"):
-        raise TarLayerError(
+        raise DamagedTar(
             f"the tar header at byte {offset} is damaged (bad checksum or format);"
             " the entries after it would be lost"
         )
@@ -195,4 +195,4 @@ def walk_tar(fileobj: IO[bytes]) -> Iterator[TarEntry]:
             fileobj.seek(archive.offset)
             check_end(archive.offset, fileobj.read(tarfile.BLOCKSIZE))
     except tarfile.TarError as exc:
-        raise TarLayerError(f"not a readable tar stream: {exc}") from exc
+        raise DamagedTar(f"not a readable tar stream: {exc}") from exc

@@ -43,6 +43,12 @@ class TarLayerError(BlockstoreError):
     exit_code = 6
 
 
+class DamagedTar(TarLayerError):
+    """The tar stream itself does not parse (a header's checksum, the format): its bytes
+    may have been spoilt on the way, where an entry refused for what it holds was
+    read from a header whose checksum held."""
+
+
 @dataclass(frozen=True)
 class TarEntry:
     """One member of a tar stream, with the byte offset of its data."""

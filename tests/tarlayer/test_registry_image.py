@@ -404,3 +404,41 @@ def test_a_gzip_layer_whose_index_finds_the_disk_full_still_opens(tmp_path, regi
             image.close()
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_layer_refused_for_what_it_holds_is_not_read_again(tmp_path, registry, fault_proxy):
+    """A gzip layer with an entry the image cannot hold (a path through '..', its header's
+    checksum intact): the open is refused, and no byte of the blob is asked for twice:
+    it is not dropped and read again as bytes spoilt on the way are, for the same
+    bytes would be refused the same way."""
+    import io
+    import tarfile
+
+    from blockstore.errors import BlockstoreError
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        # The refused entry first, 4 MiB after it: the pass stops well before the end.
+        for name, payload in (("a/../../outside", b"x" * 100), ("big", os.urandom(4 << 20))):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    good = push_tar_layer(registry, "o/refused", "v1", "gzip", buffer.getvalue(), tmp_path)
+    proxy = fault_proxy(registry)
+    image = open_image(
+        good.replace(registry.host, proxy.host, 1),
+        cache_dir=tmp_path / "cache",
+        options=registry.options(),
+    )
+    try:
+        digest = image.resolved.layers[0].digest
+        with pytest.raises(BlockstoreError, match=r"'\.\.' in a path is not allowed"):
+            image.exports()
+        asked = 0
+        for r in proxy.requests:
+            if r.method == "GET" and digest in r.path:
+                first, last = r.headers["Range"].removeprefix("bytes=").split("-")
+                asked += int(last) - int(first) + 1
+        assert asked <= image.resolved.layers[0].size
+    finally:
+        image.close()
