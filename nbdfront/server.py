@@ -37,7 +37,7 @@ import stat
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from blockstore.export import Buffer, Export, Held
 from nbdfront.protocol import (
@@ -96,20 +96,17 @@ CUT_GRACE = 1.0
 # How often deadlines (handshake, idle) are checked.
 WATCH_INTERVAL = 0.1
 _IOV_MAX = 1024
+# What the writer thread sends between two notes that the client took bytes.
+SEND_STEP = 1024 * 1024
 # How long a reply sent from the cache's buffers may wait for the client to take it
 # before the rest is copied and queued.
 HELD_SEND_WAIT = 0.05
 _DF = int(CommandFlag.DF)
 
 
-def send_buffers(
-    sock: socket.socket | TLSStream,
-    buffers: Sequence[Buffer],
-    progress: Callable[[], None] | None = None,
-) -> None:
-    """Send every byte of ``buffers`` with scatter-gather writes, no joining copy;
-    ``progress`` is called each time the socket took some. More buffers than one
-    ``sendmsg`` takes go in windows of that many, each walked once."""
+def send_buffers(sock: socket.socket | TLSStream, buffers: Sequence[Buffer]) -> None:
+    """Send every byte of ``buffers`` with scatter-gather writes, no joining copy. More
+    buffers than one ``sendmsg`` takes go in windows of that many, each walked once."""
     for start in range(0, len(buffers), _IOV_MAX):
         window = buffers[start : start + _IOV_MAX]
         sent = sock.sendmsg(window)
@@ -118,9 +115,24 @@ def send_buffers(
         rest = _advance(window, sent)
         first = 0
         while first < len(rest):
-            if progress is not None:
-                progress()
             first = _skip_sent(rest, first, sock.sendmsg(rest[first:]))
+
+
+def _steps(buffers: Sequence[Buffer], size: int) -> Iterator[list[Buffer]]:
+    """``buffers`` in groups of about ``size`` bytes, a longer buffer cut into views."""
+    step: list[Buffer] = []
+    room = size
+    for buffer in buffers:
+        view = memoryview(buffer).cast("B")
+        while view.nbytes > room:
+            step.append(view[:room])
+            yield step
+            view, step, room = view[room:], [], size
+        if view.nbytes:
+            step.append(view)
+            room -= view.nbytes
+    if step:
+        yield step
 
 
 def _advance(buffers: Sequence[Buffer], sent: int) -> list[memoryview]:
@@ -246,6 +258,11 @@ class _Outbox:
         nothing waits): a racy glance, for deadlines."""
         return now - self._last_taken if self.busy else 0.0
 
+    @property
+    def last_taken(self) -> float:
+        """When the client last took queued reply bytes (or replies began to wait)."""
+        return self._last_taken
+
     def _taken(self) -> None:
         self._last_taken = time.monotonic()
 
@@ -365,7 +382,11 @@ class _Outbox:
                 nbytes, self._queued = self._queued, 0
                 self._writing = True
             try:
-                send_buffers(self.sock, batch, self._taken)
+                # In steps, each a sign the client takes its replies: a slow reader of a
+                # large batch is slow, not stalled (``stalled_for``).
+                for step in _steps(batch, SEND_STEP):
+                    send_buffers(self.sock, step)
+                    self._taken()
             except OSError as exc:
                 with self._lock:
                     self._break(exc)
@@ -479,6 +500,10 @@ class _Session:
     def stalled_for(self, now: float) -> float:
         """How long its replies have waited for the client to take any (see ``_Outbox``)."""
         return self._outbox.stalled_for(now)
+
+    def quiet_for(self, now: float) -> float:
+        """How long since the client last sent a byte or took a queued reply."""
+        return now - max(self.last_heard, self._outbox.last_taken)
 
     def run(self) -> None:
         try:
@@ -1040,7 +1065,7 @@ class NBDServer:
                         session.cut()
                 elif self.idle_timeout is None:
                     continue
-                elif now - session.last_heard > self.idle_timeout and session.idle:
+                elif session.quiet_for(now) > self.idle_timeout and session.idle:
                     log.info("closing %s: idle for %ss", session.peer, self.idle_timeout)
                     session.cut()
                 elif session.stalled_for(now) > self.idle_timeout:

@@ -158,6 +158,29 @@ def test_the_idle_limit_closes_a_connection_that_takes_no_reply(tmp_path, caplog
         server.shutdown()
 
 
+def test_the_idle_limit_spares_a_client_that_reads_slowly(tmp_path):
+    """With an idle limit of 1 s, a client that asks for 8 MiB and takes its replies at
+    about 2 MiB/s (4 s in all, never pausing a second) is slow, not stalled: it gets
+    every byte, not cut part way as one that took none."""
+    server = serve(tmp_path, ZeroExport(), idle_timeout=1.0)
+    client = w.RawClient(server.tcp_address)
+    try:
+        client.negotiate("zeros", structured=False)
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        for handle in range(8):
+            client.send(w.CMD_READ, handle, 0, 1 << 20)
+        want = 8 * ((1 << 20) + 16)
+        got = 0
+        while got < want:
+            piece = client.sock.recv(min(64 << 10, want - got))
+            assert piece, f"cut after {got} of {want} bytes"
+            got += len(piece)
+            time.sleep(0.03)
+    finally:
+        client.close()
+        server.shutdown()
+
+
 def test_replies_flow_to_a_client_that_never_stops_sending(tmp_path):
     """A client pipelines, in one go, 100 blocks of two 1-byte reads (hits) and 500
     flushes, then one last read, reading replies on another thread: the first replies
