@@ -325,6 +325,10 @@ class _WriteLockWatch:
     """
 
     def __init__(self) -> None:
+        self.forked()
+
+    def forked(self) -> None:
+        """A fresh start (in a fork's child: its parent's thread and lock are not its own)."""
         self._lock = threading.Lock()
         self._waits: dict[int, tuple[float, Path]] = {}
         self._warned: set[int] = set()
@@ -357,10 +361,15 @@ class _WriteLockWatch:
                 )
 
     def _watch(self) -> None:
+        idle = 0
         while True:
             time.sleep(1.0)
             now = time.monotonic()
             with self._lock:
+                idle = 0 if self._waits else idle + 1
+                if idle >= 60:  # no write for a minute: the next one starts it again
+                    self._thread = None
+                    return
                 late = [
                     (wait, path, now - since)
                     for wait, (since, path) in self._waits.items()
@@ -829,6 +838,7 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
+    _write_lock_watch.forked()
     CacheEnv._open_lock = threading.Lock()
     _forking.clear()
     for env in CacheEnv._open.values():

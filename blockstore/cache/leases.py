@@ -13,6 +13,7 @@ apart (POSIX locks do not conflict inside a process).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -70,9 +71,9 @@ class RangeLeases:
             return True
 
     def give_back(self, first: int, count: int) -> None:
-        if self._unlockable:
-            return
-        with self._lock:
+        # Tried even once locking has failed: a lease taken before that must not be
+        # kept from other processes for as long as this one lives.
+        with self._lock, contextlib.suppress(OSError):
             fcntl.lockf(self._fd, fcntl.LOCK_UN, count, first)
 
 
