@@ -27,6 +27,8 @@ from blockstore.registry.reference import Reference, normalize_digest, parse_ref
 MAX_INDEX_DEPTH = 4
 """Indexes followed from the image's own down to a manifest (an index of indexes is
 allowed; a chain longer than this is refused, not followed)."""
+MAX_INDEX_FETCHES = 64
+"""Manifests fetched at most while searching the indexes of one image."""
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,9 @@ def _from_index(
     (the image spec allows indexes of indexes) is searched in turn, as is every entry
     that is an index without a platform, down to ``MAX_INDEX_DEPTH``. Entries without
     a platform, and buildx's attestations ("unknown/unknown"), are not images to run.
-    ``names`` gathers the platforms seen, for the error when none is chosen.
+    ``names`` gathers the platforms seen, for the error when none is chosen. Each
+    manifest is fetched once, and at most ``MAX_INDEX_FETCHES`` in all: a hostile
+    index of indexes could otherwise ask for millions within the depth bound.
     """
     entries = index.get("manifests", [])
     runnable = [
@@ -192,6 +196,12 @@ def _from_index(
         (e, None) for e in entries if "platform" not in e and e["mediaType"] in INDEX_TYPES
     ]
     for entry, platform in candidates:
+        if entry["digest"] in manifests:
+            continue  # searched already: an index may list one index many times
+        if len(manifests) >= MAX_INDEX_FETCHES:
+            raise RegistryError(
+                f"image {ref}: more than {MAX_INDEX_FETCHES} manifests under its indexes"
+            )
         raw, digest = fetch_manifest(client, ref.repository, entry["digest"])
         check_size(raw, entry["size"], f"image {ref}: manifest {digest}")
         manifests[digest] = raw

@@ -22,7 +22,7 @@ from blockstore.registry import (
     resolve_image,
 )
 from blockstore.registry.digests import digest_of
-from blockstore.registry.manifests import MAX_INDEX_DEPTH
+from blockstore.registry.manifests import MAX_INDEX_DEPTH, MAX_INDEX_FETCHES
 from blockstore.registry.mediatypes import OCI_INDEX, OCI_MANIFEST
 from blockstore.source import BlobSource
 
@@ -230,6 +230,29 @@ def test_indexes_nested_past_the_bound_are_refused(fresh_registry, erofs_images)
         too_deep = f"{fresh_registry.host}/{repository}:{MAX_INDEX_DEPTH}"
         with pytest.raises(RegistryError, match=f"nested more than {MAX_INDEX_DEPTH} deep"):
             resolve_image(client, too_deep, "linux/amd64")
+
+
+def test_indexes_of_indexes_are_searched_once_each_and_within_a_budget(
+    fresh_registry, erofs_images
+):
+    """An index listing one arm64-only index 1000 times, for an amd64 host: that index
+    is fetched once, and the platform is said to be missing. Indexes fanning out to
+    more than MAX_INDEX_FETCHES distinct indexes are refused, not searched through
+    (three levels of a thousand would be a billion fetches within the depth bound)."""
+    base = erofs_images.layers[0]
+    repository = "nested/wide"
+    with fresh_registry.client() as client:
+        arm = index_of_one(client, repository, "arm", base.path, "linux/arm64/v8")
+        put_index(client, repository, "repeated", [arm] * 1000)
+        with pytest.raises(RegistryError, match="linux/arm64/v8"):
+            resolve_image(client, f"{fresh_registry.host}/{repository}:repeated", "linux/amd64")
+        many = [
+            put_index(client, repository, f"empty{i}", [{**arm, "annotations": {"n": str(i)}}])
+            for i in range(MAX_INDEX_FETCHES + 1)
+        ]
+        put_index(client, repository, "wide", many)
+        with pytest.raises(RegistryError, match=f"more than {MAX_INDEX_FETCHES} manifests"):
+            resolve_image(client, f"{fresh_registry.host}/{repository}:wide", "linux/amd64")
 
 
 def test_a_foreign_layer_the_registry_lacks_names_its_urls(registry, pushed_images, fault_proxy):
