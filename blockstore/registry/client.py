@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlencode, urljoin
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
 import urllib3
@@ -553,10 +553,13 @@ def receive(
 
 
 def next_page(path: str, link: str | None) -> str | None:
-    """The ``rel="next"`` target of a ``Link`` header, resolved against ``path``."""
+    """The ``rel="next"`` target of a ``Link`` header, resolved against ``path``: its path
+    and query only, asked of the same registry (an absolute link to another host or
+    scheme, plain HTTP say, is not followed there)."""
     for target in requests.utils.parse_header_links(link or ""):
         if target.get("rel") == "next" and target.get("url"):
-            return urljoin(path, target["url"])
+            parts = urlsplit(urljoin(path, target["url"]))
+            return parts.path + (f"?{parts.query}" if parts.query else "")
     return None
 
 

@@ -150,6 +150,10 @@ def list_referrers(client: RegistryClient, subject: Subject) -> list[Referrer]:
     ]
 
 
+REFUSING_STATUSES = frozenset({400, 403, 405, 501})
+"""How a registry without the referrers API may answer a call to it."""
+
+
 def _api_listing(client: RegistryClient, subject: Subject) -> list[dict] | None:
     """The referrers API's entries, of every page; None where the registry has no API
     (404) or refuses the call (400, 403, 405, 501...): the referrers tag stands in."""
@@ -158,7 +162,15 @@ def _api_listing(client: RegistryClient, subject: Subject) -> list[dict] | None:
         pages = client.get_referrers(subject.repository, subject.digest)
         return None if pages is None else [e for p in pages for e in _index_entries(p, what)]
     except RegistryError as exc:
-        log.debug("%s: the referrers API failed, the referrers tag is read: %s", what, exc)
+        # A refusal means no API; anything else (a 5xx, a lost page) may hide artifacts
+        # that the tag, written only where the API was missing, does not list.
+        refused = getattr(exc, "status", None) in REFUSING_STATUSES
+        log.log(
+            logging.DEBUG if refused else logging.WARNING,
+            "%s: the referrers API failed, only the referrers tag is read: %s",
+            what,
+            exc,
+        )
         return None
 
 

@@ -308,3 +308,16 @@ def test_newest_reads_created_as_a_time_and_breaks_ties_by_digest():
     assert newest(fraction, ARTIFACT) == fraction[1]
     undated = [referrer("f", None), referrer("f", "soon"), referrer("1", "1999-01-01T00:00:00Z")]
     assert newest(undated, ARTIFACT) == undated[2]
+
+
+def test_a_next_page_link_is_followed_on_the_same_registry_only():
+    """A Link to another host or scheme (plain HTTP from an HTTPS registry, say) gives
+    only its path and query, asked of the registry that sent it; a relative one is
+    resolved against the page's path."""
+    from blockstore.registry.client import next_page
+
+    page = "/v2/a/referrers/sha256:1"
+    evil = '<http://elsewhere.example/v2/a/referrers/sha256:1?last=x>; rel="next"'
+    assert next_page(page, evil) == "/v2/a/referrers/sha256:1?last=x"
+    assert next_page(page, '<?last=y>; rel="next"') == "/v2/a/referrers/sha256:1?last=y"
+    assert next_page(page, '<?last=y>; rel="prev"') is None
