@@ -138,8 +138,9 @@ class Authenticator:
     def answer_challenge(self, www_authenticate: str | None, scope: str, deadline: Deadline) -> str:
         """After a 401: the ``Authorization`` to retry with, or ``AuthError`` if none can help.
 
-        For Bearer a new token is always fetched: the cached one expired early
-        or was revoked. The caller answers at most one challenge per request,
+        For Bearer a new token is fetched (or joined, when another thread is
+        fetching one for the same scopes): the cached one expired early or was
+        revoked. The caller answers at most one challenge per request,
         so refused credentials end in an error rather than a loop.
         """
         challenge = parse_challenge(www_authenticate or "")
@@ -190,18 +191,21 @@ class Authenticator:
             kept = self._tokens.get(scope)
             if kept is not None and not renew and time.monotonic() < kept.renew_at:
                 return kept
-            flight = self._flights.get(scope)
+            # A challenge asking for more than ``scope`` joins only a request for the same.
+            key = scope if asked in (None, scope) else f"{scope}\n{asked}"
+            flight = self._flights.get(key)
             leader = flight is None
             if flight is None:
-                flight = self._flights[scope] = _Flight()
+                flight = self._flights[key] = _Flight()
             bearer = dict(self._bearer)
         if leader:
-            return self._lead(flight, scope, bearer, deadline, asked)
+            return self._lead(flight, key, scope, bearer, deadline, asked)
         return self._await(flight, deadline)
 
     def _lead(
         self,
         flight: _Flight,
+        key: str,
         scope: str,
         bearer: dict[str, str],
         deadline: Deadline,
@@ -218,7 +222,7 @@ class Authenticator:
             with self._lock:
                 if flight.token is not None:
                     self._tokens[scope] = flight.token
-                del self._flights[scope]
+                del self._flights[key]
             flight.done.set()
 
     def _await(self, flight: _Flight, deadline: Deadline) -> _Token:

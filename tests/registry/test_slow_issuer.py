@@ -87,3 +87,48 @@ def test_a_slow_issuer_holds_up_only_the_requests_that_need_its_token(
     assert bounded_took < 1.8, f"a read with 1 s left waited {bounded_took:.1f}s"
     assert len(resolved) == 2
     assert slow_tokens(server.issuer) - before == 1
+
+
+def test_a_challenge_for_more_scopes_does_not_join_a_narrower_request():
+    """While one thread's token request for a repository's pull scope is under way, a
+    401 whose challenge asks for that scope and another one (a cross-repository mount,
+    say) makes a request of its own for both, so its retry carries the scope the
+    registry asked for; a second thread needing the same scope alone joins the first.
+    (The issuer here is a function that answers after 0.5 s: what is tried is who asks
+    it, and for what.)"""
+    from types import SimpleNamespace
+
+    from blockstore.registry.auth import Authenticator
+
+    asked: list[tuple[str, ...]] = []
+
+    def issuer(realm, params, credentials, deadline):
+        scopes = tuple(v for k, v in params if k == "scope")
+        asked.append(scopes)
+        time.sleep(0.5)
+        return SimpleNamespace(status_code=200, json=lambda: {"token": "|".join(scopes)})
+
+    auth = Authenticator("registry.example", None, issuer)
+    pull = "repository:a/app:pull"
+    both = f"{pull} repository:b/base:pull"
+    auth.answer_challenge(f'Bearer realm="https://issuer.example/token",scope="{pull}"', pull,
+                          Deadline(10))  # fmt: skip
+    asked.clear()
+    answers: dict[str, str] = {}
+
+    def renew(name: str, challenge_scope: str) -> None:
+        challenge = f'Bearer realm="https://issuer.example/token",scope="{challenge_scope}"'
+        answers[name] = auth.answer_challenge(challenge, pull, Deadline(10))
+
+    first = threading.Thread(target=renew, args=("first", pull))
+    first.start()
+    time.sleep(0.1)
+    wider = threading.Thread(target=renew, args=("wider", both))
+    same = threading.Thread(target=renew, args=("same", pull))
+    wider.start()
+    same.start()
+    for thread in (first, wider, same):
+        thread.join(5)
+    assert sorted(asked) == sorted([(pull,), (pull, both)])
+    assert answers["wider"] == f"Bearer {pull}|{both}"
+    assert answers["same"] == answers["first"] == f"Bearer {pull}"
