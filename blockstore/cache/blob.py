@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from blockstore.errors import BlobReadError, CacheError, IntegrityError, NotCached
 from blockstore.export import Buffer
 from blockstore.fetch import FILL, PREFETCH, Fetcher, Flights
-from blockstore.fetch.fetcher import READER_STORE_WAIT, STORE_WAIT
+from blockstore.fetch.fetcher import READER_STORE_WAIT
 from blockstore.prefetch import (
     HintQueue,
     PrefetchSettings,
@@ -446,9 +446,10 @@ class CachedBlob:
             raise IntegrityError(f"{self._digest}: the fetched bytes do not match the digest")
         if outcome is None:
             raise CacheError(
-                f"{self._digest} could not be kept whole in the cache: its cap "
-                "(--cache-size) evicted parts of it as it was filled; a larger cap, or fewer "
-                "pinned layers, leave it room"
+                f"{self._digest} could not be kept whole in the cache: parts of it went as "
+                "it was filled (evicted under the cap, --cache-size, or beside pinned "
+                "layers; or not stored, on a full disk or while another process held the "
+                "cache's write lock)"
             )
         self._sums = self._store.sealed_sums(self._digest)
         self._whole = True
@@ -709,7 +710,9 @@ class CachedBlob:
             )
             if pending:
                 table.join(pending)  # hurried along, as demand
-                table.wait_settled(pending, STORE_WAIT)
+                # Stored in a moment, as a rule; a cache that takes no writes (a stopped
+                # process holds its lock) costs the chunk a fetch, not the reader a wait.
+                table.wait_settled(pending, READER_STORE_WAIT)
         return self._load(indices)
 
     def _load_blocks(self, indices: Sequence[int]) -> dict[int, Buffer]:
@@ -971,7 +974,8 @@ class CachedBlob:
             missing = len(self._store.missing(self._known_id(), range(self._chunks)))
             log.warning(
                 "%s: the fill gave up after %d rounds with %d of %d chunks still missing "
-                "(evicted as they came: a full disk, or a cap too small for the layer)",
+                "(failed to fetch, or not kept: a full disk, a cap too small for the "
+                "layer, another process holding the cache's write lock)",
                 self._digest,
                 FILL_ROUNDS,
                 missing,

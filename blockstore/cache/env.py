@@ -268,7 +268,7 @@ def hold_in_use(path: Path) -> int:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                log.info("the cache at %s is being compacted: waiting for it", path)
+                log.warning("the cache at %s is being compacted: waiting for it", path)
                 fcntl.flock(fd, fcntl.LOCK_SH)
             if os.fstat(fd).st_ino == os.stat(data).st_ino:
                 return fd

@@ -145,8 +145,10 @@ class Fetcher:
         they are checked; the caller whose misses started the fetch returns
         once its chunks are also stored (group commits keep that to a
         millisecond or two), so what it read is in the cache when it
-        returns. Raises the ``BlobReadError`` of a failed fetch; a chunk
-        whose fetch failed is asked for again by the next caller.
+        returns, or once ``store_wait`` has passed (a cache that takes no
+        writes: what it read is then served, not kept). Raises the
+        ``BlobReadError`` of a failed fetch; a chunk whose fetch failed is
+        asked for again by the next caller.
 
         ``ahead`` are chunks the reader will want next (readahead on a
         miss): fetched in the same requests, not waited for. ``store_wait``

@@ -350,8 +350,9 @@ def open_tar_layer(
     """The export of one tar layer, its index taken from the cache, else from the
     registry (``shared``: the image's attached index, checked, or None), else built now.
 
-    ``diff_id`` is asked only when an index must be built (it may fetch the
-    image config). Offline, a layer never indexed fails with ``NotCached``.
+    ``diff_id`` is asked when an index must be built, and to check a kept one
+    (it may fetch the image config, which the cache then keeps). Offline, a layer
+    never indexed fails with ``NotCached``.
     ``blob`` stays the caller's to close. ``settings``: span readahead follows
     ``readahead``, and ``fill`` starts it at open. ``source``: the blob's own source,
     which spans checked by their own sha256 are then inflated from without storing the
