@@ -673,6 +673,7 @@ class CachedBlob:
             leases=self._leases(1),
             lease_wait=self._settings.lease_wait,
             on_request=self._requesting,
+            lock_wait=self._store.env.write_lock_wait,
         )
 
     def _block_arrived(self, index: int, block: memoryview) -> Buffer:
@@ -750,6 +751,7 @@ class CachedBlob:
             leases=self._leases(BLOCKS),
             lease_wait=self._settings.lease_wait,
             on_request=self._requesting,
+            lock_wait=self._store.env.write_lock_wait,
         )
 
     def _leases(self, blocks: int) -> UnitLeases | None:

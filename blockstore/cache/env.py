@@ -360,6 +360,12 @@ class _WriteLockWatch:
                     time.monotonic() - since,
                 )
 
+    def longest(self, path: Path) -> float:
+        """Seconds the longest wait for the write lock of the cache at ``path`` has run."""
+        now = time.monotonic()
+        with self._lock:
+            return max((now - since for since, p in self._waits.values() if p == path), default=0.0)
+
     def _watch(self) -> None:
         idle = 0
         while True:
@@ -787,6 +793,11 @@ class CacheEnv:
                     self._gate.release_shared()
                 if grow:
                     self._grow()
+
+    def write_lock_wait(self) -> float:
+        """Seconds a write of this process has been waiting for the cache's write lock
+        (0 when none waits): another process's transaction, or a stopped process."""
+        return _write_lock_watch.longest(self.path)
 
     def map_size(self) -> int:
         return self.env.info()["map_size"]

@@ -101,9 +101,12 @@ class Fetcher:
         workers: int | None = None,
         prefetch_budget: int | None = None,
         brought_by_others: Callable[[int], bool] | None = None,
+        lock_wait: Callable[[], float] | None = None,
     ):
         """``brought_by_others(index)``: asked under the flights lock when prefetch
-        claims an index; True leaves it out (another fetch brings those bytes)."""
+        claims an index; True leaves it out (another fetch brings those bytes).
+        ``lock_wait``: how long a store has waited for the cache's write lock (see
+        ``Keeper``)."""
         self._source = source
         self._chunk_size = chunk_size
         self._on_arrival = on_arrival
@@ -121,7 +124,7 @@ class Fetcher:
         if prefetch_budget is not None:
             options["prefetch_budget"] = prefetch_budget
         self.scheduler = Scheduler(self._run, self._fail, self.window, **options)
-        self._keeper = Keeper(self._store, self._not_kept, self.digest)
+        self._keeper = Keeper(self._store, self._not_kept, self.digest, lock_wait or (lambda: 0.0))
         self._live: set[Job] = set()
 
     @property

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 
 from blockstore.export import Buffer
@@ -23,8 +22,10 @@ log = logging.getLogger(__name__)
 
 IDLE_EXIT = 30.0  # seconds without work after which the thread ends (it restarts on demand)
 STUCK_AFTER = 2.0
-"""Seconds one store may run before the cache is taken to be stuck (its write lock held
-by another process, stopped say): chunks then queue only up to ``STUCK_QUEUE``."""
+"""Seconds a store may wait for the cache's write lock before the cache is taken to be
+stuck (the lock held by another process, stopped say): chunks then queue only up to
+``STUCK_QUEUE``. A store that is merely slow (a large commit, a slow disk) holds the
+lock and is waited for, as ever."""
 STUCK_QUEUE = 64 << 20
 
 
@@ -44,9 +45,10 @@ def adjacent_runs(items: list[tuple[int, Buffer]]) -> list[tuple[int, list[Buffe
 class Keeper:
     """Calls ``store(runs)`` with the runs of what was put meanwhile, on a daemon thread.
 
-    While a store is stuck, what arrives queues up to ``STUCK_QUEUE`` bytes; beyond
-    that it is handed to ``dropped`` instead, unkept (its readers have it already), so
-    a cache that takes no writes costs caching, not memory without bound.
+    While a store is stuck (``lock_wait``, the seconds it has waited for the cache's
+    write lock, is ``STUCK_AFTER`` or more), what arrives queues up to ``STUCK_QUEUE``
+    bytes; beyond that it is handed to ``dropped`` instead, unkept (its readers have it
+    already), so a cache that takes no writes costs caching, not memory without bound.
     """
 
     def __init__(
@@ -54,9 +56,11 @@ class Keeper:
         store: Callable[[list[tuple[int, list[Buffer]]]], None],
         dropped: Callable[[int], None] = lambda index: None,
         name: str = "",
+        lock_wait: Callable[[], float] = lambda: 0.0,
     ):
         self._store = store
         self._dropped = dropped
+        self._lock_wait = lock_wait
         self._name = name
         self.forget_threads()
         forks.register(self)
@@ -66,7 +70,6 @@ class Keeper:
         self._queued: list[tuple[int, Buffer]] = []
         self._queued_bytes = 0
         self._busy = False
-        self._busy_since = 0.0
         self._dropping = False
         self._thread: threading.Thread | None = None
 
@@ -95,7 +98,6 @@ class Keeper:
                 items, self._queued = self._queued, []
                 self._queued_bytes = 0
                 self._busy = True
-                self._busy_since = time.monotonic()
             try:
                 self._store(adjacent_runs(items))
             finally:
@@ -110,7 +112,7 @@ class Keeper:
         """With the lock held: whether to drop what arrives now (see the class)."""
         if not self._busy or self._queued_bytes < STUCK_QUEUE:
             return False
-        waited = time.monotonic() - self._busy_since
+        waited = self._lock_wait()
         if waited < STUCK_AFTER:
             return False
         if not self._dropping:

@@ -215,3 +215,27 @@ def test_a_stopped_process_holding_the_write_lock_costs_caching_not_reads(
     blob.close()
     store.close()
     check_cache(cache_dir, blobs)
+
+
+def test_a_slow_store_is_waited_for_not_taken_for_a_stuck_one(monkeypatch):
+    """A store that takes 1.5 s (a large commit on a slow disk) while 2 MiB more arrives,
+    over the 1 MiB queue bound: no write lock is being waited for, so every chunk is
+    queued and stored, none dropped. Only a store waiting for the lock is stuck."""
+    from blockstore.fetch import keeper
+
+    monkeypatch.setattr(keeper, "STUCK_QUEUE", 1 << 20)
+    monkeypatch.setattr(keeper, "STUCK_AFTER", 0.5)
+    stored: list[int] = []
+    dropped: list[int] = []
+
+    def slow_store(runs) -> None:
+        time.sleep(1.5)
+        stored.extend(first + i for first, chunks in runs for i in range(len(chunks)))
+
+    kept = keeper.Keeper(slow_store, dropped.append, "test", lambda: 0.0)
+    kept.put(0, bytes(CHUNK_SIZE))
+    time.sleep(0.7)  # the first store runs, past STUCK_AFTER
+    for index in range(1, 65):
+        kept.put(index, bytes(CHUNK_SIZE))
+    assert kept.drain(10)
+    assert dropped == [] and sorted(stored) == list(range(65))
