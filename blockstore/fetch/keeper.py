@@ -23,10 +23,9 @@ log = logging.getLogger(__name__)
 IDLE_EXIT = 30.0  # seconds without work after which the thread ends (it restarts on demand)
 STUCK_AFTER = 2.0
 """Seconds a store may wait for the cache's write lock before the cache is taken to be
-stuck (the lock held by another process, stopped say): chunks then queue only up to
-``STUCK_QUEUE``. A store that is merely slow (a large commit, a slow disk) holds the
-lock and is waited for, as ever."""
-STUCK_QUEUE = 64 << 20
+stuck (the lock held by another process, stopped say): what arrives is then served
+unkept. A store that is merely slow (a large commit, a slow disk) holds the lock and
+is waited for, as ever."""
 
 
 def adjacent_runs(items: list[tuple[int, Buffer]]) -> list[tuple[int, list[Buffer]]]:
@@ -46,9 +45,10 @@ class Keeper:
     """Calls ``store(runs)`` with the runs of what was put meanwhile, on a daemon thread.
 
     While a store is stuck (``lock_wait``, the seconds it has waited for the cache's
-    write lock, is ``STUCK_AFTER`` or more), what arrives queues up to ``STUCK_QUEUE``
-    bytes; beyond that it is handed to ``dropped`` instead, unkept (its readers have it
-    already), so a cache that takes no writes costs caching, not memory without bound.
+    write lock, is ``STUCK_AFTER`` or more), what arrives is handed to ``dropped``
+    instead, unkept (its readers have it already; the fetch that brought it ends at
+    once), so a cache that takes no writes costs caching, not memory without bound,
+    nor fetch workers waiting on a store that does not come.
     """
 
     def __init__(
@@ -68,7 +68,6 @@ class Keeper:
     def forget_threads(self) -> None:
         self._cond = threading.Condition()
         self._queued: list[tuple[int, Buffer]] = []
-        self._queued_bytes = 0
         self._busy = False
         self._dropping = False
         self._thread: threading.Thread | None = None
@@ -83,7 +82,6 @@ class Keeper:
                     self._cond.acquire()
                 return
             self._queued.append((index, chunk))
-            self._queued_bytes += len(chunk)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="store", daemon=True)
                 self._thread.start()
@@ -96,7 +94,6 @@ class Keeper:
                     self._thread = None
                     return
                 items, self._queued = self._queued, []
-                self._queued_bytes = 0
                 self._busy = True
             try:
                 self._store(adjacent_runs(items))
@@ -110,7 +107,7 @@ class Keeper:
 
     def _stuck(self) -> bool:
         """With the lock held: whether to drop what arrives now (see the class)."""
-        if not self._busy or self._queued_bytes < STUCK_QUEUE:
+        if not self._busy:
             return False
         waited = self._lock_wait()
         if waited < STUCK_AFTER:

@@ -179,12 +179,11 @@ def test_a_stopped_process_holding_the_write_lock_costs_caching_not_reads(
 ):
     """Another process takes the cache's write lock and is stopped (as Ctrl-Z stops a
     prefetch). Reads that miss here are answered within seconds each, with the right
-    bytes, not after a minute's wait for their store; past a small queue what arrives
-    is served unkept; the log says the cache takes no writes and names the lock's
-    wait. Once the process goes on and ends, the cache takes writes again."""
+    bytes, not after a minute's wait for their store; what arrives is served unkept;
+    the log says the cache takes no writes and names the lock's wait. Once the
+    process goes on and ends, the cache takes writes again."""
     from blockstore.fetch import keeper
 
-    monkeypatch.setattr(keeper, "STUCK_QUEUE", 1 << 20)
     monkeypatch.setattr(keeper, "STUCK_AFTER", 0.5)
     caplog.set_level(logging.INFO)
     blobs = write_blobs(tmp_path, [16 << 20])
@@ -218,12 +217,11 @@ def test_a_stopped_process_holding_the_write_lock_costs_caching_not_reads(
 
 
 def test_a_slow_store_is_waited_for_not_taken_for_a_stuck_one(monkeypatch):
-    """A store that takes 1.5 s (a large commit on a slow disk) while 2 MiB more arrives,
-    over the 1 MiB queue bound: no write lock is being waited for, so every chunk is
-    queued and stored, none dropped. Only a store waiting for the lock is stuck."""
+    """A store that takes 1.5 s (a large commit on a slow disk) while 2 MiB more arrives:
+    no write lock is being waited for, so every chunk is queued and stored, none
+    dropped. Only a store waiting for the lock is stuck."""
     from blockstore.fetch import keeper
 
-    monkeypatch.setattr(keeper, "STUCK_QUEUE", 1 << 20)
     monkeypatch.setattr(keeper, "STUCK_AFTER", 0.5)
     stored: list[int] = []
     dropped: list[int] = []
