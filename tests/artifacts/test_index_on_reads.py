@@ -4,7 +4,6 @@ and traces that travel through the registry to an empty cache."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import subprocess
 import sys
@@ -291,12 +290,8 @@ def test_a_malformed_referrers_listing_costs_a_warning_never_the_open(
         "mediaType": "application/vnd.oci.image.index.v1+json",
         "manifests": entries,
     }
-    link.fault = Fault(
-        "status",
-        path_contains="/referrers/",
-        status=200,
-        body=json.dumps(listing).encode(),
-        headers={"Content-Type": "application/vnd.oci.image.index.v1+json"},
+    link.fault = Fault.document(
+        listing, "application/vnd.oci.image.index.v1+json", path_contains="/referrers/"
     )
     options = RegistryOptions(insecure=True, timeout=10)
     opened = open_image(image, cache_dir=tmp_path / "cache", options=options, prefetch=QUIET)

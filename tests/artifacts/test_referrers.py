@@ -262,13 +262,7 @@ def test_an_artifact_whose_listed_size_is_off_is_refused(registry, subject_ref, 
         index = json.loads(fetch_manifest(client, subject.repository, tag)[0])
     index["manifests"][0]["size"] += 1
     proxy = fault_proxy(registry)
-    proxy.fault = Fault(
-        "status",
-        status=200,
-        body=json.dumps(index).encode(),
-        headers={"Content-Type": OCI_INDEX},
-        path_contains=tag,
-    )
+    proxy.fault = Fault.document(index, OCI_INDEX, path_contains=tag)
     with via(proxy) as client:
         [referrer] = list_referrers(client, subject)
         with pytest.raises(IntegrityError, match="its descriptor says"):

@@ -273,13 +273,7 @@ def test_an_index_entry_whose_size_is_not_its_manifests_is_refused(
     }
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}
     proxy = fault_proxy(registry)
-    proxy.fault = Fault(
-        "status",
-        status=200,
-        body=json.dumps(index).encode(),
-        headers={"Content-Type": OCI_INDEX},
-        path_contains="/manifests/v1",
-    )
+    proxy.fault = Fault.document(index, OCI_INDEX, path_contains="/manifests/v1")
     with (
         RegistryClient(proxy.host, OPTIONS) as client,
         pytest.raises(IntegrityError, match="its descriptor says"),

@@ -272,13 +272,7 @@ def test_a_foreign_layer_the_registry_lacks_names_its_urls(registry, pushed_imag
         }
     )
     proxy = fault_proxy(registry)
-    proxy.fault = Fault(
-        "status",
-        status=200,
-        body=json.dumps(manifest).encode(),
-        headers={"Content-Type": OCI_MANIFEST},
-        path_contains="/manifests/",
-    )
+    proxy.fault = Fault.document(manifest, OCI_MANIFEST, path_contains="/manifests/")
     with RegistryClient(proxy.host, RegistryOptions(insecure=True, timeout=5.0)) as client:
         image = resolve_image(client, f"{proxy.host}/fixtures/small:v1", None)
         foreign = image.layers[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import os
 
 import pytest
@@ -100,14 +99,7 @@ def test_adding_to_an_index_whose_platform_is_malformed_is_refused(
     entry = {"mediaType": OCI_MANIFEST, "digest": small.digest, "size": 500, "platform": platform}
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}
     proxy = fault_proxy(fresh_registry)
-    proxy.fault = Fault(
-        "status",
-        status=200,
-        body=json.dumps(index).encode(),
-        method="GET",
-        path_contains="/manifests/v1",
-        headers={"Content-Type": OCI_INDEX},
-    )
+    proxy.fault = Fault.document(index, OCI_INDEX, method="GET", path_contains="/manifests/v1")
     refused = "push/odd:v1: the index under the tag is refused"
     with (
         RegistryClient(proxy.host, fresh_registry.options()) as client,

@@ -14,7 +14,7 @@ from rig.fault_proxy import Fault
 from rig.processes import QuietHTTPServer
 from rig.pushed import push_erofs
 from rig.registry_server import RegistryServer, TokenAuth
-from rig.token_issuer import TokenIssuer
+from rig.token_issuer import TokenIssuer, send_json
 
 from blockstore.errors import AuthError, RegistryUnreachable
 from blockstore.registry import RegistryClient, RegistryOptions, resolve_image
@@ -55,7 +55,7 @@ class IssuerFront:
                     self.end_headers()
                     return
                 status, body = front.issuer.answer(parse_qs(parts.query), authorization)
-                self._reply(status, front.rewrite(body) if status == 200 else body)
+                send_json(self, status, front.rewrite(body) if status == 200 else body)
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
@@ -64,21 +64,13 @@ class IssuerFront:
                 front.posted.append(form)
                 user = front.refresh_tokens.get(form.get("refresh_token", [""])[0])
                 if form.get("grant_type") != ["refresh_token"] or not form.get("client_id"):
-                    self._reply(400, {"error": "invalid_request"})
+                    send_json(self, 400, {"error": "invalid_request"})
                 elif user is None:
-                    self._reply(401, {"error": "invalid_grant"})
+                    send_json(self, 401, {"error": "invalid_grant"})
                 else:
                     query = {"service": form["service"], "scope": form["scope"][0].split(" ")}
                     login = base64.b64encode(f"{user}:{front.issuer.users[user]}".encode())
-                    self._reply(*front.issuer.answer(query, f"Basic {login.decode()}"))
-
-            def _reply(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                    send_json(self, *front.issuer.answer(query, f"Basic {login.decode()}"))
 
             def log_message(self, *args: object) -> None:
                 pass

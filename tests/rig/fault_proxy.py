@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
+from typing import Any
 from urllib.parse import urlsplit
 
 from rig.processes import QuietHTTPServer
@@ -75,6 +76,18 @@ class Fault:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown fault {self.kind!r}; one of {sorted(KINDS)}")
+
+    @classmethod
+    def document(cls, document: object, media_type: str, **match: Any) -> Fault:
+        """Answer matching requests with ``document`` as JSON of ``media_type`` (a
+        hand-made manifest, index or listing), in place of the registry's."""
+        return cls(
+            "status",
+            status=200,
+            body=json.dumps(document).encode(),
+            headers={"Content-Type": media_type},
+            **match,
+        )
 
 
 @dataclass(frozen=True)

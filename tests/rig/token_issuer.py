@@ -143,6 +143,16 @@ class TokenIssuer:
         }
 
 
+def send_json(handler: BaseHTTPRequestHandler, status: int, body: dict) -> None:
+    """Answer a request with ``body`` as JSON, as token issuers do."""
+    data = json.dumps(body).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 def _handler(issuer: TokenIssuer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -153,12 +163,7 @@ def _handler(issuer: TokenIssuer) -> type[BaseHTTPRequestHandler]:
                 status, body = issuer.answer(
                     parse_qs(parts.query), self.headers.get("Authorization")
                 )
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, status, body)
 
         def log_message(self, *args: object) -> None:
             pass
