@@ -593,19 +593,24 @@ class ChunkStore:
             record = BlobRecord.unpack(raw)
             if record.sealed:
                 return False
-            chunks = [
-                (key, stored_length(value))
-                for key, value in blob_keys(txn.cursor(db=self.dbs[DB_CHUNKS]), record.blob_id)
-            ]
-            for key, length in chunks:
-                self.delete_chunk(txn, key, record, length)
-            parts = [key for key, _ in blob_keys(txn.cursor(db=self.dbs[DB_PARTS]), record.blob_id)]
-            for key in parts:
-                self._add_stored(txn, -self.drop_part(txn, key))
+            self._drop_stored(txn, record)
             txn.put(digest.encode(), record.pack(), db=self.dbs[DB_BLOBS])
             return True
 
         return self.env.write(work)
+
+    def _drop_stored(self, txn: lmdb.Transaction, record: BlobRecord) -> None:
+        """In a write transaction: delete every chunk and part of a blob, keeping the
+        stored total and ``record.present`` right (the caller writes or drops it)."""
+        chunks = [
+            (key, stored_length(value))
+            for key, value in blob_keys(txn.cursor(db=self.dbs[DB_CHUNKS]), record.blob_id)
+        ]
+        for key, length in chunks:
+            self.delete_chunk(txn, key, record, length)
+        parts = [key for key, _ in blob_keys(txn.cursor(db=self.dbs[DB_PARTS]), record.blob_id)]
+        for key in parts:
+            self._add_stored(txn, -self.drop_part(txn, key))
 
     def remove(self, digest: str) -> bool:
         """Remove a blob, its chunks and its checksums; False if it was not cached."""
@@ -615,15 +620,7 @@ class ChunkStore:
             if raw is None:
                 return False
             record = BlobRecord.unpack(raw)
-            keys = [
-                (key, stored_length(value))
-                for key, value in blob_keys(txn.cursor(db=self.dbs[DB_CHUNKS]), record.blob_id)
-            ]
-            for key, length in keys:
-                self.delete_chunk(txn, key, None, length)
-            parts = blob_keys(txn.cursor(db=self.dbs[DB_PARTS]), record.blob_id)
-            for key in [key for key, _ in parts]:
-                self._add_stored(txn, -self.drop_part(txn, key))
+            self._drop_stored(txn, record)
             txn.delete(digest.encode(), db=self.dbs[DB_BLOBS])
             txn.delete(U64.pack(record.blob_id), db=self.dbs[DB_IDS])
             txn.delete(digest.encode(), db=self.dbs[DB_SUMS])

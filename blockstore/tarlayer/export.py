@@ -475,12 +475,20 @@ class IndexCache:
 
 
 def cached_or_built(
-    cache: IndexCache, blob_digest: str, span: int, compressed: bool, build: Callable[[], TarIndex]
+    cache: IndexCache,
+    blob_digest: str,
+    span: int,
+    compressed: bool,
+    build: Callable[[], TarIndex],
+    check_kept: Callable[[TarIndex], None] = lambda index: None,
 ) -> TarIndex:
-    """The layer's index from the cache, or built now and stored for next time (one that
+    """The layer's index from the cache, judged by ``check_kept`` (it may have been kept
+    by another image of the same blob), or built now and stored for next time (one that
     cannot be kept, as on a full disk, is served all the same and built again next time)."""
     index = cache.load(blob_digest, span, compressed)
-    if index is None:
+    if index is not None:
+        check_kept(index)
+    else:
         index = build()
         try:
             cache.save(blob_digest, span, index)

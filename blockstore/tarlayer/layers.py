@@ -266,11 +266,6 @@ class TarLayer(TarLayerExport):
             blob.close()
 
 
-def _kept(into: list[TarIndex], index: TarIndex) -> TarIndex:
-    into.append(index)
-    return index
-
-
 def _read_all(blob: LayerBlob) -> Callable[[int, int], bytes]:
     """Reads of ``blob`` for the layer's own passes (index, proof, spans): what the
     mount reads is the export's reads, not these."""
@@ -418,18 +413,16 @@ def open_tar_layer(
                 )
                 return build()
 
-        built_here: list[TarIndex] = []
         index = cached_or_built(
             cache,
             blob.digest,
             span,
             kind != TAR,
-            lambda: _kept(built_here, build_once_more_if_unproven()),
+            build_once_more_if_unproven,
+            # This image's config must name the kept index's tar, as it must for one
+            # built now: another image of the same blob may have left it.
+            lambda kept: check_diff_id(kept.tar_digest, diff_id()),
         )
-        if not built_here:
-            # Kept from an open of another image with this blob: this image's config
-            # must name the same tar, as it must for an index built now.
-            check_diff_id(index.tar_digest, diff_id())
         if cache.origin(blob.digest, span) == IndexCache.SHARED:
             check = SharedIndexCheck(cache, blob, span, index)
     if index.spans is None:
