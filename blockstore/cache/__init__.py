@@ -7,7 +7,8 @@ served has passed its checksum, which binds its bytes to its blob and
 index; complete blobs are sealed against their digest. Modules: ``layout``
 (keys, records), ``integrity`` (every check, once), ``env`` (opening LMDB,
 map growth, full disk), ``store``, ``refs`` (references and manifests kept
-for offline use), ``blob``, ``evict`` and ``recency`` (LRU), ``seal``
+for offline use), ``blob``, ``evict`` and ``recency`` (LRU), ``holds`` (layers served from
+the cache alone, kept from eviction while served), ``seal``
 (digests, verify), ``counters``, ``compact`` (giving freed pages back to the disk).
 """
 

@@ -38,6 +38,7 @@ from blockstore.source import BlobSource
 from . import integrity, parts
 from .env import CacheDamaged
 from .evict import LOW_WATER
+from .holds import BlobHold
 from .integrity import BLOCK, BLOCKS, checked_part
 from .layout import CHUNK_SIZE, BlobRecord, chunk_count, chunk_length
 from .leases import RangeLeases, UnitLeases
@@ -85,6 +86,9 @@ class CachedBlob:
         ``seal_when_whole``: seal in the background as soon as a fetch completes the
         blob; off for a blob whose owner seals it at a better time (``TarLayer``)."""
         self._store = store
+        # Served from the cache alone, an evicted chunk could not come back: held from
+        # eviction (by any process) while served. Taken before the record is read.
+        self._hold = BlobHold.take(store.path, digest) if source is None else None
         self._seal_when_whole = seal_when_whole
         self._upstream = upstream
         self._digest = digest
@@ -465,6 +469,8 @@ class CachedBlob:
     def close(self) -> None:
         """Stop prefetching and cancel fetches in flight; keep the trace recorded so far."""
         self._stop.set()
+        if self._hold is not None:
+            self._hold.release()
         recorder = self._recorder
         if recorder is not None:
             recorder.finish()

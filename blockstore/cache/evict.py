@@ -2,12 +2,17 @@
 
 A policy apart from the store: it walks the ``lru`` index from the old end
 inside the caller's write transaction, so storing new chunks and making
-room for them commit together. Sealed blobs keep their per-chunk checksums
+room for them commit together. Blobs a server holds (``holds``: served from
+the cache alone, where an evicted chunk could not be fetched again) are
+passed over while held. Sealed blobs keep their per-chunk checksums
 when their chunks go, so a chunk fetched again is still checked. Parts of
 chunks (``parts``) age in the same index and go the same way.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import lmdb
 
@@ -32,17 +37,26 @@ LOW_WATER = 0.9
 WORKING_SET = 0.25
 
 
+class Evicted(NamedTuple):
+    chunks: int
+    """Chunks and parts of chunks evicted."""
+    freed: int
+    """The bytes they held."""
+    held: list[str]
+    """Digests of held blobs passed over, each once."""
+
+
 def evict(
     txn: lmdb.Transaction,
     dbs: dict[bytes, lmdb._Database],
     stored: int,
     target: int,
-) -> tuple[int, int]:
-    """Evict oldest unpinned chunks until ``stored`` bytes are at most ``target``.
-
-    Returns (chunks evicted, bytes freed).
-    """
+    held: Callable[[str], bool],
+) -> Evicted:
+    """Evict oldest unpinned, unheld chunks until ``stored`` bytes are at most
+    ``target``; ``held(digest)`` says whether a server holds that blob now."""
     records: dict[int, tuple[bytes, BlobRecord] | None] = {}
+    passed_over: dict[int, str] = {}
     evicted = freed = 0
     cursor = txn.cursor(db=dbs[DB_LRU])
     positioned = cursor.first()
@@ -51,10 +65,13 @@ def evict(
         part = is_part_key(key)
         blob_id = CHUNK_KEY.unpack_from(key)[0]
         if blob_id not in records:
-            records[blob_id] = _record(txn, dbs, blob_id)
+            entry = records[blob_id] = _record(txn, dbs, blob_id)
+            if entry is not None and held(digest := entry[0].decode()):
+                passed_over[blob_id] = digest
         entry = records[blob_id]
-        if entry is not None and entry[1].pinned:
-            positioned = cursor.next()  # not expected: pinned chunks leave the index
+        if blob_id in passed_over or (entry is not None and entry[1].pinned):
+            # Pinned chunks are not expected here (they leave the index).
+            positioned = cursor.next()
             continue
         stored_key, db = (key[: CHUNK_KEY.size], dbs[DB_PARTS]) if part else (key, dbs[DB_CHUNKS])
         value = txn.get(stored_key, db=db)
@@ -67,10 +84,10 @@ def evict(
         txn.delete(key, db=dbs[DB_TICKS])
         cursor.delete()
         positioned = bool(cursor.key())
-    for entry in records.values():
-        if entry is not None:
+    for blob_id, entry in records.items():
+        if entry is not None and blob_id not in passed_over:
             txn.put(entry[0], entry[1].pack(), db=dbs[DB_BLOBS])
-    return evicted, freed
+    return Evicted(evicted, freed, list(passed_over.values()))
 
 
 def _record(

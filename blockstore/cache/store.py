@@ -28,10 +28,11 @@ from blockstore.export import Buffer
 from blockstore.fetch import Flights
 
 from . import counters as counters_mod
+from . import holds
 from . import parts as parts_mod
 from . import recency as recency_mod
 from .env import CacheDamaged, CacheEnv, DiskFull
-from .evict import LOW_WATER, WORKING_SET, evict
+from .evict import LOW_WATER, WORKING_SET, Evicted, evict
 from .integrity import blob_seed, chunk_sum, intact, matches_sealed, stored_length
 from .layout import (
     CHUNK_KEY,
@@ -107,6 +108,7 @@ class ChunkStore:
         registry to refill an empty one from; online it is moved aside and replaced."""
         self.path = Path(path)
         self._told_pins_crowd = False
+        self._told_held = False
         self.env = CacheEnv.open(self.path, offline=offline)
         self.dbs = self.env.dbs
         self.counters = counters_mod.Counters()
@@ -518,12 +520,22 @@ class ChunkStore:
         txn.put(b"stored_bytes", U64.pack(stored), db=meta)
         return stored
 
-    def _evict(self, txn: lmdb.Transaction, stored: int, target: int) -> tuple[int, int]:
-        evicted, freed = evict(txn, self.dbs, stored, target)
-        if evicted:
-            self._add_stored(txn, -freed)
-            counters_mod.persist(txn, self.dbs[DB_COUNTERS], {"evictions": evicted})
-        return evicted, freed
+    def _evict(self, txn: lmdb.Transaction, stored: int, target: int) -> Evicted:
+        done = evict(txn, self.dbs, stored, target, self._held)
+        if done.chunks:
+            self._add_stored(txn, -done.freed)
+            counters_mod.persist(txn, self.dbs[DB_COUNTERS], {"evictions": done.chunks})
+        if done.held and stored - done.freed > target and not self._told_held:
+            self._told_held = True
+            log.warning(
+                "%d layers served from the cache alone (offline) are kept from eviction "
+                "while they are served: the cache stays over its cap until they stop",
+                len(done.held),
+            )
+        return done
+
+    def _held(self, digest: str) -> bool:
+        return holds.is_held(self.path, digest)
 
     def make_room(self) -> None:
         """After a full disk: free half of what is stored, and let LMDB reuse it.
@@ -656,17 +668,18 @@ class ChunkStore:
         """Evict down to the size cap now (after saving recency)."""
         self.flush()
 
-        def work(txn: lmdb.Transaction) -> tuple[int, int]:
+        def work(txn: lmdb.Transaction) -> Evicted:
             stored = meta_int(txn, self.dbs[DB_META], b"stored_bytes")
             cap = self._current_cap(txn)
             if stored <= cap:
-                return 0, 0
-            # Asked for by name: the cap is kept, though pins leave the others nothing.
+                return Evicted(0, 0, [])
+            # Asked for by name: the cap is kept, though pins leave the others nothing;
+            # only what a server holds (served from the cache alone) is passed over.
             return self._evict(txn, stored, int(cap * LOW_WATER))
 
-        evicted, freed = self.env.write(work)
+        done = self.env.write(work)
         self.flush()
-        return {"evicted_chunks": evicted, "freed_bytes": freed}
+        return {"evicted_chunks": done.chunks, "freed_bytes": done.freed, "held": done.held}
 
     # --- sealing and verification ------------------------------------------
 

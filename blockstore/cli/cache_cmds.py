@@ -158,12 +158,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         result = store.gc()
         result.update(stored_bytes=store.stats()["stored_bytes"], size_cap=store.size_cap)
-    emit(
-        args,
-        result,
+    text = (
         f"evicted {result['evicted_chunks']} chunks or parts ({human(result['freed_bytes'])}); "
-        f"{human(result['stored_bytes'])} of {human(result['size_cap'])} stored",
+        f"{human(result['stored_bytes'])} of {human(result['size_cap'])} stored"
     )
+    for digest in result["held"]:
+        text += f"\nkept {digest}: served from the cache alone (offline) by a running server"
+    emit(args, result, text)
     return 0
 
 

@@ -367,6 +367,32 @@ def test_eviction_keeps_the_cap_and_spares_pinned_blobs(cache_dir):
         assert store.stats()["stored_bytes"] <= 8 * CHUNK_SIZE
 
 
+def test_a_blob_served_from_the_cache_alone_is_kept_from_eviction_while_served(cache_dir):
+    """Two whole blobs, then a cap of 4 chunks: while one is served offline (no source:
+    an evicted chunk could not come back), `gc` evicts only the other's chunks and names
+    the held one, which still reads whole; once its server closes, `gc` evicts it too.
+    A hold its server dropped leaves no file behind once eviction has looked at it."""
+    held_data, held = make_blob(16 * CHUNK_SIZE, seed=21)
+    other_data, other = make_blob(16 * CHUNK_SIZE, seed=22)
+    with ChunkStore(cache_dir) as store:
+        for data, digest in ((held_data, held), (other_data, other)):
+            blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
+            blob.prefetch()
+            blob.close()
+    with ChunkStore(cache_dir, size_cap=4 * CHUNK_SIZE) as store:
+        offline = CachedBlob(store, held, len(held_data), None)
+        result = store.gc()
+        assert result["held"] == [held]
+        infos = {i.digest: i for i in store.blobs()}
+        assert infos[held].present == 16 and infos[other].present == 0
+        assert joined(offline.read(0, len(held_data))) == held_data
+        offline.close()
+        result = store.gc()
+        assert result["held"] == [] and result["evicted_chunks"] > 0
+        assert store.stats()["stored_bytes"] <= 4 * CHUNK_SIZE
+        assert list((cache_dir / "holds").iterdir()) == []
+
+
 def test_recency_decides_what_is_evicted(cache_dir, monkeypatch):
     """A chunk read again recently outlives chunks stored after it but not read since."""
     monkeypatch.setattr(recency, "RESOLUTION_US", 0)

@@ -17,6 +17,8 @@ import nbd_wire as w
 import pytest
 from rig.fault_proxy import Fault
 
+from blockstore.cache import ChunkStore, holds
+
 
 @contextmanager
 def serving(*args: str, env: dict | None = None) -> Iterator[tuple[subprocess.Popen, dict]]:
@@ -102,6 +104,43 @@ def test_serve_one_layer_over_tcp_warm_then_offline(
             subprocess.run(["nbdcopy", exports["layer1"], str(out)], check=True, timeout=60)
             assert filecmp.cmp(out, expected, shallow=False)
             assert stop(proc, signal.SIGINT) == 0
+
+
+def test_a_layer_served_offline_keeps_its_chunks_through_gc_in_another_process(
+    registry, pushed_images, erofs_images, tmp_path
+):
+    """Layer 1 prefetched first (so its chunks are the least recently used), then the
+    rest; `serve --offline --layer 1` runs while `cache gc`, another process, is given
+    the smallest cap (one chunk). gc evicts the other layers, passes over layer 1 and
+    names it; nbdcopy then reads layer 1 whole, byte for byte. Evicted, its chunks would
+    be EIO: offline there is nowhere to fetch them from. The hold ends with the server."""
+    cache = tmp_path / "cache"
+    image = pushed_images.multilayer
+    layer = erofs_images.layers[1]
+    cli = [sys.executable, "-m", "blockstore"]
+    for only in (["--layer", "1"], []):
+        prefetch = subprocess.run(
+            [*cli, "prefetch", image, *only, "--insecure", "--cache-dir", str(cache)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert prefetch.returncode == 0, prefetch.stderr
+    gc = [*cli, "cache", "gc", "--json", "--cache-dir", str(cache), "--cache-size", "32K"]
+    args = [image, "--offline", "--cache-dir", str(cache), "--layer", "1"]
+    with serving(*args, "--listen", "127.0.0.1:0") as (proc, exports):
+        assert holds.is_held(cache, layer.digest)
+        result = subprocess.run(gc, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["held"] == [layer.digest] and report["evicted_chunks"] > 0
+        with ChunkStore(cache) as store:
+            assert {i.digest: i.present for i in store.blobs()}[layer.digest] == 1
+        out = tmp_path / "layer1.img"
+        subprocess.run(["nbdcopy", exports["layer1"], str(out)], check=True, timeout=60)
+        assert filecmp.cmp(out, layer.path, shallow=False)
+        assert stop(proc) == 0
+    assert not holds.is_held(cache, layer.digest)
 
 
 def test_sigterm_waits_for_reads_in_flight(registry, pushed_images, erofs_images, tmp_path):
