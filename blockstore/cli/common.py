@@ -231,7 +231,10 @@ def add_registry_options(parser: argparse.ArgumentParser) -> None:
         "--platform", default=None, help="os/arch[/variant] (default: this host's platform)"
     )
     parser.add_argument(
-        "--insecure", action="store_true", help="use plain HTTP (and skip TLS verification)"
+        "--insecure",
+        action="store_true",
+        help="use plain HTTP, for a registry without TLS (an HTTPS registry with a "
+        "self-signed certificate wants --ca-file instead)",
     )
     parser.add_argument("--ca-file", default=None, help="CA bundle to verify the registry with")
     parser.add_argument("--username", default=None, help="registry user name")

@@ -43,6 +43,9 @@ QUIET_STATUS = frozenset({429, 503})
 MAX_REDIRECTS = 5
 OAUTH_CLIENT_ID = "blockstore"
 """Who asks, in an OAuth2 token request (the spec requires a client_id)."""
+PLAIN_HTTP_TO_TLS = b"Client sent an HTTP request to an HTTPS server"
+"""What a Go HTTPS server (the CNCF registry, Harbor, Zot) answers a plain-HTTP request."""
+MAX_PLAIN_HTTP_REPLY = 256
 Body = bytes | Path | None
 """A request body; a Path is opened anew for each attempt so retries resend it whole."""
 
@@ -214,8 +217,9 @@ class Endpoint:
         try:
             if isinstance(body, Path):
                 with body.open("rb") as file:
-                    return self._session.request(method, url, data=file, **kwargs)
-            return self._session.request(method, url, data=body, **kwargs)
+                    reply = self._session.request(method, url, data=file, **kwargs)
+            else:
+                reply = self._session.request(method, url, data=body, **kwargs)
         except requests.exceptions.SSLError as exc:
             cause = describe_failure(exc, not_tls=self._plain_http_hint(url))
             raise RegistryUnreachable(f"cannot connect securely to {where}: {cause}") from None
@@ -230,6 +234,28 @@ class Endpoint:
             raise RegistryError(
                 f"registry {self.host}: a request cannot be made ({type(exc).__name__})"
             ) from None
+        self._refuse_plain_http_to_tls(reply, url)
+        return reply
+
+    def _refuse_plain_http_to_tls(self, reply: requests.Response, url: str) -> None:
+        """An HTTPS server asked in plain HTTP answers 400 (Go's servers, the CNCF
+        registry among them, say so in the body): that is the wrong scheme, a
+        connection problem the user cures, not the registry refusing the request.
+        The body is read here, as the 400's error would read it anyway."""
+        if reply.status_code != 400 or urlsplit(url).scheme != "http":
+            return
+        if PLAIN_HTTP_TO_TLS not in reply.content[:MAX_PLAIN_HTTP_REPLY]:
+            return
+        reply.close()
+        where = urlsplit(url).netloc
+        if _origin(url) != _origin(self.base_url):
+            who, cure = where, "the registry sent this http:// URL for it, which cannot work"
+        elif self._insecure:
+            who = f"registry {where}"
+            cure = "drop --insecure, or give --ca-file CA.pem for a self-signed certificate"
+        else:
+            who, cure = f"registry {where}", "name it with https://, not http://"
+        raise RegistryUnreachable(f"{who} speaks HTTPS, not plain HTTP: {cure}")
 
     def _refresh_grant(
         self, realm: str, params: list[tuple[str, str]], refresh_token: str, deadline: Deadline

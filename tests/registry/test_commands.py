@@ -262,3 +262,15 @@ def test_push_image_of_mixed_layers_from_python(registry, erofs_images, tmp_path
     ]
     host = host_platform()
     assert (seen["os"], seen["architecture"]) == (host.os, host.architecture)
+
+
+def test_insecure_against_an_https_registry_says_to_drop_it(tls_registry):
+    """--insecure only switches to plain HTTP; an HTTPS registry answers that with 400.
+    It is said as the wrong scheme in one line, exit 5 (a connection problem the user
+    cures), not as the registry refusing the image (3)."""
+    shown = blockstore("inspect", f"{tls_registry.host}/tools/rootfs:v1", "--insecure")
+    assert shown.returncode == 5, shown.stderr
+    assert shown.stderr.count("\n") == 1 and "Traceback" not in shown.stderr
+    assert f"registry {tls_registry.host} speaks HTTPS, not plain HTTP" in shown.stderr
+    assert "drop --insecure" in shown.stderr and "--ca-file" in shown.stderr
+    assert "skip TLS" not in blockstore("inspect", "--help").stdout
