@@ -236,7 +236,13 @@ def add_registry_options(parser: argparse.ArgumentParser) -> None:
         help="use plain HTTP, for a registry without TLS (an HTTPS registry with a "
         "self-signed certificate wants --ca-file instead)",
     )
-    parser.add_argument("--ca-file", default=None, help="CA bundle to verify the registry with")
+    parser.add_argument(
+        "--ca-file",
+        type=parse_ca_file,
+        default=None,
+        metavar="FILE",
+        help="PEM CA bundle to verify the registry with",
+    )
     parser.add_argument("--username", default=None, help="registry user name")
     parser.add_argument(
         "--password",
@@ -250,6 +256,22 @@ def add_registry_options(parser: argparse.ArgumentParser) -> None:
         metavar="HOST[:PORT]",
         help="a mirror registry tried before the upstream (repeatable, in order)",
     )
+
+
+def parse_ca_file(text: str) -> str:
+    """A file of PEM CA certificates, loaded once here: a wrong file is a usage error
+    that names it, not a TLS failure at the first connection."""
+    import ssl  # only here: start-up time of commands that never talk to a registry
+
+    try:
+        ssl.create_default_context(cafile=text)
+    except ssl.SSLError:
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a PEM CA bundle (no certificate could be read from it)"
+        ) from None
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {exc.strerror or exc}") from None
+    return text
 
 
 PREFETCH_FLAGS = (

@@ -274,3 +274,24 @@ def test_insecure_against_an_https_registry_says_to_drop_it(tls_registry):
     assert f"registry {tls_registry.host} speaks HTTPS, not plain HTTP" in shown.stderr
     assert "drop --insecure" in shown.stderr and "--ca-file" in shown.stderr
     assert "skip TLS" not in blockstore("inspect", "--help").stdout
+
+
+@pytest.mark.parametrize("content", [b"", b"not a certificate\n"])
+def test_a_ca_file_that_is_no_pem_bundle_is_one_usage_line(tmp_path, content):
+    """--ca-file naming a file with no certificate in it is refused as the options are
+    read (exit 2, naming the file), not as a TLS failure at the first connection (5).
+    No registry listens at the target: the refusal comes before any connection."""
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(content)
+    shown = blockstore("inspect", "127.0.0.1:9/cli/refused:v1", "--ca-file", str(bundle))
+    assert shown.returncode == 2, shown.stderr
+    assert f"{bundle} is not a PEM CA bundle" in shown.stderr
+    assert "Traceback" not in shown.stderr
+
+
+def test_a_ca_file_that_holds_a_ca_is_taken(tls_registry):
+    """The check at parsing time passes a real bundle: the registry is reached."""
+    shown = blockstore(
+        "inspect", f"{tls_registry.host}/no/such:image", "--ca-file", str(tls_registry.ca_file)
+    )
+    assert shown.returncode == 3 and "not found" in shown.stderr, shown.stderr
