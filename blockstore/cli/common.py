@@ -260,9 +260,13 @@ def add_registry_options(parser: argparse.ArgumentParser) -> None:
 
 def parse_ca_file(text: str) -> str:
     """A file of PEM CA certificates, loaded once here: a wrong file is a usage error
-    that names it, not a TLS failure at the first connection."""
+    that names it, not a TLS failure at the first connection. A missing one is left to
+    the registry client, which refuses it as usage too (and checks a command line it
+    only passes on, as ``mount`` does to its server, where it is used)."""
     import ssl  # only here: start-up time of commands that never talk to a registry
 
+    if not os.path.lexists(text):
+        return text
     try:
         ssl.create_default_context(cafile=text)
     except ssl.SSLError:
