@@ -16,6 +16,7 @@ import logging
 import sys
 
 from blockstore.cli.common import setup_logging
+from blockstore.cli.parser import OneLineParser
 from blockstore.errors import BlockstoreError
 
 COMMANDS = {
@@ -35,7 +36,7 @@ COMMANDS = {
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser, with only the module of the command named in ``argv`` loaded."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="blockstore",
         description="Mount filesystem images stored in OCI registries, lazily, "
         "through a persistent integrity-checked chunk cache.",
