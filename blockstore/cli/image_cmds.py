@@ -8,6 +8,7 @@ stored; running it again fetches only what is missing.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from tqdm import tqdm
@@ -22,6 +23,8 @@ from blockstore.cli.common import (
 )
 from blockstore.errors import NotCached, RegistryUnreachable
 from blockstore.tarlayer.layers import TarLayer
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -84,6 +87,8 @@ def run_prefetch(args: argparse.Namespace) -> int:
                 f"layer {layer.index} {layer.digest} ({human(layer.size)}): "
                 f"verified and sealed{pinned}"
             )
+        if image.unreachable is not None:
+            log.warning("%s; the layers were whole in the cache", image.unreachable)
     finally:
         image.close()
     return 0

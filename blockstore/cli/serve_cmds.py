@@ -99,7 +99,9 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
         tcp = ("127.0.0.1", DEFAULT_PORT)
     tls = server_tls_from(args)
     traces = read_trace_file(args.trace_file) if args.trace_file is not None else []
-    image = open_image_from_args(args, offline=args.offline, prefetch=prefetch_settings_from(args))
+    image = open_image_from_args(
+        args, serves=True, offline=args.offline, prefetch=prefetch_settings_from(args)
+    )
     metrics = None
     try:
         image.tar_indexes = tar_indexes_from(args, image.select(args.layer, args.blob))

@@ -82,7 +82,8 @@ def test_prefetch_with_the_registry_gone_says_so(
     known to the cache; with the registry then gone, the next prefetch falls back to the
     cache, which cannot make the layer whole: it fails as the registry being out of reach
     (exit 5, saying so), not as an offline cache (exit 7), since --offline was never
-    given. Its warnings read as its other messages."""
+    given. That is its one line: no warning that it serves the image from the cache,
+    which a prefetch never does."""
     proxy = fault_proxy(fresh_registry)
     reference = push_erofs(proxy.host, "prefetch/gone", "v1", [erofs_images.small.path])
     argv = ["prefetch", reference, "--insecure", "--cache-dir", str(tmp_path / "cache")]
@@ -91,8 +92,25 @@ def test_prefetch_with_the_registry_gone_says_so(
     proxy.stop()
     gone = blockstore(*argv, timeout=60)
     assert gone.returncode == 5, gone.stderr
-    lines = gone.stderr.strip().splitlines()
-    assert "layer 0 is not whole in the cache" in lines[-1] and "offline" not in lines[-1]
-    # The fallback's warning reads as the command's own messages: no timestamp, no logger.
-    assert lines[0].startswith("blockstore: warning: ") and "from the cache alone" in lines[0]
-    assert all(line.startswith("blockstore: ") for line in lines), lines
+    (line,) = gone.stderr.strip().splitlines()
+    assert "layer 0 is not whole in the cache" in line and "offline" not in line
+    assert line.startswith("blockstore: ") and "from the cache alone" not in line
+
+
+def test_prefetch_of_whole_layers_with_the_registry_gone_warns_once(
+    fresh_registry, fault_proxy, erofs_images, tmp_path
+):
+    """With every layer whole in the cache, a prefetch with the registry gone succeeds,
+    and its one warning says what happened, as its other messages read (no timestamp,
+    no logger): not that it serves the image, which it does not."""
+    proxy = fault_proxy(fresh_registry)
+    reference = push_erofs(proxy.host, "prefetch/whole", "v1", [erofs_images.small.path])
+    argv = ["prefetch", reference, "--insecure", "--cache-dir", str(tmp_path / "cache")]
+    assert blockstore(*argv, timeout=60).returncode == 0
+    proxy.stop()
+    again = blockstore(*argv, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert "verified and sealed" in again.stdout
+    (line,) = again.stderr.strip().splitlines()
+    assert line.startswith("blockstore: warning: ") and line.endswith("were whole in the cache")
+    assert "from the cache alone" not in line
