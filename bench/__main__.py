@@ -42,7 +42,9 @@ def parse_size(text: str) -> int:
 def parse_variant(text: str) -> EngineVariant:
     name, sep, args = text.partition("=")
     if not sep or not name or not name.replace("-", "").isalnum():
-        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=ARGS, e.g. nofill=--no-fill")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give NAME=ARGS, e.g. noreadahead=--no-readahead"
+        )
     return EngineVariant(name, tuple(shlex.split(args)))
 
 
