@@ -225,8 +225,9 @@ def tar_indexes_from(args: argparse.Namespace, layers: list) -> dict[int, tuple[
     }
 
 
-def add_registry_options(parser: argparse.ArgumentParser) -> None:
-    """Options of every command that talks to a registry."""
+def add_registry_options(parser: argparse.ArgumentParser, *, mirrors: bool = True) -> None:
+    """Options of every command that talks to a registry; ``--mirror`` where ``mirrors``,
+    for commands that read (a write goes to the registry itself)."""
     parser.add_argument(
         "--platform", default=None, help="os/arch[/variant] (default: this host's platform)"
     )
@@ -249,6 +250,9 @@ def add_registry_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="registry password (prefer $BLOCKSTORE_PASSWORD or a docker config.json)",
     )
+    if not mirrors:
+        parser.set_defaults(mirror=[])
+        return
     parser.add_argument(
         "--mirror",
         action="append",

@@ -46,6 +46,10 @@ class OneLineParser(argparse.ArgumentParser):
         command = self.prog.removeprefix("blockstore ")
         if "--cache-size" in words:
             return f"; {command} takes no --cache-size: {CACHE_SIZE_HINT}"
+        if "--mirror" in words:
+            return (
+                f"; {command} takes no --mirror: mirrors serve reads, a write goes to the registry"
+            )
         if words & VERBOSITY_FLAGS and command != self.prog:
             return "; -v and -q go before the command (blockstore -v COMMAND ...)"
         return ""

@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     push = subparsers.add_parser("push", help="upload a file as a one-layer OCI image")
     push.add_argument("file", metavar="FILE", type=Path, help="the layer, e.g. an EROFS image")
     push.add_argument("image", metavar="IMAGE", help="where to push it, e.g. host:5000/app:v1")
-    add_registry_options(push)
+    add_registry_options(push, mirrors=False)
     push.add_argument(
         "--media-type",
         default=EROFS_MEDIA_TYPE,

@@ -295,3 +295,14 @@ def test_a_ca_file_that_holds_a_ca_is_taken(tls_registry):
         "inspect", f"{tls_registry.host}/no/such:image", "--ca-file", str(tls_registry.ca_file)
     )
     assert shown.returncode == 3 and "not found" in shown.stderr, shown.stderr
+
+
+def test_push_refuses_a_mirror_it_would_not_use(tmp_path):
+    """A push goes to the registry itself: --mirror, which it would ignore, is refused in
+    one usage line saying so, before any connection."""
+    pushed = blockstore(
+        "push", str(tmp_path / "x.erofs"), "127.0.0.1:9/cli/refused:v1", "--mirror", "m:5000"
+    )
+    assert pushed.returncode == 2, pushed.stderr
+    assert pushed.stderr.count("\n") == 1
+    assert "push takes no --mirror" in pushed.stderr
