@@ -204,7 +204,7 @@ class Endpoint:
         deadline: Deadline,
     ) -> requests.Response:
         """One request; the socket waits at most the deadline's stall or the time left."""
-        where = urlsplit(url).netloc
+        where = _address(url)
         if deadline.expired:
             raise TryAgain(RegistryUnreachable(f"cannot reach registry {where}: timed out"))
         kwargs = {
@@ -333,6 +333,19 @@ def _is_http_url(url: str) -> bool:
         return False
     parts = urlsplit(url)
     return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _address(url: str) -> str:
+    """``url``'s host and port, the port said even where the URL leaves it implied (80 for
+    http://, 443 for https://): "localhost refused" leaves the user to guess which."""
+    parts = urlsplit(url)
+    try:
+        explicit = parts.port is not None
+    except ValueError:
+        explicit = True  # no port a socket could use; the netloc as written says it
+    if explicit:
+        return parts.netloc
+    return f"{parts.netloc}:{443 if parts.scheme == 'https' else 80}"
 
 
 def _origin(url: str) -> tuple[str, str]:

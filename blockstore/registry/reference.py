@@ -60,6 +60,10 @@ class Reference:
         return self.digest or self.tag or DEFAULT_TAG
 
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+"""``http://``, ``https://``, ``docker://``: a URL's scheme, which docker refuses too."""
+
+
 def parse_reference(text: str) -> Reference:
     """Parse ``[host[:port]/]path[:tag][@digest]``; raise ``InvalidReference`` saying why.
 
@@ -71,6 +75,13 @@ def parse_reference(text: str) -> Reference:
             f"invalid image reference {_echo(text)}: a reference cannot carry a user name or "
             "password (give --username with $BLOCKSTORE_PASSWORD, or log in with podman or "
             "docker)"
+        )
+    scheme = _SCHEME.match(text)
+    if scheme:
+        plain = "; --insecure asks for plain HTTP" if scheme.group(0).lower() == "http://" else ""
+        raise InvalidReference(
+            f"invalid image reference {_echo(text)}: a reference takes no scheme (drop "
+            f"{scheme.group(0)!r}{plain})"
         )
     if not text or text != text.strip():
         raise InvalidReference(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import socket
+import subprocess
+import sys
 
 import pytest
 import requests
@@ -12,7 +14,7 @@ from rig.processes import free_port
 
 from blockstore.errors import NotFound, RegistryUnreachable
 from blockstore.registry import RegistryClient, RegistryOptions, resolve_image
-from blockstore.registry.endpoint import describe_failure
+from blockstore.registry.endpoint import _address, describe_failure
 
 
 def test_unreachable_host(registry):
@@ -114,3 +116,33 @@ def test_failure_causes_come_from_exception_types(failure, cause):
     """The cause a user reads is found from the types of the exceptions nested in the
     failure (as requests and urllib3 nest them), never from their text."""
     assert describe_failure(failure) == cause
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("http://localhost/v2/", "localhost:80"),
+        ("https://localhost/v2/", "localhost:443"),
+        ("http://127.0.0.1:5000/v2/", "127.0.0.1:5000"),
+        ("https://[::1]/v2/", "[::1]:443"),
+    ],
+)
+def test_a_registry_address_names_its_port_even_when_implied(url, said):
+    """'cannot reach registry localhost' leaves the user to guess the port tried: the
+    scheme's default is said (80 for plain HTTP, 443 for HTTPS)."""
+    assert _address(url) == said
+
+
+def test_an_unreachable_registry_without_a_port_names_the_one_tried():
+    """inspect localhost/... --insecure that finds no server names port 80, one line."""
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 80)) == 0:
+            pytest.skip("something listens on port 80 here")
+    shown = subprocess.run(
+        [sys.executable, "-m", "blockstore", "inspect", "localhost/tools/rootfs:v1", "--insecure"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 5, shown.stderr
+    assert "cannot reach registry localhost:80: connection refused" in shown.stderr

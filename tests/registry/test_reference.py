@@ -65,6 +65,8 @@ def test_fields():
         ("host:port/x", "bad registry host"),
         ("host:5000/", "no repository"),
         ("a/" + "b" * 256, "longer than 255"),
+        ("http://127.0.0.1:5000/app:v1", r"takes no scheme \(drop 'http://'; --insecure"),
+        ("https://reg.example/app", r"takes no scheme \(drop 'https://'\)"),
     ],
 )
 def test_invalid_references_say_why(text, why):
