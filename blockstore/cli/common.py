@@ -96,13 +96,29 @@ def parse_cache_size(text: str) -> int:
     return size
 
 
+EXAMPLE_METRICS_PORT = 9109
+"""The port a bad ``--metrics`` address is shown with: any free one serves."""
+
+
 def parse_listen(text: str) -> tuple[str, int]:
+    """An NBD listening address: ``HOST:PORT``, ``[V6]:PORT`` or a bare ``PORT``
+    (on 127.0.0.1)."""
+    return _parse_address(text, 10809)
+
+
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    """A metrics address, as ``parse_listen``; a bad one is shown a metrics example,
+    not the NBD port."""
+    return _parse_address(text, EXAMPLE_METRICS_PORT)
+
+
+def _parse_address(text: str, example: int) -> tuple[str, int]:
     """``HOST:PORT``, ``[V6]:PORT`` or a bare ``PORT`` (on 127.0.0.1).
 
     Anything else is a usage error here, before a warning about the address
     or a resolver error could be printed about it.
     """
-    usage = f"not HOST:PORT: {text!r} (try 127.0.0.1:10809, [::1]:10809 or 10809)"
+    usage = f"not HOST:PORT: {text!r} (try 127.0.0.1:{example}, [::1]:{example} or {example})"
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
         if not sep or not _is_ip(host, 6):
@@ -374,6 +390,8 @@ def registry_options_from_args(args: argparse.Namespace) -> RegistryOptions:
     # never talk to a registry (mounts, umount, cache) should not pay for.
     from blockstore.registry.options import RegistryOptions
 
+    _check_password_given(args)
+
     return RegistryOptions(
         insecure=args.insecure,
         ca_file=args.ca_file,
@@ -381,6 +399,28 @@ def registry_options_from_args(args: argparse.Namespace) -> RegistryOptions:
         password=args.password,
         mirrors=list(args.mirror),
         timeout=getattr(args, "timeout", DEFAULT_READ_TIMEOUT),
+    )
+
+
+def _check_password_given(args: argparse.Namespace) -> None:
+    """A user name given with no password anywhere would be dropped for anonymous access,
+    and the registry's refusal would not say the password was what lacked."""
+    if args.username is None or args.password is not None:
+        return
+    if os.environ.get("BLOCKSTORE_PASSWORD") is not None:
+        return
+    from blockstore.registry.credentials import credentials_for
+    from blockstore.registry.reference import parse_reference
+
+    image = getattr(args, "image", None)
+    if image is not None and credentials_for(
+        parse_reference(image).registry, use_environment=False
+    ):
+        return  # a podman or docker login for the registry is used, as without --username
+    raise UsageError(
+        "--username was given without a password: give --password, or "
+        "$BLOCKSTORE_PASSWORD, or log in with podman or docker (auth.json, config.json) "
+        "and leave out --username"
     )
 
 

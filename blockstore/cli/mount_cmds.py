@@ -27,7 +27,7 @@ from blockstore.cli.common import (
     add_registry_options,
     add_tar_index_options,
     cache_dir_from,
-    parse_listen,
+    parse_metrics_address,
     registry_options_from_args,
 )
 from blockstore.cli.tls_options import add_tls_options, mount_tls_arguments
@@ -411,9 +411,9 @@ def run_mounts(args: argparse.Namespace) -> int:
     return 0
 
 
-def _listen_address(text: str) -> str:
+def _metrics_address(text: str) -> str:
     """Checked here, so a typo fails before any server starts; the server gets the text."""
-    parse_listen(text)
+    parse_metrics_address(text)
     return text
 
 
@@ -434,7 +434,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mount.add_argument(
         "--metrics",
         metavar="HOST:PORT",
-        type=_listen_address,
+        type=_metrics_address,
         default=None,
         help="have the server give Prometheus metrics at http://HOST:PORT/metrics",
     )

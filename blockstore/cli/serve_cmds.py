@@ -28,6 +28,7 @@ from blockstore.cli.common import (
     keep_traces,
     open_image_from_args,
     parse_listen,
+    parse_metrics_address,
     parse_timeout,
     prefetch_settings_from,
     read_trace_file,
@@ -67,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--metrics",
         metavar="HOST:PORT",
-        type=parse_listen,
+        type=parse_metrics_address,
         default=None,
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
     )

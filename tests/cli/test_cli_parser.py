@@ -44,3 +44,28 @@ def test_a_cache_cap_given_to_a_command_that_only_looks_says_why(tmp_path):
     assert shown.returncode == 2 and shown.stderr.count("\n") == 1, shown.stderr
     assert "cache ls takes no --cache-size" in shown.stderr
     assert "mount, serve, prefetch, index" in shown.stderr and "cache gc" in shown.stderr
+
+
+@pytest.mark.parametrize("command", [["serve", "h/i:v"], ["mount", "h/i:v", "/mnt"]])
+def test_a_bad_metrics_address_is_shown_a_metrics_example(command):
+    """The example a bad --metrics gets is a metrics port, not the NBD port 10809."""
+    shown = blockstore(*command, "--metrics", ":abc")
+    assert shown.returncode == 2 and shown.stderr.count("\n") == 1, shown.stderr
+    assert "try 127.0.0.1:9109" in shown.stderr and "10809" not in shown.stderr
+
+
+def test_a_user_name_without_a_password_says_how_to_give_one(tmp_path, monkeypatch):
+    """--username with no password anywhere (no option, environment or login file for the
+    registry) would go anonymous: it is refused saying how to give the password."""
+    monkeypatch.delenv("BLOCKSTORE_PASSWORD", raising=False)
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    monkeypatch.delenv("DOCKER_CONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    shown = blockstore("inspect", "127.0.0.1:9/a:v1", "--insecure", "--username", "alice")
+    assert shown.returncode == 2 and shown.stderr.count("\n") == 1, shown.stderr
+    assert "without a password" in shown.stderr
+    assert "--password" in shown.stderr and "$BLOCKSTORE_PASSWORD" in shown.stderr
+    monkeypatch.setenv("BLOCKSTORE_PASSWORD", "pw")
+    given = blockstore("inspect", "127.0.0.1:9/a:v1", "--insecure", "--username", "alice")
+    assert given.returncode == 5, given.stderr  # on to the registry, which is not there
