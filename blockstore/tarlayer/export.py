@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
+import tempfile
 import threading
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Protocol
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Protocol
 
 from blockstore.cache import CHUNK_SIZE, DiskFull
 from blockstore.errors import BlobReadError, CacheError, IntegrityError
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 
 _DIGEST = 80  # room for "sha256:" and 64 hex digits in a cached index record
 SPANS_KEPT = 10
+KEEP_STEP = 8 << 20  # a multiple of CHUNK_SIZE
 """Decompressed spans kept in memory: a span's chunks are asked for one by one, and the
 spans waiting for ``SpanWriter`` are served from here."""
 
@@ -128,9 +132,12 @@ class DecompressedTar:
         read_compressed: ReadRange,
         digest: str,
         keep: Callable[[int, Buffer], None] | None = None,
+        scratch: Path | None = None,
     ):
-        """``keep(offset, data)`` is given each span decompressed, to cache all of it."""
+        """``keep(offset, data)`` is given each span decompressed, to cache all of it;
+        ``scratch``: where a span too large for memory is decompressed to."""
         self.spans = spans
+        self._scratch = scratch
         self._keep = keep
         self._read_compressed = read_compressed
         self._digest = digest
@@ -161,12 +168,13 @@ class DecompressedTar:
                 data = self._kept.get(index)
             if data is None:
                 try:
-                    data = self.spans.decompress(index, self._read_compressed)
+                    data = self.spans.decompress(index, self._read_compressed, self._scratch)
                 except IntegrityError as exc:
                     raise BlobReadError(f"{self._digest}: {exc}") from exc
                 self.decompressions[index] += 1
                 if self._keep is not None:
-                    self._keep(self.spans.bounds(index)[0], data)
+                    for offset, piece in _steps(self.spans.bounds(index)[0], data):
+                        self._keep(offset, piece)
             with self._lock:
                 self._kept[index] = data
                 self._kept.move_to_end(index)
@@ -185,6 +193,21 @@ class DecompressedTar:
             parts.append(data[pos - start : min(stop, end) - start])
             pos = min(stop, end)
         return b"".join(parts)
+
+
+def _steps(offset: int, data: Buffer) -> Iterator[tuple[int, Buffer]]:
+    """``data`` at ``offset`` in pieces of at most ``KEEP_STEP`` that end on chunk
+    boundaries: each piece is one commit, and LMDB holds a commit's pages in memory."""
+    if len(data) <= KEEP_STEP:
+        yield offset, data
+        return
+    view = memoryview(data)
+    end = offset + len(data)
+    at = offset
+    while at < end:
+        stop = min(end, (at // KEEP_STEP + 1) * KEEP_STEP)
+        yield at, view[at - offset : stop - offset]
+        at = stop
 
 
 class SpanFiller:
@@ -377,6 +400,62 @@ class PassFill:
         if not whole:
             self._store.remove(self._digest)
         return whole
+
+
+class SpooledPassFill:
+    """The tar an indexing pass makes, kept when the tar's size is not known before the
+    pass (zstd names none up front, or only its first frame's): spooled to an unlinked
+    file beside the cache, and stored from it once the pass has checked both digests.
+    The pass then doubles as the fill, as ``PassFill`` makes it for gzip, and no read
+    has to decompress the layer again. What fails to be spooled or stored leaves the
+    layer to be read span by span, as without it."""
+
+    def __init__(self, store: ChunkStore, digest: str, scratch: Path):
+        self._store = store
+        self._digest = digest
+        # Open across the pass: closed by ``finish``.
+        self._file: IO[bytes] | None = tempfile.TemporaryFile(dir=scratch, prefix="tar-")  # noqa: SIM115
+        self._size = 0
+
+    def __call__(self, piece: bytes) -> None:
+        if self._file is None:
+            return
+        try:
+            self._file.write(piece)
+        except OSError as exc:
+            self._give_up(f"spooling it failed: {exc.strerror}")
+            return
+        self._size += len(piece)
+
+    def finish(self, verified_size: int | None) -> bool:
+        """Store the spooled tar if the pass checked both digests and made
+        ``verified_size`` bytes (None: it failed). True if the tar is kept."""
+        file = self._file
+        if file is None or verified_size != self._size or not self._size:
+            self._give_up(None)
+            return False
+        try:
+            file.flush()
+            # Not closed: the views handed to the store may outlive this call.
+            data = mmap.mmap(file.fileno(), self._size, access=mmap.ACCESS_READ)
+            fill = SpanFiller(self._store, self._digest, self._size)
+            for offset, piece in _steps(0, data):
+                fill(offset, piece)
+        except (OSError, CacheError) as exc:
+            self._store.remove(self._digest)
+            self._give_up(f"storing it failed: {exc}")
+            return False
+        finally:
+            file.close()
+            self._file = None
+        return True
+
+    def _give_up(self, why: str | None) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if why is not None:
+            log.warning("%s: the tar is not kept from its indexing pass: %s", self._digest, why)
 
 
 class KeyValueStore(Protocol):

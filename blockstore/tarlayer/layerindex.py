@@ -16,19 +16,22 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import mmap
 import struct
 import tarfile
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import IO
+from pathlib import Path
+from typing import IO, NoReturn
 
 from blockstore.errors import IntegrityError
 from blockstore.tarlayer.erofs_writer import write_metadata
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN, GzipIndexer, Zinfo, read_span, span_range
 from blockstore.tarlayer.tarwalk import RangeFile, check_end, entry_of, walk_tar
 from blockstore.tarlayer.tree import DamagedTar, build_tree
-from blockstore.tarlayer.zstdframes import ZstdIndexer, decode_frames
+from blockstore.tarlayer.zstdframes import ZstdIndexer, decode_frames, stream_frames
 
 INDEX_FORMAT = 2  # bump when the metadata image or the span index changes shape or meaning
 GZIP, ZSTD = "gzip", "zstd"
@@ -38,6 +41,9 @@ _HEAD = struct.Struct("<8sBQQQI")  # magic, kind, span, compressed, uncompressed
 _POINT = struct.Struct("<QQ32s")  # compressed offset, uncompressed offset, sha256 of the span
 
 ReadRange = Callable[[int, int], bytes]
+# A zstd span larger than this (one frame for the whole layer, as ``zstd FILE``
+# writes) is decompressed as a stream into a file, not whole in memory.
+LARGE_SPAN = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -74,9 +80,16 @@ class SpanIndex:
             return self.points[index][0], self.compressed_size
         return self.points[index][0], self.points[index + 1][0]
 
-    def decompress(self, index: int, read_compressed: ReadRange) -> bytes | bytearray | memoryview:
-        """The uncompressed bytes of span ``index``, checked against the verified pass."""
+    def decompress(
+        self, index: int, read_compressed: ReadRange, scratch: Path | None = None
+    ) -> bytes | bytearray | memoryview | mmap.mmap:
+        """The uncompressed bytes of span ``index``, checked against the verified pass.
+        A zstd span over ``LARGE_SPAN`` is decompressed into an unlinked file in the
+        ``scratch`` directory and mapped, so that neither its compressed nor its
+        uncompressed bytes are ever all in memory."""
         start, end = self.bounds(index)
+        if self.kind == ZSTD and end - start > LARGE_SPAN and scratch is not None:
+            return self._decompress_into_file(index, read_compressed, scratch)
         data: bytes | bytearray | memoryview
         if self.kind == GZIP:
             assert self.zinfo is not None
@@ -87,11 +100,36 @@ class SpanIndex:
         if len(data) != end - start or (
             self.digests is not None and hashlib.sha256(data).digest() != self.digests[index]
         ):
-            raise IntegrityError(
-                f"{self.kind} span {index} (bytes {start}-{end} of the tar) does not match"
-                " the digest recorded when the layer was indexed"
-            )
+            self._mismatch(index)
         return data
+
+    def _decompress_into_file(
+        self, index: int, read_compressed: ReadRange, scratch: Path
+    ) -> mmap.mmap:
+        start, end = self.bounds(index)
+        comp, comp_end = self.compressed_bounds(index)
+        digest = hashlib.sha256()
+        made = 0
+        with tempfile.TemporaryFile(dir=scratch, prefix="span-") as file:
+            for piece in stream_frames(read_compressed, comp, comp_end):
+                made += len(piece)
+                if made > end - start:
+                    self._mismatch(index)
+                digest.update(piece)
+                file.write(piece)
+            if made != end - start or (
+                self.digests is not None and digest.digest() != self.digests[index]
+            ):
+                self._mismatch(index)
+            file.flush()
+            return mmap.mmap(file.fileno(), made, access=mmap.ACCESS_READ)
+
+    def _mismatch(self, index: int) -> NoReturn:
+        start, end = self.bounds(index)
+        raise IntegrityError(
+            f"{self.kind} span {index} (bytes {start}-{end} of the tar) does not match"
+            " the digest recorded when the layer was indexed"
+        )
 
     def to_bytes(self) -> bytes:
         assert self.digests is not None, "only an index built here is stored"

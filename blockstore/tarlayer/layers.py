@@ -30,6 +30,7 @@ from blockstore.tarlayer.export import (
     PassFill,
     SpanFiller,
     SpanWriter,
+    SpooledPassFill,
     TarLayerExport,
     cached_or_built,
 )
@@ -452,7 +453,7 @@ def open_tar_layer(
     if pumping:
         keep = writer = SpanWriter(keep)
         owned.append(writer)
-    inflated = DecompressedTar(index.spans, compressed, digest, keep)
+    inflated = DecompressedTar(index.spans, compressed, digest, keep, scratch=store.path)
     tar_blob = CachedBlob(
         store,
         digest,
@@ -483,22 +484,29 @@ def open_tar_layer(
 
 def _pass_fill(
     store: ChunkStore, kind: str, tar_digest: str | None, read: ReadRange, blob_size: int
-) -> PassFill | None:
-    """What stores the tar as the indexing pass of a gzip layer makes it, when its tar is
-    not sealed yet: the tar's size is guessed from the gzip trailer (zstd has no such
-    thing). Chunks of an earlier pass that never finished are dropped first: nothing
-    vouched for them."""
-    if kind != GZIP or tar_digest is None:
+) -> PassFill | SpooledPassFill | None:
+    """What stores the tar as the indexing pass of a gzip or zstd layer makes it, when its
+    tar is not sealed yet. For gzip the tar's size is guessed from the trailer and the tar
+    stored as it comes; zstd names no size for the whole stream, so its tar is spooled
+    and stored once the pass knows it. Chunks of an earlier pass that never finished are
+    dropped first: nothing vouched for them."""
+    if kind not in (GZIP, ZSTD) or tar_digest is None:
         return None
     record = store.lookup(tar_digest)
     if record is not None and record.sealed:
         return None
-    size = size_hint(read, blob_size)
+    size = size_hint(read, blob_size) if kind == GZIP else None
     if size == 0:
         return None
     if record is not None:
         store.remove(tar_digest)
-    return PassFill(store, tar_digest, size)
+    if size is not None:
+        return PassFill(store, tar_digest, size)
+    try:
+        return SpooledPassFill(store, tar_digest, store.path)
+    except OSError as exc:
+        log.warning("%s: the tar is not kept from its indexing pass: %s", tar_digest, exc)
+        return None
 
 
 class SharedIndexCheck:

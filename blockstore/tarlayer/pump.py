@@ -44,6 +44,9 @@ AHEAD = 4
 """Spans whose compressed bytes are asked for ahead of the one being decompressed."""
 KEPT_AHEAD = 4 * AHEAD
 """Most ranges fetched ahead and not yet taken (a reader may have taken their spans)."""
+AHEAD_AT_MOST = 32 << 20
+"""A larger range (a zstd layer of one frame) is not held in memory: its span reads it
+as it decompresses, a piece at a time."""
 ROUNDS = 3
 """Passes over what is still missing: a chunk shared by two spans needs both."""
 
@@ -95,6 +98,7 @@ class SpanBytes:
                 or length <= 0
                 or key in self._asked
                 or len(self._ahead) >= KEPT_AHEAD
+                or length > AHEAD_AT_MOST
                 or any(offset <= middle < offset + length for middle in self._read_by_readers)
             ):
                 return

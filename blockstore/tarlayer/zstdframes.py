@@ -11,16 +11,39 @@ no tar bytes and are stepped over.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator
 from typing import IO
 
 import zstandard
 
 from blockstore.errors import IntegrityError
+from blockstore.export import Buffer
 from blockstore.tarlayer.stepped import SteppedReader
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _READ_SIZE = 1 << 20
-_FEED = 1 << 17  # compressed bytes per decompress call: bounds each call's output
+_FEED = 1 << 17  # compressed bytes per decompress call, at most
+_FEED_LEAST = 64
+_OUTPUT_STEP = 1 << 20  # what one decompress call should make, about
+
+
+class _Feed:
+    """How many compressed bytes to hand zstd next, so that one call makes about
+    ``_OUTPUT_STEP``: zstd's decompress cannot be told to stop, and a run of RLE blocks
+    makes 32,768 bytes of each (a gigabyte of zeros is 33 KB), so a full ``_FEED``
+    of them would be gigabytes in memory at once. Learnt from the last call."""
+
+    def __init__(self) -> None:
+        self.size = _FEED_LEAST
+
+    def made(self, used: int, out: int) -> None:
+        wanted = self.size * 2 if out == 0 else used * _OUTPUT_STEP // out
+        self.size = max(_FEED_LEAST, min(_FEED, wanted))
+
+
+# Compressed bytes asked for at once when a span is decompressed as a stream: one
+# range request each.
+STREAM_READ = 8 << 20
 
 
 def _skippable(head: bytes) -> bool:
@@ -38,6 +61,7 @@ class ZstdIndexer(SteppedReader):
         self._pos = 0  # into _data
         self._base = 0  # compressed offset of _data[0]
         self._frame: zstandard.ZstdDecompressionObj | None = None
+        self._feed = _Feed()
         self._out = 0
         self.points: list[tuple[int, int]] = []  # (compressed, uncompressed) restart points
         self.span_digests: list[bytes] = []
@@ -87,12 +111,13 @@ class ZstdIndexer(SteppedReader):
             return
         if not self._have(1):
             raise IntegrityError("zstd stream ends inside a frame")
-        piece = self._data[self._pos : self._pos + _FEED]
+        piece = self._data[self._pos : self._pos + self._feed.size]
         try:
             out = self._frame.decompress(piece)
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"corrupt zstd stream: {exc}") from exc
         used = len(piece) - len(self._frame.unused_data) if self._frame.eof else len(piece)
+        self._feed.made(used, len(out))
         self._pos += used
         if self._frame.eof:
             self._frame = None
@@ -129,3 +154,60 @@ def decode_frames(data: bytes) -> bytes:
             raise IntegrityError("zstd span ends inside a frame")
         pos = len(data) - len(frame.unused_data)
     return b"".join(parts)
+
+
+def stream_frames(read: Callable[[int, int], Buffer], start: int, end: int) -> Iterator[bytes]:
+    """The output of the frames in compressed bytes ``start..end``, piece by piece
+    (skippable frames stepped over), reading ``STREAM_READ`` at a time: a span too
+    large to hold whole in memory, compressed or not."""
+    pos = start  # the next compressed byte to read
+    buf = b""
+    at = 0  # the first byte of ``buf`` not used yet
+    frame: zstandard.ZstdDecompressionObj | None = None
+    feed = _Feed()
+
+    def more() -> bytes:
+        nonlocal pos
+        length = min(STREAM_READ, end - pos)
+        got = bytes(read(pos, length))
+        if len(got) != length:
+            raise IntegrityError(f"zstd span: {len(got)} bytes read at {pos}, {length} asked")
+        pos += length
+        return got
+
+    while True:
+        if frame is None:
+            while len(buf) - at < 8 and pos < end:
+                buf, at = buf[at:] + more(), 0
+            if at == len(buf):
+                return
+            head = buf[at : at + 8]
+            if _skippable(head):
+                if len(head) < 8:
+                    raise IntegrityError("zstd span ends inside a skippable frame")
+                skip = 8 + int.from_bytes(head[4:8], "little")
+                if at + skip <= len(buf):
+                    at += skip
+                else:
+                    pos += at + skip - len(buf)
+                    buf, at = b"", 0
+                    if pos > end:
+                        raise IntegrityError("zstd span ends inside a skippable frame")
+                continue
+            frame = zstandard.ZstdDecompressor().decompressobj()
+        if at == len(buf):
+            if pos >= end:
+                raise IntegrityError("zstd span ends inside a frame")
+            buf, at = more(), 0
+        piece = buf[at : at + feed.size]
+        try:
+            out = frame.decompress(piece)
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"corrupt zstd stream: {exc}") from exc
+        used = len(piece) - len(frame.unused_data) if frame.eof else len(piece)
+        feed.made(used, len(out))
+        at += used
+        if out:
+            yield out
+        if frame.eof:
+            frame = None

@@ -10,14 +10,19 @@ import os
 import random
 import subprocess
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import pytest
+import zstandard
 from trees import make_tar
 
+from blockstore.cache import CHUNK_SIZE
 from blockstore.errors import IntegrityError
-from blockstore.tarlayer import gzindex
+from blockstore.tarlayer import export as tar_export
+from blockstore.tarlayer import gzindex, layerindex, zstdframes
 from blockstore.tarlayer.erofs_reader import read_metadata
+from blockstore.tarlayer.export import DecompressedTar
 from blockstore.tarlayer.gzindex import POINT_SIZE, WINDOW, GzipIndexer, Zinfo
 from blockstore.tarlayer.layerindex import GZIP, ZSTD, SpanIndex, index_compressed_tar
 from blockstore.tarlayer.tree import TarLayerError
@@ -215,6 +220,78 @@ def test_span_from_bytes_fetched_wrong_later_is_refused(layer_tar, kind):
         bad[comp + k] ^= 0x01
     with pytest.raises(IntegrityError):
         index.spans.decompress(target, lambda o, n: bytes(bad[o : o + n]))
+
+
+def test_a_zstd_span_too_large_for_memory_is_decompressed_as_a_stream(tmp_path, monkeypatch):
+    """A zstd layer of one frame is one span, the whole tar. Over ``LARGE_SPAN`` (made
+    1 MiB here, for a 12 MiB tar) it is decompressed into a file in the scratch directory,
+    reading at most ``STREAM_READ`` compressed bytes at a time: the bytes are the tar's,
+    and this process never holds more than a small part of the span. Handed on to be
+    kept, it goes in pieces of at most ``KEEP_STEP``, each ending on a chunk boundary.
+    Compressed bytes that differ from the indexed ones fail the span's digest."""
+    monkeypatch.setattr(layerindex, "LARGE_SPAN", 1 << 20)
+    monkeypatch.setattr(zstdframes, "STREAM_READ", 256 << 10)
+    monkeypatch.setattr(tar_export, "KEEP_STEP", 1 << 20)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"part-{i:02}").write_bytes(os.urandom(1 << 19) + bytes([i]) * (1 << 19))
+    layer_tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    blob = compress(["zstd", "-q", "-c"], layer_tar)
+    index = index_compressed_tar(io.BytesIO(blob), ZSTD, blob_digest=sha(blob), diff_id=None)
+    assert len(index.spans.points) == 1 and len(layer_tar) > 12 << 20
+    asked: list[int] = []
+
+    def read(offset: int, length: int) -> bytes:
+        asked.append(length)
+        return blob[offset : offset + length]
+
+    kept: list[tuple[int, int]] = []
+    tar = DecompressedTar(
+        index.spans, read, sha(layer_tar), lambda o, d: kept.append((o, len(d))), scratch
+    )
+    tracemalloc.start()
+    try:
+        span = tar.span(0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert bytes(span) == layer_tar
+    assert peak < len(layer_tar) // 8 and max(asked) <= 256 << 10, peak
+    assert sum(n for _, n in kept) == len(layer_tar) and max(n for _, n in kept) <= 1 << 20
+    assert all((o + n) % CHUNK_SIZE == 0 for o, n in kept[:-1])
+    assert list(scratch.iterdir()) == []  # the file is unlinked from the start
+    bad = bytearray(blob)
+    for k in range(4000, len(bad) - 4000, 997):  # many flips: some decode, wrongly
+        bad[k] ^= 0x01
+    with pytest.raises(IntegrityError):
+        index.spans.decompress(0, lambda o, n: bytes(bad[o : o + n]), scratch)
+
+
+def test_a_zstd_layer_that_inflates_a_thousandfold_is_indexed_in_little_memory():
+    """A zstd layer holding a file of 128 MiB of zeros is 4 KiB: runs of RLE blocks make
+    32,768 bytes of each. Indexing it, the process holds a few MiB at most. Before, one
+    decompress call was given 128 KiB of it and made the whole file at once in memory:
+    a small layer (a disk image, a preallocated file) could exhaust the server's."""
+    size = 128 << 20
+    info = tarfile.TarInfo("zeros")
+    info.size = size
+    zstd = zstandard.ZstdCompressor().compressobj()
+    parts = [zstd.compress(info.tobuf(tarfile.PAX_FORMAT))]
+    zero = bytes(1 << 20)
+    parts += [zstd.compress(zero) for _ in range(size >> 20)]
+    parts += [zstd.compress(bytes(2 * tarfile.RECORDSIZE)), zstd.flush()]
+    blob = b"".join(parts)
+    assert len(blob) < size >> 10
+    tracemalloc.start()
+    try:
+        index = index_compressed_tar(io.BytesIO(blob), ZSTD, blob_digest=sha(blob), diff_id=None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert index.tar_size > size and peak < 16 << 20
 
 
 def test_malformed_index_files_are_refused():

@@ -131,6 +131,31 @@ def test_pushed_compressed_layer_has_the_diff_id_its_index_checks(tmp_path, regi
         image.close()
 
 
+def test_a_zstd_layers_indexing_pass_leaves_its_tar_in_the_cache(tmp_path, registry):
+    """A zstd layer written as a stream (``tar | zstd``: no size in its frame header),
+    opened with its index built here: the pass that indexed it also leaves its tar whole
+    in the cache, so reading it all afterwards decompresses and fetches nothing more.
+    Before, the first read decompressed the one frame again, the whole layer, in memory."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(30):
+        (src / f"file-{i:02}").write_bytes(os.urandom(30_000) + bytes(50_000))
+    tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    ref = push_tar_layer(registry, "o/zstd-stream", "zstd", "zstd", tar, tmp_path)
+    image = open_image(ref, cache_dir=tmp_path / "c", options=registry.options())
+    try:
+        (export,) = image.exports()
+        store = image.store
+        tar_record = store.lookup(export.index.tar_digest)
+        assert tar_record is not None and tar_record.present == tar_record.chunks
+        fetched = store.stats()["bytes_fetched"]
+        data = b"".join(bytes(b) for b in export.read(0, export.size))
+        assert data[len(export.index.metadata) :][: len(tar)] == tar
+        assert store.stats()["bytes_fetched"] == fetched
+    finally:
+        image.close()
+
+
 @pytest.mark.parametrize("kind", ["tar", "gzip"])
 def test_a_tar_layers_trace_holds_the_mounts_reads_not_the_indexing_pass(tmp_path, registry, kind):
     """Open a tar layer with a mount's settings (its index built here: a walk over every
