@@ -18,9 +18,11 @@ from trees import make_tar, populate
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
 from blockstore.errors import BlobReadError, IntegrityError
 from blockstore.prefetch import PrefetchSettings
+from blockstore.tarlayer import pump
 from blockstore.tarlayer.export import IndexCache, SpanFiller, SpanWriter
 from blockstore.tarlayer.layerindex import GZIP, SpanIndex
 from blockstore.tarlayer.layers import IDLE, open_tar_layer
+from blockstore.tarlayer.pump import SpanBytes
 
 SPAN = 256 << 10
 
@@ -387,3 +389,24 @@ def test_a_pass_that_fails_or_guesses_the_size_wrong_keeps_no_tar(layer, tmp_pat
         finally:
             opened.close()
             compressed.close()
+
+
+def test_a_range_too_large_to_hold_is_never_fetched_ahead(layer, monkeypatch):
+    """``SpanBytes`` holds what it fetches ahead in memory until a span takes it. A range
+    over ``AHEAD_AT_MOST`` (a zstd layer of one frame is one span, the whole blob) is
+    not fetched ahead: its span reads it a piece at a time as it decompresses. A range
+    under the limit is fetched once, ahead, and its read then asks the source nothing."""
+    path, _, blob = layer
+    monkeypatch.setattr(pump, "AHEAD_AT_MOST", 1 << 20)
+    source = CountingSource(path, sha(blob))
+    ahead = SpanBytes(source, lambda offset, length: None, lambda nbytes: None)
+    try:
+        ahead.ahead(0, (1 << 20) + 1)
+        ahead.ahead(2 << 20, 1 << 20)
+        wait_for(lambda: source.asked == 1 << 20, timeout=10)
+        assert ahead.read(2 << 20, 4096) == blob[2 << 20 : (2 << 20) + 4096]
+        assert source.asked == 1 << 20
+        assert ahead.read(0, 4096) == blob[:4096]  # read then, not fetched ahead
+        assert source.asked == (1 << 20) + 4096
+    finally:
+        ahead.close()
