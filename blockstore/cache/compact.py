@@ -26,7 +26,7 @@ import lmdb
 from blockstore.errors import CacheError
 
 from .env import COMPACT_COPY as COPY_NAME
-from .env import DiskFull, file_damage
+from .env import DiskFull, file_damage, reason
 from .layout import ALL_DBS
 
 
@@ -48,7 +48,7 @@ def compact(path: Path) -> Compacted:
     except FileNotFoundError:
         raise CacheError(f"no cache at {path}: nothing was ever kept there") from None
     except OSError as exc:
-        raise CacheError(f"cannot open the cache at {path}: {exc}") from exc
+        raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -53,6 +53,15 @@ from .layout import ALL_DBS, CHUNK_SIZE, DB_META, FORMAT_VERSION, meta_int
 
 log = logging.getLogger(__name__)
 
+
+def reason(exc: BaseException) -> str:
+    """What went wrong, for a message that already names the path: an OSError's
+    ``strerror`` alone, not its ``[Errno N] ...: 'path'``."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
 T = TypeVar("T")
 
 INITIAL_MAP_SIZE = 256 << 20
@@ -244,7 +253,7 @@ def _reserve_lock_file(path: Path) -> None:
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise DiskFull(f"the disk holding the cache at {path} is full") from exc
-        raise CacheError(f"cannot open the cache at {path}: {exc}") from exc
+        raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
 
 
 def hold_in_use(path: Path) -> int:
@@ -263,7 +272,7 @@ def hold_in_use(path: Path) -> int:
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise DiskFull(f"the disk holding the cache at {path} is full") from exc
-            raise CacheError(f"cannot open the cache at {path}: {exc}") from exc
+            raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -495,7 +504,7 @@ class CacheEnv:
             path.mkdir(parents=True, exist_ok=True)
             st = path.stat()
         except OSError as exc:
-            raise CacheError(f"cannot open the cache at {path}: {exc}") from exc
+            raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
         return st.st_dev, st.st_ino
 
     def __init__(self, path: Path, *, offline: bool = False):
@@ -571,7 +580,7 @@ class CacheEnv:
         except DAMAGE_ERRORS as exc:
             raise CacheDamaged(f"the cache at {path} is damaged: {exc}") from exc
         except (OSError, lmdb.Error) as exc:
-            raise CacheError(f"cannot open the cache at {path}: {exc}") from exc
+            raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
         try:
             # Reader slots of killed processes would pin old pages forever.
             env.reader_check()
@@ -584,7 +593,7 @@ class CacheEnv:
             raise CacheDamaged(f"the cache at {path} is damaged: {exc}") from exc
         except lmdb.Error as exc:
             env.close()
-            raise CacheError(f"cannot open the cache at {path}: {exc}") from exc
+            raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
         if version != FORMAT_VERSION or chunk_size != CHUNK_SIZE:
             env.close()
             raise OtherFormat(

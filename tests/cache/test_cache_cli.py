@@ -189,8 +189,8 @@ def test_cache_dir_from_the_environment(tmp_path):
 
 def test_a_cache_dir_that_cannot_be_one_is_refused_in_one_line(tmp_path):
     """``--cache-dir ''`` would be the current directory: a usage error (exit 2). A file
-    named as the directory: exit 8, saying it is not a directory. Neither leaves a
-    cache file behind."""
+    named as the directory, or as one above it: exit 8, saying why in words. Neither
+    leaves a cache file behind."""
     empty = run_cli("cache", "ls", "--cache-dir", "")
     assert empty.returncode == 2 and "an empty name is no cache directory" in empty.stderr
     assert not (REPO / "data.mdb").exists()  # run_cli's working directory
@@ -202,6 +202,13 @@ def test_a_cache_dir_that_cannot_be_one_is_refused_in_one_line(tmp_path):
         f"blockstore: cannot open the cache at {a_file}: it is not a directory"
     )
     assert a_file.read_bytes() == b"not a directory"
+    # A directory that cannot be made: the reason alone, not Python's "[Errno 2] ...".
+    unmakeable = a_file / "cache"
+    refused = run_cli("prefetch", "127.0.0.1:5000/x:v1", "--cache-dir", str(unmakeable))
+    assert refused.returncode == 8, refused.stderr
+    assert refused.stderr.strip() == (
+        f"blockstore: cannot open the cache at {unmakeable}: Not a directory"
+    )
 
 
 @pytest.mark.parametrize("command", ["rm", "pin", "unpin"])
