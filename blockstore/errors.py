@@ -112,6 +112,7 @@ class MountpointBusy(MountError):
 
 
 class ImageNotCached(BlockstoreError):
-    """Offline (or the registry unreachable), and the image was never resolved here."""
+    """Offline (or the registry unreachable), and the image is not in the cache: never
+    resolved here, or removed."""
 
     exit_code = 9

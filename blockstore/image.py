@@ -428,7 +428,7 @@ def _open(
     except RegistryUnreachable as exc:
         client.close()
         resolved = _cached(store, str(ref), platform, cause=exc)
-        log.warning("%s; serving %s from the cache alone", exc, resolved.reference)
+        # Said by the caller, in its own terms (``unreachable``): only a server serves.
         return OpenImage(resolved, store, ref.repository, None, unreachable=exc)
     except BaseException:
         client.close()
@@ -448,7 +448,10 @@ def _cached(
 ) -> ResolvedImage:
     record = store.images.get(reference, platform)
     if record is None:
-        never = f"{reference} ({platform}) was never resolved with the cache at {store.path}"
+        never = (
+            f"{reference} ({platform}) is not in the cache at {store.path}: "
+            "never resolved with it, or removed (cache rm)"
+        )
         if cause is not None:
             raise RegistryUnreachable(f"{cause}, and {never}") from cause
         raise ImageNotCached(f"offline: {never}")

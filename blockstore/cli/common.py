@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from blockstore.prefetch.settings import PrefetchSettings
     from blockstore.registry.options import RegistryOptions
 
+log = logging.getLogger(__name__)
+
 
 def default_cache_dir() -> Path:
     """``$BLOCKSTORE_CACHE_DIR``, else ``$XDG_CACHE_HOME/blockstore``, else ~/.cache/blockstore."""
@@ -431,45 +433,33 @@ def open_image_from_args(
 
     ``needs_registry``: the command writes to the registry or reads what only
     it has, so the cached fallback of an unreachable registry is refused.
-    ``serves``: the command serves the image, so the opener's warning that it
-    serves it from the cache alone holds; any other command that falls back
-    says so itself, or fails saying why (``image.unreachable``).
+    ``serves``: the command serves the image, and says so when it serves it from
+    the cache alone; any other command that falls back says so itself, or fails
+    saying why (``image.unreachable``).
     ``kw`` go to ``open_image`` (``offline``, ``prefetch``).
     """
     # Imported here, as registry_options_from_args explains.
     from blockstore.errors import RegistryUnreachable
     from blockstore.image import open_image
 
-    opener = logging.getLogger("blockstore.image")
-    held = None if serves else _ServingFromTheCacheAlone()
-    if held is not None:
-        opener.addFilter(held)
-    try:
-        image = open_image(
-            args.image,
-            cache_dir=cache_dir_from(args),
-            cache_size=args.cache_size,
-            platform=args.platform,
-            options=registry_options_from_args(args),
-            reading=(getattr(args, "layer", None), getattr(args, "blob", None)),
-            **kw,
+    image = open_image(
+        args.image,
+        cache_dir=cache_dir_from(args),
+        cache_size=args.cache_size,
+        platform=args.platform,
+        options=registry_options_from_args(args),
+        reading=(getattr(args, "layer", None), getattr(args, "blob", None)),
+        **kw,
+    )
+    if serves and image.unreachable is not None:
+        log.warning(
+            "%s; serving %s from the cache alone", image.unreachable, image.resolved.reference
         )
-    finally:
-        if held is not None:
-            opener.removeFilter(held)
     if needs_registry and image.client is None:
         image.close()
         why = image.unreachable or "the registry cannot be reached"
         raise RegistryUnreachable(f"{image.resolved.reference}: {why}")
     return image
-
-
-class _ServingFromTheCacheAlone(logging.Filter):
-    """Holds back the opener's "serving IMAGE from the cache alone" warning, which is
-    untrue of a command that serves nothing: it says so itself, or fails saying why."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).endswith("from the cache alone")
 
 
 class _ToAPerson(logging.Formatter):
