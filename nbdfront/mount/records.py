@@ -85,7 +85,7 @@ def mount_key(mountpoint: str) -> str:
     Short (at most 31 characters), because the server's socket path goes through it and
     a Unix socket's path has 107 bytes at most."""
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", mountpoint).strip("-")[-20:] or "root"
-    return f"{readable}-{hashlib.sha256(mountpoint.encode()).hexdigest()[:10]}"
+    return f"{readable}-{hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:10]}"
 
 
 def state_dir_for(mountpoint: str) -> Path:

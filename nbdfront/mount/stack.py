@@ -382,6 +382,16 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
     Returns how the server ended, None where it is not known. Bounded: a
     server that does not stop is killed after ``STOP_GRACE`` seconds.
     """
+    if record.mounted and not lazy:
+        ours = [record.mountpoint, *record.lowers]
+        ours += [a.fuse_dir for a in record.attachments if a.fuse_dir]
+        users = syscall.users_of(ours)
+        if users:
+            raise MountpointBusy(
+                f"{record.mountpoint} is busy: {', '.join(users)} is mounted over it (a bind "
+                "mount or an overlay); unmount that first, or unmount with --lazy, after "
+                "which it gets I/O errors"
+            )
     if record.mounted:
         syscall.umount(record.mountpoint, lazy=lazy)
     # The tree is out of reach now, but reads may be in flight (a lazy unmount's users,

@@ -87,6 +87,43 @@ def mounted() -> dict[str, tuple[str, str]]:
     return table
 
 
+def users_of(mountpoints: list[str]) -> list[str]:
+    """Other mounts that keep the file systems at ``mountpoints`` in use: a bind mount of
+    one of them (or of a directory inside), or an overlay whose layers or upper
+    directory lie in one. Unmounting ``mountpoints`` succeeds all the same (the kernel
+    keeps a file system alive while any mount of it remains), so these must be found
+    first: stopping the server under them would turn their reads into I/O errors."""
+    ours = {os.path.realpath(p) for p in mountpoints}
+    inside = tuple(p.rstrip("/") + "/" for p in ours)
+    devices: set[str] = set()
+    entries: list[tuple[str, str, str, str]] = []  # (mount point, device, type, options)
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, tail = left.split(), right.split()
+            point = _unescape(fields[4])
+            entries.append((point, fields[2], tail[0], tail[2] if len(tail) > 2 else ""))
+            if point in ours:
+                devices.add(fields[2])
+    users = []
+    for point, device, fstype, options in entries:
+        if point in ours or point.startswith(inside):
+            continue  # ours, or mounted inside ours (submounts() names those)
+        if device in devices or (fstype == "overlay" and _overlay_uses(options, ours, inside)):
+            users.append(point)
+    return users
+
+
+def _overlay_uses(options: str, ours: set[str], inside: tuple[str, ...]) -> bool:
+    for option in options.split(","):
+        key, _, value = option.partition("=")
+        if key in ("lowerdir", "upperdir", "workdir", "lowerdir+", "datadir+"):
+            for path in _unescape(value).split(":"):
+                if path in ours or path.startswith(inside):
+                    return True
+    return False
+
+
 def is_mounted(path: str) -> bool:
     return os.path.realpath(path) in mounted()
 

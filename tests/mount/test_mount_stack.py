@@ -254,6 +254,63 @@ def test_umount_of_a_mount_with_another_inside_names_it(
     assert_nothing_left(record, run)
 
 
+@pytest.mark.parametrize("over", ["bind", "overlay"])
+def test_umount_of_a_mount_something_else_is_mounted_over_is_refused_and_changes_nothing(
+    mount_dirs, mountpoint, erofs_images, local_server, tmp_path, over
+):
+    """Three layers mounted, then a bind mount of the image, or the user's own writable
+    overlay with it as the lower directory (as a container runtime makes): `umount` is
+    refused (exit 13) naming that mount, and the image, the bind or overlay over it and
+    the server all stay as they were. Before, the top and the layers came down, the
+    server was stopped and the refusal came only at the last step: the mount over it
+    then read I/O errors. Once it is gone, `umount` leaves nothing."""
+    _, run = mount_dirs
+    layers = erofs_images.layers
+    argv = local_server({f"layer{i}": layer.path for i, layer in enumerate(layers)})
+    record = stack.mount(argv, str(mountpoint), image="three")
+    user = tmp_path / "user"
+    user.mkdir()
+    if over == "bind":
+        command = ["mount", "--bind", str(mountpoint), str(user)]
+    else:
+        upper, work = tmp_path / "upper", tmp_path / "work"
+        upper.mkdir()
+        work.mkdir()
+        options = f"lowerdir={mountpoint},upperdir={upper},workdir={work}"
+        command = ["mount", "-t", "overlay", "overlay", "-o", options, str(user)]
+    subprocess.run(command, check=True)
+    try:
+        busy = cli("umount", str(mountpoint))
+        assert busy.returncode == MountpointBusy.exit_code, busy.stderr
+        assert f"{user} is mounted over it" in busy.stderr, busy.stderr
+        assert record.server is not None and record.server.alive()
+        assert syscall.is_mounted(str(mountpoint)) and records.load(str(mountpoint))
+        assert_same_tree(layers[-1].merged_tree, user)
+    finally:
+        subprocess.run(["umount", str(user)], check=False)
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert_nothing_left(record, run)
+
+
+def test_a_mountpoint_whose_name_is_not_utf8_mounts_and_unmounts(
+    mount_dirs, erofs_images, local_server, tmp_path
+):
+    """A directory named with a Latin-1 byte (as an old file system may hold): the mount
+    and `umount` work, where the record's key was made with ``str.encode`` and failed
+    with a UnicodeEncodeError traceback."""
+    _, run = mount_dirs
+    mountpoint = tmp_path / os.fsdecode(b"mnt-\xe9")
+    mountpoint.mkdir()
+    record = stack.mount(
+        local_server({"layer0": erofs_images.small.path}), str(mountpoint), image="small"
+    )
+    assert_same_tree(erofs_images.small.tree, mountpoint)
+    done = cli("umount", str(mountpoint), errors="surrogateescape")  # prints the name as is
+    assert done.returncode == 0, done.stderr
+    assert_nothing_left(record, run)
+
+
 def test_server_failing_before_ready_passes_on_its_error(mount_dirs, mountpoint, tmp_path):
     """The real server, asked for an image its cache never saw while offline, fails before
     it is ready: the mount fails at once with the server's own error (from the readiness
