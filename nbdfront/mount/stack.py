@@ -251,11 +251,26 @@ def _mount_layers(record: MountRecord, check: Callable[[], None], shown: set[str
         empty = Path(record.state_dir) / "empty-lower"
         empty.mkdir(exist_ok=True)
         visible.insert(0, str(empty))
-    # overlayfs lists lower directories top first; with no upperdir it is read-only.
-    lowerdir = ":".join(reversed(visible))
-    syscall.mount("overlay", record.mountpoint, "overlay", f"lowerdir={lowerdir}")
+    # overlayfs lists lower directories top first; with no upperdir it is read-only. The
+    # names are relative to the state directory, the working directory for the call:
+    # the kernel takes a page of mount options at most, which absolute paths would
+    # fill at about 40 layers.
+    lowerdir = ":".join(os.path.relpath(p, record.state_dir) for p in reversed(visible))
+    with _working_directory(record.state_dir):
+        syscall.mount("overlay", record.mountpoint, "overlay", f"lowerdir={lowerdir}")
     record.mounted = record.overlay = True
     logger.info("overlayfs at %s over %s", record.mountpoint, lowerdir)
+
+
+@contextlib.contextmanager
+def _working_directory(path: str) -> Iterator[None]:
+    back = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.chdir(path)
+        yield
+    finally:
+        os.fchdir(back)
+        os.close(back)
 
 
 OPAQUE_XATTR = "trusted.overlay.opaque"

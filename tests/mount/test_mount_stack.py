@@ -83,6 +83,22 @@ def test_three_layers_stack_with_overlayfs(mount_dirs, mountpoint, erofs_images,
     assert_nothing_left(record, run)
 
 
+def test_an_image_of_many_layers_mounts(mount_dirs, mountpoint, erofs_images, local_server):
+    """Sixty-one layers (the base, then the next two over and over, the last on top): the overlay's options name each layer by its directory. Absolute, those
+    names filled the page of options the kernel takes at about forty layers here, and
+    the mount failed with a misleading ENOENT for the name cut short."""
+    base, *rest = erofs_images.layers
+    layers = [base] + rest * 30
+    _, run = mount_dirs
+    argv = local_server({f"layer{i}": layer.path for i, layer in enumerate(layers)})
+    record = stack.mount(argv, str(mountpoint), image="sixty-one")
+    assert record.overlay and len(record.lowers) == 61
+    assert len(",".join(record.lowers)) > 4096  # as absolute names, over a page
+    assert_same_tree(rest[-1].merged_tree, mountpoint)
+    stack.unmount(str(mountpoint))
+    assert_nothing_left(record, run)
+
+
 def test_opaque_directory_hides_the_layers_below(
     mount_dirs, mountpoint, opaque_images, local_server
 ):
