@@ -29,7 +29,7 @@ from typing import IO, NoReturn
 from blockstore.errors import IntegrityError
 from blockstore.tarlayer.erofs_writer import write_metadata
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN, GzipIndexer, Zinfo, read_span, span_range
-from blockstore.tarlayer.tarwalk import RangeFile, check_end, entry_of, walk_tar
+from blockstore.tarlayer.tarwalk import RangeFile, WindowedReads, check_end, entry_of, walk_tar
 from blockstore.tarlayer.tree import DamagedTar, build_tree
 from blockstore.tarlayer.zstdframes import ZstdIndexer, decode_frames, stream_frames
 
@@ -201,8 +201,9 @@ def check_diff_id(tar_digest: str, diff_id: str | None) -> None:
 
 
 def index_plain_tar(read_range: ReadRange, size: int, blob_digest: str) -> TarIndex:
-    """Index an uncompressed tar blob by reading its headers only."""
-    tree = build_tree(walk_tar(RangeFile(read_range, size)))
+    """Index an uncompressed tar blob by reading its headers, and small files between them
+    in the same requests (``WindowedReads``): not one round trip per header."""
+    tree = build_tree(walk_tar(RangeFile(WindowedReads(read_range, size).read, size)))
     return TarIndex(write_metadata(tree, size), size, None, blob_digest)
 
 

@@ -66,6 +66,61 @@ class RangeFile(io.RawIOBase):
         return len(data)
 
 
+class WindowedReads:
+    """Range reads of a tar walk that fetch a window ahead of each miss.
+
+    A header walk asks for one header at a time, and each one's position is known
+    only once the one before it is read: read one by one, a layer of small files
+    costs a round trip per header. Each miss here asks for a window instead, so
+    the headers that follow it come in the same round trip; the bytes between
+    them are small files, which a mount is likely to read anyway. The window
+    doubles while the walk's next miss lands within a window past the last one
+    (the files skipped were small), and falls back to ``smallest`` when it jumps
+    further (a large file): of a large file's data at most one window is read.
+    Windows end on a multiple of ``smallest`` (the cache's chunk), which a range
+    read fetches whole anyway.
+    """
+
+    def __init__(
+        self,
+        read_range: Callable[[int, int], bytes],
+        size: int,
+        *,
+        smallest: int = 32 << 10,
+        largest: int = 1 << 20,
+    ):
+        self._read_range = read_range
+        self._size = size
+        self._smallest = smallest
+        self._largest = largest
+        self._window = smallest
+        self._start = 0
+        self._data = b""
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The bytes at ``offset``, from the last window if it holds them all."""
+        start, end = offset - self._start, offset + length - self._start
+        if start >= 0 and end <= len(self._data):
+            return self._data[start:end]
+        self._adapt(offset)
+        self._data = self._read_range(offset, self._until(offset, length) - offset)
+        self._start = offset
+        return self._data[:length]
+
+    def _until(self, offset: int, length: int) -> int:
+        """Where a window from ``offset`` ends: past the read, on a chunk's end."""
+        ahead = offset + max(length, self._window)
+        return min(self._size, -(-ahead // self._smallest) * self._smallest)
+
+    def _adapt(self, offset: int) -> None:
+        """Grow the window if the walk went on to ``offset`` from near the last one's end."""
+        skipped = offset - (self._start + len(self._data))
+        if self._data and skipped < self._window:
+            self._window = min(self._largest, self._window * 2)
+        else:
+            self._window = self._smallest
+
+
 def _show(name: str) -> str:
     return repr(os.fsencode(name).decode("utf-8", "backslashreplace"))
 

@@ -11,6 +11,7 @@ import tarfile
 
 import pytest
 
+from blockstore.tarlayer.layerindex import index_plain_tar
 from blockstore.tarlayer.tarwalk import RangeFile, walk_tar
 from blockstore.tarlayer.tree import TarLayerError
 
@@ -45,6 +46,51 @@ def test_header_walk_over_range_reads_skips_file_data(tmp_path):
                 (o, n) for o, n in reads if o < e.data_offset + e.size - 1 and o + n > e.data_offset
             ]
             assert inside == [], f"{e.path!r}: data read at {inside}"
+
+
+def _tar_of(files: list[tuple[str, bytes]]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def _counted(blob: bytes) -> tuple[list[tuple[int, int]], object]:
+    reads: list[tuple[int, int]] = []
+
+    def read_range(offset: int, length: int) -> bytes:
+        reads.append((offset, length))
+        return blob[offset : offset + length]
+
+    return reads, read_range
+
+
+def test_indexing_small_files_takes_few_range_reads():
+    """Indexing a plain tar of 400 small files asks for few windows, not one range
+    read per header: each read was one round trip to the registry, in sequence."""
+    blob = _tar_of([(f"f{i:03}", bytes([i % 251]) * (200 + i)) for i in range(400)])
+    reads, read_range = _counted(blob)
+    index = index_plain_tar(read_range, len(blob), "sha256:" + "0" * 64)
+    assert index.tar_size == len(blob)
+    assert len(reads) < 20, f"{len(reads)} range reads for 400 headers"
+
+
+def test_indexing_reads_at_most_one_window_of_a_large_file():
+    """A 24 MiB file amid small ones: the windows read ahead over the small files,
+    but of the large file's data at most the one window read with its header."""
+    small = [(f"a{i:03}", b"s" * 700) for i in range(200)]
+    blob = _tar_of([*small, ("big", os.urandom(24 << 20)), *[("b" + n, d) for n, d in small]])
+    reads, read_range = _counted(blob)
+    index_plain_tar(read_range, len(blob), "sha256:" + "0" * 64)
+    with tarfile.open(fileobj=io.BytesIO(blob)) as archive:
+        big = archive.getmember("big")
+    start, end = big.offset_data, big.offset_data + big.size
+    inside = sum(max(0, min(o + n, end) - max(o, start)) for o, n in reads)
+    assert inside <= 1 << 20, f"{inside} bytes of the large file's data read"
+    assert len(reads) < 40, f"{len(reads)} range reads for 401 headers"
 
 
 def test_pax_xattrs_of_libarchive_and_gnu_tar(tmp_path):
