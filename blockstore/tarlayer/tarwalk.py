@@ -14,6 +14,7 @@ import io
 import os
 import re
 import stat
+import struct
 import tarfile
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -138,11 +139,69 @@ def _xattrs(member: tarfile.TarInfo) -> tuple[tuple[bytes, bytes], ...]:
                 found[name] = base64.b64decode(value, validate=False)
             except ValueError as exc:
                 raise TarLayerError(f"tar entry {_show(member.name)}: bad xattr {key}") from exc
+        elif key in _ACL_XATTRS:
+            continue  # taken below, once the binary form is known to be missing
         elif key.startswith("SCHILY.acl.") or key.startswith("GNU.sparse."):
             raise TarLayerError(
                 f"tar entry {_show(member.name)}: PAX record {key} cannot be represented"
             )
+    for key, name in _ACL_XATTRS.items():
+        text = member.pax_headers.get(key)
+        if text is not None and name not in found:
+            value = _acl_xattr(text, access=key == "SCHILY.acl.access", where=(member.name, key))
+            if value is not None:
+                found[name] = value
     return tuple(sorted(found.items()))
+
+
+# GNU tar's ``--acls`` text records, and the xattr each ACL is kept in on Linux. With
+# ``--xattrs`` it writes that xattr too: the text then says the same and is ignored.
+_ACL_XATTRS = {
+    "SCHILY.acl.access": b"system.posix_acl_access",
+    "SCHILY.acl.default": b"system.posix_acl_default",
+}
+# Linux's posix_acl_xattr format: a version, then (tag, perm, id) entries.
+_ACL_HEAD = struct.Struct("<I")
+_ACL_ENTRY = struct.Struct("<HHI")
+_ACL_TAGS = {"user": (1, 2), "group": (4, 8), "mask": (0x10, None), "other": (0x20, None)}
+_ACL_SHORT = {"u": "user", "g": "group", "m": "mask", "o": "other"}
+_NO_ID = 0xFFFFFFFF
+
+
+def _acl_xattr(text: str, *, access: bool, where: tuple[str, str]) -> bytes | None:
+    """The xattr value of an ACL in ``acl_to_text`` form (``user:1000:rw-`` lines), or
+    None for an access ACL of the owner, group and other entries alone: that is the
+    file's mode, which Linux keeps in no xattr. A name, not a number, is refused:
+    it means an id in the machine that made the tar, not in the image."""
+    entries = sorted(_acl_entry(line, where) for line in _acl_lines(text))
+    if access and all(tag in (1, 4, 0x20) for tag, _, _ in entries):
+        return None
+    return _ACL_HEAD.pack(2) + b"".join(_ACL_ENTRY.pack(*entry) for entry in entries)
+
+
+def _acl_lines(text: str) -> list[str]:
+    """The entries of an ACL's text, comments (``#effective:``) and blank lines dropped."""
+    lines = (line.split("#", 1)[0].strip() for line in text.replace(",", "\n").splitlines())
+    return [line for line in lines if line]
+
+
+def _acl_entry(line: str, where: tuple[str, str]) -> tuple[int, int, int]:
+    """One ``tag:qualifier:perms`` entry as (tag, perm, id)."""
+    name, key = where
+    parts = line.split(":")
+    tags = _ACL_TAGS.get(_ACL_SHORT.get(parts[0], parts[0])) if len(parts) == 3 else None
+    if tags is None or not re.fullmatch(r"[r-][w-][x-]", parts[2]):
+        raise TarLayerError(f"tar entry {_show(name)}: PAX record {key}: bad ACL entry {line!r}")
+    perm = sum(bit for letter, bit in zip(parts[2], (4, 2, 1), strict=True) if letter != "-")
+    qualifier = parts[1]
+    if not qualifier:
+        return tags[0], perm, _NO_ID
+    if tags[1] is None or not re.fullmatch(r"[0-9]{1,10}", qualifier) or int(qualifier) >= _NO_ID:
+        raise TarLayerError(
+            f"tar entry {_show(name)}: PAX record {key}: ACL entry {line!r} names no numeric id"
+            " (a name cannot be mapped to the image's ids; tar --xattrs writes them as numbers)"
+        )
+    return tags[1], perm, int(qualifier)
 
 
 _PAX_TIME = re.compile(r"-?[0-9]+(?:\.[0-9]*)?")

@@ -242,3 +242,52 @@ def test_modes_links_and_devices(tmp_path):
     assert got[b"f"].mode == stat.S_IFREG | 0o4755 and got[b"f"].size == 3
     assert got[b"h"].hardlink and got[b"h"].link == b"f" and got[b"h"].size == 0
     assert stat.S_ISCHR(got[b"c"].mode) and (got[b"c"].rdev_major, got[b"c"].rdev_minor) == (1, 5)
+
+
+def _acl_tree(tmp_path):
+    """A file with an access ACL and a directory with a default ACL, of numeric ids
+    (none of them named on this machine); skipped where ACLs cannot be set."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "f").write_text("acl\n")
+    try:
+        subprocess.run(["setfacl", "-m", "u:54321:rw,g:54322:r", str(src / "f")], check=True)
+        subprocess.run(["setfacl", "-d", "-m", "u:54321:rwx", str(src / "d")], check=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("setfacl cannot set ACLs here")
+    return src
+
+
+def _getfattr(path) -> dict[bytes, bytes]:
+    out = subprocess.run(
+        ["getfattr", "-d", "-m", "^system.posix_acl", "-e", "hex", str(path)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    pairs = (line.split("=", 1) for line in out.splitlines() if "=0x" in line)
+    return {name.encode(): bytes.fromhex(value[2:]) for name, value in pairs}
+
+
+@pytest.mark.parametrize("flags", [["--acls"], ["--acls", "--xattrs", "--xattrs-include=*"]])
+def test_gnu_tar_acls_become_the_xattrs_linux_keeps_them_in(tmp_path, flags):
+    """GNU tar ``--acls`` writes ACLs as text only (``SCHILY.acl.*``): they are made
+    into the ``system.posix_acl_*`` xattrs, byte for byte what the files hold. With
+    ``--xattrs`` those xattrs are in the tar too, and the text is not read."""
+    src = _acl_tree(tmp_path)
+    tar = tmp_path / "l.tar"
+    subprocess.run(["tar", *flags, "-cf", str(tar), "-C", str(src), "."], check=True)
+    with tar.open("rb") as f:
+        by_name = {e.path: dict(e.xattrs) for e in walk_tar(f)}
+    assert by_name[b"./f"] == _getfattr(src / "f") != {}
+    assert by_name[b"./d"] == _getfattr(src / "d") != {}
+
+
+def test_an_acl_naming_a_user_is_refused_by_entry():
+    """An ACL text entry of a user's name (tar writes names it can resolve) means an
+    id on the machine that made the tar: refused, naming the entry and the record."""
+    info = tarfile.TarInfo("f")
+    info.pax_headers = {"SCHILY.acl.access": "user::rw-\nuser:nobody:r--\ngroup::r--\nother::r--\n"}
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        archive.addfile(info)
+    with pytest.raises(TarLayerError, match=r"'f'.*SCHILY.acl.access.*'user:nobody:r--'"):
+        list(walk_tar(io.BytesIO(out.getvalue())))
