@@ -84,9 +84,11 @@ def test_three_layers_stack_with_overlayfs(mount_dirs, mountpoint, erofs_images,
 
 
 def test_an_image_of_many_layers_mounts(mount_dirs, mountpoint, erofs_images, local_server):
-    """Sixty-one layers (the base, then the next two over and over, the last on top): the overlay's options name each layer by its directory. Absolute, those
-    names filled the page of options the kernel takes at about forty layers here, and
-    the mount failed with a misleading ENOENT for the name cut short."""
+    """Sixty-one layers (the base, then the next two over and over, the last on top):
+    the overlay's options name each layer by its directory. Absolute, those names filled
+    the page of options the kernel takes at about forty layers here, and the mount
+    failed with a misleading ENOENT for the name cut short, or showed the directory
+    that name happened to be."""
     base, *rest = erofs_images.layers
     layers = [base] + rest * 30
     _, run = mount_dirs
@@ -224,7 +226,8 @@ def test_umount_waits_for_a_slow_stop_and_kills_a_stuck_one(
 
 def test_busy_mountpoint_and_busy_umount(mount_dirs, mountpoint, erofs_images, local_server):
     """Mounting over a mounted directory is refused (exit 13); unmounting while a process
-    works inside is refused (exit 13) and changes nothing; ``--lazy`` then detaches it."""
+    works inside is refused (exit 13), naming that process, and changes nothing;
+    ``--lazy`` then detaches it."""
     image = erofs_images.small.path
     _, run = mount_dirs
     record = stack.mount(local_server({"layer0": image}), str(mountpoint), image="small")
@@ -232,18 +235,23 @@ def test_busy_mountpoint_and_busy_umount(mount_dirs, mountpoint, erofs_images, l
         stack.mount(local_server({"layer0": image}), str(mountpoint), image="again")
 
     squatter = subprocess.Popen(["sleep", "30"], cwd=mountpoint)
+    a_file = next(p for p in mountpoint.rglob("*") if p.is_file() and not p.is_symlink())
+    reader = subprocess.Popen(["sh", "-c", 'exec 3<"$0"; exec sleep 30', str(a_file)])
     try:
         busy = cli("umount", str(mountpoint))
         assert busy.returncode == MountpointBusy.exit_code, busy.stderr
         assert len(busy.stderr.strip().splitlines()) == 1
         # The way out it offers says what it costs.
         assert "--lazy, after which what still uses it gets I/O errors" in busy.stderr
+        for user in (squatter, reader):  # a working directory, an open file
+            assert f"pid {user.pid} (sleep)" in busy.stderr, busy.stderr
         assert syscall.is_mounted(str(mountpoint))
         lazy = cli("umount", "--lazy", str(mountpoint))
         assert lazy.returncode == 0, lazy.stderr
     finally:
-        squatter.kill()
-        squatter.wait()
+        for user in (squatter, reader):
+            user.kill()
+            user.wait()
     assert_nothing_left(record, run)
 
 
