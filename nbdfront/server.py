@@ -750,7 +750,7 @@ class _Session:
             at = offset if streamed else None  # nothing of an unstreamed read was sent
             failed = ReadFailed(request, nbd_error(exc), _describe(exc, request), at)
             self._outbox.put(self._protocol.send(failed))
-            _log_failure(exc, request)
+            self._server.failures.failed(exc, request)
         finally:
             if granted:
                 self._budget.release(granted)
@@ -769,7 +769,7 @@ class _Session:
                 self._export.cache(request.offset + done, size)
         except Exception as exc:
             reply = CommandDone(request, nbd_error(exc), _describe(exc, request))
-            _log_failure(exc, request)
+            self._server.failures.failed(exc, request)
         else:
             if done + size < request.length and not self._outbox.broken:
                 step = functools.partial(self._serve_cache_hint, request, granted, done + size)
@@ -799,11 +799,51 @@ def _describe(exc: BaseException, request: ReadRequest | CacheRequest) -> str:
     return f"{type(exc).__name__} at {request.offset}+{request.length}: {exc}"
 
 
-def _log_failure(exc: BaseException, request: ReadRequest | CacheRequest) -> None:
-    if isinstance(exc, OSError):
+class _FailureLog:
+    """Warnings of failed requests, at most ``BURST`` each ``PERIOD`` seconds.
+
+    One cause fails requests by the thousand (a tree read offline where it was
+    never cached, a registry gone): the first say why, the rest are counted and
+    the count logged with the next failure after the period, or at shutdown.
+    Failures that are bugs (not an ``OSError``) are always logged whole.
+    """
+
+    BURST = 10
+    PERIOD = 10.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since = -self.PERIOD
+        self._logged = 0
+        self._held = 0
+
+    def failed(self, exc: BaseException, request: ReadRequest | CacheRequest) -> None:
+        if not isinstance(exc, OSError):
+            log.exception("request %s failed unexpectedly", request)
+            return
+        now = time.monotonic()
+        with self._lock:
+            if now - self._since >= self.PERIOD:
+                self._flush()
+                self._since, self._logged = now, 0
+            if self._logged >= self.BURST:
+                self._held += 1
+                return
+            self._logged += 1
         log.warning("request %s failed: %s", request, exc)
-    else:
-        log.exception("request %s failed unexpectedly", request)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._held:
+            log.warning(
+                "%d more requests failed in the %.0f s after those logged, not logged one by one",
+                self._held,
+                self.PERIOD,
+            )
+            self._held = 0
 
 
 class NBDServer:
@@ -858,6 +898,7 @@ class NBDServer:
         self._shutdown_requested = False
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopped = threading.Event()
+        self.failures = _FailureLog()
         self._stopping = False
         self.tcp_address: tuple[str, int] | None = None
 
@@ -965,6 +1006,7 @@ class NBDServer:
                 for session in self._sessions:
                     session.cut()
             self._wait_sessions(CUT_GRACE)
+        self.failures.flush()
         if self.unix_path is not None:
             _remove_stale_socket(self.unix_path)
         # A late signal finds -1 and writes nowhere, never to a reused descriptor.

@@ -395,3 +395,33 @@ def test_nbdcopy_with_32_mib_requests(large_registry_image, tmp_path):
         timeout=120,
     )
     assert filecmp.cmp(out, large_registry_image.image.path, shallow=False)
+
+
+def test_failed_requests_by_the_thousand_are_logged_a_few_then_counted(tmp_path, caplog):
+    """Fifty reads that all fail for one cause (as a tree read offline where nothing is
+    cached): the first ``BURST`` are logged one by one with their cause, the rest
+    counted in one line at shutdown; each client still gets its EIO. Before, every
+    failure was a line: 13,634 warnings for one offline `find`."""
+
+    class Uncached(ZeroExport):
+        def read(self, offset, length):
+            raise OSError(5, "chunk is not cached, and the cache is offline")
+
+        def read_cached(self, offset, length):
+            return None
+
+    server = serve(tmp_path, Uncached())
+    client = w.RawClient(server.unix_path)
+    try:
+        client.negotiate("zeros", block_sizes=False)
+        for handle in range(50):
+            client.send(w.CMD_READ, handle, handle * 4096, 4096)
+        assert all(client.wait(handle).error == w.EIO for handle in range(50))
+    finally:
+        client.close()
+        server.shutdown()
+    failed = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    burst = server.failures.BURST
+    assert len(failed) == burst + 1
+    assert all("not cached, and the cache is offline" in line for line in failed[:burst])
+    assert failed[-1].startswith(f"{50 - burst} more requests failed")
