@@ -60,6 +60,8 @@ from .seal import Sealer, VerifyReport
 
 log = logging.getLogger(__name__)
 
+STATS_WAIT = 1.0  # seconds ``stats`` waits for a flush in flight
+
 T = TypeVar("T")
 
 DEFAULT_SIZE_CAP = 10 << 30
@@ -109,6 +111,7 @@ class ChunkStore:
         self.path = Path(path)
         self._told_pins_crowd = False
         self._told_held = False
+        self._counting = threading.Lock()  # a flush's counts in flight, or a total read
         self.env = CacheEnv.open(self.path, offline=offline)
         self.dbs = self.env.dbs
         self.counters = counters_mod.Counters()
@@ -207,20 +210,24 @@ class ChunkStore:
 
     def flush(self) -> None:
         """Persist pending counters and recency in one transaction."""
-        deltas = self.counters.take()
-        touched = self.recency.take()
-        if not deltas and not touched:
-            return
+        # Taken from pending, the counts are in neither place until the commit: ``stats``
+        # waits for it, or a total read meanwhile would go down (a counter reset, to
+        # whatever scrapes the metrics).
+        with self._counting:
+            deltas = self.counters.take()
+            touched = self.recency.take()
+            if not deltas and not touched:
+                return
 
-        def work(txn: lmdb.Transaction) -> None:
-            counters_mod.persist(txn, self.dbs[DB_COUNTERS], deltas)
-            recency_mod.apply(txn, self.dbs, touched)
+            def work(txn: lmdb.Transaction) -> None:
+                counters_mod.persist(txn, self.dbs[DB_COUNTERS], deltas)
+                recency_mod.apply(txn, self.dbs, touched)
 
-        try:
-            self.env.write(work)
-        except CacheError as exc:
-            self.counters.give_back(deltas)
-            log.warning("cache counters not saved: %s", exc)
+            try:
+                self.env.write(work)
+            except CacheError as exc:
+                self.counters.give_back(deltas)
+                log.warning("cache counters not saved: %s", exc)
 
     # --- blobs and chunks ---------------------------------------------------
 
@@ -742,13 +749,21 @@ class ChunkStore:
         return self._ask(self._stats)
 
     def _stats(self) -> dict:
-        with self.env.reader() as txn:
-            totals = counters_mod.load(txn, self.dbs[DB_COUNTERS])
-            meta = self.dbs[DB_META]
-            stored = meta_int(txn, meta, b"stored_bytes")
-            chunks = txn.stat(self.dbs[DB_CHUNKS])["entries"]
-            parts = txn.stat(self.dbs[DB_PARTS])["entries"]
-        for name, delta in self.counters.pending().items():
+        # A flush stuck on the write lock (another process stopped while writing) holds
+        # the counts up: after a second, they are read without it.
+        counting = self._counting.acquire(timeout=STATS_WAIT)
+        try:
+            with self.env.reader() as txn:
+                totals = counters_mod.load(txn, self.dbs[DB_COUNTERS])
+                meta = self.dbs[DB_META]
+                stored = meta_int(txn, meta, b"stored_bytes")
+                chunks = txn.stat(self.dbs[DB_CHUNKS])["entries"]
+                parts = txn.stat(self.dbs[DB_PARTS])["entries"]
+            pending = self.counters.pending()
+        finally:
+            if counting:
+                self._counting.release()
+        for name, delta in pending.items():
             totals[name] += delta
         infos = self.blobs()
         totals.update(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -732,3 +733,37 @@ def test_pins_over_the_cap_leave_unpinned_layers_a_working_set(cache_dir, caplog
         blob.close()
         pinned.close()
     assert caplog.text.count("pinned layers hold about") == 1
+
+
+def test_counters_never_go_down_while_they_are_flushed(cache_dir):
+    """Hits counted on one thread, flushed to the cache on another (as the store's own
+    flush does each second), and the totals read meanwhile (as a metrics scrape does):
+    no total read is ever below one read before it. Before, a flush took the pending
+    counts before its commit, and a read between saw them in neither place: a drop
+    that Prometheus takes for a counter reset."""
+    data, digest = make_blob(4 * CHUNK_SIZE, seed=31)
+    with ChunkStore(cache_dir, flush_interval=3600) as store:
+        blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
+        blob.prefetch()
+        stop = threading.Event()
+
+        def hit() -> None:
+            while not stop.is_set():
+                assert blob.read_cached(0, 4096) is not None
+
+        def flush() -> None:
+            while not stop.is_set():
+                store.flush()
+
+        workers = [threading.Thread(target=hit), threading.Thread(target=flush)]
+        for worker in workers:
+            worker.start()
+        try:
+            seen = [store.stats()["hits"] for _ in range(300)]
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join()
+        blob.close()
+    assert seen[-1] > seen[0]
+    assert all(later >= earlier for earlier, later in itertools.pairwise(seen))
