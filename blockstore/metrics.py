@@ -10,11 +10,15 @@ scrape.
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from blockstore.fetch.stream import pieces
@@ -121,10 +125,53 @@ class MetricsServer:
         registry = CollectorRegistry(auto_describe=True)
         registry.register(FETCH_LATENCY)
         registry.register(ServingCollector(stats, open_connections))
-        self._httpd, self._thread = start_http_server(port, host, registry)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        server = type("_Server", (_BoundedServer,), {"address_family": family})
+        self._httpd = make_server(
+            host, port, make_wsgi_app(registry), server, handler_class=_QuietHandler
+        )
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="metrics", daemon=True
+        )
+        self._thread.start()
         self.address = self._httpd.server_address[:2]
 
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(5)
+
+
+# prometheus_client's own server (``start_http_server``) gives each connection a thread
+# and no timeout: idle connections, by the thousand, held as many threads and fds.
+CONNECTIONS = 16
+"""Connections answered at once; more are closed as they come."""
+IDLE_TIMEOUT = 10.0
+"""Seconds a connection may send nothing (a scrape sends at once) before it is closed."""
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = IDLE_TIMEOUT  # StreamRequestHandler puts it on the socket
+
+    def log_message(self, format: str, *args: object) -> None:
+        """No line per scrape on the server's log."""
+
+
+class _BoundedServer(ThreadingWSGIServer):
+    """A thread per connection, ``CONNECTIONS`` at most."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self._slots = threading.BoundedSemaphore(CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()

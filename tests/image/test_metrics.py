@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 
 import nbd
+
+from blockstore import metrics
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -65,3 +70,30 @@ def test_serve_exports_metrics(pushed_images, erofs_images, tmp_path):
         server.wait(15)
         log.close()
     assert server.returncode == 0
+
+
+def test_idle_metrics_connections_are_bounded_and_closed(monkeypatch):
+    """Forty connections to the metrics port that send nothing: at most ``CONNECTIONS``
+    are held (a thread each), the rest closed at once, and each held one is closed once
+    idle for ``IDLE_TIMEOUT``; a scrape then answers. Before, every idle connection
+    held a thread and a descriptor for good: 1,100 of them, 1,100 threads."""
+    monkeypatch.setattr(metrics, "IDLE_TIMEOUT", 0.5)
+    monkeypatch.setattr(metrics._QuietHandler, "timeout", 0.5)
+    server = metrics.MetricsServer("127.0.0.1", 0, lambda: {}, lambda: 0)
+    host, port = server.address
+    before = threading.active_count()
+    idle = [socket.create_connection((host, port)) for _ in range(40)]
+    try:
+        time.sleep(0.2)
+        assert threading.active_count() - before <= metrics.CONNECTIONS
+        for conn in idle:
+            conn.settimeout(5)
+            assert conn.recv(1) == b""  # closed by the server: at once, or once idle
+        assert (
+            "blockstore_fetch_seconds"
+            in urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
+        )
+    finally:
+        for conn in idle:
+            conn.close()
+        server.stop()
