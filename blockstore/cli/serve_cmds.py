@@ -42,6 +42,10 @@ from nbdfront.server import DEFAULT_PORT, NBDServer
 
 log = logging.getLogger(__name__)
 
+# Each stops the server as SIGTERM does, in-flight replies drained: SIGHUP is what a
+# closed terminal sends a server started from it.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser(
@@ -128,7 +132,7 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
             print(f"blockstore: {warning}", file=sys.stderr)
         if args.metrics is not None:
             metrics = start_metrics(args.metrics, image.store, server)
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in STOP_SIGNALS:
             signal.signal(signum, lambda *_: server.request_shutdown())
         if args.pidfile is not None:
             _write_pidfile(args.pidfile)
@@ -143,7 +147,7 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
         # Stopping is done and was bounded: later signals change nothing, and one that
         # lands while the interpreter tears down (which restores default handlers, not
         # ignored ones) would end the process with the signal's status instead of 0.
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
         return 0
     finally:

@@ -62,10 +62,14 @@ def nbdinfo(*args: str) -> dict:
     return json.loads(out)
 
 
-def test_serve_multilayer_image_then_sigterm(registry, pushed_images, erofs_images, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_serve_multilayer_image_then_sigterm(
+    registry, pushed_images, erofs_images, tmp_path, signum
+):
     """Each layer is announced as layer<i> with its URI and the default export is the top
-    layer; --list shows them all; a pidfile names the process; SIGTERM ends it with exit
-    code 0, removing the socket and the pidfile."""
+    layer; --list shows them all; a pidfile names the process; SIGTERM, or SIGHUP (a
+    closed terminal: before, it killed the server at once and left the pidfile) ends it
+    with exit code 0, removing the socket and the pidfile."""
     sock, pidfile = tmp_path / "serve.sock", tmp_path / "serve.pid"
     with serving(
         pushed_images.multilayer,
@@ -84,7 +88,7 @@ def test_serve_multilayer_image_then_sigterm(registry, pushed_images, erofs_imag
         names = {e["export-name"]: e["export-size"] for e in listing["exports"]}
         assert names == {f"layer{i}": erofs_images.layers[i].size for i in range(3)}
         assert nbdinfo(exports[""])["exports"][0]["export-size"] == erofs_images.layers[2].size
-        assert stop(proc) == 0
+        assert stop(proc, signum) == 0
         assert not sock.exists() and not pidfile.exists()
 
 
