@@ -54,6 +54,11 @@ from blockstore.registry.retry import (
 
 log = logging.getLogger(__name__)
 
+# Connections kept per host: as many as reads run at once in a process serving a few
+# layers (each fetcher's twelve workers, readahead, span fetches). A connection past
+# it is closed after its one request, with a warning from urllib3.
+POOL_SIZE = 64
+
 MAX_SMALL_BODY = 4 << 20
 """Manifests and configs are a few KiB; a larger reply is refused, not buffered (the
 distribution spec suggests registries accept manifests of at least 4 MiB)."""
@@ -95,8 +100,9 @@ class RegistryClient:
         # Proxies, netrc and CA bundles from the environment would change where
         # requests go and with which credentials behind our back.
         self._session.trust_env = False
-        self._session.mount("http://", HTTPAdapter(pool_connections=4, pool_maxsize=16))
-        self._session.mount("https://", HTTPAdapter(pool_connections=4, pool_maxsize=16))
+        for scheme in ("http://", "https://"):
+            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE)
+            self._session.mount(scheme, adapter)
         if options.ca_file and not os.path.isfile(options.ca_file):
             raise UsageError(f"CA file {options.ca_file} does not exist")
         self._verify = options.ca_file or system_ca_bundle()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from rig.fault_proxy import Fault
@@ -205,6 +207,30 @@ def test_connections_are_kept_alive(registry, pushed_images, erofs_images, fault
             assert blob.read_range(i * 100_000, 50_000) == data[i * 100_000 : i * 100_000 + 50_000]
     assert len(proxy.requests) == 31  # one manifest, thirty ranges
     assert proxy.connections <= 2
+
+
+def test_reads_of_every_fetch_worker_at_once_keep_their_connections(
+    registry, pushed_images, erofs_images, fault_proxy, caplog
+):
+    """Forty range reads at once through one client, as the fetchers of a few layers
+    make (twelve workers each, plus readahead and span fetches): each connection goes
+    back to the pool and is used again. Before, the pool kept 16: urllib3 discarded
+    the rest after one request each, with a warning a mount counted as trouble."""
+    proxy = fault_proxy(registry)
+    data = erofs_images.large.path.read_bytes()
+    with client_via(proxy) as client:
+        blob = open_blob(client, "fixtures/large")
+        start = threading.Barrier(40)
+
+        def read(i: int) -> bool:
+            start.wait()
+            return blob.read_range(i * 50_000, 20_000) == data[i * 50_000 : i * 50_000 + 20_000]
+
+        for _ in range(2):
+            with ThreadPoolExecutor(40) as pool:
+                assert all(pool.map(read, range(40)))
+    assert "Connection pool is full" not in caplog.text
+    assert proxy.connections <= 40
 
 
 def test_a_retry_after_in_other_digits_is_ignored_not_a_crash(registry, pushed_images, fault_proxy):
