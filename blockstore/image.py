@@ -334,13 +334,20 @@ class OpenImage:
         self._blob_sizes = {d: asked for d, asked in self._blob_sizes.items() if asked.done()}
 
     def close(self) -> None:
-        """Stop every layer's fetch and readahead threads, then close the cache."""
+        """Stop every layer's fetch and readahead threads, then close the cache.
+
+        Each layer waits a bounded while for its fetches to store what they have:
+        the layers are closed side by side (tar layers first, as they read their
+        blobs), so a stalled registry costs that wait once, not once per layer.
+        """
         for asked in self._blob_sizes.values():
             asked.cancel()
-        for exported in self._tar_layers:
-            exported.close()
-        for blob in self._blobs:
-            blob.close()
+        for closing in (self._tar_layers, self._blobs):
+            threads = [threading.Thread(target=c.close, name="close") for c in closing]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
         if self.client is not None:
             self.client.close()
         self.store.close()

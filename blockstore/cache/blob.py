@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from blockstore.errors import BlobReadError, CacheError, IntegrityError, NotCached
 from blockstore.export import Buffer
 from blockstore.fetch import FILL, PREFETCH, Fetcher, Flights
-from blockstore.fetch.fetcher import READER_STORE_WAIT
+from blockstore.fetch.fetcher import READER_STORE_WAIT, STOP_WAIT
 from blockstore.prefetch import (
     HintQueue,
     PrefetchSettings,
@@ -479,8 +479,9 @@ class CachedBlob:
         fetchers = [f for f in (self._fetcher, self._block_fetcher) if f is not None]
         for fetcher in fetchers:  # all cancelled first: no waiting reader turns to another
             fetcher.cancel()
+        until = time.monotonic() + STOP_WAIT
         for fetcher in fetchers:
-            fetcher.wait_stopped()
+            fetcher.wait_stopped(until)
 
     # --- misses ----------------------------------------------------------------
 

@@ -383,7 +383,12 @@ class Fetcher:
         for job in list(self._live):
             self._fail(job, BlobReadError(f"{self.digest}: the fetch was cancelled"))
 
-    def wait_stopped(self) -> None:
-        """``close``'s second half: running jobs end and store what they have (bounded)."""
-        self.scheduler.wait_idle(STOP_WAIT)
-        self._keeper.drain(STOP_WAIT)
+    def wait_stopped(self, until: float | None = None) -> None:
+        """``close``'s second half: running jobs end and store what they have, until the
+        monotonic time ``until`` (default: ``STOP_WAIT`` from now) in all. Fetchers
+        closed together share one ``until``: a stalled registry then costs that wait
+        once, not once for each fetcher and again for each one's store."""
+        if until is None:
+            until = time.monotonic() + STOP_WAIT
+        self.scheduler.wait_idle(max(0.0, until - time.monotonic()))
+        self._keeper.drain(max(0.0, until - time.monotonic()))

@@ -299,6 +299,39 @@ def test_idle_timeout_closes_a_quiet_connection(registry, pushed_images, tmp_pat
         assert stop(proc) == 0
 
 
+def test_stopping_with_fetches_stuck_on_every_layer_ends_within_seconds(
+    registry, pushed_images, fault_proxy, tmp_path
+):
+    """A read stuck on the registry on each of three layers: SIGTERM ends the server
+    within the drain timeout and one bounded wait for the fetches, not one wait per
+    layer in turn (each blob's two fetchers waited 3 s each for their jobs, then as
+    long for their stores, one layer after another)."""
+    proxy = fault_proxy(registry)
+    reference = pushed_images.multilayer.replace(registry.host, proxy.host)
+    sock = tmp_path / "s.sock"
+    args = [reference, "--insecure", "--cache-dir", str(tmp_path / "c"), "--unix", str(sock)]
+    args += ["--no-erofs-start", "--no-erofs-walk", "--no-readahead", "--no-trace"]
+    with serving(*args) as (proc, _exports):
+        proxy.fault = Fault("delay", path_contains="/blobs/", method="GET", seconds=60)
+        clients = [w.RawClient(str(sock)) for _ in range(3)]
+        try:
+            for layer, client in enumerate(clients):
+                client.negotiate(f"layer{layer}")
+                client.send(w.CMD_READ, 1, 0, 4096)
+            deadline = time.monotonic() + 10
+            while proxy.faults_applied < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert proxy.faults_applied >= 3, "the reads never reached the registry"
+            started = time.monotonic()
+            assert stop(proc) == 0
+            # 5 s of drain, 1 s of grace after the cut, 3 s for the fetches; before, the
+            # fetches' 3 s came twice per layer, in turn: 15 s here.
+            assert time.monotonic() - started < 10.5
+        finally:
+            for client in clients:
+                client.close()
+
+
 def test_stopping_with_a_fetch_stuck_in_flight_ends_within_seconds(
     registry, pushed_images, fault_proxy, tmp_path
 ):
