@@ -68,8 +68,11 @@ WORKERS_PER_CONNECTION = 16
 # A longer read is read from the export, and with structured replies sent,
 # in pieces of this size; so is a cache hint asked of the export.
 READ_PIECE = 4 * 1024 * 1024
-# Bytes of reads in flight and replies queued, per connection: eight pieces.
+# Bytes of reads in flight and replies queued, per connection: eight pieces, or a share
+# of SERVER_INFLIGHT_BYTES when many connections are open (a piece at least), so that
+# clients that send reads and take no replies cannot hold gigabytes between them.
 INFLIGHT_BYTES = 8 * READ_PIECE
+SERVER_INFLIGHT_BYTES = 512 * 1024 * 1024
 INFLIGHT_REQUESTS = 512
 # Reply bytes of hits gathered before they are handed to the outbox, and buffers of
 # any replies (tiny reads and flushes make many buffers of few bytes).
@@ -173,7 +176,8 @@ class _Budget:
     the outbox until sent. ``close`` wakes every waiter for good.
     """
 
-    def __init__(self, max_bytes: int, max_requests: int):
+    def __init__(self, max_bytes: Callable[[], int], max_requests: int):
+        """``max_bytes()``: the limit now (it shrinks as connections open)."""
         self._max_bytes = max_bytes
         self._max_requests = max_requests
         self.bytes = 0
@@ -186,7 +190,7 @@ class _Budget:
         ``wait``, or if closed. Something is always granted when nothing is held."""
         with self._cond:
             while (self.requests or self.bytes > 0) and (
-                self.bytes + nbytes > self._max_bytes or self.requests >= self._max_requests
+                self.bytes + nbytes > self._max_bytes() or self.requests >= self._max_requests
             ):
                 if not wait or self._closed:
                     return False
@@ -216,7 +220,7 @@ class _Budget:
     def wait_for_room(self) -> None:
         """Return once the bytes are within the limit (or the connection is gone)."""
         with self._cond:
-            while self.bytes > self._max_bytes and not self._closed:
+            while self.bytes > self._max_bytes() and not self._closed:
                 self._cond.wait()
 
     def close(self) -> None:
@@ -478,7 +482,7 @@ class _Session:
         self.peer = peer
         policy = server.tls.policy if server.tls is not None else TLSPolicy.OFF
         self._protocol = ServerConnection(server.catalog, tls=policy)
-        self._budget = _Budget(server.inflight_bytes, INFLIGHT_REQUESTS)
+        self._budget = _Budget(server.connection_budget, INFLIGHT_REQUESTS)
         self._outbox = _Outbox(sock, self._budget, f"nbd-{peer}")
         self._workers = _Workers(f"nbd-{peer}", WORKERS_PER_CONNECTION)
         self._export: Export | None = None
@@ -491,6 +495,11 @@ class _Session:
         self.started = self.last_heard = time.monotonic()
         self.selected = False
         self.thread = threading.Thread(target=self.run, name=f"nbd-{peer}", daemon=True)
+
+    @property
+    def bytes_held(self) -> int:
+        """Bytes of reads in flight and replies not sent (a racy glance)."""
+        return self._budget.bytes
 
     @property
     def idle(self) -> bool:
@@ -871,6 +880,7 @@ class NBDServer:
         unix: str | os.PathLike[str] | None = None,
         default_export: str | None = None,
         inflight_bytes: int = INFLIGHT_BYTES,
+        server_inflight_bytes: int = SERVER_INFLIGHT_BYTES,
         max_connections: int = MAX_CONNECTIONS,
         drain_timeout: float = DRAIN_TIMEOUT,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
@@ -882,6 +892,7 @@ class NBDServer:
         self.exports = dict(exports)
         self.catalog = Catalog(self.exports, default_export)
         self.inflight_bytes = inflight_bytes
+        self.server_inflight_bytes = server_inflight_bytes
         self.max_connections = max_connections
         self.drain_timeout = drain_timeout
         self.handshake_timeout = handshake_timeout
@@ -906,6 +917,19 @@ class NBDServer:
     def connection_count(self) -> int:
         with self._lock:
             return len(self._sessions)
+
+    def connection_budget(self) -> int:
+        """Bytes each connection may hold now: ``inflight_bytes``, or an equal share of
+        ``server_inflight_bytes`` once that is smaller, but a read piece at least (a
+        racy glance at the count: a budget is a bound, not an account)."""
+        share = self.server_inflight_bytes // max(1, len(self._sessions))
+        return max(READ_PIECE, min(self.inflight_bytes, share))
+
+    @property
+    def bytes_in_flight(self) -> int:
+        """Bytes the connections hold: reads in flight and replies not taken yet."""
+        with self._lock:
+            return sum(session.bytes_held for session in self._sessions)
 
     def start(self) -> None:
         if self._tcp is not None:

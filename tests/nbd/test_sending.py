@@ -90,7 +90,7 @@ def outbox_pair() -> tuple[_Outbox, socket.socket, socket.socket]:
     """An outbox on one end of a socket pair whose send buffer takes a few KiB."""
     sender, receiver = socket.socketpair()
     sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    return _Outbox(sender, _Budget(1 << 30, 1 << 20), "test"), sender, receiver
+    return _Outbox(sender, _Budget(lambda: 1 << 30, 1 << 20), "test"), sender, receiver
 
 
 def receive_exactly(sock: socket.socket, size: int) -> bytes:

@@ -347,3 +347,41 @@ def test_tcp_connections_have_nodelay(local_server):
         assert session._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         client.close()
+
+
+def test_clients_that_take_no_replies_share_a_bound_not_hold_one_each(tmp_path):
+    """Twelve clients each send sixteen 4 MiB reads and take no reply. With the server's
+    bound at 16 MiB, each connection's budget shrinks to a read piece (4 MiB): what
+    they hold between them stays near twelve pieces and a reply each, where it was
+    their full 32 MiB each (sixty such clients held 1.8 GB). A client that reads
+    meanwhile is served at once; the others get every reply, whole, once they read."""
+    zeros = ZeroExport()
+    server = NBDServer(
+        {"zeros": zeros},
+        unix=str(tmp_path / "nbd.sock"),
+        default_export="zeros",
+        server_inflight_bytes=16 << 20,
+    )
+    server.start()
+    piece = 4 << 20
+    greedy = [w.RawClient(server.unix_path) for _ in range(12)]
+    try:
+        for client in greedy:
+            client.negotiate("zeros", structured=False)
+            for handle in range(16):
+                client.send(w.CMD_READ, handle, handle * piece, piece)
+        time.sleep(1.0)
+        assert server.bytes_in_flight <= len(greedy) * 2 * piece, server.bytes_in_flight
+        reader = nbd.NBD()
+        started = time.monotonic()
+        reader.connect_unix(server.unix_path)
+        assert reader.pread(1 << 20, 0) == bytes(1 << 20)
+        reader.shutdown()
+        assert time.monotonic() - started < 5
+        for client in greedy:
+            for handle in range(16):
+                assert client.wait(handle).data == {handle * piece: bytes(piece)}
+    finally:
+        for client in greedy:
+            client.close()
+        server.shutdown()
