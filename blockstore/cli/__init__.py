@@ -17,7 +17,7 @@ import sys
 
 from blockstore.cli.common import setup_logging
 from blockstore.cli.parser import OneLineParser
-from blockstore.errors import BlockstoreError
+from blockstore.errors import AuthError, BlobReadError, BlockstoreError, RegistryUnreachable
 
 COMMANDS = {
     "inspect": "registry_cmds",
@@ -51,6 +51,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def exit_code(exc: BlockstoreError) -> int:
+    """``exc``'s code, or, for a read that could not be served because the registry could
+    not be reached or refused the login, that cause's: the registry went away, and a
+    script should see it as it would had the registry been away from the start."""
+    if isinstance(exc, BlobReadError):
+        cause = exc.__cause__
+        while cause is not None:
+            if isinstance(cause, RegistryUnreachable | AuthError):
+                return cause.exit_code
+            cause = cause.__cause__
+    return exc.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -59,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except BlockstoreError as exc:
         print(f"blockstore: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return exit_code(exc)
     except KeyboardInterrupt:
         print("blockstore: interrupted", file=sys.stderr)
         return 130

@@ -114,3 +114,23 @@ def test_prefetch_of_whole_layers_with_the_registry_gone_warns_once(
     (line,) = again.stderr.strip().splitlines()
     assert line.startswith("blockstore: warning: ") and line.endswith("were whole in the cache")
     assert "from the cache alone" not in line
+
+
+def test_a_registry_gone_after_the_image_resolved_exits_as_unreachable(
+    registry, fault_proxy, erofs_images, tmp_path
+):
+    """The manifest comes, then every blob request finds nothing listening (the registry
+    stopped between the two; here, a redirect to a closed port): prefetch fails in one
+    line saying the registry cannot be reached, with the exit code of an unreachable
+    registry (5), not that of a read that could not be served (7)."""
+    ref = push_erofs(registry.host, "gone/img", "v1", [erofs_images.small.path])
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault(
+        "redirect", path_contains="/blobs/", method="GET", redirect_to="http://127.0.0.1:1"
+    )
+    ref = ref.replace(registry.host, proxy.host)
+    done = blockstore("prefetch", ref, "--insecure", "--cache-dir", str(tmp_path / "c"))
+    assert done.returncode == 5, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "blockstore: cannot reach registry 127.0.0.1:1: connection refused"
+    ]
