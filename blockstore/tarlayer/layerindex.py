@@ -233,8 +233,11 @@ def index_compressed_tar(
             tree = build_tree(entry_of(member) for member in archive)
             end = archive.offset
     except tarfile.TarError as exc:
-        raise DamagedTar(f"not a readable tar stream: {exc}") from exc
-    check_end(end, indexer.made_at(end, tarfile.BLOCKSIZE))
+        if not indexer.made_nothing():
+            raise DamagedTar(f"not a readable tar stream: {exc}") from exc
+        tree = build_tree([])  # no tar at all: an empty layer, as Docker and containerd take it
+    else:
+        check_end(end, indexer.made_at(end, tarfile.BLOCKSIZE))
     if isinstance(indexer, GzipIndexer):
         zinfo, size = indexer.finish()
         points = tuple((c.compressed, c.uncompressed) for c in zinfo.checkpoints)

@@ -45,6 +45,10 @@ class SteppedReader(io.RawIOBase):
         if self.sink is not None:
             self.sink(out)
 
+    def made_nothing(self) -> bool:
+        """The whole stream decompresses to no bytes at all (an empty layer)."""
+        return self._made_len == 0 and not self.read(1)
+
     def _step(self) -> None:
         raise NotImplementedError
 

@@ -299,7 +299,11 @@ def check_end(offset: int, block: bytes | None) -> None:
 
 
 def walk_tar(fileobj: IO[bytes]) -> Iterator[TarEntry]:
-    """Every member of an uncompressed tar stream, in order (``fileobj`` seekable)."""
+    """Every member of an uncompressed tar stream, in order (``fileobj`` seekable). An
+    empty stream is an empty layer (Docker and containerd take it so), not damage."""
+    if not fileobj.read(1):
+        return
+    fileobj.seek(0)
     try:
         with tarfile.open(
             fileobj=fileobj, mode="r:", encoding="utf-8", errors="surrogateescape"

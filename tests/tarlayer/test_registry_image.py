@@ -21,6 +21,7 @@ from blockstore.cache.traces import TraceShelf
 from blockstore.image import open_image
 from blockstore.prefetch import Trace
 from blockstore.prefetch.settings import MOUNT
+from blockstore.tarlayer.erofs_reader import read_metadata
 from blockstore.tarlayer.layers import TarLayer
 from nbdfront.mount import attach
 from nbdfront.mount import syscall as mount_syscall
@@ -127,6 +128,23 @@ def test_pushed_compressed_layer_has_the_diff_id_its_index_checks(tmp_path, regi
         (export,) = image.exports()
         data = b"".join(bytes(b) for b in export.read(0, export.size))
         assert data[len(export.index.metadata) :][: len(tar)] == tar
+    finally:
+        image.close()
+
+
+@pytest.mark.parametrize("kind", ["tar", "gzip", "zstd"])
+def test_an_empty_layer_is_an_empty_directory(tmp_path, registry, kind):
+    """A layer of no tar bytes at all (a 0-byte blob, or one that decompresses to
+    nothing), which Docker and containerd take for an empty layer: opened, it is an
+    empty root directory, served whole. Before, it was refused as damaged ("not a
+    readable tar stream: empty file", exit 6), and so was the image."""
+    ref = push_tar_layer(registry, f"o/empty-{kind}", kind, kind, b"", tmp_path)
+    image = open_image(ref, cache_dir=tmp_path / "c", options=registry.options())
+    try:
+        (export,) = image.exports()
+        assert export.index.tar_size == 0
+        data = b"".join(bytes(b) for b in export.read(0, export.size))
+        assert read_metadata(data).root.children == {}
     finally:
         image.close()
 
