@@ -376,6 +376,11 @@ def open_image(
     """
     ref = parse_reference(reference)
     wanted = str(Platform.parse(platform) if platform else host_platform())
+    if offline and not (Path(cache_dir) / "data.mdb").exists():
+        # Opening would make an empty cache there, only to find the image not in it.
+        raise ImageNotCached(
+            f"offline: {reference} was never resolved here: there is no cache at {cache_dir}"
+        )
     store = ChunkStore(cache_dir, size_cap=cache_size, offline=offline)
     try:
         explicit = platform is not None

@@ -173,7 +173,8 @@ def test_sigterm_waits_for_reads_in_flight(registry, pushed_images, erofs_images
 
 def test_serve_refuses_what_it_cannot_do(registry, pushed_images, tmp_path):
     """A layer that does not exist, an image never cached while offline, and a busy port
-    each end the command with an error message and a non-zero exit code."""
+    each end the command with an error message and a non-zero exit code. Offline, a
+    cache directory that does not exist is left so (exit 9): none is made there."""
     base = [sys.executable, "-m", "blockstore", "serve", "--cache-dir", str(tmp_path / "c")]
     for cache, extra in (
         ("other", [pushed_images.small, "--insecure", "--layer", "7"]),
@@ -182,6 +183,8 @@ def test_serve_refuses_what_it_cannot_do(registry, pushed_images, tmp_path):
         argv = [*base, *extra, "--listen", "127.0.0.1:0", "--cache-dir", str(tmp_path / cache)]
         result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         assert result.returncode != 0 and result.stderr.startswith("blockstore: ")
+    assert result.returncode == 9 and "there is no cache at" in result.stderr
+    assert not (tmp_path / "never-used").exists()
     with serving(
         pushed_images.small,
         "--insecure",
