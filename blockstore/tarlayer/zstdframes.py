@@ -22,23 +22,48 @@ from blockstore.tarlayer.stepped import SteppedReader
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _READ_SIZE = 1 << 20
-_FEED = 1 << 17  # compressed bytes per decompress call, at most
-_FEED_LEAST = 64
-_OUTPUT_STEP = 1 << 20  # what one decompress call should make, about
 
 
-class _Feed:
-    """How many compressed bytes to hand zstd next, so that one call makes about
-    ``_OUTPUT_STEP``: zstd's decompress cannot be told to stop, and a run of RLE blocks
-    makes 32,768 bytes of each (a gigabyte of zeros is 33 KB), so a full ``_FEED``
-    of them would be gigabytes in memory at once. Learnt from the last call."""
+class _FrameUnits:
+    """Where the next piece of a frame to hand zstd ends: the frame's header with its
+    first block, then one block at a time (the last with the frame's checksum).
+
+    zstd's decompress cannot be told to stop, and makes all it can of what it is
+    given; a block makes 128 KiB at most, whatever its kind, so one block per call
+    bounds each call's output. Pieces of a fixed size did not: a run of RLE blocks
+    makes 32,768 bytes of each 4 (a gigabyte of zeros is 33 KB), so 128 KiB of them
+    made gigabytes at once.
+    """
 
     def __init__(self) -> None:
-        self.size = _FEED_LEAST
+        self._in_blocks = False
+        self._checksum = False
 
-    def made(self, used: int, out: int) -> None:
-        wanted = self.size * 2 if out == 0 else used * _OUTPUT_STEP // out
-        self.size = max(_FEED_LEAST, min(_FEED, wanted))
+    def end_of_next(self, data: Buffer, at: int) -> int | None:
+        """The end of the next piece, which starts at ``at`` in ``data``; None while
+        ``data`` does not hold all of it."""
+        view = memoryview(data)
+        pos, checksum = at, self._checksum
+        if not self._in_blocks:
+            if len(view) - pos < 5:
+                return None
+            descriptor = view[pos + 4]
+            single_segment = (descriptor >> 5) & 1
+            size_field = descriptor >> 6
+            pos += 5 + (1 - single_segment) + (0, 1, 2, 4)[descriptor & 3]
+            pos += single_segment if size_field == 0 else (0, 2, 4, 8)[size_field]
+            checksum = bool((descriptor >> 2) & 1)
+        if len(view) - pos < 3:
+            return None
+        header = int.from_bytes(view[pos : pos + 3], "little")
+        last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+        if kind == 3:
+            raise IntegrityError("corrupt zstd stream: a block of the reserved type")
+        pos += 3 + (1 if kind == 1 else size) + (4 if last and checksum else 0)
+        if len(view) < pos:
+            return None
+        self._in_blocks, self._checksum = True, checksum
+        return pos
 
 
 # Compressed bytes asked for at once when a span is decompressed as a stream: one
@@ -61,7 +86,7 @@ class ZstdIndexer(SteppedReader):
         self._pos = 0  # into _data
         self._base = 0  # compressed offset of _data[0]
         self._frame: zstandard.ZstdDecompressionObj | None = None
-        self._feed = _Feed()
+        self._units = _FrameUnits()
         self._out = 0
         self.points: list[tuple[int, int]] = []  # (compressed, uncompressed) restart points
         self.span_digests: list[bytes] = []
@@ -107,18 +132,18 @@ class ZstdIndexer(SteppedReader):
                     self._span_sha256 = hashlib.sha256()
                 self.points.append((self._base + self._pos, self._out))
             self._frame = zstandard.ZstdDecompressor().decompressobj()
+            self._units = _FrameUnits()
             self.frames += 1
             return
-        if not self._have(1):
-            raise IntegrityError("zstd stream ends inside a frame")
-        piece = self._data[self._pos : self._pos + self._feed.size]
+        while (end := self._units.end_of_next(self._data, self._pos)) is None:
+            if not self._have(len(self._data) - self._pos + 1):
+                raise IntegrityError("zstd stream ends inside a frame")
+        piece = self._data[self._pos : end]
         try:
             out = self._frame.decompress(piece)
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"corrupt zstd stream: {exc}") from exc
-        used = len(piece) - len(self._frame.unused_data) if self._frame.eof else len(piece)
-        self._feed.made(used, len(out))
-        self._pos += used
+        self._pos += len(piece) - len(self._frame.unused_data)
         if self._frame.eof:
             self._frame = None
         if out:
@@ -164,7 +189,7 @@ def stream_frames(read: Callable[[int, int], Buffer], start: int, end: int) -> I
     buf = b""
     at = 0  # the first byte of ``buf`` not used yet
     frame: zstandard.ZstdDecompressionObj | None = None
-    feed = _Feed()
+    units = _FrameUnits()
 
     def more() -> bytes:
         nonlocal pos
@@ -195,18 +220,17 @@ def stream_frames(read: Callable[[int, int], Buffer], start: int, end: int) -> I
                         raise IntegrityError("zstd span ends inside a skippable frame")
                 continue
             frame = zstandard.ZstdDecompressor().decompressobj()
-        if at == len(buf):
+            units = _FrameUnits()
+        while (stop := units.end_of_next(buf, at)) is None:
             if pos >= end:
                 raise IntegrityError("zstd span ends inside a frame")
-            buf, at = more(), 0
-        piece = buf[at : at + feed.size]
+            buf, at = buf[at:] + more(), 0
+        piece = buf[at:stop]
         try:
             out = frame.decompress(piece)
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"corrupt zstd stream: {exc}") from exc
-        used = len(piece) - len(frame.unused_data) if frame.eof else len(piece)
-        feed.made(used, len(out))
-        at += used
+        at += len(piece) - len(frame.unused_data)
         if out:
             yield out
         if frame.eof:

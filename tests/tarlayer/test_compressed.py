@@ -26,7 +26,7 @@ from blockstore.tarlayer.export import DecompressedTar
 from blockstore.tarlayer.gzindex import POINT_SIZE, WINDOW, GzipIndexer, Zinfo
 from blockstore.tarlayer.layerindex import GZIP, ZSTD, SpanIndex, index_compressed_tar
 from blockstore.tarlayer.tree import TarLayerError
-from blockstore.tarlayer.zstdframes import decode_frames
+from blockstore.tarlayer.zstdframes import decode_frames, stream_frames
 
 SPAN = 256 << 10
 
@@ -271,27 +271,30 @@ def test_a_zstd_span_too_large_for_memory_is_decompressed_as_a_stream(tmp_path, 
 
 
 def test_a_zstd_layer_that_inflates_a_thousandfold_is_indexed_in_little_memory():
-    """A zstd layer holding a file of 128 MiB of zeros is 4 KiB: runs of RLE blocks make
-    32,768 bytes of each. Indexing it, the process holds a few MiB at most. Before, one
-    decompress call was given 128 KiB of it and made the whole file at once in memory:
-    a small layer (a disk image, a preallocated file) could exhaust the server's."""
-    size = 128 << 20
-    info = tarfile.TarInfo("zeros")
-    info.size = size
+    """A zstd layer holding 4 MiB of random bytes, then a file of 128 MiB of zeros, is
+    4 MiB: runs of RLE blocks make 32,768 bytes of each 4. Indexing it, or
+    decompressing it as a stream, the process holds a few MiB at most. Before, each
+    decompress call was given up to 128 KiB (first fixed, then learnt from the call
+    before, which the random bytes made large) and made up to gigabytes at once: a
+    small layer (a disk image, a preallocated file) could exhaust the server's memory."""
     zstd = zstandard.ZstdCompressor().compressobj()
-    parts = [zstd.compress(info.tobuf(tarfile.PAX_FORMAT))]
-    zero = bytes(1 << 20)
-    parts += [zstd.compress(zero) for _ in range(size >> 20)]
+    parts = []
+    for name, size, data in (("random", 4 << 20, os.urandom), ("zeros", 128 << 20, bytes)):
+        info = tarfile.TarInfo(name)
+        info.size = size
+        parts.append(zstd.compress(info.tobuf(tarfile.PAX_FORMAT)))
+        parts += [zstd.compress(data(1 << 20)) for _ in range(size >> 20)]
     parts += [zstd.compress(bytes(2 * tarfile.RECORDSIZE)), zstd.flush()]
     blob = b"".join(parts)
-    assert len(blob) < size >> 10
+    assert len(blob) < 5 << 20
     tracemalloc.start()
     try:
         index = index_compressed_tar(io.BytesIO(blob), ZSTD, blob_digest=sha(blob), diff_id=None)
+        largest = max(len(p) for p in stream_frames(lambda o, n: blob[o : o + n], 0, len(blob)))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert index.tar_size > size and peak < 16 << 20
+    assert index.tar_size > 132 << 20 and largest <= 128 << 10 and peak < 16 << 20
 
 
 def test_malformed_index_files_are_refused():
