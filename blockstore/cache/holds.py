@@ -8,8 +8,10 @@ shared ``flock`` on the blob's file under ``holds/`` in the cache directory
 for as long as it serves the blob, and eviction leaves held blobs alone.
 
 The kernel drops the locks of a process that dies, so a crashed server
-never holds a blob for good. ``flock`` locks belong to the open file, not
-the process: a test from the same process sees a hold as another would.
+never holds a blob for good. ``flock`` locks belong to the open file, but
+NFS emulates them with POSIX locks, which belong to the process (and need
+the file open for writing): this process's own holds are therefore also
+kept in memory and answered from there, and the files are opened read-write.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import logging
 import os
 import threading
 import weakref
+from collections import Counter
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -38,12 +41,27 @@ def _cannot_lock(exc: OSError) -> bool:
     return exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
+_ours: Counter[str] = Counter()  # digest -> holds taken in this process, not released
+_ours_lock = threading.Lock()
+
+
+def _forget(digest: str, fd: int | None) -> None:
+    with _ours_lock:
+        _ours[digest] -= 1
+        if _ours[digest] <= 0:
+            del _ours[digest]
+    if fd is not None:
+        os.close(fd)
+
+
 class BlobHold:
     """A shared hold on one blob, from ``take`` until ``release``."""
 
-    def __init__(self, fd: int | None):
-        # Closed by ``release``, or when the hold is dropped unreleased.
-        self._close = weakref.finalize(self, os.close, fd) if fd is not None else None
+    def __init__(self, digest: str, fd: int | None):
+        with _ours_lock:
+            _ours[digest] += 1
+        # Released by ``release``, or when the hold is dropped unreleased.
+        self._release = weakref.finalize(self, _forget, digest, fd)
 
     @classmethod
     def take(cls, cache_dir: Path, digest: str) -> BlobHold:
@@ -53,11 +71,11 @@ class BlobHold:
         try:
             path.parent.mkdir(exist_ok=True)
             while True:
-                fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_SH)
                     if _same_file(fd, path):
-                        return cls(fd)
+                        return cls(digest, fd)
                 except BaseException:
                     os.close(fd)
                     raise
@@ -66,7 +84,7 @@ class BlobHold:
                 os.close(fd)
         except OSError as exc:
             if exc.errno == errno.EROFS:
-                return cls(None)  # a read-only cache: nothing evicts from it here
+                return cls(digest, None)  # a read-only cache: nothing evicts from it here
             if not _cannot_lock(exc):
                 log.warning("%s: not kept from eviction while served: %s", digest, exc)
             elif not _unlockable_told.is_set():
@@ -76,11 +94,10 @@ class BlobHold:
                     "cache alone are not kept from eviction by other processes",
                     exc.strerror,
                 )
-            return cls(None)
+            return cls(digest, None)
 
     def release(self) -> None:
-        if self._close is not None:
-            self._close()
+        self._release()
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -94,21 +111,34 @@ def _same_file(fd: int, path: Path) -> bool:
 
 def is_held(cache_dir: Path, digest: str) -> bool:
     """Whether a server (this process's or another's) holds ``digest``. A hold file
-    nobody holds is removed on the way; a file system that cannot lock holds nothing."""
+    nobody holds is removed on the way. A lock that fails for another reason than
+    contention counts as held (keeping a blob is the safe side), but on a file system
+    that cannot lock at all, where no hold was ever taken."""
+    with _ours_lock:
+        if digest in _ours:
+            return True
     path = _path(cache_dir, digest)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError:
         return False
+    return _held_or_removed(fd, path)
+
+
+def _held_or_removed(fd: int, path: Path) -> bool:
+    """``is_held`` once the file is open (``fd``, closed here)."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
-    except OSError:
-        return False
+    except OSError as exc:
+        return not _cannot_lock(exc)
     else:
-        with contextlib.suppress(OSError):
-            path.unlink()
+        # Removed only while it is still the file named: another tester may have
+        # removed this one, and a server made and holds a new one, since it was opened.
+        if _same_file(fd, path):
+            with contextlib.suppress(OSError):
+                path.unlink()
         return False
     finally:
         os.close(fd)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +21,7 @@ import blockstore.cache.env as cache_env
 import blockstore.cache.integrity as integrity
 import blockstore.cache.recency as recency
 import blockstore.cache.seal as seal_mod
-from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
+from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore, holds
 from blockstore.cache.blob import ChunkIntegrityError
 from blockstore.cache.layout import DB_LRU
 from blockstore.errors import BlobReadError, IntegrityError, NotCached
@@ -767,3 +770,38 @@ def test_counters_never_go_down_while_they_are_flushed(cache_dir):
         blob.close()
     assert seen[-1] > seen[0]
     assert all(later >= earlier for earlier, later in itertools.pairwise(seen))
+
+
+def test_a_stale_hold_file_removed_twice_never_takes_a_live_hold_with_it(cache_dir):
+    """Two evicting processes meet a hold file nobody holds: the first removes it; a
+    server then makes a new one and holds it; the second, which opened the old file
+    before, finds that one unheld. It must not remove the path, which now names the
+    live hold: the server's layer would then be evicted under it."""
+    digest = "sha256:" + "ab" * 32
+    (cache_dir / "holds").mkdir(parents=True)
+    stale = cache_dir / "holds" / digest.replace(":", "-")
+    stale.touch()
+    second = os.open(stale, os.O_RDWR)  # the second evicter opened it...
+    assert not holds.is_held(cache_dir, digest)  # ...the first removed it
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from blockstore.cache import holds; "
+            "hold = holds.BlobHold.take(Path(sys.argv[1]), sys.argv[2]); "
+            "print('held', flush=True); time.sleep(60)",
+            str(cache_dir),
+            digest,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout.readline().strip() == "held"
+        assert not holds._held_or_removed(second, stale)  # the old file: unheld, not named
+        assert holds.is_held(cache_dir, digest)
+    finally:
+        server.kill()
+        server.wait()
+        server.stdout.close()
+    assert not holds.is_held(cache_dir, digest)
