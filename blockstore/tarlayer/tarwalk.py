@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import os
 import re
 import stat
@@ -173,10 +174,21 @@ def _acl_xattr(text: str, *, access: bool, where: tuple[str, str]) -> bytes | No
     None for an access ACL of the owner, group and other entries alone: that is the
     file's mode, which Linux keeps in no xattr. A name, not a number, is refused:
     it means an id in the machine that made the tar, not in the image."""
-    entries = sorted(_acl_entry(line, where) for line in _acl_lines(text))
+    # In the order the kernel keeps (by tag, then id), each (tag, id) once.
+    entries = sorted((_acl_entry(line, where) for line in _acl_lines(text)), key=_tag_and_id)
+    for earlier, later in itertools.pairwise(entries):
+        if _tag_and_id(earlier) == _tag_and_id(later):
+            name, key = where
+            raise TarLayerError(
+                f"tar entry {_show(name)}: PAX record {key}: an ACL names one entry twice"
+            )
     if access and all(tag in (1, 4, 0x20) for tag, _, _ in entries):
         return None
     return _ACL_HEAD.pack(2) + b"".join(_ACL_ENTRY.pack(*entry) for entry in entries)
+
+
+def _tag_and_id(entry: tuple[int, int, int]) -> tuple[int, int]:
+    return entry[0], entry[2]
 
 
 def _acl_lines(text: str) -> list[str]:
@@ -186,9 +198,12 @@ def _acl_lines(text: str) -> list[str]:
 
 
 def _acl_entry(line: str, where: tuple[str, str]) -> tuple[int, int, int]:
-    """One ``tag:qualifier:perms`` entry as (tag, perm, id)."""
+    """One ``tag:qualifier:perms`` entry as (tag, perm, id); star's
+    ``tag:name:perms:id`` gives the id after the name, which is taken."""
     name, key = where
     parts = line.split(":")
+    if len(parts) == 4 and re.fullmatch(r"[0-9]{1,10}", parts[3]):
+        parts = [parts[0], parts[3], parts[2]]
     tags = _ACL_TAGS.get(_ACL_SHORT.get(parts[0], parts[0])) if len(parts) == 3 else None
     if tags is None or not re.fullmatch(r"[r-][w-][x-]", parts[2]):
         raise TarLayerError(f"tar entry {_show(name)}: PAX record {key}: bad ACL entry {line!r}")

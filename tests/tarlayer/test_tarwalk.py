@@ -6,6 +6,7 @@ import base64
 import io
 import os
 import stat
+import struct
 import subprocess
 import tarfile
 
@@ -245,13 +246,16 @@ def test_modes_links_and_devices(tmp_path):
 
 
 def _acl_tree(tmp_path):
-    """A file with an access ACL and a directory with a default ACL, of numeric ids
-    (none of them named on this machine); skipped where ACLs cannot be set."""
+    """A file with an access ACL (two users) and a directory with a default ACL, of
+    numeric ids (none of them named on this machine); skipped where ACLs cannot be set."""
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
     (src / "f").write_text("acl\n")
     try:
-        subprocess.run(["setfacl", "-m", "u:54321:rw,g:54322:r", str(src / "f")], check=True)
+        # Users whose ids and permissions sort in opposite orders: the kernel keeps
+        # entries by tag and id, whatever their permissions.
+        acl = "u:54321:r,u:54320:rwx,g:54322:r"
+        subprocess.run(["setfacl", "-m", acl, str(src / "f")], check=True)
         subprocess.run(["setfacl", "-d", "-m", "u:54321:rwx", str(src / "d")], check=True)
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("setfacl cannot set ACLs here")
@@ -291,3 +295,23 @@ def test_an_acl_naming_a_user_is_refused_by_entry():
         archive.addfile(info)
     with pytest.raises(TarLayerError, match=r"'f'.*SCHILY.acl.access.*'user:nobody:r--'"):
         list(walk_tar(io.BytesIO(out.getvalue())))
+
+
+def test_acl_text_of_star_and_of_a_twice_named_entry():
+    """star writes ``user:name:perms:id``: the id is taken, the name left. An ACL that
+    names one (tag, id) twice is no ACL the kernel would keep: refused."""
+
+    def walked(acl: str) -> list:
+        info = tarfile.TarInfo("f")
+        info.pax_headers = {"SCHILY.acl.access": acl}
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
+            archive.addfile(info)
+        return [dict(e.xattrs) for e in walk_tar(io.BytesIO(out.getvalue()))]
+
+    (xattrs,) = walked("user::rw-\nuser:joe:r--:1001\ngroup::r--\nmask::r--\nother::---\n")
+    value = xattrs[b"system.posix_acl_access"]
+    entries = [struct.unpack_from("<HHI", value, 4 + 8 * i) for i in range((len(value) - 4) // 8)]
+    assert (2, 4, 1001) in entries and entries == sorted(entries, key=lambda e: (e[0], e[2]))
+    with pytest.raises(TarLayerError, match="names one entry twice"):
+        walked("user::rw-\nuser:7:r--\nuser:7:rw-\ngroup::r--\nmask::rw-\nother::---\n")
