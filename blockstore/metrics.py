@@ -10,6 +10,7 @@ scrape.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -148,10 +149,27 @@ CONNECTIONS = 16
 """Connections answered at once; more are closed as they come."""
 IDLE_TIMEOUT = 10.0
 """Seconds a connection may send nothing (a scrape sends at once) before it is closed."""
+CONNECTION_LIFETIME = 30.0
+"""Seconds a connection may last in all: one that sends a byte now and then is no
+scrape, and would hold its place for good."""
 
 
 class _QuietHandler(WSGIRequestHandler):
     timeout = IDLE_TIMEOUT  # StreamRequestHandler puts it on the socket
+
+    def setup(self) -> None:
+        super().setup()
+        self._cutoff = threading.Timer(CONNECTION_LIFETIME, self._cut)
+        self._cutoff.daemon = True
+        self._cutoff.start()
+
+    def finish(self) -> None:
+        self._cutoff.cancel()
+        super().finish()
+
+    def _cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
     def log_message(self, format: str, *args: object) -> None:
         """No line per scrape on the server's log."""
@@ -168,7 +186,11 @@ class _BoundedServer(ThreadingWSGIServer):
         if not self._slots.acquire(blocking=False):
             self.shutdown_request(request)
             return
-        super().process_request(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: it will not give the place back
+            self._slots.release()
+            raise
 
     def process_request_thread(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import subprocess
@@ -96,4 +97,30 @@ def test_idle_metrics_connections_are_bounded_and_closed(monkeypatch):
     finally:
         for conn in idle:
             conn.close()
+        server.stop()
+
+
+def test_a_metrics_connection_that_trickles_is_closed_at_its_lifetime(monkeypatch):
+    """A connection that sends a byte every 0.2 s is never idle for ``IDLE_TIMEOUT``, but
+    is no scrape: it is closed once it has lasted ``CONNECTION_LIFETIME``. Sixteen such
+    held every place of the endpoint for good."""
+    monkeypatch.setattr(metrics._QuietHandler, "timeout", 0.5)
+    monkeypatch.setattr(metrics, "CONNECTION_LIFETIME", 1.0)
+    server = metrics.MetricsServer("127.0.0.1", 0, lambda: {}, lambda: 0)
+    try:
+        conn = socket.create_connection(server.address)
+        started = time.monotonic()
+        try:
+            with contextlib.suppress(OSError):  # the server may reset it as it closes
+                while time.monotonic() - started < 10:
+                    conn.sendall(b"G")
+                    time.sleep(0.2)
+                    conn.settimeout(0.01)
+                    with contextlib.suppress(TimeoutError):
+                        if conn.recv(1) == b"":
+                            break
+        finally:
+            conn.close()
+        assert time.monotonic() - started < 3
+    finally:
         server.stop()
