@@ -39,6 +39,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
+from blockstore.errors import BlockstoreError
 from blockstore.export import Buffer, Export, Held
 from nbdfront.protocol import (
     NEED_DATA,
@@ -814,7 +815,8 @@ class _FailureLog:
     One cause fails requests by the thousand (a tree read offline where it was
     never cached, a registry gone): the first say why, the rest are counted and
     the count logged with the next failure after the period, or at shutdown.
-    Failures that are bugs (not an ``OSError``) are always logged whole.
+    Failures that are bugs (neither an ``OSError`` nor one of the engine's own errors,
+    such as a damaged cache) are always logged whole, with their traceback.
     """
 
     BURST = 10
@@ -827,7 +829,7 @@ class _FailureLog:
         self._held = 0
 
     def failed(self, exc: BaseException, request: ReadRequest | CacheRequest) -> None:
-        if not isinstance(exc, OSError):
+        if not isinstance(exc, OSError | BlockstoreError):
             log.exception("request %s failed unexpectedly", request)
             return
         now = time.monotonic()

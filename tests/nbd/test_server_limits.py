@@ -21,6 +21,7 @@ import nbd_wire as w
 import pytest
 from nbd_serving import ZeroExport
 
+from blockstore.errors import CacheError
 from nbdfront.protocol import MAX_PAYLOAD
 from nbdfront.server import EVICTABLE_IDLE, MAX_CONNECTIONS, READ_PIECE, NBDServer
 
@@ -397,15 +398,23 @@ def test_nbdcopy_with_32_mib_requests(large_registry_image, tmp_path):
     assert filecmp.cmp(out, large_registry_image.image.path, shallow=False)
 
 
-def test_failed_requests_by_the_thousand_are_logged_a_few_then_counted(tmp_path, caplog):
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(5, "chunk is not cached, and the cache is offline"),
+        CacheError("the cache at /c is damaged: MDB_CORRUPTED"),
+    ],
+)
+def test_failed_requests_by_the_thousand_are_logged_a_few_then_counted(tmp_path, caplog, failure):
     """Fifty reads that all fail for one cause (as a tree read offline where nothing is
-    cached): the first ``BURST`` are logged one by one with their cause, the rest
-    counted in one line at shutdown; each client still gets its EIO. Before, every
-    failure was a line: 13,634 warnings for one offline `find`."""
+    cached, or a cache found damaged): the first ``BURST`` are logged one by one with
+    their cause, the rest counted in one line at shutdown; each client still gets its
+    EIO. Before, every failure was a line (13,634 warnings for one offline `find`), and
+    an engine error that is no OSError a whole traceback each."""
 
     class Uncached(ZeroExport):
         def read(self, offset, length):
-            raise OSError(5, "chunk is not cached, and the cache is offline")
+            raise failure
 
         def read_cached(self, offset, length):
             return None
@@ -420,8 +429,9 @@ def test_failed_requests_by_the_thousand_are_logged_a_few_then_counted(tmp_path,
     finally:
         client.close()
         server.shutdown()
+    assert not any(r.exc_info for r in caplog.records)
     failed = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
     burst = server.failures.BURST
     assert len(failed) == burst + 1
-    assert all("not cached, and the cache is offline" in line for line in failed[:burst])
+    assert all(failure.args[-1] in line for line in failed[:burst])
     assert failed[-1].startswith(f"{50 - burst} more requests failed")
