@@ -74,6 +74,8 @@ READ_PIECE = 4 * 1024 * 1024
 # clients that send reads and take no replies cannot hold gigabytes between them.
 INFLIGHT_BYTES = 8 * READ_PIECE
 SERVER_INFLIGHT_BYTES = 512 * 1024 * 1024
+# How often a read larger than its connection's share looks again for room server-wide.
+ROOM_POLL = 0.05
 INFLIGHT_REQUESTS = 512
 # Reply bytes of hits gathered before they are handed to the outbox, and buffers of
 # any replies (tiny reads and flushes make many buffers of few bytes).
@@ -177,10 +179,19 @@ class _Budget:
     the outbox until sent. ``close`` wakes every waiter for good.
     """
 
-    def __init__(self, max_bytes: Callable[[], int], max_requests: int):
-        """``max_bytes()``: the limit now (it shrinks as connections open)."""
+    def __init__(
+        self,
+        max_bytes: Callable[[], int],
+        max_requests: int,
+        room: Callable[[int], bool] = lambda nbytes: True,
+    ):
+        """``max_bytes()``: the limit now (it shrinks as connections open). ``room(n)``:
+        whether the server as a whole can take ``n`` more bytes; asked of a read larger
+        than the limit, which would otherwise be granted whole to a connection holding
+        nothing (a read that is not streamed, up to 32 MiB)."""
         self._max_bytes = max_bytes
         self._max_requests = max_requests
+        self._room = room
         self.bytes = 0
         self.requests = 0
         self._closed = False
@@ -190,12 +201,21 @@ class _Budget:
         """Take ``nbytes`` and one request; False (nothing taken) if over and not
         ``wait``, or if closed. Something is always granted when nothing is held."""
         with self._cond:
-            while (self.requests or self.bytes > 0) and (
-                self.bytes + nbytes > self._max_bytes() or self.requests >= self._max_requests
-            ):
-                if not wait or self._closed:
-                    return False
-                self._cond.wait()
+            while True:
+                limit = self._max_bytes()
+                if (self.requests or self.bytes > 0) and (
+                    self.bytes + nbytes > limit or self.requests >= self._max_requests
+                ):
+                    if not wait or self._closed:
+                        return False
+                    self._cond.wait()
+                elif nbytes > limit and not self._room(nbytes):
+                    # Other connections free what they hold without a word to this one.
+                    if not wait or self._closed:
+                        return False
+                    self._cond.wait(ROOM_POLL)
+                else:
+                    break
             if self._closed:
                 return False
             self.bytes += nbytes
@@ -483,7 +503,7 @@ class _Session:
         self.peer = peer
         policy = server.tls.policy if server.tls is not None else TLSPolicy.OFF
         self._protocol = ServerConnection(server.catalog, tls=policy)
-        self._budget = _Budget(server.connection_budget, INFLIGHT_REQUESTS)
+        self._budget = _Budget(server.connection_budget, INFLIGHT_REQUESTS, server.has_room)
         self._outbox = _Outbox(sock, self._budget, f"nbd-{peer}")
         self._workers = _Workers(f"nbd-{peer}", WORKERS_PER_CONNECTION)
         self._export: Export | None = None
@@ -922,10 +942,18 @@ class NBDServer:
 
     def connection_budget(self) -> int:
         """Bytes each connection may hold now: ``inflight_bytes``, or an equal share of
-        ``server_inflight_bytes`` once that is smaller, but a read piece at least (a
-        racy glance at the count: a budget is a bound, not an account)."""
-        share = self.server_inflight_bytes // max(1, len(self._sessions))
+        ``server_inflight_bytes`` among those that chose an export, once that is
+        smaller, but a read piece at least."""
+        with self._lock:
+            reading = sum(1 for session in self._sessions if session.selected)
+        share = self.server_inflight_bytes // max(1, reading)
         return max(READ_PIECE, min(self.inflight_bytes, share))
+
+    def has_room(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit in ``server_inflight_bytes``, or nothing at all is
+        held (so a lone client's largest read is always served)."""
+        held = self.bytes_in_flight
+        return held == 0 or held + nbytes <= self.server_inflight_bytes
 
     @property
     def bytes_in_flight(self) -> int:

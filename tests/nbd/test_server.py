@@ -8,6 +8,7 @@ import socket
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import nbd
 import nbd_wire as w
@@ -349,6 +350,46 @@ def test_tcp_connections_have_nodelay(local_server):
         client.close()
 
 
+def test_reads_sent_whole_that_take_no_replies_wait_for_room_server_wide(tmp_path):
+    """Twelve clients of simple replies (a read is sent whole, not streamed) each send
+    two 32 MiB reads and take no reply, the server's bound at 16 MiB. A read larger
+    than a connection's share waits for room server-wide: only the first is granted
+    (nothing else was held), not one per connection (384 MiB). A client reading small
+    pieces is served at once; the others are served in turn as replies are taken."""
+    server = NBDServer(
+        {"zeros": ZeroExport()},
+        unix=str(tmp_path / "nbd.sock"),
+        default_export="zeros",
+        server_inflight_bytes=16 << 20,
+    )
+    server.start()
+    big = 32 << 20
+    greedy = [w.RawClient(server.unix_path) for _ in range(12)]
+    try:
+        for client in greedy:
+            client.negotiate("zeros", structured=False)
+            for handle in range(2):
+                client.send(w.CMD_READ, handle, handle * big, big)
+        time.sleep(1.0)
+        assert server.bytes_in_flight <= 2 * big, server.bytes_in_flight
+        reader = nbd.NBD()
+        started = time.monotonic()
+        reader.connect_unix(server.unix_path)
+        assert reader.pread(1 << 20, 0) == bytes(1 << 20)
+        reader.shutdown()
+        assert time.monotonic() - started < 5
+
+        def take_replies(client: w.RawClient) -> bool:
+            return all(client.wait(h).data == {h * big: bytes(big)} for h in range(2))
+
+        with ThreadPoolExecutor(len(greedy)) as pool:
+            assert all(pool.map(take_replies, greedy))
+    finally:
+        for client in greedy:
+            client.close()
+        server.shutdown()
+
+
 def test_clients_that_take_no_replies_share_a_bound_not_hold_one_each(tmp_path):
     """Twelve clients each send sixteen 4 MiB reads and take no reply. With the server's
     bound at 16 MiB, each connection's budget shrinks to a read piece (4 MiB): what
@@ -371,7 +412,8 @@ def test_clients_that_take_no_replies_share_a_bound_not_hold_one_each(tmp_path):
             for handle in range(16):
                 client.send(w.CMD_READ, handle, handle * piece, piece)
         time.sleep(1.0)
-        assert server.bytes_in_flight <= len(greedy) * 2 * piece, server.bytes_in_flight
+        # A piece and a reply each (and the batch headers): not the 32 MiB each of before.
+        assert server.bytes_in_flight <= len(greedy) * 5 * piece // 2, server.bytes_in_flight
         reader = nbd.NBD()
         started = time.monotonic()
         reader.connect_unix(server.unix_path)
