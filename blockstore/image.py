@@ -337,17 +337,18 @@ class OpenImage:
         """Stop every layer's fetch and readahead threads, then close the cache.
 
         Each layer waits a bounded while for its fetches to store what they have:
-        the layers are closed side by side (tar layers first, as they read their
-        blobs), so a stalled registry costs that wait once, not once per layer.
+        the layers are closed side by side, so a stalled registry costs that wait
+        once, not once per layer. (A tar layer inflating a span from a blob closed
+        meanwhile sees its fetch cancelled, as any reader of a closing blob does.)
         """
         for asked in self._blob_sizes.values():
             asked.cancel()
-        for closing in (self._tar_layers, self._blobs):
-            threads = [threading.Thread(target=c.close, name="close") for c in closing]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+        closing = [*self._tar_layers, *self._blobs]
+        threads = [threading.Thread(target=c.close, name="close") for c in closing]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
         if self.client is not None:
             self.client.close()
         self.store.close()
