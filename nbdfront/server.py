@@ -594,7 +594,7 @@ class _Session:
             elif isinstance(event, ExportSelected):
                 self._export = self._server.exports[event.name]
                 self._hold = getattr(self._export, "hold_cached", None)
-                self.selected = True
+                self._server.count_reading(self)
                 log.info("%s reads export %r", self.peer, event.name)
             else:
                 self._flush()
@@ -925,6 +925,7 @@ class NBDServer:
         self._listeners: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
         self._sessions: set[_Session] = set()
+        self._reading = 0  # sessions that chose an export (a plain count: read on every wait)
         self._lock = threading.Lock()
         # Shutdown requests: a plain flag and a byte down a pipe, no lock, so a
         # signal handler can ask at any moment, even while this thread holds a lock.
@@ -944,9 +945,7 @@ class NBDServer:
         """Bytes each connection may hold now: ``inflight_bytes``, or an equal share of
         ``server_inflight_bytes`` among those that chose an export, once that is
         smaller, but a read piece at least."""
-        with self._lock:
-            reading = sum(1 for session in self._sessions if session.selected)
-        share = self.server_inflight_bytes // max(1, reading)
+        share = self.server_inflight_bytes // max(1, self._reading)
         return max(READ_PIECE, min(self.inflight_bytes, share))
 
     def has_room(self, nbytes: int) -> bool:
@@ -1172,9 +1171,18 @@ class NBDServer:
                     )
                     session.cut()
 
+    def count_reading(self, session: _Session) -> None:
+        """``session`` chose an export: it counts toward the shares from now on."""
+        with self._lock:
+            session.selected = True
+            if session in self._sessions:  # not one evicted meanwhile
+                self._reading += 1
+
     def _forget(self, session: _Session) -> None:
         with self._lock:
-            self._sessions.discard(session)
+            if session in self._sessions:
+                self._sessions.discard(session)
+                self._reading -= session.selected
 
 
 def is_loopback(host: str) -> bool:
