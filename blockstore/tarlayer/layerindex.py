@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import logging
 import mmap
 import struct
 import tarfile
@@ -26,7 +27,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import IO, NoReturn
 
-from blockstore.errors import IntegrityError
+from blockstore.errors import BlockstoreError, IntegrityError
 from blockstore.tarlayer.erofs_writer import write_metadata
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN, GzipIndexer, Zinfo, read_span, span_range
 from blockstore.tarlayer.tarwalk import RangeFile, WindowedReads, check_end, entry_of, walk_tar
@@ -39,6 +40,8 @@ _KIND_CODES = {GZIP: 1, ZSTD: 2}
 _MAGIC = b"BSSPANS\x01"
 _HEAD = struct.Struct("<8sBQQQI")  # magic, kind, span, compressed, uncompressed, count
 _POINT = struct.Struct("<QQ32s")  # compressed offset, uncompressed offset, sha256 of the span
+
+log = logging.getLogger(__name__)
 
 ReadRange = Callable[[int, int], bytes]
 # A zstd span larger than this (one frame for the whole layer, as ``zstd FILE``
@@ -89,7 +92,20 @@ class SpanIndex:
         uncompressed bytes are ever all in memory."""
         start, end = self.bounds(index)
         if self.kind == ZSTD and end - start > LARGE_SPAN and scratch is not None:
-            return self._decompress_into_file(index, read_compressed, scratch)
+            try:
+                return self._decompress_into_file(index, read_compressed, scratch)
+            except OSError as exc:
+                if isinstance(exc, BlockstoreError):
+                    raise  # the compressed bytes could not be had: the same in memory
+                # No room beside the cache (a full disk): a read served from memory is
+                # better than none.
+                log.warning(
+                    "%s span %d: no room to decompress it beside the cache (%s): "
+                    "decompressing it in memory",
+                    self.kind,
+                    index,
+                    exc.strerror or exc,
+                )
         data: bytes | bytearray | memoryview
         if self.kind == GZIP:
             assert self.zinfo is not None

@@ -342,3 +342,30 @@ def test_libdeflate_inflates_every_span_as_zlib_does(layer_tar, level, monkeypat
             m.setattr(gzindex, "inflate_span", None)
             slow = gzindex.read_span(read, len(blob), zinfo, i, length)
         assert fast == slow == layer_tar[point.uncompressed : end]
+
+
+def test_a_large_zstd_span_with_no_room_beside_the_cache_is_decompressed_in_memory(
+    tmp_path, monkeypatch, caplog
+):
+    """The scratch directory full (a 1 MiB tmpfs, for a 6 MiB span over ``LARGE_SPAN``):
+    the span is decompressed in memory, as before streaming, with a warning, and its
+    bytes are right. Before, the write's ENOSPC escaped as a bare OSError: the span
+    pump's thread died and every read of the layer failed."""
+    monkeypatch.setattr(layerindex, "LARGE_SPAN", 1 << 20)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "random").write_bytes(os.urandom(3 << 20))
+    (src / "zeros").write_bytes(bytes(3 << 20))
+    tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    blob = compress(["zstd", "-q", "-c"], tar)
+    index = index_compressed_tar(io.BytesIO(blob), ZSTD, blob_digest=sha(blob), diff_id=None)
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(full)], check=True)
+    try:
+        data = index.spans.decompress(0, lambda o, n: blob[o : o + n], full)
+        assert bytes(data) == tar
+        assert "no room to decompress it beside the cache" in caplog.text
+        assert list(full.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
