@@ -21,6 +21,7 @@ import logging
 import mmap
 import tempfile
 import threading
+import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,9 +29,9 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
 from blockstore.cache import CHUNK_SIZE, DiskFull
-from blockstore.errors import BlobReadError, CacheError, IntegrityError
+from blockstore.errors import BlobReadError, BlockstoreError, CacheError, IntegrityError
 from blockstore.export import Buffer
-from blockstore.tarlayer import erofs_format
+from blockstore.tarlayer import erofs_format, layerindex
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN
 from blockstore.tarlayer.layerindex import INDEX_FORMAT, ReadRange, SpanIndex, TarIndex
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 _DIGEST = 80  # room for "sha256:" and 64 hex digits in a cached index record
 SPANS_KEPT = 10
+FAILED_SPAN_QUIET = 5.0  # seconds a failed large span fails its readers at once
 KEEP_STEP = 8 << 20  # a multiple of CHUNK_SIZE
 """Decompressed spans kept in memory: a span's chunks are asked for one by one, and the
 spans waiting for ``SpanWriter`` are served from here."""
@@ -145,6 +147,7 @@ class DecompressedTar:
         self._lock = threading.Lock()
         self._span_locks: dict[int, threading.Lock] = {}
         self.decompressions: Counter[int] = Counter()  # span index -> times decompressed
+        self._failed: dict[int, tuple[float, str]] = {}  # span -> (when, why) it last failed
 
     @property
     def digest(self) -> str:
@@ -166,11 +169,25 @@ class DecompressedTar:
         with span_lock:  # one decompression per span, however many readers wait on it
             with self._lock:
                 data = self._kept.get(index)
+                failed = self._failed.get(index)
             if data is None:
+                if failed is not None and time.monotonic() - failed[0] < FAILED_SPAN_QUIET:
+                    # Readers of one file come by the dozen: one failure of a span of the
+                    # whole layer each would fetch and inflate it again each time.
+                    raise BlobReadError(f"{self._digest}: {failed[1]} (a moment ago)")
                 try:
                     data = self.spans.decompress(index, self._read_compressed, self._scratch)
-                except IntegrityError as exc:
-                    raise BlobReadError(f"{self._digest}: {exc}") from exc
+                except (IntegrityError, OSError) as exc:
+                    failure = exc if isinstance(exc, BlockstoreError) else exc.strerror or exc
+                    start, end = self.spans.bounds(index)
+                    if end - start > layerindex.LARGE_SPAN:  # a small one is cheap to redo
+                        with self._lock:
+                            self._failed[index] = (time.monotonic(), str(failure))
+                    if isinstance(exc, BlobReadError):
+                        raise
+                    raise BlobReadError(f"{self._digest}: {failure}") from exc
+                with self._lock:
+                    self._failed.pop(index, None)
                 self.decompressions[index] += 1
                 if self._keep is not None:
                     for offset, piece in _steps(self.spans.bounds(index)[0], data):

@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import tarfile
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import zstandard
 from trees import make_tar
 
 from blockstore.cache import CHUNK_SIZE
-from blockstore.errors import IntegrityError
+from blockstore.errors import BlobReadError, IntegrityError
 from blockstore.tarlayer import export as tar_export
 from blockstore.tarlayer import gzindex, layerindex, zstdframes
 from blockstore.tarlayer.erofs_reader import read_metadata
@@ -369,3 +370,39 @@ def test_a_large_zstd_span_with_no_room_beside_the_cache_is_decompressed_in_memo
         assert list(full.iterdir()) == []
     finally:
         subprocess.run(["umount", str(full)], check=True)
+
+
+def test_a_large_span_that_failed_fails_its_next_readers_at_once(tmp_path, monkeypatch):
+    """A one-frame zstd layer (one span over ``LARGE_SPAN``) whose compressed bytes come
+    back wrong: the first read fails its digest, with EIO; the reads right after it
+    (a mount's readers of one file come by the dozen) fail at once, naming the same
+    cause, instead of each fetching and inflating the whole layer again (0.7 s each,
+    ten minutes for a tree walk). After ``FAILED_SPAN_QUIET`` it is tried again."""
+    monkeypatch.setattr(layerindex, "LARGE_SPAN", 1 << 20)
+    monkeypatch.setattr(tar_export, "FAILED_SPAN_QUIET", 0.5)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "random").write_bytes(os.urandom(3 << 20))
+    tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    blob = compress(["zstd", "-q", "-c"], tar)
+    index = index_compressed_tar(io.BytesIO(blob), ZSTD, blob_digest=sha(blob), diff_id=None)
+    bad = bytearray(blob)
+    for k in range(4000, len(bad) - 4000, 997):
+        bad[k] ^= 0x01
+    fetched: list[int] = []
+
+    def read(offset: int, length: int) -> bytes:
+        fetched.append(length)
+        return bytes(bad[offset : offset + length])
+
+    decompressed = DecompressedTar(index.spans, read, sha(tar), None, tmp_path)
+    with pytest.raises(BlobReadError):
+        decompressed.read_range(0, 4096)
+    asked = sum(fetched)
+    for _ in range(20):
+        with pytest.raises(BlobReadError, match="a moment ago"):
+            decompressed.read_range(4096, 4096)
+    assert sum(fetched) == asked
+    time.sleep(0.6)
+    bad[:] = blob  # the source serves the right bytes again
+    assert decompressed.read_range(0, 4096) == tar[:4096]
