@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import io
-import itertools
 import os
 import re
 import stat
@@ -152,7 +151,22 @@ def _xattrs(member: tarfile.TarInfo) -> tuple[tuple[bytes, bytes], ...]:
             value = _acl_xattr(text, access=key == "SCHILY.acl.access", where=(member.name, key))
             if value is not None:
                 found[name] = value
+    if b"system.posix_acl_default" in found and not member.isdir():
+        raise TarLayerError(
+            f"tar entry {_show(member.name)}: a default ACL, which only a directory can have"
+        )
     return tuple(sorted(found.items()))
+
+
+def _acl_mode(member: tarfile.TarInfo, xattrs: tuple[tuple[bytes, bytes], ...]) -> int:
+    """The entry's permission bits: its header's, or those its access ACL sets."""
+    mode = stat.S_IMODE(member.mode)
+    value = dict(xattrs).get(b"system.posix_acl_access")
+    entries = _binary_acl(value) if value is not None else None
+    text = member.pax_headers.get("SCHILY.acl.access")
+    if entries is None and value is None and text is not None:
+        entries = _acl_entries(text, (member.name, "SCHILY.acl.access"))
+    return _mode_from_acl(mode, entries) if entries else mode
 
 
 # GNU tar's ``--acls`` text records, and the xattr each ACL is kept in on Linux. With
@@ -174,17 +188,52 @@ def _acl_xattr(text: str, *, access: bool, where: tuple[str, str]) -> bytes | No
     None for an access ACL of the owner, group and other entries alone: that is the
     file's mode, which Linux keeps in no xattr. A name, not a number, is refused:
     it means an id in the machine that made the tar, not in the image."""
-    # In the order the kernel keeps (by tag, then id), each (tag, id) once.
-    entries = sorted((_acl_entry(line, where) for line in _acl_lines(text)), key=_tag_and_id)
-    for earlier, later in itertools.pairwise(entries):
-        if _tag_and_id(earlier) == _tag_and_id(later):
-            name, key = where
-            raise TarLayerError(
-                f"tar entry {_show(name)}: PAX record {key}: an ACL names one entry twice"
-            )
+    entries = _acl_entries(text, where)
     if access and all(tag in (1, 4, 0x20) for tag, _, _ in entries):
         return None
     return _ACL_HEAD.pack(2) + b"".join(_ACL_ENTRY.pack(*entry) for entry in entries)
+
+
+def _acl_entries(text: str, where: tuple[str, str]) -> list[tuple[int, int, int]]:
+    """The entries of an ACL's text, in the order the kernel keeps (by tag, then id),
+    refused unless they make an ACL the kernel would take (as tar, extracting, could
+    not set one): each (tag, id) once; the owner, group and other entries; and a
+    mask wherever a user or group is named."""
+    entries = sorted((_acl_entry(line, where) for line in _acl_lines(text)), key=_tag_and_id)
+    tags = [tag for tag, _, _ in entries]
+    masks = tags.count(0x10)
+    valid = (
+        len(set(map(_tag_and_id, entries))) == len(entries)
+        and all(tags.count(tag) == 1 for tag in (1, 4, 0x20))
+        and masks <= 1
+        and (masks == 1 or not any(tag in (2, 8) for tag in tags))
+    )
+    if not valid:
+        name, key = where
+        raise TarLayerError(
+            f"tar entry {_show(name)}: PAX record {key}: not an ACL Linux would keep "
+            "(an entry twice, or no owner, group, other, or mask beside named entries)"
+        )
+    return entries
+
+
+def _mode_from_acl(mode: int, entries: list[tuple[int, int, int]]) -> int:
+    """The mode an access ACL sets, as extracting sets it: the owner's and others'
+    bits from their entries, the group bits from the mask (the group entry without
+    one). The kernel checks access against the ACL; ``stat`` must agree with it."""
+    perms = {tag: perm for tag, perm, _ in entries}
+    group = perms.get(0x10, perms.get(4, 0))
+    return mode & ~0o777 | perms.get(1, 0) << 6 | group << 3 | perms.get(0x20, 0)
+
+
+def _binary_acl(value: bytes) -> list[tuple[int, int, int]] | None:
+    """The entries of a ``system.posix_acl_*`` xattr value; None if it is none."""
+    body = value[_ACL_HEAD.size :]
+    if len(value) < _ACL_HEAD.size or len(body) % _ACL_ENTRY.size:
+        return None
+    if _ACL_HEAD.unpack_from(value)[0] != 2:
+        return None
+    return list(_ACL_ENTRY.iter_unpack(body))
 
 
 def _tag_and_id(entry: tuple[int, int, int]) -> tuple[int, int]:
@@ -278,9 +327,10 @@ def entry_of(member: tarfile.TarInfo) -> TarEntry:
             f"tar entry {_show(member.name)}: entry type {member.type!r} cannot be represented"
         )
     seconds, nanos = _mtime(member)
+    xattrs = _xattrs(member)
     entry = TarEntry(
         path=os.fsencode(member.name),
-        mode=kind | stat.S_IMODE(member.mode),
+        mode=kind | _acl_mode(member, xattrs),
         uid=member.uid,
         gid=member.gid,
         mtime=seconds,
@@ -291,7 +341,7 @@ def entry_of(member: tarfile.TarInfo) -> TarEntry:
         hardlink=member.islnk(),
         rdev_major=member.devmajor,
         rdev_minor=member.devminor,
-        xattrs=_xattrs(member),
+        xattrs=xattrs,
     )
     _refuse_what_cannot_be_held(entry, member.name)
     return entry

@@ -313,5 +313,54 @@ def test_acl_text_of_star_and_of_a_twice_named_entry():
     value = xattrs[b"system.posix_acl_access"]
     entries = [struct.unpack_from("<HHI", value, 4 + 8 * i) for i in range((len(value) - 4) // 8)]
     assert (2, 4, 1001) in entries and entries == sorted(entries, key=lambda e: (e[0], e[2]))
-    with pytest.raises(TarLayerError, match="names one entry twice"):
+    with pytest.raises(TarLayerError, match="not an ACL Linux would keep"):
         walked("user::rw-\nuser:7:r--\nuser:7:rw-\ngroup::r--\nmask::rw-\nother::---\n")
+
+
+def _one_entry(pax: dict[str, str], *, mode: int = 0o644, directory: bool = False):
+    info = tarfile.TarInfo("d" if directory else "f")
+    info.type = tarfile.DIRTYPE if directory else tarfile.REGTYPE
+    info.mode = mode
+    info.pax_headers = pax
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        archive.addfile(info)
+    (entry,) = walk_tar(io.BytesIO(out.getvalue()))
+    return entry
+
+
+def test_an_access_acl_sets_the_mode_as_extracting_does():
+    """A header mode of 0644 with an access ACL whose mask is r-- and other ---: tar,
+    extracting, sets the ACL, which sets the mode to 0640; so must the image, or
+    ``stat`` disagrees with the access the kernel grants. The same from the xattr
+    form of the ACL, and from an ACL of the owner, group and other alone (kept in no
+    xattr: the mode is all there is of it)."""
+    acl = "user::rw-\nuser:1000:r--\ngroup::r--\nmask::r--\nother::---\n"
+    assert stat.S_IMODE(_one_entry({"SCHILY.acl.access": acl}).mode) == 0o640
+    binary = struct.pack("<I", 2) + b"".join(
+        struct.pack("<HHI", tag, perm, ident)
+        for tag, perm, ident in ((1, 7, 2**32 - 1), (2, 7, 7), (4, 5, 2**32 - 1),
+                                 (0x10, 0, 2**32 - 1), (0x20, 0, 2**32 - 1))
+    )  # fmt: skip
+    xattr = {"SCHILY.xattr.system.posix_acl_access": binary.decode("utf-8", "surrogateescape")}
+    assert stat.S_IMODE(_one_entry(xattr).mode) == 0o700
+    plain = "user::rwx\ngroup::---\nother::---\n"
+    entry = _one_entry({"SCHILY.acl.access": plain})
+    assert stat.S_IMODE(entry.mode) == 0o700 and dict(entry.xattrs) == {}
+
+
+@pytest.mark.parametrize(
+    "pax",
+    [
+        {"SCHILY.acl.access": "user::rw-\nuser:1000:rwx\ngroup::r--\nother::r--\n"},
+        {"SCHILY.acl.access": "user:1000:rwx\nmask::rwx\nother::r--\n"},
+        {"SCHILY.acl.default": "user::rwx\ngroup::r-x\nother::r-x\n"},
+    ],
+    ids=["named-entry-without-mask", "no-owner-or-group", "default-acl-on-a-file"],
+)
+def test_an_acl_linux_would_not_keep_is_refused_by_entry(pax):
+    """What tar, extracting, fails to set (``acl_set_file: Invalid argument``): a named
+    user without a mask, an ACL with no owner or group entry, a default ACL on a file.
+    Served, the kernel would meet an ACL it never makes: refused, naming the entry."""
+    with pytest.raises(TarLayerError, match="'f'"):
+        _one_entry(pax)
