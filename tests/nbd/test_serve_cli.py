@@ -302,6 +302,35 @@ def test_idle_timeout_closes_a_quiet_connection(registry, pushed_images, tmp_pat
         assert stop(proc) == 0
 
 
+@contextmanager
+def serving_stuck(
+    image: str, registry, fault_proxy, tmp_path
+) -> Iterator[tuple[subprocess.Popen, str, object]]:
+    """``serve`` through a registry that holds every blob request for a minute, with no
+    prefetch at open (so a client's read is the one that reaches the registry):
+    yields the server, its Unix socket and the proxy."""
+    proxy = fault_proxy(registry)
+    reference = image.replace(registry.host, proxy.host)
+    sock = str(tmp_path / "s.sock")
+    args = [reference, "--insecure", "--cache-dir", str(tmp_path / "c"), "--unix", sock]
+    args += ["--no-erofs-start", "--no-erofs-walk", "--no-readahead", "--no-trace"]
+    with serving(*args) as (proc, _exports):
+        proxy.fault = Fault("delay", path_contains="/blobs/", method="GET", seconds=60)
+        yield proc, sock, proxy
+
+
+def seconds_to_stop_once_stuck(proc: subprocess.Popen, proxy, reads: int) -> float:
+    """Once ``reads`` reads wait on the registry, how long SIGTERM takes to end ``proc``
+    (which must exit 0)."""
+    deadline = time.monotonic() + 10
+    while proxy.faults_applied < reads and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proxy.faults_applied >= reads, "the reads never reached the registry"
+    started = time.monotonic()
+    assert stop(proc) == 0
+    return time.monotonic() - started
+
+
 def test_stopping_with_fetches_stuck_on_every_layer_ends_within_seconds(
     registry, pushed_images, fault_proxy, tmp_path
 ):
@@ -309,27 +338,19 @@ def test_stopping_with_fetches_stuck_on_every_layer_ends_within_seconds(
     within the drain timeout and one bounded wait for the fetches, not one wait per
     layer in turn (each blob's two fetchers waited 3 s each for their jobs, then as
     long for their stores, one layer after another)."""
-    proxy = fault_proxy(registry)
-    reference = pushed_images.multilayer.replace(registry.host, proxy.host)
-    sock = tmp_path / "s.sock"
-    args = [reference, "--insecure", "--cache-dir", str(tmp_path / "c"), "--unix", str(sock)]
-    args += ["--no-erofs-start", "--no-erofs-walk", "--no-readahead", "--no-trace"]
-    with serving(*args) as (proc, _exports):
-        proxy.fault = Fault("delay", path_contains="/blobs/", method="GET", seconds=60)
-        clients = [w.RawClient(str(sock)) for _ in range(3)]
+    with serving_stuck(pushed_images.multilayer, registry, fault_proxy, tmp_path) as (
+        proc,
+        sock,
+        proxy,
+    ):
+        clients = [w.RawClient(sock) for _ in range(3)]
         try:
             for layer, client in enumerate(clients):
                 client.negotiate(f"layer{layer}")
                 client.send(w.CMD_READ, 1, 0, 4096)
-            deadline = time.monotonic() + 10
-            while proxy.faults_applied < 3 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert proxy.faults_applied >= 3, "the reads never reached the registry"
-            started = time.monotonic()
-            assert stop(proc) == 0
             # 5 s of drain, 1 s of grace after the cut, 3 s for the fetches; before, the
             # fetches' 3 s came twice per layer, in turn: 15 s here.
-            assert time.monotonic() - started < 10.5
+            assert seconds_to_stop_once_stuck(proc, proxy, 3) < 10.5
         finally:
             for client in clients:
                 client.close()
@@ -341,24 +362,15 @@ def test_stopping_with_a_fetch_stuck_in_flight_ends_within_seconds(
     """A read waits on a registry that holds every blob request for a minute; SIGTERM
     still ends the server within seconds (the drain timeout, then the cut), with exit
     code 0, instead of waiting out the fetch."""
-    proxy = fault_proxy(registry)
-    reference = pushed_images.large.replace(registry.host, proxy.host)
-    sock = tmp_path / "s.sock"
-    args = [reference, "--insecure", "--cache-dir", str(tmp_path / "c"), "--unix", str(sock)]
-    # No prefetch at open: the read below must be the one that reaches the registry.
-    args += ["--no-erofs-start", "--no-erofs-walk", "--no-readahead", "--no-trace"]
-    with serving(*args) as (proc, _exports):
-        proxy.fault = Fault("delay", path_contains="/blobs/", method="GET", seconds=60)
-        client = w.RawClient(str(sock))
+    with serving_stuck(pushed_images.large, registry, fault_proxy, tmp_path) as (
+        proc,
+        sock,
+        proxy,
+    ):
+        client = w.RawClient(sock)
         try:
             client.negotiate("layer0")
             client.send(w.CMD_READ, 1, client.size - (1 << 20), 4096)  # far from the start
-            deadline = time.monotonic() + 10
-            while not proxy.faults_applied and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert proxy.faults_applied, "the read never reached the registry"
-            started = time.monotonic()
-            assert stop(proc) == 0
-            assert time.monotonic() - started < 10
+            assert seconds_to_stop_once_stuck(proc, proxy, 1) < 10
         finally:
             client.close()

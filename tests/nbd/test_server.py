@@ -350,12 +350,11 @@ def test_tcp_connections_have_nodelay(local_server):
         client.close()
 
 
-def test_reads_sent_whole_that_take_no_replies_wait_for_room_server_wide(tmp_path):
-    """Twelve clients of simple replies (a read is sent whole, not streamed) each send
-    two 32 MiB reads and take no reply, the server's bound at 16 MiB. A read larger
-    than a connection's share waits for room server-wide: only the first is granted
-    (nothing else was held), not one per connection (384 MiB). A client reading small
-    pieces is served at once; the others are served in turn as replies are taken."""
+def _flood_then_read(tmp_path, reads: int, size: int, most_held: int) -> None:
+    """Twelve clients of simple replies each send ``reads`` reads of ``size`` bytes and
+    take no reply, the server's bound at 16 MiB: they hold ``most_held`` bytes at
+    most between them; a client reading 1 MiB meanwhile is served within 5 s; then
+    every reply arrives whole as they take them."""
     server = NBDServer(
         {"zeros": ZeroExport()},
         unix=str(tmp_path / "nbd.sock"),
@@ -363,15 +362,14 @@ def test_reads_sent_whole_that_take_no_replies_wait_for_room_server_wide(tmp_pat
         server_inflight_bytes=16 << 20,
     )
     server.start()
-    big = 32 << 20
     greedy = [w.RawClient(server.unix_path) for _ in range(12)]
     try:
         for client in greedy:
             client.negotiate("zeros", structured=False)
-            for handle in range(2):
-                client.send(w.CMD_READ, handle, handle * big, big)
+            for handle in range(reads):
+                client.send(w.CMD_READ, handle, handle * size, size)
         time.sleep(1.0)
-        assert server.bytes_in_flight <= 2 * big, server.bytes_in_flight
+        assert server.bytes_in_flight <= most_held, server.bytes_in_flight
         reader = nbd.NBD()
         started = time.monotonic()
         reader.connect_unix(server.unix_path)
@@ -380,7 +378,7 @@ def test_reads_sent_whole_that_take_no_replies_wait_for_room_server_wide(tmp_pat
         assert time.monotonic() - started < 5
 
         def take_replies(client: w.RawClient) -> bool:
-            return all(client.wait(h).data == {h * big: bytes(big)} for h in range(2))
+            return all(client.wait(h).data == {h * size: bytes(size)} for h in range(reads))
 
         with ThreadPoolExecutor(len(greedy)) as pool:
             assert all(pool.map(take_replies, greedy))
@@ -390,40 +388,20 @@ def test_reads_sent_whole_that_take_no_replies_wait_for_room_server_wide(tmp_pat
         server.shutdown()
 
 
+def test_reads_sent_whole_that_take_no_replies_wait_for_room_server_wide(tmp_path):
+    """Twelve clients of simple replies (a read is sent whole, not streamed) each send
+    two 32 MiB reads and take no reply, the server's bound at 16 MiB. A read larger
+    than a connection's share waits for room server-wide: only the first is granted
+    (nothing else was held), not one per connection (384 MiB). A client reading small
+    pieces is served at once; the others are served in turn as replies are taken."""
+    _flood_then_read(tmp_path, reads=2, size=32 << 20, most_held=2 * (32 << 20))
+
+
 def test_clients_that_take_no_replies_share_a_bound_not_hold_one_each(tmp_path):
     """Twelve clients each send sixteen 4 MiB reads and take no reply. With the server's
     bound at 16 MiB, each connection's budget shrinks to a read piece (4 MiB): what
     they hold between them stays near twelve pieces and a reply each, where it was
     their full 32 MiB each (sixty such clients held 1.8 GB). A client that reads
     meanwhile is served at once; the others get every reply, whole, once they read."""
-    zeros = ZeroExport()
-    server = NBDServer(
-        {"zeros": zeros},
-        unix=str(tmp_path / "nbd.sock"),
-        default_export="zeros",
-        server_inflight_bytes=16 << 20,
-    )
-    server.start()
-    piece = 4 << 20
-    greedy = [w.RawClient(server.unix_path) for _ in range(12)]
-    try:
-        for client in greedy:
-            client.negotiate("zeros", structured=False)
-            for handle in range(16):
-                client.send(w.CMD_READ, handle, handle * piece, piece)
-        time.sleep(1.0)
-        # A piece and a reply each (and the batch headers): not the 32 MiB each of before.
-        assert server.bytes_in_flight <= len(greedy) * 5 * piece // 2, server.bytes_in_flight
-        reader = nbd.NBD()
-        started = time.monotonic()
-        reader.connect_unix(server.unix_path)
-        assert reader.pread(1 << 20, 0) == bytes(1 << 20)
-        reader.shutdown()
-        assert time.monotonic() - started < 5
-        for client in greedy:
-            for handle in range(16):
-                assert client.wait(handle).data == {handle * piece: bytes(piece)}
-    finally:
-        for client in greedy:
-            client.close()
-        server.shutdown()
+    # A piece and a reply each (and the batch headers): not the 32 MiB each of before.
+    _flood_then_read(tmp_path, reads=16, size=4 << 20, most_held=12 * 5 * (4 << 20) // 2)
