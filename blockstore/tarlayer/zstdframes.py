@@ -161,24 +161,13 @@ class ZstdIndexer(SteppedReader):
         return self._out
 
 
-def decode_frames(data: bytes) -> bytes:
-    """Decompress whole frames (skippable ones stepped over) back to back."""
-    parts: list[bytes] = []
-    pos = 0
-    while pos < len(data):
-        head = data[pos : pos + 8]
-        if _skippable(head):
-            pos += 8 + int.from_bytes(head[4:8], "little")
-            continue
-        frame = zstandard.ZstdDecompressor().decompressobj()
-        try:
-            parts.append(frame.decompress(data[pos:]))
-        except zstandard.ZstdError as exc:
-            raise IntegrityError(f"corrupt zstd stream: {exc}") from exc
-        if not frame.eof:
-            raise IntegrityError("zstd span ends inside a frame")
-        pos = len(data) - len(frame.unused_data)
-    return b"".join(parts)
+def decode_frames(data: Buffer) -> bytes:
+    """Decompress whole frames (skippable ones stepped over) back to back, held in
+    memory: ``stream_frames`` over them, each call bounded as there."""
+    view = memoryview(data)
+    return b"".join(
+        stream_frames(lambda offset, length: view[offset : offset + length], 0, len(view))
+    )
 
 
 def stream_frames(read: Callable[[int, int], Buffer], start: int, end: int) -> Iterator[bytes]:
