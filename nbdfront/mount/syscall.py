@@ -12,6 +12,7 @@ import ctypes
 import errno
 import os
 import re
+from typing import NamedTuple
 
 from blockstore.errors import MissingDependency, MountError, MountpointBusy, NotPermitted
 
@@ -77,16 +78,31 @@ def _unescape(field: str) -> str:
     return _OCTAL_ESCAPE.sub(lambda m: chr(int(m[1], 8)), field)
 
 
-def mounted() -> dict[str, tuple[str, str]]:
-    """Mount point -> (filesystem type, source), from /proc/self/mountinfo."""
-    table: dict[str, tuple[str, str]] = {}
+class _Mount(NamedTuple):
+    point: str
+    device: str  # major:minor
+    fstype: str
+    source: str
+    options: str  # the file system's own (overlayfs: its directories)
+
+
+def _mounts() -> list[_Mount]:
+    """Every mount of /proc/self/mountinfo, in its order."""
+    found = []
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             left, _, right = line.partition(" - ")
-            fields = left.split()
-            fstype, source = right.split()[:2]
-            table[_unescape(fields[4])] = (fstype, _unescape(source))
-    return table
+            fields, tail = left.split(), right.split()
+            options = tail[2] if len(tail) > 2 else ""
+            found.append(
+                _Mount(_unescape(fields[4]), fields[2], tail[0], _unescape(tail[1]), options)
+            )
+    return found
+
+
+def mounted() -> dict[str, tuple[str, str]]:
+    """Mount point -> (filesystem type, source), from /proc/self/mountinfo."""
+    return {m.point: (m.fstype, m.source) for m in _mounts()}
 
 
 def users_of(mountpoints: list[str]) -> list[str]:
@@ -97,23 +113,18 @@ def users_of(mountpoints: list[str]) -> list[str]:
     first: stopping the server under them would turn their reads into I/O errors."""
     ours = {os.path.realpath(p) for p in mountpoints}
     inside = tuple(p.rstrip("/") + "/" for p in ours)
-    devices: set[str] = set()
-    entries: list[tuple[str, str, str, str]] = []  # (mount point, device, type, options)
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, tail = left.split(), right.split()
-            point = _unescape(fields[4])
-            entries.append((point, fields[2], tail[0], tail[2] if len(tail) > 2 else ""))
-            if point in ours:
-                devices.add(fields[2])
-    users = []
-    for point, device, fstype, options in entries:
-        if point in ours or point.startswith(inside):
-            continue  # ours, or mounted inside ours (submounts() names those)
-        if device in devices or (fstype == "overlay" and _overlay_uses(options, ours, inside)):
-            users.append(point)
-    return users
+    mounts = _mounts()
+    devices = {m.device for m in mounts if m.point in ours}
+    return [
+        m.point
+        for m in mounts
+        # Not ours, nor mounted inside ours (submounts() names those).
+        if not (m.point in ours or m.point.startswith(inside))
+        and (
+            m.device in devices
+            or (m.fstype == "overlay" and _overlay_uses(m.options, ours, inside))
+        )
+    ]
 
 
 def _overlay_uses(options: str, ours: set[str], inside: tuple[str, ...]) -> bool:
