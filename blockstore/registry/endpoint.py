@@ -4,8 +4,9 @@ Every request to a registry goes through ``Endpoint.request``, so the rules
 live in one place: Authorization only ever goes to the endpoint's own
 origin (a 307 to blob storage or a CDN is followed without it), a 401 is
 answered once with new credentials, a host's request for quiet (429/503
-with ``Retry-After``) is kept for every later request to it, and nothing
-that carries a secret is logged. Retrying is the caller's: one request here
+with ``Retry-After``) is kept for every later request to it, a host that
+stopped answering is not retried until it answers (``Outage``), and
+nothing that carries a secret is logged. Retrying is the caller's: one request here
 is one attempt, bounded by the caller's deadline.
 """
 
@@ -30,6 +31,7 @@ from blockstore.registry.replies import oci_error
 from blockstore.registry.retry import (
     RETRIABLE_STATUS,
     Deadline,
+    Outage,
     Quiet,
     TryAgain,
     parse_retry_after,
@@ -72,6 +74,8 @@ class Endpoint:
         self._insecure = insecure
         """Plain HTTP was asked for: credentials may travel in the clear."""
         self.quiet = Quiet()
+        self.outage = Outage(host)
+        self._own_origin = _origin(self.base_url)
         # A host reached over plain HTTP without --insecure (a mirror written
         # ``http://...``) is not given credentials that would travel in the clear.
         self._withheld = credentials is not None and not self._may_send(self.base_url)
@@ -214,6 +218,11 @@ class Endpoint:
             "allow_redirects": False,
             "verify": self._verify,
         }
+        # Only the registry's own origin is judged up or down: a token issuer or blob
+        # storage a redirect leads to is another host.
+        outage = self.outage if _origin(url) == self._own_origin else None
+        if outage is not None:
+            outage.enter(where)
         try:
             if isinstance(body, Path):
                 with body.open("rb") as file:
@@ -224,9 +233,12 @@ class Endpoint:
             cause = describe_failure(exc, not_tls=self._plain_http_hint(url))
             raise RegistryUnreachable(f"cannot connect securely to {where}: {cause}") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise TryAgain(
-                RegistryUnreachable(f"cannot reach registry {where}: {describe_failure(exc)}")
-            ) from None
+            cause = describe_failure(exc)
+            error = f"cannot reach registry {where}: {cause}"
+            down = outage.failed(cause) if outage is not None else None
+            if down is not None:
+                raise RegistryUnreachable(f"{error} ({down})") from None
+            raise TryAgain(RegistryUnreachable(error)) from None
         except ValueError as exc:
             # requests' InvalidURL, InvalidSchema, InvalidHeader..., or a redirect it
             # parses ahead: the request cannot be made. Only the type is said: the URL or
@@ -234,6 +246,11 @@ class Endpoint:
             raise RegistryError(
                 f"registry {self.host}: a request cannot be made ({type(exc).__name__})"
             ) from None
+        finally:
+            if outage is not None:
+                outage.leave()
+        if outage is not None:
+            outage.answered()
         self._refuse_plain_http_to_tls(reply, url)
         return reply
 

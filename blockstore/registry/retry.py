@@ -6,7 +6,9 @@ a body cut short), draws on the same clock, so no loop nests inside another
 and a read ends within its timeout. Waits are exponential backoff with full
 jitter (so clients that failed together do not retry together), or what the
 server asked for in ``Retry-After``. A host that asked for quiet is left
-alone by every reader of it until the time it named (``Quiet``).
+alone by every reader of it until the time it named (``Quiet``); a host
+that stopped answering at all is tried once per operation, not retried,
+until it answers again (``Outage``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import TypeVar
 
-from blockstore.errors import BlockstoreError
+from blockstore.errors import BlockstoreError, RegistryUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,86 @@ class Quiet:
             return False
         time.sleep(left)
         return True
+
+
+DOWN_AFTER = 1.0
+"""Seconds a host must have failed every attempt (no reply at all) to be taken as down."""
+DOWN_AFTER_FAILURES = 3
+"""Failed attempts in a row it takes as well, so that one slow connect is no outage."""
+
+
+class Outage:
+    """A host that stopped answering (refused, unreachable, silent), shared by every
+    reader of it.
+
+    Once every attempt has failed for ``DOWN_AFTER`` seconds, the host is
+    down: each operation then tries it once and fails without retrying, and
+    while one attempt is under way the others fail at once instead of
+    queueing on a dead host. Without this, a walk over a mount with the
+    registry gone spends a whole retry budget (seconds) on every file. The
+    first reply of any kind ends the outage, so the read after the host is
+    back succeeds with no pause to sit out.
+    """
+
+    def __init__(self, host: str):
+        self._host = host
+        self._lock = threading.Lock()
+        self._failing_since: float | None = None
+        self._failures = 0
+        self._down = False
+        self._cause = ""
+        self._trying = 0
+
+    def enter(self, where: str) -> None:
+        """Before an attempt; raises ``RegistryUnreachable`` at once if the host is down
+        and another attempt is already finding out whether it is back."""
+        with self._lock:
+            if self._down and self._trying:
+                raise RegistryUnreachable(
+                    f"cannot reach registry {where}: {self._cause} ({self._for()}; "
+                    "another request is trying it again)"
+                )
+            self._trying += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._trying -= 1
+
+    def failed(self, cause: str) -> str | None:
+        """An attempt got no reply; what to add to its error if the host is down (the
+        operation should then fail, not retry), else None."""
+        now = time.monotonic()
+        with self._lock:
+            if self._failing_since is None:
+                self._failing_since = now
+            self._failures += 1
+            self._cause = cause
+            if self._down:
+                return self._for()
+            if self._failures < DOWN_AFTER_FAILURES or now - self._failing_since < DOWN_AFTER:
+                return None
+            self._down = True
+            log.info(
+                "registry %s has not answered for %.1fs (%s): each read now tries it once, "
+                "without retrying, until it answers again",
+                self._host,
+                now - self._failing_since,
+                cause,
+            )
+            return self._for()
+
+    def answered(self) -> None:
+        """A reply came (of any status): the host is up."""
+        if self._failing_since is None:  # the common case, without the lock
+            return
+        with self._lock:
+            if self._down:
+                log.info("registry %s answers again, after %s", self._host, self._for())
+            self._failing_since, self._failures, self._down = None, 0, False
+
+    def _for(self) -> str:
+        since = self._failing_since if self._failing_since is not None else time.monotonic()
+        return f"no reply for {time.monotonic() - since:.0f}s"
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

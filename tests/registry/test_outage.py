@@ -1,0 +1,109 @@
+"""A registry that stops answering after the image resolved: reads fail fast, and
+the first one after it is back succeeds.
+
+Real registry, stopped and started again on its own port and storage; the
+reads go through ``open_image`` and the chunk cache as a server's would.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from rig.fault_proxy import Fault
+from rig.pushed import push_erofs
+
+from blockstore.errors import BlockstoreError
+from blockstore.image import open_image
+from blockstore.registry import RegistryOptions
+
+CHUNK = 32 * 1024
+DOWN_READS = 8
+
+
+def test_reads_during_an_outage_fail_fast_and_the_first_after_it_succeeds(
+    fresh_registry, erofs_images, tmp_path: Path
+):
+    """Tried: the registry process stops after the image resolved; uncached reads
+    at distinct offsets, one after another, as `find | xargs cat` makes them.
+    Must hold: the first read spends its retries (a blip is not an outage), each
+    later one fails within a fraction of a second, never with wrong or missing
+    bytes taken for data; once the registry is back, the very next read succeeds
+    with the image's bytes, with no pause to sit out."""
+    source = erofs_images.large.path.read_bytes()
+    reference = push_erofs(fresh_registry.host, "outage/img", "v1", [erofs_images.large.path])
+    options = RegistryOptions(insecure=True, timeout=10.0)
+    image = open_image(reference, cache_dir=tmp_path / "cache", options=options)
+    try:
+        (blob,) = image.exports()
+        assert b"".join(bytes(b) for b in blob.read(0, CHUNK)) == source[:CHUNK]
+        fresh_registry.stop()
+        spacing = (blob.size - CHUNK) // (DOWN_READS + 2) // CHUNK * CHUNK
+        offsets = [CHUNK + spacing * (i + 1) for i in range(DOWN_READS + 1)]
+
+        first = time.monotonic()
+        with pytest.raises(BlockstoreError) as caught:
+            blob.read(offsets[0], 4096)
+        assert "connection refused" in str(caught.value)
+        assert time.monotonic() - first > 0.1, "the first failure was not retried at all"
+
+        times = []
+        for offset in offsets[1:]:
+            started = time.monotonic()
+            with pytest.raises(BlockstoreError) as caught:
+                blob.read(offset, 4096)
+            times.append(time.monotonic() - started)
+            assert "connection refused" in str(caught.value)
+        assert max(times) < 0.5, f"reads during the outage took {times}"
+
+        fresh_registry.start()
+        started = time.monotonic()
+        got = b"".join(bytes(b) for b in blob.read(offsets[-1], 4096))
+        assert got == source[offsets[-1] : offsets[-1] + 4096]
+        assert time.monotonic() - started < 1.0
+    finally:
+        image.close()
+
+
+def test_a_silent_registry_is_tried_by_one_read_at_a_time(
+    fresh_registry, fault_proxy, erofs_images, tmp_path: Path
+):
+    """Tried: after the image resolved, the registry accepts connections but never
+    answers (each attempt waits out its stall), until it is taken as down; then
+    four reads at once. Must hold: one of them tries the registry, the other three
+    fail at once rather than each wait out a stall on a dead host; when the
+    registry answers again, reads succeed with the image's bytes."""
+    source = erofs_images.large.path.read_bytes()
+    proxy = fault_proxy(fresh_registry)
+    reference = push_erofs(proxy.host, "silent/img", "v1", [erofs_images.large.path])
+    options = RegistryOptions(insecure=True, timeout=1.5)
+    image = open_image(reference, cache_dir=tmp_path / "cache", options=options)
+    try:
+        (blob,) = image.exports()
+        proxy.fault = Fault("delay", path_contains="/blobs/", seconds=30)
+        for offset in (CHUNK * 100, CHUNK * 200):  # the outage is taken as one
+            with pytest.raises(BlockstoreError):
+                blob.read(offset, 4096)
+
+        def timed_read(offset: int) -> tuple[float, str]:
+            started = time.monotonic()
+            try:
+                blob.read(offset, 4096)
+            except BlockstoreError as exc:
+                return time.monotonic() - started, str(exc)
+            return time.monotonic() - started, "read succeeded"
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(timed_read, [CHUNK * (300 + 50 * i) for i in range(4)]))
+        quick = [said for took, said in results if took < 0.2]
+        assert len(quick) >= 3, results
+        assert all("another request is trying it again" in said for said in quick), results
+
+        proxy.fault = None
+        offset = CHUNK * 500
+        got = b"".join(bytes(b) for b in blob.read(offset, 4096))
+        assert got == source[offset : offset + 4096]
+    finally:
+        image.close()
