@@ -602,8 +602,12 @@ class _Session:
                     reason = event.reason
                     if self.stopping and event.clean and reason.startswith("client hung up"):
                         reason = "the server is stopping"  # its own shutdown of the read side
-                    level = logging.INFO if event.clean else logging.WARNING
-                    log.log(level, "closing connection from %s: %s", self.peer, reason)
+                    if event.clean:
+                        log.info("closing connection from %s: %s", self.peer, reason)
+                    else:
+                        self._server.hangups.warning(
+                            "closing connection from %s: %s", self.peer, reason
+                        )
                 else:
                     log.info("%s disconnected", self.peer)
                 return
@@ -829,29 +833,27 @@ def _describe(exc: BaseException, request: ReadRequest | CacheRequest) -> str:
     return f"{type(exc).__name__} at {request.offset}+{request.length}: {exc}"
 
 
-class _FailureLog:
-    """Warnings of failed requests, at most ``BURST`` each ``PERIOD`` seconds.
+class _Throttled:
+    """Warnings of one kind, at most ``BURST`` each ``PERIOD`` seconds.
 
-    One cause fails requests by the thousand (a tree read offline where it was
-    never cached, a registry gone): the first say why, the rest are counted and
-    the count logged with the next failure after the period, or at shutdown.
-    Failures that are bugs (neither an ``OSError`` nor one of the engine's own errors,
-    such as a damaged cache) are always logged whole, with their traceback.
+    One cause makes them by the thousand (a tree read offline where it was
+    never cached, a registry gone, a fleet of clients that hang up mid-request):
+    the first say why, the rest are counted and the count logged with the next
+    warning after the period, or at shutdown.
     """
 
     BURST = 10
     PERIOD = 10.0
 
-    def __init__(self) -> None:
+    def __init__(self, more: str):
+        self._more = more
+        """The count's line: ``"%d more ... in the %.0f s after those logged"``."""
         self._lock = threading.Lock()
         self._since = -self.PERIOD
         self._logged = 0
         self._held = 0
 
-    def failed(self, exc: BaseException, request: ReadRequest | CacheRequest) -> None:
-        if not isinstance(exc, OSError | BlockstoreError):
-            log.exception("request %s failed unexpectedly", request)
-            return
+    def warning(self, message: str, *args: object) -> None:
         now = time.monotonic()
         with self._lock:
             if now - self._since >= self.PERIOD:
@@ -861,7 +863,7 @@ class _FailureLog:
                 self._held += 1
                 return
             self._logged += 1
-        log.warning("request %s failed: %s", request, exc)
+        log.warning(message, *args)
 
     def flush(self) -> None:
         with self._lock:
@@ -869,12 +871,25 @@ class _FailureLog:
 
     def _flush(self) -> None:
         if self._held:
-            log.warning(
-                "%d more requests failed in the %.0f s after those logged, not logged one by one",
-                self._held,
-                self.PERIOD,
-            )
+            log.warning(self._more, self._held, self.PERIOD)
             self._held = 0
+
+
+class _FailureLog(_Throttled):
+    """Warnings of failed requests, throttled. Failures that are bugs (neither an
+    ``OSError`` nor one of the engine's own errors, such as a damaged cache) are
+    always logged whole, with their traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "%d more requests failed in the %.0f s after those logged, not logged one by one"
+        )
+
+    def failed(self, exc: BaseException, request: ReadRequest | CacheRequest) -> None:
+        if not isinstance(exc, OSError | BlockstoreError):
+            log.exception("request %s failed unexpectedly", request)
+            return
+        self.warning("request %s failed: %s", request, exc)
 
 
 class NBDServer:
@@ -933,6 +948,10 @@ class NBDServer:
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopped = threading.Event()
         self.failures = _FailureLog()
+        self.hangups = _Throttled(
+            "%d more connections ended uncleanly in the %.0f s after those logged, "
+            "not logged one by one"
+        )
         self._stopping = False
         self.tcp_address: tuple[str, int] | None = None
 
@@ -1060,6 +1079,7 @@ class NBDServer:
                     session.cut()
             self._wait_sessions(CUT_GRACE)
         self.failures.flush()
+        self.hangups.flush()
         if self.unix_path is not None:
             _remove_stale_socket(self.unix_path)
         # A late signal finds -1 and writes nowhere, never to a reused descriptor.

@@ -20,6 +20,7 @@ import nbd
 import nbd_wire as w
 import pytest
 from nbd_serving import ZeroExport
+from rig.waiting import wait_for
 
 from blockstore.errors import CacheError
 from nbdfront.protocol import MAX_PAYLOAD
@@ -435,3 +436,33 @@ def test_failed_requests_by_the_thousand_are_logged_a_few_then_counted(tmp_path,
     assert len(failed) == burst + 1
     assert all(failure.args[-1] in line for line in failed[:burst])
     assert failed[-1].startswith(f"{50 - burst} more requests failed")
+
+
+def test_clients_that_hang_up_mid_message_by_the_hundred_are_logged_a_few_then_counted(
+    tmp_path, caplog
+):
+    """Sixty clients each negotiate, send half a request header and hang up (a fleet
+    churning through restarts). The first ``BURST`` are logged with their cause, the
+    rest counted in one line at shutdown; the server still serves the next client.
+    Before, every one was a warning of its own, the log growing with the churn."""
+    server = serve(tmp_path, ZeroExport())
+    try:
+        for _ in range(60):
+            client = w.RawClient(server.unix_path)
+            client.negotiate("zeros", block_sizes=False)
+            client.sock.sendall(w.request(w.CMD_READ, 1, 0, 4096)[:14])
+            client.close()
+        client = w.RawClient(server.unix_path)
+        client.negotiate("zeros", block_sizes=False)
+        client.send(w.CMD_READ, 7, 0, 4096)
+        assert client.wait(7).error == 0
+        client.close()
+        assert wait_for(lambda: server.connection_count == 0)
+    finally:
+        server.shutdown()
+    hung = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(hung) < 30, f"{len(hung)} warnings for 60 hang-ups"
+    burst = server.hangups.BURST
+    assert len(hung) == burst + 1, hung
+    assert all("in the middle of a message" in line for line in hung[:burst])
+    assert hung[-1].startswith(f"{60 - burst} more connections ended uncleanly")
