@@ -106,9 +106,12 @@ def test_a_stopped_fill_resumes_where_it_stopped(cache_dir):
     exactly the chunks that were missing when it stopped, and the blob ends sealed."""
     data, digest = make_blob(128 * CHUNK_SIZE, seed=8)
     source = PieceSource(data, digest, piece_delay=0.002)
+    # The first fill is slow enough (2 s for the blob) that a loaded machine still
+    # stops it well before its end; the second runs at full speed.
+    slow = PrefetchSettings(readahead=False, fill=True, fill_rate=2 << 20)
     settings = PrefetchSettings(readahead=False, fill=True, fill_rate=8 << 20)
     with ChunkStore(cache_dir) as store:
-        blob = CachedBlob(store, digest, len(data), source, settings=settings)
+        blob = CachedBlob(store, digest, len(data), source, settings=slow)
         assert wait_for(lambda: (r := store.lookup(digest)) is not None and r.present >= 40)
         blob.close()
         missing = store.missing(store.lookup(digest).blob_id, range(128))
