@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+
+import lmdb
 
 from blockstore.errors import CacheError
 
@@ -89,3 +92,25 @@ class ImageRecords:
         with self._env.reader(DB_MANIFESTS) as txn:
             raw = txn.get(digest.encode())
             return bytes(raw) if raw is not None else None
+
+    def drop_manifests(self, prefix: str, keep: Callable[[str], bool]) -> int:
+        """Delete the records whose name starts with ``prefix`` unless ``keep(name)``;
+        how many went."""
+        start = prefix.encode()
+        manifests = self._env.dbs[DB_MANIFESTS]
+
+        def drop(txn: lmdb.Transaction) -> int:
+            cursor = txn.cursor(db=manifests)
+            names = []
+            if cursor.set_range(start):
+                for view in cursor.iternext(values=False):
+                    key = bytes(view)
+                    if not key.startswith(start):
+                        break
+                    if not keep(key.decode(errors="replace")):
+                        names.append(key)
+            for name in names:
+                txn.delete(name, db=manifests)
+            return len(names)
+
+        return self._env.write(drop)

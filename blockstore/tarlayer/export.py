@@ -482,6 +482,8 @@ class KeyValueStore(Protocol):
 
     def manifest(self, digest: str) -> bytes | None: ...
 
+    def drop_manifests(self, prefix: str, keep: Callable[[str], bool]) -> int: ...
+
 
 class IndexCache:
     """Metadata images and span indexes kept in the cache, checked on every load."""
@@ -509,12 +511,19 @@ class IndexCache:
 
     def save(self, blob_digest: str, span: int, index: TarIndex) -> None:
         """Keep ``index``; on a full disk, after making room once. Raises ``CacheError``
-        when it cannot be kept."""
+        when it cannot be kept. What an older index format kept for the blob goes: it
+        is never read again, as its rules are not this engine's."""
         try:
             self._save(blob_digest, span, index)
         except DiskFull:
             self._make_room()
             self._save(blob_digest, span, index)
+        current = f"tarlayer/v{INDEX_FORMAT}/"
+        dropped = self._store.drop_manifests(
+            "tarlayer/v", lambda key: key.startswith(current) or f"/{blob_digest}/" not in key
+        )
+        if dropped:
+            log.info("%s: dropped its index kept by an older index format", blob_digest)
 
     def _save(self, blob_digest: str, span: int, index: TarIndex) -> None:
         if index.spans is not None:

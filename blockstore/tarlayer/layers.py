@@ -37,6 +37,7 @@ from blockstore.tarlayer.export import (
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN, Zinfo, size_hint
 from blockstore.tarlayer.layerindex import (
     GZIP,
+    INDEX_FORMAT,
     ZSTD,
     DiffIdMismatch,
     ReadRange,
@@ -364,7 +365,9 @@ def open_tar_layer(
         def build() -> TarIndex:
             if not online:
                 raise NotCached(
-                    f"{blob.digest}: this tar layer was never indexed; needs the registry"
+                    f"{blob.digest}: this tar layer was never indexed in this cache by index "
+                    f"format {INDEX_FORMAT} (an older version's index is not used); the next "
+                    "open with the registry reachable indexes it"
                 )
             if kind == TAR:
                 check_diff_id(blob.digest, diff_id())

@@ -1,0 +1,97 @@
+"""The index a fixed layer gets is pinned to ``INDEX_FORMAT``.
+
+Caches keep metadata images, and images carry attached ones, under the
+format number that wrote them: a change of what the writer makes (a mode
+taken from an ACL, a symlink's mode, a new xattr) served under the old
+number would keep serving the old rules from every upgraded cache and every
+index attached before. This test makes such a change fail until the number
+is bumped and the new digest pinned under it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+
+from blockstore.tarlayer.layerindex import INDEX_FORMAT, index_plain_tar
+
+PINNED = {
+    3: "a12e2935703473a2e9bf81016eb9b7a4d93f20900cd19522cff0624110687b85",
+}
+"""sha256 of the metadata image of ``_layer()``, by index format."""
+
+MTIME = 1_700_000_000
+
+
+def _add(archive: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, **fields) -> None:
+    data = fields.pop("data", b"")
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mtime = fields.pop("mtime", MTIME)
+    info.mode = fields.pop("mode", 0o644)
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    for key, value in fields.items():
+        setattr(info, key, value)
+    archive.addfile(info, io.BytesIO(data) if data else None)
+
+
+def _layer() -> bytes:
+    """A tar with one of each thing the metadata image describes, built the same way
+    every time (fixed times, owners and order)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        _add(archive, "etc", tarfile.DIRTYPE, mode=0o755)
+        _add(archive, "etc/passwd", data=b"root:x:0:0:root:/root:/bin/sh\n")
+        _add(archive, "etc/big", data=bytes(range(256)) * 40, uid=70_000, gid=70_001)
+        _add(archive, "empty", mode=0o600)
+        _add(archive, "suid", mode=0o4755, data=b"#!/bin/sh\n")
+        _add(
+            archive,
+            "xattr",
+            data=b"x",
+            pax_headers={"SCHILY.xattr.user.comment": "kept", "SCHILY.xattr.security.x": "y"},
+        )
+        _add(
+            archive,
+            "acl",
+            data=b"a",
+            mode=0o644,
+            pax_headers={"SCHILY.acl.access": "user::rw-\ngroup::---\nother::---\n"},
+        )
+        _add(
+            archive,
+            "acl-named",
+            data=b"n",
+            mode=0o640,
+            pax_headers={
+                "SCHILY.acl.access": "user::rw-\nuser:1000:r--\ngroup::r--\nmask::r--\nother::---\n"
+            },
+        )
+        _add(archive, "link", tarfile.SYMTYPE, linkname="etc/passwd", mode=0o644)
+        _add(archive, "hard", tarfile.LNKTYPE, linkname="etc/passwd")
+        _add(archive, "fifo", tarfile.FIFOTYPE, mode=0o600)
+        _add(archive, "null", tarfile.CHRTYPE, devmajor=1, devminor=3, mode=0o666)
+        _add(archive, ".wh.gone")
+        _add(archive, "opq", tarfile.DIRTYPE, mode=0o700, mtime=MTIME + 5)
+        _add(archive, "opq/.wh..wh..opq")
+        _add(archive, "opq/kept", data=b"k")
+        _add(archive, "d" * 120 + "/" + "f" * 120, data=b"long")
+        _add(archive, "etc/passwd", data=b"root:x:0:0:later wins:/root:/bin/sh\n")
+    return out.getvalue()
+
+
+def test_the_index_of_a_fixed_layer_is_the_one_pinned_for_this_index_format():
+    """Tried: index a fixed tar holding one of each kind of entry, ACL, xattr, link and
+    whiteout. Must hold: the metadata image is, byte for byte, the one pinned for this
+    ``INDEX_FORMAT``. If the writer's output changed, bump ``INDEX_FORMAT`` (so indexes
+    kept in caches and attached to images by the old rules are rebuilt, not served)
+    and pin the new digest under the new number."""
+    tar = _layer()
+    index = index_plain_tar(lambda offset, length: tar[offset : offset + length], len(tar), "x")
+    made = hashlib.sha256(index.metadata).hexdigest()
+    assert INDEX_FORMAT in PINNED, f"pin index format {INDEX_FORMAT}: {made}"
+    assert made == PINNED[INDEX_FORMAT], (
+        f"the metadata image of the fixed layer changed ({made}): bump INDEX_FORMAT "
+        "and pin the new digest under it"
+    )
