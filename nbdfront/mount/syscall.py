@@ -15,6 +15,7 @@ import re
 from typing import NamedTuple
 
 from blockstore.errors import MissingDependency, MountError, MountpointBusy, NotPermitted
+from blockstore.openers import processes_using
 
 MS_RDONLY = 1
 MNT_DETACH = 2
@@ -139,47 +140,6 @@ def _overlay_uses(options: str, ours: set[str], inside: tuple[str, ...]) -> bool
 
 def is_mounted(path: str) -> bool:
     return os.path.realpath(path) in mounted()
-
-
-def processes_using(path: str, most: int = 5) -> list[str]:
-    """ "pid N (command)" of up to ``most`` processes with their working or root directory,
-    an open file or a mapped file inside ``path``, as fuser would find them: what a
-    busy mount's user is asked to end."""
-    root = os.path.realpath(path).rstrip("/")
-    inside = root + "/"
-    found: list[str] = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        if _uses(entry.path, root, inside):
-            try:
-                with open(f"{entry.path}/comm", encoding="utf-8", errors="replace") as f:
-                    command = f.read().strip()
-            except OSError:
-                continue
-            found.append(f"pid {entry.name} ({command})")
-            if len(found) == most:
-                break
-    return found
-
-
-def _uses(proc: str, root: str, inside: str) -> bool:
-    def under(link: str) -> bool:
-        try:
-            target = os.readlink(link)
-        except OSError:
-            return False
-        return target == root or target.startswith(inside)
-
-    if under(f"{proc}/cwd") or under(f"{proc}/root") or under(f"{proc}/exe"):
-        return True
-    try:
-        if any(under(fd.path) for fd in os.scandir(f"{proc}/fd")):
-            return True
-        with open(f"{proc}/maps", encoding="utf-8", errors="surrogateescape") as f:
-            return any(f" {inside}" in line or line.rstrip().endswith(f" {root}") for line in f)
-    except OSError:  # gone, or not ours to look at
-        return False
 
 
 def submounts(path: str) -> list[str]:
