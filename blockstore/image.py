@@ -382,7 +382,7 @@ def open_image(
         raise ImageNotCached(
             f"offline: {reference} was never resolved here: there is no cache at {cache_dir}"
         )
-    store = ChunkStore(cache_dir, size_cap=cache_size, offline=offline)
+    store = ChunkStore(cache_dir, size_cap=cache_size, offline=offline, replace_older=not offline)
     try:
         explicit = platform is not None
         image = _open(store, ref, wanted, offline, options or RegistryOptions(), explicit)

@@ -10,7 +10,9 @@ never a mix, and at worst a stray copy that the next compaction removes.
 Every process with the cache open holds a shared lock on ``data.mdb``
 (``env.hold_in_use``); compaction takes it exclusively and without waiting,
 so it runs only on a cache nobody is using, and says who is when it cannot.
-A process that opens the cache meanwhile waits for the new file.
+An older version's process, which takes no such lock, is found by the LMDB
+files it has open. A process that opens the cache meanwhile waits for the
+new file.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from pathlib import Path
 import lmdb
 
 from blockstore.errors import CacheError
+from blockstore.openers import processes_with_open
 
 from .env import COMPACT_COPY as COPY_NAME
-from .env import DiskFull, file_damage, reason
+from .env import LMDB_FILES, DiskFull, file_damage, reason
 from .layout import ALL_DBS
 
 
@@ -59,6 +62,13 @@ def compact(path: Path) -> Compacted:
             ) from None
         if os.fstat(fd).st_ino != os.stat(data).st_ino:
             raise CacheBusy(f"the cache at {path} was replaced meanwhile: try again")
+        # A version of this program older than the lock holds the file open without it.
+        users = processes_with_open([str(path / name) for name in LMDB_FILES])
+        if users:
+            raise CacheBusy(
+                f"the cache at {path} is open in {', '.join(users)}, which take no lock on "
+                "it (an older version): stop them, then compact it"
+            )
         why = file_damage(path)
         if why is not None:
             raise CacheError(

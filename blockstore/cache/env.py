@@ -48,6 +48,7 @@ from typing import ClassVar, TypeVar
 import lmdb
 
 from blockstore.errors import CacheError
+from blockstore.openers import processes_with_open
 
 from .layout import ALL_DBS, CHUNK_SIZE, DB_META, FORMAT_VERSION, meta_int
 
@@ -117,7 +118,12 @@ class CacheDamaged(CacheError):
 
 
 class OtherFormat(CacheError):
-    """The cache was written by a version of this program with another layout."""
+    """The cache was written by a version of this program with another layout:
+    ``older`` (which an online opener may replace) or not (a newer version's, left be)."""
+
+    def __init__(self, message: str, *, older: bool = False):
+        super().__init__(message)
+        self.older = older
 
 
 def file_damage(path: Path, *, again: bool = True) -> str | None:
@@ -315,6 +321,8 @@ def move_aside(path: Path, why: str, label: str = "damaged") -> Path:
     return aside
 
 
+LMDB_FILES = ("data.mdb", "lock.mdb")
+"""What a process with the cache open has open or mapped, of whatever version."""
 COMPACT_COPY = "data.mdb.compacting"
 """The copy ``compact.py`` writes beside ``data.mdb``; one left by a compaction that was
 killed is removed by the next process to open the cache (none runs meanwhile: a
@@ -478,18 +486,22 @@ class CacheEnv:
     _open_lock: ClassVar[threading.Lock] = threading.Lock()
 
     @classmethod
-    def open(cls, path: Path, *, offline: bool = False) -> CacheEnv:
+    def open(cls, path: Path, *, offline: bool = False, replace_older: bool = False) -> CacheEnv:
         """The environment of ``path``, opened once per process.
 
         A damaged cache is moved aside; online an empty one replaces it,
         offline (nothing else to read from) ``CacheDamaged`` is raised. A
-        cache of another format is moved aside online and refused offline.
+        cache of an older format is moved aside and replaced only by an opener
+        that will fill it (``replace_older``: serving or prefetching online),
+        and only while no other process has it open; any other opener, and
+        every opener of a newer version's cache, is refused with
+        ``OtherFormat``, the cache left as it is.
         """
         with cls._open_lock:
             key = cls._directory(path)
             env = cls._open.get(key)
             if env is None:
-                env = cls(path, offline=offline)
+                env = cls(path, offline=offline, replace_older=replace_older)
                 key = cls._directory(path)  # a new directory if the old was moved aside
                 cls._open[key] = env
                 env._key = key
@@ -507,7 +519,7 @@ class CacheEnv:
             raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
         return st.st_dev, st.st_ino
 
-    def __init__(self, path: Path, *, offline: bool = False):
+    def __init__(self, path: Path, *, offline: bool = False, replace_older: bool = False):
         self.path = path
         self._users = 0
         self._key: tuple[int, int] | None = None
@@ -523,26 +535,69 @@ class CacheEnv:
         checked = self._directory(path)  # the directory about to be judged
         try:
             self._open_env()
-        except (CacheDamaged, OtherFormat) as exc:
-            if offline and isinstance(exc, OtherFormat):
-                raise
-            label = "damaged" if isinstance(exc, CacheDamaged) else "old"
-            aside = self._discard(str(exc), label, checked)
-            if aside is None and not offline:
-                # Another process opening it at the same time moved it aside first, and
-                # may have started the new cache already: that is the one to open.
-                self._open_env()
-                log.info("%s: another process moved it aside; using the new cache", exc)
-                return
-            if offline:
-                raise CacheDamaged(
-                    f"{exc}: moved it to {aside or 'a name of its own, by another process'}; "
-                    "offline, there is nothing else to read"
-                ) from exc
-            try:
-                self._open_env()
-            except CacheError as again:
-                raise type(again)(f"{exc}: moved it to {aside}, and {again}") from again
+        except OtherFormat as exc:
+            self._replace_older(exc, checked, offline=offline, replace=replace_older)
+        except CacheDamaged as exc:
+            self._replace(exc, checked, "damaged", offline=offline)
+
+    def _replace_older(
+        self, exc: OtherFormat, checked: tuple[int, int], *, offline: bool, replace: bool
+    ) -> None:
+        """Move an older version's cache aside and start anew, if this opener may and no
+        other process (an older server or mount, which takes no lock this version
+        knows) has it open; else refuse, saying what to do."""
+        if not exc.older:
+            raise exc
+        if offline:
+            raise OtherFormat(
+                f"{exc}; offline it is left as it is: a serve, mount or prefetch with the "
+                "registry reachable moves it aside and starts a new cache",
+                older=True,
+            ) from None
+        if not replace:
+            raise OtherFormat(
+                f"{exc}; it is left as it is until a serve, mount or prefetch moves it "
+                "aside and starts a new cache",
+                older=True,
+            ) from None
+        users = processes_with_open([str(self.path / name) for name in LMDB_FILES])
+        if users:
+            raise OtherFormat(
+                f"{exc}; it is open in {', '.join(users)}: stop the older version's servers "
+                "and mounts first (or give another --cache-dir), as it cannot be replaced "
+                "under them",
+                older=True,
+            ) from None
+        self._replace(exc, checked, "old", offline=False)
+
+    def _replace(
+        self, exc: CacheError, checked: tuple[int, int], label: str, *, offline: bool
+    ) -> None:
+        """Move the cache aside (``label``) and, online, open an empty one in its place."""
+        aside = self._discard(str(exc), label, checked)
+        if aside is None and not offline:
+            # Another process opening it at the same time moved it aside first, and
+            # may have started the new cache already: that is the one to open.
+            self._open_env()
+            log.info("%s: another process moved it aside; using the new cache", exc)
+            return
+        if offline:
+            raise CacheDamaged(
+                f"{exc}: moved it to {aside or 'a name of its own, by another process'}; "
+                "offline, there is nothing else to read"
+            ) from exc
+        try:
+            self._open_env()
+        except CacheError as again:
+            raise type(again)(f"{exc}: moved it to {aside}, and {again}") from again
+        if label == "old":
+            log.warning(
+                "%s: moved it to %s and started an empty cache; delete that directory once "
+                "no older version needs it",
+                exc,
+                aside,
+            )
+        else:
             log.warning("%s: moved it to %s and started an empty cache", exc, aside)
 
     def _open_env(self) -> None:
@@ -596,9 +651,17 @@ class CacheEnv:
             raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
         if version != FORMAT_VERSION or chunk_size != CHUNK_SIZE:
             env.close()
+            ours = f"format {FORMAT_VERSION} with {CHUNK_SIZE}-byte chunks"
+            if version < FORMAT_VERSION:
+                raise OtherFormat(
+                    f"the cache at {path} has format {version}, an older version's; "
+                    f"this version needs {ours}",
+                    older=True,
+                )
             raise OtherFormat(
-                f"the cache at {path} has format {version} with {chunk_size}-byte chunks; "
-                f"this version needs format {FORMAT_VERSION} with {CHUNK_SIZE}-byte chunks"
+                f"the cache at {path} has format {version} with {chunk_size}-byte chunks, "
+                f"a newer version's; this version needs {ours} and leaves it as it is: use "
+                "the newer version, or another --cache-dir"
             )
         self.env = env
         self.dbs.clear()

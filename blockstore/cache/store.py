@@ -104,15 +104,19 @@ class ChunkStore:
         size_cap: int | None = None,
         *,
         offline: bool = False,
+        replace_older: bool = False,
         flush_interval: float = 1.0,
     ):
         """``offline``: a damaged cache is an error (``CacheDamaged``), as there is no
-        registry to refill an empty one from; online it is moved aside and replaced."""
+        registry to refill an empty one from; online it is moved aside and replaced.
+        ``replace_older``: this store will be filled (a server, a prefetch), so an
+        older version's cache no process has open is moved aside for a new one; else
+        it is refused and left as it is (``OtherFormat``)."""
         self.path = Path(path)
         self._told_pins_crowd = False
         self._told_held = False
         self._counting = threading.Lock()  # a flush's counts in flight, or a total read
-        self.env = CacheEnv.open(self.path, offline=offline)
+        self.env = CacheEnv.open(self.path, offline=offline, replace_older=replace_older)
         self.dbs = self.env.dbs
         self.counters = counters_mod.Counters()
         self.recency = recency_mod.Recency()

@@ -54,3 +54,20 @@ def misfile_chunk(store: ChunkStore, source: tuple[str, int], target: tuple[str,
         txn.put(key_of(txn, *target), value, db=store.dbs[DB_CHUNKS])
 
     store.env.write(work)
+
+
+def lockless_user(cache_dir: Path) -> subprocess.Popen:
+    """A process with the cache open as an older version has it: LMDB's own files,
+    mapped, and no lock of this version's."""
+    script = (
+        "import lmdb, sys, time\n"
+        "env = lmdb.open(sys.argv[1], max_dbs=16, map_size=1 << 30)\n"
+        "with env.begin() as txn: txn.stat()\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    user = subprocess.Popen(
+        [sys.executable, "-c", script, str(cache_dir)], stdout=subprocess.PIPE, text=True
+    )
+    assert user.stdout is not None and user.stdout.readline().strip() == "ready"
+    return user

@@ -13,7 +13,7 @@ import subprocess
 import time
 
 import pytest
-from cache_rig import run_cli
+from cache_rig import lockless_user, run_cli
 from cache_sources import ScriptedSource, make_blob
 from test_cache_processes import worker, write_blobs
 
@@ -84,6 +84,25 @@ def test_compact_refuses_a_cache_in_use_and_names_who_uses_it(cache_dir, tmp_pat
         user.wait()
     assert run_cli("cache", "compact", "--cache-dir", str(cache_dir)).returncode == 0
     assert (cache_dir / "data.mdb").stat().st_ino != inode
+
+
+def test_compact_refuses_a_cache_open_in_a_process_that_takes_no_lock(cache_dir):
+    """Tried: compaction while a process has the cache open as an older version of the
+    same format does (LMDB's files mapped, no lock of this version's). Must hold:
+    refused (exit 8) naming its pid, the file left as it was; before, the file was
+    replaced under it, and all it fetched afterwards went into the deleted one."""
+    fill(cache_dir, [1 << 20], seed=7)
+    inode = (cache_dir / "data.mdb").stat().st_ino
+    user = lockless_user(cache_dir)
+    try:
+        result = run_cli("cache", "compact", "--cache-dir", str(cache_dir))
+        assert result.returncode == 8, result.stderr
+        assert f"open in pid {user.pid} " in result.stderr
+        assert (cache_dir / "data.mdb").stat().st_ino == inode
+    finally:
+        user.kill()
+        user.wait()
+    assert run_cli("cache", "compact", "--cache-dir", str(cache_dir)).returncode == 0
 
 
 def test_a_process_opening_the_cache_during_compaction_waits_then_uses_the_new_file(

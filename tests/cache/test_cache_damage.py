@@ -16,7 +16,7 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from cache_rig import run_cli
+from cache_rig import lockless_user, run_cli
 from cache_sources import ScriptedSource, make_blob
 
 import blockstore.cache.env as cache_env
@@ -288,23 +288,73 @@ def test_an_empty_layer_is_prefetched_and_sealed(cache_dir):
         blob.close()
 
 
-@pytest.mark.parametrize(("name", "value"), [(b"format", 1), (b"chunk_size", 65536)])
-def test_another_format_is_refused_offline_and_moved_aside_online(cache_dir, name, value):
-    """A cache written with another format (or chunk size): offline it is refused with a
-    message naming both formats and left where it is; online it is moved aside (kept, for
-    the version that wrote it) and an empty cache of this format takes its place."""
+def set_meta(cache_dir: Path, name: bytes, value: int) -> bytes:
+    """Fill a cache, then make it look written by another version; its data.mdb bytes."""
     data, digest = make_blob(3 * CHUNK_SIZE, seed=62)
     fill(cache_dir, [(data, digest)])
     with ChunkStore(cache_dir) as store:
         store.env.write(lambda txn: txn.put(name, U64.pack(value), db=store.dbs[DB_META]))
-    with pytest.raises(CacheError, match=f"{value}.*this version needs format {FORMAT_VERSION}"):
+    return (cache_dir / "data.mdb").read_bytes()
+
+
+def test_an_older_format_is_left_alone_by_commands_that_look_and_replaced_by_a_filler(
+    cache_dir,
+):
+    """Tried: a cache written by an older version (format one lower), opened offline,
+    by `cache ls`, `cache stats`, `cache verify` and `cache rm`, then by a store that
+    will fill it (a server's, a prefetch's). Must hold: all but the last refuse (exit 8)
+    naming both formats and what replaces it, and leave it as it is, byte for byte
+    (a listing used to move aside the cache an older server was filling, and verify
+    called it damaged); the filler moves it aside, kept whole, for an empty one."""
+    before = set_meta(cache_dir, b"format", FORMAT_VERSION - 1)
+    with pytest.raises(CacheError, match=f"format {FORMAT_VERSION - 1}, an older version's"):
         ChunkStore(cache_dir, offline=True)
+    for command in (["ls"], ["stats"], ["verify"], ["rm", "sha256:" + "0" * 64]):
+        result = run_cli("cache", *command, "--cache-dir", str(cache_dir))
+        assert result.returncode == 8, (command, result.stderr)
+        message = result.stderr.strip()
+        assert f"this version needs format {FORMAT_VERSION}" in message, message
+        assert "left as it is until a serve, mount or prefetch moves it aside" in message
+        assert "damaged" not in message and len(message.splitlines()) == 1
     assert not aside(cache_dir, "old")
-    result = run_cli("cache", "ls", "--json", "--cache-dir", str(cache_dir))
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]" and "moved it to" in result.stderr
+    assert (cache_dir / "data.mdb").read_bytes() == before
+    with ChunkStore(cache_dir, replace_older=True) as store:
+        assert store.blobs() == []
     [old] = aside(cache_dir, "old")
-    assert (old / "data.mdb").stat().st_size > len(data)
+    assert (old / "data.mdb").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [(b"format", FORMAT_VERSION + 1), (b"chunk_size", 65536)]
+)
+def test_a_newer_versions_cache_is_never_moved(cache_dir, name, value):
+    """Tried: a cache of a newer format (or another chunk size), opened by a store that
+    would replace an older one. Must hold: refused, naming the newer format and what to
+    do, and left where it is: a downgrade must not take the newer version's cache."""
+    before = set_meta(cache_dir, name, value)
+    with pytest.raises(CacheError, match="a newer version's; this version needs format"):
+        ChunkStore(cache_dir, replace_older=True)
+    assert not aside(cache_dir, "old")
+    assert (cache_dir / "data.mdb").read_bytes() == before
+
+
+def test_an_older_format_open_in_another_process_is_not_replaced_under_it(cache_dir):
+    """Tried: an older version's cache that one of its servers still has open (no lock
+    of this version's), opened by a store that would replace it. Must hold: refused,
+    naming the process, and left where it is (the server would go on filling a cache
+    moved aside); once that process is gone, it is replaced."""
+    set_meta(cache_dir, b"format", FORMAT_VERSION - 1)
+    user = lockless_user(cache_dir)
+    try:
+        with pytest.raises(CacheError, match=f"open in pid {user.pid} "):
+            ChunkStore(cache_dir, replace_older=True)
+        assert not aside(cache_dir, "old")
+    finally:
+        user.kill()
+        user.wait()
+    with ChunkStore(cache_dir, replace_older=True) as store:
+        assert store.blobs() == []
+    assert len(aside(cache_dir, "old")) == 1
 
 
 def test_a_forked_child_uses_the_cache_through_its_own_handle(cache_dir):
