@@ -111,6 +111,13 @@ class MountpointBusy(MountError):
     exit_code = 13
 
 
+class OutOfResources(BlockstoreError):
+    """The process could not start a thread or get memory: a limit on it (``ulimit``, a
+    cgroup) or the machine's, not a fault of the image, the registry or the cache."""
+
+    exit_code = 14
+
+
 class ImageNotCached(BlockstoreError):
     """Offline (or the registry unreachable), and the image is not in the cache: never
     resolved here, or removed."""

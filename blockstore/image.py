@@ -343,10 +343,15 @@ class OpenImage:
         """
         for asked in self._blob_sizes.values():
             asked.cancel()
-        closing = [*self._tar_layers, *self._blobs]
-        threads = [threading.Thread(target=c.close, name="close") for c in closing]
-        for thread in threads:
-            thread.start()
+        threads = []
+        for layer in [*self._tar_layers, *self._blobs]:
+            thread = threading.Thread(target=layer.close, name="close")
+            try:
+                thread.start()
+            except RuntimeError:  # out of threads: this one is closed here, in turn
+                layer.close()
+            else:
+                threads.append(thread)
         for thread in threads:
             thread.join()
         if self.client is not None:

@@ -25,6 +25,7 @@ read stuck in a fetch never holds up the exit.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import ipaddress
 import logging
@@ -41,6 +42,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from blockstore.errors import BlockstoreError
 from blockstore.export import Buffer, Export, Held
+from blockstore.throttledlog import ThrottledLog
 from nbdfront.protocol import (
     NEED_DATA,
     CacheRequest,
@@ -325,10 +327,15 @@ class _Outbox:
             self._queued += left
             self._budget.charge(left)
             if self._writer is None:
-                self._writer = threading.Thread(
+                writer = threading.Thread(
                     target=self._write, name=f"{self._name}-send", daemon=True
                 )
-                self._writer.start()
+                try:
+                    writer.start()
+                except RuntimeError as exc:  # out of threads: the queue cannot drain
+                    self._break(exc)
+                    return False
+                self._writer = writer
             self._changed.notify_all()
             return True
 
@@ -456,16 +463,25 @@ class _Workers:
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Callable[[], None]) -> bool:
+        """Queue ``job``; False (not queued) if no thread runs and none can be started
+        (the process is out of threads): the caller answers for it."""
         with self._lock:
-            self._pending += 1
             if self._idle:
                 self._idle -= 1
             elif len(self._threads) < self._limit:
                 thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._threads.append(thread)
-                thread.start()
+                try:
+                    thread.start()
+                except RuntimeError:  # "can't start new thread"
+                    if not self._threads:
+                        return False
+                    # the running threads take it in turn
+                else:
+                    self._threads.append(thread)
+            self._pending += 1
         self._jobs.put(job)
+        return True
 
     def stop(self) -> None:
         """Wait for every job, including those jobs submit meanwhile; end the threads."""
@@ -587,7 +603,7 @@ class _Session:
                 protocol.receive_data(data)
             elif isinstance(event, CacheRequest):
                 step = min(event.length, READ_PIECE)
-                self._hand_off(step, functools.partial(self._serve_cache_hint, event, step))
+                self._hand_off(step, functools.partial(self._serve_cache_hint, event, step), event)
             elif isinstance(event, StartTLS):
                 if not self._start_tls():
                     return
@@ -697,7 +713,7 @@ class _Session:
                         self._flush()
                     return
         grant = READ_PIECE if self._streams(request) else request.length
-        self._hand_off(grant, functools.partial(self._serve_miss, request, grant))
+        self._hand_off(grant, functools.partial(self._serve_miss, request, grant), request)
 
     def _send_held(self, request: ReadRequest) -> bool:
         """Send the batch and this hit's reply from the cache's buffers; False (nothing
@@ -731,12 +747,22 @@ class _Session:
             and not request.flags & _DF
         )
 
-    def _hand_off(self, nbytes: int, job: Callable[[], None]) -> None:
+    def _hand_off(
+        self, nbytes: int, job: Callable[[], None], request: ReadRequest | CacheRequest
+    ) -> None:
         if not self._budget.acquire(nbytes, wait=False):
             self._flush()  # hits already answered never wait for the budget
             if not self._budget.acquire(nbytes):
                 return  # the connection broke; the reader is about to see it
-        self._workers.submit(job)
+        if not self._workers.submit(job):
+            self._budget.release(nbytes)
+            exc = OSError(errno.ENOMEM, "no thread could be started to serve it")
+            said = _describe(exc, request)
+            if isinstance(request, ReadRequest):
+                self._batch += self._protocol.send(ReadFailed(request, nbd_error(exc), said, None))
+            else:
+                self._batch += self._protocol.send(CommandDone(request, nbd_error(exc), said))
+            self._server.failures.failed(exc, request)
 
     def _flush(self) -> None:
         """Hand the batch to the outbox; wait for room if the client is slow to take it."""
@@ -807,8 +833,8 @@ class _Session:
         else:
             if done + size < request.length and not self._outbox.broken:
                 step = functools.partial(self._serve_cache_hint, request, granted, done + size)
-                self._workers.submit(step)
-                return
+                if self._workers.submit(step):  # this thread runs, so it is taken
+                    return
             reply = CommandDone(request)
         self._outbox.put(self._protocol.send(reply))
         self._budget.release(granted)
@@ -833,56 +859,14 @@ def _describe(exc: BaseException, request: ReadRequest | CacheRequest) -> str:
     return f"{type(exc).__name__} at {request.offset}+{request.length}: {exc}"
 
 
-class _Throttled:
-    """Warnings of one kind, at most ``BURST`` each ``PERIOD`` seconds.
-
-    One cause makes them by the thousand (a tree read offline where it was
-    never cached, a registry gone, a fleet of clients that hang up mid-request):
-    the first say why, the rest are counted and the count logged with the next
-    warning after the period, or at shutdown.
-    """
-
-    BURST = 10
-    PERIOD = 10.0
-
-    def __init__(self, more: str):
-        self._more = more
-        """The count's line: ``"%d more ... in the %.0f s after those logged"``."""
-        self._lock = threading.Lock()
-        self._since = -self.PERIOD
-        self._logged = 0
-        self._held = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._since >= self.PERIOD:
-                self._flush()
-                self._since, self._logged = now, 0
-            if self._logged >= self.BURST:
-                self._held += 1
-                return
-            self._logged += 1
-        log.warning(message, *args)
-
-    def flush(self) -> None:
-        with self._lock:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._held:
-            log.warning(self._more, self._held, self.PERIOD)
-            self._held = 0
-
-
-class _FailureLog(_Throttled):
+class _FailureLog(ThrottledLog):
     """Warnings of failed requests, throttled. Failures that are bugs (neither an
     ``OSError`` nor one of the engine's own errors, such as a damaged cache) are
     always logged whole, with their traceback."""
 
     def __init__(self) -> None:
         super().__init__(
-            "%d more requests failed in the %.0f s after those logged, not logged one by one"
+            log, "%d more requests failed in the %.0f s after those logged, not logged one by one"
         )
 
     def failed(self, exc: BaseException, request: ReadRequest | CacheRequest) -> None:
@@ -948,9 +932,15 @@ class NBDServer:
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopped = threading.Event()
         self.failures = _FailureLog()
-        self.hangups = _Throttled(
+        self.accept_trouble = ThrottledLog(
+            log,
+            "%d more connections could not be accepted in the %.0f s after those logged, "
+            "not logged one by one",
+        )
+        self.hangups = ThrottledLog(
+            log,
             "%d more connections ended uncleanly in the %.0f s after those logged, "
-            "not logged one by one"
+            "not logged one by one",
         )
         self._stopping = False
         self.tcp_address: tuple[str, int] | None = None
@@ -1080,6 +1070,7 @@ class NBDServer:
             self._wait_sessions(CUT_GRACE)
         self.failures.flush()
         self.hangups.flush()
+        self.accept_trouble.flush()
         if self.unix_path is not None:
             _remove_stale_socket(self.unix_path)
         # A late signal finds -1 and writes nowhere, never to a reused descriptor.
@@ -1106,7 +1097,7 @@ class NBDServer:
                 if self._stopping:
                     return  # the listener was shut down
                 # Out of file descriptors, or a client gone before accept: go on.
-                log.warning("accepting a connection failed: %s", exc)
+                self.accept_trouble.warning("accepting a connection failed: %s", exc)
                 time.sleep(0.1)
                 continue
             if listener.family in (socket.AF_INET, socket.AF_INET6):
@@ -1147,7 +1138,13 @@ class NBDServer:
                 session.peer,
             )
             evicted.cut()
-        session.thread.start()
+        try:
+            session.thread.start()
+        except RuntimeError as exc:  # "can't start new thread": refused, accepting goes on
+            with self._lock:
+                self._sessions.discard(session)
+            self.accept_trouble.warning("refusing %s: %s", session.peer, exc)
+            return False
         return True
 
     def _stalled_longest(self, now: float) -> _Session | None:

@@ -302,10 +302,15 @@ class Sealer:
         with self._queue_lock:
             if digest in self._queued:
                 return
-            self._queued.add(digest)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="cache-seal", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="cache-seal", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError as exc:  # out of threads: the next ask seals it
+                    log.info("sealing %s put off: %s", digest, exc)
+                    return
+                self._thread = thread
+            self._queued.add(digest)
         self._queue.put(digest)
 
     def stop(self) -> None:

@@ -17,7 +17,13 @@ import sys
 
 from blockstore.cli.common import setup_logging
 from blockstore.cli.parser import OneLineParser
-from blockstore.errors import AuthError, BlobReadError, BlockstoreError, RegistryUnreachable
+from blockstore.errors import (
+    AuthError,
+    BlobReadError,
+    BlockstoreError,
+    OutOfResources,
+    RegistryUnreachable,
+)
 
 COMMANDS = {
     "inspect": "registry_cmds",
@@ -53,12 +59,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def exit_code(exc: BlockstoreError) -> int:
     """``exc``'s code, or, for a read that could not be served because the registry could
-    not be reached or refused the login, that cause's: the registry went away, and a
-    script should see it as it would had the registry been away from the start."""
+    not be reached or refused the login, or the process was out of threads, that
+    cause's: the registry went away, and a script should see it as it would had the
+    registry been away from the start."""
     if isinstance(exc, BlobReadError):
         cause = exc.__cause__
         while cause is not None:
-            if isinstance(cause, RegistryUnreachable | AuthError):
+            if isinstance(cause, RegistryUnreachable | AuthError | OutOfResources):
                 return cause.exit_code
             cause = cause.__cause__
     return exc.exit_code
@@ -83,6 +90,20 @@ def main(argv: list[str] | None = None) -> int:
         # the system's own words say it best, in one line.
         print(f"blockstore: {exc}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print(
+            "blockstore: out of memory (a limit on this process, or the machine's)", file=sys.stderr
+        )
+        return OutOfResources.exit_code
+    except RuntimeError as exc:
+        if "can't start new thread" not in str(exc):
+            raise  # a bug: its traceback is what to report
+        print(
+            f"blockstore: out of threads ({exc}): a limit on this process's threads or "
+            "memory, or the machine's",
+            file=sys.stderr,
+        )
+        return OutOfResources.exit_code
     finally:
         logging.shutdown()
 

@@ -81,10 +81,19 @@ class Keeper:
                 finally:
                     self._cond.acquire()
                 return
-            self._queued.append((index, chunk))
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="store", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="store", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # out of threads: stored on this one, one at a time
+                    self._cond.release()
+                    try:
+                        self._store([(index, [chunk])])
+                    finally:
+                        self._cond.acquire()
+                    return
+                self._thread = thread
+            self._queued.append((index, chunk))
             self._cond.notify_all()
 
     def _run(self) -> None:

@@ -101,21 +101,40 @@ class Scheduler:
             return not self.cancelled and self._prefetch_bytes + nbytes <= self.prefetch_budget
 
     def submit(self, job: Job) -> None:
+        """Queue ``job``, starting a worker if none is idle. If no worker runs and none
+        can be started (the process is out of threads), the job fails at once: queued,
+        it would wait for ever, and its readers with it."""
+        failure: BaseException | None = None
         with self._cond:
             if self.cancelled:
-                cancelled = True
+                failure = _stopped()
             else:
-                cancelled = False
                 if job.priority != DEMAND:
                     job.budget = job.nbytes
                     self._prefetch_bytes += job.budget
                 heapq.heappush(self._queue, job)
                 if self._idle == 0 and self._workers < self._max_workers:
-                    self._workers += 1
-                    threading.Thread(target=self._work, name="fetch", daemon=True).start()
+                    failure = self._start_worker(job)
                 self._cond.notify_all()
-        if cancelled:
-            self._fail(job, _stopped())
+        if failure is not None:
+            self._fail(job, failure)
+
+    def _start_worker(self, job: Job) -> BaseException | None:
+        """Under the lock: one more worker; if none can start and none runs, ``job``
+        is taken off the queue again and what to fail it with is returned."""
+        self._workers += 1
+        try:
+            threading.Thread(target=self._work, name="fetch", daemon=True).start()
+        except RuntimeError as exc:  # "can't start new thread"
+            self._workers -= 1
+            if self._workers:
+                return None  # the running workers take it in turn
+            self._queue.remove(job)
+            heapq.heapify(self._queue)
+            self._prefetch_bytes -= job.budget
+            job.budget = 0
+            return _no_thread(exc)
+        return None
 
     def promote(self, job: Job) -> None:
         """A demand read waits on ``job``: run it as demand if it has not started."""
@@ -196,3 +215,11 @@ def _stopped() -> BaseException:
     from blockstore.errors import BlobReadError
 
     return BlobReadError("the fetch was cancelled: the export is closing")
+
+
+def _no_thread(exc: RuntimeError) -> BaseException:
+    from blockstore.errors import BlobReadError
+
+    return BlobReadError(
+        f"no thread could be started to fetch it ({exc}): the process is out of threads"
+    )

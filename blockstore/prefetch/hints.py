@@ -41,8 +41,12 @@ class HintQueue:
             if self._stopped:
                 return
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # out of threads: a hint is best effort
+                    return
+                self._thread = thread
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait((offset, length, priority))
 

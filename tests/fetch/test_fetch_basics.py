@@ -5,11 +5,14 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from fetch_sources import PieceSource, WholeSource, make_blob
+from rig.threads import no_threads_for
 
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
-from blockstore.errors import RegistryUnreachable
+from blockstore.errors import BlobReadError, RegistryUnreachable
 from blockstore.fetch import runs
+from blockstore.fetch.scheduler import DEFAULT_WORKERS
 from blockstore.prefetch import Readahead
 
 NONE = Readahead(maximum=0)
@@ -189,3 +192,26 @@ def test_chunks_arriving_during_a_commit_are_stored_by_the_next_one_together():
     release.set()
     assert keeper.drain(5)
     assert calls == [[(0, 1)], [(3, 3), (9, 2), (20, 1)]]
+
+
+def test_reads_no_fetch_thread_can_start_for_fail_at_once_and_fetching_recovers(cache_dir):
+    """Tried: cold reads of more chunks than the blob has fetch workers, while the
+    process cannot start a thread (at its thread limit); then a read once it can. Must
+    hold: each fails at once naming the cause, and the later read returns the right
+    bytes. Before, every failed start still counted as a worker, so once the count
+    reached the limit no worker was ever started again and every read hung."""
+    data, digest = make_blob((DEFAULT_WORKERS + 4) * CHUNK_SIZE, seed=21)
+    with ChunkStore(cache_dir) as store:
+        blob = CachedBlob(store, digest, len(data), PieceSource(data, digest), readahead=NONE)
+        with no_threads_for("_work"):
+            for index in range(DEFAULT_WORKERS + 2):
+                started = time.monotonic()
+                with pytest.raises(BlobReadError, match="no thread could"):
+                    blob.read(index * CHUNK_SIZE, CHUNK_SIZE)
+                assert time.monotonic() - started < 2
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(b"".join(blob.read(0, CHUNK_SIZE))))
+        reader.start()
+        reader.join(10)
+        assert got == [data[:CHUNK_SIZE]], "the read after the limit was lifted hung"
+        blob.close()

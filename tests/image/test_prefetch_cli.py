@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 from rig.fault_proxy import Fault
 from rig.pushed import push_erofs
 
@@ -134,3 +136,55 @@ def test_a_registry_gone_after_the_image_resolved_exits_as_unreachable(
     assert done.stderr.strip().splitlines() == [
         "blockstore: cannot reach registry 127.0.0.1:1: connection refused"
     ]
+
+
+PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
+
+
+@pytest.mark.skipif(
+    not (PIDS_CGROUP / "cgroup.procs").exists() or os.geteuid() != 0,
+    reason="needs root and a cgroup v1 pids controller to limit the process's threads",
+)
+@pytest.mark.parametrize(("most", "code"), [(3, 14), (10, 0)])
+def test_prefetch_at_a_thread_limit_seals_or_says_so_in_one_line(
+    registry, pushed_images, tmp_path, most, code
+):
+    """Tried: prefetch in a cgroup that allows ``most`` threads (a container's or a
+    service's task limit): 3, too few to fetch at all; 10, fewer than its fetch
+    workers, sealer and store threads would take. Must hold: with 3, one line naming
+    the cause and exit 14, no traceback; with 10, the layer fetched on the threads it
+    has, verified and sealed. Before, both ended in tracebacks, or a fetch job queued
+    for a worker that never started."""
+    group = PIDS_CGROUP / f"blockstore-test-{os.getpid()}-{most}"
+    group.mkdir()
+    try:
+        (group / "pids.max").write_text(f"{most}\n")
+        cache = tmp_path / "cache"
+        done = subprocess.run(
+            [
+                "sh",
+                "-c",
+                f'echo $$ > {group}/cgroup.procs && exec "$@"',
+                "sh",
+                sys.executable,
+                "-m",
+                "blockstore",
+                "prefetch",
+                pushed_images.large,
+                "--insecure",
+                "--cache-dir",
+                str(cache),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        group.rmdir()
+    assert done.returncode == code, done.stderr
+    assert "Traceback" not in done.stderr
+    if code:
+        assert done.stderr.count("\n") == 1 and "out of threads" in done.stderr, done.stderr
+    else:
+        assert "verified and sealed" in done.stdout
+        assert blockstore("cache", "verify", "--cache-dir", str(cache)).returncode == 0

@@ -7,6 +7,7 @@ slot) without refusing what a well-behaved client does.
 from __future__ import annotations
 
 import contextlib
+import errno
 import filecmp
 import logging
 import select
@@ -20,6 +21,7 @@ import nbd
 import nbd_wire as w
 import pytest
 from nbd_serving import ZeroExport
+from rig.threads import no_threads_for
 from rig.waiting import wait_for
 
 from blockstore.errors import CacheError
@@ -466,3 +468,53 @@ def test_clients_that_hang_up_mid_message_by_the_hundred_are_logged_a_few_then_c
     assert len(hung) == burst + 1, hung
     assert all("in the middle of a message" in line for line in hung[:burst])
     assert hung[-1].startswith(f"{60 - burst} more connections ended uncleanly")
+
+
+def test_a_connection_whose_thread_cannot_start_is_refused_and_accepting_goes_on(tmp_path, caplog):
+    """Tried: a client connects while the process cannot start a thread (at its thread
+    limit), then another once it can. Must hold: the first is closed with one warning
+    naming why; the second is served; shutdown is clean. Before, the accept loop died
+    (no client was ever accepted again) and shutdown failed on the unstarted thread."""
+    server = serve(tmp_path, ZeroExport())
+    try:
+        with no_threads_for("run"):
+            refused = socket.socket(socket.AF_UNIX)
+            refused.connect(server.unix_path)
+            assert closed_within(refused, 5) < 5
+            refused.close()
+        client = w.RawClient(server.unix_path)
+        client.negotiate("zeros", block_sizes=False)
+        client.send(w.CMD_READ, 1, 0, 4096)
+        assert client.wait(1).error == 0
+        client.close()
+    finally:
+        server.shutdown()
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("refusing unix: can't start new thread" in line for line in said), said
+
+
+def test_a_read_no_worker_can_start_for_fails_alone_and_the_connection_serves_on(tmp_path):
+    """Tried: a read that must wait (a miss) while no worker thread can be started for
+    it, then the same read once one can. Must hold: the first gets an error reply
+    (ENOMEM), the connection stays open and serves the second; shutdown does not wait
+    on a job that never ran. Before, the reader thread died (the client saw the
+    connection cut) and stopping waited for ever on the job it had counted."""
+
+    class Missing(ZeroExport):
+        def read_cached(self, offset, length):
+            return None
+
+    server = serve(tmp_path, Missing())
+    client = w.RawClient(server.unix_path)
+    try:
+        client.negotiate("zeros", block_sizes=False)
+        with no_threads_for("_run"):
+            client.send(w.CMD_READ, 1, 0, 4096)
+            assert client.wait(1).error == errno.ENOMEM
+        client.send(w.CMD_READ, 2, 0, 4096)
+        assert client.wait(2).error == 0
+    finally:
+        client.close()
+        started = time.monotonic()
+        server.shutdown()
+    assert time.monotonic() - started < 3
