@@ -235,7 +235,8 @@ class Endpoint:
         except (requests.ConnectionError, requests.Timeout) as exc:
             cause = describe_failure(exc)
             error = f"cannot reach registry {where}: {cause}"
-            down = outage.failed(cause) if outage is not None else None
+            ours = local_shortage(exc) is not None  # this machine's shortage, not the host's
+            down = outage.failed(cause) if outage is not None and not ours else None
             if down is not None:
                 raise RegistryUnreachable(f"{error} ({down})") from None
             raise TryAgain(RegistryUnreachable(error)) from None
@@ -393,6 +394,9 @@ def describe_failure(
     nested in it: ``connection refused``, ``timed out``, ``unknown host name``;
     ``not_tls`` says what to do about a server that does not speak TLS."""
     causes = list(_causes(exc))
+    local = local_shortage(exc)
+    if local is not None:
+        return local
     for cause in causes:
         if isinstance(cause, ssl.SSLCertVerificationError):
             return f"certificate not trusted ({cause.verify_message}; give --ca-file)"
@@ -405,6 +409,24 @@ def describe_failure(
         if any(isinstance(cause, types) for cause in causes):
             return cause_text
     return type(exc).__name__
+
+
+_SHORTAGES = {
+    errno.EMFILE: "this process is out of file descriptors (too many open files)",
+    errno.ENFILE: "the system is out of file descriptors",
+    errno.ENOBUFS: "the system is out of socket buffers",
+    errno.ENOMEM: "out of memory",
+}
+"""Failures of this machine, not of the link or the registry, by errno."""
+
+
+def local_shortage(exc: BaseException) -> str | None:
+    """What this machine ran out of, if that is why ``exc`` happened (no socket could be
+    made): not the registry's failure, so no sign that it is down."""
+    for cause in _causes(exc):
+        if isinstance(cause, OSError) and cause.errno in _SHORTAGES:
+            return _SHORTAGES[cause.errno]
+    return None
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:

@@ -7,6 +7,8 @@ reads go through ``open_image`` and the chunk cache as a server's would.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -107,3 +109,47 @@ def test_a_silent_registry_is_tried_by_one_read_at_a_time(
         assert got == source[offset : offset + 4096]
     finally:
         image.close()
+
+
+SHORT_OF_DESCRIPTORS = """
+import logging, os, resource, sys
+from blockstore.registry import RegistryClient, RegistryOptions
+logging.basicConfig(level=logging.INFO, format="LOG %(message)s")
+client = RegistryClient(sys.argv[1], RegistryOptions(insecure=True, timeout=3.0))
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+try:
+    client.get_manifest("fixtures/small", "v1")
+except Exception as exc:
+    print("FAILED", type(exc).__name__, exc)
+for fd in held:
+    os.close(fd)
+client.get_manifest("fixtures/small", "v1")
+print("THEN OK")
+"""
+
+
+def test_a_process_out_of_descriptors_says_so_and_does_not_blame_the_registry(
+    registry, pushed_images
+):
+    """Tried: a manifest fetch while this process has no file descriptor left (its
+    RLIMIT_NOFILE reached), then the same fetch with descriptors free. Must hold: the
+    error names the shortage, not a registry that timed out, and the registry is not
+    taken as down for it; the next fetch succeeds. Before, urllib3's wrapping made it
+    "timed out", and a second of it declared the registry down."""
+    done = subprocess.run(
+        [sys.executable, "-c", SHORT_OF_DESCRIPTORS, registry.host],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "FAILED" in out and "out of file descriptors" in out, out
+    assert "timed out" not in out and "has not answered" not in out, out
+    assert "THEN OK" in out
