@@ -34,6 +34,7 @@ from blockstore.prefetch import (
 )
 from blockstore.prefetch.feed import Pacer, bridge, coalesce, feed
 from blockstore.source import BlobSource
+from blockstore.throttledlog import ThrottledLog
 
 from . import integrity, parts
 from .env import CacheDamaged
@@ -46,6 +47,12 @@ from .store import ChunkIntegrityError, ChunkStore
 from .traces import TraceShelf
 
 log = logging.getLogger(__name__)
+_unkept = ThrottledLog(
+    log,
+    "%d more fetches in the %.0f s after those logged were served but not kept, "
+    "not logged one by one",
+)
+"""A cache that takes no writes (a full disk, a file size limit) fails every store."""
 
 PREFETCH_STEP = 32 << 20  # bytes asked of the fetcher at a time by prefetch()
 FILL_ROUNDS = 3  # passes of the background fill over what is still missing
@@ -593,7 +600,7 @@ class CachedBlob:
         try:
             record = self._store.store_runs(self._digest, self._size, runs)
         except (CacheError, ChunkIntegrityError) as exc:
-            log.warning("%s: serving uncached bytes: %s", self._digest, exc)
+            _unkept.warning("%s: serving uncached bytes: %s", self._digest, exc)
             return
         self._blob_id = record.blob_id
         if record.present == record.chunks:
@@ -700,7 +707,7 @@ class CachedBlob:
         try:
             record = self._store.store_parts(self._digest, self._size, by_chunk)
         except CacheError as exc:
-            log.warning("%s: serving uncached bytes: %s", self._digest, exc)
+            _unkept.warning("%s: serving uncached bytes: %s", self._digest, exc)
             return
         if record is not None:
             self._blob_id = record.blob_id
@@ -768,7 +775,18 @@ class CachedBlob:
         flights = self._store.flights(self._digest)
         with flights.lock:
             if flights.leases is None:
-                flights.leases = RangeLeases(self._store.path, self._digest)
+                try:
+                    flights.leases = RangeLeases(self._store.path, self._digest)
+                except OSError as exc:
+                    # Out of inodes or descriptors, or not ours to write: the leases only
+                    # keep processes from fetching the same bytes twice.
+                    log.warning(
+                        "%s: no leases between processes (%s): processes sharing this cache "
+                        "may fetch the same bytes twice",
+                        self._digest,
+                        exc.strerror or exc,
+                    )
+                    return None
             return flights.leases.in_units_of(blocks)
 
     def _save_trace(self, trace: Trace) -> None:

@@ -18,6 +18,7 @@ from cache_sources import ScriptedSource, make_blob
 from lmdb_pages import regions
 
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
+from blockstore.cache.env import DiskFull
 
 HERE = Path(__file__).resolve().parent
 FLIPS = 25
@@ -136,3 +137,44 @@ def test_a_damaged_cache_on_a_full_disk_is_one_clear_error_or_an_empty_cache(tmp
             blob.close()
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_lease_file_that_cannot_be_made_costs_the_leases_not_the_read(cache_dir, caplog):
+    """Tried: a cold read where the blob's lease file cannot be made (here `leases` is a
+    file, as a full inode table or a read-only directory would refuse it). Must hold:
+    the read returns the right bytes, with one warning that processes may fetch the same
+    bytes twice; the chunks are kept. Before, the error failed the read, and `serve`
+    and `prefetch` on a cache out of inodes did not start."""
+    data, digest = make_blob(4 * CHUNK_SIZE, seed=90)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / "leases").write_bytes(b"")
+    with ChunkStore(cache_dir) as store:
+        blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
+        assert b"".join(blob.read(0, len(data))) == data
+        blob.close()
+        [info] = store.blobs()
+        assert info.present == 4
+    assert "no leases between processes" in caplog.text
+
+
+def test_a_cache_that_keeps_nothing_serves_every_byte_and_says_so_a_few_times(
+    cache_dir, caplog
+):
+    """Tried: forty cold reads, each its own fetch, while every store fails (a full disk,
+    a file size limit: here the store raises the error a full disk gives). Must hold:
+    every read returns the right bytes; the failure is logged a few times, not once per
+    fetch (1,934 lines for one copy under RLIMIT_FSIZE before)."""
+    data, digest = make_blob(40 * CHUNK_SIZE, seed=91)
+    with ChunkStore(cache_dir) as store:
+
+        def full(*args, **kwargs):
+            raise DiskFull("the disk holding the cache is full")
+
+        store.store_runs = full  # type: ignore[method-assign]
+        blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
+        for index in range(40):
+            start = index * CHUNK_SIZE
+            assert b"".join(blob.read(start, CHUNK_SIZE)) == data[start : start + CHUNK_SIZE]
+        blob.close()
+    said = [r for r in caplog.records if "serving uncached bytes" in r.getMessage()]
+    assert 1 <= len(said) <= 10, len(said)
