@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import time
 import urllib.parse
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from blockstore.errors import MissingDependency, MountError
@@ -54,7 +54,15 @@ class Attachment:
     @classmethod
     def from_record(cls, record: dict) -> Attachment:
         process = record.get("process")
-        return cls(**{**record, "process": ProcessRef.from_record(process) if process else None})
+        data = known_fields(cls, record)  # a newer version's record may say more
+        return cls(**{**data, "process": ProcessRef.from_record(process) if process else None})
+
+
+def known_fields(kind: type, record: dict) -> dict:
+    """``record`` (read back from JSON) without the keys the dataclass ``kind`` has no
+    field for: what a newer version wrote is left out, not a TypeError."""
+    names = {f.name for f in fields(kind)}
+    return {key: value for key, value in record.items() if key in names}
 
 
 def kernel_nbd_devices() -> list[str]:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from blockstore.errors import MountError, UsageError
 from nbdfront.mount import syscall
-from nbdfront.mount.attach import Attachment
+from nbdfront.mount.attach import Attachment, known_fields
 from nbdfront.mount.process import ProcessRef
 
 RECORD_NAME = "record.json"
@@ -138,7 +138,9 @@ class MountRecord:
 
     @classmethod
     def from_json(cls, text: str) -> MountRecord:
-        data = json.loads(text)
+        """The record in ``text``; fields this version does not know (a newer version's
+        record) are left out, so its mount is still listed and undone."""
+        data = known_fields(cls, json.loads(text))
         data["server"] = ProcessRef.from_record(data["server"]) if data.get("server") else None
         data["mounter"] = ProcessRef.from_record(data["mounter"]) if data.get("mounter") else None
         data["attachments"] = [Attachment.from_record(a) for a in data.get("attachments", [])]

@@ -324,3 +324,24 @@ def test_a_mount_failing_on_a_registry_read_says_why(
     assert "Input/output error" in error and "the server's last warning:" in error, error
     assert "(its log: " in error
     assert_nothing_left(mnt, run)
+
+
+def test_a_mount_whose_record_a_newer_version_wrote_is_listed_and_undone(
+    dirs, pushed_images, erofs_images
+):
+    """Tried: a mount whose record (and attachment records) carry fields this version
+    does not know, as a newer version's would. Must hold: `mounts` lists it and
+    `umount` undoes it, leaving nothing. Before, `mounts` hid the live mount ("no
+    blockstore mounts") and `umount` died with a TypeError."""
+    mnt, _, cache, run = dirs
+    mount(pushed_images.small, mnt, cache)
+    path = records.state_dir_for(str(mnt)) / records.RECORD_NAME
+    data = json.loads(path.read_text())
+    data["made_by_a_newer_version"] = {"options": ["x"]}
+    for attachment in data["attachments"]:
+        attachment["queue_depth"] = 4
+    path.write_text(json.dumps(data))
+    listed = json.loads(cli("mounts", "--json").stdout)
+    assert [m["mountpoint"] for m in listed] == [str(mnt)]
+    umount(mnt)
+    assert_nothing_left(mnt, run)
