@@ -16,6 +16,7 @@ from rig.pushed import push_erofs
 
 from blockstore.cache import CHUNK_SIZE
 from blockstore.cache.traces import TraceShelf
+from blockstore.cli.cache_cmds import human
 from blockstore.image import open_image
 from blockstore.prefetch import PrefetchSettings, Trace
 from blockstore.registry import RegistryOptions
@@ -76,6 +77,8 @@ def test_a_trace_is_recorded_exported_imported_and_replayed(pushed_images, erofs
     ]
     named = blockstore("trace", "ls", layer.digest, "--cache-dir", str(second_cache))
     assert named.returncode == 0 and named.stdout.startswith(layer.digest), named.stderr
+    unit = json.loads(listed.stdout)[0]["unit"]
+    assert f"{len(order) * per_chunk} blocks of {human(unit)} (" in named.stdout, named.stdout
     other = blockstore("trace", "ls", "sha256:" + "0" * 64, "--cache-dir", str(second_cache))
     assert other.returncode == 3 and "no trace kept for" in other.stderr
     shown = blockstore("trace", "show", layer.digest, "--cache-dir", str(second_cache))
