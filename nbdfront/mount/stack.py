@@ -162,13 +162,18 @@ def _make(
         for warning in server.warnings:
             warn(warning)
     layers = layer_exports(server.exports)
+    shown = set(server.warnings)
     for name, uri in layers:
-        attached = attach.attach(uri, name, state_dir, Path(record.log), record.method)
+        try:
+            attached = attach.attach(uri, name, state_dir, Path(record.log), record.method)
+        except MountError as exc:
+            # nbdfuse says only that it timed out; the server's log may say why.
+            raise MountError(_with_trouble(str(exc), Path(record.log), shown)) from None
         record.attachments.append(attached)
         records.save(record)
         logger.info("attached %s via %s as %s", uri, record.method, attached.device)
         interrupts.check()
-    _mount_layers(record, interrupts.check, set(server.warnings))
+    _mount_layers(record, interrupts.check, shown)
     records.save(record)
     if describe is not None:
         record.info = describe([name for name, _ in layers])
@@ -301,9 +306,15 @@ def _mount_erofs(device: str, target: str, log: Path, shown: set[str]) -> None:
         message = str(exc)
         if "Invalid argument" in message:
             message += " (is the layer an EROFS image?)"
-        if (trouble := last_trouble(log)) is not None and trouble not in shown:
-            message += f"; the server's last warning: {trouble} (its log: {log})"
-        raise MountError(message) from None
+        raise MountError(_with_trouble(message, log, shown)) from None
+
+
+def _with_trouble(message: str, log: Path, shown: set[str]) -> str:
+    """``message`` and the server's last warning in ``log``, with the log's path, unless
+    the user was shown that warning already (``shown``)."""
+    if (trouble := last_trouble(log)) is not None and trouble not in shown:
+        message += f"; the server's last warning: {trouble} (its log: {log})"
+    return message
 
 
 @dataclass
