@@ -604,6 +604,28 @@ class ChunkStore:
             record.present -= 1
         self._add_stored(txn, -length)
 
+    def grow(self, digest: str, size: int) -> None:
+        """Make an unsealed blob ``size`` bytes long, more than it was, keeping its stored
+        chunks: for a tar whose length came from a gzip trailer, which gives it only
+        modulo 4 GiB. A short last chunk of the old length, no longer the last, goes."""
+
+        def work(txn: lmdb.Transaction) -> None:
+            raw = txn.get(digest.encode(), db=self.dbs[DB_BLOBS])
+            if raw is None:
+                return  # nothing stored yet: the first store makes it at its size
+            record = BlobRecord.unpack(raw)
+            if record.sealed or size <= record.size:
+                raise CacheError(f"{digest} cannot grow from {record.size} to {size} bytes")
+            if record.size % CHUNK_SIZE:
+                key = chunk_key(record.blob_id, record.chunks - 1)
+                value = txn.get(key, db=self.dbs[DB_CHUNKS])
+                if value is not None:
+                    self.delete_chunk(txn, key, record, stored_length(value))
+            record.size = size
+            txn.put(digest.encode(), record.pack(), db=self.dbs[DB_BLOBS])
+
+        self.env.write(work)
+
     def drop_unproven(self, digest: str) -> bool:
         """Drop every chunk and part of a blob not sealed, keeping its record (and pin):
         bytes no digest has judged, which a pass over them found wrong somewhere. False

@@ -356,14 +356,20 @@ class SpanWriter:
                     self._changed.notify_all()
 
 
+ISIZE_MODULUS = 1 << 32
+"""A gzip trailer gives the uncompressed size modulo this."""
+
+
 class PassFill:
     """The tar an indexing pass makes, stored as the pass goes: the pass doubles as the fill.
 
     Its pieces are gathered into batches of whole chunks and stored on a
     thread of their own, so LMDB commits while the pass inflates on. It needs
-    the tar's digest and size before the pass; what it stored counts only if
-    the pass then checks both digests and ends at that size (``finish``), and
-    is removed otherwise, so nothing unverified stays.
+    the tar's digest and its size from the gzip trailer before the pass: a tar
+    of 4 GiB or more has the trailer's size plus a multiple of 4 GiB, so the
+    size grows by 4 GiB each time the pass makes more than it. What it stored
+    counts only if the pass then checks both digests and ends at that size
+    (``finish``), and is removed otherwise, so nothing unverified stays.
     """
 
     BATCH = 4 << 20
@@ -384,9 +390,11 @@ class PassFill:
     def __call__(self, piece: bytes) -> None:
         if self._overflow:
             return
-        if self._offset + self._gathered + len(piece) > self._size:
-            self._overflow = True  # the size guessed was wrong: finish() removes it all
-            return
+        end = self._offset + self._gathered + len(piece)
+        if end > self._size:
+            self._grow(end)
+            if self._overflow:
+                return
         self._pieces.append(piece)
         self._gathered += len(piece)
         if self._gathered >= self.BATCH:
@@ -404,6 +412,22 @@ class PassFill:
         self._pending.append(self._writer.submit(self._fill, self._offset, batch))
         self._offset += length
 
+    def _grow(self, end: int) -> None:
+        """The pass made more than the trailer said: the tar is ``ISIZE_MODULUS`` bytes
+        longer per wrap, as far as ``end`` needs."""
+        for pending in self._pending:
+            pending.result()  # stored at the old size before the record changes
+        self._pending.clear()
+        size = self._size + -(-(end - self._size) // ISIZE_MODULUS) * ISIZE_MODULUS
+        try:
+            self._store.grow(self._digest, size)
+        except CacheError as exc:
+            log.warning("%s: the tar is not kept from its indexing pass: %s", self._digest, exc)
+            self._overflow = True  # finish() removes what was stored
+            return
+        self._size = size
+        self._fill = SpanFiller(self._store, self._digest, size)
+
     def finish(self, verified_size: int | None) -> bool:
         """Store the rest if the pass checked both digests and made ``verified_size``
         bytes (None: it failed); else remove what was stored. True if the tar is kept."""
@@ -416,6 +440,14 @@ class PassFill:
         whole = whole and self._offset == self._size
         if not whole:
             self._store.remove(self._digest)
+            if verified_size is not None and not self._overflow:
+                log.warning(
+                    "%s: the tar is not kept from its indexing pass: it made %d bytes, "
+                    "the gzip trailer said %d",
+                    self._digest,
+                    verified_size,
+                    self._size,
+                )
         return whole
 
 

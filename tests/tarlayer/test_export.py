@@ -15,11 +15,13 @@ from rig.local_source import LocalFileSource
 from rig.stored_chunks import flip_stored_byte
 from trees import make_tar, populate, snapshot
 
+import blockstore.tarlayer.export as export_mod
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
 from blockstore.errors import BlobReadError
 from blockstore.tarlayer.export import (
     DecompressedTar,
     IndexCache,
+    PassFill,
     SpanFiller,
     TarLayerExport,
     cached_or_built,
@@ -237,3 +239,28 @@ def test_a_damaged_cached_tar_chunk_is_never_served(layer_files, tmp_path):
         offline = Layer(tmp, store, src, offline=True)
         with pytest.raises(BlobReadError):
             read_all(offline.export, meta + offset, CHUNK_SIZE)
+
+
+@pytest.mark.parametrize("wraps", [0, 1, 3])
+def test_the_indexing_pass_keeps_a_tar_whose_trailer_size_wrapped(tmp_path, monkeypatch, wraps):
+    """Tried: the tar an indexing pass makes, longer than the gzip trailer's size by
+    ``wraps`` times its modulus (a tar of 4 GiB or more: the trailer gives the size
+    modulo 4 GiB; here the modulus is made 256 KiB, so the test needs no 4 GiB).
+    Must hold: the pass keeps the whole tar, byte for byte, at its true size, ready to
+    seal. Before, the fill stopped at the trailer's size and dropped all it had stored,
+    without a word, and every span was inflated again by the readers."""
+    monkeypatch.setattr(export_mod, "ISIZE_MODULUS", 256 << 10, raising=False)
+    modulus = 256 << 10
+    tar = os.urandom(modulus * wraps + 100_000)
+    digest = "sha256:" + hashlib.sha256(tar).hexdigest()
+    with ChunkStore(tmp_path / "cache") as store:
+        fill = PassFill(store, digest, len(tar) % modulus)
+        for start in range(0, len(tar), 50_000):
+            fill(tar[start : start + 50_000])
+        assert fill.finish(len(tar))
+        [info] = store.blobs()
+        assert (info.size, info.present) == (len(tar), -(-len(tar) // CHUNK_SIZE))
+        assert store.seal(digest)
+        blob = CachedBlob(store, digest, len(tar), None)
+        assert b"".join(bytes(b) for b in blob.read(0, len(tar))) == tar
+        blob.close()
