@@ -28,9 +28,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from blockstore.cli.cache_cmds import human
 from blockstore.errors import BlockstoreError, MissingDependency, NotPermitted
 from blockstore.localregistry import LocalRegistry
+from blockstore.progress import human
 
 DEFAULT_SOURCES = (Path(sysconfig.get_paths()["stdlib"]), Path("/usr/share/doc"))
 """A real tree found on every Debian machine: a few thousand files, text and binary."""

@@ -17,6 +17,7 @@ from blockstore.cache import ChunkStore
 from blockstore.cache.indexes import IndexShelf
 from blockstore.cli.common import add_cache_options, cache_dir_from
 from blockstore.errors import CacheError, IntegrityError, NotFound
+from blockstore.progress import human
 
 DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-fA-F0-9]{32,}$")
 
@@ -68,14 +69,6 @@ def existing_cache_dir(args: argparse.Namespace) -> Path:
     if not path.exists():
         raise CacheError(f"no cache at {path}: nothing was ever kept there")
     return path
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def emit(args: argparse.Namespace, data: object, text: str) -> None:

@@ -14,7 +14,6 @@ import sys
 from tqdm import tqdm
 
 from blockstore.cache.indexes import IndexShelf
-from blockstore.cli.cache_cmds import human
 from blockstore.cli.common import (
     add_cache_options,
     add_image_options,
@@ -22,6 +21,7 @@ from blockstore.cli.common import (
     open_image_from_args,
 )
 from blockstore.errors import NotCached, RegistryUnreachable
+from blockstore.progress import human
 from blockstore.tarlayer.layers import TarLayer
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from blockstore.cache.traces import TraceShelf
-from blockstore.cli.cache_cmds import existing_cache_dir, human, open_store, resolve_targets
+from blockstore.cli.cache_cmds import existing_cache_dir, open_store, resolve_targets
 from blockstore.cli.common import (
     add_cache_options,
     add_registry_options,
@@ -25,6 +25,7 @@ from blockstore.cli.common import (
 )
 from blockstore.errors import NotFound
 from blockstore.prefetch.trace import Trace, traces_document
+from blockstore.progress import human
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -16,9 +16,9 @@ from rig.pushed import push_erofs
 
 from blockstore.cache import CHUNK_SIZE
 from blockstore.cache.traces import TraceShelf
-from blockstore.cli.cache_cmds import human
 from blockstore.image import open_image
 from blockstore.prefetch import PrefetchSettings, Trace
+from blockstore.progress import human
 from blockstore.registry import RegistryOptions
 
 RECORD = PrefetchSettings(readahead=False, trace_period=30.0)
