@@ -31,6 +31,7 @@ from typing import IO, TYPE_CHECKING, Protocol
 from blockstore.cache import CHUNK_SIZE, DiskFull
 from blockstore.errors import BlobReadError, BlockstoreError, CacheError, IntegrityError
 from blockstore.export import Buffer
+from blockstore.progress import Progress
 from blockstore.tarlayer import erofs_format, layerindex
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN
 from blockstore.tarlayer.layerindex import INDEX_FORMAT, ReadRange, SpanIndex, TarIndex
@@ -488,8 +489,12 @@ class SpooledPassFill:
             # Not closed: the views handed to the store may outlive this call.
             data = mmap.mmap(file.fileno(), self._size, access=mmap.ACCESS_READ)
             fill = SpanFiller(self._store, self._digest, self._size)
+            progress = Progress(
+                f"{self._digest}: storing the tar its indexing pass made", self._size
+            )
             for offset, piece in _steps(0, data):
                 fill(offset, piece)
+                progress.reached(offset + len(piece))
         except (OSError, CacheError) as exc:
             self._store.remove(self._digest)
             self._give_up(f"storing it failed: {exc}")

@@ -22,6 +22,7 @@ from blockstore.cache import CachedBlob, ChunkStore
 from blockstore.errors import BlobReadError, BlockstoreError, IntegrityError, NotCached, UsageError
 from blockstore.export import Buffer
 from blockstore.prefetch import PrefetchSettings
+from blockstore.progress import Progress
 from blockstore.source import BlobSource
 from blockstore.tarlayer.erofs_reader import read_info
 from blockstore.tarlayer.export import (
@@ -285,8 +286,9 @@ STREAM_AHEAD = 32 << 20
 def _streamed(blob: LayerBlob) -> Callable[[int, int], bytes]:
     """Reads of a blob read start to end, each asking for the next ``STREAM_AHEAD``
     bytes as prefetch first: the pass inflates while they come, whatever the blob's
-    own readahead makes of its reads."""
+    own readahead makes of its reads. How far it has got is said as it goes."""
     asked = 0
+    progress = Progress(f"{blob.digest}: reading the layer once to index it", blob.size)
 
     def read(offset: int, length: int) -> bytes:
         nonlocal asked
@@ -295,6 +297,7 @@ def _streamed(blob: LayerBlob) -> Callable[[int, int], bytes]:
             start = max(asked, offset + length)
             blob.cache(start, ahead - start)
             asked = ahead
+        progress.reached(offset + length)
         return b"".join(blob.read_for_pass(offset, length))
 
     return read

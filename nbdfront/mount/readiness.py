@@ -1,9 +1,12 @@
 """How a mount's server tells the mount it is ready, or why it is not: one JSON line on a pipe.
 
 The mount hands ``blockstore serve`` the write end of a pipe (``--ready-fd
-N``). The server writes exactly one line and closes it: either
+N``). The server writes one status line and closes it: either
 ``{"ready": true, "exports": {NAME: URI, ...}, "warnings": [...]}`` once it
 listens, or ``{"ready": false, "error": MESSAGE}`` when it gives up first.
+Before it, long work (the first indexing pass of a large tar layer) may
+send ``{"progress": TEXT}`` lines: the mount waits for as long as they come,
+its timeout counting from the last one.
 A server that dies without a word closes the pipe by dying, so the mount
 sees end-of-file at once instead of waiting out a timeout; its exit status
 then comes from its parent. Nothing is learned from the server's log.
@@ -13,13 +16,17 @@ This module holds both ends of that format, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import select
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
+
+from blockstore.progress import PROGRESS_LOGGER
 
 MAX_LINE = 1 << 20
 """More than any status line needs: a server cannot make the mount buffer without end."""
@@ -34,6 +41,13 @@ class Ready:
 @dataclass(frozen=True)
 class Failed:
     error: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    """The server is at work on something long before it can be ready."""
+
+    text: str
 
 
 @dataclass(frozen=True)
@@ -57,14 +71,20 @@ def encode_failed(error: str) -> bytes:
     return _line({"ready": False, "error": error})
 
 
+def encode_progress(text: str) -> bytes:
+    return _line({"progress": text})
+
+
 def _line(message: dict) -> bytes:
     return json.dumps(message, ensure_ascii=True).encode() + b"\n"
 
 
-def decode(line: bytes) -> Ready | Failed:
+def decode(line: bytes) -> Ready | Failed | Progress:
     """The status a line says; a line that does not parse is the server's failure to say it."""
     try:
         message = json.loads(line)
+        if "ready" not in message and isinstance(message.get("progress"), str):
+            return Progress(message["progress"])
         if message.get("ready") is True:
             exports = message["exports"]
             warnings = message.get("warnings", [])
@@ -79,8 +99,11 @@ def decode(line: bytes) -> Ready | Failed:
     return Failed(f"the server sent a status line that does not parse: {line[:200]!r}")
 
 
-def receive(fd: int, timeout: float) -> Status:
-    """Wait up to ``timeout`` seconds for the one line on ``fd`` (the pipe's read end)."""
+def receive(
+    fd: int, timeout: float, on_progress: Callable[[str], None] = lambda text: None
+) -> Status:
+    """Wait for the status line on ``fd`` (the pipe's read end), ``timeout`` seconds from
+    the start or from the last progress line, each of which goes to ``on_progress``."""
     deadline = time.monotonic() + timeout
     received = bytearray()
     while True:
@@ -92,11 +115,19 @@ def receive(fd: int, timeout: float) -> Status:
             continue
         chunk = os.read(fd, 65536)
         if not chunk:
-            return decode(bytes(received)) if received.strip() else Silent()
+            last = decode(bytes(received)) if received.strip() else Silent()
+            return Silent() if isinstance(last, Progress) else last
         received += chunk
-        line, newline, _ = received.partition(b"\n")
-        if newline or len(received) > MAX_LINE:
-            return decode(bytes(line))
+        while True:
+            line, newline, rest = received.partition(b"\n")
+            if not newline and len(received) <= MAX_LINE:
+                break
+            status = decode(bytes(line))
+            if not isinstance(status, Progress):
+                return status
+            received = bytearray(rest)
+            deadline = time.monotonic() + timeout
+            on_progress(status.text)
 
 
 class ReadinessPipe:
@@ -113,9 +144,13 @@ class ReadinessPipe:
         self._file = os.fdopen(fd, "wb", buffering=0)
         self._warnings: list[str] = []
         self._collector = _Collector(self._warnings)
+        self._forwarder = _Forwarder(self._progress)
 
     def __enter__(self) -> ReadinessPipe:
         logging.getLogger().addHandler(self._collector)
+        progress = logging.getLogger(PROGRESS_LOGGER)
+        progress.setLevel(logging.INFO)
+        progress.addHandler(self._forwarder)
         return self
 
     def ready(self, exports: dict[str, str]) -> None:
@@ -131,11 +166,19 @@ class ReadinessPipe:
             self._say(encode_failed(str(error) or kind.__name__))
         self._say(b"")
 
+    def _progress(self, text: str) -> None:
+        """Tell the mount the server is at work (before the status; never closes)."""
+        if self._file.closed:
+            return
+        with contextlib.suppress(OSError):  # the mount gave up waiting
+            self._file.write(encode_progress(text))
+
     def _say(self, line: bytes) -> None:
         """Send ``line`` (nothing, to just close), once: the first status said is the one."""
         if self._file.closed:
             return
         logging.getLogger().removeHandler(self._collector)
+        logging.getLogger(PROGRESS_LOGGER).removeHandler(self._forwarder)
         try:
             if line:
                 self._file.write(line)
@@ -152,3 +195,14 @@ class _Collector(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self._into.append(record.getMessage())
+
+
+class _Forwarder(logging.Handler):
+    """Sends what the progress logger says down the pipe, as progress lines."""
+
+    def __init__(self, send: Callable[[str], None]):
+        super().__init__(logging.INFO)
+        self._send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._send(record.getMessage())

@@ -33,6 +33,8 @@ from nbdfront.mount.process import ProcessRef, log_tail, spawn_detached
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT = 120.0
+"""Seconds the server may be silent before it is ready: from its start, or from the last
+progress it reported (a large layer's first indexing pass can take longer in all)."""
 EXIT_AFTER_FAILURE = 5.0
 """Seconds a server that said it failed gets to exit, so its exit status can be passed on."""
 _LAYER_EXPORT = re.compile(r"layer(\d+)")
@@ -96,7 +98,7 @@ def start_server(
             if spawned is not None and (process := ProcessRef.of(proc.pid)) is not None:
                 spawned(process)
             with waiting():
-                status = readiness.receive(read_end, timeout)
+                status = readiness.receive(read_end, timeout, _Heard().progress)
             return _started(proc, status, log_path, timeout)
         except BaseException:
             _kill_group(proc)
@@ -119,7 +121,10 @@ def _started(
             raise MountError(f"the server exited right after it was ready (log: {log_path})")
         return ServerStarted(process, status.exports, status.warnings)
     if isinstance(status, readiness.TimedOut):
-        raise MountError(f"the server was not ready within {timeout:.0f}s (log: {log_path})")
+        raise MountError(
+            f"the server was not ready, and said nothing of its progress for {timeout:.0f}s "
+            f"(log: {log_path})"
+        )
     try:
         exit_status = proc.wait(EXIT_AFTER_FAILURE)
     except subprocess.TimeoutExpired:
@@ -135,6 +140,26 @@ def _started(
     else:
         why = f"the server exited with status {exit_status} before it was ready"
     raise ServerFailed(f"{why} (server log: {log_path})", exit_status or MountError.exit_code)
+
+
+TELL_AFTER = 10.0
+"""Seconds of waiting after which the server's progress is said to the user, once."""
+
+
+class _Heard:
+    """What the mount makes of the server's progress before it is ready: logged, and
+    said to the user once the wait is long (a first open at work, not stuck)."""
+
+    def __init__(self) -> None:
+        self._since = time.monotonic()
+        self._told = False
+
+    def progress(self, text: str) -> None:
+        if not self._told and time.monotonic() - self._since >= TELL_AFTER:
+            self._told = True
+            logger.warning("still waiting for the server, which is at work: %s", text)
+        else:
+            logger.info("%s", text)
 
 
 def _only_repeats(log_path: Path, error: str) -> bool:

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+import blockstore.progress as progress_mod
 from nbdfront.mount import readiness
 from nbdfront.mount.readiness import Failed, ReadinessPipe, Ready, Silent, TimedOut
 from nbdfront.mount.server import layer_exports
@@ -109,3 +110,25 @@ def test_layers_stack_by_number_and_the_default_export_is_left_out():
     assert [name for name, _ in layer_exports(exports)] == ["layer2", "layer9", "layer10"]
     assert layer_exports({"": "uri"}) == [("", "uri")]
     assert layer_exports({"disk": "uri"}) == [("disk", "uri")]
+
+
+def test_long_work_before_ready_is_heard_as_progress_lines(pipe, monkeypatch):
+    """Tried: a server whose first open reads a layer for a while (the progress logger
+    says how far it has got) before it is ready. Must hold: each line reaches the
+    mount's ``on_progress`` in order, then the ready status; progress said after ready
+    stays in the log. The lines come from ``Progress`` as a layer pass makes them."""
+    monkeypatch.setattr(progress_mod, "EVERY", 0.0)
+    read_end, write_end = pipe
+    exports = {"layer0": SOCK.format("layer0")}
+    with ReadinessPipe(write_end) as server_end:
+        work = progress_mod.Progress("sha256:ab: reading the layer once to index it", 4 << 30)
+        work.reached(1 << 30)
+        work.reached(3 << 30)
+        server_end.ready(exports)
+        work.reached(4 << 30)
+    heard: list[str] = []
+    assert readiness.receive(read_end, 5, heard.append) == Ready(exports, [])
+    assert heard == [
+        "sha256:ab: reading the layer once to index it: 1.0 GiB of 4.0 GiB (25%)",
+        "sha256:ab: reading the layer once to index it: 3.0 GiB of 4.0 GiB (75%)",
+    ]

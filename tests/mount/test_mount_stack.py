@@ -377,10 +377,45 @@ def test_ready_printed_to_the_log_is_not_ready(mount_dirs):
         "import time; print('export  nbd://127.0.0.1:1'); print('ready', flush=True); "
         "time.sleep(60)",
     ]
-    with pytest.raises(MountError, match="not ready within 2s"):
+    with pytest.raises(MountError, match="said nothing of its progress for 2s"):
         start_server(talker, run / "talker.log", run / "talker.status", timeout=2)
     assert "ready" in (run / "talker.log").read_text()
     assert not processes_mentioning("time.sleep(60)")
+
+
+WORKER = """
+import json, os, sys, time
+fd = int(sys.argv[sys.argv.index("--ready-fd") + 1])
+for i in range(int(sys.argv[1])):
+    os.write(fd, json.dumps({"progress": f"indexing: {i} GiB"}).encode() + b"\\n")
+    time.sleep(0.5)
+if sys.argv[2] == "ready":
+    exports = {"layer0": "nbd+unix:///layer0?socket=/nonexistent"}
+    os.write(fd, json.dumps({"ready": True, "exports": exports}).encode() + b"\\n")
+    os.close(fd)
+time.sleep(60)
+"""
+
+
+def test_a_server_at_work_is_waited_for_past_the_timeout_while_it_says_so(mount_dirs):
+    """Tried: a server that takes 3 s to be ready (a large layer's first indexing pass)
+    but says how far it has got every 0.5 s, against a 1.5 s timeout; then one that
+    goes quiet. Must hold: the first is waited for and taken as ready; the second times
+    out 1.5 s after its last word. Before, any server not ready within the fixed
+    timeout was killed, so a large single-frame zstd layer never mounted."""
+    _, run = mount_dirs
+    worker = [sys.executable, "-c", WORKER, "6", "ready"]
+    started = start_server(worker, run / "worker.log", run / "worker.status", timeout=1.5)
+    try:
+        assert started.exports == {"layer0": "nbd+unix:///layer0?socket=/nonexistent"}
+    finally:
+        os.killpg(started.process.pid, signal.SIGKILL)
+    quiet = [sys.executable, "-c", WORKER, "2", "quiet"]
+    begun = time.monotonic()
+    with pytest.raises(MountError, match="said nothing of its progress for 2s"):
+        start_server(quiet, run / "quiet.log", run / "quiet.status", timeout=1.5)
+    assert 2.0 < time.monotonic() - begun < 6
+    assert not processes_mentioning("sys.argv[sys.argv.index")
 
 
 def test_mountpoint_must_be_an_existing_directory(mount_dirs, local_server):
