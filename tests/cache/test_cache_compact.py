@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from cache_rig import lockless_user, run_cli
@@ -70,14 +71,18 @@ def test_compact_refuses_a_cache_in_use_and_names_who_uses_it(cache_dir, tmp_pat
     pid, and the file is left as it was; once it has exited, compaction runs."""
     blobs = write_blobs(tmp_path, [1 << 20])
     user = worker(cache_dir, blobs, "--cap", str(64 << 20), "--seconds", "60")
+    assert user.stdout.readline().strip() == "ready"
+    refused_while_open(cache_dir, user, f"in use by pid {user.pid} ")
+
+
+def refused_while_open(cache_dir: Path, user: subprocess.Popen, said: str) -> None:
+    """Compaction while ``user`` has the cache open: exit 8 with ``said`` in the message,
+    the file left as it was; once ``user`` is gone, compaction runs."""
+    inode = (cache_dir / "data.mdb").stat().st_ino
     try:
-        assert user.stdout.readline().strip() == "ready"
-        inode = (cache_dir / "data.mdb").stat().st_ino
-
         result = run_cli("cache", "compact", "--cache-dir", str(cache_dir))
-
         assert result.returncode == 8, result.stderr
-        assert f"in use by pid {user.pid} " in result.stderr
+        assert said in result.stderr
         assert (cache_dir / "data.mdb").stat().st_ino == inode
     finally:
         user.kill()
@@ -92,17 +97,8 @@ def test_compact_refuses_a_cache_open_in_a_process_that_takes_no_lock(cache_dir)
     refused (exit 8) naming its pid, the file left as it was; before, the file was
     replaced under it, and all it fetched afterwards went into the deleted one."""
     fill(cache_dir, [1 << 20], seed=7)
-    inode = (cache_dir / "data.mdb").stat().st_ino
     user = lockless_user(cache_dir)
-    try:
-        result = run_cli("cache", "compact", "--cache-dir", str(cache_dir))
-        assert result.returncode == 8, result.stderr
-        assert f"open in pid {user.pid} " in result.stderr
-        assert (cache_dir / "data.mdb").stat().st_ino == inode
-    finally:
-        user.kill()
-        user.wait()
-    assert run_cli("cache", "compact", "--cache-dir", str(cache_dir)).returncode == 0
+    refused_while_open(cache_dir, user, f"open in pid {user.pid} ")
 
 
 def test_a_process_opening_the_cache_during_compaction_waits_then_uses_the_new_file(
