@@ -28,9 +28,10 @@ def human(n: float) -> str:
 
 
 class Progress:
-    """Bytes of one piece of work done, out of ``total``, said every ``EVERY`` seconds."""
+    """Bytes of one piece of work done, out of ``total`` (None: not known before the end),
+    said every ``EVERY`` seconds."""
 
-    def __init__(self, what: str, total: int):
+    def __init__(self, what: str, total: int | None):
         self._what = what
         self._total = total
         self._done = 0
@@ -42,6 +43,9 @@ class Progress:
         now = time.monotonic()
         if now - self._said >= EVERY:
             self._said = now
+            if self._total is None:
+                log.info("%s: %s so far", self._what, human(self._done))
+                return
             share = self._done / self._total if self._total else 1.0
             log.info(
                 "%s: %s of %s (%.0f%%)",

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, NoReturn
 
 from blockstore.errors import BlockstoreError, IntegrityError
+from blockstore.progress import Progress
 from blockstore.tarlayer.erofs_writer import write_metadata
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN, GzipIndexer, Zinfo, read_span, span_range
 from blockstore.tarlayer.tarwalk import RangeFile, WindowedReads, check_end, entry_of, walk_tar
@@ -228,6 +229,21 @@ def _check(what: str, expected: str | None, actual: str) -> None:
         raise IntegrityError(f"{what} is {actual}, expected {expected}: not indexed")
 
 
+def _counted(sink: Callable[[bytes], None] | None, progress: Progress) -> Callable[[bytes], None]:
+    """``sink``, saying how much of the tar it was given (a one-frame zstd layer of many
+    GiB is read in a moment, then inflated for minutes)."""
+    made = 0
+
+    def counted(piece: bytes) -> None:
+        nonlocal made
+        made += len(piece)
+        progress.reached(made)
+        if sink is not None:
+            sink(piece)
+
+    return counted
+
+
 def index_compressed_tar(
     source: IO[bytes],
     kind: str,
@@ -241,7 +257,7 @@ def index_compressed_tar(
     given the uncompressed tar, in order, as the pass makes it."""
     indexer: GzipIndexer | ZstdIndexer
     indexer = GzipIndexer(source, span) if kind == GZIP else ZstdIndexer(source, span)
-    indexer.sink = sink
+    indexer.sink = _counted(sink, Progress(f"{blob_digest or kind}: tar made to index it", None))
     try:
         with tarfile.open(
             fileobj=indexer, mode="r|", encoding="utf-8", errors="surrogateescape"

@@ -124,6 +124,7 @@ def test_long_work_before_ready_is_heard_as_progress_lines(pipe, monkeypatch):
         work = progress_mod.Progress("sha256:ab: reading the layer once to index it", 4 << 30)
         work.reached(1 << 30)
         work.reached(3 << 30)
+        progress_mod.Progress("sha256:cd: tar made to index it", None).reached(12 << 30)
         server_end.ready(exports)
         work.reached(4 << 30)
     heard: list[str] = []
@@ -131,4 +132,5 @@ def test_long_work_before_ready_is_heard_as_progress_lines(pipe, monkeypatch):
     assert heard == [
         "sha256:ab: reading the layer once to index it: 1.0 GiB of 4.0 GiB (25%)",
         "sha256:ab: reading the layer once to index it: 3.0 GiB of 4.0 GiB (75%)",
+        "sha256:cd: tar made to index it: 12.0 GiB so far",
     ]
