@@ -25,6 +25,7 @@ from blockstore.attachments import (
     traces_for_image,
 )
 from blockstore.cache import CachedBlob, ChunkStore
+from blockstore.cache.env import OtherFormat
 from blockstore.cache.indexes import IndexShelf
 from blockstore.chunkindex import ChunkIndex
 from blockstore.errors import (
@@ -369,6 +370,7 @@ def open_image(
     options: RegistryOptions | None = None,
     prefetch: PrefetchSettings | None = None,
     reading: tuple[int | None, str | None] = (None, None),
+    replace_older: bool = False,
 ) -> OpenImage:
     """Resolve ``reference`` for ``platform`` online, or from the cache when offline.
 
@@ -387,7 +389,7 @@ def open_image(
         raise ImageNotCached(
             f"offline: {reference} was never resolved here: there is no cache at {cache_dir}"
         )
-    store = ChunkStore(cache_dir, size_cap=cache_size, offline=offline, replace_older=not offline)
+    store = _open_store(Path(cache_dir), cache_size, offline, replace_older, ref, options)
     try:
         explicit = platform is not None
         image = _open(store, ref, wanted, offline, options or RegistryOptions(), explicit)
@@ -403,6 +405,35 @@ def open_image(
         image.close()
         raise
     return image
+
+
+def _open_store(
+    cache_dir: Path,
+    cache_size: int | None,
+    offline: bool,
+    replace_older: bool,
+    ref: Reference,
+    options: RegistryOptions | None,
+) -> ChunkStore:
+    """The cache at ``cache_dir``. An older version's cache there is replaced only when
+    ``replace_older`` (the caller will fill it: serve, prefetch) and the registry
+    answers for the image, so there is something to fill it from; else it is refused
+    and left as it is."""
+    try:
+        return ChunkStore(cache_dir, size_cap=cache_size, offline=offline)
+    except OtherFormat as exc:
+        if not (replace_older and exc.older and not offline):
+            raise
+        with RegistryClient(ref.registry, options or RegistryOptions()) as client:
+            try:
+                client.get_manifest(ref.repository, ref.manifest_ref)
+            except RegistryUnreachable as down:
+                raise OtherFormat(
+                    f"{exc}; it is left as it is, as the registry cannot be reached to fill "
+                    f"a new one ({down})",
+                    older=True,
+                ) from None
+    return ChunkStore(cache_dir, size_cap=cache_size, replace_older=True)
 
 
 def _attachments(image: OpenImage) -> None:

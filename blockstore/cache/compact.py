@@ -10,8 +10,9 @@ never a mix, and at worst a stray copy that the next compaction removes.
 Every process with the cache open holds a shared lock on ``data.mdb``
 (``env.hold_in_use``); compaction takes it exclusively and without waiting,
 so it runs only on a cache nobody is using, and says who is when it cannot.
-An older version's process, which takes no such lock, is found by the LMDB
-files it has open. A process that opens the cache meanwhile waits for the
+An older version's process, which takes no such lock, is found by LMDB's
+lock file, which it has open (a process of this version waiting for the
+lock has opened ``data.mdb`` alone). A process that opens the cache meanwhile waits for the
 new file.
 """
 
@@ -29,7 +30,7 @@ from blockstore.errors import CacheError
 from blockstore.openers import processes_with_open
 
 from .env import COMPACT_COPY as COPY_NAME
-from .env import LMDB_FILES, DiskFull, file_damage, reason
+from .env import LMDB_LOCK_FILE, DiskFull, file_damage, reason
 from .layout import ALL_DBS
 
 
@@ -63,7 +64,7 @@ def compact(path: Path) -> Compacted:
         if os.fstat(fd).st_ino != os.stat(data).st_ino:
             raise CacheBusy(f"the cache at {path} was replaced meanwhile: try again")
         # A version of this program older than the lock holds the file open without it.
-        users = processes_with_open([str(path / name) for name in LMDB_FILES])
+        users = processes_with_open([str(path / LMDB_LOCK_FILE)])
         if users:
             raise CacheBusy(
                 f"the cache at {path} is open in {', '.join(users)}, which take no lock on "

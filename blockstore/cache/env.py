@@ -321,8 +321,9 @@ def move_aside(path: Path, why: str, label: str = "damaged") -> Path:
     return aside
 
 
-LMDB_FILES = ("data.mdb", "lock.mdb")
-"""What a process with the cache open has open or mapped, of whatever version."""
+LMDB_LOCK_FILE = "lock.mdb"
+"""What a process with the cache open has open and mapped, of whatever version; one of
+this version only waiting for ``hold_in_use`` has opened ``data.mdb`` alone."""
 COMPACT_COPY = "data.mdb.compacting"
 """The copy ``compact.py`` writes beside ``data.mdb``; one left by a compaction that was
 killed is removed by the next process to open the cache (none runs meanwhile: a
@@ -492,7 +493,8 @@ class CacheEnv:
         A damaged cache is moved aside; online an empty one replaces it,
         offline (nothing else to read from) ``CacheDamaged`` is raised. A
         cache of an older format is moved aside and replaced only by an opener
-        that will fill it (``replace_older``: serving or prefetching online),
+        that will fill it (``replace_older``: serving or prefetching, with the
+        registry answering),
         and only while no other process has it open; any other opener, and
         every opener of a newer version's cache, is refused with
         ``OtherFormat``, the cache left as it is.
@@ -560,7 +562,7 @@ class CacheEnv:
                 "aside and starts a new cache",
                 older=True,
             ) from None
-        users = processes_with_open([str(self.path / name) for name in LMDB_FILES])
+        users = processes_with_open([str(self.path / LMDB_LOCK_FILE)])
         if users:
             raise OtherFormat(
                 f"{exc}; it is open in {', '.join(users)}: stop the older version's servers "
@@ -658,10 +660,11 @@ class CacheEnv:
                     f"this version needs {ours}",
                     older=True,
                 )
+            whose = "a newer version's" if version > FORMAT_VERSION else "another build's"
             raise OtherFormat(
                 f"the cache at {path} has format {version} with {chunk_size}-byte chunks, "
-                f"a newer version's; this version needs {ours} and leaves it as it is: use "
-                "the newer version, or another --cache-dir"
+                f"{whose}; this version needs {ours} and leaves it as it is: use "
+                "that version, or another --cache-dir"
             )
         self.env = env
         self.dbs.clear()

@@ -436,7 +436,8 @@ def open_image_from_args(
     ``serves``: the command serves the image, and says so when it serves it from
     the cache alone; any other command that falls back says so itself, or fails
     saying why (``image.unreachable``).
-    ``kw`` go to ``open_image`` (``offline``, ``prefetch``).
+    ``kw`` go to ``open_image`` (``offline``, ``prefetch``, ``replace_older``: the
+    command fills the cache, so an older version's may be replaced).
     """
     # Imported here, as registry_options_from_args explains.
     from blockstore.errors import RegistryUnreachable

@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_prefetch(args: argparse.Namespace) -> int:
-    image = open_image_from_args(args)
+    image = open_image_from_args(args, replace_older=True)
     try:
         for layer in image.select(args.layer, args.blob):
             # A tar layer is filled as the tar it serves (uncompressed, sealed against

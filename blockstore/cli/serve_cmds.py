@@ -105,7 +105,11 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
     tls = server_tls_from(args)
     traces = read_trace_file(args.trace_file) if args.trace_file is not None else []
     image = open_image_from_args(
-        args, serves=True, offline=args.offline, prefetch=prefetch_settings_from(args)
+        args,
+        serves=True,
+        offline=args.offline,
+        prefetch=prefetch_settings_from(args),
+        replace_older=True,
     )
     metrics = None
     try:

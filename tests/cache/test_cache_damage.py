@@ -18,12 +18,14 @@ import lmdb
 import pytest
 from cache_rig import lockless_user, run_cli
 from cache_sources import ScriptedSource, make_blob
+from rig.pushed import push_erofs
 
 import blockstore.cache.env as cache_env
 from blockstore.cache import CHUNK_SIZE, CacheDamaged, CachedBlob, ChunkStore
 from blockstore.cache.layout import DB_BLOBS, DB_META, DB_REFS, FORMAT_VERSION, U64
 from blockstore.errors import CacheError
 from blockstore.image import open_image
+from blockstore.registry import RegistryOptions
 
 
 def fill(cache_dir: Path, blobs, *, whole: bool = True) -> None:
@@ -472,3 +474,33 @@ def test_a_damaged_cache_another_opener_replaced_first_is_left_to_it(tmp_path, m
         offline.close()
     aside = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("cache."))
     assert aside == ["cache.damaged-by-the-other"]
+
+
+def test_an_older_format_is_replaced_for_a_filler_only_once_the_registry_answers(
+    fresh_registry, erofs_images, cache_dir
+):
+    """Tried: an older version's cache, opened for an image by a command that would fill
+    it (serve, prefetch) while the registry is down, then with it up; and by one that
+    does not fill it (index, trace push). Must hold: with the registry down the cache
+    is refused and left as it is (replacing it would leave an empty cache and nothing
+    to fill it from); with it up it is replaced and the image read; a command that does
+    not fill it refuses it. Before, any online open replaced it first."""
+    reference = push_erofs(fresh_registry.host, "older/img", "v1", [erofs_images.small.path])
+    before = set_meta(cache_dir, b"format", FORMAT_VERSION - 1)
+    options = RegistryOptions(insecure=True, timeout=2.0, max_attempts=2)
+    with pytest.raises(CacheError, match="left as it is until a serve"):
+        open_image(reference, cache_dir=cache_dir, options=options)
+    fresh_registry.stop()
+    with pytest.raises(CacheError, match="registry cannot be reached"):
+        open_image(reference, cache_dir=cache_dir, options=options, replace_older=True)
+    assert not aside(cache_dir, "old")
+    assert (cache_dir / "data.mdb").read_bytes() == before
+    fresh_registry.start()
+    image = open_image(reference, cache_dir=cache_dir, options=options, replace_older=True)
+    try:
+        (blob,) = image.exports()
+        data = erofs_images.small.path.read_bytes()
+        assert b"".join(bytes(b) for b in blob.read(0, len(data))) == data
+    finally:
+        image.close()
+    assert len(aside(cache_dir, "old")) == 1
