@@ -555,10 +555,13 @@ class IndexCache:
         except DiskFull:
             self._make_room()
             self._save(blob_digest, span, index)
-        current = f"tarlayer/v{INDEX_FORMAT}/"
-        dropped = self._store.drop_manifests(
-            "tarlayer/v", lambda key: key.startswith(current) or f"/{blob_digest}/" not in key
-        )
+        try:
+            dropped = self._store.drop_manifests(
+                "tarlayer/v", lambda key: not _older_index_of(key, blob_digest)
+            )
+        except CacheError as exc:  # the index is kept; the old ones wait for next time
+            log.info("%s: older indexes not dropped: %s", blob_digest, exc)
+            return
         if dropped:
             log.info("%s: dropped its index kept by an older index format", blob_digest)
 
@@ -614,6 +617,13 @@ class IndexCache:
             return None
         tar_digest = meta[8 : 8 + _DIGEST].rstrip(b"\0").decode()
         return int.from_bytes(meta[:8], "little"), tar_digest, meta[8 + _DIGEST :]
+
+
+def _older_index_of(key: str, blob_digest: str) -> bool:
+    """Whether ``key`` is a record of ``blob_digest``'s index kept by an older index
+    format than this engine's (a newer one's is a newer version's, sharing the cache)."""
+    version, _, rest = key.removeprefix("tarlayer/v").partition("/")
+    return version.isdigit() and int(version) < INDEX_FORMAT and f"/{blob_digest}/" in f"/{rest}"
 
 
 def cached_or_built(

@@ -200,8 +200,12 @@ class TarLayer(TarLayerExport):
         with self._sealing:
             if self._started.is_set():
                 return
+            try:
+                threading.Thread(target=self._fill, name="tar-fill", daemon=True).start()
+            except RuntimeError as exc:  # out of threads: the readers fetch what they need
+                log.info("%s: not filled in the background now: %s", self.digest, exc)
+                return
             self._started.set()
-        threading.Thread(target=self._fill, name="tar-fill", daemon=True).start()
 
     def _fill(self) -> None:
         filled = False
@@ -477,7 +481,13 @@ def open_tar_layer(
 
         def missing(chunks: range) -> list[int]:
             record = store.lookup(digest)
-            return list(chunks) if record is None else store.missing(record.blob_id, chunks)
+            if record is None:
+                return list(chunks)
+            if record.present == record.chunks:
+                # Whole (the indexing pass kept it, or a fill ended): asking after each of
+                # a 12 GiB tar's 393,216 chunks would hold a read for seconds.
+                return []
+            return store.missing(record.blob_id, chunks)
 
         rate = settings.fill_rate if settings.fill else 0
         pump = SpanPump(inflated, missing, hint, writer.flush, rate=rate)

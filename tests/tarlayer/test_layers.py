@@ -154,7 +154,8 @@ def test_an_index_kept_by_an_older_index_format_is_built_again_and_dropped(blobs
     """Tried: a cache holding an index of this layer kept by an older index format
     (an older engine's, under its own rules: here a metadata image with a byte
     changed). Must hold: it is never served; the layer is indexed anew, serves the
-    same bytes as a cache that never saw the old one, and the old records are gone."""
+    same bytes as a cache that never saw the old one, and the old records are gone,
+    while a newer format's record (a newer version sharing the cache) stays."""
     tar, paths = blobs
     digest = sha(paths[GZIP].read_bytes())
     with ChunkStore(tmp_path / "fresh") as store:
@@ -162,15 +163,40 @@ def test_an_index_kept_by_an_older_index_format_is_built_again_and_dropped(blobs
         expected, metadata = whole(fresh), fresh.index.metadata
         fresh.close()
     older = f"tarlayer/v{INDEX_FORMAT - 1}/span{SPAN}/{digest}/"
+    newer = f"tarlayer/v{INDEX_FORMAT + 1}/span{SPAN}/{digest}/"
     stale = bytearray(metadata)
     stale[1024 + 8] ^= 0xFF
     head = len(tar).to_bytes(8, "little") + sha(tar).encode().ljust(_DIGEST, b"\0")
     with ChunkStore(tmp_path / "upgraded") as store:
         for part, data in (("meta", head + bytes(stale)), ("origin", IndexCache.PROVEN)):
             store.images.put_manifest(older + part, hashlib.sha256(data).digest() + data)
+        store.images.put_manifest(newer + "meta", b"a newer version's, sharing the cache")
         layer = open_layer(store, paths[GZIP], GZIP, tar)
         assert layer.index.metadata == metadata
         assert whole(layer) == expected
         layer.close()
         assert store.images.manifest(older + "meta") is None
         assert store.images.manifest(older + "origin") is None
+        assert store.images.manifest(newer + "meta") is not None
+
+
+def test_a_whole_tar_is_not_asked_after_chunk_by_chunk(blobs, tmp_path, monkeypatch):
+    """Tried: a gzip layer whose tar its indexing pass kept whole, opened again and
+    filled (as a mount's background fill does). Must hold: the fill asks the cache no
+    chunk-by-chunk question; it finds the tar whole from its record. Before, it asked
+    after every chunk in one read (393,216 of them for a 12 GiB tar, seconds), and a
+    server stopped meanwhile was killed for taking too long."""
+    tar, paths = blobs
+    with ChunkStore(tmp_path / "cache") as store:
+        first = open_layer(store, paths[GZIP], GZIP, tar)
+        expected = whole(first)
+        first.close()
+
+        def asked(*args, **kwargs):
+            raise AssertionError("asked which chunks are missing of a whole tar")
+
+        monkeypatch.setattr(store, "missing", asked)
+        again = open_layer(store, paths[GZIP], GZIP, tar)
+        again.prefetch()
+        assert whole(again) == expected
+        again.close()
