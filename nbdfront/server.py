@@ -458,7 +458,7 @@ class _Workers:
         self._limit = limit
         self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        self._idle = 0  # threads waiting for a job that no submit has claimed yet
+        self._idle = 0  # threads waiting for a job no submit has claimed, less jobs queued
         self._pending = 0  # jobs submitted and not finished
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
@@ -467,9 +467,7 @@ class _Workers:
         """Queue ``job``; False (not queued) if no thread runs and none can be started
         (the process is out of threads): the caller answers for it."""
         with self._lock:
-            if self._idle:
-                self._idle -= 1
-            elif len(self._threads) < self._limit:
+            if self._idle <= 0 and len(self._threads) < self._limit:
                 thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 try:
                     thread.start()
@@ -479,6 +477,10 @@ class _Workers:
                     # the running threads take it in turn
                 else:
                     self._threads.append(thread)
+                    self._idle += 1  # the new thread, waiting for this job
+            # A job claims an idle thread, or the next one to finish (below zero: jobs
+            # queued behind busy threads), so no thread counts as idle while it works.
+            self._idle -= 1
             self._pending += 1
         self._jobs.put(job)
         return True

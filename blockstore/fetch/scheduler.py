@@ -218,8 +218,8 @@ def _stopped() -> BaseException:
 
 
 def _no_thread(exc: RuntimeError) -> BaseException:
-    from blockstore.errors import BlobReadError
+    from blockstore.errors import BlobReadError, OutOfResources
 
-    return BlobReadError(
-        f"no thread could be started to fetch it ({exc}): the process is out of threads"
-    )
+    error = BlobReadError(f"no thread could be started to fetch it ({exc})")
+    error.__cause__ = OutOfResources(f"out of threads ({exc})")
+    return error

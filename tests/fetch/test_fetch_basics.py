@@ -10,7 +10,8 @@ from fetch_sources import PieceSource, WholeSource, make_blob
 from rig.threads import no_threads_for
 
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
-from blockstore.errors import BlobReadError, RegistryUnreachable
+from blockstore.cli import exit_code
+from blockstore.errors import BlobReadError, OutOfResources, RegistryUnreachable
 from blockstore.fetch import runs
 from blockstore.fetch.scheduler import DEFAULT_WORKERS
 from blockstore.prefetch import Readahead
@@ -206,8 +207,9 @@ def test_reads_no_fetch_thread_can_start_for_fail_at_once_and_fetching_recovers(
         with no_threads_for("_work"):
             for index in range(DEFAULT_WORKERS + 2):
                 started = time.monotonic()
-                with pytest.raises(BlobReadError, match="no thread could"):
+                with pytest.raises(BlobReadError, match="no thread could") as caught:
                     blob.read(index * CHUNK_SIZE, CHUNK_SIZE)
+                assert exit_code(caught.value) == OutOfResources.exit_code
                 assert time.monotonic() - started < 2
         got: list[bytes] = []
         reader = threading.Thread(target=lambda: got.append(b"".join(blob.read(0, CHUNK_SIZE))))

@@ -26,7 +26,7 @@ from rig.waiting import wait_for
 
 from blockstore.errors import CacheError
 from nbdfront.protocol import MAX_PAYLOAD
-from nbdfront.server import EVICTABLE_IDLE, MAX_CONNECTIONS, READ_PIECE, NBDServer
+from nbdfront.server import EVICTABLE_IDLE, MAX_CONNECTIONS, READ_PIECE, NBDServer, _Workers
 
 
 class RecordingExport(ZeroExport):
@@ -518,3 +518,27 @@ def test_a_read_no_worker_can_start_for_fails_alone_and_the_connection_serves_on
         started = time.monotonic()
         server.shutdown()
     assert time.monotonic() - started < 3
+
+
+def test_a_worker_that_could_not_start_leaves_no_idle_thread_counted(tmp_path):
+    """Tried: a connection's workers when one could not start (its job queued behind a
+    busy worker instead), then a slow job and a quick one once threads start again.
+    Must hold: the quick job gets a thread of its own and is done at once. Before, the
+    queued job left a thread counted idle while it worked, so the quick job waited
+    behind the slow one."""
+    workers = _Workers("test", 4)
+    done: list[str] = []
+    release = threading.Event()
+    assert workers.submit(lambda: release.wait(5))
+    with no_threads_for("_run"):
+        assert workers.submit(lambda: done.append("queued"))
+    release.set()
+    assert wait_for(lambda: done == ["queued"])
+    slow = threading.Event()
+    assert workers.submit(lambda: slow.wait(5))
+    started = time.monotonic()
+    assert workers.submit(lambda: done.append("quick"))
+    assert wait_for(lambda: "quick" in done, 3)
+    assert time.monotonic() - started < 1
+    slow.set()
+    workers.stop()
