@@ -221,6 +221,8 @@ class Endpoint:
         # Only the registry's own origin is judged up or down: a token issuer or blob
         # storage a redirect leads to is another host.
         outage = self.outage if _origin(url) == self._own_origin else None
+        # An attempt cut short by the operation's own deadline says nothing of the host.
+        short = deadline.left() < min(deadline.stall, 10.0)
         if outage is not None:
             outage.enter(where)
         try:
@@ -235,8 +237,11 @@ class Endpoint:
         except (requests.ConnectionError, requests.Timeout) as exc:
             cause = describe_failure(exc)
             error = f"cannot reach registry {where}: {cause}"
-            ours = local_shortage(exc) is not None  # this machine's shortage, not the host's
-            down = outage.failed(cause) if outage is not None and not ours else None
+            # This machine's shortage, or the operation's own deadline, not the host's.
+            judged = local_shortage(exc) is None and not (
+                short and isinstance(exc, requests.Timeout)
+            )
+            down = outage.failed(cause) if outage is not None and judged else None
             if down is not None:
                 raise RegistryUnreachable(f"{error} ({down})") from None
             raise TryAgain(RegistryUnreachable(error)) from None

@@ -142,6 +142,9 @@ DOWN_AFTER = 1.0
 """Seconds a host must have failed every attempt (no reply at all) to be taken as down."""
 DOWN_AFTER_FAILURES = 3
 """Failed attempts in a row it takes as well, so that one slow connect is no outage."""
+STREAK_GAP = 5.0
+"""Seconds without an attempt after which a failure starts a new streak: one failure long
+ago, with no request since, says nothing of the host now."""
 
 
 class Outage:
@@ -161,6 +164,7 @@ class Outage:
         self._host = host
         self._lock = threading.Lock()
         self._failing_since: float | None = None
+        self._last_failure = 0.0
         self._failures = 0
         self._down = False
         self._cause = ""
@@ -186,8 +190,11 @@ class Outage:
         operation should then fail, not retry), else None."""
         now = time.monotonic()
         with self._lock:
-            if self._failing_since is None:
-                self._failing_since = now
+            if self._failing_since is None or (
+                not self._down and now - self._last_failure > STREAK_GAP
+            ):
+                self._failing_since, self._failures = now, 0
+            self._last_failure = now
             self._failures += 1
             self._cause = cause
             if self._down:

@@ -170,7 +170,8 @@ class ReadinessPipe:
         """Tell the mount the server is at work (before the status; never closes)."""
         if self._file.closed:
             return
-        with contextlib.suppress(OSError):  # the mount gave up waiting
+        # OSError: the mount gave up waiting; ValueError: the status closed it meanwhile.
+        with contextlib.suppress(OSError, ValueError):
             self._file.write(encode_progress(text))
 
     def _say(self, line: bytes) -> None:

@@ -19,7 +19,7 @@ from rig.pushed import push_erofs
 
 from blockstore.errors import BlockstoreError
 from blockstore.image import open_image
-from blockstore.registry import RegistryOptions
+from blockstore.registry import RegistryOptions, retry
 
 CHUNK = 32 * 1024
 DOWN_READS = 8
@@ -153,3 +153,20 @@ def test_a_process_out_of_descriptors_says_so_and_does_not_blame_the_registry(
     assert "FAILED" in out and "out of file descriptors" in out, out
     assert "timed out" not in out and "has not answered" not in out, out
     assert "THEN OK" in out
+
+
+def test_a_failure_long_ago_does_not_make_an_outage_of_two_now(monkeypatch):
+    """Tried: one failed attempt, nothing for 100 s, then three quick failures, then
+    one more a second later. Must hold: the three quick ones are a new streak, not an
+    outage (a failure long ago says nothing of the host now); the streak that has
+    lasted a second, with three failures or more, is."""
+    clock = [0.0]
+    monkeypatch.setattr(retry.time, "monotonic", lambda: clock[0])
+    outage = retry.Outage("registry.example")
+    assert outage.failed("connection refused") is None
+    clock[0] = 100.0
+    assert [outage.failed("connection refused") for _ in range(3)] == [None, None, None]
+    clock[0] = 101.1
+    assert outage.failed("connection refused") == "no reply for 1s"
+    outage.answered()
+    assert outage.failed("connection refused") is None
