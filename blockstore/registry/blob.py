@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from blockstore.errors import BlobReadError, BlockstoreError
+from blockstore.errors import BlobReadError, BlockstoreError, RegistryUnreachable
 from blockstore.registry.client import RegistryClient
 from blockstore.registry.manifests import Layer
 from blockstore.registry.ranges import clamp_range
@@ -99,6 +99,10 @@ class RegistryBlob:
             ):
                 first += len(piece)
                 yield piece
+        except RegistryUnreachable as exc:
+            # The registry is down (its outage said so), or cannot be spoken to (TLS):
+            # a retrying read would only try it again.
+            raise BlobReadError(str(exc)) from exc
         except Exception as exc:  # the retrying read takes over, and reports what persists
             if deadline.expired:
                 raise  # no time left to resume in: the read's one deadline holds

@@ -17,6 +17,7 @@ import http.client
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -223,6 +224,7 @@ class Endpoint:
         outage = self.outage if _origin(url) == self._own_origin else None
         # An attempt cut short by the operation's own deadline says nothing of the host.
         short = deadline.left() < min(deadline.stall, 10.0)
+        started = time.monotonic()
         if outage is not None:
             outage.enter(where)
         try:
@@ -241,7 +243,7 @@ class Endpoint:
             judged = local_shortage(exc) is None and not (
                 short and isinstance(exc, requests.Timeout)
             )
-            down = outage.failed(cause) if outage is not None and judged else None
+            down = outage.failed(cause, started) if outage is not None and judged else None
             if down is not None:
                 raise RegistryUnreachable(f"{error} ({down})") from None
             raise TryAgain(RegistryUnreachable(error)) from None

@@ -143,8 +143,12 @@ DOWN_AFTER = 1.0
 DOWN_AFTER_FAILURES = 3
 """Failed attempts in a row it takes as well, so that one slow connect is no outage."""
 STREAK_GAP = 5.0
-"""Seconds without an attempt after which a failure starts a new streak: one failure long
-ago, with no request since, says nothing of the host now."""
+"""Seconds from one failure to the start of the next attempt after which that attempt
+starts a new streak: one failure long ago, with no request since, says nothing of the
+host now."""
+PROBE_EVERY = 1.0
+"""While the host is down, seconds after which another attempt may go while one is still
+in flight: one stuck on a silent host must not keep the rest from finding it back."""
 
 
 class Outage:
@@ -165,6 +169,7 @@ class Outage:
         self._lock = threading.Lock()
         self._failing_since: float | None = None
         self._last_failure = 0.0
+        self._probed = 0.0  # when the latest attempt began
         self._failures = 0
         self._down = False
         self._cause = ""
@@ -172,28 +177,31 @@ class Outage:
 
     def enter(self, where: str) -> None:
         """Before an attempt; raises ``RegistryUnreachable`` at once if the host is down
-        and another attempt is already finding out whether it is back."""
+        and another attempt began less than ``PROBE_EVERY`` ago and is still finding
+        out whether it is back."""
+        now = time.monotonic()
         with self._lock:
-            if self._down and self._trying:
+            if self._down and self._trying and now - self._probed < PROBE_EVERY:
                 raise RegistryUnreachable(
                     f"cannot reach registry {where}: {self._cause} ({self._for()}; "
                     "another request is trying it again)"
                 )
             self._trying += 1
+            self._probed = now
 
     def leave(self) -> None:
         with self._lock:
             self._trying -= 1
 
-    def failed(self, cause: str) -> str | None:
-        """An attempt got no reply; what to add to its error if the host is down (the
-        operation should then fail, not retry), else None."""
+    def failed(self, cause: str, started: float) -> str | None:
+        """An attempt begun at ``started`` got no reply; what to add to its error if the
+        host is down (the operation should then fail, not retry), else None."""
         now = time.monotonic()
         with self._lock:
             if self._failing_since is None or (
-                not self._down and now - self._last_failure > STREAK_GAP
+                not self._down and started - self._last_failure > STREAK_GAP
             ):
-                self._failing_since, self._failures = now, 0
+                self._failing_since, self._failures = started, 0
             self._last_failure = now
             self._failures += 1
             self._cause = cause

@@ -73,14 +73,15 @@ def test_a_silent_registry_is_tried_by_one_read_at_a_time(
     fresh_registry, fault_proxy, erofs_images, tmp_path: Path
 ):
     """Tried: after the image resolved, the registry accepts connections but never
-    answers (each attempt waits out its stall), until it is taken as down; then
-    four reads at once. Must hold: one of them tries the registry, the other three
-    fail at once rather than each wait out a stall on a dead host; when the
+    answers (each attempt waits out its stall), until it is taken as down; then one
+    read through the cache, and four at once through the registry client. Must hold:
+    the one read makes one attempt; of the four, one tries the registry and the other
+    three fail at once rather than each wait out a stall on a dead host; when the
     registry answers again, reads succeed with the image's bytes."""
     source = erofs_images.large.path.read_bytes()
     proxy = fault_proxy(fresh_registry)
     reference = push_erofs(proxy.host, "silent/img", "v1", [erofs_images.large.path])
-    options = RegistryOptions(insecure=True, timeout=1.5)
+    options = RegistryOptions(insecure=True, timeout=3.0)  # each attempt stalls 1 s
     image = open_image(reference, cache_dir=tmp_path / "cache", options=options)
     try:
         (blob,) = image.exports()
@@ -88,11 +89,21 @@ def test_a_silent_registry_is_tried_by_one_read_at_a_time(
         for offset in (CHUNK * 100, CHUNK * 200):  # the outage is taken as one
             with pytest.raises(BlockstoreError):
                 blob.read(offset, 4096)
+        # Through the cache, one attempt: before, a streamed read that failed was
+        # resumed with another, so each read waited out two stalls.
+        started = time.monotonic()
+        with pytest.raises(BlockstoreError, match="no reply for"):
+            blob.read(CHUNK * 250, 4096)
+        assert time.monotonic() - started < 1.7
+
+        client, repository = image.client, image.repository
+        assert client is not None
 
         def timed_read(offset: int) -> tuple[float, str]:
+            # The registry client itself: the cache's fetch layer may queue its reads.
             started = time.monotonic()
             try:
-                blob.read(offset, 4096)
+                client.read_blob_range(repository, blob.digest, offset, offset + 4095, blob.size)
             except BlockstoreError as exc:
                 return time.monotonic() - started, str(exc)
             return time.monotonic() - started, "read succeeded"
@@ -163,10 +174,37 @@ def test_a_failure_long_ago_does_not_make_an_outage_of_two_now(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(retry.time, "monotonic", lambda: clock[0])
     outage = retry.Outage("registry.example")
-    assert outage.failed("connection refused") is None
+    refused = "connection refused"
+    assert outage.failed(refused, 0.0) is None
     clock[0] = 100.0
-    assert [outage.failed("connection refused") for _ in range(3)] == [None, None, None]
+    assert [outage.failed(refused, 100.0) for _ in range(3)] == [None, None, None]
     clock[0] = 101.1
-    assert outage.failed("connection refused") == "no reply for 1s"
+    assert outage.failed(refused, 101.1) == "no reply for 1s"
     outage.answered()
-    assert outage.failed("connection refused") is None
+    assert outage.failed(refused, 101.1) is None
+
+
+def test_attempts_that_each_wait_out_a_long_stall_are_one_streak(monkeypatch):
+    """Tried: a silent host, each attempt failing after a 10 s stall, the next begun at
+    once. Must hold: the third failure makes the outage (the gap that starts a new streak
+    is from one failure to the next attempt's start, not between failures); then an
+    attempt in flight keeps others off for a second only, so one stuck on the silent
+    host does not keep the rest from finding it back."""
+    clock = [0.0]
+    monkeypatch.setattr(retry.time, "monotonic", lambda: clock[0])
+    outage = retry.Outage("registry.example")
+    said = []
+    for _ in range(3):
+        started = clock[0]
+        outage.enter("registry.example:443")
+        clock[0] += 10.0
+        said.append(outage.failed("timed out", started))
+        outage.leave()
+    assert said == [None, None, "no reply for 30s"]
+    outage.enter("registry.example:443")  # a probe, stuck on the silent host
+    clock[0] += 0.5
+    with pytest.raises(BlockstoreError, match="another request is trying it again"):
+        outage.enter("registry.example:443")
+    clock[0] += 0.6
+    outage.enter("registry.example:443")  # a second, a while later, may go
+    outage.answered()
