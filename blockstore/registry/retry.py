@@ -167,7 +167,8 @@ class Outage:
     def __init__(self, host: str):
         self._host = host
         self._lock = threading.Lock()
-        self._failing_since: float | None = None
+        self._failing_since: float | None = None  # when the streak's first attempt began
+        self._first_failure = 0.0
         self._last_failure = 0.0
         self._probed = 0.0  # when the latest attempt began
         self._failures = 0
@@ -201,9 +202,13 @@ class Outage:
             if self._failing_since is None or (
                 not self._down and started - self._last_failure > STREAK_GAP
             ):
-                self._failing_since, self._failures = started, 0
+                self._failing_since, self._first_failure, self._failures = started, now, 0
+            # Only attempts begun after the streak's first failure count: many begun
+            # together (a burst of reads) that time out together are one failure of a
+            # busy host, not proof that it stopped answering.
+            if not self._failures or started >= self._first_failure:
+                self._failures += 1
             self._last_failure = now
-            self._failures += 1
             self._cause = cause
             if self._down:
                 return self._for()

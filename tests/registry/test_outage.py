@@ -208,3 +208,24 @@ def test_attempts_that_each_wait_out_a_long_stall_are_one_streak(monkeypatch):
     clock[0] += 0.6
     outage.enter("registry.example:443")  # a second, a while later, may go
     outage.answered()
+
+
+def test_a_burst_of_attempts_timing_out_together_is_no_outage(monkeypatch):
+    """Tried: forty attempts begun together that time out together (a burst of reads
+    against a registry busy for a moment), then their retries. Must hold: the burst
+    counts as one failure, so no outage is declared while the retries may still get
+    replies; retries that fail too make it one. Before, three of the forty timing out
+    a second apart declared the registry down, and the rest of the burst failed at
+    once where retrying would have read their bytes."""
+    clock = [0.0]
+    monkeypatch.setattr(retry.time, "monotonic", lambda: clock[0])
+    outage = retry.Outage("registry.example")
+    said = []
+    for i in range(40):
+        clock[0] = 1.7 + i * 0.03  # each begun at 0, timing out over a second
+        said.append(outage.failed("timed out", 0.0))
+    assert said == [None] * 40
+    clock[0] = 4.0
+    assert outage.failed("timed out", 3.0) is None  # a retry, begun after the first failure
+    clock[0] = 6.0
+    assert outage.failed("timed out", 5.0) == "no reply for 6s"
