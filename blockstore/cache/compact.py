@@ -12,8 +12,8 @@ Every process with the cache open holds a shared lock on ``data.mdb``
 so it runs only on a cache nobody is using, and says who is when it cannot.
 An older version's process, which takes no such lock, is found by LMDB's
 lock file, which it has open (a process of this version waiting for the
-lock has opened ``data.mdb`` alone). A process that opens the cache meanwhile waits for the
-new file.
+lock has opened ``data.mdb`` alone). A process that opens the cache
+meanwhile waits for the new file.
 """
 
 from __future__ import annotations

@@ -494,10 +494,9 @@ class CacheEnv:
         offline (nothing else to read from) ``CacheDamaged`` is raised. A
         cache of an older format is moved aside and replaced only by an opener
         that will fill it (``replace_older``: serving or prefetching, with the
-        registry answering),
-        and only while no other process has it open; any other opener, and
-        every opener of a newer version's cache, is refused with
-        ``OtherFormat``, the cache left as it is.
+        registry answering), and only while no other process has it open; any
+        other opener, and every opener of a newer version's cache, is refused
+        with ``OtherFormat``, the cache left as it is.
         """
         with cls._open_lock:
             key = cls._directory(path)

@@ -282,6 +282,17 @@ class ChunkStore:
 
         return self._ask(question)
 
+    def missing_of(self, digest: str, indices: range) -> list[int]:
+        """``missing`` for the blob ``digest`` names now: all of ``indices`` if it has no
+        record, none if its record says it is whole, without a question per chunk
+        (393,216 for a 12 GiB tar, a read held for seconds)."""
+        record = self.lookup(digest)
+        if record is None:
+            return list(indices)
+        if record.present == record.chunks:
+            return []
+        return self.missing(record.blob_id, indices)
+
     def read_parts(self, blob_id: int, indices: Sequence[int]) -> dict[int, bytes]:
         """The stored parts (unchecked, see ``parts``) of those of ``indices`` that have one."""
 

@@ -9,6 +9,7 @@ cached under the diff_id (gzip, zstd).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -478,18 +479,8 @@ def open_tar_layer(
     )
     pump = None
     if pumping:
-
-        def missing(chunks: range) -> list[int]:
-            record = store.lookup(digest)
-            if record is None:
-                return list(chunks)
-            if record.present == record.chunks:
-                # Whole (the indexing pass kept it, or a fill ended): asking after each of
-                # a 12 GiB tar's 393,216 chunks would hold a read for seconds.
-                return []
-            return store.missing(record.blob_id, chunks)
-
         rate = settings.fill_rate if settings.fill else 0
+        missing = functools.partial(store.missing_of, digest)
         pump = SpanPump(inflated, missing, hint, writer.flush, rate=rate)
     owned.insert(0, tar_blob)
     layer = TarLayer(index, tar_blob, owned, check, pump, name=name, description=description)
