@@ -12,10 +12,15 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not shutil.which("nbdfuse"),
-    reason="the demo mounts: it needs root, /dev/fuse and nbdfuse",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not shutil.which("nbdfuse"),
+        reason="the demo mounts: it needs root, /dev/fuse and nbdfuse",
+    ),
+    # Each run tells its leftovers from the system run directory's entries of
+    # demos, so no two demos may run at once.
+    pytest.mark.xdist_group("demo"),
+]
 
 
 SYSTEM_RUN_DIR = Path("/run/blockstore")
