@@ -21,7 +21,8 @@ import nbd_wire as w
 import pytest
 from nbd_fuzz import EXPORTS, copy_is_exact, fuzz, wait_for_no_connections
 
-from nbdfront.server import EVICTABLE_IDLE, MAX_CONNECTIONS, NBDServer
+from nbdfront.server import NBDServer
+from nbdfront.server.nbd_server import EVICTABLE_IDLE, MAX_CONNECTIONS
 
 
 @dataclass

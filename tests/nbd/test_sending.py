@@ -9,8 +9,10 @@ import socket
 import threading
 import time
 
-from nbdfront import server
-from nbdfront.server import _Budget, _Outbox, send_buffers
+from nbdfront.server import outbox as outbox_module
+from nbdfront.server.budget import Budget
+from nbdfront.server.outbox import Outbox
+from nbdfront.server.sending import send_buffers
 
 
 def test_short_sends_and_more_buffers_than_one_sendmsg_takes():
@@ -86,11 +88,11 @@ def test_sending_many_small_buffers_takes_time_linear_in_their_number():
     assert large < 25 * small, (small, large)
 
 
-def outbox_pair() -> tuple[_Outbox, socket.socket, socket.socket]:
+def outbox_pair() -> tuple[Outbox, socket.socket, socket.socket]:
     """An outbox on one end of a socket pair whose send buffer takes a few KiB."""
     sender, receiver = socket.socketpair()
     sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    return _Outbox(sender, _Budget(lambda: 1 << 30, 1 << 20), "test"), sender, receiver
+    return Outbox(sender, Budget(lambda: 1 << 30, 1 << 20), "test"), sender, receiver
 
 
 def receive_exactly(sock: socket.socket, size: int) -> bytes:
@@ -109,7 +111,7 @@ def test_a_borrowed_reply_to_a_client_taking_it_is_sent_whole_from_its_buffers(m
     for the writer thread), and the client receives it exact."""
     # The client here always takes bytes at once; a loaded machine must not make the
     # whole 2 MiB outlast the server's patience.
-    monkeypatch.setattr(server, "HELD_SEND_WAIT", 10.0)
+    monkeypatch.setattr(outbox_module, "HELD_SEND_WAIT", 10.0)
     outbox, sender, receiver = outbox_pair()
     reply = [random.Random(3).randbytes(16), bytearray(random.Random(4).randbytes(2 << 20))]
     expected = b"".join(reply)

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nbd_serving import SlowMissExport, ZeroExport, start_server
 
-from nbdfront.server import INFLIGHT_BYTES, NBDServer
+from nbdfront.server import NBDServer
+from nbdfront.server.nbd_server import INFLIGHT_BYTES
 
 
 class GatedExport:

@@ -26,7 +26,10 @@ from rig.waiting import wait_for
 
 from blockstore.errors import CacheError
 from nbdfront.protocol import MAX_PAYLOAD
-from nbdfront.server import EVICTABLE_IDLE, MAX_CONNECTIONS, READ_PIECE, NBDServer, _Workers
+from nbdfront.server import NBDServer
+from nbdfront.server.nbd_server import EVICTABLE_IDLE, MAX_CONNECTIONS
+from nbdfront.server.session import READ_PIECE
+from nbdfront.server.workers import Workers
 
 
 class RecordingExport(ZeroExport):
@@ -526,7 +529,7 @@ def test_a_worker_that_could_not_start_leaves_no_idle_thread_counted(tmp_path):
     Must hold: the quick job gets a thread of its own and is done at once. Before, the
     queued job left a thread counted idle while it worked, so the quick job waited
     behind the slow one."""
-    workers = _Workers("test", 4)
+    workers = Workers("test", 4)
     done: list[str] = []
     release = threading.Event()
     assert workers.submit(lambda: release.wait(5))
