@@ -12,6 +12,7 @@ import ctypes
 import errno
 import os
 import re
+import time
 from typing import NamedTuple
 
 from blockstore.errors import MissingDependency, MountError, MountpointBusy, NotPermitted
@@ -19,6 +20,8 @@ from blockstore.openers import processes_using
 
 MS_RDONLY = 1
 MNT_DETACH = 2
+BUSY_PATIENCE = 1.0
+BUSY_RETRY = 0.05
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -49,25 +52,33 @@ def mount(source: str, target: str, fstype: str, options: str = "") -> None:
 
 
 def umount(target: str, *, lazy: bool = False) -> None:
-    """Unmount ``target``; ``lazy`` detaches it now and frees it when unused."""
-    rc = _libc.umount2(os.fsencode(target), MNT_DETACH if lazy else 0)
-    if rc != 0:
+    """Unmount ``target``; ``lazy`` detaches it now and frees it when unused.
+
+    A busy file system is tried again for ``BUSY_PATIENCE`` seconds before it is
+    called busy: a process just ending (a ``cat`` at its last read) still holds
+    it for a moment, and so may the kernel, releasing what was stacked on it and
+    unmounted just before (a layer's EROFS on its FUSE file).
+    """
+    deadline = time.monotonic() + BUSY_PATIENCE
+    while _libc.umount2(os.fsencode(target), MNT_DETACH if lazy else 0) != 0:
         err = ctypes.get_errno()
         if err == errno.EINVAL and not is_mounted(target):
             return
-        if err == errno.EBUSY:
-            inside = submounts(target)
-            if inside:
-                raise MountpointBusy(
-                    f"{target} is busy: {', '.join(inside)} mounted inside it; unmount that first"
-                )
+        if err != errno.EBUSY:
+            raise _fail(f"umount {target}", err)
+        inside = submounts(target)
+        if inside:
+            raise MountpointBusy(
+                f"{target} is busy: {', '.join(inside)} mounted inside it; unmount that first"
+            )
+        if time.monotonic() >= deadline:
             who = processes_using(target)
             named = f" ({', '.join(who)})" if who else ""
             raise MountpointBusy(
                 f"{target} is busy: a process still uses it{named} (end it, or unmount with "
                 "--lazy, after which what still uses it gets I/O errors)"
             )
-        raise _fail(f"umount {target}", err)
+        time.sleep(BUSY_RETRY)
 
 
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")

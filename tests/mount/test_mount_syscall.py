@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from blockstore.errors import MountpointBusy
 from nbdfront.mount import syscall
 from nbdfront.mount.syscall import _unescape
 
@@ -40,3 +45,33 @@ def test_a_real_mount_at_a_non_ascii_path_with_a_space_is_seen(mount_dirs):
     finally:
         syscall.umount(str(target))
     assert not syscall.is_mounted(str(target))
+
+
+def test_a_file_system_held_for_a_moment_longer_is_unmounted_not_called_busy(mount_dirs):
+    """Tried: a tmpfs whose last user (a shell in it) ends 0.3 s after ``umount`` is
+    asked, as a reader's last ``cat`` or the kernel's release of a layer unmounted just
+    before would hold it. Must hold: it is unmounted, not refused as busy; a user who
+    stays is still refused, after a second, naming the process."""
+    target = mount_dirs[0] / "held"
+    target.mkdir()
+    syscall.mount("none", str(target), "tmpfs")
+    try:
+        ending = subprocess.Popen(["sh", "-c", "sleep 0.3"], cwd=target)
+        staying = None
+        try:
+            syscall.umount(str(target))
+            assert not syscall.is_mounted(str(target))
+            syscall.mount("none", str(target), "tmpfs")
+            staying = subprocess.Popen(["sleep", "30"], cwd=target)
+            started = time.monotonic()
+            with pytest.raises(MountpointBusy, match=rf"pid {staying.pid} \(sleep\)"):
+                syscall.umount(str(target))
+            assert 0.9 < time.monotonic() - started < 5
+        finally:
+            ending.wait()
+            if staying is not None:
+                staying.kill()
+                staying.wait()
+    finally:
+        if syscall.is_mounted(str(target)):
+            syscall.umount(str(target))
