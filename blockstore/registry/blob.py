@@ -9,7 +9,7 @@ from blockstore.errors import BlobReadError, BlockstoreError, RegistryUnreachabl
 from blockstore.registry.client import RegistryClient
 from blockstore.registry.manifests import Layer
 from blockstore.registry.ranges import clamp_range
-from blockstore.registry.retry import Deadline
+from blockstore.registry.retry import Deadline, TryAgain
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,21 @@ class RegistryBlob:
             # a retrying read would only try it again.
             raise BlobReadError(str(exc)) from exc
         except Exception as exc:  # the retrying read takes over, and reports what persists
-            if deadline.expired:
-                raise  # no time left to resume in: the read's one deadline holds
+            if deadline.expired:  # no time left to resume in: the read's one deadline holds
+                raise _final_error(exc)  # noqa: B904 (its cause is set on it)
             log.info("%s: resuming bytes %d-%d: %s", self, first, last, exc)
         if first <= last:
             yield self._read(first, last, deadline)
+
+
+def _final_error(exc: Exception) -> Exception:
+    """A streamed read's last failure as the ``BlobReadError`` a read ends with, caused
+    by what the failure stands for (a ``TryAgain``'s own error: so a registry that could
+    not be reached keeps its exit code). A bug, not an error of the engine's, stays as
+    it is."""
+    cause = exc.error if isinstance(exc, TryAgain) else exc
+    if not isinstance(cause, BlockstoreError) or isinstance(cause, BlobReadError):
+        return cause
+    error = BlobReadError(str(cause))
+    error.__cause__ = cause
+    return error

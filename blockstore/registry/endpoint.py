@@ -100,9 +100,12 @@ class Endpoint:
         gave us), 401 challenges and redirects answered within it.
 
         Returns the final reply, whatever its status. Raises ``TryAgain`` when
-        no reply came (the caller's retry policy decides), ``RegistryError``
-        at once when the host asked for quiet for longer than ``deadline``
-        leaves, and ``AuthError`` when credentials were refused.
+        no reply came (the caller's retry policy decides), but
+        ``RegistryUnreachable`` at once when another attempt cannot help: the
+        host is down (``Outage``), TLS failed, or it speaks HTTPS to a plain
+        HTTP request. ``RegistryError`` at once when the host asked for quiet
+        for longer than ``deadline`` leaves, and ``AuthError`` when
+        credentials were refused.
         """
         if not self.quiet.wait(deadline):
             raise RegistryError(

@@ -155,13 +155,15 @@ class Outage:
     """A host that stopped answering (refused, unreachable, silent), shared by every
     reader of it.
 
-    Once every attempt has failed for ``DOWN_AFTER`` seconds, the host is
-    down: each operation then tries it once and fails without retrying, and
-    while one attempt is under way the others fail at once instead of
-    queueing on a dead host. Without this, a walk over a mount with the
-    registry gone spends a whole retry budget (seconds) on every file. The
-    first reply of any kind ends the outage, so the read after the host is
-    back succeeds with no pause to sit out.
+    Once ``DOWN_AFTER_FAILURES`` attempts in a row have failed over
+    ``DOWN_AFTER`` seconds at least (counting only attempts begun after the
+    streak's first failure, so a burst that times out together is one), the
+    host is down: each operation then tries it once and fails without
+    retrying, and while one attempt has been under way for less than
+    ``PROBE_EVERY`` the others fail at once instead of queueing on a dead host.
+    Without this, a walk over a mount with the registry gone spends a whole
+    retry budget (seconds) on every file. The first reply of any kind ends
+    the outage, so the read after the host is back succeeds with no pause.
     """
 
     def __init__(self, host: str):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from rig.fault_proxy import Fault
 
-from blockstore.cli import build_parser
+from blockstore.cli import build_parser, exit_code
 from blockstore.errors import BlobReadError, RegistryError, RegistryUnreachable
 from blockstore.registry import RegistryBlob, RegistryClient, RegistryOptions, resolve_image
 
@@ -271,3 +271,30 @@ def test_a_streamed_read_past_its_deadline_says_so(registry, pushed_images, faul
                 pass
     said = f"did not arrive within 1s ({len(first)} bytes came)"
     assert said in str(caught.value), caught.value
+
+
+def test_a_streamed_read_whose_only_attempt_ends_at_its_deadline_is_a_read_error(
+    registry, pushed_images, fault_proxy
+):
+    """Tried: the registry asks for a second of quiet (503, ``Retry-After: 1``), then
+    stops answering; a streamed read (the fetch engine's kind) under a 1.5 s timeout
+    waits out the quiet and makes its one attempt in what is left. Must hold: it ends
+    within the timeout as a read error (EIO) caused by the registry being unreachable,
+    so a command exits 5 as for any read; before, the retry machinery's internal signal
+    escaped the read, as no error of the engine's, and a command exited 7."""
+    proxy = fault_proxy(registry)
+    with client_via(proxy, timeout=1.5) as client:
+        blob = open_blob(client)
+        busy = {"Retry-After": "1"}
+        proxy.fault = Fault("status", status=503, headers=busy, path_contains="/blobs/sha256:")
+        with pytest.raises(BlobReadError, match="503"):
+            blob.read_range(0, 4096)  # its last 503 asks for quiet until a second from now
+        proxy.fault = Fault("delay", seconds=30, method="GET", path_contains="/blobs/sha256:")
+        started = time.monotonic()
+        with pytest.raises(BlobReadError) as caught:
+            list(blob.stream_range(0, 4096))
+        took = time.monotonic() - started
+    assert caught.value.errno == 5
+    assert exit_code(caught.value) == RegistryUnreachable.exit_code, repr(caught.value)
+    assert "timed out" in str(caught.value)
+    assert took < 2.5, took

@@ -62,7 +62,8 @@ class Fault:
     """How many matching requests get the fault; None: all of them."""
     seconds: float = 0.0
     """delay: pause before forwarding; trickle: pause before each body byte;
-    pace: pause before each 32 KiB of the body (a slow link that streams)."""
+    pace: pause before each 32 KiB of the body (a slow link that streams); status: pause
+    before the reply (a registry slow to say it is busy)."""
     status: int = 503
     headers: dict[str, str] = field(default_factory=dict)
     """status: the reply's status and headers (e.g. ``Retry-After``)."""
@@ -180,6 +181,7 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 self._hang_up()
                 return
             if kind == "status":
+                time.sleep(fault.seconds)
                 body = fault.body if fault.body is not None else _oci_error(fault.status)
                 self._reply(fault.status, fault.headers, body)
                 return
