@@ -11,8 +11,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from blockstore.cache.layout import CHUNK_SIZE
-from blockstore.errors import UsageError
+from blockstore.errors import RegistryUnreachable, UsageError
 from blockstore.logformat import LOG_FORMAT
 
 if TYPE_CHECKING:
@@ -89,6 +88,10 @@ def parse_size(text: str) -> int:
 
 def parse_cache_size(text: str) -> int:
     """A cache cap: a size that holds at least one chunk, or nothing could be cached."""
+    # Here, not at the top: the cache package loads the whole read path, which
+    # commands that never open a cache (mounts, umount, push) need not pay for.
+    from blockstore.cache.layout import CHUNK_SIZE
+
     size = parse_size(text)
     if size < CHUNK_SIZE:
         raise argparse.ArgumentTypeError(
@@ -351,7 +354,6 @@ def add_prefetch_options(parser: argparse.ArgumentParser) -> None:
 def read_trace_file(path: Path) -> list:
     """The traces a ``trace export`` file holds (read before any cache is opened, so a
     file that cannot be used changes nothing): a usage error if it is not one."""
-    from blockstore.errors import UsageError
     from blockstore.prefetch.trace import traces_from_document
 
     try:
@@ -440,7 +442,6 @@ def open_image_from_args(
     command fills the cache, so an older version's may be replaced).
     """
     # Imported here, as registry_options_from_args explains.
-    from blockstore.errors import RegistryUnreachable
     from blockstore.image import open_image
 
     image = open_image(
