@@ -18,7 +18,6 @@ import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from blockstore.cache import ChunkStore
 from blockstore.cli.common import (
     PREFETCH_FLAGS,
     add_cache_options,
@@ -167,6 +166,7 @@ def _image_layers(cache_dir: Path, image: str, platform: str | None) -> list[dic
     Only to show what is mounted and cached in ``mounts``; a cache that cannot say yields
     nothing.
     """
+    from blockstore.cache import ChunkStore
     from blockstore.registry import parse_reference
 
     try:
@@ -249,6 +249,7 @@ def cached_fractions(record: MountRecord) -> list[float | None]:
     under the tar's own digest: that is the fraction shown for it, or None where the
     cache keeps no index to name that tar (a mount with a local ``--tarindex``).
     """
+    from blockstore.cache import ChunkStore
     from blockstore.tarlayer.export import IndexCache
     from blockstore.tarlayer.layers import compressed_tar
 

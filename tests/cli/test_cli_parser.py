@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -69,3 +70,26 @@ def test_a_user_name_without_a_password_says_how_to_give_one(tmp_path, monkeypat
     monkeypatch.setenv("BLOCKSTORE_PASSWORD", "pw")
     given = blockstore("inspect", "127.0.0.1:9/a:v1", "--insecure", "--username", "alice")
     assert given.returncode == 5, given.stderr  # on to the registry, which is not there
+
+
+@pytest.mark.parametrize("argv", [["mounts"], ["umount", "--help"]])
+def test_commands_that_open_no_cache_do_not_load_it(argv, tmp_path):
+    """Tried: ``mounts`` with nothing mounted, and the parser of ``umount``, run with the
+    modules each loads recorded. Must hold: neither LMDB nor the cache's read path
+    (fetch, prefetch) nor the registry's HTTP stack is loaded: each costs start-up time
+    on every call, and the CLI loads them only where a command needs them."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['blockstore', *{argv!r}]\n"
+        "try:\n"
+        "    runpy.run_module('blockstore', run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = ('lmdb', 'blockstore.cache', 'blockstore.fetch', 'requests')\n"
+        "print(sorted(m for m in sys.modules if m in heavy))\n"
+    )
+    env = {**os.environ, "BLOCKSTORE_RUN_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
