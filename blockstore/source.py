@@ -1,14 +1,14 @@
 """Where blob bytes come from: the interface every backend answers.
 
-The chunk cache reads misses through a ``BlobSource``; the registry client
-is one, and a new backend (an S3 URL, a mirror, a local file) slots in by
+The chunk cache reads misses through a ``BlobSource``; a layer in a registry
+(``RegistryBlob``) is one, and a new backend (an S3 URL, a mirror, a local file) slots in by
 answering the same three members.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class BlobSource(Protocol):
@@ -34,6 +34,7 @@ class BlobSource(Protocol):
         """
 
 
+@runtime_checkable
 class StreamingSource(BlobSource, Protocol):
     """A source that can also hand a range over as it arrives (optional).
 

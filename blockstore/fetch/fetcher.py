@@ -98,8 +98,6 @@ class Fetcher:
         lease_wait: float | None = None,
         window: Window | None = None,
         on_request: Callable[[int], None] | None = None,
-        workers: int | None = None,
-        prefetch_budget: int | None = None,
         brought_by_others: Callable[[int], bool] | None = None,
         lock_wait: Callable[[], float] | None = None,
     ):
@@ -118,12 +116,7 @@ class Fetcher:
         self._brought_by_others = brought_by_others or (lambda index: False)
         self._flights = flights if flights is not None else Flights()
         self.window = window if window is not None else Window()
-        options = {}
-        if workers is not None:
-            options["workers"] = workers
-        if prefetch_budget is not None:
-            options["prefetch_budget"] = prefetch_budget
-        self.scheduler = Scheduler(self._run, self._fail, self.window, **options)
+        self.scheduler = Scheduler(self._run, self._fail, self.window)
         self._keeper = Keeper(self._store, self._not_kept, self.digest, lock_wait or (lambda: 0.0))
         self._live: set[Job] = set()
 

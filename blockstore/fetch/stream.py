@@ -1,6 +1,6 @@
 """A range read as a stream of whole chunks, whatever sizes the backend hands out.
 
-Sources that can stream (``stream_range``) hand pieces as they arrive; the
+Sources that can stream (``StreamingSource``) hand pieces as they arrive; the
 others answer ``read_range`` with the whole range at once. Either way the
 caller gets ``(index, chunk)`` pairs, each chunk a full chunk (the last one
 of the blob may be short), so it can check, serve and store each one while
@@ -12,14 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from blockstore.errors import BlobReadError
-from blockstore.source import BlobSource
+from blockstore.source import BlobSource, StreamingSource
 
 
 def pieces(source: BlobSource, offset: int, length: int) -> Iterator[bytes]:
     """The bytes of a range in arrival order: streamed when the source can."""
-    stream = getattr(source, "stream_range", None)
-    if stream is not None:
-        yield from stream(offset, length)
+    if isinstance(source, StreamingSource):
+        yield from source.stream_range(offset, length)
     else:
         yield source.read_range(offset, length)
 
