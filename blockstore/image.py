@@ -222,11 +222,10 @@ class OpenImage:
             log.warning("%s: config not kept: %s", self.resolved.reference, exc)
         return raw
 
-    def blob(self, layer: Layer, settings: PrefetchSettings | None = None) -> CachedBlob:
-        """The layer's blob through the cache, with the image's prefetch ``settings``
-        unless others are given."""
+    def blob(self, layer: Layer) -> CachedBlob:
+        """The layer's blob through the cache, with the image's prefetch settings."""
         source, upstream = self._sources(layer)
-        return self._cached_blob(layer, self._checked(layer, source, upstream), upstream, settings)
+        return self._cached_blob(layer, self._checked(layer, source, upstream), upstream)
 
     def _sources(self, layer: Layer) -> tuple[BlobSource | None, BlobSource | None]:
         """Where the layer's bytes come from (None offline), and its upstream past any
@@ -258,8 +257,9 @@ class OpenImage:
         layer: Layer,
         source: BlobSource | None,
         upstream: BlobSource | None,
-        settings: PrefetchSettings | None,
+        settings: PrefetchSettings | None = None,
     ) -> CachedBlob:
+        """``settings``: the image's prefetch settings unless others are given."""
         blob = CachedBlob(
             self.store,
             layer.digest,

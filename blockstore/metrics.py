@@ -39,9 +39,9 @@ FETCH_LATENCY = Histogram(
 class TimedSource:
     """A ``BlobSource`` that records how long each read of the one below takes."""
 
-    def __init__(self, inner: BlobSource, histogram: Histogram = FETCH_LATENCY):
+    def __init__(self, inner: BlobSource):
         self._inner = inner
-        self._histogram = histogram
+        self._histogram = FETCH_LATENCY
 
     @property
     def digest(self) -> str:

@@ -284,16 +284,12 @@ class RegistryClient:
         except NotFound as exc:
             raise self._foreign_not_found(digest, exc) from None
 
-    def get_referrers(
-        self, repository: str, digest: str, artifact_type: str | None = None
-    ) -> list[bytes] | None:
+    def get_referrers(self, repository: str, digest: str) -> list[bytes] | None:
         """The pages of the OCI 1.1 referrers index of a manifest, each a raw index, or
         None where the registry has no referrers API (it answers 404 for the path; with
         the API it answers 200 always). Pages are followed by their ``Link: <...>;
         rel="next"``, at most ``MAX_REFERRER_PAGES`` of them."""
         path: str | None = f"/v2/{repository}/referrers/{digest}"
-        if artifact_type:
-            path += "?" + urlencode({"artifactType": artifact_type})
         subject = f"referrers of {digest} in {self.registry}/{repository}"
         pages: list[bytes] = []
         while path is not None:
