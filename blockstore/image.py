@@ -25,7 +25,7 @@ from blockstore.attachments import (
     traces_for_image,
 )
 from blockstore.cache import CachedBlob, ChunkStore
-from blockstore.cache.env import OtherFormat
+from blockstore.cache.env import LMDB_DATA_FILE, OtherFormat
 from blockstore.cache.indexes import IndexShelf
 from blockstore.chunkindex import ChunkIndex
 from blockstore.errors import (
@@ -384,7 +384,7 @@ def open_image(
     """
     ref = parse_reference(reference)
     wanted = str(Platform.parse(platform) if platform else host_platform())
-    if offline and not (Path(cache_dir) / "data.mdb").exists():
+    if offline and not (Path(cache_dir) / LMDB_DATA_FILE).exists():
         # Opening would make an empty cache there, only to find the image not in it.
         raise ImageNotCached(
             f"offline: {reference} was never resolved here: there is no cache at {cache_dir}"

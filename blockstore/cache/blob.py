@@ -58,6 +58,7 @@ atexit.register(_unkept.flush)
 
 PREFETCH_STEP = 32 << 20  # bytes asked of the fetcher at a time by prefetch()
 FILL_ROUNDS = 3  # passes of the background fill over what is still missing
+SEAL_ROUNDS = 3  # prefetch's fetch-and-seal passes: sealing drops chunks that fail their check
 REPLAY_SPAN = 32 << 20  # trace entries (in bytes of chunks) sorted and merged at a time
 PACE_STEP = 0.25  # seconds of a capped fill's bandwidth asked for in one range
 WALK_YIELDS_TO = 512 << 10
@@ -440,8 +441,8 @@ class CachedBlob:
             reported += nbytes
 
         # Sealing drops chunks that fail their checksum; another round fetches them.
-        for _ in range(3):
-            missing = self._store.missing_of(self._digest, range(self._chunks))
+        for _ in range(SEAL_ROUNDS):
+            missing = self._store.missing_by_digest(self._digest, range(self._chunks))
             report(self._size - sum(chunk_length(self._size, i) for i in missing))
             if missing and self._fetcher is None:
                 raise NotCached(f"{self._digest} is not fully cached and the cache is offline")
@@ -1042,8 +1043,8 @@ class _WalkReader:
         if end <= offset:
             return b""
         indices = range(offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1)
-        parts = {i: self._chunks.get(i) for i in indices}
-        wanted = [i for i, part in parts.items() if part is None]
+        held = {i: self._chunks.get(i) for i in indices}
+        wanted = [i for i, chunk in held.items() if chunk is None]
         if wanted:
             found = self._load(wanted)
             missing = [i for i in wanted if i not in found]
@@ -1052,10 +1053,10 @@ class _WalkReader:
                     raise BlobReadError("the directory walk has ended")
                 found.update(self._fetch(missing))
             for index in wanted:
-                parts[index] = self._chunks[index] = bytes(found[index])
+                held[index] = self._chunks[index] = bytes(found[index])
             with contextlib.suppress(KeyError, RuntimeError):  # another walker evicted
                 while len(self._chunks) > self.KEPT:
                     del self._chunks[next(iter(self._chunks))]
         base = indices[0] * CHUNK_SIZE
-        data = b"".join(parts.values()) if len(parts) > 1 else parts[indices[0]]
+        data = b"".join(held.values()) if len(held) > 1 else held[indices[0]]
         return data[offset - base : end - base]  # type: ignore[index]

@@ -30,7 +30,7 @@ from blockstore.errors import CacheError
 from blockstore.openers import processes_with_open
 
 from .env import COMPACT_COPY as COPY_NAME
-from .env import LMDB_LOCK_FILE, DiskFull, file_damage, reason
+from .env import LMDB_DATA_FILE, LMDB_LOCK_FILE, DiskFull, file_damage, reason
 from .layout import ALL_DBS
 
 
@@ -46,7 +46,7 @@ class Compacted:
 
 def compact(path: Path) -> Compacted:
     """Rewrite the cache at ``path`` without its free pages; refuse one in use."""
-    data = path / "data.mdb"
+    data = path / LMDB_DATA_FILE
     try:
         fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -84,7 +84,7 @@ def compact(path: Path) -> Compacted:
         copy = os.open(path / COPY_NAME, os.O_RDONLY | os.O_CLOEXEC)
         try:
             fcntl.flock(copy, fcntl.LOCK_EX)
-            (path / "lock.mdb").unlink(missing_ok=True)
+            (path / LMDB_LOCK_FILE).unlink(missing_ok=True)
             os.replace(path / COPY_NAME, data)
             _sync_directory(path)
         finally:

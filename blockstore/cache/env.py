@@ -65,6 +65,11 @@ def reason(exc: BaseException) -> str:
 
 T = TypeVar("T")
 
+LMDB_DATA_FILE = "data.mdb"
+"""LMDB's file of the cache's pages, in the cache directory."""
+LMDB_LOCK_FILE = "lock.mdb"
+"""What a process with the cache open has open and mapped, of whatever version; one of
+this version only waiting for ``hold_in_use`` has opened ``data.mdb`` alone."""
 INITIAL_MAP_SIZE = 256 << 20
 # Below this much free space a failed commit is taken to be a full disk:
 # LMDB reports a short write as EIO, not ENOSPC.
@@ -144,7 +149,7 @@ def file_damage(path: Path, *, again: bool = True) -> str | None:
     may reuse its pages meanwhile: a short file found damaged is looked at
     once more (``again``) before it is called so.
     """
-    data = path / "data.mdb"
+    data = path / LMDB_DATA_FILE
     try:
         with open(data, "rb") as f:
             head = f.read(_META_END)
@@ -248,7 +253,7 @@ def _reserve_lock_file(path: Path) -> None:
     error instead. The size is LMDB's for ``MAX_READERS`` slots (a header
     of two cache lines, then 64 bytes a slot).
     """
-    lock = path / "lock.mdb"
+    lock = path / LMDB_LOCK_FILE
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -271,7 +276,7 @@ def hold_in_use(path: Path) -> int:
     old file: it then opens the new one. The descriptor, whose closing drops the
     lock, is the caller's to keep.
     """
-    data = path / "data.mdb"
+    data = path / LMDB_DATA_FILE
     while True:
         try:
             fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -321,9 +326,6 @@ def move_aside(path: Path, why: str, label: str = "damaged") -> Path:
     return aside
 
 
-LMDB_LOCK_FILE = "lock.mdb"
-"""What a process with the cache open has open and mapped, of whatever version; one of
-this version only waiting for ``hold_in_use`` has opened ``data.mdb`` alone."""
 COMPACT_COPY = "data.mdb.compacting"
 """The copy ``compact.py`` writes beside ``data.mdb``; one left by a compaction that was
 killed is removed by the next process to open the cache (none runs meanwhile: a
@@ -619,7 +621,7 @@ class CacheEnv:
         if why is not None:
             raise CacheDamaged(f"the cache at {path} is damaged: {why}")
         _reserve_lock_file(path)
-        used = (path / "data.mdb").stat().st_size if (path / "data.mdb").exists() else 0
+        used = (path / LMDB_DATA_FILE).stat().st_size if (path / LMDB_DATA_FILE).exists() else 0
         map_size = INITIAL_MAP_SIZE
         while map_size < 2 * used:
             map_size *= 2
@@ -878,7 +880,7 @@ class CacheEnv:
 
     def file_size(self) -> int:
         try:
-            return (self.path / "data.mdb").stat().st_size
+            return (self.path / LMDB_DATA_FILE).stat().st_size
         except OSError:
             return 0
 

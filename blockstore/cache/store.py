@@ -282,7 +282,7 @@ class ChunkStore:
 
         return self._ask(question)
 
-    def missing_of(self, digest: str, indices: range) -> list[int]:
+    def missing_by_digest(self, digest: str, indices: range) -> list[int]:
         """``missing`` for the blob ``digest`` names now: all of ``indices`` if it has no
         record, none if its record says it is whole, without a question per chunk
         (393,216 for a 12 GiB tar, a read held for seconds)."""

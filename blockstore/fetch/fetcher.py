@@ -117,7 +117,9 @@ class Fetcher:
         self._flights = flights if flights is not None else Flights()
         self.window = window if window is not None else Window()
         self.scheduler = Scheduler(self._run, self._fail, self.window)
-        self._keeper = Keeper(self._store, self._not_kept, self.digest, lock_wait or (lambda: 0.0))
+        self._keeper = Keeper(
+            self._keep_and_release, self._not_kept, self.digest, lock_wait or (lambda: 0.0)
+        )
         self._live: set[Job] = set()
 
     @property
@@ -335,7 +337,7 @@ class Fetcher:
         with self._flights.lock:
             self._flights.release([index])
 
-    def _store(self, runs: list[tuple[int, list[Buffer]]]) -> None:
+    def _keep_and_release(self, runs: list[tuple[int, list[Buffer]]]) -> None:
         try:
             self._keep(runs)
         except Exception:

@@ -44,6 +44,8 @@ REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 QUIET_STATUS = frozenset({429, 503})
 """Statuses whose ``Retry-After`` asks the whole host for quiet."""
 MAX_REDIRECTS = 5
+MAX_CONNECT_WAIT = 10.0
+"""Seconds a connection may take to be made, however long a deadline's stall."""
 OAUTH_CLIENT_ID = "blockstore"
 """Who asks, in an OAuth2 token request (the spec requires a client_id)."""
 PLAIN_HTTP_TO_TLS = b"Client sent an HTTP request to an HTTPS server"
@@ -169,7 +171,7 @@ class Endpoint:
     ) -> requests.Response:
         """``_send`` and the redirects it meets; ``authorization`` goes only to ``origin``
         (default: the registry's own), ``who`` (default: the registry) is named in errors."""
-        origin = origin or _origin(self.base_url)
+        origin = origin or self._own_origin
         who = who or f"registry {self.host}"
         for _ in range(MAX_REDIRECTS + 1):
             sent = dict(headers)
@@ -215,10 +217,11 @@ class Endpoint:
         where = _address(url)
         if deadline.expired:
             raise TryAgain(RegistryUnreachable(f"cannot reach registry {where}: timed out"))
+        connect_wait = min(deadline.stall, MAX_CONNECT_WAIT)
         kwargs = {
             "headers": headers,
             "stream": stream,
-            "timeout": (deadline.cap(min(deadline.stall, 10.0)), deadline.receive_timeout()),
+            "timeout": (deadline.cap(connect_wait), deadline.receive_timeout()),
             "allow_redirects": False,
             "verify": self._verify,
         }
@@ -226,7 +229,7 @@ class Endpoint:
         # storage a redirect leads to is another host.
         outage = self.outage if _origin(url) == self._own_origin else None
         # An attempt cut short by the operation's own deadline says nothing of the host.
-        short = deadline.left() < min(deadline.stall, 10.0)
+        short = deadline.left() < connect_wait
         started = time.monotonic()
         if outage is not None:
             outage.enter(where)
@@ -276,7 +279,7 @@ class Endpoint:
             return
         reply.close()
         where = urlsplit(url).netloc
-        if _origin(url) != _origin(self.base_url):
+        if _origin(url) != self._own_origin:
             who, cure = where, "the registry sent this http:// URL for it, which cannot work"
         elif self._insecure:
             who = f"registry {where}"
@@ -306,7 +309,7 @@ class Endpoint:
         """What to do about an https:// ``url`` whose server speaks plain HTTP: --insecure
         turns only the registry's own address, named without a scheme, into http://; a
         URL the registry sent (a token realm, a redirect) it does not change."""
-        if _origin(url) != _origin(self.base_url):
+        if _origin(url) != self._own_origin:
             return "the registry sent this https:// URL; --insecure does not change it"
         if self._insecure:
             return "the registry is named with https://; --insecure needs it named without"

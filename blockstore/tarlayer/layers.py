@@ -480,7 +480,7 @@ def open_tar_layer(
     pump = None
     if pumping:
         rate = settings.fill_rate if settings.fill else 0
-        missing = functools.partial(store.missing_of, digest)
+        missing = functools.partial(store.missing_by_digest, digest)
         pump = SpanPump(inflated, missing, hint, writer.flush, rate=rate)
     owned.insert(0, tar_blob)
     layer = TarLayer(index, tar_blob, owned, check, pump, name=name, description=description)

@@ -29,10 +29,10 @@ from nbdfront.protocol.events import (
     ClientEvent,
     ConnectionClosed,
     Disconnect,
+    NeedData,
     ReadRequest,
     ServerReply,
     StartTLS,
-    _NeedData,
 )
 from nbdfront.protocol.handshake import (
     Catalog,
@@ -108,7 +108,7 @@ class ServerConnection:
             data = data[dropped:]
         self._buffer += data
 
-    def next_event(self) -> ClientEvent | _NeedData:
+    def next_event(self) -> ClientEvent | NeedData:
         """The next thing the server must act on, or ``NEED_DATA``."""
         events = self._events
         if not events and self.phase is _TRANSMISSION and not self._skip:

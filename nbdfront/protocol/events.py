@@ -15,14 +15,14 @@ from typing import NamedTuple
 from blockstore.export import Buffer
 
 
-class _NeedData:
+class NeedData:
     """Sentinel: no complete event until more bytes arrive."""
 
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
-NEED_DATA = _NeedData()
+NEED_DATA = NeedData()
 
 
 @dataclass(frozen=True)
