@@ -66,9 +66,26 @@ class ImageRecords:
                 log.warning("%s; skipped (`blockstore cache verify` drops it)", exc)
         return records
 
-    def remove(self, reference: str, platform: str | None) -> bool:
-        key = _ref_key(reference, platform)
-        return self._env.write(lambda txn: txn.delete(key, db=self._env.dbs[DB_REFS]))
+    def remove(self, reference: str) -> int:
+        """Forget ``reference`` for every platform it was kept for; how many records went.
+        (A record's ``platform`` field is the manifest's, None for a lone manifest, while
+        its key names the platform it was asked for.)"""
+        prefix = _ref_key(reference, None)
+        refs = self._env.dbs[DB_REFS]
+
+        def drop(txn: lmdb.Transaction) -> int:
+            cursor = txn.cursor(db=refs)
+            keys = []
+            if cursor.set_range(prefix):
+                for key in cursor.iternext(values=False):
+                    if not bytes(key).startswith(prefix):
+                        break
+                    keys.append(bytes(key))
+            for key in keys:
+                txn.delete(key, db=refs)
+            return len(keys)
+
+        return self._env.write(drop)
 
     def drop_damaged(self) -> list[str]:
         """Remove the records that no longer parse; the references they were for."""

@@ -221,15 +221,21 @@ def cmd_unpin(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     """Remove blobs; a layer another cached image still uses is kept."""
+    from blockstore.tarlayer.export import IndexCache
+
     with open_store(args) as store:
         blobs, refs = resolve_targets(store, args.targets)
-        removing = {(r["reference"], r.get("platform")) for r in refs}
-        in_use = {
-            layer["digest"]
-            for r in store.images.all()
-            if (r["reference"], r.get("platform")) not in removing
-            for layer in r.get("layers", [])
-        }
+        removing = {r["reference"] for r in refs}
+        tars = IndexCache(store).tar_digest
+        in_use: set[str] = set()
+        for record in store.images.all():
+            if record["reference"] not in removing:
+                for layer in record.get("layers", []):
+                    in_use |= {layer["digest"], tars(layer["digest"]) or ""}
+        # A compressed tar layer is served from the tar its first pass inflated: that goes too.
+        for digest in list(blobs):
+            if (tar := tars(digest)) is not None:
+                blobs.setdefault(tar, None)
         explicit = {t for t in args.targets if DIGEST.match(t)}
         removed, kept = [], []
         for digest in sorted(blobs):
@@ -237,8 +243,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
                 kept.append(digest)
             elif store.remove(digest):
                 removed.append(digest)
-        for reference, platform in removing:
-            store.images.remove(reference, platform)
+        for reference in removing:
+            store.images.remove(reference)
     lines = [f"removed {d}" for d in removed] + [f"kept {d} (used by another image)" for d in kept]
     emit(args, {"removed": removed, "kept": kept}, "\n".join(lines) or "nothing to remove")
     return 0

@@ -237,3 +237,33 @@ def test_mounts_cannot_say_how_much_of_a_compressed_layer_with_no_kept_index_is_
         info={"cache_dir": str(cache), "layers": layers},
     )
     assert cached_fractions(record) == [None, 0.0]
+
+
+def test_cache_rm_of_a_prefetched_tar_gz_image_takes_its_record_and_its_tar(tmp_path, registry):
+    """Tried: a one-layer tar.gz image prefetched (the cache then holds its record, kept
+    under this host's platform while the record says none, and the tar its pass
+    inflated), then ``cache rm IMAGE``, twice. Must hold: the first removes the layer
+    and the tar and leaves no blob; the second finds no such image (exit 3); serving it
+    offline then says it is not in this cache (exit 9). Before, the record stayed, so
+    the second rm said "nothing to remove", the tar stayed, and the image still mounted
+    offline from it."""
+    tar = make_tar(populate(tmp_path / "src"), tmp_path / "layer.tar").read_bytes()
+    ref = push_tar_layer(registry, "o/rm", "v1", "gzip", tar, tmp_path)
+    cache = str(tmp_path / "cache")
+    cli("-q", "prefetch", "--insecure", "--cache-dir", cache, ref)
+    assert len(json.loads(cli("cache", "ls", "--json", "--cache-dir", cache).stdout)) == 2
+
+    removed = cli("cache", "rm", ref, "--cache-dir", cache)
+    assert removed.stdout.count("removed sha256:") == 2, removed.stdout
+    assert json.loads(cli("cache", "ls", "--json", "--cache-dir", cache).stdout) == []
+    again = subprocess.run(
+        [*BLOCKSTORE, "cache", "rm", ref, "--cache-dir", cache], capture_output=True, text=True
+    )
+    assert again.returncode == 3 and "no image" in again.stderr, again.stderr
+    serve = subprocess.run(
+        [*BLOCKSTORE, "serve", ref, "--offline", "--cache-dir", cache, "--listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert serve.returncode == 9, serve.stderr
