@@ -543,7 +543,7 @@ class ChunkStore:
         return stored
 
     def _evict(self, txn: lmdb.Transaction, stored: int, target: int) -> Evicted:
-        done = evict(txn, self.dbs, stored, target, self._held)
+        done = evict(txn, self.dbs, stored, target, self.is_held)
         if done.chunks:
             self._add_stored(txn, -done.freed)
             counters_mod.persist(txn, self.dbs[DB_COUNTERS], {"evictions": done.chunks})
@@ -556,7 +556,8 @@ class ChunkStore:
             )
         return done
 
-    def _held(self, digest: str) -> bool:
+    def is_held(self, digest: str) -> bool:
+        """Whether a server (of any process) serves ``digest`` from the cache alone."""
         return holds.is_held(self.path, digest)
 
     def make_room(self) -> None:

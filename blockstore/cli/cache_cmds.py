@@ -11,6 +11,7 @@ import argparse
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from blockstore.cache import ChunkStore
@@ -198,6 +199,17 @@ def resolve_targets(store: ChunkStore, targets: list[str]) -> tuple[dict[str, in
     return blobs, matched_refs
 
 
+def _layer_blobs(record: dict, tars: Callable[[str], str | None]) -> set[str]:
+    """The blobs an image record's layers are read from: each layer, and the tar a
+    compressed tar layer was inflated into (``tars``)."""
+    blobs = set()
+    for layer in record.get("layers", []):
+        blobs.add(layer["digest"])
+        if (tar := tars(layer["digest"])) is not None:
+            blobs.add(tar)
+    return blobs
+
+
 def _set_pin(args: argparse.Namespace, on: bool) -> int:
     with open_store(args) as store:
         blobs, _ = resolve_targets(store, args.targets)
@@ -230,21 +242,29 @@ def cmd_rm(args: argparse.Namespace) -> int:
         in_use: set[str] = set()
         for record in store.images.all():
             if record["reference"] not in removing:
-                for layer in record.get("layers", []):
-                    in_use |= {layer["digest"], tars(layer["digest"]) or ""}
+                in_use |= _layer_blobs(record, tars)
         # A compressed tar layer is served from the tar its first pass inflated: that goes too.
         for digest in list(blobs):
             if (tar := tars(digest)) is not None:
                 blobs.setdefault(tar, None)
         explicit = {t for t in args.targets if DIGEST.match(t)}
-        removed, kept = [], []
+        removed, kept, held = [], [], []
         for digest in sorted(blobs):
             if digest in in_use and digest not in explicit:
                 kept.append(digest)
+            elif store.is_held(digest):
+                held.append(digest)  # its server would read I/O errors from here on
             elif store.remove(digest):
                 removed.append(digest)
-        for reference in removing:
-            store.images.remove(reference)
+        for reference in removing:  # an image a server still serves stays whole, record too
+            layers = {d for r in refs if r["reference"] == reference for d in _layer_blobs(r, tars)}
+            if not layers & set(held):
+                store.images.remove(reference)
     lines = [f"removed {d}" for d in removed] + [f"kept {d} (used by another image)" for d in kept]
-    emit(args, {"removed": removed, "kept": kept}, "\n".join(lines) or "nothing to remove")
-    return 0
+    lines += [f"kept {d}: served from the cache alone (offline) by a running server" for d in held]
+    emit(
+        args,
+        {"removed": removed, "kept": kept, "held": held},
+        "\n".join(lines) or "nothing to remove",
+    )
+    return CacheError.exit_code if held else 0

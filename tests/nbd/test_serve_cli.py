@@ -147,6 +147,35 @@ def test_a_layer_served_offline_keeps_its_chunks_through_gc_in_another_process(
     assert not holds.is_held(cache, layer.digest)
 
 
+def test_cache_rm_keeps_a_layer_a_server_serves_offline_and_says_so(
+    registry, pushed_images, erofs_images, tmp_path
+):
+    """Tried: ``cache rm IMAGE`` of a prefetched image while ``serve --offline`` serves
+    its layer. Must hold: the layer, and the image's record, are kept (its server would
+    read I/O errors from then on, with nowhere to fetch from); rm names it and exits 8;
+    nbdcopy then reads the layer byte for byte. Once the server has stopped, rm removes
+    it. Before, rm removed it at once and every read of the mount failed."""
+    cache = tmp_path / "cache"
+    image = pushed_images.small
+    cli = [sys.executable, "-m", "blockstore"]
+    prefetch = [*cli, "prefetch", image, "--insecure", "--cache-dir", str(cache)]
+    assert subprocess.run(prefetch, capture_output=True, timeout=120).returncode == 0
+    rm = [*cli, "cache", "rm", image, "--json", "--cache-dir", str(cache)]
+    args = [image, "--offline", "--cache-dir", str(cache)]
+    with serving(*args, "--listen", "127.0.0.1:0") as (proc, exports):
+        result = subprocess.run(rm, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 8, result.stderr
+        report = json.loads(result.stdout)
+        assert report["removed"] == [] and report["held"] == [erofs_images.small.digest]
+        out = tmp_path / "layer.img"
+        subprocess.run(["nbdcopy", exports[""], str(out)], check=True, timeout=60)
+        assert filecmp.cmp(out, erofs_images.small.path, shallow=False)
+        assert stop(proc) == 0
+    result = subprocess.run(rm, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["removed"] == [erofs_images.small.digest]
+
+
 def test_sigterm_waits_for_reads_in_flight(registry, pushed_images, erofs_images, tmp_path):
     """SIGTERM while nbdcopy is copying the large image from a cold cache: the server
     finishes the replies in flight and exits 0, and the cache it leaves passes
