@@ -62,8 +62,8 @@ def umount(target: str, *, lazy: bool = False) -> None:
     deadline = time.monotonic() + BUSY_PATIENCE
     while _libc.umount2(os.fsencode(target), MNT_DETACH if lazy else 0) != 0:
         err = ctypes.get_errno()
-        if err == errno.EINVAL and not is_mounted(target):
-            return
+        if err in (errno.EINVAL, errno.ENOENT) and not is_mounted(target):
+            return  # not mounted (any more), or its directory is gone with it: undone
         if err != errno.EBUSY:
             raise _fail(f"umount {target}", err)
         inside = submounts(target)

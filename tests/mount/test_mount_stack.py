@@ -224,6 +224,26 @@ def test_umount_waits_for_a_slow_stop_and_kills_a_stuck_one(
     assert_nothing_left(record, run)
 
 
+def test_an_umount_interrupted_part_way_is_finished_by_the_next(
+    mount_dirs, mountpoint, erofs_images, local_server
+):
+    """Tried: an ``umount`` stopped (Ctrl-C, SIGKILL, or a racing second umount) after it
+    had unmounted the image and its layer's FUSE file, whose directory went with it, but
+    before it forgot the record. Must hold: the next ``umount`` finishes the job and
+    leaves nothing. Before, it failed on the FUSE directory that was no more (ENOENT),
+    every time, and the mount point could not be mounted again."""
+    _, run = mount_dirs
+    argv = local_server({"layer0": erofs_images.small.path})
+    record = stack.mount(argv, str(mountpoint), image="small")
+    syscall.umount(str(mountpoint))
+    for attachment in record.attachments:
+        attach.detach(attachment)
+    assert not os.path.exists(record.attachments[0].fuse_dir)
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert_nothing_left(record, run)
+
+
 def test_busy_mountpoint_and_busy_umount(mount_dirs, mountpoint, erofs_images, local_server):
     """Mounting over a mounted directory is refused (exit 13); unmounting while a process
     works inside is refused (exit 13), naming that process, and changes nothing;
