@@ -17,6 +17,7 @@ refused when mounting, and a record in one is not believed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -32,6 +33,8 @@ from nbdfront.mount.attach import Attachment, known_fields
 from nbdfront.mount.process import ProcessRef
 
 RECORD_NAME = "record.json"
+NEW_PREFIX = ".new-"
+"""State directories being made carry this prefix (and the maker's pid) until renamed."""
 
 
 def run_dir() -> Path:
@@ -147,6 +150,32 @@ class MountRecord:
         return cls(**data)
 
 
+def create(record: MountRecord) -> None:
+    """Make the record's state directory with the record in it, or raise
+    FileExistsError if the mount point has one: of two mounts racing for it, one goes
+    on. The directory is made and written under a name of its own, then renamed into
+    place, so a state directory is never without its record, whatever moment the
+    command is killed at; a half-made one left by a killed command is removed here."""
+    state_dir = Path(record.state_dir)
+    for left in state_dir.parent.glob(f"{NEW_PREFIX}*"):
+        pid = left.name.rpartition("-")[2]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(left, ignore_errors=True)
+    new = state_dir.parent / f"{NEW_PREFIX}{state_dir.name}-{os.getpid()}"
+    shutil.rmtree(new, ignore_errors=True)  # this process's own, from an earlier try
+    make_private_dir(new, 0o700)  # owner-only: it will hold the server's socket
+    try:
+        (new / RECORD_NAME).write_text(record.to_json())
+        try:
+            os.rename(new, state_dir)  # fails if the state directory holds anything
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                raise FileExistsError(exc.errno, exc.strerror, str(state_dir)) from None
+            raise
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+
+
 def save(record: MountRecord) -> None:
     """Write the record atomically: a reader sees the old one or the new one."""
     path = Path(record.state_dir) / RECORD_NAME
@@ -168,7 +197,7 @@ def saved() -> list[MountRecord]:
     """Every mount recorded on this machine, sorted by mount point."""
     found = []
     for path in sorted((run_dir() / "mounts").glob(f"*/{RECORD_NAME}")):
-        if not is_private(path.parent):
+        if path.parent.name.startswith(NEW_PREFIX) or not is_private(path.parent):
             continue
         try:
             found.append(MountRecord.from_json(path.read_text()))

@@ -87,15 +87,6 @@ def mount(
     method = check_can_mount(mountpoint, tls=tls)
     state_dir = records.state_dir_for(mountpoint)
     records.make_run_dirs()
-    try:
-        # Exclusive: of two mounts racing for one mount point, one goes on. Owner-only:
-        # it holds the server's socket.
-        records.make_private_dir(state_dir, 0o700)
-    except FileExistsError:
-        raise MountpointBusy(
-            f"{mountpoint} is being mounted by another blockstore process "
-            f"(if none runs, a crashed one left {state_dir}: remove it)"
-        ) from None
     log = records.log_path_for(mountpoint)
     socket = state_dir / "serve.sock"
     record = MountRecord(
@@ -107,18 +98,29 @@ def mount(
         socket=str(socket),
         mounter=ProcessRef.of(os.getpid()),
     )
-    records.save(record)
     interrupts = _Interrupts()
+    created = False
     try:
+        # Installed before the record exists: a signal from here on is held until the
+        # mount can be undone, never ending the command between two of its steps.
         with interrupts.installed():
+            try:
+                records.create(record)
+            except FileExistsError:
+                raise MountpointBusy(
+                    f"{mountpoint} is being mounted by another blockstore process "
+                    f"(if none runs, a crashed one left {state_dir}: remove it)"
+                ) from None
+            created = True
             _make(record, server_argv, env, describe, warn, interrupts)
     except BaseException:
-        try:
-            unmount_record(record, lazy=True)
-        except Exception:
-            logger.exception("could not undo the failed mount of %s", mountpoint)
-            record.mounter = None  # not "mounting" for as long as this process lives
-            records.save(record)
+        if created:
+            try:
+                unmount_record(record, lazy=True)
+            except Exception:
+                logger.exception("could not undo the failed mount of %s", mountpoint)
+                record.mounter = None  # not "mounting" for as long as this process lives
+                records.save(record)
         raise
     record.mount_seconds = round(time.monotonic() - started_at, 3)
     record.mounter = None

@@ -244,6 +244,34 @@ def test_an_umount_interrupted_part_way_is_finished_by_the_next(
     assert_nothing_left(record, run)
 
 
+def test_what_a_mount_killed_as_it_began_left_does_not_keep_the_mount_point(
+    mount_dirs, mountpoint, erofs_images, local_server
+):
+    """Tried: what a ``mount`` killed as it began leaves: its state directory made but
+    empty (before, a signal 0.45 s in, as the directory was made and before the record
+    was written, left that: 5 times in 6), and a directory being made by a process now
+    dead. Must hold: ``mount`` goes on (the empty directory is taken over, the dead
+    process's is removed), and ``umount`` then leaves nothing. Before, every mount was
+    refused as "being mounted by another blockstore process", and neither ``mounts``
+    nor ``umount`` saw anything to clean up."""
+    _, run = mount_dirs
+    records.make_run_dirs()
+    state = records.state_dir_for(str(mountpoint))
+    state.mkdir(mode=0o700)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    half_made = state.parent / f"{records.NEW_PREFIX}{state.name}-{dead.pid}"
+    half_made.mkdir(mode=0o700)
+    (half_made / records.RECORD_NAME).write_text("")
+    record = stack.mount(
+        local_server({"layer0": erofs_images.small.path}), str(mountpoint), image="small"
+    )
+    assert not half_made.exists()
+    assert [r.mountpoint for r in records.saved()] == [str(mountpoint)]
+    stack.unmount(str(mountpoint))
+    assert_nothing_left(record, run)
+
+
 def test_busy_mountpoint_and_busy_umount(mount_dirs, mountpoint, erofs_images, local_server):
     """Mounting over a mounted directory is refused (exit 13); unmounting while a process
     works inside is refused (exit 13), naming that process, and changes nothing;
