@@ -402,6 +402,27 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
     return Unmounted(record, trouble)
 
 
+def _top_is_ours(record: MountRecord) -> bool:
+    """Whether what is mounted at the mount point is this record's top mount, whatever
+    the record says: one whose command was killed inside mount(2) made it unrecorded,
+    and a mount the user made there after unmounting ours by hand is not ours to take
+    down. Ours is a layer's EROFS on a device of the record (or a file in its state
+    directory), or an overlay whose lower directories all lie in the state directory."""
+    found = syscall.mount_at(record.mountpoint)
+    if found is None:
+        return False
+    fstype, source, lowers = found
+    inside = record.state_dir.rstrip("/") + "/"
+    if fstype == "erofs":
+        return source.startswith(inside) or source in {a.device for a in record.attachments}
+    if fstype == "overlay" and lowers:
+        return all(
+            os.path.realpath(os.path.join(record.state_dir, lower)).startswith(inside)
+            for lower in lowers
+        )
+    return False
+
+
 def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
     """Undo every step the record lists, top first; raises if the file system is busy.
 
@@ -410,7 +431,8 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
     Returns how the server ended, None where it is not known. Bounded: a
     server that does not stop is killed after ``STOP_GRACE`` seconds.
     """
-    if record.mounted and not lazy:
+    top = _top_is_ours(record)
+    if top and not lazy:
         ours = [record.mountpoint, *record.lowers]
         ours += [a.fuse_dir for a in record.attachments if a.fuse_dir]
         users = syscall.users_of(ours)
@@ -420,8 +442,12 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
                 "mount or an overlay); unmount that first, or unmount with --lazy, after "
                 "which it gets I/O errors"
             )
-    if record.mounted:
+    if top:
         syscall.umount(record.mountpoint, lazy=lazy)
+    elif record.mounted and syscall.is_mounted(record.mountpoint):
+        logger.warning(
+            "%s: what is mounted there now is not this mount's: left alone", record.mountpoint
+        )
     # The tree is out of reach now, but reads may be in flight (a lazy unmount's users,
     # the kernel's readahead) that a server stuck on its registry never answers: its stop
     # grace starts now and runs while the layers come down, rather than after them.
@@ -432,6 +458,12 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
         syscall.umount(lower, lazy=lazy)
     for attachment in reversed(record.attachments):
         attach.detach(attachment, lazy=lazy)
+    # A step made but not recorded (the mount command killed inside it): a layer's
+    # EROFS before the FUSE file it reads; unmounting a FUSE file ends its nbdfuse.
+    left = syscall.submounts(record.state_dir)
+    table = syscall.mounted()
+    for point in sorted(left, key=lambda p: table.get(p, ("",))[0].startswith("fuse")):
+        syscall.umount(point, lazy=lazy)
     if record.server is not None:
         record.server.stop(SERVER_STOP_TIMEOUT, told=told)
     ended = read_status(Path(record.state_dir) / SERVER_STATUS)

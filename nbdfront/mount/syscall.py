@@ -149,6 +149,23 @@ def _overlay_uses(options: str, ours: set[str], inside: tuple[str, ...]) -> bool
     return False
 
 
+def mount_at(path: str) -> tuple[str, str, list[str]] | None:
+    """What is mounted at ``path`` (the last mount there): its file system type, its
+    source and, for an overlay, its lower directories as they were given (relative
+    names stay relative); None if nothing is."""
+    point = os.path.realpath(path)
+    found = [m for m in _mounts() if m.point == point]
+    if not found:
+        return None
+    top = found[-1]
+    lowers: list[str] = []
+    for option in top.options.split(","):
+        key, _, value = option.partition("=")
+        if key == "lowerdir":
+            lowers = _unescape(value).split(":")
+    return top.fstype, top.source, lowers
+
+
 def is_mounted(path: str) -> bool:
     return os.path.realpath(path) in mounted()
 

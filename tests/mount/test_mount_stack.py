@@ -272,6 +272,57 @@ def test_what_a_mount_killed_as_it_began_left_does_not_keep_the_mount_point(
     assert_nothing_left(record, run)
 
 
+@pytest.mark.parametrize("unrecorded", ["the top mount", "the attach"])
+def test_a_step_the_killed_mount_made_but_never_recorded_is_undone(
+    mount_dirs, mountpoint, erofs_images, local_server, unrecorded
+):
+    """Tried: a ``mount`` SIGKILLed inside a step, after the kernel made it and before
+    the record said so: inside mount(2) of the image (waiting on a slow registry), or
+    once nbdfuse had attached the layer. Must hold: ``umount`` undoes what is there all
+    the same and leaves nothing. Before, the first case failed on a busy FUSE file
+    after stopping the server (the mount then read I/O errors, and ``umount -l`` said
+    "unmounted" leaving it mounted); in the second, nbdfuse and its FUSE mount stayed
+    while every ``umount`` said "unmounted"."""
+    _, run = mount_dirs
+    argv = local_server({"layer0": erofs_images.small.path})
+    record = stack.mount(argv, str(mountpoint), image="small")
+    made = records.load(str(mountpoint))
+    made.mounted = False
+    if unrecorded == "the attach":
+        syscall.umount(str(mountpoint))
+        made.attachments = []
+    records.save(made)
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert_nothing_left(record, run)
+
+
+def test_umount_leaves_alone_what_the_user_mounted_there_since(
+    mount_dirs, mountpoint, erofs_images, local_server
+):
+    """Tried: the image unmounted by hand with the system's ``umount``, and a tmpfs of
+    the user's mounted at the same place, holding a file; then ``blockstore umount``.
+    Must hold: our server, FUSE file and record go; the user's tmpfs and its file
+    stay, with a warning that what is mounted there is not ours. Before, the tmpfs was
+    unmounted, and its contents lost."""
+    _, run = mount_dirs
+    argv = local_server({"layer0": erofs_images.small.path})
+    record = stack.mount(argv, str(mountpoint), image="small")
+    subprocess.run(["umount", str(mountpoint)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "users-own", str(mountpoint)], check=True)
+    try:
+        (mountpoint / "precious").write_text("kept")
+        done = cli("umount", str(mountpoint))
+        assert done.returncode == 0, done.stderr
+        assert "not this mount's: left alone" in done.stderr, done.stderr
+        assert syscall.mount_at(str(mountpoint))[:2] == ("tmpfs", "users-own")
+        assert (mountpoint / "precious").read_text() == "kept"
+        assert not processes_mentioning(str(run))
+        assert records.saved() == [] and not os.path.exists(record.state_dir)
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=False)
+
+
 def test_busy_mountpoint_and_busy_umount(mount_dirs, mountpoint, erofs_images, local_server):
     """Mounting over a mounted directory is refused (exit 13); unmounting while a process
     works inside is refused (exit 13), naming that process, and changes nothing;
