@@ -15,7 +15,7 @@ import stat
 from dataclasses import dataclass
 from typing import NoReturn
 
-from blockstore.tarlayer import erofs_format as f
+from blockstore import erofs_format as f
 from blockstore.tarlayer.tree import Inode, LayerTree, TarLayerError
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import stat
 from dataclasses import dataclass
 
-from blockstore.tarlayer import erofs_format as f
+from blockstore import erofs_format as f
 from blockstore.tarlayer.tree import Inode, LayerTree, TarLayerError
 
 DEVT_SLOT_OFFSET = f.align(f.SUPER_OFFSET + f.SUPER.size, f.DEVICE_SLOT_SIZE)

@@ -28,11 +28,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
+from blockstore import erofs_format
 from blockstore.cache import CHUNK_SIZE, DiskFull
 from blockstore.errors import BlobReadError, BlockstoreError, CacheError, IntegrityError
 from blockstore.export import Buffer
 from blockstore.progress import Progress
-from blockstore.tarlayer import erofs_format, layerindex
+from blockstore.tarlayer import layerindex
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN
 from blockstore.tarlayer.layerindex import INDEX_FORMAT, ReadRange, SpanIndex, TarIndex
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import itertools
 
+from blockstore import erofs_format
 from blockstore.chunkindex import LAYER_ANNOTATION
 from blockstore.errors import IntegrityError
-from blockstore.tarlayer import erofs_format
 from blockstore.tarlayer.erofs_reader import read_info, read_metadata
 from blockstore.tarlayer.gzindex import Zinfo
 from blockstore.tarlayer.layerindex import GZIP, INDEX_FORMAT, SpanIndex, TarIndex

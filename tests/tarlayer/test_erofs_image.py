@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blockstore.tarlayer import erofs_format as f
+from blockstore import erofs_format as f
 from blockstore.tarlayer.erofs_reader import ImageCheckError, _Walker, read_info, read_metadata
 from blockstore.tarlayer.erofs_writer import write_metadata
 from blockstore.tarlayer.tree import Inode, LayerTree, TarEntry, TarLayerError, build_tree

@@ -1,9 +1,11 @@
-"""Constants and record layouts of the EROFS on-disk format this package uses.
+"""Constants and record layouts of the EROFS on-disk format.
 
 Only the uncompressed subset: a superblock with a device table, compact
 (32-byte) and extended (64-byte) inodes, flat and chunk-based data layouts,
-inline xattrs and directory blocks. All integers are little-endian. The writer
-and the reader share these so that they cannot drift apart.
+inline xattrs and directory blocks. All integers are little-endian. The tar
+layers' metadata writer and reader, the prefetch that walks an image before the
+kernel does, and ``push``'s check of an image all take the format from here, so
+that they cannot drift apart.
 """
 
 from __future__ import annotations
