@@ -1,22 +1,28 @@
-"""Constants and record layouts of the EROFS on-disk format.
+"""Constants, record layouts and record parsers of the EROFS on-disk format.
 
 Only the uncompressed subset: a superblock with a device table, compact
 (32-byte) and extended (64-byte) inodes, flat and chunk-based data layouts,
 inline xattrs and directory blocks. All integers are little-endian. The tar
 layers' metadata writer and reader, the prefetch that walks an image before the
 kernel does, and ``push``'s check of an image all take the format from here, so
-that they cannot drift apart.
+that they cannot drift apart. The parsers take untrusted bytes: they return None
+or raise ``ValueError``, never another exception.
 """
 
 from __future__ import annotations
 
 import stat
 import struct
+from typing import NamedTuple
 
 BLOCK_SIZE = 512
+"""The block size of the images the tar layers write (others may have up to 64 KiB)."""
 BLOCK_BITS = 9
 SUPER_OFFSET = 1024
 SUPER_MAGIC = 0xE0F5E1E2
+
+INODE_SLOT = 32
+"""Inodes start on 32-byte slots, which nids count from the start of the metadata."""
 
 COMPAT_MTIME = 0x00000002  # compact inodes carry mtime relative to the epoch
 INCOMPAT_CHUNKED_FILE = 0x00000004
@@ -102,3 +108,100 @@ def xattr_ibody_size(icount: int) -> int:
 
 def align(value: int, unit: int) -> int:
     return -(-value // unit) * unit
+
+
+def inode_size(i_format: int) -> int:
+    """Bytes of an inode's fixed part: the low bit of ``i_format`` marks an extended one."""
+    return INODE_EXTENDED.size if i_format & 1 else INODE_COMPACT.size
+
+
+class InodeRecord(NamedTuple):
+    """The fixed part of an inode, compact or extended alike."""
+
+    i_format: int
+    xattr_count: int
+    mode: int
+    nlink: int
+    size: int
+    i_u: int
+    uid: int
+    gid: int
+    mtime: int
+    """Seconds after the superblock's epoch in a compact inode, after 1970 in an extended one."""
+    mtime_nsec: int
+    """0 in a compact inode, whose nanoseconds are the superblock's ``fixed_nsec``."""
+
+    @property
+    def extended(self) -> bool:
+        return bool(self.i_format & 1)
+
+    @property
+    def layout(self) -> int:
+        return (self.i_format >> 1) & 7
+
+    @property
+    def length(self) -> int:
+        return inode_size(self.i_format)
+
+    @property
+    def xattr_end(self) -> int:
+        """Bytes from the inode's start to the end of its inline xattrs."""
+        return self.length + xattr_ibody_size(self.xattr_count)
+
+
+def read_inode(data: bytes, pos: int) -> InodeRecord | None:
+    """The inode at ``pos`` in ``data``; None if ``data`` ends before the inode does."""
+    if pos + INODE_COMPACT.size > len(data):
+        return None
+    i_format = int.from_bytes(data[pos : pos + 2], "little")
+    if pos + inode_size(i_format) > len(data):
+        return None
+    if i_format & 1:
+        (_, icount, mode, _nb, size, i_u, _ino, uid, gid, mtime, nsec, nlink) = (
+            INODE_EXTENDED.unpack_from(data, pos)
+        )
+        if mtime >= 1 << 63:  # stored as its 64-bit two's complement
+            mtime -= 1 << 64
+        return InodeRecord(i_format, icount, mode, nlink, size, i_u, uid, gid, mtime, nsec)
+    (_, icount, mode, nlink, size, mtime, i_u, _ino, uid, gid) = INODE_COMPACT.unpack_from(
+        data, pos
+    )
+    return InodeRecord(i_format, icount, mode, nlink, size, i_u, uid, gid, mtime, 0)
+
+
+def flat_ranges(inode: InodeRecord, tail: int, block: int) -> list[tuple[int, int]]:
+    """(offset, length) of a flat inode's data in the image, in order: whole blocks from
+    block ``i_u`` on, then, in the inline layout, the last partial block at ``tail`` (the
+    end of the inode's xattrs)."""
+    start = inode.i_u * block
+    if inode.layout != LAYOUT_FLAT_INLINE:
+        return [(start, inode.size)] if inode.size else []
+    full, rest = divmod(inode.size, block)
+    ranges = [(start, full * block)] if full else []
+    if rest:
+        ranges.append((tail, rest))
+    return ranges
+
+
+def directory_block(block: bytes) -> list[tuple[bytes, int, int]]:
+    """(name, nid, file type) of each entry of one directory block, in on-disk order.
+
+    Raises ``ValueError`` when the block's name offsets do not describe names inside it.
+    """
+    if len(block) < DIRENT.size:
+        raise ValueError("short directory block")
+    first = DIRENT.unpack_from(block, 0)[1]
+    if not (first % DIRENT.size == 0 and 0 < first < len(block)):
+        raise ValueError(f"first name at {first} in a block of {len(block)}")
+    count = first // DIRENT.size
+    heads = [DIRENT.unpack_from(block, i * DIRENT.size) for i in range(count)]
+    entries = []
+    for i, (nid, start, kind) in enumerate(heads):
+        end = heads[i + 1][1] if i + 1 < count else len(block)
+        if not start < end <= len(block):
+            raise ValueError("bad name offsets")
+        name = block[start:end]
+        if i + 1 == count:  # the last name runs to the block's end, padded with zeros
+            name = name.split(b"\0", 1)[0]
+        entries.append((name, nid, kind))
+    return entries

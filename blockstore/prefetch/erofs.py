@@ -8,22 +8,15 @@ one round trip at a time. Pure functions over bytes: no I/O here.
 
 from __future__ import annotations
 
-import struct
+import stat
 from dataclasses import dataclass
 
-SUPERBLOCK_OFFSET = 1024
-MAGIC = 0xE0F5E1E2
+from blockstore import erofs_format as f
+
 HEAD = 4096
 """Bytes to read first: the superblock, and the root inode in the usual layouts."""
 MAX_SPAN = 8 << 20
 """The start request never exceeds this, however the metadata is spread."""
-
-_SB = struct.Struct("<IIIBBHQQIIII")  # magic .. meta_blkaddr, xattr_blkaddr
-_FORMAT = struct.Struct("<HHH")  # i_format, i_xattr_icount, i_mode
-_COMPACT_SIZE_U = struct.Struct("<I4xI")  # i_size, (i_mtime), i_u at offset 8
-_EXTENDED_SIZE_U = struct.Struct("<QI")  # i_size, i_u at offset 8
-FLAT_PLAIN, FLAT_INLINE = 0, 2
-S_IFMT, S_IFDIR = 0o170000, 0o040000
 
 
 @dataclass(frozen=True)
@@ -35,16 +28,16 @@ class Geometry:
     root_nid: int
 
     def inode_offset(self, nid: int) -> int:
-        return self.meta + nid * 32
+        return self.meta + nid * f.INODE_SLOT
 
 
 def geometry(head: bytes) -> Geometry | None:
     """The image's geometry if ``head`` (its first block at least) starts an EROFS image."""
-    if len(head) < SUPERBLOCK_OFFSET + _SB.size:
+    if len(head) < f.SUPER_OFFSET + f.SUPER.size:
         return None
-    fields = _SB.unpack_from(head, SUPERBLOCK_OFFSET)
+    fields = f.SUPER.unpack_from(head, f.SUPER_OFFSET)
     magic, blkszbits, root_nid, meta_blkaddr = fields[0], fields[3], fields[5], fields[10]
-    if magic != MAGIC or not 9 <= blkszbits <= 16:
+    if magic != f.SUPER_MAGIC or not 9 <= blkszbits <= 16:
         return None
     block = 1 << blkszbits
     return Geometry(block, meta_blkaddr * block, root_nid)
@@ -64,10 +57,10 @@ def start_span(head: bytes, inode: bytes, size: int) -> tuple[int, int]:
     block when the root directory lies too far away or is not flat.
     """
     where = root_inode_offset(head)
-    if where is None or len(inode) < 32:
+    if where is None or len(inode) < f.INODE_COMPACT.size:
         return 0, min(size, HEAD)
     offset, block = where
-    inode_end = offset + (64 if _FORMAT.unpack_from(inode)[0] & 1 else 32)
+    inode_end = offset + f.inode_size(int.from_bytes(inode[:2], "little"))
     ranges = directory_ranges(inode, offset, block) or []
     end = max([inode_end] + [start + length for start, length in ranges])
     end = min(size, max(end, HEAD))
@@ -82,28 +75,9 @@ def directory_ranges(inode: bytes, offset: int, block: int) -> list[tuple[int, i
     ``inode`` is read at ``offset``. None when the inode is not a directory
     or its layout is not a flat one (``mkfs.erofs`` writes directories flat).
     """
-    if len(inode) < 32:
+    record = f.read_inode(inode, 0)
+    if record is None or not stat.S_ISDIR(record.mode):
         return None
-    i_format, xattr_count, mode = _FORMAT.unpack_from(inode)
-    if mode & S_IFMT != S_IFDIR:
+    if record.layout not in (f.LAYOUT_FLAT_PLAIN, f.LAYOUT_FLAT_INLINE):
         return None
-    extended = i_format & 1
-    layout = (i_format >> 1) & 7
-    if layout not in (FLAT_PLAIN, FLAT_INLINE):
-        return None
-    if extended:
-        if len(inode) < 64:
-            return None
-        size, raw_blkaddr = _EXTENDED_SIZE_U.unpack_from(inode, 8)
-        inode_size = 64
-    else:
-        size, raw_blkaddr = _COMPACT_SIZE_U.unpack_from(inode, 8)
-        inode_size = 32
-    xattrs = 12 + (xattr_count - 1) * 4 if xattr_count else 0
-    if layout == FLAT_PLAIN:
-        return [(raw_blkaddr * block, size)] if size else []
-    full, tail = divmod(size, block)
-    ranges = [(raw_blkaddr * block, full * block)] if full else []
-    if tail:
-        ranges.append((offset + inode_size + xattrs, tail))
-    return ranges
+    return f.flat_ranges(record, offset + record.xattr_end, block)

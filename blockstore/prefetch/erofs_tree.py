@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import heapq
 import logging
-import struct
 import threading
 from collections.abc import Callable
+
+from blockstore import erofs_format as f
 
 from .erofs import Geometry, directory_ranges
 
 log = logging.getLogger(__name__)
 
-_DIRENT = struct.Struct("<QHBx")  # nid, nameoff, file_type
-FT_DIR = 2
 INODE_READ = 64
 """Bytes read at an inode's place: an extended inode, or a compact one and the start of
 what follows it (inline xattrs or data)."""
@@ -41,21 +40,15 @@ def subdirectories(data: bytes, block: int) -> list[int]:
     (``.`` and ``..`` left out). Malformed blocks end the list early, never raise."""
     out: list[int] = []
     for start in range(0, len(data), block):
-        chunk = data[start : start + block]
-        if len(chunk) < _DIRENT.size:
+        try:
+            entries = f.directory_block(data[start : start + block])
+        except ValueError:
             break
-        first_nameoff = _DIRENT.unpack_from(chunk)[1]
-        count = first_nameoff // _DIRENT.size
-        if not count or first_nameoff > len(chunk):
-            break
-        entries = [_DIRENT.unpack_from(chunk, i * _DIRENT.size) for i in range(count)]
-        for i, (nid, nameoff, file_type) in enumerate(entries):
-            if file_type != FT_DIR:
-                continue
-            end = entries[i + 1][1] if i + 1 < count else len(chunk)
-            name = chunk[nameoff:end].rstrip(b"\0")
-            if name not in (b".", b".."):
-                out.append(nid)
+        out += [
+            nid
+            for name, nid, file_type in entries
+            if file_type == f.FT_DIR and name not in (b".", b"..")
+        ]
     return out
 
 

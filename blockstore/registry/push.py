@@ -17,6 +17,7 @@ from pathlib import Path
 
 import zstandard
 
+from blockstore import erofs_format
 from blockstore.errors import NotFound, RegistryError, UsageError
 from blockstore.registry.client import RegistryClient
 from blockstore.registry.descriptors import ManifestProblem, check_index
@@ -33,11 +34,6 @@ from blockstore.registry.mediatypes import (
     OCI_MANIFEST,
 )
 from blockstore.registry.platforms import Platform, host_platform
-
-# An EROFS image starts with 1024 bytes of boot area, then the superblock,
-# whose first field is this magic (little-endian u32), as the kernel checks it.
-EROFS_MAGIC = 0xE0F5E1E2
-EROFS_SUPERBLOCK_OFFSET = 1024
 
 
 def push_image(
@@ -125,13 +121,13 @@ def check_layer_file(path: Path, media_type: str) -> None:
     the EROFS media type without being an EROFS image (it would only fail at mount)."""
     try:
         with path.open("rb") as file:
-            head = file.read(EROFS_SUPERBLOCK_OFFSET + 4)
+            head = file.read(erofs_format.SUPER_OFFSET + 4)
     except OSError as exc:
         raise UsageError(f"cannot push {path}: {exc.strerror or exc}") from None
     if media_type != EROFS_MEDIA_TYPE:
         return
-    magic = head[EROFS_SUPERBLOCK_OFFSET:]
-    if len(magic) < 4 or int.from_bytes(magic, "little") != EROFS_MAGIC:
+    magic = head[erofs_format.SUPER_OFFSET :]
+    if len(magic) < 4 or int.from_bytes(magic, "little") != erofs_format.SUPER_MAGIC:
         seen = _tar_layer_type(path, head)
         hint = (
             f"it is a {seen[0]}: push it with --media-type {seen[1]}"
@@ -140,7 +136,7 @@ def check_layer_file(path: Path, media_type: str) -> None:
         )
         raise UsageError(
             f"cannot push {path}: it is not an EROFS image (no EROFS superblock at byte "
-            f"{EROFS_SUPERBLOCK_OFFSET}); {hint}"
+            f"{erofs_format.SUPER_OFFSET}); {hint}"
         )
 
 

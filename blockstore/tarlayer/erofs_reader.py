@@ -81,43 +81,33 @@ class _Walker:
         if nid in self.inodes:
             return self.inodes[nid]
         img = self.image
-        pos = nid * 32
-        if pos + f.INODE_COMPACT.size > len(img):
+        pos = nid * f.INODE_SLOT
+        record = f.read_inode(img, pos)
+        if record is None:
             _fail(f"nid {nid} outside the image")
-        i_format = int.from_bytes(img[pos : pos + 2], "little")
-        extended, layout = i_format & 1, (i_format >> 1) & 7
-        if i_format >> 4 != 0:
-            _fail(f"nid {nid}: unknown i_format bits {i_format:#x}")
-        if extended:
-            if pos + f.INODE_EXTENDED.size > len(img):
-                _fail(f"nid {nid} outside the image")
-            (_, icount, mode, _nb, size, i_u, _ino, uid, gid, mtime, nsec, nlink) = (
-                f.INODE_EXTENDED.unpack_from(img, pos)
-            )
-            if mtime >= 1 << 63:
-                mtime -= 1 << 64
-            isize = f.INODE_EXTENDED.size
-        else:
-            (_, icount, mode, nlink, size, dmtime, i_u, _ino, uid, gid) = (
-                f.INODE_COMPACT.unpack_from(img, pos)
-            )
-            mtime, nsec, isize = self.epoch + dmtime, self.fixed_nsec, f.INODE_COMPACT.size
-        node = Inode(mode=mode, uid=uid, gid=gid, mtime=mtime, mtime_ns=nsec, size=size)
+        if record.i_format >> 4 != 0:
+            _fail(f"nid {nid}: unknown i_format bits {record.i_format:#x}")
+        mtime, nsec = record.mtime, record.mtime_nsec
+        if not record.extended:
+            mtime, nsec = self.epoch + mtime, self.fixed_nsec
+        mode, size, layout, i_u = record.mode, record.size, record.layout, record.i_u
+        node = Inode(
+            mode=mode, uid=record.uid, gid=record.gid, mtime=mtime, mtime_ns=nsec, size=size
+        )
         self.inodes[nid] = node
-        self.nlinks[nid] = nlink
-        xpos = pos + isize
-        xsize = f.xattr_ibody_size(icount)
-        if xpos + xsize > len(img):
+        self.nlinks[nid] = record.nlink
+        xpos = pos + record.length
+        tail = pos + record.xattr_end
+        if tail > len(img):
             _fail(f"nid {nid}: xattrs outside the image")
-        node.xattrs = self._xattrs(img[xpos : xpos + xsize], nid)
-        tail = xpos + xsize
+        node.xattrs = self._xattrs(img[xpos:tail], nid)
         kind = stat.S_IFMT(mode)
         if layout == f.LAYOUT_CHUNK_BASED:
             if kind != stat.S_IFREG:
                 _fail(f"nid {nid}: chunks on a non-regular file")
             node.data_offset = self._chunks(nid, i_u, size, f.align(tail, f.CHUNK_INDEX.size))
         elif layout in (f.LAYOUT_FLAT_PLAIN, f.LAYOUT_FLAT_INLINE):
-            data = self._flat(nid, layout, i_u, size, tail)
+            data = self._flat(nid, record, tail)
             if kind == stat.S_IFDIR:
                 node.children = {}
                 self._dirents(nid, data)
@@ -184,42 +174,28 @@ class _Walker:
             _fail(f"nid {nid}: data beyond the tar")
         return first * f.BLOCK_SIZE
 
-    def _flat(self, nid: int, layout: int, i_u: int, size: int, tail: int) -> bytes:
+    def _flat(self, nid: int, record: f.InodeRecord, tail: int) -> bytes:
         img = self.image
-        if size == 0:
-            return b""
-        full = size // f.BLOCK_SIZE if layout == f.LAYOUT_FLAT_INLINE else -(-size // 512)
-        inline = size - full * f.BLOCK_SIZE if layout == f.LAYOUT_FLAT_INLINE else 0
-        start = i_u * f.BLOCK_SIZE
-        if not (full == 0 or start + full * 512 <= len(img)):
+        ranges = f.flat_ranges(record, tail, f.BLOCK_SIZE)
+        if any(start + length > len(img) for start, length in ranges):
             _fail(f"nid {nid}: data outside the image")
-        if not (tail % f.BLOCK_SIZE + inline <= f.BLOCK_SIZE):
+        inline = record.size % f.BLOCK_SIZE if record.layout == f.LAYOUT_FLAT_INLINE else 0
+        if tail % f.BLOCK_SIZE + inline > f.BLOCK_SIZE:
             _fail(f"nid {nid}: inline data crosses a block")
-        data = img[start : start + min(size, full * f.BLOCK_SIZE)] if full else b""
-        return data + img[tail : tail + inline]
+        return b"".join(img[start : start + length] for start, length in ranges)
 
     def _dirents(self, nid: int, data: bytes) -> None:
         """Decode one directory's blocks; children are filled in by ``walk``."""
         names: list[tuple[bytes, int, int]] = []
-        for bstart in range(0, len(data), f.BLOCK_SIZE):
-            block = data[bstart : bstart + f.BLOCK_SIZE]
-            if len(block) < f.DIRENT.size:
-                _fail(f"nid {nid}: short directory block")
-            first_off = f.DIRENT.unpack_from(block, 0)[1]
-            if not (first_off % f.DIRENT.size == 0 and 0 < first_off < len(block)):
-                _fail("nameoff")
-            count = first_off // f.DIRENT.size
-            heads = [f.DIRENT.unpack_from(block, i * f.DIRENT.size) for i in range(count)]
-            for i, (child, off, ftype) in enumerate(heads):
-                end = heads[i + 1][1] if i + 1 < count else len(block)
-                if not (off < end <= len(block)):
-                    _fail(f"nid {nid}: bad name offsets")
-                name = block[off:end]
-                if i + 1 == count:
-                    name = name.split(b"\0", 1)[0]
+        for start in range(0, len(data), f.BLOCK_SIZE):
+            try:
+                entries = f.directory_block(data[start : start + f.BLOCK_SIZE])
+            except ValueError as exc:
+                _fail(f"nid {nid}: {exc}")
+            for name, _, _ in entries:
                 if not name or b"/" in name:
                     _fail(f"nid {nid}: bad name {name!r}")
-                names.append((name, child, ftype))
+            names += entries
         order = [n for n, _, _ in names]
         if order != sorted(set(order)):
             _fail(f"nid {nid}: directory entries not sorted or repeated")

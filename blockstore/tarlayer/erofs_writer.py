@@ -113,7 +113,7 @@ def write_metadata(tree: LayerTree, tar_size: int) -> bytes:
     meta_end = _place_data(placed, inodes_end)
     meta_blocks = f.align(meta_end, f.BLOCK_SIZE) // f.BLOCK_SIZE
     image = bytearray(meta_blocks * f.BLOCK_SIZE)
-    root_nid = placed[0].offset // 32
+    root_nid = placed[0].offset // f.INODE_SLOT
     if root_nid > 0xFFFF:
         raise TarLayerError("the root inode does not fit a 16-bit nid")
     f.SUPER.pack_into(
@@ -229,7 +229,7 @@ def _place(placed: list[_Placed]) -> int:
         end = pos + head
         if p.layout == f.LAYOUT_CHUNK_BASED:
             end = f.align(end, f.CHUNK_INDEX.size)
-        pos = f.align(end + _tail_size(p), 32)
+        pos = f.align(end + _tail_size(p), f.INODE_SLOT)
     return pos
 
 
@@ -305,11 +305,12 @@ def _write_inode(image: bytearray, p: _Placed, epoch: int, by_inode: dict[int, _
     elif node.children is not None:
         assert p.parent is not None
         entries = [
-            (b".", p.offset // 32, f.FT_DIR),
-            (b"..", by_inode[id(p.parent)].offset // 32, f.FT_DIR),
+            (b".", p.offset // f.INODE_SLOT, f.FT_DIR),
+            (b"..", by_inode[id(p.parent)].offset // f.INODE_SLOT, f.FT_DIR),
         ]
         for name, child in node.children.items():
-            entries.append((name, by_inode[id(child)].offset // 32, f.file_type(child.mode)))
+            nid = by_inode[id(child)].offset // f.INODE_SLOT
+            entries.append((name, nid, f.file_type(child.mode)))
         entries.sort()
         start = p.data_block * f.BLOCK_SIZE
         for i, block in enumerate(_dir_blocks(entries)):

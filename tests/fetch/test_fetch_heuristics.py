@@ -10,6 +10,7 @@ from fetch_sources import PieceSource, make_blob
 from rig.local_source import LocalFileSource
 from rig.waiting import wait_for
 
+from blockstore import erofs_format
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
 from blockstore.prefetch import PrefetchSettings, erofs
 
@@ -56,7 +57,7 @@ def test_erofs_start_span_from_a_hand_made_superblock():
     import struct
 
     head = bytearray(8192)
-    struct.pack_into("<I", head, 1024, erofs.MAGIC)
+    struct.pack_into("<I", head, 1024, erofs_format.SUPER_MAGIC)
     head[1024 + 12] = 12  # 4 KiB blocks
     struct.pack_into("<H", head, 1024 + 14, 40)  # root nid: inode at 1280
     struct.pack_into("<I", head, 1024 + 40, 0)  # meta_blkaddr
