@@ -34,6 +34,7 @@ from blockstore.registry.mediatypes import (
     OCI_MANIFEST,
 )
 from blockstore.registry.platforms import Platform, host_platform
+from blockstore.tarlayer.zstdframes import ZSTD_MAGIC
 
 
 def push_image(
@@ -148,7 +149,7 @@ def _tar_layer_type(path: Path, head: bytes) -> tuple[str, str] | None:
     header reads as one (inside the gzip or zstd stream it starts with)."""
     if head.startswith(b"\x1f\x8b"):
         kind, suffix, opener = "tar archive in a gzip stream", "tar+gzip", gzip.open
-    elif head.startswith(b"\x28\xb5\x2f\xfd"):
+    elif head.startswith(ZSTD_MAGIC):
         kind, suffix = "tar archive in a zstd stream", "tar+zstd"
         opener = zstandard.open
     else:
