@@ -49,13 +49,13 @@ from bench.processes import BenchError, Daemon, compile_engine
 from bench.workloads import listing, read_files, seeded_fifth
 from blockstore.localregistry import LocalRegistry
 from blockstore.registry import RegistryClient, RegistryOptions
+from blockstore.registry.mediatypes import OCI_TAR_GZIP
 from blockstore.registry.push import push_image
 from nbdfront.mount import attach, syscall
 
 MiB = 1 << 20
 REPOSITORY = "bench/targz"
 INDEXED_REPOSITORY = "bench/targz-indexed"
-GZIP_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 BLOCKSTORE = [sys.executable, "-m", "blockstore", "-q"]
 TAR_FLAGS = ["--format=posix", "--numeric-owner", "--sort=name", "--mtime=@0"]
 
@@ -73,7 +73,7 @@ def build_image(workdir: Path, size: int, registry_host: str) -> tuple[str, Path
         subprocess.run(["gzip", "-6", "-n", "-c", str(tar)], stdout=out, check=True)
     client = RegistryClient(registry_host, RegistryOptions(insecure=True))
     try:
-        push_image(client, REPOSITORY, "v1", [blob], media_type=GZIP_MEDIA_TYPE)
+        push_image(client, REPOSITORY, "v1", [blob], media_type=OCI_TAR_GZIP)
     finally:
         client.close()
     return f"{registry_host}/{REPOSITORY}:v1", blob, tar.stat().st_size
@@ -84,7 +84,7 @@ def push_indexed(blob: Path, registry_host: str) -> str:
     index --push`` (done once, not timed); the first image keeps none."""
     client = RegistryClient(registry_host, RegistryOptions(insecure=True))
     try:
-        push_image(client, INDEXED_REPOSITORY, "v1", [blob], media_type=GZIP_MEDIA_TYPE)
+        push_image(client, INDEXED_REPOSITORY, "v1", [blob], media_type=OCI_TAR_GZIP)
     finally:
         client.close()
     ref = f"{registry_host}/{INDEXED_REPOSITORY}:v1"

@@ -31,6 +31,7 @@ from pathlib import Path
 from blockstore.errors import BlockstoreError, MissingDependency, NotPermitted
 from blockstore.localregistry import LocalRegistry
 from blockstore.progress import human
+from blockstore.registry.mediatypes import OCI_TAR_GZIP
 
 DEFAULT_SOURCES = (Path(sysconfig.get_paths()["stdlib"]), Path("/usr/share/doc"))
 """A real tree found on every Debian machine: a few thousand files, text and binary."""
@@ -38,7 +39,6 @@ LAZY_READ_BYTES = 2 << 20
 """How much of the tree the lazy phase reads before showing what was fetched."""
 REPOSITORY = "demo/tree"
 TAR_GZ_REPOSITORY = "demo/tree-targz"
-TAR_GZ_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
 class DemoFailed(BlockstoreError):
@@ -123,7 +123,7 @@ class Demo:
             self.tar_gz_reference,
             "--insecure",
             "--media-type",
-            TAR_GZ_MEDIA_TYPE,
+            OCI_TAR_GZIP,
         )
 
     def mount_lazily(self) -> None:

@@ -52,17 +52,12 @@ from blockstore.registry import (
     resolve_image,
 )
 from blockstore.registry.digests import check_digest
+from blockstore.registry.mediatypes import TAR, layer_kind
 from blockstore.registry.platforms import Platform, host_platform
 from blockstore.registry.referrers import Referrer, list_referrers
 from blockstore.source import BlobSource
 from blockstore.tarlayer.layerindex import TarIndex
-from blockstore.tarlayer.layers import (
-    TAR,
-    TarLayer,
-    image_diff_ids,
-    layer_kind,
-    open_tar_layer,
-)
+from blockstore.tarlayer.layers import TarLayer, image_diff_ids, open_tar_layer
 from blockstore.tarlayer.shared import index_from_blobs as tar_index_from_blobs
 from blockstore.tarlayer.tree import TarLayerError
 

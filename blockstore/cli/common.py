@@ -231,7 +231,7 @@ def tar_indexes_from(args: argparse.Namespace, layers: list) -> dict[int, tuple[
         return {}
     if len(layers) != 1:
         raise UsageError("--tarindex (oci.tarindex) is for one layer: select it with --layer")
-    from blockstore.tarlayer.layers import layer_kind  # only here: start-up time
+    from blockstore.registry.mediatypes import layer_kind  # only here: start-up time
 
     if layer_kind(layers[0].media_type) is None:
         raise UsageError(

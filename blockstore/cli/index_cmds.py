@@ -52,7 +52,8 @@ def run_index(args: argparse.Namespace) -> int:
     from blockstore.cache.indexes import IndexShelf
     from blockstore.errors import CacheError
     from blockstore.registry import RegistryBlob
-    from blockstore.tarlayer.layers import TAR, TarLayer, layer_kind
+    from blockstore.registry.mediatypes import TAR, layer_kind
+    from blockstore.tarlayer.layers import TarLayer
 
     image = open_image_from_args(args, needs_registry=True)
     shelf = IndexShelf(image.store)

@@ -250,8 +250,8 @@ def cached_fractions(record: MountRecord) -> list[float | None]:
     cache keeps no index to name that tar (a mount with a local ``--tarindex``).
     """
     from blockstore.cache import ChunkStore
+    from blockstore.registry.mediatypes import compressed_tar
     from blockstore.tarlayer.export import IndexCache
-    from blockstore.tarlayer.layers import compressed_tar
 
     layers = record.info.get("layers") or []
     if not layers:

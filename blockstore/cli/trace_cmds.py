@@ -89,7 +89,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     # Imported here: the registry client is loaded only by the commands that use it.
     from blockstore.attachments import push_traces, subject_of
-    from blockstore.tarlayer.layers import compressed_tar
+    from blockstore.registry.mediatypes import compressed_tar
 
     existing_cache_dir(args)  # the traces to push are in it: a missing one holds none
     image = open_image_from_args(args, needs_registry=True)

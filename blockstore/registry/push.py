@@ -28,10 +28,16 @@ from blockstore.registry.mediatypes import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     EROFS_MEDIA_TYPE,
+    GZIP,
     INDEX_TYPES,
     OCI_CONFIG,
     OCI_INDEX,
     OCI_MANIFEST,
+    OCI_TAR,
+    OCI_TAR_GZIP,
+    OCI_TAR_ZSTD,
+    compressed_tar,
+    layer_kind,
 )
 from blockstore.registry.platforms import Platform, host_platform
 from blockstore.tarlayer.zstdframes import ZSTD_MAGIC
@@ -141,36 +147,28 @@ def check_layer_file(path: Path, media_type: str) -> None:
         )
 
 
-_LAYER = "application/vnd.oci.image.layer.v1."
-
-
 def _tar_layer_type(path: Path, head: bytes) -> tuple[str, str] | None:
     """What kind of tar layer the file is, and its OCI media type, if its first tar
     header reads as one (inside the gzip or zstd stream it starts with)."""
     if head.startswith(b"\x1f\x8b"):
-        kind, suffix, opener = "tar archive in a gzip stream", "tar+gzip", gzip.open
+        kind, media_type, opener = "tar archive in a gzip stream", OCI_TAR_GZIP, gzip.open
     elif head.startswith(ZSTD_MAGIC):
-        kind, suffix = "tar archive in a zstd stream", "tar+zstd"
+        kind, media_type = "tar archive in a zstd stream", OCI_TAR_ZSTD
         opener = zstandard.open
     else:
-        kind, suffix, opener = "tar archive", "tar", open
+        kind, media_type, opener = "tar archive", OCI_TAR, open
     try:
         with opener(path, "rb") as stream:
             tarfile.TarInfo.frombuf(stream.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
     except (OSError, EOFError, tarfile.HeaderError, zstandard.ZstdError):
         return None
-    return kind, _LAYER + suffix
+    return kind, media_type
 
 
 def diff_id(path: Path, media_type: str, digest: str) -> str:
     """A layer's diff_id: the digest of its tar uncompressed (gzip, zstd), as the image
     spec says and as a tar layer's index is checked against; the blob's own digest for
     anything the tar layers do not take for a compressed tar."""
-    # Here, not at the top: the tar layer module brings the cache and prefetch with it,
-    # which pushing an EROFS image does not need.
-    from blockstore.tarlayer.layerindex import GZIP
-    from blockstore.tarlayer.layers import compressed_tar, layer_kind
-
     if not compressed_tar(media_type):
         return digest
     try:

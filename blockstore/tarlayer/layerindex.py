@@ -29,6 +29,7 @@ from typing import IO, NoReturn
 
 from blockstore.errors import BlockstoreError, IntegrityError
 from blockstore.progress import Progress
+from blockstore.registry.mediatypes import GZIP, ZSTD
 from blockstore.tarlayer.erofs_writer import write_metadata
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN, GzipIndexer, Zinfo, read_span, span_range
 from blockstore.tarlayer.tarwalk import RangeFile, WindowedReads, check_end, entry_of, walk_tar
@@ -36,7 +37,6 @@ from blockstore.tarlayer.tree import DamagedTar, build_tree
 from blockstore.tarlayer.zstdframes import ZstdIndexer, decode_frames, stream_frames
 
 INDEX_FORMAT = 3  # bump when the metadata image or the span index changes shape or meaning
-GZIP, ZSTD = "gzip", "zstd"
 _KIND_CODES = {GZIP: 1, ZSTD: 2}
 _MAGIC = b"BSSPANS\x01"
 _HEAD = struct.Struct("<8sBQQQI")  # magic, kind, span, compressed, uncompressed, count

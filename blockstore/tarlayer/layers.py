@@ -24,6 +24,7 @@ from blockstore.errors import BlobReadError, BlockstoreError, IntegrityError, No
 from blockstore.export import Buffer
 from blockstore.prefetch import PrefetchSettings
 from blockstore.progress import Progress
+from blockstore.registry.mediatypes import GZIP, TAR, ZSTD
 from blockstore.source import BlobSource
 from blockstore.tarlayer.erofs_reader import read_info
 from blockstore.tarlayer.export import (
@@ -38,9 +39,7 @@ from blockstore.tarlayer.export import (
 )
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN, Zinfo, size_hint
 from blockstore.tarlayer.layerindex import (
-    GZIP,
     INDEX_FORMAT,
-    ZSTD,
     DiffIdMismatch,
     ReadRange,
     SpanIndex,
@@ -64,33 +63,7 @@ _DEFAULT_SETTINGS = PrefetchSettings()
 _NO_CHUNK_READAHEAD = PrefetchSettings(readahead=False)
 """The decompressed tar's own settings: the span pump is its readahead."""
 
-TAR = "tar"
 _PROOF_STEP = 4 << 20
-_OCI = "application/vnd.oci.image.layer."
-_DOCKER = "application/vnd.docker.image.rootfs."
-LAYER_KINDS = {
-    _OCI + "v1.tar": TAR,
-    _OCI + "v1.tar+gzip": GZIP,
-    _OCI + "v1.tar+zstd": ZSTD,
-    _OCI + "nondistributable.v1.tar": TAR,
-    _OCI + "nondistributable.v1.tar+gzip": GZIP,
-    _OCI + "nondistributable.v1.tar+zstd": ZSTD,
-    _DOCKER + "diff.tar": TAR,
-    _DOCKER + "diff.tar.gzip": GZIP,
-    _DOCKER + "foreign.diff.tar": TAR,
-    _DOCKER + "foreign.diff.tar.gzip": GZIP,
-}
-
-
-def layer_kind(media_type: str) -> str | None:
-    """``tar``, ``gzip`` or ``zstd`` for a tar layer; None for anything served as is."""
-    return LAYER_KINDS.get(media_type)
-
-
-def compressed_tar(media_type: str) -> bool:
-    """A gzip or zstd tar layer: read from its decompressed tar, kept under the tar's own
-    digest; its blob is read only by the layer's passes and span pump."""
-    return layer_kind(media_type) not in (None, TAR)
 
 
 class LayerBlob(Protocol):

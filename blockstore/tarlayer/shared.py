@@ -23,9 +23,10 @@ import itertools
 from blockstore import erofs_format
 from blockstore.chunkindex import LAYER_ANNOTATION
 from blockstore.errors import IntegrityError
+from blockstore.registry.mediatypes import GZIP
 from blockstore.tarlayer.erofs_reader import read_info, read_metadata
 from blockstore.tarlayer.gzindex import Zinfo
-from blockstore.tarlayer.layerindex import GZIP, INDEX_FORMAT, SpanIndex, TarIndex
+from blockstore.tarlayer.layerindex import INDEX_FORMAT, SpanIndex, TarIndex
 from blockstore.tarlayer.tree import TarLayerError
 
 ARTIFACT_TYPE = "application/vnd.blockstore.tar-index.v1"

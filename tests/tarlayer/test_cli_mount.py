@@ -17,9 +17,10 @@ from oci_layout import MEDIA_TYPES, make_layout, push_tar_layer, skopeo_copy
 from test_overlay_layers import extract_in_order, layer_sources, without_dir_counts
 from trees import make_tar, populate, snapshot
 
+from blockstore.registry.mediatypes import GZIP
 from blockstore.registry.push import push_image
 from blockstore.tarlayer.gzindex import GzipIndexer
-from blockstore.tarlayer.layerindex import GZIP, index_compressed_tar
+from blockstore.tarlayer.layerindex import index_compressed_tar
 from nbdfront.mount import records, stack, syscall
 
 pytestmark = pytest.mark.slow

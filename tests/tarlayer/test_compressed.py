@@ -20,12 +20,13 @@ from trees import make_tar
 
 from blockstore.cache import CHUNK_SIZE
 from blockstore.errors import BlobReadError, IntegrityError
+from blockstore.registry.mediatypes import GZIP, ZSTD
 from blockstore.tarlayer import export as tar_export
 from blockstore.tarlayer import gzindex, layerindex, zstdframes
 from blockstore.tarlayer.erofs_reader import read_metadata
 from blockstore.tarlayer.export import DecompressedTar
 from blockstore.tarlayer.gzindex import POINT_SIZE, WINDOW, GzipIndexer, Zinfo
-from blockstore.tarlayer.layerindex import GZIP, ZSTD, SpanIndex, index_compressed_tar
+from blockstore.tarlayer.layerindex import SpanIndex, index_compressed_tar
 from blockstore.tarlayer.tree import TarLayerError
 from blockstore.tarlayer.zstdframes import decode_frames, stream_frames
 

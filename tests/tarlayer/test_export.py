@@ -18,6 +18,7 @@ from trees import make_tar, populate, snapshot
 import blockstore.tarlayer.export as export_mod
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
 from blockstore.errors import BlobReadError
+from blockstore.registry.mediatypes import GZIP
 from blockstore.tarlayer.export import (
     DecompressedTar,
     IndexCache,
@@ -26,7 +27,7 @@ from blockstore.tarlayer.export import (
     TarLayerExport,
     cached_or_built,
 )
-from blockstore.tarlayer.layerindex import GZIP, INDEX_FORMAT, index_compressed_tar, index_plain_tar
+from blockstore.tarlayer.layerindex import INDEX_FORMAT, index_compressed_tar, index_plain_tar
 from blockstore.tarlayer.tarwalk import RangeFile
 from nbdfront.mount import attach
 from nbdfront.mount import syscall as mount_syscall

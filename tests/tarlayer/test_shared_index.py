@@ -23,13 +23,14 @@ from blockstore.attachments import fetch_tar_index, subject_of
 from blockstore.errors import BlobReadError, IntegrityError
 from blockstore.image import open_image
 from blockstore.prefetch import PrefetchSettings
+from blockstore.registry.mediatypes import GZIP
 from blockstore.registry.push import push_image
 from blockstore.registry.referrers import list_referrers, push_artifact
 from blockstore.tarlayer.erofs_reader import read_metadata
 from blockstore.tarlayer.erofs_writer import write_metadata
 from blockstore.tarlayer.export import IndexCache
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN
-from blockstore.tarlayer.layerindex import GZIP, index_compressed_tar, index_plain_tar
+from blockstore.tarlayer.layerindex import index_compressed_tar, index_plain_tar
 from blockstore.tarlayer.shared import ARTIFACT_TYPE, FORMAT_ANNOTATION, index_blobs
 from blockstore.tarlayer.tarwalk import walk_tar
 from blockstore.tarlayer.tree import build_tree

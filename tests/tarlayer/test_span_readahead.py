@@ -18,9 +18,10 @@ from trees import make_tar, populate
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
 from blockstore.errors import BlobReadError, IntegrityError
 from blockstore.prefetch import PrefetchSettings
+from blockstore.registry.mediatypes import GZIP
 from blockstore.tarlayer import pump
 from blockstore.tarlayer.export import IndexCache, SpanFiller, SpanWriter
-from blockstore.tarlayer.layerindex import GZIP, SpanIndex
+from blockstore.tarlayer.layerindex import SpanIndex
 from blockstore.tarlayer.layers import IDLE, open_tar_layer
 from blockstore.tarlayer.pump import SpanBytes
 
