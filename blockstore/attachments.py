@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable, Iterator, Sequence
 
 from blockstore.cache import CHUNK_SIZE, ChunkStore
@@ -84,16 +83,13 @@ def build_layer_index(
     return build_index(layer.digest, layer.size, CHUNK_SIZE, pieces())
 
 
-def push_indexes(
-    client: RegistryClient, subject: Subject, indexes: list[ChunkIndex], *, created: str = ""
-) -> str:
+def push_indexes(client: RegistryClient, subject: Subject, indexes: list[ChunkIndex]) -> str:
     """Attach the tables of several layers to the image as one artifact; its digest."""
     blobs = [
         (index.to_bytes(), BLOB_MEDIA_TYPE, {LAYER_ANNOTATION: index.layer_digest})
         for index in indexes
     ]
-    stamp = created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return push_artifact(client, subject, ARTIFACT_TYPE, blobs, created=stamp)
+    return push_artifact(client, subject, ARTIFACT_TYPE, blobs)
 
 
 def fetch_indexes(
@@ -173,8 +169,7 @@ def push_tar_indexes(
             client, subject, referrer, lambda notes: notes.get(LAYER_ANNOTATION) in digests
         )
     blobs = [blob for digest, index in built.items() for blob in tar_index_blobs(index, digest)]
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return push_artifact(client, subject, TAR_INDEX_ARTIFACT_TYPE, kept + blobs, created=stamp)
+    return push_artifact(client, subject, TAR_INDEX_ARTIFACT_TYPE, kept + blobs)
 
 
 def fetch_tar_index(
@@ -201,9 +196,8 @@ def push_traces(
     for trace in [*fetch_traces(client, subject, layers), *local]:
         by_layer.setdefault(trace.digest, []).append(trace)
     merged = [m for group in by_layer.values() if (m := _merged(group, local)) is not None]
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     blob = (traces_document(merged), TRACE_MEDIA_TYPE, {})
-    return push_artifact(client, subject, TRACE_ARTIFACT_TYPE, [blob], created=stamp), len(merged)
+    return push_artifact(client, subject, TRACE_ARTIFACT_TYPE, [blob]), len(merged)
 
 
 def _merged(group: list[Trace], local: list[Trace]) -> Trace | None:

@@ -71,14 +71,16 @@ def push_artifact(
     artifact_type: str,
     blobs: list[tuple[bytes, str, dict[str, str]]],
     *,
-    created: str,
+    created: str | None = None,
 ) -> str:
     """Push ``blobs`` (data, media type, annotations) as one artifact on ``subject``.
 
     Returns the artifact manifest's digest. The manifest is deterministic
-    for the same blobs and ``created`` time.
+    for the same blobs and ``created`` time, which is now unless given.
     """
     _check_blob_sizes(artifact_type, blobs)
+    if created is None:
+        created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     repository = subject.repository
     client.upload_blob(repository, digest_of(EMPTY_CONFIG), EMPTY_CONFIG)
     layers = []

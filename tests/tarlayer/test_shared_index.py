@@ -63,7 +63,7 @@ def attach_index(registry, reference: str, blobs, cache_dir: Path) -> None:
     image = open_image(reference, cache_dir=cache_dir, options=registry.options())
     try:
         subject = subject_of(image.resolved, image.repository)
-        push_artifact(image.client, subject, ARTIFACT_TYPE, blobs, created=_now())
+        push_artifact(image.client, subject, ARTIFACT_TYPE, blobs)
     finally:
         image.close()
 
@@ -261,10 +261,6 @@ def test_damaged_or_hostile_shared_index_is_refused_and_built_instead(
         image.close()
     assert "shared tar index refused" in caplog.text
     assert "building the index from the layer itself" in caplog.text
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def test_index_that_lies_about_the_tree_is_caught_when_the_tar_is_sealed(
