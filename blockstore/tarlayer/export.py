@@ -44,10 +44,10 @@ log = logging.getLogger(__name__)
 
 _DIGEST = 80  # room for "sha256:" and 64 hex digits in a cached index record
 SPANS_KEPT = 10
-FAILED_SPAN_QUIET = 5.0  # seconds a failed large span fails its readers at once
-KEEP_STEP = 8 << 20  # a multiple of CHUNK_SIZE
 """Decompressed spans kept in memory: a span's chunks are asked for one by one, and the
 spans waiting for ``SpanWriter`` are served from here."""
+FAILED_SPAN_QUIET = 5.0  # seconds a failed large span fails its readers at once
+KEEP_STEP = 8 << 20  # a multiple of CHUNK_SIZE
 
 
 class RangeReader(Protocol):
