@@ -93,7 +93,6 @@ class ZstdIndexer(SteppedReader):
         self._span_sha256 = hashlib.sha256()
         self.blob_sha256 = hashlib.sha256()
         self.tar_sha256 = hashlib.sha256()
-        self.frames = 0
         self.compressed_size = 0
 
     def _have(self, n: int) -> bool:
@@ -133,7 +132,6 @@ class ZstdIndexer(SteppedReader):
                 self.points.append((self._base + self._pos, self._out))
             self._frame = zstandard.ZstdDecompressor().decompressobj()
             self._units = _FrameUnits()
-            self.frames += 1
             return
         while (end := self._units.end_of_next(self._data, self._pos)) is None:
             if not self._have(len(self._data) - self._pos + 1):
