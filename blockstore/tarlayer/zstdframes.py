@@ -75,6 +75,123 @@ def _skippable(head: bytes) -> bool:
     return len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50
 
 
+class _Compressed:
+    """Compressed bytes read ahead: ``data[pos:]`` is what the frames have not used yet,
+    and ``more()`` gives the bytes that follow (b"" at the end)."""
+
+    def __init__(self, more: Callable[[], bytes], start: int = 0):
+        self._more = more
+        self.data = b""
+        self.pos = 0
+        self._base = start  # the blob offset of data[0]
+
+    @property
+    def offset(self) -> int:
+        """The blob offset of ``data[pos]``."""
+        return self._base + self.pos
+
+    def have(self, n: int) -> bool:
+        """Make at least ``n`` unused bytes available, if the input has them."""
+        while len(self.data) - self.pos < n:
+            more = self._more()
+            if not more:
+                return False
+            self._base += self.pos
+            self.data = self.data[self.pos :] + more
+            self.pos = 0
+        return True
+
+    def skip(self, n: int) -> bool:
+        """Step over ``n`` bytes; False if the input ends first."""
+        if not self.have(n):
+            return False
+        self.pos += n
+        return True
+
+
+class _SpanInput(_Compressed):
+    """Compressed bytes ``start..end`` of a blob, ``STREAM_READ`` at a time through
+    ``read(offset, length)``; bytes skipped beyond those read are not read at all."""
+
+    def __init__(self, read: Callable[[int, int], Buffer], start: int, end: int):
+        super().__init__(self._read_more, start)
+        self._read = read
+        self._next = start  # the next byte to read
+        self._end = end
+
+    def _read_more(self) -> bytes:
+        length = min(STREAM_READ, self._end - self._next)
+        if length <= 0:
+            return b""
+        got = bytes(self._read(self._next, length))
+        if len(got) != length:
+            raise IntegrityError(
+                f"zstd span: {len(got)} bytes read at {self._next}, {length} asked"
+            )
+        self._next += length
+        return got
+
+    def skip(self, n: int) -> bool:
+        unused = len(self.data) - self.pos
+        if n <= unused:
+            self.pos += n
+            return True
+        self._next += n - unused
+        self._base, self.data, self.pos = self._next, b"", 0
+        return self._next <= self._end
+
+
+class _Frames:
+    """The output of zstd frames back to back, a step at a time: a skippable frame is
+    stepped over, a frame is started afresh (``on_frame`` told where), and each step
+    inside a frame gives zstd one piece (see ``_FrameUnits``), so makes 128 KiB at most."""
+
+    def __init__(self, compressed: _Compressed, on_frame: Callable[[int], None] | None = None):
+        self._in = compressed
+        self._on_frame = on_frame
+        self._frame: zstandard.ZstdDecompressionObj | None = None
+        self._units = _FrameUnits()
+
+    def step(self) -> bytes | None:
+        """The next step's output (often b""); None at the end of the input, between
+        frames."""
+        if self._frame is None:
+            return b"" if self._next_frame() else None
+        compressed = self._in
+        while (end := self._units.end_of_next(compressed.data, compressed.pos)) is None:
+            if not compressed.have(len(compressed.data) - compressed.pos + 1):
+                raise IntegrityError("zstd stream ends inside a frame")
+        piece = compressed.data[compressed.pos : end]
+        try:
+            out = self._frame.decompress(piece)
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"corrupt zstd stream: {exc}") from exc
+        compressed.pos += len(piece) - len(self._frame.unused_data)
+        if self._frame.eof:
+            self._frame = None
+        return out
+
+    def _next_frame(self) -> bool:
+        """Step over a skippable frame or start a frame; False at the end of the input."""
+        compressed = self._in
+        if not compressed.have(1):
+            return False
+        if not compressed.have(8):
+            raise IntegrityError("zstd stream ends inside a frame header")
+        head = compressed.data[compressed.pos : compressed.pos + 8]
+        if _skippable(head):
+            if not compressed.skip(8 + int.from_bytes(head[4:8], "little")):
+                raise IntegrityError("zstd stream ends inside a skippable frame")
+            return True
+        if head[:4] != ZSTD_MAGIC:
+            raise IntegrityError("not a zstd frame where one must start")
+        if self._on_frame is not None:
+            self._on_frame(compressed.offset)
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._units = _FrameUnits()
+        return True
+
+
 class ZstdIndexer(SteppedReader):
     """The uncompressed bytes of a zstd blob read once, recording frame starts."""
 
@@ -82,11 +199,6 @@ class ZstdIndexer(SteppedReader):
         super().__init__()
         self._source = source
         self._span = span
-        self._data = b""
-        self._pos = 0  # into _data
-        self._base = 0  # compressed offset of _data[0]
-        self._frame: zstandard.ZstdDecompressionObj | None = None
-        self._units = _FrameUnits()
         self._out = 0
         self.points: list[tuple[int, int]] = []  # (compressed, uncompressed) restart points
         self.span_digests: list[bytes] = []
@@ -94,57 +206,28 @@ class ZstdIndexer(SteppedReader):
         self.blob_sha256 = hashlib.sha256()
         self.tar_sha256 = hashlib.sha256()
         self.compressed_size = 0
+        self._frames = _Frames(_Compressed(self._read_blob), self._frame_starts)
 
-    def _have(self, n: int) -> bool:
-        """Make at least ``n`` unconsumed bytes available, if the blob has them."""
-        while len(self._data) - self._pos < n:
-            more = self._source.read(_READ_SIZE)
-            if not more:
-                return False
-            self.blob_sha256.update(more)
-            self.compressed_size += len(more)
-            self._base += self._pos
-            self._data = self._data[self._pos :] + more
-            self._pos = 0
-        return True
+    def _read_blob(self) -> bytes:
+        more = self._source.read(_READ_SIZE)
+        self.blob_sha256.update(more)
+        self.compressed_size += len(more)
+        return more
+
+    def _frame_starts(self, offset: int) -> None:
+        """A restart point at the frame, if the last is a span or more behind."""
+        last = self.points[-1][1] if self.points else None
+        if last is None or self._out - last >= self._span:
+            if self.points:
+                self.span_digests.append(self._span_sha256.digest())
+                self._span_sha256 = hashlib.sha256()
+            self.points.append((offset, self._out))
 
     def _step(self) -> None:
-        if self._frame is None:
-            if not self._have(1):
-                self._eof = True
-                return
-            if not self._have(8):
-                raise IntegrityError("zstd stream ends inside a frame header")
-            head = self._data[self._pos : self._pos + 8]
-            if _skippable(head):
-                size = int.from_bytes(head[4:8], "little")
-                if not self._have(8 + size):
-                    raise IntegrityError("zstd stream ends inside a skippable frame")
-                self._pos += 8 + size
-                return
-            if head[:4] != ZSTD_MAGIC:
-                raise IntegrityError("not a zstd frame where one must start")
-            last = self.points[-1][1] if self.points else None
-            if last is None or self._out - last >= self._span:
-                if self.points:
-                    self.span_digests.append(self._span_sha256.digest())
-                    self._span_sha256 = hashlib.sha256()
-                self.points.append((self._base + self._pos, self._out))
-            self._frame = zstandard.ZstdDecompressor().decompressobj()
-            self._units = _FrameUnits()
-            return
-        while (end := self._units.end_of_next(self._data, self._pos)) is None:
-            if not self._have(len(self._data) - self._pos + 1):
-                raise IntegrityError("zstd stream ends inside a frame")
-        piece = self._data[self._pos : end]
-        try:
-            out = self._frame.decompress(piece)
-        except zstandard.ZstdError as exc:
-            raise IntegrityError(f"corrupt zstd stream: {exc}") from exc
-        self._pos += len(piece) - len(self._frame.unused_data)
-        if self._frame.eof:
-            self._frame = None
-        if out:
+        out = self._frames.step()
+        if out is None:
+            self._eof = True
+        elif out:
             self._out += len(out)
             self.tar_sha256.update(out)
             self._span_sha256.update(out)
@@ -172,53 +255,7 @@ def stream_frames(read: Callable[[int, int], Buffer], start: int, end: int) -> I
     """The output of the frames in compressed bytes ``start..end``, piece by piece
     (skippable frames stepped over), reading ``STREAM_READ`` at a time: a span too
     large to hold whole in memory, compressed or not."""
-    pos = start  # the next compressed byte to read
-    buf = b""
-    at = 0  # the first byte of ``buf`` not used yet
-    frame: zstandard.ZstdDecompressionObj | None = None
-    units = _FrameUnits()
-
-    def more() -> bytes:
-        nonlocal pos
-        length = min(STREAM_READ, end - pos)
-        got = bytes(read(pos, length))
-        if len(got) != length:
-            raise IntegrityError(f"zstd span: {len(got)} bytes read at {pos}, {length} asked")
-        pos += length
-        return got
-
-    while True:
-        if frame is None:
-            while len(buf) - at < 8 and pos < end:
-                buf, at = buf[at:] + more(), 0
-            if at == len(buf):
-                return
-            head = buf[at : at + 8]
-            if _skippable(head):
-                if len(head) < 8:
-                    raise IntegrityError("zstd span ends inside a skippable frame")
-                skip = 8 + int.from_bytes(head[4:8], "little")
-                if at + skip <= len(buf):
-                    at += skip
-                else:
-                    pos += at + skip - len(buf)
-                    buf, at = b"", 0
-                    if pos > end:
-                        raise IntegrityError("zstd span ends inside a skippable frame")
-                continue
-            frame = zstandard.ZstdDecompressor().decompressobj()
-            units = _FrameUnits()
-        while (stop := units.end_of_next(buf, at)) is None:
-            if pos >= end:
-                raise IntegrityError("zstd span ends inside a frame")
-            buf, at = buf[at:] + more(), 0
-        piece = buf[at:stop]
-        try:
-            out = frame.decompress(piece)
-        except zstandard.ZstdError as exc:
-            raise IntegrityError(f"corrupt zstd stream: {exc}") from exc
-        at += len(piece) - len(frame.unused_data)
+    frames = _Frames(_SpanInput(read, start, end))
+    while (out := frames.step()) is not None:
         if out:
             yield out
-        if frame.eof:
-            frame = None
