@@ -336,83 +336,169 @@ def open_tar_layer(
     which spans checked by their own sha256 are then inflated from without storing the
     blob's bytes (``SpanBytes``); others (a local zinfo's) are read through ``blob``.
     """
-    read = _read_all(blob)
-    check = None
-    if tarindex is not None:
-        index = local_index(tarindex, zinfo, blob, kind, diff_id() if zinfo else None)
-    else:
-        cache = IndexCache(store)
-
-        def build() -> TarIndex:
-            if not online:
-                raise NotCached(
-                    f"{blob.digest}: this tar layer was never indexed in this cache by index "
-                    f"format {INDEX_FORMAT} (an older version's index is not used); the next "
-                    "open with the registry reachable indexes it"
-                )
-            if kind == TAR:
-                check_diff_id(blob.digest, diff_id())
-            refused = cache.origin(blob.digest, span) == IndexCache.REFUSED
-            if shared is not None and not refused and (found := shared()) is not None:
-                log.info("%s: using the index attached to the image", blob.digest)
-                # Marked before it is kept, so no crash can keep it unmarked (unproven).
-                cache.set_origin(blob.digest, span, IndexCache.SHARED)
-                return found
-            if kind == TAR:
-                return index_plain_tar(read, blob.size, blob.digest)
-            log.info("%s: reading the %s layer once to index it", blob.digest, kind)
-            tar_digest = diff_id()
-            keeper = _pass_fill(store, kind, tar_digest, read, blob.size)
-            built = None
-            try:
-                built = index_compressed_tar(
-                    RangeFile(_streamed(blob), blob.size),
-                    kind,
-                    blob_digest=blob.digest,
-                    diff_id=tar_digest,
-                    span=span,
-                    sink=keeper,
-                )
-            finally:
-                if keeper is not None:
-                    keeper.finish(built.tar_size if built is not None else None)
-            return built
-
-        def build_once_more_if_unproven() -> TarIndex:
-            try:
-                return build()
-            except DiffIdMismatch:
-                raise  # the config is wrong, not the bytes: reading them again cannot help
-            except (IntegrityError, DamagedTar) as exc:
-                # Not an entry refused for what it holds (its header's checksum held):
-                # the same bytes would be refused again.
-                # A pass stopped short by bad bytes leaves them cached, never judged by the
-                # blob's digest: every later pass would read them again and fail the same.
-                if not online or not store.drop_unproven(blob.digest):
-                    raise
-                log.warning(
-                    "%s: %s; its cached bytes, never proven, are dropped and it is read "
-                    "once more from the registry",
-                    blob.digest,
-                    exc,
-                )
-                return build()
-
-        index = cached_or_built(
-            cache,
-            blob.digest,
-            span,
-            kind != TAR,
-            build_once_more_if_unproven,
-            # This image's config must name the kept index's tar, as it must for one
-            # built now: another image of the same blob may have left it.
-            lambda kept: check_diff_id(kept.tar_digest, diff_id()),
-        )
-        if cache.origin(blob.digest, span) == IndexCache.SHARED:
-            check = SharedIndexCheck(cache, blob, span, index)
+    index, check = _find_index(
+        store,
+        blob,
+        kind,
+        online=online,
+        diff_id=diff_id,
+        span=span,
+        tarindex=tarindex,
+        zinfo=zinfo,
+        shared=shared,
+    )
     if index.spans is None:
         return TarLayer(index, blob, [], check, name=name, description=description)
-    if len(index.spans.points) == 1:
+    return _compressed_layer(
+        store,
+        blob,
+        kind,
+        index,
+        check,
+        online=online,
+        settings=settings,
+        source=source,
+        name=name,
+        description=description,
+    )
+
+
+def _find_index(
+    store: ChunkStore,
+    blob: CachedBlob,
+    kind: str,
+    *,
+    online: bool,
+    diff_id: Callable[[], str | None],
+    span: int,
+    tarindex: Path | None,
+    zinfo: Path | None,
+    shared: Callable[[], TarIndex | None] | None,
+) -> tuple[TarIndex, SharedIndexCheck | None]:
+    """The layer's index: from the files the user named, else kept in the cache, else
+    attached to the image, else built now; and, for an attached one, what proves it."""
+    if tarindex is not None:
+        return local_index(tarindex, zinfo, blob, kind, diff_id() if zinfo else None), None
+    cache = IndexCache(store)
+    build = functools.partial(
+        _build_index,
+        store,
+        cache,
+        blob,
+        kind,
+        online=online,
+        diff_id=diff_id,
+        span=span,
+        shared=shared,
+    )
+    index = cached_or_built(
+        cache,
+        blob.digest,
+        span,
+        kind != TAR,
+        functools.partial(_build_once_more_if_unproven, build, store, blob.digest, online),
+        # This image's config must name the kept index's tar, as it must for one
+        # built now: another image of the same blob may have left it.
+        lambda kept: check_diff_id(kept.tar_digest, diff_id()),
+    )
+    if cache.origin(blob.digest, span) != IndexCache.SHARED:
+        return index, None
+    return index, SharedIndexCheck(cache, blob, span, index)
+
+
+def _build_index(
+    store: ChunkStore,
+    cache: IndexCache,
+    blob: CachedBlob,
+    kind: str,
+    *,
+    online: bool,
+    diff_id: Callable[[], str | None],
+    span: int,
+    shared: Callable[[], TarIndex | None] | None,
+) -> TarIndex:
+    """An index for a layer the cache has none for: the one attached to the image, unless
+    refused before, else one built by reading the layer."""
+    if not online:
+        raise NotCached(
+            f"{blob.digest}: this tar layer was never indexed in this cache by index "
+            f"format {INDEX_FORMAT} (an older version's index is not used); the next "
+            "open with the registry reachable indexes it"
+        )
+    if kind == TAR:
+        check_diff_id(blob.digest, diff_id())
+    refused = cache.origin(blob.digest, span) == IndexCache.REFUSED
+    if shared is not None and not refused and (found := shared()) is not None:
+        log.info("%s: using the index attached to the image", blob.digest)
+        # Marked before it is kept, so no crash can keep it unmarked (unproven).
+        cache.set_origin(blob.digest, span, IndexCache.SHARED)
+        return found
+    read = _read_all(blob)
+    if kind == TAR:
+        return index_plain_tar(read, blob.size, blob.digest)
+    log.info("%s: reading the %s layer once to index it", blob.digest, kind)
+    tar_digest = diff_id()
+    keeper = _pass_fill(store, kind, tar_digest, read, blob.size)
+    built = None
+    try:
+        built = index_compressed_tar(
+            RangeFile(_streamed(blob), blob.size),
+            kind,
+            blob_digest=blob.digest,
+            diff_id=tar_digest,
+            span=span,
+            sink=keeper,
+        )
+    finally:
+        if keeper is not None:
+            keeper.finish(built.tar_size if built is not None else None)
+    return built
+
+
+def _build_once_more_if_unproven(
+    build: Callable[[], TarIndex], store: ChunkStore, digest: str, online: bool
+) -> TarIndex:
+    """``build()``; if the blob's bytes fail it, once more after dropping them from the
+    cache when nothing had proven them."""
+    try:
+        return build()
+    except DiffIdMismatch:
+        raise  # the config is wrong, not the bytes: reading them again cannot help
+    except (IntegrityError, DamagedTar) as exc:
+        # Not an entry refused for what it holds (its header's checksum held):
+        # the same bytes would be refused again.
+        # A pass stopped short by bad bytes leaves them cached, never judged by the
+        # blob's digest: every later pass would read them again and fail the same.
+        if not online or not store.drop_unproven(digest):
+            raise
+        log.warning(
+            "%s: %s; its cached bytes, never proven, are dropped and it is read "
+            "once more from the registry",
+            digest,
+            exc,
+        )
+        return build()
+
+
+def _compressed_layer(
+    store: ChunkStore,
+    blob: CachedBlob,
+    kind: str,
+    index: TarIndex,
+    check: SharedIndexCheck | None,
+    *,
+    online: bool,
+    settings: PrefetchSettings,
+    source: BlobSource | None,
+    name: str,
+    description: str,
+) -> TarLayer:
+    """A gzip or zstd layer served from its decompressed tar: cached under the tar's
+    digest, its spans inflated from the blob (or ``source``) as they are read, and, with
+    readahead or fill, pumped ahead of the reads."""
+    spans = index.spans
+    assert spans is not None  # a compressed layer's index has its restart points
+    if len(spans.points) == 1:
         log.info(
             "%s: one %s frame, no restart point inside it: the first read decompresses the "
             "whole layer once into the cache",
@@ -421,9 +507,9 @@ def open_tar_layer(
         )
     digest, size = index.tar_digest, index.tar_size
     owned: list[Closing] = []
-    compressed: ReadRange = read
+    compressed: ReadRange = _read_all(blob)
     hint = blob.cache
-    if source is not None and online and index.spans.digests is not None:
+    if source is not None and online and spans.digests is not None:
         counters = store.counters
         span_bytes = SpanBytes(
             source,
@@ -437,7 +523,7 @@ def open_tar_layer(
     if pumping:
         keep = writer = SpanWriter(keep)
         owned.append(writer)
-    inflated = DecompressedTar(index.spans, compressed, digest, keep, scratch=store.path)
+    inflated = DecompressedTar(spans, compressed, digest, keep, scratch=store.path)
     tar_blob = CachedBlob(
         store,
         digest,
