@@ -52,7 +52,9 @@ class DemoRun:
             found += [line for line in mounts if tmp in line]
         for proc in Path("/proc").glob("[0-9]*"):
             try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                cmdline = (
+                    (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                )
             except OSError:
                 continue
             if tmp in cmdline:
