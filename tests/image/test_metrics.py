@@ -82,11 +82,12 @@ def test_idle_metrics_connections_are_bounded_and_closed(monkeypatch):
     monkeypatch.setattr(metrics._QuietHandler, "timeout", 0.5)
     server = metrics.MetricsServer("127.0.0.1", 0, lambda: {}, lambda: 0)
     host, port = server.address
-    before = threading.active_count()
     idle = [socket.create_connection((host, port)) for _ in range(40)]
     try:
         time.sleep(0.2)
-        assert threading.active_count() - before <= metrics.CONNECTIONS
+        # Its own threads, by their target: other tests' threads may still be ending.
+        held = [t for t in threading.enumerate() if t.name.endswith("(process_request_thread)")]
+        assert 0 < len(held) <= metrics.CONNECTIONS
         for conn in idle:
             conn.settimeout(5)
             assert conn.recv(1) == b""  # closed by the server: at once, or once idle
