@@ -336,11 +336,7 @@ class ChunkStore:
                     recency_mod.place(txn, self.dbs, part_key, tick, pinned=record.pinned)
             return self._settle(txn, digest, record, added, tick)
 
-        try:
-            return self.env.write(work)
-        except DiskFull:
-            self.make_room()
-            return self.env.write(work)
+        return self._write_making_room(work)
 
     def drop_part(self, txn: lmdb.Transaction, key: bytes) -> int:
         """In a write transaction: drop chunk ``key``'s part, if any, and its recency entry;
@@ -405,11 +401,7 @@ class ChunkStore:
             return record
 
         try:
-            try:
-                return self.env.write(work)
-            except DiskFull:
-                self.make_room()
-                return self.env.write(work)
+            return self._write_making_room(work)
         except ChunkIntegrityError:
             if len(runs) == 1:
                 self.counters.add(checksum_failures=1)
@@ -423,10 +415,22 @@ class ChunkStore:
         assert refused is not None
         raise refused
 
-    def _record_for(self, txn: lmdb.Transaction, digest: str, size: int) -> BlobRecord:
+    def _record(self, txn: lmdb.Transaction, digest: str) -> BlobRecord | None:
+        """The blob's record in ``txn``, None if the cache has none."""
         raw = txn.get(digest.encode(), db=self.dbs[DB_BLOBS])
-        if raw is not None:
-            record = BlobRecord.unpack(raw)
+        return BlobRecord.unpack(raw) if raw is not None else None
+
+    def _write_making_room(self, work: Callable[[lmdb.Transaction], T]) -> T:
+        """``work`` in a write transaction; on a full disk, once more after making room."""
+        try:
+            return self.env.write(work)
+        except DiskFull:
+            self.make_room()
+            return self.env.write(work)
+
+    def _record_for(self, txn: lmdb.Transaction, digest: str, size: int) -> BlobRecord:
+        record = self._record(txn, digest)
+        if record is not None:
             if record.size != size:
                 raise CacheError(
                     f"{digest} has size {record.size} in the cache, but {size} was given"
@@ -501,7 +505,9 @@ class ChunkStore:
         cap = self._current_cap(txn)
         if stored > cap:
             self._evict(txn, stored, self._evict_target(txn, stored, cap))
-            record = BlobRecord.unpack(txn.get(digest.encode(), db=self.dbs[DB_BLOBS]))
+            evicted = self._record(txn, digest)
+            assert evicted is not None  # eviction drops chunks, never a record
+            record = evicted
         return record
 
     def _evict_target(self, txn: lmdb.Transaction, stored: int, cap: int) -> int:
@@ -583,10 +589,9 @@ class ChunkStore:
         """
 
         def work(txn: lmdb.Transaction) -> int:
-            raw = txn.get(digest.encode(), db=self.dbs[DB_BLOBS])
-            if raw is None:
+            record = self._record(txn, digest)
+            if record is None:
                 return 0
-            record = BlobRecord.unpack(raw)
             seed = blob_seed(digest)
             dropped = 0
             for index in indices:
@@ -622,10 +627,9 @@ class ChunkStore:
         modulo 4 GiB. A short last chunk of the old length, no longer the last, goes."""
 
         def work(txn: lmdb.Transaction) -> None:
-            raw = txn.get(digest.encode(), db=self.dbs[DB_BLOBS])
-            if raw is None:
+            record = self._record(txn, digest)
+            if record is None:
                 return  # nothing stored yet: the first store makes it at its size
-            record = BlobRecord.unpack(raw)
             if record.sealed or size <= record.size:
                 raise CacheError(f"{digest} cannot grow from {record.size} to {size} bytes")
             if record.size % CHUNK_SIZE:
@@ -644,10 +648,9 @@ class ChunkStore:
         for a sealed blob, whose chunks are proven and stay."""
 
         def work(txn: lmdb.Transaction) -> bool:
-            raw = txn.get(digest.encode(), db=self.dbs[DB_BLOBS])
-            if raw is None:
+            record = self._record(txn, digest)
+            if record is None:
                 return True  # nothing kept (the seal may have just dropped it)
-            record = BlobRecord.unpack(raw)
             if record.sealed:
                 return False
             self._drop_stored(txn, record)
@@ -673,10 +676,9 @@ class ChunkStore:
         """Remove a blob, its chunks and its checksums; False if it was not cached."""
 
         def work(txn: lmdb.Transaction) -> bool:
-            raw = txn.get(digest.encode(), db=self.dbs[DB_BLOBS])
-            if raw is None:
+            record = self._record(txn, digest)
+            if record is None:
                 return False
-            record = BlobRecord.unpack(raw)
             self._drop_stored(txn, record)
             txn.delete(digest.encode(), db=self.dbs[DB_BLOBS])
             txn.delete(U64.pack(record.blob_id), db=self.dbs[DB_IDS])
@@ -688,12 +690,11 @@ class ChunkStore:
 
     def _set_flag(self, digest: str, flag: int, on: bool, size: int | None) -> None:
         def work(txn: lmdb.Transaction) -> None:
-            raw = txn.get(digest.encode(), db=self.dbs[DB_BLOBS])
-            if raw is None and size is None:
-                raise CacheError(f"{digest} is not in the cache")
-            record = (
-                BlobRecord.unpack(raw) if raw is not None else self._record_for(txn, digest, size)
-            )
+            record = self._record(txn, digest)
+            if record is None:
+                if size is None:
+                    raise CacheError(f"{digest} is not in the cache")
+                record = self._record_for(txn, digest, size)
             was_pinned = record.pinned
             record.flags = record.flags | flag if on else record.flags & ~flag
             txn.put(digest.encode(), record.pack(), db=self.dbs[DB_BLOBS])
