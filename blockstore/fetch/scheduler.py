@@ -20,6 +20,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from blockstore.errors import BlobReadError, OutOfResources
+
 from . import forks
 from .window import Window
 
@@ -29,6 +31,9 @@ FILL = 2
 
 DEFAULT_WORKERS = 12
 DEFAULT_PREFETCH_BUDGET = 64 << 20
+LOOK_AHEAD = 9
+"""Queued jobs a free worker weighs, best first, before it waits: a pick stays cheap
+however long the queue of prefetch and fill jobs grows."""
 
 
 @dataclass(order=True)
@@ -148,7 +153,7 @@ class Scheduler:
     def _eligible(self) -> Job | None:
         """Under the lock: the best job allowed to start now, taken off the queue."""
         window = self.window.ranges
-        for i, job in enumerate(sorted(self._queue)):
+        for job in heapq.nsmallest(LOOK_AHEAD, self._queue):
             if job.priority == DEMAND:
                 allowed = True
             elif job.priority == PREFETCH:
@@ -164,8 +169,6 @@ class Scheduler:
                 self._queue.remove(job)
                 heapq.heapify(self._queue)
                 return job
-            if i >= 8:
-                break
         return None
 
     def _work(self) -> None:
@@ -212,14 +215,10 @@ class Scheduler:
 
 
 def _stopped() -> BaseException:
-    from blockstore.errors import BlobReadError
-
     return BlobReadError("the fetch was cancelled: the export is closing")
 
 
 def _no_thread(exc: RuntimeError) -> BaseException:
-    from blockstore.errors import BlobReadError, OutOfResources
-
     error = BlobReadError(f"no thread could be started to fetch it ({exc})")
     error.__cause__ = OutOfResources(f"out of threads ({exc})")
     return error
