@@ -33,8 +33,9 @@ from nbdfront.mount.attach import Attachment, known_fields
 from nbdfront.mount.process import ProcessRef
 
 RECORD_NAME = "record.json"
-NEW_PREFIX = ".new-"
-"""State directories being made carry this prefix (and the maker's pid) until renamed."""
+NEW_PREFIX = "+new-"
+"""State directories being made carry this prefix (and the maker's pid) until renamed:
+a ``+`` is in no mount key, so no mount point's own directory can begin with it."""
 
 
 def run_dir() -> Path:
@@ -105,7 +106,8 @@ class MountRecord:
 
     ``lowers`` are the per-layer EROFS mount points under an overlay (bottom
     first); empty when the only layer is mounted at ``mountpoint`` itself.
-    ``mounted`` says the top mount at ``mountpoint`` was made (and so is ours).
+    ``mounted`` says the top mount at ``mountpoint`` was made (and so is ours);
+    ``top_device`` is its device (major:minor), by which ``umount`` knows it.
     ``info`` belongs to the command that made the mount (image, layers,
     cache directory) and is shown back by ``mounts``. ``mounter`` is the
     ``mount`` command while it is still at work (None once the mount is made):
@@ -124,6 +126,7 @@ class MountRecord:
     lowers: list[str] = field(default_factory=list)
     overlay: bool = False
     mounted: bool = False
+    top_device: str | None = None
     mount_seconds: float | None = None
     info: dict = field(default_factory=dict)
 

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 # Where the server's exit status is written, in the mount's state directory.
 SERVER_STATUS = "serve.status"
+EMPTY_LOWER = "empty-lower"  # the layer an overlay of one visible layer is given
 
 SERVER_STOP_TIMEOUT = STOP_GRACE + 3.0
 """Seconds ``umount`` waits for the supervisor: the server's grace, then time for the
@@ -245,6 +246,7 @@ def _mount_layers(record: MountRecord, check: Callable[[], None], shown: set[str
     if len(devices) == 1:
         _mount_erofs(devices[0], record.mountpoint, log, shown)
         record.mounted = True
+        record.top_device = syscall.mounts_at(record.mountpoint)[0].device
         return
     for attachment in record.attachments:
         lower = Path(record.state_dir) / f"layer-{attachment.export}"
@@ -255,7 +257,7 @@ def _mount_layers(record: MountRecord, check: Callable[[], None], shown: set[str
         check()
     visible = _visible(record.lowers)
     if len(visible) == 1:  # overlayfs wants two lower layers at least: an empty one
-        empty = Path(record.state_dir) / "empty-lower"
+        empty = Path(record.state_dir) / EMPTY_LOWER
         empty.mkdir(exist_ok=True)
         visible.insert(0, str(empty))
     # overlayfs lists lower directories top first; with no upperdir it is read-only. The
@@ -266,6 +268,7 @@ def _mount_layers(record: MountRecord, check: Callable[[], None], shown: set[str
     with _working_directory(record.state_dir):
         syscall.mount("overlay", record.mountpoint, "overlay", f"lowerdir={lowerdir}")
     record.mounted = record.overlay = True
+    record.top_device = syscall.mounts_at(record.mountpoint)[0].device
     logger.info("overlayfs at %s over %s", record.mountpoint, lowerdir)
 
 
@@ -402,25 +405,48 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
     return Unmounted(record, trouble)
 
 
-def _top_is_ours(record: MountRecord) -> bool:
-    """Whether what is mounted at the mount point is this record's top mount, whatever
-    the record says: one whose command was killed inside mount(2) made it unrecorded,
-    and a mount the user made there after unmounting ours by hand is not ours to take
-    down. Ours is a layer's EROFS on a device of the record (or a file in its state
-    directory), or an overlay whose lower directories all lie in the state directory."""
-    found = syscall.mount_at(record.mountpoint)
-    if found is None:
+def _where_ours_is(record: MountRecord) -> str:
+    """Where the record's top mount is among those at the mount point, whatever the
+    record says: ``top``, ``covered`` (another file system is mounted on it there), or
+    ``absent`` (gone, or never made). A command killed inside mount(2) made it
+    unrecorded; a mount the user made there after unmounting ours by hand is not ours."""
+    for depth, here in enumerate(syscall.mounts_at(record.mountpoint)):
+        if _is_ours(record, here):
+            return "top" if depth == 0 else "covered"
+    return "absent"
+
+
+def _is_ours(record: MountRecord, here: syscall.MountedHere) -> bool:
+    """Whether ``here`` is the record's top mount: a layer's EROFS on one of the
+    record's devices (or a file in its state directory), or an overlay of exactly the
+    record's layer directories, named relative to the state directory as this engine
+    names them (or, as older versions did, by their paths); and on the recorded device,
+    once one is (an EROFS or a tmpfs made there since may get the same anonymous
+    device number, so the device alone does not tell)."""
+    if record.top_device is not None and here.device != record.top_device:
         return False
-    fstype, source, lowers = found
-    inside = record.state_dir.rstrip("/") + "/"
-    if fstype == "erofs":
-        return source.startswith(inside) or source in {a.device for a in record.attachments}
-    if fstype == "overlay" and lowers:
+    state = record.state_dir.rstrip("/")
+    inside = (state + "/", os.path.realpath(state) + "/")
+    if here.fstype == "erofs":
+        devices = {a.device for a in record.attachments}
+        return here.source in devices or here.source.startswith(inside)
+    if here.fstype == "overlay" and record.lowers and here.lowers:
+        named = {os.path.relpath(lower, state) for lower in record.lowers} | {EMPTY_LOWER}
         return all(
-            os.path.realpath(os.path.join(record.state_dir, lower)).startswith(inside)
-            for lower in lowers
+            lower in named if not os.path.isabs(lower) else lower.startswith(inside)
+            for lower in here.lowers
         )
     return False
+
+
+def _sweep(record: MountRecord, *, fuse: bool, lazy: bool) -> None:
+    """Unmount what is left mounted in the state directory, made by a step the record
+    does not list (the command killed inside it): first (``fuse=False``) layers' EROFS,
+    then the FUSE files they read; unmounting a FUSE file ends its nbdfuse."""
+    table = syscall.mounted()
+    for point in syscall.submounts(record.state_dir):
+        if table.get(point, ("",))[0].startswith("fuse") == fuse:
+            syscall.umount(point, lazy=lazy)
 
 
 def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
@@ -431,7 +457,13 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
     Returns how the server ended, None where it is not known. Bounded: a
     server that does not stop is killed after ``STOP_GRACE`` seconds.
     """
-    top = _top_is_ours(record)
+    where = _where_ours_is(record)
+    if where == "covered":
+        raise MountpointBusy(
+            f"{record.mountpoint} is busy: another file system is mounted over it, at the "
+            "same place; unmount that first"
+        )
+    top = where == "top"
     if top and not lazy:
         ours = [record.mountpoint, *record.lowers]
         ours += [a.fuse_dir for a in record.attachments if a.fuse_dir]
@@ -456,14 +488,10 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
         record.server.signal(signal.SIGTERM)
     for lower in reversed(record.lowers):
         syscall.umount(lower, lazy=lazy)
+    _sweep(record, fuse=False, lazy=lazy)
     for attachment in reversed(record.attachments):
         attach.detach(attachment, lazy=lazy)
-    # A step made but not recorded (the mount command killed inside it): a layer's
-    # EROFS before the FUSE file it reads; unmounting a FUSE file ends its nbdfuse.
-    left = syscall.submounts(record.state_dir)
-    table = syscall.mounted()
-    for point in sorted(left, key=lambda p: table.get(p, ("",))[0].startswith("fuse")):
-        syscall.umount(point, lazy=lazy)
+    _sweep(record, fuse=True, lazy=lazy)
     if record.server is not None:
         record.server.stop(SERVER_STOP_TIMEOUT, told=told)
     ended = read_status(Path(record.state_dir) / SERVER_STATUS)

@@ -96,6 +96,8 @@ class _Mount(NamedTuple):
     fstype: str
     source: str
     options: str  # the file system's own (overlayfs: its directories)
+    mount_id: str = ""
+    parent_id: str = ""
 
 
 def _mounts() -> list[_Mount]:
@@ -107,7 +109,15 @@ def _mounts() -> list[_Mount]:
             fields, tail = left.split(), right.split()
             options = tail[2] if len(tail) > 2 else ""
             found.append(
-                _Mount(_unescape(fields[4]), fields[2], tail[0], _unescape(tail[1]), options)
+                _Mount(
+                    _unescape(fields[4]),
+                    fields[2],
+                    tail[0],
+                    _unescape(tail[1]),
+                    options,
+                    fields[0],
+                    fields[1],
+                )
             )
     return found
 
@@ -149,21 +159,39 @@ def _overlay_uses(options: str, ours: set[str], inside: tuple[str, ...]) -> bool
     return False
 
 
-def mount_at(path: str) -> tuple[str, str, list[str]] | None:
-    """What is mounted at ``path`` (the last mount there): its file system type, its
-    source and, for an overlay, its lower directories as they were given (relative
-    names stay relative); None if nothing is."""
+class MountedHere(NamedTuple):
+    """One file system mounted at a path."""
+
+    device: str  # major:minor: the file system's own, the same for each of its mounts
+    fstype: str
+    source: str
+    lowers: list[str]  # an overlay's lower directories as given (relative stay relative)
+
+
+def mounts_at(path: str) -> list[MountedHere]:
+    """The file systems mounted at ``path``, the one on top (the one a lookup sees)
+    first. The order of mountinfo's lines is not it (a moved mount keeps its place):
+    a mount at the same point as another is on top of the one that is its parent."""
     point = os.path.realpath(path)
-    found = [m for m in _mounts() if m.point == point]
-    if not found:
-        return None
-    top = found[-1]
-    lowers: list[str] = []
-    for option in top.options.split(","):
+    here = [m for m in _mounts() if m.point == point]
+    above = {m.parent_id: m for m in here}
+    ordered: list[_Mount] = []
+    ids = {m.mount_id for m in here}
+    bottom = next((m for m in here if m.parent_id not in ids), None)
+    while bottom is not None and len(ordered) < len(here):
+        ordered.append(bottom)
+        bottom = above.get(bottom.mount_id)
+    return [
+        MountedHere(m.device, m.fstype, m.source, _lower_dirs(m.options)) for m in reversed(ordered)
+    ]
+
+
+def _lower_dirs(options: str) -> list[str]:
+    for option in options.split(","):
         key, _, value = option.partition("=")
         if key == "lowerdir":
-            lowers = _unescape(value).split(":")
-    return top.fstype, top.source, lowers
+            return _unescape(value).split(":")
+    return []
 
 
 def is_mounted(path: str) -> bool:

@@ -287,7 +287,7 @@ def test_a_step_the_killed_mount_made_but_never_recorded_is_undone(
     argv = local_server({"layer0": erofs_images.small.path})
     record = stack.mount(argv, str(mountpoint), image="small")
     made = records.load(str(mountpoint))
-    made.mounted = False
+    made.mounted, made.top_device = False, None
     if unrecorded == "the attach":
         syscall.umount(str(mountpoint))
         made.attachments = []
@@ -297,8 +297,9 @@ def test_a_step_the_killed_mount_made_but_never_recorded_is_undone(
     assert_nothing_left(record, run)
 
 
+@pytest.mark.parametrize("users", ["tmpfs", "overlay"])
 def test_umount_leaves_alone_what_the_user_mounted_there_since(
-    mount_dirs, mountpoint, erofs_images, local_server
+    mount_dirs, mountpoint, erofs_images, local_server, tmp_path, users
 ):
     """Tried: the image unmounted by hand with the system's ``umount``, and a tmpfs of
     the user's mounted at the same place, holding a file; then ``blockstore umount``.
@@ -309,18 +310,105 @@ def test_umount_leaves_alone_what_the_user_mounted_there_since(
     argv = local_server({"layer0": erofs_images.small.path})
     record = stack.mount(argv, str(mountpoint), image="small")
     subprocess.run(["umount", str(mountpoint)], check=True)
-    subprocess.run(["mount", "-t", "tmpfs", "users-own", str(mountpoint)], check=True)
+    if users == "tmpfs":
+        subprocess.run(["mount", "-t", "tmpfs", "users-own", str(mountpoint)], check=True)
+    else:  # relative lower directories, as this engine gives its own overlays
+        for name in ("lo1", "lo2", "up", "work"):
+            (tmp_path / name).mkdir()
+        options = "lowerdir=lo1:lo2,upperdir=up,workdir=work"
+        mount = ["mount", "-t", "overlay", "users-own", "-o", options, str(mountpoint)]
+        subprocess.run(mount, check=True, cwd=tmp_path)
     try:
         (mountpoint / "precious").write_text("kept")
         done = cli("umount", str(mountpoint))
         assert done.returncode == 0, done.stderr
         assert "not this mount's: left alone" in done.stderr, done.stderr
-        assert syscall.mount_at(str(mountpoint))[:2] == ("tmpfs", "users-own")
+        assert syscall.mounts_at(str(mountpoint))[0][1:3] == (users, "users-own")
         assert (mountpoint / "precious").read_text() == "kept"
         assert not processes_mentioning(str(run))
         assert records.saved() == [] and not os.path.exists(record.state_dir)
     finally:
         subprocess.run(["umount", str(mountpoint)], check=False)
+
+
+@pytest.mark.parametrize("how", ["mounted", "moved"])
+def test_umount_of_a_mount_covered_at_its_own_place_is_refused_and_changes_nothing(
+    mount_dirs, mountpoint, erofs_images, local_server, tmp_path, how
+):
+    """Tried: a tmpfs of the user's mounted at the image's mount point, over the image,
+    or moved there with ``mount --move`` (mountinfo then lists it before ours). Must
+    hold: ``umount`` is refused (exit 13) before anything is undone; the server stays,
+    and the tmpfs with its file; once the user's mount is gone, ``umount`` leaves
+    nothing. Before, the server was stopped, then the FUSE file was found busy, and
+    ``umount -l`` left the image mounted under the tmpfs with no record; in the moved
+    case the user's tmpfs was unmounted."""
+    _, run = mount_dirs
+    argv = local_server({"layer0": erofs_images.small.path})
+    record = stack.mount(argv, str(mountpoint), image="small")
+    if how == "mounted":
+        subprocess.run(["mount", "-t", "tmpfs", "users-own", str(mountpoint)], check=True)
+    else:
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "users-own", str(elsewhere)], check=True)
+        subprocess.run(["mount", "--move", str(elsewhere), str(mountpoint)], check=True)
+    try:
+        (mountpoint / "precious").write_text("kept")
+        for lazy in ([], ["--lazy"]):
+            busy = cli("umount", *lazy, str(mountpoint))
+            assert busy.returncode == MountpointBusy.exit_code, busy.stderr
+            assert "mounted over it, at the same place" in busy.stderr, busy.stderr
+            assert record.server is not None and record.server.alive()
+            assert (mountpoint / "precious").read_text() == "kept"
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert_nothing_left(record, run)
+
+
+def test_a_layer_the_killed_mount_made_but_never_recorded_is_undone_before_its_fuse_file(
+    mount_dirs, mountpoint, erofs_images, local_server
+):
+    """Tried: a three-layer mount SIGKILLed just after the second layer's EROFS was
+    mounted, before it was recorded (simulated: the overlay taken down, the record cut
+    back to what it then said). Must hold: ``umount`` unmounts that layer before the
+    FUSE file it reads, and leaves nothing. Before, every umount failed on the FUSE
+    file as busy, after stopping the server."""
+    _, run = mount_dirs
+    argv = local_server({f"layer{i}": layer.path for i, layer in enumerate(erofs_images.layers)})
+    record = stack.mount(argv, str(mountpoint), image="three")
+    syscall.umount(str(mountpoint))
+    syscall.umount(record.lowers[2])
+    made = records.load(str(mountpoint))
+    made.lowers, made.mounted, made.top_device = made.lowers[:1], False, None
+    records.save(made)
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert_nothing_left(record, run)
+
+
+def test_a_run_directory_reached_through_a_symlink_is_unmounted_cleanly(
+    mount_dirs, mountpoint, erofs_images, local_server, monkeypatch
+):
+    """Tried: a three-layer mount whose run directory is named through a symlink to its
+    parent (as /var/run is to /run). Must hold: ``umount`` knows the overlay for its own and
+    leaves nothing."""
+    _, run = mount_dirs
+    link = run.parent / f"{run.name}-link"  # to the run directory's parent
+    link.symlink_to(run.parent)
+    try:
+        monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(link / run.name))
+        argv = local_server(
+            {f"layer{i}": layer.path for i, layer in enumerate(erofs_images.layers)}
+        )
+        record = stack.mount(argv, str(mountpoint), image="three")
+        done = cli("umount", str(mountpoint))
+        assert done.returncode == 0, done.stderr
+        assert "left alone" not in done.stderr
+        assert_nothing_left(record, run)
+    finally:
+        link.unlink()
 
 
 def test_busy_mountpoint_and_busy_umount(mount_dirs, mountpoint, erofs_images, local_server):
