@@ -232,39 +232,47 @@ def cmd_unpin(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    """Remove blobs; a layer another cached image still uses is kept."""
+    """Remove images and blobs; a layer another cached image still uses is kept, and so
+    is an image whole while a running server serves any of its layers from the cache
+    alone (its server would read I/O errors from then on, with nowhere to fetch from)."""
     from blockstore.tarlayer.export import IndexCache
 
     with open_store(args) as store:
         blobs, refs = resolve_targets(store, args.targets)
-        removing = {r["reference"] for r in refs}
         tars = IndexCache(store).tar_digest
-        in_use: set[str] = set()
-        for record in store.images.all():
-            if record["reference"] not in removing:
-                in_use |= _layer_blobs(record, tars)
+        images = {r["reference"]: set() for r in refs}
+        for record in refs:
+            images[record["reference"]] |= _layer_blobs(record, tars)
         # A compressed tar layer is served from the tar its first pass inflated: that goes too.
         for digest in list(blobs):
             if (tar := tars(digest)) is not None:
                 blobs.setdefault(tar, None)
+        held = sorted(d for d in blobs if store.is_held(d))
+        busy = {reference for reference, layers in images.items() if layers & set(held)}
+        keep_whole = set().union(*(images[reference] for reference in busy))
+        in_use = set(keep_whole)
+        for record in store.images.all():
+            if record["reference"] not in images:
+                in_use |= _layer_blobs(record, tars)
         explicit = {t for t in args.targets if DIGEST.match(t)}
-        removed, kept, held = [], [], []
+        removed, kept = [], []
         for digest in sorted(blobs):
+            if digest in held:
+                continue
             if digest in in_use and digest not in explicit:
                 kept.append(digest)
-            elif store.is_held(digest):
-                held.append(digest)  # its server would read I/O errors from here on
             elif store.remove(digest):
                 removed.append(digest)
-        for reference in removing:  # an image a server still serves stays whole, record too
-            layers = {d for r in refs if r["reference"] == reference for d in _layer_blobs(r, tars)}
-            if not layers & set(held):
-                store.images.remove(reference)
-    lines = [f"removed {d}" for d in removed] + [f"kept {d} (used by another image)" for d in kept]
+        gone = sorted(set(images) - busy)
+        for reference in gone:
+            store.images.remove(reference)
+    lines = [f"removed {d}" for d in removed] + [f"removed image {r}" for r in gone]
+    lines += [f"kept {d} (used by another image)" for d in kept if d not in keep_whole]
     lines += [f"kept {d}: served from the cache alone (offline) by a running server" for d in held]
+    lines += [f"kept image {r} whole: a running server serves it" for r in sorted(busy)]
     emit(
         args,
-        {"removed": removed, "kept": kept, "held": held},
+        {"removed": removed, "removed_images": gone, "kept": kept, "held": held},
         "\n".join(lines) or "nothing to remove",
     )
     return CacheError.exit_code if held else 0

@@ -147,33 +147,41 @@ def test_a_layer_served_offline_keeps_its_chunks_through_gc_in_another_process(
     assert not holds.is_held(cache, layer.digest)
 
 
-def test_cache_rm_keeps_a_layer_a_server_serves_offline_and_says_so(
+def test_cache_rm_keeps_an_image_a_server_serves_offline_whole_and_says_so(
     registry, pushed_images, erofs_images, tmp_path
 ):
-    """Tried: ``cache rm IMAGE`` of a prefetched image while ``serve --offline`` serves
-    its layer. Must hold: the layer, and the image's record, are kept (its server would
-    read I/O errors from then on, with nowhere to fetch from); rm names it and exits 8;
-    nbdcopy then reads the layer byte for byte. Once the server has stopped, rm removes
-    it. Before, rm removed it at once and every read of the mount failed."""
+    """Tried: ``cache rm IMAGE`` of a prefetched three-layer image while ``serve
+    --offline --layer 1`` serves one of its layers. Must hold: nothing of the image is
+    removed, neither that layer nor the others nor its record (a later offline serve of
+    another layer would find it gone); rm names the held layer and the image, and exits
+    8; nbdcopy then reads the layer byte for byte. Once the server has stopped, rm
+    removes every layer and the image, and says so. Before, rm removed everything at
+    once and every read of the mount failed; then, the other layers alone."""
     cache = tmp_path / "cache"
-    image = pushed_images.small
+    image = pushed_images.multilayer
+    layers = erofs_images.layers
     cli = [sys.executable, "-m", "blockstore"]
     prefetch = [*cli, "prefetch", image, "--insecure", "--cache-dir", str(cache)]
     assert subprocess.run(prefetch, capture_output=True, timeout=120).returncode == 0
     rm = [*cli, "cache", "rm", image, "--json", "--cache-dir", str(cache)]
-    args = [image, "--offline", "--cache-dir", str(cache)]
+    args = [image, "--offline", "--cache-dir", str(cache), "--layer", "1"]
     with serving(*args, "--listen", "127.0.0.1:0") as (proc, exports):
         result = subprocess.run(rm, capture_output=True, text=True, timeout=60)
         assert result.returncode == 8, result.stderr
         report = json.loads(result.stdout)
-        assert report["removed"] == [] and report["held"] == [erofs_images.small.digest]
+        assert report["removed"] == [] and report["removed_images"] == []
+        assert report["held"] == [layers[1].digest]
+        with ChunkStore(cache) as store:
+            assert {i.digest for i in store.blobs()} >= {layer.digest for layer in layers}
         out = tmp_path / "layer.img"
-        subprocess.run(["nbdcopy", exports[""], str(out)], check=True, timeout=60)
-        assert filecmp.cmp(out, erofs_images.small.path, shallow=False)
+        subprocess.run(["nbdcopy", exports["layer1"], str(out)], check=True, timeout=60)
+        assert filecmp.cmp(out, layers[1].path, shallow=False)
         assert stop(proc) == 0
     result = subprocess.run(rm, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["removed"] == [erofs_images.small.digest]
+    report = json.loads(result.stdout)
+    assert sorted(report["removed"]) == sorted(layer.digest for layer in layers)
+    assert len(report["removed_images"]) == 1
 
 
 def test_sigterm_waits_for_reads_in_flight(registry, pushed_images, erofs_images, tmp_path):
