@@ -247,14 +247,16 @@ def cmd_rm(args: argparse.Namespace) -> int:
         for digest in list(blobs):
             if (tar := tars(digest)) is not None:
                 blobs.setdefault(tar, None)
-        held = sorted(d for d in blobs if store.is_held(d))
-        busy = {reference for reference, layers in images.items() if layers & set(held)}
-        keep_whole = set().union(*(images[reference] for reference in busy))
-        in_use = set(keep_whole)
+        explicit = {t for t in args.targets if DIGEST.match(t)}
+        in_use: set[str] = set()
         for record in store.images.all():
             if record["reference"] not in images:
                 in_use |= _layer_blobs(record, tars)
-        explicit = {t for t in args.targets if DIGEST.match(t)}
+        # Held, and about to go: a layer another image keeps anyway is no reason to keep.
+        held = sorted(d for d in blobs if (d in explicit or d not in in_use) and store.is_held(d))
+        busy = {reference for reference, layers in images.items() if layers & set(held)}
+        keep_whole = set().union(*(images[reference] for reference in busy))
+        in_use |= keep_whole
         removed, kept = [], []
         for digest in sorted(blobs):
             if digest in held:
@@ -272,7 +274,13 @@ def cmd_rm(args: argparse.Namespace) -> int:
     lines += [f"kept image {r} whole: a running server serves it" for r in sorted(busy)]
     emit(
         args,
-        {"removed": removed, "removed_images": gone, "kept": kept, "held": held},
+        {
+            "removed": removed,
+            "removed_images": gone,
+            "kept": kept,
+            "held": held,
+            "kept_images": sorted(busy),
+        },
         "\n".join(lines) or "nothing to remove",
     )
     return CacheError.exit_code if held else 0

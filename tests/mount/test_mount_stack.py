@@ -331,12 +331,13 @@ def test_umount_leaves_alone_what_the_user_mounted_there_since(
         subprocess.run(["umount", str(mountpoint)], check=False)
 
 
-@pytest.mark.parametrize("how", ["mounted", "moved"])
+@pytest.mark.parametrize("how", ["mounted", "moved", "bound onto itself"])
 def test_umount_of_a_mount_covered_at_its_own_place_is_refused_and_changes_nothing(
     mount_dirs, mountpoint, erofs_images, local_server, tmp_path, how
 ):
     """Tried: a tmpfs of the user's mounted at the image's mount point, over the image,
-    or moved there with ``mount --move`` (mountinfo then lists it before ours). Must
+    or moved there with ``mount --move`` (mountinfo then lists it before ours), or the
+    image bound onto itself (the same device twice at one place). Must
     hold: ``umount`` is refused (exit 13) before anything is undone; the server stays,
     and the tmpfs with its file; once the user's mount is gone, ``umount`` leaves
     nothing. Before, the server was stopped, then the FUSE file was found busy, and
@@ -347,19 +348,24 @@ def test_umount_of_a_mount_covered_at_its_own_place_is_refused_and_changes_nothi
     record = stack.mount(argv, str(mountpoint), image="small")
     if how == "mounted":
         subprocess.run(["mount", "-t", "tmpfs", "users-own", str(mountpoint)], check=True)
+    elif how == "bound onto itself":  # the same file system twice at one place
+        subprocess.run(["mount", "--bind", str(mountpoint), str(mountpoint)], check=True)
     else:
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
         subprocess.run(["mount", "-t", "tmpfs", "users-own", str(elsewhere)], check=True)
         subprocess.run(["mount", "--move", str(elsewhere), str(mountpoint)], check=True)
     try:
-        (mountpoint / "precious").write_text("kept")
+        if how != "bound onto itself":
+            (mountpoint / "precious").write_text("kept")
         for lazy in ([], ["--lazy"]):
             busy = cli("umount", *lazy, str(mountpoint))
             assert busy.returncode == MountpointBusy.exit_code, busy.stderr
             assert "mounted over it, at the same place" in busy.stderr, busy.stderr
             assert record.server is not None and record.server.alive()
-            assert (mountpoint / "precious").read_text() == "kept"
+            assert len(syscall.mounts_at(str(mountpoint))) == 2
+            if how != "bound onto itself":
+                assert (mountpoint / "precious").read_text() == "kept"
     finally:
         subprocess.run(["umount", str(mountpoint)], check=True)
     done = cli("umount", str(mountpoint))

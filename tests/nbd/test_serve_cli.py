@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import nbd_wire as w
 import pytest
 from rig.fault_proxy import Fault
+from rig.pushed import push_erofs
 
 from blockstore.cache import ChunkStore, holds
 
@@ -182,6 +183,36 @@ def test_cache_rm_keeps_an_image_a_server_serves_offline_whole_and_says_so(
     report = json.loads(result.stdout)
     assert sorted(report["removed"]) == sorted(layer.digest for layer in layers)
     assert len(report["removed_images"]) == 1
+
+
+def test_cache_rm_of_an_image_sharing_a_layer_with_one_served_offline_goes_on(
+    registry, pushed_images, erofs_images, tmp_path
+):
+    """Tried: ``cache rm`` of the three-layer image while ``serve --offline`` serves
+    another image made of its first layer alone. Must hold: the removed image's own
+    layers and its record go (exit 0); the shared layer stays, as another image uses
+    it, and the server reads it byte for byte. A layer held by a server that the other
+    image keeps anyway is no reason to keep the removed image whole."""
+    cache = tmp_path / "cache"
+    layers = erofs_images.layers
+    base_only = push_erofs(registry.host, "serve/base-only", "v1", [layers[0].path])
+    cli = [sys.executable, "-m", "blockstore"]
+    for image in (pushed_images.multilayer, base_only):
+        prefetch = [*cli, "prefetch", image, "--insecure", "--cache-dir", str(cache)]
+        assert subprocess.run(prefetch, capture_output=True, timeout=120).returncode == 0
+    rm = [*cli, "cache", "rm", pushed_images.multilayer, "--json", "--cache-dir", str(cache)]
+    args = [base_only, "--offline", "--cache-dir", str(cache)]
+    with serving(*args, "--listen", "127.0.0.1:0") as (proc, exports):
+        result = subprocess.run(rm, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert sorted(report["removed"]) == sorted(layer.digest for layer in layers[1:])
+        assert report["kept"] == [layers[0].digest] and report["held"] == []
+        assert len(report["removed_images"]) == 1 and report["kept_images"] == []
+        out = tmp_path / "base.img"
+        subprocess.run(["nbdcopy", exports[""], str(out)], check=True, timeout=60)
+        assert filecmp.cmp(out, layers[0].path, shallow=False)
+        assert stop(proc) == 0
 
 
 def test_sigterm_waits_for_reads_in_flight(registry, pushed_images, erofs_images, tmp_path):
