@@ -199,6 +199,20 @@ def resolve_targets(store: ChunkStore, targets: list[str]) -> tuple[dict[str, in
     return blobs, matched_refs
 
 
+def _images_served(images: dict[str, set[str]], held: set[str], kept: set[str]) -> set[str]:
+    """Of the images to remove (each with its blobs), those a running server serves:
+    each with a held blob of its own among them that no image staying (``kept``)
+    keeps anyway; then each with a held blob none of those keeps either (one that
+    several share, held for which of them cannot be told: all of them stay)."""
+    busy = set()
+    for reference, blobs in images.items():
+        others = set().union(*(b for r, b in images.items() if r != reference))
+        if blobs & held - kept - others:
+            busy.add(reference)
+    kept = kept | set().union(*(images[reference] for reference in busy))
+    return busy | {r for r, blobs in images.items() if blobs & held - kept}
+
+
 def _layer_blobs(record: dict, tars: Callable[[str], str | None]) -> set[str]:
     """The blobs an image record's layers are read from: each layer, and the tar a
     compressed tar layer was inflated into (``tars``)."""
@@ -252,9 +266,10 @@ def cmd_rm(args: argparse.Namespace) -> int:
         for record in store.images.all():
             if record["reference"] not in images:
                 in_use |= _layer_blobs(record, tars)
+        served = {d for d in blobs if store.is_held(d)}
         # Held, and about to go: a layer another image keeps anyway is no reason to keep.
-        held = sorted(d for d in blobs if (d in explicit or d not in in_use) and store.is_held(d))
-        busy = {reference for reference, layers in images.items() if layers & set(held)}
+        held = sorted(d for d in served if d in explicit or d not in in_use)
+        busy = _images_served(images, served, in_use)
         keep_whole = set().union(*(images[reference] for reference in busy))
         in_use |= keep_whole
         removed, kept = [], []

@@ -408,14 +408,13 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
 def _where_ours_is(record: MountRecord) -> str:
     """Where the record's top mount is among those at the mount point, whatever the
     record says: ``top``, ``covered`` (another mount is on it there, a bind of it
-    too), or ``absent`` (gone, or never made); a mount another record names as its
-    own top is not this one's. A command killed inside mount(2) made it
+    too, or another blockstore mount's top that an older record cannot tell from
+    its own), or ``absent`` (gone, or never made). A command killed inside mount(2) made it
     unrecorded; a mount the user made there after unmounting ours by hand is not ours."""
-    others = {r.top_device for r in records.saved() if r.state_dir != record.state_dir}
     depths = [
         depth
         for depth, here in enumerate(syscall.mounts_at(record.mountpoint))
-        if here.device not in others and _is_ours(record, here)
+        if _is_ours(record, here)
     ]
     if not depths:
         return "absent"

@@ -373,6 +373,37 @@ def test_umount_of_a_mount_covered_at_its_own_place_is_refused_and_changes_nothi
     assert_nothing_left(record, run)
 
 
+def test_a_stale_record_naming_the_same_device_does_not_hide_the_mount(
+    mount_dirs, mountpoint, erofs_images, local_server, tmp_path
+):
+    """Tried: a record left by a mount the user unmounted by hand, whose top had the
+    device number the kernel has since given this mount (anonymous device numbers are
+    reused). Must hold: ``umount`` still knows this mount for its own and leaves
+    nothing of it. Before, the other record's device made it look foreign: its server
+    was stopped and its FUSE file found busy, and the mount was left dead."""
+    argv = local_server({"layer0": erofs_images.small.path})
+    record = stack.mount(argv, str(mountpoint), image="small")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    stale = records.MountRecord(
+        mountpoint=str(gone),
+        image="small",
+        method=record.method,
+        state_dir=str(records.state_dir_for(str(gone))),
+        log=str(records.log_path_for(str(gone))),
+        mounted=True,
+        top_device=records.load(str(mountpoint)).top_device,
+    )
+    records.create(stale)
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert not syscall.is_mounted(str(mountpoint))
+    assert not [p for p in syscall.mounted() if p.startswith(record.state_dir + "/")]
+    assert not os.path.exists(record.state_dir)
+    assert cli("umount", str(gone)).returncode == 0
+    assert records.saved() == []
+
+
 def test_a_layer_the_killed_mount_made_but_never_recorded_is_undone_before_its_fuse_file(
     mount_dirs, mountpoint, erofs_images, local_server
 ):

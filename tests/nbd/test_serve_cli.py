@@ -215,6 +215,40 @@ def test_cache_rm_of_an_image_sharing_a_layer_with_one_served_offline_goes_on(
         assert stop(proc) == 0
 
 
+def test_cache_rm_of_two_images_keeps_only_the_one_a_server_serves(
+    registry, pushed_images, erofs_images, tmp_path
+):
+    """Tried: ``cache rm A B`` of two prefetched images sharing a layer, while ``serve
+    --offline`` serves A. Must hold: A is kept whole (exit 8, named); B's own layer and
+    its record go, as nothing serves B; the shared layer stays with A. Before, B was
+    kept whole too, for the shared layer A's server holds."""
+    cache = tmp_path / "cache"
+    layers = erofs_images.layers
+    served = pushed_images.multilayer
+    other = push_erofs(
+        registry.host, "serve/base-and-small", "v1", [layers[0].path, erofs_images.small.path]
+    )
+    cli = [sys.executable, "-m", "blockstore"]
+    for image in (served, other):
+        prefetch = [*cli, "prefetch", image, "--insecure", "--cache-dir", str(cache)]
+        assert subprocess.run(prefetch, capture_output=True, timeout=120).returncode == 0
+    rm = [*cli, "cache", "rm", served, other, "--json", "--cache-dir", str(cache)]
+    with serving(served, "--offline", "--cache-dir", str(cache), "--listen", "127.0.0.1:0") as (
+        proc,
+        _,
+    ):
+        result = subprocess.run(rm, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 8, result.stderr
+        report = json.loads(result.stdout)
+        assert report["removed"] == [erofs_images.small.digest]
+        assert len(report["removed_images"]) == 1 and len(report["kept_images"]) == 1
+        assert report["kept_images"][0].endswith("/fixtures/multilayer:v1")
+        assert report["removed_images"][0].endswith("/serve/base-and-small:v1")
+        with ChunkStore(cache) as store:
+            assert {i.digest for i in store.blobs()} >= {layer.digest for layer in layers}
+        assert stop(proc) == 0
+
+
 def test_sigterm_waits_for_reads_in_flight(registry, pushed_images, erofs_images, tmp_path):
     """SIGTERM while nbdcopy is copying the large image from a cold cache: the server
     finishes the replies in flight and exits 0, and the cache it leaves passes
