@@ -462,8 +462,8 @@ class CachedBlob:
             raise CacheError(
                 f"{self._digest} could not be kept whole in the cache: parts of it went as "
                 "it was filled (evicted under the cap, --cache-size, or beside pinned "
-                "layers; or not stored, on a full disk or while another process held the "
-                "cache's write lock)"
+                "layers; removed by `cache rm` in another process; or not stored, on a "
+                "full disk or while another process held the cache's write lock)"
             )
         self._sums = self._store.sealed_sums(self._digest)
         self._whole = True

@@ -257,7 +257,11 @@ class Sealer:
         if sealed:
             log.info("sealed %s", digest)
         else:
-            log.warning("%s changed while it was hashed; not sealed", digest)
+            log.warning(
+                "%s changed while it was hashed (chunks evicted, dropped or removed "
+                "meanwhile); not sealed",
+                digest,
+            )
         return sealed
 
     def _commit_seal(
