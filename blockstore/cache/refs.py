@@ -70,22 +70,7 @@ class ImageRecords:
         """Forget ``reference`` for every platform it was kept for; how many records went.
         (A record's ``platform`` field is the manifest's, None for a lone manifest, while
         its key names the platform it was asked for.)"""
-        prefix = _ref_key(reference, None)
-        refs = self._env.dbs[DB_REFS]
-
-        def drop(txn: lmdb.Transaction) -> int:
-            cursor = txn.cursor(db=refs)
-            keys = []
-            if cursor.set_range(prefix):
-                for key in cursor.iternext(values=False):
-                    if not bytes(key).startswith(prefix):
-                        break
-                    keys.append(bytes(key))
-            for key in keys:
-                txn.delete(key, db=refs)
-            return len(keys)
-
-        return self._env.write(drop)
+        return self._drop_prefixed(DB_REFS, _ref_key(reference, None), lambda key: False)
 
     def drop_damaged(self) -> list[str]:
         """Remove the records that no longer parse; the references they were for."""
@@ -113,21 +98,27 @@ class ImageRecords:
     def drop_manifests(self, prefix: str, keep: Callable[[str], bool]) -> int:
         """Delete the records whose name starts with ``prefix`` unless ``keep(name)``;
         how many went."""
-        start = prefix.encode()
-        manifests = self._env.dbs[DB_MANIFESTS]
+        return self._drop_prefixed(
+            DB_MANIFESTS, prefix.encode(), lambda key: keep(key.decode(errors="replace"))
+        )
+
+    def _drop_prefixed(self, db_name: str, prefix: bytes, keep: Callable[[bytes], bool]) -> int:
+        """Delete the keys of ``db_name`` that start with ``prefix`` unless ``keep(key)``,
+        in one write; how many went."""
+        db = self._env.dbs[db_name]
 
         def drop(txn: lmdb.Transaction) -> int:
-            cursor = txn.cursor(db=manifests)
-            names = []
-            if cursor.set_range(start):
+            cursor = txn.cursor(db=db)
+            keys = []
+            if cursor.set_range(prefix):
                 for view in cursor.iternext(values=False):
                     key = bytes(view)
-                    if not key.startswith(start):
+                    if not key.startswith(prefix):
                         break
-                    if not keep(key.decode(errors="replace")):
-                        names.append(key)
-            for name in names:
-                txn.delete(name, db=manifests)
-            return len(names)
+                    if not keep(key):
+                        keys.append(key)
+            for key in keys:
+                txn.delete(key, db=db)
+            return len(keys)
 
         return self._env.write(drop)

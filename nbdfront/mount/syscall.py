@@ -96,8 +96,8 @@ class _Mount(NamedTuple):
     fstype: str
     source: str
     options: str  # the file system's own (overlayfs: its directories)
-    mount_id: str = ""
-    parent_id: str = ""
+    mount_id: str
+    parent_id: str  # the mount this one is mounted on
 
 
 def _mounts() -> list[_Mount]:
@@ -150,13 +150,18 @@ def users_of(mountpoints: list[str]) -> list[str]:
 
 
 def _overlay_uses(options: str, ours: set[str], inside: tuple[str, ...]) -> bool:
+    dirs = _overlay_dirs(options, ("lowerdir", "upperdir", "workdir", "lowerdir+", "datadir+"))
+    return any(path in ours or path.startswith(inside) for path in dirs)
+
+
+def _overlay_dirs(options: str, keys: tuple[str, ...]) -> list[str]:
+    """The directories an overlay's ``options`` name under ``keys``, as they were given."""
+    dirs = []
     for option in options.split(","):
         key, _, value = option.partition("=")
-        if key in ("lowerdir", "upperdir", "workdir", "lowerdir+", "datadir+"):
-            for path in _unescape(value).split(":"):
-                if path in ours or path.startswith(inside):
-                    return True
-    return False
+        if key in keys:
+            dirs += _unescape(value).split(":")
+    return dirs
 
 
 class MountedHere(NamedTuple):
@@ -182,16 +187,9 @@ def mounts_at(path: str) -> list[MountedHere]:
         ordered.append(bottom)
         bottom = above.get(bottom.mount_id)
     return [
-        MountedHere(m.device, m.fstype, m.source, _lower_dirs(m.options)) for m in reversed(ordered)
+        MountedHere(m.device, m.fstype, m.source, _overlay_dirs(m.options, ("lowerdir",)))
+        for m in reversed(ordered)
     ]
-
-
-def _lower_dirs(options: str) -> list[str]:
-    for option in options.split(","):
-        key, _, value = option.partition("=")
-        if key == "lowerdir":
-            return _unescape(value).split(":")
-    return []
 
 
 def is_mounted(path: str) -> bool:
