@@ -136,7 +136,7 @@ def _xattrs(member: tarfile.TarInfo) -> tuple[tuple[bytes, bytes], ...]:
         elif key.startswith("LIBARCHIVE.xattr."):
             name = urllib.parse.unquote_to_bytes(key[len("LIBARCHIVE.xattr.") :])
             try:
-                found[name] = base64.b64decode(value, validate=False)
+                found[name] = _libarchive_base64(value)
             except ValueError as exc:
                 raise TarLayerError(f"tar entry {_show(member.name)}: bad xattr {key}") from exc
         elif key in _ACL_XATTRS:
@@ -156,6 +156,12 @@ def _xattrs(member: tarfile.TarInfo) -> tuple[tuple[bytes, bytes], ...]:
             f"tar entry {_show(member.name)}: a default ACL, which only a directory can have"
         )
     return tuple(sorted(found.items()))
+
+
+def _libarchive_base64(value: str) -> bytes:
+    """A ``LIBARCHIVE.xattr`` value: libarchive writes base64 without its ``=`` padding,
+    so any value whose length is no multiple of 3 would fail a strict decoder."""
+    return base64.b64decode(value + "=" * (-len(value) % 4), validate=False)
 
 
 def _acl_mode(member: tarfile.TarInfo, xattrs: tuple[tuple[bytes, bytes], ...]) -> int:

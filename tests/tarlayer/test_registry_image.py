@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -146,6 +147,45 @@ def test_an_empty_layer_is_an_empty_directory(tmp_path, registry, kind):
         data = b"".join(bytes(b) for b in export.read(0, export.size))
         assert read_metadata(data).root.children == {}
     finally:
+        image.close()
+
+
+def test_a_bsdtar_layer_has_the_xattrs_tar_extracts(tmp_path, registry, stack):
+    """bsdtar (libarchive) writes each xattr twice in PAX: ``SCHILY.xattr`` raw, and
+    ``LIBARCHIVE.xattr`` in base64 without its ``=`` padding. A gzip layer it wrote, of
+    files with a capability (20 bytes) and xattrs of 1, 2 and 0 bytes, mounted from the
+    registry, shows the xattrs ``tar -x`` gives; before, a value whose length is no
+    multiple of 3 was refused ("bad xattr"), and the image with it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    cap = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)
+    values = {"cap": ("security.capability", cap), "one": ("user.one", b"\xff")}
+    values |= {"two": ("user.two", b"\x00\x01"), "none": ("user.none", b"")}
+    for name, (xattr, value) in values.items():
+        (src / name).write_text(name)
+        os.setxattr(src / name, xattr, value)
+    tar = tmp_path / "layer.tar"
+    subprocess.run(
+        ["bsdtar", "--format", "pax", "--xattrs", "--numeric-owner", "-cf", tar, "-C", src, "."],
+        check=True,
+    )
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "base-file").write_text("under the bsdtar layer\n")
+    tars = [make_tar(base, tmp_path / "base.tar"), tar]
+    layers = [("tar", tars[0].read_bytes()), ("gzip", tar.read_bytes())]
+    layout = make_layout(tmp_path / "layout", "v1", layers)
+    ref = skopeo_copy(layout, "v1", registry.host, "o/bsdtar")
+    reference = tmp_path / "extracted"
+    extract_in_order(tars, reference)
+    image = open_image(ref, cache_dir=tmp_path / "cache", options=registry.options())
+    try:
+        merged = stack.mount(image.exports(), "bsdtar")
+        got = without_dir_counts(snapshot(merged, with_mtime=False))
+        assert got == without_dir_counts(snapshot(reference, with_mtime=False))
+        assert os.getxattr(merged / "cap", "security.capability") == cap
+    finally:
+        stack.close()
         image.close()
 
 
