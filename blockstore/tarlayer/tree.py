@@ -26,7 +26,7 @@ it also whites out, is no directory of the layer's: it stays a whiteout.
 from __future__ import annotations
 
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from blockstore.errors import BlockstoreError
@@ -252,29 +252,40 @@ def _inode_of(entry: TarEntry) -> Inode:
     return node
 
 
+def _directories(top: Inode) -> Iterator[Inode]:
+    """``top`` and every directory under it, parents before children. Iterative: a
+    layer may nest directories a thousand deep (``a/a/...`` is 2 KiB), past Python's
+    recursion limit."""
+    todo = [top]
+    while todo:
+        directory = todo.pop()
+        assert directory.children is not None
+        yield directory
+        todo.extend(child for child in directory.children.values() if child.is_dir)
+
+
 def _holds_nothing_written(node: Inode) -> bool:
     """An implied directory with nothing of the layer's own under it: whiteouts (and
     opaque markers) at most, in directories as implied."""
-    assert node.children is not None
-    return node.implied and all(
-        child.is_whiteout or (child.is_dir and _holds_nothing_written(child))
-        for child in node.children.values()
-    )
+    for directory in _directories(node):
+        assert directory.children is not None
+        if not directory.implied or not all(
+            child.is_whiteout or child.is_dir for child in directory.children.values()
+        ):
+            return False
+    return True
 
 
-def _whiteouts_for_gone_directories(directory: Inode) -> None:
+def _whiteouts_for_gone_directories(root: Inode) -> None:
     """A directory the layer only implied, to hold whiteouts under a path it whites out
     as well, is no directory of the layer's: extraction deletes the lower one and writes
     nothing there. It goes back to being a whiteout."""
-    assert directory.children is not None
-    for name, child in directory.children.items():
-        if not child.is_dir:
-            continue
-        if child.hides_lower and _holds_nothing_written(child):
-            directory.children[name] = Inode(mode=stat.S_IFCHR)
-            directory.xattrs[ORIGIN_XATTR] = b""
-        else:
-            _whiteouts_for_gone_directories(child)
+    for directory in _directories(root):
+        assert directory.children is not None
+        for name, child in directory.children.items():
+            if child.is_dir and child.hides_lower and _holds_nothing_written(child):
+                directory.children[name] = Inode(mode=stat.S_IFCHR)
+                directory.xattrs[ORIGIN_XATTR] = b""
 
 
 def build_tree(entries: Iterable[TarEntry]) -> LayerTree:

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -205,6 +206,27 @@ def test_unmountable_layers_are_refused_in_one_line(tmp_path, registry, run_dir)
         assert reason in done.stderr and "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
         assert not syscall.is_mounted(str(mnt))
+
+
+def test_a_file_under_1500_nested_directories_mounts(tmp_path, registry, run_dir):
+    """A gzip layer whose one file lies under 1,500 nested directories (``a/a/.../f``,
+    3 KB: within PATH_MAX, and ``tar -x`` extracts it): ``mount`` shows the file. Before,
+    building the layer's tree recursed once per level, past Python's limit, and the
+    mount failed with a RecursionError."""
+    name = "a/" * 1500 + "f"
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        info = tarfile.TarInfo(name)
+        info.size = 5
+        archive.addfile(info, io.BytesIO(b"deep\n"))
+    ref = push_tar_layer(registry, "o/deep", "v1", "gzip", buffer.getvalue(), tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli("mount", "--insecure", "--cache-dir", str(tmp_path / "cache"), ref, str(mnt))
+    try:
+        assert (mnt / name).read_bytes() == b"deep\n"
+    finally:
+        cli("umount", str(mnt))
 
 
 def test_mounts_cannot_say_how_much_of_a_compressed_layer_with_no_kept_index_is_cached(
