@@ -35,6 +35,7 @@ WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 ORIGIN_XATTR = b"trusted.overlay.origin"
+IMPLIED_XATTR = b"trusted.overlay.blockstore.implied"
 
 
 class TarLayerError(BlockstoreError):
@@ -125,6 +126,7 @@ class LayerTree:
 
     def __init__(self) -> None:
         self.root = new_directory()
+        self.root.implied = True  # until a ``./`` entry says what it is
 
     def lookup(self, parts: list[bytes]) -> Inode | None:
         node = self.root
@@ -288,10 +290,25 @@ def _whiteouts_for_gone_directories(root: Inode) -> None:
                 directory.xattrs[ORIGIN_XATTR] = b""
 
 
+def _mark_implied(root: Inode) -> None:
+    """Mark the directories the layer only implies (``y``) and those above one (``n``),
+    so that a mount finds them without walking the whole tree. One made again after
+    its whiteout (``hides_lower``) replaces the lower one, whose attributes are gone."""
+    directories = list(_directories(root))
+    marked: set[int] = set()
+    for directory in reversed(directories):  # children before their parents
+        assert directory.children is not None
+        implied = directory.implied and not directory.hides_lower
+        if implied or any(id(child) in marked for child in directory.children.values()):
+            directory.xattrs[IMPLIED_XATTR] = b"y" if implied else b"n"
+            marked.add(id(directory))
+
+
 def build_tree(entries: Iterable[TarEntry]) -> LayerTree:
     """Replay tar entries in order into the tree that extraction would give."""
     tree = LayerTree()
     for entry in entries:
         tree.add(entry)
     _whiteouts_for_gone_directories(tree.root)
+    _mark_implied(tree.root)
     return tree

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from blockstore.errors import MountError, MountpointBusy, NotPermitted
 from blockstore.logformat import count_trouble, last_trouble
-from nbdfront.mount import attach, records, syscall
+from nbdfront.mount import attach, dirattrs, records, syscall
 from nbdfront.mount.process import ProcessRef
 from nbdfront.mount.records import MountRecord
 from nbdfront.mount.server import layer_exports, start_server
@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 # Where the server's exit status is written, in the mount's state directory.
 SERVER_STATUS = "serve.status"
 EMPTY_LOWER = "empty-lower"  # the layer an overlay of one visible layer is given
+ATTRIBUTES_LOWER = "dir-attributes"  # the top layer that keeps lower directories' attributes
 
 SERVER_STOP_TIMEOUT = STOP_GRACE + 3.0
 """Seconds ``umount`` waits for the supervisor: the server's grace, then time for the
@@ -256,6 +257,8 @@ def _mount_layers(record: MountRecord, check: Callable[[], None], shown: set[str
         records.save(record)
         check()
     visible = _visible(record.lowers)
+    if len(visible) > 1 and _attribute_layer(visible, Path(record.state_dir) / ATTRIBUTES_LOWER):
+        visible.append(str(Path(record.state_dir) / ATTRIBUTES_LOWER))
     if len(visible) == 1:  # overlayfs wants two lower layers at least: an empty one
         empty = Path(record.state_dir) / EMPTY_LOWER
         empty.mkdir(exist_ok=True)
@@ -270,6 +273,16 @@ def _mount_layers(record: MountRecord, check: Callable[[], None], shown: set[str
     record.mounted = record.overlay = True
     record.top_device = syscall.mounts_at(record.mountpoint)[0].device
     logger.info("overlayfs at %s over %s", record.mountpoint, lowerdir)
+
+
+def _attribute_layer(visible: list[str], into: Path) -> bool:
+    """``dirattrs.attribute_layer``; one that cannot be made leaves the implied
+    directories as overlayfs shows them, with a warning, rather than no mount."""
+    try:
+        return dirattrs.attribute_layer(visible, into)
+    except OSError as exc:
+        logger.warning("directories a layer only implies show as 0755 of root: %s", exc)
+        return False
 
 
 @contextlib.contextmanager
@@ -426,7 +439,8 @@ def _is_ours(record: MountRecord, here: syscall.MountedHere) -> bool:
     """Whether ``here`` is the record's top mount: a layer's EROFS on one of the
     record's devices (or a file in its state directory), or an overlay of exactly the
     record's layer directories, named relative to the state directory as this engine
-    names them (or, as older versions did, by their paths); and on the recorded device,
+    names them (or, as older versions did, by their paths; with the empty layer or the
+    one that keeps directories' attributes, ``dirattrs``); and on the recorded device,
     once one is (an EROFS or a tmpfs made there since may get the same anonymous
     device number, so the device alone does not tell)."""
     if record.top_device is not None and here.device != record.top_device:
@@ -437,7 +451,8 @@ def _is_ours(record: MountRecord, here: syscall.MountedHere) -> bool:
         devices = {a.device for a in record.attachments}
         return here.source in devices or here.source.startswith(inside)
     if here.fstype == "overlay" and record.lowers and here.lowers:
-        named = {os.path.relpath(lower, state) for lower in record.lowers} | {EMPTY_LOWER}
+        named = {os.path.relpath(lower, state) for lower in record.lowers}
+        named |= {EMPTY_LOWER, ATTRIBUTES_LOWER}
         return all(
             lower in named if not os.path.isabs(lower) else lower.startswith(inside)
             for lower in here.lowers

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -225,6 +226,64 @@ def test_a_file_under_1500_nested_directories_mounts(tmp_path, registry, run_dir
     cli("mount", "--insecure", "--cache-dir", str(tmp_path / "cache"), ref, str(mnt))
     try:
         assert (mnt / name).read_bytes() == b"deep\n"
+    finally:
+        cli("umount", str(mnt))
+
+
+def _entries_only(path: Path, entries: list[tuple[str, bytes, int, int]]) -> Path:
+    """A tar of ``(name, kind, mode, uid)`` entries alone, with no entry for the root or
+    any parent directory, as hand-made layers and some image builders write them."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
+        for name, kind, mode, uid in entries:
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.uid, info.gid = kind, mode, uid, uid
+            archive.addfile(info, io.BytesIO(b"") if kind == tarfile.REGTYPE else None)
+    return path
+
+
+def test_directories_a_layer_only_implies_keep_the_lower_attributes(tmp_path, registry, run_dir):
+    """A layer with ``tmp/x`` and ``home/u/.profile`` but no entry for the root, ``tmp``,
+    ``home`` or ``home/u``, over a base where ``tmp`` is 1777 and ``home/u`` 0700 of
+    user 1000 with an xattr: ``mount`` shows them as extracting the layers in order
+    leaves them (tar keeps the directories it finds), and so for a directory the layer
+    makes opaque without an entry of its own; one it whites out and makes again, or
+    makes anew, is 0755 of root. Before, overlayfs showed each implied directory's
+    0755 of root: /tmp no longer writable by all, a home opened to every user."""
+    base = tmp_path / "base"
+    for name, mode, owner in (("tmp", 0o1777, 0), ("home/u", 0o700, 1000), ("opt", 0o750, 0)):
+        (base / name).mkdir(parents=True)
+        os.chmod(base / name, mode)
+        os.chown(base / name, owner, owner)
+        (base / name / "old").write_text("from the base\n")
+    (base / "srv").mkdir(mode=0o700)
+    os.setxattr(base / "home/u", "user.kept", b"on the lower home")
+    reg, opaque = tarfile.REGTYPE, ".wh..wh..opq"
+    upper = _entries_only(
+        tmp_path / "upper.tar",
+        [
+            ("tmp/x", reg, 0o644, 0),
+            ("home/u/.profile", reg, 0o600, 1000),
+            (f"opt/{opaque}", reg, 0o644, 0),
+            ("opt/new", reg, 0o644, 0),
+            ("srv/.wh..wh..opq", reg, 0o644, 0),
+            (".wh.srv", reg, 0o644, 0),
+            ("srv/again", reg, 0o644, 0),
+            ("var/new/file", reg, 0o644, 0),
+        ],
+    )
+    tars = [make_tar(base, tmp_path / "base.tar"), upper]
+    layers = [("tar", tars[0].read_bytes()), ("gzip", upper.read_bytes())]
+    ref = skopeo_copy(make_layout(tmp_path / "layout", "v1", layers), "v1", registry.host, "o/imp")
+    reference = tmp_path / "extracted"
+    extract_in_order(tars, reference)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli("mount", "--insecure", "--cache-dir", str(tmp_path / "cache"), ref, str(mnt))
+    try:
+        want = without_dir_counts(snapshot(reference, with_mtime=False))
+        assert without_dir_counts(snapshot(mnt, with_mtime=False)) == want
+        assert stat.S_IMODE(os.stat(mnt / "tmp").st_mode) == 0o1777
+        assert os.stat(mnt / "home/u").st_uid == 1000
     finally:
         cli("umount", str(mnt))
 

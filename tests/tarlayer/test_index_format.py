@@ -18,6 +18,7 @@ from blockstore.tarlayer.layerindex import INDEX_FORMAT, index_plain_tar
 
 PINNED = {
     3: "a12e2935703473a2e9bf81016eb9b7a4d93f20900cd19522cff0624110687b85",
+    4: "2546383ad306b30ed973865214adac164d7edfc862785bfa6e864ece8aada956",  # implied dirs marked
 }
 """sha256 of the metadata image of ``_layer()``, by index format."""
 

@@ -7,6 +7,7 @@ import stat
 import pytest
 
 from blockstore.tarlayer.tree import (
+    IMPLIED_XATTR,
     OPAQUE_XATTR,
     ORIGIN_XATTR,
     TarEntry,
@@ -74,6 +75,32 @@ def test_missing_parents_are_created():
     assert tree.lookup([b"a", b"b", b"c"]).data_offset == 512
 
 
+def test_directories_the_layer_only_implies_are_marked_and_those_above_them():
+    """Directories with no entry of their own (the root too) are marked ``y``, those
+    above one ``n``, so that a mount walks only those paths; a directory with an entry,
+    or made again after its whiteout (the lower one is gone), is not implied."""
+    tree = build_tree(
+        [
+            TarEntry(path=b"./", mode=DIR),
+            reg(b"a/b/file", 512),
+            TarEntry(path=b"d", mode=DIR),
+            reg(b"d/e/file", 512),
+            TarEntry(path=b"x", mode=DIR),
+            TarEntry(path=b".wh.gone", mode=REG),
+            reg(b"gone/again", 512),
+        ]
+    )
+    marks = {
+        path: tree.lookup(path.split(b"/") if path else []).xattrs.get(IMPLIED_XATTR)
+        for path in (b"", b"a", b"a/b", b"d", b"d/e", b"x", b"gone")
+    }
+    assert marks == {b"": b"n", b"a": b"y", b"a/b": b"y", b"d": b"n", b"d/e": b"y"} | {
+        b"x": None,
+        b"gone": None,
+    }
+    assert build_tree([reg(b"f", 512)]).root.xattrs == {IMPLIED_XATTR: b"y"}
+
+
 def test_whiteouts_become_overlayfs_whiteouts():
     """``.wh.gone`` becomes a 0/0 character device named ``gone`` and marks its directory
     with an empty origin xattr; ``.wh..wh..opq`` makes its directory opaque and does not
@@ -87,9 +114,10 @@ def test_whiteouts_become_overlayfs_whiteouts():
     )
     gone = tree.lookup([b"etc", b"gone"])
     assert stat.S_ISCHR(gone.mode) and (gone.rdev_major, gone.rdev_minor) == (0, 0)
-    assert tree.lookup([b"etc"]).xattrs == {ORIGIN_XATTR: b""}
+    assert tree.lookup([b"etc"]).xattrs == {ORIGIN_XATTR: b"", IMPLIED_XATTR: b"y"}
     var = tree.lookup([b"var"])
-    assert var.xattrs == {OPAQUE_XATTR: b"y"} and list(var.children) == [b"kept"]
+    assert var.xattrs == {OPAQUE_XATTR: b"y", IMPLIED_XATTR: b"y"}
+    assert list(var.children) == [b"kept"]
 
 
 def test_directory_entry_after_its_opaque_marker_keeps_the_marker():
@@ -159,7 +187,7 @@ def test_a_directory_implied_only_for_whiteouts_under_its_own_whiteout_stays_gon
     empty directory, in whichever order the entries come."""
     tree = build_tree([TarEntry(path=name, mode=REG) for name in names])
     assert tree.lookup([b"a"]).is_whiteout
-    assert tree.root.xattrs == {ORIGIN_XATTR: b""}
+    assert tree.root.xattrs == {ORIGIN_XATTR: b"", IMPLIED_XATTR: b"y"}
 
 
 def test_a_directory_with_a_file_of_the_layer_under_its_whiteout_is_kept():
