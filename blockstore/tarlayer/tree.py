@@ -2,7 +2,9 @@
 
 A tar stream is a log, not a tree: a path may appear several times (the last
 entry wins, as when extracting), a hard link names a file written earlier,
-parent directories may be missing, and OCI whiteouts (``.wh.NAME``,
+parent directories may be missing, a symlink written earlier may lie on a
+path (extraction writes through it; here it is resolved within the layer), and
+OCI whiteouts (``.wh.NAME``,
 ``.wh..wh..opq``) are instructions for the layers below. ``build_tree`` replays
 that log into inodes and directories once, so the image writer only has to lay
 out a finished tree, and a test can compare two trees.
@@ -36,6 +38,7 @@ OPAQUE_MARKER = b".wh..wh..opq"
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 ORIGIN_XATTR = b"trusted.overlay.origin"
 IMPLIED_XATTR = b"trusted.overlay.blockstore.implied"
+SYMLINK_FOLLOWS = 40  # symlinks one path may pass through, as Linux allows (MAXSYMLINKS)
 
 
 class TarLayerError(BlockstoreError):
@@ -140,24 +143,48 @@ class LayerTree:
         return node
 
     def _parent(self, parts: list[bytes], raw: bytes) -> Inode:
-        """The directory that holds ``parts[-1]``, creating missing ones as tar does."""
-        node = self.root
+        """The directory that holds ``parts[-1]``, creating missing ones as tar does, and
+        writing through a symlink of this layer on the way, as extraction does."""
+        trail, follows = [self.root], [SYMLINK_FOLLOWS]
         for p in parts[:-1]:
-            assert node.children is not None
-            child = node.children.get(p)
-            if child is None:
-                child = new_directory()
-                child.implied = True
-                node.children[p] = child
-            elif child.is_whiteout:  # removed below, made again here: nothing shows through
-                child = new_directory()
-                child.xattrs[OPAQUE_XATTR] = b"y"
-                child.implied = child.hides_lower = True
-                node.children[p] = child
-            elif not child.is_dir:
-                raise TarLayerError(f"tar entry {_show(raw)}: {_show(p)} is not a directory")
-            node = child
-        return node
+            trail = self._step(trail, p, raw, follows)
+        return trail[-1]
+
+    def _step(self, trail: list[Inode], name: bytes, raw: bytes, follows: list[int]) -> list[Inode]:
+        """``trail`` (the directories from the root) gone on to ``name``. A symlink is
+        followed within the layer: an absolute target starts at its root, and ``..``
+        stops there, as container runtimes resolve them, so nothing leads out of it;
+        ``follows``: how many more symlinks this lookup may follow (Linux's 40)."""
+        if name == b"..":  # only in a symlink's target: split_path refuses it in a name
+            if len(trail) > 1:
+                trail.pop()
+            return trail
+        node = trail[-1]
+        assert node.children is not None
+        child = node.children.get(name)
+        if child is None:
+            child = new_directory()
+            child.implied = True
+            node.children[name] = child
+        elif child.is_whiteout:  # removed below, made again here: nothing shows through
+            child = new_directory()
+            child.xattrs[OPAQUE_XATTR] = b"y"
+            child.implied = child.hides_lower = True
+            node.children[name] = child
+        elif stat.S_ISLNK(child.mode):
+            follows[0] -= 1
+            if follows[0] < 0:
+                raise TarLayerError(f"tar entry {_show(raw)}: too many symlinks on its path")
+            if child.target.startswith(b"/"):
+                trail = [self.root]
+            for part in child.target.split(b"/"):
+                if part not in (b"", b"."):
+                    trail = self._step(trail, part, raw, follows)
+            return trail
+        elif not child.is_dir:
+            raise TarLayerError(f"tar entry {_show(raw)}: {_show(name)} is not a directory")
+        trail.append(child)
+        return trail
 
     def add(self, entry: TarEntry) -> None:
         """Apply one tar entry: later entries for a path replace earlier ones."""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import struct
 import subprocess
 import sys
+import tarfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -184,6 +186,40 @@ def test_a_bsdtar_layer_has_the_xattrs_tar_extracts(tmp_path, registry, stack):
         got = without_dir_counts(snapshot(merged, with_mtime=False))
         assert got == without_dir_counts(snapshot(reference, with_mtime=False))
         assert os.getxattr(merged / "cap", "security.capability") == cap
+    finally:
+        stack.close()
+        image.close()
+
+
+def test_a_layer_writing_through_its_own_symlink_shows_what_tar_extracts(tmp_path, registry, stack):
+    """A gzip layer with ``lib -> usr/lib`` and then ``lib/extra.so`` (a file list
+    archived as given), over a base with ``usr/lib/libc.so``: extracting the layers in
+    order writes through the symlink, so ``lib`` stays a symlink and ``usr/lib`` holds
+    both; the mount shows the same. Before, the layer was refused ("'lib' is not a
+    directory"), and the image with it."""
+    base = tmp_path / "base"
+    (base / "usr/lib").mkdir(parents=True)
+    (base / "usr/lib/libc.so").write_text("libc\n")
+    upper = tmp_path / "upper.tar"
+    with tarfile.open(upper, "w", format=tarfile.PAX_FORMAT) as archive:
+        link = tarfile.TarInfo("lib")
+        link.type, link.linkname = tarfile.SYMTYPE, "usr/lib"
+        archive.addfile(link)
+        extra = tarfile.TarInfo("lib/extra.so")
+        extra.size = 6
+        archive.addfile(extra, io.BytesIO(b"extra\n"))
+    tars = [make_tar(base, tmp_path / "base.tar"), upper]
+    layers = [("tar", tars[0].read_bytes()), ("gzip", upper.read_bytes())]
+    ref = skopeo_copy(make_layout(tmp_path / "layout", "v1", layers), "v1", registry.host, "o/sl")
+    reference = tmp_path / "extracted"
+    extract_in_order(tars, reference)
+    image = open_image(ref, cache_dir=tmp_path / "cache", options=registry.options())
+    try:
+        merged = stack.mount(image.exports(), "symlink")
+        got = without_dir_counts(snapshot(merged, with_mtime=False))
+        assert got == without_dir_counts(snapshot(reference, with_mtime=False))
+        assert os.readlink(merged / "lib") == "usr/lib"
+        assert sorted(os.listdir(merged / "usr/lib")) == ["extra.so", "libc.so"]
     finally:
         stack.close()
         image.close()

@@ -199,6 +199,27 @@ def test_a_directory_with_a_file_of_the_layer_under_its_whiteout_is_kept():
     assert tree.lookup([b"a", b"b", b"keep"]).data_offset == 512
 
 
+def test_a_symlink_of_the_layer_on_a_path_is_written_through_within_the_layer():
+    """``lib -> usr/lib`` then ``lib/x``: extraction writes through the symlink, so
+    ``x`` lands in ``usr/lib`` (made, as tar makes parents) and ``lib`` stays a
+    symlink. An absolute target starts at the layer's root and ``..`` stops there, as
+    container runtimes resolve them: nothing leads out of the layer."""
+    link = stat.S_IFLNK | 0o777
+    tree = build_tree(
+        [
+            TarEntry(path=b"lib", mode=link, link=b"usr/lib"),
+            reg(b"lib/x", 512),
+            TarEntry(path=b"etc/abs", mode=link, link=b"/usr/lib"),
+            reg(b"etc/abs/y", 1024),
+            TarEntry(path=b"etc/up", mode=link, link=b"../../../usr/./lib/"),
+            reg(b"etc/up/z", 1536),
+        ]
+    )
+    assert sorted(tree.lookup([b"usr", b"lib"]).children) == [b"x", b"y", b"z"]
+    assert tree.lookup([b"lib"]).target == b"usr/lib"
+    assert sorted(tree.root.children) == [b"etc", b"lib", b"usr"]
+
+
 @pytest.mark.parametrize(
     ("entries", "message"),
     [
@@ -213,6 +234,8 @@ def test_a_directory_with_a_file_of_the_layer_under_its_whiteout_is_kept():
             "hard link to 'w'",
         ),
         ([TarEntry(path=b"s", mode=LNK)], "symlink with no target"),
+        ([TarEntry(path=b"s", mode=LNK, link=b"s"), reg(b"s/x", 512)], "too many symlinks"),
+        ([reg(b"f", 512), TarEntry(path=b"s", mode=LNK, link=b"f"), reg(b"s/x", 1024)], "'f' is"),
         ([TarEntry(path=b"sock", mode=stat.S_IFSOCK | 0o644)], "unsupported file type"),
     ],
 )
