@@ -186,6 +186,17 @@ class LayerTree:
         trail.append(child)
         return trail
 
+    def _linked(self, link: bytes, raw: bytes) -> Inode | None:
+        """What a hard link names: its last component itself, the directories before it
+        through the layer's symlinks, as link(2) takes them. (A directory missing on the
+        way is made, but the layer is refused then: the link names nothing.)"""
+        parts = split_path(link)
+        if not parts:
+            return None
+        parent = self._parent(parts, raw)
+        assert parent.children is not None
+        return parent.children.get(parts[-1])
+
     def add(self, entry: TarEntry) -> None:
         """Apply one tar entry: later entries for a path replace earlier ones."""
         parts = split_path(entry.path)
@@ -217,7 +228,7 @@ class LayerTree:
             parent.xattrs[ORIGIN_XATTR] = b""
             return
         if entry.hardlink:
-            target = self.lookup(split_path(entry.link))
+            target = self._linked(entry.link, entry.path)
             if target is None or target.is_dir or target.is_whiteout:
                 raise TarLayerError(
                     f"tar entry {_show(entry.path)}: hard link to {_show(entry.link)},"

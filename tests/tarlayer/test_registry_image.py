@@ -192,11 +192,11 @@ def test_a_bsdtar_layer_has_the_xattrs_tar_extracts(tmp_path, registry, stack):
 
 
 def test_a_layer_writing_through_its_own_symlink_shows_what_tar_extracts(tmp_path, registry, stack):
-    """A gzip layer with ``lib -> usr/lib`` and then ``lib/extra.so`` (a file list
-    archived as given), over a base with ``usr/lib/libc.so``: extracting the layers in
-    order writes through the symlink, so ``lib`` stays a symlink and ``usr/lib`` holds
-    both; the mount shows the same. Before, the layer was refused ("'lib' is not a
-    directory"), and the image with it."""
+    """A gzip layer with ``lib -> usr/lib``, then ``lib/extra.so`` and a hard link to it
+    (a file list archived as given), over a base with ``usr/lib/libc.so``: extracting
+    the layers in order writes through the symlink, so ``lib`` stays a symlink and
+    ``usr/lib`` holds all three; the mount shows the same. Before, the layer was
+    refused ("'lib' is not a directory"), and the image with it."""
     base = tmp_path / "base"
     (base / "usr/lib").mkdir(parents=True)
     (base / "usr/lib/libc.so").write_text("libc\n")
@@ -208,6 +208,9 @@ def test_a_layer_writing_through_its_own_symlink_shows_what_tar_extracts(tmp_pat
         extra = tarfile.TarInfo("lib/extra.so")
         extra.size = 6
         archive.addfile(extra, io.BytesIO(b"extra\n"))
+        hard = tarfile.TarInfo("lib/extra.so.1")
+        hard.type, hard.linkname = tarfile.LNKTYPE, "lib/extra.so"
+        archive.addfile(hard)
     tars = [make_tar(base, tmp_path / "base.tar"), upper]
     layers = [("tar", tars[0].read_bytes()), ("gzip", upper.read_bytes())]
     ref = skopeo_copy(make_layout(tmp_path / "layout", "v1", layers), "v1", registry.host, "o/sl")
@@ -219,7 +222,7 @@ def test_a_layer_writing_through_its_own_symlink_shows_what_tar_extracts(tmp_pat
         got = without_dir_counts(snapshot(merged, with_mtime=False))
         assert got == without_dir_counts(snapshot(reference, with_mtime=False))
         assert os.readlink(merged / "lib") == "usr/lib"
-        assert sorted(os.listdir(merged / "usr/lib")) == ["extra.so", "libc.so"]
+        assert sorted(os.listdir(merged / "usr/lib")) == ["extra.so", "extra.so.1", "libc.so"]
     finally:
         stack.close()
         image.close()

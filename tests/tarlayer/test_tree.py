@@ -202,8 +202,9 @@ def test_a_directory_with_a_file_of_the_layer_under_its_whiteout_is_kept():
 def test_a_symlink_of_the_layer_on_a_path_is_written_through_within_the_layer():
     """``lib -> usr/lib`` then ``lib/x``: extraction writes through the symlink, so
     ``x`` lands in ``usr/lib`` (made, as tar makes parents) and ``lib`` stays a
-    symlink. An absolute target starts at the layer's root and ``..`` stops there, as
-    container runtimes resolve them: nothing leads out of the layer."""
+    symlink; a hard link to ``lib/x`` names that file. An absolute target starts at the
+    layer's root and ``..`` stops there, as container runtimes resolve them: nothing
+    leads out of the layer."""
     link = stat.S_IFLNK | 0o777
     tree = build_tree(
         [
@@ -213,9 +214,11 @@ def test_a_symlink_of_the_layer_on_a_path_is_written_through_within_the_layer():
             reg(b"etc/abs/y", 1024),
             TarEntry(path=b"etc/up", mode=link, link=b"../../../usr/./lib/"),
             reg(b"etc/up/z", 1536),
+            TarEntry(path=b"etc/hard", mode=REG, link=b"lib/x", hardlink=True),
         ]
     )
     assert sorted(tree.lookup([b"usr", b"lib"]).children) == [b"x", b"y", b"z"]
+    assert tree.lookup([b"etc", b"hard"]) is tree.lookup([b"usr", b"lib", b"x"])
     assert tree.lookup([b"lib"]).target == b"usr/lib"
     assert sorted(tree.root.children) == [b"etc", b"lib", b"usr"]
 
