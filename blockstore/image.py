@@ -477,14 +477,19 @@ def _open(
     except BaseException:
         client.close()
         raise
+    if not store.read_only:  # a read-only cache keeps what it was shipped with
+        _remember(store, resolved, platform)
+    return OpenImage(resolved, store, ref.repository, client)
+
+
+def _remember(store: ChunkStore, resolved: ResolvedImage, platform: str) -> None:
+    """Keep the resolution for offline opens; a cache that cannot take it costs only those."""
     try:
         for digest, raw in resolved.manifests.items():
             store.images.put_manifest(digest, raw)
         store.images.put(resolved.reference, platform, resolved.to_record())
     except CacheError as exc:
-        # Reads still work uncached; only a later offline open will miss this.
         log.warning("%s: not remembered for offline use: %s", resolved.reference, exc)
-    return OpenImage(resolved, store, ref.repository, client)
 
 
 def _cached(

@@ -600,6 +600,8 @@ class CachedBlob:
         Chunks the store refuses (the blob was sealed meanwhile, and they do
         not match) were counted by the store and are not kept.
         """
+        if self._store.read_only:
+            return  # said once, when the image was opened
         try:
             record = self._store.store_runs(self._digest, self._size, runs)
         except (CacheError, ChunkIntegrityError) as exc:
@@ -707,6 +709,8 @@ class CachedBlob:
         for first, blocks in runs:
             for block, data in enumerate(blocks, first):
                 by_chunk.setdefault(block // BLOCKS, {})[block % BLOCKS] = data
+        if self._store.read_only:
+            return
         try:
             record = self._store.store_parts(self._digest, self._size, by_chunk)
         except CacheError as exc:
@@ -773,8 +777,8 @@ class CachedBlob:
 
     def _leases(self, blocks: int) -> UnitLeases | None:
         """The blob's cross-process leases, in units of ``blocks`` 4 KiB blocks."""
-        if not self._settings.leases:
-            return None
+        if not self._settings.leases or self._store.read_only:
+            return None  # nothing fetched is kept, so nothing is worth sharing
         flights = self._store.flights(self._digest)
         with flights.lock:
             if flights.leases is None:
@@ -793,6 +797,8 @@ class CachedBlob:
             return flights.leases.in_units_of(blocks)
 
     def _save_trace(self, trace: Trace) -> None:
+        if self._store.read_only:
+            return
         try:
             TraceShelf(self._store).put(trace)
         except CacheError as exc:

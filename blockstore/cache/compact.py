@@ -30,7 +30,15 @@ from blockstore.errors import CacheError
 from blockstore.openers import processes_with_open
 
 from .env import COMPACT_COPY as COPY_NAME
-from .env import LMDB_DATA_FILE, LMDB_LOCK_FILE, DiskFull, file_damage, reason
+from .env import (
+    LMDB_DATA_FILE,
+    LMDB_LOCK_FILE,
+    DiskFull,
+    ReadOnlyCache,
+    cannot_write,
+    file_damage,
+    reason,
+)
 from .layout import ALL_DBS
 
 
@@ -54,6 +62,8 @@ def compact(path: Path) -> Compacted:
     except OSError as exc:
         raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
     try:
+        if cannot_write(path):
+            raise ReadOnlyCache.at(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -29,6 +29,13 @@ an empty cache takes its place. A forked child never touches its parent's
 environment (LMDB forbids it): it closes the copy it inherited, which no
 transaction was using (forks wait for those to end), and opens its own on
 first use.
+
+A cache this process cannot write (a read-only file system, as a pre-warmed
+cache shipped on a read-only volume is, or another user's directory) is
+opened read-only, without LMDB's lock file, which it could not write: it is
+never moved aside, and every write is refused (``ReadOnlyCache``). That is
+safe only with no writer beside it, so one found holding the cache open
+through another path is named and the open refused.
 """
 
 from __future__ import annotations
@@ -120,6 +127,17 @@ class DiskFull(CacheError):
 
 class CacheDamaged(CacheError):
     """The cache's file could not be trusted: it was moved aside."""
+
+
+class ReadOnlyCache(CacheError):
+    """A write asked of a cache this process can only read."""
+
+    @classmethod
+    def at(cls, path: Path) -> ReadOnlyCache:
+        return cls(
+            f"the cache at {path} is read-only here (a read-only file system, or a "
+            "directory this user cannot write): nothing in it can be changed"
+        )
 
 
 class OtherFormat(CacheError):
@@ -267,19 +285,21 @@ def _reserve_lock_file(path: Path) -> None:
         raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
 
 
-def hold_in_use(path: Path) -> int:
+def hold_in_use(path: Path, *, read_only: bool = False) -> int:
     """A shared ``flock`` on ``data.mdb``, held by every process with the cache open:
     compaction (``compact.py``) replaces the file only under the exclusive lock, so
     it waits for none of them and none of them maps a file being replaced.
 
     A process that opened the file as it was being replaced gets the lock on the
     old file: it then opens the new one. The descriptor, whose closing drops the
-    lock, is the caller's to keep.
+    lock, is the caller's to keep. A ``read_only`` opener opens the file for
+    reading (``flock`` needs no more) and never makes it.
     """
     data = path / LMDB_DATA_FILE
+    flags = os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT
     while True:
         try:
-            fd = os.open(data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(data, flags | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise DiskFull(f"the disk holding the cache at {path} is full") from exc
@@ -298,6 +318,45 @@ def hold_in_use(path: Path) -> int:
             os.close(fd)
             raise
         os.close(fd)
+
+
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, length, pid
+
+
+def cannot_write(path: Path) -> bool:
+    """True when this process cannot write the existing cache at ``path``: a read-only
+    file system (a read-only bind mount, a volume or image layer shipped pre-warmed)
+    or a directory of another user's. Such a cache is opened read-only."""
+    return (path / LMDB_DATA_FILE).is_file() and not os.access(path, os.W_OK)
+
+
+def _writer_of(path: Path) -> str | None:
+    """Which process holds the cache at ``path`` open for writing, through another
+    mount of its file system, or None.
+
+    A read-only opener reads without LMDB's lock file (it cannot write its reader
+    table), so a writer would not see it and could reuse the pages it reads. Every
+    process that opens LMDB with its lock holds a shared ``fcntl`` lock on the lock
+    file's first byte for as long as it has the cache open; ``F_GETLK`` finds it
+    through a descriptor opened for reading, whoever owns the file.
+    """
+    try:
+        fd = os.open(path / LMDB_LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
+    try:
+        probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+        found = fcntl.fcntl(fd, fcntl.F_GETLK, probe)
+    except OSError:
+        return None  # a file system that cannot lock: nothing to learn
+    finally:
+        os.close(fd)
+    kind, _, _, _, pid = _FLOCK.unpack(found)
+    if kind == fcntl.F_UNLCK:
+        return None
+    return f"pid {pid}" if pid > 0 else "a process of another namespace"
 
 
 @contextmanager
@@ -536,6 +595,10 @@ class CacheEnv:
         self._stale: str | None = None
         self.moved_aside: list[str] = []  # what damage this process found and moved away
         checked = self._directory(path)  # the directory about to be judged
+        self.read_only = cannot_write(path)
+        if self.read_only:
+            self._open_env()  # damage or another format is refused, never moved aside
+            return
         try:
             self._open_env()
         except OtherFormat as exc:
@@ -606,10 +669,21 @@ class CacheEnv:
     def _open_env(self) -> None:
         """Open LMDB on the directory, refusing a file that would fault once mapped."""
         path = self.path
-        path.mkdir(parents=True, exist_ok=True)
-        in_use = hold_in_use(path)
+        if self.read_only:
+            writer = _writer_of(path)
+            if writer is not None:
+                raise CacheError(
+                    f"the cache at {path} cannot be written here, and {writer} has it open "
+                    "for writing (through another mount, or as another user): read without "
+                    "its lock, it is safe only where nothing writes to it; stop that process, "
+                    "or use the cache where it can be written"
+                )
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+        in_use = hold_in_use(path, read_only=self.read_only)
         try:
-            (path / COMPACT_COPY).unlink(missing_ok=True)
+            if not self.read_only:
+                (path / COMPACT_COPY).unlink(missing_ok=True)
             self._open_lmdb(path)
         except BaseException:
             os.close(in_use)
@@ -620,7 +694,8 @@ class CacheEnv:
         why = file_damage(path)
         if why is not None:
             raise CacheDamaged(f"the cache at {path} is damaged: {why}")
-        _reserve_lock_file(path)
+        if not self.read_only:
+            _reserve_lock_file(path)
         used = (path / LMDB_DATA_FILE).stat().st_size if (path / LMDB_DATA_FILE).exists() else 0
         map_size = INITIAL_MAP_SIZE
         while map_size < 2 * used:
@@ -634,18 +709,19 @@ class CacheEnv:
                 readahead=True,
                 metasync=False,
                 subdir=True,
+                # No lock file to write: ``_writer_of`` found no writer to share it with.
+                readonly=self.read_only,
+                lock=not self.read_only,
             )
         except DAMAGE_ERRORS as exc:
             raise CacheDamaged(f"the cache at {path} is damaged: {exc}") from exc
         except (OSError, lmdb.Error) as exc:
             raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
         try:
-            # Reader slots of killed processes would pin old pages forever.
-            env.reader_check()
-            with _write_lock_watch.waiting(path), env.begin(write=True) as txn:
-                dbs = {name: env.open_db(name, txn=txn) for name in ALL_DBS}
-                version = meta_int(txn, dbs[DB_META], b"format", FORMAT_VERSION)
-                chunk_size = meta_int(txn, dbs[DB_META], b"chunk_size", CHUNK_SIZE)
+            dbs, version, chunk_size = self._open_dbs(env)
+        except lmdb.NotFoundError as exc:
+            env.close()
+            raise CacheDamaged(f"the cache at {path} is damaged: {exc}") from exc
         except DAMAGE_ERRORS as exc:
             env.close()
             raise CacheDamaged(f"the cache at {path} is damaged: {exc}") from exc
@@ -670,6 +746,28 @@ class CacheEnv:
         self.env = env
         self.dbs.clear()
         self.dbs.update(dbs)
+
+    def _open_dbs(self, env: lmdb.Environment) -> tuple[dict[bytes, lmdb._Database], int, int]:
+        """The named databases (made where missing, unless read-only) and the format
+        and chunk size the cache was written with."""
+        if self.read_only:
+            # Each opened in a transaction of py-lmdb's own: one opened in a read
+            # transaction of ours is not usable after it.
+            dbs = {name: env.open_db(name, create=False) for name in ALL_DBS}
+            with env.begin() as txn:
+                return dbs, *self._format(txn, dbs)
+        # Reader slots of killed processes would pin old pages forever.
+        env.reader_check()
+        with _write_lock_watch.waiting(self.path), env.begin(write=True) as txn:
+            dbs = {name: env.open_db(name, txn=txn) for name in ALL_DBS}
+            return dbs, *self._format(txn, dbs)
+
+    @staticmethod
+    def _format(txn: lmdb.Transaction, dbs: dict[bytes, lmdb._Database]) -> tuple[int, int]:
+        meta = dbs[DB_META]
+        return meta_int(txn, meta, b"format", FORMAT_VERSION), meta_int(
+            txn, meta, b"chunk_size", CHUNK_SIZE
+        )
 
     def _discard(
         self, why: str, label: str = "damaged", judged: tuple[int, int] | None = None
@@ -735,7 +833,7 @@ class CacheEnv:
     def damaged(self, exc: Exception) -> CacheError:
         """The error to raise for ``exc``; damage also marks the environment for renewal."""
         if isinstance(exc, DAMAGE_ERRORS + RECORD_ERRORS):
-            if self._stale is None:
+            if self._stale is None and not self.read_only:  # nothing to move aside then
                 self._stale = f"{type(exc).__name__}: {exc}"
             return CacheDamaged(f"the cache at {self.path} is damaged: {exc}")
         return CacheError(f"cache read failed: {exc}")
@@ -829,6 +927,8 @@ class CacheEnv:
         ``CacheDamaged`` or ``CacheError``; the cache is left as of the last
         commit.
         """
+        if self.read_only:
+            raise ReadOnlyCache.at(self.path)
         if self._stale is not None:
             self._renew()
         with self._write_lock:

@@ -62,7 +62,8 @@ class IndexShelf:
                 continue  # the seal, or the coming one, judges the whole
             wrong = self._disagreeing(info.digest, info.size)
             if wrong:
-                self._store.drop_chunks(info.digest, wrong, recheck=False)
+                if not self._store.read_only:
+                    self._store.drop_chunks(info.digest, wrong, recheck=False)
                 bad += [(info.digest, i) for i in wrong]
         return bad
 
@@ -76,10 +77,11 @@ class IndexShelf:
             return []
         wrong = self._disagreeing(digest, size)
         if wrong:
-            self.drop(digest)
+            if not self._store.read_only:
+                self.drop(digest)
             log.warning(
-                "%s: the chunk index disagrees with the sealed layer at chunk(s) %s: dropped",
-                digest, ", ".join(map(str, wrong[:8])),
+                "%s: the chunk index disagrees with the sealed layer at chunk(s) %s: %s",
+                digest, ", ".join(map(str, wrong[:8])), self._store.fate,
             )  # fmt: skip
         return wrong
 

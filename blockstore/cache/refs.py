@@ -73,7 +73,8 @@ class ImageRecords:
         return self._drop_prefixed(DB_REFS, _ref_key(reference, None), lambda key: False)
 
     def drop_damaged(self) -> list[str]:
-        """Remove the records that no longer parse; the references they were for."""
+        """Remove the records that no longer parse (left in a read-only cache); the
+        references they were for."""
         with self._env.reader(DB_REFS) as txn:
             raws = [(bytes(key), bytes(raw)) for key, raw in txn.cursor()]
         damaged = []
@@ -82,7 +83,7 @@ class ImageRecords:
                 _decode(raw, "")
             except CacheError:
                 damaged.append(key)
-        if damaged:
+        if damaged and not self._env.read_only:
             refs = self._env.dbs[DB_REFS]
             self._env.write(lambda txn: [txn.delete(key, db=refs) for key in damaged])
         return [key.split(b"\0")[0].decode(errors="replace") for key in damaged]

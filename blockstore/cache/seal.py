@@ -70,6 +70,10 @@ class Store(Protocol):
 
     @property
     def closing(self) -> bool: ...
+    @property
+    def read_only(self) -> bool: ...
+    @property
+    def fate(self) -> str: ...
     def lookup(self, digest: str) -> BlobRecord | None: ...
     def sealed_sums(self, digest: str) -> bytes | None: ...
     def drop_chunks(self, digest: str, indices: Sequence[int]) -> int: ...
@@ -243,6 +247,9 @@ class Sealer:
                 hasher.update(stored_bytes(value))
                 sums += sealed_entry(stored_sum(value))
                 index += 1
+        if store.read_only:
+            whole = not bad and index == record.chunks
+            return self._judge(digest, record, hasher.hexdigest() == expected, whole)
         if bad:
             store.counters.add(checksum_failures=store.drop_chunks(digest, bad))
             return None
@@ -263,6 +270,17 @@ class Sealer:
                 digest,
             )
         return sealed
+
+    def _judge(self, digest: str, record: BlobRecord, matches: bool, whole: bool) -> bool | None:
+        """A read-only cache's blob, hashed (``whole``: every chunk intact, in order):
+        judged, never changed; bad chunks are verify's to report, and an unsealed blob
+        that matches stays unsealed."""
+        if not whole:
+            return None
+        if not matches:
+            log.error("%s: the cached bytes do not match the digest: %s", digest, self._store.fate)
+            return False
+        return True if record.sealed else None
 
     def _commit_seal(
         self, txn: lmdb.Transaction, digest: str, record: BlobRecord, sums: bytes
@@ -347,7 +365,8 @@ class Sealer:
         report = VerifyReport()
         store.flush()
         found = self._scan(report)
-        store.env.write(lambda txn: self._repair(txn, found, report))
+        if not store.read_only:
+            store.env.write(lambda txn: self._repair(txn, found, report))
         for digest, record in found.by_id.values():
             if found.present[record.blob_id] != record.chunks:
                 continue
@@ -386,7 +405,7 @@ class Sealer:
             else:
                 found.bad.append(key)
                 report.bad_chunks.append((digest, index))
-                log.warning("verify: %s chunk %d is bad; dropping it", digest, index)
+                log.warning("verify: %s chunk %d is bad: %s", digest, index, store.fate)
         report.orphan_chunks = len(found.orphans)
         self._scan_parts(found, report)
         return found
@@ -404,7 +423,10 @@ class Sealer:
                 found.bad_parts.append(key)
                 if entry is not None:
                     report.bad_chunks.append((entry[0], index))
-                    log.warning("verify: %s part of chunk %d is bad; dropping it", entry[0], index)
+                    log.warning(
+                        "verify: %s part of chunk %d is bad: %s",
+                        entry[0], index, self._store.fate,
+                    )  # fmt: skip
 
     def _still_bad(self, txn: lmdb.Transaction, key: bytes) -> bool:
         """A part the scan found bad is so still (not merged or replaced meanwhile)."""

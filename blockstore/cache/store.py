@@ -123,7 +123,7 @@ class ChunkStore:
         self._hit_path()
         self.end_read = self.env.end_read
         try:
-            self._size_cap = self.env.write(lambda txn: self._init_meta(txn, size_cap))
+            self._size_cap = self._open_meta(size_cap)
         except BaseException:
             self.env.close()
             raise
@@ -166,6 +166,13 @@ class ChunkStore:
 
     # --- lifecycle -------------------------------------------------------
 
+    def _open_meta(self, size_cap: int | None) -> int:
+        """The size cap in force; a read-only cache keeps the one it was written with."""
+        if self.env.read_only:
+            with self.env.reader(DB_META) as txn:
+                return meta_int(txn, self.dbs[DB_META], b"size_cap", DEFAULT_SIZE_CAP)
+        return self.env.write(lambda txn: self._init_meta(txn, size_cap))
+
     def _init_meta(self, txn: lmdb.Transaction, size_cap: int | None) -> int:
         meta = self.dbs[DB_META]
         # Write only what changes: an unchanged cache opens even on a full disk.
@@ -200,6 +207,17 @@ class ChunkStore:
         return self._closing.is_set()
 
     @property
+    def read_only(self) -> bool:
+        """This process cannot write the cache (see ``env.cannot_write``): it serves what
+        the cache holds, and keeps nothing it fetches."""
+        return self.env.read_only
+
+    @property
+    def fate(self) -> str:
+        """What becomes of bad data found here, as messages say it."""
+        return "left as it is, the cache being read-only here" if self.read_only else "dropped"
+
+    @property
     def size_cap(self) -> int:
         return self._size_cap
 
@@ -218,6 +236,10 @@ class ChunkStore:
         # waits for it, or a total read meanwhile would go down (a counter reset, to
         # whatever scrapes the metrics).
         with self._counting:
+            if self.env.read_only:  # nothing can be saved: counts stay in this process
+                self.recency.take()
+                self.counters.pending()
+                return
             deltas = self.counters.take()
             touched = self.recency.take()
             if not deltas and not touched:
@@ -752,8 +774,10 @@ class ChunkStore:
         try:
             report = self._sealer.verify()
             report.damaged_records = self.images.drop_damaged()
-        except CacheDamaged:
+        except CacheDamaged as exc:
             report = VerifyReport()
+            if self.read_only:
+                report.damage = str(exc)  # nothing is moved aside, nor can be
             self.env.renew()  # moves the damaged file aside now, so the report is true
         if self.env.moved_aside:
             report.damage = "; ".join(self.env.moved_aside)

@@ -125,25 +125,27 @@ def cmd_verify(args: argparse.Namespace) -> int:
         shelf = IndexShelf(store)
         report.bad_chunks += shelf.check_incomplete()
         lying = shelf.check_all_sealed()
+        fate = store.fate
     lines = [
         f"checked {report.chunks_checked} chunks and {report.blobs_checked} complete blobs",
-        *(f"bad chunk {digest} #{index}: dropped" for digest, index in report.bad_chunks),
-        *(f"blob {digest} does not match its digest: dropped" for digest in report.bad_blobs),
+        *(f"bad chunk {digest} #{index}: {fate}" for digest, index in report.bad_chunks),
+        *(f"blob {digest} does not match its digest: {fate}" for digest in report.bad_blobs),
         *(f"sealed {digest}" for digest in report.newly_sealed),
         *(f"repaired the record of {digest}" for digest in report.repaired_records),
-        *(f"the cached record of {ref} is damaged: dropped" for ref in report.damaged_records),
+        *(f"the cached record of {ref} is damaged: {fate}" for ref in report.damaged_records),
         *(
             f"the chunk index of {digest} disagrees with the sealed layer at chunk(s) "
-            f"{', '.join(map(str, wrong[:8]))}: dropped"
+            f"{', '.join(map(str, wrong[:8]))}: {fate}"
             for digest, wrong in lying.items()
         ),
     ]
     if report.damage:
-        lines.append(f"the cache file was damaged and moved aside: {report.damage}")
+        moved = "left as it is" if store.read_only else "moved aside"
+        lines.append(f"the cache file was damaged and {moved}: {report.damage}")
     if report.orphan_chunks:
-        lines.append(f"dropped {report.orphan_chunks} chunks of no known blob")
+        lines.append(f"{report.orphan_chunks} chunks of no known blob: {fate}")
     ok = report.ok and not lying
-    lines.append("ok" if ok else "bad data found and dropped")
+    lines.append("ok" if ok else f"bad data found and {fate}")
     emit(args, {**report.to_dict(), "ok": ok, "lying_indexes": lying}, "\n".join(lines))
     return 0 if ok else IntegrityError.exit_code
 

@@ -453,6 +453,12 @@ def open_image_from_args(
         reading=(getattr(args, "layer", None), getattr(args, "blob", None)),
         **kw,
     )
+    if serves and image.store.read_only and image.client is not None:
+        log.warning(
+            "the cache at %s is read-only here: what it holds is served from it, the rest "
+            "fetched and served, never kept",
+            image.store.path,
+        )
     if serves and image.unreachable is not None:
         log.warning(
             "%s; serving %s from the cache alone", image.unreachable, image.resolved.reference

@@ -13,6 +13,7 @@ import sys
 
 from tqdm import tqdm
 
+from blockstore.cache.env import ReadOnlyCache
 from blockstore.cache.indexes import IndexShelf
 from blockstore.cli.common import (
     add_cache_options,
@@ -44,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_prefetch(args: argparse.Namespace) -> int:
     image = open_image_from_args(args, replace_older=True)
+    if image.store.read_only:
+        image.close()
+        raise ReadOnlyCache(
+            f"the cache at {image.store.path} is read-only here: prefetch would have nowhere "
+            "to keep what it fetches (give a writable --cache-dir)"
+        )
     try:
         for layer in image.select(args.layer, args.blob):
             # A tar layer is filled as the tar it serves (uncompressed, sealed against

@@ -22,6 +22,7 @@ from mount_trees import assert_same_tree
 from rig.fault_proxy import Fault
 from rig.processes import free_port, processes_mentioning
 from rig.pushed import push_erofs
+from rig.read_only import contents, read_only_view
 
 from blockstore.errors import ImageNotCached, MountpointBusy, RegistryError, RegistryUnreachable
 from nbdfront.mount import attach, records, syscall
@@ -122,6 +123,25 @@ def test_three_layer_image_whole_and_one_layer_alone(dirs, pushed_images, erofs_
     assert_same_tree(layers[2].tree, mnt)
     umount(mnt)
     assert_nothing_left(mnt, run)
+
+
+def test_an_image_mounts_offline_from_a_read_only_cache(dirs, pushed_images, erofs_images):
+    """The three-layer image prefetched, its cache bound read-only (as a pre-warmed cache
+    shipped on a read-only volume): `mount --offline` shows the merged tree, `mounts`
+    lists it as ok and fully cached, `umount` leaves nothing, and not a byte of the cache
+    changed. Before, the server could not open the cache: the mount failed with exit 8."""
+    mnt, _, cache, run = dirs
+    ref = pushed_images.multilayer
+    assert cli("prefetch", ref, "--insecure", "--cache-dir", str(cache)).returncode == 0
+    before = contents(cache)
+    with read_only_view(cache, cache.with_name("ro")) as ro:
+        mount(ref, mnt, ro, "--offline")
+        assert_same_tree(erofs_images.layers[-1].merged_tree, mnt)
+        (listed,) = json.loads(cli("mounts", "--json").stdout)
+        assert listed["state"] == "ok" and listed["cached"] == [1.0, 1.0, 1.0], listed
+        umount(mnt)
+    assert_nothing_left(mnt, run)
+    assert contents(cache) == before
 
 
 def cache_then_stop_registry(registry, image, mnt: Path, cache: Path) -> str:

@@ -1,0 +1,123 @@
+"""A cache on a read-only medium (a read-only bind mount, a volume shipped pre-warmed):
+read, listed and verified where it is; anything that would write to it refused in a line."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import subprocess
+import sys
+
+from rig.read_only import contents, read_only_view
+from rig.stored_chunks import flip_stored_byte
+from test_serve_cli import serving, stop
+
+from blockstore.cache import ChunkStore
+
+CLI = [sys.executable, "-m", "blockstore"]
+
+
+def blockstore(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60)
+
+
+def prefetched(image: str, cache) -> None:
+    result = blockstore("prefetch", image, "--insecure", "--cache-dir", str(cache))
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_read_only_cache_serves_offline_lists_and_verifies(
+    registry, pushed_images, erofs_images, tmp_path
+):
+    """A prefetched cache bound read-only: `serve --offline` serves every byte to nbdcopy,
+    `cache ls` lists the layer, `cache verify` checks it (exit 0), and not a byte of the
+    cache changes. Before, each exited 8 with "Read-only file system"."""
+    cache = tmp_path / "cache"
+    prefetched(pushed_images.small, cache)
+    before = contents(cache)
+    with read_only_view(cache, tmp_path / "ro") as ro:
+        listed = blockstore("cache", "ls", "--cache-dir", str(ro))
+        assert listed.returncode == 0, listed.stderr
+        assert erofs_images.small.digest in listed.stdout
+        verified = blockstore("cache", "verify", "--json", "--cache-dir", str(ro))
+        assert verified.returncode == 0, verified.stderr
+        report = json.loads(verified.stdout)
+        assert report["ok"] and report["blobs_checked"] == 1 and report["chunks_checked"] > 1
+        args = [pushed_images.small, "--offline", "--cache-dir", str(ro)]
+        with serving(*args, "--listen", "127.0.0.1:0") as (proc, exports):
+            out = tmp_path / "copy.img"
+            subprocess.run(["nbdcopy", exports[""], str(out)], check=True, timeout=60)
+            assert filecmp.cmp(out, erofs_images.small.path, shallow=False)
+            assert stop(proc) == 0
+            assert proc.stderr.read() == ""
+    assert contents(cache) == before
+
+
+def test_what_would_write_a_read_only_cache_is_refused_in_one_line(
+    registry, pushed_images, erofs_images, tmp_path
+):
+    """gc, compact, pin, rm and prefetch on a read-only cache: exit 8, one line saying the
+    cache is read-only here; a bad chunk is reported by verify (exit 6) and left as it is.
+    Before, compact died with an OSError (exit 1)."""
+    cache = tmp_path / "cache"
+    prefetched(pushed_images.small, cache)
+    with ChunkStore(cache) as store:
+        assert flip_stored_byte(store, erofs_images.small.digest, 2, 5000)
+    before = contents(cache)
+    with read_only_view(cache, tmp_path / "ro") as ro:
+        where = ["--cache-dir", str(ro)]
+        for command in (
+            ["cache", "gc", *where],
+            ["cache", "compact", *where],
+            ["cache", "pin", erofs_images.small.digest, *where],
+            ["cache", "rm", pushed_images.small, *where],
+            ["prefetch", pushed_images.small, "--insecure", *where],
+        ):
+            result = blockstore(*command)
+            assert result.returncode == 8, (command, result.stderr)
+            (line,) = result.stderr.splitlines()
+            assert f"the cache at {ro} is read-only here" in line, line
+        verified = blockstore("cache", "verify", *where)
+        assert verified.returncode == 6, verified.stderr
+        digest = erofs_images.small.digest
+        assert f"bad chunk {digest} #2: left as it is" in verified.stdout, verified.stdout
+    assert contents(cache) == before
+
+
+def test_a_read_only_view_of_a_cache_a_server_writes_is_refused(registry, pushed_images, tmp_path):
+    """A server writing the cache through its own path, the same cache bound read-only:
+    read without LMDB's lock beside a writer, pages could be reused under the reader, so
+    `cache ls` and `serve --offline` there exit 8 naming the writer's pid; once it stops,
+    the read-only view is read."""
+    cache = tmp_path / "cache"
+    prefetched(pushed_images.small, cache)
+    with read_only_view(cache, tmp_path / "ro") as ro:
+        args = [pushed_images.small, "--insecure", "--cache-dir", str(cache)]
+        with serving(*args, "--listen", "127.0.0.1:0") as (proc, _):
+            listed = blockstore("cache", "ls", "--cache-dir", str(ro))
+            assert listed.returncode == 8, listed.stderr
+            assert f"pid {proc.pid} has it open for writing" in listed.stderr
+            assert stop(proc) == 0
+        listed = blockstore("cache", "ls", "--cache-dir", str(ro))
+        assert listed.returncode == 0, listed.stderr
+
+
+def test_online_a_read_only_cache_serves_what_it_lacks_unkept_with_one_line(
+    registry, pushed_images, erofs_images, tmp_path
+):
+    """A read-only cache that lacks a layer, served online: every byte of it comes from the
+    registry, right, and the log says once that nothing is kept, where before each store
+    and each lease file was a warning of its own (dozens for one nbdcopy)."""
+    cache = tmp_path / "cache"
+    prefetched(pushed_images.small, cache)
+    before = contents(cache)
+    with read_only_view(cache, tmp_path / "ro") as ro:
+        args = [pushed_images.multilayer, "--layer", "1", "--insecure", "--cache-dir", str(ro)]
+        with serving(*args, "--listen", "127.0.0.1:0") as (proc, exports):
+            out = tmp_path / "copy.img"
+            subprocess.run(["nbdcopy", exports[""], str(out)], check=True, timeout=60)
+            assert filecmp.cmp(out, erofs_images.layers[1].path, shallow=False)
+            assert stop(proc) == 0
+            (line,) = proc.stderr.read().splitlines()
+            assert "is read-only here: what it holds is served from it" in line, line
+    assert contents(cache) == before
