@@ -62,8 +62,8 @@ def compact(path: Path) -> Compacted:
     except OSError as exc:
         raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
     try:
-        if cannot_write(path):
-            raise ReadOnlyCache.at(path)
+        if why := cannot_write(path):
+            raise ReadOnlyCache.at(path, why)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

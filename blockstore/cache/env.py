@@ -44,6 +44,7 @@ import errno
 import fcntl
 import logging
 import os
+import pwd
 import struct
 import threading
 import time
@@ -133,11 +134,8 @@ class ReadOnlyCache(CacheError):
     """A write asked of a cache this process can only read."""
 
     @classmethod
-    def at(cls, path: Path) -> ReadOnlyCache:
-        return cls(
-            f"the cache at {path} is read-only here (a read-only file system, or a "
-            "directory this user cannot write): nothing in it can be changed"
-        )
+    def at(cls, path: Path, why: str) -> ReadOnlyCache:
+        return cls(f"the cache at {path} is read-only here ({why}): nothing in it can be changed")
 
 
 class OtherFormat(CacheError):
@@ -323,11 +321,29 @@ def hold_in_use(path: Path, *, read_only: bool = False) -> int:
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, length, pid
 
 
-def cannot_write(path: Path) -> bool:
-    """True when this process cannot write the existing cache at ``path``: a read-only
-    file system (a read-only bind mount, a volume or image layer shipped pre-warmed)
-    or a directory of another user's. Such a cache is opened read-only."""
-    return (path / LMDB_DATA_FILE).is_file() and not os.access(path, os.W_OK)
+def cannot_write(path: Path) -> str | None:
+    """Why this process cannot write the existing cache at ``path``, or None if it can:
+    a read-only file system (a read-only bind mount, a volume or image layer shipped
+    pre-warmed), or a directory or LMDB file of another user's (one root made in a
+    user's own cache). Such a cache is opened read-only."""
+    data = path / LMDB_DATA_FILE
+    if not data.is_file():
+        return None
+    if os.statvfs(path).f_flag & os.ST_RDONLY:
+        return "on a read-only file system"
+    for name in (path, data, path / LMDB_LOCK_FILE):
+        if name.exists() and not os.access(name, os.W_OK):
+            what = "its directory" if name == path else name.name
+            return f"{what} is {_owner(name)}'s and cannot be written by this user"
+    return None
+
+
+def _owner(path: Path) -> str:
+    uid = path.stat().st_uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _writer_of(path: Path) -> str | None:
@@ -595,7 +611,8 @@ class CacheEnv:
         self._stale: str | None = None
         self.moved_aside: list[str] = []  # what damage this process found and moved away
         checked = self._directory(path)  # the directory about to be judged
-        self.read_only = cannot_write(path)
+        self.read_only_because = cannot_write(path)
+        self.read_only = self.read_only_because is not None
         if self.read_only:
             self._open_env()  # damage or another format is refused, never moved aside
             return
@@ -928,7 +945,7 @@ class CacheEnv:
         commit.
         """
         if self.read_only:
-            raise ReadOnlyCache.at(self.path)
+            raise ReadOnlyCache.at(self.path, self.read_only_because)
         if self._stale is not None:
             self._renew()
         with self._write_lock:

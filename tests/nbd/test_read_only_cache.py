@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
+import pytest
 from rig.read_only import contents, read_only_view
 from rig.stored_chunks import flip_stored_byte
 from test_serve_cli import serving, stop
@@ -121,3 +126,40 @@ def test_online_a_read_only_cache_serves_what_it_lacks_unkept_with_one_line(
             (line,) = proc.stderr.read().splitlines()
             assert "is read-only here: what it holds is served from it" in line, line
     assert contents(cache) == before
+
+
+def as_nobody(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["runuser", "-u", "nobody", "--", *CLI, *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_a_users_cache_that_root_wrote_to_is_read_by_the_user(registry, pushed_images):
+    """A user's own cache directory that root prefetched into (its data.mdb now root's,
+    as after a `sudo blockstore prefetch` that kept the user's cache directory): the
+    user's `cache ls` and `verify` read it, and `cache gc` is refused in one line naming
+    root's file. Before, every command exited 8 with "Permission denied" alone."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to act as root and as another user")
+    if as_nobody("--help").returncode != 0:
+        pytest.skip("this checkout cannot be run by user nobody")
+    base = Path(tempfile.mkdtemp(prefix="bs-users-"))
+    try:
+        base.chmod(0o755)
+        cache = base / "cache"
+        cache.mkdir()
+        shutil.chown(cache, "nobody")
+        prefetched(pushed_images.small, cache)
+        listed = as_nobody("cache", "ls", "--json", "--cache-dir", str(cache))
+        assert listed.returncode == 0, listed.stderr
+        assert [blob["sealed"] for blob in json.loads(listed.stdout)] == [True]
+        verified = as_nobody("cache", "verify", "--cache-dir", str(cache))
+        assert verified.returncode == 0, verified.stderr
+        refused = as_nobody("cache", "gc", "--cache-dir", str(cache))
+        assert refused.returncode == 8
+        assert refused.stderr.splitlines() == [
+            f"blockstore: the cache at {cache} is read-only here (data.mdb is root's and "
+            "cannot be written by this user): nothing in it can be changed"
+        ]
+    finally:
+        shutil.rmtree(base)
