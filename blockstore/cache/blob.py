@@ -34,11 +34,12 @@ from blockstore.prefetch import (
     erofs_tree,
 )
 from blockstore.prefetch.feed import Pacer, bridge, coalesce, feed
+from blockstore.progress import human
 from blockstore.source import BlobSource
 from blockstore.throttledlog import ThrottledLog
 
 from . import integrity, parts
-from .env import CacheDamaged
+from .env import CacheDamaged, DiskFull
 from .evict import LOW_WATER
 from .holds import BlobHold
 from .integrity import BLOCK, BLOCKS, checked_part
@@ -48,6 +49,10 @@ from .store import ChunkIntegrityError, ChunkStore
 from .traces import TraceShelf
 
 log = logging.getLogger(__name__)
+
+STORED_CHUNK = CHUNK_SIZE + 4096
+"""What a stored chunk takes in the LMDB file: its value (checksums, then the bytes)
+fills nine 4 KiB pages."""
 _unkept = ThrottledLog(
     log,
     "%d more fetches in the %.0f s after those logged were served but not kept, "
@@ -431,6 +436,7 @@ class CachedBlob:
                 f"{self._digest} ({self._size} bytes) is larger than the cache size cap "
                 f"({self._store.size_cap} bytes); raise --cache-size or pin it"
             )
+        self._check_room()
         reported = 0
 
         def report(nbytes: int) -> None:
@@ -467,6 +473,21 @@ class CachedBlob:
             )
         self._sums = self._store.sealed_sums(self._digest)
         self._whole = True
+
+    def _check_room(self) -> None:
+        """Refuse, before fetching a byte, a prefetch the disk cannot hold: each store
+        that finds the disk full evicts half of the cache, the layers prefetched for
+        offline use first, and the layer would still not fit (it lost itself too)."""
+        missing = self._store.missing_by_digest(self._digest, range(self._chunks))
+        need = len(missing) * STORED_CHUNK
+        room = self._store.room()
+        if need > room:
+            raise DiskFull(
+                f"{self._digest} needs about {human(need)} more in the cache at "
+                f"{self._store.path}, and the disk holding it has room for {human(room)}: "
+                "free space there, or make room with `cache rm` or `cache gc --cache-size`; "
+                "nothing was fetched or evicted"
+            )
 
     def _fetch_all(self, missing: list[int], report: Callable[[int], None]) -> None:
         """Fetch in steps, so memory stays flat however much is asked for."""

@@ -588,6 +588,16 @@ class ChunkStore:
         """Whether a server (of any process) serves ``digest`` from the cache alone."""
         return holds.is_held(self.path, digest)
 
+    def room(self) -> int:
+        """Bytes the cache can still take without evicting: the disk's free space, plus
+        what the LMDB file holds beyond the chunks stored (pages eviction freed, reused
+        before the file grows). An upper bound: the file's own tree pages count too."""
+        with self.env.reader(DB_META) as txn:
+            stored = meta_int(txn, self.dbs[DB_META], b"stored_bytes")
+        disk = os.statvfs(self.path)
+        free = disk.f_bfree if os.geteuid() == 0 else disk.f_bavail  # root takes the reserve
+        return free * disk.f_frsize + max(0, self.env.file_size() - stored)
+
     def make_room(self) -> None:
         """After a full disk: free half of what is stored, and let LMDB reuse it.
 

@@ -1,0 +1,62 @@
+"""A cache on a small real file system (ext4 on a loop device) that a prefetch would fill."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "blockstore"]
+
+
+def blockstore(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
+
+
+@contextmanager
+def small_disk(at: Path, size: str) -> Iterator[Path]:
+    """An ext4 file system of ``size`` mounted at ``at`` (root, a loop device)."""
+    if os.geteuid() != 0 or shutil.which("mkfs.ext4") is None:
+        pytest.skip("a loop-mounted ext4 needs root and mkfs.ext4")
+    image = at.with_suffix(".ext4")
+    subprocess.run(["truncate", "-s", size, str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    at.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(at)], check=True)
+    try:
+        yield at
+    finally:
+        subprocess.run(["umount", "-l", str(at)], check=True)
+
+
+def test_a_prefetch_the_disk_cannot_hold_is_refused_and_costs_no_other_layer(
+    registry, pushed_images, erofs_images, tmp_path
+):
+    """A cache on a 24 MiB ext4 holding the small image, prefetched and sealed; then a
+    prefetch of the large image (64 MiB), under the default cap: refused before a byte is
+    fetched (exit 8), in one line saying how much it needs and how much room there is; the
+    small image is still whole and sealed. Before, each store that found the disk full
+    evicted half of the cache: the small image went to 0%, and the prefetch failed all
+    the same."""
+    with small_disk(tmp_path / "disk", "24M") as disk:
+        cache = str(disk / "cache")
+        done = blockstore("prefetch", pushed_images.small, "--insecure", "--cache-dir", cache)
+        assert done.returncode == 0, done.stderr
+        refused = blockstore("prefetch", pushed_images.large, "--insecure", "--cache-dir", cache)
+        assert refused.returncode == 8, refused.stderr
+        (line,) = refused.stderr.splitlines()
+        assert f"{erofs_images.large.digest} needs about" in line, line
+        assert "nothing was fetched or evicted" in line, line
+        listed = blockstore("cache", "ls", "--json", "--cache-dir", cache)
+        assert listed.returncode == 0, listed.stderr
+        cached = {blob["digest"]: blob for blob in json.loads(listed.stdout)}
+        small = cached[erofs_images.small.digest]
+        assert small["sealed"] and small["cached_fraction"] == 1.0
+        assert erofs_images.large.digest not in cached
