@@ -2,7 +2,11 @@
 
 A pid alone is not an identity: once a process dies its pid can be reused,
 and ``umount`` must never signal a stranger. ``ProcessRef`` pairs the pid with
-the process's start time (from /proc) and only acts when both match.
+the process's start time (from /proc) and the boot it was made in, and only
+acts when all match: the start time counts from boot, and a service started
+at boot gets much the same pid and start time on every boot, so a record kept
+across a reboot (a run directory not on a tmpfs) could name another process
+by both.
 """
 
 from __future__ import annotations
@@ -27,17 +31,25 @@ def _start_time(pid: int) -> int | None:
     return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
+def boot_id() -> str:
+    """This boot's identity, new at each boot."""
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
 @dataclass(frozen=True)
 class ProcessRef:
     pid: int
     start_time: int
+    boot: str = ""  # "" in an older version's record: not checked
 
     @classmethod
     def of(cls, pid: int) -> ProcessRef | None:
         started = _start_time(pid)
-        return None if started is None else cls(pid, started)
+        return None if started is None else cls(pid, started, boot_id())
 
     def alive(self) -> bool:
+        if self.boot and self.boot != boot_id():
+            return False  # made before a reboot: every process of that boot is gone
         return _start_time(self.pid) == self.start_time
 
     def signal(self, signum: int) -> None:
@@ -64,11 +76,11 @@ class ProcessRef:
             self.wait(timeout)
 
     def to_record(self) -> dict:
-        return {"pid": self.pid, "start_time": self.start_time}
+        return {"pid": self.pid, "start_time": self.start_time, "boot": self.boot}
 
     @classmethod
     def from_record(cls, record: dict) -> ProcessRef:
-        return cls(int(record["pid"]), int(record["start_time"]))
+        return cls(int(record["pid"]), int(record["start_time"]), str(record.get("boot", "")))
 
 
 def spawn_detached(

@@ -23,6 +23,7 @@ from rig.processes import processes_mentioning
 
 from blockstore.errors import MountError, MountpointBusy
 from nbdfront.mount import attach, records, stack, syscall
+from nbdfront.mount.process import ProcessRef
 from nbdfront.mount.server import ServerFailed, start_server
 from nbdfront.mount.supervisor import STOP_GRACE
 
@@ -151,6 +152,48 @@ def test_dead_server_is_reported_reads_fail_and_umount_cleans_up(
     assert f"server dead); its log is kept at {record.log}" in done.stderr
     assert os.path.exists(record.log)
     assert_nothing_left(record, run)
+
+
+def test_a_record_kept_across_a_reboot_never_signals_a_process_of_this_boot(
+    mount_dirs, mountpoint, erofs_images, local_server
+):
+    """A reboot with the run directory kept (one not on a tmpfs): every process of the mount
+    SIGKILLed, each of its mounts lazily unmounted; the record's server and nbdfuse then
+    named by pid and start time as live processes of this boot (a service started at boot
+    gets much the same pid and start time on every boot), its boot an earlier one. `mounts`
+    lists it, `umount` clears it and leaves those processes running. Before, `umount` took
+    them for the mount's own and sent them SIGTERM."""
+    _, run = mount_dirs
+    server = local_server({"layer0": erofs_images.small.path})
+    record = stack.mount(server, str(mountpoint), image="small")
+    for process in [record.server, *(a.process for a in record.attachments)]:
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(5)
+    for point in sorted(syscall.mounted(), key=len, reverse=True):
+        if point == str(mountpoint) or point.startswith(f"{run}/"):
+            syscall.umount(point, lazy=True)
+    strangers = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    try:
+        path = Path(record.state_dir) / records.RECORD_NAME
+        saved = json.loads(path.read_text())
+
+        def earlier_boot(stranger: subprocess.Popen) -> dict:
+            ref = ProcessRef.of(stranger.pid)
+            return {"pid": ref.pid, "start_time": ref.start_time, "boot": "an-earlier-boot"}
+
+        saved["server"] = earlier_boot(strangers[0])
+        for attachment in saved["attachments"]:
+            attachment["process"] = earlier_boot(strangers[1])
+        path.write_text(json.dumps(saved))
+        assert str(mountpoint) in cli("mounts").stdout
+        done = cli("umount", str(mountpoint))
+        assert done.returncode == 0, done.stderr
+        assert [stranger.poll() for stranger in strangers] == [None, None]
+        assert records.saved() == []
+    finally:
+        for stranger in strangers:
+            stranger.kill()
+            stranger.wait()
 
 
 def test_clean_umount_removes_the_log_a_failed_stop_keeps_it(
