@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import logging
 import math
@@ -454,10 +455,14 @@ def open_image_from_args(
         **kw,
     )
     if serves and image.store.read_only and image.client is not None:
+        filling = image.prefetch.fill
+        # A fill would fetch every layer whole, keep none of it, and try again.
+        image.prefetch = dataclasses.replace(image.prefetch, fill=False)
         log.warning(
             "the cache at %s is read-only here: what it holds is served from it, the rest "
-            "fetched and served, never kept",
+            "fetched and served, never kept%s",
             image.store.path,
+            "; --fill is skipped, having nowhere to keep the layers" if filling else "",
         )
     if serves and image.unreachable is not None:
         log.warning(

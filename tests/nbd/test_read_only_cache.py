@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,26 @@ def test_a_users_cache_that_root_wrote_to_is_read_by_the_user(registry, pushed_i
         ]
     finally:
         shutil.rmtree(base)
+
+
+def test_fill_on_a_read_only_cache_is_skipped_not_fetched_for_nothing(
+    registry, pushed_images, erofs_images, fault_proxy, tmp_path
+):
+    """`serve --fill` online on a read-only cache that lacks the layer: the fill is skipped,
+    said in the one warning, and the layer's blob is not asked for while no client reads.
+    Before, the fill fetched the whole layer, kept none of it, and fetched it twice more
+    before giving up: three times the layer's bytes for nothing."""
+    cache = tmp_path / "cache"
+    prefetched(pushed_images.small, cache)
+    proxy = fault_proxy(registry)
+    reference = pushed_images.large.replace(registry.host, proxy.host)
+    layer = erofs_images.large.digest
+    with read_only_view(cache, tmp_path / "ro") as ro:
+        quiet = ["--no-erofs-start", "--no-erofs-walk", "--no-trace", "--no-readahead"]
+        args = [reference, "--insecure", "--fill", *quiet, "--cache-dir", str(ro)]
+        with serving(*args, "--listen", "127.0.0.1:0") as (proc, _):
+            time.sleep(2)
+            assert [r for r in proxy.requests if r.method == "GET" and layer in r.path] == []
+            assert stop(proc) == 0
+            (line,) = proc.stderr.read().splitlines()
+            assert "--fill is skipped, having nowhere to keep the layers" in line, line
