@@ -102,8 +102,10 @@ class CachedBlob:
         blob; off for a blob whose owner seals it at a better time (``TarLayer``)."""
         self._store = store
         # Served from the cache alone, an evicted chunk could not come back: held from
-        # eviction (by any process) while served. Taken before the record is read.
-        self._hold = BlobHold.take(store.path, digest) if source is None else None
+        # eviction (by any process) while served. Taken before the record is read; none
+        # in a read-only cache, where this process makes no file.
+        held = source is None and not store.read_only
+        self._hold = BlobHold.take(store.path, digest) if held else None
         self._seal_when_whole = seal_when_whole
         self._upstream = upstream
         self._digest = digest

@@ -322,10 +322,13 @@ _FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, length, 
 
 
 def cannot_write(path: Path) -> str | None:
-    """Why this process cannot write the existing cache at ``path``, or None if it can:
-    a read-only file system (a read-only bind mount, a volume or image layer shipped
-    pre-warmed), or a directory or LMDB file of another user's (one root made in a
-    user's own cache). Such a cache is opened read-only."""
+    """Why this process cannot, or must not, write the existing cache at ``path``, or
+    None if it may: a read-only file system (a read-only bind mount, a volume or image
+    layer shipped pre-warmed); a directory or LMDB file of another user's (one root
+    made in a user's own cache); or, for root, a directory another user can write
+    (``_root_must_not_write``). Such a cache is opened read-only."""
+    if why := _root_must_not_write(path):  # even with no cache there yet
+        return why
     data = path / LMDB_DATA_FILE
     if not data.is_file():
         return None
@@ -336,6 +339,25 @@ def cannot_write(path: Path) -> str | None:
             what = "its directory" if name == path else name.name
             return f"{what} is {_owner(name)}'s and cannot be written by this user"
     return None
+
+
+def _root_must_not_write(path: Path) -> str | None:
+    """Why root must not write the cache directory ``path``, or None.
+
+    LMDB opens ``data.mdb`` and ``lock.mdb`` by name, following links, and writes its
+    lock file's header through a map: in a directory another user can write, that
+    user could put a link to any file of root's there, and root would write over it.
+    """
+    if os.geteuid() != 0:
+        return None
+    st = path.stat()
+    if st.st_uid != 0:
+        whose = f"its directory is {_owner(path)}'s"
+    elif st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != 0):
+        whose = "its directory is writable by other users"
+    else:
+        return None
+    return f"{whose}, and root writes no cache where another user could link a file of root's"
 
 
 def _owner(path: Path) -> str:
@@ -687,6 +709,8 @@ class CacheEnv:
         """Open LMDB on the directory, refusing a file that would fault once mapped."""
         path = self.path
         if self.read_only:
+            if not (path / LMDB_DATA_FILE).is_file():
+                raise ReadOnlyCache.at(path, self.read_only_because)
             writer = _writer_of(path)
             if writer is not None:
                 raise CacheError(

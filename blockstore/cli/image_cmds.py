@@ -48,8 +48,9 @@ def run_prefetch(args: argparse.Namespace) -> int:
     if image.store.read_only:
         image.close()
         raise ReadOnlyCache(
-            f"the cache at {image.store.path} is read-only here: prefetch would have nowhere "
-            "to keep what it fetches (give a writable --cache-dir)"
+            f"the cache at {image.store.path} is read-only here "
+            f"({image.store.env.read_only_because}): prefetch would have nowhere to keep "
+            "what it fetches (give a writable --cache-dir)"
         )
     try:
         for layer in image.select(args.layer, args.blob):

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -135,11 +137,9 @@ def as_nobody(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_a_users_cache_that_root_wrote_to_is_read_by_the_user(registry, pushed_images):
-    """A user's own cache directory that root prefetched into (its data.mdb now root's,
-    as after a `sudo blockstore prefetch` that kept the user's cache directory): the
-    user's `cache ls` and `verify` read it, and `cache gc` is refused in one line naming
-    root's file. Before, every command exited 8 with "Permission denied" alone."""
+@contextmanager
+def users_directory() -> Iterator[Path]:
+    """A directory user nobody can reach, in a private one of root's (0755)."""
     if os.geteuid() != 0:
         pytest.skip("needs root, to act as root and as another user")
     if as_nobody("--help").returncode != 0:
@@ -147,10 +147,20 @@ def test_a_users_cache_that_root_wrote_to_is_read_by_the_user(registry, pushed_i
     base = Path(tempfile.mkdtemp(prefix="bs-users-"))
     try:
         base.chmod(0o755)
+        yield base
+    finally:
+        shutil.rmtree(base)
+
+
+def test_a_users_cache_holding_a_file_of_roots_is_read_by_the_user(registry, pushed_images):
+    """A user's own cache directory whose data.mdb is root's (a root run made the cache,
+    the directory was then given to the user): the user's `cache ls` and `verify` read
+    it, and `cache gc` is refused in one line naming root's file. Before, every command
+    exited 8 with "Permission denied" alone."""
+    with users_directory() as base:
         cache = base / "cache"
-        cache.mkdir()
-        shutil.chown(cache, "nobody")
         prefetched(pushed_images.small, cache)
+        shutil.chown(cache, "nobody")
         listed = as_nobody("cache", "ls", "--json", "--cache-dir", str(cache))
         assert listed.returncode == 0, listed.stderr
         assert [blob["sealed"] for blob in json.loads(listed.stdout)] == [True]
@@ -162,8 +172,41 @@ def test_a_users_cache_that_root_wrote_to_is_read_by_the_user(registry, pushed_i
             f"blockstore: the cache at {cache} is read-only here (data.mdb is root's and "
             "cannot be written by this user): nothing in it can be changed"
         ]
-    finally:
-        shutil.rmtree(base)
+
+
+def test_root_writes_no_file_another_user_linked_into_a_cache(
+    registry, pushed_images, erofs_images
+):
+    """A cache directory of another user's, where that user put `lock.mdb` as a link to a
+    file of root's: root's `prefetch` is refused in one line (exit 8) and the file is
+    untouched; once the user has filled the cache, root serves it offline read-only,
+    byte for byte, and writes nothing there. Before, root's prefetch wrote LMDB's lock
+    header over the linked file and grew it to 512 KiB."""
+    with users_directory() as base:
+        victim = base / "roots-file"
+        victim.write_bytes(b"root's own bytes\n")
+        cache = base / "cache"
+        cache.mkdir()
+        shutil.chown(cache, "nobody")
+        link = ["runuser", "-u", "nobody", "--", "ln", "-s", str(victim), str(cache / "lock.mdb")]
+        subprocess.run(link, check=True)
+        refused = blockstore(
+            "prefetch", pushed_images.small, "--insecure", "--cache-dir", str(cache)
+        )
+        assert refused.returncode == 8, refused.stderr
+        (line,) = refused.stderr.splitlines()
+        assert "its directory is nobody's, and root writes no cache where another user" in line
+        assert victim.read_bytes() == b"root's own bytes\n"
+        (cache / "lock.mdb").unlink()
+        filled = as_nobody("prefetch", pushed_images.small, "--insecure", "--cache-dir", str(cache))
+        assert filled.returncode == 0, filled.stderr
+        before = contents(cache)
+        args = [pushed_images.small, "--offline", "--cache-dir", str(cache)]
+        with serving(*args, "--listen", "127.0.0.1:0") as (proc, exports):
+            copied = subprocess.run(["nbdcopy", exports[""], "-"], capture_output=True, check=True)
+            assert copied.stdout == erofs_images.small.path.read_bytes()
+            assert stop(proc) == 0
+        assert contents(cache) == before
 
 
 def test_fill_on_a_read_only_cache_is_skipped_not_fetched_for_nothing(
