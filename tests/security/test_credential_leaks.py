@@ -32,6 +32,8 @@ from rig.pushed import push_erofs
 from rig.registry_server import RegistryServer, TokenAuth
 from rig.token_issuer import TokenIssuer
 
+from nbdfront.mount import syscall
+
 USER = "carol"
 JWT = re.compile(rb"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.")
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
@@ -190,9 +192,7 @@ def run(password_registry, erofs_images, tmp_path) -> Iterator[Run]:
 def _undo_mounts(run: Run) -> None:
     """Whatever a failed run left: mounts under the sandbox, then its processes."""
     roots = (str(run.base) + "/", str(run.run_dir) + "/")
-    table = Path("/proc/self/mountinfo").read_text().splitlines()
-    points = [line.split()[4] for line in table]
-    for point in sorted(points, key=len, reverse=True):
+    for point in sorted(syscall.mounted(), key=len, reverse=True):
         if point.startswith(roots):
             subprocess.run(["umount", "-l", point], capture_output=True)
     for proc in Path("/proc").iterdir():
