@@ -438,7 +438,8 @@ class CachedBlob:
                 f"{self._digest} ({self._size} bytes) is larger than the cache size cap "
                 f"({self._store.size_cap} bytes); raise --cache-size or pin it"
             )
-        self._check_room()
+        if (no_room := self._no_room()) is not None:
+            raise DiskFull(f"{no_room}; nothing was fetched or evicted")
         reported = 0
 
         def report(nbytes: int) -> None:
@@ -476,20 +477,23 @@ class CachedBlob:
         self._sums = self._store.sealed_sums(self._digest)
         self._whole = True
 
-    def _check_room(self) -> None:
-        """Refuse, before fetching a byte, a prefetch the disk cannot hold: each store
-        that finds the disk full evicts half of the cache, the layers prefetched for
-        offline use first, and the layer would still not fit (it lost itself too)."""
+    def _no_room(self) -> str | None:
+        """Why the disk holding the cache cannot take the rest of the layer, or None.
+
+        Asked before a prefetch or a fill fetches a byte: each store that finds the
+        disk full evicts half of the cache, the layers prefetched for offline use
+        first, and a layer too large would still not fit (it would lose itself too).
+        """
         missing = self._store.missing_by_digest(self._digest, range(self._chunks))
         need = len(missing) * STORED_CHUNK
         room = self._store.room()
-        if need > room:
-            raise DiskFull(
-                f"{self._digest} needs about {human(need)} more in the cache at "
-                f"{self._store.path}, and the disk holding it has room for {human(room)}: "
-                "free space there, or make room with `cache rm` or `cache gc --cache-size`; "
-                "nothing was fetched or evicted"
-            )
+        if need <= room:
+            return None
+        return (
+            f"{self._digest} needs about {human(need)} more in the cache at "
+            f"{self._store.path}, and the disk holding it has room for {human(room)}: "
+            "free space there, or make room with `cache rm` or `cache gc --cache-size`"
+        )
 
     def _fetch_all(self, missing: list[int], report: Callable[[int], None]) -> None:
         """Fetch in steps, so memory stays flat however much is asked for."""
@@ -999,6 +1003,9 @@ class CachedBlob:
         Resumable: each pass takes only what is missing, so a fill cut short
         (stopped, evicted, a failed range) continues where it stopped.
         """
+        if (no_room := self._no_room()) is not None:
+            log.warning("%s; not filled, so nothing else is evicted for it", no_room)
+            return
         fetcher = self._fetcher
         rate = self._settings.fill_rate
         pacer = Pacer(rate)

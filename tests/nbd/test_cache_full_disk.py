@@ -7,11 +7,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from test_serve_cli import serving, stop
 
 CLI = [sys.executable, "-m", "blockstore"]
 
@@ -60,3 +62,29 @@ def test_a_prefetch_the_disk_cannot_hold_is_refused_and_costs_no_other_layer(
         small = cached[erofs_images.small.digest]
         assert small["sealed"] and small["cached_fraction"] == 1.0
         assert erofs_images.large.digest not in cached
+
+
+def test_a_fill_the_disk_cannot_hold_is_skipped_and_costs_no_other_layer(
+    registry, pushed_images, erofs_images, tmp_path
+):
+    """The same small disk holding the small image, sealed; `serve --fill` of the large
+    image: the fill is skipped with one warning saying how much it needs, the server
+    serves, and the small image stays whole and sealed. Before, the fill's stores found
+    the disk full one after another, each evicting half of the cache (a warning each,
+    many a second): the small image went to 0%."""
+    with small_disk(tmp_path / "disk", "24M") as disk:
+        cache = str(disk / "cache")
+        done = blockstore("prefetch", pushed_images.small, "--insecure", "--cache-dir", cache)
+        assert done.returncode == 0, done.stderr
+        quiet = ["--no-erofs-start", "--no-erofs-walk", "--no-trace", "--no-readahead"]
+        args = [pushed_images.large, "--insecure", "--fill", *quiet, "--cache-dir", cache]
+        with serving(*args, "--listen", "127.0.0.1:0") as (proc, _):
+            time.sleep(2)
+            assert stop(proc) == 0
+            (line,) = proc.stderr.read().splitlines()
+            assert f"{erofs_images.large.digest} needs about" in line, line
+            assert "not filled, so nothing else is evicted for it" in line, line
+        listed = blockstore("cache", "ls", "--json", "--cache-dir", cache)
+        cached = {blob["digest"]: blob for blob in json.loads(listed.stdout)}
+        small = cached[erofs_images.small.digest]
+        assert small["sealed"] and small["cached_fraction"] == 1.0
