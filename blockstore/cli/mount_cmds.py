@@ -361,10 +361,9 @@ def run_umount(args: argparse.Namespace) -> int:
     if args.quiet <= 0:
         print(f"unmounted {done.record.mountpoint} ({done.record.image})")
         if done.trouble is not None:
-            print(
-                f"blockstore: {done.trouble}; its log is kept at {done.record.log}",
-                file=sys.stderr,
-            )
+            kept = Path(done.record.log).exists()
+            where = f"; its log is kept at {done.record.log}" if kept else ""
+            print(f"blockstore: {done.trouble}{where}", file=sys.stderr)
     return 0
 
 

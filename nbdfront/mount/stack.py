@@ -392,6 +392,9 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
     if os.geteuid() != 0:
         raise NotPermitted("unmounting needs root: run it with sudo")
     record = records.load(os.path.realpath(mountpoint)) or records.load(mountpoint)
+    recorded = record is not None
+    if record is None:
+        record = _unrecorded(os.path.realpath(mountpoint))
     if record is None:
         raise MountError(f"{mountpoint} was not mounted by blockstore")
     state = status(record).state
@@ -402,7 +405,9 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
             "let it finish, or interrupt that command, which undoes it"
         )
     ended = unmount_record(record, lazy=lazy)
-    if state != "ok":
+    if not recorded:
+        trouble = "its mount record was gone (the run directory cleared while it was mounted)"
+    elif state != "ok":
         trouble = f"the mount was not whole ({state})"
     elif ended is None:
         trouble = "the server's exit status is unknown"
@@ -416,6 +421,30 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
         Path(record.log).unlink(missing_ok=True)
         return Unmounted(record, None)
     return Unmounted(record, trouble)
+
+
+def _unrecorded(mountpoint: str) -> MountRecord | None:
+    """A mount whose record is gone (the run directory cleared while it was mounted, its
+    processes killed) though its state directory still holds what it mounted: enough
+    of a record, read from mountinfo, for ``unmount_record`` to undo it; None if
+    nothing of it is mounted."""
+    state = records.state_dir_for(mountpoint)
+    if not records.is_private(state):
+        return None
+    inside = syscall.submounts(str(state))
+    table = syscall.mounted()
+    record = MountRecord(
+        mountpoint=mountpoint,
+        image="image unknown",
+        method="",
+        state_dir=str(state),
+        log=str(records.log_path_for(mountpoint)),
+        lowers=[point for point in reversed(inside) if table[point][0] == "erofs"],
+        mounted=True,
+    )
+    if not inside and _where_ours_is(record) == "absent":
+        return None
+    return record
 
 
 def _where_ours_is(record: MountRecord) -> str:

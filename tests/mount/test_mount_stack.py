@@ -196,6 +196,35 @@ def test_a_record_kept_across_a_reboot_never_signals_a_process_of_this_boot(
             stranger.wait()
 
 
+def test_a_mount_whose_run_directory_was_cleared_is_undone_by_umount(
+    mount_dirs, mountpoint, erofs_images, local_server
+):
+    """A three-layer mount's processes SIGKILLed and its run directory cleared with `rm -rf`
+    (which leaves the state directory, the FUSE files and layers mounted in it): `umount`
+    undoes what is mounted there, says the record was gone, and leaves nothing; the mount
+    point then mounts again. Before, `umount` said it was not mounted by blockstore (exit
+    10) and `mount` there was refused: the user was left to find the mounts by hand."""
+    layers = erofs_images.layers
+    _, run = mount_dirs
+    argv = local_server({f"layer{i}": layer.path for i, layer in enumerate(layers)})
+    record = stack.mount(argv, str(mountpoint), image="three")
+    for process in [record.server, *(a.process for a in record.attachments)]:
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(5)
+    subprocess.run(["rm", "-rf", str(run)], capture_output=True)
+    assert records.saved() == [] and syscall.is_mounted(str(mountpoint))
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "blockstore: its mount record was gone (the run directory cleared while it was mounted)"
+    ]
+    assert_nothing_left(record, run)
+    again = stack.mount(local_server({"layer0": layers[0].path}), str(mountpoint), image="one")
+    assert_same_tree(layers[0].tree, mountpoint)
+    stack.unmount(str(mountpoint))
+    assert_nothing_left(again, run)
+
+
 def test_clean_umount_removes_the_log_a_failed_stop_keeps_it(
     mount_dirs, mountpoint, erofs_images, local_server
 ):
