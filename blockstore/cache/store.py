@@ -66,6 +66,9 @@ T = TypeVar("T")
 
 DEFAULT_SIZE_CAP = 10 << 30
 
+READ_ONLY_FATE = "left as it is, the cache being read-only here"
+"""What becomes of bad data found in a read-only cache, as messages say it."""
+
 
 class ChunkIntegrityError(IntegrityError, BlobReadError):
     """Bytes for a chunk of a sealed blob that its sealed checksum rejects."""
@@ -215,7 +218,7 @@ class ChunkStore:
     @property
     def fate(self) -> str:
         """What becomes of bad data found here, as messages say it."""
-        return "left as it is, the cache being read-only here" if self.read_only else "dropped"
+        return READ_ONLY_FATE if self.read_only else "dropped"
 
     @property
     def size_cap(self) -> int:

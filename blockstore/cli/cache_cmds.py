@@ -15,7 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from blockstore.cache import ChunkStore
+from blockstore.cache.env import CacheDamaged
 from blockstore.cache.indexes import IndexShelf
+from blockstore.cache.seal import VerifyReport
+from blockstore.cache.store import READ_ONLY_FATE
 from blockstore.cli.common import add_cache_options, cache_dir_from
 from blockstore.errors import CacheError, IntegrityError, NotFound
 from blockstore.progress import human
@@ -118,14 +121,25 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
+    try:
+        store = open_store(args)
+    except CacheDamaged as exc:
+        # Raised only where the damaged file cannot be moved aside: a read-only cache.
+        return _verified(args, VerifyReport(damage=str(exc)), {}, READ_ONLY_FATE)
+    with store:
         report = store.verify()
         # Blobs not complete yet cannot be judged by their digest; a kept chunk index can.
         # Sealed ones judge their index instead.
         shelf = IndexShelf(store)
         report.bad_chunks += shelf.check_incomplete()
         lying = shelf.check_all_sealed()
-        fate = store.fate
+    return _verified(args, report, lying, store.fate)
+
+
+def _verified(
+    args: argparse.Namespace, report: VerifyReport, lying: dict[str, list[int]], fate: str
+) -> int:
+    """Say what verify found and what became of it (``fate``); its exit status."""
     lines = [
         f"checked {report.chunks_checked} chunks and {report.blobs_checked} complete blobs",
         *(f"bad chunk {digest} #{index}: {fate}" for digest, index in report.bad_chunks),
@@ -140,7 +154,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         ),
     ]
     if report.damage:
-        moved = "left as it is" if store.read_only else "moved aside"
+        moved = "left as it is" if fate == READ_ONLY_FATE else "moved aside"
         lines.append(f"the cache file was damaged and {moved}: {report.damage}")
     if report.orphan_chunks:
         lines.append(f"{report.orphan_chunks} chunks of no known blob: {fate}")

@@ -230,3 +230,29 @@ def test_fill_on_a_read_only_cache_is_skipped_not_fetched_for_nothing(
             assert stop(proc) == 0
             (line,) = proc.stderr.read().splitlines()
             assert "--fill is skipped, having nowhere to keep the layers" in line, line
+
+
+def test_a_damaged_read_only_cache_is_reported_by_verify_and_left(
+    registry, pushed_images, tmp_path
+):
+    """A prefetched cache whose data.mdb is cut short, bound read-only: `cache verify`
+    says the file is damaged and left as it is (exit 6, as verify exits for damage it
+    moves aside where it can), `serve --offline` refuses it in one line (exit 8), and
+    nothing is moved or changed. Before, verify exited 8, as for a cache it could not
+    open at all."""
+    cache = tmp_path / "cache"
+    prefetched(pushed_images.small, cache)
+    data = cache / "data.mdb"
+    os.truncate(data, data.stat().st_size // 2)
+    before = contents(cache)
+    with read_only_view(cache, tmp_path / "ro") as ro:
+        verified = blockstore("cache", "verify", "--cache-dir", str(ro))
+        assert verified.returncode == 6, verified.stderr
+        assert f"the cache file was damaged and left as it is: the cache at {ro} is damaged" in (
+            verified.stdout
+        )
+        served = blockstore("serve", pushed_images.small, "--offline", "--cache-dir", str(ro))
+        assert served.returncode == 8
+        (line,) = served.stderr.splitlines()
+        assert f"the cache at {ro} is damaged" in line, line
+    assert contents(cache) == before
