@@ -116,7 +116,7 @@ class Endpoint:
                 status=429,
             )
         url = path if "://" in path else self.base_url + path
-        authorization = self.auth.header(scope, deadline)
+        authorization = self._upfront_authorization(scope, deadline)
         answered = False
         while True:
             reply = self._follow_redirects(
@@ -143,6 +143,18 @@ class Endpoint:
             reply.close()
             authorization = self.auth.answer_challenge(challenge, scope, deadline)
             answered = True
+
+    def _upfront_authorization(self, scope: str, deadline: Deadline) -> str | None:
+        """The ``Authorization`` to send first; none when the token issuer the last
+        challenge named gave no token in time: the registry's 401 then names the issuer
+        to ask now. A server idle past its token's life while the issuer moved would otherwise
+        ask the old address for ever, every read failing with both of them up."""
+        try:
+            return self.auth.header(scope, deadline)
+        except TryAgain:
+            if deadline.expired:
+                raise  # no time left to ask anyone: say why
+            return None
 
     def _may_send(self, url: str) -> bool:
         """Whether credentials may go to ``url``: over TLS, or plain HTTP when asked for."""

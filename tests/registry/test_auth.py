@@ -9,6 +9,8 @@ import time
 
 import pytest
 from rig.pushed import push_erofs
+from rig.registry_server import RegistryServer, TokenAuth
+from rig.token_issuer import TokenIssuer
 
 from blockstore.errors import AuthError, RegistryUnreachable, UsageError
 from blockstore.registry import RegistryBlob, RegistryClient, parse_reference, resolve_image
@@ -233,6 +235,43 @@ def test_token_that_dies_early_is_renewed_on_401(
         data = _read_slowly(client, token_image, 3.0)
     assert data == erofs_images.small.path.read_bytes()
     assert token_lifetime.tokens_issued - before >= 2
+
+
+def test_a_client_idle_past_its_token_asks_the_issuer_the_registry_names_now(
+    tmp_path, test_ca, erofs_images
+):
+    """The registry's token issuer moves (another address) while a client idles past its
+    token's life: the next read goes without a token, the registry's 401 names the issuer to
+    ask now, and the read succeeds. Before, a long-running server kept asking the old
+    address, and every read failed with the registry and the new issuer both up."""
+    cert, key = test_ca.issue("moving-issuer", server=False)
+    old, new = (TokenIssuer(cert, key, users={"bob": "bob-pw"}) for _ in range(2))
+    old.expires_in = 2  # the client renews it 1.5 s on
+    server = RegistryServer(
+        tmp_path / "registry",
+        token=TokenAuth(old.realm, old.service, old.name, test_ca.cert),
+        username="bob",
+        password="bob-pw",
+    )
+    old.start()
+    server.start()
+    try:
+        ref = push_small(server, "auth/moving", erofs_images)
+        with server.client(timeout=5.0) as client:
+            image = resolve_image(client, ref, None)
+            blob = RegistryBlob(client, parse_reference(ref).repository, image.layers[0])
+            assert blob.read_range(0, 4096) == erofs_images.small.path.read_bytes()[:4096]
+            server.stop()
+            old.stop()
+            new.start()
+            server.use_token_issuer(TokenAuth(new.realm, new.service, new.name, test_ca.cert))
+            server.start()
+            time.sleep(2)
+            assert blob.read_range(0, blob.size) == erofs_images.small.path.read_bytes()
+        assert new.tokens_issued == 1
+    finally:
+        server.stop()
+        new.stop()
 
 
 def test_oauth2_style_token_reply(token_registry, token_image, token_lifetime, erofs_images):

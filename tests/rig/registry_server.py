@@ -88,6 +88,10 @@ class RegistryServer:
             settings["proxy"] = {"remoteurl": remote}
         return settings
 
+    def use_token_issuer(self, token: TokenAuth) -> None:
+        """Name another token issuer from the next ``start()`` on, as when the issuer moves."""
+        self._daemon.config["auth"] = self._settings(None, token, None)["auth"]
+
     def start(self) -> None:
         self._daemon.start()
         _RUNNING.add(self)
