@@ -76,6 +76,7 @@ def start_server(
     ``waiting`` is entered around the wait for the server alone (where the
     caller may let an interrupt through).
     """
+    _keep_previous_log(log_path)
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     os.fchmod(log, 0o600)  # owner-only, also when an older log was there
     os.close(log)
@@ -107,6 +108,24 @@ def start_server(
         os.close(read_end)
         if write_end >= 0:
             os.close(write_end)
+
+
+def previous_log(log_path: Path) -> Path:
+    """Where the log of the last mount at the same place goes when a new one starts."""
+    return log_path.with_name(log_path.stem + ".previous.log")
+
+
+def _keep_previous_log(log_path: Path) -> None:
+    """Move a log an earlier mount left here (``umount`` kept it: something went wrong)
+    to ``previous_log``, one deep: a mount tried again at the same place, as a service
+    is restarted, must not empty the log that says why the last one failed."""
+    try:
+        if log_path.stat().st_size == 0:
+            return
+        os.replace(log_path, previous_log(log_path))
+    except FileNotFoundError:
+        return
+    logger.info("the last log of this mount point is now %s", previous_log(log_path))
 
 
 def _started(

@@ -8,6 +8,7 @@ the end-to-end tests with the real server live in test_mount_e2e.py.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -255,6 +256,28 @@ def test_clean_umount_removes_the_log_a_failed_stop_keeps_it(
     argv = local_server({"layer0": image}, stop_status=3)
     record = stack.mount(argv, str(mountpoint), image="small")
     umount_keeps_the_log(record, run, "the server exited with status 3")
+
+
+def test_a_log_umount_kept_outlives_the_next_mount_at_that_place(
+    mount_dirs, mountpoint, erofs_images, local_server
+):
+    """``umount`` keeps a log that says what went wrong; the next mount at the same place
+    (a service restarted, a retry) moves it to ``NAME.previous.log`` instead of emptying
+    it, whether it mounts or fails before its server is ready. Before, the next mount
+    truncated it: why the last mount went wrong was lost as soon as it was tried again."""
+    image = erofs_images.small.path
+    _, run = mount_dirs
+    for server in (local_server({"layer0": image}), [sys.executable, "-c", "exit(3)"]):
+        record = stack.mount(local_server({"layer0": image}), str(mountpoint), image="small")
+        with open(record.log, "a") as log:
+            log.write("2026-01-01 00:00:00,000 blockstore.cache.seal ERROR sha256:ab: dropped\n")
+        umount_keeps_the_log(record, run, "the server logged 1 warning or error line")
+        kept = Path(record.log).read_text()
+        with contextlib.suppress(ServerFailed):
+            stack.unmount(stack.mount(server, str(mountpoint), image="small").mountpoint)
+        log = Path(record.log)
+        assert log.with_name(f"{log.stem}.previous.log").read_text() == kept
+        assert not log.exists() or "dropped" not in log.read_text()
 
 
 def umount_keeps_the_log(record: records.MountRecord, run: Path, why: str) -> None:
