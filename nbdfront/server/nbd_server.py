@@ -45,6 +45,11 @@ DRAIN_TIMEOUT = 5.0
 CUT_GRACE = 1.0
 # How often deadlines (handshake, idle) are checked.
 WATCH_INTERVAL = 0.1
+# A TCP connection quiet this long is probed, KEEPALIVE_PROBES times a sixth of it
+# apart, and closed when its peer's host no longer answers: a client that vanished
+# without closing (a crash, a cut network) would otherwise hold its slot for good.
+KEEPALIVE = 60.0
+KEEPALIVE_PROBES = 6
 
 
 class NBDServer:
@@ -59,7 +64,8 @@ class NBDServer:
     ``handshake_timeout`` bounds the whole handshake; ``idle_timeout``
     (None: no limit) closes a connection that has had nothing in flight
     and sent nothing for that long, or whose replies have waited that long
-    with the client taking none of them. At ``max_connections``, a newcomer
+    with the client taking none of them; ``keepalive`` is how long a TCP connection may
+    be quiet before its peer's host is probed. At ``max_connections``, a newcomer
     closes the connection that has been silent longest in its handshake (for
     ``EVICTABLE_IDLE`` seconds at least), or is refused.
     """
@@ -77,6 +83,7 @@ class NBDServer:
         drain_timeout: float = DRAIN_TIMEOUT,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         idle_timeout: float | None = None,
+        keepalive: float = KEEPALIVE,
         tls: ServerTLS | None = None,
     ):
         if tcp is None and unix is None:
@@ -89,6 +96,7 @@ class NBDServer:
         self.drain_timeout = drain_timeout
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
+        self.keepalive = keepalive
         self.tls = tls
         self._tcp = tcp
         self.unix_path = os.fspath(unix) if unix is not None else None
@@ -273,6 +281,7 @@ class NBDServer:
                 continue
             if listener.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._probe_when_quiet(sock)
                 peer = f"{address[0]}:{address[1]}"
             else:
                 peer = "unix"
@@ -280,6 +289,15 @@ class NBDServer:
                 sock.close()
                 if self._stopping:
                     return
+
+    def _probe_when_quiet(self, sock: socket.socket) -> None:
+        """TCP keepalive on ``sock``: the kernel probes the peer of a quiet connection and
+        fails its reads once the peer's host stops answering, which ends the connection."""
+        idle = max(1, round(self.keepalive))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 6))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
 
     def _admit(self, session: Session) -> bool:
         """Count ``session`` in and start it, making room at the limit if one is idle."""

@@ -273,6 +273,44 @@ def test_connections_that_chose_an_export_are_never_cut_at_the_limit(tmp_path, c
         server.shutdown()
 
 
+TCP_REPAIR = 19
+"""Linux's socket option (``linux/tcp.h``) under which ``close`` sends nothing to the peer."""
+
+
+def vanish(sock: socket.socket) -> None:
+    """Close ``sock`` without a word to the peer, as a client whose host crashed or was
+    cut off: no FIN, no RST; the server learns of it only by sending."""
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+    sock.close()
+
+
+def test_clients_that_vanish_without_a_word_are_let_go_and_a_live_one_stays(tmp_path):
+    """Twenty clients that chose an export and then vanish without closing (their host
+    crashed, a VM killed, a network cut: nothing reaches the server) are probed once
+    quiet for the keepalive time and let go when their host no longer answers. Before,
+    each held its slot and thread for good, with no idle limit set (the default, as a
+    disk may idle for hours): 256 such and every newcomer was refused. A live client
+    quiet as long answers the probes and is served on."""
+    server = serve(tmp_path, ZeroExport(), keepalive=1.0)
+    try:
+        live = w.RawClient(server.tcp_address)
+        live.negotiate("zeros")
+        gone = [w.RawClient(server.tcp_address) for _ in range(20)]
+        for client in gone:
+            client.negotiate("zeros")
+        time.sleep(0.3)  # every byte the server sent is acknowledged: it has none to resend
+        for client in gone:
+            vanish(client.sock)
+        time.sleep(0.5)
+        assert server.connection_count == 21
+        assert wait_for(lambda: server.connection_count == 1, timeout=10)
+        live.send(w.CMD_READ, 1, 0, 512)
+        assert live.wait(1).data == {0: bytes(512)}
+        live.close()
+    finally:
+        server.shutdown()
+
+
 def test_cache_hints_are_asked_in_pieces_within_the_budget(tmp_path):
     """CACHE over 128 MiB reaches the export in steps of at most one piece, a read sent
     after it is answered before it finishes, and 16 such hints at once run no more steps
