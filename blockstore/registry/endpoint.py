@@ -184,12 +184,12 @@ class Endpoint:
         """``_send`` and the redirects it meets; ``authorization`` goes only to ``origin``
         (default: the registry's own), ``who`` (default: the registry) is named in errors."""
         origin = origin or self._own_origin
-        who = who or f"registry {self.host}"
+        peer, who = who, who or f"registry {self.host}"
         for _ in range(MAX_REDIRECTS + 1):
             sent = dict(headers)
             if authorization and _origin(url) == origin:
                 sent["Authorization"] = authorization
-            reply = self._send(method, url, sent, body, stream, deadline)
+            reply = self._send(method, url, sent, body, stream, deadline, who=peer)
             location = reply.headers.get("Location")
             if reply.status_code not in REDIRECT_STATUS or not location:
                 return reply
@@ -224,8 +224,11 @@ class Endpoint:
         body: Body,
         stream: bool,
         deadline: Deadline,
+        *,
+        who: str | None = None,
     ) -> requests.Response:
-        """One request; the socket waits at most the deadline's stall or the time left."""
+        """One request; the socket waits at most the deadline's stall or the time left.
+        ``who`` names the peer in errors (default: the registry, at the address tried)."""
         where = _address(url)
         if deadline.expired:
             raise TryAgain(RegistryUnreachable(f"cannot reach registry {where}: timed out"))
@@ -256,7 +259,7 @@ class Endpoint:
             raise RegistryUnreachable(f"cannot connect securely to {where}: {cause}") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             cause = describe_failure(exc)
-            error = f"cannot reach registry {where}: {cause}"
+            error = f"cannot reach {who or f'registry {where}'}: {cause}"
             # This machine's shortage, or the operation's own deadline, not the host's.
             judged = local_shortage(exc) is None and not (
                 short and isinstance(exc, requests.Timeout)
@@ -301,7 +304,12 @@ class Endpoint:
         raise RegistryUnreachable(f"{who} speaks HTTPS, not plain HTTP: {cure}")
 
     def _refresh_grant(
-        self, realm: str, params: list[tuple[str, str]], refresh_token: str, deadline: Deadline
+        self,
+        realm: str,
+        params: list[tuple[str, str]],
+        refresh_token: str,
+        deadline: Deadline,
+        who: str,
     ) -> requests.Response:
         """The distribution token spec's OAuth2 refresh-token grant: an identity token from
         ``docker login`` is exchanged for an access token by a POST to the realm. Not
@@ -315,7 +323,9 @@ class Endpoint:
             *([("scope", scopes)] if scopes else []),
         ]
         headers = {"Content-Type": "application/x-www-form-urlencoded"}
-        return self._send("POST", realm, headers, urlencode(form).encode(), False, deadline)
+        return self._send(
+            "POST", realm, headers, urlencode(form).encode(), False, deadline, who=who
+        )
 
     def _plain_http_hint(self, url: str) -> str:
         """What to do about an https:// ``url`` whose server speaks plain HTTP: --insecure
@@ -347,7 +357,7 @@ class Endpoint:
             )
         who = f"token issuer {urlsplit(realm).netloc} for registry {self.host}"
         if credentials and credentials.identity_token:
-            reply = self._refresh_grant(realm, params, credentials.identity_token, deadline)
+            reply = self._refresh_grant(realm, params, credentials.identity_token, deadline, who)
         else:
             authorization = basic_header(credentials) if credentials else None
             separator = "&" if urlsplit(realm).query else "?"

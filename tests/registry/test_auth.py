@@ -6,6 +6,7 @@ import base64
 import json
 import logging
 import time
+from urllib.parse import urlsplit
 
 import pytest
 from rig.pushed import push_erofs
@@ -237,6 +238,42 @@ def test_token_that_dies_early_is_renewed_on_401(
     assert token_lifetime.tokens_issued - before >= 2
 
 
+def registry_of_issuer(tmp_path, issuer: TokenIssuer, test_ca) -> RegistryServer:
+    """A token-auth registry of the test's own whose tokens ``issuer`` gives (both started);
+    user ``bob``, password ``bob-pw``."""
+    issuer.start()
+    server = RegistryServer(
+        tmp_path / "registry",
+        token=TokenAuth(issuer.realm, issuer.service, issuer.name, test_ca.cert),
+        username="bob",
+        password="bob-pw",
+    )
+    server.start()
+    return server
+
+
+def test_an_issuer_nobody_answers_at_is_named_not_taken_for_the_registry(
+    tmp_path, test_ca, erofs_images
+):
+    """A token issuer that refuses connections: the error names the issuer and the registry
+    it serves. Before, it said "cannot reach registry" and the issuer's address, which sent
+    the user to look at a registry that was up."""
+    cert, key = test_ca.issue("silent-issuer", server=False)
+    issuer = TokenIssuer(cert, key, users={"bob": "bob-pw"})
+    server = registry_of_issuer(tmp_path, issuer, test_ca)
+    try:
+        ref = push_small(server, "auth/silent", erofs_images)
+        issuer.stop()
+        with server.client(timeout=1.0) as client, pytest.raises(RegistryUnreachable) as caught:
+            resolve_image(client, ref, None)
+        address = urlsplit(issuer.realm).netloc
+        assert str(caught.value).startswith(
+            f"cannot reach token issuer {address} for registry {server.host}: connection refused"
+        ), caught.value
+    finally:
+        server.stop()
+
+
 def test_a_client_idle_past_its_token_asks_the_issuer_the_registry_names_now(
     tmp_path, test_ca, erofs_images
 ):
@@ -247,14 +284,7 @@ def test_a_client_idle_past_its_token_asks_the_issuer_the_registry_names_now(
     cert, key = test_ca.issue("moving-issuer", server=False)
     old, new = (TokenIssuer(cert, key, users={"bob": "bob-pw"}) for _ in range(2))
     old.expires_in = 2  # the client renews it 1.5 s on
-    server = RegistryServer(
-        tmp_path / "registry",
-        token=TokenAuth(old.realm, old.service, old.name, test_ca.cert),
-        username="bob",
-        password="bob-pw",
-    )
-    old.start()
-    server.start()
+    server = registry_of_issuer(tmp_path, old, test_ca)
     try:
         ref = push_small(server, "auth/moving", erofs_images)
         with server.client(timeout=5.0) as client:
