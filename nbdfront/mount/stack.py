@@ -5,7 +5,8 @@ nbdfuse), mounts each layer's EROFS, stacks several layers with a read-only
 overlayfs (last layer on top, so its whiteouts hide files of the layers
 below), and records every step so ``unmount`` can undo them from another
 process. A failure at any step undoes the steps before it: a failed mount
-leaves nothing behind but its log.
+leaves nothing behind but its log, and an interrupted one not even that
+unless it holds a warning or an error.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def mount(
                 ) from None
             created = True
             _make(record, server_argv, env, describe, warn, interrupts)
-    except BaseException:
+    except BaseException as exc:
         if created:
             try:
                 unmount_record(record, lazy=True)
@@ -123,11 +124,21 @@ def mount(
                 logger.exception("could not undo the failed mount of %s", mountpoint)
                 record.mounter = None  # not "mounting" for as long as this process lives
                 records.save(record)
+            else:
+                if isinstance(exc, KeyboardInterrupt):
+                    _drop_untroubled_log(Path(record.log))
         raise
     record.mount_seconds = round(time.monotonic() - started_at, 3)
     record.mounter = None
     records.save(record)
     return record
+
+
+def _drop_untroubled_log(log: Path) -> None:
+    """A mount undone at the user's word keeps its log only for a warning or an error in
+    it, as ``umount`` does: nothing failed, so nothing else is worth a file."""
+    if count_trouble(log) == 0:
+        log.unlink(missing_ok=True)
 
 
 def _make(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -365,3 +366,31 @@ def test_a_mount_whose_record_a_newer_version_wrote_is_listed_and_undone(
     assert [m["mountpoint"] for m in listed] == [str(mnt)]
     umount(mnt)
     assert_nothing_left(mnt, run)
+
+
+def test_ctrl_c_while_the_server_opens_the_image_leaves_no_log(
+    dirs, registry, pushed_images, fault_proxy
+):
+    """Tried: Ctrl-C while `mount` waits for its server, which waits on a slow registry.
+    Must hold: exit 130 saying it was interrupted, and nothing left, not even the
+    server's log, which holds nothing the user asked to keep. Before, every interrupted
+    mount left an empty log in the run directory."""
+    mnt, _, cache, run = dirs
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault("delay", path_contains="/manifests/", seconds=30)
+    ref = pushed_images.small.replace(registry.host, proxy.host, 1)
+    argv = [*BLOCKSTORE, "mount", "--insecure", "--cache-dir", str(cache), ref, str(mnt)]
+    mounting = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while proxy.faults_applied == 0:
+            assert time.monotonic() < deadline, "the server never asked for the manifest"
+            time.sleep(0.02)
+        mounting.send_signal(signal.SIGINT)
+        _, stderr = mounting.communicate(timeout=15)
+    finally:
+        mounting.kill()
+    assert mounting.returncode == 130, stderr
+    assert one_line(stderr) == "blockstore: interrupted"
+    assert_nothing_left(mnt, run)
+    assert list((run / "log").iterdir()) == []
