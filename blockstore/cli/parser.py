@@ -8,6 +8,7 @@ to the top-level parser, which reports them without naming the subcommand.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -33,6 +34,7 @@ class OneLineParser(argparse.ArgumentParser):
     ) -> tuple[argparse.Namespace, list[str]]:
         """Arguments this parser (and its subcommands) did not take are its error, so the
         innermost command reports them, under its own name."""
+        self._words = list(sys.argv[1:] if args is None else args)
         namespace, extras = super().parse_known_args(args, namespace)
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}")
@@ -40,6 +42,9 @@ class OneLineParser(argparse.ArgumentParser):
 
     def _hint(self, message: str) -> str:
         """Why an option commonly given to the wrong command is not taken here."""
+        wrong_place = ("unrecognized arguments", "argument COMMAND", "argument ACTION")
+        if message.startswith(wrong_place) and (misplaced := self._misplaced()):
+            return misplaced
         if not message.startswith("unrecognized arguments"):
             return ""
         words = set(message.split())
@@ -53,3 +58,39 @@ class OneLineParser(argparse.ArgumentParser):
         if words & VERBOSITY_FLAGS and command != self.prog:
             return "; -v and -q go before the command (blockstore -v COMMAND ...)"
         return ""
+
+    def _misplaced(self) -> str:
+        """An option given before the command it belongs to (``blockstore --insecure mount``):
+        argparse takes it for this parser's, or its value for the command."""
+        words = getattr(self, "_words", [])
+        commands = _commands_named(self, words)
+        if not commands:
+            return ""
+        for word in words[: commands[0][1]]:
+            option = word.split("=", 1)[0]
+            if not option.startswith("-") or option in self._option_string_actions:
+                continue
+            # The innermost command that takes it: ``cache ls``, not ``cache``.
+            for parser, _ in reversed(commands):
+                if option in parser._option_string_actions:
+                    return f"; {option} goes after the command: {parser.prog} {option} ..."
+        return ""
+
+
+def _commands_named(
+    parser: argparse.ArgumentParser, words: list[str]
+) -> list[tuple[argparse.ArgumentParser, int]]:
+    """The command ``words`` name under ``parser``, and its action (``cache ls``), each
+    with where it is named."""
+    named: list[tuple[argparse.ArgumentParser, int]] = []
+    start = 0
+    while True:
+        choices = next(
+            (a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {}
+        )
+        at = next((i for i in range(start, len(words)) if words[i] in choices), None)
+        if at is None:
+            return named
+        parser = choices[words[at]]
+        named.append((parser, at))
+        start = at + 1

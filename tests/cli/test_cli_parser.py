@@ -39,6 +39,31 @@ def test_a_usage_error_is_one_line_naming_its_command(argv, prog, said):
     assert shown.stderr.rstrip().endswith(f"(usage: {prog} --help)")
 
 
+@pytest.mark.parametrize(
+    ("argv", "prog", "said"),
+    [
+        (["--insecure", "mount", "h/i:v", "/mnt"], "blockstore", "blockstore mount --insecure"),
+        (["--json", "mounts"], "blockstore", "blockstore mounts --json"),
+        (["--cache-dir", "/c", "cache", "ls"], "blockstore", "blockstore cache ls --cache-dir"),
+        (["--cache-dir=/c", "cache", "ls"], "blockstore", "blockstore cache ls --cache-dir"),
+        (
+            ["cache", "--cache-dir", "/c", "ls"],
+            "blockstore cache",
+            "blockstore cache ls --cache-dir",
+        ),
+    ],
+)
+def test_an_option_before_its_command_is_shown_where_it_goes(argv, prog, said):
+    """Tried: a command's option given before the command, as a newcomer writes it.
+    Must hold: one line saying where it goes. Before, argparse took the option's value
+    for the command ("invalid choice: '/c'") or said only "unrecognized arguments"."""
+    shown = blockstore(*argv)
+    assert shown.returncode == 2, shown.stderr
+    assert shown.stderr.count("\n") == 1, shown.stderr
+    assert shown.stderr.startswith(f"{prog}: error: "), shown.stderr
+    assert f"goes after the command: {said} ..." in shown.stderr, shown.stderr
+
+
 def test_a_cache_cap_given_to_a_command_that_only_looks_says_why(tmp_path):
     """``cache ls --cache-size`` is refused saying which commands take a cap, and why."""
     shown = blockstore("cache", "ls", "--cache-size", "10G", "--cache-dir", str(tmp_path))
