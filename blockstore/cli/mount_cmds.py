@@ -308,7 +308,25 @@ def without_credentials(texts: list[str]) -> list[str]:
     ]
 
 
+def check_argument_order(args: argparse.Namespace) -> None:
+    """``mount DIR IMAGE``: the directory would be taken for a Docker Hub name (``mnt`` is
+    ``docker.io/library/mnt``) and the image for a mount point that does not exist."""
+    from blockstore.registry import parse_reference
+
+    if not os.path.isdir(args.image) or os.path.exists(args.mountpoint):
+        return
+    try:
+        parse_reference(args.mountpoint)
+    except UsageError:
+        return
+    raise UsageError(
+        f"{args.image} is a directory and {args.mountpoint} an image reference: the image "
+        f"comes first (blockstore mount {args.mountpoint} {args.image})"
+    )
+
+
 def run_mount(args: argparse.Namespace) -> int:
+    check_argument_order(args)
     check_image_arguments(args)
     merge_options(args, parse_mount_options(args.options))
     # From here the login lives in args.username/password alone, which go to the server

@@ -67,3 +67,20 @@ def test_credentials_given_wrong_fail_before_the_server_starts(mount_dirs, mount
     assert not list(run.iterdir()), "a log or state directory was made"
     # Only this run's: other tests on this machine may use the same password meanwhile.
     assert not processes_mentioning(str(run))
+
+
+def test_the_mount_point_given_before_the_image_says_which_comes_first(mount_dirs, mountpoint):
+    """Tried: ``mount DIR IMAGE``, the two arguments swapped. Must hold: exit 2, one line
+    showing the command the right way round, nothing spawned. Before, the directory was
+    taken for a Docker Hub name and the image for a mount point that does not exist
+    (exit 10, "mountpoint .../127.0.0.1:5000/a/b:v1 does not exist")."""
+    _, run = mount_dirs
+    image = "127.0.0.1:5000/a/b:v1"
+    done = subprocess.run(
+        [*BLOCKSTORE, "mount", str(mountpoint), image], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == UsageError.exit_code, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert f"the image comes first (blockstore mount {image} {mountpoint})" in lines[0]
+    assert not list(run.iterdir()), "a log or state directory was made"
