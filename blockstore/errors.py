@@ -119,7 +119,7 @@ class OutOfResources(BlockstoreError):
 
 
 class ImageNotCached(BlockstoreError):
-    """Offline (or the registry unreachable), and the image is not in the cache: never
-    resolved here, or removed."""
+    """Offline, and the image is not in the cache: never resolved here, or removed (with
+    the registry unreachable instead, the cause is that: ``RegistryUnreachable``)."""
 
     exit_code = 9
