@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from blockstore.errors import RegistryUnreachable, UsageError
+from blockstore.errors import BlockstoreError, RegistryUnreachable, UsageError
 from blockstore.logformat import LOG_FORMAT
 
 if TYPE_CHECKING:
@@ -481,6 +481,19 @@ class _ToAPerson(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = f"blockstore: {record.levelname.lower()}: {record.getMessage()}"
         return f"{line}\n{self.formatException(record.exc_info)}" if record.exc_info else line
+
+
+def write_whole(path: Path, data: bytes, suffix: str = ".partial") -> None:
+    """``data`` at ``path``, never half written: written beside it and renamed over it.
+    If that fails (no such directory, ``path`` a directory), nothing is left beside it,
+    and the error names ``path``, the file the user gave, not the one beside it."""
+    partial = path.with_name(path.name + suffix)
+    try:
+        partial.write_bytes(data)
+        partial.replace(path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise BlockstoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def setup_logging(verbosity: int, *, daemon: bool) -> None:

@@ -33,6 +33,7 @@ from blockstore.cli.common import (
     prefetch_settings_from,
     read_trace_file,
     tar_indexes_from,
+    write_whole,
 )
 from blockstore.cli.tls_options import add_tls_options, exposure_warnings, server_tls_from
 from blockstore.errors import BlockstoreError
@@ -112,6 +113,7 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
         replace_older=True,
     )
     metrics = None
+    pidfile: Path | None = None  # once written: another server's is never removed
     try:
         image.tar_indexes = tar_indexes_from(args, image.select(args.layer, args.blob))
         keep_traces(image.store, traces)
@@ -140,6 +142,7 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
             signal.signal(signum, lambda *_: server.request_shutdown())
         if args.pidfile is not None:
             _write_pidfile(args.pidfile)
+            pidfile = args.pidfile
         for name, uri in server.uris().items():
             print(f"export {name} {uri}")
         print(f'export "" {server.uri("")}')
@@ -158,9 +161,9 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
         if metrics is not None:
             metrics.stop()
         image.close()
-        if args.pidfile is not None:
+        if pidfile is not None:
             with contextlib.suppress(FileNotFoundError):
-                args.pidfile.unlink()
+                pidfile.unlink()
 
 
 def start_metrics(address: tuple[str, int], store: ChunkStore, server: NBDServer) -> MetricsServer:
@@ -177,6 +180,4 @@ def start_metrics(address: tuple[str, int], store: ChunkStore, server: NBDServer
 
 def _write_pidfile(path: Path) -> None:
     """Written whole or not at all, so a reader never sees a partial number."""
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(f"{os.getpid()}\n")
-    partial.replace(path)
+    write_whole(path, f"{os.getpid()}\n".encode(), suffix=".tmp")

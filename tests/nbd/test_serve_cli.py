@@ -93,6 +93,38 @@ def test_serve_multilayer_image_then_sigterm(
         assert not sock.exists() and not pidfile.exists()
 
 
+def serve_once(*args: str) -> subprocess.CompletedProcess:
+    """``blockstore serve ARGS`` that is to fail before it is ready."""
+    argv = [sys.executable, "-m", "blockstore", "serve", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def test_a_serve_that_fails_leaves_the_pidfile_of_the_one_running(
+    registry, pushed_images, tmp_path
+):
+    """Tried: a second ``serve`` given the running one's address and pidfile, and a
+    pidfile that names a directory. Must hold: the second fails in one line (exit 1) and
+    the running server's pidfile still names it; the directory is said in one line and
+    nothing is left beside it. Before, the failing server removed the running one's
+    pidfile on its way out, and the directory gave a bare ``[Errno 21]`` line and left
+    ``DIR.tmp`` behind."""
+    pidfile, cache = tmp_path / "serve.pid", str(tmp_path / "cache")
+    common = [pushed_images.small, "--insecure", "--cache-dir", cache, "--pidfile"]
+    with serving(*common, str(pidfile), "--listen", "127.0.0.1:0") as (proc, exports):
+        port = exports[""].rsplit(":", 1)[1].strip("/")
+        second = serve_once(*common, str(pidfile), "--listen", f"127.0.0.1:{port}")
+        assert second.returncode == 1, second.stderr
+        assert "cannot listen on" in second.stderr, second.stderr
+        assert int(pidfile.read_text()) == proc.pid
+        assert stop(proc) == 0
+    directory = tmp_path / "pid-dir"
+    directory.mkdir()
+    third = serve_once(*common, str(directory), "--listen", "127.0.0.1:0")
+    assert third.returncode == 1, third.stderr
+    assert third.stderr == f"blockstore: cannot write {directory}: Is a directory\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "pid-dir"]
+
+
 def test_serve_one_layer_over_tcp_warm_then_offline(
     registry, pushed_images, erofs_images, tmp_path
 ):
