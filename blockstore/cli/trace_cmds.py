@@ -22,6 +22,7 @@ from blockstore.cli.common import (
     keep_traces,
     open_image_from_args,
     read_trace_file,
+    write_whole,
 )
 from blockstore.errors import NotFound
 from blockstore.prefetch.trace import Trace, traces_document
@@ -71,9 +72,7 @@ def _traces_of(shelf: TraceShelf, store, targets: list[str]) -> list[Trace]:
 def cmd_export(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         traces = _traces_of(TraceShelf(store), store, [args.image])
-    partial = args.file.with_name(args.file.name + ".partial")
-    partial.write_bytes(traces_document(traces))
-    partial.replace(args.file)
+    write_whole(args.file, traces_document(traces))
     print(f"exported {len(traces)} trace(s) to {args.file}")
     return 0
 

@@ -133,6 +133,27 @@ def test_a_bad_trace_file_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_an_export_that_cannot_be_written_names_the_file_and_leaves_nothing(tmp_path, cache_dir):
+    """Tried: ``trace export`` to a directory, and into a directory that does not exist.
+    Must hold: one line naming the file given (exit 1), nothing left beside it. Before,
+    the line named the export's own ``FILE.partial`` and, for a directory, left
+    ``DIR.partial`` behind."""
+    from blockstore.cache import ChunkStore
+
+    digest = "sha256:" + "a" * 64
+    with ChunkStore(cache_dir) as store:
+        TraceShelf(store).put(Trace(digest, CHUNK_SIZE, 1.0, [(0, 1, 1)]))
+    out = tmp_path / "out"
+    out.mkdir()
+    for target, why in ((out, "Is a directory"), (out / "no" / "t.json", "No such file")):
+        done = blockstore("trace", "export", digest, str(target), "--cache-dir", str(cache_dir))
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith(f"blockstore: cannot write {target}: {why}"), done.stderr
+        assert done.stderr.count("\n") == 1 and ".partial" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p != cache_dir) == ["out"]
+    assert list(out.iterdir()) == []
+
+
 def test_traces_are_kept_per_layer(tmp_path, cache_dir):
     """The shelf keeps one trace per layer digest; putting one again replaces it."""
     from blockstore.cache import ChunkStore
