@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -357,6 +358,11 @@ def run_mount(args: argparse.Namespace) -> int:
         warn=warn if args.quiet <= 0 else None,
         tls=bool(tls),
     )
+    # Made and recorded: a signal from here on would undo nothing, only end the command
+    # with the signal's status while the mount stays (the interpreter's teardown, which
+    # restores default handlers but not ignored ones, takes a tenth of a second).
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     if args.quiet <= 0:
         print(describe_path(record))
     return 0

@@ -116,6 +116,9 @@ def mount(
                 ) from None
             created = True
             _make(record, server_argv, env, describe, warn, interrupts)
+            record.mount_seconds = round(time.monotonic() - started_at, 3)
+            record.mounter = None
+            records.save(record)
     except BaseException as exc:
         if created:
             try:
@@ -128,9 +131,6 @@ def mount(
                 if isinstance(exc, KeyboardInterrupt):
                     _drop_untroubled_log(Path(record.log))
         raise
-    record.mount_seconds = round(time.monotonic() - started_at, 3)
-    record.mounter = None
-    records.save(record)
     return record
 
 

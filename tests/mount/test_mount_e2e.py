@@ -394,3 +394,29 @@ def test_ctrl_c_while_the_server_opens_the_image_leaves_no_log(
     assert one_line(stderr) == "blockstore: interrupted"
     assert_nothing_left(mnt, run)
     assert list((run / "log").iterdir()) == []
+
+
+def test_ctrl_c_once_the_mount_is_made_leaves_it_made_and_says_so(dirs, pushed_images):
+    """Tried: Ctrl-C, again and again, from the moment `mount` prints that the image is
+    mounted until it exits. Must hold: exit 0 and the mount whole, as the line said, and
+    `umount` undoes it. Before, the command died of the signal in the tenth of a second
+    after that line (status 130, with no word), leaving the mount it had just reported."""
+    mnt, _, cache, run = dirs
+    argv = [*BLOCKSTORE, "mount", "--insecure", "--cache-dir", str(cache)]
+    mounting = subprocess.Popen(
+        [*argv, pushed_images.small, str(mnt)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        said = mounting.stdout.readline()
+        while mounting.poll() is None:
+            mounting.send_signal(signal.SIGINT)
+            time.sleep(0.01)
+    finally:
+        mounting.kill()
+        mounting.wait()
+        mounting.stdout.close()
+    assert said.startswith(f"mounted {pushed_images.small} at {mnt}"), said
+    assert mounting.returncode == 0
+    assert records.load(str(mnt)) is not None and syscall.is_mounted(str(mnt))
+    umount(mnt)
+    assert_nothing_left(mnt, run)
