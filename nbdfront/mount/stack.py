@@ -56,7 +56,7 @@ def check_can_mount(mountpoint: str, *, tls: bool = False) -> str:
     if not os.path.isdir(mountpoint):
         raise MountError(f"mountpoint {mountpoint} is not a directory")
     if syscall.is_mounted(mountpoint):
-        raise MountpointBusy(f"{mountpoint} is already a mount point")
+        raise MountpointBusy(_already_mounted(mountpoint))
     if (record := records.load(mountpoint)) is not None:
         if record.mounting:
             assert record.mounter is not None
@@ -67,6 +67,23 @@ def check_can_mount(mountpoint: str, *, tls: bool = False) -> str:
             f"{mountpoint} has a mount record already; `blockstore umount {mountpoint}` clears it"
         )
     return attach.choose_method(tls=tls)
+
+
+def _already_mounted(mountpoint: str) -> str:
+    """What is mounted at ``mountpoint``, and how to free it: one of ours is undone with
+    ``blockstore umount``; another file system is the user's to unmount, or to keep."""
+    record = records.load(mountpoint)
+    if record is not None:
+        return (
+            f"{mountpoint} is already a mount point: blockstore mounted {record.image} there; "
+            f"`blockstore umount {mountpoint}` first"
+        )
+    top = syscall.mounts_at(mountpoint)
+    what = f" ({top[0].fstype} from {top[0].source})" if top else ""
+    return (
+        f"{mountpoint} is already a mount point{what}: unmount it first, or choose another "
+        "directory"
+    )
 
 
 def mount(

@@ -420,3 +420,30 @@ def test_ctrl_c_once_the_mount_is_made_leaves_it_made_and_says_so(dirs, pushed_i
     assert records.load(str(mnt)) is not None and syscall.is_mounted(str(mnt))
     umount(mnt)
     assert_nothing_left(mnt, run)
+
+
+def test_a_mount_point_in_use_says_what_is_there_and_what_to_do(dirs, pushed_images):
+    """Tried: mounting where blockstore mounted an image already, and where another file
+    system is mounted. Must hold: exit 13, one line naming what is there and how to free
+    the place. Before, both said only "... is already a mount point"."""
+    mnt, mnt2, cache, run = dirs
+    mount(pushed_images.small, mnt, cache)
+    subprocess.run(["mount", "-t", "tmpfs", "mine", str(mnt2)], check=True)
+    try:
+        argv = ["mount", "--insecure", "--cache-dir", str(cache), pushed_images.small]
+        again = cli(*argv, str(mnt))
+        assert again.returncode == MountpointBusy.exit_code
+        assert one_line(again.stderr) == (
+            f"blockstore: {mnt} is already a mount point: blockstore mounted "
+            f"{pushed_images.small} there; `blockstore umount {mnt}` first"
+        )
+        other = cli(*argv, str(mnt2))
+        assert other.returncode == MountpointBusy.exit_code
+        assert one_line(other.stderr) == (
+            f"blockstore: {mnt2} is already a mount point (tmpfs from mine): "
+            "unmount it first, or choose another directory"
+        )
+    finally:
+        syscall.umount(str(mnt2), lazy=True)
+    umount(mnt)
+    assert_nothing_left(mnt, run)
