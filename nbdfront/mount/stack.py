@@ -424,7 +424,7 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
     if record is None:
         record = _unrecorded(os.path.realpath(mountpoint))
     if record is None:
-        raise MountError(f"{mountpoint} was not mounted by blockstore")
+        raise MountError(_not_ours(mountpoint))
     state = status(record).state
     if state == "mounting":
         assert record.mounter is not None
@@ -473,6 +473,18 @@ def _unrecorded(mountpoint: str) -> MountRecord | None:
     if not inside and _where_ours_is(record) == "absent":
         return None
     return record
+
+
+def _not_ours(mountpoint: str) -> str:
+    """Why ``umount`` has nothing to undo at ``mountpoint``, and where to look instead."""
+    top = syscall.mounts_at(mountpoint)
+    if top:
+        return (
+            f"{mountpoint} was not mounted by blockstore ({top[0].fstype} from "
+            f"{top[0].source} is mounted there: unmount it with umount(8))"
+        )
+    why = "does not exist" if not os.path.lexists(mountpoint) else "has nothing mounted on it"
+    return f"{mountpoint} {why}; `blockstore mounts` lists the mounts blockstore made"
 
 
 def _where_ours_is(record: MountRecord) -> str:

@@ -84,3 +84,33 @@ def test_the_mount_point_given_before_the_image_says_which_comes_first(mount_dir
     assert len(lines) == 1, done.stderr
     assert f"the image comes first (blockstore mount {image} {mountpoint})" in lines[0]
     assert not list(run.iterdir()), "a log or state directory was made"
+
+
+def test_umount_of_what_blockstore_did_not_mount_says_where_to_look(mount_dirs, mountpoint):
+    """Tried: ``umount`` of an empty directory, of a path that does not exist, and of a
+    tmpfs the user mounted. Must hold: exit 10, one line each saying what is (or is not)
+    there and what to do; the tmpfs stays mounted. Before, all three said only "... was
+    not mounted by blockstore"."""
+    from nbdfront.mount import syscall
+
+    base, _ = mount_dirs
+    theirs = base / "theirs"
+    theirs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "mine", str(theirs)], check=True)
+    try:
+        expected = {
+            mountpoint: "has nothing mounted on it; `blockstore mounts` lists the mounts",
+            base / "nosuch": "does not exist; `blockstore mounts` lists the mounts",
+            theirs: "was not mounted by blockstore (tmpfs from mine is mounted there: "
+            "unmount it with umount(8))",
+        }
+        for path, said in expected.items():
+            done = subprocess.run(
+                [*BLOCKSTORE, "umount", str(path)], capture_output=True, text=True, timeout=60
+            )
+            assert done.returncode == 10, done.stderr
+            assert done.stderr.count("\n") == 1, done.stderr
+            assert done.stderr.startswith(f"blockstore: {path} {said}"), done.stderr
+        assert syscall.is_mounted(str(theirs))
+    finally:
+        syscall.umount(str(theirs), lazy=True)
