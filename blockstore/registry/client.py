@@ -11,6 +11,7 @@ and one deadline (``retry.py``) that all of its attempts share.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import ssl
@@ -208,6 +209,18 @@ class RegistryClient:
             return self._read(subject, deadline, attempt)
         except NotFound as exc:
             raise self._foreign_not_found(digest, exc) from None
+
+    def list_tags(self, repository: str, limit: int = 100) -> list[str]:
+        """The first ``limit`` tags of ``repository`` (one page, in the registry's order):
+        what a mistyped tag is told it could have been."""
+        subject = f"tags of {self.registry}/{repository}"
+        path = f"/v2/{repository}/tags/list?{urlencode({'n': limit})}"
+        raw, _ = self._pull_whole(repository, path, subject)
+        try:
+            tags = json.loads(raw).get("tags")
+        except (ValueError, AttributeError):
+            raise RegistryError(f"{subject}: not a tag list") from None
+        return [tag for tag in tags or [] if isinstance(tag, str)][:limit]
 
     def get_blob(
         self, repository: str, digest: str, what: str = "blob", *, limit: int = MAX_SMALL_BODY

@@ -9,9 +9,10 @@ a proxy cannot substitute another image.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
-from blockstore.errors import InvalidReference, NotFound, RegistryError
+from blockstore.errors import BlockstoreError, InvalidReference, NotFound, RegistryError
 from blockstore.registry.client import RegistryClient
 from blockstore.registry.descriptors import ManifestProblem, check_index, check_manifest
 from blockstore.registry.digests import check_size, digest_of
@@ -139,7 +140,11 @@ def resolve_image(
     if isinstance(ref, str):
         ref = parse_reference(ref)
     wanted = Platform.parse(platform) if platform else host_platform()
-    raw, digest = fetch_manifest(client, ref.repository, ref.manifest_ref)
+    try:
+        raw, digest = fetch_manifest(client, ref.repository, ref.manifest_ref)
+    except NotFound as exc:
+        hint = "" if ref.digest else _what_the_repository_has(client, ref.repository)
+        raise NotFound(f"{exc}{hint}", status=exc.status, code=exc.code) from None
     manifests = {digest: raw}
     document, media_type = _decode(raw, ref, digest)
     if media_type not in INDEX_TYPES:
@@ -214,6 +219,28 @@ def _from_index(
         if found is not None:
             return found[0], found[1], found[2] or platform
     return None
+
+
+SHOWN_TAGS = 10
+_REFERRERS_TAG = re.compile(r"sha256-[0-9a-f]{64}")
+"""The referrers tag schema's tags, which name artifacts, not images."""
+
+
+def _what_the_repository_has(client: RegistryClient, repository: str) -> str:
+    """For a tag not found: the repository's tags, so a typo shows, or that there is no
+    such repository; nothing where the registry does not list them (an error, a login)."""
+    try:
+        tags = client.list_tags(repository)
+    except NotFound as exc:
+        unknown = exc.code == "NAME_UNKNOWN"
+        return f"; the registry has no repository {repository}" if unknown else ""
+    except BlockstoreError:
+        return ""
+    tags = sorted(tag for tag in tags if not _REFERRERS_TAG.fullmatch(tag))
+    if not tags:
+        return f"; {repository} has no tags"
+    more = ", ..." if len(tags) > SHOWN_TAGS else ""
+    return f"; {repository} has tags: {', '.join(tags[:SHOWN_TAGS])}{more}"
 
 
 def fetch_manifest(client: RegistryClient, repository: str, reference: str) -> tuple[bytes, str]:

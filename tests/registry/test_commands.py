@@ -84,6 +84,27 @@ def test_inspect_errors_exit_with_their_code(registry):
     assert "NAME_UNKNOWN" in missing.stderr or "MANIFEST_UNKNOWN" in missing.stderr
 
 
+def test_a_tag_or_repository_mistyped_is_told_what_there_is(registry, erofs_images):
+    """Tried: a mistyped tag, a missing tag (``latest`` taken), and a mistyped repository.
+    Must hold: exit 3, one line naming the tags the repository has (not the referrers
+    tag schema's ``sha256-...`` tags, which name artifacts), or that the registry has no
+    such repository. Before, each said only "not found (MANIFEST_UNKNOWN: manifest
+    unknown)", whatever the mistake."""
+    repository = f"{registry.host}/cli/tagged"
+    for tag in ("v1.0", "v1.1", "sha256-" + "a" * 64):
+        image = f"{repository}:{tag}"
+        pushed = blockstore("push", str(erofs_images.small.path), image, "--insecure")
+        assert pushed.returncode == 0, pushed.stderr
+    for wrong, said in (
+        (f"{repository}:v1.2", "; cli/tagged has tags: v1.0, v1.1\n"),
+        (repository, "; cli/tagged has tags: v1.0, v1.1\n"),
+        (f"{registry.host}/cli/taged:v1.0", "; the registry has no repository cli/taged\n"),
+    ):
+        shown = blockstore("inspect", wrong, "--insecure")
+        assert shown.returncode == 3, shown.stderr
+        assert shown.stderr.count("\n") == 1 and shown.stderr.endswith(said), shown.stderr
+
+
 def test_inspect_of_a_port_out_of_range_is_one_usage_line():
     """inspect 127.0.0.1:99999/x:y exits 2 with one line naming the port range,
     not a traceback from the HTTP layer."""

@@ -38,7 +38,8 @@ def test_unknown_repository_and_unknown_tag(registry, pushed_images):
     assert str(no_repo.value).startswith(f"image {registry.host}/no/such:v1: not found (")
     assert "NAME_UNKNOWN" in str(no_repo.value) or "MANIFEST_UNKNOWN" in str(no_repo.value)
     assert str(no_tag.value) == (
-        f"image {registry.host}/fixtures/small:nope: not found (MANIFEST_UNKNOWN: manifest unknown)"
+        f"image {registry.host}/fixtures/small:nope: not found (MANIFEST_UNKNOWN: manifest "
+        "unknown); fixtures/small has tags: v1"
     )
 
 
