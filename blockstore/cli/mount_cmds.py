@@ -358,11 +358,7 @@ def run_mount(args: argparse.Namespace) -> int:
         warn=warn if args.quiet <= 0 else None,
         tls=bool(tls),
     )
-    # Made and recorded: a signal from here on would undo nothing, only end the command
-    # with the signal's status while the mount stays (the interpreter's teardown, which
-    # restores default handlers but not ignored ones, takes a tenth of a second).
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
+    ignore_late_signals()
     if args.quiet <= 0:
         print(describe_path(record))
     return 0
@@ -380,8 +376,18 @@ def describe_path(record: MountRecord) -> str:
     )
 
 
+def ignore_late_signals() -> None:
+    """The mount (or unmount) is made and recorded: a signal from here on could undo
+    nothing, and would only end the command with the signal's status, as if it had
+    failed, while the mount stays (or is gone). The interpreter's teardown, a tenth of a
+    second, restores default handlers but keeps ignored ones."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def run_umount(args: argparse.Namespace) -> int:
     done = stack.unmount(args.mountpoint, lazy=args.lazy)
+    ignore_late_signals()
     if args.quiet <= 0:
         print(f"unmounted {done.record.mountpoint} ({done.record.image})")
         if done.trouble is not None:

@@ -396,29 +396,37 @@ def test_ctrl_c_while_the_server_opens_the_image_leaves_no_log(
     assert list((run / "log").iterdir()) == []
 
 
-def test_ctrl_c_once_the_mount_is_made_leaves_it_made_and_says_so(dirs, pushed_images):
-    """Tried: Ctrl-C, again and again, from the moment `mount` prints that the image is
-    mounted until it exits. Must hold: exit 0 and the mount whole, as the line said, and
-    `umount` undoes it. Before, the command died of the signal in the tenth of a second
-    after that line (status 130, with no word), leaving the mount it had just reported."""
-    mnt, _, cache, run = dirs
-    argv = [*BLOCKSTORE, "mount", "--insecure", "--cache-dir", str(cache)]
-    mounting = subprocess.Popen(
-        [*argv, pushed_images.small, str(mnt)], stdout=subprocess.PIPE, text=True
-    )
+def interrupt_after_its_first_line(argv: list[str]) -> tuple[str, int]:
+    """Run ``argv``; from its first line on stdout, SIGINT it every 10 ms until it exits.
+    Returns that line and its exit status."""
+    running = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     try:
-        said = mounting.stdout.readline()
-        while mounting.poll() is None:
-            mounting.send_signal(signal.SIGINT)
+        said = running.stdout.readline()
+        while running.poll() is None:
+            running.send_signal(signal.SIGINT)
             time.sleep(0.01)
     finally:
-        mounting.kill()
-        mounting.wait()
-        mounting.stdout.close()
+        running.kill()
+        running.wait()
+        running.stdout.close()
+    return said, running.returncode
+
+
+def test_ctrl_c_once_the_mount_is_made_leaves_it_made_and_says_so(dirs, pushed_images):
+    """Tried: Ctrl-C, again and again, from the moment `mount` prints that the image is
+    mounted until it exits, and the same with `umount`. Must hold: exit 0 with the mount
+    made (then undone), as each line said. Before, each command died of the signal in
+    the tenth of a second after its line (status 130, with no word): the mount it had
+    just reported stayed, the unmount it had just reported was done."""
+    mnt, _, cache, run = dirs
+    argv = [*BLOCKSTORE, "mount", "--insecure", "--cache-dir", str(cache)]
+    said, status = interrupt_after_its_first_line([*argv, pushed_images.small, str(mnt)])
     assert said.startswith(f"mounted {pushed_images.small} at {mnt}"), said
-    assert mounting.returncode == 0
+    assert status == 0
     assert records.load(str(mnt)) is not None and syscall.is_mounted(str(mnt))
-    umount(mnt)
+    said, status = interrupt_after_its_first_line([*BLOCKSTORE, "umount", str(mnt)])
+    assert said.startswith(f"unmounted {mnt}"), said
+    assert status == 0
     assert_nothing_left(mnt, run)
 
 
