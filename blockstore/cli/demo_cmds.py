@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     demo.add_argument(
         "--source",
-        type=Path,
+        type=_source_dir,
         action="append",
         default=None,
         metavar="DIR",
@@ -28,6 +28,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     demo.add_argument("--keep", action="store_true", help="keep the working directory")
     demo.set_defaults(func=run_demo)
+
+
+def _source_dir(text: str) -> Path:
+    """A tree to copy: checked as the options are read, not once the demo has begun."""
+    path = Path(text)
+    if not path.is_dir():
+        why = "not a directory" if path.exists() else "no such directory"
+        raise argparse.ArgumentTypeError(f"{text}: {why}")
+    return path
 
 
 def run_demo(args: argparse.Namespace) -> int:

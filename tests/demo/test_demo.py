@@ -125,3 +125,26 @@ def test_demo_interrupted_cleans_up(tmp_path: Path, demo_run, signum: int, step:
         demo.kill()
     assert demo.returncode == 130, err
     assert demo_run.leftovers() == []
+
+
+@pytest.mark.parametrize(
+    ("given", "said"), [("nosuch", "no such directory"), ("file", "not a directory")]
+)
+def test_a_source_that_is_no_directory_is_one_usage_line(tmp_path: Path, given: str, said: str):
+    """Tried: ``demo --source`` naming a path that does not exist, and a file. Must hold:
+    exit 2, one line naming the path, before the demo starts (no working directory, no
+    registry). Before, the demo began, then failed with "[Errno 2] No such file or
+    directory" (exit 1)."""
+    (tmp_path / "file").write_text("not a tree\n")
+    source = tmp_path / given
+    done = subprocess.run(
+        [sys.executable, "-m", "blockstore", "demo", "--source", str(source)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1 and f"{source}: {said}" in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
