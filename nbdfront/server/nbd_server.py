@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -407,11 +408,27 @@ def _quote(name: str) -> str:
 
 
 def _remove_stale_socket(path: str) -> None:
-    """Remove a socket left by an earlier run; refuse to delete anything else."""
+    """Remove a socket left by an earlier run; refuse to delete anything else, or one a
+    running server listens on (removed, it would run on unreachable)."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
         raise FileExistsError(f"{path} exists and is not a socket")
+    if _is_listened_on(path):
+        raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
     os.unlink(path)
+
+
+def _is_listened_on(path: str) -> bool:
+    """Whether a process accepts connections on the Unix socket at ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except TimeoutError:  # a backlog full: someone listens, and is busy
+            return True
+        except OSError:  # refused: nobody listens (or gone since)
+            return False
+    return True

@@ -125,6 +125,23 @@ def test_a_serve_that_fails_leaves_the_pidfile_of_the_one_running(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "pid-dir"]
 
 
+def test_a_second_serve_on_a_live_unix_socket_is_refused(registry, pushed_images, tmp_path):
+    """Tried: a second ``serve`` given the ``--unix`` path a running server listens on.
+    Must hold: it fails in one line (exit 1, address in use, as over TCP) and the running
+    server is still reached there. Before, it removed the running server's socket and
+    listened in its place: the first server ran on, unreachable, and once the second
+    stopped nobody listened there at all."""
+    sock, cache = tmp_path / "serve.sock", str(tmp_path / "cache")
+    common = [pushed_images.small, "--insecure", "--cache-dir", cache, "--unix", str(sock)]
+    with serving(*common) as (proc, exports):
+        second = serve_once(*common)
+        assert second.returncode == 1, second.stderr
+        assert second.stderr == f"blockstore: cannot listen on {sock}: Address already in use\n"
+        assert nbdinfo(exports[""])["exports"][0]["export-size"] > 0
+        assert stop(proc) == 0
+    assert not sock.exists()
+
+
 def test_serve_one_layer_over_tcp_warm_then_offline(
     registry, pushed_images, erofs_images, tmp_path
 ):
