@@ -487,7 +487,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "each layer's FUSE or NBD device, then its server (5 seconds to stop, then "
         "killed). Its log is removed, or kept and named when something went wrong.",
     )
-    umount.add_argument("mountpoint")
+    umount.add_argument(
+        "mountpoint", metavar="MOUNTPOINT", help="where blockstore mount put the image"
+    )
     umount.add_argument(
         "-l",
         "--lazy",

@@ -25,6 +25,7 @@ def blockstore(*args: str) -> subprocess.CompletedProcess:
         (["serve"], "blockstore serve", "required: IMAGE"),
         (["cache"], "blockstore cache", "required: ACTION"),
         (["trace", "import"], "blockstore trace import", "required: FILE"),
+        (["umount"], "blockstore umount", "required: MOUNTPOINT"),
         (["prefetch", "h/i:v", "--offline"], "blockstore prefetch", "unrecognized arguments"),
         (["mount", "h/i:v", "/mnt", "-v"], "blockstore mount", "go before the command"),
     ],
