@@ -175,9 +175,25 @@ def parse_timeout(text: str) -> float:
     return seconds
 
 
+def image_argument(text: str) -> str:
+    """An image reference, as given. A local file named instead (an image built here, not
+    pushed yet) is refused saying so: as a reference it is a Docker Hub name (or none at
+    all), which would fail only at the registry, saying nothing of the file."""
+    first, slash, _ = text.partition("/")
+    names_a_host = bool(slash) and first not in (".", "..") and any(c in first for c in ".:")
+    if not names_a_host and os.path.isfile(text):
+        raise argparse.ArgumentTypeError(
+            f"{text} is a local file, and IMAGE names an image in a registry: push the file "
+            f"first (blockstore push {text} HOST[:PORT]/NAME:TAG), then name that"
+        )
+    return text
+
+
 def add_image_options(parser: argparse.ArgumentParser, verb: str, *, offline: bool = True) -> None:
     """The image argument, which layer(s), and --offline, for commands that open an image."""
-    parser.add_argument("image", metavar="IMAGE", help="image reference, e.g. host:5000/app:v1")
+    parser.add_argument(
+        "image", type=image_argument, metavar="IMAGE", help="image reference, e.g. host:5000/app:v1"
+    )
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
         "--layer",

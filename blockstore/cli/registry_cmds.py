@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from blockstore.cli.common import add_registry_options, registry_options_from_args
+from blockstore.cli.common import add_registry_options, image_argument, registry_options_from_args
 from blockstore.errors import UsageError
 from blockstore.registry import (
     EROFS_MEDIA_TYPE,
@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inspect = subparsers.add_parser(
         "inspect", help="show an image's manifest digest, platforms and layers"
     )
-    inspect.add_argument("image", metavar="IMAGE", help="image reference, e.g. host:5000/app:v1")
+    inspect.add_argument(
+        "image", type=image_argument, metavar="IMAGE", help="image reference, e.g. host:5000/app:v1"
+    )
     add_registry_options(inspect)
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(func=run_inspect)

@@ -65,6 +65,27 @@ def test_an_option_before_its_command_is_shown_where_it_goes(argv, prog, said):
     assert f"goes after the command: {said} ..." in shown.stderr, shown.stderr
 
 
+@pytest.mark.parametrize("command", [["mount"], ["serve"], ["prefetch"], ["inspect"], ["index"]])
+@pytest.mark.parametrize("named", ["image.erofs", "./image.erofs", "{dir}/image.erofs"])
+def test_a_local_image_file_named_as_the_image_says_to_push_it(tmp_path, command, named):
+    """Tried: an EROFS file built here named where the image reference goes, as a
+    newcomer tries first. Must hold: exit 2, one line saying it is a local file and how
+    to push it; no cache made, nothing asked of any registry. Before, ``image.erofs``
+    was taken for the Docker Hub image ``library/image.erofs`` (exit 5 offline, after a
+    cache was made) and ``./image.erofs`` for an invalid reference."""
+    (tmp_path / "image.erofs").write_bytes(b"\0" * 4096)
+    given = named.format(dir=tmp_path)
+    argv = [sys.executable, "-m", "blockstore", *command, given]
+    argv += [str(tmp_path / "mnt")] if command == ["mount"] else []
+    env = {**os.environ, "BLOCKSTORE_CACHE_DIR": str(tmp_path / "cache")}
+    shown = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert shown.returncode == 2, shown.stderr
+    assert shown.stderr.count("\n") == 1, shown.stderr
+    assert f"{given} is a local file" in shown.stderr
+    assert f"blockstore push {given} HOST[:PORT]/NAME:TAG" in shown.stderr
+    assert not (tmp_path / "cache").exists()
+
+
 def test_a_cache_cap_given_to_a_command_that_only_looks_says_why(tmp_path):
     """``cache ls --cache-size`` is refused saying which commands take a cap, and why."""
     shown = blockstore("cache", "ls", "--cache-size", "10G", "--cache-dir", str(tmp_path))
