@@ -44,6 +44,11 @@ def run_dir() -> Path:
     path = Path(os.environ.get("BLOCKSTORE_RUN_DIR") or "/run/blockstore")
     if not path.is_absolute():
         raise UsageError(f"BLOCKSTORE_RUN_DIR must be an absolute path, not {str(path)!r}")
+    if path.exists() and not path.is_dir():
+        raise MountError(
+            f"the run directory {path} is not a directory: remove it, or give another as "
+            "BLOCKSTORE_RUN_DIR"
+        )
     return path
 
 

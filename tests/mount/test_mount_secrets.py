@@ -97,6 +97,28 @@ def test_a_relative_run_directory_is_refused(monkeypatch, mountpoint):
             stack.list_mounts()
 
 
+def test_a_run_directory_that_is_a_file_is_one_line(mount_dirs, mountpoint, tmp_path):
+    """Tried: BLOCKSTORE_RUN_DIR naming a file, with ``mount``, ``mounts`` and ``umount``.
+    Must hold: one line each saying the run directory is not one (exit 10), the file
+    untouched. Before, ``mount`` said "[Errno 20] Not a directory: FILE/mounts/..." (exit
+    1) and ``mounts`` said there were none."""
+    planted = tmp_path / "run-file"
+    planted.write_text("mine\n")
+    env = {**os.environ, "BLOCKSTORE_RUN_DIR": str(planted)}
+    for argv in (
+        ["mount", "127.0.0.1:9/a/b:v1", str(mountpoint)],
+        ["mounts"],
+        ["umount", str(mountpoint)],
+    ):
+        done = cli(*argv, env=env)
+        assert done.returncode == MountError.exit_code, done.stderr
+        assert done.stderr == (
+            f"blockstore: the run directory {planted} is not a directory: remove it, or "
+            "give another as BLOCKSTORE_RUN_DIR\n"
+        )
+    assert planted.read_text() == "mine\n"
+
+
 def everything_readable(pids: list[int], *roots: Path) -> dict[str, bytes]:
     """Every place a secret could land: the command lines of ``pids``, the mount table, and
     every file under ``roots`` (the run directory with its records and logs, the cache)."""
