@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -129,8 +130,7 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
         try:
             server.start()
         except OSError as exc:
-            where = f"{tcp[0]}:{tcp[1]}" if tcp else args.unix
-            raise BlockstoreError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
+            raise BlockstoreError(_cannot_listen(exc, tcp, args.unix)) from exc
         names = [blob.name for blob in blobs]
         reference = image.resolved.reference
         address = server.tcp_address
@@ -164,6 +164,19 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
         if pidfile is not None:
             with contextlib.suppress(FileNotFoundError):
                 pidfile.unlink()
+
+
+def _cannot_listen(exc: OSError, tcp: tuple[str, int] | None, unix: str | None) -> str:
+    """Why the server could not listen, and, where the address is taken (by another
+    server, another user's on a shared machine), how to give another."""
+    if tcp is not None:
+        where, other = f"{tcp[0]}:{tcp[1]}", "--listen HOST:PORT (port 0 picks a free one)"
+    else:
+        where, other = unix, "--unix PATH"
+    said = f"cannot listen on {where}: {exc.strerror or exc}"
+    if exc.errno == errno.EADDRINUSE:
+        said += f"; another server listens there: give another {other}"
+    return said
 
 
 def start_metrics(address: tuple[str, int], store: ChunkStore, server: NBDServer) -> MetricsServer:

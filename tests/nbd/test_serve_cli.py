@@ -114,7 +114,10 @@ def test_a_serve_that_fails_leaves_the_pidfile_of_the_one_running(
         port = exports[""].rsplit(":", 1)[1].strip("/")
         second = serve_once(*common, str(pidfile), "--listen", f"127.0.0.1:{port}")
         assert second.returncode == 1, second.stderr
-        assert "cannot listen on" in second.stderr, second.stderr
+        assert second.stderr == (
+            f"blockstore: cannot listen on 127.0.0.1:{port}: Address already in use; another "
+            "server listens there: give another --listen HOST:PORT (port 0 picks a free one)\n"
+        )
         assert int(pidfile.read_text()) == proc.pid
         assert stop(proc) == 0
     directory = tmp_path / "pid-dir"
@@ -136,7 +139,10 @@ def test_a_second_serve_on_a_live_unix_socket_is_refused(registry, pushed_images
     with serving(*common) as (proc, exports):
         second = serve_once(*common)
         assert second.returncode == 1, second.stderr
-        assert second.stderr == f"blockstore: cannot listen on {sock}: Address already in use\n"
+        assert second.stderr == (
+            f"blockstore: cannot listen on {sock}: Address already in use; another server "
+            "listens there: give another --unix PATH\n"
+        )
         assert nbdinfo(exports[""])["exports"][0]["export-size"] > 0
         assert stop(proc) == 0
     assert not sock.exists()
