@@ -17,7 +17,7 @@ import binascii
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from blockstore.errors import UsageError
@@ -38,6 +38,10 @@ class Credentials:
     identity_token: str | None = None
     """An OAuth2 refresh token (``docker login``'s ``identitytoken``): it stands for the
     password, and only a Bearer token issuer takes it."""
+    auth_file: Path | None = field(default=None, compare=False)
+    """The login file they were found in (None: given as options or in the environment),
+    named when the registry refuses them: a stale login is then plain to see. Not part
+    of what the login is."""
 
     def __repr__(self) -> str:
         token = ", identity_token=***" if self.identity_token else ""
@@ -111,7 +115,7 @@ def _lookup(path: Path, host: str) -> Credentials | None:
         if _auth_key_host(key) in _names_of(host) and isinstance(entry, dict):
             creds = _decode_entry(entry)
             if creds:
-                return creds
+                return replace(creds, auth_file=path)
             if entry.get("auth"):
                 log.warning(
                     "ignoring the entry for %s in %s: its auth is not user:password in base64",

@@ -133,6 +133,27 @@ def test_basic_auth_wrong_password(basic_auth_registry, basic_image, caplog):
     assert secret not in message and secret not in caplog.text
 
 
+def test_a_stale_login_in_an_auth_file_is_named_when_refused(
+    basic_auth_registry, basic_image, monkeypatch, tmp_path
+):
+    """Tried: a login file (``docker login``'s) holding an old password for the registry,
+    nothing given on the command line. Must hold: exit 4, the line naming the file the
+    refused login came from and what to do; never the password. Before, it said only
+    that the user name and password were refused, leaving the user to guess which."""
+    config = tmp_path / "docker" / "config.json"
+    config.parent.mkdir()
+    stale = "an-old-password-0815"
+    auth = base64.b64encode(f"{basic_auth_registry.username}:{stale}".encode()).decode()
+    config.write_text(json.dumps({"auths": {basic_auth_registry.host: {"auth": auth}}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(config.parent))
+    client = basic_auth_registry.client(username=None, password=None)
+    with client, pytest.raises(AuthError) as caught:
+        resolve_image(client, basic_image, None)
+    message = str(caught.value)
+    assert message.endswith(f"; they came from {config}: log in again, or give --username")
+    assert caught.value.exit_code == 4 and stale not in message
+
+
 def test_basic_auth_without_credentials(
     basic_auth_registry, basic_image, monkeypatch, tmp_path, caplog
 ):
