@@ -476,15 +476,34 @@ def _unrecorded(mountpoint: str) -> MountRecord | None:
 
 
 def _not_ours(mountpoint: str) -> str:
-    """Why ``umount`` has nothing to undo at ``mountpoint``, and where to look instead."""
+    """Why ``umount`` has nothing to undo at ``mountpoint``, and what to do instead: a
+    mount made with another run directory (a ``sudo`` that dropped BLOCKSTORE_RUN_DIR)
+    is undone with that one, never by umount(8), which would leave its server running."""
     top = syscall.mounts_at(mountpoint)
-    if top:
+    if not top:
+        why = "does not exist" if not os.path.lexists(mountpoint) else "has nothing mounted on it"
+        return f"{mountpoint} {why}; `blockstore mounts` lists the mounts blockstore made"
+    if (other := _run_dir_of(top[0].source)) is not None:
         return (
-            f"{mountpoint} was not mounted by blockstore ({top[0].fstype} from "
-            f"{top[0].source} is mounted there: unmount it with umount(8))"
+            f"{mountpoint} was mounted by blockstore with another run directory: "
+            f"`BLOCKSTORE_RUN_DIR={other} blockstore umount {mountpoint}` undoes it"
         )
-    why = "does not exist" if not os.path.lexists(mountpoint) else "has nothing mounted on it"
-    return f"{mountpoint} {why}; `blockstore mounts` lists the mounts blockstore made"
+    return (
+        f"{mountpoint} was not mounted by blockstore with the run directory "
+        f"{records.run_dir()}: {top[0].fstype} from {top[0].source} is mounted there; "
+        "unmount it with umount(8) if it is yours, or give the BLOCKSTORE_RUN_DIR that "
+        "mounted it"
+    )
+
+
+def _run_dir_of(source: str) -> str | None:
+    """The run directory whose mount a layer's EROFS on ``source`` (a FUSE file in
+    ``RUN/mounts/KEY/``) belongs to, where that mount's record is there."""
+    run, found, rest = source.partition("/mounts/")
+    key = rest.split("/", 1)[0]
+    if found and key and os.path.isfile(os.path.join(run, "mounts", key, records.RECORD_NAME)):
+        return run
+    return None
 
 
 def _where_ours_is(record: MountRecord) -> str:

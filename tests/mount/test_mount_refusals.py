@@ -86,31 +86,45 @@ def test_the_mount_point_given_before_the_image_says_which_comes_first(mount_dir
     assert not list(run.iterdir()), "a log or state directory was made"
 
 
-def test_umount_of_what_blockstore_did_not_mount_says_where_to_look(mount_dirs, mountpoint):
-    """Tried: ``umount`` of an empty directory, of a path that does not exist, and of a
-    tmpfs the user mounted. Must hold: exit 10, one line each saying what is (or is not)
-    there and what to do; the tmpfs stays mounted. Before, all three said only "... was
-    not mounted by blockstore"."""
-    from nbdfront.mount import syscall
+def test_umount_of_what_blockstore_did_not_mount_says_where_to_look(
+    mount_dirs, mountpoint, local_server, erofs_images
+):
+    """Tried: ``umount`` of an empty directory, of a path that does not exist, of a tmpfs
+    the user mounted, and of an image blockstore mounted with another run directory (a
+    ``sudo`` that dropped BLOCKSTORE_RUN_DIR). Must hold: exit 10, one line each saying
+    what is (or is not) there and what to do, the image's being the command that undoes
+    it; the tmpfs and the image stay mounted. Before, all four said only "... was not
+    mounted by blockstore"."""
+    from nbdfront.mount import stack, syscall
 
-    base, _ = mount_dirs
-    theirs = base / "theirs"
+    base, run = mount_dirs
+    theirs, image = base / "theirs", base / "image"
     theirs.mkdir()
+    image.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "mine", str(theirs)], check=True)
+    stack.mount(local_server({"layer0": erofs_images.small.path}), str(image), image="small")
+    other = {**os.environ, "BLOCKSTORE_RUN_DIR": str(base / "other-run")}
     try:
         expected = {
             mountpoint: "has nothing mounted on it; `blockstore mounts` lists the mounts",
             base / "nosuch": "does not exist; `blockstore mounts` lists the mounts",
-            theirs: "was not mounted by blockstore (tmpfs from mine is mounted there: "
-            "unmount it with umount(8))",
+            theirs: f"was not mounted by blockstore with the run directory {base}/other-run: "
+            "tmpfs from mine is mounted there; unmount it with umount(8) if it is yours",
+            image: "was mounted by blockstore with another run directory: "
+            f"`BLOCKSTORE_RUN_DIR={run} blockstore umount {image}` undoes it",
         }
         for path, said in expected.items():
             done = subprocess.run(
-                [*BLOCKSTORE, "umount", str(path)], capture_output=True, text=True, timeout=60
+                [*BLOCKSTORE, "umount", str(path)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=other,
             )
             assert done.returncode == 10, done.stderr
             assert done.stderr.count("\n") == 1, done.stderr
             assert done.stderr.startswith(f"blockstore: {path} {said}"), done.stderr
-        assert syscall.is_mounted(str(theirs))
+        assert syscall.is_mounted(str(theirs)) and syscall.is_mounted(str(image))
     finally:
         syscall.umount(str(theirs), lazy=True)
+    stack.unmount(str(image))
