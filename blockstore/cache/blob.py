@@ -481,9 +481,8 @@ class CachedBlob:
         """Why the disk holding the cache cannot take the rest of the layer, or None.
 
         Asked before a prefetch or a fill fetches a byte: each store that finds the
-        disk full evicts half of the cache, the layers prefetched for offline use
-        first, and a layer too large would still not fit (it would lose itself too).
-        """
+        disk full evicts the oldest of the cache, the layers prefetched for offline
+        use first, and a layer too large would still not fit (it would lose itself too)."""
         missing = self._store.missing_by_digest(self._digest, range(self._chunks))
         need = len(missing) * STORED_CHUNK
         room = self._store.room()

@@ -65,6 +65,9 @@ STATS_WAIT = 1.0  # seconds ``stats`` waits for a flush in flight
 T = TypeVar("T")
 
 DEFAULT_SIZE_CAP = 10 << 30
+# On a full disk, what is stored is evicted down to these shares of it, one step at a
+# time until the write fits: at most half goes, as a store can need room for many chunks.
+FULL_DISK_KEEP = (15 / 16, 7 / 8, 3 / 4, 1 / 2)
 
 READ_ONLY_FATE = "left as it is, the cache being read-only here"
 """What becomes of bad data found in a read-only cache, as messages say it."""
@@ -446,12 +449,31 @@ class ChunkStore:
         return BlobRecord.unpack(raw) if raw is not None else None
 
     def _write_making_room(self, work: Callable[[lmdb.Transaction], T]) -> T:
-        """``work`` in a write transaction; on a full disk, once more after making room."""
+        """``work`` in a write transaction, making room as the disk asks (``making_room``)."""
+        return self.making_room(lambda: self.env.write(work))
+
+    def making_room(self, write: Callable[[], T]) -> T:
+        """``write()``; on a full disk, again after each step of ``FULL_DISK_KEEP``
+        (raises ``DiskFull`` if the last does not make room enough).
+
+        A disk that is just full costs the cache a sixteenth of what it stores,
+        its oldest, not half of it: on a disk smaller than the cap, every store
+        past the full point meets it again, and halving each time emptied the
+        cache of everything but the layer being read.
+        """
         try:
-            return self.env.write(work)
+            return write()
         except DiskFull:
-            self.make_room()
-            return self.env.write(work)
+            stored = self._stored_bytes()
+        *steps, last = FULL_DISK_KEEP
+        for keep in steps:
+            self._make_room(int(stored * keep))
+            try:
+                return write()
+            except DiskFull:
+                continue
+        self._make_room(int(stored * last))
+        return write()
 
     def _record_for(self, txn: lmdb.Transaction, digest: str, size: int) -> BlobRecord:
         record = self._record(txn, digest)
@@ -601,20 +623,27 @@ class ChunkStore:
         free = disk.f_bfree if os.geteuid() == 0 else disk.f_bavail  # root takes the reserve
         return free * disk.f_frsize + max(0, self.env.file_size() - stored)
 
-    def make_room(self) -> None:
-        """After a full disk: free half of what is stored, and let LMDB reuse it.
+    def _stored_bytes(self) -> int:
+        with self.env.reader(DB_META) as txn:
+            return meta_int(txn, self.dbs[DB_META], b"stored_bytes")
+
+    def _make_room(self, target: int) -> None:
+        """After a full disk: evict down to ``target`` stored bytes, and let LMDB reuse
+        the pages freed.
 
         LMDB reuses pages freed by a transaction only after a later one has
         committed, hence the second, empty-ish commit.
         """
 
-        def work(txn: lmdb.Transaction) -> None:
+        def work(txn: lmdb.Transaction) -> Evicted:
             stored = meta_int(txn, self.dbs[DB_META], b"stored_bytes")
-            self._evict(txn, stored, stored // 2)
+            return self._evict(txn, stored, min(stored, target))
 
-        self.env.write(work)
+        done = self.env.write(work)
         self.env.write(lambda txn: txn.put(b"reclaimed", b"", db=self.dbs[DB_META]))
-        log.warning("the disk holding the cache is full: evicted half of the cache")
+        log.warning(
+            "the disk holding the cache is full: evicted the oldest %.1f MiB", done.freed / 2**20
+        )
 
     def drop_chunks(self, digest: str, indices: Sequence[int], *, recheck: bool = True) -> int:
         """Delete chunks found bad; a chunk fixed meanwhile by another process stays.

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
 from blockstore import erofs_format
-from blockstore.cache import CHUNK_SIZE, DiskFull
+from blockstore.cache import CHUNK_SIZE
 from blockstore.errors import BlobReadError, BlockstoreError, CacheError, IntegrityError
 from blockstore.export import Buffer
 from blockstore.progress import Progress
@@ -528,7 +528,7 @@ class IndexCache:
 
     def __init__(self, store: ChunkStore):
         self._store: KeyValueStore = store.images
-        self._make_room = store.make_room
+        self._making_room = store.making_room
 
     @staticmethod
     def _key(blob_digest: str, span: int, part: str) -> str:
@@ -548,14 +548,10 @@ class IndexCache:
         return data
 
     def save(self, blob_digest: str, span: int, index: TarIndex) -> None:
-        """Keep ``index``; on a full disk, after making room once. Raises ``CacheError``
+        """Keep ``index``; on a full disk, after making room. Raises ``CacheError``
         when it cannot be kept. What an older index format kept for the blob goes: it
         is never read again, as its rules are not this engine's."""
-        try:
-            self._save(blob_digest, span, index)
-        except DiskFull:
-            self._make_room()
-            self._save(blob_digest, span, index)
+        self._making_room(lambda: self._save(blob_digest, span, index))
         try:
             dropped = self._store.drop_manifests(
                 "tarlayer/v", lambda key: not _older_index_of(key, blob_digest)

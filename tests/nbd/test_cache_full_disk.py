@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
-import pytest
+from rig.small_disk import small_disk
 from test_serve_cli import serving, stop
 
 CLI = [sys.executable, "-m", "blockstore"]
@@ -20,22 +15,6 @@ CLI = [sys.executable, "-m", "blockstore"]
 
 def blockstore(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
-
-
-@contextmanager
-def small_disk(at: Path, size: str) -> Iterator[Path]:
-    """An ext4 file system of ``size`` mounted at ``at`` (root, a loop device)."""
-    if os.geteuid() != 0 or shutil.which("mkfs.ext4") is None:
-        pytest.skip("a loop-mounted ext4 needs root and mkfs.ext4")
-    image = at.with_suffix(".ext4")
-    subprocess.run(["truncate", "-s", size, str(image)], check=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
-    at.mkdir()
-    subprocess.run(["mount", "-o", "loop", str(image), str(at)], check=True)
-    try:
-        yield at
-    finally:
-        subprocess.run(["umount", "-l", str(at)], check=True)
 
 
 def test_a_prefetch_the_disk_cannot_hold_is_refused_and_costs_no_other_layer(

@@ -1,0 +1,37 @@
+"""A cache whose disk is smaller than its cap, stored into past the full point."""
+
+from __future__ import annotations
+
+from cache_sources import make_blob
+from rig.small_disk import small_disk
+
+from blockstore.cache import CHUNK_SIZE
+from blockstore.cache.store import ChunkStore
+
+BLOB = 2 << 20
+PIECE = 8 * CHUNK_SIZE
+
+
+def test_a_disk_just_full_costs_the_cache_its_oldest_chunks_not_half(tmp_path):
+    """Tried: a cache under the default 10 GiB cap on a 24 MiB ext4 (a loop device);
+    blobs of 2 MiB stored one after another, 256 KiB per store, until the disk is
+    full and stores go on past it. Must hold: every store succeeds, evicting the oldest
+    chunks; after any store the cache holds at least 80% of the most it held before, and
+    the newest blob is whole. Before, each store that found the disk full evicted half
+    of the cache."""
+    with small_disk(tmp_path / "disk", "24M") as disk, ChunkStore(disk / "cache") as store:
+        peak = 0
+        lowest = 1.0  # the least, after a store, of what is stored over the most before it
+        for seed in range(16):
+            data, digest = make_blob(BLOB, seed)
+            for offset in range(0, BLOB, PIECE):
+                piece = data[offset : offset + PIECE]
+                chunks = [piece[i : i + CHUNK_SIZE] for i in range(0, PIECE, CHUNK_SIZE)]
+                store.store_chunks(digest, BLOB, offset // CHUNK_SIZE, chunks)
+                stored = store.stats()["stored_bytes"]
+                if peak:
+                    lowest = min(lowest, stored / peak)
+                peak = max(peak, stored)
+        assert store.stats()["evictions"] > 0, "the disk never filled"
+        assert lowest >= 0.8, (lowest, peak)
+        assert store.missing_by_digest(digest, range(BLOB // CHUNK_SIZE)) == []
