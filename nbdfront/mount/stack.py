@@ -483,7 +483,7 @@ def _not_ours(mountpoint: str) -> str:
     if not top:
         why = "does not exist" if not os.path.lexists(mountpoint) else "has nothing mounted on it"
         return f"{mountpoint} {why}; `blockstore mounts` lists the mounts blockstore made"
-    if (other := _run_dir_of(top[0].source)) is not None:
+    if (other := _run_dir_of(os.path.realpath(mountpoint))) is not None:
         return (
             f"{mountpoint} was mounted by blockstore with another run directory: "
             f"`BLOCKSTORE_RUN_DIR={other} blockstore umount {mountpoint}` undoes it"
@@ -496,13 +496,17 @@ def _not_ours(mountpoint: str) -> str:
     )
 
 
-def _run_dir_of(source: str) -> str | None:
-    """The run directory whose mount a layer's EROFS on ``source`` (a FUSE file in
-    ``RUN/mounts/KEY/``) belongs to, where that mount's record is there."""
-    run, found, rest = source.partition("/mounts/")
-    key = rest.split("/", 1)[0]
-    if found and key and os.path.isfile(os.path.join(run, "mounts", key, records.RECORD_NAME)):
-        return run
+def _run_dir_of(mountpoint: str) -> str | None:
+    """The run directory whose mount at ``mountpoint`` is standing, where that mount's
+    record is there: found by the mount point's key in what the mount made under
+    ``RUN/mounts/KEY/`` (FUSE files, layers' EROFS), as an overlay at the mount point
+    names none of it, and a run directory's own path may hold ``/mounts/``."""
+    key = records.mount_key(mountpoint)
+    for point, (_, source) in syscall.mounted().items():
+        for path in (point, source):
+            run, found, _ = path.partition(f"/mounts/{key}/")
+            if found and os.path.isfile(os.path.join(run, "mounts", key, records.RECORD_NAME)):
+                return run
     return None
 
 

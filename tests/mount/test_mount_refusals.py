@@ -128,3 +128,45 @@ def test_umount_of_what_blockstore_did_not_mount_says_where_to_look(
     finally:
         syscall.umount(str(theirs), lazy=True)
     stack.unmount(str(image))
+
+
+@pytest.mark.parametrize("where", ["layered", "run directory under a mounts directory"])
+def test_umount_with_another_run_directory_names_it_for_every_image(
+    mount_dirs, local_server, opaque_images, erofs_images, monkeypatch, where
+):
+    """Tried: ``umount`` with a run directory other than the one that mounted the image
+    there, for an image of two layers (an overlay at the mount point, whose source names
+    no file of the run directory) and for one layer mounted with a run directory whose
+    own path holds ``/mounts/``. Must hold: exit 10, the line names the
+    ``BLOCKSTORE_RUN_DIR=... blockstore umount`` that undoes it; the image stays
+    mounted. Before, both were told to use umount(8) "if it is yours", which would
+    leave the server and nbdfuse running."""
+    from nbdfront.mount import stack, syscall
+
+    base, run = mount_dirs
+    if where == "layered":
+        images = {f"layer{i}": path for i, path in enumerate(opaque_images[0])}
+    else:
+        run = run / "mounts" / "r"
+        monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(run))
+        images = {"layer0": erofs_images.small.path}
+    image = base / "image"
+    image.mkdir()
+    stack.mount(local_server(images), str(image), image="img")
+    other = {**os.environ, "BLOCKSTORE_RUN_DIR": str(base / "other-run")}
+    try:
+        done = subprocess.run(
+            [*BLOCKSTORE, "umount", str(image)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=other,
+        )
+        assert done.returncode == 10, done.stderr
+        assert done.stderr == (
+            f"blockstore: {image} was mounted by blockstore with another run directory: "
+            f"`BLOCKSTORE_RUN_DIR={run} blockstore umount {image}` undoes it\n"
+        )
+        assert syscall.is_mounted(str(image))
+    finally:
+        stack.unmount(str(image))
