@@ -175,11 +175,18 @@ class LayerTree:
             follows[0] -= 1
             if follows[0] < 0:
                 raise TarLayerError(f"tar entry {_show(raw)}: too many symlinks on its path")
+            parts = [part for part in child.target.split(b"/") if part not in (b"", b".")]
+            if any(len(part) > 255 for part in parts):
+                # Linux fails such a path (ENAMETOOLONG); made here, the name would be
+                # one no EROFS directory can hold.
+                raise TarLayerError(
+                    f"tar entry {_show(raw)}: its path through symlink {_show(name)}"
+                    " has a name longer than 255 bytes"
+                )
             if child.target.startswith(b"/"):
                 trail = [self.root]
-            for part in child.target.split(b"/"):
-                if part not in (b"", b"."):
-                    trail = self._step(trail, part, raw, follows)
+            for part in parts:
+                trail = self._step(trail, part, raw, follows)
             return trail
         elif not child.is_dir:
             raise TarLayerError(f"tar entry {_show(raw)}: {_show(name)} is not a directory")

@@ -239,6 +239,10 @@ def test_a_symlink_of_the_layer_on_a_path_is_written_through_within_the_layer():
         ([TarEntry(path=b"s", mode=LNK)], "symlink with no target"),
         ([TarEntry(path=b"s", mode=LNK, link=b"s"), reg(b"s/x", 512)], "too many symlinks"),
         ([reg(b"f", 512), TarEntry(path=b"s", mode=LNK, link=b"f"), reg(b"s/x", 1024)], "'f' is"),
+        (
+            [TarEntry(path=b"s", mode=LNK, link=b"d/" + b"n" * 600), reg(b"s/x", 512)],
+            "'s/x': its path through symlink 's' has a name longer than 255 bytes",
+        ),
         ([TarEntry(path=b"sock", mode=stat.S_IFSOCK | 0o644)], "unsupported file type"),
     ],
 )
