@@ -452,10 +452,10 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
 
 
 def _unrecorded(mountpoint: str) -> MountRecord | None:
-    """A mount whose record is gone (the run directory cleared while it was mounted, its
-    processes killed) though its state directory still holds what it mounted: enough
-    of a record, read from mountinfo, for ``unmount_record`` to undo it; None if
-    nothing of it is mounted."""
+    """A mount whose record is gone (the run directory cleared while it was mounted)
+    though its state directory still holds what it mounted: enough of a record, read
+    from mountinfo and from its server's command line, for ``unmount_record`` to undo
+    it, the server included; None if nothing of it is mounted or running."""
     state = records.state_dir_for(mountpoint)
     if not records.is_private(state):
         return None
@@ -469,10 +469,31 @@ def _unrecorded(mountpoint: str) -> MountRecord | None:
         log=str(records.log_path_for(mountpoint)),
         lowers=[point for point in reversed(inside) if table[point][0] == "erofs"],
         mounted=True,
+        server=_supervisor_of(state),
     )
-    if not inside and _where_ours_is(record) == "absent":
+    if not inside and record.server is None and _where_ours_is(record) == "absent":
         return None
     return record
+
+
+def _supervisor_of(state: Path) -> ProcessRef | None:
+    """The live supervisor of the server of the mount whose state directory is ``state``,
+    known by the status file its command line names (``start_server``), among this
+    user's processes: with the record gone, nothing else names it, and left running it
+    would serve nothing and hold its cache for ever."""
+    wanted = [b"-m", b"nbdfront.mount.supervisor", os.fsencode(state / SERVER_STATUS)]
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != os.geteuid():
+                continue
+            argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        if argv[1:4] == wanted:
+            return ProcessRef.of(int(entry.name))
+    return None
 
 
 def _not_ours(mountpoint: str) -> str:

@@ -226,6 +226,29 @@ def test_a_mount_whose_run_directory_was_cleared_is_undone_by_umount(
     assert_nothing_left(again, run)
 
 
+def test_a_mount_whose_run_directory_was_cleared_while_its_server_runs_is_undone_whole(
+    mount_dirs, mountpoint, erofs_images, local_server
+):
+    """A three-layer mount whose run directory is cleared with `rm -rf` while its server
+    and nbdfuse still run (a cleaner of /run, an admin's rm): `umount` undoes the mounts,
+    stops the server, says the record was gone, and leaves no process of the mount.
+    Before, it unmounted everything and exited 0 with the server left running for ever,
+    found by nothing."""
+    layers = erofs_images.layers
+    _, run = mount_dirs
+    argv = local_server({f"layer{i}": layer.path for i, layer in enumerate(layers)})
+    record = stack.mount(argv, str(mountpoint), image="three")
+    subprocess.run(["rm", "-rf", str(run)], capture_output=True)
+    assert records.saved() == [] and record.server.alive()
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "blockstore: its mount record was gone (the run directory cleared while it was mounted)"
+    ]
+    assert not record.server.alive()
+    assert_nothing_left(record, run)
+
+
 def test_clean_umount_removes_the_log_a_failed_stop_keeps_it(
     mount_dirs, mountpoint, erofs_images, local_server
 ):
