@@ -39,6 +39,12 @@ OPAQUE_XATTR = b"trusted.overlay.opaque"
 ORIGIN_XATTR = b"trusted.overlay.origin"
 IMPLIED_XATTR = b"trusted.overlay.blockstore.implied"
 SYMLINK_FOLLOWS = 40  # symlinks one path may pass through, as Linux allows (MAXSYMLINKS)
+NAMES_WALKED = 4096
+"""Names one path may walk, its symlinks' included. Linux allows 40 targets of 4 KiB,
+80,000 names, cheap in the kernel; here each costs a Python call, so a layer of small
+entries through such chains took 14 ms an entry: a million of them, which gzip
+makes a few MB, hours.
+An entry's own path, within PATH_MAX as extraction needs, walks 2,048 names at most."""
 
 
 class TarLayerError(BlockstoreError):
@@ -145,16 +151,22 @@ class LayerTree:
     def _parent(self, parts: list[bytes], raw: bytes) -> Inode:
         """The directory that holds ``parts[-1]``, creating missing ones as tar does, and
         writing through a symlink of this layer on the way, as extraction does."""
-        trail, follows = [self.root], [SYMLINK_FOLLOWS]
+        trail, budget = [self.root], [SYMLINK_FOLLOWS, NAMES_WALKED]
         for p in parts[:-1]:
-            trail = self._step(trail, p, raw, follows)
+            trail = self._step(trail, p, raw, budget)
         return trail[-1]
 
-    def _step(self, trail: list[Inode], name: bytes, raw: bytes, follows: list[int]) -> list[Inode]:
+    def _step(self, trail: list[Inode], name: bytes, raw: bytes, budget: list[int]) -> list[Inode]:
         """``trail`` (the directories from the root) gone on to ``name``. A symlink is
         followed within the layer: an absolute target starts at its root, and ``..``
         stops there, as container runtimes resolve them, so nothing leads out of it;
-        ``follows``: how many more symlinks this lookup may follow (Linux's 40)."""
+        ``budget``: how many more symlinks (Linux's 40) and names this lookup may take."""
+        budget[1] -= 1
+        if budget[1] < 0:
+            raise TarLayerError(
+                f"tar entry {_show(raw)}: its path walks more than {NAMES_WALKED} names"
+                " through symlinks"
+            )
         if name == b"..":  # only in a symlink's target: split_path refuses it in a name
             if len(trail) > 1:
                 trail.pop()
@@ -172,8 +184,8 @@ class LayerTree:
             child.implied = child.hides_lower = True
             node.children[name] = child
         elif stat.S_ISLNK(child.mode):
-            follows[0] -= 1
-            if follows[0] < 0:
+            budget[0] -= 1
+            if budget[0] < 0:
                 raise TarLayerError(f"tar entry {_show(raw)}: too many symlinks on its path")
             parts = [part for part in child.target.split(b"/") if part not in (b"", b".")]
             if any(len(part) > 255 for part in parts):
@@ -186,7 +198,7 @@ class LayerTree:
             if child.target.startswith(b"/"):
                 trail = [self.root]
             for part in parts:
-                trail = self._step(trail, part, raw, follows)
+                trail = self._step(trail, part, raw, budget)
             return trail
         elif not child.is_dir:
             raise TarLayerError(f"tar entry {_show(raw)}: {_show(name)} is not a directory")

@@ -240,6 +240,15 @@ def test_a_symlink_of_the_layer_on_a_path_is_written_through_within_the_layer():
         ([TarEntry(path=b"s", mode=LNK, link=b"s"), reg(b"s/x", 512)], "too many symlinks"),
         ([reg(b"f", 512), TarEntry(path=b"s", mode=LNK, link=b"f"), reg(b"s/x", 1024)], "'f' is"),
         (
+            [
+                TarEntry(path=b"d", mode=DIR),
+                TarEntry(path=b"s0", mode=LNK, link=b"/".join([b"d", b".."] * 680)),
+                TarEntry(path=b"s1", mode=LNK, link=b"s0/s0/s0/s0"),
+                reg(b"s1/x", 512),
+            ],
+            "'s1/x': its path walks more than 4096 names through symlinks",
+        ),
+        (
             [TarEntry(path=b"s", mode=LNK, link=b"d/" + b"n" * 600), reg(b"s/x", 512)],
             "'s/x': its path through symlink 's' has a name longer than 255 bytes",
         ),
