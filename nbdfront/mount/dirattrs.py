@@ -26,6 +26,7 @@ IMPLIED_XATTR = "trusted.overlay.blockstore.implied"
 """Written by ``blockstore.tarlayer.tree`` (whose import this module spares the mount
 and umount commands)."""
 OPAQUE_XATTR = "trusted.overlay.opaque"
+"""overlayfs's own name, which tar layers' images carry too; ``stack`` reads it here."""
 PRIVATE_PREFIX = "trusted.overlay."  # overlayfs's own names: never copied
 
 

@@ -324,11 +324,6 @@ def _working_directory(path: str) -> Iterator[None]:
         os.close(back)
 
 
-OPAQUE_XATTR = "trusted.overlay.opaque"
-"""overlayfs's own name (written into tar layers' images by ``blockstore.tarlayer``, whose
-import this module spares the mount and umount commands)."""
-
-
 def _visible(lowers: list[str]) -> list[str]:
     """The layers (bottom first) the merged tree can show: from the top one whose root
     is opaque (``.wh..wh..opq`` at a layer's root) up. overlayfs ignores an opaque root,
@@ -337,7 +332,7 @@ def _visible(lowers: list[str]) -> list[str]:
     start = 0
     for i, lower in enumerate(lowers):
         with contextlib.suppress(OSError):  # no such xattr, or none at all
-            if os.getxattr(lower, OPAQUE_XATTR) == b"y":
+            if os.getxattr(lower, dirattrs.OPAQUE_XATTR) == b"y":
                 start = i
     return lowers[start:]
 
