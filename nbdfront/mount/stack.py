@@ -71,12 +71,19 @@ def check_can_mount(mountpoint: str, *, tls: bool = False) -> str:
 
 def _already_mounted(mountpoint: str) -> str:
     """What is mounted at ``mountpoint``, and how to free it: one of ours is undone with
-    ``blockstore umount``; another file system is the user's to unmount, or to keep."""
+    ``blockstore umount`` (given the run directory that mounted it); another file system
+    is the user's to unmount, or to keep."""
     record = records.load(mountpoint)
     if record is not None:
         return (
             f"{mountpoint} is already a mount point: blockstore mounted {record.image} there; "
             f"`blockstore umount {mountpoint}` first"
+        )
+    if (other := _run_dir_of(mountpoint)) is not None:
+        return (
+            f"{mountpoint} is already a mount point: blockstore mounted an image there with "
+            f"another run directory; `BLOCKSTORE_RUN_DIR={other} blockstore umount "
+            f"{mountpoint}` first"
         )
     top = syscall.mounts_at(mountpoint)
     what = f" ({top[0].fstype} from {top[0].source})" if top else ""

@@ -170,3 +170,35 @@ def test_umount_with_another_run_directory_names_it_for_every_image(
         assert syscall.is_mounted(str(image))
     finally:
         stack.unmount(str(image))
+
+
+def test_mount_where_blockstore_mounted_with_another_run_directory_names_it(
+    mount_dirs, local_server, opaque_images, monkeypatch
+):
+    """Tried: ``mount`` at a place where blockstore mounted an image of two layers with
+    another run directory (a ``sudo`` that dropped BLOCKSTORE_RUN_DIR). Must hold: the
+    refusal names the ``BLOCKSTORE_RUN_DIR=... blockstore umount`` that frees the
+    place, and the image stays mounted. Before, it was named as another file system
+    ("overlay from overlay") to unmount, which umount(8) does leaving the server and
+    nbdfuse running."""
+    from blockstore.errors import MountpointBusy
+    from nbdfront.mount import stack, syscall
+
+    base, run = mount_dirs
+    image = base / "image"
+    image.mkdir()
+    images = {f"layer{i}": path for i, path in enumerate(opaque_images[0])}
+    stack.mount(local_server(images), str(image), image="img")
+    try:
+        monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(base / "other-run"))
+        with pytest.raises(MountpointBusy) as refused:
+            stack.check_can_mount(str(image))
+        assert str(refused.value) == (
+            f"{image} is already a mount point: blockstore mounted an image there with "
+            f"another run directory; `BLOCKSTORE_RUN_DIR={run} blockstore umount {image}` "
+            "first"
+        )
+        assert syscall.is_mounted(str(image))
+    finally:
+        monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(run))
+        stack.unmount(str(image))
