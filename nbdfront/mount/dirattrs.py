@@ -68,6 +68,17 @@ def _implied(lower: str) -> Iterator[str]:
                     todo.append(f"{rel}/{entry.name}" if rel else entry.name)
 
 
+def _under_no_directory(lower: str, rel: str) -> bool:
+    """Whether a parent of ``rel`` in ``lower`` is no directory: ``rel`` is not there, and
+    looking it up would follow a symlink of the layer, out of it (an absolute target is
+    the machine's). Outermost first, so each one looked at has directories above it."""
+    for parent in _ancestors(rel):
+        kind = _kind(os.path.join(lower, parent))
+        if kind != "dir":
+            return kind == "other"
+    return False
+
+
 def _hides_below(lower: str, rel: str) -> bool:
     """Whether ``lower`` hides what the layers below it have at ``rel``: a parent of it
     there that is no directory, or is opaque (the lower contents were removed)."""
@@ -95,6 +106,8 @@ def _source(lowers: list[str], index: int, rel: str) -> str | None:
     if _hides_below(lowers[index], rel):
         return None
     for lower in reversed(lowers[:index]):
+        if _under_no_directory(lower, rel):
+            return None
         path = os.path.join(lower, rel)
         kind = _kind(path)
         if kind == "other":

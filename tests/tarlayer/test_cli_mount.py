@@ -288,6 +288,39 @@ def test_directories_a_layer_only_implies_keep_the_lower_attributes(tmp_path, re
         cli("umount", str(mnt))
 
 
+def test_an_implied_directory_takes_no_attributes_from_outside_the_image(
+    tmp_path, registry, run_dir
+):
+    """A base layer with ``hostdir`` a symlink to a directory of the machine that mounts
+    it, under an upper layer holding ``hostdir/sub/x`` alone (``hostdir`` and
+    ``hostdir/sub`` implied): the mount shows ``hostdir/sub`` as the layer makes it,
+    0755 of root with no xattr, for no layer below has such a directory. Before, the
+    search for the lower directory went through the symlink and gave the mount the
+    machine's directory's mode, owner and xattrs."""
+    host = tmp_path / "host"
+    (host / "sub").mkdir(parents=True)
+    os.chmod(host / "sub", 0o711)
+    os.chown(host / "sub", 4242, 4242)
+    os.setxattr(host / "sub", "user.secret", b"of the machine")
+    base = tmp_path / "base.tar"
+    with tarfile.open(base, "w", format=tarfile.PAX_FORMAT) as archive:
+        link = tarfile.TarInfo("hostdir")
+        link.type, link.linkname = tarfile.SYMTYPE, str(host)
+        archive.addfile(link)
+    upper = _entries_only(tmp_path / "upper.tar", [("hostdir/sub/x", tarfile.REGTYPE, 0o644, 0)])
+    layers = [("tar", base.read_bytes()), ("gzip", upper.read_bytes())]
+    ref = skopeo_copy(make_layout(tmp_path / "layout", "v1", layers), "v1", registry.host, "o/out")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli("mount", "--insecure", "--cache-dir", str(tmp_path / "cache"), ref, str(mnt))
+    try:
+        st = os.lstat(mnt / "hostdir/sub")
+        assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o755, 0)
+        assert "user.secret" not in os.listxattr(mnt / "hostdir/sub")
+    finally:
+        cli("umount", str(mnt))
+
+
 def test_mounts_cannot_say_how_much_of_a_compressed_layer_with_no_kept_index_is_cached(
     tmp_path,
 ):
