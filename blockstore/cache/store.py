@@ -386,15 +386,23 @@ class ChunkStore:
         LMDB's own buffers, valid until ``end_read(txn)``, which the caller must call
         (in a ``finally``): check and copy them before. The transaction keeps its reader
         slot until it is freed: drop it before waiting on anything. A pair, not a context manager:
-        this is the hit path, where a ``with`` costs as much as the lookup."""
+        this is the hit path, where a ``with`` costs as much as the lookup.
+
+        A read-only cache is read without a reader slot, so a writer appearing through
+        another path may reuse a page while it is looked at: there the values are copies,
+        so what is checked is what is served (a copy torn by a writer fails its check)."""
         env = self.env
         txn = env.begin_read(DB_CHUNKS)
         try:
             get = txn.get
             if first == last:
-                return [get(CHUNK_KEY.pack(blob_id, first))], txn
-            pack = CHUNK_KEY.pack
-            return [get(pack(blob_id, index)) for index in range(first, last + 1)], txn
+                values = [get(CHUNK_KEY.pack(blob_id, first))]
+            else:
+                pack = CHUNK_KEY.pack
+                values = [get(pack(blob_id, index)) for index in range(first, last + 1)]
+            if env.read_only:
+                values = [memoryview(bytes(v)) if v is not None else None for v in values]
+            return values, txn
         except lmdb.Error as exc:
             env.end_read(txn)
             raise env.damaged(exc) from exc
