@@ -45,6 +45,7 @@ import fcntl
 import logging
 import os
 import pwd
+import stat
 import struct
 import threading
 import time
@@ -377,14 +378,27 @@ def _writer_of(path: Path) -> str | None:
     process that opens LMDB with its lock holds a shared ``fcntl`` lock on the lock
     file's first byte for as long as it has the cache open; ``F_GETLK`` finds it
     through a descriptor opened for reading, whoever owns the file.
+
+    The directory may be another user's, who could put a FIFO or a link to a device
+    there: the file is opened without following a link or waiting, and used only if
+    it is a regular file.
     """
+    lock = path / LMDB_LOCK_FILE
+    not_lock = CacheError(
+        f"cannot open the cache at {path}: {lock} is not a regular file, as LMDB's lock "
+        "file is: remove it, or use another --cache-dir"
+    )
     try:
-        fd = os.open(path / LMDB_LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symbolic link
+            raise not_lock from exc
         raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise not_lock
         probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
         found = fcntl.fcntl(fd, fcntl.F_GETLK, probe)
     except OSError:

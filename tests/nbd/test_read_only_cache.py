@@ -256,3 +256,37 @@ def test_a_damaged_read_only_cache_is_reported_by_verify_and_left(
         (line,) = served.stderr.splitlines()
         assert f"the cache at {ro} is damaged" in line, line
     assert contents(cache) == before
+
+
+def test_root_reading_a_users_cache_opens_no_fifo_put_as_its_lock_file(registry, pushed_images):
+    """A user's filled cache whose `lock.mdb` the user replaced by a FIFO: root's
+    `cache ls` there ends at once, refused in one line naming the file (exit 8). Before,
+    root's look for a writer opened the FIFO and waited for a writer of it for ever."""
+    with users_directory() as base:
+        cache = base / "cache"
+        cache.mkdir()
+        shutil.chown(cache, "nobody")
+        filled = as_nobody("prefetch", pushed_images.small, "--insecure", "--cache-dir", str(cache))
+        assert filled.returncode == 0, filled.stderr
+        fifo = [
+            "runuser",
+            "-u",
+            "nobody",
+            "--",
+            "sh",
+            "-c",
+            f"rm {cache}/lock.mdb && mkfifo {cache}/lock.mdb",
+        ]
+        subprocess.run(fifo, check=True)
+        try:
+            listed = subprocess.run(
+                [*CLI, "cache", "ls", "--cache-dir", str(cache)],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail("root's cache ls waited on the user's FIFO")
+        assert listed.returncode == 8, listed.stderr
+        (line,) = listed.stderr.splitlines()
+        assert f"{cache / 'lock.mdb'} is not a regular file" in line, line
