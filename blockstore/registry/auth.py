@@ -128,6 +128,12 @@ class Authenticator:
         self._tokens: dict[str, _Token] = {}
         self._flights: dict[str, _Flight] = {}
 
+    @property
+    def realm(self) -> str | None:
+        """The token issuer the last Bearer challenge named: where tokens are asked for."""
+        with self._lock:
+            return self._bearer.get("realm")
+
     def header(self, scope: str, deadline: Deadline) -> str | None:
         """The ``Authorization`` to send up front, renewing a token close to expiry."""
         with self._lock:

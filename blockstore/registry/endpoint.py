@@ -26,7 +26,7 @@ import requests
 import urllib3
 
 from blockstore.errors import AuthError, RegistryError, RegistryUnreachable
-from blockstore.registry.auth import Authenticator, basic_header
+from blockstore.registry.auth import Authenticator, basic_header, parse_challenge
 from blockstore.registry.credentials import Credentials
 from blockstore.registry.replies import oci_error
 from blockstore.registry.retry import (
@@ -116,7 +116,8 @@ class Endpoint:
                 status=429,
             )
         url = path if "://" in path else self.base_url + path
-        authorization = self._upfront_authorization(scope, deadline)
+        realm = self.auth.realm
+        authorization, unanswered = self._upfront_authorization(scope, deadline)
         answered = False
         while True:
             reply = self._follow_redirects(
@@ -141,20 +142,26 @@ class Endpoint:
                 reply.close()
                 raise AuthError(self._refusal(scope, authorization, detail), status=401)
             reply.close()
+            if unanswered is not None and _realm_of(challenge) == realm:
+                raise unanswered  # the issuer that just failed: asked again, it would again
             authorization = self.auth.answer_challenge(challenge, scope, deadline)
             answered = True
 
-    def _upfront_authorization(self, scope: str, deadline: Deadline) -> str | None:
-        """The ``Authorization`` to send first; none when the token issuer the last
-        challenge named gave no token in time: the registry's 401 then names the issuer
-        to ask now. A server idle past its token's life while the issuer moved would otherwise
-        ask the old address for ever, every read failing with both of them up."""
+    def _upfront_authorization(
+        self, scope: str, deadline: Deadline
+    ) -> tuple[str | None, TryAgain | None]:
+        """The ``Authorization`` to send first; none, with why, when the token issuer the
+        last challenge named gave no token in time: the registry's 401 then names the
+        issuer to ask now. A server idle past its token's life while the issuer moved
+        would otherwise ask the old address for ever, every read failing with both of
+        them up. Where the 401 names the same issuer, that failure stands (``request``):
+        asking at once again would only double the wait, and ignore a ``Retry-After``."""
         try:
-            return self.auth.header(scope, deadline)
-        except TryAgain:
+            return self.auth.header(scope, deadline), None
+        except TryAgain as exc:
             if deadline.expired:
                 raise  # no time left to ask anyone: say why
-            return None
+            return None, exc
 
     def _may_send(self, url: str) -> bool:
         """Whether credentials may go to ``url``: over TLS, or plain HTTP when asked for."""
@@ -402,6 +409,12 @@ def _address(url: str) -> str:
     if explicit:
         return parts.netloc
     return f"{parts.netloc}:{443 if parts.scheme == 'https' else 80}"
+
+
+def _realm_of(www_authenticate: str | None) -> str | None:
+    """The token issuer a ``WWW-Authenticate`` value names, if it names one."""
+    challenge = parse_challenge(www_authenticate or "")
+    return challenge.params.get("realm") if challenge is not None else None
 
 
 def _origin(url: str) -> tuple[str, str]:

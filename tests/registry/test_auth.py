@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import logging
 import time
@@ -13,7 +14,7 @@ from rig.pushed import push_erofs
 from rig.registry_server import RegistryServer, TokenAuth
 from rig.token_issuer import TokenIssuer
 
-from blockstore.errors import AuthError, RegistryUnreachable, UsageError
+from blockstore.errors import AuthError, BlobReadError, RegistryUnreachable, UsageError
 from blockstore.registry import RegistryBlob, RegistryClient, parse_reference, resolve_image
 
 
@@ -323,6 +324,39 @@ def test_a_client_idle_past_its_token_asks_the_issuer_the_registry_names_now(
     finally:
         server.stop()
         new.stop()
+
+
+def test_an_issuer_asking_for_quiet_is_asked_again_only_after_it(tmp_path, test_ca, erofs_images):
+    """The token issuer answers 503 with Retry-After: 1 once a client's token is past its
+    life: the read fails naming the issuer, which is never asked twice within the second
+    it named. Before, each attempt asked it up front, went to the registry without a
+    token, and asked it again at once when the registry's 401 named the same issuer."""
+    cert, key = test_ca.issue("busy-issuer", server=False)
+    issuer = TokenIssuer(cert, key, users={"bob": "bob-pw"})
+    issuer.expires_in = 2  # the client renews it 1.5 s on
+    server = registry_of_issuer(tmp_path, issuer, test_ca)
+    try:
+        ref = push_small(server, "auth/busy", erofs_images)
+        with server.client(timeout=3.5) as client:
+            image = resolve_image(client, ref, None)
+            blob = RegistryBlob(client, parse_reference(ref).repository, image.layers[0])
+            assert blob.read_range(0, 4096) == erofs_images.small.path.read_bytes()[:4096]
+            time.sleep(2)
+            issuer.busy_for = 1
+            since = len(issuer.asked)
+            with pytest.raises(BlobReadError) as caught:
+                blob.read_range(0, 4096)
+        address = urlsplit(issuer.realm).netloc
+        assert f"token issuer {address} for registry {server.host} answered HTTP 503" in str(
+            caught.value
+        )
+        asked = issuer.asked[since:]
+        assert len(asked) >= 2, asked
+        gaps = [later - earlier for earlier, later in itertools.pairwise(asked)]
+        assert min(gaps) > 0.9, gaps
+    finally:
+        server.stop()
+        issuer.stop()
 
 
 def test_oauth2_style_token_reply(token_registry, token_image, token_lifetime, erofs_images):

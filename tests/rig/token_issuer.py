@@ -58,6 +58,10 @@ class TokenIssuer:
         """Real lifetime at the registry in seconds; None: ``expires_in``."""
         self.legacy_reply = False
         """Answer OAuth2-style: only ``access_token``, no ``expires_in`` (60 s to clients)."""
+        self.busy_for: int | None = None
+        """Answer every request 503 with this ``Retry-After``; None: answer as usual."""
+        self.asked: list[float] = []
+        """When each token request came (monotonic)."""
         self.issued: list[dict] = []
         """One entry per token: ``account``, ``access`` granted, ``time``."""
         self._lock = threading.Lock()
@@ -156,6 +160,13 @@ def send_json(handler: BaseHTTPRequestHandler, status: int, body: dict) -> None:
 def _handler(issuer: TokenIssuer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            issuer.asked.append(time.monotonic())
+            if issuer.busy_for is not None:
+                self.send_response(503)
+                self.send_header("Retry-After", str(issuer.busy_for))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             parts = urlsplit(self.path)
             if parts.path != "/token":
                 status, body = 404, {"details": "not found"}
