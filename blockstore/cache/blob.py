@@ -45,14 +45,11 @@ from .holds import BlobHold
 from .integrity import BLOCK, BLOCKS, checked_part
 from .layout import CHUNK_SIZE, BlobRecord, chunk_count, chunk_length
 from .leases import RangeLeases, UnitLeases
-from .store import ChunkIntegrityError, ChunkStore
+from .store import STORED_CHUNK, ChunkIntegrityError, ChunkStore
 from .traces import TraceShelf
 
 log = logging.getLogger(__name__)
 
-STORED_CHUNK = CHUNK_SIZE + 4096
-"""What a stored chunk takes in the LMDB file: its value (checksums, then the bytes)
-fills nine 4 KiB pages."""
 _unkept = ThrottledLog(
     log,
     "%d more fetches in the %.0f s after those logged were served but not kept, "
@@ -485,7 +482,7 @@ class CachedBlob:
         use first, and a layer too large would still not fit (it would lose itself too)."""
         missing = self._store.missing_by_digest(self._digest, range(self._chunks))
         need = len(missing) * STORED_CHUNK
-        room = self._store.room()
+        room = self._store.room(len(missing) * CHUNK_SIZE)
         if need <= room:
             return None
         return (

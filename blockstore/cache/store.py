@@ -64,6 +64,10 @@ STATS_WAIT = 1.0  # seconds ``stats`` waits for a flush in flight
 
 T = TypeVar("T")
 
+STORED_CHUNK = CHUNK_SIZE + 4096
+"""What a stored chunk takes in the LMDB file: its value (checksums, then the bytes)
+fills nine 4 KiB pages."""
+
 DEFAULT_SIZE_CAP = 10 << 30
 # On a full disk, what is stored is evicted down to these shares of it, one step at a
 # time until the write fits: at most half goes, as a store can need room for many chunks.
@@ -621,15 +625,21 @@ class ChunkStore:
         """Whether a server (of any process) serves ``digest`` from the cache alone."""
         return holds.is_held(self.path, digest)
 
-    def room(self) -> int:
-        """Bytes the cache can still take without evicting: the disk's free space, plus
-        what the LMDB file holds beyond the chunks stored (pages eviction freed, reused
-        before the file grows). An upper bound: the file's own tree pages count too."""
-        with self.env.reader(DB_META) as txn:
+    def room(self, adding: int = 0) -> int:
+        """Bytes the cache can still take, storing ``adding`` bytes of chunks, before the
+        disk is full: the disk's free space, what the LMDB file holds beyond the chunks
+        stored (pages eviction freed, reused before the file grows), and the pages of
+        what storing them evicts under the cap, as it always does. An upper bound: the
+        file's own tree pages count too, and layers held from eviction are not told."""
+        with self.env.reader() as txn:
             stored = meta_int(txn, self.dbs[DB_META], b"stored_bytes")
+            cap = meta_int(txn, self.dbs[DB_META], b"size_cap", self._size_cap)
+            unpinned = txn.stat(self.dbs[DB_LRU])["entries"] * CHUNK_SIZE
+            over = stored + adding - self._evict_target(txn, stored + adding, cap)
+        evicted = min(unpinned, max(0, over)) // CHUNK_SIZE * STORED_CHUNK
         disk = os.statvfs(self.path)
         free = disk.f_bfree if os.geteuid() == 0 else disk.f_bavail  # root takes the reserve
-        return free * disk.f_frsize + max(0, self.env.file_size() - stored)
+        return free * disk.f_frsize + max(0, self.env.file_size() - stored) + evicted
 
     def _stored_bytes(self) -> int:
         with self.env.reader(DB_META) as txn:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import subprocess
 import sys
 import time
 
+from rig.local_source import LocalFileSource
 from rig.small_disk import small_disk
 from test_serve_cli import serving, stop
+
+from blockstore.cache import CachedBlob, ChunkStore
 
 CLI = [sys.executable, "-m", "blockstore"]
 
@@ -67,3 +72,27 @@ def test_a_fill_the_disk_cannot_hold_is_skipped_and_costs_no_other_layer(
         cached = {blob["digest"]: blob for blob in json.loads(listed.stdout)}
         small = cached[erofs_images.small.digest]
         assert small["sealed"] and small["cached_fraction"] == 1.0
+
+
+def test_a_prefetch_the_cap_makes_room_for_is_not_refused(tmp_path):
+    """A cache on a 32 MiB ext4 whose cap (20 MiB) the disk can hold, holding a 14 MiB
+    layer: a second 14 MiB layer is prefetched, the first evicted under the cap as ever,
+    the new one whole. Before, the room check counted only the disk's free space and
+    refused it, though storing it evicts the first layer and reuses its pages."""
+    with small_disk(tmp_path / "disk", "32M") as disk:
+        sources = []
+        for seed in (1, 2):
+            data = random.Random(seed).randbytes(14 << 20)
+            path = tmp_path / f"layer{seed}"
+            path.write_bytes(data)
+            sources.append((data, f"sha256:{hashlib.sha256(data).hexdigest()}", path))
+        with ChunkStore(disk / "cache", size_cap=20 << 20) as store:
+            for data, digest, path in sources:
+                source = LocalFileSource(path, digest)
+                try:
+                    CachedBlob(store, digest, len(data), source).prefetch()
+                finally:
+                    source.close()
+            record = store.lookup(sources[1][1])
+            assert record is not None and record.sealed
+            assert record.present == record.chunks
