@@ -271,7 +271,8 @@ class Authenticator:
             raise AuthError(
                 f"token issuer {issuer} for registry {self.host} refused "
                 + self._offered()
-                + f" for {scope}",
+                + f" for {scope}"
+                + (self.credentials.where_from() if self.credentials else ""),
                 status=reply.status_code,
             )
         if reply.status_code != 200:

@@ -43,6 +43,13 @@ class Credentials:
     named when the registry refuses them: a stale login is then plain to see. Not part
     of what the login is."""
 
+    def where_from(self) -> str:
+        """What a refusal of them adds: the login file they came from and what to do,
+        or nothing when they were given as options or in the environment."""
+        if self.auth_file is None:
+            return ""
+        return f"; they came from {self.auth_file}: log in again, or give --username"
+
     def __repr__(self) -> str:
         token = ", identity_token=***" if self.identity_token else ""
         return f"Credentials(username={self.username!r}, password=***{token})"

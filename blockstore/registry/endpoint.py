@@ -173,10 +173,10 @@ class Endpoint:
             return f"registry {self.host} refused a new token for {scope}{said}"
         if self.auth.credentials is None:
             return f"registry {self.host} denies anonymous access to {scope}{said}"
-        refused = f"registry {self.host} refused the user name and password for {scope}{said}"
-        if (found := self.auth.credentials.auth_file) is not None:
-            refused += f"; they came from {found}: log in again, or give --username"
-        return refused
+        return (
+            f"registry {self.host} refused the user name and password for {scope}{said}"
+            + self.auth.credentials.where_from()
+        )
 
     def _follow_redirects(
         self,

@@ -155,6 +155,29 @@ def test_a_stale_login_in_an_auth_file_is_named_when_refused(
     assert caught.value.exit_code == 4 and stale not in message
 
 
+def test_a_stale_login_refused_by_a_token_issuer_names_its_auth_file(
+    token_registry, token_image, monkeypatch, tmp_path
+):
+    """Tried: a login file holding an old password for a registry whose token issuer
+    checks it (as most public registries do). Must hold: exit 4, the line naming the file
+    the refused login came from and what to do; never the password. Before, only a
+    registry checking the password itself (Basic) named the file; the issuer's refusal
+    said only that the user name or password was refused."""
+    config = tmp_path / "docker" / "config.json"
+    config.parent.mkdir()
+    stale = "an-old-token-password-4711"
+    auth = base64.b64encode(f"{token_registry.username}:{stale}".encode()).decode()
+    config.write_text(json.dumps({"auths": {token_registry.host: {"auth": auth}}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(config.parent))
+    client = token_registry.client(username=None, password=None)
+    with client, pytest.raises(AuthError) as caught:
+        resolve_image(client, token_image, None)
+    message = str(caught.value)
+    assert "refused the user name or password" in message, message
+    assert message.endswith(f"; they came from {config}: log in again, or give --username")
+    assert caught.value.exit_code == 4 and stale not in message
+
+
 def test_basic_auth_without_credentials(
     basic_auth_registry, basic_image, monkeypatch, tmp_path, caplog
 ):
