@@ -175,18 +175,46 @@ def parse_timeout(text: str) -> float:
     return seconds
 
 
+LAYER_MAGIC = (
+    (1024, b"\xe2\xe1\xf5\xe0"),  # an EROFS superblock
+    (257, b"ustar"),  # a tar header
+    (0, b"\x1f\x8b"),  # gzip
+    (0, b"\x28\xb5\x2f\xfd"),  # zstd
+)
+"""What a layer file ``push`` takes starts with, at its offset."""
+
+
 def image_argument(text: str) -> str:
-    """An image reference, as given. A local file named instead (an image built here, not
-    pushed yet) is refused saying so: as a reference it is a Docker Hub name (or none at
-    all), which would fail only at the registry, saying nothing of the file."""
-    first, slash, _ = text.partition("/")
-    names_a_host = bool(slash) and first not in (".", "..") and any(c in first for c in ".:")
-    if not names_a_host and os.path.isfile(text):
-        raise argparse.ArgumentTypeError(
-            f"{text} is a local file, and IMAGE names an image in a registry: push the file "
-            f"first (blockstore push {text} HOST[:PORT]/NAME:TAG), then name that"
-        )
-    return text
+    """An image reference, as given. A local layer file named instead (an image built
+    here, not pushed yet) is refused saying so: as a reference it is a Docker Hub name (or
+    none at all), which would fail only at the registry, saying nothing of the file. A
+    file holding no layer (``myapp``, a program built beside the image ``myapp``) is no
+    reason to misread a reference."""
+    from blockstore.registry import parse_reference
+    from blockstore.registry.reference import DOCKER_HUB
+
+    if not os.path.isfile(text):
+        return text
+    try:
+        reference = parse_reference(text)
+    except UsageError:
+        reference = None  # no reference at all (./image.erofs): the file is what was meant
+    if reference is not None and (reference.registry != DOCKER_HUB or not _is_layer_file(text)):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text} is a local file, and IMAGE names an image in a registry: push the file "
+        f"first (blockstore push {text} HOST[:PORT]/NAME:TAG), then name that"
+    )
+
+
+def _is_layer_file(path: str) -> bool:
+    """``path`` starts as a layer file does (``LAYER_MAGIC``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1028)
+    except OSError:
+        return False
+    return any(head[at : at + len(magic)] == magic for at, magic in LAYER_MAGIC)
 
 
 def add_image_options(parser: argparse.ArgumentParser, verb: str, *, offline: bool = True) -> None:

@@ -327,3 +327,20 @@ def test_push_refuses_a_mirror_it_would_not_use(tmp_path):
     assert pushed.returncode == 2, pushed.stderr
     assert pushed.stderr.count("\n") == 1
     assert "push takes no --mirror" in pushed.stderr
+
+
+def test_an_image_named_as_a_file_here_is_still_the_image(registry, erofs_images, tmp_path):
+    """Tried: `inspect myapp` through a mirror of Docker Hub, in a directory holding a file
+    `myapp` (a program built there, no image). Must hold: the image is inspected (exit 0),
+    as it is anywhere else. Before, any file of the image's name in the working directory
+    had the reference refused as a local file to push, whatever the file held."""
+    pushed = blockstore(
+        "push", str(erofs_images.small.path), f"{registry.host}/library/myapp:latest", "--insecure"
+    )
+    assert pushed.returncode == 0, pushed.stderr
+    (tmp_path / "myapp").write_text("#!/bin/sh\necho built here\n")
+    argv = [sys.executable, "-m", "blockstore", "inspect", "myapp", "--json"]
+    argv += ["--mirror", registry.host, "--insecure"]
+    shown = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["digest"] == pushed.stdout.strip(), shown.stdout
