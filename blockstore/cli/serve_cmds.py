@@ -162,8 +162,7 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
             metrics.stop()
         image.close()
         if pidfile is not None:
-            with contextlib.suppress(FileNotFoundError):
-                pidfile.unlink()
+            _remove_pidfile(pidfile)
 
 
 def _cannot_listen(exc: OSError, tcp: tuple[str, int] | None, unix: str | None) -> str:
@@ -189,6 +188,14 @@ def start_metrics(address: tuple[str, int], store: ChunkStore, server: NBDServer
     host, port = metrics.address
     print(f"metrics http://{host}:{port}/metrics")
     return metrics
+
+
+def _remove_pidfile(path: Path) -> None:
+    """Remove the pidfile this server wrote, if it still names this server: another
+    server given the same pidfile since names itself there, and keeps it."""
+    with contextlib.suppress(OSError, ValueError):
+        if int(path.read_text()) == os.getpid():
+            path.unlink()
 
 
 def _write_pidfile(path: Path) -> None:

@@ -128,6 +128,24 @@ def test_a_serve_that_fails_leaves_the_pidfile_of_the_one_running(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "pid-dir"]
 
 
+def test_a_server_whose_pidfile_another_took_over_leaves_it_at_exit(
+    registry, pushed_images, tmp_path
+):
+    """Tried: a second ``serve`` on another address given the running one's pidfile, which
+    it then names; the first stops. Must hold: the pidfile still names the second, which
+    runs on. Before, the first removed it on its way out, though it named another server
+    by then: a script stopping the server by its pidfile found none."""
+    pidfile, cache = tmp_path / "serve.pid", str(tmp_path / "cache")
+    common = [pushed_images.small, "--insecure", "--cache-dir", cache, "--pidfile", str(pidfile)]
+    listen = ["--listen", "127.0.0.1:0"]
+    with serving(*common, *listen) as (first, _), serving(*common, *listen) as (second, _):
+        assert int(pidfile.read_text()) == second.pid
+        assert stop(first) == 0
+        assert int(pidfile.read_text()) == second.pid
+        assert stop(second) == 0
+    assert not pidfile.exists()
+
+
 def test_a_second_serve_on_a_live_unix_socket_is_refused(registry, pushed_images, tmp_path):
     """Tried: a second ``serve`` given the ``--unix`` path a running server listens on.
     Must hold: it fails in one line (exit 1, address in use, as over TCP) and the running
