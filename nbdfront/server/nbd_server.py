@@ -422,13 +422,15 @@ def _remove_stale_socket(path: str) -> None:
 
 
 def _is_listened_on(path: str) -> bool:
-    """Whether a process accepts connections on the Unix socket at ``path``."""
+    """Whether a process accepts connections on the Unix socket at ``path``. Only a
+    refusal says nobody does: a socket this user may not connect to (another user's
+    server) raises, as it cannot be told from a live one."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:
             probe.connect(path)
-        except TimeoutError:  # a backlog full: someone listens, and is busy
+        except (TimeoutError, BlockingIOError):  # a backlog full: someone listens, and is busy
             return True
-        except OSError:  # refused: nobody listens (or gone since)
+        except (ConnectionRefusedError, FileNotFoundError):  # nobody listens (or gone since)
             return False
     return True

@@ -6,12 +6,15 @@ import contextlib
 import filecmp
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import nbd_wire as w
 import pytest
@@ -164,6 +167,45 @@ def test_a_second_serve_on_a_live_unix_socket_is_refused(registry, pushed_images
         assert nbdinfo(exports[""])["exports"][0]["export-size"] > 0
         assert stop(proc) == 0
     assert not sock.exists()
+
+
+def test_a_live_unix_socket_another_user_cannot_connect_to_is_not_removed(
+    registry, pushed_images, tmp_path
+):
+    """Tried: root's server on a Unix socket (its mode lets only root connect) in a
+    directory other users may write, then user nobody's ``serve`` given the same path.
+    Must hold: nobody's serve fails in one line (exit 1) saying why, and root's server is
+    still reached there. Before, the refused connection (permission denied) was taken for
+    a socket nobody listens on: it was removed and root's server ran on, unreachable."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to serve as root and as another user")
+    shared = Path(tempfile.mkdtemp(prefix="bs-shared-"))
+    try:
+        shared.chmod(0o777)  # writable by all, no sticky bit
+        sock = shared / "serve.sock"
+        image = [pushed_images.small, "--insecure", "--unix", str(sock)]
+        with serving(*image, "--cache-dir", str(tmp_path / "cache")) as (proc, exports):
+            argv = [sys.executable, "-m", "blockstore", "serve", *image]
+            argv += ["--cache-dir", str(shared / "nobodys-cache")]
+            other = subprocess.Popen(
+                ["runuser", "-u", "nobody", "--", *argv],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            try:
+                _, said = other.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(other.pid, signal.SIGKILL)
+                other.communicate()
+                pytest.fail("nobody's serve removed the live socket and listened there")
+            assert other.returncode == 1, said
+            assert said == f"blockstore: cannot listen on {sock}: Permission denied\n"
+            assert nbdinfo(exports[""])["exports"][0]["export-size"] > 0
+            assert stop(proc) == 0
+    finally:
+        shutil.rmtree(shared)
 
 
 def test_serve_one_layer_over_tcp_warm_then_offline(
