@@ -628,9 +628,10 @@ class ChunkStore:
     def room(self, adding: int = 0) -> int:
         """Bytes the cache can still take, storing ``adding`` bytes of chunks, before the
         disk is full: the disk's free space, what the LMDB file holds beyond the chunks
-        stored (pages eviction freed, reused before the file grows), and the pages of
-        what storing them evicts under the cap, as it always does. An upper bound: the
-        file's own tree pages count too, and layers held from eviction are not told."""
+        stored (pages eviction freed, reused before the file grows; each chunk takes
+        ``STORED_CHUNK`` of it), and the pages of what storing them evicts under the cap,
+        as it always does. An upper bound: the file's own tree pages count too, and
+        layers held from eviction are not told."""
         with self.env.reader() as txn:
             stored = meta_int(txn, self.dbs[DB_META], b"stored_bytes")
             cap = meta_int(txn, self.dbs[DB_META], b"size_cap", self._size_cap)
@@ -639,7 +640,8 @@ class ChunkStore:
         evicted = min(unpinned, max(0, over)) // CHUNK_SIZE * STORED_CHUNK
         disk = os.statvfs(self.path)
         free = disk.f_bfree if os.geteuid() == 0 else disk.f_bavail  # root takes the reserve
-        return free * disk.f_frsize + max(0, self.env.file_size() - stored) + evicted
+        in_file = stored // CHUNK_SIZE * STORED_CHUNK
+        return free * disk.f_frsize + max(0, self.env.file_size() - in_file) + evicted
 
     def _stored_bytes(self) -> int:
         with self.env.reader(DB_META) as txn:

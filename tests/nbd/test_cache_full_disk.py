@@ -9,11 +9,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 from rig.local_source import LocalFileSource
 from rig.small_disk import small_disk
 from test_serve_cli import serving, stop
 
 from blockstore.cache import CachedBlob, ChunkStore
+from blockstore.cache.env import DiskFull
 
 CLI = [sys.executable, "-m", "blockstore"]
 
@@ -96,3 +98,33 @@ def test_a_prefetch_the_cap_makes_room_for_is_not_refused(tmp_path):
             record = store.lookup(sources[1][1])
             assert record is not None and record.sealed
             assert record.present == record.chunks
+
+
+def test_room_counts_what_a_stored_chunk_takes_in_the_file(tmp_path):
+    """A cache on a 32 MiB ext4 holding a 16 MiB layer (its file full, no page free), then
+    a prefetch of a 7 MiB layer needing more than the disk's free space: refused before a
+    byte is fetched, the first layer still whole. Before, the room counted each stored
+    chunk as 32 KiB of the file, not the 36 KiB it takes, so 2 MiB the file did not have
+    counted as room: the prefetch went ahead, the disk filled, and half of the first
+    layer was evicted for it."""
+    with small_disk(tmp_path / "disk", "32M") as disk:
+        layers = []
+        for seed, size in ((1, 16 << 20), (2, 7 << 20)):
+            data = random.Random(seed).randbytes(size)
+            path = tmp_path / f"layer{seed}"
+            path.write_bytes(data)
+            layers.append((data, f"sha256:{hashlib.sha256(data).hexdigest()}", path))
+        with ChunkStore(disk / "cache") as store:
+            blobs = []
+            for data, digest, path in layers:
+                source = LocalFileSource(path, digest)
+                blobs.append((CachedBlob(store, digest, len(data), source), source))
+            try:
+                blobs[0][0].prefetch()
+                with pytest.raises(DiskFull):
+                    blobs[1][0].prefetch()
+            finally:
+                for _, source in blobs:
+                    source.close()
+            first = store.lookup(layers[0][1])
+            assert first is not None and first.present == first.chunks
