@@ -43,6 +43,7 @@ from blockstore.registry.endpoint import Body, Endpoint, describe_failure
 from blockstore.registry.mediatypes import MANIFEST_ACCEPT, OCI_INDEX
 from blockstore.registry.options import RegistryOptions
 from blockstore.registry.ranges import check_partial_reply, range_header, slice_stream
+from blockstore.registry.reference import is_tag
 from blockstore.registry.replies import registry_error
 from blockstore.registry.retry import (
     RETRIABLE_STATUS,
@@ -212,7 +213,8 @@ class RegistryClient:
 
     def list_tags(self, repository: str, limit: int = 100) -> list[str]:
         """The first ``limit`` tags of ``repository`` (one page, in the registry's order):
-        what a mistyped tag is told it could have been."""
+        what a mistyped tag is told it could have been. Only strings that are tags: a
+        registry's other text (a newline, a terminal's escapes) is never shown."""
         subject = f"tags of {self.registry}/{repository}"
         path = f"/v2/{repository}/tags/list?{urlencode({'n': limit})}"
         raw, _ = self._pull_whole(repository, path, subject)
@@ -220,7 +222,7 @@ class RegistryClient:
             tags = json.loads(raw).get("tags")
         except (ValueError, AttributeError):
             raise RegistryError(f"{subject}: not a tag list") from None
-        return [tag for tag in tags or [] if isinstance(tag, str)][:limit]
+        return [tag for tag in tags or [] if isinstance(tag, str) and is_tag(tag)][:limit]
 
     def get_blob(
         self, repository: str, digest: str, what: str = "blob", *, limit: int = MAX_SMALL_BODY

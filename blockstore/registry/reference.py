@@ -37,6 +37,12 @@ _MAX_NAME_LENGTH = 255
 _MAX_ECHO = 100
 
 
+def is_tag(text: str) -> bool:
+    """Whether ``text`` is a tag as the distribution spec allows one (1-128 of ASCII
+    letters, digits, '_', '.', '-', not starting with '.' or '-')."""
+    return _TAG.fullmatch(text) is not None
+
+
 @dataclass(frozen=True)
 class Reference:
     """A parsed image reference; ``str()`` gives its canonical form."""

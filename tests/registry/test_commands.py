@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from rig.fault_proxy import Fault
 
 from blockstore.errors import UsageError
 from blockstore.registry import EROFS_MEDIA_TYPE
@@ -103,6 +104,27 @@ def test_a_tag_or_repository_mistyped_is_told_what_there_is(registry, erofs_imag
         shown = blockstore("inspect", wrong, "--insecure")
         assert shown.returncode == 3, shown.stderr
         assert shown.stderr.count("\n") == 1 and shown.stderr.endswith(said), shown.stderr
+
+
+def test_tags_a_registry_lists_are_shown_only_when_they_are_tags(
+    registry, erofs_images, fault_proxy
+):
+    """Tried: a registry whose tag list holds, beside a real tag, a string with a newline
+    and one with a terminal's escape sequence, told a mistyped tag. Must hold: one line,
+    exit 3, naming the real tag and nothing else. Before, the registry's text went to
+    the terminal as it came: a second line, and escapes the terminal would obey."""
+    pushed = blockstore(
+        "push", str(erofs_images.small.path), f"{registry.host}/cli/listed:v1", "--insecure"
+    )
+    assert pushed.returncode == 0, pushed.stderr
+    proxy = fault_proxy(registry)
+    listing = {"name": "cli/listed", "tags": ["v1", "v2\nerror: forged", "\x1b]0;owned\x07"]}
+    proxy.fault = Fault.document(listing, "application/json", path_contains="/tags/list")
+    shown = blockstore("inspect", f"{proxy.host}/cli/listed:v3", "--insecure")
+    assert shown.returncode == 3, shown.stderr
+    assert shown.stderr.count("\n") == 1, shown.stderr
+    assert shown.stderr.endswith("; cli/listed has tags: v1\n"), shown.stderr
+    assert "\x1b" not in shown.stderr and "forged" not in shown.stderr
 
 
 def test_inspect_of_a_port_out_of_range_is_one_usage_line():
