@@ -101,6 +101,7 @@ class NBDServer:
         self.tls = tls
         self._tcp = tcp
         self.unix_path = os.fspath(unix) if unix is not None else None
+        self._bound_socket: tuple[int, int] | None = None  # (device, inode) of ours
         self._listeners: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
         self._sessions: set[Session] = set()
@@ -163,6 +164,7 @@ class NBDServer:
             _remove_stale_socket(self.unix_path)
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(self.unix_path)
+            self._bound_socket = _identity(self.unix_path)
             listener.listen(128)
             self._listeners.append(listener)
         for listener in self._listeners:
@@ -251,8 +253,9 @@ class NBDServer:
         self.failures.flush()
         self.hangups.flush()
         self.accept_trouble.flush()
-        if self.unix_path is not None:
-            _remove_stale_socket(self.unix_path)
+        bound = self._bound_socket
+        if self.unix_path is not None and bound is not None and _identity(self.unix_path) == bound:
+            os.unlink(self.unix_path)  # ours: another server may have taken the path since
         # A late signal finds -1 and writes nowhere, never to a reused descriptor.
         wake_read, wake_write = self._wake_read, self._wake_write
         self._wake_read = self._wake_write = -1
@@ -419,6 +422,15 @@ def _remove_stale_socket(path: str) -> None:
     if _is_listened_on(path):
         raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
     os.unlink(path)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """The file at ``path`` as (device, inode), None if there is none."""
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def _is_listened_on(path: str) -> bool:

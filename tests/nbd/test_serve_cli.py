@@ -169,6 +169,25 @@ def test_a_second_serve_on_a_live_unix_socket_is_refused(registry, pushed_images
     assert not sock.exists()
 
 
+def test_a_server_leaves_the_socket_another_took_over_at_its_path(
+    registry, pushed_images, tmp_path
+):
+    """Tried: a server on a Unix socket whose file a user removed, a second server then
+    listening at that path, and the first one stopped. Must hold: the first exits 0 and
+    leaves the second's socket, which still serves. Before, stopping took the path for
+    its own stale socket, found the second listening there, and failed."""
+    sock, cache = tmp_path / "serve.sock", str(tmp_path / "cache")
+    common = [pushed_images.small, "--insecure", "--cache-dir", cache, "--unix", str(sock)]
+    with serving(*common) as (first, _):
+        sock.unlink()
+        with serving(*common) as (second, exports):
+            assert stop(first) == 0, first.stderr.read()
+            assert sock.exists()
+            assert nbdinfo(exports[""])["exports"][0]["export-size"] > 0
+            assert stop(second) == 0
+    assert not sock.exists()
+
+
 def test_a_live_unix_socket_another_user_cannot_connect_to_is_not_removed(
     registry, pushed_images, tmp_path
 ):
