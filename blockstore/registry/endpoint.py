@@ -241,7 +241,9 @@ class Endpoint:
         ``who`` names the peer in errors (default: the registry, at the address tried)."""
         where = _address(url)
         if deadline.expired:
-            raise TryAgain(RegistryUnreachable(f"cannot reach registry {where}: timed out"))
+            raise TryAgain(
+                RegistryUnreachable(f"cannot reach {who or f'registry {where}'}: timed out")
+            )
         connect_wait = min(deadline.stall, MAX_CONNECT_WAIT)
         kwargs = {
             "headers": headers,

@@ -10,12 +10,15 @@ import time
 from urllib.parse import urlsplit
 
 import pytest
+import requests
 from rig.pushed import push_erofs
 from rig.registry_server import RegistryServer, TokenAuth
 from rig.token_issuer import TokenIssuer
 
 from blockstore.errors import AuthError, BlobReadError, RegistryUnreachable, UsageError
 from blockstore.registry import RegistryBlob, RegistryClient, parse_reference, resolve_image
+from blockstore.registry.endpoint import Endpoint
+from blockstore.registry.retry import Deadline, TryAgain
 
 
 def read_whole(client: RegistryClient, ref: str, chunk: int = 1 << 20) -> bytes:
@@ -416,3 +419,25 @@ def test_token_scope_is_enforced(token_registry, token_image, erofs_images):
         push_erofs(
             token_registry.host, "auth/denied", "v1", [erofs_images.small.path], options=options
         )
+
+
+def test_a_token_issuer_asked_once_the_deadline_passed_is_named_as_itself():
+    """Tried: a token asked of an issuer once the read's deadline had passed (a 401 that
+    came as the time ran out). Must hold: the error names the token issuer and the
+    registry it serves. Before, it said "cannot reach registry" and the issuer's address,
+    as for the registry itself."""
+    endpoint = Endpoint(
+        "registry.test:5000",
+        "http://registry.test:5000",
+        requests.Session(),
+        credentials=None,
+        verify=True,
+        insecure=True,
+    )
+    deadline = Deadline(0.001)
+    time.sleep(0.01)
+    with pytest.raises(TryAgain) as failed:
+        endpoint._fetch_token("http://issuer.test:8443/token", [], None, deadline)
+    assert str(failed.value.error) == (
+        "cannot reach token issuer issuer.test:8443 for registry registry.test:5000: timed out"
+    )
