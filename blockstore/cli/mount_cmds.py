@@ -316,6 +316,8 @@ def check_argument_order(args: argparse.Namespace) -> None:
 
     if not os.path.isdir(args.image) or os.path.exists(args.mountpoint):
         return
+    if not _names_more_than_a_word(args.mountpoint):
+        return  # ``mount alpine mnt``: an image that happens to be a directory here too
     try:
         parse_reference(args.mountpoint)
     except UsageError:
@@ -324,6 +326,13 @@ def check_argument_order(args: argparse.Namespace) -> None:
         f"{args.image} is a directory and {args.mountpoint} an image reference: the image "
         f"comes first (blockstore mount {args.mountpoint} {args.image})"
     )
+
+
+def _names_more_than_a_word(text: str) -> bool:
+    """Whether ``text`` reads as an image rather than a path: it names a tag, a digest or
+    a registry host (a first component with '.' or ':', or ``localhost``)."""
+    first = text.split("/", 1)[0]
+    return ":" in text or "@" in text or ("/" in text and ("." in first or first == "localhost"))
 
 
 def run_mount(args: argparse.Namespace) -> int:

@@ -86,6 +86,25 @@ def test_the_mount_point_given_before_the_image_says_which_comes_first(mount_dir
     assert not list(run.iterdir()), "a log or state directory was made"
 
 
+def test_an_image_named_as_a_directory_here_is_not_taken_for_swapped_arguments(
+    mount_dirs, tmp_path
+):
+    """Tried: ``mount alpine mnt`` where a directory ``alpine`` exists and ``mnt`` does
+    not. Must hold: the refusal is about the missing mount point (exit 10), not a claim
+    that the arguments are swapped. Before, it said "mnt an image reference: the image
+    comes first (blockstore mount mnt alpine)"."""
+    (tmp_path / "alpine").mkdir()
+    done = subprocess.run(
+        [*BLOCKSTORE, "mount", "alpine", "mnt"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 10, done.stderr
+    assert "comes first" not in done.stderr and "mnt" in done.stderr, done.stderr
+
+
 def test_umount_of_what_blockstore_did_not_mount_says_where_to_look(
     mount_dirs, mountpoint, local_server, erofs_images
 ):
