@@ -80,6 +80,8 @@ def _dir_blocks(entries: list[tuple[bytes, int, int]]) -> list[bytes]:
         while j < len(entries) and used + f.DIRENT.size + len(entries[j][0]) <= f.BLOCK_SIZE:
             used += f.DIRENT.size + len(entries[j][0])
             j += 1
+        if j == i:  # a name no block can hold: the tree's checks let none through
+            raise TarLayerError(f"entry name of {len(entries[i][0])} bytes: too long for EROFS")
         batch = entries[i:j]
         nameoff = f.DIRENT.size * len(batch)
         heads, names = [], []

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blockstore import erofs_format as f
+from blockstore.tarlayer import erofs_writer
 from blockstore.tarlayer.erofs_reader import ImageCheckError, _Walker, read_info, read_metadata
 from blockstore.tarlayer.erofs_writer import write_metadata
 from blockstore.tarlayer.tree import Inode, LayerTree, TarEntry, TarLayerError, build_tree
@@ -227,3 +228,11 @@ def test_reader_never_crashes_on_a_damaged_image(position, value):
         image[position] = value
     with contextlib.suppress(ImageCheckError):
         read_metadata(bytes(image))
+
+
+def test_a_name_no_directory_block_can_hold_is_refused_not_looped_on():
+    """Tried: packing a directory entry whose name is longer than a 512-byte block holds
+    (the tree's checks stop such names first; this is the writer's own guard). Must hold:
+    a TarLayerError naming the length. Before, the writer added empty blocks for ever."""
+    with pytest.raises(TarLayerError, match="600 bytes"):
+        erofs_writer._dir_size([b"x" * 600])
