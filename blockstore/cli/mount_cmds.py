@@ -330,9 +330,10 @@ def check_argument_order(args: argparse.Namespace) -> None:
 
 def _names_more_than_a_word(text: str) -> bool:
     """Whether ``text`` reads as an image rather than a path: it names a tag, a digest or
-    a registry host (a first component with '.' or ':', or ``localhost``)."""
-    first = text.split("/", 1)[0]
-    return ":" in text or "@" in text or ("/" in text and ("." in first or first == "localhost"))
+    a registry host."""
+    from blockstore.registry.reference import names_host
+
+    return ":" in text or "@" in text or names_host(text)
 
 
 def run_mount(args: argparse.Namespace) -> int:

@@ -171,14 +171,21 @@ def _echo(text: str) -> str:
     return f"{text[:_MAX_ECHO]!r}... ({len(text)} characters)"
 
 
+def names_host(text: str) -> bool:
+    """Whether ``text`` starts with a registry host, not a Docker Hub name."""
+    first, slash, _ = text.partition("/")
+    return bool(slash) and _is_host(first)
+
+
+def _is_host(first: str) -> bool:
+    """Docker's rule: a reference's first component (before a '/') is a host if it has a
+    dot, a port or uppercase letters, or is "localhost"; otherwise it is Docker Hub's."""
+    return "." in first or ":" in first or first == "localhost" or first != first.lower()
+
+
 def _split_registry(original: str, name: str) -> tuple[str, str]:
     first, slash, rest = name.partition("/")
-    # Docker's rule: the first component is a host if it has a dot, a port
-    # or uppercase letters, or is "localhost"; otherwise it is Docker Hub.
-    is_host = slash and (
-        "." in first or ":" in first or first == "localhost" or first != first.lower()
-    )
-    if is_host:
+    if slash and _is_host(first):
         host = _HOST.fullmatch(first)
         if not host:
             raise InvalidReference(
