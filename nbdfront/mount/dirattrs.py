@@ -20,17 +20,15 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+# The names the tar layers' images are written with (``stack`` reads the opaque one too).
+from blockstore.tarlayer.tree import IMPLIED_XATTR, OPAQUE_XATTR
+
 logger = logging.getLogger(__name__)
 
-IMPLIED_XATTR = "trusted.overlay.blockstore.implied"
-"""Written by ``blockstore.tarlayer.tree`` (whose import this module spares the mount
-and umount commands)."""
-OPAQUE_XATTR = "trusted.overlay.opaque"
-"""overlayfs's own name, which tar layers' images carry too; ``stack`` reads it here."""
 PRIVATE_PREFIX = "trusted.overlay."  # overlayfs's own names: never copied
 
 
-def _xattr(path: str, name: str) -> bytes | None:
+def _xattr(path: str, name: bytes) -> bytes | None:
     try:
         return os.getxattr(path, name, follow_symlinks=False)
     except OSError:  # no such xattr, or none at all
