@@ -240,10 +240,9 @@ class Endpoint:
         """One request; the socket waits at most the deadline's stall or the time left.
         ``who`` names the peer in errors (default: the registry, at the address tried)."""
         where = _address(url)
+        peer = who or f"registry {where}"
         if deadline.expired:
-            raise TryAgain(
-                RegistryUnreachable(f"cannot reach {who or f'registry {where}'}: timed out")
-            )
+            raise TryAgain(RegistryUnreachable(f"cannot reach {peer}: timed out"))
         connect_wait = min(deadline.stall, MAX_CONNECT_WAIT)
         kwargs = {
             "headers": headers,
@@ -271,7 +270,7 @@ class Endpoint:
             raise RegistryUnreachable(f"cannot connect securely to {where}: {cause}") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             cause = describe_failure(exc)
-            error = f"cannot reach {who or f'registry {where}'}: {cause}"
+            error = f"cannot reach {peer}: {cause}"
             # This machine's shortage, or the operation's own deadline, not the host's.
             judged = local_shortage(exc) is None and not (
                 short and isinstance(exc, requests.Timeout)
