@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -137,6 +138,17 @@ def test_basic_auth_wrong_password(basic_auth_registry, basic_image, caplog):
     assert secret not in message and secret not in caplog.text
 
 
+def _stale_login_file(registry, password: str, tmp_path, monkeypatch) -> Path:
+    """A ``docker login`` file (found through DOCKER_CONFIG) holding ``password`` for the
+    registry's user."""
+    config = tmp_path / "docker" / "config.json"
+    config.parent.mkdir()
+    auth = base64.b64encode(f"{registry.username}:{password}".encode()).decode()
+    config.write_text(json.dumps({"auths": {registry.host: {"auth": auth}}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(config.parent))
+    return config
+
+
 def test_a_stale_login_in_an_auth_file_is_named_when_refused(
     basic_auth_registry, basic_image, monkeypatch, tmp_path
 ):
@@ -144,12 +156,8 @@ def test_a_stale_login_in_an_auth_file_is_named_when_refused(
     nothing given on the command line. Must hold: exit 4, the line naming the file the
     refused login came from and what to do; never the password. Before, it said only
     that the user name and password were refused, leaving the user to guess which."""
-    config = tmp_path / "docker" / "config.json"
-    config.parent.mkdir()
     stale = "an-old-password-0815"
-    auth = base64.b64encode(f"{basic_auth_registry.username}:{stale}".encode()).decode()
-    config.write_text(json.dumps({"auths": {basic_auth_registry.host: {"auth": auth}}}))
-    monkeypatch.setenv("DOCKER_CONFIG", str(config.parent))
+    config = _stale_login_file(basic_auth_registry, stale, tmp_path, monkeypatch)
     client = basic_auth_registry.client(username=None, password=None)
     with client, pytest.raises(AuthError) as caught:
         resolve_image(client, basic_image, None)
@@ -166,12 +174,8 @@ def test_a_stale_login_refused_by_a_token_issuer_names_its_auth_file(
     the refused login came from and what to do; never the password. Before, only a
     registry checking the password itself (Basic) named the file; the issuer's refusal
     said only that the user name or password was refused."""
-    config = tmp_path / "docker" / "config.json"
-    config.parent.mkdir()
     stale = "an-old-token-password-4711"
-    auth = base64.b64encode(f"{token_registry.username}:{stale}".encode()).decode()
-    config.write_text(json.dumps({"auths": {token_registry.host: {"auth": auth}}}))
-    monkeypatch.setenv("DOCKER_CONFIG", str(config.parent))
+    config = _stale_login_file(token_registry, stale, tmp_path, monkeypatch)
     client = token_registry.client(username=None, password=None)
     with client, pytest.raises(AuthError) as caught:
         resolve_image(client, token_image, None)

@@ -152,6 +152,28 @@ def test_an_empty_layer_is_an_empty_directory(tmp_path, registry, kind):
         image.close()
 
 
+@contextlib.contextmanager
+def mounted_as_extracted(tmp_path, registry, stack, tars: list[Path], repository: str):
+    """``tars`` as an image of a plain tar layer then gzip ones, copied into the registry
+    with skopeo, mounted, and checked to show what extracting them in order gives
+    (contents, modes, owners, links, xattrs); the merged tree."""
+    layers = [("tar", tars[0].read_bytes())] + [("gzip", tar.read_bytes()) for tar in tars[1:]]
+    ref = skopeo_copy(
+        make_layout(tmp_path / "layout", "v1", layers), "v1", registry.host, repository
+    )
+    reference = tmp_path / "extracted"
+    extract_in_order(tars, reference)
+    image = open_image(ref, cache_dir=tmp_path / "cache", options=registry.options())
+    try:
+        merged = stack.mount(image.exports(), repository.replace("/", "-"))
+        got = without_dir_counts(snapshot(merged, with_mtime=False))
+        assert got == without_dir_counts(snapshot(reference, with_mtime=False))
+        yield merged
+    finally:
+        stack.close()
+        image.close()
+
+
 def test_a_bsdtar_layer_has_the_xattrs_tar_extracts(tmp_path, registry, stack):
     """bsdtar (libarchive) writes each xattr twice in PAX: ``SCHILY.xattr`` raw, and
     ``LIBARCHIVE.xattr`` in base64 without its ``=`` padding. A gzip layer it wrote, of
@@ -175,20 +197,8 @@ def test_a_bsdtar_layer_has_the_xattrs_tar_extracts(tmp_path, registry, stack):
     base.mkdir()
     (base / "base-file").write_text("under the bsdtar layer\n")
     tars = [make_tar(base, tmp_path / "base.tar"), tar]
-    layers = [("tar", tars[0].read_bytes()), ("gzip", tar.read_bytes())]
-    layout = make_layout(tmp_path / "layout", "v1", layers)
-    ref = skopeo_copy(layout, "v1", registry.host, "o/bsdtar")
-    reference = tmp_path / "extracted"
-    extract_in_order(tars, reference)
-    image = open_image(ref, cache_dir=tmp_path / "cache", options=registry.options())
-    try:
-        merged = stack.mount(image.exports(), "bsdtar")
-        got = without_dir_counts(snapshot(merged, with_mtime=False))
-        assert got == without_dir_counts(snapshot(reference, with_mtime=False))
+    with mounted_as_extracted(tmp_path, registry, stack, tars, "o/bsdtar") as merged:
         assert os.getxattr(merged / "cap", "security.capability") == cap
-    finally:
-        stack.close()
-        image.close()
 
 
 def test_a_layer_writing_through_its_own_symlink_shows_what_tar_extracts(tmp_path, registry, stack):
@@ -212,20 +222,9 @@ def test_a_layer_writing_through_its_own_symlink_shows_what_tar_extracts(tmp_pat
         hard.type, hard.linkname = tarfile.LNKTYPE, "lib/extra.so"
         archive.addfile(hard)
     tars = [make_tar(base, tmp_path / "base.tar"), upper]
-    layers = [("tar", tars[0].read_bytes()), ("gzip", upper.read_bytes())]
-    ref = skopeo_copy(make_layout(tmp_path / "layout", "v1", layers), "v1", registry.host, "o/sl")
-    reference = tmp_path / "extracted"
-    extract_in_order(tars, reference)
-    image = open_image(ref, cache_dir=tmp_path / "cache", options=registry.options())
-    try:
-        merged = stack.mount(image.exports(), "symlink")
-        got = without_dir_counts(snapshot(merged, with_mtime=False))
-        assert got == without_dir_counts(snapshot(reference, with_mtime=False))
+    with mounted_as_extracted(tmp_path, registry, stack, tars, "o/sl") as merged:
         assert os.readlink(merged / "lib") == "usr/lib"
         assert sorted(os.listdir(merged / "usr/lib")) == ["extra.so", "extra.so.1", "libc.so"]
-    finally:
-        stack.close()
-        image.close()
 
 
 def test_a_zstd_layers_indexing_pass_leaves_its_tar_in_the_cache(tmp_path, registry):
