@@ -762,7 +762,12 @@ def test_counters_never_go_down_while_they_are_flushed(cache_dir):
         for worker in workers:
             worker.start()
         try:
+            # At least 300 reads, and on until the hit thread has been scheduled: on a
+            # loaded machine 300 reads can all fall in one of its waits for the GIL.
+            deadline = time.monotonic() + 30
             seen = [store.stats()["hits"] for _ in range(300)]
+            while seen[-1] == seen[0] and time.monotonic() < deadline:
+                seen.append(store.stats()["hits"])
         finally:
             stop.set()
             for worker in workers:
