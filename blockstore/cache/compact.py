@@ -29,17 +29,15 @@ import lmdb
 from blockstore.errors import CacheError
 from blockstore.openers import processes_with_open
 
-from .env import COMPACT_COPY as COPY_NAME
 from .env import (
-    LMDB_DATA_FILE,
-    LMDB_LOCK_FILE,
     DiskFull,
     ReadOnlyCache,
     cannot_write,
     file_damage,
     reason,
 )
-from .layout import ALL_DBS
+from .layout import ALL_DBS, LMDB_DATA_FILE, LMDB_LOCK_FILE
+from .layout import COMPACT_COPY as COPY_NAME
 
 
 class CacheBusy(CacheError):

@@ -59,7 +59,16 @@ import lmdb
 from blockstore.errors import CacheError
 from blockstore.openers import processes_with_open
 
-from .layout import ALL_DBS, CHUNK_SIZE, DB_META, FORMAT_VERSION, meta_int
+from .layout import (
+    ALL_DBS,
+    CHUNK_SIZE,
+    COMPACT_COPY,
+    DB_META,
+    FORMAT_VERSION,
+    LMDB_DATA_FILE,
+    LMDB_LOCK_FILE,
+    meta_int,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +83,6 @@ def reason(exc: BaseException) -> str:
 
 T = TypeVar("T")
 
-LMDB_DATA_FILE = "data.mdb"
-"""LMDB's file of the cache's pages, in the cache directory."""
-LMDB_LOCK_FILE = "lock.mdb"
-"""What a process with the cache open has open and mapped, of whatever version; one of
-this version only waiting for ``hold_in_use`` has opened ``data.mdb`` alone."""
 INITIAL_MAP_SIZE = 256 << 20
 # Below this much free space a failed commit is taken to be a full disk:
 # LMDB reports a short write as EIO, not ENOSPC.
@@ -436,11 +440,6 @@ def move_aside(path: Path, why: str, label: str = "damaged") -> Path:
         raise CacheError(f"{why}; the cache at {path} cannot be moved aside: {exc}") from exc
     return aside
 
-
-COMPACT_COPY = "data.mdb.compacting"
-"""The copy ``compact.py`` writes beside ``data.mdb``; one left by a compaction that was
-killed is removed by the next process to open the cache (none runs meanwhile: a
-compaction holds the file's lock exclusively)."""
 
 WRITE_LOCK_WARN = 5.0
 """Seconds a transaction may wait for the cache's write lock before that is logged."""

@@ -1,4 +1,4 @@
-"""How the cache is laid out in LMDB: database names, keys and records.
+"""How the cache is laid out: its directory's files, LMDB's database names, keys and records.
 
 One place knows the byte layout so the store, eviction, sealing and
 verification agree on it. Blobs get a small integer id when they are first
@@ -21,6 +21,17 @@ CHUNK_SIZE = 32768
 # (blob digest, chunk index, block); sealed blobs keep one hash of each chunk's.
 # 4: parts of chunks (the blocks of a chunk a replayed trace read), see cache/parts.py.
 FORMAT_VERSION = 4
+
+# The files of a cache directory.
+LMDB_DATA_FILE = "data.mdb"
+"""LMDB's file of the cache's pages, in the cache directory."""
+LMDB_LOCK_FILE = "lock.mdb"
+"""What a process with the cache open has open and mapped, of whatever version; one of
+this version only waiting for ``env.hold_in_use`` has opened ``data.mdb`` alone."""
+COMPACT_COPY = "data.mdb.compacting"
+"""The copy ``compact.py`` writes beside ``data.mdb``; one left by a compaction that was
+killed is removed by the next process to open the cache (none runs meanwhile: a
+compaction holds the file's lock exclusively)."""
 
 # Named databases.
 DB_META = b"meta"  # name -> value (format, chunk size, next id, stored bytes, cap)
