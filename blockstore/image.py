@@ -25,7 +25,7 @@ from blockstore.attachments import (
     traces_for_image,
 )
 from blockstore.cache import CachedBlob, ChunkStore
-from blockstore.cache.env import OtherFormat
+from blockstore.cache.errors import OtherFormat
 from blockstore.cache.indexes import IndexShelf
 from blockstore.cache.layout import LMDB_DATA_FILE
 from blockstore.chunkindex import ChunkIndex

@@ -18,7 +18,7 @@ eviction while served), ``seal`` (digests, verify), ``counters``,
 """
 
 from .blob import CachedBlob
-from .env import CacheDamaged, DiskFull
+from .errors import CacheDamaged, DiskFull
 from .layout import CHUNK_SIZE
 from .seal import VerifyReport
 from .store import DEFAULT_SIZE_CAP, BlobInfo, ChunkStore

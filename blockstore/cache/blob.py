@@ -39,7 +39,7 @@ from blockstore.source import BlobSource
 from blockstore.throttledlog import ThrottledLog
 
 from . import integrity, parts
-from .env import CacheDamaged, DiskFull
+from .errors import CacheDamaged, DiskFull
 from .evict import LOW_WATER
 from .holds import BlobHold
 from .integrity import BLOCK, BLOCKS, checked_part

@@ -59,6 +59,15 @@ import lmdb
 from blockstore.errors import CacheError
 from blockstore.openers import processes_with_open
 
+from .errors import (
+    DAMAGE_ERRORS,
+    RECORD_ERRORS,
+    CacheDamaged,
+    DiskFull,
+    OtherFormat,
+    ReadOnlyCache,
+    reason,
+)
 from .layout import (
     ALL_DBS,
     CHUNK_SIZE,
@@ -72,15 +81,6 @@ from .layout import (
 
 log = logging.getLogger(__name__)
 
-
-def reason(exc: BaseException) -> str:
-    """What went wrong, for a message that already names the path: an OSError's
-    ``strerror`` alone, not its ``[Errno N] ...: 'path'``."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc)
-
-
 T = TypeVar("T")
 
 INITIAL_MAP_SIZE = 256 << 20
@@ -92,21 +92,6 @@ DISK_FULL_SLACK = 1 << 20
 # they run out anyway, a reader waits up to READER_WAIT for a slot.
 MAX_READERS = 8192
 READER_WAIT = 5.0
-
-# What LMDB says of a file it cannot trust.
-DAMAGE_ERRORS = (
-    lmdb.CorruptedError,
-    lmdb.PageNotFoundError,
-    lmdb.BadValsizeError,
-    lmdb.InvalidError,
-    lmdb.PanicError,
-    lmdb.VersionMismatchError,
-    lmdb.IncompatibleError,
-    lmdb.BadTxnError,
-)
-
-# What decoding a stored record raises when its bytes are not what was stored.
-RECORD_ERRORS = (struct.error, UnicodeDecodeError)
 
 # LMDB's meta pages (mdb.c, 64-bit builds): pages 0 and 1 each hold a page header
 # (16 bytes), then MDB_meta: magic and version (u32 each), the map address and
@@ -125,31 +110,6 @@ _F_BIGDATA = 0x01
 _P_INVALID = (1 << 64) - 1
 FREE_WALK_PAGES = 100_000
 """Most pages of LMDB's free-page database read to prove a short file's tail free."""
-
-
-class DiskFull(CacheError):
-    """A commit failed because the file system holding the cache is full."""
-
-
-class CacheDamaged(CacheError):
-    """The cache's file could not be trusted: it was moved aside."""
-
-
-class ReadOnlyCache(CacheError):
-    """A write asked of a cache this process can only read."""
-
-    @classmethod
-    def at(cls, path: Path, why: str) -> ReadOnlyCache:
-        return cls(f"the cache at {path} is read-only here ({why}): nothing in it can be changed")
-
-
-class OtherFormat(CacheError):
-    """The cache was written by a version of this program with another layout:
-    ``older`` (which an online opener may replace) or not (a newer version's, left be)."""
-
-    def __init__(self, message: str, *, older: bool = False):
-        super().__init__(message)
-        self.older = older
 
 
 def file_damage(path: Path, *, again: bool = True) -> str | None:

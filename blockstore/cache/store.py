@@ -31,7 +31,8 @@ from . import counters as counters_mod
 from . import holds
 from . import parts as parts_mod
 from . import recency as recency_mod
-from .env import CacheDamaged, CacheEnv, DiskFull
+from .env import CacheEnv
+from .errors import CacheDamaged, DiskFull
 from .evict import LOW_WATER, WORKING_SET, Evicted, evict
 from .integrity import blob_seed, chunk_sum, intact, matches_sealed, stored_length
 from .layout import (

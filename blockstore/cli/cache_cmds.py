@@ -14,8 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from blockstore.cache import ChunkStore
-from blockstore.cache.env import CacheDamaged
+from blockstore.cache import CacheDamaged, ChunkStore
 from blockstore.cache.indexes import IndexShelf
 from blockstore.cache.seal import VerifyReport
 from blockstore.cache.store import READ_ONLY_FATE

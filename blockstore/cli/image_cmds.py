@@ -13,7 +13,7 @@ import sys
 
 from tqdm import tqdm
 
-from blockstore.cache.env import ReadOnlyCache
+from blockstore.cache.errors import ReadOnlyCache
 from blockstore.cache.indexes import IndexShelf
 from blockstore.cli.common import (
     add_cache_options,

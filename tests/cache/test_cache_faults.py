@@ -18,8 +18,7 @@ from cache_sources import ScriptedSource, make_blob
 from lmdb_pages import regions
 
 import blockstore.cache.blob as blob_mod
-from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
-from blockstore.cache.env import DiskFull
+from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore, DiskFull
 from blockstore.throttledlog import ThrottledLog
 
 HERE = Path(__file__).resolve().parent

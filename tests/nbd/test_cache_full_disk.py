@@ -14,8 +14,7 @@ from rig.local_source import LocalFileSource
 from rig.small_disk import small_disk
 from test_serve_cli import serving, stop
 
-from blockstore.cache import CachedBlob, ChunkStore
-from blockstore.cache.env import DiskFull
+from blockstore.cache import CachedBlob, ChunkStore, DiskFull
 
 CLI = [sys.executable, "-m", "blockstore"]
 

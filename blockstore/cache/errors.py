@@ -1,0 +1,66 @@
+"""What a cache raises, and which errors of LMDB and of decoding say its file is damaged.
+
+Beside ``CacheError`` (``blockstore.errors``), a cache tells apart the
+failures its callers act on: a full disk (evict, or give up), a damaged file
+(moved aside), a write asked of a cache opened read-only, and a cache of
+another version's layout. Every module of the cache raises them, so they
+stand apart from the environment that most of them come from.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import lmdb
+
+from blockstore.errors import CacheError
+
+
+def reason(exc: BaseException) -> str:
+    """What went wrong, for a message that already names the path: an OSError's
+    ``strerror`` alone, not its ``[Errno N] ...: 'path'``."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
+# What LMDB says of a file it cannot trust.
+DAMAGE_ERRORS = (
+    lmdb.CorruptedError,
+    lmdb.PageNotFoundError,
+    lmdb.BadValsizeError,
+    lmdb.InvalidError,
+    lmdb.PanicError,
+    lmdb.VersionMismatchError,
+    lmdb.IncompatibleError,
+    lmdb.BadTxnError,
+)
+
+# What decoding a stored record raises when its bytes are not what was stored.
+RECORD_ERRORS = (struct.error, UnicodeDecodeError)
+
+
+class DiskFull(CacheError):
+    """A commit failed because the file system holding the cache is full."""
+
+
+class CacheDamaged(CacheError):
+    """The cache's file could not be trusted: it was moved aside."""
+
+
+class ReadOnlyCache(CacheError):
+    """A write asked of a cache this process can only read."""
+
+    @classmethod
+    def at(cls, path: Path, why: str) -> ReadOnlyCache:
+        return cls(f"the cache at {path} is read-only here ({why}): nothing in it can be changed")
+
+
+class OtherFormat(CacheError):
+    """The cache was written by a version of this program with another layout:
+    ``older`` (which an online opener may replace) or not (a newer version's, left be)."""
+
+    def __init__(self, message: str, *, older: bool = False):
+        super().__init__(message)
+        self.older = older
