@@ -29,7 +29,8 @@ import lmdb
 from blockstore.errors import CacheError
 from blockstore.openers import processes_with_open
 
-from .env import cannot_write, file_damage
+from .damage import file_damage
+from .env import cannot_write
 from .errors import DiskFull, ReadOnlyCache, reason
 from .layout import ALL_DBS, LMDB_DATA_FILE, LMDB_LOCK_FILE
 from .layout import COMPACT_COPY as COPY_NAME

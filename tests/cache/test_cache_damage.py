@@ -20,6 +20,7 @@ from cache_rig import lockless_user, run_cli
 from cache_sources import ScriptedSource, make_blob
 from rig.pushed import push_erofs
 
+import blockstore.cache.damage as damage
 import blockstore.cache.env as cache_env
 from blockstore.cache import CHUNK_SIZE, CacheDamaged, CachedBlob, ChunkStore
 from blockstore.cache.layout import DB_BLOBS, DB_META, DB_REFS, FORMAT_VERSION, U64
@@ -119,7 +120,7 @@ def test_no_file_lmdb_writes_is_called_damaged(tmp_path):
                             txn.put(key, bytes(rng.choice([100, 5000, CHUNK_SIZE + 8])))
                         else:
                             txn.delete(key)
-                assert cache_env.file_damage(tmp_path / f"env{seed}") is None, seed
+                assert damage.file_damage(tmp_path / f"env{seed}") is None, seed
                 short += short_of_its_last_page(tmp_path / f"env{seed}") > 0
         finally:
             env.close()
@@ -134,7 +135,7 @@ def test_a_file_cut_by_one_page_in_use_is_moved_aside(cache_dir):
     fill(cache_dir, [(data, digest)])
     path = cache_dir / "data.mdb"
     last, root = newest_meta(cache_dir)
-    free = cache_env._free_pages(path, 4096, path.stat().st_size, root)
+    free = damage._free_pages(path, 4096, path.stat().st_size, root)
     assert free is not None
     in_use = max(p for p in range(2, last + 1) if p not in free)
     os.truncate(path, in_use * 4096)
