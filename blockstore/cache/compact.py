@@ -30,10 +30,10 @@ from blockstore.errors import CacheError
 from blockstore.openers import processes_with_open
 
 from .damage import file_damage
-from .env import cannot_write
 from .errors import DiskFull, ReadOnlyCache, reason
 from .layout import ALL_DBS, LMDB_DATA_FILE, LMDB_LOCK_FILE
 from .layout import COMPACT_COPY as COPY_NAME
+from .write_access import cannot_write
 
 
 class CacheBusy(CacheError):

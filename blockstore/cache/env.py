@@ -26,12 +26,9 @@ its place. A forked child never touches its parent's environment (LMDB
 forbids it): it closes the copy it inherited, which no transaction was using
 (forks wait for those to end), and opens its own on first use.
 
-A cache this process cannot write (a read-only file system, as a pre-warmed
-cache shipped on a read-only volume is, or another user's directory) is
-opened read-only, without LMDB's lock file, which it could not write: it is
-never moved aside, and every write is refused (``ReadOnlyCache``). That is
-safe only with no writer beside it, so one found holding the cache open
-through another path is named and the open refused.
+A cache this process cannot write (``write_access.py``) is opened
+read-only, without LMDB's lock file: it is never moved aside, and every
+write is refused (``ReadOnlyCache``).
 """
 
 from __future__ import annotations
@@ -40,9 +37,6 @@ import errno
 import fcntl
 import logging
 import os
-import pwd
-import stat
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -75,6 +69,7 @@ from .layout import (
     LMDB_LOCK_FILE,
     meta_int,
 )
+from .write_access import cannot_write, writer_of
 
 log = logging.getLogger(__name__)
 
@@ -147,98 +142,6 @@ def hold_in_use(path: Path, *, read_only: bool = False) -> int:
             os.close(fd)
             raise
         os.close(fd)
-
-
-_FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, length, pid
-
-
-def cannot_write(path: Path) -> str | None:
-    """Why this process cannot, or must not, write the existing cache at ``path``, or
-    None if it may: a read-only file system (a read-only bind mount, a volume or image
-    layer shipped pre-warmed); a directory or LMDB file of another user's (one root
-    made in a user's own cache); or, for root, a directory another user can write
-    (``_root_must_not_write``). Such a cache is opened read-only."""
-    if why := _root_must_not_write(path):  # even with no cache there yet
-        return why
-    data = path / LMDB_DATA_FILE
-    if not data.is_file():
-        return None
-    if os.statvfs(path).f_flag & os.ST_RDONLY:
-        return "on a read-only file system"
-    for name in (path, data, path / LMDB_LOCK_FILE):
-        if name.exists() and not os.access(name, os.W_OK):
-            what = "its directory" if name == path else name.name
-            return f"{what} is {_owner(name)}'s and cannot be written by this user"
-    return None
-
-
-def _root_must_not_write(path: Path) -> str | None:
-    """Why root must not write the cache directory ``path``, or None.
-
-    LMDB opens ``data.mdb`` and ``lock.mdb`` by name, following links, and writes its
-    lock file's header through a map: in a directory another user can write, that
-    user could put a link to any file of root's there, and root would write over it.
-    """
-    if os.geteuid() != 0:
-        return None
-    st = path.stat()
-    if st.st_uid != 0:
-        whose = f"its directory is {_owner(path)}'s"
-    elif st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != 0):
-        whose = "its directory is writable by other users"
-    else:
-        return None
-    return f"{whose}, and root writes no cache where another user could link a file of root's"
-
-
-def _owner(path: Path) -> str:
-    uid = path.stat().st_uid
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
-
-
-def _writer_of(path: Path) -> str | None:
-    """Which process holds the cache at ``path`` open for writing, through another
-    mount of its file system, or None.
-
-    A read-only opener reads without LMDB's lock file (it cannot write its reader
-    table), so a writer would not see it and could reuse the pages it reads. Every
-    process that opens LMDB with its lock holds a shared ``fcntl`` lock on the lock
-    file's first byte for as long as it has the cache open; ``F_GETLK`` finds it
-    through a descriptor opened for reading, whoever owns the file.
-
-    The directory may be another user's, who could put a FIFO or a link to a device
-    there: the file is opened without following a link or waiting, and used only if
-    it is a regular file.
-    """
-    lock = path / LMDB_LOCK_FILE
-    not_lock = CacheError(
-        f"cannot open the cache at {path}: {lock} is not a regular file, as LMDB's lock "
-        "file is: remove it, or use another --cache-dir"
-    )
-    try:
-        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # a symbolic link
-            raise not_lock from exc
-        raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise not_lock
-        probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
-        found = fcntl.fcntl(fd, fcntl.F_GETLK, probe)
-    except OSError:
-        return None  # a file system that cannot lock: nothing to learn
-    finally:
-        os.close(fd)
-    kind, _, _, _, pid = _FLOCK.unpack(found)
-    if kind == fcntl.F_UNLCK:
-        return None
-    return f"pid {pid}" if pid > 0 else "a process of another namespace"
 
 
 WRITE_LOCK_WARN = 5.0
@@ -524,7 +427,7 @@ class CacheEnv:
         if self.read_only:
             if not (path / LMDB_DATA_FILE).is_file():
                 raise ReadOnlyCache.at(path, self.read_only_because)
-            writer = _writer_of(path)
+            writer = writer_of(path)
             if writer is not None:
                 raise CacheError(
                     f"the cache at {path} cannot be written here, and {writer} has it open "
@@ -563,7 +466,7 @@ class CacheEnv:
                 readahead=True,
                 metasync=False,
                 subdir=True,
-                # No lock file to write: ``_writer_of`` found no writer to share it with.
+                # No lock file to write: ``writer_of`` found no writer to share it with.
                 readonly=self.read_only,
                 lock=not self.read_only,
             )

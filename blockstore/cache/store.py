@@ -219,7 +219,7 @@ class ChunkStore:
 
     @property
     def read_only(self) -> bool:
-        """This process cannot write the cache (see ``env.cannot_write``): it serves what
+        """This process cannot write the cache (see ``write_access.cannot_write``): it serves what
         the cache holds, and keeps nothing it fetches."""
         return self.env.read_only
 
