@@ -59,6 +59,7 @@ from .errors import (
     ReadOnlyCache,
     reason,
 )
+from .gate import Gate
 from .layout import (
     ALL_DBS,
     CHUNK_SIZE,
@@ -227,69 +228,6 @@ class _WriteLockWatch:
 _write_lock_watch = _WriteLockWatch()
 
 
-class _Gate:
-    """Many holders at once, or one exclusive holder (writer-preferring).
-
-    Shared holders must not nest: an exclusive waiter blocks new holders.
-    The shared path takes no lock, as it is on every read: a holder adds
-    itself to ``holders`` (a list append, atomic under the GIL) and only
-    then looks at ``blocked``; an exclusive taker sets ``blocked`` and only
-    then waits for ``holders`` to empty. Each sees the other's step, so a
-    holder never overlaps an exclusive one.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self.holders: list[None] = []
-        self.blocked = 0  # exclusive takers waiting or holding
-        self._exclusive = False
-
-    def acquire_shared(self) -> None:
-        self.holders.append(None)
-        if self.blocked:
-            self.release_shared()
-            self.wait_shared()
-
-    def wait_shared(self) -> None:
-        """The shared path found the gate blocked: wait for it to open, then take it."""
-        with self._lock:  # exclusive takers change ``blocked`` only under it
-            while self.blocked:
-                self._cond.wait()
-            self.holders.append(None)
-
-    def release_shared(self) -> None:
-        self.holders.pop()
-        if self.blocked:
-            self.wake()
-
-    def wake(self) -> None:
-        """A holder left while an exclusive taker waits: let it look again."""
-        with self._lock:
-            self._cond.notify_all()
-
-    def acquire_exclusive(self) -> None:
-        with self._lock:
-            self.blocked += 1
-            while self._exclusive or self.holders:
-                self._cond.wait()
-            self._exclusive = True
-
-    def release_exclusive(self) -> None:
-        with self._lock:
-            self._exclusive = False
-            self.blocked -= 1
-            self._cond.notify_all()
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        self.acquire_exclusive()
-        try:
-            yield
-        finally:
-            self.release_exclusive()
-
-
 class CacheEnv:
     """An LMDB environment with its named databases, shared by threads and processes.
 
@@ -339,7 +277,7 @@ class CacheEnv:
         self.path = path
         self._users = 0
         self._key: tuple[int, int] | None = None
-        self._gate = _Gate()
+        self._gate = Gate()
         self._write_lock = threading.Lock()
         self.dbs: dict[bytes, lmdb._Database] = {}
         self.env: lmdb.Environment | None = None
@@ -593,7 +531,7 @@ class CacheEnv:
             self.env.close()
         self.env = None
         self._let_go()  # the parent's claim: the child's descriptor of it, not the lock
-        self._gate = _Gate()
+        self._gate = Gate()
         self._write_lock = threading.Lock()
         self._stale = "fork"
 

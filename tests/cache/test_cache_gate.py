@@ -10,7 +10,8 @@ import time
 from cache_sources import ScriptedSource, make_blob
 
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
-from blockstore.cache.env import CacheEnv, _Gate
+from blockstore.cache.env import CacheEnv
+from blockstore.cache.gate import Gate
 from blockstore.cache.traces import TraceShelf
 from blockstore.prefetch import PrefetchSettings
 
@@ -19,7 +20,7 @@ def test_an_exclusive_holder_never_overlaps_a_shared_one():
     """Readers loop on the lock-free shared path while another thread keeps taking the gate
     exclusively; a reader that finds the exclusive flag set while it holds, or an exclusive
     holder that finds a reader inside, is a broken gate."""
-    gate = _Gate()
+    gate = Gate()
     inside = {"shared": 0, "exclusive": False}
     count_lock = threading.Lock()
     overlaps: list[str] = []
