@@ -71,6 +71,7 @@ from .layout import (
     meta_int,
 )
 from .write_access import cannot_write, writer_of
+from .write_lock_watch import WriteLockWatch
 
 log = logging.getLogger(__name__)
 
@@ -145,87 +146,7 @@ def hold_in_use(path: Path, *, read_only: bool = False) -> int:
         os.close(fd)
 
 
-WRITE_LOCK_WARN = 5.0
-"""Seconds a transaction may wait for the cache's write lock before that is logged."""
-
-
-class _WriteLockWatch:
-    """Says so in the log when a write has waited long for the cache's write lock.
-
-    LMDB's lock is a mutex that another process holds for as long as its write
-    transaction runs, and a stopped process (Ctrl-Z on a prefetch) holds it until
-    it goes on: its wait has no end and no error. A daemon thread (started on first
-    use, again after a fork) looks at the waits once a second and names the cache.
-    """
-
-    def __init__(self) -> None:
-        self.forked()
-
-    def forked(self) -> None:
-        """A fresh start (in a fork's child: its parent's thread and lock are not its own)."""
-        self._lock = threading.Lock()
-        self._waits: dict[int, tuple[float, Path]] = {}
-        self._warned: set[int] = set()
-        self._ids = 0
-        self._thread: threading.Thread | None = None
-
-    @contextmanager
-    def waiting(self, path: Path) -> Iterator[None]:
-        with self._lock:
-            self._ids += 1
-            wait = self._ids
-            self._waits[wait] = (time.monotonic(), path)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._watch, name="write-lock-watch", daemon=True
-                )
-                self._thread.start()
-        try:
-            yield
-        finally:
-            with self._lock:
-                since, _ = self._waits.pop(wait)
-                warned = wait in self._warned
-                self._warned.discard(wait)
-            if warned:
-                log.warning(
-                    "got the write lock of the cache at %s after %.0fs",
-                    path,
-                    time.monotonic() - since,
-                )
-
-    def longest(self, path: Path) -> float:
-        """Seconds the longest wait for the write lock of the cache at ``path`` has run."""
-        now = time.monotonic()
-        with self._lock:
-            return max((now - since for since, p in self._waits.values() if p == path), default=0.0)
-
-    def _watch(self) -> None:
-        idle = 0
-        while True:
-            time.sleep(1.0)
-            now = time.monotonic()
-            with self._lock:
-                idle = 0 if self._waits else idle + 1
-                if idle >= 60:  # no write for a minute: the next one starts it again
-                    self._thread = None
-                    return
-                late = [
-                    (wait, path, now - since)
-                    for wait, (since, path) in self._waits.items()
-                    if now - since >= WRITE_LOCK_WARN and wait not in self._warned
-                ]
-                self._warned.update(wait for wait, _, _ in late)
-            for _, path, waited in late:
-                log.warning(
-                    "waiting %.0fs so far for the write lock of the cache at %s: another "
-                    "process holds it (one stopped, as by Ctrl-Z, holds it until it goes on)",
-                    waited,
-                    path,
-                )
-
-
-_write_lock_watch = _WriteLockWatch()
+_write_lock_watch = WriteLockWatch()
 
 
 class CacheEnv:
