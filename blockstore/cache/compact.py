@@ -8,7 +8,7 @@ original: a crash at any step leaves either the old file or the new one,
 never a mix, and at worst a stray copy that the next compaction removes.
 
 Every process with the cache open holds a shared lock on ``data.mdb``
-(``env.hold_in_use``); compaction takes it exclusively and without waiting,
+(``in_use.hold_in_use``); compaction takes it exclusively and without waiting,
 so it runs only on a cache nobody is using, and says who is when it cannot.
 An older version's process, which takes no such lock, is found by LMDB's
 lock file, which it has open (a process of this version waiting for the

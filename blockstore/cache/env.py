@@ -34,7 +34,6 @@ write is refused (``ReadOnlyCache``).
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import threading
@@ -60,6 +59,7 @@ from .errors import (
     reason,
 )
 from .gate import Gate
+from .in_use import hold_in_use
 from .layout import (
     ALL_DBS,
     CHUNK_SIZE,
@@ -109,41 +109,6 @@ def _reserve_lock_file(path: Path) -> None:
         if exc.errno == errno.ENOSPC:
             raise DiskFull(f"the disk holding the cache at {path} is full") from exc
         raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
-
-
-def hold_in_use(path: Path, *, read_only: bool = False) -> int:
-    """A shared ``flock`` on ``data.mdb``, held by every process with the cache open:
-    compaction (``compact.py``) replaces the file only under the exclusive lock, so
-    it waits for none of them and none of them maps a file being replaced.
-
-    A process that opened the file as it was being replaced gets the lock on the
-    old file: it then opens the new one. The descriptor, whose closing drops the
-    lock, is the caller's to keep. A ``read_only`` opener opens the file for
-    reading (``flock`` needs no more) and never makes it.
-    """
-    data = path / LMDB_DATA_FILE
-    flags = os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT
-    while True:
-        try:
-            fd = os.open(data, flags | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise DiskFull(f"the disk holding the cache at {path} is full") from exc
-            raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.warning("the cache at %s is being compacted: waiting for it", path)
-                fcntl.flock(fd, fcntl.LOCK_SH)
-            if os.fstat(fd).st_ino == os.stat(data).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass  # replaced, or moved aside, in between: look again
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
 
 
 _write_lock_watch = WriteLockWatch()

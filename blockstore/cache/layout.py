@@ -27,7 +27,7 @@ LMDB_DATA_FILE = "data.mdb"
 """LMDB's file of the cache's pages, in the cache directory."""
 LMDB_LOCK_FILE = "lock.mdb"
 """What a process with the cache open has open and mapped, of whatever version; one of
-this version only waiting for ``env.hold_in_use`` has opened ``data.mdb`` alone."""
+this version only waiting for ``in_use.hold_in_use`` has opened ``data.mdb`` alone."""
 COMPACT_COPY = "data.mdb.compacting"
 """The copy ``compact.py`` writes beside ``data.mdb``; one left by a compaction that was
 killed is removed by the next process to open the cache (none runs meanwhile: a
