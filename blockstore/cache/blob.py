@@ -39,13 +39,13 @@ from blockstore.source import BlobSource
 from blockstore.throttledlog import ThrottledLog
 
 from . import integrity, parts
-from .errors import CacheDamaged, DiskFull
+from .errors import CacheDamaged, ChunkIntegrityError, DiskFull
 from .evict import LOW_WATER
 from .holds import BlobHold
 from .integrity import BLOCK, BLOCKS, checked_part
 from .layout import CHUNK_SIZE, BlobRecord, chunk_count, chunk_length
 from .leases import RangeLeases, UnitLeases
-from .store import STORED_CHUNK, ChunkIntegrityError, ChunkStore
+from .store import STORED_CHUNK, ChunkStore
 from .traces import TraceShelf
 
 log = logging.getLogger(__name__)

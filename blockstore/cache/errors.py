@@ -2,19 +2,21 @@
 
 Beside ``CacheError`` (``blockstore.errors``), a cache tells apart the
 failures its callers act on: a full disk (evict, or give up), a damaged file
-(moved aside), a write asked of a cache opened read-only, and a cache of
-another version's layout. Every module of the cache raises them, so they
-stand apart from the environment that most of them come from.
+(moved aside), a write asked of a cache opened read-only, a cache of another
+version's layout, and a chunk its sealed blob refuses. Every module of the
+cache raises them, so they stand apart from the environment and the store
+that most of them come from.
 """
 
 from __future__ import annotations
 
+import errno
 import struct
 from pathlib import Path
 
 import lmdb
 
-from blockstore.errors import CacheError
+from blockstore.errors import BlobReadError, CacheError, IntegrityError
 
 
 def reason(exc: BaseException) -> str:
@@ -64,3 +66,10 @@ class OtherFormat(CacheError):
     def __init__(self, message: str, *, older: bool = False):
         super().__init__(message)
         self.older = older
+
+
+class ChunkIntegrityError(IntegrityError, BlobReadError):
+    """Bytes for a chunk of a sealed blob that its sealed checksum rejects."""
+
+    def __init__(self, message: str):
+        BlobReadError.__init__(self, message, errno.EIO)

@@ -11,7 +11,6 @@ and serving bytes is ``CachedBlob``'s job.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
@@ -23,7 +22,7 @@ from typing import TypeVar
 
 import lmdb
 
-from blockstore.errors import BlobReadError, CacheError, IntegrityError
+from blockstore.errors import CacheError
 from blockstore.export import Buffer
 from blockstore.fetch import Flights
 
@@ -32,7 +31,7 @@ from . import holds
 from . import parts as parts_mod
 from . import recency as recency_mod
 from .env import CacheEnv
-from .errors import CacheDamaged, DiskFull
+from .errors import CacheDamaged, ChunkIntegrityError, DiskFull
 from .evict import LOW_WATER, WORKING_SET, Evicted, evict
 from .integrity import blob_seed, chunk_sum, intact, matches_sealed, stored_length
 from .layout import (
@@ -76,13 +75,6 @@ FULL_DISK_KEEP = (15 / 16, 7 / 8, 3 / 4, 1 / 2)
 
 READ_ONLY_FATE = "left as it is, the cache being read-only here"
 """What becomes of bad data found in a read-only cache, as messages say it."""
-
-
-class ChunkIntegrityError(IntegrityError, BlobReadError):
-    """Bytes for a chunk of a sealed blob that its sealed checksum rejects."""
-
-    def __init__(self, message: str):
-        BlobReadError.__init__(self, message, errno.EIO)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import blockstore.cache.integrity as integrity
 import blockstore.cache.recency as recency
 import blockstore.cache.seal as seal_mod
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore, holds
-from blockstore.cache.blob import ChunkIntegrityError
+from blockstore.cache.errors import ChunkIntegrityError
 from blockstore.cache.layout import DB_LRU
 from blockstore.errors import BlobReadError, IntegrityError, NotCached
 from blockstore.export import Export
