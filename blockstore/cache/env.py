@@ -33,7 +33,6 @@ write is refused (``ReadOnlyCache``).
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
@@ -56,6 +55,7 @@ from .errors import (
     DiskFull,
     OtherFormat,
     ReadOnlyCache,
+    open_failure,
     reason,
 )
 from .gate import Gate
@@ -106,9 +106,7 @@ def _reserve_lock_file(path: Path) -> None:
         finally:
             os.close(fd)
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise DiskFull(f"the disk holding the cache at {path} is full") from exc
-        raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
+        raise open_failure(path, exc) from exc
 
 
 _write_lock_watch = WriteLockWatch()

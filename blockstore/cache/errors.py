@@ -51,6 +51,14 @@ class CacheDamaged(CacheError):
     """The cache's file could not be trusted: it was moved aside."""
 
 
+def open_failure(path: Path, exc: OSError) -> CacheError:
+    """The error for a file of the cache at ``path`` that could not be made or opened:
+    ``DiskFull`` where the disk had no room for it, as the caller may then evict."""
+    if exc.errno == errno.ENOSPC:
+        return DiskFull(f"the disk holding the cache at {path} is full")
+    return CacheError(f"cannot open the cache at {path}: {reason(exc)}")
+
+
 class ReadOnlyCache(CacheError):
     """A write asked of a cache this process can only read."""
 

@@ -8,15 +8,12 @@ has the cache open, and compaction takes it exclusively.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
 from pathlib import Path
 
-from blockstore.errors import CacheError
-
-from .errors import DiskFull, reason
+from .errors import open_failure
 from .layout import LMDB_DATA_FILE
 
 log = logging.getLogger(__name__)
@@ -38,9 +35,7 @@ def hold_in_use(path: Path, *, read_only: bool = False) -> int:
         try:
             fd = os.open(data, flags | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise DiskFull(f"the disk holding the cache at {path} is full") from exc
-            raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
+            raise open_failure(path, exc) from exc
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
