@@ -20,8 +20,9 @@ eviction while served), ``seal`` (digests, verify), ``counters``,
 from .blob import CachedBlob
 from .errors import CacheDamaged, DiskFull
 from .layout import CHUNK_SIZE
+from .listing import BlobInfo
 from .seal import VerifyReport
-from .store import DEFAULT_SIZE_CAP, BlobInfo, ChunkStore
+from .store import DEFAULT_SIZE_CAP, ChunkStore
 
 __all__ = [
     "CHUNK_SIZE",

@@ -16,7 +16,6 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -55,6 +54,7 @@ from .layout import (
     chunk_length,
     meta_int,
 )
+from .listing import BlobInfo, blob_infos
 from .refs import ImageRecords
 from .seal import Sealer, VerifyReport
 
@@ -75,27 +75,6 @@ FULL_DISK_KEEP = (15 / 16, 7 / 8, 3 / 4, 1 / 2)
 
 READ_ONLY_FATE = "left as it is, the cache being read-only here"
 """What becomes of bad data found in a read-only cache, as messages say it."""
-
-
-@dataclass
-class BlobInfo:
-    """One blob as ``blockstore cache ls`` shows it."""
-
-    digest: str
-    size: int
-    chunks: int
-    present: int
-    cached_bytes: int
-    sealed: bool
-    pinned: bool
-    last_use: float
-
-    @property
-    def cached_fraction(self) -> float:
-        return self.present / self.chunks if self.chunks else 1.0
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "cached_fraction": self.cached_fraction}
 
 
 class ChunkStore:
@@ -841,26 +820,7 @@ class ChunkStore:
     # --- reporting -----------------------------------------------------------
 
     def blobs(self) -> list[BlobInfo]:
-        return self._ask(self._blobs)
-
-    def _blobs(self) -> list[BlobInfo]:
-        infos = []
-        with self.env.reader(DB_BLOBS) as txn:
-            for digest, raw in txn.cursor():
-                record = BlobRecord.unpack(raw)
-                infos.append(
-                    BlobInfo(
-                        digest=bytes(digest).decode(),
-                        size=record.size,
-                        chunks=record.chunks,
-                        present=record.present,
-                        cached_bytes=min(record.size, record.present * CHUNK_SIZE),
-                        sealed=record.sealed,
-                        pinned=record.pinned,
-                        last_use=record.last_use,
-                    )
-                )
-        return infos
+        return self._ask(lambda: blob_infos(self.env))
 
     def stats(self) -> dict:
         """Counters (persisted plus this process's pending ones) and totals."""
