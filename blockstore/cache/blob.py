@@ -38,13 +38,14 @@ from blockstore.source import BlobSource
 from blockstore.throttledlog import ThrottledLog
 
 from . import integrity, parts
+from .capacity import STORED_CHUNK
 from .errors import CacheDamaged, ChunkIntegrityError, DiskFull
 from .evict import LOW_WATER
 from .holds import BlobHold
 from .integrity import BLOCK, BLOCKS, checked_part
 from .layout import CHUNK_SIZE, BlobRecord, chunk_count, chunk_length
 from .leases import RangeLeases, UnitLeases
-from .store import STORED_CHUNK, ChunkStore
+from .store import ChunkStore
 from .traces import TraceShelf
 from .walk_reader import WalkReader
 

@@ -5,8 +5,10 @@ same one. It stores and drops chunks, keeps blob records and counters,
 hands readers the stored values of a run of chunks (``read_chunks``), and
 runs two small background jobs: a flush of counters and recency every
 second, and sealing of blobs that became complete (``Sealer``). References
-and manifests for offline use are ``images`` (``ImageRecords``). Checking
-and serving bytes is ``CachedBlob``'s job.
+and manifests for offline use are ``images`` (``ImageRecords``); keeping
+under the size cap and within the disk, evicting as it must, is
+``capacity`` (``Capacity``). Checking and serving bytes is ``CachedBlob``'s
+job.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ from blockstore.export import Buffer
 from blockstore.fetch import Flights
 
 from . import counters as counters_mod
-from . import holds
 from . import parts as parts_mod
 from . import recency as recency_mod
+from .capacity import Capacity
 from .env import CacheEnv
-from .errors import CacheDamaged, ChunkIntegrityError, DiskFull
-from .evict import LOW_WATER, WORKING_SET, Evicted, evict
+from .errors import CacheDamaged, ChunkIntegrityError
+from .evict import LOW_WATER, Evicted
 from .integrity import blob_seed, chunk_sum, intact, matches_sealed, stored_length
 from .layout import (
     CHUNK_KEY,
@@ -64,15 +66,7 @@ STATS_WAIT = 1.0  # seconds ``stats`` waits for a flush in flight
 
 T = TypeVar("T")
 
-STORED_CHUNK = CHUNK_SIZE + 4096
-"""What a stored chunk takes in the LMDB file: its value (checksums, then the bytes)
-fills nine 4 KiB pages."""
-
 DEFAULT_SIZE_CAP = 10 << 30
-# On a full disk, what is stored is evicted down to these shares of it, one step at a
-# time until the write fits: at most half goes, as a store can need room for many chunks.
-FULL_DISK_KEEP = (15 / 16, 7 / 8, 3 / 4, 1 / 2)
-
 READ_ONLY_FATE = "left as it is, the cache being read-only here"
 """What becomes of bad data found in a read-only cache, as messages say it."""
 
@@ -95,8 +89,6 @@ class ChunkStore:
         older version's cache no process has open is moved aside for a new one; else
         it is refused and left as it is (``OtherFormat``)."""
         self.path = Path(path)
-        self._told_pins_crowd = False
-        self._told_held = False
         self._counting = threading.Lock()  # a flush's counts in flight, or a total read
         self.env = CacheEnv.open(self.path, offline=offline, replace_older=replace_older)
         self.dbs = self.env.dbs
@@ -105,7 +97,7 @@ class ChunkStore:
         self._hit_path()
         self.end_read = self.env.end_read
         try:
-            self._size_cap = self._open_meta(size_cap)
+            self.capacity = Capacity(self.env, self.path, self._open_meta(size_cap))
         except BaseException:
             self.env.close()
             raise
@@ -201,7 +193,7 @@ class ChunkStore:
 
     @property
     def size_cap(self) -> int:
-        return self._size_cap
+        return self.capacity.size_cap
 
     # --- background flush -------------------------------------------------
 
@@ -437,27 +429,16 @@ class ChunkStore:
         return self.making_room(lambda: self.env.write(work))
 
     def making_room(self, write: Callable[[], T]) -> T:
-        """``write()``; on a full disk, again after each step of ``FULL_DISK_KEEP``
-        (raises ``DiskFull`` if the last does not make room enough).
+        """``write()``, evicting on a full disk (``Capacity.making_room``)."""
+        return self.capacity.making_room(write)
 
-        A disk that is just full costs the cache a sixteenth of what it stores,
-        its oldest, not half of it: on a disk smaller than the cap, every store
-        past the full point meets it again, and halving each time emptied the
-        cache of everything but the layer being read.
-        """
-        try:
-            return write()
-        except DiskFull:
-            stored = self._stored_bytes()
-        *steps, last = FULL_DISK_KEEP
-        for keep in steps:
-            self._make_room(int(stored * keep))
-            try:
-                return write()
-            except DiskFull:
-                continue
-        self._make_room(int(stored * last))
-        return write()
+    def room(self, adding: int = 0) -> int:
+        """Bytes the cache can still take before the disk is full (``Capacity.room``)."""
+        return self.capacity.room(adding)
+
+    def is_held(self, digest: str) -> bool:
+        """Whether a server (of any process) serves ``digest`` from the cache alone."""
+        return self.capacity.is_held(digest)
 
     def _record_for(self, txn: lmdb.Transaction, digest: str, size: int) -> BlobRecord:
         record = self._record(txn, digest)
@@ -532,110 +513,15 @@ class ChunkStore:
         under the cap; the record as it is after eviction."""
         record.last_use = tick / 1e6
         txn.put(digest.encode(), record.pack(), db=self.dbs[DB_BLOBS])
-        stored = self._add_stored(txn, added)
-        cap = self._current_cap(txn)
+        capacity = self.capacity
+        stored = capacity.add_stored(txn, added)
+        cap = capacity.current_cap(txn)
         if stored > cap:
-            self._evict(txn, stored, self._evict_target(txn, stored, cap))
+            capacity.evict(txn, stored, capacity.evict_target(txn, stored, cap))
             evicted = self._record(txn, digest)
             assert evicted is not None  # eviction drops chunks, never a record
             record = evicted
         return record
-
-    def _evict_target(self, txn: lmdb.Transaction, stored: int, cap: int) -> int:
-        """What to evict down to: a little under the cap, unless pinned layers crowd it.
-
-        Pinned chunks are not in the LRU index, so their bytes are about what is
-        stored beyond its entries. Where they leave the unpinned layers less than
-        ``WORKING_SET`` of the cap, the target keeps that much of them beyond the
-        pins, over the cap (said once): evicting every unpinned chunk in the commit
-        that stored it would make each read of them a fetch again.
-        """
-        unpinned = txn.stat(self.dbs[DB_LRU])["entries"] * CHUNK_SIZE
-        pinned = max(0, stored - unpinned)
-        floor = pinned + int(cap * WORKING_SET)
-        target = int(cap * LOW_WATER)
-        if floor <= target:
-            return target
-        if not self._told_pins_crowd:
-            self._told_pins_crowd = True
-            log.warning(
-                "pinned layers hold about %d MiB of the cache's %d MiB cap: the others keep "
-                "%d MiB beyond them, over the cap (unpin some, or raise --cache-size)",
-                pinned >> 20,
-                cap >> 20,
-                int(cap * WORKING_SET) >> 20,
-            )
-        return floor
-
-    def _current_cap(self, txn: lmdb.Transaction) -> int:
-        """The cap the cache keeps now: another process (``cache gc --cache-size``) may
-        have set a new one since this store opened."""
-        self._size_cap = meta_int(txn, self.dbs[DB_META], b"size_cap", self._size_cap)
-        return self._size_cap
-
-    def _add_stored(self, txn: lmdb.Transaction, delta: int) -> int:
-        meta = self.dbs[DB_META]
-        stored = max(0, meta_int(txn, meta, b"stored_bytes") + delta)
-        txn.put(b"stored_bytes", U64.pack(stored), db=meta)
-        return stored
-
-    def _evict(self, txn: lmdb.Transaction, stored: int, target: int) -> Evicted:
-        done = evict(txn, self.dbs, stored, target, self.is_held)
-        if done.chunks:
-            self._add_stored(txn, -done.freed)
-            counters_mod.persist(txn, self.dbs[DB_COUNTERS], {"evictions": done.chunks})
-        if done.held and stored - done.freed > target and not self._told_held:
-            self._told_held = True
-            log.warning(
-                "%d layers served from the cache alone (offline) are kept from eviction "
-                "while they are served: the cache stays over its cap until they stop",
-                len(done.held),
-            )
-        return done
-
-    def is_held(self, digest: str) -> bool:
-        """Whether a server (of any process) serves ``digest`` from the cache alone."""
-        return holds.is_held(self.path, digest)
-
-    def room(self, adding: int = 0) -> int:
-        """Bytes the cache can still take, storing ``adding`` bytes of chunks, before the
-        disk is full: the disk's free space, what the LMDB file holds beyond the chunks
-        stored (pages eviction freed, reused before the file grows; each chunk takes
-        ``STORED_CHUNK`` of it), and the pages of what storing them evicts under the cap,
-        as it always does. An upper bound: the file's own tree pages count too, and
-        layers held from eviction are not told."""
-        with self.env.reader() as txn:
-            stored = meta_int(txn, self.dbs[DB_META], b"stored_bytes")
-            cap = meta_int(txn, self.dbs[DB_META], b"size_cap", self._size_cap)
-            unpinned = txn.stat(self.dbs[DB_LRU])["entries"] * CHUNK_SIZE
-            over = stored + adding - self._evict_target(txn, stored + adding, cap)
-        evicted = min(unpinned, max(0, over)) // CHUNK_SIZE * STORED_CHUNK
-        disk = os.statvfs(self.path)
-        free = disk.f_bfree if os.geteuid() == 0 else disk.f_bavail  # root takes the reserve
-        in_file = stored // CHUNK_SIZE * STORED_CHUNK
-        return free * disk.f_frsize + max(0, self.env.file_size() - in_file) + evicted
-
-    def _stored_bytes(self) -> int:
-        with self.env.reader(DB_META) as txn:
-            return meta_int(txn, self.dbs[DB_META], b"stored_bytes")
-
-    def _make_room(self, target: int) -> None:
-        """After a full disk: evict down to ``target`` stored bytes, and let LMDB reuse
-        the pages freed.
-
-        LMDB reuses pages freed by a transaction only after a later one has
-        committed, hence the second, empty-ish commit.
-        """
-
-        def work(txn: lmdb.Transaction) -> Evicted:
-            stored = meta_int(txn, self.dbs[DB_META], b"stored_bytes")
-            return self._evict(txn, stored, min(stored, target))
-
-        done = self.env.write(work)
-        self.env.write(lambda txn: txn.put(b"reclaimed", b"", db=self.dbs[DB_META]))
-        log.warning(
-            "the disk holding the cache is full: evicted the oldest %.1f MiB", done.freed / 2**20
-        )
 
     def drop_chunks(self, digest: str, indices: Sequence[int], *, recheck: bool = True) -> int:
         """Delete chunks found bad; a chunk fixed meanwhile by another process stays.
@@ -675,7 +561,7 @@ class ChunkStore:
             txn.delete(key, db=self.dbs[DB_TICKS])
         if record is not None:
             record.present -= 1
-        self._add_stored(txn, -length)
+        self.capacity.add_stored(txn, -length)
 
     def grow(self, digest: str, size: int) -> None:
         """Make an unsealed blob ``size`` bytes long, more than it was, keeping its stored
@@ -726,7 +612,7 @@ class ChunkStore:
             self.delete_chunk(txn, key, record, length)
         parts = [key for key, _ in blob_keys(txn.cursor(db=self.dbs[DB_PARTS]), record.blob_id)]
         for key in parts:
-            self._add_stored(txn, -self.drop_part(txn, key))
+            self.capacity.add_stored(txn, -self.drop_part(txn, key))
 
     def remove(self, digest: str) -> bool:
         """Remove a blob, its chunks and its checksums; False if it was not cached."""
@@ -772,12 +658,12 @@ class ChunkStore:
 
         def work(txn: lmdb.Transaction) -> Evicted:
             stored = meta_int(txn, self.dbs[DB_META], b"stored_bytes")
-            cap = self._current_cap(txn)
+            cap = self.capacity.current_cap(txn)
             if stored <= cap:
                 return Evicted(0, 0, [])
             # Asked for by name: the cap is kept, though pins leave the others nothing;
             # only what a server holds (served from the cache alone) is passed over.
-            return self._evict(txn, stored, int(cap * LOW_WATER))
+            return self.capacity.evict(txn, stored, int(cap * LOW_WATER))
 
         done = self.env.write(work)
         self.flush()
@@ -851,7 +737,7 @@ class ChunkStore:
             chunks=chunks,
             parts=parts,
             stored_bytes=stored,
-            size_cap=self._size_cap,
+            size_cap=self.capacity.size_cap,
             file_bytes=self.env.file_size(),
             map_bytes=self.env.map_size(),
             chunk_size=CHUNK_SIZE,
