@@ -419,6 +419,7 @@ def test_map_grows_without_settings(cache_dir, monkeypatch):
     monkeypatch.setattr(cache_env, "INITIAL_MAP_SIZE", 1 << 20)
     data, digest = make_blob(8 << 20, seed=10)
     with ChunkStore(cache_dir) as store:
+        assert store.stats()["map_bytes"] == 1 << 20  # the map the environment opened with
         blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
         blob.prefetch()
         assert store.stats()["map_bytes"] > 8 << 20
