@@ -1,4 +1,4 @@
-"""The one place that opens LMDB: map growth, damage, forks, reader slots, disk full.
+"""The one place that opens LMDB: map growth, renewal after damage, forks, reader slots, full disk.
 
 LMDB's map is a fixed window onto the file; we start small and double it
 when a write fills it (``MapFullError``), so a 100 GiB cache needs no
