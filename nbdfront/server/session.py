@@ -163,6 +163,10 @@ class Session:
                 self._hold = getattr(self._export, "hold_cached", None)
                 self._server.count_reading(self)
                 log.info("%s reads export %r", self.peer, event.name)
+                # The answer to GO (or EXPORT_NAME) leaves before any request behind it
+                # is parsed: a worker's reply goes straight to the outbox, and a client
+                # that sent requests without waiting would read one in its place.
+                self._flush()
             else:
                 self._flush()
                 if isinstance(event, ConnectionClosed):

@@ -104,3 +104,17 @@ class SlowMissExport(ZeroExport):
 
     def read_cached(self, offset, length):
         return None
+
+
+class SlowLookupExport(ZeroExport):
+    """Zeros whose cache lookup, made on the connection's reader thread, takes ``delay``
+    seconds and always misses: every read is then served by a worker, at once, while the
+    reader thread is still busy with the next request."""
+
+    def __init__(self, delay: float = 0.3):
+        super().__init__()
+        self.delay = delay
+
+    def read_cached(self, offset, length):
+        time.sleep(self.delay)
+        return None

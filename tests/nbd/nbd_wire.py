@@ -247,7 +247,8 @@ class RawClient:
         answers = []
         while True:
             head = self.recv_exactly(20)
-            _, opt, reply, length = struct.unpack(">QIII", head)
+            magic, opt, reply, length = struct.unpack(">QIII", head)
+            assert magic == OPT_REPLY_MAGIC, f"option reply with magic {magic:#x}"
             payload = self.recv_exactly(length)
             _check_option_reply(opt, reply, payload)
             answers.append(OptionAnswer(opt, reply, payload))

@@ -1,0 +1,45 @@
+"""Rules of the NBD protocol that clients written by others rely on, on a live server."""
+
+from __future__ import annotations
+
+import struct
+
+import nbd_wire as w
+import pytest
+from nbd_serving import SlowLookupExport, start_server
+
+
+@pytest.fixture
+def lookup_server(tmp_path):
+    server = start_server({"slow": SlowLookupExport()}, tmp_path, "slow")
+    try:
+        yield server
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("option", [w.OPT_GO, w.OPT_EXPORT_NAME], ids=["go", "export_name"])
+def test_requests_sent_behind_the_choice_of_export_are_answered_after_it(lookup_server, option):
+    """A client may send its first requests right behind GO or EXPORT_NAME, before the
+    answer arrives. The answer comes first, whole: a read served by a worker while the
+    reader thread still works on the next request is never sent ahead of it."""
+    client = w.RawClient(lookup_server.tcp_address)
+    try:
+        choose = (
+            w.option(w.OPT_GO, w.go_data("slow"))
+            if option == w.OPT_GO
+            else w.option(w.OPT_EXPORT_NAME, b"slow")
+        )
+        reads = w.request(w.CMD_READ, 1, 0, 4096) + w.request(w.CMD_READ, 2, 4096, 4096)
+        client.sock.sendall(w.client_flags() + choose + reads)
+        if option == w.OPT_GO:
+            assert client.option_answers()[-1].reply == w.REP_ACK
+        else:
+            size, flags = struct.unpack(">QH", client.recv_exactly(10))
+            assert size == SlowLookupExport.size and flags & 1
+        client.checker = w.ReplyChecker(structured=False)
+        client.checker.reads = {1: (0, 4096), 2: (4096, 4096)}
+        assert client.wait(1).data == {0: bytes(4096)}
+        assert client.wait(2).data == {4096: bytes(4096)}
+    finally:
+        client.close()
