@@ -133,6 +133,8 @@ class Negotiation:
 
     def refuse_oversized(self, option: int, length: int) -> OptionOutcome:
         """An option whose data was skipped unread because it was too long."""
+        if option == Option.SET_META_CONTEXT:
+            self._meta_export = None  # replaced even when this request fails
         if option == Option.ABORT:
             # ABORT is ACKed whatever data it carries (the spec: ignore it).
             return self._dispatch(option, b"")

@@ -157,6 +157,34 @@ def test_meta_context_needs_structured_replies_and_matching_export():
     assert events == [ExportSelected("layer0", True, False)]
 
 
+def test_set_meta_context_refused_as_too_long_still_clears_the_selection():
+    """SET_META_CONTEXT replaces the selection even when it fails: one too long to read
+    gets ERR_TOO_BIG, and base:allocation selected before it is gone (block status on
+    the export chosen next is EINVAL)."""
+    conn = ServerConnection(CATALOG)
+    queries = ["base:allocation"] + [f"x-many:{i:04}" for i in range(2000)]
+    conn.receive_data(
+        w.client_flags()
+        + w.option(w.OPT_STRUCTURED_REPLY)
+        + w.option(w.OPT_SET_META_CONTEXT, w.meta_data("layer0", ["base:allocation"]))
+        + w.option(w.OPT_SET_META_CONTEXT, w.meta_data("layer0", queries))
+        + w.option(w.OPT_GO, w.go_data("layer0"))
+        + w.request(w.CMD_BLOCK_STATUS, 1, 0, 512)
+    )
+    events, out = drain(conn)
+    answers, rest = w.ReplyChecker(False).options(out[18:])
+    assert [a.reply for a in answers][:4] == [
+        w.REP_ACK,
+        w.REP_META_CONTEXT,
+        w.REP_ACK,
+        w.REP_ERR_TOO_BIG,
+    ]
+    assert events == [ExportSelected("layer0", True, False)]
+    checker = w.ReplyChecker(True)
+    assert checker.transmission(rest) == b""
+    assert checker.take(1).error == w.EINVAL
+
+
 def test_structured_read_reply_and_partial_failure():
     """A read becomes one OFFSET_DATA chunk; a failed read is one ERROR_OFFSET chunk at
     its start, with no data."""
