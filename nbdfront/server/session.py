@@ -53,6 +53,11 @@ INFLIGHT_REQUESTS = 512
 BATCH_BYTES = 256 * 1024
 BATCH_BUFFERS = 512
 RECV_SIZE = 256 * 1024
+# Bytes received at a time before an export is chosen. An option may be answered with
+# far more than it takes (LIST names every export): a client that sends options without
+# reading the answers gets those of a few answered, and is read from again only once they
+# are sent, as the spec has a client wait for each answer before its next option.
+HANDSHAKE_RECV_SIZE = 256
 _DF = int(CommandFlag.DF)
 
 
@@ -204,9 +209,10 @@ class Session:
         valid until the next receive. ``recv`` would allocate its whole size anew each
         time, which for a large size is an mmap and a munmap per request."""
         sock = self._sock
+        size = RECV_SIZE if self.selected else HANDSHAKE_RECV_SIZE
         if type(sock) is TLSStream:
-            return sock.recv(RECV_SIZE, flags)
-        return self._recv_view[: sock.recv_into(self._recv_view, RECV_SIZE, flags)]
+            return sock.recv(size, flags)
+        return self._recv_view[: sock.recv_into(self._recv_view, size, flags)]
 
     def _receive(self) -> Buffer | None:
         """The client's next bytes (``b""`` at its end), None if the socket failed.
@@ -227,12 +233,24 @@ class Session:
                     self.last_heard = time.monotonic()
                     return data
             self._flush()
+            if not self.selected and not self._answers_sent():
+                return None
             data = self._recv(0)
         except OSError as exc:
             log.info("connection from %s ended: %s", self.peer, exc)
             return None
         self.last_heard = time.monotonic()
         return data
+
+    def _answers_sent(self) -> bool:
+        """Before an export is chosen: wait, within the handshake deadline, until the
+        answers to the options so far are sent; False if they never were."""
+        timeout = self._server.handshake_timeout
+        if self._outbox.drained(max(0.0, self.started + timeout - time.monotonic())):
+            return True
+        if not self._outbox.broken:  # else it was cut, or it went, and that was said
+            log.info("closing %s: its option answers not taken within %ss", self.peer, timeout)
+        return False
 
     def _answer(self, request: ReadRequest) -> None:
         """A hit goes into the batch at once; anything else to a worker.

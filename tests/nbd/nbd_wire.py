@@ -97,15 +97,15 @@ class ReplyChecker:
 
     def options(self, data: bytes) -> tuple[list[OptionAnswer], bytes]:
         """Split option replies off the front; returns them and what follows."""
-        out = []
-        while len(data) >= 20 and struct.unpack_from(">Q", data)[0] == OPT_REPLY_MAGIC:
-            _, opt, reply, length = struct.unpack_from(">QIII", data)
-            assert len(data) >= 20 + length, "truncated option reply"
-            payload = data[20 : 20 + length]
+        out, pos = [], 0
+        while len(data) - pos >= 20 and struct.unpack_from(">Q", data, pos)[0] == OPT_REPLY_MAGIC:
+            _, opt, reply, length = struct.unpack_from(">QIII", data, pos)
+            assert len(data) - pos >= 20 + length, "truncated option reply"
+            payload = bytes(data[pos + 20 : pos + 20 + length])
             _check_option_reply(opt, reply, payload)
             out.append(OptionAnswer(opt, reply, payload))
-            data = data[20 + length :]
-        return out, data
+            pos += 20 + length
+        return out, bytes(data[pos:])
 
     def transmission(self, data: bytes | bytearray) -> bytes:
         """Decode every complete reply; returns an incomplete tail, if any."""
@@ -220,10 +220,17 @@ def _check_option_reply(opt: int, reply: int, payload: bytes) -> None:
 class RawClient:
     """A hand-driven NBD client over a socket, for what real clients never send."""
 
-    def __init__(self, address: tuple[str, int] | str, timeout: float = 10.0):
+    def __init__(
+        self,
+        address: tuple[str, int] | str,
+        timeout: float = 10.0,
+        receive_buffer: int | None = None,
+    ):
         family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
+        if receive_buffer is not None:  # before connecting: it sets the window offered
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         self.sock.connect(address)
         greeting = self.recv_exactly(18)
         magic, opt_magic, _flags = struct.unpack(">QQH", greeting)

@@ -583,3 +583,34 @@ def test_a_worker_that_could_not_start_leaves_no_idle_thread_counted(tmp_path):
     assert time.monotonic() - started < 1
     slow.set()
     workers.stop()
+
+
+def test_options_sent_without_reading_the_answers_hold_little_memory(tmp_path):
+    """An option may be answered with far more than it takes: LIST names every export.
+    A client that sends 2000 LISTs of 64 exports (32 KB) and reads nothing would make
+    the server hold 16 MB of answers; it gets a few answered, and is read no further
+    until it takes them. Read in the end, every answer is there, and GO then serves."""
+    exports = {f"layer{i}": ZeroExport() for i in range(64)}
+    for i, export in enumerate(exports.values()):
+        export.description = f"registry.example.com/team/app@sha256:{'ab' * 32} layer {i}"
+    server = NBDServer(exports, tcp=("127.0.0.1", 0), default_export="layer0")
+    server.start()
+    client = w.RawClient(server.tcp_address, receive_buffer=4096)
+    try:
+        client.sock.sendall(w.client_flags() + w.option(w.OPT_LIST) * 2000)
+        most = 0
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            most = max(most, server.bytes_in_flight)
+            time.sleep(0.01)
+        assert most < 1 << 20, f"{most} bytes of answers held for a client reading none"
+        listing = sum(24 + len(name) + len(e.description) for name, e in exports.items())
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        answers, rest = w.ReplyChecker(False).options(client.recv_exactly(2000 * (listing + 20)))
+        assert rest == b"" and len(answers) == 2000 * 65
+        assert [a.reply for a in answers[64::65]] == [w.REP_ACK] * 2000
+        client.sock.sendall(w.option(w.OPT_GO, w.go_data("layer3")))
+        assert client.option_answers()[-1].reply == w.REP_ACK
+    finally:
+        client.close()
+        server.shutdown()
