@@ -45,8 +45,9 @@ def greeting() -> bytes:
 
 
 def encode_message(text: str) -> bytes:
-    """A human message, cut to the spec's string limit on a character boundary."""
-    raw = text.encode("utf-8", "replace")
+    """A human message, cut to the spec's string limit on a character boundary. A NUL,
+    which NBD strings must not hold (a registry's error text may), becomes U+FFFD."""
+    raw = text.replace("\0", "\ufffd").encode("utf-8", "replace")
     if len(raw) > MAX_STRING:
         raw = raw[:MAX_STRING].decode("utf-8", "ignore").encode()
     return raw

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from nbd_serving import Served, served, start_server
+from rig.fault_proxy import FaultProxy
 from rig.local_source import LocalFileSource
 
 from blockstore.cache import CachedBlob, ChunkStore
@@ -62,6 +63,16 @@ def large_registry_image(registry, pushed_images, erofs_images, tmp_path) -> Ite
     """The large (64 MiB and more) image from the real registry through a cold cache."""
     with serve_from_registry(registry, pushed_images.large, erofs_images.large, tmp_path) as s:
         yield s
+
+
+@pytest.fixture
+def proxied_registry_image(
+    registry, pushed_images, erofs_images, fault_proxy, tmp_path
+) -> Iterator[tuple[Served, FaultProxy]]:
+    """The small image served through a cold cache from behind a fault proxy."""
+    proxy = fault_proxy(registry)
+    with serve_from_registry(proxy, pushed_images.small, erofs_images.small, tmp_path) as s:
+        yield s, proxy
 
 
 @dataclass

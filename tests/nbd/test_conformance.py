@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import nbd_wire as w
 import pytest
 from nbd_serving import SlowLookupExport, start_server
+from rig.fault_proxy import Fault
 
 
 @pytest.fixture
@@ -41,5 +43,25 @@ def test_requests_sent_behind_the_choice_of_export_are_answered_after_it(lookup_
         client.checker.reads = {1: (0, 4096), 2: (4096, 4096)}
         assert client.wait(1).data == {0: bytes(4096)}
         assert client.wait(2).data == {4096: bytes(4096)}
+    finally:
+        client.close()
+
+
+def test_error_messages_carry_no_nul_whatever_the_registry_said(proxied_registry_image):
+    """Strings on the NBD wire must not hold NUL. A read's error message quotes the
+    registry's refusal, whose OCI error JSON may say anything: a NUL in it reaches the
+    client as U+FFFD, the rest of the message intact."""
+    served, proxy = proxied_registry_image
+    said = {"errors": [{"code": "DENIED", "message": "not\u0000here"}]}
+    proxy.fault = Fault(
+        "status", path_contains="/blobs/", status=400, body=json.dumps(said).encode()
+    )
+    client = w.RawClient(served.server.tcp_address)
+    try:
+        client.negotiate("layer0")
+        client.send(w.CMD_READ, 1, 0, 4096)
+        reply = client.wait(1)
+        assert reply.error == w.EIO and reply.data == {}
+        assert "not\ufffdhere" in reply.message and "\0" not in reply.message
     finally:
         client.close()
