@@ -7,7 +7,7 @@ import struct
 
 import nbd_wire as w
 import pytest
-from nbd_serving import SlowLookupExport, start_server
+from nbd_serving import SlowLookupExport, SlowMissExport, start_server
 from rig.fault_proxy import Fault
 
 
@@ -65,3 +65,26 @@ def test_error_messages_carry_no_nul_whatever_the_registry_said(proxied_registry
         assert "not\ufffdhere" in reply.message and "\0" not in reply.message
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
+def test_disc_behind_requests_in_flight_sends_their_replies_first(tmp_path, structured):
+    """On NBD_CMD_DISC the server must answer every request before it, then close: reads
+    and a cache hint still waiting on a slow fetch all get their whole replies first."""
+    server = start_server({"slow": SlowMissExport(0.3)}, tmp_path, "slow")
+    client = w.RawClient(server.tcp_address)
+    try:
+        client.negotiate("slow", structured=structured)
+        for handle in range(1, 6):
+            client.send(w.CMD_READ, handle, handle << 20, 65536)
+        client.send(w.CMD_CACHE, 6, 0, 1 << 20)
+        client.send(w.CMD_DISC, 7)
+        while client.receive_some(1 << 20):
+            pass
+        replies = {r.handle: r for r in client.checker.finished}
+        assert sorted(replies) == [1, 2, 3, 4, 5, 6] and not client.checker.replies
+        assert all(r.error == 0 for r in replies.values())
+        assert replies[3].data == {3 << 20: bytes(65536)}
+    finally:
+        client.close()
+        server.shutdown()
