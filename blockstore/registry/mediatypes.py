@@ -34,6 +34,8 @@ LAYER_KINDS = {
     _OCI_LAYER + "nondistributable.v1.tar+zstd": ZSTD,
     _DOCKER_LAYER + "diff.tar": TAR,
     _DOCKER_LAYER + "diff.tar.gzip": GZIP,
+    # BuildKit's zstd layers under Docker media types; containerd reads them too.
+    _DOCKER_LAYER + "diff.tar.zstd": ZSTD,
     _DOCKER_LAYER + "foreign.diff.tar": TAR,
     _DOCKER_LAYER + "foreign.diff.tar.gzip": GZIP,
 }
