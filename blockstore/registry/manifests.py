@@ -17,6 +17,7 @@ from blockstore.registry.client import RegistryClient
 from blockstore.registry.descriptors import ManifestProblem, check_index, check_manifest
 from blockstore.registry.digests import check_size, digest_of
 from blockstore.registry.mediatypes import (
+    IMAGE_CONFIG_TYPES,
     INDEX_TYPES,
     MANIFEST_TYPES,
     OCI_INDEX,
@@ -181,8 +182,10 @@ def _from_index(
 
     The entry whose platform ``wanted`` chooses comes first; an index in its place
     (the image spec allows indexes of indexes) is searched in turn, as is every entry
-    that is an index without a platform, down to ``MAX_INDEX_DEPTH``. Entries without
-    a platform, and buildx's attestations ("unknown/unknown"), are not images to run.
+    that is an index without a platform, down to ``MAX_INDEX_DEPTH``. The platform is
+    optional in an entry (skopeo copies an index so), so an image manifest without
+    one is judged by its config's platform, as containerd does. buildx's attestations
+    ("unknown/unknown") are not images to run.
     ``names`` gathers the platforms seen, for the error when none is chosen. Each
     manifest is fetched once, and at most ``MAX_INDEX_FETCHES`` in all: a hostile
     index of indexes could otherwise ask for millions within the depth bound.
@@ -198,27 +201,54 @@ def _from_index(
     chosen = wanted.choose(offered)
     candidates = [(runnable[chosen], str(offered[chosen]))] if chosen is not None else []
     candidates += [
-        (e, None) for e in entries if "platform" not in e and e["mediaType"] in INDEX_TYPES
+        (e, None)
+        for e in entries
+        if "platform" not in e and e["mediaType"] in INDEX_TYPES | MANIFEST_TYPES
     ]
     for entry, platform in candidates:
         if entry["digest"] in manifests:
             continue  # searched already: an index may list one index many times
-        if len(manifests) >= MAX_INDEX_FETCHES:
-            raise RegistryError(
-                f"image {ref}: more than {MAX_INDEX_FETCHES} manifests under its indexes"
-            )
-        raw, digest = fetch_manifest(client, ref.repository, entry["digest"])
-        check_size(raw, entry["size"], f"image {ref}: manifest {digest}")
-        manifests[digest] = raw
-        child, child_type = _decode(raw, ref, digest)
+        digest, child, child_type = _fetch_entry(client, ref, entry, manifests)
         if child_type in MANIFEST_TYPES:
-            return digest, child, platform
+            platform = platform or _config_platform_if(client, ref, child, wanted, names)
+            if platform is not None:
+                return digest, child, platform
+            continue
         if depth >= MAX_INDEX_DEPTH:
             raise RegistryError(f"image {ref}: indexes nested more than {MAX_INDEX_DEPTH} deep")
         found = _from_index(client, ref, child, wanted, manifests, names, depth + 1)
         if found is not None:
             return found[0], found[1], found[2] or platform
     return None
+
+
+def _fetch_entry(
+    client: RegistryClient, ref: Reference, entry: dict, manifests: dict[str, bytes]
+) -> tuple[str, dict, str]:
+    """The manifest or index an index entry names, checked against its descriptor and
+    kept in ``manifests``, within the ``MAX_INDEX_FETCHES`` budget."""
+    if len(manifests) >= MAX_INDEX_FETCHES:
+        raise RegistryError(
+            f"image {ref}: more than {MAX_INDEX_FETCHES} manifests under its indexes"
+        )
+    raw, digest = fetch_manifest(client, ref.repository, entry["digest"])
+    check_size(raw, entry["size"], f"image {ref}: manifest {digest}")
+    manifests[digest] = raw
+    child, child_type = _decode(raw, ref, digest)
+    return digest, child, child_type
+
+
+def _config_platform_if(
+    client: RegistryClient, ref: Reference, manifest: dict, wanted: Platform, names: list[str]
+) -> str | None:
+    """The platform an index entry without one runs on, from its manifest's config, if
+    ``wanted`` accepts it; None for another platform, or for an artifact (a signature,
+    an SBOM: its config is no image config)."""
+    if manifest["config"]["mediaType"] not in IMAGE_CONFIG_TYPES:
+        return None
+    offered = config_platform(client, ref.repository, manifest, f"image {ref}")
+    names.append(str(offered))
+    return str(offered) if wanted.accepts(offered) else None
 
 
 SHOWN_TAGS = 10

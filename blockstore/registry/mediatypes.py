@@ -14,6 +14,7 @@ EROFS_MEDIA_TYPE = "application/vnd.erofs.layer.v1"
 
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+IMAGE_CONFIG_TYPES = frozenset({OCI_CONFIG, DOCKER_CONFIG})
 
 MANIFEST_ACCEPT = ", ".join(sorted(INDEX_TYPES | MANIFEST_TYPES))
 """Every manifest type we read: registries answer 404 for a type not accepted."""

@@ -7,14 +7,24 @@ then resolved and opened as a user's ``mount`` would.
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import tarfile
 from pathlib import Path
 
+import pytest
+
+from blockstore.errors import NotFound
 from blockstore.image import open_image
-from blockstore.registry import RegistryClient
+from blockstore.registry import EROFS_MEDIA_TYPE, RegistryClient, resolve_image
 from blockstore.registry.digests import canonical_json, digest_of
-from blockstore.registry.mediatypes import DOCKER_CONFIG, DOCKER_MANIFEST
+from blockstore.registry.mediatypes import (
+    DOCKER_CONFIG,
+    DOCKER_MANIFEST,
+    OCI_CONFIG,
+    OCI_INDEX,
+    OCI_MANIFEST,
+)
 from blockstore.tarlayer.erofs_reader import read_metadata
 
 DOCKER_ZSTD_LAYER = "application/vnd.docker.image.rootfs.diff.tar.zstd"
@@ -73,3 +83,56 @@ def test_a_zstd_layer_under_dockers_media_types_is_a_tar_layer(registry, tmp_pat
     metadata = export.index.metadata
     assert set(read_metadata(data[: len(metadata)]).root.children) == {b"hello.txt"}
     assert data[len(metadata) :][: len(tar)] == tar
+
+
+def layout_blob(layout: Path, data: bytes, media_type: str) -> dict:
+    """``data`` kept in an OCI layout's ``blobs/sha256``; its descriptor."""
+    digest = digest_of(data)
+    path = layout / "blobs" / "sha256" / digest.partition(":")[2]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return {"mediaType": media_type, "digest": digest, "size": len(data)}
+
+
+def index_layout_without_platforms(layout: Path, layer: bytes, tag: str) -> None:
+    """An OCI layout whose tag names an index listing one linux/amd64 image manifest
+    with no ``platform`` in its entry (the field is optional), as tools that wrap a
+    single image in an index write it."""
+    config = json.dumps(
+        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}
+    ).encode()
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": layout_blob(layout, config, OCI_CONFIG),
+        "layers": [layout_blob(layout, layer, EROFS_MEDIA_TYPE)],
+    }
+    entry = layout_blob(layout, json.dumps(manifest).encode(), OCI_MANIFEST)
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}
+    named = layout_blob(layout, json.dumps(index).encode(), OCI_INDEX)
+    named["annotations"] = {"org.opencontainers.image.ref.name": tag}
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [named]}))
+
+
+def test_an_index_entry_without_a_platform_is_judged_by_its_config(
+    registry, erofs_images, tmp_path: Path
+):
+    """An index whose one image entry names no platform, copied into the registry by
+    skopeo (``--multi-arch all``), which keeps the index as it is: resolved for
+    linux/amd64 by the platform its config names, as containerd resolves it; asked
+    for arm64, refused naming linux/amd64. Before, such entries were passed over and
+    the image refused as having no platform at all ("it has: none")."""
+    small = erofs_images.small
+    layout = tmp_path / "layout"
+    index_layout_without_platforms(layout, small.path.read_bytes(), "v1")
+    ref = f"{registry.host}/builders/no-platform:v1"
+    copy = ["skopeo", "copy", "--quiet", "--multi-arch", "all", "--dest-tls-verify=false"]
+    subprocess.run([*copy, f"oci:{layout}:v1", f"docker://{ref}"], check=True, capture_output=True)
+    with registry.client() as client:
+        index = json.loads(client.get_manifest("builders/no-platform", "v1").raw)
+        assert "platform" not in index["manifests"][0]
+        image = resolve_image(client, ref, "linux/amd64")
+        assert (image.platform, image.layers[0].digest) == ("linux/amd64", small.digest)
+        with pytest.raises(NotFound, match=r"no platform linux/arm64; it has: linux/amd64$"):
+            resolve_image(client, ref, "linux/arm64")
