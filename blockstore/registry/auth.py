@@ -38,6 +38,9 @@ TokenFetch = Callable[
 log = logging.getLogger(__name__)
 
 _PARAM = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*(?:,|$)')
+_SCHEME = re.compile(r"([A-Za-z0-9!#$%&'*+.^_`|~-]+)(?=[\s,]|$)")
+"""An auth scheme (an RFC 9110 token), ending where its parameters or the next begin."""
+_SEPARATORS = re.compile(r"[\s,]*")
 DEFAULT_TOKEN_LIFETIME = 60.0
 """The distribution spec's lifetime for a token that does not state ``expires_in``."""
 
@@ -50,23 +53,36 @@ class Challenge:
 
 
 def parse_challenge(value: str) -> Challenge | None:
-    """Parse one ``WWW-Authenticate`` value: ``Bearer realm="..",service="..",scope=".."``."""
-    scheme, _, rest = value.strip().partition(" ")
-    if not scheme:
-        return None
-    params: dict[str, str] = {}
-    position = 0
-    rest = rest.strip()
-    while position < len(rest):
-        match = _PARAM.match(rest, position)
-        if not match or match.end() == position:
-            break
-        quoted, bare = match[2], match[3]
-        params[match[1].lower()] = (
-            re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else bare or ""
-        )
-        position = match.end()
-    return Challenge(scheme.lower(), params)
+    """The challenge to answer in a ``WWW-Authenticate`` value, which may offer several
+    (``Basic realm="r", Bearer realm="..",service=".."``; HTTP joins several header
+    lines so too): Bearer where it is offered, as docker prefers it (its issuer takes
+    a login and anonymous pulls alike), else Basic, else the first."""
+    challenges = parse_challenges(value)
+    for scheme in ("bearer", "basic"):
+        for challenge in challenges:
+            if challenge.scheme == scheme:
+                return challenge
+    return challenges[0] if challenges else None
+
+
+def parse_challenges(value: str) -> list[Challenge]:
+    """Every challenge of a ``WWW-Authenticate`` value, in order: a scheme starts one,
+    each ``name=value`` after it is a parameter of it."""
+    challenges: list[Challenge] = []
+    position = _SEPARATORS.match(value).end()
+    while position < len(value):
+        param = _PARAM.match(value, position) if challenges else None
+        if param is not None:
+            quoted, bare = param[2], param[3]
+            unquoted = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else bare
+            challenges[-1].params[param[1].lower()] = unquoted or ""
+        else:
+            param = _SCHEME.match(value, position)
+            if param is None:
+                break
+            challenges.append(Challenge(param[1].lower(), {}))
+        position = _SEPARATORS.match(value, param.end()).end()
+    return challenges
 
 
 def token_lifetime(expires_in: object) -> float:

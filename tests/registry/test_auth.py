@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
+from rig.fault_proxy import Fault
 from rig.pushed import push_erofs
 from rig.registry_server import RegistryServer, TokenAuth
 from rig.token_issuer import TokenIssuer
@@ -445,3 +446,22 @@ def test_a_token_issuer_asked_once_the_deadline_passed_is_named_as_itself():
     assert str(failed.value.error) == (
         "cannot reach token issuer issuer.test:8443 for registry registry.test:5000: timed out"
     )
+
+
+@pytest.mark.parametrize(
+    "challenges",
+    ['Basic realm="registry", {}', '{}, Basic realm="registry"', 'Negotiate, Basic realm="r", {}'],
+)
+def test_a_registry_offering_basic_beside_bearer_is_answered_with_a_token(
+    token_registry, token_image, erofs_images, fault_proxy, challenges
+):
+    """A 401 offering several challenges (a front adding Basic to the registry's Bearer,
+    in either order, or behind a scheme this client has no use for): the Bearer one is
+    answered, with a token from its issuer, as docker prefers it. Before, the first
+    challenge was taken: the user name and password went to the registry as Basic,
+    which it refused (or a Negotiate was said to be undescribed), and the pull failed."""
+    proxy = fault_proxy(token_registry)
+    proxy.fault = Fault("rewrite_headers", headers={"WWW-Authenticate": challenges})
+    ref = token_image.replace(token_registry.host, proxy.host)
+    with RegistryClient(proxy.host, token_registry.options()) as client:
+        assert read_whole(client, ref) == erofs_images.small.path.read_bytes()

@@ -4,9 +4,10 @@ Faults are what real networks and registries do: answer slowly, trickle the
 body a byte at a time, drop the connection mid-body (with a FIN, or a reset),
 send fewer bytes than asked, flip bytes, send a ``Content-Range`` that is
 not the span asked for, refuse with a status (429/503 with ``Retry-After``),
-ignore ``Range`` and send the whole blob with 200, or redirect (307) to
-another host, as registries backed by object storage or a CDN do. Every
-request a client sends is recorded.
+ignore ``Range`` and send the whole blob with 200, redirect (307) to
+another host, as registries backed by object storage or a CDN do, or say
+other headers than the registry's (a second auth challenge). Every request
+a client sends is recorded.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ KINDS = {
     "bad_range",
     "ignore_range",
     "redirect",
+    "rewrite_headers",
 }
 
 
@@ -66,7 +68,9 @@ class Fault:
     before the reply (a registry slow to say it is busy)."""
     status: int = 503
     headers: dict[str, str] = field(default_factory=dict)
-    """status: the reply's status and headers (e.g. ``Retry-After``)."""
+    """status: the reply's status and headers (e.g. ``Retry-After``); rewrite_headers:
+    each header the registry sent that is named here, rewritten to this value with
+    ``{}`` standing for the registry's own."""
     body: bytes | None = None
     """status: the reply's body (default: an OCI error), e.g. a hand-made manifest."""
     after_bytes: int | None = None
@@ -219,6 +223,8 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
         def _relay(self, reply: http.client.HTTPResponse, fault: Fault | None) -> None:
             kind = fault.kind if fault else None
             out = {k: v for k, v in reply.getheaders() if k.lower() not in _HOP_BY_HOP}
+            if kind == "rewrite_headers":
+                _rewrite(out, fault.headers)
             declared = reply.getheader("Content-Length")
             if self.command == "HEAD" or reply.status in (204, 304):
                 self._reply(reply.status, out, b"", keep_length=True)
@@ -285,6 +291,15 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 self.connection.shutdown(socket.SHUT_RDWR)
 
     return Handler
+
+
+def _rewrite(headers: dict[str, str], rewrites: dict[str, str]) -> None:
+    """Each of ``headers`` named in ``rewrites`` (in any case) made its value there, with
+    ``{}`` replaced by the header's own value."""
+    for key, value in list(headers.items()):
+        for name, rewritten in rewrites.items():
+            if key.lower() == name.lower():
+                headers[key] = rewritten.replace("{}", value)
 
 
 def _shifted(content_range: str) -> str:
