@@ -29,6 +29,8 @@ _HOST = re.compile(
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _DIGEST = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}")
 _SHA256_HEX = re.compile(r"[a-f0-9]{64}")
+_HEX_DIGITS = {"sha256": 64, "sha512": 128}
+"""The digest algorithms the image spec registers, which ``digests.py`` checks."""
 # algorithm:encoded as a digest may be written, but not host:port.
 _ALGORITHM_AND_VALUE = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:(?![0-9]+$)[a-zA-Z0-9=_-]+")
 _MAX_NAME_LENGTH = 255
@@ -137,12 +139,16 @@ def _check_digest(original: str, digest: str) -> str:
 
 
 def _digest_problem(digest: str) -> str | None:
-    """Why ``digest`` is not ``algorithm:hex``, or None when it is one."""
+    """Why ``digest`` is not a digest this engine can check (the image spec's sha256 or
+    sha512, ``algorithm:hex``), or None when it is one: no other is sent to a registry,
+    nor would the bytes it names be checked."""
     if not _DIGEST.fullmatch(digest):
         return "expected algorithm:hex, for sha256 64 lowercase hex digits"
     algorithm, _, hex_part = digest.partition(":")
-    if algorithm == "sha256" and not _SHA256_HEX.fullmatch(hex_part):
-        return "a sha256 digest is 64 lowercase hex digits"
+    if algorithm not in _HEX_DIGITS:
+        return f"a {algorithm} digest cannot be checked here; a digest is sha256 or sha512"
+    if not re.fullmatch(f"[a-f0-9]{{{_HEX_DIGITS[algorithm]}}}", hex_part):
+        return f"a {algorithm} digest is {_HEX_DIGITS[algorithm]} lowercase hex digits"
     return None
 
 

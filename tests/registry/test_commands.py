@@ -366,3 +366,27 @@ def test_an_image_named_as_a_file_here_is_still_the_image(registry, erofs_images
     shown = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["digest"] == pushed.stdout.strip(), shown.stdout
+
+
+@pytest.mark.parametrize(
+    ("digest", "why"),
+    [
+        ("blake3:" + "ab" * 32, "a blake3 digest cannot be checked here; a digest is sha256 or"),
+        ("sha384:" + "ab" * 48, "a sha384 digest cannot be checked here"),
+        ("sha512:" + "ab" * 32, "a sha512 digest is 128 lowercase hex digits"),
+    ],
+)
+def test_a_digest_no_check_is_had_for_is_refused_before_the_registry_is_asked(
+    registry, pushed_images, fault_proxy, digest, why
+):
+    """An image pinned by a digest of an algorithm this engine cannot check (the image
+    spec registers sha256 and sha512), or a sha512 digest of the wrong length: refused
+    as a usage error (exit 2) naming what it takes, and no request is made. Before,
+    the digest was sent: the CNCF registry answered a blake3 one with HTTP 500, tried
+    again and reported as the registry's failure (exit 3); a registry that served the
+    manifest would have had it refused as an integrity error."""
+    proxy = fault_proxy(registry)
+    refused = blockstore("inspect", f"{proxy.host}/fixtures/small@{digest}", "--insecure")
+    assert (refused.returncode, proxy.requests) == (2, [])
+    assert why in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
