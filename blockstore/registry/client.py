@@ -73,6 +73,8 @@ MAX_URLS_SHOWN = 3
 """A foreign layer's URLs an error names."""
 MIRROR_COOLDOWN = 30.0
 """Seconds a mirror that failed is left out before it is tried again."""
+UPLOAD_SESSION_LOST = frozenset({"BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN"})
+"""The distribution spec's codes for an upload session the registry will not complete."""
 T = TypeVar("T")
 
 
@@ -368,22 +370,41 @@ class RegistryClient:
             return True
 
     def upload_blob(self, repository: str, digest: str, body: bytes | Path) -> None:
-        """Upload a blob in one PUT (a monolithic upload), skipping it if already there."""
+        """Upload a blob in one PUT (a monolithic upload), skipping it if already there.
+
+        Each attempt is a session of its own (POST, then PUT): a PUT cut short may
+        have left part of the blob in its session, which the registry then will not
+        complete (the CNCF registry: 404 ``BLOB_UPLOAD_INVALID``).
+        """
         if self.blob_exists(repository, digest):
             return
         subject = f"uploading blob {digest} to {self.registry}/{repository}"
-        with self._push("POST", repository, f"/v2/{repository}/blobs/uploads/") as reply:
+        deadline = Deadline(None, stall=self.options.timeout)
+
+        def session() -> None:
+            target = self._upload_target(repository, digest, deadline, subject)
+            headers = {"Content-Type": "application/octet-stream"}
+            with self._push_attempt("PUT", repository, target, deadline, headers, body) as reply:
+                if reply.status_code == 201:
+                    return
+                error = registry_error(reply, subject)
+            if error.code in UPLOAD_SESSION_LOST:
+                raise TryAgain(error)
+            raise error
+
+        with_retries(self.policy, deadline, session, subject)
+
+    def _upload_target(self, repository: str, digest: str, deadline: Deadline, subject: str) -> str:
+        """The URL to PUT a blob to: a new upload session's ``Location`` (relative or
+        absolute, with a query or without), with the blob's digest."""
+        path = f"/v2/{repository}/blobs/uploads/"
+        with self._push_attempt("POST", repository, path, deadline) as reply:
             if reply.status_code != 202 or "Location" not in reply.headers:
                 raise registry_error(reply, subject)
             location = reply.headers["Location"]
         separator = "&" if "?" in location else "?"
         target = location + separator + urlencode({"digest": digest})
-        if "://" not in target:
-            target = self.upstream.base_url + target
-        headers = {"Content-Type": "application/octet-stream"}
-        with self._push("PUT", repository, target, headers=headers, body=body) as reply:
-            if reply.status_code != 201:
-                raise registry_error(reply, subject)
+        return target if "://" in target else self.upstream.base_url + target
 
     def put_manifest(
         self, repository: str, reference: str, raw: bytes, media_type: str
@@ -416,22 +437,36 @@ class RegistryClient:
         An upload lasts as long as its blob needs, so it has no overall
         deadline: each receive has the timeout, and attempts are bounded.
         """
-        scope = f"repository:{repository}:pull,push"
         deadline = Deadline(None, stall=self.options.timeout)
+        return with_retries(
+            self.policy,
+            deadline,
+            lambda: self._push_attempt(method, repository, path, deadline, headers, body),
+            f"{method} {self.upstream.host}",
+        )
 
-        def attempt() -> requests.Response:
-            reply = self.upstream.request(
-                method, path, scope=scope, deadline=deadline, headers=headers, body=body
-            )
-            if reply.status_code in RETRIABLE_STATUS:
-                with reply:
-                    raise TryAgain(
-                        registry_error(reply, f"{method} {self.registry}/{repository}"),
-                        parse_retry_after(reply.headers.get("Retry-After")),
-                    )
-            return reply
-
-        return with_retries(self.policy, deadline, attempt, f"{method} {self.upstream.host}")
+    def _push_attempt(
+        self,
+        method: str,
+        repository: str,
+        path: str,
+        deadline: Deadline,
+        headers: dict[str, str] | None = None,
+        body: Body = None,
+    ) -> requests.Response:
+        """One attempt at a write to the upstream: its reply, or ``TryAgain`` for no reply,
+        a 5xx or a 429."""
+        scope = f"repository:{repository}:pull,push"
+        reply = self.upstream.request(
+            method, path, scope=scope, deadline=deadline, headers=headers, body=body
+        )
+        if reply.status_code in RETRIABLE_STATUS:
+            with reply:
+                raise TryAgain(
+                    registry_error(reply, f"{method} {self.registry}/{repository}"),
+                    parse_retry_after(reply.headers.get("Retry-After")),
+                )
+        return reply
 
     def _get(
         self,

@@ -132,3 +132,25 @@ def test_diff_id_is_the_uncompressed_digest_of_compressed_tar_layers_only(
     blob = "sha256:" + hashlib.sha256(layer.read_bytes()).hexdigest()
     expected = "sha256:" + hashlib.sha256(tar).hexdigest() if uncompressed else blob
     assert diff_id(layer, media_type, blob) == expected
+
+
+def test_an_upload_cut_short_is_made_again_in_a_new_session(
+    fresh_registry, erofs_images, fault_proxy
+):
+    """The link breaks while a layer's PUT is under way: the registry has part of the
+    blob in that upload session, the client no reply. The upload is made again from a
+    new session (POST, then PUT), and the image pushed whole. Before, the PUT was sent
+    again to the same session, which the CNCF registry refuses once part of a body
+    came (404 BLOB_UPLOAD_INVALID), and the push failed."""
+    small = erofs_images.small
+    proxy = fault_proxy(fresh_registry)
+    proxy.fault = Fault("cut_request", method="PUT", path_contains="/blobs/uploads/", times=1)
+    with RegistryClient(proxy.host, fresh_registry.options()) as client:
+        push_image(client, "push/cut", "v1", [small.path])
+        ref = f"{fresh_registry.host}/push/cut:v1"
+    with fresh_registry.client() as client:
+        (layer,) = resolve_image(client, ref, None).layers
+        blob = client.get_blob("push/cut", layer.digest, limit=small.size)
+    assert (layer.digest, blob) == (small.digest, small.path.read_bytes())
+    uploads = [r.method for r in proxy.requests if "/blobs/uploads/" in r.path]
+    assert uploads[:4] == ["POST", "PUT", "POST", "PUT"]

@@ -2,7 +2,7 @@
 
 Faults are what real networks and registries do: answer slowly, trickle the
 body a byte at a time, drop the connection mid-body (with a FIN, or a reset),
-send fewer bytes than asked, flip bytes, send a ``Content-Range`` that is
+send fewer bytes than asked, cut an upload short, flip bytes, send a ``Content-Range`` that is
 not the span asked for, refuse with a status (429/503 with ``Retry-After``),
 ignore ``Range`` and send the whole blob with 200, redirect (307) to
 another host, as registries backed by object storage or a CDN do, or say
@@ -50,6 +50,7 @@ KINDS = {
     "ignore_range",
     "redirect",
     "rewrite_headers",
+    "cut_request",
 }
 
 
@@ -74,7 +75,8 @@ class Fault:
     body: bytes | None = None
     """status: the reply's body (default: an OCI error), e.g. a hand-made manifest."""
     after_bytes: int | None = None
-    """cut/reset/truncate/corrupt: body bytes sent intact (default: half the body)."""
+    """cut/reset/truncate/corrupt: body bytes sent intact (default: half the body);
+    cut_request: request body bytes forwarded before both connections are cut."""
     redirect_to: str | None = None
     """redirect: base URL of the other host; the path is kept."""
 
@@ -211,6 +213,9 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                     upstream.putheader(key, value)
                 if body is not None and "content-length" not in {k.lower() for k, _ in pairs}:
                     upstream.putheader("Content-Length", str(len(body)))
+                if kind == "cut_request":
+                    self._cut_request(upstream, body or b"", fault)
+                    return
                 upstream.endheaders(body)
                 reply = upstream.getresponse()
                 self._relay(reply, fault)
@@ -219,6 +224,20 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
             finally:
                 upstream.close()
+
+        def _cut_request(
+            self, upstream: http.client.HTTPConnection, body: bytes, fault: Fault
+        ) -> None:
+            """Forward part of the request body, as a link that breaks mid-upload does:
+            the registry reads it to its end (and answers, unheard), the client gets
+            no reply."""
+            upstream.endheaders()
+            intact = fault.after_bytes if fault.after_bytes is not None else len(body) // 2
+            upstream.send(body[:intact])
+            upstream.sock.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                upstream.getresponse().read()
+            self._hang_up()
 
         def _relay(self, reply: http.client.HTTPResponse, fault: Fault | None) -> None:
             kind = fault.kind if fault else None
