@@ -186,14 +186,21 @@ class OpenImage:
             return None
 
     def diff_id(self, layer: Layer) -> str | None:
-        """The layer's diff_id from the image config, if the config is kept or online."""
+        """The layer's diff_id from the image config, if the config is kept or online.
+        A config that lists another number of them than the manifest has layers
+        describes another image (containerd and docker refuse it too): refused."""
         raw = self.resolved.manifests.get(self.resolved.manifest_digest)
         if raw is None:
             return None
         if self._diff_ids is None:
             self._diff_ids = image_diff_ids(raw, self._config)
-        ids = self._diff_ids
-        return ids[layer.index] if layer.index < len(ids) else None
+        ids, layers = self._diff_ids, len(self.resolved.layers)
+        if ids and len(ids) != layers:
+            raise IntegrityError(
+                f"{self.resolved.reference}: its config lists {len(ids)} diff_ids for its "
+                f"{layers} layers (rootfs.diff_ids names each layer's tar): refused"
+            )
+        return ids[layer.index] if ids else None
 
     def _config(self, digest: str) -> bytes | None:
         """The image config named ``digest``, checked against it: kept in the cache after

@@ -6,6 +6,7 @@ then resolved and opened as a user's ``mount`` would.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from blockstore.errors import NotFound
+from blockstore.errors import IntegrityError, NotFound
 from blockstore.image import open_image
 from blockstore.registry import EROFS_MEDIA_TYPE, RegistryClient, resolve_image
 from blockstore.registry.digests import canonical_json, digest_of
@@ -24,6 +25,7 @@ from blockstore.registry.mediatypes import (
     OCI_CONFIG,
     OCI_INDEX,
     OCI_MANIFEST,
+    OCI_TAR_GZIP,
 )
 from blockstore.tarlayer.erofs_reader import read_metadata
 
@@ -136,3 +138,40 @@ def test_an_index_entry_without_a_platform_is_judged_by_its_config(
         assert (image.platform, image.layers[0].digest) == ("linux/amd64", small.digest)
         with pytest.raises(NotFound, match=r"no platform linux/arm64; it has: linux/amd64$"):
             resolve_image(client, ref, "linux/arm64")
+
+
+def test_a_config_naming_another_count_of_layers_is_refused(registry, tmp_path: Path):
+    """A two-layer gzip image whose config lists one diff_id (``rootfs.diff_ids`` names
+    each layer's tar, in order, as containerd and docker check it): refused, saying
+    both counts, when a layer is opened. Before, the second layer went unchecked and
+    the image mounted."""
+    tars = [one_file_tar(f"f{i}.txt", f"layer {i}\n".encode()) for i in range(2)]
+    blobs = [gzip.compress(tar, mtime=0) for tar in tars]
+    config = canonical_json(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [digest_of(tars[0])]},
+        }
+    )
+    repository = "builders/short-config"
+    with registry.client() as client:
+        for data in (*blobs, config):
+            client.upload_blob(repository, digest_of(data), data)
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": digest_of(config), "size": len(config)},
+            "layers": [
+                {"mediaType": OCI_TAR_GZIP, "digest": digest_of(blob), "size": len(blob)}
+                for blob in blobs
+            ],
+        }
+        client.put_manifest(repository, "v1", canonical_json(manifest), OCI_MANIFEST)
+    ref = f"{registry.host}/{repository}:v1"
+    image = open_image(ref, cache_dir=tmp_path / "cache", options=registry.options())
+    try:
+        with pytest.raises(IntegrityError, match="config lists 1 diff_ids for its 2 layers"):
+            image.exports(layer=1)
+    finally:
+        image.close()
