@@ -47,14 +47,16 @@ def parse_content_range(value: str) -> tuple[int, int, int | None]:
 
 
 def check_partial_reply(content_range: str | None, first: int, last: int, size: int) -> None:
-    """Refuse a 206 whose Content-Range is not exactly the span asked for, of this blob."""
+    """Refuse a 206 whose Content-Range does not start with the span asked for, or is of
+    another blob size. One that runs further is taken (a server that ignores the range's
+    end sends the rest of the blob): the reader stops after the span."""
     if content_range is None:
         raise BlobReadError(f"206 reply without Content-Range for bytes {first}-{last}")
     try:
         got_first, got_last, total = parse_content_range(content_range)
     except ValueError as exc:
         raise BlobReadError(str(exc)) from None
-    if (got_first, got_last) != (first, last) or total not in (None, size):
+    if got_first != first or got_last < last or total not in (None, size):
         raise BlobReadError(
             f"asked for bytes {first}-{last} of {size}, the registry sent {content_range!r}"
         )

@@ -262,3 +262,23 @@ def test_a_redirect_to_no_usable_url_is_a_registry_error(
     with client_via(proxy, max_attempts=1) as client, pytest.raises(RegistryError) as caught:
         resolve_image(client, f"{proxy.host}/fixtures/small:v1", None)
     assert proxy.host in str(caught.value) and target not in str(caught.value)
+
+
+def test_a_206_running_past_the_range_asked_is_read_to_the_span(
+    registry, pushed_images, erofs_images, fault_proxy
+):
+    """A server that ignores the end of each range and answers 206 with the rest of the
+    blob (``Content-Range: bytes a-END/SIZE``): the span asked for starts the reply, so
+    it is read from it, by a read and by a streamed read, and the right bytes come
+    back. Before, every such reply was refused as not the span asked for: each read
+    tried again until it failed (EIO), and the image could not be read at all."""
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault("open_range", path_contains="/blobs/sha256:")
+    data = erofs_images.large.path.read_bytes()
+    with client_via(proxy) as client:
+        blob = open_blob(client, "fixtures/large")
+        offset = blob.size - 3 * MiB
+        assert blob.read_range(offset, MiB) == data[offset : offset + MiB]
+        streamed = b"".join(blob.stream_range(4096, MiB))
+    assert streamed == data[4096 : 4096 + MiB]
+    assert proxy.faults_applied >= 2

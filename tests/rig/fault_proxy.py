@@ -2,12 +2,13 @@
 
 Faults are what real networks and registries do: answer slowly, trickle the
 body a byte at a time, drop the connection mid-body (with a FIN, or a reset),
-send fewer bytes than asked, cut an upload short, flip bytes, send a ``Content-Range`` that is
-not the span asked for, refuse with a status (429/503 with ``Retry-After``),
-ignore ``Range`` and send the whole blob with 200, redirect (307) to
-another host, as registries backed by object storage or a CDN do, or say
-other headers than the registry's (a second auth challenge). Every request
-a client sends is recorded.
+send fewer bytes than asked, cut an upload short, flip bytes, send a
+``Content-Range`` that is not the span asked for, refuse with a status
+(429/503 with ``Retry-After``), ignore ``Range`` and send the whole blob with
+200 (or ignore its end, and send the rest of the blob with 206), redirect
+(307) to another host, as registries backed by object storage or a CDN do,
+or say other headers than the registry's (a second auth challenge). Every
+request a client sends is recorded.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ KINDS = {
     "redirect",
     "rewrite_headers",
     "cut_request",
+    "open_range",
 }
 
 
@@ -199,6 +201,8 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 time.sleep(fault.seconds)
             if kind == "ignore_range":
                 pairs = [(k, v) for k, v in pairs if k.lower() != "range"]
+            if kind == "open_range":  # the range's end ignored: the 206 runs to the blob's
+                pairs = [(k, _open_ended(v) if k.lower() == "range" else v) for k, v in pairs]
             replaced = {k.lower() for k in proxy.upstream_headers}
             pairs = [(k, v) for k, v in pairs if k.lower() not in replaced]
             pairs += proxy.upstream_headers.items()
@@ -319,6 +323,11 @@ def _rewrite(headers: dict[str, str], rewrites: dict[str, str]) -> None:
         for name, rewritten in rewrites.items():
             if key.lower() == name.lower():
                 headers[key] = rewritten.replace("{}", value)
+
+
+def _open_ended(range_header: str) -> str:
+    """``bytes=a-b`` made ``bytes=a-``: from the first byte asked to the end."""
+    return range_header.partition("-")[0] + "-"
 
 
 def _shifted(content_range: str) -> str:
