@@ -73,6 +73,9 @@ MAX_URLS_SHOWN = 3
 """A foreign layer's URLs an error names."""
 MIRROR_COOLDOWN = 30.0
 """Seconds a mirror that failed is left out before it is tried again."""
+STORED = frozenset({200, 201, 202, 204})
+"""Statuses a registry says a manifest or blob was stored with: the spec's 201, or
+another success (Quay's 202 for a manifest), which docker and containerd take too."""
 UPLOAD_SESSION_LOST = frozenset({"BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN"})
 """The distribution spec's codes for an upload session the registry will not complete."""
 T = TypeVar("T")
@@ -385,7 +388,7 @@ class RegistryClient:
             target = self._upload_target(repository, digest, deadline, subject)
             headers = {"Content-Type": "application/octet-stream"}
             with self._push_attempt("PUT", repository, target, deadline, headers, body) as reply:
-                if reply.status_code == 201:
+                if reply.status_code in STORED:
                     return
                 error = registry_error(reply, subject)
             if error.code in UPLOAD_SESSION_LOST:
@@ -413,7 +416,7 @@ class RegistryClient:
         headers = {"Content-Type": media_type}
         path = f"/v2/{repository}/manifests/{reference}"
         with self._push("PUT", repository, path, headers=headers, body=raw) as reply:
-            if reply.status_code != 201:
+            if reply.status_code not in STORED:
                 raise registry_error(
                     reply, f"pushing manifest {reference} to {self.registry}/{repository}"
                 )

@@ -154,3 +154,22 @@ def test_an_upload_cut_short_is_made_again_in_a_new_session(
     assert (layer.digest, blob) == (small.digest, small.path.read_bytes())
     uploads = [r.method for r in proxy.requests if "/blobs/uploads/" in r.path]
     assert uploads[:4] == ["POST", "PUT", "POST", "PUT"]
+
+
+@pytest.mark.parametrize("status", [200, 202, 204])
+def test_a_write_said_done_with_another_success_status_is_done(
+    fresh_registry, erofs_images, fault_proxy, status
+):
+    """A registry that answers a stored manifest or blob with another success than
+    201 (Quay says 202 Accepted for a manifest, as the first registries did; docker
+    and containerd take any 2xx): the push succeeds, and the image resolves. Before,
+    the push failed on the first such answer ("HTTP 202"), the blob stored all the same."""
+    small = erofs_images.small
+    proxy = fault_proxy(fresh_registry)
+    proxy.fault = Fault("rewrite_status", method="PUT", status=status)
+    with RegistryClient(proxy.host, fresh_registry.options()) as client:
+        pushed = push_image(client, "push/accepted", "v1", [small.path])
+    with fresh_registry.client() as client:
+        image = resolve_image(client, f"{fresh_registry.host}/push/accepted:v1", None)
+    assert (image.manifest_digest, image.layers[0].digest) == (pushed, small.digest)
+    assert proxy.faults_applied == 3  # the layer, the config, the manifest

@@ -7,8 +7,8 @@ send fewer bytes than asked, cut an upload short, flip bytes, send a
 (429/503 with ``Retry-After``), ignore ``Range`` and send the whole blob with
 200 (or ignore its end, and send the rest of the blob with 206), redirect
 (307) to another host, as registries backed by object storage or a CDN do,
-or say other headers than the registry's (a second auth challenge). Every
-request a client sends is recorded.
+or say other statuses or headers than the registry's (a second auth
+challenge). Every request a client sends is recorded.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ KINDS = {
     "rewrite_headers",
     "cut_request",
     "open_range",
+    "rewrite_status",
 }
 
 
@@ -71,7 +72,8 @@ class Fault:
     before the reply (a registry slow to say it is busy)."""
     status: int = 503
     headers: dict[str, str] = field(default_factory=dict)
-    """status: the reply's status and headers (e.g. ``Retry-After``); rewrite_headers:
+    """status: the reply's status and headers (e.g. ``Retry-After``); rewrite_status: the
+    status said in place of the registry's, its reply forwarded; rewrite_headers:
     each header the registry sent that is named here, rewritten to this value with
     ``{}`` standing for the registry's own."""
     body: bytes | None = None
@@ -249,8 +251,9 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             if kind == "rewrite_headers":
                 _rewrite(out, fault.headers)
             declared = reply.getheader("Content-Length")
+            status = fault.status if kind == "rewrite_status" else reply.status
             if self.command == "HEAD" or reply.status in (204, 304):
-                self._reply(reply.status, out, b"", keep_length=True)
+                self._reply(status, out, b"", keep_length=True)
                 return
             if declared is None:
                 data = reply.read()
@@ -262,7 +265,7 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 out["Content-Length"] = str(min(intact, total))
             if kind == "bad_range" and "Content-Range" in out:
                 out["Content-Range"] = _shifted(out["Content-Range"])
-            self.send_response(reply.status)
+            self.send_response(status)
             for key, value in out.items():
                 self.send_header(key, value)
             self.end_headers()
