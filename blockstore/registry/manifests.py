@@ -185,7 +185,7 @@ def _from_index(
     that is an index without a platform, down to ``MAX_INDEX_DEPTH``. The platform is
     optional in an entry (skopeo copies an index so), so an image manifest without
     one is judged by its config's platform, as containerd does. buildx's attestations
-    ("unknown/unknown") are not images to run.
+    ("unknown/unknown") and entries naming an artifact type are not images to run.
     ``names`` gathers the platforms seen, for the error when none is chosen. Each
     manifest is fetched once, and at most ``MAX_INDEX_FETCHES`` in all: a hostile
     index of indexes could otherwise ask for millions within the depth bound.
@@ -200,11 +200,7 @@ def _from_index(
     names += [str(p) for p in offered]
     chosen = wanted.choose(offered)
     candidates = [(runnable[chosen], str(offered[chosen]))] if chosen is not None else []
-    candidates += [
-        (e, None)
-        for e in entries
-        if "platform" not in e and e["mediaType"] in INDEX_TYPES | MANIFEST_TYPES
-    ]
+    candidates += [(e, None) for e in entries if "platform" not in e and _may_be_image(e)]
     for entry, platform in candidates:
         if entry["digest"] in manifests:
             continue  # searched already: an index may list one index many times
@@ -220,6 +216,13 @@ def _from_index(
         if found is not None:
             return found[0], found[1], found[2] or platform
     return None
+
+
+def _may_be_image(entry: dict) -> bool:
+    """Whether an index entry without a platform may be an image or an index of them: a
+    manifest or index not marked as an artifact (the image spec has an artifact's entry
+    name its ``artifactType``; one may have no layers at all)."""
+    return entry["mediaType"] in INDEX_TYPES | MANIFEST_TYPES and "artifactType" not in entry
 
 
 def _fetch_entry(

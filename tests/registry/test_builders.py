@@ -17,7 +17,7 @@ import pytest
 
 from blockstore.errors import IntegrityError, NotFound
 from blockstore.image import open_image
-from blockstore.registry import EROFS_MEDIA_TYPE, RegistryClient, resolve_image
+from blockstore.registry import EROFS_MEDIA_TYPE, RegistryClient, push_image, resolve_image
 from blockstore.registry.digests import canonical_json, digest_of
 from blockstore.registry.mediatypes import (
     DOCKER_CONFIG,
@@ -27,6 +27,7 @@ from blockstore.registry.mediatypes import (
     OCI_MANIFEST,
     OCI_TAR_GZIP,
 )
+from blockstore.registry.referrers import EMPTY_CONFIG_TYPE
 from blockstore.tarlayer.erofs_reader import read_metadata
 
 DOCKER_ZSTD_LAYER = "application/vnd.docker.image.rootfs.diff.tar.zstd"
@@ -138,6 +139,32 @@ def test_an_index_entry_without_a_platform_is_judged_by_its_config(
         assert (image.platform, image.layers[0].digest) == ("linux/amd64", small.digest)
         with pytest.raises(NotFound, match=r"no platform linux/arm64; it has: linux/amd64$"):
             resolve_image(client, ref, "linux/arm64")
+
+
+def test_an_artifact_listed_in_an_index_is_not_taken_for_an_image(registry, erofs_images):
+    """An index listing an artifact with no layers (its entry names an ``artifactType``,
+    as the image spec has artifact entries do) before an image, neither with a
+    platform: the artifact is passed over unread and the image is the one resolved;
+    read, the artifact would have failed the whole image as a manifest with no
+    layers."""
+    small = erofs_images.small
+    repository = "builders/with-artifact"
+    with registry.client() as client:
+        push_image(client, repository, "image", [small.path], platform="linux/amd64")
+        raw = client.get_manifest(repository, "image").raw
+        image = {"mediaType": OCI_MANIFEST, "digest": digest_of(raw), "size": len(raw)}
+        client.upload_blob(repository, digest_of(b"{}"), b"{}")
+        sbom = "application/vnd.example.sbom.v1+json"
+        empty = {"mediaType": EMPTY_CONFIG_TYPE, "digest": digest_of(b"{}"), "size": 2}
+        manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": sbom}
+        raw = canonical_json({**manifest, "config": empty, "layers": []})
+        client.put_manifest(repository, digest_of(raw), raw, OCI_MANIFEST)
+        artifact = {"mediaType": OCI_MANIFEST, "artifactType": sbom}
+        artifact |= {"digest": digest_of(raw), "size": len(raw)}
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [artifact, image]}
+        client.put_manifest(repository, "v1", canonical_json(index), OCI_INDEX)
+        resolved = resolve_image(client, f"{registry.host}/{repository}:v1", "linux/amd64")
+    assert (resolved.platform, resolved.layers[0].digest) == ("linux/amd64", small.digest)
 
 
 def test_a_config_naming_another_count_of_layers_is_refused(registry, tmp_path: Path):
