@@ -8,16 +8,26 @@ import json
 
 from blockstore.errors import IntegrityError
 
+ALGORITHMS = ("sha256", "sha512")
+"""The digest algorithms the image spec registers: the only ones checked, or trusted."""
+
 
 def digest_of(data: bytes, algorithm: str = "sha256") -> str:
-    if algorithm not in ("sha256", "sha512"):
+    if algorithm not in ALGORITHMS:
         raise IntegrityError(f"unsupported digest algorithm {algorithm!r}")
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
 def check_digest(data: bytes, digest: str, subject: str) -> None:
-    """Raise ``IntegrityError`` unless ``data`` hashes to ``digest``."""
-    computed = digest_of(data, digest.partition(":")[0])
+    """Raise ``IntegrityError`` unless ``data`` hashes to ``digest``; a digest of another
+    algorithm than ``ALGORITHMS`` cannot be checked, so it is refused, naming ``subject``."""
+    algorithm = digest.partition(":")[0]
+    if algorithm not in ALGORITHMS:
+        raise IntegrityError(  # repr: a registry's header text reaches no terminal as is
+            f"{subject} is named by a {algorithm[:20]!r} digest, an algorithm no check is "
+            f"had for here ({', '.join(ALGORITHMS)}): refused"
+        )
+    computed = digest_of(data, algorithm)
     if computed != digest:
         raise IntegrityError(f"{subject} hashes to {computed}, not {digest}: refused")
 

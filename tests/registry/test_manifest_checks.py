@@ -296,3 +296,26 @@ def test_a_config_whose_size_is_not_its_descriptors_is_refused(
         resolve_image(
             client, f"{proxy.host}/fixtures/small:v1", "linux/amd64", require_platform=True
         )
+
+
+def test_a_manifest_named_by_a_digest_no_check_is_had_for_is_refused_naming_it(
+    registry, pushed_images, fault_proxy
+):
+    """A registry naming a tag's manifest by a sha384 digest in ``Docker-Content-Digest``
+    (an algorithm of go-digest's the image spec does not register, and this engine
+    cannot check): the image is refused (exit 6) in one line that names the image and
+    the algorithm. Before, the line was "unsupported digest algorithm 'sha384'" alone."""
+    proxy = fault_proxy(registry)
+    said = "sha384:" + "ab" * 48
+    proxy.fault = Fault(
+        "rewrite_headers", headers={"Docker-Content-Digest": said}, path_contains="/manifests/"
+    )
+    ref = f"{proxy.host}/fixtures/small:v1"
+    done = subprocess.run(
+        [*BLOCKSTORE, "inspect", ref, "--insecure"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 6, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"blockstore: image {ref} from {proxy.host} is named by a 'sha384' digest, an "
+        "algorithm no check is had for here (sha256, sha512): refused"
+    ]
