@@ -398,16 +398,17 @@ class RegistryClient:
         with_retries(self.policy, deadline, session, subject)
 
     def _upload_target(self, repository: str, digest: str, deadline: Deadline, subject: str) -> str:
-        """The URL to PUT a blob to: a new upload session's ``Location`` (relative or
-        absolute, with a query or without), with the blob's digest."""
+        """The URL to PUT a blob to: a new upload session's ``Location`` (absolute, or
+        relative to the host or to the uploads path; with a query or without), with the
+        blob's digest."""
         path = f"/v2/{repository}/blobs/uploads/"
         with self._push_attempt("POST", repository, path, deadline) as reply:
             if reply.status_code != 202 or "Location" not in reply.headers:
                 raise registry_error(reply, subject)
-            location = reply.headers["Location"]
+            # A URI reference, resolved against the POST's URL as RFC 3986 has it.
+            location = urljoin(self.upstream.base_url + path, reply.headers["Location"])
         separator = "&" if "?" in location else "?"
-        target = location + separator + urlencode({"digest": digest})
-        return target if "://" in target else self.upstream.base_url + target
+        return location + separator + urlencode({"digest": digest})
 
     def put_manifest(
         self, repository: str, reference: str, raw: bytes, media_type: str

@@ -7,6 +7,7 @@ import hashlib
 import os
 
 import pytest
+import requests
 from rig.fault_proxy import Fault
 
 from blockstore.errors import RegistryError, UsageError
@@ -173,3 +174,25 @@ def test_a_write_said_done_with_another_success_status_is_done(
         image = resolve_image(client, f"{fresh_registry.host}/push/accepted:v1", None)
     assert (image.manifest_digest, image.layers[0].digest) == (pushed, small.digest)
     assert proxy.faults_applied == 3  # the layer, the config, the manifest
+
+
+def test_an_upload_location_relative_to_the_uploads_path_is_resolved(
+    fresh_registry, erofs_images, fault_proxy
+):
+    """A registry answering the upload POST with a ``Location`` relative to the request's
+    path (``<session>?_state=...``: a URI reference the distribution spec leaves to RFC
+    3986): the PUT goes to ``/v2/<name>/blobs/uploads/<session>``, and the blob is
+    stored. Before, the Location was appended to the registry's address as it came
+    (``http://host:port<session>...``), no URL at all: the push died with a ValueError."""
+    small = erofs_images.small
+    uploads = "/v2/push/relative/blobs/uploads/"
+    started = requests.post(fresh_registry.url + uploads, timeout=10)  # handed out below
+    session = started.headers["Location"].partition(uploads)[2]
+    proxy = fault_proxy(fresh_registry)
+    proxy.fault = Fault("status", method="POST", status=202, headers={"Location": session}, times=1)
+    with RegistryClient(proxy.host, fresh_registry.options()) as client:
+        client.upload_blob("push/relative", small.digest, small.path)
+        assert client.blob_exists("push/relative", small.digest)
+    assert [r.path.partition("?")[0] for r in proxy.requests if r.method == "PUT"] == [
+        uploads + session.partition("?")[0]
+    ]
