@@ -260,9 +260,9 @@ class RegistryClient:
         (default: the options' timeout from now), every attempt included.
 
         A 206 must start with the span asked for (the reply is read no further); a
-        200 (Range ignored) is streamed and sliced without holding the blob. A body cut short, of
-        the wrong range, or slower than the deadline is tried again (from the
-        next source, if a mirror sent it); every failure in the end is a
+        200 (Range ignored) is streamed and sliced without holding the blob. A body
+        cut short, of the wrong range, or slower than the deadline is tried again
+        (from the next source, if a mirror sent it); every failure in the end is a
         ``BlockstoreError`` naming its cause.
         """
         deadline = deadline or self.deadline()
