@@ -76,8 +76,8 @@ MIRROR_COOLDOWN = 30.0
 STORED = frozenset({200, 201, 202, 204})
 """Statuses a registry says a manifest or blob was stored with: the spec's 201, or
 another success (Quay's 202 for a manifest), which docker and containerd take too."""
-UPLOAD_SESSION_LOST = frozenset({"BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN"})
-"""The distribution spec's codes for an upload session the registry will not complete."""
+UPLOAD_LOST = frozenset({"BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN"})
+"""The distribution spec's codes for an upload the registry will not complete."""
 T = TypeVar("T")
 
 
@@ -375,8 +375,8 @@ class RegistryClient:
     def upload_blob(self, repository: str, digest: str, body: bytes | Path) -> None:
         """Upload a blob in one PUT (a monolithic upload), skipping it if already there.
 
-        Each attempt is a session of its own (POST, then PUT): a PUT cut short may
-        have left part of the blob in its session, which the registry then will not
+        Each attempt is an upload of its own (POST, then PUT): a PUT cut short may
+        have left part of the blob in its upload, which the registry then will not
         complete (the CNCF registry: 404 ``BLOB_UPLOAD_INVALID``).
         """
         if self.blob_exists(repository, digest):
@@ -384,21 +384,21 @@ class RegistryClient:
         subject = f"uploading blob {digest} to {self.registry}/{repository}"
         deadline = Deadline(None, stall=self.options.timeout)
 
-        def session() -> None:
+        def upload_once() -> None:
             target = self._upload_target(repository, digest, deadline, subject)
             headers = {"Content-Type": "application/octet-stream"}
             with self._push_attempt("PUT", repository, target, deadline, headers, body) as reply:
                 if reply.status_code in STORED:
                     return
                 error = registry_error(reply, subject)
-            if error.code in UPLOAD_SESSION_LOST:
+            if error.code in UPLOAD_LOST:
                 raise TryAgain(error)
             raise error
 
-        with_retries(self.policy, deadline, session, subject)
+        with_retries(self.policy, deadline, upload_once, subject)
 
     def _upload_target(self, repository: str, digest: str, deadline: Deadline, subject: str) -> str:
-        """The URL to PUT a blob to: a new upload session's ``Location`` (absolute, or
+        """The URL to PUT a blob to: a new upload's ``Location`` (absolute, or
         relative to the host or to the uploads path; with a query or without), with the
         blob's digest."""
         path = f"/v2/{repository}/blobs/uploads/"

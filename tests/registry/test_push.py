@@ -135,13 +135,11 @@ def test_diff_id_is_the_uncompressed_digest_of_compressed_tar_layers_only(
     assert diff_id(layer, media_type, blob) == expected
 
 
-def test_an_upload_cut_short_is_made_again_in_a_new_session(
-    fresh_registry, erofs_images, fault_proxy
-):
+def test_an_upload_cut_short_is_made_again_as_a_new_one(fresh_registry, erofs_images, fault_proxy):
     """The link breaks while a layer's PUT is under way: the registry has part of the
-    blob in that upload session, the client no reply. The upload is made again from a
-    new session (POST, then PUT), and the image pushed whole. Before, the PUT was sent
-    again to the same session, which the CNCF registry refuses once part of a body
+    blob in that upload, the client no reply. The upload is made again as a new one
+    (POST, then PUT), and the image pushed whole. Before, the PUT was sent again to
+    the same upload, which the CNCF registry refuses once part of a body
     came (404 BLOB_UPLOAD_INVALID), and the push failed."""
     small = erofs_images.small
     proxy = fault_proxy(fresh_registry)
@@ -180,19 +178,19 @@ def test_an_upload_location_relative_to_the_uploads_path_is_resolved(
     fresh_registry, erofs_images, fault_proxy
 ):
     """A registry answering the upload POST with a ``Location`` relative to the request's
-    path (``<session>?_state=...``: a URI reference the distribution spec leaves to RFC
-    3986): the PUT goes to ``/v2/<name>/blobs/uploads/<session>``, and the blob is
+    path (``<uuid>?_state=...``: a URI reference the distribution spec leaves to RFC
+    3986): the PUT goes to ``/v2/<name>/blobs/uploads/<uuid>``, and the blob is
     stored. Before, the Location was appended to the registry's address as it came
-    (``http://host:port<session>...``), no URL at all: the push died with a ValueError."""
+    (``http://host:port<uuid>...``), no URL at all: the push died with a ValueError."""
     small = erofs_images.small
     uploads = "/v2/push/relative/blobs/uploads/"
     started = requests.post(fresh_registry.url + uploads, timeout=10)  # handed out below
-    session = started.headers["Location"].partition(uploads)[2]
+    upload = started.headers["Location"].partition(uploads)[2]
     proxy = fault_proxy(fresh_registry)
-    proxy.fault = Fault("status", method="POST", status=202, headers={"Location": session}, times=1)
+    proxy.fault = Fault("status", method="POST", status=202, headers={"Location": upload}, times=1)
     with RegistryClient(proxy.host, fresh_registry.options()) as client:
         client.upload_blob("push/relative", small.digest, small.path)
         assert client.blob_exists("push/relative", small.digest)
     assert [r.path.partition("?")[0] for r in proxy.requests if r.method == "PUT"] == [
-        uploads + session.partition("?")[0]
+        uploads + upload.partition("?")[0]
     ]
