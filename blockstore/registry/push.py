@@ -114,7 +114,7 @@ def push_image(
         "size": len(manifest),
         "platform": _platform_fields(target),
     }
-    others = [e for e in _index_entries(client, repository, tag) if not _same_platform(e, target)]
+    others = _kept_entries(client, repository, tag, target, manifest_digest)
     index_type = DOCKER_LIST if docker_schema2 else OCI_INDEX
     index = canonical_json(
         {"schemaVersion": 2, "mediaType": index_type, "manifests": [*others, entry]}
@@ -189,6 +189,16 @@ def file_digest(path: Path) -> tuple[str, int]:
         return f"sha256:{digest}", file.tell()
 
 
+def _kept_entries(
+    client: RegistryClient, repository: str, tag: str, target: Platform, digest: str
+) -> list[dict]:
+    """The entries under ``tag`` that stay beside ``target``'s new manifest ``digest``:
+    all but ``target``'s own entry and the attestations of the manifest it replaces."""
+    entries = _index_entries(client, repository, tag)
+    replaced = {e["digest"] for e in entries if _same_platform(e, target)} - {digest}
+    return [e for e in entries if not _same_platform(e, target) and not _attests(e, replaced)]
+
+
 def _index_entries(client: RegistryClient, repository: str, tag: str) -> list[dict]:
     """The platform entries already under ``tag``: those of an index, or the plain manifest's."""
     try:
@@ -222,6 +232,18 @@ def _platform_fields(platform: Platform) -> dict[str, str]:
     if platform.variant:
         fields["variant"] = platform.variant
     return fields
+
+
+ATTESTED = "vnd.docker.reference.digest"
+"""The annotation by which buildx's attestation entry in an index names the manifest it
+describes."""
+
+
+def _attests(entry: dict, digests: set[str]) -> bool:
+    """Whether ``entry`` is an attestation of one of ``digests``: once they leave the
+    index, it would describe a manifest the index does not list."""
+    annotations = entry.get("annotations")
+    return isinstance(annotations, dict) and annotations.get(ATTESTED) in digests
 
 
 def _same_platform(entry: dict, target: Platform) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 
 import pytest
@@ -12,7 +13,8 @@ from rig.fault_proxy import Fault
 
 from blockstore.errors import RegistryError, UsageError
 from blockstore.registry import RegistryClient, push_image, resolve_image
-from blockstore.registry.mediatypes import OCI_INDEX, OCI_MANIFEST
+from blockstore.registry.digests import canonical_json, digest_of
+from blockstore.registry.mediatypes import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST
 from blockstore.registry.push import diff_id
 
 
@@ -194,3 +196,82 @@ def test_an_upload_location_relative_to_the_uploads_path_is_resolved(
     assert [r.path.partition("?")[0] for r in proxy.requests if r.method == "PUT"] == [
         uploads + upload.partition("?")[0]
     ]
+
+
+def push_attestation(client: RegistryClient, repository: str, subject: str) -> dict:
+    """An attestation manifest of ``subject`` as buildx pushes one, and its index entry
+    (platform unknown/unknown, annotations naming the manifest it describes)."""
+    statement = canonical_json(
+        {"_type": "https://in-toto.io/Statement/v0.1", "subject": [{"digest": subject}]}
+    )
+    config = canonical_json(
+        {
+            "architecture": "unknown",
+            "os": "unknown",
+            "rootfs": {"type": "layers", "diff_ids": [digest_of(statement)]},
+        }
+    )
+    for data in (statement, config):
+        client.upload_blob(repository, digest_of(data), data)
+    manifest = canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": digest_of(config), "size": len(config)},
+            "layers": [
+                {
+                    "mediaType": "application/vnd.in-toto+json",
+                    "digest": digest_of(statement),
+                    "size": len(statement),
+                }
+            ],
+        }
+    )
+    client.put_manifest(repository, digest_of(manifest), manifest, OCI_MANIFEST)
+    return {
+        "mediaType": OCI_MANIFEST,
+        "digest": digest_of(manifest),
+        "size": len(manifest),
+        "platform": {"architecture": "unknown", "os": "unknown"},
+        "annotations": {
+            "vnd.docker.reference.digest": subject,
+            "vnd.docker.reference.type": "attestation-manifest",
+        },
+    }
+
+
+def test_replacing_a_platform_drops_the_attestation_of_the_manifest_replaced(
+    fresh_registry, erofs_images
+):
+    """An index as buildx pushes it (each platform's manifest beside an attestation
+    naming it): replacing linux/amd64 drops the amd64 attestation, which describes a
+    manifest the index no longer lists; the arm64 one stays with its manifest. Pushing
+    the same amd64 image again keeps its attestation. Before, the amd64 attestation
+    stayed, naming a manifest gone from the index."""
+    small, base, changes = (erofs_images.small, *erofs_images.layers[:2])
+    repository = "push/attested"
+    with fresh_registry.client() as client:
+        entries = []
+        for path, platform in ((small.path, "linux/amd64"), (base.path, "linux/arm64")):
+            digest = push_image(client, repository, "one", [path], platform=platform)
+            raw = client.get_manifest(repository, digest).raw
+            os_name, architecture = platform.split("/")
+            fields = {"os": os_name, "architecture": architecture}
+            entries.append({"mediaType": OCI_MANIFEST, "digest": digest, "size": len(raw)})
+            entries[-1]["platform"] = fields
+            entries.append(push_attestation(client, repository, digest))
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
+        client.put_manifest(repository, "v1", canonical_json(index), OCI_INDEX)
+        amd, amd_attestation, arm, arm_attestation = (e["digest"] for e in entries)
+
+        def listed() -> set[str]:
+            return {
+                e["digest"]
+                for e in json.loads(client.get_manifest(repository, "v1").raw)["manifests"]
+            }
+
+        add = {"platform": "linux/amd64", "add_to_index": True}
+        push_image(client, repository, "v1", [small.path], **add)
+        assert listed() == {amd, amd_attestation, arm, arm_attestation}
+        new = push_image(client, repository, "v1", [changes.path], **add)
+        assert listed() == {new, arm, arm_attestation}
