@@ -16,7 +16,9 @@ import errno
 import logging
 import os
 import signal
+import socket
 import sys
+import urllib.parse
 from pathlib import Path
 
 from blockstore.cache import ChunkStore
@@ -143,12 +145,13 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
         if args.pidfile is not None:
             _write_pidfile(args.pidfile)
             pidfile = args.pidfile
-        for name, uri in server.uris().items():
+        uris = {name: reachable(uri) for name, uri in server.uris().items()}
+        for name, uri in uris.items():
             print(f"export {name} {uri}")
-        print(f'export "" {server.uri("")}')
+        print(f'export "" {reachable(server.uri(""))}')
         print("ready", flush=True)
         if readiness is not None:
-            readiness.ready({**server.uris(), "": server.uri("")})
+            readiness.ready({**uris, "": reachable(server.uri(""))})
         log.info("serving %s (%s)", image.resolved.reference, ", ".join(b.name for b in blobs))
         server.serve_forever()
         # Stopping is done and was bounded: later signals change nothing, and one that
@@ -186,8 +189,29 @@ def start_metrics(address: tuple[str, int], store: ChunkStore, server: NBDServer
         where = f"{address[0]}:{address[1]}"
         raise BlockstoreError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from exc
     host, port = metrics.address
-    print(f"metrics http://{host}:{port}/metrics")
+    print(f"metrics {reachable(f'http://{_netloc(host, port)}/metrics')}")
     return metrics
+
+
+WILDCARDS = ("0.0.0.0", "::")
+"""Listening addresses that stand for every address of this machine: a client elsewhere
+cannot connect to them, so a URI never names them."""
+
+
+def reachable(uri: str) -> str:
+    """``uri``, a wildcard host in it (``--listen 0.0.0.0:PORT``, ``[::]``) replaced by
+    this machine's name, which clients here and on the network can use."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.hostname in WILDCARDS:
+        uri = urllib.parse.urlunsplit(
+            parts._replace(netloc=_netloc(socket.gethostname(), parts.port))
+        )
+    return uri
+
+
+def _netloc(host: str, port: int | None) -> str:
+    """``HOST:PORT``, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _remove_pidfile(path: Path) -> None:

@@ -94,7 +94,8 @@ def exposure_warnings(
 
     if address is None or is_loopback(address[0]):
         return []
-    where = f"{address[0]}:{address[1]}"
+    host, port = address
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     names = f"{', '.join(exports)} of {image}"
     if tls is None:
         return [

@@ -1,0 +1,60 @@
+"""What ``blockstore serve`` prints about where it listens: addresses a client can use."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+
+def _serve_until_ready(argv: list[str]) -> tuple[subprocess.Popen, list[str]]:
+    """The server, and the lines it printed up to ``ready``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blockstore", "serve", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = []
+    for line in proc.stdout:
+        if line.strip() == "ready":
+            return proc, lines
+        lines.append(line.strip())
+    proc.wait()
+    raise AssertionError(f"serve exited before ready: {proc.stderr.read()}")
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:0", "[::]:0"])
+def test_a_wildcard_listen_address_is_printed_as_one_clients_can_use(
+    registry, pushed_images, tmp_path: Path, listen: str
+):
+    """``--listen 0.0.0.0`` (or ``[::]``) means every address of this machine, which no
+    client elsewhere can connect to as such: the export URIs and the metrics URL name the
+    machine instead, and each works; the warning writes an IPv6 address in brackets.
+    Before, ``nbd://0.0.0.0:PORT/`` was printed, and ``:::PORT`` in the warning."""
+    argv = [pushed_images.small, "--insecure", "--cache-dir", str(tmp_path / "cache")]
+    proc, lines = _serve_until_ready([*argv, "--listen", listen, "--metrics", "0.0.0.0:0"])
+    try:
+        uris = [line.split()[2] for line in lines if line.startswith("export ")]
+        (metrics,) = [line.split()[1] for line in lines if line.startswith("metrics ")]
+        for uri in [*uris, metrics]:
+            assert "0.0.0.0" not in uri and "[::]" not in uri, lines
+        for uri in uris:
+            size = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True)
+            assert size.returncode == 0, size.stderr
+            assert int(size.stdout) > 0
+        with urllib.request.urlopen(metrics, timeout=10) as reply:
+            assert b"blockstore_cache" in reply.read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    warning = proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+    port = uris[0].rsplit(":", 1)[1].split("/")[0]
+    shown = "[::]" if listen.startswith("[") else "0.0.0.0"
+    assert f"listening on {shown}:{port} without TLS" in warning
