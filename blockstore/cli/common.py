@@ -489,15 +489,21 @@ def open_image_from_args(
     # Imported here, as registry_options_from_args explains.
     from blockstore.image import open_image
 
-    image = open_image(
-        args.image,
-        cache_dir=cache_dir_from(args),
-        cache_size=args.cache_size,
-        platform=args.platform,
-        options=registry_options_from_args(args),
-        reading=(getattr(args, "layer", None), getattr(args, "blob", None)),
-        **kw,
-    )
+    cache_dir = cache_dir_from(args)
+    made = _missing_dirs(cache_dir)
+    try:
+        image = open_image(
+            args.image,
+            cache_dir=cache_dir,
+            cache_size=args.cache_size,
+            platform=args.platform,
+            options=registry_options_from_args(args),
+            reading=(getattr(args, "layer", None), getattr(args, "blob", None)),
+            **kw,
+        )
+    except BaseException:
+        _remove_new_cache(made)
+        raise
     if serves and image.store.read_only and image.client is not None:
         filling = image.prefetch.fill
         # A fill would fetch every layer whole, keep none of it, and try again.
@@ -517,6 +523,41 @@ def open_image_from_args(
         why = image.unreachable or "the registry cannot be reached"
         raise RegistryUnreachable(f"{image.resolved.reference}: {why}")
     return image
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first: what
+    opening a cache at ``path`` makes."""
+    missing = []
+    path = path.absolute()
+    while not os.path.lexists(path) and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_new_cache(made: list[Path]) -> None:
+    """Undo the cache a command made and then failed to use (the registry unreachable,
+    the image unknown, the login refused): a first command that fails leaves nothing
+    behind. Kept if anything but LMDB's two files is in it, or another process opened
+    it meanwhile."""
+    from blockstore.cache.env import LMDB_DATA_FILE, LMDB_LOCK_FILE
+    from blockstore.openers import processes_with_open
+
+    if not made or not made[0].is_dir():
+        return
+    files = [made[0] / LMDB_DATA_FILE, made[0] / LMDB_LOCK_FILE]
+    if not set(os.listdir(made[0])) <= {f.name for f in files}:
+        return
+    if processes_with_open([str(f) for f in files]):
+        return
+    for file in files:
+        file.unlink(missing_ok=True)
+    for directory in made:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
 
 
 class _ToAPerson(logging.Formatter):

@@ -1,0 +1,84 @@
+"""What a failed ``blockstore mount`` leaves behind: nothing it made."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rig.processes import free_port
+from rig.pushed import push_erofs
+
+from blockstore.errors import AuthError, NotFound, RegistryUnreachable
+
+BLOCKSTORE = [sys.executable, "-m", "blockstore"]
+
+
+def _without_a_cache(home: Path) -> dict[str, str]:
+    """An environment whose cache is the default one, in ``home``, not made yet."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("BLOCKSTORE_CACHE_DIR", "XDG_CACHE_HOME")
+    }
+    return {**env, "HOME": str(home)}
+
+
+@pytest.fixture
+def refused(request, registry, basic_auth_registry, erofs_images) -> tuple[list[str], int]:
+    """The image arguments of a mount the registry side refuses, and the exit code."""
+    if request.param == "unreachable":
+        return [f"127.0.0.1:{free_port()}/a/b:v1", "--insecure"], RegistryUnreachable.exit_code
+    if request.param == "unknown image":
+        return [f"{registry.host}/no/such:v1", "--insecure"], NotFound.exit_code
+    server = basic_auth_registry
+    ref = push_erofs(
+        server.host, "left/auth", "v1", [erofs_images.small.path], options=server.options()
+    )
+    login = ["--username", server.username, "--password", "not-the-password"]
+    return [ref, "--insecure", *login], AuthError.exit_code
+
+
+@pytest.mark.parametrize(
+    "refused", ["unreachable", "unknown image", "wrong password"], indirect=True
+)
+def test_a_first_mount_the_registry_refuses_leaves_no_cache(mount_dirs, mountpoint, refused):
+    """With no cache yet, a mount that fails at the registry (no such host, no such image,
+    a wrong password) exits with that cause's code and leaves no cache directory: before,
+    an empty ``~/.cache/blockstore`` (LMDB files and all) stayed, made by the server."""
+    base, _ = mount_dirs
+    home = base / "home"
+    home.mkdir()
+    argv, code = refused
+    done = subprocess.run(
+        [*BLOCKSTORE, "mount", *argv, str(mountpoint)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_without_a_cache(home),
+    )
+    assert done.returncode == code, done.stderr
+    assert list(home.iterdir()) == [], list(home.rglob("*"))
+
+
+@pytest.mark.parametrize("command", ["serve", "prefetch"])
+def test_a_first_serve_or_prefetch_that_fails_leaves_no_cache(command: str, tmp_path: Path):
+    """The same for the other commands that make a cache, with the cache's parents: a
+    ``--cache-dir`` whose directories did not exist is gone again, while one the cache
+    was made in that existed stays."""
+    cache = tmp_path / "made" / "for" / "it"
+    done = subprocess.run(
+        [
+            *BLOCKSTORE,
+            command,
+            f"127.0.0.1:{free_port()}/a/b:v1",
+            "--insecure",
+            "--cache-dir",
+            str(cache),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == RegistryUnreachable.exit_code, done.stderr
+    assert list(tmp_path.iterdir()) == []
