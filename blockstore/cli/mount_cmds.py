@@ -415,12 +415,13 @@ def run_mounts(args: argparse.Namespace) -> int:
         rows.append(
             {
                 "mountpoint": record.mountpoint,
-                "image": record.image,
-                "layers": len(record.attachments),
+                "image": record.image if st.recorded else None,
+                "recorded": st.recorded,
+                "layers": len(record.attachments) if st.recorded else None,
                 "layer_indexes": [layer.get("index") for layer in record.info.get("layers", [])],
                 "image_layers": record.info.get("image_layers"),
-                "served": served_layers(record),
-                "via": record.method,
+                "served": served_layers(record) if st.recorded else "?",
+                "via": record.method or None,
                 "state": st.state,
                 "server_pid": record.server.pid if record.server else None,
                 "cached": cached_fractions(record),
@@ -441,7 +442,8 @@ def run_mounts(args: argparse.Namespace) -> int:
     for row in rows:
         cached = " ".join("?" if f is None else percent(f) for f in row["cached"]) or "?"
         state = with_warnings(row["state"], row["warnings"])
-        table.append((row["mountpoint"], row["image"], row["served"], row["via"], state, cached))
+        image, via = row["image"] or "?", row["via"] or "?"
+        table.append((row["mountpoint"], image, row["served"], via, state, cached))
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())

@@ -371,11 +371,16 @@ class MountStatus:
     mounted: bool
     server_alive: bool
     attached: bool
+    recorded: bool = True
+    """False: the record is gone and ``record`` was read back from what the kernel shows
+    (``_unrecorded``), which names no image, layers or attach method."""
 
     @property
     def state(self) -> str:
         """``ok``, ``mounting``, or what broke: a user reads it to decide to unmount and
         mount again."""
+        if not self.recorded:
+            return "record gone"
         if self.record.mounting:
             return "mounting"
         if not self.mounted:
@@ -387,21 +392,43 @@ class MountStatus:
         return "ok"
 
 
-def status(record: MountRecord) -> MountStatus:
+def status(record: MountRecord, *, recorded: bool = True) -> MountStatus:
     return MountStatus(
         record,
         mounted=syscall.is_mounted(record.mountpoint),
         server_alive=record.server is not None and record.server.alive(),
         attached=all(a.process is None or a.process.alive() for a in record.attachments),
+        recorded=recorded,
     )
 
 
 def list_mounts() -> list[MountStatus]:
-    """Every mount blockstore made here. Only root mounts, and its records are root's
-    alone: another user would see none and be told there are none."""
+    """Every mount blockstore made here, those whose record is gone too (``umount``
+    undoes them all the same). Only root mounts, and its records are root's alone:
+    another user would see none and be told there are none."""
     if os.geteuid() != 0:
         raise NotPermitted("listing mounts needs root: run it with sudo")
-    return [status(r) for r in records.saved()]
+    found = [status(r) for r in records.saved()]
+    known = {st.record.mountpoint for st in found}
+    found += [status(r, recorded=False) for r in _unrecorded_mounts(known)]
+    return sorted(found, key=lambda st: st.record.mountpoint)
+
+
+def _unrecorded_mounts(known: set[str]) -> list[MountRecord]:
+    """The mounts at mount points not in ``known`` whose state directory is there without
+    its record (the run directory cleared while they were mounted), as ``_unrecorded``
+    reads them back."""
+    inside = str(records.run_dir() / "mounts") + "/"
+    found = []
+    for point in syscall.mounted():
+        if point in known or point.startswith(inside):
+            continue
+        state = records.state_dir_for(point)
+        if not records.is_private(state) or (state / records.RECORD_NAME).exists():
+            continue
+        if (record := _unrecorded(point)) is not None:
+            found.append(record)
+    return found
 
 
 @dataclass

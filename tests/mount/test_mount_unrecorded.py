@@ -1,0 +1,49 @@
+"""``blockstore mounts`` and ``umount`` for a mount whose record is gone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from nbdfront.mount import records, stack
+
+BLOCKSTORE = [sys.executable, "-m", "blockstore"]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*BLOCKSTORE, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_a_mount_whose_record_is_gone_is_listed_as_such(
+    mount_dirs, mountpoint, erofs_images, local_server
+):
+    """A three-layer mount whose run directory was cleared (``rm -rf``: the record goes,
+    the state directory with its mounts stays) while its server runs: ``mounts`` lists it
+    as ``record gone`` with what it cannot know shown as ``?`` (``--json``: ``recorded``
+    false, the server's pid), and says ``umount`` cleans it up, as ``umount`` then does.
+    Before, ``mounts`` said there were no blockstore mounts while one stood, its server
+    running, which only ``umount`` of the right path could find."""
+    _, run = mount_dirs
+    layers = erofs_images.layers
+    argv = local_server({f"layer{i}": layer.path for i, layer in enumerate(layers)})
+    record = stack.mount(argv, str(mountpoint), image="three")
+    subprocess.run(["rm", "-rf", str(run)], capture_output=True)
+    assert records.saved() == []
+
+    listed = cli("mounts")
+    assert listed.returncode == 0, listed.stderr
+    header, row = listed.stdout.splitlines()
+    assert header.split()[:2] == ["MOUNTPOINT", "IMAGE"]
+    assert row.split() == [str(mountpoint), "?", "?", "?", "record", "gone", "?"]
+    assert listed.stderr == f"{mountpoint}: `blockstore umount {mountpoint}` cleans it up\n"
+    (shown,) = json.loads(cli("mounts", "--json").stdout)
+    assert shown["recorded"] is False and shown["state"] == "record gone"
+    assert shown["image"] is None and shown["server_pid"] == record.server.pid
+
+    assert cli("umount", str(mountpoint)).returncode == 0
+    assert not record.server.alive()
+    assert cli("mounts").stdout == "no blockstore mounts\n"
+    assert json.loads(cli("mounts", "--json").stdout) == []
+    assert not Path(record.state_dir).exists()
