@@ -23,6 +23,7 @@ from pathlib import Path
 
 from blockstore.errors import MountError, MountpointBusy, NotPermitted
 from blockstore.logformat import count_trouble, last_trouble
+from blockstore.openers import processes_using
 from nbdfront.mount import attach, dirattrs, records, syscall
 from nbdfront.mount.process import ProcessRef
 from nbdfront.mount.records import MountRecord
@@ -612,6 +613,14 @@ def _sweep(record: MountRecord, *, fuse: bool, lazy: bool) -> None:
             syscall.umount(point, lazy=lazy)
 
 
+def _held_inside(record: MountRecord) -> list[str]:
+    """What uses the mount's layers through its state directory (a process with a
+    layer's FUSE file or EROFS directory open, a loop device over a FUSE file), which
+    the unmount of the top cannot see: found after it, the top would be gone and the
+    rest refused, a mount neither whole nor undone."""
+    return syscall.loops_over(record.state_dir) + processes_using(record.state_dir)
+
+
 def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
     """Undo every step the record lists, top first; raises if the file system is busy.
 
@@ -636,6 +645,12 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
                 f"{record.mountpoint} is busy: {', '.join(users)} is mounted over it (a bind "
                 "mount or an overlay); unmount that first, or unmount with --lazy, after "
                 "which it gets I/O errors"
+            )
+        if held := _held_inside(record):
+            raise MountpointBusy(
+                f"{record.mountpoint} is busy: {', '.join(held)} uses its layers from "
+                "outside it; end or unmount that first, or unmount with --lazy, after which "
+                "it gets I/O errors"
             )
     if top:
         syscall.umount(record.mountpoint, lazy=lazy)

@@ -13,6 +13,7 @@ import errno
 import os
 import re
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 from blockstore.errors import MissingDependency, MountError, MountpointBusy, NotPermitted
@@ -162,6 +163,27 @@ def _overlay_dirs(options: str, keys: tuple[str, ...]) -> list[str]:
         if key in keys:
             dirs += _unescape(value).split(":")
     return dirs
+
+
+def loops_over(path: str) -> list[str]:
+    """The loop devices whose backing file lies inside ``path``, each with where it is
+    mounted: mount(8), given a regular file such as a layer's FUSE file, sets one up in
+    front of it, and no process then holds the file for ``processes_using`` to find."""
+    inside = os.path.realpath(path).rstrip("/") + "/"
+    points: dict[str, list[str]] = {}
+    for m in _mounts():
+        points.setdefault(m.source, []).append(m.point)
+    found = []
+    for backing in sorted(Path("/sys/block").glob("loop*/loop/backing_file")):
+        try:
+            target = backing.read_text().rstrip("\n")
+        except OSError:  # detached meanwhile
+            continue
+        if target.startswith(inside):
+            device = f"/dev/{backing.parent.parent.name}"
+            where = points.get(device)
+            found.append(f"{device} (mounted at {', '.join(where)})" if where else device)
+    return found
 
 
 class MountedHere(NamedTuple):

@@ -1,0 +1,58 @@
+"""``umount`` of a mount whose layers are used from outside it, through its state directory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mount_trees import assert_same_tree
+
+from blockstore.errors import MountpointBusy
+from nbdfront.mount import records, stack, syscall
+
+BLOCKSTORE = [sys.executable, "-m", "blockstore"]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*BLOCKSTORE, *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("holder", ["a process", "a loop device"])
+def test_a_layer_used_from_outside_is_refused_before_anything_is_undone(
+    nbdfuse_only, mount_dirs, mountpoint, erofs_images, local_server, holder
+):
+    """A process with a layer's FUSE file open, or ``mount -t erofs FUSEFILE DIR`` by hand
+    (mount(8) puts a loop device over the file): ``umount`` is refused as busy (exit 13),
+    naming the process or the loop device and where it is mounted, and the mount stays
+    whole; once that is gone, ``umount`` undoes it all. Before, the top was unmounted, then
+    the FUSE file refused ("a process still uses it", even for a loop device), leaving a
+    mount neither whole nor undone, which the next ``umount`` called not whole."""
+    base, _ = mount_dirs
+    image = erofs_images.small
+    record = stack.mount(local_server({"layer0": image.path}), str(mountpoint), image="small")
+    (attachment,) = record.attachments
+    if holder == "a process":
+        with open(attachment.device, "rb") as held:
+            user = subprocess.Popen(["sleep", "60"], stdin=held)
+        named, release = f"pid {user.pid} (sleep)", lambda: (user.kill(), user.wait())
+    else:
+        other = base / "other"
+        other.mkdir()
+        subprocess.run(
+            ["mount", "-t", "erofs", "-o", "ro", attachment.device, str(other)], check=True
+        )
+        named, release = f"(mounted at {other})", lambda: syscall.umount(str(other))
+    try:
+        done = cli("umount", str(mountpoint))
+        assert done.returncode == MountpointBusy.exit_code, done.stderr
+        assert named in done.stderr and "uses its layers" in done.stderr, done.stderr
+        assert stack.status(records.load(str(mountpoint))).state == "ok"
+        assert_same_tree(image.tree, mountpoint)
+    finally:
+        release()
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert not Path(record.state_dir).exists() and records.saved() == []
