@@ -531,6 +531,11 @@ def _not_ours(mountpoint: str) -> str:
     mount made with another run directory (a ``sudo`` that dropped BLOCKSTORE_RUN_DIR)
     is undone with that one, never by umount(8), which would leave its server running."""
     top = syscall.mounts_at(mountpoint)
+    if not top and (around := _recorded_around(os.path.realpath(mountpoint))) is not None:
+        return (
+            f"{mountpoint} is inside the mount of {around.image} at {around.mountpoint}, "
+            f"not one itself: `blockstore umount {around.mountpoint}` undoes that"
+        )
     if not top:
         why = "does not exist" if not os.path.lexists(mountpoint) else "has nothing mounted on it"
         return f"{mountpoint} {why}; `blockstore mounts` lists the mounts blockstore made"
@@ -545,6 +550,13 @@ def _not_ours(mountpoint: str) -> str:
         "unmount it with umount(8) if it is yours, or give the BLOCKSTORE_RUN_DIR that "
         "mounted it"
     )
+
+
+def _recorded_around(path: str) -> MountRecord | None:
+    """The recorded mount ``path`` lies in, the innermost: ``umount`` given a directory
+    or a file of a mounted image means that mount."""
+    around = [r for r in records.saved() if path.startswith(r.mountpoint.rstrip("/") + "/")]
+    return max(around, key=lambda r: len(r.mountpoint), default=None)
 
 
 def _run_dir_of(mountpoint: str) -> str | None:

@@ -1,4 +1,4 @@
-"""``umount`` of a mount whose layers are used from outside it, through its state directory."""
+"""``umount`` given a mount whose layers are used from outside it, or a path inside a mount."""
 
 from __future__ import annotations
 
@@ -56,3 +56,24 @@ def test_a_layer_used_from_outside_is_refused_before_anything_is_undone(
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert not Path(record.state_dir).exists() and records.saved() == []
+
+
+def test_umount_of_a_path_inside_a_mount_names_the_mount(
+    mount_dirs, mountpoint, erofs_images, local_server
+):
+    """``umount MNT/dir`` (a directory of the mounted image, given by mistake or by a
+    shell's completion) fails (exit 10) saying it is inside the mount at MNT and how to
+    undo that, and undoes nothing. Before, it said the path had nothing mounted on it and
+    pointed at ``mounts``."""
+    image = erofs_images.small
+    record = stack.mount(local_server({"layer0": image.path}), str(mountpoint), image="small")
+    inner = next(path for path in mountpoint.iterdir() if path.is_dir())
+    done = cli("umount", str(inner))
+    assert done.returncode == 10, done.stderr
+    assert done.stderr == (
+        f"blockstore: {inner} is inside the mount of small at {mountpoint}, not one itself: "
+        f"`blockstore umount {mountpoint}` undoes that\n"
+    )
+    assert stack.status(records.load(str(mountpoint))).state == "ok"
+    stack.unmount(str(mountpoint))
+    assert records.saved() == [] and not Path(record.state_dir).exists()
