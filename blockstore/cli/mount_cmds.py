@@ -380,9 +380,10 @@ def describe_path(record: MountRecord) -> str:
     n = len(record.attachments)
     shape = f"{n} layers under a read-only overlayfs" if record.overlay else "1 layer"
     pid = record.server.pid if record.server else "?"
+    metrics = f", metrics {record.metrics}" if record.metrics else ""
     return (
         f"mounted {record.image} at {record.mountpoint} via {via}, {shape}, "
-        f"in {record.mount_seconds:.2f}s (server pid {pid}, log {record.log})"
+        f"in {record.mount_seconds:.2f}s (server pid {pid}{metrics}, log {record.log})"
     )
 
 
@@ -424,6 +425,7 @@ def run_mounts(args: argparse.Namespace) -> int:
                 "via": record.method or None,
                 "state": st.state,
                 "server_pid": record.server.pid if record.server else None,
+                "metrics": record.metrics,
                 "cached": cached_fractions(record),
                 "cache_dir": record.info.get("cache_dir"),
                 "mount_seconds": record.mount_seconds,

@@ -140,6 +140,7 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
             print(f"blockstore: {warning}", file=sys.stderr)
         if args.metrics is not None:
             metrics = start_metrics(args.metrics, image.store, server)
+            print(f"metrics {metrics_url(metrics)}")
         for signum in STOP_SIGNALS:
             signal.signal(signum, lambda *_: server.request_shutdown())
         if args.pidfile is not None:
@@ -151,7 +152,8 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
         print(f'export "" {reachable(server.uri(""))}')
         print("ready", flush=True)
         if readiness is not None:
-            readiness.ready({**uris, "": reachable(server.uri(""))})
+            said = metrics_url(metrics) if metrics is not None else None
+            readiness.ready({**uris, "": reachable(server.uri(""))}, metrics=said)
         log.info("serving %s (%s)", image.resolved.reference, ", ".join(b.name for b in blobs))
         server.serve_forever()
         # Stopping is done and was bounded: later signals change nothing, and one that
@@ -188,9 +190,13 @@ def start_metrics(address: tuple[str, int], store: ChunkStore, server: NBDServer
     except OSError as exc:
         where = f"{address[0]}:{address[1]}"
         raise BlockstoreError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from exc
-    host, port = metrics.address
-    print(f"metrics {reachable(f'http://{_netloc(host, port)}/metrics')}")
     return metrics
+
+
+def metrics_url(metrics: MetricsServer) -> str:
+    """Where ``metrics`` answers, as a client can use it (the port picked for port 0)."""
+    host, port = metrics.address
+    return reachable(f"http://{_netloc(host, port)}/metrics")
 
 
 WILDCARDS = ("0.0.0.0", "::")

@@ -3,7 +3,8 @@
 The mount hands ``blockstore serve`` the write end of a pipe (``--ready-fd
 N``). The server writes one status line and closes it: either
 ``{"ready": true, "exports": {NAME: URI, ...}, "warnings": [...]}`` once it
-listens, or ``{"ready": false, "error": MESSAGE}`` when it gives up first.
+listens (with ``"metrics": URL`` when it publishes metrics), or
+``{"ready": false, "error": MESSAGE}`` when it gives up first.
 Before it, long work (the first indexing pass of a large tar layer) may
 send ``{"progress": TEXT}`` lines: the mount waits for as long as they come,
 its timeout counting from the last one.
@@ -36,6 +37,7 @@ MAX_LINE = 1 << 20
 class Ready:
     exports: dict[str, str]  # export name -> NBD URI, in the order the server gave them
     warnings: list[str] = field(default_factory=list)
+    metrics: str | None = None  # the metrics URL, its port the one picked for port 0
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,9 @@ class TimedOut:
 Status = Ready | Failed | Silent | TimedOut
 
 
-def encode_ready(exports: dict[str, str], warnings: list[str]) -> bytes:
-    return _line({"ready": True, "exports": exports, "warnings": warnings})
+def encode_ready(exports: dict[str, str], warnings: list[str], metrics: str | None = None) -> bytes:
+    said = {"ready": True, "exports": exports, "warnings": warnings}
+    return _line(said if metrics is None else {**said, "metrics": metrics})
 
 
 def encode_failed(error: str) -> bytes:
@@ -88,10 +91,12 @@ def decode(line: bytes) -> Ready | Failed | Progress:
         if message.get("ready") is True:
             exports = message["exports"]
             warnings = message.get("warnings", [])
+            metrics = message.get("metrics")
             if isinstance(exports, dict) and all(
                 isinstance(k, str) and isinstance(v, str) for k, v in exports.items()
             ):
-                return Ready(dict(exports), [str(w) for w in warnings])
+                metrics = metrics if isinstance(metrics, str) else None
+                return Ready(dict(exports), [str(w) for w in warnings], metrics)
         elif message.get("ready") is False:
             return Failed(str(message["error"]))
     except (ValueError, KeyError, TypeError, AttributeError):
@@ -153,8 +158,8 @@ class ReadinessPipe:
         progress.addHandler(self._forwarder)
         return self
 
-    def ready(self, exports: dict[str, str]) -> None:
-        self._say(encode_ready(exports, list(self._warnings)))
+    def ready(self, exports: dict[str, str], metrics: str | None = None) -> None:
+        self._say(encode_ready(exports, list(self._warnings), metrics))
 
     def __exit__(
         self,

@@ -133,6 +133,7 @@ class MountRecord:
     mounted: bool = False
     top_device: str | None = None
     mount_seconds: float | None = None
+    metrics: str | None = None  # the server's metrics URL (``mount --metrics``)
     info: dict = field(default_factory=dict)
 
     @property

@@ -53,6 +53,7 @@ class ServerStarted:
     process: ProcessRef
     exports: dict[str, str]  # export name -> NBD URI, in the order announced
     warnings: list[str]  # what it warned of before it was ready
+    metrics: str | None = None  # where it publishes metrics, if it does
 
 
 def start_server(
@@ -138,7 +139,7 @@ def _started(
         process = ProcessRef.of(proc.pid)
         if process is None:
             raise MountError(f"the server exited right after it was ready (log: {log_path})")
-        return ServerStarted(process, status.exports, status.warnings)
+        return ServerStarted(process, status.exports, status.warnings, status.metrics)
     if isinstance(status, readiness.TimedOut):
         raise MountError(
             f"the server was not ready, and said nothing of its progress for {timeout:.0f}s "

@@ -195,6 +195,7 @@ def _make(
     with contextlib.suppress(FileNotFoundError):  # its directory keeps others out meanwhile
         os.chmod(socket, 0o600)
     record.server = server.process
+    record.metrics = server.metrics
     records.save(record)
     interrupts.check()
     logger.info("server pid %d ready: %s", server.process.pid, server.exports)
