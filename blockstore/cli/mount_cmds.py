@@ -170,6 +170,8 @@ def _image_layers(cache_dir: Path, image: str, platform: str | None) -> list[dic
     from blockstore.cache import ChunkStore
     from blockstore.registry import parse_reference
 
+    if not _is_cache(cache_dir):
+        return []
     try:
         canonical = str(parse_reference(image))
         with ChunkStore(cache_dir) as store:
@@ -257,6 +259,8 @@ def cached_fractions(record: MountRecord) -> list[float | None]:
     layers = record.info.get("layers") or []
     if not layers:
         return []
+    if not _is_cache(Path(record.info["cache_dir"])):
+        return [None] * len(layers)
     try:
         with ChunkStore(Path(record.info["cache_dir"])) as store:
             present = {blob.digest: blob.cached_fraction for blob in store.blobs()}
@@ -270,6 +274,14 @@ def cached_fractions(record: MountRecord) -> list[float | None]:
     except Exception:
         return [None] * len(layers)
     return [present.get(digest, 0.0) if digest else None for digest in read_from]
+
+
+def _is_cache(cache_dir: Path) -> bool:
+    """Whether a cache is at ``cache_dir``: ``mounts`` only looks, and opening one where
+    there is none (moved or removed since the mount) would make an empty one there."""
+    from blockstore.cache.env import LMDB_DATA_FILE
+
+    return (cache_dir / LMDB_DATA_FILE).is_file()
 
 
 def check_image_arguments(args: argparse.Namespace) -> None:

@@ -1,0 +1,34 @@
+"""``blockstore mounts`` for a mount whose cache directory has gone from its place."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+BLOCKSTORE = [sys.executable, "-m", "blockstore"]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*BLOCKSTORE, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_mounts_makes_no_cache_where_a_mounts_cache_was(mount_dirs, mountpoint, pushed_images):
+    """The cache directory a mount uses moved away while it stands (its server keeps the
+    files open): ``mounts`` shows how much is cached as ``?`` and makes nothing there.
+    Before, it made an empty cache in its place, which later mounts would have used, and
+    showed 0%."""
+    base, _ = mount_dirs
+    cache = base / "cache"
+    done = cli(
+        "mount", pushed_images.small, str(mountpoint), "--insecure", "--cache-dir", str(cache)
+    )
+    assert done.returncode == 0, done.stderr
+    cache.rename(base / "moved")
+    listed = cli("mounts")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[1].split()[-2:] == ["ok", "?"]
+    (shown,) = json.loads(cli("mounts", "--json").stdout)
+    assert shown["cached"] == [None]
+    assert not cache.exists()
+    assert cli("umount", str(mountpoint)).returncode == 0
