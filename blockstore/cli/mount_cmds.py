@@ -31,7 +31,7 @@ from blockstore.cli.common import (
     registry_options_from_args,
 )
 from blockstore.cli.tls_options import add_tls_options, mount_tls_arguments
-from blockstore.errors import UsageError
+from blockstore.errors import MountError, UsageError
 from blockstore.logformat import count_trouble
 from nbdfront.mount import stack
 from nbdfront.mount.attach import KERNEL, NBDFUSE
@@ -360,6 +360,11 @@ def run_mount(args: argparse.Namespace) -> int:
     tls = mount_tls_arguments(args)
     argv += tls
     cache_dir = cache_dir_from(args).resolve()
+    if stack.hides(args.mountpoint, cache_dir):
+        raise MountError(
+            f"mountpoint {args.mountpoint} would cover the cache {cache_dir} its server uses, "
+            "hiding it from every other command: choose another directory, or --cache-dir"
+        )
 
     def describe(exports: list[str]) -> dict:
         return {

@@ -58,6 +58,12 @@ def check_can_mount(mountpoint: str, *, tls: bool = False) -> str:
         raise MountError(f"mountpoint {mountpoint} is not a directory")
     if syscall.is_mounted(mountpoint):
         raise MountpointBusy(_already_mounted(mountpoint))
+    run = records.run_dir()
+    if hides(mountpoint, run) or hides(str(run), mountpoint):
+        raise MountError(
+            f"mountpoint {mountpoint} would cover the run directory {run} or lie in it, "
+            "where mounts keep their records, sockets and FUSE files: choose another directory"
+        )
     if (record := records.load(mountpoint)) is not None:
         if record.mounting:
             assert record.mounter is not None
@@ -68,6 +74,13 @@ def check_can_mount(mountpoint: str, *, tls: bool = False) -> str:
             f"{mountpoint} has a mount record already; `blockstore umount {mountpoint}` clears it"
         )
     return attach.choose_method(tls=tls)
+
+
+def hides(mountpoint: str, path: str | Path) -> bool:
+    """Whether a mount at ``mountpoint`` would hide ``path``: it is ``path`` or a
+    directory ``path`` lies in."""
+    here, there = os.path.realpath(mountpoint), os.path.realpath(path)
+    return there == here or there.startswith(here.rstrip("/") + "/")
 
 
 def _already_mounted(mountpoint: str) -> str:

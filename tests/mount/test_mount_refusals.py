@@ -221,3 +221,39 @@ def test_mount_where_blockstore_mounted_with_another_run_directory_names_it(
     finally:
         monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(run))
         stack.unmount(str(image))
+
+
+@pytest.mark.parametrize(
+    "where", ["the run directory", "inside the run directory", "the cache", "over the cache"]
+)
+def test_a_mount_point_that_would_hide_the_run_directory_or_the_cache_is_refused(
+    mount_dirs, mountpoint, where
+):
+    """A mount point that is the run directory, lies in it or covers the cache directory the
+    server would use is refused (exit 10), saying which, with nothing spawned or made.
+    Before, a mount inside the run directory failed with a bare "[Errno 2] ... record.tmp"
+    (exit 1), and one over the cache succeeded, the cache then hidden from every other
+    command while the server served from its open files."""
+    base, run = mount_dirs
+    cache = base / "cache"
+    target = {
+        "the run directory": run,
+        "inside the run directory": run / "mounts",
+        "the cache": cache,
+        "over the cache": mountpoint,
+    }[where]
+    if where == "over the cache":
+        cache = mountpoint / "sub" / "cache"
+    target.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        [*BLOCKSTORE, "mount", "127.0.0.1:5000/a/b:v1", str(target), "--cache-dir", str(cache)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 10, done.stderr
+    (line,) = done.stderr.splitlines()
+    named = "the run directory" if "run" in where else f"the cache {cache}"
+    assert named in line and "choose another directory" in line, line
+    assert not processes_mentioning(str(run))
+    assert not any((run / "mounts").glob("*")) and not (run / "log").exists()
