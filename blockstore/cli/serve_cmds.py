@@ -205,14 +205,27 @@ cannot connect to them, so a URI never names them."""
 
 
 def reachable(uri: str) -> str:
-    """``uri``, a wildcard host in it (``--listen 0.0.0.0:PORT``, ``[::]``) replaced by
-    this machine's name, which clients here and on the network can use."""
+    """``uri`` as a client anywhere can use it: a wildcard host (``--listen 0.0.0.0:PORT``,
+    ``[::]``) replaced by this machine's name, which clients here and on the network can
+    use; a relative socket path (``--unix s.sock``) made absolute, so a client in another
+    directory finds it."""
     parts = urllib.parse.urlsplit(uri)
     if parts.hostname in WILDCARDS:
-        uri = urllib.parse.urlunsplit(
-            parts._replace(netloc=_netloc(socket.gethostname(), parts.port))
-        )
-    return uri
+        parts = parts._replace(netloc=_netloc(socket.gethostname(), parts.port))
+        uri = urllib.parse.urlunsplit(parts)
+    if not parts.query:
+        return uri
+    query = [
+        (key, os.path.abspath(value) if key == "socket" else value)
+        for key, value in urllib.parse.parse_qsl(parts.query)
+    ]
+    # Joined by hand: urlunsplit drops the empty host of nbd+unix:///NAME.
+    return f"{uri.partition('?')[0]}?{urllib.parse.urlencode(query, quote_via=_quote_path)}"
+
+
+def _quote_path(text: str, safe: str, encoding: str | None, errors: str | None) -> str:
+    """A query value quoted as the server quotes a socket path (slashes kept)."""
+    return urllib.parse.quote(text, safe="/", encoding=encoding, errors=errors)
 
 
 def _netloc(host: str, port: int | None) -> str:

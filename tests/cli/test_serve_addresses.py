@@ -58,3 +58,35 @@ def test_a_wildcard_listen_address_is_printed_as_one_clients_can_use(
     port = uris[0].rsplit(":", 1)[1].split("/")[0]
     shown = "[::]" if listen.startswith("[") else "0.0.0.0"
     assert f"listening on {shown}:{port} without TLS" in warning
+
+
+def test_a_relative_socket_path_is_printed_absolute(registry, pushed_images, tmp_path: Path):
+    """``--unix s.sock`` binds in the working directory, as given; the URIs printed name the
+    socket by its absolute path, so a client started elsewhere (another terminal, a
+    service) connects with them. Before, ``socket=s.sock`` found nothing outside that
+    directory."""
+    argv = [pushed_images.small, "--insecure", "--cache-dir", str(tmp_path / "cache")]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blockstore", "serve", *argv, "--unix", "s.sock"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        lines = []
+        for line in proc.stdout:
+            if line.strip() == "ready":
+                break
+            lines.append(line.split())
+        uris = [words[2] for words in lines if words[0] == "export"]
+        assert uris and all(uri.endswith(f"?socket={tmp_path}/s.sock") for uri in uris), lines
+        assert all(uri.startswith("nbd+unix:///") for uri in uris), lines
+        for uri in uris:
+            size = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True)
+            assert size.returncode == 0, size.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        proc.stdout.close()
+        proc.stderr.close()
