@@ -196,8 +196,8 @@ def save(record: MountRecord) -> None:
 def load(mountpoint: str) -> MountRecord | None:
     """The record of ``mountpoint``; None if there is none, or none to be believed."""
     state_dir = state_dir_for(mountpoint)
-    if is_private(state_dir) and (state_dir / RECORD_NAME).exists():
-        return MountRecord.from_json((state_dir / RECORD_NAME).read_text())
+    if is_private(state_dir) and (record := _read(state_dir / RECORD_NAME)) is not None:
+        return record
     # Made by a version that named the directory otherwise.
     return next((record for record in saved() if record.mountpoint == mountpoint), None)
 
@@ -208,11 +208,20 @@ def saved() -> list[MountRecord]:
     for path in sorted((run_dir() / "mounts").glob(f"*/{RECORD_NAME}")):
         if path.parent.name.startswith(NEW_PREFIX) or not is_private(path.parent):
             continue
-        try:
-            found.append(MountRecord.from_json(path.read_text()))
-        except (OSError, ValueError, TypeError, KeyError):
-            continue  # being written or torn down right now
+        if (record := _read(path)) is not None:
+            found.append(record)
     return sorted(found, key=lambda r: r.mountpoint)
+
+
+def _read(path: Path) -> MountRecord | None:
+    """The record at ``path``; None if it is gone (torn down right now) or damaged (cut
+    short by a crash, edited by hand): records are written whole and renamed into place,
+    so one that does not parse is not being written, and its mount is undone as one
+    whose record is gone."""
+    try:
+        return MountRecord.from_json(path.read_text())
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def forget(record: MountRecord) -> None:

@@ -93,6 +93,11 @@ def _already_mounted(mountpoint: str) -> str:
             f"{mountpoint} is already a mount point: blockstore mounted {record.image} there; "
             f"`blockstore umount {mountpoint}` first"
         )
+    if records.is_private(records.state_dir_for(mountpoint)):
+        return (
+            f"{mountpoint} is already a mount point: blockstore mounted an image there whose "
+            f"record is gone or damaged; `blockstore umount {mountpoint}` first"
+        )
     if (other := _run_dir_of(mountpoint)) is not None:
         return (
             f"{mountpoint} is already a mount point: blockstore mounted an image there with "
@@ -438,8 +443,7 @@ def _unrecorded_mounts(known: set[str]) -> list[MountRecord]:
     for point in syscall.mounted():
         if point in known or point.startswith(inside):
             continue
-        state = records.state_dir_for(point)
-        if not records.is_private(state) or (state / records.RECORD_NAME).exists():
+        if not records.is_private(records.state_dir_for(point)):
             continue
         if (record := _unrecorded(point)) is not None:
             found.append(record)
@@ -476,8 +480,11 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
             f"{record.mountpoint} is still being mounted (pid {record.mounter.pid}): "
             "let it finish, or interrupt that command, which undoes it"
         )
+    damaged = not recorded and (Path(record.state_dir) / records.RECORD_NAME).exists()
     ended = unmount_record(record, lazy=lazy)
-    if not recorded:
+    if damaged:
+        trouble = "its mount record was damaged (it does not parse)"
+    elif not recorded:
         trouble = "its mount record was gone (the run directory cleared while it was mounted)"
     elif state != "ok":
         trouble = f"the mount was not whole ({state})"

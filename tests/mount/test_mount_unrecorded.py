@@ -47,3 +47,30 @@ def test_a_mount_whose_record_is_gone_is_listed_as_such(
     assert cli("mounts").stdout == "no blockstore mounts\n"
     assert json.loads(cli("mounts", "--json").stdout) == []
     assert not Path(record.state_dir).exists()
+
+
+def test_a_damaged_record_is_undone_as_a_mount_without_one(
+    mount_dirs, mountpoint, erofs_images, local_server
+):
+    """A record that does not parse (cut short by a crash, edited by hand): ``mounts``
+    lists its mount as ``record gone``, ``mount`` there again is refused naming
+    ``umount`` (exit 13), and ``umount`` undoes it, server included, saying the record was
+    damaged. Before, ``mounts`` said there were no mounts, and ``mount`` and ``umount``
+    each died with a JSONDecodeError traceback (exit 1), leaving the mount for good."""
+    record = stack.mount(
+        local_server({"layer0": erofs_images.small.path}), str(mountpoint), image="small"
+    )
+    (Path(record.state_dir) / records.RECORD_NAME).write_text('{"mountpoint": "/mn')
+
+    listed = cli("mounts")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[1].split()[-3:] == ["record", "gone", "?"]
+    again = cli("mount", "127.0.0.1:5000/a/b:v1", str(mountpoint))
+    assert again.returncode == 13, again.stderr
+    assert "whose record is gone or damaged; `blockstore umount" in again.stderr
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith("blockstore: its mount record was damaged (it does not parse)")
+    assert not record.server.alive()
+    assert cli("mounts").stdout == "no blockstore mounts\n"
+    assert not Path(record.state_dir).exists()
