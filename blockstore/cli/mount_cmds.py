@@ -360,7 +360,7 @@ def run_mount(args: argparse.Namespace) -> int:
     tls = mount_tls_arguments(args)
     argv += tls
     cache_dir = cache_dir_from(args).resolve()
-    if stack.hides(args.mountpoint, cache_dir):
+    if os.path.isdir(args.mountpoint) and stack.hides(args.mountpoint, cache_dir):
         raise MountError(
             f"mountpoint {args.mountpoint} would cover the cache {cache_dir} its server uses, "
             "hiding it from every other command: choose another directory, or --cache-dir"
@@ -472,6 +472,14 @@ def run_mounts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mountpoint(text: str) -> str:
+    """A mount point as given; an empty one (an unset shell variable) is a usage error,
+    not the working directory, nor a path named by nothing in the messages."""
+    if not text:
+        raise argparse.ArgumentTypeError("the mount point is empty")
+    return text
+
+
 def _metrics_address(text: str) -> str:
     """Checked here, so a typo fails before any server starts; the server gets the text."""
     parse_metrics_address(text)
@@ -488,7 +496,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_image_options(mount, "mount")
     add_tar_index_options(mount)
-    mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
+    mount.add_argument(
+        "mountpoint", metavar="MOUNTPOINT", type=_mountpoint, help="an existing directory"
+    )
     add_registry_options(mount)
     add_cache_options(mount)
     add_prefetch_options(mount)
@@ -519,7 +529,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "killed). Its log is removed, or kept and named when something went wrong.",
     )
     umount.add_argument(
-        "mountpoint", metavar="MOUNTPOINT", help="where blockstore mount put the image"
+        "mountpoint",
+        metavar="MOUNTPOINT",
+        type=_mountpoint,
+        help="where blockstore mount put the image",
     )
     umount.add_argument(
         "-l",

@@ -257,3 +257,19 @@ def test_a_mount_point_that_would_hide_the_run_directory_or_the_cache_is_refused
     assert named in line and "choose another directory" in line, line
     assert not processes_mentioning(str(run))
     assert not any((run / "mounts").glob("*")) and not (run / "log").exists()
+
+
+@pytest.mark.parametrize("command", ["mount", "umount"])
+def test_an_empty_mount_point_is_a_usage_error(mount_dirs, command):
+    """``blockstore mount IMAGE "$DIR"`` with DIR unset: exit 2, one line saying the mount
+    point is empty, nothing spawned. Before, ``umount`` said " does not exist" (exit 10)
+    of a nameless path, and ``mount`` mounted the image over the working directory."""
+    _, run = mount_dirs
+    image = ["127.0.0.1:5000/a/b:v1"] if command == "mount" else []
+    done = subprocess.run(
+        [*BLOCKSTORE, command, *image, ""], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == UsageError.exit_code, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert f"blockstore {command}: error: argument MOUNTPOINT: the mount point is empty" in line
+    assert not processes_mentioning(str(run))
