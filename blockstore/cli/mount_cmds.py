@@ -127,7 +127,8 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """The ``blockstore serve`` command line for a mount, and its environment.
 
     The user name and password travel in the environment (readable by the
-    owner alone), never on a command line that ``ps`` shows to every user.
+    owner alone), never on a command line that ``ps`` shows to every user. Paths
+    are absolute: the server runs in ``/`` (``spawn_detached``).
     """
     argv = [sys.executable, "-m", "blockstore", *(["-v"] * args.verbose), "serve", args.image]
     argv += ["--cache-dir", str(cache_dir_from(args).resolve())]
@@ -135,10 +136,12 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         argv += ["--layer", str(args.layer)]
     if args.blob is not None:
         argv += ["--blob", args.blob]
-    for option in ("platform", "cache_size", "ca_file", "timeout"):
+    for option in ("platform", "cache_size", "timeout"):
         value = getattr(args, option)
         if value is not None:
             argv += [f"--{option.replace('_', '-')}", str(value)]
+    if args.ca_file is not None:
+        argv += ["--ca-file", os.path.abspath(args.ca_file)]
     for mirror in args.mirror:
         argv += ["--mirror", mirror]
     for option in ("tarindex", "zinfo"):
@@ -154,6 +157,9 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     if args.trace_file is not None:
         argv += ["--trace-file", str(args.trace_file.resolve())]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for name in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG"):  # the server runs in /
+        if env.get(name):
+            env[name] = os.path.abspath(env[name])
     if args.username is not None:
         env["BLOCKSTORE_USERNAME"] = args.username
     if args.password is not None:

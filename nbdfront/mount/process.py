@@ -93,7 +93,10 @@ def spawn_detached(
 
     Its own session, no terminal and no pipe to us on its stdio: it must outlive
     the command that started it and never be stopped by job control or a closed
-    pipe. ``pass_fds`` are the only other descriptors it inherits.
+    pipe. ``pass_fds`` are the only other descriptors it inherits. It runs in ``/``,
+    as a daemon does: in the command's working directory it would keep that busy
+    (a USB stick, another mount) for as long as the mount stands; ``argv`` names
+    every path absolutely.
     """
     with open(log_path, "ab") as log:
         return subprocess.Popen(
@@ -104,6 +107,7 @@ def spawn_detached(
             start_new_session=True,
             env=env,
             pass_fds=pass_fds,
+            cwd="/",
         )
 
 

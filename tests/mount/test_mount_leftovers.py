@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from mount_trees import assert_same_tree
 from rig.processes import free_port
 from rig.pushed import push_erofs
 
 from blockstore.errors import AuthError, NotFound, RegistryUnreachable
+from blockstore.openers import processes_using
 
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
 
@@ -82,3 +84,29 @@ def test_a_first_serve_or_prefetch_that_fails_leaves_no_cache(command: str, tmp_
     )
     assert done.returncode == RegistryUnreachable.exit_code, done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_mount_keeps_no_hold_on_the_directory_it_was_made_from(
+    mount_dirs, pushed_images, erofs_images
+):
+    """``mount`` run in a directory, with paths relative to it: its background processes
+    (the server, its supervisor, nbdfuse) run in ``/``, so that directory (a USB stick,
+    another mount) can be unmounted while the image stays mounted. Before, each kept it as
+    its working directory for as long as the mount stood."""
+    base, _ = mount_dirs
+    work = base / "work"
+    (work / "mnt").mkdir(parents=True)
+    done = subprocess.run(
+        [*BLOCKSTORE, "mount", pushed_images.small, "mnt", "--insecure", "--cache-dir", "../c"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=work,
+    )
+    assert done.returncode == 0, done.stderr
+    try:
+        assert processes_using(str(work)) == []
+        assert (base / "c").is_dir()
+        assert_same_tree(erofs_images.small.tree, work / "mnt")
+    finally:
+        subprocess.run([*BLOCKSTORE, "umount", str(work / "mnt")], check=True, timeout=60)
