@@ -74,3 +74,23 @@ def test_a_damaged_record_is_undone_as_a_mount_without_one(
     assert not record.server.alive()
     assert cli("mounts").stdout == "no blockstore mounts\n"
     assert not Path(record.state_dir).exists()
+
+
+def test_a_mount_point_with_a_newline_keeps_to_one_line(mount_dirs, erofs_images, local_server):
+    """A mount point whose name holds a newline or a tab: ``mounts`` shows it on one row
+    and ``umount`` on one line, the characters written ``\\x0a``, ``\\x09`` as findmnt
+    writes them (``--json`` keeps the name as it is). Before, the newline broke the row
+    and the table in two."""
+    base, _ = mount_dirs
+    mountpoint = base / "two\nlines\there"
+    mountpoint.mkdir()
+    stack.mount(local_server({"layer0": erofs_images.small.path}), str(mountpoint), image="s")
+    shown = str(mountpoint).replace("\n", "\\x0a").replace("\t", "\\x09")
+    listed = cli("mounts")
+    header, row = listed.stdout.splitlines()
+    assert row.startswith(f"{shown}  s ") and header.index("IMAGE") == len(shown) + 2, row
+    (listed_json,) = json.loads(cli("mounts", "--json").stdout)
+    assert listed_json["mountpoint"] == str(mountpoint)
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"unmounted {shown} (s)\n"
