@@ -255,8 +255,9 @@ def _config_platform_if(
 
 
 SHOWN_TAGS = 10
-_REFERRERS_TAG = re.compile(r"sha256-[0-9a-f]{64}")
-"""The referrers tag schema's tags, which name artifacts, not images."""
+_ARTIFACT_TAG = re.compile(r"(sha256|sha512)-[0-9a-f]{64}(\.(sig|att|sbom))?")
+"""Tags that name artifacts, not images: the referrers tag schema's (an algorithm and
+the digest's first 64 digits), and cosign's signatures, attestations and SBOMs."""
 
 
 def _what_the_repository_has(client: RegistryClient, repository: str) -> str:
@@ -269,7 +270,7 @@ def _what_the_repository_has(client: RegistryClient, repository: str) -> str:
         return f"; the registry has no repository {repository}" if unknown else ""
     except BlockstoreError:
         return ""
-    tags = sorted(tag for tag in tags if not _REFERRERS_TAG.fullmatch(tag))
+    tags = sorted(tag for tag in tags if not _ARTIFACT_TAG.fullmatch(tag))
     if not tags:
         return f"; {repository} has no tags"
     more = ", ..." if len(tags) > SHOWN_TAGS else ""

@@ -87,12 +87,14 @@ def test_inspect_errors_exit_with_their_code(registry):
 
 def test_a_tag_or_repository_mistyped_is_told_what_there_is(registry, erofs_images):
     """Tried: a mistyped tag, a missing tag (``latest`` taken), and a mistyped repository.
-    Must hold: exit 3, one line naming the tags the repository has (not the referrers
-    tag schema's ``sha256-...`` tags, which name artifacts), or that the registry has no
-    such repository. Before, each said only "not found (MANIFEST_UNKNOWN: manifest
-    unknown)", whatever the mistake."""
+    Must hold: exit 3, one line naming the tags the repository has, not those that
+    name artifacts (the referrers tag schema's ``sha256-...`` and ``sha512-...``,
+    cosign's ``.sig`` beside them), or that the registry has no such repository.
+    Before, each said only "not found (MANIFEST_UNKNOWN: manifest unknown)", whatever
+    the mistake."""
     repository = f"{registry.host}/cli/tagged"
-    for tag in ("v1.0", "v1.1", "sha256-" + "a" * 64):
+    artifacts = ("sha256-" + "a" * 64, "sha512-" + "b" * 64, "sha256-" + "c" * 64 + ".sig")
+    for tag in ("v1.0", "v1.1", *artifacts):
         image = f"{repository}:{tag}"
         pushed = blockstore("push", str(erofs_images.small.path), image, "--insecure")
         assert pushed.returncode == 0, pushed.stderr
