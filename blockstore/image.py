@@ -387,7 +387,8 @@ def open_image(
     """
     ref = parse_reference(reference)
     wanted = str(Platform.parse(platform) if platform else host_platform())
-    if offline and not (Path(cache_dir) / LMDB_DATA_FILE).exists():
+    fresh = not (Path(cache_dir) / LMDB_DATA_FILE).exists()
+    if offline and fresh:
         # Opening would make an empty cache there, only to find the image not in it.
         raise ImageNotCached(
             f"offline: {reference} was never resolved here: there is no cache at {cache_dir}"
@@ -395,7 +396,7 @@ def open_image(
     store = _open_store(Path(cache_dir), cache_size, offline, replace_older, ref, options)
     try:
         explicit = platform is not None
-        image = _open(store, ref, wanted, offline, options or RegistryOptions(), explicit)
+        image = _open(store, ref, wanted, offline, options or RegistryOptions(), explicit, fresh)
     except BaseException:
         store.close()
         raise
@@ -469,9 +470,11 @@ def _open(
     offline: bool,
     options: RegistryOptions,
     explicit: bool,
+    fresh: bool = False,
 ) -> OpenImage:
     """``explicit``: the user named the platform, so even a single-platform image must
-    match it (its config is fetched to check); the host's default is not enforced."""
+    match it (its config is fetched to check); the host's default is not enforced.
+    ``fresh``: the cache was made by this open, so it has nothing to fall back on."""
     if offline:
         return OpenImage(_cached(store, str(ref), platform), store, ref.repository, None)
     client = RegistryClient(ref.registry, options)
@@ -479,6 +482,10 @@ def _open(
         resolved = resolve_image(client, ref, platform, require_platform=explicit)
     except RegistryUnreachable as exc:
         client.close()
+        if fresh:
+            raise RegistryUnreachable(
+                f"{exc}, and {ref} was never resolved here: there was no cache at {store.path}"
+            ) from exc
         resolved = _cached(store, str(ref), platform, cause=exc)
         # Said by the caller, in its own terms (``unreachable``): only a server serves.
         return OpenImage(resolved, store, ref.repository, None, unreachable=exc)

@@ -541,7 +541,7 @@ def _remove_new_cache(made: list[Path]) -> None:
     the image unknown, the login refused): a first command that fails leaves nothing
     behind. Kept if anything but LMDB's two files is in it, or another process opened
     it meanwhile."""
-    from blockstore.cache.env import LMDB_DATA_FILE, LMDB_LOCK_FILE
+    from blockstore.cache.layout import LMDB_DATA_FILE, LMDB_LOCK_FILE
     from blockstore.openers import processes_with_open
 
     if not made or not made[0].is_dir():

@@ -285,7 +285,7 @@ def cached_fractions(record: MountRecord) -> list[float | None]:
 def _is_cache(cache_dir: Path) -> bool:
     """Whether a cache is at ``cache_dir``: ``mounts`` only looks, and opening one where
     there is none (moved or removed since the mount) would make an empty one there."""
-    from blockstore.cache.env import LMDB_DATA_FILE
+    from blockstore.cache.layout import LMDB_DATA_FILE
 
     return (cache_dir / LMDB_DATA_FILE).is_file()
 
