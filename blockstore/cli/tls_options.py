@@ -7,6 +7,7 @@ The spellings are nbdkit's (``--tls``, ``--tls-certificates``,
 from __future__ import annotations
 
 import argparse
+import ipaddress
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -79,6 +80,20 @@ def mount_tls_arguments(args: argparse.Namespace) -> list[str]:
     return ["--tls", args.tls, "--tls-certificates", str(args.tls_certificates.resolve())]
 
 
+def _listener(host: str, port: int) -> tuple[str, str]:
+    """How a warning names a listener, and what those who can read from it reach: a
+    wildcard (``0.0.0.0``, ``::``) is every address of this machine, an address no
+    client could be told to connect to."""
+    try:
+        everywhere = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        everywhere = False
+    if everywhere:
+        return f"every address of this machine (port {port})", f"this machine's port {port}"
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return where, where
+
+
 def exposure_warnings(
     address: tuple[str, int] | None,
     tls: ServerTLS | None,
@@ -94,19 +109,18 @@ def exposure_warnings(
 
     if address is None or is_loopback(address[0]):
         return []
-    host, port = address
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where, reach = _listener(*address)
     names = f"{', '.join(exports)} of {image}"
     if tls is None:
         return [
             f"warning: listening on {where} without TLS: exports {names} can be read by "
-            f"anyone who can reach {where}, unencrypted and unauthenticated "
+            f"anyone who can reach {reach}, unencrypted and unauthenticated "
             "(--tls require --tls-certificates DIR protects them)"
         ]
     if tls.policy is TLSPolicy.ON:
         return [
             f"warning: --tls on still serves plain clients: exports {names} can be read by "
-            f"anyone who can reach {where} without TLS, unencrypted and unauthenticated "
+            f"anyone who can reach {reach} without TLS, unencrypted and unauthenticated "
             "(--tls require refuses them)"
         ]
     if not verify_peer:

@@ -34,8 +34,9 @@ def test_a_wildcard_listen_address_is_printed_as_one_clients_can_use(
 ):
     """``--listen 0.0.0.0`` (or ``[::]``) means every address of this machine, which no
     client elsewhere can connect to as such: the export URIs and the metrics URL name the
-    machine instead, and each works; the warning writes an IPv6 address in brackets.
-    Before, ``nbd://0.0.0.0:PORT/`` was printed, and ``:::PORT`` in the warning."""
+    machine instead, and each works; the warning names every address of this machine.
+    Before, ``nbd://0.0.0.0:PORT/`` was printed, and ``0.0.0.0:PORT`` or ``:::PORT`` in
+    the warning."""
     argv = [pushed_images.small, "--insecure", "--cache-dir", str(tmp_path / "cache")]
     proc, lines = _serve_until_ready([*argv, "--listen", listen, "--metrics", "0.0.0.0:0"])
     try:
@@ -56,8 +57,8 @@ def test_a_wildcard_listen_address_is_printed_as_one_clients_can_use(
     proc.stdout.close()
     proc.stderr.close()
     port = uris[0].rsplit(":", 1)[1].split("/")[0]
-    shown = "[::]" if listen.startswith("[") else "0.0.0.0"
-    assert f"listening on {shown}:{port} without TLS" in warning
+    assert f"listening on every address of this machine (port {port}) without TLS" in warning
+    assert f"anyone who can reach this machine's port {port}," in warning
 
 
 def test_a_relative_socket_path_is_printed_absolute(registry, pushed_images, tmp_path: Path):

@@ -290,13 +290,17 @@ def test_serve_command_over_tls_end_to_end(
         assert proc.stderr.read() == ""
 
 
+# Bound to 0.0.0.0, the warnings name every address of this machine: before, they named
+# 0.0.0.0, which is no address anyone could reach.
 WARNINGS = {
-    "off": "warning: listening on 0.0.0.0:{port} without TLS: exports layer0 of {image} can be "
-    "read by anyone who can reach 0.0.0.0:{port}, unencrypted and unauthenticated",
+    "off": "warning: listening on every address of this machine (port {port}) without TLS: "
+    "exports layer0 of {image} can be read by anyone who can reach this machine's port {port}, "
+    "unencrypted and unauthenticated",
     "on": "warning: --tls on still serves plain clients: exports layer0 of {image} can be "
-    "read by anyone who can reach 0.0.0.0:{port} without TLS, unencrypted and unauthenticated",
-    "require": "note: exports layer0 of {image} are encrypted on 0.0.0.0:{port}, but any "
-    "TLS client that can reach it may read them",
+    "read by anyone who can reach this machine's port {port} without TLS, unencrypted and "
+    "unauthenticated",
+    "require": "note: exports layer0 of {image} are encrypted on every address of this "
+    "machine (port {port}), but any TLS client that can reach it may read them",
     "require-verified": None,
 }
 
