@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import secrets
 import subprocess
 import threading
@@ -27,7 +28,9 @@ from rig.processes import QuietHTTPServer
 
 # distribution accepts a token up to 60 s past its "exp" (clock-skew leeway,
 # registry/auth/token/token.go); "exp" is set that much earlier so the token
-# dies at the registry when ``lifetime`` says.
+# dies at the registry when ``lifetime`` says. "exp" is whole seconds, rounded up:
+# rounded down, a token lived anything from a second less than ``lifetime`` to
+# nothing at all, and one renewed after a 401 could be dead before its first use.
 REGISTRY_LEEWAY = 60
 
 
@@ -112,13 +115,14 @@ class TokenIssuer:
         return 200, self._token(account or "", access)
 
     def _token(self, account: str, access: list[dict]) -> dict:
-        now = int(time.time())
+        issued = time.time()
+        now = int(issued)
         lifetime = self.lifetime if self.lifetime is not None else self.expires_in
         claims = {
             "iss": self.name,
             "sub": account,
             "aud": self.service,
-            "exp": int(now + lifetime - REGISTRY_LEEWAY),
+            "exp": math.ceil(issued + lifetime) - REGISTRY_LEEWAY,
             "nbf": now - 1,
             "iat": now,
             "jti": secrets.token_hex(8),
