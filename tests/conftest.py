@@ -8,6 +8,7 @@ test's own, free to stop.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,12 @@ from rig.pushed import PushedImages, push_fixture_images
 from rig.registry_server import RegistryServer, TokenAuth
 from rig.tls import CertificateAuthority, make_ca
 from rig.token_issuer import TokenIssuer
+
+# A shell starts a background job with SIGINT ignored, and processes inherit that:
+# the commands tests interrupt with SIGINT (demo, prefetch) would then not see it.
+# Tests send SIGINT as a user's Ctrl-C does, so their commands must start taking it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _serve(server: RegistryServer) -> Iterator[RegistryServer]:
