@@ -130,22 +130,23 @@ def test_a_stopped_fill_resumes_where_it_stopped(cache_dir):
 
 
 def test_demand_reads_go_ahead_of_the_fill(cache_dir):
-    """While a fill is running over a slow source, a read far ahead of it is answered
-    in about one request's time, not after the fill reaches it."""
-    data, digest = make_blob(256 * CHUNK_SIZE, seed=5)
+    """While a fill is running over a slow source, a read far ahead of it (at the end of
+    a blob four times the fill's first window) is answered in about one request's time,
+    not after the fill reaches it: when it returns, the fill has not stored three
+    quarters of the blob. Measured against the fill, not the clock, as a loaded machine
+    slows both; a read that waited for the fill would find nearly all of it stored."""
+    chunks = 1024
+    data, digest = make_blob(chunks * CHUNK_SIZE, seed=5)
     source = PieceSource(data, digest, first_byte=0.02, piece_delay=0.004)
     settings = PrefetchSettings(readahead=False, fill=True)
     with ChunkStore(cache_dir) as store:
         blob = CachedBlob(store, digest, len(data), source, settings=settings)
         assert wait_for(lambda: source.requests)
-        started = time.monotonic()
         got = b"".join(bytes(b) for b in blob.read(len(data) - 100, 100))
-        took = time.monotonic() - started
-        still_filling = store.lookup(digest).present < 256
+        present = store.lookup(digest).present
         blob.close()
     assert got == data[-100:]
-    assert still_filling
-    assert took < 0.5
+    assert present < chunks * 3 // 4, f"the fill had stored {present} of {chunks} chunks"
 
 
 def test_cache_returns_at_once_and_brings_the_range_in(cache_dir):
