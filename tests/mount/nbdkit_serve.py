@@ -12,6 +12,7 @@ Usage: nbdkit_serve.py DIR [--stop-status N] [--stop-delay S] --unix SOCK --pidf
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,6 +21,17 @@ import time
 from pathlib import Path
 
 from nbdfront.mount import readiness
+
+
+def reap(pid: int, timeout: float) -> None:
+    """Wait (bounded) for child ``pid`` to exit. This server is gone only once its nbdkit
+    is: the real server is one process, and a mount's stop waits for the server, so
+    nothing of it may be left when it exits. (``Popen.wait`` would not do here: the
+    main thread is inside it, holding its lock, when the SIGTERM handler runs.)"""
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(pid, os.WNOHANG) == (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def main() -> int:
@@ -51,6 +63,7 @@ def main() -> int:
 
     def stop(*_: object) -> None:
         nbdkit.terminate()
+        reap(nbdkit.pid, 10.0)
         time.sleep(args.stop_delay)
         sys.exit(args.stop_status)
 
