@@ -363,7 +363,9 @@ def _flood_then_read(tmp_path, reads: int, size: int, most_held: int) -> None:
         server_inflight_bytes=16 << 20,
     )
     server.start()
-    greedy = [w.RawClient(server.unix_path) for _ in range(12)]
+    # Served in turn, 32 MiB at a time: on a loaded machine the last waits well past
+    # the wire client's usual 10 s for its first byte.
+    greedy = [w.RawClient(server.unix_path, timeout=120) for _ in range(12)]
     try:
         for client in greedy:
             client.negotiate("zeros", structured=False)
