@@ -8,6 +8,7 @@ import threading
 import time
 
 from cache_sources import ScriptedSource, make_blob
+from rig.waiting import wait_for
 
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
 from blockstore.cache.env import CacheEnv
@@ -56,6 +57,8 @@ def test_an_exclusive_holder_never_overlaps_a_shared_one():
     for thread in threads:
         thread.start()
     time.sleep(1.5)
+    # Ten turns at least, however few a loaded machine gave it in that time.
+    assert wait_for(lambda: exclusive_turns > 10), "the exclusive taker never got its turns"
     stop.set()
     for thread in threads:
         thread.join(5)
