@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -11,6 +12,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from rig.processes import processes_mentioning
+
+from nbdfront.mount import syscall
 
 pytestmark = [
     pytest.mark.skipif(
@@ -62,12 +66,24 @@ class DemoRun:
                 found.append(cmdline)
         return found
 
+    def undo(self) -> None:
+        """Whatever a failed run left: its mounts (deepest first), then its processes, so
+        that they do not outlive the test and trouble the ones after it."""
+        prefix = f"{self.tmp}/"
+        for point in sorted(syscall.mounted(), key=len, reverse=True):
+            if point.startswith(prefix):
+                syscall.umount(point, lazy=True)
+        for pid in processes_mentioning(str(self.tmp)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
 
 @pytest.fixture
 def demo_run():
     run = DemoRun()
     yield run
-    shutil.rmtree(run.tmp, ignore_errors=True)
+    run.undo()
 
 
 def test_demo_runs_end_to_end_and_leaves_nothing(demo_run):
