@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import gc
+import math
 import random
 import socket
 import threading
@@ -82,7 +83,14 @@ def test_sending_many_small_buffers_takes_time_linear_in_their_number():
     gc.disable()  # the collector's passes over a big test process are not the sender's
     try:
         small = min(seconds_to_send(25_000) for _ in range(3))
-        large = min(seconds_to_send(200_000) for _ in range(2))
+        # Load only slows a run, so the fastest is the truest. A quadratic walk is about
+        # 64 times the small one however often it is tried; a linear one under a busy
+        # machine may need a few tries to show its 8.
+        large = math.inf
+        for _ in range(5):
+            large = min(large, seconds_to_send(200_000))
+            if large < 25 * small:
+                break
     finally:
         gc.enable()
     assert large < 25 * small, (small, large)
