@@ -86,7 +86,11 @@ def test_a_hit_that_ends_the_trace_period_never_writes_under_its_read(cache_dir,
         if env._gate.holders and not adopters:
             adopters.append(threading.Thread(target=env._adopt_map_size, daemon=True))
             adopters[0].start()
-            time.sleep(0.2)  # the taker is waiting now
+            # Go on once the taker waits on the gate (or has had it and gone: the read
+            # ended first). A fixed sleep let a loaded machine write before it waited, and
+            # a hit writing under its own read then passed.
+            taker = adopters[0]
+            assert wait_for(lambda: env._gate.blocked or not taker.is_alive())
         return write(env, work)
 
     monkeypatch.setattr(CacheEnv, "write", write_while_the_map_is_resized)
