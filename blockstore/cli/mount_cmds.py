@@ -160,11 +160,24 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     for name in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG"):  # the server runs in /
         if env.get(name):
             env[name] = os.path.abspath(env[name])
+    if path := import_path(env.get("PYTHONPATH", "")):
+        env["PYTHONPATH"] = path
     if args.username is not None:
         env["BLOCKSTORE_USERNAME"] = args.username
     if args.password is not None:
         env["BLOCKSTORE_PASSWORD"] = args.password
     return argv, env
+
+
+def import_path(given: str) -> str:
+    """``PYTHONPATH`` for the server and its supervisor, which run ``python -m`` in ``/``:
+    its relative entries made absolute, and first the directory ``python -m blockstore``
+    found this command's code in (a checkout never installed), which ``/`` is not."""
+    code = str(Path(__file__).resolve().parents[2])
+    entries = [os.path.abspath(entry) for entry in given.split(os.pathsep) if entry]
+    if sys.path and sys.path[0] and os.path.realpath(sys.path[0]) == code:
+        entries.insert(0, code)
+    return os.pathsep.join(dict.fromkeys(entries))
 
 
 def _image_layers(cache_dir: Path, image: str, platform: str | None) -> list[dict]:

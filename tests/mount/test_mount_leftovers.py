@@ -110,3 +110,51 @@ def test_a_mount_keeps_no_hold_on_the_directory_it_was_made_from(
         assert_same_tree(erofs_images.small.tree, work / "mnt")
     finally:
         subprocess.run([*BLOCKSTORE, "umount", str(work / "mnt")], check=True, timeout=60)
+
+
+def _python_without_blockstore(where: Path) -> Path:
+    """An interpreter with this one's packages but not blockstore's: as one whose code
+    is found only in the directory it is run from (``python -m blockstore`` in a
+    checkout that was never installed)."""
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(where)], check=True, timeout=60
+    )
+    python = where / "bin" / "python"
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    theirs = subprocess.run(
+        [python, "-c", purelib], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    ours = [path for path in sys.path if path.endswith(("site-packages", "dist-packages"))]
+    (Path(theirs) / "packages.pth").write_text("\n".join(ours) + "\n")
+    return python
+
+
+def test_a_mount_from_a_checkout_serves_with_the_code_it_was_run_with(
+    mount_dirs, pushed_images, erofs_images
+):
+    """``python -m blockstore mount`` in a source tree that is not installed: the server
+    and its supervisor run in ``/``, and still find the code the mount command ran, as
+    ``python -m`` found it in the working directory. Before, they died at once with
+    "No module named" and the mount failed."""
+    import blockstore
+
+    base, _ = mount_dirs
+    python = _python_without_blockstore(base / "py")
+    checkout = Path(blockstore.__file__).resolve().parent.parent
+    lost = subprocess.run([python, "-c", "import blockstore"], capture_output=True, cwd="/")
+    assert lost.returncode != 0, "the interpreter finds blockstore without the checkout"
+    mountpoint = base / "mnt"
+    mountpoint.mkdir()
+    options = ["--insecure", "--cache-dir", str(base / "c")]
+    done = subprocess.run(
+        [python, "-m", "blockstore", "mount", pushed_images.small, str(mountpoint), *options],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=checkout,
+    )
+    assert done.returncode == 0, done.stderr
+    try:
+        assert_same_tree(erofs_images.small.tree, mountpoint)
+    finally:
+        subprocess.run([*BLOCKSTORE, "umount", str(mountpoint)], check=True, timeout=60)
