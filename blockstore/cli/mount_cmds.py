@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 from dataclasses import dataclass, fields, replace
@@ -486,8 +487,9 @@ def run_mounts(args: argparse.Namespace) -> int:
     for line in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
     dead = [row["mountpoint"] for row in rows if row["state"] not in ("ok", "mounting")]
-    for mountpoint in map(printable, dead):
-        print(f"{mountpoint}: `blockstore umount {mountpoint}` cleans it up", file=sys.stderr)
+    for mountpoint in dead:
+        command = f"blockstore umount {shell_word(mountpoint)}"
+        print(f"{printable(mountpoint)}: `{command}` cleans it up", file=sys.stderr)
     return 0
 
 
@@ -498,6 +500,16 @@ def printable(path: str) -> str:
     """``path`` with control characters written ``\\xNN``, as findmnt writes them: a
     newline in a mount point would break its line in two, and the table with it."""
     return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", path)
+
+
+def shell_word(path: str) -> str:
+    """``path`` as one word the shell reads back as it is, for a command to copy: quoted
+    where it needs it, and a name with control characters as ``$'...\\xNN...'``, which
+    stays on one line."""
+    if not _CONTROL.search(path):
+        return shlex.quote(path)
+    escaped = printable(path.replace("\\", "\\\\").replace("'", "\\'"))
+    return f"$'{escaped}'"
 
 
 def _mountpoint(text: str) -> str:

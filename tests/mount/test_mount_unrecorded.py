@@ -94,3 +94,30 @@ def test_a_mount_point_with_a_newline_keeps_to_one_line(mount_dirs, erofs_images
     done = cli("umount", str(mountpoint))
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"unmounted {shown} (s)\n"
+
+
+def test_the_umount_mounts_suggests_for_an_odd_name_is_one_the_shell_runs(
+    mount_dirs, erofs_images, local_server
+):
+    """A mount point whose name holds a newline and a space, its record gone: the
+    ``blockstore umount`` that ``mounts`` names for it, run by the shell as written,
+    undoes it. Before, it read ``umount .../two\\x0alines here``, which names no path
+    (and, split at the space, two)."""
+    base, run = mount_dirs
+    mountpoint = base / "two\nlines here"
+    mountpoint.mkdir()
+    stack.mount(local_server({"layer0": erofs_images.small.path}), str(mountpoint), image="s")
+    subprocess.run(["rm", "-rf", str(run)], capture_output=True)
+
+    listed = cli("mounts")
+    (line,) = listed.stderr.splitlines()
+    command = line.split("`")[1]
+    assert command.startswith("blockstore umount "), line
+    done = subprocess.run(
+        ["bash", "-c", f'blockstore() {{ {sys.executable} -m blockstore "$@"; }}; {command}'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert cli("mounts").stdout == "no blockstore mounts\n"
