@@ -124,6 +124,11 @@ def merge_options(args: argparse.Namespace, oci: OciOptions) -> None:
         raise UsageError("--layer and --blob (or their -o forms) select a layer twice: give one")
 
 
+PATH_VARIABLES = ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "DOCKER_CONFIG", "SSL_CERT_FILE")
+"""The environment's paths the server reads: logins (``credentials.auth_files``) and the
+CA bundle (``client.system_ca_bundle``)."""
+
+
 def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """The ``blockstore serve`` command line for a mount, and its environment.
 
@@ -158,7 +163,7 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     if args.trace_file is not None:
         argv += ["--trace-file", str(args.trace_file.resolve())]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    for name in ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG"):  # the server runs in /
+    for name in PATH_VARIABLES:  # the server runs in /
         if env.get(name):
             env[name] = os.path.abspath(env[name])
     if path := import_path(env.get("PYTHONPATH", "")):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import subprocess
 import sys
@@ -158,3 +160,56 @@ def test_a_mount_from_a_checkout_serves_with_the_code_it_was_run_with(
         assert_same_tree(erofs_images.small.tree, mountpoint)
     finally:
         subprocess.run([*BLOCKSTORE, "umount", str(mountpoint)], check=True, timeout=60)
+
+
+@pytest.fixture
+def relative_environment(request, basic_auth_registry, tls_registry, test_ca, erofs_images):
+    """An image, the options that reach it, and what its access needs in files named by
+    an environment variable relative to the working directory, as ``(name, relative
+    path, content)``: a login in ``$XDG_RUNTIME_DIR/containers/auth.json``, a CA in
+    ``$SSL_CERT_FILE``."""
+    if request.param == "XDG_RUNTIME_DIR":
+        server = basic_auth_registry
+        ref = push_erofs(
+            server.host, "rel/xdg", "v1", [erofs_images.small.path], options=server.options()
+        )
+        login = base64.b64encode(f"{server.username}:{server.password}".encode()).decode()
+        auth = json.dumps({"auths": {server.host: {"auth": login}}})
+        return ref, ["--insecure"], ("XDG_RUNTIME_DIR", "xdg/containers/auth.json", auth)
+    server = tls_registry
+    ref = push_erofs(
+        server.host, "rel/ca", "v1", [erofs_images.small.path], options=server.options()
+    )
+    return ref, [], ("SSL_CERT_FILE", "ca.pem", test_ca.cert.read_text())
+
+
+@pytest.mark.parametrize(
+    "relative_environment", ["XDG_RUNTIME_DIR", "SSL_CERT_FILE"], indirect=True
+)
+def test_a_relative_environment_path_reaches_the_server_absolute(
+    mount_dirs, relative_environment, erofs_images
+):
+    """``$XDG_RUNTIME_DIR`` (where a login is found) and ``$SSL_CERT_FILE`` (the CA that
+    vouches for the registry) relative to the directory ``mount`` was run in: the server,
+    which runs in ``/``, gets them absolute and reaches the image. Before, it looked for
+    them under ``/``, and the mount failed as refused by the registry."""
+    base, _ = mount_dirs
+    ref, options, (name, relative, content) = relative_environment
+    work = base / "work"
+    (work / relative).parent.mkdir(parents=True, exist_ok=True)
+    (work / relative).write_text(content)
+    (work / "mnt").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLOCKSTORE_CACHE")}
+    done = subprocess.run(
+        [*BLOCKSTORE, "mount", ref, "mnt", *options, "--cache-dir", str(base / "c")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=work,
+        env={**env, name: relative.split("/")[0] if name == "XDG_RUNTIME_DIR" else relative},
+    )
+    assert done.returncode == 0, done.stderr
+    try:
+        assert_same_tree(erofs_images.small.tree, work / "mnt")
+    finally:
+        subprocess.run([*BLOCKSTORE, "umount", str(work / "mnt")], check=True, timeout=60)
