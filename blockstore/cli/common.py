@@ -529,7 +529,8 @@ def _missing_dirs(path: Path) -> list[Path]:
     """``path`` and those of its parents that do not exist yet, deepest first: what
     opening a cache at ``path`` makes."""
     missing = []
-    path = path.absolute()
+    # As the kernel will find it: ``typo/../mine`` is ``mine``, which may be the user's.
+    path = Path(os.path.realpath(path))
     while not os.path.lexists(path) and path != path.parent:
         missing.append(path)
         path = path.parent

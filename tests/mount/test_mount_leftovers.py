@@ -213,3 +213,24 @@ def test_a_relative_environment_path_reaches_the_server_absolute(
         assert_same_tree(erofs_images.small.tree, work / "mnt")
     finally:
         subprocess.run([*BLOCKSTORE, "umount", str(work / "mnt")], check=True, timeout=60)
+
+
+def test_a_failed_first_command_keeps_a_directory_the_cache_path_reaches_through_dotdot(
+    tmp_path: Path,
+):
+    """``--cache-dir typo/../mine``, where ``mine`` is a directory of the user's and
+    ``typo`` does not exist: the cache is made in ``mine``, and a command that then fails
+    at the registry leaves ``mine`` where it was. Before, the path, not there as
+    written, was taken for one the command made, and ``mine`` was removed."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    cache = tmp_path / "typo" / ".." / "mine"
+    image = f"127.0.0.1:{free_port()}/a/b:v1"
+    done = subprocess.run(
+        [*BLOCKSTORE, "prefetch", image, "--insecure", "--cache-dir", str(cache)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == RegistryUnreachable.exit_code, done.stderr
+    assert mine.is_dir()
