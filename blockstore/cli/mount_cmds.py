@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import re
-import shlex
 import signal
 import sys
 from dataclasses import dataclass, fields, replace
@@ -424,7 +423,7 @@ def describe_path(record: MountRecord) -> str:
     pid = record.server.pid if record.server else "?"
     metrics = f", metrics {record.metrics}" if record.metrics else ""
     return (
-        f"mounted {record.image} at {printable(record.mountpoint)} via {via}, {shape}, "
+        f"mounted {record.image} at {stack.printable(record.mountpoint)} via {via}, {shape}, "
         f"in {record.mount_seconds:.2f}s (server pid {pid}{metrics}, log {record.log})"
     )
 
@@ -442,7 +441,7 @@ def run_umount(args: argparse.Namespace) -> int:
     done = stack.unmount(args.mountpoint, lazy=args.lazy)
     ignore_late_signals()
     if args.quiet <= 0:
-        print(f"unmounted {printable(done.record.mountpoint)} ({done.record.image})")
+        print(f"unmounted {stack.printable(done.record.mountpoint)} ({done.record.image})")
         if done.trouble is not None:
             kept = Path(done.record.log).exists()
             where = f"; its log is kept at {done.record.log}" if kept else ""
@@ -487,34 +486,15 @@ def run_mounts(args: argparse.Namespace) -> int:
         cached = " ".join("?" if f is None else percent(f) for f in row["cached"]) or "?"
         state = with_warnings(row["state"], row["warnings"])
         image, via = row["image"] or "?", row["via"] or "?"
-        table.append((printable(row["mountpoint"]), image, row["served"], via, state, cached))
+        table.append((stack.printable(row["mountpoint"]), image, row["served"], via, state, cached))
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
     dead = [row["mountpoint"] for row in rows if row["state"] not in ("ok", "mounting")]
     for mountpoint in dead:
-        command = f"blockstore umount {shell_word(mountpoint)}"
-        print(f"{printable(mountpoint)}: `{command}` cleans it up", file=sys.stderr)
+        command = f"blockstore umount {stack.shell_word(mountpoint)}"
+        print(f"{stack.printable(mountpoint)}: `{command}` cleans it up", file=sys.stderr)
     return 0
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def printable(path: str) -> str:
-    """``path`` with control characters written ``\\xNN``, as findmnt writes them: a
-    newline in a mount point would break its line in two, and the table with it."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", path)
-
-
-def shell_word(path: str) -> str:
-    """``path`` as one word the shell reads back as it is, for a command to copy: quoted
-    where it needs it, and a name with control characters as ``$'...\\xNN...'``, which
-    stays on one line."""
-    if not _CONTROL.search(path):
-        return shlex.quote(path)
-    escaped = printable(path.replace("\\", "\\\\").replace("'", "\\'"))
-    return f"$'{escaped}'"
 
 
 def _mountpoint(text: str) -> str:

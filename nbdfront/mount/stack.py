@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import shlex
 import signal
 import threading
 import time
@@ -74,6 +76,25 @@ def check_can_mount(mountpoint: str, *, tls: bool = False) -> str:
             f"{mountpoint} has a mount record already; `blockstore umount {mountpoint}` clears it"
         )
     return attach.choose_method(tls=tls)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def printable(path: str) -> str:
+    """``path`` with control characters written ``\\xNN``, as findmnt writes them: a
+    newline in a mount point would break its line in two, and the table with it."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", path)
+
+
+def shell_word(path: str) -> str:
+    """``path`` as one word the shell reads back as it is, for a command to copy: quoted
+    where it needs it, and a name with control characters as ``$'...\\xNN...'``, which
+    stays on one line."""
+    if not _CONTROL.search(path):
+        return shlex.quote(path)
+    escaped = printable(path.replace("\\", "\\\\").replace("'", "\\'"))
+    return f"$'{escaped}'"
 
 
 def hides(mountpoint: str, path: str | Path) -> bool:
@@ -554,8 +575,9 @@ def _not_ours(mountpoint: str) -> str:
     top = syscall.mounts_at(mountpoint)
     if not top and (around := _recorded_around(os.path.realpath(mountpoint))) is not None:
         return (
-            f"{mountpoint} is inside the mount of {around.image} at {around.mountpoint}, "
-            f"not one itself: `blockstore umount {around.mountpoint}` undoes that"
+            f"{printable(mountpoint)} is inside the mount of {around.image} at "
+            f"{printable(around.mountpoint)}, not one itself: "
+            f"`blockstore umount {shell_word(around.mountpoint)}` undoes that"
         )
     if not top:
         why = "does not exist" if not os.path.lexists(mountpoint) else "has nothing mounted on it"

@@ -77,3 +77,30 @@ def test_umount_of_a_path_inside_a_mount_names_the_mount(
     assert stack.status(records.load(str(mountpoint))).state == "ok"
     stack.unmount(str(mountpoint))
     assert records.saved() == [] and not Path(record.state_dir).exists()
+
+
+def test_the_umount_named_for_a_path_inside_an_odd_mount_point_is_one_the_shell_runs(
+    mount_dirs, erofs_images, local_server
+):
+    """The same for a mount point whose name holds a space and a newline: the message
+    keeps to one line, and the ``blockstore umount`` it names, run by the shell as
+    written, undoes the mount. Before, the newline broke the message in two and the
+    space split the path the command named."""
+    base, _ = mount_dirs
+    mountpoint = base / "two\nlines here"
+    mountpoint.mkdir()
+    stack.mount(local_server({"layer0": erofs_images.small.path}), str(mountpoint), image="s")
+    inner = next(path for path in mountpoint.iterdir() if path.is_dir())
+    done = cli("umount", str(inner))
+    assert done.returncode == 10, done.stderr
+    (line,) = done.stderr.splitlines()
+    command = line.split("`")[1]
+    assert command.startswith("blockstore umount "), line
+    undone = subprocess.run(
+        ["bash", "-c", f'blockstore() {{ {sys.executable} -m blockstore "$@"; }}; {command}'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert undone.returncode == 0, undone.stderr
+    assert records.saved() == []
