@@ -224,16 +224,24 @@ def test_mount_where_blockstore_mounted_with_another_run_directory_names_it(
 
 
 @pytest.mark.parametrize(
-    "where", ["the run directory", "inside the run directory", "the cache", "over the cache"]
+    "where",
+    [
+        "the run directory",
+        "inside the run directory",
+        "the cache",
+        "over the cache",
+        "inside the cache",
+    ],
 )
 def test_a_mount_point_that_would_hide_the_run_directory_or_the_cache_is_refused(
     mount_dirs, mountpoint, where
 ):
-    """A mount point that is the run directory, lies in it or covers the cache directory the
-    server would use is refused (exit 10), saying which, with nothing spawned or made.
-    Before, a mount inside the run directory failed with a bare "[Errno 2] ... record.tmp"
-    (exit 1), and one over the cache succeeded, the cache then hidden from every other
-    command while the server served from its open files."""
+    """A mount point that is the run directory, lies in it, covers the cache directory the
+    server would use or lies in it is refused (exit 10), saying which, with nothing
+    spawned or made. Before, a mount inside the run directory failed with a bare
+    "[Errno 2] ... record.tmp" (exit 1), and one over the cache succeeded, the cache
+    then hidden from every other command while the server served from its open files;
+    one inside the cache (its ``leases``) hid the files other processes coordinate by."""
     base, run = mount_dirs
     cache = base / "cache"
     target = {
@@ -241,6 +249,7 @@ def test_a_mount_point_that_would_hide_the_run_directory_or_the_cache_is_refused
         "inside the run directory": run / "mounts",
         "the cache": cache,
         "over the cache": mountpoint,
+        "inside the cache": cache / "leases",
     }[where]
     if where == "over the cache":
         cache = mountpoint / "sub" / "cache"
