@@ -166,7 +166,7 @@ def resolve_image(
         )
     child_digest, child, chosen = found
     layers = _layers(client, child)
-    return ResolvedImage(str(ref), child_digest, chosen, platforms, layers, manifests, digest)
+    return ResolvedImage(str(ref), child_digest, str(chosen), platforms, layers, manifests, digest)
 
 
 def _from_index(
@@ -177,7 +177,7 @@ def _from_index(
     manifests: dict[str, bytes],
     names: list[str],
     depth: int = 1,
-) -> tuple[str, dict, str | None] | None:
+) -> tuple[str, dict, Platform] | None:
     """The manifest for ``wanted`` under ``index``: its digest, document and platform.
 
     The entry whose platform ``wanted`` chooses comes first; an index in its place
@@ -186,6 +186,8 @@ def _from_index(
     optional in an entry (skopeo copies an index so), so an image manifest without
     one is judged by its config's platform, as containerd does. buildx's attestations
     ("unknown/unknown") and entries naming an artifact type are not images to run.
+    An exact match (the same variant, or none on either side) is taken before the first
+    entry merely accepted, as ``Platform.choose`` has it, wherever either is listed.
     ``names`` gathers the platforms seen, for the error when none is chosen. Each
     manifest is fetched once, and at most ``MAX_INDEX_FETCHES`` in all: a hostile
     index of indexes could otherwise ask for millions within the depth bound.
@@ -199,23 +201,24 @@ def _from_index(
     offered = [Platform.from_descriptor(e["platform"]) for e in runnable]
     names += [str(p) for p in offered]
     chosen = wanted.choose(offered)
-    candidates = [(runnable[chosen], str(offered[chosen]))] if chosen is not None else []
+    candidates = [(runnable[chosen], offered[chosen])] if chosen is not None else []
     candidates += [(e, None) for e in entries if "platform" not in e and _may_be_image(e)]
+    accepted: tuple[str, dict, Platform] | None = None  # the first match, not exact
     for entry, platform in candidates:
         if entry["digest"] in manifests:
             continue  # searched already: an index may list one index many times
         digest, child, child_type = _fetch_entry(client, ref, entry, manifests)
         if child_type in MANIFEST_TYPES:
             platform = platform or _config_platform_if(client, ref, child, wanted, names)
-            if platform is not None:
-                return digest, child, platform
-            continue
-        if depth >= MAX_INDEX_DEPTH:
+            found = (digest, child, platform) if platform is not None else None
+        elif depth >= MAX_INDEX_DEPTH:
             raise RegistryError(f"image {ref}: indexes nested more than {MAX_INDEX_DEPTH} deep")
-        found = _from_index(client, ref, child, wanted, manifests, names, depth + 1)
-        if found is not None:
-            return found[0], found[1], found[2] or platform
-    return None
+        else:
+            found = _from_index(client, ref, child, wanted, manifests, names, depth + 1)
+        if found is not None and found[2].normalized() == wanted.normalized():
+            return found
+        accepted = accepted or found
+    return accepted
 
 
 def _may_be_image(entry: dict) -> bool:
@@ -243,7 +246,7 @@ def _fetch_entry(
 
 def _config_platform_if(
     client: RegistryClient, ref: Reference, manifest: dict, wanted: Platform, names: list[str]
-) -> str | None:
+) -> Platform | None:
     """The platform an index entry without one runs on, from its manifest's config, if
     ``wanted`` accepts it; None for another platform, or for an artifact (a signature,
     an SBOM: its config is no image config)."""
@@ -251,7 +254,7 @@ def _config_platform_if(
         return None
     offered = config_platform(client, ref.repository, manifest, f"image {ref}")
     names.append(str(offered))
-    return str(offered) if wanted.accepts(offered) else None
+    return offered if wanted.accepts(offered) else None
 
 
 SHOWN_TAGS = 10

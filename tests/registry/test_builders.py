@@ -202,3 +202,34 @@ def test_a_config_naming_another_count_of_layers_is_refused(registry, tmp_path: 
             image.exports(layer=1)
     finally:
         image.close()
+
+
+def test_entries_without_a_platform_are_chosen_as_entries_with_one_are(registry, erofs_images):
+    """An index listing two images without a platform, linux/amd64/v3 first and
+    linux/amd64 second (each config names its own), asked for linux/amd64: the exact
+    match is chosen, as for entries naming their platform (and as containerd sorts
+    them), whatever the order; so is it beside an entry naming linux/amd64/v3. Before,
+    the first one the platform accepted was taken: the v3 image, built for CPUs the
+    host may not have."""
+    small, large = erofs_images.small, erofs_images.large
+    repository = "builders/unnamed-variants"
+    with registry.client() as client:
+        entries = {}
+        for tag, path, platform in (
+            ("v3", small.path, "linux/amd64/v3"),
+            ("plain", large.path, "linux/amd64"),
+        ):
+            push_image(client, repository, tag, [path], platform=platform)
+            raw = client.get_manifest(repository, tag).raw
+            entries[tag] = {"mediaType": OCI_MANIFEST, "digest": digest_of(raw), "size": len(raw)}
+        named_v3 = {**entries["v3"], "platform": {"os": "linux", "architecture": "amd64"}}
+        named_v3["platform"]["variant"] = "v3"
+        for tag, listed in (
+            ("unnamed", [entries["v3"], entries["plain"]]),
+            ("mixed", [named_v3, entries["plain"]]),
+        ):
+            index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": listed}
+            client.put_manifest(repository, tag, canonical_json(index), OCI_INDEX)
+            for platform, image in (("linux/amd64", large), ("linux/amd64/v3", small)):
+                resolved = resolve_image(client, f"{registry.host}/{repository}:{tag}", platform)
+                assert (resolved.platform, resolved.layers[0].digest) == (platform, image.digest)
