@@ -205,7 +205,8 @@ class OpenImage:
     def _config(self, digest: str) -> bytes | None:
         """The image config named ``digest``, checked against it: kept in the cache after
         its first fetch (a digest names it for good), so a warm or offline open checks
-        its layers' diff_ids with no round trip. None offline when it was never kept."""
+        its layers' diff_ids with no round trip; not fetched again where resolving the
+        image fetched it. None offline when it was never kept."""
         try:
             kept = self.store.images.manifest(digest)
         except CacheError:
@@ -216,9 +217,11 @@ class OpenImage:
                 return kept
             except IntegrityError as exc:
                 log.warning("%s; fetching it again", exc)
-        if self.client is None:
-            return None
-        raw = self.client.get_blob(self.repository, digest, "config")  # checked against it
+        raw = self.resolved.configs.get(digest)  # fetched to judge the platform, checked
+        if raw is None:
+            if self.client is None:
+                return None
+            raw = self.client.get_blob(self.repository, digest, "config")  # checked against it
         try:
             self.store.images.put_manifest(digest, raw)
         except CacheError as exc:

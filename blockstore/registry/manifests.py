@@ -70,6 +70,9 @@ class ResolvedImage:
     """Raw bytes of every manifest and index fetched, by digest."""
     index_digest: str | None = None
     """Digest of the index the manifest was chosen from, if any."""
+    configs: dict[str, bytes] = field(default_factory=dict)
+    """Raw bytes of the image configs fetched to judge a platform, by digest (checked
+    against it): opening the image reads its config again, and need not fetch it."""
 
     def to_record(self) -> dict:
         """The JSON-able record the cache keeps for offline re-resolution."""
@@ -153,12 +156,14 @@ def resolve_image(
         if not require_platform:
             # Fetching the config would cost a round trip on every default open.
             return ResolvedImage(str(ref), digest, None, [], layers, manifests)
-        offered = config_platform(client, ref.repository, document, f"image {ref}")
+        configs: dict[str, bytes] = {}
+        offered = config_platform(client, ref.repository, document, f"image {ref}", configs)
         if not wanted.accepts(offered):
             raise NotFound(f"image {ref} is {offered} only; asked for {wanted}")
-        return ResolvedImage(str(ref), digest, str(offered), [], layers, manifests)
+        return ResolvedImage(str(ref), digest, str(offered), [], layers, manifests, configs=configs)
     names: list[str] = []
-    found = _from_index(client, ref, document, wanted, manifests, names)
+    configs = {}
+    found = _from_index(client, ref, document, wanted, manifests, names, configs)
     platforms = list(dict.fromkeys(names))
     if found is None:
         raise NotFound(
@@ -166,7 +171,9 @@ def resolve_image(
         )
     child_digest, child, chosen = found
     layers = _layers(client, child)
-    return ResolvedImage(str(ref), child_digest, str(chosen), platforms, layers, manifests, digest)
+    return ResolvedImage(
+        str(ref), child_digest, str(chosen), platforms, layers, manifests, digest, configs
+    )
 
 
 def _from_index(
@@ -176,6 +183,7 @@ def _from_index(
     wanted: Platform,
     manifests: dict[str, bytes],
     names: list[str],
+    configs: dict[str, bytes],
     depth: int = 1,
 ) -> tuple[str, dict, Platform] | None:
     """The manifest for ``wanted`` under ``index``: its digest, document and platform.
@@ -188,7 +196,8 @@ def _from_index(
     ("unknown/unknown") and entries naming an artifact type are not images to run.
     An exact match (the same variant, or none on either side) is taken before the first
     entry merely accepted, as ``Platform.choose`` has it, wherever either is listed.
-    ``names`` gathers the platforms seen, for the error when none is chosen. Each
+    ``names`` gathers the platforms seen, for the error when none is chosen, and
+    ``configs`` the configs fetched to judge them. Each
     manifest is fetched once, and at most ``MAX_INDEX_FETCHES`` in all: a hostile
     index of indexes could otherwise ask for millions within the depth bound.
     """
@@ -209,12 +218,12 @@ def _from_index(
             continue  # searched already: an index may list one index many times
         digest, child, child_type = _fetch_entry(client, ref, entry, manifests)
         if child_type in MANIFEST_TYPES:
-            platform = platform or _config_platform_if(client, ref, child, wanted, names)
+            platform = platform or _config_platform_if(client, ref, child, wanted, names, configs)
             found = (digest, child, platform) if platform is not None else None
         elif depth >= MAX_INDEX_DEPTH:
             raise RegistryError(f"image {ref}: indexes nested more than {MAX_INDEX_DEPTH} deep")
         else:
-            found = _from_index(client, ref, child, wanted, manifests, names, depth + 1)
+            found = _from_index(client, ref, child, wanted, manifests, names, configs, depth + 1)
         if found is not None and found[2].normalized() == wanted.normalized():
             return found
         accepted = accepted or found
@@ -245,14 +254,19 @@ def _fetch_entry(
 
 
 def _config_platform_if(
-    client: RegistryClient, ref: Reference, manifest: dict, wanted: Platform, names: list[str]
+    client: RegistryClient,
+    ref: Reference,
+    manifest: dict,
+    wanted: Platform,
+    names: list[str],
+    configs: dict[str, bytes],
 ) -> Platform | None:
     """The platform an index entry without one runs on, from its manifest's config, if
     ``wanted`` accepts it; None for another platform, or for an artifact (a signature,
     an SBOM: its config is no image config)."""
     if manifest["config"]["mediaType"] not in IMAGE_CONFIG_TYPES:
         return None
-    offered = config_platform(client, ref.repository, manifest, f"image {ref}")
+    offered = config_platform(client, ref.repository, manifest, f"image {ref}", configs)
     names.append(str(offered))
     return offered if wanted.accepts(offered) else None
 
@@ -289,9 +303,14 @@ def fetch_manifest(client: RegistryClient, repository: str, reference: str) -> t
 
 
 def config_platform(
-    client: RegistryClient, repository: str, manifest: dict, subject: str
+    client: RegistryClient,
+    repository: str,
+    manifest: dict,
+    subject: str,
+    configs: dict[str, bytes] | None = None,
 ) -> Platform:
-    """The platform a plain manifest's config names, the config's bytes checked first."""
+    """The platform a plain manifest's config names, the config's bytes checked first
+    (and kept in ``configs``, if given, by digest)."""
     try:
         config_digest = normalize_digest(manifest["config"]["digest"])
         size = manifest["config"]["size"]
@@ -301,6 +320,8 @@ def config_platform(
         raise RegistryError(f"{subject}: the manifest has no valid config descriptor") from None
     config = client.get_blob(repository, config_digest, "config")  # checked against it
     check_size(config, size, f"{subject}: config {config_digest}")
+    if configs is not None:
+        configs[config_digest] = config
     try:
         document = json.loads(config)
     except ValueError:

@@ -17,7 +17,13 @@ import pytest
 
 from blockstore.errors import IntegrityError, NotFound
 from blockstore.image import open_image
-from blockstore.registry import EROFS_MEDIA_TYPE, RegistryClient, push_image, resolve_image
+from blockstore.registry import (
+    EROFS_MEDIA_TYPE,
+    RegistryClient,
+    RegistryOptions,
+    push_image,
+    resolve_image,
+)
 from blockstore.registry.digests import canonical_json, digest_of
 from blockstore.registry.mediatypes import (
     DOCKER_CONFIG,
@@ -233,3 +239,38 @@ def test_entries_without_a_platform_are_chosen_as_entries_with_one_are(registry,
             for platform, image in (("linux/amd64", large), ("linux/amd64/v3", small)):
                 resolved = resolve_image(client, f"{registry.host}/{repository}:{tag}", platform)
                 assert (resolved.platform, resolved.layers[0].digest) == (platform, image.digest)
+
+
+def test_a_config_fetched_to_judge_an_entrys_platform_is_not_fetched_again(
+    registry, fault_proxy, tmp_path: Path
+):
+    """An index whose gzip image's entry names no platform, opened and read through a
+    proxy that records requests: its config, fetched to judge the platform, is fetched
+    once, not again to check the layer's diff_id (a warm open, resolving the index
+    again, judges it again: once). Before, a cold open fetched it twice."""
+    tar = one_file_tar("hello.txt", b"hello from an unnamed entry\n")
+    layer = tmp_path / "layer.tar.gz"
+    layer.write_bytes(gzip.compress(tar, mtime=0))
+    repository = "builders/unnamed-config"
+    with registry.client() as client:
+        push_image(client, repository, "image", [layer], media_type=OCI_TAR_GZIP)
+        raw = client.get_manifest(repository, "image").raw
+        config = json.loads(raw)["config"]["digest"]
+        entry = {"mediaType": OCI_MANIFEST, "digest": digest_of(raw), "size": len(raw)}
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}
+        client.put_manifest(repository, "v1", canonical_json(index), OCI_INDEX)
+    proxy = fault_proxy(registry)
+    options = RegistryOptions(insecure=True, timeout=10.0)
+    fetched = []
+    for _ in range(2):
+        image = open_image(
+            f"{proxy.host}/{repository}:v1", cache_dir=tmp_path / "c", options=options
+        )
+        try:
+            (export,) = image.exports()
+            data = b"".join(bytes(piece) for piece in export.read(0, export.size))
+        finally:
+            image.close()
+        assert tar in data
+        fetched.append([r.path for r in proxy.requests].count(f"/v2/{repository}/blobs/{config}"))
+    assert fetched == [1, 2]  # once by each open, to judge the platform
