@@ -85,6 +85,7 @@ class OpenImage:
     tar_indexes: dict[int, tuple[Path, Path | None]] = field(default_factory=dict)
     """Local indexes to use instead of building one: layer index -> (tarindex, zinfo)."""
     _diff_ids: list[str] | None = None
+    _diff_ids_read: bool = False
     referrers: list[Referrer] = field(default_factory=list)
     """The artifacts attached to the image, listed once at open (online)."""
     shared_tar_indexes: bool = True
@@ -192,10 +193,11 @@ class OpenImage:
         raw = self.resolved.manifests.get(self.resolved.manifest_digest)
         if raw is None:
             return None
-        if self._diff_ids is None:
+        if not self._diff_ids_read:
             self._diff_ids = image_diff_ids(raw, self._config)
+            self._diff_ids_read = True
         ids, layers = self._diff_ids, len(self.resolved.layers)
-        if ids and len(ids) != layers:
+        if ids is not None and len(ids) != layers:
             raise IntegrityError(
                 f"{self.resolved.reference}: its config lists {len(ids)} diff_ids for its "
                 f"{layers} layers (rootfs.diff_ids names each layer's tar): refused"

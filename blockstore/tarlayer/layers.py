@@ -639,24 +639,25 @@ def _sha256(read: ReadRange, start: int, end: int) -> bytes:
     return digest.digest()
 
 
-def image_diff_ids(manifest: bytes, config_of: Callable[[str], bytes | None]) -> list[str]:
+def image_diff_ids(manifest: bytes, config_of: Callable[[str], bytes | None]) -> list[str] | None:
     """The ``rootfs.diff_ids`` of the config a manifest names, got with ``config_of``
     (given the config's digest: its bytes, checked against it, or None if unavailable).
 
     They name each layer's uncompressed tar; an index is built only from a
-    layer whose tar hashes to its diff_id. A config without them gives [].
+    layer whose tar hashes to its diff_id. None where the config is unavailable or
+    has no list of them; a list of none is [], which a layer's count is held to.
     """
     try:
         config_digest = json.loads(manifest)["config"]["digest"]
         if not isinstance(config_digest, str):
             raise TypeError(config_digest)
     except (ValueError, KeyError, TypeError, AttributeError):
-        return []
+        return None
     config = config_of(config_digest)
     if config is None:
-        return []
+        return None
     try:
         ids = json.loads(config)["rootfs"]["diff_ids"]
     except (ValueError, KeyError, TypeError):
-        return []
-    return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
+        return None
+    return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else None

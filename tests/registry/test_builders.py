@@ -210,6 +210,55 @@ def test_a_config_naming_another_count_of_layers_is_refused(registry, tmp_path: 
         image.close()
 
 
+def test_a_config_naming_no_diff_ids_for_its_layers_is_refused(registry, tmp_path: Path):
+    """A one-layer gzip image whose config lists no diff_ids (``"diff_ids": []``): its
+    count is another than the manifest's, so it is refused as one listing one too few
+    is, when the layer is opened. A config with no ``rootfs`` at all says nothing of the
+    layers, and is read without the check. Before, an empty list passed: the layer's
+    tar went unchecked."""
+    tar = one_file_tar("f.txt", b"layer\n")
+    blob = gzip.compress(tar, mtime=0)
+    repository = "builders/no-diff-ids"
+    platform = {"architecture": "amd64", "os": "linux"}
+    with registry.client() as client:
+        client.upload_blob(repository, digest_of(blob), blob)
+        for tag, config in (
+            ("empty", canonical_json({**platform, "rootfs": {"type": "layers", "diff_ids": []}})),
+            ("none", canonical_json(platform)),
+        ):
+            client.upload_blob(repository, digest_of(config), config)
+            manifest = {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {
+                    "mediaType": OCI_CONFIG,
+                    "digest": digest_of(config),
+                    "size": len(config),
+                },
+                "layers": [
+                    {"mediaType": OCI_TAR_GZIP, "digest": digest_of(blob), "size": len(blob)}
+                ],
+            }
+            client.put_manifest(repository, tag, canonical_json(manifest), OCI_MANIFEST)
+    options = registry.options()
+    image = open_image(
+        f"{registry.host}/{repository}:empty", cache_dir=tmp_path / "c", options=options
+    )
+    try:
+        with pytest.raises(IntegrityError, match="config lists 0 diff_ids for its 1 layers"):
+            image.exports()
+    finally:
+        image.close()
+    image = open_image(
+        f"{registry.host}/{repository}:none", cache_dir=tmp_path / "c", options=options
+    )
+    try:
+        (export,) = image.exports()
+        assert tar in b"".join(bytes(piece) for piece in export.read(0, export.size))
+    finally:
+        image.close()
+
+
 def test_entries_without_a_platform_are_chosen_as_entries_with_one_are(registry, erofs_images):
     """An index listing two images without a platform, linux/amd64/v3 first and
     linux/amd64 second (each config names its own), asked for linux/amd64: the exact
