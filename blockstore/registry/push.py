@@ -29,7 +29,9 @@ from blockstore.registry.mediatypes import (
     DOCKER_MANIFEST,
     EROFS_MEDIA_TYPE,
     GZIP,
+    IMAGE_CONFIG_TYPES,
     INDEX_TYPES,
+    MANIFEST_TYPES,
     OCI_CONFIG,
     OCI_INDEX,
     OCI_MANIFEST,
@@ -193,10 +195,12 @@ def _kept_entries(
     client: RegistryClient, repository: str, tag: str, target: Platform, digest: str
 ) -> list[dict]:
     """The entries under ``tag`` that stay beside ``target``'s new manifest ``digest``:
-    all but ``target``'s own entry and the attestations of the manifest it replaces."""
+    all but ``target``'s own entry (one listed without a platform judged by its config,
+    as resolving judges it) and the attestations of the manifest it replaces."""
     entries = _index_entries(client, repository, tag)
-    replaced = {e["digest"] for e in entries if _same_platform(e, target)} - {digest}
-    return [e for e in entries if not _same_platform(e, target) and not _attests(e, replaced)]
+    own = [e for e in entries if _same_platform(e, target, client, repository, tag)]
+    replaced = {e["digest"] for e in own} - {digest}
+    return [e for e in entries if e not in own and not _attests(e, replaced)]
 
 
 def _index_entries(client: RegistryClient, repository: str, tag: str) -> list[dict]:
@@ -246,6 +250,23 @@ def _attests(entry: dict, digests: set[str]) -> bool:
     return isinstance(annotations, dict) and annotations.get(ATTESTED) in digests
 
 
-def _same_platform(entry: dict, target: Platform) -> bool:
-    offered = Platform.from_descriptor(entry.get("platform") or {})
+def _same_platform(
+    entry: dict, target: Platform, client: RegistryClient, repository: str, tag: str
+) -> bool:
+    """Whether ``entry`` is of ``target``: by its platform, or, listed without one (the
+    field is optional), by its image config's, as resolving judges it."""
+    if "platform" in entry:
+        offered = Platform.from_descriptor(entry.get("platform") or {})
+    elif entry.get("mediaType") in MANIFEST_TYPES and "artifactType" not in entry:
+        raw, _ = fetch_manifest(client, repository, entry["digest"])
+        try:
+            document = json.loads(raw)
+        except ValueError:
+            return False  # no image: left as it is
+        config = document.get("config") if isinstance(document, dict) else None
+        if not isinstance(config, dict) or config.get("mediaType") not in IMAGE_CONFIG_TYPES:
+            return False
+        offered = config_platform(client, repository, document, f"image {repository}:{tag}")
+    else:
+        return False
     return offered.normalized() == target.normalized()

@@ -275,3 +275,27 @@ def test_replacing_a_platform_drops_the_attestation_of_the_manifest_replaced(
         assert listed() == {amd, amd_attestation, arm, arm_attestation}
         new = push_image(client, repository, "v1", [changes.path], **add)
         assert listed() == {new, arm, arm_attestation}
+
+
+def test_add_to_index_replaces_an_entry_whose_config_names_the_platform(
+    fresh_registry, erofs_images
+):
+    """A tag holding an index whose linux/amd64 image is listed without a ``platform``
+    (skopeo copies such an index as it is; its config names the platform), then a
+    linux/amd64 push with add_to_index: the old entry is replaced, as one naming its
+    platform is, and only the new image is left for linux/amd64. Before, the old one
+    stayed beside it, listed first: a client that keeps an index's order among equals
+    (containerd) went on pulling the old image."""
+    small, large = erofs_images.small, erofs_images.large
+    repository = "push/unnamed"
+    with fresh_registry.client() as client:
+        old = push_image(client, repository, "old", [small.path], platform="linux/amd64")
+        raw = client.get_manifest(repository, old).raw
+        entry = {"mediaType": OCI_MANIFEST, "digest": old, "size": len(raw)}
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}
+        client.put_manifest(repository, "v1", canonical_json(index), OCI_INDEX)
+        new = push_image(
+            client, repository, "v1", [large.path], platform="linux/amd64", add_to_index=True
+        )
+        listed = json.loads(client.get_manifest(repository, "v1").raw)["manifests"]
+    assert [e["digest"] for e in listed] == [new]
