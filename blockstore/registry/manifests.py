@@ -9,6 +9,7 @@ a proxy cannot substitute another image.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 
@@ -25,6 +26,8 @@ from blockstore.registry.mediatypes import (
 )
 from blockstore.registry.platforms import Platform, host_platform
 from blockstore.registry.reference import Reference, normalize_digest, parse_reference
+
+log = logging.getLogger(__name__)
 
 MAX_INDEX_DEPTH = 4
 """Indexes followed from the image's own down to a manifest (an index of indexes is
@@ -216,18 +219,42 @@ def _from_index(
     for entry, platform in candidates:
         if entry["digest"] in manifests:
             continue  # searched already: an index may list one index many times
-        digest, child, child_type = _fetch_entry(client, ref, entry, manifests)
-        if child_type in MANIFEST_TYPES:
-            platform = platform or _config_platform_if(client, ref, child, wanted, names, configs)
-            found = (digest, child, platform) if platform is not None else None
-        elif depth >= MAX_INDEX_DEPTH:
-            raise RegistryError(f"image {ref}: indexes nested more than {MAX_INDEX_DEPTH} deep")
-        else:
-            found = _from_index(client, ref, child, wanted, manifests, names, configs, depth + 1)
+        try:
+            found = _from_entry(
+                client, ref, entry, platform, wanted, manifests, names, configs, depth
+            )
+        except BlockstoreError as exc:
+            if accepted is None:
+                raise
+            # Judged only for a better match than one in hand, which it does not cost.
+            log.info("image %s: entry %s passed over: %s", ref, entry["digest"], exc)
+            continue
         if found is not None and found[2].normalized() == wanted.normalized():
             return found
         accepted = accepted or found
     return accepted
+
+
+def _from_entry(
+    client: RegistryClient,
+    ref: Reference,
+    entry: dict,
+    platform: Platform | None,
+    wanted: Platform,
+    manifests: dict[str, bytes],
+    names: list[str],
+    configs: dict[str, bytes],
+    depth: int,
+) -> tuple[str, dict, Platform] | None:
+    """The manifest for ``wanted`` an index entry names: itself, judged by ``platform``
+    or else by its config's, or one under it, for an index."""
+    digest, child, child_type = _fetch_entry(client, ref, entry, manifests)
+    if child_type in MANIFEST_TYPES:
+        platform = platform or _config_platform_if(client, ref, child, wanted, names, configs)
+        return (digest, child, platform) if platform is not None else None
+    if depth >= MAX_INDEX_DEPTH:
+        raise RegistryError(f"image {ref}: indexes nested more than {MAX_INDEX_DEPTH} deep")
+    return _from_index(client, ref, child, wanted, manifests, names, configs, depth + 1)
 
 
 def _may_be_image(entry: dict) -> bool:

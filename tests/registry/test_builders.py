@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from blockstore.errors import IntegrityError, NotFound
+from blockstore.errors import IntegrityError, NotFound, RegistryError
 from blockstore.image import open_image
 from blockstore.registry import (
     EROFS_MEDIA_TYPE,
@@ -323,3 +323,34 @@ def test_a_config_fetched_to_judge_an_entrys_platform_is_not_fetched_again(
         assert tar in data
         fetched.append([r.path for r in proxy.requests].count(f"/v2/{repository}/blobs/{config}"))
     assert fetched == [1, 2]  # once by each open, to judge the platform
+
+
+def test_an_entry_judged_past_a_match_that_cannot_be_read_costs_not_the_match(
+    registry, erofs_images
+):
+    """An index listing linux/amd64/v3 with its platform, then an image without one
+    whose config names no platform at all, asked for linux/amd64: the v3 image is
+    accepted, the entry after it is judged for an exact match and cannot be, and the
+    v3 image is still the one resolved; listed alone, the unjudgeable entry is refused
+    naming its config."""
+    small = erofs_images.small
+    repository = "builders/unjudgeable"
+    with registry.client() as client:
+        v3 = push_image(client, repository, "v3", [small.path], platform="linux/amd64/v3")
+        raw = client.get_manifest(repository, v3).raw
+        named = {"mediaType": OCI_MANIFEST, "digest": v3, "size": len(raw)}
+        named["platform"] = {"os": "linux", "architecture": "amd64", "variant": "v3"}
+        config = b"{}"
+        client.upload_blob(repository, digest_of(config), config)
+        manifest = json.loads(raw)
+        manifest["config"] = {"mediaType": OCI_CONFIG, "digest": digest_of(config), "size": 2}
+        odd = canonical_json(manifest)
+        client.put_manifest(repository, digest_of(odd), odd, OCI_MANIFEST)
+        unnamed = {"mediaType": OCI_MANIFEST, "digest": digest_of(odd), "size": len(odd)}
+        for tag, listed in (("both", [named, unnamed]), ("alone", [unnamed])):
+            index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": listed}
+            client.put_manifest(repository, tag, canonical_json(index), OCI_INDEX)
+        resolved = resolve_image(client, f"{registry.host}/{repository}:both", "linux/amd64")
+        assert (resolved.manifest_digest, resolved.platform) == (v3, "linux/amd64/v3")
+        with pytest.raises(RegistryError, match="names no os and architecture"):
+            resolve_image(client, f"{registry.host}/{repository}:alone", "linux/amd64")
