@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from mount_trees import assert_same_tree
+from suggested import run_suggested
 
 from blockstore.errors import MountpointBusy
 from nbdfront.mount import records, stack, syscall
@@ -96,11 +97,6 @@ def test_the_umount_named_for_a_path_inside_an_odd_mount_point_is_one_the_shell_
     (line,) = done.stderr.splitlines()
     command = line.split("`")[1]
     assert command.startswith("blockstore umount "), line
-    undone = subprocess.run(
-        ["bash", "-c", f'blockstore() {{ {sys.executable} -m blockstore "$@"; }}; {command}'],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    undone = run_suggested(command)
     assert undone.returncode == 0, undone.stderr
     assert records.saved() == []

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from suggested import run_suggested
+
 from nbdfront.mount import records, stack
 
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
@@ -113,11 +115,6 @@ def test_the_umount_mounts_suggests_for_an_odd_name_is_one_the_shell_runs(
     (line,) = listed.stderr.splitlines()
     command = line.split("`")[1]
     assert command.startswith("blockstore umount "), line
-    done = subprocess.run(
-        ["bash", "-c", f'blockstore() {{ {sys.executable} -m blockstore "$@"; }}; {command}'],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_suggested(command)
     assert done.returncode == 0, done.stderr
     assert cli("mounts").stdout == "no blockstore mounts\n"
