@@ -11,6 +11,7 @@ users need not relearn them.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -392,6 +393,12 @@ def run_mount(args: argparse.Namespace) -> int:
             "or lie in it, hiding its files from every other command: choose another "
             "directory, or --cache-dir"
         )
+
+    # ``describe`` runs once the server is ready (minutes later, when a large tar layer is
+    # indexed first): the cache's modules it reads with are loaded now, as this version's.
+    # Loaded then, after the package was upgraded or downgraded meanwhile, they would be
+    # another version's beside this one's, and fail to import.
+    importlib.import_module("blockstore.cache")
 
     def describe(exports: list[str]) -> dict:
         return {

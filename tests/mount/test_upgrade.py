@@ -1,0 +1,84 @@
+"""Mounting while the package's files are replaced by another version's (an upgrade or a
+downgrade of a checkout, or of the installed package, while a command runs)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from rig.fault_proxy import Fault
+
+import blockstore
+
+PREVIOUS_RELEASE = "e9fb639"
+"""The release before this one: its cache modules are laid out otherwise."""
+
+REPO = Path(blockstore.__file__).resolve().parents[1]
+
+
+def release_files(commit: str, path: str, into: Path) -> None:
+    """The files under ``path`` at ``commit`` of this repository, written into ``into``;
+    skips where that history is not here (a shallow clone, an unpacked release)."""
+    done = subprocess.run(
+        ["git", "-C", str(REPO), "archive", commit, path], capture_output=True, check=False
+    )
+    if done.returncode != 0:
+        pytest.skip(f"release {commit} is not in this checkout's history")
+    into.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=done.stdout, check=True)
+
+
+def copy_of_code(into: Path) -> Path:
+    """This version's packages, in a directory of their own that a test may replace."""
+    for package in ("blockstore", "nbdfront"):
+        shutil.copytree(REPO / package, into / package, ignore=shutil.ignore_patterns("*.pyc"))
+    return into
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_mount_finishes_when_the_package_is_replaced_while_it_waits(
+    mount_dirs, mountpoint, pushed_images, registry, fault_proxy
+):
+    """``mount`` waits for its server (minutes, when a large tar layer is indexed first);
+    the package replaced by the previous release meanwhile, it then loaded that release's
+    cache modules beside its own to describe the mount, failed to import a name they lack,
+    and undid the mount with a traceback. It loads them before it starts the server."""
+    base, _ = mount_dirs
+    code = copy_of_code(base / "code")
+    old = base / "old"
+    release_files(PREVIOUS_RELEASE, "blockstore/cache", old)
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault("delay", path_contains="/manifests/", seconds=1.5, times=1)
+    image = pushed_images.small.replace(registry.host, proxy.host)
+    cache = ["--cache-dir", str(base / "cache")]
+    mount = subprocess.Popen(
+        [sys.executable, "-m", "blockstore", "mount", "--insecure", image, str(mountpoint), *cache],
+        cwd=code,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: any("/manifests/" in r.path for r in proxy.requests))
+    shutil.rmtree(code / "blockstore" / "cache")
+    shutil.copytree(old / "blockstore" / "cache", code / "blockstore" / "cache")
+    _, err = mount.communicate(timeout=30)
+    assert mount.returncode == 0, err
+    assert "Traceback" not in err
+    assert any(mountpoint.iterdir())
+    done = subprocess.run(
+        [sys.executable, "-m", "blockstore", "umount", str(mountpoint)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
