@@ -676,6 +676,33 @@ def _held_inside(record: MountRecord) -> list[str]:
     return syscall.loops_over(record.state_dir) + processes_using(record.state_dir)
 
 
+def _mounts_run_inside(record: MountRecord) -> list[MountRecord]:
+    """The other recorded mounts whose server or attachment has its working directory in
+    ``record``'s mounted tree: an earlier version ran them in the directory ``mount`` was
+    run in. Named, the user unmounts that mount first, rather than ending its processes.
+    By device, not path: a directory the tree was mounted over later does not count."""
+    try:
+        device = os.stat(record.mountpoint).st_dev
+    except OSError:
+        return []
+    found = []
+    for other in records.saved():
+        refs = [other.server, *(a.process for a in other.attachments)]
+        if other.mountpoint != record.mountpoint and any(
+            ref is not None and ref.alive() and _cwd_device(ref.pid) == device for ref in refs
+        ):
+            found.append(other)
+    return found
+
+
+def _cwd_device(pid: int) -> int | None:
+    """The device of ``pid``'s working directory; None if it cannot be read."""
+    try:
+        return os.stat(f"/proc/{pid}/cwd").st_dev
+    except OSError:
+        return None
+
+
 def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
     """Undo every step the record lists, top first; raises if the file system is busy.
 
@@ -700,6 +727,14 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
                 f"{record.mountpoint} is busy: {', '.join(users)} is mounted over it (a bind "
                 "mount or an overlay); unmount that first, or unmount with --lazy, after "
                 "which it gets I/O errors"
+            )
+        if others := _mounts_run_inside(record):
+            raise MountpointBusy(
+                f"{printable(record.mountpoint)} is busy: the mount at "
+                f"{printable(others[0].mountpoint)} runs its processes in it (an earlier "
+                "version ran them where `mount` was run); "
+                f"`blockstore umount {shell_word(others[0].mountpoint)}` first, or unmount "
+                "with --lazy"
             )
         if held := _held_inside(record):
             raise MountpointBusy(

@@ -20,11 +20,14 @@ PREVIOUS_RELEASE = "e9fb639"
 REPO = Path(blockstore.__file__).resolve().parents[1]
 
 
-def release_files(commit: str, path: str, into: Path) -> None:
-    """The files under ``path`` at ``commit`` of this repository, written into ``into``;
-    skips where that history is not here (a shallow clone, an unpacked release)."""
+def release_files(commit: str, paths: str, into: Path) -> None:
+    """The files under ``paths`` (space-separated) at ``commit`` of this repository,
+    written into ``into``; skips where that history is not here (a shallow clone, an
+    unpacked release)."""
     done = subprocess.run(
-        ["git", "-C", str(REPO), "archive", commit, path], capture_output=True, check=False
+        ["git", "-C", str(REPO), "archive", commit, *paths.split()],
+        capture_output=True,
+        check=False,
     )
     if done.returncode != 0:
         pytest.skip(f"release {commit} is not in this checkout's history")
@@ -82,3 +85,38 @@ def test_mount_finishes_when_the_package_is_replaced_while_it_waits(
         timeout=30,
     )
     assert done.returncode == 0, done.stderr
+
+
+def blockstore_cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "blockstore", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        **kw,
+    )
+
+
+def test_umount_names_a_previous_release_mount_running_inside(
+    mount_dirs, pushed_images, monkeypatch
+):
+    """The previous release ran a mount's server and nbdfuse in the directory ``mount``
+    was run in: run inside another mount, they keep that one busy. ``umount`` of it names
+    the mount to unmount first; before, it asked to end the processes, which would have
+    broken that mount."""
+    base, _ = mount_dirs
+    release_files(PREVIOUS_RELEASE, "blockstore nbdfront", base / "old")
+    outer, inner = base / "outer", base / "inner"
+    outer.mkdir()
+    inner.mkdir()
+    cache = ["--cache-dir", str(base / "cache"), "--insecure"]
+    assert blockstore_cli("mount", pushed_images.small, str(outer), *cache).returncode == 0
+    monkeypatch.setenv("PYTHONPATH", str(base / "old"))
+    done = blockstore_cli("mount", pushed_images.small, str(inner), *cache, cwd=outer)
+    assert done.returncode == 0, done.stderr
+    monkeypatch.delenv("PYTHONPATH")
+    refused = blockstore_cli("umount", str(outer))
+    assert refused.returncode != 0
+    assert f"`blockstore umount {inner}` first" in refused.stderr
+    assert blockstore_cli("umount", str(inner)).returncode == 0
+    assert blockstore_cli("umount", str(outer)).returncode == 0
