@@ -172,18 +172,35 @@ def test_the_idle_limit_spares_a_client_that_reads_slowly(tmp_path):
     server = serve(tmp_path, ZeroExport(), idle_timeout=1.0)
     # Unix, not loopback TCP: shrunk to about one loopback segment (64 KiB), a TCP
     # receive buffer let the kernel, not the client, pause replies past 1 s under load.
+    take_slowly(server, reads=8, size=1 << 20, piece=64 << 10, pause=0.03)
+
+
+def test_a_client_taking_half_a_mebibyte_a_second_is_not_cut_by_a_one_second_limit(tmp_path):
+    """Tried: idle limit 1 s; a client over the Unix socket (a 208 KiB send buffer) asks for
+    1.5 MiB and takes 32 KiB of it every 1/16 s, never pausing. Must hold: it gets every
+    byte. Before, the server saw the client take bytes only once per MiB it sent, so
+    this client, taking a MiB every 2 s, was cut after 1 s for "taking no reply byte";
+    now it sees that every 64 KiB (an eighth of a second at this pace)."""
+    server = serve(tmp_path, ZeroExport(), idle_timeout=1.0)
+    take_slowly(server, reads=3, size=512 << 10, piece=32 << 10, pause=1 / 16)
+
+
+def take_slowly(server: NBDServer, *, reads: int, size: int, piece: int, pause: float) -> None:
+    """Ask ``server`` (then shut it down) for ``reads`` reads of ``size`` bytes over its
+    Unix socket, and take the replies ``piece`` bytes at a time, ``pause`` seconds apart;
+    fails if the server cuts the connection first."""
     client = w.RawClient(server.unix_path)
     try:
         client.negotiate("zeros", structured=False)
-        for handle in range(8):
-            client.send(w.CMD_READ, handle, 0, 1 << 20)
-        want = 8 * ((1 << 20) + 16)
+        for handle in range(reads):
+            client.send(w.CMD_READ, handle, 0, size)
+        want = reads * (size + 16)
         got = 0
         while got < want:
-            piece = client.sock.recv(min(64 << 10, want - got))
-            assert piece, f"cut after {got} of {want} bytes"
-            got += len(piece)
-            time.sleep(0.03)
+            taken = client.sock.recv(min(piece, want - got))
+            assert taken, f"cut after {got} of {want} bytes"
+            got += len(taken)
+            time.sleep(pause)
     finally:
         client.close()
         server.shutdown()
