@@ -6,11 +6,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from rig.fault_proxy import Fault
+from rig.waiting import wait_for
 
 import blockstore
 
@@ -42,13 +42,6 @@ def copy_of_code(into: Path) -> Path:
     return into
 
 
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 def test_mount_finishes_when_the_package_is_replaced_while_it_waits(
     mount_dirs, mountpoint, pushed_images, registry, fault_proxy
 ):
@@ -71,7 +64,7 @@ def test_mount_finishes_when_the_package_is_replaced_while_it_waits(
         stderr=subprocess.PIPE,
         text=True,
     )
-    wait_for(lambda: any("/manifests/" in r.path for r in proxy.requests))
+    assert wait_for(lambda: any("/manifests/" in r.path for r in proxy.requests))
     shutil.rmtree(code / "blockstore" / "cache")
     shutil.copytree(old / "blockstore" / "cache", code / "blockstore" / "cache")
     _, err = mount.communicate(timeout=30)
