@@ -42,7 +42,7 @@ from blockstore.cli.tls_options import add_tls_options, exposure_warnings, serve
 from blockstore.errors import BlockstoreError
 from blockstore.metrics import MetricsServer
 from nbdfront.mount.readiness import ReadinessPipe
-from nbdfront.server import DEFAULT_PORT, NBDServer
+from nbdfront.server import DEFAULT_PORT, NBDServer, is_wildcard, netloc
 
 log = logging.getLogger(__name__)
 
@@ -196,12 +196,7 @@ def start_metrics(address: tuple[str, int], store: ChunkStore, server: NBDServer
 def metrics_url(metrics: MetricsServer) -> str:
     """Where ``metrics`` answers, as a client can use it (the port picked for port 0)."""
     host, port = metrics.address
-    return reachable(f"http://{_netloc(host, port)}/metrics")
-
-
-WILDCARDS = ("0.0.0.0", "::")
-"""Listening addresses that stand for every address of this machine: a client elsewhere
-cannot connect to them, so a URI never names them."""
+    return reachable(f"http://{netloc(host, port)}/metrics")
 
 
 def reachable(uri: str) -> str:
@@ -210,8 +205,8 @@ def reachable(uri: str) -> str:
     use; a relative socket path (``--unix s.sock``) made absolute, so a client in another
     directory finds it."""
     parts = urllib.parse.urlsplit(uri)
-    if parts.hostname in WILDCARDS:
-        parts = parts._replace(netloc=_netloc(socket.gethostname(), parts.port))
+    if parts.hostname is not None and is_wildcard(parts.hostname):
+        parts = parts._replace(netloc=netloc(socket.gethostname(), parts.port))
         uri = urllib.parse.urlunsplit(parts)
     if not parts.query:
         return uri
@@ -226,11 +221,6 @@ def reachable(uri: str) -> str:
 def _quote_path(text: str, safe: str, encoding: str | None, errors: str | None) -> str:
     """A query value quoted as the server quotes a socket path (slashes kept)."""
     return urllib.parse.quote(text, safe="/", encoding=encoding, errors=errors)
-
-
-def _netloc(host: str, port: int | None) -> str:
-    """``HOST:PORT``, an IPv6 address in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _remove_pidfile(path: Path) -> None:

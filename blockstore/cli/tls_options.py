@@ -7,7 +7,6 @@ The spellings are nbdkit's (``--tls``, ``--tls-certificates``,
 from __future__ import annotations
 
 import argparse
-import ipaddress
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -84,14 +83,11 @@ def _listener(host: str, port: int) -> tuple[str, str]:
     """How a warning names a listener, and what those who can read from it reach: a
     wildcard (``0.0.0.0``, ``::``) is every address of this machine, an address no
     client could be told to connect to."""
-    try:
-        everywhere = ipaddress.ip_address(host).is_unspecified
-    except ValueError:
-        everywhere = False
-    if everywhere:
+    from nbdfront.server import is_wildcard, netloc
+
+    if is_wildcard(host):
         return f"every address of this machine (port {port})", f"this machine's port {port}"
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return where, where
+    return netloc(host, port), netloc(host, port)
 
 
 def exposure_warnings(

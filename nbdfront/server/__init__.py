@@ -26,6 +26,6 @@ connection; ``outbox`` and ``sending`` get its replies onto the socket;
 ``budget`` bounds what it holds; ``workers`` serve what may wait.
 """
 
-from nbdfront.server.nbd_server import DEFAULT_PORT, NBDServer, is_loopback
+from nbdfront.server.nbd_server import DEFAULT_PORT, NBDServer, is_loopback, is_wildcard, netloc
 
-__all__ = ["DEFAULT_PORT", "NBDServer", "is_loopback"]
+__all__ = ["DEFAULT_PORT", "NBDServer", "is_loopback", "is_wildcard", "netloc"]

@@ -188,8 +188,7 @@ class NBDServer:
         scheme = "nbd" if self.tls is None or self.tls.policy is TLSPolicy.OFF else "nbds"
         if self.tcp_address is not None:
             host, port = self.tcp_address
-            netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            return f"{scheme}://{netloc}/{_quote(name)}"
+            return f"{scheme}://{netloc(host, port)}/{_quote(name)}"
         path = urllib.parse.quote(self.unix_path, safe="/")
         return f"{scheme}+unix:///{_quote(name)}?socket={path}"
 
@@ -404,6 +403,20 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_wildcard(host: str) -> bool:
+    """Whether ``host`` stands for every address of this machine (``0.0.0.0``, ``::``):
+    one to listen on, never one a client can be told to connect to."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def netloc(host: str, port: int | None) -> str:
+    """``HOST:PORT`` as a URI or a message writes it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _quote(name: str) -> str:
