@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from blockstore import erofs_format
 from blockstore.errors import BlockstoreError, RegistryUnreachable, UsageError
 from blockstore.logformat import LOG_FORMAT
 
@@ -176,7 +177,7 @@ def parse_timeout(text: str) -> float:
 
 
 LAYER_MAGIC = (
-    (1024, b"\xe2\xe1\xf5\xe0"),  # an EROFS superblock
+    (erofs_format.SUPER_OFFSET, erofs_format.SUPER_MAGIC.to_bytes(4, "little")),
     (257, b"ustar"),  # a tar header
     (0, b"\x1f\x8b"),  # gzip
     (0, b"\x28\xb5\x2f\xfd"),  # zstd
