@@ -385,9 +385,7 @@ def run_mount(args: argparse.Namespace) -> int:
     tls = mount_tls_arguments(args)
     argv += tls
     cache_dir = cache_dir_from(args).resolve()
-    if os.path.isdir(args.mountpoint) and (
-        stack.hides(args.mountpoint, cache_dir) or stack.hides(str(cache_dir), args.mountpoint)
-    ):
+    if os.path.isdir(args.mountpoint) and stack.overlaps(args.mountpoint, cache_dir):
         raise MountError(
             f"mountpoint {args.mountpoint} would cover the cache {cache_dir} its server uses, "
             "or lie in it, hiding its files from every other command: choose another "

@@ -61,7 +61,7 @@ def check_can_mount(mountpoint: str, *, tls: bool = False) -> str:
     if syscall.is_mounted(mountpoint):
         raise MountpointBusy(_already_mounted(mountpoint))
     run = records.run_dir()
-    if hides(mountpoint, run) or hides(str(run), mountpoint):
+    if overlaps(mountpoint, run):
         raise MountError(
             f"mountpoint {mountpoint} would cover the run directory {run} or lie in it, "
             "where mounts keep their records, sockets and FUSE files: choose another directory"
@@ -97,11 +97,15 @@ def shell_word(path: str) -> str:
     return f"$'{escaped}'"
 
 
-def hides(mountpoint: str, path: str | Path) -> bool:
-    """Whether a mount at ``mountpoint`` would hide ``path``: it is ``path`` or a
-    directory ``path`` lies in."""
+def overlaps(mountpoint: str, path: str | Path) -> bool:
+    """Whether a mount at ``mountpoint`` would cover ``path`` or lie in it: one is the
+    other, or a directory the other lies in."""
     here, there = os.path.realpath(mountpoint), os.path.realpath(path)
-    return there == here or there.startswith(here.rstrip("/") + "/")
+    return (
+        here == there
+        or there.startswith(here.rstrip("/") + "/")
+        or here.startswith(there.rstrip("/") + "/")
+    )
 
 
 def _already_mounted(mountpoint: str) -> str:
