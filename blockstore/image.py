@@ -27,7 +27,7 @@ from blockstore.attachments import (
 from blockstore.cache import CachedBlob, ChunkStore
 from blockstore.cache.errors import OtherFormat
 from blockstore.cache.indexes import IndexShelf
-from blockstore.cache.layout import LMDB_DATA_FILE
+from blockstore.cache.layout import holds_cache
 from blockstore.chunkindex import ChunkIndex
 from blockstore.errors import (
     BlockstoreError,
@@ -392,7 +392,7 @@ def open_image(
     """
     ref = parse_reference(reference)
     wanted = str(Platform.parse(platform) if platform else host_platform())
-    fresh = not (Path(cache_dir) / LMDB_DATA_FILE).exists()
+    fresh = not holds_cache(Path(cache_dir))
     if offline and fresh:
         # Opening would make an empty cache there, only to find the image not in it.
         raise ImageNotCached(

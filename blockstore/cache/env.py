@@ -68,6 +68,7 @@ from .layout import (
     FORMAT_VERSION,
     LMDB_DATA_FILE,
     LMDB_LOCK_FILE,
+    holds_cache,
     meta_int,
 )
 from .write_access import cannot_write, writer_of
@@ -247,7 +248,7 @@ class CacheEnv:
         """Open LMDB on the directory, refusing a file that would fault once mapped."""
         path = self.path
         if self.read_only:
-            if not (path / LMDB_DATA_FILE).is_file():
+            if not holds_cache(path):
                 raise ReadOnlyCache.at(path, self.read_only_because)
             writer = writer_of(path)
             if writer is not None:

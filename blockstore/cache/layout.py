@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import lmdb
 
@@ -28,6 +29,14 @@ LMDB_DATA_FILE = "data.mdb"
 LMDB_LOCK_FILE = "lock.mdb"
 """What a process with the cache open has open and mapped, of whatever version; one of
 this version only waiting for ``in_use.hold_in_use`` has opened ``data.mdb`` alone."""
+
+
+def holds_cache(path: Path) -> bool:
+    """Whether a cache is at ``path`` (its data file): for those that only look, as
+    opening one where there is none makes an empty one there."""
+    return (path / LMDB_DATA_FILE).is_file()
+
+
 COMPACT_COPY = "data.mdb.compacting"
 """The copy ``compact.py`` writes beside ``data.mdb``; one left by a compaction that was
 killed is removed by the next process to open the cache (none runs meanwhile: a

@@ -193,9 +193,10 @@ def _image_layers(cache_dir: Path, image: str, platform: str | None) -> list[dic
     nothing.
     """
     from blockstore.cache import ChunkStore
+    from blockstore.cache.layout import holds_cache
     from blockstore.registry import parse_reference
 
-    if not _is_cache(cache_dir):
+    if not holds_cache(cache_dir):
         return []
     try:
         canonical = str(parse_reference(image))
@@ -278,13 +279,14 @@ def cached_fractions(record: MountRecord) -> list[float | None]:
     cache keeps no index to name that tar (a mount with a local ``--tarindex``).
     """
     from blockstore.cache import ChunkStore
+    from blockstore.cache.layout import holds_cache
     from blockstore.registry.mediatypes import compressed_tar
     from blockstore.tarlayer.export import IndexCache
 
     layers = record.info.get("layers") or []
     if not layers:
         return []
-    if not _is_cache(Path(record.info["cache_dir"])):
+    if not holds_cache(Path(record.info["cache_dir"])):  # moved or removed since
         return [None] * len(layers)
     try:
         with ChunkStore(Path(record.info["cache_dir"])) as store:
@@ -299,14 +301,6 @@ def cached_fractions(record: MountRecord) -> list[float | None]:
     except Exception:
         return [None] * len(layers)
     return [present.get(digest, 0.0) if digest else None for digest in read_from]
-
-
-def _is_cache(cache_dir: Path) -> bool:
-    """Whether a cache is at ``cache_dir``: ``mounts`` only looks, and opening one where
-    there is none (moved or removed since the mount) would make an empty one there."""
-    from blockstore.cache.layout import LMDB_DATA_FILE
-
-    return (cache_dir / LMDB_DATA_FILE).is_file()
 
 
 def check_image_arguments(args: argparse.Namespace) -> None:
