@@ -78,6 +78,8 @@ STORED = frozenset({200, 201, 202, 204})
 another success (Quay's 202 for a manifest), which docker and containerd take too."""
 UPLOAD_LOST = frozenset({"BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN"})
 """The distribution spec's codes for an upload the registry will not complete."""
+CANCEL_SECONDS = 5.0
+"""How long cancelling a failed upload may take: it only saves the registry space."""
 T = TypeVar("T")
 
 
@@ -377,7 +379,9 @@ class RegistryClient:
 
         Each attempt is an upload of its own (POST, then PUT): a PUT cut short may
         have left part of the blob in its upload, which the registry then will not
-        complete (the CNCF registry: 404 ``BLOB_UPLOAD_INVALID``).
+        complete (the CNCF registry: 404 ``BLOB_UPLOAD_INVALID``). An upload that
+        failed is cancelled, so its part of the blob does not stay in the registry's
+        storage until the registry purges old uploads (a week, by default).
         """
         if self.blob_exists(repository, digest):
             return
@@ -385,30 +389,50 @@ class RegistryClient:
         deadline = Deadline(None, stall=self.options.timeout)
 
         def upload_once() -> None:
-            target = self._upload_target(repository, digest, deadline, subject)
+            location = self._start_upload(repository, deadline, subject)
+            separator = "&" if "?" in location else "?"
+            target = location + separator + urlencode({"digest": digest})
             headers = {"Content-Type": "application/octet-stream"}
-            with self._push_attempt("PUT", repository, target, deadline, headers, body) as reply:
-                if reply.status_code in STORED:
-                    return
-                error = registry_error(reply, subject)
+            try:
+                with self._push_attempt(
+                    "PUT", repository, target, deadline, headers, body
+                ) as reply:
+                    if reply.status_code in STORED:
+                        return
+                    error = registry_error(reply, subject)
+            except Exception:
+                self._cancel_upload(repository, location)
+                raise
+            self._cancel_upload(repository, location)
             if error.code in UPLOAD_LOST:
                 raise TryAgain(error)
             raise error
 
         with_retries(self.policy, deadline, upload_once, subject)
 
-    def _upload_target(self, repository: str, digest: str, deadline: Deadline, subject: str) -> str:
-        """The URL to PUT a blob to: a new upload's ``Location`` (absolute, or
-        relative to the host or to the uploads path; with a query or without), with the
-        blob's digest."""
+    def _start_upload(self, repository: str, deadline: Deadline, subject: str) -> str:
+        """A new upload's URL: its ``Location`` (absolute, or relative to the host or to
+        the uploads path; with a query or without), made absolute."""
         path = f"/v2/{repository}/blobs/uploads/"
         with self._push_attempt("POST", repository, path, deadline) as reply:
             if reply.status_code != 202 or "Location" not in reply.headers:
                 raise registry_error(reply, subject)
             # A URI reference, resolved against the POST's URL as RFC 3986 has it.
-            location = urljoin(self.upstream.base_url + path, reply.headers["Location"])
-        separator = "&" if "?" in location else "?"
-        return location + separator + urlencode({"digest": digest})
+            return urljoin(self.upstream.base_url + path, reply.headers["Location"])
+
+    def _cancel_upload(self, repository: str, location: str) -> None:
+        """Cancel an upload that failed (the distribution spec's DELETE of its URL), once
+        and briefly: the registry purges it in time anyway, so any failure here is
+        only logged, and never hides the upload's own. The CNCF registry refuses
+        it (404 ``BLOB_UPLOAD_INVALID``) for an upload that took part of a body,
+        whose URL's state no longer matches; that part stays until its purge."""
+        deadline = Deadline(CANCEL_SECONDS, stall=CANCEL_SECONDS)
+        try:
+            with self._push_attempt("DELETE", repository, location, deadline) as reply:
+                if reply.status_code not in (200, 202, 204, 404):
+                    log.info("cancelling upload %s: HTTP %s", location, reply.status_code)
+        except Exception as exc:  # best effort: logged
+            log.info("cancelling upload %s failed: %s", location, exc)
 
     def put_manifest(
         self, repository: str, reference: str, raw: bytes, media_type: str

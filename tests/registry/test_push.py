@@ -154,7 +154,37 @@ def test_an_upload_cut_short_is_made_again_as_a_new_one(fresh_registry, erofs_im
         blob = client.get_blob("push/cut", layer.digest, limit=small.size)
     assert (layer.digest, blob) == (small.digest, small.path.read_bytes())
     uploads = [r.method for r in proxy.requests if "/blobs/uploads/" in r.path]
-    assert uploads[:4] == ["POST", "PUT", "POST", "PUT"]
+    assert [m for m in uploads if m != "DELETE"][:4] == ["POST", "PUT", "POST", "PUT"]
+
+
+def unfinished_uploads(registry, repository: str) -> list[str]:
+    """The uploads whose bytes the registry keeps for ``repository``, unfinished or
+    abandoned (each one's ``data`` in its storage's ``_uploads``: it purges them only
+    after days). A cancelled upload's ``data`` is gone; a few bytes of its hash
+    state stay."""
+    uploads = registry.data_dir / "docker/registry/v2/repositories" / repository / "_uploads"
+    return sorted(p.parent.name for p in uploads.glob("*/data"))
+
+
+def test_an_upload_the_registry_refuses_is_cancelled(fresh_registry, erofs_images, fault_proxy):
+    """The registry refuses a blob's PUT for good (a 400 the push cannot retry). The push
+    fails with the registry's error, and the upload it had started is cancelled
+    (DELETE of its URL), so no part of it stays in the registry's storage.
+    Before, every failed upload stayed there until the registry's purge."""
+    small = erofs_images.small
+    proxy = fault_proxy(fresh_registry)
+    proxy.fault = Fault("status", method="PUT", path_contains="/blobs/uploads/", status=400)
+    with (
+        RegistryClient(proxy.host, fresh_registry.options()) as client,
+        pytest.raises(RegistryError, match="HTTP 400"),
+    ):
+        client.upload_blob("push/refused", small.digest, small.path)
+    assert [r.method for r in proxy.requests if "/blobs/uploads/" in r.path] == [
+        "POST",
+        "PUT",
+        "DELETE",
+    ]
+    assert unfinished_uploads(fresh_registry, "push/refused") == []
 
 
 @pytest.mark.parametrize("status", [200, 202, 204])
