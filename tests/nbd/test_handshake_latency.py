@@ -70,9 +70,12 @@ def nbdkit(tmp_path: Path) -> Iterator[str]:
         (exports / name).write_bytes(bytes(1 << 20))
     port, pidfile = free_port(), tmp_path / "nbdkit.pid"
     argv = ["nbdkit", "-f", "--exit-with-parent", "-r", "-i", "127.0.0.1", "-p", str(port)]
-    process = subprocess.Popen([*argv, "-P", str(pidfile), "file", f"dir={exports}"])
+    process = subprocess.Popen(
+        [*argv, "-P", str(pidfile), "file", f"dir={exports}"], stdin=subprocess.DEVNULL
+    )
     try:
-        assert wait_for(pidfile.exists), "nbdkit did not start"
+        assert wait_for(lambda: pidfile.exists() or process.poll() is not None)
+        assert process.poll() is None, "nbdkit did not start"
         yield f"nbd://127.0.0.1:{port}"
     finally:
         process.terminate()
