@@ -123,14 +123,14 @@ def normalize_digest(text: str) -> str:
     text = text.strip()
     if _SHA256_HEX.fullmatch(text):
         return f"sha256:{text}"
-    why = _digest_problem(text)
+    why = digest_problem(text)
     if why:
         raise InvalidReference(f"invalid digest {_echo(text)}: {why}")
     return text
 
 
 def _check_digest(original: str, digest: str) -> str:
-    why = _digest_problem(digest)
+    why = digest_problem(digest)
     if why:
         raise InvalidReference(
             f"invalid image reference {_echo(original)}: {_echo(digest)} is not a digest ({why})"
@@ -138,7 +138,7 @@ def _check_digest(original: str, digest: str) -> str:
     return digest
 
 
-def _digest_problem(digest: str) -> str | None:
+def digest_problem(digest: str) -> str | None:
     """Why ``digest`` is not a digest this engine can check (the image spec's sha256 or
     sha512, ``algorithm:hex``), or None when it is one: no other is sent to a registry,
     nor would the bytes it names be checked."""

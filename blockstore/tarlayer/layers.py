@@ -25,6 +25,7 @@ from blockstore.export import Buffer
 from blockstore.prefetch import PrefetchSettings
 from blockstore.progress import Progress
 from blockstore.registry.mediatypes import GZIP, TAR, ZSTD
+from blockstore.registry.reference import digest_problem
 from blockstore.source import BlobSource
 from blockstore.tarlayer.erofs_reader import read_info
 from blockstore.tarlayer.export import (
@@ -645,7 +646,8 @@ def image_diff_ids(manifest: bytes, config_of: Callable[[str], bytes | None]) ->
 
     They name each layer's uncompressed tar; an index is built only from a
     layer whose tar hashes to its diff_id. None where the config is unavailable or
-    has no list of them; a list of none is [], which a layer's count is held to.
+    has no list of them; a list of none is [], which a layer's count is held to. A
+    list with an entry that is not a digest is a config that lies: ``IntegrityError``.
     """
     try:
         config_digest = json.loads(manifest)["config"]["digest"]
@@ -660,4 +662,14 @@ def image_diff_ids(manifest: bytes, config_of: Callable[[str], bytes | None]) ->
         ids = json.loads(config)["rootfs"]["diff_ids"]
     except (ValueError, KeyError, TypeError):
         return None
-    return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else None
+    if not isinstance(ids, list):
+        return None
+    for position, entry in enumerate(ids):
+        # Dropping a bad entry would shift every later layer onto another's tar.
+        why = digest_problem(entry) if isinstance(entry, str) else "not a string"
+        if why is not None:
+            raise IntegrityError(
+                f"the image config {config_digest}: rootfs.diff_ids[{position}] is "
+                f"{json.dumps(entry)[:80]}, not a digest ({why}): refused"
+            )
+    return ids

@@ -210,6 +210,45 @@ def test_a_config_naming_another_count_of_layers_is_refused(registry, tmp_path: 
         image.close()
 
 
+def test_a_config_whose_diff_ids_are_not_all_digests_is_refused(registry, tmp_path: Path):
+    """A two-layer gzip image whose config lists ``[<the first tar's digest>, 5]``: the
+    config lies about its layers, so opening either layer is refused with an error that
+    names the config and the bad entry. Before, the 5 was dropped silently and the
+    refusal spoke of a count (1 diff_id for 2 layers) the config does not have."""
+    tars = [one_file_tar(f"f{i}.txt", f"layer {i}\n".encode()) for i in range(2)]
+    blobs = [gzip.compress(tar, mtime=0) for tar in tars]
+    config = canonical_json(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [digest_of(tars[0]), 5]},
+        }
+    )
+    repository = "builders/non-digest-diff-id"
+    with registry.client() as client:
+        for data in (*blobs, config):
+            client.upload_blob(repository, digest_of(data), data)
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": digest_of(config), "size": len(config)},
+            "layers": [
+                {"mediaType": OCI_TAR_GZIP, "digest": digest_of(blob), "size": len(blob)}
+                for blob in blobs
+            ],
+        }
+        client.put_manifest(repository, "v1", canonical_json(manifest), OCI_MANIFEST)
+    ref = f"{registry.host}/{repository}:v1"
+    image = open_image(ref, cache_dir=tmp_path / "cache", options=registry.options())
+    expected = rf"config {digest_of(config)}: rootfs.diff_ids\[1\] is 5, not a digest"
+    try:
+        for layer in (0, 1):
+            with pytest.raises(IntegrityError, match=expected):
+                image.exports(layer=layer)
+    finally:
+        image.close()
+
+
 def test_a_config_naming_no_diff_ids_for_its_layers_is_refused(registry, tmp_path: Path):
     """A one-layer gzip image whose config lists no diff_ids (``"diff_ids": []``): its
     count is another than the manifest's, so it is refused as one listing one too few
