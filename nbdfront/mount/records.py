@@ -17,13 +17,16 @@ refused when mounting, and a record in one is not believed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,23 +55,74 @@ def run_dir() -> Path:
     return path
 
 
-def make_run_dirs() -> None:
-    """Make (or check) the run directory, ``mounts/`` and ``log/`` before a mount uses them."""
+@contextlib.contextmanager
+def run_dirs_made() -> Iterator[None]:
+    """Make (or check) the run directory, ``mounts/`` and ``log/`` for a mount being made
+    inside this block; if the block fails, remove those of them (and of the run
+    directory's parents) it made that are still empty, so a failed first mount leaves
+    no trace.
+
+    A shared flock on the run directory is held meanwhile: the removal takes it
+    exclusively, without waiting, so it never pulls a directory from under another
+    mount being made (that one holds it shared until its record and log are made)."""
     run = run_dir()
-    run.parent.mkdir(parents=True, exist_ok=True)
-    for path, mode in ((run, 0o755), (run / "mounts", 0o755), (run / "log", 0o700)):
-        make_private_dir(path, mode, exist_ok=True)
-    os.chmod(run / "log", 0o700)  # ours: an older version made it readable by all
+    made: list[Path] = []
+    fd = _held_run_dir(run, made)
+    try:
+        for path, mode in ((run / "mounts", 0o755), (run / "log", 0o700)):
+            if make_private_dir(path, mode, exist_ok=True):
+                made.append(path)
+        os.chmod(run / "log", 0o700)  # ours: an older version made it readable by all
+        yield
+    except BaseException:
+        _remove_if_alone(fd, made)
+        raise
+    finally:
+        os.close(fd)
 
 
-def make_private_dir(path: Path, mode: int, *, exist_ok: bool = False) -> None:
+def _held_run_dir(run: Path, made: list[Path]) -> int:
+    """The run directory, made with its parents if missing (each noted in ``made``),
+    open and flocked shared; taken again if a failed mount removed it meanwhile."""
+    while True:
+        try:
+            for path in [p for p in reversed(run.parents) if not p.exists()]:
+                path.mkdir()
+                made.append(path)
+            if make_private_dir(run, 0o755, exist_ok=True):
+                made.append(run)
+            fd = os.open(run, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, FileExistsError):  # another mount made or removed one
+            continue
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(fd), os.stat(run)):
+                return fd
+        os.close(fd)
+
+
+def _remove_if_alone(fd: int, made: list[Path]) -> None:
+    """Remove the directories in ``made`` (made in that order) that are empty, unless
+    another mount holds the run directory (``fd``)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return
+    for path in reversed(made):
+        try:
+            path.rmdir()
+        except OSError:  # not empty: a log kept to be read, another's record
+            return
+
+
+def make_private_dir(path: Path, mode: int, *, exist_ok: bool = False) -> bool:
     """Make ``path`` with exactly ``mode`` (the umask aside), or check the one there is ours
     and writable by nobody else; raises FileExistsError for an existing one unless
-    ``exist_ok``."""
+    ``exist_ok``. Whether it was made now."""
     try:
         path.mkdir(mode=mode)
         os.chmod(path, mode)
-        return
+        return True
     except FileExistsError:
         if not exist_ok:
             raise
@@ -77,6 +131,7 @@ def make_private_dir(path: Path, mode: int, *, exist_ok: bool = False) -> None:
             f"{path} is not a directory of this user's that only it can write: "
             "give a run directory that is (BLOCKSTORE_RUN_DIR)"
         )
+    return False
 
 
 def is_private(path: Path) -> bool:

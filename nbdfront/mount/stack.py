@@ -157,7 +157,6 @@ def mount(
     mountpoint = os.path.realpath(mountpoint)
     method = check_can_mount(mountpoint, tls=tls)
     state_dir = records.state_dir_for(mountpoint)
-    records.make_run_dirs()
     log = records.log_path_for(mountpoint)
     socket = state_dir / "serve.sock"
     record = MountRecord(
@@ -169,36 +168,39 @@ def mount(
         socket=str(socket),
         mounter=ProcessRef.of(os.getpid()),
     )
-    interrupts = _Interrupts()
-    created = False
-    try:
-        # Installed before the record exists: a signal from here on is held until the
-        # mount can be undone, never ending the command between two of its steps.
-        with interrupts.installed():
-            try:
-                records.create(record)
-            except FileExistsError:
-                raise MountpointBusy(
-                    f"{mountpoint} is being mounted by another blockstore process "
-                    f"(if none runs, a crashed one left {state_dir}: remove it)"
-                ) from None
-            created = True
-            _make(record, server_argv, env, describe, warn, interrupts)
-            record.mount_seconds = round(time.monotonic() - started_at, 3)
-            record.mounter = None
-            records.save(record)
-    except BaseException as exc:
-        if created:
-            try:
-                unmount_record(record, lazy=True)
-            except Exception:
-                logger.exception("could not undo the failed mount of %s", mountpoint)
-                record.mounter = None  # not "mounting" for as long as this process lives
+    # Held until the record and the log are made; a failure removes what it made of the
+    # run directory, as of the rest.
+    with records.run_dirs_made():
+        interrupts = _Interrupts()
+        created = False
+        try:
+            # Installed before the record exists: a signal from here on is held until the
+            # mount can be undone, never ending the command between two of its steps.
+            with interrupts.installed():
+                try:
+                    records.create(record)
+                except FileExistsError:
+                    raise MountpointBusy(
+                        f"{mountpoint} is being mounted by another blockstore process "
+                        f"(if none runs, a crashed one left {state_dir}: remove it)"
+                    ) from None
+                created = True
+                _make(record, server_argv, env, describe, warn, interrupts)
+                record.mount_seconds = round(time.monotonic() - started_at, 3)
+                record.mounter = None
                 records.save(record)
-            else:
-                if isinstance(exc, KeyboardInterrupt):
-                    _drop_untroubled_log(Path(record.log))
-        raise
+        except BaseException as exc:
+            if created:
+                try:
+                    unmount_record(record, lazy=True)
+                except Exception:
+                    logger.exception("could not undo the failed mount of %s", mountpoint)
+                    record.mounter = None  # not "mounting" for as long as this process lives
+                    records.save(record)
+                else:
+                    if isinstance(exc, KeyboardInterrupt):
+                        _drop_untroubled_log(Path(record.log))
+            raise
     return record
 
 

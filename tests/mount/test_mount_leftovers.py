@@ -16,6 +16,7 @@ from rig.pushed import push_erofs
 
 from blockstore.errors import AuthError, NotFound, RegistryUnreachable
 from blockstore.openers import processes_using
+from nbdfront.mount import records
 
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
 
@@ -63,6 +64,55 @@ def test_a_first_mount_the_registry_refuses_leaves_no_cache(mount_dirs, mountpoi
     )
     assert done.returncode == code, done.stderr
     assert list(home.iterdir()) == [], list(home.rglob("*"))
+
+
+@pytest.mark.parametrize("refused", ["unreachable", "unknown image"], indirect=True)
+def test_a_first_mount_that_fails_leaves_no_run_directory(
+    mount_dirs, mountpoint, refused, monkeypatch
+):
+    """Tried: a first mount (its run directory, and that directory's parent, not made
+    yet) that the registry side refuses, then ``blockstore mounts``. Must hold: the mount
+    exits with the cause's code and leaves nothing of the run directory, nor the parent
+    it made for it; ``mounts`` lists none and makes nothing either. Before, the run
+    directory stayed with an empty ``mounts/`` and ``log/`` in it."""
+    base, run = mount_dirs
+    first = run / "parent" / "run"
+    monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(first))
+    argv, code = refused
+    done = subprocess.run(
+        [*BLOCKSTORE, "mount", *argv, "--cache-dir", str(base / "cache"), str(mountpoint)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == code, done.stderr
+    assert list(run.iterdir()) == [], list(run.rglob("*"))
+    listed = subprocess.run([*BLOCKSTORE, "mounts"], capture_output=True, text=True, timeout=60)
+    assert (listed.returncode, listed.stdout.strip()) == (0, "no blockstore mounts"), listed
+    assert list(run.iterdir()) == []
+
+
+def test_a_failed_first_mount_leaves_the_run_directory_another_mount_is_making(
+    mount_dirs, mountpoint, monkeypatch
+):
+    """Tried: a first mount that fails (no registry there) while another mount is being
+    made with the same new run directory (this process, holding it as ``mount`` does
+    until its record and log are made). Must hold: the failed one removes nothing of
+    the run directory, which the other is about to use."""
+    base, run = mount_dirs
+    first = run / "run"
+    monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(first))
+    ref = f"127.0.0.1:{free_port()}/a/b:v1"
+    argv = [ref, "--insecure", "--cache-dir", str(base / "cache"), str(mountpoint)]
+    with records.run_dirs_made():
+        done = subprocess.run(
+            [*BLOCKSTORE, "mount", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == RegistryUnreachable.exit_code, done.stderr
+        assert sorted(p.name for p in first.iterdir()) == ["log", "mounts"]
 
 
 @pytest.mark.parametrize("command", ["serve", "prefetch"])

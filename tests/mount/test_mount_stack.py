@@ -382,14 +382,14 @@ def test_what_a_mount_killed_as_it_began_left_does_not_keep_the_mount_point(
     refused as "being mounted by another blockstore process", and neither ``mounts``
     nor ``umount`` saw anything to clean up."""
     _, run = mount_dirs
-    records.make_run_dirs()
     state = records.state_dir_for(str(mountpoint))
-    state.mkdir(mode=0o700)
     dead = subprocess.Popen(["true"])
     dead.wait()
     half_made = state.parent / f"{records.NEW_PREFIX}{state.name}-{dead.pid}"
-    half_made.mkdir(mode=0o700)
-    (half_made / records.RECORD_NAME).write_text("")
+    with records.run_dirs_made():
+        state.mkdir(mode=0o700)
+        half_made.mkdir(mode=0o700)
+        (half_made / records.RECORD_NAME).write_text("")
     record = stack.mount(
         local_server({"layer0": erofs_images.small.path}), str(mountpoint), image="small"
     )
