@@ -494,7 +494,7 @@ def run_mounts(args: argparse.Namespace) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
     dead = [row["mountpoint"] for row in rows if row["state"] not in ("ok", "mounting")]
     for mountpoint in dead:
-        command = f"blockstore umount {stack.shell_word(mountpoint)}"
+        command = stack.umount_command(mountpoint)
         print(f"{stack.printable(mountpoint)}: `{command}` cleans it up", file=sys.stderr)
     return 0
 

@@ -73,7 +73,7 @@ def check_can_mount(mountpoint: str, *, tls: bool = False) -> str:
                 f"{mountpoint} is being mounted by blockstore (pid {record.mounter.pid})"
             )
         raise MountpointBusy(
-            f"{mountpoint} has a mount record already; `blockstore umount {mountpoint}` clears it"
+            f"{mountpoint} has a mount record already; `{umount_command(mountpoint)}` clears it"
         )
     return attach.choose_method(tls=tls)
 
@@ -97,6 +97,14 @@ def shell_word(path: str) -> str:
     return f"$'{escaped}'"
 
 
+def umount_command(mountpoint: str, run_dir: str | None = None) -> str:
+    """The ``blockstore umount`` that undoes the mount at ``mountpoint``, as one line to
+    paste into a shell; ``run_dir``: the run directory that mounted it, when not this
+    one's."""
+    command = f"blockstore umount {shell_word(mountpoint)}"
+    return command if run_dir is None else f"BLOCKSTORE_RUN_DIR={shell_word(run_dir)} {command}"
+
+
 def overlaps(mountpoint: str, path: str | Path) -> bool:
     """Whether a mount at ``mountpoint`` would cover ``path`` or lie in it: one is the
     other, or a directory the other lies in."""
@@ -116,18 +124,17 @@ def _already_mounted(mountpoint: str) -> str:
     if record is not None:
         return (
             f"{mountpoint} is already a mount point: blockstore mounted {record.image} there; "
-            f"`blockstore umount {mountpoint}` first"
+            f"`{umount_command(mountpoint)}` first"
         )
     if records.is_private(records.state_dir_for(mountpoint)):
         return (
             f"{mountpoint} is already a mount point: blockstore mounted an image there whose "
-            f"record is gone or damaged; `blockstore umount {mountpoint}` first"
+            f"record is gone or damaged; `{umount_command(mountpoint)}` first"
         )
     if (other := _run_dir_of(mountpoint)) is not None:
         return (
             f"{mountpoint} is already a mount point: blockstore mounted an image there with "
-            f"another run directory; `BLOCKSTORE_RUN_DIR={other} blockstore umount "
-            f"{mountpoint}` first"
+            f"another run directory; `{umount_command(mountpoint, other)}` first"
         )
     top = syscall.mounts_at(mountpoint)
     what = f" ({top[0].fstype} from {top[0].source})" if top else ""
@@ -583,7 +590,7 @@ def _not_ours(mountpoint: str) -> str:
         return (
             f"{printable(mountpoint)} is inside the mount of {around.image} at "
             f"{printable(around.mountpoint)}, not one itself: "
-            f"`blockstore umount {shell_word(around.mountpoint)}` undoes that"
+            f"`{umount_command(around.mountpoint)}` undoes that"
         )
     if not top:
         why = "does not exist" if not os.path.lexists(mountpoint) else "has nothing mounted on it"
@@ -591,7 +598,7 @@ def _not_ours(mountpoint: str) -> str:
     if (other := _run_dir_of(os.path.realpath(mountpoint))) is not None:
         return (
             f"{mountpoint} was mounted by blockstore with another run directory: "
-            f"`BLOCKSTORE_RUN_DIR={other} blockstore umount {mountpoint}` undoes it"
+            f"`{umount_command(mountpoint, other)}` undoes it"
         )
     return (
         f"{mountpoint} was not mounted by blockstore with the run directory "
@@ -739,7 +746,7 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
                 f"{printable(record.mountpoint)} is busy: the mount at "
                 f"{printable(others[0].mountpoint)} runs its processes in it (an earlier "
                 "version ran them where `mount` was run); "
-                f"`blockstore umount {shell_word(others[0].mountpoint)}` first, or unmount "
+                f"`{umount_command(others[0].mountpoint)}` first, or unmount "
                 "with --lazy"
             )
         if held := _held_inside(record):

@@ -1,0 +1,75 @@
+"""The ``blockstore umount`` lines messages suggest, pasted into a shell as they are
+written, for a mount point whose name the shell would split or unquote."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from suggested import run_suggested
+
+from blockstore.errors import MountpointBusy
+from nbdfront.mount import records, stack, syscall
+
+BLOCKSTORE = [sys.executable, "-m", "blockstore"]
+ODD_NAME = "it's a mount"
+"""A space and a quote: unquoted, the shell splits the name and waits for the quote's end."""
+
+
+def suggested_command(message: str) -> str:
+    """The command a message names between backticks."""
+    command = message.split("`")[1]
+    assert "blockstore umount " in command, message
+    return command
+
+
+def assert_undone_by(command: str, mountpoint: Path) -> None:
+    done = run_suggested(command)
+    assert done.returncode == 0, (command, done.stderr)
+    assert not syscall.is_mounted(str(mountpoint))
+    assert records.load(str(mountpoint)) is None
+
+
+def refusal(mountpoint: Path) -> str:
+    with pytest.raises(MountpointBusy) as refused:
+        stack.check_can_mount(str(mountpoint))
+    return str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "case", ["mounted", "record damaged", "unmounted by hand", "another run directory"]
+)
+def test_each_suggested_umount_runs_as_written_for_an_odd_mount_point(
+    mount_dirs, erofs_images, local_server, monkeypatch, case
+):
+    """Tried: a mount at a directory named ``it's a mount``, then what ``mount`` says there
+    when it is mounted, when its record is damaged, when its top was unmounted by hand
+    (the record stays), and, for ``umount`` and ``mount``, when the run directory is
+    another than the one that mounted it. Must hold: each message's ``blockstore umount``
+    line, run by the shell as written, undoes the mount. Before, those lines named the
+    path unquoted, which the shell splits at the space and leaves open at the quote."""
+    base, run = mount_dirs
+    mountpoint = base / ODD_NAME
+    mountpoint.mkdir()
+    record = stack.mount(
+        local_server({"layer0": erofs_images.small.path}), str(mountpoint), image="s"
+    )
+    if case == "record damaged":
+        (Path(record.state_dir) / records.RECORD_NAME).write_text("{")
+    elif case == "unmounted by hand":
+        syscall.umount(str(mountpoint), lazy=False)
+    if case != "another run directory":
+        assert_undone_by(suggested_command(refusal(mountpoint)), mountpoint)
+        return
+    monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(base / "other-run"))
+    told = suggested_command(refusal(mountpoint))
+    done = subprocess.run(
+        [*BLOCKSTORE, "umount", str(mountpoint)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 10, done.stderr
+    assert suggested_command(done.stderr) == told
+    assert_undone_by(told, mountpoint)
+    monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(run))
+    assert records.saved() == []
