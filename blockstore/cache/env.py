@@ -258,8 +258,6 @@ class CacheEnv:
                     "its lock, it is safe only where nothing writes to it; stop that process, "
                     "or use the cache where it can be written"
                 )
-        else:
-            path.mkdir(parents=True, exist_ok=True)
         in_use = hold_in_use(path, read_only=self.read_only)
         try:
             if not self.read_only:

@@ -3,7 +3,8 @@
 Compaction (``compact.py``) replaces ``data.mdb`` with a shorter copy; a
 process mapping the old file meanwhile would read pages that are no longer
 there. So every opener holds a shared lock on the file for as long as it
-has the cache open, and compaction takes it exclusively.
+has the cache open, and compaction takes it exclusively; so does the removal of
+a cache a failed first command made (``remove_if_unused``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import logging
 import os
 from pathlib import Path
 
+from blockstore.openers import processes_with_open
+
 from .errors import open_failure
-from .layout import LMDB_DATA_FILE
+from .layout import LMDB_DATA_FILE, LMDB_LOCK_FILE
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,10 @@ def hold_in_use(path: Path, *, read_only: bool = False) -> int:
     flags = os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT
     while True:
         try:
+            if not read_only:
+                # Made here, in the loop: a failed first command may have removed it
+                # (``remove_if_unused``) while this waited for the old file's lock.
+                path.mkdir(parents=True, exist_ok=True)
             fd = os.open(data, flags | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise open_failure(path, exc) from exc
@@ -49,4 +56,40 @@ def hold_in_use(path: Path, *, read_only: bool = False) -> int:
         except BaseException:
             os.close(fd)
             raise
+        os.close(fd)
+
+
+def remove_if_unused(path: Path) -> bool:
+    """Remove the cache's files at ``path`` if it holds nothing but LMDB's two and no
+    process has it open: the cache a command made, then failed before using. Whether
+    nothing of the cache is left.
+
+    The check and the unlinks are done under the exclusive lock on ``data.mdb`` that
+    every opener's shared one excludes, on the file still at that name: an opener
+    that holds it keeps the cache; one that opened the file meanwhile and waits for
+    the lock finds it gone once it has the lock, and makes a new one. An older
+    version, which takes no lock, is looked for among the processes instead."""
+    data = path / LMDB_DATA_FILE
+    try:
+        fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return not any(path.iterdir())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        try:
+            if os.fstat(fd).st_ino != os.stat(data).st_ino:
+                return False
+        except FileNotFoundError:
+            return False
+        if not set(os.listdir(path)) <= {LMDB_DATA_FILE, LMDB_LOCK_FILE}:
+            return False
+        if processes_with_open([str(path / LMDB_LOCK_FILE)]):
+            return False
+        (path / LMDB_LOCK_FILE).unlink(missing_ok=True)
+        data.unlink()
+        return True
+    finally:
         os.close(fd)

@@ -541,20 +541,12 @@ def _missing_dirs(path: Path) -> list[Path]:
 def _remove_new_cache(made: list[Path]) -> None:
     """Undo the cache a command made and then failed to use (the registry unreachable,
     the image unknown, the login refused): a first command that fails leaves nothing
-    behind. Kept if anything but LMDB's two files is in it, or another process opened
-    it meanwhile."""
-    from blockstore.cache.layout import LMDB_DATA_FILE, LMDB_LOCK_FILE
-    from blockstore.openers import processes_with_open
+    behind. Kept if anything but LMDB's two files is in it, or another process has it
+    open (``remove_if_unused``)."""
+    from blockstore.cache.in_use import remove_if_unused
 
-    if not made or not made[0].is_dir():
+    if not made or not made[0].is_dir() or not remove_if_unused(made[0]):
         return
-    files = [made[0] / LMDB_DATA_FILE, made[0] / LMDB_LOCK_FILE]
-    if not set(os.listdir(made[0])) <= {f.name for f in files}:
-        return
-    if processes_with_open([str(f) for f in files]):
-        return
-    for file in files:
-        file.unlink(missing_ok=True)
     for directory in made:
         try:
             directory.rmdir()
