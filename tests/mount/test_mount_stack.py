@@ -424,6 +424,32 @@ def test_a_step_the_killed_mount_made_but_never_recorded_is_undone(
     assert_nothing_left(record, run)
 
 
+def test_an_overlay_unmounted_by_hand_is_listed_and_its_layers_undone(
+    mount_dirs, mountpoint, erofs_images, local_server
+):
+    """Tried: a three-layer mount whose overlay at the mount point the user unmounts with
+    umount(8), leaving its layers' EROFS, FUSE files and server behind. Must hold:
+    ``mounts`` lists it as ``not mounted`` and names the ``blockstore umount`` that
+    cleans it up; that ``umount`` exits 0, saying the mount was not whole, and leaves
+    no layer, FUSE file, process or record of it."""
+    _, run = mount_dirs
+    layers = erofs_images.layers
+    argv = local_server({f"layer{i}": layer.path for i, layer in enumerate(layers)})
+    record = stack.mount(argv, str(mountpoint), image="three")
+    subprocess.run(["umount", str(mountpoint)], check=True)
+    assert len([p for p in syscall.mounted() if p.startswith(f"{run}/")]) == 6
+    listed = cli("mounts")
+    assert listed.returncode == 0, listed.stderr
+    assert "  not mounted  " in listed.stdout.splitlines()[1], listed.stdout
+    assert listed.stderr == (f"{mountpoint}: `blockstore umount {mountpoint}` cleans it up\n"), (
+        listed.stderr
+    )
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert "the mount was not whole (not mounted)" in done.stderr, done.stderr
+    assert_nothing_left(record, run)
+
+
 @pytest.mark.parametrize("users", ["tmpfs", "overlay"])
 def test_umount_leaves_alone_what_the_user_mounted_there_since(
     mount_dirs, mountpoint, erofs_images, local_server, tmp_path, users
