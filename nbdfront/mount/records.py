@@ -81,24 +81,43 @@ def run_dirs_made() -> Iterator[None]:
         os.close(fd)
 
 
+RUN_DIR_TRIES = 10
+"""Times the run directory is made again when a failed mount removed it meanwhile."""
+
+
 def _held_run_dir(run: Path, made: list[Path]) -> int:
     """The run directory, made with its parents if missing (each noted in ``made``),
-    open and flocked shared; taken again if a failed mount removed it meanwhile."""
-    while True:
+    open and flocked shared; made again if a failed mount removed it meanwhile."""
+    for _ in range(RUN_DIR_TRIES):
         try:
-            for path in [p for p in reversed(run.parents) if not p.exists()]:
-                path.mkdir()
-                made.append(path)
-            if make_private_dir(run, 0o755, exist_ok=True):
+            for path in reversed(run.parents):
+                if not path.is_dir() and _make_dir(path) and path not in made:
+                    made.append(path)
+            if make_private_dir(run, 0o755, exist_ok=True) and run not in made:
                 made.append(run)
             fd = os.open(run, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except (FileNotFoundError, FileExistsError):  # another mount made or removed one
+        except FileNotFoundError:  # removed by a failed mount as it was made
             continue
         fcntl.flock(fd, fcntl.LOCK_SH)
         with contextlib.suppress(OSError):
             if os.path.samestat(os.fstat(fd), os.stat(run)):
                 return fd
         os.close(fd)
+    raise MountError(f"the run directory {run} was removed each time it was made")
+
+
+def _make_dir(path: Path) -> bool:
+    """Make ``path``; whether it was made here (False: another process made it)."""
+    try:
+        path.mkdir()
+        return True
+    except FileExistsError:
+        if path.is_dir():
+            return False
+        raise MountError(
+            f"{path} is not a directory, so the run directory cannot be made in it: "
+            "give another as BLOCKSTORE_RUN_DIR"
+        ) from None
 
 
 def _remove_if_alone(fd: int, made: list[Path]) -> None:

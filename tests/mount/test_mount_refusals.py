@@ -282,3 +282,32 @@ def test_an_empty_mount_point_is_a_usage_error(mount_dirs, command):
     (line,) = done.stderr.splitlines()
     assert f"blockstore {command}: error: argument MOUNTPOINT: the mount point is empty" in line
     assert not processes_mentioning(str(run))
+
+
+@pytest.mark.parametrize("under", ["run", "parent/run"])
+def test_a_run_directory_under_a_dangling_link_is_refused_in_one_line(
+    mount_dirs, mountpoint, monkeypatch, under
+):
+    """Tried: ``BLOCKSTORE_RUN_DIR`` inside a symbolic link to nothing, directly and one
+    directory deeper. Must hold: ``mount`` says in one line that the link is in the way
+    (exit 10), and makes nothing. Before, it said only "[Errno 17] File exists"; and
+    once a failed mount removed the run directory it made, the run directory was made
+    again and again, for ever, as if another mount kept removing it."""
+    from blockstore.errors import MountError
+
+    base, run = mount_dirs
+    (run / "link").symlink_to(base / "nothing-here")
+    monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(run / "link" / under))
+    done = subprocess.run(
+        [*BLOCKSTORE, "mount", "127.0.0.1:5000/a/b:v1", str(mountpoint)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == MountError.exit_code, done.stderr
+    assert done.stderr == (
+        f"blockstore: {run / 'link'} is not a directory, so the run directory cannot be made "
+        "in it: give another as BLOCKSTORE_RUN_DIR\n"
+    )
+    assert [p.name for p in run.iterdir()] == ["link"]
+    assert not (base / "nothing-here").exists()
