@@ -16,6 +16,7 @@ the start, and every file's chunk index pointing into the tar after it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import mmap
@@ -25,6 +26,7 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
@@ -630,17 +632,23 @@ def cached_or_built(
     compressed: bool,
     build: Callable[[], TarIndex],
     check_kept: Callable[[TarIndex], None] = lambda index: None,
+    alone: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
 ) -> TarIndex:
     """The layer's index from the cache, judged by ``check_kept`` (it may have been kept
     by another image of the same blob), or built now and stored for next time (one that
-    cannot be kept, as on a full disk, is served all the same and built again next time)."""
+    cannot be kept, as on a full disk, is served all the same and built again next time).
+    ``alone``: held while it is looked for once more and built, so that a process that
+    finds another building it takes that one's index rather than build it again."""
     index = cache.load(blob_digest, span, compressed)
-    if index is not None:
-        check_kept(index)
-    else:
-        index = build()
-        try:
-            cache.save(blob_digest, span, index)
-        except CacheError as exc:
-            log.warning("%s: its index is served but not kept: %s", blob_digest, exc)
+    if index is None:
+        with alone():
+            index = cache.load(blob_digest, span, compressed)
+            if index is None:
+                index = build()
+                try:
+                    cache.save(blob_digest, span, index)
+                except CacheError as exc:
+                    log.warning("%s: its index is served but not kept: %s", blob_digest, exc)
+                return index
+    check_kept(index)
     return index

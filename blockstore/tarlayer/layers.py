@@ -9,6 +9,7 @@ cached under the diff_id (gzip, zstd).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -27,6 +28,7 @@ from blockstore.progress import Progress
 from blockstore.registry.mediatypes import GZIP, TAR, ZSTD
 from blockstore.registry.reference import digest_problem
 from blockstore.source import BlobSource
+from blockstore.tarlayer.alone import indexing_alone
 from blockstore.tarlayer.erofs_reader import read_info
 from blockstore.tarlayer.export import (
     DecompressedTar,
@@ -401,6 +403,10 @@ def _find_index(
         # This image's config must name the kept index's tar, as it must for one
         # built now: another image of the same blob may have left it.
         lambda kept: check_diff_id(kept.tar_digest, diff_id()),
+        # A read-only cache keeps no index, and gets no lock file.
+        contextlib.nullcontext
+        if store.read_only
+        else functools.partial(indexing_alone, store.path, blob.digest, span),
     )
     if cache.origin(blob.digest, span) != IndexCache.SHARED:
         return index, None
