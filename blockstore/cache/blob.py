@@ -33,12 +33,10 @@ from blockstore.prefetch import (
     erofs_tree,
 )
 from blockstore.prefetch.feed import Pacer, bridge, coalesce, feed
-from blockstore.progress import human
 from blockstore.source import BlobSource
 from blockstore.throttledlog import ThrottledLog
 
 from . import integrity, parts
-from .capacity import STORED_CHUNK
 from .errors import CacheDamaged, ChunkIntegrityError, DiskFull
 from .evict import LOW_WATER
 from .holds import BlobHold
@@ -436,7 +434,7 @@ class CachedBlob:
                 f"{self._digest} ({self._size} bytes) is larger than the cache size cap "
                 f"({self._store.size_cap} bytes); raise --cache-size or pin it"
             )
-        if (no_room := self._no_room()) is not None:
+        if (no_room := self.no_room()) is not None:
             raise DiskFull(f"{no_room}; nothing was fetched or evicted")
         reported = 0
 
@@ -475,22 +473,10 @@ class CachedBlob:
         self._sums = self._store.sealed_sums(self._digest)
         self._whole = True
 
-    def _no_room(self) -> str | None:
-        """Why the disk holding the cache cannot take the rest of the layer, or None.
-
-        Asked before a prefetch or a fill fetches a byte: each store that finds the
-        disk full evicts the oldest of the cache, the layers prefetched for offline
-        use first, and a layer too large would still not fit (it would lose itself too)."""
-        missing = self._store.missing_by_digest(self._digest, range(self._chunks))
-        need = len(missing) * STORED_CHUNK
-        room = self._store.room(len(missing) * CHUNK_SIZE)
-        if need <= room:
-            return None
-        return (
-            f"{self._digest} needs about {human(need)} more in the cache at "
-            f"{self._store.path}, and the disk holding it has room for {human(room)}: "
-            "free space there, or make room with `cache rm` or `cache gc --cache-size`"
-        )
+    def no_room(self) -> str | None:
+        """Why the disk holding the cache cannot take the rest of the layer, or None
+        (``ChunkStore.no_room``)."""
+        return self._store.no_room(self._digest, self._size)
 
     def _fetch_all(self, missing: list[int], report: Callable[[int], None]) -> None:
         """Fetch in steps, so memory stays flat however much is asked for."""
@@ -1000,7 +986,7 @@ class CachedBlob:
         Resumable: each pass takes only what is missing, so a fill cut short
         (stopped, evicted, a failed range) continues where it stopped.
         """
-        if (no_room := self._no_room()) is not None:
+        if (no_room := self.no_room()) is not None:
             log.warning("%s; not filled, so nothing else is evicted for it", no_room)
             return
         fetcher = self._fetcher

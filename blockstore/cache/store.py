@@ -26,11 +26,12 @@ import lmdb
 from blockstore.errors import CacheError
 from blockstore.export import Buffer
 from blockstore.fetch import Flights
+from blockstore.progress import human
 
 from . import counters as counters_mod
 from . import parts as parts_mod
 from . import recency as recency_mod
-from .capacity import Capacity
+from .capacity import STORED_CHUNK, Capacity
 from .env import CacheEnv
 from .errors import CacheDamaged, ChunkIntegrityError
 from .evict import LOW_WATER, Evicted
@@ -52,6 +53,7 @@ from .layout import (
     U64,
     BlobRecord,
     blob_keys,
+    chunk_count,
     chunk_key,
     chunk_length,
     meta_int,
@@ -288,6 +290,24 @@ class ChunkStore:
         if record.present == record.chunks:
             return []
         return self.missing(record.blob_id, indices)
+
+    def no_room(self, digest: str, size: int) -> str | None:
+        """Why the disk holding the cache cannot take the rest of blob ``digest`` (of
+        ``size`` bytes), or None.
+
+        Asked before a prefetch or a fill stores a byte: each store that finds the
+        disk full evicts the oldest of the cache, the layers prefetched for offline
+        use first, and a blob too large would still not fit (it would lose itself too)."""
+        missing = self.missing_by_digest(digest, range(chunk_count(size)))
+        need = len(missing) * STORED_CHUNK
+        room = self.room(len(missing) * CHUNK_SIZE)
+        if need <= room:
+            return None
+        return (
+            f"{digest} needs about {human(need)} more in the cache at "
+            f"{self.path}, and the disk holding it has room for {human(room)}: "
+            "free space there, or make room with `cache rm` or `cache gc --cache-size`"
+        )
 
     def read_parts(self, blob_id: int, indices: Sequence[int]) -> dict[int, bytes]:
         """The stored parts (unchecked, see ``parts``) of those of ``indices`` that have one."""

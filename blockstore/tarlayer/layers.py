@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, Protocol, TypeVar
 
-from blockstore.cache import CachedBlob, ChunkStore
+from blockstore.cache import CachedBlob, ChunkStore, DiskFull
 from blockstore.errors import BlobReadError, BlockstoreError, IntegrityError, NotCached, UsageError
 from blockstore.export import Buffer
 from blockstore.prefetch import PrefetchSettings
@@ -91,6 +91,8 @@ class LayerBlob(Protocol):
     def prefetch(self, progress: Callable[[int], None] | None = None) -> None: ...
 
     def seal_when_complete(self) -> None: ...
+
+    def no_room(self) -> str | None: ...
 
     def close(self) -> None: ...
 
@@ -187,6 +189,9 @@ class TarLayer(TarLayerExport):
     def _fill(self) -> None:
         filled = False
         try:
+            if self._pump is not None and (no_room := self._tar_blob.no_room()) is not None:
+                log.warning("%s; not filled, so nothing else is evicted for it", no_room)
+                return
             filled = self._pump is None or self._checked(self._pump.run)
             if filled:
                 self._wait_until_idle()
@@ -221,6 +226,10 @@ class TarLayer(TarLayerExport):
         """Fill the tar part whole, check it against its digest (the diff_id) and seal it;
         then prove an index that came from the registry against it."""
         if self._pump is not None:
+            # Checked before a span is inflated, as a blob's prefetch checks before a
+            # byte is fetched: each store of a tar too large for the disk would evict.
+            if (no_room := self._tar_blob.no_room()) is not None:
+                raise DiskFull(f"{no_room}; nothing was decompressed or evicted for it")
             self._checked(self._pump.run)
         self._seal(progress)
 
@@ -574,6 +583,12 @@ def _pass_fill(
     if record is not None:
         store.remove(tar_digest)
     if size is not None:
+        if (no_room := store.no_room(tar_digest, size)) is not None:
+            log.warning(
+                "%s; not kept from its indexing pass, so nothing else is evicted for it",
+                no_room,
+            )
+            return None
         return PassFill(store, tar_digest, size)
     try:
         return SpooledPassFill(store, tar_digest, store.path)

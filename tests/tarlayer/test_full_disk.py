@@ -1,0 +1,155 @@
+"""Tar layers on a cache whose disk cannot hold their tar (a small ext4 on a loop device)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from oci_layout import push_tar_layer
+from rig.small_disk import small_disk
+from rig.waiting import wait_for
+from trees import make_tar
+
+from blockstore.image import open_image
+from blockstore.prefetch import PrefetchSettings
+
+CLI = [sys.executable, "-m", "blockstore"]
+
+
+def blockstore(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
+
+
+def cached(cache: Path) -> dict[str, dict]:
+    listed = blockstore("cache", "ls", "--json", "--cache-dir", str(cache))
+    assert listed.returncode == 0, listed.stderr
+    return {blob["digest"]: blob for blob in json.loads(listed.stdout)}
+
+
+def whole_and_sealed(cache: Path, digest: str) -> bool:
+    blob = cached(cache).get(digest)
+    return blob is not None and blob["sealed"] and blob["cached_fraction"] == 1.0
+
+
+def layer_tar(tmp: Path, name: str, files: dict[str, bytes]) -> bytes:
+    src = tmp / name
+    src.mkdir()
+    for path, data in files.items():
+        (src / path).write_bytes(data)
+    return make_tar(src, tmp / f"{name}.tar").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_a_compressed_layer_the_disk_cannot_hold_costs_no_other_layer(tmp_path, registry, kind):
+    """Tried: a cache on a 32 MiB ext4 holding a prefetched tar.gz image (3 MiB tar,
+    sealed), the disk then filled by another file to ~11 MiB free; a second image, of
+    ``kind``, whose blob is small but whose tar is 12 MiB, is prefetched (indexing it
+    here), then served with ``--fill``; then the file is removed and it is prefetched
+    again. Must hold: the prefetch is refused (exit 8) in one line saying what it needs,
+    and ``serve --fill`` skips the fill with one warning, the first image whole and
+    sealed after each; once there is room, the prefetch seals the second image's tar,
+    both are whole, and it reads back right offline. Before, the gzip pass stored the
+    tar as it inflated it and the span pump decompressed the rest, each store finding
+    the disk full evicting the oldest chunks: the first image went to 0%, and the
+    prefetch succeeded at its cost."""
+    first = layer_tar(tmp_path, "first", {"a.bin": os.urandom(3 << 20)})
+    pattern = os.urandom(16000)
+    second = layer_tar(
+        tmp_path,
+        "second",
+        {f"b{i}.bin": b"".join(pattern + os.urandom(64) for _ in range(250)) for i in range(3)},
+    )
+    first_ref = push_tar_layer(registry, "o/first", "v1", "gzip", first, tmp_path)
+    second_ref = push_tar_layer(registry, "o/second", "v1", kind, second, tmp_path)
+    first_tar = "sha256:" + hashlib.sha256(first).hexdigest()
+    second_tar = "sha256:" + hashlib.sha256(second).hexdigest()
+    with small_disk(tmp_path / "disk", "32M") as disk:
+        cache = disk / "cache"
+        done = blockstore("prefetch", first_ref, "--insecure", "--cache-dir", str(cache))
+        assert done.returncode == 0, done.stderr
+        assert whole_and_sealed(cache, first_tar)
+        filler = disk / "filler"
+        free = os.statvfs(disk).f_bfree * os.statvfs(disk).f_frsize
+        filler.write_bytes(bytes(free - (11 << 20)))
+
+        refused = blockstore("prefetch", second_ref, "--insecure", "--cache-dir", str(cache))
+        assert refused.returncode == 8, refused.stderr
+        assert f"{second_tar} needs about" in refused.stderr, refused.stderr
+        assert "nothing was decompressed or evicted for it" in refused.stderr
+        assert refused.stderr.count("\n") <= 2, refused.stderr  # the pass's warning, the error
+        assert whole_and_sealed(cache, first_tar)
+
+        log = tmp_path / "serve.log"
+        where = ["--cache-dir", str(cache), "--unix", str(tmp_path / "s.sock")]
+        with open(log, "w") as err:
+            server = subprocess.Popen(
+                [*CLI, "serve", second_ref, "--insecure", "--fill", "--no-trace", *where],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        try:
+            skipped = wait_for(lambda: "not filled" in log.read_text(), 60)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        assert skipped, log.read_text()
+        assert f"{second_tar} needs about" in log.read_text()
+        assert whole_and_sealed(cache, first_tar)
+
+        filler.unlink()
+        done = blockstore("prefetch", second_ref, "--insecure", "--cache-dir", str(cache))
+        assert done.returncode == 0, done.stderr
+        assert whole_and_sealed(cache, second_tar)
+        assert whole_and_sealed(cache, first_tar)
+        image = open_image(second_ref, cache_dir=cache, offline=True)
+        try:
+            (export,) = image.exports()
+            start = len(export.index.metadata)
+            assert b"".join(bytes(b) for b in export.read(start, len(second))) == second
+        finally:
+            image.close()
+
+
+def test_a_zstd_tar_spooled_beside_a_cache_with_no_room_for_it_is_not_stored(
+    tmp_path, registry, caplog
+):
+    """Tried: the same small disk holding a prefetched tar.gz image, filled to ~11 MiB
+    free; a zstd image (a stream: its tar's size is known only at the end) whose tar is
+    7 MiB is opened, so its indexing pass spools the tar beside the cache (7 MiB of the
+    room), to store it once both digests hold. Must hold: the open succeeds and the tar
+    is not stored, with a warning saying what it needs; the first image stays whole and
+    sealed. Before, the spooled tar was stored all the same, each store finding the disk
+    full evicting the first image's chunks."""
+    first = layer_tar(tmp_path, "first", {"a.bin": os.urandom(3 << 20)})
+    pattern = os.urandom(16000)
+    second = layer_tar(
+        tmp_path,
+        "second",
+        {f"b{i}.bin": b"".join(pattern + os.urandom(64) for _ in range(150)) for i in range(3)},
+    )
+    first_ref = push_tar_layer(registry, "o/first", "v1", "gzip", first, tmp_path)
+    second_ref = push_tar_layer(registry, "o/second", "v1", "zstd", second, tmp_path)
+    first_tar = "sha256:" + hashlib.sha256(first).hexdigest()
+    second_tar = "sha256:" + hashlib.sha256(second).hexdigest()
+    with small_disk(tmp_path / "disk", "32M") as disk:
+        cache = disk / "cache"
+        done = blockstore("prefetch", first_ref, "--insecure", "--cache-dir", str(cache))
+        assert done.returncode == 0, done.stderr
+        free = os.statvfs(disk).f_bfree * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(bytes(free - (11 << 20)))
+        caplog.set_level(logging.WARNING)
+        lazy = PrefetchSettings(readahead=False)
+        image = open_image(second_ref, cache_dir=cache, options=registry.options(), prefetch=lazy)
+        try:
+            assert len(image.exports()) == 1
+        finally:
+            image.close()
+        assert f"{second_tar} needs about" in caplog.text, caplog.text
+        assert "is full" not in caplog.text, caplog.text
+        assert whole_and_sealed(cache, first_tar)
