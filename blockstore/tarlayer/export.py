@@ -586,6 +586,15 @@ class IndexCache:
     def origin(self, blob_digest: str, span: int) -> bytes | None:
         return self._get(self._key(blob_digest, span, "origin"))
 
+    def set_unproven(self, blob_digest: str, span: int, unproven: bool) -> None:
+        """Remember that the kept index of a plain tar layer was built from its bytes
+        before they were proven against its digest (a header walk reads a few ranges),
+        so that it is proven against the tar once that is sealed; or forget it."""
+        self._put(self._key(blob_digest, span, "unproven"), b"y" if unproven else b"")
+
+    def unproven(self, blob_digest: str, span: int) -> bool:
+        return self._get(self._key(blob_digest, span, "unproven")) == b"y"
+
     def drop(self, blob_digest: str, span: int) -> None:
         """Forget the kept index (an empty record reads as absent), so it is built again."""
         self._put(self._key(blob_digest, span, "meta"), b"")

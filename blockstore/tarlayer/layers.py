@@ -417,9 +417,38 @@ def _find_index(
         if store.read_only
         else functools.partial(indexing_alone, store.path, blob.digest, span),
     )
-    if cache.origin(blob.digest, span) != IndexCache.SHARED:
+    if cache.origin(blob.digest, span) == IndexCache.SHARED:
+        return index, SharedIndexCheck(cache, blob, span, index)
+    if kind != TAR or store.read_only or not cache.unproven(blob.digest, span):
         return index, None
-    return index, SharedIndexCheck(cache, blob, span, index)
+    check = BuiltIndexCheck(cache, blob, span, index)
+    if not _sealed(store, blob.digest):
+        return index, check  # proven by the prefetch that seals the tar
+    # Sealed since (by a prefetch, or reads that made it whole): proven now, once.
+    try:
+        check.prove(_read_all(blob))
+    except IntegrityError as exc:
+        log.warning("%s", exc)
+        return _find_index(
+            store,
+            blob,
+            kind,
+            online=online,
+            diff_id=diff_id,
+            span=span,
+            tarindex=tarindex,
+            zinfo=zinfo,
+            shared=shared,
+        )
+    except (NotCached, BlobReadError) as exc:
+        log.info("%s: its index is proven once the tar can be read: %s", blob.digest, exc)
+        return index, check
+    return index, None
+
+
+def _sealed(store: ChunkStore, digest: str) -> bool:
+    record = store.lookup(digest)
+    return record is not None and record.sealed
 
 
 def _build_index(
@@ -451,6 +480,10 @@ def _build_index(
         return found
     read = _read_all(blob)
     if kind == TAR:
+        # A header walk reads a few ranges of the blob, unproven until it is sealed:
+        # marked before the index is kept, so no crash keeps it unmarked.
+        if not store.read_only:  # which keeps no index either
+            cache.set_unproven(blob.digest, span, not _sealed(store, blob.digest))
         return index_plain_tar(read, blob.size, blob.digest)
     log.info("%s: reading the %s layer once to index it", blob.digest, kind)
     tar_digest = diff_id()
@@ -629,6 +662,9 @@ class SharedIndexCheck:
         )
         if not honest:
             raise self._refuse("its metadata or span digests are not those of the tar")
+        self._proven()
+
+    def _proven(self) -> None:
         self._cache.set_origin(self._blob.digest, self._span, IndexCache.PROVEN)
         log.info("%s: the index attached to the image is proven against the tar", self._blob.digest)
 
@@ -649,6 +685,26 @@ class SharedIndexCheck:
         return IntegrityError(
             f"{digest}: the index attached to the image does not describe this layer's tar "
             f"({why}): dropped; the next open builds one from the layer itself"
+        )
+
+
+class BuiltIndexCheck(SharedIndexCheck):
+    """Holds a plain tar layer's index built here, from bytes read before they were
+    proven, to the tar once it is sealed. A registry that served another blob of the
+    same length (or bytes spoilt on the way) would otherwise leave the index of that
+    other tree kept for good, served over the right bytes once they are sealed."""
+
+    def _proven(self) -> None:
+        self._cache.set_unproven(self._blob.digest, self._span, False)
+        log.info("%s: its index is proven against the sealed tar", self._blob.digest)
+
+    def _refuse(self, why: str) -> IntegrityError:
+        digest = self._blob.digest
+        self._cache.drop(digest, self._span)
+        self._cache.set_unproven(digest, self._span, False)
+        return IntegrityError(
+            f"{digest}: the index built from this layer's bytes before they were proven "
+            f"does not describe its tar ({why}): dropped, to be built again from the tar"
         )
 
 

@@ -2,7 +2,8 @@
 
 Faults are what real networks and registries do: answer slowly, trickle the
 body a byte at a time, drop the connection mid-body (with a FIN, or a reset),
-send fewer bytes than asked, cut an upload short, flip bytes, send a
+send fewer bytes than asked, cut an upload short, flip bytes (or send another
+blob's, of the same length), send a
 ``Content-Range`` that is not the span asked for, refuse with a status
 (429/503 with ``Retry-After``), ignore ``Range`` and send the whole blob with
 200 (or ignore its end, and send the rest of the blob with 206), redirect
@@ -54,6 +55,7 @@ KINDS = {
     "cut_request",
     "open_range",
     "rewrite_status",
+    "replace",
 }
 
 
@@ -77,7 +79,9 @@ class Fault:
     each header the registry sent that is named here, rewritten to this value with
     ``{}`` standing for the registry's own."""
     body: bytes | None = None
-    """status: the reply's body (default: an OCI error), e.g. a hand-made manifest."""
+    """status: the reply's body (default: an OCI error), e.g. a hand-made manifest;
+    replace: another blob of the same length, whose bytes at the range the registry
+    sends are sent in their place (a registry serving the wrong blob)."""
     after_bytes: int | None = None
     """cut/reset/truncate/corrupt: body bytes sent intact (default: half the body);
     cut_request: request body bytes forwarded before both connections are cut."""
@@ -279,6 +283,9 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 chunk = reply.read(min(piece, limit - sent))
                 if not chunk:
                     break
+                if kind == "replace":
+                    first = _range_start(out.get("Content-Range")) + sent
+                    chunk = fault.body[first : first + len(chunk)]
                 if kind == "corrupt" and sent <= intact < sent + len(chunk):
                     flipped = bytearray(chunk)
                     flipped[intact - sent] ^= 0xFF
@@ -331,6 +338,13 @@ def _rewrite(headers: dict[str, str], rewrites: dict[str, str]) -> None:
 def _open_ended(range_header: str) -> str:
     """``bytes=a-b`` made ``bytes=a-``: from the first byte asked to the end."""
     return range_header.partition("-")[0] + "-"
+
+
+def _range_start(content_range: str | None) -> int:
+    """Where a reply's body starts in the blob: its ``Content-Range``'s first byte, or 0."""
+    if content_range is None:
+        return 0
+    return int(content_range.split()[1].split("-")[0])
 
 
 def _shifted(content_range: str) -> str:

@@ -1,0 +1,117 @@
+"""A plain tar layer whose registry served another blob of the same length while it was
+indexed (a header walk reads a few ranges, proven only once the layer is sealed)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import subprocess
+import sys
+import tarfile
+
+from oci_layout import push_tar_layer
+from rig.fault_proxy import Fault
+
+from blockstore.image import open_image
+from blockstore.tarlayer.erofs_reader import read_metadata
+
+CLI = [sys.executable, "-m", "blockstore"]
+RIGHT = b"R" * 100_000
+
+
+def one_file(name: str, data: bytes) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime = len(data), 1
+        archive.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def tree_of(export) -> dict[bytes, bytes]:
+    """Each file the layer's index names, with the bytes the export serves for it."""
+    meta = export.index.metadata
+    root = read_metadata(meta).root
+    return {
+        name: b"".join(bytes(b) for b in export.read(len(meta) + node.data_offset, node.size))
+        for name, node in root.children.items()
+    }
+
+
+def indexed_from_another_blob(tmp_path, registry, fault_proxy) -> tuple[str, str]:
+    """A plain tar layer (``right.txt``) pushed, then opened in an empty cache through a
+    proxy that answers its ranges with another tar of the same length (``wrong.txt``):
+    the index kept names the other tree. The reference through the proxy, the fault
+    cleared, and the cache."""
+    right = one_file("right.txt", RIGHT)
+    wrong = one_file("wrong.txt", b"W" * len(RIGHT))
+    assert len(right) == len(wrong)
+    ref = push_tar_layer(registry, "o/swapped", "v1", "tar", right, tmp_path)
+    digest = "sha256:" + hashlib.sha256(right).hexdigest()
+    proxy = fault_proxy(registry)
+    reference = ref.replace(registry.host, proxy.host)
+    cache = tmp_path / "cache"
+    proxy.fault = Fault("replace", path_contains=digest, method="GET", body=wrong)
+    image = open_image(reference, cache_dir=cache, options=registry.options())
+    try:
+        (export,) = image.exports()
+        assert list(tree_of(export)) == [b"wrong.txt"]
+    finally:
+        image.close()
+    proxy.fault = None
+    return reference, str(cache)
+
+
+def test_an_index_built_from_another_blob_is_dropped_when_the_layer_is_prefetched(
+    tmp_path, registry, fault_proxy
+):
+    """Tried: the index kept from another blob's bytes (above); then ``prefetch`` until
+    it succeeds (the first finds the cached bytes wrong at the seal, as for any layer).
+    Must hold: the layer, once sealed, is never served through the other tree's index:
+    it is proven against the sealed tar, found wrong, dropped and built again, and the
+    image then shows ``right.txt`` with its bytes, offline too. Before, the kept index
+    was never judged: once the right bytes were sealed, every open (offline too) showed
+    ``wrong.txt``, which the layer does not hold, with ``right.txt``'s bytes."""
+    reference, cache = indexed_from_another_blob(tmp_path, registry, fault_proxy)
+    for _ in range(3):
+        done = subprocess.run(
+            [*CLI, "prefetch", reference, "--insecure", "--cache-dir", cache],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode == 0:
+            break
+        assert done.returncode == 6, done.stderr
+    assert done.returncode == 0, done.stderr
+    image = open_image(reference, cache_dir=cache, offline=True)
+    try:
+        (export,) = image.exports()
+        assert tree_of(export) == {b"right.txt": RIGHT}
+    finally:
+        image.close()
+
+
+def test_an_index_built_from_another_blob_is_proven_at_the_open_after_reads_seal_it(
+    tmp_path, registry, fault_proxy, caplog
+):
+    """Tried: the index kept from another blob's bytes (above); then the layer read
+    whole through an open export until its reads seal it (the first whole read finds
+    the cached bytes wrong and drops them). Must hold: the next open proves the kept
+    index against the sealed tar, finds it is another tree's, says so, and serves the
+    index built again: ``right.txt`` with its bytes. Before, ``wrong.txt``."""
+    reference, cache = indexed_from_another_blob(tmp_path, registry, fault_proxy)
+    image = open_image(reference, cache_dir=cache, options=registry.options())
+    try:
+        (export,) = image.exports()
+        start, size = len(export.index.metadata), export.index.tar_size
+        for _ in range(2):  # the first whole read finds the cached bytes wrong at the seal
+            b"".join(bytes(b) for b in export.read(start, size))
+    finally:
+        image.close()
+    image = open_image(reference, cache_dir=cache, options=registry.options())
+    try:
+        (export,) = image.exports()
+        assert tree_of(export) == {b"right.txt": RIGHT}
+    finally:
+        image.close()
+    assert "does not describe its tar" in caplog.text
