@@ -50,7 +50,7 @@ def test_two_servers_opening_a_new_gzip_layer_index_it_once(tmp_path, registry, 
     ref = push_tar_layer(registry, "o/twice", "v1", "gzip", tar, tmp_path)
     digest = "sha256:" + hashlib.sha256(compress("gzip", tar)).hexdigest()
     proxy = fault_proxy(registry)
-    proxy.fault = Fault("pace", path_contains=digest, method="GET", seconds=0.05)
+    proxy.fault = Fault("pace", path_contains=digest, method="GET", seconds=0.08)
     reference = ref.replace(registry.host, proxy.host)
     cache = tmp_path / "cache"
     procs = [start_serving(reference, cache, tmp_path / "a.sock")]
