@@ -48,25 +48,40 @@ def layer_sources(root: Path) -> list[Path]:
     return [base, mid, top]
 
 
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def _is_real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
 def extract_in_order(tars: list[Path], dest: Path) -> None:
-    """The reference: apply each layer as the OCI spec says, with plain ``tar -x``."""
+    """The reference: apply each layer as the OCI spec says, with plain ``tar -x``. An
+    entry replaces a lower path of the other kind (directory or not), as ``tar -x``
+    alone does not when the lower one is a directory that is not empty."""
     dest.mkdir()
     for tar in tars:
         with tarfile.open(tar) as archive:
-            names = [m.name for m in archive.getmembers()]
-        for name in names:
-            path = Path(os.path.normpath(name))
+            members = [(Path(os.path.normpath(m.name)), m.isdir()) for m in archive.getmembers()]
+        for path, is_dir in members:
             if path.name == ".wh..wh..opq":
                 parent = dest / path.parent
-                lower = [p for p in parent.iterdir()] if parent.exists() else []
+                if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
+                    parent.unlink()  # this layer's directory takes its place
+                lower = [p for p in parent.iterdir()] if _is_real_dir(parent) else []
                 for p in lower:  # this layer's own entries are extracted afterwards
-                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                    _remove(p)
             elif path.name.startswith(".wh."):
                 victim = dest / path.parent / path.name[4:]
-                if victim.is_dir() and not victim.is_symlink():
-                    shutil.rmtree(victim)
-                elif victim.exists() or victim.is_symlink():
-                    victim.unlink()
+                if os.path.lexists(victim):
+                    _remove(victim)
+            elif (
+                str(path) != "."
+                and os.path.lexists(dest / path)
+                and is_dir != _is_real_dir(dest / path)
+            ):
+                _remove(dest / path)  # an entry of the other kind takes its place
         subprocess.run(
             [
                 "tar",
