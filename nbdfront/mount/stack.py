@@ -26,6 +26,7 @@ from pathlib import Path
 from blockstore.errors import MountError, MountpointBusy, NotPermitted
 from blockstore.logformat import count_trouble, last_trouble
 from blockstore.openers import processes_using
+from blockstore.registry.mediatypes import layer_kind
 from nbdfront.mount import attach, dirattrs, records, syscall
 from nbdfront.mount.process import ProcessRef
 from nbdfront.mount.records import MountRecord
@@ -266,10 +267,15 @@ def _make(
         records.save(record)
         logger.info("attached %s via %s as %s", uri, record.method, attached.device)
         interrupts.check()
-    _mount_layers(record, interrupts.check, shown)
-    records.save(record)
     if describe is not None:
         record.info = describe([name for name, _ in layers])
+    _mount_layers(record, interrupts.check, shown, alone=not _holds_tar_layer(record.info))
+    records.save(record)
+
+
+def _holds_tar_layer(info: dict) -> bool:
+    """Whether the record's layers (as ``describe`` told them) include a tar layer."""
+    return any(layer_kind(layer.get("mediaType") or "") for layer in info.get("layers", []))
 
 
 class _Interrupts:
@@ -327,13 +333,17 @@ class _Interrupts:
         self.check()
 
 
-def _mount_layers(record: MountRecord, check: Callable[[], None], shown: set[str]) -> None:
-    """EROFS at the mount point for one layer; for several, EROFS per layer under an
-    overlay. ``check`` after each mount is recorded. ``shown``: the server's warnings
-    the user has seen already."""
+def _mount_layers(
+    record: MountRecord, check: Callable[[], None], shown: set[str], *, alone: bool = True
+) -> None:
+    """EROFS at the mount point for one layer (if ``alone`` lets it); else EROFS per layer
+    under an overlay. A tar layer's image marks its whiteouts, opaque and implied
+    directories for overlayfs, which alone hides those marks and applies them: even one
+    such layer goes under an overlay. ``check`` after each mount is recorded.
+    ``shown``: the server's warnings the user has seen already."""
     devices = [a.device for a in record.attachments]
     log = Path(record.log)
-    if len(devices) == 1:
+    if len(devices) == 1 and alone:
         _mount_erofs(devices[0], record.mountpoint, log, shown)
         record.mounted = True
         record.top_device = syscall.mounts_at(record.mountpoint)[0].device

@@ -117,6 +117,14 @@ def test_an_opaque_root_hides_every_layer_below(tmp_path, registry, run_dir, opa
     assert not [p for p in syscall.mounted() if p.startswith(str(run_dir))]
 
 
+def root_links_aside(snap: tuple[dict, list]) -> tuple[dict, list]:
+    """A snapshot but for the root's link count: a tar layer mounted alone is stacked over
+    an empty layer, and overlayfs counts a directory merged from two as one link."""
+    entries, links = snap
+    root = entries["."]
+    return {**entries, ".": (*root[:4], None, *root[5:])}, links
+
+
 def test_mount_with_local_tarindex_and_zinfo(tmp_path, registry, run_dir):
     """``-o oci.layer=0,oci.tarindex=PATH,oci.zinfo=PATH`` mounts a gzip layer from a
     metadata image and SOCI zinfo given as files, with no index built: the tree is
@@ -151,7 +159,7 @@ def test_mount_with_local_tarindex_and_zinfo(tmp_path, registry, run_dir):
     assert f"oci.tarindex={tmp_path / 'not.meta'}: metadata image: " in done.stderr
     assert not syscall.is_mounted(str(mnt))
     cli("mount", "--insecure", "--cache-dir", str(cache), "-o", options, ref, str(mnt))
-    assert snapshot(mnt) == snapshot(src)
+    assert root_links_aside(snapshot(mnt)) == root_links_aside(snapshot(src))
     cli("umount", str(mnt))
 
 
