@@ -421,7 +421,8 @@ def describe_path(record: MountRecord) -> str:
     """One line saying which way the mount was made, for the user and for bug reports."""
     via = {NBDFUSE: "nbdfuse + file-backed EROFS", KERNEL: "kernel NBD + EROFS"}[record.method]
     n = len(record.attachments)
-    shape = f"{n} layers under a read-only overlayfs" if record.overlay else "1 layer"
+    layers = "1 layer" if n == 1 else f"{n} layers"
+    shape = f"{layers} under a read-only overlayfs" if record.overlay else "1 layer"
     pid = record.server.pid if record.server else "?"
     metrics = f", metrics {record.metrics}" if record.metrics else ""
     return (

@@ -157,10 +157,11 @@ def tar_names(tar: Path) -> set[str]:
 
 def mounted_tree(
     tmp_path: Path, ref: str, platform: str | None = None, layer: int | None = None
-) -> tuple[dict, list]:
+) -> tuple[tuple[dict, list], str]:
     """``blockstore mount`` of ``ref`` (of ``platform``, OS/ARCH; of one layer alone, if
-    given): its snapshot (directory link counts aside), checked against the extraction
-    of the image's own layers (that layer alone); unmounted again."""
+    given), checked against the extraction of the image's own layers (that layer
+    alone), then unmounted: the mount's entries (directory link counts aside) and what
+    ``mount`` said."""
     flags: tuple[str, ...] = () if layer is None else ("--layer", str(layer))
     pick: tuple[str, ...] = ()
     if platform:
@@ -173,13 +174,13 @@ def mounted_tree(
     want = without_dir_counts(snapshot(want_dir, with_mtime=False))
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    cli("mount", "--insecure", "--cache-dir", str(tmp_path / "cache"), *flags, ref, str(mnt))
+    said = cli("mount", "--insecure", "--cache-dir", str(tmp_path / "cache"), *flags, ref, str(mnt))
     try:
         got = without_dir_counts(snapshot(mnt, with_mtime=False))
     finally:
         cli("umount", str(mnt))
     assert got == want
-    return got
+    return got, said.stdout
 
 
 def user_xattrs_only(attrs: tuple) -> tuple:
@@ -233,11 +234,11 @@ def test_a_podman_pushed_image_mounts_as_its_layers_extract(
     if "zstd:chunked" in flags:  # frames per file, and the table of contents in skippable ones
         for layer in manifest["layers"]:
             assert CHUNKED_TOC in layer.get("annotations", {})
-    got = mounted_tree(tmp_path, ref)
+    (got, _), _ = mounted_tree(tmp_path, ref)
     source = without_dir_counts(snapshot(tmp_path / "tree", with_mtime=False))[0]
     del source["."]  # the image's root is podman's
     kept = {path: user_xattrs_only(attrs) for path, attrs in source.items()}
-    assert {path: got[0].get(path) for path in source} == kept
+    assert {path: got.get(path) for path in source} == kept
 
 
 def delete_and_remake(root: Path) -> None:
@@ -280,16 +281,16 @@ def test_whiteouts_and_an_opaque_directory_podman_wrote_mount_as_they_extract(
     top = podman.build(context, f"localhost/top-{suffix}", ["COPY back/ /"], base=edited)
     ref = podman.push(top, f"{registry.host}/podman/whiteouts:{suffix}")
 
-    got = mounted_tree(tmp_path, ref)
+    (got, _), _ = mounted_tree(tmp_path, ref)
     names = tar_names(tmp_path / "layer2.tar")
     assert {"etc/.wh.shadow", ".wh.many", "home/user/.wh..wh..opq"} <= names
     assert sorted(os.listdir(tmp_path / "extracted" / "home" / "user")) == ["fresh"]
-    assert "many" not in got[0] and got[0]["opt/app"][-2] == "/usr/lib"
+    assert "many" not in got and got["opt/app"][-2] == "/usr/lib"
 
     alone = tmp_path / "alone"
     alone.mkdir()
-    got = mounted_tree(alone, ref, layer=2)
-    assert not [path for path in got[0] if "/.wh." in f"/{path}"]
+    (got, _), _ = mounted_tree(alone, ref, layer=2)
+    assert not [path for path in got if "/.wh." in f"/{path}"]
 
 
 def test_a_podman_manifest_list_mounts_the_platform_asked_for(tmp_path, registry, podman):
@@ -321,22 +322,24 @@ def test_a_podman_manifest_list_mounts_the_platform_asked_for(tmp_path, registry
     for platform, arch in (("linux/amd64", "amd64"), ("linux/arm64", "arm64")):
         where = tmp_path / arch
         where.mkdir()
-        got = mounted_tree(where, ref, platform)
-        assert got[0]["etc/platform"][-2] == hashlib.sha256(f"{platform}\n".encode()).hexdigest()
+        (got, _), _ = mounted_tree(where, ref, platform)
+        assert got["etc/platform"][-2] == hashlib.sha256(f"{platform}\n".encode()).hexdigest()
 
 
 def test_a_one_layer_podman_image_shows_none_of_the_marks_for_stacking(tmp_path, registry, podman):
     """Tried: the commonest podman image, ``FROM scratch`` and one ``COPY`` (its layer
     has no entry for the root, which is so only implied), mounted. Must hold: the
-    mount shows what extracting the layer gives, with no xattr on the root. Before, a
+    mount shows what extracting the layer gives, with no xattr on the root, and says
+    it is "1 layer under a read-only overlayfs" (not "1 layers"). Before, a
     lone layer was mounted as its EROFS image, showing the root's mark for overlayfs
     (``trusted.overlay.blockstore.implied``) to root's ``getfattr``, ``cp -a`` and
     ``tar --xattrs``."""
     context = source_context(tmp_path)
     tag = podman.build(context, f"localhost/one-{os.urandom(4).hex()}", ["COPY extra/ /"])
     ref = podman.push(tag, f"{registry.host}/podman/one:{tag.rsplit('-', 1)[1]}")
-    got = mounted_tree(tmp_path, ref)
-    assert got[0]["."][-1] == {}
+    (got, _), said = mounted_tree(tmp_path, ref)
+    assert got["."][-1] == {}
+    assert "1 layer under a read-only overlayfs" in said
     assert {"./", "."}.isdisjoint(tar_names(tmp_path / "layer0.tar"))  # the root is implied
 
 
