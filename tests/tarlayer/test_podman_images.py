@@ -293,11 +293,21 @@ def test_whiteouts_and_an_opaque_directory_podman_wrote_mount_as_they_extract(
     assert not [path for path in got if "/.wh." in f"/{path}"]
 
 
-def test_a_podman_manifest_list_mounts_the_platform_asked_for(tmp_path, registry, podman):
+@pytest.mark.parametrize(
+    ("list_format", "list_type"),
+    [
+        ("oci", "application/vnd.oci.image.index.v1+json"),
+        ("v2s2", "application/vnd.docker.distribution.manifest.list.v2+json"),
+    ],
+)
+def test_a_podman_manifest_list_mounts_the_platform_asked_for(
+    tmp_path, registry, podman, list_format, list_type
+):
     """Tried: ``podman manifest create/add/push --all`` of two images, linux/amd64 and
-    linux/arm64, built from different trees, then ``mount --platform`` of each.
-    Must hold: the list names both platforms, and each mount shows its own
-    platform's tree, as extracting that image's layers gives."""
+    linux/arm64, built from different trees, pushed as an OCI index and as a Docker
+    manifest list, then ``mount --platform`` of each. Must hold: the list is of the
+    kind asked for and names both platforms, and each mount shows its own platform's
+    tree, as extracting that image's layers gives."""
     suffix = os.urandom(4).hex()
     images = {}
     for platform in ("linux/amd64", "linux/arm64"):
@@ -312,9 +322,11 @@ def test_a_podman_manifest_list_mounts_the_platform_asked_for(tmp_path, registry
     for image in images.values():
         podman("manifest", "add", listed, f"containers-storage:{image}")
     ref = f"{registry.host}/podman/list:{suffix}"
-    podman("manifest", "push", "-q", "--all", "--tls-verify=false", listed, f"docker://{ref}")
+    push = ["manifest", "push", "-q", "--all", "--format", list_format, "--tls-verify=false"]
+    podman(*push, listed, f"docker://{ref}")
 
     index = raw_manifest(ref)
+    assert index["mediaType"] == list_type
     platforms = {
         f"{m['platform']['os']}/{m['platform']['architecture']}" for m in index["manifests"]
     }
