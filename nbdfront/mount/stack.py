@@ -26,7 +26,6 @@ from pathlib import Path
 from blockstore.errors import MountError, MountpointBusy, NotPermitted
 from blockstore.logformat import count_trouble, last_trouble
 from blockstore.openers import processes_using
-from blockstore.registry.mediatypes import layer_kind
 from nbdfront.mount import attach, dirattrs, records, syscall
 from nbdfront.mount.process import ProcessRef
 from nbdfront.mount.records import MountRecord
@@ -275,6 +274,10 @@ def _make(
 
 def _holds_tar_layer(info: dict) -> bool:
     """Whether the record's layers (as ``describe`` told them) include a tar layer."""
+    # Here, not at the top: the registry package loads its HTTP stack, which commands
+    # that only look at mounts (``mounts``, ``umount``) must not pay for.
+    from blockstore.registry.mediatypes import layer_kind
+
     return any(layer_kind(layer.get("mediaType") or "") for layer in info.get("layers", []))
 
 
