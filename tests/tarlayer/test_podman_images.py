@@ -48,8 +48,9 @@ CHUNKED_TOC = "io.containers.zstd-chunked.manifest-position"
 
 
 class Podman:
-    """podman with a store of its own (overlay driver, so a directory deleted and made
-    again is an opaque directory, as on users' machines) under ``root``."""
+    """podman with a store, state and temporary files of its own under ``root`` (overlay
+    driver, so a directory deleted and made again is an opaque directory, as on users'
+    machines), logging no events."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -62,6 +63,12 @@ class Podman:
             str(root / "run"),
             "--storage-driver",
             "overlay",
+            "--tmpdir",
+            str(root / "libpod"),
+            "--network-config-dir",
+            str(root / "networks"),
+            "--events-backend",
+            "none",
         ]
         self._env = {**os.environ, "TMPDIR": str(root / "tmp")}
 
