@@ -31,7 +31,6 @@ from pathlib import Path
 from blockstore.errors import BlockstoreError, MissingDependency, NotPermitted
 from blockstore.localregistry import LocalRegistry
 from blockstore.progress import human
-from blockstore.registry.mediatypes import OCI_TAR_GZIP
 
 DEFAULT_SOURCES = (Path(sysconfig.get_paths()["stdlib"]), Path("/usr/share/doc"))
 """A real tree found on every Debian machine: a few thousand files, text and binary."""
@@ -117,14 +116,7 @@ class Demo:
         step(f"Start a registry on {self.registry.host} and push the image")
         self.registry.start()
         self.blockstore("push", str(self.image_path), self.reference, "--insecure")
-        self.blockstore(
-            "push",
-            str(self.tar_gz_path),
-            self.tar_gz_reference,
-            "--insecure",
-            "--media-type",
-            OCI_TAR_GZIP,
-        )
+        self.blockstore("push", str(self.tar_gz_path), self.tar_gz_reference, "--insecure")
 
     def mount_lazily(self) -> None:
         step("Mount it lazily: nothing is downloaded up front")

@@ -17,6 +17,7 @@ from blockstore.registry import (
     resolve_image,
 )
 from blockstore.registry.platforms import host_platform
+from blockstore.registry.push import detect_media_type
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,14 +31,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(func=run_inspect)
 
-    push = subparsers.add_parser("push", help="upload a file as a one-layer OCI image")
-    push.add_argument("file", metavar="FILE", type=Path, help="the layer, e.g. an EROFS image")
+    push = subparsers.add_parser(
+        "push",
+        help="upload files as the layers of an OCI image",
+        description="Upload each FILE as a layer of one image, the first at the bottom. "
+        "An EROFS image, a tar archive and a tar in a gzip or zstd stream are told by "
+        "their bytes and get their OCI media types; other content needs --media-type.",
+    )
+    push.add_argument(
+        "files",
+        metavar="FILE",
+        type=Path,
+        nargs="+",
+        help="a layer: an EROFS image, or a tar, tar.gz or tar.zst",
+    )
     push.add_argument("image", metavar="IMAGE", help="where to push it, e.g. host:5000/app:v1")
     add_registry_options(push, mirrors=False)
     push.add_argument(
         "--media-type",
-        default=EROFS_MEDIA_TYPE,
-        help=f"layer media type (default: {EROFS_MEDIA_TYPE})",
+        action="append",
+        help="layer media type: once for every layer, or once per FILE in order "
+        f"(default: told by the file's bytes, e.g. {EROFS_MEDIA_TYPE})",
     )
     push.add_argument(
         "--add-to-index",
@@ -93,10 +107,25 @@ def run_push(args: argparse.Namespace) -> int:
             client,
             ref.repository,
             ref.tag or "latest",
-            [args.file],
+            args.files,
             platform=args.platform or str(host_platform()),
-            media_type=args.media_type,
+            media_type=layer_media_types(args.files, args.media_type),
             add_to_index=args.add_to_index,
         )
     print(digest)
     return 0
+
+
+def layer_media_types(files: list[Path], given: list[str] | None) -> str | list[str]:
+    """The media type of each layer ``push`` uploads: as given (once for all, or once
+    per file), else told by each file's bytes."""
+    if not given:
+        return [detect_media_type(path) for path in files]
+    if len(given) == 1:
+        return given[0]
+    if len(given) != len(files):
+        raise UsageError(
+            f"{len(given)} --media-type for {len(files)} files: give it once for every "
+            "layer, or once per FILE"
+        )
+    return given

@@ -135,8 +135,7 @@ def check_layer_file(path: Path, media_type: str) -> None:
         raise UsageError(f"cannot push {path}: {exc.strerror or exc}") from None
     if media_type != EROFS_MEDIA_TYPE:
         return
-    magic = head[erofs_format.SUPER_OFFSET :]
-    if len(magic) < 4 or int.from_bytes(magic, "little") != erofs_format.SUPER_MAGIC:
+    if not _is_erofs(head):
         seen = _tar_layer_type(path, head)
         hint = (
             f"it is a {seen[0]}: push it with --media-type {seen[1]}"
@@ -147,6 +146,33 @@ def check_layer_file(path: Path, media_type: str) -> None:
             f"cannot push {path}: it is not an EROFS image (no EROFS superblock at byte "
             f"{erofs_format.SUPER_OFFSET}); {hint}"
         )
+
+
+def detect_media_type(path: Path) -> str:
+    """The layer media type of what ``path`` holds: an EROFS image, or a tar archive,
+    plain or in a gzip or zstd stream. Anything else is refused, since its type cannot
+    be told from its bytes."""
+    try:
+        with path.open("rb") as file:
+            head = file.read(erofs_format.SUPER_OFFSET + 4)
+    except OSError as exc:
+        raise UsageError(f"cannot push {path}: {exc.strerror or exc}") from None
+    if _is_erofs(head):
+        return EROFS_MEDIA_TYPE
+    seen = _tar_layer_type(path, head)
+    if seen is None:
+        raise UsageError(
+            f"cannot push {path}: it is not an EROFS image (no EROFS superblock at byte "
+            f"{erofs_format.SUPER_OFFSET}) nor a tar archive (plain, gzip or zstd); to push "
+            "other content, give its layer media type with --media-type"
+        )
+    return seen[1]
+
+
+def _is_erofs(head: bytes) -> bool:
+    """Whether a file's first bytes hold the EROFS superblock's magic in its place."""
+    magic = head[erofs_format.SUPER_OFFSET :]
+    return len(magic) == 4 and int.from_bytes(magic, "little") == erofs_format.SUPER_MAGIC
 
 
 def _tar_layer_type(path: Path, head: bytes) -> tuple[str, str] | None:

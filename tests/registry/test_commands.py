@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from rig.fault_proxy import Fault
 
 from blockstore.errors import UsageError
 from blockstore.registry import EROFS_MEDIA_TYPE
+from blockstore.registry.mediatypes import OCI_TAR_GZIP
 from blockstore.registry.platforms import Platform
 
 
@@ -164,14 +169,10 @@ def test_push_refuses_a_file_that_is_not_erofs(tmp_path, content):
     assert "--media-type" in pushed.stderr
 
 
-def test_push_of_a_tar_layer_without_its_media_type_names_the_one_to_give(tmp_path):
-    """push of a tar.gz, a tar.zst, a POSIX tar and a v7 tar (no ustar magic) without
-    --media-type exits 2, naming what the file is and the exact --media-type that
-    pushes it; a gzip stream of something else gets no such advice, only the general
-    one, as pushing it as a tar layer would make an image that cannot be mounted."""
-    import gzip
+def tar_layer_files(tmp_path) -> dict[str, tuple[Path, str, str]]:
+    """A tar.gz, a tar.zst, a POSIX tar and a v7 tar (no ustar magic) of one empty
+    file: name -> (path, what push calls it, its OCI media type)."""
     import io
-    import os
     import tarfile
 
     import zstandard
@@ -197,19 +198,67 @@ def test_push_of_a_tar_layer_without_its_media_type_names_the_one_to_give(tmp_pa
         "layer.tar": (raw, "tar archive", "tar"),
         "old.tar": (bytes(v7), "tar archive", "tar"),
     }
+    files = {}
     for name, (content, what, suffix) in kinds.items():
         path = tmp_path / name
         path.write_bytes(content)
-        pushed = blockstore("push", str(path), "127.0.0.1:9/cli/refused:v1", "--insecure")
-        assert pushed.returncode == 2, pushed.stderr
-        assert pushed.stderr.strip().endswith(
-            f"it is a {what}: push it with --media-type {layer}{suffix}"
-        ), (name, pushed.stderr)
+        files[name] = (path, what, layer + suffix)
+    return files
+
+
+def test_push_tells_a_tar_layer_by_its_bytes(registry, tmp_path):
+    """push of a tar.gz, a tar.zst, a POSIX tar and a v7 tar without --media-type
+    uploads each with its OCI tar media type, as inspect shows; a gzip stream of
+    something else is refused (exit 2), pushing it as a tar layer would make an image
+    that cannot be mounted, and the message says --media-type pushes it."""
+    for name, (path, _, media_type) in tar_layer_files(tmp_path).items():
+        image = f"{registry.host}/cli/told-{name.replace('.', '-')}:v1"
+        pushed = blockstore("push", str(path), image, "--insecure")
+        assert pushed.returncode == 0, (name, pushed.stderr)
+        inspected = blockstore("inspect", image, "--insecure", "--json")
+        (shown,) = json.loads(inspected.stdout)["layers"]
+        assert shown["mediaType"] == media_type, name
     noise = tmp_path / "noise.gz"
     noise.write_bytes(gzip.compress(os.urandom(5000)))
     pushed = blockstore("push", str(noise), "127.0.0.1:9/cli/refused:v1", "--insecure")
     assert pushed.returncode == 2
     assert pushed.stderr.strip().endswith("give its layer media type with --media-type")
+
+
+def test_push_of_a_tar_layer_as_erofs_names_the_media_type_to_give(tmp_path):
+    """push of a tar layer with --media-type of EROFS exits 2, naming what the file is
+    and the exact --media-type that pushes it."""
+    from blockstore.registry import EROFS_MEDIA_TYPE as erofs
+
+    for name, (path, what, media_type) in tar_layer_files(tmp_path).items():
+        pushed = blockstore(
+            "push", str(path), "127.0.0.1:9/cli/refused:v1", "--insecure", "--media-type", erofs
+        )
+        assert pushed.returncode == 2, pushed.stderr
+        assert pushed.stderr.strip().endswith(
+            f"it is a {what}: push it with --media-type {media_type}"
+        ), (name, pushed.stderr)
+
+
+def test_push_of_several_files_makes_one_image_of_their_layers(registry, erofs_images, tmp_path):
+    """push of an EROFS image and a tar.gz to one tag makes one image of two layers,
+    the first file at the bottom, each with the media type its bytes tell; two
+    --media-type for three files is refused (exit 2) before anything is pushed."""
+    tar_gz = tar_layer_files(tmp_path)["layer.tar.gz"][0]
+    image = f"{registry.host}/cli/several:v1"
+    pushed = blockstore("push", str(erofs_images.small.path), str(tar_gz), image, "--insecure")
+    assert pushed.returncode == 0, pushed.stderr
+    inspected = blockstore("inspect", image, "--insecure", "--json")
+    layers = json.loads(inspected.stdout)["layers"]
+    assert [(layer["digest"], layer["mediaType"]) for layer in layers] == [
+        (erofs_images.small.digest, EROFS_MEDIA_TYPE),
+        (f"sha256:{hashlib.sha256(tar_gz.read_bytes()).hexdigest()}", OCI_TAR_GZIP),
+    ]
+    paths = [str(erofs_images.small.path), str(tar_gz), str(tar_gz)]
+    types = ["--media-type", EROFS_MEDIA_TYPE, "--media-type", OCI_TAR_GZIP]
+    refused = blockstore("push", *paths, f"{registry.host}/cli/several:v2", "--insecure", *types)
+    assert refused.returncode == 2
+    assert "2 --media-type for 3 files" in refused.stderr
 
 
 def test_push_with_another_media_type_takes_any_bytes(registry, tmp_path):
