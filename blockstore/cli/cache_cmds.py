@@ -166,13 +166,22 @@ def _verified(
 def cmd_gc(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         result = store.gc()
-        result.update(stored_bytes=store.stats()["stored_bytes"], size_cap=store.size_cap)
+        pinned = sum(info.cached_bytes for info in store.blobs() if info.pinned)
+        result.update(
+            stored_bytes=store.stats()["stored_bytes"], size_cap=store.size_cap, pinned_bytes=pinned
+        )
     text = (
         f"evicted {result['evicted_chunks']} chunks or parts ({human(result['freed_bytes'])}); "
         f"{human(result['stored_bytes'])} of {human(result['size_cap'])} stored"
     )
     for digest in result["held"]:
         text += f"\nkept {digest}: served from the cache alone (offline) by a running server"
+    if result["stored_bytes"] > result["size_cap"] and pinned:
+        # Eviction passes over pinned layers: say so, or the cap looks broken.
+        text += (
+            f"\nover the cap: pinned layers hold {human(pinned)}, which gc never evicts "
+            "(blockstore cache unpin IMAGE|DIGEST lets it)"
+        )
     emit(args, result, text)
     return 0
 

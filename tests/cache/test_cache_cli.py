@@ -156,6 +156,27 @@ def test_stats_ls_pin_rm_gc_by_digest_and_reference(cache_dir):
     assert result.returncode == 2, result.stderr
 
 
+def test_gc_left_over_its_cap_by_pins_says_so(cache_dir):
+    """A pinned blob of 6 chunks and an unpinned one, then `cache gc` to a cap of 2
+    chunks: the unpinned blob is evicted, the pinned one kept, and gc, still over the
+    cap, says the pinned layers hold it there and how to let them go (and `--json`
+    gives the pinned bytes); without pins over the cap, no such line."""
+    pinned = make_blob(6 * CHUNK_SIZE, seed=50)
+    loose = make_blob(3 * CHUNK_SIZE, seed=51)
+    fill(cache_dir, [pinned, loose])
+    where = ["--cache-dir", str(cache_dir)]
+    assert run_cli("cache", "pin", pinned[1], *where).returncode == 0
+    result = run_cli("cache", "gc", "--cache-size", str(2 * CHUNK_SIZE), *where)
+    assert result.returncode == 0, result.stderr
+    assert "over the cap: pinned layers hold 192.0 KiB" in result.stdout
+    assert "blockstore cache unpin IMAGE|DIGEST" in result.stdout
+    report = json.loads(run_cli("cache", "gc", "--json", *where).stdout)
+    assert report["pinned_bytes"] == 6 * CHUNK_SIZE > report["size_cap"]
+    assert run_cli("cache", "unpin", pinned[1], *where).returncode == 0
+    result = run_cli("cache", "gc", *where)
+    assert result.returncode == 0 and "over the cap" not in result.stdout, result.stdout
+
+
 def test_cache_dir_from_the_environment(tmp_path):
     """BLOCKSTORE_CACHE_DIR chooses the cache when --cache-dir is not given. A cache
     command only looks after a cache: where there is none it says so (exit 8) and
