@@ -50,7 +50,8 @@ def add_cache_options(parser: argparse.ArgumentParser, *, size: bool = True) -> 
         "--cache-size",
         type=parse_cache_size,
         default=None,
-        help="size cap of the cache, e.g. 20G or 500M (default: kept from the cache, else 10G)",
+        help="size cap of the cache, e.g. 20G or 500M; the cache keeps it for later "
+        "commands and servers (default: the one it keeps, else 10G)",
     )
 
 
