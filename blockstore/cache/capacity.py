@@ -17,6 +17,8 @@ from typing import TypeVar
 
 import lmdb
 
+from blockstore.progress import human
+
 from . import counters as counters_mod
 from . import holds
 from .env import CacheEnv
@@ -89,11 +91,11 @@ class Capacity:
         if not self._told_pins_crowd:
             self._told_pins_crowd = True
             log.warning(
-                "pinned layers hold about %d MiB of the cache's %d MiB cap: the others keep "
-                "%d MiB beyond them, over the cap (unpin some, or raise --cache-size)",
-                pinned >> 20,
-                cap >> 20,
-                int(cap * WORKING_SET) >> 20,
+                "pinned layers hold about %s of the cache's %s cap: the others keep "
+                "%s beyond them, over the cap (unpin some, or raise --cache-size)",
+                human(pinned),
+                human(cap),
+                human(int(cap * WORKING_SET)),
             )
         return floor
 

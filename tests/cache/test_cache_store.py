@@ -739,6 +739,26 @@ def test_pins_over_the_cap_leave_unpinned_layers_a_working_set(cache_dir, caplog
     assert caplog.text.count("pinned layers hold about") == 1
 
 
+def test_pins_crowding_a_small_cap_are_told_in_the_units_that_show_them(cache_dir, caplog):
+    """A 2 MiB layer pinned in a cache capped at 1 MiB, then an unpinned layer read:
+    the warning that the pins crowd the cap gives each size in a unit that shows it
+    (the others' 256 KiB, not "0 MiB", as whole MiB rounded a quarter of the cap to)."""
+    pinned_data, pinned_digest = make_blob(2 << 20, seed=570)
+    data, digest = make_blob(4 * CHUNK_SIZE, seed=571)
+    with ChunkStore(cache_dir, size_cap=1 << 20) as store:
+        store.pin(pinned_digest, len(pinned_data))
+        for blob_data, blob_digest in [(pinned_data, pinned_digest), (data, digest)]:
+            blob = CachedBlob(
+                store, blob_digest, len(blob_data), ScriptedSource(blob_data, blob_digest)
+            )
+            blob.prefetch()
+            blob.close()
+    assert (
+        "pinned layers hold about 2.0 MiB of the cache's 1.0 MiB cap: the others keep "
+        "256.0 KiB beyond them"
+    ) in caplog.text
+
+
 def test_counters_never_go_down_while_they_are_flushed(cache_dir):
     """Hits counted on one thread, flushed to the cache on another (as the store's own
     flush does each second), and the totals read meanwhile (as a metrics scrape does):
