@@ -477,6 +477,14 @@ def run_mounts(args: argparse.Namespace) -> int:
                 "warnings": count_trouble(Path(record.log)),
             }
         )
+    for run, count in stack.other_run_dirs().items():
+        what = "1 mount" if count == 1 else f"{count} mounts"
+        print(
+            f"blockstore: {what} made with another run directory, {run}, not listed here: "
+            f"`BLOCKSTORE_RUN_DIR={stack.shell_word(run)} blockstore mounts` lists "
+            f"{'it' if count == 1 else 'them'}",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

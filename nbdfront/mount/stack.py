@@ -481,6 +481,28 @@ def list_mounts() -> list[MountStatus]:
     return sorted(found, key=lambda st: st.record.mountpoint)
 
 
+def other_run_dirs() -> dict[str, int]:
+    """Run directories other than this one with mounts standing, and how many: ``mounts``
+    lists only this one's, so a mount made with another (a ``sudo`` that dropped
+    BLOCKSTORE_RUN_DIR) would otherwise look like none. Found, as ``_run_dir_of`` finds
+    one, by the state directories (``RUN/mounts/KEY/``) that the mounts' FUSE files and
+    layers lie in."""
+    here = os.path.realpath(records.run_dir())
+    found: dict[str, set[str]] = {}
+    for point, (_, source) in syscall.mounted().items():
+        for path in (point, source):
+            at = path.find("/mounts/")
+            while at >= 0:
+                run = path[:at]
+                key = path[at + len("/mounts/") :].split("/", 1)[0]
+                state = Path(run, "mounts", key)
+                ours = key and (state / records.RECORD_NAME).is_file()
+                if run != here and ours and records.is_private(state):
+                    found.setdefault(run, set()).add(key)
+                at = path.find("/mounts/", at + 1)
+    return {run: len(keys) for run, keys in sorted(found.items())}
+
+
 def _unrecorded_mounts(known: set[str]) -> list[MountRecord]:
     """The mounts at mount points not in ``known`` whose state directory is there without
     its record (the run directory cleared while they were mounted), as ``_unrecorded``

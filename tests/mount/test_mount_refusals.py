@@ -191,6 +191,52 @@ def test_umount_with_another_run_directory_names_it_for_every_image(
         stack.unmount(str(image))
 
 
+def test_mounts_with_another_run_directory_names_the_one_that_lists_them(
+    mount_dirs, local_server, opaque_images, erofs_images
+):
+    """Tried: ``mounts`` (and ``mounts --json``) with a run directory other than the one
+    that mounted an image of two layers and an image of one (a ``sudo`` that dropped
+    BLOCKSTORE_RUN_DIR). Must hold: exit 0 and, on stderr, one line naming that run
+    directory, the count of its mounts (2, not one per FUSE file or layer) and the
+    ``BLOCKSTORE_RUN_DIR=... blockstore mounts`` that lists them; stdout stays the
+    table (here, none) or JSON. Before, it said "no blockstore mounts" and nothing
+    more, while both stood."""
+    import json
+
+    from nbdfront.mount import stack
+
+    base, run = mount_dirs
+    layered, single = base / "layered", base / "single"
+    layered.mkdir()
+    single.mkdir()
+    images = {f"layer{i}": path for i, path in enumerate(opaque_images[0])}
+    stack.mount(local_server(images), str(layered), image="img")
+    stack.mount(local_server({"layer0": erofs_images.small.path}), str(single), image="small")
+    other = {**os.environ, "BLOCKSTORE_RUN_DIR": str(base / "other-run")}
+    said = (
+        f"blockstore: 2 mounts made with another run directory, {run}, not listed here: "
+        f"`BLOCKSTORE_RUN_DIR={run} blockstore mounts` lists them\n"
+    )
+    try:
+        for json_flag in ([], ["--json"]):
+            done = subprocess.run(
+                [*BLOCKSTORE, "mounts", *json_flag],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=other,
+            )
+            assert done.returncode == 0, done.stderr
+            assert said in done.stderr, done.stderr
+            if json_flag:
+                assert json.loads(done.stdout) == []
+            else:
+                assert done.stdout == "no blockstore mounts\n"
+    finally:
+        stack.unmount(str(layered))
+        stack.unmount(str(single))
+
+
 def test_mount_where_blockstore_mounted_with_another_run_directory_names_it(
     mount_dirs, local_server, opaque_images, monkeypatch
 ):
