@@ -169,9 +169,8 @@ def resolve_image(
     found = _from_index(client, ref, document, wanted, manifests, names, configs)
     platforms = list(dict.fromkeys(names))
     if found is None:
-        raise NotFound(
-            f"image {ref} has no platform {wanted}; it has: {', '.join(platforms) or 'none'}"
-        )
+        offered = f"{', '.join(platforms)} (name one with --platform)" if platforms else "none"
+        raise NotFound(f"image {ref} has no platform {wanted}; it has: {offered}")
     child_digest, child, chosen = found
     layers = _layers(client, child)
     return ResolvedImage(

@@ -44,14 +44,15 @@ def test_unknown_repository_and_unknown_tag(registry, pushed_images):
 
 
 def test_unknown_platform_and_layer(registry, pushed_images):
-    """A platform the index lacks lists those it has; a layer out of range says how many."""
+    """A platform the index lacks lists those it has and says --platform names one (an
+    EROFS image often serves any host); a layer out of range says how many."""
     with registry.client() as client:
         with pytest.raises(NotFound) as no_platform:
             resolve_image(client, pushed_images.index, "linux/riscv64")
         image = resolve_image(client, pushed_images.multilayer, None)
     assert str(no_platform.value) == (
         f"image {pushed_images.index} has no platform linux/riscv64; "
-        "it has: linux/amd64, linux/arm64/v8"
+        "it has: linux/amd64, linux/arm64/v8 (name one with --platform)"
     )
     with pytest.raises(NotFound, match=r"has no layer 3; it has 3 \(0..2\)"):
         image.select_layer(index=3)
