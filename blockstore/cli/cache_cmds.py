@@ -104,6 +104,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         infos = sorted(store.blobs(), key=lambda i: i.last_use, reverse=True)
+        tar_of = _inflated_tars(store, infos)
     lines = [f"{'DIGEST':<71}  {'SIZE':>10}  CACHED  SEALED  PINNED  LAST USE"]
     for info in infos:
         when = (
@@ -111,12 +112,32 @@ def cmd_ls(args: argparse.Namespace) -> int:
             if info.last_use
             else "never"
         )
+        layer = tar_of.get(info.digest)
         lines.append(
             f"{info.digest:<71}  {human(info.size):>10}  {100 * info.cached_fraction:5.1f}%  "
             f"{'yes' if info.sealed else 'no':<6}  {'yes' if info.pinned else 'no':<6}  {when}"
+            + (f"  (the tar of layer {layer[:19]}...)" if layer else "")
         )
-    emit(args, [i.to_dict() for i in infos], "\n".join(lines))
+    rows = [{**i.to_dict(), "tar_of": tar_of.get(i.digest)} for i in infos]
+    emit(args, rows, "\n".join(lines))
     return 0
+
+
+def _inflated_tars(store: ChunkStore, infos: list) -> dict[str, str]:
+    """The compressed tar layer each tar in the cache was inflated from: no image lists a
+    tar's digest (its diff_id) among its layers, so ``ls`` says whose it is."""
+    from blockstore.tarlayer.export import IndexCache
+
+    tar_digest = IndexCache(store).tar_digest
+    layers = {info.digest for info in infos}
+    for record in store.images.all():
+        layers |= {layer["digest"] for layer in record.get("layers", [])}
+    found = {}
+    for layer in sorted(layers):
+        tar = tar_digest(layer)
+        if tar is not None and tar != layer:
+            found[tar] = layer
+    return found
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -360,6 +361,32 @@ def test_mounts_cannot_say_how_much_of_a_compressed_layer_with_no_kept_index_is_
         info={"cache_dir": str(cache), "layers": layers},
     )
     assert cached_fractions(record) == [None, 0.0]
+
+
+def test_cache_ls_names_the_layer_a_tar_was_inflated_from(tmp_path, registry):
+    """Tried: a one-layer tar.gz image prefetched, then ``cache ls`` and ``cache ls
+    --json``. Must hold: of the two blobs, the tar (whose digest, the diff_id, no
+    ``inspect`` lists) is shown as the tar of the layer, by the layer's digest; the
+    layer itself is not marked. Before, the tar was one more unknown digest."""
+    tar = make_tar(populate(tmp_path / "src"), tmp_path / "layer.tar").read_bytes()
+    ref = push_tar_layer(registry, "o/ls", "v1", "gzip", tar, tmp_path)
+    cache = str(tmp_path / "cache")
+    cli("-q", "prefetch", "--insecure", "--cache-dir", cache, ref)
+    (layer,) = json.loads(cli("inspect", "--insecure", "--json", ref).stdout)["layers"]
+    tar_digest = "sha256:" + hashlib.sha256(tar).hexdigest()
+
+    rows = {
+        row["digest"]: row
+        for row in json.loads(cli("cache", "ls", "--json", "--cache-dir", cache).stdout)
+    }
+    assert rows.keys() == {layer["digest"], tar_digest}
+    assert rows[tar_digest]["tar_of"] == layer["digest"]
+    assert rows[layer["digest"]]["tar_of"] is None
+    lines = cli("cache", "ls", "--cache-dir", cache).stdout.splitlines()
+    (tar_line,) = [line for line in lines if line.startswith(tar_digest)]
+    assert tar_line.endswith(f"  (the tar of layer {layer['digest'][:19]}...)"), tar_line
+    (layer_line,) = [line for line in lines if line.startswith(layer["digest"])]
+    assert "the tar of" not in layer_line
 
 
 def test_cache_rm_of_a_prefetched_tar_gz_image_takes_its_record_and_its_tar(tmp_path, registry):
