@@ -14,6 +14,7 @@ import argparse
 import importlib
 import logging
 import sys
+from importlib import metadata
 
 from blockstore.cli.common import setup_logging
 from blockstore.cli.parser import OneLineParser
@@ -49,6 +50,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="say more")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="say less")
+    parser.add_argument(
+        "--version", action="version", version=f"blockstore {metadata.version('blockstore')}"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     named = [word for word in argv or () if not word.startswith("-")][:1]
     modules = {COMMANDS[word] for word in named if word in COMMANDS} or set(COMMANDS.values())

@@ -142,3 +142,17 @@ def test_commands_that_open_no_cache_do_not_load_it(argv, tmp_path):
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
     )
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+
+
+def test_version_is_told_not_asked_for_a_command():
+    """Tried: ``blockstore --version``. Must hold: exit 0 and one line, ``blockstore``
+    and the version pyproject.toml gives. Before, it was a usage error (exit 2) saying
+    a COMMAND is required."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    version = tomllib.loads(pyproject.read_text())["project"]["version"]
+    done = blockstore("--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"blockstore {version}\n"
