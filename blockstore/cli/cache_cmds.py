@@ -104,7 +104,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         infos = sorted(store.blobs(), key=lambda i: i.last_use, reverse=True)
-        tar_of = _inflated_tars(store, infos)
+        tar_of = _inflated_tars(store)
     lines = [f"{'DIGEST':<71}  {'SIZE':>10}  CACHED  SEALED  PINNED  LAST USE"]
     for info in infos:
         when = (
@@ -123,15 +123,21 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inflated_tars(store: ChunkStore, infos: list) -> dict[str, str]:
+def _inflated_tars(store: ChunkStore) -> dict[str, str]:
     """The compressed tar layer each tar in the cache was inflated from: no image lists a
-    tar's digest (its diff_id) among its layers, so ``ls`` says whose it is."""
+    tar's digest (its diff_id) among its layers, so ``ls`` says whose it is. Only the
+    tar layers of the images kept are looked up (the index module loads only then)."""
+    layers = {
+        layer["digest"]
+        for record in store.images.all()
+        for layer in record.get("layers", [])
+        if "tar" in layer.get("mediaType", "")
+    }
+    if not layers:
+        return {}
     from blockstore.tarlayer.export import IndexCache
 
     tar_digest = IndexCache(store).tar_digest
-    layers = {info.digest for info in infos}
-    for record in store.images.all():
-        layers |= {layer["digest"] for layer in record.get("layers", [])}
     found = {}
     for layer in sorted(layers):
         tar = tar_digest(layer)
