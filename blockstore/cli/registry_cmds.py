@@ -16,8 +16,9 @@ from blockstore.registry import (
     push_image,
     resolve_image,
 )
+from blockstore.registry.mediatypes import TAR, layer_kind
 from blockstore.registry.platforms import host_platform
-from blockstore.registry.push import detect_media_type
+from blockstore.registry.push import check_plain_tar, detect_media_type
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -102,6 +103,11 @@ def run_push(args: argparse.Namespace) -> int:
     ref = parse_reference(args.image)
     if ref.digest:
         raise UsageError(f"cannot push to {args.image!r}: give a tag, not a digest")
+    media_types = layer_media_types(args.files, args.media_type)
+    each = [media_types] * len(args.files) if isinstance(media_types, str) else media_types
+    for path, media_type in zip(args.files, each, strict=True):
+        if layer_kind(media_type) == TAR:
+            check_plain_tar(path)
     with RegistryClient(ref.registry, registry_options_from_args(args)) as client:
         digest = push_image(
             client,
@@ -109,7 +115,7 @@ def run_push(args: argparse.Namespace) -> int:
             ref.tag or "latest",
             args.files,
             platform=args.platform or str(host_platform()),
-            media_type=layer_media_types(args.files, args.media_type),
+            media_type=media_types,
             add_to_index=args.add_to_index,
         )
     print(digest)
