@@ -279,6 +279,12 @@ def _set_pin(args: argparse.Namespace, on: bool) -> int:
     with open_store(args) as store:
         blobs, _ = resolve_targets(store, args.targets)
         for digest, size in blobs.items():
+            # A digest alone names a cached blob (an image's layers come with sizes, so
+            # they can be pinned before they are): one not cached is not found, as an
+            # unknown image is, and no failure of the cache.
+            if size is None and store.lookup(digest) is None:
+                raise NotFound(f"no blob {digest} in the cache")
+        for digest, size in blobs.items():
             if on:
                 store.pin(digest, size)
             else:

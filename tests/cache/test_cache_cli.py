@@ -177,6 +177,22 @@ def test_gc_left_over_its_cap_by_pins_says_so(cache_dir):
     assert result.returncode == 0 and "over the cap" not in result.stdout, result.stdout
 
 
+def test_pin_of_a_digest_not_cached_is_not_found(cache_dir):
+    """Tried: `cache pin` and `cache unpin` of a digest the cache holds nothing of, named
+    after a cached blob. Must hold: exit 3 (not found, as for an image the cache does
+    not know) and one line naming the digest; the cached blob named with it is left as
+    it was. Before, exit 8, which says the cache cannot be opened or written."""
+    data, digest = make_blob(2 * CHUNK_SIZE, seed=52)
+    fill(cache_dir, [(data, digest)])
+    unknown = "sha256:" + "0" * 64
+    for action in ("pin", "unpin"):
+        result = run_cli("cache", action, digest, unknown, "--cache-dir", str(cache_dir))
+        assert result.returncode == 3, result.stderr
+        assert result.stderr == f"blockstore: no blob {unknown} in the cache\n"
+    with ChunkStore(cache_dir) as store:
+        assert not store.lookup(digest).pinned
+
+
 def test_cache_dir_from_the_environment(tmp_path):
     """BLOCKSTORE_CACHE_DIR chooses the cache when --cache-dir is not given. A cache
     command only looks after a cache: where there is none it says so (exit 8) and
