@@ -23,7 +23,11 @@ from blockstore.registry.push import check_plain_tar, detect_media_type
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     inspect = subparsers.add_parser(
-        "inspect", help="show an image's manifest digest, platforms and layers"
+        "inspect",
+        help="show an image's manifest digest, platforms and layers",
+        description="Show an image as the registry serves it: its manifest digest, the "
+        "platforms of its index, and each layer's index, digest, size and media type "
+        "(the index --layer takes, the digest --blob takes).",
     )
     inspect.add_argument(
         "image", type=image_argument, metavar="IMAGE", help="image reference, e.g. host:5000/app:v1"
