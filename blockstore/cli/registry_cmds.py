@@ -16,9 +16,9 @@ from blockstore.registry import (
     push_image,
     resolve_image,
 )
-from blockstore.registry.mediatypes import TAR, layer_kind
 from blockstore.registry.platforms import host_platform
-from blockstore.registry.push import check_plain_tar, detect_media_type
+from blockstore.registry.push import detect_media_type
+from blockstore.registry.pushcheck import check_tar_layer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -110,8 +110,7 @@ def run_push(args: argparse.Namespace) -> int:
     media_types = layer_media_types(args.files, args.media_type)
     each = [media_types] * len(args.files) if isinstance(media_types, str) else media_types
     for path, media_type in zip(args.files, each, strict=True):
-        if layer_kind(media_type) == TAR:
-            check_plain_tar(path)
+        check_tar_layer(path, media_type)
     with RegistryClient(ref.registry, registry_options_from_args(args)) as client:
         digest = push_image(
             client,

@@ -169,22 +169,6 @@ def detect_media_type(path: Path) -> str:
     return seen[1]
 
 
-def check_plain_tar(path: Path) -> None:
-    """Refuse, before anything is uploaded, a plain tar layer that the mount would refuse:
-    cut short, a damaged header, an entry an image cannot hold. Its headers are read as
-    the mount reads them (seeking past file data); a gzip or zstd layer is checked
-    whole as its diff_id is computed."""
-    from blockstore.tarlayer.tarwalk import walk_tar
-    from blockstore.tarlayer.tree import TarLayerError
-
-    try:
-        with path.open("rb") as file:
-            for _ in walk_tar(file):
-                pass
-    except TarLayerError as exc:
-        raise UsageError(f"cannot push {path}: {exc}") from None
-
-
 def _is_erofs(head: bytes) -> bool:
     """Whether a file's first bytes hold the EROFS superblock's magic in its place."""
     magic = head[erofs_format.SUPER_OFFSET :]

@@ -443,25 +443,36 @@ def test_a_digest_no_check_is_had_for_is_refused_before_the_registry_is_asked(
     assert len(refused.stderr.strip().splitlines()) == 1
 
 
-def test_push_refuses_a_plain_tar_cut_short_before_uploading(registry, tmp_path):
-    """Tried: push of a plain tar cut inside a file's data (a copy that stopped part way),
-    without --media-type and with the OCI tar type. Must hold: exit 2, one line naming
-    the file and that the tar stream ends early; nothing reaches the registry (the tag
-    is unknown there). Before, it was pushed, and every mount of it failed (exit 6)."""
+def test_push_refuses_a_tar_layer_cut_short_before_uploading(registry, tmp_path):
+    """Tried: push of a tar cut inside a file's data (a copy that stopped part way), as it
+    is, gzip-compressed and zstd-compressed (whole streams of the cut tar), without
+    --media-type and with the layer's OCI type. Must hold: exit 2, one line naming the
+    file and that the tar stream ends early; nothing reaches the registry (the tag is
+    unknown there). Before, each was pushed, and every mount of it failed (exit 6)."""
     import io
     import tarfile
+
+    import zstandard
 
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w") as archive:
         info = tarfile.TarInfo("data.bin")
         info.size = 64 * 1024
         archive.addfile(info, io.BytesIO(os.urandom(info.size)))
-    path = tmp_path / "cut.tar"
-    path.write_bytes(out.getvalue()[:30000])
+    cut = out.getvalue()[:30000]
+    layer = "application/vnd.oci.image.layer.v1.tar"
+    files = {
+        "cut.tar": (cut, layer),
+        "cut.tar.gz": (gzip.compress(cut), layer + "+gzip"),
+        "cut.tar.zst": (zstandard.ZstdCompressor().compress(cut), layer + "+zstd"),
+    }
     image = f"{registry.host}/cli/cut:v1"
-    for extra in ([], ["--media-type", "application/vnd.oci.image.layer.v1.tar"]):
-        pushed = blockstore("push", str(path), image, "--insecure", *extra)
-        assert pushed.returncode == 2, pushed.stderr
-        said = f"blockstore: cannot push {path}: not a readable tar stream: unexpected end"
-        assert pushed.stderr == f"{said} of data\n", pushed.stderr
+    for name, (content, media_type) in files.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        for extra in ([], ["--media-type", media_type]):
+            pushed = blockstore("push", str(path), image, "--insecure", *extra)
+            assert pushed.returncode == 2, pushed.stderr
+            said = f"blockstore: cannot push {path}: not a readable tar stream: unexpected end"
+            assert pushed.stderr == f"{said} of data\n", pushed.stderr
     assert blockstore("inspect", image, "--insecure").returncode == 3
