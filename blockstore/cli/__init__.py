@@ -75,6 +75,22 @@ def exit_code(exc: BlockstoreError) -> int:
     return exc.exit_code
 
 
+def docker_hub_hint(exc: BlockstoreError, argv: list[str]) -> str:
+    """A second line for Docker Hub unreachable when no argument named it: an image
+    written without a host (``tools/rootfs:v1``) is looked up there, as docker does,
+    which a user of a local registry who left the host off does not expect."""
+    from blockstore.registry.reference import DOCKER_HUB
+
+    if not isinstance(exc, RegistryUnreachable) or DOCKER_HUB not in str(exc):
+        return ""
+    if any("docker.io" in word for word in argv):
+        return ""
+    return (
+        "\nblockstore: an image named without a registry host is looked up on Docker Hub; "
+        "name one in another registry as HOST[:PORT]/NAME:TAG"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -82,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(args.verbose - args.quiet, daemon=args.command == "serve")
         return int(args.func(args) or 0)
     except BlockstoreError as exc:
-        print(f"blockstore: {exc}", file=sys.stderr)
+        print(f"blockstore: {exc}{docker_hub_hint(exc, argv)}", file=sys.stderr)
         return exit_code(exc)
     except KeyboardInterrupt:
         print("blockstore: interrupted", file=sys.stderr)

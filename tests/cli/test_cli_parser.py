@@ -156,3 +156,36 @@ def test_version_is_told_not_asked_for_a_command():
     done = blockstore("--version")
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"blockstore {version}\n"
+
+
+@pytest.mark.parametrize(
+    ("image", "hinted"),
+    [("tools/rootfs:v1", True), ("docker.io/tools/rootfs:v1", False)],
+)
+def test_docker_hub_out_of_reach_for_an_image_named_without_a_host_says_why_it_was_asked(
+    monkeypatch, capsys, tmp_path, image, hinted
+):
+    """Tried: ``inspect`` of an image written without a registry host, Docker Hub's
+    address not resolving (a machine with no way out, as a user of a local registry
+    has). Must hold: exit 4, the unreachable registry named, and a second line saying such
+    a name is looked up on Docker Hub and how to name another registry; not said when
+    the user named Docker Hub. Before, only "cannot reach registry registry-1.docker.io"."""
+    import socket
+
+    from blockstore.cli import main
+    from blockstore.errors import RegistryUnreachable
+
+    resolve = socket.getaddrinfo
+
+    def no_docker_hub(host, *args, **kwargs):
+        if "docker.io" in str(host):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_docker_hub)
+    monkeypatch.setenv("BLOCKSTORE_CACHE_DIR", str(tmp_path / "cache"))
+    code = main(["inspect", image])
+    err = capsys.readouterr().err
+    assert code == RegistryUnreachable.exit_code, err
+    assert "cannot reach registry registry-1.docker.io" in err
+    assert ("looked up on Docker Hub; name one in another registry as HOST[:PORT]" in err) == hinted
