@@ -131,7 +131,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for row in rows:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["recorded"]))
         print(
-            f"{row['digest']}  {row['blocks']} blocks of {human(row['unit'])} "
+            f"{row['digest']}  {row['blocks']} block{'' if row['blocks'] == 1 else 's'} of "
+            f"{human(row['unit'])} "
             f"({human(row['bytes'])}) "
             f"over {row['span_ms'] / 1000:.1f}s, recorded {when}"
         )
