@@ -95,7 +95,8 @@ class CachedBlob:
         """``upstream``: the same blob from its source of truth alone (past any mirror),
         fetched from once more when what ``source`` sent fails the digest.
         ``seal_when_whole``: seal in the background as soon as a fetch completes the
-        blob; off for a blob whose owner seals it at a better time (``TarLayer``)."""
+        blob, or at once if it is whole and unsealed already; off for a blob whose owner
+        seals it at a better time (``TarLayer``)."""
         self._store = store
         # Served from the cache alone, an evicted chunk could not come back: held from
         # eviction (by any process) while served. Taken before the record is read; none
@@ -119,6 +120,10 @@ class CachedBlob:
         # Whole in the cache as far as this export knows: readahead has nothing to do.
         # A miss clears it (chunks may be evicted).
         self._whole = record is not None and record.present == record.chunks
+        if self._whole and not record.sealed and seal_when_whole and not store.read_only:
+            # No fetch will complete it now: its seal was lost (the process that completed
+            # it stopped, or closed its store, first), so it is started here.
+            store.seal_later(digest)
         self._settings = settings if settings is not None else PrefetchSettings()
         self._readahead = readahead if readahead is not None else Readahead()
         if not self._settings.readahead:

@@ -176,6 +176,28 @@ def test_reads_that_complete_a_blob_seal_it_unless_its_owner_seals_it(cache_dir,
             blob.close()
 
 
+@pytest.mark.parametrize("online", [True, False])
+def test_a_blob_whole_but_never_sealed_is_sealed_once_opened(cache_dir, online):
+    """Tried: a blob stored whole and never sealed (as a process leaves it that stopped,
+    or closed its store, between the store that completed it and its background seal),
+    then opened, online or offline, and read whole: every read a hit, so no fetch
+    completes it. Must hold: the open seals it in the background, as a completing fetch
+    would. Before, nothing but a prefetch ever sealed it again."""
+    data, digest = make_blob(6 * CHUNK_SIZE + 11, seed=12)
+    chunks = [data[at : at + CHUNK_SIZE] for at in range(0, len(data), CHUNK_SIZE)]
+    with ChunkStore(cache_dir) as store:
+        store.store_chunks(digest, len(data), 0, chunks)
+    with ChunkStore(cache_dir) as store:
+        assert not store.lookup(digest).sealed
+        source = ScriptedSource(data, digest) if online else None
+        blob = CachedBlob(store, digest, len(data), source, readahead=NONE)
+        try:
+            assert joined(blob.read(0, len(data))) == data
+            assert wait_for(lambda: store.lookup(digest).sealed, timeout=60.0)
+        finally:
+            blob.close()
+
+
 def test_store_refuses_a_wrong_chunk_for_a_sealed_blob(cache_dir):
     """A writer that did not see the seal (an export opened before it, another process)
     stores a chunk of a sealed blob after it was evicted: the storing transaction checks it
