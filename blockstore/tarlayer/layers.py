@@ -203,10 +203,13 @@ class TarLayer(TarLayerExport):
             if not self._stop.is_set():
                 log.error("%s: %s", self.description, exc)
         finally:
-            if not filled:
+            if not filled and not self._stop.is_set():
                 # The reads that fetch what the pump could not will complete the tar:
                 # it is then sealed as any blob is, the moment it is whole.
-                self._tar_blob.seal_when_complete()
+                try:
+                    self._tar_blob.seal_when_complete()
+                except BlockstoreError as exc:  # the cache closed as the layer did
+                    log.info("%s: not sealed when whole: %s", self.digest, exc)
 
     def _wait_until_idle(self) -> None:
         """Hold back work nobody waits for (sealing hashes the whole tar, proving an index
