@@ -342,7 +342,8 @@ def _mount_layers(
     """EROFS at the mount point for one layer (if ``alone`` lets it); else EROFS per layer
     under an overlay. A tar layer's image marks its whiteouts, opaque and implied
     directories for overlayfs, which alone hides those marks and applies them: even one
-    such layer goes under an overlay. ``check`` after each mount is recorded.
+    such layer goes under an overlay, or alone where overlayfs refuses it. ``check``
+    after each mount is recorded.
     ``shown``: the server's warnings the user has seen already."""
     devices = [a.device for a in record.attachments]
     log = Path(record.log)
@@ -370,11 +371,36 @@ def _mount_layers(
     # the kernel takes a page of mount options at most, which absolute paths would
     # fill at about 40 layers.
     lowerdir = ":".join(os.path.relpath(p, record.state_dir) for p in reversed(visible))
-    with _working_directory(record.state_dir):
-        syscall.mount("overlay", record.mountpoint, "overlay", f"lowerdir={lowerdir}")
+    try:
+        with _working_directory(record.state_dir):
+            syscall.mount("overlay", record.mountpoint, "overlay", f"lowerdir={lowerdir}")
+    except MountError as exc:
+        if len(devices) > 1:
+            raise
+        _mount_lone_layer_bare(record, exc, shown)
+        return
     record.mounted = record.overlay = True
     record.top_device = syscall.mounts_at(record.mountpoint)[0].device
     logger.info("overlayfs at %s over %s", record.mountpoint, lowerdir)
+
+
+def _mount_lone_layer_bare(record: MountRecord, refused: MountError, shown: set[str]) -> None:
+    """Mount a lone tar layer's EROFS at the mount point as it is, as blockstore did
+    before it stacked one under overlayfs, when overlayfs refuses the stack (not in the
+    kernel, or the run directory too deeply stacked already): a mount that shows the
+    layer's whiteouts and marks for overlayfs beats none."""
+    (lower,) = record.lowers
+    syscall.umount(lower)
+    record.lowers.clear()
+    records.save(record)
+    with contextlib.suppress(OSError):
+        os.rmdir(lower)
+    logger.warning(
+        "overlayfs refused to stack the tar layer (%s): mounted as it is, so its "
+        "whiteouts show as character devices and its trusted.overlay.* attributes show",
+        refused,
+    )
+    _mount_layers(record, lambda: None, shown, alone=True)
 
 
 def _attribute_layer(visible: list[str], into: Path) -> bool:

@@ -164,6 +164,43 @@ def test_mount_with_local_tarindex_and_zinfo(tmp_path, registry, run_dir):
     cli("umount", str(mnt))
 
 
+def test_a_lone_tar_layer_mounts_where_overlayfs_refuses_to_stack_it(
+    tmp_path, registry, run_dir, monkeypatch
+):
+    """A one-layer tar image mounted with the run directory on an overlay stacked on an
+    overlay (as in a container run inside another), where the kernel refuses one more
+    overlay ("maximum fs stacking depth exceeded"). The layer must still mount, as it
+    did before a lone tar layer went under overlayfs: its EROFS at the mount point,
+    showing the layer's files, with a warning saying why; ``umount`` leaves nothing."""
+    base = Path(tempfile.mkdtemp(prefix="bs-ovl-"))  # short: the server's socket is in it
+    try:
+        # Each a writable overlay over the one before: ``b`` is stacked two deep.
+        for lower, top in (("lower", "a"), ("a", "b")):
+            for name in (lower, top, f"{top}-up", f"{top}-work"):
+                (base / name).mkdir(exist_ok=True)
+            options = f"lowerdir={base}/{lower},upperdir={base}/{top}-up,workdir={base}/{top}-work"
+            mount = ["mount", "-t", "overlay", "overlay", "-o", options, f"{base}/{top}"]
+            subprocess.run(mount, check=True)  # read-write, as a run directory must be
+        monkeypatch.setenv("BLOCKSTORE_RUN_DIR", f"{base}/b/run")
+        src = populate(tmp_path / "src")
+        tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+        ref = push_tar_layer(registry, "o/deep", "v1", "tar", tar, tmp_path)
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        done = cli("mount", "--insecure", "--cache-dir", str(tmp_path / "cache"), ref, str(mnt))
+        assert "overlayfs refused to stack the tar layer" in done.stderr
+        assert (mnt / "etc" / "hostname").read_text() == "box\n"
+        cli("umount", str(mnt))
+        assert not [p for p in syscall.mounted() if p.startswith(f"{base}/b/run/")]
+    finally:
+        for record in records.saved():
+            stack.unmount_record(record, lazy=True)
+        for point in sorted(syscall.mounted(), key=len, reverse=True):
+            if point.startswith(f"{base}/"):
+                syscall.umount(point, lazy=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_mounts_counts_a_compressed_layer_by_the_tar_it_is_read_from(tmp_path, registry, run_dir):
     """Mount a one-span tar.gz image whose index is attached, with no readahead, and read
     one file: that inflates and keeps the whole tar, while the blob's own bytes are
