@@ -406,47 +406,38 @@ def _find_index(
         span=span,
         shared=shared,
     )
-    index = cached_or_built(
-        cache,
-        blob.digest,
-        span,
-        kind != TAR,
-        functools.partial(_build_once_more_if_unproven, build, store, blob.digest, online),
-        # This image's config must name the kept index's tar, as it must for one
-        # built now: another image of the same blob may have left it.
-        lambda kept: check_diff_id(kept.tar_digest, diff_id()),
-        # A read-only cache keeps no index, and gets no lock file.
-        contextlib.nullcontext
-        if store.read_only
-        else functools.partial(indexing_alone, store.path, blob.digest, span),
-    )
-    if cache.origin(blob.digest, span) == IndexCache.SHARED:
-        return index, SharedIndexCheck(cache, blob, span, index)
-    if kind != TAR or store.read_only or not cache.unproven(blob.digest, span):
-        return index, None
-    check = BuiltIndexCheck(cache, blob, span, index)
-    if not _sealed(store, blob.digest):
-        return index, check  # proven by the prefetch that seals the tar
-    # Sealed since (by a prefetch, or reads that made it whole): proven now, once.
-    try:
-        check.prove(_read_all(blob))
-    except IntegrityError as exc:
-        log.warning("%s", exc)
-        return _find_index(
-            store,
-            blob,
-            kind,
-            online=online,
-            diff_id=diff_id,
-            span=span,
-            tarindex=tarindex,
-            zinfo=zinfo,
-            shared=shared,
+    while True:
+        index = cached_or_built(
+            cache,
+            blob.digest,
+            span,
+            kind != TAR,
+            functools.partial(_build_once_more_if_unproven, build, store, blob.digest, online),
+            # This image's config must name the kept index's tar, as it must for one
+            # built now: another image of the same blob may have left it.
+            lambda kept: check_diff_id(kept.tar_digest, diff_id()),
+            # A read-only cache keeps no index, and gets no lock file.
+            contextlib.nullcontext
+            if store.read_only
+            else functools.partial(indexing_alone, store.path, blob.digest, span),
         )
-    except (NotCached, BlobReadError) as exc:
-        log.info("%s: its index is proven once the tar can be read: %s", blob.digest, exc)
-        return index, check
-    return index, None
+        if cache.origin(blob.digest, span) == IndexCache.SHARED:
+            return index, SharedIndexCheck(cache, blob, span, index)
+        if kind != TAR or store.read_only or not cache.unproven(blob.digest, span):
+            return index, None
+        check = BuiltIndexCheck(cache, blob, span, index)
+        if not _sealed(store, blob.digest):
+            return index, check  # proven by the prefetch that seals the tar
+        # Sealed since (by a prefetch, or reads that made it whole): proven now, once.
+        try:
+            check.prove(_read_all(blob))
+        except IntegrityError as exc:
+            log.warning("%s", exc)
+            continue  # dropped: built again, from the sealed tar
+        except (NotCached, BlobReadError) as exc:
+            log.info("%s: its index is proven once the tar can be read: %s", blob.digest, exc)
+            return index, check
+        return index, None
 
 
 def _sealed(store: ChunkStore, digest: str) -> bool:
