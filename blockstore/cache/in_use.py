@@ -47,7 +47,13 @@ def hold_in_use(path: Path, *, read_only: bool = False) -> int:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                log.warning("the cache at %s is being compacted: waiting for it", path)
+                # The exclusive lock is compaction's, or a failed first command's
+                # removing the empty cache it made (``remove_if_unused``).
+                log.warning(
+                    "the cache at %s is being compacted, or removed by a command that "
+                    "made it and failed: waiting for it",
+                    path,
+                )
                 fcntl.flock(fd, fcntl.LOCK_SH)
             if os.fstat(fd).st_ino == os.stat(data).st_ino:
                 return fd

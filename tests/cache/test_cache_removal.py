@@ -58,8 +58,9 @@ def test_an_opener_waiting_while_the_new_cache_is_removed_makes_it_anew(cache_di
     removal holds it exclusively; the removal then unlinks LMDB's files and the
     directory, as ``remove_if_unused`` does under that lock, and lets go (the two are
     ordered here by the lock taken by hand: no timing decides it). Must hold: the
-    opener makes the directory and a new ``data.mdb`` again and holds that one.
-    Before, it failed with "cannot open the cache" (no such directory)."""
+    opener makes the directory and a new ``data.mdb`` again and holds that one, and its
+    warning names the removal as well as compaction. Before, it failed with "cannot
+    open the cache" (no such directory), and said the cache was being compacted."""
     cache_dir.mkdir()
     data = cache_dir / "data.mdb"
     data.touch()
@@ -85,6 +86,8 @@ def test_an_opener_waiting_while_the_new_cache_is_removed_makes_it_anew(cache_di
         opener.join(30)
     (fd,) = got
     assert isinstance(fd, int), fd
+    # What the user is told names the removal too, not compaction alone.
+    assert "removed by a command that made it and failed" in caplog.text, caplog.text
     try:
         assert os.fstat(fd).st_ino == os.stat(data).st_ino
     finally:
