@@ -64,7 +64,7 @@ def run_dirs_made() -> Iterator[None]:
 
     A shared flock on the run directory is held meanwhile: the removal takes it
     exclusively, without waiting, so it never pulls a directory from under another
-    mount being made (that one holds it shared until its record and log are made)."""
+    mount being made (that one holds it shared until it is made or undone)."""
     run = run_dir()
     made: list[Path] = []
     fd = _held_run_dir(run, made)

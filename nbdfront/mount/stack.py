@@ -175,8 +175,10 @@ def mount(
         socket=str(socket),
         mounter=ProcessRef.of(os.getpid()),
     )
-    # Held until the record and the log are made; a failure removes what it made of the
-    # run directory, as of the rest.
+    # Held (shared) for the whole mount, registry waits included: a failure anywhere in
+    # it removes what it made of the run directory, as of the rest. Only that removal
+    # takes the lock exclusively, and without waiting: a mount waits at most for the
+    # few rmdir calls of one, never for another mount.
     with records.run_dirs_made():
         interrupts = _Interrupts()
         created = False
