@@ -21,8 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from blockstore.cache.leases import LEASE_DIR
+from blockstore.progress import EVERY, PROGRESS_LOGGER
 
 log = logging.getLogger(__name__)
+progress = logging.getLogger(PROGRESS_LOGGER)
 
 WAIT = 300.0
 """Seconds one open waits for another process's pass over the same layer."""
@@ -61,7 +63,8 @@ def _lock_file(cache_dir: Path, digest: str, span: int) -> int:
 
 def _take(fd: int, digest: str, wait: float) -> None:
     """The lock, once whoever holds it lets go, or nothing after ``wait`` seconds."""
-    deadline = time.monotonic() + wait
+    started = time.monotonic()
+    deadline, said = started + wait, started
     told = False
     while True:
         try:
@@ -75,7 +78,15 @@ def _take(fd: int, digest: str, wait: float) -> None:
         if not told:
             log.info("%s: another process is indexing this layer; waiting for its index", digest)
             told = True
-        if time.monotonic() >= deadline:
+        now = time.monotonic()
+        if now - said >= EVERY:
+            # Said as progress: a mount waits for a server only as long as it hears some,
+            # and the other process's pass can outlast its patience.
+            said = now
+            progress.info(
+                "%s: waiting for another process's index, %.0f s so far", digest, now - started
+            )
+        if now >= deadline:
             log.warning(
                 "%s: another process has been indexing this layer for over %.0f s;"
                 " indexing it here as well",
