@@ -306,10 +306,17 @@ def cmd_rm(args: argparse.Namespace) -> int:
     """Remove images and blobs; a layer another cached image still uses is kept, and so
     is an image whole while a running server serves any of its layers from the cache
     alone (its server would read I/O errors from then on, with nowhere to fetch from)."""
+    from blockstore.registry.reference import normalize_digest
     from blockstore.tarlayer.export import IndexCache
 
     with open_store(args) as store:
         blobs, refs = resolve_targets(store, args.targets)
+        explicit = {normalize_digest(t) for t in args.targets if DIGEST.match(t)}
+        for digest in sorted(explicit):
+            # Checked before anything goes: a mistyped digest among others removes nothing,
+            # and a second rm of one says it is gone, as for an image.
+            if store.lookup(digest) is None:
+                raise NotFound(f"no blob {digest} in the cache")
         tars = IndexCache(store).tar_digest
         images = {r["reference"]: set() for r in refs}
         for record in refs:
@@ -318,7 +325,6 @@ def cmd_rm(args: argparse.Namespace) -> int:
         for digest in list(blobs):
             if (tar := tars(digest)) is not None:
                 blobs.setdefault(tar, None)
-        explicit = {t for t in args.targets if DIGEST.match(t)}
         in_use: set[str] = set()
         for record in store.images.all():
             if record["reference"] not in images:

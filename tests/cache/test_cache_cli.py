@@ -193,6 +193,26 @@ def test_pin_of_a_digest_not_cached_is_not_found(cache_dir):
         assert not store.lookup(digest).pinned
 
 
+def test_rm_of_a_digest_not_cached_is_not_found_and_removes_nothing(cache_dir):
+    """Tried: `cache rm` of a cached blob's digest and of one the cache holds nothing of;
+    then `cache rm` of the cached one twice. Must hold: the first exits 3 naming the
+    unknown digest and removes nothing (the cached blob stays); the second removes the
+    blob; the third exits 3, as a second rm of an image does. Before, an unknown digest
+    was "nothing to remove", exit 0, and the blob named with it was removed."""
+    data, digest = make_blob(2 * CHUNK_SIZE, seed=53)
+    fill(cache_dir, [(data, digest)])
+    unknown = "sha256:" + "0" * 64
+    mixed = run_cli("cache", "rm", digest, unknown, "--cache-dir", str(cache_dir))
+    assert mixed.returncode == 3, mixed.stderr
+    assert mixed.stderr == f"blockstore: no blob {unknown} in the cache\n"
+    with ChunkStore(cache_dir) as store:
+        assert store.lookup(digest) is not None
+    removed = run_cli("cache", "rm", digest, "--cache-dir", str(cache_dir))
+    assert (removed.returncode, removed.stdout) == (0, f"removed {digest}\n"), removed.stderr
+    again = run_cli("cache", "rm", digest, "--cache-dir", str(cache_dir))
+    assert again.returncode == 3 and f"no blob {digest}" in again.stderr, again.stderr
+
+
 def test_cache_dir_from_the_environment(tmp_path):
     """BLOCKSTORE_CACHE_DIR chooses the cache when --cache-dir is not given. A cache
     command only looks after a cache: where there is none it says so (exit 8) and
