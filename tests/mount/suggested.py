@@ -1,4 +1,5 @@
-"""Running a command line a message suggests, as the user would paste it into a shell."""
+"""What the mount commands say, read as the user would: the lines about this run
+directory, and a command line a message suggests, pasted into a shell."""
 
 from __future__ import annotations
 
@@ -15,3 +16,9 @@ def run_suggested(command: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=60,
     )
+
+
+def own_lines(stderr: str) -> list[str]:
+    """What ``mounts`` says of this run directory's mounts: it also counts the mounts of
+    other run directories, which tests running meanwhile make."""
+    return [line for line in stderr.splitlines() if "with another run directory" not in line]

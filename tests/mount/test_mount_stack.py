@@ -22,6 +22,7 @@ import pytest
 from mount_trees import assert_same_tree
 from rig.processes import processes_mentioning
 from rig.waiting import wait_for
+from suggested import own_lines
 
 from blockstore.errors import MountError, MountpointBusy
 from nbdfront.mount import attach, records, stack, syscall
@@ -441,9 +442,9 @@ def test_an_overlay_unmounted_by_hand_is_listed_and_its_layers_undone(
     listed = cli("mounts")
     assert listed.returncode == 0, listed.stderr
     assert "  not mounted  " in listed.stdout.splitlines()[1], listed.stdout
-    assert listed.stderr == (f"{mountpoint}: `blockstore umount {mountpoint}` cleans it up\n"), (
-        listed.stderr
-    )
+    assert own_lines(listed.stderr) == [
+        f"{mountpoint}: `blockstore umount {mountpoint}` cleans it up"
+    ], listed.stderr
     done = cli("umount", str(mountpoint))
     assert done.returncode == 0, done.stderr
     assert "the mount was not whole (not mounted)" in done.stderr, done.stderr

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from suggested import run_suggested
+from suggested import own_lines, run_suggested
 
 from nbdfront.mount import records, stack
 
@@ -16,12 +16,6 @@ BLOCKSTORE = [sys.executable, "-m", "blockstore"]
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*BLOCKSTORE, *args], capture_output=True, text=True, timeout=60)
-
-
-def own_lines(stderr: str) -> list[str]:
-    """What ``mounts`` says of this run directory's mounts: it also counts the mounts of
-    other run directories, which tests running meanwhile make."""
-    return [line for line in stderr.splitlines() if "with another run directory" not in line]
 
 
 def test_a_mount_whose_record_is_gone_is_listed_as_such(
