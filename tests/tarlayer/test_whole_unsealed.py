@@ -4,40 +4,17 @@ reads all hit, so no fetch completes it, and yet it must be sealed and its index
 from __future__ import annotations
 
 import hashlib
-import io
-import tarfile
 
 from oci_layout import push_tar_layer
 from rig.waiting import wait_for
+from trees import files_served, tar_of
 
 from blockstore.cache import CHUNK_SIZE, ChunkStore
 from blockstore.image import open_image
-from blockstore.tarlayer.erofs_reader import read_metadata
 from blockstore.tarlayer.export import IndexCache
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN
 
 FILES = {f"f{i}.bin".encode(): bytes([65 + i]) * (9_000 + 1_000 * i) for i in range(8)}
-
-
-def small_tar() -> bytes:
-    """About 100 KiB: a few chunks, which the index pass alone may bring whole."""
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as archive:
-        for name, data in FILES.items():
-            info = tarfile.TarInfo(name.decode())
-            info.size, info.mtime = len(data), 1
-            archive.addfile(info, io.BytesIO(data))
-    return out.getvalue()
-
-
-def tree_of(export) -> dict[bytes, bytes]:
-    """Each file the layer's index names, with the bytes the export serves for it."""
-    meta = export.index.metadata
-    root = read_metadata(meta).root
-    return {
-        name: b"".join(bytes(b) for b in export.read(len(meta) + node.data_offset, node.size))
-        for name, node in root.children.items()
-    }
 
 
 def test_a_plain_tar_layer_cached_whole_but_unsealed_is_sealed_and_its_index_proven(
@@ -50,7 +27,7 @@ def test_a_plain_tar_layer_cached_whole_but_unsealed_is_sealed_and_its_index_pro
     in the background while it is open, though no read fetches, and the next open
     proves the index against the sealed tar. Before, it stayed whole and unsealed for
     good (only ``prefetch`` sealed it), its index never proven."""
-    tar = small_tar()
+    tar = tar_of({name.decode(): data for name, data in FILES.items()})  # ~100 KiB
     digest = "sha256:" + hashlib.sha256(tar).hexdigest()
     reference = push_tar_layer(registry, "o/whole-unsealed", "v1", "tar", tar, tmp_path)
     cache = tmp_path / "cache"
@@ -62,14 +39,14 @@ def test_a_plain_tar_layer_cached_whole_but_unsealed_is_sealed_and_its_index_pro
     try:
         (export,) = image.exports()
         for _ in range(2):
-            assert tree_of(export) == FILES
+            assert files_served(export) == FILES
         assert wait_for(lambda: image.store.lookup(digest).sealed, timeout=60.0)
     finally:
         image.close()
     image = open_image(reference, cache_dir=cache, options=registry.options())
     try:
         (export,) = image.exports()
-        assert tree_of(export) == FILES
+        assert files_served(export) == FILES
         assert not IndexCache(image.store).unproven(digest, DEFAULT_SPAN)
     finally:
         image.close()

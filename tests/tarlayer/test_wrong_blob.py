@@ -4,39 +4,18 @@ indexed (a header walk reads a few ranges, proven only once the layer is sealed)
 from __future__ import annotations
 
 import hashlib
-import io
 import subprocess
 import sys
-import tarfile
 
 from oci_layout import push_tar_layer
 from rig.fault_proxy import Fault
+from trees import files_served, tar_of
 
 from blockstore.cache import ChunkStore
 from blockstore.image import open_image
-from blockstore.tarlayer.erofs_reader import read_metadata
 
 CLI = [sys.executable, "-m", "blockstore"]
 RIGHT = b"R" * 100_000
-
-
-def one_file(name: str, data: bytes) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as archive:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime = len(data), 1
-        archive.addfile(info, io.BytesIO(data))
-    return out.getvalue()
-
-
-def tree_of(export) -> dict[bytes, bytes]:
-    """Each file the layer's index names, with the bytes the export serves for it."""
-    meta = export.index.metadata
-    root = read_metadata(meta).root
-    return {
-        name: b"".join(bytes(b) for b in export.read(len(meta) + node.data_offset, node.size))
-        for name, node in root.children.items()
-    }
 
 
 def read_whole_then_seal(reference: str, cache: str, registry) -> bool | None:
@@ -62,8 +41,8 @@ def indexed_from_another_blob(tmp_path, registry, fault_proxy) -> tuple[str, str
     proxy that answers its ranges with another tar of the same length (``wrong.txt``):
     the index kept names the other tree. The reference through the proxy, the fault
     cleared, and the cache."""
-    right = one_file("right.txt", RIGHT)
-    wrong = one_file("wrong.txt", b"W" * len(RIGHT))
+    right = tar_of({"right.txt": RIGHT})
+    wrong = tar_of({"wrong.txt": b"W" * len(RIGHT)})
     assert len(right) == len(wrong)
     ref = push_tar_layer(registry, "o/swapped", "v1", "tar", right, tmp_path)
     digest = "sha256:" + hashlib.sha256(right).hexdigest()
@@ -74,7 +53,7 @@ def indexed_from_another_blob(tmp_path, registry, fault_proxy) -> tuple[str, str
     image = open_image(reference, cache_dir=cache, options=registry.options())
     try:
         (export,) = image.exports()
-        assert list(tree_of(export)) == [b"wrong.txt"]
+        assert list(files_served(export)) == [b"wrong.txt"]
     finally:
         image.close()
     proxy.fault = None
@@ -105,7 +84,7 @@ def test_an_index_built_from_another_blob_is_dropped_when_the_layer_is_prefetche
     image = open_image(reference, cache_dir=cache, offline=True)
     try:
         (export,) = image.exports()
-        assert tree_of(export) == {b"right.txt": RIGHT}
+        assert files_served(export) == {b"right.txt": RIGHT}
     finally:
         image.close()
 
@@ -126,7 +105,7 @@ def test_an_index_built_from_another_blob_is_proven_at_the_open_after_reads_seal
     image = open_image(reference, cache_dir=cache, options=registry.options())
     try:
         (export,) = image.exports()
-        assert tree_of(export) == {b"right.txt": RIGHT}
+        assert files_served(export) == {b"right.txt": RIGHT}
     finally:
         image.close()
     assert "does not describe its tar" in caplog.text

@@ -1,4 +1,5 @@
-"""Real source trees, tars made from them with GNU tar, and a file-by-file view of a tree.
+"""Real source trees, tars made from them with GNU tar, and a file-by-file view of a tree
+(or of what a layer's export serves).
 
 ``snapshot`` is what "the same tree" means in these tests: for every path, its
 type, permission bits, owner, mtime, link count, contents (or symlink target,
@@ -8,13 +9,40 @@ or device numbers) and xattrs, plus which paths are hard links of each other.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 import struct
 import subprocess
+import tarfile
 from pathlib import Path
 
+from blockstore.tarlayer.erofs_reader import read_metadata
+
 TAR_FLAGS = ["--format=posix", "--xattrs", "--xattrs-include=*", "--numeric-owner"]
+
+
+def tar_of(files: dict[str, bytes]) -> bytes:
+    """A GNU tar of regular files (name: contents, mtime 1), for a layer whose bytes a test
+    chooses one by one."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1
+            archive.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def files_served(export) -> dict[bytes, bytes]:
+    """Each file a tar layer's index names at its root, with the bytes the export serves
+    for it."""
+    meta = export.index.metadata
+    root = read_metadata(meta).root
+    return {
+        name: b"".join(bytes(b) for b in export.read(len(meta) + node.data_offset, node.size))
+        for name, node in root.children.items()
+    }
 
 
 def make_tar(src: Path, out: Path, *extra: str) -> Path:
