@@ -11,6 +11,7 @@ import io
 import json
 import subprocess
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -174,21 +175,16 @@ def test_an_artifact_listed_in_an_index_is_not_taken_for_an_image(registry, erof
     assert (resolved.platform, resolved.layers[0].digest) == ("linux/amd64", small.digest)
 
 
-def test_a_config_naming_another_count_of_layers_is_refused(registry, tmp_path: Path):
-    """A two-layer gzip image whose config lists one diff_id (``rootfs.diff_ids`` names
-    each layer's tar, in order, as containerd and docker check it): refused, saying
-    both counts, when a layer is opened. Before, the second layer went unchecked and
-    the image mounted."""
+def push_two_gzip_layers(
+    registry, repository: str, diff_ids: Callable[[list[str]], list]
+) -> tuple[str, bytes]:
+    """A two-layer gzip image in ``repository`` whose config's ``rootfs.diff_ids`` is
+    ``diff_ids`` of the two tars' digests (a config that lies about them): its reference
+    and its config."""
     tars = [one_file_tar(f"f{i}.txt", f"layer {i}\n".encode()) for i in range(2)]
     blobs = [gzip.compress(tar, mtime=0) for tar in tars]
-    config = canonical_json(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": [digest_of(tars[0])]},
-        }
-    )
-    repository = "builders/short-config"
+    rootfs = {"type": "layers", "diff_ids": diff_ids([digest_of(tar) for tar in tars])}
+    config = canonical_json({"architecture": "amd64", "os": "linux", "rootfs": rootfs})
     with registry.client() as client:
         for data in (*blobs, config):
             client.upload_blob(repository, digest_of(data), data)
@@ -202,7 +198,15 @@ def test_a_config_naming_another_count_of_layers_is_refused(registry, tmp_path: 
             ],
         }
         client.put_manifest(repository, "v1", canonical_json(manifest), OCI_MANIFEST)
-    ref = f"{registry.host}/{repository}:v1"
+    return f"{registry.host}/{repository}:v1", config
+
+
+def test_a_config_naming_another_count_of_layers_is_refused(registry, tmp_path: Path):
+    """A two-layer gzip image whose config lists one diff_id (``rootfs.diff_ids`` names
+    each layer's tar, in order, as containerd and docker check it): refused, saying
+    both counts, when a layer is opened. Before, the second layer went unchecked and
+    the image mounted."""
+    ref, _ = push_two_gzip_layers(registry, "builders/short-config", lambda digests: digests[:1])
     image = open_image(ref, cache_dir=tmp_path / "cache", options=registry.options())
     try:
         with pytest.raises(IntegrityError, match="config lists 1 diff_ids for its 2 layers"):
@@ -216,30 +220,9 @@ def test_a_config_whose_diff_ids_are_not_all_digests_is_refused(registry, tmp_pa
     config lies about its layers, so opening either layer is refused with an error that
     names the config and the bad entry. Before, the 5 was dropped silently and the
     refusal spoke of a count (1 diff_id for 2 layers) the config does not have."""
-    tars = [one_file_tar(f"f{i}.txt", f"layer {i}\n".encode()) for i in range(2)]
-    blobs = [gzip.compress(tar, mtime=0) for tar in tars]
-    config = canonical_json(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": [digest_of(tars[0]), 5]},
-        }
+    ref, config = push_two_gzip_layers(
+        registry, "builders/non-digest-diff-id", lambda digests: [digests[0], 5]
     )
-    repository = "builders/non-digest-diff-id"
-    with registry.client() as client:
-        for data in (*blobs, config):
-            client.upload_blob(repository, digest_of(data), data)
-        manifest = {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": digest_of(config), "size": len(config)},
-            "layers": [
-                {"mediaType": OCI_TAR_GZIP, "digest": digest_of(blob), "size": len(blob)}
-                for blob in blobs
-            ],
-        }
-        client.put_manifest(repository, "v1", canonical_json(manifest), OCI_MANIFEST)
-    ref = f"{registry.host}/{repository}:v1"
     image = open_image(ref, cache_dir=tmp_path / "cache", options=registry.options())
     expected = rf"config {digest_of(config)}: rootfs.diff_ids\[1\] is 5, not a digest"
     try:
