@@ -35,10 +35,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.bench_tls import random_blob
-from bench.inprocess import FileBlob
+from bench.inprocess import warm_random_blob
 from bench.processes import ForkingDaemon, free_port
-from blockstore.cache import CachedBlob, ChunkStore
+from blockstore.cache import CachedBlob
 from nbdfront.server import NBDServer
 
 # nbdsh is ``python3 -m nbd``; run by this interpreter, which has libnbd's module.
@@ -103,49 +102,44 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-handshake-"))
     try:
-        image = random_blob(work, args.size_mib)
-        names = [f"layer{i}" for i in range(args.exports)]
-        exports_dir = work / "exports"
-        exports_dir.mkdir()
-        for name in names:
-            os.link(image.path, exports_dir / name)
-        source = FileBlob(image)
-        store = ChunkStore(work / "cache", size_cap=4 * image.size)
-        CachedBlob(store, image.digest, image.size, source).prefetch()
-        warm = {
-            name: CachedBlob(store, image.digest, image.size, None, name=name) for name in names
-        }
-        server = NBDServer(warm, tcp=("127.0.0.1", 0), default_export=names[0])
-        server.start()
-        host, port = server.tcp_address
-        nbdkit_port = free_port()
-        pidfile = work / "nbdkit.pid"
-        listen = ["-i", "127.0.0.1", "-p", str(nbdkit_port)]
-        nbdkit = ForkingDaemon(
-            ["nbdkit", "-r", *listen, "-P", str(pidfile), "file", f"dir={exports_dir}"],
-            pidfile,
-            work / "nbdkit.log",
-        )
-        systems = {
-            "engine": clients(f"nbd://{host}:{port}", names[0]),
-            "nbdkit file": clients(f"nbd://127.0.0.1:{nbdkit_port}", names[0]),
-        }
-        runs: dict[tuple[str, str], list[float]] = {}
-        for _ in range(args.rounds):
-            for system, measures in systems.items():
-                for measure, run in measures.items():
-                    runs.setdefault((system, measure), []).append(run())
-        print(f"{args.exports} exports, median of {args.rounds} interleaved rounds, ms")
-        print(f"{'':22s} {'engine':>10s} {'nbdkit file':>12s} {'ratio':>7s}")
-        for measure in systems["engine"]:
-            ours, theirs = (statistics.median(runs[(s, measure)]) * 1000 for s in systems)
-            print(f"{measure:22s} {ours:10.2f} {theirs:12.2f} {ours / theirs:7.2f}")
-        nbdkit.stop()
-        server.shutdown()
-        for blob in warm.values():
-            blob.close()
-        store.close()
-        source.close()
+        with warm_random_blob(work, args.size_mib) as (image, store):
+            names = [f"layer{i}" for i in range(args.exports)]
+            exports_dir = work / "exports"
+            exports_dir.mkdir()
+            for name in names:
+                os.link(image.path, exports_dir / name)
+            warm = {
+                name: CachedBlob(store, image.digest, image.size, None, name=name) for name in names
+            }
+            server = NBDServer(warm, tcp=("127.0.0.1", 0), default_export=names[0])
+            server.start()
+            host, port = server.tcp_address
+            nbdkit_port = free_port()
+            pidfile = work / "nbdkit.pid"
+            listen = ["-i", "127.0.0.1", "-p", str(nbdkit_port)]
+            nbdkit = ForkingDaemon(
+                ["nbdkit", "-r", *listen, "-P", str(pidfile), "file", f"dir={exports_dir}"],
+                pidfile,
+                work / "nbdkit.log",
+            )
+            systems = {
+                "engine": clients(f"nbd://{host}:{port}", names[0]),
+                "nbdkit file": clients(f"nbd://127.0.0.1:{nbdkit_port}", names[0]),
+            }
+            runs: dict[tuple[str, str], list[float]] = {}
+            for _ in range(args.rounds):
+                for system, measures in systems.items():
+                    for measure, run in measures.items():
+                        runs.setdefault((system, measure), []).append(run())
+            print(f"{args.exports} exports, median of {args.rounds} interleaved rounds, ms")
+            print(f"{'':22s} {'engine':>10s} {'nbdkit file':>12s} {'ratio':>7s}")
+            for measure in systems["engine"]:
+                ours, theirs = (statistics.median(runs[(s, measure)]) * 1000 for s in systems)
+                print(f"{measure:22s} {ours:10.2f} {theirs:12.2f} {ours / theirs:7.2f}")
+            nbdkit.stop()
+            server.shutdown()
+            for blob in warm.values():
+                blob.close()
     finally:
         shutil.rmtree(work)
 

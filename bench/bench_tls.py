@@ -15,7 +15,6 @@ make them; the clients find theirs in ``$HOME/.pki/libnbd``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import statistics
@@ -24,28 +23,15 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
-from bench.images import Image
-from bench.inprocess import FileBlob
+from bench.inprocess import warm_random_blob
 from bench.workloads import Copy, RandomReads
-from blockstore.cache import CachedBlob, ChunkStore
+from blockstore.cache import CachedBlob
 from nbdfront.protocol import TLSPolicy
 from nbdfront.server import NBDServer
 from nbdfront.tls import ServerTLS, server_context
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from rig.nbd_certificates import make_nbd_certificates
-
-
-def random_blob(work: Path, size_mib: int) -> Image:
-    path = work / "blob.bin"
-    digest = hashlib.sha256()
-    with path.open("wb") as out:
-        for _ in range(size_mib):
-            piece = os.urandom(1 << 20)
-            digest.update(piece)
-            out.write(piece)
-    size = size_mib << 20
-    return Image("random", path, work, f"sha256:{digest.hexdigest()}", size, "random")
 
 
 def main() -> None:
@@ -61,36 +47,31 @@ def main() -> None:
         # clients find theirs where libnbd looks by default for a user: $HOME/.pki/libnbd.
         shutil.copytree(certificates.client, work / "home" / ".pki" / "libnbd")
         os.environ["HOME"] = str(work / "home")
-        image = random_blob(work, args.size_mib)
-        source = FileBlob(image)
-        store = ChunkStore(work / "cache", size_cap=4 * image.size)
-        CachedBlob(store, image.digest, image.size, source).prefetch()
-        warm = CachedBlob(store, image.digest, image.size, None, name="blob")  # hits only
-        tls = ServerTLS(TLSPolicy.ON, server_context(certificates.server))
-        server = NBDServer({"blob": warm}, tcp=("127.0.0.1", 0), default_export="blob", tls=tls)
-        server.start()
-        host, port = server.tcp_address
-        uris = {"nbd://": f"nbd://{host}:{port}/blob", "nbds://": f"nbds://{host}:{port}/blob"}
-        rig, system = SimpleNamespace(image=image), SimpleNamespace(fetch_seconds=0.0)
-        workloads = [Copy("nbdcopy, 4 connections", []), RandomReads(16, args.seconds)]
-        print(f"blob: {image.size >> 20} MiB warm in the cache, median of {args.repeats}")
-        print(f"{'':26s} {'nbd://':>14s} {'nbds://':>14s} {'TLS/plain':>10s}")
-        for workload in workloads:
-            runs: dict[str, list[float]] = {scheme: [] for scheme in uris}
-            for _ in range(args.repeats):
-                for scheme, uri in uris.items():
-                    outcome = workload.run([uri], rig, system)
-                    runs[scheme].append(outcome.metrics[workload.primary])
-            plain, secure = (statistics.median(runs[scheme]) for scheme in uris)
-            unit = workload.primary
-            print(
-                f"{workload.name:26s} {plain:9.0f} {unit:>4s} {secure:9.0f} {unit:>4s} "
-                f"{secure / plain:10.2f}"
-            )
-        server.shutdown()
-        warm.close()
-        store.close()
-        source.close()
+        with warm_random_blob(work, args.size_mib) as (image, store):
+            warm = CachedBlob(store, image.digest, image.size, None, name="blob")  # hits only
+            tls = ServerTLS(TLSPolicy.ON, server_context(certificates.server))
+            server = NBDServer({"blob": warm}, tcp=("127.0.0.1", 0), default_export="blob", tls=tls)
+            server.start()
+            host, port = server.tcp_address
+            uris = {"nbd://": f"nbd://{host}:{port}/blob", "nbds://": f"nbds://{host}:{port}/blob"}
+            rig, system = SimpleNamespace(image=image), SimpleNamespace(fetch_seconds=0.0)
+            workloads = [Copy("nbdcopy, 4 connections", []), RandomReads(16, args.seconds)]
+            print(f"blob: {image.size >> 20} MiB warm in the cache, median of {args.repeats}")
+            print(f"{'':26s} {'nbd://':>14s} {'nbds://':>14s} {'TLS/plain':>10s}")
+            for workload in workloads:
+                runs: dict[str, list[float]] = {scheme: [] for scheme in uris}
+                for _ in range(args.repeats):
+                    for scheme, uri in uris.items():
+                        outcome = workload.run([uri], rig, system)
+                        runs[scheme].append(outcome.metrics[workload.primary])
+                plain, secure = (statistics.median(runs[scheme]) for scheme in uris)
+                unit = workload.primary
+                print(
+                    f"{workload.name:26s} {plain:9.0f} {unit:>4s} {secure:9.0f} {unit:>4s} "
+                    f"{secure / plain:10.2f}"
+                )
+            server.shutdown()
+            warm.close()
     finally:
         shutil.rmtree(work)
 

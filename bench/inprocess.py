@@ -10,6 +10,8 @@ cache are measured against.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +42,34 @@ class FileBlob:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+def random_blob(work: Path, size_mib: int) -> Image:
+    """``size_mib`` MiB of random bytes in ``work``, as an image with its digest."""
+    path = work / "blob.bin"
+    digest = hashlib.sha256()
+    with path.open("wb") as out:
+        for _ in range(size_mib):
+            piece = os.urandom(1 << 20)
+            digest.update(piece)
+            out.write(piece)
+    size = size_mib << 20
+    return Image("random", path, work, f"sha256:{digest.hexdigest()}", size, "random")
+
+
+@contextlib.contextmanager
+def warm_random_blob(work: Path, size_mib: int) -> Iterator[tuple[Image, ChunkStore]]:
+    """A random blob prefetched into a cache of its own in ``work``: every read of it
+    then a checked hit. The side scripts' subject, against peers serving the file."""
+    image = random_blob(work, size_mib)
+    source = FileBlob(image)
+    store = ChunkStore(work / "cache", size_cap=4 * image.size)
+    try:
+        CachedBlob(store, image.digest, image.size, source).prefetch()
+        yield image, store
+    finally:
+        store.close()
+        source.close()
 
 
 def read_rate(read: Callable[[int, int], object], size: int, read_size: int, seconds: float):
