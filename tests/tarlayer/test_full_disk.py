@@ -45,6 +45,32 @@ def layer_tar(tmp: Path, name: str, files: dict[str, bytes]) -> bytes:
     return make_tar(src, tmp / f"{name}.tar").read_bytes()
 
 
+def compressible_files(repeats: int) -> dict[str, bytes]:
+    """Three files of ``repeats`` times 16 KB, which compress to little: a small blob
+    whose tar needs far more room than the blob."""
+    pattern = os.urandom(16000)
+    data = [b"".join(pattern + os.urandom(64) for _ in range(repeats)) for _ in range(3)]
+    return {f"b{i}.bin": part for i, part in enumerate(data)}
+
+
+def pushed(
+    tmp: Path, registry, name: str, kind: str, files: dict[str, bytes]
+) -> tuple[str, str, bytes]:
+    """``files`` as the one layer, of ``kind``, of image ``o/NAME:v1``: its reference, its
+    tar's digest (the cache's key for the inflated tar) and the tar."""
+    tar = layer_tar(tmp, name, files)
+    reference = push_tar_layer(registry, f"o/{name}", "v1", kind, tar, tmp)
+    return reference, "sha256:" + hashlib.sha256(tar).hexdigest(), tar
+
+
+def fill_to(disk: Path, left: int) -> Path:
+    """A file filling ``disk`` until ``left`` bytes are free: the file."""
+    free = os.statvfs(disk).f_bfree * os.statvfs(disk).f_frsize
+    filler = disk / "filler"
+    filler.write_bytes(bytes(free - left))
+    return filler
+
+
 @pytest.mark.parametrize("kind", ["gzip", "zstd"])
 def test_a_compressed_layer_the_disk_cannot_hold_costs_no_other_layer(tmp_path, registry, kind):
     """Tried: a cache on a 32 MiB ext4 holding a prefetched tar.gz image (3 MiB tar,
@@ -58,25 +84,17 @@ def test_a_compressed_layer_the_disk_cannot_hold_costs_no_other_layer(tmp_path, 
     tar as it inflated it and the span pump decompressed the rest, each store finding
     the disk full evicting the oldest chunks: the first image went to 0%, and the
     prefetch succeeded at its cost."""
-    first = layer_tar(tmp_path, "first", {"a.bin": os.urandom(3 << 20)})
-    pattern = os.urandom(16000)
-    second = layer_tar(
-        tmp_path,
-        "second",
-        {f"b{i}.bin": b"".join(pattern + os.urandom(64) for _ in range(250)) for i in range(3)},
+    three_mib = {"a.bin": os.urandom(3 << 20)}
+    first_ref, first_tar, _ = pushed(tmp_path, registry, "first", "gzip", three_mib)
+    second_ref, second_tar, second = pushed(
+        tmp_path, registry, "second", kind, compressible_files(250)
     )
-    first_ref = push_tar_layer(registry, "o/first", "v1", "gzip", first, tmp_path)
-    second_ref = push_tar_layer(registry, "o/second", "v1", kind, second, tmp_path)
-    first_tar = "sha256:" + hashlib.sha256(first).hexdigest()
-    second_tar = "sha256:" + hashlib.sha256(second).hexdigest()
     with small_disk(tmp_path / "disk", "32M") as disk:
         cache = disk / "cache"
         done = blockstore("prefetch", first_ref, "--insecure", "--cache-dir", str(cache))
         assert done.returncode == 0, done.stderr
         assert whole_and_sealed(cache, first_tar)
-        filler = disk / "filler"
-        free = os.statvfs(disk).f_bfree * os.statvfs(disk).f_frsize
-        filler.write_bytes(bytes(free - (11 << 20)))
+        filler = fill_to(disk, 11 << 20)
 
         refused = blockstore("prefetch", second_ref, "--insecure", "--cache-dir", str(cache))
         assert refused.returncode == 8, refused.stderr
@@ -126,23 +144,16 @@ def test_a_zstd_tar_spooled_beside_a_cache_with_no_room_for_it_is_not_stored(
     is not stored, with a warning saying what it needs; the first image stays whole and
     sealed. Before, the spooled tar was stored all the same, each store finding the disk
     full evicting the first image's chunks."""
-    first = layer_tar(tmp_path, "first", {"a.bin": os.urandom(3 << 20)})
-    pattern = os.urandom(16000)
-    second = layer_tar(
-        tmp_path,
-        "second",
-        {f"b{i}.bin": b"".join(pattern + os.urandom(64) for _ in range(150)) for i in range(3)},
+    three_mib = {"a.bin": os.urandom(3 << 20)}
+    first_ref, first_tar, _ = pushed(tmp_path, registry, "first", "gzip", three_mib)
+    second_ref, second_tar, _ = pushed(
+        tmp_path, registry, "second", "zstd", compressible_files(150)
     )
-    first_ref = push_tar_layer(registry, "o/first", "v1", "gzip", first, tmp_path)
-    second_ref = push_tar_layer(registry, "o/second", "v1", "zstd", second, tmp_path)
-    first_tar = "sha256:" + hashlib.sha256(first).hexdigest()
-    second_tar = "sha256:" + hashlib.sha256(second).hexdigest()
     with small_disk(tmp_path / "disk", "32M") as disk:
         cache = disk / "cache"
         done = blockstore("prefetch", first_ref, "--insecure", "--cache-dir", str(cache))
         assert done.returncode == 0, done.stderr
-        free = os.statvfs(disk).f_bfree * os.statvfs(disk).f_frsize
-        (disk / "filler").write_bytes(bytes(free - (11 << 20)))
+        fill_to(disk, 11 << 20)
         caplog.set_level(logging.WARNING)
         lazy = PrefetchSettings(readahead=False)
         image = open_image(second_ref, cache_dir=cache, options=registry.options(), prefetch=lazy)
