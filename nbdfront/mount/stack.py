@@ -512,22 +512,12 @@ def list_mounts() -> list[MountStatus]:
 def other_run_dirs() -> dict[str, int]:
     """Run directories other than this one with mounts standing, and how many: ``mounts``
     lists only this one's, so a mount made with another (a ``sudo`` that dropped
-    BLOCKSTORE_RUN_DIR) would otherwise look like none. Found, as ``_run_dir_of`` finds
-    one, by the state directories (``RUN/mounts/KEY/``) that the mounts' FUSE files and
-    layers lie in."""
+    BLOCKSTORE_RUN_DIR) would otherwise look like none."""
     here = os.path.realpath(records.run_dir())
     found: dict[str, set[str]] = {}
-    for point, (_, source) in syscall.mounted().items():
-        for path in (point, source):
-            at = path.find("/mounts/")
-            while at >= 0:
-                run = path[:at]
-                key = path[at + len("/mounts/") :].split("/", 1)[0]
-                state = Path(run, "mounts", key)
-                ours = key and (state / records.RECORD_NAME).is_file()
-                if run != here and ours and records.is_private(state):
-                    found.setdefault(run, set()).add(key)
-                at = path.find("/mounts/", at + 1)
+    for run, key in _standing_state_dirs():
+        if run != here and records.is_private(Path(run, "mounts", key)):
+            found.setdefault(run, set()).add(key)
     return {run: len(keys) for run, keys in sorted(found.items())}
 
 
@@ -680,16 +670,26 @@ def _recorded_around(path: str) -> MountRecord | None:
 
 def _run_dir_of(mountpoint: str) -> str | None:
     """The run directory whose mount at ``mountpoint`` is standing, where that mount's
-    record is there: found by the mount point's key in what the mount made under
-    ``RUN/mounts/KEY/`` (FUSE files, layers' EROFS), as an overlay at the mount point
-    names none of it, and a run directory's own path may hold ``/mounts/``."""
+    record is there."""
     key = records.mount_key(mountpoint)
+    return next((run for run, other in _standing_state_dirs() if other == key), None)
+
+
+def _standing_state_dirs() -> Iterator[tuple[str, str]]:
+    """(run directory, mount key) of each state directory ``RUN/mounts/KEY/`` holding a
+    record that a standing mount lies in (its FUSE files, its layers' EROFS): how a mount
+    made with another run directory is found, as an overlay at the mount point names
+    none of it. Every ``/mounts/`` of a path is tried: a run directory's own path may
+    hold one."""
     for point, (_, source) in syscall.mounted().items():
         for path in (point, source):
-            run, found, _ = path.partition(f"/mounts/{key}/")
-            if found and os.path.isfile(os.path.join(run, "mounts", key, records.RECORD_NAME)):
-                return run
-    return None
+            at = path.find("/mounts/")
+            while at >= 0:
+                run = path[:at]
+                key = path[at + len("/mounts/") :].split("/", 1)[0]
+                if key and os.path.isfile(os.path.join(run, "mounts", key, records.RECORD_NAME)):
+                    yield run, key
+                at = path.find("/mounts/", at + 1)
 
 
 def _where_ours_is(record: MountRecord) -> str:
