@@ -43,6 +43,7 @@ from .holds import BlobHold
 from .integrity import BLOCK, BLOCKS, checked_part
 from .layout import CHUNK_SIZE, BlobRecord, chunk_count, chunk_length
 from .leases import RangeLeases, UnitLeases
+from .pagein import PageIn
 from .store import ChunkStore
 from .traces import TraceShelf
 from .walk_reader import WalkReader
@@ -136,6 +137,9 @@ class CachedBlob:
         self._hints: HintQueue | None = None
         self._recorder: TraceRecorder | None = None
         self._stop = threading.Event()
+        # A read-only cache is read through copies: there are no pages of its map to ask for.
+        self._page_in_due = self._settings.page_in and record is not None and not store.read_only
+        self._page_in: PageIn | None = None
         if source is not None:
             self._start_fetching(source)
 
@@ -260,6 +264,8 @@ class CachedBlob:
                 base += CHUNK_SIZE
             store.touch((blob_id, first, last))
             if client:
+                if self._page_in_due:
+                    self._start_page_in(blob_id)
                 store.served((last - first + 1, 0, length))
                 if self._recorder is not None or (self._hints is not None and not self._whole):
                     self._heed(offset, length, 0)
@@ -494,6 +500,8 @@ class CachedBlob:
     def close(self) -> None:
         """Stop prefetching and cancel fetches in flight; keep the trace recorded so far."""
         self._stop.set()
+        if self._page_in is not None:
+            self._page_in.stop()
         if self._hold is not None:
             self._hold.release()
         recorder = self._recorder
@@ -507,6 +515,15 @@ class CachedBlob:
         until = time.monotonic() + STOP_WAIT
         for fetcher in fetchers:
             fetcher.wait_stopped(until)
+
+    def _start_page_in(self, blob_id: int) -> None:
+        """On the first hit a client makes: page the blob's cached chunks in from the
+        cache file ahead of it (``pagein``), once."""
+        self._page_in_due = False
+        if self._stop.is_set():
+            return
+        self._page_in = PageIn(self._store, blob_id, self._chunks, self._description)
+        self._page_in.start()
 
     # --- misses ----------------------------------------------------------------
 

@@ -353,6 +353,7 @@ def parse_ca_file(text: str) -> str:
 PREFETCH_FLAGS = (
     "--fill",
     "--no-readahead",
+    "--no-page-in",
     "--no-erofs-start",
     "--no-erofs-walk",
     "--no-trace",
@@ -376,6 +377,11 @@ def add_prefetch_options(parser: argparse.ArgumentParser) -> None:
         help="bandwidth cap of --fill per layer, bytes per second, e.g. 20M (default: none)",
     )
     group.add_argument("--no-readahead", action="store_true", help="no sequential readahead")
+    group.add_argument(
+        "--no-page-in",
+        action="store_true",
+        help="do not read a warm layer's chunks from the cache file ahead of the first reader",
+    )
     group.add_argument(
         "--no-erofs-start",
         action="store_true",
@@ -426,6 +432,7 @@ def prefetch_settings_from(args: argparse.Namespace) -> PrefetchSettings:
 
     return PrefetchSettings(
         readahead=not args.no_readahead,
+        page_in=not args.no_page_in,
         erofs_start=not args.no_erofs_start,
         erofs_walk=not args.no_erofs_walk,
         trace_period=0.0 if args.no_trace else MOUNT.trace_period,

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 class PrefetchSettings:
     readahead: bool = True
     """Per-stream sequential readahead."""
+    page_in: bool = True
+    """On an export's first hit, ask the kernel to read the blob's cached chunks from the
+    cache file ahead of the client (``cache.pagein``)."""
     erofs_start: bool = False
     """At open, fetch the superblock, root inode and root directory in one request."""
     erofs_walk: bool = False
