@@ -9,7 +9,8 @@ order ahead of it. The chunks of one blob are scattered over the cache file
 in storing order, so that readahead cannot find them; this module can, from
 the chunks' own addresses in the map: on the first hit of an export it asks
 the kernel (``madvise(MADV_WILLNEED)``, which reads asynchronously) for every
-cached chunk of the blob in order, within a budget of memory. The kernel's
+cached chunk of the blob in order, within a budget of memory shared by every
+blob the process serves. The kernel's
 block queue paces the requests; the reader's own faults then find the pages
 read or in flight.
 
@@ -35,9 +36,9 @@ log = logging.getLogger(__name__)
 BATCH_CHUNKS = 64
 """Chunks looked up (in one read transaction) and advised at a time: 2 MiB."""
 MEMORY_SHARE = 4
-"""At most this fraction (1/N) of the memory available when paging in starts is asked
-for: pages the kernel reads in push others out, and past that a blob's later chunks
-are left to the reader's own faults."""
+"""All the blobs this process serves are paged in within this fraction (1/N) of the
+available memory: pages the kernel reads in push others out, and past that a blob's
+later chunks are left to the reader's own faults."""
 
 _PAGE = mmap.PAGESIZE
 
@@ -110,6 +111,29 @@ def memory_available() -> int:
     return 0
 
 
+class _Budget:
+    """The bytes the page-ins of this process have asked for and not given back (their
+    blob closed): held under ``MEMORY_SHARE`` of the memory available."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._taken = 0
+
+    def take(self, length: int) -> bool:
+        with self._lock:
+            if self._taken + length > memory_available() // MEMORY_SHARE:
+                return False
+            self._taken += length
+            return True
+
+    def give_back(self, length: int) -> None:
+        with self._lock:
+            self._taken -= length
+
+
+_budget = _Budget()
+
+
 class PageIn:
     """Pages in one blob's cached chunks once, on a thread of its own.
 
@@ -125,16 +149,21 @@ class PageIn:
         self._chunks = chunks
         self._description = description
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.advised = 0
-        """Bytes of chunks advised so far."""
+        """Bytes of the budget this page-in holds: its chunks advised so far."""
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="page-in", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop between two batches, and give this blob's share of the budget back."""
         self._stop.set()
+        with self._lock:
+            _budget.give_back(self.advised)
+            self.advised = 0
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:
@@ -142,12 +171,15 @@ class PageIn:
 
     def _run(self) -> None:
         started = time.monotonic()
-        budget = memory_available() // MEMORY_SHARE
         try:
             for first in range(0, self._chunks, BATCH_CHUNKS):
-                if self._stop.is_set() or self.advised >= budget:
-                    break
-                self._advise(first, min(first + BATCH_CHUNKS, self._chunks) - 1)
+                last = min(first + BATCH_CHUNKS, self._chunks) - 1
+                length = (last - first + 1) * CHUNK_SIZE
+                with self._lock:  # so that ``stop`` gives back all that was taken
+                    if self._stop.is_set() or not _budget.take(length):
+                        break
+                    self.advised += length
+                self._advise(first, last)
         except CacheError as exc:  # the store closed under it, or could not be read
             log.debug("paging in %s stopped: %s", self._description, exc)
         log.debug(
@@ -158,6 +190,10 @@ class PageIn:
         )
 
     def _advise(self, first: int, last: int) -> None:
+        """Ask the kernel for chunks ``first..last``. Not paced: the block queue takes
+        the requests as fast as the disk does, and holding batches back until the ones
+        before are read in (measured) slowed the mount stack without making its first
+        listing any sooner."""
         store = self._store
         views, txn = store.read_chunks(self._blob_id, first, last)
         try:
@@ -165,4 +201,3 @@ class PageIn:
                 _madvise(start, length, mmap.MADV_WILLNEED)
         finally:
             store.end_read(txn)
-        self.advised += sum(1 for view in views if view is not None) * CHUNK_SIZE

@@ -116,6 +116,28 @@ def test_paging_in_stops_at_its_share_of_the_memory(cold_cache, monkeypatch):
         close(blob)
 
 
+def test_the_budget_is_shared_by_the_blobs_served_and_given_back_at_close(cold_cache, monkeypatch):
+    """Two exports in one process take from one budget: with 8 MiB left for page-in, the
+    first takes it all and the second none; once the first closes, a third has it."""
+    cache_dir, digest = cold_cache
+    monkeypatch.setattr(pagein, "memory_available", lambda: 8 * MiB * pagein.MEMORY_SHARE)
+    with ChunkStore(cache_dir) as store:
+        exports = []
+        for _ in range(2):
+            blob = CachedBlob(store, digest, BLOB_SIZE, None)
+            assert blob.read_cached(0, 4096) is not None
+            blob._page_in.join(10)
+            exports.append(blob)
+        assert [blob._page_in.advised for blob in exports] == [8 * MiB, 0]
+        exports[0].close()
+        third = CachedBlob(store, digest, BLOB_SIZE, None)
+        assert third.read_cached(0, 4096) is not None
+        third._page_in.join(10)
+        assert third._page_in.advised == 8 * MiB
+        for blob in (exports[1], third):
+            blob.close()
+
+
 def test_page_runs_merge_views_that_follow_each_other():
     """As LMDB stores chunks one after the other: each value begins a page past the last
     one's end (its page header). A view further away starts a run of its own."""
