@@ -6,7 +6,8 @@ it. What must hold: the blob's chunks are then read from disk in the
 background, so the whole cache file is resident, far beyond what the read's
 own faults bring in (the kernel reads ``read_ahead_kb`` around each fault of
 the lookup: up to a third of this file where that is 8 MiB); not with
-``page_in`` off; and never more than the memory budget.
+``page_in`` off; nothing walked beyond the memory budget; and nothing at all
+for a blob already in memory.
 """
 
 from __future__ import annotations
@@ -52,17 +53,26 @@ def drop_pages(path: Path) -> None:
         os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-@pytest.fixture
-def cold_cache(cache_dir: Path) -> tuple[Path, str]:
-    """A cache holding one whole 96 MiB blob, none of its file in the page cache."""
-    data, digest = make_blob(BLOB_SIZE, seed=7)
+def cold(cache_dir: Path, sizes: list[int]) -> list[str]:
+    """Whole blobs of ``sizes`` stored in a cache at ``cache_dir``, then none of its
+    file left in the page cache; their digests."""
+    digests = []
     with ChunkStore(cache_dir) as store:
-        CachedBlob(store, digest, BLOB_SIZE, ScriptedSource(data, digest)).prefetch()
+        for seed, size in enumerate(sizes):
+            data, digest = make_blob(size, seed=seed)
+            CachedBlob(store, digest, size, ScriptedSource(data, digest)).prefetch()
+            digests.append(digest)
     data_file = cache_dir / "data.mdb"
     drop_pages(data_file)
     if resident(data_file) > FAULT_READS_AT_MOST:
         pytest.skip("this file system keeps its files in memory (tmpfs?)")
-    return cache_dir, digest
+    return digests
+
+
+@pytest.fixture
+def cold_cache(cache_dir: Path) -> tuple[Path, str]:
+    """A cache holding one whole 96 MiB blob, none of its file in the page cache."""
+    return cache_dir, cold(cache_dir, [BLOB_SIZE])[0]
 
 
 def serve_one_read(cache_dir: Path, digest: str, settings: PrefetchSettings) -> CachedBlob:
@@ -110,46 +120,47 @@ def test_paging_in_stops_at_its_share_of_the_memory(cold_cache, monkeypatch):
     try:
         assert blob._page_in is not None
         blob._page_in.join(10)
-        assert blob._page_in.advised == 8 * MiB
-        assert resident(cache_dir / "data.mdb") <= FAULT_READS_AT_MOST
+        assert blob._page_in.walked == 8 * MiB
     finally:
         close(blob)
 
 
-def test_the_budget_is_shared_by_the_blobs_served_and_given_back_at_close(cold_cache, monkeypatch):
-    """Two exports in one process take from one budget: with 8 MiB left for page-in, the
-    first takes it all and the second none; once the first closes, a third has it."""
-    cache_dir, digest = cold_cache
+def test_the_budget_is_shared_by_the_blobs_served_and_given_back_at_close(
+    cache_dir: Path, monkeypatch
+):
+    """Exports of three cold blobs in one process take from one budget: with 8 MiB for
+    page-in, the first takes it all and the second none; once the first closes, the
+    third has it."""
+    digests = cold(cache_dir, [32 * MiB] * 3)
     monkeypatch.setattr(pagein, "memory_available", lambda: 8 * MiB * pagein.MEMORY_SHARE)
     with ChunkStore(cache_dir) as store:
-        exports = []
-        for _ in range(2):
-            blob = CachedBlob(store, digest, BLOB_SIZE, None)
+
+        def first_read(digest: str) -> CachedBlob:
+            blob = CachedBlob(store, digest, 32 * MiB, None)
             assert blob.read_cached(0, 4096) is not None
             blob._page_in.join(10)
-            exports.append(blob)
-        assert [blob._page_in.advised for blob in exports] == [8 * MiB, 0]
-        exports[0].close()
-        third = CachedBlob(store, digest, BLOB_SIZE, None)
-        assert third.read_cached(0, 4096) is not None
-        third._page_in.join(10)
-        assert third._page_in.advised == 8 * MiB
-        for blob in (exports[1], third):
-            blob.close()
+            return blob
+
+        first, second = first_read(digests[0]), first_read(digests[1])
+        assert (first._page_in.walked, second._page_in.walked) == (8 * MiB, 0)
+        first.close()
+        third = first_read(digests[2])
+        assert third._page_in.walked == 8 * MiB
+        second.close()
+        third.close()
 
 
-def test_page_runs_merge_views_that_follow_each_other():
-    """As LMDB stores chunks one after the other: each value begins a page past the last
-    one's end (its page header). A view further away starts a run of its own."""
-    page = pagein._PAGE
-    view = memoryview(bytearray(12 * page))
-    start = pagein.address_of(view)
-    runs = pagein.page_runs(
-        [view[0:100], None, view[100:5000], view[2 * page + 16 : 3 * page], view[10 * page :]]
-    )
-    assert runs[0] == (start - start % page, start % page + 3 * page)
-    assert runs[1][0] == (start + 10 * page) - (start + 10 * page) % page
-    assert len(runs) == 2
+def test_a_blob_in_memory_already_is_not_walked(cache_dir: Path):
+    """Just stored, the blob's pages are all in memory: the sample of its chunks shows it,
+    and nothing is asked for (a warm copy does not pay for a walk it does not need)."""
+    data, digest = make_blob(BLOB_SIZE // 4, seed=8)
+    with ChunkStore(cache_dir) as store:
+        CachedBlob(store, digest, len(data), ScriptedSource(data, digest)).prefetch()
+        blob = CachedBlob(store, digest, len(data), None)
+        assert blob.read_cached(0, 4096) is not None
+        blob._page_in.join(10)
+        assert blob._page_in.walked == 0
+        blob.close()
 
 
 def test_no_page_in_is_a_switch_of_serve_and_reaches_the_server_of_a_mount(tmp_path: Path):
