@@ -137,9 +137,10 @@ class CachedBlob:
         self._hints: HintQueue | None = None
         self._recorder: TraceRecorder | None = None
         self._stop = threading.Event()
-        # A read-only cache is read through copies: there are no pages of its map to ask for.
+        # A read-only cache is read through copies: a walk would copy every chunk.
         self._page_in_due = self._settings.page_in and record is not None and not store.read_only
         self._page_in: PageIn | None = None
+        self._page_in_lock = threading.Lock()
         if source is not None:
             self._start_fetching(source)
 
@@ -500,8 +501,11 @@ class CachedBlob:
     def close(self) -> None:
         """Stop prefetching and cancel fetches in flight; keep the trace recorded so far."""
         self._stop.set()
-        if self._page_in is not None:
-            self._page_in.stop()
+        with self._page_in_lock:
+            self._page_in_due = False
+            page_in = self._page_in
+        if page_in is not None:
+            page_in.stop()
         if self._hold is not None:
             self._hold.release()
         recorder = self._recorder
@@ -519,11 +523,17 @@ class CachedBlob:
     def _start_page_in(self, blob_id: int) -> None:
         """On the first hit a client makes: page the blob's cached chunks in from the
         cache file ahead of it (``pagein``), once."""
-        self._page_in_due = False
-        if self._stop.is_set():
-            return
-        self._page_in = PageIn(self._store, blob_id, self._chunks, self._description)
-        self._page_in.start()
+        with self._page_in_lock:  # two first hits at once, or one racing ``close``
+            if not self._page_in_due or self._stop.is_set():
+                return
+            self._page_in_due = False
+            page_in = PageIn(self._store, blob_id, self._chunks, self._description)
+            try:
+                page_in.start()
+            except RuntimeError as exc:  # no thread to be had: the hit is served all the same
+                log.debug("no page-in of %s: %s", self._description, exc)
+                return
+            self._page_in = page_in
 
     # --- misses ----------------------------------------------------------------
 

@@ -30,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from blockstore.fetch import forks
+
 from .errors import CacheError
 from .layout import CHUNK_SIZE
 from .store import ChunkStore
@@ -41,7 +43,7 @@ START_AFTER = 0.1
 one fault at a time, and the walk's reads queued before them at the disk made the
 first listing later (measured: 0.08 s to 0.11 s of it, against 0.08 s with this wait)."""
 BATCH_CHUNKS = 64
-"""Chunks looked up in one read transaction: 2 MiB."""
+"""Chunks taken from the budget at a time: 2 MiB."""
 SAMPLE_CHUNKS = 16
 """Chunks, spread over the blob, looked up first: if that took no read from the disk
 (no major page fault of this thread), the blob is taken to be in memory."""
@@ -68,12 +70,27 @@ def major_faults() -> int:
 
 
 class _Budget:
-    """The bytes the page-ins of this process have walked and not given back (their
-    blob closed): held under ``MEMORY_SHARE`` of the memory available."""
+    """What the page-ins of this process hold: the bytes walked and not given back
+    (their export closed), under ``MEMORY_SHARE`` of the memory available, and the
+    blobs being walked, so that two exports of one blob walk it once."""
 
     def __init__(self) -> None:
+        self.forget_threads()
+        forks.register(self)
+
+    def forget_threads(self) -> None:
+        """In a forked child: no walk runs there (and a lock may have been held)."""
         self._lock = threading.Lock()
         self._taken = 0
+        self._walking: set[tuple[Path, int]] = set()
+
+    def claim(self, blob: tuple[Path, int]) -> bool:
+        """Whether ``blob`` (cache, blob id) is this caller's to walk: no one walks it."""
+        with self._lock:
+            if blob in self._walking:
+                return False
+            self._walking.add(blob)
+            return True
 
     def take(self, length: int) -> bool:
         with self._lock:
@@ -82,9 +99,10 @@ class _Budget:
             self._taken += length
             return True
 
-    def give_back(self, length: int) -> None:
+    def give_back(self, length: int, blob: tuple[Path, int] | None) -> None:
         with self._lock:
             self._taken -= length
+            self._walking.discard(blob)
 
 
 _budget = _Budget()
@@ -101,13 +119,24 @@ class PageIn:
     def __init__(self, store: ChunkStore, blob_id: int, chunks: int, description: str):
         self._store = store
         self._blob_id = blob_id
+        self._key = (store.path, blob_id)
         self._chunks = chunks
         self._description = description
         self._stop = threading.Event()
-        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._claimed: tuple[Path, int] | None = None
+        """The blob's key while this page-in is the one walking it (``_Budget.claim``)."""
         self.walked = 0
         """Bytes of the budget this page-in holds: its chunks looked up so far."""
+        forks.register(self)
+
+    def forget_threads(self) -> None:
+        """In a forked child: the walk is the parent's; the child holds nothing."""
+        self._lock = threading.Lock()
+        self._stop.set()
+        self._claimed = None
+        self.walked = 0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="page-in", daemon=True)
@@ -117,8 +146,9 @@ class PageIn:
         """Stop between two batches, and give this blob's share of the budget back."""
         self._stop.set()
         with self._lock:
-            _budget.give_back(self.walked)
+            _budget.give_back(self.walked, self._claimed)
             self.walked = 0
+            self._claimed = None
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:
@@ -127,6 +157,10 @@ class PageIn:
     def _run(self) -> None:
         if self._stop.wait(START_AFTER):
             return
+        with self._lock:
+            if self._stop.is_set() or not _budget.claim(self._key):
+                return  # closed, or another export of the blob walks it
+            self._claimed = self._key
         started = time.monotonic()
         try:
             if self._sample_in_memory():
@@ -159,5 +193,10 @@ class PageIn:
         return True
 
     def _look_up(self, first: int, last: int) -> None:
-        _, txn = self._store.read_chunks(self._blob_id, first, last)
-        self._store.end_read(txn)
+        """Look chunks ``first..last`` up, each in a read transaction of its own: one
+        holds the cache's gate (a map resize, a close, every hit behind them) for as
+        long as its lookups wait for the disk."""
+        store = self._store
+        for index in range(first, last + 1):
+            _, txn = store.read_chunks(self._blob_id, index, index)
+            store.end_read(txn)

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn, Protocol, TypeVar
 
@@ -574,7 +575,7 @@ def _compressed_layer(
         inflated if online else None,
         name=name,
         description=f"{description} (uncompressed)",
-        settings=_NO_CHUNK_READAHEAD,
+        settings=replace(_NO_CHUNK_READAHEAD, page_in=settings.page_in),
         # The pump's fill seals it once the layer is idle, not amid the reads that
         # completed it.
         seal_when_whole=not pumping,

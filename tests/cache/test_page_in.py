@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -174,3 +175,131 @@ def test_no_page_in_is_a_switch_of_serve_and_reaches_the_server_of_a_mount(tmp_p
     argv, _ = serve_command(mount)
     assert "--no-page-in" in argv
     assert prefetch_settings_from(parser.parse_args(argv[argv.index("serve") :])).page_in is False
+
+
+def warm_blob(store: ChunkStore, size: int = 4 * MiB) -> str:
+    data, digest = make_blob(size, seed=3)
+    CachedBlob(store, digest, size, ScriptedSource(data, digest)).prefetch()
+    return digest
+
+
+@pytest.fixture
+def cold_looking(monkeypatch):
+    """Every walk starts at once and finds the blob out of memory."""
+    monkeypatch.setattr(pagein, "START_AFTER", 0.0)
+    monkeypatch.setattr(pagein.PageIn, "_sample_in_memory", lambda self: False)
+
+
+def test_two_first_hits_at_once_start_one_walk_and_leave_no_budget_behind(
+    cache_dir: Path, cold_looking
+):
+    """Two client threads make an export's first hit at once, the first switched out
+    between the check and the start: one walk starts, and once the export closes the
+    budget holds nothing of it."""
+    with ChunkStore(cache_dir) as store:
+        digest = warm_blob(store)
+        blob = CachedBlob(store, digest, 4 * MiB, None)
+        started: list[pagein.PageIn | None] = []
+        original = blob._start_page_in
+
+        def start(blob_id: int) -> None:
+            if not started:
+                started.append(None)
+                time.sleep(0.2)
+            original(blob_id)
+            started.append(blob._page_in)
+
+        blob._start_page_in = start
+        hits = [threading.Thread(target=blob.read_cached, args=(0, 4096)) for _ in range(2)]
+        for hit in hits:
+            hit.start()
+            time.sleep(0.05)
+        for hit in hits:
+            hit.join()
+        for page_in in started[1:]:
+            page_in.join(10)
+        blob.close()
+        assert len({id(page_in) for page_in in started[1:]}) == 1, "two walks of one export"
+        assert pagein._budget._taken == 0, "budget held after the export closed"
+
+
+def test_a_first_hit_racing_close_leaves_no_walk_behind(cache_dir: Path, cold_looking, monkeypatch):
+    """``close`` comes while a first hit is starting the walk: the walk is stopped all
+    the same, and gives its budget back."""
+    with ChunkStore(cache_dir) as store:
+        digest = warm_blob(store)
+        blob = CachedBlob(store, digest, 4 * MiB, None)
+        real_init = pagein.PageIn.__init__
+        closings: list[threading.Thread] = []
+
+        def init(self, *args, **kwargs):
+            closing = threading.Thread(target=blob.close)
+            closings.append(closing)
+            closing.start()
+            closing.join(0.2)
+            real_init(self, *args, **kwargs)
+
+        monkeypatch.setattr(pagein.PageIn, "__init__", init)
+        assert blob.read_cached(0, 4096) is not None
+        closings[0].join(10)
+        if blob._page_in is not None:
+            blob._page_in.join(10)
+            assert blob._page_in.walked == 0, "walked the blob after its export closed"
+        assert pagein._budget._taken == 0
+
+
+def test_two_exports_of_one_blob_walk_it_once(cache_dir: Path, cold_looking):
+    """The same layer in two images of one server: one walk, one share of the budget."""
+    with ChunkStore(cache_dir) as store:
+        digest = warm_blob(store)
+        exports = [CachedBlob(store, digest, 4 * MiB, None) for _ in range(2)]
+        for blob in exports:
+            assert blob.read_cached(0, 4096) is not None
+        for blob in exports:
+            blob._page_in.join(10)
+        assert sorted(blob._page_in.walked for blob in exports) == [0, 4 * MiB]
+        for blob in exports:
+            blob.close()
+        assert pagein._budget._taken == 0
+
+
+def test_no_thread_to_be_had_fails_no_hit(cache_dir: Path, monkeypatch):
+    """Out of threads, the first hit is served all the same, with no page-in."""
+
+    def refuse(self) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(pagein.PageIn, "start", refuse)
+    with ChunkStore(cache_dir) as store:
+        digest = warm_blob(store)
+        blob = CachedBlob(store, digest, 4 * MiB, None)
+        assert blob.read_cached(0, 4096) is not None
+        assert blob._page_in is None
+        blob.close()
+
+
+def test_a_forked_child_inherits_no_walk_and_no_held_lock(cache_dir: Path, cold_looking):
+    """A fork taken while a walk holds the budget's lock and part of the budget: in the
+    child the budget is empty and usable, and closing the export does not hang."""
+    with ChunkStore(cache_dir) as store:
+        digest = warm_blob(store)
+        blob = CachedBlob(store, digest, 4 * MiB, None)
+        assert blob.read_cached(0, 4096) is not None
+        blob._page_in.join(10)
+        with pagein._budget._lock:
+            pid = os.fork()
+            if pid == 0:  # the child: exits 0 only if nothing hangs and nothing is held
+                try:
+                    ok = pagein._budget._taken == 0 and pagein._budget.take(4096)
+                    blob._page_in.stop()
+                    os._exit(0 if ok else 1)
+                finally:
+                    os._exit(2)
+        deadline = time.monotonic() + 10
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        blob.close()
+        assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0, "the child hung"

@@ -411,3 +411,23 @@ def test_a_range_too_large_to_hold_is_never_fetched_ahead(layer, monkeypatch):
         assert source.asked == (1 << 20) + 4096
     finally:
         ahead.close()
+
+
+def test_no_page_in_reaches_the_uncompressed_tar(tmp_path, layer):
+    """``--no-page-in`` (``page_in=False``) holds for a gzip layer's cached tar too: its
+    first hit on a warm layer starts no walk of the tar's chunks."""
+    _, tar, _ = layer
+    off = PrefetchSettings(readahead=False, page_in=False)
+    with ChunkStore(tmp_path / "cache") as store:
+        opened, compressed, _ = open_layer(store, layer, off)
+        opened.read(0, len(tar))  # the whole tar in the cache, as a warm layer's
+        opened.close()
+        compressed.close()
+        opened, compressed, _ = open_layer(store, layer, off)
+        at = len(opened._meta) + len(tar) // 2  # inside the tar, past the metadata image
+        try:
+            assert opened.read_cached(at, 4096) is not None
+            assert opened._tar_blob._page_in is None, "page-in started though switched off"
+        finally:
+            opened.close()
+            compressed.close()
