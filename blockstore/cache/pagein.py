@@ -19,7 +19,7 @@ no read from the disk) is not walked at all: a warm sequential copy would
 pay for the lookups (measured: 0.80x of nbdkit curl against 0.97x without).
 
 Measured (``bench/README.md``): the mount stack with the page cache dropped
-went from 0.91x to about 0.98x of ``nbdkit file``.
+went from 0.90x to 0.96x of ``nbdkit file`` in one run of the harness.
 """
 
 from __future__ import annotations
