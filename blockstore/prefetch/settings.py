@@ -15,8 +15,8 @@ class PrefetchSettings:
     readahead: bool = True
     """Per-stream sequential readahead."""
     page_in: bool = True
-    """On an export's first hit, ask the kernel to read the blob's cached chunks from the
-    cache file ahead of the client (``cache.pagein``)."""
+    """Just after an export's first hit, read the blob's cached chunks from the cache
+    file into memory ahead of the client, unless they are there (``cache.pagein``)."""
     erofs_start: bool = False
     """At open, fetch the superblock, root inode and root directory in one request."""
     erofs_walk: bool = False

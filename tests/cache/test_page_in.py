@@ -54,15 +54,18 @@ def drop_pages(path: Path) -> None:
         os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
+def warm_blob(store: ChunkStore, size: int = 4 * MiB, seed: int = 3) -> str:
+    """A blob of ``size`` random bytes stored whole in ``store``; its digest."""
+    data, digest = make_blob(size, seed=seed)
+    CachedBlob(store, digest, size, ScriptedSource(data, digest)).prefetch()
+    return digest
+
+
 def cold(cache_dir: Path, sizes: list[int]) -> list[str]:
     """Whole blobs of ``sizes`` stored in a cache at ``cache_dir``, then none of its
     file left in the page cache; their digests."""
-    digests = []
     with ChunkStore(cache_dir) as store:
-        for seed, size in enumerate(sizes):
-            data, digest = make_blob(size, seed=seed)
-            CachedBlob(store, digest, size, ScriptedSource(data, digest)).prefetch()
-            digests.append(digest)
+        digests = [warm_blob(store, size, seed) for seed, size in enumerate(sizes)]
     data_file = cache_dir / "data.mdb"
     drop_pages(data_file)
     if resident(data_file) > FAULT_READS_AT_MOST:
@@ -154,10 +157,9 @@ def test_the_budget_is_shared_by_the_blobs_served_and_given_back_at_close(
 def test_a_blob_in_memory_already_is_not_walked(cache_dir: Path):
     """Just stored, the blob's pages are all in memory: the sample of its chunks shows it,
     and nothing is asked for (a warm copy does not pay for a walk it does not need)."""
-    data, digest = make_blob(BLOB_SIZE // 4, seed=8)
     with ChunkStore(cache_dir) as store:
-        CachedBlob(store, digest, len(data), ScriptedSource(data, digest)).prefetch()
-        blob = CachedBlob(store, digest, len(data), None)
+        digest = warm_blob(store, BLOB_SIZE // 4, seed=8)
+        blob = CachedBlob(store, digest, BLOB_SIZE // 4, None)
         assert blob.read_cached(0, 4096) is not None
         blob._page_in.join(10)
         assert blob._page_in.walked == 0
@@ -175,12 +177,6 @@ def test_no_page_in_is_a_switch_of_serve_and_reaches_the_server_of_a_mount(tmp_p
     argv, _ = serve_command(mount)
     assert "--no-page-in" in argv
     assert prefetch_settings_from(parser.parse_args(argv[argv.index("serve") :])).page_in is False
-
-
-def warm_blob(store: ChunkStore, size: int = 4 * MiB) -> str:
-    data, digest = make_blob(size, seed=3)
-    CachedBlob(store, digest, size, ScriptedSource(data, digest)).prefetch()
-    return digest
 
 
 @pytest.fixture
