@@ -275,15 +275,20 @@ def _layer_blobs(record: dict, tars: Callable[[str], str | None]) -> set[str]:
     return blobs
 
 
+def _must_be_cached(store: ChunkStore, digests: list[str]) -> None:
+    """A blob named by digest and not cached is not found, as an unknown image is, and
+    no failure of the cache."""
+    for digest in digests:
+        if store.lookup(digest) is None:
+            raise NotFound(f"no blob {digest} in the cache")
+
+
 def _set_pin(args: argparse.Namespace, on: bool) -> int:
     with open_store(args) as store:
         blobs, _ = resolve_targets(store, args.targets)
-        for digest, size in blobs.items():
-            # A digest alone names a cached blob (an image's layers come with sizes, so
-            # they can be pinned before they are): one not cached is not found, as an
-            # unknown image is, and no failure of the cache.
-            if size is None and store.lookup(digest) is None:
-                raise NotFound(f"no blob {digest} in the cache")
+        # A digest alone names a cached blob (an image's layers come with sizes, so
+        # they can be pinned before they are).
+        _must_be_cached(store, [digest for digest, size in blobs.items() if size is None])
         for digest, size in blobs.items():
             if on:
                 store.pin(digest, size)
@@ -312,11 +317,9 @@ def cmd_rm(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         blobs, refs = resolve_targets(store, args.targets)
         explicit = {normalize_digest(t) for t in args.targets if DIGEST.match(t)}
-        for digest in sorted(explicit):
-            # Checked before anything goes: a mistyped digest among others removes nothing,
-            # and a second rm of one says it is gone, as for an image.
-            if store.lookup(digest) is None:
-                raise NotFound(f"no blob {digest} in the cache")
+        # Checked before anything goes: a mistyped digest among others removes nothing,
+        # and a second rm of one says it is gone, as for an image.
+        _must_be_cached(store, sorted(explicit))
         tars = IndexCache(store).tar_digest
         images = {r["reference"]: set() for r in refs}
         for record in refs:
