@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from blockstore.errors import UsageError
+from blockstore.registry.reference import host_problem
 
 
 @dataclass
@@ -48,7 +49,7 @@ class RegistryOptions:
 
 
 def check_mirror(mirror: str) -> None:
-    """Refuse a mirror written with ``user:password@``.
+    """Refuse a mirror written with ``user:password@``, or whose host or port is not one.
 
     A mirror's name is shown in warnings and reprs, and ``mount`` puts it on
     the command line of the server it starts, which ``ps`` shows to every
@@ -62,3 +63,6 @@ def check_mirror(mirror: str) -> None:
             f"credentials for a mirror come from the auth files (podman login, docker login) "
             f"keyed by its host, {host}"
         )
+    why = host_problem(host)
+    if why:
+        raise UsageError(f"mirror {mirror!r}: {why} (expected HOST[:PORT])")

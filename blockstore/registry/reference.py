@@ -107,6 +107,12 @@ def parse_reference(text: str) -> Reference:
                 f"invalid image reference {_echo(text)}: tag {_echo(tag)} must be 1-128 of "
                 "ASCII letters, digits, '_', '.', '-' and not start with '.' or '-'"
             )
+    if _SHA256_HEX.fullmatch(name):
+        # Docker refuses such a name too: it is a digest with its algorithm left off.
+        raise InvalidReference(
+            f"invalid image reference {_echo(text)}: 64 hex digits name a digest, not an "
+            f"image (write sha256:{name})"
+        )
     registry, repository = _split_registry(text, name)
     if len(repository) > _MAX_NAME_LENGTH:
         raise InvalidReference(
@@ -189,21 +195,26 @@ def _is_host(first: str) -> bool:
     return "." in first or ":" in first or first == "localhost" or first != first.lower()
 
 
+def host_problem(host: str) -> str | None:
+    """Why ``host`` is not a registry's ``host[:port]`` (``[v6]:port`` too), or None.
+
+    Checked before any request: requests would refuse a bad port later with a
+    bare ValueError."""
+    matched = _HOST.fullmatch(host)
+    if not matched:
+        return f"bad registry host {_echo(host)}"
+    port = matched["port"]
+    if port is not None and not (len(port) <= 5 and 1 <= int(port) <= 65535):
+        return f"port {_echo(port)} of registry host is not in 1..65535"
+    return None
+
+
 def _split_registry(original: str, name: str) -> tuple[str, str]:
     first, slash, rest = name.partition("/")
     if slash and _is_host(first):
-        host = _HOST.fullmatch(first)
-        if not host:
-            raise InvalidReference(
-                f"invalid image reference {_echo(original)}: bad registry host {_echo(first)}"
-            )
-        port = host["port"]
-        # Checked here: requests would refuse it later with a bare ValueError.
-        if port is not None and not (len(port) <= 5 and 1 <= int(port) <= 65535):
-            raise InvalidReference(
-                f"invalid image reference {_echo(original)}: port {_echo(port)} of registry "
-                "host is not in 1..65535"
-            )
+        why = host_problem(first)
+        if why:
+            raise InvalidReference(f"invalid image reference {_echo(original)}: {why}")
         registry, path = first, rest
     else:
         registry, path = DOCKER_HUB, name

@@ -124,6 +124,38 @@ def test_mirror_with_credentials_in_its_address_is_refused(mirror):
     assert "127.0.0.1:5000" in message and "auth files" in message
 
 
+@pytest.mark.parametrize(
+    ("mirror", "why"),
+    [
+        ("127.0.0.1:notaport", "bad registry host"),
+        ("bad:host:x", "bad registry host"),
+        ("127.0.0.1:99999", "not in 1..65535"),
+        ("http://127.0.0.1:0/", "not in 1..65535"),
+    ],
+)
+def test_a_mirror_that_is_not_host_and_port_is_refused(mirror, why):
+    """A mirror with a port that is not a number, or not one in range, is a usage error
+    when the options are made: before, requests refused it at the first read with a bare
+    ValueError, which every command printed as a traceback."""
+    with pytest.raises(UsageError, match=why):
+        RegistryOptions(insecure=True, mirrors=[mirror])
+
+
+def test_a_command_given_a_bad_mirror_port_exits_with_one_usage_line():
+    """``inspect --mirror HOST:notaport`` exits 2 with one line naming the mirror. Nothing
+    listens at the addresses: had it tried to connect, the exit would be 5."""
+    done = subprocess.run(
+        [*BLOCKSTORE, "inspect", "127.0.0.1:1/a/b:v1", "--insecure", "--mirror", "127.0.0.1:x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == UsageError.exit_code, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "blockstore: mirror '127.0.0.1:x': bad registry host '127.0.0.1:x' (expected HOST[:PORT])"
+    ]
+
+
 def test_mirror_addresses_without_credentials_are_taken():
     """Host, host:port and scheme URLs with a trailing slash are all plain mirrors."""
     mirrors = ["mirror.example", "127.0.0.1:5000", "https://mirror.example:443/"]

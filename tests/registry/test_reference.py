@@ -67,6 +67,9 @@ def test_fields():
         ("a/" + "b" * 256, "longer than 255"),
         ("http://127.0.0.1:5000/app:v1", r"takes no scheme \(drop 'http://'; --insecure"),
         ("https://reg.example/app", r"takes no scheme \(drop 'https://'\)"),
+        # A digest with its algorithm left off, taken before for an image on Docker Hub.
+        ("ab" * 32, "name a digest, not an image \\(write sha256:" + "ab" * 32),
+        ("ab" * 32 + ":v1", "name a digest"),
     ],
 )
 def test_invalid_references_say_why(text, why):
