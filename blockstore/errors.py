@@ -53,6 +53,12 @@ class RegistryUnreachable(BlockstoreError):
     exit_code = 5
 
 
+class RegistryTLSMismatch(RegistryUnreachable):
+    """The registry answered, but not as the TLS settings say: plain HTTP where TLS was
+    asked for, or a certificate the given CAs do not trust. A setting to fix, not an
+    outage: no command serves from the cache alone because of it."""
+
+
 class IntegrityError(BlockstoreError):
     """Bytes that do not match the digest or checksum they must match."""
 

@@ -35,6 +35,7 @@ from blockstore.errors import (
     ImageNotCached,
     IntegrityError,
     NotFound,
+    RegistryTLSMismatch,
     RegistryUnreachable,
 )
 from blockstore.fetch import forks
@@ -487,6 +488,8 @@ def _open(
         resolved = resolve_image(client, ref, platform, require_platform=explicit)
     except RegistryUnreachable as exc:
         client.close()
+        if isinstance(exc, RegistryTLSMismatch):
+            raise  # reached, with a wrong setting: the fix is the setting, not the cache
         if fresh:
             raise RegistryUnreachable(
                 f"{exc}, and {ref} was never resolved here: there was no cache at {store.path}"

@@ -25,7 +25,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import requests
 import urllib3
 
-from blockstore.errors import AuthError, RegistryError, RegistryUnreachable
+from blockstore.errors import AuthError, RegistryError, RegistryTLSMismatch, RegistryUnreachable
 from blockstore.registry.auth import Authenticator, basic_header, parse_challenge
 from blockstore.registry.credentials import Credentials
 from blockstore.registry.replies import oci_error
@@ -267,7 +267,7 @@ class Endpoint:
                 reply = self._session.request(method, url, data=body, **kwargs)
         except requests.exceptions.SSLError as exc:
             cause = describe_failure(exc, not_tls=self._plain_http_hint(url))
-            raise RegistryUnreachable(f"cannot connect securely to {where}: {cause}") from None
+            raise RegistryTLSMismatch(f"cannot connect securely to {where}: {cause}") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             cause = describe_failure(exc)
             error = f"cannot reach {peer}: {cause}"

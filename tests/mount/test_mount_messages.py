@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
-from test_mount_e2e import cache_then_stop_registry, cli, mount, one_line, umount
+from test_mount_e2e import assert_same_tree, cache_then_stop_registry, cli, mount, one_line, umount
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +36,30 @@ def test_serving_from_the_cache_alone_is_said_on_the_terminal(dirs, fresh_regist
     quiet = cli("-q", "mount", "--insecure", "--cache-dir", str(cache), ref, str(mnt))
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stderr == ""
+    umount(mnt)
+
+
+def test_a_mount_forgetting_insecure_fails_rather_than_serving_the_cache(
+    dirs, pushed_images, erofs_images
+):
+    """Image cached through --insecure, registry up: a mount without --insecure reaches a
+    registry that answers in plain HTTP. That is a setting to fix, not an outage: before,
+    the mount served the cache alone and read I/O errors wherever the cache had a gap.
+    It exits 5 with the hint to --insecure, leaves nothing mounted, and the same mount
+    with --insecure then works."""
+    mnt, cache, _ = dirs
+    ref = pushed_images.small
+    mount(ref, mnt, cache)
+    umount(mnt)
+    done = cli("mount", "--cache-dir", str(cache), ref, str(mnt))
+    assert done.returncode == 5, done.stderr
+    assert one_line(done.stderr).endswith(
+        "it does not speak TLS (a plain-HTTP registry needs --insecure)"
+    ), done.stderr
+    assert not os.path.ismount(mnt)
+    assert cli("mounts", "--json").stdout.strip() == "[]"
+    mount(ref, mnt, cache)
+    assert_same_tree(erofs_images.small.tree, mnt)
     umount(mnt)
 
 
