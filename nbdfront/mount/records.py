@@ -12,7 +12,9 @@ A record tells ``umount`` which processes to signal and what to unmount, so
 only its owner may write where it lives: the run directory and ``mounts/``
 are 0755, each mount's directory (its socket, its record) and ``log/`` are
 0700. A directory that another user can write, or that is not ours, is
-refused when mounting, and a record in one is not believed.
+refused when mounting, and a record in one is not believed; a run directory
+or ``mounts/`` that another user can write fails ``mounts`` and ``umount``
+too, since anything in it could have been planted.
 """
 
 from __future__ import annotations
@@ -267,8 +269,27 @@ def save(record: MountRecord) -> None:
     os.replace(tmp, path)
 
 
+def _believable(run: Path) -> None:
+    """Refuse a run directory, or its ``mounts/``, that a user other than this one (or
+    root) could write: anything there could have been planted or swapped, records
+    naming processes for ``umount`` to signal included. ``mount`` refuses to use such a
+    directory; reading records from it is refused the same way, not passed over, so
+    that ``mounts`` does not say there are none while mounts are up."""
+    for path in (run, run / "mounts"):
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if st.st_mode & 0o022 or st.st_uid not in (os.geteuid(), 0):
+            raise MountError(
+                f"{path} can be written by another user, so no mount record in it is "
+                f"believed: make it writable by its owner alone (chmod go-w {path})"
+            )
+
+
 def load(mountpoint: str) -> MountRecord | None:
     """The record of ``mountpoint``; None if there is none, or none to be believed."""
+    _believable(run_dir())
     state_dir = state_dir_for(mountpoint)
     if is_private(state_dir) and (record := _read(state_dir / RECORD_NAME)) is not None:
         return record
@@ -279,7 +300,9 @@ def load(mountpoint: str) -> MountRecord | None:
 def saved() -> list[MountRecord]:
     """Every mount recorded on this machine, sorted by mount point."""
     found = []
-    for path in sorted((run_dir() / "mounts").glob(f"*/{RECORD_NAME}")):
+    run = run_dir()
+    _believable(run)
+    for path in sorted((run / "mounts").glob(f"*/{RECORD_NAME}")):
         if path.parent.name.startswith(NEW_PREFIX) or not is_private(path.parent):
             continue
         if (record := _read(path)) is not None:

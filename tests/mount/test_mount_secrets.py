@@ -69,7 +69,7 @@ def test_a_run_directory_others_can_write_is_refused(mount_dirs, mountpoint, loc
     mount directory that others can write is not believed by ``umount`` or ``mounts``."""
     _, run = mount_dirs
     run.chmod(0o777)
-    with pytest.raises(MountError, match="only it can write"):
+    with pytest.raises(MountError, match="can be written by another user"):
         stack.mount(local_server({}), str(mountpoint), image="x")
     assert not processes_mentioning(str(run))
 
@@ -83,6 +83,35 @@ def test_a_run_directory_others_can_write_is_refused(mount_dirs, mountpoint, loc
     assert records.saved() == []
     planted.chmod(0o700)
     assert records.load(str(mountpoint)) == fake  # the same record, where only we can write
+
+
+@pytest.mark.parametrize("where", ["run", "mounts"])
+def test_records_under_a_directory_others_can_write_are_refused(
+    mount_dirs, mountpoint, erofs_images, local_server, where
+):
+    """Tried: a mount made, then its run directory (or ``mounts/`` in it) made writable by
+    all, then ``mounts`` and ``umount``. Must hold: both refuse in one line naming the
+    directory (exit 10), as ``mount`` refuses such a directory, and the mount stays up;
+    with the mode put back, ``umount`` undoes it. Before, both believed the records
+    there, and ``umount`` signalled the processes they named."""
+    _, run = mount_dirs
+    stack.mount(local_server({"layer0": erofs_images.small.path}), str(mountpoint), image="small")
+    opened = run if where == "run" else run / "mounts"
+    opened.chmod(0o777)
+    try:
+        for argv in (["mounts"], ["umount", str(mountpoint)]):
+            done = cli(*argv)
+            assert done.returncode == MountError.exit_code, done.stderr
+            assert done.stderr.splitlines() == [
+                f"blockstore: {opened} can be written by another user, so no mount record "
+                f"in it is believed: make it writable by its owner alone (chmod go-w {opened})"
+            ]
+        assert os.path.ismount(mountpoint)
+    finally:
+        opened.chmod(0o755)
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert not os.path.ismount(mountpoint)
 
 
 def test_a_relative_run_directory_is_refused(monkeypatch, mountpoint):
