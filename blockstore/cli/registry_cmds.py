@@ -16,6 +16,7 @@ from blockstore.registry import (
     push_image,
     resolve_image,
 )
+from blockstore.registry.descriptors import is_media_type
 from blockstore.registry.platforms import host_platform
 from blockstore.registry.push import detect_media_type
 from blockstore.registry.pushcheck import check_tar_layer
@@ -55,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     push.add_argument(
         "--media-type",
         action="append",
+        type=parse_media_type,
         help="layer media type: once for every layer, or once per FILE in order "
         f"(default: told by the file's bytes, e.g. {EROFS_MEDIA_TYPE})",
     )
@@ -123,6 +125,16 @@ def run_push(args: argparse.Namespace) -> int:
         )
     print(digest)
     return 0
+
+
+def parse_media_type(text: str) -> str:
+    """A layer media type as a manifest must carry one: checked here, or the push would
+    succeed and make an image every pull refuses."""
+    if not is_media_type(text):
+        raise argparse.ArgumentTypeError(
+            f"not a media type: {text!r} (type/subtype, e.g. {EROFS_MEDIA_TYPE})"
+        )
+    return text
 
 
 def layer_media_types(files: list[Path], given: list[str] | None) -> str | list[str]:

@@ -30,6 +30,11 @@ _MEDIA_TYPE = re.compile(
 )
 
 
+def is_media_type(text: str) -> bool:
+    """Whether ``text`` is a media type as a descriptor must carry one (``type/subtype``)."""
+    return _MEDIA_TYPE.fullmatch(text) is not None
+
+
 class ManifestProblem(ValueError):
     """What is wrong with a manifest or index, in a phrase the caller puts in context."""
 
@@ -48,7 +53,7 @@ def check_descriptor(value: object, where: str) -> Descriptor:
     if not isinstance(value, dict):
         raise ManifestProblem(f"{where} is not a descriptor object")
     media_type = value.get("mediaType")
-    if not isinstance(media_type, str) or not _MEDIA_TYPE.fullmatch(media_type):
+    if not isinstance(media_type, str) or not is_media_type(media_type):
         raise ManifestProblem(f"{where} has no valid mediaType")
     digest = value.get("digest")
     if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):

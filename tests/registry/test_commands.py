@@ -240,6 +240,22 @@ def test_push_of_a_tar_layer_as_erofs_names_the_media_type_to_give(tmp_path):
         ), (name, pushed.stderr)
 
 
+@pytest.mark.parametrize("given", ["not a type", "erofs", "application/", "a/b c"])
+def test_push_refuses_a_media_type_that_is_not_one(registry, erofs_images, given):
+    """Tried: push with a --media-type that is not type/subtype. Must hold: exit 2 with
+    one line naming the value, and nothing pushed (the tag stays unknown). Before, the
+    push succeeded and made an image that inspect and mount then refused."""
+    image = f"{registry.host}/cli/badmediatype:v1"
+    pushed = blockstore(
+        "push", str(erofs_images.small.path), image, "--insecure", "--media-type", given
+    )
+    assert pushed.returncode == 2, pushed.stderr
+    assert f"argument --media-type: not a media type: {given!r}" in pushed.stderr
+    assert len(pushed.stderr.strip().splitlines()) == 1, pushed.stderr
+    looked = blockstore("inspect", image, "--insecure")
+    assert looked.returncode == 3 and "cli/badmediatype" in looked.stderr, looked.stderr
+
+
 def test_push_of_several_files_makes_one_image_of_their_layers(registry, erofs_images, tmp_path):
     """push of an EROFS image and a tar.gz to one tag makes one image of two layers,
     the first file at the bottom, each with the media type its bytes tell; two
