@@ -26,6 +26,7 @@ from blockstore.attachments import (
 )
 from blockstore.cache import CachedBlob, ChunkStore
 from blockstore.cache.errors import OtherFormat
+from blockstore.cache.holds import BlobHold
 from blockstore.cache.indexes import IndexShelf
 from blockstore.cache.layout import holds_cache
 from blockstore.chunkindex import ChunkIndex
@@ -96,6 +97,13 @@ class OpenImage:
     unreachable: RegistryUnreachable | None = None
     """Why the registry is not in use though it was asked for (None: online, or offline
     by choice): what a command that needs more than the cache holds should say."""
+    _hold: BlobHold | None = None
+    """Served from the cache alone: the image's hold, which keeps its record from
+    ``cache rm`` while it is served (``ChunkStore.hold_image``)."""
+
+    def __post_init__(self) -> None:
+        if self.client is None:
+            self._hold = self.store.hold_image(self.resolved.reference)
 
     @property
     def online(self) -> bool:
@@ -366,6 +374,8 @@ class OpenImage:
             thread.join()
         if self.client is not None:
             self.client.close()
+        if self._hold is not None:
+            self._hold.release()
         self.store.close()
 
 

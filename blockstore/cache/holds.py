@@ -6,6 +6,8 @@ by another process (``cache gc``, or a mount filling the cache) would turn
 the running mount's next page-cache miss into EIO. Such a server holds a
 shared ``flock`` on the blob's file under ``holds/`` in the cache directory
 for as long as it serves the blob, and eviction leaves held blobs alone.
+It holds the image it serves the same way (``image_key``), which ``cache rm``
+keeps whole while it is served.
 
 The kernel drops the locks of a process that dies, so a crashed server
 never holds a blob for good. ``flock`` locks belong to the open file, but
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import threading
@@ -35,6 +38,13 @@ _unlockable_told = threading.Event()
 
 def _path(cache_dir: Path, digest: str) -> Path:
     return Path(cache_dir) / HOLD_DIR / digest.replace(":", "-")
+
+
+def image_key(reference: str) -> str:
+    """What an image served from the cache alone is held as, beside its blobs: its
+    record must stay too (a server restarted offline resolves the image from it), and
+    a blob that several images share cannot say which of them is served."""
+    return "image:" + hashlib.sha256(reference.encode()).hexdigest()
 
 
 def _cannot_lock(exc: OSError) -> bool:

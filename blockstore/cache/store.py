@@ -35,6 +35,7 @@ from .capacity import STORED_CHUNK, Capacity
 from .env import CacheEnv
 from .errors import CacheDamaged, ChunkIntegrityError
 from .evict import LOW_WATER, Evicted
+from .holds import BlobHold, image_key
 from .integrity import blob_seed, chunk_sum, intact, matches_sealed, stored_length
 from .layout import (
     CHUNK_KEY,
@@ -459,6 +460,16 @@ class ChunkStore:
     def is_held(self, digest: str) -> bool:
         """Whether a server (of any process) serves ``digest`` from the cache alone."""
         return self.capacity.is_held(digest)
+
+    def hold_image(self, reference: str) -> BlobHold | None:
+        """Hold the image ``reference`` while this process serves it from the cache
+        alone (``release`` the hold when done); None for a read-only cache, from
+        which nothing is removed here."""
+        return None if self.read_only else BlobHold.take(self.path, image_key(reference))
+
+    def image_is_held(self, reference: str) -> bool:
+        """Whether a server (of any process) serves image ``reference`` from the cache alone."""
+        return self.capacity.is_held(image_key(reference))
 
     def _record_for(self, txn: lmdb.Transaction, digest: str, size: int) -> BlobRecord:
         record = self._record(txn, digest)

@@ -309,8 +309,9 @@ def cmd_unpin(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     """Remove images and blobs; a layer another cached image still uses is kept, and so
-    is an image whole while a running server serves any of its layers from the cache
-    alone (its server would read I/O errors from then on, with nowhere to fetch from)."""
+    is an image whole while a running server serves it, or any of its layers, from the
+    cache alone (its server would read I/O errors from then on, with nowhere to fetch
+    from, and one restarted could not resolve it)."""
     from blockstore.registry.reference import normalize_digest
     from blockstore.tarlayer.export import IndexCache
 
@@ -336,6 +337,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
         # Held, and about to go: a layer another image keeps anyway is no reason to keep.
         held = sorted(d for d in served if d in explicit or d not in in_use)
         busy = _images_served(images, served, in_use)
+        busy |= {reference for reference in images if store.image_is_held(reference)}
         keep_whole = set().union(*(images[reference] for reference in busy))
         in_use |= keep_whole
         removed, kept = [], []
@@ -364,4 +366,4 @@ def cmd_rm(args: argparse.Namespace) -> int:
         },
         "\n".join(lines) or "nothing to remove",
     )
-    return CacheError.exit_code if held else 0
+    return CacheError.exit_code if held or busy else 0

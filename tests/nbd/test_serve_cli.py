@@ -349,6 +349,42 @@ def test_cache_rm_of_an_image_sharing_a_layer_with_one_served_offline_goes_on(
         assert stop(proc) == 0
 
 
+def test_cache_rm_keeps_an_image_served_offline_whole_even_if_its_layers_stay_anyway(
+    registry, pushed_images, erofs_images, tmp_path
+):
+    """Tried: ``cache rm A`` while ``serve --offline`` serves A, whose one layer the
+    three-layer image also has. Must hold: A is kept whole and named (exit 8), so a
+    second offline server of A, started meanwhile, still resolves it; once no server
+    serves A, rm removes A's record and keeps the shared layer. Before, rm removed A's
+    record at once (the layer stayed for the other image), and A could not be served
+    offline again: a mount restarted offline failed with 'not in the cache'."""
+    cache = tmp_path / "cache"
+    layers = erofs_images.layers
+    base_only = push_erofs(registry.host, "serve/base-only", "v1", [layers[0].path])
+    cli = [sys.executable, "-m", "blockstore"]
+    for image in (pushed_images.multilayer, base_only):
+        prefetch = [*cli, "prefetch", image, "--insecure", "--cache-dir", str(cache)]
+        assert subprocess.run(prefetch, capture_output=True, timeout=120).returncode == 0
+    rm = [*cli, "cache", "rm", base_only, "--json", "--cache-dir", str(cache)]
+    args = [base_only, "--offline", "--cache-dir", str(cache), "--listen", "127.0.0.1:0"]
+    with serving(*args) as (proc, _):
+        result = subprocess.run(rm, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 8, result.stderr
+        report = json.loads(result.stdout)
+        assert report["removed"] == [] and report["removed_images"] == []
+        assert report["kept_images"] == [base_only]
+        with serving(*args) as (again, exports):
+            out = tmp_path / "base.img"
+            subprocess.run(["nbdcopy", exports[""], str(out)], check=True, timeout=60)
+            assert filecmp.cmp(out, layers[0].path, shallow=False)
+            assert stop(again) == 0
+        assert stop(proc) == 0
+    result = subprocess.run(rm, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["removed_images"] == [base_only] and report["kept"] == [layers[0].digest]
+
+
 def test_cache_rm_of_two_images_keeps_only_the_one_a_server_serves(
     registry, pushed_images, erofs_images, tmp_path
 ):
