@@ -152,10 +152,18 @@ def _users(fd: int) -> str:
     return ", ".join(f"pid {pid} ({_command(pid)})" for pid in sorted(pids))
 
 
+COMMAND_SHOWN = 80
+"""Characters of a blocking process's command line that a message shows."""
+
+
 def _command(pid: int) -> str:
+    """The command line of ``pid``, cut after a whole word if long ("?" if unknown)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             words = f.read().split(b"\0")
     except OSError:
         return "?"
-    return " ".join(w.decode(errors="replace") for w in words if w)[:80] or "?"
+    text = " ".join(w.decode(errors="replace") for w in words if w) or "?"
+    if len(text) <= COMMAND_SHOWN:
+        return text
+    return text[: COMMAND_SHOWN + 1].rsplit(" ", 1)[0][:COMMAND_SHOWN] + " ..."

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from cache_sources import ScriptedSource, make_blob
 from test_cache_processes import worker, write_blobs
 
 from blockstore.cache import CachedBlob, ChunkStore
-from blockstore.cache.compact import COPY_NAME
+from blockstore.cache.compact import COMMAND_SHOWN, COPY_NAME, _command
 
 
 def fill(cache_dir, sizes: list[int], seed: int) -> list[tuple[bytes, str]]:
@@ -73,6 +74,22 @@ def test_compact_refuses_a_cache_in_use_and_names_who_uses_it(cache_dir, tmp_pat
     user = worker(cache_dir, blobs, "--cap", str(64 << 20), "--seconds", "60")
     assert user.stdout.readline().strip() == "ready"
     refused_while_open(cache_dir, user, f"in use by pid {user.pid} ")
+
+
+def test_a_long_command_line_is_cut_after_a_whole_word():
+    """The process named in a refusal: a command line longer than the message shows is
+    cut after its last whole word, with " ..." after it; a short one is shown whole.
+    Before, it was cut mid-word ("... serve 127.0.0.1:5000/tools/rootfs:v")."""
+    words = ["127.0.0.1:5000/tools/rootfs:v1", "--cache-dir", "/var/cache/" + "x" * 40]
+    argv = [sys.executable, "-c", "import time; time.sleep(60)", *words]
+    with subprocess.Popen(argv) as proc:
+        try:
+            shown = _command(proc.pid)
+        finally:
+            proc.kill()
+    assert shown.endswith(" ...") and len(shown) <= COMMAND_SHOWN + 4, shown
+    kept = shown.removesuffix(" ...").split(" ")
+    assert kept == " ".join(argv).split(" ")[: len(kept)], shown
 
 
 def refused_while_open(cache_dir: Path, user: subprocess.Popen, said: str) -> None:
