@@ -80,7 +80,7 @@ def evict(
             evicted += 1
             txn.delete(stored_key, db=db)
             if entry is not None and not part:
-                entry[1].present -= 1
+                entry[1].forget_one()
         txn.delete(key, db=dbs[DB_TICKS])
         cursor.delete()
         positioned = bool(cursor.key())

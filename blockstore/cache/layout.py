@@ -133,6 +133,14 @@ class BlobRecord:
     def chunks(self) -> int:
         return chunk_count(self.size)
 
+    def forget_one(self) -> None:
+        """Count one stored chunk fewer. Never below none: a count already too low (a
+        record damaged on the disk) would otherwise go negative, which no record can
+        hold, and a failed write of one record would cost the whole cache; ``verify``
+        counts the chunks again."""
+        if self.present > 0:
+            self.present -= 1
+
     def pack(self) -> bytes:
         return self._FORMAT.pack(self.blob_id, self.size, self.present, self.flags, self.last_use)
 

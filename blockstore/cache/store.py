@@ -591,7 +591,7 @@ class ChunkStore:
             txn.delete(bytes(tick) + key, db=self.dbs[DB_LRU])
             txn.delete(key, db=self.dbs[DB_TICKS])
         if record is not None:
-            record.present -= 1
+            record.forget_one()
         self.capacity.add_stored(txn, -length)
 
     def grow(self, digest: str, size: int) -> None:

@@ -156,6 +156,43 @@ def test_stats_ls_pin_rm_gc_by_digest_and_reference(cache_dir):
     assert result.returncode == 2, result.stderr
 
 
+def test_a_count_of_stored_chunks_too_low_costs_nothing_else(cache_dir):
+    """Tried: a blob whose record counts one chunk fewer than are stored (a bit of the
+    record flipped on the disk), then ``cache gc`` evicting every chunk of it, beside a
+    pinned blob. Must hold: gc succeeds, the cache stays where it is with the pinned
+    blob whole, and ``verify`` counts the evicted blob's chunks again (none). Before,
+    the count went below zero, the record could not be written, and that was taken
+    for a damaged cache: gc exited 8, and a server moved the whole cache aside."""
+    from blockstore.cache.layout import DB_BLOBS, BlobRecord
+
+    kept, evicted = make_blob(3 * CHUNK_SIZE, seed=31), make_blob(4 * CHUNK_SIZE, seed=32)
+    with ChunkStore(cache_dir) as store:
+        for data, digest in (kept, evicted):
+            blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
+            blob.prefetch()
+            blob.close()
+        store.pin(kept[1], len(kept[0]))
+
+        def lower_the_count(txn):
+            key = evicted[1].encode()
+            record = BlobRecord.unpack(txn.get(key, db=store.dbs[DB_BLOBS]))
+            record.present -= 1
+            txn.put(key, record.pack(), db=store.dbs[DB_BLOBS])
+
+        store.env.write(lower_the_count)
+    where = ("--cache-dir", str(cache_dir))
+    result = run_cli("cache", "gc", "--cache-size", str(3 * CHUNK_SIZE), *where)
+    assert result.returncode == 0, result.stderr
+    assert not list(cache_dir.parent.glob("*.damaged-*"))
+    with ChunkStore(cache_dir) as store:
+        infos = {i.digest: i for i in store.blobs()}
+        assert infos[kept[1]].present == 3 and infos[evicted[1]].present == 0
+        assert store.verify().ok
+        blob = CachedBlob(store, kept[1], len(kept[0]), None)
+        assert b"".join(bytes(b) for b in blob.read(0, len(kept[0]))) == kept[0]
+        blob.close()
+
+
 def test_gc_left_over_its_cap_by_pins_says_so(cache_dir):
     """A pinned blob of 6 chunks and an unpinned one, then `cache gc` to a cap of 2
     chunks: the unpinned blob is evicted, the pinned one kept, and gc, still over the
