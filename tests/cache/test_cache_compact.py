@@ -81,9 +81,10 @@ def test_a_long_command_line_is_cut_after_a_whole_word():
     cut after its last whole word, with " ..." after it; a short one is shown whole.
     Before, it was cut mid-word ("... serve 127.0.0.1:5000/tools/rootfs:v")."""
     words = ["127.0.0.1:5000/tools/rootfs:v1", "--cache-dir", "/var/cache/" + "x" * 40]
-    argv = [sys.executable, "-c", "import time; time.sleep(60)", *words]
-    with subprocess.Popen(argv) as proc:
+    argv = [sys.executable, "-c", "import time; print(flush=True); time.sleep(60)", *words]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE) as proc:
         try:
+            proc.stdout.readline()  # running: its command line is the one it was given
             shown = _command(proc.pid)
         finally:
             proc.kill()
