@@ -97,4 +97,8 @@ def _record(
     if digest is None:
         return None
     raw = txn.get(digest, db=dbs[DB_BLOBS])
-    return (bytes(digest), BlobRecord.unpack(raw)) if raw is not None else None
+    if raw is None:
+        return None
+    record = BlobRecord.unpack(raw)
+    # A record that does not name this id back is not this chunk's (a damaged one).
+    return (bytes(digest), record) if record.blob_id == blob_id else None

@@ -108,8 +108,9 @@ def apply(
     for blob_id in {blob_id for blob_id, _, _ in touched}:
         digest = txn.get(U64.pack(blob_id), db=dbs[DB_IDS])
         raw = txn.get(digest, db=dbs[DB_BLOBS]) if digest is not None else None
-        if raw is not None:
-            records[blob_id] = (bytes(digest), BlobRecord.unpack(raw))
+        record = BlobRecord.unpack(raw) if raw is not None else None
+        if record is not None and record.blob_id == blob_id:  # else damaged: not this id's
+            records[blob_id] = (bytes(digest), record)
     for blob_id, first, last in touched:
         if blob_id not in records:
             continue  # removed meanwhile

@@ -135,7 +135,7 @@ class VerifyReport:
     bad_blobs: list[str] = field(default_factory=list)
     newly_sealed: list[str] = field(default_factory=list)
     repaired_records: list[str] = field(default_factory=list)
-    damaged_records: list[str] = field(default_factory=list)  # offline records, dropped
+    damaged_records: list[str] = field(default_factory=list)  # dropped: offline or blob records
     damage: str | None = None  # the cache file itself was damaged (and moved aside)
 
     @property
@@ -364,6 +364,9 @@ class Sealer:
         store = self._store
         report = VerifyReport()
         store.flush()
+        if not store.read_only:
+            # First, so that the scan numbers each chunk by a record that names it.
+            report.damaged_records += store.drop_disagreeing_records()
         found = self._scan(report)
         if not store.read_only:
             store.env.write(lambda txn: self._repair(txn, found, report))

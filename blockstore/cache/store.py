@@ -36,7 +36,14 @@ from .env import CacheEnv
 from .errors import CacheDamaged, ChunkIntegrityError
 from .evict import LOW_WATER, Evicted
 from .holds import BlobHold, image_key
-from .integrity import blob_seed, chunk_sum, intact, matches_sealed, stored_length
+from .integrity import (
+    SEALED_SIZE,
+    blob_seed,
+    chunk_sum,
+    intact,
+    matches_sealed,
+    stored_length,
+)
 from .layout import (
     CHUNK_KEY,
     CHUNK_SIZE,
@@ -251,12 +258,23 @@ class ChunkStore:
             return question()
 
     def lookup(self, digest: str) -> BlobRecord | None:
-        def question() -> BlobRecord | None:
+        """The blob's record; None if the cache has none, or none that agrees with the
+        rest of the cache (``_agrees``), which is then dropped with its chunks."""
+
+        def question() -> tuple[BlobRecord | None, bool]:
             with self.env.reader(DB_BLOBS) as txn:
                 raw = txn.get(digest.encode())
-                return BlobRecord.unpack(raw) if raw is not None else None
+                if raw is None:
+                    return None, True
+                record = BlobRecord.unpack(raw)
+                return record, self._agrees(txn, digest, record)
 
-        return self._ask(question)
+        record, agrees = self._ask(question)
+        if agrees:
+            return record
+        if not self.read_only:
+            self.env.write(lambda txn: self._record(txn, digest))
+        return None
 
     def sealed_sums(self, digest: str) -> bytes | None:
         """Every chunk's sealed entry (packed, see ``integrity``), once the blob is sealed."""
@@ -441,9 +459,62 @@ class ChunkStore:
         raise refused
 
     def _record(self, txn: lmdb.Transaction, digest: str) -> BlobRecord | None:
-        """The blob's record in ``txn``, None if the cache has none."""
+        """The blob's record in write transaction ``txn``; None if the cache has none, or
+        none that agrees with the rest of the cache (``_agrees``): that one is dropped."""
         raw = txn.get(digest.encode(), db=self.dbs[DB_BLOBS])
-        return BlobRecord.unpack(raw) if raw is not None else None
+        if raw is None:
+            return None
+        record = BlobRecord.unpack(raw)
+        if self._agrees(txn, digest, record):
+            return record
+        self._drop_disagreeing(txn, digest, record)
+        return None
+
+    def drop_disagreeing_records(self) -> list[str]:
+        """Drop every blob record that disagrees with the rest of the cache (``_agrees``),
+        with its chunks; the digests of those dropped."""
+
+        def work(txn: lmdb.Transaction) -> list[str]:
+            digests = [bytes(key).decode() for key, _ in txn.cursor(db=self.dbs[DB_BLOBS])]
+            return [digest for digest in digests if self._record(txn, digest) is None]
+
+        return self.env.write(work)
+
+    def _agrees(self, txn: lmdb.Transaction, digest: str, record: BlobRecord) -> bool:
+        """Whether a blob's record agrees with what else the cache keeps of the blob: its
+        id names the blob back, and, sealed, it has a sealed entry for each chunk.
+
+        A bit of a record flipped on the disk could otherwise point it at another
+        blob's chunks, which fail this blob's checks and would be deleted as bad, or
+        pass a blob never checked against its digest as sealed."""
+        if txn.get(U64.pack(record.blob_id), db=self.dbs[DB_IDS]) != digest.encode():
+            return False
+        if record.sealed:
+            sums = txn.get(digest.encode(), db=self.dbs[DB_SUMS])
+            return sums is not None and len(sums) == record.chunks * SEALED_SIZE
+        return True
+
+    def _drop_disagreeing(self, txn: lmdb.Transaction, digest: str, record: BlobRecord) -> None:
+        """Drop a blob whose record disagrees (``_agrees``): the record, its sealed
+        entries, and the chunks of every id that names the blob, which are found from
+        the ids, not from the record. Nothing of another blob, and never the cache."""
+        log.warning(
+            "the cache's record of %s is damaged (%s): dropped it with the chunks stored "
+            "for it, which are fetched again as they are read",
+            digest,
+            "its id names another blob"
+            if txn.get(U64.pack(record.blob_id), db=self.dbs[DB_IDS]) != digest.encode()
+            else "sealed, without a sealed entry for each chunk",
+        )
+        ids = self.dbs[DB_IDS]
+        named = digest.encode()
+        own = [bytes(key) for key, value in txn.cursor(db=ids) if value == named]
+        for key in own:
+            self._drop_stored(txn, BlobRecord(blob_id=U64.unpack(key)[0], size=0))
+            txn.delete(key, db=ids)
+        txn.delete(named, db=self.dbs[DB_BLOBS])
+        txn.delete(named, db=self.dbs[DB_SUMS])
+        self._sealer.forget(digest)
 
     def _write_making_room(self, work: Callable[[lmdb.Transaction], T]) -> T:
         """``work`` in a write transaction, making room as the disk asks (``making_room``)."""
@@ -724,7 +795,7 @@ class ChunkStore:
         """
         try:
             report = self._sealer.verify()
-            report.damaged_records = self.images.drop_damaged()
+            report.damaged_records += self.images.drop_damaged()
         except CacheDamaged as exc:
             report = VerifyReport()
             if self.read_only:

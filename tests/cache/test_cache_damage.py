@@ -278,6 +278,82 @@ def test_a_damaged_offline_record_is_a_cache_error_and_verify_drops_it(cache_dir
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _rewrite_record(store: ChunkStore, digest: str, change) -> None:
+    """Change a blob's stored record as a flipped bit on the disk would."""
+    from blockstore.cache.layout import BlobRecord
+
+    def work(txn) -> None:
+        record = BlobRecord.unpack(txn.get(digest.encode(), db=store.dbs[DB_BLOBS]))
+        change(record)
+        txn.put(digest.encode(), record.pack(), db=store.dbs[DB_BLOBS])
+
+    store.env.write(work)
+
+
+def _read_offline(store: ChunkStore, data: bytes, digest: str) -> bytes:
+    blob = CachedBlob(store, digest, len(data), None)
+    try:
+        return b"".join(bytes(b) for b in blob.read(0, len(data)))
+    finally:
+        blob.close()
+
+
+@pytest.mark.parametrize("then", ["read", "rm", "verify"])
+def test_a_record_whose_id_names_another_blob_costs_that_blob_nothing(cache_dir, then):
+    """Tried: blob A's record given blob B's id (B pinned and sealed; ids are consecutive,
+    so one flipped bit does this), then A read offline, removed, or ``verify`` run.
+    Must hold: A's record is found out and dropped with A's own chunks (A is then not
+    cached: an offline read is EIO, never B's bytes); B stays whole, pinned and sealed,
+    and reads byte for byte offline; the cache is not moved aside. Before, A's reads
+    met B's chunks, which failed A's checks and were deleted; rm A deleted all of B;
+    verify called B's chunks bad, then moved the whole cache aside."""
+    a, b = make_blob(3 * CHUNK_SIZE, seed=41), make_blob(5 * CHUNK_SIZE, seed=42)
+    fill(cache_dir, [a, b])
+    with ChunkStore(cache_dir) as store:
+        store.pin(b[1])
+        b_id = store.lookup(b[1]).blob_id
+        _rewrite_record(store, a[1], lambda record: setattr(record, "blob_id", b_id))
+        if then == "read":
+            with pytest.raises(OSError):
+                _read_offline(store, a[0], a[1])
+        elif then == "rm":
+            assert store.remove(a[1]) is False  # dropped as damaged on the way: gone
+        else:
+            report = store.verify()
+            assert report.damaged_records == [a[1]] and not report.bad_chunks
+            assert report.damage is None
+        assert store.lookup(a[1]) is None
+        record = store.lookup(b[1])
+        assert record.pinned and record.sealed and record.present == 5
+        assert _read_offline(store, b[0], b[1]) == b[0]
+        assert store.verify().ok
+    assert not list(cache_dir.parent.glob("*.damaged-*"))
+
+
+def test_a_record_marked_sealed_without_its_sealed_entries_is_dropped(cache_dir):
+    """Tried: a blob half cached, its record then marked sealed (one flipped bit of its
+    flags) though it was never checked against its digest. Must hold: it is not taken
+    for sealed: the record is dropped with its chunks, and a prefetch then fetches the
+    blob whole, checks it against its digest and seals it for real. Before, the flag
+    was believed: the blob was never checked against its digest, so chunks a lying
+    registry sent stayed served, offline too, until ``verify``."""
+    from blockstore.cache.layout import SEALED
+
+    data, digest = make_blob(6 * CHUNK_SIZE, seed=43)
+    fill(cache_dir, [(data, digest)], whole=False)
+    with ChunkStore(cache_dir) as store:
+        _rewrite_record(store, digest, lambda record: setattr(record, "flags", SEALED))
+        assert store.lookup(digest) is None
+        assert store.sealed_sums(digest) is None
+        blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
+        blob.prefetch()
+        blob.close()
+        store.seal(digest)
+        record = store.lookup(digest)
+        assert record.sealed and record.present == 6 and store.sealed_sums(digest)
+        assert _read_offline(store, data, digest) == data
+
+
 def test_an_empty_layer_is_prefetched_and_sealed(cache_dir):
     """A 0-byte blob (digest: sha256 of nothing) is prefetched, sealed, listed, and reads
     of nothing succeed; it used to fail with "could not be kept whole"."""
