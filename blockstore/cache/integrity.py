@@ -20,7 +20,7 @@ import xxhash
 
 from blockstore.export import Buffer
 
-from .layout import CHUNK_SIZE
+from .layout import CHUNK_SIZE, chunk_count
 
 BLOCK = 4096
 BLOCKS = CHUNK_SIZE // BLOCK
@@ -114,6 +114,34 @@ def checked_part(
 def sealed_entry(checksum: Buffer) -> bytes:
     """What a sealed blob keeps of one chunk's checksums."""
     return _SUM.pack(_xxh3(checksum))
+
+
+def sealed_list(seed: int, size: int, entries: bytes) -> bytes:
+    """What a sealed blob keeps: each chunk's entry (``sealed_entry``), then one sum of
+    them all and of the blob's size, so that a bit flipped in either on the disk is
+    found (``sealed_list_intact``) rather than refusing good chunks for good."""
+    return entries + _SUM.pack(_list_sum(seed, size, entries))
+
+
+def sealed_list_intact(seed: int, size: int, value: Buffer) -> bool:
+    """Whether ``value`` is a sealed list of a blob of ``size`` bytes whose sum holds.
+    A list with no sum of its own (one for each chunk and no more) was kept by an
+    older version: taken as it is, there being nothing to check it with."""
+    chunks = chunk_count(size)
+    if len(value) == chunks * SEALED_SIZE:
+        return True
+    if len(value) != (chunks + 1) * SEALED_SIZE:
+        return False
+    entries = memoryview(value)[: chunks * SEALED_SIZE]
+    return _unpack_sum(value, chunks * SEALED_SIZE)[0] == _list_sum(seed, size, entries)
+
+
+def _list_sum(seed: int, size: int, entries: Buffer) -> int:
+    # Seeded below the blob's seed: no chunk or block sum of any blob uses that seed.
+    hasher = xxhash.xxh3_64(seed=(seed - 1) & _MASK)
+    hasher.update(_SUM.pack(size))
+    hasher.update(entries)
+    return hasher.intdigest()
 
 
 def matches_sealed(sums: Buffer, index: int, checksum: Buffer) -> bool:

@@ -35,6 +35,7 @@ from .integrity import (
     intact,
     matches_sealed,
     sealed_entry,
+    sealed_list,
     stored_bytes,
     stored_length,
     stored_sum,
@@ -313,7 +314,11 @@ class Sealer:
             return None
         current.flags |= SEALED
         txn.put(digest.encode(), current.pack(), db=store.dbs[DB_BLOBS])
-        txn.put(digest.encode(), sums, db=store.dbs[DB_SUMS])
+        txn.put(
+            digest.encode(),
+            sealed_list(blob_seed(digest), record.size, sums),
+            db=store.dbs[DB_SUMS],
+        )
         counters_mod.persist(txn, store.dbs[DB_COUNTERS], {"seals": 1})
         return True
 

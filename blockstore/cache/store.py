@@ -37,11 +37,11 @@ from .errors import CacheDamaged, ChunkIntegrityError
 from .evict import LOW_WATER, Evicted
 from .holds import BlobHold, image_key
 from .integrity import (
-    SEALED_SIZE,
     blob_seed,
     chunk_sum,
     intact,
     matches_sealed,
+    sealed_list_intact,
     stored_length,
 )
 from .layout import (
@@ -482,7 +482,7 @@ class ChunkStore:
 
     def _agrees(self, txn: lmdb.Transaction, digest: str, record: BlobRecord) -> bool:
         """Whether a blob's record agrees with what else the cache keeps of the blob: its
-        id names the blob back, and, sealed, it has a sealed entry for each chunk.
+        id names the blob back, and, sealed, its sealed list is intact and of its size.
 
         A bit of a record flipped on the disk could otherwise point it at another
         blob's chunks, which fail this blob's checks and would be deleted as bad, or
@@ -491,7 +491,7 @@ class ChunkStore:
             return False
         if record.sealed:
             sums = txn.get(digest.encode(), db=self.dbs[DB_SUMS])
-            return sums is not None and len(sums) == record.chunks * SEALED_SIZE
+            return sums is not None and sealed_list_intact(blob_seed(digest), record.size, sums)
         return True
 
     def _drop_disagreeing(self, txn: lmdb.Transaction, digest: str, record: BlobRecord) -> None:
@@ -504,7 +504,7 @@ class ChunkStore:
             digest,
             "its id names another blob"
             if txn.get(U64.pack(record.blob_id), db=self.dbs[DB_IDS]) != digest.encode()
-            else "sealed, without a sealed entry for each chunk",
+            else "sealed, without an intact sealed list of its size and chunks",
         )
         ids = self.dbs[DB_IDS]
         named = digest.encode()

@@ -354,6 +354,70 @@ def test_a_record_marked_sealed_without_its_sealed_entries_is_dropped(cache_dir)
         assert _read_offline(store, data, digest) == data
 
 
+def _rewrite_sums(store: ChunkStore, digest: str, change) -> None:
+    from blockstore.cache.layout import DB_SUMS
+
+    def work(txn) -> None:
+        sums = bytearray(txn.get(digest.encode(), db=store.dbs[DB_SUMS]))
+        txn.put(digest.encode(), bytes(change(sums)), db=store.dbs[DB_SUMS])
+
+    store.env.write(work)
+
+
+def _flip_bit(sums: bytearray) -> bytearray:
+    sums[2 * 8 + 3] ^= 0x10  # in chunk 2's entry
+    return sums
+
+
+def _small_size(record) -> None:
+    record.size -= 100  # as a low bit flipped: the last chunk shorter, as many chunks
+
+
+@pytest.mark.parametrize(("damage", "sums", "record"), [
+    ("a bit of chunk 2's sealed entry", _flip_bit, None),
+    ("the size, within its last chunk", None, _small_size),
+])  # fmt: skip
+def test_a_sealed_blob_whose_seal_does_not_hold_is_fetched_again(cache_dir, damage, sums, record):
+    """Tried: a sealed blob, then damage on the disk to its sealed list or to its
+    record's size (the last chunk shorter: as many chunks); then the blob read from an
+    honest source. Must hold: the seal is found not to hold (its list carries one sum
+    of its entries and of the blob's size), the blob is dropped and fetched again, read
+    byte for byte, sealed again and verified; the cache is not moved aside. Before, the
+    seal was believed: a flipped entry refused chunk 2 from any source once it had been
+    evicted (EIO for good, while verify said ok), and a flipped size refused the blob."""
+    data, digest = make_blob(5 * CHUNK_SIZE, seed=44)
+    fill(cache_dir, [(data, digest)])
+    with ChunkStore(cache_dir) as store:
+        assert store.lookup(digest).sealed
+        if sums is not None:
+            _rewrite_sums(store, digest, sums)
+        if record is not None:
+            _rewrite_record(store, digest, record)
+        assert store.lookup(digest) is None, damage
+        blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
+        assert b"".join(bytes(b) for b in blob.read(0, len(data))) == data
+        blob.close()
+        store.seal(digest)
+        assert store.lookup(digest).sealed
+        assert _read_offline(store, data, digest) == data
+        assert store.verify().ok
+    assert not list(cache_dir.parent.glob("*.damaged-*"))
+
+
+def test_a_sealed_list_kept_by_an_older_version_is_still_believed(cache_dir):
+    """A sealed list with an entry for each chunk and no sum of its own, as an older
+    version kept it: the blob stays sealed and is read offline byte for byte."""
+    from blockstore.cache.integrity import SEALED_SIZE
+
+    data, digest = make_blob(4 * CHUNK_SIZE, seed=45)
+    fill(cache_dir, [(data, digest)])
+    with ChunkStore(cache_dir) as store:
+        _rewrite_sums(store, digest, lambda sums: sums[:-SEALED_SIZE])
+        assert store.lookup(digest).sealed
+        assert _read_offline(store, data, digest) == data
+        assert store.verify().ok
+
+
 def test_an_empty_layer_is_prefetched_and_sealed(cache_dir):
     """A 0-byte blob (digest: sha256 of nothing) is prefetched, sealed, listed, and reads
     of nothing succeed; it used to fail with "could not be kept whole"."""
