@@ -3,11 +3,13 @@
 A reference resolved online (for one platform) is remembered as a JSON
 record naming its manifest and layers, with the manifests' raw bytes, so
 the same reference resolves with no network later. A record that no longer
-parses is reported as a cache error, never as a traceback.
+parses, or says other than its manifest, is reported as a cache error, never
+as a traceback.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -20,6 +22,11 @@ from .env import CacheEnv
 from .layout import DB_MANIFESTS, DB_REFS
 
 log = logging.getLogger(__name__)
+
+
+def _layer_facts(layer: dict) -> tuple:
+    """What a record must say of a layer as its manifest does."""
+    return layer["digest"], layer["size"], layer.get("mediaType", "")
 
 
 def _ref_key(reference: str, platform: str | None) -> bytes:
@@ -48,10 +55,43 @@ class ImageRecords:
         self._env.write(lambda txn: txn.put(key, raw, db=self._env.dbs[DB_REFS]))
 
     def get(self, reference: str, platform: str | None) -> dict | None:
+        """The record of ``reference`` for ``platform``; ``CacheError`` if it is damaged:
+        no longer JSON, or not what the manifest it names says (``_disagreement``)."""
         with self._env.reader(DB_REFS) as txn:
             raw = txn.get(_ref_key(reference, platform))
             raw = bytes(raw) if raw is not None else None
-        return _decode(raw, reference) if raw is not None else None
+        if raw is None:
+            return None
+        record = _decode(raw, reference)
+        why = self._disagreement(record)
+        if why:
+            raise CacheError(f"the cached record of {reference} is damaged: {why}")
+        return record
+
+    def _disagreement(self, record: dict) -> str | None:
+        """Why ``record`` is not what the manifest it names says, kept beside it and
+        checked against its digest: its layers' digests, sizes and media types. None
+        if it is, or if no such manifest is kept. A record changed on the disk would
+        otherwise serve, offline, a blob the image does not have, every read of it EIO."""
+        digest = record.get("manifest_digest")
+        raw = self.manifest(digest) if isinstance(digest, str) else None
+        if raw is None:
+            return None
+        algorithm, _, encoded = digest.partition(":")
+        try:
+            matches = hashlib.new(algorithm, raw).hexdigest() == encoded
+        except ValueError:
+            matches = False
+        if not matches:
+            return f"its manifest {digest} does not match its digest"
+        try:
+            listed = [_layer_facts(layer) for layer in json.loads(raw)["layers"]]
+            kept = [_layer_facts(layer) for layer in record["layers"]]
+        except (ValueError, TypeError, KeyError, RecursionError):
+            return f"its layers cannot be compared with those of its manifest {digest}"
+        if kept != listed:
+            return f"its layers are not those of its manifest {digest}"
+        return None
 
     def all(self) -> list[dict]:
         """Every record that parses; a damaged one is skipped with a warning, so one bad
@@ -80,7 +120,8 @@ class ImageRecords:
         damaged = []
         for key, raw in raws:
             try:
-                _decode(raw, "")
+                if self._disagreement(_decode(raw, "")):
+                    damaged.append(key)
             except CacheError:
                 damaged.append(key)
         if damaged and not self._env.read_only:

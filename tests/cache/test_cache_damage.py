@@ -7,6 +7,7 @@ traceback is not, and no damage may ever serve a wrong byte.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import signal
@@ -276,6 +277,52 @@ def test_a_damaged_offline_record_is_a_cache_error_and_verify_drops_it(cache_dir
     assert "the cached record of 127.0.0.1:5000/demo/app:v1 is damaged: dropped" in result.stdout
     result = run_cli("cache", "verify", "--cache-dir", str(cache_dir))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _change_layer_digest(raw: bytes) -> bytes:
+    record = json.loads(raw)
+    digest = record["layers"][0]["digest"]
+    record["layers"][0]["digest"] = digest[:-1] + ("0" if digest[-1] != "0" else "1")
+    return json.dumps(record, sort_keys=True).encode()
+
+
+def _change_one_byte(raw: bytes) -> bytes:
+    return raw.replace(b'"size"', b'"sizf"', 1)
+
+
+@pytest.mark.parametrize(
+    ("db", "change"), [(DB_REFS, _change_layer_digest), (b"manifests", _change_one_byte)]
+)
+def test_an_offline_record_that_says_other_than_its_manifest_is_damage(
+    registry, erofs_images, cache_dir, db, change
+):
+    """Tried: an image prefetched, then one hex digit of its kept record's layer digest
+    changed, or one byte of the manifest kept beside it; then an offline open, and
+    ``cache verify``. Must hold: the open is a CacheError naming the record as damaged
+    (exit 8 for a command), never an export of a blob the image does not have; verify
+    drops the record (exit 6); the open then says the image is not cached (exit 9).
+    Before, the server said it was ready and every read was EIO, and verify said ok."""
+    from blockstore.errors import ImageNotCached
+
+    reference = push_erofs(registry.host, "damage/record", "v1", [erofs_images.small.path])
+    prefetch = ("prefetch", reference, "--insecure", "--cache-dir", str(cache_dir))
+    assert run_cli(*prefetch).returncode == 0
+    with ChunkStore(cache_dir) as store:
+
+        def work(txn) -> None:
+            ((key, raw),) = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=store.dbs[db])]
+            txn.put(key, change(raw), db=store.dbs[db])
+
+        store.env.write(work)
+    with pytest.raises(CacheError, match=f"the cached record of {reference} is damaged: its"):
+        open_image(reference, cache_dir=cache_dir, offline=True).close()
+    served = run_cli("serve", reference, "--offline", "--cache-dir", str(cache_dir))
+    assert served.returncode == 8 and "is damaged" in served.stderr, served.stderr
+    verified = run_cli("cache", "verify", "--cache-dir", str(cache_dir))
+    assert verified.returncode == 6, verified.stdout + verified.stderr
+    assert f"the cached record of {reference} is damaged: dropped" in verified.stdout
+    with pytest.raises(ImageNotCached):
+        open_image(reference, cache_dir=cache_dir, offline=True).close()
 
 
 def _rewrite_record(store: ChunkStore, digest: str, change) -> None:

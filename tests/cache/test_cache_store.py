@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -469,21 +471,24 @@ def test_hit_does_not_wait_behind_a_slow_miss(cache_dir):
 
 def test_refs_and_manifests_survive_reopening(cache_dir):
     """Resolved references and raw manifests are kept for offline resolution."""
+    layer = {"digest": "sha256:" + "b" * 64, "size": 5, "mediaType": "x"}
+    manifest = json.dumps({"schemaVersion": 2, "layers": [layer]}).encode()
+    manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
     record = {
         "reference": "127.0.0.1:5000/demo/img:latest",
         "platform": "linux/amd64",
-        "manifest_digest": "sha256:" + "a" * 64,
+        "manifest_digest": manifest_digest,
         "platforms": [],
-        "layers": [{"index": 0, "digest": "sha256:" + "b" * 64, "size": 5, "mediaType": "x"}],
+        "layers": [{"index": 0, **layer}],
     }
     with ChunkStore(cache_dir) as store:
         store.images.put(record["reference"], "linux/amd64", record)
-        store.images.put_manifest("sha256:" + "a" * 64, b'{"schemaVersion":2}')
+        store.images.put_manifest(manifest_digest, manifest)
     with ChunkStore(cache_dir) as store:
         assert store.images.get(record["reference"], "linux/amd64") == record
         assert store.images.get(record["reference"], "linux/arm64") is None
         assert store.images.all() == [record]
-        assert store.images.manifest("sha256:" + "a" * 64) == b'{"schemaVersion":2}'
+        assert store.images.manifest(manifest_digest) == manifest
         assert store.images.manifest("sha256:" + "c" * 64) is None
 
 
