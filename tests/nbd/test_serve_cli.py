@@ -319,6 +319,19 @@ def test_cache_rm_keeps_an_image_a_server_serves_offline_whole_and_says_so(
     assert len(report["removed_images"]) == 1
 
 
+def prefetch_base_only_beside_multilayer(registry, pushed_images, erofs_images, cache) -> str:
+    """Push an image of the three-layer image's first layer alone, and prefetch both
+    into ``cache``; the new image's reference."""
+    base_only = push_erofs(registry.host, "serve/base-only", "v1", [erofs_images.layers[0].path])
+    for image in (pushed_images.multilayer, base_only):
+        prefetch = [
+            *(sys.executable, "-m", "blockstore", "prefetch", image),
+            *("--insecure", "--cache-dir", str(cache)),
+        ]
+        assert subprocess.run(prefetch, capture_output=True, timeout=120).returncode == 0
+    return base_only
+
+
 def test_cache_rm_of_an_image_sharing_a_layer_with_one_served_offline_goes_on(
     registry, pushed_images, erofs_images, tmp_path
 ):
@@ -329,11 +342,8 @@ def test_cache_rm_of_an_image_sharing_a_layer_with_one_served_offline_goes_on(
     image keeps anyway is no reason to keep the removed image whole."""
     cache = tmp_path / "cache"
     layers = erofs_images.layers
-    base_only = push_erofs(registry.host, "serve/base-only", "v1", [layers[0].path])
+    base_only = prefetch_base_only_beside_multilayer(registry, pushed_images, erofs_images, cache)
     cli = [sys.executable, "-m", "blockstore"]
-    for image in (pushed_images.multilayer, base_only):
-        prefetch = [*cli, "prefetch", image, "--insecure", "--cache-dir", str(cache)]
-        assert subprocess.run(prefetch, capture_output=True, timeout=120).returncode == 0
     rm = [*cli, "cache", "rm", pushed_images.multilayer, "--json", "--cache-dir", str(cache)]
     args = [base_only, "--offline", "--cache-dir", str(cache)]
     with serving(*args, "--listen", "127.0.0.1:0") as (proc, exports):
@@ -360,11 +370,8 @@ def test_cache_rm_keeps_an_image_served_offline_whole_even_if_its_layers_stay_an
     offline again: a mount restarted offline failed with 'not in the cache'."""
     cache = tmp_path / "cache"
     layers = erofs_images.layers
-    base_only = push_erofs(registry.host, "serve/base-only", "v1", [layers[0].path])
+    base_only = prefetch_base_only_beside_multilayer(registry, pushed_images, erofs_images, cache)
     cli = [sys.executable, "-m", "blockstore"]
-    for image in (pushed_images.multilayer, base_only):
-        prefetch = [*cli, "prefetch", image, "--insecure", "--cache-dir", str(cache)]
-        assert subprocess.run(prefetch, capture_output=True, timeout=120).returncode == 0
     rm = [*cli, "cache", "rm", base_only, "--json", "--cache-dir", str(cache)]
     args = [base_only, "--offline", "--cache-dir", str(cache), "--listen", "127.0.0.1:0"]
     with serving(*args) as (proc, _):
