@@ -13,6 +13,7 @@ job.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -27,6 +28,7 @@ from blockstore.errors import CacheError
 from blockstore.export import Buffer
 from blockstore.fetch import Flights
 from blockstore.progress import human
+from blockstore.throttledlog import ThrottledLog
 
 from . import counters as counters_mod
 from . import parts as parts_mod
@@ -71,6 +73,14 @@ from .refs import ImageRecords
 from .seal import Sealer, VerifyReport
 
 log = logging.getLogger(__name__)
+
+_read_only_damage = ThrottledLog(
+    log,
+    "%d more lookups in the %.0f s after those logged met damaged records of a "
+    "read-only cache, not logged one by one",
+)
+"""A damaged record of a read-only cache is met at every lookup of its blob."""
+atexit.register(_read_only_damage.flush)
 
 STATS_WAIT = 1.0  # seconds ``stats`` waits for a flush in flight
 
@@ -272,7 +282,13 @@ class ChunkStore:
         record, agrees = self._ask(question)
         if agrees:
             return record
-        if not self.read_only:
+        if self.read_only:
+            _read_only_damage.warning(
+                "the cache's record of %s is damaged; the cache is read-only here, so it "
+                "is left, and the blob served as if it were not cached",
+                digest,
+            )
+        else:
             self.env.write(lambda txn: self._record(txn, digest))
         return None
 

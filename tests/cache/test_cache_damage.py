@@ -377,6 +377,26 @@ def test_a_record_whose_id_names_another_blob_costs_that_blob_nothing(cache_dir,
     assert not list(cache_dir.parent.glob("*.damaged-*"))
 
 
+def test_a_damaged_record_of_a_read_only_cache_is_left_and_said(cache_dir, tmp_path, caplog):
+    """Tried: the same damage (A's record given B's id) in a cache then seen read-only.
+    Must hold: A is looked up as not cached, with a warning naming it; nothing is
+    written; B reads byte for byte."""
+    from rig.read_only import read_only_view
+
+    a, b = make_blob(3 * CHUNK_SIZE, seed=46), make_blob(4 * CHUNK_SIZE, seed=47)
+    fill(cache_dir, [a, b])
+    with ChunkStore(cache_dir) as store:
+        b_id = store.lookup(b[1]).blob_id
+        _rewrite_record(store, a[1], lambda record: setattr(record, "blob_id", b_id))
+    before = (cache_dir / "data.mdb").read_bytes()
+    with read_only_view(cache_dir, tmp_path / "ro") as ro, ChunkStore(ro) as store:
+        assert store.read_only
+        assert store.lookup(a[1]) is None
+        assert f"the cache's record of {a[1]} is damaged; the cache is read-only" in caplog.text
+        assert _read_offline(store, b[0], b[1]) == b[0]
+    assert (cache_dir / "data.mdb").read_bytes() == before
+
+
 def test_a_record_marked_sealed_without_its_sealed_entries_is_dropped(cache_dir):
     """Tried: a blob half cached, its record then marked sealed (one flipped bit of its
     flags) though it was never checked against its digest. Must hold: it is not taken
