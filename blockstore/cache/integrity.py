@@ -116,24 +116,32 @@ def sealed_entry(checksum: Buffer) -> bytes:
     return _SUM.pack(_xxh3(checksum))
 
 
+_LIST_TAG = b"\x01"
+"""Ends a sealed list that carries its own sum: one byte, so that no such list is a
+whole number of entries long, as an older version's lists (which have no sum) are."""
+_LIST_END = len(_LIST_TAG) + _SUM.size
+
+
 def sealed_list(seed: int, size: int, entries: bytes) -> bytes:
     """What a sealed blob keeps: each chunk's entry (``sealed_entry``), then one sum of
     them all and of the blob's size, so that a bit flipped in either on the disk is
     found (``sealed_list_intact``) rather than refusing good chunks for good."""
-    return entries + _SUM.pack(_list_sum(seed, size, entries))
+    return entries + _LIST_TAG + _SUM.pack(_list_sum(seed, size, entries))
 
 
 def sealed_list_intact(seed: int, size: int, value: Buffer) -> bool:
     """Whether ``value`` is a sealed list of a blob of ``size`` bytes whose sum holds.
-    A list with no sum of its own (one for each chunk and no more) was kept by an
-    older version: taken as it is, there being nothing to check it with."""
+    A list that is a whole number of entries long was kept by an older version, with
+    no sum of its own: taken as it is if it has one entry for each chunk, there being
+    nothing more to check it with."""
     chunks = chunk_count(size)
-    if len(value) == chunks * SEALED_SIZE:
-        return True
-    if len(value) != (chunks + 1) * SEALED_SIZE:
+    if len(value) % SEALED_SIZE == 0:
+        return len(value) == chunks * SEALED_SIZE
+    end = chunks * SEALED_SIZE
+    if len(value) != end + _LIST_END or value[end : end + len(_LIST_TAG)] != _LIST_TAG:
         return False
-    entries = memoryview(value)[: chunks * SEALED_SIZE]
-    return _unpack_sum(value, chunks * SEALED_SIZE)[0] == _list_sum(seed, size, entries)
+    entries = memoryview(value)[:end]
+    return _unpack_sum(value, end + len(_LIST_TAG))[0] == _list_sum(seed, size, entries)
 
 
 def _list_sum(seed: int, size: int, entries: Buffer) -> int:

@@ -440,9 +440,14 @@ def _small_size(record) -> None:
     record.size -= 100  # as a low bit flipped: the last chunk shorter, as many chunks
 
 
+def _one_chunk_more(record) -> None:
+    record.size += CHUNK_SIZE  # as bit 15 flipped: a list one entry longer than before
+
+
 @pytest.mark.parametrize(("damage", "sums", "record"), [
     ("a bit of chunk 2's sealed entry", _flip_bit, None),
     ("the size, within its last chunk", None, _small_size),
+    ("the size, one chunk more", None, _one_chunk_more),
 ])  # fmt: skip
 def test_a_sealed_blob_whose_seal_does_not_hold_is_fetched_again(cache_dir, damage, sums, record):
     """Tried: a sealed blob, then damage on the disk to its sealed list or to its
@@ -479,7 +484,7 @@ def test_a_sealed_list_kept_by_an_older_version_is_still_believed(cache_dir):
     data, digest = make_blob(4 * CHUNK_SIZE, seed=45)
     fill(cache_dir, [(data, digest)])
     with ChunkStore(cache_dir) as store:
-        _rewrite_sums(store, digest, lambda sums: sums[:-SEALED_SIZE])
+        _rewrite_sums(store, digest, lambda sums: sums[: 4 * SEALED_SIZE])
         assert store.lookup(digest).sealed
         assert _read_offline(store, data, digest) == data
         assert store.verify().ok
