@@ -55,8 +55,8 @@ class RegistryUnreachable(BlockstoreError):
 
 class RegistryTLSMismatch(RegistryUnreachable):
     """The registry answered, but not as the TLS settings say: plain HTTP where TLS was
-    asked for, or a certificate the given CAs do not trust. A setting to fix, not an
-    outage: no command serves from the cache alone because of it."""
+    asked for (or the reverse), or a certificate the given CAs do not trust. A setting
+    to fix, not an outage: no command serves from the cache alone because of it."""
 
 
 class IntegrityError(BlockstoreError):

@@ -267,7 +267,10 @@ class Endpoint:
                 reply = self._session.request(method, url, data=body, **kwargs)
         except requests.exceptions.SSLError as exc:
             cause = describe_failure(exc, not_tls=self._plain_http_hint(url))
-            raise RegistryTLSMismatch(f"cannot connect securely to {where}: {cause}") from None
+            # Only an answer that contradicts the settings is theirs to fix; a handshake
+            # cut short (a TLS terminator reloading, overloaded) is an outage.
+            failed = RegistryTLSMismatch if settings_contradicted(exc) else RegistryUnreachable
+            raise failed(f"cannot connect securely to {where}: {cause}") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             cause = describe_failure(exc)
             error = f"cannot reach {peer}: {cause}"
@@ -312,7 +315,7 @@ class Endpoint:
             cure = "drop --insecure, or give --ca-file CA.pem for a self-signed certificate"
         else:
             who, cure = f"registry {where}", "name it with https://, not http://"
-        raise RegistryUnreachable(f"{who} speaks HTTPS, not plain HTTP: {cure}")
+        raise RegistryTLSMismatch(f"{who} speaks HTTPS, not plain HTTP: {cure}")
 
     def _refresh_grant(
         self,
@@ -437,6 +440,16 @@ _CAUSES: list[tuple[type | tuple[type, ...], str]] = [
     ),
 ]
 """Transport failures by exception type, most precise first, with what a user reads."""
+
+
+def settings_contradicted(exc: BaseException) -> bool:
+    """Whether a TLS failure is the registry answering other than the settings say: a
+    certificate the CAs given do not trust, or plain HTTP where TLS was asked for."""
+    return any(
+        isinstance(cause, ssl.SSLCertVerificationError)
+        or (isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER")
+        for cause in _causes(exc)
+    )
 
 
 def describe_failure(

@@ -6,6 +6,7 @@ import errno
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 import requests
@@ -70,6 +71,49 @@ def test_https_to_a_plain_http_registry(registry):
         f"cannot connect securely to {registry.host}: it does not speak TLS "
         "(a plain-HTTP registry needs --insecure)"
     )
+
+
+def test_a_handshake_cut_short_is_an_outage_and_a_cached_image_still_opens(tmp_path):
+    """Tried: a registry (or the TLS terminator before it) that reads the client's hello
+    and closes, with the image's resolution kept in the cache. Must hold: that is an
+    outage, not a setting to fix: the image opens from the cache, saying why. Only an
+    answer that contradicts the TLS settings (plain HTTP, an untrusted certificate)
+    refuses the fallback."""
+    from blockstore.cache import ChunkStore
+    from blockstore.errors import RegistryTLSMismatch
+    from blockstore.image import open_image
+    from blockstore.registry.platforms import host_platform
+    from blockstore.registry.reference import parse_reference
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def cut_every_handshake() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+
+    threading.Thread(target=cut_every_handshake, daemon=True).start()
+    ref = str(parse_reference(f"127.0.0.1:{port}/demo/img:v1"))
+    cache = tmp_path / "cache"
+    layer = {"index": 0, "digest": "sha256:" + "b" * 64, "size": 4096, "mediaType": "x/y"}
+    record = {"reference": ref, "platform": None, "manifest_digest": "sha256:" + "a" * 64}
+    with ChunkStore(cache) as store:
+        store.images.put(ref, str(host_platform()), {**record, "platforms": [], "layers": [layer]})
+    try:
+        image = open_image(ref, cache_dir=cache, options=RegistryOptions(timeout=3))
+    finally:
+        listener.close()
+    try:
+        assert image.client is None
+        assert "cannot connect securely" in str(image.unreachable)
+        assert not isinstance(image.unreachable, RegistryTLSMismatch)
+    finally:
+        image.close()
 
 
 def _caused(error: BaseException, cause: BaseException) -> BaseException:
