@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from blockstore.errors import UsageError
-from blockstore.registry.reference import host_problem
 
 
 @dataclass
@@ -63,6 +62,26 @@ def check_mirror(mirror: str) -> None:
             f"credentials for a mirror come from the auth files (podman login, docker login) "
             f"keyed by its host, {host}"
         )
-    why = host_problem(host)
+    why = port_problem(host)
     if why:
         raise UsageError(f"mirror {mirror!r}: {why} (expected HOST[:PORT])")
+
+
+def port_problem(authority: str) -> str | None:
+    """Why the port of ``host[:port]`` (or ``[v6]:port``) is not one, or None. Only the
+    port: a mirror's host may be a name a reference's could not be (``registry_mirror``,
+    as container networks name hosts), and the resolver judges it."""
+    if authority.startswith("["):
+        _, _, rest = authority.partition("]")
+        if not rest:
+            return None
+        if not rest.startswith(":"):
+            return f"bad host {authority!r}"
+        port = rest[1:]
+    else:
+        _, colon, port = authority.rpartition(":")
+        if not colon:
+            return None
+    if not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        return f"port {port!r} is not a number in 1..65535"
+    return None

@@ -127,10 +127,11 @@ def test_mirror_with_credentials_in_its_address_is_refused(mirror):
 @pytest.mark.parametrize(
     ("mirror", "why"),
     [
-        ("127.0.0.1:notaport", "bad registry host"),
-        ("bad:host:x", "bad registry host"),
-        ("127.0.0.1:99999", "not in 1..65535"),
-        ("http://127.0.0.1:0/", "not in 1..65535"),
+        ("127.0.0.1:notaport", "port 'notaport' is not a number"),
+        ("bad:host:x", "port 'x' is not a number"),
+        ("127.0.0.1:99999", "not a number in 1..65535"),
+        ("http://127.0.0.1:0/", "not a number in 1..65535"),
+        ("[::1]x", "bad host"),
     ],
 )
 def test_a_mirror_that_is_not_host_and_port_is_refused(mirror, why):
@@ -152,13 +153,17 @@ def test_a_command_given_a_bad_mirror_port_exits_with_one_usage_line():
     )
     assert done.returncode == UsageError.exit_code, done.stderr
     assert done.stderr.strip().splitlines() == [
-        "blockstore: mirror '127.0.0.1:x': bad registry host '127.0.0.1:x' (expected HOST[:PORT])"
+        "blockstore: mirror '127.0.0.1:x': port 'x' is not a number in 1..65535 "
+        "(expected HOST[:PORT])"
     ]
 
 
 def test_mirror_addresses_without_credentials_are_taken():
     """Host, host:port and scheme URLs with a trailing slash are all plain mirrors."""
-    mirrors = ["mirror.example", "127.0.0.1:5000", "https://mirror.example:443/"]
+    mirrors = [
+        *("mirror.example", "127.0.0.1:5000", "https://mirror.example:443/"),
+        *("registry_mirror:5000", "[::1]:5000", "[::1]"),  # a container network's name
+    ]
     assert RegistryOptions(mirrors=mirrors).mirrors == mirrors
 
 
