@@ -292,8 +292,8 @@ class Sealer:
         if raw is None:
             return None
         current = BlobRecord.unpack(raw)
-        if current.blob_id != record.blob_id:
-            return None
+        if current.blob_id != record.blob_id or current.size != record.size:
+            return None  # made anew, or grown, since it was hashed
         if current.sealed:
             return True
         chunks_db = store.dbs[DB_CHUNKS]

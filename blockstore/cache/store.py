@@ -288,9 +288,13 @@ class ChunkStore:
                 "is left, and the blob served as if it were not cached",
                 digest,
             )
-        else:
-            self.env.write(lambda txn: self._record(txn, digest))
-        return None
+            return None
+        try:
+            # The record as the write finds it: dropped, or made anew meanwhile.
+            return self.env.write(lambda txn: self._record(txn, digest))
+        except CacheError as exc:  # left for the next writer (``_record``) to drop
+            log.warning("the cache's damaged record of %s could not be dropped: %s", digest, exc)
+            return None
 
     def sealed_sums(self, digest: str) -> bytes | None:
         """Every chunk's sealed entry (packed, see ``integrity``), once the blob is sealed."""

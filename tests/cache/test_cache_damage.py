@@ -377,6 +377,47 @@ def test_a_record_whose_id_names_another_blob_costs_that_blob_nothing(cache_dir,
     assert not list(cache_dir.parent.glob("*.damaged-*"))
 
 
+def test_a_lookup_meeting_a_damaged_record_returns_what_the_drop_finds(cache_dir, caplog):
+    """Tried: a lookup that finds A's record damaged (B's id), where another writer makes
+    A's record right again before the lookup's drop runs; then one whose drop cannot be
+    written. Must hold: the first returns the record made meanwhile, not None (nothing
+    of A is dropped); the second returns None with a warning, never an error, and the
+    next writer drops the damaged record."""
+    from blockstore.cache.layout import DB_BLOBS
+
+    a, b = make_blob(3 * CHUNK_SIZE, seed=48), make_blob(2 * CHUNK_SIZE, seed=49)
+    fill(cache_dir, [a, b])
+    with ChunkStore(cache_dir) as store:
+        good = store.lookup(a[1])
+        b_id = store.lookup(b[1]).blob_id
+        raw = store.env.write(lambda txn: bytes(txn.get(a[1].encode(), db=store.dbs[DB_BLOBS])))
+        _rewrite_record(store, a[1], lambda record: setattr(record, "blob_id", b_id))
+        asked = store._ask
+
+        def then_made_right(question):
+            answer = asked(question)
+            store.env.write(lambda txn: txn.put(a[1].encode(), raw, db=store.dbs[DB_BLOBS]))
+            return answer
+
+        store._ask = then_made_right
+        assert store.lookup(a[1]) == good
+        del store._ask
+        assert _read_offline(store, a[0], a[1]) == a[0]
+
+        _rewrite_record(store, a[1], lambda record: setattr(record, "blob_id", b_id))
+        writes = store.env.write
+
+        def refused(work):
+            raise CacheError("the disk is full")
+
+        store.env.write = refused
+        assert store.lookup(a[1]) is None
+        assert f"the cache's damaged record of {a[1]} could not be dropped" in caplog.text
+        store.env.write = writes
+        assert store.remove(a[1]) is False  # the next writer drops it
+        assert _read_offline(store, b[0], b[1]) == b[0]
+
+
 def test_a_damaged_record_of_a_read_only_cache_is_left_and_said(cache_dir, tmp_path, caplog):
     """Tried: the same damage (A's record given B's id) in a cache then seen read-only.
     Must hold: A is looked up as not cached, with a warning naming it; nothing is
