@@ -32,7 +32,14 @@ from blockstore.progress import Progress
 from blockstore.registry.mediatypes import GZIP, ZSTD
 from blockstore.tarlayer.erofs_writer import write_metadata
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN, GzipIndexer, Zinfo, read_span, span_range
-from blockstore.tarlayer.tarwalk import RangeFile, WindowedReads, check_end, entry_of, walk_tar
+from blockstore.tarlayer.tarwalk import (
+    END_LOOKED_AT,
+    RangeFile,
+    WindowedReads,
+    check_end,
+    entry_of,
+    walk_tar,
+)
 from blockstore.tarlayer.tree import DamagedTar, build_tree
 from blockstore.tarlayer.zstdframes import ZstdIndexer, decode_frames, stream_frames
 
@@ -269,7 +276,8 @@ def index_compressed_tar(
             raise DamagedTar(f"not a readable tar stream: {exc}") from exc
         tree = build_tree([])  # no tar at all: an empty layer, as Docker and containerd take it
     else:
-        check_end(end, indexer.made_at(end, tarfile.BLOCKSIZE))
+        indexer.make_to(end + END_LOOKED_AT)
+        check_end(end, indexer.made_at(end, END_LOOKED_AT))
     if isinstance(indexer, GzipIndexer):
         zinfo, size = indexer.finish()
         points = tuple((c.compressed, c.uncompressed) for c in zinfo.checkpoints)

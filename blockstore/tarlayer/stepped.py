@@ -63,6 +63,12 @@ class SteppedReader(io.RawIOBase):
         self._pending = self._pending[n:]
         return n
 
+    def make_to(self, end: int) -> None:
+        """Make the output up to byte ``end`` (or to the end of the stream), once nothing
+        reads it any more: to look past where ``tarfile`` stopped (``made_at``)."""
+        while self._made_len < end and not self._eof:
+            self._step()
+
     def made_at(self, offset: int, length: int) -> bytes | None:
         """Up to ``length`` bytes of output from ``offset``, if still kept (the last
         ``KEPT_OUTPUT`` bytes made are)."""

@@ -353,19 +353,32 @@ def entry_of(member: tarfile.TarInfo) -> TarEntry:
     return entry
 
 
-def check_end(offset: int, block: bytes | None) -> None:
+END_LOOKED_AT = 2 * tarfile.BLOCKSIZE
+"""What ``check_end`` is given of the stream where ``tarfile`` stopped: the end marker."""
+
+
+def check_end(offset: int, blocks: bytes | None) -> None:
     """Refuse a tar whose member list ``tarfile`` ended at ``offset`` on damage.
 
-    ``tarfile`` takes the first header it cannot parse for the end of the archive;
-    tar reports it and skips on. A layer ends only at a zero block (the end marker)
-    or at the end of the stream: anything else there would be served as a tree
-    silently missing every entry after it. ``block``: the 512 bytes at ``offset``
-    (fewer at the end; None if they could not be looked at).
+    ``tarfile`` takes the first header it cannot parse, or the first zero block, for
+    the end of the archive; tar reports a damaged header and skips on. A layer ends
+    only at two zero blocks (the end marker) or at the end of the stream: anything
+    else there would be served as a tree silently missing every entry after it, as
+    Go's tar reader (Docker's, containerd's) refuses a zero block that more data
+    follows. ``blocks``: the ``END_LOOKED_AT`` bytes at ``offset`` (fewer at the end;
+    None if they could not be looked at).
     """
-    if block is None or block.strip(b"\0"):
+    block = tarfile.BLOCKSIZE
+    if blocks is None or blocks[:block].strip(b"\0"):
         raise DamagedTar(
             f"the tar header at byte {offset} is damaged (bad checksum or format);"
             " the entries after it would be lost"
+        )
+    if blocks[block:].strip(b"\0"):
+        raise DamagedTar(
+            f"a lone zero block at byte {offset} is followed by more data at byte "
+            f"{offset + block} (a tar ends with two zero blocks); the entries after it "
+            "would be lost"
         )
 
 
@@ -382,6 +395,6 @@ def walk_tar(fileobj: IO[bytes]) -> Iterator[TarEntry]:
             for member in archive:
                 yield entry_of(member)
             fileobj.seek(archive.offset)
-            check_end(archive.offset, fileobj.read(tarfile.BLOCKSIZE))
+            check_end(archive.offset, fileobj.read(END_LOOKED_AT))
     except tarfile.TarError as exc:
         raise DamagedTar(f"not a readable tar stream: {exc}") from exc

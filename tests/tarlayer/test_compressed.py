@@ -186,6 +186,20 @@ def test_a_tar_padded_with_zeros_is_never_taken_for_damaged():
 
 
 @pytest.mark.parametrize("kind", [GZIP, ZSTD])
+def test_a_lone_zero_block_inside_a_compressed_layer_is_refused(layer_tar, kind):
+    """A zero block spliced before a member in the middle of a 6 MiB tar, then compressed
+    whole (every digest matches): refused, naming the byte; before, the streaming pass
+    took it for the end and the layer lost every entry after it with no word."""
+    with tarfile.open(fileobj=io.BytesIO(layer_tar)) as archive:
+        members = archive.getmembers()
+    header = members[len(members) // 2].offset
+    raw = layer_tar[:header] + bytes(512) + layer_tar[header:]
+    blob = compress(["gzip" if kind == GZIP else "zstd", "-q", "-c"], raw)
+    with pytest.raises(TarLayerError, match=f"a lone zero block at byte {header} is followed"):
+        index_compressed_tar(io.BytesIO(blob), kind, blob_digest=sha(blob), diff_id=None)
+
+
+@pytest.mark.parametrize("kind", [GZIP, ZSTD])
 def test_a_damaged_tar_header_inside_a_compressed_layer_is_refused(layer_tar, kind):
     """A member header in the middle of a 6 MiB tar with its checksum overwritten, then
     compressed whole (so every digest matches): the streaming pass does not take the

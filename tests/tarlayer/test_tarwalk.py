@@ -148,6 +148,22 @@ def two_members(end: bytes = bytes(1024)) -> bytes:
     return members_end + end
 
 
+def test_a_lone_zero_block_before_more_entries_is_refused_not_taken_for_the_end():
+    """Tried: a zero block between ``x`` and ``y`` (a tar cut and spliced, a writer's
+    bug). Must hold: refused, naming the byte, as Go's tar reader refuses it; before,
+    tarfile stopped at the zero block and the layer lost ``y`` with no word. A single
+    zero block that ends the stream, and two zero blocks then zeros, are ends."""
+    raw = two_members()
+    y_header = 1536
+    spliced = raw[:y_header] + bytes(512) + raw[y_header:]
+    with pytest.raises(TarLayerError, match=f"a lone zero block at byte {y_header} is followed"):
+        list(walk_tar(io.BytesIO(spliced)))
+    ends = raw.rstrip(b"\0")
+    ends += bytes(-len(ends) % 512)
+    for end in (bytes(512), bytes(1024), bytes(10240)):
+        assert [e.path for e in walk_tar(io.BytesIO(ends + end))] == [b"x", b"y"]
+
+
 def test_a_damaged_header_mid_stream_is_refused_not_taken_for_the_end():
     """``y``'s header with its checksum overwritten: tarfile alone would stop there as if
     the archive ended, and the layer would lose ``y`` (and everything after it) with no
