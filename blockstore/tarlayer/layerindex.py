@@ -34,6 +34,7 @@ from blockstore.tarlayer.erofs_writer import write_metadata
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN, GzipIndexer, Zinfo, read_span, span_range
 from blockstore.tarlayer.tarwalk import (
     END_LOOKED_AT,
+    BoundedTarInfo,
     RangeFile,
     WindowedReads,
     check_end,
@@ -267,7 +268,11 @@ def index_compressed_tar(
     indexer.sink = _counted(sink, Progress(f"{blob_digest or kind}: tar made to index it", None))
     try:
         with tarfile.open(
-            fileobj=indexer, mode="r|", encoding="utf-8", errors="surrogateescape"
+            fileobj=indexer,
+            mode="r|",
+            encoding="utf-8",
+            errors="surrogateescape",
+            tarinfo=BoundedTarInfo,
         ) as archive:
             tree = build_tree(entry_of(member) for member in archive)
             end = archive.offset

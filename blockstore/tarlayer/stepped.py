@@ -11,11 +11,20 @@ import io
 from collections import deque
 from collections.abc import Callable
 
+from blockstore.tarlayer.tree import DamagedTar
+
 KEPT_OUTPUT = 1 << 16
 """Output kept before the newest piece, at least: tarfile's stream reads 10 KiB ahead,
 so the header where it stopped is still here to be looked at (``made_at``), however
 large the piece that the read ahead reached into; and a gzip checkpoint's 32 KiB
 window is always here."""
+
+
+READS_AT_END = 64
+"""Reads past the end of the output taken before the stream is called damaged:
+``tarfile``'s stream skips an entry's data by reading it, block after block, however
+many the entry claims; at the end each read returns nothing, and one claiming 2^62
+bytes would spin for ever. Its own end of the archive takes a read or two there."""
 
 
 class SteppedReader(io.RawIOBase):
@@ -30,6 +39,7 @@ class SteppedReader(io.RawIOBase):
         self._kept: deque[tuple[int, bytes]] = deque()  # (offset, piece): the last output
         self._kept_len = 0
         self._made_len = 0
+        self._reads_at_end = 0
 
     def _made(self, out: bytes) -> None:
         """A step's output: to be read, and to the sink."""
@@ -58,6 +68,13 @@ class SteppedReader(io.RawIOBase):
     def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
         while not self._pending and not self._eof:
             self._step()
+        if not self._pending and len(buffer):
+            self._reads_at_end += 1
+            if self._reads_at_end > READS_AT_END:
+                raise DamagedTar(
+                    f"an entry of the tar claims more bytes than the stream holds (it ends "
+                    f"at byte {self._made_len})"
+                )
         n = min(len(buffer), len(self._pending))
         buffer[:n] = self._pending[:n]
         self._pending = self._pending[n:]

@@ -353,6 +353,30 @@ def entry_of(member: tarfile.TarInfo) -> TarEntry:
     return entry
 
 
+MAX_HEADER_RECORD = 1 << 20
+"""The largest PAX or GNU long-name record taken (Go's tar reader, Docker's and
+containerd's, takes no more): one claiming more is damage, never read into memory."""
+
+_RECORD_TYPES = frozenset(
+    (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, *tarfile.GNU_TYPES)
+) - {tarfile.GNUTYPE_SPARSE}
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """A member header whose extended-header records are held to ``MAX_HEADER_RECORD``:
+    ``tarfile`` reads a PAX or long-name record whole, whatever size its header
+    claims, so one of 2^60 bytes was a MemoryError. (``_proc_member`` is where
+    ``tarfile`` hands a header to the code for its type.)"""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _RECORD_TYPES and self.size > MAX_HEADER_RECORD:
+            raise DamagedTar(
+                f"the tar header at byte {self.offset} claims a {self.size}-byte "
+                f"extended header record, more than the {MAX_HEADER_RECORD} taken"
+            )
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+
 END_LOOKED_AT = 2 * tarfile.BLOCKSIZE
 """What ``check_end`` is given of the stream where ``tarfile`` stopped: the end marker."""
 
@@ -390,7 +414,11 @@ def walk_tar(fileobj: IO[bytes]) -> Iterator[TarEntry]:
     fileobj.seek(0)
     try:
         with tarfile.open(
-            fileobj=fileobj, mode="r:", encoding="utf-8", errors="surrogateescape"
+            fileobj=fileobj,
+            mode="r:",
+            encoding="utf-8",
+            errors="surrogateescape",
+            tarinfo=BoundedTarInfo,
         ) as archive:
             for member in archive:
                 yield entry_of(member)

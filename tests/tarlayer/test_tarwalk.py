@@ -164,6 +164,22 @@ def test_a_lone_zero_block_before_more_entries_is_refused_not_taken_for_the_end(
         assert [e.path for e in walk_tar(io.BytesIO(ends + end))] == [b"x", b"y"]
 
 
+@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME])
+def test_an_extended_header_record_claiming_too_much_is_refused_not_read(kind):
+    """Tried: a PAX (or GNU long-name) record whose header claims 2^60 bytes, before a
+    member. Must hold: refused, naming the byte and the size, before anything is read
+    into memory; before, tarfile read it whole: a MemoryError, which a mount reported
+    as the bare "MemoryError" (exit 14)."""
+    from test_compressed import header_claiming
+
+    member = tarfile.TarInfo("p")
+    member.size = 3
+    raw = header_claiming(1 << 60, kind, "././@x") + b"10 path=q\n".ljust(512, b"\0")
+    raw += member.tobuf(tarfile.USTAR_FORMAT) + b"abc".ljust(512, b"\0") + bytes(1024)
+    with pytest.raises(TarLayerError, match=f"at byte 0 claims a {1 << 60}-byte extended"):
+        list(walk_tar(io.BytesIO(raw)))
+
+
 def test_a_damaged_header_mid_stream_is_refused_not_taken_for_the_end():
     """``y``'s header with its checksum overwritten: tarfile alone would stop there as if
     the archive ended, and the layer would lose ``y`` (and everything after it) with no
