@@ -30,7 +30,7 @@ from blockstore.registry.mediatypes import GZIP, TAR, ZSTD
 from blockstore.registry.reference import digest_problem
 from blockstore.source import BlobSource
 from blockstore.tarlayer.alone import indexing_alone
-from blockstore.tarlayer.erofs_reader import read_info
+from blockstore.tarlayer.erofs_reader import read_info, read_metadata
 from blockstore.tarlayer.export import (
     DecompressedTar,
     IndexCache,
@@ -302,18 +302,27 @@ def local_index(
 ) -> TarIndex:
     """An index from files the user named: an erofs-utils tar index, and its zinfo.
 
-    The metadata image's superblock and device slot are checked; the rest is
-    the user's to vouch for (the kernel parses it). A zinfo carries no span
-    digests, so spans read through it are not checked against anything
+    The metadata image's structure is checked (every inode, directory and chunk
+    address, as for an index taken from the registry); for a plain tar, that it
+    describes a tar of the layer's size (an index of another layer is the likely
+    mistake, and it would serve that layer's file boundaries over this one's
+    bytes). What it says of the files is the user's to vouch for. A zinfo carries
+    no span digests, so spans read through it are not checked against anything
     until the whole tar is sealed against the diff_id.
     """
     metadata = tarindex.read_bytes()
     try:
         info = read_info(metadata)
+        read_metadata(metadata)
     except (IntegrityError, TarLayerError) as exc:  # not an image, or not one of ours
         raise UsageError(f"oci.tarindex={tarindex}: {exc}") from exc
     tar_size = info.tar_blocks * 512
     if kind == TAR:
+        if info.tar_blocks != -(-blob.size // 512):
+            raise UsageError(
+                f"oci.tarindex={tarindex}: it describes a tar of {tar_size} bytes, but "
+                f"this layer's tar is {blob.size} bytes (an index of another layer?)"
+            )
         return TarIndex(metadata, tar_size, None, blob.digest)
     if kind != GZIP or zinfo is None:
         raise UsageError(f"oci.tarindex for a {kind} layer needs oci.zinfo (gzip layers only)")

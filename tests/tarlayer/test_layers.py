@@ -6,13 +6,14 @@ import gzip
 import hashlib
 import io
 import subprocess
+import tarfile
 
 import pytest
 from rig.local_source import LocalFileSource
 from trees import make_tar, populate
 
 from blockstore.cache import CachedBlob, ChunkStore
-from blockstore.errors import IntegrityError, NotCached
+from blockstore.errors import IntegrityError, NotCached, UsageError
 from blockstore.registry.mediatypes import GZIP, TAR, ZSTD, layer_kind
 from blockstore.tarlayer.export import _DIGEST, IndexCache
 from blockstore.tarlayer.gzindex import GzipIndexer
@@ -149,6 +150,33 @@ def test_local_tarindex_and_zinfo_are_used_instead_of_a_pass(blobs, tmp_path):
             is None
         )
         local.close()
+
+
+def test_a_local_tarindex_of_another_tar_is_refused(blobs, tmp_path):
+    """Tried: ``oci.tarindex`` naming the index of a plain tar layer with one more file
+    (another layer's). Must hold: a usage error naming the file and both sizes, before
+    anything is served; before, it was taken, and a file read past its own end into
+    the next header's bytes (wrong bytes), the rest EIO."""
+    tar, paths = blobs
+    bigger = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(tar)) as source,
+        tarfile.open(fileobj=bigger, mode="w", format=tarfile.PAX_FORMAT) as out,
+    ):
+        for member in source:
+            out.addfile(member, source.extractfile(member) if member.isfile() else None)
+        extra = tarfile.TarInfo("extra")
+        extra.size = 90000
+        out.addfile(extra, io.BytesIO(bytes(90000)))
+    (tmp_path / "other.tar").write_bytes(bigger.getvalue())
+    with ChunkStore(tmp_path / "built") as store:
+        other = open_layer(store, tmp_path / "other.tar", TAR, bigger.getvalue())
+        (tmp_path / "other.meta").write_bytes(other.index.metadata)
+        other.close()
+    with ChunkStore(tmp_path / "local") as store, pytest.raises(UsageError) as refused:
+        open_layer(store, paths[TAR], TAR, tar, tarindex=tmp_path / "other.meta")
+    assert f"oci.tarindex={tmp_path / 'other.meta'}: it describes a tar of " in str(refused.value)
+    assert f"but this layer's tar is {len(tar)} bytes" in str(refused.value)
 
 
 def test_an_index_kept_by_an_older_index_format_is_built_again_and_dropped(blobs, tmp_path):
