@@ -534,6 +534,8 @@ class IndexCache:
     def __init__(self, store: ChunkStore):
         self._store: KeyValueStore = store.images
         self._making_room = store.making_room
+        self.damaged: str | None = None
+        """The key of the last kept record found not to match its checksum, if any."""
 
     @staticmethod
     def _key(blob_digest: str, span: int, part: str) -> str:
@@ -548,7 +550,8 @@ class IndexCache:
             return None
         data = raw[32:]
         if hashlib.sha256(data).digest() != raw[:32]:
-            log.warning("cached %s does not match its checksum: building it again", key)
+            log.warning("cached %s does not match its checksum: not used", key)
+            self.damaged = key
             return None
         return data
 

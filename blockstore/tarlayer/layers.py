@@ -469,6 +469,12 @@ def _build_index(
     """An index for a layer the cache has none for: the one attached to the image, unless
     refused before, else one built by reading the layer."""
     if not online:
+        if cache.damaged is not None:
+            raise NotCached(
+                f"{blob.digest}: the index this cache kept of this tar layer is damaged "
+                f"({cache.damaged} does not match its checksum), and offline it cannot be "
+                "built again; the next open with the registry reachable builds it again"
+            )
         raise NotCached(
             f"{blob.digest}: this tar layer was never indexed in this cache by index "
             f"format {INDEX_FORMAT} (an older version's index is not used); the next "

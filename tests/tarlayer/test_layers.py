@@ -152,6 +152,34 @@ def test_local_tarindex_and_zinfo_are_used_instead_of_a_pass(blobs, tmp_path):
         local.close()
 
 
+def test_a_damaged_kept_index_offline_is_called_damaged_then_built_again_online(blobs, tmp_path):
+    """Tried: a gzip layer indexed, its kept metadata image then changed by a byte on the
+    disk, then an offline open and an online one. Must hold: offline, NotCached saying
+    the kept index is damaged (not that the layer was never indexed); online, the index
+    is built again and the layer reads the same bytes."""
+    from blockstore.cache.layout import DB_MANIFESTS
+
+    tar, paths = blobs
+    digest = sha(paths[GZIP].read_bytes())
+    key = f"tarlayer/v{INDEX_FORMAT}/span{SPAN}/{digest}/meta".encode()
+    with ChunkStore(tmp_path / "cache") as store:
+        built = open_layer(store, paths[GZIP], GZIP, tar)
+        expected = whole(built)
+        built.close()
+
+        def damage(txn) -> None:
+            raw = bytearray(txn.get(key, db=store.dbs[DB_MANIFESTS]))
+            raw[40] ^= 0x01
+            txn.put(key, bytes(raw), db=store.dbs[DB_MANIFESTS])
+
+        store.env.write(damage)
+        with pytest.raises(NotCached, match="the index this cache kept of this tar layer is "):
+            open_layer(store, paths[GZIP], GZIP, tar, online=False)
+        again = open_layer(store, paths[GZIP], GZIP, tar)
+        assert whole(again) == expected
+        again.close()
+
+
 def test_a_local_tarindex_of_another_tar_is_refused(blobs, tmp_path):
     """Tried: ``oci.tarindex`` naming the index of a plain tar layer with one more file
     (another layer's). Must hold: a usage error naming the file and both sizes, before
