@@ -21,12 +21,11 @@ from .layout import (
     CHUNK_KEY,
     DB_BLOBS,
     DB_CHUNKS,
-    DB_IDS,
     DB_LRU,
     DB_PARTS,
     DB_TICKS,
-    U64,
     BlobRecord,
+    record_of_id,
 )
 from .parts import is_part_key
 
@@ -65,7 +64,7 @@ def evict(
         part = is_part_key(key)
         blob_id = CHUNK_KEY.unpack_from(key)[0]
         if blob_id not in records:
-            entry = records[blob_id] = _record(txn, dbs, blob_id)
+            entry = records[blob_id] = record_of_id(txn, dbs, blob_id)
             if entry is not None and held(digest := entry[0].decode()):
                 passed_over[blob_id] = digest
         entry = records[blob_id]
@@ -88,17 +87,3 @@ def evict(
         if entry is not None and blob_id not in passed_over:
             txn.put(entry[0], entry[1].pack(), db=dbs[DB_BLOBS])
     return Evicted(evicted, freed, list(passed_over.values()))
-
-
-def _record(
-    txn: lmdb.Transaction, dbs: dict[bytes, lmdb._Database], blob_id: int
-) -> tuple[bytes, BlobRecord] | None:
-    digest = txn.get(U64.pack(blob_id), db=dbs[DB_IDS])
-    if digest is None:
-        return None
-    raw = txn.get(digest, db=dbs[DB_BLOBS])
-    if raw is None:
-        return None
-    record = BlobRecord.unpack(raw)
-    # A record that does not name this id back is not this chunk's (a damaged one).
-    return (bytes(digest), record) if record.blob_id == blob_id else None

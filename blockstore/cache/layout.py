@@ -147,3 +147,16 @@ class BlobRecord:
     @classmethod
     def unpack(cls, raw: bytes | memoryview) -> BlobRecord:
         return cls(*cls._FORMAT.unpack(raw))
+
+
+def record_of_id(
+    txn: lmdb.Transaction, dbs: dict[bytes, lmdb._Database], blob_id: int
+) -> tuple[bytes, BlobRecord] | None:
+    """The digest and record of the blob ``blob_id`` names; None if there is none, or if
+    its record does not name this id back (a damaged one, not this chunk's blob)."""
+    digest = txn.get(U64.pack(blob_id), db=dbs[DB_IDS])
+    raw = txn.get(digest, db=dbs[DB_BLOBS]) if digest is not None else None
+    if raw is None:
+        return None
+    record = BlobRecord.unpack(raw)
+    return (bytes(digest), record) if record.blob_id == blob_id else None

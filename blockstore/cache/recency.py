@@ -17,7 +17,6 @@ import lmdb
 from .layout import (
     DB_BLOBS,
     DB_CHUNKS,
-    DB_IDS,
     DB_LRU,
     DB_PARTS,
     DB_TICKS,
@@ -26,6 +25,7 @@ from .layout import (
     blob_keys,
     chunk_key,
     lru_key,
+    record_of_id,
 )
 from .parts import part_lru_key
 
@@ -106,11 +106,8 @@ def apply(
     tick = now_tick()
     records: dict[int, tuple[bytes, BlobRecord]] = {}
     for blob_id in {blob_id for blob_id, _, _ in touched}:
-        digest = txn.get(U64.pack(blob_id), db=dbs[DB_IDS])
-        raw = txn.get(digest, db=dbs[DB_BLOBS]) if digest is not None else None
-        record = BlobRecord.unpack(raw) if raw is not None else None
-        if record is not None and record.blob_id == blob_id:  # else damaged: not this id's
-            records[blob_id] = (bytes(digest), record)
+        if (entry := record_of_id(txn, dbs, blob_id)) is not None:
+            records[blob_id] = entry
     for blob_id, first, last in touched:
         if blob_id not in records:
             continue  # removed meanwhile

@@ -269,7 +269,7 @@ class ChunkStore:
 
     def lookup(self, digest: str) -> BlobRecord | None:
         """The blob's record; None if the cache has none, or none that agrees with the
-        rest of the cache (``_agrees``), which is then dropped with its chunks."""
+        rest of the cache (``_disagreement``), which is then dropped with its chunks."""
 
         def question() -> tuple[BlobRecord | None, bool]:
             with self.env.reader(DB_BLOBS) as txn:
@@ -277,7 +277,7 @@ class ChunkStore:
                 if raw is None:
                     return None, True
                 record = BlobRecord.unpack(raw)
-                return record, self._agrees(txn, digest, record)
+                return record, self._disagreement(txn, digest, record) is None
 
         record, agrees = self._ask(question)
         if agrees:
@@ -480,19 +480,20 @@ class ChunkStore:
 
     def _record(self, txn: lmdb.Transaction, digest: str) -> BlobRecord | None:
         """The blob's record in write transaction ``txn``; None if the cache has none, or
-        none that agrees with the rest of the cache (``_agrees``): that one is dropped."""
+        none that agrees with the rest of the cache (``_disagreement``): that one is dropped."""
         raw = txn.get(digest.encode(), db=self.dbs[DB_BLOBS])
         if raw is None:
             return None
         record = BlobRecord.unpack(raw)
-        if self._agrees(txn, digest, record):
+        why = self._disagreement(txn, digest, record)
+        if why is None:
             return record
-        self._drop_disagreeing(txn, digest, record)
+        self._drop_disagreeing(txn, digest, why)
         return None
 
     def drop_disagreeing_records(self) -> list[str]:
-        """Drop every blob record that disagrees with the rest of the cache (``_agrees``),
-        with its chunks; the digests of those dropped."""
+        """Drop every blob record that disagrees with the rest of the cache
+        (``_disagreement``), with its chunks; the digests of those dropped."""
 
         def work(txn: lmdb.Transaction) -> list[str]:
             digests = [bytes(key).decode() for key, _ in txn.cursor(db=self.dbs[DB_BLOBS])]
@@ -500,31 +501,31 @@ class ChunkStore:
 
         return self.env.write(work)
 
-    def _agrees(self, txn: lmdb.Transaction, digest: str, record: BlobRecord) -> bool:
-        """Whether a blob's record agrees with what else the cache keeps of the blob: its
-        id names the blob back, and, sealed, its sealed list is intact and of its size.
+    def _disagreement(self, txn: lmdb.Transaction, digest: str, record: BlobRecord) -> str | None:
+        """Why a blob's record disagrees with what else the cache keeps of the blob, or
+        None if its id names the blob back and, sealed, its sealed list is intact and of
+        its size.
 
         A bit of a record flipped on the disk could otherwise point it at another
         blob's chunks, which fail this blob's checks and would be deleted as bad, or
         pass a blob never checked against its digest as sealed."""
         if txn.get(U64.pack(record.blob_id), db=self.dbs[DB_IDS]) != digest.encode():
-            return False
+            return "its id names another blob"
         if record.sealed:
             sums = txn.get(digest.encode(), db=self.dbs[DB_SUMS])
-            return sums is not None and sealed_list_intact(blob_seed(digest), record.size, sums)
-        return True
+            if sums is None or not sealed_list_intact(blob_seed(digest), record.size, sums):
+                return "sealed, without an intact sealed list of its size and chunks"
+        return None
 
-    def _drop_disagreeing(self, txn: lmdb.Transaction, digest: str, record: BlobRecord) -> None:
-        """Drop a blob whose record disagrees (``_agrees``): the record, its sealed
-        entries, and the chunks of every id that names the blob, which are found from
-        the ids, not from the record. Nothing of another blob, and never the cache."""
+    def _drop_disagreeing(self, txn: lmdb.Transaction, digest: str, why: str) -> None:
+        """Drop a blob whose record disagrees (``why``): the record, its sealed entries,
+        and the chunks of every id that names the blob, which are found from the ids,
+        not from the record. Nothing of another blob, and never the cache."""
         log.warning(
             "the cache's record of %s is damaged (%s): dropped it with the chunks stored "
             "for it, which are fetched again as they are read",
             digest,
-            "its id names another blob"
-            if txn.get(U64.pack(record.blob_id), db=self.dbs[DB_IDS]) != digest.encode()
-            else "sealed, without an intact sealed list of its size and chunks",
+            why,
         )
         ids = self.dbs[DB_IDS]
         named = digest.encode()

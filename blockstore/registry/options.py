@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from blockstore.errors import UsageError
+from blockstore.registry.reference import is_port
 
 
 @dataclass
@@ -82,6 +83,6 @@ def port_problem(authority: str) -> str | None:
         _, colon, port = authority.rpartition(":")
         if not colon:
             return None
-    if not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+    if not is_port(port):
         return f"port {port!r} is not a number in 1..65535"
     return None

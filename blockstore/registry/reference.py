@@ -195,26 +195,26 @@ def _is_host(first: str) -> bool:
     return "." in first or ":" in first or first == "localhost" or first != first.lower()
 
 
-def host_problem(host: str) -> str | None:
-    """Why ``host`` is not a registry's ``host[:port]`` (``[v6]:port`` too), or None.
-
-    Checked before any request: requests would refuse a bad port later with a
-    bare ValueError."""
-    matched = _HOST.fullmatch(host)
-    if not matched:
-        return f"bad registry host {_echo(host)}"
-    port = matched["port"]
-    if port is not None and not (len(port) <= 5 and 1 <= int(port) <= 65535):
-        return f"port {_echo(port)} of registry host is not in 1..65535"
-    return None
+def is_port(text: str) -> bool:
+    """Whether ``text`` is a TCP port, 1..65535 in ASCII digits: checked before any
+    request, as requests would refuse another later with a bare ValueError."""
+    return text.isascii() and text.isdigit() and len(text) <= 5 and 1 <= int(text) <= 65535
 
 
 def _split_registry(original: str, name: str) -> tuple[str, str]:
     first, slash, rest = name.partition("/")
     if slash and _is_host(first):
-        why = host_problem(first)
-        if why:
-            raise InvalidReference(f"invalid image reference {_echo(original)}: {why}")
+        host = _HOST.fullmatch(first)
+        if not host:
+            raise InvalidReference(
+                f"invalid image reference {_echo(original)}: bad registry host {_echo(first)}"
+            )
+        port = host["port"]
+        if port is not None and not is_port(port):
+            raise InvalidReference(
+                f"invalid image reference {_echo(original)}: port {_echo(port)} of registry "
+                "host is not in 1..65535"
+            )
         registry, path = first, rest
     else:
         registry, path = DOCKER_HUB, name
