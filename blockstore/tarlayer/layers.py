@@ -355,7 +355,8 @@ def open_tar_layer(
 
     ``diff_id`` is asked when an index must be built, and to check a kept one
     (it may fetch the image config, which the cache then keeps). Offline, a layer
-    never indexed fails with ``NotCached``.
+    with no sound index kept fails with ``NotCached``, unless its blob is sealed here:
+    then the index is built again from the cache.
     ``blob`` stays the caller's to close. ``settings``: span readahead follows
     ``readahead``, and ``fill`` starts it at open. ``source``: the blob's own source,
     which spans checked by their own sha256 are then inflated from without storing the
@@ -467,18 +468,15 @@ def _build_index(
     shared: Callable[[], TarIndex | None] | None,
 ) -> TarIndex:
     """An index for a layer the cache has none for: the one attached to the image, unless
-    refused before, else one built by reading the layer."""
+    refused before, else one built by reading the layer: offline, only a layer this
+    cache holds whole and sealed, whose every byte is here and checked."""
     if not online:
-        if cache.damaged is not None:
-            raise NotCached(
-                f"{blob.digest}: the index this cache kept of this tar layer is damaged "
-                f"({cache.damaged} does not match its checksum), and offline it cannot be "
-                "built again; the next open with the registry reachable builds it again"
-            )
-        raise NotCached(
-            f"{blob.digest}: this tar layer was never indexed in this cache by index "
-            f"format {INDEX_FORMAT} (an older version's index is not used); the next "
-            "open with the registry reachable indexes it"
+        if not _sealed(store, blob.digest):
+            raise NotCached(_not_indexed_offline(cache, blob.digest))
+        log.info(
+            "%s: %s; built again from the layer, sealed in this cache",
+            blob.digest,
+            "its kept index is damaged" if cache.damaged is not None else "no index kept",
         )
     if kind == TAR:
         check_diff_id(blob.digest, diff_id())
@@ -512,6 +510,23 @@ def _build_index(
         if keeper is not None:
             keeper.finish(built.tar_size if built is not None else None)
     return built
+
+
+def _not_indexed_offline(cache: IndexCache, digest: str) -> str:
+    """Why an offline open of a tar layer not sealed here has no index to serve."""
+    if cache.damaged is not None:
+        return (
+            f"{digest}: the index this cache kept of this tar layer is damaged "
+            f"({cache.damaged} does not match its checksum), and offline it cannot be "
+            "built again, as the layer is not whole in this cache; the next open with "
+            "the registry reachable builds it again"
+        )
+    return (
+        f"{digest}: this tar layer was never indexed in this cache by index "
+        f"format {INDEX_FORMAT} (an older version's index is not used), and offline it "
+        "cannot be, as the layer is not whole in this cache; the next open with the "
+        "registry reachable indexes it"
+    )
 
 
 def _build_once_more_if_unproven(

@@ -152,32 +152,64 @@ def test_local_tarindex_and_zinfo_are_used_instead_of_a_pass(blobs, tmp_path):
         local.close()
 
 
-def test_a_damaged_kept_index_offline_is_called_damaged_then_built_again_online(blobs, tmp_path):
-    """Tried: a gzip layer indexed, its kept metadata image then changed by a byte on the
-    disk, then an offline open and an online one. Must hold: offline, NotCached saying
-    the kept index is damaged (not that the layer was never indexed); online, the index
-    is built again and the layer reads the same bytes."""
+def _damage_kept_metadata(store, digest: str) -> None:
+    """Flip one bit of the metadata image the cache kept for blob ``digest``."""
     from blockstore.cache.layout import DB_MANIFESTS
 
+    key = f"tarlayer/v{INDEX_FORMAT}/span{SPAN}/{digest}/meta".encode()
+
+    def damage(txn) -> None:
+        raw = bytearray(txn.get(key, db=store.dbs[DB_MANIFESTS]))
+        raw[40] ^= 0x01
+        txn.put(key, bytes(raw), db=store.dbs[DB_MANIFESTS])
+
+    store.env.write(damage)
+
+
+def test_a_damaged_kept_index_offline_is_called_damaged_then_built_again_online(blobs, tmp_path):
+    """Tried: a gzip layer indexed, its blob then dropped from the cache (so it is not
+    whole here), its kept metadata image changed by a byte on the disk, then an offline
+    open and an online one. Must hold: offline, NotCached saying the kept index is
+    damaged (not that the layer was never indexed); online, the index is built again
+    and the layer reads the same bytes."""
     tar, paths = blobs
     digest = sha(paths[GZIP].read_bytes())
-    key = f"tarlayer/v{INDEX_FORMAT}/span{SPAN}/{digest}/meta".encode()
     with ChunkStore(tmp_path / "cache") as store:
         built = open_layer(store, paths[GZIP], GZIP, tar)
         expected = whole(built)
         built.close()
-
-        def damage(txn) -> None:
-            raw = bytearray(txn.get(key, db=store.dbs[DB_MANIFESTS]))
-            raw[40] ^= 0x01
-            txn.put(key, bytes(raw), db=store.dbs[DB_MANIFESTS])
-
-        store.env.write(damage)
+        opened.pop().close()
+        store.remove(digest)
+        _damage_kept_metadata(store, digest)
         with pytest.raises(NotCached, match="the index this cache kept of this tar layer is "):
             open_layer(store, paths[GZIP], GZIP, tar, online=False)
         again = open_layer(store, paths[GZIP], GZIP, tar)
         assert whole(again) == expected
         again.close()
+
+
+@pytest.mark.parametrize("kind", [TAR, GZIP])
+def test_offline_a_sealed_layer_s_damaged_index_is_built_again_from_the_cache(
+    blobs, tmp_path, kind
+):
+    """Tried: a layer prefetched (its blob whole and sealed here), its kept metadata
+    image then changed by a byte on the disk, then an offline open with no source at
+    all. Must hold: the index is built again from the sealed blob in the cache, and
+    the layer serves the same bytes as before; before, the open failed with NotCached
+    although every byte it needed was here."""
+    tar, paths = blobs
+    digest = sha(paths[kind].read_bytes())
+    with ChunkStore(tmp_path / "cache") as store:
+        layer = open_layer(store, paths[kind], kind, tar)
+        expected = whole(layer)
+        layer.prefetch()
+        layer.close()
+        assert {b.digest: b.sealed for b in store.blobs()}[digest] is True
+        _damage_kept_metadata(store, digest)
+        again = open_layer(store, paths[kind], kind, tar, online=False)
+        assert whole(again) == expected
+        again.close()
+        assert IndexCache(store).load(digest, SPAN, kind != TAR) is not None
 
 
 def test_a_local_tarindex_of_another_tar_is_refused(blobs, tmp_path):
