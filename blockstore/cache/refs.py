@@ -137,6 +137,21 @@ class ImageRecords:
             raw = txn.get(digest.encode())
             return bytes(raw) if raw is not None else None
 
+    def manifest_names(self, prefix: str) -> list[str]:
+        """The names of the records kept beside the manifests that start with ``prefix``."""
+        start = prefix.encode()
+        with self._env.reader(DB_MANIFESTS) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(start):
+                return []
+            names = []
+            for view in cursor.iternext(values=False):
+                key = bytes(view)
+                if not key.startswith(start):
+                    break
+                names.append(key.decode(errors="replace"))
+            return names
+
     def drop_manifests(self, prefix: str, keep: Callable[[str], bool]) -> int:
         """Delete the records whose name starts with ``prefix`` unless ``keep(name)``;
         how many went."""

@@ -147,6 +147,8 @@ def _inflated_tars(store: ChunkStore) -> dict[str, str]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from blockstore.tarlayer.export import IndexCache
+
     try:
         store = open_store(args)
     except CacheDamaged as exc:
@@ -154,6 +156,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return _verified(args, VerifyReport(damage=str(exc)), {}, READ_ONLY_FATE)
     with store:
         report = store.verify()
+        # Kept tar indexes are checked on every load; verify finds them damaged first.
+        indexes = IndexCache(store)
+        damaged = indexes.damaged_records()
+        if damaged and not store.read_only:
+            indexes.heal(damaged)
+        report.damaged_records += damaged
         # Blobs not complete yet cannot be judged by their digest; a kept chunk index can.
         # Sealed ones judge their index instead.
         shelf = IndexShelf(store)

@@ -527,6 +527,8 @@ class KeyValueStore(Protocol):
 
     def drop_manifests(self, prefix: str, keep: Callable[[str], bool]) -> int: ...
 
+    def manifest_names(self, prefix: str) -> list[str]: ...
+
 
 class IndexCache:
     """Metadata images and span indexes kept in the cache, checked on every load."""
@@ -544,7 +546,9 @@ class IndexCache:
     def _put(self, key: str, data: bytes) -> None:
         self._store.put_manifest(key, hashlib.sha256(data).digest() + data)
 
-    def _get(self, key: str) -> bytes | None:
+    def _get(self, key: str, *, if_damaged: bytes | None = None) -> bytes | None:
+        """The record under ``key``; None if absent. One that fails its checksum reads
+        as ``if_damaged``: absent, unless a mark says what is safe to assume of it."""
         raw = self._store.manifest(key)
         if raw is None:
             return None
@@ -552,7 +556,7 @@ class IndexCache:
         if hashlib.sha256(data).digest() != raw[:32]:
             log.warning("cached %s does not match its checksum: not used", key)
             self.damaged = key
-            return None
+            return if_damaged
         return data
 
     def save(self, blob_digest: str, span: int, index: TarIndex) -> None:
@@ -587,7 +591,9 @@ class IndexCache:
         self._put(self._key(blob_digest, span, "origin"), origin)
 
     def origin(self, blob_digest: str, span: int) -> bytes | None:
-        return self._get(self._key(blob_digest, span, "origin"))
+        """A damaged mark reads as ``SHARED``: the index is then proven before it is
+        trusted, where reading it as absent (built here) would trust an attached one."""
+        return self._get(self._key(blob_digest, span, "origin"), if_damaged=self.SHARED)
 
     def set_unproven(self, blob_digest: str, span: int, unproven: bool) -> None:
         """Remember that the kept index of a plain tar layer was built from its bytes
@@ -596,11 +602,36 @@ class IndexCache:
         self._put(self._key(blob_digest, span, "unproven"), b"y" if unproven else b"")
 
     def unproven(self, blob_digest: str, span: int) -> bool:
-        return self._get(self._key(blob_digest, span, "unproven")) == b"y"
+        """A damaged mark reads as unproven: proving a sound index costs one pass, while
+        trusting one built from another blob's bytes would serve its tree for good."""
+        return self._get(self._key(blob_digest, span, "unproven"), if_damaged=b"y") == b"y"
 
     def drop(self, blob_digest: str, span: int) -> None:
         """Forget the kept index (an empty record reads as absent), so it is built again."""
         self._put(self._key(blob_digest, span, "meta"), b"")
+
+    def damaged_records(self) -> list[str]:
+        """For ``cache verify``: the names of the kept records that fail their checksum."""
+        found = []
+        for key in self._store.manifest_names("tarlayer/v"):
+            self.damaged = None
+            self._get(key)
+            if self.damaged is not None:
+                found.append(key)
+        return found
+
+    def heal(self, names: list[str]) -> None:
+        """Put back what the reads of damaged records assume, so the next open pays
+        nothing for them: an index whose metadata or span index is damaged is dropped,
+        to be built again; a damaged mark is set to the safe value it reads as."""
+        for key in names:
+            head, _, part = key.rpartition("/")
+            if part == "origin":
+                self._put(key, self.SHARED)
+            elif part == "unproven":
+                self._put(key, b"y")
+            else:
+                self._put(f"{head}/meta", b"")
 
     def tar_digest(self, blob_digest: str, span: int = DEFAULT_SPAN) -> str | None:
         """The digest of the tar the kept index serves (the layer's diff_id), if one is kept."""

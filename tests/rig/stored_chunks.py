@@ -1,9 +1,9 @@
-"""Damaging a cached chunk in place, the way a failing disk would."""
+"""Damaging a cached chunk or kept record in place, the way a failing disk would."""
 
 from __future__ import annotations
 
 from blockstore.cache import ChunkStore
-from blockstore.cache.layout import DB_CHUNKS, chunk_key
+from blockstore.cache.layout import DB_CHUNKS, DB_MANIFESTS, chunk_key
 
 
 def flip_stored_byte(store: ChunkStore, digest: str, index: int, position: int) -> bool:
@@ -23,3 +23,16 @@ def flip_stored_byte(store: ChunkStore, digest: str, index: int, position: int) 
         return True
 
     return store.env.write(work)
+
+
+def flip_kept_byte(store: ChunkStore, name: str, position: int) -> None:
+    """Flip one bit of the record kept under ``name`` beside the manifests (a manifest,
+    a config, a tar layer's index records); the record must be there."""
+    key = name.encode()
+
+    def work(txn) -> None:
+        raw = bytearray(txn.get(key, db=store.dbs[DB_MANIFESTS]))
+        raw[position % len(raw)] ^= 0x01
+        txn.put(key, bytes(raw), db=store.dbs[DB_MANIFESTS])
+
+    store.env.write(work)

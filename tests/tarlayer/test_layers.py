@@ -6,10 +6,12 @@ import gzip
 import hashlib
 import io
 import subprocess
+import sys
 import tarfile
 
 import pytest
 from rig.local_source import LocalFileSource
+from rig.stored_chunks import flip_kept_byte
 from trees import make_tar, populate
 
 from blockstore.cache import CachedBlob, ChunkStore
@@ -154,16 +156,7 @@ def test_local_tarindex_and_zinfo_are_used_instead_of_a_pass(blobs, tmp_path):
 
 def _damage_kept_metadata(store, digest: str) -> None:
     """Flip one bit of the metadata image the cache kept for blob ``digest``."""
-    from blockstore.cache.layout import DB_MANIFESTS
-
-    key = f"tarlayer/v{INDEX_FORMAT}/span{SPAN}/{digest}/meta".encode()
-
-    def damage(txn) -> None:
-        raw = bytearray(txn.get(key, db=store.dbs[DB_MANIFESTS]))
-        raw[40] ^= 0x01
-        txn.put(key, bytes(raw), db=store.dbs[DB_MANIFESTS])
-
-    store.env.write(damage)
+    flip_kept_byte(store, f"tarlayer/v{INDEX_FORMAT}/span{SPAN}/{digest}/meta", 40)
 
 
 def test_a_damaged_kept_index_offline_is_called_damaged_then_built_again_online(blobs, tmp_path):
@@ -287,5 +280,39 @@ def test_a_whole_tar_is_not_asked_after_chunk_by_chunk(blobs, tmp_path, monkeypa
         monkeypatch.setattr(store, "missing", asked)
         again = open_layer(store, paths[GZIP], GZIP, tar)
         again.prefetch()
+        assert whole(again) == expected
+        again.close()
+
+
+@pytest.mark.parametrize("part", ["meta", "unproven"])
+def test_verify_finds_a_damaged_kept_index_record_and_heals_it(blobs, tmp_path, part):
+    """Tried: a plain tar layer indexed (its index unproven: a header walk read only a
+    few ranges), then one bit flipped in its kept metadata image, or in the mark saying
+    it is unproven; then ``cache verify`` twice, and an open. Must hold: the first
+    verify names the record and exits 6; the second finds nothing (exit 0), the damaged
+    index having been dropped or the mark set back to unproven; the layer then reads
+    the same bytes. Before, verify said ok and left the record as it was."""
+    tar, paths = blobs
+    digest = sha(paths[TAR].read_bytes())
+    name = f"tarlayer/v{INDEX_FORMAT}/span{SPAN}/{digest}/{part}"
+    cache = tmp_path / "cache"
+    with ChunkStore(cache) as store:
+        layer = open_layer(store, paths[TAR], TAR, tar)
+        expected = whole(layer)
+        layer.close()
+        opened.pop().close()
+        assert IndexCache(store).unproven(digest, SPAN)
+        flip_kept_byte(store, name, 40 if part == "meta" else 0)
+    verify = [sys.executable, "-m", "blockstore", "cache", "verify", "--cache-dir", str(cache)]
+    first = subprocess.run(verify, capture_output=True, text=True)
+    assert first.returncode == 6, first.stdout + first.stderr
+    assert f"the cached record of {name} is damaged" in first.stdout
+    second = subprocess.run(verify, capture_output=True, text=True)
+    assert second.returncode == 0, second.stdout + second.stderr
+    with ChunkStore(cache) as store:
+        kept = IndexCache(store)
+        assert kept.unproven(digest, SPAN)
+        assert (kept.load(digest, SPAN, False) is None) == (part == "meta")
+        again = open_layer(store, paths[TAR], TAR, tar)
         assert whole(again) == expected
         again.close()

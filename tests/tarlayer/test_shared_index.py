@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from oci_layout import MEDIA_TYPES, compress
 from rig.fault_proxy import Fault
+from rig.stored_chunks import flip_kept_byte
 from rig.waiting import wait_for
 from trees import make_tar
 
@@ -30,7 +31,7 @@ from blockstore.tarlayer.erofs_reader import read_metadata
 from blockstore.tarlayer.erofs_writer import write_metadata
 from blockstore.tarlayer.export import IndexCache
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN
-from blockstore.tarlayer.layerindex import index_compressed_tar, index_plain_tar
+from blockstore.tarlayer.layerindex import INDEX_FORMAT, index_compressed_tar, index_plain_tar
 from blockstore.tarlayer.shared import ARTIFACT_TYPE, FORMAT_ANNOTATION, index_blobs
 from blockstore.tarlayer.tarwalk import walk_tar
 from blockstore.tarlayer.tree import build_tree
@@ -428,3 +429,49 @@ def test_fill_catches_a_lying_shared_index_when_it_seals_the_layer(
     finally:
         image.close()
     assert "using the index attached to the image" not in caplog.text
+
+
+def test_a_damaged_origin_mark_still_has_the_shared_index_proven(tmp_path, registry):
+    """Tried: an attached index that lies about the tree (one file given the setuid
+    bit) taken by an open, then one bit flipped in the record saying it came from the
+    registry, then an open and ``prefetch``. Must hold: a mark that fails its checksum
+    counts as from the registry, so the seal proves the index, finds the lie and drops
+    it; the next open builds the true one. Before, a damaged mark read as absent, that
+    is built here: the lie was never judged, and kept for good."""
+    files = {f"f{i}.txt": f"file {i} ".encode() * 300 for i in range(30)}
+    client = registry.client()
+    try:
+        ref, tar, blob = gzip_image(tmp_path, registry.host, client, "liar", files)
+    finally:
+        client.close()
+    own = index_compressed_tar(io.BytesIO(blob), GZIP, blob_digest=None, diff_id=None)
+    tree = build_tree(walk_tar(io.BytesIO(tar)))
+    tree.root.children[b"f3.txt"].mode |= 0o4000
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    blobs = index_blobs(own, digest)
+    blobs[0] = (write_metadata(tree, len(tar)), blobs[0][1], blobs[0][2])
+    attach_index(registry, ref, blobs, tmp_path / "push")
+
+    cache = tmp_path / "new"
+    image = open_image(ref, cache_dir=cache, options=registry.options())
+    try:
+        (export,) = image.exports()
+        assert export.index.metadata != own.metadata  # the lie is served until the seal
+        flip_kept_byte(
+            image.store, f"tarlayer/v{INDEX_FORMAT}/span{DEFAULT_SPAN}/{digest}/origin", 3
+        )
+    finally:
+        image.close()
+    image = open_image(ref, cache_dir=cache, options=registry.options())
+    try:
+        (export,) = image.exports()
+        with pytest.raises(IntegrityError, match="does not describe this layer's tar"):
+            export.prefetch()
+    finally:
+        image.close()
+    image = open_image(ref, cache_dir=cache, options=registry.options())
+    try:
+        (export,) = image.exports()
+        assert export.index.metadata == own.metadata
+    finally:
+        image.close()

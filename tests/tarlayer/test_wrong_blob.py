@@ -9,10 +9,13 @@ import sys
 
 from oci_layout import push_tar_layer
 from rig.fault_proxy import Fault
+from rig.stored_chunks import flip_kept_byte
 from trees import files_served, tar_of
 
 from blockstore.cache import ChunkStore
 from blockstore.image import open_image
+from blockstore.tarlayer.gzindex import DEFAULT_SPAN
+from blockstore.tarlayer.layerindex import INDEX_FORMAT
 
 CLI = [sys.executable, "-m", "blockstore"]
 RIGHT = b"R" * 100_000
@@ -109,3 +112,31 @@ def test_an_index_built_from_another_blob_is_proven_at_the_open_after_reads_seal
     finally:
         image.close()
     assert "does not describe its tar" in caplog.text
+
+
+def test_a_damaged_unproven_mark_still_has_the_index_proven(tmp_path, registry, fault_proxy):
+    """Tried: the index kept from another blob's bytes (above), then one bit flipped in
+    the record marking it unproven, then ``prefetch`` until it succeeds. Must hold: a
+    mark that fails its checksum counts as unproven, so the index is proven against the
+    sealed tar, dropped and built again: the image shows ``right.txt``, offline too.
+    Before, a damaged mark read as absent, that is proven: ``wrong.txt`` for good."""
+    reference, cache = indexed_from_another_blob(tmp_path, registry, fault_proxy)
+    digest = "sha256:" + hashlib.sha256(tar_of({"right.txt": RIGHT})).hexdigest()
+    with ChunkStore(cache) as store:
+        flip_kept_byte(store, f"tarlayer/v{INDEX_FORMAT}/span{DEFAULT_SPAN}/{digest}/unproven", 0)
+    for _ in range(3):
+        done = subprocess.run(
+            [*CLI, "prefetch", reference, "--insecure", "--cache-dir", cache],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode == 0:
+            break
+        assert done.returncode == 6, done.stderr
+    assert done.returncode == 0, done.stderr
+    image = open_image(reference, cache_dir=cache, offline=True)
+    try:
+        (export,) = image.exports()
+        assert files_served(export) == {b"right.txt": RIGHT}
+    finally:
+        image.close()
