@@ -63,6 +63,31 @@ def indexed_from_another_blob(tmp_path, registry, fault_proxy) -> tuple[str, str
     return reference, str(cache)
 
 
+def prefetch_until_sealed(reference: str, cache: str) -> None:
+    """``prefetch`` until it succeeds: the first finds the cached bytes wrong at the
+    seal (exit 6, dropping them), as for any layer; a later one fetches them anew."""
+    for _ in range(3):
+        done = subprocess.run(
+            [*CLI, "prefetch", reference, "--insecure", "--cache-dir", cache],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode == 0:
+            return
+        assert done.returncode == 6, done.stderr
+    raise AssertionError(f"prefetch never succeeded: {done.stderr}")
+
+
+def assert_offline_tree_is_right(reference: str, cache: str) -> None:
+    """Offline, the image shows the layer's own tree: ``right.txt`` with its bytes."""
+    image = open_image(reference, cache_dir=cache, offline=True)
+    try:
+        (export,) = image.exports()
+        assert files_served(export) == {b"right.txt": RIGHT}
+    finally:
+        image.close()
+
+
 def test_an_index_built_from_another_blob_is_dropped_when_the_layer_is_prefetched(
     tmp_path, registry, fault_proxy
 ):
@@ -74,22 +99,8 @@ def test_an_index_built_from_another_blob_is_dropped_when_the_layer_is_prefetche
     was never judged: once the right bytes were sealed, every open (offline too) showed
     ``wrong.txt``, which the layer does not hold, with ``right.txt``'s bytes."""
     reference, cache = indexed_from_another_blob(tmp_path, registry, fault_proxy)
-    for _ in range(3):
-        done = subprocess.run(
-            [*CLI, "prefetch", reference, "--insecure", "--cache-dir", cache],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode == 0:
-            break
-        assert done.returncode == 6, done.stderr
-    assert done.returncode == 0, done.stderr
-    image = open_image(reference, cache_dir=cache, offline=True)
-    try:
-        (export,) = image.exports()
-        assert files_served(export) == {b"right.txt": RIGHT}
-    finally:
-        image.close()
+    prefetch_until_sealed(reference, cache)
+    assert_offline_tree_is_right(reference, cache)
 
 
 def test_an_index_built_from_another_blob_is_proven_at_the_open_after_reads_seal_it(
@@ -124,19 +135,5 @@ def test_a_damaged_unproven_mark_still_has_the_index_proven(tmp_path, registry, 
     digest = "sha256:" + hashlib.sha256(tar_of({"right.txt": RIGHT})).hexdigest()
     with ChunkStore(cache) as store:
         flip_kept_byte(store, f"tarlayer/v{INDEX_FORMAT}/span{DEFAULT_SPAN}/{digest}/unproven", 0)
-    for _ in range(3):
-        done = subprocess.run(
-            [*CLI, "prefetch", reference, "--insecure", "--cache-dir", cache],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode == 0:
-            break
-        assert done.returncode == 6, done.stderr
-    assert done.returncode == 0, done.stderr
-    image = open_image(reference, cache_dir=cache, offline=True)
-    try:
-        (export,) = image.exports()
-        assert files_served(export) == {b"right.txt": RIGHT}
-    finally:
-        image.close()
+    prefetch_until_sealed(reference, cache)
+    assert_offline_tree_is_right(reference, cache)
