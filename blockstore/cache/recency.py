@@ -31,13 +31,23 @@ from .parts import part_lru_key
 
 # A chunk used again within this many microseconds keeps its place: a
 # streaming reader would otherwise rewrite the LRU index for every chunk it
-# reads, every second. Eviction order is only as fine as this.
+# reads, every second. Eviction order is only as fine as this (and half again:
+# ``PLACED_WINDOW_US``).
 RESOLUTION_US = 10_000_000
 
 
 def now_tick() -> int:
     """Microseconds since the epoch: comparable between processes."""
     return time.time_ns() // 1000
+
+
+PLACED_WINDOW_US = RESOLUTION_US // 2
+"""How long this process remembers the ranges it placed, so that a range read again
+and again (a streaming reader's, a copy's) costs the flush no lookups: each of its
+chunks would keep its place anyway. A chunk's place is then at most 1.5 times
+``RESOLUTION_US`` old."""
+PLACED_MOST = 1 << 16
+"""Ranges remembered at most (a few MiB); past that the flush looks each one up."""
 
 
 class Recency:
@@ -51,13 +61,24 @@ class Recency:
     def __init__(self) -> None:
         self._touched: list[tuple[int, int, int]] = []
         self.touch: Callable[[tuple[int, int, int]], None] = self._touched.append
+        self._placed: set[tuple[int, int, int]] = set()
+        self._placed_since = 0
 
-    def take(self) -> set[tuple[int, int, int]]:
-        """What was touched since the last take; a touch made meanwhile is kept for the next."""
+    def take(self, tick: int) -> set[tuple[int, int, int]]:
+        """What was touched since the last take, less what ``placed`` said was placed
+        within ``PLACED_WINDOW_US`` of ``tick``; a touch made meanwhile is kept for the
+        next take."""
         touched = self._touched
         taken = touched[:]
         del touched[: len(taken)]  # appends land after these: none is lost
-        return set(taken)
+        if tick - self._placed_since >= PLACED_WINDOW_US or len(self._placed) > PLACED_MOST:
+            self._placed.clear()
+            self._placed_since = tick
+        return set(taken).difference(self._placed)
+
+    def placed(self, ranges: set[tuple[int, int, int]]) -> None:
+        """``ranges``, taken, are now placed (their flush committed)."""
+        self._placed |= ranges
 
 
 def place(
@@ -100,10 +121,10 @@ def apply(
     txn: lmdb.Transaction,
     dbs: dict[bytes, lmdb._Database],
     touched: set[tuple[int, int, int]],
+    tick: int,
 ) -> None:
-    """Move touched chunks that are still stored to the young end of the LRU, and the
-    touched parts of chunks (``parts``) that are stored instead."""
-    tick = now_tick()
+    """Move touched chunks that are still stored to the young end of the LRU (``tick``),
+    and the touched parts of chunks (``parts``) that are stored instead."""
     records: dict[int, tuple[bytes, BlobRecord]] = {}
     for blob_id in {blob_id for blob_id, _, _ in touched}:
         if (entry := record_of_id(txn, dbs, blob_id)) is not None:

@@ -230,24 +230,27 @@ class ChunkStore:
         # waits for it, or a total read meanwhile would go down (a counter reset, to
         # whatever scrapes the metrics).
         with self._counting:
+            tick = recency_mod.now_tick()
             if self.env.read_only:  # nothing can be saved: counts stay in this process
-                self.recency.take()
+                self.recency.take(tick)
                 self.counters.pending()
                 return
             deltas = self.counters.take()
-            touched = self.recency.take()
+            touched = self.recency.take(tick)
             if not deltas and not touched:
                 return
 
             def work(txn: lmdb.Transaction) -> None:
                 counters_mod.persist(txn, self.dbs[DB_COUNTERS], deltas)
-                recency_mod.apply(txn, self.dbs, touched)
+                recency_mod.apply(txn, self.dbs, touched, tick)
 
             try:
                 self.env.write(work)
             except CacheError as exc:
                 self.counters.give_back(deltas)
                 log.warning("cache counters not saved: %s", exc)
+            else:
+                self.recency.placed(touched)
 
     # --- blobs and chunks ---------------------------------------------------
 
