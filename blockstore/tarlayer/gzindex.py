@@ -201,6 +201,36 @@ def span_range(zinfo: Zinfo, index: int, compressed_size: int) -> tuple[int, int
     return start, min(zinfo.checkpoints[index + 1].compressed + 1, compressed_size)
 
 
+def inflated_size(
+    read_compressed: Callable[[int, int], bytes], compressed_size: int, zinfo: Zinfo
+) -> int:
+    """The stream's whole uncompressed size, found by inflating its last span to the end:
+    a zinfo names no size of its own, and the trailer's (``size_hint``) is modulo 4 GiB
+    and of the last member only. ``IntegrityError`` if the span does not inflate."""
+    if not zinfo.checkpoints:
+        raise IntegrityError("the zinfo has no checkpoints")
+    point = zinfo.checkpoints[-1]
+    start, end = span_range(zinfo, len(zinfo.checkpoints) - 1, compressed_size)
+    data = read_compressed(start, end - start)
+    inf = Inflater(RAW)
+    if point.bits:
+        if not data:
+            raise IntegrityError("the zinfo's last checkpoint is past the end of the blob")
+        inf.prime(point.bits, data[0] >> (8 - point.bits))
+        data = data[1:]
+    inf.set_dictionary(point.window)
+    inf.feed(data)
+    out = bytearray(_READ_SIZE)
+    made = 0
+    while True:
+        got, rc = inf.inflate_into(out, 0)
+        made += got
+        if rc == Z_STREAM_END:
+            return point.uncompressed + made
+        if not got and inf.avail_in == 0:
+            raise IntegrityError("the gzip stream ends inside its last span")
+
+
 def read_span(
     read_compressed: Callable[[int, int], bytes],
     compressed_size: int,

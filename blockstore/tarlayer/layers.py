@@ -41,7 +41,7 @@ from blockstore.tarlayer.export import (
     TarLayerExport,
     cached_or_built,
 )
-from blockstore.tarlayer.gzindex import DEFAULT_SPAN, Zinfo, size_hint
+from blockstore.tarlayer.gzindex import DEFAULT_SPAN, Zinfo, inflated_size, size_hint
 from blockstore.tarlayer.layerindex import (
     INDEX_FORMAT,
     DiffIdMismatch,
@@ -303,10 +303,11 @@ def local_index(
     """An index from files the user named: an erofs-utils tar index, and its zinfo.
 
     The metadata image's structure is checked (every inode, directory and chunk
-    address, as for an index taken from the registry); for a plain tar, that it
-    describes a tar of the layer's size (an index of another layer is the likely
-    mistake, and it would serve that layer's file boundaries over this one's
-    bytes). What it says of the files is the user's to vouch for. A zinfo carries
+    address, as for an index taken from the registry), and that it describes a tar
+    of the layer's tar's size: the blob's, or for gzip what the zinfo's last span
+    inflates to (an index of another layer is the likely mistake, and it would
+    serve that layer's file boundaries over this one's bytes). What it says of the
+    files is the user's to vouch for. A zinfo carries
     no span digests, so spans read through it are not checked against anything
     until the whole tar is sealed against the diff_id.
     """
@@ -328,7 +329,16 @@ def local_index(
         raise UsageError(f"oci.tarindex for a {kind} layer needs oci.zinfo (gzip layers only)")
     if diff_id is None:
         raise UsageError("oci.zinfo needs the layer's diff_id from the image config")
-    parsed = Zinfo.from_bytes(zinfo.read_bytes())
+    try:
+        parsed = Zinfo.from_bytes(zinfo.read_bytes())
+        inflated = inflated_size(_read_all(blob), blob.size, parsed)
+    except IntegrityError as exc:
+        raise UsageError(f"oci.zinfo={zinfo}: not a zinfo of this layer: {exc}") from exc
+    if info.tar_blocks != -(-inflated // 512):
+        raise UsageError(
+            f"oci.tarindex={tarindex}: it describes a tar of {tar_size} bytes, but this "
+            f"layer's tar is {inflated} bytes (an index of another layer?)"
+        )
     points = tuple((c.compressed, c.uncompressed) for c in parsed.checkpoints)
     spans = SpanIndex(GZIP, parsed.span, blob.size, tar_size, points, None, parsed)
     return TarIndex(metadata, tar_size, spans, diff_id)

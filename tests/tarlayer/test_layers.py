@@ -205,11 +205,14 @@ def test_offline_a_sealed_layer_s_damaged_index_is_built_again_from_the_cache(
         assert IndexCache(store).load(digest, SPAN, kind != TAR) is not None
 
 
-def test_a_local_tarindex_of_another_tar_is_refused(blobs, tmp_path):
-    """Tried: ``oci.tarindex`` naming the index of a plain tar layer with one more file
-    (another layer's). Must hold: a usage error naming the file and both sizes, before
-    anything is served; before, it was taken, and a file read past its own end into
-    the next header's bytes (wrong bytes), the rest EIO."""
+@pytest.mark.parametrize("kind", [TAR, GZIP])
+def test_a_local_tarindex_of_another_tar_is_refused(blobs, tmp_path, kind):
+    """Tried: ``oci.tarindex`` naming the index of a tar layer with one more file
+    (another layer's); for a gzip layer, with the layer's own ``oci.zinfo``. Must hold:
+    a usage error naming the file and both sizes, before anything is served (for gzip
+    the tar's size is what the zinfo's last span inflates to); before, it was taken,
+    and a file read past its own end into the next header's bytes (wrong bytes), the
+    rest EIO; for gzip, the other layer's tree was shown over this layer's bytes."""
     tar, paths = blobs
     bigger = io.BytesIO()
     with (
@@ -226,10 +229,37 @@ def test_a_local_tarindex_of_another_tar_is_refused(blobs, tmp_path):
         other = open_layer(store, tmp_path / "other.tar", TAR, bigger.getvalue())
         (tmp_path / "other.meta").write_bytes(other.index.metadata)
         other.close()
+    own = None
+    if kind == GZIP:
+        zinfo, _ = GzipIndexer(io.BytesIO(paths[GZIP].read_bytes()), span=SPAN).finish()
+        own = tmp_path / "layer.zinfo"
+        own.write_bytes(zinfo.to_bytes())
     with ChunkStore(tmp_path / "local") as store, pytest.raises(UsageError) as refused:
-        open_layer(store, paths[TAR], TAR, tar, tarindex=tmp_path / "other.meta")
+        open_layer(store, paths[kind], kind, tar, tarindex=tmp_path / "other.meta", zinfo=own)
     assert f"oci.tarindex={tmp_path / 'other.meta'}: it describes a tar of " in str(refused.value)
     assert f"but this layer's tar is {len(tar)} bytes" in str(refused.value)
+
+
+def test_a_local_zinfo_that_is_not_one_is_a_usage_error_naming_it(blobs, tmp_path):
+    """Tried: ``oci.zinfo`` naming 5000 bytes of garbage, beside the layer's own tar
+    index. Must hold: a usage error naming the file (before, an integrity error, exit
+    6, that named no file)."""
+    tar, paths = blobs
+    with ChunkStore(tmp_path / "built") as store:
+        built = open_layer(store, paths[GZIP], GZIP, tar)
+        (tmp_path / "meta.erofs").write_bytes(built.index.metadata)
+        built.close()
+    (tmp_path / "bad.zinfo").write_bytes(bytes(range(256)) * 19 + bytes(136))
+    with ChunkStore(tmp_path / "local") as store, pytest.raises(UsageError) as refused:
+        open_layer(
+            store,
+            paths[GZIP],
+            GZIP,
+            tar,
+            tarindex=tmp_path / "meta.erofs",
+            zinfo=tmp_path / "bad.zinfo",
+        )
+    assert f"oci.zinfo={tmp_path / 'bad.zinfo'}: not a zinfo of this layer" in str(refused.value)
 
 
 def test_an_index_kept_by_an_older_index_format_is_built_again_and_dropped(blobs, tmp_path):
