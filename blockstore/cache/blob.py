@@ -209,12 +209,18 @@ class CachedBlob:
         """
         return self._copy_cached(offset, length, client=True)
 
-    def read_cached_for_pass(self, offset: int, length: int) -> list[Buffer] | None:
-        """``read_cached`` for a pass of the engine's own (see ``read_for_pass``)."""
-        return self._copy_cached(offset, length, client=False)
+    def read_cached_for_pass(
+        self, offset: int, length: int, *, touch: bool = True
+    ) -> list[Buffer] | None:
+        """``read_cached`` for a pass of the engine's own (see ``read_for_pass``);
+        ``touch=False`` for a check that is no use of the blob (``cache verify``): the
+        chunks keep their place in the eviction order."""
+        return self._copy_cached(offset, length, client=False, touch=touch)
 
-    def _copy_cached(self, offset: int, length: int, *, client: bool) -> list[Buffer] | None:
-        held = self.hold_cached(offset, length, client=client)
+    def _copy_cached(
+        self, offset: int, length: int, *, client: bool, touch: bool = True
+    ) -> list[Buffer] | None:
+        held = self.hold_cached(offset, length, client=client, touch=touch)
         if held is None:
             return None
         views, release = held
@@ -224,7 +230,7 @@ class CachedBlob:
             release()
 
     def hold_cached(
-        self, offset: int, length: int, client: bool = True
+        self, offset: int, length: int, client: bool = True, touch: bool = True
     ) -> tuple[list[memoryview], Callable[[], None]] | None:
         """``read_cached`` without the copy: views into the cache, checked, valid until
         ``release()``, which the caller must call once, soon: before it waits on
@@ -232,7 +238,8 @@ class CachedBlob:
         milliseconds at most (it ends a read transaction, which holds a reader slot
         and defers renewals and map growth, and so every reader queued behind them).
         A server sends the views straight from the cache with it. ``client=False``:
-        the engine's own read, not counted, traced or advised (``read_for_pass``)."""
+        the engine's own read, not counted, traced or advised (``read_for_pass``);
+        ``touch=False``: not a use of the blob either (``read_cached_for_pass``)."""
         end = offset + length
         blob_id = self._blob_id
         if blob_id is None or length <= 0 or offset < 0 or end > self._size:
@@ -263,7 +270,8 @@ class CachedBlob:
                     return None
                 out.append(part)
                 base += CHUNK_SIZE
-            store.touch((blob_id, first, last))
+            if touch:
+                store.touch((blob_id, first, last))
             if client:
                 if self._page_in_due:
                     self._start_page_in(blob_id)

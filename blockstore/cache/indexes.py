@@ -111,7 +111,7 @@ class IndexShelf:
 def _matches(blob: CachedBlob, index: ChunkIndex, number: int) -> bool:
     start = number * index.chunk_size
     length = min(index.chunk_size, index.size - start)
-    buffers = blob.read_cached_for_pass(start, length)
+    buffers = blob.read_cached_for_pass(start, length, touch=False)
     if buffers is None:  # failed its own checksum: verify's chunk pass drops it
         return True
     digest = hashlib.sha256()

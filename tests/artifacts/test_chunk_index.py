@@ -174,3 +174,40 @@ def test_a_registry_found_at_fault_is_not_judged_again_for_each_failed_read():
     time.sleep(0.2)  # a second judgement, if one were started, would be under way now
     assert not checked._judging.locked() and checked.checking
     assert source.asked - judged == 2 * 2 * CHUNK_SIZE  # two reads, each chunk and refetch
+
+
+def test_cache_verify_leaves_the_eviction_order_as_it_was(tmp_path, monkeypatch):
+    """Tried: two sealed blobs, each with a kept chunk index, stored an hour and half an
+    hour ago; then `cache verify`, which reads every chunk of each to hold it to its
+    index, then `cache gc` to a cap that keeps one. Must hold: verify leaves each
+    blob's last use as it was, so gc evicts the one used longest ago. Before, verify's
+    reads counted as uses: both looked used now, and gc evicted the newer."""
+    from blockstore.cache import ChunkStore
+    from blockstore.cache import recency as recency_mod
+    from blockstore.cache.indexes import IndexShelf
+
+    cache = tmp_path / "cache"
+    blobs = []
+    with ChunkStore(cache) as store:
+        for age, fill in ((3600, 1), (1800, 2)):
+            data = bytes([fill]) * (4 * CHUNK_SIZE)
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            then = time.time_ns() // 1000 - age * 1_000_000
+            monkeypatch.setattr(recency_mod, "now_tick", lambda then=then: then)
+            IndexShelf(store).put(build_index(digest, len(data), CHUNK_SIZE, [data]))
+            chunks = [data[i * CHUNK_SIZE : (i + 1) * CHUNK_SIZE] for i in range(4)]
+            store.store_chunks(digest, len(data), 0, chunks)
+            assert store.seal(digest) is True
+            blobs.append(digest)
+        monkeypatch.undo()
+        before = {info.digest: info.last_use for info in store.blobs()}
+    done = blockstore("cache", "verify", "--cache-dir", str(cache))
+    assert done.returncode == 0, done.stdout + done.stderr
+    with ChunkStore(cache) as store:
+        assert {info.digest: info.last_use for info in store.blobs()} == before
+    gc = blockstore("cache", "gc", "--cache-dir", str(cache), "--cache-size", "160K")
+    assert gc.returncode == 0, gc.stdout + gc.stderr
+    with ChunkStore(cache) as store:
+        present = {info.digest: info.present for info in store.blobs()}
+    assert present.get(blobs[0], 0) < 4
+    assert present[blobs[1]] == 4
