@@ -38,7 +38,6 @@ from blockstore.throttledlog import ThrottledLog
 
 from . import integrity, parts
 from .errors import CacheDamaged, ChunkIntegrityError, DiskFull
-from .evict import LOW_WATER
 from .holds import BlobHold
 from .integrity import BLOCK, BLOCKS, checked_part
 from .layout import CHUNK_SIZE, BlobRecord, chunk_count, chunk_length
@@ -447,13 +446,8 @@ class CachedBlob:
         match its digest (it is then dropped), ``CacheError`` if it cannot
         be kept whole under the size cap.
         """
-        record = self._store.lookup(self._digest)
-        pinned = record is not None and record.pinned
-        if not pinned and self._size > self._store.size_cap * LOW_WATER:
-            raise CacheError(
-                f"{self._digest} ({self._size} bytes) is larger than the cache size cap "
-                f"({self._store.size_cap} bytes); raise --cache-size or pin it"
-            )
+        if (over := self._store.over_cap(self._digest, self._size)) is not None:
+            raise CacheError(f"{over}; raise --cache-size or pin it")
         if (no_room := self.no_room()) is not None:
             raise DiskFull(f"{no_room}; nothing was fetched or evicted")
         reported = 0

@@ -73,7 +73,7 @@ class Capacity:
         self._make_room(int(stored * last))
         return write()
 
-    def evict_target(self, txn: lmdb.Transaction, stored: int, cap: int) -> int:
+    def evict_target(self, txn: lmdb.Transaction, stored: int, cap: int, *, adding: int = 0) -> int:
         """What to evict down to: a little under the cap, unless pinned layers crowd it.
 
         Pinned chunks are not in the LRU index, so their bytes are about what is
@@ -81,14 +81,18 @@ class Capacity:
         ``WORKING_SET`` of the cap, the target keeps that much of them beyond the
         pins, over the cap (said once): evicting every unpinned chunk in the commit
         that stored it would make each read of them a fetch again.
+
+        ``adding``: bytes counted in ``stored`` that are not stored yet (``room`` asks
+        what storing them would evict): they are not in the index, nor pinned, and
+        asking is no eviction, so nothing is said.
         """
-        unpinned = txn.stat(self.dbs[DB_LRU])["entries"] * CHUNK_SIZE
+        unpinned = txn.stat(self.dbs[DB_LRU])["entries"] * CHUNK_SIZE + adding
         pinned = max(0, stored - unpinned)
         floor = pinned + int(cap * WORKING_SET)
         target = int(cap * LOW_WATER)
         if floor <= target:
             return target
-        if not self._told_pins_crowd:
+        if not self._told_pins_crowd and not adding:
             self._told_pins_crowd = True
             log.warning(
                 "pinned layers hold about %s of the cache's %s cap: the others keep "
@@ -140,7 +144,7 @@ class Capacity:
             stored = meta_int(txn, self.dbs[DB_META], b"stored_bytes")
             cap = meta_int(txn, self.dbs[DB_META], b"size_cap", self.size_cap)
             unpinned = txn.stat(self.dbs[DB_LRU])["entries"] * CHUNK_SIZE
-            over = stored + adding - self.evict_target(txn, stored + adding, cap)
+            over = stored + adding - self.evict_target(txn, stored + adding, cap, adding=adding)
         evicted = min(unpinned, max(0, over)) // CHUNK_SIZE * STORED_CHUNK
         disk = os.statvfs(self.path)
         free = disk.f_bfree if os.geteuid() == 0 else disk.f_bavail  # root takes the reserve

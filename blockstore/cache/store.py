@@ -333,6 +333,19 @@ class ChunkStore:
             return []
         return self.missing(record.blob_id, indices)
 
+    def over_cap(self, digest: str, size: int) -> str | None:
+        """Why blob ``digest`` (of ``size`` bytes) cannot be kept whole under the size cap,
+        or None: it is not pinned, and larger than eviction keeps the cache to. Storing
+        it whole would evict the rest of the cache, then its own first chunks."""
+        if size <= self.size_cap * LOW_WATER:
+            return None
+        record = self.lookup(digest)
+        if record is not None and record.pinned:
+            return None
+        return (
+            f"{digest} ({human(size)}) is larger than the cache size cap ({human(self.size_cap)})"
+        )
+
     def no_room(self, digest: str, size: int) -> str | None:
         """Why the disk holding the cache cannot take the rest of blob ``digest`` (of
         ``size`` bytes), or None.

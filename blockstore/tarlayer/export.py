@@ -487,7 +487,9 @@ class SpooledPassFill:
         if file is None or verified_size != self._size or not self._size:
             self._give_up(None)
             return False
-        if (no_room := self._store.no_room(self._digest, self._size)) is not None:
+        if (no_room := self._store.over_cap(self._digest, self._size)) is not None or (
+            no_room := self._store.no_room(self._digest, self._size)
+        ) is not None:
             self._give_up(f"{no_room}; so nothing else is evicted for it")
             return False
         try:

@@ -766,6 +766,24 @@ def test_pins_over_the_cap_leave_unpinned_layers_a_working_set(cache_dir, caplog
     assert caplog.text.count("pinned layers hold about") == 1
 
 
+def test_asking_for_room_for_a_large_blob_says_nothing_of_pins(cache_dir, caplog):
+    """Tried: nothing pinned, 1 MiB stored under a 4 MiB cap, then the room asked for a
+    16 MiB blob (as a fill or an indexing pass asks before it stores). Must hold: no
+    word of pinned layers (there are none), and the blob named as larger than the cap.
+    Before, the bytes not stored yet were counted as pinned: "pinned layers hold about
+    16 MiB of the cache's 4 MiB cap", on a user's terminal, with nothing pinned."""
+    data, digest = make_blob(1 << 20, seed=570)
+    with ChunkStore(cache_dir, size_cap=4 << 20) as store:
+        blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
+        blob.prefetch()
+        blob.close()
+        big = "sha256:" + "5" * 64
+        assert store.no_room(big, 16 << 20) is None  # the disk has room
+        assert "is larger than the cache size cap (4.0 MiB)" in store.over_cap(big, 16 << 20)
+        assert store.over_cap(digest, len(data)) is None
+    assert "pinned layers" not in caplog.text
+
+
 def test_pins_crowding_a_small_cap_are_told_in_the_units_that_show_them(cache_dir, caplog):
     """A 2 MiB layer pinned in a cache capped at 1 MiB, then an unpinned layer read:
     the warning that the pins crowd the cap gives each size in a unit that shows it

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -346,3 +347,50 @@ def test_verify_finds_a_damaged_kept_index_record_and_heals_it(blobs, tmp_path, 
         again = open_layer(store, paths[TAR], TAR, tar)
         assert whole(again) == expected
         again.close()
+
+
+@pytest.mark.parametrize("kind", [GZIP, ZSTD])
+def test_a_tar_larger_than_the_cap_is_not_kept_from_the_pass(tmp_path, kind, caplog):
+    """Tried: a 1 MiB layer prefetched (sealed) under a 4 MiB cap, then a gzip or zstd
+    layer of a few KiB whose tar is 12 MiB opened (indexed here), then 64 KiB read from
+    the middle of its tar. Must hold: the pass keeps none of the tar, saying it is
+    larger than the cap, so the first layer is still whole once the layer is open; the
+    read is right (its span inflated). Before, the pass stored the whole tar, which
+    evicted the first layer, then the tar's own first chunks."""
+    small = os.urandom(1 << 20)
+    small_digest = sha(small)
+    (tmp_path / "small").write_bytes(small)
+    tree = io.BytesIO()
+    with tarfile.open(fileobj=tree, mode="w") as out:
+        for i in range(12):
+            entry = tarfile.TarInfo(f"f{i}")
+            entry.size = 1 << 20
+            out.addfile(entry, io.BytesIO(bytes([i]) * entry.size))
+    tar = tree.getvalue()
+    blob = (
+        gzip.compress(tar, mtime=0)
+        if kind == GZIP
+        else b"".join(
+            subprocess.run(
+                ["zstd", "-q", "-c"], input=tar[i : i + SPAN], capture_output=True, check=True
+            ).stdout
+            for i in range(0, len(tar), SPAN)
+        )
+    )
+    (tmp_path / "layer").write_bytes(blob)
+    with ChunkStore(tmp_path / "cache", size_cap=4 << 20) as store:
+        first = CachedBlob(
+            store, small_digest, len(small), LocalFileSource(tmp_path / "small", small_digest)
+        )
+        opened.append(first)
+        first.prefetch()
+        layer = open_layer(store, tmp_path / "layer", kind, tar)
+        kept = store.lookup(sha(tar))
+        assert kept is None or kept.present == 0
+        assert store.lookup(small_digest).present == store.lookup(small_digest).chunks
+        middle = len(layer.index.metadata) + len(tar) // 2
+        expected = tar[len(tar) // 2 :][: 1 << 16]
+        assert b"".join(bytes(b) for b in layer.read(middle, 1 << 16)) == expected
+        layer.close()
+    assert "not kept from its indexing pass" in caplog.text
+    assert "is larger than the cache size cap" in caplog.text
