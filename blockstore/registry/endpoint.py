@@ -129,6 +129,16 @@ class Endpoint:
                     self.quiet.asked(pause)
             if reply.status_code != 401:
                 return reply
+            if _origin(reply.url) != self._own_origin:
+                # Blob storage a redirect led to: its challenge is not the registry's,
+                # and answering it would hand the registry's credentials to its realm.
+                reply.close()
+                raise RegistryError(
+                    f"{_address(reply.url)}, where registry {self.host} redirected "
+                    f"{method} {urlsplit(url).path}, refused it (HTTP 401); the "
+                    "registry's credentials go to the registry only",
+                    status=401,
+                )
             challenge = reply.headers.get("WWW-Authenticate")
             if self._withheld:
                 reply.close()

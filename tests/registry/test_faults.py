@@ -11,7 +11,7 @@ import pytest
 from rig.fault_proxy import Fault
 from rig.pushed import push_erofs
 
-from blockstore.errors import BlobReadError, IntegrityError, RegistryError
+from blockstore.errors import AuthError, BlobReadError, IntegrityError, RegistryError
 from blockstore.registry import RegistryBlob, RegistryClient, RegistryOptions, resolve_image
 from blockstore.registry.auth import basic_header
 from blockstore.registry.credentials import Credentials
@@ -87,6 +87,38 @@ def test_redirect_is_followed_without_leaking_authorization(
     assert any("Authorization" in r.headers for r in front.requests)
     ranged = [r for r in storage.requests if r.method == "GET"]
     assert ranged[-1].headers.get("Range") == "bytes=4096-104095"
+
+
+def test_a_401_from_the_storage_host_is_never_answered_with_the_credentials(
+    storage_redirect, basic_auth_registry, erofs_images
+):
+    """Tried: a registry with Basic auth redirects blob reads to a storage host that
+    answers 401 with a Bearer challenge naming a token realm on itself. Must hold: the
+    read fails with a registry error naming the storage host, not the credentials;
+    nothing is sent to that realm, and no request to the storage host carries an
+    Authorization. Before, the registry's user name and password went to the realm the
+    storage host named (twice), and the error said the registry refused them."""
+    front, storage = storage_redirect
+    options = basic_auth_registry.options(insecure=True)
+    push_erofs(front.host, "faults/storage401", "v1", [erofs_images.small.path], options=options)
+    with RegistryClient(front.host, options) as client:
+        blob = open_blob(client, "faults/storage401")
+        storage.requests.clear()
+        storage.fault = Fault(
+            "status",
+            status=401,
+            headers={"WWW-Authenticate": f'Bearer realm="{storage.url}/token",service="x"'},
+            path_contains="/blobs/",
+        )
+        with pytest.raises((RegistryError, BlobReadError)) as refused:
+            blob.read_range(4096, 100_000)
+    assert not isinstance(refused.value, AuthError)
+    assert not isinstance(refused.value.__cause__, AuthError)
+    assert storage.host in str(refused.value)
+    assert "user name and password" not in str(refused.value)
+    assert storage.requests, "the storage host was never asked"
+    assert not [r for r in storage.requests if "/token" in r.path]
+    assert all("Authorization" not in r.headers for r in storage.requests)
 
 
 def test_503_with_retry_after_is_retried_after_the_pause(registry, pushed_images, fault_proxy):
