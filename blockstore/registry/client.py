@@ -42,7 +42,7 @@ from blockstore.registry.digests import check_digest
 from blockstore.registry.endpoint import Body, Endpoint, describe_failure
 from blockstore.registry.mediatypes import MANIFEST_ACCEPT, OCI_INDEX
 from blockstore.registry.options import RegistryOptions
-from blockstore.registry.ranges import check_partial_reply, range_header, slice_stream
+from blockstore.registry.ranges import check_blob_reply, range_header, slice_stream
 from blockstore.registry.reference import is_tag
 from blockstore.registry.replies import registry_error
 from blockstore.registry.retry import (
@@ -275,8 +275,8 @@ class RegistryClient:
         def attempt(endpoint: Endpoint) -> bytes:
             with self._get(endpoint, repository, path, subject, headers, deadline) as reply:
                 try:
+                    check_blob_reply(reply.status_code, reply.headers, first, last, size)
                     if reply.status_code == 206:
-                        check_partial_reply(reply.headers.get("Content-Range"), first, last, size)
                         want = last - first + 1
                         data = b"".join(receive(reply, deadline, subject, want))
                         if len(data) != want:
@@ -350,10 +350,10 @@ class RegistryClient:
         endpoint = next(self._read_endpoints(upstream_only))
         with self._get(endpoint, repository, path, subject, headers, deadline) as reply:
             try:
+                check_blob_reply(reply.status_code, reply.headers, first, last, size)
                 if reply.status_code != 206:  # Range ignored: one slice, bounded by the range
                     yield slice_stream(receive(reply, deadline, subject), first, last)
                     return
-                check_partial_reply(reply.headers.get("Content-Range"), first, last, size)
                 yield from receive(reply, deadline, subject, last - first + 1)
             except BlobReadError:
                 raise  # receive's own account (the deadline, a short body): an OSError too

@@ -7,7 +7,7 @@ with every odd input hypothesis finds.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from blockstore.errors import BlobReadError
 
@@ -59,6 +59,43 @@ def check_partial_reply(content_range: str | None, first: int, last: int, size: 
     if got_first != first or got_last < last or total not in (None, size):
         raise BlobReadError(
             f"asked for bytes {first}-{last} of {size}, the registry sent {content_range!r}"
+        )
+
+
+DECODED_ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
+"""The Content-Encodings the HTTP library undoes as it reads (identity is asked for):
+a body in any other would be taken for the blob's own bytes."""
+
+
+def check_blob_reply(
+    status: int, headers: Mapping[str, str], first: int, last: int, size: int
+) -> None:
+    """Refuse a reply to a range read of a blob that cannot hold bytes ``first..last``
+    as its body says, before a byte of it is taken: one in an encoding nothing here
+    undoes; a 206 of several ranges (``multipart/byteranges``, whose part headers
+    would be served as data) or of another span (``check_partial_reply``); a 200 whose
+    length is not the blob's (the rest of the blob from another offset, taken for the
+    whole of it)."""
+    encoding = headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in DECODED_ENCODINGS:
+        raise BlobReadError(
+            f"the registry sent bytes {first}-{last} in Content-Encoding {encoding!r}, "
+            "which is not undone here (identity was asked for)"
+        )
+    if status == 206:
+        if headers.get("Content-Type", "").strip().lower().startswith("multipart/"):
+            raise BlobReadError(
+                f"asked for bytes {first}-{last}, the registry sent several ranges "
+                "(multipart/byteranges)"
+            )
+        check_partial_reply(headers.get("Content-Range"), first, last, size)
+        return
+    length = headers.get("Content-Length")
+    plain = encoding in ("", "identity")  # else the length is the encoded body's
+    if length is not None and plain and length.strip() != str(size):
+        raise BlobReadError(
+            f"asked for bytes {first}-{last}, the registry answered 200 with "
+            f"{length.strip()} bytes, where the whole blob is {size}"
         )
 
 

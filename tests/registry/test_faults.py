@@ -121,6 +121,39 @@ def test_a_401_from_the_storage_host_is_never_answered_with_the_credentials(
     assert all("Authorization" not in r.headers for r in storage.requests)
 
 
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault("rewrite_headers", headers={"Content-Encoding": "br"}, path_contains="/blobs/"),
+        Fault(
+            "rewrite_headers",
+            headers={"Content-Type": "multipart/byteranges; boundary=XYZ"},
+            path_contains="/blobs/",
+        ),
+        Fault("rewrite_status", status=200, path_contains="/blobs/", method="GET"),
+    ],
+    ids=["undecodable-encoding", "multipart", "200-of-the-span-only"],
+)
+def test_a_reply_whose_headers_say_its_body_is_not_the_span_is_refused(
+    registry, pushed_images, erofs_images, fault_proxy, fault
+):
+    """Tried: range reads answered with the span's bytes under headers that say they are
+    something else: Content-Encoding br (not undone here), a 206 marked
+    multipart/byteranges (whose part headers would be data), and a 200 whose body is
+    only the span (taken for the blob from byte 0). Must hold: each is refused with a
+    BlobReadError saying why, never returned as the blob's bytes; before, each read
+    returned wrong bytes, which the cache kept."""
+    proxy = fault_proxy(registry)
+    with client_via(proxy, timeout=3.0) as client:
+        blob = open_blob(client, "fixtures/small")
+        proxy.fault = fault
+        with pytest.raises(BlobReadError) as refused:
+            blob.read_range(40960, 8192)
+    assert proxy.faults_applied >= 1
+    said = str(refused.value)
+    assert "Content-Encoding 'br'" in said or "multipart" in said or "answered 200" in said
+
+
 def test_503_with_retry_after_is_retried_after_the_pause(registry, pushed_images, fault_proxy):
     """503 with Retry-After: 1 twice, then success: the client waits as told and succeeds."""
     proxy = fault_proxy(registry)

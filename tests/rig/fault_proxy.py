@@ -77,7 +77,7 @@ class Fault:
     """status: the reply's status and headers (e.g. ``Retry-After``); rewrite_status: the
     status said in place of the registry's, its reply forwarded; rewrite_headers:
     each header the registry sent that is named here, rewritten to this value with
-    ``{}`` standing for the registry's own."""
+    ``{}`` standing for the registry's own (one it did not send is added)."""
     body: bytes | None = None
     """status: the reply's body (default: an OCI error), e.g. a hand-made manifest;
     replace: another blob of the same length, whose bytes at the range the registry
@@ -328,11 +328,16 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
 
 def _rewrite(headers: dict[str, str], rewrites: dict[str, str]) -> None:
     """Each of ``headers`` named in ``rewrites`` (in any case) made its value there, with
-    ``{}`` replaced by the header's own value."""
+    ``{}`` replaced by the header's own value; one not there is added, unless its value
+    says ``{}``."""
+    present = {key.lower() for key in headers}
     for key, value in list(headers.items()):
         for name, rewritten in rewrites.items():
             if key.lower() == name.lower():
                 headers[key] = rewritten.replace("{}", value)
+    for name, value in rewrites.items():
+        if name.lower() not in present and "{}" not in value:
+            headers[name] = value
 
 
 def _open_ended(range_header: str) -> str:
