@@ -28,7 +28,7 @@ import urllib3
 from blockstore.errors import AuthError, RegistryError, RegistryTLSMismatch, RegistryUnreachable
 from blockstore.registry.auth import Authenticator, basic_header, parse_challenge
 from blockstore.registry.credentials import Credentials
-from blockstore.registry.replies import oci_error
+from blockstore.registry.replies import ERROR_BODY_SECONDS, capped_body, oci_error
 from blockstore.registry.retry import (
     RETRIABLE_STATUS,
     Deadline,
@@ -51,6 +51,8 @@ OAUTH_CLIENT_ID = "blockstore"
 PLAIN_HTTP_TO_TLS = b"Client sent an HTTP request to an HTTPS server"
 """What a Go HTTPS server (the CNCF registry, Harbor, Zot) answers a plain-HTTP request."""
 MAX_PLAIN_HTTP_REPLY = 256
+TOKEN_BODY_LIMIT = 1 << 20
+"""What is read of a token issuer's answer: a token, even a large JWT, is a few KiB."""
 Body = bytes | Path | None
 """A request body; a Path is opened anew for each attempt so retries resend it whole."""
 
@@ -314,7 +316,7 @@ class Endpoint:
         The body is read here, as the 400's error would read it anyway."""
         if reply.status_code != 400 or urlsplit(url).scheme != "http":
             return
-        if PLAIN_HTTP_TO_TLS not in reply.content[:MAX_PLAIN_HTTP_REPLY]:
+        if PLAIN_HTTP_TO_TLS not in capped_body(reply, MAX_PLAIN_HTTP_REPLY, ERROR_BODY_SECONDS):
             return
         reply.close()
         where = urlsplit(url).netloc
@@ -347,9 +349,7 @@ class Endpoint:
             *([("scope", scopes)] if scopes else []),
         ]
         headers = {"Content-Type": "application/x-www-form-urlencoded"}
-        return self._send(
-            "POST", realm, headers, urlencode(form).encode(), False, deadline, who=who
-        )
+        return self._send("POST", realm, headers, urlencode(form).encode(), True, deadline, who=who)
 
     def _plain_http_hint(self, url: str) -> str:
         """What to do about an https:// ``url`` whose server speaks plain HTTP: --insecure
@@ -388,8 +388,11 @@ class Endpoint:
             url = realm + separator + urlencode(params)
             # Credentials go to the realm's own origin only, as the registry's to its own.
             reply = self._follow_redirects(
-                "GET", url, {}, authorization, None, False, deadline, origin=_origin(realm), who=who
+                "GET", url, {}, authorization, None, True, deadline, origin=_origin(realm), who=who
             )
+        # Read here, within the deadline and at most TOKEN_BODY_LIMIT: a token is a few
+        # KiB, and an issuer that trickles it or sends more is not waited out.
+        capped_body(reply, TOKEN_BODY_LIMIT, max(0.0, deadline.left()))
         reply.close()
         if reply.status_code in RETRIABLE_STATUS:
             raise TryAgain(

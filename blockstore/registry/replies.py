@@ -2,9 +2,45 @@
 
 from __future__ import annotations
 
+import math
+import time
+
 import requests
+import urllib3
 
 from blockstore.errors import AuthError, NotFound, RegistryError
+
+ERROR_BODY_LIMIT = 64 << 10
+"""What is read of a refusal's body: an OCI error says a line or two."""
+ERROR_BODY_SECONDS = 2.0
+"""How long a refusal's body is waited for: a server trickling it is not waited out."""
+
+
+def capped_body(reply: requests.Response, limit: int, seconds: float) -> bytes:
+    """At most ``limit`` bytes of a streamed reply's body, read within ``seconds``, and
+    kept as its content, so ``reply.json()`` and ``reply.content`` read only them.
+    Without this a refusal's body was read whole, with no deadline: a 512 MiB 404 held
+    4 GB of memory, and one sent a byte a second held the read for as long. What is cut
+    short no longer parses, which each caller takes for a body that says nothing."""
+    if reply._content_consumed:  # read already (not streamed): only the cap applies
+        return reply.content[:limit]
+    raw, parts, got = reply.raw, [], 0
+    end = time.monotonic() + seconds
+    try:
+        while got < limit and (left := end - time.monotonic()) > 0:
+            sock = getattr(raw.connection, "sock", None)
+            if sock is not None:
+                sock.settimeout(left if math.isfinite(left) else None)  # None: no deadline
+            piece = raw.read1(min(limit - got, 16 << 10), decode_content=True)
+            if not piece:
+                break
+            parts.append(piece)
+            got += len(piece)
+    except (OSError, requests.RequestException, urllib3.exceptions.HTTPError):
+        pass  # what came is what there is; the connection is closed with the reply
+    body = b"".join(parts)
+    reply._content, reply._content_consumed = body, True
+    return body
 
 
 def registry_error(reply: requests.Response, subject: str) -> RegistryError:
@@ -25,7 +61,9 @@ def registry_error(reply: requests.Response, subject: str) -> RegistryError:
 
 
 def oci_error(reply: requests.Response) -> tuple[str | None, str]:
-    """The first error code and a ``CODE: message`` summary of an OCI error body."""
+    """The first error code and a ``CODE: message`` summary of an OCI error body (of at
+    most ``ERROR_BODY_LIMIT`` bytes, read within ``ERROR_BODY_SECONDS``)."""
+    capped_body(reply, ERROR_BODY_LIMIT, ERROR_BODY_SECONDS)
     try:
         errors = reply.json().get("errors") or []
     except (ValueError, AttributeError):

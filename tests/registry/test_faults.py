@@ -11,7 +11,7 @@ import pytest
 from rig.fault_proxy import Fault
 from rig.pushed import push_erofs
 
-from blockstore.errors import AuthError, BlobReadError, IntegrityError, RegistryError
+from blockstore.errors import AuthError, BlobReadError, IntegrityError, NotFound, RegistryError
 from blockstore.registry import RegistryBlob, RegistryClient, RegistryOptions, resolve_image
 from blockstore.registry.auth import basic_header
 from blockstore.registry.credentials import Credentials
@@ -152,6 +152,31 @@ def test_a_reply_whose_headers_say_its_body_is_not_the_span_is_refused(
     assert proxy.faults_applied >= 1
     said = str(refused.value)
     assert "Content-Encoding 'br'" in said or "multipart" in said or "answered 200" in said
+
+
+def test_a_refusal_s_body_is_read_only_so_far_and_so_long(registry, pushed_images, fault_proxy):
+    """Tried: a blob read of a digest the registry lacks, its 404 body sent one byte each
+    half second (a minute and more for the whole); then a 404 whose body is 32 MiB. Must
+    hold: each is a NotFound within seconds, holding a few MiB at most. Before, the
+    body was read whole with no deadline: the read waited out the trickle, and a 512
+    MiB body took 4 GB of memory."""
+    proxy = fault_proxy(registry)
+    missing = "sha256:" + "0" * 64
+    with client_via(proxy, timeout=3.0) as client:
+        proxy.fault = Fault("trickle", seconds=0.5, path_contains=missing)
+        started = time.monotonic()
+        with pytest.raises(NotFound):
+            client.read_blob_range("fixtures/small", missing, 0, 99, 100)
+        assert time.monotonic() - started < 15
+        proxy.fault = Fault("status", status=404, body=b"x" * (32 * MiB), path_contains=missing)
+        tracemalloc.start()
+        try:
+            with pytest.raises(NotFound):
+                client.read_blob_range("fixtures/small", missing, 0, 99, 100)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak < 4 * MiB, f"peak {peak / MiB:.1f} MiB reading a refusal"
 
 
 def test_503_with_retry_after_is_retried_after_the_pause(registry, pushed_images, fault_proxy):
