@@ -16,6 +16,7 @@ from pathlib import Path
 
 from blockstore.cache import CacheDamaged, ChunkStore
 from blockstore.cache.indexes import IndexShelf
+from blockstore.cache.layout import LMDB_DATA_FILE
 from blockstore.cache.seal import VerifyReport
 from blockstore.cache.store import READ_ONLY_FATE
 from blockstore.cli.common import add_cache_options, cache_dir_from
@@ -71,6 +72,10 @@ def existing_cache_dir(args: argparse.Namespace) -> Path:
     path = cache_dir_from(args)
     if not path.exists():
         raise CacheError(f"no cache at {path}: nothing was ever kept there")
+    if path.is_dir() and not (path / LMDB_DATA_FILE).exists():
+        # A directory made anew (or by hand) is no cache: taking it for an empty one
+        # would make one there and report it sound.
+        raise CacheError(f"no cache at {path}: the directory holds no {LMDB_DATA_FILE}")
     return path
 
 

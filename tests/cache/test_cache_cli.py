@@ -253,7 +253,8 @@ def test_rm_of_a_digest_not_cached_is_not_found_and_removes_nothing(cache_dir):
 def test_cache_dir_from_the_environment(tmp_path):
     """BLOCKSTORE_CACHE_DIR chooses the cache when --cache-dir is not given. A cache
     command only looks after a cache: where there is none it says so (exit 8) and
-    makes nothing."""
+    makes nothing; nor in an empty directory (before, it made a cache there and said
+    it was sound, after a cache directory was deleted and made anew)."""
     import os
     import subprocess
     import sys
@@ -275,6 +276,13 @@ def test_cache_dir_from_the_environment(tmp_path):
         f"blockstore: no cache at {chosen}: nothing was ever kept there"
     )
     assert not chosen.exists()
+    chosen.mkdir()  # a directory made anew, or by hand, holds no cache either
+    empty = stats()
+    assert empty.returncode == 8
+    assert empty.stderr.strip() == (
+        f"blockstore: no cache at {chosen}: the directory holds no data.mdb"
+    )
+    assert not any(chosen.iterdir())
     ChunkStore(chosen).close()
     result = stats()
     assert result.returncode == 0, result.stderr
