@@ -18,6 +18,7 @@ from typing import TypeVar
 import lmdb
 
 from blockstore.progress import human
+from blockstore.throttledlog import ThrottledLog
 
 from . import counters as counters_mod
 from . import holds
@@ -27,6 +28,9 @@ from .evict import LOW_WATER, WORKING_SET, Evicted, evict
 from .layout import CHUNK_SIZE, DB_COUNTERS, DB_LRU, DB_META, U64, meta_int
 
 log = logging.getLogger(__name__)
+_full_disk = ThrottledLog(
+    log, "%d more times the disk holding the cache was full in the %.0f s after those logged"
+)
 
 T = TypeVar("T")
 
@@ -169,6 +173,13 @@ class Capacity:
 
         done = self.env.write(work)
         self.env.write(lambda txn: txn.put(b"reclaimed", b"", db=self.dbs[DB_META]))
-        log.warning(
-            "the disk holding the cache is full: evicted the oldest %.1f MiB", done.freed / 2**20
-        )
+        if done.freed:
+            _full_disk.warning(
+                "the disk holding the cache is full: evicted the oldest %.1f MiB",
+                done.freed / 2**20,
+            )
+        else:
+            _full_disk.warning(
+                "the disk holding the cache is full, and nothing more can be evicted "
+                "(what is left is pinned, or held by a server)"
+            )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from cache_sources import make_blob
 from rig.small_disk import small_disk
 
@@ -35,3 +37,36 @@ def test_a_disk_just_full_costs_the_cache_its_oldest_chunks_not_half(tmp_path):
         assert store.stats()["evictions"] > 0, "the disk never filled"
         assert lowest >= 0.8, (lowest, peak)
         assert store.missing_by_digest(digest, range(BLOB // CHUNK_SIZE)) == []
+
+
+def test_a_disk_full_of_pinned_layers_is_said_a_few_times_not_per_store(tmp_path, caplog):
+    """Tried: a 24 MiB ext4 filled by a pinned layer, then 64 stores of another layer's
+    chunks, each finding the disk full with nothing to evict. Must hold: the pinned chunks
+    stay; the full disk is said at most ``ThrottledLog.BURST`` times (the rest counted),
+    and never as "evicted the oldest 0.0 MiB". Before, every step of every store said it
+    (260 warnings here), most of them "0.0 MiB"."""
+    from blockstore.errors import CacheError
+    from blockstore.throttledlog import ThrottledLog
+
+    pinned, pinned_digest = make_blob(24 << 20, seed=90)
+    with small_disk(tmp_path / "disk", "24M") as disk, ChunkStore(disk / "cache") as store:
+        store.pin(pinned_digest, len(pinned))
+        kept = 0
+        for offset in range(0, len(pinned), PIECE):
+            piece = pinned[offset : offset + PIECE]
+            chunks = [piece[i : i + CHUNK_SIZE] for i in range(0, PIECE, CHUNK_SIZE)]
+            try:
+                store.store_chunks(pinned_digest, len(pinned), offset // CHUNK_SIZE, chunks)
+            except CacheError:
+                break  # DiskFull: the pinned layer holds the disk
+            kept = offset // CHUNK_SIZE + len(chunks)
+        data, digest = make_blob(64 * PIECE, seed=91)
+        for offset in range(0, len(data), PIECE):
+            piece = data[offset : offset + PIECE]
+            chunks = [piece[i : i + CHUNK_SIZE] for i in range(0, PIECE, CHUNK_SIZE)]
+            with contextlib.suppress(CacheError):  # DiskFull: the pins leave no room
+                store.store_chunks(digest, len(data), offset // CHUNK_SIZE, chunks)
+        assert kept and store.missing_by_digest(pinned_digest, range(kept)) == []
+    said = caplog.text.count("the disk holding the cache is full")
+    assert 0 < said <= ThrottledLog.BURST, said
+    assert "evicted the oldest 0.0 MiB" not in caplog.text
