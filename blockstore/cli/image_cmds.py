@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -21,9 +22,15 @@ from blockstore.cli.common import (
     add_registry_options,
     open_image_from_args,
 )
-from blockstore.errors import NotCached, RegistryUnreachable
+from blockstore.errors import CacheError, NotCached, RegistryUnreachable
 from blockstore.progress import human
+from blockstore.registry.mediatypes import GZIP, layer_kind
+from blockstore.tarlayer.gzindex import size_hint
 from blockstore.tarlayer.layers import TarLayer
+
+if TYPE_CHECKING:
+    from blockstore.image import OpenImage
+    from blockstore.registry.manifests import Layer
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,8 @@ def run_prefetch(args: argparse.Namespace) -> int:
         )
     try:
         for layer in image.select(args.layer, args.blob):
+            if not args.pin and (why := _over_cap(image, layer)) is not None:
+                raise CacheError(f"{why}; raise --cache-size or pin it (--pin)")
             # A tar layer is filled as the tar it serves (uncompressed, sealed against
             # its diff_id), which also proves an index that came attached to the image.
             exported = image.layer_export(layer)
@@ -100,3 +109,21 @@ def run_prefetch(args: argparse.Namespace) -> int:
     finally:
         image.close()
     return 0
+
+
+def _over_cap(image: OpenImage, layer: Layer) -> str | None:
+    """Why ``layer`` cannot be kept whole under the cache's cap, asked before a byte of it
+    is fetched, or None: the blob, and for gzip the tar as its trailer gives its size
+    (modulo 4 GiB, so a larger one is caught later, by the fill). Opening a tar layer
+    reads its blob whole to index it, which would evict other layers first."""
+    store = image.store
+    if (why := store.over_cap(layer.digest, layer.size)) is not None:
+        return why
+    if layer_kind(layer.media_type) != GZIP or (diff_id := image.diff_id(layer)) is None:
+        return None
+    blob = image.blob(layer)
+    try:
+        tar_size = size_hint(lambda offset, length: b"".join(blob.read(offset, length)), layer.size)
+    finally:
+        blob.close()
+    return store.over_cap(diff_id, tar_size)

@@ -164,3 +164,26 @@ def test_a_zstd_tar_spooled_beside_a_cache_with_no_room_for_it_is_not_stored(
         assert f"{second_tar} needs about" in caplog.text, caplog.text
         assert "is full" not in caplog.text, caplog.text
         assert whole_and_sealed(cache, first_tar)
+
+
+def test_a_prefetch_over_the_cap_is_refused_before_a_byte_is_fetched(tmp_path, registry):
+    """Tried: a cache capped at 8 MiB holding a prefetched tar.gz image (sealed); then
+    ``prefetch`` of a tar.gz image whose blob is 10 MiB (random bytes), and of one whose
+    blob is small but whose tar (as its trailer says) is 12 MiB. Must hold: each is
+    refused (exit 8) saying it is larger than the cap, and the first image stays whole
+    and sealed. Before, the first had its blob read whole to index it, which evicted
+    the sealed image, and only then was refused."""
+    first, first_tar, _ = pushed(tmp_path, registry, "kept", "gzip", {"a.txt": os.urandom(1 << 20)})
+    cache = tmp_path / "cache"
+    done = blockstore(
+        "prefetch", first, "--insecure", "--cache-dir", str(cache), "--cache-size", "8M"
+    )
+    assert done.returncode == 0, done.stderr
+    assert whole_and_sealed(cache, first_tar)
+    big, _, _ = pushed(tmp_path, registry, "bigblob", "gzip", {"r.bin": os.urandom(10 << 20)})
+    wide, _, _ = pushed(tmp_path, registry, "widetar", "gzip", compressible_files(256))
+    for reference in (big, wide):
+        refused = blockstore("prefetch", reference, "--insecure", "--cache-dir", str(cache))
+        assert refused.returncode == 8, refused.stderr
+        assert "is larger than the cache size cap" in refused.stderr
+        assert whole_and_sealed(cache, first_tar), reference
