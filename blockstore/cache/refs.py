@@ -50,9 +50,22 @@ class ImageRecords:
         self._env = env
 
     def put(self, reference: str, platform: str | None, record: dict) -> None:
-        raw = json.dumps(record, sort_keys=True).encode()
+        """Remember ``record``; the mark that the image is pinned (``mark_pinned``) is
+        kept across a resolve that records it anew."""
         key = _ref_key(reference, platform)
-        self._env.write(lambda txn: txn.put(key, raw, db=self._env.dbs[DB_REFS]))
+        refs = self._env.dbs[DB_REFS]
+
+        def work(txn: lmdb.Transaction) -> None:
+            old = txn.get(key, db=refs)
+            kept = dict(record)
+            try:
+                if old is not None and _decode(bytes(old), reference).get("pinned"):
+                    kept["pinned"] = True
+            except CacheError:
+                pass  # a damaged record is replaced whole
+            txn.put(key, json.dumps(kept, sort_keys=True).encode(), db=refs)
+
+        self._env.write(work)
 
     def get(self, reference: str, platform: str | None) -> dict | None:
         """The record of ``reference`` for ``platform``; ``CacheError`` if it is damaged:
@@ -105,6 +118,30 @@ class ImageRecords:
             except CacheError as exc:
                 log.warning("%s; skipped (`blockstore cache verify` drops it)", exc)
         return records
+
+    def mark_pinned(self, reference: str, pinned: bool) -> None:
+        """Say in each record of ``reference`` (every platform) whether the image was
+        pinned as a whole, so unpinning another image that shares its layers keeps them."""
+        refs = self._env.dbs[DB_REFS]
+        prefix = _ref_key(reference, None)
+
+        def work(txn: lmdb.Transaction) -> None:
+            cursor = txn.cursor(db=refs)
+            found = []
+            if cursor.set_range(prefix):
+                for key, raw in cursor.iternext():
+                    if not bytes(key).startswith(prefix):
+                        break
+                    found.append((bytes(key), bytes(raw)))
+            for key, raw in found:
+                try:
+                    record = _decode(raw, reference)
+                except CacheError:
+                    continue  # damaged: ``verify`` drops it
+                record["pinned"] = pinned
+                txn.put(key, json.dumps(record, sort_keys=True).encode(), db=refs)
+
+        self._env.write(work)
 
     def remove(self, reference: str) -> int:
         """Forget ``reference`` for every platform it was kept for; how many records went.

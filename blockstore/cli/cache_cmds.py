@@ -297,19 +297,50 @@ def _must_be_cached(store: ChunkStore, digests: list[str]) -> None:
 
 
 def _set_pin(args: argparse.Namespace, on: bool) -> int:
+    from blockstore.tarlayer.export import IndexCache
+
     with open_store(args) as store:
-        blobs, _ = resolve_targets(store, args.targets)
+        blobs, refs = resolve_targets(store, args.targets)
         # A digest alone names a cached blob (an image's layers come with sizes, so
         # they can be pinned before they are).
         _must_be_cached(store, [digest for digest, size in blobs.items() if size is None])
+        # An image's compressed tar layers are served from the tar they were inflated
+        # into: pinned and unpinned with them, as ``prefetch --pin`` pins both.
+        tars = IndexCache(store).tar_digest
+        for record in refs:
+            blobs.update(dict.fromkeys(_layer_blobs(record, tars) - set(blobs)))
+        kept = {} if on else _pinned_by_others(store, refs, tars)
+        for reference in {r["reference"] for r in refs}:
+            store.images.mark_pinned(reference, on)
         for digest, size in blobs.items():
             if on:
-                store.pin(digest, size)
-            else:
+                if size is not None or store.lookup(digest) is not None:
+                    store.pin(digest, size)
+            elif digest not in kept:
                 store.unpin(digest)
     verb = "pinned" if on else "unpinned"
-    emit(args, {verb: sorted(blobs)}, "\n".join(f"{verb} {d}" for d in sorted(blobs)))
+    done = sorted(set(blobs) - set(kept))
+    lines = [f"{verb} {d}" for d in done]
+    lines += [f"kept pinned {d}: pinned image {kept[d]} uses it too" for d in sorted(kept)]
+    emit(args, {verb: done, "kept_pinned": sorted(kept)}, "\n".join(lines))
     return 0
+
+
+def _pinned_by_others(
+    store: ChunkStore, refs: list[dict], tars: Callable[[str], str | None]
+) -> dict[str, str]:
+    """The blobs of the images being unpinned (``refs``) that another cached image pinned
+    as a whole (``cache pin IMAGE``, ``prefetch --pin``) reads too: each with that
+    image. Pins are kept per blob, so unpinning one image would otherwise let eviction
+    take the layers it shares with another image pinned for offline use."""
+    leaving = {r["reference"] for r in refs}
+    mine = set().union(*(_layer_blobs(r, tars) for r in refs)) if refs else set()
+    kept: dict[str, str] = {}
+    for record in store.images.all():
+        if record.get("pinned") and record["reference"] not in leaving:
+            for digest in _layer_blobs(record, tars) & mine:
+                kept.setdefault(digest, record["reference"])
+    return kept
 
 
 def cmd_pin(args: argparse.Namespace) -> int:

@@ -99,6 +99,8 @@ def run_prefetch(args: argparse.Namespace) -> int:
                         f"disagrees with layer {layer.index} at {len(wrong)} chunk(s): dropped",
                         file=sys.stderr,
                     )
+            if args.pin:
+                image.store.images.mark_pinned(image.resolved.reference, True)
             pinned = ", pinned" if args.pin else ""
             print(
                 f"layer {layer.index} {layer.digest} ({human(layer.size)}): "

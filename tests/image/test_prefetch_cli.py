@@ -188,3 +188,32 @@ def test_prefetch_at_a_thread_limit_seals_or_says_so_in_one_line(
     else:
         assert "verified and sealed" in done.stdout
         assert blockstore("cache", "verify", "--cache-dir", str(cache)).returncode == 0
+
+
+def test_unpinning_an_image_keeps_the_layers_a_pinned_image_shares(
+    registry, erofs_images, tmp_path
+):
+    """Tried: ``prefetch --pin`` of an image of layers S and L, then of an image of S
+    alone, then ``cache unpin`` of the second, then of the first. Must hold: the first
+    unpin keeps S pinned, saying the other pinned image uses it; the second unpins S
+    and L. Before, the first unpin let S go, and gc could evict a layer of an image
+    pinned for offline use."""
+    small, large = erofs_images.small, erofs_images.large
+    both = push_erofs(registry.host, "pins/both", "v1", [small.path, large.path])
+    alone = push_erofs(registry.host, "pins/alone", "v1", [small.path])
+    cache = str(tmp_path / "cache")
+    for reference in (both, alone):
+        done = blockstore("prefetch", reference, "--insecure", "--pin", "--cache-dir", cache)
+        assert done.returncode == 0, done.stderr
+
+    def pinned() -> dict[str, bool]:
+        listing = blockstore("cache", "ls", "--json", "--cache-dir", cache, check=True)
+        return {blob["digest"]: blob["pinned"] for blob in json.loads(listing.stdout)}
+
+    first = blockstore("cache", "unpin", alone, "--cache-dir", cache)
+    assert first.returncode == 0, first.stderr
+    assert f"kept pinned {small.digest}: pinned image" in first.stdout
+    assert pinned() == {small.digest: True, large.digest: True}
+    second = blockstore("cache", "unpin", both, "--cache-dir", cache)
+    assert second.returncode == 0, second.stderr
+    assert pinned() == {small.digest: False, large.digest: False}
