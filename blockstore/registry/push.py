@@ -14,6 +14,7 @@ import json
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 import zstandard
 
@@ -176,21 +177,63 @@ def _is_erofs(head: bytes) -> bool:
 
 
 def _tar_layer_type(path: Path, head: bytes) -> tuple[str, str] | None:
-    """What kind of tar layer the file is, and its OCI media type, if its first tar
-    header reads as one (inside the gzip or zstd stream it starts with)."""
+    """What kind of tar layer the file is, and its OCI media type, if the tar it holds
+    (inside the gzip or zstd stream it starts with) starts with a tar header, or is an
+    empty tar."""
     if head.startswith(b"\x1f\x8b"):
-        kind, media_type, opener = "tar archive in a gzip stream", OCI_TAR_GZIP, gzip.open
-    elif head.startswith(ZSTD_MAGIC):
+        kind, media_type = "tar archive in a gzip stream", OCI_TAR_GZIP
+    elif head.startswith(ZSTD_MAGIC) or _is_skippable_frame(head):
         kind, media_type = "tar archive in a zstd stream", OCI_TAR_ZSTD
-        opener = zstandard.open
     else:
-        kind, media_type, opener = "tar archive", OCI_TAR, open
+        kind, media_type = "tar archive", OCI_TAR
     try:
-        with opener(path, "rb") as stream:
-            tarfile.TarInfo.frombuf(stream.read(tarfile.BLOCKSIZE), "utf-8", "surrogateescape")
+        with path.open("rb") as raw:
+            stream: IO[bytes] = raw
+            if media_type == OCI_TAR_GZIP:
+                stream = gzip.GzipFile(fileobj=raw)
+            elif media_type == OCI_TAR_ZSTD:  # every frame: pzstd's stream starts skippable
+                stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+            first = _read_up_to(stream, tarfile.BLOCKSIZE)
+            if len(first) == tarfile.BLOCKSIZE and not first.strip(b"\0"):
+                return (kind, media_type) if _rest_is_zero_blocks(stream, 1) else None
+            tarfile.TarInfo.frombuf(first, "utf-8", "surrogateescape")
     except (OSError, EOFError, tarfile.HeaderError, zstandard.ZstdError):
         return None
     return kind, media_type
+
+
+def _is_skippable_frame(head: bytes) -> bool:
+    """Whether ``head`` starts with a zstd skippable frame's magic (0x184D2A50 to
+    0x184D2A5F, little-endian), as every stream ``pzstd`` writes does: a zstd stream
+    all the same, its frames of data after it."""
+    return len(head) >= 4 and int.from_bytes(head[:4], "little") & ~0xF == 0x184D2A50
+
+
+def _read_up_to(stream: IO[bytes], size: int) -> bytes:
+    """``size`` bytes of ``stream``, fewer only at its end (a zstd reader may hand over
+    less than asked at a frame's end)."""
+    data = b""
+    while len(data) < size:
+        more = stream.read(size - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _rest_is_zero_blocks(stream: IO[bytes], blocks: int) -> bool:
+    """Whether what is left of ``stream``, after ``blocks`` zero blocks read, is zero
+    blocks only, two at least in all: an empty tar. ``tar -cf x.tar -T /dev/null``
+    writes 20 zero blocks (10240 bytes), Docker's and buildkit's empty layer is a
+    gzip stream of two (1024 bytes): a tar holding no entry is its end marker alone,
+    two zero blocks, padded with zero blocks to its record size. Anything else after
+    them (a partial block, a byte not zero) is no empty tar."""
+    size = blocks * tarfile.BLOCKSIZE
+    while chunk := stream.read(1 << 16):
+        if chunk.strip(b"\0"):
+            return False
+        size += len(chunk)
+    return size % tarfile.BLOCKSIZE == 0 and size >= 2 * tarfile.BLOCKSIZE
 
 
 def diff_id(path: Path, media_type: str, digest: str) -> str:

@@ -492,3 +492,93 @@ def test_push_refuses_a_tar_layer_cut_short_before_uploading(registry, tmp_path)
             said = f"blockstore: cannot push {path}: not a readable tar stream: unexpected end"
             assert pushed.stderr == f"{said} of data\n", pushed.stderr
     assert blockstore("inspect", image, "--insecure").returncode == 3
+
+
+def _shell(command: str, cwd: Path) -> None:
+    subprocess.run(["sh", "-c", command], cwd=cwd, check=True, timeout=60)
+
+
+def _pzstd(tar: str, out: str, cwd: Path) -> None:
+    """``tar`` compressed as ``pzstd`` writes it: a skippable frame (magic 0x184D2A50
+    and the size of the frame after it), then a zstd frame. Made by hand, as pzstd
+    makes it, where pzstd is not installed."""
+    if shutil.which("pzstd"):
+        _shell(f"pzstd -q -f -p 2 {tar} -o {out}", cwd)
+        return
+    _shell(f"zstd -q -f {tar} -o {out}.frame", cwd)
+    frame = (cwd / f"{out}.frame").read_bytes()
+    skippable = (0x184D2A50).to_bytes(4, "little") + (4).to_bytes(4, "little")
+    (cwd / out).write_bytes(skippable + len(frame).to_bytes(4, "little") + frame)
+
+
+VALID_TARS_PUSH_REFUSED = {
+    "empty.tar": ("tar -cf empty.tar -T /dev/null", "tar"),
+    "docker-empty.tar.gz": ("head -c 1024 /dev/zero | gzip -n > docker-empty.tar.gz", "tar+gzip"),
+    "empty.tar.zst": ("tar -cf - -T /dev/null | zstd -q > empty.tar.zst", "tar+zstd"),
+    "small.tar.zst": ("tar -C tree -cf small.tar . && PZSTD small.tar small.tar.zst", "tar+zstd"),
+    "empty.tar.pzst": ("tar -cf e.tar -T /dev/null && PZSTD e.tar empty.tar.pzst", "tar+zstd"),
+}
+"""Valid layers that ``tar``, ``zstd`` and podman read, made by their commands: name ->
+(the shell command making it, PZSTD for ``_pzstd``; its OCI media type's suffix)."""
+
+
+@pytest.mark.parametrize("name", list(VALID_TARS_PUSH_REFUSED))
+def test_push_tells_an_empty_tar_and_a_pzstd_stream_by_their_bytes(registry, tmp_path, name):
+    """Tried: push, without --media-type, of an empty tar (`tar -cf x.tar -T /dev/null`,
+    10240 zero bytes), Docker's and buildkit's empty layer (a gzip stream of 1024 zero
+    bytes: the end marker alone), an empty tar in a zstd stream, and `pzstd` output (a
+    skippable frame before the zstd frame), each read by `tar` first. Must hold: exit 0,
+    and the pushed manifest's layer has the OCI media type of what the file is (tar,
+    tar+gzip, tar+zstd). Before, each was refused (exit 2) as "not ... a tar archive
+    (plain, gzip or zstd)": the first block read as no tar header, and a stream starting
+    with a skippable frame as no zstd stream."""
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "f").write_text("hello\n")
+    command, suffix = VALID_TARS_PUSH_REFUSED[name]
+    made, _, pzstd = command.partition(" && PZSTD ")
+    _shell(made, tmp_path)
+    if pzstd:
+        _pzstd(*pzstd.split(), cwd=tmp_path)
+    decompress = {"tar+gzip": "gzip -dc", "tar+zstd": "zstd -dc"}.get(suffix, "cat")
+    _shell(f"{decompress} {name} | tar -tf - >/dev/null", tmp_path)
+    image = f"{registry.host}/cli/valid-{name.replace('.', '-')}:v1"
+    pushed = blockstore("push", str(tmp_path / name), image, "--insecure")
+    assert pushed.returncode == 0, pushed.stderr
+    inspected = blockstore("inspect", image, "--insecure", "--json")
+    (shown,) = json.loads(inspected.stdout)["layers"]
+    assert shown["mediaType"] == f"application/vnd.oci.image.layer.v1.{suffix}"
+
+
+NOISE = b"".join(hashlib.sha256(b"%d" % i).digest() for i in range(320))
+"""10240 bytes that look random, the same in every test process (xdist collects each)."""
+
+NO_TARS = {
+    "one zero block": b"\0" * 512,  # no end marker
+    "zero bytes, no whole blocks": b"\0" * 1027,
+    "zero blocks, then a byte": b"\0" * 1024 + b"x" + b"\0" * 511,
+    "gzip of zero bytes, no whole blocks": gzip.compress(b"\0" * 1000, mtime=0),
+    "gzip of zero blocks, then bytes": gzip.compress(b"\0" * 1024 + b"tail", mtime=0),
+    "skippable frame, then no frame": (0x184D2A50).to_bytes(4, "little")
+    + (4).to_bytes(4, "little")
+    + b"abcd"
+    + NOISE[:64],
+    "text": b"just some text\n" * 100,
+    "random bytes": NOISE,
+}
+
+
+@pytest.mark.parametrize("content", list(NO_TARS.values()), ids=list(NO_TARS))
+def test_push_still_refuses_what_is_no_tar_though_it_looks_like_one(tmp_path, content):
+    """Tried: push, without --media-type, of files that are no tar, though they start as
+    an empty tar or a zstd stream does: zero bytes that are no whole number of blocks or
+    fewer than two, zero blocks followed by other bytes (plain or in a gzip stream), a
+    skippable frame followed by no zstd frame; text and random bytes. Must hold: exit 2
+    with the one line saying it is neither EROFS nor a tar archive, and --media-type.
+    (Guards the empty-tar and skippable-frame detection from taking too much.)"""
+    path = tmp_path / "layer.bin"
+    path.write_bytes(content)
+    pushed = blockstore("push", str(path), "127.0.0.1:9/cli/refused:v1", "--insecure")
+    assert pushed.returncode == 2, pushed.stderr
+    assert pushed.stderr.count("\n") == 1, pushed.stderr
+    assert "nor a tar archive (plain, gzip or zstd)" in pushed.stderr
+    assert pushed.stderr.strip().endswith("give its layer media type with --media-type")
