@@ -63,10 +63,12 @@ class ForwardReader(io.RawIOBase):
 
 
 def check_tar_layer(path: Path, media_type: str) -> None:
-    """Walk the tar of a tar layer file (plain, gzip or zstd) as the mount walks it;
-    a ``UsageError`` naming the file if the mount would refuse it. Other layers pass."""
+    """Walk the tar of a tar layer file (plain, gzip or zstd) and build its tree as the
+    mount does; a ``UsageError`` naming the file and the entry if the mount would refuse
+    it (``..`` in a path, a name over 255 bytes, a hard link to no file written earlier
+    are found only building the tree). Other layers pass."""
     from blockstore.tarlayer.tarwalk import walk_tar
-    from blockstore.tarlayer.tree import TarLayerError
+    from blockstore.tarlayer.tree import TarLayerError, build_tree
 
     kind = layer_kind(media_type)
     if kind is None:
@@ -81,8 +83,7 @@ def check_tar_layer(path: Path, media_type: str) -> None:
                 assert kind == ZSTD
                 decompressor = zstandard.ZstdDecompressor()
                 stream = ForwardReader(decompressor.stream_reader(raw, read_across_frames=True))
-            for _ in walk_tar(stream):
-                pass
+            build_tree(walk_tar(stream))
     except TarLayerError as exc:
         raise UsageError(f"cannot push {path}: {exc}") from None
     except (OSError, EOFError, zstandard.ZstdError) as exc:

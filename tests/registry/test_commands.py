@@ -582,3 +582,51 @@ def test_push_still_refuses_what_is_no_tar_though_it_looks_like_one(tmp_path, co
     assert pushed.stderr.count("\n") == 1, pushed.stderr
     assert "nor a tar archive (plain, gzip or zstd)" in pushed.stderr
     assert pushed.stderr.strip().endswith("give its layer media type with --media-type")
+
+
+LONG_NAME = "n" * 300
+TARS_EVERY_MOUNT_REFUSES = {
+    "dotdot": ("tar -C tree -P --transform 's,^f$,../f,' -cf layer.tar f", "'../f': '..' in a"),
+    "long-name": (
+        f"tar -C tree --transform 's,^f$,{LONG_NAME},' -cf layer.tar f",
+        f"'{LONG_NAME}': a name is longer than 255 bytes",
+    ),
+    "link-to-missing": (
+        "tar -C tree -cf layer.tar f g && tar --delete -f layer.tar f",
+        "'g': hard link to 'f', which is not a file written earlier",
+    ),
+    "link-to-later": (
+        "tar -C tree -cf layer.tar f g && tar --delete -f layer.tar f"
+        " && tar -C tree -rf layer.tar f",
+        "'g': hard link to 'f', which is not a file written earlier",
+    ),
+}
+"""Tars every mount refuses (exit 6) as it builds their tree, made by GNU tar (``g`` a
+hard link to ``f``): name -> (the shell command making ``layer.tar``, what is said)."""
+
+
+@pytest.mark.parametrize("name", list(TARS_EVERY_MOUNT_REFUSES))
+def test_push_refuses_a_tar_layer_every_mount_would_refuse(registry, tmp_path, name):
+    """Tried: push of a tar with `../f` as an entry's path, one with a 300-byte name, one
+    whose hard link names a file deleted from it (`tar --delete`), and one whose hard link
+    names a file appended after it (`tar -r`), each as it is, gzip- and zstd-compressed, without
+    --media-type. Must hold: exit 2, one line naming the file and the entry and why, as
+    the mount says it; nothing reaches the registry (the tag is unknown there). Before,
+    each was pushed, since push walked the tar's headers without building its tree, and
+    every mount of it failed (exit 6)."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_text("hello\n")
+    os.link(tree / "f", tree / "g")
+    command, said = TARS_EVERY_MOUNT_REFUSES[name]
+    _shell(command + " && gzip -n -k layer.tar && zstd -q -k layer.tar", tmp_path)
+    image = f"{registry.host}/cli/refused-{name}:v1"
+    for layer in ("layer.tar", "layer.tar.gz", "layer.tar.zst"):
+        path = tmp_path / layer
+        pushed = blockstore("push", str(path), image, "--insecure")
+        assert pushed.returncode == 2, pushed.stderr
+        assert pushed.stderr.startswith(f"blockstore: cannot push {path}: tar entry "), (
+            pushed.stderr
+        )
+        assert said in pushed.stderr and pushed.stderr.count("\n") == 1, pushed.stderr
+    assert blockstore("inspect", image, "--insecure").returncode == 3
