@@ -210,13 +210,20 @@ def image_argument(text: str) -> str:
 
 
 def _is_layer_file(path: str) -> bool:
-    """``path`` starts as a layer file does (``LAYER_MAGIC``)."""
+    """``path`` starts as a layer file does (``LAYER_MAGIC``), or as an empty tar (zero
+    blocks) or a zstd stream that opens with a skippable frame (``pzstd``'s) do."""
     try:
         with open(path, "rb") as f:
             head = f.read(1028)
     except OSError:
         return False
-    return any(head[at : at + len(magic)] == magic for at, magic in LAYER_MAGIC)
+    skippable = len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18" and 0x50 <= head[0] <= 0x5F
+    empty_tar = len(head) >= 1024 and not any(head[:1024])
+    return (
+        skippable
+        or empty_tar
+        or any(head[at : at + len(magic)] == magic for at, magic in LAYER_MAGIC)
+    )
 
 
 def add_image_options(parser: argparse.ArgumentParser, verb: str, *, offline: bool = True) -> None:

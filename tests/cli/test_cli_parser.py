@@ -88,6 +88,27 @@ def test_a_local_image_file_named_as_the_image_says_to_push_it(
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize(
+    "start",
+    [
+        bytes(10240),
+        b"\x50\x2a\x4d\x18" + (4).to_bytes(4, "little") + bytes(4) + b"\x28\xb5\x2f\xfd",
+    ],
+    ids=["empty-tar", "pzstd"],
+)
+def test_an_empty_tar_or_a_pzstd_layer_named_as_the_image_says_to_push_it(tmp_path, start):
+    """Tried: an empty tar (zero blocks), and a file that starts as ``pzstd``'s output
+    does (a skippable frame), named where the image reference goes. Must hold: exit 2,
+    saying it is a local file to push, as for any layer file ``push`` takes. Before,
+    each was taken for a Docker Hub image name."""
+    (tmp_path / "layer").write_bytes(start + bytes(64))
+    env = {**os.environ, "BLOCKSTORE_CACHE_DIR": str(tmp_path / "cache")}
+    argv = [sys.executable, "-m", "blockstore", "inspect", "layer"]
+    shown = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert shown.returncode == 2, shown.stderr
+    assert "layer is a local file" in shown.stderr
+
+
 def test_a_cache_cap_given_to_a_command_that_only_looks_says_why(tmp_path):
     """``cache ls --cache-size`` is refused saying which commands take a cap, and why."""
     shown = blockstore("cache", "ls", "--cache-size", "10G", "--cache-dir", str(tmp_path))
