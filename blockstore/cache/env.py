@@ -147,6 +147,16 @@ class CacheEnv:
             env._users += 1
             return env
 
+    def replaced(self) -> bool:
+        """Whether the directory this handle opened is no longer at its path (deleted,
+        moved, or another made in its place): what is stored then goes to a file no
+        other process opening the path sees."""
+        try:
+            st = self.path.stat()
+        except OSError:
+            return True
+        return self._key is not None and (st.st_dev, st.st_ino) != self._key
+
     @staticmethod
     def _directory(path: Path) -> tuple[int, int]:
         if path.exists() and not path.is_dir():

@@ -218,11 +218,21 @@ class ChunkStore:
     # --- background flush -------------------------------------------------
 
     def _flush_loop(self, interval: float) -> None:
+        told_replaced = False
         while not self._closing.wait(interval):
             try:
                 self.flush()
             except Exception:  # a flush must never kill the store
                 log.exception("flushing cache counters failed")
+            if not told_replaced and self.env.replaced():
+                told_replaced = True
+                log.warning(
+                    "the cache directory %s was deleted or replaced while this process uses "
+                    "it: what it keeps now goes to the old file, which no other process "
+                    "sees and whose disk space stays taken until this process stops; "
+                    "restart it to use the cache at that path",
+                    self.path,
+                )
 
     def flush(self) -> None:
         """Persist pending counters and recency in one transaction."""

@@ -876,3 +876,27 @@ def test_a_stale_hold_file_removed_twice_never_takes_a_live_hold_with_it(cache_d
         server.wait()
         server.stdout.close()
     assert not holds.is_held(cache_dir, digest)
+
+
+def test_a_cache_directory_deleted_under_a_store_is_said_once(tmp_path, caplog):
+    """Tried: a store open on a cache directory, the directory then moved away (as
+    ``rm -rf`` and a new ``mkdir`` leave it to the running process), the store used on.
+    Must hold: one warning naming the directory and saying to restart; reads still
+    right. Before, nothing was said: the process filled a file no other process saw."""
+    import shutil
+
+    from rig.waiting import wait_for
+
+    data, digest = make_blob(4 * CHUNK_SIZE, seed=580)
+    cache = tmp_path / "cache"
+    with ChunkStore(cache, flush_interval=0.05) as store:
+        blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
+        assert joined(blob.read(0, len(data))) == data
+        shutil.move(cache, tmp_path / "gone")
+        cache.mkdir()
+        assert wait_for(lambda: "was deleted or replaced" in caplog.text, timeout=10)
+        assert joined(blob.read(0, len(data))) == data
+        time.sleep(0.2)
+        blob.close()
+    assert caplog.text.count("was deleted or replaced") == 1
+    assert str(cache) in caplog.text
