@@ -88,7 +88,8 @@ def run_index(args: argparse.Namespace) -> int:
                 index, origin = build_layer_index(layer, source.read_range), "registry"
             built[layer.digest] = index
             print(
-                f"layer {layer.index} {layer.digest}: {index.chunk_count} chunks indexed "
+                f"layer {layer.index} {layer.digest}: {index.chunk_count} "
+                f"chunk{'' if index.chunk_count == 1 else 's'} indexed "
                 f"(from the {origin})"
             )
         for index in built.values():
