@@ -65,6 +65,9 @@ MAX_SMALL_BODY = 4 << 20
 """Manifests and configs are a few KiB; a larger reply is refused, not buffered (the
 distribution spec suggests registries accept manifests of at least 4 MiB)."""
 STREAM_CHUNK = 256 << 10
+SHORT_RANGE_PIECES = 64
+"""Replies a range read takes from a registry that serves less than it is asked for
+(one that sends a few bytes each time would make a chunk thousands of requests)."""
 TRANSPORT_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
 """What reading a reply's body raises when the connection breaks."""
 MAX_REFERRER_PAGES = 16
@@ -261,13 +264,39 @@ class RegistryClient:
         """Bytes ``first..last`` (inclusive) of a blob of ``size`` bytes, within ``deadline``
         (default: the options' timeout from now), every attempt included.
 
-        A 206 must start with the span asked for (the reply is read no further); a
-        200 (Range ignored) is streamed and sliced without holding the blob. A body
-        cut short, of the wrong range, or slower than the deadline is tried again
-        (from the next source, if a mirror sent it); every failure in the end is a
-        ``BlockstoreError`` naming its cause.
+        A 206 must start with the span asked for (the reply is read no further); one
+        that ends early (a CDN that caps the ranges it serves) is taken, and the rest
+        asked for, at most ``SHORT_RANGE_PIECES`` times. A 200 (Range ignored) is
+        streamed and sliced without holding the blob. A body cut short, of the wrong
+        range, or slower than the deadline is tried again (from the next source, if a
+        mirror sent it); every failure in the end is a ``BlockstoreError`` naming its
+        cause.
         """
         deadline = deadline or self.deadline()
+        parts = []
+        at = first
+        for _ in range(SHORT_RANGE_PIECES):
+            piece = self._read_from(repository, digest, at, last, size, deadline, upstream_only)
+            parts.append(piece)
+            at += len(piece)
+            if at > last:
+                return b"".join(parts)
+        raise BlobReadError(
+            f"blob {digest} of {self.registry}/{repository}: bytes {first}-{last} came in "
+            f"pieces of {len(parts[0])} bytes or less, more than {SHORT_RANGE_PIECES} of them"
+        )
+
+    def _read_from(
+        self,
+        repository: str,
+        digest: str,
+        first: int,
+        last: int,
+        size: int,
+        deadline: Deadline,
+        upstream_only: bool,
+    ) -> bytes:
+        """Bytes ``first`` to ``last``, or to where a 206 that ends early ends."""
         subject = f"blob {digest} of {self.registry}/{repository}"
         headers = {"Range": range_header(first, last), "Accept-Encoding": "identity"}
         path = f"/v2/{repository}/blobs/{digest}"
@@ -275,9 +304,9 @@ class RegistryClient:
         def attempt(endpoint: Endpoint) -> bytes:
             with self._get(endpoint, repository, path, subject, headers, deadline) as reply:
                 try:
-                    check_blob_reply(reply.status_code, reply.headers, first, last, size)
+                    end = check_blob_reply(reply.status_code, reply.headers, first, last, size)
                     if reply.status_code == 206:
-                        want = last - first + 1
+                        want = end - first + 1
                         data = b"".join(receive(reply, deadline, subject, want))
                         if len(data) != want:
                             raise BlobReadError(
@@ -350,11 +379,12 @@ class RegistryClient:
         endpoint = next(self._read_endpoints(upstream_only))
         with self._get(endpoint, repository, path, subject, headers, deadline) as reply:
             try:
-                check_blob_reply(reply.status_code, reply.headers, first, last, size)
+                end = check_blob_reply(reply.status_code, reply.headers, first, last, size)
                 if reply.status_code != 206:  # Range ignored: one slice, bounded by the range
                     yield slice_stream(receive(reply, deadline, subject), first, last)
                     return
-                yield from receive(reply, deadline, subject, last - first + 1)
+                # A 206 that ends early ends the stream there: the caller reads the rest.
+                yield from receive(reply, deadline, subject, end - first + 1)
             except BlobReadError:
                 raise  # receive's own account (the deadline, a short body): an OSError too
             except TRANSPORT_ERRORS as exc:

@@ -46,20 +46,23 @@ def parse_content_range(value: str) -> tuple[int, int, int | None]:
     return first, last, total
 
 
-def check_partial_reply(content_range: str | None, first: int, last: int, size: int) -> None:
-    """Refuse a 206 whose Content-Range does not start with the span asked for, or is of
-    another blob size. One that runs further is taken (a server that ignores the range's
-    end sends the rest of the blob): the reader stops after the span."""
+def check_partial_reply(content_range: str | None, first: int, last: int, size: int) -> int:
+    """The last byte of the span asked for that a 206 holds; refused if its Content-Range
+    does not start with the span, or is of another blob size. One that runs further is
+    taken (a server that ignores the range's end sends the rest of the blob): the reader
+    stops after the span. One that ends early (a CDN that caps the ranges it serves)
+    holds the span up to where it ends: the reader asks for the rest."""
     if content_range is None:
         raise BlobReadError(f"206 reply without Content-Range for bytes {first}-{last}")
     try:
         got_first, got_last, total = parse_content_range(content_range)
     except ValueError as exc:
         raise BlobReadError(str(exc)) from None
-    if got_first != first or got_last < last or total not in (None, size):
+    if got_first != first or total not in (None, size):
         raise BlobReadError(
             f"asked for bytes {first}-{last} of {size}, the registry sent {content_range!r}"
         )
+    return min(got_last, last)
 
 
 DECODED_ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
@@ -69,13 +72,13 @@ a body in any other would be taken for the blob's own bytes."""
 
 def check_blob_reply(
     status: int, headers: Mapping[str, str], first: int, last: int, size: int
-) -> None:
+) -> int:
     """Refuse a reply to a range read of a blob that cannot hold bytes ``first..last``
     as its body says, before a byte of it is taken: one in an encoding nothing here
     undoes; a 206 of several ranges (``multipart/byteranges``, whose part headers
     would be served as data) or of another span (``check_partial_reply``); a 200 whose
     length is not the blob's (the rest of the blob from another offset, taken for the
-    whole of it)."""
+    whole of it). The last byte of the span the reply holds."""
     encoding = headers.get("Content-Encoding", "").strip().lower()
     if encoding not in DECODED_ENCODINGS:
         raise BlobReadError(
@@ -88,8 +91,7 @@ def check_blob_reply(
                 f"asked for bytes {first}-{last}, the registry sent several ranges "
                 "(multipart/byteranges)"
             )
-        check_partial_reply(headers.get("Content-Range"), first, last, size)
-        return
+        return check_partial_reply(headers.get("Content-Range"), first, last, size)
     length = headers.get("Content-Length")
     plain = encoding in ("", "identity")  # else the length is the encoded body's
     if length is not None and plain and length.strip() != str(size):
@@ -97,6 +99,7 @@ def check_blob_reply(
             f"asked for bytes {first}-{last}, the registry answered 200 with "
             f"{length.strip()} bytes, where the whole blob is {size}"
         )
+    return last
 
 
 def slice_stream(chunks: Iterable[bytes], first: int, last: int) -> bytes:

@@ -54,6 +54,7 @@ KINDS = {
     "rewrite_headers",
     "cut_request",
     "open_range",
+    "short_range",
     "rewrite_status",
     "replace",
 }
@@ -84,6 +85,7 @@ class Fault:
     sends are sent in their place (a registry serving the wrong blob)."""
     after_bytes: int | None = None
     """cut/reset/truncate/corrupt: body bytes sent intact (default: half the body);
+    short_range: the most bytes of a range asked that the reply holds (default 64 KiB);
     cut_request: request body bytes forwarded before both connections are cut."""
     redirect_to: str | None = None
     """redirect: base URL of the other host; the path is kept."""
@@ -209,6 +211,9 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 pairs = [(k, v) for k, v in pairs if k.lower() != "range"]
             if kind == "open_range":  # the range's end ignored: the 206 runs to the blob's
                 pairs = [(k, _open_ended(v) if k.lower() == "range" else v) for k, v in pairs]
+            if kind == "short_range":  # at most after_bytes of the range sent, as a CDN may
+                limit = fault.after_bytes or 65536
+                pairs = [(k, _capped(v, limit) if k.lower() == "range" else v) for k, v in pairs]
             replaced = {k.lower() for k in proxy.upstream_headers}
             pairs = [(k, v) for k, v in pairs if k.lower() not in replaced]
             pairs += proxy.upstream_headers.items()
@@ -338,6 +343,13 @@ def _rewrite(headers: dict[str, str], rewrites: dict[str, str]) -> None:
     for name, value in rewrites.items():
         if name.lower() not in present and "{}" not in value:
             headers[name] = value
+
+
+def _capped(range_header: str, limit: int) -> str:
+    """``bytes=a-b`` made at most ``limit`` bytes long: ``bytes=a-min(b, a+limit-1)``."""
+    first, _, last = range_header.removeprefix("bytes=").partition("-")
+    end = int(first) + limit - 1
+    return f"bytes={first}-{min(int(last), end) if last else end}"
 
 
 def _open_ended(range_header: str) -> str:
