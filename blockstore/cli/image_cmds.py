@@ -99,6 +99,12 @@ def run_prefetch(args: argparse.Namespace) -> int:
                         f"disagrees with layer {layer.index} at {len(wrong)} chunk(s): dropped",
                         file=sys.stderr,
                     )
+            kept = exported.digest if isinstance(exported, TarLayer) else layer.digest
+            if (changed := _changed_meanwhile(image, kept, args.pin)) is not None:
+                raise CacheError(
+                    f"layer {layer.index} {layer.digest} was {changed} by another process "
+                    "while it was prefetched (cache rm, unpin or gc): run prefetch again"
+                )
             if args.pin:
                 image.store.images.mark_pinned(image.resolved.reference, True)
             pinned = ", pinned" if args.pin else ""
@@ -129,3 +135,17 @@ def _over_cap(image: OpenImage, layer: Layer) -> str | None:
     finally:
         blob.close()
     return store.over_cap(diff_id, tar_size)
+
+
+def _changed_meanwhile(image: OpenImage, digest: str, pinned: bool) -> str | None:
+    """How another process undid what a prefetch just made of blob ``digest`` (and of the
+    image's record, without which no offline open finds the image), or None: a prefetch
+    says it sealed and pinned only what is so when it says it."""
+    record = image.store.lookup(digest)
+    if record is None or not record.sealed:
+        return "removed"
+    if pinned and not record.pinned:
+        return "unpinned"
+    if not any(r.get("reference") == image.resolved.reference for r in image.store.images.all()):
+        return "forgotten (its image record removed)"
+    return None

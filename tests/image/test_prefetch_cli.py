@@ -217,3 +217,36 @@ def test_unpinning_an_image_keeps_the_layers_a_pinned_image_shares(
     second = blockstore("cache", "unpin", both, "--cache-dir", cache)
     assert second.returncode == 0, second.stderr
     assert pinned() == {small.digest: False, large.digest: False}
+
+
+def test_a_prefetch_pin_undone_meanwhile_by_cache_rm_is_not_called_pinned(
+    fresh_registry, fault_proxy, erofs_images, tmp_path
+):
+    """Tried: ``prefetch --pin`` of a 64 MiB layer over a slowed link, and ``cache rm``
+    of the image while it runs. Must hold: the prefetch does not say the layer is
+    sealed and pinned: it exits 8 saying another process undid it, and to run it
+    again; a second prefetch then pins it. Before, it said "verified and sealed,
+    pinned" (exit 0) of a layer neither pinned nor findable by its image offline."""
+    proxy = fault_proxy(fresh_registry)
+    image = erofs_images.large
+    reference = push_erofs(proxy.host, "prefetch/undone", "v1", [image.path])
+    cache = tmp_path / "cache"
+    proxy.fault = Fault("pace", path_contains="/blobs/", method="GET", seconds=0.005)
+    argv = [sys.executable, "-m", "blockstore", "prefetch", reference, "--insecure", "--pin"]
+    argv += ["--cache-dir", str(cache)]
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and cached_fraction(cache) < 0.1:
+            time.sleep(0.1)
+        removed = blockstore("cache", "rm", reference, "--cache-dir", str(cache))
+        assert removed.returncode == 0, removed.stderr
+        proxy.fault = None
+        out, err = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 8, (out, err)
+    assert "by another process while it was prefetched" in err and "pinned" not in out
+    again = blockstore(*argv[3:], timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "verified and sealed, pinned" in again.stdout
