@@ -15,7 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from blockstore.progress import PROGRESS_LOGGER
+
 log = logging.getLogger(__name__)
+progress = logging.getLogger(PROGRESS_LOGGER)
 
 WRITE_LOCK_WARN = 5.0
 """Seconds a transaction may wait for the cache's write lock before that is logged."""
@@ -89,9 +92,11 @@ class WriteLockWatch:
                 ]
                 self._warned.update(wait for wait, _, _ in late)
             for _, path, waited in late:
-                log.warning(
-                    "waiting %.0fs so far for the write lock of the cache at %s: another "
-                    "process holds it (one stopped, as by Ctrl-Z, holds it until it goes on)",
-                    waited,
-                    path,
+                said = (
+                    f"waiting {waited:.0f}s so far for the write lock of the cache at {path}: "
+                    "another process holds it (one stopped, as by Ctrl-Z, holds it until it "
+                    "goes on)"
                 )
+                log.warning("%s", said)
+                # Also as progress: a mount waiting for its server to be ready says it.
+                progress.info("%s", said)

@@ -134,3 +134,57 @@ def test_long_work_before_ready_is_heard_as_progress_lines(pipe, monkeypatch):
         "sha256:ab: reading the layer once to index it: 3.0 GiB of 4.0 GiB (75%)",
         "sha256:cd: tar made to index it: 12.0 GiB so far",
     ]
+
+
+HOLD_WRITE_LOCK = """
+import os, signal, sys
+from pathlib import Path
+from blockstore.cache import ChunkStore
+store = ChunkStore(Path(sys.argv[1]))
+txn = store.env.env.begin(write=True)
+print("holding", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def test_a_wait_for_a_stopped_writer_before_ready_is_heard_as_progress(pipe, monkeypatch, tmp_path):
+    """Tried: another process takes the cache's write lock and is stopped (Ctrl-Z on a
+    prefetch) while a server, not ready yet, writes to the cache. Must hold: the wait is
+    said on the readiness pipe as progress, naming the cache and the stopped holder, so
+    a mount waiting on that server tells its user why; once the holder is gone, the
+    write goes through and the server gets ready. Before, it was said in the server's
+    log only, and the mount waited with nothing on its terminal."""
+    import signal
+    import subprocess
+    import sys
+
+    from blockstore.cache import ChunkStore, write_lock_watch
+
+    monkeypatch.setattr(write_lock_watch, "WRITE_LOCK_WARN", 0.5)
+    cache = tmp_path / "cache"
+    store = ChunkStore(cache)  # opened first: opening takes the write lock too
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_WRITE_LOCK, str(cache)], stdout=subprocess.PIPE, text=True
+    )
+    read_end, write_end = pipe
+    exports = {"layer0": SOCK.format("layer0")}
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with ReadinessPipe(write_end) as server_end:
+            writing = threading.Thread(target=lambda: store.pin("sha256:" + "7" * 64, 1))
+            writing.start()
+            time.sleep(2.5)  # the watch looks once a second
+            holder.send_signal(signal.SIGCONT)
+            holder.kill()
+            writing.join(timeout=30)
+            assert not writing.is_alive()
+            server_end.ready(exports)
+    finally:
+        holder.kill()
+        holder.wait()
+        store.close()
+    heard: list[str] = []
+    status = readiness.receive(read_end, 5, heard.append)
+    assert isinstance(status, Ready) and status.exports == exports
+    assert any("so far for the write lock of the cache at" in line for line in heard), heard
+    assert any("Ctrl-Z" in line for line in heard)
