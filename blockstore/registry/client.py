@@ -25,7 +25,6 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
 import urllib3
-from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 
 from blockstore.errors import (
@@ -53,6 +52,7 @@ from blockstore.registry.retry import (
     parse_retry_after,
     with_retries,
 )
+from blockstore.registry.transport import pooled_session
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +108,9 @@ class RegistryClient:
     def __init__(self, registry: str, options: RegistryOptions | None = None):
         self.registry = registry
         self.options = options = options or RegistryOptions()
-        self._session = requests.Session()
-        # Proxies, netrc and CA bundles from the environment would change where
-        # requests go and with which credentials behind our back.
-        self._session.trust_env = False
-        for scheme in ("http://", "https://"):
-            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE)
-            self._session.mount(scheme, adapter)
+        # Without proxies, netrc or CA bundles from the environment, which would change
+        # where requests go and with which credentials behind our back.
+        self._session = pooled_session(POOL_SIZE)
         if options.ca_file and not os.path.isfile(options.ca_file):
             raise UsageError(f"CA file {options.ca_file} does not exist")
         self._verify = options.ca_file or system_ca_bundle()

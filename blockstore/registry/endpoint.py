@@ -37,6 +37,7 @@ from blockstore.registry.retry import (
     TryAgain,
     parse_retry_after,
 )
+from blockstore.registry.transport import heads_within
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +250,9 @@ class Endpoint:
         *,
         who: str | None = None,
     ) -> requests.Response:
-        """One request; the socket waits at most the deadline's stall or the time left.
+        """One request; each receive waits at most the deadline's stall or the time left,
+        and the status line and headers come before the deadline passes, however slowly
+        they trickle (``transport.py``), or it is a timeout and the connection closed.
         ``who`` names the peer in errors (default: the registry, at the address tried)."""
         where = _address(url)
         peer = who or f"registry {where}"
@@ -272,11 +275,12 @@ class Endpoint:
         if outage is not None:
             outage.enter(where)
         try:
-            if isinstance(body, Path):
-                with body.open("rb") as file:
-                    reply = self._session.request(method, url, data=file, **kwargs)
-            else:
-                reply = self._session.request(method, url, data=body, **kwargs)
+            with heads_within(deadline):
+                if isinstance(body, Path):
+                    with body.open("rb") as file:
+                        reply = self._session.request(method, url, data=file, **kwargs)
+                else:
+                    reply = self._session.request(method, url, data=body, **kwargs)
         except requests.exceptions.SSLError as exc:
             cause = describe_failure(exc, not_tls=self._plain_http_hint(url))
             # Only an answer that contradicts the settings is theirs to fix; a handshake

@@ -7,6 +7,8 @@ never later, and never by knocking on a registry that asked for quiet.
 
 from __future__ import annotations
 
+import select
+import socket
 import subprocess
 import sys
 import threading
@@ -301,3 +303,146 @@ def test_a_streamed_read_whose_only_attempt_ends_at_its_deadline_is_a_read_error
     assert exit_code(caught.value) == RegistryUnreachable.exit_code, repr(caught.value)
     assert "timed out" in str(caught.value)
     assert took < 2.5, took
+
+
+class TricklingHeads:
+    """A server on 127.0.0.1 answering each request ``HTTP/1.1 200 OK``, then its
+    headers one byte each ``every`` seconds for ever; or (``junk_after_head``) a HEAD
+    with its whole head, saying a body of 100 bytes, then, once the next request has
+    come on that connection, those bytes one at a time: junk where a reply to that
+    request should start."""
+
+    def __init__(self, *, junk_after_head: bool = False, every: float = 0.25):
+        self.junk_after_head = junk_after_head
+        self.every = every
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.host = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stop = threading.Event()
+        self.connections = 0
+        self.hung_up = threading.Event()
+        """The client closed a connection while it trickled."""
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            if not self._request(conn):
+                return
+            if self.junk_after_head:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+                if not self._request(conn):
+                    return
+                trickle = b"x" * 100
+            else:
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                trickle = b"X-Slow: " + b"a" * 100_000
+            for byte in trickle:
+                if self.stop.is_set():
+                    return
+                if select.select([conn], [], [], self.every)[0] and not conn.recv(4096):
+                    self.hung_up.set()
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    self.hung_up.set()
+                    return
+
+    @staticmethod
+    def _request(conn: socket.socket) -> bool:
+        """Read one request's head (these requests have no body); False at the end."""
+        got = b""
+        while b"\r\n\r\n" not in got:
+            piece = conn.recv(4096)
+            if not piece:
+                return False
+            got += piece
+        return True
+
+
+@pytest.fixture
+def trickling_heads():
+    servers: list[TricklingHeads] = []
+
+    def start(**kwargs) -> TricklingHeads:
+        servers.append(TricklingHeads(**kwargs))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def ended_within(seconds: float, call):
+    """``call()``'s result (or error) and how long it took; a call still running after
+    ``seconds`` fails the test (its server, closed then, lets it end)."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as exc:
+            outcome.append(exc)
+
+    started = time.monotonic()
+    caller = threading.Thread(target=run, daemon=True)
+    caller.start()
+    caller.join(seconds)
+    if not outcome:
+        pytest.fail(f"still waiting after {seconds}s")
+    return outcome[0], time.monotonic() - started
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_reply_whose_headers_trickle_ends_at_the_deadline(trickling_heads, method):
+    """Tried: a server answering ``HTTP/1.1 200 OK``, then a header byte each quarter
+    second for ever (quicker than the 2 s timeout's per-receive stall, 0.67 s), to a
+    range read (GET) and a blob's size (HEAD). Must hold: each fails within 8 s as an
+    unreachable registry, "timed out", and the connection is closed, not pooled. Before,
+    the deadline was looked at only once the headers were in: the read waited for ever
+    (``prefetch --timeout 10`` never ended; a reader in a FUSE mount sat in state D)."""
+    server = trickling_heads()
+    digest = "sha256:" + "0" * 64
+    options = RegistryOptions(insecure=True, timeout=2.0)
+    with RegistryClient(server.host, options) as client:
+        if method == "GET":
+            error, took = ended_within(
+                8, lambda: client.read_blob_range("fixtures/small", digest, 0, 99, 100)
+            )
+        else:
+            error, took = ended_within(8, lambda: client.blob_size("fixtures/small", digest))
+        assert isinstance(error, RegistryUnreachable), repr(error)
+        assert "timed out" in str(error)
+        assert took < 8, took
+        assert server.hung_up.wait(3), "the connection was left open"
+
+
+def test_junk_after_a_head_reply_holds_no_later_request(trickling_heads):
+    """Tried: a HEAD answered 200 with ``Content-Length: 100`` (a HEAD's reply has no
+    body), its connection kept, and those 100 bytes trickled once the next request came
+    on it, a byte each quarter second: the next blob check (an upload's, with no overall
+    deadline) reads them where its reply's status line should be. Must hold: that
+    attempt gives up within the stall (0.67 s) and closes the connection; the next, on
+    a new one, answers. Before, the check waited for ever on the junk."""
+    server = trickling_heads(junk_after_head=True)
+    digest = "sha256:" + "0" * 64
+    options = RegistryOptions(insecure=True, timeout=2.0)
+    with RegistryClient(server.host, options) as client:
+        assert client.blob_exists("fixtures/small", digest)
+        found, took = ended_within(8, lambda: client.blob_exists("fixtures/small", digest))
+        assert found is True, repr(found)
+        assert took < 4, took
+        assert server.hung_up.wait(3), "the connection holding junk was left open"
+        assert server.connections == 2
