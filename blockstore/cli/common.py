@@ -292,9 +292,10 @@ def tar_indexes_from(args: argparse.Namespace, layers: list) -> dict[int, tuple[
             f"--tarindex (oci.tarindex) is for tar layers; layer {layers[0].index} is "
             f"{layers[0].media_type}"
         )
-    for path in (args.tarindex, args.zinfo):
+    for option, path in (("--tarindex", args.tarindex), ("--zinfo", args.zinfo)):
         if path is not None and not path.is_file():
-            raise UsageError(f"{path}: no such file")
+            what = "not a regular file" if path.exists() else "no such file"
+            raise UsageError(f"{option} {path}: {what}")
     return {
         layers[0].index: (args.tarindex.resolve(), args.zinfo.resolve() if args.zinfo else None)
     }

@@ -292,6 +292,21 @@ def test_a_local_tar_index_is_refused_for_a_layer_that_is_no_tar(tmp_path):
     assert tar_indexes_from(args, [tar]) == {0: (index.resolve(), None)}
 
 
+def test_a_local_tar_index_that_is_no_file_is_named_with_its_option(tmp_path):
+    """Tried: ``--tarindex /dev/null`` (a device, not a file), then ``--zinfo`` naming a
+    path that does not exist. Must hold: a usage error naming the option and saying
+    which; before, "/dev/null: no such file", naming no option, of a path that exists."""
+    index = tmp_path / "layer.meta"
+    index.write_bytes(b"an index")
+    tar = Layer(0, "sha256:" + "b" * 64, 4096, "application/vnd.oci.image.layer.v1.tar+gzip")
+    device = argparse.Namespace(tarindex=Path("/dev/null"), zinfo=None)
+    with pytest.raises(UsageError, match=r"^--tarindex /dev/null: not a regular file$"):
+        tar_indexes_from(device, [tar])
+    missing = argparse.Namespace(tarindex=index, zinfo=tmp_path / "none.zinfo")
+    with pytest.raises(UsageError, match=r"^--zinfo .*none\.zinfo: no such file$"):
+        tar_indexes_from(missing, [tar])
+
+
 def test_mounts_looks_up_the_layers_a_mount_could_not_name(pushed_images, tmp_path):
     """A mount whose cache could not be read when it was made (damaged, then moved
     aside and refilled by its server) recorded no layers. ``mounts`` must look them up
