@@ -311,6 +311,12 @@ def local_index(
     no span digests, so spans read through it are not checked against anything
     until the whole tar is sealed against the diff_id.
     """
+    if kind not in (TAR, GZIP):
+        raise UsageError(
+            f"oci.tarindex is taken for plain tar and gzip layers only; this layer is {kind}"
+        )
+    if kind == GZIP and zinfo is None:
+        raise UsageError("oci.tarindex for a gzip layer needs oci.zinfo too (its checkpoints)")
     metadata = tarindex.read_bytes()
     try:
         info = read_info(metadata)
@@ -325,8 +331,6 @@ def local_index(
                 f"this layer's tar is {blob.size} bytes (an index of another layer?)"
             )
         return TarIndex(metadata, tar_size, None, blob.digest)
-    if kind != GZIP or zinfo is None:
-        raise UsageError(f"oci.tarindex for a {kind} layer needs oci.zinfo (gzip layers only)")
     if diff_id is None:
         raise UsageError("oci.zinfo needs the layer's diff_id from the image config")
     try:

@@ -241,6 +241,20 @@ def test_a_local_tarindex_of_another_tar_is_refused(blobs, tmp_path, kind):
     assert f"but this layer's tar is {len(tar)} bytes" in str(refused.value)
 
 
+def test_a_local_tarindex_for_a_layer_that_takes_none_says_which_do(blobs, tmp_path):
+    """Tried: ``oci.tarindex`` for a zstd layer, and for a gzip layer without its zinfo.
+    Must hold: a usage error saying which layers take it, or that gzip needs its zinfo
+    too; before, both said "needs oci.zinfo (gzip layers only)", which for zstd read as
+    if a zinfo would do."""
+    tar, paths = blobs
+    (tmp_path / "meta.erofs").write_bytes(b"")
+    with ChunkStore(tmp_path / "cache") as store:
+        with pytest.raises(UsageError, match="plain tar and gzip layers only; this layer is"):
+            open_layer(store, paths[ZSTD], ZSTD, tar, tarindex=tmp_path / "meta.erofs")
+        with pytest.raises(UsageError, match=r"gzip layer needs oci\.zinfo too"):
+            open_layer(store, paths[GZIP], GZIP, tar, tarindex=tmp_path / "meta.erofs")
+
+
 def test_a_local_zinfo_that_is_not_one_is_a_usage_error_naming_it(blobs, tmp_path):
     """Tried: ``oci.zinfo`` naming 5000 bytes of garbage, beside the layer's own tar
     index. Must hold: a usage error naming the file (before, an integrity error, exit
