@@ -33,6 +33,10 @@ def _ref_key(reference: str, platform: str | None) -> bytes:
     return f"{reference}\0{platform or ''}".encode()
 
 
+def _encode(record: dict) -> bytes:
+    return json.dumps(record, sort_keys=True).encode()
+
+
 def _decode(raw: bytes, what: str) -> dict:
     try:
         record = json.loads(raw)
@@ -41,6 +45,19 @@ def _decode(raw: bytes, what: str) -> dict:
     if not isinstance(record, dict):
         raise CacheError(f"the cached record of {what} is damaged: not a JSON object")
     return record
+
+
+def _keys_from(cursor: lmdb.Cursor, prefix: bytes) -> list[bytes]:
+    """The keys that start with ``prefix``, copied out of the cursor's transaction (so the
+    caller may write under them); their values are not read."""
+    keys: list[bytes] = []
+    if cursor.set_range(prefix):
+        for view in cursor.iternext(values=False):
+            key = bytes(view)
+            if not key.startswith(prefix):
+                break
+            keys.append(key)
+    return keys
 
 
 class ImageRecords:
@@ -63,7 +80,7 @@ class ImageRecords:
                     kept["pinned"] = True
             except CacheError:
                 pass  # a damaged record is replaced whole
-            txn.put(key, json.dumps(kept, sort_keys=True).encode(), db=refs)
+            txn.put(key, _encode(kept), db=refs)
 
         self._env.write(work)
 
@@ -126,20 +143,13 @@ class ImageRecords:
         prefix = _ref_key(reference, None)
 
         def work(txn: lmdb.Transaction) -> None:
-            cursor = txn.cursor(db=refs)
-            found = []
-            if cursor.set_range(prefix):
-                for key, raw in cursor.iternext():
-                    if not bytes(key).startswith(prefix):
-                        break
-                    found.append((bytes(key), bytes(raw)))
-            for key, raw in found:
+            for key in _keys_from(txn.cursor(db=refs), prefix):
                 try:
-                    record = _decode(raw, reference)
+                    record = _decode(bytes(txn.get(key, db=refs)), reference)
                 except CacheError:
                     continue  # damaged: ``verify`` drops it
                 record["pinned"] = pinned
-                txn.put(key, json.dumps(record, sort_keys=True).encode(), db=refs)
+                txn.put(key, _encode(record), db=refs)
 
         self._env.write(work)
 
@@ -176,18 +186,9 @@ class ImageRecords:
 
     def manifest_names(self, prefix: str) -> list[str]:
         """The names of the records kept beside the manifests that start with ``prefix``."""
-        start = prefix.encode()
         with self._env.reader(DB_MANIFESTS) as txn:
-            cursor = txn.cursor()
-            if not cursor.set_range(start):
-                return []
-            names = []
-            for view in cursor.iternext(values=False):
-                key = bytes(view)
-                if not key.startswith(start):
-                    break
-                names.append(key.decode(errors="replace"))
-            return names
+            keys = _keys_from(txn.cursor(), prefix.encode())
+        return [key.decode(errors="replace") for key in keys]
 
     def drop_manifests(self, prefix: str, keep: Callable[[str], bool]) -> int:
         """Delete the records whose name starts with ``prefix`` unless ``keep(name)``;
@@ -202,15 +203,7 @@ class ImageRecords:
         db = self._env.dbs[db_name]
 
         def drop(txn: lmdb.Transaction) -> int:
-            cursor = txn.cursor(db=db)
-            keys = []
-            if cursor.set_range(prefix):
-                for view in cursor.iternext(values=False):
-                    key = bytes(view)
-                    if not key.startswith(prefix):
-                        break
-                    if not keep(key):
-                        keys.append(key)
+            keys = [key for key in _keys_from(txn.cursor(db=db), prefix) if not keep(key)]
             for key in keys:
                 txn.delete(key, db=db)
             return len(keys)

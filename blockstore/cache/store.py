@@ -356,6 +356,12 @@ class ChunkStore:
             f"{digest} ({human(size)}) is larger than the cache size cap ({human(self.size_cap)})"
         )
 
+    def cannot_keep_whole(self, digest: str, size: int) -> str | None:
+        """Why blob ``digest`` (of ``size`` bytes) cannot be stored whole without costing
+        the rest of the cache, or None: it is over the cap (``over_cap``), or the disk
+        has no room for it (``no_room``). Asked before a fill that nobody waits on."""
+        return self.over_cap(digest, size) or self.no_room(digest, size)
+
     def no_room(self, digest: str, size: int) -> str | None:
         """Why the disk holding the cache cannot take the rest of blob ``digest`` (of
         ``size`` bytes), or None.

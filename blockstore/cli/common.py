@@ -217,10 +217,11 @@ def _is_layer_file(path: str) -> bool:
             head = f.read(1028)
     except OSError:
         return False
-    skippable = len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18" and 0x50 <= head[0] <= 0x5F
+    from blockstore.tarlayer.zstdframes import is_skippable_frame  # here only: start-up time
+
     empty_tar = len(head) >= 1024 and not any(head[:1024])
     return (
-        skippable
+        is_skippable_frame(head)
         or empty_tar
         or any(head[at : at + len(magic)] == magic for at, magic in LAYER_MAGIC)
     )

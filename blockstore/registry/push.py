@@ -43,7 +43,7 @@ from blockstore.registry.mediatypes import (
     layer_kind,
 )
 from blockstore.registry.platforms import Platform, host_platform
-from blockstore.tarlayer.zstdframes import ZSTD_MAGIC
+from blockstore.tarlayer.zstdframes import ZSTD_MAGIC, is_skippable_frame
 
 
 def push_image(
@@ -182,7 +182,7 @@ def _tar_layer_type(path: Path, head: bytes) -> tuple[str, str] | None:
     empty tar."""
     if head.startswith(b"\x1f\x8b"):
         kind, media_type = "tar archive in a gzip stream", OCI_TAR_GZIP
-    elif head.startswith(ZSTD_MAGIC) or _is_skippable_frame(head):
+    elif head.startswith(ZSTD_MAGIC) or is_skippable_frame(head):
         kind, media_type = "tar archive in a zstd stream", OCI_TAR_ZSTD
     else:
         kind, media_type = "tar archive", OCI_TAR
@@ -200,13 +200,6 @@ def _tar_layer_type(path: Path, head: bytes) -> tuple[str, str] | None:
     except (OSError, EOFError, tarfile.HeaderError, zstandard.ZstdError):
         return None
     return kind, media_type
-
-
-def _is_skippable_frame(head: bytes) -> bool:
-    """Whether ``head`` starts with a zstd skippable frame's magic (0x184D2A50 to
-    0x184D2A5F, little-endian), as every stream ``pzstd`` writes does: a zstd stream
-    all the same, its frames of data after it."""
-    return len(head) >= 4 and int.from_bytes(head[:4], "little") & ~0xF == 0x184D2A50
 
 
 def _read_up_to(stream: IO[bytes], size: int) -> bytes:

@@ -487,10 +487,8 @@ class SpooledPassFill:
         if file is None or verified_size != self._size or not self._size:
             self._give_up(None)
             return False
-        if (no_room := self._store.over_cap(self._digest, self._size)) is not None or (
-            no_room := self._store.no_room(self._digest, self._size)
-        ) is not None:
-            self._give_up(f"{no_room}; so nothing else is evicted for it")
+        if (why := self._store.cannot_keep_whole(self._digest, self._size)) is not None:
+            self._give_up(f"{why}; so nothing else is evicted for it")
             return False
         try:
             file.flush()

@@ -655,12 +655,9 @@ def _pass_fill(
     if record is not None:
         store.remove(tar_digest)
     if size is not None:
-        if (no_room := store.over_cap(tar_digest, size)) is not None or (
-            no_room := store.no_room(tar_digest, size)
-        ) is not None:
+        if (why := store.cannot_keep_whole(tar_digest, size)) is not None:
             log.warning(
-                "%s; not kept from its indexing pass, so nothing else is evicted for it",
-                no_room,
+                "%s; not kept from its indexing pass, so nothing else is evicted for it", why
             )
             return None
         return PassFill(store, tar_digest, size)

@@ -71,7 +71,10 @@ class _FrameUnits:
 STREAM_READ = 8 << 20
 
 
-def _skippable(head: bytes) -> bool:
+def is_skippable_frame(head: bytes) -> bool:
+    """Whether ``head`` starts with a zstd skippable frame's magic (0x184D2A50 to
+    0x184D2A5F, little-endian): zstd:chunked's table of contents, and the start of
+    every stream ``pzstd`` writes."""
     return len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50
 
 
@@ -179,7 +182,7 @@ class _Frames:
         if not compressed.have(8):
             raise IntegrityError("zstd stream ends inside a frame header")
         head = compressed.data[compressed.pos : compressed.pos + 8]
-        if _skippable(head):
+        if is_skippable_frame(head):
             if not compressed.skip(8 + int.from_bytes(head[4:8], "little")):
                 raise IntegrityError("zstd stream ends inside a skippable frame")
             return True

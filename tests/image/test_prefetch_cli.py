@@ -39,6 +39,22 @@ def requested_bytes(requests) -> int:
     return total
 
 
+def pinning_prefetch_under_way(reference: str, cache: Path) -> tuple[list[str], subprocess.Popen]:
+    """``prefetch --pin`` of ``reference`` started, once a tenth of its layer is cached
+    (or 30 s passed): its command line, and the process, still running."""
+    argv = [sys.executable, "-m", "blockstore", "prefetch", reference, "--insecure", "--pin"]
+    argv += ["--cache-dir", str(cache)]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and cached_fraction(cache) < 0.1:
+            time.sleep(0.1)
+    except BaseException:
+        process.kill()
+        raise
+    return argv, process
+
+
 def test_prefetch_interrupted_then_resumed(fresh_registry, fault_proxy, erofs_images, tmp_path):
     """Prefetch a 64 MiB layer over a slowed link, SIGINT it part way, run it again:
     the second run fetches only what is missing, and the layer ends verified, sealed
@@ -48,13 +64,8 @@ def test_prefetch_interrupted_then_resumed(fresh_registry, fault_proxy, erofs_im
     reference = push_erofs(proxy.host, "prefetch/large", "v1", [image.path])
     cache = tmp_path / "cache"
     proxy.fault = Fault("delay", path_contains="/blobs/", method="GET", seconds=0.15)
-    argv = [sys.executable, "-m", "blockstore", "prefetch", reference, "--insecure", "--pin"]
-    argv += ["--cache-dir", str(cache)]
-    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv, first = pinning_prefetch_under_way(reference, cache)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and cached_fraction(cache) < 0.1:
-            time.sleep(0.1)
         first.send_signal(signal.SIGINT)
         _, err = first.communicate(timeout=30)
     finally:
@@ -232,13 +243,8 @@ def test_a_prefetch_pin_undone_meanwhile_by_cache_rm_is_not_called_pinned(
     reference = push_erofs(proxy.host, "prefetch/undone", "v1", [image.path])
     cache = tmp_path / "cache"
     proxy.fault = Fault("pace", path_contains="/blobs/", method="GET", seconds=0.005)
-    argv = [sys.executable, "-m", "blockstore", "prefetch", reference, "--insecure", "--pin"]
-    argv += ["--cache-dir", str(cache)]
-    first = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv, first = pinning_prefetch_under_way(reference, cache)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and cached_fraction(cache) < 0.1:
-            time.sleep(0.1)
         removed = blockstore("cache", "rm", reference, "--cache-dir", str(cache))
         assert removed.returncode == 0, removed.stderr
         proxy.fault = None
