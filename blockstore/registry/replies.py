@@ -24,7 +24,7 @@ def capped_body(reply: requests.Response, limit: int, seconds: float) -> bytes:
     short no longer parses, which each caller takes for a body that says nothing."""
     if reply._content_consumed:  # read already (not streamed): only the cap applies
         return reply.content[:limit]
-    raw, parts, got = reply.raw, [], 0
+    raw, parts, got, ended = reply.raw, [], 0, False
     end = time.monotonic() + seconds
     try:
         while got < limit and (left := end - time.monotonic()) > 0:
@@ -33,11 +33,14 @@ def capped_body(reply: requests.Response, limit: int, seconds: float) -> bytes:
                 sock.settimeout(left if math.isfinite(left) else None)  # None: no deadline
             piece = raw.read1(min(limit - got, 16 << 10), decode_content=True)
             if not piece:
+                ended = True
                 break
             parts.append(piece)
             got += len(piece)
     except (OSError, requests.RequestException, urllib3.exceptions.HTTPError):
-        pass  # what came is what there is; the connection is closed with the reply
+        pass  # what came is what there is
+    if not ended:  # the rest may still come: this connection must answer nothing else
+        raw.close()
     body = b"".join(parts)
     reply._content, reply._content_consumed = body, True
     return body

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 from rig.fault_proxy import Fault
 from rig.pushed import push_erofs
 
 from blockstore.errors import AuthError, BlobReadError, IntegrityError, NotFound, RegistryError
-from blockstore.registry import RegistryBlob, RegistryClient, RegistryOptions, resolve_image
+from blockstore.registry import (
+    RegistryBlob,
+    RegistryClient,
+    RegistryOptions,
+    replies,
+    resolve_image,
+)
 from blockstore.registry.auth import basic_header
 from blockstore.registry.credentials import Credentials
 
@@ -162,7 +170,7 @@ def test_a_refusal_s_body_is_read_only_so_far_and_so_long(registry, pushed_image
     MiB body took 4 GB of memory."""
     proxy = fault_proxy(registry)
     missing = "sha256:" + "0" * 64
-    with client_via(proxy, timeout=3.0) as client:
+    with client_via(proxy, timeout=10.0) as client:
         proxy.fault = Fault("trickle", seconds=0.5, path_contains=missing)
         started = time.monotonic()
         with pytest.raises(NotFound):
@@ -177,6 +185,39 @@ def test_a_refusal_s_body_is_read_only_so_far_and_so_long(registry, pushed_image
         finally:
             tracemalloc.stop()
     assert peak < 4 * MiB, f"peak {peak / MiB:.1f} MiB reading a refusal"
+
+
+def test_a_refusal_cut_short_hands_no_open_connection_back_to_the_pool(
+    registry, pushed_images, fault_proxy, monkeypatch
+):
+    """Tried: a 404 whose body trickles a byte each half second, its read ended by the
+    client's time for a refusal's body between two bytes (the clock below moves a second
+    each look, so the read stops after one byte with no timeout raised). Must hold: the
+    reply's connection is closed, not handed back to the pool with the rest of the 404
+    still to come, and the next read is answered. Before, it went back open, and only
+    urllib3's check for a dropped connection (a byte waiting at the moment of reuse)
+    stood between the next request and the rest of that 404 as its answer."""
+    clock = itertools.count(time.monotonic(), 1.0)
+    monkeypatch.setattr(replies, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    proxy = fault_proxy(registry)
+    missing = "sha256:" + "0" * 64
+    seen = []
+    capped = replies.capped_body
+
+    def watched(reply, limit, seconds):
+        body = capped(reply, limit, seconds)
+        seen.append((len(body), getattr(reply.raw._connection, "sock", None)))
+        return body
+
+    monkeypatch.setattr(replies, "capped_body", watched)
+    with client_via(proxy, timeout=3.0) as client:
+        proxy.fault = Fault("trickle", seconds=0.5, path_contains=missing, times=1)
+        with pytest.raises(NotFound):
+            client.read_blob_range("fixtures/small", missing, 0, 99, 100)
+        assert seen and seen[0][0] < 64, seen  # cut short: a 404's body is ~100 bytes
+        assert seen[0][1] is None, "a connection cut short mid-body went back open"
+        with pytest.raises(NotFound):
+            client.read_blob_range("fixtures/small", missing, 0, 99, 100)
 
 
 def test_a_registry_that_serves_shorter_ranges_than_asked_is_read_in_pieces(
