@@ -210,7 +210,7 @@ def test_a_refusal_cut_short_hands_no_open_connection_back_to_the_pool(
         return body
 
     monkeypatch.setattr(replies, "capped_body", watched)
-    with client_via(proxy, timeout=3.0) as client:
+    with client_via(proxy, timeout=10.0) as client:
         proxy.fault = Fault("trickle", seconds=0.5, path_contains=missing, times=1)
         with pytest.raises(NotFound):
             client.read_blob_range("fixtures/small", missing, 0, 99, 100)
