@@ -310,6 +310,7 @@ def _set_pin(args: argparse.Namespace, on: bool) -> int:
         for record in refs:
             blobs.update(dict.fromkeys(_layer_blobs(record, tars) - set(blobs)))
         kept = {} if on else _pinned_by_others(store, refs, tars)
+        loose = set() if on else {d for d in blobs if not _is_pinned(store, d)}
         for reference in {r["reference"] for r in refs}:
             store.images.mark_pinned(reference, on)
         for digest, size in blobs.items():
@@ -319,11 +320,22 @@ def _set_pin(args: argparse.Namespace, on: bool) -> int:
             elif digest not in kept:
                 store.unpin(digest)
     verb = "pinned" if on else "unpinned"
-    done = sorted(set(blobs) - set(kept))
+    done = sorted(set(blobs) - set(kept) - loose)
     lines = [f"{verb} {d}" for d in done]
     lines += [f"kept pinned {d}: pinned image {kept[d]} uses it too" for d in sorted(kept)]
-    emit(args, {verb: done, "kept_pinned": sorted(kept)}, "\n".join(lines))
+    lines += [f"was not pinned {d}" for d in sorted(loose)]
+    report = {verb: done, "kept_pinned": sorted(kept)}
+    if not on:
+        report["not_pinned"] = sorted(loose)
+    emit(args, report, "\n".join(lines))
     return 0
+
+
+def _is_pinned(store: ChunkStore, digest: str) -> bool:
+    """Whether the cache keeps this blob pinned now (a blob it has no record of is not):
+    ``unpin`` says "unpinned" only of what was."""
+    record = store.lookup(digest)
+    return record is not None and record.pinned
 
 
 def _pinned_by_others(

@@ -214,6 +214,26 @@ def test_gc_left_over_its_cap_by_pins_says_so(cache_dir):
     assert result.returncode == 0 and "over the cap" not in result.stdout, result.stdout
 
 
+def test_unpin_of_a_blob_never_pinned_says_so(cache_dir):
+    """Tried: `cache pin` of one cached blob, then `cache unpin` of it and of another
+    cached blob never pinned, in text and in `--json`. Must hold: the pinned one is
+    said unpinned, the other "was not pinned" (and under `not_pinned`), and both end
+    unpinned. Before, both were said "unpinned", which tells a user who mistyped which
+    layer they meant that the pin they wanted gone is gone."""
+    pinned = make_blob(2 * CHUNK_SIZE, seed=53)
+    loose = make_blob(2 * CHUNK_SIZE, seed=54)
+    fill(cache_dir, [pinned, loose])
+    where = ["--cache-dir", str(cache_dir)]
+    assert run_cli("cache", "pin", pinned[1], *where).returncode == 0
+    result = run_cli("cache", "unpin", pinned[1], loose[1], *where)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"unpinned {pinned[1]}", f"was not pinned {loose[1]}"]
+    again = json.loads(run_cli("cache", "unpin", "--json", pinned[1], *where).stdout)
+    assert again["unpinned"] == [] and again["not_pinned"] == [pinned[1]]
+    with ChunkStore(cache_dir) as store:
+        assert not store.lookup(pinned[1]).pinned and not store.lookup(loose[1]).pinned
+
+
 def test_pin_of_a_digest_not_cached_is_not_found(cache_dir):
     """Tried: `cache pin` and `cache unpin` of a digest the cache holds nothing of, named
     after a cached blob. Must hold: exit 3 (not found, as for an image the cache does
