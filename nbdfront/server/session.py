@@ -197,7 +197,8 @@ class Session:
         try:
             self._sock = TLSStream.accept(self._sock, self._server.tls.context)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            log.warning("TLS handshake with %s failed: %s", self.peer, exc)
+            # One cause (a scanner, clients of another CA) fails them by the hundred.
+            self._server.hangups.warning("TLS handshake with %s failed: %s", self.peer, exc)
             return False
         self._outbox.use(self._sock)
         self._protocol.tls_started()

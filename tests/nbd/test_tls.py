@@ -8,6 +8,7 @@ the server checks theirs. A raw client plays the downgrade attacker.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import ssl
 import struct
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator
 
 import nbd_wire as w
 import pytest
+from rig.waiting import wait_for
 from test_serve_cli import serving, stop
 
 from nbdfront.protocol import TLSPolicy
@@ -249,6 +251,43 @@ def test_close_notify_ends_the_session_at_once(local_blob, nbd_certificates):
         assert server.connection_count == 0
     finally:
         server.shutdown()
+
+
+def test_failed_tls_handshakes_by_the_dozen_are_logged_a_few_then_counted(
+    local_blob, nbd_certificates, caplog
+):
+    """Forty clients each get STARTTLS acknowledged, then hang up or go on in plain
+    text (a scanner, or clients of another TLS setup, retrying). The first ``BURST``
+    failed handshakes are logged with their cause, the rest counted in one line at
+    shutdown, as any connection that ends uncleanly is; a real client is still served
+    over TLS. Before, each failed handshake was a warning of its own."""
+    context = server_context(nbd_certificates.server)
+    server = NBDServer(
+        {"blob": local_blob.blob},
+        tcp=("127.0.0.1", 0),
+        default_export="blob",
+        tls=ServerTLS(TLSPolicy.REQUIRE, context),
+    )
+    server.start()
+    try:
+        for attempt in range(40):
+            with socket.create_connection(server.tcp_address, timeout=10) as sock:
+                _read_exactly(sock, 18)
+                sock.sendall(w.client_flags() + w.option(w.OPT_STARTTLS))
+                assert _option_reply(sock)[:2] == (w.OPT_STARTTLS, w.REP_ACK)
+                if attempt % 2:
+                    sock.sendall(w.option(w.OPT_GO, w.go_data("")))
+        host, port = server.tcp_address
+        size = run("nbdinfo", "--size", nbds(f"{host}:{port}", nbd_certificates.client))
+        assert size.stdout.strip() == str(len(local_blob.data)), size.stderr
+        assert wait_for(lambda: server.connection_count == 0)
+    finally:
+        server.shutdown()
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    burst = server.hangups.BURST
+    assert len(warned) == burst + 1, warned
+    assert all("TLS handshake with" in line for line in warned[:burst])
+    assert warned[-1].startswith(f"{40 - burst} more connections ended uncleanly")
 
 
 def test_server_context_names_what_is_missing(nbd_certificates, tmp_path):
