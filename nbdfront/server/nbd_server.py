@@ -123,6 +123,12 @@ class NBDServer:
             "%d more connections ended uncleanly in the %.0f s after those logged, "
             "not logged one by one",
         )
+        # A flood of connections, what the limit is for, meets it once per connection.
+        self.at_limit = ThrottledLog(
+            log,
+            "%d more connections were refused, or closed to admit another, at the "
+            "connection limit in the %.0f s after those logged, not logged one by one",
+        )
         self._stopping = False
         self.tcp_address: tuple[str, int] | None = None
 
@@ -251,6 +257,7 @@ class NBDServer:
             self._wait_sessions(CUT_GRACE)
         self.failures.flush()
         self.hangups.flush()
+        self.at_limit.flush()
         self.accept_trouble.flush()
         bound = self._bound_socket
         if self.unix_path is not None and bound is not None and _identity(self.unix_path) == bound:
@@ -311,7 +318,7 @@ class NBDServer:
             if len(self._sessions) >= self.max_connections:
                 evicted = self._stalled_longest(session.started)
                 if evicted is None:
-                    log.warning(
+                    self.at_limit.warning(
                         "connection limit of %d reached, none stalled in its handshake: "
                         "refusing %s",
                         self.max_connections,
@@ -321,7 +328,7 @@ class NBDServer:
                 self._sessions.discard(evicted)
             self._sessions.add(session)
         if evicted is not None:
-            log.warning(
+            self.at_limit.warning(
                 "connection limit of %d reached: closing %s, silent in its handshake "
                 "for %.0fs, to admit %s",
                 self.max_connections,

@@ -25,6 +25,7 @@ from rig.threads import no_threads_for
 from rig.waiting import wait_for
 
 from blockstore.errors import CacheError
+from blockstore.throttledlog import ThrottledLog
 from nbdfront.protocol import MAX_PAYLOAD
 from nbdfront.server import NBDServer
 from nbdfront.server.nbd_server import EVICTABLE_IDLE, MAX_CONNECTIONS
@@ -527,6 +528,42 @@ def test_clients_that_hang_up_mid_message_by_the_hundred_are_logged_a_few_then_c
     assert len(hung) == burst + 1, hung
     assert all("in the middle of a message" in line for line in hung[:burst])
     assert hung[-1].startswith(f"{60 - burst} more connections ended uncleanly")
+
+
+def test_a_flood_at_the_connection_limit_is_logged_a_few_then_counted(tmp_path, caplog):
+    """Twelve clients connect and stay silent, at a limit of twelve; once they may be
+    closed for a newcomer, forty more flood in. Twelve of those make room, the rest are
+    refused. The first ``BURST`` of these are logged with their cause, the rest counted
+    in one line at shutdown, and a client is served once the flood is gone. Before,
+    each was a warning of its own: a flood, what the limit is for, grew the log with it."""
+    server = serve(tmp_path, ZeroExport(), max_connections=12)
+    flood: list[socket.socket] = []
+    try:
+        for i in range(52):
+            if i == 12:
+                time.sleep(EVICTABLE_IDLE + 0.2)  # the first twelve may now be closed
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(10)
+            sock.connect(server.unix_path)
+            flood.append(sock)
+            sock.recv(1)  # the greeting's first byte once admitted, b"" once refused
+        assert server.connection_count == 12
+        for sock in flood:
+            sock.close()
+        assert wait_for(lambda: server.connection_count == 0)
+        client = nbd.NBD()
+        client.connect_uri(server.uri("zeros"))
+        assert client.pread(4096, 0) == bytes(4096)
+        client.shutdown()
+    finally:
+        for sock in flood:
+            sock.close()
+        server.shutdown()
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    burst = ThrottledLog.BURST
+    assert len(warned) == burst + 1, warned
+    assert all("connection limit of 12 reached" in line for line in warned[:burst])
+    assert warned[-1].startswith(f"{40 - burst} more connections were refused")
 
 
 def test_a_connection_whose_thread_cannot_start_is_refused_and_accepting_goes_on(tmp_path, caplog):
