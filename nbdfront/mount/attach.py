@@ -26,6 +26,11 @@ NBDFUSE = "nbdfuse"
 KERNEL = "kernel"
 
 ATTACH_TIMEOUT = 15.0
+KERNEL_BLOCK_SIZE = 512
+"""The logical block size ``nbd-client`` gives a kernel NBD device. A file system's
+blocks cannot be smaller than its device's: a tar layer's EROFS metadata has 512-byte
+blocks (the alignment of tar data), which the kernel refuses to mount from a device of
+4096-byte blocks; an EROFS image of 4096-byte blocks mounts from either."""
 FUSE_CONNECTIONS = 1
 """NBD connections nbdfuse opens for one export. Its default is four when the
 server offers multi-conn; the kernel's reads through FUSE come at low depth,
@@ -168,12 +173,13 @@ def _attach_kernel(uri: str, export: str, log_path: Path) -> Attachment:
         where = [parsed.hostname or "localhost", str(parsed.port or 10809)]
     else:
         raise MountError(f"the kernel NBD client cannot connect to {uri}")
+    options = ["-name", name, "-readonly", "-block-size", str(KERNEL_BLOCK_SIZE)]
     for device in kernel_nbd_devices():
         if Path(f"/sys/block/{Path(device).name}/pid").exists():
             continue  # in use
         with open(log_path, "ab") as log:
             done = subprocess.run(
-                ["nbd-client", *where, device, "-name", name, "-readonly", "-block-size", "4096"],
+                ["nbd-client", *where, device, *options],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
