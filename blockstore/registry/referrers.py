@@ -39,6 +39,9 @@ _NEVER = datetime.min.replace(tzinfo=UTC)
 """The created time of an artifact that states none."""
 MAX_ARTIFACT_BLOB = 64 << 20
 """Artifacts are tables and traces, a few MiB at most; a larger one is refused, not read."""
+MAX_ARTIFACT_BYTES = 256 << 20
+"""The most the blobs of an artifact read at once may add up to: they are held in memory,
+and a manifest may list one blob thousands of times."""
 ARTIFACT_FETCHES = 4
 """An artifact's blobs fetched at once."""
 _NOT_IN_TAG = re.compile(r"[^a-zA-Z0-9._-]")
@@ -120,8 +123,14 @@ def push_artifact(
 
 
 def _check_blob_sizes(artifact_type: str, blobs: list[tuple[bytes, str, dict[str, str]]]) -> None:
-    """Refuse, before anything is uploaded, a blob no reader would take (``read_artifact``
-    refuses those over ``MAX_ARTIFACT_BLOB``)."""
+    """Refuse, before anything is uploaded, blobs no reader would take (``read_artifact``
+    refuses one over ``MAX_ARTIFACT_BLOB``, and more than ``MAX_ARTIFACT_BYTES`` in all)."""
+    total = sum(len(data) for data, _, _ in blobs)
+    if total > MAX_ARTIFACT_BYTES:
+        raise UsageError(
+            f"cannot push a {artifact_type} artifact: its blobs add up to {total} bytes, over "
+            f"the {MAX_ARTIFACT_BYTES} an artifact may have"
+        )
     for data, media_type, _ in blobs:
         if len(data) > MAX_ARTIFACT_BLOB:
             raise UsageError(
@@ -258,9 +267,15 @@ def read_artifact(
         if not 0 <= size <= MAX_ARTIFACT_BLOB:
             raise RegistryError(f"{what}: a blob of {size} bytes is refused")
         chosen.append((digest, size, media_type, notes))
+    total = sum(size for _, size, _, _ in chosen)
+    if total > MAX_ARTIFACT_BYTES:
+        raise RegistryError(
+            f"{what}: its blobs add up to {total} bytes, over the {MAX_ARTIFACT_BYTES} read at once"
+        )
 
     def checked(digest: str, size: int) -> bytes:
-        data = client.get_blob(subject.repository, digest, f"{what}: blob", limit=MAX_ARTIFACT_BLOB)
+        # No more than the descriptor says: the sizes are what the total bounds.
+        data = client.get_blob(subject.repository, digest, f"{what}: blob", limit=size)
         check_size(data, size, f"{what}: blob {digest}")
         return data
 

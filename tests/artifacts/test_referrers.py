@@ -20,6 +20,7 @@ from blockstore.registry.manifests import fetch_manifest
 from blockstore.registry.mediatypes import OCI_INDEX, OCI_MANIFEST
 from blockstore.registry.referrers import (
     MAX_ARTIFACT_BLOB,
+    MAX_ARTIFACT_BYTES,
     Referrer,
     Subject,
     fallback_tag,
@@ -283,6 +284,40 @@ def test_an_artifact_blob_whose_size_is_off_is_refused(registry, subject_ref):
         referrer = Referrer(digest_of(raw), ARTIFACT, {}, len(raw))
         with pytest.raises(IntegrityError, match=f"blob {digest_of(data)} is 10 bytes"):
             read_artifact(client, subject, referrer)
+
+
+def test_an_artifact_listing_more_than_a_reader_holds_is_refused_before_its_blobs(
+    registry, subject_ref, fault_proxy
+):
+    """Tried: an artifact manifest that lists one 64 MiB blob (uploaded once) five times,
+    and one that lists it three times saying each is one byte. Must hold: the first is
+    refused before any blob is asked for, saying what its blobs add up to; each blob of
+    the second is read no further than its descriptor's size; pushing the five is refused
+    up front. A reader never holds more
+    than MAX_ARTIFACT_BYTES of an artifact, however its manifest repeats or belittles
+    its blobs; before, the first took 320 MiB of memory, and a manifest can list a blob
+    thousands of times."""
+    data = bytes(MAX_ARTIFACT_BLOB)
+    proxy = fault_proxy(registry)
+    with via(proxy) as client:
+        subject = subject_of(client, subject_ref.replace(registry.host, proxy.host))
+        pushed = push_artifact(client, subject, ARTIFACT, [(data, BLOB, {})], created=CREATED)
+        manifest = json.loads(fetch_manifest(client, subject.repository, pushed)[0])
+        (layer,) = manifest["layers"]
+        for copies, size, refusal in [
+            (5, len(data), f"add up to {5 * len(data)} bytes, over the {MAX_ARTIFACT_BYTES}"),
+            (3, 1, "larger than 1 bytes"),
+        ]:
+            manifest["layers"] = [{**layer, "size": size}] * copies
+            raw = json.dumps(manifest).encode()
+            client.put_manifest(subject.repository, digest_of(raw), raw, OCI_MANIFEST)
+            proxy.requests.clear()
+            with pytest.raises(RegistryError, match=refusal):
+                read_artifact(client, subject, Referrer(digest_of(raw), ARTIFACT, {}, len(raw)))
+            asked = [r for r in proxy.requests if layer["digest"] in r.path]
+            assert len(asked) == (0 if size == len(data) else copies), asked
+        with pytest.raises(UsageError, match=f"add up to {5 * len(data)} bytes"):
+            push_artifact(client, subject, ARTIFACT, [(data, BLOB, {})] * 5, created=CREATED)
 
 
 def referrer(digit: str, created: str | None) -> Referrer:
