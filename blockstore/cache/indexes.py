@@ -27,12 +27,30 @@ class IndexShelf:
     def __init__(self, store: ChunkStore):
         self._store = store
 
-    def put(self, index: ChunkIndex) -> None:
-        """Keep a table; a cache that cannot take it only warns (reads work without it)."""
+    def put(self, index: ChunkIndex, *, built: bool = False) -> None:
+        """Keep a table; a cache that cannot take it only warns (reads work without it).
+
+        ``built``: made here from bytes checked against the layer digest, so that
+        ``blockstore index`` may publish it again; a table an open takes from the
+        registry is kept unmarked, and ``built`` never returns it.
+        """
+        raw = index.to_bytes()
         try:
-            self._store.images.put_manifest(_key(index.layer_digest), index.to_bytes())
+            self._store.images.put_manifest(_key(index.layer_digest), raw)
+            if built:
+                mark = hashlib.sha256(raw).digest()
+                self._store.images.put_manifest(_built_key(index.layer_digest), mark)
         except CacheError as exc:
             log.warning("chunk index of %s not kept in the cache: %s", index.layer_digest, exc)
+
+    def built(self, layer_digest: str, size: int) -> ChunkIndex | None:
+        """The kept table, if it is one this cache built (a table put since, as an open
+        puts the registry's, no longer matches the mark)."""
+        mark = self._store.images.manifest(_built_key(layer_digest))
+        raw = self._store.images.manifest(_key(layer_digest))
+        if not mark or not raw or hashlib.sha256(raw).digest() != mark:
+            return None
+        return self.get(layer_digest, size)
 
     def get(self, layer_digest: str, size: int) -> ChunkIndex | None:
         raw = self._store.images.manifest(_key(layer_digest))
@@ -122,3 +140,7 @@ def _matches(blob: CachedBlob, index: ChunkIndex, number: int) -> bool:
 
 def _key(layer_digest: str) -> str:
     return f"chunk-index/{layer_digest}"
+
+
+def _built_key(layer_digest: str) -> str:
+    return f"chunk-index-built/{layer_digest}"

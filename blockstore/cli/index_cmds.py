@@ -72,7 +72,7 @@ def run_index(args: argparse.Namespace) -> int:
                     f"layer {layer.index} {layer.digest}: tar index of "
                     f"{len(exported.index.metadata)} bytes of metadata"
                 )
-                if kind != TAR and shelf.get(layer.digest, layer.size) is None:
+                if kind != TAR and shelf.built(layer.digest, layer.size) is None:
                     # Indexing read the compressed blob through the cache: sealing it
                     # fetches nothing more, and the chunk table below is read from it.
                     with contextlib.suppress(CacheError):  # too large to keep: streamed
@@ -81,7 +81,7 @@ def run_index(args: argparse.Namespace) -> int:
             if record is not None and record.sealed:
                 index = build_layer_index(layer, image.blob(layer).read_for_pass)
                 origin = "cache"
-            elif (known := shelf.get(layer.digest, layer.size)) is not None:
+            elif (known := shelf.built(layer.digest, layer.size)) is not None:
                 index, origin = known, "cache"
             else:
                 source = RegistryBlob(image.client, image.repository, layer)
@@ -93,7 +93,7 @@ def run_index(args: argparse.Namespace) -> int:
                 f"(from the {origin})"
             )
         for index in built.values():
-            shelf.put(index)
+            shelf.put(index, built=True)
         if args.push:
             subject = subject_of(image.resolved, image.repository)
             # The artifact holds every layer's table: keep the others' when one is redone.

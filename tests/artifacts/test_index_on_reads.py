@@ -15,7 +15,7 @@ from rig.fault_proxy import Fault
 from rig.pushed import push_erofs
 from rig.registry_server import RegistryServer
 
-from blockstore.attachments import push_indexes, subject_of
+from blockstore.attachments import fetch_indexes, push_indexes, subject_of
 from blockstore.cache import CHUNK_SIZE
 from blockstore.cache.indexes import IndexShelf
 from blockstore.cache.traces import TraceShelf
@@ -152,6 +152,34 @@ def test_an_index_that_lies_about_one_chunk_gives_eio_then_is_dropped(
         assert got == expected[BAD_CHUNK * CHUNK_SIZE : (BAD_CHUNK + 1) * CHUNK_SIZE]
     finally:
         opened.close()
+
+
+def test_index_push_builds_the_table_instead_of_pushing_the_attached_one_again(
+    registry, erofs_images, tmp_path
+):
+    """Tried: an image whose attached chunk index lies about chunk 3, then `index --push`
+    with an empty cache; then a lie attached again, and `index --push` with the cache
+    holding the table it built. Must hold, each time: the table is built from the layer's
+    bytes (streamed, checked against its digest) and the one attached then is the sha256
+    of each chunk; before, the open kept the attached table in the cache, and `index`
+    took it as its own ("indexed (from the cache)") and attached the lie again."""
+    path = erofs_images.layers[0].path
+    expected = path.read_bytes()
+    ref = push_erofs(registry.host, "artifacts/relaid", "v1", [path])
+    for _ in range(2):  # the second time, the cache holds the table it built the first
+        time.sleep(1.1)  # artifacts are dated to the second: each is newer than the last
+        lying = attach_lying_index(registry.host, ref, expected)
+        time.sleep(1.1)
+        done = blockstore("index", ref, "--push", "--insecure", "--cache-dir", str(tmp_path))
+        assert done.returncode == 0, done.stderr
+        assert "indexed (from the registry)" in done.stdout
+        true = build_index(lying.layer_digest, len(expected), CHUNK_SIZE, [expected])
+        with RegistryClient(registry.host, RegistryOptions(insecure=True)) as client:
+            parsed = parse_reference(ref)
+            image = resolve_image(client, parsed)
+            subject = subject_of(image, parsed.repository)
+            attached = fetch_indexes(client, subject, image.layers)
+        assert attached[lying.layer_digest].table == true.table
 
 
 def test_a_trace_pushed_from_one_cache_is_replayed_in_an_empty_one(
