@@ -28,6 +28,9 @@ MAX_TRACE_BYTES = 4 << 30
 lists their blocks one by one: a run of a trillion blocks would take the memory."""
 MAX_TRACE_MS = 24 * 3600 * 1000
 """The latest time of use a trace may give (a day after open)."""
+LATEST_RECORDED = 253402300799.0
+"""The latest recording time a trace may give (the end of the year 9999, in seconds since
+the epoch): ``trace ls`` shows it as a date, which a larger one, or infinity, has not."""
 
 
 @dataclass
@@ -73,7 +76,10 @@ class Trace:
                 raise ValueError("a time of use more than a day after open")
             if sum(count for _, _, count in events) * unit > MAX_TRACE_BYTES:
                 raise ValueError(f"it names more than {MAX_TRACE_BYTES >> 30} GiB of reads")
-            return cls(digest, unit, float(record["recorded"]), events)
+            recorded = float(record["recorded"])
+            if not 0 <= recorded <= LATEST_RECORDED:  # NaN fails this too
+                raise ValueError(f"a recording time of {recorded} seconds since the epoch")
+            return cls(digest, unit, recorded, events)
         except (KeyError, TypeError, OverflowError) as exc:  # OverflowError: int(1e400)
             raise ValueError(f"not a trace record: {exc}") from None
 

@@ -4,6 +4,7 @@ and traces that travel through the registry to an empty cache."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import subprocess
 import sys
@@ -15,7 +16,13 @@ from rig.fault_proxy import Fault
 from rig.pushed import push_erofs
 from rig.registry_server import RegistryServer
 
-from blockstore.attachments import fetch_indexes, push_indexes, subject_of
+from blockstore.attachments import (
+    TRACE_ARTIFACT_TYPE,
+    TRACE_MEDIA_TYPE,
+    fetch_indexes,
+    push_indexes,
+    subject_of,
+)
 from blockstore.cache import CHUNK_SIZE
 from blockstore.cache.indexes import IndexShelf
 from blockstore.cache.traces import TraceShelf
@@ -24,6 +31,7 @@ from blockstore.errors import BlobReadError
 from blockstore.image import open_image
 from blockstore.prefetch.settings import MOUNT, PrefetchSettings
 from blockstore.registry import RegistryClient, RegistryOptions, parse_reference, resolve_image
+from blockstore.registry.referrers import push_artifact
 
 QUIET = PrefetchSettings(readahead=False)
 CHUNK_INDEX = "application/vnd.blockstore.chunk-index.v1"
@@ -226,6 +234,42 @@ def test_a_trace_pushed_from_one_cache_is_replayed_in_an_empty_one(
         assert second.store.stats()["bytes_fetched"] == fetched  # served from the part
     finally:
         second.close()
+
+
+@pytest.mark.parametrize("recorded", ["1e400", "NaN", "-1e20"])
+def test_an_attached_trace_recorded_at_no_time_is_refused_as_not_a_trace(
+    registry, erofs_images, tmp_path, caplog, recorded
+):
+    """Tried: a trace attached to an image whose recording time is JSON infinity (1e400),
+    NaN, or 10**20 seconds before the epoch; a cold open with an empty cache, then
+    `trace ls` and `trace ls --json`. Must hold: the open says the attached traces are
+    ignored and keeps none; `trace ls` exits 0 and its JSON is strict JSON. Before, the
+    trace was kept, and `trace ls` died with an OverflowError (ValueError for NaN) and
+    `--json` printed Infinity."""
+    path = erofs_images.layers[0].path
+    ref = push_erofs(registry.host, f"artifacts/dated-{recorded.lower()}", "v1", [path])
+    digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    trace = {"version": 2, "digest": digest, "unit": 4096, "recorded": "R", "events": [[0, 0, 2]]}
+    document = json.dumps({"kind": "blockstore-traces", "traces": [trace]})
+    document = document.replace('"R"', recorded).encode()  # a number json.dumps cannot write
+    with RegistryClient(registry.host, RegistryOptions(insecure=True)) as client:
+        parsed = parse_reference(ref)
+        subject = subject_of(resolve_image(client, parsed), parsed.repository)
+        push_artifact(client, subject, TRACE_ARTIFACT_TYPE, [(document, TRACE_MEDIA_TYPE, {})])
+    caplog.set_level(logging.WARNING)
+    cache = tmp_path / "cache"
+    opened = open_image(ref, cache_dir=cache, options=RegistryOptions(insecure=True),
+                        prefetch=MOUNT)  # fmt: skip
+    try:
+        assert TraceShelf(opened.store).get(digest) is None
+    finally:
+        opened.close()
+    assert "ignored" in "\n".join(r.getMessage() for r in caplog.records)
+    listed = blockstore("trace", "ls", "--cache-dir", str(cache))
+    assert listed.returncode == 0, listed.stderr
+    as_json = blockstore("trace", "ls", "--json", "--cache-dir", str(cache))
+    assert as_json.returncode == 0, as_json.stderr
+    json.loads(as_json.stdout, parse_constant=lambda word: pytest.fail(f"{word} in JSON"))
 
 
 def test_traces_from_two_machines_merge_into_one_artifact(registry, erofs_images, tmp_path):
