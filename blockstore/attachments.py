@@ -145,8 +145,16 @@ def indexes_for_image(
             found = fetch_indexes(client, subject, resolved.layers, referrers)
         except BlockstoreError as exc:
             log.warning("%s: chunk index not looked up: %s", resolved.reference, exc)
-        for index in found.values():
-            shelf.put(index)
+        for digest, index in list(found.items()):
+            if shelf.refused(index):
+                log.warning(
+                    "%s: the chunk index attached for %s was found here to disagree with "
+                    "the layer: not used",
+                    resolved.reference, digest,
+                )  # fmt: skip
+                del found[digest]
+            else:
+                shelf.put(index)
     for layer in resolved.layers:
         if layer.digest not in found and (kept := shelf.get(layer.digest, layer.size)) is not None:
             found[layer.digest] = kept

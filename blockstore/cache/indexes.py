@@ -20,6 +20,9 @@ from .store import ChunkStore
 
 log = logging.getLogger(__name__)
 
+_REFUSED = b"refused "
+"""Starts what a dropped table leaves in its place (a table starts with its magic)."""
+
 
 class IndexShelf:
     """The chunk indexes of one cache directory: put, get, drop, and check by them."""
@@ -54,7 +57,7 @@ class IndexShelf:
 
     def get(self, layer_digest: str, size: int) -> ChunkIndex | None:
         raw = self._store.images.manifest(_key(layer_digest))
-        if not raw:  # never kept, or dropped as lying
+        if not raw or raw.startswith(_REFUSED):  # never kept, or dropped as lying
             return None
         try:
             return ChunkIndex.from_bytes(
@@ -65,11 +68,20 @@ class IndexShelf:
             return None
 
     def drop(self, layer_digest: str) -> None:
-        """Forget a table found to disagree with its layer."""
+        """Forget a table found to disagree with its layer. What is left in its place
+        names it (its sha256), so that the same table attached to the image is not taken
+        again at the next open (``refused``), while another attached since is."""
+        key = _key(layer_digest)
         try:
-            self._store.images.put_manifest(_key(layer_digest), b"")
+            raw = self._store.images.manifest(key)
+            if raw and not raw.startswith(_REFUSED):
+                self._store.images.put_manifest(key, _refusal(raw))
         except CacheError as exc:
             log.warning("could not drop the chunk index of %s: %s", layer_digest, exc)
+
+    def refused(self, index: ChunkIndex) -> bool:
+        """Whether this very table was dropped here for disagreeing with its layer."""
+        return self._store.images.manifest(_key(index.layer_digest)) == _refusal(index.to_bytes())
 
     def check_incomplete(self) -> list[tuple[str, int]]:
         """Check each cached chunk of each blob not complete yet against its kept index;
@@ -136,6 +148,10 @@ def _matches(blob: CachedBlob, index: ChunkIndex, number: int) -> bool:
     for piece in buffers:
         digest.update(piece)
     return digest.digest() == index.expected(number)
+
+
+def _refusal(table: bytes) -> bytes:
+    return _REFUSED + hashlib.sha256(table).digest()
 
 
 def _key(layer_digest: str) -> str:

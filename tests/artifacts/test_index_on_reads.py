@@ -162,6 +162,59 @@ def test_an_index_that_lies_about_one_chunk_gives_eio_then_is_dropped(
         opened.close()
 
 
+def test_a_lying_index_dropped_is_not_taken_again_by_the_next_open(
+    registry, erofs_images, tmp_path, caplog
+):
+    """Tried: an index that lies about chunk 3, found out and dropped by one open (chunk 3
+    failed with EIO and was never stored); then a second open of the same cache, online,
+    reading chunk 3; then a true index attached, and a third open. Must hold: the second
+    open does not take the same table from the registry again, says why, and reads chunk 3
+    right; the third takes the new table. Before, every open took the lie again, so each
+    failed chunk 3 with EIO and streamed the whole layer once more to judge it."""
+    path = erofs_images.layers[0].path
+    expected = path.read_bytes()
+    ref = push_erofs(registry.host, "artifacts/lied-once", "v1", [path])
+    lying = attach_lying_index(registry.host, ref, expected)
+    bad = slice(BAD_CHUNK * CHUNK_SIZE, (BAD_CHUNK + 1) * CHUNK_SIZE)
+    options = RegistryOptions(insecure=True)
+
+    def opened():
+        return open_image(ref, cache_dir=tmp_path / "cache", options=options, prefetch=QUIET)
+
+    first = opened()
+    try:
+        (blob,) = first.exports()
+        shelf = IndexShelf(first.store)
+        with pytest.raises(BlobReadError):
+            blob.read(bad.start, CHUNK_SIZE)
+        deadline = time.monotonic() + 20
+        while shelf.get(lying.layer_digest, lying.size) is not None:
+            assert time.monotonic() < deadline, "the lying index was not dropped"
+            time.sleep(0.05)
+    finally:
+        first.close()
+    caplog.set_level(logging.WARNING)
+    second = opened()
+    try:
+        (blob,) = second.exports()
+        assert b"".join(bytes(b) for b in blob.read(bad.start, CHUNK_SIZE)) == expected[bad]
+        assert IndexShelf(second.store).get(lying.layer_digest, lying.size) is None
+    finally:
+        second.close()
+    assert "found here to disagree" in "\n".join(r.getMessage() for r in caplog.records)
+
+    time.sleep(1.1)  # artifacts are dated to the second: the true one is the newest
+    true = build_index(lying.layer_digest, len(expected), CHUNK_SIZE, [expected])
+    with RegistryClient(registry.host, options) as client:
+        parsed = parse_reference(ref)
+        push_indexes(client, subject_of(resolve_image(client, parsed), parsed.repository), [true])
+    third = opened()
+    try:
+        assert IndexShelf(third.store).get(true.layer_digest, true.size) == true
+    finally:
+        third.close()
+
+
 def test_index_push_builds_the_table_instead_of_pushing_the_attached_one_again(
     registry, erofs_images, tmp_path
 ):
