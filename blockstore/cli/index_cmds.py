@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 
 from blockstore.cli.common import (
     add_cache_options,
@@ -19,6 +20,8 @@ from blockstore.cli.common import (
     add_registry_options,
     open_image_from_args,
 )
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,13 +53,16 @@ def run_index(args: argparse.Namespace) -> int:
         subject_of,
     )
     from blockstore.cache.indexes import IndexShelf
-    from blockstore.errors import CacheError
+    from blockstore.errors import CacheError, IntegrityError
     from blockstore.registry import RegistryBlob
     from blockstore.registry.mediatypes import TAR, layer_kind
+    from blockstore.tarlayer.export import IndexCache
+    from blockstore.tarlayer.gzindex import DEFAULT_SPAN
     from blockstore.tarlayer.layers import TarLayer
 
     image = open_image_from_args(args, needs_registry=True)
     shelf = IndexShelf(image.store)
+    tar_indexes = IndexCache(image.store)
     try:
         built = {}
         tar_built = {}
@@ -66,6 +72,15 @@ def run_index(args: argparse.Namespace) -> int:
             kind = layer_kind(layer.media_type)
             if kind is not None:
                 exported = image.layer_export(layer)
+                if tar_indexes.origin(layer.digest, DEFAULT_SPAN) == IndexCache.SHARED:
+                    # Kept from the registry by an earlier open: published only once
+                    # proven against the tar, which this fills; one that lies is
+                    # refused, and built again from the layer.
+                    try:
+                        exported.prefetch()
+                    except IntegrityError as exc:
+                        log.warning("%s", exc)
+                        exported = image.layer_export(layer)
                 assert isinstance(exported, TarLayer)
                 tar_built[layer.digest] = exported.index
                 print(

@@ -32,7 +32,12 @@ from blockstore.tarlayer.erofs_writer import write_metadata
 from blockstore.tarlayer.export import IndexCache
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN
 from blockstore.tarlayer.layerindex import INDEX_FORMAT, index_compressed_tar, index_plain_tar
-from blockstore.tarlayer.shared import ARTIFACT_TYPE, FORMAT_ANNOTATION, index_blobs
+from blockstore.tarlayer.shared import (
+    ARTIFACT_TYPE,
+    FORMAT_ANNOTATION,
+    METADATA_MEDIA_TYPE,
+    index_blobs,
+)
 from blockstore.tarlayer.tarwalk import walk_tar
 from blockstore.tarlayer.tree import build_tree
 
@@ -361,6 +366,59 @@ def test_indexing_one_layer_keeps_the_other_layers_shared_index(tmp_path, regist
         image.close()
     assert caplog.text.count("using the index attached to the image") == 2
     assert "reading the gzip layer once" not in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["gzip", "tar"])
+def test_index_push_never_publishes_a_shared_index_it_has_not_proven(
+    tmp_path, registry, caplog, kind
+):
+    """Tried: an attached index that passes every check at open but lies about the tree
+    (one file given the setuid bit), taken by an open with span readahead off (so never
+    proven), then ``index --push`` from that cache. Must hold: the command proves the
+    kept index against the tar before publishing it, finds the lie (a warning naming
+    it), and attaches the index built from the layer itself; before, it attached the
+    lie again as its own, having read no byte of the tar."""
+    files = {f"f{i}.txt": f"file {i} ".encode() * 300 for i in range(30)}
+    client = registry.client()
+    try:
+        ref, tar, blob = gzip_image(tmp_path, registry.host, client, f"relay-{kind}", files, kind)
+    finally:
+        client.close()
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    if kind == "tar":
+        own = index_plain_tar(lambda at, size: blob[at : at + size], len(blob), digest)
+    else:
+        own = index_compressed_tar(io.BytesIO(blob), GZIP, blob_digest=None, diff_id=None)
+    tree = build_tree(walk_tar(io.BytesIO(tar)))
+    tree.root.children[b"f3.txt"].mode |= 0o4000
+    blobs = index_blobs(own, digest)
+    blobs[0] = (write_metadata(tree, len(tar)), blobs[0][1], blobs[0][2])
+    attach_index(registry, ref, blobs, tmp_path / "push")
+    cache = tmp_path / "mounted"
+    lazy = PrefetchSettings(readahead=False)
+    image = open_image(ref, cache_dir=cache, options=registry.options(), prefetch=lazy)
+    try:
+        (export,) = image.exports()
+        assert export.index.metadata == blobs[0][0]  # taken, unproven
+    finally:
+        image.close()
+
+    time.sleep(1.1)  # artifacts are dated to the second: the one pushed now is the newest
+    done = subprocess.run(
+        [*BLOCKSTORE, "index", "--push", "--insecure", "--cache-dir", str(cache), ref],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "does not describe this layer's tar" in done.stderr
+    image = open_image(ref, cache_dir=tmp_path / "new", options=registry.options())
+    try:
+        subject = subject_of(image.resolved, image.repository)
+        referrers = list_referrers(image.client, subject)
+        attached = fetch_tar_index(image.client, subject, image.resolved.layers[0], referrers)
+    finally:
+        image.close()
+    assert {media: data for data, media, _ in attached}[METADATA_MEDIA_TYPE] == own.metadata
 
 
 @pytest.mark.parametrize("lie", ["a span's digest", "the tree"])
