@@ -146,15 +146,18 @@ def indexes_for_image(
         except BlockstoreError as exc:
             log.warning("%s: chunk index not looked up: %s", resolved.reference, exc)
         for digest, index in list(found.items()):
-            if shelf.refused(index):
-                log.warning(
-                    "%s: the chunk index attached for %s was found here to disagree with "
-                    "the layer: not used",
-                    resolved.reference, digest,
-                )  # fmt: skip
-                del found[digest]
-            else:
+            own = shelf.built(digest, index.size)  # from verified bytes: none is truer
+            if own is None and not shelf.refused(index):
                 shelf.put(index)
+                continue
+            if own != index:
+                log.warning(
+                    "%s: the chunk index attached for %s %s: not used",
+                    resolved.reference, digest,
+                    "differs from the one built here from the layer" if own
+                    else "was found here to disagree with the layer",
+                )  # fmt: skip
+            del found[digest]  # what is kept (built here, or nothing) is taken below
     for layer in resolved.layers:
         if layer.digest not in found and (kept := shelf.get(layer.digest, layer.size)) is not None:
             found[layer.digest] = kept

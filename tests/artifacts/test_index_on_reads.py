@@ -215,25 +215,56 @@ def test_a_lying_index_dropped_is_not_taken_again_by_the_next_open(
         third.close()
 
 
+def test_a_table_built_here_is_not_replaced_by_an_attached_one_that_differs(
+    registry, erofs_images, tmp_path, caplog
+):
+    """Tried: `blockstore index` (no push) builds a layer's table in a cache from its
+    verified bytes; then an index lying about chunk 3 is attached, and the image opened
+    with that cache, online, reads chunk 3. Must hold: the open keeps and checks with the
+    table built here, says the attached one differs and is not used, and chunk 3 reads
+    right at once; before, the open put the attached table over the one built here, and
+    chunk 3 failed with EIO until the whole layer had been streamed to judge it."""
+    path = erofs_images.layers[0].path
+    expected = path.read_bytes()
+    ref = push_erofs(registry.host, "artifacts/built-here", "v1", [path])
+    cache = tmp_path / "cache"
+    done = blockstore("index", ref, "--insecure", "--cache-dir", str(cache))
+    assert done.returncode == 0, done.stderr
+    lying = attach_lying_index(registry.host, ref, expected)
+    caplog.set_level(logging.WARNING)
+    opened = open_image(ref, cache_dir=cache, options=RegistryOptions(insecure=True),
+                        prefetch=QUIET)  # fmt: skip
+    try:
+        (blob,) = opened.exports()
+        bad = slice(BAD_CHUNK * CHUNK_SIZE, (BAD_CHUNK + 1) * CHUNK_SIZE)
+        assert b"".join(bytes(b) for b in blob.read(bad.start, CHUNK_SIZE)) == expected[bad]
+        kept = IndexShelf(opened.store).get(lying.layer_digest, lying.size)
+        assert kept is not None and kept.matches(BAD_CHUNK, expected[bad])
+    finally:
+        opened.close()
+    assert "differs from the one built here" in "\n".join(r.getMessage() for r in caplog.records)
+
+
 def test_index_push_builds_the_table_instead_of_pushing_the_attached_one_again(
     registry, erofs_images, tmp_path
 ):
     """Tried: an image whose attached chunk index lies about chunk 3, then `index --push`
     with an empty cache; then a lie attached again, and `index --push` with the cache
-    holding the table it built. Must hold, each time: the table is built from the layer's
-    bytes (streamed, checked against its digest) and the one attached then is the sha256
-    of each chunk; before, the open kept the attached table in the cache, and `index`
-    took it as its own ("indexed (from the cache)") and attached the lie again."""
+    holding the table it built. Must hold: the table is built from the layer's bytes
+    (streamed, checked against its digest), the second time taken from the cache where
+    it was built, and the one attached each time is the sha256 of each chunk; before,
+    the open kept the attached table in the cache, and `index` took it as its own
+    ("indexed (from the cache)") and attached the lie again."""
     path = erofs_images.layers[0].path
     expected = path.read_bytes()
     ref = push_erofs(registry.host, "artifacts/relaid", "v1", [path])
-    for _ in range(2):  # the second time, the cache holds the table it built the first
+    for origin in ("registry", "cache"):
         time.sleep(1.1)  # artifacts are dated to the second: each is newer than the last
         lying = attach_lying_index(registry.host, ref, expected)
         time.sleep(1.1)
         done = blockstore("index", ref, "--push", "--insecure", "--cache-dir", str(tmp_path))
         assert done.returncode == 0, done.stderr
-        assert "indexed (from the registry)" in done.stdout
+        assert f"indexed (from the {origin})" in done.stdout
         true = build_index(lying.layer_digest, len(expected), CHUNK_SIZE, [expected])
         with RegistryClient(registry.host, RegistryOptions(insecure=True)) as client:
             parsed = parse_reference(ref)
