@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 from blockstore.cache import CHUNK_SIZE, ChunkStore
 from blockstore.cache.indexes import IndexShelf
@@ -28,7 +29,7 @@ from blockstore.chunkindex import (
     ChunkIndex,
     build_index,
 )
-from blockstore.errors import BlockstoreError, CacheError
+from blockstore.errors import BlockstoreError, CacheError, IntegrityError, RegistryError
 from blockstore.prefetch.trace import Trace, merge_traces, traces_document, traces_from_document
 from blockstore.registry import Layer, RegistryClient, ResolvedImage
 from blockstore.registry.mediatypes import OCI_MANIFEST
@@ -52,6 +53,8 @@ TRACE_MEDIA_TYPE = "application/vnd.blockstore.access-traces.v1+json"
 
 STREAM_STEP = 4 << 20
 """Bytes read from the source at a time while building an index, so memory stays flat."""
+
+T = TypeVar("T")
 
 
 def subject_of(resolved: ResolvedImage, repository: str) -> Subject:
@@ -81,6 +84,17 @@ def build_layer_index(
                 yield piece
 
     return build_index(layer.digest, layer.size, CHUNK_SIZE, pieces())
+
+
+def carried_over(what: str, read: Callable[[], T], nothing: T) -> T:
+    """``read()``: what an artifact about to be replaced holds, to carry into the new one.
+    One that cannot be read (refused, its blobs gone) is left out with a warning: no
+    reader could use it either, and it must not stand in the way of its replacement."""
+    try:
+        return read()
+    except (RegistryError, IntegrityError) as exc:
+        log.warning("the %s attached now is left out, as it cannot be read: %s", what, exc)
+        return nothing
 
 
 def push_indexes(client: RegistryClient, subject: Subject, indexes: list[ChunkIndex]) -> str:
@@ -172,13 +186,17 @@ def push_tar_indexes(
     Layers not in ``built`` keep what the artifact already held for them, so
     indexing one layer does not drop the others'.
     """
-    referrer = newest(list_referrers(client, subject), TAR_INDEX_ARTIFACT_TYPE)
-    kept: list[tuple[bytes, str, dict[str, str]]] = []
-    if referrer is not None:
+
+    def attached() -> list[tuple[bytes, str, dict[str, str]]]:
+        referrer = newest(list_referrers(client, subject), TAR_INDEX_ARTIFACT_TYPE)
+        if referrer is None:
+            return []
         digests = {layer.digest for layer in layers} - set(built)
-        kept = read_artifact(
+        return read_artifact(
             client, subject, referrer, lambda notes: notes.get(LAYER_ANNOTATION) in digests
         )
+
+    kept = carried_over("tar index", attached, [])
     blobs = [blob for digest, index in built.items() for blob in tar_index_blobs(index, digest)]
     return push_artifact(client, subject, TAR_INDEX_ARTIFACT_TYPE, kept + blobs)
 
@@ -204,7 +222,8 @@ def push_traces(
     Returns the new artifact's digest and how many layers' traces it holds.
     """
     by_layer: dict[str, list[Trace]] = {}
-    for trace in [*fetch_traces(client, subject, layers), *local]:
+    attached = carried_over("traces", lambda: fetch_traces(client, subject, layers), [])
+    for trace in [*attached, *local]:
         by_layer.setdefault(trace.digest, []).append(trace)
     merged = [m for group in by_layer.values() if (m := _merged(group, local)) is not None]
     blob = (traces_document(merged), TRACE_MEDIA_TYPE, {})

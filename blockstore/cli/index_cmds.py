@@ -47,6 +47,7 @@ def run_index(args: argparse.Namespace) -> int:
     # Imported here: loading the registry client costs start-up time (see cli/__init__).
     from blockstore.attachments import (
         build_layer_index,
+        carried_over,
         fetch_indexes,
         push_indexes,
         push_tar_indexes,
@@ -112,7 +113,11 @@ def run_index(args: argparse.Namespace) -> int:
         if args.push:
             subject = subject_of(image.resolved, image.repository)
             # The artifact holds every layer's table: keep the others' when one is redone.
-            tables = fetch_indexes(image.client, subject, image.resolved.layers)
+            tables = carried_over(
+                "chunk index",
+                lambda: fetch_indexes(image.client, subject, image.resolved.layers),
+                {},
+            )
             tables.update(built)
             ordered = [tables[lay.digest] for lay in image.resolved.layers if lay.digest in tables]
             digest = push_indexes(image.client, subject, ordered)

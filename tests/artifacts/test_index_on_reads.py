@@ -20,6 +20,7 @@ from blockstore.attachments import (
     TRACE_ARTIFACT_TYPE,
     TRACE_MEDIA_TYPE,
     fetch_indexes,
+    fetch_traces,
     push_indexes,
     subject_of,
 )
@@ -31,7 +32,10 @@ from blockstore.errors import BlobReadError
 from blockstore.image import open_image
 from blockstore.prefetch.settings import MOUNT, PrefetchSettings
 from blockstore.registry import RegistryClient, RegistryOptions, parse_reference, resolve_image
-from blockstore.registry.referrers import push_artifact
+from blockstore.registry.digests import digest_of
+from blockstore.registry.manifests import fetch_manifest
+from blockstore.registry.mediatypes import OCI_INDEX, OCI_MANIFEST
+from blockstore.registry.referrers import fallback_tag, push_artifact
 
 QUIET = PrefetchSettings(readahead=False)
 CHUNK_INDEX = "application/vnd.blockstore.chunk-index.v1"
@@ -354,6 +358,64 @@ def test_an_attached_trace_recorded_at_no_time_is_refused_as_not_a_trace(
     as_json = blockstore("trace", "ls", "--json", "--cache-dir", str(cache))
     assert as_json.returncode == 0, as_json.stderr
     json.loads(as_json.stdout, parse_constant=lambda word: pytest.fail(f"{word} in JSON"))
+
+
+def attach_unreadable(registry_host: str, ref: str, artifact_type: str) -> None:
+    """Attach to ``ref``, under the referrers tag, an artifact listed as ``artifact_type``
+    whose manifest says another type: one no reader takes."""
+    with RegistryClient(registry_host, RegistryOptions(insecure=True)) as client:
+        parsed = parse_reference(ref)
+        subject = subject_of(resolve_image(client, parsed), parsed.repository)
+        pushed = push_artifact(client, subject, artifact_type, [(b"{}", "text/plain", {})])
+        manifest = json.loads(fetch_manifest(client, subject.repository, pushed)[0])
+        manifest["artifactType"] = "application/vnd.example.other"
+        raw = json.dumps(manifest).encode()
+        client.put_manifest(subject.repository, digest_of(raw), raw, OCI_MANIFEST)
+        tag = fallback_tag(subject.digest)
+        listing = json.loads(fetch_manifest(client, subject.repository, tag)[0])
+        for entry in listing["manifests"]:
+            if entry["digest"] == pushed:
+                entry.update(digest=digest_of(raw), size=len(raw))
+        client.put_manifest(subject.repository, tag, json.dumps(listing).encode(), OCI_INDEX)
+
+
+@pytest.mark.parametrize("command", ["index", "trace"])
+def test_an_unreadable_attached_artifact_does_not_stop_its_replacement(
+    registry, erofs_images, tmp_path, command
+):
+    """Tried: the chunk-index (or traces) artifact attached to an image is one no reader
+    takes (its manifest names another type than its listing), then `index --push` (or
+    `trace push` from a cache that recorded a mount's reads). Must hold: the command
+    exits 0, warning that the attached artifact is left out, and the artifact it
+    attaches in its place is read back; before, it failed (exit 3) reading the artifact
+    it was to replace, so nothing could ever replace it."""
+    path = erofs_images.layers[0].path
+    ref = push_erofs(registry.host, f"artifacts/unreadable-{command}", "v1", [path])
+    cache = tmp_path / "cache"
+    options = RegistryOptions(insecure=True)
+    if command == "trace":
+        opened = open_image(ref, cache_dir=cache, options=options, prefetch=MOUNT)
+        try:
+            (blob,) = opened.exports()
+            blob.read(5 * CHUNK_SIZE, 4096)
+        finally:
+            opened.close()  # keeps the trace recorded so far
+        attach_unreadable(registry.host, ref, TRACE_ARTIFACT_TYPE)
+        done = blockstore("trace", "push", ref, "--insecure", "--cache-dir", str(cache))
+    else:
+        attach_unreadable(registry.host, ref, CHUNK_INDEX)
+        done = blockstore("index", ref, "--push", "--insecure", "--cache-dir", str(cache))
+    assert done.returncode == 0, done.stderr
+    assert "attached now is left out, as it cannot be read" in done.stderr
+    with RegistryClient(registry.host, options) as client:
+        parsed = parse_reference(ref)
+        image = resolve_image(client, parsed)
+        subject = subject_of(image, parsed.repository)
+        if command == "trace":
+            (trace,) = fetch_traces(client, subject, image.layers)
+            assert 5 in trace.in_units_of(CHUNK_SIZE)
+        else:
+            assert set(fetch_indexes(client, subject, image.layers)) == {image.layers[0].digest}
 
 
 def test_traces_from_two_machines_merge_into_one_artifact(registry, erofs_images, tmp_path):
