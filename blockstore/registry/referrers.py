@@ -6,9 +6,10 @@ A registry with the referrers API (``GET /v2/<name>/referrers/<digest>``)
 lists it by itself, and says so with ``OCI-Subject`` when the artifact is
 pushed; for one that does not (the CNCF registry 2.x) the distribution
 spec's fallback is used: an image index under the tag ``sha256-<hex of the
-subject>`` that lists the referrers. Both are read back (the tag where the
-API is missing or refuses the call), so an artifact pushed by one client is
-found by any other (``oras``, ``skopeo inspect``).
+subject>`` that lists the referrers. Both are read back (the tag also where
+the API answers: it lists nothing pushed before the registry had it), so an
+artifact pushed by one client is found by any other (``oras``, ``skopeo
+inspect``).
 
 One artifact of a type per image: pushing again replaces the previous one
 in the fallback index, and readers take the newest of a type.
@@ -24,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from blockstore.errors import NotFound, RegistryError, UsageError
+from blockstore.errors import BlockstoreError, NotFound, RegistryError, UsageError
 from blockstore.registry.client import RegistryClient
 from blockstore.registry.digests import canonical_json, check_size, digest_of
 from blockstore.registry.manifests import fetch_manifest
@@ -141,7 +142,7 @@ def _check_blob_sizes(artifact_type: str, blobs: list[tuple[bytes, str, dict[str
 
 def list_referrers(client: RegistryClient, subject: Subject) -> list[Referrer]:
     """Every artifact attached to ``subject``: from the referrers API where the registry
-    has it, else from the fallback tag. Both are asked at once, so a registry without
+    has it, and from the fallback tag. Both are asked at once, so a registry without
     either costs one round trip."""
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="referrers") as pool:
         api = pool.submit(_api_listing, client, subject)
@@ -149,6 +150,16 @@ def list_referrers(client: RegistryClient, subject: Subject) -> list[Referrer]:
         entries = api.result()
         if entries is None:
             entries = tagged.result()
+        else:
+            # A registry that gained the API since (distribution 2 to 3) lists none of the
+            # artifacts pushed before under the tag; the API's answer stands without it.
+            try:
+                more = tagged.result() or []
+            except BlockstoreError as exc:
+                log.debug("%s: the referrers tag is not read: %s", subject.digest, exc)
+                more = []
+            listed = {e.get("digest") for e in entries}
+            entries += [e for e in more if e.get("digest") not in listed]
     return [
         Referrer(
             e["digest"],

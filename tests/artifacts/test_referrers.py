@@ -135,6 +135,25 @@ def test_a_referrers_api_that_refuses_the_call_falls_back_to_the_tag(
     assert proxy.faults_applied >= 1
 
 
+def test_artifacts_under_the_tag_are_listed_where_the_api_answers_without_them(
+    registry, subject_ref, fault_proxy
+):
+    """Tried: an artifact pushed to a registry without the referrers API (so kept under
+    the referrers tag), then listed through a proxy whose referrers API answers 200 with
+    an empty index, as a registry that gained the API since (distribution 2 to 3) lists
+    none of what was pushed before it. Must hold: the artifact is listed, from the tag;
+    before, the API's empty answer hid every artifact attached until then."""
+    with registry.client() as client:
+        subject = subject_of(client, subject_ref)
+        pushed = push_artifact(client, subject, ARTIFACT, [(b"old", BLOB, {})], created=CREATED)
+    proxy = fault_proxy(registry)
+    empty = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    proxy.fault = Fault.document(empty, OCI_INDEX, path_contains="/referrers/")
+    with via(proxy) as client:
+        assert [r.digest for r in list_referrers(client, subject)] == [pushed]
+    assert proxy.faults_applied >= 1
+
+
 class ReferrersAPI:
     """A registry that has only the referrers API, served in pages of one entry each,
     linked by ``Link: <...>; rel="next"`` (``endless``: every page links to another)."""
