@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from blockstore.errors import BlockstoreError, NotFound, RegistryError, UsageError
 from blockstore.registry.client import RegistryClient
@@ -38,6 +38,8 @@ EMPTY_CONFIG = b"{}"
 CREATED = "org.opencontainers.image.created"
 _NEVER = datetime.min.replace(tzinfo=UTC)
 """The created time of an artifact that states none."""
+CLOCK_SKEW = timedelta(days=1)
+"""How far ahead of this machine's clock an artifact's created time may be and count."""
 MAX_ARTIFACT_BLOB = 64 << 20
 """Artifacts are tables and traces, a few MiB at most; a larger one is refused, not read."""
 MAX_ARTIFACT_BYTES = 256 << 20
@@ -210,20 +212,23 @@ def _annotations(value: object) -> dict[str, str]:
 
 def newest(referrers: list[Referrer], artifact_type: str) -> Referrer | None:
     """The most recently created artifact of a type among ``referrers``: by its created
-    annotation read as a time (one without it, or with no RFC 3339 time, is oldest);
-    of artifacts created in the same second, the greatest digest, so that every reader
-    takes the same one whatever order a registry lists them in."""
+    annotation read as a time (one without it, with no RFC 3339 time, or with a time
+    past ``CLOCK_SKEW`` ahead, which would shadow every artifact pushed until then, is
+    oldest); of artifacts created in the same second, the greatest digest, so that every
+    reader takes the same one whatever order a registry lists them in."""
     found = [r for r in referrers if r.artifact_type == artifact_type]
-    return max(found, key=lambda r: (_created(r), r.digest), default=None)
+    latest = datetime.now(UTC) + CLOCK_SKEW
+    return max(found, key=lambda r: (_created(r, latest), r.digest), default=None)
 
 
-def _created(referrer: Referrer) -> datetime:
+def _created(referrer: Referrer, latest: datetime) -> datetime:
     """The created annotation as an aware time (a time without a zone taken as UTC)."""
     try:
         when = datetime.fromisoformat(referrer.annotations.get(CREATED, ""))
     except ValueError:
         return _NEVER
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    return when if when <= latest else _NEVER
 
 
 def _fallback_listing(client: RegistryClient, subject: Subject) -> list[dict] | None:

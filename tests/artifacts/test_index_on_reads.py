@@ -27,7 +27,8 @@ from blockstore.attachments import (
 from blockstore.cache import CHUNK_SIZE
 from blockstore.cache.indexes import IndexShelf
 from blockstore.cache.traces import TraceShelf
-from blockstore.chunkindex import ChunkIndex, build_index
+from blockstore.chunkindex import BLOB_MEDIA_TYPE as CHUNK_TABLE
+from blockstore.chunkindex import LAYER_ANNOTATION, ChunkIndex, build_index
 from blockstore.errors import BlobReadError
 from blockstore.image import open_image
 from blockstore.prefetch.settings import MOUNT, PrefetchSettings
@@ -217,6 +218,41 @@ def test_a_lying_index_dropped_is_not_taken_again_by_the_next_open(
         assert IndexShelf(third.store).get(true.layer_digest, true.size) == true
     finally:
         third.close()
+
+
+def test_an_artifact_dated_years_ahead_does_not_shadow_those_pushed_since(
+    registry, erofs_images, tmp_path, fault_proxy
+):
+    """Tried: a chunk-index artifact dated 2099 (a pusher's clock set wrong, or a hostile
+    one) whose table is garbage, and the image's true index pushed after it; a registry
+    whose referrers API lists both. Must hold: an open takes the true index, checking
+    the layer's chunks with it; before, the one dated 2099 was the newest, and every
+    index pushed until then was passed over for it."""
+    path = erofs_images.layers[0].path
+    expected = path.read_bytes()
+    ref = push_erofs(registry.host, "artifacts/dated-ahead", "v1", [path])
+    digest = "sha256:" + hashlib.sha256(expected).hexdigest()
+    true = build_index(digest, len(expected), CHUNK_SIZE, [expected])
+    listed = []
+    with RegistryClient(registry.host, RegistryOptions(insecure=True)) as client:
+        parsed = parse_reference(ref)
+        subject = subject_of(resolve_image(client, parsed), parsed.repository)
+        for data, created in ((b"garbage", "2099-01-01T00:00:00Z"), (true.to_bytes(), None)):
+            blob = (data, CHUNK_TABLE, {LAYER_ANNOTATION: digest})
+            pushed = push_artifact(client, subject, CHUNK_INDEX, [blob], created=created)
+            raw = fetch_manifest(client, subject.repository, pushed)[0]
+            notes = json.loads(raw)["annotations"]
+            listed.append({"mediaType": OCI_MANIFEST, "digest": pushed, "size": len(raw),
+                           "artifactType": CHUNK_INDEX, "annotations": notes})  # fmt: skip
+    proxy = fault_proxy(registry)
+    api = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": listed}
+    proxy.fault = Fault.document(api, OCI_INDEX, path_contains="/referrers/")
+    opened = open_image(ref.replace(registry.host, proxy.host), cache_dir=tmp_path / "cache",
+                        options=RegistryOptions(insecure=True), prefetch=QUIET)  # fmt: skip
+    try:
+        assert opened.chunk_indexes == {digest: true}
+    finally:
+        opened.close()
 
 
 def test_a_table_built_here_is_not_replaced_by_an_attached_one_that_differs(
