@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+from typing import TYPE_CHECKING
 
 from blockstore.cli.common import (
     add_cache_options,
@@ -20,6 +21,12 @@ from blockstore.cli.common import (
     add_registry_options,
     open_image_from_args,
 )
+
+if TYPE_CHECKING:
+    from blockstore.image import OpenImage
+    from blockstore.registry.manifests import Layer
+    from blockstore.tarlayer.export import IndexCache
+    from blockstore.tarlayer.layers import TarLayer
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     index.set_defaults(func=run_index)
 
 
+def _proven_tar_export(image: OpenImage, layer: Layer, kind: str, kept: IndexCache) -> TarLayer:
+    """The layer's export, its tar index proven against the tar's digest before it is
+    published. An index kept from the registry by an earlier open, or built from a plain
+    tar's headers before the blob's digest checked them, is proven by filling the tar;
+    one that lies, or whose bytes do, is dropped and built again from the layer, then
+    proven in turn: what ``index --push`` attaches is never taken on trust."""
+    from blockstore.errors import IntegrityError
+    from blockstore.registry.mediatypes import TAR
+    from blockstore.tarlayer.export import IndexCache
+    from blockstore.tarlayer.gzindex import DEFAULT_SPAN
+    from blockstore.tarlayer.layers import TarLayer
+
+    def unproven() -> bool:
+        shared = kept.origin(layer.digest, DEFAULT_SPAN) == IndexCache.SHARED
+        return shared or (kind == TAR and kept.unproven(layer.digest, DEFAULT_SPAN))
+
+    exported = image.layer_export(layer)
+    if unproven():
+        try:
+            exported.prefetch()
+        except IntegrityError as exc:
+            log.warning("%s; its tar index is built again", exc)
+            kept.drop(layer.digest, DEFAULT_SPAN)
+            exported = image.layer_export(layer)
+            if unproven():
+                exported.prefetch()  # a second lie is the registry's own: an error
+    assert isinstance(exported, TarLayer)
+    return exported
+
+
 def run_index(args: argparse.Namespace) -> int:
     # Imported here: loading the registry client costs start-up time (see cli/__init__).
     from blockstore.attachments import (
@@ -54,12 +91,10 @@ def run_index(args: argparse.Namespace) -> int:
         subject_of,
     )
     from blockstore.cache.indexes import IndexShelf
-    from blockstore.errors import CacheError, IntegrityError
+    from blockstore.errors import CacheError
     from blockstore.registry import RegistryBlob
     from blockstore.registry.mediatypes import TAR, layer_kind
     from blockstore.tarlayer.export import IndexCache
-    from blockstore.tarlayer.gzindex import DEFAULT_SPAN
-    from blockstore.tarlayer.layers import TarLayer
 
     image = open_image_from_args(args, needs_registry=True)
     shelf = IndexShelf(image.store)
@@ -72,17 +107,7 @@ def run_index(args: argparse.Namespace) -> int:
         for layer in image.select(args.layer, args.blob):
             kind = layer_kind(layer.media_type)
             if kind is not None:
-                exported = image.layer_export(layer)
-                if tar_indexes.origin(layer.digest, DEFAULT_SPAN) == IndexCache.SHARED:
-                    # Kept from the registry by an earlier open: published only once
-                    # proven against the tar, which this fills; one that lies is
-                    # refused, and built again from the layer.
-                    try:
-                        exported.prefetch()
-                    except IntegrityError as exc:
-                        log.warning("%s", exc)
-                        exported = image.layer_export(layer)
-                assert isinstance(exported, TarLayer)
+                exported = _proven_tar_export(image, layer, kind, tar_indexes)
                 tar_built[layer.digest] = exported.index
                 print(
                     f"layer {layer.index} {layer.digest}: tar index of "

@@ -21,6 +21,7 @@ from rig.waiting import wait_for
 from trees import make_tar
 
 from blockstore.attachments import fetch_tar_index, subject_of
+from blockstore.cache import ChunkStore
 from blockstore.errors import BlobReadError, IntegrityError
 from blockstore.image import open_image
 from blockstore.prefetch import PrefetchSettings
@@ -411,6 +412,72 @@ def test_index_push_never_publishes_a_shared_index_it_has_not_proven(
     )
     assert done.returncode == 0, done.stderr
     assert "does not describe this layer's tar" in done.stderr
+    image = open_image(ref, cache_dir=tmp_path / "new", options=registry.options())
+    try:
+        subject = subject_of(image.resolved, image.repository)
+        referrers = list_referrers(image.client, subject)
+        attached = fetch_tar_index(image.client, subject, image.resolved.layers[0], referrers)
+    finally:
+        image.close()
+    assert {media: data for data, media, _ in attached}[METADATA_MEDIA_TYPE] == own.metadata
+
+
+def _setuid_in_header(tar: bytes, name: str) -> bytes:
+    """``tar`` with ``name``'s header giving it the setuid bit, its checksum made right
+    again: the same size, every header sound, one file's mode a lie."""
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        at = archive.getmember(name).offset_data - 512
+    header = bytearray(tar[at : at + 512])
+    mode = int(header[100:107], 8) | 0o4000
+    header[100:108] = b"%07o\0" % mode
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return tar[:at] + bytes(header) + tar[at + 512 :]
+
+
+def test_index_push_proves_a_plain_tar_index_built_from_headers_not_yet_checked(
+    tmp_path, registry, fault_proxy, caplog
+):
+    """Tried: a plain tar layer opened through a link that serves another tar of the same
+    size (one file's header given the setuid bit, its checksum right), with readahead
+    off, so the index is built from the lying headers and left unproven; then, the link
+    honest again, ``index --push`` from that cache. Must hold: the command proves the
+    kept index against the tar (the blob's digest) before publishing it, and attaches
+    the index of the real tar; before, it published the lie, built from headers no
+    digest had checked."""
+    files = {f"f{i}.txt": f"file {i} ".encode() * 300 for i in range(30)}
+    client = registry.client()
+    try:
+        ref, tar, blob = gzip_image(tmp_path, registry.host, client, "unproven", files, "tar")
+    finally:
+        client.close()
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    own = index_plain_tar(lambda at, size: blob[at : at + size], len(blob), digest)
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault(
+        "replace", path_contains=f"/blobs/{digest}", body=_setuid_in_header(tar, "./f3.txt")
+    )
+    cache = tmp_path / "cache"
+    lazy = PrefetchSettings(readahead=False)
+    via_proxy = ref.replace(registry.host, proxy.host, 1)
+    image = open_image(via_proxy, cache_dir=cache, options=registry.options(), prefetch=lazy)
+    try:
+        (export,) = image.exports()
+        assert export.index.metadata != own.metadata  # built from the lie
+    finally:
+        image.close()
+    assert proxy.faults_applied >= 1
+    with ChunkStore(cache) as store:
+        assert IndexCache(store).unproven(digest, DEFAULT_SPAN)
+    proxy.fault = None
+
+    time.sleep(1.1)  # artifacts are dated to the second: the one pushed now is the newest
+    done = subprocess.run(
+        [*BLOCKSTORE, "index", "--push", "--insecure", "--cache-dir", str(cache), ref],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
     image = open_image(ref, cache_dir=tmp_path / "new", options=registry.options())
     try:
         subject = subject_of(image.resolved, image.repository)
