@@ -459,6 +459,20 @@ _CAUSES: list[tuple[type | tuple[type, ...], str]] = [
 """Transport failures by exception type, most precise first, with what a user reads."""
 
 
+_RENAME = "reach it by a name its certificate holds"
+_CERTIFICATE_CURES = {
+    # OpenSSL's X509_V_ERR_CERT_NOT_YET_VALID, _CERT_HAS_EXPIRED, _HOSTNAME_MISMATCH and
+    # _IP_ADDRESS_MISMATCH
+    9: "check this machine's clock",
+    10: "it, or the CA that signed it, must be renewed; or check this machine's clock",
+    62: _RENAME,
+    64: _RENAME,
+}
+"""What to do about a certificate out of its dates or made for another name, by OpenSSL's
+verify code: not a question of which CA to trust. Any other verify failure (an unknown
+issuer, a self-signed certificate) wants the CA that signed it."""
+
+
 def settings_contradicted(exc: BaseException) -> bool:
     """Whether a TLS failure is the registry answering other than the settings say: a
     certificate the CAs given do not trust, or plain HTTP where TLS was asked for."""
@@ -481,7 +495,11 @@ def describe_failure(
         return local
     for cause in causes:
         if isinstance(cause, ssl.SSLCertVerificationError):
-            return f"certificate not trusted ({cause.verify_message}; give --ca-file)"
+            said = (cause.verify_message or "").rstrip(".")
+            cure = _CERTIFICATE_CURES.get(
+                cause.verify_code, "give --ca-file with the CA that signed it"
+            )
+            return f"certificate not trusted ({said}; {cure})"
         if isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER":
             return f"it does not speak TLS ({not_tls})"
     for cause in causes:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from rig.fault_proxy import Fault
+from rig.registry_server import RegistryServer
 
 from blockstore.errors import UsageError
 from blockstore.registry import EROFS_MEDIA_TYPE
@@ -405,6 +406,41 @@ def test_a_ca_file_that_holds_a_ca_is_taken(tls_registry):
         "inspect", f"{tls_registry.host}/no/such:image", "--ca-file", str(tls_registry.ca_file)
     )
     assert shown.returncode == 3 and "not found" in shown.stderr, shown.stderr
+
+
+def test_a_certificate_no_ca_file_can_mend_is_not_sent_to_one(tmp_path, test_ca, nbd_certificates):
+    """An HTTPS registry whose certificate comes from the CA given with --ca-file but has
+    expired, or names another host than the one it is reached by: the one line says which
+    and what would help (exit 5), not "give --ca-file", which was given."""
+    expired = nbd_certificates.expired_server
+    cases = [
+        (
+            RegistryServer(
+                tmp_path / "expired",
+                tls=(expired / "server-cert.pem", expired / "server-key.pem"),
+            ),
+            expired / "ca-cert.pem",
+            "certificate has expired; it, or the CA that signed it, must be renewed",
+        ),
+        (
+            RegistryServer(
+                tmp_path / "elsewhere",
+                tls=test_ca.issue("elsewhere", server=True, names="DNS:registry.example"),
+            ),
+            test_ca.cert,
+            "not valid for '127.0.0.1'; reach it by a name its certificate holds",
+        ),
+    ]
+    for server, ca_file, cause in cases:
+        server.start()
+        try:
+            shown = blockstore("inspect", f"{server.host}/tls/x:v1", "--ca-file", str(ca_file))
+        finally:
+            server.stop()
+        assert shown.returncode == 5, shown.stderr
+        assert shown.stderr.count("\n") == 1 and "Traceback" not in shown.stderr
+        assert f"cannot connect securely to {server.host}: certificate not trusted" in shown.stderr
+        assert cause in shown.stderr, shown.stderr
 
 
 def test_push_refuses_a_mirror_it_would_not_use(tmp_path):

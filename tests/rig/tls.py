@@ -19,12 +19,15 @@ class CertificateAuthority:
     cert: Path
     key: Path
 
-    def issue(self, name: str, *, server: bool) -> tuple[Path, Path]:
-        """A certificate and key signed by this CA; ``server`` adds the loopback names."""
+    def issue(
+        self, name: str, *, server: bool, names: str = "IP:127.0.0.1,DNS:localhost"
+    ) -> tuple[Path, Path]:
+        """A certificate and key signed by this CA; ``server`` adds ``names`` (by default
+        the loopback ones)."""
         cert, key, csr = (self.directory / f"{name}.{ext}" for ext in ("crt", "key", "csr"))
         extensions = self.directory / f"{name}.ext"
         usage = (
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
+            f"subjectAltName={names}\nextendedKeyUsage=serverAuth\n"
             "keyUsage=digitalSignature,keyEncipherment"
             if server
             else "keyUsage=digitalSignature"
