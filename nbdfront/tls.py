@@ -53,6 +53,9 @@ def server_context(directory: Path, verify_peer: bool = False) -> ssl.SSLContext
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
+        if isinstance(exc, ssl.SSLError) and exc.reason == "KEY_VALUES_MISMATCH":
+            # Both files parse: saying they are not PEM would send the user the wrong way.
+            raise TLSSetupError(f"{key} is not the private key of {cert}") from None
         expected = "a PEM certificate and its private key"
         raise TLSSetupError(f"cannot load {cert} with {key}: {_reason(exc, expected)}") from None
     if verify_peer:

@@ -380,20 +380,25 @@ def test_listening_beyond_loopback_says_what_is_exposed(
         (["--tls", "require", "--tls-certificates", "{empty}"], 1, "lacks server-cert.pem"),
         (["--tls", "require", "--tls-certificates", "{keyless}"], 1, "lacks server-key.pem"),
         (["--tls", "on", "--tls-certificates", "{garbled}"], 1, "cannot load"),
+        (["--tls", "on", "--tls-certificates", "{mismatched}"], 1, "is not the private key of"),
     ],
 )
 def test_bad_tls_options_are_one_line_errors(
     pushed_images, nbd_certificates, tmp_path, options, code, message
 ):
     """TLS options that cannot work are refused before anything is served, with one line
-    and the usage (2) or generic (1) exit code."""
+    and the usage (2) or generic (1) exit code. A key that parses but belongs to another
+    certificate (the client's) is said to be that, not a file that is not PEM."""
     cert = (nbd_certificates.server / "server-cert.pem").read_bytes()
-    for name in ("keyless", "garbled", "empty"):
+    names = ("nowhere", "empty", "keyless", "garbled", "mismatched")
+    for name in names[1:]:
         (tmp_path / name).mkdir()
         if name != "empty":
             (tmp_path / name / "server-cert.pem").write_bytes(cert)
     (tmp_path / "garbled" / "server-key.pem").write_text("not a key\n")
-    paths = {name: str(tmp_path / name) for name in ("nowhere", "empty", "keyless", "garbled")}
+    other_key = (nbd_certificates.client / "client-key.pem").read_bytes()
+    (tmp_path / "mismatched" / "server-key.pem").write_bytes(other_key)
+    paths = {name: str(tmp_path / name) for name in names}
     argv = [sys.executable, "-m", "blockstore", "serve", pushed_images.small, "--insecure"]
     argv += [option.format(**paths) for option in options]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
