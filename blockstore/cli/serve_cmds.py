@@ -43,6 +43,7 @@ from blockstore.errors import BlockstoreError
 from blockstore.metrics import MetricsServer
 from nbdfront.mount.readiness import ReadinessPipe
 from nbdfront.server import DEFAULT_PORT, NBDServer, is_wildcard, netloc
+from nbdfront.tls import dates_warning
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,8 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
         address = server.tcp_address
         for warning in exposure_warnings(address, tls, args.tls_verify_peer, reference, names):
             print(f"blockstore: {warning}", file=sys.stderr)
+        if tls is not None and (dates := dates_warning(args.tls_certificates)):
+            print(f"blockstore: warning: {dates}", file=sys.stderr)
         if args.metrics is not None:
             metrics = start_metrics(args.metrics, image.store, server)
             print(f"metrics {metrics_url(metrics)}")

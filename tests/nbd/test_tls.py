@@ -329,6 +329,25 @@ def test_serve_command_over_tls_end_to_end(
         assert proc.stderr.read() == ""
 
 
+def test_serving_an_expired_certificate_says_so_at_start(pushed_images, nbd_certificates, tmp_path):
+    """``serve --tls require`` with a server certificate that expired in 2020: stderr says
+    at start that it expired, and when, naming the file, rather than leaving the operator
+    only resets in the log as every checking client hangs up; nbdinfo is indeed refused.
+    It is still served: a client that checks nothing (a mount's nbdfuse) reads it."""
+    certificates = nbd_certificates.expired_server
+    tls = ["--tls", "require", "--tls-certificates", str(certificates)]
+    args = serve_args(pushed_images, tmp_path, "--listen", "127.0.0.1:0", *tls)
+    with serving(*args) as (proc, exports):
+        uri = f"{exports['']}?tls-certificates={nbd_certificates.client}"
+        assert run("nbdinfo", "--size", uri).returncode != 0
+        assert stop(proc) == 0
+        stderr = proc.stderr.read()
+    assert stderr.splitlines()[0] == (
+        f"blockstore: warning: {certificates / 'server-cert.pem'} expired on 2020-02-01 00:00 "
+        "UTC: clients that check it (nbdinfo, nbdcopy, qemu) will hang up"
+    )
+
+
 # Bound to 0.0.0.0, the warnings name every address of this machine: before, they named
 # 0.0.0.0, which is no address anyone could reach.
 WARNINGS = {
