@@ -57,8 +57,14 @@ def server_context(directory: Path, verify_peer: bool = False) -> ssl.SSLContext
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     cert, key, ca = directory / SERVER_CERT, directory / SERVER_KEY, directory / CA_CERT
     _require_files(directory, [cert, key, ca] if verify_peer else [cert, key])
+
+    def no_passphrase() -> str:
+        # Without a callback OpenSSL asks for the passphrase on the terminal, and the
+        # server waits there for it; nbdkit, whose directory layout this is, takes none.
+        raise TLSSetupError(f"{key} is encrypted: the server takes an unencrypted key")
+
     try:
-        context.load_cert_chain(cert, key)
+        context.load_cert_chain(cert, key, password=no_passphrase)
     except (OSError, ssl.SSLError) as exc:
         if isinstance(exc, ssl.SSLError) and exc.reason == "KEY_VALUES_MISMATCH":
             # Both files parse: saying they are not PEM would send the user the wrong way.

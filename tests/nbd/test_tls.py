@@ -400,6 +400,7 @@ def test_listening_beyond_loopback_says_what_is_exposed(
         (["--tls", "require", "--tls-certificates", "{keyless}"], 1, "lacks server-key.pem"),
         (["--tls", "on", "--tls-certificates", "{garbled}"], 1, "cannot load"),
         (["--tls", "on", "--tls-certificates", "{mismatched}"], 1, "is not the private key of"),
+        (["--tls", "on", "--tls-certificates", "{encrypted}"], 1, "server-key.pem is encrypted"),
     ],
 )
 def test_bad_tls_options_are_one_line_errors(
@@ -407,9 +408,10 @@ def test_bad_tls_options_are_one_line_errors(
 ):
     """TLS options that cannot work are refused before anything is served, with one line
     and the usage (2) or generic (1) exit code. A key that parses but belongs to another
-    certificate (the client's) is said to be that, not a file that is not PEM."""
+    certificate (the client's) is said to be that, not a file that is not PEM; an encrypted
+    key is said to be one, and no passphrase is asked for on the terminal."""
     cert = (nbd_certificates.server / "server-cert.pem").read_bytes()
-    names = ("nowhere", "empty", "keyless", "garbled", "mismatched")
+    names = ("nowhere", "empty", "keyless", "garbled", "mismatched", "encrypted")
     for name in names[1:]:
         (tmp_path / name).mkdir()
         if name != "empty":
@@ -417,10 +419,15 @@ def test_bad_tls_options_are_one_line_errors(
     (tmp_path / "garbled" / "server-key.pem").write_text("not a key\n")
     other_key = (nbd_certificates.client / "client-key.pem").read_bytes()
     (tmp_path / "mismatched" / "server-key.pem").write_bytes(other_key)
+    key = nbd_certificates.server / "server-key.pem"
+    encrypted = tmp_path / "encrypted" / "server-key.pem"
+    run("openssl", "pkey", "-in", key, "-aes256", "-passout", "pass:secret", "-out", encrypted)
     paths = {name: str(tmp_path / name) for name in names}
     argv = [sys.executable, "-m", "blockstore", "serve", pushed_images.small, "--insecure"]
     argv += [option.format(**paths) for option in options]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        argv, capture_output=True, text=True, timeout=60, start_new_session=True
+    )
     assert result.returncode == code and result.stdout == ""
     (line,) = result.stderr.splitlines()
     assert message in line
