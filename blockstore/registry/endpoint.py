@@ -508,6 +508,11 @@ def describe_failure(
     for types, cause_text in _CAUSES:
         if any(isinstance(cause, types) for cause in causes):
             return cause_text
+    for cause in causes:
+        if isinstance(cause, ssl.SSLError) and cause.reason:
+            # The TLS alert or OpenSSL's reason: a client certificate asked for, no
+            # protocol version in common. "SSLError" alone left the user nothing to go on.
+            return f"the TLS handshake failed ({cause.reason.lower().replace('_', ' ')})"
     return type(exc).__name__
 
 

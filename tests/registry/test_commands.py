@@ -443,6 +443,24 @@ def test_a_certificate_no_ca_file_can_mend_is_not_sent_to_one(tmp_path, test_ca,
         assert cause in shown.stderr, shown.stderr
 
 
+def test_a_registry_demanding_a_client_certificate_is_named_as_doing_so(tmp_path, test_ca):
+    """An HTTPS registry that demands a client certificate (mutual TLS), which blockstore
+    cannot show: the one line names the TLS alert it sent, not "SSLError" alone (exit 5)."""
+    server = RegistryServer(
+        tmp_path / "mtls", tls=test_ca.issue("mtls", server=True), client_ca=test_ca.cert
+    )
+    server.start()
+    try:
+        shown = blockstore("inspect", f"{server.host}/tls/x:v1", "--ca-file", str(test_ca.cert))
+    finally:
+        server.stop()
+    assert shown.returncode == 5, shown.stderr
+    (line,) = shown.stderr.splitlines()
+    said = f"blockstore: cannot connect securely to {server.host}: the TLS handshake failed ("
+    assert line.startswith(said), line
+    assert "alert" in line and "certificate" in line, line  # Go's: "bad certificate"
+
+
 def test_push_refuses_a_mirror_it_would_not_use(tmp_path):
     """A push goes to the registry itself: --mirror, which it would ignore, is refused in
     one usage line saying so, before any connection."""

@@ -40,8 +40,11 @@ class RegistryServer:
         proxy_remote: str | None = None,
         username: str | None = None,
         password: str | None = None,
+        client_ca: Path | None = None,
     ):
         self.tls = tls
+        self.client_ca = client_ca
+        """With ``tls``: the CA whose client certificates it demands (mutual TLS)."""
         self.ca_file = ca_file
         self.username = username
         self.password = password
@@ -66,6 +69,8 @@ class RegistryServer:
         http: dict = {"secret": "blockstore-test-secret"}
         if self.tls:
             http["tls"] = {"certificate": str(self.tls[0]), "key": str(self.tls[1])}
+            if self.client_ca:
+                http["tls"]["clientcas"] = [str(self.client_ca)]
         settings: dict = {
             "http": http,
             "storage": {
