@@ -14,10 +14,7 @@ guards the TLS state, and socket I/O happens outside it.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import re
 import socket
 import ssl
 import threading
@@ -34,9 +31,6 @@ SERVER_KEY = "server-key.pem"
 CA_CERT = "ca-cert.pem"
 CA_CRL = "ca-crl.pem"
 _RECV_SIZE = 256 * 1024
-_PEM_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.DOTALL
-)
 
 
 class TLSSetupError(Exception):
@@ -94,7 +88,7 @@ def dates_warning(directory: Path) -> str | None:
     mount's own nbdfuse) is still served.
     """
     cert = directory / SERVER_CERT
-    dates = _validity(cert.read_bytes())
+    dates = _validity(cert)
     if dates is None:
         return None
     not_before, not_after = dates
@@ -108,42 +102,21 @@ def dates_warning(directory: Path) -> str | None:
     return f"{cert} {problem}: clients that check it (nbdinfo, nbdcopy, qemu) will hang up"
 
 
-def _validity(pem: bytes) -> tuple[datetime, datetime] | None:
-    """notBefore and notAfter of the first certificate in ``pem``, None if it does not
-    parse: the stdlib's ``ssl`` reads the dates of a peer's certificate, never a file's.
-    (RFC 5280: Certificate and TBSCertificate are SEQUENCEs; Validity follows the
-    optional [0] version, the serial number, the signature algorithm and the issuer.)"""
-    block = _PEM_CERTIFICATE.search(pem)
-    if block is None:
+def _validity(cert: Path) -> tuple[datetime, datetime] | None:
+    """notBefore and notAfter of the certificate in ``cert``, None if it does not parse.
+    The stdlib's public ``ssl`` API gives the dates of a peer's certificate only; its
+    decoder of a file (OpenSSL's own, which CPython's tests use) reads them here, and
+    a Python without it just goes unwarned."""
+    decode = getattr(ssl._ssl, "_test_decode_cert", None)
+    if decode is None:
         return None
     try:
-        der = base64.b64decode(block.group(1))
-        _, pos, _ = _der_element(der, 0)  # into Certificate
-        _, pos, _ = _der_element(der, pos)  # into TBSCertificate
-        tag, _, end = _der_element(der, pos)
-        skip = 3 if tag == 0xA0 else 2  # the version; serial and algorithm; the issuer
-        pos = end
-        for _ in range(skip):
-            _, _, pos = _der_element(der, pos)
-        _, pos, _ = _der_element(der, pos)  # into Validity
-        dates = []
-        for _ in range(2):
-            tag, start, pos = _der_element(der, pos)
-            layout = "%y%m%d%H%M%SZ" if tag == 0x17 else "%Y%m%d%H%M%SZ"  # UTCTime or not
-            moment = datetime.strptime(der[start:pos].decode("ascii"), layout)
-            dates.append(moment.replace(tzinfo=UTC))
-    except (ValueError, IndexError, binascii.Error):
+        decoded = decode(str(cert))
+        not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
+        not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
+    except (OSError, ValueError, KeyError):  # ssl.SSLError is an OSError
         return None
-    return dates[0], dates[1]
-
-
-def _der_element(der: bytes, pos: int) -> tuple[int, int, int]:
-    """The tag of the DER element at ``pos``, where its content starts, and where it ends."""
-    tag, length, pos = der[pos], der[pos + 1], pos + 2
-    if length & 0x80:
-        size = length & 0x7F
-        length, pos = int.from_bytes(der[pos : pos + size], "big"), pos + size
-    return tag, pos, pos + length
+    return datetime.fromtimestamp(not_before, UTC), datetime.fromtimestamp(not_after, UTC)
 
 
 def _require_files(directory: Path, paths: list[Path]) -> None:
