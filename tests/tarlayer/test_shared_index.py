@@ -404,22 +404,35 @@ def test_index_push_never_publishes_a_shared_index_it_has_not_proven(
     finally:
         image.close()
 
-    time.sleep(1.1)  # artifacts are dated to the second: the one pushed now is the newest
+    said = _index_push(registry, ref, cache)
+    assert "does not describe this layer's tar" in said
+    assert _attached_metadata(registry, ref, tmp_path / "new") == own.metadata
+
+
+def _index_push(registry, ref: str, cache: Path) -> str:
+    """``index --push`` of ``ref`` from ``cache``, a second after what was attached
+    before (artifacts are dated to the second: the one pushed now is the newest); what
+    it said on stderr."""
+    time.sleep(1.1)
     done = subprocess.run(
         [*BLOCKSTORE, "index", "--push", "--insecure", "--cache-dir", str(cache), ref],
         capture_output=True,
         text=True,
     )
     assert done.returncode == 0, done.stderr
-    assert "does not describe this layer's tar" in done.stderr
-    image = open_image(ref, cache_dir=tmp_path / "new", options=registry.options())
+    return done.stderr
+
+
+def _attached_metadata(registry, ref: str, cache: Path) -> bytes:
+    """The metadata image of the tar index attached to ``ref``'s first layer now."""
+    image = open_image(ref, cache_dir=cache, options=registry.options())
     try:
         subject = subject_of(image.resolved, image.repository)
         referrers = list_referrers(image.client, subject)
         attached = fetch_tar_index(image.client, subject, image.resolved.layers[0], referrers)
     finally:
         image.close()
-    assert {media: data for data, media, _ in attached}[METADATA_MEDIA_TYPE] == own.metadata
+    return {media: data for data, media, _ in attached}[METADATA_MEDIA_TYPE]
 
 
 def _setuid_in_header(tar: bytes, name: str) -> bytes:
@@ -471,21 +484,8 @@ def test_index_push_proves_a_plain_tar_index_built_from_headers_not_yet_checked(
         assert IndexCache(store).unproven(digest, DEFAULT_SPAN)
     proxy.fault = None
 
-    time.sleep(1.1)  # artifacts are dated to the second: the one pushed now is the newest
-    done = subprocess.run(
-        [*BLOCKSTORE, "index", "--push", "--insecure", "--cache-dir", str(cache), ref],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr
-    image = open_image(ref, cache_dir=tmp_path / "new", options=registry.options())
-    try:
-        subject = subject_of(image.resolved, image.repository)
-        referrers = list_referrers(image.client, subject)
-        attached = fetch_tar_index(image.client, subject, image.resolved.layers[0], referrers)
-    finally:
-        image.close()
-    assert {media: data for data, media, _ in attached}[METADATA_MEDIA_TYPE] == own.metadata
+    _index_push(registry, ref, cache)
+    assert _attached_metadata(registry, ref, tmp_path / "new") == own.metadata
 
 
 @pytest.mark.parametrize("lie", ["a span's digest", "the tree"])
