@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import ssl
 import threading
 import time
@@ -102,6 +103,11 @@ class ManifestPut:
     None where the registry does not, and the client keeps the referrers tag."""
 
 
+_PEM_CERTIFICATE = re.compile(
+    r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+?-----END CERTIFICATE-----"
+)
+
+
 class RegistryClient:
     """A client of one registry (and its mirrors); safe to share between threads."""
 
@@ -110,10 +116,11 @@ class RegistryClient:
         self.options = options = options or RegistryOptions()
         # Without proxies, netrc or CA bundles from the environment, which would change
         # where requests go and with which credentials behind our back.
-        self._session = pooled_session(POOL_SIZE)
         if options.ca_file and not os.path.isfile(options.ca_file):
             raise UsageError(f"CA file {options.ca_file} does not exist")
-        self._verify = options.ca_file or system_ca_bundle()
+        extra_cas = _pem_certificates(Path(options.ca_file)) if options.ca_file else None
+        self._session = pooled_session(POOL_SIZE, extra_cas)
+        self._verify = system_ca_bundle()
         self.policy = RetryPolicy(max_attempts=options.max_attempts)
         self.upstream = self._endpoint(
             registry,
@@ -679,6 +686,13 @@ def base_url(registry: str, insecure: bool) -> str:
     if "://" in registry:
         return registry.rstrip("/")
     return f"{'http' if insecure else 'https'}://{registry}"
+
+
+def _pem_certificates(path: Path) -> str:
+    """The PEM certificates of a CA file, without what may lie between them (comments,
+    keys, text not in ASCII, which OpenSSL's loader of PEM text refuses)."""
+    text = path.read_bytes().decode("ascii", errors="replace")
+    return "\n".join(_PEM_CERTIFICATE.findall(text))
 
 
 def system_ca_bundle() -> str | bool:

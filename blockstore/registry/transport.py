@@ -33,15 +33,20 @@ _deadline: contextvars.ContextVar[Deadline | None] = contextvars.ContextVar(
 """The deadline of the request this thread makes in ``heads_within``, if any."""
 
 
-def pooled_session(pool_size: int) -> requests.Session:
+def pooled_session(pool_size: int, extra_cas: str | None = None) -> requests.Session:
     """A session keeping up to ``pool_size`` connections per host, whose replies' heads
-    are read within the deadline of ``heads_within`` around each request."""
+    are read within the deadline of ``heads_within`` around each request.
+
+    ``extra_cas``: PEM certificates trusted beside the bundle each request names as
+    ``verify`` (``--ca-file``, added to the system's CAs as Docker's ``certs.d`` is: a
+    private registry may redirect its blobs to storage with a public certificate)."""
     session = requests.Session()
     # Proxies, netrc and CA bundles from the environment would change where
     # requests go and with which credentials behind our back.
     session.trust_env = False
     for scheme in ("http://", "https://"):
-        session.mount(scheme, _Adapter(pool_connections=4, pool_maxsize=pool_size))
+        adapter = _Adapter(extra_cas, pool_connections=4, pool_maxsize=pool_size)
+        session.mount(scheme, adapter)
     return session
 
 
@@ -127,8 +132,15 @@ class _TLSPool(HTTPSConnectionPool):
 
 
 class _Adapter(HTTPAdapter):
-    """requests' adapter, its pools making connections whose replies are ``_Reply``."""
+    """requests' adapter, its pools making connections whose replies are ``_Reply``, and
+    trusting ``extra_cas`` beside each request's ``verify`` bundle."""
+
+    def __init__(self, extra_cas: str | None, **kwargs) -> None:
+        self._extra_cas = extra_cas  # read by init_poolmanager, which the base's init calls
+        super().__init__(**kwargs)
 
     def init_poolmanager(self, *args, **kwargs) -> None:
+        if self._extra_cas is not None:  # urllib3 loads it with the bundle (plain HTTP: not)
+            kwargs["ca_cert_data"] = self._extra_cas
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}

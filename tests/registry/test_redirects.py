@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 from rig.processes import QuietHTTPServer
 from rig.pushed import push_erofs
+from rig.tls import make_ca
 
 from blockstore.errors import BlobReadError
 from blockstore.registry import RegistryBlob, RegistryClient, RegistryOptions, resolve_image
@@ -97,3 +98,23 @@ def test_with_insecure_the_plain_http_redirect_is_followed(https_front, test_ca,
     with RegistryClient(f"https://{front.host}", options) as client:
         assert read_layer(client, front.host) == erofs_images.small.path.read_bytes()
     assert any("/blobs/" in r.path for r in plain.requests)
+
+
+def test_a_ca_file_is_trusted_beside_the_system_cas(
+    tls_registry, erofs_images, test_ca, tmp_path, monkeypatch
+):
+    """Tried: a registry whose certificate a private CA signed, given with --ca-file,
+    that redirects its manifests and blobs to storage whose certificate a CA in the
+    system's store signed (the store named by ``$SSL_CERT_FILE`` here). Must hold: both
+    are trusted and the layer reads back whole, as Docker's ``certs.d`` adds a
+    registry's CA to the system's. Before, --ca-file replaced the system's CAs, and the
+    storage was refused as "certificate not trusted"."""
+    small = [erofs_images.small.path]
+    push_erofs(tls_registry.host, REPOSITORY, "v1", small, options=tls_registry.options())
+    private = make_ca(tmp_path / "private")
+    monkeypatch.setenv("SSL_CERT_FILE", str(test_ca.cert))
+    front_cert = private.issue("front", server=True)
+    with Redirector(front_cert, tls_registry.url, tls_registry.url) as front:
+        options = RegistryOptions(ca_file=str(private.cert), timeout=5.0, max_attempts=2)
+        with RegistryClient(front.host, options) as client:
+            assert read_layer(client, front.host) == erofs_images.small.path.read_bytes()
