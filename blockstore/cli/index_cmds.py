@@ -23,6 +23,8 @@ from blockstore.cli.common import (
 )
 
 if TYPE_CHECKING:
+    from blockstore.cache.indexes import IndexShelf
+    from blockstore.chunkindex import ChunkIndex
     from blockstore.image import OpenImage
     from blockstore.registry.manifests import Layer
     from blockstore.tarlayer.export import IndexCache
@@ -78,6 +80,29 @@ def _proven_tar_export(image: OpenImage, layer: Layer, kind: str, kept: IndexCac
                 exported.prefetch()  # a second lie is the registry's own: an error
     assert isinstance(exported, TarLayer)
     return exported
+
+
+def _trusted_tables(
+    shelf: IndexShelf, layers: list[Layer], attached: dict[str, ChunkIndex]
+) -> dict[str, ChunkIndex]:
+    """The attached tables of the layers not indexed now, as they are carried into the
+    new artifact: one this cache built from verified bytes stands in for the attached
+    one, and one this cache found to disagree with its layer is left out, so that a
+    push of one layer never publishes again a lie about another."""
+    tables = {}
+    for layer in layers:
+        if (own := shelf.built(layer.digest, layer.size)) is not None:
+            tables[layer.digest] = own
+        elif (table := attached.get(layer.digest)) is not None:
+            if shelf.refused(table):
+                log.warning(
+                    "%s: the chunk index attached now is left out: this cache found it "
+                    "to disagree with the layer",
+                    layer.digest,
+                )
+            else:
+                tables[layer.digest] = table
+    return tables
 
 
 def run_index(args: argparse.Namespace) -> int:
@@ -143,6 +168,7 @@ def run_index(args: argparse.Namespace) -> int:
                 lambda: fetch_indexes(image.client, subject, image.resolved.layers),
                 {},
             )
+            tables = _trusted_tables(shelf, image.resolved.layers, tables)
             tables.update(built)
             ordered = [tables[lay.digest] for lay in image.resolved.layers if lay.digest in tables]
             digest = push_indexes(image.client, subject, ordered)

@@ -555,3 +555,43 @@ def test_a_malformed_referrers_listing_costs_a_warning_never_the_open(
     finally:
         opened.close()
     assert link.faults_applied >= 1
+
+
+def test_index_push_of_one_layer_leaves_out_another_s_table_found_to_lie(
+    registry, erofs_images, tmp_path
+):
+    """Tried: a two-layer image whose attached chunk index lies about the second layer's
+    chunk 3, found out and dropped by an open that read it; then ``index --push --layer
+    0`` from that cache, which rebuilds the first layer's table and carries the others
+    over. Must hold: the artifact it attaches holds the first layer's table and not the
+    second's lie. Before, the lie was carried over unchecked and published again as
+    part of the user's own push."""
+    first, second = erofs_images.small.path, erofs_images.layers[0].path
+    data = second.read_bytes()
+    ref = push_erofs(registry.host, "artifacts/carried", "v1", [first, second])
+    lying = attach_lying_index(registry.host, ref, data)
+    cache = tmp_path / "cache"
+    options = RegistryOptions(insecure=True)
+    image = open_image(ref, cache_dir=cache, options=options, prefetch=QUIET)
+    try:
+        _, blob = image.exports()
+        with pytest.raises(BlobReadError):
+            blob.read(BAD_CHUNK * CHUNK_SIZE, CHUNK_SIZE)
+        shelf = IndexShelf(image.store)
+        deadline = time.monotonic() + 20
+        while shelf.get(lying.layer_digest, lying.size) is not None:
+            assert time.monotonic() < deadline, "the lying index was not dropped"
+            time.sleep(0.05)
+    finally:
+        image.close()
+    time.sleep(1.1)  # artifacts are dated to the second: the one pushed now is the newest
+    done = blockstore(
+        "index", "--push", "--layer", "0", "--insecure", "--cache-dir", str(cache), ref
+    )
+    assert done.returncode == 0, done.stderr
+    assert "found it to disagree with the layer" in done.stderr
+    with RegistryClient(registry.host, options) as client:
+        parsed = parse_reference(ref)
+        resolved = resolve_image(client, parsed)
+        attached = fetch_indexes(client, subject_of(resolved, parsed.repository), resolved.layers)
+    assert set(attached) == {resolved.layers[0].digest}
