@@ -746,10 +746,24 @@ def _sweep(record: MountRecord, *, fuse: bool, lazy: bool) -> None:
 
 def _held_inside(record: MountRecord) -> list[str]:
     """What uses the mount's layers through its state directory (a process with a
-    layer's FUSE file or EROFS directory open, a loop device over a FUSE file), which
+    layer's FUSE file or EROFS directory open, a loop device over a FUSE file) or from
+    another mount namespace (its copy of the mount, a container's bind of it), which
     the unmount of the top cannot see: found after it, the top would be gone and the
     rest refused, a mount neither whole nor undone."""
-    return syscall.loops_over(record.state_dir) + processes_using(record.state_dir)
+    return (
+        syscall.loops_over(record.state_dir)
+        + processes_using(record.state_dir)
+        + syscall.held_in_other_namespaces(_mount_points(record))
+    )
+
+
+def _mount_points(record: MountRecord) -> list[str]:
+    """Where the record's file systems are mounted: the top, each layer, each FUSE file."""
+    return [
+        record.mountpoint,
+        *record.lowers,
+        *(a.fuse_dir for a in record.attachments if a.fuse_dir),
+    ]
 
 
 def _mounts_run_inside(record: MountRecord) -> list[MountRecord]:
@@ -795,9 +809,7 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
         )
     top = where == "top"
     if top and not lazy:
-        ours = [record.mountpoint, *record.lowers]
-        ours += [a.fuse_dir for a in record.attachments if a.fuse_dir]
-        users = syscall.users_of(ours)
+        users = syscall.users_of(_mount_points(record))
         if users:
             raise MountpointBusy(
                 f"{record.mountpoint} is busy: {', '.join(users)} is mounted over it (a bind "

@@ -99,12 +99,13 @@ class _Mount(NamedTuple):
     options: str  # the file system's own (overlayfs: its directories)
     mount_id: str
     parent_id: str  # the mount this one is mounted on
+    propagation: tuple[str, ...]  # ``shared:N``, ``master:N``: the peer groups it is tied to
 
 
-def _mounts() -> list[_Mount]:
-    """Every mount of /proc/self/mountinfo, in its order."""
+def _mounts(mountinfo: str = "/proc/self/mountinfo") -> list[_Mount]:
+    """Every mount of ``mountinfo`` (this process's, or another's), in its order."""
     found = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             fields, tail = left.split(), right.split()
@@ -118,6 +119,7 @@ def _mounts() -> list[_Mount]:
                     options,
                     fields[0],
                     fields[1],
+                    tuple(fields[6:]),
                 )
             )
     return found
@@ -163,6 +165,54 @@ def _overlay_dirs(options: str, keys: tuple[str, ...]) -> list[str]:
         if key in keys:
             dirs += _unescape(value).split(":")
     return dirs
+
+
+def held_in_other_namespaces(mountpoints: list[str]) -> list[str]:
+    """A process of each other mount namespace that holds a mount of the file systems at
+    ``mountpoints``, with where it is mounted there: a namespace made while they stood
+    (``unshare -m``, a container) has its own copy of them, or a bind of one, which no
+    unmount here takes away unless it propagates there (a peer or a slave of ours).
+    Unmounted here, they would live on there on a server stopped, their reads failing."""
+    table = {m.point: m for m in _mounts()}
+    ours = [table[point] for p in mountpoints if (point := os.path.realpath(p)) in table]
+    rank: dict[str, int] = {}  # the first of ``mountpoints`` is named first: the top
+    for m in ours:
+        rank.setdefault(m.device, len(rank))
+    # An unmount here propagates to the peers and the slaves of a shared mount of ours.
+    groups = {
+        tag[len("shared:") :] for m in ours for tag in m.propagation if tag.startswith("shared:")
+    }
+    tied = {f"{kind}:{group}" for kind in ("shared", "master") for group in groups}
+    seen = {_namespace("self")}
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            namespace = _namespace(entry.name)
+            if namespace in seen:
+                continue
+            there = sorted(
+                (
+                    m
+                    for m in _mounts(f"{entry.path}/mountinfo")
+                    if m.device in rank and not tied.intersection(m.propagation)
+                ),
+                key=lambda m: rank[m.device],
+            )
+            command = Path(entry.path, "comm").read_text(errors="replace").strip()
+        except OSError:  # gone meanwhile
+            continue
+        seen.add(namespace)
+        if there:
+            where = f"mounted there at {there[0].point}"
+            found.append(f"pid {entry.name} ({command}) in another mount namespace ({where})")
+    return found
+
+
+def _namespace(pid: str) -> tuple[int, int]:
+    st = os.stat(f"/proc/{pid}/ns/mnt")
+    return st.st_dev, st.st_ino
 
 
 def loops_over(path: str) -> list[str]:

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 from mount_trees import assert_same_tree
+from namespace_holder import HOLDER
+from rig.processes import processes_mentioning
+from rig.waiting import wait_for
 from suggested import run_suggested
 
 from blockstore.errors import MountpointBusy
@@ -57,6 +60,49 @@ def test_a_layer_used_from_outside_is_refused_before_anything_is_undone(
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert not Path(record.state_dir).exists() and records.saved() == []
+
+
+@pytest.mark.parametrize("held", ["its copy of the mount", "a bind of the mount point"])
+def test_a_mount_held_in_another_mount_namespace_is_refused_before_anything_is_undone(
+    mount_dirs, mountpoint, pushed_images, erofs_images, held
+):
+    """Tried: the three-layer image mounted, then a process in a mount namespace made while
+    it stands (as ``unshare -m`` makes one), holding its private copy of the mount, or a
+    bind of the mount point elsewhere in it, as a container given the image as a volume.
+    Must hold: ``umount`` is refused as busy (exit 13) before anything is undone, naming
+    the process and where its namespace has the image; the mount stays whole, and once
+    that process ends ``umount`` leaves nothing. Before, the top was unmounted here and the
+    server stopped (the other namespace reading I/O errors), then the FUSE file it still
+    held was refused as used by a process not named: a mount neither whole nor undone."""
+    base, run = mount_dirs
+    cache = base / "cache"
+    done = cli(
+        "mount", "--insecure", "--cache-dir", str(cache), pushed_images.multilayer, str(mountpoint)
+    )
+    assert done.returncode == 0, done.stderr
+    holder = [*HOLDER, "--keep", str(base), "--keep", str(run)]
+    shown = mountpoint
+    if held == "a bind of the mount point":
+        shown = base / "volume"
+        shown.mkdir()
+        holder += ["--bind", str(mountpoint), str(shown)]
+    user = subprocess.Popen([*holder, "sleep", "600"])
+    try:
+        comm = Path(f"/proc/{user.pid}/comm")
+        assert wait_for(lambda: comm.read_text().strip() == "sleep"), "never made its namespace"
+        done = cli("umount", str(mountpoint))
+        assert done.returncode == MountpointBusy.exit_code, done.stderr
+        named = f"pid {user.pid} (sleep) in another mount namespace (mounted there at {shown})"
+        assert named in done.stderr, done.stderr
+        assert stack.status(records.load(str(mountpoint))).state == "ok"
+        assert_same_tree(erofs_images.layers[-1].merged_tree, mountpoint)
+    finally:
+        user.kill()
+        user.wait()
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert records.saved() == [] and not processes_mentioning(str(run))
 
 
 def test_umount_of_a_path_inside_a_mount_names_the_mount(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from mount_trees import assert_same_tree
+from namespace_holder import HOLDER
 from rig.processes import processes_mentioning
 from rig.waiting import wait_for
 from suggested import own_lines
@@ -821,7 +822,7 @@ def test_not_root_and_no_fuse_have_their_own_exit_codes(mount_dirs, mountpoint):
         [*BLOCKSTORE, "mount", "img", str(mountpoint)]
     )
     no_fuse = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        [*HOLDER, "sh", "-c", script],
         capture_output=True,
         text=True,
         timeout=60,
