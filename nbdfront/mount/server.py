@@ -29,6 +29,7 @@ from pathlib import Path
 from blockstore.errors import MountError
 from nbdfront.mount import readiness
 from nbdfront.mount.process import ProcessRef, log_tail, spawn_detached
+from nbdfront.mount.supervisor import shell_status
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,8 @@ def _started(
             f"(log: {log_path})"
         )
     try:
-        exit_status = proc.wait(EXIT_AFTER_FAILURE)
+        # The supervisor's status is the server's; killed itself, it took the server with it.
+        exit_status = shell_status(proc.wait(EXIT_AFTER_FAILURE))
     except subprocess.TimeoutExpired:
         exit_status = None
     logger.info("the server exited with %s; its last lines:\n%s", exit_status, log_tail(log_path))

@@ -46,6 +46,12 @@ class ServerExit:
     killed_after_grace: bool = False
 
 
+def shell_status(returncode: int) -> int:
+    """A process's exit status as a shell gives it: 128+N for one killed by signal N
+    (``subprocess`` says -N)."""
+    return returncode if returncode >= 0 else 128 - returncode
+
+
 def read_status(path: Path) -> ServerExit | None:
     """How the server ended, as the supervisor wrote it; None if it never wrote it."""
     try:
@@ -85,7 +91,7 @@ def supervise(status_path: Path, ready_fd: int, command: list[str]) -> int:
             if told_to_stop and not killed and time.monotonic() - told_to_stop[0] > STOP_GRACE:
                 server.kill()
                 killed = True
-    ended = ServerExit(returncode if returncode >= 0 else 128 - returncode, killed)
+    ended = ServerExit(shell_status(returncode), killed)
     _write_status(status_path, ended)
     return ended.status
 

@@ -396,6 +396,35 @@ def test_ctrl_c_while_the_server_opens_the_image_leaves_no_log(
     assert list(run.iterdir()) == [], "a log, or the directories made for the mount"
 
 
+def test_a_supervisor_killed_before_ready_fails_the_mount_with_the_servers_status(
+    dirs, registry, pushed_images, fault_proxy
+):
+    """Tried: SIGKILL to the mount's supervisor (which takes its server with it) while
+    `mount` waits for the server, which waits on a slow registry. Must hold: the mount
+    fails at once with the status a shell gives a process killed by SIGKILL, 137, as
+    for a server killed itself, and leaves nothing. Before, it said "the server exited
+    with status -9" and exited 247, a status no signal and no error of ours gives."""
+    mnt, _, cache, run = dirs
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault("delay", path_contains="/manifests/", seconds=30)
+    ref = pushed_images.small.replace(registry.host, proxy.host, 1)
+    argv = [*BLOCKSTORE, "mount", "--insecure", "--cache-dir", str(cache), ref, str(mnt)]
+    mounting = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while proxy.faults_applied == 0:
+            assert time.monotonic() < deadline, "the server never asked for the manifest"
+            time.sleep(0.02)
+        (supervisor,) = processes_mentioning(f"nbdfront.mount.supervisor {run}/")
+        os.kill(supervisor, signal.SIGKILL)
+        _, stderr = mounting.communicate(timeout=15)
+    finally:
+        mounting.kill()
+    assert mounting.returncode == 128 + signal.SIGKILL, stderr
+    assert "the server exited with status 137 before it was ready" in one_line(stderr)
+    assert_nothing_left(mnt, run)
+
+
 def interrupt_after_its_first_line(argv: list[str]) -> tuple[str, int]:
     """Run ``argv``; from its first line on stdout, SIGINT it every 10 ms until it exits.
     Returns that line and its exit status."""
