@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from blockstore.errors import MountError, MountpointBusy, NotPermitted
@@ -120,7 +120,7 @@ def _already_mounted(mountpoint: str) -> str:
     """What is mounted at ``mountpoint``, and how to free it: one of ours is undone with
     ``blockstore umount`` (given the run directory that mounted it); another file system
     is the user's to unmount, or to keep."""
-    record = records.load(mountpoint)
+    record = records.load(mountpoint) or _moved_to(mountpoint)
     if record is not None:
         return (
             f"{mountpoint} is already a mount point: blockstore mounted {record.image} there; "
@@ -503,7 +503,7 @@ def list_mounts() -> list[MountStatus]:
     another user would see none and be told there are none."""
     if os.geteuid() != 0:
         raise NotPermitted("listing mounts needs root: run it with sudo")
-    found = [status(r) for r in records.saved()]
+    found = [status(_followed(r)) for r in records.saved()]
     known = {st.record.mountpoint for st in found}
     found += [status(r, recorded=False) for r in _unrecorded_mounts(known)]
     return sorted(found, key=lambda st: st.record.mountpoint)
@@ -554,12 +554,19 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
     """
     if os.geteuid() != 0:
         raise NotPermitted("unmounting needs root: run it with sudo")
-    record = records.load(os.path.realpath(mountpoint)) or records.load(mountpoint)
+    path = os.path.realpath(mountpoint)
+    record = records.load(path) or records.load(mountpoint) or _moved_to(path)
     recorded = record is not None
     if record is None:
-        record = _unrecorded(os.path.realpath(mountpoint))
+        record = _unrecorded(path)
     if record is None:
         raise MountError(_not_ours(mountpoint))
+    if (now := _followed(record).mountpoint) != record.mountpoint:
+        raise MountError(
+            f"{printable(record.mountpoint)} is where blockstore mounted {record.image}, which "
+            f"is now at {printable(now)} (a directory above it renamed or moved): "
+            f"`{umount_command(now)}` undoes it"
+        )
     state = status(record).state
     if state == "mounting":
         assert record.mounter is not None
@@ -587,6 +594,26 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
         Path(record.log).unlink(missing_ok=True)
         return Unmounted(record, None)
     return Unmounted(record, trouble)
+
+
+def _followed(record: MountRecord) -> MountRecord:
+    """``record`` at the place its top is mounted now: a directory above its mount point
+    renamed or moved takes the mount with it, and the kernel shows it at the new path,
+    not the one recorded. Found by the top's device, as ``_is_ours`` knows it."""
+    if record.top_device is None or _where_ours_is(record) != "absent":
+        return record
+    for point in syscall.points_of(record.top_device):
+        if any(_is_ours(record, here) for here in syscall.mounts_at(point)[:1]):
+            return replace(record, mountpoint=point)
+    return record
+
+
+def _moved_to(path: str) -> MountRecord | None:
+    """The recorded mount whose top is mounted at ``path`` now, moved there with a
+    directory above it (``_followed``)."""
+    return next(
+        (moved for r in records.saved() if (moved := _followed(r)).mountpoint == path), None
+    )
 
 
 def _unrecorded(mountpoint: str) -> MountRecord | None:

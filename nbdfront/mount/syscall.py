@@ -264,6 +264,11 @@ def mounts_at(path: str) -> list[MountedHere]:
     ]
 
 
+def points_of(device: str) -> list[str]:
+    """Where the file system with ``device`` (major:minor) is mounted."""
+    return [m.point for m in _mounts() if m.device == device]
+
+
 def is_mounted(path: str) -> bool:
     return os.path.realpath(path) in mounted()
 

@@ -396,6 +396,34 @@ def test_ctrl_c_while_the_server_opens_the_image_leaves_no_log(
     assert list(run.iterdir()) == [], "a log, or the directories made for the mount"
 
 
+def test_a_mount_whose_parent_directory_is_renamed_is_found_at_its_new_path(
+    dirs, pushed_images, erofs_images
+):
+    """Tried: the directory holding a mount point renamed while the image is mounted (`mv
+    images images.old`), then `mounts`, `umount` of the path recorded, and of the new one.
+    Must hold: `mounts` lists the mount at its new path, ok; `umount` of the old path
+    fails (exit 10) naming the new one and undoes nothing, the tree still whole; `umount`
+    of the new path leaves nothing. Before, `mounts` called it not mounted and named the
+    `umount` of the old path, which stopped its server, then failed on its FUSE file still
+    in use, the tree at the new path reading I/O errors; and `umount` of the new path said
+    blockstore had not mounted it, to be unmounted with umount(8)."""
+    mnt, _, cache, run = dirs
+    old = mnt.parent / "images" / "rootfs"
+    old.mkdir(parents=True)
+    mount(pushed_images.small, old, cache)
+    (mnt.parent / "images").rename(mnt.parent / "images.old")
+    new = mnt.parent / "images.old" / "rootfs"
+    listed = json.loads(cli("mounts", "--json").stdout)
+    assert [(m["mountpoint"], m["state"]) for m in listed] == [(str(new), "ok")]
+    done = cli("umount", str(old))
+    assert done.returncode == 10, done.stderr
+    assert f"now at {new}" in one_line(done.stderr), done.stderr
+    assert f"`blockstore umount {new}` undoes it" in done.stderr
+    assert_same_tree(erofs_images.small.tree, new)
+    umount(new)
+    assert_nothing_left(new, run)
+
+
 def test_a_supervisor_killed_before_ready_fails_the_mount_with_the_servers_status(
     dirs, registry, pushed_images, fault_proxy
 ):
