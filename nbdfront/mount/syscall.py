@@ -136,7 +136,7 @@ def users_of(mountpoints: list[str]) -> list[str]:
     directory lie in one. Unmounting ``mountpoints`` succeeds all the same (the kernel
     keeps a file system alive while any mount of it remains), so these must be found
     first: stopping the server under them would turn their reads into I/O errors."""
-    ours = {os.path.realpath(p) for p in mountpoints}
+    ours = {_resolved(p) for p in mountpoints}
     inside = tuple(p.rstrip("/") + "/" for p in ours)
     mounts = _mounts()
     devices = {m.device for m in mounts if m.point in ours}
@@ -150,6 +150,14 @@ def users_of(mountpoints: list[str]) -> list[str]:
             or (m.fstype == "overlay" and _overlay_uses(m.options, ours, inside))
         )
     ]
+
+
+def _resolved(mountpoint: str) -> str:
+    """``mountpoint`` as mountinfo names it, its directories' symlinks resolved, but not
+    looked up itself: the file system mounted there is asked nothing, not even its root's
+    attributes, which a FUSE file system whose daemon is stopped never gives."""
+    head, name = os.path.split(mountpoint.rstrip("/"))
+    return os.path.join(os.path.realpath(head), name) if name else "/"
 
 
 def _overlay_uses(options: str, ours: set[str], inside: tuple[str, ...]) -> bool:
@@ -174,7 +182,7 @@ def held_in_other_namespaces(mountpoints: list[str]) -> list[str]:
     unmount here takes away unless it propagates there (a peer or a slave of ours).
     Unmounted here, they would live on there on a server stopped, their reads failing."""
     table = {m.point: m for m in _mounts()}
-    ours = [table[point] for p in mountpoints if (point := os.path.realpath(p)) in table]
+    ours = [table[point] for p in mountpoints if (point := _resolved(p)) in table]
     rank: dict[str, int] = {}  # the first of ``mountpoints`` is named first: the top
     for m in ours:
         rank.setdefault(m.device, len(rank))

@@ -424,6 +424,26 @@ def test_a_mount_whose_parent_directory_is_renamed_is_found_at_its_new_path(
     assert_nothing_left(new, run)
 
 
+def test_umount_of_a_mount_whose_nbdfuse_is_stopped_ends_and_leaves_nothing(
+    dirs, nbdfuse_only, pushed_images
+):
+    """Tried: a mount's nbdfuse stopped (SIGSTOP, as a frozen cgroup or a debugger leaves
+    it), then `umount`. Must hold: `umount` ends within seconds (exit 0), nbdfuse killed
+    once it has not exited after its FUSE file was unmounted, and nothing left. Before,
+    `umount` hung for ever before it undid anything: resolving the path of the layer's
+    FUSE file asked its file system for the attributes of its root, which only nbdfuse
+    answers."""
+    mnt, _, cache, run = dirs
+    mount(pushed_images.small, mnt, cache)
+    (attachment,) = records.load(str(mnt)).attachments
+    os.kill(attachment.process.pid, signal.SIGSTOP)
+    started = time.monotonic()
+    done = cli("umount", str(mnt), timeout=45)
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 30
+    assert_nothing_left(mnt, run)
+
+
 def test_a_supervisor_killed_before_ready_fails_the_mount_with_the_servers_status(
     dirs, registry, pushed_images, fault_proxy
 ):
