@@ -413,7 +413,7 @@ def run_mount(args: argparse.Namespace) -> int:
     )
     ignore_late_signals()
     if args.quiet <= 0:
-        print(describe_path(record))
+        say_done(describe_path(record))
     return 0
 
 
@@ -431,6 +431,18 @@ def describe_path(record: MountRecord) -> str:
     )
 
 
+def say_done(line: str) -> None:
+    """Say a mount or an unmount is made, on a stdout that may be gone (a closed pipe, a
+    full disk): what was done stands, so its exit status says so whether or not the
+    line could be written. The rest goes nowhere, so no later flush fails either."""
+    try:
+        print(line, flush=True)
+    except OSError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def ignore_late_signals() -> None:
     """The mount (or unmount) is made and recorded: a signal from here on could undo
     nothing, and would only end the command with the signal's status, as if it had
@@ -444,7 +456,7 @@ def run_umount(args: argparse.Namespace) -> int:
     done = stack.unmount(args.mountpoint, lazy=args.lazy)
     ignore_late_signals()
     if args.quiet <= 0:
-        print(f"unmounted {stack.printable(done.record.mountpoint)} ({done.record.image})")
+        say_done(f"unmounted {stack.printable(done.record.mountpoint)} ({done.record.image})")
         if done.trouble is not None:
             kept = Path(done.record.log).exists()
             where = f"; its log is kept at {done.record.log}" if kept else ""

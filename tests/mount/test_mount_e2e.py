@@ -532,3 +532,39 @@ def test_a_mount_point_in_use_says_what_is_there_and_what_to_do(dirs, pushed_ima
         syscall.umount(str(mnt2), lazy=True)
     umount(mnt)
     assert_nothing_left(mnt, run)
+
+
+def test_a_mount_and_umount_whose_stdout_is_gone_still_exit_0(
+    mount_dirs, mountpoint, pushed_images
+):
+    """Tried: ``mount`` with its stdout on a full disk (``/dev/full``), then ``umount`` with
+    its stdout a pipe already closed. Must hold: each exits 0, as what it did stands: the
+    mount is made (and listed), then undone. Before, the line saying so failed to be
+    written and the command exited 1 (no space left) and 141 (broken pipe), so a script
+    that checks the status took a standing mount for a failed one."""
+    base, run = mount_dirs
+    argv = [*BLOCKSTORE, "mount", "--insecure", "--cache-dir", str(base / "cache")]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [*argv, pushed_images.small, str(mountpoint)],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=90,
+        )
+    assert done.returncode == 0, done.stderr
+    assert records.load(str(mountpoint)) is not None
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        done = subprocess.run(
+            [*BLOCKSTORE, "umount", str(mountpoint)],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=90,
+        )
+    finally:
+        os.close(writer)
+    assert done.returncode == 0, done.stderr
+    assert_nothing_left(mountpoint, run)
