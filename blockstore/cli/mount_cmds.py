@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -271,25 +272,58 @@ def with_layers(record: MountRecord) -> MountRecord:
     return replace(record, info={**info, **describe_layers(found, exports)})
 
 
+CACHE_ANSWER_SECONDS = 3.0
+"""How long ``mounts`` waits for a mount's cache to say how much it holds: opening it
+waits for its write lock, which a process stopped while writing (Ctrl-Z on a prefetch)
+holds for as long as it is stopped."""
+
+_unanswered: set[Path] = set()
+
+
 def cached_fractions(record: MountRecord) -> list[float | None]:
-    """How much of each mounted layer is in the cache now (None where the cache cannot say).
+    """How much of each mounted layer is in the cache now (None where the cache cannot
+    say, or does not within ``CACHE_ANSWER_SECONDS``: the listing is not held up).
 
     A compressed tar layer is read from its decompressed tar, which the cache keeps
     under the tar's own digest: that is the fraction shown for it, or None where the
     cache keeps no index to name that tar (a mount with a local ``--tarindex``).
     """
-    from blockstore.cache import ChunkStore
     from blockstore.cache.layout import holds_cache
+
+    layers = record.info.get("layers") or []
+    unknown: list[float | None] = [None] * len(layers)
+    if not layers or not record.info.get("cache_dir"):
+        return unknown
+    cache_dir = Path(record.info["cache_dir"])
+    if cache_dir in _unanswered or not holds_cache(cache_dir):
+        return unknown  # its cache silent before, or moved or removed since
+    answer: list[list[float | None]] = []
+    looking = threading.Thread(
+        target=lambda: answer.append(_fractions_in(cache_dir, layers)),
+        name="cache-look",
+        daemon=True,  # left waiting on the lock if it must be: the command ends anyway
+    )
+    looking.start()
+    looking.join(CACHE_ANSWER_SECONDS)
+    if answer:
+        return answer[0]
+    _unanswered.add(cache_dir)
+    print(
+        f"blockstore: the cache at {cache_dir} did not answer within "
+        f"{CACHE_ANSWER_SECONDS:.0f}s (a process stopped while writing to it holds its "
+        "lock): how much its mounts hold is shown as ?",
+        file=sys.stderr,
+    )
+    return unknown
+
+
+def _fractions_in(cache_dir: Path, layers: list[dict]) -> list[float | None]:
+    from blockstore.cache import ChunkStore
     from blockstore.registry.mediatypes import compressed_tar
     from blockstore.tarlayer.export import IndexCache
 
-    layers = record.info.get("layers") or []
-    if not layers:
-        return []
-    if not holds_cache(Path(record.info["cache_dir"])):  # moved or removed since
-        return [None] * len(layers)
     try:
-        with ChunkStore(Path(record.info["cache_dir"])) as store:
+        with ChunkStore(cache_dir) as store:
             present = {blob.digest: blob.cached_fraction for blob in store.blobs()}
             indexes = IndexCache(store)
             read_from = [

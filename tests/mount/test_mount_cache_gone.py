@@ -1,8 +1,11 @@
-"""``blockstore mounts`` for a mount whose cache directory has gone from its place."""
+"""``blockstore mounts`` for a mount whose cache cannot say what it holds: its directory
+gone from its place, or its write lock held by a process stopped while writing."""
 
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -41,4 +44,51 @@ def test_mounts_makes_no_cache_where_a_mounts_cache_was(mount_dirs, mountpoint, 
     assert shown["cached"] == [None]
     assert shown["warnings"] == 1
     assert not cache.exists()
+    assert cli("umount", str(mountpoint)).returncode == 0
+
+
+HOLD_WRITE_LOCK = """
+import os, signal, sys
+from pathlib import Path
+from blockstore.cache import ChunkStore
+store = ChunkStore(Path(sys.argv[1]))
+txn = store.env.env.begin(write=True)
+print("holding", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def test_mounts_is_not_held_up_by_a_stopped_writer_of_a_mount_s_cache(
+    mount_dirs, mountpoint, pushed_images
+):
+    """Tried: a mount standing, then another process taking its cache's write lock and
+    stopped (as Ctrl-Z stops a prefetch), then ``mounts`` and ``mounts --json``. Must
+    hold: each ends within seconds, lists the mount as ok, shows how much is cached as
+    ``?`` (null), and says on stderr that the cache did not answer and why. Before, each
+    waited for the lock for as long as the process stayed stopped."""
+    base, _ = mount_dirs
+    cache = base / "cache"
+    done = cli(
+        "mount", pushed_images.small, str(mountpoint), "--insecure", "--cache-dir", str(cache)
+    )
+    assert done.returncode == 0, done.stderr
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_WRITE_LOCK, str(cache)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        started = time.monotonic()
+        listed = cli("mounts")
+        assert time.monotonic() - started < 15
+        assert listed.returncode == 0, listed.stderr
+        # The server may have logged its own wait for the lock by now: a warning.
+        row = listed.stdout.splitlines()[1]
+        assert re.search(r"\sok(, \d+ warnings? in its log)?\s+\?$", row), row
+        assert f"the cache at {cache} did not answer within" in listed.stderr
+        (shown,) = json.loads(cli("mounts", "--json").stdout)
+        assert shown["cached"] == [None]
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.kill()
+        holder.wait()
     assert cli("umount", str(mountpoint)).returncode == 0
