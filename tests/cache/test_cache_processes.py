@@ -16,6 +16,7 @@ import pytest
 from cache_rig import REPO, WORKER, run_cli
 from cache_sources import make_blob
 from rig.local_source import LocalFileSource
+from rig.write_lock import stopped_writer
 
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
 from blockstore.errors import NotCached
@@ -163,17 +164,6 @@ def _file_source(path: Path, digest: str) -> LocalFileSource:
     return LocalFileSource(path, digest)
 
 
-HOLD_WRITE_LOCK = """
-import os, signal, sys
-from pathlib import Path
-from blockstore.cache import ChunkStore
-store = ChunkStore(Path(sys.argv[1]))
-txn = store.env.env.begin(write=True)
-print("holding", flush=True)
-os.kill(os.getpid(), signal.SIGSTOP)
-"""
-
-
 def test_a_stopped_process_holding_the_write_lock_costs_caching_not_reads(
     cache_dir, tmp_path, monkeypatch, caplog
 ):
@@ -190,14 +180,7 @@ def test_a_stopped_process_holding_the_write_lock_costs_caching_not_reads(
     data, digest, path = blobs[0]
     store = ChunkStore(cache_dir)
     blob = CachedBlob(store, digest, len(data), _file_source(path, digest))
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_WRITE_LOCK, str(cache_dir)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "holding"
+    with stopped_writer(cache_dir):
         started = time.monotonic()
         for offset in range(0, 8 << 20, 1 << 20):
             got = b"".join(bytes(b) for b in blob.read(offset, 1 << 20))
@@ -206,10 +189,6 @@ def test_a_stopped_process_holding_the_write_lock_costs_caching_not_reads(
         time.sleep(6)  # past the lock's warning
         assert "the cache has taken no write" in caplog.text
         assert "so far for the write lock of the cache" in caplog.text
-    finally:
-        holder.send_signal(signal.SIGCONT)
-        holder.kill()
-        holder.wait()
     assert b"".join(bytes(b) for b in blob.read(12 << 20, 1 << 20)) == data[12 << 20 : 13 << 20]
     blob.close()
     store.close()

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from rig.write_lock import stopped_writer
 
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
 
@@ -47,17 +48,6 @@ def test_mounts_makes_no_cache_where_a_mounts_cache_was(mount_dirs, mountpoint, 
     assert cli("umount", str(mountpoint)).returncode == 0
 
 
-HOLD_WRITE_LOCK = """
-import os, signal, sys
-from pathlib import Path
-from blockstore.cache import ChunkStore
-store = ChunkStore(Path(sys.argv[1]))
-txn = store.env.env.begin(write=True)
-print("holding", flush=True)
-os.kill(os.getpid(), signal.SIGSTOP)
-"""
-
-
 def test_mounts_is_not_held_up_by_a_stopped_writer_of_a_mount_s_cache(
     mount_dirs, mountpoint, pushed_images
 ):
@@ -72,11 +62,7 @@ def test_mounts_is_not_held_up_by_a_stopped_writer_of_a_mount_s_cache(
         "mount", pushed_images.small, str(mountpoint), "--insecure", "--cache-dir", str(cache)
     )
     assert done.returncode == 0, done.stderr
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_WRITE_LOCK, str(cache)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline().strip() == "holding"
+    with stopped_writer(cache):
         started = time.monotonic()
         listed = cli("mounts")
         assert time.monotonic() - started < 15
@@ -87,8 +73,4 @@ def test_mounts_is_not_held_up_by_a_stopped_writer_of_a_mount_s_cache(
         assert f"the cache at {cache} did not answer within" in listed.stderr
         (shown,) = json.loads(cli("mounts", "--json").stdout)
         assert shown["cached"] == [None]
-    finally:
-        holder.send_signal(signal.SIGCONT)
-        holder.kill()
-        holder.wait()
     assert cli("umount", str(mountpoint)).returncode == 0

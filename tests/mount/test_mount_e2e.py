@@ -368,6 +368,25 @@ def test_a_mount_whose_record_a_newer_version_wrote_is_listed_and_undone(
     assert_nothing_left(mnt, run)
 
 
+def _mount_waiting_on_the_registry(
+    mnt: Path, cache: Path, registry, pushed_images, fault_proxy
+) -> subprocess.Popen:
+    """``mount`` of the small image through a proxy that holds its manifest for 30 s,
+    returned once its server has asked for it: the mount is waiting on the registry."""
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault("delay", path_contains="/manifests/", seconds=30)
+    ref = pushed_images.small.replace(registry.host, proxy.host, 1)
+    argv = [*BLOCKSTORE, "mount", "--insecure", "--cache-dir", str(cache), ref, str(mnt)]
+    mounting = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 15
+    while proxy.faults_applied == 0:
+        if time.monotonic() > deadline:
+            mounting.kill()
+            raise AssertionError("the server never asked for the manifest")
+        time.sleep(0.02)
+    return mounting
+
+
 def test_ctrl_c_while_the_server_opens_the_image_leaves_no_log(
     dirs, registry, pushed_images, fault_proxy
 ):
@@ -376,16 +395,8 @@ def test_ctrl_c_while_the_server_opens_the_image_leaves_no_log(
     server's log, which holds nothing the user asked to keep, nor the directories made
     for it. Before, every interrupted mount left an empty log in the run directory."""
     mnt, _, cache, run = dirs
-    proxy = fault_proxy(registry)
-    proxy.fault = Fault("delay", path_contains="/manifests/", seconds=30)
-    ref = pushed_images.small.replace(registry.host, proxy.host, 1)
-    argv = [*BLOCKSTORE, "mount", "--insecure", "--cache-dir", str(cache), ref, str(mnt)]
-    mounting = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    mounting = _mount_waiting_on_the_registry(mnt, cache, registry, pushed_images, fault_proxy)
     try:
-        deadline = time.monotonic() + 15
-        while proxy.faults_applied == 0:
-            assert time.monotonic() < deadline, "the server never asked for the manifest"
-            time.sleep(0.02)
         mounting.send_signal(signal.SIGINT)
         _, stderr = mounting.communicate(timeout=15)
     finally:
@@ -453,16 +464,8 @@ def test_a_supervisor_killed_before_ready_fails_the_mount_with_the_servers_statu
     for a server killed itself, and leaves nothing. Before, it said "the server exited
     with status -9" and exited 247, a status no signal and no error of ours gives."""
     mnt, _, cache, run = dirs
-    proxy = fault_proxy(registry)
-    proxy.fault = Fault("delay", path_contains="/manifests/", seconds=30)
-    ref = pushed_images.small.replace(registry.host, proxy.host, 1)
-    argv = [*BLOCKSTORE, "mount", "--insecure", "--cache-dir", str(cache), ref, str(mnt)]
-    mounting = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    mounting = _mount_waiting_on_the_registry(mnt, cache, registry, pushed_images, fault_proxy)
     try:
-        deadline = time.monotonic() + 15
-        while proxy.faults_applied == 0:
-            assert time.monotonic() < deadline, "the server never asked for the manifest"
-            time.sleep(0.02)
         (supervisor,) = processes_mentioning(f"nbdfront.mount.supervisor {run}/")
         os.kill(supervisor, signal.SIGKILL)
         _, stderr = mounting.communicate(timeout=15)

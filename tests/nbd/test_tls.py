@@ -224,18 +224,24 @@ def test_plain_text_after_the_starttls_ack_gets_nothing(tls_server, local_blob):
     assert struct.pack(">Q", len(local_blob.data)) not in received
 
 
-def test_close_notify_ends_the_session_at_once(local_blob, nbd_certificates):
-    """A TLS client that says goodbye (close_notify) in the middle of option haggling
-    is let go at once: the server answers with its own close_notify and closes, and no
-    connection is left behind."""
-    context = server_context(nbd_certificates.server)
+def _started_requiring_tls(local_blob, nbd_certificates) -> NBDServer:
+    """A server of ``local_blob`` on loopback that requires TLS, started; the test's to
+    shut down (the ``tls_server`` fixture hides the server, which these tests watch)."""
     server = NBDServer(
         {"blob": local_blob.blob},
         tcp=("127.0.0.1", 0),
         default_export="blob",
-        tls=ServerTLS(TLSPolicy.REQUIRE, context),
+        tls=ServerTLS(TLSPolicy.REQUIRE, server_context(nbd_certificates.server)),
     )
     server.start()
+    return server
+
+
+def test_close_notify_ends_the_session_at_once(local_blob, nbd_certificates):
+    """A TLS client that says goodbye (close_notify) in the middle of option haggling
+    is let go at once: the server answers with its own close_notify and closes, and no
+    connection is left behind."""
+    server = _started_requiring_tls(local_blob, nbd_certificates)
     client_context = ssl.create_default_context(cafile=nbd_certificates.client / "ca-cert.pem")
     try:
         with socket.create_connection(server.tcp_address, timeout=10) as sock:
@@ -261,14 +267,7 @@ def test_failed_tls_handshakes_by_the_dozen_are_logged_a_few_then_counted(
     failed handshakes are logged with their cause, the rest counted in one line at
     shutdown, as any connection that ends uncleanly is; a real client is still served
     over TLS. Before, each failed handshake was a warning of its own."""
-    context = server_context(nbd_certificates.server)
-    server = NBDServer(
-        {"blob": local_blob.blob},
-        tcp=("127.0.0.1", 0),
-        default_export="blob",
-        tls=ServerTLS(TLSPolicy.REQUIRE, context),
-    )
-    server.start()
+    server = _started_requiring_tls(local_blob, nbd_certificates)
     try:
         for attempt in range(40):
             with socket.create_connection(server.tcp_address, timeout=10) as sock:
