@@ -14,6 +14,7 @@ Events are runs: ``(milliseconds, first unit, count)``. Format 1 had one
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +32,10 @@ MAX_TRACE_MS = 24 * 3600 * 1000
 LATEST_RECORDED = 253402300799.0
 """The latest recording time a trace may give (the end of the year 9999, in seconds since
 the epoch): ``trace ls`` shows it as a date, which a larger one, or infinity, has not."""
+LAYER_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+"""What a trace's digest must be: it is the trace's key in the cache (which takes at most
+511 bytes) and is printed by ``trace ls`` (where control characters would reach the
+terminal)."""
 
 
 @dataclass
@@ -60,7 +65,7 @@ class Trace:
             if version not in READ_VERSIONS:
                 raise ValueError(f"trace format {version} is not one of {READ_VERSIONS}")
             digest = record["digest"]
-            if not isinstance(digest, str) or not digest.startswith("sha256:"):
+            if not isinstance(digest, str) or not LAYER_DIGEST.fullmatch(digest):
                 raise ValueError(f"not a layer digest: {digest!r}")
             if version == 1:
                 unit = int(record["chunk_size"])

@@ -133,6 +133,25 @@ def test_a_bad_trace_file_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_a_trace_whose_digest_is_not_a_layer_digest_is_refused_as_a_bad_file(tmp_path):
+    """Tried: ``trace import`` of documents whose trace names ``sha256:`` and 600 hex
+    digits (longer than a cache key may be), ``sha256:`` alone, and ``sha256:`` with a
+    terminal escape. Must hold: each refused in one line as not a layer digest (exit 2),
+    no cache made. Before, the long one failed as "the cache ... is damaged" (exit 8),
+    and the others were kept, the escape then printed raw by ``trace ls``."""
+    cache = tmp_path / "c"
+    for digest in ("sha256:" + "a" * 600, "sha256:", "sha256:\x1b[31m" + "a" * 64):
+        record = {"version": 2, "digest": digest, "unit": 4096, "recorded": 1.0}
+        document = {"kind": "blockstore-traces", "traces": [{**record, "events": [[0, 0, 1]]}]}
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(document))
+        done = blockstore("trace", "import", str(bad), "--cache-dir", str(cache))
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and "not a layer digest" in done.stderr
+        assert "\x1b" not in done.stderr
+    assert not cache.exists()
+
+
 def test_an_export_that_cannot_be_written_names_the_file_and_leaves_nothing(tmp_path, cache_dir):
     """Tried: ``trace export`` to a directory, and into a directory that does not exist.
     Must hold: one line naming the file given (exit 1), nothing left beside it. Before,
