@@ -86,6 +86,8 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"a size cannot be negative: {text!r}")
     if not math.isfinite(value) or value * units[unit] > MAX_SIZE:
         raise argparse.ArgumentTypeError(f"size {text!r} is too large (at most 1E)")
+    if 0 < value * units[unit] < 1:  # as 0 it would be no cap at all (--fill-rate)
+        raise argparse.ArgumentTypeError(f"size {text!r} is less than one byte")
     return int(value * units[unit])
 
 

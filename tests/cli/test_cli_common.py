@@ -40,6 +40,25 @@ def test_sizes_round_trip_or_refuse_beyond_the_maximum(number: int, unit: str):
             parse_size(f"{number}{unit}")
 
 
+def test_a_fill_rate_under_a_byte_is_refused_not_taken_for_no_cap(tmp_path: Path):
+    """Tried: ``serve --fill --fill-rate 0.5`` and ``0.0001K``. Must hold: a usage error
+    (exit 2) in one line, before any registry is asked or cache made. Before, the rate
+    was rounded down to 0, which means no cap: the slowest fill asked for ran at full
+    speed."""
+    cache = tmp_path / "c"
+    serve = [sys.executable, "-m", "blockstore", "serve", "127.0.0.1:9/x/y:1", "--fill"]
+    for rate in ("0.5", "0.0001K"):
+        result = subprocess.run(
+            [*serve, "--fill-rate", rate, "--cache-dir", str(cache)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and "less than one byte" in result.stderr
+    assert not cache.exists()
+
+
 @pytest.mark.parametrize("text", ["0", "1K", "32767"])
 def test_a_cache_cap_must_hold_a_chunk(text: str):
     """A cap under one 32 KiB chunk would silently cache nothing: refused, saying why."""
