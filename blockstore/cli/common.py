@@ -418,10 +418,14 @@ def add_prefetch_options(parser: argparse.ArgumentParser) -> None:
 def read_trace_file(path: Path) -> list:
     """The traces a ``trace export`` file holds (read before any cache is opened, so a
     file that cannot be used changes nothing): a usage error if it is not one."""
-    from blockstore.prefetch.trace import traces_from_document
+    from blockstore.prefetch.trace import MAX_DOCUMENT_BYTES, traces_from_document
 
     try:
-        return traces_from_document(path.read_bytes())
+        with path.open("rb") as file:
+            raw = file.read(MAX_DOCUMENT_BYTES + 1)
+        if len(raw) > MAX_DOCUMENT_BYTES:
+            raise ValueError(f"longer than {MAX_DOCUMENT_BYTES >> 20} MiB: not a traces document")
+        return traces_from_document(raw)
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
     except ValueError as exc:

@@ -176,6 +176,10 @@ class TraceRecorder:
 
 TRACES_KIND = "blockstore-traces"
 """The ``kind`` of a traces document: what ``trace export`` writes and artifacts carry."""
+MAX_DOCUMENT_BYTES = 256 << 20
+"""The longest traces document read from a file: a trace of ``MAX_TRACE_BYTES`` in scattered
+blocks takes some 25 MiB of JSON. A longer file is no export (a disk image named by
+mistake, ``/dev/zero``), and reading it whole would take the memory first."""
 
 
 def traces_document(traces: list[Trace]) -> bytes:

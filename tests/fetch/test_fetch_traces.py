@@ -152,6 +152,34 @@ def test_a_trace_whose_digest_is_not_a_layer_digest_is_refused_as_a_bad_file(tmp
     assert not cache.exists()
 
 
+def test_a_trace_file_too_long_to_be_an_export_is_refused_before_it_is_read_whole(tmp_path):
+    """Tried: ``trace import`` of a 300 MiB file (a disk image named by mistake) and of
+    ``/dev/zero``, in a process allowed 2 GiB of memory. Must hold: each refused in one
+    line as longer than a traces document may be (exit 2), no cache made. Before, the
+    file was read whole first: ``/dev/zero`` took memory until none was left."""
+    import resource
+
+    def small() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    image = tmp_path / "disk.img"
+    with image.open("wb") as file:
+        file.truncate(300 << 20)
+    cache = tmp_path / "c"
+    command = [sys.executable, "-m", "blockstore", "trace", "import", "--cache-dir", str(cache)]
+    for path in (image, Path("/dev/zero")):
+        done = subprocess.run(
+            [*command, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=small,
+        )
+        assert done.returncode == 2, done.stderr
+        assert done.stderr == f"blockstore: {path}: longer than 256 MiB: not a traces document\n"
+    assert not cache.exists()
+
+
 def test_an_export_that_cannot_be_written_names_the_file_and_leaves_nothing(tmp_path, cache_dir):
     """Tried: ``trace export`` to a directory, and into a directory that does not exist.
     Must hold: one line naming the file given (exit 1), nothing left beside it. Before,
