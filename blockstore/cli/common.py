@@ -530,8 +530,17 @@ def open_image_from_args(
         raise
     if serves and image.store.read_only and image.client is not None:
         filling = image.prefetch.fill
-        # A fill would fetch every layer whole, keep none of it, and try again.
-        image.prefetch = dataclasses.replace(image.prefetch, fill=False)
+        # A fill would fetch every layer whole, keep none of it, and try again; readahead,
+        # a trace replay and the EROFS start and walk would fetch what a read then fetches
+        # again, having found it nowhere.
+        image.prefetch = dataclasses.replace(
+            image.prefetch,
+            fill=False,
+            readahead=False,
+            trace_replay=False,
+            erofs_start=False,
+            erofs_walk=False,
+        )
         log.warning(
             "the cache at %s is read-only here: what it holds is served from it, the rest "
             "fetched and served, never kept%s",

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import nbd
 import pytest
 from rig.read_only import contents, read_only_view
 from rig.stored_chunks import flip_stored_byte
@@ -230,6 +231,46 @@ def test_fill_on_a_read_only_cache_is_skipped_not_fetched_for_nothing(
             assert stop(proc) == 0
             (line,) = proc.stderr.read().splitlines()
             assert "--fill is skipped, having nowhere to keep the layers" in line, line
+
+
+def test_prefetch_on_a_read_only_cache_fetches_nothing_a_read_fetches_again(
+    registry, pushed_images, erofs_images, fault_proxy, tmp_path
+):
+    """`serve` online, every prefetch heuristic on, on a read-only cache that lacks the layer
+    but holds its trace (naming blocks past the first 16 MiB); a client reads the first
+    16 MiB in order, 128 KiB at a time. Must hold: every byte right, and the layer's bytes
+    asked of the registry are the 16 MiB read, no more. Before, readahead, the EROFS start
+    and the trace replay fetched bytes that could not be kept, and the reads fetched
+    them again: some three times what was read."""
+    proxy = fault_proxy(registry)
+    reference = pushed_images.large.replace(registry.host, proxy.host)
+    layer = erofs_images.large
+    data = layer.path.read_bytes()
+    read = 16 << 20
+    trace = tmp_path / "trace.json"
+    events = [[0, block, 1] for block in range(read // 4096, read // 4096 + 400, 4)]
+    record = {"version": 2, "digest": layer.digest, "unit": 4096, "recorded": 1.0}
+    document = {"kind": "blockstore-traces", "traces": [{**record, "events": events}]}
+    trace.write_text(json.dumps(document))
+    cache = tmp_path / "cache"
+    assert blockstore("trace", "import", str(trace), "--cache-dir", str(cache)).returncode == 0
+    with read_only_view(cache, tmp_path / "ro") as ro:
+        args = [reference, "--insecure", "--cache-dir", str(ro), "--listen", "127.0.0.1:0"]
+        with serving(*args) as (proc, exports):
+            client = nbd.NBD()
+            client.connect_uri(exports[""])
+            step = 128 << 10
+            for offset in range(0, read, step):
+                assert client.pread(step, offset) == data[offset : offset + step], offset
+            client.shutdown()
+            time.sleep(1)  # what prefetch would still ask for
+            asked = 0
+            for request in proxy.requests:
+                if request.method == "GET" and layer.digest in request.path:
+                    first, last = request.headers["Range"].removeprefix("bytes=").split("-")
+                    asked += int(last) - int(first) + 1
+            assert asked == read
+            assert stop(proc) == 0
 
 
 def test_a_damaged_read_only_cache_is_reported_by_verify_and_left(
