@@ -430,8 +430,9 @@ class CachedBlob:
             self._advise(offset, length, misses)
 
     def cache(self, offset: int, length: int) -> None:
-        """A client's CACHE: queue the range as prefetch and return at once."""
-        if self._hints is None or length <= 0 or self._whole:
+        """A client's CACHE: queue the range as prefetch and return at once (not on a
+        read-only cache, which would drop what it fetched)."""
+        if self._hints is None or length <= 0 or self._whole or self._store.read_only:
             return
         self._hints.submit(max(0, offset), min(self._size, offset + length) - offset, PREFETCH)
 

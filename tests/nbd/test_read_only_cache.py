@@ -273,6 +273,32 @@ def test_prefetch_on_a_read_only_cache_fetches_nothing_a_read_fetches_again(
             assert stop(proc) == 0
 
 
+def test_a_cache_command_on_a_read_only_cache_fetches_nothing(
+    registry, pushed_images, erofs_images, fault_proxy, tmp_path
+):
+    """`serve` online, prefetch off, on a read-only cache that lacks the layer; a client
+    sends NBD CACHE for 8 MiB. Must hold: answered at once, and nothing of the layer is
+    asked of the registry. Before, the range was fetched only to be dropped, and the
+    reads it was meant to speed up fetched it again."""
+    cache = tmp_path / "cache"
+    prefetched(pushed_images.small, cache)
+    proxy = fault_proxy(registry)
+    reference = pushed_images.large.replace(registry.host, proxy.host)
+    layer = erofs_images.large.digest
+    with read_only_view(cache, tmp_path / "ro") as ro:
+        quiet = ["--no-erofs-start", "--no-erofs-walk", "--no-trace", "--no-readahead"]
+        args = [reference, "--insecure", *quiet, "--cache-dir", str(ro)]
+        with serving(*args, "--listen", "127.0.0.1:0") as (proc, exports):
+            client = nbd.NBD()
+            client.connect_uri(exports[""])
+            assert client.can_cache()
+            client.cache(8 << 20, 0)
+            time.sleep(2)
+            client.shutdown()
+            assert [r for r in proxy.requests if r.method == "GET" and layer in r.path] == []
+            assert stop(proc) == 0
+
+
 def test_a_damaged_read_only_cache_is_reported_by_verify_and_left(
     registry, pushed_images, tmp_path
 ):
