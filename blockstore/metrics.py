@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -197,3 +198,9 @@ class _BoundedServer(ThreadingWSGIServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        """A scraper that went quiet or away is no fault of the server's: no traceback
+        on its log, which one looping scraper would otherwise fill."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)

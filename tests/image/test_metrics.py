@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -125,3 +126,35 @@ def test_a_metrics_connection_that_trickles_is_closed_at_its_lifetime(monkeypatc
         assert time.monotonic() - started < 3
     finally:
         server.stop()
+
+
+def test_scrapers_that_reset_leave_no_traceback_on_the_log(pushed_images, tmp_path):
+    """Twenty connections to ``serve --metrics`` that send half a request and reset: the
+    server's log must hold no traceback (before, each wrote one of 25 lines, as did each
+    connection closed for idling), the next scrape must answer and the server exit 0."""
+    argv = [sys.executable, "-m", "blockstore", "serve", pushed_images.small, "--insecure"]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--listen", "127.0.0.1:0"]
+    argv += ["--metrics", "127.0.0.1:0"]
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        lines = []
+        for line in server.stdout:
+            lines.append(line.strip())
+            if line.strip() == "ready":
+                break
+        (metrics_url,) = [line.split()[1] for line in lines if line.startswith("metrics ")]
+        host, port = metrics_url.split("/")[2].rsplit(":", 1)
+        for _ in range(20):
+            conn = socket.create_connection((host, int(port)))
+            conn.sendall(b"GET /metrics HTTP/1.0\r\n")
+            time.sleep(0.05)  # the server is reading its headers
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+        assert scrape(metrics_url)["blockstore_nbd_open_connections"] == 0
+    finally:
+        server.terminate()
+        server.wait(15)
+    assert server.returncode == 0
+    assert "Traceback" not in log_path.read_text()
