@@ -35,7 +35,6 @@ from blockstore.errors import (
     CacheError,
     ImageNotCached,
     IntegrityError,
-    NotFound,
     RegistryTLSMismatch,
     RegistryUnreachable,
 )
@@ -320,10 +319,7 @@ class OpenImage:
         waiting on a registry that stopped answering never holds the process."""
         if self.client is None:
             return
-        try:
-            layers = self.select(layer, blob)
-        except NotFound:
-            return  # ``exports`` says so, with the same message
+        layers = self.select(layer, blob)
         client, repository = self.client, self.repository
         forks.register(self)
         waiting = queue.SimpleQueue[tuple[str, int, Future[int | None]]]()
@@ -419,6 +415,8 @@ def open_image(
     if prefetch is not None:
         image.prefetch = prefetch
     try:
+        # A layer the image lacks fails the open itself, so a cache made for it is undone.
+        image.select(*reading)
         image.ask_blob_sizes(*reading)
         _attachments(image)
     except BaseException:

@@ -256,3 +256,28 @@ def test_a_prefetch_pin_undone_meanwhile_by_cache_rm_is_not_called_pinned(
     again = blockstore(*argv[3:], timeout=120)
     assert again.returncode == 0, again.stderr
     assert "verified and sealed, pinned" in again.stdout
+
+
+@pytest.mark.parametrize("command", ["prefetch", "serve", "index"])
+@pytest.mark.parametrize("select", [["--layer", "5"], ["--blob", "sha256:" + "0" * 64]])
+def test_a_first_command_naming_a_layer_the_image_lacks_leaves_no_cache(
+    pushed_images, tmp_path: Path, command: str, select: list[str]
+):
+    """Tried: with no cache yet, ``prefetch``, ``serve`` and ``index`` of an image with one
+    layer, naming a layer it does not have (``--layer 5``, or a digest not among its
+    layers). Must hold: exit 3 naming the layers it has, and no cache directory left, as
+    for an image the registry does not know. Before, the cache made to open the image
+    stayed, with its LMDB files."""
+    cache = tmp_path / "parent" / "cache"
+    done = blockstore(
+        command,
+        pushed_images.small,
+        "--insecure",
+        *select,
+        "--cache-dir",
+        str(cache),
+        timeout=60,
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stderr.startswith("blockstore: image ") and "has no layer" in done.stderr
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
