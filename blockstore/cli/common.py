@@ -498,7 +498,12 @@ def _check_password_given(args: argparse.Namespace) -> None:
 
 
 def open_image_from_args(
-    args: argparse.Namespace, *, needs_registry: bool = False, serves: bool = False, **kw
+    args: argparse.Namespace,
+    *,
+    needs_registry: bool = False,
+    serves: bool = False,
+    tar_indexes: bool = False,
+    **kw,
 ):
     """The image the shared options name, through the cache they name.
 
@@ -507,6 +512,8 @@ def open_image_from_args(
     ``serves``: the command serves the image, and says so when it serves it from
     the cache alone; any other command that falls back says so itself, or fails
     saying why (``image.unreachable``).
+    ``tar_indexes``: the command takes ``--tarindex``/``--zinfo``, checked against the
+    image's layers as part of the open, so a wrong one undoes a cache made for it.
     ``kw`` go to ``open_image`` (``offline``, ``prefetch``, ``replace_older``: the
     command fills the cache, so an older version's may be replaced).
     """
@@ -525,6 +532,12 @@ def open_image_from_args(
             reading=(getattr(args, "layer", None), getattr(args, "blob", None)),
             **kw,
         )
+        if tar_indexes:
+            try:
+                image.tar_indexes = tar_indexes_from(args, image.select(args.layer, args.blob))
+            except BaseException:
+                image.close()
+                raise
     except BaseException:
         _remove_new_cache(made)
         raise

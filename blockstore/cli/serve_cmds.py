@@ -35,7 +35,6 @@ from blockstore.cli.common import (
     parse_timeout,
     prefetch_settings_from,
     read_trace_file,
-    tar_indexes_from,
     write_whole,
 )
 from blockstore.cli.tls_options import add_tls_options, exposure_warnings, server_tls_from
@@ -112,6 +111,7 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
     image = open_image_from_args(
         args,
         serves=True,
+        tar_indexes=True,
         offline=args.offline,
         prefetch=prefetch_settings_from(args),
         replace_older=True,
@@ -119,7 +119,6 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
     metrics = None
     pidfile: Path | None = None  # once written: another server's is never removed
     try:
-        image.tar_indexes = tar_indexes_from(args, image.select(args.layer, args.blob))
         keep_traces(image.store, traces)
         blobs = image.exports(args.layer, args.blob)
         server = NBDServer(

@@ -653,3 +653,35 @@ def test_stopping_with_a_fetch_stuck_in_flight_ends_within_seconds(
             assert seconds_to_stop_once_stuck(proc, proxy, 1) < 10
         finally:
             client.close()
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        ["--zinfo", "layer.zinfo"],
+        ["--tarindex", "layer.meta"],
+        ["--tarindex", "missing.meta", "--layer", "0"],
+    ],
+    ids=["zinfo without tarindex", "tarindex of an EROFS layer", "tarindex missing"],
+)
+def test_a_first_serve_whose_tar_index_is_refused_leaves_no_cache(
+    pushed_images, tmp_path: Path, given: list[str]
+):
+    """Tried: with no cache yet, ``serve`` of an EROFS image with ``--zinfo`` alone, with
+    ``--tarindex`` (for tar layers only), and with ``--tarindex`` naming no file. Must
+    hold: exit 2 with one line naming the option, and no cache directory left, as a
+    usage error leaves none. Before, the cache made to open the image stayed."""
+    (tmp_path / "layer.zinfo").write_bytes(b"checkpoints")
+    (tmp_path / "layer.meta").write_bytes(b"an index")
+    cache = tmp_path / "parent" / "cache"
+    argv = [pushed_images.small, "--insecure", *given, "--cache-dir", str(cache)]
+    done = subprocess.run(
+        [sys.executable, "-m", "blockstore", "serve", *argv, "--listen", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"blockstore: {given[0]} ") and done.stderr.count("\n") == 1
+    assert not (tmp_path / "parent").exists(), list(tmp_path.rglob("*"))
