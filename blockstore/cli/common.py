@@ -24,12 +24,15 @@ log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
-    """``$BLOCKSTORE_CACHE_DIR``, else ``$XDG_CACHE_HOME/blockstore``, else ~/.cache/blockstore."""
+    """``$BLOCKSTORE_CACHE_DIR``, else ``$XDG_CACHE_HOME/blockstore``, else ~/.cache/blockstore.
+
+    A relative ``$XDG_CACHE_HOME`` is ignored, as the XDG Base Directory spec asks:
+    taken, each working directory would get a cache of its own."""
     explicit = os.environ.get("BLOCKSTORE_CACHE_DIR")
     if explicit:
         return Path(explicit)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
     return base / "blockstore"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,28 @@ def test_cache_dir_precedence(monkeypatch, tmp_path: Path):
     assert default_cache_dir() == tmp_path / "xdg" / "blockstore"
     monkeypatch.setenv("BLOCKSTORE_CACHE_DIR", str(tmp_path / "explicit"))
     assert default_cache_dir() == tmp_path / "explicit"
+
+
+def test_a_relative_xdg_cache_home_is_ignored(pushed_images, tmp_path: Path):
+    """Tried: ``prefetch`` with ``$XDG_CACHE_HOME`` a relative path (``cache``), run from
+    a working directory. Must hold: the path is ignored, as the XDG Base Directory spec
+    asks of a relative one, and the cache is made in ~/.cache/blockstore; nothing is made
+    in the working directory. Before, each working directory got a cache of its own."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "BLOCKSTORE_CACHE_DIR"}
+    env.update(HOME=str(home), XDG_CACHE_HOME="cache")
+    done = subprocess.run(
+        [sys.executable, "-m", "blockstore", "prefetch", pushed_images.small, "--insecure"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=work,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert list(work.iterdir()) == []
+    assert (home / ".cache" / "blockstore" / "data.mdb").is_file()
 
 
 def test_error_is_one_line_with_its_exit_code(tmp_path: Path):
