@@ -283,11 +283,21 @@ def add_tar_index_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_tar_index_options(args: argparse.Namespace) -> None:
+    """What can be told wrong of ``--tarindex``/``--zinfo`` without the image: checked
+    before the registry is asked, as any usage error is."""
+    if args.tarindex is None and args.zinfo is not None:
+        raise UsageError("--zinfo (oci.zinfo) needs --tarindex (oci.tarindex) too")
+    for option, path in (("--tarindex", args.tarindex), ("--zinfo", args.zinfo)):
+        if path is not None and not path.is_file():
+            what = "not a regular file" if path.exists() else "no such file"
+            raise UsageError(f"{option} {path}: {what}")
+
+
 def tar_indexes_from(args: argparse.Namespace, layers: list) -> dict[int, tuple[Path, Path | None]]:
-    """``--tarindex``/``--zinfo`` for the one layer selected: layer index -> paths."""
+    """``--tarindex``/``--zinfo`` (``check_tar_index_options``) for the one layer
+    selected: layer index -> paths."""
     if args.tarindex is None:
-        if args.zinfo is not None:
-            raise UsageError("--zinfo (oci.zinfo) needs --tarindex (oci.tarindex) too")
         return {}
     if len(layers) != 1:
         raise UsageError("--tarindex (oci.tarindex) is for one layer: select it with --layer")
@@ -298,10 +308,6 @@ def tar_indexes_from(args: argparse.Namespace, layers: list) -> dict[int, tuple[
             f"--tarindex (oci.tarindex) is for tar layers; layer {layers[0].index} is "
             f"{layers[0].media_type}"
         )
-    for option, path in (("--tarindex", args.tarindex), ("--zinfo", args.zinfo)):
-        if path is not None and not path.is_file():
-            what = "not a regular file" if path.exists() else "no such file"
-            raise UsageError(f"{option} {path}: {what}")
     return {
         layers[0].index: (args.tarindex.resolve(), args.zinfo.resolve() if args.zinfo else None)
     }

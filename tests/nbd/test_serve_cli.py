@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -685,3 +686,32 @@ def test_a_first_serve_whose_tar_index_is_refused_leaves_no_cache(
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(f"blockstore: {given[0]} ") and done.stderr.count("\n") == 1
     assert not (tmp_path / "parent").exists(), list(tmp_path.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "given",
+    [["--zinfo", "layer.zinfo"], ["--tarindex", "/dev/null"], ["--tarindex", "missing.meta"]],
+    ids=["zinfo without tarindex", "tarindex no regular file", "tarindex missing"],
+)
+def test_a_tar_index_option_wrong_by_itself_is_refused_before_the_registry(
+    tmp_path: Path, given: list[str]
+):
+    """Tried: ``serve`` of an image on a registry that cannot be reached, with ``--zinfo``
+    alone, or ``--tarindex`` naming a device or no file: wrong whatever the image is.
+    Must hold: exit 2 naming the option, as for any usage error, and no cache made. Before,
+    the registry was asked first, and its being unreachable (exit 5) hid the mistake."""
+    (tmp_path / "layer.zinfo").write_bytes(b"checkpoints")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]  # nothing listens there once the probe is closed
+    argv = [f"127.0.0.1:{closed}/app:v1", "--insecure", *given, "--listen", "0"]
+    done = subprocess.run(
+        [sys.executable, "-m", "blockstore", "serve", *argv, "--cache-dir", "cache"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"blockstore: {given[0]} ") and done.stderr.count("\n") == 1
+    assert not (tmp_path / "cache").exists()
