@@ -620,6 +620,8 @@ def write_whole(path: Path, data: bytes, suffix: str = ".partial") -> None:
     """``data`` at ``path``, never half written: written beside it and renamed over it.
     If that fails (no such directory, ``path`` a directory), nothing is left beside it,
     and the error names ``path``, the file the user gave, not the one beside it."""
+    if not path.name:  # ``.``, ``/`` or an empty name: a directory, and nothing beside it
+        raise BlockstoreError(f"cannot write {path}: Is a directory")
     partial = path.with_name(path.name + suffix)
     try:
         partial.write_bytes(data)

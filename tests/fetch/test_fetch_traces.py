@@ -201,6 +201,29 @@ def test_an_export_that_cannot_be_written_names_the_file_and_leaves_nothing(tmp_
     assert list(out.iterdir()) == []
 
 
+def test_an_export_to_a_name_that_names_no_file_is_refused_in_one_line(tmp_path, cache_dir):
+    """Tried: ``trace export`` to ``.``, ``/`` and an empty name, which name no file.
+    Must hold: one line saying the file cannot be written (exit 1), as for any other
+    directory, and nothing written. Before, a ValueError traceback ("has an empty name")."""
+    from blockstore.cache import ChunkStore
+
+    digest = "sha256:" + "a" * 64
+    with ChunkStore(cache_dir) as store:
+        TraceShelf(store).put(Trace(digest, CHUNK_SIZE, 1.0, [(0, 1, 1)]))
+    for target in (".", "/", ""):
+        argv = ["trace", "export", digest, target, "--cache-dir", str(cache_dir)]
+        done = subprocess.run(
+            [sys.executable, "-m", "blockstore", *argv],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith("blockstore: cannot write "), done.stderr
+        assert done.stderr.count("\n") == 1
+    assert [p for p in tmp_path.iterdir() if p != cache_dir] == []
+
+
 def test_traces_are_kept_per_layer(tmp_path, cache_dir):
     """The shelf keeps one trace per layer digest; putting one again replaces it."""
     from blockstore.cache import ChunkStore
