@@ -72,7 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"TCP address to listen on (default 127.0.0.1:{DEFAULT_PORT}, "
         "or none when --unix is given; port 0 picks a free one)",
     )
-    serve.add_argument("--unix", metavar="PATH", help="listen on this Unix socket")
+    serve.add_argument(
+        "--unix", type=_socket_path, metavar="PATH", help="listen on this Unix socket"
+    )
     serve.add_argument("--pidfile", type=Path, metavar="FILE", help="write the process id here")
     serve.add_argument(
         "--metrics",
@@ -94,6 +96,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # The write end of a pipe from `blockstore mount`, told "ready" or the error on it.
     serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     serve.set_defaults(func=run_serve)
+
+
+def _socket_path(text: str) -> str:
+    """A socket's path: an empty one would be bound in Linux's abstract namespace under a
+    name the kernel picks, which no client could be told."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path is no socket (try /tmp/blockstore.sock)")
+    return text
 
 
 def run_serve(args: argparse.Namespace) -> int:

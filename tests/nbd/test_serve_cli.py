@@ -715,3 +715,21 @@ def test_a_tar_index_option_wrong_by_itself_is_refused_before_the_registry(
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(f"blockstore: {given[0]} ") and done.stderr.count("\n") == 1
     assert not (tmp_path / "cache").exists()
+
+
+def test_an_empty_unix_socket_path_is_refused(pushed_images, tmp_path: Path):
+    """Tried: ``serve --unix ''``. Must hold: a usage error naming ``--unix`` (exit 2,
+    one line), and no cache made. Before, the server bound a socket in Linux's abstract
+    namespace under a name the kernel picked, printed ``nbd+unix:///layer0?`` (no socket
+    a client could use) and served there, out of every client's reach, until stopped."""
+    argv = [pushed_images.small, "--insecure", "--unix", "", "--cache-dir", str(tmp_path / "c")]
+    done = subprocess.run(
+        [sys.executable, "-m", "blockstore", "serve", *argv],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("blockstore serve: error: argument --unix: an empty path")
+    assert done.stderr.count("\n") == 1 and done.stdout == ""
+    assert list(tmp_path.iterdir()) == []
