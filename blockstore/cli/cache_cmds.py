@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -422,4 +423,13 @@ def cmd_rm(args: argparse.Namespace) -> int:
         },
         "\n".join(lines) or "nothing to remove",
     )
-    return CacheError.exit_code if held or busy else 0
+    if not (held or busy):
+        return 0
+    # The report is the output (JSON with --json); the failure is said as every error is.
+    kept_back = ", ".join(sorted(busy) or held)
+    print(
+        f"blockstore: not removed, a running server serves it from the cache alone "
+        f"(offline): {kept_back}; stop the server, then remove it",
+        file=sys.stderr,
+    )
+    return CacheError.exit_code

@@ -733,3 +733,27 @@ def test_an_empty_unix_socket_path_is_refused(pushed_images, tmp_path: Path):
     assert done.stderr.startswith("blockstore serve: error: argument --unix: an empty path")
     assert done.stderr.count("\n") == 1 and done.stdout == ""
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("json_output", [True, False], ids=["json", "text"])
+def test_cache_rm_refused_by_a_running_server_says_so_on_stderr(
+    pushed_images, tmp_path: Path, json_output: bool
+):
+    """Tried: ``cache rm IMAGE`` (with and without ``--json``) while ``serve --offline``
+    serves the image. Must hold: exit 8 with its one line on stderr, starting
+    ``blockstore:`` and naming the image, as every failure has; with ``--json``, stdout
+    is the JSON report alone. Before, stderr was empty: a script saw exit 8 with no
+    word of why."""
+    cache = tmp_path / "cache"
+    image = pushed_images.small
+    cli = [sys.executable, "-m", "blockstore"]
+    prefetch = [*cli, "prefetch", image, "--insecure", "--cache-dir", str(cache)]
+    assert subprocess.run(prefetch, capture_output=True, timeout=120).returncode == 0
+    rm = [*cli, "cache", "rm", image, "--cache-dir", str(cache)] + ["--json"] * json_output
+    with serving(image, "--offline", "--cache-dir", str(cache), "--listen", "127.0.0.1:0"):
+        result = subprocess.run(rm, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 8, result.stderr
+    assert result.stderr.startswith("blockstore: ") and result.stderr.count("\n") == 1
+    assert image in result.stderr
+    if json_output:
+        assert json.loads(result.stdout)["kept_images"] == [image]
