@@ -201,7 +201,11 @@ def _verified(
     ok = report.ok and not lying
     lines.append("ok" if ok else f"bad data found and {fate}")
     emit(args, {**report.to_dict(), "ok": ok, "lying_indexes": lying}, "\n".join(lines))
-    return 0 if ok else IntegrityError.exit_code
+    if ok:
+        return 0
+    # The report is the output (JSON with --json); the failure is said as every error is.
+    print(f"blockstore: {lines[-1]} in the cache at {cache_dir_from(args)}", file=sys.stderr)
+    return IntegrityError.exit_code
 
 
 def cmd_gc(args: argparse.Namespace) -> int:

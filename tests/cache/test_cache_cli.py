@@ -53,6 +53,25 @@ def test_verify_finds_and_drops_corrupted_chunks(cache_dir):
         blob.close()
 
 
+@pytest.mark.parametrize("json_output", [True, False], ids=["json", "text"])
+def test_verify_that_finds_bad_data_says_so_on_stderr(cache_dir, json_output: bool):
+    """Tried: ``blockstore -q cache verify`` (with and without ``--json``) of a cache with
+    a bit flipped in a chunk of a sealed blob. Must hold: exit 6 with its one line on
+    stderr, starting ``blockstore:``, as every failure has, for -q silences warnings, never
+    errors; with ``--json``, stdout is the JSON report alone. Before, the bad chunk was
+    said only in a warning, which -q silenced: exit 6 with no word of why."""
+    sealed = make_blob(4 * CHUNK_SIZE, seed=47)
+    fill(cache_dir, [sealed])
+    with ChunkStore(cache_dir) as store:
+        assert flip_stored_byte(store, sealed[1], 2, 1000)
+    argv = ["-q", "cache", "verify", "--cache-dir", str(cache_dir)] + ["--json"] * json_output
+    result = run_cli(*argv)
+    assert result.returncode == 6, result.stdout + result.stderr
+    assert result.stderr == f"blockstore: bad data found and dropped in the cache at {cache_dir}\n"
+    if json_output:
+        assert json.loads(result.stdout)["bad_chunks"] == [[sealed[1], 2]]
+
+
 def test_a_chunk_under_another_chunks_key_is_never_served_as_it(cache_dir):
     """Chunk 1's whole value stored under chunk 5's key, and another blob's chunk 0 under
     chunk 3's key (what a flipped bit in a key does): offline, reads of chunks 5 and 3 fail
