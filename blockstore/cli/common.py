@@ -246,7 +246,11 @@ def add_image_options(parser: argparse.ArgumentParser, verb: str, *, offline: bo
         help=f"{verb} only layer N (0 is the bottom, -1 the top)",
     )
     which.add_argument(
-        "--blob", default=None, metavar="DIGEST", help=f"{verb} only the layer with this digest"
+        "--blob",
+        type=blob_digest,
+        default=None,
+        metavar="DIGEST",
+        help=f"{verb} only the layer with this digest",
     )
     parser.add_argument(
         "--timeout",
@@ -262,6 +266,17 @@ def add_image_options(parser: argparse.ArgumentParser, verb: str, *, offline: bo
             action="store_true",
             help="never use the network: resolve and read from the cache only",
         )
+
+
+def blob_digest(text: str) -> str:
+    """A layer's digest (``sha256:HEX`` or the bare hex), refused as usage before the
+    registry is asked, whose being out of reach would otherwise be said instead."""
+    from blockstore.registry.reference import normalize_digest
+
+    try:
+        return normalize_digest(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_tar_index_options(parser: argparse.ArgumentParser) -> None:

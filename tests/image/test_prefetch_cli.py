@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -281,3 +282,25 @@ def test_a_first_command_naming_a_layer_the_image_lacks_leaves_no_cache(
     assert done.returncode == 3, done.stderr
     assert done.stderr.startswith("blockstore: image ") and "has no layer" in done.stderr
     assert list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
+
+
+@pytest.mark.parametrize("command", ["prefetch", "serve", "index"])
+def test_a_mistyped_blob_digest_is_refused_before_the_registry(tmp_path: Path, command: str):
+    """Tried: ``--blob sha256:abc`` (a digest cut short) for an image on a registry that
+    cannot be reached. Must hold: exit 2 naming ``--blob`` and the digest, as any usage
+    error, and no cache made. Before, the registry was asked first and its being out of
+    reach (exit 5) was said instead: the mistake showed only once it was back."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]  # nothing listens there once the probe is closed
+    image = f"127.0.0.1:{closed}/app:v1"
+    cache = tmp_path / "cache"
+    done = blockstore(
+        command, image, "--insecure", "--blob", "sha256:abc", "--cache-dir", str(cache), timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"blockstore {command}: error: argument --blob: invalid digest 'sha256:abc'" in (
+        done.stderr
+    )
+    assert done.stderr.count("\n") == 1
+    assert not cache.exists()

@@ -224,19 +224,20 @@ def test_digests_are_compared_normalised():
     assert args.blob == f"sha256:{hex_digest}"
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["--platform", "amd64"],
-        ["--platform", "linux/"],
-        ["--blob", "sha256:short"],
-        ["--blob", "notadigest"],
-    ],
-)
-def test_bad_platform_and_digest_flags_are_usage_errors(argv):
-    """Platform and digest flags are checked by the parsers the server uses: UsageError."""
+@pytest.mark.parametrize("argv", [["--platform", "amd64"], ["--platform", "linux/"]])
+def test_bad_platform_flags_are_usage_errors(argv):
+    """Platform flags are checked by the parser the server uses: UsageError."""
     with pytest.raises(UsageError):
         check_image_arguments(_mount_args(*argv))
+
+
+@pytest.mark.parametrize("digest", ["sha256:short", "notadigest"])
+def test_bad_digest_flags_are_usage_errors(digest, capsys):
+    """A --blob that is no digest is refused by the command line's parser (exit 2)."""
+    with pytest.raises(SystemExit) as refused:
+        _mount_args("--blob", digest)
+    assert refused.value.code == 2
+    assert "argument --blob: invalid digest" in capsys.readouterr().err
 
 
 def test_a_password_without_a_user_name_is_refused_with_the_fix(monkeypatch):
