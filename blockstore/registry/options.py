@@ -63,7 +63,8 @@ def check_mirror(mirror: str) -> None:
             f"credentials for a mirror come from the auth files (podman login, docker login) "
             f"keyed by its host, {host}"
         )
-    why = port_problem(host)
+    # No name a resolver could judge: no host, or one with blanks in it.
+    why = "no host" if not host or any(c.isspace() for c in host) else port_problem(host)
     if why:
         raise UsageError(f"mirror {mirror!r}: {why} (expected HOST[:PORT])")
 

@@ -158,6 +158,25 @@ def test_a_command_given_a_bad_mirror_port_exits_with_one_usage_line():
     ]
 
 
+@pytest.mark.parametrize("mirror", ["", "bad host", "http://", "https:///v2"])
+def test_a_mirror_with_no_host_is_refused_before_any_registry(mirror):
+    """Tried: ``inspect --mirror`` with an empty address, a host with a blank in it, and a
+    scheme with no host. Must hold: exit 2 with one line naming the mirror, before any
+    registry is asked (nothing listens at the upstream: had it tried, the exit would be
+    5). Before, each was tried as a host, failed with a warning naming an empty or
+    broken mirror, and the command went on to the upstream."""
+    done = subprocess.run(
+        [*BLOCKSTORE, "inspect", "127.0.0.1:1/a/b:v1", "--insecure", "--mirror", mirror],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == UsageError.exit_code, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"blockstore: mirror {mirror!r}: no host (expected HOST[:PORT])"
+    ]
+
+
 def test_mirror_addresses_without_credentials_are_taken():
     """Host, host:port and scheme URLs with a trailing slash are all plain mirrors."""
     mirrors = [
