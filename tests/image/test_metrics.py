@@ -28,20 +28,27 @@ def scrape(url: str) -> dict[str, float]:
     return samples
 
 
-def test_serve_exports_metrics(pushed_images, erofs_images, tmp_path):
-    """Serve an image with --metrics, read through NBD: the scrape must count the bytes
-    served and fetched, the fetches' latency, and the one open connection."""
+def _serving_with_metrics(pushed_images, tmp_path) -> tuple[subprocess.Popen, list[str]]:
+    """``serve --metrics`` of the small image on loopback, its log in ``serve.log``; the
+    process, once ready, and the lines it printed until then."""
     argv = [sys.executable, "-m", "blockstore", "serve", pushed_images.small, "--insecure"]
     argv += ["--cache-dir", str(tmp_path / "cache"), "--listen", "127.0.0.1:0"]
     argv += ["--metrics", "127.0.0.1:0"]
-    log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
+    with (tmp_path / "serve.log").open("w") as log:
+        server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
+    lines = []
+    for line in server.stdout:
+        lines.append(line.strip())
+        if line.strip() == "ready":
+            break
+    return server, lines
+
+
+def test_serve_exports_metrics(pushed_images, erofs_images, tmp_path):
+    """Serve an image with --metrics, read through NBD: the scrape must count the bytes
+    served and fetched, the fetches' latency, and the one open connection."""
+    server, lines = _serving_with_metrics(pushed_images, tmp_path)
     try:
-        lines = []
-        for line in server.stdout:
-            lines.append(line.strip())
-            if line.strip() == "ready":
-                break
         (metrics_url,) = [line.split()[1] for line in lines if line.startswith("metrics ")]
         uri = next(line.split()[2] for line in lines if line.startswith("export layer0 "))
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics", metrics_url)
@@ -70,7 +77,6 @@ def test_serve_exports_metrics(pushed_images, erofs_images, tmp_path):
     finally:
         server.terminate()
         server.wait(15)
-        log.close()
     assert server.returncode == 0
 
 
@@ -132,18 +138,9 @@ def test_scrapers_that_reset_leave_no_traceback_on_the_log(pushed_images, tmp_pa
     """Twenty connections to ``serve --metrics`` that send half a request and reset: the
     server's log must hold no traceback (before, each wrote one of 25 lines, as did each
     connection closed for idling), the next scrape must answer and the server exit 0."""
-    argv = [sys.executable, "-m", "blockstore", "serve", pushed_images.small, "--insecure"]
-    argv += ["--cache-dir", str(tmp_path / "cache"), "--listen", "127.0.0.1:0"]
-    argv += ["--metrics", "127.0.0.1:0"]
+    server, lines = _serving_with_metrics(pushed_images, tmp_path)
     log_path = tmp_path / "serve.log"
-    with log_path.open("w") as log:
-        server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
-        lines = []
-        for line in server.stdout:
-            lines.append(line.strip())
-            if line.strip() == "ready":
-                break
         (metrics_url,) = [line.split()[1] for line in lines if line.startswith("metrics ")]
         host, port = metrics_url.split("/")[2].rsplit(":", 1)
         for _ in range(20):

@@ -676,16 +676,21 @@ def test_a_first_serve_whose_tar_index_is_refused_leaves_no_cache(
     (tmp_path / "layer.meta").write_bytes(b"an index")
     cache = tmp_path / "parent" / "cache"
     argv = [pushed_images.small, "--insecure", *given, "--cache-dir", str(cache)]
+    _assert_refused_as_usage(tmp_path, [*argv, "--listen", "0"], given[0])
+    assert not (tmp_path / "parent").exists(), list(tmp_path.rglob("*"))
+
+
+def _assert_refused_as_usage(cwd: Path, argv: list[str], option: str) -> None:
+    """``serve ARGV``, run in ``cwd``, exits 2 with one line naming ``option``."""
     done = subprocess.run(
-        [sys.executable, "-m", "blockstore", "serve", *argv, "--listen", "0"],
+        [sys.executable, "-m", "blockstore", "serve", *argv],
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=tmp_path,
+        cwd=cwd,
     )
     assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith(f"blockstore: {given[0]} ") and done.stderr.count("\n") == 1
-    assert not (tmp_path / "parent").exists(), list(tmp_path.rglob("*"))
+    assert done.stderr.startswith(f"blockstore: {option} ") and done.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize(
@@ -705,15 +710,7 @@ def test_a_tar_index_option_wrong_by_itself_is_refused_before_the_registry(
         probe.bind(("127.0.0.1", 0))
         closed = probe.getsockname()[1]  # nothing listens there once the probe is closed
     argv = [f"127.0.0.1:{closed}/app:v1", "--insecure", *given, "--listen", "0"]
-    done = subprocess.run(
-        [sys.executable, "-m", "blockstore", "serve", *argv, "--cache-dir", "cache"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith(f"blockstore: {given[0]} ") and done.stderr.count("\n") == 1
+    _assert_refused_as_usage(tmp_path, [*argv, "--cache-dir", "cache"], given[0])
     assert not (tmp_path / "cache").exists()
 
 
