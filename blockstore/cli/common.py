@@ -466,6 +466,13 @@ def keep_traces(store, traces: list) -> int:
     return len(traces)
 
 
+def check_prefetch_options(args: argparse.Namespace) -> None:
+    """``--fill-rate`` caps the fill alone: given without ``--fill`` it would cap nothing,
+    and the user who asked for a slow fill would have none, and no word of it."""
+    if args.fill_rate and not args.fill:
+        raise UsageError("--fill-rate caps --fill, which is not given: add --fill, or drop it")
+
+
 def prefetch_settings_from(args: argparse.Namespace) -> PrefetchSettings:
     from blockstore.prefetch.settings import MOUNT, PrefetchSettings
 

@@ -29,6 +29,7 @@ from blockstore.cli.common import (
     add_registry_options,
     add_tar_index_options,
     cache_dir_from,
+    check_prefetch_options,
     parse_metrics_address,
     registry_options_from_args,
 )
@@ -409,6 +410,7 @@ def run_mount(args: argparse.Namespace) -> int:
     # by its environment: nothing that keeps or shows the options can repeat it.
     args.options = without_credentials(args.options)
     check_registry_arguments(args)
+    check_prefetch_options(args)
     argv, env = serve_command(args)
     tls = mount_tls_arguments(args)
     argv += tls

@@ -28,6 +28,7 @@ from blockstore.cli.common import (
     add_prefetch_options,
     add_registry_options,
     add_tar_index_options,
+    check_prefetch_options,
     check_tar_index_options,
     keep_traces,
     open_image_from_args,
@@ -120,6 +121,7 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
     tls = server_tls_from(args)
     traces = read_trace_file(args.trace_file) if args.trace_file is not None else []
     check_tar_index_options(args)
+    check_prefetch_options(args)
     image = open_image_from_args(
         args,
         serves=True,

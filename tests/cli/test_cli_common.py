@@ -60,6 +60,28 @@ def test_a_fill_rate_under_a_byte_is_refused_not_taken_for_no_cap(tmp_path: Path
     assert not cache.exists()
 
 
+@pytest.mark.parametrize("command", ["serve", "mount"])
+def test_a_fill_rate_without_fill_is_refused(tmp_path: Path, command: str):
+    """Tried: ``serve`` and ``mount`` with ``--fill-rate 1M`` and no ``--fill``. Must hold:
+    exit 2 with one line saying the rate caps a fill not asked for, before any registry
+    is asked, cache made or mount attempted. Before, the rate was taken and nothing
+    filled: the user who asked for a slow fill had none, and no word of it."""
+    cache = tmp_path / "c"
+    where = [str(tmp_path / "mnt")] if command == "mount" else []
+    argv = [command, "127.0.0.1:9/x/y:1", *where, "--fill-rate", "1M", "--cache-dir", str(cache)]
+    result = subprocess.run(
+        [sys.executable, "-m", "blockstore", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        "blockstore: --fill-rate caps --fill, which is not given: add --fill, or drop it\n"
+    )
+    assert not cache.exists()
+
+
 @pytest.mark.parametrize("text", ["0", "1K", "32767"])
 def test_a_cache_cap_must_hold_a_chunk(text: str):
     """A cap under one 32 KiB chunk would silently cache nothing: refused, saying why."""
