@@ -204,8 +204,10 @@ def start_metrics(address: tuple[str, int], store: ChunkStore, server: NBDServer
     try:
         metrics = MetricsServer(*address, store.stats, lambda: server.connection_count)
     except OSError as exc:
-        where = f"{address[0]}:{address[1]}"
-        raise BlockstoreError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from exc
+        said = f"cannot serve metrics on {address[0]}:{address[1]}: {exc.strerror or exc}"
+        if exc.errno == errno.EADDRINUSE:
+            said += "; another server listens there: give another --metrics HOST:PORT"
+        raise BlockstoreError(said) from exc
     return metrics
 
 

@@ -155,3 +155,22 @@ def test_scrapers_that_reset_leave_no_traceback_on_the_log(pushed_images, tmp_pa
         server.wait(15)
     assert server.returncode == 0
     assert "Traceback" not in log_path.read_text()
+
+
+def test_a_metrics_port_in_use_is_said_with_how_to_give_another(pushed_images, tmp_path):
+    """Tried: ``serve --metrics`` on a port another socket listens on. Must hold: exit 1
+    with one line naming the address, that another server listens there, and the option
+    to change, as for ``--listen``. Before, only "Address already in use"."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = [sys.executable, "-m", "blockstore", "serve", pushed_images.small, "--insecure"]
+        argv += ["--cache-dir", str(tmp_path / "cache"), "--listen", "127.0.0.1:0"]
+        done = subprocess.run(
+            [*argv, "--metrics", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60
+        )
+    assert done.returncode == 1, done.stderr
+    said = done.stderr.strip().splitlines()[-1]
+    assert said.startswith(f"blockstore: cannot serve metrics on 127.0.0.1:{port}: "), said
+    assert said.endswith("another server listens there: give another --metrics HOST:PORT")
