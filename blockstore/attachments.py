@@ -160,15 +160,15 @@ def indexes_for_image(
         except BlockstoreError as exc:
             log.warning("%s: chunk index not looked up: %s", resolved.reference, exc)
         for digest, index in list(found.items()):
-            own = shelf.built(digest, index.size)  # from verified bytes: none is truer
-            if own is None and not shelf.refused(index):
+            use = shelf.trusted(index)
+            if use is index:
                 shelf.put(index)
                 continue
-            if own != index:
+            if use != index:
                 log.warning(
                     "%s: the chunk index attached for %s %s: not used",
                     resolved.reference, digest,
-                    "differs from the one built here from the layer" if own
+                    "differs from the one built here from the layer" if use
                     else "was found here to disagree with the layer",
                 )  # fmt: skip
             del found[digest]  # what is kept (built here, or nothing) is taken below

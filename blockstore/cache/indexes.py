@@ -79,6 +79,15 @@ class IndexShelf:
         except CacheError as exc:
             log.warning("could not drop the chunk index of %s: %s", layer_digest, exc)
 
+    def trusted(self, attached: ChunkIndex) -> ChunkIndex | None:
+        """What stands for a table attached to the image: the one this cache built from
+        verified bytes (none is truer), else the attached one, unless this cache found
+        that very table to disagree with its layer."""
+        own = self.built(attached.layer_digest, attached.size)
+        if own is not None:
+            return own
+        return None if self.refused(attached) else attached
+
     def refused(self, index: ChunkIndex) -> bool:
         """Whether this very table was dropped here for disagreeing with its layer."""
         return self._store.images.manifest(_key(index.layer_digest)) == _refusal(index.to_bytes())

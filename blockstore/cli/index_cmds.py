@@ -91,17 +91,16 @@ def _trusted_tables(
     push of one layer never publishes again a lie about another."""
     tables = {}
     for layer in layers:
-        if (own := shelf.built(layer.digest, layer.size)) is not None:
-            tables[layer.digest] = own
-        elif (table := attached.get(layer.digest)) is not None:
-            if shelf.refused(table):
-                log.warning(
-                    "%s: the chunk index attached now is left out: this cache found it "
-                    "to disagree with the layer",
-                    layer.digest,
-                )
-            else:
-                tables[layer.digest] = table
+        table = attached.get(layer.digest)
+        use = shelf.built(layer.digest, layer.size) if table is None else shelf.trusted(table)
+        if use is not None:
+            tables[layer.digest] = use
+        elif table is not None:
+            log.warning(
+                "%s: the chunk index attached now is left out: this cache found it "
+                "to disagree with the layer",
+                layer.digest,
+            )
     return tables
 
 

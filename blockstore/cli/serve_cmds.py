@@ -193,7 +193,13 @@ def _cannot_listen(exc: OSError, tcp: tuple[str, int] | None, unix: str | None) 
         where, other = f"{tcp[0]}:{tcp[1]}", "--listen HOST:PORT (port 0 picks a free one)"
     else:
         where, other = unix, "--unix PATH"
-    said = f"cannot listen on {where}: {exc.strerror or exc}"
+    return _bind_failure(exc, f"listen on {where}", other)
+
+
+def _bind_failure(exc: OSError, what: str, other: str) -> str:
+    """``cannot WHAT: why``, and where the address is taken, the option ``other`` that
+    gives another."""
+    said = f"cannot {what}: {exc.strerror or exc}"
     if exc.errno == errno.EADDRINUSE:
         said += f"; another server listens there: give another {other}"
     return said
@@ -204,10 +210,10 @@ def start_metrics(address: tuple[str, int], store: ChunkStore, server: NBDServer
     try:
         metrics = MetricsServer(*address, store.stats, lambda: server.connection_count)
     except OSError as exc:
-        said = f"cannot serve metrics on {address[0]}:{address[1]}: {exc.strerror or exc}"
-        if exc.errno == errno.EADDRINUSE:
-            said += "; another server listens there: give another --metrics HOST:PORT"
-        raise BlockstoreError(said) from exc
+        where = f"{address[0]}:{address[1]}"
+        raise BlockstoreError(
+            _bind_failure(exc, f"serve metrics on {where}", "--metrics HOST:PORT")
+        ) from exc
     return metrics
 
 

@@ -114,8 +114,6 @@ class RegistryClient:
     def __init__(self, registry: str, options: RegistryOptions | None = None):
         self.registry = registry
         self.options = options = options or RegistryOptions()
-        # Without proxies, netrc or CA bundles from the environment, which would change
-        # where requests go and with which credentials behind our back.
         if options.ca_file and not os.path.isfile(options.ca_file):
             raise UsageError(f"CA file {options.ca_file} does not exist")
         extra_cas = _pem_certificates(Path(options.ca_file)) if options.ca_file else None

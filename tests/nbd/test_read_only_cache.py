@@ -210,6 +210,26 @@ def test_root_writes_no_file_another_user_linked_into_a_cache(
         assert contents(cache) == before
 
 
+@contextmanager
+def _serving_large_quietly(registry, pushed_images, proxy, tmp_path, *extra: str) -> Iterator:
+    """``serve`` online, through ``proxy``, of the large image on a read-only cache that
+    holds only the small one, every prefetch heuristic off (but ``extra``): the server
+    process and its exports."""
+    cache = tmp_path / "cache"
+    prefetched(pushed_images.small, cache)
+    reference = pushed_images.large.replace(registry.host, proxy.host)
+    with read_only_view(cache, tmp_path / "ro") as ro:
+        quiet = ["--no-erofs-start", "--no-erofs-walk", "--no-trace", "--no-readahead"]
+        args = [reference, "--insecure", *extra, *quiet, "--cache-dir", str(ro)]
+        with serving(*args, "--listen", "127.0.0.1:0") as served:
+            yield served
+
+
+def _layer_gets(proxy, digest: str) -> list:
+    """The GETs of blob ``digest`` the proxy forwarded."""
+    return [r for r in proxy.requests if r.method == "GET" and digest in r.path]
+
+
 def test_fill_on_a_read_only_cache_is_skipped_not_fetched_for_nothing(
     registry, pushed_images, erofs_images, fault_proxy, tmp_path
 ):
@@ -217,20 +237,14 @@ def test_fill_on_a_read_only_cache_is_skipped_not_fetched_for_nothing(
     said in the one warning, and the layer's blob is not asked for while no client reads.
     Before, the fill fetched the whole layer, kept none of it, and fetched it twice more
     before giving up: three times the layer's bytes for nothing."""
-    cache = tmp_path / "cache"
-    prefetched(pushed_images.small, cache)
     proxy = fault_proxy(registry)
-    reference = pushed_images.large.replace(registry.host, proxy.host)
-    layer = erofs_images.large.digest
-    with read_only_view(cache, tmp_path / "ro") as ro:
-        quiet = ["--no-erofs-start", "--no-erofs-walk", "--no-trace", "--no-readahead"]
-        args = [reference, "--insecure", "--fill", *quiet, "--cache-dir", str(ro)]
-        with serving(*args, "--listen", "127.0.0.1:0") as (proc, _):
-            time.sleep(2)
-            assert [r for r in proxy.requests if r.method == "GET" and layer in r.path] == []
-            assert stop(proc) == 0
-            (line,) = proc.stderr.read().splitlines()
-            assert "--fill is skipped, having nowhere to keep the layers" in line, line
+    with _serving_large_quietly(registry, pushed_images, proxy, tmp_path, "--fill") as served:
+        proc, _ = served
+        time.sleep(2)
+        assert _layer_gets(proxy, erofs_images.large.digest) == []
+        assert stop(proc) == 0
+        (line,) = proc.stderr.read().splitlines()
+        assert "--fill is skipped, having nowhere to keep the layers" in line, line
 
 
 def test_prefetch_on_a_read_only_cache_fetches_nothing_a_read_fetches_again(
@@ -280,23 +294,17 @@ def test_a_cache_command_on_a_read_only_cache_fetches_nothing(
     sends NBD CACHE for 8 MiB. Must hold: answered at once, and nothing of the layer is
     asked of the registry. Before, the range was fetched only to be dropped, and the
     reads it was meant to speed up fetched it again."""
-    cache = tmp_path / "cache"
-    prefetched(pushed_images.small, cache)
     proxy = fault_proxy(registry)
-    reference = pushed_images.large.replace(registry.host, proxy.host)
-    layer = erofs_images.large.digest
-    with read_only_view(cache, tmp_path / "ro") as ro:
-        quiet = ["--no-erofs-start", "--no-erofs-walk", "--no-trace", "--no-readahead"]
-        args = [reference, "--insecure", *quiet, "--cache-dir", str(ro)]
-        with serving(*args, "--listen", "127.0.0.1:0") as (proc, exports):
-            client = nbd.NBD()
-            client.connect_uri(exports[""])
-            assert client.can_cache()
-            client.cache(8 << 20, 0)
-            time.sleep(2)
-            client.shutdown()
-            assert [r for r in proxy.requests if r.method == "GET" and layer in r.path] == []
-            assert stop(proc) == 0
+    with _serving_large_quietly(registry, pushed_images, proxy, tmp_path) as served:
+        proc, exports = served
+        client = nbd.NBD()
+        client.connect_uri(exports[""])
+        assert client.can_cache()
+        client.cache(8 << 20, 0)
+        time.sleep(2)
+        client.shutdown()
+        assert _layer_gets(proxy, erofs_images.large.digest) == []
+        assert stop(proc) == 0
 
 
 def test_a_damaged_read_only_cache_is_reported_by_verify_and_left(
