@@ -784,6 +784,17 @@ def _held_inside(record: MountRecord) -> list[str]:
     )
 
 
+def _still_held_inside(record: MountRecord) -> list[str]:
+    """``_held_inside``, asked again for ``BUSY_PATIENCE`` while it finds something, as
+    ``syscall.umount`` waits on a busy file system: a process just ending still holds
+    the layers for a moment, and a mount namespace just made holds copies of every mount
+    until it drops those it does not want."""
+    deadline = time.monotonic() + syscall.BUSY_PATIENCE
+    while (held := _held_inside(record)) and time.monotonic() < deadline:
+        time.sleep(syscall.BUSY_RETRY)
+    return held
+
+
 def _mount_points(record: MountRecord) -> list[str]:
     """Where the record's file systems are mounted: the top, each layer, each FUSE file."""
     return [
@@ -851,7 +862,7 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
                 f"`{umount_command(others[0].mountpoint)}` first, or unmount "
                 "with --lazy"
             )
-        if held := _held_inside(record):
+        if held := _still_held_inside(record):
             raise MountpointBusy(
                 f"{record.mountpoint} is busy: {', '.join(held)} uses its layers from "
                 "outside it; end or unmount that first, or unmount with --lazy, after which "

@@ -44,14 +44,28 @@ def main() -> None:
     _check(_libc.unshare(CLONE_NEWNS), "unshare")
     _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
     keep = tuple(os.path.realpath(path).rstrip("/") + "/" for path in args.keep)
-    for point, (fstype, _) in sorted(syscall.mounted().items(), reverse=True):
-        if fstype in ("erofs", "overlay", "fuse") and not point.startswith(keep):
-            syscall.umount(point, lazy=True)
+    _drop_others(keep)
     if args.bind:
         source, target = args.bind
         _check(_libc.mount(os.fsencode(source), os.fsencode(target), None, MS_BIND, None), "bind")
         syscall.umount(source, lazy=True)
     os.execvp(args.command[0], args.command)
+
+
+def _drop_others(keep: tuple[str, ...]) -> None:
+    """Unmount here every mount point outside ``keep`` with an EROFS, overlay or FUSE
+    mount in its stack, whatever is mounted over it (another test's tmpfs moved onto its
+    image): each lazy unmount takes the top of a stack, so a stack goes down in turns."""
+    for _ in range(16):  # stacks are a few mounts high; a point that stays is left
+        points = {
+            m.point
+            for m in syscall._mounts()
+            if m.fstype in ("erofs", "overlay", "fuse") and not m.point.startswith(keep)
+        }
+        if not points:
+            return
+        for point in sorted(points, reverse=True):  # the deepest first
+            syscall.umount(point, lazy=True)
 
 
 if __name__ == "__main__":
