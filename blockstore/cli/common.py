@@ -507,9 +507,13 @@ def registry_options_from_args(args: argparse.Namespace) -> RegistryOptions:
 
 
 def _check_password_given(args: argparse.Namespace) -> None:
-    """A user name given with no password anywhere would be dropped for anonymous access,
-    and the registry's refusal would not say the password was what lacked."""
-    if args.username is None or args.password is not None:
+    """A user name given (``--username``, else ``$BLOCKSTORE_USERNAME``) with no password
+    anywhere would be dropped for anonymous access, and the registry's refusal would not
+    say the password was what lacked."""
+    named_by = "--username" if args.username is not None else "$BLOCKSTORE_USERNAME"
+    if args.username is None and not os.environ.get("BLOCKSTORE_USERNAME"):
+        return
+    if args.password is not None:
         return
     if os.environ.get("BLOCKSTORE_PASSWORD") is not None:
         return
@@ -522,9 +526,9 @@ def _check_password_given(args: argparse.Namespace) -> None:
     ):
         return  # a podman or docker login for the registry is used, as without --username
     raise UsageError(
-        "--username was given without a password: give --password, or "
+        f"{named_by} was given without a password: give --password, or "
         "$BLOCKSTORE_PASSWORD, or log in with podman or docker (auth.json, config.json) "
-        "and leave out --username"
+        f"and leave out {named_by}"
     )
 
 

@@ -142,6 +142,24 @@ def test_a_user_name_without_a_password_says_how_to_give_one(tmp_path, monkeypat
     assert given.returncode == 5, given.stderr  # on to the registry, which is not there
 
 
+def test_a_user_name_from_the_environment_without_a_password_is_refused(tmp_path, monkeypatch):
+    """Tried: $BLOCKSTORE_USERNAME set, with no password anywhere. Must hold: exit 2 naming
+    $BLOCKSTORE_USERNAME, as for --username. Before, the name was dropped without a word
+    and the registry's 401 left the user guessing why their login was not used."""
+    monkeypatch.delenv("BLOCKSTORE_PASSWORD", raising=False)
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    monkeypatch.delenv("DOCKER_CONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setenv("BLOCKSTORE_USERNAME", "alice")
+    shown = blockstore("inspect", "127.0.0.1:9/a:v1", "--insecure")
+    assert shown.returncode == 2 and shown.stderr.count("\n") == 1, shown.stderr
+    assert "$BLOCKSTORE_USERNAME was given without a password" in shown.stderr
+    monkeypatch.setenv("BLOCKSTORE_PASSWORD", "pw")
+    given = blockstore("inspect", "127.0.0.1:9/a:v1", "--insecure")
+    assert given.returncode == 5, given.stderr  # on to the registry, which is not there
+
+
 @pytest.mark.parametrize("argv", [["mounts"], ["umount", "--help"]])
 def test_commands_that_open_no_cache_do_not_load_it(argv, tmp_path):
     """Tried: ``mounts`` with nothing mounted, and the parser of ``umount``, run with the
