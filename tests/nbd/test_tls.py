@@ -7,6 +7,7 @@ the server checks theirs. A raw client plays the downgrade attacker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -14,6 +15,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -454,3 +456,59 @@ def test_serve_listens_on_loopback_by_default(registry, pushed_images, tmp_path)
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def _relayed_after_starttls(server: NBDServer) -> tuple[socket.socket, threading.Thread]:
+    """A loopback port that takes one TLS client (``openssl s_client``, which knows no
+    NBD) to ``server`` with the NBD haggling up to STARTTLS's ACK already done for it,
+    then relays bytes both ways; returns the listening socket and the relay's thread."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def relay() -> None:
+        client, _ = listener.accept()
+        upstream = socket.create_connection(server.tcp_address, timeout=30)
+        _read_exactly(upstream, 18)
+        upstream.sendall(w.client_flags() + w.option(w.OPT_STARTTLS))
+        assert _option_reply(upstream)[:2] == (w.OPT_STARTTLS, w.REP_ACK)
+
+        def pump(source: socket.socket, sink: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                while data := source.recv(65536):
+                    sink.sendall(data)
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+        back = threading.Thread(target=pump, args=(upstream, client), daemon=True)
+        back.start()
+        pump(client, upstream)
+        back.join(30)
+        client.close()
+        upstream.close()
+
+    thread = threading.Thread(target=relay, daemon=True)
+    thread.start()
+    return listener, thread
+
+
+def test_a_client_asking_to_renegotiate_tls_is_refused(local_blob, nbd_certificates):
+    """Tried: a TLS 1.2 client (``openssl s_client``'s ``R``) asks to renegotiate in the
+    middle of a session. Must hold: the server refuses (a no_renegotiation alert, no
+    second handshake): client-started renegotiation lets one client make the server
+    do handshakes in a loop for free, and no NBD client needs it. The server says so
+    itself rather than leave it to the OpenSSL it is linked with (3.0 refuses by
+    default, 1.1.1 renegotiates as often as asked)."""
+    server = _started_requiring_tls(local_blob, nbd_certificates)
+    listener, relay = _relayed_after_starttls(server)
+    try:
+        port = listener.getsockname()[1]
+        argv = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_2"]
+        argv += ["-CAfile", str(nbd_certificates.client / "ca-cert.pem"), "-msg"]
+        client = subprocess.run(argv, input="R\n", capture_output=True, text=True, timeout=60)
+        shown = client.stdout + client.stderr
+        assert "RENEGOTIATING" in shown, shown
+        assert shown.count("ServerHelloDone") == 1, shown  # one handshake, not two
+        assert "Alert [length 0002], warning no_renegotiation" in shown, shown
+    finally:
+        listener.close()
+        relay.join(30)
+        server.shutdown()
