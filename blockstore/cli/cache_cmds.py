@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from blockstore.cache import CacheDamaged, ChunkStore
 from blockstore.cache.indexes import IndexShelf
@@ -21,8 +22,11 @@ from blockstore.cache.layout import LMDB_DATA_FILE
 from blockstore.cache.seal import VerifyReport
 from blockstore.cache.store import READ_ONLY_FATE
 from blockstore.cli.common import add_cache_options, cache_dir_from
-from blockstore.errors import CacheError, IntegrityError, NotFound
+from blockstore.errors import CacheError, IntegrityError, InvalidReference, NotFound
 from blockstore.progress import human
+
+if TYPE_CHECKING:
+    from blockstore.registry.reference import Reference
 
 DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-fA-F0-9]{32,}$")
 
@@ -257,8 +261,9 @@ def resolve_targets(store: ChunkStore, targets: list[str]) -> tuple[dict[str, in
             # is still reachable as docker.io/library/sha256:TAG).
             blobs.setdefault(normalize_digest(target), None)
             continue
-        canonical = str(parse_reference(target))
-        found = [r for r in records if r.get("reference") == canonical]
+        reference = parse_reference(target)
+        canonical = str(reference)
+        found = [r for r in records if _names(reference, canonical, r)]
         if not found:
             raise NotFound(f"no image {canonical} in the cache")
         matched_refs.extend(found)
@@ -266,6 +271,23 @@ def resolve_targets(store: ChunkStore, targets: list[str]) -> tuple[dict[str, in
             for layer in record.get("layers", []):
                 blobs[layer["digest"]] = layer.get("size")
     return blobs, matched_refs
+
+
+def _names(reference: Reference, canonical: str, record: dict) -> bool:
+    """Whether ``reference`` names the image of ``record``: as it was opened, or, with a
+    digest, as the manifest of the same repository the record keeps (an image opened by
+    tag is named by the digest ``inspect`` shows, as a registry would take it)."""
+    if record.get("reference") == canonical:
+        return True
+    if reference.digest is None or record.get("manifest_digest") != reference.digest:
+        return False
+    from blockstore.registry.reference import parse_reference
+
+    try:
+        opened = parse_reference(str(record.get("reference")))
+    except InvalidReference:
+        return False
+    return (opened.registry, opened.repository) == (reference.registry, reference.repository)
 
 
 def _images_served(images: dict[str, set[str]], held: set[str], kept: set[str]) -> set[str]:

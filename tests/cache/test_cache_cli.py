@@ -369,3 +369,35 @@ def test_a_registry_host_named_sha256_is_still_an_image(cache_dir):
     result = run_cli("cache", "rm", "sha256:5000/app:v1", "--cache-dir", str(cache_dir))
     assert result.returncode == 3, result.stderr
     assert "no image sha256:5000/app:v1 in the cache" in result.stderr
+
+
+def test_an_image_opened_by_tag_is_named_by_its_manifest_digest(cache_dir):
+    """Tried: an image kept as opened by tag, then `cache pin REPO@DIGEST` with its
+    manifest's digest (what `inspect` shows), and the same digest under another
+    repository. Must hold: the first pins both its layers and marks the image pinned;
+    the second is not found (exit 3), as a registry would not take it either. Before,
+    the digest form was matched only against an image opened by that very digest."""
+    base = make_blob(2 * CHUNK_SIZE, seed=55)
+    top = make_blob(2 * CHUNK_SIZE, seed=56)
+    fill(cache_dir, [base, top])
+    manifest = "sha256:" + "d" * 64
+    record = {
+        "reference": "127.0.0.1:5000/demo/img:v1",
+        "platform": None,
+        "manifest_digest": manifest,
+        "platforms": [],
+        "layers": [
+            {"index": i, "digest": d, "size": len(b), "mediaType": "x"}
+            for i, (b, d) in enumerate([base, top])
+        ],
+    }
+    with ChunkStore(cache_dir) as store:
+        store.images.put(record["reference"], None, record)
+    where = ["--cache-dir", str(cache_dir)]
+    other = run_cli("cache", "pin", f"127.0.0.1:5000/demo/other@{manifest}", *where)
+    assert other.returncode == 3, other.stderr
+    result = run_cli("cache", "pin", f"127.0.0.1:5000/demo/img@{manifest}", *where)
+    assert result.returncode == 0, result.stderr
+    with ChunkStore(cache_dir) as store:
+        assert store.lookup(base[1]).pinned and store.lookup(top[1]).pinned
+        assert store.images.get(record["reference"], None)["pinned"]
