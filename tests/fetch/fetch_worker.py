@@ -6,7 +6,7 @@ Waits until the file START exists (so the processes begin together), reads
 the whole blob in 256 KiB reads through the cache, checks every byte against
 EXPECTED_FILE, and exits 0; wrong bytes exit 1. With ``replay``, it opens
 the blob replaying the trace kept in the cache instead, waits until the
-replay is done and reads the traced blocks alone.
+traced blocks are cached (by either process's replay) and reads them alone.
 """
 
 from __future__ import annotations
@@ -38,7 +38,15 @@ def main() -> int:
         if replay:
             trace = TraceShelf(store).get(digest)
             blob = CachedBlob(store, digest, len(expected), source, settings=REPLAY)
-            while blob._block_fetcher.in_flight() or not store.lookup(digest):
+            # Done when every traced block is cached, by either replay: the replay starts
+            # on a thread of its own, so an idle fetcher may be one that has not begun,
+            # and a read then would fetch the block's whole chunk beside the replays.
+            blocks = [b for _, first, n in trace.events for b in range(first, first + n)]
+            deadline = time.monotonic() + 60
+            while len(blob._load_blocks(blocks)) < len(blocks):
+                if time.monotonic() > deadline:
+                    print("the replays left traced blocks uncached", flush=True)
+                    return 1
                 time.sleep(0.01)
             reads = [(first * trace.unit, n * trace.unit) for _, first, n in trace.events]
         else:
