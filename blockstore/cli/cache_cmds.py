@@ -35,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cache = subparsers.add_parser("cache", help="inspect and look after the chunk cache")
     commands = cache.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
 
-    def command(name: str, func, help: str, targets: bool = False) -> argparse.ArgumentParser:
+    def command(
+        name: str, func: Callable[[argparse.Namespace], int], help: str, targets: bool = False
+    ) -> argparse.ArgumentParser:
         parser = commands.add_parser(name, help=help, description=help)
         add_cache_options(parser, size=name == "gc")
         parser.add_argument("--json", action="store_true", help="print JSON")

@@ -10,14 +10,17 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from blockstore import erofs_format
 from blockstore.errors import BlockstoreError, RegistryUnreachable, UsageError
 from blockstore.logformat import LOG_FORMAT
 
 if TYPE_CHECKING:
+    from blockstore.cache import ChunkStore
+    from blockstore.image import OpenImage
     from blockstore.prefetch.settings import PrefetchSettings
+    from blockstore.prefetch.trace import Trace
     from blockstore.registry.options import RegistryOptions
 
 log = logging.getLogger(__name__)
@@ -439,7 +442,7 @@ def add_prefetch_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def read_trace_file(path: Path) -> list:
+def read_trace_file(path: Path) -> list[Trace]:
     """The traces a ``trace export`` file holds (read before any cache is opened, so a
     file that cannot be used changes nothing): a usage error if it is not one."""
     from blockstore.prefetch.trace import MAX_DOCUMENT_BYTES, traces_from_document
@@ -456,7 +459,7 @@ def read_trace_file(path: Path) -> list:
         raise UsageError(f"{path}: {exc}") from None
 
 
-def keep_traces(store, traces: list) -> int:
+def keep_traces(store: ChunkStore, traces: list[Trace]) -> int:
     """Put ``traces`` (from ``read_trace_file``) in ``store``; how many."""
     from blockstore.cache.traces import TraceShelf
 
@@ -538,8 +541,8 @@ def open_image_from_args(
     needs_registry: bool = False,
     serves: bool = False,
     tar_indexes: bool = False,
-    **kw,
-):
+    **kw: Any,
+) -> OpenImage:
     """The image the shared options name, through the cache they name.
 
     ``needs_registry``: the command writes to the registry or reads what only

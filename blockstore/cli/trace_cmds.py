@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from blockstore.cache import ChunkStore
 from blockstore.cache.traces import TraceShelf
 from blockstore.cli.cache_cmds import existing_cache_dir, open_store, resolve_targets
 from blockstore.cli.common import (
@@ -33,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     trace = subparsers.add_parser("trace", help="manage the access traces replayed on cold mounts")
     commands = trace.add_subparsers(dest="trace_command", metavar="ACTION", required=True)
 
-    def command(name: str, func, help: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, func: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
         parser = commands.add_parser(name, help=help, description=help)
         add_cache_options(parser, size=False)
         parser.set_defaults(func=func)
@@ -61,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     remove.add_argument("targets", nargs="+", metavar="IMAGE|DIGEST")
 
 
-def _traces_of(shelf: TraceShelf, store, targets: list[str]) -> list[Trace]:
+def _traces_of(shelf: TraceShelf, store: ChunkStore, targets: list[str]) -> list[Trace]:
     blobs, _ = resolve_targets(store, targets)
     traces = [t for t in (shelf.get(digest) for digest in blobs) if t is not None]
     if not traces:

@@ -88,7 +88,7 @@ def spawn_detached(
     log_path: Path,
     env: dict[str, str] | None = None,
     pass_fds: tuple[int, ...] = (),
-):
+) -> subprocess.Popen[bytes]:
     """Start ``argv`` in a session of its own with stdout and stderr appended to ``log_path``.
 
     Its own session, no terminal and no pipe to us on its stdio: it must outlive
