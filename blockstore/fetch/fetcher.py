@@ -235,7 +235,7 @@ class Fetcher:
                 if self._flights.owner.get(i) is job
             }
         try:
-            span, pieces = self._lease(job, futures)
+            span, pieces = self._lease(futures)
             try:
                 for first, count in pieces:
                     self._stream(futures, first, count)
@@ -259,7 +259,7 @@ class Fetcher:
             self._live.discard(job)
 
     def _lease(
-        self, job: Job, futures: dict[int, Future]
+        self, futures: dict[int, Future]
     ) -> tuple[tuple[int, int] | None, list[tuple[int, int]]]:
         """The leased span and the runs of the job's chunks still to fetch under it.
 
