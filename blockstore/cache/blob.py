@@ -630,7 +630,7 @@ class CachedBlob:
         if record is not None and record.present == record.chunks:
             self._now_whole(record)
 
-    def _requesting(self, nbytes: int) -> None:
+    def _requesting(self) -> None:
         """A range request is about to go out: count it, and pick up a seal made since."""
         self._store.counters.add(requests_fetched=1)
         if self._sums is None:

@@ -97,7 +97,7 @@ class Fetcher:
         leases: Leases | None = None,
         lease_wait: float | None = None,
         window: Window | None = None,
-        on_request: Callable[[int], None] | None = None,
+        on_request: Callable[[], None] | None = None,
         brought_by_others: Callable[[int], bool] | None = None,
         lock_wait: Callable[[], float] | None = None,
     ):
@@ -112,7 +112,7 @@ class Fetcher:
         self._load = load
         self._leases = leases
         self._lease_wait = lease_wait
-        self._on_request = on_request or (lambda nbytes: None)
+        self._on_request = on_request or (lambda: None)
         self._brought_by_others = brought_by_others or (lambda index: False)
         self._flights = flights if flights is not None else Flights()
         self.window = window if window is not None else Window()
@@ -314,8 +314,7 @@ class Fetcher:
 
     def _stream(self, futures: dict[int, Future], first: int, count: int) -> None:
         """Fetch one run, answering each chunk's waiters the moment it is checked."""
-        nbytes = self._nbytes(first, count)
-        self._on_request(nbytes)
+        self._on_request()
         asked = time.monotonic()
         got_first = False
         for index, chunk in chunks_of(self._source, first, count, self._chunk_size):
