@@ -319,6 +319,9 @@ def cached_fractions(record: MountRecord) -> list[float | None]:
 
 
 def _fractions_in(cache_dir: Path, layers: list[dict]) -> list[float | None]:
+    """``cached_fractions``' answer from the cache itself; all None where it cannot give
+    one (damaged, not readable by this user): ``mounts`` lists what is mounted whatever
+    state its cache is in, and shows what it cannot say as ?."""
     from blockstore.cache import ChunkStore
     from blockstore.registry.mediatypes import compressed_tar
     from blockstore.tarlayer.export import IndexCache
