@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from blockstore import erofs_format
 from blockstore.errors import BlockstoreError, RegistryUnreachable, UsageError
 from blockstore.logformat import LOG_FORMAT
+from blockstore.wholefile import replace_whole
 
 if TYPE_CHECKING:
     from blockstore.cache import ChunkStore
@@ -651,12 +652,9 @@ def write_whole(path: Path, data: bytes, suffix: str = ".partial") -> None:
     and the error names ``path``, the file the user gave, not the one beside it."""
     if not path.name:  # ``.``, ``/`` or an empty name: a directory, and nothing beside it
         raise BlockstoreError(f"cannot write {path}: Is a directory")
-    partial = path.with_name(path.name + suffix)
     try:
-        partial.write_bytes(data)
-        partial.replace(path)
+        replace_whole(path, data, suffix)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
         raise BlockstoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blockstore.errors import MountError, UsageError
+from blockstore.wholefile import replace_whole
 from nbdfront.mount import syscall
 from nbdfront.mount.attach import Attachment, known_fields
 from nbdfront.mount.process import ProcessRef
@@ -263,10 +264,7 @@ def create(record: MountRecord) -> None:
 
 def save(record: MountRecord) -> None:
     """Write the record atomically: a reader sees the old one or the new one."""
-    path = Path(record.state_dir) / RECORD_NAME
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(record.to_json())
-    os.replace(tmp, path)
+    replace_whole(Path(record.state_dir) / RECORD_NAME, record.to_json().encode(), ".tmp")
 
 
 def _believable(run: Path) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockstore.parentdeath import dies_with_parent
+from blockstore.wholefile import replace_whole
 
 STOP_GRACE = 5.0
 """Seconds a server gets to stop once told to, before it is killed.
@@ -62,11 +63,8 @@ def read_status(path: Path) -> ServerExit | None:
 
 
 def _write_status(path: Path, ended: ServerExit) -> None:
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(
-        json.dumps({"status": ended.status, "killed_after_grace": ended.killed_after_grace})
-    )
-    partial.replace(path)
+    status = {"status": ended.status, "killed_after_grace": ended.killed_after_grace}
+    replace_whole(path, json.dumps(status).encode(), ".tmp")
 
 
 def supervise(status_path: Path, ready_fd: int, command: list[str]) -> int:
