@@ -5,7 +5,9 @@ that tree down from any process later. ``stack`` is the entry point
 (mount, unmount, list); beneath it, ``server`` starts the NBD server under
 ``supervisor`` and hears on a ``readiness`` pipe that it serves, ``attach`` makes
 each export a mountable file or device (kernel NBD or nbdfuse), ``syscall``
-mounts EROFS and overlayfs, and ``records`` keeps what was done, so
-``umount`` knows what to undo. It lives beside the NBD server because it is
-an NBD client of it; the engine below knows nothing of NBD or mounts.
+mounts EROFS and overlayfs, ``dirattrs`` keeps the attributes of the directories
+a tar layer only implies, ``records`` keeps what was done, so ``umount`` knows
+what to undo, and ``process`` finds the processes it left running again. It
+lives beside the NBD server because it is an NBD client of it; the engine
+below knows nothing of NBD or mounts.
 """

@@ -100,7 +100,7 @@ class Session:
         return not self._budget.requests and not self._outbox.busy
 
     def stalled_for(self, now: float) -> float:
-        """How long its replies have waited for the client to take any (see ``_Outbox``)."""
+        """How long its replies have waited for the client to take any (see ``Outbox``)."""
         return self._outbox.stalled_for(now)
 
     def quiet_for(self, now: float) -> float:
