@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from rig.write_lock import stopped_writer
 
 import blockstore.progress as progress_mod
 from nbdfront.mount import readiness
@@ -136,17 +137,6 @@ def test_long_work_before_ready_is_heard_as_progress_lines(pipe, monkeypatch):
     ]
 
 
-HOLD_WRITE_LOCK = """
-import os, signal, sys
-from pathlib import Path
-from blockstore.cache import ChunkStore
-store = ChunkStore(Path(sys.argv[1]))
-txn = store.env.env.begin(write=True)
-print("holding", flush=True)
-os.kill(os.getpid(), signal.SIGSTOP)
-"""
-
-
 def test_a_wait_for_a_stopped_writer_before_ready_is_heard_as_progress(pipe, monkeypatch, tmp_path):
     """Tried: another process takes the cache's write lock and is stopped (Ctrl-Z on a
     prefetch) while a server, not ready yet, writes to the cache. Must hold: the wait is
@@ -155,22 +145,16 @@ def test_a_wait_for_a_stopped_writer_before_ready_is_heard_as_progress(pipe, mon
     write goes through and the server gets ready. Before, it was said in the server's
     log only, and the mount waited with nothing on its terminal."""
     import signal
-    import subprocess
-    import sys
 
     from blockstore.cache import ChunkStore, write_lock_watch
 
     monkeypatch.setattr(write_lock_watch, "WRITE_LOCK_WARN", 0.5)
     cache = tmp_path / "cache"
     store = ChunkStore(cache)  # opened first: opening takes the write lock too
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_WRITE_LOCK, str(cache)], stdout=subprocess.PIPE, text=True
-    )
     read_end, write_end = pipe
     exports = {"layer0": SOCK.format("layer0")}
     try:
-        assert holder.stdout.readline().strip() == "holding"
-        with ReadinessPipe(write_end) as server_end:
+        with stopped_writer(cache) as holder, ReadinessPipe(write_end) as server_end:
             writing = threading.Thread(target=lambda: store.pin("sha256:" + "7" * 64, 1))
             writing.start()
             time.sleep(2.5)  # the watch looks once a second
@@ -180,8 +164,6 @@ def test_a_wait_for_a_stopped_writer_before_ready_is_heard_as_progress(pipe, mon
             assert not writing.is_alive()
             server_end.ready(exports)
     finally:
-        holder.kill()
-        holder.wait()
         store.close()
     heard: list[str] = []
     status = readiness.receive(read_end, 5, heard.append)
