@@ -34,6 +34,7 @@ from blockstore.prefetch.trace import Trace, merge_traces, traces_document, trac
 from blockstore.registry import Layer, RegistryClient, ResolvedImage
 from blockstore.registry.mediatypes import OCI_MANIFEST
 from blockstore.registry.referrers import (
+    ArtifactBlob,
     Referrer,
     Subject,
     list_referrers,
@@ -187,7 +188,7 @@ def push_tar_indexes(
     indexing one layer does not drop the others'.
     """
 
-    def attached() -> list[tuple[bytes, str, dict[str, str]]]:
+    def attached() -> list[ArtifactBlob]:
         referrer = newest(list_referrers(client, subject), TAR_INDEX_ARTIFACT_TYPE)
         if referrer is None:
             return []
@@ -203,7 +204,7 @@ def push_tar_indexes(
 
 def fetch_tar_index(
     client: RegistryClient, subject: Subject, layer: Layer, referrers: list[Referrer]
-) -> list[tuple[bytes, str, dict[str, str]]]:
+) -> list[ArtifactBlob]:
     """The blobs the image's tar-index artifact holds for one layer (unchecked beyond
     their digests: ``tarlayer.shared`` judges them); [] when there is none."""
     referrer = newest(referrers, TAR_INDEX_ARTIFACT_TYPE)

@@ -49,6 +49,9 @@ ARTIFACT_FETCHES = 4
 """An artifact's blobs fetched at once."""
 _NOT_IN_TAG = re.compile(r"[^a-zA-Z0-9._-]")
 
+ArtifactBlob = tuple[bytes, str, dict[str, str]]
+"""One blob of an artifact: its bytes, its media type and its annotations."""
+
 
 @dataclass(frozen=True)
 class Subject:
@@ -75,7 +78,7 @@ def push_artifact(
     client: RegistryClient,
     subject: Subject,
     artifact_type: str,
-    blobs: list[tuple[bytes, str, dict[str, str]]],
+    blobs: list[ArtifactBlob],
     *,
     created: str | None = None,
 ) -> str:
@@ -125,7 +128,7 @@ def push_artifact(
     return digest
 
 
-def _check_blob_sizes(artifact_type: str, blobs: list[tuple[bytes, str, dict[str, str]]]) -> None:
+def _check_blob_sizes(artifact_type: str, blobs: list[ArtifactBlob]) -> None:
     """Refuse, before anything is uploaded, blobs no reader would take (``read_artifact``
     refuses one over ``MAX_ARTIFACT_BLOB``, and more than ``MAX_ARTIFACT_BYTES`` in all)."""
     total = sum(len(data) for data, _, _ in blobs)
@@ -251,7 +254,7 @@ def read_artifact(
     subject: Subject,
     referrer: Referrer,
     wanted: Callable[[dict[str, str]], bool] | None = None,
-) -> list[tuple[bytes, str, dict[str, str]]]:
+) -> list[ArtifactBlob]:
     """The blobs of an artifact, each checked against its digest, with its annotations;
     only those whose annotations ``wanted`` accepts, when given (one layer's of many)."""
     raw, _ = fetch_manifest(client, subject.repository, referrer.digest)

@@ -19,6 +19,7 @@ and the tar part against the diff_id when it is sealed.
 from __future__ import annotations
 
 import itertools
+from typing import TYPE_CHECKING
 
 from blockstore import erofs_format
 from blockstore.chunkindex import LAYER_ANNOTATION
@@ -28,6 +29,9 @@ from blockstore.tarlayer.erofs_reader import read_info, read_metadata
 from blockstore.tarlayer.gzindex import Zinfo
 from blockstore.tarlayer.layerindex import INDEX_FORMAT, SpanIndex, TarIndex
 from blockstore.tarlayer.tree import TarLayerError
+
+if TYPE_CHECKING:
+    from blockstore.registry.referrers import ArtifactBlob
 
 ARTIFACT_TYPE = "application/vnd.blockstore.tar-index.v1"
 """The artifact type of the manifest that carries the tar indexes of an image's layers."""
@@ -43,11 +47,8 @@ FORMAT_ANNOTATION = "dev.blockstore.tar.index-format"
 """The ``INDEX_FORMAT`` the metadata image was written by: one made by other rules (an
 older engine's) is not taken, as one kept in the cache is not."""
 
-Blob = tuple[bytes, str, dict[str, str]]
-"""An artifact blob: data, media type, annotations."""
 
-
-def index_blobs(index: TarIndex, layer_digest: str) -> list[Blob]:
+def index_blobs(index: TarIndex, layer_digest: str) -> list[ArtifactBlob]:
     """The artifact blobs that carry ``index`` for the layer ``layer_digest``."""
     notes = {LAYER_ANNOTATION: layer_digest}
     meta_notes = {
@@ -72,7 +73,7 @@ def _refuse(what: str) -> IntegrityError:
 
 
 def index_from_blobs(
-    blobs: list[Blob],
+    blobs: list[ArtifactBlob],
     *,
     layer_digest: str,
     layer_size: int,
@@ -85,7 +86,7 @@ def index_from_blobs(
     ``diff_id`` is the config's, whose bytes were checked against the manifest.
     Raises ``IntegrityError`` naming the first check that fails.
     """
-    by_type: dict[str, Blob] = {}
+    by_type: dict[str, ArtifactBlob] = {}
     for blob in blobs:
         if blob[2].get(LAYER_ANNOTATION) != layer_digest:
             continue
@@ -119,7 +120,9 @@ def index_from_blobs(
     return TarIndex(metadata, tar_size, spans, tar_digest)
 
 
-def _spans(by_type: dict[str, Blob], kind: str, layer_size: int, tar_size: int) -> SpanIndex:
+def _spans(
+    by_type: dict[str, ArtifactBlob], kind: str, layer_size: int, tar_size: int
+) -> SpanIndex:
     """The span table, which must cover exactly this blob and this tar."""
     if SPANS_MEDIA_TYPE not in by_type or (kind == GZIP) != (ZINFO_MEDIA_TYPE in by_type):
         raise _refuse(f"the span table of a {kind} layer is missing or of another kind")
