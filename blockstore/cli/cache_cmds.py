@@ -147,7 +147,7 @@ def _inflated_tars(store: ChunkStore) -> dict[str, str]:
     }
     if not layers:
         return {}
-    from blockstore.tarlayer.export import IndexCache
+    from blockstore.tarlayer.indexcache import IndexCache
 
     tar_digest = IndexCache(store).tar_digest
     found = {}
@@ -159,7 +159,7 @@ def _inflated_tars(store: ChunkStore) -> dict[str, str]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from blockstore.tarlayer.export import IndexCache
+    from blockstore.tarlayer.indexcache import IndexCache
 
     try:
         store = open_store(args)
@@ -326,7 +326,7 @@ def _must_be_cached(store: ChunkStore, digests: list[str]) -> None:
 
 
 def _set_pin(args: argparse.Namespace, on: bool) -> int:
-    from blockstore.tarlayer.export import IndexCache
+    from blockstore.tarlayer.indexcache import IndexCache
 
     with open_store(args) as store:
         blobs, refs = resolve_targets(store, args.targets)
@@ -398,7 +398,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
     cache alone (its server would read I/O errors from then on, with nowhere to fetch
     from, and one restarted could not resolve it)."""
     from blockstore.registry.reference import normalize_digest
-    from blockstore.tarlayer.export import IndexCache
+    from blockstore.tarlayer.indexcache import IndexCache
 
     with open_store(args) as store:
         blobs, refs = resolve_targets(store, args.targets)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from blockstore.chunkindex import ChunkIndex
     from blockstore.image import OpenImage
     from blockstore.registry.manifests import Layer
-    from blockstore.tarlayer.export import IndexCache
+    from blockstore.tarlayer.indexcache import IndexCache
     from blockstore.tarlayer.layers import TarLayer
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,8 @@ def _proven_tar_export(image: OpenImage, layer: Layer, kind: str, kept: IndexCac
     proven in turn: what ``index --push`` attaches is never taken on trust."""
     from blockstore.errors import IntegrityError
     from blockstore.registry.mediatypes import TAR
-    from blockstore.tarlayer.export import IndexCache
     from blockstore.tarlayer.gzindex import DEFAULT_SPAN
+    from blockstore.tarlayer.indexcache import IndexCache
     from blockstore.tarlayer.layers import TarLayer
 
     def unproven() -> bool:
@@ -118,7 +118,7 @@ def run_index(args: argparse.Namespace) -> int:
     from blockstore.errors import CacheError
     from blockstore.registry import RegistryBlob
     from blockstore.registry.mediatypes import TAR, layer_kind
-    from blockstore.tarlayer.export import IndexCache
+    from blockstore.tarlayer.indexcache import IndexCache
 
     image = open_image_from_args(args, needs_registry=True)
     shelf = IndexShelf(image.store)

@@ -324,7 +324,7 @@ def _fractions_in(cache_dir: Path, layers: list[dict]) -> list[float | None]:
     state its cache is in, and shows what it cannot say as ?."""
     from blockstore.cache import ChunkStore
     from blockstore.registry.mediatypes import compressed_tar
-    from blockstore.tarlayer.export import IndexCache
+    from blockstore.tarlayer.indexcache import IndexCache
 
     try:
         with ChunkStore(cache_dir) as store:

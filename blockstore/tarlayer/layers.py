@@ -33,15 +33,14 @@ from blockstore.tarlayer.alone import indexing_alone
 from blockstore.tarlayer.erofs_reader import read_info, read_metadata
 from blockstore.tarlayer.export import (
     DecompressedTar,
-    IndexCache,
     PassFill,
     SpanFiller,
     SpanWriter,
     SpooledPassFill,
     TarLayerExport,
-    cached_or_built,
 )
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN, Zinfo, inflated_size, size_hint
+from blockstore.tarlayer.indexcache import IndexCache, cached_or_built
 from blockstore.tarlayer.layerindex import (
     INDEX_FORMAT,
     DiffIdMismatch,

@@ -19,14 +19,8 @@ import blockstore.tarlayer.export as export_mod
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
 from blockstore.errors import BlobReadError
 from blockstore.registry.mediatypes import GZIP
-from blockstore.tarlayer.export import (
-    DecompressedTar,
-    IndexCache,
-    PassFill,
-    SpanFiller,
-    TarLayerExport,
-    cached_or_built,
-)
+from blockstore.tarlayer.export import DecompressedTar, PassFill, SpanFiller, TarLayerExport
+from blockstore.tarlayer.indexcache import IndexCache, cached_or_built
 from blockstore.tarlayer.layerindex import INDEX_FORMAT, index_compressed_tar, index_plain_tar
 from blockstore.tarlayer.tarwalk import RangeFile
 from nbdfront.mount import attach

@@ -18,8 +18,8 @@ from trees import make_tar, populate
 from blockstore.cache import CachedBlob, ChunkStore
 from blockstore.errors import IntegrityError, NotCached, UsageError
 from blockstore.registry.mediatypes import GZIP, TAR, ZSTD, layer_kind
-from blockstore.tarlayer.export import _DIGEST, IndexCache
 from blockstore.tarlayer.gzindex import GzipIndexer
+from blockstore.tarlayer.indexcache import _DIGEST, IndexCache
 from blockstore.tarlayer.layerindex import INDEX_FORMAT
 from blockstore.tarlayer.layers import open_tar_layer
 

@@ -30,8 +30,8 @@ from blockstore.registry.push import push_image
 from blockstore.registry.referrers import list_referrers, push_artifact
 from blockstore.tarlayer.erofs_reader import read_metadata
 from blockstore.tarlayer.erofs_writer import write_metadata
-from blockstore.tarlayer.export import IndexCache
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN
+from blockstore.tarlayer.indexcache import IndexCache
 from blockstore.tarlayer.layerindex import INDEX_FORMAT, index_compressed_tar, index_plain_tar
 from blockstore.tarlayer.shared import (
     ARTIFACT_TYPE,

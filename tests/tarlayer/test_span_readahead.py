@@ -20,7 +20,8 @@ from blockstore.errors import BlobReadError, IntegrityError
 from blockstore.prefetch import PrefetchSettings
 from blockstore.registry.mediatypes import GZIP
 from blockstore.tarlayer import pump
-from blockstore.tarlayer.export import IndexCache, SpanFiller, SpanWriter
+from blockstore.tarlayer.export import SpanFiller, SpanWriter
+from blockstore.tarlayer.indexcache import IndexCache
 from blockstore.tarlayer.layerindex import SpanIndex
 from blockstore.tarlayer.layers import IDLE, open_tar_layer
 from blockstore.tarlayer.pump import SpanBytes

@@ -11,8 +11,8 @@ from trees import files_served, tar_of
 
 from blockstore.cache import CHUNK_SIZE, ChunkStore
 from blockstore.image import open_image
-from blockstore.tarlayer.export import IndexCache
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN
+from blockstore.tarlayer.indexcache import IndexCache
 
 FILES = {f"f{i}.bin".encode(): bytes([65 + i]) * (9_000 + 1_000 * i) for i in range(8)}
 
