@@ -1,5 +1,9 @@
 """The one log format of every blockstore process, and what reading it back may learn.
 
+``setup_logging`` gives a command its logging: this format where the log is
+kept (``serve``, whose log a mount keeps in a file), and one line a message,
+as the commands' own, where a person reads it.
+
 A mount's server logs to a file that ``umount`` removes when all went well.
 Whether something went wrong is partly in the server's exit status and
 partly only in its log: a read that failed with EIO, a disk that filled up,
@@ -9,6 +13,7 @@ format written here and nowhere else.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -37,3 +42,29 @@ def last_trouble(log: Path) -> str | None:
         return None
     line = text[ends[-1] :].split(b"\n", 1)[0]
     return line.decode(errors="replace").strip() or None
+
+
+class _ToAPerson(logging.Formatter):
+    """``blockstore: warning: ...``, as the commands' own messages read."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"blockstore: {record.levelname.lower()}: {record.getMessage()}"
+        return f"{line}\n{self.formatException(record.exc_info)}" if record.exc_info else line
+
+
+def setup_logging(verbosity: int, *, daemon: bool) -> None:
+    """-q: errors only; default: warnings; -v: info; -vv: debug.
+
+    A ``daemon`` (``serve``, whose log a mount keeps in a file) logs timestamps and
+    logger names; a command a person waits on says its warnings as its other
+    messages, unless -v asks for the detail.
+    """
+    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(
+        max(-1, min(verbosity, 2)), logging.DEBUG
+    )
+    if daemon or level < logging.WARNING:
+        logging.basicConfig(level=level, format=LOG_FORMAT)
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(_ToAPerson())
+    logging.basicConfig(level=level, handlers=[handler])

@@ -16,7 +16,6 @@ import logging
 import sys
 from importlib import metadata
 
-from blockstore.cli.common import setup_logging
 from blockstore.cli.parser import OneLineParser
 from blockstore.errors import (
     AuthError,
@@ -25,6 +24,7 @@ from blockstore.errors import (
     OutOfResources,
     RegistryUnreachable,
 )
+from blockstore.logformat import setup_logging
 
 COMMANDS = {
     "inspect": "registry_cmds",

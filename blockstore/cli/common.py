@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from blockstore import erofs_format
 from blockstore.errors import BlockstoreError, RegistryUnreachable, UsageError
-from blockstore.logformat import LOG_FORMAT
 from blockstore.wholefile import replace_whole
 
 if TYPE_CHECKING:
@@ -638,14 +637,6 @@ def _remove_new_cache(made: list[Path]) -> None:
             return
 
 
-class _ToAPerson(logging.Formatter):
-    """``blockstore: warning: ...``, as the commands' own messages read."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = f"blockstore: {record.levelname.lower()}: {record.getMessage()}"
-        return f"{line}\n{self.formatException(record.exc_info)}" if record.exc_info else line
-
-
 def write_whole(path: Path, data: bytes, suffix: str = ".partial") -> None:
     """``data`` at ``path``, never half written: written beside it and renamed over it.
     If that fails (no such directory, ``path`` a directory), nothing is left beside it,
@@ -656,21 +647,3 @@ def write_whole(path: Path, data: bytes, suffix: str = ".partial") -> None:
         replace_whole(path, data, suffix)
     except OSError as exc:
         raise BlockstoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
-
-
-def setup_logging(verbosity: int, *, daemon: bool) -> None:
-    """-q: errors only; default: warnings; -v: info; -vv: debug.
-
-    A ``daemon`` (``serve``, whose log a mount keeps in a file) logs timestamps and
-    logger names; a command a person waits on says its warnings as its other
-    messages, unless -v asks for the detail.
-    """
-    level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(
-        max(-1, min(verbosity, 2)), logging.DEBUG
-    )
-    if daemon or level < logging.WARNING:
-        logging.basicConfig(level=level, format=LOG_FORMAT)
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(_ToAPerson())
-    logging.basicConfig(level=level, handlers=[handler])
