@@ -35,6 +35,8 @@ from blockstore.errors import BlockstoreError
 
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
+AUFS_META_PREFIX = b".wh..wh."  # AUFS's own names at a layer's root, the opaque marker aside
+AUFS_LINK_DIR = b".wh..wh.plnk"  # where AUFS keeps files hard-linked across its branches
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 ORIGIN_XATTR = b"trusted.overlay.origin"
 IMPLIED_XATTR = b"trusted.overlay.blockstore.implied"
@@ -136,6 +138,7 @@ class LayerTree:
     def __init__(self) -> None:
         self.root = new_directory()
         self.root.implied = True  # until a ``./`` entry says what it is
+        self._aufs_links: dict[bytes, Inode] = {}  # files of ``.wh..wh.plnk``, by name
 
     def lookup(self, parts: list[bytes]) -> Inode | None:
         node = self.root
@@ -207,11 +210,14 @@ class LayerTree:
 
     def _linked(self, link: bytes, raw: bytes) -> Inode | None:
         """What a hard link names: its last component itself, the directories before it
-        through the layer's symlinks, as link(2) takes them. (A directory missing on the
-        way is made, but the layer is refused then: the link names nothing.)"""
+        through the layer's symlinks, as link(2) takes them (or a file AUFS kept aside in
+        ``.wh..wh.plnk``). (A directory missing on the way is made, but the layer is
+        refused then: the link names nothing.)"""
         parts = split_path(link)
         if not parts:
             return None
+        if parts[0] == AUFS_LINK_DIR:
+            return self._aufs_links.get(parts[1]) if len(parts) == 2 else None
         parent = self._parent(parts, raw)
         assert parent.children is not None
         return parent.children.get(parts[-1])
@@ -223,6 +229,9 @@ class LayerTree:
             if not stat.S_ISDIR(entry.mode) or entry.hardlink:
                 raise TarLayerError(f"tar entry {_show(entry.path)}: the root must be a directory")
             _update_dir(self.root, entry)
+            return
+        if parts[0].startswith(AUFS_META_PREFIX) and parts != [OPAQUE_MARKER]:
+            self._aufs_meta(parts, entry)
             return
         parent = self._parent(parts, entry.path)
         assert parent.children is not None
@@ -264,6 +273,15 @@ class LayerTree:
             # In place of a whiteout or of a file of this layer: the lower path is gone.
             node.xattrs[OPAQUE_XATTR] = b"y"
         parent.children[name] = node
+
+    def _aufs_meta(self, parts: list[bytes], entry: TarEntry) -> None:
+        """Layers Docker's aufs driver wrote hold AUFS's own files at their root
+        (``.wh..wh.aufs``, ``.wh..wh.orph/``, ``.wh..wh.plnk/``): no paths of the image,
+        which Docker and podman skip as they extract. A file of ``.wh..wh.plnk`` is kept
+        aside, as the target of the layer's hard links to it."""
+        is_file = stat.S_ISREG(entry.mode) and not entry.hardlink
+        if len(parts) == 2 and parts[0] == AUFS_LINK_DIR and is_file:
+            self._aufs_links[parts[1]] = _inode_of(entry)
 
 
 def _update_dir(node: Inode, entry: TarEntry) -> None:

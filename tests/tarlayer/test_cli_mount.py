@@ -367,6 +367,63 @@ def test_an_implied_directory_takes_no_attributes_from_outside_the_image(
         cli("umount", str(mnt))
 
 
+def _tar_of_entries(path: Path, entries: list[tuple[str, bytes, str | bytes]]) -> Path:
+    """A tar of ``(name, kind, contents or hard-link target)`` entries, in that order."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
+        for name, kind, what in entries:
+            info = tarfile.TarInfo(name)
+            info.type, info.mtime = kind, 1_700_000_000
+            info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+            if kind == tarfile.LNKTYPE:
+                info.linkname = str(what)
+                archive.addfile(info)
+            else:
+                data = bytes(what) if kind == tarfile.REGTYPE else b""
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data) if data else None)
+    return path
+
+
+def test_aufs_metadata_in_an_old_docker_layer_is_no_part_of_the_tree(tmp_path, registry, run_dir):
+    """A layer as Docker's aufs driver wrote them, over a base: ``.wh..wh.aufs``,
+    ``.wh..wh.orph/`` and ``.wh..wh.plnk/`` at its root, a file kept in ``.wh..wh.plnk``
+    and two hard links to it in ``usr/bin``. The mount shows what Docker and podman
+    extract: no ``.wh..wh.*`` name anywhere, the two links one file with the kept file's
+    bytes, as the same layer written without AUFS's files gives. Before, the
+    ``.wh..wh.plnk`` directory and its file showed at the image's root, the file with
+    a third link."""
+    reg, dirtype, link = tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.LNKTYPE
+    base = _tar_of_entries(tmp_path / "base.tar", [("usr/bin/sh", reg, b"#!sh\n")])
+    aufs = _tar_of_entries(
+        tmp_path / "aufs.tar",
+        [
+            (".wh..wh.aufs", reg, b""),
+            (".wh..wh.orph", dirtype, b""),
+            (".wh..wh.plnk", dirtype, b""),
+            (".wh..wh.plnk/262.1183", reg, b"linked across branches\n"),
+            ("usr/bin/a", link, ".wh..wh.plnk/262.1183"),
+            ("usr/bin/b", link, ".wh..wh.plnk/262.1183"),
+        ],
+    )
+    plain = _tar_of_entries(
+        tmp_path / "plain.tar",
+        [("usr/bin/a", reg, b"linked across branches\n"), ("usr/bin/b", link, "usr/bin/a")],
+    )
+    layers = [("tar", base.read_bytes()), ("gzip", aufs.read_bytes())]
+    ref = skopeo_copy(make_layout(tmp_path / "layout", "v1", layers), "v1", registry.host, "o/aufs")
+    reference = tmp_path / "extracted"
+    extract_in_order([base, plain], reference)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli("mount", "--insecure", "--cache-dir", str(tmp_path / "cache"), ref, str(mnt))
+    try:
+        assert sorted(os.listdir(mnt)) == ["usr"]
+        want = without_dir_counts(snapshot(reference, with_mtime=False))
+        assert without_dir_counts(snapshot(mnt, with_mtime=False)) == want
+    finally:
+        cli("umount", str(mnt))
+
+
 def test_mounts_cannot_say_how_much_of_a_compressed_layer_with_no_kept_index_is_cached(
     tmp_path,
 ):

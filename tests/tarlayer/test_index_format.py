@@ -19,6 +19,7 @@ from blockstore.tarlayer.layerindex import INDEX_FORMAT, index_plain_tar
 PINNED = {
     3: "a12e2935703473a2e9bf81016eb9b7a4d93f20900cd19522cff0624110687b85",
     4: "2546383ad306b30ed973865214adac164d7edfc862785bfa6e864ece8aada956",  # implied dirs marked
+    5: "adce335a5c4d474a2d8a8b42f89545567650f6e28213bc9515f4768a3bb555a1",  # AUFS files skipped
 }
 """sha256 of the metadata image of ``_layer()``, by index format."""
 
@@ -78,6 +79,9 @@ def _layer() -> bytes:
         _add(archive, "opq/.wh..wh..opq")
         _add(archive, "opq/kept", data=b"k")
         _add(archive, "d" * 120 + "/" + "f" * 120, data=b"long")
+        _add(archive, ".wh..wh.aufs")
+        _add(archive, ".wh..wh.plnk/262.1183", data=b"kept by aufs")
+        _add(archive, "aufs-hard", tarfile.LNKTYPE, linkname=".wh..wh.plnk/262.1183")
         _add(archive, "etc/passwd", data=b"root:x:0:0:later wins:/root:/bin/sh\n")
     return out.getvalue()
 
