@@ -189,25 +189,29 @@ def import_path(given: str) -> str:
 
 
 def _image_layers(cache_dir: Path, image: str, platform: str | None) -> list[dict]:
-    """Every layer (index, digest, size) of the image as the server resolved and cached it.
+    """Every layer (index, digest, size, media type) of the image as the server resolved
+    and cached it for ``platform`` (this host's if None), found under that platform as
+    the server keeps it: another platform's record names another image's layers, which
+    would have a tar layer mounted bare, as an EROFS one is.
 
-    Only to show what is mounted and cached in ``mounts``; a cache that cannot say yields
-    nothing.
+    To show what is mounted and cached in ``mounts``, and to tell a tar layer; a cache
+    that cannot say yields nothing.
     """
     from blockstore.cache import ChunkStore
     from blockstore.cache.layout import holds_cache
     from blockstore.registry import parse_reference
+    from blockstore.registry.platforms import Platform, host_platform
 
     if not holds_cache(cache_dir):
         return []
     try:
         canonical = str(parse_reference(image))
+        asked = str(Platform.parse(platform) if platform else host_platform())
         with ChunkStore(cache_dir) as store:
-            refs = [r for r in store.images.all() if r.get("reference") == canonical]
+            record = store.images.get(canonical, asked)
     except Exception:
         return []
-    refs = [r for r in refs if platform is None or r.get("platform") == platform] or refs
-    return refs[0].get("layers", []) if refs else []
+    return record.get("layers", []) if record else []
 
 
 def describe_layers(image_layers: list[dict], exports: list[str]) -> dict:
@@ -268,7 +272,7 @@ def with_layers(record: MountRecord) -> MountRecord:
     info = record.info
     if info.get("layers") or not info.get("cache_dir"):
         return record
-    found = _image_layers(Path(info["cache_dir"]), record.image, None)
+    found = _image_layers(Path(info["cache_dir"]), record.image, info.get("platform"))
     exports = [attachment.export for attachment in record.attachments]
     return replace(record, info={**info, **describe_layers(found, exports)})
 
@@ -435,6 +439,7 @@ def run_mount(args: argparse.Namespace) -> int:
         return {
             "cache_dir": str(cache_dir),
             "offline": args.offline,
+            "platform": args.platform,
             **describe_layers(_image_layers(cache_dir, args.image, args.platform), exports),
         }
 

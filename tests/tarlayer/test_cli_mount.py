@@ -424,6 +424,56 @@ def test_aufs_metadata_in_an_old_docker_layer_is_no_part_of_the_tree(tmp_path, r
         cli("umount", str(mnt))
 
 
+def test_a_platform_mounted_after_another_of_the_same_index_is_stacked_as_its_own_layers(
+    tmp_path, registry, run_dir
+):
+    """An index whose linux/amd64 image is one EROFS layer and whose linux/arm64/v8 image
+    is one gzip tar layer holding a whiteout, mounted with ``--platform linux/amd64``,
+    then with ``--platform linux/arm64`` from the same cache: the second mount shows
+    the tar layer as a tar layer is shown, under an overlay that hides its whiteout.
+    Before, the mount took the layers of the first platform's record from the cache,
+    found no tar layer among them, and mounted the tar layer's EROFS bare: the whiteout
+    showed as a character device."""
+    src = tmp_path / "amd"
+    src.mkdir()
+    (src / "amd-file").write_text("amd64\n")
+    erofs = tmp_path / "amd.erofs"
+    subprocess.run(["mkfs.erofs", str(erofs), str(src)], check=True, capture_output=True)
+    arm = _tar_of_entries(
+        tmp_path / "arm.tar",
+        [("kept", tarfile.REGTYPE, b"arm64\n"), (".wh.gone", tarfile.REGTYPE, b"")],
+    )
+    gz = tmp_path / "arm.tar.gz"
+    gz.write_bytes(gzip.compress(arm.read_bytes(), mtime=0))
+    client = registry.client()
+    try:
+        push_image(client, "o/two-kinds", "v1", [erofs], platform="linux/amd64", add_to_index=True)
+        push_image(
+            client,
+            "o/two-kinds",
+            "v1",
+            [gz],
+            platform="linux/arm64/v8",
+            add_to_index=True,
+            media_type=MEDIA_TYPES["gzip"],
+        )
+    finally:
+        client.close()
+    ref = f"{registry.host}/o/two-kinds:v1"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cache = ["--insecure", "--cache-dir", str(tmp_path / "cache")]
+    cli("mount", *cache, "--platform", "linux/amd64", ref, str(mnt))
+    assert os.listdir(mnt) == ["amd-file"]
+    cli("umount", str(mnt))
+    cli("mount", *cache, "--platform", "linux/arm64", ref, str(mnt))
+    try:
+        assert os.listdir(mnt) == ["kept"]
+        assert syscall.mounted()[str(mnt)][0] == "overlay"
+    finally:
+        cli("umount", str(mnt))
+
+
 def test_mounts_cannot_say_how_much_of_a_compressed_layer_with_no_kept_index_is_cached(
     tmp_path,
 ):
