@@ -21,7 +21,7 @@ import zstandard
 from blockstore import erofs_format
 from blockstore.errors import NotFound, RegistryError, UsageError
 from blockstore.registry.client import RegistryClient
-from blockstore.registry.descriptors import ManifestProblem, check_index
+from blockstore.registry.descriptors import MAX_LAYERS, ManifestProblem, check_index
 from blockstore.registry.digests import canonical_json, digest_of
 from blockstore.registry.manifests import config_platform, fetch_manifest
 from blockstore.registry.mediatypes import (
@@ -68,6 +68,12 @@ def push_image(
     """
     if not layer_paths:
         raise UsageError("an image needs at least one layer")
+    if len(layer_paths) > MAX_LAYERS:
+        # Refused before any upload: every command here refuses such a manifest.
+        raise UsageError(
+            f"an image of {len(layer_paths)} layers: at most {MAX_LAYERS} are served, "
+            "so it could not be mounted or inspected"
+        )
     target = Platform.parse(platform) if platform else host_platform()
     paths = [Path(p) for p in layer_paths]
     types = [media_type] * len(paths) if isinstance(media_type, str) else list(media_type)

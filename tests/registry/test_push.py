@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 import requests
@@ -13,6 +18,7 @@ from rig.fault_proxy import Fault
 
 from blockstore.errors import RegistryError, UsageError
 from blockstore.registry import RegistryClient, push_image, resolve_image
+from blockstore.registry.descriptors import MAX_LAYERS
 from blockstore.registry.digests import canonical_json, digest_of
 from blockstore.registry.mediatypes import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST
 from blockstore.registry.push import diff_id
@@ -89,6 +95,36 @@ def test_a_non_erofs_layer_is_refused_before_any_upload(fresh_registry, erofs_im
         assert not client.blob_exists("push/refused", small.digest)
         with pytest.raises(UsageError, match=f"cannot push {tmp_path}: "):
             push_image(client, "push/refused", "v1", [tmp_path])
+
+
+def test_an_image_of_more_layers_than_are_served_is_refused_before_any_upload(
+    fresh_registry, tmp_path
+):
+    """``blockstore push`` of 129 one-file tar layers, one more than an image may have to
+    be served: exit 2, one line saying the count and the limit, and no layer uploaded.
+    Before, all were uploaded and the image made, which ``mount`` and ``inspect`` then
+    refused as having too many layers."""
+    layers = []
+    for i in range(MAX_LAYERS + 1):
+        tar = tmp_path / f"layer{i}.tar"
+        with tarfile.open(tar, "w") as archive:
+            info = tarfile.TarInfo(f"file{i}")
+            info.size = 1
+            archive.addfile(info, io.BytesIO(b"x"))
+        layers.append(str(tar))
+    ref = f"{fresh_registry.host}/push/too-many:v1"
+    done = subprocess.run(
+        [sys.executable, "-m", "blockstore", "push", *layers, ref, "--insecure"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"an image of {MAX_LAYERS + 1} layers: at most {MAX_LAYERS} are served" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    with fresh_registry.client() as client:
+        digest = "sha256:" + hashlib.sha256(Path(layers[0]).read_bytes()).hexdigest()
+        assert not client.blob_exists("push/too-many", digest)
 
 
 def test_adding_to_an_index_whose_platform_is_malformed_is_refused(
