@@ -276,6 +276,19 @@ def _acl_entry(line: str, where: tuple[str, str]) -> tuple[int, int, int]:
 
 _PAX_TIME = re.compile(r"-?[0-9]+(?:\.[0-9]*)?")
 """A PAX time: decimal seconds, a fraction optional (ASCII digits: ``int`` takes more)."""
+_PAX_NUMBER = re.compile(r"-?[0-9]+")
+"""A PAX uid, gid or size: a decimal integer in ASCII digits, as tar and Go's reader take."""
+
+
+def _refuse_bad_pax_numbers(member: tarfile.TarInfo) -> None:
+    """``tarfile`` takes a PAX uid, gid or size it cannot parse for 0: a file of uid
+    ``1e3`` would be root's, where tar and Docker refuse the header."""
+    for key in ("uid", "gid", "size"):
+        raw = member.pax_headers.get(key)
+        if raw is not None and not _PAX_NUMBER.fullmatch(raw):
+            raise TarLayerError(
+                f"tar entry {_show(member.name)}: PAX {key} {raw!r} is not a number"
+            )
 
 
 def _mtime(member: tarfile.TarInfo) -> tuple[int, int]:
@@ -327,6 +340,7 @@ def entry_of(member: tarfile.TarInfo) -> TarEntry:
     """The ``TarEntry`` of one tarfile member, or an error naming it."""
     if member.sparse is not None or member.type == tarfile.GNUTYPE_SPARSE:
         raise TarLayerError(f"tar entry {_show(member.name)}: GNU sparse files are not supported")
+    _refuse_bad_pax_numbers(member)
     kind = _KINDS.get(member.type)
     if kind is None:
         raise TarLayerError(

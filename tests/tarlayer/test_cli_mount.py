@@ -255,6 +255,43 @@ def test_unmountable_layers_are_refused_in_one_line(tmp_path, registry, run_dir)
         assert not syscall.is_mounted(str(mnt))
 
 
+def _mount_fails(tmp_path: Path, ref: str) -> str:
+    """``mount`` of ``ref``, which must fail with nothing mounted: its stderr."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir(exist_ok=True)
+    done = subprocess.run(
+        [*BLOCKSTORE, "mount", "--insecure", "--cache-dir", str(tmp_path / "c"), ref, str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert not syscall.is_mounted(str(mnt))
+    return done.stderr
+
+
+@pytest.mark.parametrize(("key", "value"), [("uid", "1e3"), ("gid", "12abc"), ("size", "5x")])
+def test_a_pax_number_that_is_not_one_is_refused_naming_the_entry(
+    tmp_path, registry, run_dir, key, value
+):
+    """A tar layer whose file ``f`` has a PAX uid, gid or size record that is no number
+    (GNU tar refuses each as a "malformed extended header", Go's reader, Docker's, as a
+    bad header): ``mount`` fails with one line naming the entry, the record and its
+    value, and mounts nothing. Before, Python's tarfile took such a uid or gid for 0,
+    and the file was mounted as root's; such a size was taken for 0, the file's bytes
+    then read as the next header."""
+    info = tarfile.TarInfo("f")
+    info.size, info.uid, info.gid = 5, 1000, 1000
+    info.pax_headers = {key: value}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        archive.addfile(info, io.BytesIO(b"data\n"))
+    ref = push_tar_layer(registry, f"o/pax-{key}", "v1", "tar", buffer.getvalue(), tmp_path)
+    stderr = _mount_fails(tmp_path, ref)
+    assert f"tar entry 'f': PAX {key} {value!r} is not a number" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
 def test_a_file_under_1500_nested_directories_mounts(tmp_path, registry, run_dir):
     """A gzip layer whose one file lies under 1,500 nested directories (``a/a/.../f``,
     3 KB: within PATH_MAX, and ``tar -x`` extracts it): ``mount`` shows the file. Before,
