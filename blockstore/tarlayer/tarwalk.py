@@ -379,8 +379,10 @@ _RECORD_TYPES = frozenset(
 class BoundedTarInfo(tarfile.TarInfo):
     """A member header whose extended-header records are held to ``MAX_HEADER_RECORD``:
     ``tarfile`` reads a PAX or long-name record whole, whatever size its header
-    claims, so one of 2^60 bytes was a MemoryError. (``_proc_member`` is where
-    ``tarfile`` hands a header to the code for its type.)"""
+    claims, so one of 2^60 bytes was a MemoryError. GNU sparse records that are no
+    numbers are refused as damage too: ``tarfile`` parses them with a bare ``int``,
+    whose ValueError is no TarError. (``_proc_member`` is where ``tarfile`` hands a
+    header to the code for its type.)"""
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in _RECORD_TYPES and self.size > MAX_HEADER_RECORD:
@@ -388,7 +390,13 @@ class BoundedTarInfo(tarfile.TarInfo):
                 f"the tar header at byte {self.offset} claims a {self.size}-byte "
                 f"extended header record, more than the {MAX_HEADER_RECORD} taken"
             )
-        return super()._proc_member(tarfile_)  # type: ignore[misc]
+        try:
+            return super()._proc_member(tarfile_)  # type: ignore[misc]
+        except ValueError as exc:
+            raise DamagedTar(
+                f"the tar header at byte {self.offset} has GNU sparse records that do not"
+                " parse (GNU sparse files are not supported)"
+            ) from exc
 
 
 END_LOOKED_AT = 2 * tarfile.BLOCKSIZE

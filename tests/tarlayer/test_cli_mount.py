@@ -292,6 +292,26 @@ def test_a_pax_number_that_is_not_one_is_refused_naming_the_entry(
     assert len(stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("kind", ["tar", "gzip"])
+def test_gnu_sparse_records_that_are_no_numbers_are_refused_as_damage(
+    tmp_path, registry, run_dir, kind
+):
+    """A tar or gzip layer whose PAX header holds ``GNU.sparse.size=abc``: ``mount`` fails
+    with one line saying the tar header at byte 0 has sparse records that do not parse,
+    and mounts nothing. Before, the line was Python's own ValueError, ``invalid literal
+    for int() with base 10: 'abc'``, naming neither the layer's tar nor where in it."""
+    info = tarfile.TarInfo("f")
+    info.size = 5
+    info.pax_headers = {"GNU.sparse.size": "abc"}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        archive.addfile(info, io.BytesIO(b"data\n"))
+    ref = push_tar_layer(registry, f"o/sparse-{kind}", "v1", kind, buffer.getvalue(), tmp_path)
+    stderr = _mount_fails(tmp_path, ref)
+    assert "the tar header at byte 0 has GNU sparse records that do not parse" in stderr
+    assert "int()" not in stderr and len(stderr.strip().splitlines()) == 1
+
+
 def test_a_file_under_1500_nested_directories_mounts(tmp_path, registry, run_dir):
     """A gzip layer whose one file lies under 1,500 nested directories (``a/a/.../f``,
     3 KB: within PATH_MAX, and ``tar -x`` extracts it): ``mount`` shows the file. Before,
