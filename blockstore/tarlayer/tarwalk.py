@@ -381,8 +381,10 @@ class BoundedTarInfo(tarfile.TarInfo):
     ``tarfile`` reads a PAX or long-name record whole, whatever size its header
     claims, so one of 2^60 bytes was a MemoryError. GNU sparse records that are no
     numbers are refused as damage too: ``tarfile`` parses them with a bare ``int``,
-    whose ValueError is no TarError. (``_proc_member`` is where ``tarfile`` hands a
-    header to the code for its type.)"""
+    whose ValueError is no TarError. So is a run of some hundreds of extended headers
+    in a row, which ``tarfile`` reads each within the one before, past Python's
+    recursion limit. (``_proc_member`` is where ``tarfile`` hands a header to the
+    code for its type.)"""
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in _RECORD_TYPES and self.size > MAX_HEADER_RECORD:
@@ -396,6 +398,11 @@ class BoundedTarInfo(tarfile.TarInfo):
             raise DamagedTar(
                 f"the tar header at byte {self.offset} has GNU sparse records that do not"
                 " parse (GNU sparse files are not supported)"
+            ) from exc
+        except RecursionError as exc:
+            raise DamagedTar(
+                f"the tar header at byte {self.offset} follows more extended headers in a"
+                " row than can be read"
             ) from exc
 
 

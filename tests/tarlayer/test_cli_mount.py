@@ -312,6 +312,24 @@ def test_gnu_sparse_records_that_are_no_numbers_are_refused_as_damage(
     assert "int()" not in stderr and len(stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("kind", ["tar", "gzip"])
+def test_a_long_run_of_extended_headers_is_refused_as_damage(tmp_path, registry, run_dir, kind):
+    """A tar or gzip layer of 1,000 PAX extended headers in a row before its one file
+    (each a ``comment`` record: 1 MB of tar, 2 KB of gzip): ``mount`` fails with one
+    line naming the byte of a header in the run, and mounts nothing. Before, Python's
+    tarfile read each header within the one before, past Python's recursion limit,
+    and the line was ``maximum recursion depth exceeded``."""
+    info = tarfile.TarInfo("f")
+    info.pax_headers = {"comment": "x"}
+    member = info.tobuf(format=tarfile.PAX_FORMAT)
+    extended = member[: 2 * tarfile.BLOCKSIZE]  # the extended header and its record
+    tar = extended * 1000 + member + bytes(2 * tarfile.BLOCKSIZE)
+    ref = push_tar_layer(registry, f"o/pax-run-{kind}", "v1", kind, tar, tmp_path)
+    stderr = _mount_fails(tmp_path, ref)
+    assert "follows more extended headers in a row than can be read" in stderr
+    assert "recursion" not in stderr and len(stderr.strip().splitlines()) == 1
+
+
 def test_a_file_under_1500_nested_directories_mounts(tmp_path, registry, run_dir):
     """A gzip layer whose one file lies under 1,500 nested directories (``a/a/.../f``,
     3 KB: within PATH_MAX, and ``tar -x`` extracts it): ``mount`` shows the file. Before,
