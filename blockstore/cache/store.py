@@ -739,6 +739,28 @@ class ChunkStore:
 
         self.env.write(work)
 
+    def shrink(self, digest: str, size: int) -> None:
+        """Make an unsealed blob ``size`` bytes long, less than it was, with none of its
+        stored chunks past that: for a tar ``grow`` made too long, as a stream of several
+        gzip members gives in its trailer its last member's size alone. Refused if a chunk
+        or part is stored where the new length ends or beyond (it would be of the old)."""
+
+        def work(txn: lmdb.Transaction) -> None:
+            record = self._record(txn, digest)
+            if record is None:
+                return
+            first_past = chunk_key(record.blob_id, size // CHUNK_SIZE)
+            stored_past = any(
+                cursor.set_range(first_past) and cursor.key()[:8] == first_past[:8]
+                for cursor in (txn.cursor(db=self.dbs[db]) for db in (DB_CHUNKS, DB_PARTS))
+            )
+            if record.sealed or size >= record.size or stored_past:
+                raise CacheError(f"{digest} cannot shrink from {record.size} to {size} bytes")
+            record.size = size
+            txn.put(digest.encode(), record.pack(), db=self.dbs[DB_BLOBS])
+
+        self.env.write(work)
+
     def drop_unproven(self, digest: str) -> bool:
         """Drop every chunk and part of a blob not sealed, keeping its record (and pin):
         bytes no digest has judged, which a pass over them found wrong somewhere. False

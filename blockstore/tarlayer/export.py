@@ -365,9 +365,11 @@ class PassFill:
     thread of their own, so LMDB commits while the pass inflates on. It needs
     the tar's digest and its size from the gzip trailer before the pass: a tar
     of 4 GiB or more has the trailer's size plus a multiple of 4 GiB, so the
-    size grows by 4 GiB each time the pass makes more than it. What it stored
-    counts only if the pass then checks both digests and ends at that size
-    (``finish``), and is removed otherwise, so nothing unverified stays.
+    size grows by 4 GiB each time the pass makes more than it (and comes back to
+    what the pass made, for a stream of several members, whose trailer gives the
+    last member's size alone). What it stored counts only if the pass then checks
+    both digests and ends at that size (``finish``), and is removed otherwise, so
+    nothing unverified stays.
     """
 
     BATCH = 4 << 20
@@ -413,9 +415,7 @@ class PassFill:
     def _grow(self, end: int) -> None:
         """The pass made more than the trailer said: the tar is ``ISIZE_MODULUS`` bytes
         longer per wrap, as far as ``end`` needs."""
-        for pending in self._pending:
-            pending.result()  # stored at the old size before the record changes
-        self._pending.clear()
+        self._wait_stored()
         size = self._size + -(-(end - self._size) // ISIZE_MODULUS) * ISIZE_MODULUS
         try:
             self._store.grow(self._digest, size)
@@ -426,9 +426,32 @@ class PassFill:
         self._size = size
         self._fill = SpanFiller(self._store, self._digest, size)
 
+    def _wait_stored(self) -> None:
+        """Wait for the batches handed to the writer: stored at the old size before the
+        record changes."""
+        for pending in self._pending:
+            pending.result()
+        self._pending.clear()
+
+    def _shrink(self, size: int) -> None:
+        """The pass made less than ``_grow`` took it for: the gzip stream was of several
+        members, and its trailer gave the last one's size alone. What is stored lies
+        within ``size`` (whole chunks, from its start), so the tar is that long."""
+        self._wait_stored()
+        try:
+            self._store.shrink(self._digest, size)
+        except CacheError as exc:
+            log.warning("%s: the tar is not kept from its indexing pass: %s", self._digest, exc)
+            self._overflow = True  # finish() removes what was stored
+            return
+        self._size = size
+        self._fill = SpanFiller(self._store, self._digest, size)
+
     def finish(self, verified_size: int | None) -> bool:
         """Store the rest if the pass checked both digests and made ``verified_size``
         bytes (None: it failed); else remove what was stored. True if the tar is kept."""
+        if verified_size is not None and not self._overflow and verified_size < self._size:
+            self._shrink(verified_size)
         whole = not self._overflow and verified_size == self._size
         if whole and self._gathered:
             self._flush(whole_chunks=False)

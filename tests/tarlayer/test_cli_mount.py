@@ -220,6 +220,39 @@ def test_mounts_counts_a_compressed_layer_by_the_tar_it_is_read_from(tmp_path, r
     cli("umount", str(mnt))
 
 
+def test_a_gzip_layer_of_two_members_keeps_the_tar_its_pass_made(tmp_path, registry, run_dir):
+    """A tar.gz layer of two gzip members back to back (``cat a.gz b.gz``, valid gzip that
+    ``gzip -d`` and Docker read whole), mounted with no readahead: every file reads as
+    extracted, ``mount`` warns of nothing, and ``mounts`` shows the layer whole, its tar
+    kept from the indexing pass. Before, the tar was sized from the gzip trailer, which
+    gives the last member's size alone: the pass took the tar for 4 GiB longer, dropped
+    all it had stored, and warned that "the gzip trailer said" a size it never said."""
+    src = populate(tmp_path / "src")
+    tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    layer = tmp_path / "layer.tar.gz"
+    layer.write_bytes(gzip.compress(tar[:1_000_000], mtime=0) + gzip.compress(tar[1_000_000:]))
+    client = registry.client()
+    try:
+        push_image(client, "o/members", "v1", [layer], media_type=MEDIA_TYPES["gzip"])
+    finally:
+        client.close()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cache = str(tmp_path / "cache")
+    ref = f"{registry.host}/o/members:v1"
+    done = cli("mount", "--insecure", "--no-readahead", "--cache-dir", cache, ref, str(mnt))
+    try:
+        assert "warning" not in done.stderr
+        (listed,) = json.loads(cli("mounts", "--json").stdout)
+        assert listed["cached"] == [1.0]
+        extracted = tmp_path / "extracted"
+        extract_in_order([tmp_path / "layer.tar"], extracted)
+        want = without_dir_counts(snapshot(extracted, with_mtime=False))
+        assert without_dir_counts(snapshot(mnt, with_mtime=False)) == want
+    finally:
+        cli("umount", str(mnt))
+
+
 def test_unmountable_layers_are_refused_in_one_line(tmp_path, registry, run_dir):
     """A gzip layer that is not a tar, and one holding a GNU sparse file, make ``mount``
     fail with one line naming the reason (the entry, for the sparse file), no
