@@ -32,6 +32,7 @@ from blockstore.tarlayer.fast_inflate import inflate_span, span_stream
 from blockstore.tarlayer.stepped import SteppedReader
 from blockstore.tarlayer.zlib_inflate import GZIP, RAW, Z_BLOCK, Z_STREAM_END, Inflater
 
+GZIP_MAGIC = b"\x1f\x8b"
 WINDOW = 32768
 DEFAULT_SPAN = 4 << 20
 HEADER = struct.Struct("<IQ")
@@ -118,6 +119,12 @@ class GzipIndexer(SteppedReader):
         data = self._source.read(_READ_SIZE)
         if not data:
             return False
+        if not self.compressed_size and not data.startswith(GZIP_MAGIC):
+            # Said apart from damage: image tools have labelled a plain tar tar+gzip.
+            raise IntegrityError(
+                "not a gzip stream, as the layer's media type says: it starts with "
+                f"{data[:4].hex(' ')}, not gzip's {GZIP_MAGIC.hex(' ')}"
+            )
         self.blob_sha256.update(data)
         self.compressed_size += len(data)
         self._consumed_before_input += self._input_len

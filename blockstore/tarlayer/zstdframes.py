@@ -186,6 +186,12 @@ class _Frames:
             if not compressed.skip(8 + int.from_bytes(head[4:8], "little")):
                 raise IntegrityError("zstd stream ends inside a skippable frame")
             return True
+        if head[:4] != ZSTD_MAGIC and compressed.offset == 0:
+            # Said apart from damage: image tools have labelled a plain tar tar+zstd.
+            raise IntegrityError(
+                "not a zstd stream, as the layer's media type says: it starts with "
+                f"{head[:4].hex(' ')}, neither a zstd frame nor a skippable one"
+            )
         if head[:4] != ZSTD_MAGIC:
             raise IntegrityError("not a zstd frame where one must start")
         if self._on_frame is not None:

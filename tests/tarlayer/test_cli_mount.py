@@ -363,6 +363,32 @@ def test_a_long_run_of_extended_headers_is_refused_as_damage(tmp_path, registry,
     assert "recursion" not in stderr and len(stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_a_plain_tar_under_a_compressed_media_type_is_called_so(tmp_path, registry, run_dir, kind):
+    """An image whose one layer is a plain tar, its manifest giving it the tar+gzip or
+    tar+zstd media type (as image tools have been seen to label an uncompressed layer):
+    ``mount`` fails with one line saying the blob is not the gzip or zstd stream its
+    media type says, with the bytes it starts with; nothing mounted. Before, the line
+    called the blob a corrupt stream ("incorrect header check", or "not a zstd frame
+    where one must start"), as if its bytes had been damaged."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello").write_text("hello\n")
+    tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    ref = push_tar_layer(registry, f"o/label-{kind}", "tar", "tar", tar, tmp_path)
+    client = registry.client()
+    try:
+        manifest = json.loads(client.get_manifest(f"o/label-{kind}", "tar").raw)
+        manifest["layers"][0]["mediaType"] = MEDIA_TYPES[kind]
+        raw = json.dumps(manifest).encode()
+        client.put_manifest(f"o/label-{kind}", kind, raw, manifest["mediaType"])
+    finally:
+        client.close()
+    stderr = _mount_fails(tmp_path, ref[: -len("tar")] + kind)
+    assert f"not a {kind} stream, as the layer's media type says" in stderr
+    assert "corrupt" not in stderr and len(stderr.strip().splitlines()) == 1
+
+
 def test_a_file_under_1500_nested_directories_mounts(tmp_path, registry, run_dir):
     """A gzip layer whose one file lies under 1,500 nested directories (``a/a/.../f``,
     3 KB: within PATH_MAX, and ``tar -x`` extracts it): ``mount`` shows the file. Before,
