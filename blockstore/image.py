@@ -442,7 +442,9 @@ def _open_store(
     except OtherFormat as exc:
         if not (replace_older and exc.older and not offline):
             raise
-        with RegistryClient(ref.registry, options or RegistryOptions()) as client:
+        with RegistryClient(
+            ref.registry, options or RegistryOptions(), repository=ref.repository
+        ) as client:
             try:
                 client.get_manifest(ref.repository, ref.manifest_ref)
             except RegistryUnreachable as down:
@@ -491,7 +493,7 @@ def _open(
     ``fresh``: the cache was made by this open, so it has nothing to fall back on."""
     if offline:
         return OpenImage(_cached(store, str(ref), platform), store, ref.repository, None)
-    client = RegistryClient(ref.registry, options)
+    client = RegistryClient(ref.registry, options, repository=ref.repository)
     try:
         resolved = resolve_image(client, ref, platform, require_platform=explicit)
     except RegistryUnreachable as exc:

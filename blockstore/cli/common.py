@@ -524,9 +524,8 @@ def _check_password_given(args: argparse.Namespace) -> None:
     from blockstore.registry.reference import parse_reference
 
     image = getattr(args, "image", None)
-    if image is not None and credentials_for(
-        parse_reference(image).registry, use_environment=False
-    ):
+    ref = parse_reference(image) if image is not None else None
+    if ref is not None and credentials_for(ref.registry, ref.repository, use_environment=False):
         return  # a podman or docker login for the registry is used, as without --username
     raise UsageError(
         f"{named_by} was given without a password: give --password, or "

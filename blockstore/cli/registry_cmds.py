@@ -70,7 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_inspect(args: argparse.Namespace) -> int:
     ref = parse_reference(args.image)
-    with RegistryClient(ref.registry, registry_options_from_args(args)) as client:
+    with RegistryClient(
+        ref.registry, registry_options_from_args(args), repository=ref.repository
+    ) as client:
         # A platform the user names holds for a single-platform image too.
         image = resolve_image(
             client, ref, args.platform, require_platform=args.platform is not None
@@ -113,7 +115,9 @@ def run_push(args: argparse.Namespace) -> int:
     each = [media_types] * len(args.files) if isinstance(media_types, str) else media_types
     for path, media_type in zip(args.files, each, strict=True):
         check_tar_layer(path, media_type)
-    with RegistryClient(ref.registry, registry_options_from_args(args)) as client:
+    with RegistryClient(
+        ref.registry, registry_options_from_args(args), repository=ref.repository
+    ) as client:
         digest = push_image(
             client,
             ref.repository,

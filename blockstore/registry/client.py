@@ -111,7 +111,15 @@ _PEM_CERTIFICATE = re.compile(
 class RegistryClient:
     """A client of one registry (and its mirrors); safe to share between threads."""
 
-    def __init__(self, registry: str, options: RegistryOptions | None = None):
+    def __init__(
+        self,
+        registry: str,
+        options: RegistryOptions | None = None,
+        *,
+        repository: str | None = None,
+    ):
+        """``repository``: the one the client is for, which picks the login among those
+        an auth file keeps for namespaces of the registry (``podman login host/org``)."""
         self.registry = registry
         self.options = options = options or RegistryOptions()
         if options.ca_file and not os.path.isfile(options.ca_file):
@@ -122,11 +130,15 @@ class RegistryClient:
         self.policy = RetryPolicy(max_attempts=options.max_attempts)
         self.upstream = self._endpoint(
             registry,
-            credentials_for(registry, username=options.username, password=options.password),
+            credentials_for(
+                registry, repository, username=options.username, password=options.password
+            ),
         )
         self.mirrors = [
             self._endpoint(
-                mirror, credentials_for(host_of(mirror), use_environment=False), is_mirror=True
+                mirror,
+                credentials_for(host_of(mirror), repository, use_environment=False),
+                is_mirror=True,
             )
             for mirror in options.mirrors
         ]

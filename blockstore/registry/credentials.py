@@ -7,7 +7,9 @@ files ``podman login`` and ``docker login`` write: ``$REGISTRY_AUTH_FILE``,
 ``$DOCKER_CONFIG/config.json``, ``~/.docker/config.json``. Credential helpers
 (``credsStore``/``credHelpers``) are not run. An entry ``docker login`` wrote
 with an ``identitytoken`` (an OAuth2 refresh token) gives that token, which
-is exchanged at the token issuer, never sent as a password.
+is exchanged at the token issuer, never sent as a password. A key may name a
+namespace or repository (``host/org``, as ``podman login host/org`` writes it): the
+most specific key that holds the repository is taken, as podman takes it.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Credentials:
 
 def credentials_for(
     host: str,
+    repository: str | None = None,
     *,
     username: str | None = None,
     password: str | None = None,
@@ -64,16 +67,18 @@ def credentials_for(
 ) -> Credentials | None:
     """The credentials to offer ``host``, or None for anonymous.
 
-    ``username``/``password`` and the environment are meant for the registry
-    a user named; a mirror passes ``use_environment=False`` so that only
-    auth-file entries keyed by its own name are offered to it.
+    ``repository`` picks among auth-file keys naming a namespace of ``host``;
+    without it only the host's own keys are taken. ``username``/``password``
+    and the environment are meant for the registry a user named; a mirror
+    passes ``use_environment=False`` so that only auth-file entries keyed by
+    its own name are offered to it.
     """
     if use_environment:
         given = given_login(username, password)
         if given:
             return given
     for path in auth_files():
-        found = _lookup(path, host)
+        found = _lookup(path, host, repository)
         if found:
             return found
     return None
@@ -110,7 +115,7 @@ def auth_files() -> list[Path]:
     return paths
 
 
-def _lookup(path: Path, host: str) -> Credentials | None:
+def _lookup(path: Path, host: str, repository: str | None) -> Credentials | None:
     try:
         auths = json.loads(path.read_text()).get("auths") or {}
     except FileNotFoundError:
@@ -118,18 +123,41 @@ def _lookup(path: Path, host: str) -> Credentials | None:
     except (OSError, ValueError, AttributeError) as exc:
         log.warning("ignoring unreadable auth file %s: %s", path, type(exc).__name__)
         return None
-    for key, entry in auths.items():
-        if _auth_key_host(key) in _names_of(host) and isinstance(entry, dict):
-            creds = _decode_entry(entry)
-            if creds:
-                return replace(creds, auth_file=path)
-            if entry.get("auth"):
-                log.warning(
-                    "ignoring the entry for %s in %s: its auth is not user:password in base64",
-                    key,
-                    path,
-                )
+    held = [
+        (key, entry)
+        for key, entry in auths.items()
+        if isinstance(entry, dict) and _key_holds(key, host, repository)
+    ]
+    # The most specific first: ``host/org/app`` before ``host/org`` before ``host``.
+    for key, entry in sorted(held, key=lambda held: -len(_key_path(held[0]))):
+        creds = _decode_entry(entry)
+        if creds:
+            return replace(creds, auth_file=path)
+        if entry.get("auth"):
+            log.warning(
+                "ignoring the entry for %s in %s: its auth is not user:password in base64",
+                key,
+                path,
+            )
     return None
+
+
+def _key_holds(key: str, host: str, repository: str | None) -> bool:
+    """Whether the auth-file ``key`` is for ``repository`` of ``host``: its host, and
+    the namespace it names (none, or a URL's path, which docker keys carry, stands for
+    the whole registry) holding the repository, path component by component."""
+    if _auth_key_host(key) not in _names_of(host):
+        return False
+    namespace = _key_path(key)
+    return not namespace or f"{repository or ''}/".startswith(f"{namespace}/")
+
+
+def _key_path(key: str) -> str:
+    """The namespace a podman key names (``host/org`` -> ``org``); none for a URL key
+    (``https://index.docker.io/v1/``), whose path is no namespace."""
+    if "://" in key:
+        return ""
+    return key.partition("/")[2].rstrip("/")
 
 
 def _auth_key_host(key: str) -> str:

@@ -6,6 +6,8 @@ import base64
 import itertools
 import json
 import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -184,6 +186,38 @@ def test_a_stale_login_refused_by_a_token_issuer_names_its_auth_file(
     assert "refused the user name or password" in message, message
     assert message.endswith(f"; they came from {config}: log in again, or give --username")
     assert caught.value.exit_code == 4 and stale not in message
+
+
+def test_a_login_for_a_namespace_is_used_for_its_repositories_only(
+    basic_auth_registry, erofs_images, monkeypatch, tmp_path
+):
+    """Tried: ``push`` and ``inspect`` with an auth file (podman's) holding two logins for
+    the registry, keyed by namespace as ``podman login HOST/NAMESPACE`` writes them: a
+    stale one for ``HOST/other``, listed first, and the good one for ``HOST/team``. Must
+    hold: ``HOST/team/app`` is pushed and inspected with the good login (exit 0), as
+    podman picks the most specific key holding the repository; ``HOST/other/app`` gets
+    the stale one (exit 4, the file named). Before, the first key of the host was taken
+    whatever its namespace, and the push to ``team`` failed with the stale login."""
+    host = basic_auth_registry.host
+    auth_file = tmp_path / "auth.json"
+    login = {
+        f"{host}/other": f"{basic_auth_registry.username}:stale-password",
+        f"{host}/team": f"{basic_auth_registry.username}:{basic_auth_registry.password}",
+    }
+    auths = {key: {"auth": base64.b64encode(pair.encode()).decode()} for key, pair in login.items()}
+    auth_file.write_text(json.dumps({"auths": auths}))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file))
+
+    def blockstore(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "blockstore", *args, "--insecure"]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    small = str(erofs_images.small.path)
+    pushed = blockstore("push", small, f"{host}/team/app:v1")
+    assert pushed.returncode == 0, pushed.stderr
+    assert blockstore("inspect", f"{host}/team/app:v1").returncode == 0
+    refused = blockstore("push", small, f"{host}/other/app:v1")
+    assert refused.returncode == 4 and f"they came from {auth_file}" in refused.stderr
 
 
 def test_basic_auth_without_credentials(
