@@ -67,10 +67,13 @@ def parse_mount_options(texts: list[str]) -> OciOptions:
 
     parsed = OciOptions()
     for text in texts:
-        for item in text.split(","):
+        after_password = False
+        for item in split_options(text):
             key, has_value, value = item.lstrip().partition("=")
             if not key and not has_value:
                 continue
+            if len(value) > 1 and value[0] == value[-1] == '"':
+                value = value[1:-1]
             if key in ("oci.layer", "oci"):
                 # Negative counts from the top, as --layer does.
                 if not re.fullmatch(r"-?[0-9]+", value):
@@ -94,11 +97,31 @@ def parse_mount_options(texts: list[str]) -> OciOptions:
                 continue
             elif key == "rw" and not has_value:
                 raise UsageError("blockstore mounts are read-only: -o rw is not possible")
+            elif after_password:
+                # The rest of a password that holds a comma: never repeated.
+                raise UsageError(
+                    "unknown mount option after oci.password=: a password holding a comma "
+                    'goes in double quotes (oci.password="...")'
+                )
             else:
                 raise UsageError(f"unknown mount option {key!r}")
+            after_password = key == "oci.password"
     if parsed.layer is not None and parsed.blob is not None:
         raise UsageError("-o oci.layer and oci.blob select a layer twice: give one")
     return parsed
+
+
+def split_options(text: str) -> list[str]:
+    """The items of a ``-o`` value, split at its commas as mount(8) splits them: not at
+    one between double quotes, so a value (a password) may hold commas (``key="a,b"``)."""
+    items, quoted, start = [], False, 0
+    for at, char in enumerate(text):
+        if char == '"':
+            quoted = not quoted
+        elif char == "," and not quoted:
+            items.append(text[start:at])
+            start = at + 1
+    return [*items, text[start:]]
 
 
 def _flag(key: str, value: str) -> bool:
@@ -377,7 +400,9 @@ def without_credentials(texts: list[str]) -> list[str]:
     """The ``-o`` values with ``oci.username`` and ``oci.password`` taken out."""
     secret = ("oci.username", "oci.password")
     return [
-        ",".join(item for item in text.split(",") if item.lstrip().partition("=")[0] not in secret)
+        ",".join(
+            item for item in split_options(text) if item.lstrip().partition("=")[0] not in secret
+        )
         for text in texts
     ]
 
