@@ -26,7 +26,7 @@ import requests
 import urllib3
 
 from blockstore.errors import AuthError, RegistryError, RegistryTLSMismatch, RegistryUnreachable
-from blockstore.registry.auth import Authenticator, basic_header, parse_challenge
+from blockstore.registry.auth import LOGIN_HINT, Authenticator, basic_header, parse_challenge
 from blockstore.registry.credentials import Credentials
 from blockstore.registry.replies import ERROR_BODY_SECONDS, capped_body, oci_error
 from blockstore.registry.retry import (
@@ -182,10 +182,11 @@ class Endpoint:
 
     def _refusal(self, scope: str, authorization: str | None, detail: str) -> str:
         said = f" ({detail})" if detail else ""
+        if self.auth.credentials is None:
+            # An anonymous token a registry takes for pulls but not for this (a push).
+            return f"registry {self.host} denies anonymous access to {scope}{said}; {LOGIN_HINT}"
         if authorization and authorization.startswith("Bearer "):
             return f"registry {self.host} refused a new token for {scope}{said}"
-        if self.auth.credentials is None:
-            return f"registry {self.host} denies anonymous access to {scope}{said}"
         return (
             f"registry {self.host} refused the user name and password for {scope}{said}"
             + self.auth.credentials.where_from()

@@ -266,6 +266,42 @@ def test_token_auth_anonymous_refused(token_registry, token_image):
         resolve_image(client, token_image, None)
 
 
+def test_an_anonymous_push_refused_where_anonymous_pulls_are_taken_says_to_log_in(
+    tmp_path, test_ca, erofs_images
+):
+    """Tried: ``push`` with no credentials to a token-auth registry whose issuer gives
+    anonymous tokens for pulls only (a registry with public images), and ``inspect`` with
+    none where the issuer gives anonymous nothing. Must hold: exit 4, each line saying
+    anonymous access was refused and how to give a login, as Basic auth's refusal says.
+    Before, the push said only that the registry "refused a new token", nothing of
+    anonymous or of logging in, and the issuer's refusal gave no way out either."""
+    cert, key = test_ca.issue("anonymous-pulls", server=False)
+    issuer = TokenIssuer(cert, key, users={"erin": "erin-pw"}, anonymous=frozenset({"pull"}))
+    issuer.start()
+    auth = TokenAuth(issuer.realm, issuer.service, issuer.name, test_ca.cert)
+    server = RegistryServer(tmp_path / "registry", token=auth, username="erin", password="erin-pw")
+    server.start()
+    hint = "give --username with --password or $BLOCKSTORE_PASSWORD, or log in with podman"
+    try:
+        push_small(server, "open/app", erofs_images)
+        command = [sys.executable, "-m", "blockstore", "push", str(erofs_images.small.path)]
+        command += [f"{server.host}/open/app:v2", "--insecure"]
+        pushed = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert pushed.returncode == 4, pushed.stderr
+        assert "denies anonymous access to repository:open/app:pull,push" in pushed.stderr
+        assert hint in pushed.stderr
+        issuer.anonymous = frozenset()
+        command = [sys.executable, "-m", "blockstore", "inspect", f"{server.host}/open/app:v1"]
+        inspected = subprocess.run(
+            [*command, "--insecure"], capture_output=True, text=True, timeout=60
+        )
+        assert inspected.returncode == 4, inspected.stderr
+        assert "refused anonymous access" in inspected.stderr and hint in inspected.stderr
+    finally:
+        server.stop()
+        issuer.stop()
+
+
 @pytest.fixture
 def token_lifetime(token_registry):
     """Lets a test change the issuer's token lifetimes, and puts them back."""
