@@ -461,7 +461,18 @@ class RegistryClient:
             if reply.status_code != 202 or "Location" not in reply.headers:
                 raise registry_error(reply, subject)
             # A URI reference, resolved against the POST's URL as RFC 3986 has it.
-            return urljoin(self.upstream.base_url + path, reply.headers["Location"])
+            location = urljoin(self.upstream.base_url + path, reply.headers["Location"])
+        over_tls = urlsplit(self.upstream.base_url).scheme == "https"
+        if over_tls and urlsplit(location).scheme == "http" and not self.options.insecure:
+            # The blob would cross the network unencrypted: a registry behind a proxy that
+            # ends TLS, not told its clients use HTTPS, names its own address so.
+            raise RegistryError(
+                f"{subject}: the registry gave a plain-HTTP upload URL "
+                f"({urlsplit(location).netloc}), refused: the blob would go unencrypted. A "
+                "registry behind a TLS proxy must be told its clients use HTTPS "
+                "(X-Forwarded-Proto, or the registry's relativeurls setting)"
+            )
+        return location
 
     def _cancel_upload(self, repository: str, location: str) -> None:
         """Cancel an upload that failed (the distribution spec's DELETE of its URL), once

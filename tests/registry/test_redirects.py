@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 
@@ -98,6 +100,68 @@ def test_with_insecure_the_plain_http_redirect_is_followed(https_front, test_ca,
     with RegistryClient(f"https://{front.host}", options) as client:
         assert read_layer(client, front.host) == erofs_images.small.path.read_bytes()
     assert any("/blobs/" in r.path for r in plain.requests)
+
+
+class PlainUploads:
+    """An HTTPS registry front that starts each upload at a plain-HTTP URL (``upload_to``),
+    as the CNCF registry does behind a proxy that ends TLS and does not say so: no blob
+    is there yet (HEAD: 404), a POST is answered 202 with ``Location: http://...``."""
+
+    def __init__(self, cert_and_key: tuple, upload_to: str):
+        self._server = QuietHTTPServer(("127.0.0.1", 0), self._handler(upload_to))
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*cert_and_key)
+        self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        self.host = f"127.0.0.1:{self._server.server_address[1]}"
+
+    def _handler(self, upload_to: str) -> type[BaseHTTPRequestHandler]:
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                self.send_response(202)
+                self.send_header("Location", f"{upload_to}{self.path}a1b2?_state=x")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_HEAD(self) -> None:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_PUT = do_DELETE = do_HEAD
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        return Handler
+
+    def __enter__(self) -> PlainUploads:
+        self._server.start_in_background()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.stop()
+
+
+def test_an_upload_url_on_plain_http_from_an_https_registry_is_refused(
+    registry, erofs_images, fault_proxy, test_ca
+):
+    """Tried: ``push`` to an HTTPS registry (``--ca-file``) whose upload ``Location`` is
+    an http:// URL, as a registry behind a proxy that ends TLS and does not tell it so
+    gives. Must hold: the push fails (exit 3) saying the upload URL is plain HTTP and
+    why it is refused, and nothing is sent to the plain-HTTP address. Before, the layer
+    was PUT there, every byte of a private image unencrypted on the network."""
+    plain = fault_proxy(registry)
+    cert = test_ca.issue("plain-uploads", server=True)
+    with PlainUploads(cert, plain.url) as front:
+        command = [sys.executable, "-m", "blockstore", "push", str(erofs_images.small.path)]
+        command += [f"{front.host}/private/app:v1", "--ca-file", str(test_ca.cert)]
+        pushed = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert pushed.returncode == 3, pushed.stderr
+    said = f"the registry gave a plain-HTTP upload URL ({plain.host}), refused"
+    assert said in pushed.stderr
+    assert plain.requests == []
 
 
 def test_a_ca_file_is_trusted_beside_the_system_cas(
