@@ -60,6 +60,9 @@ def registry_error(reply: requests.Response, subject: str) -> RegistryError:
         return NotFound(f"{subject}: not found{said}", status=status, code=code)
     if status in (401, 403):
         return AuthError(f"{subject}: access denied{said}", status=status, code=code)
+    said = f" ({detail})" if detail else ""  # the status is said already
+    if status == 413:  # most often a proxy before the registry capping bodies (nginx: 1 MiB)
+        said += ": larger than the registry, or a proxy before it, takes in one request"
     return RegistryError(f"{subject}: HTTP {status}{said}", status=status, code=code)
 
 

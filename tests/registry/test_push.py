@@ -223,6 +223,39 @@ def test_an_upload_the_registry_refuses_is_cancelled(fresh_registry, erofs_image
     assert unfinished_uploads(fresh_registry, "push/refused") == []
 
 
+def test_an_upload_a_proxy_finds_too_large_says_so_once(registry, erofs_images, fault_proxy):
+    """Tried: ``push`` through a proxy that refuses the layer's PUT with 413 and an HTML
+    page (nginx's ``client_max_body_size``, 1 MiB by default, before a registry). Must
+    hold: exit 3, one line naming the blob, the status once, and that the blob is larger
+    than the registry or a proxy before it takes in one request. Before, it said "HTTP
+    413 (HTTP 413)" and nothing more."""
+    small = erofs_images.small
+    proxy = fault_proxy(registry)
+    page = b"<html><center><h1>413 Request Entity Too Large</h1></center></html>"
+    proxy.fault = Fault(
+        "status",
+        method="PUT",
+        path_contains="/blobs/uploads/",
+        status=413,
+        body=page,
+        headers={"Content-Type": "text/html"},
+    )
+    command = [sys.executable, "-m", "blockstore", "push", str(small.path)]
+    pushed = subprocess.run(
+        [*command, f"{proxy.host}/push/capped:v1", "--insecure"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert pushed.returncode == 3, pushed.stderr
+    assert pushed.stderr == (
+        f"blockstore: uploading blob {small.digest} to {proxy.host}/push/capped: HTTP 413: "
+        "larger than the registry, or a proxy before it, takes in one request\n"
+    )
+    uploads = [r.method for r in proxy.requests if "/blobs/uploads/" in r.path]
+    assert uploads == ["POST", "PUT", "DELETE"]
+
+
 @pytest.mark.parametrize("status", [200, 202, 204])
 def test_a_write_said_done_with_another_success_status_is_done(
     fresh_registry, erofs_images, fault_proxy, status
