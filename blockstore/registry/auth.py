@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import requests
 
 from blockstore.errors import AuthError, RegistryUnreachable
-from blockstore.registry.credentials import Credentials
+from blockstore.registry.credentials import Credentials, login_hint
 from blockstore.registry.retry import TryAgain
 
 if TYPE_CHECKING:
@@ -41,10 +41,6 @@ _PARAM = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*
 _SCHEME = re.compile(r"([A-Za-z0-9!#$%&'*+.^_`|~-]+)(?=[\s,]|$)")
 """An auth scheme (an RFC 9110 token), ending where its parameters or the next begin."""
 _SEPARATORS = re.compile(r"[\s,]*")
-LOGIN_HINT = (
-    "give --username with --password or $BLOCKSTORE_PASSWORD, or log in with podman or docker"
-)
-"""What a refusal of anonymous access tells the user to do."""
 DEFAULT_TOKEN_LIFETIME = 60.0
 """The distribution spec's lifetime for a token that does not state ``expires_in``."""
 
@@ -201,7 +197,7 @@ class Authenticator:
             )
         if not self.credentials:
             raise AuthError(
-                f"registry {self.host} requires a user name and password ({LOGIN_HINT})",
+                f"registry {self.host} requires a user name and password: {login_hint(self.host)}",
                 status=401,
             )
         return basic_header(self.credentials)
@@ -290,7 +286,11 @@ class Authenticator:
                 f"token issuer {issuer} for registry {self.host} refused "
                 + self._offered()
                 + f" for {scope}"
-                + (self.credentials.where_from() if self.credentials else f"; {LOGIN_HINT}"),
+                + (
+                    self.credentials.where_from()
+                    if self.credentials
+                    else f"; {login_hint(self.host)}"
+                ),
                 status=reply.status_code,
             )
         if reply.status_code != 200:

@@ -115,6 +115,43 @@ def auth_files() -> list[Path]:
     return paths
 
 
+def login_hint(host: str) -> str:
+    """What a refusal of anonymous access to ``host`` tells the user to do; where an auth
+    file leaves the login for ``host`` to a credential helper (``docker login`` with a
+    ``credsStore``), which is not run, that too: else they are told to log in, as they did."""
+    hint = (
+        "give --username with --password or $BLOCKSTORE_PASSWORD, or log in with podman or docker"
+    )
+    kept = _helper_keeping(host)
+    if kept is None:
+        return hint
+    path, helper = kept
+    return (
+        f"{hint}; the login for {host} in {path} is kept by the credential helper "
+        f"docker-credential-{helper}, which is not run"
+    )
+
+
+def _helper_keeping(host: str) -> tuple[Path, str] | None:
+    """The first auth file that leaves the login for ``host`` to a credential helper, and
+    the helper: the one ``credHelpers`` names for it, or ``credsStore`` where ``auths``
+    has an entry for it (``docker login`` leaves it empty)."""
+    names = _names_of(host)
+    for path in auth_files():
+        try:
+            config = json.loads(path.read_text())
+            helpers = {_auth_key_host(k): v for k, v in (config.get("credHelpers") or {}).items()}
+            logged_in = any(_auth_key_host(key) in names for key in config.get("auths") or {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        helper = next((helpers[name] for name in names if name in helpers), None)
+        if helper is None and logged_in:
+            helper = config.get("credsStore")
+        if helper and isinstance(helper, str):
+            return path, helper
+    return None
+
+
 def _lookup(path: Path, host: str, repository: str | None) -> Credentials | None:
     try:
         auths = json.loads(path.read_text()).get("auths") or {}

@@ -26,8 +26,8 @@ import requests
 import urllib3
 
 from blockstore.errors import AuthError, RegistryError, RegistryTLSMismatch, RegistryUnreachable
-from blockstore.registry.auth import LOGIN_HINT, Authenticator, basic_header, parse_challenge
-from blockstore.registry.credentials import Credentials
+from blockstore.registry.auth import Authenticator, basic_header, parse_challenge
+from blockstore.registry.credentials import Credentials, login_hint
 from blockstore.registry.replies import ERROR_BODY_SECONDS, capped_body, oci_error
 from blockstore.registry.retry import (
     RETRIABLE_STATUS,
@@ -184,7 +184,8 @@ class Endpoint:
         said = f" ({detail})" if detail else ""
         if self.auth.credentials is None:
             # An anonymous token a registry takes for pulls but not for this (a push).
-            return f"registry {self.host} denies anonymous access to {scope}{said}; {LOGIN_HINT}"
+            hint = login_hint(self.host)
+            return f"registry {self.host} denies anonymous access to {scope}{said}; {hint}"
         if authorization and authorization.startswith("Bearer "):
             return f"registry {self.host} refused a new token for {scope}{said}"
         return (

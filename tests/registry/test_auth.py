@@ -220,6 +220,41 @@ def test_a_login_for_a_namespace_is_used_for_its_repositories_only(
     assert refused.returncode == 4 and f"they came from {auth_file}" in refused.stderr
 
 
+@pytest.mark.parametrize("kept", ["credsStore", "credHelpers"])
+def test_a_login_kept_by_a_credential_helper_is_named_when_access_is_refused(
+    basic_auth_registry, registry, pushed_images, erofs_images, monkeypatch, tmp_path, kept
+):
+    """Tried: ``push`` to a registry the user logged in to with ``docker login``, which
+    left the login to a credential helper (``credsStore`` with an empty entry for the
+    registry, or ``credHelpers`` naming it); and ``inspect`` of an image anyone may pull
+    from a registry whose login is kept so. Must hold: the push fails (exit 4) saying
+    the login for the registry in that file is kept by the helper, which is not run,
+    and how to give it instead; the inspect succeeds without a word on stderr. Before,
+    the refusal told the user to log in with docker, as they had, and nothing more."""
+    config_file = tmp_path / "docker" / "config.json"
+    config_file.parent.mkdir()
+    hosts = (basic_auth_registry.host, registry.host)
+    if kept == "credsStore":
+        config = {"auths": {host: {} for host in hosts}, "credsStore": "pass"}
+    else:
+        config = {"auths": {}, "credHelpers": dict.fromkeys(hosts, "pass")}
+    config_file.write_text(json.dumps(config))
+    monkeypatch.setenv("DOCKER_CONFIG", str(config_file.parent))
+
+    def blockstore(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "blockstore", *args, "--insecure"]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    host = basic_auth_registry.host
+    refused = blockstore("push", str(erofs_images.small.path), f"{host}/helper/app:v1")
+    assert refused.returncode == 4, refused.stderr
+    said = f"the login for {host} in {config_file} is kept by the credential helper "
+    assert said + "docker-credential-pass, which is not run" in refused.stderr
+    assert "give --username with --password or $BLOCKSTORE_PASSWORD" in refused.stderr
+    inspected = blockstore("inspect", pushed_images.small)
+    assert (inspected.returncode, inspected.stderr) == (0, "")
+
+
 def test_basic_auth_without_credentials(
     basic_auth_registry, basic_image, monkeypatch, tmp_path, caplog
 ):
