@@ -525,8 +525,10 @@ def _check_password_given(args: argparse.Namespace) -> None:
 
     image = getattr(args, "image", None)
     ref = parse_reference(image) if image is not None else None
-    if ref is not None and credentials_for(ref.registry, ref.repository, use_environment=False):
-        return  # a podman or docker login for the registry is used, as without --username
+    if ref is not None and credentials_for(
+        ref.registry, ref.repository, username=args.username, use_environment=False
+    ):
+        return  # the podman or docker login of that user for the registry is used
     raise UsageError(
         f"{named_by} was given without a password: give --password, or "
         "$BLOCKSTORE_PASSWORD, or log in with podman or docker (auth.json, config.json) "

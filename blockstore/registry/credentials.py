@@ -71,15 +71,18 @@ def credentials_for(
     without it only the host's own keys are taken. ``username``/``password``
     and the environment are meant for the registry a user named; a mirror
     passes ``use_environment=False`` so that only auth-file entries keyed by
-    its own name are offered to it.
+    its own name are offered to it. A user name given without a password
+    takes only an auth-file login of that user: it names the account to use.
     """
+    named = username
     if use_environment:
         given = given_login(username, password)
         if given:
             return given
+        named = username if username is not None else os.environ.get("BLOCKSTORE_USERNAME")
     for path in auth_files():
         found = _lookup(path, host, repository)
-        if found:
+        if found and (not named or found.username == named):
             return found
     return None
 

@@ -255,6 +255,34 @@ def test_a_login_kept_by_a_credential_helper_is_named_when_access_is_refused(
     assert (inspected.returncode, inspected.stderr) == (0, "")
 
 
+def test_a_user_named_without_a_password_takes_only_that_users_login(
+    basic_auth_registry, erofs_images, monkeypatch, tmp_path
+):
+    """Tried: ``push --username`` with no password, where an auth file holds a good login
+    of another user for the registry; then ``--username`` naming that file's user. Must
+    hold: the first is refused (exit 2, saying the password is missing) and pushes
+    nothing, since the user named is the account to push as; the second pushes with the
+    file's login (exit 0). Before, the first pushed as the file's user, not the one
+    named, without a word."""
+    host = basic_auth_registry.host
+    login = f"{basic_auth_registry.username}:{basic_auth_registry.password}"
+    auth_file = tmp_path / "auth.json"
+    auth = base64.b64encode(login.encode()).decode()
+    auth_file.write_text(json.dumps({"auths": {host: {"auth": auth}}}))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file))
+
+    def blockstore(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "blockstore", *args, "--insecure"]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    small = str(erofs_images.small.path)
+    other = blockstore("push", small, f"{host}/named/app:v1", "--username", "mallory")
+    assert other.returncode == 2 and "without a password" in other.stderr, other.stderr
+    assert blockstore("inspect", f"{host}/named/app:v1").returncode == 3  # nothing pushed
+    own = blockstore("push", small, f"{host}/named/app:v1", "--username", login.split(":")[0])
+    assert own.returncode == 0, own.stderr
+
+
 def test_basic_auth_without_credentials(
     basic_auth_registry, basic_image, monkeypatch, tmp_path, caplog
 ):
