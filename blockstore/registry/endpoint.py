@@ -278,9 +278,13 @@ class Endpoint:
             outage.enter(where)
         try:
             with heads_within(deadline):
-                if isinstance(body, Path):
+                if isinstance(body, Path) and body.stat().st_size:
                     with body.open("rb") as file:
                         reply = self._session.request(method, url, data=file, **kwargs)
+                elif isinstance(body, Path):
+                    # An empty file is sent as no bytes: requests sends an empty stream
+                    # chunked, with no Content-Length, which a blob's PUT must carry.
+                    reply = self._session.request(method, url, data=b"", **kwargs)
                 else:
                     reply = self._session.request(method, url, data=body, **kwargs)
         except requests.exceptions.SSLError as exc:

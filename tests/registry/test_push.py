@@ -256,6 +256,33 @@ def test_an_upload_a_proxy_finds_too_large_says_so_once(registry, erofs_images, 
     assert uploads == ["POST", "PUT", "DELETE"]
 
 
+def test_an_empty_blob_is_uploaded_with_its_content_length(registry, fault_proxy, tmp_path):
+    """Tried: ``push --media-type`` of an empty file (a layer of no bytes). Must hold: the
+    blob's PUT says ``Content-Length: 0``, as the distribution spec's monolithic upload
+    requires, and the image resolves with its empty layer. Before, the empty file went
+    as a chunked body with no Content-Length, which a registry or a proxy before it
+    may refuse (411)."""
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    proxy = fault_proxy(registry)
+    command = [
+        sys.executable,
+        "-m",
+        "blockstore",
+        "push",
+        str(empty),
+        f"{proxy.host}/push/empty:v1",
+    ]
+    command += ["--insecure", "--media-type", "application/octet-stream"]
+    pushed = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert pushed.returncode == 0, pushed.stderr
+    puts = [r for r in proxy.requests if r.method == "PUT" and "/blobs/uploads/" in r.path]
+    assert puts[0].headers.get("Content-Length") == "0", puts[0].headers
+    with RegistryClient(registry.host, registry.options()) as client:
+        image = resolve_image(client, f"{registry.host}/push/empty:v1", None)
+    assert [layer.size for layer in image.layers] == [0]
+
+
 @pytest.mark.parametrize("status", [200, 202, 204])
 def test_a_write_said_done_with_another_success_status_is_done(
     fresh_registry, erofs_images, fault_proxy, status
