@@ -514,7 +514,8 @@ def _check_password_given(args: argparse.Namespace) -> None:
     anywhere would be dropped for anonymous access, and the registry's refusal would not
     say the password was what lacked."""
     named_by = "--username" if args.username is not None else "$BLOCKSTORE_USERNAME"
-    if args.username is None and not os.environ.get("BLOCKSTORE_USERNAME"):
+    username = args.username if args.username is not None else os.environ.get("BLOCKSTORE_USERNAME")
+    if not username:
         return
     if args.password is not None:
         return
@@ -526,7 +527,7 @@ def _check_password_given(args: argparse.Namespace) -> None:
     image = getattr(args, "image", None)
     ref = parse_reference(image) if image is not None else None
     if ref is not None and credentials_for(
-        ref.registry, ref.repository, username=args.username, use_environment=False
+        ref.registry, ref.repository, username=username, use_environment=False
     ):
         return  # the podman or docker login of that user for the registry is used
     raise UsageError(

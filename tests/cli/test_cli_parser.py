@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import subprocess
 import sys
@@ -155,6 +157,12 @@ def test_a_user_name_from_the_environment_without_a_password_is_refused(tmp_path
     shown = blockstore("inspect", "127.0.0.1:9/a:v1", "--insecure")
     assert shown.returncode == 2 and shown.stderr.count("\n") == 1, shown.stderr
     assert "$BLOCKSTORE_USERNAME was given without a password" in shown.stderr
+    # Another user's login for the registry does not stand in for alice's password.
+    logins = {"auths": {"127.0.0.1:9": {"auth": base64.b64encode(b"bob:pw").decode()}}}
+    (tmp_path / ".docker").mkdir()
+    (tmp_path / ".docker" / "config.json").write_text(json.dumps(logins))
+    other = blockstore("inspect", "127.0.0.1:9/a:v1", "--insecure")
+    assert other.returncode == 2, other.stderr
     monkeypatch.setenv("BLOCKSTORE_PASSWORD", "pw")
     given = blockstore("inspect", "127.0.0.1:9/a:v1", "--insecure")
     assert given.returncode == 5, given.stderr  # on to the registry, which is not there
