@@ -162,8 +162,10 @@ class GzipIndexer(SteppedReader):
             return
         dt = inf.data_type
         if dt & 128 and not dt & 64:
-            last = self._points[-1].uncompressed if self._points else 0
-            if self._at_member_start or self._out - last > self._span:
+            # Checkpoints are a span apart, whatever the members: a stream of one member
+            # per file (eStargz) would otherwise carry a 32 KiB window per file, an index
+            # larger than the layer. A span may so cross a member's end (``read_span``).
+            if not self._points or self._out - self._points[-1].uncompressed > self._span:
                 self._checkpoint(dt & 7)
             self._at_member_start = False
 
@@ -219,23 +221,47 @@ def inflated_size(
     point = zinfo.checkpoints[-1]
     start, end = span_range(zinfo, len(zinfo.checkpoints) - 1, compressed_size)
     data = read_compressed(start, end - start)
-    inf = Inflater(RAW)
-    if point.bits:
-        if not data:
-            raise IntegrityError("the zinfo's last checkpoint is past the end of the blob")
-        inf.prime(point.bits, data[0] >> (8 - point.bits))
-        data = data[1:]
-    inf.set_dictionary(point.window)
-    inf.feed(data)
+    if point.bits and not data:
+        raise IntegrityError("the zinfo's last checkpoint is past the end of the blob")
+    inf = _resumed(point, data)
     out = bytearray(_READ_SIZE)
     made = 0
     while True:
         got, rc = inf.inflate_into(out, 0)
         made += got
-        if rc == Z_STREAM_END:
+        if rc == Z_STREAM_END and not _next_member(inf):
             return point.uncompressed + made
-        if not got and inf.avail_in == 0:
+        if not got and rc != Z_STREAM_END and inf.avail_in == 0:
             raise IntegrityError("the gzip stream ends inside its last span")
+
+
+def _resumed(point: Checkpoint, data: bytes) -> Inflater:
+    """A raw inflater resuming at ``point``, fed ``data`` (from the byte holding the
+    checkpoint's first bit)."""
+    inf = Inflater(RAW)
+    if point.bits:
+        inf.prime(point.bits, data[0] >> (8 - point.bits))
+        data = data[1:]
+    inf.set_dictionary(point.window)
+    inf.feed(data)
+    return inf
+
+
+def _next_member(inf: Inflater) -> bool:
+    """At a member's end: set ``inf`` to the next member, its gzip header to be read, and
+    True; False if only zeros or nothing follow (the stream's end, as gzip takes it).
+    A raw inflater (the one a span resumes with) leaves the member's 8-byte trailer
+    unread; a gzip one has read and checked it."""
+    rest = inf.unconsumed()
+    if inf.raw:
+        if len(rest) < 8:
+            raise IntegrityError("a gzip member's trailer is cut short")
+        rest = rest[8:]
+    if not rest.strip(b"\0"):
+        return False
+    inf.reset(GZIP)
+    inf.feed(rest)
+    return True
 
 
 def read_span(
@@ -249,8 +275,8 @@ def read_span(
     (by libdeflate when the system has it, else by zlib).
 
     Reads the compressed bytes from the checkpoint to the next one (or to the
-    end). A span never crosses a gzip member's end: each member starts with a
-    checkpoint of its own.
+    end). A span that crosses a gzip member's end is inflated by zlib, member
+    after member (libdeflate's stream ends with the member, short of the span).
     """
     point = zinfo.checkpoints[index]
     start, end = span_range(zinfo, index, compressed_size)
@@ -265,17 +291,17 @@ def read_span(
         made = inflate_span(*stream, length) if stream is not None else None
         if made is not None:
             return made
-    inf = Inflater(RAW)
-    if point.bits:
-        inf.prime(point.bits, data[0] >> (8 - point.bits))
-        data = data[1:]
-    inf.set_dictionary(point.window)
-    inf.feed(data)
+    inf = _resumed(point, data)
     out = bytearray(length)  # inflated in place: a span is megabytes, copied once at most
     got = 0
     while got < length:
         made, rc = inf.inflate_into(out, got)
         got += made
-        if got < length and (rc == Z_STREAM_END or (not made and inf.avail_in == 0)):
+        if got == length:
+            break
+        if rc == Z_STREAM_END:
+            if not _next_member(inf):
+                raise IntegrityError("gzip span ends before its checkpointed length")
+        elif not made and inf.avail_in == 0:
             raise IntegrityError("gzip span ends before its checkpointed length")
     return out

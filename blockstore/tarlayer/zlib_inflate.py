@@ -60,6 +60,7 @@ class Inflater:
     """One inflate stream over input handed in piece by piece."""
 
     def __init__(self, wbits: int):
+        self.raw = wbits == RAW  # no header or trailer: a raw deflate stream
         self._strm = _ZStream()
         self._input = b""  # keeps the buffer next_in points into alive
         self._out = ctypes.create_string_buffer(1)
@@ -123,6 +124,7 @@ class Inflater:
         return rc
 
     def reset(self, wbits: int) -> None:
+        self.raw = wbits == RAW
         _lib.inflateReset2(ctypes.byref(self._strm), wbits)
 
     def prime(self, bits: int, value: int) -> None:
