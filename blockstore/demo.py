@@ -48,6 +48,8 @@ class Demo:
     """One run of the demo in its own temporary directory."""
 
     def __init__(self, sources: list[Path], keep: bool = False):
+        # Before the working directory is made: a refusal leaves nothing behind.
+        check_prerequisites()
         self.sources = sources
         self.keep = keep
         self.workdir = Path(tempfile.mkdtemp(prefix="blockstore-demo-"))
@@ -66,7 +68,6 @@ class Demo:
     # --- the story ------------------------------------------------------------
 
     def run(self) -> int:
-        check_prerequisites()
         previous = signal.signal(signal.SIGTERM, _interrupt)
         os.environ["BLOCKSTORE_RUN_DIR"] = str(self.workdir / "run")
         try:

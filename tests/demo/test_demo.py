@@ -165,3 +165,21 @@ def test_a_source_that_is_no_directory_is_one_usage_line(tmp_path: Path, given: 
     assert done.stdout == ""
     assert done.stderr.count("\n") == 1 and f"{source}: {said}" in done.stderr, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_demo_refused_for_a_missing_tool_leaves_no_working_directory(tmp_path: Path):
+    """Tried: ``demo`` with none of the tools it needs on PATH (mkfs.erofs, nbdfuse,
+    docker-registry), as on a machine ``./dev setup`` has not prepared. Must hold: exit
+    12, one line naming the tool, and nothing left in TMPDIR. Before, its working
+    directory was made before the check and stayed, empty, at every such refusal."""
+    (tmp_path / "bin").mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "blockstore", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TMPDIR": str(tmp_path), "PATH": str(tmp_path / "bin")},
+    )
+    assert done.returncode == 12, done.stderr
+    assert done.stderr.count("\n") == 1 and "the demo needs mkfs.erofs" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
