@@ -635,7 +635,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated: oci.layer=N (or oci=N), oci.blob=DIGEST, oci.platform=OS/ARCH, "
         "oci.username=U, oci.password=P, oci.insecure, oci.tarindex=PATH, oci.zinfo=PATH, ro",
     )
-    add_tls_options(mount)
+    add_tls_options(mount, offer_verify_peer=False)
     mount.set_defaults(func=run_mount)
 
     umount = subparsers.add_parser(

@@ -18,7 +18,10 @@ if TYPE_CHECKING:
     from nbdfront.tls import ServerTLS
 
 
-def add_tls_options(parser: argparse.ArgumentParser) -> None:
+def add_tls_options(parser: argparse.ArgumentParser, *, offer_verify_peer: bool = True) -> None:
+    """The TLS options; ``offer_verify_peer`` False keeps ``--tls-verify-peer`` out of the
+    help of a command that refuses it (``mount``), while it is still parsed, so that one
+    typed from nbdkit habit is told why, not called unknown."""
     parser.add_argument(
         "--tls",
         choices=[policy.value for policy in TLSPolicy],
@@ -36,7 +39,9 @@ def add_tls_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tls-verify-peer",
         action="store_true",
-        help="require a client certificate signed by DIR/ca-cert.pem",
+        help="require a client certificate signed by DIR/ca-cert.pem"
+        if offer_verify_peer
+        else argparse.SUPPRESS,
     )
 
 

@@ -236,3 +236,15 @@ def test_docker_hub_out_of_reach_for_an_image_named_without_a_host_says_why_it_w
     assert code == RegistryUnreachable.exit_code, err
     assert "cannot reach registry registry-1.docker.io" in err
     assert ("looked up on Docker Hub; name one in another registry as HOST[:PORT]" in err) == hinted
+
+
+def test_mount_help_does_not_offer_the_tls_option_it_refuses():
+    """Tried: ``mount --help`` beside ``serve --help``. Must hold: serve offers
+    ``--tls-verify-peer``; mount, which refuses it in one line (its nbdfuse client cannot
+    present a client certificate), lists it in neither its usage nor its options, and
+    still lists its other TLS options. Before, mount's help offered it as serve's does."""
+    assert "--tls-verify-peer" in blockstore("serve", "--help").stdout
+    shown = blockstore("mount", "--help")
+    assert shown.returncode == 0, shown.stderr
+    assert "--tls-certificates" in shown.stdout
+    assert "--tls-verify-peer" not in shown.stdout
