@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -97,7 +98,7 @@ class Demo:
                 source,
                 self.tree / source.name,
                 symlinks=True,
-                ignore=shutil.ignore_patterns("__pycache__"),
+                ignore=_left_out,
                 ignore_dangling_symlinks=True,
             )
         files = sorted(p for p in walk(self.tree) if p.is_file() and not p.is_symlink())
@@ -264,6 +265,18 @@ def check_prerequisites() -> None:
     for tool in ("mkfs.erofs", "nbdfuse", "docker-registry"):
         if shutil.which(tool) is None:
             raise MissingDependency(f"the demo needs {tool}: run ./dev demo, which installs it")
+
+
+def _left_out(directory: str, names: list[str]) -> set[str]:
+    """What of a source tree the image does without: bytecode caches, and entries that
+    are not files, directories or links. copytree fails on a FIFO or a socket (as ``/run``
+    holds) and would read a device for its bytes (``/dev/zero`` for ever)."""
+    left_out = {"__pycache__"} & set(names)
+    for name in names:
+        mode = os.lstat(os.path.join(directory, name)).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+            left_out.add(name)
+    return left_out
 
 
 def walk(root: Path) -> Iterator[Path]:

@@ -22,9 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=None,
         metavar="DIR",
-        help="a tree to put in the image (repeatable; default: "
-        + ", ".join(str(p) for p in DEFAULT_SOURCES)
-        + ")",
+        help="a tree to put in the image, but for its FIFOs, sockets and devices "
+        "(repeatable; default: " + ", ".join(str(p) for p in DEFAULT_SOURCES) + ")",
     )
     demo.add_argument("--keep", action="store_true", help="keep the working directory")
     demo.set_defaults(func=run_demo)
