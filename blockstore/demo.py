@@ -96,7 +96,7 @@ class Demo:
         for source in self.sources:
             shutil.copytree(
                 source,
-                self.tree / source.name,
+                _free_name(self.tree, source),
                 symlinks=True,
                 ignore=_left_out,
                 ignore_dangling_symlinks=True,
@@ -265,6 +265,18 @@ def check_prerequisites() -> None:
     for tool in ("mkfs.erofs", "nbdfuse", "docker-registry"):
         if shutil.which(tool) is None:
             raise MissingDependency(f"the demo needs {tool}: run ./dev demo, which installs it")
+
+
+def _free_name(tree: Path, source: Path) -> Path:
+    """Where in ``tree`` a copy of ``source`` goes: under its own name (that of the
+    directory ``.`` or ``..`` names, too), with a number added when another source took
+    it."""
+    name = Path(os.path.abspath(source)).name or "root"
+    place, count = tree / name, 1
+    while place.exists():
+        count += 1
+        place = tree / f"{name}-{count}"
+    return place
 
 
 def _left_out(directory: str, names: list[str]) -> set[str]:

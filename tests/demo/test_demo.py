@@ -168,6 +168,29 @@ def test_a_source_holding_fifos_and_sockets_is_imaged_without_them(tmp_path: Pat
     assert demo_run.leftovers() == []
 
 
+def test_sources_named_by_dot_or_by_the_same_name_each_go_in_the_image(tmp_path: Path, demo_run):
+    """Tried: ``demo --source . --source DIR`` run inside DIR, the two sources being one
+    tree whose copies would share a name, the first with none (``.``). Must hold: the
+    demo runs to its end (exit 0) with both copies in the image, every file identical
+    offline, and nothing left. Before, the copy of ``.`` was made over the image's tree
+    itself and the demo exited 1 with "[Errno 17] File exists", as did a second source
+    of the same base name."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "file").write_bytes(os.urandom(100_000))
+    done = subprocess.run(
+        [sys.executable, "-m", "blockstore", "demo", "--source", ".", "--source", str(tree)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=demo_run.env,
+        cwd=tree,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "(2 files)" in done.stdout and "identical to the source" in done.stdout
+    assert demo_run.leftovers() == []
+
+
 @pytest.mark.parametrize(
     ("given", "said"), [("nosuch", "no such directory"), ("file", "not a directory")]
 )
