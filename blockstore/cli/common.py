@@ -405,7 +405,7 @@ def add_prefetch_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--fill",
         action="store_true",
-        help="after the mount is ready, fetch the rest of each layer at low priority and seal it",
+        help="fetch the rest of each layer in the background, at low priority, and seal it",
     )
     group.add_argument(
         "--fill-rate",
