@@ -510,10 +510,14 @@ def registry_options_from_args(args: argparse.Namespace) -> RegistryOptions:
 
 
 def _check_password_given(args: argparse.Namespace) -> None:
-    """A user name given (``--username``, else ``$BLOCKSTORE_USERNAME``) with no password
-    anywhere would be dropped for anonymous access, and the registry's refusal would not
-    say the password was what lacked."""
-    named_by = "--username" if args.username is not None else "$BLOCKSTORE_USERNAME"
+    """A user name given (``--username`` or mount's ``-o oci.username``, else
+    ``$BLOCKSTORE_USERNAME``) with no password anywhere would be dropped for anonymous
+    access, and the registry's refusal would not say the password was what lacked."""
+    named_by = (
+        getattr(args, "username_option", "--username")
+        if args.username is not None
+        else "$BLOCKSTORE_USERNAME"
+    )
     username = args.username if args.username is not None else os.environ.get("BLOCKSTORE_USERNAME")
     if not username:
         return

@@ -145,6 +145,8 @@ def merge_options(args: argparse.Namespace, oci: OciOptions) -> None:
             setattr(args, f.name, said)
         elif flag != said:
             raise UsageError(f"--{f.name} and -o oci.{f.name} disagree")
+    if oci.username is not None:
+        args.username_option = "-o oci.username"  # how an error names the option given
     if args.layer is not None and args.blob is not None:
         raise UsageError("--layer and --blob (or their -o forms) select a layer twice: give one")
 

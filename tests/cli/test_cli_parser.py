@@ -248,3 +248,23 @@ def test_mount_help_does_not_offer_the_tls_option_it_refuses():
     assert shown.returncode == 0, shown.stderr
     assert "--tls-certificates" in shown.stdout
     assert "--tls-verify-peer" not in shown.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mount checks for root before its options")
+def test_a_user_name_given_by_mount_option_is_named_as_given(tmp_path, monkeypatch):
+    """Tried: ``mount IMAGE DIR -o oci.username=alice`` (erofs-utils' spelling) with no
+    password anywhere. Must hold: exit 2, one line naming ``-o oci.username``, the option
+    the user wrote; before, it named ``--username``, which the command line did not hold."""
+    monkeypatch.delenv("BLOCKSTORE_USERNAME", raising=False)
+    monkeypatch.delenv("BLOCKSTORE_PASSWORD", raising=False)
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    monkeypatch.delenv("DOCKER_CONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    (tmp_path / "mnt").mkdir()
+    shown = blockstore(
+        "mount", "127.0.0.1:9/a:v1", str(tmp_path / "mnt"), "--insecure", "-o", "oci.username=alice"
+    )
+    assert shown.returncode == 2 and shown.stderr.count("\n") == 1, shown.stderr
+    assert "-o oci.username was given without a password" in shown.stderr
+    assert "--username" not in shown.stderr
