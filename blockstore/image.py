@@ -35,6 +35,7 @@ from blockstore.errors import (
     CacheError,
     ImageNotCached,
     IntegrityError,
+    RegistryError,
     RegistryTLSMismatch,
     RegistryUnreachable,
 )
@@ -93,7 +94,7 @@ class OpenImage:
     """Take a tar layer's index from its attached artifact, after checks, before building."""
     _blob_sizes: dict[str, Future[int | None]] = field(default_factory=dict)
     """The registry's answer to each layer's HEAD, asked for at open (``ask_blob_sizes``)."""
-    unreachable: RegistryUnreachable | None = None
+    unreachable: RegistryUnreachable | RegistryError | None = None
     """Why the registry is not in use though it was asked for (None: online, or offline
     by choice): what a command that needs more than the cache holds should say."""
     _hold: BlobHold | None = None
@@ -479,6 +480,12 @@ def _attachments(image: OpenImage) -> None:
             log.info("%s: replaying %d attached trace(s)", image.resolved.reference, taken)
 
 
+# A registry that will not answer now, for every try (its retries spent): failing, down
+# behind its gateway, or rate-limiting (Docker Hub's pull limit is a 429). As unusable as
+# one that cannot be reached, so a cached image is served as then.
+UNAVAILABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
 def _open(
     store: ChunkStore,
     ref: Reference,
@@ -496,10 +503,12 @@ def _open(
     client = RegistryClient(ref.registry, options, repository=ref.repository)
     try:
         resolved = resolve_image(client, ref, platform, require_platform=explicit)
-    except RegistryUnreachable as exc:
+    except (RegistryUnreachable, RegistryError) as exc:
         client.close()
         if isinstance(exc, RegistryTLSMismatch):
             raise  # reached, with a wrong setting: the fix is the setting, not the cache
+        if isinstance(exc, RegistryError) and exc.status not in UNAVAILABLE_STATUS:
+            raise  # an answer about the image (unknown, refused), not a refusal to answer
         if fresh:
             raise RegistryUnreachable(
                 f"{exc}, and {ref} was never resolved here: there was no cache at {store.path}"

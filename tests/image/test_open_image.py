@@ -108,6 +108,40 @@ def test_registry_down_falls_back_to_cached_resolution(
         image.close()
 
 
+@pytest.mark.parametrize("status", [429, 502, 503])
+def test_a_registry_answering_only_server_errors_falls_back_to_the_cache(
+    fresh_registry, fault_proxy, erofs_images, tmp_path: Path, status
+):
+    """Tried: an image read once through a proxy, then the proxy answers every request
+    with a 429 (a pull limit reached), a 502 (a gateway whose registry is down) or a
+    503, retries and all. Must hold:
+    the open serves the cached resolution and bytes, saying why, as for a registry that
+    cannot be reached. Before, it failed with exit 3, as if the registry had said no to
+    the image, and a cached image could not be mounted through its registry's outage."""
+    reference = push_erofs(fresh_registry.host, "gateway/img", "v1", [erofs_images.large.path])
+    proxy = fault_proxy(fresh_registry)
+    through = reference.replace(fresh_registry.host, proxy.host)
+    image = open_image(through, cache_dir=tmp_path / "cache", options=OPTIONS)
+    (blob,) = image.exports()
+    head = b"".join(bytes(b) for b in blob.read(0, 65536))
+    blob.close()
+    image.close()
+    proxy.fault = Fault("status", status=status)
+
+    image = open_image(through, cache_dir=tmp_path / "cache", options=OPTIONS)
+    try:
+        assert not image.online
+        assert f"HTTP {status}" in str(image.unreachable)
+        (blob,) = image.exports()
+        read_head = b"".join(bytes(b) for b in blob.read(0, 65536))
+    finally:
+        image.close()
+    assert read_head == head
+    with pytest.raises(RegistryUnreachable) as caught:  # never cached: said as for a registry down
+        open_image(through.replace("v1", "v2"), cache_dir=tmp_path / "cache", options=OPTIONS)
+    assert caught.value.exit_code == 5 and f"HTTP {status}" in str(caught.value)
+
+
 def test_nothing_cached_and_registry_down_says_so(fresh_registry, tmp_path: Path):
     """No registry and no cached resolution: one clear error naming the reference
     and the cache; unreachable (exit 5) online, not cached (exit 9) offline. Where no

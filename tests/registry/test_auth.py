@@ -599,3 +599,35 @@ def test_a_registry_offering_basic_beside_bearer_is_answered_with_a_token(
     ref = token_image.replace(token_registry.host, proxy.host)
     with RegistryClient(proxy.host, token_registry.options()) as client:
         assert read_whole(client, ref) == erofs_images.small.path.read_bytes()
+
+
+def test_a_token_issuer_that_is_down_lets_a_cached_image_open(tmp_path, test_ca, erofs_images):
+    """Tried: an image opened once through a token registry, then its token issuer answers
+    every request 503 (busy for 60 s), and the image is opened again by a new client.
+    Must hold: the cached resolution and bytes are served, saying why, as when the
+    registry cannot be reached. Before, the open failed as an authentication failure
+    (exit 4), though no login was refused, and a cached image could not be mounted."""
+    from blockstore.image import open_image
+
+    cert, key = test_ca.issue("down-issuer", server=False)
+    issuer = TokenIssuer(cert, key, users={"bob": "bob-pw"})
+    server = registry_of_issuer(tmp_path, issuer, test_ca)
+    try:
+        ref = push_small(server, "auth/issuer-down", erofs_images)
+        options = server.options(timeout=3.0, max_attempts=2)
+        image = open_image(ref, cache_dir=tmp_path / "cache", options=options)
+        (blob,) = image.exports()
+        head = b"".join(bytes(b) for b in blob.read(0, 4096))
+        blob.close()
+        image.close()
+        issuer.busy_for = 60
+        image = open_image(ref, cache_dir=tmp_path / "cache", options=options)
+        try:
+            assert not image.online and "answered HTTP 503" in str(image.unreachable)
+            (blob,) = image.exports()
+            assert b"".join(bytes(b) for b in blob.read(0, 4096)) == head
+        finally:
+            image.close()
+    finally:
+        server.stop()
+        issuer.stop()
