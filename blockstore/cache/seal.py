@@ -205,10 +205,10 @@ class Sealer:
             if record is None:
                 # Dropped by a seal that just ran here: say what it found.
                 return False if digest in self._failed else None
+            if record.present < record.chunks:
+                return None  # sealed once or not, it is not whole now
             if record.sealed and not recheck:
                 return True
-            if record.present < record.chunks:
-                return None
             outcome = self._seal(digest, record)
             if outcome is False:
                 self._failed.add(digest)

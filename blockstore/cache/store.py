@@ -851,8 +851,9 @@ class ChunkStore:
     def seal(self, digest: str, size: int | None = None) -> bool | None:
         """Check a complete blob against its digest and seal it now.
 
-        True: sealed (or already was). False: the bytes did not match and
-        the blob was dropped. None: not complete (or not checkable) yet.
+        True: sealed (or already was), and whole. False: the bytes did not
+        match and the blob was dropped. None: not complete (a sealed blob
+        evicted in part included) or not checkable yet.
         ``size`` lets an empty blob, which no chunk ever records, be sealed.
         """
         if size == 0:

@@ -304,3 +304,31 @@ def test_a_mistyped_blob_digest_is_refused_before_the_registry(tmp_path: Path, c
     )
     assert done.stderr.count("\n") == 1
     assert not cache.exists()
+
+
+def test_a_sealed_layer_prefetched_again_where_it_no_longer_fits_is_not_called_sealed(
+    pushed_images, erofs_images, tmp_path
+):
+    """Tried: the large image prefetched with ``--pin`` (64 MiB pinned) and the small one
+    (3.4 MiB) prefetched, sealed; ``cache gc --cache-size 4M`` evicts the small one, which
+    stays sealed; then ``prefetch`` of the small one again: it fits the 4 MiB cap, but the
+    pins leave the unpinned layers only a quarter of it. Must hold: the prefetch does not
+    say "verified and sealed" of a layer it could not keep whole: it exits 8 saying so,
+    and ``cache ls`` agrees. Before, the seal it had once was taken for its being whole:
+    exit 0, "verified and sealed", with about a third of it cached, and an offline read
+    of the rest failed."""
+    cache = str(tmp_path / "cache")
+    pinned = blockstore("prefetch", pushed_images.large, "--insecure", "--pin", "--cache-dir",
+                        cache, timeout=120)  # fmt: skip
+    assert pinned.returncode == 0, pinned.stderr
+    first = blockstore("prefetch", pushed_images.small, "--insecure", "--cache-dir", cache)
+    assert first.returncode == 0, first.stderr
+    gc = blockstore("cache", "gc", "--cache-size", "4M", "--cache-dir", cache)
+    assert gc.returncode == 0, gc.stderr
+    again = blockstore("prefetch", pushed_images.small, "--insecure", "--cache-dir", cache)
+    listing = blockstore("cache", "ls", "--json", "--cache-dir", cache, check=True)
+    small = {b["digest"]: b for b in json.loads(listing.stdout)}[erofs_images.small.digest]
+    assert small["cached_fraction"] < 1.0, small
+    assert again.returncode == 8, (again.stdout, again.stderr)
+    assert "verified and sealed" not in again.stdout
+    assert "could not be kept whole in the cache" in again.stderr, again.stderr
