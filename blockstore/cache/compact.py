@@ -30,7 +30,7 @@ from blockstore.errors import CacheError
 from blockstore.openers import processes_with_open
 
 from .damage import file_damage
-from .errors import DiskFull, ReadOnlyCache, reason
+from .errors import DAMAGE_ERRORS, DiskFull, ReadOnlyCache, reason
 from .layout import ALL_DBS, LMDB_DATA_FILE, LMDB_LOCK_FILE
 from .layout import COMPACT_COPY as COPY_NAME
 from .write_access import cannot_write
@@ -115,6 +115,12 @@ def _write_copy(path: Path, size: int) -> None:
             os.close(out)
     except (OSError, lmdb.Error) as exc:
         copy.unlink(missing_ok=True)
+        if isinstance(exc, DAMAGE_ERRORS):
+            # Pages the copy walks, which no open reads: file_damage cannot see them.
+            raise CacheError(
+                f"the cache at {path} is damaged ({exc}): `blockstore cache verify` moves "
+                "it aside and starts an empty cache"
+            ) from exc
         if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc):
             raise DiskFull(
                 f"no room beside the cache at {path} for its compacted copy "

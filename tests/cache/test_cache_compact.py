@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from cache_rig import lockless_user, run_cli
 from cache_sources import ScriptedSource, make_blob
+from lmdb_pages import regions
 from test_cache_processes import worker, write_blobs
 
 from blockstore.cache import CachedBlob, ChunkStore
@@ -202,3 +204,32 @@ def test_a_copy_left_by_a_killed_compaction_goes_with_the_next_open(cache_dir):
     with ChunkStore(cache_dir):
         pass
     assert not (cache_dir / COPY_NAME).exists()
+
+
+def test_compact_of_a_cache_with_corrupted_pages_names_it_and_the_cure(cache_dir):
+    """Tried: a sealed 3 MiB blob, then every tree page of ``data.mdb`` but the first two
+    overwritten with random bytes (the file keeps its length, so nothing is cut short),
+    and `cache compact`. Must hold: one line, exit 8, saying the cache is damaged and
+    that `cache verify` moves it aside; no copy left; then `cache verify` does (exit 6)
+    and compaction succeeds. Before, it said only "compacting the cache at DIR failed:
+    mdb_env_copyfd3: MDB_CORRUPTED: ...", naming no cure."""
+    fill(cache_dir, [3 << 20], seed=580)
+    data = cache_dir / "data.mdb"
+    tree = regions(data)["tree"]
+    assert len(tree) > 2, tree
+    with open(data, "r+b") as f:
+        for start, end in tree[2:]:
+            f.seek(start)
+            f.write(random.Random(start).randbytes(end - start))
+
+    result = run_cli("cache", "compact", "--cache-dir", str(cache_dir))
+
+    assert result.returncode == 8, result.stdout + result.stderr
+    (line,) = result.stderr.splitlines()
+    assert f"the cache at {cache_dir} is damaged" in line, line
+    assert "`blockstore cache verify` moves it aside" in line, line
+    assert not (cache_dir / COPY_NAME).exists()
+    verified = run_cli("cache", "verify", "--cache-dir", str(cache_dir))
+    assert verified.returncode == 6, verified.stdout + verified.stderr
+    again = run_cli("cache", "compact", "--cache-dir", str(cache_dir))
+    assert again.returncode == 0, again.stderr
