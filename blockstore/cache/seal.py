@@ -30,6 +30,7 @@ from . import counters as counters_mod
 from . import parts
 from .counters import Counters
 from .env import CacheEnv
+from .errors import DiskFull
 from .integrity import (
     blob_seed,
     intact,
@@ -374,7 +375,16 @@ class Sealer:
             report.damaged_records += store.drop_disagreeing_records()
         found = self._scan(report)
         if not store.read_only:
-            store.env.write(lambda txn: self._repair(txn, found, report))
+            try:
+                store.env.write(lambda txn: self._repair(txn, found, report))
+            except DiskFull as exc:
+                if not (found.bad or found.orphans or found.bad_parts):
+                    raise
+                # Dropping chunks copies the pages that hold them: a full disk can refuse it.
+                raise DiskFull(
+                    f"{exc}, so the bad data verify found could not be dropped: free space "
+                    "there, then run verify again"
+                ) from exc
         for digest, record in found.by_id.values():
             if found.present[record.blob_id] != record.chunks:
                 continue
@@ -413,7 +423,7 @@ class Sealer:
             else:
                 found.bad.append(key)
                 report.bad_chunks.append((digest, index))
-                log.warning("verify: %s chunk %d is bad: %s", digest, index, store.fate)
+                log.warning("verify: %s chunk %d is bad", digest, index)
         report.orphan_chunks = len(found.orphans)
         self._scan_parts(found, report)
         return found
@@ -431,10 +441,7 @@ class Sealer:
                 found.bad_parts.append(key)
                 if entry is not None:
                     report.bad_chunks.append((entry[0], index))
-                    log.warning(
-                        "verify: %s part of chunk %d is bad: %s",
-                        entry[0], index, self._store.fate,
-                    )  # fmt: skip
+                    log.warning("verify: %s part of chunk %d is bad", entry[0], index)
 
     def _still_bad(self, txn: lmdb.Transaction, key: bytes) -> bool:
         """A part the scan found bad is so still (not merged or replaced meanwhile)."""

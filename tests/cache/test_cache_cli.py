@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
 
 import pytest
 from cache_rig import REPO, misfile_chunk, run_cli
 from cache_sources import ScriptedSource, make_blob
+from lmdb_pages import regions
 from rig.stored_chunks import flip_stored_byte
 
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
@@ -401,3 +405,54 @@ def test_an_image_opened_by_tag_is_named_by_its_manifest_digest(cache_dir):
     with ChunkStore(cache_dir) as store:
         assert store.lookup(base[1]).pinned and store.lookup(top[1]).pinned
         assert store.images.get(record["reference"], None)["pinned"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_verify_on_a_full_disk_says_it_could_not_drop_what_it_found_bad(tmp_path):
+    """Tried: two sealed 3 MiB blobs on a 16 MiB tmpfs, compacted (no free page left in
+    the file), a bit flipped in twelve chunks of the newer one by writing the file
+    itself, the rest of the disk filled, then `cache verify`. Must hold: exit 8, and
+    nothing says the bad chunks were dropped: the last line says the disk is full, so
+    they could not be, and to run verify again with room; once there is room, `verify`
+    drops all twelve (exit 6) and a third run finds nothing bad (exit 0). Before, each
+    bad chunk was logged as "dropped", then the commit met the full disk and the only
+    error was "the disk holding the cache is full" (exit 8), every bad chunk kept."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
+    try:
+        cache_dir = disk / "cache"
+        new = make_blob(3 << 20, seed=91)
+        fill(cache_dir, [make_blob(3 << 20, seed=90), new])
+        assert run_cli("cache", "compact", "--cache-dir", str(cache_dir)).returncode == 0
+        # Compaction removes the lock file: the next open makes it, while there is room.
+        assert run_cli("cache", "stats", "--cache-dir", str(cache_dir)).returncode == 0
+        data = cache_dir / "data.mdb"
+        values = regions(data)["values"][-96::8]  # chunks of the newer blob
+        with open(data, "r+b") as f:  # behind LMDB's back: its file gains no free page
+            for start, _ in values:
+                f.seek(start + 1000)
+                byte = f.read(1)[0]
+                f.seek(start + 1000)
+                f.write(bytes([byte ^ 1]))
+        with open(disk / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+            while True:
+                filler.write(bytes(1 << 16))
+
+        full = run_cli("cache", "verify", "--cache-dir", str(cache_dir))
+
+        assert full.returncode == 8, full.stdout + full.stderr
+        assert "bad: dropped" not in full.stderr and "Traceback" not in full.stderr, full.stderr
+        last = full.stderr.splitlines()[-1]
+        assert f"the disk holding the cache at {cache_dir} is full" in last, last
+        assert "could not be dropped" in last and "run verify again" in last, last
+        (disk / "filler").unlink()
+        again = run_cli("cache", "verify", "--cache-dir", str(cache_dir))
+        assert again.returncode == 6, again.stdout + again.stderr
+        dropped = [line for line in again.stdout.splitlines() if line.startswith("bad chunk")]
+        assert len(dropped) == 12, again.stdout
+        assert all(new[1] in line and line.endswith(": dropped") for line in dropped), dropped
+        third = run_cli("cache", "verify", "--cache-dir", str(cache_dir))
+        assert third.returncode == 0, third.stdout + third.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
