@@ -346,8 +346,8 @@ def _set_pin(args: argparse.Namespace, on: bool) -> int:
             if on:
                 if size is not None or store.lookup(digest) is not None:
                     store.pin(digest, size)
-            elif digest not in kept:
-                store.unpin(digest)
+            elif digest not in kept and digest not in loose:
+                store.unpin(digest)  # not a loose one: it may have no record (cache rm)
     verb = "pinned" if on else "unpinned"
     done = sorted(set(blobs) - set(kept) - loose)
     lines = [f"{verb} {d}" for d in done]

@@ -231,6 +231,32 @@ def test_unpinning_an_image_keeps_the_layers_a_pinned_image_shares(
     assert pinned() == {small.digest: False, large.digest: False}
 
 
+def test_unpinning_an_image_one_of_whose_layers_was_removed_unpins_the_rest(
+    registry, erofs_images, tmp_path
+):
+    """Tried: ``prefetch --pin`` of an image of layers S and L, ``cache rm`` of S by its
+    digest (the image's record stays), then ``cache unpin`` of the image. Must hold:
+    exit 0, L unpinned and S said not pinned, as for any layer that was not. Before,
+    it failed with "S is not in the cache" (exit 8, the code of a cache that cannot be
+    written) once the image was marked unpinned, L left pinned if it came after S."""
+    small, large = erofs_images.small, erofs_images.large
+    reference = push_erofs(registry.host, "pins/removed", "v1", [small.path, large.path])
+    cache = str(tmp_path / "cache")
+    done = blockstore("prefetch", reference, "--insecure", "--pin", "--cache-dir", cache,
+                      timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    removed = blockstore("cache", "rm", small.digest, "--cache-dir", cache)
+    assert removed.returncode == 0, removed.stderr
+
+    unpinned = blockstore("cache", "unpin", reference, "--cache-dir", cache)
+
+    assert unpinned.returncode == 0, unpinned.stderr
+    assert f"unpinned {large.digest}" in unpinned.stdout, unpinned.stdout
+    assert f"was not pinned {small.digest}" in unpinned.stdout, unpinned.stdout
+    listing = blockstore("cache", "ls", "--json", "--cache-dir", cache, check=True)
+    assert {b["digest"]: b["pinned"] for b in json.loads(listing.stdout)} == {large.digest: False}
+
+
 def test_a_prefetch_pin_undone_meanwhile_by_cache_rm_is_not_called_pinned(
     fresh_registry, fault_proxy, erofs_images, tmp_path
 ):
