@@ -66,6 +66,9 @@ def test_prefetch_interrupted_then_resumed(fresh_registry, fault_proxy, erofs_im
     cache = tmp_path / "cache"
     proxy.fault = Fault("delay", path_contains="/blobs/", method="GET", seconds=0.15)
     argv, first = pinning_prefetch_under_way(reference, cache)
+    # The rest waits: on a loaded machine the layer could otherwise be whole before the
+    # signal is taken, and there would be nothing left to resume.
+    proxy.fault = Fault("delay", path_contains="/blobs/", method="GET", seconds=8)
     try:
         first.send_signal(signal.SIGINT)
         _, err = first.communicate(timeout=30)
@@ -271,6 +274,9 @@ def test_a_prefetch_pin_undone_meanwhile_by_cache_rm_is_not_called_pinned(
     cache = tmp_path / "cache"
     proxy.fault = Fault("pace", path_contains="/blobs/", method="GET", seconds=0.005)
     argv, first = pinning_prefetch_under_way(reference, cache)
+    # The rest waits until the removal is done: on a loaded machine the prefetch could
+    # otherwise end before ``cache rm`` has started, and there would be nothing to undo.
+    proxy.fault = Fault("delay", path_contains="/blobs/", method="GET", seconds=8)
     try:
         removed = blockstore("cache", "rm", reference, "--cache-dir", str(cache))
         assert removed.returncode == 0, removed.stderr
