@@ -640,17 +640,16 @@ def _pass_fill(
 ) -> PassFill | SpooledPassFill | None:
     """What stores the tar as the indexing pass of a gzip or zstd layer makes it, when its
     tar is not sealed yet. For gzip the tar's size is guessed from the trailer and the tar
-    stored as it comes; zstd names no size for the whole stream, so its tar is spooled
-    and stored once the pass knows it. Chunks of an earlier pass that never finished are
+    stored as it comes; zstd names no size for the whole stream, nor does a gzip trailer
+    of 0 (an empty last member, as eStargz's footer is), so that tar is spooled and
+    stored once the pass knows it. Chunks of an earlier pass that never finished are
     dropped first: nothing vouched for them."""
     if kind not in (GZIP, ZSTD) or tar_digest is None:
         return None
     record = store.lookup(tar_digest)
     if record is not None and record.sealed:
         return None
-    size = size_hint(read, blob_size) if kind == GZIP else None
-    if size == 0:
-        return None
+    size = (size_hint(read, blob_size) or None) if kind == GZIP else None
     if record is not None:
         store.remove(tar_digest)
     if size is not None:

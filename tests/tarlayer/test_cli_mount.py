@@ -253,6 +253,46 @@ def test_a_gzip_layer_of_two_members_keeps_the_tar_its_pass_made(tmp_path, regis
         cli("umount", str(mnt))
 
 
+def test_a_gzip_layer_ending_in_an_empty_member_keeps_the_tar_its_pass_made(
+    tmp_path, registry, run_dir
+):
+    """A tar.gz layer of two gzip members and then an empty one carrying only an extra
+    field, as eStargz ends with its footer, mounted with no readahead: every file reads
+    as extracted, ``mount`` warns of nothing, and ``mounts`` shows the layer whole, its
+    tar kept from the indexing pass. Before, the trailer's size of 0 (the empty member's)
+    was taken for no size at all and the tar was not kept: every span was inflated again
+    whenever it was read."""
+    src = populate(tmp_path / "src")
+    tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    extra = b"SG" + (22).to_bytes(2, "little") + b"%016x" % 1234 + b"STARGZ"
+    head = b"\x1f\x8b\x08\x04" + bytes(5) + b"\xff"  # FEXTRA set
+    # The extra field, then one empty final stored block, then a CRC and a size of 0.
+    footer = head + len(extra).to_bytes(2, "little") + extra + b"\x01\x00\x00\xff\xff" + bytes(8)
+    assert gzip.decompress(footer) == b""
+    layer = tmp_path / "layer.tar.gz"
+    layer.write_bytes(gzip.compress(tar[:1_000_000]) + gzip.compress(tar[1_000_000:]) + footer)
+    client = registry.client()
+    try:
+        push_image(client, "o/footer", "v1", [layer], media_type=MEDIA_TYPES["gzip"])
+    finally:
+        client.close()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cache = str(tmp_path / "cache")
+    ref = f"{registry.host}/o/footer:v1"
+    done = cli("mount", "--insecure", "--no-readahead", "--cache-dir", cache, ref, str(mnt))
+    try:
+        assert "warning" not in done.stderr
+        (listed,) = json.loads(cli("mounts", "--json").stdout)
+        assert listed["cached"] == [1.0]
+        extracted = tmp_path / "extracted"
+        extract_in_order([tmp_path / "layer.tar"], extracted)
+        want = without_dir_counts(snapshot(extracted, with_mtime=False))
+        assert without_dir_counts(snapshot(mnt, with_mtime=False)) == want
+    finally:
+        cli("umount", str(mnt))
+
+
 def test_unmountable_layers_are_refused_in_one_line(tmp_path, registry, run_dir):
     """A gzip layer that is not a tar, and one holding a GNU sparse file, make ``mount``
     fail with one line naming the reason (the entry, for the sparse file), no
