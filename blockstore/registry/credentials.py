@@ -81,8 +81,8 @@ def credentials_for(
             return given
         named = username if username is not None else os.environ.get("BLOCKSTORE_USERNAME")
     for path in auth_files():
-        found = _lookup(path, host, repository)
-        if found and (not named or found.username == named):
+        found = _lookup(path, host, repository, named)
+        if found:
             return found
     return None
 
@@ -155,7 +155,12 @@ def _helper_keeping(host: str) -> tuple[Path, str] | None:
     return None
 
 
-def _lookup(path: Path, host: str, repository: str | None) -> Credentials | None:
+def _lookup(
+    path: Path, host: str, repository: str | None, username: str | None
+) -> Credentials | None:
+    """The most specific login ``path`` keeps for ``repository`` of ``host``; only one of
+    ``username``, when named, whichever key holds it (a namespace's login of another user
+    does not hide that user's login for the whole registry)."""
     try:
         auths = json.loads(path.read_text()).get("auths") or {}
     except FileNotFoundError:
@@ -172,7 +177,9 @@ def _lookup(path: Path, host: str, repository: str | None) -> Credentials | None
     for key, entry in sorted(held, key=lambda held: -len(_key_path(held[0]))):
         creds = _decode_entry(entry)
         if creds:
-            return replace(creds, auth_file=path)
+            if not username or creds.username == username:
+                return replace(creds, auth_file=path)
+            continue
         if entry.get("auth"):
             log.warning(
                 "ignoring the entry for %s in %s: its auth is not user:password in base64",

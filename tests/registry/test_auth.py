@@ -283,6 +283,29 @@ def test_a_user_named_without_a_password_takes_only_that_users_login(
     assert own.returncode == 0, own.stderr
 
 
+def test_a_user_named_without_a_password_takes_that_users_login_past_a_namespace_one(
+    basic_auth_registry, erofs_images, monkeypatch, tmp_path
+):
+    """Tried: ``push --username`` with no password to ``host/named/app``, where an auth
+    file holds another user's login for the namespace (``host/named``, as ``podman login
+    host/named`` writes it) and the named user's good login for the whole registry.
+    Must hold: the push goes as the user named, with that user's login (exit 0). Before,
+    only the most specific login was looked at, and, being another user's, the command
+    was refused as if no password were kept for the user named (exit 2)."""
+    host = basic_auth_registry.host
+    user = basic_auth_registry.username
+    login = base64.b64encode(f"{user}:{basic_auth_registry.password}".encode()).decode()
+    other = base64.b64encode(b"mallory:not-the-password").decode()
+    auths = {f"{host}/named": {"auth": other}, host: {"auth": login}}
+    auth_file = tmp_path / "auth.json"
+    auth_file.write_text(json.dumps({"auths": auths}))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file))
+    command = [sys.executable, "-m", "blockstore", "push", str(erofs_images.small.path)]
+    command += [f"{host}/named/app:v1", "--username", user, "--insecure"]
+    pushed = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert pushed.returncode == 0, pushed.stderr
+
+
 def test_basic_auth_without_credentials(
     basic_auth_registry, basic_image, monkeypatch, tmp_path, caplog
 ):
