@@ -53,6 +53,12 @@ class RegistryUnreachable(BlockstoreError):
     exit_code = 5
 
 
+UNAVAILABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+"""A registry's (or its token issuer's) answer that it will not answer now, for every try
+(its retries spent): failing, down behind its gateway, or rate-limiting (Docker Hub's pull
+limit is a 429). As unusable as a registry that cannot be reached, and said as one."""
+
+
 class RegistryTLSMismatch(RegistryUnreachable):
     """The registry answered, but not as the TLS settings say: plain HTTP where TLS was
     asked for (or the reverse), or a certificate the given CAs do not trust. A setting

@@ -31,6 +31,7 @@ from blockstore.cache.indexes import IndexShelf
 from blockstore.cache.layout import holds_cache
 from blockstore.chunkindex import ChunkIndex
 from blockstore.errors import (
+    UNAVAILABLE_STATUS,
     BlockstoreError,
     CacheError,
     ImageNotCached,
@@ -478,12 +479,6 @@ def _attachments(image: OpenImage) -> None:
         taken = traces_for_image(image.store, client, image.resolved, image.repository, referrers)
         if taken:
             log.info("%s: replaying %d attached trace(s)", image.resolved.reference, taken)
-
-
-# A registry that will not answer now, for every try (its retries spent): failing, down
-# behind its gateway, or rate-limiting (Docker Hub's pull limit is a 429). As unusable as
-# one that cannot be reached, so a cached image is served as then.
-UNAVAILABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
 def _open(

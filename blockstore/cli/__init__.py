@@ -18,10 +18,12 @@ from importlib import metadata
 
 from blockstore.cli.parser import OneLineParser
 from blockstore.errors import (
+    UNAVAILABLE_STATUS,
     AuthError,
     BlobReadError,
     BlockstoreError,
     OutOfResources,
+    RegistryError,
     RegistryUnreachable,
 )
 from blockstore.logformat import setup_logging
@@ -65,13 +67,17 @@ def exit_code(exc: BlockstoreError) -> int:
     """``exc``'s code, or, for a read that could not be served because the registry could
     not be reached or refused the login, or the process was out of threads, that
     cause's: the registry went away, and a script should see it as it would had the
-    registry been away from the start."""
+    registry been away from the start. A registry or token issuer that answered only 429
+    or 5xx, its retries spent, is away too, as an open takes it (``UNAVAILABLE_STATUS``):
+    an outage is no "not found" and no refused login."""
     if isinstance(exc, BlobReadError):
         cause = exc.__cause__
         while cause is not None:
             if isinstance(cause, RegistryUnreachable | AuthError | OutOfResources):
                 return cause.exit_code
             cause = cause.__cause__
+    if isinstance(exc, RegistryError) and exc.status in UNAVAILABLE_STATUS:
+        return RegistryUnreachable.exit_code
     return exc.exit_code
 
 

@@ -684,3 +684,21 @@ def test_push_refuses_a_tar_layer_every_mount_would_refuse(registry, tmp_path, n
         )
         assert said in pushed.stderr and pushed.stderr.count("\n") == 1, pushed.stderr
     assert blockstore("inspect", image, "--insecure").returncode == 3
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_registry_answering_only_429_or_5xx_exits_as_unreachable(
+    registry, erofs_images, fault_proxy, status
+):
+    """Tried: ``inspect`` and ``push`` through a proxy that answers every request 429 (a
+    pull limit) or 503 (a gateway whose registry is down), retries and all. Must hold:
+    both exit 5, as for a registry that cannot be reached, and as ``mount`` and ``index``
+    then do, the status named; before, they exited 3, which says the registry said no
+    (an unknown image), so a script took an outage for a missing image."""
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault("status", status=status)
+    image = f"{proxy.host}/cli/busy:v1"
+    inspected = blockstore("inspect", image, "--insecure")
+    assert inspected.returncode == 5 and f"HTTP {status}" in inspected.stderr, inspected.stderr
+    pushed = blockstore("push", str(erofs_images.small.path), image, "--insecure")
+    assert pushed.returncode == 5 and f"HTTP {status}" in pushed.stderr, pushed.stderr
