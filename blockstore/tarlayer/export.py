@@ -386,6 +386,7 @@ class PassFill:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="tar-keep")
         self._pending: deque[Future[None]] = deque()
         self._overflow = False
+        self._grown = False  # the trailer's size proved short: the cap was checked on it
 
     def __call__(self, piece: bytes) -> None:
         if self._overflow:
@@ -395,6 +396,12 @@ class PassFill:
             self._grow(end)
             if self._overflow:
                 return
+        if self._grown and (why := self._store.over_cap(self._digest, end)) is not None:
+            # The size the cap was asked about was the trailer's, of the last member alone:
+            # kept on, the tar would evict the rest of the cache, then its own first chunks.
+            log.warning("%s; not kept from its indexing pass, so nothing else is evicted", why)
+            self._overflow = True  # finish() removes what was stored
+            return
         self._pieces.append(piece)
         self._gathered += len(piece)
         if self._gathered >= self.BATCH:
@@ -425,6 +432,7 @@ class PassFill:
             return
         self._size = size
         self._fill = SpanFiller(self._store, self._digest, size)
+        self._grown = True
 
     def _wait_stored(self) -> None:
         """Wait for the batches handed to the writer: stored at the old size before the

@@ -433,3 +433,38 @@ def test_no_page_in_reaches_the_uncompressed_tar(tmp_path, layer):
         finally:
             opened.close()
             compressed.close()
+
+
+def test_a_tar_of_several_gzip_members_larger_than_the_cap_is_not_kept(tmp_path, caplog):
+    """Tried: a gzip layer of two members, the last one tiny (so the trailer, which gives
+    the last member's size alone, says 1 KiB), whose 12 MiB tar is larger than the 4 MiB
+    cache cap. Must hold: the pass does not keep the tar (a warning says it is over the
+    cap), stores no more of it than the cap allows, and the layer still serves every
+    byte from its spans. Before, the cap was asked only of the trailer's 1 KiB, and the
+    whole tar was stored, evicting the rest of the cache."""
+    words = random.Random(3).choices([b"alpha ", b"beta ", b"gamma ", b"\n"], k=3 << 20)
+    text = b"".join(words)[: 12 << 20]
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "words").write_bytes(text)
+    tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    blob = gzip.compress(tar[:-1024], 6, mtime=0) + gzip.compress(tar[-1024:], 6, mtime=0)
+    (tmp_path / "two.gz").write_bytes(blob)
+    with ChunkStore(tmp_path / "cache", size_cap=4 << 20) as store:
+        compressed = CachedBlob(
+            store, sha(blob), len(blob), LocalFileSource(tmp_path / "two.gz", sha(blob))
+        )
+        opened = open_tar_layer(
+            store, compressed, GZIP, online=True, diff_id=lambda: sha(tar), span=SPAN,
+            settings=PrefetchSettings(readahead=False),
+        )  # fmt: skip
+        try:
+            assert "is larger than the cache size cap" in caplog.text
+            kept = store.lookup(sha(tar))
+            assert kept is None or kept.present < kept.chunks
+            assert store.stats()["stored_bytes"] <= 5 << 20
+            meta = len(opened.index.metadata)
+            assert b"".join(bytes(b) for b in opened.read(meta, len(tar))) == tar
+        finally:
+            opened.close()
+            compressed.close()
