@@ -610,8 +610,9 @@ def open_image_from_args(
         )
     if needs_registry and image.client is None:
         image.close()
-        why = image.unreachable or "the registry cannot be reached"
-        raise RegistryUnreachable(f"{image.resolved.reference}: {why}")
+        why = str(image.unreachable or "the registry cannot be reached")
+        reference = image.resolved.reference
+        raise RegistryUnreachable(why if reference in why else f"{reference}: {why}")
     return image
 
 

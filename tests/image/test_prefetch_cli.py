@@ -153,6 +153,25 @@ def test_a_registry_gone_after_the_image_resolved_exits_as_unreachable(
     ]
 
 
+def test_a_command_needing_the_registry_through_its_outage_names_the_image_once(
+    registry, fault_proxy, erofs_images, tmp_path
+):
+    """Tried: an image prefetched, then ``index --push`` (which must write to the registry)
+    while the registry answers every request 503. Must hold: exit 5, one line naming the
+    image once and the registry's answer. Before, the line named the image twice
+    ("REF: image REF: HTTP 503 ...")."""
+    ref = push_erofs(registry.host, "outage/img", "v1", [erofs_images.small.path])
+    proxy = fault_proxy(registry)
+    ref = ref.replace(registry.host, proxy.host)
+    where = ["--insecure", "--cache-dir", str(tmp_path / "c")]
+    assert blockstore("prefetch", ref, *where).returncode == 0
+    proxy.fault = Fault("status", status=503)
+    done = blockstore("index", ref, "--push", *where)
+    assert done.returncode == 5, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.count("outage/img:v1") == 1 and "HTTP 503" in line, line
+
+
 PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
 
 
