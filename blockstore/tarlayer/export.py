@@ -422,38 +422,32 @@ class PassFill:
     def _grow(self, end: int) -> None:
         """The pass made more than the trailer said: the tar is ``ISIZE_MODULUS`` bytes
         longer per wrap, as far as ``end`` needs."""
-        self._wait_stored()
         size = self._size + -(-(end - self._size) // ISIZE_MODULUS) * ISIZE_MODULUS
-        try:
-            self._store.grow(self._digest, size)
-        except CacheError as exc:
-            log.warning("%s: the tar is not kept from its indexing pass: %s", self._digest, exc)
-            self._overflow = True  # finish() removes what was stored
-            return
-        self._size = size
-        self._fill = SpanFiller(self._store, self._digest, size)
-        self._grown = True
-
-    def _wait_stored(self) -> None:
-        """Wait for the batches handed to the writer: stored at the old size before the
-        record changes."""
-        for pending in self._pending:
-            pending.result()
-        self._pending.clear()
+        if self._resize(size, self._store.grow):
+            self._grown = True
 
     def _shrink(self, size: int) -> None:
         """The pass made less than ``_grow`` took it for: the gzip stream was of several
         members, and its trailer gave the last one's size alone. What is stored lies
         within ``size`` (whole chunks, from its start), so the tar is that long."""
-        self._wait_stored()
+        self._resize(size, self._store.shrink)
+
+    def _resize(self, size: int, change: Callable[[str, int], None]) -> bool:
+        """Make the tar ``size`` bytes long with ``change`` (the store's grow or shrink),
+        once the batches handed to the writer are stored at the old size; False if the
+        store refused, and then nothing more is kept (``finish`` removes what was)."""
+        for pending in self._pending:
+            pending.result()
+        self._pending.clear()
         try:
-            self._store.shrink(self._digest, size)
+            change(self._digest, size)
         except CacheError as exc:
             log.warning("%s: the tar is not kept from its indexing pass: %s", self._digest, exc)
-            self._overflow = True  # finish() removes what was stored
-            return
+            self._overflow = True
+            return False
         self._size = size
         self._fill = SpanFiller(self._store, self._digest, size)
+        return True
 
     def finish(self, verified_size: int | None) -> bool:
         """Store the rest if the pass checked both digests and made ``verified_size``
