@@ -451,7 +451,14 @@ class RegistryClient:
                 raise TryAgain(error)
             raise error
 
-        with_retries(self.policy, deadline, upload_once, subject)
+        try:
+            with_retries(self.policy, deadline, upload_once, subject)
+        except RegistryUnreachable as exc:
+            if subject in str(exc):
+                raise
+            # The link's own words ("connection closed by the server") name no blob: a
+            # push of many layers would not say which one it was sending.
+            raise type(exc)(f"{subject}: {exc}") from exc
 
     def _start_upload(self, repository: str, deadline: Deadline, subject: str) -> str:
         """A new upload's URL: its ``Location`` (absolute, or relative to the host or to

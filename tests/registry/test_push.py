@@ -16,7 +16,7 @@ import pytest
 import requests
 from rig.fault_proxy import Fault
 
-from blockstore.errors import RegistryError, UsageError
+from blockstore.errors import RegistryError, RegistryUnreachable, UsageError
 from blockstore.registry import RegistryClient, push_image, resolve_image
 from blockstore.registry.descriptors import MAX_LAYERS
 from blockstore.registry.digests import canonical_json, digest_of
@@ -221,6 +221,26 @@ def test_an_upload_the_registry_refuses_is_cancelled(fresh_registry, erofs_image
         "DELETE",
     ]
     assert unfinished_uploads(fresh_registry, "push/refused") == []
+
+
+def test_an_upload_the_link_keeps_cutting_names_the_blob(fresh_registry, erofs_images, fault_proxy):
+    """Tried: every PUT of a layer cut by the link part way, so each try of the upload
+    fails the same. Must hold: the push fails as the registry out of reach (exit 5), its
+    message naming the blob it was uploading and where, then the link's own words.
+    Before, it said only "connection closed by the server", which names no blob of a
+    push of many layers."""
+    small = erofs_images.small
+    proxy = fault_proxy(fresh_registry)
+    proxy.fault = Fault("cut_request", method="PUT", path_contains="/blobs/uploads/")
+    options = fresh_registry.options(max_attempts=2)
+    with (
+        RegistryClient(proxy.host, options) as client,
+        pytest.raises(RegistryUnreachable) as caught,
+    ):
+        client.upload_blob("push/cut-always", small.digest, small.path)
+    message = str(caught.value)
+    assert message.startswith(f"uploading blob {small.digest} to {proxy.host}/push/cut-always: ")
+    assert caught.value.exit_code == 5 and message.count(small.digest) == 1, message
 
 
 def test_an_upload_a_proxy_finds_too_large_says_so_once(registry, erofs_images, fault_proxy):
