@@ -277,11 +277,13 @@ def resolve_targets(store: ChunkStore, targets: list[str]) -> tuple[dict[str, in
 
 def _names(reference: Reference, canonical: str, record: dict) -> bool:
     """Whether ``reference`` names the image of ``record``: as it was opened, or, with a
-    digest, as the manifest of the same repository the record keeps (an image opened by
-    tag is named by the digest ``inspect`` shows, as a registry would take it)."""
+    digest, as the manifest of the same repository the record keeps, or the index it was
+    chosen from (an image opened by tag is named by the digests ``inspect`` shows, as a
+    registry would take them; an index's names every platform kept)."""
     if record.get("reference") == canonical:
         return True
-    if reference.digest is None or record.get("manifest_digest") != reference.digest:
+    digests = (record.get("manifest_digest"), record.get("index_digest"))
+    if reference.digest is None or reference.digest not in digests:
         return False
     from blockstore.registry.reference import parse_reference
 

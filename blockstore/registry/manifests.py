@@ -79,19 +79,23 @@ class ResolvedImage:
 
     def to_record(self) -> dict:
         """The JSON-able record the cache keeps for offline re-resolution."""
-        return {
+        record = {
             "reference": self.reference,
             "platform": self.platform,
             "manifest_digest": self.manifest_digest,
             "platforms": list(self.platforms),
             "layers": [layer.to_record() for layer in self.layers],
         }
+        if self.index_digest is not None:  # what names the whole image (docker's RepoDigest)
+            record["index_digest"] = self.index_digest
+        return record
 
     @classmethod
     def from_record(cls, record: dict) -> ResolvedImage:
         return cls(
             reference=record["reference"],
             manifest_digest=record["manifest_digest"],
+            index_digest=record.get("index_digest"),
             platform=record.get("platform"),
             platforms=list(record.get("platforms", [])),
             layers=[

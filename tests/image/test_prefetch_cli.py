@@ -172,6 +172,24 @@ def test_a_command_needing_the_registry_through_its_outage_names_the_image_once(
     assert line.count("outage/img:v1") == 1 and "HTTP 503" in line, line
 
 
+def test_an_image_of_an_index_is_pinned_by_the_index_digest(registry, pushed_images, tmp_path):
+    """Tried: ``prefetch`` of a multi-platform image by tag, then ``cache unpin`` and
+    ``cache pin`` of ``REPO@DIGEST`` with the index's digest (docker's RepoDigest of such
+    an image, which ``inspect`` shows as its index). Must hold: both find the image and
+    its layer. Before, only the platform manifest's digest was matched: the index's
+    was "no image in the cache" (exit 3)."""
+    where = ["--cache-dir", str(tmp_path)]
+    assert blockstore("prefetch", pushed_images.index, "--insecure", *where).returncode == 0
+    shown = json.loads(blockstore("inspect", pushed_images.index, "--json", "--insecure").stdout)
+    repository = pushed_images.index.rsplit(":", 1)[0]
+    named = f"{repository}@{shown['indexDigest']}"
+    unpinned = blockstore("cache", "unpin", named, *where)
+    assert unpinned.returncode == 0, unpinned.stderr
+    pinned = blockstore("cache", "pin", named, "--json", *where)
+    assert pinned.returncode == 0, pinned.stderr
+    assert len(json.loads(pinned.stdout)["pinned"]) == 1
+
+
 PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
 
 
