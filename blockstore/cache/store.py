@@ -718,18 +718,27 @@ class ChunkStore:
             record.forget_one()
         self.capacity.add_stored(txn, -length)
 
-    def grow(self, digest: str, size: int) -> None:
-        """Make an unsealed blob ``size`` bytes long, more than it was, keeping its stored
-        chunks: for a tar whose length came from a gzip trailer, which gives it only
-        modulo 4 GiB. A short last chunk of the old length, no longer the last, goes."""
+    def resize(self, digest: str, size: int) -> None:
+        """Make an unsealed blob ``size`` bytes long, keeping its stored chunks: for a tar
+        whose length came from a gzip trailer, which gives it modulo 4 GiB (the tar is
+        longer), and of the last member alone (it is shorter: what the pass made).
+        Longer, a short last chunk of the old length, no longer the last, goes; shorter
+        is refused if a chunk or part is stored where the new length ends or beyond (it
+        would be of the old)."""
 
         def work(txn: lmdb.Transaction) -> None:
             record = self._record(txn, digest)
             if record is None:
                 return  # nothing stored yet: the first store makes it at its size
-            if record.sealed or size <= record.size:
-                raise CacheError(f"{digest} cannot grow from {record.size} to {size} bytes")
-            if record.size % CHUNK_SIZE:
+            shorter = size < record.size
+            if (
+                record.sealed
+                or size == record.size
+                or (shorter and self._stored_from(txn, record.blob_id, size // CHUNK_SIZE))
+            ):
+                change = "shrink" if shorter else "grow"
+                raise CacheError(f"{digest} cannot {change} from {record.size} to {size} bytes")
+            if not shorter and record.size % CHUNK_SIZE:
                 key = chunk_key(record.blob_id, record.chunks - 1)
                 value = txn.get(key, db=self.dbs[DB_CHUNKS])
                 if value is not None:
@@ -739,27 +748,14 @@ class ChunkStore:
 
         self.env.write(work)
 
-    def shrink(self, digest: str, size: int) -> None:
-        """Make an unsealed blob ``size`` bytes long, less than it was, with none of its
-        stored chunks past that: for a tar ``grow`` made too long, as a stream of several
-        gzip members gives in its trailer its last member's size alone. Refused if a chunk
-        or part is stored where the new length ends or beyond (it would be of the old)."""
-
-        def work(txn: lmdb.Transaction) -> None:
-            record = self._record(txn, digest)
-            if record is None:
-                return
-            first_past = chunk_key(record.blob_id, size // CHUNK_SIZE)
-            stored_past = any(
-                cursor.set_range(first_past) and cursor.key()[:8] == first_past[:8]
-                for cursor in (txn.cursor(db=self.dbs[db]) for db in (DB_CHUNKS, DB_PARTS))
-            )
-            if record.sealed or size >= record.size or stored_past:
-                raise CacheError(f"{digest} cannot shrink from {record.size} to {size} bytes")
-            record.size = size
-            txn.put(digest.encode(), record.pack(), db=self.dbs[DB_BLOBS])
-
-        self.env.write(work)
+    def _stored_from(self, txn: lmdb.Transaction, blob_id: int, index: int) -> bool:
+        """Whether a chunk or part of blob ``blob_id`` is stored at ``index`` or beyond."""
+        first = chunk_key(blob_id, index)
+        for db in (DB_CHUNKS, DB_PARTS):
+            cursor = txn.cursor(db=self.dbs[db])
+            if cursor.set_range(first) and cursor.key()[:8] == first[:8]:
+                return True
+        return False
 
     def drop_unproven(self, digest: str) -> bool:
         """Drop every chunk and part of a blob not sealed, keeping its record (and pin):

@@ -423,24 +423,16 @@ class PassFill:
         """The pass made more than the trailer said: the tar is ``ISIZE_MODULUS`` bytes
         longer per wrap, as far as ``end`` needs."""
         size = self._size + -(-(end - self._size) // ISIZE_MODULUS) * ISIZE_MODULUS
-        if self._resize(size, self._store.grow):
+        if self._resize(size):
             self._grown = True
 
-    def _shrink(self, size: int) -> None:
-        """The pass made less than ``_grow`` took it for: the gzip stream was of several
-        members, and its trailer gave the last one's size alone. What is stored lies
-        within ``size`` (whole chunks, from its start), so the tar is that long."""
-        self._resize(size, self._store.shrink)
-
-    def _resize(self, size: int, change: Callable[[str, int], None]) -> bool:
-        """Make the tar ``size`` bytes long with ``change`` (the store's grow or shrink),
-        once the batches handed to the writer are stored at the old size; False if the
-        store refused, and then nothing more is kept (``finish`` removes what was)."""
-        for pending in self._pending:
-            pending.result()
-        self._pending.clear()
+    def _resize(self, size: int) -> bool:
+        """Make the tar ``size`` bytes long, once the batches handed to the writer are
+        stored at the old size; False if the store refused, and then nothing more is
+        kept (``finish`` removes what was)."""
+        self._wait_stored()
         try:
-            change(self._digest, size)
+            self._store.resize(self._digest, size)
         except CacheError as exc:
             log.warning("%s: the tar is not kept from its indexing pass: %s", self._digest, exc)
             self._overflow = True
@@ -449,16 +441,23 @@ class PassFill:
         self._fill = SpanFiller(self._store, self._digest, size)
         return True
 
+    def _wait_stored(self) -> None:
+        for pending in self._pending:
+            pending.result()
+        self._pending.clear()
+
     def finish(self, verified_size: int | None) -> bool:
         """Store the rest if the pass checked both digests and made ``verified_size``
         bytes (None: it failed); else remove what was stored. True if the tar is kept."""
         if verified_size is not None and not self._overflow and verified_size < self._size:
-            self._shrink(verified_size)
+            # Less than ``_grow`` took it for: a stream of several members, whose trailer
+            # gave the last one's size alone. What is stored lies within what the pass
+            # made (whole chunks, from its start), so the tar is that long.
+            self._resize(verified_size)
         whole = not self._overflow and verified_size == self._size
         if whole and self._gathered:
             self._flush(whole_chunks=False)
-        for pending in self._pending:
-            pending.result()
+        self._wait_stored()
         self._writer.shutdown()
         whole = whole and self._offset == self._size
         if not whole:
