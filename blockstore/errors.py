@@ -54,9 +54,14 @@ class RegistryUnreachable(BlockstoreError):
 
 
 UNAVAILABLE_STATUS = frozenset({429, 500, 502, 503, 504})
-"""A registry's (or its token issuer's) answer that it will not answer now, for every try
-(its retries spent): failing, down behind its gateway, or rate-limiting (Docker Hub's pull
-limit is a 429). As unusable as a registry that cannot be reached, and said as one."""
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` is a registry's (or its token issuer's) answer that it will not
+    answer now, for every try (its retries spent): failing, down behind its gateway, or
+    rate-limiting (Docker Hub's pull limit is a 429). As unusable as a registry that
+    cannot be reached, and said as one."""
+    return isinstance(exc, RegistryError) and exc.status in UNAVAILABLE_STATUS
 
 
 class RegistryTLSMismatch(RegistryUnreachable):

@@ -31,7 +31,6 @@ from blockstore.cache.indexes import IndexShelf
 from blockstore.cache.layout import holds_cache
 from blockstore.chunkindex import ChunkIndex
 from blockstore.errors import (
-    UNAVAILABLE_STATUS,
     BlockstoreError,
     CacheError,
     ImageNotCached,
@@ -39,6 +38,7 @@ from blockstore.errors import (
     RegistryError,
     RegistryTLSMismatch,
     RegistryUnreachable,
+    unavailable,
 )
 from blockstore.fetch import forks
 from blockstore.indexed_source import IndexedSource
@@ -502,7 +502,7 @@ def _open(
         client.close()
         if isinstance(exc, RegistryTLSMismatch):
             raise  # reached, with a wrong setting: the fix is the setting, not the cache
-        if isinstance(exc, RegistryError) and exc.status not in UNAVAILABLE_STATUS:
+        if isinstance(exc, RegistryError) and not unavailable(exc):
             raise  # an answer about the image (unknown, refused), not a refusal to answer
         if fresh:
             raise RegistryUnreachable(

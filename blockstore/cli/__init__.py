@@ -18,13 +18,12 @@ from importlib import metadata
 
 from blockstore.cli.parser import OneLineParser
 from blockstore.errors import (
-    UNAVAILABLE_STATUS,
     AuthError,
     BlobReadError,
     BlockstoreError,
     OutOfResources,
-    RegistryError,
     RegistryUnreachable,
+    unavailable,
 )
 from blockstore.logformat import setup_logging
 
@@ -68,7 +67,7 @@ def exit_code(exc: BlockstoreError) -> int:
     not be reached or refused the login, or the process was out of threads, that
     cause's: the registry went away, and a script should see it as it would had the
     registry been away from the start. A registry or token issuer that answered only 429
-    or 5xx, its retries spent, is away too, as an open takes it (``UNAVAILABLE_STATUS``):
+    or 5xx, its retries spent, is away too, as an open takes it (``unavailable``):
     an outage is no "not found" and no refused login."""
     if isinstance(exc, BlobReadError):
         cause = exc.__cause__
@@ -76,7 +75,7 @@ def exit_code(exc: BlockstoreError) -> int:
             if isinstance(cause, RegistryUnreachable | AuthError | OutOfResources):
                 return cause.exit_code
             cause = cause.__cause__
-    if isinstance(exc, RegistryError) and exc.status in UNAVAILABLE_STATUS:
+    if unavailable(exc):
         return RegistryUnreachable.exit_code
     return exc.exit_code
 
