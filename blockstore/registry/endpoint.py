@@ -277,14 +277,14 @@ class Endpoint:
         if outage is not None:
             outage.enter(where)
         try:
+            if isinstance(body, Path) and not body.stat().st_size:
+                # An empty file is sent as no bytes: requests sends an empty stream
+                # chunked, with no Content-Length, which a blob's PUT must carry.
+                body = b""
             with heads_within(deadline):
-                if isinstance(body, Path) and body.stat().st_size:
+                if isinstance(body, Path):
                     with body.open("rb") as file:
                         reply = self._session.request(method, url, data=file, **kwargs)
-                elif isinstance(body, Path):
-                    # An empty file is sent as no bytes: requests sends an empty stream
-                    # chunked, with no Content-Length, which a blob's PUT must carry.
-                    reply = self._session.request(method, url, data=b"", **kwargs)
                 else:
                     reply = self._session.request(method, url, data=body, **kwargs)
         except requests.exceptions.SSLError as exc:
