@@ -513,12 +513,10 @@ def _check_password_given(args: argparse.Namespace) -> None:
     """A user name given (``--username`` or mount's ``-o oci.username``, else
     ``$BLOCKSTORE_USERNAME``) with no password anywhere would be dropped for anonymous
     access, and the registry's refusal would not say the password was what lacked."""
-    named_by = (
-        getattr(args, "username_option", "--username")
-        if args.username is not None
-        else "$BLOCKSTORE_USERNAME"
-    )
-    username = args.username if args.username is not None else os.environ.get("BLOCKSTORE_USERNAME")
+    if args.username is not None:
+        username, named_by = args.username, getattr(args, "username_option", "--username")
+    else:
+        username, named_by = os.environ.get("BLOCKSTORE_USERNAME"), "$BLOCKSTORE_USERNAME"
     if not username:
         return
     if args.password is not None:
