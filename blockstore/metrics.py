@@ -15,7 +15,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
@@ -130,7 +130,7 @@ class MetricsServer:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         server = type("_Server", (_BoundedServer,), {"address_family": family})
         self._httpd = make_server(
-            host, port, make_wsgi_app(registry), server, handler_class=_QuietHandler
+            host, port, _only_metrics(make_wsgi_app(registry)), server, handler_class=_QuietHandler
         )
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="metrics", daemon=True
@@ -142,6 +142,19 @@ class MetricsServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(5)
+
+
+def _only_metrics(app: Callable) -> Callable:
+    """``app`` at ``/metrics`` alone: prometheus_client answers every path with the
+    metrics, so a mistyped scrape URL or a health probe would look like success."""
+
+    def routed(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/metrics":
+            return app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: the metrics are at /metrics\n"]
+
+    return routed
 
 
 # prometheus_client's own server (``start_http_server``) gives each connection a thread

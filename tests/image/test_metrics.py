@@ -10,9 +10,11 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import nbd
+import pytest
 
 from blockstore import metrics
 
@@ -174,3 +176,21 @@ def test_a_metrics_port_in_use_is_said_with_how_to_give_another(pushed_images, t
     said = done.stderr.strip().splitlines()[-1]
     assert said.startswith(f"blockstore: cannot serve metrics on 127.0.0.1:{port}: "), said
     assert said.endswith("another server listens there: give another --metrics HOST:PORT")
+
+
+def test_only_the_metrics_path_answers_with_metrics():
+    """Paths other than ``/metrics`` (``/``, ``/admin``, ``/metricsX``) are asked of the
+    metrics port: each is a 404 whose body says where the metrics are, and ``/metrics``
+    still answers. Before, every path answered with the metrics, so a mistyped URL in a
+    scrape config or a probe of ``/healthz`` looked like success."""
+    server = metrics.MetricsServer("127.0.0.1", 0, lambda: {}, lambda: 0)
+    host, port = server.address
+    try:
+        for path in ("/", "/admin", "/metricsX", "/favicon.ico"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=5)
+            assert refused.value.code == 404, path
+            assert b"/metrics" in refused.value.read()
+        assert scrape(f"http://{host}:{port}/metrics")["blockstore_nbd_open_connections"] == 0
+    finally:
+        server.stop()
