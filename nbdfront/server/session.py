@@ -87,6 +87,7 @@ class Session:
         self._recv_view = memoryview(bytearray(RECV_SIZE))
         self.started = self.last_heard = time.monotonic()
         self.selected = False
+        self._ended = False  # the client has gone: hints in flight stop
         self.thread = threading.Thread(target=self.run, name=f"nbd-{peer}", daemon=True)
 
     @property
@@ -114,6 +115,7 @@ class Session:
             log.exception("internal error on the connection from %s; closing it", self.peer)
             self.cut()
         finally:
+            self._ended = True
             self._workers.stop()
             self._outbox.close(self._server.drain_timeout)
             self._finish()
@@ -389,23 +391,30 @@ class Session:
             if granted:
                 self._budget.release(granted)
 
+    @property
+    def _client_gone(self) -> bool:
+        """The client hung up, sent DISC, or stopped taking replies for good."""
+        return self._ended or self._outbox.broken
+
     def _serve_cache_hint(self, request: CacheRequest, granted: int, done: int = 0) -> None:
         """On a worker: one step (a piece) of a cache hint, then the next step queues up.
 
         A hint over a huge range never holds a worker for long, reads queued
         behind it get their turn between steps, and the budget counts the
-        piece each step may make the export hold.
+        piece each step may make the export hold. Once the client has gone
+        (hung up, or sent DISC) the hint stops: it is advice, and nothing would
+        read what it fetched.
         """
         assert self._export is not None
         size = min(READ_PIECE, request.length - done)
         try:
-            if size > 0 and not self._outbox.broken:
+            if size > 0 and not self._client_gone:
                 self._export.cache(request.offset + done, size)
         except Exception as exc:
             reply = CommandDone(request, nbd_error(exc), describe(exc, request))
             self._server.failures.failed(exc, request)
         else:
-            if done + size < request.length and not self._outbox.broken:
+            if done + size < request.length and not self._client_gone:
                 step = functools.partial(self._serve_cache_hint, request, granted, done + size)
                 if self._workers.submit(step):  # this thread runs, so it is taken
                     return

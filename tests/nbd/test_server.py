@@ -408,3 +408,44 @@ def test_clients_that_take_no_replies_share_a_bound_not_hold_one_each(tmp_path):
     meanwhile is served at once; the others get every reply, whole, once they read."""
     # A piece and a reply each (and the batch headers): not the 32 MiB each of before.
     _flood_then_read(tmp_path, reads=16, size=4 << 20, most_held=12 * 5 * (4 << 20) // 2)
+
+
+class SlowHintExport(ZeroExport):
+    """Zeros whose cache hint takes ``delay`` seconds a piece, counting the pieces."""
+
+    def __init__(self, delay: float):
+        super().__init__()
+        self.delay = delay
+        self.hinted = 0
+
+    def cache(self, offset, length):
+        time.sleep(self.delay)
+        self.hinted += 1
+
+
+@pytest.mark.parametrize("goes", ["hangs up", "disconnects"])
+def test_a_cache_hint_stops_when_its_client_goes(tmp_path, goes):
+    """A client asks to cache 4 GiB (a thousand pieces, a minute of fetching here), then
+    hangs up, or sends NBD_CMD_DISC, a second later: the hint stops within a piece or
+    two, and the server forgets the connection. A hint is advice (the spec lets a server
+    ignore it): once its client has gone, nothing will read what it fetches. Before,
+    the hint ran to its end, fetching for a client that was gone."""
+    export = SlowHintExport(delay=0.05)
+    server = start_server({"zeros": export}, tmp_path, "zeros")
+    client = w.RawClient(server.tcp_address)
+    try:
+        client.negotiate("zeros")
+        client.send(w.CMD_CACHE, 1, 0, (4 << 30) - 4096)
+        time.sleep(1.0)
+        if goes == "disconnects":
+            client.send(w.CMD_DISC, 2, 0, 0)
+        client.close()
+        deadline = time.monotonic() + 5
+        while server.connection_count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.connection_count == 0
+        hinted = export.hinted
+        time.sleep(0.5)
+        assert export.hinted == hinted < 200
+    finally:
+        server.shutdown()
