@@ -67,13 +67,16 @@ def exit_code(exc: BlockstoreError) -> int:
     not be reached or refused the login, or the process was out of threads, that
     cause's: the registry went away, and a script should see it as it would had the
     registry been away from the start. A registry or token issuer that answered only 429
-    or 5xx, its retries spent, is away too, as an open takes it (``unavailable``):
-    an outage is no "not found" and no refused login."""
+    or 5xx, its retries spent, is away too, as an open takes it (``unavailable``),
+    whether it said so at the open or under a read: an outage is no "not found", no
+    refused login and no fault of the cache."""
     if isinstance(exc, BlobReadError):
         cause = exc.__cause__
         while cause is not None:
             if isinstance(cause, RegistryUnreachable | AuthError | OutOfResources):
                 return cause.exit_code
+            if unavailable(cause):
+                return RegistryUnreachable.exit_code
             cause = cause.__cause__
     if unavailable(exc):
         return RegistryUnreachable.exit_code

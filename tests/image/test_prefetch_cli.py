@@ -153,6 +153,25 @@ def test_a_registry_gone_after_the_image_resolved_exits_as_unreachable(
     ]
 
 
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_registry_failing_every_blob_read_after_the_image_resolved_exits_as_unreachable(
+    registry, fault_proxy, erofs_images, tmp_path, status
+):
+    """Tried: the manifest comes, then every blob request is answered 429 or 503 (a pull
+    limit reached, or the registry's storage down behind its gateway), retries and all.
+    Must hold: ``prefetch`` exits 5, as it does when the registry answers only that from
+    the start, in one line with the registry's answer. Before, the read's own code, 7
+    ("a read that could not be served"), as if the cache or the bytes were at fault."""
+    ref = push_erofs(registry.host, "limited/img", "v1", [erofs_images.small.path])
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault("status", status=status, path_contains="/blobs/", method="GET")
+    ref = ref.replace(registry.host, proxy.host)
+    done = blockstore("prefetch", ref, "--insecure", "--cache-dir", str(tmp_path / "c"))
+    assert done.returncode == 5, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert f"HTTP {status}" in line, line
+
+
 def test_a_command_needing_the_registry_through_its_outage_names_the_image_once(
     registry, fault_proxy, erofs_images, tmp_path
 ):
