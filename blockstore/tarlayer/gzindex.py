@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from blockstore.errors import IntegrityError
-from blockstore.tarlayer.fast_inflate import inflate_span, span_stream
+from blockstore.tarlayer.fast_inflate import inflate_span
 from blockstore.tarlayer.stepped import SteppedReader
 from blockstore.tarlayer.zlib_inflate import GZIP, RAW, Z_BLOCK, Z_STREAM_END, Inflater
 
@@ -275,8 +275,8 @@ def read_span(
     (by libdeflate when the system has it, else by zlib).
 
     Reads the compressed bytes from the checkpoint to the next one (or to the
-    end). A span that crosses a gzip member's end is inflated by zlib, member
-    after member (libdeflate's stream ends with the member, short of the span).
+    end). A span that crosses gzip members' ends is inflated member after member
+    either way; what libdeflate refuses goes to zlib, which inflates it or says why not.
     """
     point = zinfo.checkpoints[index]
     start, end = span_range(zinfo, index, compressed_size)
@@ -287,8 +287,7 @@ def read_span(
         if index + 1 < len(zinfo.checkpoints):
             after = zinfo.checkpoints[index + 1]
             end_bit = after.compressed * 8 - after.bits - start * 8
-        stream = span_stream(data, start_bit, end_bit, point.window)
-        made = inflate_span(*stream, length) if stream is not None else None
+        made = inflate_span(data, start_bit, end_bit, point.window, length)
         if made is not None:
             return made
     inf = _resumed(point, data)
