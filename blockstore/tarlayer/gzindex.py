@@ -149,16 +149,11 @@ class GzipIndexer(SteppedReader):
             # Another gzip member may follow (concatenated streams, as pigz and
             # stargz write); trailing zeros after the last one are tolerated, as gzip does.
             self._at_member_start = True
-            rest = self._rest_of_input()
-            while not rest.strip(b"\0"):
+            while inf.rest_is_zeros():
                 if not self._refill():
                     self._eof = True
                     return
-                rest = self._rest_of_input()
-            inf.reset(GZIP)
-            inf.feed(rest)
-            self._consumed_before_input += self._input_len - len(rest)
-            self._input_len = len(rest)
+            inf.reset(GZIP)  # the next member's header is read from the same input
             return
         dt = inf.data_type
         if dt & 128 and not dt & 64:
@@ -168,9 +163,6 @@ class GzipIndexer(SteppedReader):
             if not self._points or self._out - self._points[-1].uncompressed > self._span:
                 self._checkpoint(dt & 7)
             self._at_member_start = False
-
-    def _rest_of_input(self) -> bytes:
-        return self._inflater.unconsumed()
 
     def _checkpoint(self, bits: int) -> None:
         # The output the reader keeps holds more than a window (KEPT_OUTPUT).
@@ -252,15 +244,13 @@ def _next_member(inf: Inflater) -> bool:
     True; False if only zeros or nothing follow (the stream's end, as gzip takes it).
     A raw inflater (the one a span resumes with) leaves the member's 8-byte trailer
     unread; a gzip one has read and checked it."""
-    rest = inf.unconsumed()
     if inf.raw:
-        if len(rest) < 8:
+        if inf.avail_in < 8:
             raise IntegrityError("a gzip member's trailer is cut short")
-        rest = rest[8:]
-    if not rest.strip(b"\0"):
+        inf.skip(8)
+    if inf.rest_is_zeros():
         return False
     inf.reset(GZIP)
-    inf.feed(rest)
     return True
 
 

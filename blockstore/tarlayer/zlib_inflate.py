@@ -87,9 +87,19 @@ class Inflater:
         self._strm.next_in = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
         self._strm.avail_in = len(data)
 
-    def unconsumed(self) -> bytes:
-        """The part of the fed input that inflate has not consumed yet."""
-        return self._input[len(self._input) - self._strm.avail_in :]
+    def skip(self, count: int) -> None:
+        """Pass over the next ``count`` bytes of the fed input (``count`` <= ``avail_in``)."""
+        self._strm.next_in += count
+        self._strm.avail_in -= count
+
+    def rest_is_zeros(self) -> bool:
+        """Whether the fed input not consumed yet is only zero bytes, or none. Looked at in
+        place: a stream of many gzip members asks at every member's end, and a copy of
+        the rest each time would cost the square of the members in a buffer."""
+        start = len(self._input) - self._strm.avail_in
+        if self._strm.avail_in and self._input[start]:
+            return False
+        return self._input.count(0, start) == self._strm.avail_in
 
     def inflate(self, capacity: int, flush: int = Z_NO_FLUSH) -> tuple[bytes, int]:
         """Up to ``capacity`` bytes of output and zlib's return code."""
