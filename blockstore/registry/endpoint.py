@@ -105,7 +105,8 @@ class Endpoint:
         gave us), 401 challenges and redirects answered within it.
 
         Returns the final reply, whatever its status. Raises ``TryAgain`` when
-        no reply came (the caller's retry policy decides), but
+        no reply came, or storage a redirect led to refused its URL (the caller's
+        retry policy decides), but
         ``RegistryUnreachable`` at once when another attempt cannot help: the
         host is down (``Outage``), TLS failed, or it speaks HTTPS to a plain
         HTTP request. ``RegistryError`` at once when the host asked for quiet
@@ -130,6 +131,19 @@ class Endpoint:
                 pause = parse_retry_after(reply.headers.get("Retry-After"))
                 if pause:
                     self.quiet.asked(pause)
+            if reply.status_code == 403 and _origin(reply.url) != self._own_origin:
+                # Blob storage refusing the signed URL the registry redirected to: most
+                # often one that expired (a registry may hand out a URL it signed minutes
+                # ago). Asked again, the registry signs a new one.
+                reply.close()
+                raise TryAgain(
+                    RegistryError(
+                        f"{_address(reply.url)}, where registry {self.host} redirected "
+                        f"{method} {urlsplit(url).path}, refused it (HTTP 403): the URL "
+                        "the registry signed for it expired or was refused",
+                        status=403,
+                    )
+                )
             if reply.status_code != 401:
                 return reply
             if _origin(reply.url) != self._own_origin:
