@@ -47,6 +47,11 @@ class AuthError(RegistryError):
     exit_code = 4
 
 
+class StorageRefused(RegistryError):
+    """Storage a registry redirected a request to (object storage, a CDN) refused the URL
+    the registry gave: most often a signed one that expired, or was signed for GET only."""
+
+
 class RegistryUnreachable(BlockstoreError):
     """No connection could be made, or it timed out, after all retries."""
 

@@ -35,6 +35,7 @@ from blockstore.errors import (
     NotFound,
     RegistryError,
     RegistryUnreachable,
+    StorageRefused,
     UsageError,
 )
 from blockstore.registry.credentials import Credentials, credentials_for
@@ -42,7 +43,12 @@ from blockstore.registry.digests import check_digest
 from blockstore.registry.endpoint import Body, Endpoint, describe_failure
 from blockstore.registry.mediatypes import MANIFEST_ACCEPT, OCI_INDEX
 from blockstore.registry.options import RegistryOptions
-from blockstore.registry.ranges import check_blob_reply, range_header, slice_stream
+from blockstore.registry.ranges import (
+    check_blob_reply,
+    parse_content_range,
+    range_header,
+    slice_stream,
+)
 from blockstore.registry.reference import is_tag
 from blockstore.registry.replies import registry_error
 from blockstore.registry.retry import (
@@ -75,6 +81,10 @@ MAX_REFERRER_PAGES = 16
 """Pages of a referrers listing followed; a registry linking on and on is refused."""
 MAX_URLS_SHOWN = 3
 """A foreign layer's URLs an error names."""
+HEAD_REFUSED = frozenset({401, 403, 404, 405})
+"""What registries answer a HEAD of a blob they serve on GET with: Harbor's proxy cache a
+404 for a blob it fetches upstream on GET, ECR Public a 401 or 403 for every HEAD, storage
+a 403 for a URL the registry signed for GET alone."""
 MIRROR_COOLDOWN = 30.0
 """Seconds a mirror that failed is left out before it is tried again."""
 STORED = frozenset({200, 201, 202, 204})
@@ -216,21 +226,49 @@ class RegistryClient:
     def blob_size(self, repository: str, digest: str, expected: int | None = None) -> int | None:
         """The blob's size as the registry stores it (a HEAD's Content-Length), or None
         when the registry does not say. A mirror that says other than ``expected`` (the
-        manifest's) is left out for the next source; the upstream's word is returned."""
+        manifest's) is left out for the next source; the upstream's word is returned.
+
+        A HEAD refused (``HEAD_REFUSED``) is asked again as a GET of the blob's first
+        byte, whose answer is taken: some registries refuse a HEAD of a blob they
+        serve."""
         subject = f"blob {digest} of {self.registry}/{repository}"
         path = f"/v2/{repository}/blobs/{digest}"
         deadline = self.deadline()
 
-        def attempt(endpoint: Endpoint) -> int | None:
-            with self._get(endpoint, repository, path, subject, None, deadline, "HEAD") as reply:
-                length = reply.headers.get("Content-Length", "")
-                size = int(length) if length.isascii() and length.isdigit() else None
+        def judged(endpoint: Endpoint, size: int | None) -> int | None:
             if endpoint.is_mirror and None not in (size, expected) and size != expected:
                 raise IntegrityError(f"{subject}: {size} bytes, the manifest says {expected}")
             return size
 
+        def head(endpoint: Endpoint) -> int | None:
+            try:
+                reply = self._get(endpoint, repository, path, subject, None, deadline, "HEAD")
+            except TryAgain as exc:
+                if isinstance(exc.error, StorageRefused):
+                    raise exc.error from None  # the GET is asked at once, not the HEAD again
+                raise
+            with reply:
+                return judged(endpoint, content_length(reply.headers))
+
+        def first_byte(endpoint: Endpoint) -> int | None:
+            headers = {"Range": range_header(0, 0), "Accept-Encoding": "identity"}
+            with self._get(endpoint, repository, path, subject, headers, deadline) as reply:
+                if reply.status_code != 206:  # Range ignored: the whole blob's length
+                    return judged(endpoint, content_length(reply.headers))
+                try:
+                    size = parse_content_range(reply.headers["Content-Range"])[2]
+                except (KeyError, ValueError):
+                    size = None
+                return judged(endpoint, size)
+
         try:
-            return self._read(subject, deadline, attempt)
+            try:
+                return self._read(subject, deadline, head)
+            except RegistryError as refused:
+                if refused.status not in HEAD_REFUSED:
+                    raise
+                log.info("%s: HEAD refused, asking its first byte: %s", subject, refused)
+                return self._read(subject, deadline, first_byte)
         except NotFound as exc:
             raise self._foreign_not_found(digest, exc) from None
 
@@ -691,6 +729,12 @@ def receive(
             return
         got += len(piece)
         yield piece
+
+
+def content_length(headers: CaseInsensitiveDict) -> int | None:
+    """A reply's ``Content-Length``, or None where it has none that is a number."""
+    length = headers.get("Content-Length", "")
+    return int(length) if length.isascii() and length.isdigit() else None
 
 
 def next_page(path: str, link: str | None) -> str | None:

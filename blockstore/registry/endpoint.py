@@ -25,7 +25,13 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import requests
 import urllib3
 
-from blockstore.errors import AuthError, RegistryError, RegistryTLSMismatch, RegistryUnreachable
+from blockstore.errors import (
+    AuthError,
+    RegistryError,
+    RegistryTLSMismatch,
+    RegistryUnreachable,
+    StorageRefused,
+)
 from blockstore.registry.auth import Authenticator, basic_header, parse_challenge
 from blockstore.registry.credentials import Credentials, login_hint
 from blockstore.registry.replies import ERROR_BODY_SECONDS, capped_body, oci_error
@@ -137,7 +143,7 @@ class Endpoint:
                 # ago). Asked again, the registry signs a new one.
                 reply.close()
                 raise TryAgain(
-                    RegistryError(
+                    StorageRefused(
                         f"{_address(reply.url)}, where registry {self.host} redirected "
                         f"{method} {urlsplit(url).path}, refused it (HTTP 403): the URL "
                         "the registry signed for it expired or was refused",

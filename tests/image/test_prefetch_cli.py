@@ -172,6 +172,51 @@ def test_a_registry_failing_every_blob_read_after_the_image_resolved_exits_as_un
     assert f"HTTP {status}" in line, line
 
 
+def refusal(code: str) -> bytes:
+    return json.dumps({"errors": [{"code": code, "message": "refused"}]}).encode()
+
+
+@pytest.mark.parametrize(
+    ("where", "status", "body"),
+    [
+        # S3 refusing a HEAD of a URL the registry signed for GET
+        ("storage", 403, b"<Error><Code>SignatureDoesNotMatch</Code></Error>"),
+        # Harbor's proxy cache: a blob not fetched yet is unknown to a HEAD, fetched on GET
+        ("registry", 404, refusal("BLOB_UNKNOWN")),
+        # ECR Public, refusing every HEAD of a blob
+        ("registry", 403, refusal("DENIED")),
+        ("registry", 405, refusal("UNSUPPORTED")),
+    ],
+    ids=["storage-403", "proxy-cache-404", "registry-403", "registry-405"],
+)
+def test_a_head_refused_for_a_blob_the_registry_serves_leaves_the_image_usable(
+    registry, fault_proxy, erofs_images, tmp_path, where, status, body
+):
+    """Tried: ``prefetch`` from a registry that serves every blob on GET but refuses its
+    HEAD: storage the registry redirects blob requests to answers the HEAD 403
+    (``SignatureDoesNotMatch``), or the registry itself answers it 404 (Harbor's proxy
+    cache, for a blob it fetches upstream on GET), 403 (ECR Public) or 405. Must hold:
+    exit 0, the layer verified and sealed; its size, checked against the manifest's
+    before serving, is had from a GET of its first byte. Before, the HEAD that checks
+    the size failed the command: "access denied" (exit 4), "not found" or "HTTP 405"
+    (exit 3)."""
+    ref = push_erofs(registry.host, "headless/img", "v1", [erofs_images.small.path])
+    front = fault_proxy(registry)
+    head = Fault("status", status=status, method="HEAD", path_contains="/blobs/", body=body)
+    if where == "storage":
+        storage = fault_proxy(registry, listen="127.0.0.2")
+        storage.fault = head
+        front.fault = Fault("redirect", path_contains="/blobs/sha256:", redirect_to=storage.url)
+    else:
+        storage, front.fault = front, head
+    ref = ref.replace(registry.host, front.host)
+    done = blockstore("prefetch", ref, "--insecure", "--cache-dir", str(tmp_path / "c"))
+    assert done.returncode == 0, done.stderr
+    assert "verified and sealed" in done.stdout
+    assert [r for r in storage.requests if r.method == "HEAD"], "no HEAD was refused"
+    assert [r for r in storage.requests if r.headers.get("Range") == "bytes=0-0"]
+
+
 def test_a_command_needing_the_registry_through_its_outage_names_the_image_once(
     registry, fault_proxy, erofs_images, tmp_path
 ):
