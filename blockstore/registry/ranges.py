@@ -75,10 +75,11 @@ def check_blob_reply(
 ) -> int:
     """Refuse a reply to a range read of a blob that cannot hold bytes ``first..last``
     as its body says, before a byte of it is taken: one in an encoding nothing here
-    undoes; a 206 of several ranges (``multipart/byteranges``, whose part headers
-    would be served as data) or of another span (``check_partial_reply``); a 200 whose
-    length is not the blob's (the rest of the blob from another offset, taken for the
-    whole of it). The last byte of the span the reply holds."""
+    undoes; a 206 in any encoding (a range of a coded body), of several ranges
+    (``multipart/byteranges``, whose part headers would be served as data) or of
+    another span (``check_partial_reply``); a 200 whose length is not the blob's (the
+    rest of the blob from another offset, taken for the whole of it). The last byte of
+    the span the reply holds."""
     encoding = headers.get("Content-Encoding", "").strip().lower()
     if encoding not in DECODED_ENCODINGS:
         raise BlobReadError(
@@ -86,6 +87,13 @@ def check_blob_reply(
             "which is not undone here (identity was asked for)"
         )
     if status == 206:
+        if encoding not in ("", "identity"):
+            # A range is of the body as coded: the coding undone from the range's first
+            # byte (one of a gzip stream, say) gives other bytes than the span's.
+            raise BlobReadError(
+                f"the registry sent bytes {first}-{last} as a range of a body in "
+                f"Content-Encoding {encoding!r}, which no range can be decoded from"
+            )
         if headers.get("Content-Type", "").strip().lower().startswith("multipart/"):
             raise BlobReadError(
                 f"asked for bytes {first}-{last}, the registry sent several ranges "

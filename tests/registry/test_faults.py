@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import itertools
+import os
+import tarfile
 import threading
 import time
 import tracemalloc
@@ -271,6 +275,36 @@ def test_a_registry_that_serves_shorter_ranges_than_asked_is_read_in_pieces(
         before = len(proxy.requests)
         assert blob.read_range(3 * MiB + 100, MiB) == data[3 * MiB + 100 : 4 * MiB + 100]
     assert len(proxy.requests) - before == 16
+
+
+def test_a_range_of_a_body_in_gzip_coding_is_refused_not_decoded(registry, fault_proxy, tmp_path):
+    """Tried: range reads of a tar+gzip layer answered 206 with the span's bytes under
+    ``Content-Encoding: gzip`` (storage keeping the blob under that label, as an object
+    uploaded with it is served), from the blob's first byte and from inside it. Must
+    hold: each refused with a BlobReadError naming the coding, never returned as the
+    blob's bytes. Before, the read from byte 0 had the gzip stream decoded from there
+    and returned the tar's bytes as the blob's; the other failed as a bare DecodeError."""
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as archive:
+        content = os.urandom(100_000)
+        entry = tarfile.TarInfo("f")
+        entry.size = len(content)
+        archive.addfile(entry, io.BytesIO(content))
+    layer = tmp_path / "layer.tar.gz"
+    layer.write_bytes(gzip.compress(tar.getvalue()))
+    media_type = "application/vnd.oci.image.layer.v1.tar+gzip"
+    push_erofs(registry.host, "faults/coded", "v1", [layer], media_type=media_type)
+    proxy = fault_proxy(registry)
+    with client_via(proxy, timeout=3.0) as client:
+        blob = open_blob(client, "faults/coded")
+        proxy.fault = Fault(
+            "rewrite_headers", headers={"Content-Encoding": "gzip"}, path_contains="/blobs/"
+        )
+        for offset in (0, 5000):
+            with pytest.raises(BlobReadError) as refused:
+                blob.read_range(offset, 1000)
+            assert "Content-Encoding 'gzip'" in str(refused.value)
+    assert proxy.faults_applied >= 2
 
 
 def test_503_with_retry_after_is_retried_after_the_pause(registry, pushed_images, fault_proxy):
