@@ -78,8 +78,8 @@ def check_blob_reply(
     undoes; a 206 in any encoding (a range of a coded body), of several ranges
     (``multipart/byteranges``, whose part headers would be served as data) or of
     another span (``check_partial_reply``); a 200 whose length is not the blob's (the
-    rest of the blob from another offset, taken for the whole of it). The last byte of
-    the span the reply holds."""
+    rest of the blob from another offset, taken for the whole of it), or is, coded. The
+    last byte of the span the reply holds."""
     encoding = headers.get("Content-Encoding", "").strip().lower()
     if encoding not in DECODED_ENCODINGS:
         raise BlobReadError(
@@ -106,6 +106,14 @@ def check_blob_reply(
         raise BlobReadError(
             f"asked for bytes {first}-{last}, the registry answered 200 with "
             f"{length.strip()} bytes, where the whole blob is {size}"
+        )
+    if length is not None and not plain and length.strip() == str(size):
+        # As many coded bytes as the blob has: the blob itself under a coding's label
+        # (storage keeping a gzip layer so), which undoing would turn into other bytes.
+        raise BlobReadError(
+            f"asked for bytes {first}-{last}, the registry answered 200 with the blob's "
+            f"{size} bytes in Content-Encoding {encoding!r}: the blob under that label, "
+            "not coded by it"
         )
     return last
 

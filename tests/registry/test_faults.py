@@ -277,13 +277,8 @@ def test_a_registry_that_serves_shorter_ranges_than_asked_is_read_in_pieces(
     assert len(proxy.requests) - before == 16
 
 
-def test_a_range_of_a_body_in_gzip_coding_is_refused_not_decoded(registry, fault_proxy, tmp_path):
-    """Tried: range reads of a tar+gzip layer answered 206 with the span's bytes under
-    ``Content-Encoding: gzip`` (storage keeping the blob under that label, as an object
-    uploaded with it is served), from the blob's first byte and from inside it. Must
-    hold: each refused with a BlobReadError naming the coding, never returned as the
-    blob's bytes. Before, the read from byte 0 had the gzip stream decoded from there
-    and returned the tar's bytes as the blob's; the other failed as a bare DecodeError."""
+def push_gzip_layer(registry, repository: str, tmp_path) -> None:
+    """A tar+gzip layer of one file of random bytes, pushed as ``repository:v1``."""
     tar = io.BytesIO()
     with tarfile.open(fileobj=tar, mode="w") as archive:
         content = os.urandom(100_000)
@@ -293,7 +288,17 @@ def test_a_range_of_a_body_in_gzip_coding_is_refused_not_decoded(registry, fault
     layer = tmp_path / "layer.tar.gz"
     layer.write_bytes(gzip.compress(tar.getvalue()))
     media_type = "application/vnd.oci.image.layer.v1.tar+gzip"
-    push_erofs(registry.host, "faults/coded", "v1", [layer], media_type=media_type)
+    push_erofs(registry.host, repository, "v1", [layer], media_type=media_type)
+
+
+def test_a_range_of_a_body_in_gzip_coding_is_refused_not_decoded(registry, fault_proxy, tmp_path):
+    """Tried: range reads of a tar+gzip layer answered 206 with the span's bytes under
+    ``Content-Encoding: gzip`` (storage keeping the blob under that label, as an object
+    uploaded with it is served), from the blob's first byte and from inside it. Must
+    hold: each refused with a BlobReadError naming the coding, never returned as the
+    blob's bytes. Before, the read from byte 0 had the gzip stream decoded from there
+    and returned the tar's bytes as the blob's; the other failed as a bare DecodeError."""
+    push_gzip_layer(registry, "faults/coded", tmp_path)
     proxy = fault_proxy(registry)
     with client_via(proxy, timeout=3.0) as client:
         blob = open_blob(client, "faults/coded")
@@ -305,6 +310,28 @@ def test_a_range_of_a_body_in_gzip_coding_is_refused_not_decoded(registry, fault
                 blob.read_range(offset, 1000)
             assert "Content-Encoding 'gzip'" in str(refused.value)
     assert proxy.faults_applied >= 2
+
+
+def test_a_whole_blob_under_a_gzip_label_is_refused_not_decoded(registry, fault_proxy, tmp_path):
+    """Tried: range reads of a tar+gzip layer answered 200 (Range ignored) with the whole
+    blob, its Content-Length the blob's, under ``Content-Encoding: gzip`` (storage
+    keeping the blob under that label, and sending all of it). Must hold: refused with a
+    BlobReadError naming the coding, never returned as the blob's bytes. Before, the
+    body was decoded and the tar's bytes returned as the blob's, at every offset."""
+    push_gzip_layer(registry, "faults/labelled", tmp_path)
+    whole = fault_proxy(registry)
+    whole.fault = Fault("ignore_range", path_contains="/blobs/", method="GET")
+    labelled = fault_proxy(whole.url)
+    with client_via(labelled, timeout=3.0) as client:
+        blob = open_blob(client, "faults/labelled")
+        labelled.fault = Fault(
+            "rewrite_headers", headers={"Content-Encoding": "gzip"}, path_contains="/blobs/"
+        )
+        for offset in (0, 5000):
+            with pytest.raises(BlobReadError) as refused:
+                blob.read_range(offset, 1000)
+            assert "Content-Encoding 'gzip'" in str(refused.value)
+    assert labelled.faults_applied >= 2
 
 
 def test_503_with_retry_after_is_retried_after_the_pause(registry, pushed_images, fault_proxy):
