@@ -277,7 +277,16 @@ def _index_entries(client: RegistryClient, repository: str, tag: str) -> list[di
         raw, digest = fetch_manifest(client, repository, tag)
     except NotFound:
         return []
-    document = json.loads(raw)
+    try:
+        document = json.loads(raw)
+    except (ValueError, RecursionError):
+        document = None
+    if not isinstance(document, dict):
+        # A page a proxy or login wall answers with: the index must not be guessed at.
+        raise RegistryError(
+            f"image {repository}:{tag}: what the registry sent for the tag is not a JSON "
+            "object, so its index cannot be added to"
+        )
     if document.get("mediaType") in INDEX_TYPES or "manifests" in document:
         try:
             check_index(document)

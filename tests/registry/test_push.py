@@ -150,6 +150,40 @@ def test_adding_to_an_index_whose_platform_is_malformed_is_refused(
 
 
 @pytest.mark.parametrize(
+    ("content_type", "body"),
+    [("text/html", b"<html><body>Sign in</body></html>"), ("application/json", b"[1, 2]")],
+    ids=["login-page", "json-list"],
+)
+def test_adding_to_a_tag_whose_manifest_is_no_json_object_is_refused_in_one_line(
+    fresh_registry, erofs_images, fault_proxy, content_type, body
+):
+    """Tried: ``push --add-to-index`` where the registry (here a proxy) answers the tag's
+    manifest with 200 and a page that is not a manifest: a login page in HTML, or JSON
+    that is no object. Must hold: exit 3, one line naming the tag and that what came is
+    not a JSON object; nothing stored under the tag. Before, a traceback (exit 1): a
+    JSONDecodeError, or an AttributeError of the list."""
+    proxy = fault_proxy(fresh_registry)
+    proxy.fault = Fault(
+        "status",
+        status=200,
+        body=body,
+        headers={"Content-Type": content_type},
+        method="GET",
+        path_contains="/manifests/v1",
+    )
+    argv = ["push", "--insecure", "--add-to-index", str(erofs_images.small.path)]
+    done = subprocess.run(
+        [sys.executable, "-m", "blockstore", *argv, f"{proxy.host}/push/paged:v1"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 3, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "push/paged:v1" in line and "not a JSON object" in line, line
+    assert not [r for r in proxy.requests if r.method == "PUT" and "/manifests/v1" in r.path]
+
+
+@pytest.mark.parametrize(
     ("media_type", "uncompressed"),
     [
         ("application/vnd.oci.image.layer.v1.tar+gzip", True),
