@@ -241,13 +241,7 @@ class RegistryClient:
             return size
 
         def head(endpoint: Endpoint) -> int | None:
-            try:
-                reply = self._get(endpoint, repository, path, subject, None, deadline, "HEAD")
-            except TryAgain as exc:
-                if isinstance(exc.error, StorageRefused):
-                    raise exc.error from None  # the GET is asked at once, not the HEAD again
-                raise
-            with reply:
+            with self._get(endpoint, repository, path, subject, None, deadline, "HEAD") as reply:
                 return judged(endpoint, content_length(reply.headers))
 
         def first_byte(endpoint: Endpoint) -> int | None:
@@ -446,7 +440,14 @@ class RegistryClient:
     # Writes: the upstream only.
 
     def blob_exists(self, repository: str, digest: str) -> bool:
-        with self._push("HEAD", repository, f"/v2/{repository}/blobs/{digest}") as reply:
+        """Whether the registry holds the blob; not where storage it redirects the HEAD
+        to refuses it (a URL signed for GET alone): uploading it again costs time only."""
+        try:
+            reply = self._push("HEAD", repository, f"/v2/{repository}/blobs/{digest}")
+        except StorageRefused as exc:
+            log.info("checking blob %s: %s; uploading it", digest, exc)
+            return False
+        with reply:
             if reply.status_code == 404:
                 return False
             if reply.status_code != 200:

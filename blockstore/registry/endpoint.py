@@ -112,7 +112,7 @@ class Endpoint:
 
         Returns the final reply, whatever its status. Raises ``TryAgain`` when
         no reply came, or storage a redirect led to refused its URL (the caller's
-        retry policy decides), but
+        retry policy decides; ``StorageRefused`` at once for a HEAD), but
         ``RegistryUnreachable`` at once when another attempt cannot help: the
         host is down (``Outage``), TLS failed, or it speaks HTTPS to a plain
         HTTP request. ``RegistryError`` at once when the host asked for quiet
@@ -140,16 +140,18 @@ class Endpoint:
             if reply.status_code == 403 and _origin(reply.url) != self._own_origin:
                 # Blob storage refusing the signed URL the registry redirected to: most
                 # often one that expired (a registry may hand out a URL it signed minutes
-                # ago). Asked again, the registry signs a new one.
+                # ago). Asked again, the registry signs a new one; but a HEAD of a URL
+                # signed for GET alone is refused however often it is asked.
                 reply.close()
-                raise TryAgain(
-                    StorageRefused(
-                        f"{_address(reply.url)}, where registry {self.host} redirected "
-                        f"{method} {urlsplit(url).path}, refused it (HTTP 403): the URL "
-                        "the registry signed for it expired or was refused",
-                        status=403,
-                    )
+                refused = StorageRefused(
+                    f"{_address(reply.url)}, where registry {self.host} redirected "
+                    f"{method} {urlsplit(url).path}, refused it (HTTP 403): the URL "
+                    "the registry signed for it expired or was refused",
+                    status=403,
                 )
+                if method == "HEAD":
+                    raise refused
+                raise TryAgain(refused)
             if reply.status_code != 401:
                 return reply
             if _origin(reply.url) != self._own_origin:

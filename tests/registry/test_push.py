@@ -149,6 +149,35 @@ def test_adding_to_an_index_whose_platform_is_malformed_is_refused(
         )
 
 
+def test_a_push_checks_blobs_past_storage_that_refuses_a_head(
+    fresh_registry, erofs_images, fault_proxy
+):
+    """Tried: ``push`` to a registry that redirects blob HEADs to storage answering them
+    403 (``SignatureDoesNotMatch``, as S3 answers a HEAD of a URL signed for GET). Must
+    hold: exit 0, each blob uploaded, and the image reads back from the registry. Before,
+    the check whether a blob is there already failed the push: "access denied", exit 4."""
+    storage = fault_proxy(fresh_registry, listen="127.0.0.2")
+    storage.fault = Fault(
+        "status",
+        status=403,
+        method="HEAD",
+        path_contains="/blobs/",
+        body=b"<Error><Code>SignatureDoesNotMatch</Code></Error>",
+    )
+    front = fault_proxy(fresh_registry)
+    front.fault = Fault("redirect", path_contains="/blobs/sha256:", redirect_to=storage.url)
+    small = erofs_images.small
+    argv = ["push", "--insecure", str(small.path), f"{front.host}/push/signed:v1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "blockstore", *argv], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert [r for r in storage.requests if r.method == "HEAD"], "no HEAD was refused"
+    with fresh_registry.client() as client:
+        image = resolve_image(client, f"{fresh_registry.host}/push/signed:v1", None)
+    assert image.layers[0].digest == small.digest
+
+
 @pytest.mark.parametrize(
     ("content_type", "body"),
     [("text/html", b"<html><body>Sign in</body></html>"), ("application/json", b"[1, 2]")],
