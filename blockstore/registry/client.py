@@ -214,14 +214,14 @@ class RegistryClient:
         def hashes_as_said(raw: bytes, headers: CaseInsensitiveDict) -> None:
             # Here, per source: a mirror whose bytes are not what it (or the reference)
             # names is left out for the next source, not taken for the image's fault.
-            said = reference if ":" in reference else headers.get("Docker-Content-Digest")
+            said = reference if ":" in reference else digest_said(headers)
             if said:
                 check_digest(raw, said, f"{subject} from {self.registry}")
 
         raw, headers = self._pull_whole(
             repository, path, subject, {"Accept": MANIFEST_ACCEPT}, check=hashes_as_said
         )
-        return ManifestReply(raw, headers.get("Docker-Content-Digest"))
+        return ManifestReply(raw, digest_said(headers))
 
     def blob_size(self, repository: str, digest: str, expected: int | None = None) -> int | None:
         """The blob's size as the registry stores it (a HEAD's Content-Length), or None
@@ -730,6 +730,14 @@ def receive(
             return
         got += len(piece)
         yield piece
+
+
+def digest_said(headers: CaseInsensitiveDict) -> str | None:
+    """``Docker-Content-Digest`` without the whitespace around it, which is no part of a
+    header's value (RFC 9110): a proxy that leaves a space after it does not make the
+    manifest another's."""
+    said = headers.get("Docker-Content-Digest")
+    return said.strip() if said is not None else None
 
 
 def content_length(headers: CaseInsensitiveDict) -> int | None:

@@ -319,3 +319,28 @@ def test_a_manifest_named_by_a_digest_no_check_is_had_for_is_refused_naming_it(
         f"blockstore: image {ref} from {proxy.host} is named by a 'sha384' digest, an "
         "algorithm no check is had for here (sha256, sha512): refused"
     ]
+
+
+@pytest.mark.parametrize("spaced", ["{} ", "{}\t"], ids=["space", "tab"])
+def test_a_manifest_digest_header_with_whitespace_after_it_names_the_manifest(
+    registry, pushed_images, fault_proxy, spaced
+):
+    """Tried: ``inspect`` of a tag whose manifest comes with its true digest in
+    ``Docker-Content-Digest`` followed by a space or a tab (a proxy's doing; the
+    whitespace around a header's value is no part of it). Must hold: exit 0, the
+    manifest digest shown without it. Before, the image was refused (exit 6) in a line
+    saying the manifest hashes to its digest, "not" the same digest and a space."""
+    with registry.client() as client:
+        digest = digest_of(client.get_manifest("fixtures/small", "v1").raw)
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault(
+        "rewrite_headers", headers={"Docker-Content-Digest": spaced}, path_contains="/manifests/"
+    )
+    done = subprocess.run(
+        [*BLOCKSTORE, "inspect", f"{proxy.host}/fixtures/small:v1", "--insecure", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["digest"] == digest
