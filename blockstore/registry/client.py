@@ -259,7 +259,7 @@ class RegistryClient:
             try:
                 return self._read(subject, deadline, head)
             except RegistryError as refused:
-                if refused.status not in HEAD_REFUSED:
+                if refused.status not in HEAD_REFUSED and not isinstance(refused, StorageRefused):
                     raise
                 log.info("%s: HEAD refused, asking its first byte: %s", subject, refused)
                 return self._read(subject, deadline, first_byte)

@@ -48,6 +48,9 @@ from blockstore.registry.transport import heads_within
 log = logging.getLogger(__name__)
 
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+STORAGE_REFUSALS = frozenset({400, 403})
+"""What storage answers a signed URL past its expiry with: S3 403 (``AccessDenied``), or
+400 (``ExpiredToken``) where the credentials that signed it expired, as GCS does."""
 QUIET_STATUS = frozenset({429, 503})
 """Statuses whose ``Retry-After`` asks the whole host for quiet."""
 MAX_REDIRECTS = 5
@@ -137,7 +140,8 @@ class Endpoint:
                 pause = parse_retry_after(reply.headers.get("Retry-After"))
                 if pause:
                     self.quiet.asked(pause)
-            if reply.status_code == 403 and _origin(reply.url) != self._own_origin:
+            status = reply.status_code
+            if status in STORAGE_REFUSALS and _origin(reply.url) != self._own_origin:
                 # Blob storage refusing the signed URL the registry redirected to: most
                 # often one that expired (a registry may hand out a URL it signed minutes
                 # ago). Asked again, the registry signs a new one; but a HEAD of a URL
@@ -145,9 +149,9 @@ class Endpoint:
                 reply.close()
                 refused = StorageRefused(
                     f"{_address(reply.url)}, where registry {self.host} redirected "
-                    f"{method} {urlsplit(url).path}, refused it (HTTP 403): the URL "
+                    f"{method} {urlsplit(url).path}, refused it (HTTP {status}): the URL "
                     "the registry signed for it expired or was refused",
-                    status=403,
+                    status=status,
                 )
                 if method == "HEAD":
                     raise refused

@@ -138,17 +138,27 @@ EXPIRED_URL = (
     b"<Message>Request has expired</Message></Error>"
 )
 """What S3 answers a presigned URL past its expiry with (HTTP 403)."""
+EXPIRED_SIGNER = (
+    b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>ExpiredToken</Code>"
+    b"<Message>The provided token has expired.</Message></Error>"
+)
+"""What GCS answers a signed URL past its expiry with, and S3 one signed by credentials
+that expired since (HTTP 400)."""
 
 
+@pytest.mark.parametrize(
+    ("status", "body"), [(403, EXPIRED_URL), (400, EXPIRED_SIGNER)], ids=["403", "400"]
+)
 def test_a_signed_storage_url_that_expired_is_asked_of_the_registry_again(
-    storage_redirect, basic_auth_registry, erofs_images
+    storage_redirect, basic_auth_registry, erofs_images, status, body
 ):
     """Tried: a registry redirecting blob reads to a storage host, which answers one
     read 403 (``AccessDenied: Request has expired``, as S3 answers a presigned URL past
-    its expiry), then every read 403. Must hold: the first read returns the right bytes,
-    its redirect asked of the registry again (which signs a new URL); the reads refused
-    for good fail naming the storage host, not as the registry denying access. Before,
-    the one expired URL failed the read, said to be the registry's "access denied"."""
+    its expiry) or 400 (``ExpiredToken``, as GCS does), then every read so. Must hold:
+    the first read returns the right bytes, its redirect asked of the registry again
+    (which signs a new URL); the reads refused for good fail naming the storage host and
+    its status, not as the registry denying access. Before, the one expired URL failed
+    the read, said to be the registry's "access denied" (403) or "HTTP 400"."""
     front, storage = storage_redirect
     options = basic_auth_registry.options(insecure=True)
     push_erofs(front.host, "faults/expired", "v1", [erofs_images.small.path], options=options)
@@ -156,16 +166,14 @@ def test_a_signed_storage_url_that_expired_is_asked_of_the_registry_again(
     with RegistryClient(front.host, options) as client:
         blob = open_blob(client, "faults/expired")
         front.requests.clear()
-        storage.fault = Fault(
-            "status", status=403, body=EXPIRED_URL, times=1, path_contains="/blobs/"
-        )
+        storage.fault = Fault("status", status=status, body=body, times=1, path_contains="/blobs/")
         assert blob.read_range(4096, 100_000) == data[4096:104_096]
         assert len([r for r in front.requests if r.method == "GET"]) == 2
-        storage.fault = Fault("status", status=403, body=EXPIRED_URL, path_contains="/blobs/")
+        storage.fault = Fault("status", status=status, body=body, path_contains="/blobs/")
         with pytest.raises(BlobReadError) as refused:
             blob.read_range(8192, 100)
     assert not isinstance(refused.value.__cause__, AuthError)
-    assert storage.host in str(refused.value) and "403" in str(refused.value)
+    assert storage.host in str(refused.value) and f"HTTP {status}" in str(refused.value)
     assert all("Authorization" not in r.headers for r in storage.requests)
 
 
