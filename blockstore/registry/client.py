@@ -228,9 +228,10 @@ class RegistryClient:
         when the registry does not say. A mirror that says other than ``expected`` (the
         manifest's) is left out for the next source; the upstream's word is returned.
 
-        A HEAD refused (``HEAD_REFUSED``) is asked again as a GET of the blob's first
-        byte, whose answer is taken: some registries refuse a HEAD of a blob they
-        serve."""
+        A HEAD refused (``HEAD_REFUSED``), or saying 0 bytes where the manifest says
+        more, is asked again as a GET of the blob's first byte, whose answer is taken:
+        some registries refuse a HEAD of a blob they serve, and some proxies write a
+        HEAD's length as 0."""
         subject = f"blob {digest} of {self.registry}/{repository}"
         path = f"/v2/{repository}/blobs/{digest}"
         deadline = self.deadline()
@@ -242,7 +243,12 @@ class RegistryClient:
 
         def head(endpoint: Endpoint) -> int | None:
             with self._get(endpoint, repository, path, subject, None, deadline, "HEAD") as reply:
-                return judged(endpoint, content_length(reply.headers))
+                size = content_length(reply.headers)
+            if size == 0 and expected:
+                # A proxy that dropped a HEAD's length may write 0 in its place; a GET
+                # says what the blob really holds.
+                return first_byte(endpoint)
+            return judged(endpoint, size)
 
         def first_byte(endpoint: Endpoint) -> int | None:
             headers = {"Range": range_header(0, 0), "Accept-Encoding": "identity"}

@@ -217,6 +217,26 @@ def test_a_head_refused_for_a_blob_the_registry_serves_leaves_the_image_usable(
     assert [r for r in storage.requests if r.headers.get("Range") == "bytes=0-0"]
 
 
+def test_a_head_saying_no_length_as_zero_leaves_the_image_usable(
+    registry, fault_proxy, erofs_images, tmp_path
+):
+    """Tried: ``prefetch`` through a proxy that answers every blob HEAD with
+    ``Content-Length: 0`` (as some reverse proxies write a HEAD's length they dropped).
+    Must hold: exit 0, the layer verified and sealed, its size had from a GET of its
+    first byte. Before, the open took the 0 for the blob's size and refused the image:
+    "the manifest says N bytes, the registry holds 0" (exit 6)."""
+    ref = push_erofs(registry.host, "zerohead/img", "v1", [erofs_images.small.path])
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault(
+        "rewrite_headers", method="HEAD", path_contains="/blobs/", headers={"Content-Length": "0"}
+    )
+    ref = ref.replace(registry.host, proxy.host)
+    done = blockstore("prefetch", ref, "--insecure", "--cache-dir", str(tmp_path / "c"))
+    assert done.returncode == 0, done.stderr
+    assert "verified and sealed" in done.stdout
+    assert [r for r in proxy.requests if r.headers.get("Range") == "bytes=0-0"]
+
+
 def test_a_command_needing_the_registry_through_its_outage_names_the_image_once(
     registry, fault_proxy, erofs_images, tmp_path
 ):
