@@ -19,13 +19,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import requests
 
 from blockstore.errors import AuthError, RegistryUnreachable
 from blockstore.registry.credentials import Credentials, login_hint
 from blockstore.registry.retry import TryAgain
+from blockstore.registry.transport import url_host
 
 if TYPE_CHECKING:
     from blockstore.registry.retry import Deadline
@@ -280,7 +280,7 @@ class Authenticator:
             params.append(("account", self.credentials.username))
         started = time.monotonic()
         reply = self._fetch_token(realm, params, self.credentials, deadline)
-        issuer = urlsplit(realm).netloc
+        issuer = url_host(realm)
         if reply.status_code in (401, 403):
             raise AuthError(
                 f"token issuer {issuer} for registry {self.host} refused "

@@ -59,7 +59,7 @@ from blockstore.registry.retry import (
     parse_retry_after,
     with_retries,
 )
-from blockstore.registry.transport import pooled_session
+from blockstore.registry.transport import pooled_session, url_host
 
 log = logging.getLogger(__name__)
 
@@ -520,7 +520,7 @@ class RegistryClient:
             # ends TLS, not told its clients use HTTPS, names its own address so.
             raise RegistryError(
                 f"{subject}: the registry gave a plain-HTTP upload URL "
-                f"({urlsplit(location).netloc}), refused: the blob would go unencrypted. A "
+                f"({url_host(location)}), refused: the blob would go unencrypted. A "
                 "registry behind a TLS proxy must be told its clients use HTTPS "
                 "(X-Forwarded-Proto, or the registry's relativeurls setting)"
             )

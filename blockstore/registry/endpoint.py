@@ -43,7 +43,7 @@ from blockstore.registry.retry import (
     TryAgain,
     parse_retry_after,
 )
-from blockstore.registry.transport import heads_within
+from blockstore.registry.transport import heads_within, url_host
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ class Endpoint:
                 return reply
             reply.close()
             url = self._redirect_target(url, location, who)
-            log.debug("%s %s redirected to %s", method, who, urlsplit(url).netloc)
+            log.debug("%s %s redirected to %s", method, who, url_host(url))
         raise RegistryError(f"{who}: more than {MAX_REDIRECTS} redirects")
 
     def _redirect_target(self, url: str, location: str, who: str) -> str:
@@ -262,7 +262,7 @@ class Endpoint:
         if leaves_tls and not self._insecure:
             raise RegistryError(
                 f"{who} redirected from HTTPS to plain HTTP "
-                f"({urlsplit(target).netloc}): refused, as the reply could be altered "
+                f"({url_host(target)}): refused, as the reply could be altered "
                 "on the way; --insecure allows it"
             )
         return target
@@ -355,7 +355,7 @@ class Endpoint:
         if PLAIN_HTTP_TO_TLS not in capped_body(reply, MAX_PLAIN_HTTP_REPLY, ERROR_BODY_SECONDS):
             return
         reply.close()
-        where = urlsplit(url).netloc
+        where = url_host(url)
         if _origin(url) != self._own_origin:
             who, cure = where, "the registry sent this http:// URL for it, which cannot work"
         elif self._insecure:
@@ -412,10 +412,10 @@ class Endpoint:
             )
         if credentials and not self._may_send(realm):
             raise AuthError(
-                f"token issuer {urlsplit(realm).netloc} for registry {self.host} is plain "
+                f"token issuer {url_host(realm)} for registry {self.host} is plain "
                 "HTTP; credentials are sent to it in the clear only with --insecure"
             )
-        who = f"token issuer {urlsplit(realm).netloc} for registry {self.host}"
+        who = f"token issuer {url_host(realm)} for registry {self.host}"
         if credentials and credentials.identity_token:
             reply = self._refresh_grant(realm, params, credentials.identity_token, deadline, who)
         else:
@@ -460,8 +460,8 @@ def _address(url: str) -> str:
     except ValueError:
         explicit = True  # no port a socket could use; the netloc as written says it
     if explicit:
-        return parts.netloc
-    return f"{parts.netloc}:{443 if parts.scheme == 'https' else 80}"
+        return url_host(url)
+    return f"{url_host(url)}:{443 if parts.scheme == 'https' else 80}"
 
 
 def _realm_of(www_authenticate: str | None) -> str | None:

@@ -19,6 +19,7 @@ import http.client
 import io
 import socket
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -144,3 +145,9 @@ class _Adapter(HTTPAdapter):
             kwargs["ca_cert_data"] = self._extra_cas
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {"http": _Pool, "https": _TLSPool}
+
+
+def url_host(url: str) -> str:
+    """``url``'s host and port as written, without the user part a URL may carry
+    (``user:password@``): what a message or the log may say of where a request went."""
+    return urlsplit(url).netloc.rpartition("@")[2]

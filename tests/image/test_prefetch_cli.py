@@ -237,6 +237,29 @@ def test_a_head_saying_no_length_as_zero_leaves_the_image_usable(
     assert [r for r in proxy.requests if r.headers.get("Range") == "bytes=0-0"]
 
 
+def test_credentials_in_a_redirect_url_are_never_shown(
+    registry, fault_proxy, erofs_images, tmp_path
+):
+    """Tried: blob requests redirected to ``http://user:s3cret@127.0.0.1:1/...`` (a URL
+    carrying credentials in its user part, to a port nothing listens on), ``prefetch``
+    with the debug log on. Must hold: exit 5, the host and port named, and the password
+    nowhere in what is printed or logged. Before, the error and the debug log wrote the
+    URL's whole network location, ``user:s3cret@127.0.0.1:1``."""
+    ref = push_erofs(registry.host, "userinfo/img", "v1", [erofs_images.small.path])
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault(
+        "redirect",
+        path_contains="/blobs/",
+        method="GET",
+        redirect_to="http://user:s3cret@127.0.0.1:1",
+    )
+    ref = ref.replace(registry.host, proxy.host)
+    done = blockstore("-vv", "prefetch", ref, "--insecure", "--cache-dir", str(tmp_path / "c"))
+    assert done.returncode == 5, done.stderr
+    assert "127.0.0.1:1" in done.stderr
+    assert "s3cret" not in done.stderr + done.stdout
+
+
 def test_a_command_needing_the_registry_through_its_outage_names_the_image_once(
     registry, fault_proxy, erofs_images, tmp_path
 ):
