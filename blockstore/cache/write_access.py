@@ -37,13 +37,25 @@ def cannot_write(path: Path) -> str | None:
     data = path / LMDB_DATA_FILE
     if not data.is_file():
         return None
-    if os.statvfs(path).f_flag & os.ST_RDONLY:
+    if os.statvfs(path).f_flag & os.ST_RDONLY or _refuses_writes(data):
         return "on a read-only file system"
     for name in (path, data, path / LMDB_LOCK_FILE):
         if name.exists() and not os.access(name, os.W_OK):
             what = "its directory" if name == path else name.name
             return f"{what} is {_owner(name)}'s and cannot be written by this user"
     return None
+
+
+def _refuses_writes(data: Path) -> bool:
+    """Whether opening ``data`` for writing fails as on a read-only file system, which
+    ``statvfs`` does not always say: ext4 gone read-only after an error
+    (``errors=remount-ro``, ``emergency_ro`` in mountinfo) still reports itself writable
+    to ``statvfs`` and ``access(2)``, and refuses every write with EROFS."""
+    try:
+        os.close(os.open(data, os.O_RDWR | os.O_CLOEXEC))
+    except OSError as exc:
+        return exc.errno == errno.EROFS
+    return False
 
 
 def _root_must_not_write(path: Path) -> str | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import nbd
 import pytest
 from rig.read_only import contents, read_only_view
+from rig.small_disk import fail_read_only, small_disk
 from rig.stored_chunks import flip_stored_byte
 from test_serve_cli import serving, stop
 
@@ -365,3 +366,32 @@ def test_root_reading_a_users_cache_opens_no_fifo_put_as_its_lock_file(registry,
         assert listed.returncode == 8, listed.stderr
         (line,) = listed.stderr.splitlines()
         assert f"{cache / 'lock.mdb'} is not a regular file" in line, line
+
+
+def test_a_cache_whose_disk_went_read_only_after_an_error_is_read_read_only(
+    registry, pushed_images, erofs_images, tmp_path
+):
+    """Tried: a prefetched cache on an ext4 that then failed into read-only (an error
+    under ``errors=remount-ro``: writes fail with EROFS, though ``statvfs`` and
+    ``access(2)`` still call it writable). Must hold: it is opened read-only, as on a
+    read-only mount: `cache ls` and `cache verify` exit 0, `serve --offline` serves every
+    byte, `cache gc` is refused in one line saying the file system is read-only. Before,
+    each exited 8 with "cannot open the cache at DIR: Read-only file system"."""
+    with small_disk(tmp_path / "disk", "64M") as disk:
+        cache = disk / "cache"
+        prefetched(pushed_images.small, cache)
+        fail_read_only(disk)
+        listed = blockstore("cache", "ls", "--cache-dir", str(cache))
+        assert listed.returncode == 0, listed.stderr
+        assert erofs_images.small.digest in listed.stdout
+        verified = blockstore("cache", "verify", "--cache-dir", str(cache))
+        assert verified.returncode == 0, verified.stderr
+        collected = blockstore("cache", "gc", "--cache-dir", str(cache))
+        assert collected.returncode == 8
+        assert "read-only file system" in collected.stderr, collected.stderr
+        args = [pushed_images.small, "--offline", "--cache-dir", str(cache)]
+        with serving(*args, "--listen", "127.0.0.1:0") as (proc, exports):
+            out = tmp_path / "copy.img"
+            subprocess.run(["nbdcopy", exports[""], str(out)], check=True, timeout=60)
+            assert filecmp.cmp(out, erofs_images.small.path, shallow=False)
+            assert stop(proc) == 0

@@ -26,3 +26,17 @@ def small_disk(at: Path, size: str) -> Iterator[Path]:
         yield at
     finally:
         subprocess.run(["umount", "-l", str(at)], check=True)
+
+
+def fail_read_only(at: Path) -> None:
+    """Make the ext4 ``small_disk`` mounted at ``at`` go read-only as ext4 does on an
+    error under ``errors=remount-ro`` (a failing disk): every write then fails with
+    EROFS, while ``statvfs`` and ``access(2)`` still call the file system writable."""
+    device = subprocess.run(
+        ["findmnt", "-no", "SOURCE", str(at)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    trigger = Path("/sys/fs/ext4") / Path(device).name / "trigger_fs_error"
+    if not trigger.exists():
+        pytest.skip("this kernel's ext4 cannot be made to fail on demand")
+    subprocess.run(["mount", "-o", "remount,errors=remount-ro", str(at)], check=True)
+    trigger.write_text("made to fail by a test\n")
