@@ -127,6 +127,7 @@ class ChunkStore:
         self._flights_lock = threading.Lock()
         self._closing = threading.Event()
         self._flush_interval = flush_interval
+        self._flush_failing = False  # said once; every flush tries again until one saves
         self._start_flusher()
         _open_stores.add(self)
 
@@ -258,8 +259,17 @@ class ChunkStore:
                 self.env.write(work)
             except CacheError as exc:
                 self.counters.give_back(deltas)
-                log.warning("cache counters not saved: %s", exc)
+                if not self._flush_failing:
+                    log.warning(
+                        "cache counters not saved: %s (tried again each flush, not said again "
+                        "until saved)",
+                        exc,
+                    )
+                self._flush_failing = True
             else:
+                if self._flush_failing:
+                    log.info("cache counters saved again")
+                self._flush_failing = False
                 self.recency.placed(touched)
 
     # --- blobs and chunks ---------------------------------------------------

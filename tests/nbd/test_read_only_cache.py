@@ -395,3 +395,28 @@ def test_a_cache_whose_disk_went_read_only_after_an_error_is_read_read_only(
             subprocess.run(["nbdcopy", exports[""], str(out)], check=True, timeout=60)
             assert filecmp.cmp(out, erofs_images.small.path, shallow=False)
             assert stop(proc) == 0
+
+
+def test_a_server_whose_cache_disk_went_read_only_says_its_counters_are_unsaved_once(
+    registry, pushed_images, erofs_images, tmp_path
+):
+    """Tried: a server reading a cache on an ext4 that fails into read-only while it
+    serves (an error under ``errors=remount-ro``), then read on and left idle 5 s. Must
+    hold: every byte read is right; that its counters cannot be saved is said once, not
+    at each flush. Before, the flush, which gives back what it could not save and tries
+    again each second, warned each second for as long as the server ran."""
+    with small_disk(tmp_path / "disk", "64M") as disk:
+        args = [pushed_images.small, "--insecure", "--cache-dir", str(disk / "cache")]
+        with serving(*args, "--listen", "127.0.0.1:0") as (proc, exports):
+            client = nbd.NBD()
+            client.connect_uri(exports[""])
+            image = erofs_images.small.path.read_bytes()
+            half = len(image) // 2
+            assert client.pread(half, 0) == image[:half]
+            fail_read_only(disk)
+            assert client.pread(len(image) - half, half) == image[half:]
+            time.sleep(5)
+            client.shutdown()
+            assert stop(proc) == 0
+            said = proc.stderr.read().count("cache counters not saved")
+    assert said == 1, said
