@@ -21,6 +21,7 @@ from pathlib import Path
 
 from blockstore.errors import CacheError
 
+from .errors import reason
 from .layout import LMDB_DATA_FILE
 
 # LMDB's meta pages (mdb.c, 64-bit builds): pages 0 and 1 each hold a page header
@@ -177,7 +178,13 @@ def move_aside(path: Path, why: str, label: str = "damaged") -> Path:
     try:
         path.rename(aside)
     except OSError as exc:
-        raise CacheError(f"{why}; the cache at {path} cannot be moved aside: {exc}") from exc
+        # A directory that is a mount point (a volume given to the cache) or in one this
+        # user cannot write: every later command would fail the same way.
+        raise CacheError(
+            f"{why}; the cache at {path} cannot be moved aside ({reason(exc)}): move its "
+            "files out of that directory, or delete them, to start an empty cache there, "
+            "or use another --cache-dir"
+        ) from exc
     return aside
 
 

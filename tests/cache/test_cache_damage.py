@@ -20,6 +20,7 @@ import pytest
 from cache_rig import lockless_user, run_cli
 from cache_sources import ScriptedSource, make_blob
 from rig.pushed import push_erofs
+from rig.small_disk import small_disk
 
 import blockstore.cache.damage as damage
 import blockstore.cache.env as cache_env
@@ -203,6 +204,30 @@ def zero_tree_pages(cache_dir: Path) -> int:
                 f.write(bytes(page))
                 zeroed += 1
     return zeroed
+
+
+def test_a_damaged_cache_that_cannot_be_moved_aside_says_what_to_do(tmp_path):
+    """Tried: data.mdb cut short in a cache directory that is a mount point (a volume
+    given to the cache), so it cannot be renamed aside. Must hold: `cache stats` exits 8
+    in one line saying the cache cannot be moved aside and what to do instead (move its
+    files out, or use another --cache-dir); done, a new cache starts there. Before, the
+    line ended with the rename's ``[Errno 16]`` and both paths, and said nothing of what
+    to do: every command failed so for good."""
+    data, digest = make_blob(8 * CHUNK_SIZE, seed=67)
+    with small_disk(tmp_path / "volume", "16M") as cache_dir:
+        fill(cache_dir, [(data, digest)])
+        os.truncate(cache_dir / "data.mdb", (cache_dir / "data.mdb").stat().st_size // 2)
+        result = run_cli("cache", "stats", "--cache-dir", str(cache_dir))
+        assert result.returncode == 8, result.stderr
+        [line] = result.stderr.splitlines()
+        assert "cannot be moved aside (Device or resource busy)" in line, line
+        assert "move its files out of that directory" in line, line
+        for name in ("data.mdb", "lock.mdb"):
+            (cache_dir / name).unlink()
+        fill(cache_dir, [(data, digest)])
+        result = run_cli("cache", "stats", "--json", "--cache-dir", str(cache_dir))
+        assert result.returncode == 0, result.stderr
+        assert '"blobs": 1' in result.stdout
 
 
 def test_damage_found_while_serving_costs_the_cache_not_the_read(cache_dir):
