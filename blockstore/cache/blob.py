@@ -479,6 +479,11 @@ class CachedBlob:
         if outcome is False:
             raise IntegrityError(f"{self._digest}: the fetched bytes do not match the digest")
         if outcome is None:
+            if (why := self._store.unstored(self._digest)) is not None:
+                raise CacheError(
+                    f"{self._digest} could not be kept whole in the cache: storing it "
+                    f"failed ({why})"
+                )
             raise CacheError(
                 f"{self._digest} could not be kept whole in the cache: parts of it went as "
                 "it was filled (evicted under the cap, --cache-size, or beside pinned "

@@ -125,6 +125,7 @@ class ChunkStore:
         self._sealer = Sealer(self)
         self._flights: weakref.WeakValueDictionary[str, Flights] = weakref.WeakValueDictionary()
         self._flights_lock = threading.Lock()
+        self._unstored: dict[str, str] = {}  # digest -> why its last store failed
         self._closing = threading.Event()
         self._flush_interval = flush_interval
         self._flush_failing = False  # said once; every flush tries again until one saves
@@ -506,11 +507,17 @@ class ChunkStore:
             return record
 
         try:
-            return self._write_making_room(work)
+            record = self._write_making_room(work)
+        except CacheError as exc:
+            self._unstored[digest] = str(exc)
+            raise
         except ChunkIntegrityError:
             if len(runs) == 1:
                 self.counters.add(checksum_failures=1)
                 raise
+        else:
+            self._unstored.pop(digest, None)
+            return record
         refused: ChunkIntegrityError | None = None
         for first, chunks in runs:
             try:
@@ -519,6 +526,11 @@ class ChunkStore:
                 refused = exc
         assert refused is not None
         raise refused
+
+    def unstored(self, digest: str) -> str | None:
+        """Why the last store of ``digest``'s chunks in this process failed, if it did (a
+        full or read-only disk): a prefetch that could not keep the blob whole says it."""
+        return self._unstored.get(digest)
 
     def _record(self, txn: lmdb.Transaction, digest: str) -> BlobRecord | None:
         """The blob's record in write transaction ``txn``; None if the cache has none, or

@@ -16,9 +16,12 @@ import pytest
 from cache_rig import REPO, run_cli
 from cache_sources import ScriptedSource, make_blob
 from lmdb_pages import regions
+from rig.small_disk import fail_read_only, small_disk
 
 import blockstore.cache.blob as blob_mod
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore, DiskFull
+from blockstore.errors import CacheError
+from blockstore.image import open_image
 from blockstore.throttledlog import ThrottledLog
 
 HERE = Path(__file__).resolve().parent
@@ -156,6 +159,33 @@ def test_a_lease_file_that_cannot_be_made_costs_the_leases_not_the_read(cache_di
         [info] = store.blobs()
         assert info.present == 4
     assert "no leases between processes" in caplog.text
+
+
+def test_a_prefetch_whose_stores_fail_says_why_it_could_not_keep_the_layer(
+    registry, pushed_images, tmp_path
+):
+    """Tried: a layer's first chunk read into a cache on an ext4, which then fails into
+    read-only (an error under ``errors=remount-ro``), and the layer prefetched. Must
+    hold: the prefetch fails saying storing the layer failed, and why (the read-only file
+    system). Before, it said only that parts of the layer "went as it was filled",
+    listing eviction, `cache rm` in another process, a full disk and another process's
+    write lock, but not the cause."""
+    with small_disk(tmp_path / "disk", "64M") as disk:
+        image = open_image(
+            pushed_images.small, cache_dir=disk / "cache", options=registry.options()
+        )
+        try:
+            [layer] = image.select()
+            export = image.layer_export(layer)
+            export.read(0, CHUNK_SIZE)
+            fail_read_only(disk)
+            with pytest.raises(CacheError) as caught:
+                export.prefetch()
+        finally:
+            image.close()
+    said = str(caught.value)
+    assert "could not be kept whole in the cache: storing it failed" in said, said
+    assert "Read-only file system" in said, said
 
 
 def test_a_cache_that_keeps_nothing_serves_every_byte_and_says_so_a_few_times(
