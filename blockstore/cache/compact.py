@@ -18,6 +18,7 @@ meanwhile waits for the new file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -91,6 +92,8 @@ def compact(path: Path) -> Compacted:
             (path / LMDB_LOCK_FILE).unlink(missing_ok=True)
             os.replace(path / COPY_NAME, data)
             _sync_directory(path)
+        except OSError as exc:  # a disk gone read-only: the next opener removes the copy
+            raise CacheError(f"compacting the cache at {path} failed: {reason(exc)}") from exc
         finally:
             os.close(copy)
         return Compacted(before, data.stat().st_size)
@@ -114,7 +117,10 @@ def _write_copy(path: Path, size: int) -> None:
         finally:
             os.close(out)
     except (OSError, lmdb.Error) as exc:
-        copy.unlink(missing_ok=True)
+        # A disk gone read-only keeps the copy too: the next process to open the cache
+        # there removes it.
+        with contextlib.suppress(OSError):
+            copy.unlink(missing_ok=True)
         if isinstance(exc, DAMAGE_ERRORS):
             # Pages the copy walks, which no open reads: file_damage cannot see them.
             raise CacheError(

@@ -19,6 +19,7 @@ import pytest
 from cache_rig import lockless_user, run_cli
 from cache_sources import ScriptedSource, make_blob
 from lmdb_pages import regions
+from rig.small_disk import fail_read_only, small_disk
 from test_cache_processes import worker, write_blobs
 
 from blockstore.cache import CachedBlob, ChunkStore
@@ -193,6 +194,33 @@ def test_compact_with_no_room_for_the_copy_leaves_the_cache_as_it_was(tmp_path):
         assert read_offline(cache_dir, data, digest) == data
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_compaction_whose_disk_goes_read_only_mid_copy_fails_in_one_line(tmp_path):
+    """Tried: `cache compact` of a 96 MiB cache on an ext4 that fails into read-only (an
+    error under ``errors=remount-ro``) as soon as the compacted copy appears. Must hold:
+    exit 8 and one line saying the compaction failed and why, naming the cache, not the
+    copy; the cache, opened read-only there, reads every byte right. Before, removing
+    the copy failed as well, and that second error ended the command with exit 1 and
+    "[Errno 30] Read-only file system: DIR/data.mdb.compacting"."""
+    with small_disk(tmp_path / "disk", "256M") as disk:
+        cache_dir = disk / "cache"
+        [(data, digest)] = fill(cache_dir, [96 << 20], seed=530)
+        compaction = subprocess.Popen(
+            [sys.executable, "-m", "blockstore", "cache", "compact", "--cache-dir", str(cache_dir)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        while not (cache_dir / COPY_NAME).exists() and compaction.poll() is None:
+            time.sleep(0.001)
+        fail_read_only(disk)
+        _, said = compaction.communicate(timeout=60)
+        assert compaction.returncode == 8, said
+        [line] = said.splitlines()
+        assert line.startswith(f"blockstore: compacting the cache at {cache_dir} failed: "), line
+        assert COPY_NAME not in line and "Read-only file system" in line, line
+        assert read_offline(cache_dir, data, digest) == data
 
 
 def test_a_copy_left_by_a_killed_compaction_goes_with_the_next_open(cache_dir):
