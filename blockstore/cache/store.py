@@ -180,7 +180,26 @@ class ChunkStore:
         for name, value in wanted.items():
             if txn.get(name, db=meta) != U64.pack(value):
                 txn.put(name, U64.pack(value), db=meta)
+        self._recount_if_past_the_file(txn)
         return size_cap if size_cap is not None else stored_cap
+
+    def _recount_if_past_the_file(self, txn: lmdb.Transaction) -> None:
+        """A stored total larger than the file holding the chunks cannot be (a bit flipped
+        on the disk): left so, every store would evict as over the cap, taking what it
+        stored with the rest. It is counted again from what is stored."""
+        meta = self.dbs[DB_META]
+        stored = meta_int(txn, meta, b"stored_bytes")
+        if stored <= self.env.file_size():
+            return
+        counted = sum(stored_length(v) for _, v in txn.cursor(db=self.dbs[DB_CHUNKS]))
+        counted += sum(stored_length(v) for _, v in txn.cursor(db=self.dbs[DB_PARTS]))
+        txn.put(b"stored_bytes", U64.pack(counted), db=meta)
+        log.warning(
+            "the cache at %s counted %s stored, more than its file holds: counted again, %s",
+            self.path,
+            human(stored),
+            human(counted),
+        )
 
     def close(self) -> None:
         if self._closing.is_set():

@@ -216,6 +216,38 @@ def test_a_count_of_stored_chunks_too_low_costs_nothing_else(cache_dir):
         blob.close()
 
 
+def test_a_stored_total_past_the_file_is_counted_again(cache_dir):
+    """Tried: a cache of one unpinned blob of 8 chunks under a cap of 16, its stored
+    total given 1 TiB more (bit 40 set, as a bit flipped on the disk leaves it), then
+    ``cache gc``. Must hold: the total is counted again from what is stored (said once),
+    gc evicts nothing, ``cache stats`` shows the true total, and the blob stays whole.
+    Before, gc evicted the whole blob, saying "1.0 TiB of 512.0 KiB stored", and the
+    total stayed 1 TiB (a prefetch took it for pinned layers, to keep the others to a
+    quarter of the cap)."""
+    from blockstore.cache.layout import DB_META, U64
+
+    data, digest = make_blob(8 * CHUNK_SIZE, seed=33)
+    fill(cache_dir, [(data, digest)])
+    with ChunkStore(cache_dir) as store:
+
+        def flip_a_high_bit(txn):
+            stored = U64.unpack(txn.get(b"stored_bytes", db=store.dbs[DB_META]))[0]
+            txn.put(b"stored_bytes", U64.pack(stored | 1 << 40), db=store.dbs[DB_META])
+
+        store.env.write(flip_a_high_bit)
+    where = ("--cache-dir", str(cache_dir))
+    result = run_cli("cache", "gc", "--cache-size", str(16 * CHUNK_SIZE), *where)
+    assert result.returncode == 0, result.stderr
+    assert "pinned" not in result.stderr, result.stderr
+    assert result.stderr.count("counted again") == 1, result.stderr
+    stats = json.loads(run_cli("cache", "stats", "--json", *where).stdout)
+    assert stats["stored_bytes"] == len(data) and stats["evictions"] == 0, stats
+    with ChunkStore(cache_dir) as store:
+        [info] = store.blobs()
+        assert info.present == 8
+        assert store.verify().ok
+
+
 def test_gc_left_over_its_cap_by_pins_says_so(cache_dir):
     """A pinned blob of 6 chunks and an unpinned one, then `cache gc` to a cap of 2
     chunks: the unpinned blob is evicted, the pinned one kept, and gc, still over the
