@@ -82,14 +82,13 @@ def compact(path: Path) -> Compacted:
             )
         before = os.fstat(fd).st_size
         _write_copy(path, before)
-        # The copy is locked before it is data.mdb, so no process maps it until the
-        # lock file is gone too: the old reader table means nothing to the new file,
-        # and a process holding it while the next made a fresh one would share no
-        # write lock with that one.
+        # The copy is locked before it is data.mdb, so no process maps it before it is
+        # durable. LMDB's lock file stays: nobody has it open now, so the next opener
+        # resets its reader table for the new file; removed, it would have to be made
+        # again, which a disk filled meanwhile refuses (every open would then fail).
         copy = os.open(path / COPY_NAME, os.O_RDONLY | os.O_CLOEXEC)
         try:
             fcntl.flock(copy, fcntl.LOCK_EX)
-            (path / LMDB_LOCK_FILE).unlink(missing_ok=True)
             os.replace(path / COPY_NAME, data)
             _sync_directory(path)
         except OSError as exc:  # a disk gone read-only: the next opener removes the copy

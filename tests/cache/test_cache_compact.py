@@ -261,3 +261,45 @@ def test_compact_of_a_cache_with_corrupted_pages_names_it_and_the_cure(cache_dir
     assert verified.returncode == 6, verified.stdout + verified.stderr
     again = run_cli("cache", "compact", "--cache-dir", str(cache_dir))
     assert again.returncode == 0, again.stderr
+
+
+@contextlib.contextmanager
+def small_tmpfs(at: Path, size: str):
+    """A tmpfs of ``size`` mounted at ``at`` (root), unmounted after."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    at.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(at)], check=True)
+    try:
+        yield at
+    finally:
+        subprocess.run(["umount", "-l", str(at)], check=False)
+
+
+def fill_disk(disk: Path) -> None:
+    """Write zeros to ``disk/filler`` until the file system is full."""
+    with open(disk / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+        while True:
+            filler.write(bytes(1 << 16))
+
+
+def test_a_compacted_cache_opens_on_a_disk_filled_after(tmp_path):
+    """Tried: two sealed 3 MiB blobs on a 16 MiB tmpfs, `cache rm` of one, `cache
+    compact`, then the disk filled to the last byte (as any other writer may). Must
+    hold: the cache still opens: `cache ls` lists the kept blob (exit 0) and it reads
+    whole with no source, as before compaction. Before, compaction removed LMDB's lock
+    file, which the next open could not make again on the full disk: every command,
+    offline serving included, failed with "the disk holding the cache ... is full"."""
+    with small_tmpfs(tmp_path / "small", "16m") as disk:
+        cache_dir = disk / "cache"
+        (kept, kept_digest), (_, gone_digest) = fill(cache_dir, [3 << 20, 3 << 20], seed=590)
+        assert run_cli("cache", "rm", gone_digest, "--cache-dir", str(cache_dir)).returncode == 0
+        compacted = run_cli("cache", "compact", "--cache-dir", str(cache_dir))
+        assert compacted.returncode == 0, compacted.stderr
+        fill_disk(disk)
+
+        listing = run_cli("cache", "ls", "--json", "--cache-dir", str(cache_dir))
+
+        assert listing.returncode == 0, listing.stderr
+        assert [b["digest"] for b in json.loads(listing.stdout)] == [kept_digest]
+        assert read_offline(cache_dir, kept, kept_digest) == kept
