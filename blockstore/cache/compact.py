@@ -29,6 +29,7 @@ import lmdb
 
 from blockstore.errors import CacheError
 from blockstore.openers import processes_with_open
+from blockstore.progress import human
 
 from .damage import file_damage
 from .errors import DAMAGE_ERRORS, DiskFull, ReadOnlyCache, reason
@@ -109,6 +110,7 @@ def _write_copy(path: Path, size: int) -> None:
     except lmdb.Error as exc:
         raise CacheError(f"cannot open the cache at {path}: {exc}") from exc
     try:
+        need = _copy_size(env)
         out = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             env.copyfd(out, compact=True)
@@ -128,12 +130,31 @@ def _write_copy(path: Path, size: int) -> None:
             ) from exc
         if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc):
             raise DiskFull(
-                f"no room beside the cache at {path} for its compacted copy "
-                "(it needs as much free space as the cache holds); the cache is unchanged"
+                f"no room beside the cache at {path} for its compacted copy (it needs "
+                f"about {human(need)} free, the pages in use); the cache is unchanged"
             ) from exc
         raise CacheError(f"compacting the cache at {path} failed: {exc}") from exc
     finally:
         env.close()
+
+
+def _copy_size(env: lmdb.Environment) -> int:
+    """The bytes of the compacted copy: LMDB's two meta pages and the pages of every tree,
+    which are all the copy writes (the free pages are what it leaves out)."""
+    stat = env.stat()
+    pages = 2 + _tree_pages(stat)
+    with env.begin() as txn:
+        for name in ALL_DBS:
+            try:
+                db = env.open_db(name, txn=txn, create=False)
+            except lmdb.NotFoundError:
+                continue
+            pages += _tree_pages(txn.stat(db))
+    return pages * stat["psize"]
+
+
+def _tree_pages(stat: dict[str, int]) -> int:
+    return stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
 
 
 def _sync_directory(path: Path) -> None:

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -303,3 +304,30 @@ def test_a_compacted_cache_opens_on_a_disk_filled_after(tmp_path):
         assert listing.returncode == 0, listing.stderr
         assert [b["digest"] for b in json.loads(listing.stdout)] == [kept_digest]
         assert read_offline(cache_dir, kept, kept_digest) == kept
+
+
+def test_no_room_to_compact_an_emptied_cache_names_the_little_room_it_needs(tmp_path):
+    """Tried: a sealed 6 MiB blob on a 16 MiB tmpfs, `cache rm` of it, the disk filled to
+    the last byte, then `cache compact`. Must hold: exit 8, one line naming the room
+    the copy needs, well under 1 MiB (the pages still in use, not the file's 6 MiB);
+    once that much (and a page) is freed, compaction succeeds. Before, the line said
+    the copy needs "as much free space as the cache holds", so the user freed 6 MiB
+    for a copy of a few pages."""
+    with small_tmpfs(tmp_path / "small", "16m") as disk:
+        cache_dir = disk / "cache"
+        [(_, digest)] = fill(cache_dir, [6 << 20], seed=600)
+        assert run_cli("cache", "rm", digest, "--cache-dir", str(cache_dir)).returncode == 0
+        fill_disk(disk)
+
+        result = run_cli("cache", "compact", "--cache-dir", str(cache_dir))
+
+        assert result.returncode == 8, result.stdout + result.stderr
+        (line,) = result.stderr.splitlines()
+        said = re.search(r"needs about ([0-9.]+) KiB free", line)
+        assert said is not None, line
+        need = float(said.group(1)) * 1024
+        assert need < 1 << 20, line
+        filler = disk / "filler"
+        os.truncate(filler, filler.stat().st_size - int(need) - 4096)
+        again = run_cli("cache", "compact", "--cache-dir", str(cache_dir))
+        assert again.returncode == 0, again.stderr
