@@ -63,10 +63,7 @@ def compact(path: Path) -> Compacted:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise CacheBusy(
-                f"the cache at {path} is in use by {_users(fd)}: stop its servers and "
-                "unmount its mounts, then compact it"
-            ) from None
+            raise CacheBusy(_busy(path, fd)) from None
         if os.fstat(fd).st_ino != os.stat(data).st_ino:
             raise CacheBusy(f"the cache at {path} was replaced meanwhile: try again")
         # A version of this program older than the lock holds the file open without it.
@@ -165,23 +162,44 @@ def _sync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def _users(fd: int) -> str:
-    """The processes holding a lock on the file of ``fd``, as ``/proc/locks`` names them."""
+def _busy(path: Path, fd: int) -> str:
+    """Why the cache whose ``data.mdb`` is ``fd`` cannot be compacted now, naming who holds
+    it: the exclusive holder is another compaction (or a failed first command removing
+    the cache it made), waited for; the shared ones are servers and mounts, stopped."""
+    holders = _holders(fd)
+    if exclusive := sorted(pid for pid, alone in holders.items() if alone):
+        return (
+            f"the cache at {path} is being compacted by {_named(exclusive)} (or removed "
+            "by a command that made it and failed): wait for it to end"
+        )
+    return (
+        f"the cache at {path} is in use by {_named(sorted(holders))}: stop its servers and "
+        "unmount its mounts, then compact it"
+    )
+
+
+def _holders(fd: int) -> dict[int, bool]:
+    """The processes holding a lock on the file of ``fd``, as ``/proc/locks`` names them:
+    each with whether its lock is exclusive."""
     st = os.fstat(fd)
     inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    pids: set[int] = set()
+    holders: dict[int, bool] = {}
     try:
         with open("/proc/locks") as locks:
             for line in locks:
                 fields = line.split()
                 if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode:
-                    pids.add(int(fields[4]))
+                    holders[int(fields[4])] = fields[3] == "WRITE"
     except (OSError, ValueError):
         pass
-    pids.discard(os.getpid())
+    holders.pop(os.getpid(), None)
+    return holders
+
+
+def _named(pids: list[int]) -> str:
     if not pids:
         return "another process"
-    return ", ".join(f"pid {pid} ({_command(pid)})" for pid in sorted(pids))
+    return ", ".join(f"pid {pid} ({_command(pid)})" for pid in pids)
 
 
 COMMAND_SHOWN = 80

@@ -11,13 +11,14 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from cache_rig import lockless_user, run_cli
+from cache_rig import REPO, lockless_user, run_cli
 from cache_sources import ScriptedSource, make_blob
 from lmdb_pages import regions
 from rig.small_disk import fail_read_only, small_disk
@@ -331,3 +332,39 @@ def test_no_room_to_compact_an_emptied_cache_names_the_little_room_it_needs(tmp_
         os.truncate(filler, filler.stat().st_size - int(need) - 4096)
         again = run_cli("cache", "compact", "--cache-dir", str(cache_dir))
         assert again.returncode == 0, again.stderr
+
+
+def compaction_caught_copying(cache_dir: Path) -> subprocess.Popen:
+    """A real `cache compact` of ``cache_dir``, stopped (SIGSTOP) while it writes its
+    copy, so while it holds the cache; started again until caught so."""
+    argv = [sys.executable, "-m", "blockstore", "cache", "compact", "--cache-dir", str(cache_dir)]
+    for _ in range(10):
+        first = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        while first.poll() is None and not (cache_dir / COPY_NAME).exists():
+            time.sleep(0.001)
+        if first.poll() is None:
+            first.send_signal(signal.SIGSTOP)
+            return first
+        first.communicate()
+    pytest.fail("no compaction was caught writing its copy")
+
+
+def test_a_compaction_beside_another_says_to_wait_for_it(cache_dir):
+    """Tried: a 32 MiB cache, `cache compact` of it stopped while it writes its copy, and
+    a second `cache compact` meanwhile. Must hold: the second is refused (exit 8) in one
+    line saying the cache is being compacted by the first's pid, to wait for it, and
+    nothing of servers or mounts; the first then ends well. Before, it was told to
+    "stop its servers and unmount its mounts", of a compaction."""
+    fill(cache_dir, [32 << 20], seed=610)
+    first = compaction_caught_copying(cache_dir)
+    try:
+        second = run_cli("cache", "compact", "--cache-dir", str(cache_dir))
+    finally:
+        first.send_signal(signal.SIGCONT)
+        first.communicate(timeout=60)
+
+    assert second.returncode == 8, second.stdout + second.stderr
+    (line,) = second.stderr.splitlines()
+    assert f"is being compacted by pid {first.pid} " in line, line
+    assert "wait for it" in line and "servers" not in line, line
+    assert first.returncode == 0
