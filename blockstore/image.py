@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -388,6 +389,7 @@ def open_image(
     prefetch: PrefetchSettings | None = None,
     reading: tuple[int | None, str | None] = (None, None),
     replace_older: bool = False,
+    check: Callable[[OpenImage], None] | None = None,
 ) -> OpenImage:
     """Resolve ``reference`` for ``platform`` online, or from the cache when offline.
 
@@ -397,7 +399,11 @@ def open_image(
     an error, since the cache must not hide it. The returned image owns the
     opened cache: ``close()`` closes both. ``reading``: the layers the caller
     will serve (``OpenImage.select``'s arguments; all by default), whose sizes
-    are asked for at once.
+    are asked for at once. ``check``: what the caller must know of the image before
+    it uses it (a prefetch: that its layers fit the cap); failing, it fails the open.
+
+    Online, the resolution is kept for offline opens once the open succeeded: an open
+    that fails records no image the cache holds nothing of.
     """
     ref = parse_reference(reference)
     wanted = str(Platform.parse(platform) if platform else host_platform())
@@ -421,9 +427,13 @@ def open_image(
         image.select(*reading)
         image.ask_blob_sizes(*reading)
         _attachments(image)
+        if check is not None:
+            check(image)
     except BaseException:
         image.close()
         raise
+    if image.online and not store.read_only:  # a read-only cache keeps what it was shipped with
+        _remember(store, image.resolved, wanted)
     return image
 
 
@@ -514,8 +524,6 @@ def _open(
     except BaseException:
         client.close()
         raise
-    if not store.read_only:  # a read-only cache keeps what it was shipped with
-        _remember(store, resolved, platform)
     return OpenImage(resolved, store, ref.repository, client)
 
 

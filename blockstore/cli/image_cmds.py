@@ -29,6 +29,8 @@ from blockstore.tarlayer.gzindex import size_hint
 from blockstore.tarlayer.layers import TarLayer
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from blockstore.image import OpenImage
     from blockstore.registry.manifests import Layer
 
@@ -51,18 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_prefetch(args: argparse.Namespace) -> int:
-    image = open_image_from_args(args, replace_older=True)
-    if image.store.read_only:
-        image.close()
-        raise ReadOnlyCache(
-            f"the cache at {image.store.path} is read-only here "
-            f"({image.store.env.read_only_because}): prefetch would have nowhere to keep "
-            "what it fetches (give a writable --cache-dir)"
-        )
+    image = open_image_from_args(args, replace_older=True, check=_can_keep(args))
     try:
         for layer in image.select(args.layer, args.blob):
-            if not args.pin and (why := _over_cap(image, layer)) is not None:
-                raise CacheError(f"{why}; raise --cache-size or pin it (--pin)")
             # A tar layer is filled as the tar it serves (uncompressed, sealed against
             # its diff_id), which also proves an index that came attached to the image.
             exported = image.layer_export(layer)
@@ -117,6 +110,27 @@ def run_prefetch(args: argparse.Namespace) -> int:
     finally:
         image.close()
     return 0
+
+
+def _can_keep(args: argparse.Namespace) -> Callable[[OpenImage], None]:
+    """The open's check that the cache can keep every layer asked for: writable, and
+    each layer (unless pinned) whole under the cap. A refusal comes before a byte of
+    any layer is fetched, and fails the open: the image is not recorded, nor a cache
+    made for it kept, for a prefetch that fetched nothing."""
+
+    def check(image: OpenImage) -> None:
+        store = image.store
+        if store.read_only:
+            raise ReadOnlyCache(
+                f"the cache at {store.path} is read-only here ({store.env.read_only_because}): "
+                "prefetch would have nowhere to keep what it fetches (give a writable "
+                "--cache-dir)"
+            )
+        for layer in [] if args.pin else image.select(args.layer, args.blob):
+            if (why := _over_cap(image, layer)) is not None:
+                raise CacheError(f"{why}; raise --cache-size or pin it (--pin)")
+
+    return check
 
 
 def _over_cap(image: OpenImage, layer: Layer) -> str | None:

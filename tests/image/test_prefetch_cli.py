@@ -508,3 +508,33 @@ def test_a_sealed_layer_prefetched_again_where_it_no_longer_fits_is_not_called_s
     assert again.returncode == 8, (again.stdout, again.stderr)
     assert "verified and sealed" not in again.stdout
     assert "could not be kept whole in the cache" in again.stderr, again.stderr
+
+
+def test_a_prefetch_refused_over_the_cap_records_nothing_and_makes_no_cache(
+    pushed_images, erofs_images, tmp_path
+):
+    """Tried: with no cache yet, ``prefetch`` of the 64 MiB image under ``--cache-size
+    4M``; then the small image prefetched there, the large one's prefetch refused again,
+    and ``cache pin`` of the large image. Must hold: each refusal exits 8 saying the
+    layer is larger than the cap; the first leaves no cache directory, as any first
+    command that fails; the second records nothing, so ``cache pin`` finds no such image
+    (exit 3) and ``cache ls`` lists the small layer alone. Before, the refused prefetch
+    kept the image's record (and a new cache), and ``cache pin`` said "pinned" of a
+    layer of which nothing was cached."""
+    cache = tmp_path / "parent" / "cache"
+    options = ["--insecure", "--cache-size", "4M", "--cache-dir", str(cache)]
+
+    first = blockstore("prefetch", pushed_images.large, *options, timeout=60)
+
+    assert first.returncode == 8, first.stderr
+    assert "is larger than the cache size cap" in first.stderr, first.stderr
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
+    small = blockstore("prefetch", pushed_images.small, *options, timeout=60)
+    assert small.returncode == 0, small.stderr
+    again = blockstore("prefetch", pushed_images.large, *options, timeout=60)
+    assert again.returncode == 8, again.stderr
+    pinned = blockstore("cache", "pin", pushed_images.large, "--cache-dir", str(cache))
+    assert pinned.returncode == 3, pinned.stdout + pinned.stderr
+    assert "pinned" not in pinned.stdout
+    listing = blockstore("cache", "ls", "--json", "--cache-dir", str(cache), check=True)
+    assert [b["digest"] for b in json.loads(listing.stdout)] == [erofs_images.small.digest]
