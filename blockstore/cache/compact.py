@@ -35,6 +35,7 @@ from .damage import file_damage
 from .errors import DAMAGE_ERRORS, DiskFull, ReadOnlyCache, reason
 from .layout import ALL_DBS, LMDB_DATA_FILE, LMDB_LOCK_FILE
 from .layout import COMPACT_COPY as COPY_NAME
+from .leases import LEASE_DIR
 from .write_access import cannot_write
 
 
@@ -89,6 +90,7 @@ def compact(path: Path) -> Compacted:
             fcntl.flock(copy, fcntl.LOCK_EX)
             os.replace(path / COPY_NAME, data)
             _sync_directory(path)
+            _remove_leases(path)
         except OSError as exc:  # a disk gone read-only: the next opener removes the copy
             raise CacheError(f"compacting the cache at {path} failed: {reason(exc)}") from exc
         finally:
@@ -152,6 +154,16 @@ def _copy_size(env: lmdb.Environment) -> int:
 
 def _tree_pages(stat: dict[str, int]) -> int:
     return stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
+
+
+def _remove_leases(path: Path) -> None:
+    """Remove the lease files (``leases.py``) of every blob ever fetched, which their
+    users make and never remove: no process has the cache open now, so none holds
+    one, and the next to fetch makes its own. One that cannot go costs only its inode."""
+    with contextlib.suppress(OSError), os.scandir(path / LEASE_DIR) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
 
 
 def _sync_directory(path: Path) -> None:

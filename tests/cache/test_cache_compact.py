@@ -368,3 +368,23 @@ def test_a_compaction_beside_another_says_to_wait_for_it(cache_dir):
     assert f"is being compacted by pid {first.pid} " in line, line
     assert "wait for it" in line and "servers" not in line, line
     assert first.returncode == 0
+
+
+def test_compaction_leaves_no_lease_file_behind(cache_dir):
+    """Tried: two sealed 1 MiB blobs (each fetch leaves its blob's lease file under
+    ``leases/``), `cache rm` of one, then `cache compact`. Must hold: no lease file is
+    left (no process has the cache open then, so none holds a lease), and the kept
+    blob still reads whole with no source, while a third blob fetched afterwards makes
+    its lease file anew. Before, lease files were never removed: one for each blob ever
+    fetched, removed ones included, for as long as the cache lived."""
+    (kept, kept_digest), (_, gone_digest) = fill(cache_dir, [1 << 20, 1 << 20], seed=620)
+    assert len(list((cache_dir / "leases").iterdir())) == 2
+    assert run_cli("cache", "rm", gone_digest, "--cache-dir", str(cache_dir)).returncode == 0
+
+    result = run_cli("cache", "compact", "--cache-dir", str(cache_dir))
+
+    assert result.returncode == 0, result.stderr
+    assert list((cache_dir / "leases").iterdir()) == []
+    assert read_offline(cache_dir, kept, kept_digest) == kept
+    fill(cache_dir, [1 << 20], seed=630)
+    assert len(list((cache_dir / "leases").iterdir())) == 1
