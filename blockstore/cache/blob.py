@@ -45,6 +45,7 @@ from .leases import RangeLeases, UnitLeases
 from .pagein import PageIn
 from .store import ChunkStore
 from .traces import TraceShelf
+from .turns import PrefetchTurn
 from .walk_reader import WalkReader
 
 log = logging.getLogger(__name__)
@@ -461,21 +462,29 @@ class CachedBlob:
             reported += nbytes
 
         # Sealing drops chunks that fail their checksum; another round fetches them.
-        for _ in range(SEAL_ROUNDS):
-            missing = self._store.missing_by_digest(self._digest, range(self._chunks))
-            report(self._size - sum(chunk_length(self._size, i) for i in missing))
-            if missing and self._fetcher is None:
-                raise NotCached(f"{self._digest} is not fully cached and the cache is offline")
-            self._fetch_all(missing, report)
-            outcome = self._store.seal(self._digest, self._size)
-            if outcome is False and self._upstream is not None and self._fetcher is not None:
-                log.warning("%s failed its digest; fetching it from the upstream", self._digest)
-                self._fetcher.close()
-                self._fetcher = self._new_fetcher(self._upstream)
-                self._upstream = None
-                continue
-            if outcome is not None:
-                break
+        with PrefetchTurn(self._store.path) as turn:
+            alone = False
+            for _ in range(SEAL_ROUNDS):
+                missing = self._store.missing_by_digest(self._digest, range(self._chunks))
+                report(self._size - sum(chunk_length(self._size, i) for i in missing))
+                if missing and self._fetcher is None:
+                    raise NotCached(f"{self._digest} is not fully cached and the cache is offline")
+                self._fetch_all(missing, report)
+                outcome = self._store.seal(self._digest, self._size)
+                if outcome is False and self._upstream is not None and self._fetcher is not None:
+                    log.warning("%s failed its digest; fetching it from the upstream", self._digest)
+                    self._fetcher.close()
+                    self._fetcher = self._new_fetcher(self._upstream)
+                    self._upstream = None
+                    continue
+                if outcome is not None:
+                    break
+                if not alone:
+                    # Parts went as it was filled: evicted, most likely, for the layer of
+                    # another prefetch. The next rounds are filled alone (``turns``).
+                    turn.alone()
+                    self._store.renew(self._digest)
+                    alone = True
         if outcome is False:
             raise IntegrityError(f"{self._digest}: the fetched bytes do not match the digest")
         if outcome is None:

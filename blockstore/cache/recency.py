@@ -117,6 +117,17 @@ def set_pinned(
             txn.put(entry, b"", db=dbs[DB_LRU])
 
 
+def renew(txn: lmdb.Transaction, dbs: dict[bytes, lmdb._Database], blob_id: int, tick: int) -> None:
+    """Place every stored chunk of an unpinned blob at ``tick``, however recently it was
+    placed (``RESOLUTION_US`` aside): eviction then takes the rest of the cache before
+    any of it."""
+    entries = [(key, bytes(old)) for key, old in blob_keys(txn.cursor(db=dbs[DB_TICKS]), blob_id)]
+    for key, old in entries:
+        txn.delete(old + key, db=dbs[DB_LRU])
+        txn.put(lru_key(tick, key), b"", db=dbs[DB_LRU])
+        txn.put(key, U64.pack(tick), db=dbs[DB_TICKS])
+
+
 def apply(
     txn: lmdb.Transaction,
     dbs: dict[bytes, lmdb._Database],

@@ -859,6 +859,21 @@ class ChunkStore:
 
         self.env.write(work)
 
+    def renew(self, digest: str) -> None:
+        """Make the chunks the blob has the youngest in the cache (``recency.renew``): a
+        prefetch filling it alone then evicts the rest of the cache for the chunks it
+        lacks, not the ones it has, which it stored interleaved with another's. A
+        read-only cache keeps nothing it fetches, so it has no order to change."""
+        if self.read_only:
+            return
+
+        def work(txn: lmdb.Transaction) -> None:
+            record = self._record(txn, digest)
+            if record is not None and not record.pinned:
+                recency_mod.renew(txn, self.dbs, record.blob_id, recency_mod.now_tick())
+
+        self.env.write(work)
+
     def pin(self, digest: str, size: int | None = None) -> None:
         """Keep a blob's chunks from eviction; ``size`` lets a blob not yet cached be pinned."""
         self._set_flag(digest, PINNED, True, size)

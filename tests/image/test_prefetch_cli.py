@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from rig.fault_proxy import Fault
+from rig.images import build_erofs
 from rig.pushed import push_erofs
 
 
@@ -538,3 +540,43 @@ def test_a_prefetch_refused_over_the_cap_records_nothing_and_makes_no_cache(
     assert "pinned" not in pinned.stdout
     listing = blockstore("cache", "ls", "--json", "--cache-dir", str(cache), check=True)
     assert [b["digest"] for b in json.loads(listing.stdout)] == [erofs_images.small.digest]
+
+
+def test_two_prefetches_that_fit_the_cap_only_one_at_a_time_both_seal(
+    fresh_registry, fault_proxy, tmp_path
+):
+    """Tried: two images of one 3 MiB layer each, prefetched at once into one cache
+    capped at 3500 KiB (each fits, both do not) over a slowed link, so their stores
+    interleave. Must hold: both exit 0, "verified and sealed", as when run one after
+    the other: a prefetch whose layer lost chunks to the other's fills its next round
+    in turn, once the other's layer is sealed. Before, each evicted the other's chunks
+    as it stored its own, and both failed (exit 8) saying their layer could not be
+    kept whole."""
+    proxy = fault_proxy(fresh_registry)
+    references = []
+    for name in ("one", "two"):
+        tree = tmp_path / name
+        tree.mkdir()
+        (tree / "data").write_bytes(random.Random(name).randbytes(3 << 20))
+        image = build_erofs(tree, tmp_path / f"{name}.erofs")
+        references.append(push_erofs(proxy.host, f"turns/{name}", "v1", [image.path]))
+    proxy.fault = Fault("pace", path_contains="/blobs/", method="GET", seconds=0.01)
+    cache = str(tmp_path / "cache")
+    options = ["--insecure", "--cache-size", "3500K", "--cache-dir", cache]
+    prefetches = [
+        subprocess.Popen(
+            [sys.executable, "-m", "blockstore", "prefetch", reference, *options],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for reference in references
+    ]
+    try:
+        done = [process.communicate(timeout=120) for process in prefetches]
+    finally:
+        for process in prefetches:
+            process.kill()
+    for process, (out, err) in zip(prefetches, done, strict=True):
+        assert process.returncode == 0, err
+        assert "verified and sealed" in out, out
