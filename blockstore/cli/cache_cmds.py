@@ -350,16 +350,38 @@ def _set_pin(args: argparse.Namespace, on: bool) -> int:
                     store.pin(digest, size)
             elif digest not in kept and digest not in loose:
                 store.unpin(digest)  # not a loose one: it may have no record (cache rm)
+        cached = {d: _cached_fraction(store, d) for d in blobs} if on else {}
     verb = "pinned" if on else "unpinned"
     done = sorted(set(blobs) - set(kept) - loose)
-    lines = [f"{verb} {d}" for d in done]
+    lines = [f"{verb} {d}{_not_whole(cached.get(d, 1.0))}" for d in done]
     lines += [f"kept pinned {d}: pinned image {kept[d]} uses it too" for d in sorted(kept)]
     lines += [f"was not pinned {d}" for d in sorted(loose)]
     report = {verb: done, "kept_pinned": sorted(kept)}
-    if not on:
+    if on:
+        report["not_whole"] = [d for d in done if cached[d] < 1.0]
+    else:
         report["not_pinned"] = sorted(loose)
     emit(args, report, "\n".join(lines))
     return 0
+
+
+def _cached_fraction(store: ChunkStore, digest: str) -> float:
+    """How much of a blob the cache holds (none, with no record): a pin keeps what is
+    cached, and what is not only once it is fetched."""
+    record = store.lookup(digest)
+    if record is None:
+        return 0.0
+    return record.present / record.chunks if record.chunks else 1.0
+
+
+def _not_whole(fraction: float) -> str:
+    """What ``pin`` adds of a blob not cached whole, which an offline mount could not read."""
+    if fraction >= 1.0:
+        return ""
+    if fraction == 0.0:
+        return ": none of it is cached yet (kept once fetched)"
+    shown = int(1000 * fraction) / 10  # rounded down: never "100.0%" of a blob not whole
+    return f": {shown:.1f}% of it is cached (the rest kept once fetched)"
 
 
 def _is_pinned(store: ChunkStore, digest: str) -> bool:

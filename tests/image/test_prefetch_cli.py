@@ -580,3 +580,29 @@ def test_two_prefetches_that_fit_the_cap_only_one_at_a_time_both_seal(
     for process, (out, err) in zip(prefetches, done, strict=True):
         assert process.returncode == 0, err
         assert "verified and sealed" in out, out
+
+
+def test_pinning_an_image_whose_layer_is_not_cached_says_so(registry, erofs_images, tmp_path):
+    """Tried: ``prefetch`` of an image of layers S and L, ``cache rm`` of L by its digest
+    (the image's record stays), then ``cache pin`` of the image. Must hold: exit 0; S is
+    said pinned; L is said pinned with none of it cached, the rest kept once fetched
+    (``not_whole`` in ``--json``); ``cache ls`` agrees: L pinned at 0%. Before, both
+    were said "pinned" alike, as if the image were cached whole for offline use."""
+    small, large = erofs_images.small, erofs_images.large
+    reference = push_erofs(registry.host, "pins/uncached", "v1", [small.path, large.path])
+    cache = str(tmp_path / "cache")
+    done = blockstore("prefetch", reference, "--insecure", "--cache-dir", cache, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert blockstore("cache", "rm", large.digest, "--cache-dir", cache).returncode == 0
+
+    pinned = blockstore("cache", "pin", reference, "--cache-dir", cache)
+    as_json = blockstore("cache", "pin", reference, "--json", "--cache-dir", cache)
+
+    assert pinned.returncode == 0, pinned.stderr
+    lines = pinned.stdout.splitlines()
+    assert f"pinned {small.digest}" in lines, lines
+    assert f"pinned {large.digest}: none of it is cached yet (kept once fetched)" in lines
+    assert json.loads(as_json.stdout)["not_whole"] == [large.digest]
+    listing = blockstore("cache", "ls", "--json", "--cache-dir", cache, check=True)
+    blobs = {b["digest"]: (b["pinned"], b["cached_fraction"]) for b in json.loads(listing.stdout)}
+    assert blobs[large.digest] == (True, 0.0), blobs
