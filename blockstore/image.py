@@ -246,6 +246,11 @@ class OpenImage:
         source, upstream = self._sources(layer)
         return self._cached_blob(layer, self._checked(layer, source, upstream), upstream)
 
+    def source(self, layer: Layer) -> BlobSource | None:
+        """Where the layer's bytes come from, past the cache (None offline): for a look at
+        a few bytes not worth keeping, such as a gzip trailer."""
+        return self._sources(layer)[0]
+
     def _sources(self, layer: Layer) -> tuple[BlobSource | None, BlobSource | None]:
         """Where the layer's bytes come from (None offline), and its upstream past any
         mirror (None without mirrors)."""

@@ -143,7 +143,10 @@ def _over_cap(image: OpenImage, layer: Layer) -> str | None:
         return why
     if layer_kind(layer.media_type) != GZIP or (diff_id := image.diff_id(layer)) is None:
         return None
-    blob = image.blob(layer)
+    # Read past the cache: kept, the trailer's chunk would keep a cache made for a refusal.
+    if (source := image.source(layer)) is not None:
+        return store.over_cap(diff_id, size_hint(source.read_range, layer.size))
+    blob = image.blob(layer)  # served from the cache alone: what it holds of the blob
     try:
         tar_size = size_hint(lambda offset, length: b"".join(blob.read(offset, length)), layer.size)
     finally:

@@ -187,3 +187,21 @@ def test_a_prefetch_over_the_cap_is_refused_before_a_byte_is_fetched(tmp_path, r
         assert refused.returncode == 8, refused.stderr
         assert "is larger than the cache size cap" in refused.stderr
         assert whole_and_sealed(cache, first_tar), reference
+
+
+def test_a_first_prefetch_of_a_tar_over_the_cap_leaves_no_cache(tmp_path, registry):
+    """Tried: with no cache yet, ``prefetch --cache-size 4M`` of a tar.gz image whose blob
+    is small but whose tar (as its trailer says) is 12 MiB. Must hold: refused (exit 8)
+    saying the tar is larger than the cap, and no cache directory left, as for any first
+    command that fails. Before, the trailer was read through the cache to learn the
+    tar's size: its chunk and lease file were kept, and so was the cache made for them."""
+    wide, _, _ = pushed(tmp_path, registry, "firstwide", "gzip", compressible_files(256))
+    cache = tmp_path / "parent" / "cache"
+
+    refused = blockstore(
+        "prefetch", wide, "--insecure", "--cache-dir", str(cache), "--cache-size", "4M"
+    )
+
+    assert refused.returncode == 8, refused.stderr
+    assert "is larger than the cache size cap" in refused.stderr, refused.stderr
+    assert not (tmp_path / "parent").exists(), list((tmp_path / "parent").rglob("*"))
