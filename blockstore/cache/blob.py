@@ -12,6 +12,7 @@ arrive) and again by the store in the transaction that stores them.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import functools
 import logging
@@ -483,7 +484,10 @@ class CachedBlob:
                     # Parts went as it was filled: evicted, most likely, for the layer of
                     # another prefetch. The next rounds are filled alone (``turns``).
                     turn.alone()
-                    self._store.renew(self._digest)
+                    # Only an order: a store that fails (a disk gone read-only) fails the
+                    # rounds below too, and is said once they are spent.
+                    with contextlib.suppress(CacheError):
+                        self._store.renew(self._digest)
                     alone = True
         if outcome is False:
             raise IntegrityError(f"{self._digest}: the fetched bytes do not match the digest")
