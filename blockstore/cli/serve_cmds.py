@@ -19,9 +19,10 @@ import signal
 import socket
 import sys
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from blockstore.cache import ChunkStore
 from blockstore.cli.common import (
     add_cache_options,
     add_image_options,
@@ -45,6 +46,9 @@ from blockstore.metrics import MetricsServer
 from nbdfront.mount.readiness import ReadinessPipe
 from nbdfront.server import DEFAULT_PORT, NBDServer, is_wildcard, netloc
 from nbdfront.tls import dates_warning
+
+if TYPE_CHECKING:
+    from blockstore.image import OpenImage
 
 log = logging.getLogger(__name__)
 
@@ -122,31 +126,35 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
     traces = read_trace_file(args.trace_file) if args.trace_file is not None else []
     check_tar_index_options(args)
     check_prefetch_options(args)
-    image = open_image_from_args(
-        args,
-        serves=True,
-        tar_indexes=True,
-        offline=args.offline,
-        prefetch=prefetch_settings_from(args),
-        replace_older=True,
-    )
+    # The addresses are bound before the image opens: one in use fails the command
+    # before it makes a cache, or fetches a byte into one.
+    server = NBDServer({}, tcp=tcp, unix=args.unix, tls=tls, idle_timeout=args.idle_timeout)
+    image: OpenImage | None = None
     metrics = None
     pidfile: Path | None = None  # once written: another server's is never removed
     try:
-        keep_traces(image.store, traces)
-        blobs = image.exports(args.layer, args.blob)
-        server = NBDServer(
-            {blob.name: blob for blob in blobs},
-            tcp=tcp,
-            unix=args.unix,
-            default_export=blobs[-1].name,
-            tls=tls,
-            idle_timeout=args.idle_timeout,
-        )
         try:
-            server.start()
+            server.listen()
         except OSError as exc:
             raise BlockstoreError(_cannot_listen(exc, tcp, args.unix)) from exc
+        if args.metrics is not None:
+
+            def stats() -> dict:  # none until the cache is open: a scrape then reads zeros
+                return image.store.stats() if image is not None else {}
+
+            metrics = start_metrics(args.metrics, stats, server)
+        image = open_image_from_args(
+            args,
+            serves=True,
+            tar_indexes=True,
+            offline=args.offline,
+            prefetch=prefetch_settings_from(args),
+            replace_older=True,
+        )
+        keep_traces(image.store, traces)
+        blobs = image.exports(args.layer, args.blob)
+        server.offer({blob.name: blob for blob in blobs}, blobs[-1].name)
+        server.start()
         names = [blob.name for blob in blobs]
         reference = image.resolved.reference
         address = server.tcp_address
@@ -154,8 +162,7 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
             print(f"blockstore: {warning}", file=sys.stderr)
         if tls is not None and (dates := dates_warning(args.tls_certificates)):
             print(f"blockstore: warning: {dates}", file=sys.stderr)
-        if args.metrics is not None:
-            metrics = start_metrics(args.metrics, image.store, server)
+        if metrics is not None:
             print(f"metrics {metrics_url(metrics)}")
         for signum in STOP_SIGNALS:
             signal.signal(signum, lambda *_: server.request_shutdown())
@@ -179,9 +186,11 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
             signal.signal(signum, signal.SIG_IGN)
         return 0
     finally:
+        server.shutdown()  # done already, once it served; else its listeners and socket
         if metrics is not None:
             metrics.stop()
-        image.close()
+        if image is not None:
+            image.close()
         if pidfile is not None:
             _remove_pidfile(pidfile)
 
@@ -205,10 +214,13 @@ def _bind_failure(exc: OSError, what: str, other: str) -> str:
     return said
 
 
-def start_metrics(address: tuple[str, int], store: ChunkStore, server: NBDServer) -> MetricsServer:
-    """Prometheus metrics of the cache and this server, announced before ``ready``."""
+def start_metrics(
+    address: tuple[str, int], stats: Callable[[], dict], server: NBDServer
+) -> MetricsServer:
+    """Prometheus metrics of the cache (``stats``) and this server, announced before
+    ``ready``."""
     try:
-        metrics = MetricsServer(*address, store.stats, lambda: server.connection_count)
+        metrics = MetricsServer(*address, stats, lambda: server.connection_count)
     except OSError as exc:
         where = f"{address[0]}:{address[1]}"
         raise BlockstoreError(

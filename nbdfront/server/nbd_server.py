@@ -156,7 +156,23 @@ class NBDServer:
         with self._lock:
             return sum(session.bytes_held for session in self._sessions)
 
+    def offer(self, exports: Mapping[str, Export], default_export: str | None = None) -> None:
+        """Serve ``exports`` in place of those given at construction (before ``start``):
+        a caller can bind first (``listen``) and make its exports once that worked."""
+        self.exports = dict(exports)
+        self.catalog = Catalog(self.exports, default_export)
+
     def start(self) -> None:
+        self.listen()
+        for listener in self._listeners:
+            self._start_thread("nbd-accept", self._accept_loop, listener)
+        self._start_thread("nbd-deadlines", self._watch_deadlines)
+
+    def listen(self) -> None:
+        """Bind the addresses and listen, once (``start`` does it if no caller has): an
+        address in use is then known before anything costly is made to serve on it."""
+        if self._listeners:
+            return
         if self._tcp is not None:
             host, port = self._tcp
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -173,9 +189,6 @@ class NBDServer:
             self._bound_socket = _identity(self.unix_path)
             listener.listen(128)
             self._listeners.append(listener)
-        for listener in self._listeners:
-            self._start_thread("nbd-accept", self._accept_loop, listener)
-        self._start_thread("nbd-deadlines", self._watch_deadlines)
 
     def _start_thread(self, name: str, target: Callable[..., None], *args: object) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)

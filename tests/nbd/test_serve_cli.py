@@ -754,3 +754,35 @@ def test_cache_rm_refused_by_a_running_server_says_so_on_stderr(
     assert image in result.stderr
     if json_output:
         assert json.loads(result.stdout)["kept_images"] == [image]
+
+
+@pytest.mark.parametrize("taken", ["listen", "metrics", "unix"])
+def test_an_address_in_use_fails_serve_before_it_makes_a_cache(pushed_images, tmp_path, taken):
+    """Tried: a first ``serve`` whose NBD port, metrics port or Unix socket another server
+    already listens on. Must hold: exit 1 with the one line naming the address, and no
+    cache made where ``--cache-dir`` names none: the addresses are bound before the image
+    is opened. Before, the image was opened (a cache made, the layer's warm-up already
+    fetching into it) and the cache left behind."""
+    cache = tmp_path / "cache"
+    path = tmp_path / "nbd.sock"
+    family = socket.AF_UNIX if taken == "unix" else socket.AF_INET
+    with socket.socket(family) as other:
+        other.bind(str(path) if taken == "unix" else ("127.0.0.1", 0))
+        other.listen()
+        port = None if taken == "unix" else other.getsockname()[1]
+        argv = [pushed_images.small, "--insecure", "--cache-dir", str(cache)]
+        argv += {
+            "listen": ["--listen", f"127.0.0.1:{port}"],
+            "metrics": ["--listen", "127.0.0.1:0", "--metrics", f"127.0.0.1:{port}"],
+            "unix": ["--unix", str(path)],
+        }[taken]
+        done = subprocess.run(
+            [sys.executable, "-m", "blockstore", "serve", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "another server listens there" in line, line
+    assert not cache.exists(), sorted(p.name for p in cache.iterdir())
