@@ -491,6 +491,10 @@ class SpooledPassFill:
     def __call__(self, piece: bytes) -> None:
         if self._file is None:
             return
+        if (why := self._store.over_cap(self._digest, self._size + len(piece))) is not None:
+            # Spooled on, a tar the cap will not keep would only fill the disk.
+            self._give_up(f"{why}; so nothing else is evicted for it")
+            return
         try:
             self._file.write(piece)
         except OSError as exc:

@@ -166,6 +166,38 @@ def test_a_zstd_tar_spooled_beside_a_cache_with_no_room_for_it_is_not_stored(
         assert whole_and_sealed(cache, first_tar)
 
 
+def test_a_zstd_tar_larger_than_the_cap_is_spooled_no_further_than_the_cap(
+    tmp_path, registry, caplog
+):
+    """Tried: a zstd image (a stream: its tar's size is known only at the end) whose tar
+    is 48 MiB, opened with a cache capped at 4 MiB on a 32 MiB disk, so its indexing
+    pass spools the tar beside the cache. Must hold: the open succeeds, and the spool
+    stops once it is past the cap, with a warning saying the tar is larger than the cap:
+    the disk never fills. Before, the whole tar was spooled, to be dropped at the end
+    for the cap: the disk filled (every other writer on it failing meanwhile) and the
+    warning said "No space left on device"."""
+    reference, tar_digest, _ = pushed(
+        tmp_path, registry, "spooled", "zstd", compressible_files(1000)
+    )
+    with small_disk(tmp_path / "disk", "32M") as disk:
+        caplog.set_level(logging.WARNING)
+        lazy = PrefetchSettings(readahead=False)
+        image = open_image(
+            reference,
+            cache_dir=disk / "cache",
+            cache_size=4 << 20,
+            options=registry.options(),
+            prefetch=lazy,
+        )
+        try:
+            assert len(image.exports()) == 1
+        finally:
+            image.close()
+    assert f"{tar_digest} (48.0 MiB) is larger than the cache size cap" not in caplog.text
+    assert "is larger than the cache size cap (4.0 MiB)" in caplog.text, caplog.text
+    assert "No space left" not in caplog.text, caplog.text
+
+
 def test_a_prefetch_over_the_cap_is_refused_before_a_byte_is_fetched(tmp_path, registry):
     """Tried: a cache capped at 8 MiB holding a prefetched tar.gz image (sealed); then
     ``prefetch`` of a tar.gz image whose blob is 10 MiB (random bytes), and of one whose
