@@ -117,12 +117,16 @@ def split_path(raw: bytes) -> list[bytes]:
     """Path components of a tar member name, or an error for unsafe names.
 
     ``./a//b/`` is ``a/b``; ``/a`` is ``a`` (tar strips leading slashes too);
-    ``..`` could point outside the layer, so it is refused.
+    ``..`` could point outside the layer, so it is refused. A whiteout's name is held
+    to 255 bytes after ``.wh.``: the name it hides is the one stored, and Docker and
+    containerd write ``.wh.`` before a name of 255 bytes all the same.
     """
     parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
     if b".." in parts:
         raise TarLayerError(f"tar entry {_show(raw)}: '..' in a path is not allowed")
-    for p in parts:
+    for i, p in enumerate(parts):
+        if i == len(parts) - 1 and p.startswith(WHITEOUT_PREFIX):
+            p = p[len(WHITEOUT_PREFIX) :]
         if len(p) > 255:
             raise TarLayerError(f"tar entry {_show(raw)}: a name is longer than 255 bytes")
     return parts

@@ -577,6 +577,37 @@ def test_aufs_metadata_in_an_old_docker_layer_is_no_part_of_the_tree(tmp_path, r
         cli("umount", str(mnt))
 
 
+def test_a_whiteout_of_a_255_byte_name_hides_it(tmp_path, registry, run_dir):
+    """A base layer with a file named by 255 bytes at its root and in ``dir``, and a layer
+    over it whiting both out, as Docker and containerd write it: ``.wh.`` before the
+    name, 259 bytes in all. The mount shows what extraction in order leaves: neither
+    file, ``dir`` empty, ``keep`` kept. Before, the whiteout's name was refused as
+    longer than 255 bytes, and the image with it."""
+    name = "n" * 255
+    reg = tarfile.REGTYPE
+    base = _tar_of_entries(
+        tmp_path / "base.tar",
+        [(name, reg, b"hidden\n"), ("keep", reg, b"kept\n"), (f"dir/{name}", reg, b"hidden\n")],
+    )
+    upper = _tar_of_entries(
+        tmp_path / "upper.tar", [(f".wh.{name}", reg, b""), (f"dir/.wh.{name}", reg, b"")]
+    )
+    layers = [("tar", base.read_bytes()), ("gzip", upper.read_bytes())]
+    ref = skopeo_copy(make_layout(tmp_path / "layout", "v1", layers), "v1", registry.host, "o/whl")
+    reference = tmp_path / "extracted"
+    extract_in_order([base, upper], reference)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cli("mount", "--insecure", "--cache-dir", str(tmp_path / "cache"), ref, str(mnt))
+    try:
+        assert sorted(os.listdir(mnt)) == ["dir", "keep"]
+        assert os.listdir(mnt / "dir") == []
+        want = without_dir_counts(snapshot(reference, with_mtime=False))
+        assert without_dir_counts(snapshot(mnt, with_mtime=False)) == want
+    finally:
+        cli("umount", str(mnt))
+
+
 def test_a_platform_mounted_after_another_of_the_same_index_is_stacked_as_its_own_layers(
     tmp_path, registry, run_dir
 ):
