@@ -296,6 +296,19 @@ def _streamed(blob: LayerBlob) -> Callable[[int, int], bytes]:
     return read
 
 
+def _walked(blob: LayerBlob) -> Callable[[int, int], bytes]:
+    """Reads of a plain tar's header walk, saying how far into the blob it has got: a
+    layer of many files over a slow link is walked for minutes, a round trip at a time."""
+    read = _read_all(blob)
+    progress = Progress(f"{blob.digest}: reading the tar's headers to index it", blob.size)
+
+    def walked(offset: int, length: int) -> bytes:
+        progress.reached(offset)
+        return read(offset, length)
+
+    return walked
+
+
 def local_index(
     tarindex: Path, zinfo: Path | None, blob: LayerBlob, kind: str, diff_id: str | None
 ) -> TarIndex:
@@ -505,7 +518,7 @@ def _build_index(
         # marked before the index is kept, so no crash keeps it unmarked.
         if not store.read_only:  # which keeps no index either
             cache.set_unproven(blob.digest, span, not _sealed(store, blob.digest))
-        return index_plain_tar(read, blob.size, blob.digest)
+        return index_plain_tar(_walked(blob), blob.size, blob.digest)
     log.info("%s: reading the %s layer once to index it", blob.digest, kind)
     tar_digest = diff_id()
     keeper = _pass_fill(store, kind, tar_digest, read, blob.size)

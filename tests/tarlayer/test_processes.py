@@ -192,3 +192,38 @@ def test_a_server_waiting_for_another_s_index_keeps_its_mount_waiting(tmp_path, 
     (status,) = statuses
     assert isinstance(status, readiness.Ready), (status, heard, log.whole())
     assert any("waiting for another process's index" in text for text in heard), heard
+
+
+def test_a_plain_tar_layer_walked_slowly_keeps_its_mount_waiting(tmp_path, registry, fault_proxy):
+    """Tried: a plain tar layer of 16 files of 1 MiB, each read of its blob held 0.8 s by a
+    proxy (a far registry), opened by ``serve`` as ``mount`` starts it (``--ready-fd``):
+    its index is built by walking the tar's headers, a round trip each, for longer than
+    the mount waits for a word from its server. Must hold: the walk says
+    how far it has got on the pipe, as progress, so the mount waits on, and the server
+    is ready. Before, a header walk said nothing until it ended, so a mount of a plain
+    tar layer of many files over a slow link gave up (after 120 s) on a server at work."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(16):
+        (src / f"f{i:02d}.bin").write_bytes(os.urandom(1 << 20))
+    tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    ref = push_tar_layer(registry, "o/walked", "v1", "tar", tar, tmp_path)
+    digest = "sha256:" + hashlib.sha256(tar).hexdigest()
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault("delay", path_contains=digest, method="GET", seconds=0.8)
+    read_end, write_end = os.pipe()
+    argv = ["--ready-fd", str(write_end)]
+    reference = ref.replace(registry.host, proxy.host)
+    server = start_serving(reference, tmp_path / "cache", tmp_path / "s.sock", argv, (write_end,))
+    os.close(write_end)
+    log = Stderr(server)
+    heard: list[str] = []
+    try:
+        status = readiness.receive(read_end, PATIENCE, heard.append)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        server.stdout.close()
+        os.close(read_end)
+    assert isinstance(status, readiness.Ready), (status, heard, log.whole())
+    assert any(f"{digest}: reading the tar's headers to index it" in text for text in heard), heard
