@@ -170,9 +170,9 @@ class LayerTree:
         ``budget``: how many more symlinks (Linux's 40) and names this lookup may take."""
         budget[1] -= 1
         if budget[1] < 0:
+            through = " through symlinks" if budget[0] < SYMLINK_FOLLOWS else ""
             raise TarLayerError(
-                f"tar entry {_show(raw)}: its path walks more than {NAMES_WALKED} names"
-                " through symlinks"
+                f"tar entry {_show(raw)}: its path walks more than {NAMES_WALKED} names{through}"
             )
         if name == b"..":  # only in a symlink's target: split_path refuses it in a name
             if len(trail) > 1:

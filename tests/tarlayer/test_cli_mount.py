@@ -429,6 +429,25 @@ def test_a_file_under_1500_nested_directories_mounts(tmp_path, registry, run_dir
         cli("umount", str(mnt))
 
 
+def test_a_file_under_5000_nested_directories_is_refused_for_its_depth_alone(
+    tmp_path, registry, run_dir
+):
+    """A gzip layer whose one file lies under 5,000 nested directories (``a/a/.../f``, 10 KB,
+    past PATH_MAX: ``tar -x`` fails on it) and holds no symlink: ``mount`` fails with
+    one line saying the path walks more than 4096 names, and nothing mounted. Before,
+    the line said it walked them "through symlinks", sending the user to look for
+    symlinks the layer does not have."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        info = tarfile.TarInfo("a/" * 5000 + "f")
+        info.size = 5
+        archive.addfile(info, io.BytesIO(b"deep\n"))
+    ref = push_tar_layer(registry, "o/deeper", "v1", "gzip", buffer.getvalue(), tmp_path)
+    stderr = _mount_fails(tmp_path, ref)
+    assert "its path walks more than 4096 names" in stderr, stderr
+    assert "symlink" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
 def _entries_only(path: Path, entries: list[tuple[str, bytes, int, int]]) -> Path:
     """A tar of ``(name, kind, mode, uid)`` entries alone, with no entry for the root or
     any parent directory, as hand-made layers and some image builders write them."""
