@@ -26,7 +26,7 @@ from blockstore.tarlayer.tree import Inode, LayerTree, TarLayerError
 
 DEVT_SLOT_OFFSET = f.align(f.SUPER_OFFSET + f.SUPER.size, f.DEVICE_SLOT_SIZE)
 FIRST_INODE_OFFSET = DEVT_SLOT_OFFSET + f.DEVICE_SLOT_SIZE
-MAX_TAR_BLOCKS = 1 << 32  # chunk indexes hold 32-bit block numbers
+MAX_TAR_BLOCKS = 1 << 32  # chunk indexes and the superblock hold 32-bit block numbers
 
 
 @dataclass(eq=False)
@@ -103,8 +103,6 @@ def _dir_size(names: list[bytes]) -> tuple[int, int]:
 def write_metadata(tree: LayerTree, tar_size: int) -> bytes:
     """The metadata image for ``tree``, whose files live in a tar of ``tar_size`` bytes."""
     tar_blocks = f.align(tar_size, f.BLOCK_SIZE) // f.BLOCK_SIZE
-    if tar_blocks >= MAX_TAR_BLOCKS:
-        raise TarLayerError("the tar is 2 TiB or larger: too large for 32-bit block numbers")
     placed = _collect(tree)
     epoch = min((p.inode.mtime for p in placed), default=0)
     epoch = max(epoch, 0)
@@ -114,6 +112,10 @@ def write_metadata(tree: LayerTree, tar_size: int) -> bytes:
     by_inode = {id(p.inode): p for p in placed}
     meta_end = _place_data(placed, inodes_end)
     meta_blocks = f.align(meta_end, f.BLOCK_SIZE) // f.BLOCK_SIZE
+    if meta_blocks + tar_blocks >= MAX_TAR_BLOCKS:  # the superblock counts both
+        raise TarLayerError(
+            "the tar and its metadata are 2 TiB or larger: too large for 32-bit block numbers"
+        )
     image = bytearray(meta_blocks * f.BLOCK_SIZE)
     root_nid = placed[0].offset // f.INODE_SLOT
     if root_nid > 0xFFFF:

@@ -165,6 +165,17 @@ def test_file_beyond_chunk_limits_gets_several_chunk_indexes():
         write_metadata(build_tree([big]), (3 << 40) + 1024)
 
 
+def test_a_tar_just_under_2_tib_is_refused_with_its_metadata_counted():
+    """Tried: a tar 1 KiB short of 2 TiB (one file filling it), whose blocks fit 32 bits
+    but not with the metadata's before them: the superblock counts both. Must hold: a
+    TarLayerError saying so, as for a tar of 2 TiB. Before, the superblock's packing
+    failed with a bare struct.error ("'I' format requires 0 <= number <= 4294967295")."""
+    tar_size = (2 << 40) - 1024
+    big = TarEntry(path=b"big", mode=stat.S_IFREG, size=tar_size - 2048, data_offset=512)
+    with pytest.raises(TarLayerError, match="2 TiB or larger"):
+        write_metadata(build_tree([big]), tar_size)
+
+
 def test_extended_inodes_only_where_needed():
     """A plain file gets a 32-byte compact inode, one with a uid beyond 16 bits a 64-byte
     extended one (the i_format version bit)."""
