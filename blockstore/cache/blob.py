@@ -449,7 +449,7 @@ class CachedBlob:
         match its digest (it is then dropped), ``CacheError`` if it cannot
         be kept whole under the size cap.
         """
-        if (over := self._store.over_cap(self._digest, self._size)) is not None:
+        if (over := self.over_cap()) is not None:
             raise CacheError(f"{over}; raise --cache-size or pin it")
         if (no_room := self.no_room()) is not None:
             raise DiskFull(f"{no_room}; nothing was fetched or evicted")
@@ -505,6 +505,11 @@ class CachedBlob:
             )
         self._sums = self._store.sealed_sums(self._digest)
         self._whole = True
+
+    def over_cap(self) -> str | None:
+        """Why the layer cannot be kept whole under the cache's size cap, or None
+        (``ChunkStore.over_cap``)."""
+        return self._store.over_cap(self._digest, self._size)
 
     def no_room(self) -> str | None:
         """Why the disk holding the cache cannot take the rest of the layer, or None

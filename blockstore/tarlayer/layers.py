@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import NoReturn, Protocol, TypeVar
 
 from blockstore.cache import CachedBlob, ChunkStore, DiskFull
-from blockstore.errors import BlobReadError, BlockstoreError, IntegrityError, NotCached, UsageError
+from blockstore.errors import (
+    BlobReadError,
+    BlockstoreError,
+    CacheError,
+    IntegrityError,
+    NotCached,
+    UsageError,
+)
 from blockstore.export import Buffer
 from blockstore.prefetch import PrefetchSettings
 from blockstore.progress import Progress
@@ -230,7 +237,10 @@ class TarLayer(TarLayerExport):
         then prove an index that came from the registry against it."""
         if self._pump is not None:
             # Checked before a span is inflated, as a blob's prefetch checks before a
-            # byte is fetched: each store of a tar too large for the disk would evict.
+            # byte is fetched: each store of a tar too large for the cap or the disk
+            # would evict.
+            if (over := self._tar_blob.over_cap()) is not None:
+                raise CacheError(f"{over}; raise --cache-size or pin it")
             if (no_room := self._tar_blob.no_room()) is not None:
                 raise DiskFull(f"{no_room}; nothing was decompressed or evicted for it")
             self._checked(self._pump.run)

@@ -237,3 +237,28 @@ def test_a_first_prefetch_of_a_tar_over_the_cap_leaves_no_cache(tmp_path, regist
     assert refused.returncode == 8, refused.stderr
     assert "is larger than the cache size cap" in refused.stderr, refused.stderr
     assert not (tmp_path / "parent").exists(), list((tmp_path / "parent").rglob("*"))
+
+
+def test_a_prefetch_of_a_zstd_tar_over_the_cap_is_refused_before_a_span_is_inflated(
+    tmp_path, registry
+):
+    """Tried: a cache capped at 8 MiB holding a prefetched tar.gz image (sealed); then
+    ``prefetch`` of a zstd image whose blob is small but whose tar is 11.8 MiB (a zstd
+    stream names no size: it is known once the layer is opened, from its index). Must
+    hold: refused (exit 8) saying the tar is larger than the cap, with no span inflated
+    into the cache, and the first image stays whole and sealed. Before, every span was
+    inflated and stored first, which evicted the sealed image (and took minutes for a
+    tar of some GiB), and only then was the tar refused."""
+    first, first_tar, _ = pushed(tmp_path, registry, "kept", "gzip", {"a.txt": os.urandom(1 << 20)})
+    cache = tmp_path / "cache"
+    done = blockstore(
+        "prefetch", first, "--insecure", "--cache-dir", str(cache), "--cache-size", "8M"
+    )
+    assert done.returncode == 0, done.stderr
+    assert whole_and_sealed(cache, first_tar)
+    wide, wide_tar, _ = pushed(tmp_path, registry, "widezstd", "zstd", compressible_files(256))
+    refused = blockstore("prefetch", wide, "--insecure", "--cache-dir", str(cache))
+    assert refused.returncode == 8, refused.stderr
+    assert f"{wide_tar} (11.8 MiB) is larger than the cache size cap" in refused.stderr
+    assert whole_and_sealed(cache, first_tar)
+    assert cached(cache).get(wide_tar) is None or cached(cache)[wide_tar]["cached_fraction"] == 0
