@@ -196,8 +196,12 @@ class TarLayer(TarLayerExport):
     def _fill(self) -> None:
         filled = False
         try:
-            if self._pump is not None and (no_room := self._tar_blob.no_room()) is not None:
-                log.warning("%s; not filled, so nothing else is evicted for it", no_room)
+            if self._pump is not None and (
+                why := self._tar_blob.over_cap() or self._tar_blob.no_room()
+            ):
+                # Reads inflate the spans they need: filled, a tar the cache cannot keep
+                # would evict the rest of it, then its own first chunks, round after round.
+                log.warning("%s; not filled, so nothing else is evicted for it", why)
                 return
             filled = self._pump is None or self._checked(self._pump.run)
             if filled:

@@ -8,16 +8,18 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
-from oci_layout import push_tar_layer
+from oci_layout import MEDIA_TYPES, compress, push_tar_layer
 from rig.small_disk import small_disk
 from rig.waiting import wait_for
 from trees import make_tar
 
 from blockstore.image import open_image
 from blockstore.prefetch import PrefetchSettings
+from blockstore.registry.push import push_image
 
 CLI = [sys.executable, "-m", "blockstore"]
 
@@ -262,3 +264,40 @@ def test_a_prefetch_of_a_zstd_tar_over_the_cap_is_refused_before_a_span_is_infla
     assert f"{wide_tar} (11.8 MiB) is larger than the cache size cap" in refused.stderr
     assert whole_and_sealed(cache, first_tar)
     assert cached(cache).get(wide_tar) is None or cached(cache)[wide_tar]["cached_fraction"] == 0
+
+
+def test_span_readahead_of_a_tar_over_the_cap_is_skipped(tmp_path, registry, caplog):
+    """Tried: a cache capped at 8 MiB holding a prefetched tar.gz image (sealed); a zstd
+    image whose tar is 11.8 MiB, in frames of 1 MiB of tar (as pzstd writes it: spans
+    of 4 MiB), opened with span readahead, as ``mount`` opens it, and the start of its
+    tar read. Must hold: the readahead is skipped with a warning saying the tar is
+    larger than the cap; the read is right (its span inflated); the sealed image stays
+    whole. Before, the readahead inflated and stored every span, round after round,
+    each round evicting the sealed image and then the tar's own first chunks."""
+    first, first_tar, _ = pushed(tmp_path, registry, "kept", "gzip", {"a.txt": os.urandom(1 << 20)})
+    cache = tmp_path / "cache"
+    done = blockstore(
+        "prefetch", first, "--insecure", "--cache-dir", str(cache), "--cache-size", "8M"
+    )
+    assert done.returncode == 0, done.stderr
+    tar = layer_tar(tmp_path, "framed", compressible_files(256))
+    frames = [tar[i : i + (1 << 20)] for i in range(0, len(tar), 1 << 20)]
+    layer = tmp_path / "framed.tar.zst"
+    layer.write_bytes(b"".join(compress("zstd", frame) for frame in frames))
+    client = registry.client()
+    try:
+        push_image(client, "o/framed", "v1", [layer], media_type=MEDIA_TYPES["zstd"])
+    finally:
+        client.close()
+    caplog.set_level(logging.WARNING)
+    image = open_image(f"{registry.host}/o/framed:v1", cache_dir=cache, options=registry.options())
+    try:
+        (export,) = image.exports()
+        start = len(export.index.metadata)
+        assert b"".join(bytes(b) for b in export.read(start, 1 << 16)) == tar[: 1 << 16]
+        filling = lambda: any(t.name == "tar-fill" for t in threading.enumerate())  # noqa: E731
+        assert wait_for(lambda: not filling(), 120)
+    finally:
+        image.close()
+    assert whole_and_sealed(cache, first_tar)
+    assert "is larger than the cache size cap (8.0 MiB); not filled" in caplog.text, caplog.text
