@@ -306,10 +306,12 @@ def _mtime(member: tarfile.TarInfo) -> tuple[int, int]:
 
 
 # What the metadata image's fields hold: EROFS ids are 32-bit, times signed 64-bit,
-# and a device number is Linux's 32-bit encoding (12-bit major, 20-bit minor).
+# and a device number is Linux's 32-bit encoding (12-bit major, 20-bit minor). An id of
+# 2^32-1 is Linux's -1, no owner: chown(2) takes it as "leave as it is", so extraction
+# leaves such a file root's, where the image would show it as the overflow id (nobody).
 _LIMITS = {
-    "uid": (0, (1 << 32) - 1),
-    "gid": (0, (1 << 32) - 1),
+    "uid": (0, (1 << 32) - 2),
+    "gid": (0, (1 << 32) - 2),
     "mtime": (-(1 << 63), (1 << 63) - 1),
     "device major": (0, (1 << 12) - 1),
     "device minor": (0, (1 << 20) - 1),

@@ -219,6 +219,8 @@ def one_member(fmt: int = tarfile.PAX_FORMAT, **fields) -> bytes:
         (one_member(uid=2**32 + 5), "uid 4294967301 is out of range"),
         (one_member(tarfile.GNU_FORMAT, uid=-1), "uid -1 is out of range"),
         (one_member(gid=2**40), "gid 1099511627776 is out of range"),
+        (one_member(uid=2**32 - 1), r"uid 4294967295 is out of range \(0 to 4294967294\)"),
+        (one_member(gid=2**32 - 1), r"gid 4294967295 is out of range \(0 to 4294967294\)"),
         (one_member(pax_headers={"mtime": "1e3"}), "PAX mtime '1e3' is not a number"),
         (one_member(pax_headers={"mtime": "--5"}), "PAX mtime '--5' is not a number"),
         (one_member(pax_headers={"mtime": "1.\u00b2"}), "PAX mtime '1.\u00b2' is not a number"),
@@ -231,6 +233,8 @@ def one_member(fmt: int = tarfile.PAX_FORMAT, **fields) -> bytes:
         "pax-uid",
         "gnu-negative-uid",
         "pax-gid",
+        "uid-minus-one",
+        "gid-minus-one",
         "mtime-1e3",
         "mtime-double-minus",
         "mtime-superscript",
@@ -244,11 +248,13 @@ def test_values_the_image_cannot_hold_are_refused_by_name(tar, message):
     """A uid, gid, mtime or device number past what the image's fields hold, an mtime
     that is no number, or a symlink target longer than Linux makes: one TarLayerError
     naming the entry and the value, never a value wrapped around or a traceback (tar
-    refuses each of these at extraction too). The largest values that fit pass."""
+    refuses each of these at extraction too). An id of 2^32-1 is Linux's -1: extraction
+    leaves such a file root's, the image would show it as nobody's, so it is refused
+    too (before, it was kept, and shown as 65534). The largest values that fit pass."""
     with pytest.raises(TarLayerError, match=f"tar entry 'odd': {message}"):
         list(walk_tar(io.BytesIO(tar)))
     largest = [
-        one_member(uid=2**32 - 1, gid=2**32 - 1),
+        one_member(uid=2**32 - 2, gid=2**32 - 2),
         one_member(type=tarfile.CHRTYPE, devmajor=4095, devminor=(1 << 20) - 1),
         one_member(type=tarfile.SYMTYPE, linkname="t" * 4095),
     ]
