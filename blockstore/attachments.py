@@ -31,9 +31,11 @@ from blockstore.chunkindex import (
 )
 from blockstore.errors import BlockstoreError, CacheError, IntegrityError, RegistryError
 from blockstore.prefetch.trace import Trace, merge_traces, traces_document, traces_from_document
+from blockstore.progress import human
 from blockstore.registry import Layer, RegistryClient, ResolvedImage
 from blockstore.registry.mediatypes import OCI_MANIFEST
 from blockstore.registry.referrers import (
+    MAX_ARTIFACT_BLOB,
     ArtifactBlob,
     Referrer,
     Subject,
@@ -181,11 +183,14 @@ def indexes_for_image(
 
 def push_tar_indexes(
     client: RegistryClient, subject: Subject, layers: list[Layer], built: dict[str, TarIndex]
-) -> str:
-    """Attach the tar indexes of the image's tar layers as one artifact; its digest.
+) -> str | None:
+    """Attach the tar indexes of the image's tar layers as one artifact; its digest, or
+    None where none could be.
 
     Layers not in ``built`` keep what the artifact already held for them, so
-    indexing one layer does not drop the others'.
+    indexing one layer does not drop the others'. A layer whose index has a blob larger
+    than any reader takes (the zinfo of a gzip tar of about 8 GiB) is left out, with a
+    warning: a machine without it builds its own, as it would with none attached.
     """
 
     def attached() -> list[ArtifactBlob]:
@@ -198,7 +203,21 @@ def push_tar_indexes(
         )
 
     kept = carried_over("tar index", attached, [])
-    blobs = [blob for digest, index in built.items() for blob in tar_index_blobs(index, digest)]
+    blobs: list[ArtifactBlob] = []
+    for digest, index in built.items():
+        made = tar_index_blobs(index, digest)
+        if (largest := max(len(data) for data, _, _ in made)) > MAX_ARTIFACT_BLOB:
+            log.warning(
+                "%s: its tar index is not attached: a blob of it is %s, over the %s an "
+                "artifact blob may have (a machine without it builds its own)",
+                digest,
+                human(largest),
+                human(MAX_ARTIFACT_BLOB),
+            )
+            continue
+        blobs += made
+    if not kept and not blobs:
+        return None
     return push_artifact(client, subject, TAR_INDEX_ARTIFACT_TYPE, kept + blobs)
 
 

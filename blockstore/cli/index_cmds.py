@@ -175,7 +175,8 @@ def run_index(args: argparse.Namespace) -> int:
             if tar_built:
                 layers = image.resolved.layers
                 digest = push_tar_indexes(image.client, subject, layers, tar_built)
-                print(f"tar index attached to {image.resolved.manifest_digest} as {digest}")
+                if digest is not None:
+                    print(f"tar index attached to {image.resolved.manifest_digest} as {digest}")
     finally:
         image.close()
     return 0

@@ -600,3 +600,34 @@ def test_a_damaged_origin_mark_still_has_the_shared_index_proven(tmp_path, regis
         assert export.index.metadata == own.metadata
     finally:
         image.close()
+
+
+def test_a_tar_index_too_large_to_share_is_left_out_not_a_usage_error(
+    tmp_path, registry, monkeypatch, capsys, caplog
+):
+    """Tried: ``index --push`` of a tar.gz image whose tar index (metadata image and zinfo)
+    is larger than an artifact blob may be (here the limit is made 4 KiB; a gzip tar of
+    about 8 GiB has a zinfo over the real 64 MiB). Must hold: exit 0, the chunk index
+    attached, the tar index left out with one warning naming the layer and the sizes
+    (a new machine then builds that index itself, as without ``--push``). Before, exit
+    2, as for a usage error, after the chunk index was attached."""
+    from blockstore import attachments
+    from blockstore.cli import main
+    from blockstore.registry import referrers
+
+    files = {f"f{i}.bin": os.urandom(64 << 10) for i in range(8)}
+    client = registry.client()
+    try:
+        ref, _, blob = gzip_image(tmp_path, registry.host, client, "large", files, "gzip")
+    finally:
+        client.close()
+    monkeypatch.setattr(referrers, "MAX_ARTIFACT_BLOB", 4096)
+    monkeypatch.setattr(attachments, "MAX_ARTIFACT_BLOB", 4096)
+    code = main(["index", "--push", "--insecure", "--cache-dir", str(tmp_path / "c"), ref])
+    said = capsys.readouterr()
+    assert code == 0, said.err
+    assert "chunk index attached to" in said.out
+    assert "tar index attached" not in said.out
+    layer = "sha256:" + hashlib.sha256(blob).hexdigest()
+    (warning,) = [r.getMessage() for r in caplog.records if "not attached" in r.getMessage()]
+    assert layer in warning and "4.0 KiB" in warning, warning
