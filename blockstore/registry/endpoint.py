@@ -141,11 +141,13 @@ class Endpoint:
                 if pause:
                     self.quiet.asked(pause)
             status = reply.status_code
-            if status in STORAGE_REFUSALS and _origin(reply.url) != self._own_origin:
+            if status in STORAGE_REFUSALS and _origin(reply.url) != _origin(url):
                 # Blob storage refusing the signed URL the registry redirected to: most
                 # often one that expired (a registry may hand out a URL it signed minutes
                 # ago). Asked again, the registry signs a new one; but a HEAD of a URL
-                # signed for GET alone is refused however often it is asked.
+                # signed for GET alone is refused however often it is asked. Where no
+                # redirect was followed (an upload URL the registry gave on another
+                # host), the answer is the registry's own.
                 reply.close()
                 refused = StorageRefused(
                     f"{_address(reply.url)}, where registry {self.host} redirected "

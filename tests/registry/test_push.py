@@ -178,6 +178,34 @@ def test_a_push_checks_blobs_past_storage_that_refuses_a_head(
     assert image.layers[0].digest == small.digest
 
 
+def test_a_refusal_from_an_upload_url_on_another_host_is_the_registrys_own(
+    fresh_registry, erofs_images, fault_proxy
+):
+    """Tried: ``push`` to a registry that names its upload URLs on another host (its
+    ``http.host``, or the Host a proxy in front sends), which refuses the upload's PUT
+    with 403 ``DENIED: quota exceeded``, as a registry over its quota does. Must hold:
+    the blob is sent once, and the push fails (exit 4) in one line saying the registry's
+    own words, not that a storage URL it redirected to expired. Before, the refusal was
+    taken for storage's: the blob was uploaded five times over, its reason never said."""
+    uploads = fault_proxy(fresh_registry, listen="127.0.0.2")
+    front = fault_proxy(fresh_registry, upstream_headers={"Host": uploads.host})
+    uploads.fault = Fault(
+        "status",
+        status=403,
+        method="PUT",
+        body=b'{"errors": [{"code": "DENIED", "message": "quota exceeded"}]}',
+        headers={"Content-Type": "application/json"},
+    )
+    argv = ["push", "--insecure", str(erofs_images.small.path), f"{front.host}/push/quota:v1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "blockstore", *argv], capture_output=True, text=True
+    )
+    assert done.returncode == 4, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "quota exceeded" in line and "redirected" not in line, line
+    assert len([r for r in uploads.requests if r.method == "PUT"]) == 1
+
+
 @pytest.mark.parametrize(
     ("content_type", "body"),
     [("text/html", b"<html><body>Sign in</body></html>"), ("application/json", b"[1, 2]")],
