@@ -470,6 +470,8 @@ class CachedBlob:
                 report(self._size - sum(chunk_length(self._size, i) for i in missing))
                 if missing and self._fetcher is None:
                     raise NotCached(f"{self._digest} is not fully cached and the cache is offline")
+                if missing:
+                    turn.join()
                 self._fetch_all(missing, report)
                 outcome = self._store.seal(self._digest, self._size)
                 if outcome is False and self._upstream is not None and self._fetcher is not None:

@@ -3,7 +3,8 @@
 Two prefetches of layers that each fit under the cap, but not both, evict each
 other's chunks as they store their own, and neither layer ends whole. Every
 prefetch holds a shared ``flock`` on ``leases/prefetch`` in the cache directory
-while it fills its layer; one that lost chunks so takes it exclusively for its
+from its first fetch until its layer is filled (one with nothing to fetch takes
+none, so never waits); one that lost chunks so takes it exclusively for its
 next rounds: it waits for the others in flight to end, and fills alone, as if
 they had been run one after the other. Layers that fit together are still
 filled at once. The kernel drops the lock of a process that dies; one that
@@ -34,13 +35,14 @@ _POLL = 0.05
 
 
 class PrefetchTurn:
-    """One prefetch's place among those filling a cache, from ``with`` to its end. Where
-    no lock can be had (a file system without locks, a directory not ours) it fills as
-    if alone, without waiting."""
+    """One prefetch's place among those filling a cache, from ``join`` (or ``alone``) to
+    the end of ``with``. Where no lock can be had (a file system without locks, a
+    directory not ours) it fills as if alone, without waiting."""
 
     def __init__(self, cache_dir: Path):
         self._cache_dir = Path(cache_dir)
         self._fd: int | None = None
+        self._joined = False
 
     def __enter__(self) -> PrefetchTurn:
         directory = self._cache_dir / LEASE_DIR
@@ -49,13 +51,19 @@ class PrefetchTurn:
             self._fd = os.open(directory / TURN_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             log.debug("filling without turns among prefetches: %s", exc)
-            return self
-        self._lock(fcntl.LOCK_SH, "another prefetch filling it alone")
         return self
+
+    def join(self) -> None:
+        """Fill beside the other prefetches, once one filling alone has ended; called
+        before the first fetch (again, it does nothing)."""
+        if not self._joined:
+            self._joined = True
+            self._lock(fcntl.LOCK_SH, "another prefetch filling it alone")
 
     def alone(self) -> None:
         """Wait for the other prefetches in flight to end, then fill alone (the shared
         lock is let go while waiting, so two that ask at once do not wait for each other)."""
+        self._joined = True
         self._lock(fcntl.LOCK_EX, "the other prefetches filling it")
 
     def _lock(self, kind: int, waited_for: str) -> None:

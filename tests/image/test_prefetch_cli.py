@@ -606,3 +606,44 @@ def test_pinning_an_image_whose_layer_is_not_cached_says_so(registry, erofs_imag
     listing = blockstore("cache", "ls", "--json", "--cache-dir", cache, check=True)
     blobs = {b["digest"]: (b["pinned"], b["cached_fraction"]) for b in json.loads(listing.stdout)}
     assert blobs[large.digest] == (True, 0.0), blobs
+
+
+_FILLING_ALONE = """
+import os, signal, sys
+from pathlib import Path
+from blockstore.cache.turns import PrefetchTurn
+with PrefetchTurn(Path(sys.argv[1])) as turn:
+    turn.alone()
+    print("alone", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def test_a_prefetch_with_nothing_to_fetch_does_not_wait_for_one_filling_alone(
+    pushed_images, tmp_path
+):
+    """Tried: the small image prefetched whole; then a process holding the cache's
+    prefetch turn alone (as a prefetch whose layer lost chunks fills its next rounds),
+    stopped there (Ctrl-Z); then the small image prefetched again. Must hold: the second
+    prefetch, which has nothing to fetch or store, exits 0 at once saying its layer
+    verified and sealed, without waiting for the turn. Before, it waited for the other
+    prefetch to end, up to five minutes, to do nothing."""
+    cache = tmp_path / "cache"
+    options = ["--insecure", "--cache-dir", str(cache)]
+    assert blockstore("prefetch", pushed_images.small, *options, timeout=60).returncode == 0
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _FILLING_ALONE, str(cache)],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "alone"
+        again = blockstore("prefetch", pushed_images.small, *options, timeout=30)
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.kill()
+        holder.wait()
+    assert again.returncode == 0, again.stderr
+    assert "verified and sealed" in again.stdout
+    assert "waiting for" not in again.stderr
