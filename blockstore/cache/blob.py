@@ -480,8 +480,8 @@ class CachedBlob:
                     self._fetcher = self._new_fetcher(self._upstream)
                     self._upstream = None
                     continue
-                if outcome is not None:
-                    break
+                if outcome is not None or self._store.unstored(self._digest) is not None:
+                    break  # stores that failed (a full or read-only disk): said below
                 if not alone:
                     # Parts went as it was filled: evicted, most likely, for the layer of
                     # another prefetch. The next rounds are filled alone (``turns``).
