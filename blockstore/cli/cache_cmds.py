@@ -351,6 +351,10 @@ def _set_pin(args: argparse.Namespace, on: bool) -> int:
             elif digest not in kept and digest not in loose:
                 store.unpin(digest)  # not a loose one: it may have no record (cache rm)
         cached = {d: _cached_fraction(store, d) for d in blobs} if on else {}
+        for digest in list(cached):
+            # A compressed layer is read from its tar, offline too: its tar whole, it is.
+            if (tar := tars(digest)) is not None and cached.get(tar) == 1.0:
+                cached[digest] = 1.0
     verb = "pinned" if on else "unpinned"
     done = sorted(set(blobs) - set(kept) - loose)
     lines = [f"{verb} {d}{_not_whole(cached.get(d, 1.0))}" for d in done]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
 import random
@@ -9,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -16,6 +19,8 @@ import pytest
 from rig.fault_proxy import Fault
 from rig.images import build_erofs
 from rig.pushed import push_erofs
+
+from blockstore.image import open_image
 
 
 def blockstore(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -606,6 +611,42 @@ def test_pinning_an_image_whose_layer_is_not_cached_says_so(registry, erofs_imag
     listing = blockstore("cache", "ls", "--json", "--cache-dir", cache, check=True)
     blobs = {b["digest"]: (b["pinned"], b["cached_fraction"]) for b in json.loads(listing.stdout)}
     assert blobs[large.digest] == (True, 0.0), blobs
+
+
+def test_pinning_a_gzip_layer_whose_tar_is_whole_says_it_whole(registry, tmp_path):
+    """Tried: ``prefetch`` of a tar+gzip image (1.4 MiB of random bytes) under a 2 MiB
+    cap, which seals the tar while its compressed blob's chunks are evicted for it; then
+    ``cache pin --json`` of the image. Must hold: exit 0, nothing in ``not_whole``: the
+    layer is read from its tar, whole, as an offline open reads it back. Before, the
+    compressed blob was said not whole ("23.9% of it is cached") though nothing of the
+    layer was missing."""
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as archive:
+        content = random.Random(3).randbytes(1_500_000)
+        entry = tarfile.TarInfo("f")
+        entry.size = len(content)
+        archive.addfile(entry, io.BytesIO(content))
+    layer = tmp_path / "layer.tar.gz"
+    layer.write_bytes(gzip.compress(tar.getvalue()))
+    media_type = "application/vnd.oci.image.layer.v1.tar+gzip"
+    reference = push_erofs(registry.host, "pins/gzip", "v1", [layer], media_type=media_type)
+    cache = tmp_path / "cache"
+    options = ["--insecure", "--cache-size", "2M", "--cache-dir", str(cache)]
+    done = blockstore("prefetch", reference, *options, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+    pinned = blockstore("cache", "pin", reference, "--json", "--cache-dir", str(cache))
+
+    assert pinned.returncode == 0, pinned.stderr
+    report = json.loads(pinned.stdout)
+    assert len(report["pinned"]) == 2 and report["not_whole"] == [], report
+    image = open_image(reference, cache_dir=cache, offline=True)
+    try:
+        (export,) = image.exports()
+        start = len(export.index.metadata)
+        assert bytes(b"".join(export.read(start, len(tar.getvalue())))) == tar.getvalue()
+    finally:
+        image.close()
 
 
 _FILLING_ALONE = """
