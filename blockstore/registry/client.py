@@ -552,7 +552,7 @@ class RegistryClient:
                     reply, f"pushing manifest {reference} to {self.registry}/{repository}"
                 )
             return ManifestPut(
-                reply.headers.get("Docker-Content-Digest"), reply.headers.get("OCI-Subject")
+                digest_said(reply.headers), digest_said(reply.headers, "OCI-Subject")
             )
 
     # Plumbing.
@@ -738,11 +738,11 @@ def receive(
         yield piece
 
 
-def digest_said(headers: CaseInsensitiveDict) -> str | None:
-    """``Docker-Content-Digest`` without the whitespace around it, which is no part of a
-    header's value (RFC 9110): a proxy that leaves a space after it does not make the
-    manifest another's."""
-    said = headers.get("Docker-Content-Digest")
+def digest_said(headers: CaseInsensitiveDict, name: str = "Docker-Content-Digest") -> str | None:
+    """The digest header ``name`` (``Docker-Content-Digest``, ``OCI-Subject``) without the
+    whitespace around it, which is no part of a header's value (RFC 9110): a proxy that
+    leaves a space after it does not make the manifest, or the subject, another's."""
+    said = headers.get(name)
     return said.strip() if said is not None else None
 
 

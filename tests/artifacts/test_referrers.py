@@ -120,6 +120,29 @@ def test_with_oci_subject_no_referrers_tag_is_written(registry, subject_ref, fau
     assert not [r for r in proxy.requests if tag in r.path]
 
 
+def test_an_oci_subject_with_a_space_after_it_is_taken_as_said(registry, subject_ref, fault_proxy):
+    """Tried: the artifact's PUT answered with ``OCI-Subject`` naming the subject, a
+    space after it (as a proxy may leave one; no part of a header's value, RFC 9110).
+    Must hold: the registry is taken to list the artifact by itself: no referrers tag is
+    read or written. Before, the space made it another digest than the subject's, and
+    the client kept a referrers tag the registry had no need of."""
+    proxy = fault_proxy(registry)
+    with via(proxy) as client:
+        subject = subject_of(client, subject_ref.replace(registry.host, proxy.host))
+        proxy.fault = Fault(
+            "status",
+            status=201,
+            body=b"",
+            method="PUT",
+            path_contains="/manifests/",
+            headers={"OCI-Subject": f"{subject.digest} "},
+        )
+        push_artifact(client, subject, ARTIFACT, [(b"w", BLOB, {})], created=CREATED)
+    tag = fallback_tag(subject.digest)
+    assert proxy.faults_applied == 1
+    assert not [r for r in proxy.requests if tag in r.path]
+
+
 @pytest.mark.parametrize("status", [400, 403, 405, 501])
 def test_a_referrers_api_that_refuses_the_call_falls_back_to_the_tag(
     registry, subject_ref, fault_proxy, status
