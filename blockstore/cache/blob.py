@@ -486,8 +486,8 @@ class CachedBlob:
                     # Parts went as it was filled: evicted, most likely, for the layer of
                     # another prefetch. The next rounds are filled alone (``turns``).
                     turn.alone()
-                    # Only an order: a store that fails (a disk gone read-only) fails the
-                    # rounds below too, and is said once they are spent.
+                    # Only an order: where it cannot be written, the rounds below fill
+                    # all the same, and a store of theirs that fails is said.
                     with contextlib.suppress(CacheError):
                         self._store.renew(self._digest)
                     alone = True
