@@ -695,7 +695,10 @@ class CachedBlob:
             return {}
         first, last = min(indices), max(indices)
         end = min(self._size, (last + 1) * CHUNK_SIZE)
-        out, _, _ = self._look_up(blob_id, first * CHUNK_SIZE, end)
+        try:
+            out, _, _ = self._look_up(blob_id, first * CHUNK_SIZE, end)
+        except CacheDamaged:
+            return {}  # moved aside for an empty cache, or lost (``CacheEnv.lost``)
         wanted = set(indices)
         return {
             first + i: data

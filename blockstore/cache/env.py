@@ -22,9 +22,12 @@ A cache is only a cache: a damaged file must cost its contents, never the
 process. The file is measured before LMDB opens it (``damage.py``), and
 LMDB's own corruption errors are caught wherever a transaction runs. Either
 way the directory is moved aside with one log line, and an empty cache takes
-its place. A forked child never touches its parent's environment (LMDB
-forbids it): it closes the copy it inherited, which no transaction was using
-(forks wait for those to end), and opens its own on first use.
+its place. Where it cannot be moved (a mount point: a volume given to the
+cache), a process that found the damage while using it goes on without the
+cache, closed and taken for empty and read-only: every read from the source.
+A forked child never touches its parent's environment (LMDB forbids it): it
+closes the copy it inherited, which no transaction was using (forks wait for
+those to end), and opens its own on first use.
 
 A cache this process cannot write (``write_access.py``) is opened
 read-only, without LMDB's lock file: it is never moved aside, and every
@@ -180,6 +183,8 @@ class CacheEnv:
         # Set when this handle must not be used again: the file was found damaged,
         # or this process is a fork's child. The next transaction reopens first.
         self._stale: str | None = None
+        # Why this process no longer uses the cache: damaged, it could not be moved aside.
+        self.lost: str | None = None
         self.moved_aside: list[str] = []  # what damage this process found and moved away
         checked = self._directory(path)  # the directory about to be judged
         self.read_only_because = cannot_write(path)
@@ -379,7 +384,11 @@ class CacheEnv:
                 return  # another thread renewed it
             if why != "fork":
                 self._close_env()
-                aside = self._discard(why)
+                try:
+                    aside = self._discard(why)
+                except CacheError as exc:
+                    self._lost_because(exc)
+                    return
                 log.warning(
                     "the cache at %s is damaged (%s): moved it to %s, going on with an empty cache",
                     self.path,
@@ -392,6 +401,22 @@ class CacheEnv:
                 self._key = self._directory(self.path)
                 self._open[self._key] = self
             self._stale = None
+
+    def _lost_because(self, exc: CacheError) -> None:
+        """Go on without a damaged cache that cannot be moved aside (a mount point, or a
+        directory in one this user cannot write): closed, it is taken for empty and
+        read-only, so reads come from the source and nothing is kept, rather than every
+        read failing on it."""
+        self.lost = str(exc)
+        self.read_only = True
+        self.read_only_because = "it is damaged and cannot be moved aside"
+        self._stale = None
+        log.warning(
+            "the cache at %s is damaged: %s; until restarted, this process goes on without "
+            "it: nothing is read from it or kept in it",
+            self.path,
+            exc,
+        )
 
     def _close_env(self) -> None:
         if self.env is not None:
@@ -426,7 +451,7 @@ class CacheEnv:
         self._let_go()  # the parent's claim: the child's descriptor of it, not the lock
         self._gate = Gate()
         self._write_lock = threading.Lock()
-        self._stale = "fork"
+        self._stale = "fork" if self.lost is None else None  # a lost cache stays closed
 
     def close(self) -> None:
         with self._open_lock:
@@ -461,7 +486,7 @@ class CacheEnv:
                 gate.wait_shared()
             try:
                 if self.env is None:
-                    raise CacheError(f"the cache at {self.path} is closed")
+                    raise self._closed()
                 return self.env.begin(db=self.dbs[db] if db is not None else None, buffers=True)
             except lmdb.MapResizedError:
                 self._gate.release_shared()
@@ -478,6 +503,11 @@ class CacheEnv:
             except BaseException:
                 self._gate.release_shared()
                 raise
+
+    def _closed(self) -> CacheError:
+        if self.lost is not None:
+            return CacheDamaged(self.lost)
+        return CacheError(f"the cache at {self.path} is closed")
 
     def _wait_for_reader(self) -> None:
         """Reader slots are all taken: free those of dead processes, then give others a moment."""
@@ -511,7 +541,7 @@ class CacheEnv:
                 self._gate.acquire_shared()
                 try:
                     if self.env is None:
-                        raise CacheError(f"the cache at {self.path} is closed")
+                        raise self._closed()
                     with _write_lock_watch.waiting(self.path):
                         txn = self.env.begin(write=True, buffers=True)
                 except lmdb.MapResizedError:

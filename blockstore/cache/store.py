@@ -302,12 +302,17 @@ class ChunkStore:
                 flights = self._flights[digest] = Flights()
             return flights
 
-    def _ask(self, question: Callable[[], T]) -> T:
+    def _ask(self, question: Callable[[], T], empty: Callable[[], T] | None = None) -> T:
         """Answer from the cache; if that finds it damaged, from the empty cache that
-        replaces it (the damaged one is moved aside on the way)."""
+        replaces it (the damaged one is moved aside on the way). Where it could not be
+        moved (``CacheEnv.lost``), ``empty`` gives an empty cache's answer; without it,
+        that is an error."""
         try:
             return question()
         except CacheDamaged:
+            self.env.renew()
+            if self.env.lost is not None and empty is not None:
+                return empty()
             return question()
 
     def lookup(self, digest: str) -> BlobRecord | None:
@@ -322,7 +327,7 @@ class ChunkStore:
                 record = BlobRecord.unpack(raw)
                 return record, self._disagreement(txn, digest, record) is None
 
-        record, agrees = self._ask(question)
+        record, agrees = self._ask(question, lambda: (None, True))
         if agrees:
             return record
         if self.read_only:
@@ -347,7 +352,7 @@ class ChunkStore:
                 raw = txn.get(digest.encode())
                 return bytes(raw) if raw is not None else None
 
-        return self._ask(question)
+        return self._ask(question, lambda: None)
 
     def missing(self, blob_id: int | None, indices: range | list[int]) -> list[int]:
         """Which of ``indices`` have no stored chunk (presence only, unchecked; a part of a
@@ -360,7 +365,7 @@ class ChunkStore:
                 get = txn.get
                 return [i for i in indices if get(chunk_key(blob_id, i)) is None]
 
-        return self._ask(question)
+        return self._ask(question, lambda: list(indices))
 
     def missing_by_digest(self, digest: str, indices: range) -> list[int]:
         """``missing`` for the blob ``digest`` names now: all of ``indices`` if it has no
@@ -418,7 +423,7 @@ class ChunkStore:
                 found = ((i, txn.get(chunk_key(blob_id, i))) for i in indices)
                 return {i: bytes(value) for i, value in found if value is not None}
 
-        return self._ask(question)
+        return self._ask(question, dict)
 
     def store_parts(
         self, digest: str, size: int, blocks: dict[int, dict[int, Buffer]]

@@ -419,8 +419,8 @@ def test_a_lookup_meeting_a_damaged_record_returns_what_the_drop_finds(cache_dir
         _rewrite_record(store, a[1], lambda record: setattr(record, "blob_id", b_id))
         asked = store._ask
 
-        def then_made_right(question):
-            answer = asked(question)
+        def then_made_right(question, empty):
+            answer = asked(question, empty)
             store.env.write(lambda txn: txn.put(a[1].encode(), raw, db=store.dbs[DB_BLOBS]))
             return answer
 

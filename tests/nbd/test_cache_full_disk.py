@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import random
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import nbd
 import pytest
 from rig.local_source import LocalFileSource
 from rig.small_disk import small_disk
@@ -127,3 +130,53 @@ def test_room_counts_what_a_stored_chunk_takes_in_the_file(tmp_path):
                     source.close()
             first = store.lookup(layers[0][1])
             assert first is not None and first.present == first.chunks
+
+
+def zero_tree_pages(cache_dir: Path) -> int:
+    """Zero every B-tree page (branch or leaf) of data.mdb in place, as a failing disk
+    might; the meta pages and the chunks' overflow pages stay. Returns how many."""
+    path = cache_dir / "data.mdb"
+    zeroed = 0
+    with open(path, "r+b") as f:
+        for pgno in range(2, path.stat().st_size // 4096):
+            f.seek(pgno * 4096 + 10)
+            if int.from_bytes(f.read(2), "little") & 0x3:  # P_BRANCH | P_LEAF
+                f.seek(pgno * 4096)
+                f.write(bytes(4096))
+                zeroed += 1
+    return zeroed
+
+
+def test_damage_found_while_serving_a_cache_that_cannot_be_moved_aside_costs_no_read(
+    registry, pushed_images, erofs_images, tmp_path
+):
+    """Tried: a server whose --cache-dir is a mount point (a volume given to the cache, so
+    a damaged cache cannot be renamed aside) reads a block, then the cache's B-tree pages
+    are zeroed under it, then nbdcopy reads the whole export twice. Must hold: every byte
+    is right, from the registry; the log says once that the cache is damaged, cannot be
+    moved aside, what to do, and that the server goes on without it; the server stops
+    cleanly. Before, every read after the damage was EIO."""
+    with small_disk(tmp_path / "volume", "64M") as cache:
+        args = [pushed_images.large, "--insecure", "--cache-dir", str(cache)]
+        args += ["--no-erofs-start", "--no-erofs-walk", "--no-readahead", "--no-trace"]
+        with serving(*args, "--listen", "127.0.0.1:0") as (proc, exports):
+            h = nbd.NBD()
+            h.connect_uri(exports[""])
+            assert h.pread(4096, 0) == erofs_images.large.path.read_bytes()[:4096]
+            h.shutdown()
+            assert zero_tree_pages(cache) > 0
+            outs = [tmp_path / "first.img", tmp_path / "second.img"]
+            copies = [
+                subprocess.run(["nbdcopy", exports[""], str(out)], capture_output=True, timeout=120)
+                for out in outs
+            ]
+            assert stop(proc) == 0
+            log = proc.stderr.read()
+    for out, copied in zip(outs, copies, strict=True):
+        assert copied.returncode == 0, copied.stderr.decode() + log
+        assert filecmp.cmp(out, erofs_images.large.path, shallow=False)
+    [line] = [line for line in log.splitlines() if "goes on without it" in line]
+    assert f"the cache at {cache} is damaged" in line, line
+    assert "cannot be moved aside (Device or resource busy)" in line, line
+    assert "move its files out of that directory" in line, line
+    assert "Traceback" not in log
