@@ -180,12 +180,16 @@ def move_aside(path: Path, why: str, label: str = "damaged") -> Path:
     except OSError as exc:
         # A directory that is a mount point (a volume given to the cache) or in one this
         # user cannot write: every later command would fail the same way.
-        raise CacheError(
-            f"{why}; the cache at {path} cannot be moved aside ({reason(exc)}): move its "
-            "files out of that directory, or delete them, to start an empty cache there, "
-            "or use another --cache-dir"
-        ) from exc
+        raise _cannot_move(path, why, exc) from exc
     return aside
+
+
+def _cannot_move(path: Path, why: str, exc: OSError) -> CacheError:
+    return CacheError(
+        f"{why}; the cache at {path} cannot be moved aside ({reason(exc)}): move its "
+        "files out of that directory, or delete them, to start an empty cache there, "
+        "or use another --cache-dir"
+    )
 
 
 def move_aside_unless_replaced(
@@ -198,11 +202,16 @@ def move_aside_unless_replaced(
     Processes that find one damaged cache at once take turns (a lock on the
     parent directory), so the second sees the first's new cache and leaves it.
     """
-    with _locked(path.parent):
-        try:
-            current = path.stat()
-        except FileNotFoundError:
-            return None
-        if judged is not None and (current.st_dev, current.st_ino) != judged:
-            return None
-        return move_aside(path, why, label)
+    try:
+        with _locked(path.parent):
+            try:
+                current = path.stat()
+            except FileNotFoundError:
+                return None
+            if judged is not None and (current.st_dev, current.st_ino) != judged:
+                return None
+            return move_aside(path, why, label)
+    except OSError as exc:
+        # A parent this user cannot open (0711, not the user's) to take turns in: moved
+        # without a turn, a second process could move the first's new cache.
+        raise _cannot_move(path, why, exc) from exc

@@ -10,8 +10,12 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import struct
+import subprocess
+import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -228,6 +232,38 @@ def test_a_damaged_cache_that_cannot_be_moved_aside_says_what_to_do(tmp_path):
         result = run_cli("cache", "stats", "--json", "--cache-dir", str(cache_dir))
         assert result.returncode == 0, result.stderr
         assert '"blobs": 1' in result.stdout
+
+
+def test_a_damaged_cache_whose_parent_this_user_cannot_read_says_what_to_do():
+    """Tried: user nobody's cache, data.mdb not an LMDB file, in a directory of root's
+    that others may pass through but not read or write (0711), so the cache can be
+    neither renamed aside nor its parent opened to take turns at that; then `cache stats`
+    as nobody. Must hold: exit 8 in one line saying the cache is damaged, cannot be moved
+    aside (Permission denied), and what to do. Before, it exited 1 with only
+    "[Errno 13] Permission denied" and the parent's path."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to act as root and as another user")
+    base = Path(tempfile.mkdtemp(prefix="bs-users-"))  # not under pytest's 0700 directory
+    try:
+        cache = base / "cache"
+        cache.mkdir()
+        (cache / "data.mdb").write_bytes(bytes(8192))
+        for path in (cache, cache / "data.mdb"):
+            shutil.chown(path, "nobody")
+        base.chmod(0o711)
+        stats = [sys.executable, "-m", "blockstore", "cache", "stats", "--cache-dir", str(cache)]
+        result = subprocess.run(
+            ["runuser", "-u", "nobody", "--", *stats], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        shutil.rmtree(base)
+    if "No module named" in result.stderr:
+        pytest.skip("this checkout cannot be run by user nobody")
+    assert result.returncode == 8, result.stderr
+    [line] = result.stderr.splitlines()
+    assert f"the cache at {cache} is damaged" in line, line
+    assert "cannot be moved aside (Permission denied)" in line, line
+    assert "move its files out of that directory" in line, line
 
 
 def test_damage_found_while_serving_costs_the_cache_not_the_read(cache_dir):
