@@ -19,6 +19,7 @@ import lmdb
 from blockstore.errors import CacheError
 
 from .env import CacheEnv
+from .errors import CacheDamaged
 from .layout import DB_MANIFESTS, DB_REFS
 
 log = logging.getLogger(__name__)
@@ -180,9 +181,19 @@ class ImageRecords:
         self._env.write(lambda txn: txn.put(digest.encode(), raw, db=self._env.dbs[DB_MANIFESTS]))
 
     def manifest(self, digest: str) -> bytes | None:
-        with self._env.reader(DB_MANIFESTS) as txn:
-            raw = txn.get(digest.encode())
-            return bytes(raw) if raw is not None else None
+        """The record kept under ``digest``; one found damaged is asked again of the empty
+        cache that replaces the damaged one (moved aside on the way), as a chunk is: an
+        open reads these first, and would otherwise fail on the damage every time."""
+
+        def question() -> bytes | None:
+            with self._env.reader(DB_MANIFESTS) as txn:
+                raw = txn.get(digest.encode())
+                return bytes(raw) if raw is not None else None
+
+        try:
+            return question()
+        except CacheDamaged:
+            return question()
 
     def manifest_names(self, prefix: str) -> list[str]:
         """The names of the records kept beside the manifests that start with ``prefix``."""

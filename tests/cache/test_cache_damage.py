@@ -819,3 +819,35 @@ def test_an_older_format_is_replaced_for_a_filler_only_once_the_registry_answers
     finally:
         image.close()
     assert len(aside(cache_dir, "old")) == 1
+
+
+def test_a_kept_manifest_page_damaged_costs_a_prefetch_the_cache_not_the_run(
+    registry, erofs_images, cache_dir
+):
+    """Tried: a prefetched image, then every leaf page of data.mdb holding its layer's
+    digest zeroed (its blob record, sums and the records kept beside its manifests;
+    found only once read, not when the cache opens), then a prefetch of another image.
+    Must hold: the prefetch exits 0 (verified and sealed), the damaged cache moved
+    aside with a warning; the next prefetch of it finds it cached. Before, the
+    prefetch exited 8 ("the cache ... is damaged") and left the cache as it was, so
+    the next prefetch failed on it the same way."""
+    small = push_erofs(registry.host, "damage/kept-a", "v1", [erofs_images.small.path])
+    large = push_erofs(registry.host, "damage/kept-b", "v1", [erofs_images.large.path])
+    where = ["--insecure", "--cache-dir", str(cache_dir)]
+    assert run_cli("prefetch", small, *where).returncode == 0
+    digest = erofs_images.small.digest.encode()
+    data = cache_dir / "data.mdb"
+    raw = data.read_bytes()
+    with open(data, "r+b") as f:
+        for pgno in range(2, len(raw) // 4096):
+            page = raw[pgno * 4096 : (pgno + 1) * 4096]
+            if page[10] & 0x2 and digest in page:  # P_LEAF
+                f.seek(pgno * 4096)
+                f.write(bytes(4096))
+    result = run_cli("prefetch", large, *where, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "verified and sealed" in result.stdout, result.stdout
+    assert "moved it to" in result.stderr and "Traceback" not in result.stderr
+    assert len(aside(cache_dir, "damaged")) == 1
+    again = run_cli("prefetch", large, *where, timeout=120)
+    assert again.returncode == 0 and again.stderr == "", again.stderr
