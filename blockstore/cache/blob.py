@@ -480,8 +480,11 @@ class CachedBlob:
                     self._fetcher = self._new_fetcher(self._upstream)
                     self._upstream = None
                     continue
-                if outcome is not None or self._store.unstored(self._digest) is not None:
-                    break  # stores that failed (a full or read-only disk): said below
+                failed = self._store.unstored(self._digest)
+                if outcome is not None or (failed is not None and not isinstance(failed, DiskFull)):
+                    # Stores that failed for good (a read-only disk): said below. A full
+                    # disk may have room next round, once eviction under the cap ran.
+                    break
                 if not alone:
                     # Parts went as it was filled: evicted, most likely, for the layer of
                     # another prefetch. The next rounds are filled alone (``turns``).

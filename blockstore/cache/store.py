@@ -125,7 +125,7 @@ class ChunkStore:
         self._sealer = Sealer(self)
         self._flights: weakref.WeakValueDictionary[str, Flights] = weakref.WeakValueDictionary()
         self._flights_lock = threading.Lock()
-        self._unstored: dict[str, str] = {}  # digest -> why its last store failed
+        self._unstored: dict[str, CacheError] = {}  # digest -> why its last store failed
         self._closing = threading.Event()
         self._flush_interval = flush_interval
         self._flush_failing = False  # said once; every flush tries again until one saves
@@ -533,7 +533,7 @@ class ChunkStore:
         try:
             record = self._write_making_room(work)
         except CacheError as exc:
-            self._unstored[digest] = str(exc)
+            self._unstored[digest] = exc
             raise
         except ChunkIntegrityError:
             if len(runs) == 1:
@@ -551,7 +551,7 @@ class ChunkStore:
         assert refused is not None
         raise refused
 
-    def unstored(self, digest: str) -> str | None:
+    def unstored(self, digest: str) -> CacheError | None:
         """Why the last store of ``digest``'s chunks in this process failed, if it did (a
         full or read-only disk): a prefetch that could not keep the blob whole says it."""
         return self._unstored.get(digest)
