@@ -57,11 +57,16 @@ class Zinfo:
     checkpoints: tuple[Checkpoint, ...]
 
     def to_bytes(self) -> bytes:
+        return b"".join(self.parts())
+
+    def parts(self) -> list[bytes]:
+        """The zinfo's bytes in pieces, the windows themselves among them: to be joined
+        with others' once, not copied into the zinfo first (tens of MB for a large layer)."""
         parts = [HEADER.pack(len(self.checkpoints), self.span)]
         for c in self.checkpoints:
             parts.append(POINT.pack(c.compressed, c.uncompressed, c.bits))
             parts.append(c.window)
-        return b"".join(parts)
+        return parts
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Zinfo:

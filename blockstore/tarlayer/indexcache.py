@@ -52,8 +52,13 @@ class IndexCache:
     def _key(blob_digest: str, span: int, part: str) -> str:
         return f"tarlayer/v{INDEX_FORMAT}/span{span}/{blob_digest}/{part}"
 
-    def _put(self, key: str, data: bytes) -> None:
-        self._store.put_manifest(key, hashlib.sha256(data).digest() + data)
+    def _put(self, key: str, *parts: bytes) -> None:
+        """Keep ``parts`` joined behind their sha256, copied once: a gzip layer's span
+        index holds its windows, tens of MB, and its metadata image may be as large."""
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
+        self._store.put_manifest(key, b"".join((digest.digest(), *parts)))
 
     def _get(self, key: str, *, if_damaged: bytes | None = None) -> bytes | None:
         """The record under ``key``; None if absent. One that fails its checksum reads
@@ -85,11 +90,11 @@ class IndexCache:
 
     def _save(self, blob_digest: str, span: int, index: TarIndex) -> None:
         if index.spans is not None:
-            self._put(self._key(blob_digest, span, "spans"), index.spans.to_bytes())
+            self._put(self._key(blob_digest, span, "spans"), *index.spans.parts())
         head = index.tar_size.to_bytes(8, "little") + index.tar_digest.encode().ljust(
             _DIGEST, b"\0"
         )
-        self._put(self._key(blob_digest, span, "meta"), head + index.metadata)
+        self._put(self._key(blob_digest, span, "meta"), head, index.metadata)
 
     SHARED, PROVEN, REFUSED = b"shared", b"proven", b"refused"
 

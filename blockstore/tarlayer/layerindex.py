@@ -157,6 +157,17 @@ class SpanIndex:
         )
 
     def to_bytes(self) -> bytes:
+        return b"".join(self.parts())
+
+    def table(self) -> bytes:
+        """The span index without the zinfo that follows it (a gzip layer's)."""
+        return b"".join(self._table_parts())
+
+    def parts(self) -> list[bytes]:
+        """The span index's bytes in pieces, the zinfo's windows among them uncopied."""
+        return self._table_parts() + (self.zinfo.parts() if self.zinfo is not None else [])
+
+    def _table_parts(self) -> list[bytes]:
         assert self.digests is not None, "only an index built here is stored"
         parts = [
             _HEAD.pack(
@@ -169,9 +180,7 @@ class SpanIndex:
             )
         ]
         parts += [_POINT.pack(c, u, d) for (c, u), d in zip(self.points, self.digests, strict=True)]
-        if self.zinfo is not None:
-            parts.append(self.zinfo.to_bytes())
-        return b"".join(parts)
+        return parts
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SpanIndex:

@@ -59,12 +59,9 @@ def index_blobs(index: TarIndex, layer_digest: str) -> list[ArtifactBlob]:
     }
     blobs = [(index.metadata, METADATA_MEDIA_TYPE, meta_notes)]
     if index.spans is not None:
-        table = index.spans.to_bytes()
-        if index.spans.zinfo is not None:
-            zinfo = index.spans.zinfo.to_bytes()
-            table = table[: len(table) - len(zinfo)]  # the zinfo travels as its own blob
-            blobs.append((zinfo, ZINFO_MEDIA_TYPE, notes))
-        blobs.insert(1, (table, SPANS_MEDIA_TYPE, notes))
+        if index.spans.zinfo is not None:  # the zinfo travels as its own blob
+            blobs.append((index.spans.zinfo.to_bytes(), ZINFO_MEDIA_TYPE, notes))
+        blobs.insert(1, (index.spans.table(), SPANS_MEDIA_TYPE, notes))
     return blobs
 
 

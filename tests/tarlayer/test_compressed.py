@@ -18,7 +18,7 @@ import pytest
 import zstandard
 from trees import make_tar
 
-from blockstore.cache import CHUNK_SIZE
+from blockstore.cache import CHUNK_SIZE, ChunkStore
 from blockstore.errors import BlobReadError, IntegrityError
 from blockstore.registry.mediatypes import GZIP, ZSTD
 from blockstore.tarlayer import export as tar_export
@@ -26,7 +26,9 @@ from blockstore.tarlayer import gzindex, layerindex, zstdframes
 from blockstore.tarlayer.erofs_reader import read_metadata
 from blockstore.tarlayer.export import DecompressedTar
 from blockstore.tarlayer.gzindex import POINT_SIZE, WINDOW, GzipIndexer, Zinfo
+from blockstore.tarlayer.indexcache import IndexCache
 from blockstore.tarlayer.layerindex import SpanIndex, index_compressed_tar
+from blockstore.tarlayer.shared import index_blobs
 from blockstore.tarlayer.tree import TarLayerError
 from blockstore.tarlayer.zstdframes import decode_frames, stream_frames
 
@@ -364,6 +366,55 @@ def test_a_zstd_layer_that_inflates_a_thousandfold_is_indexed_in_little_memory()
     finally:
         tracemalloc.stop()
     assert index.tar_size > 132 << 20 and largest <= 128 << 10 and peak < 16 << 20
+
+
+@pytest.fixture(scope="module")
+def many_windows_blob() -> bytes:
+    """A gzip'd 32 MiB tar of compressible random words: indexed with checkpoints every
+    ``SMALL_SPAN``, over 800 windows (26 MiB), as a 3 GiB layer has at the default span."""
+    rnd = random.Random(7)
+    words = [rnd.randbytes(rnd.randrange(2, 12)) for _ in range(4096)]
+    tar_bytes = io.BytesIO()
+    with tarfile.open(fileobj=tar_bytes, mode="w") as tar:
+        for i in range(8):
+            data = b"".join(rnd.choices(words, k=(4 << 20) // 6))[: 4 << 20]
+            info = tarfile.TarInfo(f"part-{i}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(tar_bytes.getvalue(), 1)
+
+
+SMALL_SPAN = 16 << 10
+
+
+def test_a_gzip_index_is_kept_and_shared_holding_its_windows_at_most_twice(
+    tmp_path, many_windows_blob
+):
+    """A gzip layer of over 800 windows (26 MiB) indexed, then kept in the cache and
+    made into the blobs that share it: the process never holds more than the windows
+    and the one record they are written into, plus a few MiB. Before, the zinfo was
+    joined into bytes, then into the span index, then copied again behind its checksum
+    (and once more to share it): three times the windows at once."""
+    blob = many_windows_blob
+    with ChunkStore(tmp_path / "cache") as store:
+        tracemalloc.start()
+        try:
+            index = index_compressed_tar(
+                io.BytesIO(blob), GZIP, blob_digest=sha(blob), diff_id=None, span=SMALL_SPAN
+            )
+            IndexCache(store).save(sha(blob), SMALL_SPAN, index)
+            shared = index_blobs(index, sha(blob))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        kept = IndexCache(store).load(sha(blob), SMALL_SPAN, compressed=True)
+    windows = len(index.spans.points) * WINDOW
+    assert windows > 24 << 20
+    assert peak < 2 * windows + (8 << 20), (peak, windows)
+    assert kept is not None and kept.spans.to_bytes() == index.spans.to_bytes()
+    table, zinfo = shared[1][0], shared[2][0]
+    assert table + zinfo == index.spans.to_bytes()
+    assert Zinfo.from_bytes(zinfo) == index.spans.zinfo
 
 
 def test_malformed_index_files_are_refused():
