@@ -69,8 +69,9 @@ class Zinfo:
         return parts
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Zinfo:
-        """Parse and check a zinfo file; a malformed one is an IntegrityError."""
+    def from_bytes(cls, data: bytes | memoryview) -> Zinfo:
+        """Parse and check a zinfo file; a malformed one is an IntegrityError. Each
+        window is copied out of ``data`` once, which may be a view of a larger record."""
         if len(data) < HEADER.size:
             raise IntegrityError("zinfo: shorter than its header")
         count, span = HEADER.unpack_from(data, 0)
@@ -80,7 +81,7 @@ class Zinfo:
         pos = HEADER.size
         for _ in range(count):
             comp, uncomp, bits = POINT.unpack_from(data, pos)
-            window = data[pos + POINT.size : pos + POINT_SIZE]
+            window = bytes(data[pos + POINT.size : pos + POINT_SIZE])
             if bits > 7 or (
                 points and (comp, uncomp) <= (points[-1].compressed, points[-1].uncompressed)
             ):

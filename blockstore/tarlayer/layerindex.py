@@ -199,7 +199,8 @@ class SpanIndex:
             points.append((c, u))
             digests.append(d)
             pos += _POINT.size
-        zinfo = Zinfo.from_bytes(data[pos:]) if kinds[code] == GZIP else None
+        # A view: the zinfo, its windows, is most of the record, and is copied out once.
+        zinfo = Zinfo.from_bytes(memoryview(data)[pos:]) if kinds[code] == GZIP else None
         if zinfo is None and pos != len(data):
             raise IntegrityError("span index: trailing bytes")
         if zinfo is not None and [(p.compressed, p.uncompressed) for p in zinfo.checkpoints] != (

@@ -417,6 +417,31 @@ def test_a_gzip_index_is_kept_and_shared_holding_its_windows_at_most_twice(
     assert Zinfo.from_bytes(zinfo) == index.spans.zinfo
 
 
+def test_a_kept_gzip_index_is_loaded_holding_its_windows_at_most_twice(tmp_path, many_windows_blob):
+    """A gzip layer of over 800 windows (26 MiB) indexed and kept in the cache, then
+    loaded from it: the process holds at most the record read and the windows taken out
+    of it, plus a few MiB, and the index loaded is the one kept. Before, the zinfo was
+    first sliced out of the record whole, then each window out of that: three times the
+    windows at once, on every open of the layer."""
+    blob = many_windows_blob
+    index = index_compressed_tar(
+        io.BytesIO(blob), GZIP, blob_digest=sha(blob), diff_id=None, span=SMALL_SPAN
+    )
+    with ChunkStore(tmp_path / "cache") as store:
+        IndexCache(store).save(sha(blob), SMALL_SPAN, index)
+        tracemalloc.start()
+        try:
+            kept = IndexCache(store).load(sha(blob), SMALL_SPAN, compressed=True)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    windows = len(index.spans.points) * WINDOW
+    assert windows > 24 << 20
+    assert peak < 2 * windows + (8 << 20), (peak, windows)
+    assert kept is not None and kept.spans == index.spans
+    assert all(type(c.window) is bytes for c in kept.spans.zinfo.checkpoints)
+
+
 def test_malformed_index_files_are_refused():
     """Truncated or reordered zinfo and span indexes give IntegrityError."""
     with pytest.raises(IntegrityError):
