@@ -133,12 +133,16 @@ class DecompressedTar:
         digest: str,
         keep: Callable[[int, Buffer], None] | None = None,
         scratch: Path | None = None,
+        unkept: Callable[[int], str | None] | None = None,
     ):
         """``keep(offset, data)`` is given each span decompressed, to cache all of it;
-        ``scratch``: where a span too large for memory is decompressed to."""
+        ``scratch``: where a span too large for memory is decompressed to;
+        ``unkept(length)``: why a span of ``length`` bytes is not to be kept, or None."""
         self.spans = spans
         self._scratch = scratch
         self._keep = keep
+        self._unkept = unkept
+        self._said_unkept = False
         self._read_compressed = read_compressed
         self._digest = digest
         self._kept: OrderedDict[int, Buffer] = OrderedDict()
@@ -187,7 +191,7 @@ class DecompressedTar:
                 with self._lock:
                     self._failed.pop(index, None)
                 self.decompressions[index] += 1
-                if self._keep is not None:
+                if self._keep is not None and self._keeps(index):
                     for offset, piece in _steps(self.spans.bounds(index)[0], data):
                         self._keep(offset, piece)
             with self._lock:
@@ -196,6 +200,17 @@ class DecompressedTar:
                 while len(self._kept) > SPANS_KEPT:
                     self._kept.popitem(last=False)
         return data
+
+    def _keeps(self, index: int) -> bool:
+        """Whether span ``index`` is to be kept: one larger than the cache's cap, stored,
+        would evict the rest of the cache, then its own first chunks. Its readers are
+        served from it all the same; the first such span says so."""
+        start, end = self.spans.bounds(index)
+        why = self._unkept(end - start) if self._unkept is not None else None
+        if why is not None and not self._said_unkept:
+            self._said_unkept = True
+            log.warning("%s: %s; served as read, not kept in the cache", self._digest, why)
+        return why is None
 
     def read_range(self, offset: int, length: int) -> bytes:
         end = min(offset + length, self.size)

@@ -32,7 +32,7 @@ from blockstore.errors import (
 )
 from blockstore.export import Buffer
 from blockstore.prefetch import PrefetchSettings
-from blockstore.progress import Progress
+from blockstore.progress import Progress, human
 from blockstore.registry.mediatypes import GZIP, TAR, ZSTD
 from blockstore.registry.reference import digest_problem
 from blockstore.source import BlobSource
@@ -637,7 +637,9 @@ def _compressed_layer(
     if pumping:
         keep = writer = SpanWriter(keep)
         owned.append(writer)
-    inflated = DecompressedTar(spans, compressed, digest, keep, scratch=store.path)
+    inflated = DecompressedTar(
+        spans, compressed, digest, keep, scratch=store.path, unkept=_span_over_cap(store, digest)
+    )
     tar_blob = CachedBlob(
         store,
         digest,
@@ -660,6 +662,19 @@ def _compressed_layer(
     if settings.fill and online:
         layer.fill()
     return layer
+
+
+def _span_over_cap(store: ChunkStore, digest: str) -> Callable[[int], str | None]:
+    """Why a span of the tar ``digest`` is not kept, by its length, or None: it is larger
+    than the cache's cap (a zstd layer of one frame is one span, of the whole tar)."""
+
+    def why(length: int) -> str | None:
+        if store.over_cap(digest, length) is None:
+            return None
+        cap = human(store.size_cap)
+        return f"a span of {human(length)} is too large to keep under the cache size cap ({cap})"
+
+    return why
 
 
 def _pass_fill(

@@ -301,3 +301,39 @@ def test_span_readahead_of_a_tar_over_the_cap_is_skipped(tmp_path, registry, cap
         image.close()
     assert whole_and_sealed(cache, first_tar)
     assert "is larger than the cache size cap (8.0 MiB); not filled" in caplog.text, caplog.text
+
+
+def test_a_one_frame_zstd_tar_over_the_cap_is_read_without_keeping_its_span(
+    tmp_path, registry, caplog
+):
+    """Tried: a cache capped at 8 MiB holding a prefetched tar.gz image (sealed); a zstd
+    image whose tar is 11.8 MiB in one frame (as ``zstd FILE`` writes it: the whole tar
+    is one span), opened without readahead, and 64 KiB of its tar read twice, at its
+    start and 10 MiB in. Must hold: both reads are right; the span is served without
+    being stored, said once in the log; the sealed image stays whole. Before, the
+    first read inflated the tar and stored all of it, evicting the sealed image."""
+    first, first_tar, _ = pushed(tmp_path, registry, "kept", "gzip", {"a.txt": os.urandom(1 << 20)})
+    cache = tmp_path / "cache"
+    done = blockstore(
+        "prefetch", first, "--insecure", "--cache-dir", str(cache), "--cache-size", "8M"
+    )
+    assert done.returncode == 0, done.stderr
+    _, _, tar = pushed(tmp_path, registry, "oneframe", "zstd", compressible_files(256))
+    caplog.set_level(logging.INFO)
+    image = open_image(
+        f"{registry.host}/o/oneframe:v1",
+        cache_dir=cache,
+        options=registry.options(),
+        prefetch=PrefetchSettings(readahead=False),
+    )
+    try:
+        (export,) = image.exports()
+        assert len(export.index.spans.points) == 1
+        start = len(export.index.metadata)
+        for at in (0, 10 << 20, 0, 10 << 20):
+            got = b"".join(bytes(b) for b in export.read(start + at, 1 << 16))
+            assert got == tar[at : at + (1 << 16)]
+    finally:
+        image.close()
+    assert whole_and_sealed(cache, first_tar)
+    assert caplog.text.count("not kept in the cache") == 1, caplog.text
