@@ -1062,25 +1062,29 @@ class CachedBlob:
         if rate:
             step = min(step, int(rate * PACE_STEP))  # small steps, so the cap is smooth
         limit = max(1, step // CHUNK_SIZE)
-        for _ in range(FILL_ROUNDS):
-            missing = self._store.missing(self._known_id(), range(self._chunks))
-            if not missing:
-                break
-            if not feed(
-                missing,
-                fetcher.prefetch,  # type: ignore[union-attr]
-                FILL,
-                self._stop,
-                limit=limit,
-                chunk_size=CHUNK_SIZE,
-                pacer=pacer,
-            ):
+        # A fill takes its turn as a prefetch does (``turns``), so a prefetch filling
+        # alone is not evicted by it; only this thread waits for it, never a reader.
+        with PrefetchTurn(self._store.path, self._stop) as turn:
+            for _ in range(FILL_ROUNDS):
+                missing = self._store.missing(self._known_id(), range(self._chunks))
+                if not missing:
+                    break
+                turn.join()
+                if not feed(
+                    missing,
+                    fetcher.prefetch,  # type: ignore[union-attr]
+                    FILL,
+                    self._stop,
+                    limit=limit,
+                    chunk_size=CHUNK_SIZE,
+                    pacer=pacer,
+                ):
+                    return
+                while fetcher.in_flight() and not self._stop.wait(0.05):  # type: ignore[union-attr]
+                    pass
+            if self._stop.is_set():
                 return
-            while fetcher.in_flight() and not self._stop.wait(0.05):  # type: ignore[union-attr]
-                pass
-        if self._stop.is_set():
-            return
-        outcome = self._store.seal(self._digest, self._size)
+            outcome = self._store.seal(self._digest, self._size)
         if outcome:
             self._sums = self._store.sealed_sums(self._digest)
             self._whole = True

@@ -4,7 +4,8 @@ Two prefetches of layers that each fit under the cap, but not both, evict each
 other's chunks as they store their own, and neither layer ends whole. Every
 prefetch holds a shared ``flock`` on ``leases/prefetch`` in the cache directory
 from its first fetch until its layer is filled (one with nothing to fetch takes
-none, so never waits); one that lost chunks so takes it exclusively for its
+none, so never waits), as does the background fill of a served layer (``--fill``,
+which never takes it alone); one that lost chunks so takes it exclusively for its
 next rounds: it waits for the others in flight to end, and fills alone, as if
 they had been run one after the other. Layers that fit together are still
 filled at once. The kernel drops the lock of a process that dies; one that
@@ -17,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -37,10 +39,12 @@ _POLL = 0.05
 class PrefetchTurn:
     """One prefetch's place among those filling a cache, from ``join`` (or ``alone``) to
     the end of ``with``. Where no lock can be had (a file system without locks, a
-    directory not ours) it fills as if alone, without waiting."""
+    directory not ours) it fills as if alone, without waiting. ``stop`` set ends a wait
+    at once, as if it were over."""
 
-    def __init__(self, cache_dir: Path):
+    def __init__(self, cache_dir: Path, stop: threading.Event | None = None):
         self._cache_dir = Path(cache_dir)
+        self._stop = stop or threading.Event()
         self._fd: int | None = None
         self._joined = False
 
@@ -91,7 +95,8 @@ class PrefetchTurn:
                     waited_for,
                 )
                 return
-            time.sleep(_POLL)
+            if self._stop.wait(_POLL):
+                return
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:

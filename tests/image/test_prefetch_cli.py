@@ -19,8 +19,10 @@ import pytest
 from rig.fault_proxy import Fault
 from rig.images import build_erofs
 from rig.pushed import push_erofs
+from rig.waiting import wait_for
 
 from blockstore.image import open_image
+from blockstore.prefetch import PrefetchSettings
 
 
 def blockstore(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -688,3 +690,62 @@ def test_a_prefetch_with_nothing_to_fetch_does_not_wait_for_one_filling_alone(
     assert again.returncode == 0, again.stderr
     assert "verified and sealed" in again.stdout
     assert "waiting for" not in again.stderr
+
+
+_HOLDING_ALONE = """
+import sys
+from pathlib import Path
+from blockstore.cache.turns import PrefetchTurn
+with PrefetchTurn(Path(sys.argv[1])) as turn:
+    turn.alone()
+    print("alone", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_a_fill_waits_for_a_prefetch_filling_alone(pushed_images, registry, tmp_path):
+    """Tried: a process holding the cache's prefetch turn alone (as a prefetch whose
+    layer lost chunks fills its next rounds); the large image opened with fill, as
+    ``serve --fill`` opens it, and read at its start; 3 s later the turn let go. Must
+    hold: the read is served at once; the fill fetches nothing while the turn is held
+    alone, then fills the layer whole and seals it. Before, the fill took no turn: it
+    filled beside the prefetch filling alone, evicting what that prefetch stored."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDING_ALONE, str(cache)],
+        cwd=Path(__file__).resolve().parents[2],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "alone"
+        image = open_image(
+            pushed_images.large,
+            cache_dir=cache,
+            options=registry.options(),
+            prefetch=PrefetchSettings(readahead=False, fill=True),
+        )
+        try:
+            (export,) = image.exports()
+            started = time.monotonic()
+            assert b"".join(bytes(b) for b in export.read(0, 4096))
+            assert time.monotonic() - started < 2
+            time.sleep(3)
+            held = cached_fraction(cache)
+            holder.stdin.close()
+            holder.wait(10)
+            assert wait_for(lambda: cached_fraction(cache) == 1.0, 60)
+            assert wait_for(lambda: sealed(cache), 30)
+        finally:
+            image.close()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert held < 0.5, held
+
+
+def sealed(cache: Path) -> bool:
+    listing = blockstore("cache", "ls", "--json", "--cache-dir", str(cache), check=True)
+    return all(blob["sealed"] for blob in json.loads(listing.stdout))
