@@ -4,13 +4,14 @@ Two prefetches of layers that each fit under the cap, but not both, evict each
 other's chunks as they store their own, and neither layer ends whole. Every
 prefetch holds a shared ``flock`` on ``leases/prefetch`` in the cache directory
 from its first fetch until its layer is filled (one with nothing to fetch takes
-none, so never waits), as does the background fill of a served layer (``--fill``,
-which never takes it alone); one that lost chunks so takes it exclusively for its
-next rounds: it waits for the others in flight to end, and fills alone, as if
-they had been run one after the other. Layers that fit together are still
-filled at once. The kernel drops the lock of a process that dies; one that
-makes no end (stopped, or filling a layer for long) is waited for no longer
-than ``WAIT`` seconds, and the waiter then fills as it would have without turns.
+none, so never waits), as do the background fill of a served layer (``--fill``)
+and a compressed layer's span pump, which never take it alone; one that lost
+chunks so takes it exclusively for its next rounds: it waits for the others in
+flight to end, and fills alone, as if they had been run one after the other.
+Layers that fit together are still filled at once. The kernel drops the lock of
+a process that dies; one that makes no end (stopped, or filling a layer for
+long) is waited for no longer than ``WAIT`` seconds, and the waiter then fills
+as it would have without turns.
 """
 
 from __future__ import annotations

@@ -656,7 +656,7 @@ def _compressed_layer(
     if pumping:
         rate = settings.fill_rate if settings.fill else 0
         missing = functools.partial(store.missing_by_digest, digest)
-        pump = SpanPump(inflated, missing, hint, writer.flush, rate=rate)
+        pump = SpanPump(inflated, missing, hint, writer.flush, rate=rate, cache_dir=store.path)
     owned.insert(0, tar_blob)
     layer = TarLayer(index, tar_blob, owned, check, pump, name=name, description=description)
     if settings.fill and online:

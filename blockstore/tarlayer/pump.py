@@ -22,13 +22,16 @@ cache's writes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 from blockstore.cache import CHUNK_SIZE
 from blockstore.cache.layout import chunk_count
+from blockstore.cache.turns import PrefetchTurn
 from blockstore.errors import BlobReadError, BlockstoreError
 from blockstore.export import Buffer
 from blockstore.prefetch.feed import Pacer
@@ -154,18 +157,21 @@ class SpanPump:
         *,
         workers: int = WORKERS,
         rate: int = 0,
+        cache_dir: Path | None = None,
     ):
         """``missing(chunks)``: those of ``chunks`` not in the cache;
         ``hint(offset, length)``: fetch ahead the compressed bytes of a span soon
         inflated (``SpanBytes.ahead``); ``flush()``: waits until the spans inflated
         are stored (``SpanWriter.flush``); ``rate``:
-        compressed bytes per second the pump may take (0: no cap)."""
+        compressed bytes per second the pump may take (0: no cap); ``cache_dir``: the
+        cache whose prefetch turn the pump takes (``PrefetchTurn``), if any."""
         self._tar = tar
         self._missing = missing
         self._hint = hint
         self._flush = flush
         self._workers = workers
         self._pacer = Pacer(rate)
+        self._cache_dir = cache_dir
         self._stop = threading.Event()
         self._lock = threading.Lock()
 
@@ -191,16 +197,26 @@ class SpanPump:
     def run(self) -> bool:
         """Decompress what is missing, in order, ``workers`` spans at a time; True once
         every chunk is in the cache, False if stopped first. A span that fails (its
-        bytes do not match its digest, a fetch failed) raises ``BlockstoreError``."""
-        for number in range(ROUNDS):
-            todo = self.wanted()
-            if not todo:
-                return True
-            finished = self._round(todo, first=number == 0)
-            self._flush()
-            if not finished:
-                return False
-        return not self.wanted()
+        bytes do not match its digest, a fetch failed) raises ``BlockstoreError``.
+
+        It fills the cache as a prefetch does, so it takes its turn as one (shared,
+        from its first span): a prefetch filling alone is then not evicted by it. Only
+        the pump waits for the turn; readers inflate what they miss meanwhile."""
+        with contextlib.ExitStack() as stack:
+            turn = None
+            if self._cache_dir is not None:
+                turn = stack.enter_context(PrefetchTurn(self._cache_dir, self._stop))
+            for number in range(ROUNDS):
+                todo = self.wanted()
+                if not todo:
+                    return True
+                if turn is not None:
+                    turn.join()
+                finished = self._round(todo, first=number == 0)
+                self._flush()
+                if not finished:
+                    return False
+            return not self.wanted()
 
     def _round(self, todo: list[int], *, first: bool) -> bool:
         """One pass over ``todo``; the first skips the spans already inflated (by a

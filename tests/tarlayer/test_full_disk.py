@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -337,3 +338,66 @@ def test_a_one_frame_zstd_tar_over_the_cap_is_read_without_keeping_its_span(
         image.close()
     assert whole_and_sealed(cache, first_tar)
     assert caplog.text.count("not kept in the cache") == 1, caplog.text
+
+
+_HOLDING_ALONE = """
+import sys
+from pathlib import Path
+from blockstore.cache.turns import PrefetchTurn
+with PrefetchTurn(Path(sys.argv[1])) as turn:
+    turn.alone()
+    print("alone", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_a_tar_layer_fill_waits_for_a_prefetch_filling_alone(tmp_path, registry):
+    """Tried: a tar.gz image (tar 16 MiB, spans of 4 MiB) opened once, so its index is
+    cached, and its tar then removed (`cache rm`); a process holding the cache's
+    prefetch turn alone (as a prefetch whose layer lost chunks fills its next rounds);
+    the image opened with fill, as ``serve --fill`` opens it, and the start of its tar
+    read; 3 s later the turn let go. Must hold: the read is right at once; the fill
+    inflates no other span into the cache while the turn is held alone, then fills the
+    tar whole and seals it. Before, the fill took no turn: it filled beside the
+    prefetch filling alone, evicting what that prefetch stored."""
+    files = {"a.bin": os.urandom(16 << 20)}
+    reference, tar_digest, tar = pushed(tmp_path, registry, "turn", "gzip", files)
+    cache = tmp_path / "cache"
+    image = open_image(reference, cache_dir=cache, options=registry.options())
+    try:
+        image.exports()
+    finally:
+        image.close()
+    removed = blockstore("cache", "rm", tar_digest, "--cache-dir", str(cache))
+    assert removed.returncode == 0, removed.stderr
+    assert cached(cache).get(tar_digest) is None
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDING_ALONE, str(cache)],
+        cwd=Path(__file__).resolve().parents[2],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "alone"
+        image = open_image(
+            reference,
+            cache_dir=cache,
+            options=registry.options(),
+            prefetch=PrefetchSettings(fill=True),
+        )
+        try:
+            (export,) = image.exports()
+            start = len(export.index.metadata)
+            assert b"".join(bytes(b) for b in export.read(start, 1 << 16)) == tar[: 1 << 16]
+            time.sleep(3)
+            held = cached(cache).get(tar_digest, {}).get("cached_fraction", 0.0)
+            holder.stdin.close()
+            holder.wait(10)
+            assert wait_for(lambda: whole_and_sealed(cache, tar_digest), 60)
+        finally:
+            image.close()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert held < 0.5, held
