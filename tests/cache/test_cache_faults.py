@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from cache_rig import REPO, run_cli
 from cache_sources import ScriptedSource, make_blob
 from lmdb_pages import regions
 from rig.small_disk import fail_read_only, small_disk
+from rig.turn_holder import turn_held
 
 import blockstore.cache.blob as blob_mod
 import blockstore.cache.turns as turns
@@ -191,22 +191,11 @@ def test_a_prefetch_whose_stores_fail_says_why_it_could_not_keep_the_layer(
     assert "Read-only file system" in said, said
 
 
-_FILLING = """
-import os, signal, sys
-from pathlib import Path
-from blockstore.cache.turns import PrefetchTurn
-with PrefetchTurn(Path(sys.argv[1])) as turn:
-    turn.join()
-    print("filling", flush=True)
-    os.kill(os.getpid(), signal.SIGSTOP)
-"""
-
-
 def test_a_prefetch_whose_stores_fail_beside_another_says_why_at_once(
     registry, pushed_images, tmp_path, monkeypatch
 ):
     """Tried: a layer's first chunk read into a cache on an ext4, another prefetch filling
-    the same cache (stopped, holding its turn), then the ext4 failing into read-only (an
+    the same cache (holding its turn), then the ext4 failing into read-only (an
     error under ``errors=remount-ro``) and the layer prefetched. Must hold: the prefetch
     fails at once saying storing the layer failed, and why (the read-only file system):
     chunks lost to failing stores are no other prefetch's doing, so it does not wait to
@@ -216,28 +205,17 @@ def test_a_prefetch_whose_stores_fail_beside_another_says_why_at_once(
     with small_disk(tmp_path / "disk", "64M") as disk:
         cache = disk / "cache"
         image = open_image(pushed_images.small, cache_dir=cache, options=registry.options())
-        other = None
         try:
             [layer] = image.select()
             export = image.layer_export(layer)
             export.read(0, CHUNK_SIZE)
-            other = subprocess.Popen(
-                [sys.executable, "-c", _FILLING, str(cache)],
-                cwd=REPO,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            assert other.stdout.readline().strip() == "filling"
-            fail_read_only(disk)
-            started = time.monotonic()
-            with pytest.raises(CacheError) as caught:
-                export.prefetch()
-            took = time.monotonic() - started
+            with turn_held(cache, alone=False):
+                fail_read_only(disk)
+                started = time.monotonic()
+                with pytest.raises(CacheError) as caught:
+                    export.prefetch()
+                took = time.monotonic() - started
         finally:
-            if other is not None:
-                other.send_signal(signal.SIGCONT)
-                other.kill()
-                other.wait()
             image.close()
     said = str(caught.value)
     assert "could not be kept whole in the cache: storing it failed" in said, said

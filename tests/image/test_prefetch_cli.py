@@ -19,6 +19,7 @@ import pytest
 from rig.fault_proxy import Fault
 from rig.images import build_erofs
 from rig.pushed import push_erofs
+from rig.turn_holder import turn_held
 from rig.waiting import wait_for
 
 from blockstore.image import open_image
@@ -651,56 +652,23 @@ def test_pinning_a_gzip_layer_whose_tar_is_whole_says_it_whole(registry, tmp_pat
         image.close()
 
 
-_FILLING_ALONE = """
-import os, signal, sys
-from pathlib import Path
-from blockstore.cache.turns import PrefetchTurn
-with PrefetchTurn(Path(sys.argv[1])) as turn:
-    turn.alone()
-    print("alone", flush=True)
-    os.kill(os.getpid(), signal.SIGSTOP)
-"""
-
-
 def test_a_prefetch_with_nothing_to_fetch_does_not_wait_for_one_filling_alone(
     pushed_images, tmp_path
 ):
     """Tried: the small image prefetched whole; then a process holding the cache's
-    prefetch turn alone (as a prefetch whose layer lost chunks fills its next rounds),
-    stopped there (Ctrl-Z); then the small image prefetched again. Must hold: the second
+    prefetch turn alone (as a prefetch whose layer lost chunks fills its next rounds);
+    then the small image prefetched again. Must hold: the second
     prefetch, which has nothing to fetch or store, exits 0 at once saying its layer
     verified and sealed, without waiting for the turn. Before, it waited for the other
     prefetch to end, up to five minutes, to do nothing."""
     cache = tmp_path / "cache"
     options = ["--insecure", "--cache-dir", str(cache)]
     assert blockstore("prefetch", pushed_images.small, *options, timeout=60).returncode == 0
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _FILLING_ALONE, str(cache)],
-        cwd=Path(__file__).resolve().parents[2],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "alone"
+    with turn_held(cache, alone=True):
         again = blockstore("prefetch", pushed_images.small, *options, timeout=30)
-    finally:
-        holder.send_signal(signal.SIGCONT)
-        holder.kill()
-        holder.wait()
     assert again.returncode == 0, again.stderr
     assert "verified and sealed" in again.stdout
     assert "waiting for" not in again.stderr
-
-
-_HOLDING_ALONE = """
-import sys
-from pathlib import Path
-from blockstore.cache.turns import PrefetchTurn
-with PrefetchTurn(Path(sys.argv[1])) as turn:
-    turn.alone()
-    print("alone", flush=True)
-    sys.stdin.readline()
-"""
 
 
 def test_a_fill_waits_for_a_prefetch_filling_alone(pushed_images, registry, tmp_path):
@@ -712,15 +680,7 @@ def test_a_fill_waits_for_a_prefetch_filling_alone(pushed_images, registry, tmp_
     filled beside the prefetch filling alone, evicting what that prefetch stored."""
     cache = tmp_path / "cache"
     cache.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLDING_ALONE, str(cache)],
-        cwd=Path(__file__).resolve().parents[2],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "alone"
+    with turn_held(cache, alone=True) as holder:
         image = open_image(
             pushed_images.large,
             cache_dir=cache,
@@ -734,15 +694,11 @@ def test_a_fill_waits_for_a_prefetch_filling_alone(pushed_images, registry, tmp_
             assert time.monotonic() - started < 2
             time.sleep(3)
             held = cached_fraction(cache)
-            holder.stdin.close()
-            holder.wait(10)
+            holder.let_go()
             assert wait_for(lambda: cached_fraction(cache) == 1.0, 60)
             assert wait_for(lambda: sealed(cache), 30)
         finally:
             image.close()
-    finally:
-        holder.kill()
-        holder.wait()
     assert held < 0.5, held
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from oci_layout import MEDIA_TYPES, compress, push_tar_layer
 from rig.small_disk import small_disk
+from rig.turn_holder import turn_held
 from rig.waiting import wait_for
 from trees import make_tar
 
@@ -340,17 +341,6 @@ def test_a_one_frame_zstd_tar_over_the_cap_is_read_without_keeping_its_span(
     assert caplog.text.count("not kept in the cache") == 1, caplog.text
 
 
-_HOLDING_ALONE = """
-import sys
-from pathlib import Path
-from blockstore.cache.turns import PrefetchTurn
-with PrefetchTurn(Path(sys.argv[1])) as turn:
-    turn.alone()
-    print("alone", flush=True)
-    sys.stdin.readline()
-"""
-
-
 def test_a_tar_layer_fill_waits_for_a_prefetch_filling_alone(tmp_path, registry):
     """Tried: a tar.gz image (tar 16 MiB, spans of 4 MiB) opened once, so its index is
     cached, and its tar then removed (`cache rm`); a process holding the cache's
@@ -371,15 +361,7 @@ def test_a_tar_layer_fill_waits_for_a_prefetch_filling_alone(tmp_path, registry)
     removed = blockstore("cache", "rm", tar_digest, "--cache-dir", str(cache))
     assert removed.returncode == 0, removed.stderr
     assert cached(cache).get(tar_digest) is None
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLDING_ALONE, str(cache)],
-        cwd=Path(__file__).resolve().parents[2],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "alone"
+    with turn_held(cache, alone=True) as holder:
         image = open_image(
             reference,
             cache_dir=cache,
@@ -392,12 +374,8 @@ def test_a_tar_layer_fill_waits_for_a_prefetch_filling_alone(tmp_path, registry)
             assert b"".join(bytes(b) for b in export.read(start, 1 << 16)) == tar[: 1 << 16]
             time.sleep(3)
             held = cached(cache).get(tar_digest, {}).get("cached_fraction", 0.0)
-            holder.stdin.close()
-            holder.wait(10)
+            holder.let_go()
             assert wait_for(lambda: whole_and_sealed(cache, tar_digest), 60)
         finally:
             image.close()
-    finally:
-        holder.kill()
-        holder.wait()
     assert held < 0.5, held
