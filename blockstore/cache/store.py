@@ -378,18 +378,26 @@ class ChunkStore:
             return []
         return self.missing(record.blob_id, indices)
 
-    def over_cap(self, digest: str, size: int) -> str | None:
+    def over_cap(self, digest: str, size: int, *, passed: bool = False) -> str | None:
         """Why blob ``digest`` (of ``size`` bytes) cannot be kept whole under the size cap,
         or None: it is not pinned, and larger than eviction keeps the cache to. Storing
-        it whole would evict the rest of the cache, then its own first chunks."""
+        it whole would evict the rest of the cache, then its own first chunks. ``passed``:
+        ``size`` is what an indexing pass has made of the tar so far, not its whole size."""
         if size <= self.size_cap * LOW_WATER:
             return None
         record = self.lookup(digest)
         if record is not None and record.pinned:
             return None
-        return (
-            f"{digest} ({human(size)}) is larger than the cache size cap ({human(self.size_cap)})"
-        )
+        if passed:
+            passing = f"its tar passed {human(size)} as it was indexed"
+            return f"{digest} is larger than {self.kept_to()}: {passing}"
+        return f"{digest} ({human(size)}) is larger than {self.kept_to()}"
+
+    def kept_to(self) -> str:
+        """The limit ``over_cap`` refuses past, in words: not the cap itself but the low-water
+        mark below it, which a blob between the two would still be evicted past."""
+        low = human(int(self.size_cap * LOW_WATER))
+        return f"the {low} eviction keeps the cache to under its {human(self.size_cap)} cap"
 
     def cannot_keep_whole(self, digest: str, size: int) -> str | None:
         """Why blob ``digest`` (of ``size`` bytes) cannot be stored whole without costing

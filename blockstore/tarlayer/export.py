@@ -411,7 +411,10 @@ class PassFill:
             self._grow(end)
             if self._overflow:
                 return
-        if self._grown and (why := self._store.over_cap(self._digest, end)) is not None:
+        if (
+            self._grown
+            and (why := self._store.over_cap(self._digest, end, passed=True)) is not None
+        ):
             # The size the cap was asked about was the trailer's, of the last member alone:
             # kept on, the tar would evict the rest of the cache, then its own first chunks.
             log.warning("%s; not kept from its indexing pass, so nothing else is evicted", why)
@@ -506,7 +509,9 @@ class SpooledPassFill:
     def __call__(self, piece: bytes) -> None:
         if self._file is None:
             return
-        if (why := self._store.over_cap(self._digest, self._size + len(piece))) is not None:
+        if (
+            why := self._store.over_cap(self._digest, self._size + len(piece), passed=True)
+        ) is not None:
             # Spooled on, a tar the cap will not keep would only fill the disk.
             self._give_up(f"{why}; so nothing else is evicted for it")
             return

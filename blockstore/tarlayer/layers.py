@@ -671,8 +671,7 @@ def _span_over_cap(store: ChunkStore, digest: str) -> Callable[[int], str | None
     def why(length: int) -> str | None:
         if store.over_cap(digest, length) is None:
             return None
-        cap = human(store.size_cap)
-        return f"a span of {human(length)} is too large to keep under the cache size cap ({cap})"
+        return f"a span of {human(length)} is larger than {store.kept_to()}"
 
     return why
 

@@ -780,7 +780,10 @@ def test_asking_for_room_for_a_large_blob_says_nothing_of_pins(cache_dir, caplog
         blob.close()
         big = "sha256:" + "5" * 64
         assert store.no_room(big, 16 << 20) is None  # the disk has room
-        assert "is larger than the cache size cap (4.0 MiB)" in store.over_cap(big, 16 << 20)
+        assert store.over_cap(big, 16 << 20) == (
+            f"{big} (16.0 MiB) is larger than the 3.6 MiB"
+            " eviction keeps the cache to under its 4.0 MiB cap"
+        )
         assert store.over_cap(digest, len(data)) is None
     assert "pinned layers" not in caplog.text
 

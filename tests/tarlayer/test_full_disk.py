@@ -197,8 +197,11 @@ def test_a_zstd_tar_larger_than_the_cap_is_spooled_no_further_than_the_cap(
             assert len(image.exports()) == 1
         finally:
             image.close()
-    assert f"{tar_digest} (48.0 MiB) is larger than the cache size cap" not in caplog.text
-    assert "is larger than the cache size cap (4.0 MiB)" in caplog.text, caplog.text
+    assert f"{tar_digest} (48.0 MiB)" not in caplog.text
+    assert (
+        f"{tar_digest} is larger than the 3.6 MiB"
+        " eviction keeps the cache to under its 4.0 MiB cap: its tar passed " in caplog.text
+    )
     assert "No space left" not in caplog.text, caplog.text
 
 
@@ -221,8 +224,32 @@ def test_a_prefetch_over_the_cap_is_refused_before_a_byte_is_fetched(tmp_path, r
     for reference in (big, wide):
         refused = blockstore("prefetch", reference, "--insecure", "--cache-dir", str(cache))
         assert refused.returncode == 8, refused.stderr
-        assert "is larger than the cache size cap" in refused.stderr
+        assert (
+            "is larger than the 7.2 MiB eviction keeps the cache to under its 8.0 MiB cap"
+            in refused.stderr
+        ), refused.stderr
         assert whole_and_sealed(cache, first_tar), reference
+
+
+def test_a_prefetch_between_the_low_water_mark_and_the_cap_names_the_limit(tmp_path, registry):
+    """Tried: ``prefetch --cache-size 8M`` of a plain tar image whose tar is 7.5 MiB:
+    smaller than the cap, larger than the 7.2 MiB eviction keeps the cache to. Must
+    hold: refused (exit 8) naming the limit that applies, the low-water mark under the
+    cap. Before, it said "(7.5 MiB) is larger than the cache size cap (8.0 MiB)", which
+    no user can square."""
+    reference, _, tar = pushed(
+        tmp_path, registry, "between", "tar", {"r.bin": os.urandom((15 << 19) - (16 << 10))}
+    )
+    assert (15 << 19) - (32 << 10) < len(tar) <= 15 << 19
+    cache = tmp_path / "cache"
+    refused = blockstore(
+        "prefetch", reference, "--insecure", "--cache-dir", str(cache), "--cache-size", "8M"
+    )
+    assert refused.returncode == 8, refused.stderr
+    assert (
+        "(7.5 MiB) is larger than the 7.2 MiB eviction keeps the cache to under its 8.0 MiB cap"
+        in refused.stderr
+    ), refused.stderr
 
 
 def test_a_first_prefetch_of_a_tar_over_the_cap_leaves_no_cache(tmp_path, registry):
@@ -239,7 +266,10 @@ def test_a_first_prefetch_of_a_tar_over_the_cap_leaves_no_cache(tmp_path, regist
     )
 
     assert refused.returncode == 8, refused.stderr
-    assert "is larger than the cache size cap" in refused.stderr, refused.stderr
+    assert (
+        "is larger than the 3.6 MiB eviction keeps the cache to under its 4.0 MiB cap"
+        in refused.stderr
+    ), refused.stderr
     assert not (tmp_path / "parent").exists(), list((tmp_path / "parent").rglob("*"))
 
 
@@ -263,7 +293,10 @@ def test_a_prefetch_of_a_zstd_tar_over_the_cap_is_refused_before_a_span_is_infla
     wide, wide_tar, _ = pushed(tmp_path, registry, "widezstd", "zstd", compressible_files(256))
     refused = blockstore("prefetch", wide, "--insecure", "--cache-dir", str(cache))
     assert refused.returncode == 8, refused.stderr
-    assert f"{wide_tar} (11.8 MiB) is larger than the cache size cap" in refused.stderr
+    assert (
+        f"{wide_tar} (11.8 MiB) is larger than the 7.2 MiB"
+        " eviction keeps the cache to under its 8.0 MiB cap" in refused.stderr
+    )
     assert whole_and_sealed(cache, first_tar)
     assert cached(cache).get(wide_tar) is None or cached(cache)[wide_tar]["cached_fraction"] == 0
 
@@ -302,7 +335,10 @@ def test_span_readahead_of_a_tar_over_the_cap_is_skipped(tmp_path, registry, cap
     finally:
         image.close()
     assert whole_and_sealed(cache, first_tar)
-    assert "is larger than the cache size cap (8.0 MiB); not filled" in caplog.text, caplog.text
+    assert (
+        "is larger than the 7.2 MiB eviction keeps the cache to under its 8.0 MiB cap; not filled"
+        in caplog.text
+    ), caplog.text
 
 
 def test_a_one_frame_zstd_tar_over_the_cap_is_read_without_keeping_its_span(
