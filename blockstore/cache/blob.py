@@ -447,7 +447,8 @@ class CachedBlob:
         with byte increments (first with what was already cached), so it
         fits ``tqdm.update``. Raises ``IntegrityError`` if the blob does not
         match its digest (it is then dropped), ``CacheError`` if it cannot
-        be kept whole under the size cap.
+        be kept whole under the size cap, ``CacheDamaged`` as soon as the cache
+        is found damaged and cannot be moved aside (nothing more would be kept).
         """
         if (over := self.over_cap()) is not None:
             raise CacheError(f"{over}; raise --cache-size or pin it")
@@ -525,9 +526,17 @@ class CachedBlob:
         """Fetch in steps, so memory stays flat however much is asked for."""
         step = PREFETCH_STEP // CHUNK_SIZE
         for start in range(0, len(missing), step):
+            self._still_kept()
             batch = missing[start : start + step]
             self._fetcher.fetch(batch)  # type: ignore[union-attr]
             report(sum(chunk_length(self._size, i) for i in batch))
+        self._still_kept()
+
+    def _still_kept(self) -> None:
+        """Raise ``CacheDamaged`` once the cache is found damaged and cannot be moved aside:
+        nothing fetched would be kept, and each round would fetch the blob whole again."""
+        if (lost := self._store.lost()) is not None:
+            raise CacheDamaged(lost)
 
     def close(self) -> None:
         """Stop prefetching and cancel fetches in flight; keep the trace recorded so far."""

@@ -407,15 +407,14 @@ class CacheEnv:
         directory in one this user cannot write): closed, it is taken for empty and
         read-only, so reads come from the source and nothing is kept, rather than every
         read failing on it."""
-        self.lost = str(exc)
+        self.lost = f"the cache at {self.path} is damaged: {exc}"
         self.read_only = True
         self.read_only_because = "it is damaged and cannot be moved aside"
         self._stale = None
         log.warning(
-            "the cache at %s is damaged: %s; until restarted, this process goes on without "
-            "it: nothing is read from it or kept in it",
-            self.path,
-            exc,
+            "%s; until restarted, this process goes on without it: nothing is read from it "
+            "or kept in it",
+            self.lost,
         )
 
     def _close_env(self) -> None:

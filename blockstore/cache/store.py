@@ -378,6 +378,12 @@ class ChunkStore:
             return []
         return self.missing(record.blob_id, indices)
 
+    def lost(self) -> str | None:
+        """Why this process goes on without the cache (``CacheEnv.lost``), or None. A handle
+        found damaged is replaced first, so damage found by the last store is answered."""
+        self.env.renew()
+        return self.env.lost
+
     def over_cap(self, digest: str, size: int, *, passed: bool = False) -> str | None:
         """Why blob ``digest`` (of ``size`` bytes) cannot be kept whole under the size cap,
         or None: it is not pinned, and larger than eviction keeps the cache to. Storing

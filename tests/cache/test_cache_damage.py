@@ -234,6 +234,35 @@ def test_a_damaged_cache_that_cannot_be_moved_aside_says_what_to_do(tmp_path):
         assert '"blobs": 1' in result.stdout
 
 
+def test_a_prefetch_finding_a_cache_it_cannot_move_aside_damaged_stops_at_once(tmp_path):
+    """Tried: a 32 MiB blob read at its start into a cache that is a mount point (so it
+    cannot be renamed aside), then prefetched, its B-tree pages zeroed as the prefetch's
+    first fetch starts. Must hold: the prefetch raises ``CacheDamaged`` (exit 8) saying
+    the cache is damaged and cannot be moved aside, having fetched the blob no more than
+    once. Before, it fetched it three times over (nothing fetched was kept) and then
+    said parts of it "went as it was filled (evicted under the cap...)"."""
+    data, digest = make_blob(1024 * CHUNK_SIZE, seed=71)
+    with small_disk(tmp_path / "volume", "128M") as cache_dir:
+
+        class Damaging(ScriptedSource):
+            def read_range(self, offset: int, length: int) -> bytes:
+                if len(self.requests) == 1:  # the prefetch's first
+                    assert zero_tree_pages(cache_dir) > 0
+                return super().read_range(offset, length)
+
+        source = Damaging(data, digest)
+        with ChunkStore(cache_dir) as store:
+            blob = CachedBlob(store, digest, len(data), source)
+            assert b"".join(blob.read(0, 100)) == data[:100]
+            with pytest.raises(CacheDamaged) as raised:
+                blob.prefetch()
+            blob.close()
+    assert raised.value.exit_code == 8
+    assert f"the cache at {cache_dir} is damaged: " in str(raised.value), raised.value
+    assert "cannot be moved aside (Device or resource busy)" in str(raised.value)
+    assert sum(length for _, length in source.requests[1:]) <= len(data)
+
+
 def test_a_damaged_cache_whose_parent_this_user_cannot_read_says_what_to_do():
     """Tried: user nobody's cache, data.mdb not an LMDB file, in a directory of root's
     that others may pass through but not read or write (0711), so the cache can be
