@@ -128,7 +128,9 @@ class CacheEnv:
     _open_lock: ClassVar[threading.Lock] = threading.Lock()
 
     @classmethod
-    def open(cls, path: Path, *, offline: bool = False, replace_older: bool = False) -> CacheEnv:
+    def open(
+        cls, path: Path, *, offline: bool = False, replace_older: bool = False, goes_on: bool = True
+    ) -> CacheEnv:
         """The environment of ``path``, opened once per process.
 
         A damaged cache is moved aside; online an empty one replaces it,
@@ -137,13 +139,13 @@ class CacheEnv:
         that will fill it (``replace_older``: serving or prefetching, with the
         registry answering), and only while no other process has it open; any
         other opener, and every opener of a newer version's cache, is refused
-        with ``OtherFormat``, the cache left as it is.
+        with ``OtherFormat``, the cache left as it is. ``goes_on``: see ``lost``.
         """
         with cls._open_lock:
             key = cls._directory(path)
             env = cls._open.get(key)
             if env is None:
-                env = cls(path, offline=offline, replace_older=replace_older)
+                env = cls(path, offline=offline, replace_older=replace_older, goes_on=goes_on)
                 key = cls._directory(path)  # a new directory if the old was moved aside
                 cls._open[key] = env
                 env._key = key
@@ -171,7 +173,14 @@ class CacheEnv:
             raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
         return st.st_dev, st.st_ino
 
-    def __init__(self, path: Path, *, offline: bool = False, replace_older: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        offline: bool = False,
+        replace_older: bool = False,
+        goes_on: bool = True,
+    ):
         self.path = path
         self._users = 0
         self._key: tuple[int, int] | None = None
@@ -185,6 +194,9 @@ class CacheEnv:
         self._stale: str | None = None
         # Why this process no longer uses the cache: damaged, it could not be moved aside.
         self.lost: str | None = None
+        # Whether this process goes on without a lost cache (a server), warned of once;
+        # else (a command looking after the cache) the loss is its error, said once.
+        self.goes_on = goes_on
         self.moved_aside: list[str] = []  # what damage this process found and moved away
         checked = self._directory(path)  # the directory about to be judged
         self.read_only_because = cannot_write(path)
@@ -411,6 +423,8 @@ class CacheEnv:
         self.read_only = True
         self.read_only_because = "it is damaged and cannot be moved aside"
         self._stale = None
+        if not self.goes_on:
+            return
         log.warning(
             "%s; until restarted, this process goes on without it: nothing is read from it "
             "or kept in it",

@@ -102,15 +102,20 @@ class ChunkStore:
         offline: bool = False,
         replace_older: bool = False,
         flush_interval: float = 1.0,
+        goes_on: bool = True,
     ):
         """``offline``: a damaged cache is an error (``CacheDamaged``), as there is no
         registry to refill an empty one from; online it is moved aside and replaced.
         ``replace_older``: this store will be filled (a server, a prefetch), so an
         older version's cache no process has open is moved aside for a new one; else
-        it is refused and left as it is (``OtherFormat``)."""
+        it is refused and left as it is (``OtherFormat``). ``goes_on``: on without a cache
+        found damaged that cannot be moved aside (``CacheEnv.lost``), taken for empty, as
+        a server does; else that loss is an error."""
         self.path = Path(path)
         self._counting = threading.Lock()  # a flush's counts in flight, or a total read
-        self.env = CacheEnv.open(self.path, offline=offline, replace_older=replace_older)
+        self.env = CacheEnv.open(
+            self.path, offline=offline, replace_older=replace_older, goes_on=goes_on
+        )
         self.dbs = self.env.dbs
         self.counters = counters_mod.Counters()
         self.recency = recency_mod.Recency()
@@ -311,7 +316,7 @@ class ChunkStore:
             return question()
         except CacheDamaged:
             self.env.renew()
-            if self.env.lost is not None and empty is not None:
+            if self.env.lost is not None and empty is not None and self.env.goes_on:
                 return empty()
             return question()
 

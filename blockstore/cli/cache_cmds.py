@@ -69,9 +69,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def open_store(args: argparse.Namespace, *, create: bool = False) -> ChunkStore:
     """The cache these commands look after: one that does not exist is made only for a
-    command that puts something in it (``create``)."""
+    command that puts something in it (``create``). Damage it cannot move aside is the
+    command's error, not a warning that it goes on without the cache."""
     path = cache_dir_from(args) if create else existing_cache_dir(args)
-    return ChunkStore(path, size_cap=args.cache_size)
+    return ChunkStore(path, size_cap=args.cache_size, goes_on=False)
 
 
 def existing_cache_dir(args: argparse.Namespace) -> Path:

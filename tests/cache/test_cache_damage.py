@@ -263,6 +263,32 @@ def test_a_prefetch_finding_a_cache_it_cannot_move_aside_damaged_stops_at_once(t
     assert sum(length for _, length in source.requests[1:]) <= len(data)
 
 
+def test_a_cache_command_finding_damage_it_cannot_move_aside_says_it_in_one_line(tmp_path):
+    """Tried: a cache that is a mount point (so it cannot be renamed aside) holding a
+    blob, the leaf pages holding its digest zeroed (found only once read, not when the
+    cache opens); then `cache stats` and `cache pin` of the blob. Must hold: each exits 8
+    in one line saying the cache is damaged and cannot be moved aside. Before, each
+    first warned that "until restarted, this process goes on without it", as a server
+    does; `cache stats` then gave the same words again as its error, and `cache pin`
+    said there was no such blob in the cache (exit 3)."""
+    data, digest = make_blob(8 * CHUNK_SIZE, seed=73)
+    with small_disk(tmp_path / "volume", "16M") as cache_dir:
+        fill(cache_dir, [(data, digest)])
+        raw = (cache_dir / "data.mdb").read_bytes()
+        with open(cache_dir / "data.mdb", "r+b") as f:
+            for pgno in range(2, len(raw) // 4096):
+                page = raw[pgno * 4096 : (pgno + 1) * 4096]
+                if page[10] & 0x2 and digest.encode() in page:  # P_LEAF
+                    f.seek(pgno * 4096)
+                    f.write(bytes(4096))
+        for command in (["stats"], ["pin", digest]):
+            result = run_cli("cache", *command, "--cache-dir", str(cache_dir))
+            assert result.returncode == 8, (command, result.stderr)
+            [line] = result.stderr.splitlines()
+            assert f"the cache at {cache_dir} is damaged: " in line, line
+            assert "cannot be moved aside (Device or resource busy)" in line, line
+
+
 def test_a_damaged_cache_whose_parent_this_user_cannot_read_says_what_to_do():
     """Tried: user nobody's cache, data.mdb not an LMDB file, in a directory of root's
     that others may pass through but not read or write (0711), so the cache can be
