@@ -960,23 +960,29 @@ class ChunkStore:
     # --- reporting -----------------------------------------------------------
 
     def blobs(self) -> list[BlobInfo]:
-        return self._ask(lambda: blob_infos(self.env))
+        return self._ask(lambda: blob_infos(self.env), list)
 
     def stats(self) -> dict:
-        """Counters (persisted plus this process's pending ones) and totals."""
-        return self._ask(self._stats)
+        """Counters (persisted plus this process's pending ones) and totals; a cache this
+        process goes on without (``CacheEnv.lost``) counts as empty, so a scrape of a
+        server that lost it still answers."""
+        return self._ask(self._stats, self._stats)
 
     def _stats(self) -> dict:
         # A flush stuck on the write lock (another process stopped while writing) holds
         # the counts up: after a second, they are read without it.
         counting = self._counting.acquire(timeout=STATS_WAIT)
         try:
-            with self.env.reader() as txn:
-                totals = counters_mod.load(txn, self.dbs[DB_COUNTERS])
-                meta = self.dbs[DB_META]
-                stored = meta_int(txn, meta, b"stored_bytes")
-                chunks = txn.stat(self.dbs[DB_CHUNKS])["entries"]
-                parts = txn.stat(self.dbs[DB_PARTS])["entries"]
+            totals = dict.fromkeys(counters_mod.COUNTER_NAMES, 0)
+            stored = chunks = parts = mapped = 0
+            if self.env.lost is None:
+                with self.env.reader() as txn:
+                    totals = counters_mod.load(txn, self.dbs[DB_COUNTERS])
+                    meta = self.dbs[DB_META]
+                    stored = meta_int(txn, meta, b"stored_bytes")
+                    chunks = txn.stat(self.dbs[DB_CHUNKS])["entries"]
+                    parts = txn.stat(self.dbs[DB_PARTS])["entries"]
+                    mapped = self.env.map_size()
             pending = self.counters.pending()
         finally:
             if counting:
@@ -993,7 +999,7 @@ class ChunkStore:
             stored_bytes=stored,
             size_cap=self.capacity.size_cap,
             file_bytes=self.env.file_size(),
-            map_bytes=self.env.map_size(),
+            map_bytes=mapped,
             chunk_size=CHUNK_SIZE,
         )
         return totals

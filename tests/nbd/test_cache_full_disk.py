@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import nbd
@@ -180,3 +181,47 @@ def test_damage_found_while_serving_a_cache_that_cannot_be_moved_aside_costs_no_
     assert "cannot be moved aside (Device or resource busy)" in line, line
     assert "move its files out of that directory" in line, line
     assert "Traceback" not in log
+
+
+def test_metrics_of_a_server_gone_on_without_its_damaged_cache_are_still_scraped(
+    registry, pushed_images, erofs_images, tmp_path
+):
+    """Tried: ``serve --metrics`` with a --cache-dir that is a mount point (so a damaged
+    cache cannot be renamed aside) reads a block, the cache's B-tree pages are zeroed
+    under it, a read finds the damage, then /metrics is scraped twice. Must hold: each
+    scrape answers 200 with the cache's gauges (nothing stored: the server goes on without
+    the cache) and this process's counters, no traceback in the log. Before, every scrape
+    after the damage was a 500 with the lost cache's error in a traceback."""
+    with small_disk(tmp_path / "volume", "64M") as cache:
+        argv = [*CLI, "serve", pushed_images.large, "--insecure", "--cache-dir", str(cache)]
+        argv += ["--no-erofs-start", "--no-erofs-walk", "--no-readahead", "--no-trace"]
+        argv += ["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]
+        with (tmp_path / "serve.log").open("w") as log:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            lines = []
+            for line in proc.stdout:
+                lines.append(line.split())
+                if lines[-1] == ["ready"]:
+                    break
+            (url,) = [words[1] for words in lines if words[0] == "metrics"]
+            (uri,) = [words[2] for words in lines if words[:2] == ["export", '""']]
+            h = nbd.NBD()
+            h.connect_uri(uri)
+            image = erofs_images.large.path.read_bytes()
+            assert h.pread(4096, 0) == image[:4096]
+            assert zero_tree_pages(cache) > 0
+            assert h.pread(4096, 1 << 20) == image[1 << 20 : (1 << 20) + 4096]
+            h.shutdown()
+            for _ in range(2):
+                with urllib.request.urlopen(url, timeout=10) as answer:
+                    assert answer.status == 200
+                    text = answer.read().decode()
+                assert "blockstore_cache_stored_bytes 0.0" in text, text
+                assert "blockstore_cache_bytes_fetched_total" in text, text
+        finally:
+            assert stop(proc) == 0
+            proc.stdout.close()
+    logged = (tmp_path / "serve.log").read_text()
+    assert "goes on without it" in logged, logged
+    assert "Traceback" not in logged, logged
