@@ -1075,6 +1075,11 @@ class CachedBlob:
         # alone is not evicted by it; only this thread waits for it, never a reader.
         with PrefetchTurn(self._store.path, self._stop) as turn:
             for _ in range(FILL_ROUNDS):
+                if (why := self._store.env.read_only_because) is not None:
+                    # Nothing fetched would be kept: a cache lost as it was filled
+                    # (``CacheEnv.lost``) would have the whole layer fetched every round.
+                    log.warning("%s: not filled, as the cache keeps nothing: %s", self._digest, why)
+                    return
                 missing = self._store.missing(self._known_id(), range(self._chunks))
                 if not missing:
                     break

@@ -225,3 +225,57 @@ def test_metrics_of_a_server_gone_on_without_its_damaged_cache_are_still_scraped
     logged = (tmp_path / "serve.log").read_text()
     assert "goes on without it" in logged, logged
     assert "Traceback" not in logged, logged
+
+
+def test_a_fill_whose_cache_is_lost_as_it_fills_stops_fetching(
+    registry, pushed_images, erofs_images, tmp_path
+):
+    """Tried: ``serve --fill`` at a quarter of the layer per second, with a --cache-dir that
+    is a mount point (so a damaged cache cannot be renamed aside); a second into the
+    fill, the cache's B-tree pages are zeroed and a read finds the damage. Must hold:
+    the read is right; the fill ends with the round it was in (the layer fetched less
+    than one and a half times in all), saying the cache keeps nothing. Before, it went
+    on for all its rounds, fetching the whole layer each time for a cache that kept
+    none of it, then said it gave up as if the disk were full."""
+    size = erofs_images.large.size
+    with small_disk(tmp_path / "volume", "256M") as cache:
+        argv = [*CLI, "serve", pushed_images.large, "--insecure", "--cache-dir", str(cache)]
+        argv += ["--no-erofs-start", "--no-erofs-walk", "--no-readahead", "--no-trace"]
+        argv += ["--fill", "--fill-rate", str(size // 4)]
+        argv += ["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]
+        log = tmp_path / "serve.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=out, text=True)
+        try:
+            lines = []
+            for line in proc.stdout:
+                lines.append(line.split())
+                if lines[-1] == ["ready"]:
+                    break
+            (url,) = [words[1] for words in lines if words[0] == "metrics"]
+            (uri,) = [words[2] for words in lines if words[:2] == ["export", '""']]
+            h = nbd.NBD()
+            h.connect_uri(uri)
+            image = erofs_images.large.path.read_bytes()
+            assert h.pread(4096, 0) == image[:4096]
+            time.sleep(1)
+            assert zero_tree_pages(cache) > 0
+            assert h.pread(4096, 1 << 20) == image[1 << 20 : (1 << 20) + 4096]
+            h.shutdown()
+            deadline = time.monotonic() + 60
+            ended = ("not filled", "gave up")
+            while not any(w in log.read_text() for w in ended) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            text = urllib.request.urlopen(url, timeout=10).read().decode()
+        finally:
+            assert stop(proc) == 0
+            proc.stdout.close()
+    logged = log.read_text()
+    assert "not filled, as the cache keeps nothing" in logged, logged
+    assert "gave up" not in logged and "Traceback" not in logged, logged
+    (fetched,) = [
+        float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("blockstore_cache_bytes_fetched_total ")
+    ]
+    assert fetched < 1.5 * size, (fetched, size)
