@@ -183,7 +183,8 @@ class ImageRecords:
     def manifest(self, digest: str) -> bytes | None:
         """The record kept under ``digest``; one found damaged is asked again of the empty
         cache that replaces the damaged one (moved aside on the way), as a chunk is: an
-        open reads these first, and would otherwise fail on the damage every time."""
+        open reads these first, and would otherwise fail on the damage every time. Where
+        it cannot be moved aside, this process goes on without it, as with no record."""
 
         def question() -> bytes | None:
             with self._env.reader(DB_MANIFESTS) as txn:
@@ -193,6 +194,9 @@ class ImageRecords:
         try:
             return question()
         except CacheDamaged:
+            self._env.renew()
+            if self._env.lost is not None:
+                return None  # gone on without the cache (``CacheEnv.lost``): as if empty
             return question()
 
     def manifest_names(self, prefix: str) -> list[str]:

@@ -15,10 +15,12 @@ from pathlib import Path
 import nbd
 import pytest
 from rig.local_source import LocalFileSource
+from rig.pushed import push_erofs
 from rig.small_disk import small_disk
 from test_serve_cli import serving, stop
 
 from blockstore.cache import CachedBlob, ChunkStore, DiskFull
+from blockstore.cache.layout import DB_MANIFESTS
 
 CLI = [sys.executable, "-m", "blockstore"]
 
@@ -279,3 +281,54 @@ def test_a_fill_whose_cache_is_lost_as_it_fills_stops_fetching(
         if line.startswith("blockstore_cache_bytes_fetched_total ")
     ]
     assert fetched < 1.5 * size, (fetched, size)
+
+
+def manifests_root_zeroed(data: Path) -> bool:
+    """Zero the root page of data.mdb's ``manifests`` database in place (the records kept
+    beside the manifests: image configs, chunk indexes), as a failing disk might: found
+    only once read, not when the cache opens. Whether one was found to zero."""
+    raw = data.read_bytes()
+    # The newest meta page (0 or 1) names the main database's root; its leaf holds each
+    # named database's record (48 bytes after its name), the root page last in it.
+    metas = [raw[n * 4096 : (n + 1) * 4096] for n in (0, 1)]
+    meta = max(metas, key=lambda m: int.from_bytes(m[144:152], "little"))
+    main = int.from_bytes(meta[128:136], "little")
+    page = raw[main * 4096 : (main + 1) * 4096]
+    at = page.find(DB_MANIFESTS)
+    if at < 0 or not page[10] & 0x2:  # P_LEAF
+        return False
+    root = int.from_bytes(page[at + len(DB_MANIFESTS) + 40 : at + len(DB_MANIFESTS) + 48], "little")
+    with open(data, "r+b") as f:
+        f.seek(root * 4096)
+        f.write(bytes(4096))
+    return True
+
+
+def test_damage_found_as_a_server_opens_a_cache_that_cannot_be_moved_aside_costs_no_read(
+    registry, erofs_images, tmp_path
+):
+    """Tried: a cache on a mount point (so a damaged cache cannot be renamed aside) holding
+    a prefetched image, then the root page of the records kept beside the manifests
+    zeroed (found only once read, as the next open reads them), then ``serve`` of
+    another image from it. Must hold: the server goes on without the cache, as one that
+    finds damage while serving does: ready, every byte read right, a clean stop, one
+    warning that it goes on without it. Before, the open exited 8 right after that
+    warning had said the process goes on without the cache."""
+    small = push_erofs(registry.host, "damage/opened-a", "v1", [erofs_images.small.path])
+    large = push_erofs(registry.host, "damage/opened-b", "v1", [erofs_images.large.path])
+    with small_disk(tmp_path / "volume", "256M") as cache:
+        where = ["--insecure", "--cache-dir", str(cache)]
+        assert blockstore("prefetch", small, *where).returncode == 0
+        assert manifests_root_zeroed(cache / "data.mdb")
+        args = [large, *where, "--no-trace", "--listen", "127.0.0.1:0"]
+        with serving(*args) as (proc, exports):
+            out = tmp_path / "copy.img"
+            copied = subprocess.run(
+                ["nbdcopy", exports[""], str(out)], capture_output=True, timeout=120
+            )
+            assert stop(proc) == 0
+            log = proc.stderr.read()
+    assert copied.returncode == 0, copied.stderr.decode() + log
+    assert filecmp.cmp(out, erofs_images.large.path, shallow=False)
+    assert len([line for line in log.splitlines() if "goes on without it" in line]) == 1, log
+    assert "Traceback" not in log, log
