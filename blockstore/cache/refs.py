@@ -195,7 +195,7 @@ class ImageRecords:
             return question()
         except CacheDamaged:
             self._env.renew()
-            if self._env.lost is not None:
+            if self._env.lost is not None and self._env.goes_on:
                 return None  # gone on without the cache (``CacheEnv.lost``): as if empty
             return question()
 
