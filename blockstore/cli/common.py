@@ -596,12 +596,17 @@ def open_image_from_args(
             erofs_start=False,
             erofs_walk=False,
         )
-        log.warning(
-            "the cache at %s is read-only here: what it holds is served from it, the rest "
-            "fetched and served, never kept%s",
-            image.store.path,
-            "; --fill is skipped, having nowhere to keep the layers" if filling else "",
-        )
+        skipped = "; --fill is skipped, having nowhere to keep the layers" if filling else ""
+        if image.store.env.lost is not None:  # said already: it serves nothing from it
+            if filling:
+                log.warning("the cache at %s keeps nothing%s", image.store.path, skipped)
+        else:
+            log.warning(
+                "the cache at %s is read-only here: what it holds is served from it, the "
+                "rest fetched and served, never kept%s",
+                image.store.path,
+                skipped,
+            )
     if serves and image.unreachable is not None:
         log.warning(
             "%s; serving %s from the cache alone", image.unreachable, image.resolved.reference

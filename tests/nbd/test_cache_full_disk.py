@@ -331,4 +331,5 @@ def test_damage_found_as_a_server_opens_a_cache_that_cannot_be_moved_aside_costs
     assert copied.returncode == 0, copied.stderr.decode() + log
     assert filecmp.cmp(out, erofs_images.large.path, shallow=False)
     assert len([line for line in log.splitlines() if "goes on without it" in line]) == 1, log
+    assert "what it holds is served from it" not in log, log  # it serves nothing from it
     assert "Traceback" not in log, log
