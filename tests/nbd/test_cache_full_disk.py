@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import nbd
@@ -185,6 +187,27 @@ def test_damage_found_while_serving_a_cache_that_cannot_be_moved_aside_costs_no_
     assert "Traceback" not in log
 
 
+@contextmanager
+def serving_logged(args: list[str], log: Path) -> Iterator[tuple[str, str]]:
+    """``serve ARGS`` on a free port with metrics, its log written to ``log``, until it says
+    ``ready``: its metrics URL and default export's URI; stopped after (exit 0)."""
+    argv = [*CLI, "serve", *args, "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=out, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line.split())
+            if lines[-1] == ["ready"]:
+                break
+        (url,) = [words[1] for words in lines if words[0] == "metrics"]
+        (uri,) = [words[2] for words in lines if words[:2] == ["export", '""']]
+        yield url, uri
+    finally:
+        assert stop(proc) == 0
+        proc.stdout.close()
+
+
 def test_metrics_of_a_server_gone_on_without_its_damaged_cache_are_still_scraped(
     registry, pushed_images, erofs_images, tmp_path
 ):
@@ -195,19 +218,9 @@ def test_metrics_of_a_server_gone_on_without_its_damaged_cache_are_still_scraped
     the cache) and this process's counters, no traceback in the log. Before, every scrape
     after the damage was a 500 with the lost cache's error in a traceback."""
     with small_disk(tmp_path / "volume", "64M") as cache:
-        argv = [*CLI, "serve", pushed_images.large, "--insecure", "--cache-dir", str(cache)]
-        argv += ["--no-erofs-start", "--no-erofs-walk", "--no-readahead", "--no-trace"]
-        argv += ["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]
-        with (tmp_path / "serve.log").open("w") as log:
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
-        try:
-            lines = []
-            for line in proc.stdout:
-                lines.append(line.split())
-                if lines[-1] == ["ready"]:
-                    break
-            (url,) = [words[1] for words in lines if words[0] == "metrics"]
-            (uri,) = [words[2] for words in lines if words[:2] == ["export", '""']]
+        args = [pushed_images.large, "--insecure", "--cache-dir", str(cache)]
+        args += ["--no-erofs-start", "--no-erofs-walk", "--no-readahead", "--no-trace"]
+        with serving_logged(args, tmp_path / "serve.log") as (url, uri):
             h = nbd.NBD()
             h.connect_uri(uri)
             image = erofs_images.large.path.read_bytes()
@@ -221,9 +234,6 @@ def test_metrics_of_a_server_gone_on_without_its_damaged_cache_are_still_scraped
                     text = answer.read().decode()
                 assert "blockstore_cache_stored_bytes 0.0" in text, text
                 assert "blockstore_cache_bytes_fetched_total" in text, text
-        finally:
-            assert stop(proc) == 0
-            proc.stdout.close()
     logged = (tmp_path / "serve.log").read_text()
     assert "goes on without it" in logged, logged
     assert "Traceback" not in logged, logged
@@ -240,22 +250,12 @@ def test_a_fill_whose_cache_is_lost_as_it_fills_stops_fetching(
     on for all its rounds, fetching the whole layer each time for a cache that kept
     none of it, then said it gave up as if the disk were full."""
     size = erofs_images.large.size
+    log = tmp_path / "serve.log"
     with small_disk(tmp_path / "volume", "256M") as cache:
-        argv = [*CLI, "serve", pushed_images.large, "--insecure", "--cache-dir", str(cache)]
-        argv += ["--no-erofs-start", "--no-erofs-walk", "--no-readahead", "--no-trace"]
-        argv += ["--fill", "--fill-rate", str(size // 4)]
-        argv += ["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]
-        log = tmp_path / "serve.log"
-        with log.open("w") as out:
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=out, text=True)
-        try:
-            lines = []
-            for line in proc.stdout:
-                lines.append(line.split())
-                if lines[-1] == ["ready"]:
-                    break
-            (url,) = [words[1] for words in lines if words[0] == "metrics"]
-            (uri,) = [words[2] for words in lines if words[:2] == ["export", '""']]
+        args = [pushed_images.large, "--insecure", "--cache-dir", str(cache)]
+        args += ["--no-erofs-start", "--no-erofs-walk", "--no-readahead", "--no-trace"]
+        args += ["--fill", "--fill-rate", str(size // 4)]
+        with serving_logged(args, log) as (url, uri):
             h = nbd.NBD()
             h.connect_uri(uri)
             image = erofs_images.large.path.read_bytes()
@@ -269,9 +269,6 @@ def test_a_fill_whose_cache_is_lost_as_it_fills_stops_fetching(
             while not any(w in log.read_text() for w in ended) and time.monotonic() < deadline:
                 time.sleep(0.5)
             text = urllib.request.urlopen(url, timeout=10).read().decode()
-        finally:
-            assert stop(proc) == 0
-            proc.stdout.close()
     logged = log.read_text()
     assert "not filled, as the cache keeps nothing" in logged, logged
     assert "gave up" not in logged and "Traceback" not in logged, logged
