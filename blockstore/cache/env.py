@@ -382,6 +382,19 @@ class CacheEnv:
         self.moved_aside.append(why)
         return move_aside_unless_replaced(self.path, why, label, judged or self._key)
 
+    def ask(self, question: Callable[[], T], empty: Callable[[], T] | None = None) -> T:
+        """Answer from the cache; if that finds it damaged, from the empty cache that
+        replaces it (the damaged one is moved aside on the way). Where it could not be
+        moved (``lost``), ``empty`` gives an empty cache's answer to a process that goes
+        on without it; without ``empty``, or for one that does not, that is an error."""
+        try:
+            return question()
+        except CacheDamaged:
+            self.renew()
+            if self.lost is not None and empty is not None and self.goes_on:
+                return empty()
+            return question()
+
     def renew(self) -> None:
         """Replace a handle marked stale now, rather than at the next transaction."""
         if self._stale is not None:

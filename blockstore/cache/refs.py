@@ -19,7 +19,6 @@ import lmdb
 from blockstore.errors import CacheError
 
 from .env import CacheEnv
-from .errors import CacheDamaged
 from .layout import DB_MANIFESTS, DB_REFS
 
 log = logging.getLogger(__name__)
@@ -191,13 +190,7 @@ class ImageRecords:
                 raw = txn.get(digest.encode())
                 return bytes(raw) if raw is not None else None
 
-        try:
-            return question()
-        except CacheDamaged:
-            self._env.renew()
-            if self._env.lost is not None and self._env.goes_on:
-                return None  # gone on without the cache (``CacheEnv.lost``): as if empty
-            return question()
+        return self._env.ask(question, lambda: None)
 
     def manifest_names(self, prefix: str) -> list[str]:
         """The names of the records kept beside the manifests that start with ``prefix``."""

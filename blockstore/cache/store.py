@@ -307,19 +307,6 @@ class ChunkStore:
                 flights = self._flights[digest] = Flights()
             return flights
 
-    def _ask(self, question: Callable[[], T], empty: Callable[[], T] | None = None) -> T:
-        """Answer from the cache; if that finds it damaged, from the empty cache that
-        replaces it (the damaged one is moved aside on the way). Where it could not be
-        moved (``CacheEnv.lost``), ``empty`` gives an empty cache's answer; without it,
-        that is an error."""
-        try:
-            return question()
-        except CacheDamaged:
-            self.env.renew()
-            if self.env.lost is not None and empty is not None and self.env.goes_on:
-                return empty()
-            return question()
-
     def lookup(self, digest: str) -> BlobRecord | None:
         """The blob's record; None if the cache has none, or none that agrees with the
         rest of the cache (``_disagreement``), which is then dropped with its chunks."""
@@ -332,7 +319,7 @@ class ChunkStore:
                 record = BlobRecord.unpack(raw)
                 return record, self._disagreement(txn, digest, record) is None
 
-        record, agrees = self._ask(question, lambda: (None, True))
+        record, agrees = self.env.ask(question, lambda: (None, True))
         if agrees:
             return record
         if self.read_only:
@@ -357,7 +344,7 @@ class ChunkStore:
                 raw = txn.get(digest.encode())
                 return bytes(raw) if raw is not None else None
 
-        return self._ask(question, lambda: None)
+        return self.env.ask(question, lambda: None)
 
     def missing(self, blob_id: int | None, indices: range | list[int]) -> list[int]:
         """Which of ``indices`` have no stored chunk (presence only, unchecked; a part of a
@@ -370,7 +357,7 @@ class ChunkStore:
                 get = txn.get
                 return [i for i in indices if get(chunk_key(blob_id, i)) is None]
 
-        return self._ask(question, lambda: list(indices))
+        return self.env.ask(question, lambda: list(indices))
 
     def missing_by_digest(self, digest: str, indices: range) -> list[int]:
         """``missing`` for the blob ``digest`` names now: all of ``indices`` if it has no
@@ -442,7 +429,7 @@ class ChunkStore:
                 found = ((i, txn.get(chunk_key(blob_id, i))) for i in indices)
                 return {i: bytes(value) for i, value in found if value is not None}
 
-        return self._ask(question, dict)
+        return self.env.ask(question, dict)
 
     def store_parts(
         self, digest: str, size: int, blocks: dict[int, dict[int, Buffer]]
@@ -960,13 +947,13 @@ class ChunkStore:
     # --- reporting -----------------------------------------------------------
 
     def blobs(self) -> list[BlobInfo]:
-        return self._ask(lambda: blob_infos(self.env), list)
+        return self.env.ask(lambda: blob_infos(self.env), list)
 
     def stats(self) -> dict:
         """Counters (persisted plus this process's pending ones) and totals; a cache this
         process goes on without (``CacheEnv.lost``) counts as empty, so a scrape of a
         server that lost it still answers."""
-        return self._ask(self._stats, self._stats)
+        return self.env.ask(self._stats, self._stats)
 
     def _stats(self) -> dict:
         # A flush stuck on the write lock (another process stopped while writing) holds

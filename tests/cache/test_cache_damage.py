@@ -508,16 +508,16 @@ def test_a_lookup_meeting_a_damaged_record_returns_what_the_drop_finds(cache_dir
         b_id = store.lookup(b[1]).blob_id
         raw = store.env.write(lambda txn: bytes(txn.get(a[1].encode(), db=store.dbs[DB_BLOBS])))
         _rewrite_record(store, a[1], lambda record: setattr(record, "blob_id", b_id))
-        asked = store._ask
+        asked = store.env.ask
 
         def then_made_right(question, empty):
             answer = asked(question, empty)
             store.env.write(lambda txn: txn.put(a[1].encode(), raw, db=store.dbs[DB_BLOBS]))
             return answer
 
-        store._ask = then_made_right
+        store.env.ask = then_made_right
         assert store.lookup(a[1]) == good
-        del store._ask
+        del store.env.ask
         assert _read_offline(store, a[0], a[1]) == a[0]
 
         _rewrite_record(store, a[1], lambda record: setattr(record, "blob_id", b_id))
