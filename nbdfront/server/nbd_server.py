@@ -89,8 +89,7 @@ class NBDServer:
     ):
         if tcp is None and unix is None:
             raise ValueError("give a TCP address, a Unix socket path, or both")
-        self.exports = dict(exports)
-        self.catalog = Catalog(self.exports, default_export)
+        self.offer(exports, default_export)
         self.inflight_bytes = inflight_bytes
         self.server_inflight_bytes = server_inflight_bytes
         self.max_connections = max_connections
