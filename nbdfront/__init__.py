@@ -12,7 +12,8 @@ is offered:
   (``base:allocation`` only). Other options get ERR_UNSUP; STARTTLS
   upgrades the connection where the server has TLS on (``nbdfront.tls``)
   and gets ERR_POLICY where it has not; options over 16 KiB are skipped
-  unread and get ERR_TOO_BIG.
+  unread and get ERR_TOO_BIG if their data would be read (others get the
+  answer they would get with any data: ERR_UNSUP or ERR_INVALID).
 - INFO/GO answer EXPORT, NAME and DESCRIPTION, and always BLOCK_SIZE:
   minimum 1 byte, preferred 32 KiB (the cache's chunk), maximum payload
   32 MiB. A read longer than 32 MiB, or past the end, gets EINVAL.

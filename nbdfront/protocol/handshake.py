@@ -38,6 +38,21 @@ BASE_TRANSMISSION_FLAGS = (
 )
 
 
+# The options this server reads data of; any other's answer is the same whatever
+# data it carries (unsupported, or invalid for carrying any).
+_OPTIONS_WITH_DATA = frozenset(
+    (
+        Option.EXPORT_NAME,
+        Option.INFO,
+        Option.GO,
+        Option.LIST_META_CONTEXT,
+        Option.SET_META_CONTEXT,
+    )
+)
+_OPTIONS_WITHOUT_DATA = frozenset((Option.LIST, Option.STRUCTURED_REPLY))
+_NO_DATA = "this option carries no data"
+
+
 class TLSPolicy(enum.Enum):
     """Whether a server offers TLS (nbdkit's ``--tls`` spellings).
 
@@ -143,12 +158,16 @@ class Negotiation:
                 return self._starttls(b"")
             # STARTTLS takes no data: INVALID is its own answer, before or after TLS.
             message = f"STARTTLS takes no data, {length} bytes were sent"
-            return OptionOutcome(replies.option_error(option, OptionReply.ERR_INVALID, message))
+            return _invalid(option, message)
         if self._tls is TLSPolicy.REQUIRE and not self.tls_active:
             return _tls_required(option)
         if option == Option.EXPORT_NAME:
             # EXPORT_NAME has no way to say no: the only answer is to hang up.
             return OptionOutcome(b"", close_reason="oversized export name", clean=False)
+        if option in _OPTIONS_WITHOUT_DATA:
+            return _invalid(option, _NO_DATA)
+        if option not in _OPTIONS_WITH_DATA:
+            return _unsupported(option)
         message = f"option data of {length} bytes is too long"
         return OptionOutcome(replies.option_error(option, OptionReply.ERR_TOO_BIG, message))
 
@@ -164,7 +183,7 @@ class Negotiation:
         except _Malformed as exc:
             if option == Option.EXPORT_NAME:
                 return OptionOutcome(b"", close_reason=str(exc), clean=False)
-            return OptionOutcome(replies.option_error(option, OptionReply.ERR_INVALID, str(exc)))
+            return _invalid(option, str(exc))
 
     def _dispatch(self, option: int, data: bytes) -> OptionOutcome:
         if option == Option.ABORT:
@@ -192,8 +211,7 @@ class Negotiation:
             return OptionOutcome(replies.option_reply(option, OptionReply.ACK))
         if option in (Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT):
             return self._meta_context(option, data)
-        message = f"option {option} is not supported"
-        return OptionOutcome(replies.option_error(option, OptionReply.ERR_UNSUP, message))
+        return _unsupported(option)
 
     def _starttls(self, data: bytes) -> OptionOutcome:
         option = Option.STARTTLS
@@ -248,7 +266,7 @@ class Negotiation:
             self._meta_export = None  # replaced even when this request fails
         if not self.structured_replies:
             message = "metadata contexts need structured replies first"
-            return OptionOutcome(replies.option_error(option, OptionReply.ERR_INVALID, message))
+            return _invalid(option, message)
         name, queries = _parse_meta_request(data)
         if self._catalog.resolve(name) is None:
             message = f"no export named {name!r}"
@@ -281,9 +299,18 @@ def _tls_required(option: int) -> OptionOutcome:
     return OptionOutcome(replies.option_error(option, OptionReply.ERR_TLS_REQD, message))
 
 
+def _unsupported(option: int) -> OptionOutcome:
+    message = f"option {option} is not supported"
+    return OptionOutcome(replies.option_error(option, OptionReply.ERR_UNSUP, message))
+
+
+def _invalid(option: int, message: str) -> OptionOutcome:
+    return OptionOutcome(replies.option_error(option, OptionReply.ERR_INVALID, message))
+
+
 def _no_data(data: bytes) -> None:
     if data:
-        raise _Malformed("this option carries no data")
+        raise _Malformed(_NO_DATA)
 
 
 def _decode(raw: bytes) -> str:

@@ -303,3 +303,28 @@ def test_shutting_down_refuses_new_options_and_requests():
     checker.reads[1] = (0, 512)
     assert checker.transmission(out) == b""
     assert [(r.handle, r.error) for r in checker.finished] == [(1, w.ESHUTDOWN), (2, w.ESHUTDOWN)]
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [(99, w.REP_ERR_UNSUP), (11, w.REP_ERR_UNSUP), (w.OPT_LIST, w.REP_ERR_INVALID)],
+    ids=["unknown", "extended_headers", "list"],
+)
+def test_an_oversized_option_whose_answer_needs_no_data_gets_that_answer(code, expected):
+    """An option the server does not implement is ERR_UNSUP (the spec's baseline: MUST),
+    however long its data; one that takes no data (LIST) is ERR_INVALID with any. Only
+    an option whose data the server would read is refused as too big to read."""
+    conn = ServerConnection(CATALOG)
+    conn.receive_data(
+        w.client_flags()
+        + w.option(code, bytes(MAX_OPTION_LENGTH + 1))
+        + w.option(w.OPT_INFO, bytes(MAX_OPTION_LENGTH + 1))
+        + w.option(w.OPT_LIST)
+    )
+    answers, rest = w.ReplyChecker(False).options(drain(conn)[1][18:])
+    assert rest == b""
+    assert [(a.option, a.reply) for a in answers][:2] == [
+        (code, expected),
+        (w.OPT_INFO, w.REP_ERR_TOO_BIG),
+    ]
+    assert answers[-1].reply == w.REP_ACK
