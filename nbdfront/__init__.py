@@ -28,5 +28,6 @@ is offered:
 - On shutdown, replies in flight are sent; options and requests that
   arrive after it began get ERR_SHUTDOWN / ESHUTDOWN.
 - Backend errors reach the client by ``OSError.errno`` (EIO when there is
-  none), mapped in ``nbdfront.protocol.errors``.
+  none, or when NBD gives it a meaning of its own: ESHUTDOWN, ENOTSUP,
+  EOVERFLOW), mapped in ``nbdfront.protocol.errors``.
 """

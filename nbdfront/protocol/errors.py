@@ -6,6 +6,9 @@ import errno
 
 from nbdfront.protocol.constants import Errno
 
+# Not ESHUTDOWN, ENOTSUP or EOVERFLOW: the spec gives them meanings of its own (the
+# server is stopping, so the client must disconnect; a fast zero that would not be
+# fast; a request too long), which a backend's failure never has: it is an I/O error.
 _BY_ERRNO = {
     errno.EPERM: Errno.EPERM,
     errno.EACCES: Errno.EPERM,
@@ -16,18 +19,15 @@ _BY_ERRNO = {
     errno.ENOSPC: Errno.ENOSPC,
     errno.EDQUOT: Errno.ENOSPC,
     errno.EFBIG: Errno.ENOSPC,
-    errno.EOVERFLOW: Errno.EOVERFLOW,
-    errno.ENOTSUP: Errno.ENOTSUP,
-    errno.ESHUTDOWN: Errno.ESHUTDOWN,
 }
 
 
 def nbd_error(exc: BaseException) -> Errno:
     """The NBD error a client sees for ``exc``.
 
-    An ``OSError`` keeps its meaning where NBD has a value for it; anything
-    else (a bug, a backend failure without an errno) is an I/O error, which
-    clients report instead of using data.
+    An ``OSError`` keeps its meaning where NBD has a value of that meaning;
+    anything else (a bug, a backend failure without an errno) is an I/O
+    error, which clients report instead of using data.
     """
     if isinstance(exc, OSError) and exc.errno is not None:
         return _BY_ERRNO.get(exc.errno, Errno.EIO)

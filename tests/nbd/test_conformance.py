@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import struct
 
+import nbd
 import nbd_wire as w
 import pytest
-from nbd_serving import SlowLookupExport, SlowMissExport, start_server
+from nbd_serving import SlowLookupExport, SlowMissExport, ZeroExport, start_server
 from rig.fault_proxy import Fault
 
 
@@ -87,4 +90,40 @@ def test_disc_behind_requests_in_flight_sends_their_replies_first(tmp_path, stru
         assert replies[3].data == {3 << 20: bytes(65536)}
     finally:
         client.close()
+        server.shutdown()
+
+
+class FailingExport(ZeroExport):
+    """Zeros whose every read fails with one errno, as a backend's own failure would."""
+
+    def __init__(self, error: int):
+        super().__init__()
+        self.error = error
+
+    def read(self, offset, length):
+        raise OSError(self.error, os.strerror(self.error))
+
+    def read_cached(self, offset, length):
+        return None
+
+
+@pytest.mark.parametrize(
+    "error", [errno.ESHUTDOWN, errno.ENOTSUP, errno.EOVERFLOW], ids=errno.errorcode.get
+)
+def test_a_backend_failure_never_speaks_for_the_protocol(tmp_path, error):
+    """NBD_ESHUTDOWN tells a client the server is stopping (it must then disconnect);
+    the spec keeps NBD_ENOTSUP for fast zeroes and NBD_EOVERFLOW for oversized requests.
+    A read whose backend fails with one of those errnos, while the server runs on, is
+    an I/O error to libnbd, and the connection keeps serving."""
+    server = start_server({"failing": FailingExport(error)}, tmp_path, "failing")
+    try:
+        handle = nbd.NBD()
+        handle.connect_uri(server.uri("failing"))
+        for _ in range(2):
+            with pytest.raises(nbd.Error) as failed:
+                handle.pread(4096, 0)
+            assert failed.value.errnum == errno.EIO
+        handle.flush()
+        handle.shutdown()
+    finally:
         server.shutdown()
