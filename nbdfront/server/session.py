@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 # fetches leave room for more.
 WORKERS_PER_CONNECTION = 16
 # A longer read is read from the export, and with structured replies sent,
-# in pieces of this size; so is a cache hint asked of the export.
+# in pieces of at most this size that end on its multiples; a cache hint is
+# asked of the export in pieces of this size.
 READ_PIECE = 4 * 1024 * 1024
 INFLIGHT_REQUESTS = 512
 # Reply bytes of hits gathered before they are handed to the outbox, and buffers of
@@ -360,7 +361,9 @@ class Session:
         data: list[Buffer] = []
         try:
             while offset < end:
-                size = min(READ_PIECE, end - offset)
+                # Pieces end on multiples of their size: between the ends of an unaligned
+                # read every chunk is aligned, as the spec asks of a server.
+                size = min(READ_PIECE - offset % READ_PIECE, end - offset)
                 piece = self._export.read(offset, size)
                 got = buffers_length(piece)
                 if got != size:

@@ -422,6 +422,37 @@ def test_reads_of_32_mib_without_negotiated_block_sizes(tmp_path, structured):
         server.shutdown()
 
 
+def test_an_unaligned_streamed_read_sends_aligned_chunks_between_its_ends(tmp_path):
+    """A structured read longer than a piece, starting and ending off any 512-byte
+    boundary, read by libnbd: the spec says a server SHOULD send chunks whose offsets and
+    lengths are multiples of 512 save the first and last of an unaligned read. Every
+    chunk between those is aligned, the bytes are whole, and the export is still asked
+    for a piece at most at a time."""
+    export = RecordingExport()
+    server = serve(tmp_path, export)
+    start, length = (1 << 30) + 100, 3 * READ_PIECE - 200
+    chunks: list[tuple[int, int]] = []
+    try:
+        handle = nbd.NBD()
+        handle.connect_uri(server.uri("zeros"))
+        data = handle.pread_structured(
+            length,
+            start,
+            lambda buf, offset, status, error: chunks.append((offset, len(buf))) or 0,
+        )
+        handle.shutdown()
+    finally:
+        server.shutdown()
+    assert data == bytes(length)
+    chunks.sort()
+    assert chunks[0][0] == start and sum(size for _, size in chunks) == length
+    assert len(chunks) > 2
+    inner = chunks[1:-1]
+    assert all(offset % 512 == 0 and size % 512 == 0 for offset, size in inner), chunks
+    assert (chunks[0][0] + chunks[0][1]) % 512 == 0 and chunks[-1][0] % 512 == 0
+    assert export.longest_read <= READ_PIECE
+
+
 def test_a_streamed_read_that_fails_part_way_sends_no_wrong_byte(tmp_path):
     """A 32 MiB structured read whose third piece fails: the pieces before it arrive as
     data, the error is reported at the first byte not sent, and nothing else comes."""
