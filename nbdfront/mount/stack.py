@@ -831,6 +831,22 @@ def _cwd_device(pid: int) -> int | None:
         return None
 
 
+def _hidden_by(mountpoint: str, above: str) -> str:
+    """Why the mount at ``mountpoint`` cannot be unmounted while the one at ``above``
+    hides it, and what to unmount first: one of ours with ``blockstore umount``."""
+    hidden = f"{printable(mountpoint)} is hidden by the mount"
+    if (record := records.load(above)) is not None:
+        return (
+            f"{hidden} of {record.image} at {printable(above)}, made over a directory above "
+            f"it since: `{umount_command(above)}` first"
+        )
+    top = syscall.mounts_at(above)[0]
+    return (
+        f"{hidden} at {printable(above)} ({top.fstype} from {top.source}), made over a "
+        "directory above it since: unmount that first"
+    )
+
+
 def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
     """Undo every step the record lists, top first; raises if the file system is busy.
 
@@ -846,6 +862,8 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
             "same place; unmount that first"
         )
     top = where == "top"
+    if top and (above := syscall.hidden_by(record.mountpoint)) is not None:
+        raise MountpointBusy(_hidden_by(record.mountpoint, above))
     if top and not lazy:
         users = syscall.users_of(_mount_points(record))
         if users:

@@ -258,7 +258,14 @@ def mounts_at(path: str) -> list[MountedHere]:
     first. The order of mountinfo's lines is not it (a moved mount keeps its place):
     a mount at the same point as another is on top of the one that is its parent."""
     point = os.path.realpath(path)
-    here = [m for m in _mounts() if m.point == point]
+    return [
+        MountedHere(m.device, m.fstype, m.source, _overlay_dirs(m.options, ("lowerdir",)))
+        for m in _top_first([m for m in _mounts() if m.point == point])
+    ]
+
+
+def _top_first(here: list[_Mount]) -> list[_Mount]:
+    """The mounts ``here``, all at one point, the one on top first."""
     above = {m.parent_id: m for m in here}
     ordered: list[_Mount] = []
     ids = {m.mount_id for m in here}
@@ -266,10 +273,29 @@ def mounts_at(path: str) -> list[MountedHere]:
     while bottom is not None and len(ordered) < len(here):
         ordered.append(bottom)
         bottom = above.get(bottom.mount_id)
-    return [
-        MountedHere(m.device, m.fstype, m.source, _overlay_dirs(m.options, ("lowerdir",)))
-        for m in reversed(ordered)
-    ]
+    return ordered[::-1]
+
+
+def hidden_by(point: str) -> str | None:
+    """The mount point of a mount over a directory above ``point`` (as mountinfo writes
+    it) that hides the mount on top at ``point``: mounted there after it, so a lookup of
+    ``point`` goes through its tree instead, and umount2(2) of ``point`` finds no mount
+    there (EINVAL) or no such path (ENOENT). None if nothing hides it."""
+    everything = _mounts()
+    here = _top_first([m for m in everything if m.point == point])
+    if not here:
+        return None
+    by_id = {m.mount_id: m for m in everything}
+    reached: set[str] = set()  # the mounts a lookup of ``point`` must pass through
+    mount: _Mount | None = here[0]
+    while mount is not None and mount.mount_id not in reached:
+        reached.add(mount.mount_id)
+        mount = by_id.get(mount.parent_id)
+    for above in reversed(Path(point).parents):
+        at = _top_first([m for m in everything if m.point == str(above)])
+        if at and at[0].mount_id not in reached:
+            return str(above)
+    return None
 
 
 def points_of(device: str) -> list[str]:

@@ -528,6 +528,47 @@ def test_umount_of_a_mount_covered_at_its_own_place_is_refused_and_changes_nothi
     assert_nothing_left(record, run)
 
 
+@pytest.mark.parametrize("over", ["a tmpfs", "another image"])
+def test_umount_of_a_mount_hidden_by_one_over_a_directory_above_is_refused_and_changes_nothing(
+    mount_dirs, erofs_images, local_server, tmp_path, over
+):
+    """Tried: an image mounted at ``outer/a``, then ``outer`` itself mounted over: a tmpfs
+    of the user's (where ``outer/a`` is no more), or another image whose tree has an
+    ``a`` directory; then ``umount`` and ``umount --lazy`` of ``outer/a``. Must hold:
+    each is refused (exit 13) naming the mount at ``outer`` that hides it (for an image,
+    the ``blockstore umount`` that undoes it) before anything is undone: the server
+    stays; once ``outer`` is unmounted, ``umount outer/a`` leaves nothing. Before, each
+    said only "umount .../a: No such file or directory" or "Invalid argument" (exit 10)."""
+    _, run = mount_dirs
+    outer = tmp_path / "outer"
+    inner = outer / "a"
+    inner.mkdir(parents=True)
+    small = erofs_images.small.path
+    record = stack.mount(local_server({"layer0": small}), str(inner), image="inner")
+    if over == "a tmpfs":
+        subprocess.run(["mount", "-t", "tmpfs", "users-own", str(outer)], check=True)
+        undo_outer = ["umount", str(outer)]
+        named = f"hidden by the mount at {outer} (tmpfs from users-own)"
+    else:
+        stack.mount(local_server({"layer0": small}), str(outer), image="outer")
+        undo_outer = [*BLOCKSTORE, "umount", str(outer)]
+        named = f"hidden by the mount of outer at {outer}, made over a directory above it "
+        named += f"since: `blockstore umount {outer}` first"
+    try:
+        for lazy in ([], ["--lazy"]):
+            busy = cli("umount", *lazy, str(inner))
+            assert busy.returncode == MountpointBusy.exit_code, busy.stderr
+            assert f"blockstore: {inner} is {named}" in busy.stderr, busy.stderr
+            assert len(busy.stderr.strip().splitlines()) == 1, busy.stderr
+            assert record.server is not None and record.server.alive()
+            assert syscall.mounts_at(str(inner)) and records.load(str(inner)) is not None
+    finally:
+        subprocess.run(undo_outer, check=True, capture_output=True)
+    done = cli("umount", str(inner))
+    assert done.returncode == 0, done.stderr
+    assert_nothing_left(record, run)
+
+
 def test_a_stale_record_naming_the_same_device_does_not_hide_the_mount(
     mount_dirs, mountpoint, erofs_images, local_server, tmp_path
 ):
