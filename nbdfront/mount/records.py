@@ -262,6 +262,31 @@ def create(record: MountRecord) -> None:
         shutil.rmtree(new, ignore_errors=True)
 
 
+def discard(record: MountRecord) -> None:
+    """Remove the state directory of ``record``, a mount of which nothing is left, if it
+    still holds that very record: of two mounts that found it so at once, one removes
+    it, and the other must not remove the state directory the first has made since.
+    Moved aside under an exclusive flock of the directory, which the other cannot take
+    meanwhile, then removed."""
+    state_dir = Path(record.state_dir)
+    try:
+        fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.path.samestat(os.fstat(fd), os.lstat(state_dir)) and (
+            _read(state_dir / RECORD_NAME) == record
+        ):
+            aside = state_dir.parent / f"{NEW_PREFIX}stale-{state_dir.name}-{os.getpid()}"
+            os.rename(state_dir, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+    except (BlockingIOError, FileNotFoundError):
+        return  # another process is removing it, or has
+    finally:
+        os.close(fd)
+
+
 def save(record: MountRecord) -> None:
     """Write the record atomically: a reader sees the old one or the new one."""
     replace_whole(Path(record.state_dir) / RECORD_NAME, record.to_json().encode(), ".tmp")

@@ -72,10 +72,33 @@ def check_can_mount(mountpoint: str, *, tls: bool = False) -> str:
             raise MountpointBusy(
                 f"{mountpoint} is being mounted by blockstore (pid {record.mounter.pid})"
             )
-        raise MountpointBusy(
-            f"{mountpoint} has a mount record already; `{umount_command(mountpoint)}` clears it"
+        if not _left_nothing(record):
+            raise MountpointBusy(
+                f"{mountpoint} has a mount record already; `{umount_command(mountpoint)}` clears it"
+            )
+        records.discard(record)
+        logger.warning(
+            "cleared the record of an earlier mount of %s at %s, of which nothing was left "
+            "(its processes ended and nothing of it mounted: a reboot, or a crash)",
+            record.image,
+            printable(mountpoint),
         )
     return attach.choose_method(tls=tls)
+
+
+def _left_nothing(record: MountRecord) -> bool:
+    """Whether nothing of the recorded mount stands, so its record only keeps its place
+    (a reboot with the run directory kept, a crash): nothing mounted at its mount point
+    or in its state directory, none of its processes alive. A kernel NBD device may stay
+    connected with all that gone, which only ``umount`` disconnects."""
+    processes = [record.server, *(a.process for a in record.attachments)]
+    return (
+        not syscall.is_mounted(record.mountpoint)
+        and not syscall.submounts(record.state_dir)
+        and not any(process is not None and process.alive() for process in processes)
+        and _supervisor_of(Path(record.state_dir)) is None
+        and all(a.method != attach.KERNEL for a in record.attachments)
+    )
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -204,6 +206,52 @@ def test_a_record_kept_across_a_reboot_never_signals_a_process_of_this_boot(
         for stranger in strangers:
             stranger.kill()
             stranger.wait()
+
+
+def test_a_record_of_a_mount_of_which_nothing_is_left_does_not_keep_its_place(
+    mount_dirs, mountpoint, erofs_images, local_server, caplog
+):
+    """Tried: a three-layer mount's processes SIGKILLed and each of its mounts lazily
+    unmounted, its record kept (a reboot with the run directory not on a tmpfs, or a
+    crash that took the mount with it); then a mount at the same place. Must hold: it
+    mounts, with a warning that the record of the earlier mount, of which nothing was
+    left, was cleared; `umount` then leaves nothing. A record whose server still runs
+    (its mounts undone by hand) is still refused, naming `umount`; a second clearing of
+    the stale record, by a mount that found it so at the same time, leaves the new
+    mount's record whole. Before, every mount
+    there was refused ("has a mount record already") until `blockstore umount` was run
+    by hand: a mount made at boot failed on each boot after a first without `umount`."""
+    _, run = mount_dirs
+    argv = local_server({f"layer{i}": layer.path for i, layer in enumerate(erofs_images.layers)})
+    record = stack.mount(argv, str(mountpoint), image="three")
+    for point in sorted(syscall.mounted(), key=len, reverse=True):
+        if point == str(mountpoint) or point.startswith(f"{run}/"):
+            syscall.umount(point, lazy=True)
+    with pytest.raises(MountpointBusy, match="has a mount record already"):
+        stack.mount(argv, str(mountpoint), image="three")
+    for process in [record.server, *(a.process for a in record.attachments)]:
+        process.signal(signal.SIGKILL)
+        assert process.wait(5)
+    assert wait_for(lambda: not processes_mentioning(str(run))), "the server outlived its parent"
+    # Another mount found it stale and has just made its own state directory in its place.
+    stale = records.load(str(mountpoint))
+    records.discard(stale)
+    fresh = replace(stale, image="another", mounter=ProcessRef.of(os.getpid()))
+    records.create(fresh)
+    records.discard(stale)  # as a mount that found it stale at the same time would
+    assert records.load(str(mountpoint)) == fresh
+    records.forget(fresh)
+    records.create(stale)
+    caplog.set_level(logging.WARNING, logger="nbdfront.mount.stack")
+    again = stack.mount(argv, str(mountpoint), image="three again")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cleared the record of an earlier mount of three at {mountpoint}, of which nothing "
+        "was left (its processes ended and nothing of it mounted: a reboot, or a crash)"
+    ]
+    assert_same_tree(erofs_images.layers[-1].merged_tree, mountpoint)
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert_nothing_left(again, run)
 
 
 def test_a_mount_whose_run_directory_was_cleared_is_undone_by_umount(
