@@ -84,6 +84,33 @@ def run_dirs_made() -> Iterator[None]:
         os.close(fd)
 
 
+_CANNOT_WRITE = {
+    errno.ENOSPC: "free space on its disk",
+    errno.EDQUOT: "free space on its disk",
+    errno.EROFS: "make its disk writable",
+}
+
+
+@contextlib.contextmanager
+def writes_named() -> Iterator[None]:
+    """A write in the run directory that finds its disk full or read-only, as a
+    MountError naming the run directory: the system's words alone ("No space left on
+    device", with no file) leave the user to guess which disk to free, the cache's most
+    likely."""
+    try:
+        yield
+    except OSError as exc:
+        run = run_dir()
+        where = str(run) if exc.filename is None else os.fsdecode(exc.filename)  # a write()
+        if exc.errno not in _CANNOT_WRITE or not f"{where}/".startswith(f"{run}/"):
+            raise
+        raise MountError(
+            f"cannot write in the run directory {run}, where mounts keep their records, "
+            f"sockets and logs: {exc.strerror}; {_CANNOT_WRITE[exc.errno]}, or give another "
+            "as BLOCKSTORE_RUN_DIR"
+        ) from None
+
+
 RUN_DIR_TRIES = 10
 """Times the run directory is made again when a failed mount removed it meanwhile."""
 

@@ -202,7 +202,7 @@ def mount(
     # it removes what it made of the run directory, as of the rest. Only that removal
     # takes the lock exclusively, and without waiting: a mount waits at most for the
     # few rmdir calls of one, never for another mount.
-    with records.run_dirs_made():
+    with records.writes_named(), records.run_dirs_made():
         interrupts = _Interrupts()
         created = False
         try:

@@ -254,6 +254,46 @@ def test_a_record_of_a_mount_of_which_nothing_is_left_does_not_keep_its_place(
     assert_nothing_left(again, run)
 
 
+@pytest.mark.parametrize("disk", ["full", "read-only"])
+def test_a_run_directory_that_cannot_be_written_is_named(
+    mount_dirs, mountpoint, erofs_images, local_server, tmp_path, monkeypatch, disk
+):
+    """Tried: a run directory used before (``mounts/`` and ``log/`` in it) on a tmpfs that
+    is full, or mounted read-only, then a mount. Must hold: it fails (a MountError, exit
+    10) in one line naming the run directory, why, and what to do; no process is left,
+    nothing is mounted, and the disk holds what it held. Before, a full disk gave
+    "[Errno 28] No space left on device" (exit 1), naming no file, so the user was left
+    to guess which disk (the cache's, most likely) to free."""
+    argv = local_server({"layer0": erofs_images.small.path})
+    disk_dir = tmp_path / "disk"
+    disk_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "small", str(disk_dir)], check=True)
+    try:
+        run = disk_dir / "run"
+        for path, mode in ((run, 0o755), (run / "mounts", 0o755), (run / "log", 0o700)):
+            path.mkdir(mode=mode)
+        monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(run))
+        if disk == "full":
+            subprocess.run(["dd", "if=/dev/zero", f"of={disk_dir}/fill"], capture_output=True)
+            why, advice = "No space left on device", "free space on its disk"
+        else:
+            subprocess.run(["mount", "-o", "remount,ro", str(disk_dir)], check=True)
+            why, advice = "Read-only file system", "make its disk writable"
+        before = sorted(str(p) for p in disk_dir.rglob("*"))
+        with pytest.raises(MountError) as failed:
+            stack.mount(argv, str(mountpoint), image="small")
+        assert type(failed.value) is MountError
+        assert str(failed.value) == (
+            f"cannot write in the run directory {run}, where mounts keep their records, "
+            f"sockets and logs: {why}; {advice}, or give another as BLOCKSTORE_RUN_DIR"
+        )
+        assert sorted(str(p) for p in disk_dir.rglob("*")) == before
+        assert not syscall.is_mounted(str(mountpoint))
+        assert not processes_mentioning(str(run))
+    finally:
+        subprocess.run(["umount", "-l", str(disk_dir)], check=True)
+
+
 def test_a_mount_whose_run_directory_was_cleared_is_undone_by_umount(
     mount_dirs, mountpoint, erofs_images, local_server
 ):
