@@ -54,6 +54,12 @@ def check_can_mount(mountpoint: str, *, tls: bool = False) -> str:
     ``tls``: the server will speak TLS (see ``attach.choose_method``)."""
     if os.geteuid() != 0:
         raise NotPermitted("mounting needs root: run it with sudo")
+    length, path_max = len(os.fsencode(mountpoint)), os.pathconf("/", "PC_PATH_MAX")
+    if length >= path_max:  # said first: a lookup of it fails as if it were not there
+        raise MountError(
+            f"mountpoint {printable(mountpoint)} is {length} bytes long, longer than the "
+            f"{path_max - 1} bytes the kernel takes for a path: choose a shorter one"
+        )
     if not os.path.exists(mountpoint):
         raise MountError(f"mountpoint {mountpoint} does not exist")
     if not os.path.isdir(mountpoint):

@@ -357,3 +357,41 @@ def test_a_run_directory_under_a_dangling_link_is_refused_in_one_line(
     )
     assert [p.name for p in run.iterdir()] == ["link"]
     assert not (base / "nothing-here").exists()
+
+
+def test_a_mount_point_longer_than_the_kernel_takes_says_so(mount_dirs, tmp_path):
+    """Tried: ``mount IMAGE .`` run in a directory whose absolute path is over 4,300 bytes
+    (made and entered a step at a time, as a shell's ``cd`` gets there), longer than the
+    4,095 bytes the kernel takes for a path. Must hold: exit 10 and one line saying the
+    mount point is longer than the kernel takes and to choose a shorter one; nothing
+    spawned or made. Before, it said the mount point "does not exist"."""
+    _, run = mount_dirs
+    steps = ["d" * 250] * 17
+    where = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    for step in steps:
+        os.mkdir(step, dir_fd=where)
+        inner = os.open(step, os.O_RDONLY | os.O_DIRECTORY, dir_fd=where)
+        os.close(where)
+        where = inner
+    os.close(where)
+
+    def enter() -> None:
+        os.chdir(tmp_path)
+        for step in steps:
+            os.chdir(step)
+
+    done = subprocess.run(
+        [*BLOCKSTORE, "mount", "127.0.0.1:5000/a/b:v1", "."],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=enter,
+    )
+    long_path = "/".join([str(tmp_path), *steps])
+    assert done.returncode == 10, done.stderr
+    assert done.stderr == (
+        f"blockstore: mountpoint {long_path} is {len(long_path)} bytes long, longer than the "
+        "4095 bytes the kernel takes for a path: choose a shorter one\n"
+    )
+    assert not list(run.iterdir()), "a log or state directory was made"
+    assert not processes_mentioning(str(run))
