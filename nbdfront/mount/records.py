@@ -289,13 +289,12 @@ def create(record: MountRecord) -> None:
         shutil.rmtree(new, ignore_errors=True)
 
 
-def discard(record: MountRecord) -> None:
-    """Remove the state directory of ``record``, a mount of which nothing is left, if it
-    still holds that very record: of two mounts that found it so at once, one removes
-    it, and the other must not remove the state directory the first has made since.
-    Moved aside under an exclusive flock of the directory, which the other cannot take
-    meanwhile, then removed."""
-    state_dir = Path(record.state_dir)
+def discard(state_dir: Path, record: MountRecord | None) -> None:
+    """Remove ``state_dir``, left by a mount of which nothing is left, if it still holds
+    ``record`` (None: one that does not parse): of two mounts that found it so at once,
+    one removes it, and the other must not remove the state directory the first has
+    made since. Moved aside under an exclusive flock of the directory, which the other
+    cannot take meanwhile, then removed."""
     try:
         fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:

@@ -72,6 +72,15 @@ def check_can_mount(mountpoint: str, *, tls: bool = False) -> str:
             f"mountpoint {mountpoint} would cover the run directory {run} or lie in it, "
             "where mounts keep their records, sockets and FUSE files: choose another directory"
         )
+    _clear_a_record_left_alone(mountpoint)
+    return attach.choose_method(tls=tls)
+
+
+def _clear_a_record_left_alone(mountpoint: str) -> None:
+    """Refuse ``mountpoint`` while a mount recorded there is made or stands, in part too;
+    clear its record, damaged or not, when nothing of that mount is left (a reboot with
+    the run directory kept, a crash), which would otherwise keep the place for good."""
+    state_dir = records.state_dir_for(mountpoint)
     if (record := records.load(mountpoint)) is not None:
         if record.mounting:
             assert record.mounter is not None
@@ -82,14 +91,24 @@ def check_can_mount(mountpoint: str, *, tls: bool = False) -> str:
             raise MountpointBusy(
                 f"{mountpoint} has a mount record already; `{umount_command(mountpoint)}` clears it"
             )
-        records.discard(record)
-        logger.warning(
-            "cleared the record of an earlier mount of %s at %s, of which nothing was left "
-            "(its processes ended and nothing of it mounted: a reboot, or a crash)",
-            record.image,
-            printable(mountpoint),
-        )
-    return attach.choose_method(tls=tls)
+        state_dir = Path(record.state_dir)  # an older version's may be named otherwise
+        cleared = f"the record of an earlier mount of {record.image}"
+    elif records.is_private(state_dir):  # a record that does not parse
+        if _unrecorded(mountpoint) is not None:
+            raise MountpointBusy(
+                f"{mountpoint} has a damaged mount record, and its server still runs; "
+                f"`{umount_command(mountpoint)}` clears it"
+            )
+        cleared = "the damaged record of an earlier mount"
+    else:
+        return
+    records.discard(state_dir, record)
+    logger.warning(
+        "cleared %s at %s, of which nothing was left (its processes ended and nothing of "
+        "it mounted: a reboot, or a crash)",
+        cleared,
+        printable(mountpoint),
+    )
 
 
 def _left_nothing(record: MountRecord) -> bool:

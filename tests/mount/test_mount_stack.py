@@ -235,10 +235,11 @@ def test_a_record_of_a_mount_of_which_nothing_is_left_does_not_keep_its_place(
     assert wait_for(lambda: not processes_mentioning(str(run))), "the server outlived its parent"
     # Another mount found it stale and has just made its own state directory in its place.
     stale = records.load(str(mountpoint))
-    records.discard(stale)
+    records.discard(Path(stale.state_dir), stale)
     fresh = replace(stale, image="another", mounter=ProcessRef.of(os.getpid()))
     records.create(fresh)
-    records.discard(stale)  # as a mount that found it stale at the same time would
+    # As a mount that found it stale at the same time would:
+    records.discard(Path(stale.state_dir), stale)
     assert records.load(str(mountpoint)) == fresh
     records.forget(fresh)
     records.create(stale)

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from mount_trees import assert_same_tree
+from rig.processes import processes_mentioning
+from rig.waiting import wait_for
 from suggested import own_lines, run_suggested
 
-from nbdfront.mount import records, stack
+from blockstore.errors import MountpointBusy
+from nbdfront.mount import records, stack, syscall
 
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
 
@@ -77,6 +84,48 @@ def test_a_damaged_record_is_undone_as_a_mount_without_one(
     assert not record.server.alive()
     assert cli("mounts").stdout == "no blockstore mounts\n"
     assert not Path(record.state_dir).exists()
+
+
+def test_a_damaged_record_of_a_mount_of_which_nothing_is_left_does_not_keep_its_place(
+    mount_dirs, mountpoint, erofs_images, local_server, caplog
+):
+    """Tried: a mount's record damaged (cut short), each of its mounts lazily unmounted;
+    then a mount at the same place while its server still runs, and again once every
+    process of it is SIGKILLed (as a crash or a reboot leaves it). Must hold: while the
+    server runs, the mount is refused (exit 13) naming the `blockstore umount` that
+    clears it; with nothing left, it mounts, with a warning that the damaged record was
+    cleared, and `umount` then leaves nothing. Before, each was refused as "being
+    mounted by another blockstore process" though none ran, while `mounts` listed
+    nothing and `umount` said nothing was mounted there: only removing the state
+    directory by hand let the place be mounted again."""
+    _, run = mount_dirs
+    argv = local_server({"layer0": erofs_images.small.path})
+    record = stack.mount(argv, str(mountpoint), image="small")
+    (Path(record.state_dir) / records.RECORD_NAME).write_text('{"mountpoint": "/mn')
+    for point in sorted(syscall.mounted(), key=len, reverse=True):
+        if point == str(mountpoint) or point.startswith(f"{run}/"):
+            syscall.umount(point, lazy=True)
+    with pytest.raises(MountpointBusy) as refused:
+        stack.mount(argv, str(mountpoint), image="small")
+    assert str(refused.value) == (
+        f"{mountpoint} has a damaged mount record, and its server still runs; "
+        f"`blockstore umount {mountpoint}` clears it"
+    )
+    for process in [record.server, *(a.process for a in record.attachments)]:
+        process.signal(signal.SIGKILL)
+        assert process.wait(5)
+    assert wait_for(lambda: not processes_mentioning(str(run))), "the server outlived its parent"
+    caplog.set_level(logging.WARNING, logger="nbdfront.mount.stack")
+    again = stack.mount(argv, str(mountpoint), image="small again")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cleared the damaged record of an earlier mount at {mountpoint}, of which nothing "
+        "was left (its processes ended and nothing of it mounted: a reboot, or a crash)"
+    ]
+    assert_same_tree(erofs_images.small.tree, mountpoint)
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert records.saved() == [] and not Path(again.state_dir).exists()
+    assert not processes_mentioning(str(run))
 
 
 def test_a_mount_point_with_a_newline_keeps_to_one_line(mount_dirs, erofs_images, local_server):
