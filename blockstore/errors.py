@@ -47,6 +47,12 @@ class AuthError(RegistryError):
     exit_code = 4
 
 
+class LoginRefused(AuthError):
+    """The login offered (or its absence) refused as such: by the token issuer, or by a
+    registry taking user names and passwords. Any request would be refused alike, so none
+    is asked again in another form (a blob's HEAD as a GET)."""
+
+
 class StorageRefused(RegistryError):
     """Storage a registry redirected a request to (object storage, a CDN) refused the URL
     the registry gave: most often a signed one that expired, or was signed for GET only."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import requests
 
-from blockstore.errors import AuthError, RegistryUnreachable
+from blockstore.errors import AuthError, LoginRefused, RegistryUnreachable
 from blockstore.registry.credentials import Credentials, login_hint
 from blockstore.registry.retry import TryAgain
 from blockstore.registry.transport import url_host
@@ -189,14 +189,14 @@ class Authenticator:
     def _basic_answer(self) -> str:
         """Basic's ``Authorization`` after a Basic challenge, or why there is none."""
         if self.credentials and self.credentials.identity_token:
-            raise AuthError(
+            raise LoginRefused(
                 f"registry {self.host} asks for a user name and password; the auth file has "
                 "an identity token for it, which only a token issuer takes (log in with a "
                 "password instead)",
                 status=401,
             )
         if not self.credentials:
-            raise AuthError(
+            raise LoginRefused(
                 f"registry {self.host} requires a user name and password: {login_hint(self.host)}",
                 status=401,
             )
@@ -282,7 +282,7 @@ class Authenticator:
         reply = self._fetch_token(realm, params, self.credentials, deadline)
         issuer = url_host(realm)
         if reply.status_code in (401, 403):
-            raise AuthError(
+            raise LoginRefused(
                 f"token issuer {issuer} for registry {self.host} refused "
                 + self._offered()
                 + f" for {scope}"

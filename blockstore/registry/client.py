@@ -32,6 +32,7 @@ from blockstore.errors import (
     BlobReadError,
     BlockstoreError,
     IntegrityError,
+    LoginRefused,
     NotFound,
     RegistryError,
     RegistryUnreachable,
@@ -231,7 +232,8 @@ class RegistryClient:
         A HEAD refused (``HEAD_REFUSED``), or saying 0 bytes where the manifest says
         more, is asked again as a GET of the blob's first byte, whose answer is taken:
         some registries refuse a HEAD of a blob they serve, and some proxies write a
-        HEAD's length as 0."""
+        HEAD's length as 0. A HEAD refused for its login (``LoginRefused``) is not: the
+        GET would ask for the same login, to be refused alike."""
         subject = f"blob {digest} of {self.registry}/{repository}"
         path = f"/v2/{repository}/blobs/{digest}"
         deadline = self.deadline()
@@ -264,6 +266,8 @@ class RegistryClient:
         try:
             try:
                 return self._read(subject, deadline, head)
+            except LoginRefused:
+                raise  # the login, not the HEAD: a GET would be refused alike
             except RegistryError as refused:
                 if refused.status not in HEAD_REFUSED and not isinstance(refused, StorageRefused):
                     raise

@@ -27,6 +27,7 @@ import urllib3
 
 from blockstore.errors import (
     AuthError,
+    LoginRefused,
     RegistryError,
     RegistryTLSMismatch,
     RegistryUnreachable,
@@ -181,7 +182,7 @@ class Endpoint:
             if answered:
                 _, detail = oci_error(reply)
                 reply.close()
-                raise AuthError(self._refusal(scope, authorization, detail), status=401)
+                raise self._refusal(scope, authorization, detail)
             reply.close()
             if unanswered is not None and _realm_of(challenge) == realm:
                 raise unanswered  # the issuer that just failed: asked again, it would again
@@ -208,17 +209,26 @@ class Endpoint:
         """Whether credentials may go to ``url``: over TLS, or plain HTTP when asked for."""
         return urlsplit(url).scheme == "https" or self._insecure
 
-    def _refusal(self, scope: str, authorization: str | None, detail: str) -> str:
+    def _refusal(self, scope: str, authorization: str | None, detail: str) -> AuthError:
+        """The error for a 401 to a request that answered a challenge: a token refused for
+        ``scope`` (this request alone, perhaps: ECR Public refuses any blob's HEAD), or
+        the user name and password themselves (``LoginRefused``)."""
         said = f" ({detail})" if detail else ""
         if self.auth.credentials is None:
             # An anonymous token a registry takes for pulls but not for this (a push).
             hint = login_hint(self.host)
-            return f"registry {self.host} denies anonymous access to {scope}{said}; {hint}"
+            return AuthError(
+                f"registry {self.host} denies anonymous access to {scope}{said}; {hint}",
+                status=401,
+            )
         if authorization and authorization.startswith("Bearer "):
-            return f"registry {self.host} refused a new token for {scope}{said}"
-        return (
+            return AuthError(
+                f"registry {self.host} refused a new token for {scope}{said}", status=401
+            )
+        return LoginRefused(
             f"registry {self.host} refused the user name and password for {scope}{said}"
-            + self.auth.credentials.where_from()
+            + self.auth.credentials.where_from(),
+            status=401,
         )
 
     def _follow_redirects(

@@ -654,3 +654,44 @@ def test_a_token_issuer_that_is_down_lets_a_cached_image_open(tmp_path, test_ca,
     finally:
         server.stop()
         issuer.stop()
+
+
+def test_a_wrong_password_asking_a_blob_size_is_one_login_refused(
+    token_registry, token_image, erofs_images
+):
+    """Tried: the size of a blob (its HEAD, as an open checks each layer's) asked with a
+    wrong password of a token-auth registry. Must hold: an AuthError (exit 4) saying the
+    user name or password was refused, after one token request, not two: a HEAD refused
+    because the login was is not asked again as a GET. Before, the 401 was taken for a
+    registry that refuses HEADs (``HEAD_REFUSED``): the issuer was asked a second time."""
+    issuer = token_registry.issuer
+    before = len(issuer.asked)
+    small = erofs_images.small
+    client = token_registry.client(password="wrong-pw-1234")
+    with client, pytest.raises(AuthError) as caught:
+        client.blob_size("auth/token", small.digest, small.size)
+    assert "refused the user name or password" in str(caught.value)
+    assert caught.value.exit_code == 4
+    assert len(issuer.asked) - before == 1
+
+
+def test_a_head_refused_401_with_a_good_token_is_asked_as_a_get(
+    token_registry, token_image, erofs_images, fault_proxy
+):
+    """Tried: a token-auth registry that answers every blob HEAD 401 with its Bearer
+    challenge though the token is good (as ECR Public does), asked a blob's size with
+    the right password. Must hold: the size, had from a GET of the blob's first byte."""
+    issuer = token_registry.issuer
+    proxy = fault_proxy(token_registry)
+    challenge = f'Bearer realm="{issuer.realm}",service="{issuer.service}"'
+    proxy.fault = Fault(
+        "status",
+        status=401,
+        method="HEAD",
+        path_contains="/blobs/",
+        headers={"WWW-Authenticate": challenge},
+    )
+    small = erofs_images.small
+    with RegistryClient(proxy.host, token_registry.options()) as client:
+        assert client.blob_size("auth/token", small.digest, small.size) == small.size
+    assert [r for r in proxy.requests if r.headers.get("Range") == "bytes=0-0"]
