@@ -86,13 +86,14 @@ def parse_challenges(value: str) -> list[Challenge]:
 
 
 def token_lifetime(expires_in: object) -> float:
-    """``expires_in`` in seconds; one that is absent, no number, past or endless counts
-    as unstated (``DEFAULT_TOKEN_LIFETIME``): the token is still good."""
+    """``expires_in`` in seconds; one that is absent, no number, past or endless (a JSON
+    integer past any float too) counts as unstated (``DEFAULT_TOKEN_LIFETIME``): the
+    token is still good."""
     if isinstance(expires_in, bool) or not isinstance(expires_in, int | float | str):
         return DEFAULT_TOKEN_LIFETIME
     try:
         lifetime = float(expires_in)
-    except ValueError:
+    except (ValueError, OverflowError):
         return DEFAULT_TOKEN_LIFETIME
     return lifetime if 0 < lifetime < float("inf") else DEFAULT_TOKEN_LIFETIME
 

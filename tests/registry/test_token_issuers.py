@@ -123,6 +123,22 @@ def test_an_expires_in_that_is_no_number_counts_as_unstated(fronted, expires_in)
     assert front.issuer.tokens_issued - before == 1
 
 
+def test_an_expires_in_too_large_for_a_float_counts_as_unstated(fronted):
+    """Tried: an issuer whose ``expires_in`` is a JSON integer of 400 digits (past any
+    float). Must hold: the token is used for the default lifetime, as for an endless
+    one (one token serves the manifest and the config). Before, converting it raised
+    ``OverflowError``, which no caller expects: the command died with a traceback."""
+    server, front = fronted
+    front.rewrite = lambda body: {**body, "expires_in": 10**400}
+    before = front.issuer.tokens_issued
+    with server.client() as client:
+        image = resolve_image(
+            client, f"{server.host}/odd/image:v1", "linux/amd64", require_platform=True
+        )
+    assert image.layers
+    assert front.issuer.tokens_issued - before == 1
+
+
 @pytest.mark.parametrize("realm", ["not a url", "ftp://issuer.example/token", "/token", "http://"])
 def test_a_realm_that_is_no_http_url_is_an_auth_error(registry, pushed_images, fault_proxy, realm):
     """A registry whose Bearer challenge names a realm that is no http(s) URL: an
