@@ -35,7 +35,12 @@ from blockstore.errors import (
 )
 from blockstore.registry.auth import Authenticator, basic_header, parse_challenge
 from blockstore.registry.credentials import Credentials, login_hint
-from blockstore.registry.replies import ERROR_BODY_SECONDS, capped_body, oci_error
+from blockstore.registry.replies import (
+    ERROR_BODY_SECONDS,
+    body_within,
+    capped_body,
+    oci_error,
+)
 from blockstore.registry.retry import (
     RETRIABLE_STATUS,
     Deadline,
@@ -440,8 +445,13 @@ class Endpoint:
             )
         # Read here, within the deadline and at most TOKEN_BODY_LIMIT: a token is a few
         # KiB, and an issuer that trickles it or sends more is not waited out.
-        capped_body(reply, TOKEN_BODY_LIMIT, max(0.0, deadline.left()))
+        body, whole = body_within(reply, TOKEN_BODY_LIMIT, max(0.0, deadline.left()))
         reply.close()
+        if reply.status_code == 200 and not whole and len(body) < TOKEN_BODY_LIMIT:
+            # Its token cut short by the deadline or a broken link: the issuer was not
+            # reached in time, which is no refused login.
+            cause = "timed out" if deadline.expired else "connection closed by the server"
+            raise TryAgain(RegistryUnreachable(f"cannot reach {who}: {cause}"))
         if reply.status_code in RETRIABLE_STATUS:
             raise TryAgain(
                 AuthError(

@@ -22,8 +22,14 @@ def capped_body(reply: requests.Response, limit: int, seconds: float) -> bytes:
     Without this a refusal's body was read whole, with no deadline: a 512 MiB 404 held
     4 GB of memory, and one sent a byte a second held the read for as long. What is cut
     short no longer parses, which each caller takes for a body that says nothing."""
+    return body_within(reply, limit, seconds)[0]
+
+
+def body_within(reply: requests.Response, limit: int, seconds: float) -> tuple[bytes, bool]:
+    """``capped_body``, and whether the body came to its end: not where the time ran
+    out, the connection broke, or ``limit`` bytes came before its end was seen."""
     if reply._content_consumed:  # read already (not streamed): only the cap applies
-        return reply.content[:limit]
+        return reply.content[:limit], len(reply.content) <= limit
     raw, parts, got, ended = reply.raw, [], 0, False
     end = time.monotonic() + seconds
     try:
@@ -43,7 +49,7 @@ def capped_body(reply: requests.Response, limit: int, seconds: float) -> bytes:
         raw.close()
     body = b"".join(parts)
     reply._content, reply._content_consumed = body, True
-    return body
+    return body, ended
 
 
 def registry_error(reply: requests.Response, subject: str) -> RegistryError:

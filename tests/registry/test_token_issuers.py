@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
@@ -268,3 +269,59 @@ def test_an_identity_token_is_not_sent_as_basic_credentials(
     client = basic_auth_registry.client(username=None, password=None)
     with client, pytest.raises(AuthError, match="has an identity token for it"):
         resolve_image(client, f"{basic_auth_registry.host}/no/matter:v1", None)
+
+
+def token_reply_cut_short(*, stall: bool) -> QuietHTTPServer:
+    """A realm answering 200 with a token reply of 100 bytes whose first 12 come, then
+    nothing more for 30 s (``stall``), or the connection closed."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(b'{"token": "a')
+            self.wfile.flush()
+            if stall:
+                time.sleep(30)
+            self.close_connection = True
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = QuietHTTPServer(("127.0.0.1", 0), Handler)
+    server.start_in_background()
+    return server
+
+
+@pytest.mark.parametrize(
+    ("stall", "cause"), [(True, "timed out"), (False, "connection closed by the server")]
+)
+def test_a_token_reply_cut_short_is_the_issuer_unreachable(
+    registry, pushed_images, fault_proxy, stall, cause
+):
+    """Tried: a realm that answers 200 and sends the first bytes of its token reply, then
+    stalls (or closes the connection). Must hold: the open fails within its 3 s timeout
+    as the token issuer not reached (exit 5, naming the issuer and the cause), not as a
+    refused login. Before, the part that came was parsed: "sent no token", an AuthError
+    (exit 4) that sent the user to check a login nobody had refused."""
+    realm = token_reply_cut_short(stall=stall)
+    try:
+        proxy = fault_proxy(registry)
+        address = f"127.0.0.1:{realm.server_address[1]}"
+        challenge = f'Bearer realm="http://{address}/token",service="odd"'
+        proxy.fault = Fault("status", status=401, headers={"WWW-Authenticate": challenge})
+        options = RegistryOptions(insecure=True, timeout=3.0)
+        started = time.monotonic()
+        client = RegistryClient(proxy.host, options)
+        with client, pytest.raises(RegistryUnreachable) as caught:
+            resolve_image(client, f"{proxy.host}/fixtures/small:v1", None)
+        assert time.monotonic() - started < 6
+        assert str(caught.value).startswith(
+            f"cannot reach token issuer {address} for registry {proxy.host}: {cause}"
+        ), caught.value
+    finally:
+        realm.stop()
