@@ -161,13 +161,7 @@ def _lookup(
     """The most specific login ``path`` keeps for ``repository`` of ``host``; only one of
     ``username``, when named, whichever key holds it (a namespace's login of another user
     does not hide that user's login for the whole registry)."""
-    try:
-        auths = json.loads(path.read_text()).get("auths") or {}
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, AttributeError) as exc:
-        log.warning("ignoring unreadable auth file %s: %s", path, type(exc).__name__)
-        return None
+    auths = _auths_of(path)
     held = [
         (key, entry)
         for key, entry in auths.items()
@@ -180,13 +174,30 @@ def _lookup(
             if not username or creds.username == username:
                 return replace(creds, auth_file=path)
             continue
-        if entry.get("auth"):
+        if entry.keys() & {"auth", "username", "password"}:
             log.warning(
-                "ignoring the entry for %s in %s: its auth is not user:password in base64",
+                "ignoring the entry for %s in %s: its auth is not user:password in base64, "
+                "nor its username and password strings",
                 key,
                 path,
             )
     return None
+
+
+def _auths_of(path: Path) -> dict:
+    """The ``auths`` of the auth file ``path``: none where it is missing, or, with a
+    warning, where it is unreadable or its ``auths`` is not an object of logins."""
+    try:
+        auths = json.loads(path.read_text()).get("auths") or {}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("ignoring unreadable auth file %s: %s", path, type(exc).__name__)
+        return {}
+    if not isinstance(auths, dict):
+        log.warning("ignoring auth file %s: its auths is not an object", path)
+        return {}
+    return auths
 
 
 def _key_holds(key: str, host: str, repository: str | None) -> bool:
@@ -221,10 +232,11 @@ def _decode_entry(entry: dict) -> Credentials | None:
     if token and isinstance(token, str):
         # docker login pairs it with a placeholder user (all zeros) and no password.
         return Credentials("", "", identity_token=token)
-    if entry.get("username") and entry.get("password") is not None:
-        return Credentials(entry["username"], entry["password"])
+    username, password = entry.get("username"), entry.get("password")
+    if username and isinstance(username, str) and isinstance(password, str):
+        return Credentials(username, password)
     encoded = entry.get("auth")
-    if not encoded:
+    if not encoded or not isinstance(encoded, str):
         return None
     try:
         username, sep, password = base64.b64decode(encoded).decode().partition(":")

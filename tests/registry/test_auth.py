@@ -124,6 +124,37 @@ def test_basic_auth_from_containers_auth_json(
         assert resolve_image(client, basic_image, None).layers
 
 
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"auths": ["x"]},
+        {"auths": "abc"},
+        {"auths": {"HOST": {"auth": 5}}},
+        {"auths": {"HOST": {"auth": ["YWxpY2U6cHc="]}}},
+        {"auths": {"HOST": {"username": "alice", "password": 5}}},
+    ],
+    ids=["auths-list", "auths-string", "auth-number", "auth-list", "password-number"],
+)
+def test_a_malformed_auth_file_is_passed_over_for_the_next(
+    basic_auth_registry, basic_image, no_ambient_credentials, monkeypatch, tmp_path, caplog, broken
+):
+    """Tried: ``$REGISTRY_AUTH_FILE`` whose ``auths`` is no object, or whose entry for
+    the registry has an ``auth`` or a password that is no string, and a good login in
+    ``~/.docker/config.json``. Must hold: the malformed file or entry is passed over
+    with a warning naming the file, and the next file's login opens the image. Before,
+    the client could not be made: an AttributeError or TypeError (a traceback), or the
+    number was sent as the password and refused."""
+    text = json.dumps(broken).replace("HOST", basic_auth_registry.host)
+    (tmp_path / "auth.json").write_text(text)
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "auth.json"))
+    config = no_ambient_credentials / ".docker" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps(_auths(basic_auth_registry)))
+    with basic_auth_registry.client(username=None, password=None) as client:
+        assert resolve_image(client, basic_image, None).layers
+    assert str(tmp_path / "auth.json") in caplog.text
+
+
 def test_basic_auth_wrong_password(basic_auth_registry, basic_image, caplog):
     """A wrong password is an AuthError that says so, and the password shows nowhere."""
     caplog.set_level(logging.DEBUG)
