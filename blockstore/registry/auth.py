@@ -158,12 +158,17 @@ class Authenticator:
                 return self._basic() if self._scheme == "basic" else None
         return f"Bearer {self._token(scope, deadline).value}"
 
-    def answer_challenge(self, www_authenticate: str | None, scope: str, deadline: Deadline) -> str:
-        """After a 401: the ``Authorization`` to retry with, or ``AuthError`` if none can help.
+    def answer_challenge(
+        self, www_authenticate: str | None, scope: str, deadline: Deadline, refused: str | None
+    ) -> str:
+        """After a 401 to a request sent with ``refused`` (its ``Authorization``, if any):
+        the ``Authorization`` to retry with, or ``AuthError`` if none can help.
 
         For Bearer a new token is fetched (or joined, when another thread is
         fetching one for the same scopes): the cached one expired early or was
-        revoked. The caller answers at most one challenge per request,
+        revoked. Where another thread has renewed it since the request was sent,
+        that token is taken: a token that dies under many reads costs one login.
+        The caller answers at most one challenge per request,
         so refused credentials end in an error rather than a loop.
         """
         challenge = parse_challenge(www_authenticate or "")
@@ -178,7 +183,7 @@ class Authenticator:
             if challenge.scheme == "basic":
                 return self._basic_answer()
             self._bearer = challenge.params
-        token = self._token(scope, deadline, renew=True, asked=challenge.params.get("scope"))
+        token = self._token(scope, deadline, refused=refused, asked=challenge.params.get("scope"))
         return f"Bearer {token.value}"
 
     def _basic(self) -> str | None:
@@ -204,16 +209,23 @@ class Authenticator:
         return basic_header(self.credentials)
 
     def _token(
-        self, scope: str, deadline: Deadline, *, renew: bool = False, asked: str | None = None
+        self,
+        scope: str,
+        deadline: Deadline,
+        *,
+        refused: str | None = None,
+        asked: str | None = None,
     ) -> _Token:
-        """The token for ``scope``: the one kept while it is fresh (unless ``renew``), else
-        the one a request under way brings, else one this thread asks the issuer for."""
+        """The token for ``scope``: the one kept while it is fresh, unless it is the one
+        the ``Authorization`` ``refused`` carried; else the one a request under way
+        brings, else one this thread asks the issuer for."""
         with self._lock:
             kept = self._tokens.get(scope)
-            if kept is not None and not renew and time.monotonic() < kept.renew_at:
-                return kept
             # A challenge asking for more than ``scope`` joins only a request for the same.
             key = scope if asked in (None, scope) else f"{scope}\n{asked}"
+            fresh = kept is not None and time.monotonic() < kept.renew_at
+            if fresh and key == scope and refused != f"Bearer {kept.value}":
+                return kept
             flight = self._flights.get(key)
             leader = flight is None
             if flight is None:

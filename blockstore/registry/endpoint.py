@@ -191,7 +191,7 @@ class Endpoint:
             reply.close()
             if unanswered is not None and _realm_of(challenge) == realm:
                 raise unanswered  # the issuer that just failed: asked again, it would again
-            authorization = self.auth.answer_challenge(challenge, scope, deadline)
+            authorization = self.auth.answer_challenge(challenge, scope, deadline, authorization)
             answered = True
 
     def _upfront_authorization(

@@ -9,6 +9,7 @@ import logging
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -476,6 +477,35 @@ def test_token_that_dies_early_is_renewed_on_401(
         data = _read_slowly(client, token_image, 3.0)
     assert data == erofs_images.small.path.read_bytes()
     assert token_lifetime.tokens_issued - before >= 2
+
+
+def test_a_token_that_dies_under_parallel_reads_is_renewed_once(
+    token_registry, token_image, token_lifetime, erofs_images, fault_proxy
+):
+    """Tried: the registry drops a token after 1.5 s (the issuer promised an hour); then
+    two reads go out with it at once, one held 1 s on the way, so its 401 comes after
+    the other's has been answered with a new token. Must hold: both read right, after
+    one new token: a 401 to a token another thread has renewed already is answered
+    with that one. Before, each such 401 asked the issuer again: as many logins as
+    reads under way when the token died."""
+    token_lifetime.expires_in = 3600
+    token_lifetime.lifetime = 1.5
+    proxy = fault_proxy(token_registry)
+    ref = token_image.replace(token_registry.host, proxy.host)
+    expected = erofs_images.small.path.read_bytes()
+    with RegistryClient(proxy.host, token_registry.options()) as client:
+        image = resolve_image(client, ref, None)
+        blob = RegistryBlob(client, parse_reference(ref).repository, image.layers[0])
+        blob.read_range(0, 4096)
+        time.sleep(3)  # past its death, 1.5 to 2.5 s on (``exp`` is whole seconds)
+        before = token_lifetime.tokens_issued
+        proxy.fault = Fault("delay", seconds=1.0, times=1, method="GET", path_contains="/blobs/")
+        with ThreadPoolExecutor(2) as pool:
+            held = pool.submit(blob.read_range, 0, 65536)
+            time.sleep(0.2)
+            other = pool.submit(blob.read_range, 65536, 65536)
+            assert other.result() + held.result() == expected[65536:131072] + expected[:65536]
+    assert token_lifetime.tokens_issued - before == 1
 
 
 def registry_of_issuer(tmp_path, issuer: TokenIssuer, test_ca) -> RegistryServer:

@@ -112,13 +112,13 @@ def test_a_challenge_for_more_scopes_does_not_join_a_narrower_request():
     pull = "repository:a/app:pull"
     both = f"{pull} repository:b/base:pull"
     auth.answer_challenge(f'Bearer realm="https://issuer.example/token",scope="{pull}"', pull,
-                          Deadline(10))  # fmt: skip
+                          Deadline(10), None)  # fmt: skip
     asked.clear()
     answers: dict[str, str] = {}
 
     def renew(name: str, challenge_scope: str) -> None:
         challenge = f'Bearer realm="https://issuer.example/token",scope="{challenge_scope}"'
-        answers[name] = auth.answer_challenge(challenge, pull, Deadline(10))
+        answers[name] = auth.answer_challenge(challenge, pull, Deadline(10), f"Bearer {pull}")
 
     first = threading.Thread(target=renew, args=("first", pull))
     first.start()
