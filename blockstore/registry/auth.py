@@ -41,6 +41,8 @@ _PARAM = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*
 _SCHEME = re.compile(r"([A-Za-z0-9!#$%&'*+.^_`|~-]+)(?=[\s,]|$)")
 """An auth scheme (an RFC 9110 token), ending where its parameters or the next begin."""
 _SEPARATORS = re.compile(r"[\s,]*")
+SPOKEN_SCHEMES = ("bearer", "basic")
+"""The auth schemes this client answers, the one it prefers first."""
 DEFAULT_TOKEN_LIFETIME = 60.0
 """The distribution spec's lifetime for a token that does not state ``expires_in``."""
 
@@ -57,8 +59,12 @@ def parse_challenge(value: str) -> Challenge | None:
     (``Basic realm="r", Bearer realm="..",service=".."``; HTTP joins several header
     lines so too): Bearer where it is offered, as docker prefers it (its issuer takes
     a login and anonymous pulls alike), else Basic, else the first."""
-    challenges = parse_challenges(value)
-    for scheme in ("bearer", "basic"):
+    return preferred_challenge(parse_challenges(value))
+
+
+def preferred_challenge(challenges: list[Challenge]) -> Challenge | None:
+    """Of ``challenges``, the one ``parse_challenge`` answers."""
+    for scheme in SPOKEN_SCHEMES:
         for challenge in challenges:
             if challenge.scheme == scheme:
                 return challenge
@@ -171,20 +177,31 @@ class Authenticator:
         The caller answers at most one challenge per request,
         so refused credentials end in an error rather than a loop.
         """
-        challenge = parse_challenge(www_authenticate or "")
+        challenges = parse_challenges(www_authenticate or "")
+        challenge = preferred_challenge(challenges)
+        if challenge is None or challenge.scheme not in SPOKEN_SCHEMES:
+            raise AuthError(self._unspoken(challenges), status=401)
         with self._lock:
-            if challenge is None or challenge.scheme not in ("basic", "bearer"):
-                raise AuthError(
-                    f"registry {self.host} asks for authentication it does not describe "
-                    f"({(challenge.scheme if challenge else 'no challenge')!r})",
-                    status=401,
-                )
             self._scheme = challenge.scheme
             if challenge.scheme == "basic":
                 return self._basic_answer()
             self._bearer = challenge.params
         token = self._token(scope, deadline, refused=refused, asked=challenge.params.get("scope"))
         return f"Bearer {token.value}"
+
+    def _unspoken(self, challenges: list[Challenge]) -> str:
+        """Why a 401 offering none of ``SPOKEN_SCHEMES`` cannot be answered."""
+        if not challenges:
+            return (
+                f"registry {self.host} asks for authentication without saying how "
+                "(no challenge in WWW-Authenticate)"
+            )
+        asked = " or ".join(dict.fromkeys(challenge.scheme for challenge in challenges))
+        spoken = " and ".join(sorted(SPOKEN_SCHEMES))
+        return (
+            f"registry {self.host} asks for authentication by {asked}, which this client "
+            f"does not speak (it speaks {spoken})"
+        )
 
     def _basic(self) -> str | None:
         """Basic's ``Authorization``, where there is a user name and password."""

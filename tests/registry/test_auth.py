@@ -21,7 +21,13 @@ from rig.registry_server import RegistryServer, TokenAuth
 from rig.token_issuer import TokenIssuer
 
 from blockstore.errors import AuthError, BlobReadError, RegistryUnreachable, UsageError
-from blockstore.registry import RegistryBlob, RegistryClient, parse_reference, resolve_image
+from blockstore.registry import (
+    RegistryBlob,
+    RegistryClient,
+    RegistryOptions,
+    parse_reference,
+    resolve_image,
+)
 from blockstore.registry.endpoint import Endpoint
 from blockstore.registry.retry import Deadline, TryAgain
 
@@ -683,6 +689,36 @@ def test_a_registry_offering_basic_beside_bearer_is_answered_with_a_token(
     ref = token_image.replace(token_registry.host, proxy.host)
     with RegistryClient(proxy.host, token_registry.options()) as client:
         assert read_whole(client, ref) == erofs_images.small.path.read_bytes()
+
+
+UNSPOKEN = "which this client does not speak (it speaks basic and bearer)"
+
+
+@pytest.mark.parametrize(
+    ("challenges", "said"),
+    [
+        ("Negotiate", f"by negotiate, {UNSPOKEN}"),
+        ('Negotiate, NTLM realm="r"', f"by negotiate or ntlm, {UNSPOKEN}"),
+        (None, "without saying how (no challenge in WWW-Authenticate)"),
+    ],
+)
+def test_a_registry_asking_for_a_scheme_this_client_does_not_speak_says_which(
+    registry, pushed_images, fault_proxy, challenges, said
+):
+    """Tried: a registry (a front before it) answering 401 with only challenges of
+    schemes this client does not speak (Negotiate; Negotiate and NTLM), or with no
+    challenge at all. Must hold: an AuthError (exit 4) naming the schemes asked for and
+    those this client speaks, or saying no challenge came. Before, the registry was
+    said to ask "for authentication it does not describe ('negotiate')", though it
+    described it, and a second scheme it offered went unsaid."""
+    proxy = fault_proxy(registry)
+    headers = {"WWW-Authenticate": challenges} if challenges else {}
+    proxy.fault = Fault("status", status=401, headers=headers)
+    options = RegistryOptions(insecure=True, timeout=5.0)
+    with RegistryClient(proxy.host, options) as client, pytest.raises(AuthError) as caught:
+        resolve_image(client, pushed_images.small.replace(registry.host, proxy.host), None)
+    assert caught.value.exit_code == 4
+    assert str(caught.value) == f"registry {proxy.host} asks for authentication {said}"
 
 
 def test_a_token_issuer_that_is_down_lets_a_cached_image_open(tmp_path, test_ca, erofs_images):
