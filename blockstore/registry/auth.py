@@ -41,6 +41,9 @@ _PARAM = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*
 _SCHEME = re.compile(r"([A-Za-z0-9!#$%&'*+.^_`|~-]+)(?=[\s,]|$)")
 """An auth scheme (an RFC 9110 token), ending where its parameters or the next begin."""
 _SEPARATORS = re.compile(r"[\s,]*")
+_HEADER_TOKEN = re.compile(r"[\x21-\x7e]+")
+"""A token that can go in ``Authorization: Bearer``: visible ASCII, as every issuer's
+(a JWT, base64) is."""
 SPOKEN_SCHEMES = ("bearer", "basic")
 """The auth schemes this client answers, the one it prefers first."""
 DEFAULT_TOKEN_LIFETIME = 60.0
@@ -335,6 +338,14 @@ class Authenticator:
             body, value = {}, None
         if not value or not isinstance(value, str):
             raise AuthError(f"token issuer {issuer} for registry {self.host} sent no token")
+        if not _HEADER_TOKEN.fullmatch(value):
+            # A line break, a NUL, a space or a letter outside ASCII: sent, it would end or
+            # garble the header (or fail as a request that cannot be made, said of the
+            # registry); it is the issuer's fault, said as such.
+            raise AuthError(
+                f"token issuer {issuer} for registry {self.host} sent a token that is not "
+                "visible ASCII, as a header needs it"
+            )
         lifetime = token_lifetime(body.get("expires_in"))
         # Renew a quarter of the lifetime early (at most 30 s): a request that
         # starts with the token must still find it valid at the registry.

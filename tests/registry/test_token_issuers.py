@@ -325,3 +325,49 @@ def test_a_token_reply_cut_short_is_the_issuer_unreachable(
         ), caught.value
     finally:
         realm.stop()
+
+
+def realm_answering(body: dict) -> QuietHTTPServer:
+    """A realm answering every token request 200 with ``body`` as JSON."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            send_json(self, 200, body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = QuietHTTPServer(("127.0.0.1", 0), Handler)
+    server.start_in_background()
+    return server
+
+
+@pytest.mark.parametrize(
+    "token", ["abc\r\nX-Injected: 1", "abc\x00def", "t\u00f8ken", "\u65e5\u672c", "a b"]
+)
+def test_a_token_that_cannot_go_in_a_header_is_the_issuers_fault(
+    registry, pushed_images, fault_proxy, token
+):
+    """Tried: a realm whose token holds a line break, a NUL, a letter outside ASCII
+    (in Latin-1 or not) or a space. Must hold: an auth failure (exit 4) naming the token
+    issuer, and nothing sent to the registry with that token. Before, a line break or a
+    letter outside Latin-1 failed as "registry ...: a request cannot be made" (exit 3),
+    blaming the registry, and a NUL or a Latin-1 letter was sent in the header."""
+    realm = realm_answering({"token": token})
+    try:
+        proxy = fault_proxy(registry)
+        address = f"127.0.0.1:{realm.server_address[1]}"
+        challenge = f'Bearer realm="http://{address}/token",service="odd"'
+        proxy.fault = Fault("status", status=401, headers={"WWW-Authenticate": challenge})
+        options = RegistryOptions(insecure=True, timeout=5.0)
+        client = RegistryClient(proxy.host, options)
+        with client, pytest.raises(AuthError) as caught:
+            resolve_image(client, f"{proxy.host}/fixtures/small:v1", None)
+        assert str(caught.value) == (
+            f"token issuer {address} for registry {proxy.host} sent a token that is not "
+            "visible ASCII, as a header needs it"
+        )
+        assert caught.value.exit_code == 4
+        assert not [r for r in proxy.requests if "Authorization" in r.headers]
+    finally:
+        realm.stop()
