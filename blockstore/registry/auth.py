@@ -303,12 +303,14 @@ class Authenticator:
     def _new_token(
         self, scope: str, bearer: dict[str, str], deadline: Deadline, asked: str | None
     ) -> _Token:
-        """A token for ``scope``, and for the scope the registry ``asked`` for if it differs."""
+        """A token for ``scope``, and for the scopes the registry ``asked`` for if they
+        differ: space-separated in a challenge, each its own ``scope`` parameter here,
+        as the distribution token spec has it."""
         realm = bearer.get("realm")
         if not realm:
             raise AuthError(f"registry {self.host} sent a Bearer challenge without a realm")
         params = [("service", bearer["service"])] if "service" in bearer else []
-        params += [("scope", s) for s in dict.fromkeys(filter(None, (scope, asked)))]
+        params += [("scope", s) for s in dict.fromkeys([scope, *(asked or "").split()])]
         if self.credentials and not self.credentials.identity_token:
             params.append(("account", self.credentials.username))
         started = time.monotonic()

@@ -691,6 +691,28 @@ def test_a_registry_offering_basic_beside_bearer_is_answered_with_a_token(
         assert read_whole(client, ref) == erofs_images.small.path.read_bytes()
 
 
+def test_a_challenge_asking_for_several_scopes_gets_a_token_for_each(
+    token_registry, token_image, erofs_images, fault_proxy
+):
+    """Tried: a registry whose challenge asks for two scopes at once, space-separated
+    in its ``scope`` parameter as the distribution spec writes them (``repository:
+    auth/token:pull repository:auth/base:pull``, as for a cross-repository mount).
+    Must hold: the image reads, and the token issuer is asked for each scope as a
+    ``scope`` parameter of its own, so the token grants both repositories. Before, the
+    two went as one parameter, which the issuer took for one repository named
+    ``auth/token:pull repository:auth/base``."""
+    proxy = fault_proxy(token_registry)
+    wanted = "repository:auth/token:pull repository:auth/base:pull"
+    proxy.fault = Fault("rewrite_headers", headers={"WWW-Authenticate": f'{{}},scope="{wanted}"'})
+    ref = token_image.replace(token_registry.host, proxy.host)
+    issuer = token_registry.issuer
+    before = issuer.tokens_issued
+    with RegistryClient(proxy.host, token_registry.options()) as client:
+        assert read_whole(client, ref) == erofs_images.small.path.read_bytes()
+    names = {entry["name"] for issued in issuer.issued[before:] for entry in issued["access"]}
+    assert names == {"auth/token", "auth/base"}
+
+
 UNSPOKEN = "which this client does not speak (it speaks basic and bearer)"
 
 

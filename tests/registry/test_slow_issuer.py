@@ -109,8 +109,8 @@ def test_a_challenge_for_more_scopes_does_not_join_a_narrower_request():
         return SimpleNamespace(status_code=200, json=lambda: {"token": "|".join(scopes)})
 
     auth = Authenticator("registry.example", None, issuer)
-    pull = "repository:a/app:pull"
-    both = f"{pull} repository:b/base:pull"
+    pull, base = "repository:a/app:pull", "repository:b/base:pull"
+    both = f"{pull} {base}"
     auth.answer_challenge(f'Bearer realm="https://issuer.example/token",scope="{pull}"', pull,
                           Deadline(10), None)  # fmt: skip
     asked.clear()
@@ -129,6 +129,6 @@ def test_a_challenge_for_more_scopes_does_not_join_a_narrower_request():
     same.start()
     for thread in (first, wider, same):
         thread.join(5)
-    assert sorted(asked) == sorted([(pull,), (pull, both)])
-    assert answers["wider"] == f"Bearer {pull}|{both}"
+    assert sorted(asked) == sorted([(pull,), (pull, base)])
+    assert answers["wider"] == f"Bearer {pull}|{base}"
     assert answers["same"] == answers["first"] == f"Bearer {pull}"
