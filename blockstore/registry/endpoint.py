@@ -452,6 +452,14 @@ class Endpoint:
             # reached in time, which is no refused login.
             cause = "timed out" if deadline.expired else "connection closed by the server"
             raise TryAgain(RegistryUnreachable(f"cannot reach {who}: {cause}"))
+        if reply.status_code in (401, 403) and credentials and _origin(reply.url) != _origin(realm):
+            # Refused where the realm redirected, which the login did not reach: it is
+            # no judgement of the login.
+            raise LoginRefused(
+                f"{who} redirected to {url_host(reply.url)}, which refused the request "
+                f"(HTTP {reply.status_code}): the login goes to {url_host(realm)} only",
+                status=reply.status_code,
+            )
         if reply.status_code in RETRIABLE_STATUS:
             raise TryAgain(
                 AuthError(

@@ -371,3 +371,28 @@ def test_a_token_that_cannot_go_in_a_header_is_the_issuers_fault(
         assert not [r for r in proxy.requests if "Authorization" in r.headers]
     finally:
         realm.stop()
+
+
+def test_a_refusal_where_the_realm_redirected_says_the_login_stayed_behind(fronted):
+    """Tried: the realm answers 307 to an issuer of another origin that grants nothing
+    anonymous, so it refuses the request, which carried no credentials. Must hold: an
+    auth failure (exit 4) naming the realm, where it redirected, and that the login goes
+    to the realm's own origin only; no credentials go to the other origin. Before, the
+    realm was said to have "refused the user name or password": a good login blamed."""
+    server, front = fronted
+    other = IssuerFront(front.issuer, listen="127.0.0.2")
+    other.start()
+    try:
+        front.moved_to = other.url
+        client = server.client()
+        with client, pytest.raises(AuthError) as caught:
+            resolve_image(client, f"{server.host}/odd/image:v1", None)
+    finally:
+        other.stop()
+    realm, moved = urlsplit(front.url).netloc, urlsplit(other.url).netloc
+    assert str(caught.value) == (
+        f"token issuer {realm} for registry {server.host} redirected to {moved}, which "
+        f"refused the request (HTTP 401): the login goes to {realm} only"
+    )
+    assert caught.value.exit_code == 4
+    assert other.seen and all(authorization is None for _, authorization in other.seen)
