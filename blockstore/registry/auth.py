@@ -17,7 +17,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import requests
@@ -44,6 +44,8 @@ _SEPARATORS = re.compile(r"[\s,]*")
 _HEADER_TOKEN = re.compile(r"[\x21-\x7e]+")
 """A token that can go in ``Authorization: Bearer``: visible ASCII, as every issuer's
 (a JWT, base64) is."""
+RENEWAL_RETRY = 1.0
+"""Seconds before a token whose renewal failed, still good, is renewed again."""
 SPOKEN_SCHEMES = ("bearer", "basic")
 """The auth schemes this client answers, the one it prefers first."""
 DEFAULT_TOKEN_LIFETIME = 60.0
@@ -112,11 +114,14 @@ def basic_header(credentials: Credentials) -> str:
     return "Basic " + base64.b64encode(pair).decode()
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Token:
     value: str
     renew_at: float
     """Monotonic time after which the token is renewed before use."""
+    expires_at: float
+    """Monotonic time the issuer said it expires: until then, a token whose renewal
+    failed is still sent."""
 
 
 @dataclass
@@ -243,17 +248,41 @@ class Authenticator:
             kept = self._tokens.get(scope)
             # A challenge asking for more than ``scope`` joins only a request for the same.
             key = scope if asked in (None, scope) else f"{scope}\n{asked}"
-            fresh = kept is not None and time.monotonic() < kept.renew_at
-            if fresh and key == scope and refused != f"Bearer {kept.value}":
+            # The kept token serves unless the registry refused it or asks for more.
+            usable = key == scope and kept is not None and refused != f"Bearer {kept.value}"
+            if usable and time.monotonic() < kept.renew_at:
                 return kept
             flight = self._flights.get(key)
             leader = flight is None
             if flight is None:
                 flight = self._flights[key] = _Flight()
             bearer = dict(self._bearer)
-        if leader:
-            return self._lead(flight, key, scope, bearer, deadline, asked)
-        return self._await(flight, deadline)
+        try:
+            if leader:
+                return self._lead(flight, key, scope, bearer, deadline, asked)
+            return self._await(flight, deadline)
+        except TryAgain as failed:
+            if not usable or time.monotonic() >= kept.expires_at:
+                raise
+            return self._keep_using(scope, kept, failed)
+
+    def _keep_using(self, scope: str, token: _Token, failed: TryAgain) -> _Token:
+        """``token``, not expired, which its issuer could not renew now (``failed``): a
+        read need not fail while the registry still takes it. It is renewed again no
+        sooner than the pause the issuer asked for (``RENEWAL_RETRY`` at least), so a
+        busy issuer is not asked at every read, nor later than its expiry."""
+        pause = max(RENEWAL_RETRY, failed.retry_after or 0.0)
+        postponed = replace(token, renew_at=min(token.expires_at, time.monotonic() + pause))
+        with self._lock:
+            if self._tokens.get(scope) is token:
+                self._tokens[scope] = postponed
+        log.info(
+            "registry %s: the token for %s could not be renewed, used until it expires: %s",
+            self.host,
+            scope,
+            failed.error,
+        )
+        return postponed
 
     def _lead(
         self,
@@ -353,4 +382,4 @@ class Authenticator:
         # starts with the token must still find it valid at the registry.
         margin = min(30.0, lifetime / 4)
         log.debug("new token for %s %s, lives %.0fs", self.host, scope, lifetime)
-        return _Token(value, started + lifetime - margin)
+        return _Token(value, started + lifetime - margin, started + lifetime)

@@ -614,6 +614,34 @@ def test_an_issuer_asking_for_quiet_is_asked_again_only_after_it(tmp_path, test_
         issuer.stop()
 
 
+def test_a_token_still_good_is_used_while_its_issuer_cannot_renew_it(
+    tmp_path, test_ca, erofs_images
+):
+    """Tried: a token of 4 s (renewed from 3 s on), then, past 3 s but before it expires,
+    the issuer answers every request 503 (busy for 60 s) and the layer is read. Must
+    hold: the read is served with the token in hand, which the registry still takes;
+    the issuer is asked (and fails) without failing it. Before, the renewal's failure
+    failed the read, though the token had a second to live."""
+    cert, key = test_ca.issue("renewal-issuer", server=False)
+    issuer = TokenIssuer(cert, key, users={"bob": "bob-pw"})
+    issuer.expires_in = 4
+    server = registry_of_issuer(tmp_path, issuer, test_ca)
+    try:
+        ref = push_small(server, "auth/renewal", erofs_images)
+        with server.client(timeout=5.0) as client:
+            image = resolve_image(client, ref, None)
+            blob = RegistryBlob(client, parse_reference(ref).repository, image.layers[0])
+            assert blob.read_range(0, 4096) == erofs_images.small.path.read_bytes()[:4096]
+            time.sleep(3.3)
+            issuer.busy_for = 60
+            asked = len(issuer.asked)
+            assert blob.read_range(0, blob.size) == erofs_images.small.path.read_bytes()
+        assert len(issuer.asked) > asked
+    finally:
+        server.stop()
+        issuer.stop()
+
+
 def test_oauth2_style_token_reply(token_registry, token_image, token_lifetime, erofs_images):
     """An issuer answering only ``access_token`` and no ``expires_in`` works too."""
     token_lifetime.legacy_reply = True
