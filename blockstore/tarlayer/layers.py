@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn, Protocol, TypeVar
 
-from blockstore.cache import CachedBlob, ChunkStore, DiskFull
+from blockstore.cache import CacheDamaged, CachedBlob, ChunkStore, DiskFull
 from blockstore.errors import (
     BlobReadError,
     BlockstoreError,
@@ -210,6 +210,8 @@ class TarLayer(TarLayerExport):
                     return
                 self._seal(None)
                 log.info("%s: filled and sealed", self.digest)
+        except CacheDamaged as exc:  # lost as it was filled: nothing filled would be kept
+            log.warning("%s: not filled, as the cache keeps nothing: %s", self.digest, exc)
         except BlockstoreError as exc:
             if not self._stop.is_set():
                 log.error("%s: %s", self.description, exc)
@@ -656,7 +658,9 @@ def _compressed_layer(
     if pumping:
         rate = settings.fill_rate if settings.fill else 0
         missing = functools.partial(store.missing_by_digest, digest)
-        pump = SpanPump(inflated, missing, hint, writer.flush, rate=rate, cache_dir=store.path)
+        pump = SpanPump(
+            inflated, missing, hint, writer.flush, store.lost, rate=rate, cache_dir=store.path
+        )
     owned.insert(0, tar_blob)
     layer = TarLayer(index, tar_blob, owned, check, pump, name=name, description=description)
     if settings.fill and online:

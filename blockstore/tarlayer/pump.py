@@ -30,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from blockstore.cache import CHUNK_SIZE
+from blockstore.cache.errors import CacheDamaged
 from blockstore.cache.layout import chunk_count
 from blockstore.cache.turns import PrefetchTurn
 from blockstore.errors import BlobReadError, BlockstoreError
@@ -154,6 +155,7 @@ class SpanPump:
         missing: Callable[[range], list[int]],
         hint: Callable[[int, int], None],
         flush: Callable[[], None],
+        lost: Callable[[], str | None],
         *,
         workers: int = WORKERS,
         rate: int = 0,
@@ -162,13 +164,15 @@ class SpanPump:
         """``missing(chunks)``: those of ``chunks`` not in the cache;
         ``hint(offset, length)``: fetch ahead the compressed bytes of a span soon
         inflated (``SpanBytes.ahead``); ``flush()``: waits until the spans inflated
-        are stored (``SpanWriter.flush``); ``rate``:
+        are stored (``SpanWriter.flush``); ``lost()``: why the cache keeps nothing
+        any more (``ChunkStore.lost``), or None; ``rate``:
         compressed bytes per second the pump may take (0: no cap); ``cache_dir``: the
         cache whose prefetch turn the pump takes (``PrefetchTurn``), if any."""
         self._tar = tar
         self._missing = missing
         self._hint = hint
         self._flush = flush
+        self._lost = lost
         self._workers = workers
         self._pacer = Pacer(rate)
         self._cache_dir = cache_dir
@@ -189,6 +193,12 @@ class SpanPump:
             out.update(range(first, last + 1))
         return sorted(out)
 
+    def _still_kept(self) -> None:
+        """Raise ``CacheDamaged`` once the cache is lost: nothing inflated would be kept,
+        and each round would fetch and inflate the whole layer again."""
+        if (lost := self._lost()) is not None:
+            raise CacheDamaged(lost)
+
     def _cached(self, index: int) -> bool:
         """Every chunk of span ``index`` is in the cache (a reader decompressed it)."""
         start, end = self._tar.spans.bounds(index)
@@ -197,7 +207,8 @@ class SpanPump:
     def run(self) -> bool:
         """Decompress what is missing, in order, ``workers`` spans at a time; True once
         every chunk is in the cache, False if stopped first. A span that fails (its
-        bytes do not match its digest, a fetch failed) raises ``BlockstoreError``.
+        bytes do not match its digest, a fetch failed) raises ``BlockstoreError``; a
+        cache lost meanwhile, ``CacheDamaged`` before the next span.
 
         It fills the cache as a prefetch does, so it takes its turn as one (shared,
         from its first span): a prefetch filling alone is then not evicted by it. Only
@@ -207,6 +218,7 @@ class SpanPump:
             if self._cache_dir is not None:
                 turn = stack.enter_context(PrefetchTurn(self._cache_dir, self._stop))
             for number in range(ROUNDS):
+                self._still_kept()
                 todo = self.wanted()
                 if not todo:
                     return True
@@ -230,24 +242,25 @@ class SpanPump:
         failures: list[BlockstoreError] = []
 
         def work() -> None:
-            while not self._stop.is_set() and not failures:
-                with self._lock:
-                    index = next(queue, None)
-                if index is None:
-                    return
-                if done(index):
-                    continue
-                start, end = spans.compressed_bounds(index)
-                if not self._pacer.take(end - start, self._stop):
-                    return
-                # The next spans' compressed bytes come while this one inflates.
-                for later in range(index, min(index + AHEAD + 1, len(spans.points))):
-                    if later == index or not done(later):
-                        self._hint(*_span_range(spans, later))
-                try:
+            try:
+                while not self._stop.is_set() and not failures:
+                    self._still_kept()
+                    with self._lock:
+                        index = next(queue, None)
+                    if index is None:
+                        return
+                    if done(index):
+                        continue
+                    start, end = spans.compressed_bounds(index)
+                    if not self._pacer.take(end - start, self._stop):
+                        return
+                    # The next spans' compressed bytes come while this one inflates.
+                    for later in range(index, min(index + AHEAD + 1, len(spans.points))):
+                        if later == index or not done(later):
+                            self._hint(*_span_range(spans, later))
                     self._tar.span(index)
-                except BlockstoreError as exc:
-                    failures.append(exc)
+            except BlockstoreError as exc:
+                failures.append(exc)
 
         threads = [
             threading.Thread(target=work, name=f"span-pump-{i}", daemon=True)

@@ -25,6 +25,7 @@ from cache_rig import lockless_user, run_cli
 from cache_sources import ScriptedSource, make_blob
 from rig.pushed import push_erofs
 from rig.small_disk import small_disk
+from rig.stored_chunks import zero_tree_pages
 
 import blockstore.cache.damage as damage
 import blockstore.cache.env as cache_env
@@ -192,22 +193,6 @@ def test_a_truncated_file_is_moved_aside_never_mapped(cache_dir):
         blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
         assert b"".join(blob.read(0, len(data))) == data
         blob.close()
-
-
-def zero_tree_pages(cache_dir: Path) -> int:
-    """Zero every B-tree page (branch or leaf) of data.mdb in place, as a failing disk
-    might; the meta pages and the chunks' overflow pages stay. Returns how many."""
-    path = cache_dir / "data.mdb"
-    page = 4096
-    zeroed = 0
-    with open(path, "r+b") as f:
-        for pgno in range(2, path.stat().st_size // page):
-            f.seek(pgno * page + 10)
-            if int.from_bytes(f.read(2), "little") & 0x3:  # P_BRANCH | P_LEAF
-                f.seek(pgno * page)
-                f.write(bytes(page))
-                zeroed += 1
-    return zeroed
 
 
 def test_a_damaged_cache_that_cannot_be_moved_aside_says_what_to_do(tmp_path):

@@ -19,6 +19,7 @@ import pytest
 from rig.local_source import LocalFileSource
 from rig.pushed import push_erofs
 from rig.small_disk import small_disk
+from rig.stored_chunks import zero_tree_pages
 from test_serve_cli import serving, stop
 
 from blockstore.cache import CachedBlob, ChunkStore, DiskFull
@@ -135,21 +136,6 @@ def test_room_counts_what_a_stored_chunk_takes_in_the_file(tmp_path):
                     source.close()
             first = store.lookup(layers[0][1])
             assert first is not None and first.present == first.chunks
-
-
-def zero_tree_pages(cache_dir: Path) -> int:
-    """Zero every B-tree page (branch or leaf) of data.mdb in place, as a failing disk
-    might; the meta pages and the chunks' overflow pages stay. Returns how many."""
-    path = cache_dir / "data.mdb"
-    zeroed = 0
-    with open(path, "r+b") as f:
-        for pgno in range(2, path.stat().st_size // 4096):
-            f.seek(pgno * 4096 + 10)
-            if int.from_bytes(f.read(2), "little") & 0x3:  # P_BRANCH | P_LEAF
-                f.seek(pgno * 4096)
-                f.write(bytes(4096))
-                zeroed += 1
-    return zeroed
 
 
 def test_damage_found_while_serving_a_cache_that_cannot_be_moved_aside_costs_no_read(

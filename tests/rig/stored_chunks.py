@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from blockstore.cache import ChunkStore
 from blockstore.cache.layout import DB_CHUNKS, DB_MANIFESTS, chunk_key
 
@@ -36,3 +38,19 @@ def flip_kept_byte(store: ChunkStore, name: str, position: int) -> None:
         txn.put(key, bytes(raw), db=store.dbs[DB_MANIFESTS])
 
     store.env.write(work)
+
+
+def zero_tree_pages(cache_dir: Path) -> int:
+    """Zero every B-tree page (branch or leaf) of data.mdb in place, as a failing disk
+    might; the meta pages and the chunks' overflow pages stay. Returns how many."""
+    path = cache_dir / "data.mdb"
+    page = 4096
+    zeroed = 0
+    with open(path, "r+b") as f:
+        for pgno in range(2, path.stat().st_size // page):
+            f.seek(pgno * page + 10)
+            if int.from_bytes(f.read(2), "little") & 0x3:  # P_BRANCH | P_LEAF
+                f.seek(pgno * page)
+                f.write(bytes(page))
+                zeroed += 1
+    return zeroed

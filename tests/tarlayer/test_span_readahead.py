@@ -12,6 +12,8 @@ import time
 
 import pytest
 from rig.local_source import LocalFileSource
+from rig.small_disk import small_disk
+from rig.stored_chunks import zero_tree_pages
 from rig.waiting import wait_for
 from trees import make_tar, populate
 
@@ -93,12 +95,20 @@ class FailingSource(CountingSource):
         return super().read_range(offset, length)
 
 
-def open_layer(store: ChunkStore, layer, settings: PrefetchSettings, *, direct=False, source=None):
-    """``direct``: spans inflate from the blob's source itself, as an image opens them."""
+def open_layer(
+    store: ChunkStore,
+    layer,
+    settings: PrefetchSettings,
+    *,
+    direct=False,
+    source=None,
+    blob_settings: PrefetchSettings | None = None,
+):
+    """``direct``: spans inflate from the blob's source itself, as an image opens them;
+    ``blob_settings``: the blob's own, if not its layer's."""
     path, tar, blob = layer
     source = source or CountingSource(path, sha(blob))
-    # As an image opens it: the blob with the same settings as its layer.
-    compressed = CachedBlob(store, sha(blob), len(blob), source, settings=settings)
+    compressed = CachedBlob(store, sha(blob), len(blob), source, settings=blob_settings or settings)
     opened = open_tar_layer(
         store,
         compressed,
@@ -224,6 +234,49 @@ def test_a_tar_the_pump_could_not_fill_is_sealed_once_reads_complete_it(layer, t
             source.failing = False
             assert b"".join(opened.read(meta, len(tar))) == tar
             assert wait_for(lambda: sealed(store, sha(tar)))
+        finally:
+            opened.close()
+            compressed.close()
+
+
+def fill_threads() -> list[threading.Thread]:
+    """The layer's fill thread and its span pump's, while they run."""
+    return [t for t in threading.enumerate() if t.name.startswith(("tar-fill", "span-pump"))]
+
+
+def test_a_pump_whose_cache_is_lost_stops_at_once(layer, tmp_path, caplog):
+    """Tried: a layer whose cache holds its index alone, opened with fill at a quarter of
+    the blob a second, its cache a mount point (so a damaged cache cannot be moved
+    aside); half a second into the pump, the cache's B-tree pages are zeroed and a read
+    finds the damage. Must hold: that read is right, from the source; the pump stops
+    within two seconds, having asked the source for less than half the blob more,
+    saying the cache keeps nothing. Before, it went on for all its rounds, inflating and
+    fetching the whole layer each time for a cache that kept none of it."""
+    path, tar, blob = layer
+    source = CountingSource(path, sha(blob))
+    settings = PrefetchSettings(fill=True, fill_rate=len(blob) // 4)
+    with small_disk(tmp_path / "volume", "64M") as cache, ChunkStore(cache) as store:
+        index_only(store, layer, tmp_path)
+        # As an image opens it: the blob neither filled nor read ahead of its own.
+        quiet = PrefetchSettings(readahead=False)
+        opened, compressed, _ = open_layer(
+            store, layer, settings, direct=True, source=source, blob_settings=quiet
+        )
+        meta = len(opened.index.metadata)
+        try:
+            assert b"".join(opened.read(meta, 4096)) == tar[:4096]
+            time.sleep(0.5)
+            assert fill_threads()
+            assert zero_tree_pages(cache) > 0
+            assert (
+                b"".join(opened.read(meta + len(tar) // 2, 4096))
+                == tar[len(tar) // 2 : len(tar) // 2 + 4096]
+            )
+            assert store.lost() is not None
+            asked = source.asked
+            assert wait_for(lambda: not fill_threads(), 2.0), fill_threads()
+            assert source.asked - asked < len(blob) // 2, (source.asked - asked, len(blob))
+            assert "not filled, as the cache keeps nothing" in caplog.text, caplog.text
         finally:
             opened.close()
             compressed.close()
