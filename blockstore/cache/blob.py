@@ -1075,10 +1075,7 @@ class CachedBlob:
         # alone is not evicted by it; only this thread waits for it, never a reader.
         with PrefetchTurn(self._store.path, self._stop) as turn:
             for _ in range(FILL_ROUNDS):
-                if (why := self._store.env.read_only_because) is not None:
-                    # Nothing fetched would be kept: a cache lost as it was filled
-                    # (``CacheEnv.lost``) would have the whole layer fetched every round.
-                    log.warning("%s: not filled, as the cache keeps nothing: %s", self._digest, why)
+                if self._fills_nothing():
                     return
                 missing = self._store.missing(self._known_id(), range(self._chunks))
                 if not missing:
@@ -1092,7 +1089,9 @@ class CachedBlob:
                     limit=limit,
                     chunk_size=CHUNK_SIZE,
                     pacer=pacer,
+                    lost=self._store.lost,
                 ):
+                    self._fills_nothing()  # says so, if that is why it stopped
                     return
                 while fetcher.in_flight() and not self._stop.wait(0.05):  # type: ignore[union-attr]
                     pass
@@ -1114,3 +1113,12 @@ class CachedBlob:
                 missing,
                 self._chunks,
             )
+
+    def _fills_nothing(self) -> bool:
+        """Whether the cache keeps nothing a fill fetches, saying so if it does: a cache
+        lost as it was filled (``CacheEnv.lost``) would have the whole layer fetched
+        every round."""
+        if (why := self._store.env.read_only_because) is None:
+            return False
+        log.warning("%s: not filled, as the cache keeps nothing: %s", self._digest, why)
+        return True

@@ -88,9 +88,14 @@ def feed(
     limit: int,
     chunk_size: int,
     pacer: Pacer | None = None,
+    lost: Callable[[], str | None] = lambda: None,
 ) -> bool:
-    """Queue every index, in order, paced; True when all were handed over."""
+    """Queue every index, in order, paced; True when all were handed over, False once
+    stopped or ``lost()`` names why the cache keeps nothing (``ChunkStore.lost``): what
+    it fetched would be thrown away."""
     for run in in_order_runs(indices, limit):
+        if lost() is not None:
+            return False
         if pacer is not None and not pacer.take(len(run) * chunk_size, stop):
             return False
         while not prefetch(run, priority, wait=BUDGET_WAIT):

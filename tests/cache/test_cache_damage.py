@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import lmdb
@@ -26,6 +27,7 @@ from cache_sources import ScriptedSource, make_blob
 from rig.pushed import push_erofs
 from rig.small_disk import small_disk
 from rig.stored_chunks import zero_tree_pages
+from rig.waiting import wait_for
 
 import blockstore.cache.damage as damage
 import blockstore.cache.env as cache_env
@@ -33,6 +35,7 @@ from blockstore.cache import CHUNK_SIZE, CacheDamaged, CachedBlob, ChunkStore
 from blockstore.cache.layout import DB_BLOBS, DB_META, DB_REFS, FORMAT_VERSION, U64
 from blockstore.errors import CacheError
 from blockstore.image import open_image
+from blockstore.prefetch import PrefetchSettings
 from blockstore.registry import RegistryOptions
 
 
@@ -246,6 +249,37 @@ def test_a_prefetch_finding_a_cache_it_cannot_move_aside_damaged_stops_at_once(t
     assert f"the cache at {cache_dir} is damaged: " in str(raised.value), raised.value
     assert "cannot be moved aside (Device or resource busy)" in str(raised.value)
     assert sum(length for _, length in source.requests[1:]) <= len(data)
+
+
+def fetched(source: ScriptedSource) -> int:
+    return sum(length for _, length in source.requests)
+
+
+def test_a_fill_round_under_way_stops_when_the_cache_is_lost(tmp_path, caplog):
+    """Tried: a 16 MiB blob opened with fill at an eighth of it a second, its cache a
+    mount point (so it cannot be renamed aside); a second into the fill's first round,
+    the cache's B-tree pages are zeroed and a read finds the damage. Must hold: the read
+    is right; the fill ends within two seconds, having fetched less than a quarter of
+    the blob more, saying the cache keeps nothing. Before, the round under way went on
+    to its end (eight seconds, the whole blob) before the fill looked at the cache."""
+    data, digest = make_blob(512 * CHUNK_SIZE, seed=79)
+    settings = PrefetchSettings(readahead=False, fill=True, fill_rate=len(data) // 8)
+    with small_disk(tmp_path / "volume", "64M") as cache_dir, ChunkStore(cache_dir) as store:
+        source = ScriptedSource(data, digest)
+        blob = CachedBlob(store, digest, len(data), source, settings=settings)
+        try:
+            time.sleep(1)
+            assert zero_tree_pages(cache_dir) > 0
+            assert b"".join(blob.read(len(data) - 100, 100)) == data[-100:]
+            assert store.lost() is not None
+            before = fetched(source)
+            filling = [t for t in threading.enumerate() if t.name == "prefetch-start"]
+            assert filling
+            assert wait_for(lambda: not any(t.is_alive() for t in filling), 2.0)
+            assert fetched(source) - before < len(data) // 4, (fetched(source), before)
+        finally:
+            blob.close()
+    assert "not filled, as the cache keeps nothing" in caplog.text, caplog.text
 
 
 def test_a_cache_command_finding_damage_it_cannot_move_aside_says_it_in_one_line(tmp_path):
