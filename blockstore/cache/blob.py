@@ -448,7 +448,8 @@ class CachedBlob:
         fits ``tqdm.update``. Raises ``IntegrityError`` if the blob does not
         match its digest (it is then dropped), ``CacheError`` if it cannot
         be kept whole under the size cap, ``CacheDamaged`` as soon as the cache
-        is found damaged and cannot be moved aside (nothing more would be kept).
+        is found damaged and cannot be moved aside (nothing more would be kept),
+        ``BlobReadError`` once the blob is closed (a wait for its turn ends with it).
         """
         if (over := self.over_cap()) is not None:
             raise CacheError(f"{over}; raise --cache-size or pin it")
@@ -464,7 +465,7 @@ class CachedBlob:
             reported += nbytes
 
         # Sealing drops chunks that fail their checksum; another round fetches them.
-        with PrefetchTurn(self._store.path) as turn:
+        with PrefetchTurn(self._store.path, self._stop) as turn:
             alone = False
             for _ in range(SEAL_ROUNDS):
                 missing = self._store.missing_by_digest(self._digest, range(self._chunks))
@@ -526,17 +527,20 @@ class CachedBlob:
         """Fetch in steps, so memory stays flat however much is asked for."""
         step = PREFETCH_STEP // CHUNK_SIZE
         for start in range(0, len(missing), step):
-            self._still_kept()
+            self._going_on()
             batch = missing[start : start + step]
             self._fetcher.fetch(batch)  # type: ignore[union-attr]
             report(sum(chunk_length(self._size, i) for i in batch))
-        self._still_kept()
+        self._going_on()
 
-    def _still_kept(self) -> None:
+    def _going_on(self) -> None:
         """Raise ``CacheDamaged`` once the cache is found damaged and cannot be moved aside:
-        nothing fetched would be kept, and each round would fetch the blob whole again."""
+        nothing fetched would be kept, and each round would fetch the blob whole again;
+        ``BlobReadError`` once the blob is closed (its turn's wait ended with it)."""
         if (lost := self._store.lost()) is not None:
             raise CacheDamaged(lost)
+        if self._stop.is_set():
+            raise BlobReadError(f"{self._digest}: the prefetch was stopped: the blob is closed")
 
     def close(self) -> None:
         """Stop prefetching and cancel fetches in flight; keep the trace recorded so far."""

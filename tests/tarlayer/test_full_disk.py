@@ -415,3 +415,61 @@ def test_a_tar_layer_fill_waits_for_a_prefetch_filling_alone(tmp_path, registry)
         finally:
             image.close()
     assert held < 0.5, held
+
+
+def test_a_tar_layer_closed_while_its_seal_waits_its_turn_stops_at_once(tmp_path, registry):
+    """Tried: a tar.gz image (tar 16 MiB) opened once, so its index is cached, and its tar
+    then removed (`cache rm`); the image opened with fill (at 8 MiB/s, so the reads come
+    first), its start read again and again (so the filled tar is not sealed yet) until
+    the tar is whole; then a process holding the cache's prefetch turn alone, a chunk of
+    the tar dropped, and the reads stopped, so the seal, fetching the chunk first, waits
+    for the turn; then the image closed, as a server asked to stop (SIGTERM) closes it.
+    Must hold: the seal's wait, and its thread, end within a few seconds of the close.
+    Before, it ignored the stop and went on waiting for the turn, up to five minutes,
+    and then fetched what was missing for a closed cache."""
+    files = {"a.bin": os.urandom(16 << 20)}
+    reference, tar_digest, tar = pushed(tmp_path, registry, "closed", "gzip", files)
+    cache = tmp_path / "cache"
+    image = open_image(reference, cache_dir=cache, options=registry.options())
+    try:
+        image.exports()
+    finally:
+        image.close()
+    assert blockstore("cache", "rm", tar_digest, "--cache-dir", str(cache)).returncode == 0
+    fill = PrefetchSettings(fill=True, fill_rate=8 << 20)
+    image = open_image(reference, cache_dir=cache, options=registry.options(), prefetch=fill)
+    reads_done = threading.Event()
+    try:
+        (export,) = image.exports()
+        start = len(export.index.metadata)
+
+        def read_until_done() -> None:
+            while True:
+                assert b"".join(bytes(b) for b in export.read(start, 4096)) == tar[:4096]
+                if reads_done.wait(0.1):
+                    return
+
+        reader = threading.Thread(target=read_until_done)
+        reader.start()
+
+        def whole() -> bool:
+            record = image.store.lookup(tar_digest)
+            return record is not None and record.present == record.chunks
+
+        assert wait_for(whole, 60)
+        with turn_held(cache, alone=True):
+            image.store.drop_chunks(tar_digest, [1], recheck=False)
+            reads_done.set()
+            reader.join()
+            time.sleep(2)  # the layer idle, its seal waits for the turn
+            assert seal_threads()
+            image.close()
+            assert wait_for(lambda: not seal_threads(), 5), seal_threads()
+    finally:
+        reads_done.set()
+        image.close()
+
+
+def seal_threads() -> list[threading.Thread]:
+    """The thread that fills and seals a compressed layer's tar, while it runs."""
+    return [t for t in threading.enumerate() if t.name == "tar-fill"]
