@@ -902,11 +902,17 @@ class CachedBlob:
     def _advise(self, offset: int, length: int, misses: int) -> None:
         """After a read: queue the readahead it calls for (a read that missed was
         advised before its fetch, see ``_ahead_of_miss``)."""
-        if misses or (self._quiet_until and time.monotonic() < self._quiet_until):
+        if misses or self._no_readahead():
             return
         ahead = self._readahead.advise(offset, length, self._size)
         if ahead is not None:
             self._hints.submit(*ahead, PREFETCH)  # type: ignore[union-attr]
+
+    def _no_readahead(self) -> bool:
+        """Whether reading ahead does no good now: a replayed trace holds the reads to
+        come (its quiet time), or the cache is lost (``ChunkStore.lost``): what came
+        ahead would not be kept, and each read would fetch it again."""
+        return time.monotonic() < self._quiet_until or self._store.lost() is not None
 
     def _ahead_of_miss(self, offset: int, length: int) -> list[int]:
         """Readahead for a read that missed: chunks to fetch with it, in its requests.
@@ -916,7 +922,7 @@ class CachedBlob:
         ranges instead of many small ones, as the kernel's synchronous
         readahead does.
         """
-        if time.monotonic() < self._quiet_until:
+        if self._no_readahead():
             return []
         ahead = self._readahead.advise(offset, length, self._size)
         if ahead is None:

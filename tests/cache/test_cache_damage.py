@@ -282,6 +282,31 @@ def test_a_fill_round_under_way_stops_when_the_cache_is_lost(tmp_path, caplog):
     assert "not filled, as the cache keeps nothing" in caplog.text, caplog.text
 
 
+def test_a_lost_cache_reads_nothing_ahead(tmp_path):
+    """Tried: a 32 MiB blob with readahead, its cache a mount point (so it cannot be
+    renamed aside); a read, then the cache's B-tree pages zeroed and a read finding the
+    damage; then the first 16 MiB read in order, 128 KiB at a time. Must hold: every
+    byte is right, and the source is asked for those 16 MiB once: nothing ahead. Before,
+    readahead went on fetching ahead of the reads for a cache that kept none of it, and
+    each read fetched its bytes again: three times the bytes read."""
+    data, digest = make_blob(1024 * CHUNK_SIZE, seed=83)
+    with small_disk(tmp_path / "volume", "64M") as cache_dir, ChunkStore(cache_dir) as store:
+        source = ScriptedSource(data, digest)
+        blob = CachedBlob(store, digest, len(data), source, settings=PrefetchSettings())
+        try:
+            assert b"".join(blob.read(0, 100)) == data[:100]
+            assert zero_tree_pages(cache_dir) > 0
+            assert b"".join(blob.read(len(data) - 100, 100)) == data[-100:]
+            assert store.lost() is not None
+            before, step, end = fetched(source), 128 << 10, 16 << 20
+            for offset in range(0, end, step):
+                assert b"".join(blob.read(offset, step)) == data[offset : offset + step]
+            time.sleep(0.5)  # readahead queued off the read path has gone out, if any
+            assert fetched(source) - before == end, (fetched(source) - before, end)
+        finally:
+            blob.close()
+
+
 def test_a_cache_command_finding_damage_it_cannot_move_aside_says_it_in_one_line(tmp_path):
     """Tried: a cache that is a mount point (so it cannot be renamed aside) holding a
     blob, the leaf pages holding its digest zeroed (found only once read, not when the
