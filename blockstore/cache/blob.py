@@ -782,6 +782,7 @@ class CachedBlob:
             lease_wait=self._settings.lease_wait,
             on_request=self._requesting,
             lock_wait=self._store.env.write_lock_wait,
+            keeps_nothing=self._lost,
         )
 
     def _block_arrived(self, index: int, block: memoryview) -> Buffer:
@@ -862,7 +863,12 @@ class CachedBlob:
             lease_wait=self._settings.lease_wait,
             on_request=self._requesting,
             lock_wait=self._store.env.write_lock_wait,
+            keeps_nothing=self._lost,
         )
+
+    def _lost(self) -> bool:
+        """Whether the cache is lost (``ChunkStore.lost``): nothing fetched is kept."""
+        return self._store.lost() is not None
 
     def _leases(self, blocks: int) -> UnitLeases | None:
         """The blob's cross-process leases, in units of ``blocks`` 4 KiB blocks."""
@@ -912,7 +918,7 @@ class CachedBlob:
         """Whether reading ahead does no good now: a replayed trace holds the reads to
         come (its quiet time), or the cache is lost (``ChunkStore.lost``): what came
         ahead would not be kept, and each read would fetch it again."""
-        return time.monotonic() < self._quiet_until or self._store.lost() is not None
+        return time.monotonic() < self._quiet_until or self._lost()
 
     def _ahead_of_miss(self, offset: int, length: int) -> list[int]:
         """Readahead for a read that missed: chunks to fetch with it, in its requests.
@@ -1035,6 +1041,7 @@ class CachedBlob:
             self._stop,
             limit=limit,
             chunk_size=CHUNK_SIZE,
+            lost=self._store.lost,
         )
 
     def _replay_blocks(self, trace: Trace, fetcher: Fetcher) -> None:
@@ -1063,6 +1070,7 @@ class CachedBlob:
             self._stop,
             limit=max(1, fetcher.window.request // BLOCK),
             chunk_size=BLOCK,
+            lost=self._store.lost,
         )
 
     def _fill_layer(self) -> None:

@@ -100,11 +100,14 @@ class Fetcher:
         on_request: Callable[[], None] | None = None,
         brought_by_others: Callable[[int], bool] | None = None,
         lock_wait: Callable[[], float] | None = None,
+        keeps_nothing: Callable[[], bool] | None = None,
     ):
         """``brought_by_others(index)``: asked under the flights lock when prefetch
         claims an index; True leaves it out (another fetch brings those bytes).
         ``lock_wait``: how long a store has waited for the cache's write lock (see
-        ``Keeper``)."""
+        ``Keeper``). ``keeps_nothing()``: True once nothing fetched is kept (a lost
+        cache): a queued prefetch or fill that no reader waits on is then dropped when
+        its turn comes, rather than fetched for nothing."""
         self._source = source
         self._chunk_size = chunk_size
         self._on_arrival = on_arrival
@@ -114,6 +117,7 @@ class Fetcher:
         self._lease_wait = lease_wait
         self._on_request = on_request or (lambda: None)
         self._brought_by_others = brought_by_others or (lambda index: False)
+        self._keeps_nothing = keeps_nothing or (lambda: False)
         self._flights = flights if flights is not None else Flights()
         self.window = window if window is not None else Window()
         self.scheduler = Scheduler(self._run, self._fail, self.window)
@@ -165,6 +169,7 @@ class Fetcher:
                 waits[index] = future
                 owner = flights.owner.get(index)
                 if owner is not None:
+                    owner.waited = True
                     joined.add(owner)
             extra = [i for i in ahead if i not in flights.pending and i not in waits]
             jobs = self._claim(DEMAND, runs(set(mine).union(extra), self._request_chunks()))
@@ -227,13 +232,34 @@ class Fetcher:
 
     # --- running (on a scheduler worker) -------------------------------------
 
-    def _run(self, job: Job) -> None:
+    def _owned(self, job: Job) -> dict[int, Future]:
+        """Under the flights lock: the chunks ``job`` fetches, and their futures."""
+        return {
+            i: self._flights.pending[i]
+            for i in range(job.first, job.first + job.count)
+            if self._flights.owner.get(i) is job
+        }
+
+    def _dropped(self, job: Job) -> bool:
+        """Drop ``job`` if it fetches ahead for a cache that keeps nothing and no reader
+        waits on it: decided under the lock readers join under, so one that comes later
+        fetches for itself."""
         with self._flights.lock:
-            futures = {
-                i: self._flights.pending[i]
-                for i in range(job.first, job.first + job.count)
-                if self._flights.owner.get(i) is job
-            }
+            if job.priority == DEMAND or job.waited or not self._keeps_nothing():
+                return False
+            futures = self._owned(job)
+            self._flights.release(list(futures))
+        error = BlobReadError(f"{self.digest}: not fetched ahead: the cache keeps nothing")
+        for future in futures.values():
+            _resolve(future, error=error)
+        self._live.discard(job)
+        return True
+
+    def _run(self, job: Job) -> None:
+        if self._dropped(job):
+            return
+        with self._flights.lock:
+            futures = self._owned(job)
         try:
             span, pieces = self._lease(futures)
             try:
@@ -348,14 +374,9 @@ class Fetcher:
     def _fail(self, job: Job, exc: BaseException) -> None:
         """Answer the job's unanswered waiters with ``exc`` and forget its chunks."""
         with self._flights.lock:
-            mine = [
-                i
-                for i in range(job.first, job.first + job.count)
-                if self._flights.owner.get(i) is job
-            ]
-            futures = [self._flights.pending[i] for i in mine]
-            waiting = [f for f in futures if not f.done()]
-            self._flights.release([i for i, f in zip(mine, futures, strict=True) if not f.done()])
+            owned = self._owned(job)
+            waiting = [f for f in owned.values() if not f.done()]
+            self._flights.release([i for i, f in owned.items() if not f.done()])
         for future in waiting:
             _resolve(future, error=exc)
         self._live.discard(job)

@@ -59,6 +59,8 @@ class Flights:
         with self.lock:
             waits = {i: self.pending[i] for i in indices if i in self.pending}
             jobs = {self.owner[i] for i in waits if self.owner.get(i) is not None}
+            for job in jobs:
+                job.waited = True
         for job in jobs:
             job.scheduler.promote(job)
         got: dict[int, Any] = {}

@@ -48,6 +48,8 @@ class Job:
     started: bool = field(default=False, compare=False)
     budget: int = field(default=0, compare=False)
     """Prefetch bytes this job holds of the scheduler's budget until it ends."""
+    waited: bool = field(default=False, compare=False)
+    """A reader waits on its chunks (set under the flights lock, as it joins them)."""
     scheduler: Scheduler | None = field(default=None, compare=False, repr=False)
     """The scheduler that runs it: a reader of another fetcher of the blob promotes it
     there."""

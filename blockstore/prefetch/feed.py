@@ -88,7 +88,7 @@ def feed(
     limit: int,
     chunk_size: int,
     pacer: Pacer | None = None,
-    lost: Callable[[], str | None] = lambda: None,
+    lost: Callable[[], str | None],
 ) -> bool:
     """Queue every index, in order, paced; True when all were handed over, False once
     stopped or ``lost()`` names why the cache keeps nothing (``ChunkStore.lost``): what

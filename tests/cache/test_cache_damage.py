@@ -33,9 +33,11 @@ import blockstore.cache.damage as damage
 import blockstore.cache.env as cache_env
 from blockstore.cache import CHUNK_SIZE, CacheDamaged, CachedBlob, ChunkStore
 from blockstore.cache.layout import DB_BLOBS, DB_META, DB_REFS, FORMAT_VERSION, U64
+from blockstore.cache.traces import TraceShelf
 from blockstore.errors import CacheError
 from blockstore.image import open_image
-from blockstore.prefetch import PrefetchSettings
+from blockstore.prefetch import PrefetchSettings, Trace
+from blockstore.prefetch.trace import UNIT
 from blockstore.registry import RegistryOptions
 
 
@@ -303,6 +305,35 @@ def test_a_lost_cache_reads_nothing_ahead(tmp_path):
                 assert b"".join(blob.read(offset, step)) == data[offset : offset + step]
             time.sleep(0.5)  # readahead queued off the read path has gone out, if any
             assert fetched(source) - before == end, (fetched(source) - before, end)
+        finally:
+            blob.close()
+
+
+def test_a_trace_replay_stops_when_the_cache_is_lost(tmp_path):
+    """Tried: a 64 MiB blob whose kept access trace reads it whole, opened with trace
+    replay from a source taking a second a request, its cache a mount point (so it
+    cannot be renamed aside); half a second into the replay (all of it queued within the
+    prefetch budget), the cache's B-tree pages zeroed and a read finding the damage.
+    Must hold: the read is right; once what was on its way has come, the replay asks
+    the source for nothing more, having fetched less than half the blob. Before, every
+    range it had queued was still fetched: all of the blob, for a cache that kept none
+    of it."""
+    data, digest = make_blob(2048 * CHUNK_SIZE, seed=97)
+    with small_disk(tmp_path / "volume", "128M") as cache_dir, ChunkStore(cache_dir) as store:
+        TraceShelf(store).put(Trace(digest, UNIT, time.time(), [(0, 0, len(data) // UNIT)]))
+        source = ScriptedSource(data, digest, delay=1.0)
+        replay = PrefetchSettings(readahead=False, trace_replay=True)
+        blob = CachedBlob(store, digest, len(data), source, settings=replay)
+        try:
+            time.sleep(0.5)
+            assert zero_tree_pages(cache_dir) > 0
+            assert b"".join(blob.read(len(data) - 100, 100)) == data[-100:]
+            assert store.lost() is not None
+            time.sleep(3)  # what was on its way before the loss has come
+            asked = len(source.requests)
+            time.sleep(1)
+            assert len(source.requests) == asked, "the replay went on"
+            assert fetched(source) < len(data) // 2, (fetched(source), len(data))
         finally:
             blob.close()
 
