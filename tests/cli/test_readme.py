@@ -1,0 +1,83 @@
+"""What the README tells a user of the ``blockstore`` command, held against the command."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+from pathlib import Path
+
+import pytest
+
+import blockstore
+import blockstore.cli
+import nbdfront
+from blockstore.cli import main
+from blockstore.errors import BlockstoreError
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+# What can fail outside the engine's own errors, each caught by ``main`` with a code.
+FAILURES_OUTSIDE_THE_ENGINE = [
+    KeyboardInterrupt(),
+    BrokenPipeError(),
+    OSError("a file that cannot be written"),
+    MemoryError(),
+    RuntimeError("can't start new thread"),
+]
+
+
+def documented_exit_codes() -> set[int]:
+    """The codes of the README's exit-code table, a range such as ``10-13`` counting
+    for each code in it."""
+    lines = README.read_text().splitlines()
+    rows = lines[lines.index("| code | cause |") + 2 :]
+    codes: set[int] = set()
+    for row in rows:
+        if not row.startswith("|"):
+            break
+        first, _, last = row.split("|")[1].strip().partition("-")
+        codes.update(range(int(first), int(last or first) + 1))
+    return codes
+
+
+def engine_error_codes() -> set[int]:
+    """The exit code of every engine error, with every module that may define one loaded."""
+    for package in (blockstore, nbdfront):
+        for module in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
+            importlib.import_module(module.name)
+    classes, codes = [BlockstoreError], set()
+    while classes:
+        error = classes.pop()
+        codes.add(error.exit_code)
+        classes.extend(error.__subclasses__())
+    return codes
+
+
+class _CommandFailingWith:
+    """A parsed command line whose command raises ``failure``, as a real command would."""
+
+    def __init__(self, failure: BaseException):
+        self.failure = failure
+
+    def parse_args(self, argv: list[str]) -> argparse.Namespace:
+        return argparse.Namespace(command="cache", verbose=0, quiet=0, func=self.run)
+
+    def run(self, args: argparse.Namespace) -> int:
+        raise self.failure
+
+
+def code_main_gives(failure: BaseException, monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(blockstore.cli, "build_parser", lambda argv: _CommandFailingWith(failure))
+    return main([])
+
+
+def test_the_exit_code_table_names_every_code_the_command_gives_and_no_other(monkeypatch):
+    """Tried: every engine error's exit code, and the code ``main`` gives for each failure
+    outside the engine (Ctrl-C, its output closed early as by ``| head``, an OSError, out
+    of memory or threads), against the README's exit-code table. Must hold: the table
+    has a row for each code given, and each of its rows is a code something gives."""
+    given = engine_error_codes() | {
+        code_main_gives(failure, monkeypatch) for failure in FAILURES_OUTSIDE_THE_ENGINE
+    }
+    assert documented_exit_codes() == given
