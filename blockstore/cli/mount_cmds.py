@@ -101,7 +101,8 @@ def parse_mount_options(texts: list[str]) -> OciOptions:
                 # The rest of a password that holds a comma: never repeated.
                 raise UsageError(
                     "unknown mount option after oci.password=: a password holding a comma "
-                    'goes in double quotes (oci.password="...")'
+                    'goes in double quotes (oci.password="..."), which a shell keeps only '
+                    """inside single quotes: -o 'oci.password="..."'"""
                 )
             else:
                 raise UsageError(f"unknown mount option {key!r}")

@@ -86,6 +86,15 @@ def test_refused_options(text):
         parse_mount_options([text])
 
 
+def test_a_password_whose_quotes_the_shell_took_says_how_to_keep_them():
+    """Tried: what a shell passes for ``-o oci.password="a,b"`` typed as the README once
+    showed it: ``oci.password=a,b``, the quotes taken by the shell. Must hold: the refusal
+    shows the whole ``-o`` value in single quotes, which keep the double quotes for
+    mount's parser; before, it said only to use double quotes, which the user had done."""
+    with pytest.raises(UsageError, match=r"""-o 'oci\.password="\.\.\."'"""):
+        parse_mount_options(["oci.password=a,b"])
+
+
 def test_empty_items_and_ro_are_harmless():
     """Stray commas and ``ro`` change nothing."""
     assert parse_mount_options([",ro,,", ""]) == OciOptions()
