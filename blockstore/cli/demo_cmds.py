@@ -14,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run the whole job end to end on this machine (needs root and FUSE)",
         description="Start a local registry, build and push an EROFS image of a real tree, "
         "mount it lazily, fill the cache, stop the registry, mount again offline and check "
-        "every file. Cleans up after itself.",
+        "every file. The same tree, pushed as an ordinary tar.gz image, is mounted with no "
+        "conversion, prefetched, and mounted offline and checked too. Cleans up after itself.",
     )
     demo.add_argument(
         "--source",
