@@ -108,6 +108,10 @@ class BlobReadError(BlockstoreError, OSError):
 class NotCached(BlobReadError):
     """Offline, and the bytes asked for are not in the cache."""
 
+    said = "the cache is offline"
+    """What each of its messages says, so one quoting such a message (a mount failing on
+    the server's warning) can tell it and add what to do."""
+
 
 class CacheError(BlockstoreError):
     """The cache cannot be opened or written (wrong format, disk full)."""

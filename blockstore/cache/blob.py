@@ -471,7 +471,7 @@ class CachedBlob:
                 missing = self._store.missing_by_digest(self._digest, range(self._chunks))
                 report(self._size - sum(chunk_length(self._size, i) for i in missing))
                 if missing and self._fetcher is None:
-                    raise NotCached(f"{self._digest} is not fully cached and the cache is offline")
+                    raise NotCached(f"{self._digest} is not fully cached and {NotCached.said}")
                 if missing:
                     turn.join()
                 self._fetch_all(missing, report)
@@ -619,7 +619,7 @@ class CachedBlob:
             what = "failed its checksum" if bad else "is not cached"
             raise NotCached(
                 f"{self._digest}: chunk {wanted[0]} (offset {wanted[0] * CHUNK_SIZE}) {what}, "
-                "and the cache is offline"
+                f"and {NotCached.said}"
             )
         try:
             got = self._fetcher.fetch(

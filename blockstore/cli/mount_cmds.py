@@ -34,7 +34,7 @@ from blockstore.cli.common import (
     registry_options_from_args,
 )
 from blockstore.cli.tls_options import add_tls_options, mount_tls_arguments
-from blockstore.errors import MountError, UsageError
+from blockstore.errors import MountError, NotCached, UsageError
 from blockstore.logformat import count_trouble
 from nbdfront.mount import stack
 from nbdfront.mount.attach import KERNEL, NBDFUSE
@@ -474,19 +474,30 @@ def run_mount(args: argparse.Namespace) -> int:
     def warn(message: str) -> None:
         print(f"blockstore: warning: {message}", file=sys.stderr, flush=True)
 
-    record = stack.mount(
-        argv,
-        args.mountpoint,
-        image=args.image,
-        env=env,
-        describe=describe,
-        warn=warn if args.quiet <= 0 else None,
-        tls=bool(tls),
-    )
+    try:
+        record = stack.mount(
+            argv,
+            args.mountpoint,
+            image=args.image,
+            env=env,
+            describe=describe,
+            warn=warn if args.quiet <= 0 else None,
+            tls=bool(tls),
+        )
+    except MountError as exc:
+        if NotCached.said not in str(exc):
+            raise
+        raise type(exc)(f"{exc}; {how_to_cache(args.image)}") from exc
     ignore_late_signals()
     if args.quiet <= 0:
         say_done(describe_path(record))
     return 0
+
+
+def how_to_cache(image: str) -> str:
+    """What a mount failing on chunks not cached offline tells the user to do: the
+    mount cannot fetch them, and reading them online once caches only what is read."""
+    return f"`blockstore prefetch {image}`, while the registry answers, caches all of it"
 
 
 def describe_path(record: MountRecord) -> str:

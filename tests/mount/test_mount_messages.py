@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from test_mount_e2e import assert_same_tree, cache_then_stop_registry, cli, mount, one_line, umount
 
+from blockstore.errors import MountError
+
 pytestmark = pytest.mark.slow
 
 
@@ -89,3 +91,22 @@ def test_clean_umount_of_the_real_server_removes_its_log(dirs, pushed_images):
         done = cli("umount", str(mnt))
         assert done.returncode == 0 and done.stderr == "", done.stderr
         assert not log.exists()
+
+
+def test_an_offline_mount_meeting_chunks_not_cached_says_how_to_cache_them(dirs, pushed_images):
+    """Tried: the bottom layer of the three-layer image prefetched alone, then the whole
+    image mounted ``--offline``, so the kernel's first reads of the other layers meet
+    chunks not cached. Must hold: exit 10, one line quoting the server's warning, as the
+    README's exit-code table says, and saying what caches the image for offline use
+    (``blockstore prefetch IMAGE`` while the registry answers); nothing stays mounted.
+    Before, the line ended at the warning and the log's path, saying nothing to do."""
+    mnt, cache, _ = dirs
+    ref = pushed_images.multilayer
+    prefetched = cli("prefetch", "--insecure", "--cache-dir", str(cache), "--layer", "0", ref)
+    assert prefetched.returncode == 0, prefetched.stderr
+    done = cli("mount", "--offline", "--cache-dir", str(cache), ref, str(mnt))
+    assert done.returncode == MountError.exit_code, done.stderr
+    line = one_line(done.stderr)
+    assert "is not cached, and the cache is offline" in line, line
+    assert f"`blockstore prefetch {ref}`, while the registry answers," in line, line
+    assert not os.path.ismount(mnt)
