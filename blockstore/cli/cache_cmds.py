@@ -75,15 +75,24 @@ def open_store(args: argparse.Namespace, *, create: bool = False) -> ChunkStore:
     return ChunkStore(path, size_cap=args.cache_size, goes_on=False)
 
 
+NAME_THE_CACHE = (
+    "name the cache mount, serve or prefetch used with --cache-dir (or $BLOCKSTORE_CACHE_DIR)"
+)
+"""What to do where no cache is: the one used may be another user's (root's, under sudo)
+or one a --cache-dir named."""
+
+
 def existing_cache_dir(args: argparse.Namespace) -> Path:
     """The cache directory the arguments name, refused if there is no cache there."""
     path = cache_dir_from(args)
     if not path.exists():
-        raise CacheError(f"no cache at {path}: nothing was ever kept there")
+        raise CacheError(f"no cache at {path}: nothing was ever kept there; {NAME_THE_CACHE}")
     if path.is_dir() and not (path / LMDB_DATA_FILE).exists():
         # A directory made anew (or by hand) is no cache: taking it for an empty one
         # would make one there and report it sound.
-        raise CacheError(f"no cache at {path}: the directory holds no {LMDB_DATA_FILE}")
+        raise CacheError(
+            f"no cache at {path}: the directory holds no {LMDB_DATA_FILE}; {NAME_THE_CACHE}"
+        )
     return path
 
 

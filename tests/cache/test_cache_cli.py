@@ -348,14 +348,16 @@ def test_cache_dir_from_the_environment(tmp_path):
     missing = stats()
     assert missing.returncode == 8
     assert missing.stderr.strip() == (
-        f"blockstore: no cache at {chosen}: nothing was ever kept there"
+        f"blockstore: no cache at {chosen}: nothing was ever kept there; name the cache "
+        "mount, serve or prefetch used with --cache-dir (or $BLOCKSTORE_CACHE_DIR)"
     )
     assert not chosen.exists()
     chosen.mkdir()  # a directory made anew, or by hand, holds no cache either
     empty = stats()
     assert empty.returncode == 8
     assert empty.stderr.strip() == (
-        f"blockstore: no cache at {chosen}: the directory holds no data.mdb"
+        f"blockstore: no cache at {chosen}: the directory holds no data.mdb; name the "
+        "cache mount, serve or prefetch used with --cache-dir (or $BLOCKSTORE_CACHE_DIR)"
     )
     assert not any(chosen.iterdir())
     ChunkStore(chosen).close()
@@ -386,6 +388,22 @@ def test_a_cache_dir_that_cannot_be_one_is_refused_in_one_line(tmp_path):
     assert refused.stderr.strip() == (
         f"blockstore: cannot open the cache at {unmakeable}: Not a directory"
     )
+
+
+def test_a_cache_command_finding_no_cache_says_how_to_name_the_one_used(tmp_path):
+    """Tried: ``cache ls`` where there is no cache, as a user meets it whose mounts ran
+    under ``sudo`` (root's cache is under root's home), or who gave another
+    ``--cache-dir`` to ``prefetch``: a directory that does not exist, and one holding no
+    ``data.mdb``. Must hold: exit 8, and the line says how to name the cache that was
+    used; before, it said only that there was no cache there."""
+    for where in (tmp_path / "none", tmp_path):
+        refused = run_cli("cache", "ls", "--cache-dir", str(where))
+        assert refused.returncode == 8, refused.stderr
+        assert refused.stderr.strip().startswith(f"blockstore: no cache at {where}: ")
+        assert refused.stderr.strip().endswith(
+            "; name the cache mount, serve or prefetch used with --cache-dir "
+            "(or $BLOCKSTORE_CACHE_DIR)"
+        ), refused.stderr
 
 
 @pytest.mark.parametrize("command", ["rm", "pin", "unpin"])
