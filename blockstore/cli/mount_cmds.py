@@ -598,8 +598,8 @@ def run_mounts(args: argparse.Namespace) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
     dead = [row["mountpoint"] for row in rows if row["state"] not in ("ok", "mounting")]
     for mountpoint in dead:
-        command = stack.umount_command(mountpoint)
-        print(f"{stack.printable(mountpoint)}: `{command}` cleans it up", file=sys.stderr)
+        command = f"`{stack.umount_command(mountpoint)}`"
+        print(f"blockstore: {stack.printable(mountpoint)}: {command} cleans it up", file=sys.stderr)
     return 0
 
 

@@ -521,8 +521,9 @@ def test_an_overlay_unmounted_by_hand_is_listed_and_its_layers_undone(
     """Tried: a three-layer mount whose overlay at the mount point the user unmounts with
     umount(8), leaving its layers' EROFS, FUSE files and server behind. Must hold:
     ``mounts`` lists it as ``not mounted`` and names the ``blockstore umount`` that
-    cleans it up; that ``umount`` exits 0, saying the mount was not whole, and leaves
-    no layer, FUSE file, process or record of it."""
+    cleans it up, on a line that starts ``blockstore:`` as every other line it writes to
+    stderr does (before, that one alone did not); that ``umount`` exits 0, saying the
+    mount was not whole, and leaves no layer, FUSE file, process or record of it."""
     _, run = mount_dirs
     layers = erofs_images.layers
     argv = local_server({f"layer{i}": layer.path for i, layer in enumerate(layers)})
@@ -533,7 +534,7 @@ def test_an_overlay_unmounted_by_hand_is_listed_and_its_layers_undone(
     assert listed.returncode == 0, listed.stderr
     assert "  not mounted  " in listed.stdout.splitlines()[1], listed.stdout
     assert own_lines(listed.stderr) == [
-        f"{mountpoint}: `blockstore umount {mountpoint}` cleans it up"
+        f"blockstore: {mountpoint}: `blockstore umount {mountpoint}` cleans it up"
     ], listed.stderr
     done = cli("umount", str(mountpoint))
     assert done.returncode == 0, done.stderr

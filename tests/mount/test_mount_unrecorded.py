@@ -46,7 +46,7 @@ def test_a_mount_whose_record_is_gone_is_listed_as_such(
     header, row = listed.stdout.splitlines()
     assert header.split()[:2] == ["MOUNTPOINT", "IMAGE"]
     assert row.split() == [str(mountpoint), "?", "?", "?", "record", "gone", "?"]
-    said = f"{mountpoint}: `blockstore umount {mountpoint}` cleans it up"
+    said = f"blockstore: {mountpoint}: `blockstore umount {mountpoint}` cleans it up"
     assert own_lines(listed.stderr) == [said]
     (shown,) = json.loads(cli("mounts", "--json").stdout)
     assert shown["recorded"] is False and shown["state"] == "record gone"
