@@ -196,25 +196,30 @@ LAYER_MAGIC = (
 
 def image_argument(text: str) -> str:
     """An image reference, as given. A local layer file named instead (an image built
-    here, not pushed yet) is refused saying so: as a reference it is a Docker Hub name (or
-    none at all), which would fail only at the registry, saying nothing of the file. A
-    file holding no layer (``myapp``, a program built beside the image ``myapp``) is no
-    reason to misread a reference."""
+    here, not pushed yet) is refused saying so."""
+    if is_local_layer_file(text):
+        raise argparse.ArgumentTypeError(
+            f"{text} is a local file, and IMAGE names an image in a registry: push the file "
+            f"first (blockstore push {text} HOST[:PORT]/NAME:TAG), then name that"
+        )
+    return text
+
+
+def is_local_layer_file(text: str) -> bool:
+    """Whether ``text``, given as an image reference, names a local layer file instead:
+    as a reference it is a Docker Hub name (or none at all), which would fail only at the
+    registry, saying nothing of the file. A file holding no layer (``myapp``, a program
+    built beside the image ``myapp``) is no reason to misread a reference."""
     from blockstore.registry import parse_reference
     from blockstore.registry.reference import DOCKER_HUB
 
     if not os.path.isfile(text):
-        return text
+        return False
     try:
         reference = parse_reference(text)
     except UsageError:
-        reference = None  # no reference at all (./image.erofs): the file is what was meant
-    if reference is not None and (reference.registry != DOCKER_HUB or not _is_layer_file(text)):
-        return text
-    raise argparse.ArgumentTypeError(
-        f"{text} is a local file, and IMAGE names an image in a registry: push the file "
-        f"first (blockstore push {text} HOST[:PORT]/NAME:TAG), then name that"
-    )
+        return True  # no reference at all (./image.erofs): the file is what was meant
+    return reference.registry == DOCKER_HUB and _is_layer_file(text)
 
 
 def _is_layer_file(path: str) -> bool:

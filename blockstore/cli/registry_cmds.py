@@ -6,7 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-from blockstore.cli.common import add_registry_options, image_argument, registry_options_from_args
+from blockstore.cli.common import (
+    add_registry_options,
+    image_argument,
+    is_local_layer_file,
+    registry_options_from_args,
+)
 from blockstore.errors import UsageError
 from blockstore.registry import (
     EROFS_MEDIA_TYPE,
@@ -51,7 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         help="a layer: an EROFS image, or a tar, tar.gz or tar.zst",
     )
-    push.add_argument("image", metavar="IMAGE", help="where to push it, e.g. host:5000/app:v1")
+    push.add_argument(
+        "image",
+        type=push_target_argument,
+        metavar="IMAGE",
+        help="where to push it, e.g. host:5000/app:v1",
+    )
     add_registry_options(push, mirrors=False)
     push.add_argument(
         "--media-type",
@@ -129,6 +139,17 @@ def run_push(args: argparse.Namespace) -> int:
         )
     print(digest)
     return 0
+
+
+def push_target_argument(text: str) -> str:
+    """The image to push to, as given. A local layer file named there (the image left out,
+    or given first) is refused: taken for a Docker Hub name, the layers would go there."""
+    if is_local_layer_file(text):
+        raise argparse.ArgumentTypeError(
+            f"{text} is a local file, and IMAGE, the last argument, names the image in a "
+            "registry to push to: blockstore push FILE... HOST[:PORT]/NAME:TAG"
+        )
+    return text
 
 
 def parse_media_type(text: str) -> str:

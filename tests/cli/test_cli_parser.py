@@ -90,6 +90,27 @@ def test_a_local_image_file_named_as_the_image_says_to_push_it(
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("first", ["layer.tar", "127.0.0.1:5000/tools/app:v1"])
+def test_a_local_layer_file_named_as_the_image_to_push_to_says_the_image_goes_last(
+    tmp_path, erofs_images, first
+):
+    """Tried: ``push layer.tar image.erofs``, two layer files and no image (the image
+    forgotten), and ``push HOST/NAME:TAG image.erofs``, the image and the file swapped.
+    Must hold: exit 2, one line saying the last argument is a local file and that the
+    image to push to goes last, as ``push`` takes them; nothing asked of any registry.
+    Before, the first pushed ``layer.tar`` to the Docker Hub image ``library/image.erofs``
+    (exit 5 offline, a login asked online) and the second said only that no file
+    ``HOST/NAME:TAG`` exists."""
+    (tmp_path / "image.erofs").write_bytes(erofs_images.small.path.read_bytes())
+    (tmp_path / "layer.tar").write_bytes(bytes(10240))
+    argv = [sys.executable, "-m", "blockstore", "push", first, "image.erofs"]
+    shown = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert shown.returncode == 2, shown.stderr
+    assert shown.stderr.count("\n") == 1, shown.stderr
+    assert "image.erofs is a local file" in shown.stderr, shown.stderr
+    assert "blockstore push FILE... HOST[:PORT]/NAME:TAG" in shown.stderr, shown.stderr
+
+
 @pytest.mark.parametrize(
     "start",
     [
