@@ -21,6 +21,7 @@ from blockstore.cli.cache_cmds import existing_cache_dir, open_store, resolve_ta
 from blockstore.cli.common import (
     add_cache_options,
     add_registry_options,
+    image_argument,
     keep_traces,
     open_image_from_args,
     read_trace_file,
@@ -47,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("image", metavar="IMAGE|DIGEST")
     export.add_argument("file", type=Path, metavar="FILE")
     push = command("push", cmd_push, "attach the image's traces to it in the registry")
-    push.add_argument("image", metavar="IMAGE")
+    push.add_argument("image", type=image_argument, metavar="IMAGE")
     add_registry_options(push)
     load = command("import", cmd_import, "load traces from a file written by export")
     load.add_argument("file", type=Path, metavar="FILE")

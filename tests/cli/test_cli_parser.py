@@ -67,7 +67,9 @@ def test_an_option_before_its_command_is_shown_where_it_goes(argv, prog, said):
     assert f"goes after the command: {said} ..." in shown.stderr, shown.stderr
 
 
-@pytest.mark.parametrize("command", [["mount"], ["serve"], ["prefetch"], ["inspect"], ["index"]])
+@pytest.mark.parametrize(
+    "command", [["mount"], ["serve"], ["prefetch"], ["inspect"], ["index"], ["trace", "push"]]
+)
 @pytest.mark.parametrize("named", ["image.erofs", "./image.erofs", "{dir}/image.erofs"])
 def test_a_local_image_file_named_as_the_image_says_to_push_it(
     tmp_path, erofs_images, command, named
@@ -76,7 +78,8 @@ def test_a_local_image_file_named_as_the_image_says_to_push_it(
     newcomer tries first. Must hold: exit 2, one line saying it is a local file and how
     to push it; no cache made, nothing asked of any registry. Before, ``image.erofs``
     was taken for the Docker Hub image ``library/image.erofs`` (exit 5 offline, after a
-    cache was made) and ``./image.erofs`` for an invalid reference."""
+    cache was made) and ``./image.erofs`` for an invalid reference; ``trace push``, which
+    asks the registry too, took it so after the others no longer did."""
     (tmp_path / "image.erofs").write_bytes(erofs_images.small.path.read_bytes())
     given = named.format(dir=tmp_path)
     argv = [sys.executable, "-m", "blockstore", *command, given]
