@@ -396,7 +396,7 @@ def check_registry_arguments(args: argparse.Namespace) -> None:
     from blockstore.registry.credentials import given_login
 
     registry_options_from_args(args)
-    given_login(args.username, args.password)
+    given_login(args.username, args.password, username_options="--username (or -o oci.username=)")
 
 
 def without_credentials(texts: list[str]) -> list[str]:

@@ -87,18 +87,24 @@ def credentials_for(
     return None
 
 
-def given_login(username: str | None = None, password: str | None = None) -> Credentials | None:
+def given_login(
+    username: str | None = None,
+    password: str | None = None,
+    *,
+    username_options: str = "--username",
+) -> Credentials | None:
     """The user name and password a user gave: the options, else the environment.
 
     A password without a user name is refused, not dropped: dropped, the
-    registry's 401 would leave the user guessing why the password was not used.
+    registry's 401 would leave the user guessing why the password was not used. The
+    refusal names ``username_options``, the ways the command at hand takes a user name.
     """
     username = username if username is not None else os.environ.get("BLOCKSTORE_USERNAME")
     password = password if password is not None else os.environ.get("BLOCKSTORE_PASSWORD")
     if password is not None and not username:
         raise UsageError(
-            "a registry password needs a user name: give --username "
-            "(or -o oci.username=, or $BLOCKSTORE_USERNAME)"
+            f"a registry password needs a user name: give {username_options}, "
+            "or $BLOCKSTORE_USERNAME"
         )
     return Credentials(username, password) if username and password is not None else None
 

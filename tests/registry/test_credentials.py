@@ -143,3 +143,32 @@ def test_no_credential_in_verbose_output(token_registry, erofs_images, tmp_path,
         text = done.stdout + done.stderr
         assert password not in text and pair not in text and "eyJ" not in text
     assert "DEBUG" in outputs[0].stderr, "debug logging was not on"
+
+
+@pytest.mark.parametrize("command", ["inspect", "prefetch", "serve", "index", "mount"])
+def test_a_password_without_a_user_name_is_told_the_ways_this_command_takes_one(
+    command, tmp_path: Path
+):
+    """Tried: ``--password`` with no user name anywhere (none given, none in the
+    environment), to each command that logs in to a registry. Must hold: exit 2, one
+    line naming the ways that command takes a user name: ``--username`` and
+    ``$BLOCKSTORE_USERNAME``, and ``-o oci.username=`` for ``mount`` alone, the one
+    command with ``-o``; before, every command offered ``-o oci.username=``, an option
+    only ``mount`` has."""
+    extra = {
+        "inspect": [],
+        "mount": [str(tmp_path), "--cache-dir", str(tmp_path / "cache")],
+    }.get(command, ["--cache-dir", str(tmp_path / "cache")])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLOCKSTORE_")}
+    done = subprocess.run(
+        [*BLOCKSTORE, command, "127.0.0.1:1/repo:tag", "--password", "pw", *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "a registry password needs a user name: give --username" in line, line
+    assert "$BLOCKSTORE_USERNAME" in line, line
+    assert ("-o oci.username=" in line) == (command == "mount"), line
