@@ -353,13 +353,14 @@ def add_registry_options(parser: argparse.ArgumentParser, *, mirrors: bool = Tru
         type=parse_ca_file,
         default=None,
         metavar="FILE",
-        help="PEM CA bundle to verify the registry with",
+        help="PEM CA certificates to trust besides the system's, to verify the registry with",
     )
     parser.add_argument("--username", default=None, help="registry user name")
     parser.add_argument(
         "--password",
         default=None,
-        help="registry password (prefer $BLOCKSTORE_PASSWORD or a docker config.json)",
+        help="registry password (prefer $BLOCKSTORE_PASSWORD, or a podman or docker login, "
+        "which no process listing shows)",
     )
     if not mirrors:
         parser.set_defaults(mirror=[])
