@@ -638,7 +638,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="HOST:PORT",
         type=_metrics_address,
         default=None,
-        help="have the server give Prometheus metrics at http://HOST:PORT/metrics",
+        help="have the server give Prometheus metrics at http://HOST:PORT/metrics (port 0 "
+        "picks a free one, which the line the mount prints names)",
     )
     mount.add_argument(
         "-o",

@@ -86,7 +86,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="HOST:PORT",
         type=parse_metrics_address,
         default=None,
-        help="serve Prometheus metrics at http://HOST:PORT/metrics",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0 picks a free "
+        "one, printed before the exports)",
     )
     serve.add_argument(
         "--idle-timeout",
