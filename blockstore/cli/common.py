@@ -287,22 +287,27 @@ def blob_digest(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_tar_index_options(parser: argparse.ArgumentParser) -> None:
-    """erofs-utils' local indexes for a tar layer, instead of building one."""
+def add_tar_index_options(parser: argparse.ArgumentParser, *, mount_options: bool) -> None:
+    """erofs-utils' local indexes for a tar layer, instead of building one; their ``-o``
+    spellings are named where the command takes ``-o`` (``mount_options``)."""
+
+    def also(option: str) -> str:
+        return f" (also -o {option}=PATH)" if mount_options else ""
+
     parser.add_argument(
         "--tarindex",
         type=Path,
         default=None,
         metavar="PATH",
         help="a tar layer's EROFS metadata image (mkfs.erofs --tar=i) to use, "
-        "not one built here (also -o oci.tarindex=PATH)",
+        f"not one built here{also('oci.tarindex')}",
     )
     parser.add_argument(
         "--zinfo",
         type=Path,
         default=None,
         metavar="PATH",
-        help="gzip checkpoints (SOCI zinfo) for that layer (also -o oci.zinfo=PATH)",
+        help=f"gzip checkpoints (SOCI zinfo) for that layer{also('oci.zinfo')}",
     )
 
 

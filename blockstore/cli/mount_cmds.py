@@ -626,7 +626,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "is ready, leaving its server running in the background.",
     )
     add_image_options(mount, "mount")
-    add_tar_index_options(mount)
+    add_tar_index_options(mount, mount_options=True)
     mount.add_argument(
         "mountpoint", metavar="MOUNTPOINT", type=_mountpoint, help="an existing directory"
     )

@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the default export (empty name) is the only selected layer, else the top one.",
     )
     add_image_options(serve, "serve")
-    add_tar_index_options(serve)
+    add_tar_index_options(serve, mount_options=False)
     add_registry_options(serve)
     add_cache_options(serve)
     add_prefetch_options(serve)

@@ -292,3 +292,16 @@ def test_a_user_name_given_by_mount_option_is_named_as_given(tmp_path, monkeypat
     assert shown.returncode == 2 and shown.stderr.count("\n") == 1, shown.stderr
     assert "-o oci.username was given without a password" in shown.stderr
     assert "--username" not in shown.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "mount"])
+def test_the_tar_index_options_help_names_the_o_spelling_only_where_there_is_one(command):
+    """Tried: ``serve --help`` and ``mount --help``, read for ``--tarindex`` and
+    ``--zinfo``. Must hold: mount's help names their ``-o oci.tarindex=``/``oci.zinfo=``
+    spellings, and serve's, which has no ``-o``, names none; before, serve's help
+    offered ``-o`` too, which serve then refused as an unknown argument."""
+    shown = blockstore(command, "--help")
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())  # as read, not as wrapped
+    named = ["-o oci.tarindex=PATH", "-o oci.zinfo=PATH"]
+    assert [spelling in text for spelling in named] == [command == "mount"] * 2
