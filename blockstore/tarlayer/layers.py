@@ -341,34 +341,38 @@ def local_index(
     """
     if kind not in (TAR, GZIP):
         raise UsageError(
-            f"oci.tarindex is taken for plain tar and gzip layers only; this layer is {kind}"
+            "--tarindex (oci.tarindex) is taken for plain tar and gzip layers only; "
+            f"this layer is {kind}"
         )
     if kind == GZIP and zinfo is None:
-        raise UsageError("oci.tarindex for a gzip layer needs oci.zinfo too (its checkpoints)")
+        raise UsageError(
+            "--tarindex (oci.tarindex) for a gzip layer needs --zinfo (oci.zinfo) too "
+            "(its checkpoints)"
+        )
     metadata = tarindex.read_bytes()
     try:
         info = read_info(metadata)
         read_metadata(metadata)
     except (IntegrityError, TarLayerError) as exc:  # not an image, or not one of ours
-        raise UsageError(f"oci.tarindex={tarindex}: {exc}") from exc
+        raise UsageError(f"--tarindex {tarindex}: {exc}") from exc
     tar_size = info.tar_blocks * 512
     if kind == TAR:
         if info.tar_blocks != -(-blob.size // 512):
             raise UsageError(
-                f"oci.tarindex={tarindex}: it describes a tar of {tar_size} bytes, but "
+                f"--tarindex {tarindex}: it describes a tar of {tar_size} bytes, but "
                 f"this layer's tar is {blob.size} bytes (an index of another layer?)"
             )
         return TarIndex(metadata, tar_size, None, blob.digest)
     if diff_id is None:
-        raise UsageError("oci.zinfo needs the layer's diff_id from the image config")
+        raise UsageError("--zinfo (oci.zinfo) needs the layer's diff_id from the image config")
     try:
         parsed = Zinfo.from_bytes(zinfo.read_bytes())
         inflated = inflated_size(_read_all(blob), blob.size, parsed)
     except IntegrityError as exc:
-        raise UsageError(f"oci.zinfo={zinfo}: not a zinfo of this layer: {exc}") from exc
+        raise UsageError(f"--zinfo {zinfo}: not a zinfo of this layer: {exc}") from exc
     if info.tar_blocks != -(-inflated // 512):
         raise UsageError(
-            f"oci.tarindex={tarindex}: it describes a tar of {tar_size} bytes, but this "
+            f"--tarindex {tarindex}: it describes a tar of {tar_size} bytes, but this "
             f"layer's tar is {inflated} bytes (an index of another layer?)"
         )
     points = tuple((c.compressed, c.uncompressed) for c in parsed.checkpoints)

@@ -157,7 +157,7 @@ def test_mount_with_local_tarindex_and_zinfo(tmp_path, registry, run_dir):
         timeout=120,
     )
     assert done.returncode == 2, done.stderr
-    assert f"oci.tarindex={tmp_path / 'not.meta'}: metadata image: " in done.stderr
+    assert f"--tarindex {tmp_path / 'not.meta'}: metadata image: " in done.stderr
     assert not syscall.is_mounted(str(mnt))
     cli("mount", "--insecure", "--cache-dir", str(cache), "-o", options, ref, str(mnt))
     assert root_links_aside(snapshot(mnt)) == root_links_aside(snapshot(src))

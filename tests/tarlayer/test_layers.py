@@ -240,21 +240,27 @@ def test_a_local_tarindex_of_another_tar_is_refused(blobs, tmp_path, kind):
         own.write_bytes(zinfo.to_bytes())
     with ChunkStore(tmp_path / "local") as store, pytest.raises(UsageError) as refused:
         open_layer(store, paths[kind], kind, tar, tarindex=tmp_path / "other.meta", zinfo=own)
-    assert f"oci.tarindex={tmp_path / 'other.meta'}: it describes a tar of " in str(refused.value)
+    assert f"--tarindex {tmp_path / 'other.meta'}: it describes a tar of " in str(refused.value)
     assert f"but this layer's tar is {len(tar)} bytes" in str(refused.value)
 
 
 def test_a_local_tarindex_for_a_layer_that_takes_none_says_which_do(blobs, tmp_path):
     """Tried: ``oci.tarindex`` for a zstd layer, and for a gzip layer without its zinfo.
     Must hold: a usage error saying which layers take it, or that gzip needs its zinfo
-    too; before, both said "needs oci.zinfo (gzip layers only)", which for zstd read as
-    if a zinfo would do."""
+    too, naming the options as every check of them does, ``--tarindex (oci.tarindex)``
+    and ``--zinfo (oci.zinfo)``: ``serve`` has no ``-o``, and a message naming only
+    ``oci.zinfo`` named nothing it takes. Before, both said "needs oci.zinfo (gzip
+    layers only)", which for zstd read as if a zinfo would do; then each named only
+    the ``-o`` spellings."""
     tar, paths = blobs
     (tmp_path / "meta.erofs").write_bytes(b"")
     with ChunkStore(tmp_path / "cache") as store:
-        with pytest.raises(UsageError, match="plain tar and gzip layers only; this layer is"):
+        with pytest.raises(
+            UsageError,
+            match=r"^--tarindex \(oci\.tarindex\) is taken for plain tar and gzip layers only; ",
+        ):
             open_layer(store, paths[ZSTD], ZSTD, tar, tarindex=tmp_path / "meta.erofs")
-        with pytest.raises(UsageError, match=r"gzip layer needs oci\.zinfo too"):
+        with pytest.raises(UsageError, match=r"gzip layer needs --zinfo \(oci\.zinfo\) too"):
             open_layer(store, paths[GZIP], GZIP, tar, tarindex=tmp_path / "meta.erofs")
 
 
@@ -277,7 +283,7 @@ def test_a_local_zinfo_that_is_not_one_is_a_usage_error_naming_it(blobs, tmp_pat
             tarindex=tmp_path / "meta.erofs",
             zinfo=tmp_path / "bad.zinfo",
         )
-    assert f"oci.zinfo={tmp_path / 'bad.zinfo'}: not a zinfo of this layer" in str(refused.value)
+    assert f"--zinfo {tmp_path / 'bad.zinfo'}: not a zinfo of this layer" in str(refused.value)
 
 
 def test_an_index_kept_by_an_older_index_format_is_built_again_and_dropped(blobs, tmp_path):
