@@ -131,6 +131,19 @@ class ResolvedImage:
         return self.layers[index]
 
 
+def _no_image_for(ref: Reference, wanted: Platform, platforms: list[str]) -> str:
+    """Why an index gave no image for ``wanted``, and what to name instead: one of its
+    platforms, or, where it lists none (artifacts alone, as the referrers tag schema's
+    tag does), one of its manifests by digest."""
+    if platforms:
+        offered = ", ".join(platforms)
+        return f"image {ref} has no platform {wanted}; it has: {offered} (name one with --platform)"
+    return (
+        f"image {ref} lists no image of any platform (as an index of attached artifacts "
+        f"does): name one of its manifests by digest, {ref.registry}/{ref.repository}@sha256:..."
+    )
+
+
 def resolve_image(
     client: RegistryClient,
     ref: Reference | str,
@@ -173,8 +186,7 @@ def resolve_image(
     found = _from_index(client, ref, document, wanted, manifests, names, configs)
     platforms = list(dict.fromkeys(names))
     if found is None:
-        offered = f"{', '.join(platforms)} (name one with --platform)" if platforms else "none"
-        raise NotFound(f"image {ref} has no platform {wanted}; it has: {offered}")
+        raise NotFound(_no_image_for(ref, wanted, platforms))
     child_digest, child, chosen = found
     layers = _layers(client, child)
     return ResolvedImage(

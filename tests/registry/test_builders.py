@@ -161,18 +161,47 @@ def test_an_artifact_listed_in_an_index_is_not_taken_for_an_image(registry, erof
         push_image(client, repository, "image", [small.path], platform="linux/amd64")
         raw = client.get_manifest(repository, "image").raw
         image = {"mediaType": OCI_MANIFEST, "digest": digest_of(raw), "size": len(raw)}
-        client.upload_blob(repository, digest_of(b"{}"), b"{}")
-        sbom = "application/vnd.example.sbom.v1+json"
-        empty = {"mediaType": EMPTY_CONFIG_TYPE, "digest": digest_of(b"{}"), "size": 2}
-        manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": sbom}
-        raw = canonical_json({**manifest, "config": empty, "layers": []})
-        client.put_manifest(repository, digest_of(raw), raw, OCI_MANIFEST)
-        artifact = {"mediaType": OCI_MANIFEST, "artifactType": sbom}
-        artifact |= {"digest": digest_of(raw), "size": len(raw)}
+        artifact = push_sbom_artifact(client, repository)
         index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [artifact, image]}
         client.put_manifest(repository, "v1", canonical_json(index), OCI_INDEX)
         resolved = resolve_image(client, f"{registry.host}/{repository}:v1", "linux/amd64")
     assert (resolved.platform, resolved.layers[0].digest) == ("linux/amd64", small.digest)
+
+
+def test_an_index_of_artifacts_alone_says_to_name_one_by_digest(registry):
+    """Tried: an image named by a tag whose index lists artifacts alone, as the tag of
+    the referrers tag schema (``REPO:sha256-HEX``, which ``index --push`` makes on a
+    registry without the referrers API) does. Must hold: not found, saying the index
+    lists no image of any platform and to name one of its manifests by digest; before,
+    it said the image had no platform linux/amd64 and that it had "none"."""
+    repository = "builders/artifacts-alone"
+    with registry.client() as client:
+        artifact = push_sbom_artifact(client, repository)
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [artifact]}
+        client.put_manifest(repository, "artifacts", canonical_json(index), OCI_INDEX)
+        with pytest.raises(NotFound) as refused:
+            resolve_image(client, f"{registry.host}/{repository}:artifacts", "linux/amd64")
+    assert str(refused.value) == (
+        f"image {registry.host}/{repository}:artifacts lists no image of any platform (as "
+        "an index of attached artifacts does): name one of its manifests by digest, "
+        f"{registry.host}/{repository}@sha256:..."
+    )
+
+
+def push_sbom_artifact(client: RegistryClient, repository: str) -> dict:
+    """An artifact (an SBOM's type, no layers) pushed by digest; its entry for an index."""
+    client.upload_blob(repository, digest_of(b"{}"), b"{}")
+    sbom = "application/vnd.example.sbom.v1+json"
+    empty = {"mediaType": EMPTY_CONFIG_TYPE, "digest": digest_of(b"{}"), "size": 2}
+    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": sbom}
+    raw = canonical_json({**manifest, "config": empty, "layers": []})
+    client.put_manifest(repository, digest_of(raw), raw, OCI_MANIFEST)
+    return {
+        "mediaType": OCI_MANIFEST,
+        "artifactType": sbom,
+        "digest": digest_of(raw),
+        "size": len(raw),
+    }
 
 
 def push_two_gzip_layers(
