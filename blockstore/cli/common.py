@@ -550,6 +550,34 @@ def _check_password_given(args: argparse.Namespace) -> None:
     )
 
 
+def check_image_arguments(args: argparse.Namespace) -> None:
+    """Check the reference, platform and digest as opening the image would, and
+    normalise them: a mistake is then a one-line usage error (exit 2) before anything
+    is spawned (mount's server) or bound (serve's addresses, where one in use would be
+    said instead of the mistake)."""
+    from blockstore.registry import normalize_digest, parse_reference
+    from blockstore.registry.platforms import Platform
+
+    parse_reference(args.image)
+    if args.platform is not None:
+        args.platform = str(Platform.parse(args.platform))
+    if args.blob is not None:
+        args.blob = normalize_digest(args.blob)
+
+
+def check_registry_arguments(
+    args: argparse.Namespace, *, username_options: str = "--username"
+) -> None:
+    """Check the mirrors and the login as opening the image would, before anything is
+    spawned or bound (see ``check_image_arguments``). For mount, a mirror's address with
+    a password in it would otherwise reach the server's command line, which ``ps`` shows
+    to every user. ``username_options``: the ways the command takes a user name."""
+    from blockstore.registry.credentials import given_login
+
+    registry_options_from_args(args)
+    given_login(args.username, args.password, username_options=username_options)
+
+
 def open_image_from_args(
     args: argparse.Namespace,
     *,

@@ -29,9 +29,10 @@ from blockstore.cli.common import (
     add_registry_options,
     add_tar_index_options,
     cache_dir_from,
+    check_image_arguments,
     check_prefetch_options,
+    check_registry_arguments,
     parse_metrics_address,
-    registry_options_from_args,
 )
 from blockstore.cli.tls_options import add_tls_options, mount_tls_arguments
 from blockstore.errors import MountError, NotCached, UsageError
@@ -39,6 +40,9 @@ from blockstore.logformat import count_trouble
 from nbdfront.mount import stack
 from nbdfront.mount.attach import KERNEL, NBDFUSE
 from nbdfront.mount.records import MountRecord
+
+USERNAME_OPTIONS = "--username (or -o oci.username=)"
+"""The ways mount takes a user name, as a refusal names them."""
 
 
 @dataclass
@@ -371,34 +375,6 @@ def _fractions_in(cache_dir: Path, layers: list[dict]) -> list[float | None]:
     return [present.get(digest, 0.0) if digest else None for digest in read_from]
 
 
-def check_image_arguments(args: argparse.Namespace) -> None:
-    """Check the reference, platform and digest as the server would, and normalise them.
-
-    Here, a mistake is the parser's own one-line usage error (exit 2) before
-    anything is spawned, instead of a server that fails in the background.
-    """
-    from blockstore.registry import normalize_digest, parse_reference
-    from blockstore.registry.platforms import Platform
-
-    parse_reference(args.image)
-    if args.platform is not None:
-        args.platform = str(Platform.parse(args.platform))
-    if args.blob is not None:
-        args.blob = normalize_digest(args.blob)
-
-
-def check_registry_arguments(args: argparse.Namespace) -> None:
-    """Check the mirrors and the login as the server would, before it is spawned.
-
-    A mirror's address with a password in it would otherwise reach the
-    server's command line, which ``ps`` shows to every user.
-    """
-    from blockstore.registry.credentials import given_login
-
-    registry_options_from_args(args)
-    given_login(args.username, args.password, username_options="--username (or -o oci.username=)")
-
-
 def without_credentials(texts: list[str]) -> list[str]:
     """The ``-o`` values with ``oci.username`` and ``oci.password`` taken out."""
     secret = ("oci.username", "oci.password")
@@ -444,7 +420,7 @@ def run_mount(args: argparse.Namespace) -> int:
     # From here the login lives in args.username/password alone, which go to the server
     # by its environment: nothing that keeps or shows the options can repeat it.
     args.options = without_credentials(args.options)
-    check_registry_arguments(args)
+    check_registry_arguments(args, username_options=USERNAME_OPTIONS)
     check_prefetch_options(args)
     argv, env = serve_command(args)
     tls = mount_tls_arguments(args)

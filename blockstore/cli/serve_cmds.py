@@ -29,7 +29,9 @@ from blockstore.cli.common import (
     add_prefetch_options,
     add_registry_options,
     add_tar_index_options,
+    check_image_arguments,
     check_prefetch_options,
+    check_registry_arguments,
     check_tar_index_options,
     keep_traces,
     open_image_from_args,
@@ -125,10 +127,13 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
         tcp = ("127.0.0.1", DEFAULT_PORT)
     tls = server_tls_from(args)
     traces = read_trace_file(args.trace_file) if args.trace_file is not None else []
+    check_image_arguments(args)
+    check_registry_arguments(args)
     check_tar_index_options(args)
     check_prefetch_options(args)
-    # The addresses are bound before the image opens: one in use fails the command
-    # before it makes a cache, or fetches a byte into one.
+    # The addresses are bound before the image opens, and after the arguments are
+    # checked: one in use fails the command before it makes a cache, or fetches a byte
+    # into one, but never hides a mistake in the arguments.
     server = NBDServer({}, tcp=tcp, unix=args.unix, tls=tls, idle_timeout=args.idle_timeout)
     image: OpenImage | None = None
     metrics = None

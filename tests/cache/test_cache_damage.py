@@ -188,7 +188,13 @@ def test_a_truncated_file_is_moved_aside_never_mapped(cache_dir):
 
     cut()
     result = run_cli(
-        "serve", "127.0.0.1:1/any/image:v1", "--offline", "--cache-dir", str(cache_dir)
+        "serve",
+        "127.0.0.1:1/any/image:v1",
+        "--offline",
+        "--cache-dir",
+        str(cache_dir),
+        "--listen",
+        "127.0.0.1:0",
     )
     assert result.returncode == 8, result.stdout + result.stderr
     assert "damaged" in result.stderr and "Traceback" not in result.stderr
@@ -507,7 +513,9 @@ def test_an_offline_record_that_says_other_than_its_manifest_is_damage(
         store.env.write(work)
     with pytest.raises(CacheError, match=f"the cached record of {reference} is damaged: its"):
         open_image(reference, cache_dir=cache_dir, offline=True).close()
-    served = run_cli("serve", reference, "--offline", "--cache-dir", str(cache_dir))
+    served = run_cli(
+        "serve", reference, "--offline", "--cache-dir", str(cache_dir), "--listen", "127.0.0.1:0"
+    )
     assert served.returncode == 8 and "is damaged" in served.stderr, served.stderr
     verified = run_cli("cache", "verify", "--cache-dir", str(cache_dir))
     assert verified.returncode == 6, verified.stdout + verified.stderr

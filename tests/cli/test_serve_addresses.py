@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -91,3 +93,39 @@ def test_a_relative_socket_path_is_printed_absolute(registry, pushed_images, tmp
         assert proc.wait(timeout=30) == 0
         proc.stdout.close()
         proc.stderr.close()
+
+
+@pytest.mark.parametrize(
+    "mistake",
+    [
+        ["alice:S3cr3t-pw@127.0.0.1:1/repo:tag"],
+        ["127.0.0.1:1/repo:tag", "--password", "pw"],
+        ["127.0.0.1:1/repo:tag", "--platform", "linux/"],
+        ["127.0.0.1:1/repo:tag", "--mirror", "http://bob:pw@127.0.0.1:2"],
+    ],
+    ids=["credentials-in-reference", "password-without-user", "bad-platform", "mirror-login"],
+)
+def test_a_mistake_in_the_arguments_is_said_before_the_address_is_taken(
+    tmp_path: Path, mistake: list[str]
+):
+    """Tried: ``serve`` with a mistake in its image or registry arguments (a reference
+    holding a login, a password with no user name, a malformed platform, a mirror address
+    holding a login), at an address another process listens on. Must hold: exit 2 with
+    the mistake in one line, the address neither taken nor named, no cache made. Before,
+    the addresses were bound first, so the same command said "cannot listen" (exit 1)
+    where the port was taken (the default port, held by any other server) and the
+    mistake only once it was free."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BLOCKSTORE_")}
+        argv = [*mistake, "--listen", f"127.0.0.1:{port}", "--cache-dir", str(tmp_path / "c")]
+        done = subprocess.run(
+            [sys.executable, "-m", "blockstore", "serve", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+    assert done.returncode == 2, done.stderr
+    assert "cannot listen" not in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+    assert not (tmp_path / "c").exists()

@@ -456,11 +456,13 @@ def test_a_first_command_naming_a_layer_the_image_lacks_leaves_no_cache(
     for an image the registry does not know. Before, the cache made to open the image
     stayed, with its LMDB files."""
     cache = tmp_path / "parent" / "cache"
+    where = ["--listen", "127.0.0.1:0"] if command == "serve" else []
     done = blockstore(
         command,
         pushed_images.small,
         "--insecure",
         *select,
+        *where,
         "--cache-dir",
         str(cache),
         timeout=60,

@@ -12,11 +12,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blockstore.cli import build_parser
-from blockstore.cli.common import check_tar_index_options, tar_indexes_from
-from blockstore.cli.mount_cmds import (
-    OciOptions,
+from blockstore.cli.common import (
     check_image_arguments,
     check_registry_arguments,
+    check_tar_index_options,
+    tar_indexes_from,
+)
+from blockstore.cli.mount_cmds import (
+    USERNAME_OPTIONS,
+    OciOptions,
     merge_options,
     parse_mount_options,
     serve_command,
@@ -256,14 +260,14 @@ def test_a_password_without_a_user_name_is_refused_with_the_fix(monkeypatch):
     alone = _mount_args("-o", "oci.password=pw")
     merge_options(alone, parse_mount_options(alone.options))
     with pytest.raises(UsageError, match=r"--username.*oci\.username"):
-        check_registry_arguments(alone)
+        check_registry_arguments(alone, username_options=USERNAME_OPTIONS)
     for argv in (
         ["-o", "oci.password=pw,oci.username=u"],
         ["--username", "u", "-o", "oci.password=pw"],
     ):
         args = _mount_args(*argv)
         merge_options(args, parse_mount_options(args.options))
-        check_registry_arguments(args)
+        check_registry_arguments(args, username_options=USERNAME_OPTIONS)
 
 
 def test_bad_reference_is_a_usage_error():
