@@ -37,7 +37,10 @@ TokenFetch = Callable[
 
 log = logging.getLogger(__name__)
 
-_PARAM = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*(?:,|$)')
+_PARAM = re.compile(r'([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))(?=[\s,]|$)')
+"""A ``name=value`` parameter, ending at a comma, as RFC 9110 parts them, or at a space
+alone, as some fronts write them (``Bearer realm="r" service="s"``): read leniently, the
+service is not lost."""
 _SCHEME = re.compile(r"([A-Za-z0-9!#$%&'*+.^_`|~-]+)(?=[\s,]|$)")
 """An auth scheme (an RFC 9110 token), ending where its parameters or the next begin."""
 _SEPARATORS = re.compile(r"[\s,]*")

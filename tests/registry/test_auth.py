@@ -719,6 +719,27 @@ def test_a_registry_offering_basic_beside_bearer_is_answered_with_a_token(
         assert read_whole(client, ref) == erofs_images.small.path.read_bytes()
 
 
+@pytest.mark.parametrize("before_it", ["", 'Basic realm="r" '])
+def test_a_challenge_whose_parameters_are_parted_by_spaces_alone_is_answered(
+    token_registry, token_image, erofs_images, fault_proxy, before_it
+):
+    """Tried: a front that rewrites the registry's challenge with its parameters parted
+    by a space and no comma (``Bearer realm="..." service="..."``, as some hand-written
+    fronts send it), alone or after a Basic one written so. Must hold: the image reads
+    with a token from the realm, asked for the service named (the issuer refuses any
+    other). Before, the parameters were not read: the pull failed as "a Bearer challenge
+    without a realm", or, after Basic, the login went as Basic and was refused."""
+    issuer = token_registry.issuer
+    proxy = fault_proxy(token_registry)
+    challenges = f'{before_it}Bearer realm="{issuer.realm}" service="{issuer.service}"'
+    proxy.fault = Fault("rewrite_headers", headers={"WWW-Authenticate": challenges})
+    ref = token_image.replace(token_registry.host, proxy.host)
+    before = issuer.tokens_issued
+    with RegistryClient(proxy.host, token_registry.options()) as client:
+        assert read_whole(client, ref) == erofs_images.small.path.read_bytes()
+    assert issuer.tokens_issued > before
+
+
 def test_a_challenge_asking_for_several_scopes_gets_a_token_for_each(
     token_registry, token_image, erofs_images, fault_proxy
 ):
