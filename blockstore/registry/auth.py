@@ -53,6 +53,10 @@ SPOKEN_SCHEMES = ("bearer", "basic")
 """The auth schemes this client answers, the one it prefers first."""
 DEFAULT_TOKEN_LIFETIME = 60.0
 """The distribution spec's lifetime for a token that does not state ``expires_in``."""
+MINIMUM_TOKEN_LIFETIME = 60.0
+"""The least lifetime a token is taken to have, as docker takes it (its
+``minimumTokenLifetimeSeconds``): an issuer stating a second would otherwise be asked
+again every few reads. A token that dies sooner is renewed on the registry's 401."""
 
 
 @dataclass(frozen=True)
@@ -100,16 +104,18 @@ def parse_challenges(value: str) -> list[Challenge]:
 
 
 def token_lifetime(expires_in: object) -> float:
-    """``expires_in`` in seconds; one that is absent, no number, past or endless (a JSON
-    integer past any float too) counts as unstated (``DEFAULT_TOKEN_LIFETIME``): the
-    token is still good."""
+    """``expires_in`` in seconds, ``MINIMUM_TOKEN_LIFETIME`` at least; one that is absent,
+    no number, past or endless (a JSON integer past any float too) counts as unstated
+    (``DEFAULT_TOKEN_LIFETIME``): the token is still good."""
     if isinstance(expires_in, bool) or not isinstance(expires_in, int | float | str):
         return DEFAULT_TOKEN_LIFETIME
     try:
         lifetime = float(expires_in)
     except (ValueError, OverflowError):
         return DEFAULT_TOKEN_LIFETIME
-    return lifetime if 0 < lifetime < float("inf") else DEFAULT_TOKEN_LIFETIME
+    if not 0 < lifetime < float("inf"):
+        return DEFAULT_TOKEN_LIFETIME
+    return max(lifetime, MINIMUM_TOKEN_LIFETIME)
 
 
 def basic_header(credentials: Credentials) -> str:
