@@ -18,6 +18,10 @@ import re
 from pathlib import Path
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+_URL_QUERY = re.compile(r"((?:[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#\"']*)?/[^\s?#\"']*)\?[^\s#\"']+")
+"""A URL's, or a request line's path's, query: ``/v2/app/blobs/sha256:..?X-Amz-Signature=..``."""
+_URL_USER = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s/?#@\"']*@")
+"""A URL's user part, ``user:password@``."""
 _TROUBLE = re.compile(
     rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \S+ (?:WARNING|ERROR|CRITICAL) ", re.MULTILINE
 )
@@ -44,6 +48,28 @@ def last_trouble(log: Path) -> str | None:
     return line.decode(errors="replace").strip() or None
 
 
+def without_url_secrets(text: str) -> str:
+    """``text`` with the query and the user part of each URL in it replaced by ``***``:
+    a storage URL a registry redirects to is signed in its query, and the signature
+    grants the blob to whoever reads it until it expires."""
+    return _URL_USER.sub(r"\1***@", _URL_QUERY.sub(r"\1?***", text))
+
+
+class _NoUrlSecrets(logging.Filter):
+    """Hides the secrets of URLs in every record a handler writes: urllib3's debug line
+    of each request names its URL whole, a signed storage URL's signature with it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            return True  # left to the handler, which reports a record it cannot format
+        hidden = without_url_secrets(message)
+        if hidden != message:
+            record.msg, record.args = hidden, None
+        return True
+
+
 class _ToAPerson(logging.Formatter):
     """``blockstore: warning: ...``, as the commands' own messages read."""
 
@@ -62,9 +88,8 @@ def setup_logging(verbosity: int, *, daemon: bool) -> None:
     level = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(
         max(-1, min(verbosity, 2)), logging.DEBUG
     )
-    if daemon or level < logging.WARNING:
-        logging.basicConfig(level=level, format=LOG_FORMAT)
-        return
     handler = logging.StreamHandler()
-    handler.setFormatter(_ToAPerson())
+    handler.addFilter(_NoUrlSecrets())
+    to_a_person = not daemon and level >= logging.WARNING
+    handler.setFormatter(_ToAPerson() if to_a_person else logging.Formatter(LOG_FORMAT))
     logging.basicConfig(level=level, handlers=[handler])

@@ -39,6 +39,7 @@ from blockstore.errors import (
     StorageRefused,
     UsageError,
 )
+from blockstore.logformat import without_url_secrets
 from blockstore.registry.credentials import Credentials, credentials_for
 from blockstore.registry.digests import check_digest
 from blockstore.registry.endpoint import Body, Endpoint, describe_failure
@@ -537,12 +538,13 @@ class RegistryClient:
         it (404 ``BLOB_UPLOAD_INVALID``) for an upload that took part of a body,
         whose URL's state no longer matches; that part stays until its purge."""
         deadline = Deadline(CANCEL_SECONDS, stall=CANCEL_SECONDS)
+        shown = without_url_secrets(location)  # its query may be signed
         try:
             with self._push_attempt("DELETE", repository, location, deadline) as reply:
                 if reply.status_code not in (200, 202, 204, 404):
-                    log.info("cancelling upload %s: HTTP %s", location, reply.status_code)
+                    log.info("cancelling upload %s: HTTP %s", shown, reply.status_code)
         except Exception as exc:  # best effort: logged
-            log.info("cancelling upload %s failed: %s", location, exc)
+            log.info("cancelling upload %s failed: %s", shown, exc)
 
     def put_manifest(
         self, repository: str, reference: str, raw: bytes, media_type: str

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from rig.fault_proxy import Fault
 from rig.pushed import push_erofs
 
-from blockstore.errors import InvalidReference
-from blockstore.registry import RegistryBlob, RegistryClient, resolve_image
+from blockstore.errors import InvalidReference, RegistryError
+from blockstore.registry import RegistryBlob, RegistryClient, RegistryOptions, resolve_image
+from blockstore.registry.digests import digest_of
 from blockstore.registry.reference import parse_reference
 
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
@@ -172,3 +175,47 @@ def test_a_password_without_a_user_name_is_told_the_ways_this_command_takes_one(
     assert "a registry password needs a user name: give --username" in line, line
     assert "$BLOCKSTORE_USERNAME" in line, line
     assert ("-o oci.username=" in line) == (command == "mount"), line
+
+
+SIGNATURE = "5ec2e75ea1ed5167a7e2e"
+SIGNED_QUERY = f"X-Amz-Credential=AKIDEXAMPLE%2Fus-east-1&X-Amz-Signature={SIGNATURE}"
+
+
+def test_a_signed_storage_url_shows_no_query_in_the_debug_log(
+    registry, fault_proxy, erofs_images, tmp_path
+):
+    """Tried: blob requests redirected to a signed storage URL (its credential and
+    signature in the query, as object storage signs them), ``prefetch`` with ``-vv``.
+    Must hold: the layer is sealed (exit 0), the requests to storage show in the debug
+    log, and neither the signature nor the credential in anything printed. Before,
+    urllib3's debug line of each request wrote the URL whole, query and all."""
+    ref = push_erofs(registry.host, "signed/img", "v1", [erofs_images.small.path])
+    storage = fault_proxy(registry, listen="127.0.0.2")
+    front = fault_proxy(registry)
+    front.fault = Fault(
+        "redirect", path_contains="/blobs/", redirect_to=f"{storage.url}?{SIGNED_QUERY}"
+    )
+    ref = ref.replace(registry.host, front.host)
+    done = run("-vv", "prefetch", ref, "--insecure", "--cache-dir", str(tmp_path / "c"))
+    assert done.returncode == 0, done.stderr
+    assert any(SIGNATURE in r.path for r in storage.requests), "storage was not asked"
+    assert f"{storage.host}" in done.stderr and "/blobs/sha256:" in done.stderr
+    text = done.stdout + done.stderr
+    assert SIGNATURE not in text and "AKIDEXAMPLE" not in text
+
+
+def test_a_cancelled_upload_is_logged_without_its_query(registry, fault_proxy, caplog):
+    """Tried: a blob upload whose PUT the registry refuses (400), and then the DELETE that
+    cancels it, through a front refusing every request to an upload's URL; the log at
+    info (``-v``). Must hold: the cancel's failure is logged, naming the upload's path
+    but not its query (the CNCF registry's signed ``_state``, which other registries
+    may make a storage URL's signature). Before, the whole URL was logged."""
+    front = fault_proxy(registry)
+    front.fault = Fault("status", status=400, path_contains="_state=")
+    data = b"a blob refused at its upload"
+    caplog.set_level(logging.INFO, logger="blockstore.registry")
+    options = RegistryOptions(insecure=True, timeout=5.0)
+    with RegistryClient(front.host, options) as client, pytest.raises(RegistryError):
+        client.upload_blob("cancel/app", digest_of(data), data)
+    assert "cancelling upload" in caplog.text and "/blobs/uploads/" in caplog.text
+    assert "_state" not in caplog.text

@@ -88,7 +88,8 @@ class Fault:
     short_range: the most bytes of a range asked that the reply holds (default 64 KiB);
     cut_request: request body bytes forwarded before both connections are cut."""
     redirect_to: str | None = None
-    """redirect: base URL of the other host; the path is kept."""
+    """redirect: base URL of the other host; the path is kept, and a query the URL
+    carries goes after it (a signed storage URL's)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -202,7 +203,8 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 self._reply(fault.status, fault.headers, body)
                 return
             if kind == "redirect":
-                location = fault.redirect_to.rstrip("/") + self.path
+                base, _, query = fault.redirect_to.partition("?")
+                location = base.rstrip("/") + self.path + (f"?{query}" if query else "")
                 self._reply(307, {"Location": location}, b"")
                 return
             if kind == "delay":
