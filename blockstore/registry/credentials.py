@@ -5,8 +5,10 @@ In order: the options (``--username``/``--password``), the environment
 files ``podman login`` and ``docker login`` write: ``$REGISTRY_AUTH_FILE``,
 ``$XDG_RUNTIME_DIR/containers/auth.json``, ``~/.config/containers/auth.json``,
 ``$DOCKER_CONFIG/config.json``, ``~/.docker/config.json``. Credential helpers
-(``credsStore``/``credHelpers``) are not run. An entry ``docker login`` wrote
-with an ``identitytoken`` (an OAuth2 refresh token) gives that token, which
+(``credsStore``/``credHelpers``) are not run; a file that leaves a registry's login
+to one gives none for it, as docker asks the helper there, never ``auths``: a login
+``auths`` still keeps beside it is stale. An entry ``docker login`` wrote with an
+``identitytoken`` (an OAuth2 refresh token) gives that token, which
 is exchanged at the token issuer, never sent as a password. A key may name a
 namespace or repository (``host/org``, as ``podman login host/org`` writes it): the
 most specific key that holds the repository is taken, as podman takes it.
@@ -143,22 +145,33 @@ def login_hint(host: str) -> str:
 
 def _helper_keeping(host: str) -> tuple[Path, str] | None:
     """The first auth file that leaves the login for ``host`` to a credential helper, and
-    the helper: the one ``credHelpers`` names for it, or ``credsStore`` where ``auths``
-    has an entry for it (``docker login`` leaves it empty)."""
-    names = _names_of(host)
+    the helper."""
     for path in auth_files():
         try:
             config = json.loads(path.read_text())
-            helpers = {_auth_key_host(k): v for k, v in (config.get("credHelpers") or {}).items()}
-            logged_in = any(_auth_key_host(key) in names for key in config.get("auths") or {})
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError):
             continue
-        helper = next((helpers[name] for name in names if name in helpers), None)
-        if helper is None and logged_in:
-            helper = config.get("credsStore")
-        if helper and isinstance(helper, str):
+        helper = _helper_in(config, host)
+        if helper:
             return path, helper
     return None
+
+
+def _helper_in(config: object, host: str) -> str | None:
+    """The credential helper the auth file ``config`` leaves ``host``'s login to: the one
+    ``credHelpers`` names for it, or ``credsStore`` where ``auths`` has an entry for it
+    (``docker login`` leaves it empty)."""
+    if not isinstance(config, dict):
+        return None
+    names = _names_of(host)
+    helpers, auths = config.get("credHelpers"), config.get("auths")
+    if isinstance(helpers, dict):
+        for key, helper in helpers.items():
+            if _auth_key_host(key) in names:
+                return helper if helper and isinstance(helper, str) else None
+    logged_in = isinstance(auths, dict) and any(_auth_key_host(key) in names for key in auths)
+    store = config.get("credsStore") if logged_in else None
+    return store if store and isinstance(store, str) else None
 
 
 def _lookup(
@@ -167,7 +180,10 @@ def _lookup(
     """The most specific login ``path`` keeps for ``repository`` of ``host``; only one of
     ``username``, when named, whichever key holds it (a namespace's login of another user
     does not hide that user's login for the whole registry)."""
-    auths = _auths_of(path)
+    config = _config_of(path)
+    if _helper_in(config, host):
+        return None  # docker asks the helper in place of auths: a login left there is stale
+    auths = _auths_of(config, path)
     held = [
         (key, entry)
         for key, entry in auths.items()
@@ -190,16 +206,26 @@ def _lookup(
     return None
 
 
-def _auths_of(path: Path) -> dict:
-    """The ``auths`` of the auth file ``path``: none where it is missing, or, with a
-    warning, where it is unreadable or its ``auths`` is not an object of logins."""
+def _config_of(path: Path) -> dict:
+    """The auth file ``path``: empty where it is missing, or, with a warning, where it is
+    unreadable or no JSON object."""
     try:
-        auths = json.loads(path.read_text()).get("auths") or {}
+        config = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError, AttributeError) as exc:
+    except (OSError, ValueError) as exc:
         log.warning("ignoring unreadable auth file %s: %s", path, type(exc).__name__)
         return {}
+    if not isinstance(config, dict):
+        log.warning("ignoring auth file %s: it is not a JSON object", path)
+        return {}
+    return config
+
+
+def _auths_of(config: dict, path: Path) -> dict:
+    """The ``auths`` of the auth file ``path`` (``config`` as read): none, with a warning,
+    where it is not an object of logins."""
+    auths = config.get("auths") or {}
     if not isinstance(auths, dict):
         log.warning("ignoring auth file %s: its auths is not an object", path)
         return {}

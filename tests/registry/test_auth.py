@@ -294,6 +294,31 @@ def test_a_login_kept_by_a_credential_helper_is_named_when_access_is_refused(
     assert (inspected.returncode, inspected.stderr) == (0, "")
 
 
+@pytest.mark.parametrize("kept", ["credsStore", "credHelpers"])
+def test_a_credential_helper_comes_before_the_login_auths_keeps_beside_it(
+    basic_auth_registry, basic_image, monkeypatch, tmp_path, kept
+):
+    """Tried: a ``docker login`` file whose ``auths`` holds a stale login for the
+    registry, and which also leaves the registry's login to a credential helper
+    (``credsStore``, or ``credHelpers`` naming the registry); nothing given on the
+    command line. Must hold: the helper comes first, as docker takes it, so the stale
+    login is not sent: the refusal (exit 4) says the login is kept by the helper,
+    which is not run. Before, the stale login was sent and refused, and the line said
+    to log in again, as the user had, through the helper."""
+    stale = "an-old-password-before-the-helper"
+    config_file = _stale_login_file(basic_auth_registry, stale, tmp_path, monkeypatch)
+    host = basic_auth_registry.host
+    helper = {"credsStore": "pass"} if kept == "credsStore" else {"credHelpers": {host: "pass"}}
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **helper}))
+    client = basic_auth_registry.client(username=None, password=None)
+    with client, pytest.raises(AuthError) as caught:
+        resolve_image(client, basic_image, None)
+    message = str(caught.value)
+    said = f"the login for {host} in {config_file} is kept by the credential helper "
+    assert said + "docker-credential-pass, which is not run" in message, message
+    assert caught.value.exit_code == 4 and "refused the user name" not in message
+
+
 def test_a_user_named_without_a_password_takes_only_that_users_login(
     basic_auth_registry, erofs_images, monkeypatch, tmp_path
 ):
