@@ -2,19 +2,29 @@
 
 The new content is written beside the file and renamed over it, the one
 step a reader can observe; a write that fails leaves nothing beside it.
+The file beside it is made new under a name no one can guess, never opened
+through a link: in a directory others may write (a pidfile in /tmp), a link
+put there beforehand would have the write land on the file it points to.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
+
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def replace_whole(path: Path, data: bytes, suffix: str) -> None:
-    """``data`` at ``path``, written first to its name plus ``suffix``; raises the
-    ``OSError`` of a write or rename that fails, with nothing left beside ``path``."""
-    partial = path.with_name(path.name + suffix)
+    """``data`` at ``path``, written first to its name plus ``suffix`` and a random
+    part; raises the ``OSError`` of a write or rename that fails, with nothing left
+    beside ``path``."""
+    partial = path.with_name(f"{path.name}{suffix}-{secrets.token_hex(8)}")
     try:
-        partial.write_bytes(data)
+        fd = os.open(partial, _NEW_FILE, 0o666)  # the umask decides, as for open()
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
         partial.replace(path)
     except OSError:
         partial.unlink(missing_ok=True)

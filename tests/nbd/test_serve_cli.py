@@ -132,6 +132,26 @@ def test_a_serve_that_fails_leaves_the_pidfile_of_the_one_running(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "pid-dir"]
 
 
+def test_a_pidfile_in_a_shared_directory_writes_through_no_link_put_beside_it(
+    registry, pushed_images, tmp_path
+):
+    """Tried: ``serve --pidfile`` in a directory all may write (as /tmp), where another
+    user put the names the pidfile is written under first (``serve.pid.tmp``) as links
+    to a file of root's. Must hold: the file of root's keeps its bytes, the pidfile names
+    the server. Before, the pid was written through the link, over the linked file."""
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o1777)
+    victim = tmp_path / "roots-file"
+    victim.write_bytes(b"root's own bytes\n")
+    pidfile = shared / "serve.pid"
+    (shared / "serve.pid.tmp").symlink_to(victim)
+    args = [pushed_images.small, "--insecure", "--cache-dir", str(tmp_path / "cache")]
+    with serving(*args, "--pidfile", str(pidfile), "--listen", "127.0.0.1:0") as (proc, _):
+        assert int(pidfile.read_text()) == proc.pid
+        assert stop(proc) == 0
+    assert victim.read_bytes() == b"root's own bytes\n"
+
+
 def test_a_server_whose_pidfile_another_took_over_leaves_it_at_exit(
     registry, pushed_images, tmp_path
 ):
