@@ -62,7 +62,7 @@ from .errors import (
     reason,
 )
 from .gate import Gate
-from .in_use import hold_in_use
+from .in_use import hold_in_use, make_cache_directory
 from .layout import (
     ALL_DBS,
     CHUNK_SIZE,
@@ -167,7 +167,7 @@ class CacheEnv:
         if path.exists() and not path.is_dir():
             raise CacheError(f"cannot open the cache at {path}: it is not a directory")
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            make_cache_directory(path)
             st = path.stat()
         except OSError as exc:
             raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc

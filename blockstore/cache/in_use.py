@@ -22,6 +22,13 @@ from .layout import LMDB_DATA_FILE, LMDB_LOCK_FILE
 log = logging.getLogger(__name__)
 
 
+def make_cache_directory(path: Path) -> None:
+    """``path`` made if missing, its owner's alone (0700; parents made as usual): the
+    cache holds every byte of the images it served, files they keep from other users
+    included, so no other user may read them from it."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
 def hold_in_use(path: Path, *, read_only: bool = False) -> int:
     """A shared ``flock`` on ``data.mdb``, held by every process with the cache open:
     compaction (``compact.py``) replaces the file only under the exclusive lock, so
@@ -39,7 +46,7 @@ def hold_in_use(path: Path, *, read_only: bool = False) -> int:
             if not read_only:
                 # Made here, in the loop: a failed first command may have removed it
                 # (``remove_if_unused``) while this waited for the old file's lock.
-                path.mkdir(parents=True, exist_ok=True)
+                make_cache_directory(path)
             fd = os.open(data, flags | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise open_failure(path, exc) from exc

@@ -7,6 +7,7 @@ import filecmp
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -174,6 +175,22 @@ def test_a_users_cache_holding_a_file_of_roots_is_read_by_the_user(registry, pus
             f"blockstore: the cache at {cache} is read-only here (data.mdb is root's and "
             "cannot be written by this user): nothing in it can be changed"
         ]
+
+
+def test_a_cache_root_makes_is_not_readable_by_other_users(registry, pushed_images):
+    """Tried: root's ``prefetch`` of an image into a cache directory it makes (under a
+    directory all may enter, as /var/cache), then user nobody reading its ``data.mdb``.
+    Must hold: the cache directory is root's alone (0700) and nobody reads no byte of
+    the image. Before, it was 0755 and ``data.mdb`` 0644: any user read every byte of
+    every cached image, files the image keeps 0600 (keys, /etc/shadow) included."""
+    with users_directory() as base:
+        cache = base / "var" / "cache"
+        prefetched(pushed_images.small, cache)
+        assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+        read = ["runuser", "-u", "nobody", "--", "cat", str(cache / "data.mdb")]
+        refused = subprocess.run(read, capture_output=True, timeout=60)
+        assert refused.returncode != 0 and refused.stdout == b""
+        assert b"Permission denied" in refused.stderr
 
 
 def test_root_writes_no_file_another_user_linked_into_a_cache(
