@@ -247,6 +247,11 @@ class LayerTree:
             hidden = name[len(WHITEOUT_PREFIX) :]
             if not hidden:
                 raise TarLayerError(f"tar entry {_show(entry.path)}: a whiteout with no name")
+            if hidden in (b".", b".."):  # kept, the kernel would list it as a second one
+                raise TarLayerError(
+                    f"tar entry {_show(entry.path)}: a whiteout of {_show(hidden)}, "
+                    "which is no entry of the directory"
+                )
             written = parent.children.get(hidden)
             if written is not None and not written.is_whiteout:
                 # This layer's own path stays; the lower one it already hides is gone.

@@ -223,6 +223,17 @@ def test_a_symlink_of_the_layer_on_a_path_is_written_through_within_the_layer():
     assert sorted(tree.root.children) == [b"etc", b"lib", b"usr"]
 
 
+@pytest.mark.parametrize("path", [b".wh..", b"a/.wh...", b"a/./.wh..."])
+def test_a_whiteout_of_dot_or_dot_dot_is_refused_by_name(path):
+    """Tried: a whiteout entry hiding ``.`` or ``..`` (``.wh..``, ``a/.wh...``), which
+    names no entry a lower layer could have. Must hold: refused in one TarLayerError
+    naming the entry. Before, the tree kept a whiteout named ``.`` or ``..``: the
+    kernel listed a second ``.`` in the root and a second ``..`` in ``a``, entries that
+    are no part of the tree."""
+    with pytest.raises(TarLayerError, match=f"tar entry {path.decode()!r}: a whiteout of '"):
+        build_tree([TarEntry(path=b"a", mode=DIR), TarEntry(path=path, mode=REG)])
+
+
 @pytest.mark.parametrize(
     ("entries", "message"),
     [
