@@ -117,11 +117,14 @@ def split_path(raw: bytes) -> list[bytes]:
     """Path components of a tar member name, or an error for unsafe names.
 
     ``./a//b/`` is ``a/b``; ``/a`` is ``a`` (tar strips leading slashes too);
-    ``..`` could point outside the layer, so it is refused. A whiteout's name is held
-    to 255 bytes after ``.wh.``: the name it hides is the one stored, and Docker and
-    containerd write ``.wh.`` before a name of 255 bytes all the same.
+    ``..`` could point outside the layer, so it is refused, as is a NUL byte. A
+    whiteout's name is held to 255 bytes after ``.wh.``: the name it hides is the one
+    stored, and Docker and containerd write ``.wh.`` before a name of 255 bytes all the
+    same.
     """
     parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
+    if b"\0" in raw:  # a PAX record can hold one; no path the kernel takes can
+        raise TarLayerError(f"tar entry {_show(raw)}: a NUL byte in a path is not allowed")
     if b".." in parts:
         raise TarLayerError(f"tar entry {_show(raw)}: '..' in a path is not allowed")
     for i, p in enumerate(parts):
@@ -327,6 +330,8 @@ def _inode_of(entry: TarEntry) -> Inode:
     elif kind == stat.S_IFLNK:
         if not entry.link:
             raise TarLayerError(f"tar entry {_show(entry.path)}: a symlink with no target")
+        if b"\0" in entry.link:  # followed, it would end at the NUL
+            raise TarLayerError(f"tar entry {_show(entry.path)}: a NUL byte in its target")
         node.target = entry.link
         node.size = len(entry.link)
         # Linux makes every symlink 0777 whatever the header says, as extraction shows.

@@ -223,6 +223,26 @@ def test_a_symlink_of_the_layer_on_a_path_is_written_through_within_the_layer():
     assert sorted(tree.root.children) == [b"etc", b"lib", b"usr"]
 
 
+@pytest.mark.parametrize(
+    "entry",
+    [
+        reg(b"a\0b", 512),
+        TarEntry(path=b"d\0x/f", mode=REG),
+        TarEntry(path=b"s", mode=LNK, link=b"a\0/etc"),
+        TarEntry(path=b"h", mode=REG, link=b"a\0b", hardlink=True),
+    ],
+)
+def test_a_nul_byte_in_a_name_or_link_target_is_refused_by_name(entry):
+    """Tried: a name, a directory on a path, a symlink target and a hard link target
+    holding a NUL byte (a PAX ``path`` or ``linkpath`` record can hold one; Go's tar
+    reader refuses it). Must hold: refused in one TarLayerError naming the entry.
+    Before, ``a\\0b`` was kept as a name no path can reach, which the kernel listed as
+    a second ``a`` beside the real one, and a target was cut short at its NUL when
+    followed."""
+    with pytest.raises(TarLayerError, match="a NUL byte"):
+        build_tree([reg(b"a", 0), entry])
+
+
 @pytest.mark.parametrize("path", [b".wh..", b"a/.wh...", b"a/./.wh..."])
 def test_a_whiteout_of_dot_or_dot_dot_is_refused_by_name(path):
     """Tried: a whiteout entry hiding ``.`` or ``..`` (``.wh..``, ``a/.wh...``), which
