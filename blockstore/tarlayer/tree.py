@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import stat
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from blockstore.errors import BlockstoreError
 
@@ -47,6 +47,11 @@ NAMES_WALKED = 4096
 entries through such chains took 14 ms an entry: a million of them, which gzip
 makes a few MB, hours.
 An entry's own path, within PATH_MAX as extraction needs, walks 2,048 names at most."""
+MAX_XATTR_BYTES = 256 << 20
+"""Bytes of distinct xattr names and values a layer may hold, each held once however
+many files carry it (a layer labels many files alike). Compressible values (64 KB of
+one letter) gzip to a few hundred bytes: without a bound, a layer of a few MB held
+GBs while indexed."""
 
 
 class TarLayerError(BlockstoreError):
@@ -146,6 +151,8 @@ class LayerTree:
         self.root = new_directory()
         self.root.implied = True  # until a ``./`` entry says what it is
         self._aufs_links: dict[bytes, Inode] = {}  # files of ``.wh..wh.plnk``, by name
+        self._xattr_data: dict[bytes, bytes] = {}  # each distinct xattr name and value
+        self._xattr_bytes = 0
 
     def lookup(self, parts: list[bytes]) -> Inode | None:
         node = self.root
@@ -229,8 +236,33 @@ class LayerTree:
         assert parent.children is not None
         return parent.children.get(parts[-1])
 
+    def _with_xattrs_held_once(self, entry: TarEntry) -> TarEntry:
+        """``entry`` with the xattr names and values earlier entries carried taken from
+        them, one copy each; refused once the distinct ones pass ``MAX_XATTR_BYTES``."""
+        if not entry.xattrs:
+            return entry
+        held = tuple(
+            (self._held_once(name, entry), self._held_once(value, entry))
+            for name, value in entry.xattrs
+        )
+        return replace(entry, xattrs=held)
+
+    def _held_once(self, data: bytes, entry: TarEntry) -> bytes:
+        kept = self._xattr_data.get(data)
+        if kept is not None:
+            return kept
+        self._xattr_bytes += len(data)
+        if self._xattr_bytes > MAX_XATTR_BYTES:
+            raise TarLayerError(
+                f"tar entry {_show(entry.path)}: the layer's xattrs pass "
+                f"{MAX_XATTR_BYTES >> 20} MiB of distinct names and values"
+            )
+        self._xattr_data[data] = data
+        return data
+
     def add(self, entry: TarEntry) -> None:
         """Apply one tar entry: later entries for a path replace earlier ones."""
+        entry = self._with_xattrs_held_once(entry)
         parts = split_path(entry.path)
         if not parts:
             if not stat.S_ISDIR(entry.mode) or entry.hardlink:
