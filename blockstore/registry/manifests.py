@@ -368,6 +368,8 @@ def config_platform(
         document = json.loads(config)
     except ValueError:
         raise RegistryError(f"{subject}: config {config_digest} is not JSON") from None
+    except RecursionError:
+        raise RegistryError(f"{subject}: config {config_digest} is nested too deeply") from None
     try:
         offered = Platform.from_descriptor(document if isinstance(document, dict) else {})
     except ValueError as exc:

@@ -824,6 +824,10 @@ def image_diff_ids(manifest: bytes, config_of: Callable[[str], bytes | None]) ->
         ids = json.loads(config)["rootfs"]["diff_ids"]
     except (ValueError, KeyError, TypeError):
         return None
+    except RecursionError:  # a config built to crash its reader: it lies
+        raise IntegrityError(
+            f"the image config {config_digest} is nested too deeply: refused"
+        ) from None
     if not isinstance(ids, list):
         return None
     for position, entry in enumerate(ids):

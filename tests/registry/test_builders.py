@@ -10,6 +10,7 @@ import gzip
 import io
 import json
 import subprocess
+import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -406,3 +407,41 @@ def test_an_entry_judged_past_a_match_that_cannot_be_read_costs_not_the_match(
         assert (resolved.manifest_digest, resolved.platform) == (v3, "linux/amd64/v3")
         with pytest.raises(RegistryError, match="names no os and architecture"):
             resolve_image(client, f"{registry.host}/{repository}:alone", "linux/amd64")
+
+
+def push_one_gzip_layer(registry, repository: str, config: bytes) -> str:
+    """A one-layer gzip image in ``repository`` with ``config`` as it is: its reference."""
+    blob = gzip.compress(one_file_tar("f.txt", b"layer\n"), mtime=0)
+    with registry.client() as client:
+        for data in (blob, config):
+            client.upload_blob(repository, digest_of(data), data)
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": digest_of(config), "size": len(config)},
+            "layers": [{"mediaType": OCI_TAR_GZIP, "digest": digest_of(blob), "size": len(blob)}],
+        }
+        client.put_manifest(repository, "v1", canonical_json(manifest), OCI_MANIFEST)
+    return f"{registry.host}/{repository}:v1"
+
+
+def test_a_config_nested_too_deeply_is_refused_in_one_line(registry, tmp_path: Path):
+    """Tried: a one-layer gzip image whose config (300 KB, its digest right) holds an
+    array nested 100,000 deep beside its platform and diff_ids, then ``inspect
+    --platform`` (which reads the config's platform) and ``prefetch`` (which reads its
+    diff_ids). Must hold: each refused in one line naming the config (exit 3, and 6 as
+    a config that lies), no traceback. Before, each died with a RecursionError
+    traceback (exit 1)."""
+    nested = b"[" * 100_000 + b"]" * 100_000
+    config = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},'
+    config += b'"x":' + nested + b"}"
+    ref = push_one_gzip_layer(registry, "builders/deep-config", config)
+    cli = [sys.executable, "-m", "blockstore"]
+    for command, code in (
+        (["inspect", ref, "--platform", "linux/amd64"], 3),
+        (["prefetch", ref, "--cache-dir", str(tmp_path / "c")], 6),
+    ):
+        done = subprocess.run([*cli, *command, "--insecure"], capture_output=True, text=True)
+        assert done.returncode == code, done.stderr
+        (line,) = done.stderr.splitlines()
+        assert f"config {digest_of(config)} is nested too deeply" in line, line
