@@ -286,7 +286,7 @@ class RegistryClient:
         raw, _ = self._pull_whole(repository, path, subject)
         try:
             tags = json.loads(raw).get("tags")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             raise RegistryError(f"{subject}: not a tag list") from None
         return [tag for tag in tags or [] if isinstance(tag, str) and is_tag(tag)][:limit]
 

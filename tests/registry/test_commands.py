@@ -135,6 +135,30 @@ def test_tags_a_registry_lists_are_shown_only_when_they_are_tags(
     assert "\x1b" not in shown.stderr and "forged" not in shown.stderr
 
 
+def test_a_tag_list_nested_too_deeply_costs_only_the_hint(registry, erofs_images, fault_proxy):
+    """Tried: a registry answering the tag list with an array nested 100,000 deep
+    (``{"tags": [[[...]]]}``, 200 KB), told a mistyped tag. Must hold: the one line
+    saying the tag is unknown (exit 3), with no tags named. Before, a RecursionError
+    traceback (exit 1)."""
+    pushed = blockstore(
+        "push", str(erofs_images.small.path), f"{registry.host}/cli/deep-tags:v1", "--insecure"
+    )
+    assert pushed.returncode == 0, pushed.stderr
+    proxy = fault_proxy(registry)
+    body = b'{"tags":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    proxy.fault = Fault(
+        "status",
+        status=200,
+        body=body,
+        headers={"Content-Type": "application/json"},
+        path_contains="/tags/list",
+    )
+    shown = blockstore("inspect", f"{proxy.host}/cli/deep-tags:v3", "--insecure")
+    assert shown.returncode == 3, shown.stderr
+    (line,) = shown.stderr.splitlines()
+    assert "cli/deep-tags" in line and "has tags" not in line, line
+
+
 def test_inspect_of_a_port_out_of_range_is_one_usage_line():
     """inspect 127.0.0.1:99999/x:y exits 2 with one line naming the port range,
     not a traceback from the HTTP layer."""
