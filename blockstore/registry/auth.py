@@ -24,6 +24,7 @@ import requests
 
 from blockstore.errors import AuthError, LoginRefused, RegistryUnreachable
 from blockstore.registry.credentials import Credentials, login_hint
+from blockstore.registry.replies import reply_json
 from blockstore.registry.retry import TryAgain
 from blockstore.registry.transport import url_host
 
@@ -372,7 +373,7 @@ class Authenticator:
                 status=reply.status_code,
             )
         try:
-            body = reply.json()
+            body = reply_json(reply)
             value = body.get("token") or body.get("access_token")
         except (ValueError, AttributeError):
             body, value = {}, None

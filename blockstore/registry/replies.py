@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import requests
 import urllib3
@@ -52,6 +53,16 @@ def body_within(reply: requests.Response, limit: int, seconds: float) -> tuple[b
     return body, ended
 
 
+def reply_json(reply: requests.Response) -> Any:
+    """The reply's body as JSON; ``ValueError`` for one that is not, one nested too
+    deeply included: past a thousand levels, 2 KB of brackets, Python's decoder raises
+    ``RecursionError``, which no caller took for a body that says nothing."""
+    try:
+        return reply.json()
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def registry_error(reply: requests.Response, subject: str) -> RegistryError:
     """The error for a reply that is not a success, in the registry's own words.
 
@@ -77,7 +88,7 @@ def oci_error(reply: requests.Response) -> tuple[str | None, str]:
     most ``ERROR_BODY_LIMIT`` bytes, read within ``ERROR_BODY_SECONDS``)."""
     capped_body(reply, ERROR_BODY_LIMIT, ERROR_BODY_SECONDS)
     try:
-        errors = reply.json().get("errors") or []
+        errors = reply_json(reply).get("errors") or []
     except (ValueError, AttributeError):
         return None, ""
     parts: list[str] = []

@@ -159,6 +159,21 @@ def test_a_tag_list_nested_too_deeply_costs_only_the_hint(registry, erofs_images
     assert "cli/deep-tags" in line and "has tags" not in line, line
 
 
+def test_an_error_body_nested_too_deeply_is_a_body_that_says_nothing(registry, fault_proxy):
+    """Tried: a registry refusing the manifest (404) with an error body of an array
+    nested 5,000 deep (``{"errors": [[[...]]]}``, 10 KB, within what is read of it).
+    Must hold: one line saying the image was not found (exit 3), in the status's
+    words. Before, a RecursionError traceback (exit 1): any refusal of a hostile
+    registry, or of a proxy before it, could end a command so."""
+    proxy = fault_proxy(registry)
+    body = b'{"errors":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    proxy.fault = Fault("status", status=404, body=body, path_contains="/manifests/")
+    shown = blockstore("inspect", f"{proxy.host}/cli/deep-error:v1", "--insecure")
+    assert shown.returncode == 3, shown.stderr
+    (line,) = shown.stderr.splitlines()
+    assert "not found (HTTP 404)" in line, line
+
+
 def test_inspect_of_a_port_out_of_range_is_one_usage_line():
     """inspect 127.0.0.1:99999/x:y exits 2 with one line naming the port range,
     not a traceback from the HTTP layer."""
