@@ -30,9 +30,9 @@ def cannot_write(path: Path) -> str | None:
     """Why this process cannot, or must not, write the existing cache at ``path``, or
     None if it may: a read-only file system (a read-only bind mount, a volume or image
     layer shipped pre-warmed); a directory or LMDB file of another user's (one root
-    made in a user's own cache); or, for root, a directory another user can write
-    (``_root_must_not_write``). Such a cache is opened read-only."""
-    if why := _root_must_not_write(path):  # even with no cache there yet
+    made in a user's own cache); or a directory another user can write
+    (``_others_could_link_here``). Such a cache is opened read-only."""
+    if why := _others_could_link_here(path):  # even with no cache there yet
         return why
     data = path / LMDB_DATA_FILE
     if not data.is_file():
@@ -58,16 +58,23 @@ def _refuses_writes(data: Path) -> bool:
     return False
 
 
-def _root_must_not_write(path: Path) -> str | None:
-    """Why root must not write the cache directory ``path``, or None.
+def _others_could_link_here(path: Path) -> str | None:
+    """Why this user must not write the cache directory ``path``, or None.
 
     LMDB opens ``data.mdb`` and ``lock.mdb`` by name, following links, and writes its
     lock file's header through a map: in a directory another user can write, that
-    user could put a link to any file of root's there, and root would write over it.
+    user could put a link to any file of this user's there, to be written over. Root
+    writes no directory another user owns or can write; any other user, none every
+    user can write (its own group-writable ones are a team's, or its umask's).
     """
-    if os.geteuid() != 0:
-        return None
     st = path.stat()
+    if os.geteuid() != 0:
+        if not st.st_mode & 0o002:
+            return None
+        return (
+            "its directory is writable by other users, and no cache is written where "
+            "another user could link a file of this user's"
+        )
     if st.st_uid != 0:
         whose = f"its directory is {_owner(path)}'s"
     elif st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != 0):

@@ -177,6 +177,38 @@ def test_a_users_cache_holding_a_file_of_roots_is_read_by_the_user(registry, pus
         ]
 
 
+def test_a_user_writes_no_file_another_linked_into_a_cache_all_may_write(registry, pushed_images):
+    """Tried: user nobody's ``prefetch`` into a cache directory every user may write (as
+    one made in /tmp by someone else), where another user put ``lock.mdb`` and
+    ``data.mdb`` as links to files of nobody's (one holding bytes, one empty); then the
+    same directory empty. Must hold: each refused in one line (exit 8), the second
+    saying the directory is writable by other users; both files untouched. Before,
+    nobody's prefetch wrote LMDB's lock header and the cache's pages over them: root
+    alone was kept from writing such a cache."""
+    with users_directory() as base:
+        cache = base / "cache"
+        cache.mkdir()
+        cache.chmod(0o777)
+        victims = {"lock.mdb": b"nobody's own bytes\n", "data.mdb": b""}
+        for name, content in victims.items():
+            victim = base / f"nobodys-{name}"
+            victim.write_bytes(content)
+            shutil.chown(victim, "nobody")
+            (cache / name).symlink_to(victim)
+        prefetch = ["prefetch", pushed_images.small, "--insecure", "--cache-dir", str(cache)]
+        refused = as_nobody(*prefetch)
+        assert refused.returncode == 8, refused.stderr
+        (line,) = refused.stderr.splitlines()
+        assert "lock.mdb is not a regular file" in line, line
+        for name, content in victims.items():
+            assert (base / f"nobodys-{name}").read_bytes() == content
+            (cache / name).unlink()
+        refused = as_nobody(*prefetch)
+        assert refused.returncode == 8, refused.stderr
+        (line,) = refused.stderr.splitlines()
+        assert "its directory is writable by other users, and no cache is written" in line
+
+
 def test_a_cache_root_makes_is_not_readable_by_other_users(registry, pushed_images):
     """Tried: root's ``prefetch`` of an image into a cache directory it makes (under a
     directory all may enter, as /var/cache), then user nobody reading its ``data.mdb``.
