@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 from pathlib import Path
 
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_PLAIN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def replace_whole(path: Path, data: bytes, suffix: str) -> None:
@@ -29,3 +31,16 @@ def replace_whole(path: Path, data: bytes, suffix: str) -> None:
     except OSError:
         partial.unlink(missing_ok=True)
         raise
+
+
+def read_plain_file(path: Path, limit: int) -> bytes:
+    """The first ``limit`` bytes of the regular file at ``path``; ``OSError`` for a link,
+    a FIFO or a device put in its place (in a directory others may write), opened
+    without following or waiting on it."""
+    fd = os.open(path, _PLAIN_FILE)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)

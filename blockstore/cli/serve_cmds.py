@@ -45,6 +45,7 @@ from blockstore.cli.common import (
 from blockstore.cli.tls_options import add_tls_options, exposure_warnings, server_tls_from
 from blockstore.errors import BlockstoreError
 from blockstore.metrics import MetricsServer
+from blockstore.wholefile import read_plain_file
 from nbdfront.mount.readiness import ReadinessPipe
 from nbdfront.server import DEFAULT_PORT, NBDServer, is_wildcard, netloc
 from nbdfront.tls import dates_warning
@@ -267,9 +268,10 @@ def _quote_path(text: str, safe: str, encoding: str | None, errors: str | None) 
 
 def _remove_pidfile(path: Path) -> None:
     """Remove the pidfile this server wrote, if it still names this server: another
-    server given the same pidfile since names itself there, and keeps it."""
+    server given the same pidfile since names itself there, and keeps it; so does a
+    link, FIFO or device another user put in its place."""
     with contextlib.suppress(OSError, ValueError):
-        if int(path.read_text()) == os.getpid():
+        if int(read_plain_file(path, 64)) == os.getpid():
             path.unlink()
 
 

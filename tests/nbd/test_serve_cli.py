@@ -152,6 +152,33 @@ def test_a_pidfile_in_a_shared_directory_writes_through_no_link_put_beside_it(
     assert victim.read_bytes() == b"root's own bytes\n"
 
 
+def test_a_pidfile_swapped_for_a_fifo_or_a_link_does_not_hold_the_server_at_exit(
+    registry, pushed_images, tmp_path
+):
+    """Tried: ``serve --pidfile`` in a directory all may write without the sticky bit,
+    where, while it serves, another user puts a FIFO in the pidfile's place; then the
+    same with a link to a file of root's that names the server's pid. Must hold: SIGTERM
+    ends the server at once (exit 0), the FIFO and the linked file are left as they
+    are. Before, the server, checking that the pidfile still named it, opened the FIFO
+    and waited for a writer for good."""
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    pidfile = shared / "serve.pid"
+    args = [pushed_images.small, "--insecure", "--cache-dir", str(tmp_path / "cache")]
+    for swap in ("fifo", "link"):
+        with serving(*args, "--pidfile", str(pidfile), "--listen", "127.0.0.1:0") as (proc, _):
+            pidfile.unlink()
+            if swap == "fifo":
+                os.mkfifo(pidfile)
+            else:
+                victim = tmp_path / "roots-file"
+                victim.write_text(f"{proc.pid}\n")
+                pidfile.symlink_to(victim)
+            assert stop(proc) == 0
+        assert pidfile.is_fifo() if swap == "fifo" else victim.read_text() == f"{proc.pid}\n"
+        pidfile.unlink()
+
+
 def test_a_server_whose_pidfile_another_took_over_leaves_it_at_exit(
     registry, pushed_images, tmp_path
 ):
