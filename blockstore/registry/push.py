@@ -338,7 +338,7 @@ def _same_platform(
         raw, _ = fetch_manifest(client, repository, entry["digest"])
         try:
             document = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             return False  # no image: left as it is
         config = document.get("config") if isinstance(document, dict) else None
         if not isinstance(config, dict) or config.get("mediaType") not in IMAGE_CONFIG_TYPES:

@@ -514,6 +514,33 @@ def test_replacing_a_platform_drops_the_attestation_of_the_manifest_replaced(
         assert listed() == {new, arm, arm_attestation}
 
 
+def test_add_to_index_leaves_an_entry_nested_too_deeply_as_it_is(fresh_registry, erofs_images):
+    """Tried: a tag holding an index that lists, without a ``platform``, a manifest
+    holding beside its fields an array nested 5,000 deep (the registry stores it), then
+    a linux/amd64 push with add_to_index. Must hold: the push succeeds; that entry is
+    left as it is, as one that is not JSON is, and the new image is listed after it.
+    Before, the push died with a RecursionError traceback."""
+    repository = "push/deep-entry"
+    with fresh_registry.client() as client:
+        old = push_image(client, repository, "old", [erofs_images.small.path])
+        document = json.loads(client.get_manifest(repository, old).raw)
+        raw = canonical_json(document)[:-1] + b',"x":' + b"[" * 5000 + b"]" * 5000 + b"}"
+        client.put_manifest(repository, "deep", raw, OCI_MANIFEST)
+        entry = {"mediaType": OCI_MANIFEST, "digest": digest_of(raw), "size": len(raw)}
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}
+        client.put_manifest(repository, "v1", canonical_json(index), OCI_INDEX)
+        new = push_image(
+            client,
+            repository,
+            "v1",
+            [erofs_images.large.path],
+            platform="linux/amd64",
+            add_to_index=True,
+        )
+        listed = json.loads(client.get_manifest(repository, "v1").raw)["manifests"]
+    assert [e["digest"] for e in listed] == [digest_of(raw), new]
+
+
 def test_add_to_index_replaces_an_entry_whose_config_names_the_platform(
     fresh_registry, erofs_images
 ):
