@@ -57,13 +57,17 @@ class OciOptions:
     insecure: bool | None = None
     tarindex: Path | None = None
     zinfo: Path | None = None
+    suid: bool | None = None  # mount(8)'s suid and nosuid
+    dev: bool | None = None  # mount(8)'s dev and nodev
 
 
 def parse_mount_options(texts: list[str]) -> OciOptions:
     """Parse ``-o`` values (each comma-separated, ``-o`` repeatable) into ``OciOptions``.
 
-    ``ro`` is accepted and changes nothing (every mount is read-only); ``rw``
-    and anything unknown are refused, so a typo never passes silently.
+    ``ro`` is accepted and changes nothing (every mount is read-only); ``suid``,
+    ``dev`` and their ``no`` forms are taken as mount(8) takes them, the last one
+    given winning; ``rw`` and anything unknown are refused, so a typo never passes
+    silently.
     """
     # Here and below imported where needed: the registry loads requests, which `mounts` need not.
     from blockstore.registry import normalize_digest
@@ -99,6 +103,8 @@ def parse_mount_options(texts: list[str]) -> OciOptions:
                 parsed.insecure = _flag(key, value if has_value else "1")
             elif key == "ro" and not has_value:
                 continue
+            elif key in ("suid", "nosuid", "dev", "nodev") and not has_value:
+                setattr(parsed, key.removeprefix("no"), not key.startswith("no"))
             elif key == "rw" and not has_value:
                 raise UsageError("blockstore mounts are read-only: -o rw is not possible")
             elif after_password:
@@ -459,6 +465,8 @@ def run_mount(args: argparse.Namespace) -> int:
             describe=describe,
             warn=warn if args.quiet <= 0 else None,
             tls=bool(tls),
+            suid=bool(args.suid),
+            dev=bool(args.dev),
         )
     except MountError as exc:
         if NotCached.said not in str(exc):
@@ -624,8 +632,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="OPTIONS",
         help="comma-separated: oci.layer=N (or oci=N), oci.blob=DIGEST, oci.platform=OS/ARCH, "
-        "oci.username=U, oci.password=P, oci.insecure, oci.tarindex=PATH, oci.zinfo=PATH, ro",
+        "oci.username=U, oci.password=P, oci.insecure, oci.tarindex=PATH, oci.zinfo=PATH, ro, "
+        "suid and dev (the image's setuid bits and device files honoured; nosuid and nodev, "
+        "the default, otherwise)",
     )
+    mount.set_defaults(suid=None, dev=None)  # set by -o alone
     add_tls_options(mount, offer_verify_peer=False)
     mount.set_defaults(func=run_mount)
 

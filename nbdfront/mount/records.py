@@ -238,6 +238,8 @@ class MountRecord:
     top_device: str | None = None
     mount_seconds: float | None = None
     metrics: str | None = None  # the server's metrics URL (``mount --metrics``)
+    suid: bool = False  # the image's setuid bits honoured (``-o suid``)
+    dev: bool = False  # the image's device files opened (``-o dev``)
     info: dict = field(default_factory=dict)
 
     @property

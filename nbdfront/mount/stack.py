@@ -201,9 +201,12 @@ def mount(
     describe: Describe | None = None,
     warn: Callable[[str], None] | None = None,
     tls: bool = False,
+    suid: bool = False,
+    dev: bool = False,
 ) -> MountRecord:
     """Start ``server_argv`` (it gets ``--unix SOCK --pidfile PID --ready-fd N`` appended)
-    and mount its exports. ``tls``: ``server_argv`` makes it speak TLS.
+    and mount its exports. ``tls``: ``server_argv`` makes it speak TLS. ``suid``,
+    ``dev``: honour the image's setuid bits, open its device files (see ``_flags``).
 
     ``warn`` is given each warning the server logged before it was ready.
     Returns the saved record once ``mountpoint`` shows the image's tree.
@@ -222,6 +225,8 @@ def mount(
         log=str(log),
         socket=str(socket),
         mounter=ProcessRef.of(os.getpid()),
+        suid=suid,
+        dev=dev,
     )
     # Held (shared) for the whole mount, registry waits included: a failure anywhere in
     # it removes what it made of the run directory, as of the rest. Only that removal
@@ -398,14 +403,14 @@ def _mount_layers(
     devices = [a.device for a in record.attachments]
     log = Path(record.log)
     if len(devices) == 1 and alone:
-        _mount_erofs(devices[0], record.mountpoint, log, shown)
+        _mount_erofs(devices[0], record.mountpoint, log, shown, _flags(record))
         record.mounted = True
         record.top_device = syscall.mounts_at(record.mountpoint)[0].device
         return
     for attachment in record.attachments:
         lower = Path(record.state_dir) / f"layer-{attachment.export}"
         lower.mkdir(exist_ok=True)
-        _mount_erofs(attachment.device, str(lower), log, shown)
+        _mount_erofs(attachment.device, str(lower), log, shown, _flags(record))
         record.lowers.append(str(lower))
         records.save(record)
         check()
@@ -423,7 +428,8 @@ def _mount_layers(
     lowerdir = ":".join(os.path.relpath(p, record.state_dir) for p in reversed(visible))
     try:
         with _working_directory(record.state_dir):
-            syscall.mount("overlay", record.mountpoint, "overlay", f"lowerdir={lowerdir}")
+            options = f"lowerdir={lowerdir}"
+            syscall.mount("overlay", record.mountpoint, "overlay", options, _flags(record))
     except MountError as exc:
         if len(devices) > 1:
             raise
@@ -487,12 +493,19 @@ def _visible(lowers: list[str]) -> list[str]:
     return lowers[start:]
 
 
-def _mount_erofs(device: str, target: str, log: Path, shown: set[str]) -> None:
+def _flags(record: MountRecord) -> int:
+    """``nosuid`` and ``nodev`` unless asked otherwise, as mount(8) makes a user's
+    mounts: the image is whatever its pusher made it, and a setuid-root shell or a
+    device file of its own would serve any local user who can reach the mount point."""
+    return (0 if record.suid else syscall.MS_NOSUID) | (0 if record.dev else syscall.MS_NODEV)
+
+
+def _mount_erofs(device: str, target: str, log: Path, shown: set[str], flags: int) -> None:
     """``mount -t erofs``; its error says what the server's log holds of the cause (the
     kernel says only EINVAL or EIO: a read the registry failed, bytes that are no EROFS
     image), unless the user was shown it already (``shown``)."""
     try:
-        syscall.mount(device, target, "erofs")
+        syscall.mount(device, target, "erofs", flags=flags)
     except MountError as exc:
         message = str(exc)
         if "Invalid argument" in message:

@@ -20,6 +20,8 @@ from blockstore.errors import MissingDependency, MountError, MountpointBusy, Not
 from blockstore.openers import processes_using
 
 MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
 MNT_DETACH = 2
 BUSY_PATIENCE = 1.0
 BUSY_RETRY = 0.05
@@ -39,13 +41,14 @@ def _fail(what: str, err: int) -> MountError:
     return MountError(message)
 
 
-def mount(source: str, target: str, fstype: str, options: str = "") -> None:
-    """Mount ``source`` read-only at ``target`` as ``fstype`` with ``options``."""
+def mount(source: str, target: str, fstype: str, options: str = "", flags: int = 0) -> None:
+    """Mount ``source`` read-only at ``target`` as ``fstype`` with ``options`` and
+    ``flags`` (``MS_NOSUID``, ``MS_NODEV``) beside ``MS_RDONLY``."""
     rc = _libc.mount(
         os.fsencode(source),
         os.fsencode(target),
         fstype.encode(),
-        ctypes.c_ulong(MS_RDONLY),
+        ctypes.c_ulong(MS_RDONLY | flags),
         options.encode() if options else None,
     )
     if rc != 0:

@@ -764,3 +764,41 @@ def test_cache_rm_of_a_prefetched_tar_gz_image_takes_its_record_and_its_tar(tmp_
         timeout=60,
     )
     assert serve.returncode == 9, serve.stderr
+
+
+def setuid_root_id_tar() -> bytes:
+    """A tar of ``id``, setuid root (what a hostile image would hold as a root shell)."""
+    path, out = shutil.which("id"), io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        member = tar.gettarinfo(path, "id")
+        member.mode, member.uid, member.gid, member.uname, member.gname = 0o4755, 0, 0, "", ""
+        with open(path, "rb") as binary:
+            tar.addfile(member, binary)
+    return out.getvalue()
+
+
+def test_a_setuid_binary_of_the_image_gives_other_users_nothing(tmp_path, registry, run_dir):
+    """Tried: an image holding ``id`` setuid root, mounted where every user may reach it,
+    run by user nobody; then mounted again with ``-o suid``. Must hold: nobody's ``id``
+    runs as nobody (the mount is nosuid and nodev, as mount(8) makes a user's mounts);
+    with ``-o suid`` asked for, as root, it runs as root. Before, every mount honoured
+    the image's setuid bits and device files: any local user who could reach the mount
+    point ran what the image held as root."""
+    if subprocess.run(["runuser", "-u", "nobody", "--", "true"]).returncode != 0:
+        pytest.skip("cannot run as user nobody")
+    ref = push_tar_layer(registry, "o/setuid", "v1", "gzip", setuid_root_id_tar(), tmp_path)
+    base = Path(tempfile.mkdtemp(prefix="bs-setuid-"))
+    try:
+        base.chmod(0o755)
+        mnt = base / "mnt"
+        mnt.mkdir()
+        cache = ["--insecure", "--cache-dir", str(tmp_path / "cache")]
+        for options, euid in ([], "65534"), (["-o", "suid"], "0"):
+            cli("mount", *cache, *options, ref, str(mnt))
+            try:
+                ran = ["runuser", "-u", "nobody", "--", str(mnt / "id"), "-u"]
+                assert subprocess.run(ran, capture_output=True, text=True).stdout == f"{euid}\n"
+            finally:
+                cli("umount", str(mnt))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
