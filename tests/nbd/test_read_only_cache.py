@@ -376,8 +376,16 @@ def test_a_damaged_read_only_cache_is_reported_by_verify_and_left(
         assert f"the cache file was damaged and left as it is: the cache at {ro} is damaged" in (
             verified.stdout
         )
-        served = blockstore("serve", pushed_images.small, "--offline", "--cache-dir", str(ro))
-        assert served.returncode == 8
+        served = blockstore(
+            "serve",
+            pushed_images.small,
+            "--offline",
+            "--cache-dir",
+            str(ro),
+            "--listen",
+            "127.0.0.1:0",
+        )
+        assert served.returncode == 8, served.stderr
         (line,) = served.stderr.splitlines()
         assert f"the cache at {ro} is damaged" in line, line
     assert contents(cache) == before
