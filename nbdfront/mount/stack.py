@@ -908,6 +908,15 @@ def _hidden_by(mountpoint: str, above: str) -> str:
     )
 
 
+def _recorded_inside(mountpoint: str) -> list[MountRecord]:
+    """The recorded mounts in the tree of the mount at ``mountpoint``, the outermost
+    first: a lazy unmount of it would take them down with it, leaving their servers
+    running for mounts no longer there, and a plain one is refused by the kernel."""
+    inside = set(syscall.mounted_in_tree(mountpoint))
+    found = [r for r in records.saved() if r.mountpoint in inside]
+    return sorted(found, key=lambda r: len(r.mountpoint))
+
+
 def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
     """Undo every step the record lists, top first; raises if the file system is busy.
 
@@ -925,6 +934,12 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
     top = where == "top"
     if top and (above := syscall.hidden_by(record.mountpoint)) is not None:
         raise MountpointBusy(_hidden_by(record.mountpoint, above))
+    if top and (inside := _recorded_inside(record.mountpoint)):
+        raise MountpointBusy(
+            f"{printable(record.mountpoint)} is busy: blockstore mounted {inside[0].image} at "
+            f"{printable(inside[0].mountpoint)}, inside it: "
+            f"`{umount_command(inside[0].mountpoint)}` first"
+        )
     if top and not lazy:
         users = syscall.users_of(_mount_points(record))
         if users:

@@ -301,6 +301,28 @@ def hidden_by(point: str) -> str | None:
     return None
 
 
+def mounted_in_tree(point: str) -> list[str]:
+    """The mount points of the mounts in the tree of the mount on top at ``point`` (as
+    mountinfo writes it), not that one itself: those a lazy unmount of it takes down
+    with it. By the mounts each is mounted on, not by path: a mount that one over a
+    directory above it hides has a path inside ``point`` but is not in its tree."""
+    everything = _mounts()
+    here = _top_first([m for m in everything if m.point == point])
+    if not here:
+        return []
+    by_id = {m.mount_id: m for m in everything}
+    found = []
+    for m in everything:
+        parent, seen = by_id.get(m.parent_id), {m.mount_id}
+        while parent is not None and parent.mount_id not in seen:
+            if parent.mount_id == here[0].mount_id:
+                found.append(m.point)
+                break
+            seen.add(parent.mount_id)
+            parent = by_id.get(parent.parent_id)
+    return found
+
+
 def points_of(device: str) -> list[str]:
     """Where the file system with ``device`` (major:minor) is mounted."""
     return [m.point for m in _mounts() if m.device == device]

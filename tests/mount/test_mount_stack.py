@@ -659,6 +659,45 @@ def test_umount_of_a_mount_hidden_by_one_over_a_directory_above_is_refused_and_c
     assert_nothing_left(record, run)
 
 
+@pytest.mark.parametrize("lazy", [[], ["--lazy"]])
+def test_umount_of_a_mount_with_another_image_inside_names_that_one_and_changes_nothing(
+    mount_dirs, erofs_images, local_server, tmp_path, lazy
+):
+    """Tried: an image mounted at ``outer``, another at ``outer/a`` (a directory of the
+    first image's tree), then ``umount`` and ``umount --lazy`` of ``outer``. Must hold:
+    each is refused (exit 13) before anything is undone, in one line naming the image
+    inside and the ``blockstore umount`` that undoes it first; both mounts and servers
+    stay, and ``mounts`` lists both ok; once the inner one is undone, ``umount outer``
+    leaves nothing. Before, ``--lazy`` detached both: the inner image was then listed as
+    "not mounted" while its server ran on, and the plain one named only the path."""
+    _, run = mount_dirs
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    inner = outer / "a"
+    small = erofs_images.small.path
+    outer_record = stack.mount(local_server({"layer0": small}), str(outer), image="outer")
+    inner_record = stack.mount(local_server({"layer0": small}), str(inner), image="inner")
+    busy = cli("umount", *lazy, str(outer))
+    assert busy.returncode == MountpointBusy.exit_code, busy.stderr
+    assert busy.stderr.splitlines() == [
+        f"blockstore: {outer} is busy: blockstore mounted inner at {inner}, inside it: "
+        f"`blockstore umount {inner}` first"
+    ]
+    for record in (outer_record, inner_record):
+        assert record.server is not None and record.server.alive()
+        assert syscall.is_mounted(record.mountpoint)
+    listed = json.loads(cli("mounts", "--json").stdout)
+    assert [(row["mountpoint"], row["state"]) for row in listed] == [
+        (str(outer), "ok"),
+        (str(inner), "ok"),
+    ]
+    for record in (inner_record, outer_record):
+        done = cli("umount", *lazy, record.mountpoint)
+        assert done.returncode == 0, done.stderr
+    assert_nothing_left(outer_record, run)
+    assert_nothing_left(inner_record, run)
+
+
 def test_a_stale_record_naming_the_same_device_does_not_hide_the_mount(
     mount_dirs, mountpoint, erofs_images, local_server, tmp_path
 ):
