@@ -547,6 +547,7 @@ def run_mounts(args: argparse.Namespace) -> int:
                 "served": served_layers(record) if st.recorded else "?",
                 "via": record.method or None,
                 "state": st.state,
+                "hidden_by": st.hidden_by,
                 "server_pid": record.server.pid if record.server else None,
                 "metrics": record.metrics,
                 "cached": cached_fractions(record),
@@ -580,11 +581,23 @@ def run_mounts(args: argparse.Namespace) -> int:
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
-    dead = [row["mountpoint"] for row in rows if row["state"] not in ("ok", "mounting")]
-    for mountpoint in dead:
-        command = f"`{stack.umount_command(mountpoint)}`"
-        print(f"blockstore: {stack.printable(mountpoint)}: {command} cleans it up", file=sys.stderr)
+    for row in rows:
+        print_what_to_do(row)
     return 0
+
+
+def print_what_to_do(row: dict) -> None:
+    """One line on stderr for a mount listed as neither ok nor mounting: what frees a
+    hidden one (unmounting what hides it), or the ``blockstore umount`` that cleans up a
+    broken one."""
+    mountpoint = row["mountpoint"]
+    if row["hidden_by"] is not None:
+        said = stack.hidden_by_message(mountpoint, row["hidden_by"])
+    elif row["state"] not in ("ok", "mounting"):
+        said = f"{stack.printable(mountpoint)}: `{stack.umount_command(mountpoint)}` cleans it up"
+    else:
+        return
+    print(f"blockstore: {said}", file=sys.stderr)
 
 
 def _mountpoint(text: str) -> str:

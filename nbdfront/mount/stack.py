@@ -530,17 +530,22 @@ class MountStatus:
     recorded: bool = True
     """False: the record is gone and ``record`` was read back from what the kernel shows
     (``_unrecorded``), which names no image, layers or attach method."""
+    hidden_by: str | None = None
+    """Where the mount over a directory above it is, which hides its tree (None: none)."""
 
     @property
     def state(self) -> str:
         """``ok``, ``mounting``, or what broke: a user reads it to decide to unmount and
-        mount again."""
+        mount again. A hidden mount is said so first: nothing else can be done to it
+        until the mount that hides it is gone."""
         if not self.recorded:
             return "record gone"
         if self.record.mounting:
             return "mounting"
         if not self.mounted:
             return "not mounted"
+        if self.hidden_by is not None:
+            return "hidden"
         if self.record.server is not None and not self.server_alive:
             return "server dead"
         if not self.attached:
@@ -549,12 +554,14 @@ class MountStatus:
 
 
 def status(record: MountRecord, *, recorded: bool = True) -> MountStatus:
+    mounted = syscall.is_mounted(record.mountpoint)
     return MountStatus(
         record,
-        mounted=syscall.is_mounted(record.mountpoint),
+        mounted=mounted,
         server_alive=record.server is not None and record.server.alive(),
         attached=all(a.process is None or a.process.alive() for a in record.attachments),
         recorded=recorded,
+        hidden_by=syscall.hidden_by(record.mountpoint) if mounted else None,
     )
 
 
@@ -892,9 +899,9 @@ def _cwd_device(pid: int) -> int | None:
         return None
 
 
-def _hidden_by(mountpoint: str, above: str) -> str:
-    """Why the mount at ``mountpoint`` cannot be unmounted while the one at ``above``
-    hides it, and what to unmount first: one of ours with ``blockstore umount``."""
+def hidden_by_message(mountpoint: str, above: str) -> str:
+    """Why the mount at ``mountpoint`` cannot be reached, nor unmounted, while the one at
+    ``above`` hides it, and what to unmount first: one of ours with ``blockstore umount``."""
     hidden = f"{printable(mountpoint)} is hidden by the mount"
     if (record := records.load(above)) is not None:
         return (
@@ -933,7 +940,7 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
         )
     top = where == "top"
     if top and (above := syscall.hidden_by(record.mountpoint)) is not None:
-        raise MountpointBusy(_hidden_by(record.mountpoint, above))
+        raise MountpointBusy(hidden_by_message(record.mountpoint, above))
     if top and (inside := _recorded_inside(record.mountpoint)):
         raise MountpointBusy(
             f"{printable(record.mountpoint)} is busy: blockstore mounted {inside[0].image} at "

@@ -659,6 +659,53 @@ def test_umount_of_a_mount_hidden_by_one_over_a_directory_above_is_refused_and_c
     assert_nothing_left(record, run)
 
 
+@pytest.mark.parametrize("over", ["a tmpfs", "an image"])
+def test_mounts_lists_a_mount_hidden_by_one_over_a_directory_above_as_hidden(
+    mount_dirs, erofs_images, local_server, tmp_path, over
+):
+    """Tried: an image mounted at ``outer/a``, then ``outer`` mounted over (a tmpfs of the
+    user's, or another image), then ``mounts`` and ``mounts --json``. Must hold: the
+    hidden image's state is ``hidden`` (``--json``: ``hidden_by`` names ``outer``), and
+    one line on stderr names the mount that hides it and how to unmount that first (the
+    ``blockstore umount`` of an image of ours), as ``umount`` of it says; the mount over
+    it is ``ok``; once that is gone, the image is ``ok`` again. Before, ``mounts`` showed
+    it ``ok``, though its tree could not be reached and ``umount`` of it was refused."""
+    outer = tmp_path / "outer"
+    inner = outer / "a"
+    inner.mkdir(parents=True)
+    small = erofs_images.small.path
+    stack.mount(local_server({"layer0": small}), str(inner), image="inner")
+    if over == "a tmpfs":
+        subprocess.run(["mount", "-t", "tmpfs", "users-own", str(outer)], check=True)
+        undo_outer = ["umount", str(outer)]
+        named = f"hidden by the mount at {outer} (tmpfs from users-own), made over a "
+        named += "directory above it since: unmount that first"
+    else:
+        stack.mount(local_server({"layer0": small}), str(outer), image="outer")
+        undo_outer = [*BLOCKSTORE, "umount", str(outer)]
+        named = f"hidden by the mount of outer at {outer}, made over a directory above it "
+        named += f"since: `blockstore umount {outer}` first"
+    try:
+        listed = cli("mounts", "--json")
+        assert listed.returncode == 0, listed.stderr
+        rows = {row["mountpoint"]: row for row in json.loads(listed.stdout)}
+        assert rows[str(inner)]["state"] == "hidden"
+        assert rows[str(inner)]["hidden_by"] == str(outer)
+        if over == "an image":
+            assert (rows[str(outer)]["state"], rows[str(outer)]["hidden_by"]) == ("ok", None)
+        shown = cli("mounts")
+        assert shown.returncode == 0, shown.stderr
+        assert [line.split()[4] for line in shown.stdout.splitlines()[1:]] == [
+            "ok" if point == str(outer) else "hidden" for point in sorted(rows)
+        ]
+        assert own_lines(shown.stderr) == [f"{inner} is {named}"]
+    finally:
+        subprocess.run(undo_outer, check=True, capture_output=True)
+    (row,) = json.loads(cli("mounts", "--json").stdout)
+    assert (row["state"], row["hidden_by"]) == ("ok", None)
+    assert cli("umount", str(inner)).returncode == 0
+
+
 @pytest.mark.parametrize("lazy", [[], ["--lazy"]])
 def test_umount_of_a_mount_with_another_image_inside_names_that_one_and_changes_nothing(
     mount_dirs, erofs_images, local_server, tmp_path, lazy
