@@ -111,6 +111,35 @@ def writes_named() -> Iterator[None]:
         ) from None
 
 
+ROOM = 64 << 10
+"""Bytes a mount wants free on the run directory's disk: what it and the processes it
+starts write there (its record, their pidfiles, the server's exit status, a directory or
+two per layer), with room to spare. The processes fail in words of their own that name
+no disk ("the server exited with status 1", its log empty; nbdfuse not attached in
+time), so a mount checks first, and again when a step fails."""
+
+
+def check_room(directory: Path) -> None:
+    """Raise the OSError (a full disk, over quota, read-only) that a write of ``ROOM``
+    bytes in ``directory`` meets; ``writes_named`` says it naming the run directory."""
+    probe = directory / f".room-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(bytes(ROOM))
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def failures_for_room(directory: Path) -> Iterator[None]:
+    """A step of a mount that fails while ``directory`` has no ``ROOM`` left, as that
+    failure: its disk filled up after the mount began (``check_room``)."""
+    try:
+        yield
+    except MountError:
+        check_room(directory)
+        raise
+
+
 RUN_DIR_TRIES = 10
 """Times the run directory is made again when a failed mount removed it meanwhile."""
 

@@ -239,6 +239,7 @@ def mount(
             # Installed before the record exists: a signal from here on is held until the
             # mount can be undone, never ending the command between two of its steps.
             with interrupts.installed():
+                records.check_room(state_dir.parent)
                 try:
                     records.create(record)
                 except FileExistsError:
@@ -247,7 +248,8 @@ def mount(
                         f"(if none runs, a crashed one left {state_dir}: remove it)"
                     ) from None
                 created = True
-                _make(record, server_argv, env, describe, warn, interrupts)
+                with records.failures_for_room(state_dir):
+                    _make(record, server_argv, env, describe, warn, interrupts)
                 record.mount_seconds = round(time.monotonic() - started_at, 3)
                 record.mounter = None
                 records.save(record)

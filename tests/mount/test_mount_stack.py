@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import pytest
 from mount_trees import assert_same_tree
 from namespace_holder import HOLDER
 from rig.processes import processes_mentioning
+from rig.small_disk import small_disk
 from rig.waiting import wait_for
 from suggested import own_lines
 
@@ -293,6 +295,57 @@ def test_a_run_directory_that_cannot_be_written_is_named(
         assert not processes_mentioning(str(run))
     finally:
         subprocess.run(["umount", "-l", str(disk_dir)], check=True)
+
+
+def _fill(disk: Path, leaving: int = 0) -> Path:
+    """Fill ``disk`` to the byte (root's reserve too), then free ``leaving`` bytes."""
+    fill = disk / f"fill-{leaving}"
+    subprocess.run(["dd", "if=/dev/zero", f"of={fill}", "bs=4k"], capture_output=True)
+    os.truncate(fill, max(0, fill.stat().st_size - leaving))
+    return fill
+
+
+@pytest.mark.parametrize("when", ["before the mount", "once the record is written"])
+def test_a_run_directory_that_is_nearly_full_is_named(
+    mount_dirs, mountpoint, erofs_images, local_server, tmp_path, monkeypatch, when
+):
+    """Tried: the run directory on a small ext4, filled to the byte but for 0 to 4 KiB
+    before each mount, or filled to the byte once the mount has written its record, so
+    that a later write (the server's pidfile or status, nbdfuse's pidfile) finds no room.
+    Must hold: each mount fails in the one line naming the run directory, why and what
+    to do; nothing is left mounted or running. Before, the record went in and the mount
+    failed later with "the server exited with status 1 before it was ready", its log
+    empty, or with "nbdfuse did not attach ... within 15s": neither named the full disk."""
+    argv = local_server({"layer0": erofs_images.small.path})
+    with small_disk(tmp_path / "disk", "8M") as disk:
+        run = disk / "run"
+        monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(run))
+        named = (
+            f"cannot write in the run directory {run}, where mounts keep their records, "
+            "sockets and logs: No space left on device; free space on its disk, or give "
+            "another as BLOCKSTORE_RUN_DIR"
+        )
+        if when == "once the record is written":
+            create = records.create
+            fills = []
+
+            def create_then_fill(record: records.MountRecord) -> None:
+                create(record)
+                fills.append(_fill(disk))
+
+            monkeypatch.setattr(records, "create", create_then_fill)
+        for left in range(0, 5 << 10, 1 << 10) if when == "before the mount" else [None]:
+            shutil.rmtree(run, ignore_errors=True)
+            for path, mode in ((run, 0o755), (run / "mounts", 0o755), (run / "log", 0o700)):
+                path.mkdir(mode=mode)
+            fills = [_fill(disk, left)] if left is not None else []
+            with pytest.raises(MountError) as failed:
+                stack.mount(argv, str(mountpoint), image="small")
+            assert (left, str(failed.value)) == (left, named)
+            assert not syscall.is_mounted(str(mountpoint))
+            assert not processes_mentioning(str(run))
+            for fill in fills:
+                fill.unlink()
 
 
 def test_a_mount_whose_run_directory_was_cleared_is_undone_by_umount(
