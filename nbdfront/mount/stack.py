@@ -534,6 +534,8 @@ class MountStatus:
     (``_unrecorded``), which names no image, layers or attach method."""
     hidden_by: str | None = None
     """Where the mount over a directory above it is, which hides its tree (None: none)."""
+    record_damaged: bool = False
+    """Not recorded because its record does not parse (a crash, an edit), not gone."""
 
     @property
     def state(self) -> str:
@@ -541,7 +543,7 @@ class MountStatus:
         mount again. A hidden mount is said so first: nothing else can be done to it
         until the mount that hides it is gone."""
         if not self.recorded:
-            return "record gone"
+            return "record damaged" if self.record_damaged else "record gone"
         if self.record.mounting:
             return "mounting"
         if not self.mounted:
@@ -564,6 +566,7 @@ def status(record: MountRecord, *, recorded: bool = True) -> MountStatus:
         attached=all(a.process is None or a.process.alive() for a in record.attachments),
         recorded=recorded,
         hidden_by=syscall.hidden_by(record.mountpoint) if mounted else None,
+        record_damaged=not recorded and (Path(record.state_dir) / records.RECORD_NAME).exists(),
     )
 
 
@@ -637,21 +640,20 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
             f"is now at {printable(now)} (a directory above it renamed or moved): "
             f"`{umount_command(now)}` undoes it"
         )
-    state = status(record).state
-    if state == "mounting":
+    before = status(record, recorded=recorded)
+    if before.state == "mounting":
         assert record.mounter is not None
         raise MountpointBusy(
             f"{record.mountpoint} is still being mounted (pid {record.mounter.pid}): "
             "let it finish, or interrupt that command, which undoes it"
         )
-    damaged = not recorded and (Path(record.state_dir) / records.RECORD_NAME).exists()
     ended = unmount_record(record, lazy=lazy)
-    if damaged:
+    if before.record_damaged:
         trouble = "its mount record was damaged (it does not parse)"
     elif not recorded:
         trouble = "its mount record was gone (the run directory cleared while it was mounted)"
-    elif state != "ok":
-        trouble = f"the mount was not whole ({state})"
+    elif before.state != "ok":
+        trouble = f"the mount was not whole ({before.state})"
     elif ended is None:
         trouble = "the server's exit status is unknown"
     elif ended.killed_after_grace:

@@ -63,7 +63,7 @@ def test_a_damaged_record_is_undone_as_a_mount_without_one(
     mount_dirs, mountpoint, erofs_images, local_server
 ):
     """A record that does not parse (cut short by a crash, edited by hand): ``mounts``
-    lists its mount as ``record gone``, ``mount`` there again is refused naming
+    lists its mount as ``record damaged``, ``mount`` there again is refused naming
     ``umount`` (exit 13), and ``umount`` undoes it, server included, saying the record was
     damaged. Before, ``mounts`` said there were no mounts, and ``mount`` and ``umount``
     each died with a JSONDecodeError traceback (exit 1), leaving the mount for good."""
@@ -74,7 +74,7 @@ def test_a_damaged_record_is_undone_as_a_mount_without_one(
 
     listed = cli("mounts")
     assert listed.returncode == 0, listed.stderr
-    assert listed.stdout.splitlines()[1].split()[-3:] == ["record", "gone", "?"]
+    assert listed.stdout.splitlines()[1].split()[-3:] == ["record", "damaged", "?"]
     again = cli("mount", "127.0.0.1:5000/a/b:v1", str(mountpoint))
     assert again.returncode == 13, again.stderr
     assert "whose record is gone or damaged; `blockstore umount" in again.stderr
@@ -84,6 +84,30 @@ def test_a_damaged_record_is_undone_as_a_mount_without_one(
     assert not record.server.alive()
     assert cli("mounts").stdout == "no blockstore mounts\n"
     assert not Path(record.state_dir).exists()
+
+
+def test_mounts_tells_a_damaged_record_from_a_gone_one(
+    mount_dirs, mountpoint, erofs_images, local_server
+):
+    """Tried: a mount whose record no longer parses (cut short by a crash), then ``mounts``
+    and ``mounts --json``. Must hold: its state is ``record damaged`` (``--json``:
+    ``recorded`` false), with the ``blockstore umount`` that cleans it up, as ``umount``
+    then says the record was damaged. Before, it was listed ``record gone``, as if the
+    run directory had been cleared, sending the user to look for who removed it."""
+    record = stack.mount(
+        local_server({"layer0": erofs_images.small.path}), str(mountpoint), image="small"
+    )
+    (Path(record.state_dir) / records.RECORD_NAME).write_text('{"mountpoint": "/mn')
+    listed = cli("mounts")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[1].split()[-3:] == ["record", "damaged", "?"]
+    said = f"{mountpoint}: `blockstore umount {mountpoint}` cleans it up"
+    assert own_lines(listed.stderr) == [said]
+    (shown,) = json.loads(cli("mounts", "--json").stdout)
+    assert (shown["state"], shown["recorded"]) == ("record damaged", False)
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith("blockstore: its mount record was damaged (it does not parse)")
 
 
 def test_a_damaged_record_of_a_mount_of_which_nothing_is_left_does_not_keep_its_place(
