@@ -558,14 +558,16 @@ class MountStatus:
 
 
 def status(record: MountRecord, *, recorded: bool = True) -> MountStatus:
-    mounted = syscall.is_mounted(record.mountpoint)
+    """How the recorded mount stands, by what the kernel shows: its own top mount at the
+    mount point, not merely some mount there (the user's, made in its place or over it)."""
+    where = _where_ours_is(record)
     return MountStatus(
         record,
-        mounted=mounted,
+        mounted=where != "absent",
         server_alive=record.server is not None and record.server.alive(),
         attached=all(a.process is None or a.process.alive() for a in record.attachments),
         recorded=recorded,
-        hidden_by=syscall.hidden_by(record.mountpoint) if mounted else None,
+        hidden_by=record.mountpoint if where == "covered" else _hidden_from_above(record, where),
         record_damaged=not recorded and (Path(record.state_dir) / records.RECORD_NAME).exists(),
     )
 
@@ -903,10 +905,22 @@ def _cwd_device(pid: int) -> int | None:
         return None
 
 
+def _hidden_from_above(record: MountRecord, where: str) -> str | None:
+    """Where the mount over a directory above the record's hides its top, if on top."""
+    return syscall.hidden_by(record.mountpoint) if where == "top" else None
+
+
 def hidden_by_message(mountpoint: str, above: str) -> str:
     """Why the mount at ``mountpoint`` cannot be reached, nor unmounted, while the one at
-    ``above`` hides it, and what to unmount first: one of ours with ``blockstore umount``."""
+    ``above`` (over a directory above it, or at the same place) hides it, and what to
+    unmount first: one of ours with ``blockstore umount``."""
     hidden = f"{printable(mountpoint)} is hidden by the mount"
+    if above == mountpoint:
+        top = syscall.mounts_at(above)[0]
+        return (
+            f"{hidden} at the same place ({top.fstype} from {top.source}), made over it since: "
+            "unmount that first"
+        )
     if (record := records.load(above)) is not None:
         return (
             f"{hidden} of {record.image} at {printable(above)}, made over a directory above "

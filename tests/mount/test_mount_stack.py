@@ -671,6 +671,47 @@ def test_umount_of_a_mount_covered_at_its_own_place_is_refused_and_changes_nothi
     assert_nothing_left(record, run)
 
 
+@pytest.mark.parametrize("how", ["mounted over it", "mounted in its place"])
+def test_mounts_tells_a_mount_with_another_at_its_place_from_an_ok_one(
+    mount_dirs, mountpoint, erofs_images, local_server, how
+):
+    """Tried: a tmpfs of the user's mounted at the image's mount point, over the image, or
+    in its place once the image was unmounted by hand; then ``mounts --json`` and
+    ``mounts``. Must hold: over it, the image is ``hidden`` (``hidden_by`` its own mount
+    point) and one line names the tmpfs to unmount first; in its place, the image is
+    ``not mounted``, with the ``blockstore umount`` that cleans it up, which then says the
+    mount was not whole and leaves the tmpfs. Before, both were listed ``ok``: the
+    tmpfs at the mount point was taken for the image."""
+    argv = local_server({"layer0": erofs_images.small.path})
+    stack.mount(argv, str(mountpoint), image="small")
+    if how == "mounted in its place":
+        subprocess.run(["umount", str(mountpoint)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "users-own", str(mountpoint)], check=True)
+    try:
+        listed = cli("mounts", "--json")
+        assert listed.returncode == 0, listed.stderr
+        (row,) = json.loads(listed.stdout)
+        shown = cli("mounts")
+        if how == "mounted over it":
+            assert (row["state"], row["hidden_by"]) == ("hidden", str(mountpoint))
+            assert own_lines(shown.stderr) == [
+                f"{mountpoint} is hidden by the mount at the same place (tmpfs from "
+                "users-own), made over it since: unmount that first"
+            ]
+        else:
+            assert (row["state"], row["hidden_by"]) == ("not mounted", None)
+            said = f"{mountpoint}: `blockstore umount {mountpoint}` cleans it up"
+            assert own_lines(shown.stderr) == [said]
+            done = cli("umount", str(mountpoint))
+            assert done.returncode == 0, done.stderr
+            assert "the mount was not whole (not mounted)" in done.stderr, done.stderr
+            assert syscall.mounts_at(str(mountpoint))[0].fstype == "tmpfs"
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+    if how == "mounted over it":
+        assert cli("umount", str(mountpoint)).returncode == 0
+
+
 @pytest.mark.parametrize("over", ["a tmpfs", "another image"])
 def test_umount_of_a_mount_hidden_by_one_over_a_directory_above_is_refused_and_changes_nothing(
     mount_dirs, erofs_images, local_server, tmp_path, over
