@@ -933,13 +933,31 @@ def hidden_by_message(mountpoint: str, above: str) -> str:
     )
 
 
-def _recorded_inside(mountpoint: str) -> list[MountRecord]:
-    """The recorded mounts in the tree of the mount at ``mountpoint``, the outermost
-    first: a lazy unmount of it would take them down with it, leaving their servers
-    running for mounts no longer there, and a plain one is refused by the kernel."""
-    inside = set(syscall.mounted_in_tree(mountpoint))
-    found = [r for r in records.saved() if r.mountpoint in inside]
-    return sorted(found, key=lambda r: len(r.mountpoint))
+def _ours_inside(mountpoint: str) -> list[tuple[MountRecord, bool]]:
+    """Our mounts in the tree of the mount at ``mountpoint``, the outermost first, each
+    with whether it is recorded (else its record is gone or damaged, ``_unrecorded``): a
+    lazy unmount of it would take them down with it, leaving their servers running for
+    mounts no longer there, and a plain one is refused by the kernel."""
+    saved = {r.mountpoint: r for r in records.saved()}
+    found = []
+    for point in sorted(syscall.mounted_in_tree(mountpoint), key=len):
+        if point in saved:
+            found.append((saved[point], True))
+        elif (unrecorded := _unrecorded(point)) is not None:
+            found.append((unrecorded, False))
+    return found
+
+
+def _holds_ours(mountpoint: str, inside: MountRecord, recorded: bool) -> str:
+    """Why the mount at ``mountpoint`` is not unmounted while ``inside`` is in its tree,
+    and the ``blockstore umount`` to run first."""
+    image = inside.image if recorded else "an image"
+    unknown = "" if recorded else " (its record gone or damaged)"
+    return (
+        f"{printable(mountpoint)} is busy: blockstore mounted {image} at "
+        f"{printable(inside.mountpoint)}{unknown}, inside it: "
+        f"`{umount_command(inside.mountpoint)}` first"
+    )
 
 
 def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
@@ -959,12 +977,8 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
     top = where == "top"
     if top and (above := syscall.hidden_by(record.mountpoint)) is not None:
         raise MountpointBusy(hidden_by_message(record.mountpoint, above))
-    if top and (inside := _recorded_inside(record.mountpoint)):
-        raise MountpointBusy(
-            f"{printable(record.mountpoint)} is busy: blockstore mounted {inside[0].image} at "
-            f"{printable(inside[0].mountpoint)}, inside it: "
-            f"`{umount_command(inside[0].mountpoint)}` first"
-        )
+    if top and (inside := _ours_inside(record.mountpoint)):
+        raise MountpointBusy(_holds_ours(record.mountpoint, *inside[0]))
     if top and not lazy:
         users = syscall.users_of(_mount_points(record))
         if users:

@@ -839,6 +839,37 @@ def test_umount_of_a_mount_with_another_image_inside_names_that_one_and_changes_
     assert_nothing_left(inner_record, run)
 
 
+def test_umount_lazy_of_a_mount_with_an_unrecorded_image_inside_names_that_one(
+    mount_dirs, erofs_images, local_server, tmp_path
+):
+    """Tried: an image mounted at ``outer``, another at ``outer/a`` whose record was then
+    damaged (cut short), then ``umount --lazy`` of ``outer``. Must hold: refused (exit 13)
+    before anything is undone, naming the mount inside and the ``blockstore umount`` that
+    undoes it first; once that is done, ``umount outer`` leaves nothing. Before, both were
+    detached: the inner image's server and FUSE file ran on, and ``mounts`` no longer
+    listed it at all (nothing at its mount point named it)."""
+    _, run = mount_dirs
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    inner = outer / "a"
+    small = erofs_images.small.path
+    outer_record = stack.mount(local_server({"layer0": small}), str(outer), image="outer")
+    inner_record = stack.mount(local_server({"layer0": small}), str(inner), image="inner")
+    (Path(inner_record.state_dir) / records.RECORD_NAME).write_text('{"mountpoint": "/mn')
+    busy = cli("umount", "--lazy", str(outer))
+    assert busy.returncode == MountpointBusy.exit_code, busy.stderr
+    assert busy.stderr.splitlines() == [
+        f"blockstore: {outer} is busy: blockstore mounted an image at {inner} (its record "
+        f"gone or damaged), inside it: `blockstore umount {inner}` first"
+    ]
+    assert syscall.is_mounted(str(inner)) and inner_record.server.alive()
+    for point in (inner, outer):
+        done = cli("umount", str(point))
+        assert done.returncode == 0, done.stderr
+    assert_nothing_left(outer_record, run)
+    assert not inner_record.server.alive()
+
+
 def test_a_stale_record_naming_the_same_device_does_not_hide_the_mount(
     mount_dirs, mountpoint, erofs_images, local_server, tmp_path
 ):
