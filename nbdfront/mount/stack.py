@@ -933,31 +933,29 @@ def hidden_by_message(mountpoint: str, above: str) -> str:
     )
 
 
-def _ours_inside(mountpoint: str) -> list[tuple[MountRecord, bool]]:
-    """Our mounts in the tree of the mount at ``mountpoint``, the outermost first, each
-    with whether it is recorded (else its record is gone or damaged, ``_unrecorded``): a
-    lazy unmount of it would take them down with it, leaving their servers running for
-    mounts no longer there, and a plain one is refused by the kernel."""
+def _ours_inside(mountpoint: str) -> list[str]:
+    """Our mounts in the tree of the mount at ``mountpoint``, the outermost first, each as
+    words naming it and the ``blockstore umount`` that undoes it: a lazy unmount of
+    ``mountpoint`` would take them down with it, leaving their servers running for mounts
+    no longer there, and a plain one is refused by the kernel. Recorded here, recorded
+    no more (``_unrecorded``), or recorded with another run directory."""
     saved = {r.mountpoint: r for r in records.saved()}
     found = []
     for point in sorted(syscall.mounted_in_tree(mountpoint), key=len):
+        first = f"inside it: `{umount_command(point)}` first"
         if point in saved:
-            found.append((saved[point], True))
-        elif (unrecorded := _unrecorded(point)) is not None:
-            found.append((unrecorded, False))
+            found.append(f"blockstore mounted {saved[point].image} at {printable(point)}, {first}")
+        elif _unrecorded(point) is not None:
+            found.append(
+                f"blockstore mounted an image at {printable(point)} (its record gone or "
+                f"damaged), {first}"
+            )
+        elif (other := _run_dir_of(point)) is not None:
+            found.append(
+                f"blockstore mounted an image at {printable(point)} with another run "
+                f"directory, inside it: `{umount_command(point, other)}` first"
+            )
     return found
-
-
-def _holds_ours(mountpoint: str, inside: MountRecord, recorded: bool) -> str:
-    """Why the mount at ``mountpoint`` is not unmounted while ``inside`` is in its tree,
-    and the ``blockstore umount`` to run first."""
-    image = inside.image if recorded else "an image"
-    unknown = "" if recorded else " (its record gone or damaged)"
-    return (
-        f"{printable(mountpoint)} is busy: blockstore mounted {image} at "
-        f"{printable(inside.mountpoint)}{unknown}, inside it: "
-        f"`{umount_command(inside.mountpoint)}` first"
-    )
 
 
 def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
@@ -978,7 +976,7 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
     if top and (above := syscall.hidden_by(record.mountpoint)) is not None:
         raise MountpointBusy(hidden_by_message(record.mountpoint, above))
     if top and (inside := _ours_inside(record.mountpoint)):
-        raise MountpointBusy(_holds_ours(record.mountpoint, *inside[0]))
+        raise MountpointBusy(f"{printable(record.mountpoint)} is busy: {inside[0]}")
     if top and not lazy:
         users = syscall.users_of(_mount_points(record))
         if users:

@@ -27,7 +27,7 @@ from namespace_holder import HOLDER
 from rig.processes import processes_mentioning
 from rig.small_disk import small_disk
 from rig.waiting import wait_for
-from suggested import own_lines
+from suggested import own_lines, run_suggested
 
 from blockstore.errors import MountError, MountpointBusy
 from nbdfront.mount import attach, records, stack, syscall
@@ -866,6 +866,41 @@ def test_umount_lazy_of_a_mount_with_an_unrecorded_image_inside_names_that_one(
     for point in (inner, outer):
         done = cli("umount", str(point))
         assert done.returncode == 0, done.stderr
+    assert_nothing_left(outer_record, run)
+    assert not inner_record.server.alive()
+
+
+def test_umount_lazy_of_a_mount_with_an_image_of_another_run_directory_inside_names_it(
+    mount_dirs, erofs_images, local_server, tmp_path, monkeypatch
+):
+    """Tried: an image mounted at ``outer``, another at ``outer/a`` with another run
+    directory (a ``sudo`` that dropped BLOCKSTORE_RUN_DIR), then ``umount --lazy`` of
+    ``outer``. Must hold: refused (exit 13) before anything is undone, naming the
+    ``BLOCKSTORE_RUN_DIR=... blockstore umount`` that undoes the inner one first; once
+    that is run, ``umount outer`` leaves nothing. Before, both were detached, and the
+    inner image's server and FUSE file ran on for a mount no longer there."""
+    _, run = mount_dirs
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    inner = outer / "a"
+    small = erofs_images.small.path
+    outer_record = stack.mount(local_server({"layer0": small}), str(outer), image="outer")
+    other = run / "other"  # short, for its socket's path; cleaned up with ``run``
+    monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(other))
+    inner_record = stack.mount(local_server({"layer0": small}), str(inner), image="inner")
+    monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(run))
+    busy = cli("umount", "--lazy", str(outer))
+    assert busy.returncode == MountpointBusy.exit_code, busy.stderr
+    command = f"BLOCKSTORE_RUN_DIR={other} blockstore umount {inner}"
+    assert busy.stderr.splitlines() == [
+        f"blockstore: {outer} is busy: blockstore mounted an image at {inner} with another "
+        f"run directory, inside it: `{command}` first"
+    ]
+    assert syscall.is_mounted(str(inner)) and inner_record.server.alive()
+    done = run_suggested(command)
+    assert done.returncode == 0, done.stderr
+    done = cli("umount", str(outer))
+    assert done.returncode == 0, done.stderr
     assert_nothing_left(outer_record, run)
     assert not inner_record.server.alive()
 
