@@ -938,8 +938,9 @@ def _ours_inside(mountpoint: str) -> list[str]:
     words naming it and the ``blockstore umount`` that undoes it: a lazy unmount of
     ``mountpoint`` would take them down with it, leaving their servers running for mounts
     no longer there, and a plain one is refused by the kernel. Recorded here, recorded
-    no more (``_unrecorded``), or recorded with another run directory."""
-    saved = {r.mountpoint: r for r in records.saved()}
+    no more (``_unrecorded``), or recorded with another run directory; each where its
+    top is now (``_followed``)."""
+    saved = {(moved := _followed(r)).mountpoint: moved for r in records.saved()}
     found = []
     for point in sorted(syscall.mounted_in_tree(mountpoint), key=len):
         first = f"inside it: `{umount_command(point)}` first"

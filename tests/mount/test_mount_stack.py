@@ -905,6 +905,37 @@ def test_umount_lazy_of_a_mount_with_an_image_of_another_run_directory_inside_na
     assert not inner_record.server.alive()
 
 
+def test_umount_lazy_of_a_moved_mount_with_a_moved_image_inside_names_that_one(
+    mount_dirs, erofs_images, local_server, tmp_path
+):
+    """Tried: an image mounted at ``old/outer``, another at ``old/outer/a``, then ``old``
+    renamed to ``new`` (both mounts go with it), then ``umount --lazy`` of ``new/outer``.
+    Must hold: refused (exit 13) before anything is undone, naming the inner image at its
+    new path and the ``blockstore umount`` of that path, which undoes it; then ``umount
+    new/outer`` leaves nothing. Before, the inner image, recorded at its old path, was
+    not seen: both were detached and its server ran on."""
+    _, run = mount_dirs
+    outer = tmp_path / "old" / "outer"
+    outer.mkdir(parents=True)
+    small = erofs_images.small.path
+    outer_record = stack.mount(local_server({"layer0": small}), str(outer), image="outer")
+    inner_record = stack.mount(local_server({"layer0": small}), str(outer / "a"), image="inner")
+    (tmp_path / "old").rename(tmp_path / "new")
+    outer, inner = tmp_path / "new" / "outer", tmp_path / "new" / "outer" / "a"
+    busy = cli("umount", "--lazy", str(outer))
+    assert busy.returncode == MountpointBusy.exit_code, busy.stderr
+    assert busy.stderr.splitlines() == [
+        f"blockstore: {outer} is busy: blockstore mounted inner at {inner}, inside it: "
+        f"`blockstore umount {inner}` first"
+    ]
+    assert syscall.is_mounted(str(inner)) and inner_record.server.alive()
+    for point in (inner, outer):
+        done = cli("umount", str(point))
+        assert done.returncode == 0, done.stderr
+    assert_nothing_left(outer_record, run)
+    assert not inner_record.server.alive()
+
+
 def test_a_stale_record_naming_the_same_device_does_not_hide_the_mount(
     mount_dirs, mountpoint, erofs_images, local_server, tmp_path
 ):
