@@ -969,10 +969,7 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
     """
     where = _where_ours_is(record)
     if where == "covered":
-        raise MountpointBusy(
-            f"{record.mountpoint} is busy: another file system is mounted over it, at the "
-            "same place; unmount that first"
-        )
+        raise MountpointBusy(hidden_by_message(record.mountpoint, record.mountpoint))
     top = where == "top"
     if top and (above := syscall.hidden_by(record.mountpoint)) is not None:
         raise MountpointBusy(hidden_by_message(record.mountpoint, above))

@@ -636,7 +636,8 @@ def test_umount_of_a_mount_covered_at_its_own_place_is_refused_and_changes_nothi
     """Tried: a tmpfs of the user's mounted at the image's mount point, over the image,
     or moved there with ``mount --move`` (mountinfo then lists it before ours), or the
     image bound onto itself (the same device twice at one place). Must
-    hold: ``umount`` is refused (exit 13) before anything is undone; the server stays,
+    hold: ``umount`` is refused (exit 13) before anything is undone, in one line naming
+    the mount over it (before, "another file system"); the server stays,
     and the tmpfs with its file; once the user's mount is gone, ``umount`` leaves
     nothing. Before, the server was stopped, then the FUSE file was found busy, and
     ``umount -l`` left the image mounted under the tmpfs with no record; in the moved
@@ -656,10 +657,14 @@ def test_umount_of_a_mount_covered_at_its_own_place_is_refused_and_changes_nothi
     try:
         if how != "bound onto itself":
             (mountpoint / "precious").write_text("kept")
+        over = syscall.mounts_at(str(mountpoint))[0]
         for lazy in ([], ["--lazy"]):
             busy = cli("umount", *lazy, str(mountpoint))
             assert busy.returncode == MountpointBusy.exit_code, busy.stderr
-            assert "mounted over it, at the same place" in busy.stderr, busy.stderr
+            assert busy.stderr.splitlines() == [
+                f"blockstore: {mountpoint} is hidden by the mount at the same place "
+                f"({over.fstype} from {over.source}), made over it since: unmount that first"
+            ]
             assert record.server is not None and record.server.alive()
             assert len(syscall.mounts_at(str(mountpoint))) == 2
             if how != "bound onto itself":
