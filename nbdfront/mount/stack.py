@@ -533,7 +533,8 @@ class MountStatus:
     """False: the record is gone and ``record`` was read back from what the kernel shows
     (``_unrecorded``), which names no image, layers or attach method."""
     hidden_by: str | None = None
-    """Where the mount over a directory above it is, which hides its tree (None: none)."""
+    """Where the mount that hides its tree is: over a directory above it, or over it at
+    its own mount point (then that); None if none does."""
     record_damaged: bool = False
     """Not recorded because its record does not parse (a crash, an edit), not gone."""
 
@@ -567,7 +568,7 @@ def status(record: MountRecord, *, recorded: bool = True) -> MountStatus:
         server_alive=record.server is not None and record.server.alive(),
         attached=all(a.process is None or a.process.alive() for a in record.attachments),
         recorded=recorded,
-        hidden_by=record.mountpoint if where == "covered" else _hidden_from_above(record, where),
+        hidden_by=_hider(record, where),
         record_damaged=not recorded and (Path(record.state_dir) / records.RECORD_NAME).exists(),
     )
 
@@ -905,8 +906,11 @@ def _cwd_device(pid: int) -> int | None:
         return None
 
 
-def _hidden_from_above(record: MountRecord, where: str) -> str | None:
-    """Where the mount over a directory above the record's hides its top, if on top."""
+def _hider(record: MountRecord, where: str) -> str | None:
+    """Where the mount that hides the record's top is (``where``: ``_where_ours_is``):
+    over it at its own mount point, or over a directory above it; None if none does."""
+    if where == "covered":
+        return record.mountpoint
     return syscall.hidden_by(record.mountpoint) if where == "top" else None
 
 
@@ -943,19 +947,18 @@ def _ours_inside(mountpoint: str) -> list[str]:
     saved = {(moved := _followed(r)).mountpoint: moved for r in records.saved()}
     found = []
     for point in sorted(syscall.mounted_in_tree(mountpoint), key=len):
-        first = f"inside it: `{umount_command(point)}` first"
+        shown = printable(point)
         if point in saved:
-            found.append(f"blockstore mounted {saved[point].image} at {printable(point)}, {first}")
+            what, command = f"{saved[point].image} at {shown}", umount_command(point)
         elif _unrecorded(point) is not None:
-            found.append(
-                f"blockstore mounted an image at {printable(point)} (its record gone or "
-                f"damaged), {first}"
-            )
+            what = f"an image at {shown} (its record gone or damaged)"
+            command = umount_command(point)
         elif (other := _run_dir_of(point)) is not None:
-            found.append(
-                f"blockstore mounted an image at {printable(point)} with another run "
-                f"directory, inside it: `{umount_command(point, other)}` first"
-            )
+            what = f"an image at {shown} with another run directory"
+            command = umount_command(point, other)
+        else:
+            continue
+        found.append(f"blockstore mounted {what}, inside it: `{command}` first")
     return found
 
 
