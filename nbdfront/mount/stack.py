@@ -917,7 +917,8 @@ def _hider(record: MountRecord, where: str) -> str | None:
 def hidden_by_message(mountpoint: str, above: str) -> str:
     """Why the mount at ``mountpoint`` cannot be reached, nor unmounted, while the one at
     ``above`` (over a directory above it, or at the same place) hides it, and what to
-    unmount first: one of ours with ``blockstore umount``."""
+    unmount first: one of ours with ``blockstore umount`` (with the run directory that
+    mounted it)."""
     hidden = f"{printable(mountpoint)} is hidden by the mount"
     if above == mountpoint:
         top = syscall.mounts_at(above)[0]
@@ -929,6 +930,11 @@ def hidden_by_message(mountpoint: str, above: str) -> str:
         return (
             f"{hidden} of {record.image} at {printable(above)}, made over a directory above "
             f"it since: `{umount_command(above)}` first"
+        )
+    if (other := _run_dir_of(above)) is not None:  # never umount(8): its server would run on
+        return (
+            f"{hidden} at {printable(above)}, made by blockstore with another run directory "
+            f"over a directory above it since: `{umount_command(above, other)}` first"
         )
     top = syscall.mounts_at(above)[0]
     return (

@@ -805,6 +805,41 @@ def test_mounts_lists_a_mount_hidden_by_one_over_a_directory_above_as_hidden(
     assert cli("umount", str(inner)).returncode == 0
 
 
+def test_a_mount_hidden_by_an_image_of_another_run_directory_names_its_umount(
+    mount_dirs, erofs_images, local_server, tmp_path, monkeypatch
+):
+    """Tried: an image mounted at ``outer/a``, then another image mounted at ``outer``
+    with another run directory (a ``sudo`` that dropped BLOCKSTORE_RUN_DIR); then
+    ``mounts`` and ``umount`` of ``outer/a``. Must hold: both name the mount at ``outer``
+    and the ``BLOCKSTORE_RUN_DIR=... blockstore umount`` that undoes it, which, run as
+    written, frees ``outer/a``. Before, they named it as a file system of the user's
+    ("erofs from" its FUSE file) to unmount, which would have left its server running."""
+    _, run = mount_dirs
+    outer = tmp_path / "outer"
+    inner = outer / "a"
+    inner.mkdir(parents=True)
+    small = erofs_images.small.path
+    record = stack.mount(local_server({"layer0": small}), str(inner), image="inner")
+    other = run / "other"  # short, for its socket's path; cleaned up with ``run``
+    monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(other))
+    stack.mount(local_server({"layer0": small}), str(outer), image="outer")
+    monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(run))
+    command = f"BLOCKSTORE_RUN_DIR={other} blockstore umount {outer}"
+    named = (
+        f"{inner} is hidden by the mount at {outer}, made by blockstore with another run "
+        f"directory over a directory above it since: `{command}` first"
+    )
+    said = cli("mounts").stderr.splitlines()  # other tests' run directories too
+    assert [line for line in said if line.startswith(str(inner))] == [named]
+    busy = cli("umount", str(inner))
+    assert busy.returncode == MountpointBusy.exit_code, busy.stderr
+    assert busy.stderr.splitlines() == [f"blockstore: {named}"]
+    done = run_suggested(command)
+    assert done.returncode == 0, done.stderr
+    assert cli("umount", str(inner)).returncode == 0
+    assert_nothing_left(record, run)
+
+
 @pytest.mark.parametrize("lazy", [[], ["--lazy"]])
 def test_umount_of_a_mount_with_another_image_inside_names_that_one_and_changes_nothing(
     mount_dirs, erofs_images, local_server, tmp_path, lazy
