@@ -21,6 +21,7 @@ from mount_trees import build_opaque_stack
 from rig.images import build_erofs
 from rig.processes import processes_mentioning
 
+from blockstore.errors import MountError
 from nbdfront.mount import attach, records, stack, syscall
 
 NBDKIT_SERVE = Path(__file__).parent / "nbdkit_serve.py"
@@ -42,18 +43,26 @@ def why_mounting_cannot_run() -> str | None:
     return None
 
 
+CLEANUP_PASSES = 3
+"""Times stray mounts are detached: one hidden by another over a directory above it (a
+test that failed half way) can be reached only once that one is gone."""
+
+
 def undo_everything(*roots: Path) -> None:
-    """Last-resort cleanup: recorded mounts, then any mount and process under ``roots``."""
-    for record in records.saved():
+    """Last-resort cleanup: recorded mounts (the innermost first: a mount with another
+    inside is refused), then any mount and process under ``roots``."""
+    for record in sorted(records.saved(), key=lambda r: len(r.mountpoint), reverse=True):
         try:
             stack.unmount_record(record, lazy=True)
         except Exception as exc:
             print(f"cleanup: {record.mountpoint}: {exc}", file=sys.stderr)
     for root in roots:
         prefix = str(root).rstrip("/") + "/"
-        for point in sorted(syscall.mounted(), key=len, reverse=True):
-            if point.startswith(prefix):
-                syscall.umount(point, lazy=True)
+        for _ in range(CLEANUP_PASSES):
+            for point in sorted(syscall.mounted(), key=len, reverse=True):
+                if point.startswith(prefix):
+                    with contextlib.suppress(MountError):
+                        syscall.umount(point, lazy=True)
         for pid in processes_mentioning(str(root)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
