@@ -121,12 +121,14 @@ def test_a_first_serve_or_prefetch_that_fails_leaves_no_cache(command: str, tmp_
     ``--cache-dir`` whose directories did not exist is gone again, while one the cache
     was made in that existed stays."""
     cache = tmp_path / "made" / "for" / "it"
+    where = ["--listen", "127.0.0.1:0"] if command == "serve" else []
     done = subprocess.run(
         [
             *BLOCKSTORE,
             command,
             f"127.0.0.1:{free_port()}/a/b:v1",
             "--insecure",
+            *where,
             "--cache-dir",
             str(cache),
         ],
