@@ -700,12 +700,12 @@ def test_mounts_tells_a_mount_with_another_at_its_place_from_an_ok_one(
         if how == "mounted over it":
             assert (row["state"], row["hidden_by"]) == ("hidden", str(mountpoint))
             assert own_lines(shown.stderr) == [
-                f"{mountpoint} is hidden by the mount at the same place (tmpfs from "
+                f"blockstore: {mountpoint} is hidden by the mount at the same place (tmpfs from "
                 "users-own), made over it since: unmount that first"
             ]
         else:
             assert (row["state"], row["hidden_by"]) == ("not mounted", None)
-            said = f"{mountpoint}: `blockstore umount {mountpoint}` cleans it up"
+            said = f"blockstore: {mountpoint}: `blockstore umount {mountpoint}` cleans it up"
             assert own_lines(shown.stderr) == [said]
             done = cli("umount", str(mountpoint))
             assert done.returncode == 0, done.stderr
@@ -797,7 +797,7 @@ def test_mounts_lists_a_mount_hidden_by_one_over_a_directory_above_as_hidden(
         assert [line.split()[4] for line in shown.stdout.splitlines()[1:]] == [
             "ok" if point == str(outer) else "hidden" for point in sorted(rows)
         ]
-        assert own_lines(shown.stderr) == [f"{inner} is {named}"]
+        assert own_lines(shown.stderr) == [f"blockstore: {inner} is {named}"]
     finally:
         subprocess.run(undo_outer, check=True, capture_output=True)
     (row,) = json.loads(cli("mounts", "--json").stdout)
@@ -830,7 +830,9 @@ def test_a_mount_hidden_by_an_image_of_another_run_directory_names_its_umount(
         f"directory over a directory above it since: `{command}` first"
     )
     said = cli("mounts").stderr.splitlines()  # other tests' run directories too
-    assert [line for line in said if line.startswith(str(inner))] == [named]
+    assert [line for line in said if line.startswith(f"blockstore: {inner}")] == [
+        f"blockstore: {named}"
+    ]
     busy = cli("umount", str(inner))
     assert busy.returncode == MountpointBusy.exit_code, busy.stderr
     assert busy.stderr.splitlines() == [f"blockstore: {named}"]

@@ -101,7 +101,7 @@ def test_mounts_tells_a_damaged_record_from_a_gone_one(
     listed = cli("mounts")
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.splitlines()[1].split()[-3:] == ["record", "damaged", "?"]
-    said = f"{mountpoint}: `blockstore umount {mountpoint}` cleans it up"
+    said = f"blockstore: {mountpoint}: `blockstore umount {mountpoint}` cleans it up"
     assert own_lines(listed.stderr) == [said]
     (shown,) = json.loads(cli("mounts", "--json").stdout)
     assert (shown["state"], shown["recorded"]) == ("record damaged", False)
