@@ -277,12 +277,13 @@ def test_a_fill_round_under_way_stops_when_the_cache_is_lost(tmp_path, caplog):
         blob = CachedBlob(store, digest, len(data), source, settings=settings)
         try:
             time.sleep(1)
+            # Looked for before the loss: once lost, the fill may end before a look after.
+            filling = [t for t in threading.enumerate() if t.name == "prefetch-start"]
+            assert filling
             assert zero_tree_pages(cache_dir) > 0
             assert b"".join(blob.read(len(data) - 100, 100)) == data[-100:]
             assert store.lost() is not None
             before = fetched(source)
-            filling = [t for t in threading.enumerate() if t.name == "prefetch-start"]
-            assert filling
             assert wait_for(lambda: not any(t.is_alive() for t in filling), 2.0)
             assert fetched(source) - before < len(data) // 4, (fetched(source), before)
         finally:
