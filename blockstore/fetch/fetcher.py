@@ -242,10 +242,15 @@ class Fetcher:
 
     def _dropped(self, job: Job) -> bool:
         """Drop ``job`` if it fetches ahead for a cache that keeps nothing and no reader
-        waits on it: decided under the lock readers join under, so one that comes later
-        fetches for itself."""
+        waits on it: whether one waits is decided under the lock readers join under, so
+        one that comes later fetches for itself. Whether the cache keeps anything is
+        asked before that lock is taken: the question may replace a damaged cache's
+        handle (``ChunkStore.lost``), which no reader of the blob must wait for; a job
+        promoted meanwhile has a reader waiting."""
+        if job.priority == DEMAND or not self._keeps_nothing():
+            return False
         with self._flights.lock:
-            if job.priority == DEMAND or job.waited or not self._keeps_nothing():
+            if job.waited:
                 return False
             futures = self._owned(job)
             self._flights.release(list(futures))

@@ -13,6 +13,7 @@ from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
 from blockstore.cli import exit_code
 from blockstore.errors import BlobReadError, OutOfResources, RegistryUnreachable
 from blockstore.fetch import runs
+from blockstore.fetch.fetcher import Fetcher
 from blockstore.fetch.scheduler import DEFAULT_WORKERS
 from blockstore.prefetch import Readahead
 
@@ -217,3 +218,40 @@ def test_reads_no_fetch_thread_can_start_for_fail_at_once_and_fetching_recovers(
         reader.join(10)
         assert got == [data[:CHUNK_SIZE]], "the read after the limit was lifted hung"
         blob.close()
+
+
+def test_a_reader_is_not_held_while_a_queued_prefetch_asks_whether_anything_is_kept():
+    """Tried: a queued prefetch job whose turn comes while asking whether the cache keeps
+    anything takes long (a damaged cache's handle is replaced then: LMDB closed, its
+    directory moved aside, opened anew), and meanwhile a reader asks for another chunk.
+    Must hold: the reader gets its chunk while the question is still unanswered. Before,
+    it was asked under the lock every reader of the blob takes, so all of them waited."""
+    data, digest = make_blob(8 * CHUNK_SIZE, seed=27)
+    asked, answer = threading.Event(), threading.Event()
+
+    def keeps_nothing() -> bool:
+        asked.set()
+        answer.wait(30)
+        return False
+
+    fetcher = Fetcher(
+        PieceSource(data, digest),
+        CHUNK_SIZE,
+        lambda index, chunk: bytes(chunk),
+        lambda runs: None,
+        lambda indices: {},
+        keeps_nothing=keeps_nothing,
+    )
+    got: dict[int, bytes] = {}
+    reader = threading.Thread(
+        target=lambda: got.update(fetcher.fetch([5], store_wait=0)), daemon=True
+    )
+    try:
+        assert fetcher.prefetch([0])
+        assert asked.wait(10)
+        reader.start()
+        reader.join(10)
+        assert got == {5: data[5 * CHUNK_SIZE : 6 * CHUNK_SIZE]}
+    finally:
+        answer.set()
+        fetcher.close()
