@@ -8,6 +8,7 @@ import time
 import pytest
 from fetch_sources import PieceSource, WholeSource, make_blob
 from rig.threads import no_threads_for
+from rig.waiting import wait_for
 
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
 from blockstore.cli import exit_code
@@ -220,6 +221,39 @@ def test_reads_no_fetch_thread_can_start_for_fail_at_once_and_fetching_recovers(
         blob.close()
 
 
+class HeldQuestion:
+    """A ``keeps_nothing`` whose answer (``keeps_nothing``) waits until ``answer`` is set;
+    ``asked`` is set once it is asked."""
+
+    def __init__(self, keeps_nothing: bool):
+        self.keeps_nothing = keeps_nothing
+        self.asked, self.answer = threading.Event(), threading.Event()
+
+    def __call__(self) -> bool:
+        self.asked.set()
+        self.answer.wait(30)
+        return self.keeps_nothing
+
+
+def bare_fetcher(source: PieceSource, keeps_nothing: HeldQuestion) -> Fetcher:
+    """A fetcher of ``source`` with no cache behind it: each chunk taken as it comes."""
+    return Fetcher(
+        source,
+        CHUNK_SIZE,
+        lambda index, chunk: bytes(chunk),
+        lambda runs: None,
+        lambda indices: {},
+        keeps_nothing=keeps_nothing,
+    )
+
+
+def reader_of(fetcher: Fetcher, index: int, got: dict[int, bytes]) -> threading.Thread:
+    """A thread (not started) that reads chunk ``index`` into ``got``."""
+    return threading.Thread(
+        target=lambda: got.update(fetcher.fetch([index], store_wait=0)), daemon=True
+    )
+
+
 def test_a_reader_is_not_held_while_a_queued_prefetch_asks_whether_anything_is_kept():
     """Tried: a queued prefetch job whose turn comes while asking whether the cache keeps
     anything takes long (a damaged cache's handle is replaced then: LMDB closed, its
@@ -227,31 +261,42 @@ def test_a_reader_is_not_held_while_a_queued_prefetch_asks_whether_anything_is_k
     Must hold: the reader gets its chunk while the question is still unanswered. Before,
     it was asked under the lock every reader of the blob takes, so all of them waited."""
     data, digest = make_blob(8 * CHUNK_SIZE, seed=27)
-    asked, answer = threading.Event(), threading.Event()
-
-    def keeps_nothing() -> bool:
-        asked.set()
-        answer.wait(30)
-        return False
-
-    fetcher = Fetcher(
-        PieceSource(data, digest),
-        CHUNK_SIZE,
-        lambda index, chunk: bytes(chunk),
-        lambda runs: None,
-        lambda indices: {},
-        keeps_nothing=keeps_nothing,
-    )
+    question = HeldQuestion(keeps_nothing=False)
+    fetcher = bare_fetcher(PieceSource(data, digest), question)
     got: dict[int, bytes] = {}
-    reader = threading.Thread(
-        target=lambda: got.update(fetcher.fetch([5], store_wait=0)), daemon=True
-    )
+    reader = reader_of(fetcher, 5, got)
     try:
         assert fetcher.prefetch([0])
-        assert asked.wait(10)
+        assert question.asked.wait(10)
         reader.start()
         reader.join(10)
         assert got == {5: data[5 * CHUNK_SIZE : 6 * CHUNK_SIZE]}
     finally:
-        answer.set()
+        question.answer.set()
+        fetcher.close()
+
+
+def test_a_prefetch_a_reader_joined_is_fetched_for_it_though_the_cache_keeps_nothing():
+    """Tried: a cache that keeps nothing (lost); a queued prefetch of a chunk, and, as its
+    turn comes (while it asks whether the cache keeps anything), a reader that asks for
+    that chunk and so joins it. Must hold: the reader gets the chunk's bytes, fetched by
+    that job: only a job no reader waits on is dropped, never answering a reader with
+    "not fetched ahead"."""
+    data, digest = make_blob(4 * CHUNK_SIZE, seed=28)
+    source = PieceSource(data, digest)
+    question = HeldQuestion(keeps_nothing=True)
+    fetcher = bare_fetcher(source, question)
+    got: dict[int, bytes] = {}
+    reader = reader_of(fetcher, 1, got)
+    try:
+        assert fetcher.prefetch([1])
+        assert question.asked.wait(10)
+        reader.start()
+        assert wait_for(lambda: any(job.waited for job in list(fetcher._live)), 10)
+        question.answer.set()
+        reader.join(10)
+        assert got == {1: data[CHUNK_SIZE : 2 * CHUNK_SIZE]}
+        assert source.requests == [(CHUNK_SIZE, CHUNK_SIZE)]
+    finally:
+        question.answer.set()
         fetcher.close()
