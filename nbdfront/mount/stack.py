@@ -94,9 +94,14 @@ def _clear_a_record_left_alone(mountpoint: str) -> None:
         state_dir = Path(record.state_dir)  # an older version's may be named otherwise
         cleared = f"the record of an earlier mount of {record.image}"
     elif records.is_private(state_dir):  # a record that does not parse
-        if _unrecorded(mountpoint) is not None:
+        if (standing := _unrecorded(mountpoint)) is not None:
+            left = (
+                "its server still runs"
+                if standing.server is not None
+                else "part of that mount is still mounted"
+            )
             raise MountpointBusy(
-                f"{mountpoint} has a damaged mount record, and its server still runs; "
+                f"{mountpoint} has a damaged mount record, and {left}; "
                 f"`{umount_command(mountpoint)}` clears it"
             )
         cleared = "the damaged record of an earlier mount"

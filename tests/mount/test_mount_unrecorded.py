@@ -152,6 +152,36 @@ def test_a_damaged_record_of_a_mount_of_which_nothing_is_left_does_not_keep_its_
     assert not processes_mentioning(str(run))
 
 
+def test_a_damaged_record_of_a_mount_whose_processes_ended_says_what_still_stands(
+    mount_dirs, mountpoint, erofs_images, local_server
+):
+    """Tried: a mount's record damaged (cut short), its top unmounted by hand and every
+    process of it SIGKILLed, the mount of its FUSE file left in its state directory;
+    then a mount at the same place. Must hold: refused (exit 13), saying that part of
+    the earlier mount is still mounted, not that its server runs, and naming the
+    `blockstore umount` that clears it, which then leaves nothing mounted or running.
+    Before, it said the earlier mount's server still ran, though none did."""
+    _, run = mount_dirs
+    argv = local_server({"layer0": erofs_images.small.path})
+    record = stack.mount(argv, str(mountpoint), image="small")
+    (Path(record.state_dir) / records.RECORD_NAME).write_text('{"mountpoint": "/mn')
+    syscall.umount(str(mountpoint))
+    for process in [record.server, *(a.process for a in record.attachments)]:
+        process.signal(signal.SIGKILL)
+        assert process.wait(5)
+    assert wait_for(lambda: not processes_mentioning(str(run))), "the server outlived its parent"
+    assert syscall.submounts(record.state_dir)
+    with pytest.raises(MountpointBusy) as refused:
+        stack.mount(argv, str(mountpoint), image="small")
+    assert str(refused.value) == (
+        f"{mountpoint} has a damaged mount record, and part of that mount is still "
+        f"mounted; `blockstore umount {mountpoint}` clears it"
+    )
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert not syscall.submounts(str(run)) and not processes_mentioning(str(run))
+
+
 def test_a_mount_point_with_a_newline_keeps_to_one_line(mount_dirs, erofs_images, local_server):
     """A mount point whose name holds a newline or a tab: ``mounts`` shows it on one row
     and ``umount`` on one line, the characters written ``\\x0a``, ``\\x09`` as findmnt
