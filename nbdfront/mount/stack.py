@@ -107,7 +107,8 @@ def _clear_a_record_left_alone(mountpoint: str) -> None:
         cleared = "the damaged record of an earlier mount"
     else:
         return
-    records.discard(state_dir, record)
+    with records.writes_named():  # a disk that became read-only since, say
+        records.discard(state_dir, record)
     logger.warning(
         "cleared %s at %s, of which nothing was left (its processes ended and nothing of "
         "it mounted: a reboot, or a crash)",

@@ -257,16 +257,30 @@ def test_a_record_of_a_mount_of_which_nothing_is_left_does_not_keep_its_place(
     assert_nothing_left(again, run)
 
 
-@pytest.mark.parametrize("disk", ["full", "read-only"])
+def left_alone(mountpoint: str) -> records.MountRecord:
+    """The record of a mount at ``mountpoint`` of which nothing is left: no process of it
+    ever recorded, nothing of it mounted (a reboot, with the run directory kept)."""
+    return records.MountRecord(
+        mountpoint=mountpoint,
+        image="earlier",
+        method=attach.NBDFUSE,
+        state_dir=str(records.state_dir_for(mountpoint)),
+        log=str(records.log_path_for(mountpoint)),
+    )
+
+
+@pytest.mark.parametrize("disk", ["full", "read-only", "read-only, a record left"])
 def test_a_run_directory_that_cannot_be_written_is_named(
     mount_dirs, mountpoint, erofs_images, local_server, tmp_path, monkeypatch, disk
 ):
     """Tried: a run directory used before (``mounts/`` and ``log/`` in it) on a tmpfs that
-    is full, or mounted read-only, then a mount. Must hold: it fails (a MountError, exit
-    10) in one line naming the run directory, why, and what to do; no process is left,
-    nothing is mounted, and the disk holds what it held. Before, a full disk gave
-    "[Errno 28] No space left on device" (exit 1), naming no file, so the user was left
-    to guess which disk (the cache's, most likely) to free."""
+    is full, or mounted read-only, also holding the record of an earlier mount at the
+    same place of which nothing is left (a reboot), then a mount. Must hold: it fails (a
+    MountError, exit 10) in one line naming the run directory, why, and what to do; no
+    process is left, nothing is mounted, and the disk holds what it held. Before, a full
+    disk gave "[Errno 28] No space left on device" (exit 1), naming no file, so the user
+    was left to guess which disk (the cache's, most likely) to free; and a record to
+    clear on a read-only disk gave "[Errno 30] Read-only file system" (exit 1)."""
     argv = local_server({"layer0": erofs_images.small.path})
     disk_dir = tmp_path / "disk"
     disk_dir.mkdir()
@@ -276,6 +290,8 @@ def test_a_run_directory_that_cannot_be_written_is_named(
         for path, mode in ((run, 0o755), (run / "mounts", 0o755), (run / "log", 0o700)):
             path.mkdir(mode=mode)
         monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(run))
+        if disk.endswith("a record left"):
+            records.create(left_alone(str(mountpoint)))
         if disk == "full":
             subprocess.run(["dd", "if=/dev/zero", f"of={disk_dir}/fill"], capture_output=True)
             why, advice = "No space left on device", "free space on its disk"
