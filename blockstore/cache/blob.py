@@ -996,10 +996,12 @@ class CachedBlob:
         replayed block by block."""
         done = threading.Event()
 
-        def bulk_reader() -> bool:
-            """A client copying the image (nbdcopy) reads every directory anyway: the
-            walk's small requests would only cut into its stream."""
-            if self._stop.is_set() or self._readahead.longest() >= WALK_YIELDS_TO:
+        def ended() -> bool:
+            """The walk ends with the blob; for a client copying the image (nbdcopy), which
+            reads every directory anyway: the walk's small requests would only cut into
+            its stream; and once the cache is lost (``ChunkStore.lost``): what it fetched
+            would not be kept, and the listing it runs ahead of would fetch it again."""
+            if self._stop.is_set() or self._readahead.longest() >= WALK_YIELDS_TO or self._lost():
                 done.set()
             return done.is_set()
 
@@ -1008,12 +1010,12 @@ class CachedBlob:
             # Beside a block replay the walk reads as a listing does: blocks from parts, or
             # from the replay's fetches (which it hurries along, in the listing's order).
             def read(offset: int, length: int) -> bytes:
-                if bulk_reader():
+                if ended():
                     raise BlobReadError("the directory walk has ended")
                 length = min(length, self._size - offset)
                 return b"".join(self._read(offset, length, client=False))
         else:
-            read = WalkReader(self._load, self._fetcher.fetch, self._size, bulk_reader)  # type: ignore[union-attr]
+            read = WalkReader(self._load, self._fetcher.fetch, self._size, ended)  # type: ignore[union-attr]
         try:
             geometry = erofs.geometry(read(0, min(self._size, erofs.HEAD)))
             if geometry is not None:

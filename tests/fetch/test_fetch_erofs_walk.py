@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import threading
@@ -11,6 +12,9 @@ from fetch_sources import PieceSource
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rig.images import FIXED_UUID
+from rig.small_disk import small_disk
+from rig.stored_chunks import zero_tree_pages
+from rig.waiting import wait_for
 
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
 from blockstore.prefetch import PrefetchSettings, erofs, erofs_tree
@@ -132,3 +136,49 @@ def test_an_open_export_walks_the_tree_before_any_read(tmp_path, cache_dir):
         assert store.missing(record.blob_id, sorted(wanted)) == []
         assert record.present < -(-len(data) // CHUNK_SIZE)
         assert store.stats()["bytes_served"] == 0
+
+
+def wide_image(tmp_path) -> bytes:
+    """An image of 100 directories of 200 empty files with long names each: their entries
+    fill some 40 chunks for the walk to read."""
+    tree = tmp_path / "wide"
+    for top in range(100):
+        directory = tree / f"directory-{top:03d}"
+        directory.mkdir(parents=True)
+        for name in range(200):
+            (directory / f"a-file-with-a-name-long-enough-to-fill-blocks-{name:04d}").touch()
+    image = tmp_path / "wide.erofs"
+    subprocess.run(
+        ["mkfs.erofs", "--quiet", "-T0", "-U", FIXED_UUID, str(image), str(tree)],
+        check=True,
+        capture_output=True,
+    )
+    return image.read_bytes()
+
+
+def test_a_walk_whose_cache_is_lost_ends_at_once(tmp_path):
+    """Tried: a cold image of 100 directories of 200 files each, opened with the walk on,
+    from a source taking a fifth of a second a request, its cache a mount point (so a
+    damaged cache cannot be moved aside); once the walk has fetched its first chunks,
+    the cache's B-tree pages are zeroed and a read finds the damage. Must hold: the read is right;
+    the walk ends within a few seconds, asking the source for no more than one chunk
+    for each of its workers. Before, it walked on and fetched every directory's chunks
+    for a cache that kept none of them, which the listing it ran ahead of then fetched
+    again."""
+    data = wide_image(tmp_path)
+    source = PieceSource(data, "sha256:" + hashlib.sha256(data).hexdigest(), first_byte=0.2)
+    walk_only = PrefetchSettings(readahead=False, erofs_walk=True)
+    with small_disk(tmp_path / "volume", "64M") as cache_dir, ChunkStore(cache_dir) as store:
+        blob = CachedBlob(store, source.digest, source.size, source, settings=walk_only)
+        try:
+            assert wait_for(lambda: store.lookup(source.digest) is not None, 10)
+            walking = [t for t in threading.enumerate() if t.name == "erofs-walk"]
+            assert walking
+            assert zero_tree_pages(cache_dir) > 0
+            assert b"".join(blob.read(len(data) - 100, 100)) == data[-100:]
+            assert store.lost() is not None
+            asked = len(source.requests)
+            assert wait_for(lambda: not any(t.is_alive() for t in walking), 5)
+            assert len(source.requests) - asked <= erofs_tree.WORKERS, (source.requests, asked)
+        finally:
+            blob.close()
