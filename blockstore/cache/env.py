@@ -285,6 +285,13 @@ class CacheEnv:
                     "its lock, it is safe only where nothing writes to it; stop that process, "
                     "or use the cache where it can be written"
                 )
+            if (path / LMDB_DATA_FILE).stat().st_size == 0:
+                # LMDB writes a new file's first pages; read-only, it cannot map one.
+                raise CacheError(
+                    f"the cache at {path} is empty (its {LMDB_DATA_FILE} is 0 bytes) and "
+                    f"cannot be started here ({self.read_only_because}): open it once "
+                    "where it can be written, or use another --cache-dir"
+                )
         in_use = hold_in_use(path, read_only=self.read_only)
         try:
             if not self.read_only:

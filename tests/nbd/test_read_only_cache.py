@@ -477,3 +477,21 @@ def test_a_server_whose_cache_disk_went_read_only_says_its_counters_are_unsaved_
             assert stop(proc) == 0
             said = proc.stderr.read().count("cache counters not saved")
     assert said == 1, said
+
+
+def test_a_read_only_cache_whose_data_file_is_empty_is_said_to_be_empty(tmp_path):
+    """A cache directory whose data.mdb is empty (made, never written), bound read-only:
+    `cache ls` and `cache verify` each refuse in one line (exit 8) saying the cache is
+    empty and cannot be started there, nothing changed. Before, LMDB's own "Bad file
+    descriptor" was all they said."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "data.mdb").touch()
+    with read_only_view(cache, tmp_path / "ro") as ro:
+        for command in ("ls", "verify"):
+            result = blockstore("cache", command, "--cache-dir", str(ro))
+            assert result.returncode == 8, result.stderr
+            (line,) = result.stderr.splitlines()
+            assert f"the cache at {ro} is empty (its data.mdb is 0 bytes)" in line, line
+            assert "read-only file system" in line, line
+    assert os.listdir(cache) == ["data.mdb"]
