@@ -11,8 +11,10 @@ environment (``env.py``) starts an empty one in its place.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import secrets
 import struct
 import time
 from collections.abc import Iterator
@@ -167,21 +169,32 @@ def _locked(directory: Path) -> Iterator[None]:
         os.close(fd)  # drops the lock
 
 
+_ASIDE_TRIES = 8
+"""Names tried for a cache moved aside before giving up: each has a random part, so only
+a name taken by chance (or planted by one who can write the parent) is tried again."""
+
+_NAME_TAKEN = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR)
+"""What ``rename`` says when the new name is a directory not empty, a file or a link:
+none of them is followed or changed, another name is tried."""
+
+
 def move_aside(path: Path, why: str, label: str = "damaged") -> Path:
-    """Rename a cache directory out of the way (``NAME.LABEL-TIME``), keeping it for a
-    post-mortem or for the version that wrote it."""
-    aside = path.with_name(f"{path.name}.{label}-{time.strftime('%Y%m%dT%H%M%S')}")
-    n = 1
-    while aside.exists():
-        aside = aside.with_name(f"{aside.name.split('~')[0]}~{n}")
-        n += 1
-    try:
-        path.rename(aside)
-    except OSError as exc:
-        # A directory that is a mount point (a volume given to the cache) or in one this
-        # user cannot write: every later command would fail the same way.
-        raise _cannot_move(path, why, exc) from exc
-    return aside
+    """Rename a cache directory out of the way (``NAME.LABEL-TIME-RANDOM``), keeping it
+    for a post-mortem or for the version that wrote it. The random part keeps one who
+    can write the parent from planting a file or link at the name beforehand."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for _ in range(_ASIDE_TRIES):
+        aside = path.with_name(f"{path.name}.{label}-{stamp}-{secrets.token_hex(4)}")
+        try:
+            path.rename(aside)
+            return aside
+        except OSError as exc:
+            if exc.errno not in _NAME_TAKEN:
+                # A directory that is a mount point (a volume given to the cache) or in
+                # one this user cannot write: every later command would fail the same way.
+                raise _cannot_move(path, why, exc) from exc
+            taken = exc
+    raise _cannot_move(path, why, taken)
 
 
 def _cannot_move(path: Path, why: str, exc: OSError) -> CacheError:

@@ -990,3 +990,31 @@ def test_a_kept_manifest_page_damaged_costs_a_prefetch_the_cache_not_the_run(
     assert len(aside(cache_dir, "damaged")) == 1
     again = run_cli("prefetch", large, *where, timeout=120)
     assert again.returncode == 0 and again.stderr == "", again.stderr
+
+
+def test_a_link_planted_at_the_name_a_damaged_cache_goes_to_is_not_in_the_way(cache_dir):
+    """Tried: dangling symlinks planted at every name a damaged cache would be moved to
+    in the next minute (`DIR.damaged-TIME`, as one who can write the cache's parent
+    could), then data.mdb cut short and `cache stats` run. Must hold: the cache is moved
+    aside to a directory of its own (exit 0, an empty cache), no link is followed (their
+    targets never made), the links left as they were. Before, the rename onto the link
+    failed and the command exited 8 saying the cache could not be moved aside."""
+    data, digest = make_blob(4 * CHUNK_SIZE, seed=61)
+    fill(cache_dir, [(data, digest)])
+    target = cache_dir.parent / "target"
+    now = time.time()
+    links = []
+    for second in range(60):
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(now + second))
+        link = cache_dir.with_name(f"{cache_dir.name}.damaged-{stamp}")
+        link.symlink_to(target / stamp)
+        links.append(link)
+    path = cache_dir / "data.mdb"
+    os.truncate(path, path.stat().st_size // 2)
+    result = run_cli("cache", "stats", "--json", "--cache-dir", str(cache_dir))
+    assert result.returncode == 0, result.stderr
+    assert '"blobs": 0' in result.stdout
+    (moved,) = [p for p in aside(cache_dir, "damaged") if not p.is_symlink()]
+    assert moved.is_dir() and (moved / "data.mdb").is_file()
+    assert not target.exists()
+    assert all(link.is_symlink() for link in links)
