@@ -27,7 +27,7 @@ from blockstore.cli.common import (
     read_trace_file,
     write_whole,
 )
-from blockstore.errors import NotFound
+from blockstore.errors import NotFound, UsageError
 from blockstore.prefetch.trace import Trace, traces_document
 from blockstore.progress import human
 
@@ -74,9 +74,34 @@ def _traces_of(shelf: TraceShelf, store: ChunkStore, targets: list[str]) -> list
     return traces
 
 
+def _traces_to_export(store: ChunkStore, args: argparse.Namespace) -> list[Trace]:
+    """The traces of the image named. Where it is not found and FILE names an image the
+    cache holds, the two were given the wrong way round: said so, not that the file's
+    name is no cached image."""
+    try:
+        return _traces_of(TraceShelf(store), store, [args.image])
+    except NotFound:
+        if _names_cached_image(store, str(args.file)):
+            raise UsageError(
+                f"{args.image} names nothing in the cache, and FILE, {args.file}, names an "
+                "image or a layer: the arguments are the wrong way round: blockstore trace "
+                "export IMAGE|DIGEST FILE"
+            ) from None
+        raise
+
+
+def _names_cached_image(store: ChunkStore, text: str) -> bool:
+    """Whether ``text`` names a cached image, or a layer digest: no file name does."""
+    try:
+        resolve_targets(store, [text])
+    except (UsageError, NotFound):  # UsageError: no reference at all
+        return False
+    return True
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     with open_store(args) as store:
-        traces = _traces_of(TraceShelf(store), store, [args.image])
+        traces = _traces_to_export(store, args)
     write_whole(args.file, traces_document(traces))
     print(f"exported {len(traces)} trace(s) to {args.file}")
     return 0

@@ -276,3 +276,27 @@ def test_an_unreadable_kept_trace_is_replaced_by_the_attached_one(
     finally:
         opened.close()
     assert "unreadable" in caplog.text
+
+
+def test_an_export_with_the_file_and_the_image_swapped_says_so(pushed_images, tmp_path):
+    """Tried: ``trace export traces.json IMAGE``, the image (cached, with a trace) given
+    as FILE and the file as IMAGE. Must hold: a usage error (exit 2) in one line saying
+    the arguments are the wrong way round, nothing written. Before, exit 3 with "no image
+    registry-1.docker.io/library/traces.json:latest in the cache", saying nothing of the
+    order."""
+    cache = tmp_path / "cache"
+    image, layer = open_layer(pushed_images.small, cache, RECORD)
+    layer.read(0, CHUNK_SIZE)
+    image.close()
+    swapped = ["trace", "export", "traces.json", pushed_images.small, "--cache-dir", str(cache)]
+    done = subprocess.run(
+        [sys.executable, "-m", "blockstore", *swapped],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert "the wrong way round" in line and "trace export IMAGE|DIGEST FILE" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
