@@ -62,7 +62,7 @@ from .errors import (
     reason,
 )
 from .gate import Gate
-from .in_use import hold_in_use, make_cache_directory
+from .in_use import hold_in_use, keep_to_owner, make_cache_directory
 from .layout import (
     ALL_DBS,
     CHUNK_SIZE,
@@ -204,6 +204,7 @@ class CacheEnv:
         if self.read_only:
             self._open_env()  # damage or another format is refused, never moved aside
             return
+        keep_to_owner(path)
         try:
             self._open_env()
         except OtherFormat as exc:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import stat
 from pathlib import Path
 
 from blockstore.openers import processes_with_open
 
-from .errors import open_failure
+from .errors import open_failure, reason
 from .layout import LMDB_DATA_FILE, LMDB_LOCK_FILE
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,28 @@ def make_cache_directory(path: Path) -> None:
     cache holds every byte of the images it served, files they keep from other users
     included, so no other user may read them from it."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def keep_to_owner(path: Path) -> None:
+    """Make the owner's cache directory at ``path`` theirs alone, as
+    ``make_cache_directory`` makes one: earlier versions made it 0755, and it holds every
+    byte of the images it served. Only the directory: its files are out of reach then.
+    Said once, at info; one of another user's is left as it is."""
+    try:
+        st = path.stat()
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid != os.geteuid() or not mode & 0o077:
+            return
+        path.chmod(mode & ~0o077)
+    except OSError as exc:
+        log.warning("cannot make the cache at %s its owner's alone: %s", path, reason(exc))
+        return
+    log.info(
+        "the cache at %s was open to other users (%04o): made it its owner's alone (%04o)",
+        path,
+        mode,
+        mode & ~0o077,
+    )
 
 
 def hold_in_use(path: Path, *, read_only: bool = False) -> int:

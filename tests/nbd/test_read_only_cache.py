@@ -495,3 +495,30 @@ def test_a_read_only_cache_whose_data_file_is_empty_is_said_to_be_empty(tmp_path
             assert f"the cache at {ro} is empty (its data.mdb is 0 bytes)" in line, line
             assert "read-only file system" in line, line
     assert os.listdir(cache) == ["data.mdb"]
+
+
+def test_a_cache_an_earlier_version_left_readable_is_made_its_owners_alone(registry, pushed_images):
+    """Tried: user nobody's filled cache whose directory is 0755, as earlier versions
+    made it, listed by root (who reads it read-only), then by nobody, twice. Must hold:
+    root's look changes no mode; nobody's first `cache ls` makes the directory 0700,
+    said once at info (`-v`), and `data.mdb` keeps its mode; the second says nothing of
+    it. Before, the directory stayed 0755 and every user could read every cached byte."""
+    with users_directory() as base:
+        cache = base / "cache"
+        cache.mkdir()
+        shutil.chown(cache, "nobody")
+        filled = as_nobody("prefetch", pushed_images.small, "--insecure", "--cache-dir", str(cache))
+        assert filled.returncode == 0, filled.stderr
+        cache.chmod(0o755)
+        data_mode = (cache / "data.mdb").stat().st_mode
+        looked = blockstore("cache", "ls", "--cache-dir", str(cache))
+        assert looked.returncode == 0, looked.stderr
+        assert stat.S_IMODE(cache.stat().st_mode) == 0o755
+        tightened = as_nobody("-v", "cache", "ls", "--cache-dir", str(cache))
+        assert tightened.returncode == 0, tightened.stderr
+        assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+        assert (cache / "data.mdb").stat().st_mode == data_mode
+        said = [line for line in tightened.stderr.splitlines() if "0700" in line]
+        assert len(said) == 1 and str(cache) in said[0], tightened.stderr
+        again = as_nobody("-v", "cache", "ls", "--cache-dir", str(cache))
+        assert again.returncode == 0 and "0700" not in again.stderr, again.stderr
