@@ -410,9 +410,9 @@ class ChunkStore:
         Asked before a prefetch or a fill stores a byte: each store that finds the
         disk full evicts the oldest of the cache, the layers prefetched for offline
         use first, and a blob too large would still not fit (it would lose itself too)."""
-        missing = self.missing_by_digest(digest, range(chunk_count(size)))
-        need = len(missing) * STORED_CHUNK
-        room = self.room(len(missing) * CHUNK_SIZE)
+        missing = self._missing_count(digest, size)
+        need = missing * STORED_CHUNK
+        room = self.room(missing * CHUNK_SIZE)
         if need <= room:
             return None
         return (
@@ -420,6 +420,15 @@ class ChunkStore:
             f"{self.path}, and the disk holding it has room for {human(room)}: "
             "free space there, or make room with `cache rm` or `cache gc --cache-size`"
         )
+
+    def _missing_count(self, digest: str, size: int) -> int:
+        """How many chunks of blob ``digest`` (of ``size`` bytes) are not stored, from its
+        record's count, not a question per chunk: the size is the registry's word, and
+        one that lies (16 TiB: 512M chunks) must be judged before it costs anything."""
+        record = self.lookup(digest)
+        if record is None:
+            return chunk_count(size)
+        return max(chunk_count(size) - record.present, 0)
 
     def read_parts(self, blob_id: int, indices: Sequence[int]) -> dict[int, bytes]:
         """The stored parts (unchecked, see ``parts``) of those of ``indices`` that have one."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from blockstore.cache.errors import ReadOnlyCache
+from blockstore.cache.errors import DiskFull, ReadOnlyCache
 from blockstore.cache.indexes import IndexShelf
 from blockstore.cli.common import (
     add_cache_options,
@@ -114,7 +114,7 @@ def run_prefetch(args: argparse.Namespace) -> int:
 
 def _can_keep(args: argparse.Namespace) -> Callable[[OpenImage], None]:
     """The open's check that the cache can keep every layer asked for: writable, and
-    each layer (unless pinned) whole under the cap. A refusal comes before a byte of
+    each layer whole under the cap (a pinned one, on the disk). A refusal comes before a byte of
     any layer is fetched, and fails the open: the image is not recorded, nor a cache
     made for it kept, for a prefetch that fetched nothing."""
 
@@ -126,8 +126,13 @@ def _can_keep(args: argparse.Namespace) -> Callable[[OpenImage], None]:
                 "prefetch would have nowhere to keep what it fetches (give a writable "
                 "--cache-dir)"
             )
-        for layer in [] if args.pin else image.select(args.layer, args.blob):
-            if (why := _over_cap(image, layer)) is not None:
+        for layer in image.select(args.layer, args.blob):
+            if args.pin:
+                # Past the cap, not past the disk: a size the registry lies about (16 TiB)
+                # is refused here, before a pin records it.
+                if (why := store.no_room(layer.digest, layer.size)) is not None:
+                    raise DiskFull(f"{why}; nothing was fetched or pinned")
+            elif (why := _over_cap(image, layer)) is not None:
                 raise CacheError(f"{why}; raise --cache-size or pin it (--pin)")
 
     return check

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -710,3 +711,46 @@ def test_a_fill_waits_for_a_prefetch_filling_alone(pushed_images, registry, tmp_
 def sealed(cache: Path) -> bool:
     listing = blockstore("cache", "ls", "--json", "--cache-dir", str(cache), check=True)
     return all(blob["sealed"] for blob in json.loads(listing.stdout))
+
+
+def test_a_registry_lying_that_a_layer_is_16_tib_fails_a_pinned_prefetch_early(
+    registry, pushed_images, fault_proxy, tmp_path
+):
+    """Tried: a registry (through a proxy) whose manifest and HEAD both say the one layer
+    is 16 TiB, then `prefetch --pin`, with 2 GiB of address space. Must hold: refused in
+    one line within seconds (exit 8), saying the layer does not fit on the cache's disk,
+    in bounded memory (no list of the 512M chunks of such a size is built); nothing of
+    the layer fetched, no cache left with the lie pinned in it. Before, the prefetch
+    pinned it, then built a list of every missing chunk to judge the disk's room:
+    out of memory (exit 14), gigabytes later, with a cache holding the pin."""
+    from blockstore.registry.mediatypes import OCI_MANIFEST
+
+    lie = 16 << 40
+    with registry.client() as client:
+        manifest = json.loads(client.get_manifest("fixtures/small", "v1").raw)
+    layer = manifest["layers"][0]
+    layer["size"] = lie
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault.document(manifest, OCI_MANIFEST, path_contains="/manifests/")
+    head = Fault("rewrite_headers", method="HEAD", headers={"Content-Length": str(lie)})
+    head.path_contains = f"/blobs/{layer['digest']}"
+    proxy.more_faults = [head]
+    image = f"{proxy.host}/fixtures/small:v1"
+    command = [sys.executable, "-m", "blockstore", "prefetch", "--pin", image, "--insecure"]
+    process = subprocess.Popen(
+        [*command, "--cache-dir", str(tmp_path / "cache")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30)),
+    )
+    started = time.monotonic()
+    _, stderr = process.communicate(timeout=120)
+    took = time.monotonic() - started
+    assert process.returncode == 8, stderr
+    (line,) = stderr.splitlines()
+    assert "needs about 18.0 TiB more" in line and "the disk holding it has room" in line
+    assert "nothing was fetched or pinned" in line, line
+    assert took < 30, took
+    assert not [r for r in proxy.requests if r.method == "GET" and layer["digest"] in r.path]
+    assert not (tmp_path / "cache").exists()

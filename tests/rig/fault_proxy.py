@@ -130,6 +130,9 @@ class FaultProxy:
         self.upstream_headers = upstream_headers or {}
         """Headers set on every forwarded request (credentials of a storage backend)."""
         self.fault: Fault | None = None
+        self.more_faults: list[Fault] = []
+        """Faults for other requests than ``fault``'s (a lying manifest and a lying HEAD):
+        the first whose match a request meets is the one it gets."""
         self.faults_applied = 0
         self.requests: list[RecordedRequest] = []
         self.connections = 0
@@ -148,17 +151,11 @@ class FaultProxy:
     def take_fault(self, method: str, path: str) -> Fault | None:
         """The fault for this request, if any, counting it against ``times``."""
         with self._lock:
-            fault = self.fault
-            if fault is None or fault.path_contains not in path:
-                return None
-            if fault.method and fault.method != method:
-                return None
-            if fault.times is not None:
-                if fault.times <= 0:
-                    return None
-                fault.times -= 1
-            self.faults_applied += 1
-            return fault
+            for fault in (self.fault, *self.more_faults):
+                if fault is not None and _takes(fault, method, path):
+                    self.faults_applied += 1
+                    return fault
+            return None
 
     def count_connection(self) -> None:
         with self._lock:
@@ -331,6 +328,17 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 self.connection.shutdown(socket.SHUT_RDWR)
 
     return Handler
+
+
+def _takes(fault: Fault, method: str, path: str) -> bool:
+    """Whether ``fault`` matches the request and has a use left, counting this one."""
+    if fault.path_contains not in path or (fault.method and fault.method != method):
+        return False
+    if fault.times is not None:
+        if fault.times <= 0:
+            return False
+        fault.times -= 1
+    return True
 
 
 def _rewrite(headers: dict[str, str], rewrites: dict[str, str]) -> None:
