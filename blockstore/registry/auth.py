@@ -280,12 +280,14 @@ class Authenticator:
         """``token``, not expired, which its issuer could not renew now (``failed``): a
         read need not fail while the registry still takes it. It is renewed again no
         sooner than the pause the issuer asked for (``RENEWAL_RETRY`` at least), so a
-        busy issuer is not asked at every read, nor later than its expiry."""
+        busy issuer is not asked at every read, nor later than its expiry. Said once per
+        failure: the reads that waited for the same renewal find it postponed already."""
         pause = max(RENEWAL_RETRY, failed.retry_after or 0.0)
         postponed = replace(token, renew_at=min(token.expires_at, time.monotonic() + pause))
         with self._lock:
-            if self._tokens.get(scope) is token:
-                self._tokens[scope] = postponed
+            if self._tokens.get(scope) is not token:
+                return postponed
+            self._tokens[scope] = postponed
         log.info(
             "registry %s: the token for %s could not be renewed, used until it expires: %s",
             self.host,

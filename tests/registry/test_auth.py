@@ -716,6 +716,43 @@ def test_a_token_still_good_is_used_while_its_issuer_cannot_renew_it(
         issuer.stop()
 
 
+def test_a_failed_renewal_under_parallel_reads_is_said_once(
+    tmp_path, test_ca, erofs_images, monkeypatch, caplog
+):
+    """Tried: a token of 60 s, the client's clock moved 50 s on (past its renewal), an
+    issuer that answers 503 half a second late, and four reads at once, so three wait
+    for the renewal the first asked for. Must hold: all four are served with the token
+    in hand, and its failed renewal is said once. Before, each waiting read said it
+    again: one INFO line per read under way, for one failure."""
+    clock = ShiftedClock()
+    monkeypatch.setattr(auth, "time", clock)
+    cert, key = test_ca.issue("parallel-renewal-issuer", server=False)
+    issuer = TokenIssuer(cert, key, users={"bob": "bob-pw"})
+    issuer.expires_in = 60
+    server = registry_of_issuer(tmp_path, issuer, test_ca)
+    expected = erofs_images.small.path.read_bytes()
+    try:
+        ref = push_small(server, "auth/parallel-renewal", erofs_images)
+        with server.client(timeout=5.0) as client:
+            image = resolve_image(client, ref, None)
+            blob = RegistryBlob(client, parse_reference(ref).repository, image.layers[0])
+            assert blob.read_range(0, 4096) == expected[:4096]
+            clock.ahead = 50
+            issuer.busy_for, issuer.delay = 60, 0.5
+            asked = len(issuer.asked)
+            caplog.set_level(logging.INFO, logger=auth.log.name)
+            offsets = [0, 4096, 8192, 12288]
+            with ThreadPoolExecutor(len(offsets)) as pool:
+                pieces = list(pool.map(lambda offset: blob.read_range(offset, 4096), offsets))
+        assert b"".join(pieces) == expected[:16384]
+        assert len(issuer.asked) == asked + 1
+        said = [r for r in caplog.records if "could not be renewed" in r.getMessage()]
+        assert len(said) == 1, [r.getMessage() for r in said]
+    finally:
+        server.stop()
+        issuer.stop()
+
+
 def test_oauth2_style_token_reply(token_registry, token_image, token_lifetime, erofs_images):
     """An issuer answering only ``access_token`` and no ``expires_in`` works too."""
     token_lifetime.legacy_reply = True

@@ -63,6 +63,8 @@ class TokenIssuer:
         """Answer OAuth2-style: only ``access_token``, no ``expires_in`` (60 s to clients)."""
         self.busy_for: int | None = None
         """Answer every request 503 with this ``Retry-After``; None: answer as usual."""
+        self.delay = 0.0
+        """Seconds each request waits before its answer: a slow issuer."""
         self.asked: list[float] = []
         """When each token request came (monotonic)."""
         self.issued: list[dict] = []
@@ -165,6 +167,7 @@ def _handler(issuer: TokenIssuer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             issuer.asked.append(time.monotonic())
+            time.sleep(issuer.delay)
             if issuer.busy_for is not None:
                 self.send_response(503)
                 self.send_header("Retry-After", str(issuer.busy_for))
