@@ -121,12 +121,35 @@ time), so a mount checks first, and again when a step fails."""
 
 def check_room(directory: Path) -> None:
     """Raise the OSError (a full disk, over quota, read-only) that a write of ``ROOM``
-    bytes in ``directory`` meets; ``writes_named`` says it naming the run directory."""
-    probe = directory / f".room-probe-{os.getpid()}"
+    bytes in ``directory`` meets; ``writes_named`` says it naming the run directory.
+    The bytes go to a file with no name (``O_TMPFILE``): a mount killed while writing
+    them leaves nothing that would keep a failed first mount from removing the run
+    directory."""
     try:
-        probe.write_bytes(bytes(ROOM))
+        fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:
+            raise
+        _check_free_space(directory)
+        return
+    try:
+        with open(fd, "wb", closefd=False) as probe:
+            probe.write(bytes(ROOM))
     finally:
-        probe.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _check_free_space(directory: Path) -> None:
+    """``check_room`` on a file system with no files without a name (NFS, most FUSE ones):
+    its free space and read-only flag as it tells them, so a quota goes unseen there."""
+    disk = os.statvfs(directory)
+    if disk.f_flag & os.ST_RDONLY:
+        code = errno.EROFS
+    elif disk.f_bavail * disk.f_frsize < ROOM:
+        code = errno.ENOSPC
+    else:
+        return
+    raise OSError(code, os.strerror(code), os.fspath(directory))
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,41 @@ def test_a_failed_first_mount_leaves_the_run_directory_another_mount_is_making(
         )
         assert done.returncode == RegistryUnreachable.exit_code, done.stderr
         assert sorted(p.name for p in first.iterdir()) == ["log", "mounts"]
+
+
+KILLED_WRITING = """
+import resource, signal, sys
+from blockstore.cli import main
+# Past 1 KiB a write kills the process as SIGKILL would: no cleanup runs. The mount's
+# first write of more is its check for room in the run directory.
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_mount_killed_checking_for_room_leaves_a_failed_first_mount_no_trace(
+    mount_dirs, mountpoint, monkeypatch
+):
+    """Tried: a first mount (this process, making the run directory as ``mount`` does)
+    during which another mount is killed (no cleanup runs) while it writes to check the
+    run directory's disk has room; then the first one fails. Must hold: the killed one
+    left nothing in ``mounts/``, and the failed one removes the run directory it made.
+    Before, the killed one left ``mounts/.room-probe-PID``, and the run directory stayed
+    for good."""
+    base, run = mount_dirs
+    first = run / "run"
+    monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(first))
+    ref = f"127.0.0.1:{free_port()}/a/b:v1"
+    argv = ["mount", ref, "--insecure", "--cache-dir", str(base / "cache"), str(mountpoint)]
+    with pytest.raises(RegistryUnreachable), records.run_dirs_made():
+        killed = subprocess.run(
+            [sys.executable, "-c", KILLED_WRITING, *argv], capture_output=True, timeout=60
+        )
+        assert killed.returncode == -signal.SIGXFSZ, killed.stderr
+        assert list((first / "mounts").iterdir()) == []
+        raise RegistryUnreachable("the first mount fails")
+    assert list(run.iterdir()) == [], list(run.rglob("*"))
 
 
 @pytest.mark.parametrize("command", ["serve", "prefetch"])

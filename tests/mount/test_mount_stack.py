@@ -364,6 +364,51 @@ def test_a_run_directory_that_is_nearly_full_is_named(
                 fill.unlink()
 
 
+@pytest.mark.parametrize("room", ["some", "none"])
+def test_a_run_directory_where_no_file_can_be_unnamed_is_checked_for_room(
+    mount_dirs, mountpoint, erofs_images, local_server, monkeypatch, room
+):
+    """Tried: the run directory on a fuse-overlayfs (over a small tmpfs), which refuses
+    files with no name (``O_TMPFILE``: EOPNOTSUPP, as NFS does); a mount and ``umount``,
+    then the same with the tmpfs filled to the byte. Must hold: the mount serves the image
+    and is undone; on the full disk it fails in the one line naming the run directory:
+    where no file can be unnamed, its room is checked by the free space it tells."""
+    if shutil.which("fuse-overlayfs") is None:
+        pytest.skip("no fuse-overlayfs here")
+    argv = local_server({"layer0": erofs_images.small.path})
+    _, short = mount_dirs  # a socket's path has room for 107 bytes
+    under, disk = short / "under", short / "disk"
+    for path in (under, disk):
+        path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "small", str(under)], check=True)
+    layers = {name: under / name for name in ("lower", "upper", "work")}
+    for path in layers.values():
+        path.mkdir()
+    options = "lowerdir={lower},upperdir={upper},workdir={work}".format(**layers)
+    subprocess.run(["fuse-overlayfs", "-o", options, str(disk)], check=True)
+    try:
+        run = disk / "run"
+        monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(run))
+        if room == "some":
+            stack.mount(argv, str(mountpoint), image="small")
+            assert_same_tree(erofs_images.small.tree, mountpoint)
+            stack.unmount(str(mountpoint))
+        else:
+            _fill(under)
+            with pytest.raises(MountError) as failed:
+                stack.mount(argv, str(mountpoint), image="small")
+            assert str(failed.value) == (
+                f"cannot write in the run directory {run}, where mounts keep their records, "
+                "sockets and logs: No space left on device; free space on its disk, or give "
+                "another as BLOCKSTORE_RUN_DIR"
+            )
+        assert not syscall.is_mounted(str(mountpoint))
+        assert not processes_mentioning(str(run))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+        subprocess.run(["umount", "-l", str(under)], check=True)
+
+
 def test_a_mount_whose_run_directory_was_cleared_is_undone_by_umount(
     mount_dirs, mountpoint, erofs_images, local_server
 ):
