@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,19 +38,16 @@ BASE_TRANSMISSION_FLAGS = (
 )
 
 
-# The options this server reads data of; any other's answer is the same whatever
-# data it carries (unsupported, or invalid for carrying any).
-_OPTIONS_WITH_DATA = frozenset(
-    (
-        Option.EXPORT_NAME,
-        Option.INFO,
-        Option.GO,
-        Option.LIST_META_CONTEXT,
-        Option.SET_META_CONTEXT,
-    )
-)
-_OPTIONS_WITHOUT_DATA = frozenset((Option.LIST, Option.STRUCTURED_REPLY))
 _NO_DATA = "this option carries no data"
+
+
+class _Data(enum.Enum):
+    """What an option's answer makes of its data: whether data too long to read can be
+    answered without it."""
+
+    READ = "read"  # parsed: too long is ERR_TOO_BIG
+    NONE = "none"  # takes none: any is ERR_INVALID
+    IGNORED = "ignored"  # answered the same whatever it carries
 
 
 class TLSPolicy(enum.Enum):
@@ -150,24 +147,24 @@ class Negotiation:
         """An option whose data was skipped unread because it was too long."""
         if option == Option.SET_META_CONTEXT:
             self._meta_export = None  # replaced even when this request fails
-        if option == Option.ABORT:
-            # ABORT is ACKed whatever data it carries (the spec: ignore it).
+        handler = _HANDLERS.get(option)
+        if handler is not None and handler.data is _Data.IGNORED:
             return self._dispatch(option, b"")
         if option == Option.STARTTLS:
             if self._tls is TLSPolicy.OFF:
-                return self._starttls(b"")
+                return self._starttls(option, b"")
             # STARTTLS takes no data: INVALID is its own answer, before or after TLS.
             message = f"STARTTLS takes no data, {length} bytes were sent"
             return _invalid(option, message)
-        if self._tls is TLSPolicy.REQUIRE and not self.tls_active:
+        if self._tls_missing(handler):
             return _tls_required(option)
         if option == Option.EXPORT_NAME:
             # EXPORT_NAME has no way to say no: the only answer is to hang up.
             return OptionOutcome(b"", close_reason="oversized export name", clean=False)
-        if option in _OPTIONS_WITHOUT_DATA:
-            return _invalid(option, _NO_DATA)
-        if option not in _OPTIONS_WITH_DATA:
+        if handler is None:
             return _unsupported(option)
+        if handler.data is _Data.NONE:
+            return _invalid(option, _NO_DATA)
         message = f"option data of {length} bytes is too long"
         return OptionOutcome(replies.option_error(option, OptionReply.ERR_TOO_BIG, message))
 
@@ -186,35 +183,37 @@ class Negotiation:
             return _invalid(option, str(exc))
 
     def _dispatch(self, option: int, data: bytes) -> OptionOutcome:
-        if option == Option.ABORT:
-            return OptionOutcome(
-                replies.option_reply(option, OptionReply.ACK), close_reason="client aborted"
-            )
-        if option == Option.STARTTLS:
-            return self._starttls(data)
-        if self._tls is TLSPolicy.REQUIRE and not self.tls_active:
+        handler = _HANDLERS.get(option)
+        if self._tls_missing(handler):
             return _tls_required(option)
-        if option == Option.EXPORT_NAME:
-            return self._export_name(data)
-        if option == Option.LIST:
-            _no_data(data)
-            listing = b"".join(
-                replies.server_entry(option, name, facts.description)
-                for name, facts in self._catalog.items()
-            )
-            return OptionOutcome(listing + replies.option_reply(option, OptionReply.ACK))
-        if option in (Option.INFO, Option.GO):
-            return self._info(option, data)
-        if option == Option.STRUCTURED_REPLY:
-            _no_data(data)
-            self.structured_replies = True
-            return OptionOutcome(replies.option_reply(option, OptionReply.ACK))
-        if option in (Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT):
-            return self._meta_context(option, data)
-        return _unsupported(option)
+        if handler is None:
+            return _unsupported(option)
+        return handler.answer(self, option, data)
 
-    def _starttls(self, data: bytes) -> OptionOutcome:
-        option = Option.STARTTLS
+    def _tls_missing(self, handler: _Handler | None) -> bool:
+        """Whether TLS is required and not running yet for an option ``handler`` answers."""
+        before_tls = handler is not None and handler.before_tls
+        return self._tls is TLSPolicy.REQUIRE and not self.tls_active and not before_tls
+
+    def _abort(self, option: int, data: bytes) -> OptionOutcome:
+        # ACKed whatever data it carries (the spec: ignore it).
+        reply = replies.option_reply(option, OptionReply.ACK)
+        return OptionOutcome(reply, close_reason="client aborted")
+
+    def _list(self, option: int, data: bytes) -> OptionOutcome:
+        _no_data(data)
+        listing = b"".join(
+            replies.server_entry(option, name, facts.description)
+            for name, facts in self._catalog.items()
+        )
+        return OptionOutcome(listing + replies.option_reply(option, OptionReply.ACK))
+
+    def _structured_reply(self, option: int, data: bytes) -> OptionOutcome:
+        _no_data(data)
+        self.structured_replies = True
+        return OptionOutcome(replies.option_reply(option, OptionReply.ACK))
+
+    def _starttls(self, option: int, data: bytes) -> OptionOutcome:
         if self._tls is TLSPolicy.OFF:
             message = "TLS is not offered by this server"
             return OptionOutcome(replies.option_error(option, OptionReply.ERR_POLICY, message))
@@ -223,7 +222,7 @@ class Negotiation:
             raise _Malformed("TLS is already running")
         return OptionOutcome(replies.option_reply(option, OptionReply.ACK), start_tls=True)
 
-    def _export_name(self, data: bytes) -> OptionOutcome:
+    def _export_name(self, option: int, data: bytes) -> OptionOutcome:
         name = _decode(data)
         found = self._catalog.resolve(name)
         if found is None:
@@ -288,6 +287,31 @@ class Negotiation:
             structured_replies=self.structured_replies,
             block_status=self.structured_replies and self._meta_export == name,
         )
+
+
+@dataclass(frozen=True)
+class _Handler:
+    """How the server answers an option it knows."""
+
+    answer: Callable[[Negotiation, int, bytes], OptionOutcome]
+    data: _Data
+    before_tls: bool = False
+    """Answered before TLS runs where it is required (``TLSPolicy.REQUIRE``)."""
+
+
+# The one table of the options this server knows: what answers each, and what it makes
+# of its data (``refuse_oversized`` answers by it too). Any other is ERR_UNSUP.
+_HANDLERS: Mapping[int, _Handler] = {
+    Option.ABORT: _Handler(Negotiation._abort, _Data.IGNORED, before_tls=True),
+    Option.STARTTLS: _Handler(Negotiation._starttls, _Data.NONE, before_tls=True),
+    Option.EXPORT_NAME: _Handler(Negotiation._export_name, _Data.READ),
+    Option.LIST: _Handler(Negotiation._list, _Data.NONE),
+    Option.INFO: _Handler(Negotiation._info, _Data.READ),
+    Option.GO: _Handler(Negotiation._info, _Data.READ),
+    Option.STRUCTURED_REPLY: _Handler(Negotiation._structured_reply, _Data.NONE),
+    Option.LIST_META_CONTEXT: _Handler(Negotiation._meta_context, _Data.READ),
+    Option.SET_META_CONTEXT: _Handler(Negotiation._meta_context, _Data.READ),
+}
 
 
 def _tls_required(option: int) -> OptionOutcome:
