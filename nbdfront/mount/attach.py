@@ -26,6 +26,10 @@ NBDFUSE = "nbdfuse"
 KERNEL = "kernel"
 
 ATTACH_TIMEOUT = 15.0
+EMPTY_PIDFILE_GRACE = 2.0
+"""Seconds nbdfuse's pidfile may stay empty: nbdfuse writes its pid right after making
+the file, and says nothing when that write fails (a full disk) but serves on, so a file
+empty for longer is a pid that will never come."""
 KERNEL_BLOCK_SIZE = 512
 """The logical block size ``nbd-client`` gives a kernel NBD device. A file system's
 blocks cannot be smaller than its device's: a tar layer's EROFS metadata has 512-byte
@@ -151,16 +155,30 @@ def _attach_nbdfuse(uri: str, export: str, workdir: Path, log_path: Path) -> Att
 
 def _wait_for_pidfile(proc: subprocess.Popen, pidfile: Path, uri: str, log_path: Path) -> None:
     """nbdfuse writes its pidfile once the FUSE file is ready to serve."""
-    deadline = time.monotonic() + ATTACH_TIMEOUT
-    while not (pidfile.exists() and pidfile.read_text().strip()):
+    started = time.monotonic()
+    empty_since: float | None = None
+    while not (written := _pidfile_text(pidfile)):
         if proc.poll() is not None:
             raise MountError(
                 f"nbdfuse could not attach {uri} (exit {proc.returncode}): "
                 + (log_tail(log_path, 1) or f"see {log_path}")
             )
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if written == "":
+            empty_since = now if empty_since is None else empty_since
+            if now - empty_since > EMPTY_PIDFILE_GRACE:
+                raise MountError(f"nbdfuse attached {uri} but could not write its pidfile")
+        if now - started > ATTACH_TIMEOUT:
             raise MountError(f"nbdfuse did not attach {uri} within {ATTACH_TIMEOUT:.0f}s")
         time.sleep(0.01)
+
+
+def _pidfile_text(pidfile: Path) -> str | None:
+    """What the pidfile holds, stripped; None while it is not made yet."""
+    try:
+        return pidfile.read_text().strip()
+    except FileNotFoundError:
+        return None
 
 
 def _attach_kernel(uri: str, export: str, log_path: Path) -> Attachment:

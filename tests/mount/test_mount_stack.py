@@ -364,6 +364,45 @@ def test_a_run_directory_that_is_nearly_full_is_named(
                 fill.unlink()
 
 
+def test_a_run_directory_filled_as_nbdfuse_starts_is_named_at_once(
+    mount_dirs, mountpoint, erofs_images, local_server, monkeypatch
+):
+    """Tried: the run directory on a small tmpfs (as ``/run`` is), filled to the byte
+    just before nbdfuse starts: it makes its pidfile but cannot write its pid in it, and
+    serves on. Must hold: the mount fails within a few seconds in the one line naming
+    the run directory; nothing is left mounted or running. Before, it waited nbdfuse's
+    whole attach timeout (15 s) for a pid that could never come."""
+    argv = local_server({"layer0": erofs_images.small.path})
+    spawn = attach.spawn_detached
+    _, short = mount_dirs  # a socket's path has room for 107 bytes
+    disk = short / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "small", str(disk)], check=True)
+    try:
+        run = disk / "run"
+        monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(run))
+
+        def fill_then_spawn(argv: list[str], *args: object) -> subprocess.Popen:
+            _fill(disk)
+            return spawn(argv, *args)
+
+        monkeypatch.setattr(attach, "spawn_detached", fill_then_spawn)
+        started = time.monotonic()
+        with pytest.raises(MountError) as failed:
+            stack.mount(argv, str(mountpoint), image="small")
+        took = time.monotonic() - started
+        assert str(failed.value) == (
+            f"cannot write in the run directory {run}, where mounts keep their records, "
+            "sockets and logs: No space left on device; free space on its disk, or give "
+            "another as BLOCKSTORE_RUN_DIR"
+        )
+        assert took < 8, took
+        assert not syscall.is_mounted(str(mountpoint))
+        assert not processes_mentioning(str(run))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
 @pytest.mark.parametrize("room", ["some", "none"])
 def test_a_run_directory_where_no_file_can_be_unnamed_is_checked_for_room(
     mount_dirs, mountpoint, erofs_images, local_server, monkeypatch, room
