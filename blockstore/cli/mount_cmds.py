@@ -59,13 +59,14 @@ class OciOptions:
     zinfo: Path | None = None
     suid: bool | None = None  # mount(8)'s suid and nosuid
     dev: bool | None = None  # mount(8)'s dev and nodev
+    exec: bool | None = None  # mount(8)'s exec and noexec
 
 
 def parse_mount_options(texts: list[str]) -> OciOptions:
     """Parse ``-o`` values (each comma-separated, ``-o`` repeatable) into ``OciOptions``.
 
     ``ro`` is accepted and changes nothing (every mount is read-only); ``suid``,
-    ``dev`` and their ``no`` forms are taken as mount(8) takes them, the last one
+    ``dev``, ``exec`` and their ``no`` forms are taken as mount(8) takes them, the last one
     given winning; ``rw`` and anything unknown are refused, so a typo never passes
     silently.
     """
@@ -103,7 +104,7 @@ def parse_mount_options(texts: list[str]) -> OciOptions:
                 parsed.insecure = _flag(key, value if has_value else "1")
             elif key == "ro" and not has_value:
                 continue
-            elif key in ("suid", "nosuid", "dev", "nodev") and not has_value:
+            elif key in ("suid", "nosuid", "dev", "nodev", "exec", "noexec") and not has_value:
                 setattr(parsed, key.removeprefix("no"), not key.startswith("no"))
             elif key == "rw" and not has_value:
                 raise UsageError("blockstore mounts are read-only: -o rw is not possible")
@@ -467,6 +468,7 @@ def run_mount(args: argparse.Namespace) -> int:
             tls=bool(tls),
             suid=bool(args.suid),
             dev=bool(args.dev),
+            exec=args.exec is not False,
         )
     except MountError as exc:
         if NotCached.said not in str(exc):
@@ -647,9 +649,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated: oci.layer=N (or oci=N), oci.blob=DIGEST, oci.platform=OS/ARCH, "
         "oci.username=U, oci.password=P, oci.insecure, oci.tarindex=PATH, oci.zinfo=PATH, ro, "
         "suid and dev (the image's setuid bits and device files honoured; nosuid and nodev, "
-        "the default, otherwise)",
+        "the default, otherwise), noexec (none of the image's programs run; exec, the "
+        "default, otherwise)",
     )
-    mount.set_defaults(suid=None, dev=None)  # set by -o alone
+    mount.set_defaults(suid=None, dev=None, exec=None)  # set by -o alone
     add_tls_options(mount, offer_verify_peer=False)
     mount.set_defaults(func=run_mount)
 

@@ -292,6 +292,7 @@ class MountRecord:
     metrics: str | None = None  # the server's metrics URL (``mount --metrics``)
     suid: bool = False  # the image's setuid bits honoured (``-o suid``)
     dev: bool = False  # the image's device files opened (``-o dev``)
+    exec: bool = True  # the image's programs run (unless ``-o noexec``)
     info: dict = field(default_factory=dict)
 
     @property

@@ -209,10 +209,12 @@ def mount(
     tls: bool = False,
     suid: bool = False,
     dev: bool = False,
+    exec: bool = True,
 ) -> MountRecord:
     """Start ``server_argv`` (it gets ``--unix SOCK --pidfile PID --ready-fd N`` appended)
     and mount its exports. ``tls``: ``server_argv`` makes it speak TLS. ``suid``,
-    ``dev``: honour the image's setuid bits, open its device files (see ``_flags``).
+    ``dev``, ``exec``: honour the image's setuid bits, open its device files, run its
+    programs (see ``_flags``).
 
     ``warn`` is given each warning the server logged before it was ready.
     Returns the saved record once ``mountpoint`` shows the image's tree.
@@ -233,6 +235,7 @@ def mount(
         mounter=ProcessRef.of(os.getpid()),
         suid=suid,
         dev=dev,
+        exec=exec,
     )
     # Held (shared) for the whole mount, registry waits included: a failure anywhere in
     # it removes what it made of the run directory, as of the rest. Only that removal
@@ -504,8 +507,13 @@ def _visible(lowers: list[str]) -> list[str]:
 def _flags(record: MountRecord) -> int:
     """``nosuid`` and ``nodev`` unless asked otherwise, as mount(8) makes a user's
     mounts: the image is whatever its pusher made it, and a setuid-root shell or a
-    device file of its own would serve any local user who can reach the mount point."""
-    return (0 if record.suid else syscall.MS_NOSUID) | (0 if record.dev else syscall.MS_NODEV)
+    device file of its own would serve any local user who can reach the mount point.
+    ``noexec`` only when asked for, as mount(8) takes it."""
+    return (
+        (0 if record.suid else syscall.MS_NOSUID)
+        | (0 if record.dev else syscall.MS_NODEV)
+        | (0 if record.exec else syscall.MS_NOEXEC)
+    )
 
 
 def _mount_erofs(device: str, target: str, log: Path, shown: set[str], flags: int) -> None:

@@ -22,6 +22,7 @@ from blockstore.openers import processes_using
 MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
+MS_NOEXEC = 8
 MNT_DETACH = 2
 BUSY_PATIENCE = 1.0
 BUSY_RETRY = 0.05
@@ -43,7 +44,7 @@ def _fail(what: str, err: int) -> MountError:
 
 def mount(source: str, target: str, fstype: str, options: str = "", flags: int = 0) -> None:
     """Mount ``source`` read-only at ``target`` as ``fstype`` with ``options`` and
-    ``flags`` (``MS_NOSUID``, ``MS_NODEV``) beside ``MS_RDONLY``."""
+    ``flags`` (``MS_NOSUID``, ``MS_NODEV``, ``MS_NOEXEC``) beside ``MS_RDONLY``."""
     rc = _libc.mount(
         os.fsencode(source),
         os.fsencode(target),

@@ -802,3 +802,28 @@ def test_a_setuid_binary_of_the_image_gives_other_users_nothing(tmp_path, regist
                 cli("umount", str(mnt))
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_noexec_as_mount8_spells_it_keeps_the_images_programs_from_running(
+    tmp_path, registry, run_dir
+):
+    """Tried: an image holding ``id``, mounted with ``-o ro,nosuid,nodev,noexec`` (what
+    mount(8) and fstab lines say), then with ``-o exec``. Must hold: with ``noexec`` the
+    mount is made and running its ``id`` is refused (EACCES); with ``exec``, the last
+    one given winning, it runs. Before, ``noexec`` and ``exec`` were
+    refused as unknown mount options and nothing was mounted."""
+    ref = push_tar_layer(registry, "o/noexec", "v1", "gzip", setuid_root_id_tar(), tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cache = ["--insecure", "--cache-dir", str(tmp_path / "cache")]
+    for option, runs in ("ro,nosuid,nodev,noexec", False), ("noexec,exec", True):
+        cli("mount", *cache, "-o", option, ref, str(mnt))
+        try:
+            ran = subprocess.run([str(mnt / "id"), "-u"], capture_output=True, text=True)
+            assert ran.stdout == "0\n"
+        except PermissionError:
+            assert not runs
+        else:
+            assert runs
+        finally:
+            cli("umount", str(mnt))
