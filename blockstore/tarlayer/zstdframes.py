@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
-from typing import IO
+from typing import IO, NamedTuple, TypeVar
 
 import zstandard
 
@@ -22,6 +22,63 @@ from blockstore.tarlayer.stepped import SteppedReader
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _READ_SIZE = 1 << 20
+T = TypeVar("T")
+
+
+# The largest window zstd decodes unless told it may use more (ZSTD_WINDOWLOG_LIMIT_DEFAULT).
+WINDOW_LIMIT = 1 << 27
+
+
+class _FrameHeader(NamedTuple):
+    """What a zstd frame header says (RFC 8878, 3.1.1.1)."""
+
+    size: int  # from the magic to the first block
+    checksum: bool
+    dictionary: int  # 0: none
+    window: int
+
+
+def _frame_header(data: Buffer, at: int) -> _FrameHeader | None:
+    """The header of the frame starting at ``at`` in ``data``; None while ``data`` does
+    not hold all of it."""
+    view = memoryview(data)
+    if len(view) - at < 5:
+        return None
+    descriptor = view[at + 4]
+    single_segment = (descriptor >> 5) & 1
+    size_field = descriptor >> 6
+    dictionary_end = at + 5 + (1 - single_segment) + (0, 1, 2, 4)[descriptor & 3]
+    end = dictionary_end + (single_segment if size_field == 0 else (0, 2, 4, 8)[size_field])
+    if len(view) < end:
+        return None
+    dictionary = int.from_bytes(view[at + 6 - single_segment : dictionary_end], "little")
+    content_size = int.from_bytes(view[dictionary_end:end], "little")
+    if size_field == 1:
+        content_size += 256
+    window = content_size if single_segment else _window(view[at + 5])
+    return _FrameHeader(end - at, bool((descriptor >> 2) & 1), dictionary, window)
+
+
+def _window(descriptor: int) -> int:
+    """The window size a frame's window descriptor byte gives."""
+    base = 1 << (10 + (descriptor >> 3))
+    return base + (base >> 3) * (descriptor & 7)
+
+
+def _refuse_what_cannot_be_given(header: _FrameHeader, offset: int) -> None:
+    """Say what a frame asks for that no decoder here can give, rather than let zstd
+    call the stream corrupt ("Dictionary mismatch", "Frame requires too much memory")."""
+    if header.dictionary:
+        raise IntegrityError(
+            f"the zstd frame at byte {offset} needs zstd dictionary {header.dictionary}, "
+            "which a layer does not carry: it cannot be decompressed on its own"
+        )
+    if header.window > WINDOW_LIMIT:
+        raise IntegrityError(
+            f"the zstd frame at byte {offset} needs a window of "
+            f"{-(-header.window >> 20)} MiB, more than the {WINDOW_LIMIT >> 20} MiB zstd "
+            "decodes unless told it may (as `zstd --long=31` writes)"
+        )
 
 
 class _FrameUnits:
@@ -45,18 +102,13 @@ class _FrameUnits:
         view = memoryview(data)
         pos, checksum = at, self._checksum
         if not self._in_blocks:
-            if len(view) - pos < 5:
+            if (header := _frame_header(view, at)) is None:
                 return None
-            descriptor = view[pos + 4]
-            single_segment = (descriptor >> 5) & 1
-            size_field = descriptor >> 6
-            pos += 5 + (1 - single_segment) + (0, 1, 2, 4)[descriptor & 3]
-            pos += single_segment if size_field == 0 else (0, 2, 4, 8)[size_field]
-            checksum = bool((descriptor >> 2) & 1)
+            pos, checksum = at + header.size, header.checksum
         if len(view) - pos < 3:
             return None
-        header = int.from_bytes(view[pos : pos + 3], "little")
-        last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+        block = int.from_bytes(view[pos : pos + 3], "little")
+        last, kind, size = block & 1, (block >> 1) & 3, block >> 3
         if kind == 3:
             raise IntegrityError("corrupt zstd stream: a block of the reserved type")
         pos += 3 + (1 if kind == 1 else size) + (4 if last and checksum else 0)
@@ -161,9 +213,7 @@ class _Frames:
         if self._frame is None:
             return b"" if self._next_frame() else None
         compressed = self._in
-        while (end := self._units.end_of_next(compressed.data, compressed.pos)) is None:
-            if not compressed.have(len(compressed.data) - compressed.pos + 1):
-                raise IntegrityError("zstd stream ends inside a frame")
+        end = self._read_until(self._units.end_of_next, "zstd stream ends inside a frame")
         piece = compressed.data[compressed.pos : end]
         try:
             out = self._frame.decompress(piece)
@@ -173,6 +223,15 @@ class _Frames:
         if self._frame.eof:
             self._frame = None
         return out
+
+    def _read_until(self, parse: Callable[[Buffer, int], T | None], short: str) -> T:
+        """What ``parse`` makes of the unused input once it holds enough; IntegrityError
+        saying ``short`` if the input ends first."""
+        compressed = self._in
+        while (parsed := parse(compressed.data, compressed.pos)) is None:
+            if not compressed.have(len(compressed.data) - compressed.pos + 1):
+                raise IntegrityError(short)
+        return parsed
 
     def _next_frame(self) -> bool:
         """Step over a skippable frame or start a frame; False at the end of the input."""
@@ -194,6 +253,8 @@ class _Frames:
             )
         if head[:4] != ZSTD_MAGIC:
             raise IntegrityError("not a zstd frame where one must start")
+        header = self._read_until(_frame_header, "zstd stream ends inside a frame header")
+        _refuse_what_cannot_be_given(header, compressed.offset)
         if self._on_frame is not None:
             self._on_frame(compressed.offset)
         self._frame = zstandard.ZstdDecompressor().decompressobj()

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import zstandard
 from oci_layout import MEDIA_TYPES, make_layout, push_tar_layer, skopeo_copy
 from test_overlay_layers import extract_in_order, layer_sources, without_dir_counts
 from trees import make_tar, populate, snapshot
@@ -405,6 +406,58 @@ def test_a_plain_tar_under_a_compressed_media_type_is_called_so(tmp_path, regist
         client.close()
     stderr = _mount_fails(tmp_path, ref[: -len("tar")] + kind)
     assert f"not a {kind} stream, as the layer's media type says" in stderr
+    assert "corrupt" not in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def _zstd_needing_a_dictionary(tar: bytes) -> bytes:
+    """``tar`` compressed with a dictionary trained on its own bytes: each frame header
+    names the dictionary's id, which nothing in an image carries."""
+    samples = [tar[i : i + 1024] for i in range(0, len(tar), 1024)]
+    dictionary = zstandard.train_dictionary(4096, samples)
+    return zstandard.ZstdCompressor(dict_data=dictionary).compress(tar)
+
+
+def _zstd_of_a_2_gib_window(tar: bytes) -> bytes:
+    """``tar`` compressed as ``zstd --long=31`` writes a stream: a frame header asking
+    for a 2 GiB window, which zstd refuses to decode unless told it may."""
+    return subprocess.run(
+        ["zstd", "-q", "-c", "--long=31"], input=tar, capture_output=True, check=True
+    ).stdout
+
+
+@pytest.mark.parametrize(
+    ("compress", "cause"),
+    [
+        (_zstd_needing_a_dictionary, "needs zstd dictionary"),
+        (_zstd_of_a_2_gib_window, "needs a window of 2048 MiB, more than the 128 MiB"),
+    ],
+)
+def test_a_zstd_frame_asking_for_what_cannot_be_given_is_said_so(
+    tmp_path, registry, run_dir, compress, cause
+):
+    """Tried: a zstd layer whose frame header names a dictionary (an image carries none),
+    and one whose header asks for a 2 GiB window (``zstd --long=31``; zstd decodes
+    windows up to 128 MiB unless told otherwise). ``mount`` fails with one line naming
+    the layer and what the frame asks for; nothing mounted. Before, the line called the
+    layer a corrupt stream ("Dictionary mismatch", "Frame requires too much memory"),
+    as if its bytes had been damaged."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "os.py").write_bytes(Path(os.__file__).read_bytes())
+    tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    ref = push_tar_layer(registry, "o/asks", "v1", "zstd", tar, tmp_path)
+    blob = compress(tar)
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    client = registry.client()
+    try:  # push refuses such a blob, so it replaces the layer pushed
+        client.upload_blob("o/asks", digest, blob)
+        manifest = json.loads(client.get_manifest("o/asks", "v1").raw)
+        manifest["layers"][0].update(digest=digest, size=len(blob))
+        client.put_manifest("o/asks", "v1", json.dumps(manifest).encode(), manifest["mediaType"])
+    finally:
+        client.close()
+    stderr = _mount_fails(tmp_path, ref)
+    assert cause in stderr and digest[:19] in stderr
     assert "corrupt" not in stderr and len(stderr.strip().splitlines()) == 1
 
 
