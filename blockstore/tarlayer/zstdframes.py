@@ -130,6 +130,29 @@ def is_skippable_frame(head: bytes) -> bool:
     return len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50
 
 
+def _may_start_a_frame(head: bytes) -> bool:
+    """Whether ``head`` starts with a zstd or a skippable frame's magic, or with as much
+    of one as it holds (a stream cut short inside it)."""
+    magic = head[:4]
+    skippable = not magic or (magic[0] & 0xF0 == 0x50 and b"\x2a\x4d\x18".startswith(magic[1:]))
+    return skippable or ZSTD_MAGIC.startswith(magic)
+
+
+def _no_frame_at(offset: int, head: bytes) -> IntegrityError:
+    """Bytes where a frame must start that start none: at the start, a blob that is no
+    zstd stream (image tools have labelled a plain tar tar+zstd); after a frame, bytes
+    trailing the stream (which zstd itself refuses), or damage."""
+    if offset == 0:
+        return IntegrityError(
+            "not a zstd stream, as the layer's media type says: it starts with "
+            f"{head[:4].hex(' ')}, neither a zstd frame nor a skippable one"
+        )
+    return IntegrityError(
+        f"at byte {offset} the zstd stream goes on with bytes that start no frame "
+        f"({head[:4].hex(' ')})"
+    )
+
+
 class _Compressed:
     """Compressed bytes read ahead: ``data[pos:]`` is what the frames have not used yet,
     and ``more()`` gives the bytes that follow (b"" at the end)."""
@@ -238,21 +261,16 @@ class _Frames:
         compressed = self._in
         if not compressed.have(1):
             return False
-        if not compressed.have(8):
-            raise IntegrityError("zstd stream ends inside a frame header")
+        compressed.have(8)  # as much of a header as the stream has
         head = compressed.data[compressed.pos : compressed.pos + 8]
+        if not _may_start_a_frame(head):
+            raise _no_frame_at(compressed.offset, head)
+        if len(head) < 8:
+            raise IntegrityError("zstd stream ends inside a frame header")
         if is_skippable_frame(head):
             if not compressed.skip(8 + int.from_bytes(head[4:8], "little")):
                 raise IntegrityError("zstd stream ends inside a skippable frame")
             return True
-        if head[:4] != ZSTD_MAGIC and compressed.offset == 0:
-            # Said apart from damage: image tools have labelled a plain tar tar+zstd.
-            raise IntegrityError(
-                "not a zstd stream, as the layer's media type says: it starts with "
-                f"{head[:4].hex(' ')}, neither a zstd frame nor a skippable one"
-            )
-        if head[:4] != ZSTD_MAGIC:
-            raise IntegrityError("not a zstd frame where one must start")
         header = self._read_until(_frame_header, "zstd stream ends inside a frame header")
         _refuse_what_cannot_be_given(header, compressed.offset)
         if self._on_frame is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from oci_layout import MEDIA_TYPES, make_layout, push_tar_layer, skopeo_copy
+from oci_layout import MEDIA_TYPES, compress, make_layout, push_tar_layer, skopeo_copy
 from test_overlay_layers import extract_in_order, layer_sources, without_dir_counts
 from trees import make_tar, populate, snapshot
 
@@ -409,6 +409,23 @@ def test_a_plain_tar_under_a_compressed_media_type_is_called_so(tmp_path, regist
     assert "corrupt" not in stderr and len(stderr.strip().splitlines()) == 1
 
 
+def _with_its_layer_replaced(registry, tmp_path: Path, tar: bytes, blob: bytes) -> str:
+    """A one-layer zstd image of ``tar`` whose layer is then replaced by ``blob`` (push
+    refuses a blob that does not decompress); the image's reference."""
+    ref = push_tar_layer(registry, "o/replaced", "v1", "zstd", tar, tmp_path)
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    client = registry.client()
+    try:
+        client.upload_blob("o/replaced", digest, blob)
+        manifest = json.loads(client.get_manifest("o/replaced", "v1").raw)
+        manifest["layers"][0].update(digest=digest, size=len(blob))
+        raw = json.dumps(manifest).encode()
+        client.put_manifest("o/replaced", "v1", raw, manifest["mediaType"])
+    finally:
+        client.close()
+    return ref
+
+
 def _zstd_needing_a_dictionary(tar: bytes) -> bytes:
     """``tar`` compressed with a dictionary trained on its own bytes: each frame header
     names the dictionary's id, which nothing in an image carries."""
@@ -426,14 +443,14 @@ def _zstd_of_a_2_gib_window(tar: bytes) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("compress", "cause"),
+    ("make_blob", "cause"),
     [
         (_zstd_needing_a_dictionary, "needs zstd dictionary"),
         (_zstd_of_a_2_gib_window, "needs a window of 2048 MiB, more than the 128 MiB"),
     ],
 )
 def test_a_zstd_frame_asking_for_what_cannot_be_given_is_said_so(
-    tmp_path, registry, run_dir, compress, cause
+    tmp_path, registry, run_dir, make_blob, cause
 ):
     """Tried: a zstd layer whose frame header names a dictionary (an image carries none),
     and one whose header asks for a 2 GiB window (``zstd --long=31``; zstd decodes
@@ -445,20 +462,31 @@ def test_a_zstd_frame_asking_for_what_cannot_be_given_is_said_so(
     src.mkdir()
     (src / "os.py").write_bytes(Path(os.__file__).read_bytes())
     tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
-    ref = push_tar_layer(registry, "o/asks", "v1", "zstd", tar, tmp_path)
-    blob = compress(tar)
+    blob = make_blob(tar)
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    client = registry.client()
-    try:  # push refuses such a blob, so it replaces the layer pushed
-        client.upload_blob("o/asks", digest, blob)
-        manifest = json.loads(client.get_manifest("o/asks", "v1").raw)
-        manifest["layers"][0].update(digest=digest, size=len(blob))
-        client.put_manifest("o/asks", "v1", json.dumps(manifest).encode(), manifest["mediaType"])
-    finally:
-        client.close()
-    stderr = _mount_fails(tmp_path, ref)
+    stderr = _mount_fails(tmp_path, _with_its_layer_replaced(registry, tmp_path, tar, blob))
     assert cause in stderr and digest[:19] in stderr
     assert "corrupt" not in stderr and len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("trailer", [b"trailing bytes!", b"abc"], ids=["15-bytes", "3-bytes"])
+def test_bytes_after_the_last_zstd_frame_are_called_so(tmp_path, registry, run_dir, trailer):
+    """Tried: a zstd layer whose stream goes on after its last frame with bytes that start
+    no frame (15 of them, and 3: fewer than a frame header), as a copy appended to, or a
+    tool padding its output, leaves it. ``zstd -d`` refuses it too. ``mount`` fails with
+    one line naming the layer, the byte where the trailing bytes start and that they start
+    no frame; nothing mounted. Before, the line said "not a zstd frame where one must
+    start", naming no place, or, for 3 bytes, that the stream ended inside a frame header,
+    as if it had been cut short."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello").write_text("hello\n")
+    tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    frames = compress("zstd", tar)
+    ref = _with_its_layer_replaced(registry, tmp_path, tar, frames + trailer)
+    stderr = _mount_fails(tmp_path, ref)
+    assert f"at byte {len(frames)} the zstd stream goes on with bytes that start no frame" in stderr
+    assert len(stderr.strip().splitlines()) == 1
 
 
 def test_a_file_under_1500_nested_directories_mounts(tmp_path, registry, run_dir):
