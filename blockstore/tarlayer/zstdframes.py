@@ -180,9 +180,14 @@ class _Compressed:
         return True
 
     def skip(self, n: int) -> bool:
-        """Step over ``n`` bytes; False if the input ends first."""
-        if not self.have(n):
-            return False
+        """Step over ``n`` bytes, dropping each piece read as it goes past (a skippable
+        frame may be hundreds of MiB); False if the input ends first."""
+        while len(self.data) - self.pos < n:
+            n -= len(self.data) - self.pos
+            self._base += len(self.data)
+            self.data, self.pos = self._more(), 0
+            if not self.data:
+                return False
         self.pos += n
         return True
 
