@@ -16,10 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-import zstandard
-
 from blockstore import erofs_format
-from blockstore.errors import NotFound, RegistryError, UsageError
+from blockstore.errors import IntegrityError, NotFound, RegistryError, UsageError
 from blockstore.registry.client import RegistryClient
 from blockstore.registry.descriptors import MAX_LAYERS, ManifestProblem, check_index
 from blockstore.registry.digests import canonical_json, digest_of
@@ -43,7 +41,7 @@ from blockstore.registry.mediatypes import (
     layer_kind,
 )
 from blockstore.registry.platforms import Platform, host_platform
-from blockstore.tarlayer.zstdframes import ZSTD_MAGIC, is_skippable_frame
+from blockstore.tarlayer.zstdframes import ZSTD_MAGIC, is_skippable_frame, read_frames
 
 
 def push_image(
@@ -198,12 +196,12 @@ def _tar_layer_type(path: Path, head: bytes) -> tuple[str, str] | None:
             if media_type == OCI_TAR_GZIP:
                 stream = gzip.GzipFile(fileobj=raw)
             elif media_type == OCI_TAR_ZSTD:  # every frame: pzstd's stream starts skippable
-                stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+                stream = read_frames(raw)
             first = _read_up_to(stream, tarfile.BLOCKSIZE)
             if len(first) == tarfile.BLOCKSIZE and not first.strip(b"\0"):
                 return (kind, media_type) if _rest_is_zero_blocks(stream, 1) else None
             tarfile.TarInfo.frombuf(first, "utf-8", "surrogateescape")
-    except (OSError, EOFError, tarfile.HeaderError, zstandard.ZstdError):
+    except (OSError, EOFError, tarfile.HeaderError, IntegrityError):
         return None
     return kind, media_type
 
@@ -245,10 +243,10 @@ def diff_id(path: Path, media_type: str, digest: str) -> str:
         with path.open("rb") as raw:
             if layer_kind(media_type) == GZIP:
                 stream = gzip.GzipFile(fileobj=raw)
-            else:  # every frame, as a zstd:chunked layer has many
-                stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+            else:  # every frame, as a zstd:chunked layer has many, read as a mount reads them
+                stream = read_frames(raw)
             return "sha256:" + hashlib.file_digest(stream, "sha256").hexdigest()
-    except (OSError, EOFError, zstandard.ZstdError) as exc:
+    except (OSError, EOFError, IntegrityError) as exc:
         raise UsageError(f"cannot push {path} as {media_type}: {exc}") from None
 
 

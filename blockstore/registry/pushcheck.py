@@ -10,10 +10,9 @@ import os
 from pathlib import Path
 from typing import IO
 
-import zstandard
-
-from blockstore.errors import UsageError
+from blockstore.errors import IntegrityError, UsageError
 from blockstore.registry.mediatypes import GZIP, TAR, ZSTD, layer_kind
+from blockstore.tarlayer.zstdframes import read_frames
 
 KEPT = 1 << 20
 """Bytes a ``ForwardReader`` keeps behind its furthest read: the tar walk seeks back a
@@ -81,10 +80,9 @@ def check_tar_layer(path: Path, media_type: str) -> None:
                 stream = ForwardReader(gzip.GzipFile(fileobj=raw))
             else:
                 assert kind == ZSTD
-                decompressor = zstandard.ZstdDecompressor()
-                stream = ForwardReader(decompressor.stream_reader(raw, read_across_frames=True))
+                stream = ForwardReader(read_frames(raw))
             build_tree(walk_tar(stream))
     except TarLayerError as exc:
         raise UsageError(f"cannot push {path}: {exc}") from None
-    except (OSError, EOFError, zstandard.ZstdError) as exc:
+    except (OSError, EOFError, IntegrityError) as exc:
         raise UsageError(f"cannot push {path} as {media_type}: {exc}") from None

@@ -11,6 +11,7 @@ no tar bytes and are stepped over.
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Callable, Iterator
 from typing import IO, NamedTuple, TypeVar
 
@@ -333,6 +334,13 @@ class ZstdIndexer(SteppedReader):
             raise IntegrityError("zstd stream has no frames")
         self.span_digests.append(self._span_sha256.digest())
         return self._out
+
+
+def read_frames(source: IO[bytes]) -> ZstdIndexer:
+    """The tar in the zstd stream ``source``, read as a layer's indexing pass reads it:
+    every frame (skippable ones stepped over), and what cannot be read refused in the
+    same words (IntegrityError); one restart point kept."""
+    return ZstdIndexer(source, span=sys.maxsize)
 
 
 def decode_frames(data: Buffer) -> bytes:

@@ -587,6 +587,38 @@ def test_push_refuses_a_tar_layer_cut_short_before_uploading(registry, tmp_path)
     assert blockstore("inspect", image, "--insecure").returncode == 3
 
 
+@pytest.mark.parametrize(
+    ("flags", "trailer", "cause"),
+    [
+        (["--long=31"], b"", "needs a window of 2048 MiB, more than the 128 MiB"),
+        ([], b"trailing bytes!", "the zstd stream goes on with bytes that start no frame"),
+    ],
+    ids=["2-GiB-window", "trailing-bytes"],
+)
+def test_push_says_why_a_zstd_layer_cannot_be_read_as_mount_says_it(
+    registry, tmp_path, flags, trailer, cause
+):
+    """Tried: push of a zstd tar whose frame asks for a 2 GiB window (``zstd --long=31``;
+    zstd decodes up to 128 MiB unless told it may), and of one with bytes after its last
+    frame, with --media-type. Must hold: exit 2, one line naming the file and the cause
+    in the words ``mount`` uses; nothing uploaded. Before, the line gave
+    zstd's own words ("Frame requires too much memory for decoding", "Unknown frame
+    descriptor"), which ``mount`` calls otherwise."""
+    (tmp_path / "f").write_bytes(b"hello\n" * 1000)
+    subprocess.run(["tar", "-cf", "layer.tar", "f"], cwd=tmp_path, check=True)
+    tar = (tmp_path / "layer.tar").read_bytes()  # a stream: no size to fit the window to
+    compressed = subprocess.run(["zstd", "-q", "-c", *flags], input=tar, capture_output=True)
+    path = tmp_path / "layer.tar.zst"
+    path.write_bytes(compressed.stdout + trailer)
+    image = f"{registry.host}/cli/unreadable:v1"
+    media_type = ["--media-type", "application/vnd.oci.image.layer.v1.tar+zstd"]
+    pushed = blockstore("push", str(path), image, "--insecure", *media_type)
+    assert pushed.returncode == 2, pushed.stderr
+    assert str(path) in pushed.stderr and cause in pushed.stderr, pushed.stderr
+    assert len(pushed.stderr.strip().splitlines()) == 1
+    assert blockstore("inspect", image, "--insecure").returncode == 3
+
+
 def _shell(command: str, cwd: Path) -> None:
     subprocess.run(["sh", "-c", command], cwd=cwd, check=True, timeout=60)
 
