@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,6 +55,31 @@ def assert_nothing_left(record: records.MountRecord, run: Path) -> None:
     assert record.socket and not os.path.exists(record.socket)
     assert not os.path.exists(record.state_dir)
     assert records.saved() == []
+
+
+def _lazy_umount_refused_naming_the_inner(
+    outer: Path, inner: Path, inner_record: records.MountRecord, said: str
+) -> None:
+    """``umount --lazy`` of ``outer`` is refused (exit 13) in the one line ``said``,
+    with the image inside still mounted and served."""
+    busy = cli("umount", "--lazy", str(outer))
+    assert busy.returncode == MountpointBusy.exit_code, busy.stderr
+    assert busy.stderr.splitlines() == [f"blockstore: {outer} is busy: {said}"]
+    assert syscall.is_mounted(str(inner)) and inner_record.server.alive()
+
+
+def _undone_inner_first(
+    outer: Path,
+    records_of: tuple[records.MountRecord, records.MountRecord],
+    run: Path,
+    undo_inner: Callable[[], subprocess.CompletedProcess],
+) -> None:
+    """``undo_inner``, then ``umount`` of ``outer``, each exit 0, leave nothing of either."""
+    outer_record, inner_record = records_of
+    for done in (undo_inner(), cli("umount", str(outer))):
+        assert done.returncode == 0, done.stderr
+    assert_nothing_left(outer_record, run)
+    assert not inner_record.server.alive()
 
 
 def test_one_layer_mounts_reads_and_unmounts_from_another_process(
@@ -998,18 +1024,13 @@ def test_umount_lazy_of_a_mount_with_an_unrecorded_image_inside_names_that_one(
     outer_record = stack.mount(local_server({"layer0": small}), str(outer), image="outer")
     inner_record = stack.mount(local_server({"layer0": small}), str(inner), image="inner")
     (Path(inner_record.state_dir) / records.RECORD_NAME).write_text('{"mountpoint": "/mn')
-    busy = cli("umount", "--lazy", str(outer))
-    assert busy.returncode == MountpointBusy.exit_code, busy.stderr
-    assert busy.stderr.splitlines() == [
-        f"blockstore: {outer} is busy: blockstore mounted an image at {inner} (its record "
-        f"gone or damaged), inside it: `blockstore umount {inner}` first"
-    ]
-    assert syscall.is_mounted(str(inner)) and inner_record.server.alive()
-    for point in (inner, outer):
-        done = cli("umount", str(point))
-        assert done.returncode == 0, done.stderr
-    assert_nothing_left(outer_record, run)
-    assert not inner_record.server.alive()
+    said = (
+        f"blockstore mounted an image at {inner} (its record gone or damaged), inside it: "
+        f"`blockstore umount {inner}` first"
+    )
+    _lazy_umount_refused_naming_the_inner(outer, inner, inner_record, said)
+    records_of = (outer_record, inner_record)
+    _undone_inner_first(outer, records_of, run, lambda: cli("umount", str(inner)))
 
 
 def test_umount_lazy_of_a_mount_with_an_image_of_another_run_directory_inside_names_it(
@@ -1031,20 +1052,14 @@ def test_umount_lazy_of_a_mount_with_an_image_of_another_run_directory_inside_na
     monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(other))
     inner_record = stack.mount(local_server({"layer0": small}), str(inner), image="inner")
     monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(run))
-    busy = cli("umount", "--lazy", str(outer))
-    assert busy.returncode == MountpointBusy.exit_code, busy.stderr
     command = f"BLOCKSTORE_RUN_DIR={other} blockstore umount {inner}"
-    assert busy.stderr.splitlines() == [
-        f"blockstore: {outer} is busy: blockstore mounted an image at {inner} with another "
-        f"run directory, inside it: `{command}` first"
-    ]
-    assert syscall.is_mounted(str(inner)) and inner_record.server.alive()
-    done = run_suggested(command)
-    assert done.returncode == 0, done.stderr
-    done = cli("umount", str(outer))
-    assert done.returncode == 0, done.stderr
-    assert_nothing_left(outer_record, run)
-    assert not inner_record.server.alive()
+    said = (
+        f"blockstore mounted an image at {inner} with another run directory, inside it: "
+        f"`{command}` first"
+    )
+    _lazy_umount_refused_naming_the_inner(outer, inner, inner_record, said)
+    records_of = (outer_record, inner_record)
+    _undone_inner_first(outer, records_of, run, lambda: run_suggested(command))
 
 
 def test_umount_lazy_of_a_moved_mount_with_a_moved_image_inside_names_that_one(
@@ -1064,18 +1079,10 @@ def test_umount_lazy_of_a_moved_mount_with_a_moved_image_inside_names_that_one(
     inner_record = stack.mount(local_server({"layer0": small}), str(outer / "a"), image="inner")
     (tmp_path / "old").rename(tmp_path / "new")
     outer, inner = tmp_path / "new" / "outer", tmp_path / "new" / "outer" / "a"
-    busy = cli("umount", "--lazy", str(outer))
-    assert busy.returncode == MountpointBusy.exit_code, busy.stderr
-    assert busy.stderr.splitlines() == [
-        f"blockstore: {outer} is busy: blockstore mounted inner at {inner}, inside it: "
-        f"`blockstore umount {inner}` first"
-    ]
-    assert syscall.is_mounted(str(inner)) and inner_record.server.alive()
-    for point in (inner, outer):
-        done = cli("umount", str(point))
-        assert done.returncode == 0, done.stderr
-    assert_nothing_left(outer_record, run)
-    assert not inner_record.server.alive()
+    said = f"blockstore mounted inner at {inner}, inside it: `blockstore umount {inner}` first"
+    _lazy_umount_refused_naming_the_inner(outer, inner, inner_record, said)
+    records_of = (outer_record, inner_record)
+    _undone_inner_first(outer, records_of, run, lambda: cli("umount", str(inner)))
 
 
 def test_a_stale_record_naming_the_same_device_does_not_hide_the_mount(
