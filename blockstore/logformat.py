@@ -18,10 +18,11 @@ import re
 from pathlib import Path
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
-_URL_QUERY = re.compile(r"((?:[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#\"']*)?/[^\s?#\"']*)\?[^\s#\"']+")
-"""A URL's, or a request line's path's, query: ``/v2/app/blobs/sha256:..?X-Amz-Signature=..``."""
-_URL_USER = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^\s/?#@\"']*@")
-"""A URL's user part, ``user:password@``."""
+_WORD = re.compile(r"[^\s#\"']+")
+"""A run of the characters a URL's path and query are made of: a query ends at its end."""
+_URL_USER = re.compile(r"((?<![A-Za-z0-9+.-])[0-9+.-]*[A-Za-z][A-Za-z0-9+.-]*://)[^\s/?#@\"']*@")
+"""A URL's user part, ``user:password@``. The scheme is tried from the start of its run
+of letters alone, so a long word is read once, not once from each letter."""
 _TROUBLE = re.compile(
     rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \S+ (?:WARNING|ERROR|CRITICAL) ", re.MULTILINE
 )
@@ -52,7 +53,20 @@ def without_url_secrets(text: str) -> str:
     """``text`` with the query and the user part of each URL in it replaced by ``***``:
     a storage URL a registry redirects to is signed in its query, and the signature
     grants the blob to whoever reads it until it expires."""
-    return _URL_USER.sub(r"\1***@", _URL_QUERY.sub(r"\1?***", text))
+    hidden = _WORD.sub(lambda word: _without_query(word.group()), text)
+    return _URL_USER.sub(r"\1***@", hidden)
+
+
+def _without_query(word: str) -> str:
+    """``word`` with its query replaced by ``***``: what follows the first ``?`` that a
+    path (a ``/`` since the ``?`` before) leads to, as ``/v2/app/blobs/D?X-Amz-..``.
+    Read once from its start: every log line passes here, long words too."""
+    start = 0
+    while (mark := word.find("?", start)) != -1:
+        if "/" in word[start:mark] and mark + 1 < len(word):
+            return f"{word[:mark]}?***"
+        start = mark + 1
+    return word
 
 
 class _NoUrlSecrets(logging.Filter):
