@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import logging
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -682,6 +684,32 @@ class ShiftedClock:
         return time.monotonic() + self.ahead
 
 
+@contextlib.contextmanager
+def _blob_behind_a_minute_token(
+    tmp_path, test_ca, erofs_images, monkeypatch, name: str
+) -> Iterator[tuple[ShiftedClock, TokenIssuer, RegistryBlob, bytes]]:
+    """A registry whose issuer gives 60 s tokens, the small image pushed to it as
+    ``auth/NAME``, and its layer read once (a token in hand); yields the clock the auth
+    module reads, to move on, the issuer, the layer and its bytes."""
+    clock = ShiftedClock()
+    monkeypatch.setattr(auth, "time", clock)
+    cert, key = test_ca.issue(f"{name}-issuer", server=False)
+    issuer = TokenIssuer(cert, key, users={"bob": "bob-pw"})
+    issuer.expires_in = 60
+    server = registry_of_issuer(tmp_path, issuer, test_ca)
+    expected = erofs_images.small.path.read_bytes()
+    try:
+        ref = push_small(server, f"auth/{name}", erofs_images)
+        with server.client(timeout=5.0) as client:
+            image = resolve_image(client, ref, None)
+            blob = RegistryBlob(client, parse_reference(ref).repository, image.layers[0])
+            assert blob.read_range(0, 4096) == expected[:4096]
+            yield clock, issuer, blob, expected
+    finally:
+        server.stop()
+        issuer.stop()
+
+
 def test_a_token_still_good_is_used_while_its_issuer_cannot_renew_it(
     tmp_path, test_ca, erofs_images, monkeypatch
 ):
@@ -691,29 +719,19 @@ def test_a_token_still_good_is_used_while_its_issuer_cannot_renew_it(
     registry still takes; the issuer is asked once (and fails) without failing the
     read, and not again for the second: it asked for quiet. Before, the renewal's
     failure failed the read, though the token had ten seconds to live."""
-    clock = ShiftedClock()
-    monkeypatch.setattr(auth, "time", clock)
-    cert, key = test_ca.issue("renewal-issuer", server=False)
-    issuer = TokenIssuer(cert, key, users={"bob": "bob-pw"})
-    issuer.expires_in = 60
-    server = registry_of_issuer(tmp_path, issuer, test_ca)
-    expected = erofs_images.small.path.read_bytes()
-    try:
-        ref = push_small(server, "auth/renewal", erofs_images)
-        with server.client(timeout=5.0) as client:
-            image = resolve_image(client, ref, None)
-            blob = RegistryBlob(client, parse_reference(ref).repository, image.layers[0])
-            assert blob.read_range(0, 4096) == expected[:4096]
-            clock.ahead = 50
-            issuer.busy_for = 60
-            asked = len(issuer.asked)
-            assert blob.read_range(0, blob.size) == expected
-            assert len(issuer.asked) == asked + 1
-            assert blob.read_range(0, blob.size) == expected
+    with _blob_behind_a_minute_token(tmp_path, test_ca, erofs_images, monkeypatch, "renewal") as (
+        clock,
+        issuer,
+        blob,
+        expected,
+    ):
+        clock.ahead = 50
+        issuer.busy_for = 60
+        asked = len(issuer.asked)
+        assert blob.read_range(0, blob.size) == expected
         assert len(issuer.asked) == asked + 1
-    finally:
-        server.stop()
-        issuer.stop()
+        assert blob.read_range(0, blob.size) == expected
+        assert len(issuer.asked) == asked + 1
 
 
 def test_a_failed_renewal_under_parallel_reads_is_said_once(
@@ -724,33 +742,20 @@ def test_a_failed_renewal_under_parallel_reads_is_said_once(
     for the renewal the first asked for. Must hold: all four are served with the token
     in hand, and its failed renewal is said once. Before, each waiting read said it
     again: one INFO line per read under way, for one failure."""
-    clock = ShiftedClock()
-    monkeypatch.setattr(auth, "time", clock)
-    cert, key = test_ca.issue("parallel-renewal-issuer", server=False)
-    issuer = TokenIssuer(cert, key, users={"bob": "bob-pw"})
-    issuer.expires_in = 60
-    server = registry_of_issuer(tmp_path, issuer, test_ca)
-    expected = erofs_images.small.path.read_bytes()
-    try:
-        ref = push_small(server, "auth/parallel-renewal", erofs_images)
-        with server.client(timeout=5.0) as client:
-            image = resolve_image(client, ref, None)
-            blob = RegistryBlob(client, parse_reference(ref).repository, image.layers[0])
-            assert blob.read_range(0, 4096) == expected[:4096]
-            clock.ahead = 50
-            issuer.busy_for, issuer.delay = 60, 0.5
-            asked = len(issuer.asked)
-            caplog.set_level(logging.INFO, logger=auth.log.name)
-            offsets = [0, 4096, 8192, 12288]
-            with ThreadPoolExecutor(len(offsets)) as pool:
-                pieces = list(pool.map(lambda offset: blob.read_range(offset, 4096), offsets))
+    with _blob_behind_a_minute_token(
+        tmp_path, test_ca, erofs_images, monkeypatch, "parallel-renewal"
+    ) as (clock, issuer, blob, expected):
+        clock.ahead = 50
+        issuer.busy_for, issuer.delay = 60, 0.5
+        asked = len(issuer.asked)
+        caplog.set_level(logging.INFO, logger=auth.log.name)
+        offsets = [0, 4096, 8192, 12288]
+        with ThreadPoolExecutor(len(offsets)) as pool:
+            pieces = list(pool.map(lambda offset: blob.read_range(offset, 4096), offsets))
         assert b"".join(pieces) == expected[:16384]
         assert len(issuer.asked) == asked + 1
         said = [r for r in caplog.records if "could not be renewed" in r.getMessage()]
         assert len(said) == 1, [r.getMessage() for r in said]
-    finally:
-        server.stop()
-        issuer.stop()
 
 
 def test_oauth2_style_token_reply(token_registry, token_image, token_lifetime, erofs_images):
