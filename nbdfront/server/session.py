@@ -388,8 +388,10 @@ class Session:
         except Exception as exc:
             at = offset if streamed else None  # nothing of an unstreamed read was sent
             failed = ReadFailed(request, nbd_error(exc), describe(exc, request), at)
-            self._outbox.put(self._protocol.send(failed))
+            # Logged before the error goes out: a mount failing on it reads the log for
+            # the cause as soon as the kernel has it.
             self._server.failures.failed(exc, request)
+            self._outbox.put(self._protocol.send(failed))
         finally:
             if granted:
                 self._budget.release(granted)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import subprocess
 import threading
@@ -448,4 +449,51 @@ def test_a_cache_hint_stops_when_its_client_goes(tmp_path, goes):
         time.sleep(0.5)
         assert export.hinted == hinted < 200
     finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("command", ["read", "cache"])
+def test_a_failed_request_is_logged_before_its_error_is_sent(tmp_path, command):
+    """Tried: a read (and a cache hint) whose export fails, with the server's log
+    handler held at the failure's warning. Must hold: no error reply reaches the client
+    until the warning is written. A mount that fails on the kernel's EIO reads the log
+    right away for the cause (the offline mount's "not cached" with what to do); an
+    error sent first let it read a log without it."""
+
+    class Failing(ZeroExport):
+        def read(self, offset, length):
+            raise OSError(5, "the registry went away")
+
+        def read_cached(self, offset, length):
+            return None
+
+        def cache(self, offset, length):
+            self.read(offset, length)
+
+    class HeldHandler(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.reached, self.let_go = threading.Event(), threading.Event()
+
+        def emit(self, record):
+            self.reached.set()
+            assert self.let_go.wait(10)
+
+    held = HeldHandler()
+    logger = logging.getLogger("nbdfront.server")
+    logger.addHandler(held)
+    server = start_server({"zeros": Failing()}, tmp_path, "zeros")
+    client = w.RawClient(server.tcp_address)
+    try:
+        client.negotiate("zeros")
+        client.send(w.CMD_READ if command == "read" else w.CMD_CACHE, 1, 0, 4096)
+        assert held.reached.wait(10)
+        readable, _, _ = select.select([client.sock], [], [], 0.5)
+        assert not readable, "the error reply went out before its warning was logged"
+        held.let_go.set()
+        assert client.wait(1).error == 5
+    finally:
+        held.let_go.set()
+        logger.removeHandler(held)
+        client.sock.close()
         server.shutdown()
