@@ -53,6 +53,12 @@ class LoginRefused(AuthError):
     is asked again in another form (a blob's HEAD as a GET)."""
 
 
+class CredentialHelperError(AuthError):
+    """A docker credential helper an auth file names for the registry gave no usable
+    answer (missing, hung, failed, or a reply that is no login): said before any request,
+    as going anonymous would leave the user guessing why the login was not used."""
+
+
 class StorageRefused(RegistryError):
     """Storage a registry redirected a request to (object storage, a CDN) refused the URL
     the registry gave: most often a signed one that expired, or was signed for GET only."""

@@ -231,9 +231,9 @@ class Authenticator:
         """Basic's ``Authorization`` after a Basic challenge, or why there is none."""
         if self.credentials and self.credentials.identity_token:
             raise LoginRefused(
-                f"registry {self.host} asks for a user name and password; the auth file has "
-                "an identity token for it, which only a token issuer takes (log in with a "
-                "password instead)",
+                f"registry {self.host} asks for a user name and password; "
+                f"{self.credentials.kept_by()} has an identity token for it, which only a "
+                "token issuer takes (log in with a password instead)",
                 status=401,
             )
         if not self.credentials:
@@ -338,7 +338,7 @@ class Authenticator:
         if self.credentials is None:
             return "anonymous access"
         if self.credentials.identity_token:
-            return "the identity token from the auth file"
+            return f"the identity token from {self.credentials.kept_by()}"
         return "the user name or password"
 
     def _new_token(

@@ -1,17 +1,17 @@
 """Where a user name and password for a registry come from.
 
 In order: the options (``--username``/``--password``), the environment
-(``BLOCKSTORE_USERNAME``/``BLOCKSTORE_PASSWORD``), then the ``auths`` of the
-files ``podman login`` and ``docker login`` write: ``$REGISTRY_AUTH_FILE``,
-``$XDG_RUNTIME_DIR/containers/auth.json``, ``~/.config/containers/auth.json``,
-``$DOCKER_CONFIG/config.json``, ``~/.docker/config.json``. Credential helpers
-(``credsStore``/``credHelpers``) are not run; a file that leaves a registry's login
-to one gives none for it, as docker asks the helper there, never ``auths``: a login
-``auths`` still keeps beside it is stale. An entry ``docker login`` wrote with an
-``identitytoken`` (an OAuth2 refresh token) gives that token, which
-is exchanged at the token issuer, never sent as a password. A key may name a
-namespace or repository (``host/org``, as ``podman login host/org`` writes it): the
-most specific key that holds the repository is taken, as podman takes it.
+(``BLOCKSTORE_USERNAME``/``BLOCKSTORE_PASSWORD``), then the files ``podman login`` and
+``docker login`` write: ``$REGISTRY_AUTH_FILE``, ``$XDG_RUNTIME_DIR/containers/auth.json``,
+``~/.config/containers/auth.json``, ``$DOCKER_CONFIG/config.json``,
+``~/.docker/config.json``. A file naming a credential helper for the registry
+(``credHelpers``, else ``credsStore``) has the helper asked (``credhelper``), never its
+``auths``, as docker asks it: a login ``auths`` still keeps beside it is stale. Else its
+``auths`` are read. An entry ``docker login`` wrote with an ``identitytoken`` (an OAuth2
+refresh token), or a helper's login for user ``<token>``, gives that token, which is
+exchanged at the token issuer, never sent as a password. A key may name a namespace or
+repository (``host/org``, as ``podman login host/org`` writes it): the most specific key
+that holds the repository is taken, as podman takes it.
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from blockstore.errors import UsageError
+from blockstore.registry.credhelper import ask_helper
 from blockstore.registry.reference import DOCKER_HUB
 
 log = logging.getLogger(__name__)
 
-# docker login writes Docker Hub under its v1 index URL.
+# docker login writes Docker Hub under its v1 index URL, and asks a helper for it by it.
+_HUB_ADDRESS = "https://index.docker.io/v1/"
 _HUB_KEYS = {"index.docker.io", "docker.io", DOCKER_HUB}
 
 
@@ -46,13 +48,24 @@ class Credentials:
     """The login file they were found in (None: given as options or in the environment),
     named when the registry refuses them: a stale login is then plain to see. Not part
     of what the login is."""
+    helper: str | None = field(default=None, compare=False)
+    """The credential helper ``auth_file`` names, which gave them (``pass`` for
+    ``docker-credential-pass``); None: ``auth_file`` itself holds them."""
+
+    def kept_by(self) -> str:
+        """What kept them, as a refusal names it."""
+        return f"docker-credential-{self.helper}" if self.helper else "the auth file"
 
     def where_from(self) -> str:
-        """What a refusal of them adds: the login file they came from and what to do,
-        or nothing when they were given as options or in the environment."""
+        """What a refusal of them adds: the login file or helper they came from and what
+        to do, or nothing when they were given as options or in the environment."""
         if self.auth_file is None:
             return ""
-        return f"; they came from {self.auth_file}: log in again, or give --username"
+        if self.helper:
+            origin = f"the credential helper {self.kept_by()} (named in {self.auth_file})"
+        else:
+            origin = str(self.auth_file)
+        return f"; they came from {origin}: log in again, or give --username"
 
     def __repr__(self) -> str:
         token = ", identity_token=***" if self.identity_token else ""
@@ -128,8 +141,8 @@ def auth_files() -> list[Path]:
 
 def login_hint(host: str) -> str:
     """What a refusal of anonymous access to ``host`` tells the user to do; where an auth
-    file leaves the login for ``host`` to a credential helper (``docker login`` with a
-    ``credsStore``), which is not run, that too: else they are told to log in, as they did."""
+    file leaves the login for ``host`` to a credential helper, which had none for it, that
+    too: else they are told to log in, as they did."""
     hint = (
         "give --username with --password or $BLOCKSTORE_PASSWORD, or log in with podman or docker"
     )
@@ -138,8 +151,8 @@ def login_hint(host: str) -> str:
         return hint
     path, helper = kept
     return (
-        f"{hint}; the login for {host} in {path} is kept by the credential helper "
-        f"docker-credential-{helper}, which is not run"
+        f"{hint}; the credential helper docker-credential-{helper} (named in {path}) has no "
+        f"login for {host}"
     )
 
 
@@ -159,19 +172,33 @@ def _helper_keeping(host: str) -> tuple[Path, str] | None:
 
 def _helper_in(config: object, host: str) -> str | None:
     """The credential helper the auth file ``config`` leaves ``host``'s login to: the one
-    ``credHelpers`` names for it, or ``credsStore`` where ``auths`` has an entry for it
-    (``docker login`` leaves it empty)."""
+    ``credHelpers`` names for it, else ``credsStore``, which docker asks for every
+    registry."""
     if not isinstance(config, dict):
         return None
     names = _names_of(host)
-    helpers, auths = config.get("credHelpers"), config.get("auths")
+    helpers = config.get("credHelpers")
     if isinstance(helpers, dict):
         for key, helper in helpers.items():
             if _auth_key_host(key) in names:
                 return helper if helper and isinstance(helper, str) else None
-    logged_in = isinstance(auths, dict) and any(_auth_key_host(key) in names for key in auths)
-    store = config.get("credsStore") if logged_in else None
+    store = config.get("credsStore")
     return store if store and isinstance(store, str) else None
+
+
+def _from_helper(path: Path, helper: str, host: str, username: str | None) -> Credentials | None:
+    """The login ``docker-credential-HELPER``, which the auth file ``path`` names, keeps for
+    ``host``; only one of ``username``, when named."""
+    login = ask_helper(helper, _HUB_ADDRESS if host in _HUB_KEYS else host, path)
+    if login is None:
+        return None
+    if login.is_identity_token:
+        creds = Credentials("", "", identity_token=login.secret)
+    else:
+        creds = Credentials(login.username, login.secret)
+    if username and creds.username != username:
+        return None
+    return replace(creds, auth_file=path, helper=helper)
 
 
 def _lookup(
@@ -181,8 +208,10 @@ def _lookup(
     ``username``, when named, whichever key holds it (a namespace's login of another user
     does not hide that user's login for the whole registry)."""
     config = _config_of(path)
-    if _helper_in(config, host):
-        return None  # docker asks the helper in place of auths: a login left there is stale
+    helper = _helper_in(config, host)
+    if helper:
+        # docker asks the helper in place of auths: a login left there is stale.
+        return _from_helper(path, helper, host, username)
     auths = _auths_of(config, path)
     held = [
         (key, entry)

@@ -261,66 +261,6 @@ def test_a_login_for_a_namespace_is_used_for_its_repositories_only(
     assert refused.returncode == 4 and f"they came from {auth_file}" in refused.stderr
 
 
-@pytest.mark.parametrize("kept", ["credsStore", "credHelpers"])
-def test_a_login_kept_by_a_credential_helper_is_named_when_access_is_refused(
-    basic_auth_registry, registry, pushed_images, erofs_images, monkeypatch, tmp_path, kept
-):
-    """Tried: ``push`` to a registry the user logged in to with ``docker login``, which
-    left the login to a credential helper (``credsStore`` with an empty entry for the
-    registry, or ``credHelpers`` naming it); and ``inspect`` of an image anyone may pull
-    from a registry whose login is kept so. Must hold: the push fails (exit 4) saying
-    the login for the registry in that file is kept by the helper, which is not run,
-    and how to give it instead; the inspect succeeds without a word on stderr. Before,
-    the refusal told the user to log in with docker, as they had, and nothing more."""
-    config_file = tmp_path / "docker" / "config.json"
-    config_file.parent.mkdir()
-    hosts = (basic_auth_registry.host, registry.host)
-    if kept == "credsStore":
-        config = {"auths": {host: {} for host in hosts}, "credsStore": "pass"}
-    else:
-        config = {"auths": {}, "credHelpers": dict.fromkeys(hosts, "pass")}
-    config_file.write_text(json.dumps(config))
-    monkeypatch.setenv("DOCKER_CONFIG", str(config_file.parent))
-
-    def blockstore(*args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "blockstore", *args, "--insecure"]
-        return subprocess.run(command, capture_output=True, text=True, timeout=60)
-
-    host = basic_auth_registry.host
-    refused = blockstore("push", str(erofs_images.small.path), f"{host}/helper/app:v1")
-    assert refused.returncode == 4, refused.stderr
-    said = f"the login for {host} in {config_file} is kept by the credential helper "
-    assert said + "docker-credential-pass, which is not run" in refused.stderr
-    assert "give --username with --password or $BLOCKSTORE_PASSWORD" in refused.stderr
-    inspected = blockstore("inspect", pushed_images.small)
-    assert (inspected.returncode, inspected.stderr) == (0, "")
-
-
-@pytest.mark.parametrize("kept", ["credsStore", "credHelpers"])
-def test_a_credential_helper_comes_before_the_login_auths_keeps_beside_it(
-    basic_auth_registry, basic_image, monkeypatch, tmp_path, kept
-):
-    """Tried: a ``docker login`` file whose ``auths`` holds a stale login for the
-    registry, and which also leaves the registry's login to a credential helper
-    (``credsStore``, or ``credHelpers`` naming the registry); nothing given on the
-    command line. Must hold: the helper comes first, as docker takes it, so the stale
-    login is not sent: the refusal (exit 4) says the login is kept by the helper,
-    which is not run. Before, the stale login was sent and refused, and the line said
-    to log in again, as the user had, through the helper."""
-    stale = "an-old-password-before-the-helper"
-    config_file = _stale_login_file(basic_auth_registry, stale, tmp_path, monkeypatch)
-    host = basic_auth_registry.host
-    helper = {"credsStore": "pass"} if kept == "credsStore" else {"credHelpers": {host: "pass"}}
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **helper}))
-    client = basic_auth_registry.client(username=None, password=None)
-    with client, pytest.raises(AuthError) as caught:
-        resolve_image(client, basic_image, None)
-    message = str(caught.value)
-    said = f"the login for {host} in {config_file} is kept by the credential helper "
-    assert said + "docker-credential-pass, which is not run" in message, message
-    assert caught.value.exit_code == 4 and "refused the user name" not in message
-
-
 def test_a_user_named_without_a_password_takes_only_that_users_login(
     basic_auth_registry, erofs_images, monkeypatch, tmp_path
 ):

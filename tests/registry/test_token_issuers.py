@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from rig.credential_helpers import PassKeyring, docker_config_with, why_pass_cannot_run
 from rig.fault_proxy import Fault
 from rig.processes import QuietHTTPServer
 from rig.pushed import push_erofs
@@ -246,6 +247,37 @@ def test_an_identity_token_is_exchanged_by_the_refresh_token_grant(fronted, tmp_
     assert form["scope"] == ["repository:odd/image:pull"]
     assert front.seen[before:] == [("/moved", None)]
     assert front.issuer.issued[-1]["account"] == USER
+
+
+def test_an_identity_token_from_a_credential_helper_is_exchanged_by_the_refresh_grant(
+    fronted, tmp_path, monkeypatch
+):
+    """Tried: the registry's login kept in the real ``docker-credential-pass`` as an
+    identity token (user ``<token>``, as docker keeps one), named by ``credHelpers``.
+    Must hold: the token is POSTed to the realm as the OAuth2 refresh-token grant and the
+    image opens; the ``<token>`` user goes nowhere. Before, the helper was not run: the
+    registry was asked anonymously and refused."""
+    reason = why_pass_cannot_run()
+    if reason:
+        pytest.skip(reason)
+    server, front = fronted
+    front.refresh_tokens["refresh-from-helper"] = USER
+    keyring = PassKeyring(tmp_path / "keyring")
+    try:
+        for name, value in keyring.env.items():
+            monkeypatch.setenv(name, value)
+        keyring.store(server.host, "<token>", "refresh-from-helper")
+        monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+        docker_config_with(tmp_path / "docker", {"credHelpers": {server.host: "pass"}})
+        before = len(front.seen)
+        with server.client(username=None, password=None) as client:
+            assert resolve_image(client, f"{server.host}/odd/image:v1", None).layers
+    finally:
+        keyring.close()
+    [form] = front.posted
+    assert form["grant_type"] == ["refresh_token"]
+    assert form["refresh_token"] == ["refresh-from-helper"]
+    assert front.seen[before:] == [("/moved", None)]  # no Basic header of ``<token>``
 
 
 def test_an_identity_token_the_issuer_refuses_is_named(fronted, tmp_path, monkeypatch):

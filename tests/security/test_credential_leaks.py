@@ -28,6 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from rig.credential_helpers import (
+    PassKeyring,
+    docker_config_with,
+    helper_script,
+    why_pass_cannot_run,
+)
 from rig.pushed import push_erofs
 from rig.registry_server import RegistryServer, TokenAuth
 from rig.token_issuer import TokenIssuer
@@ -238,6 +244,16 @@ def test_mount_read_prefetch_umount_never_write_the_password(run, way):
     output, no mount table entry and no process's command line holds the password, or
     a bearer token from the issuer."""
     args, prefetch_args, env = _ways(run.password)[way]
+    _mount_read_prefetch_umount(run, args, prefetch_args, env)
+    assert run.evidence.places_holding(run.password) == []
+    assert run.evidence.places_with_a_bearer_token() == []
+
+
+def _mount_read_prefetch_umount(
+    run: Run, args: list[str], prefetch_args: list[str], env: dict[str, str]
+) -> None:
+    """With -v: mount, read every file, list the mounts, unmount, prefetch; everything on
+    disk and every process's command line taken as evidence while mounted and after."""
     mnt = run.base / "mnt"
     mnt.mkdir()
     cache = ["--cache-dir", str(run.base / "cache")]
@@ -256,8 +272,34 @@ def test_mount_read_prefetch_umount_never_write_the_password(run, way):
     holding_reference = run.evidence.places_holding(run.reference)
     assert any(where.endswith(".log") for where in holding_reference), holding_reference
     assert any(where.endswith("data.mdb") for where in holding_reference), holding_reference
+
+
+def test_a_login_from_a_credential_helper_is_never_written(run, tmp_path):
+    """Tried: the registry's login kept only by the real ``docker-credential-pass``
+    (``credsStore`` of the run's docker config, its keyring outside the sandbox): mount,
+    read every file, list the mounts, unmount, prefetch, with -v; then, with -v, an
+    ``inspect`` whose helper answers that password in a Secret no header can carry
+    (exit 4). Must hold: the mount and prefetch go with the helper's login, and no
+    output, log, record, cache byte, mount table line or command line holds the
+    password; the refusal of the bad Secret repeats none of it."""
+    reason = why_pass_cannot_run()
+    if reason:
+        pytest.skip(reason)
+    keyring = PassKeyring(tmp_path / "keyring")
+    try:
+        keyring.store(run.registry.host, USER, run.password)
+        docker_config_with(run.base / "docker", {"credsStore": "pass"})
+        _mount_read_prefetch_umount(run, ["--insecure"], ["--insecure"], keyring.env)
+        bad = f'{{"Username": "{USER}", "Secret": "{run.password}\\r\\nX: 1"}}'
+        helper_script(tmp_path / "helpers", "bad", f"printf '%s' '{bad}'")
+        docker_config_with(run.base / "docker", {"credsStore": "bad"})
+        path = f"{tmp_path / 'helpers'}{os.pathsep}{os.environ['PATH']}"
+        refused = run.blockstore("-v", "inspect", "--insecure", run.reference, expect=4, PATH=path)
+        assert "docker-credential-bad answered a login no request can carry" in refused.stderr
+    finally:
+        keyring.close()
+    run.everything_on_disk()
     assert run.evidence.places_holding(run.password) == []
-    assert run.evidence.places_with_a_bearer_token() == []
 
 
 @pytest.mark.parametrize("password_registry", ["commas"], indirect=True)
