@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import requests
 
 from blockstore.errors import AuthError, LoginRefused, RegistryUnreachable
-from blockstore.registry.credentials import Credentials, login_hint
+from blockstore.registry.credentials import Credentials, login_hint, renewed_login
 from blockstore.registry.replies import reply_json
 from blockstore.registry.retry import TryAgain
 from blockstore.registry.transport import url_host
@@ -168,6 +168,8 @@ class Authenticator:
         """The realm and service of the last Bearer challenge."""
         self._tokens: dict[str, _Token] = {}
         self._flights: dict[str, _Flight] = {}
+        self._renewal_lock = threading.Lock()
+        """Held while a credential helper is asked again: by one thread at a time."""
 
     @property
     def realm(self) -> str | None:
@@ -201,9 +203,10 @@ class Authenticator:
             raise AuthError(self._unspoken(challenges), status=401)
         with self._lock:
             self._scheme = challenge.scheme
-            if challenge.scheme == "basic":
-                return self._basic_answer()
-            self._bearer = challenge.params
+            if challenge.scheme == "bearer":
+                self._bearer = challenge.params
+        if challenge.scheme == "basic":
+            return self._basic_answer(refused)
         token = self._token(scope, deadline, refused=refused, asked=challenge.params.get("scope"))
         return f"Bearer {token.value}"
 
@@ -227,8 +230,10 @@ class Authenticator:
             return None
         return basic_header(self.credentials)
 
-    def _basic_answer(self) -> str:
-        """Basic's ``Authorization`` after a Basic challenge, or why there is none."""
+    def _basic_answer(self, refused: str | None) -> str:
+        """Basic's ``Authorization`` after a Basic challenge to a request that carried
+        ``refused``, or why there is none. Where that was the login itself, a login kept
+        by a credential helper is asked for again."""
         if self.credentials and self.credentials.identity_token:
             raise LoginRefused(
                 f"registry {self.host} asks for a user name and password; "
@@ -241,7 +246,23 @@ class Authenticator:
                 f"registry {self.host} requires a user name and password: {login_hint(self.host)}",
                 status=401,
             )
+        credentials = self.credentials
+        if refused == basic_header(credentials):
+            self._renew_login(credentials)
         return basic_header(self.credentials)
+
+    def _renew_login(self, refused: Credentials) -> bool:
+        """Whether a login other than ``refused`` is now to be offered: the one its
+        credential helper keeps now. Threads refused alike ask the helper once."""
+        with self._renewal_lock:
+            if self.credentials is not refused:
+                return True  # another thread renewed it meanwhile
+            renewed = renewed_login(refused, self.host)
+            if renewed is None or renewed == refused:
+                return False
+            log.info("registry %s: a new login from %s", self.host, renewed.kept_by())
+            self.credentials = renewed
+            return True
 
     def _token(
         self,
@@ -342,22 +363,35 @@ class Authenticator:
         return "the user name or password"
 
     def _new_token(
-        self, scope: str, bearer: dict[str, str], deadline: Deadline, asked: str | None
+        self,
+        scope: str,
+        bearer: dict[str, str],
+        deadline: Deadline,
+        asked: str | None,
+        *,
+        may_renew: bool = True,
     ) -> _Token:
         """A token for ``scope``, and for the scopes the registry ``asked`` for if they
         differ: space-separated in a challenge, each its own ``scope`` parameter here,
-        as the distribution token spec has it."""
+        as the distribution token spec has it. A login the issuer refuses is asked of
+        its credential helper again, once (``may_renew``): a helper giving a new login
+        at every call is not asked for ever."""
         realm = bearer.get("realm")
         if not realm:
             raise AuthError(f"registry {self.host} sent a Bearer challenge without a realm")
+        credentials = self.credentials
         params = [("service", bearer["service"])] if "service" in bearer else []
         params += [("scope", s) for s in dict.fromkeys([scope, *(asked or "").split()])]
-        if self.credentials and not self.credentials.identity_token:
-            params.append(("account", self.credentials.username))
+        if credentials and not credentials.identity_token:
+            params.append(("account", credentials.username))
         started = time.monotonic()
-        reply = self._fetch_token(realm, params, self.credentials, deadline)
+        reply = self._fetch_token(realm, params, credentials, deadline)
         issuer = url_host(realm)
-        if reply.status_code in (401, 403):
+        refused = reply.status_code in (401, 403)
+        if refused and credentials and may_renew and self._renew_login(credentials):
+            reply.close()
+            return self._new_token(scope, bearer, deadline, asked, may_renew=False)
+        if refused:
             raise LoginRefused(
                 f"token issuer {issuer} for registry {self.host} refused "
                 + self._offered()

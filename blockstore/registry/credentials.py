@@ -201,6 +201,15 @@ def _from_helper(path: Path, helper: str, host: str, username: str | None) -> Cr
     return replace(creds, auth_file=path, helper=helper)
 
 
+def renewed_login(refused: Credentials, host: str) -> Credentials | None:
+    """The login the credential helper that gave ``refused`` keeps for ``host`` now, or
+    None where they came from elsewhere: a cloud helper's login expires within hours
+    (gcloud's in one, ECR's in twelve), and a mount's server outlives it."""
+    if refused.helper is None or refused.auth_file is None:
+        return None
+    return _from_helper(refused.auth_file, refused.helper, host, None)
+
+
 def _lookup(
     path: Path, host: str, repository: str | None, username: str | None
 ) -> Credentials | None:

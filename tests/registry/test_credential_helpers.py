@@ -19,8 +19,12 @@ from rig.credential_helpers import (
     helper_script,
     why_pass_cannot_run,
 )
+from rig.pushed import push_erofs
+from rig.registry_server import RegistryServer, TokenAuth
+from rig.token_issuer import TokenIssuer
 
 from blockstore.errors import AuthError
+from blockstore.registry import resolve_image
 
 NOT_FOUND = "credentials not found in native keychain"
 
@@ -247,3 +251,77 @@ def test_a_helper_is_asked_with_the_server_address_alone(
     helper_config(tmp_path, monkeypatch, host, "exact", "credHelpers")
     pushed = blockstore("push", str(erofs_images.small.path), f"{host}/exact/app:v1")
     assert pushed.returncode == 0, pushed.stderr
+
+
+@pytest.fixture
+def rotating_registry(request, tmp_path, erofs_images) -> Iterator[tuple[RegistryServer, object]]:
+    """A registry of one user, ``carol``, whose password a test may change: htpasswd
+    basic auth (the registry reads the file again when it changes), or (parameter
+    ``"token"``) token auth with the test issuer; ``rotate/a:v1``, ``rotate/b:v1`` and
+    ``rotate/c:v1`` pushed (a new scope each, for token auth). Yields the registry and
+    how to change the password."""
+    password = "the-first-password"
+    if request.param == "token":
+        test_ca = request.getfixturevalue("test_ca")
+        cert, key = test_ca.issue("rotating-issuer", server=False)
+        issuer = TokenIssuer(cert, key, users={"carol": password})
+        issuer.start()
+        request.addfinalizer(issuer.stop)
+        auth = {"token": TokenAuth(issuer.realm, issuer.service, issuer.name, test_ca.cert)}
+
+        def change(new: str) -> None:
+            issuer.users["carol"] = new
+    else:
+        htpasswd = tmp_path / "htpasswd"
+
+        def change(new: str) -> None:
+            line = subprocess.run(
+                ["htpasswd", "-Bbn", "carol", new], check=True, capture_output=True
+            ).stdout
+            htpasswd.write_bytes(line)
+
+        change(password)
+        auth = {"htpasswd": htpasswd}
+    server = RegistryServer(tmp_path / "registry", username="carol", password=password, **auth)
+    server.start()
+    try:
+        for repository in ("rotate/a", "rotate/b", "rotate/c"):
+            push_erofs(
+                server.host, repository, "v1", [erofs_images.small.path], options=server.options()
+            )
+        yield server, change
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("rotating_registry", ["basic", "token"], indirect=True)
+def test_a_login_a_helper_renews_is_asked_for_again_when_refused(
+    rotating_registry, helpers_on_path, tmp_path, monkeypatch
+):
+    """Tried: a helper giving the password kept in a file (as a cloud helper gives a
+    token that expires in hours: ECR's in 12, gcloud's in 1); a client resolves one
+    image with it; then the password changes at the registry and in the helper, and the
+    same client (a mount's server, which lives longer than the token) resolves another
+    image. Then the password changes again, the helper giving a new wrong one at every
+    call, and the client resolves a third image. Must hold: the second image resolves,
+    the helper asked once more; the third is refused after one more call of the helper,
+    not a call per refusal for ever. Before, the
+    login the helper gave at the start was sent until the server was restarted."""
+    server, change = rotating_registry
+    secret, calls = tmp_path / "secret", tmp_path / "calls"
+    secret.write_text("the-first-password")
+    reply = '{"Username": "carol", "Secret": "%s"}'
+    helper_script(helpers_on_path, "rotating", f"echo >> {calls}; printf '{reply}' $(cat {secret})")
+    helper_config(tmp_path, monkeypatch, server.host, "rotating", "credHelpers")
+    with server.client(username=None, password=None) as client:
+        assert resolve_image(client, f"{server.host}/rotate/a:v1", None).layers
+        change("the-second-password")
+        secret.write_text("the-second-password")
+        assert resolve_image(client, f"{server.host}/rotate/b:v1", None).layers
+        assert len(calls.read_text().splitlines()) == 2
+        script = f"echo >> {calls}; printf '{reply}' wrong-$(wc -l < {calls})"
+        helper_script(helpers_on_path, "rotating", script)
+        change("the-third-password")
+        with pytest.raises(AuthError):
+            resolve_image(client, f"{server.host}/rotate/c:v1", None)
+    assert len(calls.read_text().splitlines()) == 3
