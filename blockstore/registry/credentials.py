@@ -24,8 +24,8 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from blockstore.errors import UsageError
-from blockstore.registry.credhelper import ask_helper
+from blockstore.errors import CredentialHelperError, UsageError
+from blockstore.registry.credhelper import HelperLogin, ask_helper
 from blockstore.registry.reference import DOCKER_HUB
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,12 @@ def given_login(
             f"a registry password needs a user name: give {username_options}, "
             "or $BLOCKSTORE_USERNAME"
         )
+    for what, value in (("user name", username), ("password", password)):
+        if value and not _is_text(value):
+            raise UsageError(
+                f"the registry {what} given is not UTF-8 text, which is all a request can "
+                "carry: give it in UTF-8"
+            )
     return Credentials(username, password) if username and password is not None else None
 
 
@@ -192,6 +198,12 @@ def _from_helper(path: Path, helper: str, host: str, username: str | None) -> Cr
     login = ask_helper(helper, _HUB_ADDRESS if host in _HUB_KEYS else host, path)
     if login is None:
         return None
+    if not _helper_login_sendable(login):
+        raise CredentialHelperError(
+            f"docker-credential-{helper} answered a login no request can carry: its user "
+            "name or secret holds a control character, or its user name a colon, or either "
+            "is no text"
+        )
     if login.is_identity_token:
         creds = Credentials("", "", identity_token=login.secret)
     else:
@@ -208,6 +220,28 @@ def renewed_login(refused: Credentials, host: str) -> Credentials | None:
     if refused.helper is None or refused.auth_file is None:
         return None
     return _from_helper(refused.auth_file, refused.helper, host, None)
+
+
+def _helper_login_sendable(login: HelperLogin) -> bool:
+    """Whether a helper's ``login`` can go in a Basic header or a token request as it is:
+    text without control characters (a CR LF, which a broken reply is more likely to
+    hold than a password, would be a header of its own), and a user name without the
+    colon that ends it in ``user:password``."""
+    both = login.username + login.secret
+    if not _is_text(both) or any(ord(char) < 0x20 or ord(char) == 0x7F for char in both):
+        return False
+    return login.is_identity_token or ":" not in login.username
+
+
+def _is_text(value: str) -> bool:
+    """Whether ``value`` is text a request can carry: no lone surrogate, which a byte
+    that is not UTF-8 becomes in an argument or the environment, and JSON's ``\\ud800``
+    too."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _lookup(
@@ -237,7 +271,7 @@ def _lookup(
         if entry.keys() & {"auth", "username", "password"}:
             log.warning(
                 "ignoring the entry for %s in %s: its auth is not user:password in base64, "
-                "nor its username and password strings",
+                "nor its username and password strings of UTF-8 text",
                 key,
                 path,
             )
@@ -299,12 +333,12 @@ def _names_of(host: str) -> set[str]:
 
 def _decode_entry(entry: dict) -> Credentials | None:
     token = entry.get("identitytoken")
-    if token and isinstance(token, str):
+    if token and isinstance(token, str) and _is_text(token):
         # docker login pairs it with a placeholder user (all zeros) and no password.
         return Credentials("", "", identity_token=token)
     username, password = entry.get("username"), entry.get("password")
     if username and isinstance(username, str) and isinstance(password, str):
-        return Credentials(username, password)
+        return Credentials(username, password) if _is_text(username + password) else None
     encoded = entry.get("auth")
     if not encoded or not isinstance(encoded, str):
         return None

@@ -5,8 +5,8 @@ stdin and answers ``{"ServerURL": ..., "Username": ..., "Secret": ...}``. It kee
 login for the registry where it exits non-zero saying ``credentials not found in native
 keychain`` (the protocol's reply), or answers an empty user name and secret (as
 Debian's ``docker-credential-pass`` does). A helper that cannot be run, does not answer
-in time (it is then killed, with whatever it started), fails, or answers what is no
-login raises ``CredentialHelperError``; the secret is never put in a message or a log.
+in time (it is then killed, with whatever it started), fails, or answers no JSON login
+raises ``CredentialHelperError``; the secret is never put in a message or a log.
 """
 
 from __future__ import annotations
@@ -127,24 +127,4 @@ def _login_in(program: str, reply: str) -> HelperLogin | None:
         )
     if not username and not secret:
         return None
-    login = HelperLogin(username, secret)
-    if not _sendable(login):
-        raise CredentialHelperError(
-            f"{program} answered a login no request can carry: its user name or secret "
-            "holds a control character, or its user name a colon, or either is no text"
-        )
-    return login
-
-
-def _sendable(login: HelperLogin) -> bool:
-    """Whether ``login`` can go in a Basic header or a token request as it is: UTF-8
-    text without control characters (a CR LF would be a header of its own), and a user
-    name without the colon that ends it in ``user:password``."""
-    both = login.username + login.secret
-    try:
-        both.encode()
-    except UnicodeEncodeError:
-        return False
-    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in both):
-        return False
-    return login.is_identity_token or ":" not in login.username
+    return HelperLogin(username, secret)

@@ -312,6 +312,34 @@ def test_a_user_named_without_a_password_takes_that_users_login_past_a_namespace
     assert pushed.returncode == 0, pushed.stderr
 
 
+def test_a_login_that_is_no_text_is_refused_without_showing_it(
+    basic_auth_registry, erofs_images, monkeypatch, tmp_path
+):
+    """Tried: ``inspect`` with ``--password`` holding a byte that is not UTF-8 (typed in
+    a Latin-1 terminal); then with nothing given, an auth file whose entry's password
+    is a JSON string holding a lone surrogate (``\\ud800``). Must hold: the first exits
+    2, one line saying the password given is not UTF-8 text, no traceback, nothing of
+    the password shown; the second skips the entry with a warning naming it and asks
+    anonymously (exit 4, anonymous access refused). Before, both crashed (exit 1) with
+    a traceback quoting a character of the password."""
+    host = basic_auth_registry.host
+    command = [sys.executable, "-m", "blockstore", "inspect", f"{host}/text/app:v1", "--insecure"]
+    given = [*command, "--username", "alice", "--password", b"pw-\xffsecret"]
+    refused = subprocess.run(given, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2, refused.stderr
+    assert "the registry password given is not UTF-8 text" in refused.stderr
+    assert refused.stderr.count("\n") == 1 and "secret" not in refused.stderr
+    auth_file = tmp_path / "auth.json"
+    entry = '{"username": "alice", "password": "pw-\\ud800secret"}'
+    auth_file.write_text(f'{{"auths": {{"{host}": {entry}}}}}')
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file))
+    skipped = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert skipped.returncode == 4, skipped.stderr
+    assert f"ignoring the entry for {host} in {auth_file}" in skipped.stderr
+    assert "requires a user name and password" in skipped.stderr
+    assert "Traceback" not in skipped.stderr and "secret" not in skipped.stderr
+
+
 def test_basic_auth_without_credentials(
     basic_auth_registry, basic_image, monkeypatch, tmp_path, caplog
 ):
