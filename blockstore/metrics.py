@@ -60,15 +60,37 @@ class TimedSource:
             self._histogram.observe(time.monotonic() - started)
 
     def stream_range(self, offset: int, length: int) -> Iterator[bytes]:
-        """The range as it arrives (streamed when the source can), timed to its last byte."""
-        started = time.monotonic()
+        """The range as it arrives (streamed when the source can), timed to its last byte.
+
+        Timed before that byte is handed on, not when the stream ends after it: the
+        reader served it may scrape at once, and must find its fetch counted.
+        """
+        stopwatch = _Stopwatch(self._histogram)
+        left = max(0, min(length, self.size - offset))
         try:
-            yield from pieces(self._inner, offset, length)
+            for piece in pieces(self._inner, offset, length):
+                left -= len(piece)
+                if left <= 0:
+                    stopwatch.stop()
+                yield piece
         finally:
-            self._histogram.observe(time.monotonic() - started)
+            stopwatch.stop()  # a stream that failed, or was let go, before its last byte
 
     def __repr__(self) -> str:
         return repr(self._inner)
+
+
+class _Stopwatch:
+    """One observation of the time since it was made, however often it is stopped."""
+
+    def __init__(self, histogram: Histogram):
+        self._histogram = histogram
+        self._started: float | None = time.monotonic()
+
+    def stop(self) -> None:
+        if self._started is not None:
+            self._histogram.observe(time.monotonic() - self._started)
+            self._started = None
 
 
 COUNTER_HELP = {

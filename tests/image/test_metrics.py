@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import socket
 import struct
@@ -17,6 +18,8 @@ import nbd
 import pytest
 
 from blockstore import metrics
+from blockstore.cache.layout import CHUNK_SIZE
+from blockstore.fetch.stream import chunks_of
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -194,3 +197,44 @@ def test_only_the_metrics_path_answers_with_metrics():
         assert scrape(f"http://{host}:{port}/metrics")["blockstore_nbd_open_connections"] == 0
     finally:
         server.stop()
+
+
+class StreamHeldAfterItsLastByte:
+    """A streaming backend whose range has come whole while its stream's end is held back
+    (the response's close still to come, its thread not scheduled yet)."""
+
+    digest = "sha256:" + "0" * 64
+    size = 2 * CHUNK_SIZE
+
+    def __init__(self) -> None:
+        self.end = threading.Event()
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        return bytes(min(length, self.size - offset))
+
+    def stream_range(self, offset: int, length: int):
+        yield self.read_range(offset, length)
+        assert self.end.wait(10)
+
+
+def fetches_timed() -> float:
+    """How many backend reads the latency histogram has counted in this process."""
+    (family,) = metrics.FETCH_LATENCY.collect()
+    return next(s.value for s in family.samples if s.name == "blockstore_fetch_seconds_count")
+
+
+def test_a_fetch_is_timed_before_its_last_chunk_is_handed_on():
+    """Tried: a range read chunk by chunk (as the fetcher reads it) through ``TimedSource``
+    from a backend that holds its stream's end back once every byte has come. Must hold:
+    the read is counted in the latency histogram by the time its last chunk is handed on,
+    and once in all when the stream ends. A reader served that chunk, then scraping, finds
+    its fetch counted; before, it was counted only at the stream's end, after the reply,
+    and a scrape right after a read could find none."""
+    source = StreamHeldAfterItsLastByte()
+    before = fetches_timed()
+    chunks = chunks_of(metrics.TimedSource(source), 0, 2, CHUNK_SIZE)
+    assert [index for index, _ in itertools.islice(chunks, 2)] == [0, 1]
+    assert fetches_timed() == before + 1, "the last chunk was handed on before it was timed"
+    source.end.set()
+    assert list(chunks) == []
+    assert fetches_timed() == before + 1
