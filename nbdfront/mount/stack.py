@@ -265,7 +265,7 @@ def mount(
         except BaseException as exc:
             if created:
                 try:
-                    unmount_record(record, lazy=True)
+                    _take_down(record, lazy=True)
                 except Exception:
                     logger.exception("could not undo the failed mount of %s", mountpoint)
                     record.mounter = None  # not "mounting" for as long as this process lives
@@ -273,6 +273,7 @@ def mount(
                 else:
                     if isinstance(exc, KeyboardInterrupt):
                         _drop_untroubled_log(Path(record.log))
+                    records.forget(record)
             raise
     return record
 
@@ -664,25 +665,34 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
             f"{record.mountpoint} is still being mounted (pid {record.mounter.pid}): "
             "let it finish, or interrupt that command, which undoes it"
         )
-    ended = unmount_record(record, lazy=lazy)
-    if before.record_damaged:
-        trouble = "its mount record was damaged (it does not parse)"
-    elif not recorded:
-        trouble = "its mount record was gone (the run directory cleared while it was mounted)"
-    elif before.state != "ok":
-        trouble = f"the mount was not whole ({before.state})"
-    elif ended is None:
-        trouble = "the server's exit status is unknown"
-    elif ended.killed_after_grace:
-        trouble = f"the server did not stop within {STOP_GRACE:.0f}s and was killed"
-    elif ended.status != 0:
-        trouble = f"the server exited with status {ended.status}"
-    elif logged := count_trouble(Path(record.log)):
-        trouble = f"the server logged {logged} warning or error line{'s' if logged > 1 else ''}"
-    else:
+    ended = _take_down(record, lazy=lazy)
+    trouble = _trouble(before, ended)
+    if trouble is None:
         Path(record.log).unlink(missing_ok=True)
-        return Unmounted(record, None)
+    # The record goes last: until then it keeps the mount point from another mount,
+    # whose log would be at the same path as this one's.
+    records.forget(record)
     return Unmounted(record, trouble)
+
+
+def _trouble(before: MountStatus, ended: ServerExit | None) -> str | None:
+    """Why the log of the mount that stood as ``before``, its server ended as ``ended``, is
+    kept; None if all went well."""
+    if before.record_damaged:
+        return "its mount record was damaged (it does not parse)"
+    if not before.recorded:
+        return "its mount record was gone (the run directory cleared while it was mounted)"
+    if before.state != "ok":
+        return f"the mount was not whole ({before.state})"
+    if ended is None:
+        return "the server's exit status is unknown"
+    if ended.killed_after_grace:
+        return f"the server did not stop within {STOP_GRACE:.0f}s and was killed"
+    if ended.status != 0:
+        return f"the server exited with status {ended.status}"
+    if logged := count_trouble(Path(before.record.log)):
+        return f"the server logged {logged} warning or error line{'s' if logged > 1 else ''}"
+    return None
 
 
 def _followed(record: MountRecord) -> MountRecord:
@@ -983,7 +993,15 @@ def _ours_inside(mountpoint: str) -> list[str]:
 
 
 def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
+    """``_take_down`` the mount, then drop its record."""
+    ended = _take_down(record, lazy=lazy)
+    records.forget(record)
+    return ended
+
+
+def _take_down(record: MountRecord, *, lazy: bool) -> ServerExit | None:
     """Undo every step the record lists, top first; raises if the file system is busy.
+    The record itself stays, for the caller to drop once done with the mount's log.
 
     Each step tolerates being undone already, so a half-made mount, a dead
     server or an earlier interrupted ``umount`` all clean up the same way.
@@ -1043,5 +1061,4 @@ def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
     ended = read_status(Path(record.state_dir) / SERVER_STATUS)
     if record.socket:
         Path(record.socket).unlink(missing_ok=True)
-    records.forget(record)
     return ended

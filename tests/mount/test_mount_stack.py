@@ -34,7 +34,7 @@ from suggested import own_lines, run_suggested
 from blockstore.errors import MountError, MountpointBusy
 from nbdfront.mount import attach, records, stack, syscall
 from nbdfront.mount.process import ProcessRef
-from nbdfront.mount.server import ServerFailed, start_server
+from nbdfront.mount.server import ServerFailed, previous_log, start_server
 from nbdfront.mount.supervisor import STOP_GRACE
 
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
@@ -581,6 +581,35 @@ def test_a_log_umount_kept_outlives_the_next_mount_at_that_place(
         log = Path(record.log)
         assert log.with_name(f"{log.stem}.previous.log").read_text() == kept
         assert not log.exists() or "dropped" not in log.read_text()
+
+
+def test_a_mount_made_as_umount_frees_the_place_keeps_its_log(
+    mount_dirs, mountpoint, erofs_images, local_server, monkeypatch
+):
+    """Tried: a clean ``umount``, and a mount at the same place made the moment the record of
+    the one before is dropped (a service restarted: its stop and its start run at once).
+    Must hold: the clean mount's log goes, the new mount's log stays, where ``mounts``
+    counts its warnings and ``umount`` keeps it. Before, the record went first and the
+    log at that path was removed after it: the new mount's, its server writing on into
+    a file with no name."""
+    _, run = mount_dirs
+    argv = local_server({"layer0": erofs_images.small.path})
+    stack.mount(argv, str(mountpoint), image="small")
+    forget = records.forget
+    made: list[records.MountRecord] = []
+
+    def forget_then_mount(record: records.MountRecord) -> None:
+        forget(record)
+        if not made:
+            made.append(stack.mount(argv, str(mountpoint), image="small"))
+
+    monkeypatch.setattr(records, "forget", forget_then_mount)
+    assert stack.unmount(str(mountpoint)).trouble is None
+    (second,) = made
+    assert os.path.exists(second.log), "umount removed the log of the mount made after it"
+    assert not previous_log(Path(second.log)).exists()
+    assert stack.unmount(str(mountpoint)).trouble is None
+    assert_nothing_left(second, run)
 
 
 def umount_keeps_the_log(record: records.MountRecord, run: Path, why: str) -> None:
