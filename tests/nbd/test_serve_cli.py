@@ -23,6 +23,8 @@ from rig.fault_proxy import Fault
 from rig.pushed import push_erofs
 
 from blockstore.cache import ChunkStore, holds
+from blockstore.fetch.fetcher import STOP_WAIT
+from nbdfront.server.nbd_server import CUT_GRACE, DRAIN_TIMEOUT
 
 
 @contextmanager
@@ -646,6 +648,14 @@ def serving_stuck(
         yield proc, sock, proxy
 
 
+STUCK_STOP = DRAIN_TIMEOUT + CUT_GRACE + STOP_WAIT
+"""Seconds a stop with fetches stuck on the registry waits by design (9): the drain, the
+grace after the cut, then the fetches' stores, once."""
+LOADED_MACHINE = 2.5
+"""Seconds more the rest of such a stop (the cache's close, the interpreter's end) may
+take on a loaded machine: on two busy cores one stop took 10.3 s in all."""
+
+
 def seconds_to_stop_once_stuck(proc: subprocess.Popen, proxy, reads: int) -> float:
     """Once ``reads`` reads wait on the registry, how long SIGTERM takes to end ``proc``
     (which must exit 0)."""
@@ -677,7 +687,7 @@ def test_stopping_with_fetches_stuck_on_every_layer_ends_within_seconds(
                 client.send(w.CMD_READ, 1, 0, 4096)
             # 5 s of drain, 1 s of grace after the cut, 3 s for the fetches; before, the
             # fetches' 3 s came twice per layer, in turn: 15 s here.
-            assert seconds_to_stop_once_stuck(proc, proxy, 3) < 10.5
+            assert seconds_to_stop_once_stuck(proc, proxy, 3) < STUCK_STOP + LOADED_MACHINE
         finally:
             for client in clients:
                 client.close()
@@ -698,7 +708,7 @@ def test_stopping_with_a_fetch_stuck_in_flight_ends_within_seconds(
         try:
             client.negotiate("layer0")
             client.send(w.CMD_READ, 1, client.size - (1 << 20), 4096)  # far from the start
-            assert seconds_to_stop_once_stuck(proc, proxy, 1) < 10
+            assert seconds_to_stop_once_stuck(proc, proxy, 1) < STUCK_STOP + LOADED_MACHINE
         finally:
             client.close()
 
