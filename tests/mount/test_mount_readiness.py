@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import threading
 import time
 
@@ -157,7 +158,8 @@ def test_a_wait_for_a_stopped_writer_before_ready_is_heard_as_progress(pipe, mon
         with stopped_writer(cache) as holder, ReadinessPipe(write_end) as server_end:
             writing = threading.Thread(target=lambda: store.pin("sha256:" + "7" * 64, 1))
             writing.start()
-            time.sleep(2.5)  # the watch looks once a second
+            # The watch looks once a second: its first progress line, whenever it comes.
+            assert select.select([read_end], [], [], 30)[0], "the wait was never said"
             holder.send_signal(signal.SIGCONT)
             holder.kill()
             writing.join(timeout=30)
