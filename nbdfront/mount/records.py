@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blockstore.errors import MountError, UsageError
+from blockstore.errors import MountError, MountpointBusy, UsageError
 from blockstore.wholefile import replace_whole
 from nbdfront.mount import syscall
 from nbdfront.mount.attach import Attachment, known_fields
@@ -349,23 +349,54 @@ def discard(state_dir: Path, record: MountRecord | None) -> None:
     ``record`` (None: one that does not parse): of two mounts that found it so at once,
     one removes it, and the other must not remove the state directory the first has
     made since. Moved aside under an exclusive flock of the directory, which the other
-    cannot take meanwhile, then removed."""
+    cannot take meanwhile, then removed. Raises MountpointBusy while another process
+    holds that flock: it removes the directory, or ``umount`` finishes with it
+    (``held_for_undoing``)."""
     try:
         fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock_against_others(fd, state_dir)
         if os.path.samestat(os.fstat(fd), os.lstat(state_dir)) and (
             _read(state_dir / RECORD_NAME) == record
         ):
             aside = state_dir.parent / f"{NEW_PREFIX}stale-{state_dir.name}-{os.getpid()}"
             os.rename(state_dir, aside)
             shutil.rmtree(aside, ignore_errors=True)
-    except (BlockingIOError, FileNotFoundError):
-        return  # another process is removing it, or has
+    except FileNotFoundError:
+        return  # another process has removed it
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def held_for_undoing(state_dir: Path) -> Iterator[None]:
+    """Hold ``state_dir`` (its exclusive flock) while its mount is undone, its log and
+    record dealt with: once its steps are undone nothing of it is left to see, and a
+    mount at the same place would otherwise clear its record as one of a crash and
+    begin at the very paths the undoing is about to remove (``discard``)."""
+    try:
+        fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield
+        return
+    try:
+        _lock_against_others(fd, state_dir)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _lock_against_others(fd: int, state_dir: Path) -> None:
+    """The exclusive flock of the state directory open as ``fd``, or MountpointBusy."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise MountpointBusy(
+            f"the mount whose state is in {state_dir} is being unmounted, or its record "
+            "cleared, by another blockstore process: try again once it is done"
+        ) from None
 
 
 def save(record: MountRecord) -> None:

@@ -665,13 +665,14 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
             f"{record.mountpoint} is still being mounted (pid {record.mounter.pid}): "
             "let it finish, or interrupt that command, which undoes it"
         )
-    ended = _take_down(record, lazy=lazy)
-    trouble = _trouble(before, ended)
-    if trouble is None:
-        Path(record.log).unlink(missing_ok=True)
-    # The record goes last: until then it keeps the mount point from another mount,
-    # whose log would be at the same path as this one's.
-    records.forget(record)
+    with records.held_for_undoing(Path(record.state_dir)):
+        ended = _take_down(record, lazy=lazy)
+        trouble = _trouble(before, ended)
+        if trouble is None:
+            Path(record.log).unlink(missing_ok=True)
+        # The record goes last: until then it keeps the mount point from another mount,
+        # whose log would be at the same path as this one's.
+        records.forget(record)
     return Unmounted(record, trouble)
 
 

@@ -35,7 +35,7 @@ from blockstore.errors import MountError, MountpointBusy
 from nbdfront.mount import attach, records, stack, syscall
 from nbdfront.mount.process import ProcessRef
 from nbdfront.mount.server import ServerFailed, previous_log, start_server
-from nbdfront.mount.supervisor import STOP_GRACE
+from nbdfront.mount.supervisor import STOP_GRACE, ServerExit
 
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
 
@@ -608,6 +608,38 @@ def test_a_mount_made_as_umount_frees_the_place_keeps_its_log(
     (second,) = made
     assert os.path.exists(second.log), "umount removed the log of the mount made after it"
     assert not previous_log(Path(second.log)).exists()
+    assert stack.unmount(str(mountpoint)).trouble is None
+    assert_nothing_left(second, run)
+
+
+def test_a_mount_tried_while_umount_finishes_is_refused_and_takes_nothing(
+    mount_dirs, mountpoint, erofs_images, local_server, monkeypatch
+):
+    """Tried: a clean ``umount``, and a mount at the same place tried once every step of the
+    one before is undone, before its log and record are dealt with (nothing of it is left
+    to see then). Must hold: that mount is refused as busy, naming the unmount, and takes
+    nothing; the clean mount's log and record go, and a mount after it is made. Before,
+    it cleared the record as one of a crash and went on, its log and state directory
+    at the very paths the umount was about to remove."""
+    _, run = mount_dirs
+    argv = local_server({"layer0": erofs_images.small.path})
+    first = stack.mount(argv, str(mountpoint), image="small")
+    trouble = stack._trouble
+    refused: list[str] = []
+
+    def trouble_then_mount(before: stack.MountStatus, ended: ServerExit | None) -> str | None:
+        with pytest.raises(MountpointBusy, match="being unmounted") as busy:
+            stack.mount(argv, str(mountpoint), image="small")
+        refused.append(str(busy.value))
+        return trouble(before, ended)
+
+    monkeypatch.setattr(stack, "_trouble", trouble_then_mount)
+    assert stack.unmount(str(mountpoint)).trouble is None
+    assert refused
+    assert not os.path.exists(first.log)
+    assert_nothing_left(first, run)
+    monkeypatch.setattr(stack, "_trouble", trouble)
+    second = stack.mount(argv, str(mountpoint), image="small")
     assert stack.unmount(str(mountpoint)).trouble is None
     assert_nothing_left(second, run)
 
