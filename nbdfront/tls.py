@@ -18,7 +18,7 @@ import contextlib
 import socket
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -153,22 +153,30 @@ class TLSStream:
         self._closed_notify = False
 
     @classmethod
-    def accept(cls, sock: socket.socket, context: ssl.SSLContext) -> TLSStream:
-        """Make the server side of the handshake on ``sock`` (within its timeout)."""
+    def accept(
+        cls, sock: socket.socket, context: ssl.SSLContext, failed: Callable[[Exception], None]
+    ) -> TLSStream:
+        """Make the server side of the handshake on ``sock`` (within its timeout).
+
+        ``failed`` is told why the handshake failed before the alert that says so is
+        sent: a client failing on the alert may look for the cause at once.
+        """
         stream = cls(sock, context)
-        while True:
-            try:
-                with stream._state_lock:
-                    stream._tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                stream._flush()
-                stream._feed(0)
-            except ssl.SSLError:
-                # Send the alert that says why (no certificate, unknown CA), then give up.
-                with contextlib.suppress(OSError):
+        try:
+            while True:
+                try:
+                    with stream._state_lock:
+                        stream._tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
                     stream._flush()
-                raise
+                    stream._feed(0)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            failed(exc)
+            # Send the alert that says why (no certificate, unknown CA), then give up.
+            with contextlib.suppress(OSError):
+                stream._flush()
+            raise
         stream._flush()
         return stream
 

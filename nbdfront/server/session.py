@@ -198,15 +198,18 @@ class Session:
         if not self._outbox.drained(self._server.handshake_timeout):
             return False
         try:
-            self._sock = TLSStream.accept(self._sock, self._server.tls.context)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            # One cause (a scanner, clients of another CA) fails them by the hundred.
-            self._server.hangups.warning("TLS handshake with %s failed: %s", self.peer, exc)
+            self._sock = TLSStream.accept(self._sock, self._server.tls.context, self._tls_failed)
+        except (OSError, ValueError):  # said by _tls_failed, before the alert went out
             return False
         self._outbox.use(self._sock)
         self._protocol.tls_started()
         log.info("%s now speaks TLS", self.peer)
         return True
+
+    def _tls_failed(self, exc: Exception) -> None:
+        """Said throttled: one cause (a scanner, clients of another CA) fails them by
+        the hundred."""
+        self._server.hangups.warning("TLS handshake with %s failed: %s", self.peer, exc)
 
     def _recv(self, flags: int) -> Buffer:
         """One receive; on a plain socket into the connection's own buffer, as a view

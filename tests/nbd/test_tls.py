@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import select
 import socket
 import ssl
 import struct
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 
 import nbd_wire as w
@@ -512,3 +514,64 @@ def test_a_client_asking_to_renegotiate_tls_is_refused(local_blob, nbd_certifica
         listener.close()
         relay.join(30)
         server.shutdown()
+
+
+def test_a_failed_tls_handshake_is_logged_before_its_alert_is_sent(local_blob, nbd_certificates):
+    """Tried: a client that gets STARTTLS acknowledged, then offers TLS 1.1 only, with the
+    server's log handler held at the failure's warning. Must hold: nothing reaches the
+    client until the warning is written, then the alert that says why. A client failing
+    on the alert (nbdfuse, a mount's attach) may read the server's log for the cause at
+    once; an alert sent first let it read a log without it."""
+    held = HeldHandler()
+    logger = logging.getLogger("nbdfront.server")
+    logger.addHandler(held)
+    server = _started_requiring_tls(local_blob, nbd_certificates)
+    try:
+        with socket.create_connection(server.tcp_address, timeout=10) as sock:
+            _read_exactly(sock, 18)
+            sock.sendall(w.client_flags() + w.option(w.OPT_STARTTLS))
+            assert _option_reply(sock)[:2] == (w.OPT_STARTTLS, w.REP_ACK)
+            sock.sendall(old_client_hello())
+            assert held.reached.wait(10)
+            readable, _, _ = select.select([sock], [], [], 0.5)
+            assert not readable, "the alert went out before the failure was logged"
+            held.let_go.set()
+            received = b""
+            while piece := sock.recv(65536):
+                received += piece
+        assert received[:1] == b"\x15", received[:16]  # a TLS alert record
+        assert "TLS handshake with" in held.said[0] and "unsupported protocol" in held.said[0]
+    finally:
+        held.let_go.set()
+        logger.removeHandler(held)
+        server.shutdown()
+
+
+class HeldHandler(logging.Handler):
+    """Holds the thread that logs the first warning until let go."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.reached, self.let_go = threading.Event(), threading.Event()
+        self.said: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.said.append(record.getMessage())
+        self.reached.set()
+        assert self.let_go.wait(10)
+
+
+def old_client_hello() -> bytes:
+    """The first flight of a client that speaks TLS 1.1 at most, which the server refuses."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.TLSv1
+        context.maximum_version = ssl.TLSVersion.TLSv1_1
+    context.set_ciphers("ALL:@SECLEVEL=0")
+    outgoing = ssl.MemoryBIO()
+    client = context.wrap_bio(ssl.MemoryBIO(), outgoing)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        client.do_handshake()
+    return outgoing.read()
