@@ -143,7 +143,8 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
         try:
             server.listen()
         except OSError as exc:
-            raise BlockstoreError(_cannot_listen(exc, tcp, args.unix)) from exc
+            said = _cannot_listen(exc, tcp, args.unix, tcp_bound=server.tcp_address is not None)
+            raise BlockstoreError(said) from exc
         if args.metrics is not None:
 
             def stats() -> dict:  # none until the cache is open: a scrape then reads zeros
@@ -202,10 +203,13 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
             _remove_pidfile(pidfile)
 
 
-def _cannot_listen(exc: OSError, tcp: tuple[str, int] | None, unix: str | None) -> str:
+def _cannot_listen(
+    exc: OSError, tcp: tuple[str, int] | None, unix: str | None, *, tcp_bound: bool
+) -> str:
     """Why the server could not listen, and, where the address is taken (by another
-    server, another user's on a shared machine), how to give another."""
-    if tcp is not None:
+    server, another user's on a shared machine), how to give another. The TCP address is
+    bound first: once it is (``tcp_bound``), the failure is the Unix socket's."""
+    if tcp is not None and not tcp_bound:
         where, other = f"{tcp[0]}:{tcp[1]}", "--listen HOST:PORT (port 0 picks a free one)"
     else:
         where, other = unix, "--unix PATH"

@@ -843,3 +843,21 @@ def test_an_address_in_use_fails_serve_before_it_makes_a_cache(pushed_images, tm
     (line,) = done.stderr.strip().splitlines()
     assert "another server listens there" in line, line
     assert not cache.exists(), sorted(p.name for p in cache.iterdir())
+
+
+def test_a_unix_socket_in_use_beside_a_tcp_address_is_the_one_named(pushed_images, tmp_path):
+    """Tried: ``serve --listen 127.0.0.1:0 --unix PATH`` where another server listens on
+    PATH. Must hold: exit 1 with one line naming PATH and ``--unix PATH`` as what to
+    change. Before, the line named the TCP address, which was free, and told the user to
+    give another ``--listen``."""
+    path = tmp_path / "nbd.sock"
+    with socket.socket(socket.AF_UNIX) as other:
+        other.bind(str(path))
+        other.listen()
+        argv = [pushed_images.small, "--insecure", "--cache-dir", str(tmp_path / "cache")]
+        done = serve_once(*argv, "--listen", "127.0.0.1:0", "--unix", str(path))
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == (
+        f"blockstore: cannot listen on {path}: Address already in use; another server "
+        "listens there: give another --unix PATH\n"
+    )
