@@ -74,7 +74,7 @@ from .layout import (
     holds_cache,
     meta_int,
 )
-from .write_access import cannot_write, writer_of
+from .write_access import cannot_write, check_enterable, writer_of
 from .write_lock_watch import WriteLockWatch
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,7 @@ class CacheEnv:
             st = path.stat()
         except OSError as exc:
             raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
+        check_enterable(path)
         return st.st_dev, st.st_ino
 
     def __init__(

@@ -46,6 +46,17 @@ def cannot_write(path: Path) -> str | None:
     return None
 
 
+def check_enterable(path: Path) -> None:
+    """Refuse a cache directory this user cannot enter: every cache blockstore makes is
+    its owner's alone (0700), so another user's (root's, after a mount made with sudo)
+    can be neither read nor judged, not even whether it holds a cache."""
+    if path.is_dir() and not os.access(path, os.X_OK):
+        raise CacheError(
+            f"cannot open the cache at {path}: its directory is {_owner(path)}'s and this "
+            "user cannot enter it; run the command as that user, or give another --cache-dir"
+        )
+
+
 def _refuses_writes(data: Path) -> bool:
     """Whether opening ``data`` for writing fails as on a read-only file system, which
     ``statvfs`` does not always say: ext4 gone read-only after an error

@@ -21,6 +21,7 @@ from blockstore.cache.indexes import IndexShelf
 from blockstore.cache.layout import LMDB_DATA_FILE
 from blockstore.cache.seal import VerifyReport
 from blockstore.cache.store import READ_ONLY_FATE
+from blockstore.cache.write_access import check_enterable
 from blockstore.cli.common import add_cache_options, cache_dir_from
 from blockstore.errors import CacheError, IntegrityError, InvalidReference, NotFound
 from blockstore.progress import human
@@ -87,6 +88,7 @@ def existing_cache_dir(args: argparse.Namespace) -> Path:
     path = cache_dir_from(args)
     if not path.exists():
         raise CacheError(f"no cache at {path}: nothing was ever kept there; {NAME_THE_CACHE}")
+    check_enterable(path)
     if path.is_dir() and not (path / LMDB_DATA_FILE).exists():
         # A directory made anew (or by hand) is no cache: taking it for an empty one
         # would make one there and report it sound.

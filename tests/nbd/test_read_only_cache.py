@@ -225,6 +225,24 @@ def test_a_cache_root_makes_is_not_readable_by_other_users(registry, pushed_imag
         assert b"Permission denied" in refused.stderr
 
 
+def test_a_cache_another_user_cannot_enter_is_refused_saying_whose_it_is(registry, pushed_images):
+    """Tried: user nobody's ``cache ls`` and ``prefetch`` naming root's cache (0700, as
+    every cache blockstore makes is), as after a mount made with sudo. Must hold: each
+    exits 8 (the cache cannot be opened) in one line saying whose the directory is and
+    what to do. Before, each exited 1 with a bare ``[Errno 13] Permission denied``."""
+    with users_directory() as base:
+        cache = base / "cache"
+        prefetched(pushed_images.small, cache)
+        refusal = [
+            f"blockstore: cannot open the cache at {cache}: its directory is root's and this "
+            "user cannot enter it; run the command as that user, or give another --cache-dir"
+        ]
+        for command in (["cache", "ls"], ["prefetch", pushed_images.small, "--insecure"]):
+            refused = as_nobody(*command, "--cache-dir", str(cache))
+            assert refused.returncode == 8, refused.stderr
+            assert refused.stderr.splitlines() == refusal
+
+
 def test_root_writes_no_file_another_user_linked_into_a_cache(
     registry, pushed_images, erofs_images
 ):
