@@ -116,7 +116,9 @@ def parse_mount_options(texts: list[str]) -> OciOptions:
                     """inside single quotes: -o 'oci.password="..."'"""
                 )
             else:
-                raise UsageError(f"unknown mount option {key!r}")
+                raise UsageError(
+                    f"unknown mount option {key!r}: `blockstore mount --help` lists those -o takes"
+                )
             after_password = key == "oci.password"
     if parsed.layer is not None and parsed.blob is not None:
         raise UsageError("-o oci.layer and oci.blob select a layer twice: give one")
