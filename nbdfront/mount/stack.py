@@ -61,7 +61,10 @@ def check_can_mount(mountpoint: str, *, tls: bool = False) -> str:
             f"{path_max - 1} bytes the kernel takes for a path: choose a shorter one"
         )
     if not os.path.exists(mountpoint):
-        raise MountError(f"mountpoint {mountpoint} does not exist")
+        raise MountError(
+            f"mountpoint {mountpoint} does not exist: make it first "
+            f"(mkdir -p {shlex.quote(mountpoint)})"
+        )
     if not os.path.isdir(mountpoint):
         raise MountError(f"mountpoint {mountpoint} is not a directory")
     if syscall.is_mounted(mountpoint):

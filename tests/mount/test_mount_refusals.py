@@ -395,3 +395,22 @@ def test_a_mount_point_longer_than_the_kernel_takes_says_so(mount_dirs, tmp_path
     )
     assert not list(run.iterdir()), "a log or state directory was made"
     assert not processes_mentioning(str(run))
+
+
+def test_a_mount_point_that_does_not_exist_is_refused_saying_to_make_it(mount_dirs):
+    """Tried: ``mount IMAGE DIR`` where DIR does not exist, as a first mount at a new
+    place is typed. Must hold: exit 10, one line naming DIR and the ``mkdir -p`` that
+    makes it; nothing spawned. Before, it said only "mountpoint DIR does not exist"."""
+    base, run = mount_dirs
+    missing = base / "new place"
+    done = subprocess.run(
+        [*BLOCKSTORE, "mount", "127.0.0.1:5000/a/b:v1", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 10, done.stderr
+    assert done.stderr == (
+        f"blockstore: mountpoint {missing} does not exist: make it first (mkdir -p '{missing}')\n"
+    )
+    assert not processes_mentioning(str(run))
