@@ -35,7 +35,7 @@ from blockstore.cli.common import (
     parse_metrics_address,
 )
 from blockstore.cli.tls_options import add_tls_options, mount_tls_arguments
-from blockstore.errors import MountError, NotCached, UsageError
+from blockstore.errors import MountError, MountpointBusy, NotCached, UsageError
 from blockstore.logformat import count_trouble
 from nbdfront.mount import stack
 from nbdfront.mount.attach import KERNEL, NBDFUSE
@@ -524,7 +524,15 @@ def ignore_late_signals() -> None:
 
 
 def run_umount(args: argparse.Namespace) -> int:
-    done = stack.unmount(args.mountpoint, lazy=args.lazy)
+    try:
+        done = stack.unmount(args.mountpoint, lazy=args.lazy)
+    except MountpointBusy as exc:
+        if not _runs_inside(args.mountpoint):
+            raise
+        raise MountpointBusy(
+            f"{exc}; this command was run from inside it, as the shell that started it "
+            "likely was: cd out of it first"
+        ) from exc
     ignore_late_signals()
     if args.quiet <= 0:
         say_done(f"unmounted {stack.printable(done.record.mountpoint)} ({done.record.image})")
@@ -533,6 +541,17 @@ def run_umount(args: argparse.Namespace) -> int:
             where = f"; its log is kept at {done.record.log}" if kept else ""
             print(f"blockstore: {done.trouble}{where}", file=sys.stderr)
     return 0
+
+
+def _runs_inside(mountpoint: str) -> bool:
+    """Whether this command's working directory is ``mountpoint`` or below it: then the
+    shell that started it is there too, and ending that shell is no fix for the user."""
+    try:
+        here = os.getcwd()
+    except OSError:  # a working directory removed since
+        return False
+    there = os.path.realpath(mountpoint)
+    return here == there or here.startswith(there.rstrip("/") + "/")
 
 
 def run_mounts(args: argparse.Namespace) -> int:

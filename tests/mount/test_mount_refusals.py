@@ -414,3 +414,31 @@ def test_a_mount_point_that_does_not_exist_is_refused_saying_to_make_it(mount_di
         f"blockstore: mountpoint {missing} does not exist: make it first (mkdir -p '{missing}')\n"
     )
     assert not processes_mentioning(str(run))
+
+
+def test_umount_run_from_inside_the_mount_says_to_step_out_of_it(
+    mount_dirs, mountpoint, local_server, erofs_images
+):
+    """Tried: ``blockstore umount .`` typed in a shell whose working directory is the
+    mount. Must hold: exit 13, one line naming that shell as what uses it and saying to
+    cd out of the mount first; the image stays mounted. Before, it said only to end the
+    process, the user's own shell, or to unmount with --lazy."""
+    from nbdfront.mount import stack, syscall
+
+    stack.mount(local_server({"layer0": erofs_images.small.path}), str(mountpoint), image="small")
+    shell = subprocess.Popen(
+        ["sh", "-c", '"$@" umount . 2>&1; exit $?', "sh", *BLOCKSTORE],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=mountpoint,
+    )
+    said, _ = shell.communicate(timeout=60)
+    assert shell.returncode == 13, said
+    assert said == (
+        f"blockstore: {mountpoint} is busy: a process still uses it (pid {shell.pid} (sh)) "
+        "(end it, or unmount with --lazy, after which what still uses it gets I/O errors); "
+        "this command was run from inside it, as the shell that started it likely was: "
+        "cd out of it first\n"
+    )
+    assert syscall.is_mounted(str(mountpoint))
+    stack.unmount(str(mountpoint))
