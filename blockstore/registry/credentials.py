@@ -2,7 +2,8 @@
 
 In order: the options (``--username``/``--password``), the environment
 (``BLOCKSTORE_USERNAME``/``BLOCKSTORE_PASSWORD``), then the files ``podman login`` and
-``docker login`` write: ``$REGISTRY_AUTH_FILE``, ``$XDG_RUNTIME_DIR/containers/auth.json``,
+``docker login`` write: ``$REGISTRY_AUTH_FILE``, ``$XDG_RUNTIME_DIR/containers/auth.json``
+(``/run/containers/UID/auth.json`` where that variable is unset, as under sudo),
 ``~/.config/containers/auth.json``, ``$DOCKER_CONFIG/config.json``,
 ``~/.docker/config.json``. A file naming a credential helper for the registry
 (``credHelpers``, else ``credsStore``) has the helper asked (``credhelper``), never its
@@ -29,6 +30,10 @@ from blockstore.registry.credhelper import HelperLogin, ask_helper
 from blockstore.registry.reference import DOCKER_HUB
 
 log = logging.getLogger(__name__)
+
+PODMAN_RUN_AUTH = "/run/containers/{uid}/auth.json"
+"""Where ``podman login`` keeps a login when ``$XDG_RUNTIME_DIR`` is unset, as it is under
+sudo: root's ``sudo podman login`` writes ``/run/containers/0/auth.json``."""
 
 # docker login writes Docker Hub under its v1 index URL, and asks a helper for it by it.
 _HUB_ADDRESS = "https://index.docker.io/v1/"
@@ -137,6 +142,8 @@ def auth_files() -> list[Path]:
         paths.append(Path(os.environ["REGISTRY_AUTH_FILE"]))
     if os.environ.get("XDG_RUNTIME_DIR"):
         paths.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
+    else:
+        paths.append(Path(PODMAN_RUN_AUTH.format(uid=os.getuid())))
     home = Path.home()
     paths.append(home / ".config" / "containers" / "auth.json")
     if os.environ.get("DOCKER_CONFIG"):

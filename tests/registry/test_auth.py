@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from rig.registry_server import RegistryServer, TokenAuth
 from rig.token_issuer import TokenIssuer
 
 import blockstore.registry.auth as auth
+import blockstore.registry.credentials as credentials
 from blockstore.errors import AuthError, BlobReadError, RegistryUnreachable, UsageError
 from blockstore.registry import (
     RegistryBlob,
@@ -132,6 +134,30 @@ def test_basic_auth_from_containers_auth_json(
     monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth_file))
     with basic_auth_registry.client(username=None, password=None) as client:
         assert resolve_image(client, basic_image, None).layers
+
+
+def test_basic_auth_from_podmans_run_directory_without_xdg_runtime_dir(
+    basic_auth_registry, basic_image, monkeypatch, tmp_path
+):
+    """Tried: a login where ``podman login`` keeps it when ``$XDG_RUNTIME_DIR`` is unset,
+    as under sudo (root's in ``/run/containers/0/auth.json``; here that place is moved
+    under the test's directory), then ``$XDG_RUNTIME_DIR`` set to another directory.
+    Must hold: unset, the login is used; set, that place is not looked in, as podman
+    does not. Before, that place was never looked in: ``sudo podman login`` then
+    ``sudo blockstore mount`` was refused as anonymous."""
+    run_auth = tmp_path / "run" / "containers" / "{uid}" / "auth.json"
+    monkeypatch.setattr(credentials, "PODMAN_RUN_AUTH", str(run_auth))
+    login = Path(str(run_auth).format(uid=os.getuid()))
+    login.parent.mkdir(parents=True)
+    login.write_text(json.dumps(_auths(basic_auth_registry)))
+    with basic_auth_registry.client(username=None, password=None) as client:
+        assert resolve_image(client, basic_image, None).layers
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    with (
+        basic_auth_registry.client(username=None, password=None) as client,
+        pytest.raises(AuthError),
+    ):
+        resolve_image(client, basic_image, None)
 
 
 @pytest.mark.parametrize(
