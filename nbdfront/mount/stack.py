@@ -43,6 +43,7 @@ SERVER_STOP_TIMEOUT = STOP_GRACE + 3.0
 """Seconds ``umount`` waits for the supervisor: the server's grace, then time for the
 supervisor to kill it and write how it ended. Past that the supervisor is killed too
 (and the server with it), and the exit status is unknown."""
+SOCKET_PATH_MAX = 107  # bytes of a path in a Unix socket address (sun_path, less its NUL)
 
 # Called with the export names (bottom layer first) once the server is ready;
 # returns what the record's ``info`` should hold.
@@ -228,6 +229,7 @@ def mount(
     state_dir = records.state_dir_for(mountpoint)
     log = records.log_path_for(mountpoint)
     socket = state_dir / "serve.sock"
+    _check_socket_fits(socket)
     record = MountRecord(
         mountpoint=mountpoint,
         image=image,
@@ -279,6 +281,19 @@ def mount(
                     records.forget(record)
             raise
     return record
+
+
+def _check_socket_fits(socket: Path) -> None:
+    """Refuse a run directory so deep that the server's socket in it cannot be named in a
+    Unix socket address: the server would fail to listen only once started, in words
+    that leave the user to guess which directory to change."""
+    length = len(os.fsencode(socket))
+    if length > SOCKET_PATH_MAX:
+        raise MountError(
+            f"the run directory {records.run_dir()} is too deep for the mount's server "
+            f"socket ({socket}: {length} bytes, over the {SOCKET_PATH_MAX} a Unix socket "
+            "address holds): set BLOCKSTORE_RUN_DIR to a shorter directory"
+        )
 
 
 def _drop_untroubled_log(log: Path) -> None:

@@ -442,3 +442,28 @@ def test_umount_run_from_inside_the_mount_says_to_step_out_of_it(
     )
     assert syscall.is_mounted(str(mountpoint))
     stack.unmount(str(mountpoint))
+
+
+def test_a_run_directory_too_deep_for_the_servers_socket_is_refused_saying_so(
+    mount_dirs, mountpoint
+):
+    """Tried: ``mount`` with a ``$BLOCKSTORE_RUN_DIR`` of over 80 bytes, deeper than the
+    mount's server socket under it can be named in a Unix socket address (107 bytes).
+    Must hold: exit 10, one line naming the run directory and saying to set a shorter
+    one; nothing spawned, nothing left in it. Before, the server started and failed to
+    listen, and mount exited 1 with "AF_UNIX path too long" alone."""
+    base, _ = mount_dirs
+    deep = base / ("r" * 80)
+    done = subprocess.run(
+        [*BLOCKSTORE, "mount", "127.0.0.1:5000/a/b:v1", str(mountpoint)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "BLOCKSTORE_RUN_DIR": str(deep)},
+    )
+    assert done.returncode == 10, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"blockstore: the run directory {deep} is too deep for"), line
+    assert line.endswith(": set BLOCKSTORE_RUN_DIR to a shorter directory"), line
+    assert not processes_mentioning(str(deep))
+    assert not deep.exists() or not any(deep.rglob("*"))
