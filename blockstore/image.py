@@ -30,7 +30,6 @@ from blockstore.cache.errors import OtherFormat
 from blockstore.cache.holds import BlobHold
 from blockstore.cache.indexes import IndexShelf
 from blockstore.cache.layout import holds_cache
-from blockstore.cache.write_access import check_enterable
 from blockstore.chunkindex import ChunkIndex
 from blockstore.errors import (
     BlockstoreError,
@@ -413,7 +412,6 @@ def open_image(
     """
     ref = parse_reference(reference)
     wanted = str(Platform.parse(platform) if platform else host_platform())
-    check_enterable(Path(cache_dir))
     fresh = not holds_cache(Path(cache_dir))
     if offline and fresh:
         # Opening would make an empty cache there, only to find the image not in it.

@@ -164,6 +164,7 @@ class CacheEnv:
 
     @staticmethod
     def _directory(path: Path) -> tuple[int, int]:
+        check_enterable(path)
         if path.exists() and not path.is_dir():
             raise CacheError(f"cannot open the cache at {path}: it is not a directory")
         try:
@@ -171,7 +172,6 @@ class CacheEnv:
             st = path.stat()
         except OSError as exc:
             raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
-        check_enterable(path)
         return st.st_dev, st.st_ino
 
     def __init__(

@@ -46,14 +46,25 @@ def cannot_write(path: Path) -> str | None:
     return None
 
 
+_RUN_AS_OWNER = "run the command as that user, or give another --cache-dir"
+"""What to do about a cache directory this user cannot enter."""
+
+
 def check_enterable(path: Path) -> None:
-    """Refuse a cache directory this user cannot enter: every cache blockstore makes is
-    its owner's alone (0700), so another user's (root's, after a mount made with sudo)
-    can be neither read nor judged, not even whether it holds a cache."""
-    if path.is_dir() and not os.access(path, os.X_OK):
+    """Refuse a cache directory this user cannot enter, or reach: every cache blockstore
+    makes is its owner's alone (0700), so another user's (root's, after a mount made with
+    sudo) can be neither read nor judged, not even whether it holds a cache."""
+    try:
+        is_directory = path.is_dir()
+    except PermissionError:
+        raise CacheError(
+            f"cannot open the cache at {path}: this user cannot reach it (a directory above "
+            f"it is another user's); {_RUN_AS_OWNER}"
+        ) from None
+    if is_directory and not os.access(path, os.X_OK):
         raise CacheError(
             f"cannot open the cache at {path}: its directory is {_owner(path)}'s and this "
-            "user cannot enter it; run the command as that user, or give another --cache-dir"
+            f"user cannot enter it; {_RUN_AS_OWNER}"
         )
 
 

@@ -86,9 +86,9 @@ or one a --cache-dir named."""
 def existing_cache_dir(args: argparse.Namespace) -> Path:
     """The cache directory the arguments name, refused if there is no cache there."""
     path = cache_dir_from(args)
+    check_enterable(path)
     if not path.exists():
         raise CacheError(f"no cache at {path}: nothing was ever kept there; {NAME_THE_CACHE}")
-    check_enterable(path)
     if path.is_dir() and not (path / LMDB_DATA_FILE).exists():
         # A directory made anew (or by hand) is no cache: taking it for an empty one
         # would make one there and report it sound.

@@ -599,9 +599,11 @@ def open_image_from_args(
     command fills the cache, so an older version's may be replaced).
     """
     # Imported here, as registry_options_from_args explains.
+    from blockstore.cache.write_access import check_enterable
     from blockstore.image import open_image
 
     cache_dir = cache_dir_from(args)
+    check_enterable(cache_dir)  # else one it cannot reach would pass for one to make
     made = _missing_dirs(cache_dir)
     try:
         image = open_image(

@@ -227,20 +227,27 @@ def test_a_cache_root_makes_is_not_readable_by_other_users(registry, pushed_imag
 
 def test_a_cache_another_user_cannot_enter_is_refused_saying_whose_it_is(registry, pushed_images):
     """Tried: user nobody's ``cache ls`` and ``prefetch`` naming root's cache (0700, as
-    every cache blockstore makes is), as after a mount made with sudo. Must hold: each
-    exits 8 (the cache cannot be opened) in one line saying whose the directory is and
-    what to do. Before, each exited 1 with a bare ``[Errno 13] Permission denied``."""
+    every cache blockstore makes is), as after a mount made with sudo, then one inside a
+    directory of root's that nobody cannot enter (as root's home). Must hold: each exits
+    8 (the cache cannot be opened) in one line saying whose the directory is, or that
+    one above it is another user's, and what to do. Before, each exited 1 with a bare
+    ``[Errno 13] Permission denied``."""
     with users_directory() as base:
-        cache = base / "cache"
+        cache, private = base / "cache", base / "private"
         prefetched(pushed_images.small, cache)
-        refusal = [
-            f"blockstore: cannot open the cache at {cache}: its directory is root's and this "
-            "user cannot enter it; run the command as that user, or give another --cache-dir"
-        ]
-        for command in (["cache", "ls"], ["prefetch", pushed_images.small, "--insecure"]):
-            refused = as_nobody(*command, "--cache-dir", str(cache))
-            assert refused.returncode == 8, refused.stderr
-            assert refused.stderr.splitlines() == refusal
+        private.mkdir(mode=0o700)
+        refusals = {
+            cache: "its directory is root's and this user cannot enter it",
+            private / "cache": "this user cannot reach it (a directory above it is another user's)",
+        }
+        for path, why in refusals.items():
+            for command in (["cache", "ls"], ["prefetch", pushed_images.small, "--insecure"]):
+                refused = as_nobody(*command, "--cache-dir", str(path))
+                assert refused.returncode == 8, refused.stderr
+                assert refused.stderr.splitlines() == [
+                    f"blockstore: cannot open the cache at {path}: {why}; run the command as "
+                    "that user, or give another --cache-dir"
+                ]
 
 
 def test_root_writes_no_file_another_user_linked_into_a_cache(
