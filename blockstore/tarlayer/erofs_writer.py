@@ -18,7 +18,9 @@ crosses a block); then directory blocks and long symlink targets.
 
 from __future__ import annotations
 
+import io
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from blockstore import erofs_format as f
@@ -29,29 +31,45 @@ FIRST_INODE_OFFSET = DEVT_SLOT_OFFSET + f.DEVICE_SLOT_SIZE
 MAX_TAR_BLOCKS = 1 << 32  # chunk indexes and the superblock hold 32-bit block numbers
 
 
-@dataclass(eq=False)
-class _Placed:
-    """Where one inode goes and what follows its fixed-size part."""
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """How one inode is laid out, and what follows its fixed-size part. Worked out
+    when the inode is placed and again when it is written, never kept for every
+    inode of a layer in between."""
 
-    inode: Inode
-    ino: int
-    nlink: int
-    extended: bool = False
-    layout: int = f.LAYOUT_FLAT_PLAIN
-    xattrs: bytes = b""
-    offset: int = 0  # byte offset of the inode in the image
-    data_blocks: int = 0  # blocks in the data area (directories, long symlinks)
-    data_block: int = 0  # first of them
-    size: int = 0  # i_size: a directory's is known only once its blocks are laid out
-    parent: Inode | None = None
-    path: bytes = b"/"  # the first path naming it, for messages
+    extended: bool
+    layout: int
+    xattrs: bytes
+    size: int  # i_size
+    data_blocks: int  # blocks in the data area (directories, long symlinks)
 
     @property
     def isize(self) -> int:
         return f.INODE_EXTENDED.size if self.extended else f.INODE_COMPACT.size
 
 
-def _encode_xattrs(node: Inode, where: str) -> bytes:
+def _names(root: Inode) -> Iterator[tuple[Inode, Inode, bytes, bytes]]:
+    """Every name of the tree as (inode, its directory, the directory's path, name),
+    depth-first in name order, the root first (its own directory, named ``/``). An
+    inode with more names (a hard link) comes once for each."""
+    stack: list[tuple[Inode, Inode, bytes, bytes]] = [(root, root, b"", b"/")]
+    while stack:
+        node, parent, directory, name = stack.pop()
+        yield node, parent, directory, name
+        if node.children is not None:
+            path = directory + name if node is root else directory + name + b"/"
+            for child_name in sorted(node.children, reverse=True):
+                stack.append((node.children[child_name], node, path, child_name))
+
+
+def _where(tree: LayerTree, node: Inode) -> str:
+    """The first path naming ``node``, for messages: found again by a walk rather than
+    kept for every inode."""
+    path = next(directory + name for at, _, directory, name in _names(tree.root) if at is node)
+    return f"tar entry {path.decode('utf-8', 'backslashreplace')!r}"
+
+
+def _encode_xattrs(tree: LayerTree, node: Inode) -> bytes:
     """Inline xattrs: the ibody header, then entries sorted by name."""
     if not node.xattrs:
         return b""
@@ -60,12 +78,12 @@ def _encode_xattrs(node: Inode, where: str) -> bytes:
         split = f.split_xattr_name(name)
         if split is None:
             raise TarLayerError(
-                f"{where}: xattr {name.decode('utf-8', 'backslashreplace')!r}"
+                f"{_where(tree, node)}: xattr {name.decode('utf-8', 'backslashreplace')!r}"
                 " has a namespace EROFS cannot store"
             )
         index, suffix = split
         if len(suffix) > 255 or len(value) > 0xFFFF:
-            raise TarLayerError(f"{where}: xattr {name!r} is too long for EROFS")
+            raise TarLayerError(f"{_where(tree, node)}: xattr {name!r} is too long for EROFS")
         entry = f.XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
         out.append(entry + b"\0" * (f.align(len(entry), 4) - len(entry)))
     return b"".join(out)
@@ -103,21 +121,18 @@ def _dir_size(names: list[bytes]) -> tuple[int, int]:
 def write_metadata(tree: LayerTree, tar_size: int) -> bytes:
     """The metadata image for ``tree``, whose files live in a tar of ``tar_size`` bytes."""
     tar_blocks = f.align(tar_size, f.BLOCK_SIZE) // f.BLOCK_SIZE
-    placed = _collect(tree)
-    epoch = min((p.inode.mtime for p in placed), default=0)
-    epoch = max(epoch, 0)
-    for p in placed:
-        _plan(p, epoch)
-    inodes_end = _place(placed)
-    by_inode = {id(p.inode): p for p in placed}
-    meta_end = _place_data(placed, inodes_end)
-    meta_blocks = f.align(meta_end, f.BLOCK_SIZE) // f.BLOCK_SIZE
+    layout = _Layout(tree)
+    meta_blocks = layout.end // f.BLOCK_SIZE
     if meta_blocks + tar_blocks >= MAX_TAR_BLOCKS:  # the superblock counts both
         raise TarLayerError(
             "the tar and its metadata are 2 TiB or larger: too large for 32-bit block numbers"
         )
-    image = bytearray(meta_blocks * f.BLOCK_SIZE)
-    root_nid = placed[0].offset // f.INODE_SLOT
+    # Written in place into the bytes object ``getvalue`` returns (a ``BytesIO`` that
+    # alone holds its bytes shares them): a ``bytearray`` would be copied out whole
+    # at the end, one more image's size held beside the tree.
+    buffer = io.BytesIO(bytes(meta_blocks * f.BLOCK_SIZE))
+    image = buffer.getbuffer()
+    root_nid = layout.nids[tree.root]
     if root_nid > 0xFFFF:
         raise TarLayerError("the root inode does not fit a 16-bit nid")
     f.SUPER.pack_into(
@@ -129,8 +144,8 @@ def write_metadata(tree: LayerTree, tar_size: int) -> bytes:
         f.BLOCK_BITS,
         0,
         root_nid,
-        len(placed),
-        epoch,
+        len(layout.order),
+        layout.epoch,
         0,
         meta_blocks + tar_blocks,
         0,
@@ -147,60 +162,183 @@ def write_metadata(tree: LayerTree, tar_size: int) -> bytes:
         0,
     )
     f.DEVICE_SLOT.pack_into(image, DEVT_SLOT_OFFSET, b"", tar_blocks, meta_blocks, 0, 0)
-    for p in placed:
-        _write_inode(image, p, epoch, by_inode)
-    return bytes(image)
+    for ino, node in enumerate(layout.order, 1):
+        layout.write(image, node, ino)
+    image.release()
+    return buffer.getvalue()
 
 
-def _collect(tree: LayerTree) -> list[_Placed]:
-    """Every inode once, depth-first in name order, root first; nlink counted."""
-    order: list[_Placed] = []
-    seen: dict[int, _Placed] = {}
-    stack: list[tuple[Inode, Inode, bytes]] = [(tree.root, tree.root, b"/")]
-    while stack:
-        node, parent, path = stack.pop()
-        known = seen.get(id(node))
-        if known is not None:  # a hard link: one more name for an inode placed already
-            known.nlink += 1
-            continue
-        p = _Placed(node, ino=len(order) + 1, nlink=1, parent=parent, path=path)
-        seen[id(node)] = p
-        order.append(p)
+class _Layout:
+    """Where each inode of a tree goes: inodes depth-first in name order, root first,
+    from ``FIRST_INODE_OFFSET``; then the data blocks of directories and long symlinks,
+    in the same order. Kept for each inode: its nid; for a directory, its parent; for
+    an inode with a data block, which; for one with more names, how many. A layer has
+    millions of inodes: nothing else is held for each."""
+
+    def __init__(self, tree: LayerTree):
+        self.tree = tree
+        self.order: list[Inode] = []
+        self.nids: dict[Inode, int] = {}
+        self.links: dict[Inode, int] = {}  # names of the inodes with more than one
+        self.parents: dict[Inode, Inode] = {}  # of directories
+        self._collect()
+        self.epoch = max(min((node.mtime for node in self.order), default=0), 0)
+        self.data: dict[Inode, int] = {}  # first data block, of those that have one
+        self.end = self._place_data(*self._place())
+
+    def _collect(self) -> None:
+        for node, parent, _, _ in _names(self.tree.root):
+            if node in self.nids:  # a hard link: one more name for an inode placed already
+                self.links[node] = self.links.get(node, 1) + 1
+                continue
+            self.nids[node] = 0
+            self.order.append(node)
+            if node.children is not None:
+                self.parents[node] = parent
+
+    def nlink(self, node: Inode) -> int:
         if node.children is not None:
-            p.nlink = 2 + sum(1 for c in node.children.values() if c.is_dir)
-            for name in sorted(node.children, reverse=True):
-                stack.append((node.children[name], node, path.rstrip(b"/") + b"/" + name))
-    return order
+            return 2 + sum(1 for c in node.children.values() if c.is_dir)
+        return self.links.get(node, 1)
 
+    def shape(self, node: Inode) -> _Shape:
+        xattrs = _encode_xattrs(self.tree, node)
+        if len(xattrs) > f.XATTR_IBODY_HEADER.size + 4 * 0xFFFE:
+            raise TarLayerError(
+                f"{_where(self.tree, node)}: more xattrs than an EROFS inode can hold"
+            )
+        size, data_blocks, layout = node.size, 0, f.LAYOUT_FLAT_PLAIN
+        if node.children is not None:
+            data_blocks, size = _dir_size(sorted([b".", b"..", *node.children]))
+        delta = node.mtime - self.epoch
+        extended = (
+            size > 0xFFFFFFFF
+            or node.uid > 0xFFFF
+            or node.gid > 0xFFFF
+            or self.nlink(node) > 0xFFFF
+            or not 0 <= delta <= 0xFFFFFFFF
+            or node.mtime_ns != 0
+        )
+        if stat.S_ISREG(node.mode) and node.size > 0:
+            if node.data_offset % f.BLOCK_SIZE:
+                raise TarLayerError(
+                    f"{_where(self.tree, node)}: file data not 512-byte aligned in the tar"
+                )
+            layout = f.LAYOUT_CHUNK_BASED
+        elif stat.S_ISLNK(node.mode):
+            isize = f.INODE_EXTENDED.size if extended else f.INODE_COMPACT.size
+            if isize + len(xattrs) + len(node.target) <= f.BLOCK_SIZE:
+                layout = f.LAYOUT_FLAT_INLINE
+            else:
+                data_blocks = f.align(len(node.target), f.BLOCK_SIZE) // f.BLOCK_SIZE
+        return _Shape(extended, layout, xattrs, size, data_blocks)
 
-def _plan(p: _Placed, epoch: int) -> None:
-    node = p.inode
-    where = f"tar entry {p.path.decode('utf-8', 'backslashreplace')!r}"
-    p.xattrs = _encode_xattrs(node, where)
-    if len(p.xattrs) > f.XATTR_IBODY_HEADER.size + 4 * 0xFFFE:
-        raise TarLayerError(f"{where}: more xattrs than an EROFS inode can hold")
-    p.size = node.size
-    if node.children is not None:
-        p.data_blocks, p.size = _dir_size(sorted([b".", b"..", *node.children]))
-    delta = node.mtime - epoch
-    p.extended = (
-        p.size > 0xFFFFFFFF
-        or node.uid > 0xFFFF
-        or node.gid > 0xFFFF
-        or p.nlink > 0xFFFF
-        or not 0 <= delta <= 0xFFFFFFFF
-        or node.mtime_ns != 0
-    )
-    if stat.S_ISREG(node.mode) and node.size > 0:
-        if node.data_offset % f.BLOCK_SIZE:
-            raise TarLayerError(f"{where}: file data not 512-byte aligned in the tar")
-        p.layout = f.LAYOUT_CHUNK_BASED
-    elif stat.S_ISLNK(node.mode):
-        fixed = p.isize + len(p.xattrs) + len(node.target)
-        if fixed <= f.BLOCK_SIZE:
-            p.layout = f.LAYOUT_FLAT_INLINE
+    def _place(self) -> tuple[int, int]:
+        """Give each inode its nid, and those with data blocks their place among them
+        (from 0); return where the inode area ends and how many data blocks follow."""
+        pos, block = FIRST_INODE_OFFSET, 0
+        for node in self.order:
+            shape = self.shape(node)
+            head = shape.isize + len(shape.xattrs)
+            tail = _tail_size(node, shape)
+            if shape.layout == f.LAYOUT_FLAT_INLINE and pos % f.BLOCK_SIZE + head + tail > (
+                f.BLOCK_SIZE
+            ):
+                pos = f.align(pos, f.BLOCK_SIZE)  # inline data must stay in the inode's block
+            self.nids[node] = pos // f.INODE_SLOT
+            end = pos + head
+            if shape.layout == f.LAYOUT_CHUNK_BASED:
+                end = f.align(end, f.CHUNK_INDEX.size)
+            pos = f.align(end + tail, f.INODE_SLOT)
+            if shape.data_blocks:
+                self.data[node] = block
+                block += shape.data_blocks
+        return pos, block
+
+    def _place_data(self, inodes_end: int, blocks: int) -> int:
+        """Move the ``blocks`` data blocks to after the inodes; return the image's end."""
+        start = f.align(inodes_end, f.BLOCK_SIZE) // f.BLOCK_SIZE
+        for node, block in self.data.items():
+            self.data[node] = start + block
+        return (start + blocks) * f.BLOCK_SIZE
+
+    def write(self, image: memoryview, node: Inode, ino: int) -> None:
+        """Write one inode, and its data blocks if it has any."""
+        shape = self.shape(node)
+        offset = self.nids[node] * f.INODE_SLOT
+        icount = 0 if not shape.xattrs else (len(shape.xattrs) - f.XATTR_IBODY_HEADER.size) // 4 + 1
+        i_u = 0
+        bits, count = _chunking(node.size) if shape.layout == f.LAYOUT_CHUNK_BASED else (0, 0)
+        if shape.layout == f.LAYOUT_CHUNK_BASED:
+            i_u = f.CHUNK_FORMAT_INDEXES | bits
+        elif stat.S_ISCHR(node.mode) or stat.S_ISBLK(node.mode):
+            i_u = f.encode_dev(node.rdev_major, node.rdev_minor)
+        elif shape.data_blocks:
+            i_u = self.data[node]
+        i_format = int(shape.extended) | (shape.layout << 1)
+        mode = node.mode & 0xFFFF
+        nlink = self.nlink(node)
+        if shape.extended:
+            f.INODE_EXTENDED.pack_into(
+                image,
+                offset,
+                i_format,
+                icount,
+                mode,
+                0,
+                shape.size,
+                i_u,
+                ino,
+                node.uid,
+                node.gid,
+                node.mtime & 0xFFFFFFFFFFFFFFFF,
+                node.mtime_ns,
+                nlink,
+            )
         else:
-            p.data_blocks = f.align(len(node.target), f.BLOCK_SIZE) // f.BLOCK_SIZE
+            f.INODE_COMPACT.pack_into(
+                image,
+                offset,
+                i_format,
+                icount,
+                mode,
+                nlink,
+                shape.size,
+                node.mtime - self.epoch,
+                i_u,
+                ino,
+                node.uid,
+                node.gid,
+            )
+        pos = offset + shape.isize
+        image[pos : pos + len(shape.xattrs)] = shape.xattrs
+        pos += len(shape.xattrs)
+        if shape.layout == f.LAYOUT_CHUNK_BASED:
+            pos = f.align(pos, f.CHUNK_INDEX.size)
+            first = node.data_offset // f.BLOCK_SIZE
+            per_chunk = 1 << bits
+            for i in range(count):
+                f.CHUNK_INDEX.pack_into(image, pos + 8 * i, 0, 1, first + i * per_chunk)
+        elif shape.layout == f.LAYOUT_FLAT_INLINE:
+            image[pos : pos + len(node.target)] = node.target
+        elif stat.S_ISLNK(node.mode):
+            start = self.data[node] * f.BLOCK_SIZE
+            image[start : start + len(node.target)] = node.target
+        elif node.children is not None:
+            self._write_directory(image, node)
+
+    def _write_directory(self, image: memoryview, node: Inode) -> None:
+        assert node.children is not None
+        entries = [
+            (b".", self.nids[node], f.FT_DIR),
+            (b"..", self.nids[self.parents[node]], f.FT_DIR),
+        ]
+        for name, child in node.children.items():
+            entries.append((name, self.nids[child], f.file_type(child.mode)))
+        entries.sort()
+        start = self.data[node] * f.BLOCK_SIZE
+        for i, block in enumerate(_dir_blocks(entries)):
+            image[start + i * f.BLOCK_SIZE : start + i * f.BLOCK_SIZE + len(block)] = block
 
 
 def _chunking(size: int) -> tuple[int, int]:
@@ -211,111 +349,10 @@ def _chunking(size: int) -> tuple[int, int]:
     return bits, -(-size // chunk)
 
 
-def _tail_size(p: _Placed) -> int:
+def _tail_size(node: Inode, shape: _Shape) -> int:
     """Bytes after the xattrs: chunk indexes (8-aligned) or an inline target."""
-    if p.layout == f.LAYOUT_CHUNK_BASED:
-        return f.CHUNK_INDEX.size * _chunking(p.inode.size)[1]
-    if p.layout == f.LAYOUT_FLAT_INLINE:
-        return len(p.inode.target)
+    if shape.layout == f.LAYOUT_CHUNK_BASED:
+        return f.CHUNK_INDEX.size * _chunking(node.size)[1]
+    if shape.layout == f.LAYOUT_FLAT_INLINE:
+        return len(node.target)
     return 0
-
-
-def _place(placed: list[_Placed]) -> int:
-    """Give each inode its offset; return where the inode area ends."""
-    pos = FIRST_INODE_OFFSET
-    for p in placed:
-        head = p.isize + len(p.xattrs)
-        if p.layout == f.LAYOUT_FLAT_INLINE and pos % f.BLOCK_SIZE + head + _tail_size(p) > (
-            f.BLOCK_SIZE
-        ):
-            pos = f.align(pos, f.BLOCK_SIZE)  # inline data must stay in the inode's block
-        p.offset = pos
-        end = pos + head
-        if p.layout == f.LAYOUT_CHUNK_BASED:
-            end = f.align(end, f.CHUNK_INDEX.size)
-        pos = f.align(end + _tail_size(p), f.INODE_SLOT)
-    return pos
-
-
-def _place_data(placed: list[_Placed], start: int) -> int:
-    """Give directories and long symlinks their blocks; return the image's end."""
-    block = f.align(start, f.BLOCK_SIZE) // f.BLOCK_SIZE
-    for p in placed:
-        if p.data_blocks:
-            p.data_block = block
-            block += p.data_blocks
-    return block * f.BLOCK_SIZE
-
-
-def _write_inode(image: bytearray, p: _Placed, epoch: int, by_inode: dict[int, _Placed]) -> None:
-    node = p.inode
-    icount = 0 if not p.xattrs else (len(p.xattrs) - f.XATTR_IBODY_HEADER.size) // 4 + 1
-    i_u = 0
-    bits, count = _chunking(node.size) if p.layout == f.LAYOUT_CHUNK_BASED else (0, 0)
-    if p.layout == f.LAYOUT_CHUNK_BASED:
-        i_u = f.CHUNK_FORMAT_INDEXES | bits
-    elif stat.S_ISCHR(node.mode) or stat.S_ISBLK(node.mode):
-        i_u = f.encode_dev(node.rdev_major, node.rdev_minor)
-    elif p.data_blocks:
-        i_u = p.data_block
-    i_format = int(p.extended) | (p.layout << 1)
-    mode = node.mode & 0xFFFF
-    if p.extended:
-        f.INODE_EXTENDED.pack_into(
-            image,
-            p.offset,
-            i_format,
-            icount,
-            mode,
-            0,
-            p.size,
-            i_u,
-            p.ino,
-            node.uid,
-            node.gid,
-            node.mtime & 0xFFFFFFFFFFFFFFFF,
-            node.mtime_ns,
-            p.nlink,
-        )
-    else:
-        f.INODE_COMPACT.pack_into(
-            image,
-            p.offset,
-            i_format,
-            icount,
-            mode,
-            p.nlink,
-            p.size,
-            node.mtime - epoch,
-            i_u,
-            p.ino,
-            node.uid,
-            node.gid,
-        )
-    pos = p.offset + p.isize
-    image[pos : pos + len(p.xattrs)] = p.xattrs
-    pos += len(p.xattrs)
-    if p.layout == f.LAYOUT_CHUNK_BASED:
-        pos = f.align(pos, f.CHUNK_INDEX.size)
-        first = node.data_offset // f.BLOCK_SIZE
-        per_chunk = 1 << bits
-        for i in range(count):
-            f.CHUNK_INDEX.pack_into(image, pos + 8 * i, 0, 1, first + i * per_chunk)
-    elif p.layout == f.LAYOUT_FLAT_INLINE:
-        image[pos : pos + len(node.target)] = node.target
-    elif stat.S_ISLNK(node.mode):
-        start = p.data_block * f.BLOCK_SIZE
-        image[start : start + len(node.target)] = node.target
-    elif node.children is not None:
-        assert p.parent is not None
-        entries = [
-            (b".", p.offset // f.INODE_SLOT, f.FT_DIR),
-            (b"..", by_inode[id(p.parent)].offset // f.INODE_SLOT, f.FT_DIR),
-        ]
-        for name, child in node.children.items():
-            nid = by_inode[id(child)].offset // f.INODE_SLOT
-            entries.append((name, nid, f.file_type(child.mode)))
-        entries.sort()
-        start = p.data_block * f.BLOCK_SIZE
-        for i, block in enumerate(_dir_blocks(entries)):
-            image[start + i * f.BLOCK_SIZE : start + i * f.BLOCK_SIZE + len(block)] = block

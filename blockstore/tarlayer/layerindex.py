@@ -39,6 +39,7 @@ from blockstore.tarlayer.tarwalk import (
     WindowedReads,
     check_end,
     entry_of,
+    members_of,
     walk_tar,
 )
 from blockstore.tarlayer.tree import DamagedTar, build_tree
@@ -284,7 +285,7 @@ def index_compressed_tar(
             errors="surrogateescape",
             tarinfo=BoundedTarInfo,
         ) as archive:
-            tree = build_tree(entry_of(member) for member in archive)
+            tree = build_tree(entry_of(member) for member in members_of(archive))
             end = archive.offset
     except tarfile.TarError as exc:
         if not indexer.made_nothing():

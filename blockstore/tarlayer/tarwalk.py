@@ -437,6 +437,15 @@ def check_end(offset: int, blocks: bytes | None) -> None:
         )
 
 
+def members_of(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """Each member of ``archive``, in order, none of them kept: iterating a ``TarFile``
+    keeps every header it reads in its member list, which for a layer of many small
+    files held more memory than the whole tree built from them."""
+    while (member := archive.next()) is not None:
+        archive.members.clear()
+        yield member
+
+
 def walk_tar(fileobj: IO[bytes]) -> Iterator[TarEntry]:
     """Every member of an uncompressed tar stream, in order (``fileobj`` seekable). An
     empty stream is an empty layer (Docker and containerd take it so), not damage."""
@@ -451,7 +460,7 @@ def walk_tar(fileobj: IO[bytes]) -> Iterator[TarEntry]:
             errors="surrogateescape",
             tarinfo=BoundedTarInfo,
         ) as archive:
-            for member in archive:
+            for member in members_of(archive):
                 yield entry_of(member)
             fileobj.seek(archive.offset)
             check_end(archive.offset, fileobj.read(END_LOOKED_AT))

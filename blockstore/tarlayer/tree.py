@@ -28,8 +28,9 @@ it also whites out, is no directory of the layer's: it stays a whiteout.
 from __future__ import annotations
 
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 
 from blockstore.errors import BlockstoreError
 
@@ -52,6 +53,8 @@ MAX_XATTR_BYTES = 256 << 20
 many files carry it (a layer labels many files alike). Compressible values (64 KB of
 one letter) gzip to a few hundred bytes: without a bound, a layer of a few MB held
 GBs while indexed."""
+NUMBERS_SHARED = 1 << 16
+"""Distinct modes, owners and mtimes whose int objects a layer's inodes share."""
 
 
 class TarLayerError(BlockstoreError):
@@ -66,7 +69,7 @@ class DamagedTar(TarLayerError):
     read from a header whose checksum held."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TarEntry:
     """One member of a tar stream, with the byte offset of its data."""
 
@@ -85,9 +88,15 @@ class TarEntry:
     xattrs: tuple[tuple[bytes, bytes], ...] = ()
 
 
-@dataclass(eq=False)
+NO_XATTRS: Mapping[bytes, bytes] = MappingProxyType({})
+"""The xattrs of an inode that has none: one mapping for them all (a layer has a
+million files, few with xattrs)."""
+
+
+@dataclass(eq=False, slots=True)
 class Inode:
-    """A file, directory, symlink or device node: what a dirent points at."""
+    """A file, directory, symlink or device node: what a dirent points at. Slotted:
+    a layer may hold millions, and a ``__dict__`` each doubled their size."""
 
     mode: int
     uid: int = 0
@@ -99,7 +108,7 @@ class Inode:
     target: bytes = b""  # symlink target
     rdev_major: int = 0
     rdev_minor: int = 0
-    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    xattrs: Mapping[bytes, bytes] = field(default_factory=lambda: NO_XATTRS)
     children: dict[bytes, Inode] | None = None  # directories only
     implied: bool = False  # a directory made for a path under it, with no entry of its own
     hides_lower: bool = False  # a directory whose lower namesake this layer whites out
@@ -112,6 +121,10 @@ class Inode:
     def is_whiteout(self) -> bool:
         """What overlayfs takes for a whiteout: a 0/0 character device."""
         return stat.S_ISCHR(self.mode) and self.rdev_major == self.rdev_minor == 0
+
+    def set_xattr(self, name: bytes, value: bytes) -> None:
+        """Set one xattr, in a mapping of this inode's own (never in ``NO_XATTRS``)."""
+        self.xattrs = {**self.xattrs, name: value}
 
 
 def new_directory(mode: int = 0o755) -> Inode:
@@ -153,6 +166,18 @@ class LayerTree:
         self._aufs_links: dict[bytes, Inode] = {}  # files of ``.wh..wh.plnk``, by name
         self._xattr_data: dict[bytes, bytes] = {}  # each distinct xattr name and value
         self._xattr_bytes = 0
+        self._numbers: dict[int, int] = {}  # the int object shared for each number
+
+    def _shared(self, number: int) -> int:
+        """``number`` as one int object for every inode that carries it: each header
+        parsed gave its own, 32 bytes an inode for each of its mode, owner, group and
+        mtime, where a layer's files share a few of each (up to ``NUMBERS_SHARED``)."""
+        kept = self._numbers.get(number)
+        if kept is not None:
+            return kept
+        if len(self._numbers) < NUMBERS_SHARED:
+            self._numbers[number] = number
+        return number
 
     def lookup(self, parts: list[bytes]) -> Inode | None:
         node = self.root
@@ -197,7 +222,7 @@ class LayerTree:
             node.children[name] = child
         elif child.is_whiteout:  # removed below, made again here: nothing shows through
             child = new_directory()
-            child.xattrs[OPAQUE_XATTR] = b"y"
+            child.set_xattr(OPAQUE_XATTR, b"y")
             child.implied = child.hides_lower = True
             node.children[name] = child
         elif stat.S_ISLNK(child.mode):
@@ -276,7 +301,7 @@ class LayerTree:
         assert parent.children is not None
         name = parts[-1]
         if name == OPAQUE_MARKER:
-            parent.xattrs[OPAQUE_XATTR] = b"y"
+            parent.set_xattr(OPAQUE_XATTR, b"y")
             return
         if name.startswith(WHITEOUT_PREFIX):
             hidden = name[len(WHITEOUT_PREFIX) :]
@@ -291,13 +316,13 @@ class LayerTree:
             if written is not None and not written.is_whiteout:
                 # This layer's own path stays; the lower one it already hides is gone.
                 if written.is_dir:
-                    written.xattrs[OPAQUE_XATTR] = b"y"
+                    written.set_xattr(OPAQUE_XATTR, b"y")
                     written.hides_lower = True
                 return
             parent.children[hidden] = Inode(
                 mode=stat.S_IFCHR, uid=entry.uid, gid=entry.gid, mtime=entry.mtime
             )
-            parent.xattrs[ORIGIN_XATTR] = b""
+            parent.set_xattr(ORIGIN_XATTR, b"")
             return
         if entry.hardlink:
             target = self._linked(entry.link, entry.path)
@@ -312,10 +337,10 @@ class LayerTree:
         if existing is not None and existing.is_dir and stat.S_ISDIR(entry.mode):
             _update_dir(existing, entry)  # tar keeps a directory's contents
             return
-        node = _inode_of(entry)
+        node = _inode_of(entry, self._shared)
         if existing is not None and node.is_dir:
             # In place of a whiteout or of a file of this layer: the lower path is gone.
-            node.xattrs[OPAQUE_XATTR] = b"y"
+            node.set_xattr(OPAQUE_XATTR, b"y")
         parent.children[name] = node
 
     def _aufs_meta(self, parts: list[bytes], entry: TarEntry) -> None:
@@ -325,7 +350,7 @@ class LayerTree:
         aside, as the target of the layer's hard links to it."""
         is_file = stat.S_ISREG(entry.mode) and not entry.hardlink
         if len(parts) == 2 and parts[0] == AUFS_LINK_DIR and is_file:
-            self._aufs_links[parts[1]] = _inode_of(entry)
+            self._aufs_links[parts[1]] = _inode_of(entry, self._shared)
 
 
 def _update_dir(node: Inode, entry: TarEntry) -> None:
@@ -338,7 +363,7 @@ def _update_dir(node: Inode, entry: TarEntry) -> None:
     node.xattrs = dict(entry.xattrs) | kept
 
 
-def _inode_of(entry: TarEntry) -> Inode:
+def _inode_of(entry: TarEntry, shared: Callable[[int], int]) -> Inode:
     kind = stat.S_IFMT(entry.mode)
     if kind not in (
         stat.S_IFREG,
@@ -350,12 +375,12 @@ def _inode_of(entry: TarEntry) -> Inode:
     ):
         raise TarLayerError(f"tar entry {_show(entry.path)}: unsupported file type {kind:o}")
     node = Inode(
-        mode=entry.mode,
-        uid=entry.uid,
-        gid=entry.gid,
-        mtime=entry.mtime,
+        mode=shared(entry.mode),
+        uid=shared(entry.uid),
+        gid=shared(entry.gid),
+        mtime=shared(entry.mtime),
         mtime_ns=entry.mtime_ns,
-        xattrs=dict(entry.xattrs),
+        xattrs=dict(entry.xattrs) if entry.xattrs else NO_XATTRS,
     )
     if kind == stat.S_IFREG:
         node.size, node.data_offset = entry.size, entry.data_offset
@@ -408,7 +433,7 @@ def _whiteouts_for_gone_directories(root: Inode) -> None:
         for name, child in directory.children.items():
             if child.is_dir and child.hides_lower and _holds_nothing_written(child):
                 directory.children[name] = Inode(mode=stat.S_IFCHR)
-                directory.xattrs[ORIGIN_XATTR] = b""
+                directory.set_xattr(ORIGIN_XATTR, b"")
 
 
 def _mark_implied(root: Inode) -> None:
@@ -421,7 +446,7 @@ def _mark_implied(root: Inode) -> None:
         assert directory.children is not None
         implied = directory.implied and not directory.hides_lower
         if implied or any(id(child) in marked for child in directory.children.values()):
-            directory.xattrs[IMPLIED_XATTR] = b"y" if implied else b"n"
+            directory.set_xattr(IMPLIED_XATTR, b"y" if implied else b"n")
             marked.add(id(directory))
 
 
