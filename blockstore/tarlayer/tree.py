@@ -53,6 +53,11 @@ MAX_XATTR_BYTES = 256 << 20
 many files carry it (a layer labels many files alike). Compressible values (64 KB of
 one letter) gzip to a few hundred bytes: without a bound, a layer of a few MB held
 GBs while indexed."""
+MAX_ENTRIES = 10_000_000
+"""Tar entries a layer may hold. Indexing holds some 500 bytes for each (its inode and
+name, then its place in the image, and the image): ten million take about 5 GB. Gzip
+makes an empty file's header some 30 bytes, so 1.5 GB of layer could hold 50 million
+of them: such a layer is refused as it passes the count, before memory runs out."""
 NUMBERS_SHARED = 1 << 16
 """Distinct modes, owners and mtimes whose int objects a layer's inodes share."""
 
@@ -167,6 +172,7 @@ class LayerTree:
         self._xattr_data: dict[bytes, bytes] = {}  # each distinct xattr name and value
         self._xattr_bytes = 0
         self._numbers: dict[int, int] = {}  # the int object shared for each number
+        self._entries = 0
 
     def _shared(self, number: int) -> int:
         """``number`` as one int object for every inode that carries it: each header
@@ -261,6 +267,15 @@ class LayerTree:
         assert parent.children is not None
         return parent.children.get(parts[-1])
 
+    def _count(self, entry: TarEntry) -> None:
+        self._entries += 1
+        if self._entries > MAX_ENTRIES:
+            raise TarLayerError(
+                f"tar entry {_show(entry.path)} is entry {self._entries:,} of the layer: a"
+                f" layer of more than {MAX_ENTRIES:,} entries is not indexed (each is held in"
+                " memory while the layer is indexed)"
+            )
+
     def _with_xattrs_held_once(self, entry: TarEntry) -> TarEntry:
         """``entry`` with the xattr names and values earlier entries carried taken from
         them, one copy each; refused once the distinct ones pass ``MAX_XATTR_BYTES``."""
@@ -287,6 +302,7 @@ class LayerTree:
 
     def add(self, entry: TarEntry) -> None:
         """Apply one tar entry: later entries for a path replace earlier ones."""
+        self._count(entry)
         entry = self._with_xattrs_held_once(entry)
         parts = split_path(entry.path)
         if not parts:

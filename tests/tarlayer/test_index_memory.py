@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 from bench.tar_index_memory import count_entries, gzip_file, index_layer, write_many_entries_tar
+from blockstore.tarlayer import tree
+from blockstore.tarlayer.tarwalk import walk_tar
+from blockstore.tarlayer.tree import TarLayerError, build_tree
 
 ENTRIES = 8_000
 PEAK_PER_ENTRY = 650
@@ -49,3 +52,24 @@ def test_indexing_many_small_files_holds_little_per_entry(many_entries: Path, su
     layer = many_entries.with_suffix(suffix)
     per_entry = traced_peak(lambda: index_layer(layer)) / count_entries(many_entries)
     assert per_entry < PEAK_PER_ENTRY, f"{per_entry:.0f} bytes per entry"
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_a_layer_of_more_entries_than_taken_is_refused_as_it_passes_the_count(
+    many_entries: Path, suffix: str, monkeypatch: pytest.MonkeyPatch
+):
+    """The same layers (some 8,300 entries) indexed with the most entries taken set to
+    1,000 (``MAX_ENTRIES``, ten million): refused at entry 1,001, naming that count and
+    the limit, no entry after it read; with the limit at their count, indexed. Before,
+    every entry was held however many there were: a layer of 50 million empty files,
+    1.5 GB of gzip, would have held some 25 GB before the machine ran out."""
+    monkeypatch.setattr(tree, "MAX_ENTRIES", 1_000, raising=False)
+    layer = many_entries.with_suffix(suffix)
+    with pytest.raises(TarLayerError, match=r"is entry 1,001 .* more than 1,000 entries"):
+        index_layer(layer)
+    read: list[object] = []
+    with many_entries.open("rb") as tar, pytest.raises(TarLayerError):
+        build_tree(read.append(entry) or entry for entry in walk_tar(tar))
+    assert len(read) == 1_001
+    monkeypatch.setattr(tree, "MAX_ENTRIES", count_entries(many_entries))
+    index_layer(layer)
