@@ -229,7 +229,6 @@ def mount(
     state_dir = records.state_dir_for(mountpoint)
     log = records.log_path_for(mountpoint)
     socket = state_dir / "serve.sock"
-    _check_socket_fits(socket)
     record = MountRecord(
         mountpoint=mountpoint,
         image=image,
@@ -254,6 +253,7 @@ def mount(
             # mount can be undone, never ending the command between two of its steps.
             with interrupts.installed():
                 records.check_room(state_dir.parent)
+                _check_socket_fits(socket)  # a disk that takes nothing is said first
                 try:
                     records.create(record)
                 except FileExistsError:
@@ -270,7 +270,7 @@ def mount(
         except BaseException as exc:
             if created:
                 try:
-                    _take_down(record, lazy=True)
+                    take_down(record, lazy=True)
                 except Exception:
                     logger.exception("could not undo the failed mount of %s", mountpoint)
                     record.mounter = None  # not "mounting" for as long as this process lives
@@ -684,7 +684,7 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
             "let it finish, or interrupt that command, which undoes it"
         )
     with records.held_for_undoing(Path(record.state_dir)):
-        ended = _take_down(record, lazy=lazy)
+        ended = take_down(record, lazy=lazy)
         trouble = _trouble(before, ended)
         if trouble is None:
             Path(record.log).unlink(missing_ok=True)
@@ -737,7 +737,7 @@ def _moved_to(path: str) -> MountRecord | None:
 def _unrecorded(mountpoint: str) -> MountRecord | None:
     """A mount whose record is gone (the run directory cleared while it was mounted)
     though its state directory still holds what it mounted: enough of a record, read
-    from mountinfo and from its server's command line, for ``unmount_record`` to undo
+    from mountinfo and from its server's command line, for ``take_down`` to undo
     it, the server included; None if nothing of it is mounted or running."""
     state = records.state_dir_for(mountpoint)
     if not records.is_private(state):
@@ -1011,14 +1011,7 @@ def _ours_inside(mountpoint: str) -> list[str]:
     return found
 
 
-def unmount_record(record: MountRecord, *, lazy: bool) -> ServerExit | None:
-    """``_take_down`` the mount, then drop its record."""
-    ended = _take_down(record, lazy=lazy)
-    records.forget(record)
-    return ended
-
-
-def _take_down(record: MountRecord, *, lazy: bool) -> ServerExit | None:
+def take_down(record: MountRecord, *, lazy: bool) -> ServerExit | None:
     """Undo every step the record lists, top first; raises if the file system is busy.
     The record itself stays, for the caller to drop once done with the mount's log.
 

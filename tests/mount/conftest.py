@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 from mount_trees import build_opaque_stack
 from rig.images import build_erofs
+from rig.mounts_left import take_down_recorded
 from rig.processes import processes_mentioning
 
 from blockstore.errors import MountError
-from nbdfront.mount import attach, records, stack, syscall
+from nbdfront.mount import attach, syscall
 
 NBDKIT_SERVE = Path(__file__).parent / "nbdkit_serve.py"
 
@@ -51,11 +52,8 @@ test that failed half way) can be reached only once that one is gone."""
 def undo_everything(*roots: Path) -> None:
     """Last-resort cleanup: recorded mounts (the innermost first: a mount with another
     inside is refused), then any mount and process under ``roots``."""
-    for record in sorted(records.saved(), key=lambda r: len(r.mountpoint), reverse=True):
-        try:
-            stack.unmount_record(record, lazy=True)
-        except Exception as exc:
-            print(f"cleanup: {record.mountpoint}: {exc}", file=sys.stderr)
+    for mountpoint, exc in take_down_recorded():
+        print(f"cleanup: {mountpoint}: {exc}", file=sys.stderr)
     for root in roots:
         prefix = str(root).rstrip("/") + "/"
         for _ in range(CLEANUP_PASSES):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import zstandard
 from oci_layout import MEDIA_TYPES, compress, make_layout, push_tar_layer, skopeo_copy
+from rig.mounts_left import take_down_recorded
 from test_overlay_layers import extract_in_order, layer_sources, without_dir_counts
 from trees import make_tar, populate, snapshot
 
@@ -25,7 +26,7 @@ from blockstore.registry.mediatypes import GZIP
 from blockstore.registry.push import push_image
 from blockstore.tarlayer.gzindex import GzipIndexer
 from blockstore.tarlayer.layerindex import index_compressed_tar
-from nbdfront.mount import records, stack, syscall
+from nbdfront.mount import syscall
 
 pytestmark = pytest.mark.slow
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
@@ -43,12 +44,12 @@ def run_dir(tmp_path, monkeypatch, kernel_mount):
     run = Path(tempfile.mkdtemp(prefix="bs-tar-run-"))
     monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(run))
     yield run
-    for record in records.saved():
-        stack.unmount_record(record, lazy=True)
+    left = take_down_recorded()
     for point in sorted(syscall.mounted(), key=len, reverse=True):
         if point.startswith(f"{tmp_path}/") or point.startswith(f"{run}/"):
             syscall.umount(point, lazy=True)
     shutil.rmtree(run, ignore_errors=True)
+    assert not left
 
 
 def test_mount_prefetch_and_offline_mount_of_a_three_layer_tar_image(tmp_path, registry, run_dir):
@@ -194,12 +195,12 @@ def test_a_lone_tar_layer_mounts_where_overlayfs_refuses_to_stack_it(
         cli("umount", str(mnt))
         assert not [p for p in syscall.mounted() if p.startswith(f"{base}/b/run/")]
     finally:
-        for record in records.saved():
-            stack.unmount_record(record, lazy=True)
+        left = take_down_recorded()
         for point in sorted(syscall.mounted(), key=len, reverse=True):
             if point.startswith(f"{base}/"):
                 syscall.umount(point, lazy=True)
         shutil.rmtree(base, ignore_errors=True)
+    assert not left
 
 
 def test_mounts_counts_a_compressed_layer_by_the_tar_it_is_read_from(tmp_path, registry, run_dir):
