@@ -17,8 +17,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -340,6 +341,14 @@ def test_a_run_directory_that_cannot_be_written_is_named(
         subprocess.run(["umount", "-l", str(disk_dir)], check=True)
 
 
+@contextlib.contextmanager
+def _removed_after(directory: Path) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def _fill(disk: Path, leaving: int = 0) -> Path:
     """Fill ``disk`` to the byte (root's reserve too), then free ``leaving`` bytes."""
     fill = disk / f"fill-{leaving}"
@@ -360,7 +369,10 @@ def test_a_run_directory_that_is_nearly_full_is_named(
     failed later with "the server exited with status 1 before it was ready", its log
     empty, or with "nbdfuse did not attach ... within 15s": neither named the full disk."""
     argv = local_server({"layer0": erofs_images.small.path})
-    with small_disk(tmp_path / "disk", "8M") as disk:
+    # Under a short directory: the server's socket in the run directory must fit a Unix
+    # socket address, or the mount is refused for that before it writes anything.
+    base = Path(tempfile.mkdtemp(prefix="bs-full-"))
+    with _removed_after(base), small_disk(base / "disk", "8M") as disk:
         run = disk / "run"
         monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(run))
         named = (
