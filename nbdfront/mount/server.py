@@ -29,7 +29,7 @@ from pathlib import Path
 from blockstore.errors import MountError
 from nbdfront.mount import readiness
 from nbdfront.mount.process import ProcessRef, log_tail, spawn_detached
-from nbdfront.mount.supervisor import shell_status
+from nbdfront.mount.supervisor import shell_status, signals_held
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,8 @@ def start_server(
             "--ready-fd",
             str(write_end),
         ]
-        proc = spawn_detached(supervised, log_path, env=env, pass_fds=(write_end,))
+        with signals_held():  # until the supervisor can pass them on
+            proc = spawn_detached(supervised, log_path, env=env, pass_fds=(write_end,))
         os.close(write_end)  # from here, only the server holds it: its exit is end-of-file
         write_end = -1
         try:

@@ -10,6 +10,11 @@ and the status file says so: ``umount`` waits a bounded time and knows why.
 Killed itself, the supervisor takes the server with it (the kernel's
 parent-death signal), so to other processes it stands for the server.
 
+It is started with the stop signals blocked (``signals_held``) and unblocks
+them only once its handlers are set and the server started, so a stop
+signal that comes at once is passed on, never the end of the supervisor
+before it could write how the server ended.
+
 It hands the server the readiness pipe's write end and closes its own copy,
 so the pipe reaches end-of-file as soon as the server is gone.
 
@@ -18,12 +23,14 @@ Usage: python -m nbdfront.mount.supervisor STATUS_FILE READY_FD COMMAND...
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +43,20 @@ STOP_GRACE = 5.0
 Stopping cancels the fetches in flight, so a healthy server needs far less;
 one stuck on a registry that stopped answering must not hold ``umount``.
 """
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT)
+"""The signals the supervisor passes on to the server."""
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """``FORWARDED`` blocked on this thread for the block: a process started inside it
+    starts with them blocked, and gets one sent meanwhile once it unblocks them."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @dataclass(frozen=True)
@@ -67,10 +88,20 @@ def _write_status(path: Path, ended: ServerExit) -> None:
     replace_whole(path, json.dumps(status).encode(), ".tmp")
 
 
+def _server_preexec() -> Callable[[], None]:
+    """The server's set-up before it runs: it dies with the supervisor, and gets the stop
+    signals the supervisor holds blocked until its handlers are set."""
+    arm = dies_with_parent(signal.SIGKILL)
+
+    def prepare() -> None:
+        arm()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+
+    return prepare
+
+
 def supervise(status_path: Path, ready_fd: int, command: list[str]) -> int:
-    server = subprocess.Popen(
-        command, pass_fds=(ready_fd,), preexec_fn=dies_with_parent(signal.SIGKILL)
-    )
+    server = subprocess.Popen(command, pass_fds=(ready_fd,), preexec_fn=_server_preexec())
     os.close(ready_fd)
     told_to_stop: list[float] = []
 
@@ -78,8 +109,9 @@ def supervise(status_path: Path, ready_fd: int, command: list[str]) -> int:
         server.send_signal(received)
         told_to_stop.append(time.monotonic())
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in FORWARDED:
         signal.signal(signum, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # one sent meanwhile comes now
     killed = False
     while True:
         try:

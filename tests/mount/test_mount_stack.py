@@ -36,7 +36,7 @@ from blockstore.errors import MountError, MountpointBusy
 from nbdfront.mount import attach, records, stack, syscall
 from nbdfront.mount.process import ProcessRef
 from nbdfront.mount.server import ServerFailed, previous_log, start_server
-from nbdfront.mount.supervisor import STOP_GRACE, ServerExit
+from nbdfront.mount.supervisor import STOP_GRACE, ServerExit, read_status
 
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
 
@@ -1390,6 +1390,28 @@ def test_ready_printed_to_the_log_is_not_ready(mount_dirs):
     with pytest.raises(MountError, match="said nothing of its progress for 2s"):
         start_server(talker, run / "talker.log", run / "talker.status", timeout=2)
     assert "ready" in (run / "talker.log").read_text()
+    assert not processes_mentioning(str(run))
+
+
+def test_a_stop_signal_as_the_supervisor_starts_is_passed_on_and_its_outcome_written(mount_dirs):
+    """Tried: SIGTERM sent to a mount's supervisor the moment it is spawned, before its
+    interpreter could set its handlers (a mount undone as it began). Must hold: the
+    server is started and told to stop, the supervisor writes how it ended (the status
+    ``start_server`` passes on), and nothing of it is left once ``start_server`` has
+    raised. Before, the signal killed the supervisor outright: no status was written,
+    so ``umount`` said the server's exit status was unknown and kept the log."""
+    _, run = mount_dirs
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)", str(run)]
+    status = run / "sleeper.status"
+    with pytest.raises(ServerFailed) as failed:
+        start_server(
+            sleeper,
+            run / "sleeper.log",
+            status,
+            spawned=lambda supervisor: os.kill(supervisor.pid, signal.SIGTERM),
+        )
+    assert read_status(status) == ServerExit(failed.value.exit_code)
+    assert failed.value.exit_code == 128 + signal.SIGTERM
     assert not processes_mentioning(str(run))
 
 
