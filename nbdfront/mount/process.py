@@ -20,15 +20,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def _start_time(pid: int) -> int | None:
-    """Clock ticks after boot at which ``pid`` started; None if it is gone or a zombie."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command's name (``[0]`` is field 3, the
+    state); None if the process is gone or a zombie."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
             fields = f.read().rpartition(")")[2].split()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    # fields[0] is the state (field 3 of stat), fields[19] the start time (field 22).
-    return None if fields[0] in ("Z", "X") else int(fields[19])
+    return None if fields[0] in ("Z", "X") else fields
+
+
+def _start_time(pid: int) -> int | None:
+    """Clock ticks after boot at which ``pid`` started; None if it is gone or a zombie."""
+    fields = _stat(pid)
+    return None if fields is None else int(fields[19])  # field 22
+
+
+def _group_of(pgid: int) -> list[int]:
+    """The live processes of process group ``pgid``."""
+    pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    return [pid for pid in pids if (fields := _stat(pid)) is not None and int(fields[2]) == pgid]
 
 
 def boot_id() -> str:
@@ -66,14 +78,24 @@ class ProcessRef:
             time.sleep(0.01)
         return True
 
-    def stop(self, timeout: float = 5.0, *, told: bool = False) -> None:
+    def stop(self, timeout: float = 5.0, *, told: bool = False, group: bool = False) -> bool:
         """SIGTERM (unless it was ``told`` already), then SIGKILL if it has not exited
-        within ``timeout``."""
+        within ``timeout``; True if it exited before that. With ``group``, the kill goes
+        to the process group it leads, and waits for all of it: what it started dies
+        with it only once the kernel gets there, which must not be after we return."""
         if not told:
             self.signal(signal.SIGTERM)
-        if not self.wait(timeout):
-            self.signal(signal.SIGKILL)
-            self.wait(timeout)
+        if self.wait(timeout):
+            return True
+        members = [self]
+        if group and self.alive():  # the group is known to be its own
+            members += [ref for pid in _group_of(self.pid) if (ref := ProcessRef.of(pid))]
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+        self.signal(signal.SIGKILL)
+        for member in members:
+            member.wait(timeout)
+        return False
 
     def to_record(self) -> dict:
         return {"pid": self.pid, "start_time": self.start_time, "boot": self.boot}

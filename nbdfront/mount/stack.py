@@ -41,8 +41,8 @@ ATTRIBUTES_LOWER = "dir-attributes"  # the top layer that keeps lower directorie
 
 SERVER_STOP_TIMEOUT = STOP_GRACE + 3.0
 """Seconds ``umount`` waits for the supervisor: the server's grace, then time for the
-supervisor to kill it and write how it ended. Past that the supervisor is killed too
-(and the server with it), and the exit status is unknown."""
+supervisor to kill it and write how it ended. Past that the supervisor is killed too,
+with all it started, and the server is said to have been killed."""
 SOCKET_PATH_MAX = 107  # bytes of a path in a Unix socket address (sun_path, less its NUL)
 
 # Called with the export names (bottom layer first) once the server is ready;
@@ -1068,9 +1068,11 @@ def take_down(record: MountRecord, *, lazy: bool) -> ServerExit | None:
     for attachment in reversed(record.attachments):
         attach.detach(attachment, lazy=lazy)
     _sweep(record, fuse=True, lazy=lazy)
-    if record.server is not None:
-        record.server.stop(SERVER_STOP_TIMEOUT, told=told)
+    server = record.server
+    stopped = server is None or server.stop(SERVER_STOP_TIMEOUT, told=told, group=True)
     ended = read_status(Path(record.state_dir) / SERVER_STATUS)
+    if ended is None and not stopped:  # the supervisor did not answer: killed, with the server
+        ended = ServerExit(128 + signal.SIGKILL, killed_after_grace=True)
     if record.socket:
         Path(record.socket).unlink(missing_ok=True)
     return ended

@@ -694,6 +694,30 @@ def test_umount_waits_for_a_slow_stop_and_kills_a_stuck_one(
     assert_nothing_left(record, run)
 
 
+def test_umount_of_a_supervisor_that_does_not_answer_takes_its_server_down_before_returning(
+    mount_dirs, mountpoint, erofs_images, local_server
+):
+    """Tried: ``umount`` of a mount whose server's supervisor does not answer (stopped with
+    SIGSTOP), so it neither passes the stop on nor writes how the server ended. Must hold:
+    once the wait for it is over, the supervisor is killed with all it started, and all
+    of it is gone when ``umount`` returns, which says the server was killed and keeps the
+    log. Before, only the supervisor was killed: the server (and its nbdkit) died later,
+    of their parents' deaths, after ``umount`` had returned, and it said only that the
+    server's exit status was unknown."""
+    _, run = mount_dirs
+    argv = local_server({"layer0": erofs_images.small.path})
+    record = stack.mount(argv, str(mountpoint), image="small")
+    os.kill(record.server.pid, signal.SIGSTOP)
+    done = cli("umount", str(mountpoint))
+    assert done.returncode == 0, done.stderr
+    assert not processes_mentioning(str(run)), "part of the server outlived umount"
+    assert done.stderr.strip() == (
+        f"blockstore: the server did not stop within {STOP_GRACE:.0f}s and was killed; "
+        f"its log is kept at {record.log}"
+    )
+    assert_nothing_left(record, run)
+
+
 def test_an_umount_interrupted_part_way_is_finished_by_the_next(
     mount_dirs, mountpoint, erofs_images, local_server
 ):
