@@ -355,6 +355,14 @@ class OpenImage:
         their answers never come here; ``_check_size`` asks again."""
         self._blob_sizes = {d: asked for d, asked in self._blob_sizes.items() if asked.done()}
 
+    def cancel(self) -> None:
+        """Fail every fetch in flight or to come at once, the cache left open: a stopping
+        server's readers stuck on the registry are ended before it waits for them."""
+        for asked in self._blob_sizes.values():
+            asked.cancel()
+        for blob in self._blobs:
+            blob.cancel()
+
     def close(self) -> None:
         """Stop every layer's fetch and readahead threads, then close the cache.
 
@@ -363,8 +371,7 @@ class OpenImage:
         once, not once per layer. (A tar layer inflating a span from a blob closed
         meanwhile sees its fetch cancelled, as any reader of a closing blob does.)
         """
-        for asked in self._blob_sizes.values():
-            asked.cancel()
+        self.cancel()
         threads = []
         for layer in [*self._tar_layers, *self._blobs]:
             thread = threading.Thread(target=layer.close, name="close")

@@ -557,12 +557,21 @@ class CachedBlob:
             recorder.finish()
         if self._hints is not None:
             self._hints.stop()
-        fetchers = [f for f in (self._fetcher, self._block_fetcher) if f is not None]
-        for fetcher in fetchers:  # all cancelled first: no waiting reader turns to another
-            fetcher.cancel()
+        self.cancel()
         until = time.monotonic() + STOP_WAIT
-        for fetcher in fetchers:
+        for fetcher in self._fetchers():
             fetcher.wait_stopped(until)
+
+    def cancel(self) -> None:
+        """``close``'s part that waits for nothing: fail the fetches in flight now (the
+        cache stays open), every fetcher before any is waited for, so no waiting reader
+        turns to another."""
+        self._stop.set()
+        for fetcher in self._fetchers():
+            fetcher.cancel()
+
+    def _fetchers(self) -> list[Fetcher]:
+        return [f for f in (self._fetcher, self._block_fetcher) if f is not None]
 
     def _start_page_in(self, blob_id: int) -> None:
         """On the first hit a client makes: page the blob's cached chunks in from the

@@ -160,6 +160,7 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
             replace_older=True,
         )
         keep_traces(image.store, traces)
+        server.cancel_reads = image.cancel  # a read stuck on the registry ends at the cut
         blobs = image.exports(args.layer, args.blob)
         server.offer({blob.name: blob for blob in blobs}, blobs[-1].name)
         server.start()

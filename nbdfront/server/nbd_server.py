@@ -69,6 +69,10 @@ class NBDServer:
     be quiet before its peer's host is probed. At ``max_connections``, a newcomer
     closes the connection that has been silent longest in its handshake (for
     ``EVICTABLE_IDLE`` seconds at least), or is refused.
+
+    ``cancel_reads`` (None: nothing to call) is called when the drain runs out,
+    before the wait for the connections cut: it ends the reads their threads are
+    stuck in (the image's fetches), which cutting a socket cannot.
     """
 
     def __init__(
@@ -130,6 +134,7 @@ class NBDServer:
         )
         self._stopping = False
         self.tcp_address: tuple[str, int] | None = None
+        self.cancel_reads: Callable[[], None] | None = None
 
     @property
     def connection_count(self) -> int:
@@ -266,6 +271,8 @@ class NBDServer:
             with self._lock:
                 for session in self._sessions:
                     session.cut()
+            if self.cancel_reads is not None:
+                self.cancel_reads()
             self._wait_sessions(CUT_GRACE)
         self.failures.flush()
         self.hangups.flush()

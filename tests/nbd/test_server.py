@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from nbd_serving import SlowMissExport, ZeroExport, start_server
 
 from nbdfront.server import NBDServer
-from nbdfront.server.nbd_server import INFLIGHT_BYTES
+from nbdfront.server.nbd_server import CUT_GRACE, INFLIGHT_BYTES
 
 
 class GatedExport:
@@ -257,6 +257,34 @@ def test_shutdown_cuts_what_does_not_drain_in_time(local_blob, tmp_path):
         server.shutdown()
         took = time.monotonic() - started
         assert 0.5 <= took < 2.5, took
+        assert client.sock.recv(1) == b""
+    finally:
+        gated.gate.set()
+        client.close()
+
+
+def test_shutdown_ends_the_reads_it_cuts_before_waiting_for_their_threads(local_blob, tmp_path):
+    """Tried: shutdown with a read stuck in a fetch that only the server's owner can end
+    (``cancel_reads``: a ``serve`` cancels its image's fetches), past a 0.5 s drain.
+    Must hold: that is called once the drain ran out, before the wait for the cut
+    connection, whose thread then ends at once: shutdown returns well within the cut's
+    grace, and the client sees its connection close. Before, shutdown waited the whole
+    grace (1 s) for a thread stuck in a fetch that only the image's close, after it,
+    would cancel."""
+    gated = GatedExport(local_blob.blob, gated_offset=32768)
+    server = NBDServer({"blob": gated}, unix=str(tmp_path / "nbd.sock"), drain_timeout=0.5)
+    server.cancel_reads = gated.gate.set
+    server.start()
+    client = w.RawClient(server.unix_path)
+    try:
+        client.negotiate("blob")
+        client.send(w.CMD_READ, 1, 32768, 65536)
+        assert gated.waiting.wait(10)
+        started = time.monotonic()
+        server.shutdown()
+        took = time.monotonic() - started
+        assert gated.gate.is_set(), "the stuck read was never cancelled"
+        assert took < 0.5 + CUT_GRACE / 2, took
         assert client.sock.recv(1) == b""
     finally:
         gated.gate.set()
