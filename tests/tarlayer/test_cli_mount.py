@@ -207,7 +207,10 @@ def test_mounts_counts_a_compressed_layer_by_the_tar_it_is_read_from(tmp_path, r
     """Mount a one-span tar.gz image whose index is attached, with no readahead, and read
     one file: that inflates and keeps the whole tar, while the blob's own bytes are
     inflated as they arrive and never kept. ``mounts`` must show the layer whole, as
-    the cache holds what it is read from; it showed the blob's share (next to none)."""
+    the cache holds what it is read from; it showed the blob's share (next to none).
+    Asked right after the read, it needs no wait: with no readahead (nor fill) a span is
+    stored before the read it was inflated for is answered; only the span pump's
+    ``SpanWriter`` stores after it, and the pump runs only with readahead or fill."""
     src = populate(tmp_path / "src")
     tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
     ref = push_tar_layer(registry, "o/counted", "v1", "gzip", tar, tmp_path)
