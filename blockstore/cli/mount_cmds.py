@@ -165,9 +165,17 @@ def merge_options(args: argparse.Namespace, oci: OciOptions) -> None:
         raise UsageError("--layer and --blob (or their -o forms) select a layer twice: give one")
 
 
-PATH_VARIABLES = ("REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "DOCKER_CONFIG", "SSL_CERT_FILE")
-"""The environment's paths the server reads: logins (``credentials.auth_files``) and the
-CA bundle (``client.system_ca_bundle``)."""
+PATH_VARIABLES = (
+    "REGISTRY_AUTH_FILE",
+    "XDG_RUNTIME_DIR",
+    "DOCKER_CONFIG",
+    "SSL_CERT_FILE",
+    "GNUPGHOME",
+    "PASSWORD_STORE_DIR",
+)
+"""The environment's paths the server reads: logins (``credentials.auth_files``), the CA
+bundle (``client.system_ca_bundle``), and the keyring of the credential helper it may run
+(``docker-credential-pass``'s)."""
 
 
 def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
@@ -207,6 +215,8 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     for name in PATH_VARIABLES:  # the server runs in /
         if env.get(name):
             env[name] = os.path.abspath(env[name])
+    if env.get("PATH"):
+        env["PATH"] = search_path(env["PATH"])
     if path := import_path(env.get("PYTHONPATH", "")):
         env["PYTHONPATH"] = path
     if args.username is not None:
@@ -214,6 +224,13 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     if args.password is not None:
         env["BLOCKSTORE_PASSWORD"] = args.password
     return argv, env
+
+
+def search_path(given: str) -> str:
+    """``PATH`` for the server, which runs in ``/``: each entry made absolute, the
+    empty one too (the working directory, to ``execvp`` and ``shutil.which``), so that
+    the credential helper it runs is found where the mount command would find it."""
+    return os.pathsep.join(os.path.abspath(entry) for entry in given.split(os.pathsep))
 
 
 def import_path(given: str) -> str:

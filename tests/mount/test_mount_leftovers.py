@@ -5,13 +5,21 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from mount_trees import assert_same_tree
+from rig.credential_helpers import (
+    PassKeyring,
+    docker_config_with,
+    helper_script,
+    why_pass_cannot_run,
+)
 from rig.processes import free_port
 from rig.pushed import push_erofs
 
@@ -295,6 +303,71 @@ def test_a_relative_environment_path_reaches_the_server_absolute(
         timeout=60,
         cwd=work,
         env={**env, name: relative.split("/")[0] if name == "XDG_RUNTIME_DIR" else relative},
+    )
+    assert done.returncode == 0, done.stderr
+    try:
+        assert_same_tree(erofs_images.small.tree, work / "mnt")
+    finally:
+        subprocess.run([*BLOCKSTORE, "umount", str(work / "mnt")], check=True, timeout=60)
+
+
+@pytest.fixture
+def helper_through_relative_paths(request, basic_auth_registry, erofs_images, mount_dirs):
+    """An image of the basic-auth registry, and a working directory whose config.json
+    leaves its login to a credential helper found only through paths relative to it: a
+    helper script in ``bin`` (``$PATH`` holding ``bin``), or the real
+    ``docker-credential-pass`` over a keyring in ``keyring`` (``$GNUPGHOME``,
+    ``$PASSWORD_STORE_DIR``). Yields the reference, the directory and the environment."""
+    server = basic_auth_registry
+    ref = push_erofs(
+        server.host, "rel/helper", "v1", [erofs_images.small.path], options=server.options()
+    )
+    work = Path(tempfile.mkdtemp(prefix="bs-w-"))  # short: gpg-agent's socket is in it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLOCKSTORE_CACHE")}
+    keyring = None
+    if request.param == "PATH":
+        login = json.dumps({"Username": server.username, "Secret": server.password})
+        helper_script(work / "bin", "relative", f"printf '%s' '{login}'")
+        env["PATH"] = f"bin{os.pathsep}{env['PATH']}"
+        helper = "relative"
+    else:
+        reason = why_pass_cannot_run()
+        if reason:
+            pytest.skip(reason)
+        keyring = PassKeyring(work / "keyring")
+        keyring.store(server.host, server.username, server.password)
+        env |= {name: os.path.relpath(path, work) for name, path in keyring.env.items()}
+        helper = "pass"
+    docker_config_with(work / "docker", {"credHelpers": {server.host: helper}})
+    try:
+        yield ref, work, {**env, "DOCKER_CONFIG": "docker"}
+    finally:
+        if keyring is not None:
+            keyring.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "helper_through_relative_paths", ["PATH", "GNUPGHOME and PASSWORD_STORE_DIR"], indirect=True
+)
+def test_a_credential_helper_found_through_relative_paths_gives_the_server_its_login(
+    helper_through_relative_paths, erofs_images
+):
+    """Tried: ``mount`` of an image whose login a credential helper keeps, with the
+    helper, or the keyring it reads, found through entries of ``$PATH`` (``bin``) or
+    ``$GNUPGHOME``/``$PASSWORD_STORE_DIR`` relative to the working directory, as a
+    shell's ``PATH=./bin:$PATH`` has it. Must hold: the server, which runs in ``/``,
+    finds the helper and its keyring as the mount command would, and the image mounts
+    and reads whole."""
+    ref, work, env = helper_through_relative_paths
+    (work / "mnt").mkdir()
+    done = subprocess.run(
+        [*BLOCKSTORE, "mount", ref, "mnt", "--insecure", "--cache-dir", str(work / "c")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=work,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     try:
