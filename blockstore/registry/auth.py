@@ -170,6 +170,9 @@ class Authenticator:
         self._flights: dict[str, _Flight] = {}
         self._renewal_lock = threading.Lock()
         """Held while a credential helper is asked again: by one thread at a time."""
+        self._renewals = 0
+        """How often the helper was asked again: a thread refused while it was being asked
+        takes that answer, whatever it was, rather than asking once more."""
 
     @property
     def realm(self) -> str | None:
@@ -253,11 +256,19 @@ class Authenticator:
 
     def _renew_login(self, refused: Credentials) -> bool:
         """Whether a login other than ``refused`` is now to be offered: the one its
-        credential helper keeps now. Threads refused alike ask the helper once."""
+        credential helper keeps now. Threads refused alike ask the helper once, also when
+        it has no other login: else each would ask it in turn, a slow or hanging helper
+        holding the last of them for as many times its answer."""
+        renewals = self._renewals
         with self._renewal_lock:
             if self.credentials is not refused:
                 return True  # another thread renewed it meanwhile
-            renewed = renewed_login(refused, self.host)
+            if self._renewals != renewals:
+                return False  # another thread asked meanwhile, and got no other login
+            try:
+                renewed = renewed_login(refused, self.host)
+            finally:
+                self._renewals += 1
             if renewed is None or renewed == refused:
                 return False
             log.info("registry %s: a new login from %s", self.host, renewed.kept_by())

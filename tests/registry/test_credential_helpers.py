@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -325,3 +326,32 @@ def test_a_login_a_helper_renews_is_asked_for_again_when_refused(
         with pytest.raises(AuthError):
             resolve_image(client, f"{server.host}/rotate/c:v1", None)
     assert len(calls.read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("rotating_registry", ["basic"], indirect=True)
+def test_parallel_requests_refused_alike_ask_the_helper_once(
+    rotating_registry, helpers_on_path, tmp_path, monkeypatch
+):
+    """Tried: a client logged in by a helper that answers in a second; the password
+    changes at the registry while the helper still gives the old one (a login expired,
+    not yet renewed), and eight threads resolve an image at once, each refused. Must
+    hold: every one fails as refused, and the helper is asked once for all of them, not
+    once per thread in turn (with a helper that hangs until its timeout, eight times 20 s
+    before the last read failed)."""
+    server, change = rotating_registry
+    calls = tmp_path / "calls"
+    reply = '{"Username": "carol", "Secret": "the-first-password"}'
+    helper_script(helpers_on_path, "slow", f"echo >> {calls}; sleep 1; printf '{reply}'")
+    helper_config(tmp_path, monkeypatch, server.host, "slow", "credHelpers")
+    with server.client(username=None, password=None) as client:
+        assert resolve_image(client, f"{server.host}/rotate/a:v1", None).layers
+        change("the-second-password")
+
+        def refused(_: int) -> bool:
+            with pytest.raises(AuthError):
+                resolve_image(client, f"{server.host}/rotate/b:v1", None)
+            return True
+
+        with ThreadPoolExecutor(8) as pool:
+            assert all(pool.map(refused, range(8)))
+    assert len(calls.read_text().splitlines()) == 2  # the first login, then one renewal
