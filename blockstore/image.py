@@ -34,6 +34,7 @@ from blockstore.chunkindex import ChunkIndex
 from blockstore.errors import (
     BlockstoreError,
     CacheError,
+    CredentialHelperError,
     ImageNotCached,
     IntegrityError,
     RegistryError,
@@ -517,7 +518,10 @@ def _open(
     ``fresh``: the cache was made by this open, so it has nothing to fall back on."""
     if offline:
         return OpenImage(_cached(store, str(ref), platform), store, ref.repository, None)
-    client = RegistryClient(ref.registry, options, repository=ref.repository)
+    try:
+        client = RegistryClient(ref.registry, options, repository=ref.repository)
+    except CredentialHelperError as exc:
+        return _without_login(store, ref, platform, exc)
     try:
         resolved = resolve_image(client, ref, platform, require_platform=explicit)
     except (RegistryUnreachable, RegistryError) as exc:
@@ -537,6 +541,18 @@ def _open(
         client.close()
         raise
     return OpenImage(resolved, store, ref.repository, client)
+
+
+def _without_login(
+    store: ChunkStore, ref: Reference, platform: str, failed: CredentialHelperError
+) -> OpenImage:
+    """``ref`` as cached, its registry's login not had from the credential helper that
+    keeps it (``failed``): a cloud helper cannot renew its token with the network down,
+    when a cached image is all that is needed. ``failed`` itself where it is not cached."""
+    if store.images.get(str(ref), platform) is None:
+        raise failed
+    resolved = _cached(store, str(ref), platform)
+    return OpenImage(resolved, store, ref.repository, None, unreachable=failed)
 
 
 def _remember(store: ChunkStore, resolved: ResolvedImage, platform: str) -> None:

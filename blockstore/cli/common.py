@@ -13,7 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blockstore import erofs_format
-from blockstore.errors import BlockstoreError, RegistryUnreachable, UsageError
+from blockstore.errors import (
+    BlockstoreError,
+    CredentialHelperError,
+    RegistryUnreachable,
+    UsageError,
+)
 from blockstore.wholefile import replace_whole
 
 if TYPE_CHECKING:
@@ -654,6 +659,8 @@ def open_image_from_args(
         )
     if needs_registry and image.client is None:
         image.close()
+        if isinstance(image.unreachable, CredentialHelperError):
+            raise image.unreachable  # the login is missing, not the registry
         why = str(image.unreachable or "the registry cannot be reached")
         reference = image.resolved.reference
         raise RegistryUnreachable(why if reference in why else f"{reference}: {why}")

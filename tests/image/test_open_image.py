@@ -6,14 +6,24 @@ every request, so "never opens a network connection" is checked, not assumed.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from rig.credential_helpers import docker_config_with, helper_script
 from rig.fault_proxy import Fault
 from rig.pushed import push_erofs
 
-from blockstore.errors import ImageNotCached, NotCached, NotFound, RegistryUnreachable
+from blockstore.errors import (
+    CredentialHelperError,
+    ImageNotCached,
+    NotCached,
+    NotFound,
+    RegistryUnreachable,
+)
 from blockstore.image import open_image
 from blockstore.registry import RegistryOptions
 
@@ -140,6 +150,50 @@ def test_a_registry_answering_only_server_errors_falls_back_to_the_cache(
     with pytest.raises(RegistryUnreachable) as caught:  # never cached: said as for a registry down
         open_image(through.replace("v1", "v2"), cache_dir=tmp_path / "cache", options=OPTIONS)
     assert caught.value.exit_code == 5 and f"HTTP {status}" in str(caught.value)
+
+
+def test_a_cached_image_opens_when_its_credential_helper_fails_offline(
+    fresh_registry, erofs_images, tmp_path: Path, monkeypatch
+):
+    """Tried: an image read once, then the registry stopped and its login left to a
+    credential helper that fails, as a cloud one (gcloud, ecr-login) does when it cannot
+    reach its provider to renew its token with the network down. Must hold: the open
+    serves the cached resolution and bytes, saying the helper's failure as why, as for a
+    registry that cannot be reached; an image never resolved here is refused naming the
+    helper, as before, and so is a command that needs the registry (``index --push``,
+    exit 4). Before, the helper's failure ended every open, and a cached image
+    could not be mounted offline once its registry's login was a helper's."""
+    reference = push_erofs(fresh_registry.host, "helper/img", "v1", [erofs_images.large.path])
+    image = open_image(reference, cache_dir=tmp_path / "cache", options=OPTIONS)
+    (blob,) = image.exports()
+    head = b"".join(bytes(b) for b in blob.read(0, 65536))
+    blob.close()
+    image.close()
+    fresh_registry.stop()
+    helper_script(tmp_path / "bin", "cloud", "echo 'cannot reach the provider' >&2; exit 1")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    docker_config_with(tmp_path / "docker", {"credHelpers": {fresh_registry.host: "cloud"}})
+
+    image = open_image(reference, cache_dir=tmp_path / "cache", options=OPTIONS)
+    try:
+        assert not image.online
+        assert "cannot reach the provider" in str(image.unreachable)
+        (blob,) = image.exports()
+        assert b"".join(bytes(b) for b in blob.read(0, 65536)) == head
+    finally:
+        image.close()
+    with pytest.raises(CredentialHelperError, match="docker-credential-cloud"):
+        open_image(reference.replace("v1", "v2"), cache_dir=tmp_path / "cache", options=OPTIONS)
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    pushed = subprocess.run(
+        [sys.executable, "-m", "blockstore", "index", "--push", reference, "--insecure", *cache],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert pushed.returncode == CredentialHelperError.exit_code, pushed.stderr
+    assert "docker-credential-cloud get failed" in pushed.stderr
 
 
 def test_nothing_cached_and_registry_down_says_so(fresh_registry, tmp_path: Path):
