@@ -50,6 +50,12 @@ _HEADER_TOKEN = re.compile(r"[\x21-\x7e]+")
 (a JWT, base64) is."""
 RENEWAL_RETRY = 1.0
 """Seconds before a token whose renewal failed, still good, is renewed again."""
+LOGIN_RETRY = 30.0
+"""Seconds before a credential helper that had no other login for a refused one (or
+failed) is asked again: until then a request refused with that login fails at once,
+rather than running the helper (a second or two for a cloud one) for every read of a
+mount. A login renewed meanwhile (``docker login``, a cloud tool's refresh) is taken
+at the first refusal past it."""
 SPOKEN_SCHEMES = ("bearer", "basic")
 """The auth schemes this client answers, the one it prefers first."""
 DEFAULT_TOKEN_LIFETIME = 60.0
@@ -170,9 +176,8 @@ class Authenticator:
         self._flights: dict[str, _Flight] = {}
         self._renewal_lock = threading.Lock()
         """Held while a credential helper is asked again: by one thread at a time."""
-        self._renewals = 0
-        """How often the helper was asked again: a thread refused while it was being asked
-        takes that answer, whatever it was, rather than asking once more."""
+        self._login_retry_at = 0.0
+        """Before this (``time.monotonic``), the helper is not asked again (``LOGIN_RETRY``)."""
 
     @property
     def realm(self) -> str | None:
@@ -258,19 +263,18 @@ class Authenticator:
         """Whether a login other than ``refused`` is now to be offered: the one its
         credential helper keeps now. Threads refused alike ask the helper once, also when
         it has no other login: else each would ask it in turn, a slow or hanging helper
-        holding the last of them for as many times its answer."""
-        renewals = self._renewals
+        holding the last of them for as many times its answer. One that had none, or
+        failed, is asked again no sooner than ``LOGIN_RETRY`` later."""
         with self._renewal_lock:
             if self.credentials is not refused:
                 return True  # another thread renewed it meanwhile
-            if self._renewals != renewals:
-                return False  # another thread asked meanwhile, and got no other login
-            try:
-                renewed = renewed_login(refused, self.host)
-            finally:
-                self._renewals += 1
+            if time.monotonic() < self._login_retry_at:
+                return False  # asked in vain a moment ago, by this thread or another
+            self._login_retry_at = time.monotonic() + LOGIN_RETRY  # unless it has another
+            renewed = renewed_login(refused, self.host)
             if renewed is None or renewed == refused:
                 return False
+            self._login_retry_at = 0.0  # a new login: should it be refused, ask at once
             log.info("registry %s: a new login from %s", self.host, renewed.kept_by())
             self.credentials = renewed
             return True

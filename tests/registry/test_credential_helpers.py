@@ -25,7 +25,7 @@ from rig.registry_server import RegistryServer, TokenAuth
 from rig.token_issuer import TokenIssuer
 
 from blockstore.errors import AuthError
-from blockstore.registry import resolve_image
+from blockstore.registry import auth, resolve_image
 
 NOT_FOUND = "credentials not found in native keychain"
 
@@ -355,3 +355,34 @@ def test_parallel_requests_refused_alike_ask_the_helper_once(
         with ThreadPoolExecutor(8) as pool:
             assert all(pool.map(refused, range(8)))
     assert len(calls.read_text().splitlines()) == 2  # the first login, then one renewal
+
+
+@pytest.mark.parametrize("rotating_registry", ["basic", "token"], indirect=True)
+def test_a_login_its_helper_cannot_renew_is_asked_for_once_a_pause(
+    rotating_registry, helpers_on_path, tmp_path, monkeypatch
+):
+    """Tried: a client logged in by a helper; the password changes at the registry while
+    the helper still gives the old one, and the client resolves an image five times in a
+    row, each refused; then the helper gives the new password, and the client resolves
+    it once more after the pause (shortened to a second here). Must hold: the five are
+    refused with one call of the helper between them, not one each (a mount whose login
+    is refused ran the helper, a second or two for a cloud one, for every read); the
+    login the helper has once the pause is over is taken, and the image resolves."""
+    server, change = rotating_registry
+    monkeypatch.setattr(auth, "LOGIN_RETRY", 1.0)
+    secret, calls = tmp_path / "secret", tmp_path / "calls"
+    secret.write_text("the-first-password")
+    reply = '{"Username": "carol", "Secret": "%s"}'
+    helper_script(helpers_on_path, "stale", f"echo >> {calls}; printf '{reply}' $(cat {secret})")
+    helper_config(tmp_path, monkeypatch, server.host, "stale", "credHelpers")
+    with server.client(username=None, password=None) as client:
+        assert resolve_image(client, f"{server.host}/rotate/a:v1", None).layers
+        change("the-second-password")
+        for _ in range(5):
+            with pytest.raises(AuthError):
+                resolve_image(client, f"{server.host}/rotate/b:v1", None)
+        assert len(calls.read_text().splitlines()) == 2
+        secret.write_text("the-second-password")
+        time.sleep(1.2)
+        assert resolve_image(client, f"{server.host}/rotate/b:v1", None).layers
+    assert len(calls.read_text().splitlines()) == 3
