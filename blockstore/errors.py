@@ -149,6 +149,11 @@ class MountpointBusy(MountError):
     exit_code = 13
 
 
+class MountBeingUndone(MountpointBusy):
+    """Another blockstore process holds the mount's state directory (unmounting it, or
+    clearing its record): the cause is that process, not one using the mount."""
+
+
 class OutOfResources(BlockstoreError):
     """The process could not start a thread or get memory: a limit on it (``ulimit``, a
     cgroup) or the machine's, not a fault of the image, the registry or the cache."""

@@ -35,7 +35,13 @@ from blockstore.cli.common import (
     parse_metrics_address,
 )
 from blockstore.cli.tls_options import add_tls_options, mount_tls_arguments
-from blockstore.errors import MountError, MountpointBusy, NotCached, UsageError
+from blockstore.errors import (
+    MountBeingUndone,
+    MountError,
+    MountpointBusy,
+    NotCached,
+    UsageError,
+)
 from blockstore.logformat import count_trouble
 from nbdfront.mount import stack
 from nbdfront.mount.attach import KERNEL, NBDFUSE
@@ -544,8 +550,8 @@ def run_umount(args: argparse.Namespace) -> int:
     try:
         done = stack.unmount(args.mountpoint, lazy=args.lazy)
     except MountpointBusy as exc:
-        if not _runs_inside(args.mountpoint):
-            raise
+        if isinstance(exc, MountBeingUndone) or not _runs_inside(args.mountpoint):
+            raise  # not this command's working directory that keeps it
         raise MountpointBusy(
             f"{exc}; this command was run from inside it, as the shell that started it "
             "likely was: cd out of it first"

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blockstore.errors import MountError, MountpointBusy, UsageError
+from blockstore.errors import MountBeingUndone, MountError, UsageError
 from blockstore.wholefile import replace_whole
 from nbdfront.mount import syscall
 from nbdfront.mount.attach import Attachment, known_fields
@@ -349,7 +349,7 @@ def discard(state_dir: Path, record: MountRecord | None) -> None:
     ``record`` (None: one that does not parse): of two mounts that found it so at once,
     one removes it, and the other must not remove the state directory the first has
     made since. Moved aside under an exclusive flock of the directory, which the other
-    cannot take meanwhile, then removed. Raises MountpointBusy while another process
+    cannot take meanwhile, then removed. Raises MountBeingUndone while another process
     holds that flock: it removes the directory, or ``umount`` finishes with it
     (``held_for_undoing``)."""
     try:
@@ -389,11 +389,11 @@ def held_for_undoing(state_dir: Path) -> Iterator[None]:
 
 
 def _lock_against_others(fd: int, state_dir: Path) -> None:
-    """The exclusive flock of the state directory open as ``fd``, or MountpointBusy."""
+    """The exclusive flock of the state directory open as ``fd``, or MountBeingUndone."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise MountpointBusy(
+        raise MountBeingUndone(
             f"the mount whose state is in {state_dir} is being unmounted, or its record "
             "cleared, by another blockstore process: try again once it is done"
         ) from None

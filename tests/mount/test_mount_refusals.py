@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -441,6 +442,38 @@ def test_umount_run_from_inside_the_mount_says_to_step_out_of_it(
         "cd out of it first\n"
     )
     assert syscall.is_mounted(str(mountpoint))
+    stack.unmount(str(mountpoint))
+
+
+def test_umount_from_inside_a_mount_another_process_is_undoing_says_only_that(
+    mount_dirs, mountpoint, local_server, erofs_images
+):
+    """Tried: ``blockstore umount .`` typed in a shell inside the mount while another
+    blockstore process holds the mount's state directory (an ``umount --lazy`` of it
+    under way, played by holding its flock). Must hold: exit 13 saying another process
+    is unmounting it, and no word of cd-ing out, which is not what keeps it. Before, the
+    line told the user to cd out of the mount first, as if their shell were the cause."""
+    from nbdfront.mount import records, stack
+
+    record = stack.mount(
+        local_server({"layer0": erofs_images.small.path}), str(mountpoint), image="small"
+    )
+    held = os.open(record.state_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        shell = subprocess.Popen(
+            ["sh", "-c", '"$@" umount . 2>&1; exit $?', "sh", *BLOCKSTORE],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=mountpoint,
+        )
+        said, _ = shell.communicate(timeout=60)
+    finally:
+        os.close(held)
+    assert shell.returncode == 13, said
+    assert "by another blockstore process" in said
+    assert "cd out" not in said, said
+    assert records.load(str(mountpoint)) is not None
     stack.unmount(str(mountpoint))
 
 
