@@ -22,7 +22,7 @@ from blockstore.cache.layout import LMDB_DATA_FILE
 from blockstore.cache.seal import VerifyReport
 from blockstore.cache.store import READ_ONLY_FATE
 from blockstore.cache.write_access import check_enterable
-from blockstore.cli.common import add_cache_options, cache_dir_from
+from blockstore.cli.common import add_cache_options, cache_dir_from, say
 from blockstore.errors import CacheError, IntegrityError, InvalidReference, NotFound
 from blockstore.progress import human
 
@@ -100,6 +100,14 @@ def existing_cache_dir(args: argparse.Namespace) -> Path:
 
 def emit(args: argparse.Namespace, data: object, text: str) -> None:
     print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
+
+
+def emit_done(args: argparse.Namespace, data: object, text: str) -> None:
+    """What a command that acts did: its JSON when asked for, else lines ``-q`` silences."""
+    if args.json:
+        emit(args, data, text)
+    else:
+        say(args, text)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -218,7 +226,7 @@ def _verified(
         lines.append(f"{report.orphan_chunks} chunks of no known blob: {fate}")
     ok = report.ok and not lying
     lines.append("ok" if ok else f"bad data found and {fate}")
-    emit(args, {**report.to_dict(), "ok": ok, "lying_indexes": lying}, "\n".join(lines))
+    emit_done(args, {**report.to_dict(), "ok": ok, "lying_indexes": lying}, "\n".join(lines))
     if ok:
         return 0
     # The report is the output (JSON with --json); the failure is said as every error is.
@@ -245,7 +253,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
             f"\nover the cap: pinned layers hold {human(pinned)}, which gc never evicts "
             "(blockstore cache unpin IMAGE|DIGEST lets it)"
         )
-    emit(args, result, text)
+    emit_done(args, result, text)
     return 0
 
 
@@ -253,7 +261,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
     from blockstore.cache.compact import compact
 
     result = compact(existing_cache_dir(args))
-    emit(
+    emit_done(
         args,
         {"before_bytes": result.before, "after_bytes": result.after},
         f"data.mdb: {human(result.before)} -> {human(result.after)} "
@@ -377,7 +385,7 @@ def _set_pin(args: argparse.Namespace, on: bool) -> int:
         report["not_whole"] = [d for d in done if cached[d] < 1.0]
     else:
         report["not_pinned"] = sorted(loose)
-    emit(args, report, "\n".join(lines))
+    emit_done(args, report, "\n".join(lines))
     return 0
 
 
@@ -480,7 +488,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
     lines += [f"kept {d} (used by another image)" for d in kept if d not in keep_whole]
     lines += [f"kept {d}: served from the cache alone (offline) by a running server" for d in held]
     lines += [f"kept image {r} whole: a running server serves it" for r in sorted(busy)]
-    emit(
+    emit_done(
         args,
         {
             "removed": removed,

@@ -695,6 +695,14 @@ def _remove_new_cache(made: list[Path]) -> None:
             return
 
 
+def say(args: argparse.Namespace, line: str) -> None:
+    """A progress or success line on stdout, which ``-q`` silences for every command, as
+    for ``mount``: errors and warnings (on stderr) stay, and so does what was asked to be
+    shown (a listing, ``--json``)."""
+    if args.quiet <= 0:
+        print(line)
+
+
 def write_whole(path: Path, data: bytes, suffix: str = ".partial") -> None:
     """``data`` at ``path``, never half written: written beside it and renamed over it.
     If that fails (no such directory, ``path`` a directory), nothing is left beside it,

@@ -21,6 +21,7 @@ from blockstore.cli.common import (
     add_image_options,
     add_registry_options,
     open_image_from_args,
+    say,
 )
 from blockstore.errors import CacheError, NotCached, RegistryUnreachable
 from blockstore.progress import human
@@ -101,9 +102,10 @@ def run_prefetch(args: argparse.Namespace) -> int:
             if args.pin:
                 image.store.images.mark_pinned(image.resolved.reference, True)
             pinned = ", pinned" if args.pin else ""
-            print(
+            say(
+                args,
                 f"layer {layer.index} {layer.digest} ({human(layer.size)}): "
-                f"verified and sealed{pinned}"
+                f"verified and sealed{pinned}",
             )
         if image.unreachable is not None:
             log.warning("%s; the layers were whole in the cache", image.unreachable)

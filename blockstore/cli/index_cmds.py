@@ -20,6 +20,7 @@ from blockstore.cli.common import (
     add_image_options,
     add_registry_options,
     open_image_from_args,
+    say,
 )
 
 if TYPE_CHECKING:
@@ -133,9 +134,10 @@ def run_index(args: argparse.Namespace) -> int:
             if kind is not None:
                 exported = _proven_tar_export(image, layer, kind, tar_indexes)
                 tar_built[layer.digest] = exported.index
-                print(
+                say(
+                    args,
                     f"layer {layer.index} {layer.digest}: tar index of "
-                    f"{len(exported.index.metadata)} bytes of metadata"
+                    f"{len(exported.index.metadata)} bytes of metadata",
                 )
                 if kind != TAR and shelf.built(layer.digest, layer.size) is None:
                     # Indexing read the compressed blob through the cache: sealing it
@@ -152,10 +154,11 @@ def run_index(args: argparse.Namespace) -> int:
                 source = RegistryBlob(image.client, image.repository, layer)
                 index, origin = build_layer_index(layer, source.read_range), "registry"
             built[layer.digest] = index
-            print(
+            say(
+                args,
                 f"layer {layer.index} {layer.digest}: {index.chunk_count} "
                 f"chunk{'' if index.chunk_count == 1 else 's'} indexed "
-                f"(from the {origin})"
+                f"(from the {origin})",
             )
         for index in built.values():
             shelf.put(index, built=True)
@@ -171,12 +174,12 @@ def run_index(args: argparse.Namespace) -> int:
             tables.update(built)
             ordered = [tables[lay.digest] for lay in image.resolved.layers if lay.digest in tables]
             digest = push_indexes(image.client, subject, ordered)
-            print(f"chunk index attached to {image.resolved.manifest_digest} as {digest}")
+            say(args, f"chunk index attached to {image.resolved.manifest_digest} as {digest}")
             if tar_built:
                 layers = image.resolved.layers
                 digest = push_tar_indexes(image.client, subject, layers, tar_built)
                 if digest is not None:
-                    print(f"tar index attached to {image.resolved.manifest_digest} as {digest}")
+                    say(args, f"tar index attached to {image.resolved.manifest_digest} as {digest}")
     finally:
         image.close()
     return 0

@@ -25,6 +25,7 @@ from blockstore.cli.common import (
     keep_traces,
     open_image_from_args,
     read_trace_file,
+    say,
     write_whole,
 )
 from blockstore.errors import NotFound, UsageError
@@ -103,7 +104,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         traces = _traces_to_export(store, args)
     write_whole(args.file, traces_document(traces))
-    print(f"exported {len(traces)} trace(s) to {args.file}")
+    say(args, f"exported {len(traces)} trace(s) to {args.file}")
     return 0
 
 
@@ -111,7 +112,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     traces = read_trace_file(args.file)
     with open_store(args, create=True) as store:
         count = keep_traces(store, traces)
-    print(f"imported {count} trace(s)")
+    say(args, f"imported {count} trace(s)")
     return 0
 
 
@@ -135,7 +136,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         digest, merged = push_traces(image.client, subject, layers, local)
     finally:
         image.close()
-    print(f"{merged} trace(s) attached to {subject.digest} as {digest}")
+    say(args, f"{merged} trace(s) attached to {subject.digest} as {digest}")
     return 0
 
 
@@ -187,5 +188,5 @@ def cmd_rm(args: argparse.Namespace) -> int:
         removed = sum(shelf.remove(digest) for digest in blobs)
     if not removed:
         raise NotFound(f"no trace kept for {' '.join(args.targets)}")
-    print(f"removed {removed} trace(s)")
+    say(args, f"removed {removed} trace(s)")
     return 0

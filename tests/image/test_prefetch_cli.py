@@ -23,8 +23,11 @@ from rig.pushed import push_erofs
 from rig.turn_holder import turn_held
 from rig.waiting import wait_for
 
+from blockstore.cache import ChunkStore
+from blockstore.cache.traces import TraceShelf
 from blockstore.image import open_image
-from blockstore.prefetch import PrefetchSettings
+from blockstore.prefetch import PrefetchSettings, Trace
+from blockstore.prefetch.trace import traces_document
 
 
 def blockstore(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -754,3 +757,36 @@ def test_a_registry_lying_that_a_layer_is_16_tib_fails_a_pinned_prefetch_early(
     assert took < 30, took
     assert not [r for r in proxy.requests if r.method == "GET" and layer["digest"] in r.path]
     assert not (tmp_path / "cache").exists()
+
+
+def test_quiet_silences_the_success_lines_of_every_command(pushed_images, tmp_path):
+    """Tried: ``blockstore -q`` before each command that acts and says what it did:
+    ``prefetch``, ``cache pin|unpin|gc|verify|compact|rm``, ``trace
+    import|export|rm``. Must hold: each succeeds with nothing on stdout, as ``-q mount``
+    and ``-q umount`` print nothing; what was asked to be shown (``--json``) still is.
+    Before, prefetch printed its "verified and sealed" line per layer and the others
+    their reports."""
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    digest = "sha256:" + "a" * 64
+    traces = tmp_path / "traces.json"
+    traces.write_bytes(traces_document([]))
+    commands = [
+        ["prefetch", pushed_images.small, "--insecure", *cache],
+        ["cache", "pin", pushed_images.small, *cache],
+        ["cache", "unpin", pushed_images.small, *cache],
+        ["cache", "gc", *cache],
+        ["cache", "verify", *cache],
+        ["cache", "compact", *cache],
+        ["trace", "import", str(traces), *cache],
+        ["cache", "rm", pushed_images.small, *cache],
+    ]
+    for argv in commands:
+        done = blockstore("-q", *argv, timeout=120)
+        assert (done.returncode, done.stdout, done.stderr) == (0, "", ""), argv
+    with ChunkStore(tmp_path / "cache") as store:
+        TraceShelf(store).put(Trace(digest, 4096, 1.0, [(0, 1, 1)]))
+    for argv in (["trace", "export", digest, str(traces)], ["trace", "rm", digest]):
+        done = blockstore("-q", *argv, *cache, timeout=60)
+        assert (done.returncode, done.stdout, done.stderr) == (0, "", ""), argv
+    shown = blockstore("-q", "cache", "gc", "--json", *cache, timeout=60)
+    assert json.loads(shown.stdout)["evicted_chunks"] == 0
