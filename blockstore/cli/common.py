@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -454,18 +455,32 @@ def add_prefetch_options(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="FILE",
-        help="first load the traces of FILE (from 'blockstore trace export') into the cache",
+        help="first load the traces of FILE (from 'blockstore trace export'; - for "
+        "standard input, with serve) into the cache",
     )
 
 
+STANDARD_STREAM = Path("-")
+"""A file named ``-``: standard input or output, as for most Unix tools."""
+
+
+def is_standard_stream(path: Path) -> bool:
+    """Whether ``path`` is ``-``, standard input or output, not a file of that name."""
+    return path == STANDARD_STREAM
+
+
 def read_trace_file(path: Path) -> list[Trace]:
-    """The traces a ``trace export`` file holds (read before any cache is opened, so a
-    file that cannot be used changes nothing): a usage error if it is not one."""
+    """The traces a ``trace export`` file (or standard input, ``-``) holds, read before any
+    cache is opened, so a file that cannot be used changes nothing: a usage error if it
+    is not one."""
     from blockstore.prefetch.trace import MAX_DOCUMENT_BYTES, traces_from_document
 
     try:
-        with path.open("rb") as file:
-            raw = file.read(MAX_DOCUMENT_BYTES + 1)
+        if is_standard_stream(path):
+            raw = sys.stdin.buffer.read(MAX_DOCUMENT_BYTES + 1)
+        else:
+            with path.open("rb") as file:
+                raw = file.read(MAX_DOCUMENT_BYTES + 1)
         if len(raw) > MAX_DOCUMENT_BYTES:
             raise ValueError(f"longer than {MAX_DOCUMENT_BYTES >> 20} MiB: not a traces document")
         return traces_from_document(raw)

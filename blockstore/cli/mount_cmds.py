@@ -32,6 +32,7 @@ from blockstore.cli.common import (
     check_image_arguments,
     check_prefetch_options,
     check_registry_arguments,
+    is_standard_stream,
     parse_metrics_address,
 )
 from blockstore.cli.tls_options import add_tls_options, mount_tls_arguments
@@ -216,6 +217,12 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     if args.fill_rate:
         argv += ["--fill-rate", str(args.fill_rate)]
     if args.trace_file is not None:
+        if is_standard_stream(args.trace_file):
+            raise UsageError(
+                "mount --trace-file cannot read standard input (-): its server reads the "
+                "file once started, from no terminal; `blockstore trace import -` loads "
+                "the traces into the cache first"
+            )
         argv += ["--trace-file", str(args.trace_file.resolve())]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for name in PATH_VARIABLES:  # the server runs in /

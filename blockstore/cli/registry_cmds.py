@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     push.add_argument(
         "files",
         metavar="FILE",
-        type=Path,
+        type=layer_file_argument,
         nargs="+",
         help="a layer: an EROFS image, or a tar, tar.gz or tar.zst",
     )
@@ -139,6 +139,17 @@ def run_push(args: argparse.Namespace) -> int:
         )
     print(digest)
     return 0
+
+
+def layer_file_argument(text: str) -> Path:
+    """A layer file to push. Standard input (``-``) is refused: a layer is read twice, for
+    its digest and to upload it, which a pipe cannot be."""
+    if text == "-":
+        raise argparse.ArgumentTypeError(
+            "a layer cannot come from standard input (-): it is read once for its digest "
+            "and again to upload it; give a file"
+        )
+    return Path(text)
 
 
 def push_target_argument(text: str) -> str:

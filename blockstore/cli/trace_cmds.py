@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from blockstore.cli.common import (
     add_cache_options,
     add_registry_options,
     image_argument,
+    is_standard_stream,
     keep_traces,
     open_image_from_args,
     read_trace_file,
@@ -47,12 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     export = command("export", cmd_export, "write the traces of an image's layers to a file")
     export.add_argument("image", metavar="IMAGE|DIGEST")
-    export.add_argument("file", type=Path, metavar="FILE")
+    export.add_argument("file", type=Path, metavar="FILE", help="- for standard output")
     push = command("push", cmd_push, "attach the image's traces to it in the registry")
     push.add_argument("image", type=image_argument, metavar="IMAGE")
     add_registry_options(push)
     load = command("import", cmd_import, "load traces from a file written by export")
-    load.add_argument("file", type=Path, metavar="FILE")
+    load.add_argument("file", type=Path, metavar="FILE", help="- for standard input")
     listing = command(
         "ls",
         cmd_ls,
@@ -103,7 +105,11 @@ def _names_cached_image(store: ChunkStore, text: str) -> bool:
 def cmd_export(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         traces = _traces_to_export(store, args)
-    write_whole(args.file, traces_document(traces))
+    document = traces_document(traces)
+    if is_standard_stream(args.file):
+        sys.stdout.buffer.write(document)  # the output is the document, and nothing else
+        return 0
+    write_whole(args.file, document)
     say(args, f"exported {len(traces)} trace(s) to {args.file}")
     return 0
 

@@ -300,3 +300,45 @@ def test_an_export_with_the_file_and_the_image_swapped_says_so(pushed_images, tm
     (line,) = done.stderr.splitlines()
     assert "the wrong way round" in line and "trace export IMAGE|DIGEST FILE" in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_a_dash_for_the_trace_file_is_standard_output_and_input(tmp_path, cache_dir):
+    """Tried: ``trace export DIGEST -``, its output piped to ``trace import -`` of another
+    cache, ``push -`` (a layer from standard input) and ``mount --trace-file -``.
+    Must hold: as for most Unix tools, ``-`` is standard output (the document alone on
+    it, no file named ``-`` written) and standard input (the traces imported);
+    ``push``, which reads each layer twice, and ``mount``, whose server reads the file
+    once started, refuse ``-`` in one line (exit 2). Before, export wrote a file named
+    ``-``, import looked for one, and push said only "No such file or directory"."""
+    from blockstore.cache import ChunkStore
+
+    digest = "sha256:" + "a" * 64
+    with ChunkStore(cache_dir) as store:
+        TraceShelf(store).put(Trace(digest, CHUNK_SIZE, 1.0, [(0, 1, 1)]))
+
+    def run(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "blockstore", *argv],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            input=stdin,
+            timeout=60,
+        )
+
+    exported = run("trace", "export", digest, "-", "--cache-dir", str(cache_dir))
+    assert exported.returncode == 0 and exported.stderr == "", exported.stderr
+    assert [t["digest"] for t in json.loads(exported.stdout)["traces"]] == [digest]
+    assert not (tmp_path / "-").exists()
+    other = tmp_path / "other"
+    imported = run("trace", "import", "-", "--cache-dir", str(other), stdin=exported.stdout)
+    assert imported.returncode == 0, imported.stderr
+    listed = run("trace", "ls", "--json", "--cache-dir", str(other))
+    assert [row["digest"] for row in json.loads(listed.stdout)] == [digest]
+    pushed = run("push", "-", "127.0.0.1:9/x/y:1", "--insecure")
+    assert pushed.returncode == 2 and pushed.stderr.count("\n") == 1, pushed.stderr
+    assert "standard input" in pushed.stderr and "give a file" in pushed.stderr
+    (tmp_path / "mnt").mkdir()
+    argv = ["mount", "127.0.0.1:9/x/y:1", str(tmp_path / "mnt"), "--trace-file", "-"]
+    mounted = run(*argv, "--insecure", "--cache-dir", str(other))
+    assert mounted.returncode == 2 and "trace import -" in mounted.stderr, mounted.stderr
