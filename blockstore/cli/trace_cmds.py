@@ -165,6 +165,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    if not rows:
+        say(args, "no traces kept")  # as ``mounts`` says it has none: an empty output looks broken
+        return 0
     for row in rows:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["recorded"]))
         print(

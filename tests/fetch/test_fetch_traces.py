@@ -342,3 +342,17 @@ def test_a_dash_for_the_trace_file_is_standard_output_and_input(tmp_path, cache_
     argv = ["mount", "127.0.0.1:9/x/y:1", str(tmp_path / "mnt"), "--trace-file", "-"]
     mounted = run(*argv, "--insecure", "--cache-dir", str(other))
     assert mounted.returncode == 2 and "trace import -" in mounted.stderr, mounted.stderr
+
+
+def test_trace_ls_of_a_cache_with_no_traces_says_so(cache_dir):
+    """Tried: ``trace ls`` and ``trace ls --json`` of a cache that holds no trace.
+    Must hold: one line saying no trace is kept, as ``mounts`` says there are none and
+    ``cache ls`` prints its header; ``[]`` with ``--json``; exit 0. Before, it printed
+    nothing, which looks like a command that did not run."""
+    from blockstore.cache import ChunkStore
+
+    ChunkStore(cache_dir).close()
+    listed = blockstore("trace", "ls", "--cache-dir", str(cache_dir))
+    assert (listed.returncode, listed.stdout, listed.stderr) == (0, "no traces kept\n", "")
+    listed = blockstore("trace", "ls", "--json", "--cache-dir", str(cache_dir))
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []
