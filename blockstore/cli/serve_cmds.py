@@ -48,6 +48,7 @@ from blockstore.metrics import MetricsServer
 from blockstore.wholefile import read_plain_file
 from nbdfront.mount.readiness import ReadinessPipe
 from nbdfront.server import DEFAULT_PORT, NBDServer, is_wildcard, netloc
+from nbdfront.socketpath import overlong_socket_path
 from nbdfront.tls import dates_warning
 
 if TYPE_CHECKING:
@@ -109,9 +110,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _socket_path(text: str) -> str:
     """A socket's path: an empty one would be bound in Linux's abstract namespace under a
-    name the kernel picks, which no client could be told."""
+    name the kernel picks, which no client could be told; one too long is said with its
+    limit before anything is opened."""
     if not text:
         raise argparse.ArgumentTypeError("an empty path is no socket (try /tmp/blockstore.sock)")
+    if (why := overlong_socket_path(text)) is not None:
+        raise argparse.ArgumentTypeError(f"{why}: give a shorter path (try /tmp/blockstore.sock)")
     return text
 
 

@@ -31,6 +31,7 @@ from nbdfront.mount.process import ProcessRef
 from nbdfront.mount.records import MountRecord
 from nbdfront.mount.server import layer_exports, start_server
 from nbdfront.mount.supervisor import STOP_GRACE, ServerExit, read_status
+from nbdfront.socketpath import overlong_socket_path
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ SERVER_STOP_TIMEOUT = STOP_GRACE + 3.0
 """Seconds ``umount`` waits for the supervisor: the server's grace, then time for the
 supervisor to kill it and write how it ended. Past that the supervisor is killed too,
 with all it started, and the server is said to have been killed."""
-SOCKET_PATH_MAX = 107  # bytes of a path in a Unix socket address (sun_path, less its NUL)
 
 # Called with the export names (bottom layer first) once the server is ready;
 # returns what the record's ``info`` should hold.
@@ -287,12 +287,10 @@ def _check_socket_fits(socket: Path) -> None:
     """Refuse a run directory so deep that the server's socket in it cannot be named in a
     Unix socket address: the server would fail to listen only once started, in words
     that leave the user to guess which directory to change."""
-    length = len(os.fsencode(socket))
-    if length > SOCKET_PATH_MAX:
+    if (why := overlong_socket_path(socket)) is not None:
         raise MountError(
             f"the run directory {records.run_dir()} is too deep for the mount's server "
-            f"socket ({socket}: {length} bytes, over the {SOCKET_PATH_MAX} a Unix socket "
-            "address holds): set BLOCKSTORE_RUN_DIR to a shorter directory"
+            f"socket ({why}): set BLOCKSTORE_RUN_DIR to a shorter directory"
         )
 
 

@@ -862,3 +862,22 @@ def test_a_unix_socket_in_use_beside_a_tcp_address_is_the_one_named(pushed_image
         f"blockstore: cannot listen on {path}: Address already in use; another server "
         "listens there: give another --unix PATH\n"
     )
+
+
+def test_a_unix_socket_path_too_long_is_refused_saying_the_limit(pushed_images, tmp_path):
+    """Tried: ``serve --unix PATH`` with PATH of 108 bytes, one more than a Unix socket
+    address holds. Must hold: exit 2 before anything is opened or fetched, one line
+    naming PATH, its length and the limit of 107 bytes, and saying to give a shorter
+    path, as ``mount`` says of a run directory too deep; no cache made. Before, exit 1
+    with "AF_UNIX path too long" alone."""
+    path = "/tmp/" + "s" * 98 + ".sock"
+    assert len(path) == 108
+    cache = tmp_path / "cache"
+    argv = ["serve", pushed_images.small, "--insecure", "--unix", path, "--cache-dir", str(cache)]
+    done = subprocess.run(
+        [sys.executable, "-m", "blockstore", *argv], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    (line,) = done.stderr.splitlines()
+    assert f"{path}: 108 bytes, over the 107 a Unix socket address holds" in line, line
+    assert "shorter" in line and not cache.exists()
