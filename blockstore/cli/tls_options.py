@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from blockstore.errors import BlockstoreError, UsageError
+from blockstore.errors import UsageError
 from nbdfront.protocol import TLSPolicy
 
 if TYPE_CHECKING:
@@ -62,7 +62,9 @@ def server_tls_from(args: argparse.Namespace) -> ServerTLS | None:
     try:
         context = server_context(args.tls_certificates, args.tls_verify_peer)
     except TLSSetupError as exc:
-        raise BlockstoreError(f"TLS: {exc}") from None
+        # A file of the directory named that is missing or cannot be used: bad usage, as a
+        # directory that does not exist is.
+        raise UsageError(f"TLS: {exc}") from None
     return ServerTLS(policy, context)
 
 

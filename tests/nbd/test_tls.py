@@ -399,20 +399,23 @@ def test_listening_beyond_loopback_says_what_is_exposed(
         (["--tls", "on"], 2, "--tls on needs --tls-certificates DIR"),
         (["--tls-verify-peer"], 2, "need --tls on or require"),
         (["--tls", "require", "--tls-certificates", "{nowhere}"], 2, "no such directory"),
-        (["--tls", "require", "--tls-certificates", "{empty}"], 1, "lacks server-cert.pem"),
-        (["--tls", "require", "--tls-certificates", "{keyless}"], 1, "lacks server-key.pem"),
-        (["--tls", "on", "--tls-certificates", "{garbled}"], 1, "cannot load"),
-        (["--tls", "on", "--tls-certificates", "{mismatched}"], 1, "is not the private key of"),
-        (["--tls", "on", "--tls-certificates", "{encrypted}"], 1, "server-key.pem is encrypted"),
+        (["--tls", "require", "--tls-certificates", "{empty}"], 2, "lacks server-cert.pem"),
+        (["--tls", "require", "--tls-certificates", "{keyless}"], 2, "lacks server-key.pem"),
+        (["--tls", "on", "--tls-certificates", "{garbled}"], 2, "cannot load"),
+        (["--tls", "on", "--tls-certificates", "{mismatched}"], 2, "is not the private key of"),
+        (["--tls", "on", "--tls-certificates", "{encrypted}"], 2, "server-key.pem is encrypted"),
     ],
 )
 def test_bad_tls_options_are_one_line_errors(
     pushed_images, nbd_certificates, tmp_path, options, code, message
 ):
     """TLS options that cannot work are refused before anything is served, with one line
-    and the usage (2) or generic (1) exit code. A key that parses but belongs to another
-    certificate (the client's) is said to be that, not a file that is not PEM; an encrypted
-    key is said to be one, and no passphrase is asked for on the terminal."""
+    and the usage exit code (2): a certificate directory that lacks a file, or holds one
+    that cannot be used, is a file named that cannot be read or used, as the exit-code
+    table has it, like one that does not exist (before, those exited 1). A key that
+    parses but belongs to another certificate (the client's) is said to be that, not a
+    file that is not PEM; an encrypted key is said to be one, and no passphrase is asked
+    for on the terminal."""
     cert = (nbd_certificates.server / "server-cert.pem").read_bytes()
     names = ("nowhere", "empty", "keyless", "garbled", "mismatched", "encrypted")
     for name in names[1:]:
