@@ -70,10 +70,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="layer media type: once for every layer, or once per FILE in order "
         f"(default: told by the file's bytes, e.g. {EROFS_MEDIA_TYPE})",
     )
-    push.add_argument(
+    index = push.add_mutually_exclusive_group()
+    index.add_argument(
         "--add-to-index",
         action="store_true",
         help="make the tag an index holding this platform next to the ones already there",
+    )
+    index.add_argument(
+        "--replace-index",
+        action="store_true",
+        help="replace an index of other platforms under the tag with this platform alone "
+        "(without it, or --add-to-index, such a push is refused)",
     )
     push.set_defaults(func=run_push)
 
@@ -136,6 +143,7 @@ def run_push(args: argparse.Namespace) -> int:
             platform=args.platform or str(host_platform()),
             media_type=media_types,
             add_to_index=args.add_to_index,
+            replace_index=args.replace_index,
         )
     print(digest)
     return 0

@@ -53,6 +53,7 @@ def push_image(
     platform: str | None = None,
     media_type: str | Sequence[str] = EROFS_MEDIA_TYPE,
     add_to_index: bool = False,
+    replace_index: bool = False,
     docker_schema2: bool = False,
 ) -> str:
     """Push ``layer_paths`` (bottom first) as one image; return its manifest digest.
@@ -61,8 +62,10 @@ def push_image(
     ``media_type``: one for every layer, or one per layer (an image of EROFS and
     tar layers). With ``add_to_index`` the tag becomes an index holding this
     platform's manifest next to the other platforms already under the tag
-    (replacing an entry of the same platform). ``docker_schema2`` uses Docker's
-    media types for the manifest, config and index instead of OCI's.
+    (replacing an entry of the same platform); without it, a tag holding an index of
+    other platforms is refused unless ``replace_index`` says to replace it.
+    ``docker_schema2`` uses Docker's media types for the manifest, config and index
+    instead of OCI's.
     """
     if not layer_paths:
         raise UsageError("an image needs at least one layer")
@@ -79,6 +82,8 @@ def push_image(
         raise UsageError(f"{len(types)} media types for {len(paths)} layers")
     for path, layer_type in zip(paths, types, strict=True):
         check_layer_file(path, layer_type)
+    if not (add_to_index or replace_index):
+        _check_index_kept(client, repository, tag, target)  # before a byte is uploaded
     layers = []
     diff_ids = []
     for path, layer_type in zip(paths, types, strict=True):
@@ -275,17 +280,14 @@ def _index_entries(client: RegistryClient, repository: str, tag: str) -> list[di
         raw, digest = fetch_manifest(client, repository, tag)
     except NotFound:
         return []
-    try:
-        document = json.loads(raw)
-    except (ValueError, RecursionError):
-        document = None
-    if not isinstance(document, dict):
+    document = _json_object(raw)
+    if document is None:
         # A page a proxy or login wall answers with: the index must not be guessed at.
         raise RegistryError(
             f"image {repository}:{tag}: what the registry sent for the tag is not a JSON "
             "object, so its index cannot be added to"
         )
-    if document.get("mediaType") in INDEX_TYPES or "manifests" in document:
+    if _is_index(document):
         try:
             check_index(document)
         except ManifestProblem as problem:
@@ -303,6 +305,57 @@ def _index_entries(client: RegistryClient, repository: str, tag: str) -> list[di
             "platform": platform,
         }
     ]
+
+
+def _json_object(raw: bytes) -> dict | None:
+    """``raw`` parsed as a JSON object, or None if it is none."""
+    try:
+        document = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def _is_index(document: dict) -> bool:
+    return document.get("mediaType") in INDEX_TYPES or "manifests" in document
+
+
+def _check_index_kept(client: RegistryClient, repository: str, tag: str, target: Platform) -> None:
+    """Refuse to put one platform's manifest where an index lists others: they would be
+    gone from the tag without a word. An index of ``target`` alone loses nothing."""
+    dropped = _other_platforms(client, repository, tag, target)
+    if dropped:
+        them = "it" if len(dropped) == 1 else "them"
+        raise UsageError(
+            f"image {repository}:{tag} is an index that also lists {', '.join(dropped)}: "
+            f"pushing {target} there alone would drop {them}; add {target} beside "
+            f"{them} with --add-to-index, replace the index with --replace-index, or "
+            "push to another tag"
+        )
+
+
+def _other_platforms(
+    client: RegistryClient, repository: str, tag: str, target: Platform
+) -> list[str]:
+    """The platforms the index under ``tag`` lists besides ``target`` (not attestations,
+    whose platform is ``unknown``); none if the tag holds no index, or one refused."""
+    try:
+        raw, _ = fetch_manifest(client, repository, tag)
+    except NotFound:
+        return []
+    document = _json_object(raw)
+    if document is None or not _is_index(document):
+        return []
+    try:
+        check_index(document)
+    except ManifestProblem:
+        return []  # no image could be read from it: replacing it loses none
+    offered = [
+        Platform.from_descriptor(entry["platform"])
+        for entry in document["manifests"]
+        if isinstance(entry.get("platform"), dict) and entry["platform"].get("os") != "unknown"
+    ]
+    return sorted({str(p) for p in offered if p.normalized() != target.normalized()})
 
 
 def _platform_fields(platform: Platform) -> dict[str, str]:

@@ -773,3 +773,29 @@ def test_a_registry_answering_only_429_or_5xx_exits_as_unreachable(
     assert inspected.returncode == 5 and f"HTTP {status}" in inspected.stderr, inspected.stderr
     pushed = blockstore("push", str(erofs_images.small.path), image, "--insecure")
     assert pushed.returncode == 5 and f"HTTP {status}" in pushed.stderr, pushed.stderr
+
+
+def test_a_plain_push_over_an_index_of_other_platforms_is_refused(registry, erofs_images):
+    """Tried: a tag made an index of linux/amd64 and linux/arm64/v8 (``--add-to-index``),
+    then ``push --platform linux/amd64`` there without it, then with ``--replace-index``.
+    Must hold: the first is refused (exit 2) in one line naming the platform it would
+    drop and the ways on, and the index stays whole; ``--replace-index`` replaces it.
+    Before, the plain push silently replaced the index with its one platform."""
+    image = f"{registry.host}/cli/keep-index:v1"
+    small, base = erofs_images.small.path, erofs_images.layers[0].path
+    for path, platform in [(small, "linux/amd64"), (base, "linux/arm64/v8")]:
+        pushed = blockstore(
+            "push", str(path), image, "--insecure", "--add-to-index", "--platform", platform
+        )
+        assert pushed.returncode == 0, pushed.stderr
+    plain = ["push", str(small), image, "--insecure", "--platform", "linux/amd64"]
+    refused = blockstore(*plain)
+    assert refused.returncode == 2 and refused.stdout == "", refused.stderr
+    (line,) = refused.stderr.splitlines()
+    assert "linux/arm64/v8" in line and "--add-to-index" in line and "--replace-index" in line
+    shown = blockstore("inspect", image, "--insecure", "--platform", "linux/amd64")
+    assert "platforms  linux/amd64, linux/arm64/v8" in shown.stdout, shown.stdout
+    replaced = blockstore(*plain, "--replace-index")
+    assert replaced.returncode == 0, replaced.stderr
+    shown = blockstore("inspect", image, "--insecure", "--json")
+    assert json.loads(shown.stdout)["indexDigest"] is None
