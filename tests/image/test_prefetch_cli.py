@@ -761,7 +761,7 @@ def test_a_registry_lying_that_a_layer_is_16_tib_fails_a_pinned_prefetch_early(
 
 def test_quiet_silences_the_success_lines_of_every_command(pushed_images, tmp_path):
     """Tried: ``blockstore -q`` before each command that acts and says what it did:
-    ``prefetch``, ``cache pin|unpin|gc|verify|compact|rm``, ``trace
+    ``prefetch``, ``index``, ``cache pin|unpin|gc|verify|compact|rm``, ``trace
     import|export|rm``. Must hold: each succeeds with nothing on stdout, as ``-q mount``
     and ``-q umount`` print nothing; what was asked to be shown (``--json``) still is.
     Before, prefetch printed its "verified and sealed" line per layer and the others
@@ -772,6 +772,7 @@ def test_quiet_silences_the_success_lines_of_every_command(pushed_images, tmp_pa
     traces.write_bytes(traces_document([]))
     commands = [
         ["prefetch", pushed_images.small, "--insecure", *cache],
+        ["index", pushed_images.small, "--insecure", *cache],
         ["cache", "pin", pushed_images.small, *cache],
         ["cache", "unpin", pushed_images.small, *cache],
         ["cache", "gc", *cache],
