@@ -427,13 +427,7 @@ def test_umount_run_from_inside_the_mount_says_to_step_out_of_it(
     from nbdfront.mount import stack, syscall
 
     stack.mount(local_server({"layer0": erofs_images.small.path}), str(mountpoint), image="small")
-    shell = subprocess.Popen(
-        ["sh", "-c", '"$@" umount . 2>&1; exit $?', "sh", *BLOCKSTORE],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=mountpoint,
-    )
-    said, _ = shell.communicate(timeout=60)
+    shell, said = _umount_typed_inside(mountpoint)
     assert shell.returncode == 13, said
     assert said == (
         f"blockstore: {mountpoint} is busy: a process still uses it (pid {shell.pid} (sh)) "
@@ -443,6 +437,19 @@ def test_umount_run_from_inside_the_mount_says_to_step_out_of_it(
     )
     assert syscall.is_mounted(str(mountpoint))
     stack.unmount(str(mountpoint))
+
+
+def _umount_typed_inside(mountpoint: os.PathLike) -> tuple[subprocess.Popen, str]:
+    """``blockstore umount .`` run by a shell whose working directory is the mount, as a
+    user types it there: the shell, and what the command said."""
+    shell = subprocess.Popen(
+        ["sh", "-c", '"$@" umount . 2>&1; exit $?', "sh", *BLOCKSTORE],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=mountpoint,
+    )
+    said, _ = shell.communicate(timeout=60)
+    return shell, said
 
 
 def test_umount_from_inside_a_mount_another_process_is_undoing_says_only_that(
@@ -461,13 +468,7 @@ def test_umount_from_inside_a_mount_another_process_is_undoing_says_only_that(
     held = os.open(record.state_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(held, fcntl.LOCK_EX)
-        shell = subprocess.Popen(
-            ["sh", "-c", '"$@" umount . 2>&1; exit $?', "sh", *BLOCKSTORE],
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=mountpoint,
-        )
-        said, _ = shell.communicate(timeout=60)
+        shell, said = _umount_typed_inside(mountpoint)
     finally:
         os.close(held)
     assert shell.returncode == 13, said

@@ -307,6 +307,20 @@ def rotating_registry(request, tmp_path, erofs_images) -> Iterator[tuple[Registr
         server.stop()
 
 
+def _helper_giving_a_kept_password(
+    helpers_on_path: Path, tmp_path: Path, monkeypatch, host: str, name: str
+) -> tuple[Path, Path]:
+    """A helper ``name``, named for ``host``, giving user carol the password kept in the
+    file it returns first (``the-first-password`` to begin with), as a cloud helper gives
+    its current token; each call adds a line to the file it returns second."""
+    secret, calls = tmp_path / "secret", tmp_path / "calls"
+    secret.write_text("the-first-password")
+    reply = '{"Username": "carol", "Secret": "%s"}'
+    helper_script(helpers_on_path, name, f"echo >> {calls}; printf '{reply}' $(cat {secret})")
+    helper_config(tmp_path, monkeypatch, host, name, "credHelpers")
+    return secret, calls
+
+
 @pytest.mark.parametrize("rotating_registry", ["basic", "token"], indirect=True)
 def test_a_login_a_helper_renews_is_asked_for_again_when_refused(
     rotating_registry, helpers_on_path, tmp_path, monkeypatch
@@ -321,11 +335,10 @@ def test_a_login_a_helper_renews_is_asked_for_again_when_refused(
     not a call per refusal for ever. Before, the
     login the helper gave at the start was sent until the server was restarted."""
     server, change = rotating_registry
-    secret, calls = tmp_path / "secret", tmp_path / "calls"
-    secret.write_text("the-first-password")
+    secret, calls = _helper_giving_a_kept_password(
+        helpers_on_path, tmp_path, monkeypatch, server.host, "rotating"
+    )
     reply = '{"Username": "carol", "Secret": "%s"}'
-    helper_script(helpers_on_path, "rotating", f"echo >> {calls}; printf '{reply}' $(cat {secret})")
-    helper_config(tmp_path, monkeypatch, server.host, "rotating", "credHelpers")
     with server.client(username=None, password=None) as client:
         assert resolve_image(client, f"{server.host}/rotate/a:v1", None).layers
         change("the-second-password")
@@ -382,11 +395,9 @@ def test_a_login_its_helper_cannot_renew_is_asked_for_once_a_pause(
     login the helper has once the pause is over is taken, and the image resolves."""
     server, change = rotating_registry
     monkeypatch.setattr(auth, "LOGIN_RETRY", 1.0)
-    secret, calls = tmp_path / "secret", tmp_path / "calls"
-    secret.write_text("the-first-password")
-    reply = '{"Username": "carol", "Secret": "%s"}'
-    helper_script(helpers_on_path, "stale", f"echo >> {calls}; printf '{reply}' $(cat {secret})")
-    helper_config(tmp_path, monkeypatch, server.host, "stale", "credHelpers")
+    secret, calls = _helper_giving_a_kept_password(
+        helpers_on_path, tmp_path, monkeypatch, server.host, "stale"
+    )
     with server.client(username=None, password=None) as client:
         assert resolve_image(client, f"{server.host}/rotate/a:v1", None).layers
         change("the-second-password")
