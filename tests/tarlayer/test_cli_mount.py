@@ -68,7 +68,7 @@ def test_mount_prefetch_and_offline_mount_of_a_three_layer_tar_image(tmp_path, r
     cli("mount", "--insecure", "--cache-dir", str(cache), ref, str(mnt))
     assert without_dir_counts(snapshot(mnt, with_mtime=False)) == want
     cli("umount", str(mnt))
-    done = cli("-q", "prefetch", "--insecure", "--cache-dir", str(cache), ref)
+    done = cli("prefetch", "--insecure", "--cache-dir", str(cache), ref)
     assert done.stdout.count("verified and sealed") == 3
     registry.stop()
     try:
