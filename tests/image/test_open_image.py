@@ -90,19 +90,28 @@ def test_offline_uncached_read_fails_fast_with_eio(
         offline.close()
 
 
+def _read_once_then_stopped(
+    registry, erofs_images, tmp_path: Path, repository: str
+) -> tuple[str, bytes]:
+    """The large image pushed to ``repository``, its first 64 KiB read once into the cache
+    at ``tmp_path/cache``, then ``registry`` stopped: the reference, and the bytes read."""
+    reference = push_erofs(registry.host, repository, "v1", [erofs_images.large.path])
+    image = open_image(reference, cache_dir=tmp_path / "cache", options=OPTIONS)
+    (blob,) = image.exports()
+    head = b"".join(bytes(b) for b in blob.read(0, 65536))
+    blob.close()
+    image.close()
+    registry.stop()
+    return reference, head
+
+
 def test_registry_down_falls_back_to_cached_resolution(
     fresh_registry, erofs_images, tmp_path: Path
 ):
     """Online open with the registry process stopped: the cached resolution is used,
     saying why (the caller warns with it), cached bytes are served and uncached ones
     fail at once."""
-    reference = push_erofs(fresh_registry.host, "down/img", "v1", [erofs_images.large.path])
-    image = open_image(reference, cache_dir=tmp_path / "cache", options=OPTIONS)
-    (blob,) = image.exports()
-    head = b"".join(bytes(b) for b in blob.read(0, 65536))
-    blob.close()
-    image.close()
-    fresh_registry.stop()
+    reference, head = _read_once_then_stopped(fresh_registry, erofs_images, tmp_path, "down/img")
 
     image = open_image(reference, cache_dir=tmp_path / "cache", options=OPTIONS)
     try:
@@ -163,13 +172,7 @@ def test_a_cached_image_opens_when_its_credential_helper_fails_offline(
     helper, as before, and so is a command that needs the registry (``index --push``,
     exit 4). Before, the helper's failure ended every open, and a cached image
     could not be mounted offline once its registry's login was a helper's."""
-    reference = push_erofs(fresh_registry.host, "helper/img", "v1", [erofs_images.large.path])
-    image = open_image(reference, cache_dir=tmp_path / "cache", options=OPTIONS)
-    (blob,) = image.exports()
-    head = b"".join(bytes(b) for b in blob.read(0, 65536))
-    blob.close()
-    image.close()
-    fresh_registry.stop()
+    reference, head = _read_once_then_stopped(fresh_registry, erofs_images, tmp_path, "helper/img")
     helper_script(tmp_path / "bin", "cloud", "echo 'cannot reach the provider' >&2; exit 1")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))

@@ -1065,6 +1065,19 @@ def test_a_mount_hidden_by_an_image_of_another_run_directory_names_its_umount(
     assert_nothing_left(record, run)
 
 
+def _an_image_inside_another(
+    tmp_path: Path, local_server, image: Path
+) -> tuple[Path, Path, records.MountRecord, records.MountRecord]:
+    """``image`` mounted at ``outer``, and again at ``outer/a``, a directory of its tree:
+    the two mount points, then their records."""
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    inner = outer / "a"
+    outer_record = stack.mount(local_server({"layer0": image}), str(outer), image="outer")
+    inner_record = stack.mount(local_server({"layer0": image}), str(inner), image="inner")
+    return outer, inner, outer_record, inner_record
+
+
 @pytest.mark.parametrize("lazy", [[], ["--lazy"]])
 def test_umount_of_a_mount_with_another_image_inside_names_that_one_and_changes_nothing(
     mount_dirs, erofs_images, local_server, tmp_path, lazy
@@ -1077,12 +1090,9 @@ def test_umount_of_a_mount_with_another_image_inside_names_that_one_and_changes_
     leaves nothing. Before, ``--lazy`` detached both: the inner image was then listed as
     "not mounted" while its server ran on, and the plain one named only the path."""
     _, run = mount_dirs
-    outer = tmp_path / "outer"
-    outer.mkdir()
-    inner = outer / "a"
-    small = erofs_images.small.path
-    outer_record = stack.mount(local_server({"layer0": small}), str(outer), image="outer")
-    inner_record = stack.mount(local_server({"layer0": small}), str(inner), image="inner")
+    outer, inner, outer_record, inner_record = _an_image_inside_another(
+        tmp_path, local_server, erofs_images.small.path
+    )
     busy = cli("umount", *lazy, str(outer))
     assert busy.returncode == MountpointBusy.exit_code, busy.stderr
     assert busy.stderr.splitlines() == [
@@ -1114,12 +1124,9 @@ def test_umount_lazy_of_a_mount_with_an_unrecorded_image_inside_names_that_one(
     detached: the inner image's server and FUSE file ran on, and ``mounts`` no longer
     listed it at all (nothing at its mount point named it)."""
     _, run = mount_dirs
-    outer = tmp_path / "outer"
-    outer.mkdir()
-    inner = outer / "a"
-    small = erofs_images.small.path
-    outer_record = stack.mount(local_server({"layer0": small}), str(outer), image="outer")
-    inner_record = stack.mount(local_server({"layer0": small}), str(inner), image="inner")
+    outer, inner, outer_record, inner_record = _an_image_inside_another(
+        tmp_path, local_server, erofs_images.small.path
+    )
     (Path(inner_record.state_dir) / records.RECORD_NAME).write_text('{"mountpoint": "/mn')
     said = (
         f"blockstore mounted an image at {inner} (its record gone or damaged), inside it: "

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import nbd
@@ -241,12 +242,17 @@ def test_shutdown_refuses_what_arrives_while_replies_drain(local_blob, tmp_path,
         server.shutdown()
 
 
-def test_shutdown_cuts_what_does_not_drain_in_time(local_blob, tmp_path):
-    """A read stuck in a fetch that never ends does not hold shutdown: it waits out its
-    drain timeout, then cuts the connection (the client sees it close, with no reply
-    for the stuck read) and returns within a second or two of the timeout."""
+@contextlib.contextmanager
+def _shut_down_with_a_read_stuck(
+    local_blob, tmp_path, *, cancel: bool
+) -> Iterator[tuple[GatedExport, float, w.RawClient]]:
+    """A server with a 0.5 s drain shut down while a read of its client is stuck in a
+    fetch that never ends, unless ``cancel`` gives the server ``cancel_reads`` to end it:
+    the export, the seconds the shutdown took, and the client."""
     gated = GatedExport(local_blob.blob, gated_offset=32768)
     server = NBDServer({"blob": gated}, unix=str(tmp_path / "nbd.sock"), drain_timeout=0.5)
+    if cancel:
+        server.cancel_reads = gated.gate.set
     server.start()
     client = w.RawClient(server.unix_path)
     try:
@@ -255,12 +261,19 @@ def test_shutdown_cuts_what_does_not_drain_in_time(local_blob, tmp_path):
         assert gated.waiting.wait(10)
         started = time.monotonic()
         server.shutdown()
-        took = time.monotonic() - started
-        assert 0.5 <= took < 2.5, took
-        assert client.sock.recv(1) == b""
+        yield gated, time.monotonic() - started, client
     finally:
         gated.gate.set()
         client.close()
+
+
+def test_shutdown_cuts_what_does_not_drain_in_time(local_blob, tmp_path):
+    """A read stuck in a fetch that never ends does not hold shutdown: it waits out its
+    drain timeout, then cuts the connection (the client sees it close, with no reply
+    for the stuck read) and returns within a second or two of the timeout."""
+    with _shut_down_with_a_read_stuck(local_blob, tmp_path, cancel=False) as (_, took, client):
+        assert 0.5 <= took < 2.5, took
+        assert client.sock.recv(1) == b""
 
 
 def test_shutdown_ends_the_reads_it_cuts_before_waiting_for_their_threads(local_blob, tmp_path):
@@ -271,24 +284,10 @@ def test_shutdown_ends_the_reads_it_cuts_before_waiting_for_their_threads(local_
     grace, and the client sees its connection close. Before, shutdown waited the whole
     grace (1 s) for a thread stuck in a fetch that only the image's close, after it,
     would cancel."""
-    gated = GatedExport(local_blob.blob, gated_offset=32768)
-    server = NBDServer({"blob": gated}, unix=str(tmp_path / "nbd.sock"), drain_timeout=0.5)
-    server.cancel_reads = gated.gate.set
-    server.start()
-    client = w.RawClient(server.unix_path)
-    try:
-        client.negotiate("blob")
-        client.send(w.CMD_READ, 1, 32768, 65536)
-        assert gated.waiting.wait(10)
-        started = time.monotonic()
-        server.shutdown()
-        took = time.monotonic() - started
+    with _shut_down_with_a_read_stuck(local_blob, tmp_path, cancel=True) as (gated, took, client):
         assert gated.gate.is_set(), "the stuck read was never cancelled"
         assert took < 0.5 + CUT_GRACE / 2, took
         assert client.sock.recv(1) == b""
-    finally:
-        gated.gate.set()
-        client.close()
 
 
 _reads = st.tuples(st.integers(0, 3 * 1024 * 1024), st.integers(1, 65536))
