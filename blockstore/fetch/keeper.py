@@ -21,6 +21,13 @@ from . import forks
 log = logging.getLogger(__name__)
 
 IDLE_EXIT = 30.0  # seconds without work after which the thread ends (it restarts on demand)
+BATCH_AT_MOST = 256
+"""Chunks (8 MiB) stored in one commit at most. A commit that evicts under the cap
+frees its pages for the commits after the next one, not for itself (LMDB reuses a
+page once no transaction can still see it), so the cache file runs above the cap by
+about two commits: a commit of everything that waited (a whole layer, from a fast
+source on a slow disk) needed a disk twice the layer's size beside the cap, and on a
+disk with less it failed even after a full disk's eviction steps."""
 STUCK_AFTER = 2.0
 """Seconds a store may wait for the cache's write lock before the cache is taken to be
 stuck (the lock held by another process, stopped say): what arrives is then served
@@ -102,7 +109,8 @@ class Keeper:
                 if not self._cond.wait_for(lambda: self._queued, IDLE_EXIT):
                     self._thread = None
                     return
-                items, self._queued = self._queued, []
+                items = self._queued[:BATCH_AT_MOST]
+                del self._queued[:BATCH_AT_MOST]
                 self._busy = True
             try:
                 self._store(adjacent_runs(items))

@@ -197,6 +197,36 @@ def test_chunks_arriving_during_a_commit_are_stored_by_the_next_one_together():
     assert calls == [[(0, 1)], [(3, 3), (9, 2), (20, 1)]]
 
 
+def test_the_keeper_commits_at_most_a_batch_of_what_waited():
+    """Tried: 600 chunks arrive while one commit runs (a fast source, a slow disk).
+    Must hold: no commit takes more than ``BATCH_AT_MOST`` of them, and all are stored,
+    in arrival order. Before, the next commit took all 599: one commit evicting under the
+    cap cannot reuse the pages it frees, so on a disk a little larger than the cap it
+    needed room for the whole layer beside it, and failed."""
+    from blockstore.fetch.keeper import BATCH_AT_MOST, Keeper
+
+    sizes: list[int] = []
+    stored: list[int] = []
+    first_commit = threading.Event()
+    release = threading.Event()
+
+    def store(runs) -> None:
+        sizes.append(sum(len(chunks) for _, chunks in runs))
+        stored.extend(first + i for first, chunks in runs for i in range(len(chunks)))
+        first_commit.set()
+        release.wait(5)
+
+    keeper = Keeper(store)
+    keeper.put(0, b"a")
+    assert first_commit.wait(5)
+    for index in range(1, 600):
+        keeper.put(index, b"x")
+    release.set()
+    assert keeper.drain(5)
+    assert max(sizes) <= BATCH_AT_MOST < 599, sizes
+    assert stored == list(range(600))
+
+
 def test_reads_no_fetch_thread_can_start_for_fail_at_once_and_fetching_recovers(cache_dir):
     """Tried: cold reads of more chunks than the blob has fetch workers, while the
     process cannot start a thread (at its thread limit); then a read once it can. Must
