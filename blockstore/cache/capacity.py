@@ -54,27 +54,34 @@ class Capacity:
         self._told_pins_crowd = False
         self._told_held = False
 
-    def making_room(self, write: Callable[[], T]) -> T:
+    def making_room(self, write: Callable[[], T], adding: int = 0) -> T:
         """``write()``; on a full disk, again after each step of ``FULL_DISK_KEEP``
         (raises ``DiskFull`` if the last does not make room enough).
 
         A disk that is just full costs the cache a sixteenth of what it stores,
         its oldest, not half of it: on a disk smaller than the cap, every store
         past the full point meets it again, and halving each time emptied the
-        cache of everything but the layer being read.
+        cache of everything but the layer being read. A write storing ``adding``
+        bytes of chunks evicts at its first step at least the pages those take
+        (within the last step's share), since the pages a commit frees are the
+        only room left: a many-chunk commit otherwise failed step after step,
+        writing its pages each time until the disk was full again.
         """
         try:
             return write()
         except DiskFull:
             stored = self._stored_bytes()
-        *steps, last = FULL_DISK_KEEP
-        for keep in steps:
-            self._make_room(int(stored * keep))
+        targets = [int(stored * keep) for keep in FULL_DISK_KEEP]
+        first = min(targets[0], stored - -(-adding // CHUNK_SIZE) * STORED_CHUNK)
+        first = max(first, targets[-1])
+        *steps, last = [first] + [target for target in targets[1:] if target < first]
+        for target in steps:
+            self._make_room(target)
             try:
                 return write()
             except DiskFull:
                 continue
-        self._make_room(int(stored * last))
+        self._make_room(last)
         return write()
 
     def evict_target(self, txn: lmdb.Transaction, stored: int, cap: int, *, adding: int = 0) -> int:

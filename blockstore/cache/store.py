@@ -545,8 +545,9 @@ class ChunkStore:
             assert record is not None
             return record
 
+        adding = sum(len(chunk) for _, chunks in runs for chunk in chunks)
         try:
-            record = self._write_making_room(work)
+            record = self._write_making_room(work, adding)
         except CacheError as exc:
             self._unstored[digest] = exc
             raise
@@ -630,13 +631,15 @@ class ChunkStore:
         txn.delete(named, db=self.dbs[DB_SUMS])
         self._sealer.forget(digest)
 
-    def _write_making_room(self, work: Callable[[lmdb.Transaction], T]) -> T:
-        """``work`` in a write transaction, making room as the disk asks (``making_room``)."""
-        return self.making_room(lambda: self.env.write(work))
+    def _write_making_room(self, work: Callable[[lmdb.Transaction], T], adding: int = 0) -> T:
+        """``work`` in a write transaction, storing ``adding`` bytes of chunks, making room
+        as the disk asks (``making_room``)."""
+        return self.making_room(lambda: self.env.write(work), adding)
 
-    def making_room(self, write: Callable[[], T]) -> T:
-        """``write()``, evicting on a full disk (``Capacity.making_room``)."""
-        return self.capacity.making_room(write)
+    def making_room(self, write: Callable[[], T], adding: int = 0) -> T:
+        """``write()``, storing ``adding`` bytes of chunks, evicting on a full disk
+        (``Capacity.making_room``)."""
+        return self.capacity.making_room(write, adding)
 
     def room(self, adding: int = 0) -> int:
         """Bytes the cache can still take before the disk is full (``Capacity.room``)."""

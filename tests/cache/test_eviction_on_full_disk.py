@@ -76,3 +76,34 @@ def test_a_disk_full_of_pinned_layers_is_said_a_few_times_not_per_store(
     said = caplog.text.count("the disk holding the cache is full")
     assert 0 < said <= ThrottledLog.BURST, said
     assert "evicted the oldest 0.0 MiB" not in caplog.text
+
+
+def test_a_many_chunk_store_on_a_full_disk_evicts_what_it_needs_at_once(
+    tmp_path, caplog, monkeypatch
+):
+    """Tried: a 24 MiB ext4 holding a 14 MiB layer (the default cap far above), then 8 MiB
+    of another layer stored in one commit, which finds the disk full. Must hold: the store
+    succeeds after one eviction, of half the cache (the most a full disk may take, and
+    less than the 9 MiB of pages the commit takes), and the new chunks are all there.
+    Before, each step evicted a share of the cache (a sixteenth, then an eighth, then a
+    quarter) and the 8 MiB commit was written, and failed, after each one: three steps
+    here, and on a disk a little tighter every step failed and the store with it."""
+    from blockstore.cache import capacity
+    from blockstore.throttledlog import ThrottledLog
+
+    # Its own count: another test in this process may have used the shared one's burst.
+    monkeypatch.setattr(capacity, "_full_disk", ThrottledLog(capacity.log, "%d more in %.0f s"))
+    first, first_digest = make_blob(14 << 20, seed=95)
+    second, second_digest = make_blob(8 << 20, seed=96)
+    with small_disk(tmp_path / "disk", "24M") as disk, ChunkStore(disk / "cache") as store:
+        for offset in range(0, len(first), PIECE):
+            piece = first[offset : offset + PIECE]
+            chunks = [piece[i : i + CHUNK_SIZE] for i in range(0, PIECE, CHUNK_SIZE)]
+            store.store_chunks(first_digest, len(first), offset // CHUNK_SIZE, chunks)
+        caplog.clear()
+        chunks = [second[i : i + CHUNK_SIZE] for i in range(0, len(second), CHUNK_SIZE)]
+        store.store_chunks(second_digest, len(second), 0, chunks)
+        steps = [r.getMessage() for r in caplog.records if "is full: evicted" in r.getMessage()]
+        assert len(steps) == 1, steps
+        assert store.stats()["evictions"] * CHUNK_SIZE == len(first) // 2
+        assert store.missing_by_digest(second_digest, range(len(chunks))) == []
