@@ -141,6 +141,8 @@ class Findings:
 def run(plan: Plan, found: Findings, checkpoint: Callable[[], None] = lambda: None) -> None:
     """Run the plan into ``found``; ``checkpoint`` is called after every scenario."""
     selection = selection_of(plan)
+    if plan.workdir is not None:
+        plan.workdir.mkdir(parents=True, exist_ok=True)  # as ``--out`` is made
     workdir = Path(tempfile.mkdtemp(prefix="bench-", dir=plan.workdir))
     registry = LocalRegistry(workdir / "registry")
     try:
