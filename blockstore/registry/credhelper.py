@@ -33,6 +33,9 @@ IDENTITY_TOKEN_USER = "<token>"
 """The user name with which a helper says its Secret is an identity token."""
 MESSAGE_LIMIT = 200
 """Characters of a failing helper's message that are quoted."""
+WITHHELD = ("BLOCKSTORE_PASSWORD",)
+"""Variables of this process a helper is not given: a password the user gave for one
+registry is no business of a program asked for another's login (a mirror's, say)."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ def _run(program: str, executable: str, address: str) -> tuple[int, str, str]:
     try:
         process = subprocess.Popen(
             [executable, "get"],
+            env={name: value for name, value in os.environ.items() if name not in WITHHELD},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

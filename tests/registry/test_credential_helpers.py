@@ -266,6 +266,26 @@ def test_a_helper_is_asked_with_the_server_address_alone(
     assert pushed.returncode == 0, pushed.stderr
 
 
+def test_a_helper_is_not_given_the_password_given_for_a_registry(
+    helpers_on_path, tmp_path, monkeypatch
+):
+    """Tried: ``$BLOCKSTORE_PASSWORD`` set (the password a user gave for the image's
+    registry, which the server under ``mount`` also gets), and a helper asked for another
+    registry's login (a mirror's, whose login only auth files give) that writes down what
+    its environment holds. Must hold: the helper sees no such variable, the rest of the
+    environment it does see (its PATH). Before, every helper was handed the password."""
+    from blockstore.registry.credhelper import ask_helper
+
+    seen = tmp_path / "seen"
+    monkeypatch.setenv("BLOCKSTORE_PASSWORD", "given-for-the-image-registry")
+    script = f"echo \"${{BLOCKSTORE_PASSWORD-unset}} $PATH\" > {seen}\necho '{NOT_FOUND}'; exit 1"
+    helper_script(helpers_on_path, "recorder", script)
+    assert ask_helper("recorder", "mirror.example:5000", tmp_path / "config.json") is None
+    password, path = seen.read_text().split(maxsplit=1)
+    assert password == "unset"
+    assert path.strip() == os.environ["PATH"]
+
+
 @pytest.fixture
 def rotating_registry(request, tmp_path, erofs_images) -> Iterator[tuple[RegistryServer, object]]:
     """A registry of one user, ``carol``, whose password a test may change: htpasswd
