@@ -338,7 +338,8 @@ def _other_platforms(
     client: RegistryClient, repository: str, tag: str, target: Platform
 ) -> list[str]:
     """The platforms the index under ``tag`` lists besides ``target`` (not attestations,
-    whose platform is ``unknown``); none if the tag holds no index, or one refused."""
+    whose platform is ``unknown``), then its entries listed without a platform that are
+    not of ``target``; none if the tag holds no index, or one refused."""
     try:
         raw, _ = fetch_manifest(client, repository, tag)
     except NotFound:
@@ -350,12 +351,23 @@ def _other_platforms(
         check_index(document)
     except ManifestProblem:
         return []  # no image could be read from it: replacing it loses none
+    entries = document["manifests"]
     offered = [
         Platform.from_descriptor(entry["platform"])
-        for entry in document["manifests"]
+        for entry in entries
         if isinstance(entry.get("platform"), dict) and entry["platform"].get("os") != "unknown"
     ]
-    return sorted({str(p) for p in offered if p.normalized() != target.normalized()})
+    # An entry may leave its platform out (the image spec makes it optional): replacing
+    # the index drops it all the same, unless its config says it is of ``target``.
+    listed = {entry.get("digest") for entry in entries}
+    unnamed = [
+        f"{str(entry.get('digest'))[:19]}… (listed without a platform)"
+        for entry in entries
+        if "platform" not in entry
+        and not _attests(entry, listed)
+        and not _same_platform(entry, target, client, repository, tag)
+    ]
+    return sorted({str(p) for p in offered if p.normalized() != target.normalized()}) + unnamed
 
 
 def _platform_fields(platform: Platform) -> dict[str, str]:

@@ -775,6 +775,66 @@ def test_a_registry_answering_only_429_or_5xx_exits_as_unreachable(
     assert pushed.returncode == 5 and f"HTTP {status}" in pushed.stderr, pushed.stderr
 
 
+def test_a_plain_push_over_an_index_listing_a_manifest_without_a_platform_is_refused(
+    registry, erofs_images
+):
+    """Tried: a tag holding an index whose one entry gives no platform (the image spec
+    makes it optional) and whose manifest is an artifact, not an image of a platform;
+    then a plain ``push --platform linux/amd64`` there. Must hold: refused (exit 2) in one
+    line naming the entry's digest and the ways on, and the index stays. Before, only
+    entries with a platform counted: the index, and its entry, were silently replaced."""
+    import requests
+
+    artifact = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.example.sbom",
+        "config": {
+            "mediaType": "application/vnd.oci.empty.v1+json",
+            "digest": "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a",
+            "size": 2,
+        },
+        "layers": [],
+    }
+    base = f"http://{registry.host}/v2/cli/unnamed"
+    put = requests.post(f"{base}/blobs/uploads/", timeout=10)  # the empty config, {}
+    assert put.status_code in (201, 202), put.text
+    upload = requests.put(
+        requests.compat.urljoin(base + "/", put.headers["Location"]),
+        params={"digest": artifact["config"]["digest"]},
+        data=b"{}",
+        timeout=10,
+    )
+    assert upload.status_code == 201, upload.text
+    raw = json.dumps(artifact).encode()
+    stored = requests.put(
+        f"{base}/manifests/sbom",
+        data=raw,
+        headers={"Content-Type": artifact["mediaType"]},
+        timeout=10,
+    )
+    assert stored.status_code == 201, stored.text
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    entry = {"mediaType": artifact["mediaType"], "digest": digest, "size": len(raw)}
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json"}
+    index["manifests"] = [entry]
+    stored = requests.put(
+        f"{base}/manifests/v1",
+        data=json.dumps(index).encode(),
+        headers={"Content-Type": index["mediaType"]},
+        timeout=10,
+    )
+    assert stored.status_code == 201, stored.text
+    image = f"{registry.host}/cli/unnamed:v1"
+    small = erofs_images.small.path
+    refused = blockstore("push", str(small), image, "--insecure", "--platform", "linux/amd64")
+    assert refused.returncode == 2 and refused.stdout == "", refused.stderr
+    (line,) = refused.stderr.splitlines()
+    assert digest[:19] in line and "--replace-index" in line, line
+    kept = requests.get(f"{base}/manifests/v1", headers={"Accept": index["mediaType"]}, timeout=10)
+    assert kept.json()["manifests"] == [entry]
+
+
 def test_a_plain_push_over_an_index_of_other_platforms_is_refused(registry, erofs_images):
     """Tried: a tag made an index of linux/amd64 and linux/arm64/v8 (``--add-to-index``),
     then ``push --platform linux/amd64`` there without it, then with ``--replace-index``.
