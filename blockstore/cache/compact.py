@@ -32,8 +32,9 @@ from blockstore.openers import processes_with_open
 from blockstore.progress import human
 
 from .damage import file_damage
+from .env import format_refusal
 from .errors import DAMAGE_ERRORS, DiskFull, ReadOnlyCache, reason
-from .layout import ALL_DBS, LMDB_DATA_FILE, LMDB_LOCK_FILE
+from .layout import ALL_DBS, DB_META, LMDB_DATA_FILE, LMDB_LOCK_FILE, stored_format
 from .layout import COMPACT_COPY as COPY_NAME
 from .leases import LEASE_DIR
 from .write_access import cannot_write
@@ -109,6 +110,7 @@ def _write_copy(path: Path, size: int) -> None:
     except lmdb.Error as exc:
         raise CacheError(f"cannot open the cache at {path}: {exc}") from exc
     try:
+        _refuse_a_newer_format(env, path)
         need = _copy_size(env)
         out = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
@@ -135,6 +137,20 @@ def _write_copy(path: Path, size: int) -> None:
         raise CacheError(f"compacting the cache at {path} failed: {exc}") from exc
     finally:
         env.close()
+
+
+def _refuse_a_newer_format(env: lmdb.Environment, path: Path) -> None:
+    """Refuse a cache of a newer version's format (or another chunk size): what its file
+    may become is that version's to say. An older version's is compacted, its records
+    kept as they are."""
+    try:
+        meta = env.open_db(DB_META, create=False)
+    except lmdb.NotFoundError:
+        return  # made and never written to: this version's
+    with env.begin() as txn:
+        refusal = format_refusal(path, *stored_format(txn, meta))
+    if refusal is not None and not refusal.older:
+        raise refusal
 
 
 def _copy_size(env: lmdb.Environment) -> int:

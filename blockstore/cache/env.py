@@ -72,7 +72,7 @@ from .layout import (
     LMDB_DATA_FILE,
     LMDB_LOCK_FILE,
     holds_cache,
-    meta_int,
+    stored_format,
 )
 from .write_access import cannot_write, check_enterable, writer_of
 from .write_lock_watch import WriteLockWatch
@@ -114,6 +114,26 @@ def _reserve_lock_file(path: Path) -> None:
 
 
 _write_lock_watch = WriteLockWatch()
+
+
+def format_refusal(path: Path, version: int, chunk_size: int) -> OtherFormat | None:
+    """Why this version does not open the cache at ``path``, written with format
+    ``version`` and ``chunk_size``-byte chunks; None if it does."""
+    if version == FORMAT_VERSION and chunk_size == CHUNK_SIZE:
+        return None
+    ours = f"format {FORMAT_VERSION} with {CHUNK_SIZE}-byte chunks"
+    if version < FORMAT_VERSION:
+        return OtherFormat(
+            f"the cache at {path} has format {version}, an older version's; "
+            f"this version needs {ours}",
+            older=True,
+        )
+    whose = "a newer version's" if version > FORMAT_VERSION else "another build's"
+    return OtherFormat(
+        f"the cache at {path} has format {version} with {chunk_size}-byte chunks, "
+        f"{whose}; this version needs {ours} and leaves it as it is: use "
+        "that version, or another --cache-dir"
+    )
 
 
 class CacheEnv:
@@ -342,21 +362,10 @@ class CacheEnv:
         except lmdb.Error as exc:
             env.close()
             raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
-        if version != FORMAT_VERSION or chunk_size != CHUNK_SIZE:
+        refusal = format_refusal(path, version, chunk_size)
+        if refusal is not None:
             env.close()
-            ours = f"format {FORMAT_VERSION} with {CHUNK_SIZE}-byte chunks"
-            if version < FORMAT_VERSION:
-                raise OtherFormat(
-                    f"the cache at {path} has format {version}, an older version's; "
-                    f"this version needs {ours}",
-                    older=True,
-                )
-            whose = "a newer version's" if version > FORMAT_VERSION else "another build's"
-            raise OtherFormat(
-                f"the cache at {path} has format {version} with {chunk_size}-byte chunks, "
-                f"{whose}; this version needs {ours} and leaves it as it is: use "
-                "that version, or another --cache-dir"
-            )
+            raise refusal
         self.env = env
         self.dbs.clear()
         self.dbs.update(dbs)
@@ -369,19 +378,12 @@ class CacheEnv:
             # transaction of ours is not usable after it.
             dbs = {name: env.open_db(name, create=False) for name in ALL_DBS}
             with env.begin() as txn:
-                return dbs, *self._format(txn, dbs)
+                return dbs, *stored_format(txn, dbs[DB_META])
         # Reader slots of killed processes would pin old pages forever.
         env.reader_check()
         with _write_lock_watch.waiting(self.path), env.begin(write=True) as txn:
             dbs = {name: env.open_db(name, txn=txn) for name in ALL_DBS}
-            return dbs, *self._format(txn, dbs)
-
-    @staticmethod
-    def _format(txn: lmdb.Transaction, dbs: dict[bytes, lmdb._Database]) -> tuple[int, int]:
-        meta = dbs[DB_META]
-        return meta_int(txn, meta, b"format", FORMAT_VERSION), meta_int(
-            txn, meta, b"chunk_size", CHUNK_SIZE
-        )
+            return dbs, *stored_format(txn, dbs[DB_META])
 
     def _discard(
         self, why: str, label: str = "damaged", judged: tuple[int, int] | None = None

@@ -83,6 +83,14 @@ def meta_int(txn: lmdb.Transaction, db: lmdb._Database, name: bytes, default: in
     return U64.unpack(raw)[0] if raw is not None else default
 
 
+def stored_format(txn: lmdb.Transaction, meta: lmdb._Database) -> tuple[int, int]:
+    """The format and chunk size the cache was written with (this version's where unset:
+    a cache just made)."""
+    return meta_int(txn, meta, b"format", FORMAT_VERSION), meta_int(
+        txn, meta, b"chunk_size", CHUNK_SIZE
+    )
+
+
 def chunk_key(blob_id: int, index: int) -> bytes:
     return CHUNK_KEY.pack(blob_id, index)
 

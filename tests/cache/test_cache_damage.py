@@ -794,6 +794,24 @@ def test_a_newer_versions_cache_is_never_moved(cache_dir, name, value):
     assert (cache_dir / "data.mdb").read_bytes() == before
 
 
+@pytest.mark.parametrize(
+    ("name", "value"), [(b"format", FORMAT_VERSION + 1), (b"chunk_size", 65536)]
+)
+def test_a_newer_versions_cache_is_not_compacted(cache_dir, name, value):
+    """Tried: `cache compact` on a cache of a newer format (or another chunk size).
+    Must hold: refused in one line naming both formats (exit 8), data.mdb left byte
+    for byte: only the version that wrote it knows what its file may become. Before,
+    it was rewritten like one of this version's."""
+    before = set_meta(cache_dir, name, value)
+    result = run_cli("cache", "compact", "--cache-dir", str(cache_dir))
+    assert result.returncode == 8, result.stderr
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    assert f"this version needs format {FORMAT_VERSION}" in message, message
+    assert "leaves it as it is" in message, message
+    assert (cache_dir / "data.mdb").read_bytes() == before
+
+
 def test_an_older_format_open_in_another_process_is_not_replaced_under_it(cache_dir):
     """Tried: an older version's cache that one of its servers still has open (no lock
     of this version's), opened by a store that would replace it. Must hold: refused,
