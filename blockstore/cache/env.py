@@ -62,7 +62,7 @@ from .errors import (
     reason,
 )
 from .gate import Gate
-from .in_use import hold_in_use, keep_to_owner, make_cache_directory
+from .in_use import hold_in_use, keep_to_owner, lockless_users, make_cache_directory
 from .layout import (
     ALL_DBS,
     CHUNK_SIZE,
@@ -71,8 +71,10 @@ from .layout import (
     FORMAT_VERSION,
     LMDB_DATA_FILE,
     LMDB_LOCK_FILE,
+    U64,
     holds_cache,
     stored_format,
+    upgraded_in_place,
 )
 from .write_access import cannot_write, check_enterable, writer_of
 from .write_lock_watch import WriteLockWatch
@@ -122,6 +124,13 @@ def format_refusal(path: Path, version: int, chunk_size: int) -> OtherFormat | N
     if version == FORMAT_VERSION and chunk_size == CHUNK_SIZE:
         return None
     ours = f"format {FORMAT_VERSION} with {CHUNK_SIZE}-byte chunks"
+    if upgraded_in_place(version, chunk_size):
+        return OtherFormat(
+            f"the cache at {path} has format {version}, an older version's, which this "
+            f"version brings to format {FORMAT_VERSION} in place, but cannot here: open it "
+            "once where it can be written",
+            older=True,
+        )
     if version < FORMAT_VERSION:
         return OtherFormat(
             f"the cache at {path} has format {version}, an older version's; "
@@ -353,6 +362,9 @@ class CacheEnv:
             raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
         try:
             dbs, version, chunk_size = self._open_dbs(env)
+        except CacheError:
+            env.close()
+            raise
         except lmdb.NotFoundError as exc:
             env.close()
             raise CacheDamaged(f"the cache at {path} is damaged: {exc}") from exc
@@ -376,14 +388,45 @@ class CacheEnv:
         if self.read_only:
             # Each opened in a transaction of py-lmdb's own: one opened in a read
             # transaction of ours is not usable after it.
-            dbs = {name: env.open_db(name, create=False) for name in ALL_DBS}
+            meta = env.open_db(DB_META, create=False)
             with env.begin() as txn:
-                return dbs, *stored_format(txn, dbs[DB_META])
+                found = stored_format(txn, meta)
+            if found != (FORMAT_VERSION, CHUNK_SIZE):
+                return {}, *found  # refused: another format may lack this one's databases
+            return {name: env.open_db(name, create=False) for name in ALL_DBS}, *found
         # Reader slots of killed processes would pin old pages forever.
         env.reader_check()
         with _write_lock_watch.waiting(self.path), env.begin(write=True) as txn:
             dbs = {name: env.open_db(name, txn=txn) for name in ALL_DBS}
-            return dbs, *stored_format(txn, dbs[DB_META])
+            version, chunk_size = stored_format(txn, dbs[DB_META])
+            upgrading = upgraded_in_place(version, chunk_size)
+            if upgrading:
+                self._upgrade(txn, dbs[DB_META], version)
+        if upgrading:
+            log.warning(
+                "the cache at %s has format %d, an older version's: brought it to format %d "
+                "in place, all it held kept (versions that need format %d no longer use it)",
+                self.path,
+                version,
+                FORMAT_VERSION,
+                version,
+            )
+            version = FORMAT_VERSION
+        return dbs, version, chunk_size
+
+    def _upgrade(self, txn: lmdb.Transaction, meta: lmdb._Database, version: int) -> None:
+        """Bring a cache of ``version`` to this format, in the transaction that made the
+        databases it lacked; not under an older version's process, which would go on
+        writing beside records it does not know."""
+        users = lockless_users(self.path)
+        if users:
+            raise CacheError(
+                f"the cache at {self.path} has format {version}, an older version's, which "
+                f"this version brings to format {FORMAT_VERSION} in place; it is open in "
+                f"{', '.join(users)}: stop the older version's servers and mounts first "
+                "(or give another --cache-dir)"
+            )
+        txn.put(b"format", U64.pack(FORMAT_VERSION), db=meta)
 
     def _discard(
         self, why: str, label: str = "damaged", judged: tuple[int, int] | None = None

@@ -22,6 +22,9 @@ CHUNK_SIZE = 32768
 # (blob digest, chunk index, block); sealed blobs keep one hash of each chunk's.
 # 4: parts of chunks (the blocks of a chunk a replayed trace read), see cache/parts.py.
 FORMAT_VERSION = 4
+UPGRADED_IN_PLACE = frozenset({3})
+"""Formats brought to this one in place by the first open that can write: 3 lacks only
+the database of parts, which that open makes."""
 
 # The files of a cache directory.
 LMDB_DATA_FILE = "data.mdb"
@@ -89,6 +92,11 @@ def stored_format(txn: lmdb.Transaction, meta: lmdb._Database) -> tuple[int, int
     return meta_int(txn, meta, b"format", FORMAT_VERSION), meta_int(
         txn, meta, b"chunk_size", CHUNK_SIZE
     )
+
+
+def upgraded_in_place(version: int, chunk_size: int) -> bool:
+    """Whether a cache of this format and chunk size is brought to this format in place."""
+    return version in UPGRADED_IN_PLACE and chunk_size == CHUNK_SIZE
 
 
 def chunk_key(blob_id: int, index: int) -> bytes:

@@ -32,13 +32,26 @@ from rig.waiting import wait_for
 import blockstore.cache.damage as damage
 import blockstore.cache.env as cache_env
 from blockstore.cache import CHUNK_SIZE, CacheDamaged, CachedBlob, ChunkStore
-from blockstore.cache.layout import DB_BLOBS, DB_META, DB_REFS, FORMAT_VERSION, U64
+from blockstore.cache.layout import (
+    ALL_DBS,
+    DB_BLOBS,
+    DB_META,
+    DB_PARTS,
+    DB_REFS,
+    FORMAT_VERSION,
+    U64,
+    UPGRADED_IN_PLACE,
+    stored_format,
+)
 from blockstore.cache.traces import TraceShelf
 from blockstore.errors import CacheError
 from blockstore.image import open_image
 from blockstore.prefetch import PrefetchSettings, Trace
 from blockstore.prefetch.trace import UNIT
 from blockstore.registry import RegistryOptions
+
+OLDER_FORMAT = min(UPGRADED_IN_PLACE) - 1
+"""An older version's format this one does not bring to its own: replaced, not read."""
 
 
 def fill(cache_dir: Path, blobs, *, whole: bool = True) -> None:
@@ -753,6 +766,89 @@ def set_meta(cache_dir: Path, name: bytes, value: int) -> bytes:
     return (cache_dir / "data.mdb").read_bytes()
 
 
+def format_3_cache(cache_dir: Path) -> tuple[bytes, str]:
+    """A cache as format 3 left it: a sealed, pinned blob with a trace, and no database
+    of parts (which format 4 added, and nothing else); the blob's bytes and digest."""
+    data, digest = make_blob(3 * CHUNK_SIZE, seed=66)
+    fill(cache_dir, [(data, digest)])
+    with ChunkStore(cache_dir) as store:
+        store.pin(digest)
+        TraceShelf(store).put(Trace(digest, UNIT, time.time(), [(0, 0, 2)]))
+    env = lmdb.open(str(cache_dir), max_dbs=len(ALL_DBS))
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(DB_PARTS, txn=txn), delete=True)
+        txn.put(b"format", U64.pack(3), db=env.open_db(DB_META, txn=txn))
+    env.close()
+    return data, digest
+
+
+def test_a_format_3_cache_is_brought_to_this_format_in_place(cache_dir):
+    """Tried: a cache format 3 wrote (a sealed, pinned blob, a trace), then `cache ls`,
+    `trace ls` and an offline read of this version. Must hold: all of it is kept and
+    read, byte for byte, the first command saying once that it brought the cache to
+    this format in place; the format stored is then this version's. Before, it was
+    refused offline and moved aside, pin and trace with it, by the first online serve
+    or prefetch: an empty cache where the old one could have been used as it was."""
+    data, digest = format_3_cache(cache_dir)
+    listed = run_cli("cache", "ls", "--json", "--cache-dir", str(cache_dir))
+    assert listed.returncode == 0, listed.stderr
+    [blob] = json.loads(listed.stdout)
+    assert (blob["digest"], blob["sealed"], blob["pinned"]) == (digest, True, True)
+    warning = listed.stderr.strip()
+    assert len(warning.splitlines()) == 1, warning
+    assert f"format 3, an older version's: brought it to format {FORMAT_VERSION}" in warning
+    traces = run_cli("trace", "ls", "--cache-dir", str(cache_dir))
+    assert traces.returncode == 0 and digest in traces.stdout, traces.stderr
+    assert traces.stderr == ""
+    with ChunkStore(cache_dir, offline=True) as store:
+        assert _read_offline(store, data, digest) == data
+        assert store.verify().ok
+        with store.env.reader(DB_META) as txn:
+            assert stored_format(txn, store.dbs[DB_META]) == (FORMAT_VERSION, CHUNK_SIZE)
+    assert not aside(cache_dir, "old")
+
+
+def test_a_format_3_cache_open_in_an_older_process_is_not_upgraded_under_it(cache_dir):
+    """Tried: a format 3 cache that an older version's server still has open (no lock
+    of this version's), opened by `cache ls`; then again once that process is gone.
+    Must hold: refused in one line naming the process (exit 8), the file left byte for
+    byte (the older server would go on beside records it does not know); then brought
+    to this format and listed."""
+    _, digest = format_3_cache(cache_dir)
+    before = (cache_dir / "data.mdb").read_bytes()
+    user = lockless_user(cache_dir)
+    try:
+        refused = run_cli("cache", "ls", "--cache-dir", str(cache_dir))
+        assert refused.returncode == 8, refused.stderr
+        assert f"it is open in pid {user.pid} " in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert (cache_dir / "data.mdb").read_bytes() == before
+    finally:
+        user.kill()
+        user.wait()
+    listed = run_cli("cache", "ls", "--cache-dir", str(cache_dir))
+    assert listed.returncode == 0 and digest in listed.stdout, listed.stderr
+
+
+def test_a_read_only_format_3_cache_says_where_it_can_be_brought_up(cache_dir, tmp_path):
+    """Tried: a format 3 cache seen read-only, listed by `cache ls`. Must hold: refused
+    in one line (exit 8) naming format 3 and saying to open it once where it can be
+    written, not called damaged; nothing written. Before, its missing database of
+    parts had it called damaged."""
+    from rig.read_only import contents, read_only_view
+
+    format_3_cache(cache_dir)
+    before = contents(cache_dir)
+    with read_only_view(cache_dir, tmp_path / "ro") as ro:
+        result = run_cli("cache", "ls", "--cache-dir", str(ro))
+    message = result.stderr.strip()
+    assert result.returncode == 8, message
+    assert "has format 3, an older version's" in message, message
+    assert "open it once where it can be written" in message, message
+    assert "damaged" not in message and len(message.splitlines()) == 1, message
+    assert contents(cache_dir) == before
+
+
 def test_an_older_format_is_left_alone_by_commands_that_look_and_replaced_by_a_filler(
     cache_dir,
 ):
@@ -762,8 +858,8 @@ def test_an_older_format_is_left_alone_by_commands_that_look_and_replaced_by_a_f
     naming both formats and what replaces it, and leave it as it is, byte for byte
     (a listing used to move aside the cache an older server was filling, and verify
     called it damaged); the filler moves it aside, kept whole, for an empty one."""
-    before = set_meta(cache_dir, b"format", FORMAT_VERSION - 1)
-    with pytest.raises(CacheError, match=f"format {FORMAT_VERSION - 1}, an older version's"):
+    before = set_meta(cache_dir, b"format", OLDER_FORMAT)
+    with pytest.raises(CacheError, match=f"format {OLDER_FORMAT}, an older version's"):
         ChunkStore(cache_dir, offline=True)
     for command in (["ls"], ["stats"], ["verify"], ["rm", "sha256:" + "0" * 64]):
         result = run_cli("cache", *command, "--cache-dir", str(cache_dir))
@@ -817,7 +913,7 @@ def test_an_older_format_open_in_another_process_is_not_replaced_under_it(cache_
     of this version's), opened by a store that would replace it. Must hold: refused,
     naming the process, and left where it is (the server would go on filling a cache
     moved aside); once that process is gone, it is replaced."""
-    set_meta(cache_dir, b"format", FORMAT_VERSION - 1)
+    set_meta(cache_dir, b"format", OLDER_FORMAT)
     user = lockless_user(cache_dir)
     try:
         with pytest.raises(CacheError, match=f"open in pid {user.pid} "):
@@ -958,7 +1054,7 @@ def test_an_older_format_is_replaced_for_a_filler_only_once_the_registry_answers
     to fill it from); with it up it is replaced and the image read; a command that does
     not fill it refuses it. Before, any online open replaced it first."""
     reference = push_erofs(fresh_registry.host, "older/img", "v1", [erofs_images.small.path])
-    before = set_meta(cache_dir, b"format", FORMAT_VERSION - 1)
+    before = set_meta(cache_dir, b"format", OLDER_FORMAT)
     options = RegistryOptions(insecure=True, timeout=2.0, max_attempts=2)
     with pytest.raises(CacheError, match="left as it is until a serve"):
         open_image(reference, cache_dir=cache_dir, options=options)
