@@ -361,7 +361,7 @@ class CacheEnv:
         except (OSError, lmdb.Error) as exc:
             raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
         try:
-            dbs, version, chunk_size = self._open_dbs(env)
+            dbs = self._open_dbs(env)
         except CacheError:
             env.close()
             raise
@@ -374,34 +374,32 @@ class CacheEnv:
         except lmdb.Error as exc:
             env.close()
             raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
-        refusal = format_refusal(path, version, chunk_size)
-        if refusal is not None:
-            env.close()
-            raise refusal
         self.env = env
         self.dbs.clear()
         self.dbs.update(dbs)
 
-    def _open_dbs(self, env: lmdb.Environment) -> tuple[dict[bytes, lmdb._Database], int, int]:
-        """The named databases (made where missing, unless read-only) and the format
-        and chunk size the cache was written with."""
+    def _open_dbs(self, env: lmdb.Environment) -> dict[bytes, lmdb._Database]:
+        """The named databases, made where missing unless read-only. A cache of another
+        format is refused before any is made (one it would lack is no business of
+        this version's), or brought to this format in place where it can be."""
         if self.read_only:
             # Each opened in a transaction of py-lmdb's own: one opened in a read
             # transaction of ours is not usable after it.
             meta = env.open_db(DB_META, create=False)
             with env.begin() as txn:
-                found = stored_format(txn, meta)
-            if found != (FORMAT_VERSION, CHUNK_SIZE):
-                return {}, *found  # refused: another format may lack this one's databases
-            return {name: env.open_db(name, create=False) for name in ALL_DBS}, *found
+                self._refuse_another_format(*stored_format(txn, meta))
+            return {name: env.open_db(name, create=False) for name in ALL_DBS}
         # Reader slots of killed processes would pin old pages forever.
         env.reader_check()
         with _write_lock_watch.waiting(self.path), env.begin(write=True) as txn:
-            dbs = {name: env.open_db(name, txn=txn) for name in ALL_DBS}
-            version, chunk_size = stored_format(txn, dbs[DB_META])
+            meta = env.open_db(DB_META, txn=txn)
+            version, chunk_size = stored_format(txn, meta)
             upgrading = upgraded_in_place(version, chunk_size)
             if upgrading:
-                self._upgrade(txn, dbs[DB_META], version)
+                self._upgrade(txn, meta, version)
+            else:
+                self._refuse_another_format(version, chunk_size)  # aborts the transaction
+            dbs = {name: env.open_db(name, txn=txn) for name in ALL_DBS}
         if upgrading:
             log.warning(
                 "the cache at %s has format %d, an older version's: brought it to format %d "
@@ -411,8 +409,12 @@ class CacheEnv:
                 FORMAT_VERSION,
                 version,
             )
-            version = FORMAT_VERSION
-        return dbs, version, chunk_size
+        return dbs
+
+    def _refuse_another_format(self, version: int, chunk_size: int) -> None:
+        refusal = format_refusal(self.path, version, chunk_size)
+        if refusal is not None:
+            raise refusal
 
     def _upgrade(self, txn: lmdb.Transaction, meta: lmdb._Database, version: int) -> None:
         """Bring a cache of ``version`` to this format, in the transaction that made the

@@ -890,6 +890,27 @@ def test_a_newer_versions_cache_is_never_moved(cache_dir, name, value):
     assert (cache_dir / "data.mdb").read_bytes() == before
 
 
+@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, OLDER_FORMAT])
+def test_a_cache_of_another_format_without_a_database_of_this_one_is_left_as_it_is(
+    cache_dir, version
+):
+    """Tried: a cache of a newer format and one of an older format, each without a
+    database this version has (parts: a newer one may keep them otherwise, an older
+    one had none), listed by `cache ls`. Must hold: refused (exit 8) and data.mdb left
+    byte for byte. Before, the refusing open made the missing database first, writing
+    to a cache it then said it left as it is."""
+    set_meta(cache_dir, b"format", version)
+    env = lmdb.open(str(cache_dir), max_dbs=len(ALL_DBS))
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(DB_PARTS, txn=txn), delete=True)
+    env.close()
+    before = (cache_dir / "data.mdb").read_bytes()
+    result = run_cli("cache", "ls", "--cache-dir", str(cache_dir))
+    assert result.returncode == 8, result.stderr
+    assert f"has format {version}" in result.stderr, result.stderr
+    assert (cache_dir / "data.mdb").read_bytes() == before
+
+
 @pytest.mark.parametrize(
     ("name", "value"), [(b"format", FORMAT_VERSION + 1), (b"chunk_size", 65536)]
 )
