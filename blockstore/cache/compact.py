@@ -34,7 +34,6 @@ from blockstore.progress import human
 from .damage import file_damage
 from .env import format_refusal
 from .errors import DAMAGE_ERRORS, DiskFull, ReadOnlyCache, reason
-from .in_use import lock_holders
 from .layout import ALL_DBS, DB_META, LMDB_DATA_FILE, LMDB_LOCK_FILE, stored_format
 from .layout import COMPACT_COPY as COPY_NAME
 from .leases import LEASE_DIR
@@ -195,7 +194,7 @@ def _busy(path: Path, fd: int) -> str:
     """Why the cache whose ``data.mdb`` is ``fd`` cannot be compacted now, naming who holds
     it: the exclusive holder is another compaction (or a failed first command removing
     the cache it made), waited for; the shared ones are servers and mounts, stopped."""
-    holders = lock_holders(os.fstat(fd))
+    holders = _holders(fd)
     if exclusive := sorted(pid for pid, alone in holders.items() if alone):
         return (
             f"the cache at {path} is being compacted by {_named(exclusive)} (or removed "
@@ -205,6 +204,24 @@ def _busy(path: Path, fd: int) -> str:
         f"the cache at {path} is in use by {_named(sorted(holders))}: stop its servers and "
         "unmount its mounts, then compact it"
     )
+
+
+def _holders(fd: int) -> dict[int, bool]:
+    """The processes holding a lock on the file of ``fd``, as ``/proc/locks`` names them:
+    each with whether its lock is exclusive."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders: dict[int, bool] = {}
+    try:
+        with open("/proc/locks") as locks:
+            for line in locks:
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode:
+                    holders[int(fields[4])] = fields[3] == "WRITE"
+    except (OSError, ValueError):
+        pass
+    holders.pop(os.getpid(), None)
+    return holders
 
 
 def _named(pids: list[int]) -> str:

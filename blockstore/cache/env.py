@@ -62,7 +62,7 @@ from .errors import (
     reason,
 )
 from .gate import Gate
-from .in_use import hold_in_use, keep_to_owner, lockless_users, make_cache_directory
+from .in_use import hold_in_use, keep_to_owner, make_cache_directory
 from .layout import (
     ALL_DBS,
     CHUNK_SIZE,
@@ -418,9 +418,10 @@ class CacheEnv:
 
     def _upgrade(self, txn: lmdb.Transaction, meta: lmdb._Database, version: int) -> None:
         """Bring a cache of ``version`` to this format, in the transaction that made the
-        databases it lacked; not under an older version's process, which would go on
-        writing beside records it does not know."""
-        users = lockless_users(self.path)
+        databases it lacked; not under another process, an older version's while the
+        format is older (this version's bring it up before they use it), which would
+        go on beside records it does not know."""
+        users = processes_with_open([str(self.path / LMDB_LOCK_FILE)])
         if users:
             raise CacheError(
                 f"the cache at {self.path} has format {version}, an older version's, which "

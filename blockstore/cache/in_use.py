@@ -129,29 +129,3 @@ def remove_if_unused(path: Path) -> bool:
         return True
     finally:
         os.close(fd)
-
-
-def lock_holders(st: os.stat_result) -> dict[int, bool]:
-    """The processes holding a ``flock`` on the file ``st`` is of, as ``/proc/locks`` names
-    them: each with whether its lock is exclusive."""
-    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    holders: dict[int, bool] = {}
-    try:
-        with open("/proc/locks") as locks:
-            for line in locks:
-                fields = line.split()
-                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode:
-                    holders[int(fields[4])] = fields[3] == "WRITE"
-    except (OSError, ValueError):
-        pass
-    holders.pop(os.getpid(), None)
-    return holders
-
-
-def lockless_users(path: Path) -> list[str]:
-    """ "pid N (command)" of the processes with the cache at ``path`` open that hold no
-    ``hold_in_use`` lock: an older version's, which takes none (this version's take it
-    before they open LMDB)."""
-    holders = lock_holders((path / LMDB_DATA_FILE).stat())
-    users = processes_with_open([str(path / LMDB_LOCK_FILE)])
-    return [user for user in users if int(user.split()[1]) not in holders]

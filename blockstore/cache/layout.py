@@ -21,10 +21,13 @@ CHUNK_SIZE = 32768
 # 3: a checksum for each 4 KiB block of a chunk, seeded with the block's identity
 # (blob digest, chunk index, block); sealed blobs keep one hash of each chunk's.
 # 4: parts of chunks (the blocks of a chunk a replayed trace read), see cache/parts.py.
-FORMAT_VERSION = 4
-UPGRADED_IN_PLACE = frozenset({3})
-"""Formats brought to this one in place by the first open that can write: 3 lacks only
-the database of parts, which that open makes."""
+# 5: a sealed list ends with a sum of its entries and of the blob's size (integrity.py),
+# which versions of format 4 took for damage, dropping the blob.
+FORMAT_VERSION = 5
+UPGRADED_IN_PLACE = frozenset({3, 4})
+"""Formats brought to this one in place by the first open that can write: 3 lacks the
+database of parts, which that open makes; sealed lists with no sum of their own (3, 4)
+are read as they are."""
 
 # The files of a cache directory.
 LMDB_DATA_FILE = "data.mdb"

@@ -744,6 +744,53 @@ def test_a_sealed_list_kept_by_an_older_version_is_still_believed(cache_dir):
         assert store.verify().ok
 
 
+def test_a_cache_holding_sealed_lists_with_a_sum_is_of_a_format_older_versions_refuse(
+    cache_dir,
+):
+    """Tried: a blob sealed by this version, whose sealed list ends with a sum of its
+    own. Must hold: versions of format 4 judged a list that is not a whole number of
+    entries long damaged, and dropped the blob with its chunks, so the cache holding
+    it says a format they refuse, not 4. Before, it said format 4: such a version,
+    going back to the cache, called every sealed blob damaged and dropped it (cache
+    ls, verify, and offline reads then EIO)."""
+    from blockstore.cache.integrity import SEALED_SIZE
+    from blockstore.cache.layout import DB_SUMS
+
+    data, digest = make_blob(3 * CHUNK_SIZE, seed=67)
+    fill(cache_dir, [(data, digest)])
+    with ChunkStore(cache_dir) as store:
+        with store.env.reader(DB_SUMS) as txn:
+            listed = bytes(txn.get(digest.encode()))
+        with store.env.reader(DB_META) as txn:
+            version, _ = stored_format(txn, store.dbs[DB_META])
+    assert len(listed) % SEALED_SIZE != 0  # what a format 4 version drops
+    assert version > 4
+
+
+def test_a_format_4_cache_is_brought_to_this_format_with_its_sealed_lists_kept(cache_dir):
+    """Tried: a cache format 4 wrote: a sealed, pinned blob whose sealed list has no sum
+    of its own. Must hold: `cache ls` lists it sealed and pinned, saying in one warning
+    that it brought the cache to this format; the blob is read offline byte for byte
+    and `verify` finds it good."""
+    from blockstore.cache.integrity import SEALED_SIZE
+
+    data, digest = make_blob(4 * CHUNK_SIZE, seed=68)
+    fill(cache_dir, [(data, digest)])
+    with ChunkStore(cache_dir) as store:
+        store.pin(digest)
+        _rewrite_sums(store, digest, lambda sums: sums[: 4 * SEALED_SIZE])
+        store.env.write(lambda txn: txn.put(b"format", U64.pack(4), db=store.dbs[DB_META]))
+    listed = run_cli("cache", "ls", "--json", "--cache-dir", str(cache_dir))
+    assert listed.returncode == 0, listed.stderr
+    [blob] = json.loads(listed.stdout)
+    assert (blob["digest"], blob["sealed"], blob["pinned"]) == (digest, True, True)
+    assert f"format 4, an older version's: brought it to format {FORMAT_VERSION}" in (listed.stderr)
+    assert len(listed.stderr.strip().splitlines()) == 1, listed.stderr
+    with ChunkStore(cache_dir, offline=True) as store:
+        assert _read_offline(store, data, digest) == data
+        assert store.verify().ok
+
+
 def test_an_empty_layer_is_prefetched_and_sealed(cache_dir):
     """A 0-byte blob (digest: sha256 of nothing) is prefetched, sealed, listed, and reads
     of nothing succeed; it used to fail with "could not be kept whole"."""
