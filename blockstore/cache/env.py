@@ -76,6 +76,7 @@ from .layout import (
     stored_format,
     upgraded_in_place,
 )
+from .refs import mark_images_pinned_whole
 from .write_access import cannot_write, check_enterable, writer_of
 from .write_lock_watch import WriteLockWatch
 
@@ -392,14 +393,13 @@ class CacheEnv:
         # Reader slots of killed processes would pin old pages forever.
         env.reader_check()
         with _write_lock_watch.waiting(self.path), env.begin(write=True) as txn:
-            meta = env.open_db(DB_META, txn=txn)
-            version, chunk_size = stored_format(txn, meta)
+            version, chunk_size = stored_format(txn, env.open_db(DB_META, txn=txn))
             upgrading = upgraded_in_place(version, chunk_size)
-            if upgrading:
-                self._upgrade(txn, meta, version)
-            else:
+            if not upgrading:
                 self._refuse_another_format(version, chunk_size)  # aborts the transaction
             dbs = {name: env.open_db(name, txn=txn) for name in ALL_DBS}
+            if upgrading:
+                self._upgrade(txn, dbs, version)
         if upgrading:
             log.warning(
                 "the cache at %s has format %d, an older version's: brought it to format %d "
@@ -416,7 +416,9 @@ class CacheEnv:
         if refusal is not None:
             raise refusal
 
-    def _upgrade(self, txn: lmdb.Transaction, meta: lmdb._Database, version: int) -> None:
+    def _upgrade(
+        self, txn: lmdb.Transaction, dbs: dict[bytes, lmdb._Database], version: int
+    ) -> None:
         """Bring a cache of ``version`` to this format, in the transaction that made the
         databases it lacked; not under another process, an older version's while the
         format is older (this version's bring it up before they use it), which would
@@ -429,7 +431,8 @@ class CacheEnv:
                 f"{', '.join(users)}: stop the older version's servers and mounts first "
                 "(or give another --cache-dir)"
             )
-        txn.put(b"format", U64.pack(FORMAT_VERSION), db=meta)
+        mark_images_pinned_whole(txn, dbs)
+        txn.put(b"format", U64.pack(FORMAT_VERSION), db=dbs[DB_META])
 
     def _discard(
         self, why: str, label: str = "damaged", judged: tuple[int, int] | None = None

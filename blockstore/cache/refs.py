@@ -13,13 +13,17 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import lmdb
 
 from blockstore.errors import CacheError
 
-from .env import CacheEnv
-from .layout import DB_MANIFESTS, DB_REFS
+from .errors import RECORD_ERRORS
+from .layout import DB_BLOBS, DB_MANIFESTS, DB_REFS, BlobRecord
+
+if TYPE_CHECKING:  # the environment brings a cache up with ``mark_images_pinned_whole``
+    from .env import CacheEnv
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,33 @@ def _keys_from(cursor: lmdb.Cursor, prefix: bytes) -> list[bytes]:
                 break
             keys.append(key)
     return keys
+
+
+def mark_images_pinned_whole(txn: lmdb.Transaction, dbs: dict[bytes, lmdb._Database]) -> None:
+    """Mark each image whose record has no mark, and all of whose layers are pinned, as
+    pinned as a whole (``ImageRecords.mark_pinned``), in a cache an older version kept:
+    versions before that mark pinned an image's layers and marked nothing, so
+    unpinning another image would let eviction take the layers they share. An image
+    pinned only through others' pins is taken for pinned too: an unpin then keeps what
+    it shares, naming it, rather than let it go."""
+    refs = dbs[DB_REFS]
+    for key in _keys_from(txn.cursor(db=refs), b""):
+        try:
+            record = _decode(bytes(txn.get(key, db=refs)), "")
+            layers = [layer["digest"] for layer in record["layers"]]
+        except (CacheError, KeyError, TypeError):
+            continue  # damaged: ``verify`` drops it
+        if "pinned" not in record and layers and all(_pinned(txn, dbs, d) for d in layers):
+            record["pinned"] = True
+            txn.put(key, _encode(record), db=refs)
+
+
+def _pinned(txn: lmdb.Transaction, dbs: dict[bytes, lmdb._Database], digest: object) -> bool:
+    raw = txn.get(digest.encode(), db=dbs[DB_BLOBS]) if isinstance(digest, str) else None
+    try:
+        return raw is not None and BlobRecord.unpack(raw).pinned
+    except RECORD_ERRORS:
+        return False
 
 
 class ImageRecords:

@@ -392,6 +392,43 @@ def test_unpinning_an_image_keeps_the_layers_a_pinned_image_shares(
     assert pinned() == {small.digest: False, large.digest: False}
 
 
+def test_an_image_an_older_version_pinned_keeps_its_layers_when_another_is_unpinned(
+    registry, erofs_images, tmp_path
+):
+    """Tried: an image of layers S and L and an image of S alone, both pinned by a
+    version of format 4 that kept no mark of an image pinned as a whole (records
+    without one), then `cache unpin` of the second by this version. Must hold: S stays
+    pinned, the first image named as pinned: the upgrade of the cache takes an image
+    all of whose layers are pinned for one pinned as a whole. Before, S was unpinned,
+    and gc could evict a layer of the image pinned for offline use."""
+    import lmdb
+
+    from blockstore.cache.layout import ALL_DBS, DB_META, DB_REFS, U64
+
+    small, large = erofs_images.small, erofs_images.large
+    both = push_erofs(registry.host, "oldpins/both", "v1", [small.path, large.path])
+    alone = push_erofs(registry.host, "oldpins/alone", "v1", [small.path])
+    cache = tmp_path / "cache"
+    for reference in (both, alone):
+        done = blockstore("prefetch", reference, "--insecure", "--pin", "--cache-dir", str(cache))
+        assert done.returncode == 0, done.stderr
+    env = lmdb.open(str(cache), max_dbs=len(ALL_DBS))
+    with env.begin(write=True) as txn:
+        refs = env.open_db(DB_REFS, txn=txn)
+        for key, raw in list(txn.cursor(db=refs)):
+            record = json.loads(raw)
+            record.pop("pinned", None)
+            txn.put(key, json.dumps(record, sort_keys=True).encode(), db=refs)
+        txn.put(b"format", U64.pack(4), db=env.open_db(DB_META, txn=txn))
+    env.close()
+    unpinned = blockstore("cache", "unpin", alone, "--cache-dir", str(cache))
+    assert unpinned.returncode == 0, unpinned.stderr
+    assert f"kept pinned {small.digest}: pinned image" in unpinned.stdout, unpinned.stdout
+    listing = blockstore("cache", "ls", "--json", "--cache-dir", str(cache), check=True)
+    pinned = {blob["digest"]: blob["pinned"] for blob in json.loads(listing.stdout)}
+    assert pinned == {small.digest: True, large.digest: True}
+
+
 def test_unpinning_an_image_one_of_whose_layers_was_removed_unpins_the_rest(
     registry, erofs_images, tmp_path
 ):
