@@ -388,8 +388,16 @@ class CacheEnv:
             # transaction of ours is not usable after it.
             meta = env.open_db(DB_META, create=False)
             with env.begin() as txn:
-                self._refuse_another_format(*stored_format(txn, meta))
-            return {name: env.open_db(name, create=False) for name in ALL_DBS}
+                version, chunk_size = stored_format(txn, meta)
+            if not upgraded_in_place(version, chunk_size):
+                self._refuse_another_format(version, chunk_size)
+            try:
+                return {name: env.open_db(name, create=False) for name in ALL_DBS}
+            except lmdb.NotFoundError:
+                # An older format lacking a database this one reads (3: parts) must be
+                # brought up first; one holding them all is read as it is.
+                self._refuse_another_format(version, chunk_size)
+                raise
         # Reader slots of killed processes would pin old pages forever.
         env.reader_check()
         with _write_lock_watch.waiting(self.path), env.begin(write=True) as txn:

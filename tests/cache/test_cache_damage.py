@@ -896,6 +896,29 @@ def test_a_read_only_format_3_cache_says_where_it_can_be_brought_up(cache_dir, t
     assert contents(cache_dir) == before
 
 
+def test_a_read_only_format_4_cache_is_read_as_it_is(cache_dir, tmp_path):
+    """Tried: a format 4 cache (every database this version reads, sealed lists without
+    a sum of their own) seen read-only, as a user sees root's cache: `cache ls`, then an
+    offline read of its blob. Must hold: listed (exit 0) and read byte for byte, nothing
+    written. Before, a read-only open refused every older format, this one too, until
+    someone opened it where it could be written."""
+    from rig.read_only import contents, read_only_view
+
+    data, digest = make_blob(3 * CHUNK_SIZE, seed=67)
+    fill(cache_dir, [(data, digest)])
+    set_meta(cache_dir, b"format", 4)
+    before = contents(cache_dir)
+    with read_only_view(cache_dir, tmp_path / "ro") as ro:
+        listed = run_cli("cache", "ls", "--cache-dir", str(ro))
+        assert listed.returncode == 0, listed.stderr
+        assert digest[7:19] in listed.stdout, listed.stdout
+        with ChunkStore(ro, offline=True) as store:
+            blob = CachedBlob(store, digest, len(data), None)
+            assert b"".join(blob.read(0, len(data))) == data
+            blob.close()
+    assert contents(cache_dir) == before
+
+
 def test_an_older_format_is_left_alone_by_commands_that_look_and_replaced_by_a_filler(
     cache_dir,
 ):
