@@ -159,7 +159,7 @@ def _free_pages(data: Path, psize: int, size: int, root: int) -> set[int] | None
 
 
 @contextmanager
-def _locked(directory: Path) -> Iterator[None]:
+def directory_lock(directory: Path) -> Iterator[None]:
     """An exclusive ``flock`` on ``directory`` itself (no file left behind)."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -216,7 +216,7 @@ def move_aside_unless_replaced(
     parent directory), so the second sees the first's new cache and leaves it.
     """
     try:
-        with _locked(path.parent):
+        with directory_lock(path.parent):
             try:
                 current = path.stat()
             except FileNotFoundError:

@@ -50,7 +50,7 @@ import lmdb
 from blockstore.errors import CacheError
 from blockstore.openers import processes_with_open
 
-from .damage import file_damage, move_aside_unless_replaced
+from .damage import directory_lock, file_damage, move_aside_unless_replaced
 from .errors import (
     DAMAGE_ERRORS,
     RECORD_ERRORS,
@@ -326,15 +326,22 @@ class CacheEnv:
                 )
         in_use = hold_in_use(path, read_only=self.read_only)
         try:
-            if not self.read_only:
+            if self.read_only:
+                self._open_lmdb(path)
+            else:
                 (path / COMPACT_COPY).unlink(missing_ok=True)
-            self._open_lmdb(path)
+                with directory_lock(path):
+                    self._open_lmdb(path)
         except BaseException:
             os.close(in_use)
             raise
         self._in_use = in_use
 
     def _open_lmdb(self, path: Path) -> None:
+        """Writable, under the cache directory's lock, taken in turn by this version's
+        openers: one bringing an older format up in place (``_upgrade``) then finds
+        LMDB's lock file open only in processes past their open, an older version's,
+        not in one of this version's waiting to read the format it is writing."""
         why = file_damage(path)
         if why is not None:
             raise CacheDamaged(f"the cache at {path} is damaged: {why}")

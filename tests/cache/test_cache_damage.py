@@ -813,6 +813,16 @@ def set_meta(cache_dir: Path, name: bytes, value: int) -> bytes:
     return (cache_dir / "data.mdb").read_bytes()
 
 
+WRITE_LOCK_HOLDER = (
+    "import lmdb, sys, time\n"
+    "env = lmdb.open(sys.argv[1], max_dbs=16, map_size=1 << 30)\n"
+    "txn = env.begin(write=True)\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(60)\n"
+)
+"""A process holding a cache's write lock until it is killed."""
+
+
 def format_3_cache(cache_dir: Path) -> tuple[bytes, str]:
     """A cache as format 3 left it: a sealed, pinned blob with a trace, and no database
     of parts (which format 4 added, and nothing else); the blob's bytes and digest."""
@@ -875,6 +885,48 @@ def test_a_format_3_cache_open_in_an_older_process_is_not_upgraded_under_it(cach
         user.wait()
     listed = run_cli("cache", "ls", "--cache-dir", str(cache_dir))
     assert listed.returncode == 0 and digest in listed.stdout, listed.stderr
+
+
+def test_a_format_4_cache_opened_by_two_processes_of_this_version_at_once_is_brought_up(
+    cache_dir,
+):
+    """Tried: a format 4 cache whose write lock a process holds while two `cache ls` of
+    this version open it; the holder is then killed, so both go on at once. Must hold:
+    both list it (exit 0), one of them saying it brought the cache to this format.
+    Before, the one that upgraded saw the other, which had LMDB's lock file open while
+    it waited its turn, as an older version's process, and refused (exit 8)."""
+    from blockstore.openers import processes_with_open
+
+    set_meta(cache_dir, b"format", 4)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", WRITE_LOCK_HOLDER, str(cache_dir)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        listers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "blockstore", "cache", "ls", "--cache-dir", str(cache_dir)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        opened = {f"pid {lister.pid} " for lister in listers}
+
+        def both_opening() -> bool:
+            users = processes_with_open([str(cache_dir / "data.mdb")])
+            return opened <= {user[: user.index(" (") + 1] for user in users}
+
+        assert wait_for(both_opening, timeout=30)
+        time.sleep(0.5)  # from the data file's claim to LMDB's lock file, then its write lock
+    finally:
+        holder.kill()
+        holder.wait()
+    results = [(*lister.communicate(timeout=60), lister.returncode) for lister in listers]
+    assert [code for _, _, code in results] == [0, 0], results
+    upgraded = [err for _, err, _ in results if "brought it to format" in err]
+    assert len(upgraded) == 1, results
 
 
 def test_a_read_only_format_3_cache_says_where_it_can_be_brought_up(cache_dir, tmp_path):
