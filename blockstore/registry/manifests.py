@@ -229,7 +229,8 @@ def _from_index(
     names += [str(p) for p in offered]
     chosen = wanted.choose(offered)
     candidates = [(runnable[chosen], offered[chosen])] if chosen is not None else []
-    candidates += [(e, None) for e in entries if "platform" not in e and _may_be_image(e)]
+    # ``"platform": null`` is read as none given, as ``push`` reads it.
+    candidates += [(e, None) for e in entries if e.get("platform") is None and _may_be_image(e)]
     accepted: tuple[str, dict, Platform] | None = None  # the first match, not exact
     for entry, platform in candidates:
         if entry["digest"] in manifests:

@@ -363,7 +363,7 @@ def _other_platforms(
     unnamed = [
         f"{str(entry.get('digest'))[:19]}… (listed without a platform)"
         for entry in entries
-        if "platform" not in entry
+        if entry.get("platform") is None
         and not _attests(entry, listed)
         and not _same_platform(entry, target, client, repository, tag)
     ]
@@ -395,8 +395,8 @@ def _same_platform(
 ) -> bool:
     """Whether ``entry`` is of ``target``: by its platform, or, listed without one (the
     field is optional), by its image config's, as resolving judges it."""
-    if "platform" in entry:
-        offered = Platform.from_descriptor(entry.get("platform") or {})
+    if entry.get("platform") is not None:  # ``null`` is no platform given, as resolving reads it
+        offered = Platform.from_descriptor(entry["platform"])
     elif entry.get("mediaType") in MANIFEST_TYPES and "artifactType" not in entry:
         raw, _ = fetch_manifest(client, repository, entry["digest"])
         try:

@@ -775,14 +775,16 @@ def test_a_registry_answering_only_429_or_5xx_exits_as_unreachable(
     assert pushed.returncode == 5 and f"HTTP {status}" in pushed.stderr, pushed.stderr
 
 
+@pytest.mark.parametrize("given", ["left out", "null"])
 def test_a_plain_push_over_an_index_listing_a_manifest_without_a_platform_is_refused(
-    registry, erofs_images
+    registry, erofs_images, given
 ):
     """Tried: a tag holding an index whose one entry gives no platform (the image spec
     makes it optional) and whose manifest is an artifact, not an image of a platform;
     then a plain ``push --platform linux/amd64`` there. Must hold: refused (exit 2) in one
-    line naming the entry's digest and the ways on, and the index stays. Before, only
-    entries with a platform counted: the index, and its entry, were silently replaced."""
+    line naming the entry's digest and the ways on, and the index stays; a platform
+    given as ``null`` is none given. Before, only entries with a platform counted (and
+    ``null`` was neither): the index, and its entry, were silently replaced."""
     import requests
 
     artifact = {
@@ -796,7 +798,7 @@ def test_a_plain_push_over_an_index_listing_a_manifest_without_a_platform_is_ref
         },
         "layers": [],
     }
-    base = f"http://{registry.host}/v2/cli/unnamed"
+    base = f"http://{registry.host}/v2/cli/unnamed-{given.replace(' ', '-')}"
     put = requests.post(f"{base}/blobs/uploads/", timeout=10)  # the empty config, {}
     assert put.status_code in (201, 202), put.text
     upload = requests.put(
@@ -816,6 +818,8 @@ def test_a_plain_push_over_an_index_listing_a_manifest_without_a_platform_is_ref
     assert stored.status_code == 201, stored.text
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
     entry = {"mediaType": artifact["mediaType"], "digest": digest, "size": len(raw)}
+    if given == "null":
+        entry["platform"] = None
     index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json"}
     index["manifests"] = [entry]
     stored = requests.put(
@@ -825,7 +829,7 @@ def test_a_plain_push_over_an_index_listing_a_manifest_without_a_platform_is_ref
         timeout=10,
     )
     assert stored.status_code == 201, stored.text
-    image = f"{registry.host}/cli/unnamed:v1"
+    image = f"{registry.host}/cli/unnamed-{given.replace(' ', '-')}:v1"
     small = erofs_images.small.path
     refused = blockstore("push", str(small), image, "--insecure", "--platform", "linux/amd64")
     assert refused.returncode == 2 and refused.stdout == "", refused.stderr
