@@ -31,7 +31,8 @@ class PieceSource:
 
     ``fail_next``: that many next requests raise ``BlobReadError`` (after
     ``fail_after`` bytes of their body); ``fault="short"`` sends one byte
-    too few.
+    too few. Cleared, ``answering`` holds every request before its first byte
+    until it is set again: what a caller does meanwhile cannot be the fetch's doing.
     """
 
     def __init__(
@@ -49,6 +50,8 @@ class PieceSource:
         self.piece = piece
         self.piece_delay = piece_delay
         self.fault: str | None = None
+        self.answering = threading.Event()
+        self.answering.set()
         self.fail_next = 0
         self.fail_after = 0
         self.failed = 0
@@ -126,6 +129,7 @@ class PieceSource:
                     self._blocks_active[b] -= 1
 
         try:
+            self.answering.wait()
             if self.first_byte:
                 time.sleep(self.first_byte)
             end = offset + length - (1 if self.fault == "short" else 0)
