@@ -26,7 +26,8 @@ class ScriptedSource:
     ``fault``: None (healthy), "fail" (raise an EIO error), "unreachable"
     (raise an error that is no OSError), "short" (one byte too few),
     "corrupt" (one byte flipped). Records every request and the most
-    requests that were ever in flight at once for any one chunk.
+    requests that were ever in flight at once for any one chunk. Cleared,
+    ``answering`` holds every request unanswered until it is set again.
     """
 
     def __init__(self, data: bytes, digest: str, *, delay: float = 0.0, chunk_size: int = 32768):
@@ -34,6 +35,8 @@ class ScriptedSource:
         self._digest = digest
         self.delay = delay
         self.fault: str | None = None
+        self.answering = threading.Event()
+        self.answering.set()
         self.requests: list[tuple[int, int]] = []
         self._chunk_size = chunk_size
         self._lock = threading.Lock()
@@ -62,6 +65,7 @@ class ScriptedSource:
                     self.max_same_chunk_in_flight, self._in_flight[c]
                 )
         try:
+            self.answering.wait()
             if self.delay:
                 time.sleep(self.delay)
             fault = self.fault
