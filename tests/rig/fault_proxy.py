@@ -113,6 +113,9 @@ class RecordedRequest:
     method: str
     path: str
     headers: dict[str, str]
+    arrived: float = field(default_factory=time.monotonic)
+    """When the proxy read it, before any fault's pause: which requests went out
+    together, whatever the time each took."""
 
 
 class FaultProxy:
