@@ -16,6 +16,7 @@ import urllib.request
 
 import nbd
 import pytest
+from rig.waiting import wait_for
 
 from blockstore import metrics
 from blockstore.cache.layout import CHUNK_SIZE
@@ -89,20 +90,25 @@ def test_idle_metrics_connections_are_bounded_and_closed(monkeypatch):
     """Forty connections to the metrics port that send nothing: at most ``CONNECTIONS``
     are held (a thread each), the rest closed at once, and each held one is closed once
     idle for ``IDLE_TIMEOUT``; a scrape then answers. Before, every idle connection
-    held a thread and a descriptor for good: 1,100 of them, 1,100 threads."""
-    monkeypatch.setattr(metrics, "IDLE_TIMEOUT", 0.5)
-    monkeypatch.setattr(metrics._QuietHandler, "timeout", 0.5)
+    held a thread and a descriptor for good: 1,100 of them, 1,100 threads. Each
+    connection is made once the server has taken the one before (its listen queue is
+    short), and the threads are counted as they handle, not sampled after a pause a
+    loaded machine stretches: idle for 2 s, all forty would be held at once without
+    the bound."""
+    monkeypatch.setattr(metrics, "IDLE_TIMEOUT", 2.0)
+    monkeypatch.setattr(metrics._QuietHandler, "timeout", 2.0)
+    handling = _count_handling_threads(monkeypatch)
     server = metrics.MetricsServer("127.0.0.1", 0, lambda: {}, lambda: 0)
     host, port = server.address
-    idle = [socket.create_connection((host, port)) for _ in range(40)]
+    idle = []
     try:
-        time.sleep(0.2)
-        # Its own threads, by their target: other tests' threads may still be ending.
-        held = [t for t in threading.enumerate() if t.name.endswith("(process_request_thread)")]
-        assert 0 < len(held) <= metrics.CONNECTIONS
+        for made in range(1, 41):
+            idle.append(socket.create_connection((host, port)))
+            assert wait_for(lambda made=made: handling.taken == made)
         for conn in idle:
             conn.settimeout(5)
             assert conn.recv(1) == b""  # closed by the server: at once, or once idle
+        assert 0 < handling.most <= metrics.CONNECTIONS
         assert (
             "blockstore_fetch_seconds"
             in urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
@@ -111,6 +117,43 @@ def test_idle_metrics_connections_are_bounded_and_closed(monkeypatch):
         for conn in idle:
             conn.close()
         server.stop()
+
+
+class _Handling:
+    """How many connections the metrics server has taken (answered or closed at once),
+    how many its threads handle now, and the most they ever did."""
+
+    def __init__(self) -> None:
+        self.taken = self.now = self.most = 0
+        self.lock = threading.Lock()
+
+
+def _count_handling_threads(monkeypatch) -> _Handling:
+    """Count each connection the server takes, and each while a thread handles it:
+    inside the place it holds (taken before the thread starts, given back after this
+    returns)."""
+    handling = _Handling()
+    take = metrics._BoundedServer.process_request
+    handle = metrics.ThreadingWSGIServer.process_request_thread
+
+    def noted(server, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        take(server, request, client_address)
+        with handling.lock:
+            handling.taken += 1
+
+    def counted(server, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        with handling.lock:
+            handling.now += 1
+            handling.most = max(handling.most, handling.now)
+        try:
+            handle(server, request, client_address)
+        finally:
+            with handling.lock:
+                handling.now -= 1
+
+    monkeypatch.setattr(metrics._BoundedServer, "process_request", noted)
+    monkeypatch.setattr(metrics.ThreadingWSGIServer, "process_request_thread", counted)
+    return handling
 
 
 def test_a_metrics_connection_that_trickles_is_closed_at_its_lifetime(monkeypatch):
