@@ -16,6 +16,7 @@ import pytest
 from cache_rig import REPO, WORKER, run_cli
 from cache_sources import make_blob
 from rig.local_source import LocalFileSource
+from rig.waiting import wait_for
 from rig.write_lock import stopped_writer
 
 from blockstore.cache import CHUNK_SIZE, CachedBlob, ChunkStore
@@ -186,9 +187,9 @@ def test_a_stopped_process_holding_the_write_lock_costs_caching_not_reads(
             got = b"".join(bytes(b) for b in blob.read(offset, 1 << 20))
             assert got == data[offset : offset + (1 << 20)]
         assert time.monotonic() - started < 20
-        time.sleep(6)  # past the lock's warning
-        assert "the cache has taken no write" in caplog.text
-        assert "so far for the write lock of the cache" in caplog.text
+        # The lock's wait is said once past its warning's time, at the watch's next look.
+        said = ("the cache has taken no write", "so far for the write lock of the cache")
+        assert wait_for(lambda: all(line in caplog.text for line in said), 30), caplog.text
     assert b"".join(bytes(b) for b in blob.read(12 << 20, 1 << 20)) == data[12 << 20 : 13 << 20]
     blob.close()
     store.close()
