@@ -105,7 +105,9 @@ def test_umount_names_a_previous_release_mount_running_inside(
     cache = ["--cache-dir", str(base / "cache"), "--insecure"]
     assert blockstore_cli("mount", pushed_images.small, str(outer), *cache).returncode == 0
     monkeypatch.setenv("PYTHONPATH", str(base / "old"))
-    done = blockstore_cli("mount", pushed_images.small, str(inner), *cache, cwd=outer)
+    # A cache of its own: the previous release refuses this version's, a newer format.
+    old_cache = ["--cache-dir", str(base / "old-cache"), "--insecure"]
+    done = blockstore_cli("mount", pushed_images.small, str(inner), *old_cache, cwd=outer)
     assert done.returncode == 0, done.stderr
     monkeypatch.delenv("PYTHONPATH")
     refused = blockstore_cli("umount", str(outer))
