@@ -85,7 +85,9 @@ class SpanBytes:
         # Ranges ever fetched ahead: a span is inflated once, even if a chunk it shares
         # with the next span is not in the cache yet.
         self._asked: set[tuple[int, int]] = set()
-        self._read_by_readers: list[int] = []  # the middles of ranges readers fetched themselves
+        # The middles of ranges readers fetched themselves: a set, as a span evicted is
+        # read again, and a server reads it again and again over its days.
+        self._read_by_readers: set[int] = set()
         self._lock = threading.Lock()
         self._closed = False
 
@@ -125,7 +127,7 @@ class SpanBytes:
         if got is not None:
             return b"".join(got)
         with self._lock:
-            self._read_by_readers.append(offset + length // 2)
+            self._read_by_readers.add(offset + length // 2)
         return self._fetch(offset, length)
 
     def _fetch(self, offset: int, length: int) -> bytes:

@@ -9,6 +9,7 @@ import os
 import random
 import threading
 import time
+import tracemalloc
 
 import pytest
 from rig.local_source import LocalFileSource
@@ -466,6 +467,40 @@ def test_a_range_too_large_to_hold_is_never_fetched_ahead(layer, monkeypatch):
         assert source.asked == (1 << 20) + 4096
     finally:
         ahead.close()
+
+
+def test_a_span_read_again_and_again_keeps_no_more_memory(layer):
+    """Tried: readers read one span's compressed bytes 20000 times, as a server running for
+    days reads a span of a layer larger than its cache each time its chunks were evicted.
+    Must hold: what ``SpanBytes`` keeps of those reads stays under 16 KiB, and a range
+    readers fetched themselves is still never fetched ahead. Before, each read kept one
+    more entry for good (some 40 bytes a read: 800 KiB here), and every later ``ahead``
+    looked through them all under the lock."""
+    path, _, blob = layer
+    source = CountingSource(path, sha(blob))
+    span_bytes = SpanBytes(source, lambda offset, length: None, lambda nbytes: None)
+    try:
+        tracemalloc.start()
+        try:
+            before = _allocated_in(pump.__file__)
+            for _ in range(20000):
+                span_bytes.read(SPAN, SPAN)
+            kept = _allocated_in(pump.__file__) - before
+        finally:
+            tracemalloc.stop()
+        assert kept < 16 << 10, f"{kept} bytes kept for 20000 reads of one span"
+        asked = source.asked
+        span_bytes.ahead(SPAN, SPAN)
+        time.sleep(0.2)
+        assert source.asked == asked, "a range readers fetched was fetched ahead"
+    finally:
+        span_bytes.close()
+
+
+def _allocated_in(filename: str) -> int:
+    """Bytes allocated by code in ``filename`` and still held (tracemalloc running)."""
+    snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, filename)])
+    return sum(stat.size for stat in snapshot.statistics("filename"))
 
 
 def test_no_page_in_reaches_the_uncompressed_tar(tmp_path, layer):
