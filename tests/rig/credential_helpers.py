@@ -35,15 +35,18 @@ class PassKeyring:
         self._run("gpgconf", "--kill", "gpg-agent")
 
     def _run(self, *command: str, stdin: str = "") -> None:
-        subprocess.run(
+        done = subprocess.run(
             command,
             input=stdin,
             env={**os.environ, **self.env},
-            check=True,
             capture_output=True,
             text=True,
             timeout=60,
         )
+        if done.returncode != 0:  # what gpg or pass said, which the exit status does not
+            raise RuntimeError(
+                f"{' '.join(command)} failed (exit {done.returncode}): {done.stderr.strip()}"
+            )
 
 
 def why_pass_cannot_run() -> str | None:
