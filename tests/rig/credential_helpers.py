@@ -7,23 +7,32 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 KEY_USER = "blockstore-test@example.invalid"
 
 
 class PassKeyring:
-    """A ``pass`` store with its own GnuPG key (no passphrase) under ``root``, for the
-    real ``docker-credential-pass`` to keep logins in; ``env`` finds it."""
+    """A ``pass`` store under ``root`` with its own GnuPG key (no passphrase), for the
+    real ``docker-credential-pass`` to keep logins in; ``env`` finds it.
+
+    The GnuPG home is a short directory of its own under the system's temporary
+    directory: gpg-agent puts its sockets there, and under a test's ``tmp_path`` their
+    paths passed the 107 bytes a Unix socket's may have once pytest's run numbers
+    reached four digits, and the agent did not start."""
 
     def __init__(self, root: Path):
         self.env = {
-            "GNUPGHOME": str(root / "gnupg"),
+            "GNUPGHOME": tempfile.mkdtemp(prefix="gpg-"),  # made 0700
             "PASSWORD_STORE_DIR": str(root / "store"),
         }
-        Path(self.env["GNUPGHOME"]).mkdir(mode=0o700, parents=True)
-        self._run("gpg", "--batch", "--passphrase", "", "--quick-gen-key", KEY_USER)
-        self._run("pass", "init", KEY_USER)
+        try:
+            self._run("gpg", "--batch", "--passphrase", "", "--quick-gen-key", KEY_USER)
+            self._run("pass", "init", KEY_USER)
+        except BaseException:
+            self.close()
+            raise
 
     def store(self, server_url: str, username: str, secret: str) -> None:
         """Keep a login as ``docker login`` has the helper keep it."""
@@ -31,8 +40,12 @@ class PassKeyring:
         self._run("docker-credential-pass", "store", stdin=json.dumps(login))
 
     def close(self) -> None:
-        """Stop the gpg-agent the key and the helper started for this keyring."""
-        self._run("gpgconf", "--kill", "gpg-agent")
+        """Stop the gpg-agent the key and the helper started for this keyring, and
+        remove its GnuPG home."""
+        try:
+            self._run("gpgconf", "--kill", "gpg-agent")
+        finally:
+            shutil.rmtree(self.env["GNUPGHOME"], ignore_errors=True)
 
     def _run(self, *command: str, stdin: str = "") -> None:
         done = subprocess.run(
