@@ -117,6 +117,9 @@ def _reserve_lock_file(path: Path) -> None:
 
 
 _write_lock_watch = WriteLockWatch()
+UPGRADE_WAIT = 2.0
+"""Seconds an upgrade in place waits for other processes to let go of the cache before
+it is refused as open in an older version's (``CacheEnv._lock_file_users``)."""
 
 
 def format_refusal(path: Path, version: int, chunk_size: int) -> OtherFormat | None:
@@ -438,7 +441,7 @@ class CacheEnv:
         databases it lacked; not under another process, an older version's while the
         format is older (this version's bring it up before they use it), which would
         go on beside records it does not know."""
-        users = processes_with_open([str(self.path / LMDB_LOCK_FILE)])
+        users = self._lock_file_users()
         if users:
             raise CacheError(
                 f"the cache at {self.path} has format {version}, an older version's, which "
@@ -448,6 +451,18 @@ class CacheEnv:
             )
         mark_images_pinned_whole(txn, dbs)
         txn.put(b"format", U64.pack(FORMAT_VERSION), db=dbs[DB_META])
+
+    def _lock_file_users(self) -> list[str]:
+        """The other processes with LMDB's lock file open, waited for ``UPGRADE_WAIT``
+        seconds at most to go: one dying as it held the write lock passes the lock on
+        before its files are closed, and one of them seen then is no older version's
+        server using the cache."""
+        deadline = time.monotonic() + UPGRADE_WAIT
+        while (users := processes_with_open([str(self.path / LMDB_LOCK_FILE)])) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+        return users
 
     def _discard(
         self, why: str, label: str = "damaged", judged: tuple[int, int] | None = None
