@@ -500,8 +500,9 @@ def test_a_server_whose_cache_disk_went_read_only_says_its_counters_are_unsaved_
             time.sleep(5)
             client.shutdown()
             assert stop(proc) == 0
-            said = proc.stderr.read().count("cache counters not saved")
-    assert said == 1, said
+            text = proc.stderr.read()
+            said = text.count("cache counters not saved")
+    assert said == 1, (said, text)
 
 
 def test_a_read_only_cache_whose_data_file_is_empty_is_said_to_be_empty(tmp_path):
