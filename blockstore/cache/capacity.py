@@ -25,7 +25,7 @@ from . import holds
 from .env import CacheEnv
 from .errors import DiskFull
 from .evict import LOW_WATER, WORKING_SET, Evicted, evict
-from .layout import CHUNK_SIZE, DB_COUNTERS, DB_LRU, DB_META, U64, meta_int
+from .layout import CHUNK_SIZE, DB_COUNTERS, DB_LRU, DB_META, U64, chunk_count, meta_int
 
 log = logging.getLogger(__name__)
 _full_disk = ThrottledLog(
@@ -72,7 +72,7 @@ class Capacity:
         except DiskFull:
             stored = self._stored_bytes()
         targets = [int(stored * keep) for keep in FULL_DISK_KEEP]
-        first = min(targets[0], stored - -(-adding // CHUNK_SIZE) * STORED_CHUNK)
+        first = min(targets[0], stored - chunk_count(adding) * STORED_CHUNK)
         first = max(first, targets[-1])
         *steps, last = [first] + [target for target in targets[1:] if target < first]
         for target in steps:
