@@ -58,6 +58,7 @@ from .errors import (
     DiskFull,
     OtherFormat,
     ReadOnlyCache,
+    handle_given_up,
     open_failure,
     reason,
 )
@@ -93,6 +94,10 @@ DISK_FULL_SLACK = 1 << 20
 # they run out anyway, a reader waits up to READER_WAIT for a slot.
 MAX_READERS = 8192
 READER_WAIT = 5.0
+# Why a handle is stale (``CacheEnv._stale``) other than damage: this process is a
+# fork's child, or a failed write left the handle unfit (``handle_given_up``).
+FORKED = "fork"
+REOPEN = "reopen"
 
 
 def _reserve_lock_file(path: Path) -> None:
@@ -491,18 +496,25 @@ class CacheEnv:
             self._renew()
 
     def _renew(self) -> None:
-        """Replace a handle marked stale: after damage, with an empty cache; in a fork's
+        """Replace a handle marked stale: after damage, with an empty cache; after a
+        failed write, with a new handle on the same file (``_reopen``); in a fork's
         child, with the child's own handle on the same file."""
         with self._gate.exclusive():
             why = self._stale
             if why is None:
                 return  # another thread renewed it
-            if why != "fork":
+            if why == REOPEN:
+                self._reopen()
+                return
+            if why != FORKED:
                 self._close_env()
                 try:
                     aside = self._discard(why)
                 except CacheError as exc:
-                    self._lost_because(exc)
+                    self._go_on_without(
+                        f"the cache at {self.path} is damaged: {exc}",
+                        "it is damaged and cannot be moved aside",
+                    )
                     return
                 log.warning(
                     "the cache at %s is damaged (%s): moved it to %s, going on with an empty cache",
@@ -517,14 +529,41 @@ class CacheEnv:
                 self._open[self._key] = self
             self._stale = None
 
-    def _lost_because(self, exc: CacheError) -> None:
-        """Go on without a damaged cache that cannot be moved aside (a mount point, or a
-        directory in one this user cannot write): closed, it is taken for empty and
-        read-only, so reads come from the source and nothing is kept, rather than every
-        read failing on it."""
-        self.lost = f"the cache at {self.path} is damaged: {exc}"
+    def _reopen(self) -> None:
+        """Open the file again after a write failed and left this handle unfit, judging
+        anew whether this process may write it. The file holds the last commit, so what
+        it holds is served on; on a disk that turned read-only it is read read-only from
+        then on, as one found on a read-only file system at the start, said once."""
+        self._stale = None
+        self._close_env()
+        self.read_only_because = cannot_write(self.path)
+        self.read_only = self.read_only_because is not None
+        try:
+            self._open_env()
+        except CacheError as exc:
+            self._go_on_without(
+                f"the cache at {self.path} could not be opened again after a failed write: {exc}",
+                "it could not be opened again",
+            )
+            return
+        log.warning(
+            "a write to the cache at %s failed and left this process's handle on it "
+            "unusable: opened it again%s",
+            self.path,
+            f", read-only ({self.read_only_because}): until restarted, this process "
+            "serves what it holds and keeps nothing new"
+            if self.read_only
+            else "",
+        )
+
+    def _go_on_without(self, lost: str, read_only_because: str) -> None:
+        """Go on without a cache that cannot be used (damaged and not movable aside: a
+        mount point, or a directory in one this user cannot write; or not reopened):
+        closed, it is taken for empty and read-only, so reads come from the source and
+        nothing is kept, rather than every read failing on it."""
+        self.lost = lost
         self.read_only = True
-        self.read_only_because = "it is damaged and cannot be moved aside"
+        self.read_only_because = read_only_because
         self._stale = None
         if not self.goes_on:
             return
@@ -547,7 +586,12 @@ class CacheEnv:
             self._in_use = None
 
     def damaged(self, exc: Exception) -> CacheError:
-        """The error to raise for ``exc``; damage also marks the environment for renewal."""
+        """The error to raise for ``exc``; damage, or a handle a failed write left unfit,
+        also marks the environment for renewal."""
+        if handle_given_up(exc):
+            if self._stale is None:
+                self._stale = REOPEN
+            return CacheError(f"cache write failed: {reason(exc)}; opening the cache again")
         if isinstance(exc, DAMAGE_ERRORS + RECORD_ERRORS):
             if self._stale is None and not self.read_only:  # nothing to move aside then
                 self._stale = f"{type(exc).__name__}: {exc}"
@@ -567,7 +611,7 @@ class CacheEnv:
         self._let_go()  # the parent's claim: the child's descriptor of it, not the lock
         self._gate = Gate()
         self._write_lock = threading.Lock()
-        self._stale = "fork" if self.lost is None else None  # a lost cache stays closed
+        self._stale = FORKED if self.lost is None else None  # a lost cache stays closed
 
     def close(self) -> None:
         with self._open_lock:
@@ -648,10 +692,10 @@ class CacheEnv:
         ``CacheDamaged`` or ``CacheError``; the cache is left as of the last
         commit.
         """
-        if self.read_only:
-            raise ReadOnlyCache.at(self.path, self.read_only_because)
         if self._stale is not None:
             self._renew()
+        if self.read_only:
+            raise ReadOnlyCache.at(self.path, self.read_only_because)
         with self._write_lock:
             while True:
                 self._gate.acquire_shared()
@@ -710,7 +754,7 @@ class CacheEnv:
         return st.f_bavail * st.f_frsize
 
     def _write_error(self, exc: lmdb.Error) -> CacheError:
-        if isinstance(exc, DAMAGE_ERRORS):
+        if isinstance(exc, DAMAGE_ERRORS) or handle_given_up(exc):
             return self.damaged(exc)
         if self.free_disk() < DISK_FULL_SLACK:
             return DiskFull(f"the disk holding the cache at {self.path} is full")

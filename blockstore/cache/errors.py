@@ -33,11 +33,22 @@ DAMAGE_ERRORS = (
     lmdb.PageNotFoundError,
     lmdb.BadValsizeError,
     lmdb.InvalidError,
-    lmdb.PanicError,
     lmdb.VersionMismatchError,
     lmdb.IncompatibleError,
     lmdb.BadTxnError,
 )
+
+
+def handle_given_up(exc: BaseException) -> bool:
+    """Whether a write failed in a way that leaves the file as of its last commit but
+    this process's handle unfit to go on: LMDB's ``MDB_PANIC`` once a write of its meta
+    page failed (every transaction of the handle fails after it), or a file system that
+    turned read-only under it (ext4's ``errors=remount-ro`` on a failing disk). The file
+    is not damaged: it is opened again, never moved aside."""
+    return isinstance(exc, lmdb.PanicError) or (
+        isinstance(exc, lmdb.Error) and getattr(exc, "code", None) == errno.EROFS
+    )
+
 
 # What decoding a stored record raises when its bytes are not what was stored.
 RECORD_ERRORS = (struct.error, UnicodeDecodeError)

@@ -1306,3 +1306,36 @@ def test_a_link_planted_at_the_name_a_damaged_cache_goes_to_is_not_in_the_way(ca
     assert moved.is_dir() and (moved / "data.mdb").is_file()
     assert not target.exists()
     assert all(link.is_symlink() for link in links)
+
+
+def test_a_handle_lmdb_gave_up_after_a_failed_write_is_opened_again_never_moved_aside(
+    cache_dir, caplog
+):
+    """Tried: LMDB's ``MDB_PANIC`` (``lmdb.PanicError``) from a transaction of a filled
+    cache, as LMDB gives every transaction of a handle once a write of its meta page
+    failed (a disk erring as a commit ended), while the file holds the last commit.
+    Must hold: it is not taken for damage: the cache stays where it is, this process
+    opens it again (saying so once) and reads every chunk it held from it, and writes
+    go on. Before, the panic was counted as damage: the next use moved the whole cache
+    aside and started an empty one (on a disk gone read-only the move failed, and the
+    process went on without its cache, offline failing every read)."""
+    data, digest = make_blob(8 * CHUNK_SIZE, seed=71)
+    fill(cache_dir, [(data, digest)])
+    with ChunkStore(cache_dir) as store:
+        given_up = lmdb.PanicError(
+            "mdb_txn_begin: MDB_PANIC: Update of meta page failed or environment had "
+            "fatal error"
+        )
+        error = store.env.damaged(given_up)
+        assert not isinstance(error, CacheDamaged), error
+        blob = CachedBlob(store, digest, len(data), None)
+        assert b"".join(blob.read(0, len(data))) == data
+        blob.close()
+        other, other_digest = make_blob(2 * CHUNK_SIZE, seed=72)
+        kept = CachedBlob(store, other_digest, len(other), ScriptedSource(other, other_digest))
+        kept.prefetch()
+        kept.close()
+        assert store.lookup(other_digest) is not None
+    assert aside(cache_dir, "damaged") == []
+    said = [r.getMessage() for r in caplog.records if "opened it again" in r.getMessage()]
+    assert len(said) == 1 and "read-only" not in said[0], said
