@@ -228,12 +228,21 @@ class DiffIdMismatch(IntegrityError):
     layer's bytes (which may have checked out against the blob digest)."""
 
 
-def check_diff_id(tar_digest: str, diff_id: str | None) -> None:
+def check_diff_id(tar_digest: str, diff_id: str | None, blob_digest: str | None = None) -> None:
     """The tar a layer is read from (an uncompressed layer's is the blob itself) must
     be the one the image config names (``diff_id``; None: the config names none):
-    a config that says otherwise describes another layer."""
-    if diff_id is not None and diff_id != tar_digest:
-        raise DiffIdMismatch(f"the tar's diff_id is {tar_digest}, expected {diff_id}: not indexed")
+    a config that says otherwise describes another layer. One naming the compressed
+    blob itself is a pusher's known mistake, said as such."""
+    if diff_id is None or diff_id == tar_digest:
+        return
+    said = f"the tar's diff_id is {tar_digest}, expected {diff_id}: not indexed"
+    if diff_id == blob_digest:
+        said += (
+            "; the image config gives the compressed blob's own digest where the "
+            "uncompressed tar's belongs (rootfs.diff_ids): the tool that pushed the image "
+            "wrote its config wrong, so push it again with one that writes the tar's digest"
+        )
+    raise DiffIdMismatch(said)
 
 
 def index_plain_tar(read_range: ReadRange, size: int, blob_digest: str) -> TarIndex:
@@ -302,7 +311,7 @@ def index_compressed_tar(
         points = tuple(indexer.points)
     _check("the blob's digest", blob_digest, "sha256:" + indexer.blob_sha256.hexdigest())
     tar_digest = "sha256:" + indexer.tar_sha256.hexdigest()
-    check_diff_id(tar_digest, diff_id)
+    check_diff_id(tar_digest, diff_id, blob_digest)
     spans = SpanIndex(
         kind,
         span,

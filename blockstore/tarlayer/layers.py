@@ -472,7 +472,7 @@ def _find_index(
             functools.partial(_build_once_more_if_unproven, build, store, blob.digest, online),
             # This image's config must name the kept index's tar, as it must for one
             # built now: another image of the same blob may have left it.
-            lambda kept: check_diff_id(kept.tar_digest, diff_id()),
+            lambda kept: check_diff_id(kept.tar_digest, diff_id(), blob.digest),
             # A read-only cache keeps no index, and gets no lock file.
             contextlib.nullcontext
             if store.read_only

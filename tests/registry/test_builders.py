@@ -445,3 +445,34 @@ def test_a_config_nested_too_deeply_is_refused_in_one_line(registry, tmp_path: P
         assert done.returncode == code, done.stderr
         (line,) = done.stderr.splitlines()
         assert f"config {digest_of(config)} is nested too deeply" in line, line
+
+
+SERVE = (sys.executable, "-m", "blockstore", "serve")
+
+
+def test_a_config_naming_each_compressed_blob_as_its_diff_id_says_the_pusher_erred(
+    registry, tmp_path: Path
+):
+    """Tried: a two-layer gzip image whose config gives each compressed blob's own digest
+    as its diff_id (a mistake of pushers that hash what they upload), served. Must hold:
+    `serve` exits 6 in one line that names the layer, says the config gives the
+    compressed blob's digest where the uncompressed tar's belongs, and says to push the
+    image again; nothing is served. Before, the line gave the two digests and "not
+    indexed" alone."""
+    blobs = [
+        digest_of(gzip.compress(one_file_tar(f"f{i}.txt", f"layer {i}\n".encode()), mtime=0))
+        for i in range(2)
+    ]
+    ref, _ = push_two_gzip_layers(registry, "builders/blob-digest-diff-ids", lambda _: blobs)
+    cache = str(tmp_path / "cache")
+    served = subprocess.run(
+        [*SERVE, ref, "--insecure", "--cache-dir", cache, "--listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert served.returncode == 6, served.stderr
+    [line] = [line for line in served.stderr.splitlines() if "diff_id" in line]
+    assert f"layer 0 ({blobs[0]}, gzip)" in line, line
+    assert "gives the compressed blob's own digest where the uncompressed tar's belongs" in line
+    assert "push it again" in line, line
