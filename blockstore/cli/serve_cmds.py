@@ -44,6 +44,7 @@ from blockstore.cli.common import (
 )
 from blockstore.cli.tls_options import add_tls_options, exposure_warnings, server_tls_from
 from blockstore.errors import BlockstoreError
+from blockstore.heap import give_back_freed_memory
 from blockstore.metrics import MetricsServer
 from blockstore.wholefile import read_plain_file
 from nbdfront.mount.readiness import ReadinessPipe
@@ -168,6 +169,7 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
         blobs = image.exports(args.layer, args.blob)
         server.offer({blob.name: blob for blob in blobs}, blobs[-1].name)
         server.start()
+        give_back_freed_memory()
         names = [blob.name for blob in blobs]
         reference = image.resolved.reference
         address = server.tcp_address
