@@ -17,8 +17,8 @@ import os
 import secrets
 import struct
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from blockstore.errors import CacheError
@@ -159,11 +159,16 @@ def _free_pages(data: Path, psize: int, size: int, root: int) -> set[int] | None
 
 
 @contextmanager
-def directory_lock(directory: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``directory`` itself (no file left behind)."""
+def directory_lock(
+    directory: Path, waiting: Callable[[], AbstractContextManager[object]] = nullcontext
+) -> Iterator[None]:
+    """An exclusive ``flock`` on ``directory`` itself (no file left behind). The wait
+    for it runs inside ``waiting()``, which may time it: a process stopped while it
+    holds the lock holds it until it goes on."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        with waiting():
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # drops the lock

@@ -338,7 +338,7 @@ class CacheEnv:
                 self._open_lmdb(path)
             else:
                 (path / COMPACT_COPY).unlink(missing_ok=True)
-                with directory_lock(path):
+                with directory_lock(path, lambda: _write_lock_watch.waiting(path)):
                     self._open_lmdb(path)
         except BaseException:
             os.close(in_use)

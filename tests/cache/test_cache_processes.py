@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -217,3 +218,48 @@ def test_a_slow_store_is_waited_for_not_taken_for_a_stuck_one(monkeypatch):
         kept.put(index, bytes(CHUNK_SIZE))
     assert kept.drain(10)
     assert dropped == [] and sorted(stored) == list(range(65))
+
+
+_HOLD_DIRECTORY = """
+import fcntl, os, signal, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("holding", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def test_an_open_waiting_on_a_stopped_opener_says_so_then_goes_on(cache_dir):
+    """Tried: a process stopped (as by Ctrl-Z) while it holds the cache directory's lock,
+    which writable opens take in turn, then `cache gc` run. Must hold: within seconds gc
+    says it is waiting for the cache's write lock and that a stopped process holds it
+    until it goes on; once that process ends, gc finishes (exit 0) and says it got the
+    lock. Before, gc waited without a word for as long as the process stayed stopped."""
+    ChunkStore(cache_dir).close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_DIRECTORY, str(cache_dir)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        gc = subprocess.Popen(
+            [sys.executable, "-m", "blockstore", "cache", "gc", "--cache-dir", str(cache_dir)],
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # The watch looks once a second, from 5 s on; if it never speaks, the holder's
+        # end after 20 s lets gc go on, and its first line (or none) is not the wait's.
+        give_up = threading.Timer(20, holder.kill)
+        give_up.start()
+        first = gc.stderr.readline()
+        give_up.cancel()
+        assert "so far for the write lock of the cache at" in first, first
+        assert "one stopped, as by Ctrl-Z, holds it until it goes on" in first, first
+        assert gc.poll() is None
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.kill()
+        holder.wait()
+    rest = gc.communicate(timeout=30)[1]
+    assert gc.returncode == 0, rest
+    assert "got the write lock of the cache" in rest, rest
