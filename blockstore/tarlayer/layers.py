@@ -541,7 +541,11 @@ def _build_index(
         return index_plain_tar(_walked(blob), blob.size, blob.digest)
     log.info("%s: reading the %s layer once to index it", blob.digest, kind)
     tar_digest = diff_id()
-    keeper = _pass_fill(store, kind, tar_digest, read, blob.size)
+    # The tar is kept under its diff_id, which must not be the blob's own digest: a
+    # config naming the compressed blob there (a pusher's mistake, refused once the
+    # pass knows the tar's digest) would have the tar stored over the blob's record.
+    kept_as = tar_digest if tar_digest != blob.digest else None
+    keeper = _pass_fill(store, kind, kept_as, read, blob.size)
     built = None
     try:
         built = index_compressed_tar(

@@ -457,8 +457,11 @@ def test_a_config_naming_each_compressed_blob_as_its_diff_id_says_the_pusher_err
     as its diff_id (a mistake of pushers that hash what they upload), served. Must hold:
     `serve` exits 6 in one line that names the layer, says the config gives the
     compressed blob's digest where the uncompressed tar's belongs, and says to push the
-    image again; nothing is served. Before, the line gave the two digests and "not
-    indexed" alone."""
+    image again; nothing is served; the layer's blob, read whole to index it, stays
+    cached. Before, the line gave the two digests and "not indexed" alone, and the
+    indexing pass stored the tar under the diff_id it was given, the blob's own:
+    over the blob's record, which went (its seal, racing, said it "changed while it was
+    hashed")."""
     blobs = [
         digest_of(gzip.compress(one_file_tar(f"f{i}.txt", f"layer {i}\n".encode()), mtime=0))
         for i in range(2)
@@ -476,3 +479,11 @@ def test_a_config_naming_each_compressed_blob_as_its_diff_id_says_the_pusher_err
     assert f"layer 0 ({blobs[0]}, gzip)" in line, line
     assert "gives the compressed blob's own digest where the uncompressed tar's belongs" in line
     assert "push it again" in line, line
+    assert "not sealed" not in served.stderr, served.stderr
+    listed = subprocess.run(
+        [sys.executable, "-m", "blockstore", "cache", "ls", "--cache-dir", cache],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert blobs[0] in listed.stdout, listed.stdout
