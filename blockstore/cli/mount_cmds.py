@@ -74,8 +74,9 @@ def parse_mount_options(texts: list[str]) -> OciOptions:
 
     ``ro`` is accepted and changes nothing (every mount is read-only); ``suid``,
     ``dev``, ``exec`` and their ``no`` forms are taken as mount(8) takes them, the last one
-    given winning; ``rw`` and anything unknown are refused, so a typo never passes
-    silently.
+    given winning; ``defaults`` (which every fstab line holds) stands for blockstore's
+    own defaults, those flags unset; ``rw`` and anything unknown are refused, so a typo
+    never passes silently.
     """
     # Here and below imported where needed: the registry loads requests, which `mounts` need not.
     from blockstore.registry import normalize_digest
@@ -111,6 +112,9 @@ def parse_mount_options(texts: list[str]) -> OciOptions:
                 parsed.insecure = _flag(key, value if has_value else "1")
             elif key == "ro" and not has_value:
                 continue
+            elif key == "defaults" and not has_value:
+                # blockstore's own: read-only, nosuid, nodev, exec; not mount(8)'s rw, suid, dev.
+                parsed.suid = parsed.dev = parsed.exec = None
             elif key in ("suid", "nosuid", "dev", "nodev", "exec", "noexec") and not has_value:
                 setattr(parsed, key.removeprefix("no"), not key.startswith("no"))
             elif key == "rw" and not has_value:
@@ -701,7 +705,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "oci.username=U, oci.password=P, oci.insecure, oci.tarindex=PATH, oci.zinfo=PATH, ro, "
         "suid and dev (the image's setuid bits and device files honoured; nosuid and nodev, "
         "the default, otherwise), noexec (none of the image's programs run; exec, the "
-        "default, otherwise)",
+        "default, otherwise), defaults (these defaults, not mount(8)'s rw,suid,dev)",
     )
     mount.set_defaults(suid=None, dev=None, exec=None)  # set by -o alone
     add_tls_options(mount, offer_verify_peer=False)

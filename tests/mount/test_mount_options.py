@@ -115,6 +115,18 @@ def test_empty_items_and_ro_are_harmless():
     assert parse_mount_options([",ro,,", ""]) == OciOptions()
 
 
+def test_defaults_stands_for_blockstores_own_not_mount8s():
+    """Tried: ``-o defaults,ro``, as fstab lines are written, and ``defaults`` before and
+    after ``suid``. Must hold: ``defaults`` is taken, as blockstore's own defaults (no
+    setuid bits or device files honoured), never mount(8)'s ``rw,suid,dev``; the last one
+    given wins. Before, ``defaults`` was refused as an unknown option."""
+    assert parse_mount_options(["defaults,ro"]) == OciOptions()
+    assert parse_mount_options(["defaults,suid"]).suid is True
+    assert parse_mount_options(["suid,dev,noexec,defaults"]) == OciOptions()
+    with pytest.raises(UsageError):
+        parse_mount_options(["defaults=1"])
+
+
 def test_insecure_can_be_spelled_as_a_boolean():
     assert parse_mount_options(["oci.insecure=false"]).insecure is False
     assert parse_mount_options(["oci.insecure=1"]).insecure is True
