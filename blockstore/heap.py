@@ -31,9 +31,14 @@ def _malloc_trim() -> ctypes._CFuncPtr | None:
     return trim
 
 
+_started = threading.Lock()
+_trimming: list[threading.Thread] = []
+
+
 def give_back_freed_memory(period: float = PERIOD) -> bool:
     """Trim the heap every ``period`` seconds on a daemon thread, for as long as the
-    process lives. False where the C library cannot trim."""
+    process lives (started once a process, however often asked). False where the C
+    library cannot trim."""
     trim = _malloc_trim()
     if trim is None:
         return False
@@ -43,5 +48,8 @@ def give_back_freed_memory(period: float = PERIOD) -> bool:
             time.sleep(period)
             trim(0)
 
-    threading.Thread(target=run, name="heap-trim", daemon=True).start()
+    with _started:
+        if not _trimming:
+            _trimming.append(threading.Thread(target=run, name="heap-trim", daemon=True))
+            _trimming[0].start()
     return True
