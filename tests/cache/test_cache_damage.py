@@ -1323,8 +1323,7 @@ def test_a_handle_lmdb_gave_up_after_a_failed_write_is_opened_again_never_moved_
     fill(cache_dir, [(data, digest)])
     with ChunkStore(cache_dir) as store:
         given_up = lmdb.PanicError(
-            "mdb_txn_begin: MDB_PANIC: Update of meta page failed or environment had "
-            "fatal error"
+            "mdb_txn_begin: MDB_PANIC: Update of meta page failed or environment had fatal error"
         )
         error = store.env.damaged(given_up)
         assert not isinstance(error, CacheDamaged), error
