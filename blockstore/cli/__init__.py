@@ -86,12 +86,14 @@ def exit_code(exc: BlockstoreError) -> int:
 def docker_hub_hint(exc: BlockstoreError, argv: list[str]) -> str:
     """A second line for Docker Hub unreachable when no argument named it: an image
     written without a host (``tools/rootfs:v1``) is looked up there, as docker does,
-    which a user of a local registry who left the host off does not expect."""
+    which a user of a local registry who left the host off does not expect. Told by
+    the exit code, since ``mount`` hears it from its server as a failed start; not by
+    that server, whose log would then say more than the error and be kept for it."""
     from blockstore.registry.reference import DOCKER_HUB
 
-    if not isinstance(exc, RegistryUnreachable) or DOCKER_HUB not in str(exc):
+    if exit_code(exc) != RegistryUnreachable.exit_code or DOCKER_HUB not in str(exc):
         return ""
-    if any("docker.io" in word for word in argv):
+    if any("docker.io" in word or word.startswith("--ready-fd") for word in argv):
         return ""
     return (
         "\nblockstore: an image named without a registry host is looked up on Docker Hub; "

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
-from test_mount_e2e import assert_same_tree, cache_then_stop_registry, cli, mount, one_line, umount
+from test_mount_e2e import (
+    BLOCKSTORE,
+    assert_same_tree,
+    cache_then_stop_registry,
+    cli,
+    mount,
+    one_line,
+    umount,
+)
 
 from blockstore.errors import MountError
 
@@ -110,3 +119,23 @@ def test_an_offline_mount_meeting_chunks_not_cached_says_how_to_cache_them(dirs,
     assert "is not cached, and the cache is offline" in line, line
     assert f"`blockstore prefetch {ref}`, while the registry answers," in line, line
     assert not os.path.ismount(mnt)
+
+
+def test_a_mount_of_an_image_named_without_a_host_says_it_was_looked_up_on_docker_hub(dirs):
+    """Tried: ``mount tools/rootfs:v1`` (the registry host left off) on a machine with no
+    way out (a network namespace of its own). Must hold: exit 5, the unreachable Docker
+    Hub named, a second line saying such a name is looked up there and how to name
+    another registry, as ``inspect`` says, and no server log pointed at for only that.
+    Before, the mount said only its first line, with the log that held the second."""
+    mnt, cache, run = dirs
+    argv = ["mount", "--cache-dir", str(cache), "tools/rootfs:v1", str(mnt)]
+    done = subprocess.run(
+        ["unshare", "--net", *BLOCKSTORE, *argv], capture_output=True, text=True, timeout=90
+    )
+    assert done.returncode == 5, done.stderr
+    first, second = done.stderr.strip().splitlines()
+    assert "cannot reach registry registry-1.docker.io" in first
+    assert "server log" not in first
+    assert "looked up on Docker Hub; name one in another registry as HOST[:PORT]" in second
+    assert not os.path.ismount(mnt)
+    assert not list((run / "log").glob("*.log"))
