@@ -37,6 +37,7 @@ from blockstore.errors import (
     CredentialHelperError,
     ImageNotCached,
     IntegrityError,
+    InvalidReference,
     RegistryError,
     RegistryTLSMismatch,
     RegistryUnreachable,
@@ -565,6 +566,40 @@ def _remember(store: ChunkStore, resolved: ResolvedImage, platform: str) -> None
         log.warning("%s: not remembered for offline use: %s", resolved.reference, exc)
 
 
+KEPT_NAMED = 10
+"""Images of one repository a message names at most, as a registry's tags are."""
+
+
+def kept_of_repository(store: ChunkStore, reference: str) -> str:
+    """What the cache keeps of ``reference``'s repository, for a message saying the image
+    is not kept: another tag, or another platform, is most often a slip (``:latest``
+    asked offline where ``:v1`` was cached), and the names kept are its fix."""
+    wanted = parse_reference(reference)
+    repository = f"{wanted.registry}/{wanted.repository}"
+    try:
+        keys = store.images.kept()
+    except CacheError:
+        return f"what it keeps of {repository} cannot be read"
+    kept = sorted(
+        f"{name} ({platform})" if platform else name
+        for name, platform in keys
+        if _same_repository(wanted, name)
+    )
+    if not kept:
+        return f"it keeps no image of {repository}"
+    more = f" and {len(kept) - KEPT_NAMED} more" if len(kept) > KEPT_NAMED else ""
+    return f"it keeps {', '.join(kept[:KEPT_NAMED])}{more}"
+
+
+def _same_repository(wanted: Reference, name: str) -> bool:
+    """Whether the image ``name`` is of ``wanted``'s repository, in the same registry."""
+    try:
+        kept = parse_reference(name)
+    except InvalidReference:
+        return False
+    return (kept.registry, kept.repository) == (wanted.registry, wanted.repository)
+
+
 def _cached(
     store: ChunkStore, reference: str, platform: str, cause: Exception | None = None
 ) -> ResolvedImage:
@@ -572,7 +607,7 @@ def _cached(
     if record is None:
         never = (
             f"{reference} ({platform}) is not in the cache at {store.path}: "
-            "never resolved with it, or removed (cache rm)"
+            f"never resolved with it, or removed (cache rm); {kept_of_repository(store, reference)}"
         )
         if cause is not None:
             raise RegistryUnreachable(f"{cause}, and {never}") from cause

@@ -167,6 +167,14 @@ class ImageRecords:
                 log.warning("%s; skipped (`blockstore cache verify` drops it)", exc)
         return records
 
+    def kept(self) -> list[tuple[str, str]]:
+        """The reference and platform each record is kept under, as an open asks for it
+        (a record's own ``platform`` is its manifest's, None for a lone manifest)."""
+        with self._env.reader(DB_REFS) as txn:
+            keys = [bytes(key) for key in txn.cursor().iternext(values=False)]
+        names = [key.decode(errors="replace").partition("\0") for key in keys]
+        return [(reference, platform) for reference, _, platform in names]
+
     def mark_pinned(self, reference: str, pinned: bool) -> None:
         """Say in each record of ``reference`` (every platform) whether the image was
         pinned as a whole, so unpinning another image that shares its layers keeps them."""

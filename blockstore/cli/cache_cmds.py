@@ -272,6 +272,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 def resolve_targets(store: ChunkStore, targets: list[str]) -> tuple[dict[str, int | None], list]:
     """Blob digests (with sizes when known) and matching ref records of each target."""
+    from blockstore.image import kept_of_repository
     from blockstore.registry.reference import normalize_digest, parse_reference
 
     blobs: dict[str, int | None] = {}
@@ -287,7 +288,9 @@ def resolve_targets(store: ChunkStore, targets: list[str]) -> tuple[dict[str, in
         canonical = str(reference)
         found = [r for r in records if _names(reference, canonical, r)]
         if not found:
-            raise NotFound(f"no image {canonical} in the cache")
+            raise NotFound(
+                f"no image {canonical} in the cache; {kept_of_repository(store, canonical)}"
+            )
         matched_refs.extend(found)
         for record in found:
             for layer in record.get("layers", []):

@@ -506,3 +506,37 @@ def test_verify_on_a_full_disk_says_it_could_not_drop_what_it_found_bad(tmp_path
         assert third.returncode == 0, third.stdout + third.stderr
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_an_image_not_kept_is_told_what_the_cache_keeps_of_its_repository(cache_dir):
+    """Tried: an image kept as ``demo/img:v1`` for linux/amd64, then ``cache pin`` and
+    ``serve --offline`` of ``demo/img:latest``, ``serve --offline --platform
+    linux/arm64`` of ``demo/img:v1``, and ``cache pin`` of another repository. Must hold:
+    exit 3 and 9 as before, each message naming what the cache keeps of the
+    repository (the image and the platform it is kept for), or that it keeps none.
+    Before, only "not in the cache", and no command lists the images a cache keeps."""
+    blob = make_blob(CHUNK_SIZE, seed=57)
+    fill(cache_dir, [blob])
+    record = {
+        "reference": "127.0.0.1:5000/demo/img:v1",
+        "platform": None,
+        "manifest_digest": "sha256:" + "e" * 64,
+        "platforms": [],
+        "layers": [{"index": 0, "digest": blob[1], "size": len(blob[0]), "mediaType": "x"}],
+    }
+    with ChunkStore(cache_dir) as store:
+        store.images.put(record["reference"], "linux/amd64", record)
+    where = ["--cache-dir", str(cache_dir)]
+    kept = "it keeps 127.0.0.1:5000/demo/img:v1 (linux/amd64)"
+    pinned = run_cli("cache", "pin", "127.0.0.1:5000/demo/img:latest", *where)
+    assert pinned.returncode == 3, pinned.stderr
+    assert pinned.stderr.strip().endswith(f"in the cache; {kept}"), pinned.stderr
+    for image, platform in [("img:latest", "linux/amd64"), ("img:v1", "linux/arm64")]:
+        served = run_cli(
+            "serve", f"127.0.0.1:5000/demo/{image}", "--offline", "--platform", platform, *where
+        )
+        assert served.returncode == 9, served.stderr
+        assert served.stderr.strip().endswith(f"(cache rm); {kept}"), served.stderr
+    other = run_cli("cache", "pin", "127.0.0.1:5000/demo/other:v1", *where)
+    assert other.returncode == 3, other.stderr
+    assert other.stderr.strip().endswith("it keeps no image of 127.0.0.1:5000/demo/other")
