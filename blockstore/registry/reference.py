@@ -113,6 +113,11 @@ def parse_reference(text: str) -> Reference:
             f"invalid image reference {_echo(text)}: 64 hex digits name a digest, not an "
             f"image (write sha256:{name})"
         )
+    if _registry_alone(name, tag):
+        raise InvalidReference(
+            f"invalid image reference {_echo(text)}: a registry address with no image "
+            f"(name one in it as {text}/NAME:TAG)"
+        )
     registry, repository = _split_registry(text, name)
     if len(repository) > _MAX_NAME_LENGTH:
         raise InvalidReference(
@@ -193,6 +198,15 @@ def _is_host(first: str) -> bool:
     """Docker's rule: a reference's first component (before a '/') is a host if it has a
     dot, a port or uppercase letters, or is "localhost"; otherwise it is Docker Hub's."""
     return "." in first or ":" in first or first == "localhost" or first != first.lower()
+
+
+def _registry_alone(name: str, tag: str | None) -> bool:
+    """Whether ``name:tag`` is a host and port with no image (``127.0.0.1:5000``,
+    ``localhost:5000``): Docker's grammar reads it as the Docker Hub image ``name`` with
+    the tag ``5000``, which no Docker Hub name holding a dot, or ``localhost``, is."""
+    if "/" in name or tag is None or not is_port(tag):
+        return False
+    return "." in name or name == "localhost"
 
 
 def is_port(text: str) -> bool:

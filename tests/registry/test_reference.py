@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from blockstore.errors import InvalidReference
 from blockstore.registry import Reference, normalize_digest, parse_reference
+from blockstore.registry.reference import DOCKER_HUB
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -206,3 +207,20 @@ def test_any_text_parses_or_is_refused_with_invalid_reference(text):
     else:
         assert parse_reference(str(ref)) == ref
         assert urlsplit(f"http://{ref.registry}/").port != 0
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1:5000", "localhost:5000", "registry.example:443"])
+def test_a_registry_address_alone_is_refused_naming_where_the_image_goes(text):
+    """Tried: a registry's address given where the image goes (``inspect 127.0.0.1:5000``,
+    the image left off). Must hold: exit 2, saying it is a registry address with no image
+    and how to name one in it; a Docker Hub image with a numeric tag (``node:20``) and
+    the same name spelled out on Docker Hub still parse. Before, it was taken for the
+    Docker Hub image ``library/127.0.0.1`` with the tag ``5000``, and the command failed
+    reaching Docker Hub, saying a name without a registry host is looked up there."""
+    with pytest.raises(InvalidReference, match="a registry address with no image") as refused:
+        parse_reference(text)
+    assert refused.value.exit_code == 2
+    assert f"(name one in it as {text}/NAME:TAG)" in str(refused.value)
+    assert parse_reference("node:20") == Reference(DOCKER_HUB, "library/node", "20", None)
+    spelled = parse_reference(f"docker.io/library/{text}")
+    assert spelled.registry == DOCKER_HUB
