@@ -284,7 +284,7 @@ def _index_entries(client: RegistryClient, repository: str, tag: str) -> list[di
     if document is None:
         # A page a proxy or login wall answers with: the index must not be guessed at.
         raise RegistryError(
-            f"image {repository}:{tag}: what the registry sent for the tag is not a JSON "
+            f"{_named(client, repository, tag)}: what the registry sent for the tag is not a JSON "
             "object, so its index cannot be added to"
         )
     if _is_index(document):
@@ -292,10 +292,10 @@ def _index_entries(client: RegistryClient, repository: str, tag: str) -> list[di
             check_index(document)
         except ManifestProblem as problem:
             raise RegistryError(
-                f"image {repository}:{tag}: the index under the tag is refused: {problem}"
+                f"{_named(client, repository, tag)}: the index under the tag is refused: {problem}"
             ) from None
         return list(document["manifests"])
-    offered = config_platform(client, repository, document, f"image {repository}:{tag}")
+    offered = config_platform(client, repository, document, _named(client, repository, tag))
     platform = _platform_fields(offered)
     return [
         {
@@ -320,6 +320,12 @@ def _is_index(document: dict) -> bool:
     return document.get("mediaType") in INDEX_TYPES or "manifests" in document
 
 
+def _named(client: RegistryClient, repository: str, tag: str) -> str:
+    """The image pushed to, as the user named it: its registry too, which a user pushing
+    the same name to several registries needs to tell which one refused."""
+    return f"image {client.registry}/{repository}:{tag}"
+
+
 def _check_index_kept(client: RegistryClient, repository: str, tag: str, target: Platform) -> None:
     """Refuse to put one platform's manifest where an index lists others: they would be
     gone from the tag without a word. An index of ``target`` alone loses nothing."""
@@ -327,7 +333,7 @@ def _check_index_kept(client: RegistryClient, repository: str, tag: str, target:
     if dropped:
         them = "it" if len(dropped) == 1 else "them"
         raise UsageError(
-            f"image {repository}:{tag} is an index that also lists {', '.join(dropped)}: "
+            f"{_named(client, repository, tag)} is an index that also lists {', '.join(dropped)}: "
             f"pushing {target} there alone would drop {them}; add {target} beside "
             f"{them} with --add-to-index, replace the index with --replace-index, or "
             "push to another tag"
@@ -406,7 +412,7 @@ def _same_platform(
         config = document.get("config") if isinstance(document, dict) else None
         if not isinstance(config, dict) or config.get("mediaType") not in IMAGE_CONFIG_TYPES:
             return False
-        offered = config_platform(client, repository, document, f"image {repository}:{tag}")
+        offered = config_platform(client, repository, document, _named(client, repository, tag))
     else:
         return False
     return offered.normalized() == target.normalized()

@@ -842,9 +842,10 @@ def test_a_plain_push_over_an_index_listing_a_manifest_without_a_platform_is_ref
 def test_a_plain_push_over_an_index_of_other_platforms_is_refused(registry, erofs_images):
     """Tried: a tag made an index of linux/amd64 and linux/arm64/v8 (``--add-to-index``),
     then ``push --platform linux/amd64`` there without it, then with ``--replace-index``.
-    Must hold: the first is refused (exit 2) in one line naming the platform it would
-    drop and the ways on, and the index stays whole; ``--replace-index`` replaces it.
-    Before, the plain push silently replaced the index with its one platform."""
+    Must hold: the first is refused (exit 2) in one line naming the image as given,
+    registry included, the platform it would drop and the ways on, and the index stays
+    whole; ``--replace-index`` replaces it. Before, the plain push silently replaced the
+    index with its one platform; then, the line named the image without its registry."""
     image = f"{registry.host}/cli/keep-index:v1"
     small, base = erofs_images.small.path, erofs_images.layers[0].path
     for path, platform in [(small, "linux/amd64"), (base, "linux/arm64/v8")]:
@@ -856,6 +857,7 @@ def test_a_plain_push_over_an_index_of_other_platforms_is_refused(registry, erof
     refused = blockstore(*plain)
     assert refused.returncode == 2 and refused.stdout == "", refused.stderr
     (line,) = refused.stderr.splitlines()
+    assert line.startswith(f"blockstore: image {image} is an index that also lists"), line
     assert "linux/arm64/v8" in line and "--add-to-index" in line and "--replace-index" in line
     shown = blockstore("inspect", image, "--insecure", "--platform", "linux/amd64")
     assert "platforms  linux/amd64, linux/arm64/v8" in shown.stdout, shown.stdout
