@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import shlex
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -142,7 +143,7 @@ def check_layer_file(path: Path, media_type: str) -> None:
         with path.open("rb") as file:
             head = file.read(erofs_format.SUPER_OFFSET + 4)
     except OSError as exc:
-        raise UsageError(f"cannot push {path}: {exc.strerror or exc}") from None
+        raise unreadable_layer(path, exc) from None
     if media_type != EROFS_MEDIA_TYPE:
         return
     if not _is_erofs(head):
@@ -166,7 +167,7 @@ def detect_media_type(path: Path) -> str:
         with path.open("rb") as file:
             head = file.read(erofs_format.SUPER_OFFSET + 4)
     except OSError as exc:
-        raise UsageError(f"cannot push {path}: {exc.strerror or exc}") from None
+        raise unreadable_layer(path, exc) from None
     if _is_erofs(head):
         return EROFS_MEDIA_TYPE
     seen = _tar_layer_type(path, head)
@@ -177,6 +178,19 @@ def detect_media_type(path: Path) -> str:
             "other content, give its layer media type with --media-type"
         )
     return seen[1]
+
+
+def unreadable_layer(path: Path, exc: OSError) -> UsageError:
+    """Why ``path`` cannot be pushed; a directory is told how to make a layer of it, as
+    a user who pushes a tree, as other tools build images from one, expects."""
+    if isinstance(exc, IsADirectoryError):
+        tree = shlex.quote(str(path))
+        return UsageError(
+            f"cannot push {path}: it is a directory, and a layer is a file: make one of it "
+            f"first (mkfs.erofs --all-root LAYER.erofs {tree}, or tar -C {tree} "
+            "-czf LAYER.tar.gz .)"
+        )
+    return UsageError(f"cannot push {path}: {exc.strerror or exc}")
 
 
 def _is_erofs(head: bytes) -> bool:

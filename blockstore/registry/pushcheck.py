@@ -12,6 +12,7 @@ from typing import IO
 
 from blockstore.errors import IntegrityError, UsageError
 from blockstore.registry.mediatypes import GZIP, TAR, ZSTD, layer_kind
+from blockstore.registry.push import unreadable_layer
 from blockstore.tarlayer.zstdframes import read_frames
 
 KEPT = 1 << 20
@@ -73,7 +74,11 @@ def check_tar_layer(path: Path, media_type: str) -> None:
     if kind is None:
         return
     try:
-        with path.open("rb") as raw:
+        raw = path.open("rb")
+    except OSError as exc:
+        raise unreadable_layer(path, exc) from None
+    try:
+        with raw:
             if kind == TAR:
                 stream: IO[bytes] = raw
             elif kind == GZIP:

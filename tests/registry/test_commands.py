@@ -865,3 +865,21 @@ def test_a_plain_push_over_an_index_of_other_platforms_is_refused(registry, erof
     assert replaced.returncode == 0, replaced.stderr
     shown = blockstore("inspect", image, "--insecure", "--json")
     assert json.loads(shown.stdout)["indexDigest"] is None
+
+
+@pytest.mark.parametrize(
+    "given", [[], ["--media-type", "application/vnd.oci.image.layer.v1.tar+gzip"]]
+)
+def test_push_of_a_directory_says_how_to_make_a_layer_of_it(tmp_path, given):
+    """Tried: ``push DIR IMAGE``, a tree given where a layer file goes (as other tools
+    build an image from a directory), with the media type told from the bytes and given
+    as tar+gzip. Must hold: exit 2, one line, before any connection, saying it is a
+    directory and giving the commands that make a layer of it, the path quoted for a
+    shell. Before, "Is a directory", or with a tar media type "[Errno 21] ...: 'DIR'"."""
+    tree = tmp_path / "my tree"
+    tree.mkdir()
+    pushed = blockstore("push", str(tree), "127.0.0.1:9/cli/refused:v1", "--insecure", *given)
+    assert pushed.returncode == 2, pushed.stderr
+    (line,) = pushed.stderr.splitlines()
+    assert f"cannot push {tree}: it is a directory" in line
+    assert f"(mkfs.erofs --all-root LAYER.erofs '{tree}', or tar -C '{tree}' -czf" in line
