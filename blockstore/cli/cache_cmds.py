@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         return parser
 
     command("stats", cmd_stats, "totals and counters")
-    command("ls", cmd_ls, "cached blobs: size, fraction cached, sealed, pinned, last use")
+    command("ls", cmd_ls, "cached blobs: size, fraction cached, sealed, pinned, last use, images")
     command(
         "verify",
         cmd_verify,
@@ -136,8 +136,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         infos = sorted(store.blobs(), key=lambda i: i.last_use, reverse=True)
-        tar_of = _inflated_tars(store)
-    lines = [f"{'DIGEST':<71}  {'SIZE':>10}  CACHED  SEALED  PINNED  LAST USE"]
+        records = store.images.all()  # once: a damaged record is warned of once
+        tar_of = _inflated_tars(store, records)
+        users = _images_of_layers(records)
+    used_by = {i.digest: sorted(users.get(tar_of.get(i.digest, i.digest), ())) for i in infos}
+    lines = [f"{'DIGEST':<71}  {'SIZE':>10}  CACHED  SEALED  PINNED  LAST USE  IMAGES"]
     for info in infos:
         when = (
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.last_use))
@@ -148,20 +151,33 @@ def cmd_ls(args: argparse.Namespace) -> int:
         lines.append(
             f"{info.digest:<71}  {human(info.size):>10}  {100 * info.cached_fraction:5.1f}%  "
             f"{'yes' if info.sealed else 'no':<6}  {'yes' if info.pinned else 'no':<6}  {when}"
+            + f"  {', '.join(used_by[info.digest]) or '-'}"
             + (f"  (the tar of layer {layer[:19]}...)" if layer else "")
         )
-    rows = [{**i.to_dict(), "tar_of": tar_of.get(i.digest)} for i in infos]
+    rows = [
+        {**i.to_dict(), "tar_of": tar_of.get(i.digest), "images": used_by[i.digest]} for i in infos
+    ]
     emit(args, rows, "\n".join(lines))
     return 0
 
 
-def _inflated_tars(store: ChunkStore) -> dict[str, str]:
+def _images_of_layers(records: list[dict]) -> dict[str, set[str]]:
+    """The images the cache keeps whose layers each layer digest is: a digest alone does
+    not say what it is of, and no other command lists the images kept."""
+    users: dict[str, set[str]] = {}
+    for record in records:
+        for layer in record.get("layers", []):
+            users.setdefault(layer["digest"], set()).add(str(record.get("reference")))
+    return users
+
+
+def _inflated_tars(store: ChunkStore, records: list[dict]) -> dict[str, str]:
     """The compressed tar layer each tar in the cache was inflated from: no image lists a
     tar's digest (its diff_id) among its layers, so ``ls`` says whose it is. Only the
     tar layers of the images kept are looked up (the index module loads only then)."""
     layers = {
         layer["digest"]
-        for record in store.images.all()
+        for record in records
         for layer in record.get("layers", [])
         if "tar" in layer.get("mediaType", "")
     }

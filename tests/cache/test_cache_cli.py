@@ -540,3 +540,42 @@ def test_an_image_not_kept_is_told_what_the_cache_keeps_of_its_repository(cache_
     other = run_cli("cache", "pin", "127.0.0.1:5000/demo/other:v1", *where)
     assert other.returncode == 3, other.stderr
     assert other.stderr.strip().endswith("it keeps no image of 127.0.0.1:5000/demo/other")
+
+
+def test_ls_names_the_images_each_blob_is_a_layer_of(cache_dir):
+    """Tried: three blobs cached, two images kept (one of two layers, one sharing its
+    base), then ``cache ls`` and ``cache ls --json``. Must hold: each row names the
+    images whose layer the blob is (both for the shared base, ``-`` for a blob no image
+    lists), and the JSON gives them as ``images``. Before, a row gave the digest alone,
+    and no command said which image a digest was of or which images a cache keeps."""
+    base, top, loose = (make_blob(CHUNK_SIZE, seed=s) for s in (61, 62, 63))
+    fill(cache_dir, [base, top, loose])
+    images = {"127.0.0.1:5000/demo/app:v1": [base, top], "127.0.0.1:5000/demo/base:v1": [base]}
+    with ChunkStore(cache_dir) as store:
+        for reference, layers in images.items():
+            record = {
+                "reference": reference,
+                "platform": None,
+                "manifest_digest": "sha256:" + "f" * 64,
+                "platforms": [],
+                "layers": [
+                    {"index": i, "digest": d, "size": len(b), "mediaType": "x"}
+                    for i, (b, d) in enumerate(layers)
+                ],
+            }
+            store.images.put(reference, "linux/amd64", record)
+    where = ["--cache-dir", str(cache_dir)]
+    listing = json.loads(run_cli("cache", "ls", "--json", *where).stdout)
+    assert {b["digest"]: b["images"] for b in listing} == {
+        base[1]: ["127.0.0.1:5000/demo/app:v1", "127.0.0.1:5000/demo/base:v1"],
+        top[1]: ["127.0.0.1:5000/demo/app:v1"],
+        loose[1]: [],
+    }
+    shown = run_cli("cache", "ls", *where)
+    assert shown.returncode == 0, shown.stderr
+    header, *rows = shown.stdout.splitlines()
+    assert header.endswith("LAST USE  IMAGES")
+    row = {line.split()[0]: line for line in rows}
+    assert row[base[1]].endswith("  127.0.0.1:5000/demo/app:v1, 127.0.0.1:5000/demo/base:v1")
+    assert row[top[1]].endswith("  127.0.0.1:5000/demo/app:v1")
+    assert row[loose[1]].endswith("  -")
