@@ -246,6 +246,14 @@ def _is_layer_file(path: str) -> bool:
     )
 
 
+def _timed_out(serves: bool) -> str:
+    """What a read past ``--timeout`` ends in: a client's read answered EIO where the
+    command serves (those that can serve offline), else the command itself fails."""
+    if serves:
+        return "it fails with EIO"
+    return f"the command fails (exit {RegistryUnreachable.exit_code})"
+
+
 def add_image_options(parser: argparse.ArgumentParser, verb: str, *, offline: bool = True) -> None:
     """The image argument, which layer(s), and --offline, for commands that open an image."""
     parser.add_argument(
@@ -271,8 +279,8 @@ def add_image_options(parser: argparse.ArgumentParser, verb: str, *, offline: bo
         type=parse_timeout,
         default=DEFAULT_READ_TIMEOUT,
         metavar="SECONDS",
-        help="how long one read from the registry may take, retries included, before it "
-        f"fails with EIO (default: {DEFAULT_READ_TIMEOUT:g})",
+        help="how long one read from the registry may take, retries included, before "
+        f"{_timed_out(offline)} (default: {DEFAULT_READ_TIMEOUT:g})",
     )
     if offline:
         parser.add_argument(

@@ -305,3 +305,23 @@ def test_the_tar_index_options_help_names_the_o_spelling_only_where_there_is_one
     text = " ".join(shown.stdout.split())  # as read, not as wrapped
     named = ["-o oci.tarindex=PATH", "-o oci.zinfo=PATH"]
     assert [spelling in text for spelling in named] == [command == "mount"] * 2
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        ("mount", "before it fails with EIO"),
+        ("serve", "before it fails with EIO"),
+        ("prefetch", "before the command fails (exit 5)"),
+        ("index", "before the command fails (exit 5)"),
+    ],
+)
+def test_timeout_help_says_what_a_read_past_it_ends_in(command, said):
+    """Tried: ``--help`` of each command taking ``--timeout``. Must hold: ``mount`` and
+    ``serve``, whose reads answer a client, say a read past it fails with EIO;
+    ``prefetch`` and ``index``, which answer no client, say the command fails (exit 5),
+    as a registry that stops answering makes them do. Before, all four said EIO."""
+    shown = blockstore(command, "--help")
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    assert f"retries included, {said} (default: 30)" in text, text
