@@ -209,7 +209,7 @@ class CacheEnv:
             make_cache_directory(path)
             st = path.stat()
         except OSError as exc:
-            raise CacheError(f"cannot open the cache at {path}: {reason(exc)}") from exc
+            raise open_failure(path, exc) from exc
         return st.st_dev, st.st_ino
 
     def __init__(

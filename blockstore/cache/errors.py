@@ -62,12 +62,16 @@ class CacheDamaged(CacheError):
     """The cache's file could not be trusted: it was moved aside."""
 
 
+ELSEWHERE = "give another --cache-dir"
+"""What a user can do about a cache directory that cannot be made or opened."""
+
+
 def open_failure(path: Path, exc: OSError) -> CacheError:
     """The error for a file of the cache at ``path`` that could not be made or opened:
     ``DiskFull`` where the disk had no room for it, as the caller may then evict."""
     if exc.errno == errno.ENOSPC:
-        return DiskFull(f"the disk holding the cache at {path} is full")
-    return CacheError(f"cannot open the cache at {path}: {reason(exc)}")
+        return DiskFull(f"the disk holding the cache at {path} is full: make room, or {ELSEWHERE}")
+    return CacheError(f"cannot open the cache at {path}: {reason(exc)}; {ELSEWHERE}")
 
 
 class ReadOnlyCache(CacheError):

@@ -381,12 +381,14 @@ def test_a_cache_dir_that_cannot_be_one_is_refused_in_one_line(tmp_path):
         f"blockstore: cannot open the cache at {a_file}: it is not a directory"
     )
     assert a_file.read_bytes() == b"not a directory"
-    # A directory that cannot be made: the reason alone, not Python's "[Errno 2] ...".
+    # A directory that cannot be made: the reason, not Python's "[Errno 2] ...", and what
+    # to do.
     unmakeable = a_file / "cache"
     refused = run_cli("prefetch", "127.0.0.1:5000/x:v1", "--cache-dir", str(unmakeable))
     assert refused.returncode == 8, refused.stderr
     assert refused.stderr.strip() == (
-        f"blockstore: cannot open the cache at {unmakeable}: Not a directory"
+        f"blockstore: cannot open the cache at {unmakeable}: Not a directory; "
+        "give another --cache-dir"
     )
 
 
