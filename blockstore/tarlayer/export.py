@@ -15,6 +15,7 @@ the start, and every file's chunk index pointing into the tar after it.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import mmap
 import tempfile
@@ -33,11 +34,20 @@ from blockstore.export import Buffer
 from blockstore.progress import Progress
 from blockstore.tarlayer import layerindex
 from blockstore.tarlayer.layerindex import ReadRange, SpanIndex
+from blockstore.throttledlog import ThrottledLog
 
 if TYPE_CHECKING:
     from blockstore.cache import ChunkStore
 
 log = logging.getLogger(__name__)
+
+_unkept = ThrottledLog(
+    log,
+    "%d more inflated pieces in the %.0f s after those logged were served but not kept, "
+    "not logged one by one",
+)
+"""A cache that takes no writes (a full disk, a file size limit) fails every span's store."""
+atexit.register(_unkept.flush)
 
 SPANS_KEPT = 10
 """Decompressed spans kept in memory: a span's chunks are asked for one by one, and the
@@ -305,7 +315,9 @@ class SpanFiller:
         try:
             self._store.store_runs(self._digest, self._size, runs)
         except (CacheError, IntegrityError) as exc:  # costs only the caching
-            log.warning("%s: chunks from %d not cached: %s", self._digest, runs[0][0], exc)
+            _unkept.warning(
+                "%s: inflated bytes served but not kept in the cache: %s", self._digest, exc
+            )
 
 
 class SpanWriter:
