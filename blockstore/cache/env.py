@@ -79,7 +79,7 @@ from .layout import (
 )
 from .refs import mark_images_pinned_whole
 from .write_access import cannot_write, check_enterable, writer_of
-from .write_lock_watch import WriteLockWatch
+from .write_lock_watch import WriteLockWatch, interruptibly
 
 log = logging.getLogger(__name__)
 
@@ -415,6 +415,22 @@ class CacheEnv:
                 raise
         # Reader slots of killed processes would pin old pages forever.
         env.reader_check()
+        # A stopped process holding the write lock must not hold a Ctrl-C with it.
+        dbs, upgraded = interruptibly(lambda: self._make_dbs(env))
+        if upgraded is not None:
+            log.warning(
+                "the cache at %s has format %d, an older version's: brought it to format %d "
+                "in place, all it held kept (versions that need format %d no longer use it)",
+                self.path,
+                upgraded,
+                FORMAT_VERSION,
+                upgraded,
+            )
+        return dbs
+
+    def _make_dbs(self, env: lmdb.Environment) -> tuple[dict[bytes, lmdb._Database], int | None]:
+        """The named databases, made where missing, in one write transaction; and the
+        older format brought up to this one in it, if any."""
         with _write_lock_watch.waiting(self.path), env.begin(write=True) as txn:
             version, chunk_size = stored_format(txn, env.open_db(DB_META, txn=txn))
             upgrading = upgraded_in_place(version, chunk_size)
@@ -423,16 +439,7 @@ class CacheEnv:
             dbs = {name: env.open_db(name, txn=txn) for name in ALL_DBS}
             if upgrading:
                 self._upgrade(txn, dbs, version)
-        if upgrading:
-            log.warning(
-                "the cache at %s has format %d, an older version's: brought it to format %d "
-                "in place, all it held kept (versions that need format %d no longer use it)",
-                self.path,
-                version,
-                FORMAT_VERSION,
-                version,
-            )
-        return dbs
+        return dbs, version if upgrading else None
 
     def _refuse_another_format(self, version: int, chunk_size: int) -> None:
         refusal = format_refusal(self.path, version, chunk_size)

@@ -11,14 +11,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from blockstore.progress import PROGRESS_LOGGER
 
 log = logging.getLogger(__name__)
 progress = logging.getLogger(PROGRESS_LOGGER)
+
+T = TypeVar("T")
 
 WRITE_LOCK_WARN = 5.0
 """Seconds a transaction may wait for the cache's write lock before that is logged."""
@@ -100,3 +103,29 @@ class WriteLockWatch:
                 log.warning("%s", said)
                 # Also as progress: a mount waiting for its server to be ready says it.
                 progress.info("%s", said)
+
+
+def interruptibly(work: Callable[[], T]) -> T:
+    """``work``, which waits for the write lock, run where a signal still ends the wait.
+
+    LMDB's lock is a mutex no signal interrupts, and Python runs a signal's handler
+    (Ctrl-C, a stop) only in the main thread: there ``work`` runs in a thread of its
+    own, which the main thread waits for as signals allow. Elsewhere it runs here.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return work()
+    results: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(work())
+        except BaseException as exc:  # handed to the waiting thread, raised there
+            errors.append(exc)
+
+    helper = threading.Thread(target=run, name="cache-write-lock-wait", daemon=True)
+    helper.start()
+    helper.join()
+    if errors:
+        raise errors[0]
+    return results[0]

@@ -197,6 +197,48 @@ def test_a_stopped_process_holding_the_write_lock_costs_caching_not_reads(
     check_cache(cache_dir, blobs)
 
 
+def test_ctrl_c_ends_a_command_waiting_for_a_stopped_writers_lock(
+    cache_dir, registry, pushed_images
+):
+    """Tried: ``cache ls``, ``cache gc`` and ``serve IMAGE`` started while another
+    process holds the cache's write lock, stopped (Ctrl-Z on a prefetch), then
+    SIGINT (Ctrl-C) to each once it waits. Must hold: each ends within seconds, one
+    line ("interrupted"), exit 130, no traceback. Before, none ended: LMDB's lock is
+    a mutex no signal interrupts, and the Ctrl-C waited with it for the other
+    process to go on."""
+    commands = [
+        ["cache", "ls"],
+        ["cache", "gc"],
+        ["serve", pushed_images.small, "--insecure", "--listen", "127.0.0.1:0"],
+    ]
+    with stopped_writer(cache_dir):
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "blockstore", *argv, "--cache-dir", str(cache_dir)],
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for argv in commands
+        ]
+        try:
+            time.sleep(2.5)  # each is past its start, waiting for the lock
+            assert [proc.poll() for proc in procs] == [None] * len(procs)
+            for proc in procs:
+                proc.send_signal(signal.SIGINT)
+            for proc in procs:
+                proc.wait(timeout=5)
+                err = proc.stderr.read()
+                assert proc.returncode == 130 and "Traceback" not in err, err
+                assert err.splitlines()[-1] == "blockstore: interrupted", err
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+                proc.stderr.close()
+
+
 def test_a_slow_store_is_waited_for_not_taken_for_a_stuck_one(monkeypatch):
     """A store that takes 1.5 s (a large commit on a slow disk) while 2 MiB more arrives:
     no write lock is being waited for, so every chunk is queued and stored, none
