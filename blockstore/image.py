@@ -30,6 +30,7 @@ from blockstore.cache.errors import OtherFormat
 from blockstore.cache.holds import BlobHold
 from blockstore.cache.indexes import IndexShelf
 from blockstore.cache.layout import holds_cache
+from blockstore.cache.write_lock_watch import unless_stuck
 from blockstore.chunkindex import ChunkIndex
 from blockstore.errors import (
     BlockstoreError,
@@ -374,9 +375,21 @@ class OpenImage:
         meanwhile sees its fetch cancelled, as any reader of a closing blob does.)
         """
         self.cancel()
+        layers = [*self._tar_layers, *self._blobs]
+        # Left to the exit behind a write lock another process holds: the store says so.
+        unless_stuck(lambda: self._close_layers(layers), self.store.env.write_lock_wait)
+        if self.client is not None:
+            self.client.close()
+        if self._hold is not None:
+            self._hold.release()
+        self.store.close()
+
+    @staticmethod
+    def _close_layers(layers: list[TarLayer | CachedBlob]) -> None:
+        """Each layer closed in a thread of its own, side by side."""
         threads = []
-        for layer in [*self._tar_layers, *self._blobs]:
-            thread = threading.Thread(target=layer.close, name="close")
+        for layer in layers:
+            thread = threading.Thread(target=layer.close, name="close", daemon=True)
             try:
                 thread.start()
             except RuntimeError:  # out of threads: this one is closed here, in turn
@@ -385,11 +398,6 @@ class OpenImage:
                 threads.append(thread)
         for thread in threads:
             thread.join()
-        if self.client is not None:
-            self.client.close()
-        if self._hold is not None:
-            self._hold.release()
-        self.store.close()
 
 
 def open_image(

@@ -71,6 +71,7 @@ from .layout import (
 from .listing import BlobInfo, blob_infos
 from .refs import ImageRecords
 from .seal import Sealer, VerifyReport
+from .write_lock_watch import unless_stuck
 
 log = logging.getLogger(__name__)
 
@@ -207,9 +208,20 @@ class ChunkStore:
         )
 
     def close(self) -> None:
+        """Seal, flush and close; writes stuck behind another process's write lock are
+        left to this process's exit, with the handle, said once."""
         if self._closing.is_set():
             return
         self._closing.set()
+        if not unless_stuck(self._close_now, self.env.write_lock_wait):
+            log.warning(
+                "the cache at %s was left with writes waiting for its write lock, which "
+                "another process holds (one stopped, as by Ctrl-Z, holds it until it goes "
+                "on): what they held is not kept",
+                self.path,
+            )
+
+    def _close_now(self) -> None:
         self._sealer.stop()
         self._flusher.join()
         self.flush()

@@ -105,6 +105,11 @@ class WriteLockWatch:
                 progress.info("%s", said)
 
 
+STOP_LOCK_WAIT = 2.0
+"""Seconds a closing process waits on writes stuck behind another process's write lock
+before it leaves them to its exit: a stop never hangs on a stopped process."""
+
+
 def interruptibly(work: Callable[[], T]) -> T:
     """``work``, which waits for the write lock, run where a signal still ends the wait.
 
@@ -114,6 +119,28 @@ def interruptibly(work: Callable[[], T]) -> T:
     """
     if threading.current_thread() is not threading.main_thread():
         return work()
+    helper, results, errors = _beside(work)
+    if helper.ident is not None:  # started: run there, not here
+        helper.join()
+    if errors:
+        raise errors[0]
+    return results[0]
+
+
+def unless_stuck(work: Callable[[], object], waited: Callable[[], float]) -> bool:
+    """Whether ``work`` (a close's last writes) ended; False, left running, once a
+    write has waited ``STOP_LOCK_WAIT`` for the write lock (``waited``): another
+    process holds it, stopped perhaps, and may never let go."""
+    helper, _, errors = _beside(work)
+    while helper.is_alive() and waited() < STOP_LOCK_WAIT:
+        helper.join(0.05)
+    if errors:
+        raise errors[0]
+    return not helper.is_alive()
+
+
+def _beside(work: Callable[[], T]) -> tuple[threading.Thread, list[T], list[BaseException]]:
+    """``work`` started in a daemon thread; its result or exception lands in the lists."""
     results: list[T] = []
     errors: list[BaseException] = []
 
@@ -124,8 +151,8 @@ def interruptibly(work: Callable[[], T]) -> T:
             errors.append(exc)
 
     helper = threading.Thread(target=run, name="cache-write-lock-wait", daemon=True)
-    helper.start()
-    helper.join()
-    if errors:
-        raise errors[0]
-    return results[0]
+    try:
+        helper.start()
+    except RuntimeError:  # out of threads, or at the interpreter's exit: run here
+        run()
+    return helper, results, errors

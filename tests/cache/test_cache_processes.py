@@ -239,6 +239,45 @@ def test_ctrl_c_ends_a_command_waiting_for_a_stopped_writers_lock(
                 proc.stderr.close()
 
 
+def test_a_server_stops_while_a_stopped_process_holds_the_write_lock(
+    cache_dir, tmp_path, registry, pushed_images
+):
+    """Tried: ``serve IMAGE`` read whole with nbdcopy while another process holds the
+    cache's write lock, stopped (Ctrl-Z on a prefetch), so its stores, trace and
+    counters wait for the lock; then SIGTERM. Must hold: the server ends within
+    seconds (exit 0), saying what it left unkept, and the cache is whole for the next
+    opener. Before, it never ended: its close waited on those writes, and they on the
+    stopped process."""
+    sock = tmp_path / "serve.sock"
+    argv = [sys.executable, "-m", "blockstore", "serve", pushed_images.small, "--insecure"]
+    proc = subprocess.Popen(
+        [*argv, "--cache-dir", str(cache_dir), "--unix", str(sock)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_for(lambda: proc.stdout.readline().strip() == "ready", 30)
+        with stopped_writer(cache_dir):
+            uri = f"nbd+unix:///?socket={sock}"
+            subprocess.run(["nbdcopy", uri, str(tmp_path / "copy")], check=True, timeout=30)
+            proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            assert proc.wait(timeout=15) == 0, proc.stderr.read()
+            assert time.monotonic() - started < 10
+        err = proc.stderr.read()
+        assert "Traceback" not in err, err
+        assert "writes waiting for its write lock" in err, err
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    result = run_cli("cache", "verify", "--cache-dir", str(cache_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_a_slow_store_is_waited_for_not_taken_for_a_stuck_one(monkeypatch):
     """A store that takes 1.5 s (a large commit on a slow disk) while 2 MiB more arrives:
     no write lock is being waited for, so every chunk is queued and stored, none
