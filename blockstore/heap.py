@@ -31,14 +31,15 @@ def _malloc_trim() -> ctypes._CFuncPtr | None:
     return trim
 
 
-_started = threading.Lock()
-_trimming: list[threading.Thread] = []
+_starting = threading.Lock()
+_trimmer: threading.Thread | None = None
 
 
 def give_back_freed_memory(period: float = PERIOD) -> bool:
     """Trim the heap every ``period`` seconds on a daemon thread, for as long as the
     process lives (started once a process, however often asked). False where the C
     library cannot trim."""
+    global _trimmer
     trim = _malloc_trim()
     if trim is None:
         return False
@@ -48,8 +49,8 @@ def give_back_freed_memory(period: float = PERIOD) -> bool:
             time.sleep(period)
             trim(0)
 
-    with _started:
-        if not _trimming:
-            _trimming.append(threading.Thread(target=run, name="heap-trim", daemon=True))
-            _trimming[0].start()
+    with _starting:
+        if _trimmer is None:
+            _trimmer = threading.Thread(target=run, name="heap-trim", daemon=True)
+            _trimmer.start()
     return True

@@ -700,13 +700,13 @@ class CachedBlob:
         try:
             record = self._store.store_runs(self._digest, self._size, runs)
         except (CacheError, ChunkIntegrityError) as exc:
-            self._unkept(exc)
+            self._say_unkept(exc)
             return
         self._blob_id = record.blob_id
         if record.present == record.chunks:
             self._now_whole(record)
 
-    def _unkept(self, exc: Exception) -> None:
+    def _say_unkept(self, exc: Exception) -> None:
         """Say that a store failed, unless the cache turned read-only meanwhile: that
         was said once, by the cache, and a store racing it is refused for it."""
         if not self._store.read_only:
@@ -819,7 +819,7 @@ class CachedBlob:
         try:
             record = self._store.store_parts(self._digest, self._size, by_chunk)
         except CacheError as exc:
-            self._unkept(exc)
+            self._say_unkept(exc)
             return
         if record is not None:
             self._blob_id = record.blob_id

@@ -762,7 +762,7 @@ class CacheEnv:
 
     def _write_error(self, exc: lmdb.Error) -> CacheError:
         if isinstance(exc, DAMAGE_ERRORS) or handle_given_up(exc):
-            return self.damaged(exc)
+            return self.damaged(exc)  # which tells the two apart
         if self.free_disk() < DISK_FULL_SLACK:
             return DiskFull(f"the disk holding the cache at {self.path} is full")
         return CacheError(f"cache write failed: {exc}")
