@@ -377,7 +377,7 @@ class OpenImage:
         self.cancel()
         layers = [*self._tar_layers, *self._blobs]
         # Left to the exit behind a write lock another process holds: the store says so.
-        unless_stuck(lambda: self._close_layers(layers), self.store.env.write_lock_wait)
+        unless_stuck(lambda: self._close_layers(layers), self.store.write_lock_wait)
         if self.client is not None:
             self.client.close()
         if self._hold is not None:

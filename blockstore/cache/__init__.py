@@ -26,6 +26,8 @@ Modules, from the bottom up:
   use), ``indexes`` (chunk indexes kept beside them), ``traces`` (access
   traces kept per layer);
 - reading: ``blob``, ``leases`` (ranges being fetched, across processes),
+  ``warmup`` (what a cold open fetches before it is asked: the EROFS start,
+  the directory walk, a trace's replay, the background fill),
   ``walk_reader`` (the directory walk's reads), ``pagein`` (a served blob's
   chunks paged in from the cache file ahead of its reader);
 - ``compact`` (giving freed pages back to the disk).

@@ -6,7 +6,8 @@ copied out once (only the part asked for). No lock is held while fetching, so a 
 waits behind another request's miss. Misses go through the ``Fetcher``
 (single-flight, coalesced, parallel); chunks of a sealed blob are checked
 against the sealed checksums before they are served (here, as they
-arrive) and again by the store in the transaction that stores them.
+arrive) and again by the store in the transaction that stores them. What a
+cold open fetches before it is asked is the warm-up's (``warmup``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 from blockstore.errors import BlobReadError, CacheError, IntegrityError, NotCached
 from blockstore.export import Buffer
-from blockstore.fetch import FILL, PREFETCH, Fetcher, Flights
+from blockstore.fetch import PREFETCH, Fetcher, Flights
 from blockstore.fetch.fetcher import READER_STORE_WAIT, STOP_WAIT
 from blockstore.prefetch import (
     HintQueue,
@@ -30,10 +31,7 @@ from blockstore.prefetch import (
     Readahead,
     Trace,
     TraceRecorder,
-    erofs,
-    erofs_tree,
 )
-from blockstore.prefetch.feed import Pacer, bridge, coalesce, feed
 from blockstore.source import BlobSource
 from blockstore.throttledlog import ThrottledLog
 
@@ -47,7 +45,7 @@ from .pagein import PageIn
 from .store import ChunkStore
 from .traces import TraceShelf
 from .turns import PrefetchTurn
-from .walk_reader import WalkReader
+from .warmup import WarmUp
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +58,7 @@ _unkept = ThrottledLog(
 atexit.register(_unkept.flush)
 
 PREFETCH_STEP = 32 << 20  # bytes asked of the fetcher at a time by prefetch()
-FILL_ROUNDS = 3  # passes of the background fill over what is still missing
 SEAL_ROUNDS = 3  # prefetch's fetch-and-seal passes: sealing drops chunks that fail their check
-REPLAY_SPAN = 32 << 20  # trace entries (in bytes of chunks) sorted and merged at a time
-PACE_STEP = 0.25  # seconds of a capped fill's bandwidth asked for in one range
-WALK_YIELDS_TO = 512 << 10
-"""The directory walk ends once a client reads a stream with a readahead window this large."""
-BRIDGED_GAP = 4
-"""Blocks between two a replayed trace wants that are fetched with them, in one request,
-rather than cut it in two: a request costs more than 16 KiB (measured: bench/README.md)."""
 REPLAY_QUIET_AT_MOST = 120.0
 """Seconds readahead waits at most for a replayed trace, however long the trace says it
 lasted (it may come from elsewhere)."""
@@ -300,7 +290,7 @@ class CachedBlob:
         out: list[Buffer | None] = [None] * len(missing)
         bad: list[int] = []
         try:
-            blob_id = self._known_id()
+            blob_id = self.known_id()
             if blob_id is not None:
                 out, missing, bad = self._look_up(blob_id, offset, end)
                 if missing and (renewed := self._renewed_id(blob_id)) is not None:
@@ -510,6 +500,11 @@ class CachedBlob:
                 "layers; removed by `cache rm` in another process; or not stored, on a "
                 "full disk or while another process held the cache's write lock)"
             )
+        self.now_sealed()
+
+    def now_sealed(self) -> None:
+        """The blob was sealed here: fetches are checked against its sums from now on,
+        and readahead has nothing left to do."""
         self._sums = self._store.sealed_sums(self._digest)
         self._whole = True
 
@@ -590,9 +585,9 @@ class CachedBlob:
 
     # --- misses ----------------------------------------------------------------
 
-    def _known_id(self) -> int | None:
-        """The blob's id; looked up again while unknown, as another reader (or process)
-        may have stored the blob since."""
+    def known_id(self) -> int | None:
+        """The blob's id in the cache, None while it holds none of it; looked up again
+        while unknown, as another reader (or process) may have stored the blob since."""
         if self._blob_id is None:
             record = self._store.lookup(self._digest)
             self._blob_id = record.blob_id if record is not None else None
@@ -719,9 +714,9 @@ class CachedBlob:
         if not record.sealed and self._seal_when_whole:
             self._store.seal_later(self._digest)
 
-    def _load(self, indices: Sequence[int]) -> dict[int, Buffer]:
+    def load(self, indices: Sequence[int]) -> dict[int, Buffer]:
         """Those of ``indices`` the cache holds now (stored by another process meanwhile)."""
-        blob_id = self._known_id()
+        blob_id = self.known_id()
         if blob_id is None or not indices:
             return {}
         first, last = min(indices), max(indices)
@@ -743,7 +738,7 @@ class CachedBlob:
         """The fetcher, and the heuristics a cold open starts with (on a daemon thread)."""
         settings = self._settings
         fetcher = self._fetcher = self._new_fetcher(source)
-        self._hints = HintQueue(self._plan)
+        self._hints = HintQueue(self.plan)
         trace = None
         if settings.trace_replay and not self._whole:
             try:
@@ -762,9 +757,12 @@ class CachedBlob:
             self._quiet_until = time.monotonic() + quiet
             if self._keeps_parts(source, trace):
                 self._block_fetcher = self._new_block_fetcher(source)
-        if settings.erofs_start or settings.erofs_walk or trace is not None or settings.fill:
+        warm_up = WarmUp(
+            self, self._store, fetcher, self._block_fetcher, settings, self._readahead, self._stop
+        )
+        if warm_up.wanted(trace):
             threading.Thread(
-                target=self._warm_up, args=(trace,), name="prefetch-start", daemon=True
+                target=warm_up.run, args=(trace,), name="prefetch-start", daemon=True
             ).start()
 
     def _keeps_parts(self, source: BlobSource, trace: Trace) -> bool:
@@ -796,7 +794,7 @@ class CachedBlob:
             leases=self._leases(1),
             lease_wait=self._settings.lease_wait,
             on_request=self._requesting,
-            lock_wait=self._store.env.write_lock_wait,
+            lock_wait=self._store.write_lock_wait,
             keeps_nothing=self._lost,
         )
 
@@ -840,15 +838,15 @@ class CachedBlob:
                 # Stored in a moment, as a rule; a cache that takes no writes (a stopped
                 # process holds its lock) costs the chunk a fetch, not the reader a wait.
                 table.wait_settled(pending, READER_STORE_WAIT)
-        return self._load(indices)
+        return self.load(indices)
 
     def _load_blocks(self, indices: Sequence[int]) -> dict[int, Buffer]:
         """Those of the blocks ``indices`` the cache holds now, whole chunks or parts."""
-        blob_id = self._known_id()
+        blob_id = self.known_id()
         if blob_id is None or not indices:
             return {}
         chunks = sorted({block // BLOCKS for block in indices})
-        whole = self._load(chunks)
+        whole = self.load(chunks)
         held = self._store.read_parts(blob_id, [i for i in chunks if i not in whole])
         out: dict[int, Buffer] = {}
         for block in indices:
@@ -877,7 +875,7 @@ class CachedBlob:
             leases=self._leases(BLOCKS),
             lease_wait=self._settings.lease_wait,
             on_request=self._requesting,
-            lock_wait=self._store.env.write_lock_wait,
+            lock_wait=self._store.write_lock_wait,
             keeps_nothing=self._lost,
         )
 
@@ -950,210 +948,14 @@ class CachedBlob:
             return []
         start, count = ahead
         indices = range(start // CHUNK_SIZE, (start + count - 1) // CHUNK_SIZE + 1)
-        return self._store.missing(self._known_id(), indices)
+        return self._store.missing(self.known_id(), indices)
 
-    def _plan(self, offset: int, length: int, priority: int) -> None:
+    def plan(self, offset: int, length: int, priority: int) -> None:
         """A hint, off the read path: queue the range's missing chunks."""
         end = min(self._size, offset + length)
         if end <= offset or self._fetcher is None:
             return
         indices = range(offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1)
-        missing = self._store.missing(self._known_id(), indices)
+        missing = self._store.missing(self.known_id(), indices)
         if missing:
             self._fetcher.prefetch(missing, priority)
-
-    def _warm_up(self, trace: Trace | None) -> None:
-        """The EROFS start; then the directory walk on a thread of its own (it reads as
-        demand, in the listing's order, beside what follows); trace replay; background
-        fill; as set.
-
-        A trace replayed block by block goes first: it holds the mount's first reads
-        (the EROFS start's among them), and the walk, started once the replay's fetches
-        are all asked for, then finds each block it needs on its way and hurries it
-        along in the listing's order, rather than fetch its chunk whole.
-        """
-        exact = trace is not None and self._block_fetcher is not None
-        try:
-            if exact:
-                self._replay(trace)  # type: ignore[arg-type]
-            elif self._settings.erofs_start:
-                self._erofs_start()
-            if self._settings.erofs_walk and not self._stop.is_set():
-                threading.Thread(
-                    target=self._walk_directories, args=(exact,), name="erofs-walk", daemon=True
-                ).start()
-            if trace is not None and not exact and not self._stop.is_set():
-                self._replay(trace)
-            if self._settings.fill and not self._stop.is_set():
-                self._fill_layer()
-        except Exception as exc:  # prefetch is best effort; readers fetch for themselves
-            if not self._stop.is_set():
-                log.warning("%s: prefetch stopped: %s", self._digest, exc)
-
-    def _erofs_start(self) -> None:
-        """Fetch the superblock, then the root inode and directory, in one request."""
-        fetcher = self._fetcher
-        head = bytes(fetcher.fetch([0])[0])  # type: ignore[union-attr]
-        where = erofs.root_inode_offset(head)
-        if where is None:
-            return
-        inode_at = where[0]
-        if inode_at + 64 <= len(head):
-            inode = head[inode_at : inode_at + 64]
-        else:
-            inode = b"".join(self.read_for_pass(inode_at, min(64, self._size - inode_at)))
-        _, end = erofs.start_span(head, inode, self._size)
-        self._plan(0, end, PREFETCH)
-
-    def _walk_directories(self, exact: bool) -> None:
-        """Fetch every directory's inode and entries, in ``find``'s order (see
-        ``erofs_tree``); a blob that is not EROFS is left alone. ``exact``: beside a trace
-        replayed block by block."""
-        done = threading.Event()
-
-        def ended() -> bool:
-            """The walk ends with the blob; for a client copying the image (nbdcopy), which
-            reads every directory anyway: the walk's small requests would only cut into
-            its stream; and once the cache is lost (``ChunkStore.lost``): what it fetched
-            would not be kept, and the listing it runs ahead of would fetch it again."""
-            if self._stop.is_set() or self._readahead.longest() >= WALK_YIELDS_TO or self._lost():
-                done.set()
-            return done.is_set()
-
-        read: Callable[[int, int], bytes]
-        if exact:
-            # Beside a block replay the walk reads as a listing does: blocks from parts, or
-            # from the replay's fetches (which it hurries along, in the listing's order).
-            def read(offset: int, length: int) -> bytes:
-                if ended():
-                    raise BlobReadError("the directory walk has ended")
-                length = min(length, self._size - offset)
-                return b"".join(self._read(offset, length, client=False))
-        else:
-            read = WalkReader(self._load, self._fetcher.fetch, self._size, ended)  # type: ignore[union-attr]
-        try:
-            geometry = erofs.geometry(read(0, min(self._size, erofs.HEAD)))
-            if geometry is not None:
-                count = erofs_tree.walk(geometry, read, done)
-                log.debug("%s: walked %d directories", self._digest, count)
-        except Exception as exc:  # best effort, as all prefetch
-            if not self._stop.is_set():
-                log.warning("%s: directory walk stopped: %s", self._digest, exc)
-
-    def _replay(self, trace: Trace) -> None:
-        """Prefetch what the trace read, in its order, paced by the prefetch budget: its
-        blocks alone where they can be kept as parts of chunks, else their chunks."""
-        if self._block_fetcher is not None:
-            self._replay_blocks(trace, self._block_fetcher)
-            return
-        missing = set(self._store.missing(self._known_id(), range(self._chunks)))
-        fetcher = self._fetcher
-        limit = max(1, fetcher.window.request // CHUNK_SIZE)  # type: ignore[union-attr]
-        order = coalesce(trace.in_units_of(CHUNK_SIZE, self._size), REPLAY_SPAN // CHUNK_SIZE)
-        order = [i for i in order if i in missing]
-        feed(
-            order,
-            fetcher.prefetch,  # type: ignore[union-attr]
-            PREFETCH,
-            self._stop,
-            limit=limit,
-            chunk_size=CHUNK_SIZE,
-            lost=self._store.lost,
-        )
-
-    def _replay_blocks(self, trace: Trace, fetcher: Fetcher) -> None:
-        """The trace's blocks the cache lacks (neither its chunk nor a part holds them),
-        in runs bridged over small gaps."""
-        blocks = trace.in_units_of(BLOCK, self._size)
-        blob_id = self._known_id()
-        chunks = sorted({b // BLOCKS for b in blocks})
-        missing = set(self._store.missing(blob_id, chunks))
-        held = {
-            index: parts.present(value)
-            for index, value in (
-                self._store.read_parts(blob_id, sorted(missing)) if blob_id is not None else {}
-            ).items()
-        }
-        order = [
-            b
-            for b in blocks
-            if b // BLOCKS in missing and not held.get(b // BLOCKS, 0) >> (b % BLOCKS) & 1
-        ]
-        order = bridge(coalesce(order, REPLAY_SPAN // BLOCK), BRIDGED_GAP)
-        feed(
-            order,
-            fetcher.prefetch,
-            PREFETCH,
-            self._stop,
-            limit=max(1, fetcher.window.request // BLOCK),
-            chunk_size=BLOCK,
-            lost=self._store.lost,
-        )
-
-    def _fill_layer(self) -> None:
-        """Fetch the rest of the layer at fill priority, under the rate cap, then seal it.
-
-        Resumable: each pass takes only what is missing, so a fill cut short
-        (stopped, evicted, a failed range) continues where it stopped.
-        """
-        if (no_room := self.no_room()) is not None:
-            log.warning("%s; not filled, so nothing else is evicted for it", no_room)
-            return
-        fetcher = self._fetcher
-        rate = self._settings.fill_rate
-        pacer = Pacer(rate)
-        step = fetcher.window.request  # type: ignore[union-attr]
-        if rate:
-            step = min(step, int(rate * PACE_STEP))  # small steps, so the cap is smooth
-        limit = max(1, step // CHUNK_SIZE)
-        # A fill takes its turn as a prefetch does (``turns``), so a prefetch filling
-        # alone is not evicted by it; only this thread waits for it, never a reader.
-        with PrefetchTurn(self._store.path, self._stop) as turn:
-            for _ in range(FILL_ROUNDS):
-                if self._fills_nothing():
-                    return
-                missing = self._store.missing(self._known_id(), range(self._chunks))
-                if not missing:
-                    break
-                turn.join()
-                if not feed(
-                    missing,
-                    fetcher.prefetch,  # type: ignore[union-attr]
-                    FILL,
-                    self._stop,
-                    limit=limit,
-                    chunk_size=CHUNK_SIZE,
-                    pacer=pacer,
-                    lost=self._store.lost,
-                ):
-                    self._fills_nothing()  # says so, if that is why it stopped
-                    return
-                while fetcher.in_flight() and not self._stop.wait(0.05):  # type: ignore[union-attr]
-                    pass
-            if self._stop.is_set():
-                return
-            outcome = self._store.seal(self._digest, self._size)
-        if outcome:
-            self._sums = self._store.sealed_sums(self._digest)
-            self._whole = True
-            log.info("%s: filled and sealed", self._digest)
-        elif outcome is None:
-            missing = len(self._store.missing(self._known_id(), range(self._chunks)))
-            log.warning(
-                "%s: the fill gave up after %d rounds with %d of %d chunks still missing "
-                "(failed to fetch, or not kept: a full disk, a cap too small for the "
-                "layer, another process holding the cache's write lock)",
-                self._digest,
-                FILL_ROUNDS,
-                missing,
-                self._chunks,
-            )
-
-    def _fills_nothing(self) -> bool:
-        """Whether the cache keeps nothing a fill fetches, saying so if it does: a cache
-        lost as it was filled (``CacheEnv.lost``) would have the whole layer fetched
-        every round."""
-        if (why := self._store.env.read_only_because) is None:
-            return False
-        log.warning("%s: not filled, as the cache keeps nothing: %s", self._digest, why)
-        return True

@@ -245,6 +245,16 @@ class ChunkStore:
         return self.env.read_only
 
     @property
+    def read_only_because(self) -> str | None:
+        """Why this process cannot write the cache, None if it can."""
+        return self.env.read_only_because
+
+    def write_lock_wait(self) -> float:
+        """Seconds a write of this process has been waiting for the cache's write lock
+        (``CacheEnv.write_lock_wait``)."""
+        return self.env.write_lock_wait()
+
+    @property
     def fate(self) -> str:
         """What becomes of bad data found here, as messages say it."""
         return READ_ONLY_FATE if self.read_only else "dropped"
