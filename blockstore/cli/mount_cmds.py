@@ -44,7 +44,7 @@ from blockstore.errors import (
     UsageError,
 )
 from blockstore.logformat import count_trouble
-from nbdfront.mount import stack
+from nbdfront.mount import finding, listing, stack, unmount
 from nbdfront.mount.attach import KERNEL, NBDFUSE
 from nbdfront.mount.records import MountRecord
 
@@ -531,7 +531,7 @@ def describe_path(record: MountRecord) -> str:
     pid = record.server.pid if record.server else "?"
     metrics = f", metrics {record.metrics}" if record.metrics else ""
     return (
-        f"mounted {record.image} at {stack.printable(record.mountpoint)} via {via}, {shape}, "
+        f"mounted {record.image} at {finding.printable(record.mountpoint)} via {via}, {shape}, "
         f"in {record.mount_seconds:.2f}s (server pid {pid}{metrics}, log {record.log})"
     )
 
@@ -559,7 +559,7 @@ def ignore_late_signals() -> None:
 
 def run_umount(args: argparse.Namespace) -> int:
     try:
-        done = stack.unmount(args.mountpoint, lazy=args.lazy)
+        done = unmount.unmount(args.mountpoint, lazy=args.lazy)
     except MountpointBusy as exc:
         if isinstance(exc, MountBeingUndone) or not _runs_inside(args.mountpoint):
             raise  # not this command's working directory that keeps it
@@ -569,7 +569,7 @@ def run_umount(args: argparse.Namespace) -> int:
         ) from exc
     ignore_late_signals()
     if args.quiet <= 0:
-        say_done(f"unmounted {stack.printable(done.record.mountpoint)} ({done.record.image})")
+        say_done(f"unmounted {finding.printable(done.record.mountpoint)} ({done.record.image})")
         if done.trouble is not None:
             kept = Path(done.record.log).exists()
             where = f"; its log is kept at {done.record.log}" if kept else ""
@@ -589,7 +589,7 @@ def _runs_inside(mountpoint: str) -> bool:
 
 
 def run_mounts(args: argparse.Namespace) -> int:
-    statuses = stack.list_mounts()
+    statuses = listing.list_mounts()
     rows = []
     for st in statuses:
         record = with_layers(st.record)
@@ -614,11 +614,11 @@ def run_mounts(args: argparse.Namespace) -> int:
                 "warnings": count_trouble(Path(record.log)),
             }
         )
-    for run, count in stack.other_run_dirs().items():
+    for run, count in listing.other_run_dirs().items():
         what = "1 mount" if count == 1 else f"{count} mounts"
         print(
             f"blockstore: {what} made with another run directory, {run}, not listed here: "
-            f"`BLOCKSTORE_RUN_DIR={stack.shell_word(run)} blockstore mounts` lists "
+            f"`BLOCKSTORE_RUN_DIR={finding.shell_word(run)} blockstore mounts` lists "
             f"{'it' if count == 1 else 'them'}",
             file=sys.stderr,
         )
@@ -634,7 +634,9 @@ def run_mounts(args: argparse.Namespace) -> int:
         cached = " ".join("?" if f is None else percent(f) for f in row["cached"]) or "?"
         state = with_warnings(row["state"], row["warnings"])
         image, via = row["image"] or "?", row["via"] or "?"
-        table.append((stack.printable(row["mountpoint"]), image, row["served"], via, state, cached))
+        table.append(
+            (finding.printable(row["mountpoint"]), image, row["served"], via, state, cached)
+        )
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
@@ -649,9 +651,11 @@ def print_what_to_do(row: dict) -> None:
     broken one."""
     mountpoint = row["mountpoint"]
     if row["hidden_by"] is not None:
-        said = stack.hidden_by_message(mountpoint, row["hidden_by"])
+        said = finding.hidden_by_message(mountpoint, row["hidden_by"])
     elif row["state"] not in ("ok", "mounting"):
-        said = f"{stack.printable(mountpoint)}: `{stack.umount_command(mountpoint)}` cleans it up"
+        said = (
+            f"{finding.printable(mountpoint)}: `{finding.umount_command(mountpoint)}` cleans it up"
+        )
     else:
         return
     print(f"blockstore: {said}", file=sys.stderr)

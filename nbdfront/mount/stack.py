@@ -1,12 +1,12 @@
-"""Mount, unmount and list: the whole stack from an NBD server to a directory.
+"""Mount: the whole stack from an NBD server to a directory.
 
 ``mount`` starts the server, attaches each layer's export (kernel NBD or
 nbdfuse), mounts each layer's EROFS, stacks several layers with a read-only
 overlayfs (last layer on top, so its whiteouts hide files of the layers
 below), and records every step so ``unmount`` can undo them from another
-process. A failure at any step undoes the steps before it: a failed mount
-leaves nothing behind but its log, and an interrupted one not even that
-unless it holds a warning or an error.
+process. A failure at any step undoes the steps before it (``unmount.take_down``):
+a failed mount leaves nothing behind but its log, and an interrupted one not
+even that unless it holds a warning or an error.
 """
 
 from __future__ import annotations
@@ -14,36 +14,35 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shlex
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 from blockstore.errors import MountError, MountpointBusy, NotPermitted
 from blockstore.logformat import count_trouble, last_trouble
-from blockstore.openers import processes_using
 from nbdfront.mount import attach, dirattrs, records, syscall
+from nbdfront.mount.finding import (
+    ATTRIBUTES_LOWER,
+    EMPTY_LOWER,
+    SERVER_STATUS,
+    moved_to,
+    printable,
+    run_dir_of,
+    supervisor_of,
+    umount_command,
+    unrecorded,
+)
 from nbdfront.mount.process import ProcessRef
 from nbdfront.mount.records import MountRecord
 from nbdfront.mount.server import layer_exports, start_server
-from nbdfront.mount.supervisor import STOP_GRACE, ServerExit, read_status
+from nbdfront.mount.unmount import take_down
 from nbdfront.socketpath import overlong_socket_path
 
 logger = logging.getLogger(__name__)
 
-# Where the server's exit status is written, in the mount's state directory.
-SERVER_STATUS = "serve.status"
-EMPTY_LOWER = "empty-lower"  # the layer an overlay of one visible layer is given
-ATTRIBUTES_LOWER = "dir-attributes"  # the top layer that keeps lower directories' attributes
-
-SERVER_STOP_TIMEOUT = STOP_GRACE + 3.0
-"""Seconds ``umount`` waits for the supervisor: the server's grace, then time for the
-supervisor to kill it and write how it ended. Past that the supervisor is killed too,
-with all it started, and the server is said to have been killed."""
 
 # Called with the export names (bottom layer first) once the server is ready;
 # returns what the record's ``info`` should hold.
@@ -98,7 +97,7 @@ def _clear_a_record_left_alone(mountpoint: str) -> None:
         state_dir = Path(record.state_dir)  # an older version's may be named otherwise
         cleared = f"the record of an earlier mount of {record.image}"
     elif records.is_private(state_dir):  # a record that does not parse
-        if (standing := _unrecorded(mountpoint)) is not None:
+        if (standing := unrecorded(mountpoint)) is not None:
             left = (
                 "its server still runs"
                 if standing.server is not None
@@ -131,36 +130,9 @@ def _left_nothing(record: MountRecord) -> bool:
         not syscall.is_mounted(record.mountpoint)
         and not syscall.submounts(record.state_dir)
         and not any(process is not None and process.alive() for process in processes)
-        and _supervisor_of(Path(record.state_dir)) is None
+        and supervisor_of(Path(record.state_dir)) is None
         and all(a.method != attach.KERNEL for a in record.attachments)
     )
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def printable(path: str) -> str:
-    """``path`` with control characters written ``\\xNN``, as findmnt writes them: a
-    newline in a mount point would break its line in two, and the table with it."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", path)
-
-
-def shell_word(path: str) -> str:
-    """``path`` as one word the shell reads back as it is, for a command to copy: quoted
-    where it needs it, and a name with control characters as ``$'...\\xNN...'``, which
-    stays on one line."""
-    if not _CONTROL.search(path):
-        return shlex.quote(path)
-    escaped = printable(path.replace("\\", "\\\\").replace("'", "\\'"))
-    return f"$'{escaped}'"
-
-
-def umount_command(mountpoint: str, run_dir: str | None = None) -> str:
-    """The ``blockstore umount`` that undoes the mount at ``mountpoint``, as one line to
-    paste into a shell; ``run_dir``: the run directory that mounted it, when not this
-    one's."""
-    command = f"blockstore umount {shell_word(mountpoint)}"
-    return command if run_dir is None else f"BLOCKSTORE_RUN_DIR={shell_word(run_dir)} {command}"
 
 
 def overlaps(mountpoint: str, path: str | Path) -> bool:
@@ -178,7 +150,7 @@ def _already_mounted(mountpoint: str) -> str:
     """What is mounted at ``mountpoint``, and how to free it: one of ours is undone with
     ``blockstore umount`` (given the run directory that mounted it); another file system
     is the user's to unmount, or to keep."""
-    record = records.load(mountpoint) or _moved_to(mountpoint)
+    record = records.load(mountpoint) or moved_to(mountpoint)
     if record is not None:
         return (
             f"{mountpoint} is already a mount point: blockstore mounted {record.image} there; "
@@ -189,7 +161,7 @@ def _already_mounted(mountpoint: str) -> str:
             f"{mountpoint} is already a mount point: blockstore mounted an image there whose "
             f"record is gone or damaged; `{umount_command(mountpoint)}` first"
         )
-    if (other := _run_dir_of(mountpoint)) is not None:
+    if (other := run_dir_of(mountpoint)) is not None:
         return (
             f"{mountpoint} is already a mount point: blockstore mounted an image there with "
             f"another run directory; `{umount_command(mountpoint, other)}` first"
@@ -552,525 +524,3 @@ def _with_trouble(message: str, log: Path, shown: set[str]) -> str:
     if (trouble := last_trouble(log)) is not None and trouble not in shown:
         message += f"; the server's last warning: {trouble} (its log: {log})"
     return message
-
-
-@dataclass
-class MountStatus:
-    record: MountRecord
-    mounted: bool
-    server_alive: bool
-    attached: bool
-    recorded: bool = True
-    """False: the record is gone and ``record`` was read back from what the kernel shows
-    (``_unrecorded``), which names no image, layers or attach method."""
-    hidden_by: str | None = None
-    """Where the mount that hides its tree is: over a directory above it, or over it at
-    its own mount point (then that); None if none does."""
-    record_damaged: bool = False
-    """Not recorded because its record does not parse (a crash, an edit), not gone."""
-
-    @property
-    def state(self) -> str:
-        """``ok``, ``mounting``, or what broke: a user reads it to decide to unmount and
-        mount again. A hidden mount is said so first: nothing else can be done to it
-        until the mount that hides it is gone."""
-        if not self.recorded:
-            return "record damaged" if self.record_damaged else "record gone"
-        if self.record.mounting:
-            return "mounting"
-        if not self.mounted:
-            return "not mounted"
-        if self.hidden_by is not None:
-            return "hidden"
-        if self.record.server is not None and not self.server_alive:
-            return "server dead"
-        if not self.attached:
-            return "nbdfuse dead"
-        return "ok"
-
-
-def status(record: MountRecord, *, recorded: bool = True) -> MountStatus:
-    """How the recorded mount stands, by what the kernel shows: its own top mount at the
-    mount point, not merely some mount there (the user's, made in its place or over it)."""
-    where = _where_ours_is(record)
-    return MountStatus(
-        record,
-        mounted=where != "absent",
-        server_alive=record.server is not None and record.server.alive(),
-        attached=all(a.process is None or a.process.alive() for a in record.attachments),
-        recorded=recorded,
-        hidden_by=_hider(record, where),
-        record_damaged=not recorded and (Path(record.state_dir) / records.RECORD_NAME).exists(),
-    )
-
-
-def list_mounts() -> list[MountStatus]:
-    """Every mount blockstore made here, those whose record is gone too (``umount``
-    undoes them all the same). Only root mounts, and its records are root's alone:
-    another user would see none and be told there are none."""
-    if os.geteuid() != 0:
-        raise NotPermitted("listing mounts needs root: run it with sudo")
-    found = [status(_followed(r)) for r in records.saved()]
-    known = {st.record.mountpoint for st in found}
-    found += [status(r, recorded=False) for r in _unrecorded_mounts(known)]
-    return sorted(found, key=lambda st: st.record.mountpoint)
-
-
-def other_run_dirs() -> dict[str, int]:
-    """Run directories other than this one with mounts standing, and how many: ``mounts``
-    lists only this one's, so a mount made with another (a ``sudo`` that dropped
-    BLOCKSTORE_RUN_DIR) would otherwise look like none."""
-    here = os.path.realpath(records.run_dir())
-    found: dict[str, set[str]] = {}
-    for run, key in _standing_state_dirs():
-        if run != here and records.is_private(Path(run, "mounts", key)):
-            found.setdefault(run, set()).add(key)
-    return {run: len(keys) for run, keys in sorted(found.items())}
-
-
-def _unrecorded_mounts(known: set[str]) -> list[MountRecord]:
-    """The mounts at mount points not in ``known`` whose state directory is there without
-    its record (the run directory cleared while they were mounted), as ``_unrecorded``
-    reads them back."""
-    inside = str(records.run_dir() / "mounts") + "/"
-    found = []
-    for point in syscall.mounted():
-        if point in known or point.startswith(inside):
-            continue
-        if not records.is_private(records.state_dir_for(point)):
-            continue
-        if (record := _unrecorded(point)) is not None:
-            found.append(record)
-    return found
-
-
-@dataclass
-class Unmounted:
-    """What ``unmount`` undid, and why its log was kept (None: all went well, log removed)."""
-
-    record: MountRecord
-    trouble: str | None
-
-
-def unmount(mountpoint: str, *, lazy: bool = False) -> Unmounted:
-    """Undo the mount recorded for ``mountpoint``; ``lazy`` detaches a busy one.
-
-    The log is removed when the mount was whole until now, its server
-    exited with status 0 and logged no warning or error; otherwise it is
-    kept, to read what went wrong.
-    """
-    if os.geteuid() != 0:
-        raise NotPermitted("unmounting needs root: run it with sudo")
-    path = os.path.realpath(mountpoint)
-    record = records.load(path) or records.load(mountpoint) or _moved_to(path)
-    recorded = record is not None
-    if record is None:
-        record = _unrecorded(path)
-    if record is None:
-        raise MountError(_not_ours(mountpoint))
-    if (now := _followed(record).mountpoint) != record.mountpoint:
-        raise MountError(
-            f"{printable(record.mountpoint)} is where blockstore mounted {record.image}, which "
-            f"is now at {printable(now)} (a directory above it renamed or moved): "
-            f"`{umount_command(now)}` undoes it"
-        )
-    before = status(record, recorded=recorded)
-    if before.state == "mounting":
-        assert record.mounter is not None
-        raise MountpointBusy(
-            f"{record.mountpoint} is still being mounted (pid {record.mounter.pid}): "
-            "let it finish, or interrupt that command, which undoes it"
-        )
-    with records.held_for_undoing(Path(record.state_dir)):
-        ended = take_down(record, lazy=lazy)
-        trouble = _trouble(before, ended)
-        if trouble is None:
-            Path(record.log).unlink(missing_ok=True)
-        # The record goes last: until then it keeps the mount point from another mount,
-        # whose log would be at the same path as this one's.
-        records.forget(record)
-    return Unmounted(record, trouble)
-
-
-def _trouble(before: MountStatus, ended: ServerExit | None) -> str | None:
-    """Why the log of the mount that stood as ``before``, its server ended as ``ended``, is
-    kept; None if all went well."""
-    if before.record_damaged:
-        return "its mount record was damaged (it does not parse)"
-    if not before.recorded:
-        return "its mount record was gone (the run directory cleared while it was mounted)"
-    if before.state != "ok":
-        return f"the mount was not whole ({before.state})"
-    if ended is None:
-        return "the server's exit status is unknown"
-    if ended.killed_after_grace:
-        return f"the server did not stop within {STOP_GRACE:.0f}s and was killed"
-    if ended.status != 0:
-        return f"the server exited with status {ended.status}"
-    if logged := count_trouble(Path(before.record.log)):
-        return f"the server logged {logged} warning or error line{'s' if logged > 1 else ''}"
-    return None
-
-
-def _followed(record: MountRecord) -> MountRecord:
-    """``record`` at the place its top is mounted now: a directory above its mount point
-    renamed or moved takes the mount with it, and the kernel shows it at the new path,
-    not the one recorded. Found by the top's device, as ``_is_ours`` knows it."""
-    if record.top_device is None or _where_ours_is(record) != "absent":
-        return record
-    for point in syscall.points_of(record.top_device):
-        if any(_is_ours(record, here) for here in syscall.mounts_at(point)[:1]):
-            return replace(record, mountpoint=point)
-    return record
-
-
-def _moved_to(path: str) -> MountRecord | None:
-    """The recorded mount whose top is mounted at ``path`` now, moved there with a
-    directory above it (``_followed``)."""
-    return next(
-        (moved for r in records.saved() if (moved := _followed(r)).mountpoint == path), None
-    )
-
-
-def _unrecorded(mountpoint: str) -> MountRecord | None:
-    """A mount whose record is gone (the run directory cleared while it was mounted)
-    though its state directory still holds what it mounted: enough of a record, read
-    from mountinfo and from its server's command line, for ``take_down`` to undo
-    it, the server included; None if nothing of it is mounted or running."""
-    state = records.state_dir_for(mountpoint)
-    if not records.is_private(state):
-        return None
-    inside = syscall.submounts(str(state))
-    table = syscall.mounted()
-    record = MountRecord(
-        mountpoint=mountpoint,
-        image="image unknown",
-        method="",
-        state_dir=str(state),
-        log=str(records.log_path_for(mountpoint)),
-        lowers=[point for point in reversed(inside) if table[point][0] == "erofs"],
-        mounted=True,
-        server=_supervisor_of(state),
-    )
-    if not inside and record.server is None and _where_ours_is(record) == "absent":
-        return None
-    return record
-
-
-def _supervisor_of(state: Path) -> ProcessRef | None:
-    """The live supervisor of the server of the mount whose state directory is ``state``,
-    known by the status file its command line names (``start_server``), among this
-    user's processes: with the record gone, nothing else names it, and left running it
-    would serve nothing and hold its cache for ever."""
-    wanted = [b"-m", b"nbdfront.mount.supervisor", os.fsencode(state / SERVER_STATUS)]
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            if entry.stat().st_uid != os.geteuid():
-                continue
-            argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
-        except OSError:  # gone meanwhile
-            continue
-        if argv[1:4] == wanted:
-            return ProcessRef.of(int(entry.name))
-    return None
-
-
-def _not_ours(mountpoint: str) -> str:
-    """Why ``umount`` has nothing to undo at ``mountpoint``, and what to do instead: a
-    mount made with another run directory (a ``sudo`` that dropped BLOCKSTORE_RUN_DIR)
-    is undone with that one, never by umount(8), which would leave its server running."""
-    top = syscall.mounts_at(mountpoint)
-    if not top and (around := _recorded_around(os.path.realpath(mountpoint))) is not None:
-        return (
-            f"{printable(mountpoint)} is inside the mount of {around.image} at "
-            f"{printable(around.mountpoint)}, not one itself: "
-            f"`{umount_command(around.mountpoint)}` undoes that"
-        )
-    if not top:
-        why = "does not exist" if not os.path.lexists(mountpoint) else "has nothing mounted on it"
-        return f"{mountpoint} {why}; `blockstore mounts` lists the mounts blockstore made"
-    if (other := _run_dir_of(os.path.realpath(mountpoint))) is not None:
-        return (
-            f"{mountpoint} was mounted by blockstore with another run directory: "
-            f"`{umount_command(mountpoint, other)}` undoes it"
-        )
-    return (
-        f"{mountpoint} was not mounted by blockstore with the run directory "
-        f"{records.run_dir()}: {top[0].fstype} from {top[0].source} is mounted there; "
-        "unmount it with umount(8) if it is yours, or give the BLOCKSTORE_RUN_DIR that "
-        "mounted it"
-    )
-
-
-def _recorded_around(path: str) -> MountRecord | None:
-    """The recorded mount ``path`` lies in, the innermost: ``umount`` given a directory
-    or a file of a mounted image means that mount."""
-    around = [r for r in records.saved() if path.startswith(r.mountpoint.rstrip("/") + "/")]
-    return max(around, key=lambda r: len(r.mountpoint), default=None)
-
-
-def _run_dir_of(mountpoint: str) -> str | None:
-    """The run directory whose mount at ``mountpoint`` is standing, where that mount's
-    record is there."""
-    key = records.mount_key(mountpoint)
-    return next((run for run, other in _standing_state_dirs() if other == key), None)
-
-
-def _standing_state_dirs() -> Iterator[tuple[str, str]]:
-    """(run directory, mount key) of each state directory ``RUN/mounts/KEY/`` holding a
-    record that a standing mount lies in (its FUSE files, its layers' EROFS): how a mount
-    made with another run directory is found, as an overlay at the mount point names
-    none of it. Every ``/mounts/`` of a path is tried: a run directory's own path may
-    hold one."""
-    for point, (_, source) in syscall.mounted().items():
-        for path in (point, source):
-            at = path.find("/mounts/")
-            while at >= 0:
-                run = path[:at]
-                key = path[at + len("/mounts/") :].split("/", 1)[0]
-                if key and os.path.isfile(os.path.join(run, "mounts", key, records.RECORD_NAME)):
-                    yield run, key
-                at = path.find("/mounts/", at + 1)
-
-
-def _where_ours_is(record: MountRecord) -> str:
-    """Where the record's top mount is among those at the mount point, whatever the
-    record says: ``top``, ``covered`` (another mount is on it there, a bind of it
-    too, or another blockstore mount's top that an older record cannot tell from
-    its own), or ``absent`` (gone, or never made). A command killed inside mount(2) made it
-    unrecorded; a mount the user made there after unmounting ours by hand is not ours."""
-    depths = [
-        depth
-        for depth, here in enumerate(syscall.mounts_at(record.mountpoint))
-        if _is_ours(record, here)
-    ]
-    if not depths:
-        return "absent"
-    # Ours below another mount there, even one of ours (a bind of it onto itself).
-    return "covered" if max(depths) > 0 else "top"
-
-
-def _is_ours(record: MountRecord, here: syscall.MountedHere) -> bool:
-    """Whether ``here`` is the record's top mount: a layer's EROFS on one of the
-    record's devices (or a file in its state directory), or an overlay of exactly the
-    record's layer directories, named relative to the state directory as this engine
-    names them (or, as older versions did, by their paths; with the empty layer or the
-    one that keeps directories' attributes, ``dirattrs``); and on the recorded device,
-    once one is (an EROFS or a tmpfs made there since may get the same anonymous
-    device number, so the device alone does not tell)."""
-    if record.top_device is not None and here.device != record.top_device:
-        return False
-    state = record.state_dir.rstrip("/")
-    inside = (state + "/", os.path.realpath(state) + "/")
-    if here.fstype == "erofs":
-        devices = {a.device for a in record.attachments}
-        return here.source in devices or here.source.startswith(inside)
-    if here.fstype == "overlay" and record.lowers and here.lowers:
-        named = {os.path.relpath(lower, state) for lower in record.lowers}
-        named |= {EMPTY_LOWER, ATTRIBUTES_LOWER}
-        return all(
-            lower in named if not os.path.isabs(lower) else lower.startswith(inside)
-            for lower in here.lowers
-        )
-    return False
-
-
-def _sweep(record: MountRecord, *, fuse: bool, lazy: bool) -> None:
-    """Unmount what is left mounted in the state directory, made by a step the record
-    does not list (the command killed inside it): first (``fuse=False``) layers' EROFS,
-    then the FUSE files they read; unmounting a FUSE file ends its nbdfuse."""
-    table = syscall.mounted()
-    for point in syscall.submounts(record.state_dir):
-        if table.get(point, ("",))[0].startswith("fuse") == fuse:
-            syscall.umount(point, lazy=lazy)
-
-
-def _held_inside(record: MountRecord) -> list[str]:
-    """What uses the mount's layers through its state directory (a process with a
-    layer's FUSE file or EROFS directory open, a loop device over a FUSE file) or from
-    another mount namespace (its copy of the mount, a container's bind of it), which
-    the unmount of the top cannot see: found after it, the top would be gone and the
-    rest refused, a mount neither whole nor undone."""
-    return (
-        syscall.loops_over(record.state_dir)
-        + processes_using(record.state_dir)
-        + syscall.held_in_other_namespaces(_mount_points(record))
-    )
-
-
-def _still_held_inside(record: MountRecord) -> list[str]:
-    """``_held_inside``, asked again for ``BUSY_PATIENCE`` while it finds something, as
-    ``syscall.umount`` waits on a busy file system: a process just ending still holds
-    the layers for a moment, and a mount namespace just made holds copies of every mount
-    until it drops those it does not want."""
-    deadline = time.monotonic() + syscall.BUSY_PATIENCE
-    while (held := _held_inside(record)) and time.monotonic() < deadline:
-        time.sleep(syscall.BUSY_RETRY)
-    return held
-
-
-def _mount_points(record: MountRecord) -> list[str]:
-    """Where the record's file systems are mounted: the top, each layer, each FUSE file."""
-    return [
-        record.mountpoint,
-        *record.lowers,
-        *(a.fuse_dir for a in record.attachments if a.fuse_dir),
-    ]
-
-
-def _mounts_run_inside(record: MountRecord) -> list[MountRecord]:
-    """The other recorded mounts whose server or attachment has its working directory in
-    ``record``'s mounted tree: an earlier version ran them in the directory ``mount`` was
-    run in. Named, the user unmounts that mount first, rather than ending its processes.
-    By device, not path: a directory the tree was mounted over later does not count."""
-    try:
-        device = os.stat(record.mountpoint).st_dev
-    except OSError:
-        return []
-    found = []
-    for other in records.saved():
-        refs = [other.server, *(a.process for a in other.attachments)]
-        if other.mountpoint != record.mountpoint and any(
-            ref is not None and ref.alive() and _cwd_device(ref.pid) == device for ref in refs
-        ):
-            found.append(other)
-    return found
-
-
-def _cwd_device(pid: int) -> int | None:
-    """The device of ``pid``'s working directory; None if it cannot be read."""
-    try:
-        return os.stat(f"/proc/{pid}/cwd").st_dev
-    except OSError:
-        return None
-
-
-def _hider(record: MountRecord, where: str) -> str | None:
-    """Where the mount that hides the record's top is (``where``: ``_where_ours_is``):
-    over it at its own mount point, or over a directory above it; None if none does."""
-    if where == "covered":
-        return record.mountpoint
-    return syscall.hidden_by(record.mountpoint) if where == "top" else None
-
-
-def hidden_by_message(mountpoint: str, above: str) -> str:
-    """Why the mount at ``mountpoint`` cannot be reached, nor unmounted, while the one at
-    ``above`` (over a directory above it, or at the same place) hides it, and what to
-    unmount first: one of ours with ``blockstore umount`` (with the run directory that
-    mounted it)."""
-    hidden = f"{printable(mountpoint)} is hidden by the mount"
-    if above == mountpoint:
-        top = syscall.mounts_at(above)[0]
-        return (
-            f"{hidden} at the same place ({top.fstype} from {top.source}), made over it since: "
-            "unmount that first"
-        )
-    if (record := records.load(above)) is not None:
-        return (
-            f"{hidden} of {record.image} at {printable(above)}, made over a directory above "
-            f"it since: `{umount_command(above)}` first"
-        )
-    if (other := _run_dir_of(above)) is not None:  # never umount(8): its server would run on
-        return (
-            f"{hidden} at {printable(above)}, made by blockstore with another run directory "
-            f"over a directory above it since: `{umount_command(above, other)}` first"
-        )
-    top = syscall.mounts_at(above)[0]
-    return (
-        f"{hidden} at {printable(above)} ({top.fstype} from {top.source}), made over a "
-        "directory above it since: unmount that first"
-    )
-
-
-def _ours_inside(mountpoint: str) -> list[str]:
-    """Our mounts in the tree of the mount at ``mountpoint``, the outermost first, each as
-    words naming it and the ``blockstore umount`` that undoes it: a lazy unmount of
-    ``mountpoint`` would take them down with it, leaving their servers running for mounts
-    no longer there, and a plain one is refused by the kernel. Recorded here, recorded
-    no more (``_unrecorded``), or recorded with another run directory; each where its
-    top is now (``_followed``)."""
-    saved = {(moved := _followed(r)).mountpoint: moved for r in records.saved()}
-    found = []
-    for point in sorted(syscall.mounted_in_tree(mountpoint), key=len):
-        shown = printable(point)
-        if point in saved:
-            what, command = f"{saved[point].image} at {shown}", umount_command(point)
-        elif _unrecorded(point) is not None:
-            what = f"an image at {shown} (its record gone or damaged)"
-            command = umount_command(point)
-        elif (other := _run_dir_of(point)) is not None:
-            what = f"an image at {shown} with another run directory"
-            command = umount_command(point, other)
-        else:
-            continue
-        found.append(f"blockstore mounted {what}, inside it: `{command}` first")
-    return found
-
-
-def take_down(record: MountRecord, *, lazy: bool) -> ServerExit | None:
-    """Undo every step the record lists, top first; raises if the file system is busy.
-    The record itself stays, for the caller to drop once done with the mount's log.
-
-    Each step tolerates being undone already, so a half-made mount, a dead
-    server or an earlier interrupted ``umount`` all clean up the same way.
-    Returns how the server ended, None where it is not known. Bounded: a
-    server that does not stop is killed after ``STOP_GRACE`` seconds.
-    """
-    where = _where_ours_is(record)
-    if where == "covered":
-        raise MountpointBusy(hidden_by_message(record.mountpoint, record.mountpoint))
-    top = where == "top"
-    if top and (above := syscall.hidden_by(record.mountpoint)) is not None:
-        raise MountpointBusy(hidden_by_message(record.mountpoint, above))
-    if top and (inside := _ours_inside(record.mountpoint)):
-        raise MountpointBusy(f"{printable(record.mountpoint)} is busy: {inside[0]}")
-    if top and not lazy:
-        users = syscall.users_of(_mount_points(record))
-        if users:
-            raise MountpointBusy(
-                f"{record.mountpoint} is busy: {', '.join(users)} is mounted over it (a bind "
-                "mount or an overlay); unmount that first, or unmount with --lazy, after "
-                "which it gets I/O errors"
-            )
-        if others := _mounts_run_inside(record):
-            raise MountpointBusy(
-                f"{printable(record.mountpoint)} is busy: the mount at "
-                f"{printable(others[0].mountpoint)} runs its processes in it (an earlier "
-                "version ran them where `mount` was run); "
-                f"`{umount_command(others[0].mountpoint)}` first, or unmount "
-                "with --lazy"
-            )
-        if held := _still_held_inside(record):
-            raise MountpointBusy(
-                f"{record.mountpoint} is busy: {', '.join(held)} uses its layers from "
-                "outside it; end or unmount that first, or unmount with --lazy, after which "
-                "it gets I/O errors"
-            )
-    if top:
-        syscall.umount(record.mountpoint, lazy=lazy)
-    elif record.mounted and syscall.is_mounted(record.mountpoint):
-        logger.warning(
-            "%s: what is mounted there now is not this mount's: left alone", record.mountpoint
-        )
-    # The tree is out of reach now, but reads may be in flight (a lazy unmount's users,
-    # the kernel's readahead) that a server stuck on its registry never answers: its stop
-    # grace starts now and runs while the layers come down, rather than after them.
-    told = record.server is not None and record.server.alive()
-    if told:
-        record.server.signal(signal.SIGTERM)
-    for lower in reversed(record.lowers):
-        syscall.umount(lower, lazy=lazy)
-    _sweep(record, fuse=False, lazy=lazy)
-    for attachment in reversed(record.attachments):
-        attach.detach(attachment, lazy=lazy)
-    _sweep(record, fuse=True, lazy=lazy)
-    server = record.server
-    stopped = server is None or server.stop(SERVER_STOP_TIMEOUT, told=told, group=True)
-    ended = read_status(Path(record.state_dir) / SERVER_STATUS)
-    if ended is None and not stopped:  # the supervisor did not answer: killed, with the server
-        ended = ServerExit(128 + signal.SIGKILL, killed_after_grace=True)
-    if record.socket:
-        Path(record.socket).unlink(missing_ok=True)
-    return ended

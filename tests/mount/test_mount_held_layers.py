@@ -14,7 +14,7 @@ from rig.waiting import wait_for
 from suggested import run_suggested
 
 from blockstore.errors import MountpointBusy
-from nbdfront.mount import records, stack, syscall
+from nbdfront.mount import listing, records, stack, syscall, unmount
 
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
 
@@ -52,7 +52,7 @@ def test_a_layer_used_from_outside_is_refused_before_anything_is_undone(
         done = cli("umount", str(mountpoint))
         assert done.returncode == MountpointBusy.exit_code, done.stderr
         assert named in done.stderr and "uses its layers" in done.stderr, done.stderr
-        assert stack.status(records.load(str(mountpoint))).state == "ok"
+        assert listing.status(records.load(str(mountpoint))).state == "ok"
         assert_same_tree(image.tree, mountpoint)
     finally:
         release()
@@ -94,7 +94,7 @@ def test_a_mount_held_in_another_mount_namespace_is_refused_before_anything_is_u
         assert done.returncode == MountpointBusy.exit_code, done.stderr
         named = f"pid {user.pid} (sleep) in another mount namespace (mounted there at {shown})"
         assert named in done.stderr, done.stderr
-        assert stack.status(records.load(str(mountpoint))).state == "ok"
+        assert listing.status(records.load(str(mountpoint))).state == "ok"
         assert_same_tree(erofs_images.layers[-1].merged_tree, mountpoint)
     finally:
         user.kill()
@@ -121,8 +121,8 @@ def test_umount_of_a_path_inside_a_mount_names_the_mount(
         f"blockstore: {inner} is inside the mount of small at {mountpoint}, not one itself: "
         f"`blockstore umount {mountpoint}` undoes that\n"
     )
-    assert stack.status(records.load(str(mountpoint))).state == "ok"
-    stack.unmount(str(mountpoint))
+    assert listing.status(records.load(str(mountpoint))).state == "ok"
+    unmount.unmount(str(mountpoint))
     assert records.saved() == [] and not Path(record.state_dir).exists()
 
 

@@ -115,7 +115,7 @@ def test_umount_of_what_blockstore_did_not_mount_says_where_to_look(
     what is (or is not) there and what to do, the image's being the command that undoes
     it; the tmpfs and the image stay mounted. Before, all four said only "... was not
     mounted by blockstore"."""
-    from nbdfront.mount import stack, syscall
+    from nbdfront.mount import stack, syscall, unmount
 
     base, run = mount_dirs
     theirs, image = base / "theirs", base / "image"
@@ -147,7 +147,7 @@ def test_umount_of_what_blockstore_did_not_mount_says_where_to_look(
         assert syscall.is_mounted(str(theirs)) and syscall.is_mounted(str(image))
     finally:
         syscall.umount(str(theirs), lazy=True)
-    stack.unmount(str(image))
+    unmount.unmount(str(image))
 
 
 @pytest.mark.parametrize("where", ["layered", "run directory under a mounts directory"])
@@ -161,7 +161,7 @@ def test_umount_with_another_run_directory_names_it_for_every_image(
     ``BLOCKSTORE_RUN_DIR=... blockstore umount`` that undoes it; the image stays
     mounted. Before, both were told to use umount(8) "if it is yours", which would
     leave the server and nbdfuse running."""
-    from nbdfront.mount import stack, syscall
+    from nbdfront.mount import stack, syscall, unmount
 
     base, run = mount_dirs
     if where == "layered":
@@ -189,7 +189,7 @@ def test_umount_with_another_run_directory_names_it_for_every_image(
         )
         assert syscall.is_mounted(str(image))
     finally:
-        stack.unmount(str(image))
+        unmount.unmount(str(image))
 
 
 def test_mounts_with_another_run_directory_names_the_one_that_lists_them(
@@ -204,7 +204,7 @@ def test_mounts_with_another_run_directory_names_the_one_that_lists_them(
     more, while both stood."""
     import json
 
-    from nbdfront.mount import stack
+    from nbdfront.mount import stack, unmount
 
     base, run = mount_dirs
     layered, single = base / "layered", base / "single"
@@ -234,8 +234,8 @@ def test_mounts_with_another_run_directory_names_the_one_that_lists_them(
             else:
                 assert done.stdout == "no blockstore mounts\n"
     finally:
-        stack.unmount(str(layered))
-        stack.unmount(str(single))
+        unmount.unmount(str(layered))
+        unmount.unmount(str(single))
 
 
 def test_mount_where_blockstore_mounted_with_another_run_directory_names_it(
@@ -248,7 +248,7 @@ def test_mount_where_blockstore_mounted_with_another_run_directory_names_it(
     ("overlay from overlay") to unmount, which umount(8) does leaving the server and
     nbdfuse running."""
     from blockstore.errors import MountpointBusy
-    from nbdfront.mount import stack, syscall
+    from nbdfront.mount import stack, syscall, unmount
 
     base, run = mount_dirs
     image = base / "image"
@@ -267,7 +267,7 @@ def test_mount_where_blockstore_mounted_with_another_run_directory_names_it(
         assert syscall.is_mounted(str(image))
     finally:
         monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(run))
-        stack.unmount(str(image))
+        unmount.unmount(str(image))
 
 
 @pytest.mark.parametrize(
@@ -424,7 +424,7 @@ def test_umount_run_from_inside_the_mount_says_to_step_out_of_it(
     mount. Must hold: exit 13, one line naming that shell as what uses it and saying to
     cd out of the mount first; the image stays mounted. Before, it said only to end the
     process, the user's own shell, or to unmount with --lazy."""
-    from nbdfront.mount import stack, syscall
+    from nbdfront.mount import stack, syscall, unmount
 
     stack.mount(local_server({"layer0": erofs_images.small.path}), str(mountpoint), image="small")
     shell, said = _umount_typed_inside(mountpoint)
@@ -436,7 +436,7 @@ def test_umount_run_from_inside_the_mount_says_to_step_out_of_it(
         "cd out of it first\n"
     )
     assert syscall.is_mounted(str(mountpoint))
-    stack.unmount(str(mountpoint))
+    unmount.unmount(str(mountpoint))
 
 
 def _umount_typed_inside(mountpoint: os.PathLike) -> tuple[subprocess.Popen, str]:
@@ -460,7 +460,7 @@ def test_umount_from_inside_a_mount_another_process_is_undoing_says_only_that(
     under way, played by holding its flock). Must hold: exit 13 saying another process
     is unmounting it, and no word of cd-ing out, which is not what keeps it. Before, the
     line told the user to cd out of the mount first, as if their shell were the cause."""
-    from nbdfront.mount import records, stack
+    from nbdfront.mount import records, stack, unmount
 
     record = stack.mount(
         local_server({"layer0": erofs_images.small.path}), str(mountpoint), image="small"
@@ -475,7 +475,7 @@ def test_umount_from_inside_a_mount_another_process_is_undoing_says_only_that(
     assert "by another blockstore process" in said
     assert "cd out" not in said, said
     assert records.load(str(mountpoint)) is not None
-    stack.unmount(str(mountpoint))
+    unmount.unmount(str(mountpoint))
 
 
 def test_a_run_directory_too_deep_for_the_servers_socket_is_refused_saying_so(

@@ -15,7 +15,7 @@ from rig.processes import processes_mentioning
 from rig.pushed import push_erofs
 
 from blockstore.errors import AuthError, MountError, UsageError
-from nbdfront.mount import records, stack
+from nbdfront.mount import listing, records, stack, unmount
 
 BLOCKSTORE = [sys.executable, "-m", "blockstore"]
 
@@ -60,7 +60,7 @@ def test_sockets_records_and_logs_are_owner_only(
         assert os.stat(path).st_uid == os.geteuid()
     for path in run_dir.rglob("*"):
         assert not os.lstat(path).st_mode & 0o002, f"{path} is world-writable"
-    stack.unmount(str(mountpoint))
+    unmount.unmount(str(mountpoint))
 
 
 def test_a_run_directory_others_can_write_is_refused(mount_dirs, mountpoint, local_server):
@@ -123,7 +123,7 @@ def test_a_relative_run_directory_is_refused(monkeypatch, mountpoint):
         with pytest.raises(UsageError, match="must be an absolute path, not 'run'"):
             stack.check_can_mount(str(mountpoint))
         with pytest.raises(UsageError, match="must be an absolute path"):
-            stack.list_mounts()
+            listing.list_mounts()
 
 
 def test_a_run_directory_that_is_a_file_is_one_line(mount_dirs, mountpoint, tmp_path):

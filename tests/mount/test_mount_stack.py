@@ -33,7 +33,7 @@ from stop_timing import umount_timed
 from suggested import own_lines, run_suggested
 
 from blockstore.errors import MountError, MountpointBusy
-from nbdfront.mount import attach, records, stack, syscall
+from nbdfront.mount import attach, listing, records, stack, syscall, unmount
 from nbdfront.mount.process import ProcessRef
 from nbdfront.mount.server import ServerFailed, previous_log, start_server
 from nbdfront.mount.supervisor import STOP_GRACE, ServerExit, read_status
@@ -116,7 +116,7 @@ def test_three_layers_stack_with_overlayfs(mount_dirs, mountpoint, erofs_images,
     assert record.overlay and len(record.lowers) == 3
     assert syscall.mounted()[str(mountpoint)][0] == "overlay"
     assert_same_tree(layers[-1].merged_tree, mountpoint)
-    stack.unmount(str(mountpoint))
+    unmount.unmount(str(mountpoint))
     assert_nothing_left(record, run)
 
 
@@ -134,7 +134,7 @@ def test_an_image_of_many_layers_mounts(mount_dirs, mountpoint, erofs_images, lo
     assert record.overlay and len(record.lowers) == 61
     assert len(",".join(record.lowers)) > 4096  # as absolute names, over a page
     assert_same_tree(rest[-1].merged_tree, mountpoint)
-    stack.unmount(str(mountpoint))
+    unmount.unmount(str(mountpoint))
     assert_nothing_left(record, run)
 
 
@@ -146,7 +146,7 @@ def test_opaque_directory_hides_the_layers_below(
     argv = local_server({f"layer{i}": image for i, image in enumerate(images)})
     stack.mount(argv, str(mountpoint), image="opaque")
     assert_same_tree(merged, mountpoint)
-    stack.unmount(str(mountpoint))
+    unmount.unmount(str(mountpoint))
 
 
 def test_one_layer_of_several_mounts_alone(mount_dirs, mountpoint, erofs_images, local_server):
@@ -155,7 +155,7 @@ def test_one_layer_of_several_mounts_alone(mount_dirs, mountpoint, erofs_images,
     record = stack.mount(local_server({"layer1": middle.path}), str(mountpoint), image="one")
     assert not record.overlay
     assert_same_tree(middle.tree, mountpoint)
-    stack.unmount(str(mountpoint))
+    unmount.unmount(str(mountpoint))
 
 
 def test_dead_server_is_reported_reads_fail_and_umount_cleans_up(
@@ -470,7 +470,7 @@ def test_a_run_directory_where_no_file_can_be_unnamed_is_checked_for_room(
         if room == "some":
             stack.mount(argv, str(mountpoint), image="small")
             assert_same_tree(erofs_images.small.tree, mountpoint)
-            stack.unmount(str(mountpoint))
+            unmount.unmount(str(mountpoint))
         else:
             _fill(under)
             with pytest.raises(MountError) as failed:
@@ -514,7 +514,7 @@ def test_a_mount_whose_run_directory_was_cleared_is_undone_by_umount(
     assert_nothing_left(record, run)
     again = stack.mount(local_server({"layer0": layers[0].path}), str(mountpoint), image="one")
     assert_same_tree(layers[0].tree, mountpoint)
-    stack.unmount(str(mountpoint))
+    unmount.unmount(str(mountpoint))
     assert_nothing_left(again, run)
 
 
@@ -589,7 +589,7 @@ def test_a_log_umount_kept_outlives_the_next_mount_at_that_place(
         umount_keeps_the_log(record, run, "the server logged 1 warning or error line")
         kept = Path(record.log).read_text()
         with contextlib.suppress(ServerFailed):
-            stack.unmount(stack.mount(server, str(mountpoint), image="small").mountpoint)
+            unmount.unmount(stack.mount(server, str(mountpoint), image="small").mountpoint)
         log = Path(record.log)
         assert log.with_name(f"{log.stem}.previous.log").read_text() == kept
         assert not log.exists() or "dropped" not in log.read_text()
@@ -616,11 +616,11 @@ def test_a_mount_made_as_umount_frees_the_place_keeps_its_log(
             made.append(stack.mount(argv, str(mountpoint), image="small"))
 
     monkeypatch.setattr(records, "forget", forget_then_mount)
-    assert stack.unmount(str(mountpoint)).trouble is None
+    assert unmount.unmount(str(mountpoint)).trouble is None
     (second,) = made
     assert os.path.exists(second.log), "umount removed the log of the mount made after it"
     assert not previous_log(Path(second.log)).exists()
-    assert stack.unmount(str(mountpoint)).trouble is None
+    assert unmount.unmount(str(mountpoint)).trouble is None
     assert_nothing_left(second, run)
 
 
@@ -636,23 +636,23 @@ def test_a_mount_tried_while_umount_finishes_is_refused_and_takes_nothing(
     _, run = mount_dirs
     argv = local_server({"layer0": erofs_images.small.path})
     first = stack.mount(argv, str(mountpoint), image="small")
-    trouble = stack._trouble
+    trouble = unmount._trouble
     refused: list[str] = []
 
-    def trouble_then_mount(before: stack.MountStatus, ended: ServerExit | None) -> str | None:
+    def trouble_then_mount(before: listing.MountStatus, ended: ServerExit | None) -> str | None:
         with pytest.raises(MountpointBusy, match="being unmounted") as busy:
             stack.mount(argv, str(mountpoint), image="small")
         refused.append(str(busy.value))
         return trouble(before, ended)
 
-    monkeypatch.setattr(stack, "_trouble", trouble_then_mount)
-    assert stack.unmount(str(mountpoint)).trouble is None
+    monkeypatch.setattr(unmount, "_trouble", trouble_then_mount)
+    assert unmount.unmount(str(mountpoint)).trouble is None
     assert refused
     assert not os.path.exists(first.log)
     assert_nothing_left(first, run)
-    monkeypatch.setattr(stack, "_trouble", trouble)
+    monkeypatch.setattr(unmount, "_trouble", trouble)
     second = stack.mount(argv, str(mountpoint), image="small")
-    assert stack.unmount(str(mountpoint)).trouble is None
+    assert unmount.unmount(str(mountpoint)).trouble is None
     assert_nothing_left(second, run)
 
 
@@ -676,7 +676,7 @@ def test_umount_waits_for_a_slow_stop_and_kills_a_stuck_one(
     _, run = mount_dirs
     argv = local_server({"layer0": erofs_images.small.path}, stop_delay=2)
     record = stack.mount(argv, str(mountpoint), image="small")
-    done = stack.unmount(str(mountpoint))
+    done = unmount.unmount(str(mountpoint))
     assert done.trouble is None
     assert not os.path.exists(record.log)
     assert_nothing_left(record, run)
@@ -762,7 +762,7 @@ def test_what_a_mount_killed_as_it_began_left_does_not_keep_the_mount_point(
     )
     assert not half_made.exists()
     assert [r.mountpoint for r in records.saved()] == [str(mountpoint)]
-    stack.unmount(str(mountpoint))
+    unmount.unmount(str(mountpoint))
     assert_nothing_left(record, run)
 
 
@@ -1566,7 +1566,7 @@ def test_kernel_nbd_path_where_the_driver_is_present(
     assert device.startswith("/dev/nbd")
     assert syscall.mounted()[str(mountpoint)] == ("erofs", device)
     assert_same_tree(small.tree, mountpoint)
-    stack.unmount(str(mountpoint))
+    unmount.unmount(str(mountpoint))
     assert not Path(f"/sys/block/{Path(device).name}/pid").exists()
 
 
@@ -1653,24 +1653,24 @@ def test_a_mount_in_progress_is_shown_as_such_and_a_killed_one_is_cleaned_up(
     mounting = start_mount_that_never_gets_ready(mountpoint, run)
     try:
         deadline = time.monotonic() + 10
-        while (shown := stack.list_mounts()[0]).record.server is None:
+        while (shown := listing.list_mounts()[0]).record.server is None:
             assert time.monotonic() < deadline, "the server was never recorded"
             time.sleep(0.02)
         assert shown.state == "mounting"
         with pytest.raises(MountpointBusy, match="still being mounted"):
-            stack.unmount(str(mountpoint))
+            unmount.unmount(str(mountpoint))
         with pytest.raises(
             MountpointBusy, match=f"being mounted by blockstore .pid {mounting.pid}"
         ):
             stack.check_can_mount(str(mountpoint))
-        listing = cli("mounts")
-        assert "mounting" in listing.stdout and "cleans it up" not in listing.stderr
+        table = cli("mounts")
+        assert "mounting" in table.stdout and "cleans it up" not in table.stderr
         assert processes_mentioning(f"{run}/mounts/"), "the server was stopped"
         mounting.kill()
         mounting.wait(10)
-        (shown,) = stack.list_mounts()
+        (shown,) = listing.list_mounts()
         assert shown.state == "not mounted" and shown.server_alive
-        stack.unmount(str(mountpoint))
+        unmount.unmount(str(mountpoint))
         wait_for_no_process_mentioning(run)
         assert records.saved() == []
     finally:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nbdfront.mount import records, stack
+from nbdfront.mount import records, unmount
 
 
 def take_down_recorded() -> list[tuple[str, Exception]]:
@@ -13,7 +13,7 @@ def take_down_recorded() -> list[tuple[str, Exception]]:
     failed = []
     for record in sorted(records.saved(), key=lambda r: len(r.mountpoint), reverse=True):
         try:
-            stack.take_down(record, lazy=True)
+            unmount.take_down(record, lazy=True)
             records.forget(record)
         except Exception as exc:
             failed.append((record.mountpoint, exc))
