@@ -75,6 +75,8 @@ class Counters:
 
 def persist(txn: lmdb.Transaction, db: lmdb._Database, deltas: dict[str, int]) -> None:
     for name, delta in deltas.items():
+        if not delta:
+            continue  # no write: a cache looked at (``verify`` finding nothing) stays as it is
         key = name.encode()
         raw = txn.get(key, db=db)
         total = (U64.unpack(raw)[0] if raw is not None else 0) + delta

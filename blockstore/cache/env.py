@@ -32,6 +32,13 @@ those to end), and opens its own on first use.
 A cache this process cannot write (``write_access.py``) is opened
 read-only, without LMDB's lock file: it is never moved aside, and every
 write is refused (``ReadOnlyCache``).
+
+A command that only looks (``looking``: ``cache ls``, ``stats``, ``mounts``)
+opens a current cache read-only with LMDB's lock file, a reader like any
+other: py-lmdb opens named databases of a writable environment only in a
+write transaction, which waits for a process stopped while it holds the write
+lock. Its writes run first in a read transaction; the first that would change
+something opens the cache writable in its place, as any writer does.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
@@ -119,6 +127,79 @@ def _reserve_lock_file(path: Path) -> None:
             os.close(fd)
     except OSError as exc:
         raise open_failure(path, exc) from exc
+
+
+class _Looking:
+    """A read transaction standing in for a write transaction (``CacheEnv._look``): a
+    put of the value already stored changes nothing and passes (an open finding the
+    cache's format and cap as they are, a repair finding counts right); any other
+    write raises ``lmdb.ReadonlyError``, as LMDB does in a read transaction."""
+
+    def __init__(self, txn: lmdb.Transaction):
+        self._txn = txn
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._txn, name)
+
+    def put(
+        self, key: bytes, value: bytes, *, db: lmdb._Database | None = None, **flags: bool
+    ) -> bool:
+        if not flags and self._txn.get(key, db=db) == value:
+            return True
+        return self._txn.put(key, value, db=db, **flags)
+
+
+class _Moved:
+    """A transaction of the writable handle that replaced one opened to look
+    (``CacheEnv._become_writer``), taking the old handle's databases for its own: work
+    that named a database before the change (in a closure, as most writes do) finds
+    the same database after it."""
+
+    def __init__(self, txn: lmdb.Transaction, moved: dict[lmdb._Database, lmdb._Database]):
+        self._txn = txn
+        self._moved = moved
+
+    def __getattr__(self, name: str) -> object:
+        method = getattr(self._txn, name)
+        if not callable(method):
+            return method
+
+        def on_moved(*args: object, **kwargs: object) -> object:
+            args = tuple(self._moved.get(a, a) if _is_db(a) else a for a in args)
+            kwargs = {k: self._moved.get(v, v) if _is_db(v) else v for k, v in kwargs.items()}
+            return method(*args, **kwargs)
+
+        return on_moved
+
+
+def _is_db(value: object) -> bool:
+    return isinstance(value, lmdb._Database)
+
+
+def _map_size(path: Path) -> int:
+    """The map to open ``path``'s file with: twice what it holds, or the initial size."""
+    data = path / LMDB_DATA_FILE
+    used = data.stat().st_size if data.exists() else 0
+    map_size = INITIAL_MAP_SIZE
+    while map_size < 2 * used:
+        map_size *= 2
+    return map_size
+
+
+_looking: ContextVar[bool] = ContextVar("looking", default=False)
+
+
+@contextmanager
+def looking() -> Iterator[None]:
+    """Within the block, a cache this process opens anew is opened to look: without a
+    write transaction while the cache is current and nothing is written, so a command
+    that only looks answers at once beside a process stopped while it holds the write
+    lock (Ctrl-Z on a prefetch). A write that finds something to write still waits."""
+    token = _looking.set(True)
+    try:
+        yield
+    finally:
+        _looking.reset(token)
 
 
 _write_lock_watch = WriteLockWatch()
@@ -237,9 +318,14 @@ class CacheEnv:
         # else (a command looking after the cache) the loss is its error, said once.
         self.goes_on = goes_on
         self.moved_aside: list[str] = []  # what damage this process found and moved away
+        # The databases of the handle opened to look, and this one's in their place.
+        self._moved: dict[lmdb._Database, lmdb._Database] = {}
         checked = self._directory(path)  # the directory about to be judged
         self.read_only_because = cannot_write(path)
         self.read_only = self.read_only_because is not None
+        # Opened to look (``looking``): read-only with LMDB's lock file while nothing
+        # needs writing, writable from the first write that does (``_become_writer``).
+        self.looking = _looking.get() and not self.read_only
         if self.read_only:
             self._open_env()  # damage or another format is refused, never moved aside
             return
@@ -339,7 +425,9 @@ class CacheEnv:
             else:
                 (path / COMPACT_COPY).unlink(missing_ok=True)
                 with directory_lock(path, lambda: _write_lock_watch.waiting(path)):
-                    self._open_lmdb(path)
+                    if not (self.looking and self._open_to_look(path)):
+                        self.looking = False
+                        self._open_lmdb(path)
         except BaseException:
             os.close(in_use)
             raise
@@ -355,14 +443,10 @@ class CacheEnv:
             raise CacheDamaged(f"the cache at {path} is damaged: {why}")
         if not self.read_only:
             _reserve_lock_file(path)
-        used = (path / LMDB_DATA_FILE).stat().st_size if (path / LMDB_DATA_FILE).exists() else 0
-        map_size = INITIAL_MAP_SIZE
-        while map_size < 2 * used:
-            map_size *= 2
         try:
             env = lmdb.open(
                 str(path),
-                map_size=map_size,
+                map_size=_map_size(path),
                 max_dbs=len(ALL_DBS),
                 max_readers=MAX_READERS,
                 readahead=True,
@@ -393,6 +477,43 @@ class CacheEnv:
         self.env = env
         self.dbs.clear()
         self.dbs.update(dbs)
+
+    def _open_to_look(self, path: Path) -> bool:
+        """Open LMDB read-only but with its lock file, a reader among the writers, if the
+        cache is of this format with every database made: opening it then takes no write
+        transaction, so no wait for a writer's lock. False, nothing left open, where
+        opening must write (a new, older or damaged cache: the writable open makes,
+        upgrades, refuses or moves it aside as ever)."""
+        if file_damage(path) is not None or (path / LMDB_DATA_FILE).stat().st_size == 0:
+            return False
+        _reserve_lock_file(path)
+        try:
+            env = lmdb.open(
+                str(path),
+                map_size=_map_size(path),
+                max_dbs=len(ALL_DBS),
+                max_readers=MAX_READERS,
+                readahead=True,
+                subdir=True,
+                readonly=True,
+            )
+        except (OSError, lmdb.Error):
+            return False
+        try:
+            # Each opened in a transaction of py-lmdb's own (see ``_open_dbs``).
+            meta = env.open_db(DB_META, create=False)
+            with env.begin() as txn:
+                current = format_refusal(path, *stored_format(txn, meta)) is None
+            dbs = {name: env.open_db(name, create=False) for name in ALL_DBS} if current else {}
+        except (lmdb.Error, *RECORD_ERRORS):
+            dbs = {}
+        if not dbs:
+            env.close()
+            return False
+        self.env = env
+        self.dbs.clear()
+        self.dbs.update(dbs)
+        return True
 
     def _open_dbs(self, env: lmdb.Environment) -> dict[bytes, lmdb._Database]:
         """The named databases, made where missing unless read-only. A cache of another
@@ -634,7 +755,7 @@ class CacheEnv:
         """A read transaction handing out zero-copy buffers, valid inside the block."""
         txn = self.begin_read(db)
         try:
-            yield txn
+            yield self._as_opened(txn)
         except (lmdb.Error, *RECORD_ERRORS) as exc:
             raise self.damaged(exc) from exc
         finally:
@@ -703,6 +824,11 @@ class CacheEnv:
             self._renew()
         if self.read_only:
             raise ReadOnlyCache.at(self.path, self.read_only_because)
+        if self.looking:
+            try:
+                return self._look(work)
+            except lmdb.ReadonlyError:
+                self._become_writer()
         with self._write_lock:
             while True:
                 self._gate.acquire_shared()
@@ -722,7 +848,7 @@ class CacheEnv:
                     self._gate.release_shared()
                     raise
                 try:
-                    result = work(txn)
+                    result = work(self._as_opened(txn))
                     txn.commit()
                     return result
                 except lmdb.MapFullError:
@@ -741,6 +867,40 @@ class CacheEnv:
                     self._gate.release_shared()
                 if grow:
                     self._grow()
+
+    def _look(self, work: Callable[[lmdb.Transaction], T]) -> T:
+        """``work`` run in a read transaction: what it returns where it writes nothing (an
+        open finding the cache current); ``lmdb.ReadonlyError`` where it would write."""
+        txn = self.begin_read()
+        try:
+            return work(_Looking(txn))  # type: ignore[arg-type]
+        except lmdb.ReadonlyError:
+            raise
+        except (lmdb.Error, *RECORD_ERRORS) as exc:
+            raise self.damaged(exc) from exc
+        finally:
+            self.end_read(txn)
+
+    def _become_writer(self) -> None:
+        """Open the cache writable in place of the handle opened to look, as every writer
+        opens it (waiting for its write lock), once a write finds something to write."""
+        with self._gate.exclusive():
+            if not self.looking:
+                return  # another thread did
+            self.looking = False
+            looked = dict(self.dbs)
+            self._close_env()
+            try:
+                self._open_env()
+            except CacheDamaged as exc:
+                self._stale = str(exc)  # moved aside at the next transaction, as any damage
+                raise
+            self._moved = {looked[name]: self.dbs[name] for name in looked}
+
+    def _as_opened(self, txn: lmdb.Transaction) -> lmdb.Transaction:
+        """``txn``, taking the databases of a handle opened to look for this one's, once
+        this one replaced it (``_become_writer``)."""
+        return _Moved(txn, self._moved) if self._moved else txn  # type: ignore[return-value]
 
     def write_lock_wait(self) -> float:
         """Seconds a write of this process has been waiting for the cache's write lock

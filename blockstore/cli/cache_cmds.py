@@ -13,10 +13,12 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from blockstore.cache import CacheDamaged, ChunkStore
+from blockstore.cache.env import looking
 from blockstore.cache.indexes import IndexShelf
 from blockstore.cache.layout import LMDB_DATA_FILE
 from blockstore.cache.seal import VerifyReport
@@ -68,12 +70,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     command("rm", cmd_rm, "remove images or blobs from the cache", targets=True)
 
 
-def open_store(args: argparse.Namespace, *, create: bool = False) -> ChunkStore:
+def open_store(
+    args: argparse.Namespace, *, create: bool = False, looks: bool = False
+) -> ChunkStore:
     """The cache these commands look after: one that does not exist is made only for a
     command that puts something in it (``create``). Damage it cannot move aside is the
-    command's error, not a warning that it goes on without the cache."""
+    command's error, not a warning that it goes on without the cache. A command that
+    ``looks`` opens it without waiting for the write lock while it writes nothing."""
     path = cache_dir_from(args) if create else existing_cache_dir(args)
-    return ChunkStore(path, size_cap=args.cache_size, goes_on=False)
+    with looking() if looks else nullcontext():
+        return ChunkStore(path, size_cap=args.cache_size, goes_on=False)
 
 
 NAME_THE_CACHE = (
@@ -111,7 +117,7 @@ def emit_done(args: argparse.Namespace, data: object, text: str) -> None:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
+    with open_store(args, looks=True) as store:
         stats = store.stats()
     served = stats["hits"] + stats["misses"]
     lines = [
@@ -134,7 +140,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
+    with open_store(args, looks=True) as store:
         infos = sorted(store.blobs(), key=lambda i: i.last_use, reverse=True)
         records = store.images.all()  # once: a damaged record is warned of once
         tar_of = _inflated_tars(store, records)
@@ -198,7 +204,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from blockstore.tarlayer.indexcache import IndexCache
 
     try:
-        store = open_store(args)
+        store = open_store(args, looks=True)
     except CacheDamaged as exc:
         # Raised only where the damaged file cannot be moved aside: a read-only cache.
         return _verified(args, VerifyReport(damage=str(exc)), {}, READ_ONLY_FATE)

@@ -271,6 +271,7 @@ def _image_layers(cache_dir: Path, image: str, platform: str | None) -> list[dic
     that cannot say yields nothing.
     """
     from blockstore.cache import ChunkStore
+    from blockstore.cache.env import looking
     from blockstore.cache.layout import holds_cache
     from blockstore.registry import parse_reference
     from blockstore.registry.platforms import Platform, host_platform
@@ -280,7 +281,7 @@ def _image_layers(cache_dir: Path, image: str, platform: str | None) -> list[dic
     try:
         canonical = str(parse_reference(image))
         asked = str(Platform.parse(platform) if platform else host_platform())
-        with ChunkStore(cache_dir) as store:
+        with looking(), ChunkStore(cache_dir) as store:
             record = store.images.get(canonical, asked)
     except Exception:
         return []
@@ -351,9 +352,10 @@ def with_layers(record: MountRecord) -> MountRecord:
 
 
 CACHE_ANSWER_SECONDS = 3.0
-"""How long ``mounts`` waits for a mount's cache to say how much it holds: opening it
-waits for its write lock, which a process stopped while writing (Ctrl-Z on a prefetch)
-holds for as long as it is stopped."""
+"""How long ``mounts`` waits for a mount's cache to say how much it holds: it is opened
+to look (``looking``), but an open that must write (a cache of an older format brought
+up) waits for its write lock, which a process stopped while writing (Ctrl-Z on a
+prefetch) holds for as long as it is stopped."""
 
 _unanswered: set[Path] = set()
 
@@ -400,11 +402,12 @@ def _fractions_in(cache_dir: Path, layers: list[dict]) -> list[float | None]:
     one (damaged, not readable by this user): ``mounts`` lists what is mounted whatever
     state its cache is in, and shows what it cannot say as ?."""
     from blockstore.cache import ChunkStore
+    from blockstore.cache.env import looking
     from blockstore.registry.mediatypes import compressed_tar
     from blockstore.tarlayer.indexcache import IndexCache
 
     try:
-        with ChunkStore(cache_dir) as store:
+        with looking(), ChunkStore(cache_dir) as store:
             present = {blob.digest: blob.cached_fraction for blob in store.blobs()}
             indexes = IndexCache(store)
             read_from = [

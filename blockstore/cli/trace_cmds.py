@@ -103,7 +103,7 @@ def _names_cached_image(store: ChunkStore, text: str) -> bool:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
+    with open_store(args, looks=True) as store:
         traces = _traces_to_export(store, args)
     document = traces_document(traces)
     if is_standard_stream(args.file):
@@ -158,7 +158,7 @@ def _row(trace: Trace) -> dict:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
+    with open_store(args, looks=True) as store:
         shelf = TraceShelf(store)
         traces = _traces_of(shelf, store, args.targets) if args.targets else shelf.all()
         rows = [_row(t) for t in traces]
@@ -180,7 +180,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    with open_store(args) as store:
+    with open_store(args, looks=True) as store:
         traces = _traces_of(TraceShelf(store), store, args.targets)
     for trace in traces:
         print(f"{trace.digest}: {len(trace.events)} accesses")

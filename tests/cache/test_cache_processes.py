@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from cache_rig import REPO, WORKER, run_cli
-from cache_sources import make_blob
+from cache_sources import ScriptedSource, make_blob
 from rig.local_source import LocalFileSource
 from rig.waiting import wait_for
 from rig.write_lock import stopped_writer
@@ -200,14 +201,14 @@ def test_a_stopped_process_holding_the_write_lock_costs_caching_not_reads(
 def test_ctrl_c_ends_a_command_waiting_for_a_stopped_writers_lock(
     cache_dir, registry, pushed_images
 ):
-    """Tried: ``cache ls``, ``cache gc`` and ``serve IMAGE`` started while another
+    """Tried: ``cache pin``, ``cache gc`` and ``serve IMAGE`` started while another
     process holds the cache's write lock, stopped (Ctrl-Z on a prefetch), then
     SIGINT (Ctrl-C) to each once it waits. Must hold: each ends within seconds, one
     line ("interrupted"), exit 130, no traceback. Before, none ended: LMDB's lock is
     a mutex no signal interrupts, and the Ctrl-C waited with it for the other
     process to go on."""
     commands = [
-        ["cache", "ls"],
+        ["cache", "pin", pushed_images.small],
         ["cache", "gc"],
         ["serve", pushed_images.small, "--insecure", "--listen", "127.0.0.1:0"],
     ]
@@ -344,3 +345,62 @@ def test_an_open_waiting_on_a_stopped_opener_says_so_then_goes_on(cache_dir):
     rest = gc.communicate(timeout=30)[1]
     assert gc.returncode == 0, rest
     assert "got the write lock of the cache" in rest, rest
+
+
+def test_commands_that_look_answer_beside_a_stopped_writer(cache_dir, tmp_path):
+    """Tried: a cache holding a sealed layer, a partial one and an image naming them;
+    another process takes its write lock and is stopped (Ctrl-Z on a prefetch); then
+    ``cache ls``, ``cache stats``, ``cache verify`` (finding nothing bad) and ``trace
+    ls``, then ``cache rm`` of the image. Must hold: each command that looks answers
+    within seconds (exit 0) what it says without the stopped process, and writes nothing
+    (``data.mdb`` byte for byte); ``rm``, which writes, still waits for the lock and says
+    so after 5 s. Before, each of them waited as long as the process stayed stopped:
+    opening the cache took a write transaction though nothing needed writing."""
+    sealed = make_blob(6 * CHUNK_SIZE, seed=60)
+    partial = make_blob(9 * CHUNK_SIZE, seed=61)
+    image = "127.0.0.1:5000/demo/img:latest"
+    with ChunkStore(cache_dir) as store:
+        for data, digest in (sealed, partial):
+            blob = CachedBlob(store, digest, len(data), ScriptedSource(data, digest))
+            blob.read(0, len(data) if digest == sealed[1] else 2 * CHUNK_SIZE)
+            blob.close()
+        store.seal(sealed[1])
+        layers = [{"index": 0, "digest": sealed[1], "size": len(sealed[0]), "mediaType": "x"}]
+        store.images.put(
+            image, "linux/amd64", {"reference": image, "platform": "linux/amd64", "layers": layers}
+        )
+    before = (cache_dir / "data.mdb").read_bytes()
+    cache = ["--cache-dir", str(cache_dir)]
+    with stopped_writer(cache_dir):
+        # Each would wait for as long as the holder stays stopped: ending is the point.
+        listed = run_cli("cache", "ls", "--json", *cache, timeout=30)
+        stats = run_cli("cache", "stats", "--json", *cache, timeout=30)
+        verified = run_cli("cache", "verify", *cache, timeout=30)
+        traces = run_cli("trace", "ls", *cache, timeout=30)
+        for done in (listed, stats, verified, traces):
+            assert done.returncode == 0 and "write lock" not in done.stderr, done.stderr
+        rows = {row["digest"]: row for row in json.loads(listed.stdout)}
+        assert rows[sealed[1]]["sealed"] and rows[sealed[1]]["images"] == [image]
+        assert rows[partial[1]]["present"] == 2 and not rows[partial[1]]["sealed"]
+        assert json.loads(stats.stdout)["blobs"] == 2
+        assert verified.stdout.splitlines() == [
+            "checked 8 chunks and 1 complete blobs",
+            "ok",
+        ], verified.stdout
+        assert traces.stdout.strip() == "no traces kept"
+        assert (cache_dir / "data.mdb").read_bytes() == before
+        said = tmp_path / "rm.err"
+        with said.open("w") as err:
+            removing = subprocess.Popen(
+                [sys.executable, "-m", "blockstore", "cache", "rm", image, *cache],
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        try:
+            waiting = r"waiting \d+s so far for the write lock of the cache"
+            assert wait_for(lambda: re.search(waiting, said.read_text()), 30), said.read_text()
+            assert removing.poll() is None
+        finally:
+            removing.kill()
+            removing.wait()

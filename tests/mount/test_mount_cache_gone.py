@@ -53,9 +53,10 @@ def test_mounts_is_not_held_up_by_a_stopped_writer_of_a_mount_s_cache(
 ):
     """Tried: a mount standing, then another process taking its cache's write lock and
     stopped (as Ctrl-Z stops a prefetch), then ``mounts`` and ``mounts --json``. Must
-    hold: each ends within seconds, lists the mount as ok, shows how much is cached as
-    ``?`` (null), and says on stderr that the cache did not answer and why. Before, each
-    waited for the lock for as long as the process stayed stopped."""
+    hold: each ends within seconds, lists the mount as ok and shows how much is cached,
+    the cache opened to look, with no write lock to wait for. Before, each waited for
+    the lock for as long as the process stayed stopped; then, after a few seconds, it
+    showed how much is cached as ``?``."""
     base, _ = mount_dirs
     cache = base / "cache"
     done = cli(
@@ -69,8 +70,8 @@ def test_mounts_is_not_held_up_by_a_stopped_writer_of_a_mount_s_cache(
         assert listed.returncode == 0, listed.stderr
         # The server may have logged its own wait for the lock by now: a warning.
         row = listed.stdout.splitlines()[1]
-        assert re.search(r"\sok(, \d+ warnings? in its log)?\s+\?$", row), row
-        assert f"the cache at {cache} did not answer within" in listed.stderr
+        assert re.search(r"\sok(, \d+ warnings? in its log)?\s+[<\d.]+%$", row), row
+        assert "did not answer" not in listed.stderr, listed.stderr
         (shown,) = json.loads(cli("mounts", "--json").stdout)
-        assert shown["cached"] == [None]
+        assert isinstance(shown["cached"][0], float), shown
     assert cli("umount", str(mountpoint)).returncode == 0
