@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -10,6 +11,7 @@ import math
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,7 @@ from blockstore.wholefile import replace_whole
 
 if TYPE_CHECKING:
     from blockstore.cache import ChunkStore
+    from blockstore.cache.env import CacheEnv
     from blockstore.image import OpenImage
     from blockstore.prefetch.settings import PrefetchSettings
     from blockstore.prefetch.trace import Trace
@@ -688,6 +691,33 @@ def open_image_from_args(
         reference = image.resolved.reference
         raise RegistryUnreachable(why if reference in why else f"{reference}: {why}")
     return image
+
+
+@contextlib.contextmanager
+def cache_opened_first(args: argparse.Namespace) -> Iterator[None]:
+    """Within the block, the cache of an offline open (``args.offline``) is open already,
+    opened before anything else is done: one this version does not open (another
+    format, damage it cannot read past offline) fails the command as the image's open
+    would, but before an address is bound or a line said. The image's open shares it."""
+    env = _open_offline_cache(args) if args.offline else None
+    try:
+        yield
+    finally:
+        if env is not None:
+            env.close()
+
+
+def _open_offline_cache(args: argparse.Namespace) -> CacheEnv | None:
+    """The cache the arguments name, opened as an offline open opens it; None where there
+    is none, which the image's open then says."""
+    # Imported here, as registry_options_from_args explains.
+    from blockstore.cache.env import CacheEnv
+    from blockstore.cache.layout import holds_cache
+    from blockstore.cache.write_access import check_enterable
+
+    path = cache_dir_from(args)
+    check_enterable(path)  # else one it cannot reach would pass for none
+    return CacheEnv.open(path, offline=True) if holds_cache(path) else None
 
 
 def _missing_dirs(path: Path) -> list[Path]:

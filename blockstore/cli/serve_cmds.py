@@ -29,6 +29,7 @@ from blockstore.cli.common import (
     add_prefetch_options,
     add_registry_options,
     add_tar_index_options,
+    cache_opened_first,
     check_image_arguments,
     check_prefetch_options,
     check_registry_arguments,
@@ -54,6 +55,8 @@ from nbdfront.tls import dates_warning
 
 if TYPE_CHECKING:
     from blockstore.image import OpenImage
+    from blockstore.prefetch.trace import Trace
+    from nbdfront.tls import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +140,21 @@ def _run_serve(args: argparse.Namespace, readiness: ReadinessPipe | None) -> int
     check_registry_arguments(args)
     check_tar_index_options(args)
     check_prefetch_options(args)
+    with cache_opened_first(args):
+        return _serve(args, readiness, tcp, tls, traces)
+
+
+def _serve(
+    args: argparse.Namespace,
+    readiness: ReadinessPipe | None,
+    tcp: tuple[str, int] | None,
+    tls: ServerTLS | None,
+    traces: list[Trace],
+) -> int:
     # The addresses are bound before the image opens, and after the arguments are
     # checked: one in use fails the command before it makes a cache, or fetches a byte
-    # into one, but never hides a mistake in the arguments.
+    # into one, but never hides a mistake in the arguments. Offline, the cache (which
+    # it neither makes nor fills then) is opened first (``cache_opened_first``).
     server = NBDServer({}, tcp=tcp, unix=args.unix, tls=tls, idle_timeout=args.idle_timeout)
     image: OpenImage | None = None
     metrics = None

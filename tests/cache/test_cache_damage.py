@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -1040,6 +1041,31 @@ def test_a_newer_versions_cache_is_never_moved(cache_dir, name, value):
     with pytest.raises(CacheError, match=r"(a newer version's|another build's); this"):
         ChunkStore(cache_dir, replace_older=True)
     assert not aside(cache_dir, "old")
+    assert (cache_dir / "data.mdb").read_bytes() == before
+
+
+@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, OLDER_FORMAT], ids=["newer", "older"])
+def test_serve_offline_refuses_another_format_before_it_binds_an_address(cache_dir, version):
+    """Tried: ``serve --offline`` of a cache of a newer and of an older format, told to
+    listen on an address another socket holds. Must hold: the cache refused (exit 8, in
+    the one line it gives with a free address), not the address: nothing is bound or
+    said before the cache is judged; the file left byte for byte. Before, it listened
+    first, so a free address was bound, then the cache refused, and a taken one was
+    the error (exit 1) that hid the real one."""
+    before = set_meta(cache_dir, b"format", version)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    serve = ["serve", "127.0.0.1:5000/demo/x:v1", "--offline", "--cache-dir", str(cache_dir)]
+    try:
+        busy = run_cli(*serve, "--listen", f"127.0.0.1:{taken.getsockname()[1]}")
+    finally:
+        taken.close()
+    free = run_cli(*serve, "--listen", "127.0.0.1:0")
+    assert free.returncode == 8 and free.stdout == "", free.stdout + free.stderr
+    assert f"has format {version}" in free.stderr and "as it is" in free.stderr
+    assert len(free.stderr.splitlines()) == 1, free.stderr
+    assert (busy.returncode, busy.stdout, busy.stderr) == (8, "", free.stderr)
     assert (cache_dir / "data.mdb").read_bytes() == before
 
 
