@@ -11,6 +11,7 @@ to a token we believed still good.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import math
 import re
@@ -123,6 +124,29 @@ def token_lifetime(expires_in: object) -> float:
     if not 0 < lifetime < float("inf"):
         return DEFAULT_TOKEN_LIFETIME
     return max(lifetime, MINIMUM_TOKEN_LIFETIME)
+
+
+def granted_actions(authorization: str, repository: str) -> list[str] | None:
+    """The actions on ``repository`` a Bearer ``authorization``'s token grants, as its
+    claims say (the ``access`` claim of the distribution token spec), to say what a
+    refusal lacked; None where the token says nothing this can read (an opaque one).
+    The claims are only read, never trusted: the registry checks the token."""
+    parts = authorization.removeprefix("Bearer ").split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        access = claims["access"]
+        return sorted(
+            {
+                str(action)
+                for entry in access
+                if entry.get("type") == "repository" and entry.get("name") == repository
+                for action in entry.get("actions", [])
+            }
+        )
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def basic_header(credentials: Credentials) -> str:

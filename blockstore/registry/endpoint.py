@@ -33,7 +33,12 @@ from blockstore.errors import (
     RegistryUnreachable,
     StorageRefused,
 )
-from blockstore.registry.auth import Authenticator, basic_header, parse_challenge
+from blockstore.registry.auth import (
+    Authenticator,
+    basic_header,
+    granted_actions,
+    parse_challenge,
+)
 from blockstore.registry.credentials import Credentials, login_hint
 from blockstore.registry.replies import (
     ERROR_BODY_SECONDS,
@@ -227,6 +232,8 @@ class Endpoint:
                 status=401,
             )
         if authorization and authorization.startswith("Bearer "):
+            if (push := _push_refusal(self.host, scope, authorization, said)) is not None:
+                return push
             return AuthError(
                 f"registry {self.host} refused a new token for {scope}{said}", status=401
             )
@@ -492,6 +499,29 @@ def _address(url: str) -> str:
     if explicit:
         return url_host(url)
     return f"{url_host(url)}:{443 if parts.scheme == 'https' else 80}"
+
+
+def _push_refusal(host: str, scope: str, authorization: str, said: str) -> AuthError | None:
+    """The error for a push (``scope`` asking for push) refused with a new token: push
+    rights asked for and refused, with what the token granted where it says; None for
+    any other scope. The token's issuer grants a login what it may do, so it answers a
+    push the login may not make with a token for pulls alone, which the registry then
+    refuses: a token "refused" says nothing of the rights missing."""
+    kind, _, rest = scope.partition(":")
+    repository, _, actions = rest.rpartition(":")
+    if kind != "repository" or "push" not in actions.split(","):
+        return None
+    granted = granted_actions(authorization, repository)
+    if granted is None:
+        why = f"the token its issuer gave for {scope} does not allow it"
+    else:
+        gave = f"only {', '.join(granted)}" if granted else "nothing"
+        why = f"push rights were asked ({scope}) and its token issuer granted {gave}"
+    return AuthError(
+        f"registry {host} refused a push to {repository}{said}: {why}; the login needs "
+        "push rights to that repository",
+        status=401,
+    )
 
 
 def _realm_of(www_authenticate: str | None) -> str | None:

@@ -25,7 +25,13 @@ from rig.token_issuer import TokenIssuer
 
 import blockstore.registry.auth as auth
 import blockstore.registry.credentials as credentials
-from blockstore.errors import AuthError, BlobReadError, RegistryUnreachable, UsageError
+from blockstore.errors import (
+    AuthError,
+    BlobReadError,
+    NotFound,
+    RegistryUnreachable,
+    UsageError,
+)
 from blockstore.registry import (
     RegistryBlob,
     RegistryClient,
@@ -782,10 +788,36 @@ def test_token_scope_is_enforced(token_registry, token_image, erofs_images):
     options = token_registry.options(username="reader", password="reader-pw")
     with RegistryClient(token_registry.host, options) as client:
         assert resolve_image(client, token_image, None).layers
-    with pytest.raises(AuthError, match="refused a new token for repository:auth/denied:pull,push"):
+    with pytest.raises(AuthError, match=r"asked \(repository:auth/denied:pull,push\)"):
         push_erofs(
             token_registry.host, "auth/denied", "v1", [erofs_images.small.path], options=options
         )
+
+
+def test_a_push_refused_for_lack_of_push_rights_says_what_was_asked_and_granted(
+    token_registry, token_image, erofs_images
+):
+    """Tried: ``blockstore push`` by a login whose token issuer lets it pull from the
+    repository but not push to it. Must hold: exit 4, one line saying the registry
+    refused the push to that repository, that push rights (``repository:NAME:pull,push``)
+    were asked and the issuer granted only pull, and what the login needs; the tag is not
+    made. Before, it said the registry "refused a new token", as of a login gone bad,
+    and nothing of the push rights missing."""
+    repository = "auth/token"  # token_image's: the login may pull from it
+    assert f"/{repository}:" in token_image
+    command = [sys.executable, "-m", "blockstore", "push", str(erofs_images.small.path)]
+    command += [f"{token_registry.host}/{repository}:pushed", "--insecure"]
+    command += ["--username", "reader", "--password", "reader-pw"]
+    pushed = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert pushed.returncode == 4, pushed.stderr
+    (said,) = pushed.stderr.splitlines()
+    assert f"registry {token_registry.host} refused a push to {repository} " in said, said
+    asked = f"push rights were asked (repository:{repository}:pull,push)"
+    assert f"{asked} and its token issuer granted only pull;" in said, said
+    assert said.endswith("the login needs push rights to that repository"), said
+    assert "refused a new token" not in said
+    with token_registry.client() as client, pytest.raises(NotFound):
+        resolve_image(client, f"{token_registry.host}/{repository}:pushed", None)
 
 
 def test_a_token_issuer_asked_once_the_deadline_passed_is_named_as_itself():
