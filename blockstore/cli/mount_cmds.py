@@ -632,6 +632,16 @@ def run_mounts(args: argparse.Namespace) -> int:
         if args.quiet <= 0:
             print("no blockstore mounts")
         return 0
+    print_table(rows)
+    for row in rows:
+        print_what_to_do(row)
+    return 0
+
+
+def print_table(rows: list[dict]) -> None:
+    """The mounts for people: a row each, then the line naming its server's log where
+    there is one (a mount gone bad is read about there), under the row rather than a
+    column, whose long path would push the table past a terminal's width."""
     table = [("MOUNTPOINT", "IMAGE", "LAYERS", "VIA", "STATE", "CACHED")]
     for row in rows:
         cached = " ".join("?" if f is None else percent(f) for f in row["cached"]) or "?"
@@ -641,11 +651,15 @@ def run_mounts(args: argparse.Namespace) -> int:
             (finding.printable(row["mountpoint"]), image, row["served"], via, state, cached)
         )
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    for line in table:
+    logs = [None, *(row["log"] if _is_file(row["log"]) else None for row in rows)]
+    for line, log in zip(table, logs, strict=True):
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
-    for row in rows:
-        print_what_to_do(row)
-    return 0
+        if log is not None:
+            print(f"  log {finding.printable(log)}")
+
+
+def _is_file(path: str | None) -> bool:
+    return bool(path) and Path(path).is_file()
 
 
 def print_what_to_do(row: dict) -> None:

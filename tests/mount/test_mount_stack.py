@@ -541,6 +541,45 @@ def test_a_mount_whose_run_directory_was_cleared_while_its_server_runs_is_undone
     assert_nothing_left(record, run)
 
 
+def test_mounts_names_each_mounts_log_under_its_row(
+    mount_dirs, mountpoint, erofs_images, local_server
+):
+    """Tried: two mounts standing, then ``mounts`` and ``mounts --json``. Must hold: under
+    each mount's row, a line naming the log its server writes (``--json``: ``log``),
+    the rows as they were (state and how much is cached last); a mount whose log is gone
+    has no such line. Before, only ``--json`` named the log: a user whose mount went bad
+    had no way to it from the table."""
+    image = erofs_images.small.path
+    second = mount_dirs[0] / "mnt2"
+    second.mkdir()
+    made = [
+        stack.mount(local_server({"layer0": image}), str(point), image="small")
+        for point in (mountpoint, second)
+    ]
+    try:
+        listed = cli("mounts")
+        assert listed.returncode == 0, listed.stderr
+        lines = listed.stdout.splitlines()
+        assert lines[0].split() == ["MOUNTPOINT", "IMAGE", "LAYERS", "VIA", "STATE", "CACHED"]
+        by_point = {record.mountpoint: record for record in made}
+        rows = lines[1::2]
+        assert sorted(row.split()[0] for row in rows) == sorted(by_point)
+        for row, log in zip(rows, lines[2::2], strict=True):
+            assert row.split()[4] == "ok", row
+            assert log == f"  log {by_point[row.split()[0]].log}", lines
+        shown = json.loads(cli("mounts", "--json").stdout)
+        assert {row["mountpoint"]: row["log"] for row in shown} == {
+            point: record.log for point, record in by_point.items()
+        }
+        os.unlink(made[1].log)
+        lines = cli("mounts").stdout.splitlines()
+        assert len(lines) == 4 and f"  log {made[0].log}" in lines, lines
+        assert f"  log {made[1].log}" not in lines, lines
+    finally:
+        for point in (mountpoint, second):
+            cli("umount", str(point))
+
+
 def test_clean_umount_removes_the_log_a_failed_stop_keeps_it(
     mount_dirs, mountpoint, erofs_images, local_server
 ):
@@ -1017,7 +1056,8 @@ def test_mounts_lists_a_mount_hidden_by_one_over_a_directory_above_as_hidden(
             assert (rows[str(outer)]["state"], rows[str(outer)]["hidden_by"]) == ("ok", None)
         shown = cli("mounts")
         assert shown.returncode == 0, shown.stderr
-        assert [line.split()[4] for line in shown.stdout.splitlines()[1:]] == [
+        table = [line for line in shown.stdout.splitlines()[1:] if not line.startswith("  log")]
+        assert [line.split()[4] for line in table] == [
             "ok" if point == str(outer) else "hidden" for point in sorted(rows)
         ]
         assert own_lines(shown.stderr) == [f"blockstore: {inner} is {named}"]

@@ -193,8 +193,9 @@ def test_a_mount_point_with_a_newline_keeps_to_one_line(mount_dirs, erofs_images
     stack.mount(local_server({"layer0": erofs_images.small.path}), str(mountpoint), image="s")
     shown = str(mountpoint).replace("\n", "\\x0a").replace("\t", "\\x09")
     listed = cli("mounts")
-    header, row = listed.stdout.splitlines()
+    header, row, log = listed.stdout.splitlines()
     assert row.startswith(f"{shown}  s ") and header.index("IMAGE") == len(shown) + 2, row
+    assert log.startswith("  log ") and "\n" not in log, log
     (listed_json,) = json.loads(cli("mounts", "--json").stdout)
     assert listed_json["mountpoint"] == str(mountpoint)
     done = cli("umount", str(mountpoint))
