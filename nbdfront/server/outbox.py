@@ -172,11 +172,16 @@ class Outbox:
             return not self.broken
 
     def close(self, timeout: float) -> None:
-        """Let queued bytes go out, for ``timeout`` at most, then end the writer."""
-        deadline = time.monotonic() + timeout
+        """Let queued bytes go out while the client takes them, then end the writer.
+
+        Given up once the client has taken none for ``timeout``: a slow client that
+        said goodbye behind its reads still gets them all (the spec has a server
+        answer every request before DISC), one that reads nothing holds nothing long.
+        """
+        started = time.monotonic()
         with self._lock:
             while self.busy and not self.broken:
-                left = deadline - time.monotonic()
+                left = max(started, self._last_taken) + timeout - time.monotonic()
                 if left <= 0:
                     self._break(TimeoutError("queued replies were not taken in time"))
                     break

@@ -16,6 +16,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 
 import nbd
 import nbd_wire as w
@@ -186,15 +187,24 @@ def test_a_client_taking_half_a_mebibyte_a_second_is_not_cut_by_a_one_second_lim
     take_slowly(server, reads=3, size=512 << 10, piece=32 << 10, pause=1 / 16)
 
 
-def take_slowly(server: NBDServer, *, reads: int, size: int, piece: int, pause: float) -> None:
+def take_slowly(
+    server: NBDServer,
+    *,
+    reads: int,
+    size: int,
+    piece: int,
+    pause: float,
+    then: Callable[[w.RawClient], None] = lambda client: None,
+) -> None:
     """Ask ``server`` (then shut it down) for ``reads`` reads of ``size`` bytes over its
-    Unix socket, and take the replies ``piece`` bytes at a time, ``pause`` seconds apart;
-    fails if the server cuts the connection first."""
+    Unix socket, do ``then`` (say goodbye), and take the replies ``piece`` bytes at a
+    time, ``pause`` seconds apart; fails if the server cuts the connection first."""
     client = w.RawClient(server.unix_path)
     try:
         client.negotiate("zeros", structured=False)
         for handle in range(reads):
             client.send(w.CMD_READ, handle, 0, size)
+        then(client)
         want = reads * (size + 16)
         got = 0
         while got < want:
@@ -205,6 +215,26 @@ def take_slowly(server: NBDServer, *, reads: int, size: int, piece: int, pause: 
     finally:
         client.close()
         server.shutdown()
+
+
+@pytest.mark.parametrize(
+    "goodbye",
+    [
+        lambda client: client.send(w.CMD_DISC, 99),
+        lambda client: client.sock.shutdown(socket.SHUT_WR),
+    ],
+    ids=["disc", "half_close"],
+)
+def test_a_client_that_says_goodbye_behind_its_reads_gets_them_all_however_slowly(
+    tmp_path, goodbye
+):
+    """Tried: a drain of 1 s; a client asks for 8 MiB, sends NBD_CMD_DISC (or shuts its
+    sending side) right behind the reads, as libnbd's nbd_aio_disconnect does with commands in
+    flight, and takes the replies at about 2 MiB/s (4 s in all, never pausing a second).
+    Must hold: it gets every byte, as the spec says the server must handle all
+    outstanding requests; only a client that stops taking them for the drain is cut."""
+    server = serve(tmp_path, ZeroExport(), drain_timeout=1.0)
+    take_slowly(server, reads=8, size=1 << 20, piece=64 << 10, pause=0.03, then=goodbye)
 
 
 def test_replies_flow_to_a_client_that_never_stops_sending(tmp_path):
