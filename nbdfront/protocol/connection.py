@@ -82,6 +82,8 @@ class ServerConnection:
         self._outgoing: list[Buffer] = [replies.greeting()]
         self._events: deque[ClientEvent] = deque()
         self._skip = 0
+        # The answer to a refused WRITE, held until its payload is all in (see _request).
+        self._after_skip: list[Buffer] = []
         self._oversized_option: tuple[int, int] | None = None
         self._eof = False
         self._negotiation: Negotiation | None = None
@@ -106,6 +108,8 @@ class ServerConnection:
             dropped = min(self._skip, len(data))
             self._skip -= dropped
             data = data[dropped:]
+            if not self._skip:
+                self._answer_skipped()
         self._buffer += data
 
     def next_event(self) -> ClientEvent | NeedData:
@@ -274,10 +278,13 @@ class ServerConnection:
             checked = self.transmission.refuse_shutting_down(command, handle, length)
         else:
             checked = self.transmission.check(flags, command, handle, offset, length)
-        if checked.reply:
-            self._outgoing.extend(checked.reply)
         if checked.payload_to_skip:
+            # A client may count a write as sent only once its payload is (libnbd
+            # does): an answer before that names a request it does not know.
+            self._after_skip = checked.reply or []
             self._start_skip(checked.payload_to_skip)
+        elif checked.reply:
+            self._outgoing.extend(checked.reply)
         if checked.event is not None:
             self._events.append(checked.event)
             if isinstance(checked.event, Disconnect):
@@ -290,6 +297,13 @@ class ServerConnection:
         dropped = min(length, len(self._buffer))
         del self._buffer[:dropped]
         self._skip = length - dropped
+        if not self._skip:
+            self._answer_skipped()
+
+    def _answer_skipped(self) -> None:
+        """The payload being skipped is all in: its request's answer may go."""
+        self._outgoing.extend(self._after_skip)
+        self._after_skip = []
 
     def _need_more(self) -> bool:
         if not self._eof:
@@ -305,5 +319,6 @@ class ServerConnection:
         self.phase = Phase.CLOSED
         self._buffer.clear()
         self._skip = 0
+        self._after_skip = []
         self._events.append(ConnectionClosed(reason, clean))
         return True

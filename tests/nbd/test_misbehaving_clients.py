@@ -83,6 +83,30 @@ def test_reads_over_the_maximum_payload_get_einval(tmp_path, structured):
         server.shutdown()
 
 
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_libnbd_writing_more_than_the_socket_holds_gets_eperm_and_reads_on(tmp_path, transport):
+    """Tried: libnbd, strict mode off, writes 8 MiB to the read-only export, far more than
+    the socket holds. Must hold: the write fails with EPERM and the connection reads on.
+    Before, the EPERM went out as soon as the header was read; libnbd, still sending the
+    payload, had not put the write in flight, met a reply for a request it did not know,
+    and dropped the connection ("no matching cookie found for server reply")."""
+    server = start_server({"zeros": ZeroExport()}, tmp_path, "zeros")
+    try:
+        uri = (
+            server.uri("zeros")
+            if transport == "tcp"
+            else served(server, "zeros", None, None).unix_uri
+        )
+        h = connect(uri)
+        try:
+            assert refused(h.pwrite, bytes(8 << 20), 0) == errno.EPERM
+            assert h.pread(4096, 1 << 20) == bytes(4096)
+        finally:
+            h.shutdown()
+    finally:
+        server.shutdown()
+
+
 def test_unknown_commands_and_write_payloads_over_raw_socket(registry_image):
     """Unknown command numbers get EINVAL; a write's payload is skipped, not parsed as
     requests; the stream stays in sync and DISC closes the connection."""

@@ -197,6 +197,36 @@ def test_writes_to_the_read_only_export_are_eperm_and_their_payload_skipped():
     assert {r.handle: r.error for r in checker.finished} == {1: 1, 2: 1, 3: 1, 4: 0}
 
 
+@pytest.mark.parametrize("shutting_down", [False, True], ids=["read_only", "shutting_down"])
+def test_a_refused_write_is_answered_only_once_its_payload_is_in(shutting_down):
+    """Tried: a WRITE header (refused: EPERM on the read-only export, or ESHUTDOWN while
+    stopping), then its 1000-byte payload in pieces, then the connection's end. Must hold:
+    no reply until the payload's last byte is in, then one; a client hanging up inside
+    the payload gets none. A client still sending the payload has not put the request in
+    flight yet (libnbd counts it sent only then), so an answer before that names a
+    request it does not know of, and it drops the connection."""
+    for pieces, answered in ([999, 1], True), ([500], False):
+        conn = negotiated()
+        if shutting_down:
+            conn.begin_shutdown()
+        conn.receive_data(w.request(w.CMD_WRITE, 1, 0, 1000))
+        assert drain(conn) == ([], b"")
+        for size in pieces:
+            assert drain(conn)[1] == b""
+            conn.receive_data(bytes(size))
+        events, out = drain(conn)
+        checker = w.ReplyChecker(True)
+        assert checker.transmission(out) == b""
+        expected = w.ESHUTDOWN if shutting_down else w.EPERM
+        assert [(r.handle, r.error) for r in checker.finished] == (
+            [(1, expected)] if answered else []
+        )
+        if not answered:
+            conn.receive_data(b"")
+            events, out = drain(conn)
+            assert out == b"" and [type(e).__name__ for e in events] == ["ConnectionClosed"]
+
+
 def test_libnbd_sees_the_meta_context_df_and_req_one(tmp_path):
     """Through libnbd: base:allocation is listed and selected, a DF read comes as one
     chunk, and a REQ_ONE block status as one extent no longer than asked."""
