@@ -117,9 +117,18 @@ class Session:
             self.cut()
         finally:
             self._ended = True
-            self._workers.stop()
+            self._workers.stop(give_up=self._replies_abandoned)
             self._outbox.close(self._server.drain_timeout)
             self._finish()
+
+    def _replies_abandoned(self) -> bool:
+        """The client has gone and took no reply for the drain: cut, so reads waiting for
+        room that only its taking replies would make end now (``Outbox.close`` then
+        has nothing to wait for)."""
+        if self._outbox.stalled_for(time.monotonic()) <= self._server.drain_timeout:
+            return False
+        self.cut()
+        return True
 
     @property
     def stopping(self) -> bool:

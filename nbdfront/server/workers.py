@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
+GIVE_UP_POLL = 0.1
+
 
 class Workers:
     """The daemon threads of one connection that serve what may wait.
@@ -52,14 +54,22 @@ class Workers:
         self._jobs.put(job)
         return True
 
-    def stop(self) -> None:
-        """Wait for every job, including those jobs submit meanwhile; end the threads."""
+    def stop(self, give_up: Callable[[], bool] = lambda: False) -> None:
+        """Wait for every job, including those jobs submit meanwhile, unless ``give_up()``
+        (asked every ``GIVE_UP_POLL`` seconds) says to stop waiting; end the threads."""
+        while not self._finished_within(GIVE_UP_POLL) and not give_up():
+            pass
         with self._lock:
-            while self._pending:
-                self._done.wait()
             threads = len(self._threads)
         for _ in range(threads):
             self._jobs.put(None)
+
+    def _finished_within(self, timeout: float) -> bool:
+        """Whether every job is done, waiting ``timeout`` at most for it."""
+        with self._lock:
+            if self._pending:
+                self._done.wait(timeout)
+            return not self._pending
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:

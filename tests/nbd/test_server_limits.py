@@ -237,6 +237,26 @@ def test_a_client_that_says_goodbye_behind_its_reads_gets_them_all_however_slowl
     take_slowly(server, reads=8, size=1 << 20, piece=64 << 10, pause=0.03, then=goodbye)
 
 
+def test_a_client_that_says_goodbye_behind_streamed_reads_and_takes_nothing_is_let_go(tmp_path):
+    """Tried: a drain of 1 s; a client asks for two structured 32 MiB reads (sent piece
+    by piece, within the connection's budget), sends NBD_CMD_DISC, and takes no reply.
+    Must hold: the server lets it go within seconds, as it does one whose replies are
+    all queued. Before, the connection waited for the reads' pieces to find room in the
+    budget, which only the client taking replies makes: it held its slot, its threads
+    and 32 MiB of replies until the client read, for ever with no idle limit."""
+    server = serve(tmp_path, ZeroExport(), drain_timeout=1.0)
+    client = w.RawClient(server.unix_path, receive_buffer=65536)
+    try:
+        client.negotiate("zeros")
+        for handle in range(2):
+            client.send(w.CMD_READ, handle, handle * MAX_PAYLOAD, MAX_PAYLOAD)
+        client.send(w.CMD_DISC, 9)
+        assert wait_for(lambda: server.connection_count == 0, timeout=6.0)
+    finally:
+        client.close()
+        server.shutdown()
+
+
 def test_replies_flow_to_a_client_that_never_stops_sending(tmp_path):
     """A client pipelines, in one go, 100 blocks of two 1-byte reads (hits) and 500
     flushes, then one last read, reading replies on another thread: the first replies
