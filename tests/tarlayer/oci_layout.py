@@ -108,6 +108,7 @@ def skopeo_copy(layout: Path, tag: str, registry_host: str, repository: str) -> 
             "copy",
             "--quiet",
             "--dest-tls-verify=false",
+            "--preserve-digests",
             f"oci:{layout}:{tag}",
             f"docker://{ref}",
         ],

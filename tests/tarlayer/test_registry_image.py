@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import struct
 import subprocess
@@ -14,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from oci_layout import make_layout, push_tar_layer, skopeo_copy
+from oci_layout import MEDIA_TYPES, compress, make_layout, push_tar_layer, skopeo_copy
 from rig.fault_proxy import Fault
 from test_overlay_layers import extract_in_order, layer_sources, without_dir_counts
 from trees import make_tar, snapshot
@@ -114,6 +115,25 @@ def test_skopeo_copied_image_mounts_like_extraction_and_again_offline(tmp_path, 
             image.close()
     finally:
         registry.start()
+
+
+def test_skopeo_copies_each_layer_as_the_layout_holds_it(tmp_path, registry):
+    """Tried: a layout of a gzip, a plain tar and a zstd layer copied into the registry
+    as the tests here copy images. Must hold: each layer keeps its media type and bytes;
+    before, skopeo gzipped the plain tar on the way, so every test of a "plain tar" layer
+    in a copied image served a gzip one."""
+    layers = [
+        (kind, make_tar(src, tmp_path / f"{kind}.tar").read_bytes())
+        for kind, src in zip(["gzip", "tar", "zstd"], layer_sources(tmp_path / "src"), strict=True)
+    ]
+    ref = skopeo_copy(make_layout(tmp_path / "layout", "v1", layers), "v1", registry.host, "o/kept")
+    raw = subprocess.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{ref}"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    pushed = [(d["mediaType"], d["size"]) for d in json.loads(raw)["layers"]]
+    assert pushed == [(MEDIA_TYPES[kind], len(compress(kind, tar))) for kind, tar in layers]
 
 
 @pytest.mark.parametrize("kind", ["gzip", "zstd"])
