@@ -13,7 +13,8 @@ the same bytes (and the same digest, for sharing an index).
 
 Layout: blocks 0-1 unused; the superblock at 1024 and the device slot after
 it; inodes from there on, 32-byte aligned (a symlink's inline target never
-crosses a block); then directory blocks and long symlink targets.
+crosses a block); then directory blocks and long symlink targets; zeros to the
+end of a ``PAGE``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from dataclasses import dataclass
 from blockstore import erofs_format as f
 from blockstore.tarlayer.tree import Inode, LayerTree, TarLayerError
 
+PAGE = 4096
+"""The image ends on a page's end: the kernel reads a file-backed image a page at a
+time, and a page holding both the last inodes and the tar's first bytes could not be
+read while those bytes were not cached or were damaged (offline, the whole tree)."""
 DEVT_SLOT_OFFSET = f.align(f.SUPER_OFFSET + f.SUPER.size, f.DEVICE_SLOT_SIZE)
 FIRST_INODE_OFFSET = DEVT_SLOT_OFFSET + f.DEVICE_SLOT_SIZE
 MAX_TAR_BLOCKS = 1 << 32  # chunk indexes and the superblock hold 32-bit block numbers
@@ -122,7 +127,7 @@ def write_metadata(tree: LayerTree, tar_size: int) -> bytes:
     """The metadata image for ``tree``, whose files live in a tar of ``tar_size`` bytes."""
     tar_blocks = f.align(tar_size, f.BLOCK_SIZE) // f.BLOCK_SIZE
     layout = _Layout(tree)
-    meta_blocks = layout.end // f.BLOCK_SIZE
+    meta_blocks = f.align(layout.end, PAGE) // f.BLOCK_SIZE
     if meta_blocks + tar_blocks >= MAX_TAR_BLOCKS:  # the superblock counts both
         raise TarLayerError(
             "the tar and its metadata are 2 TiB or larger: too large for 32-bit block numbers"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
@@ -19,9 +20,11 @@ import pytest
 import zstandard
 from oci_layout import MEDIA_TYPES, compress, make_layout, push_tar_layer, skopeo_copy
 from rig.mounts_left import take_down_recorded
+from rig.stored_chunks import flip_stored_byte
 from test_overlay_layers import extract_in_order, layer_sources, without_dir_counts
-from trees import make_tar, populate, snapshot
+from trees import make_tar, populate, snapshot, tar_of
 
+from blockstore.cache import ChunkStore
 from blockstore.registry.mediatypes import GZIP
 from blockstore.registry.push import push_image
 from blockstore.tarlayer.gzindex import GzipIndexer
@@ -912,3 +915,39 @@ def test_noexec_as_mount8_spells_it_keeps_the_images_programs_from_running(
             assert runs
         finally:
             cli("umount", str(mnt))
+
+
+@pytest.mark.parametrize("kind", ["tar", "gzip"])
+def test_a_damaged_first_chunk_of_the_tar_costs_only_the_file_it_holds(
+    tmp_path, registry, run_dir, kind
+):
+    """Tried: a layer prefetched (sealed), then the first 4 KiB of its tar damaged in the
+    cache, the image mounted offline. Must hold: the tree lists whole and every
+    file whose bytes lie elsewhere reads right; only the file in that chunk is EIO.
+    Before, the metadata image ended mid-page, so the kernel's 4 KiB page reads of its
+    last inodes took in the tar's first bytes: the damaged chunk made the metadata
+    unreadable, and the mount failed (an evicted chunk did the same)."""
+    far = os.urandom(100_000)
+    tar = tar_of({"first": os.urandom(40_000), "far": far})
+    ref = push_tar_layer(registry, "o/first-chunk", kind, kind, tar, tmp_path)
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    mnt.mkdir()
+    cli("prefetch", "--insecure", "--cache-dir", str(cache), ref)
+    blob = "sha256:" + hashlib.sha256(tar if kind == "tar" else compress(kind, tar)).hexdigest()
+    diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
+    store = ChunkStore(cache)
+    try:
+        # In the tar's first 4 KiB: the header of "first", in the page the metadata ends in.
+        assert flip_stored_byte(store, blob if kind == "tar" else diff_id, 0, 1000)
+    finally:
+        store.close()
+
+    cli("mount", "--offline", "--cache-dir", str(cache), ref, str(mnt))
+    try:
+        assert sorted(os.listdir(mnt)) == ["far", "first"]
+        assert (mnt / "far").read_bytes() == far
+        with pytest.raises(OSError) as failed:
+            (mnt / "first").read_bytes()
+        assert failed.value.errno == errno.EIO
+    finally:
+        cli("umount", str(mnt))
