@@ -83,7 +83,7 @@ class CachedBlob:
         settings: PrefetchSettings | None = None,
         upstream: BlobSource | None = None,
         seal_when_whole: bool = True,
-    ):
+    ) -> None:
         """``upstream``: the same blob from its source of truth alone (past any mirror),
         fetched from once more when what ``source`` sent fails the digest.
         ``seal_when_whole``: seal in the background as soon as a fetch completes the
@@ -181,9 +181,9 @@ class CachedBlob:
 
     def read_for_pass(self, offset: int, length: int) -> list[Buffer]:
         """``read`` for a pass of the engine's own over the blob (indexing a tar layer,
-        proving its index, inflating its spans): not a client's read, so neither counted
-        as served, nor kept in the trace (a replay elsewhere would fetch the whole pass),
-        nor taken by readahead as a hint."""
+        proving its index, inflating its spans; the warm-up's reads, ``warmup``): not a
+        client's read, so neither counted as served, nor kept in the trace (a replay
+        elsewhere would fetch the whole pass), nor taken by readahead as a hint."""
         try:
             return self._read(offset, length, client=False)
         except CacheError as exc:
@@ -503,8 +503,8 @@ class CachedBlob:
         self.now_sealed()
 
     def now_sealed(self) -> None:
-        """The blob was sealed here: fetches are checked against its sums from now on,
-        and readahead has nothing left to do."""
+        """The blob was sealed by this process (``prefetch``, or the warm-up's fill): fetches
+        are checked against its sums from now on, and readahead has nothing left to do."""
         self._sums = self._store.sealed_sums(self._digest)
         self._whole = True
 
@@ -735,7 +735,8 @@ class CachedBlob:
     # --- prefetch --------------------------------------------------------------
 
     def _start_fetching(self, source: BlobSource) -> None:
-        """The fetcher, and the heuristics a cold open starts with (on a daemon thread)."""
+        """The fetcher; the hint queue and trace recorder that a client's reads feed; and
+        the warm-up a cold open starts on a daemon thread (``warmup``)."""
         settings = self._settings
         fetcher = self._fetcher = self._new_fetcher(source)
         self._hints = HintQueue(self.plan)
@@ -825,7 +826,7 @@ class CachedBlob:
                 self._now_whole(record)
 
     def _load_chunks(self, indices: Sequence[int]) -> dict[int, Buffer]:
-        """``_load``, for the chunk fetcher: once the blocks of those chunks that a replay
+        """``load``, for the chunk fetcher: once the blocks of those chunks that a replay
         is fetching have come, so that no byte is asked for twice at once. (The replay in
         turn claims no block of a chunk on its way: ``brought_by_others``.)"""
         table = self._store.flights(self._digest).blocks_if_any

@@ -42,7 +42,8 @@ rather than cut it in two: a request costs more than 16 KiB (measured: bench/REA
 
 
 class WarmedBlob(Protocol):
-    """What the warm-up needs of the blob it warms (``CachedBlob``)."""
+    """What the warm-up needs of the blob it warms (``CachedBlob``): the warm-up fetches
+    through the blob's own fetchers, so what it brings is what the blob's reads find."""
 
     @property
     def digest(self) -> str: ...
@@ -50,17 +51,26 @@ class WarmedBlob(Protocol):
     @property
     def size(self) -> int: ...
 
-    def known_id(self) -> int | None: ...
+    def known_id(self) -> int | None:
+        """The blob's id in the cache, None while the cache holds none of it: what the
+        replay and the fill ask the store about."""
 
-    def load(self, indices: Sequence[int]) -> dict[int, Buffer]: ...
+    def load(self, indices: Sequence[int]) -> dict[int, Buffer]:
+        """Those of the chunks ``indices`` the cache holds now: the directory walk's hits."""
 
-    def read_for_pass(self, offset: int, length: int) -> list[Buffer]: ...
+    def read_for_pass(self, offset: int, length: int) -> list[Buffer]:
+        """A read that is no client's (not counted, traced or advised): the EROFS start's
+        root inode, and the directory walk beside a replay."""
 
-    def plan(self, offset: int, length: int, priority: int) -> None: ...
+    def plan(self, offset: int, length: int, priority: int) -> None:
+        """Queue the range's missing chunks at ``priority``: the EROFS start's span."""
 
-    def no_room(self) -> str | None: ...
+    def no_room(self) -> str | None:
+        """Why the disk cannot take the rest of the layer, or None: a fill that would
+        only evict is not started."""
 
-    def now_sealed(self) -> None: ...
+    def now_sealed(self) -> None:
+        """Told once the fill sealed the blob, so its reads check against the seal."""
 
 
 class WarmUp:
@@ -76,7 +86,7 @@ class WarmUp:
         settings: PrefetchSettings,
         readahead: Readahead,
         stop: threading.Event,
-    ):
+    ) -> None:
         """``block_fetcher``: fetches single 4 KiB blocks, kept as parts of chunks, for a
         trace that can be replayed so; ``readahead``: the blob's, to see a bulk reader."""
         self._blob = blob
@@ -286,9 +296,9 @@ class WarmUp:
             )
 
     def _fills_nothing(self) -> bool:
-        """Whether the cache keeps nothing a fill fetches, saying so if it does: a cache
-        lost as it was filled (``CacheEnv.lost``) would have the whole layer fetched
-        every round."""
+        """Whether the cache keeps nothing a fill fetches (read-only here, or lost as it
+        was filled: ``ChunkStore.lost``), saying so if it does: each round would fetch
+        the whole layer again."""
         if (why := self._store.read_only_because) is None:
             return False
         log.warning("%s: not filled, as the cache keeps nothing: %s", self._digest, why)
