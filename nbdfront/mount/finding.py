@@ -5,9 +5,12 @@ A mount's record says what was made; the kernel says what still stands. These
 find a record's top mount among those at its mount point (``where_ours_is``),
 follow it when a directory above it moved (``followed``), read back a mount
 whose record is gone (``unrecorded``), find a mount made with another run
-directory (``run_dir_of``), and say what hides a mount or lies inside it; and
-they write paths and commands for a user to read and paste (``printable``,
-``umount_command``).
+directory (``run_dir_of``) or the supervisor of a server whose record is gone
+(``supervisor_of``), and say what hides a mount or lies inside it; they write
+paths and commands for a user to read and paste (``printable``,
+``umount_command``). The names of the state directory's files they look for,
+which ``stack`` gives those it makes, are here too (``SERVER_STATUS``,
+``EMPTY_LOWER``, ``ATTRIBUTES_LOWER``).
 """
 
 from __future__ import annotations
@@ -76,8 +79,8 @@ def moved_to(path: str) -> MountRecord | None:
 def unrecorded(mountpoint: str) -> MountRecord | None:
     """A mount whose record is gone (the run directory cleared while it was mounted)
     though its state directory still holds what it mounted: enough of a record, read
-    from mountinfo and from its server's command line, for ``take_down`` to undo
-    it, the server included; None if nothing of it is mounted or running."""
+    from mountinfo and from its server's command line, for ``unmount.take_down`` to
+    undo it, the server included; None if nothing of it is mounted or running."""
     state = records.state_dir_for(mountpoint)
     if not records.is_private(state):
         return None
@@ -100,7 +103,7 @@ def unrecorded(mountpoint: str) -> MountRecord | None:
 
 def supervisor_of(state: Path) -> ProcessRef | None:
     """The live supervisor of the server of the mount whose state directory is ``state``,
-    known by the status file its command line names (``start_server``), among this
+    known by the status file its command line names (``server.start_server``), among this
     user's processes: with the record gone, nothing else names it, and left running it
     would serve nothing and hold its cache for ever."""
     wanted = [b"-m", b"nbdfront.mount.supervisor", os.fsencode(state / SERVER_STATUS)]
