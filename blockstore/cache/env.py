@@ -129,13 +129,13 @@ def _reserve_lock_file(path: Path) -> None:
         raise open_failure(path, exc) from exc
 
 
-class _Looking:
+class _LookingTxn:
     """A read transaction standing in for a write transaction (``CacheEnv._look``): a
     put of the value already stored changes nothing and passes (an open finding the
     cache's format and cap as they are, a repair finding counts right); any other
     write raises ``lmdb.ReadonlyError``, as LMDB does in a read transaction."""
 
-    def __init__(self, txn: lmdb.Transaction):
+    def __init__(self, txn: lmdb.Transaction) -> None:
         self._txn = txn
 
     def __getattr__(self, name: str) -> object:
@@ -149,27 +149,29 @@ class _Looking:
         return self._txn.put(key, value, db=db, **flags)
 
 
-class _Moved:
+class _MovedTxn:
     """A transaction of the writable handle that replaced one opened to look
     (``CacheEnv._become_writer``), taking the old handle's databases for its own: work
     that named a database before the change (in a closure, as most writes do) finds
     the same database after it."""
 
-    def __init__(self, txn: lmdb.Transaction, moved: dict[lmdb._Database, lmdb._Database]):
+    def __init__(
+        self, txn: lmdb.Transaction, moved_dbs: dict[lmdb._Database, lmdb._Database]
+    ) -> None:
         self._txn = txn
-        self._moved = moved
+        self._moved_dbs = moved_dbs
 
     def __getattr__(self, name: str) -> object:
         method = getattr(self._txn, name)
         if not callable(method):
             return method
 
-        def on_moved(*args: object, **kwargs: object) -> object:
-            args = tuple(self._moved.get(a, a) if _is_db(a) else a for a in args)
-            kwargs = {k: self._moved.get(v, v) if _is_db(v) else v for k, v in kwargs.items()}
+        def on_moved_dbs(*args: object, **kwargs: object) -> object:
+            args = tuple(self._moved_dbs.get(a, a) if _is_db(a) else a for a in args)
+            kwargs = {k: self._moved_dbs.get(v, v) if _is_db(v) else v for k, v in kwargs.items()}
             return method(*args, **kwargs)
 
-        return on_moved
+        return on_moved_dbs
 
 
 def _is_db(value: object) -> bool:
@@ -300,7 +302,7 @@ class CacheEnv:
         offline: bool = False,
         replace_older: bool = False,
         goes_on: bool = True,
-    ):
+    ) -> None:
         self.path = path
         self._users = 0
         self._key: tuple[int, int] | None = None
@@ -319,7 +321,7 @@ class CacheEnv:
         self.goes_on = goes_on
         self.moved_aside: list[str] = []  # what damage this process found and moved away
         # The databases of the handle opened to look, and this one's in their place.
-        self._moved: dict[lmdb._Database, lmdb._Database] = {}
+        self._moved_dbs: dict[lmdb._Database, lmdb._Database] = {}
         checked = self._directory(path)  # the directory about to be judged
         self.read_only_because = cannot_write(path)
         self.read_only = self.read_only_because is not None
@@ -873,7 +875,7 @@ class CacheEnv:
         open finding the cache current); ``lmdb.ReadonlyError`` where it would write."""
         txn = self.begin_read()
         try:
-            return work(_Looking(txn))  # type: ignore[arg-type]
+            return work(_LookingTxn(txn))  # type: ignore[arg-type]
         except lmdb.ReadonlyError:
             raise
         except (lmdb.Error, *RECORD_ERRORS) as exc:
@@ -895,12 +897,14 @@ class CacheEnv:
             except CacheDamaged as exc:
                 self._stale = str(exc)  # moved aside at the next transaction, as any damage
                 raise
-            self._moved = {looked[name]: self.dbs[name] for name in looked}
+            self._moved_dbs = {looked[name]: self.dbs[name] for name in looked}
 
     def _as_opened(self, txn: lmdb.Transaction) -> lmdb.Transaction:
         """``txn``, taking the databases of a handle opened to look for this one's, once
         this one replaced it (``_become_writer``)."""
-        return _Moved(txn, self._moved) if self._moved else txn  # type: ignore[return-value]
+        if not self._moved_dbs:
+            return txn
+        return _MovedTxn(txn, self._moved_dbs)  # type: ignore[return-value]
 
     def write_lock_wait(self) -> float:
         """Seconds a write of this process has been waiting for the cache's write lock
