@@ -636,13 +636,10 @@ class ChunkStore:
     def _drop_disagreeing(self, txn: lmdb.Transaction, digest: str, why: str) -> None:
         """Drop a blob whose record disagrees (``why``): the record, its sealed entries,
         and the chunks of every id that names the blob, which are found from the ids,
-        not from the record. Nothing of another blob, and never the cache."""
-        log.warning(
-            "the cache's record of %s is damaged (%s): dropped it with the chunks stored "
-            "for it, which are fetched again as they are read",
-            digest,
-            why,
-        )
+        not from the record. Nothing of another blob, and never the cache.
+
+        Said once dropped: a write tried first in a read transaction (``looking``) runs
+        up to its first change, then again as a writer, and would say it twice."""
         ids = self.dbs[DB_IDS]
         named = digest.encode()
         own = [bytes(key) for key, value in txn.cursor(db=ids) if value == named]
@@ -652,6 +649,12 @@ class ChunkStore:
         txn.delete(named, db=self.dbs[DB_BLOBS])
         txn.delete(named, db=self.dbs[DB_SUMS])
         self._sealer.forget(digest)
+        log.warning(
+            "the cache's record of %s is damaged (%s): dropped it with the chunks stored "
+            "for it, which are fetched again as they are read",
+            digest,
+            why,
+        )
 
     def _write_making_room(self, work: Callable[[lmdb.Transaction], T], adding: int = 0) -> T:
         """``work`` in a write transaction, storing ``adding`` bytes of chunks, making room

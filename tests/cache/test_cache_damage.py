@@ -591,6 +591,25 @@ def test_a_record_whose_id_names_another_blob_costs_that_blob_nothing(cache_dir,
     assert not list(cache_dir.parent.glob("*.damaged-*"))
 
 
+def test_a_damaged_record_a_command_that_looks_drops_is_said_once(cache_dir):
+    """Tried: blob A's record given blob B's id (one flipped bit), then ``cache verify``,
+    which opens the cache to look (``looking``) and becomes a writer at its first write
+    that changes something, there the drop of A's record. Must hold: A's record is
+    dropped (exit 6, A named as damaged), and the warning that says so is logged once.
+    Before, it was logged twice: the drop ran first in the read transaction that looks,
+    said so, then met its first delete, and ran again as a writer."""
+    a, b = make_blob(3 * CHUNK_SIZE, seed=43), make_blob(5 * CHUNK_SIZE, seed=44)
+    fill(cache_dir, [a, b])
+    with ChunkStore(cache_dir) as store:
+        b_id = store.lookup(b[1]).blob_id
+        _rewrite_record(store, a[1], lambda record: setattr(record, "blob_id", b_id))
+    result = run_cli("cache", "verify", "--cache-dir", str(cache_dir))
+    assert result.returncode == 6, result.stdout + result.stderr
+    assert f"the cached record of {a[1]} is damaged: dropped" in result.stdout
+    said = f"the cache's record of {a[1]} is damaged"
+    assert result.stderr.count(said) == 1, result.stderr
+
+
 def test_a_lookup_meeting_a_damaged_record_returns_what_the_drop_finds(cache_dir, caplog):
     """Tried: a lookup that finds A's record damaged (B's id), where another writer makes
     A's record right again before the lookup's drop runs; then one whose drop cannot be
