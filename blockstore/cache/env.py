@@ -872,10 +872,13 @@ class CacheEnv:
 
     def _look(self, work: Callable[[lmdb.Transaction], T]) -> T:
         """``work`` run in a read transaction: what it returns where it writes nothing (an
-        open finding the cache current); ``lmdb.ReadonlyError`` where it would write."""
+        open finding the cache current); ``lmdb.ReadonlyError`` where it would write. The
+        transaction may be the writable handle's already (another thread's write made it
+        so after this one saw the cache opened to look): it takes the databases named
+        before for that handle's, as a writer's does."""
         txn = self.begin_read()
         try:
-            return work(_LookingTxn(txn))  # type: ignore[arg-type]
+            return work(_LookingTxn(self._as_opened(txn)))  # type: ignore[arg-type]
         except lmdb.ReadonlyError:
             raise
         except (lmdb.Error, *RECORD_ERRORS) as exc:

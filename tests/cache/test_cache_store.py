@@ -918,3 +918,37 @@ def test_a_cache_directory_deleted_under_a_store_is_said_once(tmp_path, caplog):
         blob.close()
     assert caplog.text.count("was deleted or replaced") == 1
     assert str(cache) in caplog.text
+
+
+def test_a_write_that_looks_as_another_thread_makes_the_cache_writable_finds_its_databases(
+    cache_dir, monkeypatch
+):
+    """Tried: a cache opened to look (``looking``, as ``cache verify`` opens it), a write
+    naming a database taken before it starts (as ``ImageRecords.put`` names it), and
+    another thread's write making the cache writable just as this one, having seen it
+    opened to look, begins its try in a read transaction. Must hold: the write goes
+    through, to the database it named, on the writable handle. Before, that try took
+    the named database as it was, a handle of the closed environment it looked through,
+    and the write failed with "cache read failed"."""
+    from blockstore.cache.env import looking
+    from blockstore.cache.layout import DB_REFS
+
+    ChunkStore(cache_dir).close()
+    with looking():
+        store = ChunkStore(cache_dir)
+    try:
+        env = store.env
+        assert env.looking
+        refs = env.dbs[DB_REFS]
+        look = env._look
+
+        def made_writable_meanwhile(work):
+            env._become_writer()  # another thread's first change, between the two
+            return look(work)
+
+        monkeypatch.setattr(env, "_look", made_writable_meanwhile)
+        env.write(lambda txn: txn.put(b"key", b"value", db=refs))
+        with env.reader(DB_REFS) as txn:
+            assert bytes(txn.get(b"key")) == b"value"
+    finally:
+        store.close()
