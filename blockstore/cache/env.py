@@ -33,12 +33,14 @@ A cache this process cannot write (``write_access.py``) is opened
 read-only, without LMDB's lock file: it is never moved aside, and every
 write is refused (``ReadOnlyCache``).
 
-A command that only looks (``looking``: ``cache ls``, ``stats``, ``mounts``)
-opens a current cache read-only with LMDB's lock file, a reader like any
-other: py-lmdb opens named databases of a writable environment only in a
-write transaction, which waits for a process stopped while it holds the write
-lock. Its writes run first in a read transaction; the first that would change
-something opens the cache writable in its place, as any writer does.
+A command that only looks (``looking``: ``cache ls``, ``stats``, ``verify``,
+``trace ls``, ``show`` and ``export``, ``mounts``) opens a current cache
+read-only with LMDB's lock file, a reader like any other: py-lmdb opens named
+databases of a writable environment only in a write transaction, which waits
+for a process stopped while it holds the write lock. Its writes run first in a
+read transaction (``_LookingTxn``); the first that would change something opens
+the cache writable in its place, as any writer does, and runs again there from
+the start (``_MovedTxn`` takes the databases it named for the new handle's).
 """
 
 from __future__ import annotations
@@ -817,10 +819,12 @@ class CacheEnv:
     def write(self, work: Callable[[lmdb.Transaction], T]) -> T:
         """Run ``work`` in a write transaction and commit it.
 
-        ``work`` is run again from the start if the map had to grow, so it
-        must keep its effects inside the transaction. Raises ``DiskFull``,
-        ``CacheDamaged`` or ``CacheError``; the cache is left as of the last
-        commit.
+        ``work`` is run again from the start if the map had to grow, and, in a
+        cache opened to look, after a first try in a read transaction that
+        stops at its first change (``_look``): it must keep its effects inside
+        the transaction, and log what it did only after its writes. Raises
+        ``DiskFull``, ``CacheDamaged`` or ``CacheError``; the cache is left as
+        of the last commit.
         """
         if self._stale is not None:
             self._renew()
