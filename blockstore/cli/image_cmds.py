@@ -124,7 +124,7 @@ def _can_keep(args: argparse.Namespace) -> Callable[[OpenImage], None]:
         store = image.store
         if store.read_only:
             raise ReadOnlyCache(
-                f"the cache at {store.path} is read-only here ({store.env.read_only_because}): "
+                f"the cache at {store.path} is read-only here ({store.read_only_because}): "
                 "prefetch would have nowhere to keep what it fetches (give a writable "
                 "--cache-dir)"
             )
