@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from blockstore import erofs_format as f
+from blockstore.tarlayer.erofs_writer import GAP
 from blockstore.tarlayer.tree import Inode, LayerTree, TarLayerError
 
 
@@ -29,7 +30,7 @@ class ImageInfo:
 
     root_nid: int
     inodes: int
-    meta_blocks: int  # where the tar device starts, in blocks
+    meta_blocks: int  # where the tar device starts, in blocks: the image's end, or GAP past it
     tar_blocks: int
 
 
@@ -62,8 +63,16 @@ def read_info(image: bytes) -> ImageInfo:
     _tag, blocks_lo, uniaddr_lo, blocks_hi, uniaddr_hi = f.DEVICE_SLOT.unpack_from(image, slot)
     tar_blocks = blocks_lo | blocks_hi << 32
     meta_blocks = uniaddr_lo | uniaddr_hi << 32
-    _need(meta_blocks * f.BLOCK_SIZE == len(image), "the tar device does not start at its end")
+    _need(
+        meta_blocks * f.BLOCK_SIZE in (len(image), len(image) + GAP),
+        "the tar device starts neither at its end nor a gap after it",
+    )
     return ImageInfo(root_nid, inos, meta_blocks, tar_blocks)
+
+
+def tar_start(image: bytes) -> int:
+    """Where the tar starts on ``image || zeros || tar``, as the image's device slot says."""
+    return read_info(image).meta_blocks * f.BLOCK_SIZE
 
 
 class _Walker:

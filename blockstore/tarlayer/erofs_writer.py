@@ -3,9 +3,9 @@
 The image has 512-byte blocks, the alignment of tar data, so a regular file is
 a chunk-based inode whose chunk indexes name device 1 at block
 ``data_offset / 512`` of the tar. Device 1 is the uncompressed tar itself; its
-slot in the device table says it starts right after the metadata
-(``uniaddr``), so ``metadata || tar`` is one device the kernel mounts with no
-``device=`` option ("flat device" mode).
+slot in the device table says where it starts (``uniaddr``): ``GAP`` bytes of
+zeros after the metadata, so ``metadata || zeros || tar`` is one device the
+kernel mounts with no ``device=`` option ("flat device" mode).
 
 The output depends only on the tree and the tar size: inodes are laid out
 depth-first in name order, no clock, no uuid, so two builds of one layer give
@@ -31,6 +31,12 @@ PAGE = 4096
 """The image ends on a page's end: the kernel reads a file-backed image a page at a
 time, and a page holding both the last inodes and the tar's first bytes could not be
 read while those bytes were not cached or were damaged (offline, the whole tree)."""
+GAP = 1 << 20
+"""Zeros between the image and the tar, stored nowhere (the export serves them). The
+kernel reads a file-backed image (the FUSE file of nbdfuse) ahead of the pages it asks
+for, up to two windows of 128 KiB past the last directory block a listing reads: with
+the tar right after the image, that readahead took in the tar's first bytes, which for
+a gzip or zstd layer fetched and inflated a whole span for a listing."""
 DEVT_SLOT_OFFSET = f.align(f.SUPER_OFFSET + f.SUPER.size, f.DEVICE_SLOT_SIZE)
 FIRST_INODE_OFFSET = DEVT_SLOT_OFFSET + f.DEVICE_SLOT_SIZE
 MAX_TAR_BLOCKS = 1 << 32  # chunk indexes and the superblock hold 32-bit block numbers
@@ -128,7 +134,8 @@ def write_metadata(tree: LayerTree, tar_size: int) -> bytes:
     tar_blocks = f.align(tar_size, f.BLOCK_SIZE) // f.BLOCK_SIZE
     layout = _Layout(tree)
     meta_blocks = f.align(layout.end, PAGE) // f.BLOCK_SIZE
-    if meta_blocks + tar_blocks >= MAX_TAR_BLOCKS:  # the superblock counts both
+    tar_start = meta_blocks + GAP // f.BLOCK_SIZE  # in blocks
+    if tar_start + tar_blocks >= MAX_TAR_BLOCKS:  # the superblock counts all
         raise TarLayerError(
             "the tar and its metadata are 2 TiB or larger: too large for 32-bit block numbers"
         )
@@ -152,7 +159,7 @@ def write_metadata(tree: LayerTree, tar_size: int) -> bytes:
         len(layout.order),
         layout.epoch,
         0,
-        meta_blocks + tar_blocks,
+        tar_start + tar_blocks,
         0,
         0,
         b"\0" * 16,
@@ -166,7 +173,7 @@ def write_metadata(tree: LayerTree, tar_size: int) -> bytes:
         0,
         0,
     )
-    f.DEVICE_SLOT.pack_into(image, DEVT_SLOT_OFFSET, b"", tar_blocks, meta_blocks, 0, 0)
+    f.DEVICE_SLOT.pack_into(image, DEVT_SLOT_OFFSET, b"", tar_blocks, tar_start, 0, 0)
     for ino, node in enumerate(layout.order, 1):
         layout.write(image, node, ino)
     image.release()

@@ -1,7 +1,9 @@
-"""A tar layer served as one device: ``EROFS metadata || uncompressed tar``.
+"""A tar layer served as one device: ``EROFS metadata || zeros || uncompressed tar``.
 
 The kernel mounts that range as EROFS in flat-device mode: the metadata at
-the start, and every file's chunk index pointing into the tar after it.
+the start, and every file's chunk index pointing into the tar after it, where
+the metadata's device slot puts it (``erofs_writer.GAP`` past its end, or
+right at it in an erofs-utils image).
 
 - Plain tar: the tar part is the blob's own cached chunks.
 - gzip/zstd: the tar part is a blob of its own in the cache, keyed by the
@@ -33,6 +35,7 @@ from blockstore.errors import BlobReadError, BlockstoreError, CacheError, Integr
 from blockstore.export import Buffer
 from blockstore.progress import Progress
 from blockstore.tarlayer import layerindex
+from blockstore.tarlayer.erofs_reader import tar_start
 from blockstore.tarlayer.layerindex import ReadRange, SpanIndex
 from blockstore.throttledlog import ThrottledLog
 
@@ -70,7 +73,8 @@ class RangeReader(Protocol):
 
 
 class TarLayerExport:
-    """``metadata || tar`` (padded to 512 bytes) as one read-only byte range."""
+    """``metadata || zeros || tar`` (padded to 512 bytes) as one read-only byte range: the
+    tar where the metadata image's device slot puts it, the zeros between served here."""
 
     def __init__(
         self,
@@ -84,9 +88,10 @@ class TarLayerExport:
         self._meta = memoryview(metadata)
         self._tar = tar
         self._tar_size = tar_size
+        self._tar_start = tar_start(metadata)
         self._name = name
         self._description = description
-        self._size = len(metadata) + erofs_format.align(tar_size, erofs_format.BLOCK_SIZE)
+        self._size = self._tar_start + erofs_format.align(tar_size, erofs_format.BLOCK_SIZE)
 
     @property
     def name(self) -> str:
@@ -101,13 +106,16 @@ class TarLayerExport:
         return self._size
 
     def _split(self, offset: int, length: int) -> tuple[list[Buffer], tuple[int, int], int]:
-        """(metadata buffers, tar range, zero padding bytes) of one request."""
-        meta_len = len(self._meta)
+        """(metadata buffers and the gap's zeros, tar range, zero padding bytes) of one
+        request."""
+        meta_len, start = len(self._meta), self._tar_start
         end = offset + length
         head = [self._meta[offset : min(end, meta_len)]] if offset < meta_len else []
-        t0 = max(offset, meta_len) - meta_len
-        t1 = min(end - meta_len, self._tar_size) if end > meta_len else 0
-        pad = end - meta_len - max(t1, t0) if end > meta_len + self._tar_size else 0
+        if (gap := min(end, start) - max(offset, meta_len)) > 0:
+            head.append(bytes(gap))
+        t0 = max(offset, start) - start
+        t1 = min(end - start, self._tar_size) if end > start else 0
+        pad = end - start - max(t1, t0) if end > start + self._tar_size else 0
         return head, (t0, max(0, t1 - t0)), pad
 
     def read(self, offset: int, length: int) -> list[Buffer]:

@@ -30,6 +30,7 @@ from typing import IO, NoReturn
 from blockstore.errors import BlockstoreError, IntegrityError
 from blockstore.progress import Progress
 from blockstore.registry.mediatypes import GZIP, ZSTD
+from blockstore.tarlayer.erofs_reader import tar_start
 from blockstore.tarlayer.erofs_writer import write_metadata
 from blockstore.tarlayer.gzindex import DEFAULT_SPAN, GzipIndexer, Zinfo, read_span, span_range
 from blockstore.tarlayer.tarwalk import (
@@ -45,7 +46,7 @@ from blockstore.tarlayer.tarwalk import (
 from blockstore.tarlayer.tree import DamagedTar, build_tree
 from blockstore.tarlayer.zstdframes import ZstdIndexer, decode_frames, stream_frames
 
-INDEX_FORMAT = 7  # bump when the metadata image or the span index changes shape or meaning
+INDEX_FORMAT = 8  # bump when the metadata image or the span index changes shape or meaning
 _KIND_CODES = {GZIP: 1, ZSTD: 2}
 _MAGIC = b"BSSPANS\x01"
 _HEAD = struct.Struct("<8sBQQQI")  # magic, kind, span, compressed, uncompressed, count
@@ -221,6 +222,11 @@ class TarIndex:
     tar_size: int
     spans: SpanIndex | None
     tar_digest: str  # sha256 of the uncompressed tar (the diff_id): its cache key
+
+    @property
+    def tar_start(self) -> int:
+        """Where the tar starts on the device: where the image's device slot puts it."""
+        return tar_start(self.metadata)
 
 
 class DiffIdMismatch(IntegrityError):

@@ -692,7 +692,7 @@ def test_pinning_a_gzip_layer_whose_tar_is_whole_says_it_whole(registry, tmp_pat
     image = open_image(reference, cache_dir=cache, offline=True)
     try:
         (export,) = image.exports()
-        start = len(export.index.metadata)
+        start = export.index.tar_start
         assert bytes(b"".join(export.read(start, len(tar.getvalue())))) == tar.getvalue()
     finally:
         image.close()

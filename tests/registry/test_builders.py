@@ -93,7 +93,7 @@ def test_a_zstd_layer_under_dockers_media_types_is_a_tar_layer(registry, tmp_pat
         image.close()
     metadata = export.index.metadata
     assert set(read_metadata(data[: len(metadata)]).root.children) == {b"hello.txt"}
-    assert data[len(metadata) :][: len(tar)] == tar
+    assert data[export.index.tar_start :][: len(tar)] == tar
 
 
 def layout_blob(layout: Path, data: bytes, media_type: str) -> dict:

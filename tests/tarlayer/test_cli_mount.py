@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import shutil
 import stat
 import subprocess
@@ -22,6 +23,7 @@ from oci_layout import MEDIA_TYPES, compress, make_layout, push_tar_layer, skope
 from rig.mounts_left import take_down_recorded
 from rig.stored_chunks import flip_stored_byte
 from test_overlay_layers import extract_in_order, layer_sources, without_dir_counts
+from test_shared_index import fetched_from, zstd_frames
 from trees import make_tar, populate, snapshot, tar_of
 
 from blockstore.cache import ChunkStore
@@ -949,5 +951,63 @@ def test_a_damaged_first_chunk_of_the_tar_costs_only_the_file_it_holds(
         with pytest.raises(OSError) as failed:
             (mnt / "first").read_bytes()
         assert failed.value.errno == errno.EIO
+    finally:
+        cli("umount", str(mnt))
+
+
+def _many_directories(root: Path) -> dict[str, bytes]:
+    """A tree whose listing reads its metadata image to the end: 40 directories of 25
+    files (8 MiB of random bytes in all) and 25 symlinks each; its files by path."""
+    rnd = random.Random(7)
+    files = {}
+    for d in range(40):
+        inner = root / f"d{d:02}" / "inner"
+        inner.mkdir(parents=True)
+        for f in range(25):
+            files[f"d{d:02}/inner/f{f:02}"] = data = rnd.randbytes(rnd.randint(1, 16_000))
+            (inner / f"f{f:02}").write_bytes(data)
+            (root / f"d{d:02}" / f"s{f:02}").symlink_to(f"inner/f{f:02}")
+    return files
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_a_first_listing_of_a_compressed_layer_fetches_none_of_its_tar(
+    tmp_path, registry, run_dir, fault_proxy, kind
+):
+    """Tried: a tar.gz (and a tar+zstd of 1 MiB frames) layer of 2,080 entries, its index
+    pushed, mounted with ``--no-readahead`` on an empty cache through a recording proxy;
+    every entry walked and lstat'ed, then one file read. Must hold: the mount and the
+    listing fetch no byte of the layer's blob, so inflate no span; the file then reads
+    right. Before, the kernel's readahead of the FUSE file (two windows of 128 KiB past
+    the last directory block the listing read) reached past the metadata image into the
+    tar: its first span (4 MiB of tar) was fetched and inflated for a listing."""
+    src = tmp_path / "src"
+    src.mkdir()
+    files = _many_directories(src)
+    tar = make_tar(src, tmp_path / "layer.tar").read_bytes()
+    blob = zstd_frames(tar) if kind == "zstd" else compress(kind, tar)
+    (tmp_path / "layer").write_bytes(blob)
+    client = registry.client()
+    try:
+        push_image(client, "o/listing", kind, [tmp_path / "layer"], media_type=MEDIA_TYPES[kind])
+    finally:
+        client.close()
+    ref = f"{registry.host}/o/listing:{kind}"
+    cli("index", "--push", "--insecure", "--cache-dir", str(tmp_path / "indexer"), ref)
+    proxy = fault_proxy(registry)
+    via_proxy = ref.replace(registry.host, proxy.host)
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cache = str(tmp_path / "cache")
+    cli("mount", "--insecure", "--no-readahead", "--cache-dir", cache, via_proxy, str(mnt))
+    try:
+        listed = [
+            os.lstat(Path(top) / name) for top, dirs, names in os.walk(mnt) for name in dirs + names
+        ]
+        assert len(listed) == 40 * 52
+        assert fetched_from(proxy, digest, len(blob)) == 0
+        assert (mnt / "d39" / "s24").read_bytes() == files["d39/inner/f24"]
+        assert 0 < fetched_from(proxy, digest, len(blob)) < len(blob)
     finally:
         cli("umount", str(mnt))

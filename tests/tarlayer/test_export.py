@@ -67,7 +67,8 @@ class Layer:
             self.index.metadata, self.tar_blob, self.index.tar_size, name="layer"
         )
         pad = -len(self.tar) % 512
-        self.expected = self.index.metadata + self.tar + bytes(pad)
+        gap = bytes(self.index.tar_start - len(self.index.metadata))
+        self.expected = self.index.metadata + gap + self.tar + bytes(pad)
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +101,8 @@ def shared_layer(layer_files, tmp_path_factory):
 @settings(max_examples=60, deadline=None)
 @given(st.data())
 def test_gzip_layer_export_serves_metadata_then_the_tar(shared_layer, data):
-    """Reads at any offset and length, across the metadata/tar seam and into the padding,
-    give exactly ``metadata || uncompressed tar || zeros to 512``."""
+    """Reads at any offset and length, across the metadata/gap/tar seams and into the
+    padding, give exactly ``metadata || zeros || uncompressed tar || zeros to 512``."""
     layer = shared_layer
     size = layer.export.size
     assert size == len(layer.expected) and size % 512 == 0
@@ -119,7 +120,7 @@ def test_a_miss_decompresses_its_span_once_for_all_its_chunks(layer_files, store
     start, end = layer.index.spans.bounds(1)
     first = -(-start // CHUNK_SIZE) * CHUNK_SIZE
     last = end // CHUNK_SIZE * CHUNK_SIZE
-    meta = len(layer.index.metadata)
+    meta = layer.index.tar_start
     middle = (first + last) // 2 // CHUNK_SIZE * CHUNK_SIZE
     assert (
         read_all(layer.export, meta + middle, CHUNK_SIZE) == layer.tar[middle : middle + CHUNK_SIZE]
@@ -139,7 +140,7 @@ def test_offline_remount_serves_what_was_read_and_fails_fast_on_the_rest(layer_f
     tmp, src = layer_files
     with ChunkStore(tmp_path / "cache") as store:
         online = Layer(tmp, store, src)
-        meta = len(online.index.metadata)
+        meta = online.index.tar_start
         assert read_all(online.export, 0, meta + 100_000) == online.expected[: meta + 100_000]
     with ChunkStore(tmp_path / "cache") as store:
         offline = Layer(tmp, store, src, offline=True)
@@ -174,7 +175,7 @@ def test_plain_tar_index_reads_headers_only_through_the_cache(layer_files, store
     cached = sum(1 for i in range(0, len(tar), CHUNK_SIZE) if blob.read_cached(i, 1) is not None)
     assert cached * CHUNK_SIZE < len(tar) / 2
     export = TarLayerExport(index.metadata, blob, len(tar))
-    assert read_all(export, len(index.metadata), 4096) == tar[:4096]
+    assert read_all(export, index.tar_start, 4096) == tar[:4096]
 
 
 @pytest.fixture
@@ -222,7 +223,7 @@ def test_a_damaged_cached_tar_chunk_is_never_served(layer_files, tmp_path):
     tmp, src = layer_files
     with ChunkStore(tmp_path / "cache") as store:
         layer = Layer(tmp, store, src)
-        meta = len(layer.index.metadata)
+        meta = layer.index.tar_start
         chunk = 40
         offset = chunk * CHUNK_SIZE
         want = layer.tar[offset : offset + CHUNK_SIZE]

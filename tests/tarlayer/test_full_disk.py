@@ -132,7 +132,7 @@ def test_a_compressed_layer_the_disk_cannot_hold_costs_no_other_layer(tmp_path, 
         image = open_image(second_ref, cache_dir=cache, offline=True)
         try:
             (export,) = image.exports()
-            start = len(export.index.metadata)
+            start = export.index.tar_start
             assert b"".join(bytes(b) for b in export.read(start, len(second))) == second
         finally:
             image.close()
@@ -328,7 +328,7 @@ def test_span_readahead_of_a_tar_over_the_cap_is_skipped(tmp_path, registry, cap
     image = open_image(f"{registry.host}/o/framed:v1", cache_dir=cache, options=registry.options())
     try:
         (export,) = image.exports()
-        start = len(export.index.metadata)
+        start = export.index.tar_start
         assert b"".join(bytes(b) for b in export.read(start, 1 << 16)) == tar[: 1 << 16]
         filling = lambda: any(t.name == "tar-fill" for t in threading.enumerate())  # noqa: E731
         assert wait_for(lambda: not filling(), 120)
@@ -367,7 +367,7 @@ def test_a_one_frame_zstd_tar_over_the_cap_is_read_without_keeping_its_span(
     try:
         (export,) = image.exports()
         assert len(export.index.spans.points) == 1
-        start = len(export.index.metadata)
+        start = export.index.tar_start
         for at in (0, 10 << 20, 0, 10 << 20):
             got = b"".join(bytes(b) for b in export.read(start + at, 1 << 16))
             assert got == tar[at : at + (1 << 16)]
@@ -406,7 +406,7 @@ def test_a_tar_layer_fill_waits_for_a_prefetch_filling_alone(tmp_path, registry)
         )
         try:
             (export,) = image.exports()
-            start = len(export.index.metadata)
+            start = export.index.tar_start
             assert b"".join(bytes(b) for b in export.read(start, 1 << 16)) == tar[: 1 << 16]
             time.sleep(3)
             held = cached(cache).get(tar_digest, {}).get("cached_fraction", 0.0)
@@ -441,7 +441,7 @@ def test_a_tar_layer_closed_while_its_seal_waits_its_turn_stops_at_once(tmp_path
     reads_done = threading.Event()
     try:
         (export,) = image.exports()
-        start = len(export.index.metadata)
+        start = export.index.tar_start
 
         def read_until_done() -> None:
             while True:

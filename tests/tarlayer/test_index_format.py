@@ -23,6 +23,7 @@ PINNED = {
     # gzip spans may cross a member's end (the metadata image is unchanged)
     6: "adce335a5c4d474a2d8a8b42f89545567650f6e28213bc9515f4768a3bb555a1",
     7: "4ef8fe3a4db60f9531d5ffe478511763970c567af67e6190e18f7d9c47c09e60",  # ends on a page
+    8: "df2c34238ff59bc867f2d9a625722d4ddaf4fba06624349735e35285001575d2",  # the tar a gap on
 }
 """sha256 of the metadata image of ``_layer()``, by index format."""
 

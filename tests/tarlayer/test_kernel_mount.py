@@ -11,7 +11,7 @@ from typing import IO
 import pytest
 from trees import make_tar, populate, snapshot
 
-from blockstore.tarlayer.erofs_reader import read_metadata
+from blockstore.tarlayer.erofs_reader import read_metadata, tar_start
 from blockstore.tarlayer.erofs_writer import write_metadata
 from blockstore.tarlayer.tarwalk import walk_tar
 from blockstore.tarlayer.tree import build_tree
@@ -24,11 +24,11 @@ def build_metadata(tar: IO[bytes], tar_size: int) -> bytes:
 
 
 def image_of(tar: Path, out: Path) -> Path:
-    """Write ``metadata || tar`` for one tar file, as the export serves it."""
+    """Write ``metadata || zeros || tar`` for one tar file, as the export serves it."""
     with open(tar, "rb") as fh:
         meta = build_metadata(fh, tar.stat().st_size)
     read_metadata(meta)
-    out.write_bytes(meta + tar.read_bytes())
+    out.write_bytes(meta + bytes(tar_start(meta) - len(meta)) + tar.read_bytes())
     return out
 
 
@@ -100,13 +100,15 @@ def test_file_beyond_4_gib_reads_back_at_both_ends(tmp_path, kernel_mount):
     with open(tar, "rb") as fh:
         meta = build_metadata(fh, tar_size)
     image = tmp_path / "layer.img"
+    start = tar_start(meta)
     with open(image, "wb") as out:
         out.write(meta)
+        out.seek(start)
         with open(tar, "rb") as fh:
             out.write(fh.read(len(header)))
-        out.seek(len(meta) + tar_size - len(marker) - (-size % 512) - 1024)
+        out.seek(start + tar_size - len(marker) - (-size % 512) - 1024)
         out.write(marker)
-        out.truncate(len(meta) + tar_size)
+        out.truncate(start + tar_size)
     mnt = kernel_mount(image)
     huge = mnt / "huge.bin"
     assert huge.stat().st_size == size

@@ -92,7 +92,7 @@ def test_each_kind_serves_metadata_and_tar_then_reopens_offline(blobs, tmp_path,
     with ChunkStore(tmp_path / "cache") as store:
         layer = open_layer(store, paths[kind], kind, tar)
         first = whole(layer)
-        assert first[len(layer.index.metadata) :][: len(tar)] == tar
+        assert first[layer.index.tar_start :][: len(tar)] == tar
         layer.prefetch()
         sealed = {b.digest: b.sealed for b in store.blobs()}
         assert sealed[sha(tar)] is True
@@ -411,7 +411,7 @@ def test_a_tar_larger_than_the_cap_is_not_kept_from_the_pass(tmp_path, kind, cap
         kept = store.lookup(sha(tar))
         assert kept is None or kept.present == 0
         assert store.lookup(small_digest).present == store.lookup(small_digest).chunks
-        middle = len(layer.index.metadata) + len(tar) // 2
+        middle = layer.index.tar_start + len(tar) // 2
         expected = tar[len(tar) // 2 :][: 1 << 16]
         assert b"".join(bytes(b) for b in layer.read(middle, 1 << 16)) == expected
         layer.close()

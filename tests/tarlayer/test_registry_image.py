@@ -150,7 +150,7 @@ def test_pushed_compressed_layer_has_the_diff_id_its_index_checks(tmp_path, regi
     try:
         (export,) = image.exports()
         data = b"".join(bytes(b) for b in export.read(0, export.size))
-        assert data[len(export.index.metadata) :][: len(tar)] == tar
+        assert data[export.index.tar_start :][: len(tar)] == tar
     finally:
         image.close()
 
@@ -266,7 +266,7 @@ def test_a_zstd_layers_indexing_pass_leaves_its_tar_in_the_cache(tmp_path, regis
         assert tar_record is not None and tar_record.present == tar_record.chunks
         fetched = store.stats()["bytes_fetched"]
         data = b"".join(bytes(b) for b in export.read(0, export.size))
-        assert data[len(export.index.metadata) :][: len(tar)] == tar
+        assert data[export.index.tar_start :][: len(tar)] == tar
         assert store.stats()["bytes_fetched"] == fetched
     finally:
         image.close()
@@ -292,7 +292,7 @@ def test_a_tar_layers_trace_holds_the_mounts_reads_not_the_indexing_pass(tmp_pat
         (export,) = image.exports()
         (layer_digest,) = [layer.digest for layer in image.resolved.layers]
         at = tar.index(wanted)
-        start = len(export.index.metadata) + at
+        start = export.index.tar_start + at
         assert b"".join(bytes(b) for b in export.read(start, len(wanted))) == wanted
     finally:
         image.close()
@@ -384,7 +384,7 @@ def test_inflating_spans_from_cached_blob_bytes_is_not_counted_as_served(tmp_pat
         try:
             (export,) = image.exports()
             before = image.store.stats()["bytes_served"]
-            start = len(export.index.metadata) + tar.index(wanted)
+            start = export.index.tar_start + tar.index(wanted)
             assert b"".join(bytes(b) for b in export.read(start, len(wanted))) == wanted
             image.store.flush()
             return export.index.tar_digest, image.store.stats()["bytes_served"] - before
@@ -501,7 +501,7 @@ def test_a_pass_over_bytes_spoilt_on_the_way_is_read_again_not_kept(
         )
         (export,) = image.exports()
         data = b"".join(bytes(b) for b in export.read(0, export.size))
-        assert data[len(export.index.metadata) :][: len(tar)] == tar
+        assert data[export.index.tar_start :][: len(tar)] == tar
         assert proxy.faults_applied == 1
     finally:
         image.close()
@@ -538,7 +538,7 @@ def test_a_gzip_layer_whose_index_finds_the_disk_full_still_opens(tmp_path, regi
         image = open_image(ref, cache_dir=disk / "cache", options=registry.options())
         try:
             (export,) = image.exports()
-            start = len(export.index.metadata)
+            start = export.index.tar_start
             assert b"".join(bytes(b) for b in export.read(start, len(tar))) == tar
             assert (disk / "filler").exists()
         finally:

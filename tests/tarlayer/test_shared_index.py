@@ -92,9 +92,8 @@ def fetched_from(proxy, digest: str, size: int) -> int:
 
 def read_file(export, name: str) -> bytes:
     """A file's bytes read through the export, as the kernel would find them."""
-    meta = export.index.metadata
-    node = read_metadata(meta).lookup([name.encode()])
-    offset = len(meta) + node.data_offset
+    node = read_metadata(export.index.metadata).lookup([name.encode()])
+    offset = export.index.tar_start + node.data_offset
     return b"".join(bytes(b) for b in export.read(offset, node.size))
 
 

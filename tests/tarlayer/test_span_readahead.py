@@ -202,7 +202,7 @@ def test_a_read_waiting_on_its_span_keeps_the_layer_from_sealing(layer, tmp_path
         spans = opened.index.spans
         assert spans is not None
         source.slow_from = spans.compressed_bounds(len(spans.points) - 1)[0] + 1
-        meta = len(opened.index.metadata)
+        meta = opened.index.tar_start
         try:
             opened.read(0, 1024)  # starts the pump
             last = len(tar) - 4096
@@ -226,7 +226,7 @@ def test_a_tar_the_pump_could_not_fill_is_sealed_once_reads_complete_it(layer, t
             store, layer, PrefetchSettings(), direct=True, source=source
         )
         forget_what_indexing_kept(store, layer, source)
-        meta = len(opened.index.metadata)
+        meta = opened.index.tar_start
         source.failing = True
         try:
             with pytest.raises(BlobReadError):
@@ -263,7 +263,7 @@ def test_a_pump_whose_cache_is_lost_stops_at_once(layer, tmp_path, caplog):
         opened, compressed, _ = open_layer(
             store, layer, settings, direct=True, source=source, blob_settings=quiet
         )
-        meta = len(opened.index.metadata)
+        meta = opened.index.tar_start
         try:
             assert b"".join(opened.read(meta, 4096)) == tar[:4096]
             time.sleep(0.5)
@@ -291,7 +291,7 @@ def test_without_readahead_a_read_decompresses_only_its_span(layer, tmp_path):
         opened, compressed, source = open_layer(store, layer, PrefetchSettings(readahead=False))
         forget_what_indexing_kept(store, layer, source)
         try:
-            meta = len(opened.index.metadata)
+            meta = opened.index.tar_start
             middle = meta + len(tar) // 2
             assert b"".join(opened.read(middle, 4096)) == tar[len(tar) // 2 :][:4096]
             wait_for(lambda: sealed(store, sha(tar)), timeout=0.5)
@@ -338,7 +338,7 @@ def test_a_flipped_compressed_byte_fails_its_span_never_serves_wrong_bytes(layer
             store, layer, PrefetchSettings(readahead=False), direct=direct, source=flipping
         )
         try:
-            meta = len(opened.index.metadata)
+            meta = opened.index.tar_start
             lo, hi = spans.bounds(bad)
             with pytest.raises(BlobReadError):
                 opened.read(meta + lo, min(4096, hi - lo))
@@ -441,7 +441,7 @@ def test_a_failed_pass_keeps_no_tar_and_a_wrong_size_guess_is_mended(layer, tmp_
         try:
             kept = store.lookup(sha(tar))
             assert kept is not None and kept.size == len(tar)
-            meta = len(opened.index.metadata)
+            meta = opened.index.tar_start
             assert b"".join(opened.read(meta, len(tar))) == tar
         finally:
             opened.close()
@@ -554,7 +554,7 @@ def test_a_tar_of_several_gzip_members_larger_than_the_cap_is_not_kept(tmp_path,
             kept = store.lookup(sha(tar))
             assert kept is None or kept.present < kept.chunks
             assert store.stats()["stored_bytes"] <= 5 << 20
-            meta = len(opened.index.metadata)
+            meta = opened.index.tar_start
             assert b"".join(bytes(b) for b in opened.read(meta, len(tar))) == tar
         finally:
             opened.close()

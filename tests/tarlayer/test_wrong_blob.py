@@ -27,7 +27,7 @@ def read_whole_then_seal(reference: str, cache: str, registry) -> bool | None:
     image = open_image(reference, cache_dir=cache, options=registry.options())
     try:
         (export,) = image.exports()
-        start, size = len(export.index.metadata), export.index.tar_size
+        start, size = export.index.tar_start, export.index.tar_size
         b"".join(bytes(b) for b in export.read(start, size))
         digest = export.index.tar_digest
     finally:

@@ -37,10 +37,11 @@ def tar_of(files: dict[str, bytes]) -> bytes:
 def files_served(export) -> dict[bytes, bytes]:
     """Each file a tar layer's index names at its root, with the bytes the export serves
     for it."""
-    meta = export.index.metadata
-    root = read_metadata(meta).root
+    root = read_metadata(export.index.metadata).root
     return {
-        name: b"".join(bytes(b) for b in export.read(len(meta) + node.data_offset, node.size))
+        name: b"".join(
+            bytes(b) for b in export.read(export.index.tar_start + node.data_offset, node.size)
+        )
         for name, node in root.children.items()
     }
 
