@@ -8,6 +8,7 @@ import logging
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -59,7 +60,13 @@ RECV_SIZE = 256 * 1024
 # reading the answers gets those of a few answered, and is read from again only once they
 # are sent, as the spec has a client wait for each answer before its next option.
 HANDSHAKE_RECV_SIZE = 256
+# Requests parsed while the budget is full that wait their turn for room, while those
+# behind them that need none (hits, flushes, block status, refusals) are answered; at
+# most this many, so a client that sends misses without end is read no further.
+WAITING_REQUESTS = 128
 _DF = int(CommandFlag.DF)
+
+Waiting = tuple[int, Callable[[], None], ReadRequest | CacheRequest]
 
 
 class Session:
@@ -84,6 +91,7 @@ class Session:
         self._hold: Callable[[int, int], Held | None] | None = None  # the export's hold_cached
         self._batch: list[Buffer] = []
         self._batch_bytes = 0
+        self._waiting: deque[Waiting] = deque()  # parsed, for workers once there is room
         self._reads_since_recv = 0
         self._recv_view = memoryview(bytearray(RECV_SIZE))
         self.started = self.last_heard = time.monotonic()
@@ -185,6 +193,8 @@ class Session:
                 # that sent requests without waiting would read one in its place.
                 self._flush()
             else:
+                while self._waiting:  # the spec has every request before DISC answered
+                    self._start_next()
                 self._flush()
                 if isinstance(event, ConnectionClosed):
                     reason = event.reason
@@ -236,10 +246,21 @@ class Session:
         The batch goes to the outbox before this thread waits. When the
         client sends requests in bursts, those already waiting in the socket
         are taken first, so the replies to a burst leave in one send; a
-        client waiting on each reply costs no extra system call.
+        client waiting on each reply costs no extra system call. Requests
+        waiting for budget room are started first, one wait for room at a
+        time, with what the client sent meanwhile parsed between them.
         """
         pipelined, self._reads_since_recv = self._reads_since_recv > 1, 0
         try:
+            while self._waiting:
+                self._start_next()
+                if self._waiting:
+                    try:
+                        data = self._recv(socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        continue
+                    self.last_heard = time.monotonic()
+                    return data
             if pipelined and self._batch:
                 try:
                     data = self._recv(socket.MSG_DONTWAIT)
@@ -339,10 +360,39 @@ class Session:
     def _hand_off(
         self, nbytes: int, job: Callable[[], None], request: ReadRequest | CacheRequest
     ) -> None:
-        if not self._budget.acquire(nbytes, wait=False):
-            self._flush()  # hits already answered never wait for the budget
-            if not self._budget.acquire(nbytes):
-                return  # the connection broke; the reader is about to see it
+        """Give ``job`` to a worker within the budget; with no room now, it waits its
+        turn (``_start_next``) and the requests parsed behind it are answered meanwhile
+        if they need no room: a flush or block status never waits for slow reads."""
+        if self._waiting or not self._budget.acquire(nbytes, wait=False):
+            self._waiting.append((nbytes, job, request))
+            if len(self._waiting) >= WAITING_REQUESTS:
+                self._start_next()
+            return
+        self._submit(nbytes, job, request)
+
+    def _start_next(self) -> None:
+        """Start the first waiting request, waiting for room, then those behind it that
+        fit at once. Every answer made so far leaves before the wait."""
+        self._send_answered()
+        nbytes, job, request = self._waiting.popleft()
+        if not self._budget.acquire(nbytes):
+            self._waiting.clear()  # the connection broke; the reader is about to see it
+            return
+        self._submit(nbytes, job, request)
+        while self._waiting and self._budget.acquire(self._waiting[0][0], wait=False):
+            self._submit(*self._waiting.popleft())
+
+    def _send_answered(self) -> None:
+        """Hand the outbox every answer made on this thread: the batch, and what the
+        protocol answered itself (a flush or block status parsed ahead of this read)."""
+        self._batch += self._protocol.data_to_send()
+        self._flush()
+
+    def _submit(
+        self, nbytes: int, job: Callable[[], None], request: ReadRequest | CacheRequest
+    ) -> None:
+        """Give ``job``, granted ``nbytes``, to a worker; if none can start, answer
+        ``request`` with ENOMEM."""
         if not self._workers.submit(job):
             self._budget.release(nbytes)
             exc = OSError(errno.ENOMEM, "no thread could be started to serve it")

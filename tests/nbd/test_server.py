@@ -140,6 +140,42 @@ def test_reading_stops_at_the_budget_and_resumes_as_replies_drain(tmp_path):
         server.shutdown()
 
 
+def test_a_flush_and_block_status_behind_reads_that_fill_the_budget_are_answered_at_once(
+    tmp_path,
+):
+    """Tried: one burst of twelve 4 MiB reads of misses that take a second each (eight
+    fill the connection's 32 MiB budget), a BLOCK_STATUS behind the eighth and a FLUSH
+    behind the last, as qemu mixes them with reads on a cold cache.
+    Must hold: both are answered at once (well within the second), before any read;
+    every read then arrives whole. Before, the reader thread waited for room for the
+    ninth read with the block status's reply made and not sent, and the flush not yet
+    parsed: both waited a second, for the first reads to end."""
+    server = start_server({"zeros": SlowMissExport(delay=1.0)}, tmp_path, "zeros")
+    client = w.RawClient(server.unix_path)
+    size = INFLIGHT_BYTES // 8
+    try:
+        client.negotiate("zeros")
+        burst = []
+        for handle in range(12):
+            client.checker.reads[handle] = (handle * size, size)
+            burst.append(w.request(w.CMD_READ, handle, handle * size, size))
+            if handle == 7:
+                burst.append(w.request(w.CMD_BLOCK_STATUS, 100, 0, 65536))
+        burst.append(w.request(w.CMD_FLUSH, 101))
+        started = time.monotonic()
+        client.sock.sendall(b"".join(burst))
+        assert client.wait(100).extents == [(65536, 0)]
+        assert client.wait(101).error == 0
+        took = time.monotonic() - started
+        assert [r.handle for r in client.checker.finished] == [], "a read was answered first"
+        assert took < 0.5, took
+        for handle in range(12):
+            assert client.wait(handle).data == {handle * size: bytes(size)}
+    finally:
+        client.close()
+        server.shutdown()
+
+
 def test_many_connections_read_at_once(local_server):
     """Sixteen libnbd connections with many reads in flight each get the right bytes."""
     served, data = local_server
