@@ -345,7 +345,7 @@ class Session:
         finally:
             release()
         if queued:
-            self._budget.wait_for_room()
+            self._wait_for_room()
         return True
 
     def _streams(self, request: ReadRequest) -> bool:
@@ -408,7 +408,17 @@ class Session:
         if self._batch:
             batch, self._batch, self._batch_bytes = self._batch, [], 0
             if self._outbox.put(batch):
-                self._budget.wait_for_room()
+                self._wait_for_room()
+
+    def _wait_for_room(self) -> None:
+        """Wait until the bytes held are within the limit again, which may take reads in
+        flight ending (the limit shrinks as connections open). What the protocol
+        answered itself (a flush or block status parsed ahead of this read) is queued
+        first: it would otherwise wait as long, unsent."""
+        out = self._protocol.data_to_send()
+        if out:
+            self._outbox.put(out)
+        self._budget.wait_for_room()
 
     def _serve_miss(self, request: ReadRequest, granted: int) -> None:
         """On a worker: a read that may wait (a miss, or longer than a piece).

@@ -18,9 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nbd_serving import SlowMissExport, ZeroExport, start_server
+from rig.waiting import wait_for
 
 from nbdfront.server import NBDServer
 from nbdfront.server.nbd_server import CUT_GRACE, INFLIGHT_BYTES
+from nbdfront.server.session import READ_PIECE
 
 
 class GatedExport:
@@ -173,6 +175,56 @@ def test_a_flush_and_block_status_behind_reads_that_fill_the_budget_are_answered
             assert client.wait(handle).data == {handle * size: bytes(size)}
     finally:
         client.close()
+        server.shutdown()
+
+
+class PartlyCachedExport(SlowMissExport):
+    """Zeros cached up to ``cached`` bytes (hits) and slow misses past it."""
+
+    def __init__(self, delay: float, cached: int):
+        super().__init__(delay)
+        self.cached = cached
+
+    def read_cached(self, offset, length):
+        return ZeroExport.read(self, offset, length) if offset + length <= self.cached else None
+
+
+def test_a_block_status_ahead_of_a_hit_waiting_for_room_is_not_held_back(tmp_path):
+    """Tried: a client fills its 32 MiB budget with eight 4 MiB reads of misses that take
+    two seconds; a second client then chooses an export, so each one's share of the
+    server's 32 MiB shrinks to 16 MiB; the first sends a BLOCK_STATUS and a 4 MiB read
+    of a hit in one burst and takes its replies.
+    Must hold: the block status arrives with the hit, at once, before any miss. Before,
+    the hit's reply, queued for the client, made the reader thread wait for the bytes
+    held to fit the shrunken share, which only the misses ending makes, with the block
+    status's reply made and not yet queued: it came two seconds late, behind them."""
+    size = READ_PIECE
+    export = PartlyCachedExport(delay=2.0, cached=size)
+    path = str(tmp_path / "nbd.sock")
+    server = NBDServer({"zeros": export}, unix=path, server_inflight_bytes=8 * size)
+    server.start()
+    client = w.RawClient(path)
+    other = w.RawClient(path)
+    try:
+        client.negotiate("zeros")
+        for handle in range(1, 9):
+            client.send(w.CMD_READ, handle, handle * size, size)
+        assert wait_for(lambda: export.in_flight == 8)
+        other.negotiate("zeros")
+        assert server.connection_budget() == 4 * size
+        client.checker.reads[10] = (0, size)
+        burst = w.request(w.CMD_BLOCK_STATUS, 9, 0, 65536) + w.request(w.CMD_READ, 10, 0, size)
+        started = time.monotonic()
+        client.sock.sendall(burst)
+        assert client.wait(9).extents == [(65536, 0)]
+        took = time.monotonic() - started
+        assert [r.handle for r in client.checker.finished] in ([], [10]), "a miss came first"
+        assert took < 1.0, took
+        for handle in [*range(1, 9), 10]:
+            assert client.wait(handle).data == {handle % 10 * size: bytes(size)}
+    finally:
+        client.close()
+        other.close()
         server.shutdown()
 
 
