@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 ROOM_POLL = 0.05
@@ -36,25 +37,31 @@ class Budget:
         self._closed = False
         self._cond = threading.Condition(threading.Lock())
 
-    def acquire(self, nbytes: int, *, wait: bool = True) -> bool:
+    def acquire(self, nbytes: int, *, wait: bool = True, timeout: float | None = None) -> bool:
         """Take ``nbytes`` and one request; False (nothing taken) if over and not
-        ``wait``, or if closed. Something is always granted when nothing is held."""
+        ``wait``, still over after ``timeout`` seconds, or closed. Something is always
+        granted when nothing is held."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
                 limit = self._max_bytes()
                 if (self.requests or self.bytes > 0) and (
                     self.bytes + nbytes > limit or self.requests >= self._max_requests
                 ):
-                    if not wait or self._closed:
-                        return False
-                    self._cond.wait()
+                    poll = None
                 elif nbytes > limit and not self._room(nbytes):
                     # Other connections free what they hold without a word to this one.
-                    if not wait or self._closed:
-                        return False
-                    self._cond.wait(ROOM_POLL)
+                    poll = ROOM_POLL
                 else:
                     break
+                if not wait or self._closed:
+                    return False
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    poll = left if poll is None else min(poll, left)
+                self._cond.wait(poll)
             if self._closed:
                 return False
             self.bytes += nbytes

@@ -64,6 +64,12 @@ HANDSHAKE_RECV_SIZE = 256
 # behind them that need none (hits, flushes, block status, refusals) are answered; at
 # most this many, so a client that sends misses without end is read no further.
 WAITING_REQUESTS = 128
+# While requests wait for room, the reader thread looks for more from the client between
+# waits this long, doubled while it sends nothing, up to the most: a flush or block
+# status sent meanwhile waits no longer, and a client that sends nothing more (or will
+# not take its replies, which is what holds the room) costs a few wakeups a second.
+WAITING_POLL = 0.01
+WAITING_POLL_MOST = 0.16
 _DF = int(CommandFlag.DF)
 
 Waiting = tuple[int, Callable[[], None], ReadRequest | CacheRequest]
@@ -247,20 +253,24 @@ class Session:
         client sends requests in bursts, those already waiting in the socket
         are taken first, so the replies to a burst leave in one send; a
         client waiting on each reply costs no extra system call. Requests
-        waiting for budget room are started first, one wait for room at a
-        time, with what the client sent meanwhile parsed between them.
+        waiting for budget room are started first; what the client sends
+        meanwhile is taken between waits (``WAITING_POLL``), so that what
+        needs no room is answered while they wait.
         """
         pipelined, self._reads_since_recv = self._reads_since_recv > 1, 0
+        poll = WAITING_POLL
         try:
             while self._waiting:
-                self._start_next()
-                if self._waiting:
-                    try:
-                        data = self._recv(socket.MSG_DONTWAIT)
-                    except BlockingIOError:
-                        continue
-                    self.last_heard = time.monotonic()
-                    return data
+                if self._start_next(poll):
+                    poll = WAITING_POLL
+                    continue
+                try:
+                    data = self._recv(socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    poll = min(2 * poll, WAITING_POLL_MOST)
+                    continue
+                self.last_heard = time.monotonic()
+                return data
             if pipelined and self._batch:
                 try:
                     data = self._recv(socket.MSG_DONTWAIT)
@@ -370,17 +380,21 @@ class Session:
             return
         self._submit(nbytes, job, request)
 
-    def _start_next(self) -> None:
-        """Start the first waiting request, waiting for room, then those behind it that
-        fit at once. Every answer made so far leaves before the wait."""
+    def _start_next(self, timeout: float | None = None) -> bool:
+        """Start the first waiting request, waiting ``timeout`` at most for room, then
+        those behind it that fit at once; False if no room came in time (True if the
+        connection broke: nothing waits then). Every answer made so far leaves first."""
         self._send_answered()
-        nbytes, job, request = self._waiting.popleft()
-        if not self._budget.acquire(nbytes):
-            self._waiting.clear()  # the connection broke; the reader is about to see it
-            return
+        nbytes, job, request = self._waiting[0]
+        if not self._budget.acquire(nbytes, timeout=timeout):
+            if self._outbox.broken:
+                self._waiting.clear()  # the reader is about to see it
+            return self._outbox.broken
+        self._waiting.popleft()
         self._submit(nbytes, job, request)
         while self._waiting and self._budget.acquire(self._waiting[0][0], wait=False):
             self._submit(*self._waiting.popleft())
+        return True
 
     def _send_answered(self) -> None:
         """Hand the outbox every answer made on this thread: the batch, and what the

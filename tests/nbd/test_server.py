@@ -178,6 +178,51 @@ def test_a_flush_and_block_status_behind_reads_that_fill_the_budget_are_answered
         server.shutdown()
 
 
+def test_a_flush_and_block_status_sent_while_reads_wait_for_room_are_answered_at_once(
+    tmp_path,
+):
+    """Tried: libnbd sends nine 4 MiB reads of misses that take a second each (eight fill
+    the connection's 32 MiB budget, the ninth waits for room), then, once the server has
+    read them, a BLOCK_STATUS and a FLUSH.
+    Must hold: both are answered at once (well within the second), before any read;
+    every read then arrives whole. Before, the reader thread waited for room for the
+    ninth read without reading on, so both waited a second, for the first reads to end."""
+    slow = SlowMissExport(delay=1.0)
+    server = start_server({"zeros": slow}, tmp_path, "zeros")
+    handle = nbd.NBD()
+    handle.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    handle.connect_unix(server.unix_path)
+    size = INFLIGHT_BYTES // 8
+    done: dict[str, float] = {}
+
+    def note(name: str):
+        def completed(error) -> int:
+            done[name] = time.monotonic()
+            return 1
+
+        return completed
+
+    try:
+        buffers = [nbd.Buffer(size) for _ in range(9)]
+        for i, buffer in enumerate(buffers):
+            handle.aio_pread(buffer, i * size, completion=note(f"read {i}"))
+        assert wait_for(lambda: slow.in_flight == 8)
+        time.sleep(0.1)  # the ninth read is parsed and waits for room
+        started = time.monotonic()
+        handle.aio_block_status(65536, 0, lambda *args: 0, completion=note("block status"))
+        handle.aio_flush(completion=note("flush"))
+        while handle.aio_in_flight():
+            handle.poll(-1)
+        reads = min(at for name, at in done.items() if name.startswith("read"))
+        for name in ("block status", "flush"):
+            assert done[name] < reads, f"{name} came after a read"
+            assert done[name] - started < 0.5, (name, done[name] - started)
+        assert all(buffer.to_bytearray() == bytes(size) for buffer in buffers)
+    finally:
+        handle.shutdown()
+        server.shutdown()
+
+
 class PartlyCachedExport(SlowMissExport):
     """Zeros cached up to ``cached`` bytes (hits) and slow misses past it."""
 
