@@ -199,8 +199,11 @@ class Session:
                 # that sent requests without waiting would read one in its place.
                 self._flush()
             else:
-                while self._waiting:  # the spec has every request before DISC answered
-                    self._start_next()
+                # The spec has every request before DISC answered, while the client
+                # takes the answers: one that takes none is cut after the drain.
+                while self._waiting:
+                    if not self._start_next(WAITING_POLL_MOST):
+                        self._replies_abandoned()
                 self._flush()
                 if isinstance(event, ConnectionClosed):
                     reason = event.reason
