@@ -180,6 +180,24 @@ def _is_db(value: object) -> bool:
     return isinstance(value, lmdb._Database)
 
 
+def _lmdb_open(path: Path, *, readonly: bool, lock: bool) -> lmdb.Environment:
+    """LMDB's environment at ``path`` as every open of this cache makes it: its map twice
+    what the file holds; the kernel's readahead kept (a chunk's pages are faulted in
+    together, bench/README.md); the meta page not flushed on its own (a crash may undo
+    the last commit, never damage the file)."""
+    return lmdb.open(
+        str(path),
+        map_size=_map_size(path),
+        max_dbs=len(ALL_DBS),
+        max_readers=MAX_READERS,
+        readahead=True,
+        metasync=False,
+        subdir=True,
+        readonly=readonly,
+        lock=lock,
+    )
+
+
 def _map_size(path: Path) -> int:
     """The map to open ``path``'s file with: twice what it holds, or the initial size."""
     data = path / LMDB_DATA_FILE
@@ -448,18 +466,8 @@ class CacheEnv:
         if not self.read_only:
             _reserve_lock_file(path)
         try:
-            env = lmdb.open(
-                str(path),
-                map_size=_map_size(path),
-                max_dbs=len(ALL_DBS),
-                max_readers=MAX_READERS,
-                readahead=True,
-                metasync=False,
-                subdir=True,
-                # No lock file to write: ``writer_of`` found no writer to share it with.
-                readonly=self.read_only,
-                lock=not self.read_only,
-            )
+            # No lock file to write: ``writer_of`` found no writer to share it with.
+            env = _lmdb_open(path, readonly=self.read_only, lock=not self.read_only)
         except DAMAGE_ERRORS as exc:
             raise CacheDamaged(f"the cache at {path} is damaged: {exc}") from exc
         except (OSError, lmdb.Error) as exc:
@@ -492,15 +500,7 @@ class CacheEnv:
             return False
         _reserve_lock_file(path)
         try:
-            env = lmdb.open(
-                str(path),
-                map_size=_map_size(path),
-                max_dbs=len(ALL_DBS),
-                max_readers=MAX_READERS,
-                readahead=True,
-                subdir=True,
-                readonly=True,
-            )
+            env = _lmdb_open(path, readonly=True, lock=True)
         except (OSError, lmdb.Error):
             return False
         try:
