@@ -48,6 +48,14 @@ def parse_variant(text: str) -> EngineVariant:
     return EngineVariant(name, tuple(shlex.split(args)))
 
 
+def baseline_variant(checkout: Path, serve_args: tuple[str, ...]) -> EngineVariant:
+    """The engine of another checkout, as the variant named ``baseline``."""
+    root = checkout.resolve()
+    if not (root / "blockstore" / "__main__.py").is_file():
+        raise BenchError(f"--baseline {checkout}: not a checkout of this engine")
+    return EngineVariant("baseline", serve_args, str(root), machine.commit_of(root))
+
+
 def arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
@@ -84,6 +92,14 @@ def arguments(argv: list[str]) -> argparse.Namespace:
         metavar="NAME=ARGS",
         help="also run the engine with these serve arguments, named NAME (repeatable)",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        metavar="CHECKOUT",
+        help="also run another checkout of the engine, with the same serve arguments, "
+        "as baseline-cold, baseline-warm, ...: before and after in one run",
+    )
     parser.add_argument("--fio-seconds", type=float, default=None)
     parser.add_argument("--workdir", type=Path, default=None, help="where scratch files go")
     args = parser.parse_args(argv)
@@ -111,6 +127,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         if compression not in ("lz4hc", "none"):
             raise BenchError(f"--compression {compression}: lz4hc or none")
     variants = [EngineVariant("engine", tuple(args.engine_arg)), *args.engine_variant]
+    if args.baseline is not None:
+        variants.append(baseline_variant(args.baseline, tuple(args.engine_arg)))
     return Plan(
         mode=args.mode,
         repeats=args.repeats or (3 if full else 1),
@@ -137,6 +155,9 @@ def main(argv: list[str]) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     compile_engine()
+    for variant in plan.variants:
+        if variant.checkout is not None:
+            compile_engine(Path(variant.checkout))
     started = time.time()
     described = machine.describe()
     found = Findings()

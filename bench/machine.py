@@ -43,8 +43,13 @@ def _cpu_model() -> str:
 
 
 def _commit() -> str:
+    return commit_of(Path(__file__).parent)
+
+
+def commit_of(checkout: Path) -> str:
+    """The short commit a source tree is at ("unknown" outside git)."""
     done = subprocess.run(
-        ["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"],
+        ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
         capture_output=True,
         text=True,
         check=False,

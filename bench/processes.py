@@ -39,6 +39,15 @@ def compile_engine(root: Path | None = None) -> None:
             raise BenchError(f"could not compile {root / package} to bytecode")
 
 
+def engine_environment(checkout: Path | None) -> dict[str, str] | None:
+    """The environment that runs ``checkout``'s engine under this interpreter (None:
+    this one's). The path is safe: ``-m blockstore`` then comes from ``checkout``,
+    never from the working directory."""
+    if checkout is None:
+        return None
+    return {**os.environ, "PYTHONPATH": str(checkout), "PYTHONSAFEPATH": "1"}
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -127,6 +127,7 @@ def markdown(doc: dict, figures: list[str]) -> str:
         out += ["**This run was cut short: the tables hold what it measured.**", ""]
     out += machine_lines(doc)
     out += headline(doc, index)
+    out += before_and_after(doc, index)
     for image in doc["images"]:
         workloads = ordered(r["workload"] for r in doc["results"] if r["image"] == image["name"])
         for workload in workloads:
@@ -162,9 +163,14 @@ def machine_lines(doc: dict) -> list[str]:
         f"{p['name']} ({p['rtt_ms']:g} ms RTT, {p['mbit'] or 'no cap'} Mbit/s)"
         for p in plan["networks"]
     )
+    others = "".join(
+        f", {v['label']} at {v['commit']}"
+        for v in plan["engine_variants"]
+        if v.get("checkout") is not None
+    )
     lines = [
         f"Machine: {m['cpus']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, kernel {m['kernel']}, "
-        f"Python {m['python']}, engine at {m['engine_commit']}, load average at start "
+        f"Python {m['python']}, engine at {m['engine_commit']}{others}, load average at start "
         f"{' '.join(str(x) for x in m['load_average'])}.",
         "",
         f"Tools: {tools}.",
@@ -336,6 +342,65 @@ def mount_headline(
             )
         lines.append(line + ".")
     return lines
+
+
+def before_and_after(doc: dict, index: Index) -> list[str]:
+    """Each scenario of the engine against the same scenario of another checkout run
+    in the same repeats (``--baseline``): the ratio of the medians, and the median of
+    the repeats' own ratios, whose two runs were back to back."""
+    lines: list[str] = []
+    for variant in doc["plan"]["engine_variants"]:
+        if variant.get("checkout") is None:
+            continue
+        label = variant["label"]
+        lines += [
+            f"## The engine against {label} ({variant['commit']}), in the same repeats",
+            "",
+            "Speed ratios, above 1: the engine does better. Paired: the median of each "
+            "repeat's own ratio.",
+            "",
+            "| image | network | scenario | engine | "
+            + label
+            + " | engine ÷ "
+            + label
+            + " | paired |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in doc["results"]:
+            system = row["system"]
+            if not system.startswith(f"{label}-"):
+                continue
+            mine = index.by_key.get(
+                (row["image"], row["network"], "engine" + system[len(label) :], row["workload"])
+            )
+            if mine is None or not mine["runs"] or not row["runs"]:
+                continue
+            primary, higher = row["primary"], row["higher_is_better"]
+            lines.append(
+                f"| {row['image']} | {row['network']} | {mine['system']} {row['workload']} "
+                f"({primary}) | {figure(mine, primary)} | {figure(row, primary)} | "
+                f"{ratio(speed_ratio(median(mine, primary), median(row, primary), higher))} | "
+                f"{ratio(paired_ratio(mine, row))} |"
+            )
+        lines.append("")
+    return lines
+
+
+def paired_ratio(mine: dict, other: dict) -> float | None:
+    """The median over the repeats both ran of ``mine``'s speed ratio to ``other``."""
+    primary, higher = mine["primary"], mine["higher_is_better"]
+    theirs = {
+        run.get("repeat"): run["metrics"][primary]
+        for run in other["runs"]
+        if primary in run["metrics"]
+    }
+    found = [
+        speed_ratio(run["metrics"][primary], theirs.get(run.get("repeat")), higher)
+        for run in mine["runs"]
+        if primary in run["metrics"] and run.get("repeat") is not None
+    ]
+    found = [x for x in found if x is not None]
+    return statistics.median(found) if found else None
 
 
 def fetched_per_read(row: dict) -> float:

@@ -181,7 +181,7 @@ def run_image(
         [s for s in scenarios if s.workload.drops_page_cache],
     ]
     for group, scheduled in enumerate(rounds):
-        for _ in range(plan.repeats):
+        for repeat in range(plan.repeats):
             for scenario in scheduled:
                 progress.step(
                     rig.image.name,
@@ -189,7 +189,7 @@ def run_image(
                     scenario.system.name,
                     scenario.workload.name,
                 )
-                measure(rig, scenario)
+                measure(rig, scenario, repeat)
                 checkpoint()
             if in_process and group == 0:
                 progress.step(rig.image.name, LOOPBACK.name, IN_PROCESS, "in-process")
@@ -286,8 +286,10 @@ def note(skipped: list[str], line: str) -> None:
         say(line)
 
 
-def measure(rig: Rig, scenario: Scenario) -> None:
-    """One run of one scenario; a failure is recorded and said, and the run goes on."""
+def measure(rig: Rig, scenario: Scenario, repeat: int) -> None:
+    """One run of one scenario; a failure is recorded and said, and the run goes on.
+    The run keeps its ``repeat``: the systems' runs of one repeat ran back to back,
+    which is what pairs them (``report.paired_ratio``)."""
     system, workload, result = scenario.system, scenario.workload, scenario.result
     # A remote system's start is part of its cost (the naive path's download, a
     # manifest fetched): counted. A local one's (a cache warmed) is not.
@@ -318,6 +320,7 @@ def measure(rig: Rig, scenario: Scenario) -> None:
         return
     result.runs.append(
         {
+            "repeat": repeat,
             "metrics": outcome.metrics,
             "bytes_read": outcome.bytes_read,
             "registry": {

@@ -4,7 +4,8 @@ Every system serves the same image. Those that read the registry do it
 through the emulated link (``Rig.link``), which counts their bytes and
 requests the same way for all; the rest read a local file or a filled cache
 and never touch it. Adding a variant is one class here, or, for this engine,
-a name and extra ``blockstore serve`` arguments (``EngineVariant``).
+a name, extra ``blockstore serve`` arguments and, for a before-and-after in one
+run, another checkout of it (``EngineVariant``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from typing import ClassVar
 
 from bench.images import Image
 from bench.link import LinkProxy
-from bench.processes import BenchError, Daemon, ForkingDaemon, free_port, wait_for_port
+from bench.processes import (
+    BenchError,
+    Daemon,
+    ForkingDaemon,
+    engine_environment,
+    free_port,
+    wait_for_port,
+)
 
 
 @dataclass
@@ -53,6 +61,20 @@ class EngineVariant:
 
     label: str
     args: tuple[str, ...] = ()
+    checkout: str | None = None
+    """Another source tree of the engine whose commands (``serve``, ``prefetch``, the
+    cache's) this variant runs, so that two versions take turns in one run; None:
+    this one."""
+    commit: str | None = None
+    """``checkout``'s commit, for the report."""
+
+    def blockstore(self, args: list[str]) -> str:
+        """A ``blockstore`` command of this variant's engine."""
+        return blockstore(args, self.environment)
+
+    @property
+    def environment(self) -> dict[str, str] | None:
+        return engine_environment(None if self.checkout is None else Path(self.checkout))
 
 
 def nbdcopy_to_null(uri: str) -> None:
@@ -147,7 +169,7 @@ class Engine(System):
                     f"no trace to replay: {self.variant.label}-cold has not run "
                     f"{self.rig.workload} before"
                 )
-            blockstore(["trace", "import", str(recorded), "--cache-dir", str(cache)])
+            self.variant.blockstore(["trace", "import", str(recorded), "--cache-dir", str(cache)])
         self.cache = cache
         extra = ["--offline"] if self.mode == "offline" else []
         return [self.serve(self.rig.reference, cache, extra) for _ in range(servers)]
@@ -156,14 +178,14 @@ class Engine(System):
         """Read what the servers served from the cold cache's counters (kept at close):
         the clients' own reads, before any chunk rounding or prefetch."""
         if self.mode in FROM_REGISTRY:
-            self.bytes_served = cache_stats(self.cache)["bytes_served"]
+            self.bytes_served = cache_stats(self.cache, self.variant)["bytes_served"]
             if self.mode == "cold":
                 self.keep_trace()
 
     def keep_trace(self) -> None:
         """Export what this cold run recorded, for the traced mode's next run."""
         kept = self.rig.workdir / f"trace-{self.variant.label}-{self.rig.workload}.json"
-        blockstore(
+        self.variant.blockstore(
             ["trace", "export", self.rig.image.digest, str(kept), "--cache-dir", str(self.cache)]
         )
         self.rig.traces[(self.variant.label, self.rig.workload)] = kept
@@ -175,6 +197,7 @@ class Engine(System):
             + (extra or [])
             + list(self.variant.args),
             self.log("serve"),
+            self.variant.environment,
         )
         self.daemons.append(daemon)
         line = daemon.wait_for_line('export "" ')
@@ -184,22 +207,25 @@ class Engine(System):
         cache = self.rig.warm_caches.get(self.variant.label)
         if cache is None:
             cache = self.rig.scratch("warm-cache-")
-            blockstore(["prefetch", self.rig.reference, "--insecure", "--cache-dir", str(cache)])
+            self.variant.blockstore(
+                ["prefetch", self.rig.reference, "--insecure", "--cache-dir", str(cache)]
+            )
             self.rig.warm_caches[self.variant.label] = cache
         return cache
 
 
-def cache_stats(cache: Path) -> dict:
+def cache_stats(cache: Path, variant: EngineVariant) -> dict:
     """``blockstore cache stats`` of a cache directory, as a dict."""
-    return json.loads(blockstore(["cache", "stats", "--json", "--cache-dir", str(cache)]))
+    return json.loads(variant.blockstore(["cache", "stats", "--json", "--cache-dir", str(cache)]))
 
 
-def blockstore(args: list[str]) -> str:
+def blockstore(args: list[str], env: dict[str, str] | None = None) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "blockstore", "-q", *args],
         capture_output=True,
         text=True,
         check=False,
+        env=env,
     )
     if done.returncode != 0:
         raise BenchError(f"blockstore {args[0]} failed: {done.stderr.strip()}")

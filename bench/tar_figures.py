@@ -45,7 +45,7 @@ from pathlib import Path
 
 from bench.images import copy_tree
 from bench.link import LinkProxy, wan
-from bench.processes import BenchError, Daemon, compile_engine
+from bench.processes import BenchError, Daemon, compile_engine, engine_environment
 from bench.workloads import listing, read_files, seeded_fifth
 from blockstore.localregistry import LocalRegistry
 from blockstore.registry import RegistryClient, RegistryOptions
@@ -129,14 +129,8 @@ def engine(work: Path, reference: str, extra: list[str], checkout: Path | None =
     """``checkout``: run the engine of that source tree instead of this one."""
     started = time.perf_counter()
     serve = ["serve", reference, "--insecure", "--listen", "127.0.0.1:0", *extra]
-    # Safe path: the module comes from ``checkout``, not from the working directory.
-    env = (
-        None
-        if checkout is None
-        else {**os.environ, "PYTHONPATH": str(checkout), "PYTHONSAFEPATH": "1"}
-    )
     argv = [*BLOCKSTORE, *serve, "--cache-dir", str(work / "cache")]
-    daemon = Daemon(argv, work / "serve.log", env)
+    daemon = Daemon(argv, work / "serve.log", engine_environment(checkout))
     try:
         uri = daemon.wait_for_line('export "" ', timeout=600).split()[-1]
         ready = time.perf_counter()  # the "ready" line: every index available, listening

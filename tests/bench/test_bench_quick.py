@@ -136,3 +136,44 @@ def test_mount_all_reads_every_file_of_a_warm_cache_and_a_local_file(tmp_path):
         "the warm mount stack (mount-all: every file read): engine-warm"
         in (out / "results.md").read_text()
     )
+
+
+def test_a_baseline_checkout_runs_beside_the_engine_in_the_same_repeats(tmp_path):
+    """``--baseline`` with another checkout (a clone of this one, one commit on, whose
+    package marks that it was imported): its commands, not this tree's, serve and warm
+    the baseline's scenarios, in the same repeats as the engine's, and the report sets
+    the engine against it by the ratio of the medians and by the repeats' own ratios,
+    naming the baseline's commit."""
+    for tool in ("nbdkit", "nbdcopy", "mkfs.erofs", "docker-registry", "git"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"the harness needs {tool}")
+    base = tmp_path / "base"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(base)], check=True)
+    marker = "ran-from-this-checkout"
+    with (base / "blockstore" / "__init__.py").open("a") as init:
+        init.write(f"\n__import__('pathlib').Path(__file__).with_name({marker!r}).touch()\n")
+    git = ["git", "-C", str(base), "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+    subprocess.run([*git, "commit", "-qam", "a marked baseline"], check=True)
+    commit = subprocess.run(
+        [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    out = tmp_path / "out"
+    command = ["--quick", "--image-size", "4M", "--out", str(out), "--workdir", str(tmp_path)]
+    command += ["--repeats", "2", "--baseline", str(base)]
+    command += ["--only", "engine-warm,baseline-warm,nbdcopy-sync"]
+    done = run_bench(command)
+
+    assert (base / "blockstore" / marker).exists(), done.stderr
+    assert not (ROOT / "blockstore" / marker).exists()
+    document = json.loads((out / "results.json").read_text())
+    runs = {r["system"]: r["runs"] for r in document["results"]}
+    assert set(runs) == {"engine-warm", "baseline-warm"}, done.stderr
+    for system_runs in runs.values():
+        assert [run["repeat"] for run in system_runs] == [0, 1]
+        assert all(run["metrics"]["MiB/s"] > 0 for run in system_runs)
+    markdown = (out / "results.md").read_text()
+    assert f"## The engine against baseline ({commit}), in the same repeats" in markdown
+    row = next(line for line in markdown.splitlines() if "engine-warm nbdcopy-sync" in line)
+    ratios = [cell.strip() for cell in row.split("|")[-3:-1]]
+    assert all(cell.endswith("x") and float(cell[:-1]) > 0 for cell in ratios), row
+    assert f"baseline at {commit}" in markdown
