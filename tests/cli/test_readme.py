@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +85,38 @@ def test_the_exit_code_table_names_every_code_the_command_gives_and_no_other(mon
         code_main_gives(failure, monkeypatch) for failure in FAILURES_OUTSIDE_THE_ENGINE
     }
     assert documented_exit_codes() == given
+
+
+def example_lines(first: str, last: str) -> list[str]:
+    """The README's example lines from the one starting with ``first`` through the next
+    starting with ``last``, as a user copies them."""
+    lines = [line.removeprefix("    ") for line in README.read_text().splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith(first))
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith(last))
+    return lines[start : end + 1]
+
+
+def test_the_serve_examples_wait_for_ready_ends_when_the_server_fails(tmp_path: Path):
+    """Tried: the README's serve example as written, up to its wait for ``ready``, with
+    nothing listening at the registry's address, so the server fails at once. Must hold:
+    the wait ends once the server has exited, its error said, rather than waiting for a
+    ``ready`` that never comes (as a loop on ``grep`` alone did), and no grep error is
+    said while ``serve.out`` is not there yet."""
+    with socket.socket() as refusing:
+        refusing.bind(("127.0.0.1", 0))  # bound, never listening: every connect refused
+        address = f"127.0.0.1:{refusing.getsockname()[1]}"
+        script = "\n".join(example_lines("blockstore serve 127.0.0.1:5000", "until "))
+        done = subprocess.run(
+            ["bash", "-c", script.replace("127.0.0.1:5000", address)],
+            cwd=tmp_path,
+            env={
+                **os.environ,
+                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                "BLOCKSTORE_CACHE_DIR": str(tmp_path / "cache"),
+            },
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert f"cannot reach registry {address}" in done.stderr
+    assert "serve.out" not in done.stderr
