@@ -6,6 +6,7 @@ import argparse
 import importlib
 import os
 import pkgutil
+import re
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 import blockstore
 import blockstore.cli
 import nbdfront
-from blockstore.cli import main
+from blockstore.cli import build_parser, main
 from blockstore.errors import BlockstoreError
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -85,6 +86,54 @@ def test_the_exit_code_table_names_every_code_the_command_gives_and_no_other(mon
         code_main_gives(failure, monkeypatch) for failure in FAILURES_OUTSIDE_THE_ENGINE
     }
     assert documented_exit_codes() == given
+
+
+def example_commands() -> list[str]:
+    """Each ``blockstore`` command line of the README's examples (a synopsis too), its
+    continuation lines joined and its comment dropped."""
+    commands: list[str] = []
+    continued = False
+    for line in README.read_text().splitlines():
+        text = line.removeprefix("    ").split("  #")[0].rstrip()
+        if continued:
+            commands[-1] += " " + text.rstrip("\\").strip()
+        elif re.match(r"(sudo \.venv/bin/)?blockstore ", text) and line.startswith("    "):
+            commands.append(text.rstrip("\\").split("blockstore ", 1)[1])
+        continued = line.startswith("    ") and text.endswith("\\") and bool(commands)
+    return commands
+
+
+def parsers_of(command: str) -> list[argparse.ArgumentParser]:
+    """The parsers of the commands a line names: ``cache pin|unpin IMAGE`` names two."""
+    words = [word for word in command.split() if word not in ("-v", "-q")]
+    found = [build_parser(None)]
+    for word in words[:2]:
+        choices = [
+            action.choices
+            for p in found
+            for action in p._actions
+            if isinstance(action, argparse._SubParsersAction)
+        ]
+        if not choices:
+            break
+        found = [choice[name] for choice in choices for name in word.split("|")]
+    return found
+
+
+def test_every_option_an_example_gives_is_one_its_command_takes():
+    """Tried: every ``blockstore`` command line of the README's examples and synopses,
+    each option in it (``--insecure``, ``-o``, ``--tls-certificates``...). Must hold: the
+    command it is given to takes it, so no example is refused as written."""
+    commands = example_commands()
+    assert len(commands) > 15
+    wrong = [
+        (parser.prog, option)
+        for command in commands
+        for parser in parsers_of(command)
+        for option in re.findall(r"(?<![\w-])(--?[a-zA-Z][a-z0-9-]*)", command)
+        if option not in ("-v", "-q") and option not in parser._option_string_actions
+    ]
+    assert wrong == []
 
 
 def example_lines(first: str, last: str) -> list[str]:
