@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import shlex
 import sys
 from importlib import metadata
 
@@ -21,6 +23,7 @@ from blockstore.errors import (
     AuthError,
     BlobReadError,
     BlockstoreError,
+    NotPermitted,
     OutOfResources,
     RegistryUnreachable,
     unavailable,
@@ -101,6 +104,28 @@ def docker_hub_hint(exc: BlockstoreError, argv: list[str]) -> str:
     )
 
 
+def as_root_hint(exc: BlockstoreError, argv: list[str]) -> str:
+    """Where a user is refused for not being root, the command to run instead, by its
+    path: sudo resets PATH (Debian's ``secure_path``), so ``sudo blockstore`` is not found.
+    Its arguments are left as ``...``, so no password given among them is repeated."""
+    if not isinstance(exc, NotPermitted) or os.geteuid() == 0:
+        return ""
+    named = next((i for i, word in enumerate(argv) if not word.startswith("-")), None)
+    if named is None:
+        return ""
+    rest = " ..." if argv[named + 1 :] else ""
+    command = shlex.join([*_program(), argv[named]]) + rest
+    return f"; sudo resets PATH, so name the command by its path: sudo {command}"
+
+
+def _program() -> list[str]:
+    """This program as a path root can run: the console script, or ``python -m``."""
+    path = os.path.abspath(sys.argv[0])
+    if os.path.basename(path) == "__main__.py":
+        return [sys.executable, "-m", "blockstore"]
+    return [path]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -108,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(args.verbose - args.quiet, daemon=args.command == "serve")
         return int(args.func(args) or 0)
     except BlockstoreError as exc:
-        print(f"blockstore: {exc}{docker_hub_hint(exc, argv)}", file=sys.stderr)
+        hint = docker_hub_hint(exc, argv) or as_root_hint(exc, argv)
+        print(f"blockstore: {exc}{hint}", file=sys.stderr)
         return exit_code(exc)
     except KeyboardInterrupt:
         print("blockstore: interrupted", file=sys.stderr)
