@@ -169,3 +169,48 @@ def test_the_serve_examples_wait_for_ready_ends_when_the_server_fails(tmp_path: 
         )
     assert f"cannot reach registry {address}" in done.stderr
     assert "serve.out" not in done.stderr
+
+
+def commands(parser: argparse.ArgumentParser, name: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser by its name (``mount``, ``cache gc``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return {
+                named: found
+                for word, sub in action.choices.items()
+                for named, found in commands(sub, f"{name} {word}".strip()).items()
+            }
+    return {name: parser}
+
+
+def taking(option: str) -> set[str]:
+    return {
+        name
+        for name, parser in commands(build_parser(None)).items()
+        if option in parser._option_string_actions
+    }
+
+
+def named_commands(text: str) -> set[str]:
+    return set(re.findall(r"`([a-z ]+)`", text))
+
+
+def test_the_commands_said_to_take_an_option_are_those_that_take_it():
+    """Tried: each README sentence naming the commands that take an option (`serve`,
+    `mount`, `prefetch` and `index` take `--timeout`), the one naming those that take a
+    cache size, and every switch of the table of prefetch heuristics (of `mount` and
+    `serve`). Must hold: the commands named are the very ones whose parser takes it."""
+    text = " ".join(README.read_text().split())
+    said = {
+        option: named_commands(names)
+        for names, option in re.findall(
+            r"((?:`[a-z ]+`(?:, | and ))+`[a-z ]+`) (?:also )?take `(--[a-z-]+)", text
+        )
+    }
+    assert {"--timeout", "--metrics", "--trace-file"} <= set(said)
+    fillers = re.search(r"Only the commands that fill the cache \(([^)]*)\) and `cache gc`", text)
+    said["--cache-size"] = named_commands(fillers[1]) | {"cache gc"}
+    table = text[text.index("| what | on by default | off with |") :].split("Without a trace")[0]
+    said |= {option: {"mount", "serve"} for option in re.findall(r"`(--[a-z-]+)", table)}
+    assert len(said) > 8
+    assert {option: taking(option) for option in said} == said
