@@ -214,3 +214,30 @@ def test_the_commands_said_to_take_an_option_are_those_that_take_it():
     said |= {option: {"mount", "serve"} for option in re.findall(r"`(--[a-z-]+)", table)}
     assert len(said) > 8
     assert {option: taking(option) for option in said} == said
+
+
+# Options the README names of other programs, each with the program that takes it.
+OTHER_PROGRAMS_OPTIONS = {
+    "--all-root": "mkfs.erofs",
+    "--tar": "mkfs.erofs",
+    "--connections": "nbdfuse",
+    "--readonly": "nbdfuse",
+    "--list": "nbdinfo",
+    "--check": "ruff format",
+    "--minutes": "tests/nbd/nbd_fuzz.py",
+}
+
+
+def test_every_option_the_readme_names_is_one_a_command_takes():
+    """Tried: every ``--option`` the README names, in its prose as in its examples. Must
+    hold: some command takes it, or it is one of the other programs' options the README
+    names (mkfs.erofs's, nbdfuse's...), so no option dropped from the command lingers
+    in the manual."""
+    named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", README.read_text()))
+    top = build_parser(None)
+    taken = {
+        option
+        for parser in [top, *commands(top).values()]
+        for option in parser._option_string_actions
+    }
+    assert named - taken == set(OTHER_PROGRAMS_OPTIONS)
