@@ -23,7 +23,14 @@ from blockstore.cli.common import (
     open_image_from_args,
     say,
 )
-from blockstore.errors import CacheError, NotCached, RegistryUnreachable
+from blockstore.errors import (
+    BlockstoreError,
+    CacheError,
+    IntegrityError,
+    NotCached,
+    NotFound,
+    RegistryUnreachable,
+)
 from blockstore.progress import human
 from blockstore.registry.mediatypes import GZIP, layer_kind
 from blockstore.tarlayer.gzindex import size_hint
@@ -55,63 +62,104 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_prefetch(args: argparse.Namespace) -> int:
     image = open_image_from_args(args, replace_older=True, check=_can_keep(args))
+    failed: list[tuple[Layer, BlockstoreError]] = []
     try:
-        for layer in image.select(args.layer, args.blob):
-            # A tar layer is filled as the tar it serves (uncompressed, sealed against
-            # its diff_id), which also proves an index that came attached to the image.
-            exported = image.layer_export(layer)
-            size = exported.tar_size if isinstance(exported, TarLayer) else layer.size
-            if args.pin:
-                # Pinned first, so eviction cannot take chunks while the rest arrive.
-                image.store.pin(layer.digest, layer.size)
-                if isinstance(exported, TarLayer):
-                    image.store.pin(exported.digest, size)
-            with tqdm(
-                total=size,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=f"layer {layer.index}",
-                file=sys.stderr,
-                disable=True if args.quiet else None,
-            ) as bar:
-                try:
-                    exported.prefetch(progress=bar.update)
-                except NotCached as exc:
-                    if image.unreachable is None:
-                        raise
-                    # Not the cache's fault: the registry it needs is out of reach.
-                    raise RegistryUnreachable(
-                        f"{image.unreachable}; layer {layer.index} is not whole in the cache"
-                    ) from exc
-            if layer.digest in image.chunk_indexes:
-                # The layer is proven now: its attached chunk index must agree with it.
-                wrong = IndexShelf(image.store).check_sealed(layer.digest, layer.size)
-                if wrong:
-                    print(
-                        f"blockstore: the chunk index attached to {image.resolved.reference} "
-                        f"disagrees with layer {layer.index} at {len(wrong)} chunk(s): dropped",
-                        file=sys.stderr,
-                    )
-            kept = exported.digest if isinstance(exported, TarLayer) else layer.digest
-            if (changed := _changed_meanwhile(image, kept, args.pin)) is not None:
-                raise CacheError(
-                    f"layer {layer.index} {layer.digest} was {changed} by another process "
-                    "while it was prefetched (cache rm, unpin or gc): run prefetch again"
-                )
-            if args.pin:
-                image.store.images.mark_pinned(image.resolved.reference, True)
-            pinned = ", pinned" if args.pin else ""
-            say(
-                args,
-                f"layer {layer.index} {layer.digest} ({human(layer.size)}): "
-                f"verified and sealed{pinned}",
-            )
+        layers = image.select(args.layer, args.blob)
+        for layer in layers:
+            try:
+                _prefetch_layer(args, image, layer)
+            except BlockstoreError as exc:
+                # A layer missing or wrong at the registry is that layer's fault alone:
+                # the others are still fetched, so a rerun has only it left to fetch.
+                if _layer_fault(exc) is None:
+                    raise
+                failed.append((layer, exc))
         if image.unreachable is not None:
             log.warning("%s; the layers were whole in the cache", image.unreachable)
     finally:
         image.close()
+    if failed:
+        raise _not_prefetched(failed, len(layers))
     return 0
+
+
+def _not_prefetched(failed: list[tuple[Layer, BlockstoreError]], selected: int) -> BlockstoreError:
+    """One error naming each layer that failed, of the first failure's kind (its exit
+    code), saying the others were sealed."""
+    said = "; ".join(f"layer {layer.index}: {exc}" for layer, exc in failed)
+    if (sealed := selected - len(failed)) > 0:
+        said += f"; the other {sealed} layer(s) were verified and sealed"
+    first = failed[0][1]
+    kind = NotFound if isinstance(_layer_fault(first), NotFound) else IntegrityError
+    error = kind(said)
+    error.__cause__ = first
+    return error
+
+
+def _layer_fault(exc: BaseException) -> BlockstoreError | None:
+    """What makes ``exc`` one layer's fault and no other's, or None: the registry holds
+    no such blob (404, met when its size is asked or under a read, whose ``EIO`` it
+    causes) or its bytes fail its digest. An unreachable registry, a refused login or
+    a full cache would fail every layer after it alike."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, NotFound | IntegrityError):
+            return cause
+        cause = cause.__cause__
+    return None
+
+
+def _prefetch_layer(args: argparse.Namespace, image: OpenImage, layer: Layer) -> None:
+    """Fetch one layer whole, check it against its digest and seal it (and pin it)."""
+    # A tar layer is filled as the tar it serves (uncompressed, sealed against
+    # its diff_id), which also proves an index that came attached to the image.
+    exported = image.layer_export(layer)
+    size = exported.tar_size if isinstance(exported, TarLayer) else layer.size
+    if args.pin:
+        # Pinned first, so eviction cannot take chunks while the rest arrive.
+        image.store.pin(layer.digest, layer.size)
+        if isinstance(exported, TarLayer):
+            image.store.pin(exported.digest, size)
+    with tqdm(
+        total=size,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=f"layer {layer.index}",
+        file=sys.stderr,
+        disable=True if args.quiet else None,
+    ) as bar:
+        try:
+            exported.prefetch(progress=bar.update)
+        except NotCached as exc:
+            if image.unreachable is None:
+                raise
+            # Not the cache's fault: the registry it needs is out of reach.
+            raise RegistryUnreachable(
+                f"{image.unreachable}; layer {layer.index} is not whole in the cache"
+            ) from exc
+    if layer.digest in image.chunk_indexes:
+        # The layer is proven now: its attached chunk index must agree with it.
+        wrong = IndexShelf(image.store).check_sealed(layer.digest, layer.size)
+        if wrong:
+            print(
+                f"blockstore: the chunk index attached to {image.resolved.reference} "
+                f"disagrees with layer {layer.index} at {len(wrong)} chunk(s): dropped",
+                file=sys.stderr,
+            )
+    kept = exported.digest if isinstance(exported, TarLayer) else layer.digest
+    if (changed := _changed_meanwhile(image, kept, args.pin)) is not None:
+        raise CacheError(
+            f"layer {layer.index} {layer.digest} was {changed} by another process "
+            "while it was prefetched (cache rm, unpin or gc): run prefetch again"
+        )
+    if args.pin:
+        image.store.images.mark_pinned(image.resolved.reference, True)
+    pinned = ", pinned" if args.pin else ""
+    say(
+        args,
+        f"layer {layer.index} {layer.digest} ({human(layer.size)}): verified and sealed{pinned}",
+    )
 
 
 def _can_keep(args: argparse.Namespace) -> Callable[[OpenImage], None]:

@@ -1,0 +1,58 @@
+"""``blockstore prefetch`` against registries that fail part of an image."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rig.fault_proxy import Fault
+from rig.pushed import push_erofs
+
+
+def blockstore(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "blockstore", *args], capture_output=True, text=True, **kw
+    )
+
+
+def sealed_digests(cache: Path) -> set[str]:
+    listing = blockstore("cache", "ls", "--json", "--cache-dir", str(cache), check=True)
+    return {blob["digest"] for blob in json.loads(listing.stdout) if blob["sealed"]}
+
+
+@pytest.mark.parametrize("method", ["GET", None], ids=["get", "head-and-get"])
+def test_a_layer_missing_from_the_registry_leaves_the_others_prefetched(
+    fresh_registry, fault_proxy, erofs_images, tmp_path, method
+):
+    """Tried: ``prefetch`` of a three-layer image whose middle layer's blob the registry
+    answers 404, on its GETs alone (its HEAD still giving its size, as a registry that
+    lost the blob's bytes but not its record does) or on every request. Must hold: the
+    first and the last layer are verified and sealed; the command fails with exit 3 (not
+    found), in one line naming layer 1; a rerun once the blob is back fetches layer 1
+    alone. Before, the prefetch stopped at layer 1, leaving layer 2 unfetched, and a
+    404 under a read ended it with exit 7, as if a read had met an offline cache."""
+    proxy = fault_proxy(fresh_registry)
+    layers = erofs_images.layers
+    reference = push_erofs(proxy.host, "prefetch/missing", "v1", [x.path for x in layers])
+    cache = tmp_path / "cache"
+    argv = ["prefetch", reference, "--insecure", "--cache-dir", str(cache)]
+    proxy.fault = Fault("status", path_contains=layers[1].digest, method=method, status=404)
+
+    got = blockstore(*argv, timeout=120)
+
+    assert got.returncode == 3, got.stderr
+    (line,) = got.stderr.strip().splitlines()
+    assert "layer 1:" in line and "not found" in line and layers[1].digest in line, line
+    assert sealed_digests(cache) == {layers[0].digest, layers[2].digest}
+    assert f"layer 2 {layers[2].digest}" in got.stdout
+
+    proxy.fault = None
+    before = len(proxy.requests)
+    again = blockstore(*argv, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert sealed_digests(cache) == {x.digest for x in layers}
+    ranged = [r.path for r in proxy.requests[before:] if "Range" in r.headers]
+    assert ranged and all(layers[1].digest in path for path in ranged), ranged
