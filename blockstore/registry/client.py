@@ -42,7 +42,7 @@ from blockstore.errors import (
 from blockstore.logformat import without_url_secrets
 from blockstore.registry.credentials import Credentials, credentials_for
 from blockstore.registry.digests import check_digest
-from blockstore.registry.endpoint import Body, Endpoint, describe_failure
+from blockstore.registry.endpoint import Body, Endpoint, describe_failure, local_shortage
 from blockstore.registry.mediatypes import MANIFEST_ACCEPT, OCI_INDEX
 from blockstore.registry.options import RegistryOptions
 from blockstore.registry.ranges import (
@@ -379,12 +379,7 @@ class RegistryClient:
                 except BlobReadError as exc:
                     raise TryAgain(exc) from None
                 except TRANSPORT_ERRORS as exc:
-                    raise TryAgain(
-                        BlobReadError(
-                            f"{subject}: reading bytes {first}-{last} failed: "
-                            f"{describe_failure(exc)}"
-                        )
-                    ) from None
+                    raise TryAgain(body_broken(subject, first, last, exc)) from None
 
         try:
             return self._read(subject, deadline, attempt, upstream_only=upstream_only)
@@ -444,9 +439,7 @@ class RegistryClient:
             except BlobReadError:
                 raise  # receive's own account (the deadline, a short body): an OSError too
             except TRANSPORT_ERRORS as exc:
-                raise BlobReadError(
-                    f"{subject}: reading bytes {first}-{last} failed: {describe_failure(exc)}"
-                ) from None
+                raise body_broken(subject, first, last, exc)  # noqa: B904 (its cause is set on it)
 
     # Writes: the upstream only.
 
@@ -729,7 +722,7 @@ def receive(
     got = 0
     while limit is None or got < limit:
         if deadline.expired:
-            raise BlobReadError(
+            raise out_of_reach(
                 f"{subject}: the reply did not arrive within {deadline.seconds:g}s "
                 f"({got} bytes came)"
             )
@@ -742,6 +735,23 @@ def receive(
             return
         got += len(piece)
         yield piece
+
+
+def out_of_reach(message: str) -> BlobReadError:
+    """A blob read the registry did not answer in full: ``EIO`` for a reader, caused by
+    the registry being out of reach, as a request that got no reply at all is, so a
+    command ends with that code (a prefetch's timeout mid-body, 5), not a read's."""
+    error = BlobReadError(message)
+    error.__cause__ = RegistryUnreachable(message)
+    return error
+
+
+def body_broken(subject: str, first: int, last: int, exc: BaseException) -> BlobReadError:
+    """Bytes ``first..last`` of a blob whose body the link broke off (reset, closed,
+    timed out): the registry out of reach, unless this machine ran short of something
+    (``local_shortage``), which is no fault of the registry's."""
+    message = f"{subject}: reading bytes {first}-{last} failed: {describe_failure(exc)}"
+    return BlobReadError(message) if local_shortage(exc) else out_of_reach(message)
 
 
 def digest_said(headers: CaseInsensitiveDict, name: str = "Docker-Content-Digest") -> str | None:

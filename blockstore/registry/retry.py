@@ -91,7 +91,9 @@ class TryAgain(Exception):
 
 def with_retries(policy: RetryPolicy, deadline: Deadline, attempt: Callable[[], T], what: str) -> T:
     """``attempt()`` until it returns, raises anything but ``TryAgain``, or attempts or
-    time run out; then the last failure's ``error`` is raised."""
+    time run out; then the last failure's ``error`` is raised, with the cause it was given
+    (a blob body broken off: the registry out of reach, which sets a command's exit code)
+    and not the retry's own context."""
     attempts = 0
     while True:
         attempts += 1
@@ -100,7 +102,7 @@ def with_retries(policy: RetryPolicy, deadline: Deadline, attempt: Callable[[], 
         except TryAgain as failure:
             pause = policy.delay(attempts, failure.retry_after)
             if attempts >= policy.max_attempts or pause >= deadline.left():
-                raise failure.error from None
+                raise failure.error from failure.error.__cause__
             log.info("retrying %s in %.1fs: %s", what, pause, failure.error)
             time.sleep(pause)
 

@@ -56,3 +56,40 @@ def test_a_layer_missing_from_the_registry_leaves_the_others_prefetched(
     assert sealed_digests(cache) == {x.digest for x in layers}
     ranged = [r.path for r in proxy.requests[before:] if "Range" in r.headers]
     assert ranged and all(layers[1].digest in path for path in ranged), ranged
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault("pace", path_contains="/blobs/", method="GET", seconds=0.1),
+        Fault("reset", path_contains="/blobs/", method="GET", after_bytes=100_000),
+    ],
+    ids=["slower-than-the-timeout", "reset-mid-body"],
+)
+def test_a_registry_failing_mid_body_ends_a_prefetch_as_out_of_reach(
+    registry, pushed_images, fault_proxy, tmp_path, fault
+):
+    """Tried: ``prefetch --timeout 2`` of the 64 MiB image from a registry whose blob
+    bodies come at 32 KiB a tenth of a second (a range of its first request takes 6 s),
+    or are reset after 100 kB, every attempt. Must hold: exit 5 (the registry out of
+    reach, as README says of a read still unanswered at its timeout), in one line; what
+    came is kept, `cache verify` finds it clean, and a rerun from a sound registry seals
+    the layer. Before, it exited 7, the code of a read that met an offline cache: a body
+    that broke off or outlasted the timeout was taken for no fault of the registry."""
+    proxy = fault_proxy(registry)
+    proxy.fault = fault
+    reference = pushed_images.large.replace(registry.host, proxy.host)
+    cache = tmp_path / "cache"
+    argv = ["prefetch", reference, "--insecure", "--timeout", "2", "--cache-dir", str(cache)]
+
+    got = blockstore(*argv, timeout=120)
+
+    assert got.returncode == 5, got.stderr
+    (line,) = got.stderr.strip().splitlines()
+    assert line.startswith("blockstore: ") and "fixtures/large" in line, line
+    verify = blockstore("cache", "verify", "--cache-dir", str(cache))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    proxy.fault = None
+    again = blockstore(*argv, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "verified and sealed" in again.stdout
