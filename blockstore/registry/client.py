@@ -359,13 +359,14 @@ class RegistryClient:
 
         def attempt(endpoint: Endpoint) -> bytes:
             with self._get(endpoint, repository, path, subject, headers, deadline) as reply:
+                end = judged_reply(reply, subject, first, last, size)
                 try:
-                    end = check_blob_reply(reply.status_code, reply.headers, first, last, size)
                     if reply.status_code == 206:
                         want = end - first + 1
                         data = b"".join(receive(reply, deadline, subject, want))
                         if len(data) != want:
-                            raise BlobReadError(
+                            # The body ended before its own Content-Range did: cut off.
+                            raise out_of_reach(
                                 f"{subject}: asked for {want} bytes at {first}, got {len(data)}"
                             )
                         return data
@@ -429,8 +430,8 @@ class RegistryClient:
         path = f"/v2/{repository}/blobs/{digest}"
         endpoint = next(self._read_endpoints(upstream_only))
         with self._get(endpoint, repository, path, subject, headers, deadline) as reply:
+            end = judged_reply(reply, subject, first, last, size)
             try:
-                end = check_blob_reply(reply.status_code, reply.headers, first, last, size)
                 if reply.status_code != 206:  # Range ignored: one slice, bounded by the range
                     yield slice_stream(receive(reply, deadline, subject), first, last)
                     return
@@ -735,6 +736,15 @@ def receive(
             return
         got += len(piece)
         yield piece
+
+
+def judged_reply(reply: requests.Response, subject: str, first: int, last: int, size: int) -> int:
+    """``check_blob_reply`` of a reply to a range read of ``subject``, its refusal naming
+    the blob and the registry (``TryAgain``: another attempt may be answered right)."""
+    try:
+        return check_blob_reply(reply.status_code, reply.headers, first, last, size)
+    except BlobReadError as exc:
+        raise TryAgain(BlobReadError(f"{subject}: {exc}")) from None
 
 
 def out_of_reach(message: str) -> BlobReadError:

@@ -63,15 +63,17 @@ def test_a_layer_missing_from_the_registry_leaves_the_others_prefetched(
     [
         Fault("pace", path_contains="/blobs/", method="GET", seconds=0.1),
         Fault("reset", path_contains="/blobs/", method="GET", after_bytes=100_000),
+        Fault("truncate", path_contains="/blobs/", method="GET", after_bytes=100_000),
     ],
-    ids=["slower-than-the-timeout", "reset-mid-body"],
+    ids=["slower-than-the-timeout", "reset-mid-body", "shorter-than-its-length"],
 )
 def test_a_registry_failing_mid_body_ends_a_prefetch_as_out_of_reach(
     registry, pushed_images, fault_proxy, tmp_path, fault
 ):
     """Tried: ``prefetch --timeout 2`` of the 64 MiB image from a registry whose blob
     bodies come at 32 KiB a tenth of a second (a range of its first request takes 6 s),
-    or are reset after 100 kB, every attempt. Must hold: exit 5 (the registry out of
+    or are reset after 100 kB, or end there, short of their Content-Length, every
+    attempt. Must hold: exit 5 (the registry out of
     reach, as README says of a read still unanswered at its timeout), in one line; what
     came is kept, `cache verify` finds it clean, and a rerun from a sound registry seals
     the layer. Before, it exited 7, the code of a read that met an offline cache: a body
@@ -93,3 +95,28 @@ def test_a_registry_failing_mid_body_ends_a_prefetch_as_out_of_reach(
     again = blockstore(*argv, timeout=120)
     assert again.returncode == 0, again.stderr
     assert "verified and sealed" in again.stdout
+
+
+def test_a_reply_of_another_range_is_refused_naming_the_blob_and_registry(
+    registry, pushed_images, fault_proxy, tmp_path
+):
+    """Tried: ``prefetch --timeout 5`` from a registry that answers every range read of a
+    blob 206 with a ``Content-Range`` one byte past the span asked. Must hold: no byte is
+    kept (`cache verify` finds nothing), and the one error line names the blob, the
+    registry and repository, and what was sent. Before, it said only "asked for bytes
+    0-2097151 of 3579904, the registry sent 'bytes 1-2097152/3579904'": no blob, no
+    registry."""
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault("bad_range", path_contains="/blobs/", method="GET")
+    reference = pushed_images.small.replace(registry.host, proxy.host)
+    cache = tmp_path / "cache"
+    argv = ["prefetch", reference, "--insecure", "--timeout", "5", "--cache-dir", str(cache)]
+
+    got = blockstore(*argv, timeout=120)
+
+    assert got.returncode != 0
+    (line,) = got.stderr.strip().splitlines()
+    assert f"of {proxy.host}/fixtures/small: asked for bytes 0-" in line, line
+    assert "blob sha256:" in line and "the registry sent 'bytes 1-" in line, line
+    verify = blockstore("cache", "verify", "--cache-dir", str(cache))
+    assert verify.returncode == 0 and "checked 0 chunks" in verify.stdout, verify.stdout
