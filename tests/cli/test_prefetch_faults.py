@@ -23,6 +23,16 @@ def sealed_digests(cache: Path) -> set[str]:
     return {blob["digest"] for blob in json.loads(listing.stdout) if blob["sealed"]}
 
 
+def ranges_asked(requests) -> list[tuple[int, int]]:
+    """The byte spans of the Range headers among ``requests``."""
+    spans = []
+    for request in requests:
+        first, _, last = request.headers.get("Range", "").removeprefix("bytes=").partition("-")
+        if first.isdigit() and last.isdigit():
+            spans.append((int(first), int(last)))
+    return spans
+
+
 @pytest.mark.parametrize("method", ["GET", None], ids=["get", "head-and-get"])
 def test_a_layer_missing_from_the_registry_leaves_the_others_prefetched(
     fresh_registry, fault_proxy, erofs_images, tmp_path, method
@@ -76,7 +86,7 @@ def test_a_registry_failing_mid_body_ends_a_prefetch_as_out_of_reach(
     attempt. Must hold: exit 5 (the registry out of
     reach, as README says of a read still unanswered at its timeout), in one line; what
     came is kept, `cache verify` finds it clean, and a rerun from a sound registry seals
-    the layer. Before, it exited 7, the code of a read that met an offline cache: a body
+    the layer, asking for exactly the bytes that were missing. Before, it exited 7, the code of a read that met an offline cache: a body
     that broke off or outlasted the timeout was taken for no fault of the registry."""
     proxy = fault_proxy(registry)
     proxy.fault = fault
@@ -91,10 +101,14 @@ def test_a_registry_failing_mid_body_ends_a_prefetch_as_out_of_reach(
     assert line.startswith("blockstore: ") and "fixtures/large" in line, line
     verify = blockstore("cache", "verify", "--cache-dir", str(cache))
     assert verify.returncode == 0, verify.stdout + verify.stderr
+    (blob,) = json.loads(blockstore("cache", "ls", "--json", "--cache-dir", str(cache)).stdout)
     proxy.fault = None
+    before = len(proxy.requests)
     again = blockstore(*argv, timeout=120)
     assert again.returncode == 0, again.stderr
     assert "verified and sealed" in again.stdout
+    asked = sum(last - first + 1 for first, last in ranges_asked(proxy.requests[before:]))
+    assert asked == blob["size"] - blob["cached_bytes"], (asked, blob)
 
 
 def test_a_reply_of_another_range_is_refused_naming_the_blob_and_registry(
