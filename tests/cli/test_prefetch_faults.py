@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from rig.fault_proxy import Fault
 from rig.pushed import push_erofs
+from rig.waiting import wait_for
 
 
 def blockstore(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -83,11 +85,12 @@ def test_a_registry_failing_mid_body_ends_a_prefetch_as_out_of_reach(
     """Tried: ``prefetch --timeout 2`` of the 64 MiB image from a registry whose blob
     bodies come at 32 KiB a tenth of a second (a range of its first request takes 6 s),
     or are reset after 100 kB, or end there, short of their Content-Length, every
-    attempt. Must hold: exit 5 (the registry out of
-    reach, as README says of a read still unanswered at its timeout), in one line; what
-    came is kept, `cache verify` finds it clean, and a rerun from a sound registry seals
-    the layer, asking for exactly the bytes that were missing. Before, it exited 7, the code of a read that met an offline cache: a body
-    that broke off or outlasted the timeout was taken for no fault of the registry."""
+    attempt. Must hold: exit 5 (the registry out of reach, as README says of a read
+    still unanswered at its timeout), in one line; what came is kept, `cache verify`
+    finds it clean, and a rerun from a sound registry seals the layer, asking for
+    exactly the bytes that were missing. Before, it exited 7, the code of a read that
+    met an offline cache: a body that broke off or outlasted the timeout was taken for
+    no fault of the registry."""
     proxy = fault_proxy(registry)
     proxy.fault = fault
     reference = pushed_images.large.replace(registry.host, proxy.host)
@@ -134,3 +137,58 @@ def test_a_reply_of_another_range_is_refused_naming_the_blob_and_registry(
     assert "blob sha256:" in line and "the registry sent 'bytes 1-" in line, line
     verify = blockstore("cache", "verify", "--cache-dir", str(cache))
     assert verify.returncode == 0 and "checked 0 chunks" in verify.stdout, verify.stdout
+
+
+def test_a_prefetch_beside_a_server_reading_the_same_image_fetches_each_byte_once(
+    registry, pushed_images, erofs_images, fault_proxy, tmp_path
+):
+    """Tried: ``serve`` of the 64 MiB image read whole by ``nbdcopy`` while ``prefetch``
+    of the same image fills the same cache, both started together over a link pacing
+    each 32 KiB. Must hold: both succeed, the copy is the image byte for byte, the
+    registry is asked for each byte once in all (no two ranges overlap), the layer is
+    sealed once, and the cache counts it once: as many chunks stored and bytes fetched
+    as the layer has."""
+    proxy = fault_proxy(registry)
+    proxy.fault = Fault("pace", path_contains="/blobs/", method="GET", seconds=0.005)
+    image = erofs_images.large
+    reference = pushed_images.large.replace(registry.host, proxy.host)
+    cache, sock = tmp_path / "cache", tmp_path / "serve.sock"
+    common = [reference, "--insecure", "--cache-dir", str(cache)]
+    argv = [sys.executable, "-m", "blockstore"]
+    server = subprocess.Popen(
+        [*argv, "serve", *common, "--unix", str(sock)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_for(lambda: server.stdout.readline().strip() == "ready", 30)
+        prefetch = subprocess.Popen(
+            [*argv, "prefetch", *common], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        copy = subprocess.run(
+            ["nbdcopy", f"nbd+unix:///?socket={sock}", str(tmp_path / "copy")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        out, err = prefetch.communicate(timeout=120)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=20) == 0, server.stderr.read()
+    finally:
+        server.kill()
+        server.wait()
+        server.stdout.close()
+        server.stderr.close()
+    assert prefetch.returncode == 0 and "verified and sealed" in out, err
+    assert copy.returncode == 0, copy.stderr
+    assert (tmp_path / "copy").read_bytes() == image.path.read_bytes()
+    covered = 0
+    for first, last in sorted(ranges_asked(proxy.requests)):
+        assert first >= covered, f"bytes from {first} asked twice"
+        covered = last + 1
+    assert sum(last - first + 1 for first, last in ranges_asked(proxy.requests)) == image.size
+    stats = json.loads(blockstore("cache", "stats", "--json", "--cache-dir", str(cache)).stdout)
+    assert stats["seals"] == 1 and stats["sealed_blobs"] == 1, stats
+    assert stats["bytes_fetched"] == stats["stored_bytes"] == image.size, stats
+    assert stats["chunks"] == -(-image.size // 32768), stats
