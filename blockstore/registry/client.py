@@ -744,7 +744,10 @@ def judged_reply(reply: requests.Response, subject: str, first: int, last: int, 
     try:
         return check_blob_reply(reply.status_code, reply.headers, first, last, size)
     except BlobReadError as exc:
-        raise TryAgain(BlobReadError(f"{subject}: {exc}")) from None
+        message = f"{subject}: {exc}"
+        error = BlobReadError(message)
+        error.__cause__ = RegistryError(message)  # the registry's answer, refused
+        raise TryAgain(error) from None
 
 
 def out_of_reach(message: str) -> BlobReadError:

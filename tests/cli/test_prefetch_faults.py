@@ -119,8 +119,9 @@ def test_a_reply_of_another_range_is_refused_naming_the_blob_and_registry(
 ):
     """Tried: ``prefetch --timeout 5`` from a registry that answers every range read of a
     blob 206 with a ``Content-Range`` one byte past the span asked. Must hold: no byte is
-    kept (`cache verify` finds nothing), and the one error line names the blob, the
-    registry and repository, and what was sent. Before, it said only "asked for bytes
+    kept (`cache verify` finds nothing); exit 3, the registry's answer refused, in one
+    line naming the blob, the registry and repository, and what was sent. Before, it
+    exited 7, as a read that met an offline cache, saying only "asked for bytes
     0-2097151 of 3579904, the registry sent 'bytes 1-2097152/3579904'": no blob, no
     registry."""
     proxy = fault_proxy(registry)
@@ -131,7 +132,7 @@ def test_a_reply_of_another_range_is_refused_naming_the_blob_and_registry(
 
     got = blockstore(*argv, timeout=120)
 
-    assert got.returncode != 0
+    assert got.returncode == 3, got.stderr
     (line,) = got.stderr.strip().splitlines()
     assert f"of {proxy.host}/fixtures/small: asked for bytes 0-" in line, line
     assert "blob sha256:" in line and "the registry sent 'bytes 1-" in line, line
@@ -192,3 +193,70 @@ def test_a_prefetch_beside_a_server_reading_the_same_image_fetches_each_byte_onc
     assert stats["seals"] == 1 and stats["sealed_blobs"] == 1, stats
     assert stats["bytes_fetched"] == stats["stored_bytes"] == image.size, stats
     assert stats["chunks"] == -(-image.size // 32768), stats
+
+
+EXPIRED_URL = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+    b"<Message>Request has expired</Message></Error>"
+)
+
+
+def cached_fraction(cache: Path) -> float:
+    if not cache.exists():
+        return 0.0
+    listing = blockstore("cache", "ls", "--json", "--cache-dir", str(cache))
+    blobs = json.loads(listing.stdout or "[]")
+    return blobs[0]["cached_fraction"] if blobs else 0.0
+
+
+@pytest.mark.parametrize("refusals", [4, None], ids=["four-refusals", "refused-for-good"])
+def test_storage_refusing_its_signed_url_partway_through_a_prefetch(
+    registry, pushed_images, fault_proxy, tmp_path, refusals
+):
+    """Tried: ``prefetch`` of the 64 MiB image from a registry that redirects blob reads
+    to a storage host (another address), which, once a tenth of the layer is cached,
+    answers its next four GETs 403 ``AccessDenied: Request has expired`` (a presigned
+    URL past its expiry), or every GET from then on. Must hold: four refusals are ridden
+    out, each read asking the registry again for a new URL: exit 0, the layer sealed;
+    refused for good, exit 3 (the storage said no), in one line naming the storage host
+    and its 403, what came kept and `cache verify` clean. Before, the refusal for good
+    exited 7, the code of a read that met an offline cache."""
+    storage = fault_proxy(registry, listen="127.0.0.2")
+    front = fault_proxy(registry)
+    front.fault = Fault("redirect", path_contains="/blobs/sha256:", redirect_to=storage.url)
+    pace = Fault("pace", path_contains="/blobs/", method="GET", seconds=0.02)
+    storage.fault = pace
+    reference = pushed_images.large.replace(registry.host, front.host)
+    cache = tmp_path / "cache"
+    argv = [sys.executable, "-m", "blockstore", "prefetch", reference, "--insecure"]
+    process = subprocess.Popen(
+        [*argv, "--cache-dir", str(cache)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_for(lambda: cached_fraction(cache) >= 0.1, 60)
+        storage.more_faults = [pace]
+        storage.fault = Fault(
+            "status",
+            path_contains="/blobs/",
+            method="GET",
+            status=403,
+            body=EXPIRED_URL,
+            times=refusals,
+        )
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+        process.wait()
+    if refusals is not None:
+        assert process.returncode == 0 and "verified and sealed" in out, err
+        assert storage.fault.times == 0, "every refusal was given"
+        return
+    assert process.returncode == 3, err
+    (line,) = err.strip().splitlines()
+    assert storage.host in line and "(HTTP 403)" in line, line
+    assert 0.1 <= cached_fraction(cache) < 1.0
+    verify = blockstore("cache", "verify", "--cache-dir", str(cache))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
