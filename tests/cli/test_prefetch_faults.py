@@ -25,6 +25,28 @@ def sealed_digests(cache: Path) -> set[str]:
     return {blob["digest"] for blob in json.loads(listing.stdout) if blob["sealed"]}
 
 
+def test_a_layer_whose_bytes_fail_its_digest_leaves_the_others_prefetched(
+    fresh_registry, fault_proxy, erofs_images, tmp_path
+):
+    """Tried: ``prefetch`` of a three-layer image whose first layer's every GET has one
+    byte flipped on the way. Must hold: that layer is dropped, the two after it verified
+    and sealed; exit 6 (integrity) naming layer 0 and saying the others were sealed.
+    Before, the prefetch stopped at layer 0, leaving the two after it unfetched."""
+    proxy = fault_proxy(fresh_registry)
+    layers = erofs_images.layers
+    reference = push_erofs(proxy.host, "prefetch/altered", "v1", [x.path for x in layers])
+    cache = tmp_path / "cache"
+    proxy.fault = Fault("corrupt", path_contains=layers[0].digest, method="GET", after_bytes=1000)
+
+    got = blockstore("prefetch", reference, "--insecure", "--cache-dir", str(cache), timeout=120)
+
+    assert got.returncode == 6, got.stderr
+    last = got.stderr.strip().splitlines()[-1]
+    assert last.startswith("blockstore: layer 0: ") and "do not match the digest" in last, last
+    assert "the other 2 layer(s) were verified and sealed" in last, last
+    assert sealed_digests(cache) == {layers[1].digest, layers[2].digest}
+
+
 def ranges_asked(requests) -> list[tuple[int, int]]:
     """The byte spans of the Range headers among ``requests``."""
     spans = []
