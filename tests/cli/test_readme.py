@@ -154,13 +154,19 @@ def test_the_serve_examples_wait_for_ready_ends_when_the_server_fails(tmp_path: 
     nothing listening at the registry's address, so the server fails at once. Must hold:
     the wait ends once the server has exited, its error said, rather than waiting for a
     ``ready`` that never comes (as a loop on ``grep`` alone did), and no grep error is
-    said while ``serve.out`` is not there yet."""
+    said while ``serve.out`` is not there yet. (Listening on a free port, not the default
+    the example takes, which a test beside this one may hold.)"""
     with socket.socket() as refusing:
         refusing.bind(("127.0.0.1", 0))  # bound, never listening: every connect refused
         address = f"127.0.0.1:{refusing.getsockname()[1]}"
         script = "\n".join(example_lines("blockstore serve 127.0.0.1:5000", "until "))
+        # A port of its own: the default one may be another test's at this moment.
+        script = script.replace("127.0.0.1:5000", address).replace(
+            "--insecure >", "--insecure --listen 127.0.0.1:0 >"
+        )
+        assert "--listen 127.0.0.1:0" in script
         done = subprocess.run(
-            ["bash", "-c", script.replace("127.0.0.1:5000", address)],
+            ["bash", "-c", script],
             cwd=tmp_path,
             env={
                 **os.environ,
