@@ -27,7 +27,7 @@ from blockstore.cache.blob import CachedBlob
 from blockstore.cache.store import ChunkStore
 from blockstore.cli import build_parser
 from blockstore.cli.common import prefetch_settings_from
-from blockstore.cli.mount_cmds import serve_command
+from blockstore.cli.mount_options import serve_command
 from blockstore.prefetch import PrefetchSettings
 
 MiB = 1 << 20

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blockstore.cli.mount_cmds import describe_layers, percent, served_layers
+from blockstore.cli.mount_layers import describe_layers
+from blockstore.cli.mount_listing import percent, served_layers
 from nbdfront.mount.records import MountRecord
 
 KIB, MIB = 1 << 10, 1 << 20

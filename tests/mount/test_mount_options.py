@@ -18,7 +18,7 @@ from blockstore.cli.common import (
     check_tar_index_options,
     tar_indexes_from,
 )
-from blockstore.cli.mount_cmds import (
+from blockstore.cli.mount_options import (
     USERNAME_OPTIONS,
     OciOptions,
     merge_options,
@@ -348,7 +348,8 @@ def test_mounts_looks_up_the_layers_a_mount_could_not_name(pushed_images, tmp_pa
     aside and refilled by its server) recorded no layers. ``mounts`` must look them up
     again in the cache as it is now, and show how much of each is cached, not "?"
     for as long as the mount lives."""
-    from blockstore.cli.mount_cmds import cached_fractions, with_layers
+    from blockstore.cli.mount_layers import with_layers
+    from blockstore.cli.mount_listing import cached_fractions
     from blockstore.image import open_image
     from blockstore.registry import RegistryOptions
     from nbdfront.mount.attach import Attachment

@@ -193,7 +193,7 @@ def test_a_timeout_that_is_not_a_time_is_a_usage_error(command, value, tmp_path:
 def test_mount_hands_its_timeout_to_the_server_it_starts(tmp_path: Path):
     """``mount --timeout 7`` starts its server with ``--timeout 7.0``: the reads the
     kernel sends through the mount have the deadline the user gave."""
-    from blockstore.cli.mount_cmds import serve_command
+    from blockstore.cli.mount_options import serve_command
 
     args = build_parser().parse_args(
         ["mount", "127.0.0.1:5000/a/b:v1", str(tmp_path), "--timeout", "7"]

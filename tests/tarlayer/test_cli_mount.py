@@ -775,7 +775,7 @@ def test_mounts_cannot_say_how_much_of_a_compressed_layer_with_no_kept_index_is_
     shown "?"), not that nothing of it is cached, while an EROFS layer beside it shows
     its share."""
     from blockstore.cache import ChunkStore
-    from blockstore.cli.mount_cmds import cached_fractions
+    from blockstore.cli.mount_listing import cached_fractions
     from nbdfront.mount.records import MountRecord
 
     cache = tmp_path / "cache"
