@@ -206,13 +206,13 @@ def hidden_by_message(mountpoint: str, above: str) -> str:
     """Why the mount at ``mountpoint`` cannot be reached, nor unmounted, while the one at
     ``above`` (over a directory above it, or at the same place) hides it, and what to
     unmount first: one of ours with ``blockstore umount`` (with the run directory that
-    mounted it)."""
+    mounted it), any other with ``umount``."""
     hidden = f"{printable(mountpoint)} is hidden by the mount"
     if above == mountpoint:
         top = syscall.mounts_at(above)[0]
         return (
             f"{hidden} at the same place ({top.fstype} from {top.source}), made over it since: "
-            "unmount that first"
+            f"`umount {shell_word(above)}` first"
         )
     if (record := records.load(above)) is not None:
         return (
@@ -227,7 +227,7 @@ def hidden_by_message(mountpoint: str, above: str) -> str:
     top = syscall.mounts_at(above)[0]
     return (
         f"{hidden} at {printable(above)} ({top.fstype} from {top.source}), made over a "
-        "directory above it since: unmount that first"
+        f"directory above it since: `umount {shell_word(above)}` first"
     )
 
 

@@ -925,7 +925,8 @@ def test_umount_of_a_mount_covered_at_its_own_place_is_refused_and_changes_nothi
             assert busy.returncode == MountpointBusy.exit_code, busy.stderr
             assert busy.stderr.splitlines() == [
                 f"blockstore: {mountpoint} is hidden by the mount at the same place "
-                f"({over.fstype} from {over.source}), made over it since: unmount that first"
+                f"({over.fstype} from {over.source}), made over it since: "
+                f"`umount {mountpoint}` first"
             ]
             assert record.server is not None and record.server.alive()
             assert len(syscall.mounts_at(str(mountpoint))) == 2
@@ -963,7 +964,7 @@ def test_mounts_tells_a_mount_with_another_at_its_place_from_an_ok_one(
             assert (row["state"], row["hidden_by"]) == ("hidden", str(mountpoint))
             assert own_lines(shown.stderr) == [
                 f"blockstore: {mountpoint} is hidden by the mount at the same place (tmpfs from "
-                "users-own), made over it since: unmount that first"
+                f"users-own), made over it since: `umount {mountpoint}` first"
             ]
         else:
             assert (row["state"], row["hidden_by"]) == ("not mounted", None)
@@ -1040,7 +1041,7 @@ def test_mounts_lists_a_mount_hidden_by_one_over_a_directory_above_as_hidden(
         subprocess.run(["mount", "-t", "tmpfs", "users-own", str(outer)], check=True)
         undo_outer = ["umount", str(outer)]
         named = f"hidden by the mount at {outer} (tmpfs from users-own), made over a "
-        named += "directory above it since: unmount that first"
+        named += f"directory above it since: `umount {outer}` first"
     else:
         stack.mount(local_server({"layer0": small}), str(outer), image="outer")
         undo_outer = [*BLOCKSTORE, "umount", str(outer)]

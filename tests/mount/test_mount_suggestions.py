@@ -3,12 +3,13 @@ written, for a mount point whose name the shell would split or unquote."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from suggested import run_suggested
+from suggested import own_lines, run_suggested
 
 from blockstore.errors import MountpointBusy
 from nbdfront.mount import records, stack, syscall
@@ -73,3 +74,45 @@ def test_each_suggested_umount_runs_as_written_for_an_odd_mount_point(
     assert_undone_by(told, mountpoint)
     monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(run))
     assert records.saved() == []
+
+
+@pytest.mark.parametrize("over", ["at the same place", "over the directory above"])
+def test_a_mount_hidden_by_another_says_the_umount_that_frees_it(
+    mount_dirs, erofs_images, local_server, over
+):
+    """Tried: a mount at a directory named ``it's a mount``, then a tmpfs of the user's
+    mounted over it at the same place, or over the directory above it (named so too);
+    then ``mounts`` and ``umount`` of the image. Must hold: each says, in one line, the
+    ``umount`` of the tmpfs, which, run by the shell as written, frees the image:
+    ``mounts`` lists it ok again and ``umount`` undoes it. Before, both said only
+    "unmount that first", leaving the command, and its quoting, to the user."""
+    base, _ = mount_dirs
+    hider = base / ODD_NAME
+    mountpoint = hider if over == "at the same place" else hider / ODD_NAME
+    mountpoint.mkdir(parents=True)
+    stack.mount(local_server({"layer0": erofs_images.small.path}), str(mountpoint), image="s")
+    subprocess.run(["mount", "-t", "tmpfs", "users-own", str(hider)], check=True)
+    try:
+        listed = blockstore("mounts")
+        assert listed.returncode == 0, listed.stderr
+        (said,) = own_lines(listed.stderr)
+        refused = blockstore("umount", str(mountpoint))
+        assert refused.returncode == MountpointBusy.exit_code, refused.stderr
+        assert refused.stderr.splitlines() == [said]
+        assert said.count("`") == 2, said
+        command = said.split("`")[1]
+        assert command.startswith("umount "), said
+        done = run_suggested(command)
+        assert done.returncode == 0, (command, done.stderr)
+    finally:
+        if "users-own" in {m.source for m in syscall.mounts_at(str(hider))}:
+            subprocess.run(["umount", str(hider)], check=True)
+    (row,) = json.loads(blockstore("mounts", "--json").stdout)
+    assert (row["state"], row["hidden_by"]) == ("ok", None)
+    undone = blockstore("umount", str(mountpoint))
+    assert undone.returncode == 0, undone.stderr
+    assert records.saved() == []
+
+
+def blockstore(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*BLOCKSTORE, *argv], capture_output=True, text=True, timeout=60)
