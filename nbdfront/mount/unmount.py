@@ -23,6 +23,7 @@ from nbdfront.mount.finding import (
     printable,
     recorded_around,
     run_dir_of,
+    shell_word,
     umount_command,
     unrecorded,
     where_ours_is,
@@ -153,12 +154,17 @@ def take_down(record: MountRecord, *, lazy: bool) -> ServerExit | None:
     if top and (inside := ours_inside(record.mountpoint)):
         raise MountpointBusy(f"{printable(record.mountpoint)} is busy: {inside[0]}")
     if top and not lazy:
-        users = syscall.users_of(_mount_points(record))
-        if users:
+        if inside := syscall.mounted_in_tree(record.mountpoint):
             raise MountpointBusy(
-                f"{record.mountpoint} is busy: {', '.join(users)} is mounted over it (a bind "
-                "mount or an overlay); unmount that first, or unmount with --lazy, after "
-                "which it gets I/O errors"
+                f"{printable(record.mountpoint)} is busy: {', '.join(map(printable, inside))} "
+                f"mounted inside it: `{plain_umount(inside)}` first, or "
+                f"`{lazy_umount(record.mountpoint)}`, which takes that down with it"
+            )
+        if users := syscall.users_of(_mount_points(record)):
+            raise MountpointBusy(
+                f"{printable(record.mountpoint)} is busy: {', '.join(map(printable, users))} "
+                f"is mounted over it (a bind mount or an overlay): `{plain_umount(users)}` "
+                f"first, or `{lazy_umount(record.mountpoint)}`, after which it gets I/O errors"
             )
         if others := _mounts_run_inside(record):
             raise MountpointBusy(
@@ -234,6 +240,19 @@ def _still_held_inside(record: MountRecord) -> list[str]:
     while (held := _held_inside(record)) and time.monotonic() < deadline:
         time.sleep(syscall.BUSY_RETRY)
     return held
+
+
+def plain_umount(points: list[str]) -> str:
+    """The umount(8) of file systems not blockstore's, as one line to paste into a shell,
+    the deepest first: one holding another inside it would be refused as busy."""
+    return "umount" + "".join(
+        f" {shell_word(point)}" for point in sorted(points, key=len, reverse=True)
+    )
+
+
+def lazy_umount(mountpoint: str) -> str:
+    """The ``blockstore umount --lazy`` of ``mountpoint``, as one line to paste into a shell."""
+    return f"blockstore umount --lazy {shell_word(mountpoint)}"
 
 
 def _mount_points(record: MountRecord) -> list[str]:

@@ -1351,7 +1351,7 @@ def test_umount_of_a_mount_with_another_inside_names_it(
     try:
         busy = cli("umount", str(mountpoint))
         assert busy.returncode == MountpointBusy.exit_code, busy.stderr
-        assert f"{inner} mounted inside it; unmount that first" in busy.stderr, busy.stderr
+        assert f"{inner} mounted inside it: `umount {inner}` first" in busy.stderr, busy.stderr
     finally:
         subprocess.run(["umount", str(inner)], check=False)
     done = cli("umount", str(mountpoint))

@@ -116,3 +116,46 @@ def test_a_mount_hidden_by_another_says_the_umount_that_frees_it(
 
 def blockstore(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([*BLOCKSTORE, *argv], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("command", ["umount first", "umount --lazy"])
+@pytest.mark.parametrize("user", ["a tmpfs inside it", "a bind mount of it"])
+def test_umount_of_a_mount_in_use_by_another_says_what_to_run(
+    mount_dirs, erofs_images, local_server, user, command
+):
+    """Tried: a mount at a directory named ``it's a mount``, then a tmpfs of the user's
+    mounted on a directory inside it, or the mount bound at another such directory;
+    then ``umount`` of the image, and each command its refusal names, run by the shell as
+    written. Must hold: the refusal (exit 13, one line) names the ``umount`` of the
+    user's mount and the ``blockstore umount --lazy`` of the image; after the first,
+    ``umount`` of the image leaves nothing, and the second leaves nothing by itself.
+    Before, they said "unmount that first" and "unmount with --lazy", the commands and
+    their quoting left to the user."""
+    base, _ = mount_dirs
+    mountpoint = base / ODD_NAME
+    mountpoint.mkdir()
+    stack.mount(local_server({"layer0": erofs_images.small.path}), str(mountpoint), image="s")
+    if user == "a tmpfs inside it":
+        held = next(p for p in sorted(mountpoint.iterdir()) if p.is_dir() and not p.is_symlink())
+        subprocess.run(["mount", "-t", "tmpfs", "users-own", str(held)], check=True)
+    else:
+        held = base / f"{ODD_NAME}, bound"
+        held.mkdir()
+        subprocess.run(["mount", "--bind", str(mountpoint), str(held)], check=True)
+    try:
+        refused = blockstore("umount", str(mountpoint))
+        assert refused.returncode == MountpointBusy.exit_code, refused.stderr
+        (said,) = refused.stderr.splitlines()
+        assert said.count("`") == 4, said
+        unmount_user, lazy = said.split("`")[1::2]
+        assert unmount_user.startswith("umount "), said
+        assert lazy.startswith("blockstore umount --lazy "), said
+        done = run_suggested(unmount_user if command == "umount first" else lazy)
+        assert done.returncode == 0, (said, done.stderr)
+        if command == "umount first":
+            undone = blockstore("umount", str(mountpoint))
+            assert undone.returncode == 0, undone.stderr
+    finally:
+        subprocess.run(["umount", "--lazy", str(held)], capture_output=True)
+    assert records.saved() == []
+    assert not syscall.is_mounted(str(mountpoint))
