@@ -131,8 +131,8 @@ def _not_ours(mountpoint: str) -> str:
     return (
         f"{mountpoint} was not mounted by blockstore with the run directory "
         f"{records.run_dir()}: {top[0].fstype} from {top[0].source} is mounted there; "
-        "unmount it with umount(8) if it is yours, or give the BLOCKSTORE_RUN_DIR that "
-        "mounted it"
+        f"`{plain_umount([mountpoint])}` unmounts it if it is yours, or give the "
+        "BLOCKSTORE_RUN_DIR that mounted it"
     )
 
 

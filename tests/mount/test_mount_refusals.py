@@ -129,7 +129,7 @@ def test_umount_of_what_blockstore_did_not_mount_says_where_to_look(
             mountpoint: "has nothing mounted on it; `blockstore mounts` lists the mounts",
             base / "nosuch": "does not exist; `blockstore mounts` lists the mounts",
             theirs: f"was not mounted by blockstore with the run directory {base}/other-run: "
-            "tmpfs from mine is mounted there; unmount it with umount(8) if it is yours",
+            f"tmpfs from mine is mounted there; `umount {theirs}` unmounts it if it is yours",
             image: "was mounted by blockstore with another run directory: "
             f"`BLOCKSTORE_RUN_DIR={run} blockstore umount {image}` undoes it",
         }

@@ -159,3 +159,26 @@ def test_umount_of_a_mount_in_use_by_another_says_what_to_run(
         subprocess.run(["umount", "--lazy", str(held)], capture_output=True)
     assert records.saved() == []
     assert not syscall.is_mounted(str(mountpoint))
+
+
+def test_umount_of_the_users_own_mount_says_the_umount_that_undoes_it(mount_dirs):
+    """Tried: ``blockstore umount`` of a tmpfs the user mounted at a directory named
+    ``it's a mount``. Must hold: exit 10, one line saying blockstore did not mount it and
+    naming the ``umount`` of it, which, run by the shell as written, unmounts it. Before,
+    it said "unmount it with umount(8)", the command and its quoting left to the user."""
+    base, _ = mount_dirs
+    theirs = base / ODD_NAME
+    theirs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "users-own", str(theirs)], check=True)
+    try:
+        refused = blockstore("umount", str(theirs))
+        assert refused.returncode == 10, refused.stderr
+        (said,) = refused.stderr.splitlines()
+        assert said.count("`") == 2, said
+        command = said.split("`")[1]
+        assert command.startswith("umount "), said
+        done = run_suggested(command)
+        assert done.returncode == 0, (said, done.stderr)
+        assert not syscall.is_mounted(str(theirs))
+    finally:
+        subprocess.run(["umount", str(theirs)], capture_output=True)
