@@ -58,7 +58,8 @@ def check_argument_order(args: argparse.Namespace) -> None:
         return
     raise UsageError(
         f"{args.image} is a directory and {args.mountpoint} an image reference: the image "
-        f"comes first (blockstore mount {args.mountpoint} {args.image})"
+        f"comes first: `blockstore mount {finding.shell_word(args.mountpoint)} "
+        f"{finding.shell_word(args.image)}`"
     )
 
 

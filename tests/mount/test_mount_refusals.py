@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shlex
 import subprocess
 import sys
 
@@ -83,8 +84,27 @@ def test_the_mount_point_given_before_the_image_says_which_comes_first(mount_dir
     assert done.returncode == UsageError.exit_code, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
-    assert f"the image comes first (blockstore mount {image} {mountpoint})" in lines[0]
+    assert f"the image comes first: `blockstore mount {image} {mountpoint}`" in lines[0]
     assert not list(run.iterdir()), "a log or state directory was made"
+
+
+def test_the_mount_given_the_right_way_round_is_quoted_for_the_shell(mount_dirs):
+    """Tried: ``mount DIR IMAGE``, the two arguments swapped, the directory named
+    ``it's a mount``. Must hold: the command the refusal gives, read by the shell, is
+    ``blockstore mount IMAGE DIR``, the directory one word. Before, it named the
+    directory unquoted, which the shell splits at the space and leaves open at the
+    quote."""
+    base, _ = mount_dirs
+    directory = base / "it's a mount"
+    directory.mkdir()
+    image = "127.0.0.1:5000/a/b:v1"
+    done = subprocess.run(
+        [*BLOCKSTORE, "mount", str(directory), image], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == UsageError.exit_code, done.stderr
+    assert done.stderr.count("`") == 2, done.stderr
+    command = done.stderr.split("`")[1]
+    assert shlex.split(command) == ["blockstore", "mount", image, str(directory)], command
 
 
 def test_an_image_named_as_a_directory_here_is_not_taken_for_swapped_arguments(
