@@ -281,9 +281,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing = subparsers.add_parser(
         "mounts",
         help="list blockstore mounts and their cache state",
-        description="List the mounts blockstore made on this machine: image, layers, how "
-        "each is attached, its state (ok, mounting, or what broke) and how much of each "
-        "layer is cached.",
+        description="List the mounts blockstore made with this run directory "
+        "(/run/blockstore, or $BLOCKSTORE_RUN_DIR): image, layers, how each is attached, its "
+        "state (ok, mounting, or what broke) and how much of each layer is cached. Those made "
+        "with another run directory are counted on stderr, with the command that lists them.",
     )
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(func=run_mounts)

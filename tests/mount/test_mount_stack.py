@@ -1106,6 +1106,35 @@ def test_a_mount_hidden_by_an_image_of_another_run_directory_names_its_umount(
     assert_nothing_left(record, run)
 
 
+def test_mounts_help_says_it_lists_this_run_directorys_mounts(
+    mount_dirs, mountpoint, erofs_images, local_server, monkeypatch
+):
+    """Tried: an image mounted with another run directory (a ``sudo`` that dropped
+    BLOCKSTORE_RUN_DIR), then ``mounts --json``, ``mounts --help``, and the command
+    ``mounts`` gives for the other. Must hold: the image is not listed, one line counts
+    it and gives that command, which, run as written, lists it; the help says ``mounts``
+    lists the mounts of this run directory and counts the others. Before, the help said
+    it listed the mounts blockstore made on this machine."""
+    _, run = mount_dirs
+    other = run / "other"  # short, for its socket's path; cleaned up with ``run``
+    monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(other))
+    record = stack.mount(
+        local_server({"layer0": erofs_images.small.path}), str(mountpoint), image="s"
+    )
+    monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(run))
+    listed = cli("mounts", "--json")
+    assert json.loads(listed.stdout) == []
+    (counted,) = [line for line in listed.stderr.splitlines() if str(other) in line]
+    listing_other = counted.split("`")[1]
+    assert listing_other == f"BLOCKSTORE_RUN_DIR={other} blockstore mounts", counted
+    assert record.mountpoint in run_suggested(f"{listing_other} --json").stdout
+    shown = " ".join(cli("mounts", "--help").stdout.split())
+    assert "made with this run directory (/run/blockstore, or $BLOCKSTORE_RUN_DIR)" in shown
+    assert "made with another run directory are counted on stderr" in shown
+    monkeypatch.setenv("BLOCKSTORE_RUN_DIR", str(other))
+    assert cli("umount", record.mountpoint).returncode == 0
+
+
 def _an_image_inside_another(
     tmp_path: Path, local_server, image: Path
 ) -> tuple[Path, Path, records.MountRecord, records.MountRecord]:
