@@ -176,9 +176,9 @@ def take_down(record: MountRecord, *, lazy: bool) -> ServerExit | None:
             )
         if held := _still_held_inside(record):
             raise MountpointBusy(
-                f"{record.mountpoint} is busy: {', '.join(held)} uses its layers from "
-                "outside it; end or unmount that first, or unmount with --lazy, after which "
-                "it gets I/O errors"
+                f"{printable(record.mountpoint)} is busy: {', '.join(held)} uses its layers "
+                f"from outside it; end or unmount that first, or "
+                f"`{lazy_umount(record.mountpoint)}`, after which it gets I/O errors"
             )
     if top:
         syscall.umount(record.mountpoint, lazy=lazy)

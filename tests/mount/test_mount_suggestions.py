@@ -182,3 +182,35 @@ def test_umount_of_the_users_own_mount_says_the_umount_that_undoes_it(mount_dirs
         assert not syscall.is_mounted(str(theirs))
     finally:
         subprocess.run(["umount", str(theirs)], capture_output=True)
+
+
+def test_umount_of_a_mount_whose_layer_a_process_holds_says_the_lazy_umount(
+    nbdfuse_only, mount_dirs, erofs_images, local_server
+):
+    """Tried: a mount at a directory named ``it's a mount``, a process holding its
+    layer's FUSE file open, then ``umount`` of the image. Must hold: the refusal (exit 13,
+    one line) names the process and the ``blockstore umount --lazy`` of the image, which,
+    run by the shell as written, undoes the mount. Before, it said "unmount with
+    --lazy", the command and its quoting left to the user."""
+    base, _ = mount_dirs
+    mountpoint = base / ODD_NAME
+    mountpoint.mkdir()
+    record = stack.mount(
+        local_server({"layer0": erofs_images.small.path}), str(mountpoint), image="s"
+    )
+    with open(record.attachments[0].device, "rb") as held:
+        user = subprocess.Popen(["sleep", "60"], stdin=held)
+    try:
+        refused = blockstore("umount", str(mountpoint))
+        assert refused.returncode == MountpointBusy.exit_code, refused.stderr
+        (said,) = refused.stderr.splitlines()
+        assert f"pid {user.pid} (sleep)" in said and said.count("`") == 2, said
+        command = said.split("`")[1]
+        assert command.startswith("blockstore umount --lazy "), said
+        done = run_suggested(command)
+        assert done.returncode == 0, (said, done.stderr)
+    finally:
+        user.kill()
+        user.wait()
+    assert records.saved() == []
+    assert not syscall.is_mounted(str(mountpoint))
