@@ -274,7 +274,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "-l",
         "--lazy",
         action="store_true",
-        help="detach even if busy, and stop its server: what still uses it gets I/O errors",
+        help="detach even if a process or another file system uses it, and stop its server: "
+        "what still uses it gets I/O errors (still refused, to be unmounted first: another "
+        "blockstore mount inside it, or a mount that hides it)",
     )
     umount.set_defaults(func=run_umount)
 

@@ -294,6 +294,21 @@ def test_a_user_name_given_by_mount_option_is_named_as_given(tmp_path, monkeypat
     assert "--username" not in shown.stderr
 
 
+def test_umount_lazy_help_names_what_it_still_refuses():
+    """Tried: ``umount --help``, read for ``--lazy``. Must hold: it says what a lazy
+    unmount still refuses, to be unmounted first (another blockstore mount inside the
+    mount, a mount that hides it), as ``umount --lazy`` does (tests/mount/test_mount_stack.py
+    tries both). Before, it said "detach even if busy", though those are refused as busy."""
+    shown = blockstore("umount", "--help")
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    assert "even if busy" not in text, text
+    assert (
+        "(still refused, to be unmounted first: another blockstore mount inside it, or a "
+        "mount that hides it)" in text
+    ), text
+
+
 @pytest.mark.parametrize("command", ["serve", "mount"])
 def test_the_tar_index_options_help_names_the_o_spelling_only_where_there_is_one(command):
     """Tried: ``serve --help`` and ``mount --help``, read for ``--tarindex`` and
