@@ -88,7 +88,9 @@ def _clear_a_record_left_alone(mountpoint: str) -> None:
         if record.mounting:
             assert record.mounter is not None
             raise MountpointBusy(
-                f"{mountpoint} is being mounted by blockstore (pid {record.mounter.pid})"
+                f"{mountpoint} is being mounted by blockstore (pid {record.mounter.pid}): "
+                "interrupt that command, which undoes it, or let it finish and "
+                f"`{umount_command(mountpoint)}`"
             )
         if not _left_nothing(record):
             raise MountpointBusy(

@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -1745,6 +1746,33 @@ def test_a_mount_in_progress_is_shown_as_such_and_a_killed_one_is_cleaned_up(
         assert records.saved() == []
     finally:
         mounting.kill()
+
+
+def test_a_mount_at_a_place_being_mounted_says_what_frees_it(mount_dirs):
+    """Tried: a mount at a directory named ``it's a mount`` waiting for its server, then
+    another mount there, then the first command interrupted. Must hold: the second is
+    refused in one line naming the first's pid, saying to interrupt it or let it finish
+    and the ``blockstore umount`` of the place, quoted for the shell; once interrupted,
+    the place can be mounted. Before, it named the pid alone, nothing to do with it."""
+    base, run = mount_dirs
+    mountpoint = base / "it's a mount"
+    mountpoint.mkdir()
+    mounting = start_mount_that_never_gets_ready(mountpoint, run)
+    try:
+        deadline = time.monotonic() + 10
+        while records.load(str(mountpoint)) is None:
+            assert time.monotonic() < deadline, "the mount was never recorded"
+            time.sleep(0.02)
+        with pytest.raises(MountpointBusy) as refused:
+            stack.check_can_mount(str(mountpoint))
+        said = str(refused.value)
+        assert f"(pid {mounting.pid}): interrupt that command, which undoes it" in said, said
+        assert shlex.split(said.split("`")[1]) == ["blockstore", "umount", str(mountpoint)]
+        mounting.send_signal(signal.SIGINT)
+        assert mounting.wait(10) != 0
+    finally:
+        mounting.kill()
+    stack.check_can_mount(str(mountpoint))
 
 
 def test_a_failed_servers_log_is_dropped_only_when_it_repeats_the_error(tmp_path):
