@@ -20,7 +20,9 @@ The systems take turns, one run each per round, so a change in the machine's
 load weighs on all of them alike.
 
 Reported per system: the median of the runs for the first ``find`` line
-(first listing), the time to done, and the bytes that crossed the link.
+(first listing), the time to done (also as the median of each round's own
+ratio to the pull's), and the bytes that crossed the link; for the engine,
+the CPU time ``serve`` used until done.
 For the engine, also when ``serve`` said ``ready``: it prints that once every
 layer's index is available (taken from the registry and checked, or built
 here) and its socket listens, so "listing after ready" is the mount, the
@@ -140,13 +142,20 @@ def engine(work: Path, reference: str, extra: list[str], checkout: Path | None =
         try:
             syscall.mount(attached.device, str(mnt), "erofs")
             try:
-                return use(mnt, started, ready)
+                got = use(mnt, started, ready)
+                return got | {"serve CPU s": cpu_seconds(daemon.process.pid)}
             finally:
                 syscall.umount(str(mnt))
         finally:
             attach.detach(attached)
     finally:
         daemon.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    """The user and system CPU time a process has used so far (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def settle() -> None:
@@ -188,6 +197,14 @@ def summarize(name: str, samples: list[dict]) -> dict:
     """The medians of every figure the runs report, with the runs themselves."""
     medians = {key: statistics.median(s[key] for s in samples) for key in samples[0]}
     return {"system": name, "runs": samples, **medians}
+
+
+def paired(row: dict, other: dict) -> float:
+    """The median over the rounds of ``row``'s done time ÷ ``other``'s in the same round."""
+    return statistics.median(
+        mine["done s"] / theirs["done s"]
+        for mine, theirs in zip(row["runs"], other["runs"], strict=True)
+    )
 
 
 def measure(name: str, runs: int, link: LinkProxy, run: Callable[[Path], dict]) -> dict:
@@ -259,16 +276,23 @@ def main() -> int:
     )
     print(
         "| system | ready s | first listing s | listing after ready s | done s | done / pull "
-        "| MiB fetched |"
+        "| done / pull, by round | serve CPU s | MiB fetched |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         ready = f"{row['ready s']:.2f}" if "ready s" in row else "-"
         after = f"{row['listing after ready s']:.2f}" if "ready s" in row else "-"
+        cpu = f"{row['serve CPU s']:.2f}" if "serve CPU s" in row else "-"
         print(
             f"| {row['system']} | {ready} | {row['first listing s']:.2f} | {after} "
             f"| {row['done s']:.2f} | {row['done s'] / base:.2f} "
-            f"| {row['bytes fetched'] / MiB:.1f} |"
+            f"| {paired(row, rows[0]):.2f} | {cpu} | {row['bytes fetched'] / MiB:.1f} |"
+        )
+    if args.baseline is not None:
+        print(
+            f"\nengine+shared-index ÷ {rows[-1]['system']}, done time by round (median): "
+            f"{paired(rows[2], rows[-1]):.2f}; serve CPU "
+            f"{rows[2]['serve CPU s'] / rows[-1]['serve CPU s']:.2f} (medians)"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
