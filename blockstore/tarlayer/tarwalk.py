@@ -20,6 +20,8 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import IO
 
+from blockstore.erofs_format import BLOCK_SIZE
+from blockstore.tarlayer.erofs_writer import MAX_TAR_BLOCKS
 from blockstore.tarlayer.tree import DamagedTar, TarEntry, TarLayerError
 
 _KINDS = {
@@ -278,17 +280,38 @@ _PAX_TIME = re.compile(r"-?[0-9]+(?:\.[0-9]*)?")
 """A PAX time: decimal seconds, a fraction optional (ASCII digits: ``int`` takes more)."""
 _PAX_NUMBER = re.compile(r"-?[0-9]+")
 """A PAX uid, gid or size: a decimal integer in ASCII digits, as tar and Go's reader take."""
+PAX_DIGITS = 64
+"""The most characters taken in a PAX number (its fraction aside): every field it
+fills holds 20 digits at most. ``tarfile`` takes a uid, gid or size of more than 4,300
+digits (past Python's ``int`` limit) for 0, and ``int`` raises on such an mtime."""
+
+
+def _refuse_long_pax_number(member: tarfile.TarInfo, key: str, digits: str) -> None:
+    """Refuse a number too long for any field, before anything reads it as 0 or fails."""
+    if len(digits) > PAX_DIGITS:
+        raise TarLayerError(
+            f"tar entry {_show(member.name)}: PAX {key} of {len(digits)} digits is out of range"
+        )
+
+
+def _pax_value(raw: str) -> str:
+    """A PAX value for a message: a record may hold a MiB."""
+    return repr(raw) if len(raw) <= PAX_DIGITS else f"{raw[:PAX_DIGITS]!r}..."
 
 
 def _refuse_bad_pax_numbers(member: tarfile.TarInfo) -> None:
     """``tarfile`` takes a PAX uid, gid or size it cannot parse for 0: a file of uid
-    ``1e3`` would be root's, where tar and Docker refuse the header."""
+    ``1e3``, or of a uid of 5,000 nines, would be root's, where tar and Docker refuse
+    the header."""
     for key in ("uid", "gid", "size"):
         raw = member.pax_headers.get(key)
-        if raw is not None and not _PAX_NUMBER.fullmatch(raw):
+        if raw is None:
+            continue
+        if not _PAX_NUMBER.fullmatch(raw):
             raise TarLayerError(
-                f"tar entry {_show(member.name)}: PAX {key} {raw!r} is not a number"
+                f"tar entry {_show(member.name)}: PAX {key} {_pax_value(raw)} is not a number"
             )
+        _refuse_long_pax_number(member, key, raw)
 
 
 def _mtime(member: tarfile.TarInfo) -> tuple[int, int]:
@@ -296,8 +319,11 @@ def _mtime(member: tarfile.TarInfo) -> tuple[int, int]:
     if raw is None:
         return int(member.mtime), 0
     if not _PAX_TIME.fullmatch(raw):
-        raise TarLayerError(f"tar entry {_show(member.name)}: PAX mtime {raw!r} is not a number")
+        raise TarLayerError(
+            f"tar entry {_show(member.name)}: PAX mtime {_pax_value(raw)} is not a number"
+        )
     whole, _, frac = raw.partition(".")
+    _refuse_long_pax_number(member, "mtime", whole)
     seconds = int(whole)
     nanos = int((frac + "000000000")[:9]) if frac else 0
     if raw.startswith("-") and nanos:
@@ -305,14 +331,17 @@ def _mtime(member: tarfile.TarInfo) -> tuple[int, int]:
     return seconds, nanos
 
 
-# What the metadata image's fields hold: EROFS ids are 32-bit, times signed 64-bit,
-# and a device number is Linux's 32-bit encoding (12-bit major, 20-bit minor). An id of
-# 2^32-1 is Linux's -1, no owner: chown(2) takes it as "leave as it is", so extraction
-# leaves such a file root's, where the image would show it as the overflow id (nobody).
+# What the metadata image's fields hold: EROFS ids are 32-bit, times signed 64-bit, a
+# file lies in a tar of under 2 TiB (32-bit block numbers; past 2^63 bytes, ``tarfile``
+# failed to seek over its data with an OverflowError), and a device number is Linux's
+# 32-bit encoding (12-bit major, 20-bit minor). An id of 2^32-1 is Linux's -1, no
+# owner: chown(2) takes it as "leave as it is", so extraction leaves such a file
+# root's, where the image would show it as the overflow id (nobody).
 _LIMITS = {
     "uid": (0, (1 << 32) - 2),
     "gid": (0, (1 << 32) - 2),
     "mtime": (-(1 << 63), (1 << 63) - 1),
+    "size": (0, MAX_TAR_BLOCKS * BLOCK_SIZE - 1),
     "device major": (0, (1 << 12) - 1),
     "device minor": (0, (1 << 20) - 1),
 }
@@ -322,7 +351,7 @@ SYMLINK_MAX = 4095
 
 def _refuse_what_cannot_be_held(entry: TarEntry, name: str) -> None:
     """A value the image cannot hold is refused, naming the entry, never wrapped around."""
-    values = {"uid": entry.uid, "gid": entry.gid, "mtime": entry.mtime}
+    values = {"uid": entry.uid, "gid": entry.gid, "mtime": entry.mtime, "size": entry.size}
     if stat.S_ISCHR(entry.mode) or stat.S_ISBLK(entry.mode):
         values |= {"device major": entry.rdev_major, "device minor": entry.rdev_minor}
     for what, value in values.items():

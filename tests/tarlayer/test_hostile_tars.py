@@ -1,0 +1,64 @@
+"""Hostile tar layers, one at a time: each is represented as extraction leaves it, or
+refused in one TarLayerError naming the entry, never read wrong or with a traceback."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from blockstore.tarlayer.tarwalk import walk_tar
+from blockstore.tarlayer.tree import TarLayerError
+
+
+def one_file(pax: dict[str, str], *, size: int = 0, fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    """A tar of one file ``f`` (its header claiming ``size`` bytes, none of them
+    there) with the given PAX records, then the end marker."""
+    info = tarfile.TarInfo("f")
+    info.size, info.pax_headers = size, pax
+    return info.tobuf(fmt) + bytes(1024)
+
+
+@pytest.mark.parametrize("key", ["uid", "gid", "size", "mtime"])
+def test_a_pax_number_of_thousands_of_digits_is_refused_not_read_as_zero(key):
+    """Tried: a PAX ``uid``, ``gid``, ``size`` or ``mtime`` of 5,000 nines (past the
+    4,300 digits Python's ``int`` parses), and of 64. Must hold: one TarLayerError
+    naming the entry, saying the number is out of range, the message short. Before,
+    tarfile took such a uid or gid for 0, so the file was root's, and the mtime raised
+    a bare ValueError (a traceback); 64 digits are still read and judged by their
+    value, and a number padded with zeros to 64 digits is read right."""
+    with pytest.raises(TarLayerError, match=f"tar entry 'f': PAX {key} of 5000 digits is out"):
+        list(walk_tar(io.BytesIO(one_file({key: "9" * 5000}))))
+    with pytest.raises(TarLayerError, match=f"tar entry 'f': {key} 9{{64}} is out of range"):
+        list(walk_tar(io.BytesIO(one_file({key: "9" * 64}))))
+    padded = one_file({key: "0" * 63 + "7"}, size=7 if key == "size" else 0)
+    [entry] = walk_tar(io.BytesIO(padded + bytes(512)))
+    assert getattr(entry, key) == 7
+
+
+@pytest.mark.parametrize(
+    "tar",
+    [one_file({"size": str(1 << 63)}), one_file({}, size=1 << 80, fmt=tarfile.GNU_FORMAT)],
+    ids=["pax", "base-256"],
+)
+def test_a_size_past_what_a_tar_can_hold_is_refused_by_name(tar, tmp_path):
+    """Tried: a file whose size is 2^63 (a PAX record) or 2^80 (GNU base-256), read
+    from a file as ``push`` reads a plain tar. Must hold: one TarLayerError naming the
+    entry and the size, out of range (a file lies in a tar under 2 TiB). Before,
+    tarfile's seek over its data raised OverflowError: a traceback from ``push``."""
+    path = tmp_path / "layer.tar"
+    path.write_bytes(tar)
+    with (
+        path.open("rb") as raw,
+        pytest.raises(TarLayerError, match=r"tar entry 'f': size \d+ is out"),
+    ):
+        list(walk_tar(raw))
+
+
+def test_a_pax_value_that_is_no_number_is_shown_cut_short():
+    """Tried: a PAX uid of 512 KiB of letters. Must hold: refused naming the entry, the
+    message showing 64 characters of the value, not all of them."""
+    with pytest.raises(TarLayerError) as refused:
+        list(walk_tar(io.BytesIO(one_file({"uid": "x" * (1 << 19)}))))
+    assert str(refused.value) == f"tar entry 'f': PAX uid {'x' * 64!r}... is not a number"
