@@ -379,6 +379,17 @@ def _update_dir(node: Inode, entry: TarEntry) -> None:
     node.xattrs = dict(entry.xattrs) | kept
 
 
+def _xattrs_extraction_sets(
+    xattrs: tuple[tuple[bytes, bytes], ...], kind: int
+) -> Mapping[bytes, bytes]:
+    """The xattrs extraction sets on a new inode of ``kind``: Linux refuses ``user.*``
+    ones on all but files and directories (EPERM, xattr(7)), which tar and containerd
+    pass over, leaving a symlink, fifo or device without them."""
+    if kind not in (stat.S_IFREG, stat.S_IFDIR):
+        xattrs = tuple((name, value) for name, value in xattrs if not name.startswith(b"user."))
+    return dict(xattrs) if xattrs else NO_XATTRS
+
+
 def _inode_of(entry: TarEntry, shared: Callable[[int], int]) -> Inode:
     kind = stat.S_IFMT(entry.mode)
     if kind not in (
@@ -396,7 +407,7 @@ def _inode_of(entry: TarEntry, shared: Callable[[int], int]) -> Inode:
         gid=shared(entry.gid),
         mtime=shared(entry.mtime),
         mtime_ns=entry.mtime_ns,
-        xattrs=dict(entry.xattrs) if entry.xattrs else NO_XATTRS,
+        xattrs=_xattrs_extraction_sets(entry.xattrs, kind),
     )
     if kind == stat.S_IFREG:
         node.size, node.data_offset = entry.size, entry.data_offset

@@ -9,7 +9,7 @@ import tarfile
 import pytest
 
 from blockstore.tarlayer.tarwalk import walk_tar
-from blockstore.tarlayer.tree import TarLayerError
+from blockstore.tarlayer.tree import TarLayerError, build_tree
 
 
 def one_file(pax: dict[str, str], *, size: int = 0, fmt: int = tarfile.PAX_FORMAT) -> bytes:
@@ -62,3 +62,43 @@ def test_a_pax_value_that_is_no_number_is_shown_cut_short():
     with pytest.raises(TarLayerError) as refused:
         list(walk_tar(io.BytesIO(one_file({"uid": "x" * (1 << 19)}))))
     assert str(refused.value) == f"tar entry 'f': PAX uid {'x' * 64!r}... is not a number"
+
+
+def tar_of(*members: tarfile.TarInfo) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for member in members:
+            archive.addfile(member)
+    return out.getvalue()
+
+
+def member(name: str, kind: bytes, **fields) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info
+
+
+def test_user_xattrs_are_left_off_where_linux_allows_none():
+    """Tried: a symlink, a fifo and a character device each carrying ``user.mark`` and
+    ``trusted.mark`` (``SCHILY.xattr`` records), beside a file and a directory carrying
+    the same. Must hold: the symlink, fifo and device have ``trusted.mark`` alone, as
+    ``tar -x --xattrs`` (GNU tar 1.34, as root) and containerd leave them: Linux refuses
+    ``user.*`` xattrs on all but files and directories (xattr(7)); the file and the
+    directory keep both. Before, the image showed ``user.mark`` on all five, which no
+    extraction leaves."""
+    marks = {"SCHILY.xattr.user.mark": "u", "SCHILY.xattr.trusted.mark": "t"}
+    tar = tar_of(
+        member("s", tarfile.SYMTYPE, linkname="f", pax_headers=marks),
+        member("p", tarfile.FIFOTYPE, pax_headers=marks),
+        member("c", tarfile.CHRTYPE, devmajor=1, devminor=3, pax_headers=marks),
+        member("f", tarfile.REGTYPE, pax_headers=marks),
+        member("d", tarfile.DIRTYPE, pax_headers=marks),
+    )
+    root = build_tree(walk_tar(io.BytesIO(tar))).root
+    assert root.children is not None
+    xattrs = {name: dict(node.xattrs) for name, node in root.children.items()}
+    both = {b"user.mark": b"u", b"trusted.mark": b"t"}
+    trusted = {b"trusted.mark": b"t"}
+    assert xattrs == {b"s": trusted, b"p": trusted, b"c": trusted, b"f": both, b"d": both}

@@ -166,6 +166,8 @@ class Model:
 
     @staticmethod
     def node_of(spec: Spec, xattrs: dict[bytes, bytes]) -> Node:
+        if spec.kind not in ("reg", "dir"):  # Linux takes user.* xattrs on no others
+            xattrs = {k: v for k, v in xattrs.items() if not k.startswith(b"user.")}
         node = Node(spec.kind, spec.mode, spec.uid, spec.gid, spec.mtime, xattrs=xattrs)
         if spec.kind == "reg":
             node.data = spec.data
