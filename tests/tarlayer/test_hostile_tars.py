@@ -4,6 +4,8 @@ refused in one TarLayerError naming the entry, never read wrong or with a traceb
 from __future__ import annotations
 
 import io
+import stat
+import struct
 import tarfile
 
 import pytest
@@ -102,3 +104,41 @@ def test_user_xattrs_are_left_off_where_linux_allows_none():
     both = {b"user.mark": b"u", b"trusted.mark": b"t"}
     trusted = {b"trusted.mark": b"t"}
     assert xattrs == {b"s": trusted, b"p": trusted, b"c": trusted, b"f": both, b"d": both}
+
+
+def acl(*entries: tuple[int, int, int]) -> str:
+    """A ``system.posix_acl_*`` xattr value of (tag, perm, id) entries, as a PAX value."""
+    raw = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def test_a_directory_listed_again_keeps_its_xattrs_and_its_acl_takes_the_new_mode():
+    """Tried: ``d`` (0770) with ``user.a``, an access ACL naming uid 1000 (mask rwx) and
+    a default ACL, then ``d/f``, then ``d`` again (0750) with no xattr, then again with
+    ``user.b``. Must hold: what ``tar -x --xattrs`` (GNU tar 1.34, as root) and
+    containerd leave: both ``user`` xattrs, the default ACL as it came, and the access
+    ACL as chmod(2) to 0750 rewrites it (mask r-x); ``d/f`` stays. Before, each entry's
+    xattrs replaced the directory's: ``user.a`` and both ACLs were gone."""
+    none = 0xFFFFFFFF
+    named = [(1, 7, none), (2, 5, 1000), (4, 5, none), (0x10, 7, none), (0x20, 0, none)]
+    first = {
+        "SCHILY.xattr.user.a": "1",
+        "SCHILY.xattr.system.posix_acl_access": acl(*named),
+        "SCHILY.xattr.system.posix_acl_default": acl(*named),
+    }
+    tar = tar_of(
+        member("d", tarfile.DIRTYPE, mode=0o770, pax_headers=first),
+        member("d/f", tarfile.REGTYPE),
+        member("d", tarfile.DIRTYPE, mode=0o750),
+        member("d", tarfile.DIRTYPE, mode=0o750, pax_headers={"SCHILY.xattr.user.b": "2"}),
+    )
+    d = build_tree(walk_tar(io.BytesIO(tar))).lookup([b"d"])
+    assert d is not None and d.children is not None
+    chmodded = [(1, 7, none), (2, 5, 1000), (4, 5, none), (0x10, 5, none), (0x20, 0, none)]
+    assert (oct(d.mode), list(d.children)) == (oct(stat.S_IFDIR | 0o750), [b"f"])
+    assert dict(d.xattrs) == {
+        b"user.a": b"1",
+        b"user.b": b"2",
+        b"system.posix_acl_access": acl(*chmodded).encode("utf-8", "surrogateescape"),
+        b"system.posix_acl_default": acl(*named).encode("utf-8", "surrogateescape"),
+    }

@@ -162,7 +162,7 @@ class Model:
     def update_dir(node: Node, spec: Spec, xattrs: dict[bytes, bytes]) -> None:
         node.implied = False
         node.mode, node.uid, node.gid, node.mtime = spec.mode, spec.uid, spec.gid, spec.mtime
-        node.xattrs = xattrs | ({OPAQUE: b"y"} if OPAQUE in node.xattrs else {})
+        node.xattrs = node.xattrs | xattrs | ({OPAQUE: b"y"} if OPAQUE in node.xattrs else {})
 
     @staticmethod
     def node_of(spec: Spec, xattrs: dict[bytes, bytes]) -> Node:
