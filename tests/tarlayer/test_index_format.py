@@ -24,10 +24,14 @@ PINNED = {
     6: "adce335a5c4d474a2d8a8b42f89545567650f6e28213bc9515f4768a3bb555a1",
     7: "4ef8fe3a4db60f9531d5ffe478511763970c567af67e6190e18f7d9c47c09e60",  # ends on a page
     8: "df2c34238ff59bc867f2d9a625722d4ddaf4fba06624349735e35285001575d2",  # the tar a gap on
+    # no user.* xattr on a symlink; a directory listed again keeps its xattrs (two
+    # entries added to the layer for them, so the digests above are of the layer before)
+    9: "05821a469305b229946443ce1e006bc28e2e5ef680af87f5addc7e9e758aebdc",
 }
 """sha256 of the metadata image of ``_layer()``, by index format."""
 
 MTIME = 1_700_000_000
+_USER = {"SCHILY.xattr.user.note": "set"}
 
 
 def _add(archive: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, **fields) -> None:
@@ -87,6 +91,9 @@ def _layer() -> bytes:
         _add(archive, ".wh..wh.plnk/262.1183", data=b"kept by aufs")
         _add(archive, "aufs-hard", tarfile.LNKTYPE, linkname=".wh..wh.plnk/262.1183")
         _add(archive, "etc/passwd", data=b"root:x:0:0:later wins:/root:/bin/sh\n")
+        _add(archive, "user-xattr-link", tarfile.SYMTYPE, linkname="etc", pax_headers=_USER)
+        _add(archive, "twice", tarfile.DIRTYPE, mode=0o755, pax_headers=_USER)
+        _add(archive, "twice", tarfile.DIRTYPE, mode=0o750)
     return out.getvalue()
 
 
