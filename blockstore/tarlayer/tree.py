@@ -60,10 +60,12 @@ many files carry it (a layer labels many files alike). Compressible values (64 K
 one letter) gzip to a few hundred bytes: without a bound, a layer of a few MB held
 GBs while indexed."""
 MAX_ENTRIES = 10_000_000
-"""Tar entries a layer may hold. Indexing holds some 500 bytes for each (its inode and
-name, then its place in the image, and the image): ten million take about 5 GB. Gzip
-makes an empty file's header some 30 bytes, so 1.5 GB of layer could hold 50 million
-of them: such a layer is refused as it passes the count, before memory runs out."""
+"""Tar entries a layer may hold, the directories they imply counted. Indexing holds
+some 500 bytes for each (its inode and name, then its place in the image, and the
+image): ten million take about 5 GB. Gzip makes an empty file's header some 30 bytes,
+so 1.5 GB of layer could hold 50 million of them: such a layer is refused as it
+passes the count, before memory runs out. One entry's path may imply 4,096
+directories (``x1/a/a/.../f``): 200 such entries, 7 KB of gzip, held 540 MB."""
 NUMBERS_SHARED = 1 << 16
 """Distinct modes, owners and mtimes whose int objects a layer's inodes share."""
 
@@ -229,14 +231,11 @@ class LayerTree:
         assert node.children is not None
         child = node.children.get(name)
         if child is None:
-            child = new_directory()
-            child.implied = True
-            node.children[name] = child
+            child = node.children[name] = self._implied_directory(raw)
         elif child.is_whiteout:  # removed below, made again here: nothing shows through
-            child = new_directory()
+            child = node.children[name] = self._implied_directory(raw)
             child.set_xattr(OPAQUE_XATTR, b"y")
-            child.implied = child.hides_lower = True
-            node.children[name] = child
+            child.hides_lower = True
         elif stat.S_ISLNK(child.mode):
             budget[0] -= 1
             if budget[0] < 0:
@@ -277,10 +276,24 @@ class LayerTree:
         self._entries += 1
         if self._entries > MAX_ENTRIES:
             raise TarLayerError(
-                f"tar entry {_show(entry.path)} is entry {self._entries:,} of the layer: a"
-                f" layer of more than {MAX_ENTRIES:,} entries is not indexed (each is held in"
-                " memory while the layer is indexed)"
+                f"tar entry {_show(entry.path)} is entry {self._entries:,} of the layer (the"
+                " directories entries imply counted): a layer of more than"
+                f" {MAX_ENTRIES:,} entries is not indexed (each is held in memory while the"
+                " layer is indexed)"
             )
+
+    def _implied_directory(self, raw: bytes) -> Inode:
+        """A directory made for a path, counted as an entry: memory is held for it alike."""
+        self._entries += 1
+        if self._entries > MAX_ENTRIES:
+            raise TarLayerError(
+                f"tar entry {_show(raw)}: the directories its path implies take the layer"
+                f" past {MAX_ENTRIES:,} entries, which is more than is indexed (each is held"
+                " in memory while the layer is indexed)"
+            )
+        directory = new_directory()
+        directory.implied = True
+        return directory
 
     def _with_xattrs_held_once(self, entry: TarEntry) -> TarEntry:
         """``entry`` with the xattr names and values earlier entries carried taken from

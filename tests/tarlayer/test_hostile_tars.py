@@ -10,6 +10,7 @@ import tarfile
 
 import pytest
 
+from blockstore.tarlayer import tree
 from blockstore.tarlayer.tarwalk import walk_tar
 from blockstore.tarlayer.tree import TarLayerError, build_tree
 
@@ -142,3 +143,19 @@ def test_a_directory_listed_again_keeps_its_xattrs_and_its_acl_takes_the_new_mod
         b"system.posix_acl_access": acl(*chmodded).encode("utf-8", "surrogateescape"),
         b"system.posix_acl_default": acl(*named).encode("utf-8", "surrogateescape"),
     }
+
+
+def test_directories_entries_imply_count_toward_the_entries_a_layer_may_hold(monkeypatch):
+    """Tried: a layer of ten files, each under 3,000 directories no entry makes
+    (``x0/a/a/.../f``, ``x1/a/a/.../f``, ...), with the entries taken (``MAX_ENTRIES``,
+    ten million) set to 10,000. Must hold: refused at ``x3``, whose path takes the
+    count past the limit, naming the entry; no entry after it read. Before, only tar
+    entries were counted: 200 such files (7 KB of gzip) held 540 MB while indexed, and
+    ten thousand would have held some 27 GB."""
+    monkeypatch.setattr(tree, "MAX_ENTRIES", 10_000)
+    deep = "a/" * 3_000
+    tar = tar_of(*(member(f"x{i}/{deep}f", tarfile.REGTYPE) for i in range(10)))
+    read: list[object] = []
+    with pytest.raises(TarLayerError, match=r"tar entry 'x3/(a/)+f': the directories its path"):
+        build_tree(read.append(entry) or entry for entry in walk_tar(io.BytesIO(tar)))
+    assert len(read) == 4
