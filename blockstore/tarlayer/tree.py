@@ -144,25 +144,26 @@ def new_directory(mode: int = 0o755) -> Inode:
     return Inode(mode=stat.S_IFDIR | (mode & 0o7777), children={})
 
 
-def split_path(raw: bytes) -> list[bytes]:
+def split_path(raw: bytes, where: str = "") -> list[bytes]:
     """Path components of a tar member name, or an error for unsafe names.
 
     ``./a//b/`` is ``a/b``; ``/a`` is ``a`` (tar strips leading slashes too);
     ``..`` could point outside the layer, so it is refused, as is a NUL byte. A
     whiteout's name is held to 255 bytes after ``.wh.``: the name it hides is the one
     stored, and Docker and containerd write ``.wh.`` before a name of 255 bytes all the
-    same.
+    same. ``where``: what an error names, if ``raw`` is no entry's own name.
     """
+    where = where or f"tar entry {_show(raw)}"
     parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
     if b"\0" in raw:  # a PAX record can hold one; no path the kernel takes can
-        raise TarLayerError(f"tar entry {_show(raw)}: a NUL byte in a path is not allowed")
+        raise TarLayerError(f"{where}: a NUL byte in a path is not allowed")
     if b".." in parts:
-        raise TarLayerError(f"tar entry {_show(raw)}: '..' in a path is not allowed")
+        raise TarLayerError(f"{where}: '..' in a path is not allowed")
     for i, p in enumerate(parts):
         if i == len(parts) - 1 and p.startswith(WHITEOUT_PREFIX):
             p = p[len(WHITEOUT_PREFIX) :]
         if len(p) > 255:
-            raise TarLayerError(f"tar entry {_show(raw)}: a name is longer than 255 bytes")
+            raise TarLayerError(f"{where}: a name is longer than 255 bytes")
     return parts
 
 
@@ -263,7 +264,7 @@ class LayerTree:
         through the layer's symlinks, as link(2) takes them (or a file AUFS kept aside in
         ``.wh..wh.plnk``). (A directory missing on the way is made, but the layer is
         refused then: the link names nothing.)"""
-        parts = split_path(link)
+        parts = split_path(link, f"tar entry {_show(raw)}: hard link to {_show(link)}")
         if not parts:
             return None
         if parts[0] == AUFS_LINK_DIR:

@@ -159,3 +159,19 @@ def test_directories_entries_imply_count_toward_the_entries_a_layer_may_hold(mon
     with pytest.raises(TarLayerError, match=r"tar entry 'x3/(a/)+f': the directories its path"):
         build_tree(read.append(entry) or entry for entry in walk_tar(io.BytesIO(tar)))
     assert len(read) == 4
+
+
+@pytest.mark.parametrize(
+    ("target", "reason"),
+    [("../f", "'..' in a path"), ("d/" + "n" * 300, "a name is longer than 255 bytes")],
+    ids=["dot-dot", "long-name"],
+)
+def test_a_hard_link_to_a_path_no_entry_may_have_is_refused_naming_the_link(target, reason):
+    """Tried: hard link ``h`` to ``../f``, and to a path with a name of 300 bytes.
+    Must hold: one TarLayerError naming the entry ``h`` and its target, and why. Before,
+    the message named the target as if it were the entry (``tar entry '../f'``), so the
+    entry to look for in the layer went unnamed."""
+    tar = tar_of(member("f", tarfile.REGTYPE), member("h", tarfile.LNKTYPE, linkname=target))
+    with pytest.raises(TarLayerError) as refused:
+        build_tree(walk_tar(io.BytesIO(tar)))
+    assert str(refused.value).startswith(f"tar entry 'h': hard link to {target!r}: {reason}")
