@@ -20,7 +20,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import IO
 
-from blockstore.erofs_format import BLOCK_SIZE
+from blockstore.erofs_format import BLOCK_SIZE, XATTR_PREFIXES, split_xattr_name
 from blockstore.tarlayer.erofs_writer import MAX_TAR_BLOCKS
 from blockstore.tarlayer.tree import DamagedTar, TarEntry, TarLayerError
 
@@ -157,7 +157,43 @@ def _xattrs(member: tarfile.TarInfo) -> tuple[tuple[bytes, bytes], ...]:
         raise TarLayerError(
             f"tar entry {_show(member.name)}: a default ACL, which only a directory can have"
         )
+    for name in found:
+        _refuse_name_linux_refuses(member, name)
     return tuple(sorted(found.items()))
+
+
+XATTR_NAME_MAX = 255
+"""The longest xattr name Linux takes, its namespace included (ERANGE beyond)."""
+_ACL_INDEXES = frozenset(
+    index for index, prefix in XATTR_PREFIXES if prefix.startswith(b"system.posix_acl_")
+)
+"""EROFS's name indexes of the two ACLs, whose names are the whole prefix."""
+
+
+def _refuse_name_linux_refuses(member: tarfile.TarInfo, name: bytes) -> None:
+    """Refuse an xattr name no Linux file can have, as extraction fails to set it
+    (containerd fails the layer): the image would hold it all the same, and one with a
+    NUL byte would list as two names, the second one no file has."""
+    why = _why_linux_refuses(name)
+    if why is not None:
+        shown = name.decode("utf-8", "backslashreplace")
+        raise TarLayerError(
+            f"tar entry {_show(member.name)}: xattr {shown!r}: {why}, which Linux refuses"
+        )
+
+
+def _why_linux_refuses(name: bytes) -> str | None:
+    if b"\0" in name:
+        return "a NUL byte in its name"
+    if len(name) > XATTR_NAME_MAX:
+        return f"a name longer than {XATTR_NAME_MAX} bytes"
+    split = split_xattr_name(name)
+    if split is None:
+        return None  # a namespace EROFS lacks: the image writer refuses it
+    index, suffix = split
+    if index in _ACL_INDEXES:
+        return "a name that is no ACL's" if suffix else None
+    return None if suffix else "no name after its namespace"
 
 
 def _libarchive_base64(value: str) -> bytes:

@@ -175,3 +175,32 @@ def test_a_hard_link_to_a_path_no_entry_may_have_is_refused_naming_the_link(targ
     with pytest.raises(TarLayerError) as refused:
         build_tree(walk_tar(io.BytesIO(tar)))
     assert str(refused.value).startswith(f"tar entry 'h': hard link to {target!r}: {reason}")
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("user.a\0b", "a NUL byte in its name"),
+        ("user.", "no name after its namespace"),
+        ("trusted.", "no name after its namespace"),
+        ("user." + "n" * 251, "a name longer than 255 bytes"),
+        ("system.posix_acl_accessX", "a name that is no ACL's"),
+    ],
+    ids=["nul", "bare-user", "bare-trusted", "256-bytes", "acl-suffix"],
+)
+def test_an_xattr_name_linux_refuses_is_refused_by_entry(name, why):
+    """Tried: a file carrying an xattr (a ``SCHILY.xattr`` record) whose name holds a
+    NUL byte, is a namespace alone, is 256 bytes long, or is an ACL's with more after
+    it. Must hold: one TarLayerError naming the entry, the xattr and why, as extraction
+    fails to set such a name (containerd fails the layer); a name of 255 bytes is kept.
+    Before, each was written into the image: ``user.a\\0b`` listed as two names, the
+    second (``b``) one no file has."""
+    tar = tar_of(member("f", tarfile.REGTYPE, pax_headers={f"SCHILY.xattr.{name}": "v"}))
+    with pytest.raises(TarLayerError) as refused:
+        list(walk_tar(io.BytesIO(tar)))
+    assert str(refused.value).startswith("tar entry 'f': xattr ")
+    assert str(refused.value).endswith(f": {why}, which Linux refuses")
+    longest = "user." + "n" * 250
+    tar = tar_of(member("f", tarfile.REGTYPE, pax_headers={f"SCHILY.xattr.{longest}": "v"}))
+    [entry] = walk_tar(io.BytesIO(tar))
+    assert entry.xattrs == ((longest.encode(), b"v"),)
