@@ -131,12 +131,14 @@ def _show(name: str) -> str:
 def _xattrs(member: tarfile.TarInfo) -> tuple[tuple[bytes, bytes], ...]:
     """Xattrs from PAX records: GNU tar/star's SCHILY.xattr.* and libarchive's."""
     found: dict[bytes, bytes] = {}
+    records: dict[bytes, str] = {}  # the PAX record of each, for messages
     for key, value in member.pax_headers.items():
         if key.startswith("SCHILY.xattr."):
             name = key[len("SCHILY.xattr.") :].encode("utf-8", "surrogateescape")
-            found[name] = value.encode("utf-8", "surrogateescape")
+            found[name], records[name] = value.encode("utf-8", "surrogateescape"), key
         elif key.startswith("LIBARCHIVE.xattr."):
             name = urllib.parse.unquote_to_bytes(key[len("LIBARCHIVE.xattr.") :])
+            records[name] = key
             try:
                 found[name] = _libarchive_base64(value)
             except ValueError as exc:
@@ -157,8 +159,10 @@ def _xattrs(member: tarfile.TarInfo) -> tuple[tuple[bytes, bytes], ...]:
         raise TarLayerError(
             f"tar entry {_show(member.name)}: a default ACL, which only a directory can have"
         )
-    for name in found:
+    for name, value in found.items():
         _refuse_name_linux_refuses(member, name)
+        if name in _ACL_XATTRS.values() and name in records:
+            _refuse_acl_linux_refuses(_binary_acl(value), (member.name, records[name]))
     return tuple(sorted(found.items()))
 
 
@@ -224,6 +228,7 @@ _ACL_HEAD = struct.Struct("<I")
 _ACL_ENTRY = struct.Struct("<HHI")
 _ACL_TAGS = {"user": (1, 2), "group": (4, 8), "mask": (0x10, None), "other": (0x20, None)}
 _ACL_SHORT = {"u": "user", "g": "group", "m": "mask", "o": "other"}
+_ACL_TAG_VALUES = frozenset((1, 2, 4, 8, 0x10, 0x20))
 _NO_ID = 0xFFFFFFFF
 
 
@@ -244,10 +249,25 @@ def _acl_entries(text: str, where: tuple[str, str]) -> list[tuple[int, int, int]
     not set one): each (tag, id) once; the owner, group and other entries; and a
     mask wherever a user or group is named."""
     entries = sorted((_acl_entry(line, where) for line in _acl_lines(text)), key=_tag_and_id)
-    tags = [tag for tag, _, _ in entries]
+    _refuse_acl_linux_refuses(entries, where)
+    return entries
+
+
+def _refuse_acl_linux_refuses(
+    entries: list[tuple[int, int, int]] | None, where: tuple[str, str]
+) -> None:
+    """Refuse an ACL the kernel would not take (so tar, extracting, could not set it):
+    one that does not parse, or not each (tag, id) once, in the kernel's order (by tag,
+    then id), with perms of three bits; not the owner, group and other entries once
+    each, or no mask where a user or group is named. A binary one the image held was
+    read by the kernel as EINVAL: a file no one but its owner could open."""
+    tags = [tag for tag, _, _ in entries or ()]
     masks = tags.count(0x10)
     valid = (
-        len(set(map(_tag_and_id, entries))) == len(entries)
+        entries is not None
+        and len(set(map(_tag_and_id, entries))) == len(entries)
+        and entries == sorted(entries, key=_tag_and_id)
+        and all(tag in _ACL_TAG_VALUES and perm <= 7 for tag, perm, _ in entries)
         and all(tags.count(tag) == 1 for tag in (1, 4, 0x20))
         and masks <= 1
         and (masks == 1 or not any(tag in (2, 8) for tag in tags))
@@ -256,9 +276,9 @@ def _acl_entries(text: str, where: tuple[str, str]) -> list[tuple[int, int, int]
         name, key = where
         raise TarLayerError(
             f"tar entry {_show(name)}: PAX record {key}: not an ACL Linux would keep "
-            "(an entry twice, or no owner, group, other, or mask beside named entries)"
+            "(not its format, an entry twice or out of order, or no owner, group, other,"
+            " or mask beside named entries)"
         )
-    return entries
 
 
 def _mode_from_acl(mode: int, entries: list[tuple[int, int, int]]) -> int:

@@ -204,3 +204,37 @@ def test_an_xattr_name_linux_refuses_is_refused_by_entry(name, why):
     tar = tar_of(member("f", tarfile.REGTYPE, pax_headers={f"SCHILY.xattr.{longest}": "v"}))
     [entry] = walk_tar(io.BytesIO(tar))
     assert entry.xattrs == ((longest.encode(), b"v"),)
+
+
+NO_ID = 0xFFFFFFFF
+KEPT_ACL = [(1, 6, NO_ID), (2, 4, 1000), (4, 4, NO_ID), (0x10, 4, NO_ID), (0x20, 4, NO_ID)]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "v",
+        acl((1, 6, NO_ID), (1, 6, NO_ID), (4, 4, NO_ID), (0x20, 4, NO_ID)),
+        acl((4, 4, NO_ID), (1, 6, NO_ID), (0x20, 4, NO_ID)),
+        acl((1, 8, NO_ID), (4, 4, NO_ID), (0x20, 4, NO_ID)),
+        acl((1, 6, NO_ID), (4, 4, NO_ID), (0x20, 4, NO_ID), (0x40, 4, NO_ID)),
+        acl((1, 6, NO_ID), (2, 4, 1000), (4, 4, NO_ID), (0x20, 4, NO_ID)),
+    ],
+    ids=["no-acl", "owner-twice", "out-of-order", "perm-8", "unknown-tag", "no-mask"],
+)
+def test_a_binary_acl_linux_would_not_keep_is_refused_by_entry(value):
+    """Tried: a file whose ``SCHILY.xattr.system.posix_acl_access`` is no ACL, holds the
+    owner's entry twice, has its entries out of the kernel's order, a perm of 8, an
+    unknown tag, or a named user and no mask. Must hold: one TarLayerError naming the
+    entry and the record, as extraction fails to set such an ACL (the kernel refuses
+    it); a valid one is kept. Before, the image held it, and the kernel read the
+    first as EINVAL: the mounted file could be opened by no one but its owner."""
+    record = "SCHILY.xattr.system.posix_acl_access"
+    tar = tar_of(member("f", tarfile.REGTYPE, pax_headers={record: value}))
+    with pytest.raises(TarLayerError, match=f"tar entry 'f': PAX record {record}: not an ACL"):
+        list(walk_tar(io.BytesIO(tar)))
+    tar = tar_of(member("f", tarfile.REGTYPE, pax_headers={record: acl(*KEPT_ACL)}))
+    [entry] = walk_tar(io.BytesIO(tar))
+    assert dict(entry.xattrs) == {
+        record[13:].encode(): acl(*KEPT_ACL).encode("utf-8", "surrogateescape")
+    }
