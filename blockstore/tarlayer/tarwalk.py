@@ -163,7 +163,26 @@ def _xattrs(member: tarfile.TarInfo) -> tuple[tuple[bytes, bytes], ...]:
         _refuse_name_linux_refuses(member, name)
         if name in _ACL_XATTRS.values() and name in records:
             _refuse_acl_linux_refuses(_binary_acl(value), (member.name, records[name]))
+        if name == CAPABILITY_XATTR and not _is_capability(value):
+            raise TarLayerError(
+                f"tar entry {_show(member.name)}: PAX record {records[name]}: not a file"
+                " capability Linux would keep (not of a size and revision it reads)"
+            )
     return tuple(sorted(found.items()))
+
+
+CAPABILITY_XATTR = b"security.capability"
+_CAPABILITY_SIZES = {1: 12, 2: 20, 3: 24}
+"""The size of a ``vfs_cap_data`` of each revision (the top byte of its first word)."""
+
+
+def _is_capability(value: bytes) -> bool:
+    """Whether ``value`` is a file capability the kernel reads: extraction fails to set
+    any other, and the kernel refuses to run a file that carries one (EINVAL)."""
+    if len(value) < 4:
+        return False
+    revision = int.from_bytes(value[:4], "little") >> 24
+    return _CAPABILITY_SIZES.get(revision) == len(value)
 
 
 XATTR_NAME_MAX = 255

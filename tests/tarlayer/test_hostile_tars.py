@@ -238,3 +238,33 @@ def test_a_binary_acl_linux_would_not_keep_is_refused_by_entry(value):
     assert dict(entry.xattrs) == {
         record[13:].encode(): acl(*KEPT_ACL).encode("utf-8", "surrogateescape")
     }
+
+
+def capability(revision: int, size: int) -> str:
+    """A ``security.capability`` value of ``revision`` (effective: net_bind_service)."""
+    raw = struct.pack("<II", revision << 24 | 1, 1 << 10).ljust(size, b"\0")
+    return raw.decode("utf-8", "surrogateescape")
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["v", capability(1, 20), capability(2, 21), capability(2, 12), capability(4, 24)],
+    ids=["no-capability", "v1-of-20", "v2-of-21", "v2-of-12", "revision-4"],
+)
+def test_a_file_capability_linux_would_not_keep_is_refused_by_entry(value):
+    """Tried: a file whose ``SCHILY.xattr.security.capability`` is no capability, or of
+    a size its revision does not have, or of an unknown revision. Must hold: one
+    TarLayerError naming the entry and the record, as extraction fails to set it
+    (GNU tar: Invalid argument; containerd fails the layer); capabilities of revision
+    1, 2 and 3 at their sizes are kept. Before, the image held it, and the kernel
+    refused to run the mounted file (EINVAL; exit 126 from a shell)."""
+    record = "SCHILY.xattr.security.capability"
+    tar = tar_of(member("f", tarfile.REGTYPE, pax_headers={record: value}))
+    with pytest.raises(TarLayerError, match=f"tar entry 'f': PAX record {record}: not a file cap"):
+        list(walk_tar(io.BytesIO(tar)))
+    for revision, size in ((1, 12), (2, 20), (3, 24)):
+        kept = capability(revision, size)
+        [entry] = walk_tar(
+            io.BytesIO(tar_of(member("f", tarfile.REGTYPE, pax_headers={record: kept})))
+        )
+        assert entry.xattrs == ((b"security.capability", kept.encode("utf-8", "surrogateescape")),)
