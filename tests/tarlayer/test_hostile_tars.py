@@ -11,6 +11,7 @@ import tarfile
 import pytest
 
 from blockstore.tarlayer import tree
+from blockstore.tarlayer.layerindex import index_plain_tar
 from blockstore.tarlayer.tarwalk import walk_tar
 from blockstore.tarlayer.tree import TarLayerError, build_tree
 
@@ -42,20 +43,28 @@ def test_a_pax_number_of_thousands_of_digits_is_refused_not_read_as_zero(key):
 
 @pytest.mark.parametrize(
     "tar",
-    [one_file({"size": str(1 << 63)}), one_file({}, size=1 << 80, fmt=tarfile.GNU_FORMAT)],
-    ids=["pax", "base-256"],
+    [
+        one_file({"size": str(1 << 63)}),
+        one_file({}, size=1 << 80, fmt=tarfile.GNU_FORMAT),
+        one_file({}, size=-1, fmt=tarfile.GNU_FORMAT),
+        one_file({}, size=-512, fmt=tarfile.GNU_FORMAT),
+    ],
+    ids=["pax-2^63", "base-256-2^80", "base-256-minus-1", "base-256-minus-512"],
 )
 def test_a_size_past_what_a_tar_can_hold_is_refused_by_name(tar, tmp_path):
-    """Tried: a file whose size is 2^63 (a PAX record) or 2^80 (GNU base-256), read
-    from a file as ``push`` reads a plain tar. Must hold: one TarLayerError naming the
-    entry and the size, out of range (a file lies in a tar under 2 TiB). Before,
-    tarfile's seek over its data raised OverflowError: a traceback from ``push``."""
+    """Tried: a file whose size is 2^63 (a PAX record), 2^80, -1 or -512 (GNU
+    base-256), indexed as a server indexes a plain tar layer (range reads), and read
+    from a file as ``push`` reads one. Must hold: one TarLayerError naming the entry
+    and the size, out of range (a file lies in a tar under 2 TiB). Before, the index
+    of -1 failed in the image writer (struct.error, a traceback), -512 sent the walk
+    back to the same header for good (an entry more each time, a core spinning), and
+    ``push`` of the first two failed in tarfile's seek with OverflowError."""
+    message = r"tar entry 'f': size -?\d+ is out of range"
+    with pytest.raises(TarLayerError, match=message):
+        index_plain_tar(lambda offset, length: tar[offset : offset + length], len(tar), "x")
     path = tmp_path / "layer.tar"
     path.write_bytes(tar)
-    with (
-        path.open("rb") as raw,
-        pytest.raises(TarLayerError, match=r"tar entry 'f': size \d+ is out"),
-    ):
+    with path.open("rb") as raw, pytest.raises(TarLayerError, match=message):
         list(walk_tar(raw))
 
 
