@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from blockstore import erofs_format as f
-from blockstore.tarlayer.tree import Inode, LayerTree, TarLayerError
+from blockstore.tarlayer.tree import Inode, LayerTree, TarLayerError, show_path
 
 PAGE = 4096
 """The image ends on a page's end: the kernel reads a file-backed image a page at a
@@ -77,7 +77,7 @@ def _where(tree: LayerTree, node: Inode) -> str:
     """The first path naming ``node``, for messages: found again by a walk rather than
     kept for every inode."""
     path = next(directory + name for at, _, directory, name in _names(tree.root) if at is node)
-    return f"tar entry {path.decode('utf-8', 'backslashreplace')!r}"
+    return f"tar entry {show_path(path)}"
 
 
 def _encode_xattrs(tree: LayerTree, node: Inode) -> bytes:

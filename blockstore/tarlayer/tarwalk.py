@@ -22,7 +22,7 @@ from typing import IO
 
 from blockstore.erofs_format import BLOCK_SIZE, XATTR_PREFIXES, split_xattr_name
 from blockstore.tarlayer.erofs_writer import MAX_TAR_BLOCKS
-from blockstore.tarlayer.tree import DamagedTar, TarEntry, TarLayerError
+from blockstore.tarlayer.tree import DamagedTar, TarEntry, TarLayerError, show_path
 
 _KINDS = {
     tarfile.REGTYPE: stat.S_IFREG,
@@ -125,7 +125,7 @@ class WindowedReads:
 
 
 def _show(name: str) -> str:
-    return repr(os.fsencode(name).decode("utf-8", "backslashreplace"))
+    return show_path(os.fsencode(name))
 
 
 def _xattrs(member: tarfile.TarInfo) -> tuple[tuple[bytes, bytes], ...]:

@@ -144,31 +144,49 @@ def new_directory(mode: int = 0o755) -> Inode:
     return Inode(mode=stat.S_IFDIR | (mode & 0o7777), children={})
 
 
-def split_path(raw: bytes, where: str = "") -> list[bytes]:
+def split_path(raw: bytes, link_of: bytes = b"") -> list[bytes]:
     """Path components of a tar member name, or an error for unsafe names.
 
     ``./a//b/`` is ``a/b``; ``/a`` is ``a`` (tar strips leading slashes too);
     ``..`` could point outside the layer, so it is refused, as is a NUL byte. A
     whiteout's name is held to 255 bytes after ``.wh.``: the name it hides is the one
     stored, and Docker and containerd write ``.wh.`` before a name of 255 bytes all the
-    same. ``where``: what an error names, if ``raw`` is no entry's own name.
+    same. ``link_of``: the entry ``raw`` is the hard link target of, for messages.
     """
-    where = where or f"tar entry {_show(raw)}"
     parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
+    why = _why_unsafe(raw, parts)
+    if why is not None:
+        where = f"tar entry {show_path(link_of or raw)}"
+        if link_of:
+            where += f": hard link to {show_path(raw)}"
+        raise TarLayerError(f"{where}: {why}")
+    return parts
+
+
+def _why_unsafe(raw: bytes, parts: list[bytes]) -> str | None:
     if b"\0" in raw:  # a PAX record can hold one; no path the kernel takes can
-        raise TarLayerError(f"{where}: a NUL byte in a path is not allowed")
+        return "a NUL byte in a path is not allowed"
     if b".." in parts:
-        raise TarLayerError(f"{where}: '..' in a path is not allowed")
+        return "'..' in a path is not allowed"
     for i, p in enumerate(parts):
         if i == len(parts) - 1 and p.startswith(WHITEOUT_PREFIX):
             p = p[len(WHITEOUT_PREFIX) :]
         if len(p) > 255:
-            raise TarLayerError(f"{where}: a name is longer than 255 bytes")
-    return parts
+            return "a name is longer than 255 bytes"
+    return None
 
 
-def _show(raw: bytes) -> str:
-    return repr(raw.decode("utf-8", "backslashreplace"))
+SHOWN_PATH_MAX = 4096
+"""The most bytes of a path a message shows: a PAX record may name an entry with a
+MiB of path, which a message showed whole."""
+
+
+def show_path(raw: bytes) -> str:
+    """A path for a message: whole up to PATH_MAX, its start beyond."""
+    if len(raw) <= SHOWN_PATH_MAX:
+        return repr(raw.decode("utf-8", "backslashreplace"))
+    start = raw[:SHOWN_PATH_MAX].decode("utf-8", "backslashreplace")
+    return f"{start!r}... ({len(raw):,} bytes)"
 
 
 class LayerTree:
@@ -222,7 +240,8 @@ class LayerTree:
         if budget[1] < 0:
             through = " through symlinks" if budget[0] < SYMLINK_FOLLOWS else ""
             raise TarLayerError(
-                f"tar entry {_show(raw)}: its path walks more than {NAMES_WALKED} names{through}"
+                f"tar entry {show_path(raw)}: its path walks more than {NAMES_WALKED}"
+                f" names{through}"
             )
         if name == b"..":  # only in a symlink's target: split_path refuses it in a name
             if len(trail) > 1:
@@ -240,13 +259,13 @@ class LayerTree:
         elif stat.S_ISLNK(child.mode):
             budget[0] -= 1
             if budget[0] < 0:
-                raise TarLayerError(f"tar entry {_show(raw)}: too many symlinks on its path")
+                raise TarLayerError(f"tar entry {show_path(raw)}: too many symlinks on its path")
             parts = [part for part in child.target.split(b"/") if part not in (b"", b".")]
             if any(len(part) > 255 for part in parts):
                 # Linux fails such a path (ENAMETOOLONG); made here, the name would be
                 # one no EROFS directory can hold.
                 raise TarLayerError(
-                    f"tar entry {_show(raw)}: its path through symlink {_show(name)}"
+                    f"tar entry {show_path(raw)}: its path through symlink {show_path(name)}"
                     " has a name longer than 255 bytes"
                 )
             if child.target.startswith(b"/"):
@@ -255,7 +274,7 @@ class LayerTree:
                 trail = self._step(trail, part, raw, budget)
             return trail
         elif not child.is_dir:
-            raise TarLayerError(f"tar entry {_show(raw)}: {_show(name)} is not a directory")
+            raise TarLayerError(f"tar entry {show_path(raw)}: {show_path(name)} is not a directory")
         trail.append(child)
         return trail
 
@@ -264,7 +283,7 @@ class LayerTree:
         through the layer's symlinks, as link(2) takes them (or a file AUFS kept aside in
         ``.wh..wh.plnk``). (A directory missing on the way is made, but the layer is
         refused then: the link names nothing.)"""
-        parts = split_path(link, f"tar entry {_show(raw)}: hard link to {_show(link)}")
+        parts = split_path(link, link_of=raw)
         if not parts:
             return None
         if parts[0] == AUFS_LINK_DIR:
@@ -277,7 +296,7 @@ class LayerTree:
         self._entries += 1
         if self._entries > MAX_ENTRIES:
             raise TarLayerError(
-                f"tar entry {_show(entry.path)} is entry {self._entries:,} of the layer (the"
+                f"tar entry {show_path(entry.path)} is entry {self._entries:,} of the layer (the"
                 " directories entries imply counted): a layer of more than"
                 f" {MAX_ENTRIES:,} entries is not indexed (each is held in memory while the"
                 " layer is indexed)"
@@ -288,7 +307,7 @@ class LayerTree:
         self._entries += 1
         if self._entries > MAX_ENTRIES:
             raise TarLayerError(
-                f"tar entry {_show(raw)}: the directories its path implies take the layer"
+                f"tar entry {show_path(raw)}: the directories its path implies take the layer"
                 f" past {MAX_ENTRIES:,} entries, which is more than is indexed (each is held"
                 " in memory while the layer is indexed)"
             )
@@ -314,7 +333,7 @@ class LayerTree:
         self._xattr_bytes += len(data)
         if self._xattr_bytes > MAX_XATTR_BYTES:
             raise TarLayerError(
-                f"tar entry {_show(entry.path)}: the layer's xattrs pass "
+                f"tar entry {show_path(entry.path)}: the layer's xattrs pass "
                 f"{MAX_XATTR_BYTES >> 20} MiB of distinct names and values"
             )
         self._xattr_data[data] = data
@@ -327,7 +346,9 @@ class LayerTree:
         parts = split_path(entry.path)
         if not parts:
             if not stat.S_ISDIR(entry.mode) or entry.hardlink:
-                raise TarLayerError(f"tar entry {_show(entry.path)}: the root must be a directory")
+                raise TarLayerError(
+                    f"tar entry {show_path(entry.path)}: the root must be a directory"
+                )
             _update_dir(self.root, entry)
             return
         if parts[0].startswith(AUFS_META_PREFIX) and parts != [OPAQUE_MARKER]:
@@ -342,10 +363,10 @@ class LayerTree:
         if name.startswith(WHITEOUT_PREFIX):
             hidden = name[len(WHITEOUT_PREFIX) :]
             if not hidden:
-                raise TarLayerError(f"tar entry {_show(entry.path)}: a whiteout with no name")
+                raise TarLayerError(f"tar entry {show_path(entry.path)}: a whiteout with no name")
             if hidden in (b".", b".."):  # kept, the kernel would list it as a second one
                 raise TarLayerError(
-                    f"tar entry {_show(entry.path)}: a whiteout of {_show(hidden)}, "
+                    f"tar entry {show_path(entry.path)}: a whiteout of {show_path(hidden)}, "
                     "which is no entry of the directory"
                 )
             written = parent.children.get(hidden)
@@ -364,7 +385,7 @@ class LayerTree:
             target = self._linked(entry.link, entry.path)
             if target is None or target.is_dir or target.is_whiteout:
                 raise TarLayerError(
-                    f"tar entry {_show(entry.path)}: hard link to {_show(entry.link)},"
+                    f"tar entry {show_path(entry.path)}: hard link to {show_path(entry.link)},"
                     " which is not a file written earlier"
                 )
             parent.children[name] = target
@@ -440,7 +461,7 @@ def _inode_of(entry: TarEntry, shared: Callable[[int], int]) -> Inode:
         stat.S_IFBLK,
         stat.S_IFIFO,
     ):
-        raise TarLayerError(f"tar entry {_show(entry.path)}: unsupported file type {kind:o}")
+        raise TarLayerError(f"tar entry {show_path(entry.path)}: unsupported file type {kind:o}")
     node = Inode(
         mode=shared(entry.mode),
         uid=shared(entry.uid),
@@ -453,9 +474,9 @@ def _inode_of(entry: TarEntry, shared: Callable[[int], int]) -> Inode:
         node.size, node.data_offset = entry.size, entry.data_offset
     elif kind == stat.S_IFLNK:
         if not entry.link:
-            raise TarLayerError(f"tar entry {_show(entry.path)}: a symlink with no target")
+            raise TarLayerError(f"tar entry {show_path(entry.path)}: a symlink with no target")
         if b"\0" in entry.link:  # followed, it would end at the NUL
-            raise TarLayerError(f"tar entry {_show(entry.path)}: a NUL byte in its target")
+            raise TarLayerError(f"tar entry {show_path(entry.path)}: a NUL byte in its target")
         node.target = entry.link
         node.size = len(entry.link)
         # Linux makes every symlink 0777 whatever the header says, as extraction shows.
