@@ -443,7 +443,14 @@ def extractable(spec: Spec) -> bool:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="tar sets owners, devices and trusted xattrs as root")
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The same examples every run: this holds the model to another program, whose quirks a
+# random draw could meet once in thousands of runs; the test above draws new layers.
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(layers())
 def test_the_model_is_what_gnu_tar_extracts(entries):
     """The model against real extraction: where GNU tar extracts a random layer (with
