@@ -25,6 +25,7 @@ from blockstore.errors import (
     BlockstoreError,
     NotPermitted,
     OutOfResources,
+    RegistryError,
     RegistryUnreachable,
     unavailable,
 )
@@ -72,15 +73,22 @@ def exit_code(exc: BlockstoreError) -> int:
     registry been away from the start. A registry or token issuer that answered only 429
     or 5xx, its retries spent, is away too, as an open takes it (``unavailable``),
     whether it said so at the open or under a read: an outage is no "not found", no
-    refused login and no fault of the cache."""
+    refused login and no fault of the cache. Any other refusal under a read (storage
+    the registry redirected to refusing its URL, a reply of another range refused here)
+    is the registry's answer, as at the open: not bytes not cached while offline."""
     if isinstance(exc, BlobReadError):
+        refusal: RegistryError | None = None
         cause = exc.__cause__
         while cause is not None:
             if isinstance(cause, RegistryUnreachable | AuthError | OutOfResources):
                 return cause.exit_code
             if unavailable(cause):
                 return RegistryUnreachable.exit_code
+            if refusal is None and isinstance(cause, RegistryError):
+                refusal = cause
             cause = cause.__cause__
+        if refusal is not None:
+            return refusal.exit_code
     if unavailable(exc):
         return RegistryUnreachable.exit_code
     return exc.exit_code

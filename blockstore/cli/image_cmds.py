@@ -16,7 +16,6 @@ from tqdm import tqdm
 
 from blockstore.cache.errors import DiskFull, ReadOnlyCache
 from blockstore.cache.indexes import IndexShelf
-from blockstore.cli import exit_code
 from blockstore.cli.common import (
     add_cache_options,
     add_image_options,
@@ -25,13 +24,11 @@ from blockstore.cli.common import (
     say,
 )
 from blockstore.errors import (
-    BlobReadError,
     BlockstoreError,
     CacheError,
     IntegrityError,
     NotCached,
     NotFound,
-    RegistryError,
     RegistryUnreachable,
 )
 from blockstore.progress import human
@@ -75,7 +72,7 @@ def run_prefetch(args: argparse.Namespace) -> int:
                 # A layer missing or wrong at the registry is that layer's fault alone:
                 # the others are still fetched, so a rerun has only it left to fetch.
                 if _layer_fault(exc) is None:
-                    raise _as_refusal(exc)  # noqa: B904 (its cause is set on it)
+                    raise
                 failed.append((layer, exc))
         if image.unreachable is not None:
             log.warning("%s; the layers were whole in the cache", image.unreachable)
@@ -110,23 +107,6 @@ def _layer_fault(exc: BaseException) -> BlockstoreError | None:
             return cause
         cause = cause.__cause__
     return None
-
-
-def _as_refusal(exc: BlockstoreError) -> BlockstoreError:
-    """A failed read of a prefetch, which serves no reader, as the refusal it stands for:
-    storage the registry redirected to refusing its URL for good, or a reply refused
-    here (another range), is the registry's answer (exit 3), not a read of bytes not
-    cached offline (7). ``exc`` itself where its code says more already."""
-    if not isinstance(exc, BlobReadError) or exit_code(exc) != BlobReadError.exit_code:
-        return exc
-    cause = exc.__cause__
-    while cause is not None and not isinstance(cause, RegistryError):
-        cause = cause.__cause__
-    if cause is None:
-        return exc
-    error = RegistryError(str(exc), status=cause.status)
-    error.__cause__ = exc
-    return error
 
 
 def _prefetch_layer(args: argparse.Namespace, image: OpenImage, layer: Layer) -> None:
