@@ -376,7 +376,7 @@ class RegistryClient:
                         size,
                         first,
                     )
-                    return slice_stream(receive(reply, deadline, subject), first, last)
+                    return sliced_whole(reply, deadline, subject, first, last)
                 except BlobReadError as exc:
                     raise TryAgain(exc) from None
                 except TRANSPORT_ERRORS as exc:
@@ -736,6 +736,20 @@ def receive(
             return
         got += len(piece)
         yield piece
+
+
+def sliced_whole(
+    reply: requests.Response, deadline: Deadline, subject: str, first: int, last: int
+) -> bytes:
+    """Bytes ``first..last`` of a reply sending the whole blob (Range ignored). One with no
+    ``Content-Length`` that ends before ``last`` was cut off (nothing else tells a body
+    with no length cut short): the registry out of reach, as a 206 cut short is."""
+    try:
+        return slice_stream(receive(reply, deadline, subject), first, last)
+    except BlobReadError as exc:
+        if exc.__cause__ is not None:  # the deadline passed: said with its cause
+            raise
+        raise out_of_reach(f"{subject}: {exc}")  # noqa: B904 (its cause is the link)
 
 
 def judged_reply(reply: requests.Response, subject: str, first: int, last: int, size: int) -> int:
