@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 
 
 class ThrottledLog:
@@ -27,6 +28,7 @@ class ThrottledLog:
         self._since = -self.PERIOD
         self._logged = 0
         self._held = 0
+        _every.add(self)
 
     def warning(self, message: str, *args: object) -> None:
         now = time.monotonic()
@@ -48,3 +50,13 @@ class ThrottledLog:
         if self._held:
             self._log.warning(self._more, self._held, self.PERIOD)
             self._held = 0
+
+
+_every: weakref.WeakSet[ThrottledLog] = weakref.WeakSet()
+
+
+def flush_all() -> None:
+    """Say every count held back now: before a command's final error, which must be the
+    last line it says, not followed by counts said at exit."""
+    for throttled in list(_every):
+        throttled.flush()

@@ -30,6 +30,7 @@ from blockstore.errors import (
     unavailable,
 )
 from blockstore.logformat import setup_logging
+from blockstore.throttledlog import flush_all
 
 COMMANDS = {
     "inspect": "registry_cmds",
@@ -134,6 +135,13 @@ def _program() -> list[str]:
     return [path]
 
 
+def _say_last(error: str) -> None:
+    """A command's final error, its last line: the counts of warnings held back are said
+    before it, not after it at exit."""
+    flush_all()
+    print(f"blockstore: {error}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -142,30 +150,26 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except BlockstoreError as exc:
         hint = docker_hub_hint(exc, argv) or as_root_hint(exc, argv)
-        print(f"blockstore: {exc}{hint}", file=sys.stderr)
+        _say_last(f"{exc}{hint}")
         return exit_code(exc)
     except KeyboardInterrupt:
-        print("blockstore: interrupted", file=sys.stderr)
+        _say_last("interrupted")
         return 130
     except BrokenPipeError:
         return 141
     except OSError as exc:
         # A file the user named that cannot be read or written, a port in use:
         # the system's own words say it best, in one line.
-        print(f"blockstore: {exc}", file=sys.stderr)
+        _say_last(str(exc))
         return 1
     except MemoryError:
-        print(
-            "blockstore: out of memory (a limit on this process, or the machine's)", file=sys.stderr
-        )
+        _say_last("out of memory (a limit on this process, or the machine's)")
         return OutOfResources.exit_code
     except RuntimeError as exc:
         if "can't start new thread" not in str(exc):
             raise  # a bug: its traceback is what to report
-        print(
-            f"blockstore: out of threads ({exc}): a limit on this process's threads or "
-            "memory, or the machine's",
-            file=sys.stderr,
+        _say_last(
+            f"out of threads ({exc}): a limit on this process's threads or memory, or the machine's"
         )
         return OutOfResources.exit_code
     finally:
