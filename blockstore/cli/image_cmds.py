@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from typing import TYPE_CHECKING
 
@@ -61,6 +62,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_prefetch(args: argparse.Namespace) -> int:
+    """SIGTERM ends a prefetch as Ctrl-C does: the chunks on their way are stored as the
+    image closes, and the command says it was interrupted (exit 130), where the signal's
+    default would end it at once, the chunks in flight lost, and nothing said."""
+    previous = signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        return _prefetch(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _prefetch(args: argparse.Namespace) -> int:
     image = open_image_from_args(args, replace_older=True, check=_can_keep(args))
     failed: list[tuple[Layer, BlockstoreError]] = []
     try:
