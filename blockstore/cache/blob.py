@@ -19,7 +19,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from blockstore.errors import BlobReadError, CacheError, IntegrityError, NotCached
 from blockstore.export import Buffer
@@ -128,6 +128,8 @@ class CachedBlob:
         self._hints: HintQueue | None = None
         self._recorder: TraceRecorder | None = None
         self._stop = threading.Event()
+        self._filling_whole = False  # a prefetch runs (``_filling``)
+        self._no_room_left = threading.Event()
         # A read-only cache is read through copies: a walk would copy every chunk.
         self._page_in_due = self._settings.page_in and record is not None and not store.read_only
         self._page_in: PageIn | None = None
@@ -437,7 +439,8 @@ class CachedBlob:
         with byte increments (first with what was already cached), so it
         fits ``tqdm.update``. Raises ``IntegrityError`` if the blob does not
         match its digest (it is then dropped), ``CacheError`` if it cannot
-        be kept whole under the size cap, ``CacheDamaged`` as soon as the cache
+        be kept whole under the size cap, ``DiskFull`` as soon as the disk has no
+        room for the rest (its fetches cancelled), ``CacheDamaged`` as soon as the cache
         is found damaged and cannot be moved aside (nothing more would be kept),
         ``BlobReadError`` once the blob is closed (a wait for its turn ends with it).
         """
@@ -455,7 +458,7 @@ class CachedBlob:
             reported += nbytes
 
         # Sealing drops chunks that fail their checksum; another round fetches them.
-        with PrefetchTurn(self._store.path, self._stop) as turn:
+        with PrefetchTurn(self._store.path, self._stop) as turn, self._filling():
             alone = False
             for _ in range(SEAL_ROUNDS):
                 missing = self._store.missing_by_digest(self._digest, range(self._chunks))
@@ -464,7 +467,13 @@ class CachedBlob:
                     raise NotCached(f"{self._digest} is not fully cached and {NotCached.said}")
                 if missing:
                     turn.join()
-                self._fetch_all(missing, report)
+                try:
+                    self._fetch_all(missing, report)
+                except BlobReadError:
+                    if not self._no_room_left.is_set():
+                        raise
+                    outcome = None  # cancelled for want of room: said below
+                    break
                 outcome = self._store.seal(self._digest, self._size)
                 if outcome is False and self._upstream is not None and self._fetcher is not None:
                     log.warning("%s failed its digest; fetching it from the upstream", self._digest)
@@ -473,9 +482,10 @@ class CachedBlob:
                     self._upstream = None
                     continue
                 failed = self._store.unstored(self._digest)
-                if outcome is not None or (failed is not None and not isinstance(failed, DiskFull)):
-                    # Stores that failed for good (a read-only disk): said below. A full
-                    # disk may have room next round, once eviction under the cap ran.
+                if outcome is not None or not self._another_round(failed):
+                    # Stores that failed for good (a read-only disk, a full disk with no
+                    # room for the rest): said below. A full disk may have room next
+                    # round, once eviction under the cap ran.
                     break
                 if not alone:
                     # Parts went as it was filled: evicted, most likely, for the layer of
@@ -489,6 +499,11 @@ class CachedBlob:
         if outcome is False:
             raise IntegrityError(f"{self._digest}: the fetched bytes do not match the digest")
         if outcome is None:
+            if self._no_room_left.is_set() and (why := self.no_room()) is not None:
+                raise DiskFull(
+                    f"{self._digest} could not be kept whole in the cache: the disk holding "
+                    f"it filled as it was fetched; it {why.removeprefix(self._digest + ' ')}"
+                )
             if (why := self._store.unstored(self._digest)) is not None:
                 raise CacheError(
                     f"{self._digest} could not be kept whole in the cache: storing it "
@@ -517,6 +532,38 @@ class CachedBlob:
         """Why the disk holding the cache cannot take the rest of the layer, or None
         (``ChunkStore.no_room``)."""
         return self._store.no_room(self._digest, self._size)
+
+    @contextlib.contextmanager
+    def _filling(self) -> Iterator[None]:
+        """While a prefetch fills the blob: a store failing on a full disk may end it
+        (``_no_room_for_the_rest``), which no reader's store may."""
+        self._filling_whole = True
+        try:
+            yield
+        finally:
+            self._filling_whole = False
+
+    def _another_round(self, failed: CacheError | None) -> bool:
+        """Whether another round may keep what this one did not: never once the disk has
+        no room for the rest (``_no_room_for_the_rest``); after a store that failed with
+        ``failed``, only on a full disk where the rest still fits (eviction under the cap
+        freed room)."""
+        if self._no_room_left.is_set():
+            return False
+        return failed is None or (isinstance(failed, DiskFull) and self.no_room() is None)
+
+    def _no_room_for_the_rest(self) -> None:
+        """After a store of a prefetch: once the disk has no room for the rest of the blob
+        (``no_room``, the rule that refuses a layer before a byte of it is fetched), its
+        fetches are cancelled. A store on a full disk would fail, or evict the blob's own
+        chunks to make room (the only ones left to evict): every byte more would be
+        thrown away, and each round would fetch the rest again."""
+        if not self._filling_whole or self._no_room_left.is_set() or self._fetcher is None:
+            return
+        if self.no_room() is None:
+            return
+        self._no_room_left.set()
+        self._fetcher.cancel()
 
     def _fetch_all(self, missing: list[int], report: Callable[[int], None]) -> None:
         """Fetch in steps, so memory stays flat however much is asked for."""
@@ -696,10 +743,13 @@ class CachedBlob:
             record = self._store.store_runs(self._digest, self._size, runs)
         except (CacheError, ChunkIntegrityError) as exc:
             self._say_unkept(exc)
+            self._no_room_for_the_rest()
             return
         self._blob_id = record.blob_id
         if record.present == record.chunks:
             self._now_whole(record)
+        else:
+            self._no_room_for_the_rest()
 
     def _say_unkept(self, exc: Exception) -> None:
         """Say that a store failed, unless the cache turned read-only meanwhile: that
