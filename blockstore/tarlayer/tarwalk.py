@@ -149,6 +149,7 @@ def _xattrs(member: tarfile.TarInfo) -> tuple[tuple[bytes, bytes], ...]:
             raise TarLayerError(
                 f"tar entry {_show(member.name)}: PAX record {key} cannot be represented"
             )
+    found = {name: value for name, value in found.items() if not _steers_overlayfs(name)}
     for key, name in _ACL_XATTRS.items():
         text = member.pax_headers.get(key)
         if text is not None and name not in found:
@@ -169,6 +170,17 @@ def _xattrs(member: tarfile.TarInfo) -> tuple[tuple[bytes, bytes], ...]:
                 " capability Linux would keep (not of a size and revision it reads)"
             )
     return tuple(sorted(found.items()))
+
+
+OVERLAY_XATTR_PREFIX = b"trusted.overlay."
+
+
+def _steers_overlayfs(name: bytes) -> bool:
+    """An xattr overlayfs reads on a lower layer (opaque, redirect, metacopy, origin,
+    the engine's own marks): set by a tar, it would hide, move or restyle what a mount
+    shows. containerd drops them from a layer silently, and so does this: what the
+    layer means is the tree extraction leaves, which has none of them."""
+    return name.startswith(OVERLAY_XATTR_PREFIX)
 
 
 CAPABILITY_XATTR = b"security.capability"

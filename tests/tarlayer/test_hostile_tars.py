@@ -12,6 +12,7 @@ import tarfile
 import pytest
 
 from blockstore.tarlayer import tree
+from blockstore.tarlayer.erofs_reader import read_metadata
 from blockstore.tarlayer.erofs_writer import write_metadata
 from blockstore.tarlayer.layerindex import index_plain_tar
 from blockstore.tarlayer.tarwalk import walk_tar
@@ -325,3 +326,41 @@ def test_the_names_a_layer_s_paths_walk_in_all_are_held_to_a_limit(monkeypatch):
     assert "paths walk more than 50,000 names in all" in str(refused.value)
     monkeypatch.setattr(tree, "MAX_NAMES_WALKED", 100_000)
     assert len(build_tree(walk_tar(io.BytesIO(tar))).lookup([b"d"] * 2_040).children) == 30
+
+
+def test_overlay_xattrs_a_tar_carries_are_dropped_those_the_engine_writes_kept(tmp_path):
+    """Tried: a directory carrying ``trusted.overlay.opaque=y``, ``.origin`` and the
+    engine's own ``trusted.overlay.blockstore.implied=y`` (``SCHILY.xattr`` records), a
+    file carrying ``trusted.overlay.metacopy`` and ``trusted.overlay.redirect``
+    (``LIBARCHIVE.xattr``, base64), beside a real ``.wh..wh..opq`` and a whiteout.
+    Must hold: the image read back has no ``trusted.overlay.*`` xattr a record set;
+    the other xattrs stay, and the opaque marker and origin the whiteouts make are
+    there: overlayfs takes the image as a lower layer, so such xattrs steer what a
+    mount shows (hide the lower directory, redirect to another path, show the lower
+    one's attributes), which extraction by containerd never leaves."""
+    tricks = {
+        "SCHILY.xattr.trusted.overlay.opaque": "y",
+        "SCHILY.xattr.trusted.overlay.origin": "",
+        "SCHILY.xattr.trusted.overlay.blockstore.implied": "y",
+        "SCHILY.xattr.trusted.kept": "k",
+    }
+    libarchive = {
+        "LIBARCHIVE.xattr.trusted.overlay.metacopy": "",
+        "LIBARCHIVE.xattr.trusted.overlay.redirect": "L290aGVy",  # /other
+    }
+    tar = tar_of(
+        member("d", tarfile.DIRTYPE, pax_headers=tricks),
+        member("f", tarfile.REGTYPE, pax_headers=libarchive),
+        member("o", tarfile.DIRTYPE),
+        member("o/.wh..wh..opq", tarfile.REGTYPE),
+        member("w", tarfile.DIRTYPE),
+        member("w/.wh.gone", tarfile.REGTYPE),
+    )
+    image = write_metadata(build_tree(walk_tar(io.BytesIO(tar))), len(tar))
+    root = read_metadata(image).root
+    assert root.children is not None
+    xattrs = {name: dict(node.xattrs) for name, node in root.children.items()}
+    assert xattrs[b"d"] == {b"trusted.kept": b"k"}
+    assert xattrs[b"f"] == {}
+    assert xattrs[b"o"] == {tree.OPAQUE_XATTR: b"y"}
+    assert xattrs[b"w"] == {tree.ORIGIN_XATTR: b""}

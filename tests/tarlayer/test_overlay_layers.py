@@ -179,3 +179,42 @@ def test_three_layers_with_whiteouts_and_an_opaque_dir(tmp_path, kernel_mount, b
         assert os.listdir(merged / "opt") == ["keep"]
     finally:
         mount_syscall.umount(str(merged), lazy=True)
+
+
+def _tar_of(path: Path, entries: list[tuple[str, dict[str, str]]]) -> Path:
+    """A PAX tar of directories (names ending in ``/``) and empty files."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
+        for name, pax in entries:
+            info = tarfile.TarInfo(name.rstrip("/"))
+            info.type = tarfile.DIRTYPE if name.endswith("/") else tarfile.REGTYPE
+            info.mode, info.pax_headers = (0o755 if info.isdir() else 0o644), pax
+            archive.addfile(info)
+    return path
+
+
+def test_an_opaque_xattr_a_tar_carries_hides_nothing_below(tmp_path, kernel_mount):
+    """Tried: a base layer of ``d/lower`` and ``e/lower``; above it a layer whose ``d``
+    carries ``trusted.overlay.opaque=y`` as a PAX record (``SCHILY.xattr``) and whose
+    ``e`` holds a real ``.wh..wh..opq``, each with a file ``upper``; the two mounted
+    by the kernel and stacked with overlayfs. Must hold: ``d`` lists ``lower`` and
+    ``upper``, as containerd extracts it (it drops such xattrs from a layer); ``e``
+    lists ``upper`` alone. Before, the record reached the image and ``d/lower`` was
+    hidden."""
+    opaque = {"SCHILY.xattr.trusted.overlay.opaque": "y"}
+    base = _tar_of(
+        tmp_path / "base.tar", [("d/", {}), ("d/lower", {}), ("e/", {}), ("e/lower", {})]
+    )
+    top = _tar_of(
+        tmp_path / "top.tar",
+        [("d/", opaque), ("d/upper", {}), ("e/", {}), ("e/.wh..wh..opq", {}), ("e/upper", {})],
+    )
+    lowers = [kernel_mount(image_of(tar, tmp_path / f"{tar.stem}.img")) for tar in (top, base)]
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    lowerdir = ":".join(str(p) for p in lowers)
+    mount_syscall.mount("overlay", str(merged), "overlay", f"lowerdir={lowerdir}")
+    try:
+        assert sorted(os.listdir(merged / "d")) == ["lower", "upper"]
+        assert os.listdir(merged / "e") == ["upper"]
+    finally:
+        mount_syscall.umount(str(merged), lazy=True)
