@@ -510,6 +510,8 @@ class BoundedTarInfo(tarfile.TarInfo):
                 f"the tar header at byte {self.offset} claims a {self.size}-byte "
                 f"extended header record, more than the {MAX_HEADER_RECORD} taken"
             )
+        if self.type == tarfile.XGLTYPE:
+            return self._global_header(tarfile_)
         try:
             return super()._proc_member(tarfile_)  # type: ignore[misc]
         except ValueError as exc:
@@ -522,6 +524,40 @@ class BoundedTarInfo(tarfile.TarInfo):
                 f"the tar header at byte {self.offset} follows more extended headers in a"
                 " row than can be read"
             ) from exc
+
+    def _global_header(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        """A PAX global header as a member of its own, its records applied to none:
+        Go's tar reader (Docker's, containerd's) returns it so and extraction skips it,
+        where ``tarfile`` would apply it to every member after it (all of them one
+        path). Records that do not parse are refused, as Go refuses them."""
+        self.offset_data = tarfile_.fileobj.tell()
+        if not _pax_records_parse(tarfile_.fileobj.read(self.size)):
+            raise DamagedTar(
+                f"the PAX global header at byte {self.offset} has a record that does not parse"
+            )
+        tarfile_.offset = self.offset_data + self._block(self.size)  # type: ignore[attr-defined]
+        return self
+
+
+_PAX_LENGTH = re.compile(rb"([0-9]{1,20}) ")
+
+
+def _pax_records_parse(records: bytes) -> bool:
+    """Whether PAX records (``LENGTH KEY=VALUE\\n``, up to a NUL) parse as ``tarfile``
+    parses an extended header's."""
+    pos = 0
+    while pos < len(records) and records[pos] != 0:
+        match = _PAX_LENGTH.match(records, pos)
+        if match is None:
+            return False
+        end = pos + int(match.group(1)) - 1  # where the record's newline must be
+        if end < pos + 4 or end >= len(records) or records[end] != 0x0A:
+            return False
+        keyword, equals, _ = records[match.end() : end].partition(b"=")
+        if not keyword or not equals:
+            return False
+        pos = end + 1
+    return True
 
 
 END_LOOKED_AT = 2 * tarfile.BLOCKSIZE
@@ -559,7 +595,8 @@ def members_of(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
     files held more memory than the whole tree built from them."""
     while (member := archive.next()) is not None:
         archive.members.clear()
-        yield member
+        if member.type != tarfile.XGLTYPE:  # no entry: extraction skips it
+            yield member
 
 
 def walk_tar(fileobj: IO[bytes]) -> Iterator[TarEntry]:

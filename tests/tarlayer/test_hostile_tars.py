@@ -3,6 +3,7 @@ refused in one TarLayerError naming the entry, never read wrong or with a traceb
 
 from __future__ import annotations
 
+import gzip
 import io
 import re
 import stat
@@ -14,7 +15,7 @@ import pytest
 from blockstore.tarlayer import tree
 from blockstore.tarlayer.erofs_reader import read_metadata
 from blockstore.tarlayer.erofs_writer import write_metadata
-from blockstore.tarlayer.layerindex import index_plain_tar
+from blockstore.tarlayer.layerindex import GZIP, index_compressed_tar, index_plain_tar
 from blockstore.tarlayer.tarwalk import walk_tar
 from blockstore.tarlayer.tree import TarLayerError, build_tree
 
@@ -364,3 +365,36 @@ def test_overlay_xattrs_a_tar_carries_are_dropped_those_the_engine_writes_kept(t
     assert xattrs[b"f"] == {}
     assert xattrs[b"o"] == {tree.OPAQUE_XATTR: b"y"}
     assert xattrs[b"w"] == {tree.ORIGIN_XATTR: b""}
+
+
+def test_a_pax_global_header_applies_to_no_entry():
+    """Tried: a PAX global header (``g``) of ``path=evil``, ``uid``, ``mtime`` and an
+    xattr, then files ``a`` and ``b`` (as ``tarfile`` writes ``pax_headers=`` given to
+    ``open``); a tar of a global header alone; one whose global record does not
+    parse. Must hold: ``a`` and ``b`` as their own headers say, none of the global
+    records applied, as Go's archive/tar (Docker's, containerd's) returns a global
+    header as an entry of its own that extraction skips; a global header alone is an
+    empty layer; a record that does not parse is refused naming the header's byte
+    offset, as Go refuses it. Before, both files were indexed as the one file
+    ``evil``, root's and carrying the xattr; a gzip layer is indexed alike."""
+    records = {"path": "evil", "uid": "7", "mtime": "5", "SCHILY.xattr.trusted.g": "g"}
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, pax_headers=records) as t:
+        for name in ("a", "b"):
+            t.addfile(member(name, tarfile.REGTYPE, uid=1000, mtime=1_700_000_000))
+    entries = list(walk_tar(io.BytesIO(out.getvalue())))
+    assert [(e.path, e.uid, e.mtime, e.xattrs) for e in entries] == [
+        (b"a", 1000, 1_700_000_000, ()),
+        (b"b", 1000, 1_700_000_000, ()),
+    ]
+    index = index_compressed_tar(
+        io.BytesIO(gzip.compress(out.getvalue())), GZIP, blob_digest=None, diff_id=None
+    )
+    assert sorted(read_metadata(index.metadata).root.children or {}) == [b"a", b"b"]
+    alone = member("g", tarfile.XGLTYPE).tobuf(tarfile.USTAR_FORMAT) + bytes(1024)
+    assert list(walk_tar(io.BytesIO(alone))) == []
+    bad = b"8 path=x\n"  # a length one short of the record's
+    header = member("g", tarfile.XGLTYPE, size=len(bad)).tobuf(tarfile.USTAR_FORMAT)
+    tar = header + bad.ljust(512, b"\0") + tar_of(member("f", tarfile.REGTYPE)) + bytes(1024)
+    with pytest.raises(TarLayerError, match="the PAX global header at byte 0 has a record"):
+        list(walk_tar(io.BytesIO(tar)))
