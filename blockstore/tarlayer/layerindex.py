@@ -46,7 +46,7 @@ from blockstore.tarlayer.tarwalk import (
 from blockstore.tarlayer.tree import DamagedTar, build_tree
 from blockstore.tarlayer.zstdframes import ZstdIndexer, decode_frames, stream_frames
 
-INDEX_FORMAT = 9  # bump when the metadata image or the span index changes shape or meaning
+INDEX_FORMAT = 10  # bump when the metadata image or the span index changes shape or meaning
 _KIND_CODES = {GZIP: 1, ZSTD: 2}
 _MAGIC = b"BSSPANS\x01"
 _HEAD = struct.Struct("<8sBQQQI")  # magic, kind, span, compressed, uncompressed, count

@@ -27,11 +27,15 @@ PINNED = {
     # no user.* xattr on a symlink; a directory listed again keeps its xattrs (two
     # entries added to the layer for them, so the digests above are of the layer before)
     9: "05821a469305b229946443ce1e006bc28e2e5ef680af87f5addc7e9e758aebdc",
+    # no trusted.overlay.* xattr from the tar; a PAX global header applies to no entry
+    # (both added to the layer, so the digests above are of the layer before)
+    10: "b8952a6b8a7286d7f83b55b5c94c8fa22ed18734709757a9fd28f3067fb0b99c",
 }
 """sha256 of the metadata image of ``_layer()``, by index format."""
 
 MTIME = 1_700_000_000
 _USER = {"SCHILY.xattr.user.note": "set"}
+_GLOBAL = {"uid": "4242", "SCHILY.xattr.user.global": "g"}
 
 
 def _add(archive: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, **fields) -> None:
@@ -48,9 +52,11 @@ def _add(archive: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, **f
 
 def _layer() -> bytes:
     """A tar with one of each thing the metadata image describes, built the same way
-    every time (fixed times, owners and order)."""
+    every time (fixed times, owners and order), after a PAX global header."""
     out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
+    with tarfile.open(
+        fileobj=out, mode="w", format=tarfile.PAX_FORMAT, pax_headers=_GLOBAL
+    ) as archive:
         _add(archive, "etc", tarfile.DIRTYPE, mode=0o755)
         _add(archive, "etc/passwd", data=b"root:x:0:0:root:/root:/bin/sh\n")
         _add(archive, "etc/big", data=bytes(range(256)) * 40, uid=70_000, gid=70_001)
@@ -94,6 +100,12 @@ def _layer() -> bytes:
         _add(archive, "user-xattr-link", tarfile.SYMTYPE, linkname="etc", pax_headers=_USER)
         _add(archive, "twice", tarfile.DIRTYPE, mode=0o755, pax_headers=_USER)
         _add(archive, "twice", tarfile.DIRTYPE, mode=0o750)
+        _add(
+            archive,
+            "not-opaque",
+            tarfile.DIRTYPE,
+            pax_headers={"SCHILY.xattr.trusted.overlay.opaque": "y"},
+        )
     return out.getvalue()
 
 
