@@ -501,8 +501,9 @@ class BoundedTarInfo(tarfile.TarInfo):
     numbers are refused as damage too: ``tarfile`` parses them with a bare ``int``,
     whose ValueError is no TarError. So is a run of some hundreds of extended headers
     in a row, which ``tarfile`` reads each within the one before, past Python's
-    recursion limit. (``_proc_member`` is where ``tarfile`` hands a header to the
-    code for its type.)"""
+    recursion limit. An extended header whose records, or the header after it, do not
+    parse is refused naming its byte offset, where ``tarfile`` named nothing.
+    (``_proc_member`` is where ``tarfile`` hands a header to the code for its type.)"""
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type in _RECORD_TYPES and self.size > MAX_HEADER_RECORD:
@@ -514,6 +515,15 @@ class BoundedTarInfo(tarfile.TarInfo):
             return self._global_header(tarfile_)
         try:
             return super()._proc_member(tarfile_)  # type: ignore[misc]
+        except tarfile.SubsequentHeaderError as exc:
+            raise DamagedTar(
+                f"the tar header after the extended header at byte {self.offset} is damaged ({exc})"
+            ) from exc
+        except tarfile.HeaderError as exc:
+            raise DamagedTar(
+                f"the tar header at byte {self.offset} has an extended header record"
+                " that does not parse"
+            ) from exc
         except ValueError as exc:
             raise DamagedTar(
                 f"the tar header at byte {self.offset} has GNU sparse records that do not"
@@ -593,10 +603,27 @@ def members_of(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
     """Each member of ``archive``, in order, none of them kept: iterating a ``TarFile``
     keeps every header it reads in its member list, which for a layer of many small
     files held more memory than the whole tree built from them."""
-    while (member := archive.next()) is not None:
+    last = None
+    while (member := _next_member(archive, last)) is not None:
         archive.members.clear()
+        last = member
         if member.type != tarfile.XGLTYPE:  # no entry: extraction skips it
             yield member
+
+
+def _next_member(archive: tarfile.TarFile, last: tarfile.TarInfo | None) -> tarfile.TarInfo | None:
+    """The member after ``last``, or a refusal naming the entry whose data the tar ends
+    inside: ``tarfile`` says "unexpected end of data", naming none."""
+    offset = archive.offset
+    try:
+        return archive.next()
+    except tarfile.ReadError as exc:
+        if last is None or archive.fileobj.tell() >= offset:  # a header read, not skipped to
+            raise
+        raise DamagedTar(
+            f"tar entry {_show(last.name)}: the tar ends inside its data"
+            f" ({last.size} bytes from byte {last.offset_data})"
+        ) from exc
 
 
 def walk_tar(fileobj: IO[bytes]) -> Iterator[TarEntry]:

@@ -398,3 +398,58 @@ def test_a_pax_global_header_applies_to_no_entry():
     tar = header + bad.ljust(512, b"\0") + tar_of(member("f", tarfile.REGTYPE)) + bytes(1024)
     with pytest.raises(TarLayerError, match="the PAX global header at byte 0 has a record"):
         list(walk_tar(io.BytesIO(tar)))
+
+
+def _refusals(tar: bytes) -> list[str]:
+    """What walking ``tar`` from a file, indexing it as a plain layer (range reads) and
+    as a gzip one (a stream) each refuse it with."""
+    said = []
+    for read in (
+        lambda: list(walk_tar(io.BytesIO(tar))),
+        lambda: index_plain_tar(
+            lambda offset, length: tar[offset : offset + length], len(tar), "x"
+        ),
+        lambda: index_compressed_tar(
+            io.BytesIO(gzip.compress(tar)), GZIP, blob_digest=None, diff_id=None
+        ),
+    ):
+        with pytest.raises(TarLayerError) as refused:
+            read()
+        said.append(str(refused.value))
+    return said
+
+
+def test_a_tar_cut_inside_an_entry_s_data_is_refused_naming_the_entry():
+    """Tried: a tar of ``a`` (2,000 bytes) and ``big`` (5,000), cut 100 bytes into
+    ``big``'s data; read from a file, as a plain layer and as a gzip one. Must hold:
+    each refusal names ``big`` and where its data lies, as the other refusals name
+    their entry. Before, each said "unexpected end of data", naming nothing."""
+    a, big = member("a", tarfile.REGTYPE, size=2000), member("big", tarfile.REGTYPE, size=5000)
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        archive.addfile(a, io.BytesIO(b"a" * 2000))
+        archive.addfile(big, io.BytesIO(b"b" * 5000))
+    cut = out.getvalue()[: 3072 + 100]
+    said = "tar entry 'big': the tar ends inside its data (5000 bytes from byte 3072)"
+    assert _refusals(cut) == [said] * 3
+
+
+def test_an_extended_header_that_does_not_parse_is_refused_naming_its_offset():
+    """Tried: a PAX header whose record's length is one short, first in the tar and
+    after a file of 700 bytes; and a PAX header then a header whose checksum fails.
+    Must hold: each refusal names the byte offset of the header (no entry has a name
+    yet: the name may be in the record), read from a file, as a plain layer and as a
+    gzip one alike. Before, the first said "invalid header" and the last "bad
+    checksum", naming nothing."""
+    pax = member("f", tarfile.REGTYPE, pax_headers={"comment": "x"}).tobuf(tarfile.PAX_FORMAT)
+    bad = pax.replace(b"13 comment=x\n", b"12 comment=x\n")
+    assert bad != pax
+    first = bad + bytes(1024)
+    said = "the tar header at byte 0 has an extended header record that does not parse"
+    assert _refusals(first) == [said] * 3
+    x = tar_of(member("x", tarfile.REGTYPE, size=700))[:1536]  # x's data left out by tarfile
+    later = x[:512] + bytes(1024) + bad + bytes(1024)
+    assert _refusals(later) == [said.replace("byte 0", "byte 1536")] * 3
+    spoilt = pax[:1024] + b"\xff" + pax[1025:] + bytes(1024)
+    said = "the tar header after the extended header at byte 0 is damaged (bad checksum)"
+    assert _refusals(spoilt) == [said] * 3
