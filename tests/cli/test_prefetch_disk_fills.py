@@ -2,38 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import subprocess
-import sys
 from pathlib import Path
 
 from rig.fault_proxy import Fault
+from rig.prefetching import blockstore, bytes_asked, cached_bytes, start_prefetch
 from rig.small_disk import small_disk
 from rig.waiting import wait_for
-
-
-def blockstore(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "blockstore", *args], capture_output=True, text=True, timeout=120
-    )
-
-
-def cached_bytes(cache: Path) -> int:
-    if not cache.exists():
-        return 0
-    listing = blockstore("cache", "ls", "--json", "--cache-dir", str(cache))
-    blobs = json.loads(listing.stdout or "[]")
-    return blobs[0]["cached_bytes"] if blobs else 0
-
-
-def asked(requests) -> int:
-    total = 0
-    for request in requests:
-        if m := re.fullmatch(r"bytes=(\d+)-(\d+)", request.headers.get("Range", "")):
-            total += int(m[2]) - int(m[1]) + 1
-    return total
 
 
 def fill(disk: Path, leave: int) -> None:
@@ -62,13 +38,7 @@ def test_a_prefetch_whose_disk_fills_stops_fetching_at_once(
     reference = pushed_images.large.replace(registry.host, proxy.host)
     with small_disk(tmp_path / "disk", "160M") as disk:
         cache = disk / "cache"
-        argv = ["prefetch", reference, "--insecure", "--cache-dir", str(cache)]
-        process = subprocess.Popen(
-            [sys.executable, "-m", "blockstore", *argv],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        process = start_prefetch(reference, cache)
         try:
             assert wait_for(lambda: cached_bytes(cache) >= 16 << 20, 120)
             fill(disk, leave=2 << 20)
@@ -84,5 +54,5 @@ def test_a_prefetch_whose_disk_fills_stops_fetching_at_once(
     assert "could not be kept whole" in lines[-1], err
     assert "filled as it was fetched; it needs about" in lines[-1], err
     assert sum("serving uncached bytes" in line for line in lines) <= 2, err
-    assert asked(proxy.requests[asked_before:]) < 16 << 20
+    assert bytes_asked(proxy.requests[asked_before:]) < 16 << 20
     assert verify.returncode == 0, verify.stdout + verify.stderr

@@ -10,14 +10,9 @@ from pathlib import Path
 
 import pytest
 from rig.fault_proxy import Fault
+from rig.prefetching import blockstore, first_blob
 from rig.pushed import push_erofs
 from rig.waiting import wait_for
-
-
-def blockstore(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "blockstore", *args], capture_output=True, text=True, **kw
-    )
 
 
 def sealed_digests(cache: Path) -> set[str]:
@@ -224,11 +219,7 @@ EXPIRED_URL = (
 
 
 def cached_fraction(cache: Path) -> float:
-    if not cache.exists():
-        return 0.0
-    listing = blockstore("cache", "ls", "--json", "--cache-dir", str(cache))
-    blobs = json.loads(listing.stdout or "[]")
-    return blobs[0]["cached_fraction"] if blobs else 0.0
+    return first_blob(cache, "cached_fraction") or 0.0
 
 
 @pytest.mark.parametrize("refusals", [4, None], ids=["four-refusals", "refused-for-good"])

@@ -2,36 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import re
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 from rig.fault_proxy import Fault
+from rig.prefetching import blockstore, bytes_asked, cached_bytes, start_prefetch
 from rig.waiting import wait_for
-
-
-def blockstore(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "blockstore", *args], capture_output=True, text=True, timeout=120
-    )
-
-
-def cached_bytes(cache: Path) -> int:
-    if not cache.exists():
-        return 0
-    listing = json.loads(blockstore("cache", "ls", "--json", "--cache-dir", str(cache)).stdout)
-    return listing[0]["cached_bytes"] if listing else 0
-
-
-def asked(requests) -> int:
-    total = 0
-    for request in requests:
-        if m := re.fullmatch(r"bytes=(\d+)-(\d+)", request.headers.get("Range", "")):
-            total += int(m[2]) - int(m[1]) + 1
-    return total
 
 
 def test_sigterm_ends_a_prefetch_as_an_interrupt_keeping_what_came(
@@ -46,13 +21,7 @@ def test_sigterm_ends_a_prefetch_as_an_interrupt_keeping_what_came(
     proxy.fault = Fault("pace", path_contains="/blobs/", method="GET", seconds=0.02)
     reference = pushed_images.large.replace(registry.host, proxy.host)
     cache = tmp_path / "cache"
-    argv = ["prefetch", reference, "--insecure", "--cache-dir", str(cache)]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "blockstore", *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_prefetch(reference, cache)
     try:
         assert wait_for(lambda: cached_bytes(cache) >= 6 << 20, 60)
         process.send_signal(signal.SIGTERM)
@@ -68,6 +37,6 @@ def test_sigterm_ends_a_prefetch_as_an_interrupt_keeping_what_came(
     kept = cached_bytes(cache)
     proxy.fault = None
     before = len(proxy.requests)
-    again = blockstore(*argv)
+    again = blockstore("prefetch", reference, "--insecure", "--cache-dir", str(cache))
     assert again.returncode == 0 and "verified and sealed" in again.stdout, again.stderr
-    assert asked(proxy.requests[before:]) == erofs_images.large.size - kept
+    assert bytes_asked(proxy.requests[before:]) == erofs_images.large.size - kept

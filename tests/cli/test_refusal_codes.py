@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 from rig.fault_proxy import Fault
-
-
-def blockstore(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "blockstore", *args], capture_output=True, text=True, timeout=120
-    )
+from rig.prefetching import blockstore
 
 
 @pytest.mark.parametrize("command", ["index", "prefetch"])
