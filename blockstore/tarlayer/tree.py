@@ -62,10 +62,11 @@ GBs while indexed."""
 MAX_ENTRIES = 10_000_000
 """Tar entries a layer may hold, the directories they imply counted. Indexing holds
 some 500 bytes for each (its inode and name, then its place in the image, and the
-image): ten million take about 5 GB. Gzip makes an empty file's header some 30 bytes,
-so 1.5 GB of layer could hold 50 million of them: such a layer is refused as it
-passes the count, before memory runs out. One entry's path may imply 4,096
-directories (``x1/a/a/.../f``): 200 such entries, 7 KB of gzip, held 540 MB."""
+image), about 675 for a directory a path implies: ten million take 5 to 7 GB.
+Gzip makes an empty file's header some 30 bytes, so 1.5 GB of layer could hold 50
+million of them: such a layer is refused as it passes the count, before memory runs
+out. One entry's path may imply 4,096 directories (``x1/a/a/.../f``): 200 such
+entries, 7 KB of gzip, held 540 MB."""
 MAX_NAMES_WALKED = 1 << 30
 """Names a layer's paths may walk in all. Each costs some 0.25 µs, and gzip makes an
 entry 2,000 names deep 16 bytes: ten million entries 4,096 names deep (the most
