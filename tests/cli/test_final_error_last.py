@@ -17,17 +17,23 @@ def test_warnings_held_back_are_counted_before_the_final_error(registry, pushed_
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
 
-    argv = ["prefetch", pushed_images.large, "--insecure", "--cache-dir", str(tmp_path / "c")]
-    got = subprocess.run(
-        [sys.executable, "-m", "blockstore", *argv],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=limit,
-    )
-
-    assert got.returncode == 8, got.stderr
-    lines = got.stderr.strip().splitlines()
-    assert any("more fetches" in line and "not kept" in line for line in lines), got.stderr
+    # How many stores fail before the round ends depends on the fetches in flight: a
+    # run with ten or fewer holds nothing back, so it is tried again, a few times at most.
+    for attempt in range(5):
+        cache = tmp_path / f"c{attempt}"
+        argv = ["prefetch", pushed_images.large, "--insecure", "--cache-dir", str(cache)]
+        got = subprocess.run(
+            [sys.executable, "-m", "blockstore", *argv],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            preexec_fn=limit,
+        )
+        assert got.returncode == 8, got.stderr
+        lines = got.stderr.strip().splitlines()
+        if any("more fetches" in line and "not kept" in line for line in lines):
+            break
+    else:
+        raise AssertionError(f"no run held warnings back: {got.stderr}")
     assert lines[-1].startswith("blockstore: sha256:"), lines[-1]
     assert "could not be kept whole" in lines[-1], lines[-1]

@@ -118,7 +118,10 @@ def test_a_registry_failing_mid_body_ends_a_prefetch_as_out_of_reach(
 
     assert got.returncode == 5, got.stderr
     (line,) = got.stderr.strip().splitlines()
-    assert line.startswith("blockstore: ") and "fixtures/large" in line, line
+    # The layer's read names the image; on a loaded machine the deadline may run out in
+    # the retries' pauses first, which names the registry.
+    named = "fixtures/large" in line or f"cannot reach registry {proxy.host}" in line
+    assert line.startswith("blockstore: ") and named, line
     verify = blockstore("cache", "verify", "--cache-dir", str(cache))
     assert verify.returncode == 0, verify.stdout + verify.stderr
     (blob,) = json.loads(blockstore("cache", "ls", "--json", "--cache-dir", str(cache)).stdout)
