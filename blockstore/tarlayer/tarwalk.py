@@ -14,13 +14,13 @@ import io
 import os
 import re
 import stat
-import struct
 import tarfile
 import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import IO
 
 from blockstore.erofs_format import BLOCK_SIZE, XATTR_PREFIXES, split_xattr_name
+from blockstore.tarlayer import posix_acl as acl
 from blockstore.tarlayer.erofs_writer import MAX_TAR_BLOCKS
 from blockstore.tarlayer.tree import DamagedTar, TarEntry, TarLayerError, show_path
 
@@ -163,7 +163,7 @@ def _xattrs(member: tarfile.TarInfo) -> tuple[tuple[bytes, bytes], ...]:
     for name, value in found.items():
         _refuse_name_linux_refuses(member, name)
         if name in _ACL_XATTRS.values() and name in records:
-            _refuse_acl_linux_refuses(_binary_acl(value), (member.name, records[name]))
+            _refuse_acl_linux_refuses(acl.entries_of(value), (member.name, records[name]))
         if name == CAPABILITY_XATTR and not _is_capability(value):
             raise TarLayerError(
                 f"tar entry {_show(member.name)}: PAX record {records[name]}: not a file"
@@ -178,8 +178,8 @@ OVERLAY_XATTR_PREFIX = b"trusted.overlay."
 def _steers_overlayfs(name: bytes) -> bool:
     """An xattr overlayfs reads on a lower layer (opaque, redirect, metacopy, origin,
     the engine's own marks): set by a tar, it would hide, move or restyle what a mount
-    shows. containerd drops them from a layer silently, and so does this: what the
-    layer means is the tree extraction leaves, which has none of them."""
+    shows. They are dropped silently: they are overlayfs's own metadata, which no tree
+    a layer is extracted to carries for a user."""
     return name.startswith(OVERLAY_XATTR_PREFIX)
 
 
@@ -241,7 +241,7 @@ def _acl_mode(member: tarfile.TarInfo, xattrs: tuple[tuple[bytes, bytes], ...]) 
     """The entry's permission bits: its header's, or those its access ACL sets."""
     mode = stat.S_IMODE(member.mode)
     value = dict(xattrs).get(b"system.posix_acl_access")
-    entries = _binary_acl(value) if value is not None else None
+    entries = acl.entries_of(value) if value is not None else None
     text = member.pax_headers.get("SCHILY.acl.access")
     if entries is None and value is None and text is not None:
         entries = _acl_entries(text, (member.name, "SCHILY.acl.access"))
@@ -254,13 +254,16 @@ _ACL_XATTRS = {
     "SCHILY.acl.access": b"system.posix_acl_access",
     "SCHILY.acl.default": b"system.posix_acl_default",
 }
-# Linux's posix_acl_xattr format: a version, then (tag, perm, id) entries.
-_ACL_HEAD = struct.Struct("<I")
-_ACL_ENTRY = struct.Struct("<HHI")
-_ACL_TAGS = {"user": (1, 2), "group": (4, 8), "mask": (0x10, None), "other": (0x20, None)}
+# Each text tag's binary tags: without a qualifier, and with one (None: it takes none).
+_ACL_TAGS = {
+    "user": (acl.USER_OBJ, acl.USER),
+    "group": (acl.GROUP_OBJ, acl.GROUP),
+    "mask": (acl.MASK, None),
+    "other": (acl.OTHER, None),
+}
 _ACL_SHORT = {"u": "user", "g": "group", "m": "mask", "o": "other"}
-_ACL_TAG_VALUES = frozenset((1, 2, 4, 8, 0x10, 0x20))
-_NO_ID = 0xFFFFFFFF
+_ACL_BASE = (acl.USER_OBJ, acl.GROUP_OBJ, acl.OTHER)
+"""The entries every ACL has once, which alone say no more than the file's mode."""
 
 
 def _acl_xattr(text: str, *, access: bool, where: tuple[str, str]) -> bytes | None:
@@ -269,12 +272,12 @@ def _acl_xattr(text: str, *, access: bool, where: tuple[str, str]) -> bytes | No
     file's mode, which Linux keeps in no xattr. A name, not a number, is refused:
     it means an id in the machine that made the tar, not in the image."""
     entries = _acl_entries(text, where)
-    if access and all(tag in (1, 4, 0x20) for tag, _, _ in entries):
+    if access and all(tag in _ACL_BASE for tag, _, _ in entries):
         return None
-    return _ACL_HEAD.pack(2) + b"".join(_ACL_ENTRY.pack(*entry) for entry in entries)
+    return acl.packed(entries)
 
 
-def _acl_entries(text: str, where: tuple[str, str]) -> list[tuple[int, int, int]]:
+def _acl_entries(text: str, where: tuple[str, str]) -> list[acl.Entry]:
     """The entries of an ACL's text, in the order the kernel keeps (by tag, then id),
     refused unless they make an ACL the kernel would take (as tar, extracting, could
     not set one): each (tag, id) once; the owner, group and other entries; and a
@@ -284,24 +287,22 @@ def _acl_entries(text: str, where: tuple[str, str]) -> list[tuple[int, int, int]
     return entries
 
 
-def _refuse_acl_linux_refuses(
-    entries: list[tuple[int, int, int]] | None, where: tuple[str, str]
-) -> None:
+def _refuse_acl_linux_refuses(entries: list[acl.Entry] | None, where: tuple[str, str]) -> None:
     """Refuse an ACL the kernel would not take (so tar, extracting, could not set it):
     one that does not parse, or not each (tag, id) once, in the kernel's order (by tag,
     then id), with perms of three bits; not the owner, group and other entries once
     each, or no mask where a user or group is named. A binary one the image held was
     read by the kernel as EINVAL: a file no one but its owner could open."""
     tags = [tag for tag, _, _ in entries or ()]
-    masks = tags.count(0x10)
+    masks = tags.count(acl.MASK)
     valid = (
         entries is not None
         and len(set(map(_tag_and_id, entries))) == len(entries)
         and entries == sorted(entries, key=_tag_and_id)
-        and all(tag in _ACL_TAG_VALUES and perm <= 7 for tag, perm, _ in entries)
-        and all(tags.count(tag) == 1 for tag in (1, 4, 0x20))
+        and all(tag in acl.TAGS and perm <= 7 for tag, perm, _ in entries)
+        and all(tags.count(tag) == 1 for tag in _ACL_BASE)
         and masks <= 1
-        and (masks == 1 or not any(tag in (2, 8) for tag in tags))
+        and (masks == 1 or not any(tag in (acl.USER, acl.GROUP) for tag in tags))
     )
     if not valid:
         name, key = where
@@ -312,26 +313,16 @@ def _refuse_acl_linux_refuses(
         )
 
 
-def _mode_from_acl(mode: int, entries: list[tuple[int, int, int]]) -> int:
+def _mode_from_acl(mode: int, entries: list[acl.Entry]) -> int:
     """The mode an access ACL sets, as extracting sets it: the owner's and others'
     bits from their entries, the group bits from the mask (the group entry without
     one). The kernel checks access against the ACL; ``stat`` must agree with it."""
     perms = {tag: perm for tag, perm, _ in entries}
-    group = perms.get(0x10, perms.get(4, 0))
-    return mode & ~0o777 | perms.get(1, 0) << 6 | group << 3 | perms.get(0x20, 0)
+    group = perms.get(acl.MASK, perms.get(acl.GROUP_OBJ, 0))
+    return mode & ~0o777 | perms.get(acl.USER_OBJ, 0) << 6 | group << 3 | perms.get(acl.OTHER, 0)
 
 
-def _binary_acl(value: bytes) -> list[tuple[int, int, int]] | None:
-    """The entries of a ``system.posix_acl_*`` xattr value; None if it is none."""
-    body = value[_ACL_HEAD.size :]
-    if len(value) < _ACL_HEAD.size or len(body) % _ACL_ENTRY.size:
-        return None
-    if _ACL_HEAD.unpack_from(value)[0] != 2:
-        return None
-    return list(_ACL_ENTRY.iter_unpack(body))
-
-
-def _tag_and_id(entry: tuple[int, int, int]) -> tuple[int, int]:
+def _tag_and_id(entry: acl.Entry) -> tuple[int, int]:
     return entry[0], entry[2]
 
 
@@ -341,7 +332,7 @@ def _acl_lines(text: str) -> list[str]:
     return [line for line in lines if line]
 
 
-def _acl_entry(line: str, where: tuple[str, str]) -> tuple[int, int, int]:
+def _acl_entry(line: str, where: tuple[str, str]) -> acl.Entry:
     """One ``tag:qualifier:perms`` entry as (tag, perm, id); star's
     ``tag:name:perms:id`` gives the id after the name, which is taken."""
     name, key = where
@@ -354,8 +345,9 @@ def _acl_entry(line: str, where: tuple[str, str]) -> tuple[int, int, int]:
     perm = sum(bit for letter, bit in zip(parts[2], (4, 2, 1), strict=True) if letter != "-")
     qualifier = parts[1]
     if not qualifier:
-        return tags[0], perm, _NO_ID
-    if tags[1] is None or not re.fullmatch(r"[0-9]{1,10}", qualifier) or int(qualifier) >= _NO_ID:
+        return tags[0], perm, acl.NO_ID
+    numeric = re.fullmatch(r"[0-9]{1,10}", qualifier) and int(qualifier) < acl.NO_ID
+    if tags[1] is None or not numeric:
         raise TarLayerError(
             f"tar entry {_show(name)}: PAX record {key}: ACL entry {line!r} names no numeric id"
             " (a name cannot be mapped to the image's ids; tar --xattrs writes them as numbers)"

@@ -28,12 +28,12 @@ it also whites out, is no directory of the layer's: it stays a whiteout.
 from __future__ import annotations
 
 import stat
-import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from blockstore.errors import BlockstoreError
+from blockstore.tarlayer import posix_acl as acl
 
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
@@ -43,10 +43,6 @@ OPAQUE_XATTR = b"trusted.overlay.opaque"
 ORIGIN_XATTR = b"trusted.overlay.origin"
 IMPLIED_XATTR = b"trusted.overlay.blockstore.implied"
 ACL_ACCESS_XATTR = b"system.posix_acl_access"
-# Linux's posix_acl_xattr format: a 4-byte version, then (tag, perm, id) entries.
-_ACL_HEAD_SIZE = 4
-_ACL_ENTRY = struct.Struct("<HHI")
-_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x04, 0x10, 0x20
 SYMLINK_FOLLOWS = 40  # symlinks one path may pass through, as Linux allows (MAXSYMLINKS)
 NAMES_WALKED = 4096
 """Names one path may walk, its symlinks' included. Linux allows 40 targets of 4 KiB,
@@ -450,9 +446,9 @@ def _update_dir(node: Inode, entry: TarEntry) -> None:
     # (GNU tar, containerd): those it had stay, and the markers whiteouts in it set win.
     kept = {k: v for k, v in node.xattrs.items() if k in (OPAQUE_XATTR, ORIGIN_XATTR)}
     xattrs = dict(node.xattrs) | dict(entry.xattrs) | kept
-    acl = xattrs.get(ACL_ACCESS_XATTR)
-    if acl is not None and all(name != ACL_ACCESS_XATTR for name, _ in entry.xattrs):
-        xattrs[ACL_ACCESS_XATTR] = _chmod_acl(acl, entry.mode)
+    access = xattrs.get(ACL_ACCESS_XATTR)
+    if access is not None and all(name != ACL_ACCESS_XATTR for name, _ in entry.xattrs):
+        xattrs[ACL_ACCESS_XATTR] = _chmod_acl(access, entry.mode)
     node.xattrs = xattrs
 
 
@@ -460,15 +456,12 @@ def _chmod_acl(value: bytes, mode: int) -> bytes:
     """An access ACL as chmod(2) to ``mode`` leaves it: the owner, other and group
     entries (the mask, if there is one) take its bits. Extraction chmods a directory
     listed again, and the kernel rewrites the ACL that an earlier entry set."""
-    body = value[_ACL_HEAD_SIZE:]
-    if len(value) < _ACL_HEAD_SIZE or len(body) % _ACL_ENTRY.size:
+    entries = acl.entries_of(value)
+    if entries is None:
         return value  # no ACL the kernel would take: kept as it came
-    entries = list(_ACL_ENTRY.iter_unpack(body))
-    group = _ACL_MASK if any(tag == _ACL_MASK for tag, _, _ in entries) else _ACL_GROUP_OBJ
-    bits = {_ACL_USER_OBJ: mode >> 6 & 7, group: mode >> 3 & 7, _ACL_OTHER: mode & 7}
-    return value[:_ACL_HEAD_SIZE] + b"".join(
-        _ACL_ENTRY.pack(tag, bits.get(tag, perm), qualifier) for tag, perm, qualifier in entries
-    )
+    group = acl.MASK if any(tag == acl.MASK for tag, _, _ in entries) else acl.GROUP_OBJ
+    bits = {acl.USER_OBJ: mode >> 6 & 7, group: mode >> 3 & 7, acl.OTHER: mode & 7}
+    return acl.packed((tag, bits.get(tag, perm), qualifier) for tag, perm, qualifier in entries)
 
 
 def _xattrs_extraction_sets(
