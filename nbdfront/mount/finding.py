@@ -50,12 +50,20 @@ def shell_word(path: str) -> str:
     return f"$'{escaped}'"
 
 
-def umount_command(mountpoint: str, run_dir: str | None = None) -> str:
-    """The ``blockstore umount`` that undoes the mount at ``mountpoint``, as one line to
-    paste into a shell; ``run_dir``: the run directory that mounted it, when not this
-    one's."""
-    command = f"blockstore umount {shell_word(mountpoint)}"
+def umount_command(mountpoint: str, run_dir: str | None = None, *, lazy: bool = False) -> str:
+    """The ``blockstore umount`` (``--lazy``) that undoes the mount at ``mountpoint``, as
+    one line to paste into a shell; ``run_dir``: the run directory that mounted it, when
+    not this one's."""
+    command = f"blockstore umount {'--lazy ' if lazy else ''}{shell_word(mountpoint)}"
     return command if run_dir is None else f"BLOCKSTORE_RUN_DIR={shell_word(run_dir)} {command}"
+
+
+def plain_umount(points: list[str]) -> str:
+    """The umount(8) of file systems not blockstore's, as one line to paste into a shell,
+    the deepest first: one holding another inside it would be refused as busy."""
+    return "umount" + "".join(
+        f" {shell_word(point)}" for point in sorted(points, key=len, reverse=True)
+    )
 
 
 def followed(record: MountRecord) -> MountRecord:
@@ -212,7 +220,7 @@ def hidden_by_message(mountpoint: str, above: str) -> str:
         top = syscall.mounts_at(above)[0]
         return (
             f"{hidden} at the same place ({top.fstype} from {top.source}), made over it since: "
-            f"`umount {shell_word(above)}` first"
+            f"`{plain_umount([above])}` first"
         )
     if (record := records.load(above)) is not None:
         return (
@@ -227,7 +235,7 @@ def hidden_by_message(mountpoint: str, above: str) -> str:
     top = syscall.mounts_at(above)[0]
     return (
         f"{hidden} at {printable(above)} ({top.fstype} from {top.source}), made over a "
-        f"directory above it since: `umount {shell_word(above)}` first"
+        f"directory above it since: `{plain_umount([above])}` first"
     )
 
 

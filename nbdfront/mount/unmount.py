@@ -20,10 +20,10 @@ from nbdfront.mount.finding import (
     hidden_by_message,
     moved_to,
     ours_inside,
+    plain_umount,
     printable,
     recorded_around,
     run_dir_of,
-    shell_word,
     umount_command,
     unrecorded,
     where_ours_is,
@@ -158,13 +158,14 @@ def take_down(record: MountRecord, *, lazy: bool) -> ServerExit | None:
             raise MountpointBusy(
                 f"{printable(record.mountpoint)} is busy: {', '.join(map(printable, inside))} "
                 f"mounted inside it: `{plain_umount(inside)}` first, or "
-                f"`{lazy_umount(record.mountpoint)}`, which takes that down with it"
+                f"`{umount_command(record.mountpoint, lazy=True)}`, which takes that down with it"
             )
         if users := syscall.users_of(_mount_points(record)):
             raise MountpointBusy(
                 f"{printable(record.mountpoint)} is busy: {', '.join(map(printable, users))} "
                 f"is mounted over it (a bind mount or an overlay): `{plain_umount(users)}` "
-                f"first, or `{lazy_umount(record.mountpoint)}`, after which it gets I/O errors"
+                f"first, or `{umount_command(record.mountpoint, lazy=True)}`, after which it "
+                "gets I/O errors"
             )
         if others := _mounts_run_inside(record):
             raise MountpointBusy(
@@ -178,7 +179,7 @@ def take_down(record: MountRecord, *, lazy: bool) -> ServerExit | None:
             raise MountpointBusy(
                 f"{printable(record.mountpoint)} is busy: {', '.join(held)} uses its layers "
                 f"from outside it; end or unmount that first, or "
-                f"`{lazy_umount(record.mountpoint)}`, after which it gets I/O errors"
+                f"`{umount_command(record.mountpoint, lazy=True)}`, after which it gets I/O errors"
             )
     if top:
         syscall.umount(record.mountpoint, lazy=lazy)
@@ -240,19 +241,6 @@ def _still_held_inside(record: MountRecord) -> list[str]:
     while (held := _held_inside(record)) and time.monotonic() < deadline:
         time.sleep(syscall.BUSY_RETRY)
     return held
-
-
-def plain_umount(points: list[str]) -> str:
-    """The umount(8) of file systems not blockstore's, as one line to paste into a shell,
-    the deepest first: one holding another inside it would be refused as busy."""
-    return "umount" + "".join(
-        f" {shell_word(point)}" for point in sorted(points, key=len, reverse=True)
-    )
-
-
-def lazy_umount(mountpoint: str) -> str:
-    """The ``blockstore umount --lazy`` of ``mountpoint``, as one line to paste into a shell."""
-    return f"blockstore umount --lazy {shell_word(mountpoint)}"
 
 
 def _mount_points(record: MountRecord) -> list[str]:
