@@ -168,11 +168,7 @@ def test_the_serve_examples_wait_for_ready_ends_when_the_server_fails(tmp_path: 
         done = subprocess.run(
             ["bash", "-c", script],
             cwd=tmp_path,
-            env={
-                **os.environ,
-                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                "BLOCKSTORE_CACHE_DIR": str(tmp_path / "cache"),
-            },
+            env=example_environment(tmp_path),
             capture_output=True,
             text=True,
             timeout=60,
@@ -264,6 +260,16 @@ def take_down_example(shell: subprocess.Popen, workdir: Path) -> None:
     shell.wait(timeout=10)
 
 
+def example_environment(workdir: Path) -> dict[str, str]:
+    """What a README example runs in: this checkout's ``blockstore`` first on PATH, as
+    after set-up, and a cache of its own under ``workdir``."""
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "BLOCKSTORE_CACHE_DIR": str(workdir / "cache"),
+    }
+
+
 def readme_shell(first: str, last: str) -> str:
     """The README's example lines from ``first`` through ``last``, as one script."""
     return "\n".join(example_lines(first, last))
@@ -299,11 +305,7 @@ def test_the_serve_and_nbdfuse_examples_run_as_written(
         shell = subprocess.Popen(
             ["bash", "-c", script],
             cwd=tmp_path,
-            env={
-                **os.environ,
-                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                "BLOCKSTORE_CACHE_DIR": str(tmp_path / "cache"),
-            },
+            env=example_environment(tmp_path),
             stdout=stdout,
             stderr=subprocess.STDOUT,
             start_new_session=True,
