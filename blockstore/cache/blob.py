@@ -38,7 +38,7 @@ from blockstore.throttledlog import ThrottledLog
 from . import integrity, parts
 from .errors import CacheDamaged, ChunkIntegrityError, DiskFull
 from .holds import BlobHold
-from .integrity import BLOCK, BLOCKS, checked_part
+from .integrity import BLOCK, BLOCKS, checked_chunks, checked_part
 from .layout import CHUNK_SIZE, BlobRecord, chunk_count, chunk_length
 from .leases import RangeLeases, UnitLeases
 from .pagein import PageIn
@@ -57,6 +57,7 @@ _unkept = ThrottledLog(
 """A cache that takes no writes (a full disk, a file size limit) fails every store."""
 atexit.register(_unkept.flush)
 
+_IN_CHUNK = CHUNK_SIZE - 1  # an offset's place within its chunk, as a mask
 PREFETCH_STEP = 32 << 20  # bytes asked of the fetcher at a time by prefetch()
 SEAL_ROUNDS = 3  # prefetch's fetch-and-seal passes: sealing drops chunks that fail their check
 REPLAY_QUIET_AT_MOST = 120.0
@@ -252,17 +253,24 @@ class CachedBlob:
                 if value is None:
                     store.end_read(txn)
                     return None  # a partial miss hashes nothing: read will do it again
-            base = first * CHUNK_SIZE
-            for index, value in enumerate(values, first):
-                span = size - base if size - base < CHUNK_SIZE else CHUNK_SIZE
-                lo = offset - base if base < offset else 0
-                hi = end - base if end - base < span else span
-                part = checked_part(value, seed, index, span, lo, hi)
-                if part is None:
+            if not (offset | end) & _IN_CHUNK:  # whole chunks, none the blob's short end
+                checked = checked_chunks(values, seed, first)
+                if checked is None:
                     store.end_read(txn)
                     return None
-                out.append(part)
-                base += CHUNK_SIZE
+                out = checked
+            else:
+                base = first * CHUNK_SIZE
+                for index, value in enumerate(values, first):
+                    span = size - base if size - base < CHUNK_SIZE else CHUNK_SIZE
+                    lo = offset - base if base < offset else 0
+                    hi = end - base if end - base < span else span
+                    part = checked_part(value, seed, index, span, lo, hi)
+                    if part is None:
+                        store.end_read(txn)
+                        return None
+                    out.append(part)
+                    base += CHUNK_SIZE
             if touch:
                 store.touch((blob_id, first, last))
             if client:

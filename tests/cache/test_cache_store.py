@@ -619,6 +619,44 @@ def test_read_cached_hashes_nothing_on_a_partial_miss_and_only_what_it_serves(
         blob.close()
 
 
+def test_a_hold_of_whole_chunks_serves_no_chunk_that_fails_its_check(cache_dir):
+    """Tried: one bit flipped, in turn, in the checksums, the first block and the last
+    byte of each whole chunk of a blob with a short tail, then holds of whole chunks
+    (the sequential reader's hit, checked one chunk sum at a time), of the whole blob
+    and of a part of a chunk. Must hold: a hold that covers the damaged chunk gives
+    nothing; every other hold gives the blob's own bytes, chunk-aligned or not."""
+    data, digest = make_blob(5 * CHUNK_SIZE + 100, seed=47)
+    whole = 5 * CHUNK_SIZE
+    with ChunkStore(cache_dir) as store:
+        CachedBlob(store, digest, len(data), ScriptedSource(data, digest)).prefetch()
+        blob = CachedBlob(store, digest, len(data), None)
+
+        def held(offset: int, length: int) -> bytes | None:
+            got = blob.hold_cached(offset, length)
+            if got is None:
+                return None
+            views, release = got
+            try:
+                return b"".join(bytes(v) for v in views)
+            finally:
+                release()
+
+        assert held(0, whole) == data[:whole]
+        assert held(0, len(data)) == data
+        for index in range(5):
+            for position in (3, integrity.SUM_SIZE + 7, integrity.SUM_SIZE + CHUNK_SIZE - 1):
+                assert flip_stored_byte(store, digest, index, position)
+                assert held(0, whole) is None
+                assert held(index * CHUNK_SIZE, CHUNK_SIZE) is None
+                assert held(0, len(data)) is None
+                other = (index + 1) % 5 * CHUNK_SIZE
+                assert held(other, CHUNK_SIZE) == data[other : other + CHUNK_SIZE]
+                assert flip_stored_byte(store, digest, index, position)  # mended
+        assert held(CHUNK_SIZE, 3 * CHUNK_SIZE) == data[CHUNK_SIZE : 4 * CHUNK_SIZE]
+        assert held(whole, 100) == data[whole:]
+        blob.close()
+
+
 class CountingReadahead(Readahead):
     """Readahead that counts the reads it is told of."""
 
