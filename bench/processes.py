@@ -112,6 +112,9 @@ class Daemon:
                 + (tail[0] if tail else f"see {self.log}")
             )
 
+    def cpu_seconds(self) -> float | None:
+        return cpu_seconds(self.process.pid)
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -146,6 +149,11 @@ class ForkingDaemon:
             time.sleep(0.02)
         self.pid = int(pidfile.read_text())
 
+    def cpu_seconds(self) -> None:
+        """Not known: the server forks a process for each client, whose time this one
+        gains only once it has reaped them."""
+        return None
+
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGTERM)
@@ -153,6 +161,19 @@ class ForkingDaemon:
             while alive(self.pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
             os.kill(self.pid, signal.SIGKILL)
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User and system CPU time process ``pid`` has used, its ended threads' included
+    (a server's connection threads come and go); None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def alive(pid: int) -> bool:

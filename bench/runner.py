@@ -28,6 +28,9 @@ from blockstore.errors import BlockstoreError
 from blockstore.localregistry import LocalRegistry
 
 IN_PROCESS = "engine-in-process"
+SERVER_CPU = "server CPU s"
+"""The servers' CPU time during each run, a figure beside the workload's own: where the
+client shares the machine's cores, a server's speed follows the CPU it spends."""
 
 
 @dataclass
@@ -308,8 +311,12 @@ def measure(rig: Rig, scenario: Scenario, repeat: int) -> None:
                 before = checked
             elif not system.prefetches_at_start:
                 before = before + (checked - checking)
+            cpu_before = system.cpu_seconds()
             outcome = workload.run(uris, rig, system)
             traffic = rig.link.traffic() - before
+            cpu_after = system.cpu_seconds()
+            if cpu_before is not None and cpu_after is not None:
+                outcome.metrics[SERVER_CPU] = cpu_after - cpu_before
         finally:
             system.stop()
             rig.link.profile = LOOPBACK

@@ -130,6 +130,13 @@ class System:
     def stopped(self) -> None:
         """After the servers stopped, before their scratch directories go: what to keep."""
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the servers have used so far, or None where it is not known."""
+        times = [daemon.cpu_seconds() for daemon in self.daemons]
+        if not times or None in times:
+            return None
+        return sum(times)  # type: ignore[arg-type]
+
     def scratch_dir(self, prefix: str) -> Path:
         directory = self.rig.scratch(prefix)
         self.scratch.append(directory)

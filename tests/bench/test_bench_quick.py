@@ -39,7 +39,8 @@ def test_quick_mode_writes_json_markdown_and_png(tmp_path):
     """Quick mode on a 4 MiB image, the cold engine against nbdkit file, nbdcopy and fio:
     the JSON describes the machine and holds one run per scenario; the cold copy fetched
     the whole image through the counting link and the local file fetched nothing; the
-    Markdown tabulates both; every plot it names is a real PNG."""
+    servers' CPU time is recorded beside each figure; the Markdown tabulates both; every
+    plot it names is a real PNG."""
     for tool in ("nbdkit", "nbdcopy", "fio", "mkfs.erofs", "docker-registry"):
         if shutil.which(tool) is None:
             pytest.skip(f"the harness needs {tool}")
@@ -68,10 +69,16 @@ def test_quick_mode_writes_json_markdown_and_png(tmp_path):
     assert cold_copy["registry"]["blob_requests"] >= 1
     assert runs[("nbdkit-file", "nbdcopy", "loopback")][0]["registry"]["bytes"] == 0
     assert runs[("nbdkit-file", "fio-qd1", "loopback")][0]["metrics"]["IOPS"] > 0
+    for system, network in (("engine-cold", "wan-20ms-1g"), ("nbdkit-file", "loopback")):
+        cpu = runs[(system, "nbdcopy", network)][0]["metrics"]["server CPU s"]
+        assert 0 <= cpu < 30, (system, cpu)  # the servers' own time, not the machine's
+    cold_cpu = cold_copy["metrics"]["server CPU s"]
+    assert cold_cpu > 0  # fetching, checking and storing 4 MiB takes a tick of CPU at least
 
     markdown = (out / "results.md").read_text()
     assert "| wan-20ms-1g | **engine-cold** |" in markdown
     assert "| loopback | **nbdkit-file** |" in markdown
+    assert "| server CPU s |" in markdown
     plots = [line[line.index("(") + 1 : -1] for line in markdown.splitlines() if line[:2] == "!["]
     assert {"throughput.png", "latency.png", "bytes.png"} <= set(plots)
     for name in plots:
