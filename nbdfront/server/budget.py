@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -9,6 +11,9 @@ from collections.abc import Callable
 ROOM_POLL = 0.05
 """How often a read larger than its connection's share looks again for room
 server-wide (other connections free what they hold without a word to this one)."""
+LIMIT_POLL = 0.16
+"""How often a waiter told of releases by ``signal`` looks again all the same: the
+limit grows as other connections close, without a word to this one."""
 
 
 class Budget:
@@ -17,6 +22,11 @@ class Budget:
     Reads handed to workers hold what they were granted until their reply is
     in the outbox; reply bytes the socket has not taken are ``charge``\\ d by
     the outbox until sent. ``close`` wakes every waiter for good.
+
+    A thread that waits for something else too (the client's next request)
+    waits on ``signal`` instead (``acquire_or_signal``); it is made, and
+    written, only once such a thread waits: a release costs no system call
+    while none does.
     """
 
     def __init__(
@@ -36,6 +46,9 @@ class Budget:
         self.requests = 0
         self._closed = False
         self._cond = threading.Condition(threading.Lock())
+        self._signal: int | None = None  # an eventfd
+        self._signal_wanted = False  # written at the next change that may make room
+        self._signal_set = False  # written and not read since
 
     def acquire(self, nbytes: int, *, wait: bool = True, timeout: float | None = None) -> bool:
         """Take ``nbytes`` and one request; False (nothing taken) if over and not
@@ -43,36 +56,77 @@ class Budget:
         granted when nothing is held."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while True:
-                limit = self._max_bytes()
-                if (self.requests or self.bytes > 0) and (
-                    self.bytes + nbytes > limit or self.requests >= self._max_requests
-                ):
-                    poll = None
-                elif nbytes > limit and not self._room(nbytes):
-                    # Other connections free what they hold without a word to this one.
-                    poll = ROOM_POLL
-                else:
-                    break
+            while (poll := self._over(nbytes)) is not None:
                 if not wait or self._closed:
                     return False
                 if deadline is not None:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return False
-                    poll = left if poll is None else min(poll, left)
-                self._cond.wait(poll)
-            if self._closed:
-                return False
-            self.bytes += nbytes
-            self.requests += 1
-            return True
+                    poll = min(poll, left)
+                self._cond.wait(None if poll == math.inf else poll)
+            return self._take(nbytes)
+
+    def acquire_or_signal(self, nbytes: int) -> float:
+        """Take ``nbytes`` and one request if they fit now (0.0 then). Else the next
+        release, refund or close makes ``signal`` readable, and the answer is how long
+        to wait for it at most before asking again (the limit and the room server-wide
+        change without a word to this connection); nothing is taken."""
+        with self._cond:
+            if self._signal_set:
+                self._signal_set = False
+                os.eventfd_read(self._made_signal())
+            poll = self._over(nbytes)
+            if poll is None and self._take(nbytes):
+                return 0.0
+            self._made_signal()
+            self._signal_wanted = True
+            return LIMIT_POLL if poll is None else min(poll, LIMIT_POLL)
+
+    @property
+    def signal(self) -> int:
+        """A file descriptor readable once ``acquire_or_signal`` may find room."""
+        with self._cond:
+            return self._made_signal()
+
+    def _made_signal(self) -> int:
+        if self._signal is None:
+            self._signal = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        return self._signal
+
+    def _over(self, nbytes: int) -> float | None:
+        """None if ``nbytes`` and a request fit now; else how long a waiter may wait
+        for a release before looking again (``inf``: only a release makes room)."""
+        limit = self._max_bytes()
+        if (self.requests or self.bytes > 0) and (
+            self.bytes + nbytes > limit or self.requests >= self._max_requests
+        ):
+            return math.inf
+        if nbytes > limit and not self._room(nbytes):
+            # Other connections free what they hold without a word to this one.
+            return ROOM_POLL
+        return None
+
+    def _take(self, nbytes: int) -> bool:
+        if self._closed:
+            return False
+        self.bytes += nbytes
+        self.requests += 1
+        return True
+
+    def _changed(self) -> None:
+        """With the lock held: wake every waiter, and ``signal`` the one that asked."""
+        self._cond.notify_all()
+        if self._signal_wanted and self._signal is not None:
+            self._signal_wanted = False
+            self._signal_set = True
+            os.eventfd_write(self._signal, 1)
 
     def release(self, nbytes: int) -> None:
         with self._cond:
             self.bytes -= nbytes
             self.requests -= 1
-            self._cond.notify_all()
+            self._changed()
 
     def charge(self, nbytes: int) -> None:
         """Count queued reply bytes: never waits, may go over."""
@@ -82,7 +136,7 @@ class Budget:
     def refund(self, nbytes: int) -> None:
         with self._cond:
             self.bytes -= nbytes
-            self._cond.notify_all()
+            self._changed()
 
     def wait_for_room(self) -> None:
         """Return once the bytes are within the limit (or the connection is gone)."""
@@ -93,4 +147,12 @@ class Budget:
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._cond.notify_all()
+            self._changed()
+
+    def close_signal(self) -> None:
+        """Let ``signal`` go, once no thread waits on it (a release after is not told)."""
+        with self._cond:
+            if self._signal is not None:
+                os.close(self._signal)
+                self._signal = None
+                self._signal_set = self._signal_wanted = False

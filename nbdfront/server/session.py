@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import select
 import socket
 import threading
 import time
@@ -64,12 +65,9 @@ HANDSHAKE_RECV_SIZE = 256
 # behind them that need none (hits, flushes, block status, refusals) are answered; at
 # most this many, so a client that sends misses without end is read no further.
 WAITING_REQUESTS = 128
-# While requests wait for room, the reader thread looks for more from the client between
-# waits this long, doubled while it sends nothing, up to the most: a flush or block
-# status sent meanwhile waits no longer, and a client that sends nothing more (or will
-# not take its replies, which is what holds the room) costs a few wakeups a second.
-WAITING_POLL = 0.01
-WAITING_POLL_MOST = 0.16
+# After DISC, how often reads still waiting for room look whether the client has given
+# up taking the replies that hold it.
+ABANDONED_POLL = 0.16
 _DF = int(CommandFlag.DF)
 
 Waiting = tuple[int, Callable[[], None], ReadRequest | CacheRequest]
@@ -86,6 +84,8 @@ class Session:
     def __init__(self, server: NBDServer, sock: socket.socket, peer: str):
         self._server = server
         self._sock: socket.socket | TLSStream = sock
+        self._plain_sock = sock  # under TLS too: what the client sends arrives on it
+        self._poller: select.poll | None = None  # made once requests wait for room
         self.peer = peer
         policy = server.tls.policy if server.tls is not None else TLSPolicy.OFF
         self._protocol = ServerConnection(server.catalog, tls=policy)
@@ -202,7 +202,7 @@ class Session:
                 # The spec has every request before DISC answered, while the client
                 # takes the answers: one that takes none is cut after the drain.
                 while self._waiting:
-                    if not self._start_next(WAITING_POLL_MOST):
+                    if not self._start_next(ABANDONED_POLL):
                         self._replies_abandoned()
                 self._flush()
                 if isinstance(event, ConnectionClosed):
@@ -256,21 +256,20 @@ class Session:
         client sends requests in bursts, those already waiting in the socket
         are taken first, so the replies to a burst leave in one send; a
         client waiting on each reply costs no extra system call. Requests
-        waiting for budget room are started first; what the client sends
-        meanwhile is taken between waits (``WAITING_POLL``), so that what
-        needs no room is answered while they wait.
+        waiting for budget room are started first; while they wait, this
+        thread wakes for room or for the client's next bytes, whichever
+        comes first, so that what needs no room is answered at once.
         """
         pipelined, self._reads_since_recv = self._reads_since_recv > 1, 0
-        poll = WAITING_POLL
         try:
             while self._waiting:
-                if self._start_next(poll):
-                    poll = WAITING_POLL
+                wait = self._start_waiting()
+                if not wait:
                     continue
                 try:
                     data = self._recv(socket.MSG_DONTWAIT)
                 except BlockingIOError:
-                    poll = min(2 * poll, WAITING_POLL_MOST)
+                    self._room_or_request(wait)
                     continue
                 self.last_heard = time.monotonic()
                 return data
@@ -291,6 +290,15 @@ class Session:
             return None
         self.last_heard = time.monotonic()
         return data
+
+    def _room_or_request(self, timeout: float) -> None:
+        """Wait, ``timeout`` seconds at most, until the budget may have room
+        (``Budget.signal``) or the client has sent more."""
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self._plain_sock, select.POLLIN)
+            self._poller.register(self._budget.signal, select.POLLIN)
+        self._poller.poll(timeout * 1000)
 
     def _answers_sent(self) -> bool:
         """Before an export is chosen: wait, within the handshake deadline, until the
@@ -388,16 +396,36 @@ class Session:
         those behind it that fit at once; False if no room came in time (True if the
         connection broke: nothing waits then). Every answer made so far leaves first."""
         self._send_answered()
-        nbytes, job, request = self._waiting[0]
-        if not self._budget.acquire(nbytes, timeout=timeout):
-            if self._outbox.broken:
-                self._waiting.clear()  # the reader is about to see it
-            return self._outbox.broken
-        self._waiting.popleft()
-        self._submit(nbytes, job, request)
+        if not self._budget.acquire(self._waiting[0][0], timeout=timeout):
+            return self._given_up()
+        self._start_granted()
+        return True
+
+    def _start_waiting(self) -> float:
+        """Start the first waiting request, and those behind it, if it fits now (0.0);
+        else how long to wait at most for ``Budget.signal`` before asking again (0.0
+        if the connection broke: nothing waits then). Every answer made so far leaves
+        first."""
+        self._send_answered()
+        wait = self._budget.acquire_or_signal(self._waiting[0][0])
+        if not wait:
+            self._start_granted()
+        elif self._given_up():
+            return 0.0
+        return wait
+
+    def _given_up(self) -> bool:
+        """No room came: True if that is because the connection broke (nothing waits
+        any more, and the reader is about to see it)."""
+        if self._outbox.broken:
+            self._waiting.clear()
+        return self._outbox.broken
+
+    def _start_granted(self) -> None:
+        """Submit the first waiting request, granted its bytes, and those behind it that fit."""
+        self._submit(*self._waiting.popleft())
         while self._waiting and self._budget.acquire(self._waiting[0][0], wait=False):
             self._submit(*self._waiting.popleft())
-        return True
 
     def _send_answered(self) -> None:
         """Hand the outbox every answer made on this thread: the batch, and what the
@@ -519,6 +547,7 @@ class Session:
     def _finish(self) -> None:
         shutdown_quietly(self._sock, socket.SHUT_RDWR)
         self._sock.close()
+        self._budget.close_signal()
         self._server.forget(self)
 
 
