@@ -7,22 +7,21 @@ follow it when a directory above it moved (``followed``), read back a mount
 whose record is gone (``unrecorded``), find a mount made with another run
 directory (``run_dir_of``) or the supervisor of a server whose record is gone
 (``supervisor_of``), and say what hides a mount or lies inside it; they write
-paths and commands for a user to read and paste (``printable``,
-``umount_command``). The names of the state directory's files they look for,
-which ``stack`` gives those it makes, are here too (``SERVER_STATUS``,
-``EMPTY_LOWER``, ``ATTRIBUTES_LOWER``).
+paths and commands for a user to read and paste (made in ``commands``). The
+names of the state directory's files they look for, which ``stack`` gives those
+it makes, are here too (``SERVER_STATUS``, ``EMPTY_LOWER``, ``ATTRIBUTES_LOWER``).
 """
 
 from __future__ import annotations
 
 import os
-import re
-import shlex
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 from nbdfront.mount import records, syscall
+from nbdfront.mount.commands import plain_umount, printable, umount_command
+from nbdfront.mount.commands import shell_word as shell_word  # the CLI's, with the rest
 from nbdfront.mount.process import ProcessRef
 from nbdfront.mount.records import MountRecord
 
@@ -30,40 +29,6 @@ from nbdfront.mount.records import MountRecord
 SERVER_STATUS = "serve.status"
 EMPTY_LOWER = "empty-lower"  # the layer an overlay of one visible layer is given
 ATTRIBUTES_LOWER = "dir-attributes"  # the top layer that keeps lower directories' attributes
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def printable(path: str) -> str:
-    """``path`` with control characters written ``\\xNN``, as findmnt writes them: a
-    newline in a mount point would break its line in two, and the table with it."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", path)
-
-
-def shell_word(path: str) -> str:
-    """``path`` as one word the shell reads back as it is, for a command to copy: quoted
-    where it needs it, and a name with control characters as ``$'...\\xNN...'``, which
-    stays on one line."""
-    if not _CONTROL.search(path):
-        return shlex.quote(path)
-    escaped = printable(path.replace("\\", "\\\\").replace("'", "\\'"))
-    return f"$'{escaped}'"
-
-
-def umount_command(mountpoint: str, run_dir: str | None = None, *, lazy: bool = False) -> str:
-    """The ``blockstore umount`` (``--lazy``) that undoes the mount at ``mountpoint``, as
-    one line to paste into a shell; ``run_dir``: the run directory that mounted it, when
-    not this one's."""
-    command = f"blockstore umount {'--lazy ' if lazy else ''}{shell_word(mountpoint)}"
-    return command if run_dir is None else f"BLOCKSTORE_RUN_DIR={shell_word(run_dir)} {command}"
-
-
-def plain_umount(points: list[str]) -> str:
-    """The umount(8) of file systems not blockstore's, as one line to paste into a shell,
-    the deepest first: one holding another inside it would be refused as busy."""
-    return "umount" + "".join(
-        f" {shell_word(point)}" for point in sorted(points, key=len, reverse=True)
-    )
 
 
 def followed(record: MountRecord) -> MountRecord:

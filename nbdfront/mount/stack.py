@@ -24,15 +24,14 @@ from pathlib import Path
 from blockstore.errors import MountError, MountpointBusy, NotPermitted
 from blockstore.logformat import count_trouble, last_trouble
 from nbdfront.mount import attach, dirattrs, records, syscall
+from nbdfront.mount.commands import printable, umount_command
 from nbdfront.mount.finding import (
     ATTRIBUTES_LOWER,
     EMPTY_LOWER,
     SERVER_STATUS,
     moved_to,
-    printable,
     run_dir_of,
     supervisor_of,
-    umount_command,
     unrecorded,
 )
 from nbdfront.mount.process import ProcessRef

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 from blockstore.errors import MissingDependency, MountError, MountpointBusy, NotPermitted
 from blockstore.openers import processes_using
+from nbdfront.mount.commands import printable, umount_command
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -56,8 +57,10 @@ def mount(source: str, target: str, fstype: str, options: str = "", flags: int =
         raise _fail(f"mount -t {fstype} {source} {target}", ctypes.get_errno())
 
 
-def umount(target: str, *, lazy: bool = False) -> None:
-    """Unmount ``target``; ``lazy`` detaches it now and frees it when unused.
+def umount(target: str, *, lazy: bool = False, of: str | None = None) -> None:
+    """Unmount ``target``; ``lazy`` detaches it now and frees it when unused. ``of``:
+    the mount point of the blockstore mount ``target`` is part of, whose lazy
+    ``blockstore umount`` a refusal gives to paste.
 
     A busy file system is tried again for ``BUSY_PATIENCE`` seconds before it is
     called busy: a process just ending (a ``cat`` at its last read) still holds
@@ -79,9 +82,10 @@ def umount(target: str, *, lazy: bool = False) -> None:
         if time.monotonic() >= deadline:
             who = processes_using(target)
             named = f" ({', '.join(who)})" if who else ""
+            lazily = "unmount with --lazy" if of is None else f"`{umount_command(of, lazy=True)}`"
             raise MountpointBusy(
-                f"{target} is busy: a process still uses it{named} (end it, or unmount with "
-                "--lazy, after which what still uses it gets I/O errors)"
+                f"{printable(target)} is busy: a process still uses it{named} (end it, or "
+                f"{lazily}, after which what still uses it gets I/O errors)"
             )
         time.sleep(BUSY_RETRY)
 

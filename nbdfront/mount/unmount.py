@@ -14,17 +14,15 @@ from blockstore.errors import MountError, MountpointBusy, NotPermitted
 from blockstore.logformat import count_trouble
 from blockstore.openers import processes_using
 from nbdfront.mount import attach, records, syscall
+from nbdfront.mount.commands import plain_umount, printable, umount_command
 from nbdfront.mount.finding import (
     SERVER_STATUS,
     followed,
     hidden_by_message,
     moved_to,
     ours_inside,
-    plain_umount,
-    printable,
     recorded_around,
     run_dir_of,
-    umount_command,
     unrecorded,
     where_ours_is,
 )
@@ -182,7 +180,7 @@ def take_down(record: MountRecord, *, lazy: bool) -> ServerExit | None:
                 f"`{umount_command(record.mountpoint, lazy=True)}`, after which it gets I/O errors"
             )
     if top:
-        syscall.umount(record.mountpoint, lazy=lazy)
+        syscall.umount(record.mountpoint, lazy=lazy, of=record.mountpoint)
     elif record.mounted and syscall.is_mounted(record.mountpoint):
         logger.warning(
             "%s: what is mounted there now is not this mount's: left alone", record.mountpoint
@@ -194,7 +192,7 @@ def take_down(record: MountRecord, *, lazy: bool) -> ServerExit | None:
     if told:
         record.server.signal(signal.SIGTERM)
     for lower in reversed(record.lowers):
-        syscall.umount(lower, lazy=lazy)
+        syscall.umount(lower, lazy=lazy, of=record.mountpoint)
     _sweep(record, fuse=False, lazy=lazy)
     for attachment in reversed(record.attachments):
         attach.detach(attachment, lazy=lazy)
@@ -216,7 +214,7 @@ def _sweep(record: MountRecord, *, fuse: bool, lazy: bool) -> None:
     table = syscall.mounted()
     for point in syscall.submounts(record.state_dir):
         if table.get(point, ("",))[0].startswith("fuse") == fuse:
-            syscall.umount(point, lazy=lazy)
+            syscall.umount(point, lazy=lazy, of=record.mountpoint)
 
 
 def _held_inside(record: MountRecord) -> list[str]:

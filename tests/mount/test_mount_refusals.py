@@ -451,7 +451,8 @@ def test_umount_run_from_inside_the_mount_says_to_step_out_of_it(
     assert shell.returncode == 13, said
     assert said == (
         f"blockstore: {mountpoint} is busy: a process still uses it (pid {shell.pid} (sh)) "
-        "(end it, or unmount with --lazy, after which what still uses it gets I/O errors); "
+        f"(end it, or `blockstore umount --lazy {mountpoint}`, after which what still uses "
+        "it gets I/O errors); "
         "this command was run from inside it, as the shell that started it likely was: "
         "cd out of it first\n"
     )

@@ -1353,7 +1353,8 @@ def test_busy_mountpoint_and_busy_umount(mount_dirs, mountpoint, erofs_images, l
         assert busy.returncode == MountpointBusy.exit_code, busy.stderr
         assert len(busy.stderr.strip().splitlines()) == 1
         # The way out it offers says what it costs.
-        assert "--lazy, after which what still uses it gets I/O errors" in busy.stderr
+        lazily = f"`blockstore umount --lazy {mountpoint}`"
+        assert f"{lazily}, after which what still uses it gets I/O errors" in busy.stderr
         for user in (squatter, reader):  # a working directory, an open file
             assert f"pid {user.pid} (sleep)" in busy.stderr, busy.stderr
         assert syscall.is_mounted(str(mountpoint))
