@@ -11,7 +11,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from blockstore.errors import BlockstoreError
 from blockstore.export import Buffer, Export, Held
@@ -19,6 +19,7 @@ from blockstore.throttledlog import ThrottledLog
 from nbdfront.protocol import (
     NEED_DATA,
     CacheRequest,
+    Catalog,
     CommandDone,
     ConnectionClosed,
     ExportSelected,
@@ -36,10 +37,7 @@ from nbdfront.server.budget import Budget
 from nbdfront.server.outbox import Outbox
 from nbdfront.server.sending import buffers_length, shutdown_quietly
 from nbdfront.server.workers import Workers
-from nbdfront.tls import TLSStream
-
-if TYPE_CHECKING:
-    from nbdfront.server.nbd_server import NBDServer
+from nbdfront.tls import ServerTLS, TLSStream
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +71,28 @@ _DF = int(CommandFlag.DF)
 Waiting = tuple[int, Callable[[], None], ReadRequest | CacheRequest]
 
 
+class Host(Protocol):
+    """What a session needs of its server (``NBDServer``): its exports and settings, its
+    throttled logs, and word of the session choosing an export and ending. Named here, so
+    that the server's module imports this one and not the other way round."""
+
+    tls: ServerTLS | None
+    catalog: Catalog
+    exports: dict[str, Export]
+    drain_timeout: float
+    handshake_timeout: float
+    hangups: ThrottledLog
+    failures: FailureLog
+
+    def connection_budget(self) -> int: ...
+
+    def has_room(self, nbytes: int) -> bool: ...
+
+    def count_reading(self, session: Session) -> None: ...
+
+    def forget(self, session: Session) -> None: ...
+
+
 class Session:
     """One client connection, from greeting to close.
 
@@ -81,7 +101,7 @@ class Session:
     workers, within the budget. Every reply leaves through the outbox.
     """
 
-    def __init__(self, server: NBDServer, sock: socket.socket, peer: str):
+    def __init__(self, server: Host, sock: socket.socket, peer: str):
         self._server = server
         self._sock: socket.socket | TLSStream = sock
         self._plain_sock = sock  # under TLS too: what the client sends arrives on it
