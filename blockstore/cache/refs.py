@@ -13,7 +13,8 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager
+from typing import Protocol, TypeVar
 
 import lmdb
 
@@ -22,10 +23,23 @@ from blockstore.errors import CacheError
 from .errors import RECORD_ERRORS
 from .layout import DB_BLOBS, DB_MANIFESTS, DB_REFS, BlobRecord
 
-if TYPE_CHECKING:  # the environment brings a cache up with ``mark_images_pinned_whole``
-    from .env import CacheEnv
-
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Databases(Protocol):
+    """What the records need of the cache's environment (``CacheEnv``). Named here, as
+    the environment imports this module (it brings a cache up with
+    ``mark_images_pinned_whole``), and this one imports nothing of it."""
+
+    dbs: dict[bytes, lmdb._Database]
+    read_only: bool
+
+    def write(self, work: Callable[[lmdb.Transaction], T]) -> T: ...
+
+    def reader(self, db: bytes | None = None) -> AbstractContextManager[lmdb.Transaction]: ...
+
+    def ask(self, question: Callable[[], T], empty: Callable[[], T] | None = None) -> T: ...
 
 
 def _layer_facts(layer: dict) -> tuple:
@@ -94,7 +108,7 @@ def _pinned(txn: lmdb.Transaction, dbs: dict[bytes, lmdb._Database], digest: obj
 class ImageRecords:
     """References and manifests kept in the cache for offline use."""
 
-    def __init__(self, env: CacheEnv):
+    def __init__(self, env: Databases):
         self._env = env
 
     def put(self, reference: str, platform: str | None, record: dict) -> None:
@@ -244,7 +258,7 @@ class ImageRecords:
             DB_MANIFESTS, prefix.encode(), lambda key: keep(key.decode(errors="replace"))
         )
 
-    def _drop_prefixed(self, db_name: str, prefix: bytes, keep: Callable[[bytes], bool]) -> int:
+    def _drop_prefixed(self, db_name: bytes, prefix: bytes, keep: Callable[[bytes], bool]) -> int:
         """Delete the keys of ``db_name`` that start with ``prefix`` unless ``keep(key)``,
         in one write; how many went."""
         db = self._env.dbs[db_name]
