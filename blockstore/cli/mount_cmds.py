@@ -38,8 +38,9 @@ from blockstore.cli.mount_options import (
 )
 from blockstore.cli.tls_options import add_tls_options, mount_tls_arguments
 from blockstore.errors import MountBeingUndone, MountError, MountpointBusy, NotCached, UsageError
-from nbdfront.mount import finding, stack, unmount
+from nbdfront.mount import stack, unmount
 from nbdfront.mount.attach import KERNEL, NBDFUSE
+from nbdfront.mount.commands import printable, shell_word
 from nbdfront.mount.records import MountRecord
 
 
@@ -58,8 +59,8 @@ def check_argument_order(args: argparse.Namespace) -> None:
         return
     raise UsageError(
         f"{args.image} is a directory and {args.mountpoint} an image reference: the image "
-        f"comes first: `blockstore mount {finding.shell_word(args.mountpoint)} "
-        f"{finding.shell_word(args.image)}`"
+        f"comes first: `blockstore mount {shell_word(args.mountpoint)} "
+        f"{shell_word(args.image)}`"
     )
 
 
@@ -146,7 +147,7 @@ def describe_path(record: MountRecord) -> str:
     pid = record.server.pid if record.server else "?"
     metrics = f", metrics {record.metrics}" if record.metrics else ""
     return (
-        f"mounted {record.image} at {finding.printable(record.mountpoint)} via {via}, {shape}, "
+        f"mounted {record.image} at {printable(record.mountpoint)} via {via}, {shape}, "
         f"in {record.mount_seconds:.2f}s (server pid {pid}{metrics}, log {record.log})"
     )
 
@@ -184,7 +185,7 @@ def run_umount(args: argparse.Namespace) -> int:
         ) from exc
     ignore_late_signals()
     if args.quiet <= 0:
-        say_done(f"unmounted {finding.printable(done.record.mountpoint)} ({done.record.image})")
+        say_done(f"unmounted {printable(done.record.mountpoint)} ({done.record.image})")
         if done.trouble is not None:
             kept = Path(done.record.log).exists()
             where = f"; its log is kept at {done.record.log}" if kept else ""

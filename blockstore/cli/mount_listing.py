@@ -13,6 +13,7 @@ from pathlib import Path
 from blockstore.cli.mount_layers import with_layers
 from blockstore.logformat import count_trouble
 from nbdfront.mount import finding, listing
+from nbdfront.mount.commands import printable, shell_word, umount_command
 from nbdfront.mount.records import MountRecord
 
 
@@ -151,7 +152,7 @@ def run_mounts(args: argparse.Namespace) -> int:
         what = "1 mount" if count == 1 else f"{count} mounts"
         print(
             f"blockstore: {what} made with another run directory, {run}, not listed here: "
-            f"`BLOCKSTORE_RUN_DIR={finding.shell_word(run)} blockstore mounts` lists "
+            f"`BLOCKSTORE_RUN_DIR={shell_word(run)} blockstore mounts` lists "
             f"{'it' if count == 1 else 'them'}",
             file=sys.stderr,
         )
@@ -177,15 +178,13 @@ def print_table(rows: list[dict]) -> None:
         cached = " ".join("?" if f is None else percent(f) for f in row["cached"]) or "?"
         state = with_warnings(row["state"], row["warnings"])
         image, via = row["image"] or "?", row["via"] or "?"
-        table.append(
-            (finding.printable(row["mountpoint"]), image, row["served"], via, state, cached)
-        )
+        table.append((printable(row["mountpoint"]), image, row["served"], via, state, cached))
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     logs = [None, *(row["log"] if _is_file(row["log"]) else None for row in rows)]
     for line, log in zip(table, logs, strict=True):
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
         if log is not None:
-            print(f"  log {finding.printable(log)}")
+            print(f"  log {printable(log)}")
 
 
 def _is_file(path: str | None) -> bool:
@@ -200,9 +199,7 @@ def print_what_to_do(row: dict) -> None:
     if row["hidden_by"] is not None:
         said = finding.hidden_by_message(mountpoint, row["hidden_by"])
     elif row["state"] not in ("ok", "mounting"):
-        said = (
-            f"{finding.printable(mountpoint)}: `{finding.umount_command(mountpoint)}` cleans it up"
-        )
+        said = f"{printable(mountpoint)}: `{umount_command(mountpoint)}` cleans it up"
     else:
         return
     print(f"blockstore: {said}", file=sys.stderr)

@@ -104,8 +104,9 @@ def attach(uri: str, export: str, workdir: Path, log_path: Path, method: str) ->
     return _attach_nbdfuse(uri, export, workdir, log_path)
 
 
-def detach(attachment: Attachment, *, lazy: bool = False) -> None:
-    """Undo ``attach``; safe to call again, and when the process is already gone."""
+def detach(attachment: Attachment, *, lazy: bool = False, of: str | None = None) -> None:
+    """Undo ``attach``; safe to call again, and when the process is already gone. ``of``:
+    the mount point of the blockstore mount it serves, named in a refusal to paste."""
     if attachment.method == KERNEL:
         subprocess.run(
             ["nbd-client", "-d", attachment.device],
@@ -118,7 +119,7 @@ def detach(attachment: Attachment, *, lazy: bool = False) -> None:
     # Unmounting the FUSE file system is what makes nbdfuse exit cleanly. After a lazy
     # unmount of a busy stack it would wait for the last user, or for a read the server
     # may never answer: it is stopped instead, and killed soon (it keeps no state).
-    syscall.umount(attachment.fuse_dir, lazy=lazy)
+    syscall.umount(attachment.fuse_dir, lazy=lazy, of=of)
     if attachment.process is not None and not attachment.process.wait(0.5 if lazy else 5.0):
         attachment.process.stop(1.0 if lazy else 5.0)
     remove_empty_dir(attachment.fuse_dir)

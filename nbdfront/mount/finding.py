@@ -21,7 +21,6 @@ from pathlib import Path
 
 from nbdfront.mount import records, syscall
 from nbdfront.mount.commands import plain_umount, printable, umount_command
-from nbdfront.mount.commands import shell_word as shell_word  # the CLI's, with the rest
 from nbdfront.mount.process import ProcessRef
 from nbdfront.mount.records import MountRecord
 

@@ -195,7 +195,7 @@ def take_down(record: MountRecord, *, lazy: bool) -> ServerExit | None:
         syscall.umount(lower, lazy=lazy, of=record.mountpoint)
     _sweep(record, fuse=False, lazy=lazy)
     for attachment in reversed(record.attachments):
-        attach.detach(attachment, lazy=lazy)
+        attach.detach(attachment, lazy=lazy, of=record.mountpoint)
     _sweep(record, fuse=True, lazy=lazy)
     server = record.server
     stopped = server is None or server.stop(SERVER_STOP_TIMEOUT, told=told, group=True)
