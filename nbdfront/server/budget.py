@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
@@ -12,8 +11,8 @@ ROOM_POLL = 0.05
 """How often a read larger than its connection's share looks again for room
 server-wide (other connections free what they hold without a word to this one)."""
 LIMIT_POLL = 0.16
-"""How often a waiter told of releases by ``signal`` looks again all the same: the
-limit grows as other connections close, without a word to this one."""
+"""How often a waiter for a release looks again all the same: the limit grows as
+other connections close, without a word to this one."""
 
 
 class Budget:
@@ -64,7 +63,7 @@ class Budget:
                     if left <= 0:
                         return False
                     poll = min(poll, left)
-                self._cond.wait(None if poll == math.inf else poll)
+                self._cond.wait(poll)
             return self._take(nbytes)
 
     def acquire_or_signal(self, nbytes: int) -> float:
@@ -81,7 +80,7 @@ class Budget:
                 return 0.0
             self._made_signal()
             self._signal_wanted = True
-            return LIMIT_POLL if poll is None else min(poll, LIMIT_POLL)
+            return LIMIT_POLL if poll is None else poll
 
     @property
     def signal(self) -> int:
@@ -96,12 +95,12 @@ class Budget:
 
     def _over(self, nbytes: int) -> float | None:
         """None if ``nbytes`` and a request fit now; else how long a waiter may wait
-        for a release before looking again (``inf``: only a release makes room)."""
+        for a release before looking again."""
         limit = self._max_bytes()
         if (self.requests or self.bytes > 0) and (
             self.bytes + nbytes > limit or self.requests >= self._max_requests
         ):
-            return math.inf
+            return LIMIT_POLL
         if nbytes > limit and not self._room(nbytes):
             # Other connections free what they hold without a word to this one.
             return ROOM_POLL
