@@ -138,10 +138,11 @@ class Budget:
             self._changed()
 
     def wait_for_room(self) -> None:
-        """Return once the bytes are within the limit (or the connection is gone)."""
+        """Return once the bytes are within the limit (or the connection is gone);
+        looked at again every ``LIMIT_POLL``, as the limit grows without a word."""
         with self._cond:
             while self.bytes > self._max_bytes() and not self._closed:
-                self._cond.wait()
+                self._cond.wait(LIMIT_POLL)
 
     def close(self) -> None:
         with self._cond:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import nbd
+from nbd_wire import CMD_READ, RawClient
 from rig.fault_proxy import Fault
 from rig.waiting import wait_for
 from test_waiting_for_room import slow_registry_blob
@@ -71,4 +72,47 @@ def test_reads_past_the_waiting_bound_start_once_a_closing_connection_grows_the_
                 assert buffer.to_bytearray() == image[offset : offset + len(buffer)], offset
         finally:
             first.shutdown()
+            server.shutdown()
+
+
+def test_a_reader_held_by_replies_not_taken_reads_on_once_a_closing_connection_grows_the_limit(
+    registry, pushed_images, fault_proxy, tmp_path
+):
+    """Tried: a server bound of 8 MiB shared by two connections (4 MiB each); one sends
+    two 3 MiB reads of cached chunks and a 32 KiB miss behind them, and takes no reply,
+    so that its reader thread waits for the replies queued to fit its share; the other
+    connection then closes, which doubles the first one's share.
+    Must hold: the miss goes to the registry within the limit's backstop (LIMIT_POLL)
+    of the close. Before, the reader thread waited for the queued replies to fit with
+    nothing to wake it but the client taking some: the miss never went out."""
+    proxy = fault_proxy(registry)
+    with slow_registry_blob(proxy, pushed_images.large, tmp_path) as blob:
+        blob.read(0, 6 * MIB)  # the hits
+        server = NBDServer(
+            {"layer0": blob},
+            unix=tmp_path / "nbd.sock",
+            default_export="layer0",
+            server_inflight_bytes=8 * MIB,
+        )
+        server.start()
+        other = nbd.NBD()
+        first = RawClient(server.unix_path, receive_buffer=SMALL)
+        try:
+            other.connect_unix(server.unix_path)
+            first.negotiate()
+            first.send(CMD_READ, 1, 0, 3 * MIB)
+            first.send(CMD_READ, 2, 3 * MIB, 3 * MIB)
+            first.send(CMD_READ, 3, WAITING_AT, SMALL)
+            assert wait_for(lambda: server.bytes_in_flight > 4 * MIB)
+            time.sleep(0.5)  # the reader thread waits for the replies to fit
+            assert not any(range_start(r) >= WAITING_AT for r in proxy.requests)
+            closed = time.monotonic()
+            other.shutdown()
+            assert wait_for(
+                lambda: any(range_start(r) >= WAITING_AT for r in proxy.requests), timeout=2.0
+            ), "the miss never went out"
+            started = min(r.arrived for r in proxy.requests if range_start(r) >= WAITING_AT)
+            assert started - closed < LIMIT_POLL + 0.1, started - closed
+        finally:
+            first.close()
             server.shutdown()
