@@ -317,7 +317,7 @@ def churn(address: tuple[str, int], rng: random.Random, until: float) -> int:
 def test_connections_ending_as_their_waits_for_room_end_leave_every_byte_right(
     registry, pushed_images, erofs_images, fault_proxy, tmp_path
 ):
-    """Tried: for 8 s, four threads open connection after connection that send cache
+    """Tried: for 5 s, four threads open connection after connection that send cache
     hints of 4 MiB and reads (4 KiB to 8 MiB) of a cached 64 MiB image into a 4 MiB
     budget, so that releases and eventfd writes race each connection's end at a random
     moment (DISC, RST, half-close, close); meanwhile nbdcopy copies the image over and
@@ -342,7 +342,7 @@ def test_connections_ending_as_their_waits_for_room_end_leave_every_byte_right(
         copy = tmp_path / "copy"
         try:
             subprocess.run(["nbdcopy", uri, str(copy)], check=True)  # the cache warm
-            until = time.monotonic() + 8
+            until = time.monotonic() + 5
             counts: list[int] = []
             churners = [
                 threading.Thread(
@@ -362,7 +362,7 @@ def test_connections_ending_as_their_waits_for_room_end_leave_every_byte_right(
                 copies += 1
             for thread in churners:
                 thread.join()
-            assert sum(counts) > 100 and copies > 2, (counts, copies)
+            assert sum(counts) > 60 and copies >= 2, (counts, copies)
             assert wait_for(
                 lambda: server.connection_count == 0 and not session_threads(), timeout=5
             )
