@@ -841,8 +841,7 @@ class CacheEnv:
                 try:
                     if self.env is None:
                         raise self._closed()
-                    with _write_lock_watch.waiting(self.path):
-                        txn = self.env.begin(write=True, buffers=True)
+                    txn = self._begin_write()
                 except lmdb.MapResizedError:
                     self._gate.release_shared()
                     self._adopt_map_size()
@@ -873,6 +872,20 @@ class CacheEnv:
                     self._gate.release_shared()
                 if grow:
                     self._grow()
+
+    def _begin_write(self) -> lmdb.Transaction:
+        """A write transaction, begun where a signal ends its wait for the lock (a stopped
+        process's, ``interruptibly``). The thread waiting in LMDB holds the gate until it
+        leaves LMDB, so the handle is never closed under it; a transaction it gets once
+        the wait was given up is aborted there, the lock given back."""
+        env = self.env
+        self._gate.holders.append(None)  # under the caller's hold: no exclusive taker yet
+
+        def begin() -> lmdb.Transaction:
+            with _write_lock_watch.waiting(self.path):
+                return env.begin(write=True, buffers=True)
+
+        return interruptibly(begin, undo=_abort, done=self._gate.release_shared)
 
     def _look(self, work: Callable[[lmdb.Transaction], T]) -> T:
         """``work`` run in a read transaction: what it returns where it writes nothing (an
@@ -948,6 +961,10 @@ class CacheEnv:
         with self._gate.exclusive():
             self.env.set_mapsize(0)
             log.debug("another process grew the cache map; now %d MiB", self.map_size() >> 20)
+
+
+def _abort(txn: lmdb.Transaction) -> None:
+    txn.abort()
 
 
 # A fork must not copy an open transaction into the child: closing the child's copy

@@ -110,49 +110,92 @@ STOP_LOCK_WAIT = 2.0
 before it leaves them to its exit: a stop never hangs on a stopped process."""
 
 
-def interruptibly(work: Callable[[], T]) -> T:
+def interruptibly(
+    work: Callable[[], T],
+    undo: Callable[[T], None] | None = None,
+    done: Callable[[], None] | None = None,
+) -> T:
     """``work``, which waits for the write lock, run where a signal still ends the wait.
 
     LMDB's lock is a mutex no signal interrupts, and Python runs a signal's handler
     (Ctrl-C, a stop) only in the main thread: there ``work`` runs in a thread of its
     own, which the main thread waits for as signals allow. Elsewhere it runs here.
+    A wait a signal ended leaves ``work`` running: what it returns after that goes to
+    ``undo`` (a write transaction, aborted so the lock goes back). ``done`` is called
+    once ``work`` has ended, wherever it ran (a hold on the handle let go).
     """
     if threading.current_thread() is not threading.main_thread():
-        return work()
-    helper, results, errors = _beside(work)
-    if helper.ident is not None:  # started: run there, not here
-        helper.join()
-    if errors:
-        raise errors[0]
-    return results[0]
+        try:
+            return work()
+        finally:
+            if done is not None:
+                done()
+    beside = _Beside(work, undo, done)
+    try:
+        if beside.thread.ident is not None:  # started: run there, not here
+            beside.thread.join()
+    except BaseException:
+        beside.leave()
+        raise
+    if beside.errors:
+        raise beside.errors[0]
+    return beside.results[0]
 
 
 def unless_stuck(work: Callable[[], object], waited: Callable[[], float]) -> bool:
     """Whether ``work`` (a close's last writes) ended; False, left running, once a
     write has waited ``STOP_LOCK_WAIT`` for the write lock (``waited``): another
     process holds it, stopped perhaps, and may never let go."""
-    helper, _, errors = _beside(work)
-    while helper.is_alive() and waited() < STOP_LOCK_WAIT:
-        helper.join(0.05)
-    if errors:
-        raise errors[0]
-    return not helper.is_alive()
+    beside = _Beside(work)
+    while beside.thread.is_alive() and waited() < STOP_LOCK_WAIT:
+        beside.thread.join(0.05)
+    if beside.errors:
+        raise beside.errors[0]
+    return not beside.thread.is_alive()
 
 
-def _beside(work: Callable[[], T]) -> tuple[threading.Thread, list[T], list[BaseException]]:
-    """``work`` started in a daemon thread; its result or exception lands in the lists."""
-    results: list[T] = []
-    errors: list[BaseException] = []
+class _Beside:
+    """``work`` started in a daemon thread; its result or exception for the thread
+    waiting on it, or, once that one left (``leave``), its result for ``undo``."""
 
-    def run() -> None:
+    def __init__(
+        self,
+        work: Callable[[], T],
+        undo: Callable[[T], None] | None = None,
+        done: Callable[[], None] | None = None,
+    ) -> None:
+        self.results: list[T] = []
+        self.errors: list[BaseException] = []
+        self._work, self._undo, self._done = work, undo, done
+        self._lock = threading.Lock()
+        self._left = False
+        self.thread = threading.Thread(target=self._run, name="cache-write-lock-wait", daemon=True)
         try:
-            results.append(work())
-        except BaseException as exc:  # handed to the waiting thread, raised there
-            errors.append(exc)
+            self.thread.start()
+        except RuntimeError:  # out of threads, or at the interpreter's exit: run here
+            self._run()
 
-    helper = threading.Thread(target=run, name="cache-write-lock-wait", daemon=True)
-    try:
-        helper.start()
-    except RuntimeError:  # out of threads, or at the interpreter's exit: run here
-        run()
-    return helper, results, errors
+    def _run(self) -> None:
+        try:
+            result = self._work()
+            with self._lock:
+                unwanted = self._left
+                if not unwanted:
+                    self.results.append(result)
+            if unwanted and self._undo is not None:
+                self._undo(result)
+        except BaseException as exc:  # handed to the waiting thread, raised there
+            self.errors.append(exc)
+        finally:
+            if self._done is not None:
+                self._done()
+
+    def leave(self) -> None:
+        """The waiting thread goes without the result: one already here is undone now,
+        one to come when it comes."""
+        with self._lock:
+            self._left = True
+            results, self.results = self.results, []
+        if self._undo is not None:
+            for result in results:
+                self._undo(result)
