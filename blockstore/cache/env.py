@@ -963,6 +963,16 @@ class CacheEnv:
             log.debug("another process grew the cache map; now %d MiB", self.map_size() >> 20)
 
 
+def in_use_at_exit() -> bool:
+    """Whether a thread of this process may be inside LMDB as the process ends: a write
+    waiting for a lock another process holds (one a close gave up on, or whose wait a
+    signal ended), or a transaction of a cache still open. The interpreter's teardown
+    must not run then: it ends a daemon thread coming back from a C call from within
+    (``pthread_exit``), which can crash the process."""
+    envs = list(CacheEnv._open.values())
+    return _write_lock_watch.any_waiting() or any(env._gate.holders for env in envs)
+
+
 def _abort(txn: lmdb.Transaction) -> None:
     txn.abort()
 

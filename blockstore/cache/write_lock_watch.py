@@ -78,6 +78,11 @@ class WriteLockWatch:
         with self._lock:
             return max((now - since for since, p in self._waits.values() if p == path), default=0.0)
 
+    def any_waiting(self) -> bool:
+        """Whether a thread of this process waits for a cache's write lock, in LMDB."""
+        with self._lock:
+            return bool(self._waits)
+
     def _watch(self) -> None:
         idle = 0
         while True:

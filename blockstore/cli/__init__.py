@@ -11,6 +11,8 @@ exit code, so scripts can tell causes apart.
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import importlib
 import logging
 import os
@@ -143,7 +145,34 @@ def _say_last(error: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run the command ``argv`` names, its exit code returned; without ``argv``, the
+    process's own command, which ends the process itself where the interpreter's
+    teardown is not safe (``_leave_if_cache_in_use``)."""
+    code = _run(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        _leave_if_cache_in_use(code)
+    return code
+
+
+def _leave_if_cache_in_use(code: int) -> None:
+    """End the process with ``code`` now, as its exit would end it, where a thread may
+    still be inside LMDB (``in_use_at_exit``: writes a stop left behind a stopped
+    process's write lock): the interpreter's teardown would run beside that thread,
+    and end it from within when it comes back, which can crash the process (SIGSEGV
+    or SIGABRT in place of the exit code). The exit functions run first, and the
+    output is flushed, as at any exit; no thread is waited for, as any that would
+    write to the cache waits for the same lock."""
+    env = sys.modules.get("blockstore.cache.env")  # not loaded: no cache was opened
+    if env is None or not env.in_use_at_exit():
+        return
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
+def _run(argv: list[str]) -> int:
     try:
         args = build_parser(argv).parse_args(argv)
         setup_logging(args.verbose - args.quiet, daemon=args.command == "serve")
