@@ -267,6 +267,8 @@ class CacheEnv:
 
     _open: ClassVar[dict[tuple[int, int], CacheEnv]] = {}
     _open_lock: ClassVar[threading.Lock] = threading.Lock()
+    # Handles no longer open to new users, whose close has not ended yet.
+    _closing: ClassVar[set[CacheEnv]] = set()
 
     @classmethod
     def open(
@@ -751,8 +753,13 @@ class CacheEnv:
             if self._users > 0:
                 return
             self._open.pop(self._key, None)
-        with self._gate.exclusive():
-            self._close_env()
+            self._closing.add(self)
+        try:
+            with self._gate.exclusive():
+                self._close_env()
+        finally:
+            with self._open_lock:
+                self._closing.discard(self)
 
     @contextmanager
     def reader(self, db: bytes | None = None) -> Iterator[lmdb.Transaction]:
@@ -964,13 +971,13 @@ class CacheEnv:
 
 
 def in_use_at_exit() -> bool:
-    """Whether a thread of this process may be inside LMDB as the process ends: a write
-    waiting for a lock another process holds (one a close gave up on, or whose wait a
-    signal ended), or a transaction of a cache still open. The interpreter's teardown
-    must not run then: it ends a daemon thread coming back from a C call from within
-    (``pthread_exit``), which can crash the process."""
-    envs = list(CacheEnv._open.values())
-    return _write_lock_watch.any_waiting() or any(env._gate.holders for env in envs)
+    """Whether a thread of this process may be inside LMDB as the process ends: a cache
+    still open or closing (its close gave up on writes stuck behind a write lock
+    another process holds, and may go on at any moment), or a wait for that lock (one
+    whose wait a signal ended). The interpreter's teardown must not run then: it ends
+    a daemon thread coming back from a C call from within (``pthread_exit``), and can
+    crash the process."""
+    return bool(CacheEnv._open or CacheEnv._closing) or _write_lock_watch.any_waiting()
 
 
 def _abort(txn: lmdb.Transaction) -> None:
@@ -997,6 +1004,7 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     _write_lock_watch.forked()
     CacheEnv._open_lock = threading.Lock()
+    CacheEnv._closing.clear()
     _forking.clear()
     for env in CacheEnv._open.values():
         env.forked()
