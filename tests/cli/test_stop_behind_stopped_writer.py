@@ -92,7 +92,8 @@ def test_a_server_stopped_with_writes_stuck_leaves_before_the_interpreter_s_tear
     before the interpreter's teardown could begin beside the threads left in LMDB; the
     cache whole for the next opener. Before, the teardown ran beside them, and ended
     each that came back from LMDB from within (``pthread_exit``), which can crash the
-    process (a SIGSEGV 0.3 s after the SIGTERM, about once in 76 stops)."""
+    process (a SIGSEGV within a second of the signal, about once in a hundred
+    such stops)."""
     cache, sock = tmp_path / "cache", tmp_path / "serve.sock"
     argv = ["serve", pushed_images.small, "--insecure", "--cache-dir", str(cache)]
     proc = blockstore(*argv, "--unix", str(sock), stdout=subprocess.PIPE)
