@@ -89,7 +89,7 @@ from .layout import (
 )
 from .refs import mark_images_pinned_whole
 from .write_access import cannot_write, check_enterable, writer_of
-from .write_lock_watch import WriteLockWatch, interruptibly
+from .write_lock_watch import WriteLockWatch, closes_left_running, interruptibly
 
 log = logging.getLogger(__name__)
 
@@ -971,13 +971,16 @@ class CacheEnv:
 
 
 def in_use_at_exit() -> bool:
-    """Whether a thread of this process may be inside LMDB as the process ends: a cache
-    still open or closing (its close gave up on writes stuck behind a write lock
-    another process holds, and may go on at any moment), or a wait for that lock (one
-    whose wait a signal ended). The interpreter's teardown must not run then: it ends
-    a daemon thread coming back from a C call from within (``pthread_exit``), and can
-    crash the process."""
-    return bool(CacheEnv._open or CacheEnv._closing) or _write_lock_watch.any_waiting()
+    """Whether a thread of this process may be inside LMDB, or about to start, as the
+    process ends: a cache still open or closing, a close given up on writes stuck
+    behind a write lock another process holds (``closes_left_running``: it goes on
+    once the lock is let go, starting threads and closing the cache), or a wait for
+    that lock (one whose wait a signal ended). The interpreter's teardown must not run
+    then: a thread started during it crashes as it starts (its state freed under it),
+    and one coming back from a C call is ended from within (``pthread_exit``)."""
+    if CacheEnv._open or CacheEnv._closing:
+        return True
+    return _write_lock_watch.any_waiting() or closes_left_running()
 
 
 def _abort(txn: lmdb.Transaction) -> None:

@@ -156,7 +156,19 @@ def unless_stuck(work: Callable[[], object], waited: Callable[[], float]) -> boo
         beside.thread.join(0.05)
     if beside.errors:
         raise beside.errors[0]
-    return not beside.thread.is_alive()
+    if beside.thread.is_alive():
+        _left_running.add(beside.thread)
+        return False
+    return True
+
+
+_left_running: set[threading.Thread] = set()
+
+
+def closes_left_running() -> bool:
+    """Whether work ``unless_stuck`` gave up on still runs: a close that may go on at any
+    moment, starting threads (a layer's) and closing a cache as the process ends."""
+    return any(thread.is_alive() for thread in _left_running)
 
 
 class _Beside:

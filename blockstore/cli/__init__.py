@@ -156,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _leave_if_cache_in_use(code: int) -> None:
     """End the process with ``code`` now, as its exit would end it, where a thread may
-    still be inside LMDB (``in_use_at_exit``: writes a stop left behind a stopped
-    process's write lock): the interpreter's teardown would run beside that thread,
-    and end it from within when it comes back, which can crash the process (SIGSEGV
-    or SIGABRT in place of the exit code). The exit functions run first, and the
+    still be inside LMDB or go on with a close (``in_use_at_exit``: writes a stop left
+    behind a stopped process's write lock): the interpreter's teardown would run beside
+    it, and a thread it starts then crashes the process (SIGSEGV in place of the exit
+    code), as can one it ends from within. The exit functions run first, and the
     output is flushed, as at any exit; no thread is waited for, as any that would
     write to the cache waits for the same lock."""
     env = sys.modules.get("blockstore.cache.env")  # not loaded: no cache was opened
