@@ -90,10 +90,10 @@ def test_a_server_stopped_with_writes_stuck_leaves_before_the_interpreter_s_tear
     trace and counters wait for the lock in LMDB; then SIGTERM, and SIGINT just after.
     Must hold: exit 0 within seconds, saying what it left unkept, the process gone
     before the interpreter's teardown could begin beside the threads left in LMDB; the
-    cache whole for the next opener. Before, the teardown ran beside them, and ended
-    each that came back from LMDB from within (``pthread_exit``), which can crash the
-    process (a SIGSEGV within a second of the signal, about once in a hundred
-    such stops)."""
+    cache whole for the next opener. Before, the teardown ran beside them and beside
+    the close given up on, which went on to start a layer's close thread as the
+    teardown freed the thread states: about once in a hundred such stops, that thread
+    crashed the process as it started (SIGSEGV)."""
     cache, sock = tmp_path / "cache", tmp_path / "serve.sock"
     argv = ["serve", pushed_images.small, "--insecure", "--cache-dir", str(cache)]
     proc = blockstore(*argv, "--unix", str(sock), stdout=subprocess.PIPE)
