@@ -848,7 +848,8 @@ class CacheEnv:
                 try:
                     if self.env is None:
                         raise self._closed()
-                    txn = self._begin_write()
+                    with _write_lock_watch.waiting(self.path):
+                        txn = self.env.begin(write=True, buffers=True)
                 except lmdb.MapResizedError:
                     self._gate.release_shared()
                     self._adopt_map_size()
@@ -879,20 +880,6 @@ class CacheEnv:
                     self._gate.release_shared()
                 if grow:
                     self._grow()
-
-    def _begin_write(self) -> lmdb.Transaction:
-        """A write transaction, begun where a signal ends its wait for the lock (a stopped
-        process's, ``interruptibly``). The thread waiting in LMDB holds the gate until it
-        leaves LMDB, so the handle is never closed under it; a transaction it gets once
-        the wait was given up is aborted there, the lock given back."""
-        env = self.env
-        self._gate.holders.append(None)  # under the caller's hold: no exclusive taker yet
-
-        def begin() -> lmdb.Transaction:
-            with _write_lock_watch.waiting(self.path):
-                return env.begin(write=True, buffers=True)
-
-        return interruptibly(begin, undo=_abort, done=self._gate.release_shared)
 
     def _look(self, work: Callable[[lmdb.Transaction], T]) -> T:
         """``work`` run in a read transaction: what it returns where it writes nothing (an
@@ -981,10 +968,6 @@ def in_use_at_exit() -> bool:
     if CacheEnv._open or CacheEnv._closing:
         return True
     return _write_lock_watch.any_waiting() or closes_left_running()
-
-
-def _abort(txn: lmdb.Transaction) -> None:
-    txn.abort()
 
 
 # A fork must not copy an open transaction into the child: closing the child's copy

@@ -115,33 +115,20 @@ STOP_LOCK_WAIT = 2.0
 before it leaves them to its exit: a stop never hangs on a stopped process."""
 
 
-def interruptibly(
-    work: Callable[[], T],
-    undo: Callable[[T], None] | None = None,
-    done: Callable[[], None] | None = None,
-) -> T:
+def interruptibly(work: Callable[[], T]) -> T:
     """``work``, which waits for the write lock, run where a signal still ends the wait.
 
     LMDB's lock is a mutex no signal interrupts, and Python runs a signal's handler
     (Ctrl-C, a stop) only in the main thread: there ``work`` runs in a thread of its
     own, which the main thread waits for as signals allow. Elsewhere it runs here.
-    A wait a signal ended leaves ``work`` running: what it returns after that goes to
-    ``undo`` (a write transaction, aborted so the lock goes back). ``done`` is called
-    once ``work`` has ended, wherever it ran (a hold on the handle let go).
+    ``work`` must begin and end its transactions itself: LMDB's write lock belongs to
+    the thread that took it, and only that thread can give it back.
     """
     if threading.current_thread() is not threading.main_thread():
-        try:
-            return work()
-        finally:
-            if done is not None:
-                done()
-    beside = _Beside(work, undo, done)
-    try:
-        if beside.thread.ident is not None:  # started: run there, not here
-            beside.thread.join()
-    except BaseException:
-        beside.leave()
-        raise
+        return work()
+    beside = _Beside(work)
+    if beside.thread.ident is not None:  # started: run there, not here
+        beside.thread.join()
     if beside.errors:
         raise beside.errors[0]
     return beside.results[0]
@@ -173,19 +160,12 @@ def closes_left_running() -> bool:
 
 class _Beside:
     """``work`` started in a daemon thread; its result or exception for the thread
-    waiting on it, or, once that one left (``leave``), its result for ``undo``."""
+    waiting on it."""
 
-    def __init__(
-        self,
-        work: Callable[[], T],
-        undo: Callable[[T], None] | None = None,
-        done: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, work: Callable[[], T]) -> None:
         self.results: list[T] = []
         self.errors: list[BaseException] = []
-        self._work, self._undo, self._done = work, undo, done
-        self._lock = threading.Lock()
-        self._left = False
+        self._work = work
         self.thread = threading.Thread(target=self._run, name="cache-write-lock-wait", daemon=True)
         try:
             self.thread.start()
@@ -194,25 +174,6 @@ class _Beside:
 
     def _run(self) -> None:
         try:
-            result = self._work()
-            with self._lock:
-                unwanted = self._left
-                if not unwanted:
-                    self.results.append(result)
-            if unwanted and self._undo is not None:
-                self._undo(result)
+            self.results.append(self._work())
         except BaseException as exc:  # handed to the waiting thread, raised there
             self.errors.append(exc)
-        finally:
-            if self._done is not None:
-                self._done()
-
-    def leave(self) -> None:
-        """The waiting thread goes without the result: one already here is undone now,
-        one to come when it comes."""
-        with self._lock:
-            self._left = True
-            results, self.results = self.results, []
-        if self._undo is not None:
-            for result in results:
-                self._undo(result)
