@@ -7,8 +7,8 @@ import time
 import nbd
 from nbd_wire import CMD_READ, RawClient
 from rig.fault_proxy import Fault
+from rig.registry_blob import registry_blob
 from rig.waiting import wait_for
-from test_waiting_for_room import slow_registry_blob
 
 from nbdfront.server import NBDServer
 from nbdfront.server.budget import LIMIT_POLL
@@ -39,7 +39,7 @@ def test_reads_past_the_waiting_bound_start_once_a_closing_connection_grows_the_
     waiting reads started only as the slow misses ended, about 2 s after the close."""
     proxy = fault_proxy(registry)
     image = erofs_images.large.path.read_bytes()
-    with slow_registry_blob(proxy, pushed_images.large, tmp_path) as blob:
+    with registry_blob(proxy, pushed_images.large, tmp_path) as blob:
         proxy.fault = Fault("delay", path_contains="/blobs/", seconds=2.5)
         server = NBDServer(
             {"layer0": blob},
@@ -86,7 +86,7 @@ def test_a_reader_held_by_replies_not_taken_reads_on_once_a_closing_connection_g
     of the close. Before, the reader thread waited for the queued replies to fit with
     nothing to wake it but the client taking some: the miss never went out."""
     proxy = fault_proxy(registry)
-    with slow_registry_blob(proxy, pushed_images.large, tmp_path) as blob:
+    with registry_blob(proxy, pushed_images.large, tmp_path) as blob:
         blob.read(0, 6 * MIB)  # the hits
         server = NBDServer(
             {"layer0": blob},

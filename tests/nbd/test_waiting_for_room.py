@@ -4,45 +4,17 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import nbd
-from rig.fault_proxy import Fault, FaultProxy
+from rig.fault_proxy import Fault
+from rig.registry_blob import registry_blob
 from rig.waiting import wait_for
 
-from blockstore.cache import CachedBlob, ChunkStore
-from blockstore.registry import (
-    RegistryBlob,
-    RegistryClient,
-    RegistryOptions,
-    parse_reference,
-    resolve_image,
-)
 from nbdfront.server import NBDServer
 from nbdfront.server.session import READ_PIECE
 
 MISS = READ_PIECE // 2
 HIT = 4096
-
-
-@contextmanager
-def slow_registry_blob(proxy: FaultProxy, reference_text: str, tmp: Path) -> Iterator[CachedBlob]:
-    """The one layer of ``reference_text``, read through ``proxy`` into a new, cold cache."""
-    client = RegistryClient(proxy.host, RegistryOptions(insecure=True))
-    reference = parse_reference(reference_text)
-    (layer,) = resolve_image(client, reference, "linux/amd64").layers
-    store = ChunkStore(tmp / "cache")
-    blob = CachedBlob(
-        store, layer.digest, layer.size, RegistryBlob(client, reference.repository, layer)
-    )
-    try:
-        yield blob
-    finally:
-        blob.close()
-        store.close()
-        client.close()
 
 
 def answered_in(call) -> float:
@@ -63,7 +35,7 @@ def test_a_flush_and_a_hit_sent_while_reads_wait_for_room_are_answered_in_millis
     sent only between waits for room that doubled to 160 ms: the median was about 65 ms."""
     proxy = fault_proxy(registry)
     image = erofs_images.large.path.read_bytes()
-    with slow_registry_blob(proxy, pushed_images.large, tmp_path) as blob:
+    with registry_blob(proxy, pushed_images.large, tmp_path) as blob:
         blob.read(0, 64 * HIT)  # the hits
         proxy.fault = Fault("delay", path_contains="/blobs/", seconds=5.0)
         before = len(proxy.requests)

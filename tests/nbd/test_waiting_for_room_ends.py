@@ -12,8 +12,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -32,17 +32,10 @@ from nbd_wire import (
     option,
     request,
 )
-from rig.fault_proxy import Fault, FaultProxy
+from rig.fault_proxy import Fault
+from rig.registry_blob import registry_blob
 from rig.waiting import wait_for
 
-from blockstore.cache import CachedBlob, ChunkStore
-from blockstore.registry import (
-    RegistryBlob,
-    RegistryClient,
-    RegistryOptions,
-    parse_reference,
-    resolve_image,
-)
 from nbdfront.protocol import TLSPolicy
 from nbdfront.server import NBDServer
 from nbdfront.tls import ServerTLS, server_context
@@ -50,25 +43,6 @@ from nbdfront.tls import ServerTLS, server_context
 MIB = 1 << 20
 MISSES = (8 * MIB, 16 * MIB, 24 * MIB)  # 2 MiB each: two fill a 4 MiB budget, one waits
 ENDS = ("disc", "reset", "half-close", "close", "half-record")
-
-
-@contextmanager
-def registry_blob(proxy: FaultProxy, reference_text: str, tmp: Path) -> Iterator[CachedBlob]:
-    """The one layer of ``reference_text``, read through ``proxy`` into a new, cold cache,
-    each range asked once: a failed read leaves its chunks missing for the next."""
-    client = RegistryClient(proxy.host, RegistryOptions(insecure=True, max_attempts=1))
-    reference = parse_reference(reference_text)
-    (layer,) = resolve_image(client, reference, "linux/amd64").layers
-    store = ChunkStore(tmp / "cache")
-    blob = CachedBlob(
-        store, layer.digest, layer.size, RegistryBlob(client, reference.repository, layer)
-    )
-    try:
-        yield blob
-    finally:
-        blob.close()
-        store.close()
-        client.close()
 
 
 class Conversation:
@@ -186,7 +160,7 @@ def test_connections_that_vanish_while_reads_wait_for_room_leave_nothing_open(
     tls_config = None
     if tls:
         tls_config = ServerTLS(TLSPolicy.REQUIRE, server_context(nbd_certificates.server))
-    with registry_blob(proxy, pushed_images.large, tmp_path) as blob:
+    with registry_blob(proxy, pushed_images.large, tmp_path, retried=False) as blob:
         proxy.fault = Fault("status", path_contains="/blobs/", status=500, seconds=0.6)
         server = NBDServer(
             {"layer0": blob},
@@ -253,7 +227,7 @@ def test_a_client_that_takes_no_reply_while_reads_wait_for_room_costs_no_cpu(
     tls_config = None
     if tls:
         tls_config = ServerTLS(TLSPolicy.REQUIRE, server_context(nbd_certificates.server))
-    with registry_blob(proxy, pushed_images.large, tmp_path) as blob:
+    with registry_blob(proxy, pushed_images.large, tmp_path, retried=False) as blob:
         server = NBDServer(
             {"layer0": blob},
             tcp=("127.0.0.1", 0),
@@ -327,7 +301,7 @@ def test_connections_ending_as_their_waits_for_room_end_leave_every_byte_right(
     cache then verifies clean."""
     proxy = fault_proxy(registry)
     image = erofs_images.large.path
-    with registry_blob(proxy, pushed_images.large, tmp_path) as blob:
+    with registry_blob(proxy, pushed_images.large, tmp_path, retried=False) as blob:
         server = NBDServer(
             {"layer0": blob},
             tcp=("127.0.0.1", 0),
@@ -355,17 +329,17 @@ def test_connections_ending_as_their_waits_for_room_end_leave_every_byte_right(
             for thread in churners:
                 thread.start()
             copies = 0
-            while time.monotonic() < until:
+            while time.monotonic() < until or copies < 2:  # two at least, however loaded
                 copy.unlink()
                 subprocess.run(["nbdcopy", "--requests=32", uri, str(copy)], check=True)
                 assert filecmp.cmp(image, copy, shallow=False), f"copy {copies} differs"
                 copies += 1
             for thread in churners:
                 thread.join()
-            assert sum(counts) > 60 and copies >= 2, (counts, copies)
+            assert sum(counts) > 60, (counts, copies)
             assert wait_for(
-                lambda: server.connection_count == 0 and not session_threads(), timeout=5
-            )
+                lambda: server.connection_count == 0 and not session_threads(), timeout=15
+            ), (server.connection_count, session_threads())
         finally:
             server.shutdown()
     verify = subprocess.run(
