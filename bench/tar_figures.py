@@ -143,19 +143,13 @@ def engine(work: Path, reference: str, extra: list[str], checkout: Path | None =
             syscall.mount(attached.device, str(mnt), "erofs")
             try:
                 got = use(mnt, started, ready)
-                return got | {"serve CPU s": cpu_seconds(daemon.process.pid)}
+                return got | {"serve CPU s": daemon.cpu_seconds()}
             finally:
                 syscall.umount(str(mnt))
         finally:
             attach.detach(attached)
     finally:
         daemon.stop()
-
-
-def cpu_seconds(pid: int) -> float:
-    """The user and system CPU time a process has used so far (``/proc/PID/stat``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def settle() -> None:
